@@ -1,0 +1,21 @@
+# lipflow: corpus → tokenize → train → evaluate → DuckDB.  Thin on purpose: the rules live in
+# workflow/rules/*.smk and call `python -m lipflow.<stage>`; nothing here imports torch.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/results.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        DATABASE,

@@ -1,0 +1,146 @@
+"""The ``lipflow`` command: query the results database and sample from a trained run.
+
+    lipflow query "SELECT run_id, status, val_loss FROM runs" [--format table|csv|json] [--db PATH]
+    lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8]
+    lipflow runs            # the run ids the current config.yaml resolves to
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, PermissionError,
+                                                IsADirectoryError, NotADirectoryError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lipflow.checkpoint import CheckpointError
+
+    return USER_ERRORS + (CheckpointError,)
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run a stage; a bad input becomes one line on stderr and exit code 2 (traceback with
+    ``LIPFLOW_DEBUG=1``); anything else is a bug and keeps its traceback."""
+    try:
+        return fn()
+    except _user_errors() as err:
+        if os.environ.get("LIPFLOW_DEBUG"):
+            raise
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"lipflow: error: {message}", file=sys.stderr)
+        return 2
+
+
+def default_db() -> Path:
+    return Path(os.environ.get("LIPFLOW_DB", "results/lipflow.duckdb"))
+
+
+def connect(db: str | os.PathLike[str] | None = None):
+    """A read-only DuckDB connection to the results database (``.df()``/``.pl()`` work on it)."""
+    import duckdb
+
+    path = Path(db) if db is not None else default_db()
+    if not path.is_file():
+        raise FileNotFoundError(f"no results database at {path} (run `snakemake` first, or pass --db)")
+    return duckdb.connect(str(path), read_only=True)
+
+
+def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    if fmt == "csv":
+        from io import StringIO
+
+        buf = StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1)
+    cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    con = connect(args.db)
+    try:
+        cursor = con.execute(args.sql)
+    except duckdb.Error as err:
+        first = str(err).splitlines()[0]
+        if "read-only" in first.lower():
+            first = f"the results database is read-only for queries ({first})"
+        raise ValueError(first) from None
+    columns = [d[0] for d in cursor.description] if cursor.description else []
+    print(format_rows(columns, cursor.fetchall(), args.format))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from lipflow.data.loader import load_tokenizer
+    from lipflow.api import load_run
+
+    run = load_run(args.run_id, results=args.results, device=args.device)
+    tokenizer = load_tokenizer(run.data_dir)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens")
+    gen = torch.Generator(device=run.device).manual_seed(args.seed)
+    idx = torch.tensor([ids], device=run.device)
+    out = run.model.generate(idx, args.tokens, temperature=args.temperature, generator=gen)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lipflow.config import check_config, resolve_runs, fill_defaults
+
+    config = yaml.safe_load(Path(args.configfile).read_text()) or {}
+    check_config(config)
+    fill_defaults(config)
+    for run_id in resolve_runs(config):
+        print(run_id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lipflow", description="lipflow results and checkpoints")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("query", help="run SQL on results/lipflow.duckdb (read-only)")
+    q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--db", default=None, help="database file (default results/lipflow.duckdb or $LIPFLOW_DB)")
+    q.set_defaults(fn=cmd_query)
+    s = sub.add_parser("sample", help="generate text from a trained run")
+    s.add_argument("run_id")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--results", default="results")
+    s.set_defaults(fn=cmd_sample)
+    r = sub.add_parser("runs", help="list the run ids a config resolves to")
+    r.add_argument("--configfile", default="config.yaml")
+    r.set_defaults(fn=cmd_runs)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

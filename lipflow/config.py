@@ -1,0 +1,108 @@
+"""Config resolution shared by the Snakefile and the CLI (imports no torch: parse time matters).
+
+``check_config`` merges ``defaults`` into every run, validates the result against
+``workflow/schemas/config.schema.yaml`` and turns the first violation into one line naming the
+key path and what is allowed. ``resolve_runs`` gives each run its id: ``<name>-<hash>``, the hash
+being a function of the resolved run config and the data it trains on.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from lipflow.provenance import config_hash
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that does not satisfy the schema; str() is one line."""
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def merge_run_defaults(config: dict[str, Any]) -> None:
+    """Give every run the keys of ``defaults`` that it does not override (in place)."""
+    defaults, runs = config.get("defaults", {}), config.get("runs")
+    if not isinstance(defaults, dict) or not isinstance(runs, dict):
+        return
+    for name, overrides in runs.items():
+        if overrides is None:
+            overrides = {}
+        if isinstance(overrides, dict):
+            runs[name] = {**defaults, **overrides}
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        where = f"{path}." if error.absolute_path else ""
+        key = extra[0] if extra else "?"
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{where}{key}'{hint}; allowed here: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"{path}: {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "pattern":
+        rule = error.schema.get("description", f"must match {error.validator_value}")
+        return f"{path}: {error.instance!r} is not allowed: {rule}"
+    return f"{path}: {error.message}"
+
+
+def check_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
+    """Merge run defaults, then raise :class:`ConfigError` on the first schema violation."""
+    if not isinstance(config, dict):
+        raise ConfigError("the config must be a mapping of keys to values")
+    merge_run_defaults(config)
+    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"config error: {_describe(error)}")
+
+
+def data_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run's training data depends on."""
+    return {"corpus": config["corpus"], "tokenizer": config["tokenizer"]}
+
+
+def tokenizer_id(tok: dict[str, Any]) -> str:
+    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash>``."""
+    if tok["kind"] == "char":
+        return "char"
+    if tok["kind"] == "bpe":
+        return f"bpe{tok['vocab_size']}"
+    return f"file-{config_hash(tok['path'])[:8]}"
+
+
+def resolve_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """run id → resolved run config, for a validated config (defaults filled)."""
+    data = data_identity(config)
+    resolved = {}
+    for name, cfg in config["runs"].items():
+        run_id = f"{name}-{config_hash({'run': cfg, 'data': data})[:8]}"
+        resolved[run_id] = cfg
+    return resolved
+
+
+def fill_defaults(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
+    """Fill the schema's defaults into ``config`` in place (what snakemake.utils.validate does)."""
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        for prop, subschema in properties.items():
+            if isinstance(instance, dict) and "default" in subschema:
+                instance.setdefault(prop, subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    filler = jsonschema.validators.extend(base, {"properties": set_defaults})
+    filler(load_schema(schema_path)).validate(config)

@@ -1,0 +1,70 @@
+"""Evaluation stage: ``python -m lipflow.evaluation --evaluation NAME --run-dir D --data-dir T
+--params-json J --out F`` runs one registered evaluation on one checkpoint and writes long-form
+rows (run_id, eval, metric, value, parameter columns) to Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from lipflow.cli import run_guarded
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.metrics import evaluate_windows, resolve_device, write_table_parquet
+
+
+def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
+    from lipflow.api import load_model
+    from lipflow.data.loader import TokenShards
+
+    model, info = load_model(run_dir, device)
+    cfg = info["config"]
+    context = cfg["context"]
+    train_windows = TokenShards(data_dir, "train").sequential_windows(context, max_windows=params.get("train_windows", 256))
+    val_windows = TokenShards(data_dir, "val").sequential_windows(context, max_windows=params.get("val_windows"))
+    batch = params.get("batch_size", 32)
+    train_loss = evaluate_windows(model, train_windows, batch, device)["loss"]
+    val_loss = evaluate_windows(model, val_windows, batch, device)["loss"]
+    bound_l2 = getattr(model, "lipschitz_bound_l2", None)
+    ctx = EvalContext(model=model, train_windows=train_windows, val_windows=val_windows, cfg=params, run=cfg,
+                      train_loss=train_loss, val_loss=val_loss, device=device,
+                      certificate=bound_l2() if callable(bound_l2) else None)
+    return ctx, info
+
+
+def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, device: str = "auto") -> int:
+    evaluation = EVALUATIONS.get(name)
+    summary = json.loads((run_dir / "run.json").read_text())
+    run_id = summary["run_id"]
+    if summary["status"] != "completed":
+        rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),
+                 "note": f"run status is {summary['status']}"}]
+    else:
+        torch.manual_seed(int(params.get("seed", 0)))
+        ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device))
+        rows = evaluation(ctx)
+    table = pa.Table.from_pylist([{"run_id": run_id, "eval": name, **row} for row in rows])
+    write_table_parquet(out, table)
+    print(f"{name}: {len(rows)} rows for {run_id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lipflow.evaluation", description=__doc__.splitlines()[0])
+    parser.add_argument("--evaluation", required=True, help=f"one of: {', '.join(EVALUATIONS.names())}")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--params-json", default="{}")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: evaluate(args.evaluation, args.run_dir, args.data_dir,
+                                        json.loads(args.params_json), args.out, args.device))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""``val``: loss (nats/token), next-token accuracy and perplexity exp(loss) over the whole val split."""
+
+from __future__ import annotations
+
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.metrics import evaluate_windows
+
+
+@EVALUATIONS.register("val")
+def evaluate(ctx: EvalContext) -> list[dict]:
+    result = evaluate_windows(ctx.model, ctx.val_windows, int(ctx.cfg.get("batch_size", 32)), ctx.device)
+    return [{"metric": name, "value": value} for name, value in result.items()]

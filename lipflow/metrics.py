@@ -1,0 +1,73 @@
+"""Next-token loss and accuracy over windows of tokens, shared by training and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from lipflow.model.base import LanguageModel
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing (fp32) on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was requested but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def loss_and_correct(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy (nats/token) and the number of correct argmax predictions."""
+    logits = model(x).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    correct = (logits.argmax(-1) == y).sum()
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate_windows(model: LanguageModel, windows: torch.Tensor, batch_size: int,
+                     device: torch.device) -> dict[str, float]:
+    """Loss, accuracy and perplexity over every position of ``windows`` (N, context+1)."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_correct, total_tokens = 0.0, 0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with autocast_for(device):
+            loss, correct = loss_and_correct(model, x, y)
+        total_loss += loss.item() * y.numel()
+        total_correct += int(correct)
+        total_tokens += y.numel()
+    model.train(was_training)
+    mean = total_loss / max(1, total_tokens)
+    return {"loss": mean, "accuracy": total_correct / max(1, total_tokens),
+            "perplexity": float(torch.tensor(mean).exp()), "tokens": float(total_tokens)}
+
+
+def write_table_parquet(path, table) -> None:
+    """Write an Arrow table to ``path`` atomically (temp file, fsync, rename)."""
+    import pyarrow.parquet as pq
+
+    from lipflow.data.atomic import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def write_rows_parquet(path, rows: list[dict], columns: dict[str, str]) -> None:
+    """Write dict rows with a fixed column → Arrow type-name schema (missing keys become null)."""
+    import pyarrow as pa
+
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in columns.items()])
+    write_table_parquet(path, pa.Table.from_pylist(rows, schema=schema))

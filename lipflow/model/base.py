@@ -1,0 +1,78 @@
+"""The interface every lipflow language model implements.
+
+Training, constraints, optimizers and evaluations only talk to a model through this class:
+
+- ``embed(idx)`` maps token ids (B, T) to the embedded input sequence (B, T, d);
+- ``forward_embedded(x)`` maps an embedded sequence to logits (B, T, V), so attacks and
+  certificates act on the embedding space (ℓ2 on the embedded sequence → logits);
+- ``param_roles()`` sorts parameters into ``embed`` / ``hidden`` / ``head`` / ``vector``
+  (vectors are biases and gains); optimizers and parametrizations key off these roles;
+- ``lipschitz_bound()`` composes each module's Lipschitz constant from the current weights
+  (None where no certificate exists, e.g. with LayerNorm);
+- ``activation_stats`` holds max |entry| and RMS per block from the last forward pass;
+- ``project_embeddings()`` re-applies any constraint the embedding itself carries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ROLES = ("embed", "hidden", "head", "vector")
+
+
+class LanguageModel(nn.Module):
+    vocab_size: int
+    context: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.activation_stats: dict[str, float] = {}
+        self.record_activations = False
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedded(self.embed(idx))
+
+    def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        raise NotImplementedError
+
+    def lipschitz_bound(self) -> float | None:
+        return None
+
+    def project_embeddings(self) -> None:
+        """Re-apply the embedding's own constraint (a no-op for unconstrained models)."""
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        """Store max |entry| and RMS of activation ``x`` when recording is on."""
+        if self.record_activations:
+            x = x.detach().float()
+            self.activation_stats[f"{name}.max_abs"] = x.abs().max().item()
+            self.activation_stats[f"{name}.rms"] = x.pow(2).mean().sqrt().item()
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``new_tokens`` tokens autoregressively (nanoGPT's loop)."""
+        for _ in range(new_tokens):
+            logits = self(idx[:, -self.context:])[:, -1, :] / max(temperature, 1e-6)
+            probs = torch.softmax(logits.float(), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def spectral_norm(w: torch.Tensor) -> float:
+    """Exact largest singular value σ_max(W) (used at logging time)."""
+    return torch.linalg.matrix_norm(w.detach().float(), ord=2).item()
+
+
+def rms_operator_norm(w: torch.Tensor) -> float:
+    """‖W‖_RMS→RMS = σ_max(W) / √(fan_out/fan_in) for W of shape (fan_out, fan_in)."""
+    fan_out, fan_in = w.shape
+    return spectral_norm(w) / (fan_out / fan_in) ** 0.5

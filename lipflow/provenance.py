@@ -1,0 +1,43 @@
+"""Where a result came from: config hash, git commit, package versions, host."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("lipflow", "torch", "snakemake", "pyarrow", "duckdb", "tokenizers", "safetensors", "numpy")
+
+
+def config_hash(cfg: Any) -> str:
+    """First 12 hex digits of sha256 over the canonical JSON of ``cfg``."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """HEAD of the repository lipflow runs from (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def describe(cfg: Any) -> dict[str, Any]:
+    return {"config_hash": config_hash(cfg), "git_commit": git_commit(), "versions": package_versions(),
+            "hostname": platform.node()}

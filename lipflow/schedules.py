@@ -1,0 +1,37 @@
+"""Learning-rate schedules: multipliers of the base lr as a function of the step.
+
+Each schedule maps (step, total_steps) → factor in [0, 1]; a linear warmup over
+``warmup_steps`` multiplies any of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from lipflow.registry import Registry
+
+SCHEDULES: Registry[Callable[[int, int], float]] = Registry("schedule")
+
+
+@SCHEDULES.register("constant")
+def constant(step: int, total: int) -> float:
+    return 1.0
+
+
+@SCHEDULES.register("linear")
+def linear(step: int, total: int) -> float:
+    """Linear decay to 0 at the last step (the paper's default)."""
+    return max(0.0, 1.0 - step / max(1, total))
+
+
+@SCHEDULES.register("cosine")
+def cosine(step: int, total: int) -> float:
+    """Half-cosine decay to 0: ½(1 + cos(π·step/total))."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def lr_factor(name: str, step: int, total: int, warmup: int) -> float:
+    """Schedule ``name`` at ``step``, times a linear warmup from 1/warmup to 1."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * SCHEDULES.get(name)(step, total)

@@ -1,0 +1,285 @@
+"""Train stage: ``python -m lipflow.training --run-id ID --config-json JSON --data-dir D --out-dir O``.
+
+One run = one resolved config. Every step: forward/backward (with gradient accumulation and bf16
+autocast on CUDA), optimizer step, then the weight constraint on every matrix (decay → step →
+project, Newhouse et al. 2025) and the embedding projection. Every ``eval_every`` steps: val loss
+and accuracy on fixed batches, the certified Lipschitz bound, activation statistics and (optionally)
+sharpness are appended to the per-step metrics.
+
+Reliability: checkpoints (safetensors, atomic, sha256 sidecar) hold model, optimizer, RNG and
+data-loader state, so a killed run resumes bit for bit; SIGTERM saves a checkpoint and exits;
+a NaN/inf loss or a bound above ``max_bound`` ends the run with status ``diverged``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lipflow import provenance
+from lipflow.checkpoint import (flatten_optimizer_state, latest_valid_checkpoint, prune_checkpoints,
+                                save_weights, unflatten_optimizer_state)
+from lipflow.constraints import constrain_
+from lipflow.data.atomic import write_json_atomic
+from lipflow.data.loader import TokenShards
+from lipflow.metrics import (autocast_for, evaluate_windows, loss_and_correct, resolve_device,
+                             write_rows_parquet)
+from lipflow.model import build_model
+from lipflow.optimizers import build_optimizer
+from lipflow.schedules import lr_factor
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job did not finish; rerunning resumes it
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written."""
+
+
+def _matrices(model) -> list[tuple[str, torch.nn.Parameter]]:
+    roles = model.param_roles()
+    return roles["hidden"] + roles["head"]
+
+
+def apply_weight_constraint(model, optimizer: torch.optim.Optimizer, cfg: dict[str, Any]) -> None:
+    """Decay and project every hidden/head matrix, coupled to the lr and update norm it just saw."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for _, p in _matrices(model):
+        group = group_of[id(p)]
+        update_norm = optimizer.state.get(p, {}).get("update_norm", group["lr"])
+        constrain_(p.data, cfg["weight_constraint"], cfg["sigma_max"], lr=group["lr"],
+                   weight_decay=cfg["weight_decay"], update_norm=float(update_norm),
+                   spectral_wd=cfg["spectral_wd"])
+    model.project_embeddings()
+
+
+def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.data"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+class Trainer:
+    """Holds one run's model, optimizer, data and metrics; ``run()`` trains to the end."""
+
+    def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True):
+        self.run_id, self.cfg, self.out_dir, self.progress = run_id, cfg, Path(out_dir), progress
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.data_dir = Path(data_dir)
+        self.device = resolve_device(cfg["device"])
+        torch.manual_seed(cfg["seed"])
+        self.train_data = TokenShards(data_dir, "train")
+        self.val_data = TokenShards(data_dir, "val")
+        for split in (self.train_data, self.val_data):
+            split.check_context(cfg["context"])
+        self.model = build_model(cfg, self.train_data.vocab_size).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        for group in self.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        self.generator = torch.Generator().manual_seed(cfg["seed"])
+        self.step = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.forward = torch.compile(self.model) if cfg["compile"] else self.model
+        self.val_windows = self._fixed_val_windows()
+        self._stop_requested = False
+
+    # --- evaluation during training -------------------------------------------------------
+    def _fixed_val_windows(self) -> torch.Tensor:
+        """The same ``eval_batches`` × ``batch_size`` val windows at every eval step."""
+        gen = torch.Generator().manual_seed(self.cfg["seed"] + 1)
+        n = self.cfg["eval_batches"] * self.cfg["batch_size"]
+        x, y = self.val_data.sample_windows(n, self.cfg["context"], gen)
+        return torch.cat([x, y[:, -1:]], dim=1)
+
+    def _sharpness(self) -> float:
+        from lipflow.evaluation.sharpness import top_eigenvalue
+
+        gen = torch.Generator().manual_seed(self.cfg["seed"] + 2)
+        x, y = self.train_data.sample_windows(self.cfg["batch_size"], self.cfg["context"], gen)
+        x, y = x.to(self.device), y.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return top_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
+                              iters=self.cfg["sharpness_iters"], tol=1e-3,
+                              generator=torch.Generator().manual_seed(self.cfg["seed"] + 3))
+
+    def evaluate(self, row: dict[str, Any]) -> None:
+        self.model.record_activations = True
+        row.update({f"val_{k}": v for k, v in evaluate_windows(
+            self.model, self.val_windows, self.cfg["batch_size"], self.device).items() if k != "tokens"})
+        self.model.record_activations = False
+        stats = dict(self.model.activation_stats)
+        block_max = [v for k, v in stats.items() if k.startswith("block") and k.endswith(".max_abs")]
+        row["max_activation"] = max(block_max) if block_max else None
+        row["activations"] = json.dumps(stats, sort_keys=True)
+        row["lipschitz_bound"] = self.model.lipschitz_bound()
+        every = self.cfg["sharpness_every"]
+        if every and self.step % every == 0:
+            row["sharpness"] = self._sharpness()
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        optim_tensors, optim_meta = flatten_optimizer_state(self.optimizer.state_dict())
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(optim_tensors)
+        tensors.update(rng_tensors(self.generator))
+        meta = {"step": self.step, "optimizer": optim_meta, "metrics": self.metrics,
+                "config_hash": provenance.config_hash(self.cfg)}
+        save_weights(self.ckpt_dir / f"step-{self.step:09d}.safetensors", tensors, meta)
+        prune_checkpoints(self.ckpt_dir, keep=2)
+
+    def try_resume(self) -> bool:
+        found = latest_valid_checkpoint(self.ckpt_dir)
+        if found is None:
+            return False
+        path, tensors, meta = found
+        if meta.get("config_hash") != provenance.config_hash(self.cfg):
+            print(f"warning: ignoring {path}: it was written for a different config", file=sys.stderr)
+            return False
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+        restore_rng(tensors, self.generator)
+        self.step, self.metrics = meta["step"], meta["metrics"]
+        print(f"resumed from {path.name} at step {self.step}", file=sys.stderr)
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        factor = lr_factor(self.cfg["schedule"], self.step, self.cfg["steps"], self.cfg["warmup_steps"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return factor
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg["grad_accum"]):
+            x, y = self.train_data.sample_windows(cfg["batch_size"], cfg["context"], self.generator)
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast_for(self.device):
+                logits = self.forward(x).float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            (loss / cfg["grad_accum"]).backward()
+            total += loss.item() / cfg["grad_accum"]
+        if math.isfinite(total):
+            self.optimizer.step()
+            apply_weight_constraint(self.model, self.optimizer, cfg)
+        return total
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        started = time.time()
+        resumed = self.try_resume()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        status, diverged_step, reason = "completed", None, None
+        bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id, disable=not self.progress,
+                   file=sys.stderr, mininterval=2.0)
+        try:
+            while self.step < cfg["steps"]:
+                factor = self._set_lr()
+                loss = self.train_step()
+                self.step += 1
+                row: dict[str, Any] = {"step": self.step, "loss": loss, "lr_factor": factor,
+                                       "tokens": self.step * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]}
+                if not math.isfinite(loss):
+                    status, diverged_step, reason = "diverged", self.step, f"loss is {loss}"
+                elif self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
+                    self.evaluate(row)
+                    bound = row["lipschitz_bound"]
+                    if bound is not None and not bound <= cfg["max_bound"]:
+                        status, diverged_step = "diverged", self.step
+                        reason = f"Lipschitz bound {bound:.4g} exceeds max_bound {cfg['max_bound']:.4g}"
+                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
+                self.metrics.append(row)
+                bar.update(1)
+                if status == "diverged":
+                    print(f"run {self.run_id} diverged at step {self.step}: {reason}", file=sys.stderr)
+                    break
+                if self._stop_requested:
+                    self.save_checkpoint()
+                    raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved; rerun to resume")
+                if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+        return self.finish(status, diverged_step, reason, started, resumed)
+
+    def finish(self, status: str, diverged_step: int | None, reason: str | None,
+               started: float, resumed: bool) -> dict[str, Any]:
+        """Write model, config, metrics and the run summary (each atomically)."""
+        out = self.out_dir
+        last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
+        summary = {
+            "run_id": self.run_id, "status": status, "diverged_step": diverged_step,
+            "diverged_reason": reason, "steps_completed": self.step, "resumed": resumed,
+            "device": str(self.device), "start_time": started, "end_time": time.time(),
+            "lipschitz_bound": self.model.lipschitz_bound(),
+            "final_val_loss": last_eval.get("val_loss"), "final_val_accuracy": last_eval.get("val_accuracy"),
+            "max_activation": last_eval.get("max_activation"),
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "vocab_size": self.train_data.vocab_size, **provenance.describe(self.cfg),
+        }
+        save_weights(out / "model.safetensors", self.model.state_dict(),
+                     {"run_id": self.run_id, "config": self.cfg, "vocab_size": self.train_data.vocab_size})
+        write_json_atomic(out / "config.json", {"run_id": self.run_id, "vocab_size": self.train_data.vocab_size,
+                                                "data_dir": str(self.data_dir), "config": self.cfg})
+        write_rows_parquet(out / "train_metrics.parquet",
+                             [{"run_id": self.run_id, **row} for row in self.metrics], METRIC_COLUMNS)
+        write_json_atomic(out / "run.json", summary)
+        return summary
+
+
+METRIC_COLUMNS = {
+    "run_id": "string", "step": "int64", "loss": "float64", "lr_factor": "float64", "tokens": "int64",
+    "val_loss": "float64", "val_accuracy": "float64", "val_perplexity": "float64",
+    "max_activation": "float64", "activations": "string", "lipschitz_bound": "float64", "sharpness": "float64",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lipflow.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
+    parser.add_argument("--data-dir", required=True, type=Path, help="tokenized shards (with manifest.json)")
+    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from lipflow.cli import run_guarded
+
+    def go() -> int:
+        cfg = json.loads(args.config_json)
+        trainer = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress)
+        try:
+            summary = trainer.run()
+        except Preempted as stop:
+            print(f"lipflow: {stop}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",
+                                                  "lipschitz_bound")}))
+        return 0
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

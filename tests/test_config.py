@@ -1,0 +1,72 @@
+"""Config validation: every violation is one line naming the key path; run ids follow the config."""
+
+import copy
+
+import pytest
+import yaml
+
+from lipflow.config import ConfigError, check_config, fill_defaults, resolve_runs
+from lipflow.registry import Registry, UnknownNameError
+
+
+def resolved(config):
+    config = copy.deepcopy(config)
+    check_config(config)
+    fill_defaults(config)
+    return config
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"runs": {"a": {"lrr": 0.1}}}, "unknown key 'runs.a.lrr' (did you mean 'lr'?)"),
+    ({"corpus": {"sorce": "files"}}, "unknown key 'corpus.sorce' (did you mean 'source'?)"),
+    ({"runs": {"a": {"lr": -1}}}, "runs.a.lr: -1 is less than or equal to the minimum of 0"),
+    ({"runs": {"a": {"sigma_max": 0}}}, "runs.a.sigma_max: 0 is less than or equal to the minimum of 0"),
+    ({"runs": {"a": {"steps": 0}}}, "runs.a.steps: 0 is less than the minimum of 1"),
+    ({"runs": {"a": {"d_model": "wide"}}}, "runs.a.d_model: 'wide' is not of type 'integer'"),
+    ({"runs": {"a": {"optimizer": "adam"}}}, "runs.a.optimizer: 'adam' is not one of adamw, muon, scion, uscg"),
+    ({"runs": {"a'; drop table runs; --": {}}}, "is not allowed"),
+    ({"runs": {"../../etc": {}}}, "is not allowed"),
+    ({"defaults": {"lr": 0}}, "lr: 0 is less than or equal to the minimum of 0"),
+    ({"tokenizer": {"kind": "word"}}, "tokenizer.kind: 'word' is not one of char, bpe, file"),
+])
+def test_bad_config_is_one_line_naming_the_key(config, expected):
+    with pytest.raises(ConfigError) as err:
+        check_config(config)
+    message = str(err.value)
+    assert "\n" not in message
+    assert expected in message
+
+
+def test_defaults_fill_and_runs_inherit_defaults_block():
+    config = resolved({"defaults": {"d_model": 48, "steps": 7}, "runs": {"a": {"steps": 3}, "b": {}}})
+    runs = {run_id.rsplit("-", 1)[0]: cfg for run_id, cfg in resolve_runs(config).items()}
+    assert runs["a"]["d_model"] == 48 and runs["a"]["steps"] == 3
+    assert runs["b"]["steps"] == 7
+    assert runs["b"]["optimizer"] == "adamw"  # schema default
+    assert config["corpus"]["source"] == "embedded"
+
+
+def test_run_id_is_a_function_of_the_resolved_config():
+    base = {"runs": {"a": {"lr": 0.01}}}
+    ids = list(resolve_runs(resolved(base)))
+    assert ids == list(resolve_runs(resolved(base)))
+    assert ids[0].startswith("a-") and len(ids[0]) == len("a-") + 8
+    changed_knob = list(resolve_runs(resolved({"runs": {"a": {"lr": 0.02}}})))
+    changed_data = list(resolve_runs(resolved({**base, "tokenizer": {"kind": "bpe"}})))
+    assert len({ids[0], changed_knob[0], changed_data[0]}) == 3
+    # Spelling out a default does not change the id: the id hashes the *resolved* config.
+    explicit = list(resolve_runs(resolved({"runs": {"a": {"lr": 0.01, "optimizer": "adamw"}}})))
+    assert explicit == ids
+
+
+def test_shipped_configs_validate():
+    for path in ("config.yaml", "tests/data/tiny_config.yaml"):
+        config = yaml.safe_load(open(path))
+        resolve_runs(resolved(config))
+
+
+def test_registry_suggests_close_names():
+    reg = Registry("constraint")
+    reg.register("spectral_soft_cap")(object)
+    with pytest.raises(UnknownNameError, match=r"unknown constraint 'spectral_softcap' \(did you mean 'spectral_soft_cap'\?\)"):
+        reg.get("spectral_softcap")

@@ -1,0 +1,70 @@
+# Helpers shared by all rules: config validation, run resolution, paths and resources.
+import json
+import math
+import sys
+
+from snakemake.utils import validate
+
+from lipflow.config import ConfigError, check_config, resolve_runs, tokenizer_id
+
+try:
+    check_config(config)  # one clear line naming the key path, before any job starts
+except ConfigError as err:
+    sys.exit(f"lipflow: {err}")
+validate(config, schema="../schemas/config.schema.yaml")  # fills the schema's defaults
+
+RUNS = resolve_runs(config)
+EVALUATIONS = list(config["evaluations"]["enabled"])
+DATA_DIR = f"results/data/{config['corpus']['name']}"
+TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
+DATABASE = "results/lipflow.duckdb"
+ENV = "../../envs/lipflow.yaml"
+
+
+wildcard_constraints:
+    run="[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}",
+    evaluation="|".join(EVALUATIONS) or "(?!)",
+
+
+def run_dir(run):
+    return f"results/runs/{run}"
+
+
+def run_config_json(wildcards):
+    """The resolved config of one run, passed to the training job as JSON."""
+    return json.dumps(RUNS[wildcards.run], sort_keys=True)
+
+
+def config_block_json(block):
+    """A top-level config block as JSON (a change to it reruns the rule through params)."""
+    return json.dumps(config[block], sort_keys=True)
+
+
+def param_count(cfg, vocab=512):
+    """≈ parameters of a GPT-like model: 12·L·d² (blocks) + 2·V·d (embedding and head)."""
+    return 12 * cfg["n_layers"] * cfg["d_model"] ** 2 + 2 * vocab * cfg["d_model"]
+
+
+def train_mem_mb(wildcards, attempt):
+    """1 GB of runtime + 16 bytes/parameter (weights, grads, two optimizer moments) + activations
+    (≈ 34·B·T·d·L floats, Korthikanti et al. 2022), doubled on each retry."""
+    override = config["resources"]["train_mem_mb"]
+    if override:
+        return override * attempt
+    cfg = RUNS[wildcards.run]
+    activations = 34 * cfg["batch_size"] * cfg["context"] * cfg["d_model"] * cfg["n_layers"] * 4
+    return int(1000 + (16 * param_count(cfg) + activations) / 1e6) * attempt
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes: 6·N·tokens FLOPs at a conservative 5 GFLOP/s (a CPU core), + 10, doubled on retry."""
+    override = config["resources"]["train_runtime"]
+    if override:
+        return override * attempt
+    cfg = RUNS[wildcards.run]
+    tokens = cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]
+    return int(10 + 6 * param_count(cfg) * tokens / 5e9 / 60) * attempt
+
+
+def train_gpus(wildcards):
+    return config["resources"]["gpu_per_run"]

@@ -1,0 +1,27 @@
+# One training job per run; a changed run config is a new run id, so nothing trained is overwritten.
+
+
+rule train:
+    input:
+        manifest=rules.tokenize.output.manifest,
+    output:
+        model="results/runs/{run}/model.safetensors",
+        config="results/runs/{run}/config.json",
+        metrics="results/runs/{run}/train_metrics.parquet",
+        summary="results/runs/{run}/run.json",
+    params:
+        cfg=run_config_json,
+        data_dir=TOKENS_DIR,
+        out_dir=lambda wildcards: run_dir(wildcards.run),
+    log:
+        "results/logs/train/{run}.log",
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=train_runtime,
+        cpus_per_task=2,
+        gpu=train_gpus,
+    conda:
+        ENV
+    shell:
+        "python -m lipflow.training --run-id {wildcards.run} --config-json {params.cfg:q}"
+        " --data-dir {params.data_dir} --out-dir {params.out_dir} > {log} 2>&1"
