@@ -57,6 +57,7 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                    metadata={"lipflow": json.dumps(metadata or {})})
     digest = hashlib.sha256(blob).hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, blob)
     write_bytes_atomic(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
     return digest

@@ -21,8 +21,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFou
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lipflow.checkpoint import CheckpointError
+    from lipflow.data import DataError
 
-    return USER_ERRORS + (CheckpointError,)
+    return USER_ERRORS + (CheckpointError, DataError)
 
 
 def run_guarded(fn: Callable[[], int]) -> int:

@@ -8,12 +8,15 @@ being a function of the resolved run config and the data it trains on.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jsonschema
 import yaml
+from referencing import Registry, Resource
 
 from lipflow.provenance import config_hash
 
@@ -26,6 +29,31 @@ class ConfigError(ValueError):
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
+
+
+def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
+    """A validator class; with ``fill`` it also writes each property's ``default`` into the data
+    (what snakemake.utils.validate does)."""
+    if not fill:
+        return base
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        for prop, subschema in properties.items():
+            if isinstance(instance, dict) and "default" in subschema:
+                instance.setdefault(prop, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False):
+    """A validator for the config schema; relative ``$ref``s (e.g. ``icl.schema.yaml``) resolve
+    against the schema's folder, as in snakemake.utils.validate."""
+    schema = load_schema(schema_path)
+    schema["$id"] = Path(schema_path).resolve().as_uri()
+    registry = Registry(retrieve=lambda uri: Resource.from_contents(load_schema(Path(urlparse(uri).path))))
+    return _validator_class(fill=fill)(schema, registry=registry)
 
 
 def merge_run_defaults(config: dict[str, Any]) -> None:
@@ -63,7 +91,7 @@ def check_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> Non
     if not isinstance(config, dict):
         raise ConfigError("the config must be a mapping of keys to values")
     merge_run_defaults(config)
-    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
+    validator = make_validator(schema_path)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"config error: {_describe(error)}")
@@ -83,26 +111,33 @@ def tokenizer_id(tok: dict[str, Any]) -> str:
     return f"file-{config_hash(tok['path'])[:8]}"
 
 
+def expanded_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The enabled experiments' runs (name → full run config), each validated like a run."""
+    from lipflow.experiments import expand_experiments
+
+    validator = make_validator(fill=True)
+    runs = {}
+    for name, overrides in expand_experiments(config).items():
+        wrapped = {"runs": {name: {**config["defaults"], **overrides}}}
+        error = jsonschema.exceptions.best_match(validator.iter_errors(wrapped))
+        if error is not None:
+            raise ConfigError(f"config error in experiment run {_describe(error)}")
+        runs[name] = wrapped["runs"][name]
+    return runs
+
+
 def resolve_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """run id → resolved run config, for a validated config (defaults filled)."""
+    """run id → resolved run config, for a validated config (defaults filled): the ``runs``
+    block plus every run of the enabled experiments."""
     data = data_identity(config)
     resolved = {}
-    for name, cfg in config["runs"].items():
+    for name, cfg in {**config["runs"], **expanded_runs(config)}.items():
         run_id = f"{name}-{config_hash({'run': cfg, 'data': data})[:8]}"
         resolved[run_id] = cfg
     return resolved
 
 
+
 def fill_defaults(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
-    """Fill the schema's defaults into ``config`` in place (what snakemake.utils.validate does)."""
-    base = jsonschema.Draft202012Validator
-    validate_properties = base.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):
-        for prop, subschema in properties.items():
-            if isinstance(instance, dict) and "default" in subschema:
-                instance.setdefault(prop, subschema["default"])
-        yield from validate_properties(validator, properties, instance, schema)
-
-    filler = jsonschema.validators.extend(base, {"properties": set_defaults})
-    filler(load_schema(schema_path)).validate(config)
+    """Fill the schema's defaults into ``config`` in place."""
+    make_validator(schema_path, fill=True).validate(config)

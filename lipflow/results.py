@@ -28,6 +28,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lipflow.experiments import create_views
 from lipflow.metrics import write_table_parquet
 
 RESULTS = Path("results")
@@ -62,8 +63,9 @@ def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
     manifest = json.loads(Path(manifest_path).read_text())
     rows = []
     for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            rows.append({"split": split, **shard})
+        for index, shard in enumerate(info["shards"]):
+            rows.append({"split": split, "shard": index, "file": shard["file"], "tokens": shard["num_tokens"],
+                         "sha256": shard["sha256"], "dtype": manifest["dtype"]})
     return rows
 
 
@@ -108,6 +110,7 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
         _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
                              "bench VARCHAR, metric VARCHAR, value DOUBLE, unit VARCHAR, machine VARCHAR, "
                              "device VARCHAR, date VARCHAR, git_commit VARCHAR")
+        create_views(con)
         con.close()
         os.replace(tmp, out)
     finally:

@@ -84,7 +84,7 @@ class Trainer:
         self.data_dir = Path(data_dir)
         self.device = resolve_device(cfg["device"])
         torch.manual_seed(cfg["seed"])
-        self.train_data = TokenShards(data_dir, "train")
+        self.train_data = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"])
         self.val_data = TokenShards(data_dir, "val")
         for split in (self.train_data, self.val_data):
             split.check_context(cfg["context"])

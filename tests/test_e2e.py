@@ -1,0 +1,109 @@
+"""End to end: `snakemake` on a tiny config in a temp dir, then the DuckDB result through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "-c2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def lipflow(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lipflow.cli", *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("e2e")
+    shutil.copy(REPO / "tests" / "data" / "tiny_config.yaml", workdir / "config.yaml")
+    done = snakemake(workdir)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir
+
+
+def query_csv(workdir: Path, sql: str) -> list[dict[str, str]]:
+    out = lipflow(workdir, "query", sql, "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    return list(csv.DictReader(io.StringIO(out.stdout)))
+
+
+def test_runs_table_shows_each_run_with_val_loss(pipeline):
+    rows = query_csv(pipeline, "select run_id, name, status, model, optimizer, weight_constraint, seed, "
+                               "val_loss, lipschitz_bound, config from runs order by name")
+    assert [r["name"] for r in rows] == ["baseline", "lipschitz"]
+    assert all(r["status"] == "completed" for r in rows)
+    for r in rows:
+        assert 0 < float(r["val_loss"]) < 10
+        assert json.loads(r["config"])["steps"] == 20
+    assert rows[0]["lipschitz_bound"] == ""  # LayerNorm GPT carries no certificate
+    assert float(rows[1]["lipschitz_bound"]) > 0
+    assert rows[1]["weight_constraint"] == "spectral_soft_cap"
+
+
+def test_tables_are_consistent(pipeline):
+    steps = query_csv(pipeline, "select run_id, count(*) as n, max(step) as last from train_metrics group by run_id")
+    assert len(steps) == 2 and all(r["n"] == "20" and r["last"] == "20" for r in steps)
+    evals = query_csv(pipeline, "select distinct eval, metric from evals order by metric")
+    assert {(r["eval"], r["metric"]) for r in evals} >= {("val", "loss"), ("val", "accuracy"), ("val", "perplexity")}
+    shards = query_csv(pipeline, "select split, sum(tokens) as tokens from shards group by split order by split")
+    assert [r["split"] for r in shards] == ["train", "val"]
+    assert all(int(r["tokens"]) > 1000 for r in shards)
+
+
+def test_rerun_is_a_noop_and_one_knob_reruns_one_run(pipeline):
+    again = snakemake(pipeline, "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+    changed = snakemake(pipeline, "-n", "--config", 'runs={"baseline": {"lr": 0.001}}')
+    text = changed.stdout + changed.stderr
+    assert changed.returncode == 0, text
+    job_counts = dict(line.split()[:2] for line in text.splitlines()
+                      if line.split()[:1] and line.split()[0] in {"train", "tokenize", "corpus", "database"})
+    assert job_counts.get("train") == "1"
+    assert "tokenize" not in job_counts and "corpus" not in job_counts
+    assert job_counts.get("database") == "1"
+
+
+def test_bad_config_key_fails_before_any_job(pipeline):
+    before = sorted(p.relative_to(pipeline) for p in (pipeline / "results").rglob("*"))
+    bad = snakemake(pipeline, "--config", 'runs={"baseline": {"lrr": 0.1}}')
+    assert bad.returncode != 0
+    assert "unknown key 'runs.baseline.lrr'" in bad.stderr + bad.stdout
+    assert sorted(p.relative_to(pipeline) for p in (pipeline / "results").rglob("*")) == before
+
+
+def test_query_is_read_only_and_errors_are_one_line(pipeline):
+    write = lipflow(pipeline, "query", "delete from runs")
+    assert write.returncode != 0
+    assert "read-only" in write.stderr and len(write.stderr.strip().splitlines()) == 1
+    typo = lipflow(pipeline, "query", "select * from runz")
+    assert typo.returncode != 0 and len(typo.stderr.strip().splitlines()) == 1
+    assert len(query_csv(pipeline, "select * from runs")) == 2
+
+
+def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
+    import lipflow
+
+    monkeypatch.chdir(pipeline)
+    run_id = lipflow.connect().sql("select run_id from runs where name = 'lipschitz'").fetchone()[0]
+    run = lipflow.load_run(run_id, device="cpu")
+    assert run.config["model"] == "lipschitz_gpt"
+    assert len(run.metrics) == 20
+    assert run.model.lipschitz_bound() == pytest.approx(run.summary["lipschitz_bound"], rel=1e-6)
+    sample = lipflow(pipeline, "sample", run_id, "--prompt", "The", "--tokens", "20", "--device", "cpu")
+    assert sample.returncode == 0 and sample.stdout.startswith("The")

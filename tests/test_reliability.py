@@ -1,0 +1,152 @@
+"""Faults lose nothing: atomic checkpoints, bit-exact resume after SIGKILL, SIGTERM, divergence,
+determinism, and no pickle on any load path."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lipflow.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
+
+from conftest import run_stage
+
+
+def train(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> subprocess.CompletedProcess:
+    return run_stage("lipflow.training", "--run-id", run_id, "--config-json", json.dumps(cfg),
+                     "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
+
+
+def start_training(cfg: dict, data: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lipflow.training", "--run-id", "tiny-00000000",
+                             "--config-json", json.dumps(cfg), "--data-dir", str(data), "--out-dir", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not list((out / "checkpoints").glob("step-*.safetensors.sha256")):
+        assert proc.poll() is None, f"training ended before its first checkpoint: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def slow_cfg(tiny_run_config):
+    """Long enough (in steps) that a kill lands mid-run."""
+    return {**tiny_run_config, "steps": 60, "checkpoint_every": 5, "eval_every": 20,
+            "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap"}
+
+
+def test_sigkill_then_rerun_resumes_bit_exact(char_shards, slow_cfg, tmp_path):
+    reference = tmp_path / "reference"
+    assert train(slow_cfg, char_shards, reference).returncode == 0
+    killed = tmp_path / "killed"
+    proc = start_training(slow_cfg, char_shards, killed)
+    wait_for_checkpoint(killed, proc)
+    time.sleep(float(torch.rand(1)) * 0.5)  # a random point after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the kill landed")
+    assert not (killed / "model.safetensors").exists()
+    resumed = train(slow_cfg, char_shards, killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step-" in resumed.stderr
+    assert_bitwise_equal(weights(reference), weights(killed))
+    ref_metrics = json.loads((reference / "run.json").read_text())
+    assert json.loads((killed / "run.json").read_text())["final_val_loss"] == ref_metrics["final_val_loss"]
+
+
+def test_sigterm_saves_checkpoint_and_exits_cleanly(char_shards, slow_cfg, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(slow_cfg, char_shards, out)
+    wait_for_checkpoint(out, proc)  # the loop (and its SIGTERM handler) is running
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM landed")
+    assert proc.returncode == 143, err
+    assert "checkpoint saved" in err
+    path, _, meta = latest_valid_checkpoint(out / "checkpoints")
+    assert f"SIGTERM at step {meta['step']}" in err
+    assert not (out / "model.safetensors").exists()
+    finished = train(slow_cfg, char_shards, out)
+    assert finished.returncode == 0 and f"resumed from {path.name}" in finished.stderr
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    ckpts = tmp_path / "checkpoints"
+    save_weights(ckpts / "step-000000003.safetensors", {"w": torch.ones(3)}, {"step": 3})
+    save_weights(ckpts / "step-000000006.safetensors", {"w": torch.full((3,), 2.0)}, {"step": 6})
+    newest = ckpts / "step-000000006.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-7])  # truncated by a crash mid-copy
+    path, tensors, meta = latest_valid_checkpoint(ckpts)
+    assert path.name == "step-000000003.safetensors" and meta["step"] == 3
+    assert torch.equal(tensors["w"], torch.ones(3))
+    assert "corrupt" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_bearing_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    crafted = tmp_path / "model.safetensors"
+    crafted.write_bytes(pickle.dumps({"w": _Exploit()}))
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        load_weights(crafted)
+    torch.save({"w": torch.ones(2)}, tmp_path / "torch.safetensors")  # a zip of pickles
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_weights(tmp_path / "torch.safetensors")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_nan_loss_marks_run_diverged_with_step(char_shards, tiny_run_config, tmp_path):
+    cfg = {**tiny_run_config, "lr": 1e30, "optimizer": "adamw", "steps": 30}
+    done = train(cfg, char_shards, tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["status"] == "diverged"
+    assert 1 <= summary["diverged_step"] <= 30 and "loss" in summary["diverged_reason"]
+
+
+def test_bound_above_ceiling_marks_run_diverged(char_shards, tiny_run_config, tmp_path):
+    cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "max_bound": 1e-6}
+    done = train(cfg, char_shards, tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_step"] == cfg["eval_every"]
+    assert "max_bound" in summary["diverged_reason"]
+
+
+def test_same_config_and_seed_give_identical_metrics(char_shards, tiny_run_config, tmp_path):
+    for name in ("a", "b"):
+        assert train(tiny_run_config, char_shards, tmp_path / name).returncode == 0
+    a = (tmp_path / "a" / "train_metrics.parquet").read_bytes()
+    import pyarrow.parquet as pq
+
+    ta, tb = (pq.read_table(tmp_path / n / "train_metrics.parquet").to_pylist() for n in ("a", "b"))
+    assert ta == tb and len(a) > 0
+    assert_bitwise_equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
