@@ -1,0 +1,233 @@
+"""Weight constraints (registry ``constraint``), applied after every optimizer step.
+
+Source: Newhouse, Hess, Cesista, Zahorodnii, Bernstein, Isola 2025, "Training Transformers with
+Enforced Lipschitz Bounds" and Modula's ``Linear.project``. A constraint is a pure map on the
+normalized matrix X = W/s, s = √(fan_out/fan_in), for W of shape (fan_out, fan_in), so the
+spectral norm of X is the RMS→RMS operator norm of W and σ_max is a bound on that norm:
+
+    constraint(X, sigma_max, step=StepContext(...)) -> new X
+
+``constrain_`` does Modula's per-step order around the optimizer: decay, step (already done
+by the optimizer), project — dividing by s before and multiplying by s after, in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lipflow.registry import Registry
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a constraint may need to know about the optimizer step it follows.
+
+    lr: η of this parameter's step; weight_decay: λ of the decoupled decay (1 − λη);
+    update_norm: u, a bound on the step's RMS→RMS norm (= the spectral norm of ΔX);
+    spectral_wd: λ of spectral weight decay.
+    """
+
+    lr: float = 0.0
+    weight_decay: float = 0.0
+    update_norm: float = 0.0
+    spectral_wd: float = 0.0
+
+
+Constraint = Callable[..., Tensor]  # (X, sigma_max, *, step: StepContext) -> X
+CONSTRAINTS: Registry[Constraint] = Registry("constraint")
+
+SPECTRAL_NORM_RTOL = 1e-3  # relative accuracy of spectral_norm_bound
+
+
+# ----------------------------------------------------------------------------- linear algebra
+
+
+def msign(x: Tensor) -> Tensor:
+    """Exact matrix sign (polar factor) U Vᵀ of X = U Σ Vᵀ, by SVD.
+
+    Directions with σ ≤ max(m, n)·eps·σ₁ (numerically zero) map to 0, as Newton–Schulz would,
+    so a zero or low-rank input gives a zero or low-rank output.
+    """
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    keep = s > s[:1] * (max(x.shape) * torch.finfo(x.dtype).eps)
+    return (u * keep.to(u.dtype)) @ vh
+
+
+def _gram_squarings(n: int) -> int:
+    """Squarings J with n^(1/2^(J+1)) ≤ 1 + SPECTRAL_NORM_RTOL (the Schatten bound's worst slack)."""
+    if n == 1:
+        return 0
+    return max(0, math.ceil(math.log2(math.log(n) / math.log1p(SPECTRAL_NORM_RTOL))) - 1)
+
+
+def _gram_power(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Block power iteration from the identity: P ∝ G^(2^J) for the smaller Gram matrix G of X.
+
+    Returns (P, log B) with P = G^(2^J) normalized to a bounded scale and
+    B = tr(G^(2^J))^(1/2^(J+1)) = ‖X‖_{S_p}, the Schatten-p norm of X for p = 2^(J+1).
+    σ₁ ≤ B ≤ n^(1/p)·σ₁, so B is a certified upper bound on σ₁ within SPECTRAL_NORM_RTOL.
+    Each squaring is divided by its trace t_j, and log B = log tr(G_J)/2^(J+1) + Σ_j log t_j/2^(j+1),
+    so nothing overflows and every trace stays ≥ 1/n.
+    """
+    g = x.mT @ x if x.shape[0] >= x.shape[1] else x @ x.mT
+    squarings = _gram_squarings(g.shape[0])
+    tiny = torch.finfo(g.dtype).tiny
+    log_bound = torch.zeros((), dtype=g.dtype, device=g.device)
+    for j in range(squarings):
+        trace = torch.diagonal(g).sum().clamp_min(tiny)
+        log_bound = log_bound + torch.log(trace) / 2 ** (j + 1)
+        h = g / trace
+        g = h @ h
+    log_bound = log_bound + torch.log(torch.diagonal(g).sum()) / 2 ** (squarings + 1)
+    return g, log_bound
+
+
+def spectral_norm_bound(x: Tensor) -> Tensor:
+    """Upper bound B on σ₁(X) with σ₁ ≤ B ≤ (1 + 1e-3)·σ₁ (Schatten norm via block power iteration)."""
+    return torch.exp(_gram_power(x)[1])
+
+
+def top_singular_triplet(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(σ₁, u₁, v₁) by power iteration.
+
+    Starts from the column of P ∝ (XᵀX)^(2^J) with the largest diagonal entry (P's columns are
+    2^J power-iteration steps from every basis vector; that one has |⟨e_k, v₁⟩| ≥ 1/√n up to
+    the gap) and applies P once more; σ₁ = ‖Xv₁‖ is the Rayleigh quotient. A zero matrix gives zeros.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    p, _ = _gram_power(x)
+    w = p @ p[:, torch.argmax(torch.diagonal(p))]
+    w = w / w.norm().clamp_min(tiny)
+    if x.shape[0] >= x.shape[1]:  # P came from XᵀX: w is a right singular vector
+        xv = x @ w
+        sigma = xv.norm()
+        return sigma, xv / sigma.clamp_min(tiny), w
+    xtu = x.mT @ w
+    sigma = xtu.norm()
+    return sigma, w, xtu / sigma.clamp_min(tiny)
+
+
+def soft_cap_alpha(sigma_max: float, k: float) -> float:
+    """Smallest α ≥ 0 with p₂(p₁(k)) = σmax for p₁(x) = x − αx³, p₂(x) = x + αx³.
+
+    Newhouse et al. 2025, Thm 3.1: α is a root of −k⁹α⁴ + 3k⁷α³ − 3k⁵α² + (k − σmax) = 0.
+    With t = αk² this reads t⁴ − 3t³ + 3t² = 1 − σmax/k, whose left side increases from 0 to 1
+    on [0, 1]; so for k > σmax the root is unique in (0, 1) and found by bisection. For
+    k ≤ σmax nothing can exceed σmax and α = 0. For k = σmax(1−λη) + u, the largest singular value
+    one step can reach, σmax is a fixed point; p₂∘p₁ is increasing on [0, k] while t ≤ 1/3,
+    i.e. k ≤ 1.307·σmax, so then every singular value ≤ k ends ≤ σmax.
+    """
+    if k <= sigma_max:
+        return 0.0
+    target = 1.0 - sigma_max / k
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if mid * mid * (3.0 - 3.0 * mid + mid * mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi) / (k * k)
+
+
+def _gram_product(x: Tensor) -> Tensor:
+    """X XᵀX (= (XXᵀ) X), multiplied through the smaller Gram matrix."""
+    return x @ (x.mT @ x) if x.shape[0] >= x.shape[1] else (x @ x.mT) @ x
+
+
+# ----------------------------------------------------------------------------- constraints
+
+
+@CONSTRAINTS.register("none")
+@CONSTRAINTS.register("weight_decay")
+def unconstrained(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """Identity. ``weight_decay`` is this map plus the decoupled decay that ``constrain_`` applies
+    for every constraint whenever weight_decay > 0 (equilibrium ‖W‖ ≤ 1/λ under Muon)."""
+    return x
+
+
+@CONSTRAINTS.register("spectral_weight_decay")
+def spectral_weight_decay(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """X − λσ₁u₁v₁ᵀ with λ = spectral_wd (not coupled to η, as in the reference code)."""
+    sigma, u, v = top_singular_triplet(x)
+    return x - (step.spectral_wd * sigma) * torch.outer(u, v)
+
+
+@CONSTRAINTS.register("spectral_normalize")
+def spectral_normalize(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """X / max(1, σ₁/σmax), with σ₁ from the certified bound: afterwards σ₁ ≤ σmax, and ≥ σmax/(1+1e-3)
+    when X was scaled down."""
+    return x / torch.clamp(spectral_norm_bound(x) / sigma_max, min=1.0)
+
+
+@CONSTRAINTS.register("spectral_hammer")
+def spectral_hammer(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """X + (σmax − σ₁)u₁v₁ᵀ: sets the top singular value to σmax (Hess & Hutchison; no guarantee,
+    the other singular values may exceed σmax)."""
+    sigma, u, v = top_singular_triplet(x)
+    return x + (sigma_max - sigma) * torch.outer(u, v)
+
+
+@CONSTRAINTS.register("spectral_soft_cap")
+def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """M ← M(I − αMᵀM), then M ← M(I + αMᵀM): σ ↦ p₂(p₁(σ)) on every singular value.
+
+    α = soft_cap_alpha(σmax, k) with k = σmax(1 − λη) + u, so σmax is a fixed point of one
+    decay-step-project (Newhouse et al. 2025, Thm 3.1). Four matmuls.
+    """
+    k = sigma_max * (1.0 - step.lr * step.weight_decay) + step.update_norm
+    alpha = soft_cap_alpha(sigma_max, k)
+    if alpha == 0.0:
+        return x
+    x = x - alpha * _gram_product(x)
+    return x + alpha * _gram_product(x)
+
+
+@CONSTRAINTS.register("spectral_hard_cap")
+def spectral_hard_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """U min(Σ, σmax) Vᵀ exactly (SVD), written X − U relu(Σ − σmax) Vᵀ so singular values already
+    ≤ σmax and all singular vectors are untouched. Replaces the paper's four-quintic
+    approximation, which fails for σ > 3.5·σmax."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return x - (u * torch.relu(s - sigma_max)) @ vh
+
+
+@CONSTRAINTS.register("stiefel")
+def stiefel(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+    """σmax·msign(X): every (nonzero) singular value set to σmax (Modula's ``orthogonal``)."""
+    return sigma_max * msign(x)
+
+
+# ----------------------------------------------------------------------------- in-place driver
+
+
+@torch.no_grad()
+def constrain_(weight: Tensor, name: str, sigma_max: float, *, lr: float, weight_decay: float,
+               update_norm: float, spectral_wd: float) -> None:
+    """Decay and project one weight in place, right after the optimizer's step.
+
+    W ← (1 − λη)W, then W ← s·constraint(W/s), s = √(fan_out/fan_in), all in float32 whatever the
+    weight's dtype. The decay comes after the step here (Modula decays first); the weights differ
+    by O(λη²) and k = σmax(1−λη) + u still bounds (σmax + u)(1−λη), so the soft cap's guarantee
+    holds. ``lr`` is this parameter's learning rate, ``update_norm`` its step's RMS→RMS bound.
+    """
+    project = CONSTRAINTS.get(name)
+    if not sigma_max > 0:
+        raise ValueError(f"sigma_max must be > 0, got {sigma_max}")
+    if weight.ndim != 2:
+        raise ValueError(f"constraint '{name}' needs a 2-D weight (fan_out, fan_in), got shape {tuple(weight.shape)}")
+    decay = 1.0 - lr * weight_decay
+    if project is unconstrained:  # no float32 round trip for the identity
+        if decay != 1.0:
+            weight.mul_(decay)
+        return
+    fan_out, fan_in = weight.shape
+    scale = math.sqrt(fan_out / fan_in)
+    step = StepContext(lr=lr, weight_decay=weight_decay, update_norm=update_norm, spectral_wd=spectral_wd)
+    x = weight.float() * (decay / scale)
+    weight.copy_(project(x, sigma_max, step=step) * scale)

@@ -1,0 +1,419 @@
+"""Optimizers (registry ``optimizer``): AdamW, Muon, Scion (constrained SCG) and uSCG.
+
+``build_optimizer(model, cfg)`` groups the model's parameters by role (``model.param_roles()``:
+embed / hidden / head / vector) and by learning-rate multiplier ``p.lr_mult`` (set by the
+parametrization, default 1), one param group per (role, multiplier), each tagged ``role``.
+
+Weight decay: matrices (hidden, head) get none inside any optimizer — their decoupled decay
+W ← (1 − λη)W is done by ``lipflow.constraints.constrain_`` after the step, with the same
+λ = cfg weight_decay, so constraints and decay compose in Modula's order. Embedding tables
+get cfg weight_decay inside AdamW (also the AdamW half of Muon); vectors (biases, gains) get
+none, as in nanoGPT. Scion/uSCG use no weight decay: constrained Scion's (1 − γ) contraction
+already plays that role (Pethick et al. 2025).
+
+Layout: matrices are (fan_out, fan_in) as in nn.Linear. Role ``embed`` holds lookup tables
+stored (num_embeddings, dim) with one-hot inputs; the LMOs see their transpose.
+
+Each Muon/Scion step records ``state[p]["update_norm"]``, a bound on the RMS→RMS operator norm
+of the step's update of matrix p (the soft cap couples to it); ``parameter_steps`` reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lipflow.constraints import msign
+from lipflow.model.base import ROLES
+from lipflow.registry import Registry
+
+OptimizerBuilder = Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
+
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "momentum": 0.95, "ns_steps": 5, "adam_lr": 3e-3,
+}
+ADAM_EPS = 1e-8  # torch's default
+
+# ----------------------------------------------------------------------------- Newton–Schulz
+
+# Keller Jordan's quintic p(x) = a x + b x³ + c x⁵ (KellerJordan/Muon, zeropower_via_newtonschulz5).
+# p peaks at 1.2024 (x ≈ 0.5545) and maps [0, 1.2024] into itself, so T ≥ 1 steps have peak
+# 1.2024 on [0, 1]; 5 steps send every singular value σ ≥ 0.0015·‖G‖_F into [0.6818, 1.2024].
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+# Extra factor on the recorded update bound for rounding in the iteration's dtype:
+# float32 rounding is ~1e-6 relative; bf16 (CUDA) adds the reference's 5% safety factor
+# (NanoGPT soft cap passes η·1.14502·1.05; we measured ≤ 0.4% bf16 overshoot on CPU).
+NS_ROUNDING_MARGIN = {torch.float32: 1.0, torch.bfloat16: 1.05}
+
+
+@functools.lru_cache(maxsize=None)
+def newton_schulz_peak(steps: int, coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS) -> float:
+    """max over σ ∈ [0, 1] of p∘…∘p (``steps`` times): the bound on NS output singular values.
+
+    The image of [0, 1] under the t-fold map is an interval [lo, hi]; the next image is
+    p's range over it, reached at its ends or at real roots of p'(x) = a + 3bx² + 5cx⁴.
+    """
+    a, b, c = coefficients
+    poly = np.polynomial.Polynomial([0.0, a, 0.0, b, 0.0, c])
+    critical = [r.real for r in poly.deriv().roots() if abs(r.imag) < 1e-12]
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        values = poly(np.array([lo, hi] + [r for r in critical if lo <= r <= hi]))
+        lo, hi = float(values.min()), float(values.max())
+    return hi
+
+
+def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype = torch.float32,
+                  coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS) -> Tensor:
+    """≈ msign(G): X ← G/‖G‖_F, then ``steps`` × X ← aX + (bA + cA²)X with A = XXᵀ (Keller Jordan).
+
+    Applies p∘…∘p to every singular value σ/‖G‖_F ≤ 1 and keeps singular vectors. Runs in
+    ``dtype`` on the wide orientation (small Gram matrix); returns float32.
+    """
+    a, b, c = coefficients
+    x = g.to(dtype)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.mT
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if transposed else x).float()
+
+
+def _ns_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (tensor cores, as in the Muon reference), float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for matrices plus AdamW for the rest, in one optimizer (param-group field ``kind``).
+
+    kind "muon" (Keller Jordan 2024; Newhouse et al. 2025 for the scaling), W of shape
+    (fan_out, fan_in), g its gradient, β = momentum:
+        m ← βm + (1 − β)g;  u = (1 − β)g + βm  (Nesterov);
+        W ← W − η·√(fan_out/fan_in)·NS(u).
+    √(fan_out/fan_in) (Newhouse's choice, not the speedrun's max(1, ·)) makes the step's RMS→RMS
+    norm η·σ₁(NS(u)) ≤ η·peak, recorded as state["update_norm"] (peak from newton_schulz_peak,
+    times NS_ROUNDING_MARGIN). No weight decay on these matrices (see module docstring).
+    kind "adamw": bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = ADAM_EPS, weight_decay: float = 0.0,
+                 kind: str = "muon"):
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, betas=betas, eps=eps,
+                        weight_decay=weight_decay, kind=kind)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["kind"] not in self._steps:
+                raise ValueError(f"Muon param group kind '{group['kind']}' is not one of {sorted(self._steps)}")
+            if group["kind"] == "muon":
+                if group["weight_decay"]:
+                    raise ValueError("Muon matrices take no weight_decay (constrain_ decays them)")
+                if any(p.ndim != 2 for p in group["params"]):
+                    raise ValueError("Muon param groups of kind 'muon' must hold 2-D matrices only")
+
+    @property
+    def _steps(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        return {"muon": self._muon_step, "adamw": self._adamw_step}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._steps[group["kind"]](group)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        lr, beta, steps = group["lr"], group["momentum"], group["ns_steps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1.0 - beta)
+            direction = p.grad.lerp(buf, beta)
+            dtype = _ns_dtype(p.device)
+            fan_out, fan_in = p.shape
+            p.add_(newton_schulz(direction, steps, dtype).to(p.dtype), alpha=-lr * math.sqrt(fan_out / fan_in))
+            state["update_norm"] = lr * newton_schulz_peak(steps) * NS_ROUNDING_MARGIN[dtype]
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            state["exp_avg"].lerp_(p.grad, 1.0 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+            denom = (state["exp_avg_sq"] / (1.0 - beta2 ** t)).sqrt_().add_(eps)
+            p.mul_(1.0 - lr * decay)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1 ** t))
+
+
+# ----------------------------------------------------------------------------- LMOs
+
+
+@dataclass(frozen=True)
+class Lmo:
+    """Linear minimization oracle of one norm: lmo(g, input_dim) = argmin_{‖s‖≤1} ⟨g, s⟩.
+
+    g is (fan_out, fan_in); input_dim is the dimension the input norm averages over: fan_in for
+    RMS-normalized inputs, 1 for one-hot inputs (embeddings; the reference's ``normalized=False``).
+    matrix_only: the norm is defined for 2-D tensors only. rms_bound: a bound on ‖lmo(g)‖_RMS→RMS
+    for input_dim = fan_in (None where no useful one exists).
+    """
+
+    direction: Callable[[Tensor, int], Tensor]
+    matrix_only: bool
+    rms_bound: float | None
+
+    def __call__(self, g: Tensor, input_dim: int) -> Tensor:
+        return self.direction(g, input_dim)
+
+
+LMOS: Registry[Lmo] = Registry("lmo")
+
+
+def _register_lmo(name: str, *, matrix_only: bool, rms_bound: float | None) -> Callable:
+    def wrap(direction: Callable[[Tensor, int], Tensor]) -> Callable[[Tensor, int], Tensor]:
+        LMOS.register(name)(Lmo(direction, matrix_only, rms_bound))
+        return direction
+
+    return wrap
+
+
+def _safe(norm: Tensor) -> Tensor:
+    """Guard a norm against 0 (entries are ≤ the norm, so the quotient stays ≤ 1 and 0/0 → 0)."""
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+@_register_lmo("spectral", matrix_only=True, rms_bound=1.0)
+def spectral_lmo(g: Tensor, input_dim: int) -> Tensor:
+    """‖W‖ = √(input_dim/fan_out)·σ₁(W) (RMS→RMS); lmo = −√(fan_out/input_dim)·UVᵀ (exact polar);
+    dual norm √(fan_out/input_dim)·‖G‖_nuclear. RMS→RMS norm of the output: exactly 1."""
+    return -math.sqrt(g.shape[0] / input_dim) * msign(g)
+
+
+@_register_lmo("sign", matrix_only=True, rms_bound=1.0)
+def sign_lmo(g: Tensor, input_dim: int) -> Tensor:
+    """‖W‖ = input_dim·max|W_ij| (bounds RMS→∞ and ∞→∞); lmo = −sign(G)/input_dim; dual ‖G‖₁/input_dim.
+    RMS→RMS ≤ ‖·‖_F/√(fan_out/fan_in) = 1 for input_dim = fan_in."""
+    return -torch.sign(g) / input_dim
+
+
+@_register_lmo("colnorm", matrix_only=True, rms_bound=None)
+def colnorm_lmo(g: Tensor, input_dim: int) -> Tensor:
+    """‖W‖ = input_dim·max_j RMS(W[:, j]) (ℓ1→RMS for one-hot inputs); lmo: column j ↦
+    −g_j·√fan_out/(input_dim·‖g_j‖); dual (√fan_out/input_dim)·Σ_j ‖g_j‖."""
+    return -g * (math.sqrt(g.shape[0]) / input_dim) / _safe(g.norm(dim=0, keepdim=True))
+
+
+@_register_lmo("rownorm", matrix_only=True, rms_bound=1.0)
+def rownorm_lmo(g: Tensor, input_dim: int) -> Tensor:
+    """‖W‖ = √input_dim·max_i ‖W[i, :]‖ (RMS→ℓ∞); lmo: row i ↦ −g_i/(√input_dim·‖g_i‖);
+    dual Σ_i ‖g_i‖/√input_dim. RMS→RMS ≤ ‖·‖_F/√(fan_out/fan_in) = 1 for input_dim = fan_in."""
+    return -g / (math.sqrt(input_dim) * _safe(g.norm(dim=1, keepdim=True)))
+
+
+@_register_lmo("bias_rms", matrix_only=False, rms_bound=None)
+def bias_rms_lmo(g: Tensor, input_dim: int) -> Tensor:
+    """‖b‖ = RMS(b) over all entries (input_dim unused); lmo = −g/RMS(g); dual √numel·‖g‖₂."""
+    return -g * math.sqrt(g.numel()) / _safe(g.norm())
+
+
+# ----------------------------------------------------------------------------- Scion / uSCG
+
+
+class Scion(torch.optim.Optimizer):
+    """Stochastic conditional gradient with one norm per param group (Pethick et al. 2025).
+
+    With α = momentum (the *averaging* weight, 1 − β), γ = lr, ρ = radius and the group's LMO:
+        d ← (1 − α)d + αg   (d₀ = 0)
+        Scion (constrained=True):  x ← (1 − γ)x + γρ·lmo(d)   (Frank–Wolfe; stays in the ρ-ball)
+        uSCG  (constrained=False): x ← x + γρ·lmo(d)
+    Groups with ``embedding=True`` hold (num_embeddings, dim) tables with one-hot inputs: the LMO
+    acts on the transpose with input_dim 1. For matrices whose LMO has an ``rms_bound``,
+    state["update_norm"] = γρ·rms_bound bounds the RMS→RMS norm of γρ·lmo(d).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.1, constrained: bool = True,
+                 norm: str = "spectral", radius: float = 1.0, embedding: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, constrained=constrained, norm=norm, radius=radius,
+                        embedding=embedding)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            lmo = LMOS.get(group["norm"])
+            if (lmo.matrix_only or group["embedding"]) and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError(f"Scion norm '{group['norm']}' needs 2-D parameters")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lmo = LMOS.get(group["norm"])
+            lr, alpha, radius, embedding = group["lr"], group["momentum"], group["radius"], group["embedding"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                d = state["momentum_buffer"]
+                d.lerp_(p.grad, alpha)
+                if embedding:
+                    direction = lmo(d.float().mT, 1).mT
+                else:
+                    direction = lmo(d.float(), d.shape[-1])
+                if group["constrained"]:
+                    p.mul_(1.0 - lr)
+                p.add_(direction.to(p.dtype), alpha=lr * radius)
+                if p.ndim == 2 and not embedding and lmo.rms_bound is not None:
+                    state["update_norm"] = lr * radius * lmo.rms_bound
+
+
+# Pethick et al. 2025, untied GPT (LIONS-EPFL/scion examples/shallow-nanogpt): embedding Sign
+# with one-hot inputs (unnormalized) ρ=1, blocks Spectral ρ=3, head Sign (1/fan_in) ρ=10.
+# Vectors (biases, gains): BiasRMS ρ=1 (the reference's ``Auto`` choice for 1-D parameters).
+SCION_GPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lmo_norms": {"embed": "sign", "hidden": "spectral", "head": "sign", "vector": "bias_rms"},
+    "lmo_radius": {"embed": 1.0, "hidden": 3.0, "head": 10.0, "vector": 1.0},
+}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _setting(cfg: dict[str, Any], key: str) -> Any:
+    return cfg.get(key, CONFIG_DEFAULTS[key])
+
+
+def _role_groups(model: nn.Module) -> Iterator[tuple[str, float, list[nn.Parameter]]]:
+    """(role, lr_mult, params) for each non-empty (role, multiplier) pair, in a fixed order.
+
+    Checks that ``param_roles`` covers every trainable parameter exactly once.
+    """
+    roles = model.param_roles()
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"param_roles returned unknown roles {sorted(unknown)}; expected {ROLES}")
+    seen: dict[int, str] = {}
+    for role in ROLES:
+        for name, p in roles.get(role, []):
+            if id(p) in seen:
+                raise ValueError(f"parameter '{name}' has two roles ('{seen[id(p)]}' and '{role}')")
+            seen[id(p)] = role
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"param_roles leaves parameters without a role: {missing}")
+    for role in ROLES:
+        by_mult: dict[float, list[nn.Parameter]] = defaultdict(list)
+        for _, p in roles.get(role, []):
+            if p.requires_grad:
+                by_mult[float(getattr(p, "lr_mult", 1.0))].append(p)
+        for mult, params in by_mult.items():
+            yield role, mult, params
+
+
+def _embed_decay(role: str, cfg: dict[str, Any]) -> float:
+    """In-optimizer weight decay: cfg weight_decay for embedding tables, 0 otherwise (module docstring)."""
+    return _setting(cfg, "weight_decay") if role == "embed" else 0.0
+
+
+@OPTIMIZERS.register("adamw")
+def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2)."""
+    groups = [dict(params=params, lr=cfg["lr"] * mult, weight_decay=_embed_decay(role, cfg), role=role)
+              for role, mult, params in _role_groups(model)]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")),
+                             eps=ADAM_EPS, weight_decay=0.0)
+
+
+@OPTIMIZERS.register("muon")
+def build_muon(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """Muon (lr) on hidden and head matrices; AdamW (adam_lr, betas) on embeddings and vectors."""
+    groups = []
+    for role, mult, params in _role_groups(model):
+        if role in ("hidden", "head"):
+            groups.append(dict(params=params, kind="muon", lr=cfg["lr"] * mult, role=role))
+        else:
+            groups.append(dict(params=params, kind="adamw", lr=_setting(cfg, "adam_lr") * mult,
+                               weight_decay=_embed_decay(role, cfg), role=role))
+    return Muon(groups, lr=cfg["lr"], momentum=_setting(cfg, "momentum"), ns_steps=_setting(cfg, "ns_steps"),
+                betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")))
+
+
+def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Scion:
+    """Scion/uSCG with α = 1 − cfg momentum and per-role norms/radii (cfg over SCION_GPT_DEFAULTS)."""
+    if "constrained" in cfg and bool(cfg["constrained"]) != constrained:
+        raise ValueError(f"constrained={cfg['constrained']} contradicts optimizer '{cfg['optimizer']}' "
+                         "(scion is constrained, uscg is not)")
+    tables = {}
+    for key in ("lmo_norms", "lmo_radius"):
+        given = cfg.get(key) or {}
+        unknown = set(given) - set(ROLES)
+        if unknown:
+            raise ValueError(f"{key} has unknown roles {sorted(unknown)}; expected a subset of {ROLES}")
+        tables[key] = {**SCION_GPT_DEFAULTS[key], **given}
+    groups = []
+    for role, mult, params in _role_groups(model):
+        norm = tables["lmo_norms"][role]
+        lmo = LMOS.get(norm)
+        if lmo.matrix_only or role == "embed":
+            bad = [tuple(p.shape) for p in params if p.ndim != 2]
+            if bad:
+                raise ValueError(f"lmo_norms.{role}='{norm}' needs 2-D parameters, got shapes {bad}")
+        groups.append(dict(params=params, lr=cfg["lr"] * mult, norm=norm, radius=float(tables["lmo_radius"][role]),
+                           embedding=role == "embed", role=role))
+    return Scion(groups, lr=cfg["lr"], momentum=1.0 - _setting(cfg, "momentum"), constrained=constrained)
+
+
+@OPTIMIZERS.register("scion")
+def build_scion(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    return _build_scion(model, cfg, constrained=True)
+
+
+@OPTIMIZERS.register("uscg")
+def build_uscg(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    return _build_scion(model, cfg, constrained=False)
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """Build the optimizer named by cfg['optimizer'] for ``model``."""
+    return OPTIMIZERS.get(cfg["optimizer"])(model, cfg)
+
+
+def parameter_steps(optimizer: torch.optim.Optimizer) -> Iterator[tuple[Tensor, float, float | None]]:
+    """(parameter, its group's current lr, its last step's RMS→RMS bound or None): the per-parameter
+    inputs of ``constrain_`` (None for AdamW, whose update norm has no useful bound)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield p, group["lr"], optimizer.state[p].get("update_norm") if p in optimizer.state else None
