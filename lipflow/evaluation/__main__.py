@@ -24,7 +24,9 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     model, info = load_model(run_dir, device)
     cfg = info["config"]
     context = cfg["context"]
-    train_windows = TokenShards(data_dir, "train").sequential_windows(context, max_windows=params.get("train_windows", 256))
+    train = TokenShards(data_dir, "train")
+    params.setdefault("n_train", train.num_tokens // context)  # training sequences, for the rank bound
+    train_windows = train.sequential_windows(context, max_windows=params.get("train_windows", 256))
     val_windows = TokenShards(data_dir, "val").sequential_windows(context, max_windows=params.get("val_windows"))
     batch = params.get("batch_size", 32)
     train_loss = evaluate_windows(model, train_windows, batch, device)["loss"]
@@ -47,7 +49,9 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
         torch.manual_seed(int(params.get("seed", 0)))
         ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device))
         rows = evaluation(ctx)
-    table = pa.Table.from_pylist([{"run_id": run_id, "eval": name, **row} for row in rows])
+    rows = [{"run_id": run_id, "eval": name, **row} for row in rows]
+    columns = dict.fromkeys(key for row in rows for key in row)  # union of keys, first-seen order
+    table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
     write_table_parquet(out, table)
     print(f"{name}: {len(rows)} rows for {run_id}")
     return 0

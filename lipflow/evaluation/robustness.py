@@ -1,0 +1,294 @@
+"""Robustness: certified radii from the ℓ2 Lipschitz certificate, PGD and token-substitution attacks.
+
+Which prediction: the next token after the last position of each validation window (the window's
+final token is the label), i.e. the prediction that has seen the whole context. Certified, PGD and
+discrete numbers all refer to that one prediction per sequence, so certified ≤ PGD-robust ≤ clean
+accuracy holds per ε.
+
+The certificate L bounds ‖F(x) − F(x')‖₂ ≤ L‖x − x'‖₂, where x is the whole embedded sequence
+(T × d, from ``model.embed``) and F(x) all logits (T × V, ``model.forward_embedded``). Perturbation
+norms ε are ℓ2 norms over the whole embedded sequence.
+
+- certified radius: m / (√2·L), m = z_y − max_{j≠y} z_j; each z_y − z_j is √2·L-Lipschitz because
+  ‖e_y − e_j‖₂ = √2, so no perturbation with ‖δ‖₂ < m/(√2 L) changes the prediction. Certified
+  accuracy at ε: the fraction with radius > ε (a positive radius implies a correct prediction).
+- PGD ℓ2 (Madry et al. 2018): normalized-gradient ascent with step 2.5ε/steps, projection onto the
+  ε-ball, restart 0 from δ = 0 and later restarts uniform in the ball; the objective (default the
+  Carlini–Wagner margin max_{j≠y} z_j − z_y, or "ce") picks the worst δ seen; robust loss is the
+  cross-entropy there.
+- Token substitutions, k per sequence: "random" (best of ``random_trials`` draws of k positions and
+  k different tokens) and "greedy" (k rounds, each taking the best of ``greedy_candidates`` random
+  single substitutions at untouched positions, scored exactly; budget k reports the worst sequence
+  seen within k rounds).
+- Empirical Lipschitz lower bound: max ‖F(x') − F(x)‖₂ / ‖x' − x‖₂ over every attack pair (PGD,
+  substitutions' embeddings, and a ratio ascent on a sphere of radius ``lipschitz_radius``). Any
+  such ratio is a true lower bound, so one above the certificate is a bug; the evaluation raises.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.model.base import LanguageModel
+from lipflow.registry import Registry
+
+CERTIFICATE_SLACK = 1e-4  # relative fp32 round-off allowed between a measured ratio and the certificate
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OBJECTIVES: Registry[Objective] = Registry("attack objective")
+
+
+@OBJECTIVES.register("margin")
+def margin_objective(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """max_{j≠y} z_j − z_y per sample (> 0 ⇔ misclassified); Carlini & Wagner 2017."""
+    return -logit_margin(logits, labels)
+
+
+@OBJECTIVES.register("ce")
+def ce_objective(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """m = z_y − max_{j≠y} z_j for logits (N, V) and labels (N,)."""
+    logits = logits.float()
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return true - others.max(dim=1).values
+
+
+def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz_l2: float) -> torch.Tensor:
+    """m / (√2·L): no ℓ2 perturbation of the input smaller than this flips the prediction."""
+    return logit_margin(logits, labels) / (math.sqrt(2.0) * lipschitz_l2)
+
+
+def certified_accuracy(radius: torch.Tensor, epsilon: float) -> float:
+    return float((radius > epsilon).float().mean())
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+def _random_in_ball(shape: torch.Size, radius: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform in the ℓ2 ball: a Gaussian direction times radius·u^{1/D}."""
+    direction = torch.randn(shape, generator=generator)
+    direction /= _per_sample_norm(direction)
+    dim = math.prod(shape[1:])
+    u = torch.rand(shape[0], generator=generator) ** (1.0 / dim)
+    return (direction * u.view(-1, *([1] * (len(shape) - 1)))).to(radius.device) * radius
+
+
+def pgd_l2(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+           epsilon: float | torch.Tensor, steps: int = 20, restarts: int = 1,
+           generator: torch.Generator | None = None, objective: str = "margin") -> torch.Tensor:
+    """The worst δ (‖δ‖₂ ≤ ε per sample) found by ℓ2 PGD on ``objective(score(x + δ), labels)``."""
+    objective_fn = OBJECTIVES.get(objective)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    eps = torch.as_tensor(epsilon, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    eps = eps.reshape(-1, *([1] * (x.ndim - 1)))
+    best = torch.zeros_like(x)
+    if not bool((eps > 0).any()):
+        return best
+    step = 2.5 * eps / steps
+    with torch.no_grad():
+        best_value = objective_fn(score(x), labels)
+    for restart in range(restarts):
+        delta = torch.zeros_like(x) if restart == 0 else _random_in_ball(x.shape, eps, generator)
+        for _ in range(steps + 1):
+            delta.requires_grad_(True)
+            value = objective_fn(score(x + delta), labels)
+            grad, = torch.autograd.grad(value.sum(), delta)
+            with torch.no_grad():
+                better = value > best_value
+                best[better] = delta[better]
+                best_value = torch.where(better, value, best_value)
+                norm = _per_sample_norm(grad)
+                delta = delta + step * grad / torch.where(norm > 0, norm, torch.ones_like(norm))
+                delta = delta * torch.clamp(eps / _per_sample_norm(delta).clamp_min(1e-30), max=1.0)
+    return best.detach()
+
+
+def random_substitution(score_tokens: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
+                        labels: torch.Tensor, k: int, trials: int, vocab_size: int,
+                        generator: torch.Generator, objective: str = "margin") -> torch.Tensor:
+    """The worst of ``trials`` sequences with k random positions set to random different tokens."""
+    objective_fn = OBJECTIVES.get(objective)
+    best, best_value = idx.clone(), objective_fn(score_tokens(idx), labels)
+    B, T = idx.shape
+    k = min(k, T)
+    for _ in range(trials):
+        positions = torch.rand(B, T, generator=generator).argsort(dim=1)[:, :k].to(idx.device)
+        shift = torch.randint(1, vocab_size, (B, k), generator=generator).to(idx.device)
+        candidate = idx.scatter(1, positions, (idx.gather(1, positions) + shift) % vocab_size)
+        value = objective_fn(score_tokens(candidate), labels)
+        better = value > best_value
+        best[better], best_value = candidate[better], torch.where(better, value, best_value)
+    return best
+
+
+def greedy_substitution(score_tokens: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
+                        labels: torch.Tensor, k: int, candidates: int, vocab_size: int,
+                        generator: torch.Generator, objective: str = "margin") -> list[torch.Tensor]:
+    """Worst sequences within budgets 1..k: k greedy rounds of the best of ``candidates`` single swaps."""
+    objective_fn = OBJECTIVES.get(objective)
+    B, T = idx.shape
+    current, touched = idx.clone(), torch.zeros(B, T, dtype=torch.bool)
+    worst, worst_value = idx.clone(), objective_fn(score_tokens(idx), labels)
+    per_budget = []
+    for _ in range(min(k, T)):
+        positions = torch.multinomial((~touched).float(), candidates, replacement=True, generator=generator)
+        shift = torch.randint(1, vocab_size, (B, candidates), generator=generator)
+        positions, shift = positions.to(idx.device), shift.to(idx.device)
+        tokens = (current.gather(1, positions) + shift) % vocab_size
+        trial = current.repeat_interleave(candidates, 0)
+        rows = torch.arange(B * candidates, device=idx.device)
+        trial[rows, positions.reshape(-1)] = tokens.reshape(-1)
+        values = objective_fn(score_tokens(trial), labels.repeat_interleave(candidates)).view(B, candidates)
+        choice = values.argmax(dim=1)
+        current = trial.view(B, candidates, T)[torch.arange(B, device=idx.device), choice]
+        touched[torch.arange(B), positions.gather(1, choice[:, None]).squeeze(1).cpu()] = True
+        value = values.max(dim=1).values
+        better = value > worst_value
+        worst[better], worst_value = current[better], torch.where(better, value, worst_value)
+        per_budget.append(worst.clone())
+    return per_budget
+
+
+def pair_ratios(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x_other: torch.Tensor,
+                batch_size: int | None = None) -> torch.Tensor:
+    """‖F(x') − F(x)‖₂ / ‖x' − x‖₂ per sample (float64), over pairs that differ (whole sequences,
+    all logits), ``batch_size`` pairs at a time."""
+    step = batch_size or x.shape[0]
+    ratios = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], step):
+            a, b = x[i:i + step], x_other[i:i + step]
+            dx = (b - a).flatten(1).double().norm(dim=1)
+            keep = dx > 0
+            if keep.any():
+                df = (forward(b[keep]).double() - forward(a[keep]).double()).flatten(1).norm(dim=1)
+                ratios.append((df / dx[keep]).cpu())
+    return torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
+
+
+def lipschitz_ascent(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, radius: float,
+                     steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample ratios after maximizing ‖F(x+δ) − F(x)‖² on the sphere ‖δ‖₂ = radius
+    (δ ← radius·∇/‖∇‖; for small δ a power iteration on JᵀJ)."""
+    with torch.no_grad():
+        base = forward(x)
+    direction = torch.randn(x.shape, generator=generator).to(x.device)
+    delta = radius * direction / _per_sample_norm(direction)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        gain = (forward(x + delta) - base).pow(2).flatten(1).sum(dim=1)
+        grad, = torch.autograd.grad(gain.sum(), delta)
+        with torch.no_grad():
+            norm = _per_sample_norm(grad)
+            delta = torch.where(norm > 0, radius * grad / norm.clamp_min(1e-30), delta)
+    return pair_ratios(forward, x, x + delta.detach())
+
+
+def certificate_l2(model: LanguageModel, fallback: float | None) -> float | None:
+    """``model.lipschitz_bound_l2`` (method or attribute) when the model has one, else ``fallback``."""
+    attr = getattr(model, "lipschitz_bound_l2", None)
+    value = attr() if callable(attr) else attr
+    return float(value) if value is not None else fallback
+
+
+def check_lower_bound(lower: float, certificate: float | None) -> None:
+    """A measured ratio above the certificate means the certificate or the attack code is wrong."""
+    if certificate is not None and lower > certificate * (1 + CERTIFICATE_SLACK):
+        raise RuntimeError(f"lower bound {lower:.6g} exceeds certificate {certificate:.6g}: this is a bug")
+
+
+def _batched(fn: Callable[..., torch.Tensor], batch_size: int, *tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(*(t[i:i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)])
+
+
+@EVALUATIONS.register("robustness")
+def evaluate(ctx: EvalContext) -> list[dict]:
+    """Certified accuracy, PGD and substitution robustness, and the empirical Lipschitz lower bound."""
+    cfg = ctx.cfg
+    model = ctx.model.to(ctx.device).eval()
+    batch_size, objective = cfg.get("batch_size", 32), cfg.get("objective", "margin")
+    OBJECTIVES.get(objective)  # fail on an unknown name before any work
+    generator = torch.Generator().manual_seed(cfg.get("seed", 0))
+    windows = ctx.val_windows[: cfg.get("n_sequences", 64)].to(ctx.device)
+    idx, labels = windows[:, :-1], windows[:, -1]
+    with torch.no_grad():
+        x = model.embed(idx).float()
+
+    def last(x_: torch.Tensor) -> torch.Tensor:
+        return model.forward_embedded(x_)[:, -1, :].float()
+
+    def last_tokens(idx_: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _batched(lambda t: model(t)[:, -1, :].float(), batch_size, idx_)
+
+    def ratios_to(x_other: torch.Tensor) -> torch.Tensor:
+        return pair_ratios(lambda t: model.forward_embedded(t).float(), x, x_other, batch_size)
+
+    def accuracy_and_loss(logits: torch.Tensor) -> tuple[float, float]:
+        return (float((logits.argmax(1) == labels).float().mean()),
+                float(F.cross_entropy(logits, labels)))
+
+    with torch.no_grad():
+        clean = _batched(last, batch_size, x)
+    acc, loss = accuracy_and_loss(clean)
+    rows = [{"metric": "clean_accuracy", "value": acc}, {"metric": "clean_loss", "value": loss}]
+    epsilons = [float(e) for e in cfg.get("epsilons", [0.0, 0.1, 0.25, 0.5, 1.0, 2.0])]
+    certificate = certificate_l2(model, ctx.certificate)
+    if certificate is not None:
+        radius = certified_radius(clean, labels, certificate)
+        rows.append({"metric": "certificate_l2", "value": certificate})
+        rows.append({"metric": "certified_radius_median", "value": float(radius.clamp_min(0).median())})
+        rows += [{"metric": "certified_accuracy", "value": certified_accuracy(radius, e), "epsilon": e}
+                 for e in epsilons]
+
+    ratios: dict[str, list[torch.Tensor]] = {"pgd": [], "random": [], "greedy": []}
+    for e in epsilons:
+        delta = torch.cat([pgd_l2(last, x[i:i + batch_size], labels[i:i + batch_size], e,
+                                  cfg.get("pgd_steps", 20), cfg.get("pgd_restarts", 1), generator, objective)
+                           for i in range(0, x.shape[0], batch_size)])
+        with torch.no_grad():
+            acc, loss = accuracy_and_loss(_batched(last, batch_size, x + delta))
+        rows += [{"metric": "robust_accuracy", "value": acc, "attack": "pgd", "epsilon": e},
+                 {"metric": "robust_loss", "value": loss, "attack": "pgd", "epsilon": e}]
+        ratios["pgd"].append(ratios_to(x + delta))
+
+    k_values = sorted(int(k) for k in cfg.get("k_values", [1, 2, 4]))
+    vocab = model.vocab_size
+    greedy = greedy_substitution(last_tokens, idx, labels, max(k_values), cfg.get("greedy_candidates", 32),
+                                 vocab, generator, objective) if k_values else []
+    for k in k_values:
+        attacked = {"random": random_substitution(last_tokens, idx, labels, k, cfg.get("random_trials", 8),
+                                                  vocab, generator, objective),
+                    "greedy": greedy[min(k, len(greedy)) - 1]}
+        for name, tokens in attacked.items():
+            acc, loss = accuracy_and_loss(last_tokens(tokens))
+            rows += [{"metric": "robust_accuracy", "value": acc, "attack": name, "k": k},
+                     {"metric": "robust_loss", "value": loss, "attack": name, "k": k}]
+            with torch.no_grad():
+                ratios[name].append(ratios_to(model.embed(tokens).float()))
+
+    ratios["lipschitz_ascent"] = [torch.cat([
+        lipschitz_ascent(lambda t: model.forward_embedded(t).float(), x[i:i + batch_size],
+                         cfg.get("lipschitz_radius", 1e-2), cfg.get("lipschitz_steps", 20), generator)
+        for i in range(0, x.shape[0], batch_size)])]
+    lower = 0.0
+    for source, found in ratios.items():
+        values = torch.cat(found) if found else torch.zeros(0)
+        if values.numel():
+            best = float(values.max())
+            lower = max(lower, best)
+            rows.append({"metric": "lipschitz_lower_bound", "value": best, "attack": source})
+    rows.append({"metric": "lipschitz_lower_bound", "value": lower, "attack": "all"})
+    check_lower_bound(lower, certificate)
+    return rows

@@ -1,0 +1,202 @@
+"""Sharpness: the Hessian of the training loss on one fixed batch, through Hessian-vector products.
+
+Hv = ∇_θ(∇_θ L · v) (Pearlmutter 1994): one backward with ``create_graph=True`` builds the gradient
+graph once, and each product is one more backward through it (PyHessian's single-batch mode).
+Built on that operator:
+
+- ``power_iteration`` / ``top_eigenvalue``: the eigenvalue of largest |λ| (the sharpness of Noci et
+  al. 2024, measured like PyHessian: stop when |Δλ| < tol·(|λ| + 1e-6)), optionally warm-started
+  from a previous eigenvector;
+- ``lanczos_topk``: the k largest eigenvalues from a Lanczos tridiagonalisation with full
+  reorthogonalisation (Ritz values of T_m; memory m × #params);
+- ``hutchinson_trace``: tr H ≈ mean of vᵀHv over Rademacher v (Hutchinson 1989), with the
+  standard error of that mean.
+
+Attention runs on SDPA's math backend and autocast is off while the graph is built: fused attention
+kernels are not twice differentiable, and bf16 would corrupt the second derivative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.metrics import loss_and_correct
+
+LossFn = Callable[[], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _twice_differentiable(device: torch.device) -> Iterator[None]:
+    with sdpa_kernel([SDPBackend.MATH]), torch.autocast(device.type, enabled=False):
+        yield
+
+
+class HessianOperator:
+    """v ↦ Hv for the Hessian of ``loss_fn()`` w.r.t. ``params`` at their current values.
+
+    Vectors are flat float32 tensors of length ``dim`` = Σ numel(p), in ``params`` order.
+    """
+
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("sharpness: no parameters to differentiate")
+        self.device = self.params[0].device
+        self.dim = sum(p.numel() for p in self.params)
+        with _twice_differentiable(self.device):
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        # Gradients without a graph are constant in θ: their rows of H are zero.
+        self._grads = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [chunk.view_as(p) for chunk, p in zip(v.split([p.numel() for p in self.params]), self.params)]
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if not self._grads:
+            return torch.zeros_like(v)
+        pieces = self._split(v)
+        hv = torch.autograd.grad([g for _, g in self._grads], self.params,
+                                 grad_outputs=[pieces[i].to(g.dtype) for i, g in self._grads],
+                                 retain_graph=True, allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for h, p in zip(hv, self.params)])
+
+    def random_vector(self, generator: torch.Generator | None, rademacher: bool = False) -> torch.Tensor:
+        """A Gaussian (or Rademacher ±1) vector, drawn on the CPU so seeds agree across devices."""
+        if rademacher:
+            v = torch.randint(0, 2, (self.dim,), generator=generator).float() * 2 - 1
+        else:
+            v = torch.randn(self.dim, generator=generator)
+        return v.to(self.device)
+
+
+@dataclass
+class PowerIterationResult:
+    eigenvalue: float            # Rayleigh quotient vᵀHv of the final unit vector (signed)
+    eigenvector: torch.Tensor    # flat unit vector, reusable as ``init`` for a warm start
+    iterations: int
+    converged: bool
+
+
+def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
+                    generator: torch.Generator | None = None,
+                    init: torch.Tensor | None = None) -> PowerIterationResult:
+    """Largest-|λ| Hessian eigenvalue: v ← Hv/‖Hv‖, λ = vᵀHv, until |Δλ| < tol·(|λ| + 1e-6)."""
+    op = HessianOperator(loss_fn, params)
+    v = (init.to(op.device).float().clone() if init is not None else op.random_vector(generator))
+    v /= v.norm()
+    eigenvalue, converged, step = 0.0, False, 0
+    for step in range(1, iters + 1):
+        hv = op(v)
+        new = float(v @ hv)
+        norm = hv.norm()
+        if norm == 0:  # H v = 0: v is in the null space; the Rayleigh quotient is exact
+            eigenvalue, converged = new, True
+            break
+        v = hv / norm
+        if step > 1 and abs(new - eigenvalue) < tol * (abs(new) + 1e-6):
+            eigenvalue, converged = new, True
+            break
+        eigenvalue = new
+    return PowerIterationResult(eigenvalue, v.detach(), step, converged)
+
+
+def top_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
+                   generator: torch.Generator | None = None, init: torch.Tensor | None = None) -> float:
+    """The sharpness λ_max of ``power_iteration`` as a float (see there)."""
+    return power_iteration(loss_fn, params, iters, tol, generator, init).eigenvalue
+
+
+def lanczos_topk(loss_fn: LossFn, params: Sequence[torch.Tensor], k: int, iters: int = 30,
+                 generator: torch.Generator | None = None) -> list[float]:
+    """The k largest Ritz values of an ``iters``-step Lanczos run (full reorthogonalisation), descending.
+
+    Lanczos (1950): q_{j+1} β_j = H q_j − α_j q_j − β_{j−1} q_{j−1}; the extreme eigenvalues of the
+    tridiagonal T = tridiag(β, α, β) converge to those of H first.
+    """
+    op = HessianOperator(loss_fn, params)
+    steps = min(iters, op.dim)
+    if k > steps:
+        raise ValueError(f"sharpness: lanczos_k={k} exceeds the number of Lanczos steps {steps}")
+    q = op.random_vector(generator)
+    basis = [q / q.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        w = op(basis[j])
+        alphas.append(float(basis[j] @ w))
+        Q = torch.stack(basis)
+        for _ in range(2):  # classical Gram–Schmidt twice ("twice is enough")
+            w = w - Q.T @ (Q @ w)
+        beta = float(w.norm())
+        if j == steps - 1 or beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas)):
+            break  # the Krylov space is invariant: T's eigenvalues are exact eigenvalues of H
+        betas.append(beta)
+        basis.append(w / beta)
+    m = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[:m - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(T).flip(0)
+    return [float(x) for x in ritz[:k]]
+
+
+@dataclass
+class TraceEstimate:
+    mean: float
+    stderr: float  # sample standard deviation / √samples
+    samples: int
+
+
+def hutchinson_trace(loss_fn: LossFn, params: Sequence[torch.Tensor], samples: int = 100,
+                     generator: torch.Generator | None = None) -> TraceEstimate:
+    """tr H ≈ (1/s) Σ vᵢᵀHvᵢ with Rademacher vᵢ; Var(vᵀHv) = 2 Σ_{i≠j} H_ij² (Hutchinson 1989)."""
+    if samples < 2:
+        raise ValueError(f"sharpness: hutchinson_samples must be ≥ 2, got {samples}")
+    op = HessianOperator(loss_fn, params)
+    values = torch.tensor([float(v @ op(v)) for v in
+                           (op.random_vector(generator, rademacher=True) for _ in range(samples))],
+                          dtype=torch.float64)
+    return TraceEstimate(float(values.mean()), float(values.std() / math.sqrt(samples)), samples)
+
+
+def language_model_loss_fn(model: torch.nn.Module, windows: torch.Tensor) -> LossFn:
+    """Mean next-token cross-entropy of ``model`` on the fixed windows (N, context+1)."""
+    x, y = windows[:, :-1], windows[:, 1:]
+    return lambda: loss_and_correct(model, x, y)[0]
+
+
+@EVALUATIONS.register("sharpness")
+def evaluate(ctx: EvalContext) -> list[dict]:
+    """Top Hessian eigenvalue (and optionally Lanczos top-k and Hutchinson trace) on a fixed train batch."""
+    cfg = ctx.cfg
+    batch = ctx.train_windows[: cfg.get("batch_size", 32)].to(ctx.device)
+    model = ctx.model.to(ctx.device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = language_model_loss_fn(model, batch)
+    seed = cfg.get("seed", 0)
+    rows: list[dict] = []
+    result = power_iteration(loss_fn, params, iters=cfg.get("iters", 100), tol=cfg.get("tol", 1e-3),
+                             generator=torch.Generator().manual_seed(seed))
+    rows.append({"metric": "top_hessian_eigenvalue", "value": result.eigenvalue})
+    rows.append({"metric": "power_iterations", "value": float(result.iterations)})
+    rows.append({"metric": "power_iteration_converged", "value": float(result.converged)})
+    if cfg.get("lanczos_k", 0):
+        top = lanczos_topk(loss_fn, params, cfg["lanczos_k"], iters=cfg.get("lanczos_iters", 30),
+                           generator=torch.Generator().manual_seed(seed + 1))
+        rows += [{"metric": "lanczos_eigenvalue", "value": lam, "k": i + 1} for i, lam in enumerate(top)]
+    if cfg.get("hutchinson_samples", 0):
+        trace = hutchinson_trace(loss_fn, params, cfg["hutchinson_samples"],
+                                 generator=torch.Generator().manual_seed(seed + 2))
+        rows.append({"metric": "hessian_trace", "value": trace.mean})
+        rows.append({"metric": "hessian_trace_stderr", "value": trace.stderr})
+    return rows

@@ -1,0 +1,127 @@
+"""Simulated casts against torch's dtypes and IEEE rounding bounds, range counts on constructed
+tensors, the int8 error bound, and the precision evaluation on a tiny gpt."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.evaluation.precision import (FORMATS, cast_with_counts, linear_hooks, quantize_int8_per_channel,
+                                          simulate_cast)
+from lipflow.metrics import evaluate_windows
+from lipflow.model import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+MANTISSA_BITS = {"bf16": 7, "fp16": 10, "fp8_e4m3": 3, "fp8_e5m2": 2}
+
+
+@pytest.mark.parametrize("name", FORMATS.names())
+def test_casts_match_torch_dtypes_and_round_to_nearest(name):
+    fmt = FORMATS.get(name)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.equal(simulate_cast(x, fmt), x.to(fmt.dtype).to(torch.float32))
+    # per-tensor scaling puts max|x| at the format's max; values within 100× of it are normal numbers,
+    # so round-to-nearest has relative error ≤ 2^-(mantissa bits + 1)
+    big = torch.linspace(-1e6, 1e6, 1001)
+    big = big[big.abs() >= 1e4]
+    y = simulate_cast(big, fmt, "per_tensor")
+    assert ((y - big).abs() / big.abs()).max() <= 2.0 ** -(MANTISSA_BITS[name] + 1) * (1 + 1e-6)
+    _, counts = cast_with_counts(big, fmt, "per_tensor")
+    assert counts.overflow == 0 and counts.saturated == 0
+
+
+def test_range_counts_on_a_constructed_tensor():
+    x = torch.tensor([1.0, 500.0, -1e5, 7e4, 65510.0, float("inf"), 1e-12, 0.0])
+    expected = {  # (elements, overflow, saturated, underflow); inf is not a finite input
+        "bf16": (7, 0, 0, 0),
+        "fp16": (7, 2, 3, 1),       # 65510 > 65504 saturates but rounds to 65504, not inf
+        "fp8_e4m3": (7, 4, 4, 1),   # no inf: everything above 448 counts as overflow
+        "fp8_e5m2": (7, 3, 3, 1),   # 65510 rounds past 57344 to inf
+    }
+    for name, want in expected.items():
+        y, c = cast_with_counts(x, FORMATS.get(name))
+        assert (c.elements, c.overflow, c.saturated, c.underflow) == want, name
+        assert y[5] == float("inf")
+
+
+def test_int8_per_channel_error_is_at_most_half_a_step():
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 2, 16)[:, None]
+    w[3] = 0.0
+    q, scale = quantize_int8_per_channel(w)
+    assert torch.all((q - w).abs() <= scale / 2 * (1 + 1e-5))
+    assert torch.equal(q[3], w[3])
+    steps = q / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 127 + 1e-3
+    assert torch.allclose(steps.abs().amax(dim=1)[w.abs().amax(dim=1) > 0], torch.tensor(127.0))
+
+
+def test_linear_hooks_cast_inputs_and_outputs():
+    fmt = FORMATS.get("fp8_e4m3")
+    layer = nn.Linear(4, 3, bias=False)
+    net = nn.Sequential(layer)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2)) * 100
+    expected = simulate_cast(simulate_cast(x, fmt) @ layer.weight.T, fmt)
+    with linear_hooks(net, fmt) as state:
+        y = net(x)
+    assert torch.equal(y, expected)
+    assert state.counts.elements == 20 + 15
+    assert state.max_abs["0.input"] == pytest.approx(x.abs().max().item())
+
+
+def tiny_gpt():
+    cfg = dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=2)
+    torch.manual_seed(0)
+    return build_model(cfg, 20), cfg
+
+
+def run_precision(model, cfg, eval_cfg):
+    windows = torch.randint(0, 20, (8, 9), generator=torch.Generator().manual_seed(3))
+    ctx = EvalContext(model, windows, windows, eval_cfg, cfg, None, None, torch.device("cpu"), None)
+    return EVALUATIONS.get("precision")(ctx), windows
+
+
+def lookup(rows, metric, **columns):
+    return [r for r in rows if r["metric"] == metric and all(r.get(k) == v for k, v in columns.items())]
+
+
+def test_precision_evaluation_on_a_tiny_gpt():
+    model, cfg = tiny_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows, windows = run_precision(model, cfg, {"formats": ["bf16", "fp8_e4m3"], "batch_size": 4})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # casts act on copies
+    reference = evaluate_windows(model, windows, 4, torch.device("cpu"))
+    assert lookup(rows, "val_loss", format="fp32")[0]["value"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert abs(lookup(rows, "val_loss_delta", format="bf16", scaling="none")[0]["value"]) < 0.05
+    assert lookup(rows, "val_loss", format="int8", scaling="per_channel")
+    assert {r["tensor"] for r in lookup(rows, "max_abs_activation")} >= {"block0", "logits", "head.output"}
+    proven = lookup(rows, "fp8_safe_proven", format="fp8_e4m3")[0]
+    assert math.isnan(proven["value"]) and proven["status"] == "no analytic bound"
+    assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 1.0
+    assert lookup(rows, "activation_overflow", format="fp8_e4m3", scaling="none")[0]["value"] == 0
+
+
+def test_fp8_safety_statement_uses_the_analytic_bound_and_the_weights():
+    model, cfg = tiny_gpt()
+    eval_cfg = {"formats": ["fp8_e4m3", "fp8_e5m2"], "scalings": ["none"], "int8": False, "batch_size": 8}
+    model.activation_bounds = lambda: {"block0": 3.0, "logits": 40.0}
+    rows, _ = run_precision(model, cfg, eval_cfg)
+    assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [1.0, 1.0]
+    model.activation_bounds = lambda: 1000.0      # above e4m3's 448, below e5m2's 57344
+    rows, _ = run_precision(model, cfg, eval_cfg)
+    assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [0.0, 1.0]
+    with torch.no_grad():
+        model.head.weight[0, 0] = 1000.0          # a weight beyond e4m3's range is certain to overflow
+    rows, _ = run_precision(model, cfg, eval_cfg)
+    assert lookup(rows, "fp8_safe_proven", format="fp8_e4m3")[0]["status"].startswith("weights reach")
+    assert lookup(rows, "weight_overflow", format="fp8_e4m3", scaling="none")[0]["value"] == 1
+    assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 0.0

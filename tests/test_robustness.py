@@ -1,0 +1,206 @@
+"""Robustness against brute force on position-wise linear and ReLU models whose Lipschitz constants
+are known: f(x)_t = W x_t has L = σ_max(W), and the distance to the decision boundary is exact."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.evaluation.robustness import (OBJECTIVES, certified_radius, greedy_substitution, lipschitz_ascent,
+                                           pgd_l2, random_substitution)
+from lipflow.model import build_model
+from lipflow.model.base import LanguageModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PositionwiseNet(LanguageModel):
+    """Logits_t = W₂ relu(W₁ x_t) (or W x_t without a hidden layer); certificate ∏ σ_max(Wᵢ),
+    which is exact for the linear case since the map is block diagonal over positions."""
+
+    def __init__(self, vocab=6, d=5, hidden=None, context=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.vocab_size, self.context = vocab, context
+        self.tok = nn.Parameter(torch.randn(vocab, d, generator=g))
+        dims = [d, hidden, vocab] if hidden else [d, vocab]
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(o, i, generator=g) / math.sqrt(i))
+                                        for i, o in zip(dims[:-1], dims[1:]))
+
+    def embed(self, idx):
+        return self.tok[idx]
+
+    def forward_embedded(self, x):
+        for i, w in enumerate(self.weights):
+            x = x @ w.T if i == 0 else torch.relu(x) @ w.T
+        return x
+
+    def lipschitz_bound_l2(self):
+        return math.prod(torch.linalg.matrix_norm(w.detach(), 2).item() for w in self.weights)
+
+
+def predictions(model, n=40, seed=1):
+    idx = torch.randint(0, model.vocab_size, (n, model.context), generator=torch.Generator().manual_seed(seed))
+    x = model.embed(idx).detach()
+    logits = model.forward_embedded(x)[:, -1].detach()
+    return idx, x, logits, logits.argmax(1)
+
+
+def last(model):
+    return lambda x: model.forward_embedded(x)[:, -1]
+
+
+def exact_boundary_distance(model, logits, labels):
+    """min_{j≠y} (z_y − z_j) / ‖w_y − w_j‖₂ for a linear model."""
+    w = model.weights[0].detach()
+    gaps = (logits.gather(1, labels[:, None]) - logits) / (w[labels][:, None, :] - w[None]).norm(dim=2)
+    return gaps.scatter(1, labels[:, None], float("inf")).min(dim=1).values
+
+
+def flipped(model, x, delta, labels):
+    return last(model)(x + delta).argmax(1) != labels
+
+
+def test_pgd_finds_the_exact_boundary_of_a_linear_model_and_the_certificate_is_below_it():
+    model = PositionwiseNet()
+    _, x, logits, labels = predictions(model)
+    distance = exact_boundary_distance(model, logits, labels)
+    radius = certified_radius(logits, labels, model.lipschitz_bound_l2())
+    assert torch.all(radius > 0) and torch.all(radius <= distance * (1 + 1e-5))
+    g = torch.Generator().manual_seed(0)
+    inside = pgd_l2(last(model), x, labels, 0.98 * distance, steps=30, restarts=2, generator=g)
+    outside = pgd_l2(last(model), x, labels, 1.02 * distance, steps=30, restarts=2, generator=g)
+    assert inside.flatten(1).norm(dim=1).max() <= (0.98 * distance).max() * (1 + 1e-5)
+    assert not flipped(model, x, inside, labels).any()
+    assert flipped(model, x, outside, labels).all()
+
+
+def test_the_certified_radius_is_exact_when_the_class_rows_are_opposite():
+    # W = [v; −v]: σ_max = √2‖v‖ and ‖w_0 − w_1‖ = 2‖v‖ = √2·σ_max, so m/(√2 L) is the exact distance
+    model = PositionwiseNet(vocab=2, d=5, seed=6)
+    with torch.no_grad():
+        model.weights[0].copy_(torch.stack([model.weights[0][0], -model.weights[0][0]]))
+    _, x, logits, labels = predictions(model, n=20)
+    radius = certified_radius(logits, labels, model.lipschitz_bound_l2())
+    assert torch.allclose(radius, exact_boundary_distance(model, logits, labels), rtol=1e-5)
+    far = pgd_l2(last(model), x, labels, 1.01 * radius, steps=20, generator=torch.Generator().manual_seed(0))
+    assert flipped(model, x, far, labels).all()
+
+
+def test_nothing_flips_inside_the_certified_radius_of_a_relu_model():
+    model = PositionwiseNet(hidden=16, seed=2)
+    _, x, logits, labels = predictions(model, n=30)
+    radius = certified_radius(logits, labels, model.lipschitz_bound_l2())
+    eps = 0.999 * radius
+    delta = pgd_l2(last(model), x, labels, eps, steps=40, restarts=3, generator=torch.Generator().manual_seed(0))
+    assert not flipped(model, x, delta, labels).any()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):  # brute force: random points on the sphere of radius 0.999·r
+        direction = torch.randn(x.shape, generator=g)
+        direction *= (eps / direction.flatten(1).norm(dim=1))[:, None, None]
+        assert not flipped(model, x, direction, labels).any()
+    # the same attack does flip predictions at 5× the certified radius: the check above has teeth
+    far = pgd_l2(last(model), x, labels, 5 * radius, steps=40, restarts=3, generator=torch.Generator().manual_seed(0))
+    assert flipped(model, x, far, labels).sum() >= 5
+
+
+def test_lipschitz_ascent_recovers_sigma_max():
+    model = PositionwiseNet(d=7, vocab=9)
+    _, x, _, _ = predictions(model, n=4)
+    ratios = lipschitz_ascent(model.forward_embedded, x, 1e-2, 40, torch.Generator().manual_seed(0))
+    assert ratios.max().item() == pytest.approx(model.lipschitz_bound_l2(), rel=1e-3)
+
+
+def test_greedy_substitution_matches_brute_force_and_random_respects_k():
+    model = PositionwiseNet(vocab=6, context=3, seed=4)
+    idx, _, _, labels = predictions(model, n=5)
+    score = lambda t: last(model)(model.embed(t)).detach()  # noqa: E731
+    objective = OBJECTIVES.get("margin")
+    best = torch.full((5,), -float("inf"))
+    for pos in range(3):
+        for tok in range(6):
+            trial = idx.clone()
+            trial[:, pos] = tok
+            changed = trial[:, pos] != idx[:, pos]
+            best = torch.where(changed, torch.maximum(best, objective(score(trial), labels)), best)
+    found = greedy_substitution(score, idx, labels, 1, 200, 6, torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(objective(score(found), labels), torch.maximum(best, objective(score(idx), labels)))
+    attacked = random_substitution(score, idx, labels, 2, 10, 6, torch.Generator().manual_seed(0))
+    assert ((attacked != idx).sum(dim=1) <= 2).all()
+    assert torch.all(objective(score(attacked), labels) >= objective(score(idx), labels))
+
+
+def robustness_rows(model, certificate=None, cfg=None):
+    windows = torch.randint(0, model.vocab_size, (16, model.context + 1), generator=torch.Generator().manual_seed(5))
+    eval_cfg = {"epsilons": [0.0, 0.3, 1.0], "pgd_steps": 10, "k_values": [1, 2], "random_trials": 3,
+                "greedy_candidates": 4, "lipschitz_steps": 10, "batch_size": 8, **(cfg or {})}
+    ctx = EvalContext(model, windows, windows, eval_cfg, {}, None, None, torch.device("cpu"), certificate)
+    return EVALUATIONS.get("robustness")(ctx)
+
+
+def value(rows, metric, **columns):
+    return next(r["value"] for r in rows if r["metric"] == metric and all(r.get(k) == v for k, v in columns.items()))
+
+
+def test_robustness_evaluation_orders_certified_pgd_and_clean_and_stores_the_lower_bound():
+    model = PositionwiseNet()
+    rows = robustness_rows(model)
+    sigma = model.lipschitz_bound_l2()
+    assert value(rows, "certificate_l2") == pytest.approx(sigma)
+    assert 0.99 * sigma <= value(rows, "lipschitz_lower_bound", attack="all") <= sigma * (1 + 1e-4)
+    for eps in (0.0, 0.3, 1.0):
+        assert value(rows, "certified_accuracy", epsilon=eps) <= value(rows, "robust_accuracy", attack="pgd",
+                                                                        epsilon=eps)
+    assert value(rows, "robust_accuracy", attack="pgd", epsilon=0.0) == value(rows, "clean_accuracy")
+
+
+def test_a_certificate_below_the_measured_lower_bound_raises():
+    model = PositionwiseNet()
+    sigma = model.lipschitz_bound_l2()
+    model.lipschitz_bound_l2 = None  # fall back to the context's (deliberately wrong) certificate
+    with pytest.raises(RuntimeError, match="exceeds certificate .*: this is a bug"):
+        robustness_rows(model, certificate=0.5 * sigma)
+
+
+def test_robustness_evaluation_on_a_tiny_gpt_without_certificate():
+    cfg = dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, 12)
+    rows = robustness_rows(model, cfg={"epsilons": [0.0, 2.0], "pgd_steps": 5, "lipschitz_steps": 3})
+    assert not [r for r in rows if r["metric"].startswith("certified")]
+    clean = value(rows, "clean_accuracy")
+    assert value(rows, "robust_accuracy", attack="pgd", epsilon=2.0) <= clean
+    assert value(rows, "robust_accuracy", attack="greedy", k=2) <= value(rows, "robust_accuracy", attack="greedy", k=1)
+    assert value(rows, "robust_loss", attack="pgd", epsilon=2.0) >= value(rows, "clean_loss")
+    assert value(rows, "lipschitz_lower_bound", attack="all") > 0
+
+
+def test_image_mlp_study_and_cli(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from lipflow.evaluation import image_mlp
+
+    tiny = {"width": 32, "steps": 40, "eval_every": 20, "batch_size": 64, "epsilons": [0.0, 0.3], "pgd_steps": 5}
+    monkeypatch.setattr(image_mlp, "QUICK", tiny)
+    out = tmp_path / "digits.parquet"
+    assert image_mlp.main(["--out", str(out), "--quick"]) == 0
+    rows = pq.read_table(out).to_pylist()
+    for method in ("muon_soft_cap", "adamw_weight_decay"):
+        mine = [r for r in rows if r["method"] == method]
+        clean = value(mine, "clean_accuracy")
+        assert value(mine, "robust_accuracy", epsilon=0.0) == clean
+        assert value(mine, "certified_accuracy", epsilon=0.3) <= value(mine, "robust_accuracy", epsilon=0.3) <= clean
+        assert value(mine, "lipschitz_lower_bound") <= value(mine, "certificate_l2") * (1 + 1e-4)
+    # soft cap keeps every RMS→RMS norm ≤ σmax = 3: L ≤ 3³·√(32/64)·√(32/32)·√(10/32)
+    cap = 27 * math.sqrt(32 / 64) * math.sqrt(10 / 32)
+    assert value([r for r in rows if r["method"] == "muon_soft_cap"], "certificate_l2") <= cap * 1.01
+    assert {r["metric"] for r in rows} >= {"matched_step", "val_accuracy", "robust_true_class_probability"}

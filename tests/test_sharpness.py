@@ -1,0 +1,111 @@
+"""Sharpness against closed forms: ½θᵀAθ has Hessian A, so every estimate has an exact answer."""
+
+import math
+
+import pytest
+import torch
+
+from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.evaluation.sharpness import hutchinson_trace, lanczos_topk, power_iteration, top_eigenvalue
+from lipflow.model import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def symmetric_with_spectrum(eigenvalues, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T, q
+
+
+def quadratic(a):
+    """½θᵀAθ over θ split into a (3, 4) matrix and a vector, so flattening across parameters is exercised."""
+    n = a.shape[0]
+    g = torch.Generator().manual_seed(1)
+    matrix = torch.randn(3, 4, generator=g, requires_grad=True)
+    vector = torch.randn(n - 12, generator=g, requires_grad=True)
+    a32 = a.float()
+
+    def loss():
+        theta = torch.cat([matrix.reshape(-1), vector])
+        return 0.5 * theta @ a32 @ theta
+
+    return loss, [matrix, vector]
+
+
+def test_power_iteration_finds_the_top_eigenvalue_within_one_percent():
+    spectrum = [10.0, 6.0] + torch.linspace(-4, 4, 18).tolist()
+    a, q = symmetric_with_spectrum(spectrum)
+    loss, params = quadratic(a)
+    result = power_iteration(loss, params, iters=200, tol=1e-7, generator=torch.Generator().manual_seed(0))
+    assert result.converged
+    assert result.eigenvalue == pytest.approx(10.0, rel=1e-2)
+    assert abs(float(result.eigenvector.double() @ q[:, 0])) > 0.999
+    warm = power_iteration(loss, params, iters=200, tol=1e-7, init=result.eigenvector)
+    assert warm.iterations <= 3 and warm.eigenvalue == pytest.approx(10.0, rel=1e-4)
+    assert top_eigenvalue(loss, params, iters=200, tol=1e-7) == pytest.approx(10.0, rel=1e-2)
+
+
+def test_power_iteration_returns_the_largest_magnitude_even_when_negative():
+    a, _ = symmetric_with_spectrum([-12.0, 7.0] + [1.0] * 18, seed=3)
+    loss, params = quadratic(a)
+    assert top_eigenvalue(loss, params, iters=300, tol=1e-8) == pytest.approx(-12.0, rel=1e-2)
+
+
+def test_lanczos_top_k_matches_eigvalsh():
+    g = torch.Generator().manual_seed(2)
+    spectrum = [20.0, 15.0, 12.0] + (torch.rand(37, generator=g) * 8 - 3).tolist()
+    a, _ = symmetric_with_spectrum(spectrum, seed=4)
+    loss, params = quadratic(a)
+    top = lanczos_topk(loss, params, k=3, iters=25, generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.eigvalsh(a).flip(0)[:3].tolist()
+    assert top == pytest.approx(exact, rel=1e-4)
+
+
+def test_hutchinson_trace_is_within_its_standard_error():
+    a, _ = symmetric_with_spectrum(torch.linspace(-2, 9, 20).tolist(), seed=5)
+    loss, params = quadratic(a)
+    samples = 400
+    est = hutchinson_trace(loss, params, samples, generator=torch.Generator().manual_seed(0))
+    # Var(vᵀAv) = 2 Σ_{i≠j} A_ij² for Rademacher v (Hutchinson 1989)
+    sd = math.sqrt(2 * (float((a ** 2).sum()) - float((a.diagonal() ** 2).sum())))
+    assert abs(est.mean - float(a.trace())) <= 4 * sd / math.sqrt(samples)
+    assert est.stderr == pytest.approx(sd / math.sqrt(samples), rel=0.3)
+
+
+def test_hessian_vector_products_match_the_full_hessian_of_a_nonlinear_loss():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(3, 4, generator=g, requires_grad=True)
+    b = torch.randn(3, generator=g, requires_grad=True)
+    x = torch.randn(5, 4, generator=g)
+
+    def loss_of(flat):
+        ww, bb = flat[:12].view(3, 4), flat[12:]
+        return torch.tanh(x @ ww.T + bb).pow(2).sum()
+
+    hessian = torch.autograd.functional.hessian(loss_of, torch.cat([w.detach().reshape(-1), b.detach()]))
+    ritz = lanczos_topk(lambda: loss_of(torch.cat([w.reshape(-1), b])), [w, b], k=15, iters=15)
+    assert ritz == pytest.approx(torch.linalg.eigvalsh(hessian.double()).flip(0).tolist(), abs=1e-4)
+
+
+def test_sharpness_evaluation_on_a_tiny_gpt():
+    cfg = dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, 20)
+    windows = torch.randint(0, 20, (8, 9))
+    ctx = EvalContext(model, windows, windows, {"batch_size": 4, "iters": 30, "lanczos_k": 2, "lanczos_iters": 12,
+                                                "hutchinson_samples": 4}, cfg, None, None, torch.device("cpu"), None)
+    rows = {(r["metric"], r.get("k")): r["value"] for r in EVALUATIONS.get("sharpness")(ctx)}
+    top, lanczos = rows[("top_hessian_eigenvalue", None)], rows[("lanczos_eigenvalue", 1)]
+    assert math.isfinite(top) and math.isfinite(rows[("hessian_trace", None)])
+    # power iteration finds the largest |λ|, which is at least the largest Ritz value (Ritz ≤ λ_max)
+    assert abs(top) >= lanczos * 0.95
+    assert rows[("lanczos_eigenvalue", 1)] >= rows[("lanczos_eigenvalue", 2)]
