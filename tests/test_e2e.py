@@ -69,7 +69,8 @@ def test_rerun_is_a_noop_and_one_knob_reruns_one_run(pipeline):
     again = snakemake(pipeline, "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
-    changed = snakemake(pipeline, "-n", "--config", 'runs={"baseline": {"lr": 0.001}}')
+    (pipeline / "overlay.yaml").write_text("runs:\n  baseline:\n    lr: 0.001\n")
+    changed = snakemake(pipeline, "-n", "--configfile", str(pipeline / "config.yaml"), str(pipeline / "overlay.yaml"))
     text = changed.stdout + changed.stderr
     assert changed.returncode == 0, text
     job_counts = dict(line.split()[:2] for line in text.splitlines()

@@ -25,7 +25,8 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     cfg = info["config"]
     context = cfg["context"]
     train = TokenShards(data_dir, "train")
-    params.setdefault("n_train", train.num_tokens // context)  # training sequences, for the rank bound
+    if params.get("n_train") is None:  # training sequences, for the rank bound
+        params["n_train"] = train.num_tokens // context
     train_windows = train.sequential_windows(context, max_windows=params.get("train_windows", 256))
     val_windows = TokenShards(data_dir, "val").sequential_windows(context, max_windows=params.get("val_windows"))
     batch = params.get("batch_size", 32)

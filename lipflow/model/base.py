@@ -43,6 +43,12 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def lipschitz_bound(self) -> float | None:
+        """Certified Lipschitz constant in the model's own norm (None: no certificate)."""
+        return None
+
+    def lipschitz_bound_l2(self, seq_len: int | None = None) -> float | None:
+        """Certified ℓ2 → ℓ2 constant from the embedded sequence (``seq_len`` tokens, default the
+        context) to all logits (None: no certificate, e.g. LayerNorm is not globally Lipschitz)."""
         return None
 
     def project_embeddings(self) -> None:

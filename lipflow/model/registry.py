@@ -5,11 +5,17 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lipflow.model.base import LanguageModel
+from lipflow.parametrization import PARAMETRIZATIONS
 from lipflow.registry import Registry
 
 MODELS: Registry[Callable[[dict[str, Any], int], LanguageModel]] = Registry("model")
 
 
 def build_model(cfg: dict[str, Any], vocab_size: int) -> LanguageModel:
-    """Build the model named by ``cfg['model']`` for a vocabulary of ``vocab_size``."""
-    return MODELS.get(cfg["model"])(cfg, vocab_size)
+    """Build the model named by ``cfg['model']`` for a vocabulary (or class count) of ``vocab_size``,
+    then apply the parametrization ``cfg['parametrization']`` (default sp) to it."""
+    make = MODELS.get(cfg["model"])
+    parametrize = PARAMETRIZATIONS.get(cfg.get("parametrization", "sp"))
+    model = make(cfg, vocab_size)
+    parametrize(model, cfg, lambda width: make({**cfg, "d_model": width}, vocab_size))
+    return model

@@ -23,11 +23,20 @@ ENV = "../../envs/lipflow.yaml"
 
 wildcard_constraints:
     run="[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}",
-    evaluation="|".join(EVALUATIONS) or "(?!)",
+    evaluation="|".join(EVALUATIONS) or "(?!)",  # an empty list matches nothing
 
 
-def run_dir(run):
-    return f"results/runs/{run}"
+def run_out_dir(wildcards):
+    return f"results/runs/{wildcards.run}"
+
+
+def evaluation_params_json(wildcards):
+    """One evaluation's parameters (schema defaults filled) as JSON."""
+    return json.dumps(config["evaluations"][wildcards.evaluation], sort_keys=True)
+
+
+def run_evaluation_files(wildcards):
+    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run, evaluation=EVALUATIONS)
 
 
 def run_config_json(wildcards):

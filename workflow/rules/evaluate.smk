@@ -10,9 +10,9 @@ rule evaluate:
     output:
         "results/runs/{run}/evals/{evaluation}.parquet",
     params:
-        cfg=lambda wildcards: json.dumps(config["evaluations"].get(wildcards.evaluation, {}), sort_keys=True),
+        cfg=evaluation_params_json,
         data_dir=TOKENS_DIR,
-        run_dir=lambda wildcards: run_dir(wildcards.run),
+        run_dir=run_out_dir,
     log:
         "results/logs/evaluate/{run}/{evaluation}.log",
     group:
@@ -30,8 +30,7 @@ rule evaluate:
 
 rule merge_evaluations:
     input:
-        lambda wildcards: expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run,
-                                 evaluation=EVALUATIONS),
+        run_evaluation_files,
     output:
         "results/runs/{run}/evals.parquet",
     log:

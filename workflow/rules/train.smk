@@ -12,7 +12,7 @@ rule train:
     params:
         cfg=run_config_json,
         data_dir=TOKENS_DIR,
-        out_dir=lambda wildcards: run_dir(wildcards.run),
+        out_dir=run_out_dir,
     log:
         "results/logs/train/{run}.log",
     resources:

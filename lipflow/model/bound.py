@@ -1,0 +1,92 @@
+"""Certificate arithmetic shared by the Lipschitz models (Newhouse et al. 2025, App. B; Modula).
+
+Norms. For a token vector x ∈ R^n, RMS(x) = ‖x‖₂/√n; for a sequence X ∈ R^{T×n},
+‖X‖_∞RMS = max_t RMS(x_t). A weight W of shape (fan_out, fan_in) acts per token with
+‖W‖_RMS→RMS = σ_max(W)/√(fan_out/fan_in) (``rms_operator_norm``).
+
+Composition (Modula's sensitivity algebra): sequential maps multiply their constants; the convex
+residual x ↦ (1−α)x + α·F(x) has constant (1−α) + α·L_F, and if RMS(F(x)) ≤ g·RMS(x) then its
+output stays within ((1−α) + α·g)·a of a per-token RMS bound a on its input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lipflow.registry import Registry
+
+# max_x GELU'(x) = Φ(√2) + √2·φ(√2) = ½(1 + erf(1)) + e⁻¹/√π = 1.1289041… (GELU'' = φ(x)(2 − x²) = 0
+# at x = √2). Newhouse et al. 2025 round it to 1.1289, which leaves GELU/1.1289 a slope of 1.0000035.
+GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.pi)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An entrywise activation φ with φ(0) = 0, Lipschitz constant 1 and |φ(x)| ≤ gain·|x|."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    gain: float
+
+
+def scaled_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x)/max GELU': slope in [−0.1142, 1]; GELU(x) = xΦ(x) gives |GELU(x)| ≤ |x| (Φ ≤ 1)."""
+    return F.gelu(x) / GELU_MAX_SLOPE
+
+
+ACTIVATIONS: Registry[Activation] = Registry("activation")
+ACTIVATIONS.register("gelu")(Activation(scaled_gelu, 1.0 / GELU_MAX_SLOPE))
+ACTIVATIONS.register("relu")(Activation(F.relu, 1.0))
+
+
+def convex_residual(alpha: float, inner: float) -> float:
+    """(1−α) + α·inner: the Lipschitz constant (or RMS gain) of x ↦ (1−α)x + α·F(x)."""
+    return (1.0 - alpha) + alpha * inner
+
+
+def head_spectral_norms(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Exact σ_max of each head's row slice W[h·d_h:(h+1)·d_h, :] (ℓ2→ℓ2), shape (n_heads,)."""
+    fan_out, fan_in = w.shape
+    slices = w.detach().float().reshape(n_heads, fan_out // n_heads, fan_in)
+    return torch.linalg.matrix_norm(slices, ord=2)
+
+
+def attention_gain(o_norm: float, v_head_norms: torch.Tensor) -> float:
+    """RMS gain g_att of ⅓·W_o·concat_h(P_h V_h): RMS(y_t) ≤ g_att·a when every RMS(x_s) ≤ a.
+
+    Each head's output is a convex combination of its values, so ‖o_t^h‖₂ ≤ σ(W_v^h)·a√d, and the
+    heads may each pick a different token: ‖o_t‖₂ ≤ (Σ_h σ(W_v^h)²)^½·a√d. Hence
+    g_att = ⅓·‖W_o‖_RMS→RMS·(Σ_h σ(W_v^h)²)^½.
+    """
+    return o_norm * float(v_head_norms.pow(2).sum().sqrt()) / 3.0
+
+
+def attention_lipschitz(o_norm: float, q_head_norms: torch.Tensor, k_head_norms: torch.Tensor,
+                        v_head_norms: torch.Tensor, score_scale: float, d_model: int, a: float) -> float:
+    """∞RMS Lipschitz constant of causal attention on inputs with every RMS(x_s) ≤ a.
+
+    Theorem B.1 of Newhouse et al. (after Large et al. 2024, Prop. 7), per head h with scores
+    z_ts = c·q_t·k_s (c = ``score_scale`` = attn_scale/d_head; RoPE rotations are orthogonal and
+    leave every norm below unchanged). With A = a√d and every ‖dx_s‖₂ ≤ Δ:
+      d(Σ_s P_ts v_s) = Σ_s P_ts dv_s + Σ_s dP_ts v_s,  ‖Σ_s P_ts dv_s‖ ≤ σ_v,h Δ,
+      ‖dP_t‖₁ ≤ ‖dz_t‖_∞ (softmax Jacobian: Σ_s P_s|u_s − ū| ≤ max|u|),
+      |dz_ts| ≤ c(‖dq_t‖‖k_s‖ + ‖q_t‖‖dk_s‖) ≤ 2c·σ_q,h σ_k,h A Δ,
+    so ‖do_t^h‖ ≤ σ_v,h (1 + 2c·d·a²·σ_q,h σ_k,h) Δ. Summing heads in ℓ2 and applying ⅓W_o:
+      L_att = ⅓‖W_o‖·(Σ_h σ_v,h² (1 + 2c·d·a²·σ_q,h σ_k,h)²)^½.
+    With one head, c = attn_scale/d and unit norms this is the paper's ⅓‖W_o‖‖W_v‖(1 + 2a²‖W_q‖‖W_k‖·
+    attn_scale), with attn_scale on the QK term only. With H heads the value term carries (Σ_h σ_v,h²)^½
+    ≤ √H·‖W_v‖ and the QK term c·d = attn_scale·H, which the paper's formula leaves out.
+    """
+    qk = 1.0 + 2.0 * score_scale * d_model * a * a * q_head_norms * k_head_norms
+    return o_norm * float((v_head_norms * qk).pow(2).sum().sqrt()) / 3.0
+
+
+def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
+    """Shrink each token vector (last dim) whose RMS exceeds ``radius`` onto RMS = radius."""
+    rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return x * (radius / rms.clamp(min=radius))
+

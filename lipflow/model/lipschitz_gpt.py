@@ -1,0 +1,255 @@
+"""``lipschitz_gpt``: the Lipschitz transformer of Newhouse et al. 2025 (arXiv 2507.13338, §3, App. B).
+
+No LayerNorm and no QK-norm. Token embedding rows have RMS ≤ 1 (``project_embeddings``); position
+enters only through RoPE on queries and keys, a per-position rotation (orthogonal, so it preserves
+every norm in the certificate), so the embedded input sequence is just the token rows. Each of the
+N blocks applies two convex residuals x ← (1−α)x + α·F(x), α = 1/(2N), with F = attention
+⅓·W_o·softmax(attn_scale·QKᵀ/d_head + causal mask)·V (separate q, k, v, o matrices) and then
+F = MLP W_down·φ(W_up·x), φ = GELU/1.1289 or ReLU. The head is a Linear under the same RMS→RMS
+weight constraint as the hidden matrices, followed by logits × logit_scale × output_mult (the
+µP readout multiplier, set by the parametrization).
+
+Certificate domain. The attention bound needs a bound a on each token's RMS, so the blocks are
+certified on D = {X : RMS(x_t) ≤ 1 ∀t}, which holds every embedded sequence. ``forward_embedded``
+first maps each token onto that ball (x_t ↦ x_t·min(1, 1/RMS(x_t)), the Euclidean projection onto
+D: 1-Lipschitz in ℓ2 and in ∞RMS, the identity on every embedded sequence), so its certificates
+hold for all inputs in R^{T×d}: attacks may leave D. ``forward(idx)`` skips the projection (its
+inputs are in D already), so training gradients of embedding rows on the boundary are not clipped.
+
+Init (Modula): hidden matrices and the head orthogonal·√(fan_out/fan_in) (RMS→RMS norm 1),
+output projections (W_o, W_down) zero, embedding rows at RMS exactly 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipflow.model.base import LanguageModel, rms_operator_norm, spectral_norm
+from lipflow.model.bound import (ACTIVATIONS, attention_gain, attention_lipschitz, convex_residual,
+                                 head_spectral_norms, project_rms_ball)
+from lipflow.model.registry import MODELS
+
+ROPE_BASE = 10000.0
+
+
+def orthogonal_init_(w: torch.Tensor) -> None:
+    """W ← orthogonal·√(fan_out/fan_in), so every singular value of W/s is 1 (Modula's Linear init)."""
+    fan_out, fan_in = w.shape
+    nn.init.orthogonal_(w)
+    w.mul_(math.sqrt(fan_out / fan_in))
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021): rotate pair (x_2i, x_2i+1) of each head by t·θ_i, θ_i = 10000^(−2i/d_head)."""
+
+    def __init__(self, head_dim: int, context: int):
+        super().__init__()
+        inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d_head)
+        t = x.shape[-2]
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class LipschitzAttention(nn.Module):
+    """y = ⅓·W_o·concat_h softmax(c·RoPE(q_h)·RoPE(k_h)ᵀ + causal mask)·v_h with c = attn_scale/d_head."""
+
+    def __init__(self, d_model: int, n_heads: int, context: int, attn_scale: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.score_scale = attn_scale / self.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        self.rope = RotaryEmbedding(self.head_dim, context)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = self.rope(heads(self.q(x))), self.rope(heads(self.k(x))), heads(self.v(x))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.score_scale) / 3.0
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+    def weight_norms(self) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(‖W_o‖_RMS→RMS, then σ_max of each head's slice of W_q, W_k, W_v), from the current weights."""
+        return (rms_operator_norm(self.o.weight),
+                *(head_spectral_norms(m.weight, self.n_heads) for m in (self.q, self.k, self.v)))
+
+    def gain(self) -> float:
+        o, _, _, v = self.weight_norms()
+        return attention_gain(o, v)
+
+    def lipschitz(self, a: float) -> float:
+        o, q, k, v = self.weight_norms()
+        return attention_lipschitz(o, q, k, v, self.score_scale, self.q.in_features, a)
+
+
+class FeedForward(nn.Module):
+    """y = W_down·φ(W_up·x); Lipschitz ‖W_down‖‖W_up‖ (φ is 1-Lipschitz), RMS gain φ.gain times that."""
+
+    def __init__(self, d_model: int, ratio: int, activation: str):
+        super().__init__()
+        self.up = nn.Linear(d_model, ratio * d_model, bias=False)
+        self.down = nn.Linear(ratio * d_model, d_model, bias=False)
+        self.act = ACTIVATIONS.get(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act.fn(self.up(x)))
+
+    def lipschitz(self) -> float:
+        return rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
+
+    def gain(self) -> float:
+        return self.act.gain * self.lipschitz()
+
+
+class LipschitzBlock(nn.Module):
+    """x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x), α = 1/(2N)."""
+
+    def __init__(self, cfg: dict[str, Any], alpha: float):
+        super().__init__()
+        d = cfg["d_model"]
+        self.alpha = alpha
+        self.attn = LipschitzAttention(d, cfg["n_heads"], cfg["context"], cfg.get("attn_scale", 1.0))
+        self.mlp = FeedForward(d, cfg.get("mlp_ratio", 4), cfg.get("activation", "gelu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (1 - self.alpha) * x + self.alpha * self.attn(x)
+        return (1 - self.alpha) * x + self.alpha * self.mlp(x)
+
+    def certify(self, a: float) -> tuple[float, float]:
+        """(RMS bound on the output, ∞RMS Lipschitz constant) given RMS bound ``a`` on the input."""
+        lip_attn = self.attn.lipschitz(a)
+        a = a * convex_residual(self.alpha, self.attn.gain())
+        lip_mlp = self.mlp.lipschitz()
+        a_out = a * convex_residual(self.alpha, self.mlp.gain())
+        return a_out, convex_residual(self.alpha, lip_attn) * convex_residual(self.alpha, lip_mlp)
+
+
+@MODELS.register("lipschitz_gpt")
+class LipschitzGPT(LanguageModel):
+    """Token embedding (rows RMS ≤ 1) → N Lipschitz blocks → head × logit_scale × output_mult.
+
+    cfg keys: d_model, n_layers, n_heads, context (required; d_model/n_heads even); mlp_ratio (4),
+    activation (gelu|relu, gelu), attn_scale (1.0), logit_scale (1.0). ``depth_mup`` must be false:
+    the convex residual's 1/(2N) is already the depth scaling, and the certificate depends on it.
+    Certificates: ``lipschitz_bound()`` (∞RMS → ∞RMS) and ``lipschitz_bound_l2(seq_len)`` (flattened
+    ℓ2 → ℓ2), both for ``forward_embedded`` on all inputs; ``body_lipschitz()`` is the block stack's
+    part; each block reports its own through ``certify(a)``.
+    """
+
+    input_radius = 1.0  # the certificate's domain: every token of the embedded input has RMS ≤ this
+
+    def __init__(self, cfg: dict[str, Any], vocab_size: int):
+        super().__init__()
+        d, n_layers, n_heads = cfg["d_model"], cfg["n_layers"], cfg["n_heads"]
+        if d % n_heads or (d // n_heads) % 2:
+            raise ValueError(f"d_model={d} / n_heads={n_heads} must be an even integer (RoPE rotates pairs)")
+        if cfg.get("depth_mup", False):
+            raise ValueError("depth_mup: lipschitz_gpt's convex residuals already scale branches by 1/(2N); "
+                             "set depth_mup: false")
+        self.vocab_size, self.context = vocab_size, cfg["context"]
+        self.tok = nn.Embedding(vocab_size, d)
+        self.blocks = nn.ModuleList(LipschitzBlock(cfg, 1.0 / (2 * n_layers)) for _ in range(n_layers))
+        self.head = nn.Linear(d, vocab_size, bias=False)
+        self.logit_scale = float(cfg.get("logit_scale", 1.0))
+        self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.tok.weight.normal_()
+        self.tok.weight.div_(self.tok.weight.pow(2).mean(dim=1, keepdim=True).sqrt())
+        for block in self.blocks:
+            for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight, block.mlp.up.weight):
+                orthogonal_init_(w)
+            block.attn.o.weight.zero_()
+            block.mlp.down.weight.zero_()
+        orthogonal_init_(self.head.weight)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok(idx)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._blocks_and_head(self.embed(idx))
+
+    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for any embedded sequence: project each token onto RMS ≤ 1, then blocks and head."""
+        return self._blocks_and_head(self.project_to_domain(x))
+
+    def _blocks_and_head(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            self._record(f"block{i}", x)
+        logits = self.head(x) * (self.logit_scale * self.output_mult)
+        self._record("logits", logits)
+        return logits
+
+    def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        roles: dict[str, list[tuple[str, nn.Parameter]]] = {r: [] for r in ("embed", "hidden", "head", "vector")}
+        for name, p in self.named_parameters():
+            if name.startswith("tok."):
+                roles["embed"].append((name, p))
+            elif name.startswith("head."):
+                roles["head"].append((name, p))
+            elif p.ndim == 2:
+                roles["hidden"].append((name, p))
+            else:
+                roles["vector"].append((name, p))
+        return roles
+
+    @torch.no_grad()
+    def project_embeddings(self) -> None:
+        """Shrink every embedding row with RMS > 1 back to RMS 1 (rows inside the ball are untouched)."""
+        self.tok.weight.copy_(project_rms_ball(self.tok.weight, self.input_radius))
+
+    def project_to_domain(self, x: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection of an embedded sequence (…, T, d) onto D = {RMS(x_t) ≤ 1 ∀t}."""
+        return project_rms_ball(x, self.input_radius)
+
+    @torch.no_grad()
+    def body_lipschitz(self) -> float:
+        """∞RMS→∞RMS constant L_body of the block stack on D (App. B's two passes in one).
+
+        The activation bound a starts at 1 (the domain) and follows each residual with the modules'
+        RMS gains; each block's constant uses the a at its input (the attention term needs it).
+        """
+        a, lip = self.input_radius, 1.0
+        for block in self.blocks:
+            a, lip_block = block.certify(a)
+            lip *= lip_block
+        return lip
+
+    def lipschitz_bound(self) -> float:
+        """Certified L with ‖f(X)−f(Y)‖_∞RMS ≤ L·‖X−Y‖_∞RMS for f = ``forward_embedded``, all X, Y.
+
+        ‖X‖_∞RMS = max over tokens of the per-token RMS (over d for X, over V for the logits).
+        L = |logit_scale·output_mult|·‖W_head‖_RMS→RMS·L_body, from the current weights (exact SVDs);
+        the input projection onto D is 1-Lipschitz, so the bound holds on all of R^{T×d}.
+        """
+        scale = abs(self.logit_scale * self.output_mult)
+        return scale * rms_operator_norm(self.head.weight) * self.body_lipschitz()
+
+    def lipschitz_bound_l2(self, seq_len: int | None = None) -> float:
+        """Certified L₂ with ‖f(X)−f(Y)‖₂ ≤ L₂·‖X−Y‖₂, both flattened (T·d inputs, T·V logits).
+
+        The projection onto D is 1-Lipschitz in ℓ2. The body maps max_t‖dx_t‖₂ to max_t‖dy_t‖₂ with
+        factor L_body (d → d, so the RMS normalizations cancel); the head per token has ℓ2 constant
+        |logit_scale·output_mult|·σ_max(W_head); ‖dlogits‖₂ ≤ √T·max_t‖dlogit_t‖₂ and
+        max_t‖dx_t‖₂ ≤ ‖dX‖₂. So L₂ = √T·|logit_scale·output_mult|·σ_max(W_head)·L_body
+        = √(T·V/d)·L_∞RMS, for sequences of at most T = ``seq_len`` tokens (default: the context).
+        """
+        seq_len = self.context if seq_len is None else seq_len
+        scale = abs(self.logit_scale * self.output_mult)
+        return math.sqrt(seq_len) * scale * spectral_norm(self.head.weight) * self.body_lipschitz()

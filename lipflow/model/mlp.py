@@ -1,0 +1,83 @@
+"""``mlp``: a bias-free Lipschitz MLP classifier (the CIFAR model of Newhouse et al. 2025, App. D).
+
+Built from cfg keys: ``in_features`` (input size; images are flattened), ``d_model`` (the width),
+``n_layers`` (the number of Linear layers, ≥ 1), ``activation`` (gelu = GELU/1.1289 | relu;
+default gelu) and ``n_classes`` (or the second argument of ``build_model``). Layers:
+in_features → width → … → width → n_classes, each a Linear without bias, φ between them.
+Init: orthogonal·√(fan_out/fan_in) except the last layer, which starts at zero.
+
+It follows the LanguageModel interface where that makes sense for a classifier: ``embed``
+flattens (B, …) inputs to (B, in_features), ``forward_embedded`` returns (B, n_classes) logits,
+so attacks act on the flattened input. Roles: every layer but the last is ``hidden`` (so weight
+constraints and orthogonalized optimizers reach the input layer too, as in the paper), the last
+is ``head``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lipflow.model.base import LanguageModel, spectral_norm
+from lipflow.model.bound import ACTIVATIONS
+from lipflow.model.lipschitz_gpt import orthogonal_init_
+from lipflow.model.registry import MODELS
+
+
+@MODELS.register("mlp")
+class LipschitzMLP(LanguageModel):
+    """x ↦ output_mult·W_n φ(… φ(W_1 x)); ℓ2→ℓ2 Lipschitz constant ≤ |output_mult|·Π_i σ_max(W_i)."""
+
+    def __init__(self, cfg: dict[str, Any], n_classes: int | None = None):
+        super().__init__()
+        cfg_classes = cfg.get("n_classes")
+        if n_classes is None and cfg_classes is None:
+            raise ValueError("n_classes: the mlp model needs n_classes in the config or as an argument")
+        if n_classes is not None and cfg_classes is not None and n_classes != cfg_classes:
+            raise ValueError(f"n_classes: config says {cfg_classes} but the data has {n_classes}")
+        if cfg["n_layers"] < 1:
+            raise ValueError(f"n_layers={cfg['n_layers']}: the mlp needs at least one layer")
+        if cfg.get("depth_mup", False):
+            raise ValueError("depth_mup: the mlp model has no residual branches to scale; set depth_mup: false")
+        self.n_classes = n_classes if n_classes is not None else cfg_classes
+        self.in_features = cfg["in_features"]
+        dims = [self.in_features] + [cfg["d_model"]] * (cfg["n_layers"] - 1) + [self.n_classes]
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims, dims[1:]))
+        self.act = ACTIVATIONS.get(cfg.get("activation", "gelu"))
+        self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for layer in self.layers[:-1]:
+            orthogonal_init_(layer.weight)
+        self.layers[-1].weight.zero_()
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers[:-1]):
+            x = self.act.fn(layer(x))
+            self._record(f"block{i}", x)
+        logits = self.layers[-1](x) * self.output_mult
+        self._record("logits", logits)
+        return logits
+
+    def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        named = list(self.named_parameters())
+        return {"embed": [], "hidden": named[:-1], "head": named[-1:], "vector": []}
+
+    @torch.no_grad()
+    def lipschitz_bound(self) -> float:
+        """Certified ℓ2→ℓ2 constant on the flattened input: |output_mult|·Π σ_max(W_i) (φ is 1-Lipschitz)."""
+        bound = abs(self.output_mult)
+        for layer in self.layers:
+            bound *= spectral_norm(layer.weight)
+        return bound
+
+    def lipschitz_bound_l2(self) -> float:
+        """The same certificate (the MLP's bound is already ℓ2→ℓ2, on all of R^in_features)."""
+        return self.lipschitz_bound()

@@ -1,0 +1,98 @@
+"""Parametrizations (registry ``parametrization``): per-parameter init, lr multipliers, readout multiplier.
+
+``build_model`` applies ``PARAMETRIZATIONS.get(cfg["parametrization"])(model, cfg, width_twin)`` once:
+it may re-initialize parameters, sets ``p.lr_mult`` on every parameter (the optimizer builder
+multiplies each parameter's lr by it) and sets ``model.output_mult``. ``width_twin(w)`` builds the
+same model at d_model = w; called on the meta device (nothing allocated), it tells which dimensions
+grow with width by comparing shapes (microsoft/mup's ``set_base_shapes``).
+
+µP (Yang & Hu, Tensor Programs V, Table 3; microsoft/mup), width multiplier m = d_model/base_width.
+How a rule reads depends on how the optimizer moves a parameter (``UPDATE_GEOMETRY``):
+- ``entrywise`` (Adam: every entry moves ≈ lr whatever the shape) — mup's MuAdam: tensors whose
+  fan_in and fan_out both grow with width get lr/m; input weights, embeddings, biases and gains
+  keep lr; the readout keeps lr and its logits are multiplied by 1/m (mup's MuReadout, the
+  multiplier form of init variance 1/fan_in² and lr η/fan_in).
+- ``normalized`` (Muon's √(fan_out/fan_in)·msign(G), Scion's LMOs in normalized norms): the update
+  already has a width-independent RMS→RMS norm (or per-entry size lr/fan_in for Scion's Sign head),
+  which is the spectral condition for feature learning (Yang, Simon & Bernstein 2023,
+  ‖ΔW‖ = Θ(√(fan_out/fan_in))). So lr × 1 and output multiplier 1.
+In both cases the readout starts at zero. Attention uses 1/d_head (gpt applies it when
+parametrization = mup; lipschitz_gpt always uses attn_scale/d_head), and hidden init variance ∝ 1/fan_in
+(already true of every model's own init: PyTorch's default, orthogonal·√(fan_out/fan_in)).
+
+Depth-µP (Yang et al. 2023, Tensor Programs VI; CompleteP with α = ½, Dey et al. 2025): with
+``depth_mup`` the model multiplies each residual branch by 1/√L, and hidden lr gets × L^(α−1) = 1/√L
+(for Adam, Muon and Scion alike: all normalize the update, so the gradient's 1/√L does not carry through).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lipflow.registry import Registry
+
+Parametrization = Callable[[nn.Module, dict[str, Any], Callable[[int], nn.Module]], None]
+PARAMETRIZATIONS: Registry[Parametrization] = Registry("parametrization")
+
+# How each optimizer of lipflow.optimizers moves a parameter of each role (module docstring): Muon
+# orthogonalizes hidden and head matrices and sends embeddings and vectors to AdamW (build_muon);
+# Scion and uSCG apply a normalized LMO to every role (build_scion's per-role norms).
+UPDATE_GEOMETRY: Registry[dict[str, str]] = Registry("optimizer")
+UPDATE_GEOMETRY.register("adamw")({"embed": "entrywise", "hidden": "entrywise", "head": "entrywise",
+                                   "vector": "entrywise"})
+UPDATE_GEOMETRY.register("muon")({"embed": "entrywise", "hidden": "normalized", "head": "normalized",
+                                  "vector": "entrywise"})
+_ALL_NORMALIZED = {"embed": "normalized", "hidden": "normalized", "head": "normalized", "vector": "normalized"}
+UPDATE_GEOMETRY.register("scion")(_ALL_NORMALIZED)
+UPDATE_GEOMETRY.register("uscg")(_ALL_NORMALIZED)
+
+
+def width_dimension_counts(model: nn.Module, width_twin: Callable[[int], nn.Module], d_model: int) -> dict[str, int]:
+    """Per parameter name, how many of its dimensions grow with d_model (0, 1 or 2)."""
+    with torch.device("meta"):
+        twin = width_twin(2 * d_model)
+    twin_shapes = {name: p.shape for name, p in twin.named_parameters()}
+    return {name: sum(a != b for a, b in zip(p.shape, twin_shapes[name]))
+            for name, p in model.named_parameters()}
+
+
+def _depth_factor(cfg: dict[str, Any]) -> float:
+    return 1.0 / math.sqrt(cfg["n_layers"]) if cfg.get("depth_mup", False) else 1.0
+
+
+@PARAMETRIZATIONS.register("sp")
+def standard(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], nn.Module]) -> None:
+    """Standard parametrization: the model's own init, lr × 1 (hidden lr × 1/√L under depth_mup), no readout multiplier."""
+    depth = _depth_factor(cfg)
+    for role, params in model.param_roles().items():
+        for _, p in params:
+            p.lr_mult = depth if role == "hidden" else 1.0
+    model.output_mult = 1.0
+
+
+@PARAMETRIZATIONS.register("mup")
+@torch.no_grad()
+def maximal_update(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], nn.Module]) -> None:
+    """µP: zero-init readout; lr and readout multipliers per ``UPDATE_GEOMETRY`` of cfg['optimizer']."""
+    if "optimizer" not in cfg:
+        raise ValueError("optimizer: the mup parametrization needs the optimizer name to pick its multipliers")
+    geometry = UPDATE_GEOMETRY.get(cfg["optimizer"])
+    d_model, base_width = cfg["d_model"], cfg.get("base_width", 64)
+    if base_width <= 0:
+        raise ValueError(f"base_width={base_width} must be positive")
+    m = d_model / base_width
+    n_width = width_dimension_counts(model, width_twin, d_model)
+    depth = _depth_factor(cfg)
+    for role, params in model.param_roles().items():
+        for name, p in params:
+            entrywise_hidden = geometry[role] == "entrywise" and n_width[name] == 2
+            p.lr_mult = 1.0 / m if entrywise_hidden else 1.0
+            if role == "hidden":
+                p.lr_mult *= depth
+            if role == "head":
+                p.zero_()
+    model.output_mult = 1.0 / m if geometry["head"] == "entrywise" else 1.0

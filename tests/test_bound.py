@@ -1,0 +1,270 @@
+"""The certified Lipschitz bounds: hand computations, scaling, and soundness against attacks.
+
+Soundness: every ratio ‖f(x)−f(y)‖/‖x−y‖ is a lower bound on the true Lipschitz constant, so a
+ratio above the certificate (random pairs, or pairs found by gradient ascent on the ratio) would
+prove the certificate wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lipflow.model import build_model
+from lipflow.model.bound import GELU_MAX_SLOPE, project_rms_ball
+from lipflow.model.lipschitz_gpt import LipschitzAttention, orthogonal_init_
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a single intra-op thread avoids oversubscription on small CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inf_rms(z: torch.Tensor) -> torch.Tensor:
+    """‖Z‖_∞RMS per sample: max over tokens of the RMS over the last dim."""
+    return z.pow(2).mean(dim=-1).sqrt().amax(dim=-1)
+
+
+def flat_l2(z: torch.Tensor) -> torch.Tensor:
+    return z.flatten(1).norm(dim=1)
+
+
+def ascent_ratio(f, x0: torch.Tensor, norm, steps: int, step_size: float = 1e-2, lr: float = 0.03) -> float:
+    """max over Adam ascent steps of ‖f(x+εu)−f(x)‖/‖εu‖ (u = d/‖d‖), optimizing x and d jointly."""
+    x = x0.clone().requires_grad_(True)
+    d = torch.randn_like(x0).requires_grad_(True)
+    opt = torch.optim.Adam([x, d], lr=lr)
+    best = 0.0
+    for _ in range(steps):
+        y = x + step_size * d / norm(d).reshape(-1, *([1] * (d.ndim - 1)))
+        ratio = norm(f(y) - f(x)) / norm(y - x)
+        best = max(best, ratio.max().item())
+        opt.zero_grad()
+        (-ratio.sum()).backward()
+        opt.step()
+    return best
+
+
+def random_ratio(f, x: torch.Tensor, y: torch.Tensor, norm) -> float:
+    with torch.no_grad():
+        return (norm(f(x) - f(y)) / norm(x - y)).max().item()
+
+
+# --------------------------------------------------------------------------- hand computations
+
+D, H, V, T = 8, 2, 8, 5
+Q, K, VAL, O, UP, DOWN, HEAD = 0.7, 1.3, 0.9, 1.1, 0.8, 0.6, 1.5
+ATTN_SCALE, LOGIT_SCALE = 3.0, 2.0
+
+
+def known_model(n_layers: int, activation: str):
+    """Every block: W_q = Q·I, W_k = K·I, W_v = VAL·I, W_o = O·I, W_up = UP·[I;I;I;I],
+    W_down = DOWN·[I I I I]; head = HEAD·I. RMS→RMS norms: UP (σ 2·UP, s = 2) and 4·DOWN (σ 2·DOWN, s = ½)."""
+    cfg = {"model": "lipschitz_gpt", "d_model": D, "n_layers": n_layers, "n_heads": H, "context": T,
+           "mlp_ratio": 4, "attn_scale": ATTN_SCALE, "logit_scale": LOGIT_SCALE, "activation": activation}
+    model = build_model(cfg, V)
+    eye = torch.eye(D)
+    with torch.no_grad():
+        for block in model.blocks:
+            for lin, c in ((block.attn.q, Q), (block.attn.k, K), (block.attn.v, VAL), (block.attn.o, O)):
+                lin.weight.copy_(c * eye)
+            block.mlp.up.weight.copy_(UP * eye.repeat(4, 1))
+            block.mlp.down.weight.copy_(DOWN * eye.repeat(1, 4))
+        model.head.weight.copy_(HEAD * eye)
+    return model
+
+
+def hand_attention(a: float) -> float:
+    # per head: σ_q = Q, σ_k = K, σ_v = VAL; score scale c = attn_scale/d_head so 2·c·d·a² = 2·attn_scale·H·a²
+    return O * math.sqrt(H * VAL ** 2 * (1 + 2 * ATTN_SCALE * H * a * a * Q * K) ** 2) / 3
+
+
+@pytest.mark.parametrize("activation,act_gain", [("gelu", 1 / GELU_MAX_SLOPE), ("relu", 1.0)])
+def test_one_block_bound_matches_hand_computation(activation, act_gain):
+    model = known_model(1, activation)
+    alpha = 0.5
+    body = ((1 - alpha) + alpha * hand_attention(1.0)) * ((1 - alpha) + alpha * UP * 4 * DOWN)
+    assert model.lipschitz_bound() == pytest.approx(LOGIT_SCALE * HEAD * body, rel=1e-5)
+    assert model.lipschitz_bound_l2() == pytest.approx(math.sqrt(T) * LOGIT_SCALE * HEAD * body, rel=1e-5)
+    assert model.lipschitz_bound_l2(seq_len=2) == pytest.approx(math.sqrt(2) * LOGIT_SCALE * HEAD * body, rel=1e-5)
+
+
+@pytest.mark.parametrize("activation,act_gain", [("gelu", 1 / GELU_MAX_SLOPE), ("relu", 1.0)])
+def test_two_block_bound_propagates_the_activation_bound(activation, act_gain):
+    model = known_model(2, activation)
+    alpha = 0.25
+    lip_mlp = UP * 4 * DOWN
+    attn_gain = O * math.sqrt(H) * VAL / 3
+    a1 = ((1 - alpha) + alpha * attn_gain) * ((1 - alpha) + alpha * act_gain * lip_mlp)
+    body = 1.0
+    for a in (1.0, a1):
+        body *= ((1 - alpha) + alpha * hand_attention(a)) * ((1 - alpha) + alpha * lip_mlp)
+    assert model.lipschitz_bound() == pytest.approx(LOGIT_SCALE * HEAD * body, rel=1e-5)
+
+
+def test_bound_scales_with_weights_as_the_formula_predicts():
+    model = known_model(1, "gelu")
+    base_inf, base_l2 = model.lipschitz_bound(), model.lipschitz_bound_l2()
+    assert math.isfinite(base_inf) and math.isfinite(base_l2)
+    with torch.no_grad():
+        model.head.weight.mul_(3.0)
+    assert model.lipschitz_bound() == pytest.approx(3 * base_inf, rel=1e-5)
+    assert model.lipschitz_bound_l2() == pytest.approx(3 * base_l2, rel=1e-5)
+    with torch.no_grad():
+        model.head.weight.div_(3.0)
+        model.blocks[0].mlp.up.weight.mul_(2.5)
+    lip_mlp = UP * 4 * DOWN
+    predicted = (0.5 + 0.5 * 2.5 * lip_mlp) / (0.5 + 0.5 * lip_mlp)
+    assert model.lipschitz_bound() / base_inf == pytest.approx(predicted, rel=1e-5)
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight.div_(2.5)
+        model.blocks[0].attn.q.weight.mul_(2.0)  # only the QK term grows
+    qk = 1 + 2 * ATTN_SCALE * H * Q * K
+    predicted = (0.5 + 0.5 * hand_attention(1.0) * (1 + 2 * (qk - 1)) / qk) / (0.5 + 0.5 * hand_attention(1.0))
+    assert model.lipschitz_bound() / base_inf == pytest.approx(predicted, rel=1e-5)
+
+
+def test_baseline_gpt_has_no_certificate():
+    model = build_model({"model": "gpt", "d_model": 16, "n_layers": 1, "n_heads": 2, "context": 8,
+                         "mlp_ratio": 4}, 10)
+    assert model.lipschitz_bound() is None and model.lipschitz_bound_l2() is None
+
+
+# --------------------------------------------------------------------------- attention alone
+
+def random_attention(n_heads: int, d: int, context: int, attn_scale: float, seed: int) -> LipschitzAttention:
+    torch.manual_seed(seed)
+    attn = LipschitzAttention(d, n_heads, context, attn_scale)
+    with torch.no_grad():
+        for lin in (attn.q, attn.k, attn.v, attn.o):
+            orthogonal_init_(lin.weight)
+    attn.requires_grad_(False)
+    return attn
+
+
+def attention_ascent(attn: LipschitzAttention, steps: int, pairs: int = 32) -> float:
+    """Local ∞RMS ratio ascent with both points kept in the domain {RMS(x_t) ≤ 1}."""
+    d, context = attn.q.in_features, attn.rope.cos.shape[0]
+    x = project_rms_ball(torch.randn(pairs, context, d), 1.0).requires_grad_(True)
+    u = torch.randn(pairs, context, d).requires_grad_(True)
+    opt = torch.optim.Adam([x, u], lr=0.05)
+    best = 0.0
+    for _ in range(steps):
+        xp = project_rms_ball(x, 1.0)
+        yp = project_rms_ball(xp + 1e-3 * u / inf_rms(u)[:, None, None], 1.0)
+        ratio = inf_rms(attn(yp) - attn(xp)) / inf_rms(yp - xp)
+        best = max(best, ratio.max().item())
+        opt.zero_grad()
+        (-ratio.sum()).backward()
+        opt.step()
+    return best
+
+
+def test_multi_head_attention_bound_is_sound_and_needs_its_head_factors():
+    attn = random_attention(n_heads=4, d=16, context=4, attn_scale=8.0, seed=0)
+    ours = attn.lipschitz(1.0)
+    o, q, k, v = attn.weight_norms()
+    paper = o * float(v.max()) * (1 + 2 * float(q.max() * k.max()) * 8.0) / 3  # Theorem B.1 with full-matrix norms
+    found = attention_ascent(attn, steps=60)
+    assert found <= ours
+    assert found > 1.5 * paper  # the single-head formula would be violated: H matters
+
+
+def test_single_head_attention_bound_is_nearly_tight():
+    attn = random_attention(n_heads=1, d=8, context=4, attn_scale=8.0, seed=0)
+    found = attention_ascent(attn, steps=100)
+    assert attn.lipschitz(1.0) / 1.5 < found <= attn.lipschitz(1.0)
+
+
+def test_attention_output_rms_stays_within_its_gain():
+    attn = random_attention(n_heads=4, d=16, context=6, attn_scale=8.0, seed=1)
+    x = project_rms_ball(torch.randn(64, 6, 16), 1.0).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    best = 0.0
+    for _ in range(60):
+        xp = project_rms_ball(x, 1.0)
+        out = inf_rms(attn(xp))
+        best = max(best, out.max().item())
+        opt.zero_grad()
+        (-out.sum()).backward()
+        opt.step()
+    assert best <= attn.gain()
+
+
+# --------------------------------------------------------------------------- trained models
+
+def clamp_rms_operator_norm_(w: torch.Tensor, sigma_max: float) -> None:
+    """W ← s·U·min(Σ, σ_max)·Vᵀ for W/s = UΣVᵀ, s = √(fan_out/fan_in) (exact spectral clamp)."""
+    fan_out, fan_in = w.shape
+    s = math.sqrt(fan_out / fan_in)
+    u, sig, vh = torch.linalg.svd(w / s, full_matrices=False)
+    w.copy_((u * sig.clamp(max=sigma_max)) @ vh * s)
+
+
+@pytest.fixture(scope="module", params=["gelu", "relu"])
+def trained_lipschitz_gpt(request):
+    """A 2-block lipschitz_gpt trained 40 AdamW steps on 'next = previous + 1', norms clamped at 2."""
+    torch.manual_seed(0)
+    vocab, context = 16, 6
+    model = build_model({"model": "lipschitz_gpt", "d_model": 16, "n_layers": 2, "n_heads": 2, "context": context,
+                         "attn_scale": 4.0, "activation": request.param, "optimizer": "adamw"}, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
+    roles = model.param_roles()
+    for _ in range(40):
+        seq = (torch.randint(0, vocab, (32, 1)) + torch.arange(context + 1)) % vocab
+        logits = model(seq[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for _, w in roles["hidden"] + roles["head"]:
+                clamp_rms_operator_norm_(w, 2.0)
+            model.project_embeddings()
+    assert loss.item() < 0.5  # it learned something, so the weights are not at init
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("norm_name", ["inf_rms", "l2"])
+def test_certificate_is_sound_on_a_trained_model(trained_lipschitz_gpt, norm_name):
+    model = trained_lipschitz_gpt
+    norm, bound = {"inf_rms": (inf_rms, model.lipschitz_bound()),
+                   "l2": (flat_l2, model.lipschitz_bound_l2())}[norm_name]
+    assert math.isfinite(bound)
+    f = model.forward_embedded
+    gen = torch.Generator().manual_seed(1)
+    x = project_rms_ball(torch.randn(256, model.context, 16, generator=gen), 1.0)
+    near = x + 0.05 * torch.randn(x.shape, generator=gen)
+    far = 3.0 * torch.randn(x.shape, generator=gen)  # outside the domain: forward_embedded projects
+    found = [random_ratio(f, x, near, norm), random_ratio(f, x, far, norm)]
+    start = model.embed(torch.randint(0, model.vocab_size, (32, model.context), generator=gen))
+    found.append(ascent_ratio(f, start, norm, steps=80))
+    assert max(found) <= bound
+    assert found[-1] > found[0]  # the ascent does search: it beats random pairs
+
+
+def test_mlp_certificate_is_sound():
+    torch.manual_seed(0)
+    model = build_model({"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3, "activation": "gelu",
+                         "optimizer": "adamw"}, 5)
+    with torch.no_grad():
+        orthogonal_init_(model.layers[-1].weight)
+        for i, layer in enumerate(model.layers):
+            layer.weight.mul_(1.0 + 0.5 * i)
+    model.requires_grad_(False)
+    bound = model.lipschitz_bound()
+    assert bound == model.lipschitz_bound_l2()
+    x = torch.randn(128, 12)
+    found = max(random_ratio(model, x, x + 0.1 * torch.randn_like(x), flat_l2),
+                ascent_ratio(model, x[:32], flat_l2, steps=150))
+    assert 0.3 * bound < found <= bound
+    with torch.no_grad():
+        model.layers[1].weight.mul_(-2.0)
+    assert model.lipschitz_bound() == pytest.approx(2 * bound, rel=1e-5)

@@ -1,0 +1,167 @@
+"""Model shapes, causality, initialization, embedding projection, RoPE and activations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lipflow.model import MODELS, build_model
+from lipflow.model.bound import ACTIVATIONS, GELU_MAX_SLOPE
+from lipflow.model.lipschitz_gpt import RotaryEmbedding, orthogonal_init_
+from lipflow.registry import UnknownNameError
+
+VOCAB = 40
+LM_CFG = {"d_model": 32, "n_layers": 2, "n_heads": 4, "context": 12, "mlp_ratio": 4, "attn_scale": 4.0,
+          "optimizer": "adamw"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a single intra-op thread avoids oversubscription on small CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lm(name: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model({**LM_CFG, "model": name, **overrides}, VOCAB)
+    if name == "lipschitz_gpt":  # zero-init output projections would hide attention and MLP
+        with torch.no_grad():
+            for block in model.blocks:
+                orthogonal_init_(block.attn.o.weight)
+                orthogonal_init_(block.mlp.down.weight)
+    return model
+
+
+@pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
+def test_shapes_and_forward_paths_agree(name):
+    model = lm(name)
+    idx = torch.randint(0, VOCAB, (3, LM_CFG["context"]))
+    x = model.embed(idx)
+    assert x.shape == (3, LM_CFG["context"], LM_CFG["d_model"])
+    logits = model(idx)
+    assert logits.shape == (3, LM_CFG["context"], VOCAB)
+    torch.testing.assert_close(model.forward_embedded(x), logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
+def test_causality_future_tokens_never_change_earlier_logits(name):
+    model = lm(name)
+    idx = torch.randint(0, VOCAB, (2, LM_CFG["context"]))
+    base = model(idx)
+    for pos in (3, 7):
+        changed = idx.clone()
+        changed[:, pos] = (changed[:, pos] + 1) % VOCAB
+        out = model(changed)
+        assert torch.equal(out[:, :pos], base[:, :pos]), f"position {pos} leaked into earlier logits"
+        # and attention does carry it forward: a later position sees the change
+        assert (out[:, pos + 1] - base[:, pos + 1]).abs().max() > 1e-4
+
+
+def test_lipschitz_gpt_init_follows_modula():
+    model = build_model({**LM_CFG, "model": "lipschitz_gpt"}, VOCAB)
+    rows_rms = model.tok.weight.pow(2).mean(dim=1).sqrt()
+    torch.testing.assert_close(rows_rms, torch.ones(VOCAB))
+    for block in model.blocks:
+        for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight, block.mlp.up.weight):
+            fan_out, fan_in = w.shape
+            s = torch.linalg.svdvals(w.double()) / math.sqrt(fan_out / fan_in)
+            torch.testing.assert_close(s, torch.ones_like(s), rtol=1e-5, atol=1e-5)  # all σ(W/s) = 1
+        assert not block.attn.o.weight.any() and not block.mlp.down.weight.any()
+
+
+def test_embedding_projection_shrinks_only_rows_above_rms_one():
+    model = build_model({**LM_CFG, "model": "lipschitz_gpt"}, VOCAB)
+    with torch.no_grad():
+        scales = torch.linspace(0.2, 3.0, VOCAB)[:, None]
+        model.tok.weight.mul_(scales)
+    before = model.tok.weight.detach().clone()
+    model.project_embeddings()
+    after = model.tok.weight.detach()
+    rms = after.pow(2).mean(dim=1).sqrt()
+    inside = scales.squeeze(1) <= 1.0
+    torch.testing.assert_close(after[inside], before[inside], rtol=0, atol=0)
+    torch.testing.assert_close(rms[~inside], torch.ones(int((~inside).sum())))
+    cos = torch.nn.functional.cosine_similarity(after[~inside], before[~inside], dim=1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))  # direction kept
+
+
+def test_forward_embedded_projects_inputs_onto_the_domain():
+    model = lm("lipschitz_gpt")
+    x = model.embed(torch.randint(0, VOCAB, (2, LM_CFG["context"])))
+    torch.testing.assert_close(model.forward_embedded(3.0 * x), model.forward_embedded(x))
+    assert not torch.allclose(model.forward_embedded(0.5 * x), model.forward_embedded(x))
+
+
+def test_scaled_gelu_is_one_lipschitz_with_tight_constant():
+    x = torch.linspace(-8, 8, 400_001, dtype=torch.float64)
+    gelu = ACTIVATIONS.get("gelu")
+    y = gelu.fn(x)
+    slopes = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
+    assert slopes.abs().max() <= 1.0 + 1e-9
+    assert slopes.max() >= 1.0 - 1e-6  # GELU_MAX_SLOPE is max GELU', not a loose constant
+    peak = x[:-1][slopes.argmax()]
+    assert abs(peak - math.sqrt(2)) < 1e-2
+    assert torch.all(y.abs() <= gelu.gain * x.abs() + 1e-12)  # the magnitude bound used in the certificate
+    assert abs(gelu.gain - 1 / GELU_MAX_SLOPE) < 1e-12 and abs(GELU_MAX_SLOPE - 1.1289) < 1e-5
+
+
+def test_rope_is_orthogonal_and_relative():
+    rope = RotaryEmbedding(head_dim=8, context=16)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=gen), torch.randn(1, 1, 1, 8, generator=gen)
+    q_all, k_all = rope(q.expand(1, 1, 16, 8)), rope(k.expand(1, 1, 16, 8))
+    torch.testing.assert_close(q_all.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 16))
+    scores = q_all[0, 0] @ k_all[0, 0].T  # depends on t − s only
+    for shift in range(-5, 6):
+        diag = torch.diagonal(scores, offset=shift)
+        torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_stats_are_recorded_per_block_and_logits():
+    model = lm("lipschitz_gpt")
+    model.record_activations = True
+    idx = torch.randint(0, VOCAB, (2, LM_CFG["context"]))
+    logits = model(idx)
+    stats = model.activation_stats
+    assert {f"block{i}.{s}" for i in range(2) for s in ("max_abs", "rms")} <= set(stats)
+    assert stats["logits.max_abs"] == pytest.approx(logits.abs().max().item())
+    assert stats["logits.rms"] == pytest.approx(logits.pow(2).mean().sqrt().item())
+
+
+@pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
+def test_param_roles_cover_every_parameter_once(name):
+    model = lm(name)
+    roles = model.param_roles()
+    listed = [id(p) for params in roles.values() for _, p in params]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters())
+    assert [n for n, _ in roles["head"]] == ["head.weight"]
+
+
+def test_mlp_classifier_shapes_roles_and_init():
+    cfg = {"model": "mlp", "in_features": 12, "d_model": 16, "n_layers": 3, "activation": "relu",
+           "optimizer": "adamw"}
+    model = build_model(cfg, 5)
+    assert model(torch.randn(4, 3, 4)).shape == (4, 5)  # images are flattened
+    roles = model.param_roles()
+    assert [n for n, _ in roles["hidden"]] == ["layers.0.weight", "layers.1.weight"]
+    assert [n for n, _ in roles["head"]] == ["layers.2.weight"]
+    assert not model.layers[2].weight.any()
+    assert MODELS.get("mlp")({**cfg, "n_classes": 7}).layers[-1].out_features == 7
+    with pytest.raises(ValueError, match="n_classes"):
+        MODELS.get("mlp")({**cfg, "n_classes": 7}, 5)
+
+
+def test_bad_configs_fail_with_one_line_errors():
+    with pytest.raises(UnknownNameError, match="did you mean 'lipschitz_gpt'"):
+        build_model({**LM_CFG, "model": "lipschitz_gtp"}, VOCAB)
+    with pytest.raises(ValueError, match="n_heads"):
+        build_model({**LM_CFG, "model": "lipschitz_gpt", "n_heads": 5}, VOCAB)
+    with pytest.raises(ValueError, match="depth_mup"):
+        build_model({**LM_CFG, "model": "lipschitz_gpt", "depth_mup": True}, VOCAB)
+    with pytest.raises(UnknownNameError, match="activation"):
+        build_model({**LM_CFG, "model": "lipschitz_gpt", "activation": "tanh"}, VOCAB)

@@ -1,0 +1,73 @@
+# Experiments: their runs come from lipflow.experiments.expand_experiments (through resolve_runs in
+# common.smk); here are the figures and tables of each experiment (one job per experiment, reading
+# the results database), the image-MLP robustness study, and `experiment_targets` for `rule all`.
+from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, experiment_studies, selected_experiments
+
+EXPERIMENTS = selected_experiments(config)
+STUDIES = experiment_studies(config)
+IMAGE_MLP = "results/image_mlp/robustness.parquet"
+
+
+def experiment_outputs(name):
+    """The figures (PNG and SVG) and tables (CSV) of one experiment."""
+    figures = [f"results/figures/{fig}.{ext}" for fig in EXPERIMENT_FIGURES.get(name, ()) for ext in ("png", "svg")]
+    return figures + [f"results/tables/{view}.csv" for view in EXPERIMENT_VIEWS.get(name, ())]
+
+
+def experiment_targets(wildcards=None):
+    """Everything the enabled experiments produce (added to `rule all`)."""
+    targets = [path for name in EXPERIMENTS for path in experiment_outputs(name)]
+    if "image_mlp" in STUDIES:
+        targets.append(IMAGE_MLP)
+    return targets
+
+
+for _name in EXPERIMENT_FIGURES:
+
+    rule:
+        name:
+            f"experiment_{_name}"
+        input:
+            db=DATABASE,
+        output:
+            figures=[
+                report(f"results/figures/{fig}.png", caption=f"../report/figure_{fig}.rst",
+                       category=_name, labels={"figure": fig, "format": "PNG"})
+                for fig in EXPERIMENT_FIGURES[_name]
+            ],
+            vectors=[f"results/figures/{fig}.svg" for fig in EXPERIMENT_FIGURES[_name]],
+            tables=[
+                report(f"results/tables/{view}.csv", caption=f"../report/table_{view}.rst",
+                       category=_name, labels={"table": view, "format": "CSV"})
+                for view in EXPERIMENT_VIEWS[_name]
+            ],
+        params:
+            experiment=_name,
+        log:
+            f"results/logs/experiments/{_name}.log",
+        resources:
+            mem_mb=2000,
+            runtime=10,
+            cpus_per_task=1,
+        conda:
+            ENV
+        shell:
+            "python -m lipflow.plots --db {input.db} --out-dir results/figures --tables-dir results/tables"
+            " --experiment {params.experiment} > {log} 2>&1"
+
+
+rule image_mlp_robustness:
+    output:
+        IMAGE_MLP,
+    params:
+        quick="--quick" if config.get("experiment_preset", "cpu") == "cpu" else "",
+    log:
+        "results/logs/experiments/image_mlp_robustness.log",
+    resources:
+        mem_mb=2000,
+        runtime=60,
+        cpus_per_task=1,
+    conda:
+        ENV
+    shell:
+        "python -m lipflow.evaluation.image_mlp --out {output} {params.quick} > {log} 2>&1"
