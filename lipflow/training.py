@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lipflow import provenance
+from lipflow import distributed, provenance
 from lipflow.checkpoint import (flatten_optimizer_state, latest_valid_checkpoint, prune_checkpoints,
                                 save_weights, unflatten_optimizer_state)
 from lipflow.constraints import constrain_
@@ -82,7 +82,7 @@ class Trainer:
         self.run_id, self.cfg, self.out_dir, self.progress = run_id, cfg, Path(out_dir), progress
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.data_dir = Path(data_dir)
-        self.device = resolve_device(cfg["device"])
+        self.topo, self.device = distributed.init_from_env(resolve_device(cfg["device"]))
         torch.manual_seed(cfg["seed"])
         self.train_data = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"])
         self.val_data = TokenShards(data_dir, "val")
@@ -96,6 +96,9 @@ class Trainer:
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
         self.forward = torch.compile(self.model) if cfg["compile"] else self.model
+        if self.topo.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=device_ids)
         self.val_windows = self._fixed_val_windows()
         self._stop_requested = False
 
@@ -134,6 +137,12 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Rank 0 writes; every rank waits until the file is complete."""
+        if self.topo.is_main:
+            self._write_checkpoint()
+        distributed.barrier(self.topo)
+
+    def _write_checkpoint(self) -> None:
         optim_tensors, optim_meta = flatten_optimizer_state(self.optimizer.state_dict())
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update(optim_tensors)
@@ -169,14 +178,18 @@ class Trainer:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        rank, world = self.topo.rank, self.topo.world
         for _ in range(cfg["grad_accum"]):
-            x, y = self.train_data.sample_windows(cfg["batch_size"], cfg["context"], self.generator)
-            x, y = x.to(self.device), y.to(self.device)
+            # the same global batch on every rank (same generator state); each keeps its slice
+            x, y = self.train_data.sample_windows(cfg["batch_size"] * world, cfg["context"], self.generator)
+            part = slice(rank * cfg["batch_size"], (rank + 1) * cfg["batch_size"])
+            x, y = x[part].to(self.device), y[part].to(self.device)
             with autocast_for(self.device):
                 logits = self.forward(x).float()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             (loss / cfg["grad_accum"]).backward()
             total += loss.item() / cfg["grad_accum"]
+        total = distributed.mean_across_ranks(total, self.topo, self.device)
         if math.isfinite(total):
             self.optimizer.step()
             apply_weight_constraint(self.model, self.optimizer, cfg)
@@ -191,7 +204,8 @@ class Trainer:
         resumed = self.try_resume()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         status, diverged_step, reason = "completed", None, None
-        bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id, disable=not self.progress,
+        bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id,
+                   disable=not (self.progress and self.topo.is_main),
                    file=sys.stderr, mininterval=2.0)
         try:
             while self.step < cfg["steps"]:
@@ -214,7 +228,7 @@ class Trainer:
                 if status == "diverged":
                     print(f"run {self.run_id} diverged at step {self.step}: {reason}", file=sys.stderr)
                     break
-                if self._stop_requested:
+                if distributed.any_rank(self._stop_requested, self.topo, self.device):
                     self.save_checkpoint()
                     raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved; rerun to resume")
                 if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
@@ -222,7 +236,10 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
-        return self.finish(status, diverged_step, reason, started, resumed)
+        summary = self.finish(status, diverged_step, reason, started, resumed) if self.topo.is_main else {}
+        distributed.barrier(self.topo)
+        distributed.shutdown(self.topo)
+        return summary
 
     def finish(self, status: str, diverged_step: int | None, reason: str | None,
                started: float, resumed: bool) -> dict[str, Any]:
@@ -232,7 +249,7 @@ class Trainer:
         summary = {
             "run_id": self.run_id, "status": status, "diverged_step": diverged_step,
             "diverged_reason": reason, "steps_completed": self.step, "resumed": resumed,
-            "device": str(self.device), "start_time": started, "end_time": time.time(),
+            "device": str(self.device), "processes": self.topo.world, "start_time": started, "end_time": time.time(),
             "lipschitz_bound": self.model.lipschitz_bound(),
             "final_val_loss": last_eval.get("val_loss"), "final_val_accuracy": last_eval.get("val_accuracy"),
             "max_activation": last_eval.get("max_activation"),
@@ -274,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted as stop:
             print(f"lipflow: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
-        print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",
-                                                  "lipschitz_bound")}))
+        if summary:
+            print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",
+                                                      "lipschitz_bound")}))
         return 0
 
     return run_guarded(go)

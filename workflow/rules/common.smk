@@ -76,4 +76,12 @@ def train_runtime(wildcards, attempt):
 
 
 def train_gpus(wildcards):
-    return config["resources"]["gpu_per_run"]
+    """GPUs for one training job: ``gpu_per_run``, at least one per DDP process when GPUs are used."""
+    gpus = config["resources"]["gpu_per_run"]
+    return max(gpus, RUNS[wildcards.run]["nproc"]) if gpus else 0
+
+
+def train_launcher(wildcards):
+    """``python -m`` for one process; ``torchrun`` for data-parallel runs (nproc > 1)."""
+    nproc = RUNS[wildcards.run]["nproc"]
+    return f"torchrun --standalone --nproc_per_node={nproc} -m" if nproc > 1 else "python -m"

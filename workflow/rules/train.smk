@@ -13,6 +13,7 @@ rule train:
         cfg=run_config_json,
         data_dir=TOKENS_DIR,
         out_dir=run_out_dir,
+        launcher=train_launcher,
     log:
         "results/logs/train/{run}.log",
     resources:
@@ -23,5 +24,5 @@ rule train:
     conda:
         ENV
     shell:
-        "python -m lipflow.training --run-id {wildcards.run} --config-json {params.cfg:q}"
+        "{params.launcher} lipflow.training --run-id {wildcards.run} --config-json {params.cfg:q}"
         " --data-dir {params.data_dir} --out-dir {params.out_dir} > {log} 2>&1"
