@@ -101,6 +101,22 @@ class Trainer:
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=device_ids)
         self.val_windows = self._fixed_val_windows()
         self._stop_requested = False
+        self.tensorboard = self._tensorboard_writer() if cfg["tensorboard"] and self.topo.is_main else None
+
+    def _tensorboard_writer(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("tensorboard: true needs the tensorboard package (pip install 'lipflow[tensorboard]')") from None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """Keep a metrics row (and mirror its numbers to TensorBoard when enabled)."""
+        self.metrics.append(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tensorboard.add_scalar(key, value, row["step"])
 
     # --- evaluation during training -------------------------------------------------------
     def _fixed_val_windows(self) -> torch.Tensor:
@@ -223,7 +239,7 @@ class Trainer:
                         status, diverged_step = "diverged", self.step
                         reason = f"Lipschitz bound {bound:.4g} exceeds max_bound {cfg['max_bound']:.4g}"
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
-                self.metrics.append(row)
+                self._log(row)
                 bar.update(1)
                 if status == "diverged":
                     print(f"run {self.run_id} diverged at step {self.step}: {reason}", file=sys.stderr)
@@ -236,6 +252,8 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         summary = self.finish(status, diverged_step, reason, started, resumed) if self.topo.is_main else {}
         distributed.barrier(self.topo)
         distributed.shutdown(self.topo)

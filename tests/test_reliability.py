@@ -150,3 +150,19 @@ def test_same_config_and_seed_give_identical_metrics(char_shards, tiny_run_confi
     ta, tb = (pq.read_table(tmp_path / n / "train_metrics.parquet").to_pylist() for n in ("a", "b"))
     assert ta == tb and len(a) > 0
     assert_bitwise_equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_tensorboard_mirrors_the_logged_metrics(char_shards, tiny_run_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = train({**tiny_run_config, "tensorboard": True}, char_shards, tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    import pyarrow.parquet as pq
+
+    logged = pq.read_table(tmp_path / "train_metrics.parquet").column("loss").to_pylist()
+    assert losses == pytest.approx(logged, rel=1e-6)
+    assert len(events.Scalars("val_loss")) == tiny_run_config["steps"] // tiny_run_config["eval_every"]
