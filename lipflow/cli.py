@@ -107,11 +107,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    import yaml
+    from lipflow.config import check_config, fill_defaults, load_config_file, resolve_runs
 
-    from lipflow.config import check_config, resolve_runs, fill_defaults
-
-    config = yaml.safe_load(Path(args.configfile).read_text()) or {}
+    config = load_config_file(Path(args.configfile))
     check_config(config)
     fill_defaults(config)
     for run_id in resolve_runs(config):

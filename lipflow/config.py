@@ -56,6 +56,20 @@ def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False):
     return _validator_class(fill=fill)(schema, registry=registry)
 
 
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config; malformed YAML is a one-line :class:`ConfigError` naming file and line."""
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    return config if config is not None else {}
+
+
 def merge_run_defaults(config: dict[str, Any]) -> None:
     """Give every run the keys of ``defaults`` that it does not override (in place)."""
     defaults, runs = config.get("defaults", {}), config.get("runs")

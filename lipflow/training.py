@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -61,6 +62,16 @@ def apply_weight_constraint(model, optimizer: torch.optim.Optimizer, cfg: dict[s
     model.project_embeddings()
 
 
+def ensure_writable(directory: Path) -> None:
+    """Fail before training, not after it, when results cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create results directory {directory}: {err.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"results directory {directory} is not writable")
+
+
 def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     out = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
     if torch.cuda.is_available():
@@ -82,6 +93,7 @@ class Trainer:
         self.run_id, self.cfg, self.out_dir, self.progress = run_id, cfg, Path(out_dir), progress
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.data_dir = Path(data_dir)
+        ensure_writable(self.out_dir)
         self.topo, self.device = distributed.init_from_env(resolve_device(cfg["device"]))
         torch.manual_seed(cfg["seed"])
         self.train_data = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"])
@@ -267,7 +279,9 @@ class Trainer:
         summary = {
             "run_id": self.run_id, "status": status, "diverged_step": diverged_step,
             "diverged_reason": reason, "steps_completed": self.step, "resumed": resumed,
-            "device": str(self.device), "processes": self.topo.world, "start_time": started, "end_time": time.time(),
+            "device": str(self.device), "processes": self.topo.world,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "start_time": started, "end_time": time.time(),
             "lipschitz_bound": self.model.lipschitz_bound(),
             "final_val_loss": last_eval.get("val_loss"), "final_val_accuracy": last_eval.get("val_accuracy"),
             "max_activation": last_eval.get("max_activation"),

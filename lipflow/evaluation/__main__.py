@@ -25,6 +25,9 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     cfg = info["config"]
     context = cfg["context"]
     train = TokenShards(data_dir, "train")
+    if train.vocab_size != info["vocab_size"]:
+        raise ValueError(f"{run_dir / 'model.safetensors'} was trained with vocabulary {info['vocab_size']} but the "
+                         f"tokenizer in {data_dir} has {train.vocab_size}: tokenizer/checkpoint mismatch")
     if params.get("n_train") is None:  # training sequences, for the rank bound
         params["n_train"] = train.num_tokens // context
     train_windows = train.sequential_windows(context, max_windows=params.get("train_windows", 256))

@@ -16,6 +16,7 @@ rule train:
         launcher=train_launcher,
     log:
         "results/logs/train/{run}.log",
+    threads: 2
     resources:
         mem_mb=train_mem_mb,
         runtime=train_runtime,

@@ -1,0 +1,154 @@
+"""The bad-input catalog: each case gives one clear line naming the thing, exit ≠ 0, no partial
+output, and earlier results untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import run_stage
+
+
+def config_case(text: str):
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        (tmp / "config.yaml").write_text(text)
+        return "lipflow.cli", ["runs", "--configfile", str(tmp / "config.yaml")], None
+    return prepare
+
+
+def corpus_case(files: dict[str, bytes], block: dict):
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        cfg = {"name": "bad", **{k: [str(tmp / p) for p in v] if k == "paths" else v for k, v in block.items()}}
+        out = tmp / "results" / "corpus"
+        return "lipflow.data.corpus", ["--config-json", json.dumps(cfg), "--out-dir", str(out)], out
+    return prepare
+
+
+def tokenizer_case(block: dict):
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        out = tmp / "results" / "tok"
+        corpus = shards.parent / "corpus"
+        return "lipflow.data.tokenize", ["--corpus-dir", str(corpus), "--config-json", json.dumps(block),
+                                         "--out-dir", str(out)], out
+    return prepare
+
+
+def train_case(overrides: dict, data=None, out_dir=None):
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        data_dir = data(tmp, shards) if data else shards
+        out = Path(out_dir) if out_dir else tmp / "results" / "run"
+        args = ["--run-id", "bad-00000000", "--config-json", json.dumps({**run_cfg, **overrides}),
+                "--data-dir", str(data_dir), "--out-dir", str(out), "--no-progress"]
+        return "lipflow.training", args, out / "model.safetensors"
+    return prepare
+
+
+def corrupt_shard(tmp: Path, shards: Path) -> Path:
+    copy = tmp / "shards"
+    shutil.copytree(shards, copy)
+    shard = copy / "train" / "shard-00000.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return copy
+
+
+def eval_case(make_run):
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        run_dir = make_run(tmp, shards, run_cfg)
+        out = tmp / "results" / "evals" / "val.parquet"
+        return "lipflow.evaluation", ["--evaluation", "val", "--run-dir", str(run_dir), "--data-dir", str(shards),
+                                      "--out", str(out), "--device", "cpu"], out
+    return prepare
+
+
+def fake_run(tmp: Path, run_cfg: dict, vocab: int, model: str, weights_of: str) -> Path:
+    """A finished-looking run directory whose checkpoint was made for ``weights_of``."""
+    from lipflow.checkpoint import save_weights
+    from lipflow.model import build_model
+
+    run_dir = tmp / "fake_run"
+    run_dir.mkdir()
+    built = build_model({**run_cfg, "model": weights_of}, vocab)
+    save_weights(run_dir / "model.safetensors", built.state_dict(), {"config": {**run_cfg, "model": weights_of}})
+    (run_dir / "config.json").write_text(json.dumps({"vocab_size": vocab, "data_dir": "", "config": {**run_cfg, "model": model}}))
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "fake-00000000", "status": "completed"}))
+    return run_dir
+
+
+def vocab_mismatch(tmp, shards, run_cfg):
+    return fake_run(tmp, run_cfg, vocab=7, model="gpt", weights_of="gpt")
+
+
+def other_architecture(tmp, shards, run_cfg):
+    vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
+    return fake_run(tmp, run_cfg, vocab=vocab, model="lipschitz_gpt", weights_of="gpt")
+
+
+def pickled_checkpoint(tmp, shards, run_cfg):
+    run_dir = other_architecture(tmp, shards, run_cfg)
+    torch.save({"w": torch.ones(2)}, run_dir / "model.safetensors")
+    (run_dir / "model.safetensors.sha256").unlink()
+    return run_dir
+
+
+CASES = {
+    "malformed_yaml": (config_case("runs:\n  a: {lr: 0.1\n"), "malformed YAML at line"),
+    "unknown_key": (config_case("runs:\n  a: {lrr: 0.1}\n"), "unknown key 'runs.a.lrr' (did you mean 'lr'?)"),
+    "wrong_type": (config_case("defaults: {d_model: wide}\n"), "d_model: 'wide' is not of type 'integer'"),
+    "negative_lr": (config_case("runs:\n  a: {lr: -0.1}\n"), "runs.a.lr: -0.1 is less than or equal to the minimum of 0"),
+    "sigma_max_zero": (config_case("runs:\n  a: {sigma_max: 0}\n"), "runs.a.sigma_max: 0 is less than or equal"),
+    "zero_steps": (config_case("runs:\n  a: {steps: 0}\n"), "runs.a.steps: 0 is less than the minimum of 1"),
+    "unknown_enum": (config_case("runs:\n  a: {weight_constraint: soft_cap}\n"), "runs.a.weight_constraint: 'soft_cap' is not one of"),
+    "run_name_injection": (config_case("runs:\n  \"x'; drop table runs;--\": {}\n"), "is not allowed"),
+    "run_name_escape": (config_case("runs:\n  ../../etc: {}\n"), "is not allowed"),
+    "missing_config_file": (lambda tmp, s, c: ("lipflow.cli", ["runs", "--configfile", str(tmp / "nope.yaml")], None),
+                            "config file"),
+    "empty_corpus": (corpus_case({"empty.txt": b"  \n\n"}, {"source": "files", "paths": ["empty.txt"]}), "empty"),
+    "binary_corpus": (corpus_case({"blob.txt": b"abc\x00\x01\x02"}, {"source": "files", "paths": ["blob.txt"]}), "blob.txt"),
+    "non_utf8_corpus": (corpus_case({"latin.txt": "café".encode("latin-1")}, {"source": "files", "paths": ["latin.txt"]}),
+                        "latin.txt"),
+    "missing_corpus_file": (corpus_case({}, {"source": "files", "paths": ["absent.txt"]}), "absent.txt"),
+    "jsonl_bad_line": (corpus_case({"d.jsonl": b'{"text": "a"}\n{oops\n'}, {"source": "jsonl", "paths": ["d.jsonl"]}),
+                       "d.jsonl:2"),
+    "parquet_missing_column": (lambda tmp, s, c: (pq.write_table(pa.table({"body": ["x"]}), tmp / "d.parquet"),
+                                                  corpus_case({}, {"source": "parquet", "paths": ["d.parquet"]})(tmp, s, c))[1],
+                               "text"),
+    "missing_tokenizer_file": (tokenizer_case({"kind": "file", "path": "/nonexistent/tokenizer.json"}), "tokenizer.json"),
+    "unknown_registry_name": (train_case({"optimizer": "muonn"}), "unknown optimizer 'muonn' (did you mean 'muon'?)"),
+    "unknown_constraint": (train_case({"weight_constraint": "spectral_softcap"}), "did you mean 'spectral_soft_cap'?"),
+    "context_longer_than_shards": (train_case({"context": 10_000_000}), "context 10000000 is longer than the"),
+    "corrupt_shard": (train_case({}, data=corrupt_shard), "sha256 mismatch"),
+    "unwritable_results_dir": (train_case({}, out_dir="/proc/lipflow-results"), "/proc/lipflow-results"),
+    "vocab_mismatch": (eval_case(vocab_mismatch), "tokenizer/checkpoint mismatch"),
+    "other_architecture": (eval_case(other_architecture), "holds a 'gpt' model but config.json says 'lipschitz_gpt'"),
+    "pickled_checkpoint": (eval_case(pickled_checkpoint), "never unpickles"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_clear_line(case, char_shards, tiny_run_config, tmp_path):
+    prepare, expected = CASES[case]
+    earlier = tmp_path / "results" / "earlier.parquet"
+    earlier.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), earlier)
+    before = earlier.read_bytes()
+    module, args, output = prepare(tmp_path, char_shards, tiny_run_config)
+    done = run_stage(module, *args, cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0
+    assert len(lines) == 1, done.stderr
+    assert expected in lines[0], lines[0]
+    if output is not None:
+        assert not Path(output).exists()
+        leftovers = [p for p in Path(output).parent.glob(f".{Path(output).name}*")] if Path(output).parent.exists() else []
+        assert leftovers == []
+    assert earlier.read_bytes() == before
