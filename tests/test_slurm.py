@@ -1,0 +1,117 @@
+"""Workflows through `snakemake --profile profiles/slurm` on a real one-node SLURM cluster.
+
+The module fixture brings the cluster up with tests/slurm/cluster.sh (installing Debian's Slurm 22.05 and munge
+if missing: 10-25 s of apt, then about 1 s of bring-up) and stops its daemons by PID afterwards, also when a test fails.
+Select or deselect with `-m slurm` / `-m "not slurm"`.
+"""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+# Loaded by path, so it works under any pytest import mode; bench/slurm_overhead.py loads it the same way.
+_spec = importlib.util.spec_from_file_location("lipflow_slurm_harness", Path(__file__).parent / "slurm" / "harness.py")
+harness = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = harness  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(harness)
+run_snakemake_on_slurm = harness.run_snakemake_on_slurm
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running test cluster; brought down afterwards unless it was already up before the tests."""
+    try:
+        harness.check_can_run_cluster()
+    except harness.SlurmUnavailable as reason:
+        pytest.skip(f"SLURM tests skipped: {reason}")
+    was_up = harness.cluster_is_up()
+    try:
+        print(harness.cluster("up"))
+        yield
+    finally:
+        if not was_up:
+            print(harness.cluster("down"))
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Four runs that each ask SLURM for a GPU (the test cluster has 2 fake ones), their evaluations and the
+# DuckDB build (a local rule: it runs in the Snakemake process, not as a SLURM job).
+SWEEP_CONFIG = """
+corpus: {name: pydoc, source: embedded}
+tokenizer: {kind: char}
+defaults: {d_model: 16, n_layers: 1, n_heads: 2, context: 16, batch_size: 4, steps: 6, eval_every: 3,
+           eval_batches: 1, checkpoint_every: 0, device: cpu}
+runs:
+  r1: {seed: 1}
+  r2: {seed: 2}
+  r3: {seed: 3, model: lipschitz_gpt, optimizer: muon, lr: 0.05, weight_constraint: spectral_soft_cap}
+  r4: {seed: 4, model: lipschitz_gpt, optimizer: scion, lr: 0.01}
+evaluations: {enabled: [val, rank]}
+resources: {gpu_per_run: 1}
+"""
+# Added for the failure case: one run that cannot train (2 training tokens < one window) and one that can.
+FAILING_RUNS = """
+  broken: {seed: 5, train_tokens: 2}
+  r5: {seed: 6}
+"""
+ARGS = ["--groups", "corpus=data", "tokenize=data"]  # one SLURM job for both data steps
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def sweep(slurm_cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm_sweep")
+    (workdir / "config.yaml").write_text(SWEEP_CONFIG)
+    return workdir, run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=900)
+
+
+def test_lipflow_sweep_runs_every_job_on_slurm(sweep):
+    workdir, run = sweep
+    assert run.returncode == 0, run.output[-6000:]
+    by_rule: dict[str, list] = {}
+    for job in run.jobs:
+        assert job.state == "COMPLETED", job
+        assert job.log.name == f"{job.job_id}.log" and job.log.is_file(), job  # job ids in the logs
+        by_rule.setdefault(job.rule.split("_")[0], []).append(job)
+    assert sorted((rule, len(jobs)) for rule, jobs in by_rule.items()) == [("data", 1), ("evaluation", 4), ("train", 4)]
+    db = workdir / "results" / "lipflow.duckdb"
+    rows = query(db, "select name, status, slurm_job_id, cuda_visible_devices from runs order by name")
+    assert [r[:2] for r in rows] == [(f"r{i}", "completed") for i in range(1, 5)]
+    train_jobs = {job.job_id: job for job in by_rule["train"]}
+    for name, _, job_id, visible in rows:
+        assert job_id in train_jobs, (name, job_id)  # the run trained inside the SLURM job squeue reports
+        assert train_jobs[job_id].tres == "gres:gpu:1"
+        assert visible in ("0", "1"), (name, visible)  # set by SLURM: the harness strips it beforehand
+    evals = query(db, "select eval, count(distinct run_id) from evals group by eval order by eval")
+    assert evals == [("rank", 4), ("val", 4)]
+    assert query(db, "select count(distinct run_id), max(step) from train_metrics") == [(4, 6)]
+
+
+def test_failed_job_is_reported_and_the_others_finish(sweep):
+    workdir, first = sweep
+    assert first.returncode == 0
+    db = workdir / "results" / "lipflow.duckdb"
+    before = db.read_bytes()
+    config = workdir / "config.yaml"
+    config.write_text(SWEEP_CONFIG.replace("\nevaluations:", FAILING_RUNS.rstrip() + "\nevaluations:"))
+    run = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=600)
+    assert run.returncode != 0, run.output[-6000:]
+    states = {(job.rule, job.wildcards.split("-")[0]): job.state for job in run.jobs}
+    assert states.get(("train", "broken")) == "FAILED", (states, run.output[-3000:])
+    assert states.get(("train", "r5")) == "COMPLETED", states
+    assert "Error in rule train" in run.output and "broken-" in run.output
+    assert len(list((workdir / "results" / "runs").glob("r5-*/evals.parquet"))) == 1  # r5's evaluations finished
+    assert not list((workdir / "results" / "runs").glob("broken-*/model.safetensors"))
+    assert db.read_bytes() == before  # the earlier database is untouched
