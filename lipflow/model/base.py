@@ -24,6 +24,8 @@ ROLES = ("embed", "hidden", "head", "vector")
 class LanguageModel(nn.Module):
     vocab_size: int
     context: int
+    embedding_prefixes: tuple[str, ...] = ("tok.",)  # parameter-name prefixes of the role "embed"
+    head_prefixes: tuple[str, ...] = ("head.",)  # ... and of the role "head"
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,7 +42,17 @@ class LanguageModel(nn.Module):
         return self.forward_embedded(self.embed(idx))
 
     def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        raise NotImplementedError
+        """Parameters by role: embeddings and head by name prefix, other matrices ``hidden``,
+        everything else (biases, gains) ``vector``."""
+        roles: dict[str, list[tuple[str, nn.Parameter]]] = {r: [] for r in ROLES}
+        for name, p in self.named_parameters():
+            if name.startswith(self.embedding_prefixes):
+                roles["embed"].append((name, p))
+            elif name.startswith(self.head_prefixes):
+                roles["head"].append((name, p))
+            else:
+                roles["hidden" if p.ndim == 2 else "vector"].append((name, p))
+        return roles
 
     def lipschitz_bound(self) -> float | None:
         """Certified Lipschitz constant in the model's own norm (None: no certificate)."""

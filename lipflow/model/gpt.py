@@ -57,6 +57,8 @@ class Block(nn.Module):
 class GPT(LanguageModel):
     """Token + learned position embeddings → N pre-LN blocks → LayerNorm → untied head."""
 
+    embedding_prefixes = ("tok.", "pos.")
+
     def __init__(self, cfg: dict[str, Any], vocab_size: int):
         super().__init__()
         d, n_layers, n_heads = cfg["d_model"], cfg["n_layers"], cfg["n_heads"]
@@ -86,16 +88,3 @@ class GPT(LanguageModel):
         logits = self.head(self.ln_f(x)) * self.output_mult
         self._record("logits", logits)
         return logits
-
-    def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        roles: dict[str, list[tuple[str, nn.Parameter]]] = {r: [] for r in ("embed", "hidden", "head", "vector")}
-        for name, p in self.named_parameters():
-            if name.startswith(("tok.", "pos.")):
-                roles["embed"].append((name, p))
-            elif name.startswith("head."):
-                roles["head"].append((name, p))
-            elif p.ndim == 2:
-                roles["hidden"].append((name, p))
-            else:
-                roles["vector"].append((name, p))
-        return roles

@@ -196,19 +196,6 @@ class LipschitzGPT(LanguageModel):
         self._record("logits", logits)
         return logits
 
-    def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        roles: dict[str, list[tuple[str, nn.Parameter]]] = {r: [] for r in ("embed", "hidden", "head", "vector")}
-        for name, p in self.named_parameters():
-            if name.startswith("tok."):
-                roles["embed"].append((name, p))
-            elif name.startswith("head."):
-                roles["head"].append((name, p))
-            elif p.ndim == 2:
-                roles["hidden"].append((name, p))
-            else:
-                roles["vector"].append((name, p))
-        return roles
-
     @torch.no_grad()
     def project_embeddings(self) -> None:
         """Shrink every embedding row with RMS > 1 back to RMS 1 (rows inside the ball are untouched)."""
