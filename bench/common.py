@@ -1,0 +1,153 @@
+"""Shared benchmark plumbing: one row per measurement, appended to a Parquet file.
+
+Row columns: bench, metric, value, unit, machine (host name + CPU model), device, date (UTC ISO
+8601), git_commit (``git rev-parse HEAD``, null outside a repository or before the first commit).
+Also: side-by-side timing (``alternating_timings``), a text table, the default config's data
+(``default_shards``) and schema-resolved run configs (``run_configs``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lipflow.data.atomic import atomic_write
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = pa.schema([
+    ("bench", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("unit", pa.string()),
+    ("machine", pa.string()),
+    ("device", pa.string()),
+    ("date", pa.string()),
+    ("git_commit", pa.string()),
+])
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{platform.node()} / {cpu_model()} / {os.cpu_count()} cores"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def row(bench: str, metric: str, value: float, unit: str, device: str = "cpu") -> dict[str, Any]:
+    """One measurement, stamped with the machine, the UTC time and the git commit."""
+    return {
+        "bench": bench,
+        "metric": metric,
+        "value": float(value),
+        "unit": unit,
+        "machine": machine(),
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+
+
+def append_rows(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to the Parquet file at ``path`` (created if absent), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    if path.exists():
+        table = pa.concat_tables([pq.read_table(path, schema=SCHEMA), table])
+    with atomic_write(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def device_label(device: str) -> str:
+    """``cpu``, or ``cuda:<GPU name>`` for a CUDA device (the row's ``device`` column)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return str(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued CUDA kernels, so a wall-clock timer brackets the work itself (no-op on CPU)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+
+
+def alternating_timings(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                        device: str = "cpu") -> dict[str, list[float]]:
+    """Wall-clock seconds of each function over ``rounds`` rounds, run side by side.
+
+    Each round calls every function once, in the given order on even rounds and reversed on odd
+    ones, so slow drift (other load, clocks, caches) hits each alike; ``warmup`` untimed rounds
+    come first. On CUDA the device is synchronized before and after every call.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Print rows as an aligned text table (floats to 4 significant digits)."""
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for r in body:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def default_shards(work: Path) -> Path:
+    """The default config's training data under ``work``: the embedded pydoc corpus, char-tokenized
+    by the corpus and tokenize stages; returns the shard directory."""
+    from lipflow.data.corpus import CorpusConfig, build_corpus
+    from lipflow.data.tokenize import TokenizerConfig, tokenize_corpus
+
+    build_corpus(CorpusConfig(name="pydoc"), work / "corpus")
+    tokenize_corpus(TokenizerConfig(kind="char"), work / "corpus", work / "char")
+    return work / "char"
+
+
+def run_configs(defaults: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name → run config, validated and completed with the schema's defaults as the pipeline does."""
+    from lipflow.config import check_config, fill_defaults
+
+    config = {"defaults": dict(defaults), "runs": {name: dict(overrides) for name, overrides in runs.items()}}
+    check_config(config)
+    fill_defaults(config)
+    return config["runs"]

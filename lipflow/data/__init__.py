@@ -1,0 +1,62 @@
+"""Data stages: corpus → train/val JSONL, tokenizer → Arrow token shards, shards → training windows.
+
+- ``python -m lipflow.data.corpus``   (:mod:`lipflow.data.corpus`)
+- ``python -m lipflow.data.tokenize`` (:mod:`lipflow.data.tokenize`)
+- :class:`lipflow.data.loader.TokenShards` reads the shards memory-mapped.
+
+This module stays import-light (no torch, no tokenizers) so the stage CLIs start fast; the public
+names below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+
+class DataError(Exception):
+    """Bad data input (missing file, bad encoding, corrupt shard…); str() is one line for users."""
+
+
+def parse_config_json(text: str, block: str) -> dict[str, Any]:
+    """Parse a ``--config-json`` argument that must hold one JSON object (the ``block`` config)."""
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"--config-json for '{block}' is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"--config-json for '{block}' must be a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's ``main``; a bad input prints ``error: <one line>`` and returns exit code 2."""
+    from lipflow.registry import UnknownNameError
+
+    try:
+        main(argv)
+    except (DataError, UnknownNameError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_LAZY = {
+    "build_corpus": "lipflow.data.corpus",
+    "CorpusConfig": "lipflow.data.corpus",
+    "tokenize_corpus": "lipflow.data.tokenize",
+    "TokenizerConfig": "lipflow.data.tokenize",
+    "TokenShards": "lipflow.data.loader",
+    "load_tokenizer": "lipflow.data.loader",
+    "read_manifest": "lipflow.data.loader",
+}
+
+__all__ = ["DataError", "parse_config_json", "run_cli", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lipflow.data' has no attribute '{name}'")

@@ -1,0 +1,125 @@
+"""Crash-safe writes: readers see the old file (or directory) or the complete new one, never half.
+
+The recipe (POSIX ``rename(2)`` is atomic within one filesystem): write to a temporary name in
+the *same* directory, flush and ``fsync`` the data, ``os.replace`` it onto the final name, then
+``fsync`` the directory so the rename itself survives a power cut. A failure part-way removes
+the temporary, so nothing half-written is ever left under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (memory stays bounded)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Persist a directory's entries (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: the permissions ``open``/``mkdir`` would have given
+    (``mkstemp``/``mkdtemp`` create private 0600/0700 entries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; on a clean exit fsync and rename it onto
+    ``path``; on an exception delete it and leave ``path`` untouched."""
+    final = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_name(final), dir=final.parent)
+    os.chmod(tmp, _umask_mode(0o666))
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (stable bytes for hashing and diffs)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory of ``path``; on a clean exit fsync everything in
+    it and swap it in as ``path`` (an existing ``path`` is replaced); on an exception delete it.
+
+    Two renames (old → trash, new → path) because ``rename(2)`` cannot replace a non-empty
+    directory; between them ``path`` is briefly absent, never partial.
+    """
+    final = Path(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(final), dir=final.parent))
+    except OSError as e:  # name the directory asked for, not the temporary one
+        reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+        raise OSError(f"cannot create {final}: {reason}") from None
+    os.chmod(tmp, _umask_mode(0o777))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)

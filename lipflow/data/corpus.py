@@ -1,0 +1,320 @@
+"""Corpus stage: documents from a source → deterministic train/val split → JSONL.
+
+    python -m lipflow.data.corpus --config-json '{"name": "pydoc", "source": "embedded"}' --out-dir DIR
+
+writes ``DIR/train.jsonl`` and ``DIR/val.jsonl`` (one ``{"text": ...}`` per line) and
+``DIR/corpus.json`` (documents, characters and UTF-8 bytes per split; the source), streaming one
+document at a time. ``DIR`` appears complete or not at all (built in a temporary sibling).
+
+Sources (registry ``SOURCES``; ``paths`` are file paths or globs):
+
+- ``embedded``: ``pydoc_data.topics`` from the Python standard library — 79 topics of English
+  documentation prose (~465 KB), one document per topic. Nothing to download or install.
+- ``files``: UTF-8 text files, one document per file. A *single* file is cut into documents of
+  whole paragraphs: a document ends at the first blank line once it holds ≥ 2,000 characters (or
+  at the first line end once it holds ≥ 20,000, for text without blank lines), so even one file
+  (Tiny Shakespeare: ~500 documents) has a validation split. Concatenating its documents
+  gives back the file exactly.
+- ``jsonl``: one JSON object per line; the document is the ``text_column`` field (null = none).
+- ``parquet``: the string column ``text_column``, read in record batches.
+
+Split: a document is in val iff u < ``val_fraction`` where u ∈ [0, 1) is the first 8 bytes of
+sha256(f"{split_seed}:" + text) read as an integer / 2⁶⁴. It depends on the text alone, so it
+is deterministic, order-independent, and duplicates never straddle the split.
+Whitespace-only documents are skipped (counted in corpus.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+from lipflow.data import DataError, parse_config_json, run_cli
+from lipflow.data.atomic import atomic_dir, write_json_atomic
+from lipflow.registry import Registry
+
+PARAGRAPH_DOC_CHARS = 2_000
+MAX_DOC_CHARS = 20_000
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """The ``corpus`` config block."""
+
+    name: str = "corpus"
+    source: str = "embedded"
+    paths: tuple[str, ...] = ()
+    text_column: str = "text"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any]) -> "CorpusConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in block:
+            if key not in known:
+                raise DataError(f"unknown key corpus.{key} (known: {', '.join(known)})")
+        paths = block.get("paths") or []
+        _require(
+            isinstance(paths, list) and all(isinstance(p, str) for p in paths),
+            f"corpus.paths must be a list of strings, got {paths!r}",
+        )
+        cfg = cls(**{**block, "paths": tuple(paths)})
+        _require(isinstance(cfg.name, str) and bool(cfg.name), "corpus.name must be a non-empty string")
+        SOURCES.get(cfg.source)  # unknown source → "did you mean"
+        if cfg.source == "embedded":
+            _require(not cfg.paths, "corpus.paths must be empty for source 'embedded'")
+        else:
+            _require(bool(cfg.paths), f"corpus.paths is empty; source '{cfg.source}' needs a path or glob")
+        _require(isinstance(cfg.text_column, str) and cfg.text_column, "corpus.text_column must be a non-empty string")
+        vf = cfg.val_fraction
+        _require(
+            isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0 < vf < 1,
+            f"corpus.val_fraction must be a number in (0, 1), got {vf!r}",
+        )
+        _require(
+            isinstance(cfg.split_seed, int) and not isinstance(cfg.split_seed, bool),
+            f"corpus.split_seed must be an integer, got {cfg.split_seed!r}",
+        )
+        return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise DataError(message)
+
+
+class Source(NamedTuple):
+    description: dict[str, Any]  # recorded in corpus.json
+    label: str  # names the source in error messages
+    documents: Iterator[str]
+
+
+SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Paths and globs (``**`` recursive) → existing files, in order, without duplicates."""
+    files: dict[str, None] = {}
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+            _require(bool(matches), f"corpus.paths: glob '{pattern}' matched no files")
+        else:
+            _require(os.path.exists(pattern), f"corpus.paths: file not found: {pattern}")
+            _require(
+                not os.path.isdir(pattern),
+                f"corpus.paths: {pattern} is a directory (give a glob such as '{pattern}/*.txt')",
+            )
+            matches = [pattern]
+        files.update(dict.fromkeys(matches))
+    return list(files)
+
+
+def _label(kind: str, files: list[str]) -> str:
+    shown = ", ".join(files[:3])
+    return f"{kind} {shown}" + (f" … ({len(files)} files)" if len(files) > 3 else "")
+
+
+def decode_utf8(data: bytes, where: str, offset: int = 0) -> str:
+    """Strict UTF-8 decode of ``data`` (which starts at byte ``offset`` of ``where``); a NUL byte
+    (a binary file) or an invalid sequence is a DataError naming the byte offset."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{where}: binary file (NUL byte at byte offset {offset + nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not UTF-8 (invalid byte 0x{data[e.start]:02x} at byte offset {offset + e.start})"
+        ) from None
+
+
+@SOURCES.register("embedded")
+def embedded_source(cfg: CorpusConfig) -> Source:
+    from pydoc_data import topics
+
+    names = sorted(topics.topics)
+    description = {
+        "kind": "embedded",
+        "module": "pydoc_data.topics",
+        "python": platform.python_version(),
+        "documents": len(names),
+    }
+    return Source(description, "embedded pydoc_data.topics", (topics.topics[n] for n in names))
+
+
+def _paragraph_documents(path: str) -> Iterator[str]:
+    """Cut one text file into runs of whole paragraphs (the rule in the module docstring)."""
+    lines: list[str] = []
+    size = offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            line = decode_utf8(raw, path, offset)
+            offset += len(raw)
+            lines.append(line)
+            size += len(line)
+            if (size >= PARAGRAPH_DOC_CHARS and not line.strip()) or size >= MAX_DOC_CHARS:
+                yield "".join(lines)
+                lines, size = [], 0
+    if lines:
+        yield "".join(lines)
+
+
+def _file_documents(files: list[str]) -> Iterator[str]:
+    for path in files:
+        with open(path, "rb") as f:
+            yield decode_utf8(f.read(), path)
+
+
+@SOURCES.register("files")
+def files_source(cfg: CorpusConfig) -> Source:
+    files = expand_paths(cfg.paths)
+    single = len(files) == 1
+    description = {
+        "kind": "files",
+        "files": files,
+        "documents_per_file": f"paragraph groups of >= {PARAGRAPH_DOC_CHARS} chars" if single else "one",
+    }
+    documents = _paragraph_documents(files[0]) if single else _file_documents(files)
+    return Source(description, _label("files", files), documents)
+
+
+def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
+    for path in files:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    bad = f"invalid byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                    raise DataError(f"{where}: not UTF-8 ({bad})") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                if column not in record:
+                    raise DataError(f"{where}: missing text column '{column}' (keys: {', '.join(record) or 'none'})")
+                text = record[column]
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise DataError(f"{where}: text column '{column}' holds {type(text).__name__}, expected a string")
+                yield text
+
+
+@SOURCES.register("jsonl")
+def jsonl_source(cfg: CorpusConfig) -> Source:
+    files = expand_paths(cfg.paths)
+    description = {"kind": "jsonl", "files": files, "text_column": cfg.text_column}
+    return Source(description, _label("jsonl", files), _jsonl_documents(files, cfg.text_column))
+
+
+def _parquet_documents(files: list[str], column: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+            schema = parquet.schema_arrow
+            if column not in schema.names:
+                raise DataError(f"{path}: missing text column '{column}' (columns: {', '.join(schema.names)})")
+            kind = schema.field(column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+                raise DataError(f"{path}: text column '{column}' has type {kind}, expected a string column")
+            for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+                yield from (text for text in batch.column(0).to_pylist() if text is not None)
+        except pa.ArrowException as e:
+            raise DataError(f"{path}: unreadable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+@SOURCES.register("parquet")
+def parquet_source(cfg: CorpusConfig) -> Source:
+    files = expand_paths(cfg.paths)
+    description = {"kind": "parquet", "files": files, "text_column": cfg.text_column}
+    return Source(description, _label("parquet", files), _parquet_documents(files, cfg.text_column))
+
+
+def split_of(text: str, val_fraction: float, split_seed: int) -> str:
+    """'val' iff int(sha256(f"{split_seed}:" + text)[:8 bytes]) / 2⁶⁴ < val_fraction, else 'train'."""
+    digest = hashlib.sha256(f"{split_seed}:{text}".encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Stream the source's documents into ``out_dir/{train,val}.jsonl`` and write corpus.json;
+    returns the corpus.json contents. ``out_dir`` is replaced atomically, or untouched on error."""
+    source = SOURCES.get(cfg.source)(cfg)
+    counts = {split: {"documents": 0, "chars": 0, "bytes": 0} for split in SPLITS}
+    skipped = 0
+    with atomic_dir(out_dir) as tmp:
+        with contextlib.ExitStack() as stack:
+            outputs = {s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
+            for text in source.documents:
+                if not text.strip():
+                    skipped += 1
+                    continue
+                split = split_of(text, cfg.val_fraction, cfg.split_seed)
+                outputs[split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                count = counts[split]
+                count["documents"] += 1
+                count["chars"] += len(text)
+                count["bytes"] += len(text.encode("utf-8"))
+        n_train, n_val = counts["train"]["documents"], counts["val"]["documents"]
+        total = n_train + n_val
+        _require(total > 0, f"empty corpus: {source.label} holds no non-whitespace text")
+        _require(
+            n_val > 0,
+            f"val split is empty (0 of {total} documents): raise corpus.val_fraction "
+            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents",
+        )
+        _require(
+            n_train > 0,
+            f"train split is empty (all {total} documents went to val): lower corpus.val_fraction "
+            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents",
+        )
+        summary = {
+            "name": cfg.name,
+            "source": source.description,
+            "split": {
+                "rule": "val iff int(sha256(f'{split_seed}:' + text)[:8]) / 2**64 < val_fraction",
+                "val_fraction": cfg.val_fraction,
+                "split_seed": cfg.split_seed,
+            },
+            "splits": counts,
+            "skipped_blank_documents": skipped,
+            "config": dataclasses.asdict(cfg),
+        }
+        write_json_atomic(tmp / "corpus.json", summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lipflow.data.corpus", description=__doc__.split("\n")[0])
+    parser.add_argument("--config-json", required=True, help="the 'corpus' config block as JSON")
+    parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
+    args = parser.parse_args(argv)
+    cfg = CorpusConfig.from_dict(parse_config_json(args.config_json, "corpus"))
+    summary = build_corpus(cfg, args.out_dir)
+    splits = summary["splits"]
+    print(
+        f"corpus '{cfg.name}': {splits['train']['documents']} train / {splits['val']['documents']} val documents "
+        f"({splits['train']['bytes'] / 1e6:.2f} / {splits['val']['bytes'] / 1e6:.2f} MB) → {args.out_dir}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,167 @@
+"""Memory-mapped reads of the tokenize stage's shards (format in :mod:`lipflow.data.tokenize`).
+
+Each shard is opened with ``pyarrow.memory_map`` and its single ``tokens`` column is viewed as a
+numpy array without copying, so only the pages a window touches are ever read. A split is one
+token stream (shards concatenated in manifest order, documents separated by the end-of-text id);
+windows are taken from that stream and **may cross shard and document boundaries**, as in
+GPT-2-style pretraining on packed text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+from tokenizers import Tokenizer
+
+from lipflow.data import DataError
+from lipflow.data.atomic import sha256_file
+from lipflow.data.tokenize import MANIFEST_FORMAT
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"no token shards at {directory}: {path} not found (run the tokenize stage)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupt manifest {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path} is not a '{MANIFEST_FORMAT}' manifest")
+    return manifest
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer a shard directory was encoded with, checked against the manifest's sha256."""
+    manifest = read_manifest(directory)
+    path = Path(directory) / manifest["tokenizer"]["file"]
+    if not path.is_file():
+        raise DataError(f"tokenizer file not found: {path}")
+    if sha256_file(path) != manifest["tokenizer"]["sha256"]:
+        raise DataError(f"corrupt tokenizer {path}: sha256 mismatch with manifest.json")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.encode_special_tokens = True  # as when the shards were written
+    return tokenizer
+
+
+def _open_shard(path: Path, entry: dict[str, Any], dtype: str, verify: bool) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"missing shard {path}")
+    if verify and sha256_file(path) != entry["sha256"]:
+        raise DataError(f"corrupt shard {path}: sha256 mismatch (file changed or truncated since manifest.json)")
+    try:
+        reader = ipc.open_file(pa.memory_map(str(path), "r"))
+        column = reader.get_batch(0).column("tokens")
+        tokens = column.to_numpy(zero_copy_only=True)
+    except (pa.ArrowException, KeyError) as e:
+        raise DataError(f"corrupt shard {path}: not a token shard ({str(e).splitlines()[0]})") from None
+    if reader.num_record_batches != 1 or tokens.dtype != np.dtype(dtype) or len(tokens) != entry["num_tokens"]:
+        raise DataError(
+            f"corrupt shard {path}: {reader.num_record_batches} batch(es) of {len(tokens)} {tokens.dtype} tokens, "
+            f"manifest.json says 1 of {entry['num_tokens']} {dtype}"
+        )
+    return tokens
+
+
+class TokenShards:
+    """One split of a shard directory as a read-only, memory-mapped token stream.
+
+    ``verify`` (default on) hashes every shard on open — one sequential read, no RAM growth — and
+    raises ``DataError("corrupt shard …: sha256 mismatch …")`` on any changed or truncated shard.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], split: str, verify: bool = True,
+                 max_tokens: int | None = None):
+        """``max_tokens`` keeps only the first that many tokens of the split (training on a subset)."""
+        self.directory = Path(directory)
+        self.max_tokens = max_tokens
+        self.split = split
+        self.manifest = read_manifest(directory)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise DataError(f"{self.directory}/manifest.json has no split '{split}' (has: {', '.join(splits)})")
+        entries = splits[split]["shards"]
+        self._shards = [
+            _open_shard(self.directory / e["file"], e, self.manifest["dtype"], verify) for e in entries
+        ]
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])  # stream offset of each shard
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        total = int(self._starts[-1])
+        return total if self.max_tokens is None else min(total, self.max_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.manifest["eot_id"])
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Stream tokens [start, stop): a view into one shard, or a copy joined across shards."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside the {self.split} split (0, {self.num_tokens})")
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            shard, offset = self._shards[first], start - int(self._starts[first])
+            take = min(stop - start, len(shard) - offset)
+            pieces.append(shard[offset : offset + take])
+            start += take
+            first += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def check_context(self, context: int) -> None:
+        if context < 1:
+            raise DataError(f"context must be a positive integer, got {context}")
+        if context + 1 > self.num_tokens:
+            raise DataError(f"context {context} is longer than the {self.split} split ({self.num_tokens} tokens)")
+
+    def sample_starts(self, batch_size: int, context: int, generator: torch.Generator) -> torch.Tensor:
+        """``batch_size`` window starts, uniform on [0, num_tokens − context − 1], drawn from ``generator``."""
+        self.check_context(context)
+        return torch.randint(0, self.num_tokens - context, (batch_size,), generator=generator)
+
+    def sample_windows(
+        self, batch_size: int, context: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random contiguous windows w of context + 1 tokens at ``sample_starts``; returns
+        (x, y) = (w[:, :-1], w[:, 1:]) as int64 tensors of shape (batch_size, context)."""
+        starts = self.sample_starts(batch_size, context, generator).tolist()
+        windows = np.stack([self.tokens(s, s + context + 1) for s in starts]).astype(np.int64)
+        w = torch.from_numpy(windows)
+        return w[:, :-1], w[:, 1:]
+
+    def sequential_windows(self, context: int, max_windows: int | None = None) -> torch.Tensor:
+        """Windows i = tokens[i·context, i·context + context + 1) for i < (num_tokens − 1) // context
+        (capped at ``max_windows``), shape (N, context + 1) int64. Consecutive windows share one
+        token, so their targets w[:, 1:] are disjoint and cover the stream once: whole-split eval."""
+        self.check_context(context)
+        count = (self.num_tokens - 1) // context
+        if max_windows is not None:
+            count = min(count, max_windows)
+        body = self.tokens(0, count * context + 1).astype(np.int64)
+        windows = np.lib.stride_tricks.sliding_window_view(body, context + 1)[::context]
+        return torch.from_numpy(np.ascontiguousarray(windows))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.directory)
+        return self._tokenizer
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of ``ids``, special tokens (the end-of-text separator) included."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)

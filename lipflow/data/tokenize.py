@@ -1,0 +1,328 @@
+"""Tokenize stage: a corpus directory → ``tokenizer.json`` + Arrow IPC token shards + manifest.
+
+    python -m lipflow.data.tokenize --corpus-dir DIR --config-json '{"kind": "bpe", "vocab_size": 512}' --out-dir OUT
+
+Tokenizers (HF ``tokenizers``, registry ``TOKENIZERS``), all fitted on the *train* split only:
+
+- ``char``: one token per Unicode character of the train split. Ids: 0 = ``<|endoftext|>``,
+  1 = ``[UNK]``, then the train characters in code-point order; a val character never seen in
+  train encodes as ``[UNK]``. Built as a BPE model with that vocabulary, no merges and no
+  pre-tokenizer (each character is a symbol that never merges): the same ids as a WordLevel
+  model over a FixedLength(1) pre-tokenizer, 3–4× faster in ``tokenizers``.
+- ``bpe``: byte-level BPE (GPT-2 pre-tokenization, Radford et al. 2019) trained with
+  ``train_from_iterator`` to ``vocab_size`` tokens (256 bytes + ``<|endoftext|>`` + merges;
+  fewer if the train split runs out of pairs).
+- ``file``: a user-supplied ``tokenizer.json`` (``path``). The end-of-text token is its first
+  special token among ``EOT_CANDIDATES``; if it has none, ``<|endoftext|>`` is added. Its
+  truncation and padding settings are dropped, and no template (BOS/CLS…) tokens are added.
+
+Output under OUT (built in a temporary sibling, renamed at the end):
+``tokenizer.json``; ``{train,val}/shard-00000.arrow`` …, each an Arrow IPC file holding one record
+batch with one column ``tokens`` of the smallest unsigned type that holds every id, exactly
+``shard_tokens`` long except the last; and ``manifest.json`` (format below). Each split is one
+token stream: every document's ids followed by the end-of-text id. Special-token strings inside
+documents are encoded as plain text (the separator is inserted by id only).
+
+Streaming: documents are read in batches of ``batch_docs`` documents or 2²⁰ characters, whichever
+comes first, and encoded with ``encode_batch_fast`` (Rust, parallel across cores, GIL released) in
+a worker thread while the main thread parses the next batch and writes the previous one, so
+memory holds ≤ 3 batches plus one shard buffer whatever the corpus size (one document is
+always encoded whole, so the largest document sets the floor).
+
+manifest.json::
+
+    {"format": "lipflow-token-shards/1", "dtype": "uint16", "vocab_size": 512,
+     "eot_token": "<|endoftext|>", "eot_id": 0, "shard_tokens": 1048576,
+     "tokenizer": {"file": "tokenizer.json", "sha256": "…", "kind": "bpe", "config": {…}},
+     "corpus": {"name": "…", "source": {…}, "corpus_json_sha256": "…"},
+     "splits": {"train": {"num_docs": 445, "num_tokens": 1234, "bytes": 997327,
+                          "shards": [{"file": "train/shard-00000.arrow", "num_tokens": 1234, "sha256": "…"}]},
+                "val": {…}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lipflow.data import DataError, parse_config_json, run_cli
+from lipflow.data.atomic import atomic_dir, sha256_file, write_json_atomic
+from lipflow.registry import Registry
+
+EOT = "<|endoftext|>"
+UNK = "[UNK]"
+EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|im_end|>", "[SEP]")
+SPLITS = ("train", "val")
+MANIFEST_FORMAT = "lipflow-token-shards/1"
+BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """The ``tokenizer`` config block (``vocab_size`` is used by ``bpe`` only, ``path`` by ``file``)."""
+
+    kind: str = "char"
+    vocab_size: int = 512
+    path: str | None = None
+    shard_tokens: int = 1_048_576
+    batch_docs: int = 1000
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any]) -> "TokenizerConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in block:
+            if key not in known:
+                raise DataError(f"unknown key tokenizer.{key} (known: {', '.join(known)})")
+        cfg = cls(**block)
+        TOKENIZERS.get(cfg.kind)  # unknown kind → "did you mean"
+        for key in ("vocab_size", "shard_tokens", "batch_docs"):
+            value = getattr(cfg, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DataError(f"tokenizer.{key} must be a positive integer, got {value!r}")
+        if cfg.path is not None and not isinstance(cfg.path, str):
+            raise DataError(f"tokenizer.path must be a string or null, got {cfg.path!r}")
+        return cfg
+
+
+def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
+    """The documents of a corpus-stage JSONL file, one at a time."""
+    with open(jsonl_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{jsonl_path}:{lineno}: not a corpus-stage line (rerun the corpus stage)") from None
+
+
+TOKENIZERS: Registry[Callable[[TokenizerConfig, Path], Tokenizer]] = Registry("tokenizer kind")
+
+
+@TOKENIZERS.register("char")
+def char_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
+    chars: set[str] = set()
+    for text in iter_texts(train_jsonl):
+        chars.update(text)
+    vocab = {EOT: 0, UNK: 1, **{c: i for i, c in enumerate(sorted(chars), start=2)}}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token=UNK))
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens([EOT, UNK])
+    return tokenizer
+
+
+@TOKENIZERS.register("bpe")
+def bpe_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if cfg.vocab_size < len(alphabet) + 1:
+        raise DataError(
+            f"tokenizer.vocab_size {cfg.vocab_size} is below {len(alphabet) + 1} "
+            f"(256 bytes + end-of-text) for kind 'bpe'"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=[EOT], initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(iter_texts(train_jsonl), trainer=trainer)
+    return tokenizer
+
+
+@TOKENIZERS.register("file")
+def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
+    if not cfg.path:
+        raise DataError("tokenizer.path is required when tokenizer.kind is 'file'")
+    if not os.path.isfile(cfg.path):
+        raise DataError(f"tokenizer.path: file not found: {cfg.path}")
+    try:
+        return Tokenizer.from_file(cfg.path)
+    except Exception as e:  # the Rust side raises a bare Exception
+        reason = str(e).splitlines()[0]
+        raise DataError(f"tokenizer.path: {cfg.path} is not a valid tokenizer.json ({reason})") from None
+
+
+def end_of_text(tokenizer: Tokenizer) -> tuple[str, int]:
+    """The document separator: the first special token among EOT_CANDIDATES, else a new <|endoftext|>."""
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    token = next((t for t in EOT_CANDIDATES if t in specials), None)
+    if token is None:
+        token = EOT
+        tokenizer.add_special_tokens([EOT])
+    return token, tokenizer.token_to_id(token)
+
+
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """1 + the largest id (the embedding table size; equals the token count when ids are dense)."""
+    return 1 + max(tokenizer.get_vocab(with_added_tokens=True).values())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type holding ids 0 … vocab_size − 1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise DataError(f"vocabulary of {vocab_size} tokens does not fit in uint32")
+
+
+class ShardWriter:
+    """Cuts one split's token stream into Arrow IPC files of exactly ``shard_tokens`` tokens."""
+
+    def __init__(self, root: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.root, self.split = root, split
+        self.buffer = np.empty(shard_tokens, dtype)
+        self.fill = 0
+        self.shards: list[dict[str, Any]] = []
+        (root / split).mkdir()
+
+    def add(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < len(tokens):
+            n = min(len(tokens) - pos, len(self.buffer) - self.fill)
+            self.buffer[self.fill : self.fill + n] = tokens[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == len(self.buffer):
+                self._flush()
+
+    def _flush(self) -> None:
+        name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
+        tokens = self.buffer[: self.fill]
+        column = pa.Array.from_buffers(pa.from_numpy_dtype(tokens.dtype), len(tokens), [None, pa.py_buffer(tokens)])
+        batch = pa.record_batch([column], names=["tokens"])
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        data = sink.getvalue()
+        with open(self.root / name, "wb") as f:
+            f.write(data)
+        self.shards.append({"file": name, "num_tokens": self.fill, "sha256": hashlib.sha256(data).hexdigest()})
+        self.fill = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.fill:
+            self._flush()
+        return self.shards
+
+
+def flat_ids(encodings: Sequence[Encoding], eot_id: int, dtype: np.dtype) -> np.ndarray:
+    """Concatenate each document's ids followed by ``eot_id`` into one array."""
+    count = sum(map(len, encodings)) + len(encodings)
+    eot = (eot_id,)
+    parts = (part for encoding in encodings for part in (encoding.ids, eot))
+    return np.fromiter(itertools.chain.from_iterable(parts), dtype, count)
+
+
+def batched(texts: Iterator[str], max_docs: int, max_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    """Consecutive documents, closing a batch at ``max_docs`` documents or ``max_chars`` characters."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_stream(
+    tokenizer: Tokenizer, texts: Iterator[str], batch_docs: int, eot_id: int, dtype: np.dtype
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (documents, token array) per batch; batch k+1 is encoded in a worker thread while
+    the caller consumes batch k (``encode_batch_fast`` releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[int, Future[list[Encoding]]] | None = None
+        for batch in batched(texts, batch_docs):
+            future = pool.submit(tokenizer.encode_batch_fast, batch, add_special_tokens=False)
+            if pending is not None:
+                yield pending[0], flat_ids(pending[1].result(), eot_id, dtype)
+            pending = (len(batch), future)
+        if pending is not None:
+            yield pending[0], flat_ids(pending[1].result(), eot_id, dtype)
+
+
+def tokenize_corpus(
+    cfg: TokenizerConfig, corpus_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Fit the tokenizer on corpus_dir/train.jsonl, shard both splits into ``out_dir``; returns the
+    manifest. ``out_dir`` is replaced atomically, or untouched on error."""
+    corpus = Path(corpus_dir)
+    for name in ("corpus.json", "train.jsonl", "val.jsonl"):
+        if not (corpus / name).is_file():
+            raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
+    corpus_summary = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
+    with atomic_dir(out_dir) as tmp:
+        tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
+        tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
+        tokenizer.no_padding()
+        eot_token, eot_id = end_of_text(tokenizer)
+        vocab_size = vocab_size_of(tokenizer)
+        dtype = token_dtype(vocab_size)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        tokenizer.encode_special_tokens = True  # documents are plain text; separators go in by id
+        splits: dict[str, Any] = {}
+        for split in SPLITS:
+            writer = ShardWriter(tmp, split, cfg.shard_tokens, dtype)
+            num_docs = 0
+            texts = iter_texts(corpus / f"{split}.jsonl")
+            for docs, tokens in encode_stream(tokenizer, texts, cfg.batch_docs, eot_id, dtype):
+                num_docs += docs
+                writer.add(tokens)
+            shards = writer.close()
+            splits[split] = {
+                "num_docs": num_docs,
+                "num_tokens": sum(s["num_tokens"] for s in shards),
+                "bytes": corpus_summary["splits"][split]["bytes"],
+                "shards": shards,
+            }
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "eot_token": eot_token,
+            "eot_id": eot_id,
+            "shard_tokens": cfg.shard_tokens,
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "sha256": sha256_file(tmp / "tokenizer.json"),
+                "kind": cfg.kind,
+                "config": dataclasses.asdict(cfg),
+            },
+            "corpus": {
+                "name": corpus_summary["name"],
+                "source": corpus_summary["source"],
+                "corpus_json_sha256": sha256_file(corpus / "corpus.json"),
+            },
+            "splits": splits,
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lipflow.data.tokenize", description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus-dir", required=True, type=Path, help="output of the corpus stage")
+    parser.add_argument("--config-json", required=True, help="the 'tokenizer' config block as JSON")
+    parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
+    args = parser.parse_args(argv)
+    cfg = TokenizerConfig.from_dict(parse_config_json(args.config_json, "tokenizer"))
+    manifest = tokenize_corpus(cfg, args.corpus_dir, args.out_dir)
+    counts = " / ".join(f"{manifest['splits'][s]['num_tokens']} {s}" for s in SPLITS)
+    vocab = f"vocab {manifest['vocab_size']}, {manifest['dtype']}"
+    print(f"tokenizer '{cfg.kind}' ({vocab}): {counts} tokens → {args.out_dir}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

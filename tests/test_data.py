@@ -1,0 +1,453 @@
+"""Data stages: corpus sources and split, tokenizers and shards, the memory-mapped loader, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pydoc_data import topics
+from tokenizers import Tokenizer
+
+from lipflow.data import DataError
+from lipflow.data.corpus import PARAGRAPH_DOC_CHARS, CorpusConfig, _paragraph_documents, build_corpus, split_of
+from lipflow.data.loader import TokenShards, load_tokenizer
+from lipflow.data.tokenize import EOT, UNK, TokenizerConfig, token_dtype, tokenize_corpus
+
+TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+TOPICS = [topics.topics[name] for name in sorted(topics.topics)]  # real English prose, 79 documents
+
+
+def read_jsonl(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def corpus_texts(out: Path) -> tuple[list[str], list[str]]:
+    return read_jsonl(out / "train.jsonl"), read_jsonl(out / "val.jsonl")
+
+
+def make_corpus_dir(root: Path, train: list[str], val: list[str]) -> Path:
+    """A corpus-stage output with exactly these documents (to control what lands in each split)."""
+    root.mkdir(parents=True)
+    for split, docs in (("train", train), ("val", val)):
+        with open(root / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    splits = {s: {"documents": len(d), "chars": sum(map(len, d)), "bytes": sum(len(x.encode()) for x in d)}
+              for s, d in (("train", train), ("val", val))}
+    (root / "corpus.json").write_text(json.dumps({"name": "t", "source": {"kind": "test"}, "splits": splits}))
+    return root
+
+
+def shard_stream(out: Path, split: str) -> np.ndarray:
+    """A split's token stream read with plain (non-mmap) pyarrow reads: the loader's reference."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = [ipc.open_file(str(out / s["file"])).read_all().column("tokens").to_numpy()
+             for s in manifest["splits"][split]["shards"]]
+    return np.concatenate(parts)
+
+
+def direct_stream(tokenizer: Tokenizer, docs: list[str], eot_id: int) -> list[int]:
+    """Each document encoded on its own with ``encode``, followed by the end-of-text id."""
+    out: list[int] = []
+    for doc in docs:
+        out += tokenizer.encode(doc, add_special_tokens=False).ids + [eot_id]
+    return out
+
+
+# ---------------------------------------------------------------- corpus sources
+
+
+def test_embedded_source_is_the_pydoc_topics(tmp_path):
+    summary = build_corpus(CorpusConfig(name="pydoc"), tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(t for t in TOPICS if t.strip())
+    for split, docs in (("train", train), ("val", val)):
+        assert summary["splits"][split] == {"documents": len(docs), "chars": sum(map(len, docs)),
+                                            "bytes": sum(len(d.encode()) for d in docs)}
+    assert json.loads((tmp_path / "c" / "corpus.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_files_source_one_document_per_file_through_a_glob(tmp_path):
+    docs = TOPICS[:30]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    (tmp_path / "ignored.md").write_text("not matched by the glob")
+    build_corpus(CorpusConfig(source="files", paths=(str(tmp_path / "*.txt"),), val_fraction=0.3), tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(docs)
+
+
+def test_single_file_is_cut_into_paragraph_groups_that_rebuild_it(tmp_path):
+    text = "\n\n".join(TOPICS)
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    docs = list(_paragraph_documents(str(path)))
+    assert "".join(docs) == text
+    assert len(docs) > 100
+    for doc in docs[:-1]:
+        assert len(doc) >= PARAGRAPH_DOC_CHARS and doc.endswith("\n") and doc.splitlines()[-1].strip() == ""
+    build_corpus(CorpusConfig(source="files", paths=(str(path),)), tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(d for d in docs if d.strip()) and val and train
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.exists(), reason="Tiny Shakespeare is not on this machine")
+def test_tiny_shakespeare_single_file_builds_both_splits(tmp_path):
+    summary = build_corpus(CorpusConfig(source="files", paths=(str(TINY_SHAKESPEARE),)), tmp_path / "c")
+    counts = summary["splits"]
+    assert counts["train"]["chars"] + counts["val"]["chars"] == len(TINY_SHAKESPEARE.read_text(encoding="utf-8"))
+    assert counts["val"]["documents"] >= 20 and counts["train"]["documents"] >= 200
+
+
+def test_jsonl_source_reads_the_named_column(tmp_path):
+    docs = TOPICS[:40]
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "body": d}) + "\n")
+        f.write("\n" + json.dumps({"id": -1, "body": None}) + "\n")  # blank line and null: no document
+    build_corpus(CorpusConfig(source="jsonl", paths=(str(tmp_path / "a.jsonl"),), text_column="body"), tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(docs)
+
+
+def test_parquet_source_streams_the_named_column(tmp_path):
+    docs = TOPICS[:50]
+    table = pa.table({"id": list(range(len(docs) + 1)), "body": docs + [None]})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=7)
+    cfg = CorpusConfig(source="parquet", paths=(str(tmp_path / "*.parquet"),), text_column="body")
+    build_corpus(cfg, tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(docs)
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_is_deterministic_disjoint_order_free_and_seeded(tmp_path):
+    docs = [f"document {i}: " + TOPICS[i % len(TOPICS)][:200] for i in range(300)]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i:03d}.txt").write_text(d)
+    paths = [str(tmp_path / f"{i:03d}.txt") for i in range(300)]
+    cfg = CorpusConfig(source="files", paths=tuple(paths), val_fraction=0.2)
+    build_corpus(cfg, tmp_path / "a")
+    build_corpus(cfg, tmp_path / "again")
+    build_corpus(dataclasses.replace(cfg, paths=tuple(reversed(paths))), tmp_path / "reversed")
+    build_corpus(dataclasses.replace(cfg, split_seed=1), tmp_path / "s")
+    for split in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "again" / split).read_bytes()
+    train_a, val_a = corpus_texts(tmp_path / "a")
+    train_b, val_b = corpus_texts(tmp_path / "reversed")
+    assert set(val_a) == set(val_b) and set(train_a) == set(train_b)
+    assert not set(train_a) & set(val_a) and sorted(train_a + val_a) == sorted(docs)
+    assert set(corpus_texts(tmp_path / "s")[1]) != set(val_a)  # another seed, another split
+
+
+def test_split_fraction_is_honoured_on_many_documents():
+    n, fraction = 4000, 0.3
+    val = sum(split_of(f"doc {i}", fraction, 7) == "val" for i in range(n))
+    sigma = (n * fraction * (1 - fraction)) ** 0.5
+    assert abs(val - n * fraction) < 4 * sigma
+
+
+# ---------------------------------------------------------------- tokenizers and shards
+
+
+def test_char_tokenizer_round_trips_and_maps_unseen_val_chars_to_unk(tmp_path):
+    train, val = TOPICS[:20], ["caf\u00e9 \u00a7 \u4e2d", TOPICS[30]]
+    assert not {"\u00a7", "\u4e2d"} & set("".join(train))
+    corpus = make_corpus_dir(tmp_path / "c", train, val)
+    manifest = tokenize_corpus(TokenizerConfig(kind="char", batch_docs=3), corpus, tmp_path / "t")
+    vocab = json.loads((tmp_path / "t" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab[EOT] == manifest["eot_id"] == 0 and vocab[UNK] == 1
+    assert set(vocab) - {EOT, UNK} == set("".join(train))
+    unk = vocab[UNK]
+    expected_train = [i for d in train for i in [vocab[c] for c in d] + [0]]  # a plain dict lookup
+    expected_val = [i for d in val for i in [vocab.get(c, unk) for c in d] + [0]]
+    assert shard_stream(tmp_path / "t", "train").tolist() == expected_train
+    assert shard_stream(tmp_path / "t", "val").tolist() == expected_val
+    tokenizer = load_tokenizer(tmp_path / "t")
+    assert all(tokenizer.decode(tokenizer.encode(d).ids) == d for d in train)
+    assert tokenizer.encode(EOT).ids == [vocab[c] for c in EOT]  # a separator string in text is text
+
+
+def test_bpe_is_trained_on_the_train_split_only(tmp_path):
+    train = TOPICS[:25]
+    marker = " zqxzqxv"
+    val = [marker * 200 + " " + TOPICS[40]]
+    assert "zq" not in "".join(train)
+    def vocab_after(training_docs: list[str], name: str) -> dict[str, int]:
+        corpus = make_corpus_dir(tmp_path / f"c{name}", training_docs, val)
+        tokenize_corpus(TokenizerConfig(kind="bpe", vocab_size=400), corpus, tmp_path / f"t{name}")
+        return json.loads((tmp_path / f"t{name}" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert not [t for t in vocab_after(train, "train") if "zq" in t]
+    assert [t for t in vocab_after(train + val, "leak") if "zq" in t]  # the check can see a leak
+
+
+def test_manifest_hashes_counts_and_dtypes_match_the_files(tmp_path):
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:30], TOPICS[30:36])
+    for kind, dtype in (("char", "uint8"), ("bpe", "uint16")):
+        out = tmp_path / kind
+        manifest = tokenize_corpus(TokenizerConfig(kind=kind, vocab_size=512, shard_tokens=20_000), corpus, out)
+        assert manifest["dtype"] == dtype
+        assert manifest["tokenizer"]["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+        for split, docs in (("train", TOPICS[:30]), ("val", TOPICS[30:36])):
+            entry = manifest["splits"][split]
+            assert entry["num_docs"] == len(docs)
+            assert entry["num_tokens"] == sum(s["num_tokens"] for s in entry["shards"]) == len(shard_stream(out, split))
+            for shard in entry["shards"]:
+                assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+                column_type = ipc.open_file(str(out / shard["file"])).schema.field("tokens").type
+                assert column_type == pa.from_numpy_dtype(np.dtype(dtype))
+        assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["vocab_size"] == 512
+
+
+@pytest.mark.parametrize(("vocab", "dtype"), [(65, np.uint8), (256, np.uint8), (257, np.uint16), (512, np.uint16),
+                                              (65536, np.uint16), (65537, np.uint32)])
+def test_dtype_is_the_smallest_unsigned_type_that_fits(vocab, dtype):
+    assert token_dtype(vocab) == np.dtype(dtype)
+
+
+def test_tiny_shards_concatenate_to_the_direct_encoding(tmp_path):
+    train, val = TOPICS[:12], TOPICS[12:15]
+    corpus = make_corpus_dir(tmp_path / "c", train, val)
+    cfg = TokenizerConfig(kind="bpe", vocab_size=300, shard_tokens=197, batch_docs=2)
+    manifest = tokenize_corpus(cfg, corpus, tmp_path / "t")
+    tokenizer = Tokenizer.from_file(str(tmp_path / "t" / "tokenizer.json"))
+    for split, docs in (("train", train), ("val", val)):
+        shards = manifest["splits"][split]["shards"]
+        assert len(shards) > 1 and all(s["num_tokens"] == 197 for s in shards[:-1])
+        assert 0 < shards[-1]["num_tokens"] <= 197
+        assert shard_stream(tmp_path / "t", split).tolist() == direct_stream(tokenizer, docs, manifest["eot_id"])
+
+
+def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
+    tokenize_corpus(TokenizerConfig(kind="bpe", vocab_size=300), corpus, tmp_path / "bpe")
+    spec = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
+    spec["added_tokens"] = []  # drop <|endoftext|> from the special tokens (the id stays in the model vocab)
+    del spec["model"]["vocab"][EOT]
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "user.json").write_text(json.dumps(spec))
+    user = Tokenizer.from_file(str(tmp_path / "user.json"))
+    assert len(user.encode(TOPICS[10]).ids) == 8  # the stage must not truncate documents
+    user.no_truncation()
+    manifest = tokenize_corpus(TokenizerConfig(kind="file", path=str(tmp_path / "user.json")), corpus, tmp_path / "t")
+    assert manifest["eot_token"] == EOT and manifest["eot_id"] == user.get_vocab_size()  # appended after the vocab
+    assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(user, TOPICS[10:12], manifest["eot_id"])
+
+
+# ---------------------------------------------------------------- loader
+
+
+VAL_DOCS = [TOPICS[0][:700], TOPICS[1][:500]]  # every character also occurs in train
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    corpus = make_corpus_dir(root / "c", TOPICS[:8], VAL_DOCS)
+    tokenize_corpus(TokenizerConfig(kind="char", shard_tokens=1000), corpus, root / "t")
+    return root / "t"
+
+
+def test_windows_are_the_stream_at_the_sampled_offsets_across_shards(small_shards):
+    data = TokenShards(small_shards, "train")
+    stream = shard_stream(small_shards, "train")
+    assert data.num_tokens == len(stream)
+    assert data.vocab_size == json.loads((small_shards / "manifest.json").read_text())["vocab_size"]
+    context, batch = 300, 64  # windows of 301 tokens over 1000-token shards: many cross a boundary
+    starts = data.sample_starts(batch, context, torch.Generator().manual_seed(3))
+    x, y = data.sample_windows(batch, context, torch.Generator().manual_seed(3))
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (batch, context)
+    crossing = 0
+    for i, s in enumerate(starts.tolist()):
+        assert x[i].tolist() == stream[s : s + context].tolist()
+        assert y[i].tolist() == stream[s + 1 : s + context + 1].tolist()
+        crossing += s // 1000 != (s + context) // 1000
+    assert crossing > 0
+    assert int(starts.max()) <= len(stream) - context - 1
+
+
+def test_same_seed_same_windows_other_seed_other_windows(small_shards):
+    data = TokenShards(small_shards, "train")
+    a = data.sample_windows(16, 32, torch.Generator().manual_seed(11))
+    b = data.sample_windows(16, 32, torch.Generator().manual_seed(11))
+    c = data.sample_windows(16, 32, torch.Generator().manual_seed(12))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_sequential_windows_cover_each_target_once(small_shards):
+    data = TokenShards(small_shards, "val")
+    stream = shard_stream(small_shards, "val")
+    context = 100
+    windows = data.sequential_windows(context)
+    n = (len(stream) - 1) // context
+    assert windows.shape == (n, context + 1) and windows.dtype == torch.int64
+    assert windows[:, 1:].reshape(-1).tolist() == stream[1 : n * context + 1].tolist()
+    assert windows[:, 0].tolist() == stream[0 : n * context : context].tolist()
+    assert data.sequential_windows(context, max_windows=3).tolist() == windows[:3].tolist()
+
+
+def test_decode_returns_the_text_with_separators(small_shards):
+    data = TokenShards(small_shards, "val")
+    ids = torch.from_numpy(shard_stream(small_shards, "val").astype(np.int64))
+    assert data.decode(ids) == VAL_DOCS[0] + EOT + VAL_DOCS[1] + EOT
+
+
+def test_context_longer_than_the_split_is_a_clear_error(small_shards):
+    data = TokenShards(small_shards, "val")
+    with pytest.raises(DataError, match=rf"^context 100000 is longer than the val split \({data.num_tokens} tokens\)$"):
+        data.sample_windows(1, 100_000, torch.Generator())
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_shard_is_named(tmp_path, damage):
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
+    tokenize_corpus(TokenizerConfig(kind="char", shard_tokens=5000), corpus, tmp_path / "t")
+    shard = tmp_path / "t" / "train" / "shard-00001.arrow"
+    blob = bytearray(shard.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x01
+    else:
+        del blob[len(blob) // 2 :]
+    shard.write_bytes(bytes(blob))
+    TokenShards(tmp_path / "t", "val")  # the other split is still readable
+    with pytest.raises(DataError, match=r"^corrupt shard .*train/shard-00001\.arrow: sha256 mismatch"):
+        TokenShards(tmp_path / "t", "train")
+
+
+# ---------------------------------------------------------------- bad input through the CLIs
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+
+
+def corpus_cli(cfg: dict, out: Path) -> subprocess.CompletedProcess:
+    return run_cli("lipflow.data.corpus", "--config-json", json.dumps(cfg), "--out-dir", str(out))
+
+
+def write(path: Path, data: bytes | str) -> str:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+def lonely_text(split: str) -> str:
+    """A one-document corpus whose only document hashes into ``split`` at val_fraction 0.5."""
+    return next(f"lonely {i}" for i in range(1000) if split_of(f"lonely {i}", 0.5, 0) == split)
+
+
+# case: (source, files to create {name: text | bytes | pa.Table → Parquet}, paths, more config, error pattern)
+CORPUS_CASES = {
+    "missing file": ("files", {}, ["nope.txt"], {}, r"file not found: .*nope\.txt"),
+    "glob matches nothing": ("files", {}, ["*.none"], {}, r"glob '.*\*\.none' matched no files"),
+    "empty corpus": ("files", {"blank.txt": " \n\n\t\n"}, ["blank.txt"], {}, r"empty corpus: .*blank\.txt"),
+    "binary file": ("files", {"a.txt": "fine", "b.bin": b"ab\x00cd"}, ["a.txt", "b.bin"], {},
+                    r"b\.bin: binary file \(NUL byte at byte offset 2\)"),
+    "non-UTF-8 file": ("files", {"latin1.txt": "ok line\nna\u00efve\n".encode("latin-1")}, ["latin1.txt"], {},
+                       r"latin1\.txt: not UTF-8 \(invalid byte 0xef at byte offset 10\)"),
+    "malformed JSONL": ("jsonl", {"a.jsonl": '{"text": "fine"}\n{"text": oops}\n'}, ["a.jsonl"], {},
+                        r"a\.jsonl:2: malformed JSON line"),
+    "missing JSONL column": ("jsonl", {"a.jsonl": '{"body": "x"}\n'}, ["a.jsonl"], {},
+                             r"a\.jsonl:1: missing text column 'text' \(keys: body\)"),
+    "missing Parquet column": ("parquet", {"a.parquet": pa.table({"body": ["text"]})}, ["a.parquet"], {},
+                               r"a\.parquet: missing text column 'text' \(columns: body\)"),
+    "val split empty": ("files", {"one.txt": lonely_text("train")}, ["one.txt"], {"val_fraction": 0.5},
+                        r"val split is empty \(0 of 1 documents\): raise corpus\.val_fraction"),
+    "train split empty": ("files", {"one.txt": lonely_text("val")}, ["one.txt"], {"val_fraction": 0.5},
+                          r"train split is empty .*lower corpus\.val_fraction"),
+    "unknown source": ("parquett", {}, [], {}, r"unknown corpus source 'parquett' \(did you mean 'parquet'\?\)"),
+    "unknown key": ("files", {}, [], {"sourc": "files"}, r"unknown key corpus\.sourc"),
+}
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", list(CORPUS_CASES))
+def test_bad_corpus_input_fails_cleanly(tmp_path, case):
+    source, files, paths, extra, pattern = CORPUS_CASES[case]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, content in files.items():
+        if isinstance(content, pa.Table):
+            pq.write_table(content, inputs / name)
+        else:
+            write(inputs / name, content)
+    cfg = {"source": source, "paths": [str(inputs / p) for p in paths], **extra}
+    result = corpus_cli(cfg, tmp_path / "out" / "corpus")
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "out" / "corpus").exists()
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []  # no temp dir left over
+
+
+def test_unwritable_output_directory_is_named(tmp_path):
+    blocker = write(tmp_path / "a-file", "not a directory")
+    assert_one_line_error(corpus_cli({"name": "x"}, Path(blocker) / "corpus"),
+                          r"^error: cannot create .*a-file/corpus: a file is in the way$")
+    assert_one_line_error(corpus_cli({"name": "x"}, Path(blocker) / "sub" / "corpus"),
+                          r"^error: cannot create .*a-file/sub/corpus: Not a directory$")
+
+
+def test_failed_rerun_leaves_the_previous_output_untouched(tmp_path):
+    good = write(tmp_path / "good.txt", "\n\n".join(TOPICS[:20]))
+    assert corpus_cli({"source": "files", "paths": [good]}, tmp_path / "out").returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    bad = write(tmp_path / "bad.txt", b"\xff\xfe")
+    assert_one_line_error(corpus_cli({"source": "files", "paths": [bad]}, tmp_path / "out"), r"bad\.txt: not UTF-8")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["bad.txt", "good.txt", "out"]
+
+
+TOKENIZE_CASES = {
+    "missing tokenizer file": ({"kind": "file", "path": "/nonexistent/tokenizer.json"},
+                               r"tokenizer\.path: file not found: /nonexistent/tokenizer\.json"),
+    "invalid tokenizer file": ({"kind": "file", "path": "{corpus}/corpus.json"},
+                               r"tokenizer\.path: .*corpus\.json is not a valid tokenizer\.json"),
+    "file kind without path": ({"kind": "file"}, r"tokenizer\.path is required when tokenizer\.kind is 'file'"),
+    "bpe vocab too small": ({"kind": "bpe", "vocab_size": 100}, r"tokenizer\.vocab_size 100 is below 257"),
+    "unknown kind": ({"kind": "bpee"}, r"unknown tokenizer kind 'bpee' \(did you mean 'bpe'\?\)"),
+    "bad shard size": ({"kind": "char", "shard_tokens": 0},
+                       r"tokenizer\.shard_tokens must be a positive integer, got 0"),
+    "missing corpus": ({"kind": "char", "corpus_dir": "missing"}, r"corpus dir .*missing has no corpus\.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZE_CASES))
+def test_bad_tokenize_input_fails_cleanly(tmp_path, case):
+    cfg, pattern = TOKENIZE_CASES[case]
+    corpus = make_corpus_dir(tmp_path / "corpus", TOPICS[:3], TOPICS[3:4])
+    corpus_dir = tmp_path / cfg.pop("corpus_dir", "corpus")
+    cfg = {k: v.format(corpus=corpus) if isinstance(v, str) else v for k, v in cfg.items()}
+    result = run_cli("lipflow.data.tokenize", "--corpus-dir", str(corpus_dir), "--config-json", json.dumps(cfg),
+                     "--out-dir", str(tmp_path / "out" / "tok"))
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_cli_happy_path_prints_a_summary_and_writes_a_readable_split(tmp_path):
+    path = write(tmp_path / "book.txt", "\n\n".join(TOPICS[:30]))
+    corpus = corpus_cli({"name": "book", "source": "files", "paths": [path]}, tmp_path / "corpus")
+    assert corpus.returncode == 0 and "corpus 'book'" in corpus.stdout, corpus.stderr
+    tok = run_cli("lipflow.data.tokenize", "--corpus-dir", str(tmp_path / "corpus"),
+                  "--config-json", json.dumps({"kind": "bpe", "vocab_size": 300}), "--out-dir", str(tmp_path / "tok"))
+    assert tok.returncode == 0, tok.stderr
+    data = TokenShards(tmp_path / "tok", "val")
+    assert data.vocab_size == 300 and data.num_tokens > 0
+    assert sorted(os.listdir(tmp_path)) == ["book.txt", "corpus", "tok"]
