@@ -9,13 +9,14 @@ file) uses the embedded pydoc corpus once. For each tokenizer (char; byte-level 
 - ``stage``: the whole tokenize stage (JSONL read, encode, Arrow shards, sha256, manifest) with the
   already-trained ``tokenizer.json`` passed as kind ``file``, so BPE training is not timed;
 - ``raw``: ``encode_batch_fast`` of the same tokenizer over the same documents, already in memory,
-  in the same ``batch_docs`` batches, ids not even read back;
+  in the stage's batches (``batch_docs`` documents or 2²⁰ characters), ids not even read back;
 
-rounds alternate raw and stage and the best of each is kept (other load on the machine only
-slows a round down). MB = 10⁶ bytes of UTF-8 text. Besides wall-clock MB/s, MB per CPU-second
-(all threads of this process) is reported: on a shared machine it shows the stage's overhead
-even when other jobs take cores away. Also: the char tokenizer's raw encode against
-a plain Python dict lookup per character. Rows go to results/bench/tokenize.parquet.
+they run side by side (``bench.common.alternating_timings``: one untimed warm-up round, then
+``--rounds`` rounds in alternating order) and the fastest round of each is kept, since other
+load on the machine only ever slows a round down. MB = 10⁶ bytes of UTF-8 text. Also: the char
+tokenizer's raw encode against a plain Python dict lookup per character (timed in the same
+rounds). ``--quick`` is a smoke test: on 0.47 MB the stage's fixed costs (tokenizer load and
+save, fsync) dominate its ratio. Rows go to results/bench/tokenize.parquet.
 """
 
 from __future__ import annotations
@@ -30,24 +31,16 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from bench.common import REPO, append_rows, machine, row  # noqa: E402
+from bench.common import REPO, alternating_timings, append_rows, machine, row  # noqa: E402
 from lipflow.data.corpus import CorpusConfig, build_corpus  # noqa: E402
-from lipflow.data.tokenize import TokenizerConfig, iter_texts, tokenize_corpus  # noqa: E402
+from lipflow.data.tokenize import TokenizerConfig, batched, iter_texts, tokenize_corpus  # noqa: E402
 
 TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def build_input(work: Path, text: Path | None, copies: int) -> Path:
@@ -56,7 +49,8 @@ def build_input(work: Path, text: Path | None, copies: int) -> Path:
     else:
         body = text.read_text(encoding="utf-8")
         (work / "input.txt").write_text("\n\n".join([body] * copies), encoding="utf-8")
-        build_corpus(CorpusConfig(name="bench", source="files", paths=(str(work / "input.txt"),)), work / "corpus")
+        files = CorpusConfig(name="bench", source="files", paths=(str(work / "input.txt"),))
+        build_corpus(files, work / "corpus")
     return work / "corpus"
 
 
@@ -70,40 +64,30 @@ def measure(kind: str, corpus: Path, work: Path, rounds: int, batch_docs: int) -
     def raw() -> None:
         tokenizer = Tokenizer.from_file(tokenizer_json)  # fresh each round, as in the stage (cold caches)
         tokenizer.encode_special_tokens = True  # as in the stage
-        for i in range(0, len(docs), batch_docs):
-            tokenizer.encode_batch_fast(docs[i : i + batch_docs], add_special_tokens=False)
+        for batch in batched(iter(docs), batch_docs):
+            tokenizer.encode_batch_fast(batch, add_special_tokens=False)
 
     def stage() -> None:
         tokenize_corpus(stage_cfg, corpus, work / f"{kind}-stage")
 
-    raw_runs, stage_runs = [], []
-    for _ in range(rounds):
-        raw_runs.append(timed(raw))
-        stage_runs.append(timed(stage))
-    result = {
-        "megabytes": megabytes,
-        "vocab_size": trained["vocab_size"],
-        "raw_mb_s": megabytes / min(wall for wall, _ in raw_runs),
-        "stage_mb_s": megabytes / min(wall for wall, _ in stage_runs),
-        "raw_mb_cpu_s": megabytes / min(cpu for _, cpu in raw_runs),
-        "stage_mb_cpu_s": megabytes / min(cpu for _, cpu in stage_runs),
-    }
-    result["ratio"] = result["stage_mb_s"] / result["raw_mb_s"]
-    result["cpu_ratio"] = result["stage_mb_cpu_s"] / result["raw_mb_cpu_s"]
+    fns: dict[str, Callable[[], object]] = {"raw": raw, "stage": stage}
     if kind == "char":
         vocab = Tokenizer.from_file(tokenizer_json).get_vocab()
         unk = vocab["[UNK]"]
-        dict_wall = min(timed(lambda: [[vocab.get(c, unk) for c in d] for d in docs])[0] for _ in range(rounds))
-        result["python_dict_mb_s"] = megabytes / dict_wall
+        fns["python_dict"] = lambda: [[vocab.get(c, unk) for c in d] for d in docs]
+    best = {name: min(times) for name, times in alternating_timings(fns, rounds).items()}
+    result = {"megabytes": megabytes, "vocab_size": trained["vocab_size"]}
+    result.update({f"{name}_mb_s": megabytes / seconds for name, seconds in best.items()})
+    result["ratio"] = result["stage_mb_s"] / result["raw_mb_s"]
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="embedded corpus once, one round (seconds)")
+    parser.add_argument("--quick", action="store_true", help="embedded corpus, one round (seconds)")
     parser.add_argument("--text", type=Path, default=TINY_SHAKESPEARE, help="text file to repeat")
     parser.add_argument("--copies", type=int, default=8, help="copies of --text (default 8: ~9 MB)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/stage rounds; best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up; best kept")
     parser.add_argument("--batch-docs", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "tokenize.parquet")
     args = parser.parse_args()
@@ -119,17 +103,13 @@ def main() -> None:
             r = measure(kind, corpus, work, rounds, args.batch_docs)
             name = f"{kind}{r['vocab_size']}"
             print(f"{name:>8} on {label} ({r['megabytes']:.2f} MB): stage {r['stage_mb_s']:.2f} MB/s, "
-                  f"raw encode_batch_fast {r['raw_mb_s']:.2f} MB/s, ratio {r['ratio']:.3f} | per CPU-second: "
-                  f"stage {r['stage_mb_cpu_s']:.2f}, raw {r['raw_mb_cpu_s']:.2f}, ratio {r['cpu_ratio']:.3f}"
-                  + (f" | python dict {r['python_dict_mb_s']:.2f} MB/s" if "python_dict_mb_s" in r else ""))
+                  f"raw encode_batch_fast {r['raw_mb_s']:.2f} MB/s, ratio {r['ratio']:.3f}"
+                  + (f"; python dict {r['python_dict_mb_s']:.2f} MB/s" if "python_dict_mb_s" in r else ""))
             rows += [
                 row("tokenize", f"{name}.input", r["megabytes"], "MB"),
                 row("tokenize", f"{name}.stage", r["stage_mb_s"], "MB/s"),
                 row("tokenize", f"{name}.raw_encode_batch_fast", r["raw_mb_s"], "MB/s"),
                 row("tokenize", f"{name}.stage_over_raw", r["ratio"], "x"),
-                row("tokenize", f"{name}.stage_per_cpu_s", r["stage_mb_cpu_s"], "MB/CPU-s"),
-                row("tokenize", f"{name}.raw_per_cpu_s", r["raw_mb_cpu_s"], "MB/CPU-s"),
-                row("tokenize", f"{name}.stage_over_raw_cpu", r["cpu_ratio"], "x"),
             ]
             if "python_dict_mb_s" in r:
                 rows.append(row("tokenize", f"{name}.python_dict", r["python_dict_mb_s"], "MB/s"))
