@@ -11,6 +11,7 @@ rule database:
         metrics=expand("results/runs/{run}/train_metrics.parquet", run=RUNS),
         evals=expand("results/runs/{run}/evals.parquet", run=RUNS),
         manifest=rules.tokenize.output.manifest,
+        icl=icl_tables,
     output:
         DATABASE,
     params:

@@ -1,0 +1,102 @@
+"""Command line of the ICL study: ``python -m lipflow.icl <command> --config-json JSON ...``.
+
+    train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors
+    baselines  --config-json J --out results/icl/runs/baselines.parquet
+    collect    --config-json J --baselines B --runs R1.safetensors R2.safetensors ... --out-dir results/icl
+    plot       --results-dir results/icl --out-dir results/figures
+    check      --config-json J --results-dir results/icl --out results/icl/summary.json [--strict]
+
+J is the ``icl:`` block of config.yaml as JSON (missing keys take the schema defaults).
+Exit status 2 on a configuration or input error, 1 when ``check --strict`` fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from lipflow.data.atomic import write_json_atomic
+from lipflow.icl.config import ConfigError, load_config
+from lipflow.registry import UnknownNameError
+
+
+def _config(text: str):
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config-json: not valid JSON ({error})") from None
+    return load_config(raw)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lipflow.icl", description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one L-layer model at context length n")
+    train.add_argument("--config-json", required=True)
+    train.add_argument("--layers", type=int, required=True)
+    train.add_argument("--n", type=int, required=True)
+    train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    baselines = sub.add_parser("baselines", help="PGD, GD, least squares, Γ⋆ and regression Γ̂")
+    baselines.add_argument("--config-json", required=True)
+    baselines.add_argument("--out", required=True, help="Parquet path")
+
+    collect = sub.add_parser("collect", help="evaluate checkpoints and write the result tables")
+    collect.add_argument("--config-json", required=True)
+    collect.add_argument("--baselines", required=True)
+    collect.add_argument("--runs", nargs="+", required=True)
+    collect.add_argument("--out-dir", required=True)
+
+    plot = sub.add_parser("plot", help="loss vs layers and loss vs n figures (PNG and SVG)")
+    plot.add_argument("--results-dir", required=True)
+    plot.add_argument("--out-dir", required=True)
+
+    check = sub.add_parser("check", help="trained model vs optimal PGD at (max layers, n)")
+    check.add_argument("--config-json", required=True)
+    check.add_argument("--results-dir", required=True)
+    check.add_argument("--out", required=True, help="JSON summary path")
+    check.add_argument("--loss-tol", type=float, default=0.10)
+    check.add_argument("--step-tol", type=float, default=0.05)
+    check.add_argument("--strict", action="store_true", help="exit 1 when the check fails")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from lipflow.icl import plots, study
+
+    try:
+        if args.command == "train":
+            cfg = _config(args.config_json)
+            study.run_train(cfg, args.layers, args.n, args.out, progress=not args.no_progress)
+        elif args.command == "baselines":
+            study.run_baselines(_config(args.config_json), args.out)
+        elif args.command == "collect":
+            study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
+        elif args.command == "plot":
+            plots.run_plots(args.results_dir, args.out_dir)
+        else:
+            cfg = _config(args.config_json)
+            summary = study.summarize(cfg, args.results_dir, args.loss_tol, args.step_tol)
+            text = json.dumps(summary, indent=2)
+            write_json_atomic(args.out, summary)
+            print(text)
+            if args.strict and not summary["passed"]:
+                print("error: the ICL headline check failed", file=sys.stderr)
+                return 1
+    except (ConfigError, UnknownNameError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

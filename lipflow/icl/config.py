@@ -1,0 +1,123 @@
+"""The ``icl`` study configuration: defaults and validation from ``config_schema.yaml``.
+
+The schema file is the single source of truth for keys, ranges and defaults; this module fills
+defaults, validates with jsonschema (draft 2020-12) and adds the one cross-field rule the schema
+cannot state (``len(sigma.eigenvalues) == d``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config_schema.yaml")
+
+
+class ConfigError(ValueError):
+    """An invalid ``icl`` configuration; str() is a one-line message naming the field."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+@dataclass(frozen=True)
+class SigmaConfig:
+    kind: str
+    eigenvalues: tuple[float, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class ICLConfig:
+    enabled: bool
+    d: int
+    n: int
+    layers: tuple[int, ...]
+    n_grid: tuple[int, ...]
+    sigma: SigmaConfig
+    w_prior: str
+    noise_std: float
+    parametrization: str
+    attention: str
+    init_std: float
+    train_steps: int
+    batch_size: int
+    lr: float
+    lr_halve_every: int
+    betas: tuple[float, float]
+    grad_clip: float
+    test_prompts: int
+    theory_samples: int
+    regression_prompts: int
+    seed: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["sigma"] = {f.name: getattr(self.sigma, f.name) for f in fields(self.sigma)}
+        return json.loads(json.dumps(out))  # tuples → lists
+
+
+def _fill_defaults(value: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """Recursively add the schema's defaults for keys missing from ``value``."""
+    filled = dict(value)
+    for key, sub in node.get("properties", {}).items():
+        if key not in filled and "default" in sub:
+            filled[key] = copy.deepcopy(sub["default"])
+        if sub.get("type") == "object" and isinstance(filled.get(key), dict):
+            filled[key] = _fill_defaults(filled[key], sub)
+    return filled
+
+
+def load_config(raw: dict[str, Any] | None) -> ICLConfig:
+    """Validate the ``icl`` block (missing keys take the schema defaults) into an ICLConfig."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"icl: expected a mapping, got {type(raw).__name__}")
+    cfg = _fill_defaults(raw or {}, schema())
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema()).iter_errors(cfg)
+    )
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path)
+        raise ConfigError(f"icl.{where}: {error.message}" if where else f"icl: {error.message}")
+    sigma = cfg["sigma"]
+    if sigma["kind"] != "identity" and len(sigma["eigenvalues"]) != cfg["d"]:
+        raise ConfigError(
+            f"icl.sigma.eigenvalues: has {len(sigma['eigenvalues'])} entries but icl.d = {cfg['d']}"
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    values["sigma"] = SigmaConfig(
+        kind=sigma["kind"],
+        eigenvalues=tuple(float(e) for e in sigma["eigenvalues"]),
+        seed=sigma["seed"],
+    )
+    return ICLConfig(**values)
+
+
+def training_jobs(cfg: ICLConfig) -> list[tuple[int, int]]:
+    """(L, n) of every training job: each L in ``layers`` at n, and max(layers) at each n_grid."""
+    jobs = {(layers, cfg.n) for layers in cfg.layers}
+    jobs |= {(max(cfg.layers), n) for n in cfg.n_grid}
+    return sorted(jobs)
+
+
+# Keys that change what a training job learns (the rest only choose what is evaluated).
+TRAINING_KEYS = (
+    "d", "sigma", "w_prior", "noise_std", "parametrization", "attention", "init_std",
+    "train_steps", "batch_size", "lr", "lr_halve_every", "betas", "grad_clip", "seed", "device",
+)
+
+
+def training_config(cfg: ICLConfig) -> dict[str, Any]:
+    """The part of the config a training job depends on (its cache key in the workflow)."""
+    full = cfg.to_dict()
+    return {key: full[key] for key in TRAINING_KEYS}

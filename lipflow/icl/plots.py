@@ -1,0 +1,69 @@
+"""Figures of the ICL study: test loss vs number of layers and vs context length n."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from lipflow.data.atomic import atomic_write  # noqa: E402
+from lipflow.icl.study import PLOTTED_METHODS  # noqa: E402
+
+LABELS = {
+    "transformer": "trained linear transformer",
+    "pgd": "preconditioned GD (Σ⁻¹, optimal per-step sizes)",
+    "gd": "GD (tuned constant step)",
+    "least_squares": "least squares (min-norm)",
+}
+STYLES = {  # the transformer's hollow markers leave PGD visible where the two coincide
+    "transformer": {"fmt": "o-", "markersize": 10, "markerfacecolor": "none", "zorder": 3},
+    "pgd": {"fmt": "s--", "markersize": 5, "zorder": 4},
+    "gd": {"fmt": "^:"},
+    "least_squares": {"fmt": "d-."},
+}
+FIGURES = {
+    "loss_vs_layers": ("n_layers", "number of layers L", "loss_by_layers"),
+    "loss_vs_n": ("n", "in-context examples n", "loss_by_n"),
+}
+
+
+def figure_paths(out_dir: str | Path) -> list[Path]:
+    return [Path(out_dir) / f"icl_{name}.{ext}" for name in FIGURES for ext in ("png", "svg")]
+
+
+def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
+    """One line per plotted method: test loss (mean ± standard error) against ``x_key``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in PLOTTED_METHODS:
+        points = sorted((r[x_key], r["loss"], r["loss_stderr"]) for r in rows if r["method"] == method)
+        if points:
+            x, y, err = zip(*points)
+            ax.errorbar(x, y, yerr=err, capsize=3, label=LABELS[method], **STYLES[method])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test loss  E(ŷ − y_query)²")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def run_plots(results_dir: str | Path, out_dir: str | Path) -> None:
+    """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``."""
+    for name, (x_key, xlabel, table) in FIGURES.items():
+        rows = pq.read_table(Path(results_dir) / f"{table}.parquet").to_pylist()
+        fixed = "n" if x_key == "n_layers" else "L"
+        values = sorted({r["n" if x_key == "n_layers" else "n_layers"] for r in rows})
+        title = f"In-context linear regression ({fixed} = {', '.join(map(str, values))})"
+        fig = plot_losses(rows, x_key, xlabel, title)
+        for ext in ("png", "svg"):
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            with atomic_write(Path(out_dir) / f"icl_{name}.{ext}", "wb") as f:
+                fig.savefig(f, format=ext, dpi=150)
+        plt.close(fig)

@@ -1,0 +1,409 @@
+"""The ICL study's jobs: train one (L, n), score the baselines, collect the result tables.
+
+Every method is scored on the same fixed test prompts of its n (``cfg.test_prompts`` prompts,
+float64 on the CPU, drawn from stream ("test", n) of ``cfg.seed``), so losses of different
+methods are paired and their ratios are far more precise than each loss alone.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lipflow.checkpoint import load_weights, save_weights
+from lipflow.icl import theory
+from lipflow.icl.config import ICLConfig, training_config, training_jobs
+from lipflow.icl.data import Prompts, PromptSampler, spd_power, stream_seed
+from lipflow.icl.model import InContextTransformer
+from lipflow.icl.train import train_model
+from lipflow.metrics import write_table_parquet
+
+LOSS_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("n_layers", pa.int64()),
+        ("n", pa.int64()),
+        ("loss", pa.float64()),  # mean over the test prompts of (prediction − y_query)²
+        ("loss_stderr", pa.float64()),
+        ("expected_loss", pa.float64()),  # population value where a closed form exists
+    ]
+)
+BASELINE_SCHEMA = pa.schema(
+    list(LOSS_SCHEMA)
+    + [
+        ("step_sizes", pa.list_(pa.float64())),
+        ("preconditioners", pa.list_(pa.list_(pa.float64()))),  # per step, Γ row-major
+    ]
+)
+TABLE_SCHEMAS = {
+    "loss_by_layers": LOSS_SCHEMA,
+    "loss_by_n": LOSS_SCHEMA,
+    "preconditioner": pa.schema(
+        [
+            ("source", pa.string()),  # transformer or a baseline method
+            ("block", pa.string()),  # gamma (= −Q) or p
+            ("n_layers", pa.int64()),
+            ("n", pa.int64()),
+            ("layer", pa.int64()),
+            ("row", pa.int64()),
+            ("col", pa.int64()),
+            ("value", pa.float64()),
+        ]
+    ),
+    "preconditioner_error": pa.schema(
+        [
+            ("source", pa.string()),
+            ("n_layers", pa.int64()),
+            ("n", pa.int64()),
+            ("layer", pa.int64()),
+            ("reference", pa.string()),  # one_step_optimal (Γ⋆) or pgd (a_(rank) Σ⁻¹)
+            ("rel_frobenius_error", pa.float64()),
+            ("sigma_weighted_error", pa.float64()),
+            ("dist_whitened", pa.float64()),  # Dist(Σ^{1/2} Γ Σ^{1/2}, I)
+            ("dist_identity", pa.float64()),  # Dist(Γ, I)
+            ("step_size", pa.float64()),  # tr(ΣΓ)/d
+            ("reference_step_size", pa.float64()),
+        ]
+    ),
+    "step_sizes": pa.schema(
+        [
+            ("n_layers", pa.int64()),
+            ("n", pa.int64()),
+            ("rank", pa.int64()),  # position after sorting ascending
+            ("layer", pa.int64()),  # the layer that holds it (Lemma 4: any order)
+            ("learned", pa.float64()),
+            ("optimal_pgd", pa.float64()),
+            ("rel_error", pa.float64()),
+        ]
+    ),
+    "agreement": pa.schema(
+        [
+            ("n_layers", pa.int64()),
+            ("n", pa.int64()),
+            ("reference", pa.string()),
+            ("transformer_loss", pa.float64()),
+            ("reference_loss", pa.float64()),
+            ("loss_ratio", pa.float64()),
+            ("prediction_mse", pa.float64()),  # mean (ŷ_model − ŷ_ref)²
+            ("relative_prediction_mse", pa.float64()),  # ÷ mean ŷ_ref²
+            ("prediction_correlation", pa.float64()),
+        ]
+    ),
+    "training": pa.schema(
+        [
+            ("n_layers", pa.int64()),
+            ("n", pa.int64()),
+            ("step", pa.int64()),
+            ("loss", pa.float64()),
+            ("lr", pa.float64()),
+            ("seconds", pa.float64()),  # wall-clock time since the start of training
+        ]
+    ),
+}
+PLOTTED_METHODS = ("transformer", "pgd", "gd", "least_squares")
+LOSS_TABLE_METHODS = ("transformer", "pgd", "pgd_constant", "gd", "least_squares", "one_step_optimal")
+
+
+def write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_table_parquet(path, pa.Table.from_pylist(rows, schema=schema))
+
+
+def held_out_prompts(cfg: ICLConfig, n: int) -> Prompts:
+    """The fixed held-out test set of context length n (CPU, float64)."""
+    sampler = PromptSampler(cfg, n)
+    generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "test", n))
+    return sampler.sample(cfg.test_prompts, generator, torch.float64)
+
+
+def loss_stats(predictions: torch.Tensor, prompts: Prompts) -> tuple[float, float]:
+    """Mean squared error on the query and its standard error."""
+    errors = (predictions - prompts.query_y).square()
+    return float(errors.mean()), float(errors.std() / errors.numel() ** 0.5)
+
+
+# ---------------------------------------------------------------- train job
+
+
+def run_train(cfg: ICLConfig, n_layers: int, n: int, out: str, progress: bool = True) -> None:
+    """Train one model and save its blocks, training curve and training config."""
+    result = train_model(cfg, n_layers, n, progress=progress)
+    model = result.model
+    tensors = {"q": model.q.detach()}
+    if model.p is not None:
+        tensors["p"] = model.p.detach()
+    meta = {"training_config": training_config(cfg), "n_layers": n_layers, "n": n,
+            "curve": {"step": list(result.steps), "loss": [float(v) for v in result.losses],
+                      "lr": [float(v) for v in result.lrs], "seconds": [float(v) for v in result.seconds]}}
+    save_weights(Path(out), tensors, meta)  # safetensors + JSON: nothing here unpickles
+
+
+def load_run(path: str, cfg: ICLConfig) -> tuple[dict[str, Any], InContextTransformer]:
+    """A checkpoint and its model (float64); refuses one trained under another config."""
+    tensors, checkpoint = load_weights(Path(path))
+    checkpoint = {**checkpoint, "q": tensors["q"], "p": tensors.get("p")}
+    expected = training_config(cfg)
+    changed = sorted(k for k in expected if checkpoint["training_config"].get(k) != expected[k])
+    if changed:
+        raise ValueError(f"{path}: trained with different icl.{', icl.'.join(changed)}; retrain it")
+    model = InContextTransformer(
+        cfg.d, checkpoint["n_layers"], cfg.parametrization, cfg.attention
+    ).double()
+    with torch.no_grad():
+        model.q.copy_(checkpoint["q"])
+        if model.p is not None:
+            model.p.copy_(checkpoint["p"])
+    return checkpoint, model
+
+
+# ---------------------------------------------------------------- baselines job
+
+
+def theory_context(cfg: ICLConfig, n: int, max_layers: int) -> theory.TheoryContext:
+    sampler = PromptSampler(cfg, n)
+    eye = torch.eye(cfg.d, dtype=torch.float64)
+
+    def problem(preconditioner: torch.Tensor) -> theory.StepSizeProblem:
+        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "theory", n))
+        return theory.StepSizeProblem.estimate(
+            sampler, preconditioner, max_layers, cfg.theory_samples, generator
+        )
+
+    inverse = sampler.sigma.inverse
+    return theory.TheoryContext(held_out_prompts(cfg, n), inverse, problem(inverse), problem(eye))
+
+
+def baseline_layers(cfg: ICLConfig) -> dict[int, list[int]]:
+    """n → the layer counts of the training jobs at n (their baselines are needed)."""
+    needed: dict[int, list[int]] = {}
+    for layers, n in training_jobs(cfg):  # sorted by (L, n)
+        needed.setdefault(n, []).append(layers)
+    return dict(sorted(needed.items()))
+
+
+def _baseline_row(method, n_layers, n, predictions, test, expected, steps, preconditioners):
+    loss, stderr = loss_stats(predictions, test)
+    return {
+        "method": method,
+        "n_layers": n_layers,
+        "n": n,
+        "loss": loss,
+        "loss_stderr": stderr,
+        "expected_loss": expected,
+        "step_sizes": steps,
+        "preconditioners": [g.flatten().tolist() for g in preconditioners],
+    }
+
+
+def run_baselines(cfg: ICLConfig, out: str) -> None:
+    """Score every registered baseline, Γ⋆ and the regression optimum Γ̂ on the test sets."""
+    rows = []
+    for n, layer_counts in baseline_layers(cfg).items():
+        ctx = theory_context(cfg, n, max(layer_counts))
+        sampler = PromptSampler(cfg, n)
+        sigma, w_cov = sampler.sigma.matrix, sampler.w_cov
+        for n_layers in layer_counts:
+            for method in theory.BASELINES:
+                result = theory.BASELINES.get(method)(ctx, n_layers)
+                rows.append(
+                    _baseline_row(
+                        method, n_layers, n, result.predictions, ctx.test,
+                        result.expected_loss, result.step_sizes, result.preconditioners,
+                    )
+                )
+        if 1 not in layer_counts:
+            continue
+        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "regression", n))
+        one_step = {
+            "one_step_optimal": theory.optimal_preconditioner(sigma, w_cov, n, cfg.noise_std),
+            "regression": theory.regression_optimum(sampler, cfg.regression_prompts, generator),
+        }
+        for method, gamma in one_step.items():
+            rows.append(
+                _baseline_row(
+                    method, 1, n, theory.preconditioned_gd(ctx.test, gamma[None]), ctx.test,
+                    theory.one_step_loss(gamma, sigma, w_cov, n, cfg.noise_std),
+                    [theory.step_size(gamma, sigma)], [gamma],
+                )
+            )
+    write_table(rows, BASELINE_SCHEMA, out)
+
+
+# ---------------------------------------------------------------- collect job
+
+
+def _matrix(flat: list[float], d: int) -> torch.Tensor:
+    return torch.tensor(flat, dtype=torch.float64).reshape(d, d)
+
+
+def _error_row(source, n_layers, n, layer, reference, gamma, ref, sigma):
+    whiten = spd_power(sigma, 0.5)
+    return {
+        "source": source,
+        "n_layers": n_layers,
+        "n": n,
+        "layer": layer,
+        "reference": reference,
+        "rel_frobenius_error": theory.relative_error(gamma, ref),
+        "sigma_weighted_error": theory.sigma_weighted_error(gamma, ref, sigma),
+        "dist_whitened": theory.distance_to_identity(whiten @ gamma @ whiten),
+        "dist_identity": theory.distance_to_identity(gamma),
+        "step_size": theory.step_size(gamma, sigma),
+        "reference_step_size": theory.step_size(ref, sigma),
+    }
+
+
+def _matrix_rows(source, block, n_layers, n, matrices):
+    return [
+        {"source": source, "block": block, "n_layers": n_layers, "n": n, "layer": layer,
+         "row": i, "col": j, "value": float(m[i, j])}
+        for layer, m in enumerate(matrices)
+        for i in range(m.shape[0])
+        for j in range(m.shape[1])
+    ]
+
+
+def _add_run(tables, cfg: ICLConfig, baselines: dict, checkpoint: dict, model, test, sigma):
+    """Rows of one trained model: loss, blocks, step sizes, errors, agreement, training curve."""
+    n_layers, n = checkpoint["n_layers"], checkpoint["n"]
+    with torch.no_grad():
+        predictions = model(test.tokens())
+    loss, stderr = loss_stats(predictions, test)
+    tables["losses"].append({"method": "transformer", "n_layers": n_layers, "n": n, "loss": loss,
+                             "loss_stderr": stderr, "expected_loss": None})
+    gammas = model.preconditioners()
+    tables["preconditioner"] += _matrix_rows("transformer", "gamma", n_layers, n, gammas)
+    if model.p is not None:
+        tables["preconditioner"] += _matrix_rows("transformer", "p", n_layers, n, model.p.detach())
+
+    pgd = baselines[("pgd", n_layers, n)]
+    learned = [theory.step_size(g, sigma) for g in gammas]
+    for rank, layer in enumerate(sorted(range(n_layers), key=lambda layer: learned[layer])):
+        optimal = pgd["step_sizes"][rank]
+        tables["step_sizes"].append(
+            {"n_layers": n_layers, "n": n, "rank": rank, "layer": layer, "learned": learned[layer],
+             "optimal_pgd": optimal, "rel_error": abs(learned[layer] - optimal) / abs(optimal)}
+        )
+        if n_layers == 1:  # Thm 1: the one-layer optimum Γ⋆ (≠ a Σ⁻¹ when w ~ N(0, I))
+            reference = "one_step_optimal"
+            ref = _matrix(baselines[(reference, 1, n)]["preconditioners"][0], cfg.d)
+        else:  # Thm 3: the rank-matched PGD step a_(rank) Σ⁻¹
+            reference, ref = "pgd", _matrix(pgd["preconditioners"][rank], cfg.d)
+        tables["preconditioner_error"].append(
+            _error_row("transformer", n_layers, n, layer, reference, gammas[layer], ref, sigma)
+        )
+
+    for reference in ["pgd"] + (["one_step_optimal"] if n_layers == 1 else []):
+        ref_row = baselines[(reference, n_layers, n)]
+        ref_gammas = torch.stack([_matrix(flat, cfg.d) for flat in ref_row["preconditioners"]])
+        ref_pred = theory.preconditioned_gd(test, ref_gammas)
+        gap = float((predictions - ref_pred).square().mean())
+        pair = torch.stack([predictions, ref_pred])
+        tables["agreement"].append(
+            {"n_layers": n_layers, "n": n, "reference": reference, "transformer_loss": loss,
+             "reference_loss": ref_row["loss"], "loss_ratio": loss / ref_row["loss"],
+             "prediction_mse": gap, "relative_prediction_mse": gap / float(ref_pred.square().mean()),
+             "prediction_correlation": float(torch.corrcoef(pair)[0, 1])}
+        )
+    curve = checkpoint["curve"]
+    tables["training"] += [
+        {"n_layers": n_layers, "n": n, "step": step, "loss": value, "lr": lr, "seconds": seconds}
+        for step, value, lr, seconds in zip(curve["step"], curve["loss"], curve["lr"], curve["seconds"])
+    ]
+
+
+def collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str]) -> dict[str, list[dict]]:
+    """Rows of every result table from the baselines file and the training checkpoints."""
+    sigma = PromptSampler(cfg, cfg.n).sigma.matrix
+    rows = pq.read_table(baselines_path).to_pylist()
+    baselines = {(r["method"], r["n_layers"], r["n"]): r for r in rows}
+    tables: dict[str, list[dict]] = {name: [] for name in TABLE_SCHEMAS}
+    tables["losses"] = [
+        {k: r[k] for k in LOSS_SCHEMA.names} for r in rows if r["method"] in LOSS_TABLE_METHODS
+    ]
+    for r in rows:
+        matrices = [_matrix(flat, cfg.d) for flat in r["preconditioners"]]
+        tables["preconditioner"] += _matrix_rows(r["method"], "gamma", r["n_layers"], r["n"], matrices)
+        if r["method"] == "regression":
+            optimum = baselines[("one_step_optimal", 1, r["n"])]["preconditioners"][0]
+            tables["preconditioner_error"].append(_error_row(
+                "regression", 1, r["n"], 0, "one_step_optimal", matrices[0],
+                _matrix(optimum, cfg.d), sigma,
+            ))
+    tests: dict[int, Prompts] = {}
+    for path in run_paths:
+        checkpoint, model = load_run(path, cfg)
+        n_layers, n = checkpoint["n_layers"], checkpoint["n"]
+        if ("pgd", n_layers, n) not in baselines:
+            raise ValueError(f"{path}: L={n_layers}, n={n} is not in icl.layers × n / n_grid")
+        if n not in tests:
+            tests[n] = held_out_prompts(cfg, n)
+        _add_run(tables, cfg, baselines, checkpoint, model, tests[n], sigma)
+
+    losses = tables.pop("losses")
+    by_layers = {(layers, cfg.n) for layers in cfg.layers}
+    by_n = {(max(cfg.layers), n) for n in cfg.n_grid}
+    order = operator.itemgetter("method", "n_layers", "n")
+    tables["loss_by_layers"] = sorted(
+        (r for r in losses if (r["n_layers"], r["n"]) in by_layers), key=order
+    )
+    tables["loss_by_n"] = sorted(
+        (r for r in losses
+         if (r["n_layers"], r["n"]) in by_n and r["method"] != "one_step_optimal"),
+        key=order,
+    )
+    return tables
+
+
+def run_collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str], out_dir: str) -> None:
+    for name, rows in collect(cfg, baselines_path, run_paths).items():
+        write_table(rows, TABLE_SCHEMAS[name], Path(out_dir) / f"{name}.parquet")
+
+
+# ---------------------------------------------------------------- headline check
+
+
+def summarize(cfg: ICLConfig, results_dir: str, loss_tol: float, step_tol: float) -> dict:
+    """The headline comparison at (max(layers), n): trained model vs optimal PGD, with pass flags.
+
+    Passing means loss ≤ (1 + loss_tol)·PGD loss on the same test prompts and every sorted
+    learned step size within step_tol (relative) of the optimal PGD step sizes.
+    """
+    n_layers, n = max(cfg.layers), cfg.n
+
+    def rows(table: str, **where) -> list[dict]:
+        found = pq.read_table(Path(results_dir) / f"{table}.parquet").to_pylist()
+        return [r for r in found if all(r[k] == v for k, v in where.items())]
+
+    (agreement,) = rows("agreement", n_layers=n_layers, n=n, reference="pgd")
+    steps = sorted(rows("step_sizes", n_layers=n_layers, n=n), key=lambda r: r["rank"])
+    summary: dict[str, Any] = {
+        "n_layers": n_layers,
+        "n": n,
+        "transformer_loss": agreement["transformer_loss"],
+        "pgd_loss": agreement["reference_loss"],
+        "loss_ratio": agreement["loss_ratio"],
+        "learned_step_sizes": [r["learned"] for r in steps],
+        "optimal_step_sizes": [r["optimal_pgd"] for r in steps],
+        "max_step_rel_error": max(r["rel_error"] for r in steps),
+    }
+    summary["passed"] = (
+        summary["loss_ratio"] <= 1 + loss_tol and summary["max_step_rel_error"] <= step_tol
+    )
+    if 1 in cfg.layers:
+        (error,) = rows("preconditioner_error", source="transformer", n_layers=1, n=n)
+        (optimal,) = rows("loss_by_layers", method="one_step_optimal", n_layers=1, n=n)
+        (trained,) = rows("loss_by_layers", method="transformer", n_layers=1, n=n)
+        summary["one_layer"] = {
+            "rel_frobenius_error": error["rel_frobenius_error"],
+            "sigma_weighted_error": error["sigma_weighted_error"],
+            "transformer_loss": trained["loss"],
+            "optimal_loss": optimal["expected_loss"],
+        }
+    return summary

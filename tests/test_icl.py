@@ -1,0 +1,450 @@
+"""ICL study (issue 5): prompts, model, closed forms, optimal baselines, training and workflow.
+
+Training tests reproduce the issue's "Done when" numbers: for d=5, n=20 a trained one-layer
+model finds Γ⋆ (Σ = I and a diagonal anisotropic Σ), and a trained three-layer sparse model
+(w ~ N(0, Σ⁻¹), the default config) matches optimal three-step preconditioned GD.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lipflow.icl import study, theory
+from lipflow.icl.__main__ import main as icl_main
+from lipflow.icl.config import ConfigError, load_config, schema, training_jobs
+from lipflow.icl.data import PromptSampler, spd_power
+from lipflow.icl.model import InContextTransformer
+from lipflow.icl.train import train_model
+from lipflow.registry import UnknownNameError
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER_EIGENVALUES = [1.0, 1.0, 0.25, 0.0625, 1.0]
+DOUBLE = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra intra-op threads only add synchronisation on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sampler_for(n=20, **overrides) -> PromptSampler:
+    return PromptSampler(load_config(overrides), n)
+
+
+def prompts(sampler: PromptSampler, count: int, seed: int):
+    return sampler.sample(count, torch.Generator().manual_seed(seed), DOUBLE)
+
+
+def query_loss(predictions, batch) -> float:
+    return float((predictions - batch.query_y).square().mean())
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_come_from_the_schema_and_errors_name_the_field():
+    cfg = load_config({})
+    props = schema()["properties"]
+    for key in ("d", "n", "train_steps", "lr", "w_prior", "parametrization", "test_prompts"):
+        assert getattr(cfg, key) == props[key]["default"]
+    assert list(cfg.sigma.eigenvalues) == props["sigma"]["properties"]["eigenvalues"]["default"]
+    assert cfg.test_prompts >= 20_000
+    assert training_jobs(load_config({"layers": [1, 3], "n_grid": [5, 20]})) == [
+        (1, 20), (3, 5), (3, 20)
+    ]
+    bad = {
+        "icl.d": {"d": 0},
+        "icl.sigma.kind": {"sigma": {"kind": "rotatd"}},
+        "icl.sigma.eigenvalues": {"d": 3},
+        "icl.test_prompts": {"test_prompts": 100},
+        "icl: Additional properties": {"layer": [1]},
+    }
+    for field, raw in bad.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(raw)
+        assert str(error.value).startswith(field) and "\n" not in str(error.value)
+    assert load_config({"d": 3, "sigma": {"kind": "identity"}}).d == 3  # identity needs no λ
+
+
+def test_cli_rejects_a_bad_config_with_one_line_and_exit_2(capsys):
+    code = icl_main(["baselines", "--config-json", '{"w_prior": "sigma"}', "--out", "x.parquet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: icl.w_prior") and "\n" not in err
+    assert icl_main(["baselines", "--config-json", "{d: 1}", "--out", "x.parquet"]) == 2
+    assert not Path("x.parquet").exists()
+    if not torch.cuda.is_available():
+        train = ["train", "--config-json", '{"device": "cuda"}', "--layers", "1", "--n", "5",
+                 "--out", "x.safetensors"]
+        assert icl_main(train) == 2 and "icl.device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_prompts_have_the_configured_distribution():
+    sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES, "seed": 3},
+                          w_prior="sigma_inverse", noise_std=0.5)
+    sigma = sampler.sigma.matrix
+    rotation = sampler.sigma.rotation
+    assert torch.allclose(rotation.T @ rotation, torch.eye(5, dtype=DOUBLE), atol=1e-12)
+    assert torch.allclose(torch.linalg.eigvalsh(sigma), torch.tensor(sorted(PAPER_EIGENVALUES), dtype=DOUBLE))
+    assert (sigma - torch.diag(torch.diagonal(sigma))).abs().max() > 0.05  # really rotated
+
+    batch = prompts(sampler, 20_000, seed=1)
+    x = batch.x.reshape(-1, 5)
+    assert theory.relative_error(x.T @ x / len(x), sigma) < 0.02
+    # w is not stored; recover it from the n+1 noisy labels of each prompt by least squares
+    w = torch.linalg.lstsq(batch.x, batch.y.unsqueeze(-1)).solution.squeeze(-1)
+    residual = batch.y - torch.einsum("bid,bd->bi", batch.x, w)
+    noise_var = float(residual.square().sum() / (residual.numel() - w.numel()))
+    assert noise_var == pytest.approx(0.25, rel=0.03)
+    # Cov(w) = Σ⁻¹ plus the least-squares noise E[(XᵀX)⁻¹]σ², whitened: ≈ I + small
+    whitened = w @ spd_power(sigma, 0.5)
+    assert theory.relative_error(whitened.T @ whitened / len(w), torch.eye(5, dtype=DOUBLE)) < 0.1
+
+    tokens = batch.tokens()
+    assert tokens.shape == (20_000, 21, 6)
+    assert torch.all(tokens[:, -1, -1] == 0) and torch.equal(tokens[:, :-1, -1], batch.context_y)
+    assert torch.equal(prompts(sampler, 20_000, seed=1).y, batch.y)  # seeded
+    assert not torch.equal(prompts(sampler, 20_000, seed=2).x, batch.x)
+
+
+# ---------------------------------------------------------------- model
+
+
+def naive_forward(tokens, qs, ps, attention):
+    """The paper's layer written out: Z ← Z + (1/n)(Z Q̄ Zᵀ) M (Z P̄ᵀ) (or masked softmax)."""
+    z = tokens.clone()
+    n1, d1 = z.shape[1], z.shape[2]
+    mask = torch.ones(n1, dtype=DOUBLE)
+    mask[-1] = 0
+    for q, p in zip(qs, ps):
+        q_full = torch.zeros(d1, d1, dtype=DOUBLE)
+        q_full[:-1, :-1] = q
+        p_full = torch.zeros(d1, d1, dtype=DOUBLE)
+        p_full[:-1, :-1] = p
+        p_full[-1, -1] = 1.0
+        scores = z @ q_full @ z.transpose(1, 2)
+        if attention == "linear":
+            weights = scores * mask / (n1 - 1)
+        else:
+            weights = torch.softmax(scores.masked_fill(mask == 0, -math.inf), dim=-1)
+        z = z + weights @ (z @ p_full.T)
+    return -z[:, -1, -1]
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("parametrization", ["sparse", "full"])
+def test_model_matches_the_paper_formula(attention, parametrization):
+    batch = prompts(sampler_for(n=7, d=4, sigma={"kind": "diagonal", "eigenvalues": [1, 2, .5, .3]}),
+                    64, seed=0)
+    model = InContextTransformer(4, 3, parametrization, attention, init_std=0.3,
+                                 generator=torch.Generator().manual_seed(0)).double()
+    ps = model.p.detach() if model.p is not None else torch.zeros(3, 4, 4, dtype=DOUBLE)
+    expected = naive_forward(batch.tokens(), model.q.detach(), ps, attention)
+    assert torch.allclose(model(batch.tokens()), expected, atol=1e-10)
+
+
+def test_sparse_linear_model_is_preconditioned_gd_lemma_1():
+    batch = prompts(sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES}), 256, 0)
+    model = InContextTransformer(5, 3, init_std=0.4, generator=torch.Generator().manual_seed(1)).double()
+    gammas = model.preconditioners()  # random, non-symmetric
+    assert not torch.allclose(gammas, gammas.transpose(1, 2))
+    assert torch.allclose(model(batch.tokens()), theory.preconditioned_gd(batch, gammas), atol=1e-10)
+    # softmax attention with Q = 0 averages the context labels: prediction −ȳ
+    softmax = InContextTransformer(5, 1, attention="softmax").double()
+    with torch.no_grad():
+        softmax.q.zero_()
+    assert torch.allclose(softmax(batch.tokens()), -batch.context_y.mean(1), atol=1e-12)
+    with pytest.raises(UnknownNameError, match="did you mean 'linear'"):
+        InContextTransformer(5, 1, attention="linar")
+
+
+# ---------------------------------------------------------------- closed forms
+
+
+def test_one_step_optimum_closed_forms():
+    d, n = 5, 20
+    eye = torch.eye(d, dtype=DOUBLE)
+    gamma = theory.optimal_preconditioner(eye, eye, n)
+    assert torch.allclose(gamma, n / (n + d + 1) * eye)
+    assert theory.one_step_loss(gamma, eye, eye, n) == pytest.approx(d * (d + 1) / (n + d + 1))
+    assert d * (d + 1) / (n + d + 1) == pytest.approx(1.1538, abs=1e-4)
+
+    sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES, "seed": 5},
+                          w_prior="identity")
+    sigma, w_cov = sampler.sigma.matrix, sampler.w_cov
+    lam, trace = torch.tensor(PAPER_EIGENVALUES, dtype=DOUBLE), sum(PAPER_EIGENVALUES)
+    gamma = theory.optimal_preconditioner(sigma, w_cov, n)
+    # Thm 1: Γ⋆ = U diag(n / ((n+1)λ_i + tr Σ)) Uᵀ and f⋆ = Σ λ_i(λ_i + tr Σ)/((n+1)λ_i + tr Σ)
+    u = sampler.sigma.rotation
+    assert torch.allclose(gamma, (u * (n / ((n + 1) * lam + trace))) @ u.T, atol=1e-12)
+    optimum = float((lam * (lam + trace) / ((n + 1) * lam + trace)).sum())
+    assert optimum == pytest.approx(0.6818, abs=1e-4)
+    assert theory.one_step_loss(gamma, sigma, w_cov, n) == pytest.approx(optimum, rel=1e-10)
+    # stationary and minimal
+    g = gamma.clone().requires_grad_(True)
+    k = theory.one_step_moment(sigma, w_cov, n, 0.0)
+    f = torch.trace(sigma @ g @ k @ g.T) - 2 * torch.trace(sigma @ g @ sigma @ w_cov)
+    f.backward()
+    assert g.grad.abs().max() < 1e-10
+    bump = 0.05 * torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=DOUBLE)
+    assert theory.one_step_loss(gamma + bump, sigma, w_cov, n) > optimum
+
+    noisy = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES}, noise_std=0.7)
+    gamma = theory.optimal_preconditioner(noisy.sigma.matrix, noisy.w_cov, n, 0.7)
+    assert torch.allclose(gamma, n / (n + d + 1 + 0.49) * noisy.sigma.inverse, atol=1e-10)
+
+
+def test_one_step_loss_formula_matches_monte_carlo():
+    sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES, "seed": 2},
+                          w_prior="identity", noise_std=0.5)
+    gamma = torch.randn(5, 5, generator=torch.Generator().manual_seed(4), dtype=DOUBLE) * 0.3
+    batch = prompts(sampler, 200_000, seed=3)
+    errors = (theory.preconditioned_gd(batch, gamma[None]) - batch.query_y).square()
+    stderr = float(errors.std()) / math.sqrt(errors.numel())
+    exact = theory.one_step_loss(gamma, sampler.sigma.matrix, sampler.w_cov, 20, 0.5)
+    assert abs(float(errors.mean()) - exact) < 4 * stderr
+
+
+def test_regression_finds_the_one_step_optimum_without_training():
+    for kind, prior, weighted in [("identity", "identity", False), ("rotated", "identity", True)]:
+        sampler = sampler_for(sigma={"kind": kind, "eigenvalues": PAPER_EIGENVALUES}, w_prior=prior)
+        sigma = sampler.sigma.matrix
+        estimate = theory.regression_optimum(sampler, 400_000, torch.Generator().manual_seed(0))
+        optimum = theory.optimal_preconditioner(sigma, sampler.w_cov, 20)
+        error = (theory.sigma_weighted_error(estimate, optimum, sigma) if weighted
+                 else theory.relative_error(estimate, optimum))
+        assert error < 0.02, (kind, error)
+
+
+# ---------------------------------------------------------------- multi-step theory
+
+
+@pytest.mark.parametrize("preconditioner", ["sigma_inverse", "identity"])
+def test_step_size_quadratic_form_matches_monte_carlo(preconditioner):
+    """cᵀHc + σ² against the plain empirical loss of L-step GD, with noise, rotated Σ, w ~ N(0,I).
+    Small steps keep the per-prompt loss light-tailed so 200k prompts pin it to ≈0.4%."""
+    sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES, "seed": 1},
+                          w_prior="identity", noise_std=1.5)
+    m = sampler.sigma.inverse if preconditioner == "sigma_inverse" else torch.eye(5, dtype=DOUBLE)
+    steps = torch.tensor([0.05, 0.2, 0.4], dtype=DOUBLE) * (1.0 if preconditioner == "identity" else 0.8)
+    problem = theory.StepSizeProblem.estimate(sampler, m, 3, 100_000, torch.Generator().manual_seed(7))
+    batch = prompts(sampler, 200_000, seed=8)
+    errors = (theory.preconditioned_gd(batch, steps[:, None, None] * m) - batch.query_y).square()
+    stderr = float(errors.std()) / math.sqrt(errors.numel())
+    assert abs(float(problem.loss(steps)) - float(errors.mean())) < 3 * stderr  # noise part of H ≈ 9·stderr
+
+
+def test_optimal_step_sizes_are_global_minima_and_match_the_paper():
+    sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES})
+    pgd = theory.StepSizeProblem.estimate(
+        sampler, sampler.sigma.inverse, 4, 100_000, torch.Generator().manual_seed(0)
+    )
+    # L = 1: the one-step optimum n/(n+d+1) and loss d(d+1)/(n+d+1)
+    assert float(pgd.optimal_per_step(1)) == pytest.approx(20 / 26, rel=5e-3)
+    assert float(pgd.loss(pgd.optimal_per_step(1))) == pytest.approx(30 / 26, rel=5e-3)
+    generator = torch.Generator().manual_seed(1)
+    for layers in (2, 3, 4):
+        best = pgd.optimal_per_step(layers)
+        best_loss = float(pgd.loss(best))
+        # brute force: L-BFGS on cᵀHc from many random starts never beats the kernel polynomial
+        for _ in range(12):
+            start = torch.rand(layers, generator=generator, dtype=DOUBLE) * 2.5 + 0.05
+            start.requires_grad_(True)
+            opt = torch.optim.LBFGS([start], max_iter=300, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                value = pgd.loss(start)
+                value.backward()
+                return value
+
+            opt.step(closure)
+            assert float(pgd.loss(start.detach())) >= best_loss - 1e-9
+        # the constant step is worse than per-step sizes, and its η is a grid minimum
+        eta = pgd.optimal_constant(layers)
+        grid = torch.linspace(0.05, 2.0, 400, dtype=DOUBLE)
+        grid_losses = [float(pgd.loss(torch.full((layers,), float(e), dtype=DOUBLE))) for e in grid]
+        assert float(pgd.loss(eta)) <= min(grid_losses) + 1e-12
+        assert float(pgd.loss(eta)) > best_loss
+    # Ahn et al. App. D / research notes (20k-prompt Nelder–Mead): a = {0.435, 0.697, 1.724}, 0.129
+    steps = pgd.optimal_per_step(3)
+    assert torch.allclose(steps, torch.tensor([0.435, 0.697, 1.724], dtype=DOUBLE), rtol=0.04)
+    assert float(pgd.loss(steps)) == pytest.approx(0.129, rel=0.05)
+    assert float(pgd.loss(pgd.optimal_per_step(2))) == pytest.approx(0.346, rel=0.06)
+
+
+# ---------------------------------------------------------------- training
+
+
+def trained_one_layer(overrides):
+    cfg = load_config({"layers": [1], "lr": 0.01, "lr_halve_every": 200, "train_steps": 1200,
+                       **overrides})
+    model = train_model(cfg, 1, 20, progress=False).model.double()
+    sampler = PromptSampler(cfg, 20)
+    test = prompts(sampler, 100_000, seed=11)
+    with torch.no_grad():
+        loss = query_loss(model(test.tokens()), test)
+    sigma, w_cov = sampler.sigma.matrix, sampler.w_cov
+    optimum = theory.optimal_preconditioner(sigma, w_cov, 20)
+    return model.preconditioners()[0], optimum, sigma, w_cov, loss
+
+
+def test_one_layer_learns_the_optimal_preconditioner_isotropic():
+    gamma, optimum, sigma, w_cov, loss = trained_one_layer(
+        {"sigma": {"kind": "identity"}, "w_prior": "identity"}
+    )
+    assert theory.relative_error(gamma, optimum) < 0.03
+    assert loss == pytest.approx(1.1538, rel=0.02)
+    assert theory.one_step_loss(gamma, sigma, w_cov, 20) == pytest.approx(1.1538, rel=0.02)
+
+
+def test_one_layer_learns_the_optimal_preconditioner_anisotropic():
+    gamma, optimum, sigma, w_cov, loss = trained_one_layer(
+        {"sigma": {"kind": "diagonal", "eigenvalues": PAPER_EIGENVALUES}, "w_prior": "identity",
+         "lr": 0.02}
+    )
+    assert torch.allclose(torch.diagonal(optimum), torch.tensor(
+        [0.823, 0.823, 2.336, 4.324, 0.823], dtype=DOUBLE), atol=1e-3)
+    assert theory.sigma_weighted_error(gamma, optimum, sigma) < 0.03
+    assert loss == pytest.approx(0.6818, rel=0.02)
+
+
+def test_training_is_deterministic_and_softmax_learns():
+    cfg = load_config({"train_steps": 15, "batch_size": 256})
+    first, second = (train_model(cfg, 2, 10, progress=False) for _ in range(2))
+    assert torch.equal(first.model.q, second.model.q) and first.losses == second.losses
+    other = train_model(load_config({"train_steps": 15, "batch_size": 256, "seed": 1}), 2, 10,
+                        progress=False)
+    assert not torch.equal(first.model.q, other.model.q)
+    softmax = train_model(load_config({"train_steps": 150, "batch_size": 1000, "attention": "softmax",
+                                       "sigma": {"kind": "identity"}}), 1, 20, progress=False)
+    assert sum(softmax.losses[-3:]) / 3 < 0.8 * softmax.losses[0]
+
+
+def test_three_layers_match_optimal_pgd_with_the_default_config(tmp_path):
+    """The README headline: default study, L=3, n=20, sparse, w ~ N(0, Σ⁻¹), rotated Σ."""
+    cfg = load_config({"layers": [3], "n_grid": [20]})
+    assert (cfg.d, cfg.n, cfg.parametrization, cfg.w_prior) == (5, 20, "sparse", "sigma_inverse")
+    run, baselines = tmp_path / "L3_n20.safetensors", tmp_path / "baselines.parquet"
+    study.run_train(cfg, 3, 20, str(run), progress=False)
+    study.run_baselines(cfg, str(baselines))
+    study.run_collect(cfg, str(baselines), [str(run)], str(tmp_path / "icl"))
+    summary = study.summarize(cfg, str(tmp_path / "icl"), loss_tol=0.10, step_tol=0.05)
+    assert summary["passed"], summary
+    assert summary["loss_ratio"] < 1.10
+    assert summary["max_step_rel_error"] < 0.05
+    assert summary["pgd_loss"] == pytest.approx(0.13, rel=0.06)
+    # the learned preconditioners are multiples of Σ⁻¹ (Thm 3), not of I
+    rows = pq.read_table(tmp_path / "icl/preconditioner_error.parquet").to_pylist()
+    assert len(rows) == 3
+    assert all(r["dist_whitened"] < 0.05 and r["dist_identity"] > 0.75 for r in rows)
+    assert all(r["sigma_weighted_error"] < 0.05 for r in rows)
+    (agreement,) = pq.read_table(tmp_path / "icl/agreement.parquet").to_pylist()
+    assert agreement["relative_prediction_mse"] < 0.01
+    assert agreement["prediction_correlation"] > 0.995
+
+
+# ---------------------------------------------------------------- workflow
+
+
+VIEW_SQL = """
+CREATE VIEW icl_vs_pgd AS
+WITH losses AS (
+    SELECT 'layers' AS sweep, method, n_layers, n, loss FROM icl_loss_by_layers
+    UNION ALL
+    SELECT 'n' AS sweep, method, n_layers, n, loss FROM icl_loss_by_n),
+p AS (
+    SELECT sweep, n_layers, n,
+           avg(loss) FILTER (WHERE method = 'transformer') AS model_loss,
+           avg(loss) FILTER (WHERE method = 'pgd') AS pgd_loss,
+           avg(loss) FILTER (WHERE method = 'gd') AS gd_loss,
+           avg(loss) FILTER (WHERE method = 'least_squares') AS least_squares_loss
+    FROM losses GROUP BY sweep, n_layers, n),
+a AS (SELECT n_layers, n, avg(prediction_correlation) AS prediction_correlation,
+             avg(relative_prediction_mse) AS relative_prediction_mse
+      FROM icl_agreement WHERE reference = 'pgd' GROUP BY n_layers, n),
+s AS (SELECT n_layers, n, max(rel_error) AS max_step_size_rel_error
+      FROM icl_step_sizes GROUP BY n_layers, n)
+SELECT p.*, p.model_loss / p.pgd_loss AS ratio_to_pgd, a.prediction_correlation,
+       a.relative_prediction_mse, s.max_step_size_rel_error
+FROM p LEFT JOIN a USING (n_layers, n) LEFT JOIN s USING (n_layers, n)
+"""
+
+
+@pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
+def test_snakemake_rules_build_every_table_figure_and_the_view(tmp_path):
+    (tmp_path / "Snakefile").write_text(
+        f'configfile: "config.yaml"\ninclude: "{REPO}/workflow/rules/icl.smk"\n'
+    )
+    (tmp_path / "config.yaml").write_text(textwrap.dedent("""\
+        icl:
+          enabled: true
+          d: 3
+          n: 8
+          layers: [1, 2]
+          n_grid: [8]
+          sigma: {kind: diagonal, eigenvalues: [1.0, 0.5, 0.25]}
+          train_steps: 30
+          batch_size: 500
+          theory_samples: 5000
+          regression_prompts: 5000
+        """))
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"), "-c2",
+         "--directory", str(tmp_path), "icl_all"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "results/icl/runs").glob("*.safetensors")) == [
+        "L1_n8.safetensors", "L2_n8.safetensors"
+    ]
+    for figure in ("loss_vs_layers", "loss_vs_n"):
+        assert (tmp_path / f"results/figures/icl_{figure}.png").read_bytes()[:4] == b"\x89PNG"
+        assert "<svg" in (tmp_path / f"results/figures/icl_{figure}.svg").read_text()[:500]
+    assert (tmp_path / "results/logs/icl/train_L2_n8.log").exists()
+    db = duckdb.connect()
+    for table in study.TABLE_SCHEMAS:
+        db.execute(f"CREATE TABLE icl_{table} AS SELECT * FROM "
+                   f"'{tmp_path}/results/icl/{table}.parquet'")
+    db.execute(VIEW_SQL)
+    rows = db.execute("SELECT sweep, n_layers, n, ratio_to_pgd, gd_loss, least_squares_loss, "
+                      "max_step_size_rel_error FROM icl_vs_pgd ORDER BY ALL").fetchall()
+    assert [r[:3] for r in rows] == [("layers", 1, 8), ("layers", 2, 8), ("n", 2, 8)]
+    assert all(r[3] > 0.98 and r[4] > 0 and r[5] < 1e-12 and r[6] >= 0 for r in rows)
+    methods = {r[0] for r in db.execute("SELECT DISTINCT method FROM icl_loss_by_layers").fetchall()}
+    assert methods == {"transformer", "pgd", "pgd_constant", "gd", "least_squares", "one_step_optimal"}
+    summary = json.loads((tmp_path / "results/icl/summary.json").read_text())
+    assert summary["n_layers"] == 2 and "one_layer" in summary and not summary["passed"]
+    tiny = {"d": 3, "n": 8, "layers": [1, 2], "sigma": {"kind": "identity"}}
+    strict = ["check", "--config-json", json.dumps(tiny),
+              "--results-dir", str(tmp_path / "results/icl"), "--out", str(tmp_path / "s.json")]
+    assert icl_main(strict) == 0 and icl_main(strict + ["--strict"]) == 1  # 30 steps: too few
+    # a new n_grid entry trains only the new model (the others are cached)
+    config = (tmp_path / "config.yaml").read_text().replace("n_grid: [8]", "n_grid: [6, 8]")
+    (tmp_path / "config.yaml").write_text(config)
+    again = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"), "-c1", "-n",
+         "--directory", str(tmp_path), "icl_all"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"^icl_train\s+1$", again.stdout, re.MULTILINE), again.stdout[-3000:]
+    assert "results/icl/runs/L2_n6.safetensors" in again.stdout

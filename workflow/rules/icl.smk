@@ -1,0 +1,165 @@
+# In-context learning study (issue 5; Ahn et al. 2023): linear transformers vs preconditioned GD.
+# Configured by the `icl:` block of config.yaml (schema: lipflow/icl/config_schema.yaml).
+# Target: icl_all. Training jobs are cached per (L, n): they rerun only when a key that
+# changes what is learned (lipflow.icl.config.TRAINING_KEYS) changes.
+
+import json
+
+from lipflow.icl.config import load_config, training_config, training_jobs
+
+ICL_CONFIG = load_config(config.get("icl"))
+ICL_RUNS = [f"results/icl/runs/L{layers}_n{n}.safetensors" for layers, n in training_jobs(ICL_CONFIG)]
+ICL_TABLES = [
+    "loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error",
+    "step_sizes", "agreement", "training",
+]
+ICL_FIGURES = [
+    f"results/figures/icl_{name}.{ext}"
+    for name in ("loss_vs_layers", "loss_vs_n")
+    for ext in ("png", "svg")
+]
+
+
+def icl_tables(wildcards):
+    """The study's tables when `icl.enabled` (the DuckDB build loads them as icl_<table>)."""
+    return expand("results/icl/{table}.parquet", table=ICL_TABLES) if ICL_CONFIG.enabled else []
+
+
+def icl_targets(wildcards):
+    """What `rule all` needs from the study: everything of icl_all when `icl.enabled`."""
+    return [*icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"] if ICL_CONFIG.enabled else []
+
+
+def icl_params(wildcards):
+    """The whole icl block as JSON (without `enabled`, which changes no result)."""
+    return json.dumps({k: v for k, v in ICL_CONFIG.to_dict().items() if k != "enabled"})
+
+
+def icl_train_params(wildcards):
+    """Only the keys that change what a training job learns, so n_grid edits keep models."""
+    return json.dumps(training_config(ICL_CONFIG))
+
+
+rule icl_all:
+    input:
+        tables=expand("results/icl/{table}.parquet", table=ICL_TABLES),
+        figures=ICL_FIGURES,
+        summary="results/icl/summary.json",
+
+
+rule icl_train:
+    message: "ICL: train L={wildcards.layers} layers at n={wildcards.n}"
+    output:
+        checkpoint="results/icl/runs/L{layers}_n{n}.safetensors",
+    log:
+        "results/logs/icl/train_L{layers}_n{n}.log",
+    wildcard_constraints:
+        layers=r"\d+",
+        n=r"\d+",
+    params:
+        config_json=icl_train_params,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        cpus_per_task=1,
+    conda:
+        "../../envs/lipflow.yaml"
+    shell:
+        "python -m lipflow.icl --threads {threads} train --config-json {params.config_json:q}"
+        " --layers {wildcards.layers} --n {wildcards.n} --out {output.checkpoint} > {log} 2>&1"
+
+
+rule icl_baselines:
+    message: "ICL: optimal PGD, tuned GD, least squares, Γ⋆ and the regression optimum"
+    output:
+        baselines="results/icl/runs/baselines.parquet",
+    log:
+        "results/logs/icl/baselines.log",
+    params:
+        config_json=icl_params,
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        cpus_per_task=1,
+    conda:
+        "../../envs/lipflow.yaml"
+    shell:
+        "python -m lipflow.icl --threads {threads} baselines --config-json {params.config_json:q}"
+        " --out {output.baselines} > {log} 2>&1"
+
+
+rule icl_collect:
+    message: "ICL: evaluate the trained models and write results/icl/*.parquet"
+    input:
+        runs=ICL_RUNS,
+        baselines="results/icl/runs/baselines.parquet",
+    output:
+        **{table: f"results/icl/{table}.parquet" for table in ICL_TABLES},
+    log:
+        "results/logs/icl/collect.log",
+    params:
+        config_json=icl_params,
+        out_dir="results/icl",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        cpus_per_task=1,
+    conda:
+        "../../envs/lipflow.yaml"
+    shell:
+        "python -m lipflow.icl --threads {threads} collect --config-json {params.config_json:q}"
+        " --baselines {input.baselines} --runs {input.runs} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule icl_plots:
+    message: "ICL: loss vs layers and loss vs n figures"
+    input:
+        loss_by_layers="results/icl/loss_by_layers.parquet",
+        loss_by_n="results/icl/loss_by_n.parquet",
+    output:
+        **{f"{name}_{ext}": f"results/figures/icl_{name}.{ext}"
+           for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")},
+    log:
+        "results/logs/icl/plots.log",
+    params:
+        results_dir="results/icl",
+        out_dir="results/figures",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        cpus_per_task=1,
+    conda:
+        "../../envs/lipflow.yaml"
+    shell:
+        "python -m lipflow.icl plot --results-dir {params.results_dir} --out-dir {params.out_dir}"
+        " > {log} 2>&1"
+
+
+rule icl_check:
+    message: "ICL: trained model vs optimal PGD at (max layers, n)"
+    input:
+        agreement="results/icl/agreement.parquet",
+        step_sizes="results/icl/step_sizes.parquet",
+        preconditioner_error="results/icl/preconditioner_error.parquet",
+        loss_by_layers="results/icl/loss_by_layers.parquet",
+    output:
+        summary="results/icl/summary.json",
+    log:
+        "results/logs/icl/check.log",
+    params:
+        config_json=icl_params,
+        results_dir="results/icl",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        cpus_per_task=1,
+    conda:
+        "../../envs/lipflow.yaml"
+    shell:
+        "python -m lipflow.icl check --config-json {params.config_json:q}"
+        " --results-dir {params.results_dir} --out {output.summary} > {log} 2>&1"
