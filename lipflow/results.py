@@ -35,7 +35,8 @@ RESULTS = Path("results")
 
 
 def _timestamp(seconds: float | None) -> dt.datetime | None:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc) if seconds else None
+    """UTC as a naive TIMESTAMP (a TIMESTAMPTZ would need pytz in every client)."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None) if seconds else None
 
 
 def run_row(run_dir: Path) -> dict[str, Any]:

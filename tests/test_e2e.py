@@ -22,7 +22,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def lipflow(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def lipflow_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lipflow.cli", *args], cwd=workdir,
                           capture_output=True, text=True, timeout=120)
 
@@ -37,7 +37,7 @@ def pipeline(tmp_path_factory) -> Path:
 
 
 def query_csv(workdir: Path, sql: str) -> list[dict[str, str]]:
-    out = lipflow(workdir, "query", sql, "--format", "csv")
+    out = lipflow_cli(workdir, "query", sql, "--format", "csv")
     assert out.returncode == 0, out.stderr
     return list(csv.DictReader(io.StringIO(out.stdout)))
 
@@ -73,8 +73,8 @@ def test_rerun_is_a_noop_and_one_knob_reruns_one_run(pipeline):
     changed = snakemake(pipeline, "-n", "--configfile", str(pipeline / "config.yaml"), str(pipeline / "overlay.yaml"))
     text = changed.stdout + changed.stderr
     assert changed.returncode == 0, text
-    job_counts = dict(line.split()[:2] for line in text.splitlines()
-                      if line.split()[:1] and line.split()[0] in {"train", "tokenize", "corpus", "database"})
+    job_counts = {words[0]: words[1] for words in map(str.split, text.splitlines())
+                  if len(words) == 2 and words[1].isdigit()}  # the "Job stats" table
     assert job_counts.get("train") == "1"
     assert "tokenize" not in job_counts and "corpus" not in job_counts
     assert job_counts.get("database") == "1"
@@ -89,10 +89,10 @@ def test_bad_config_key_fails_before_any_job(pipeline):
 
 
 def test_query_is_read_only_and_errors_are_one_line(pipeline):
-    write = lipflow(pipeline, "query", "delete from runs")
+    write = lipflow_cli(pipeline, "query", "delete from runs")
     assert write.returncode != 0
     assert "read-only" in write.stderr and len(write.stderr.strip().splitlines()) == 1
-    typo = lipflow(pipeline, "query", "select * from runz")
+    typo = lipflow_cli(pipeline, "query", "select * from runz")
     assert typo.returncode != 0 and len(typo.stderr.strip().splitlines()) == 1
     assert len(query_csv(pipeline, "select * from runs")) == 2
 
@@ -101,10 +101,10 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     import lipflow
 
     monkeypatch.chdir(pipeline)
-    run_id = lipflow.connect().sql("select run_id from runs where name = 'lipschitz'").fetchone()[0]
+    run_id = lipflow.connect().execute("select run_id from runs where name = 'lipschitz'").fetchone()[0]
     run = lipflow.load_run(run_id, device="cpu")
     assert run.config["model"] == "lipschitz_gpt"
     assert len(run.metrics) == 20
     assert run.model.lipschitz_bound() == pytest.approx(run.summary["lipschitz_bound"], rel=1e-6)
-    sample = lipflow(pipeline, "sample", run_id, "--prompt", "The", "--tokens", "20", "--device", "cpu")
+    sample = lipflow_cli(pipeline, "sample", run_id, "--prompt", "The", "--tokens", "20", "--device", "cpu")
     assert sample.returncode == 0 and sample.stdout.startswith("The")
