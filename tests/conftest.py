@@ -41,3 +41,15 @@ def tiny_run_config() -> dict:
                                 "device": "cpu"}}}
     fill_defaults(config)
     return config["runs"]["tiny"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread_torch():
+    """In-process tests use small matrices: one intra-op thread avoids thrashing on a busy 2-core
+    machine (subprocesses started by the tests keep torch's default)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
