@@ -11,6 +11,8 @@ the run key it names (label ``<prefix><value>``, e.g. ``s2`` for sigma_max = 2, 
 for strings) or a mapping label → overrides (a variant axis setting several keys at once). A run is
 named ``<short>.<label>.<label>…`` and its overrides are base ← grid point ← ``experiment: <name>``;
 ``lipflow.config.expanded_runs`` merges them over ``defaults`` and validates them like any run.
+A block's ``evaluations`` are its runs' checkpoint evaluations (instead of ``evaluations.enabled``);
+its ``studies`` (``icl``, ``image_mlp``) switch on work outside the run grid.
 
 **Views** (``create_views``, on the freshly built results database): one headline view per
 experiment — ``pareto``, ``lr_transfer``, ``sharpness_spread``, ``icl_vs_pgd``, ``rank_bound``,
@@ -26,7 +28,6 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
-import math
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -177,12 +178,20 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any]) -> list[str]:
-    """Evaluations a run needs beyond ``evaluations.enabled``: its experiment's ``evaluations``."""
+def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any]) -> list[str] | None:
+    """The evaluations of an experiment's run (its block's ``evaluations``, default [val]; they
+    replace ``evaluations.enabled``), or None for a run of the ``runs`` block."""
     name = run_config.get("experiment")
     if not name:
-        return []
-    return list(definitions(config).get(name, {}).get("evaluations", []))
+        return None
+    return list(definitions(config).get(name, {}).get("evaluations", ["val"]))
+
+
+def study_enabled(config: dict[str, Any], study: str) -> bool:
+    """Whether a study outside the run grid runs: switched on in its own block (``icl.enabled``) or
+    included by a selected experiment (``experiments: [icl]``)."""
+    own = config.get(study)
+    return bool(isinstance(own, dict) and own.get("enabled")) or study in experiment_studies(config)
 
 
 def experiment_studies(config: dict[str, Any]) -> list[str]:
@@ -336,22 +345,41 @@ VIEWS.register("sharpness_spread")(View(
 
 # -- icl -------------------------------------------------------------------------------------
 VIEWS.register("icl_vs_pgd")(View(
-    description="icl: test loss of the trained in-context model against optimal preconditioned GD (and GD "
-                "and least squares) per number of layers L and context length n; ratio = model/pgd",
-    columns={"n_layers": "BIGINT", "n": "BIGINT", "model_loss": "DOUBLE", "pgd_loss": "DOUBLE",
-             "gd_loss": "DOUBLE", "least_squares_loss": "DOUBLE", "ratio_to_pgd": "DOUBLE"},
-    parts=(Part(requires={"icl_losses": ("n_layers", "n", "method", "loss")},
-                absent_reason="table icl_losses is absent: the ICL study did not run "
+    description="icl: test loss (squared error on the query) of the trained in-context transformer against "
+                "optimal L-step preconditioned GD, tuned GD and least squares, per sweep (layers: L varies at "
+                "the config's n; n: n varies at the largest L); ratio_to_pgd = model/pgd; agreement of the "
+                "model's and PGD's predictions; largest relative error of the learned per-layer step sizes",
+    columns={"sweep": "VARCHAR", "n_layers": "BIGINT", "n": "BIGINT", "model_loss": "DOUBLE", "pgd_loss": "DOUBLE",
+             "gd_loss": "DOUBLE", "least_squares_loss": "DOUBLE", "ratio_to_pgd": "DOUBLE",
+             "prediction_correlation": "DOUBLE", "relative_prediction_mse": "DOUBLE",
+             "max_step_size_rel_error": "DOUBLE"},
+    parts=(Part(requires={"icl_loss_by_layers": ("method", "n_layers", "n", "loss"),
+                          "icl_loss_by_n": ("method", "n_layers", "n", "loss"),
+                          "icl_agreement": ("n_layers", "n", "reference", "prediction_correlation",
+                                            "relative_prediction_mse"),
+                          "icl_step_sizes": ("n_layers", "n", "rel_error")},
+                absent_reason="the ICL study's tables (icl_loss_by_layers, icl_loss_by_n, icl_agreement, "
+                              "icl_step_sizes) are absent: the ICL study did not run "
                               "(experiments: [icl] or icl.enabled: true)",
                 sql="""
-        WITH p AS (
-            SELECT n_layers, n,
-                   avg(loss) FILTER (WHERE method = 'model') AS model_loss,
+        WITH losses AS (
+            SELECT 'layers' AS sweep, method, n_layers, n, loss FROM icl_loss_by_layers
+            UNION ALL
+            SELECT 'n' AS sweep, method, n_layers, n, loss FROM icl_loss_by_n),
+        p AS (
+            SELECT sweep, n_layers, n,
+                   avg(loss) FILTER (WHERE method = 'transformer') AS model_loss,
                    avg(loss) FILTER (WHERE method = 'pgd') AS pgd_loss,
                    avg(loss) FILTER (WHERE method = 'gd') AS gd_loss,
                    avg(loss) FILTER (WHERE method = 'least_squares') AS least_squares_loss
-            FROM icl_losses GROUP BY n_layers, n)
-        SELECT *, model_loss / pgd_loss AS ratio_to_pgd FROM p"""),),
+            FROM losses GROUP BY sweep, n_layers, n),
+        a AS (SELECT n_layers, n, avg(prediction_correlation) AS prediction_correlation,
+                     avg(relative_prediction_mse) AS relative_prediction_mse
+              FROM icl_agreement WHERE reference = 'pgd' GROUP BY n_layers, n),
+        s AS (SELECT n_layers, n, max(rel_error) AS max_step_size_rel_error FROM icl_step_sizes GROUP BY n_layers, n)
+        SELECT p.*, p.model_loss / p.pgd_loss AS ratio_to_pgd, a.prediction_correlation, a.relative_prediction_mse,
+               s.max_step_size_rel_error
+        FROM p LEFT JOIN a USING (n_layers, n) LEFT JOIN s USING (n_layers, n)"""),),
 ))
 
 # -- rank_vs_n -------------------------------------------------------------------------------
@@ -500,6 +528,18 @@ EXPERIMENT_VIEWS: dict[str, tuple[str, ...]] = {
     "precision": ("precision",),
 }
 
+# The figures lipflow.plots draws for each experiment (results/figures/<name>.png and .svg); the ICL
+# study draws its own (results/figures/icl_loss_vs_layers, icl_loss_vs_n: workflow/rules/icl.smk).
+EXPERIMENT_FIGURES: dict[str, tuple[str, ...]] = {
+    "lipschitz_tradeoff": ("tradeoff_accuracy", "tradeoff_activation"),
+    "lr_transfer": ("lr_transfer",),
+    "super_consistency": ("sharpness",),
+    "icl": (),
+    "rank_vs_n": ("rank_vs_n",),
+    "robustness": ("robustness",),
+    "precision": ("precision",),
+}
+
 # Parquet files of studies outside the run grid, loaded as tables when present: name → path under results/.
 EXTRA_TABLES = {"image_mlp_robustness": Path("image_mlp") / "robustness.parquet"}
 
@@ -543,19 +583,18 @@ def create_views(con, results: Path = Path("results"), log=sys.stderr) -> dict[s
     """
     load_extra_tables(con, results)
     status = {}
-    for name in VIEWS.names_in_order():
+    for name in view_order():
         view = VIEWS.get(name)
         selects, reasons = [], []
         for part in view.parts:
-            reason = missing_requirement(con, part)
-            if reason is None:
+            missing = missing_requirement(con, part)
+            if missing is None:
                 sql = view.select(part)
-                if con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]:
+                if con.execute(f"SELECT count(*) FROM ({sql})").fetchall()[0][0]:
                     selects.append(sql)
                     continue
-                reason = part.absent_reason
-            reasons.append(reason if reason == part.absent_reason or not part.absent_reason
-                           else f"{part.absent_reason} ({reason})")
+            detail = f" ({missing})" if missing and missing not in part.absent_reason else ""
+            reasons.append(part.absent_reason + detail)
         body = " UNION ALL ".join(selects) if selects else view.empty()
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
         comment = view.description if selects else f"empty: {'; '.join(reasons)}"
@@ -565,14 +604,20 @@ def create_views(con, results: Path = Path("results"), log=sys.stderr) -> dict[s
     return status
 
 
+def view_order() -> list[str]:
+    """View names with every view after the views it reads (``depends_on``)."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in ordered:
+            for dependency in VIEWS.get(name).depends_on:
+                visit(dependency)
+            ordered.append(name)
+
+    for name in VIEWS.names():
+        visit(name)
+    return ordered
+
+
 def _sql_string(text: str) -> str:
     return text.replace("'", "''")
-
-
-def view_comment(con, name: str) -> str | None:
-    row = con.execute("SELECT comment FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()
-    return row[0] if row else None
-
-
-def is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

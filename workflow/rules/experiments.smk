@@ -1,11 +1,11 @@
 # Experiments: their runs come from lipflow.experiments.expand_experiments (through resolve_runs in
 # common.smk); here are the figures and tables of each experiment (one job per experiment, reading
-# the results database), the image-MLP robustness study, and `experiment_targets` for `rule all`.
-from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, experiment_studies, selected_experiments
+# the results database), the image-MLP robustness study (scikit-learn digits, the same size under both
+# presets: about 2 minutes on one core), and `experiment_targets` for `rule all`.
+from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, selected_experiments, study_enabled
 
 EXPERIMENTS = selected_experiments(config)
-STUDIES = experiment_studies(config)
-IMAGE_MLP = "results/image_mlp/robustness.parquet"
+IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
 
 
 def experiment_outputs(name):
@@ -15,11 +15,21 @@ def experiment_outputs(name):
 
 
 def experiment_targets(wildcards=None):
-    """Everything the enabled experiments produce (added to `rule all`)."""
+    """Everything the enabled experiments produce (added to `rule all`), with the ICL study's
+    tables, figures and check (rule icl_all of icl.smk) when an experiment includes it."""
     targets = [path for name in EXPERIMENTS for path in experiment_outputs(name)]
-    if "image_mlp" in STUDIES:
-        targets.append(IMAGE_MLP)
-    return targets
+    if study_enabled(config, "icl") and hasattr(rules, "icl_all"):
+        targets += list(rules.icl_all.input)
+    return targets + experiment_database_inputs()
+
+
+def experiment_database_inputs(wildcards=None):
+    """Files outside the runs that the database loads when their study is on (for `database`'s input):
+    the digits-MLP robustness table and the ICL study's tables (rule icl_collect of icl.smk)."""
+    inputs = [IMAGE_MLP] if study_enabled(config, "image_mlp") else []
+    if study_enabled(config, "icl") and hasattr(rules, "icl_collect"):
+        inputs += list(rules.icl_collect.output)
+    return inputs
 
 
 for _name in EXPERIMENT_FIGURES:
@@ -59,8 +69,6 @@ for _name in EXPERIMENT_FIGURES:
 rule image_mlp_robustness:
     output:
         IMAGE_MLP,
-    params:
-        quick="--quick" if config.get("experiment_preset", "cpu") == "cpu" else "",
     log:
         "results/logs/experiments/image_mlp_robustness.log",
     resources:
@@ -70,4 +78,7 @@ rule image_mlp_robustness:
     conda:
         ENV
     shell:
-        "python -m lipflow.evaluation.image_mlp --out {output} {params.quick} > {log} 2>&1"
+        "python -m lipflow.evaluation.image_mlp --out {output} > {log} 2>&1"
+
+
+report: "../report/workflow.rst"

@@ -1,0 +1,129 @@
+"""Each checkpoint evaluation's cost, in training steps of the same model.
+
+    python bench/evals.py [--quick] [--train-steps S] [--rounds R] [--device auto|cpu|cuda]
+
+For each of config.yaml's two default runs (``baseline``: gpt + adamw; ``lipschitz``:
+lipschitz_gpt + muon + spectral_soft_cap, at the default shape d_model 64, 2 layers, context 64,
+batch 16) on the default data (embedded pydoc corpus, char tokenizer): train ``--train-steps``
+steps with ``Trainer.run()`` (writing a real run directory), time ``--rounds`` further
+``Trainer.train_step()`` calls (median = one step), then time every registered evaluation
+(``lipflow.evaluation.EVALUATIONS``: val, robustness, precision, rank, sharpness) once on the
+evaluate stage's context for that run directory (``build_context``: load the checkpoint, train and
+val loss over the eval windows; built once per run and timed separately, as each evaluate job
+pays it once more).
+Evaluation parameters: each evaluation's defaults (what the pipeline passes today); --quick uses
+the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
+results/bench/evals.parquet.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's directory would come first on sys.path, where bench/tokenize.py
+# shadows the standard library's ``tokenize`` (imported by torch): put the repo root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from bench.common import (REPO, alternating_timings, append_rows, default_shards, device_label,  # noqa: E402
+                          machine, print_table, row, run_configs, synchronize)
+from lipflow.evaluation import EVALUATIONS  # noqa: E402
+from lipflow.evaluation.__main__ import build_context  # noqa: E402
+from lipflow.metrics import resolve_device  # noqa: E402
+from lipflow.training import Trainer  # noqa: E402
+
+BENCH = "evals"
+
+# Smaller settings for --quick (every evaluation still runs each of its parts once); QUICK_WINDOWS
+# caps the windows build_context loads for all of them.
+QUICK_WINDOWS = {"train_windows": 16, "val_windows": 16}
+QUICK_PARAMS: dict[str, dict[str, Any]] = {
+    "val": {},
+    "robustness": {"n_sequences": 4, "epsilons": [0.0, 0.5], "pgd_steps": 2, "k_values": [1],
+                   "random_trials": 1, "greedy_candidates": 2, "lipschitz_steps": 2},
+    "precision": {"max_windows": 4, "formats": ["fp8_e4m3"], "scalings": ["none"]},
+    "rank": {"bx_windows": 4},
+    "sharpness": {"iters": 2, "batch_size": 2},
+}
+
+
+def default_runs() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """config.yaml's ``defaults`` and ``runs`` blocks."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    return config["defaults"], config["runs"]
+
+
+def timed(fn, device: str) -> tuple[Any, float]:
+    """(fn(), its wall-clock seconds), CUDA synchronized around it."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 training steps and QUICK_PARAMS (seconds)")
+    parser.add_argument("--train-steps", type=int, default=50, help="steps trained before evaluating")
+    parser.add_argument("--rounds", type=int, default=10, help="timed training steps (median kept)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
+                                                     "1 is steadier on a machine shared with other work)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dev = device_label(str(device))
+    train_steps, rounds = (2, 3) if args.quick else (args.train_steps, args.rounds)
+    defaults, runs = default_runs()
+    configs = run_configs({**defaults, "steps": train_steps, "eval_every": train_steps, "checkpoint_every": 0,
+                           "device": args.device}, runs)
+    print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
+    rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = default_shards(work)
+        for name, cfg in configs.items():
+            run_dir = work / "runs" / name
+            trainer = Trainer(name, cfg, data, run_dir, progress=False)
+            trainer.run()
+            step_s = statistics.median(alternating_timings({name: trainer.train_step}, rounds, 1, str(device))[name])
+            label = f"{cfg['model']}+{cfg['optimizer']}+{cfg['weight_constraint']}"
+            table.append([label, "train_step", step_s * 1e3, 1.0])
+            rows.append(row(BENCH, f"{name}.train_step_time", step_s, "s", dev))
+            windows = QUICK_WINDOWS if args.quick else {}
+            ctx, build_s = timed(lambda: build_context(run_dir, data, windows, device)[0], str(device))
+            table.append([label, "build_context", build_s * 1e3, build_s / step_s])
+            rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
+                     row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
+            for evaluation in EVALUATIONS.names():
+                ctx.cfg = QUICK_PARAMS[evaluation] if args.quick else {}
+                torch.manual_seed(0)
+                _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
+                table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])
+                rows += [row(BENCH, f"{name}.{evaluation}_time", eval_s, "s", dev),
+                         row(BENCH, f"{name}.{evaluation}_over_train_step", eval_s / step_s, "x", dev)]
+    shape = configs["baseline"]
+    print(f"default shape: d_model {shape['d_model']}, {shape['n_layers']} layers, context {shape['context']}, "
+          f"batch {shape['batch_size']}; evaluation parameters: {'QUICK_PARAMS' if args.quick else 'defaults'}")
+    print_table(["model", "what", "ms", "train steps"], table)
+    append_rows(args.out, rows)
+    print(f"{len(rows)} rows appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""One training step of (lipschitz_gpt + muon + spectral_soft_cap) against (gpt + adamw), side by side.
+
+    python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--rounds R]
+                               [--warmup W] [--device auto|cpu|cuda] [--compile]
+
+Both arms are ``lipflow.training.Trainer`` objects built from one schema-resolved config that
+differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,
+weight constraint), on the same tokenized data. A step is ``Trainer.train_step()``, exactly as
+training runs it: sample a batch, forward and backward (bf16 autocast on CUDA), optimizer step,
+weight constraint on every matrix, embedding projection. After ``--warmup`` untimed rounds the arms
+alternate for ``--rounds`` rounds (order reversed every other round; CUDA synchronized around each
+step); each arm's median is kept and ratio = lipschitz / baseline.
+
+FLOPs per step (PaLM, Chowdhery et al. 2022, App. B; nanoGPT's ``estimate_mfu``):
+``tokens · (6·N + 12·L·T·d)``, tokens = batch·context·grad_accum, N = the weights that multiply
+activations (hidden and head matrices: embedding lookups and vectors do no matmul), and 12·L·T·d
+the attention scores QKᵀ and the weighted sum AV (2·2·T·d per token per layer forward, ×3 with
+backward, over the full T×T: causal kernels skip about half, so this slightly flatters short-T
+MFU). Both arms have the same N and so the same FLOPs. Optimizer and constraint arithmetic
+(Newton–Schulz, the soft cap's matmuls) is not model FLOPs: it shows up as a lower MFU.
+MFU = (FLOPs / median step time) / peak, the peak being the best of ``--rounds`` n×n matmuls
+(2n³ FLOPs) timed in the same run, fp32 on CPU and bf16 (the autocast dtype) on CUDA.
+
+Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
+weight constraint alone (``apply_weight_constraint``), which split the difference between the arms.
+
+Shapes: ``quick`` (d 64, 2 layers, context 64, batch 8; the --quick smoke test), ``cpu`` (d 256,
+4 layers, context 128, batch 32; the CPU default), ``gpt2-124m`` (GPT-2 small: d 768, 12 layers,
+12 heads, context 1024, vocabulary 50257, batch 16; the CUDA default; 124M parameters with GPT-2's
+tied embeddings, 163M with lipflow's untied head, of which N = 123.5M multiply activations). The
+small shapes train on the default config's data (embedded pydoc corpus, char tokenizer);
+``gpt2-124m`` on random words of a word-level tokenizer.json with exactly 50257 ids, passed through
+the real corpus and tokenize stages (step time does not depend on the text).
+
+Rows go to results/bench/train_step.parquet; metric names start with ``<shape>.B<batch>``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's directory would come first on sys.path, where bench/tokenize.py
+# shadows the standard library's ``tokenize`` (imported by torch): put the repo root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import (REPO, alternating_timings, append_rows, default_shards, device_label,  # noqa: E402
+                          machine, print_table, row, run_configs)
+from lipflow.metrics import resolve_device  # noqa: E402
+from lipflow.training import Trainer, apply_weight_constraint  # noqa: E402
+
+BENCH = "train_step"
+
+# name → run settings (+ "vocab": None for the default char data, or a synthetic vocabulary size)
+SHAPES: dict[str, dict[str, Any]] = {
+    "quick": {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 8, "vocab": None},
+    "cpu": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 128, "batch_size": 32, "vocab": None},
+    "gpt2-124m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "context": 1024, "batch_size": 16,
+                  "vocab": 50257},
+}
+
+# The two arms, as config.yaml's runs set them.
+ARMS: dict[str, dict[str, Any]] = {
+    "baseline": {"model": "gpt", "optimizer": "adamw", "lr": 0.003},
+    "lipschitz": {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05,
+                  "weight_constraint": "spectral_soft_cap", "sigma_max": 1.0},
+}
+
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # n of the n×n peak matmul
+MATMUL_SIZE_QUICK = 512
+SYNTHETIC_TRAIN_TOKENS = 200_000
+
+
+def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
+    """Token shards with exactly ``vocab_size`` ids: a word-level tokenizer.json over words w2 … w(V−1)
+    (id 0 = <|endoftext|>, 1 = [UNK]) and a JSONL corpus of uniformly random such words, through the
+    corpus and tokenize stages (kind ``file``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lipflow.data.corpus import CorpusConfig, build_corpus
+    from lipflow.data.tokenize import EOT, UNK, TokenizerConfig, tokenize_corpus
+
+    vocab = {EOT: 0, UNK: 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([EOT])
+    tokenizer.save(str(work / "words.json"))
+    rng = np.random.default_rng(0)
+    docs = rng.integers(2, vocab_size, size=(SYNTHETIC_TRAIN_TOKENS // 1000, 1000))
+    with open(work / "words.jsonl", "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": " ".join(f"w{i}" for i in doc)}) + "\n")
+    build_corpus(CorpusConfig(name="words", source="jsonl", paths=(str(work / "words.jsonl"),)), work / "corpus")
+    tokenize_corpus(TokenizerConfig(kind="file", path=str(work / "words.json")), work / "corpus", work / "words")
+    return work / "words"
+
+
+def matmul_peak(n: int, device: torch.device, rounds: int) -> float:
+    """Best FLOP/s of an n×n @ n×n matmul (2n³ FLOPs): fp32 on CPU, bf16 on CUDA."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    times = alternating_timings({"matmul": lambda: a @ b}, rounds, warmup=1, device=str(device))["matmul"]
+    return 2 * n**3 / min(times)
+
+
+def matmul_weights(trainer: Trainer) -> int:
+    """N: parameters of the hidden and head matrices (the weights that multiply activations)."""
+    roles = trainer.model.param_roles()
+    return sum(p.numel() for _, p in roles["hidden"] + roles["head"])
+
+
+def flops_per_step(cfg: dict[str, Any], n_matmul: int) -> float:
+    """tokens · (6·N + 12·L·T·d) (PaLM App. B): weight matmuls plus attention scores and values."""
+    tokens = cfg["batch_size"] * cfg["context"] * cfg["grad_accum"]
+    return tokens * (6 * n_matmul + 12 * cfg["n_layers"] * cfg["context"] * cfg["d_model"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="default: cpu on CPU, gpt2-124m on CUDA")
+    parser.add_argument("--batch-size", type=int, help="override the shape's batch size")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per arm (median kept)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
+                                                     "1 is steadier on a machine shared with other work)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key compile)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    shape_name = args.shape or ("quick" if args.quick else "gpt2-124m" if device.type == "cuda" else "cpu")
+    shape = dict(SHAPES[shape_name])
+    vocab = shape.pop("vocab")
+    if args.batch_size:
+        shape["batch_size"] = args.batch_size
+    rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
+    dev = device_label(str(device))
+    print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = default_shards(work) if vocab is None else synthetic_vocab_shards(work, vocab)
+        configs = run_configs({**shape, "device": args.device, "compile": args.compile}, ARMS)
+        trainers = {name: Trainer(name, cfg, data, work / "runs" / name, progress=False)
+                    for name, cfg in configs.items()}
+        steps = alternating_timings({name: t.train_step for name, t in trainers.items()}, rounds, warmup, str(device))
+        phases = {}
+        for name, t in trainers.items():
+            phases[f"{name}.optimizer"] = t.optimizer.step
+            phases[f"{name}.constraint"] = lambda t=t: apply_weight_constraint(t.model, t.optimizer, t.cfg)
+        phase_times = alternating_timings(phases, rounds, warmup=1, device=str(device))
+        n_peak = MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE[device.type]
+        peak = matmul_peak(n_peak, device, rounds)
+
+        cfg = configs["baseline"]
+        tokens = cfg["batch_size"] * cfg["context"] * cfg["grad_accum"]
+        metric = f"{shape_name}.B{cfg['batch_size']}"
+        rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
+        for name, t in trainers.items():
+            step_s = statistics.median(steps[name])
+            flops = flops_per_step(t.cfg, matmul_weights(t))
+            opt_s = statistics.median(phase_times[f"{name}.optimizer"])
+            con_s = statistics.median(phase_times[f"{name}.constraint"])
+            n_params = sum(p.numel() for p in t.model.parameters())
+            achieved = flops / step_s
+            table.append([f"{t.cfg['model']}+{t.cfg['optimizer']}+{t.cfg['weight_constraint']}",
+                          f"{n_params / 1e6:.2f}M", step_s * 1e3, opt_s * 1e3, con_s * 1e3,
+                          tokens / step_s, achieved / 1e9, 100 * achieved / peak])
+            rows += [row(BENCH, f"{metric}.{name}.step_time", step_s, "s", dev),
+                     row(BENCH, f"{metric}.{name}.optimizer_step_time", opt_s, "s", dev),
+                     row(BENCH, f"{metric}.{name}.constraint_time", con_s, "s", dev),
+                     row(BENCH, f"{metric}.{name}.tokens_per_s", tokens / step_s, "tokens/s", dev),
+                     row(BENCH, f"{metric}.{name}.flops_per_step", flops, "FLOP", dev),
+                     row(BENCH, f"{metric}.{name}.achieved_flops", achieved, "FLOP/s", dev),
+                     row(BENCH, f"{metric}.{name}.mfu", achieved / peak, "fraction", dev),
+                     row(BENCH, f"{metric}.{name}.n_params", n_params, "parameters", dev),
+                     row(BENCH, f"{metric}.{name}.vocab_size", t.train_data.vocab_size, "tokens", dev)]
+        ratio = statistics.median(steps["lipschitz"]) / statistics.median(steps["baseline"])
+        rows += [row(BENCH, f"{metric}.lipschitz_over_baseline", ratio, "x", dev),
+                 row(BENCH, f"{metric}.matmul_peak", peak, "FLOP/s", dev)]
+
+    print(f"shape {shape_name}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+          f"context {cfg['context']}, batch {cfg['batch_size']}, vocab {trainers['baseline'].train_data.vocab_size}; "
+          f"{tokens} tokens/step; median of {rounds} alternating rounds after {warmup} warmup")
+    print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"], table)
+    print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
+    append_rows(args.out, rows)
+    print(f"{len(rows)} rows appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

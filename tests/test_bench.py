@@ -1,0 +1,108 @@
+"""Smoke test of the benchmarks: ``bench/run_all --quick`` into a temp results dir, then the rows.
+
+No timing is asserted (that would be a test of the machine). What is asserted: every script ran
+and wrote finite, positive, stamped rows, and the quantities that do not depend on speed are right —
+FLOPs per step against the closed form, Newton–Schulz and soft-cap errors against their
+exact-arithmetic predictions from the singular values and against the documented band, job and
+row counts against what the configs imply.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHES = ("tokenize", "train_step", "constraints", "evals", "pipeline", "duckdb_queries")
+COLUMNS = ["bench", "metric", "value", "unit", "machine", "device", "date", "git_commit"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([str(REPO / "bench" / "run_all"), "--quick", "--results", str(out)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return out
+
+
+def values(results: Path, bench: str) -> dict[str, float]:
+    rows = pq.read_table(results / f"{bench}.parquet").to_pylist()
+    return {r["metric"]: r["value"] for r in rows}
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_each_bench_appends_finite_positive_stamped_rows(results, bench):
+    table = pq.read_table(results / f"{bench}.parquet")
+    assert table.column_names == COLUMNS
+    rows = table.to_pylist()
+    assert rows
+    for r in rows:
+        assert r["bench"] == bench
+        assert math.isfinite(r["value"]) and r["value"] > 0, r
+        assert r["unit"] and r["machine"] and r["device"] == "cpu"
+        assert datetime.datetime.fromisoformat(r["date"]).tzinfo is not None
+
+
+def test_train_step_flops_follow_the_closed_form(results):
+    v = values(results, "train_step")
+    d, layers, context, batch = 64, 2, 64, 8  # SHAPES["quick"]
+    for arm in ("baseline", "lipschitz"):
+        m = f"quick.B{batch}.{arm}"
+        vocab = v[f"{m}.vocab_size"]
+        # both models: 12·d² of matrices per block (attention 4d², MLP 8d²) and a d×V head
+        n_matmul = layers * 12 * d * d + vocab * d
+        tokens = batch * context
+        assert v[f"{m}.flops_per_step"] == tokens * (6 * n_matmul + 12 * layers * context * d)
+        assert v[f"{m}.tokens_per_s"] * v[f"{m}.step_time"] == pytest.approx(tokens)
+        assert v[f"{m}.mfu"] == pytest.approx(v[f"{m}.achieved_flops"] / v[f"quick.B{batch}.matmul_peak"])
+    assert v[f"quick.B{batch}.lipschitz_over_baseline"] == pytest.approx(
+        v[f"quick.B{batch}.lipschitz.step_time"] / v[f"quick.B{batch}.baseline.step_time"])
+
+
+@pytest.mark.parametrize("n", [256, 512])
+def test_constraint_errors_match_their_exact_arithmetic_predictions(results, n):
+    v = values(results, "constraints")
+    ns, predicted = v[f"n{n}.newton_schulz5_rel_error"], v[f"n{n}.newton_schulz5_rel_error_predicted"]
+    assert ns == pytest.approx(predicted, abs=1e-4)
+    # 5 quintic steps send σ ≥ 0.0015‖G‖_F into [0.6818, 1.2024] (lipflow.optimizers): error ≤ 0.3182
+    assert ns < 0.3182
+    soft = v[f"n{n}.soft_cap_rel_error"]
+    assert soft == pytest.approx(v[f"n{n}.soft_cap_rel_error_predicted"], rel=1e-4)
+    assert 0 < soft < 0.1
+    assert v[f"n{n}.soft_cap_top_sigma"] <= 1.0 + 1e-5  # the soft cap's guarantee at σmax = 1
+
+
+def test_evals_time_every_registered_evaluation_against_a_step(results):
+    from lipflow.evaluation import EVALUATIONS
+
+    v = values(results, "evals")
+    for run in ("baseline", "lipschitz"):
+        step = v[f"{run}.train_step_time"]
+        for name in EVALUATIONS.names():
+            assert v[f"{run}.{name}_over_train_step"] == pytest.approx(v[f"{run}.{name}_time"] / step)
+
+
+def test_pipeline_dry_run_has_three_jobs_per_run_plus_four(results):
+    v = values(results, "pipeline")
+    # train, evaluate (val) and merge per run; corpus, tokenize, database, all once
+    assert v["dry_run.runs100.jobs"] == 3 * 100 + 4
+    assert v["dry_run.runs100.lipflow_over_bare"] == pytest.approx(
+        v["dry_run.runs100.lipflow_time"] / v["dry_run.runs100.bare_time"])
+
+
+def test_duckdb_ingests_every_row_and_queries_return_each_group(results):
+    sys.path.insert(0, str(REPO))
+    from bench.duckdb_queries import grid_points
+
+    v = values(results, "duckdb_queries")
+    assert v["train_metrics_rows"] == 50 * 200
+    groups = {(p["model"], p["optimizer"], p["weight_constraint"]) for p in grid_points(50)}
+    assert v["query.rows10000.best_run_per_group.result_rows"] == len(groups)

@@ -1,0 +1,453 @@
+"""Experiments: grid expansion, the DuckDB views on hand-made tables with known answers, the
+figures, and one tiny experiment end to end through Snakemake (with the HTML report)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from lipflow.config import ConfigError, check_config, fill_defaults, resolve_runs
+from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
+                                 definitions, expand_experiments, experiment_evaluations, experiment_studies,
+                                 study_enabled)
+from lipflow.plots import main as plots_main
+
+REPO = Path(__file__).resolve().parent.parent
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def base_config(**extra) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config.update(extra)
+    return config
+
+
+# --------------------------------------------------------------------------- expansion
+
+def expected_count(grid) -> int:
+    """Runs of a grid or list of grids, counted from the axis lengths (before merging duplicates)."""
+    grids = grid if isinstance(grid, list) else [grid or {}]
+    return sum(math.prod(len(values) for values in one.values()) for one in grids if one)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_every_builtin_experiment_expands_to_its_grid_product_with_valid_unique_names(preset):
+    blocks = builtin_definitions()
+    for name, block in blocks.items():
+        runs = expand_experiments({"experiments": [name], "experiment_preset": preset})
+        duplicates = 1 if name == "super_consistency" else 0  # sp·w64·L2 is in both of its grids
+        assert len(runs) == expected_count(block[preset].get("grid")) - duplicates, name
+        assert all(NAME.match(run) and run.startswith(block["short"] + ".") for run in runs), name
+        assert all(cfg["experiment"] == name for cfg in runs.values())
+    everything = expand_experiments({"experiments": list(blocks), "experiment_preset": preset})
+    assert len(everything) == sum(len(expand_experiments({"experiments": [n], "experiment_preset": preset}))
+                                  for n in blocks)  # names unique across experiments
+
+
+def test_run_names_and_overrides_follow_the_axes():
+    runs = expand_experiments({"experiments": ["lipschitz_tradeoff"]})
+    cfg = runs["tradeoff.muon.soft_cap.s2.lr0.2"]
+    assert cfg["optimizer"] == "muon" and cfg["weight_constraint"] == "spectral_soft_cap"
+    assert cfg["sigma_max"] == 2.0 and cfg["lr"] == 0.2 and cfg["model"] == "lipschitz_gpt"
+    assert cfg["experiment"] == "lipschitz_tradeoff"
+    labels = {tuple(run.split(".")[1:3]) for run in runs}
+    assert ("adamw", "hammer") in labels and ("muon", "none") in labels and ("muon", "hammer") not in labels
+
+
+def test_presets_differ_and_the_paper_preset_has_the_papers_sizes():
+    for name in builtin_definitions():
+        cpu = expand_experiments({"experiments": [name], "experiment_preset": "cpu"})
+        paper = expand_experiments({"experiments": [name], "experiment_preset": "paper"})
+        if cpu:
+            assert cpu != paper, name
+    paper = expand_experiments({"experiments": ["lipschitz_tradeoff"], "experiment_preset": "paper"})
+    shapes = {(c["d_model"], c["n_layers"], c["n_heads"], c["context"], c["batch_size"], c["steps"])
+              for c in paper.values()}
+    assert shapes == {(256, 3, 4, 256, 64, 2000)}  # Newhouse et al. 2025, App. D (Shakespeare)
+
+
+def test_all_cpu_runs_resolve_and_validate_as_runs():
+    config = base_config(experiments=list(builtin_definitions()))
+    check_config(config)
+    fill_defaults(config)
+    resolved = resolve_runs(config)
+    expected = len(config["runs"]) + len(expand_experiments(config))
+    assert len(resolved) == expected
+    lrt = [cfg for rid, cfg in resolved.items() if rid.startswith("lrt.")]
+    assert lrt and all(cfg["steps"] == 150 and cfg["schedule"] == "linear" for cfg in lrt)
+
+
+def test_unknown_experiment_is_one_line_with_did_you_mean():
+    with pytest.raises(ConfigError) as err:
+        expand_experiments({"experiments": ["lr_transfr"]})
+    message = str(err.value)
+    assert "unknown experiment 'lr_transfr'" in message and "did you mean 'lr_transfer'" in message
+    assert "\n" not in message
+
+
+def test_config_block_merges_over_the_builtin_and_replaces_the_grid():
+    override = {"lr_transfer": {"cpu": {"base": {"steps": 7}, "grid": {"lr": [0.1, 0.2]}}}}
+    runs = expand_experiments({"experiments": ["lr_transfer"], "experiment_definitions": override})
+    assert sorted(runs) == ["lrt.lr0.1", "lrt.lr0.2"]
+    assert all(c["steps"] == 7 and c["model"] == "gpt" and c["context"] == 64 for c in runs.values())
+    assert definitions({"experiment_definitions": override})["lr_transfer"]["paper"] == \
+        builtin_definitions()["lr_transfer"]["paper"]
+
+
+def test_clashing_names_and_bad_presets_are_errors():
+    clash = {"mine": {"short": "x", "cpu": {"grid": [{"v": {"a": {"lr": 0.1}}}, {"v": {"a": {"lr": 0.2}}}]}}}
+    with pytest.raises(ConfigError, match="both named 'x.a'"):
+        expand_experiments({"experiments": ["mine"], "experiment_definitions": clash})
+    same = {"mine": {"short": "x", "cpu": {"grid": [{"v": {"a": {"lr": 0.1}}}, {"v": {"a": {"lr": 0.1}}}]}}}
+    assert list(expand_experiments({"experiments": ["mine"], "experiment_definitions": same})) == ["x.a"]
+    with pytest.raises(ConfigError, match="both in runs and in an experiment"):
+        expand_experiments({"experiments": ["mine"], "experiment_definitions": same, "runs": {"x.a": {}}})
+    with pytest.raises(ConfigError, match="experiment_preset"):
+        expand_experiments({"experiments": ["mine"], "experiment_definitions": same, "experiment_preset": "gpu"})
+
+
+def test_schema_rejects_a_bad_block_with_its_path():
+    config = base_config(experiment_definitions={"lr_transfer": {"cpu": {"gird": {}}}})
+    with pytest.raises(ConfigError, match=r"experiment_definitions\.lr_transfer\.cpu\.gird"):
+        check_config(config)
+
+
+def test_experiment_evaluations_and_studies():
+    config = {"experiments": ["rank_vs_n", "robustness", "icl"]}
+    assert experiment_evaluations(config, {"experiment": "rank_vs_n"}) == ["val", "rank"]
+    assert experiment_evaluations(config, {"experiment": "lr_transfer"}) == ["val"]
+    assert experiment_evaluations(config, {"experiment": None}) is None  # a `runs` run: evaluations.enabled
+    assert experiment_studies(config) == ["icl", "image_mlp"]
+    assert study_enabled(config, "icl") and study_enabled({"icl": {"enabled": True}}, "icl")
+    assert not study_enabled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}, "icl")
+
+
+# --------------------------------------------------------------------------- views
+
+def make_table(con, name: str, rows: list[dict]) -> None:
+    columns = dict.fromkeys(k for row in rows for k in row)
+    arrow = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])  # noqa: F841
+    con.execute(f"CREATE TABLE {name} AS SELECT * FROM arrow")
+
+
+RUN_DEFAULTS = {"status": "completed", "experiment": None, "model": "gpt", "optimizer": "adamw",
+                "weight_constraint": "none", "sigma_max": 1.0, "lr": 0.01, "parametrization": "sp",
+                "depth_mup": False, "d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "steps": 100,
+                "train_tokens": None, "lipschitz_bound": None, "max_activation": None, "val_loss": None,
+                "final_val_loss": None, "val_accuracy": None, "final_val_accuracy": None}
+
+
+def run(run_id: str, **settings) -> dict:
+    return {"run_id": run_id, "name": run_id.rsplit("-", 1)[0], **RUN_DEFAULTS, **settings}
+
+
+def database(tmp_path: Path, runs: list[dict], metrics=(), evals=(), extra: dict | None = None):
+    """A results database made by hand: runs, train_metrics, evals, shards (+ extra tables)."""
+    con = duckdb.connect(str(tmp_path / "test.duckdb"))
+    make_table(con, "runs", runs)
+    make_table(con, "train_metrics", list(metrics) or [{"run_id": "none", "step": 0, "loss": 0.0, "sharpness": None}])
+    make_table(con, "evals", list(evals) or [{"run_id": "none", "eval": "val", "metric": "loss", "value": 0.0}])
+    make_table(con, "shards", [{"split": "train", "tokens": 1000}, {"split": "val", "tokens": 100}])
+    for name, rows in (extra or {}).items():
+        make_table(con, name, rows)
+    return con
+
+
+def brute_force_front(points: list[tuple[str, float, float]]) -> set[int]:
+    """Indices not dominated (bound ≤, accuracy ≥, one strict) by a point of the same optimizer."""
+    return {i for i, (opt, b, a) in enumerate(points)
+            if not any(o == opt and bb <= b and aa >= a and (bb < b or aa > a) for o, bb, aa in points)}
+
+
+def test_pareto_front_per_optimizer_matches_brute_force(tmp_path):
+    points = [("muon", 2.0, 0.40), ("muon", 5.0, 0.45), ("muon", 5.0, 0.44), ("muon", 9.0, 0.43),
+              ("muon", 30.0, 0.50), ("adamw", 3.0, 0.30), ("adamw", 1e6, 0.52), ("adamw", 50.0, 0.29)]
+    runs = [run(f"tradeoff.{i}-0000000{i}", experiment="lipschitz_tradeoff", optimizer=o, lipschitz_bound=b,
+                val_accuracy=a, max_activation=10.0 * i) for i, (o, b, a) in enumerate(points)]
+    runs += [run("tradeoff.div-00000009", experiment="lipschitz_tradeoff", status="diverged", lipschitz_bound=1.0,
+                 val_accuracy=0.9),
+             run("other-0000000a", lipschitz_bound=1.0, val_accuracy=0.99)]  # not in the experiment
+    con = database(tmp_path, runs)
+    status = create_views(con, tmp_path)
+    assert status["pareto"] == ""
+    got = {int(name.split(".")[1]) for name, on in con.sql("select name, on_front from pareto").fetchall() if on}
+    assert got == brute_force_front(points) == {0, 1, 4, 5, 6}
+    assert con.execute("select count(*) from pareto").fetchall()[0][0] == len(points)
+
+
+def test_lr_transfer_optimum_and_drift(tmp_path):
+    # method sp+adamw: optimum halves with each width doubling → drift 4; sp+muon: same lr → drift 1.
+    losses = {("adamw", 32): {0.0025: 2.0, 0.005: 1.9, 0.01: 1.5, 0.02: 1.7},
+              ("adamw", 64): {0.0025: 1.6, 0.005: 1.4, 0.01: 1.45, 0.02: 1.8},
+              ("adamw", 128): {0.0025: 1.3, 0.005: 1.35, 0.01: 1.6, 0.02: 2.5},
+              ("muon", 32): {0.05: 1.5, 0.1: 1.4, 0.2: 1.4},   # tie → the smaller lr
+              ("muon", 64): {0.05: 1.45, 0.1: 1.3, 0.2: 1.35}}
+    runs, i = [], 0
+    for (opt, width), curve in losses.items():
+        for lr, loss in curve.items():
+            runs.append(run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer=opt, d_model=width, lr=lr,
+                            val_loss=loss))
+            i += 1
+    runs.append(run(f"lrt.x-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=64, lr=1.0,
+                    status="diverged", val_loss=0.1))  # a diverged run never wins
+    con = database(tmp_path, runs)
+    create_views(con, tmp_path)
+    got = {(m, w): (lr, edge, drift) for m, w, lr, edge, drift in con.sql(
+        "select method, width, optimal_lr, at_grid_edge, drift from lr_transfer").fetchall()}
+    assert got == {("sp+adamw", 32): (0.01, False, 4.0), ("sp+adamw", 64): (0.005, False, 4.0),
+                   ("sp+adamw", 128): (0.0025, True, 4.0),
+                   ("sp+muon", 32): (0.1, False, 1.0), ("sp+muon", 64): (0.1, False, 1.0)}
+    assert con.execute("select final_loss from lr_transfer_runs where status = 'diverged'").fetchall()[0][0] is None
+
+
+def test_sharpness_spread_across_widths_and_depths(tmp_path):
+    runs = [run("sc.a-00000001", experiment="super_consistency", d_model=32, n_layers=2),
+            run("sc.b-00000002", experiment="super_consistency", d_model=64, n_layers=2),
+            run("sc.c-00000003", experiment="super_consistency", d_model=128, n_layers=2),
+            run("sc.d-00000004", experiment="super_consistency", d_model=64, n_layers=4),
+            run("sc.e-00000005", experiment="super_consistency", d_model=32, n_layers=2, parametrization="mup")]
+    sharp = {"sc.a-00000001": [1.0, 2.0], "sc.b-00000002": [2.0, 2.0], "sc.c-00000003": [3.0, 2.0],
+             "sc.d-00000004": [5.0, 4.0], "sc.e-00000005": [7.0, 7.0]}
+    metrics = [{"run_id": r, "step": s, "loss": 1.0, "sharpness": v}
+               for r, values in sharp.items() for s, v in zip((10, 20), values)]
+    metrics += [{"run_id": "sc.a-00000001", "step": 15, "loss": 1.0, "sharpness": None}]
+    con = database(tmp_path, runs, metrics)
+    create_views(con, tmp_path)
+    rows = con.sql("select axis, parametrization, fixed_size, step, n_models, spread from sharpness_spread "
+                   "order by axis, step").fetchall()
+    # widths 32/64/128 at depth 2: step 10 → (3−1)/2 = 1, step 20 → 0; depths 2/4 at width 64: (5−2)/3.5, (4−2)/3
+    assert rows == [("depth", "sp", 64, 10, 2, pytest.approx(3 / 3.5)), ("depth", "sp", 64, 20, 2, pytest.approx(2 / 3)),
+                    ("width", "sp", 2, 10, 3, pytest.approx(1.0)), ("width", "sp", 2, 20, 3, pytest.approx(0.0))]
+
+
+def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
+    runs, metrics, evals = [], [], []
+    for i, (n_tokens, heads) in enumerate(itertools.product([640, 2560, 10240], [1, 4])):
+        run_id = f"rank.{i}-{i:08x}"
+        n = n_tokens / 64
+        gap = 3.0 * n ** -0.5 * heads
+        runs.append(run(run_id, experiment="rank_vs_n", train_tokens=n_tokens, n_heads=heads, steps=100,
+                        val_loss=2.0 + gap))
+        # train loss 2.0 over the last 10% of steps (91..100), something else before
+        metrics += [{"run_id": run_id, "step": s, "loss": 2.0 if s > 90 else 5.0, "sharpness": None}
+                    for s in range(1, 101)]
+        b3_at_eval = 7.0 * n ** 0.2  # at n_eval = 256; rescaled to n it is 7·n^0.2·√(256/n) ∝ n^-0.3
+        evals += [{"run_id": run_id, "eval": "rank", "metric": "b3_rademacher_sum", "value": b3_at_eval, "n": 256,
+                   "matrix": None, "rtol": None},
+                  {"run_id": run_id, "eval": "rank", "metric": "generalization_gap", "value": 0.1, "n": None,
+                   "matrix": None, "rtol": None}]
+        evals += [{"run_id": run_id, "eval": "rank", "metric": "numerical_rank", "value": float(r), "n": None,
+                   "matrix": "qk", "rtol": rtol} for r, rtol in ((3, 0.01), (5, 0.01), (9, 0.001))]
+    con = database(tmp_path, runs, metrics, evals)
+    create_views(con, tmp_path)
+    rows = con.sql("select n_heads, n, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope from rank_bound "
+                   "order by n_heads, n").df()
+    assert len(rows) == 6
+    assert rows.n.tolist() == [10.0, 40.0, 160.0] * 2
+    assert rows.measured_gap.tolist() == pytest.approx([3.0 * n ** -0.5 * h for h in (1, 4) for n in (10, 40, 160)])
+    assert rows.b3_bound.tolist() == pytest.approx([7.0 * n ** 0.2 * (256 / n) ** 0.5 for n in (10, 40, 160)] * 2)
+    assert rows.qk_rank.tolist() == pytest.approx([4.0] * 6)  # mean over heads at rtol 1e-2 only
+    assert rows.gap_slope.tolist() == pytest.approx([-0.5] * 6)
+    assert rows.bound_slope.tolist() == pytest.approx([-0.3] * 6)
+
+
+def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
+    runs = [run("robust.lip-00000001", experiment="robustness", model="lipschitz_gpt", optimizer="muon"),
+            run("prec.lip-00000002", experiment="precision", model="lipschitz_gpt", max_activation=3.0)]
+    evals = [{"run_id": "robust.lip-00000001", "eval": "robustness", "metric": m, "value": v, "epsilon": e,
+              "attack": a, "k": k, "format": None, "scaling": None}
+             for m, v, e, a, k in [("certificate_l2", 4.0, None, None, None), ("clean_accuracy", 0.5, None, None, None),
+                                   ("robust_accuracy", 0.3, 0.5, "pgd", None), ("robust_accuracy", 0.4, None, "greedy", 1),
+                                   ("certified_accuracy", 0.2, 0.5, None, None),
+                                   ("lipschitz_lower_bound", 1.0, None, "pgd", None),
+                                   ("lipschitz_lower_bound", 2.0, None, "all", None)]]
+    evals += [{"run_id": "prec.lip-00000002", "eval": "precision", "metric": m, "value": v, "epsilon": None,
+               "attack": None, "k": None, "format": f, "scaling": s}
+              for m, v, f, s in [("accuracy", 0.5, "fp32", None), ("accuracy", 0.45, "fp8_e4m3", "none"),
+                                 ("accuracy_delta", -0.05, "fp8_e4m3", "none"), ("activation_overflow", 3.0, "fp8_e4m3", "none"),
+                                 ("accuracy", 0.49, "fp8_e4m3", "per_tensor"), ("fp8_safe_proven", 1.0, "fp8_e4m3", None)]]
+    con = database(tmp_path, runs, evals=evals)
+    image = tmp_path / "image_mlp"
+    image.mkdir()
+    pq.write_table(pa.Table.from_pylist([
+        {"metric": "certificate_l2", "value": 15.0, "method": "muon_soft_cap", "epsilon": None},
+        {"metric": "robust_accuracy", "value": 0.8, "method": "muon_soft_cap", "epsilon": 0.5},
+        {"metric": "matched_step", "value": 300.0, "method": "muon_soft_cap", "epsilon": None}]),
+        image / "robustness.parquet")
+    status = create_views(con, tmp_path)
+    assert status["robustness"] == "" and status["precision"] == ""
+    rows = con.sql("select domain, label, certificate_l2, metric, attack, epsilon, k, value from robustness "
+                   "order by domain, metric, value").fetchall()
+    assert rows == [
+        ("image_mlp", "muon_soft_cap", 15.0, "robust_accuracy", "pgd", 0.5, None, 0.8),
+        ("lm", "lip", 4.0, "certified_accuracy", None, 0.5, None, 0.2),
+        ("lm", "lip", 4.0, "clean_accuracy", None, None, None, 0.5),
+        ("lm", "lip", 4.0, "lipschitz_lower_bound", None, None, None, 2.0),
+        ("lm", "lip", 4.0, "robust_accuracy", "pgd", 0.5, None, 0.3),
+        ("lm", "lip", 4.0, "robust_accuracy", "greedy", None, 1, 0.4)]
+    cells = con.sql("select format, scaling, accuracy, accuracy_delta, activation_overflow, fp8_safe_proven "
+                    "from precision order by format, scaling").fetchall()
+    assert cells == [("fp32", None, 0.5, None, None, None), ("fp8_e4m3", "none", 0.45, -0.05, 3.0, 1.0),
+                     ("fp8_e4m3", "per_tensor", 0.49, None, None, 1.0)]
+
+
+def icl_tables(layer_losses: dict[int, tuple[float, float]], n: int = 20) -> dict[str, list[dict]]:
+    """The ICL study's tables (lipflow.icl.study) for a layer sweep at n and an n sweep at the largest L."""
+    top = max(layer_losses)
+    by_layers = [{"method": m, "n_layers": L, "n": n, "loss": v, "loss_stderr": 0.0, "expected_loss": None}
+                 for L, (model, pgd) in layer_losses.items()
+                 for m, v in (("transformer", model), ("pgd", pgd), ("gd", 0.9), ("least_squares", 0.01))]
+    by_n = [dict(r, n=k) for r in by_layers if r["n_layers"] == top for k in (n // 2, n)]
+    agreement = [{"n_layers": L, "n": n, "reference": ref, "transformer_loss": model, "reference_loss": pgd,
+                  "loss_ratio": model / pgd, "prediction_mse": 0.0, "relative_prediction_mse": 1e-3 * L,
+                  "prediction_correlation": 0.99} for L, (model, pgd) in layer_losses.items()
+                 for ref in ("pgd", "one_step_optimal")]
+    steps = [{"n_layers": L, "n": n, "rank": r, "layer": r, "learned": 1.0, "optimal_pgd": 1.0, "rel_error": 0.01 * r}
+             for L in layer_losses for r in range(L)]
+    return {"icl_loss_by_layers": by_layers, "icl_loss_by_n": by_n, "icl_agreement": agreement,
+            "icl_step_sizes": steps}
+
+
+def test_icl_view_reads_the_icl_tables_and_is_empty_with_a_reason_without_them(tmp_path):
+    con = database(tmp_path, [run("x-00000001")], extra=icl_tables({1: (0.5, 0.4), 3: (0.13, 0.13)}))
+    create_views(con, tmp_path)
+    assert con.sql("select sweep, n_layers, n, ratio_to_pgd, gd_loss, relative_prediction_mse, max_step_size_rel_error "
+                   "from icl_vs_pgd order by sweep, n_layers, n").fetchall() == [
+        ("layers", 1, 20, pytest.approx(1.25), 0.9, pytest.approx(1e-3), pytest.approx(0.0)),
+        ("layers", 3, 20, pytest.approx(1.0), 0.9, pytest.approx(3e-3), pytest.approx(0.02)),
+        ("n", 3, 10, pytest.approx(1.0), 0.9, None, None),
+        ("n", 3, 20, pytest.approx(1.0), 0.9, pytest.approx(3e-3), pytest.approx(0.02))]
+    (tmp_path / "bare").mkdir()
+    bare = database(tmp_path / "bare", [run("x-00000001")])
+    create_views(bare, tmp_path / "bare")
+    comment = bare.execute("select comment from duckdb_views() where view_name = 'icl_vs_pgd'").fetchall()[0][0]
+    assert comment.startswith("empty:") and "ICL study did not run" in comment
+
+
+def test_every_view_exists_with_its_declared_columns_whether_empty_or_not(tmp_path):
+    con = database(tmp_path, [run("baseline-00000001")])
+    status = create_views(con, tmp_path)
+    assert set(status) == set(VIEWS.names())
+    for name in VIEWS.names():
+        described = [(c, t) for c, t, *_ in con.sql(f"describe {name}").fetchall()]
+        assert described == list(VIEWS.get(name).columns.items()), name
+        assert con.execute(f"select count(*) from {name}").fetchall()[0][0] == 0
+        assert status[name].startswith("empty: ")
+    assert all(v in VIEWS for views in EXPERIMENT_VIEWS.values() for v in views)
+
+
+# --------------------------------------------------------------------------- figures
+
+@pytest.fixture
+def filled_database(tmp_path) -> Path:
+    """A database on disk whose every headline view has rows."""
+    runs, metrics, evals = [], [], []
+    for i, (opt, b, a) in enumerate([("muon", 2.0, 0.4), ("muon", 20.0, 0.5), ("adamw", 1e5, 0.45)]):
+        runs.append(run(f"tradeoff.{i}-{i:08x}", experiment="lipschitz_tradeoff", optimizer=opt, lipschitz_bound=b,
+                        val_accuracy=a, max_activation=3.0 + i, weight_constraint="spectral_soft_cap"))
+    for j, (w, lr) in enumerate(itertools.product([32, 64], [0.01, 0.02])):
+        runs.append(run(f"lrt.{j}-{10 + j:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=2 + lr * w / 64))
+    for j, (p, w) in enumerate(itertools.product(["sp", "mup"], [32, 64])):
+        rid = f"sc.{j}-{20 + j:08x}"
+        runs.append(run(rid, experiment="super_consistency", parametrization=p, d_model=w))
+        metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": s / w} for s in (10, 20)]
+    for j, n in enumerate([640, 6400]):
+        rid = f"rank.{j}-{30 + j:08x}"
+        runs.append(run(rid, experiment="rank_vs_n", train_tokens=n, val_loss=2.5 - j * 0.3))
+        metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": None} for s in (95, 100)]
+        evals += [{"run_id": rid, "eval": "rank", "metric": "b3_rademacher_sum", "value": 50.0, "n": 256, "matrix": None,
+                   "rtol": None, "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None},
+                  {"run_id": rid, "eval": "rank", "metric": "numerical_rank", "value": 8.0, "n": None, "matrix": "qk",
+                   "rtol": 0.01, "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}]
+    runs += [run("robust.m-00000040", experiment="robustness"), run("prec.m-00000041", experiment="precision")]
+    evals += [{"run_id": "robust.m-00000040", "eval": "robustness", "metric": "robust_accuracy", "value": 0.5 - e,
+               "n": None, "matrix": None, "rtol": None, "epsilon": e, "attack": "pgd", "k": None, "format": None,
+               "scaling": None} for e in (0.0, 0.25)]
+    evals += [{"run_id": "prec.m-00000041", "eval": "precision", "metric": "accuracy", "value": 0.5, "n": None,
+               "matrix": None, "rtol": None, "epsilon": None, "attack": None, "k": None, "format": f, "scaling": s}
+              for f, s in (("fp32", None), ("bf16", "none"), ("bf16", "per_tensor"))]
+    con = database(tmp_path, runs, metrics, evals, extra=icl_tables({1: (0.5, 0.4), 2: (0.3, 0.25)}))
+    status = create_views(con, tmp_path)
+    assert all(status[views[0]] == "" for views in EXPERIMENT_VIEWS.values()), status
+    con.close()
+    return tmp_path / "test.duckdb"
+
+
+def test_plots_cli_writes_every_figure_and_table(filled_database, tmp_path, capsys):
+    out, tables = tmp_path / "figures", tmp_path / "tables"
+    assert plots_main(["--db", str(filled_database), "--out-dir", str(out), "--tables-dir", str(tables)]) == 0
+    assert sum(map(len, EXPERIMENT_FIGURES.values())) == 7
+    for figures in EXPERIMENT_FIGURES.values():
+        for fig in figures:
+            assert (out / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert b"<svg" in (out / f"{fig}.svg").read_bytes()[:2000]
+    lrt = (tables / "lr_transfer.csv").read_text().splitlines()
+    assert lrt[0].startswith("method,width,optimal_lr") and len(lrt) == 3
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):
+    con = database(tmp_path, [run("baseline-00000001")])
+    create_views(con, tmp_path)
+    con.close()
+    db = str(tmp_path / "test.duckdb")
+    assert plots_main(["--db", db, "--out-dir", str(tmp_path / "f"), "--experiment", "icl"]) == 2
+    err = capsys.readouterr().err
+    assert "view icl_vs_pgd is empty" in err and "ICL study did not run" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "f").exists()
+    assert plots_main(["--db", db, "--experiment", "lr_transfr"]) == 2
+    assert "did you mean 'lr_transfer'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- end to end
+
+TINY_LR_TRANSFER = {
+    "lr_transfer": {"cpu": {
+        "base": {"steps": 6, "eval_every": 3, "eval_batches": 1, "context": 16, "batch_size": 4, "n_layers": 1},
+        "grid": {"method": {"sp_adamw": {"parametrization": "sp", "optimizer": "adamw"}},
+                 "width": {"w16": {"d_model": 16, "n_heads": 2}, "w32": {"d_model": 32, "n_heads": 2}},
+                 "lr": [0.003, 0.03]}}}}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "-c2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.e2e
+def test_tiny_experiment_end_to_end_fills_view_figure_and_report(tmp_path):
+    config = yaml.safe_load((REPO / "tests" / "data" / "tiny_config.yaml").read_text())
+    config.update(runs={}, experiments=["lr_transfer"], experiment_definitions=TINY_LR_TRANSFER)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # axis order = name order
+    done = snakemake(tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    con = duckdb.connect(str(tmp_path / "results" / "lipflow.duckdb"), read_only=True)
+    runs = con.sql("select name, status from runs order by name").fetchall()
+    assert [r[0] for r in runs] == ["lrt.sp_adamw.w16.lr0.003", "lrt.sp_adamw.w16.lr0.03",
+                                    "lrt.sp_adamw.w32.lr0.003", "lrt.sp_adamw.w32.lr0.03"]
+    best = con.sql("select width, optimal_lr, best_loss, n_lrs, drift from lr_transfer order by width").fetchall()
+    curves = con.sql("select width, lr, final_loss from lr_transfer_runs").fetchall()
+    for width, optimal_lr, best_loss, n_lrs, drift in best:
+        mine = {lr: loss for w, lr, loss in curves if w == width}
+        assert n_lrs == 2 and best_loss == min(mine.values()) and mine[optimal_lr] == best_loss
+    assert [w for w, *_ in best] == [16, 32]
+    optima = [b[1] for b in best]
+    assert best[0][4] == pytest.approx(max(optima) / min(optima))
+    for ext in ("png", "svg"):
+        assert (tmp_path / "results" / "figures" / f"lr_transfer.{ext}").stat().st_size > 1000
+    assert (tmp_path / "results" / "tables" / "lr_transfer.csv").is_file()
+    report = snakemake(tmp_path, "--report", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "lr_transfer.png" in html and "optimal" in html
