@@ -27,7 +27,8 @@ COLUMNS = ["bench", "metric", "value", "unit", "machine", "device", "date", "git
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([str(REPO / "bench" / "run_all"), "--quick", "--results", str(out)],
+    # one torch thread: steadier, and no slower for these tiny shapes, when other tests share the cores
+    done = subprocess.run([str(REPO / "bench" / "run_all"), "--quick", "--threads", "1", "--results", str(out)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return out
@@ -53,6 +54,7 @@ def test_each_bench_appends_finite_positive_stamped_rows(results, bench):
 
 def test_train_step_flops_follow_the_closed_form(results):
     v = values(results, "train_step")
+    assert v["torch_threads"] == 1  # run_all passed --threads through
     d, layers, context, batch = 64, 2, 64, 8  # SHAPES["quick"]
     for arm in ("baseline", "lipschitz"):
         m = f"quick.B{batch}.{arm}"

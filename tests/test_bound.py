@@ -17,15 +17,6 @@ from lipflow.model.bound import GELU_MAX_SLOPE, project_rms_ball
 from lipflow.model.lipschitz_gpt import LipschitzAttention, orthogonal_init_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a single intra-op thread avoids oversubscription on small CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inf_rms(z: torch.Tensor) -> torch.Tensor:
     """‖Z‖_∞RMS per sample: max over tokens of the RMS over the last dim."""
     return z.pow(2).mean(dim=-1).sqrt().amax(dim=-1)

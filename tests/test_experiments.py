@@ -428,7 +428,8 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.e2e
 def test_tiny_experiment_end_to_end_fills_view_figure_and_report(tmp_path):
     config = yaml.safe_load((REPO / "tests" / "data" / "tiny_config.yaml").read_text())
-    config.update(runs={}, experiments=["lr_transfer"], experiment_definitions=TINY_LR_TRANSFER)
+    config.update(runs={}, experiments=["lr_transfer"], experiment_definitions=TINY_LR_TRANSFER,
+                  evaluations={"enabled": ["val"]})  # what lr_transfer's runs get (its `evaluations`)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # axis order = name order
     done = snakemake(tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]

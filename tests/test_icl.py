@@ -34,15 +34,6 @@ PAPER_EIGENVALUES = [1.0, 1.0, 0.25, 0.0625, 1.0]
 DOUBLE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sampler_for(n=20, **overrides) -> PromptSampler:
     return PromptSampler(load_config(overrides), n)
 

@@ -17,15 +17,6 @@ LM_CFG = {"d_model": 32, "n_layers": 2, "n_heads": 4, "context": 12, "mlp_ratio"
           "optimizer": "adamw"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a single intra-op thread avoids oversubscription on small CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lm(name: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model({**LM_CFG, "model": name, **overrides}, VOCAB)

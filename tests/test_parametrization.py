@@ -15,15 +15,6 @@ VOCAB, CONTEXT, BATCH = 32, 8, 8
 WIDTHS = (64, 128, 256, 512)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a single intra-op thread avoids oversubscription on small CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lm_cfg(model: str, parametrization: str, width: int, **extra) -> dict:
     return {"model": model, "d_model": width, "n_layers": 2, "n_heads": 4, "context": CONTEXT, "mlp_ratio": 4,
             "parametrization": parametrization, "base_width": 64, "optimizer": "adamw", **extra}

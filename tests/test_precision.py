@@ -14,14 +14,6 @@ from lipflow.metrics import evaluate_windows
 from lipflow.model import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 MANTISSA_BITS = {"bf16": 7, "fp16": 10, "fp8_e4m3": 3, "fp8_e5m2": 2}
 
 

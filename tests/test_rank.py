@@ -13,14 +13,6 @@ from lipflow.evaluation.rank import (LayerMatrices, b3_terms, dudley_rademacher,
 from lipflow.model import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 CFG = dict(model="gpt", d_model=32, n_layers=2, n_heads=4, context=8, mlp_ratio=2)
 
 

@@ -14,15 +14,6 @@ from lipflow.model import build_model
 from lipflow.model.base import LanguageModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PositionwiseNet(LanguageModel):
     """Logits_t = W₂ relu(W₁ x_t) (or W x_t without a hidden layer); certificate ∏ σ_max(Wᵢ),
     which is exact for the linear case since the map is block diagonal over positions."""

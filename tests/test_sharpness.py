@@ -10,15 +10,6 @@ from lipflow.evaluation.sharpness import hutchinson_trace, lanczos_topk, power_i
 from lipflow.model import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (≈10× slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def symmetric_with_spectrum(eigenvalues, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = len(eigenvalues)

@@ -6,7 +6,6 @@ Select or deselect with `-m slurm` / `-m "not slurm"`.
 """
 
 import importlib.util
-import re
 import sys
 from pathlib import Path
 
