@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
                      row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
             for evaluation in EVALUATIONS.names():
-                ctx.cfg = QUICK_PARAMS[evaluation] if args.quick else {}
+                ctx.cfg = QUICK_PARAMS.get(evaluation, {}) if args.quick else {}
                 torch.manual_seed(0)
                 _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
                 table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])

@@ -139,7 +139,7 @@ def job_count(output: str) -> int:
 
 
 def setup(work: Path, name: str, config: dict[str, Any]) -> tuple[Path, Path, Path]:
-    """Work directories for lipflow and the bare Snakefile on ``config``: (lipflow dir, bare dir, bare Snakefile)."""
+    """(lipflow work dir holding ``config``, bare work dir, bare Snakefile for the same run ids)."""
     lip, bare = work / f"{name}-lipflow", work / f"{name}-bare"
     lip.mkdir()
     bare.mkdir()
@@ -150,6 +150,7 @@ def setup(work: Path, name: str, config: dict[str, Any]) -> tuple[Path, Path, Pa
 
 
 def median_times(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Each function's median wall-clock seconds over alternating rounds."""
     return {name: statistics.median(t) for name, t in alternating_timings(fns, rounds, warmup).items()}
 
 
