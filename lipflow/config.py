@@ -150,12 +150,20 @@ def expanded_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def plain_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``runs`` block's runs that train: all of them, unless experiments are selected and
+    ``runs_with_experiments`` is false (a selected experiment then runs on its own)."""
+    if config.get("experiments") and not config.get("runs_with_experiments", False):
+        return {}
+    return config["runs"]
+
+
 def resolve_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """run id → resolved run config, for a validated config (defaults filled): the ``runs``
-    block plus every run of the enabled experiments."""
+    block's (see plain_runs) plus every run of the enabled experiments."""
     data = data_identity(config)
     resolved = {}
-    for name, cfg in {**config["runs"], **expanded_runs(config)}.items():
+    for name, cfg in {**plain_runs(config), **expanded_runs(config)}.items():
         run_id = f"{name}-{config_hash({'run': cfg, 'data': data})[:8]}"
         resolved[run_id] = cfg
     return resolved

@@ -358,9 +358,7 @@ VIEWS.register("icl_vs_pgd")(View(
                           "icl_agreement": ("n_layers", "n", "reference", "prediction_correlation",
                                             "relative_prediction_mse"),
                           "icl_step_sizes": ("n_layers", "n", "rel_error")},
-                absent_reason="the ICL study's tables (icl_loss_by_layers, icl_loss_by_n, icl_agreement, "
-                              "icl_step_sizes) are absent: the ICL study did not run "
-                              "(experiments: [icl] or icl.enabled: true)",
+                absent_reason="the ICL study did not run (experiments: [icl] or icl.enabled: true)",
                 sql="""
         WITH losses AS (
             SELECT 'layers' AS sweep, method, n_layers, n, loss FROM icl_loss_by_layers

@@ -259,11 +259,11 @@ def precision(con) -> plt.Figure:
             ax.bar(np.arange(len(formats)) + i * width, values, width, color=color, label=label)
         ax.set_xticks(np.arange(len(formats)) + width * (len(labels) - 1) / 2)
         ax.set_xticklabels(formats, rotation=20)
-        ax.set_xlabel("number format of weights and matmul activations (int8: weights only, per channel)")
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("val next-token accuracy (%)")
     axes[0].legend(fontsize=8)
+    fig.supxlabel("number format of weights and matmul activations (int8: weights only, per channel)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -81,10 +81,12 @@ def test_all_cpu_runs_resolve_and_validate_as_runs():
     check_config(config)
     fill_defaults(config)
     resolved = resolve_runs(config)
-    expected = len(config["runs"]) + len(expand_experiments(config))
-    assert len(resolved) == expected
+    assert config["runs"] and len(resolved) == len(expand_experiments(config))  # runs block left out
     lrt = [cfg for rid, cfg in resolved.items() if rid.startswith("lrt.")]
     assert lrt and all(cfg["steps"] == 150 and cfg["schedule"] == "linear" for cfg in lrt)
+    config["runs_with_experiments"] = True
+    names = {rid.rsplit("-", 1)[0] for rid in resolve_runs(config)}
+    assert len(names) == len(resolved) + len(config["runs"]) and set(config["runs"]) <= names
 
 
 def test_unknown_experiment_is_one_line_with_did_you_mean():

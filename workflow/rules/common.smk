@@ -5,7 +5,8 @@ import sys
 
 from snakemake.utils import validate
 
-from lipflow.config import ConfigError, check_config, resolve_runs, tokenizer_id
+from lipflow.config import ConfigError, check_config, plain_runs, resolve_runs, tokenizer_id
+from lipflow.experiments import experiment_evaluations
 
 try:
     check_config(config)  # one clear line naming the key path, before any job starts
@@ -14,7 +15,19 @@ except ConfigError as err:
 validate(config, schema="../schemas/config.schema.yaml")  # fills the schema's defaults
 
 RUNS = resolve_runs(config)
+if config["runs"] and not plain_runs(config):
+    print(f"lipflow: experiments selected, so the {len(config['runs'])} run(s) of `runs` are not trained "
+          "(set runs_with_experiments: true to include them)", file=sys.stderr)
 EVALUATIONS = list(config["evaluations"]["enabled"])
+
+
+def run_evaluations(run):
+    """The checkpoint evaluations of one run: its experiment's list, else evaluations.enabled."""
+    own = experiment_evaluations(config, RUNS[run])
+    return EVALUATIONS if own is None else own
+
+
+ALL_EVALUATIONS = sorted({name for run in RUNS for name in run_evaluations(run)} | set(EVALUATIONS))
 DATA_DIR = f"results/data/{config['corpus']['name']}"
 TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
 DATABASE = "results/lipflow.duckdb"
@@ -23,7 +36,7 @@ ENV = "../../envs/lipflow.yaml"
 
 wildcard_constraints:
     run="[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}",
-    evaluation="|".join(EVALUATIONS) or "(?!)",  # an empty list matches nothing
+    evaluation="|".join(ALL_EVALUATIONS) or "(?!)",  # an empty list matches nothing
 
 
 def run_out_dir(wildcards):
@@ -36,7 +49,8 @@ def evaluation_params_json(wildcards):
 
 
 def run_evaluation_files(wildcards):
-    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run, evaluation=EVALUATIONS)
+    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run,
+                  evaluation=run_evaluations(wildcards.run))
 
 
 def run_config_json(wildcards):

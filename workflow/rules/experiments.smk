@@ -15,21 +15,16 @@ def experiment_outputs(name):
 
 
 def experiment_targets(wildcards=None):
-    """Everything the enabled experiments produce (added to `rule all`), with the ICL study's
-    tables, figures and check (rule icl_all of icl.smk) when an experiment includes it."""
+    """Everything the enabled experiments produce (added to `rule all`); the ICL study's outputs come
+    from icl_targets (icl.smk), which experiments: [icl] switches on."""
     targets = [path for name in EXPERIMENTS for path in experiment_outputs(name)]
-    if study_enabled(config, "icl") and hasattr(rules, "icl_all"):
-        targets += list(rules.icl_all.input)
     return targets + experiment_database_inputs()
 
 
 def experiment_database_inputs(wildcards=None):
     """Files outside the runs that the database loads when their study is on (for `database`'s input):
-    the digits-MLP robustness table and the ICL study's tables (rule icl_collect of icl.smk)."""
-    inputs = [IMAGE_MLP] if study_enabled(config, "image_mlp") else []
-    if study_enabled(config, "icl") and hasattr(rules, "icl_collect"):
-        inputs += list(rules.icl_collect.output)
-    return inputs
+    the digits-MLP robustness table (loaded by create_views as image_mlp_robustness)."""
+    return [IMAGE_MLP] if study_enabled(config, "image_mlp") else []
 
 
 for _name in EXPERIMENT_FIGURES:

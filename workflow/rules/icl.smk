@@ -5,9 +5,11 @@
 
 import json
 
+from lipflow.experiments import study_enabled
 from lipflow.icl.config import load_config, training_config, training_jobs
 
 ICL_CONFIG = load_config(config.get("icl"))
+ICL_ENABLED = study_enabled(config, "icl")  # icl.enabled, or an experiment that includes the study
 ICL_RUNS = [f"results/icl/runs/L{layers}_n{n}.safetensors" for layers, n in training_jobs(ICL_CONFIG)]
 ICL_TABLES = [
     "loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error",
@@ -21,13 +23,13 @@ ICL_FIGURES = [
 
 
 def icl_tables(wildcards):
-    """The study's tables when `icl.enabled` (the DuckDB build loads them as icl_<table>)."""
-    return expand("results/icl/{table}.parquet", table=ICL_TABLES) if ICL_CONFIG.enabled else []
+    """The study's tables when it is enabled (the DuckDB build loads them as icl_<table>)."""
+    return expand("results/icl/{table}.parquet", table=ICL_TABLES) if ICL_ENABLED else []
 
 
 def icl_targets(wildcards):
-    """What `rule all` needs from the study: everything of icl_all when `icl.enabled`."""
-    return [*icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"] if ICL_CONFIG.enabled else []
+    """What `rule all` needs from the study: everything of icl_all when it is enabled."""
+    return [*icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"] if ICL_ENABLED else []
 
 
 def icl_params(wildcards):
