@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from lipflow.data import DataError
 from lipflow.data.corpus import PARAGRAPH_DOC_CHARS, CorpusConfig, _paragraph_documents, build_corpus, split_of
 from lipflow.data.loader import TokenShards, load_tokenizer
-from lipflow.data.tokenize import EOT, UNK, TokenizerConfig, token_dtype, tokenize_corpus
+from lipflow.data.tokenize import EOT, UNK, CharTable, TokenizerConfig, flat_ids, token_dtype, tokenize_corpus
 
 TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 TOPICS = [topics.topics[name] for name in sorted(topics.topics)]  # real English prose, 79 documents
@@ -179,6 +179,43 @@ def test_char_tokenizer_round_trips_and_maps_unseen_val_chars_to_unk(tmp_path):
     tokenizer = load_tokenizer(tmp_path / "t")
     assert all(tokenizer.decode(tokenizer.encode(d).ids) == d for d in train)
     assert tokenizer.encode(EOT).ids == [vocab[c] for c in EOT]  # a separator string in text is text
+
+
+TRICKY_TEXTS = ["", "caf\u00e9 vs cafe\u0301", "emoji \U0001F600 and \U0010FFFF", "<|endoftext|>[UNK] as text",
+                "line\r\nbreaks\ttabs\x00nul", "\u4e2d\u6587", "", "end"]
+
+
+def test_char_table_equals_encode_batch_fast_on_unseen_and_astral_characters(tmp_path):
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:5] + ["caf\u00e9 \U0001F600"], TOPICS[5:6])
+    tokenize_corpus(TokenizerConfig(kind="char"), corpus, tmp_path / "t")
+    tokenizer = load_tokenizer(tmp_path / "t")
+    tokenizer.encode_special_tokens = True
+    table = CharTable.of(tokenizer)
+    assert table is not None
+    for dtype in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        reference = flat_ids(tokenizer.encode_batch_fast(TRICKY_TEXTS, add_special_tokens=False), 0, dtype)
+        assert table.encode(TRICKY_TEXTS, 0, dtype).tolist() == reference.tolist()
+    assert (reference == 1).sum() > 5  # unseen characters (CJK, U+10FFFF, NUL) really hit [UNK]
+
+
+def test_char_table_is_only_used_for_pure_character_tokenizers(tmp_path):
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
+    tokenize_corpus(TokenizerConfig(kind="bpe", vocab_size=300), corpus, tmp_path / "bpe")
+    tokenize_corpus(TokenizerConfig(kind="char"), corpus, tmp_path / "char")
+    assert CharTable.of(load_tokenizer(tmp_path / "bpe")) is None  # merges
+    spec = json.loads((tmp_path / "char" / "tokenizer.json").read_text())
+    for key, value in (("normalizer", {"type": "Lowercase"}), ("fuse_unk", True)):
+        changed = json.loads(json.dumps(spec))
+        (changed if key == "normalizer" else changed["model"])[key] = value
+        tokenizer = Tokenizer.from_str(json.dumps(changed))
+        assert CharTable.of(tokenizer) is None, key
+    # such a tokenizer.json still tokenizes exactly (through encode_batch_fast)
+    lower = json.loads(json.dumps(spec))
+    lower["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "lower.json").write_text(json.dumps(lower))
+    manifest = tokenize_corpus(TokenizerConfig(kind="file", path=str(tmp_path / "lower.json")), corpus, tmp_path / "t")
+    reference = Tokenizer.from_str(json.dumps(lower))
+    assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(reference, TOPICS[10:12], manifest["eot_id"])
 
 
 def test_bpe_is_trained_on_the_train_split_only(tmp_path):
