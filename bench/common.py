@@ -145,9 +145,8 @@ def default_shards(work: Path) -> Path:
 
 def run_configs(defaults: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """name → run config, validated and completed with the schema's defaults as the pipeline does."""
-    from lipflow.config import check_config, fill_defaults
+    from lipflow.config import check_config
 
     config = {"defaults": dict(defaults), "runs": {name: dict(overrides) for name, overrides in runs.items()}}
     check_config(config)
-    fill_defaults(config)
     return config["runs"]

@@ -46,7 +46,7 @@ from typing import Any  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.common import REPO, alternating_timings, append_rows, machine, print_table, row  # noqa: E402
-from lipflow.config import check_config, fill_defaults, resolve_runs  # noqa: E402
+from lipflow.config import check_config, resolve_runs  # noqa: E402
 
 BENCH = "pipeline"
 PROFILE = REPO / "profiles" / "default"
@@ -115,7 +115,6 @@ def resolved_run_ids(config: dict[str, Any]) -> list[str]:
     """What common.smk does with a config: validate, fill the schema's defaults, resolve the run ids."""
     config = copy.deepcopy(config)
     check_config(config)
-    fill_defaults(config)
     return list(resolve_runs(config))
 
 

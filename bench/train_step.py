@@ -25,7 +25,8 @@ Also timed, alternately, on the gradients the last step left: ``optimizer.step()
 weight constraint alone (``apply_weight_constraint``), which split the difference between the arms.
 
 Shapes: ``quick`` (d 64, 2 layers, context 64, batch 8; the --quick smoke test), ``cpu`` (d 256,
-4 layers, context 128, batch 32; the CPU default), ``gpt2-124m`` (GPT-2 small: d 768, 12 layers,
+4 layers, context 128, batch 128: 16,384 tokens per step, the tokens per step of Newhouse et al.'s
+Shakespeare runs, batch 64 × context 256; the CPU default), ``gpt2-124m`` (GPT-2 small: d 768, 12 layers,
 12 heads, context 1024, vocabulary 50257, batch 16; the CUDA default; 124M parameters with GPT-2's
 tied embeddings, 163M with lipflow's untied head, of which N = 123.5M multiply activations). The
 small shapes train on the default config's data (embedded pydoc corpus, char tokenizer);
@@ -65,7 +66,7 @@ BENCH = "train_step"
 # name → run settings (+ "vocab": None for the default char data, or a synthetic vocabulary size)
 SHAPES: dict[str, dict[str, Any]] = {
     "quick": {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 8, "vocab": None},
-    "cpu": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 128, "batch_size": 32, "vocab": None},
+    "cpu": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 128, "batch_size": 128, "vocab": None},
     "gpt2-124m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "context": 1024, "batch_size": 16,
                   "vocab": 50257},
 }

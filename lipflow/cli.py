@@ -107,11 +107,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from lipflow.config import check_config, fill_defaults, load_config_file, resolve_runs
+    from lipflow.config import check_config, load_config_file, resolve_runs
 
     config = load_config_file(Path(args.configfile))
     check_config(config)
-    fill_defaults(config)
     for run_id in resolve_runs(config):
         print(run_id)
     return 0

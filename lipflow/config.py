@@ -111,11 +111,13 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def check_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
-    """Merge run defaults, then raise :class:`ConfigError` on the first schema violation."""
+    """Merge run defaults and fill the schema's defaults into ``config`` (in place, as
+    snakemake.utils.validate does), in the same pass raising :class:`ConfigError` on the first
+    schema violation (one line naming the key path)."""
     if not isinstance(config, dict):
         raise ConfigError("the config must be a mapping of keys to values")
     merge_run_defaults(config)
-    validator = make_validator(schema_path)
+    validator = make_validator(schema_path, fill=True)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"config error: {_describe(error)}")
@@ -169,7 +171,3 @@ def resolve_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return resolved
 
 
-
-def fill_defaults(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
-    """Fill the schema's defaults into ``config`` in place."""
-    make_validator(schema_path, fill=True).validate(config)

@@ -34,12 +34,12 @@ def char_shards(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_run_config() -> dict:
     """A resolved run config (schema defaults filled) for a model that trains in about a second."""
-    from lipflow.config import fill_defaults
+    from lipflow.config import check_config
 
     config = {"runs": {"tiny": {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 16, "batch_size": 4,
                                 "steps": 12, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 3,
                                 "device": "cpu"}}}
-    fill_defaults(config)
+    check_config(config)
     return config["runs"]["tiny"]
 
 

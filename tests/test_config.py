@@ -5,14 +5,13 @@ import copy
 import pytest
 import yaml
 
-from lipflow.config import ConfigError, check_config, fill_defaults, resolve_runs
+from lipflow.config import ConfigError, check_config, resolve_runs
 from lipflow.registry import Registry, UnknownNameError
 
 
 def resolved(config):
     config = copy.deepcopy(config)
     check_config(config)
-    fill_defaults(config)
     return config
 
 

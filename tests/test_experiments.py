@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from lipflow.config import ConfigError, check_config, fill_defaults, resolve_runs
+from lipflow.config import ConfigError, check_config, resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
                                  study_enabled)
@@ -79,7 +79,6 @@ def test_presets_differ_and_the_paper_preset_has_the_papers_sizes():
 def test_all_cpu_runs_resolve_and_validate_as_runs():
     config = base_config(experiments=list(builtin_definitions()))
     check_config(config)
-    fill_defaults(config)
     resolved = resolve_runs(config)
     assert config["runs"] and len(resolved) == len(expand_experiments(config))  # runs block left out
     lrt = [cfg for rid, cfg in resolved.items() if rid.startswith("lrt.")]
@@ -430,15 +429,17 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.e2e
 def test_tiny_experiment_end_to_end_fills_view_figure_and_report(tmp_path):
     config = yaml.safe_load((REPO / "tests" / "data" / "tiny_config.yaml").read_text())
-    config.update(runs={}, experiments=["lr_transfer"], experiment_definitions=TINY_LR_TRANSFER,
-                  evaluations={"enabled": ["val"]})  # what lr_transfer's runs get (its `evaluations`)
+    assert config["runs"] and len(config["evaluations"]["enabled"]) == 5
+    config.update(experiments=["lr_transfer"], experiment_definitions=TINY_LR_TRANSFER)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # axis order = name order
     done = snakemake(tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     con = duckdb.connect(str(tmp_path / "results" / "lipflow.duckdb"), read_only=True)
     runs = con.sql("select name, status from runs order by name").fetchall()
     assert [r[0] for r in runs] == ["lrt.sp_adamw.w16.lr0.003", "lrt.sp_adamw.w16.lr0.03",
-                                    "lrt.sp_adamw.w32.lr0.003", "lrt.sp_adamw.w32.lr0.03"]
+                                    "lrt.sp_adamw.w32.lr0.003", "lrt.sp_adamw.w32.lr0.03"]  # not `runs`
+    assert "run(s) of `runs` are not trained" in done.stderr
+    assert con.sql("select distinct eval from evals").fetchall() == [("val",)]  # lr_transfer's list only
     best = con.sql("select width, optimal_lr, best_loss, n_lrs, drift from lr_transfer order by width").fetchall()
     curves = con.sql("select width, lr, final_loss from lr_transfer_runs").fetchall()
     for width, optimal_lr, best_loss, n_lrs, drift in best:

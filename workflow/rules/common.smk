@@ -3,16 +3,15 @@ import json
 import math
 import sys
 
-from snakemake.utils import validate
-
 from lipflow.config import ConfigError, check_config, plain_runs, resolve_runs, tokenizer_id
 from lipflow.experiments import experiment_evaluations
 
 try:
-    check_config(config)  # one clear line naming the key path, before any job starts
+    # Validate against workflow/schemas/config.schema.yaml and fill its defaults (one pass, what
+    # snakemake.utils.validate does), failing with one line naming the key path before any job starts.
+    check_config(config)
 except ConfigError as err:
     sys.exit(f"lipflow: {err}")
-validate(config, schema="../schemas/config.schema.yaml")  # fills the schema's defaults
 
 RUNS = resolve_runs(config)
 if config["runs"] and not plain_runs(config):
@@ -37,10 +36,6 @@ ENV = "../../envs/lipflow.yaml"
 wildcard_constraints:
     run="[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}",
     evaluation="|".join(ALL_EVALUATIONS) or "(?!)",  # an empty list matches nothing
-
-
-def run_out_dir(wildcards):
-    return f"results/runs/{wildcards.run}"
 
 
 def evaluation_params_json(wildcards):

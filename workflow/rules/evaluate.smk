@@ -12,7 +12,7 @@ rule evaluate:
     params:
         cfg=evaluation_params_json,
         data_dir=TOKENS_DIR,
-        run_dir=run_out_dir,
+        run_dir="results/runs/{run}",
     log:
         "results/logs/evaluate/{run}/{evaluation}.log",
     group:

@@ -12,7 +12,7 @@ rule train:
     params:
         cfg=run_config_json,
         data_dir=TOKENS_DIR,
-        out_dir=run_out_dir,
+        out_dir="results/runs/{run}",
         launcher=train_launcher,
     log:
         "results/logs/train/{run}.log",
