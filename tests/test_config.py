@@ -45,6 +45,28 @@ def test_defaults_fill_and_runs_inherit_defaults_block():
     assert config["corpus"]["source"] == "embedded"
 
 
+def test_sweep_validation_skips_no_check_and_fills_like_one_run_at_a_time():
+    """Scalar values already validated are not validated again (a per-validator cache): filling a
+    30-run sweep must equal filling each run with its own fresh validator (no cache hits across
+    runs), and a bad value after the same key's good ones must still be caught."""
+    from lipflow.config import make_validator, merge_run_defaults
+
+    runs = {f"r{i}": {"seed": i, "lr": 0.01 * (1 + i % 3), "optimizer": ["adamw", "muon"][i % 2]}
+            for i in range(30)}
+    config = resolved({"defaults": {"steps": 5}, "runs": runs})
+    reference = {"defaults": {"steps": 5}, "runs": copy.deepcopy(runs)}
+    merge_run_defaults(reference)
+    for name, run in reference["runs"].items():
+        make_validator(fill=True).validate({"runs": {name: run}})
+    assert config["runs"] == reference["runs"]
+    for bad_value, message in [(-1, "runs.r29.lr: -1 is less than or equal"),
+                               ("fast", "runs.r29.lr: 'fast' is not of type")]:
+        bad = copy.deepcopy(runs)
+        bad["r29"]["lr"] = bad_value
+        with pytest.raises(ConfigError, match=message):
+            check_config({"runs": bad})
+
+
 def test_run_id_is_a_function_of_the_resolved_config():
     base = {"runs": {"a": {"lr": 0.01}}}
     ids = list(resolve_runs(resolved(base)))

@@ -59,7 +59,7 @@ FAILING_RUNS = """
   broken: {seed: 5, train_tokens: 2}
   r5: {seed: 6}
 """
-ARGS = ["--groups", "corpus=data", "tokenize=data"]  # one SLURM job for both data steps
+ARGS: list[str] = []  # profiles/slurm groups both data steps, and each run's evaluations, into one job
 
 
 def query(db: Path, sql: str) -> list[tuple]:

@@ -1,5 +1,6 @@
-# Each evaluation is its own rule per checkpoint; all of a run's evaluations and their merge share
-# the group "evaluation", so a cluster sees one job per run instead of one per evaluation.
+# Each evaluation is its own rule per checkpoint. On a cluster, profiles/slurm puts all of a run's
+# evaluations and their merge in the group "evaluation" (one SLURM job per run, not per evaluation);
+# the group is set there, not here, because a local run ignores groups but a dry run still pays for them.
 
 
 rule evaluate:
@@ -15,8 +16,6 @@ rule evaluate:
         run_dir="results/runs/{run}",
     log:
         "results/logs/evaluate/{run}/{evaluation}.log",
-    group:
-        "evaluation"
     resources:
         mem_mb=config["resources"]["eval_mem_mb"],
         runtime=config["resources"]["eval_runtime"],
@@ -35,8 +34,6 @@ rule merge_evaluations:
         "results/runs/{run}/evals.parquet",
     log:
         "results/logs/evaluate/{run}/merge.log",
-    group:
-        "evaluation"
     resources:
         mem_mb=500,
         runtime=5,
