@@ -39,26 +39,47 @@ def _timestamp(seconds: float | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None) if seconds else None
 
 
+# The ``runs`` columns after the config keys, from the run's run.json, with their Arrow types (what a
+# database without runs gets); run_row fills them in this order.
+SUMMARY_COLUMNS: dict[str, pa.DataType] = {
+    "config": pa.string(), "config_hash": pa.string(), "git_commit": pa.string(), "versions": pa.string(),
+    "hostname": pa.string(), "device": pa.string(), "processes": pa.int64(), "slurm_job_id": pa.string(),
+    "cuda_visible_devices": pa.string(), "start_time": pa.timestamp("us"), "end_time": pa.timestamp("us"),
+    "steps_completed": pa.int64(), "diverged_step": pa.int64(), "diverged_reason": pa.string(),
+    "resumed": pa.bool_(), "n_params": pa.int64(), "vocab_size": pa.int64(), "lipschitz_bound": pa.float64(),
+    "max_activation": pa.float64(), "final_val_loss": pa.float64(), "final_val_accuracy": pa.float64(),
+}
+VAL_COLUMNS = ("val_loss", "val_accuracy", "val_perplexity")  # from the val evaluation, when it ran
+
+
+def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Config keys as columns: nested values as JSON text."""
+    return {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in cfg.items()}
+
+
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One ``runs`` row from a run directory's run.json and config.json."""
     summary = json.loads((run_dir / "run.json").read_text())
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
-    flat = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in cfg.items()}
-    row = {
-        "run_id": summary["run_id"], "name": summary["run_id"].rsplit("-", 1)[0],
-        "status": summary["status"], **flat,
-        "config": json.dumps(cfg, sort_keys=True), "config_hash": summary["config_hash"],
-        "git_commit": summary["git_commit"], "versions": json.dumps(summary["versions"], sort_keys=True),
-        "hostname": summary["hostname"], "device": summary["device"], "processes": summary["processes"],
-        "slurm_job_id": summary["slurm_job_id"], "cuda_visible_devices": summary["cuda_visible_devices"],
-        "start_time": _timestamp(summary["start_time"]), "end_time": _timestamp(summary["end_time"]),
-        "steps_completed": summary["steps_completed"], "diverged_step": summary["diverged_step"],
-        "diverged_reason": summary["diverged_reason"], "resumed": summary["resumed"],
-        "n_params": summary["n_params"], "vocab_size": summary["vocab_size"],
-        "lipschitz_bound": summary["lipschitz_bound"], "max_activation": summary["max_activation"],
-        "final_val_loss": summary["final_val_loss"], "final_val_accuracy": summary["final_val_accuracy"],
-    }
-    return row
+    derived = {"config": json.dumps(cfg, sort_keys=True), "versions": json.dumps(summary["versions"], sort_keys=True),
+               "start_time": _timestamp(summary["start_time"]), "end_time": _timestamp(summary["end_time"])}
+    return {"run_id": summary["run_id"], "name": summary["run_id"].rsplit("-", 1)[0], "status": summary["status"],
+            **_flat_config(cfg), **{k: derived[k] if k in derived else summary[k] for k in SUMMARY_COLUMNS}}
+
+
+def empty_runs_table() -> pa.Table:
+    """A zero-row ``runs`` table with a real run's columns (config keys sorted, as in config.json,
+    and typed by their schema defaults), so queries and views work on a database of studies without runs (e.g. only the ICL study)."""
+    from lipflow.config import check_config
+
+    template = {"runs": {"template": {}}}
+    check_config(template)
+    config_fields = pa.Table.from_pylist([_flat_config(dict(sorted(template["runs"]["template"].items())))]).schema
+    summary_fields = [pa.field(k, t) for k, t in SUMMARY_COLUMNS.items() if k not in config_fields.names]
+    val_fields = [pa.field(k, pa.float64()) for k in VAL_COLUMNS]
+    fields = [pa.field("run_id", pa.string()), pa.field("name", pa.string()), pa.field("status", pa.string()),
+              *config_fields, *summary_fields, *val_fields]
+    return pa.schema(fields).empty_table()
 
 
 def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
@@ -100,8 +121,12 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
                     if r["eval"] == "val" and r["metric"] in ("loss", "accuracy", "perplexity"):
                         val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
         for row in runs:
-            row.update({"val_loss": None, "val_accuracy": None, "val_perplexity": None, **val_loss.get(row["run_id"], {})})
-        _create_from_rows(con, "runs", runs)
+            row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
+        if runs:
+            _create_from_rows(con, "runs", runs)
+        else:
+            empty = empty_runs_table()  # noqa: F841  (read by DuckDB's replacement scan)
+            con.execute("CREATE TABLE runs AS SELECT * FROM empty")
         _create_from_parquet(con, "train_metrics", [Path(d) / "train_metrics.parquet" for d in run_dirs],
                              "run_id VARCHAR, step BIGINT, loss DOUBLE")
         _create_from_parquet(con, "evals", [p for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()],

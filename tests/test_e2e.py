@@ -108,3 +108,31 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     assert run.model.lipschitz_bound() == pytest.approx(run.summary["lipschitz_bound"], rel=1e-6)
     sample = lipflow_cli(pipeline, "sample", run_id, "--prompt", "The", "--tokens", "20", "--device", "cpu")
     assert sample.returncode == 0 and sample.stdout.startswith("The")
+
+
+def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline, tmp_path):
+    """An ICL-only sweep trains no runs: its database still has a `runs` table (no rows) with the
+    columns a real run gives, so queries and the views work (they come out empty, with a reason)."""
+    import duckdb
+
+    from lipflow.results import build
+
+    manifest = next((pipeline / "results" / "data").glob("*/*/manifest.json"))
+    empty_db = tmp_path / "empty.duckdb"
+    build(empty_db, manifest, [], results=tmp_path / "results")
+
+    def columns(db: Path) -> list[tuple[str, str]]:
+        with duckdb.connect(str(db), read_only=True) as con:
+            return con.execute("select column_name, data_type from information_schema.columns "
+                               "where table_name = 'runs' order by ordinal_position").fetchall()
+
+    real, empty = columns(pipeline / "results" / "lipflow.duckdb"), columns(empty_db)
+    assert [name for name, _ in empty] == [name for name, _ in real]
+    # Where the real runs have a value the types agree (an all-NULL column has DuckDB's NULL type).
+    with duckdb.connect(str(pipeline / "results" / "lipflow.duckdb"), read_only=True) as con:
+        all_null = {name for name, _ in real
+                    if con.execute(f'select count("{name}") from runs').fetchone()[0] == 0}
+    assert [(n, t) for n, t in empty if n not in all_null] == [(n, t) for n, t in real if n not in all_null]
+    with duckdb.connect(str(empty_db), read_only=True) as con:
+        assert con.execute("select count(*) from runs").fetchone() == (0,)
+        assert con.execute("select count(*) from pareto").fetchone() == (0,)
