@@ -305,27 +305,30 @@ VIEWS.register("lr_transfer")(View(
 
 # -- super_consistency -----------------------------------------------------------------------
 VIEWS.register("sharpness_curves")(View(
-    description="super_consistency: the top Hessian eigenvalue logged during training, per run and step",
+    description="super_consistency: the top Hessian eigenvalue logged during training, per run and step; "
+                "preconditioned_sharpness = λ_max(P⁻¹H) with Adam's preconditioner (NULL for other optimizers)",
     columns={"run_id": "VARCHAR", "name": "VARCHAR", "parametrization": "VARCHAR", "depth_mup": "BOOLEAN",
              "optimizer": "VARCHAR", "lr": "DOUBLE", "width": "BIGINT", "depth": "BIGINT", "step": "BIGINT",
-             "sharpness": "DOUBLE", "loss": "DOUBLE"},
+             "sharpness": "DOUBLE", "preconditioned_sharpness": "DOUBLE", "loss": "DOUBLE"},
     parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "depth_mup", "optimizer", "lr", "d_model",
                                                "n_layers"),
-                          "train_metrics": ("run_id", "step", "sharpness", "loss")},
+                          "train_metrics": ("run_id", "step", "sharpness", "preconditioned_sharpness", "loss")},
                 absent_reason="no super_consistency runs with sharpness in the database",
                 sql="""
         SELECT r.run_id, r.name, r.parametrization, r.depth_mup, r.optimizer, r.lr, r.d_model AS width,
-               r.n_layers AS depth, m.step, m.sharpness, m.loss
+               r.n_layers AS depth, m.step, m.sharpness, m.preconditioned_sharpness, m.loss
         FROM train_metrics AS m JOIN runs AS r USING (run_id)
         WHERE r.experiment = 'super_consistency' AND m.sharpness IS NOT NULL"""),),
 ))
 
 VIEWS.register("sharpness_spread")(View(
     description="super_consistency: per step, sharpness across the widths (axis 'width', depth fixed) or "
-                "depths (axis 'depth', width fixed) of one parametrization; spread = (max − min)/|mean|",
+                "depths (axis 'depth', width fixed) of one parametrization; spread = (max − min)/|mean|, of "
+                "the Hessian's λ_max and (preconditioned_spread) of Adam's P⁻¹H",
     columns={"axis": "VARCHAR", "parametrization": "VARCHAR", "depth_mup": "BOOLEAN", "lr": "DOUBLE",
              "fixed_size": "BIGINT", "step": "BIGINT", "n_models": "BIGINT", "min_sharpness": "DOUBLE",
-             "max_sharpness": "DOUBLE", "mean_sharpness": "DOUBLE", "spread": "DOUBLE"},
+             "max_sharpness": "DOUBLE", "mean_sharpness": "DOUBLE", "spread": "DOUBLE",
+             "mean_preconditioned_sharpness": "DOUBLE", "preconditioned_spread": "DOUBLE"},
     depends_on=("sharpness_curves",),
     parts=(Part(requires={"sharpness_curves": ("parametrization", "width", "depth", "step", "sharpness")},
                 absent_reason="no super_consistency runs with sharpness in the database",
@@ -333,13 +336,19 @@ VIEWS.register("sharpness_spread")(View(
         WITH groups AS (
             SELECT 'width' AS axis, parametrization, depth_mup, optimizer, lr, depth AS fixed_size, step,
                    count(DISTINCT width) AS n_models, min(sharpness) AS min_sharpness,
-                   max(sharpness) AS max_sharpness, avg(sharpness) AS mean_sharpness
+                   max(sharpness) AS max_sharpness, avg(sharpness) AS mean_sharpness,
+                   min(preconditioned_sharpness) AS min_pre, max(preconditioned_sharpness) AS max_pre,
+                   avg(preconditioned_sharpness) AS mean_preconditioned_sharpness
             FROM sharpness_curves GROUP BY parametrization, depth_mup, optimizer, lr, depth, step
             UNION ALL
             SELECT 'depth' AS axis, parametrization, depth_mup, optimizer, lr, width AS fixed_size, step,
-                   count(DISTINCT depth), min(sharpness), max(sharpness), avg(sharpness)
+                   count(DISTINCT depth), min(sharpness), max(sharpness), avg(sharpness),
+                   min(preconditioned_sharpness), max(preconditioned_sharpness), avg(preconditioned_sharpness)
             FROM sharpness_curves GROUP BY parametrization, depth_mup, optimizer, lr, width, step)
-        SELECT *, (max_sharpness - min_sharpness) / abs(mean_sharpness) AS spread
+        SELECT axis, parametrization, depth_mup, optimizer, lr, fixed_size, step, n_models, min_sharpness,
+               max_sharpness, mean_sharpness, (max_sharpness - min_sharpness) / abs(mean_sharpness) AS spread,
+               mean_preconditioned_sharpness,
+               (max_pre - min_pre) / abs(mean_preconditioned_sharpness) AS preconditioned_spread
         FROM groups WHERE n_models >= 2"""),),
 ))
 

@@ -132,7 +132,8 @@ def _parametrization_label(parametrization: str, depth_mup: bool) -> str:
 @FIGURES.register("sharpness")
 def sharpness(con) -> plt.Figure:
     """Sharpness against step; a panel per (parametrization, fixed depth) across widths and per
-    (parametrization, fixed width) across depths; the title gives the mean spread."""
+    (parametrization, fixed width) across depths; the title gives the mean spread. A second row shows
+    Adam's preconditioned sharpness λ_max(P⁻¹H) when the runs logged it."""
     curves = view(con, "sharpness_curves", "ORDER BY step")
     spread = view(con, "sharpness_spread")
     panels = []
@@ -140,20 +141,25 @@ def sharpness(con) -> plt.Figure:
         for key, group in curves.groupby(["parametrization", "depth_mup", fixed_col, "lr"]):
             if group[size_col].nunique() >= 2:
                 panels.append((axis, size_col, fixed_col, key, group))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, (axis, size_col, fixed_col, (param, depth_mup, fixed, lr), group) in zip(axes[0], panels):
-        sizes = sorted(group[size_col].unique())
-        for color, size in zip(_colors(len(sizes)), sizes):
-            run = group[group[size_col] == size]
-            ax.plot(run.step, run.sharpness, "o-", ms=3, color=color, label=f"{size_col} {size}")
-        rows = spread[(spread.axis == axis) & (spread.parametrization == param) &
-                      (spread.depth_mup == depth_mup) & (spread.fixed_size == fixed) & (spread.lr == lr)]
-        ax.set_title(f"{_parametrization_label(param, depth_mup)}, {fixed_col} {fixed}\n"
-                     f"mean spread {rows.spread.mean():.2f}", fontsize=10)
-        ax.set_xlabel("training step")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("top Hessian eigenvalue λ_max (train loss, fixed batch)")
+    rows = [("sharpness", "spread", "top Hessian eigenvalue λ_max\n(train loss, fixed batch)")]
+    if curves.preconditioned_sharpness.notna().any():
+        rows.append(("preconditioned_sharpness", "preconditioned_spread",
+                     "Adam-preconditioned λ_max(P⁻¹H)\n(stable below (2+2β₁)/(1−β₁))"))
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4 * len(panels), 3.4 * len(rows)), squeeze=False)
+    for row_axes, (column, spread_column, ylabel) in zip(axes, rows):
+        for ax, (axis, size_col, fixed_col, (param, depth_mup, fixed, lr), group) in zip(row_axes, panels):
+            sizes = sorted(group[size_col].unique())
+            for color, size in zip(_colors(len(sizes)), sizes):
+                run = group[group[size_col] == size]
+                ax.plot(run.step, run[column], "o-", ms=3, color=color, label=f"{size_col} {size}")
+            cells = spread[(spread.axis == axis) & (spread.parametrization == param) &
+                           (spread.depth_mup == depth_mup) & (spread.fixed_size == fixed) & (spread.lr == lr)]
+            ax.set_title(f"{_parametrization_label(param, depth_mup)}, {fixed_col} {fixed}\n"
+                         f"mean spread {cells[spread_column].mean():.2f}", fontsize=10)
+            ax.set_xlabel("training step")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel(ylabel)
     fig.tight_layout()
     return fig
 

@@ -4,7 +4,7 @@ One run = one resolved config. Every step: forward/backward (with gradient accum
 autocast on CUDA), optimizer step, then the weight constraint on every matrix (decay → step →
 project, Newhouse et al. 2025) and the embedding projection. Every ``eval_every`` steps: val loss
 and accuracy on fixed batches, the certified Lipschitz bound, activation statistics and (optionally)
-sharpness are appended to the per-step metrics.
+sharpness, of the Hessian and for Adam of P⁻¹H, are appended to the per-step metrics.
 
 Reliability: checkpoints (safetensors, atomic, sha256 sidecar) hold model, optimizer, RNG and
 data-loader state, so a killed run resumes bit for bit; SIGTERM saves a checkpoint and exits;
@@ -138,16 +138,24 @@ class Trainer:
         x, y = self.val_data.sample_windows(n, self.cfg["context"], gen)
         return torch.cat([x, y[:, -1:]], dim=1)
 
-    def _sharpness(self) -> float:
-        from lipflow.evaluation.sharpness import top_eigenvalue
+    def _sharpness(self) -> dict[str, float | None]:
+        """Top Hessian eigenvalue of the train loss on a fixed batch, and for Adam also that of P⁻¹H
+        (Adam's preconditioner from the optimizer state; see lipflow.evaluation.sharpness)."""
+        from lipflow.evaluation.sharpness import adam_preconditioner, top_eigenvalue
 
         gen = torch.Generator().manual_seed(self.cfg["seed"] + 2)
         x, y = self.train_data.sample_windows(self.cfg["batch_size"], self.cfg["context"], gen)
         x, y = x.to(self.device), y.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return top_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
-                              iters=self.cfg["sharpness_iters"], tol=1e-3,
-                              generator=torch.Generator().manual_seed(self.cfg["seed"] + 3))
+
+        def eigenvalue(precondition: torch.Tensor | None) -> float:
+            return top_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
+                                  iters=self.cfg["sharpness_iters"], tol=1e-3, precondition=precondition,
+                                  generator=torch.Generator().manual_seed(self.cfg["seed"] + 3))
+
+        precondition = adam_preconditioner(self.optimizer, params)
+        return {"sharpness": eigenvalue(None),
+                "preconditioned_sharpness": None if precondition is None else eigenvalue(precondition)}
 
     def evaluate(self, row: dict[str, Any]) -> None:
         self.model.record_activations = True
@@ -161,7 +169,7 @@ class Trainer:
         row["lipschitz_bound"] = self.model.lipschitz_bound()
         every = self.cfg["sharpness_every"]
         if every and self.step % every == 0:
-            row["sharpness"] = self._sharpness()
+            row.update(self._sharpness())
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -302,6 +310,7 @@ METRIC_COLUMNS = {
     "run_id": "string", "step": "int64", "loss": "float64", "lr_factor": "float64", "tokens": "int64",
     "val_loss": "float64", "val_accuracy": "float64", "val_perplexity": "float64",
     "max_activation": "float64", "activations": "string", "lipschitz_bound": "float64", "sharpness": "float64",
+    "preconditioned_sharpness": "float64",
 }
 
 

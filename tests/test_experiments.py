@@ -156,7 +156,8 @@ def database(tmp_path: Path, runs: list[dict], metrics=(), evals=(), extra: dict
     """A results database made by hand: runs, train_metrics, evals, shards (+ extra tables)."""
     con = duckdb.connect(str(tmp_path / "test.duckdb"))
     make_table(con, "runs", runs)
-    make_table(con, "train_metrics", list(metrics) or [{"run_id": "none", "step": 0, "loss": 0.0, "sharpness": None}])
+    make_table(con, "train_metrics", list(metrics) or [{"run_id": "none", "step": 0, "loss": 0.0, "sharpness": None,
+                                                          "preconditioned_sharpness": None}])
     make_table(con, "evals", list(evals) or [{"run_id": "none", "eval": "val", "metric": "loss", "value": 0.0}])
     make_table(con, "shards", [{"split": "train", "tokens": 1000}, {"split": "val", "tokens": 100}])
     for name, rows in (extra or {}).items():
@@ -219,16 +220,22 @@ def test_sharpness_spread_across_widths_and_depths(tmp_path):
             run("sc.e-00000005", experiment="super_consistency", d_model=32, n_layers=2, parametrization="mup")]
     sharp = {"sc.a-00000001": [1.0, 2.0], "sc.b-00000002": [2.0, 2.0], "sc.c-00000003": [3.0, 2.0],
              "sc.d-00000004": [5.0, 4.0], "sc.e-00000005": [7.0, 7.0]}
-    metrics = [{"run_id": r, "step": s, "loss": 1.0, "sharpness": v}
+    # The preconditioned sharpness is 10× the sharpness, except sc.c's at step 20 (40 instead of 20).
+    metrics = [{"run_id": r, "step": s, "loss": 1.0, "sharpness": v,
+                "preconditioned_sharpness": 40.0 if (r, s) == ("sc.c-00000003", 20) else 10 * v}
                for r, values in sharp.items() for s, v in zip((10, 20), values)]
-    metrics += [{"run_id": "sc.a-00000001", "step": 15, "loss": 1.0, "sharpness": None}]
+    metrics += [{"run_id": "sc.a-00000001", "step": 15, "loss": 1.0, "sharpness": None,
+                 "preconditioned_sharpness": None}]
     con = database(tmp_path, runs, metrics)
     create_views(con, tmp_path)
-    rows = con.sql("select axis, parametrization, fixed_size, step, n_models, spread from sharpness_spread "
-                   "order by axis, step").fetchall()
-    # widths 32/64/128 at depth 2: step 10 → (3−1)/2 = 1, step 20 → 0; depths 2/4 at width 64: (5−2)/3.5, (4−2)/3
-    assert rows == [("depth", "sp", 64, 10, 2, pytest.approx(3 / 3.5)), ("depth", "sp", 64, 20, 2, pytest.approx(2 / 3)),
-                    ("width", "sp", 2, 10, 3, pytest.approx(1.0)), ("width", "sp", 2, 20, 3, pytest.approx(0.0))]
+    rows = con.sql("select axis, parametrization, fixed_size, step, n_models, spread, preconditioned_spread "
+                   "from sharpness_spread order by axis, step").fetchall()
+    # widths 32/64/128 at depth 2: step 10 → (3−1)/2 = 1, step 20 → 0; depths 2/4 at width 64: (5−2)/3.5, (4−2)/3;
+    # preconditioned: the same ratios, except widths at step 20: (40 − 20)/(80/3) = 0.75
+    assert rows == [("depth", "sp", 64, 10, 2, pytest.approx(3 / 3.5), pytest.approx(3 / 3.5)),
+                    ("depth", "sp", 64, 20, 2, pytest.approx(2 / 3), pytest.approx(2 / 3)),
+                    ("width", "sp", 2, 10, 3, pytest.approx(1.0), pytest.approx(1.0)),
+                    ("width", "sp", 2, 20, 3, pytest.approx(0.0), pytest.approx(0.75))]
 
 
 def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
@@ -240,7 +247,8 @@ def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
         runs.append(run(run_id, experiment="rank_vs_n", train_tokens=n_tokens, n_heads=heads, steps=100,
                         val_loss=2.0 + gap))
         # train loss 2.0 over the last 10% of steps (91..100), something else before
-        metrics += [{"run_id": run_id, "step": s, "loss": 2.0 if s > 90 else 5.0, "sharpness": None}
+        metrics += [{"run_id": run_id, "step": s, "loss": 2.0 if s > 90 else 5.0, "sharpness": None,
+                     "preconditioned_sharpness": None}
                     for s in range(1, 101)]
         b3_at_eval = 7.0 * n ** 0.2  # at n_eval = 256; rescaled to n it is 7·n^0.2·√(256/n) ∝ n^-0.3
         evals += [{"run_id": run_id, "eval": "rank", "metric": "b3_rademacher_sum", "value": b3_at_eval, "n": 256,
@@ -361,11 +369,13 @@ def filled_database(tmp_path) -> Path:
     for j, (p, w) in enumerate(itertools.product(["sp", "mup"], [32, 64])):
         rid = f"sc.{j}-{20 + j:08x}"
         runs.append(run(rid, experiment="super_consistency", parametrization=p, d_model=w))
-        metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": s / w} for s in (10, 20)]
+        metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": s / w,
+                     "preconditioned_sharpness": 10 * s / w} for s in (10, 20)]
     for j, n in enumerate([640, 6400]):
         rid = f"rank.{j}-{30 + j:08x}"
         runs.append(run(rid, experiment="rank_vs_n", train_tokens=n, val_loss=2.5 - j * 0.3))
-        metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": None} for s in (95, 100)]
+        metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": None,
+                     "preconditioned_sharpness": None} for s in (95, 100)]
         evals += [{"run_id": rid, "eval": "rank", "metric": "b3_rademacher_sum", "value": 50.0, "n": 256, "matrix": None,
                    "rtol": None, "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None},
                   {"run_id": rid, "eval": "rank", "metric": "numerical_rank", "value": 8.0, "n": None, "matrix": "qk",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.evaluation.sharpness import hutchinson_trace, lanczos_topk, power_iteration, top_eigenvalue
+from lipflow.evaluation.sharpness import (adam_preconditioner, hutchinson_trace, lanczos_topk, power_iteration,
+                                         top_eigenvalue)
 from lipflow.model import build_model
 
 
@@ -49,6 +50,51 @@ def test_power_iteration_returns_the_largest_magnitude_even_when_negative():
     a, _ = symmetric_with_spectrum([-12.0, 7.0] + [1.0] * 18, seed=3)
     loss, params = quadratic(a)
     assert top_eigenvalue(loss, params, iters=300, tol=1e-8) == pytest.approx(-12.0, rel=1e-2)
+
+
+def test_preconditioned_power_iteration_finds_the_top_eigenvalue_of_DA():
+    """With precondition d the operator is D^{½}AD^{½}: its top eigenvalue is that of DA (eig of the
+    non-symmetric product, computed directly), not A's."""
+    spectrum = [9.0, 5.0] + torch.linspace(-3, 3, 18).tolist()
+    a, _ = symmetric_with_spectrum(spectrum, seed=5)
+    loss, params = quadratic(a)
+    d = torch.linspace(0.05, 2.0, 20, dtype=torch.float64)
+    exact = torch.linalg.eigvals(torch.diag(d) @ a).real
+    expected = float(exact[exact.abs().argmax()])
+    got = top_eigenvalue(loss, params, iters=500, tol=1e-8, precondition=d.float(),
+                         generator=torch.Generator().manual_seed(0))
+    assert got == pytest.approx(expected, rel=1e-2)
+    assert abs(expected - 9.0) > 0.5  # the preconditioner really changes the answer
+    with pytest.raises(ValueError, match="preconditioner has shape"):
+        top_eigenvalue(loss, params, precondition=torch.ones(7))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_adam_preconditioner_is_the_step_adamw_takes(steps):
+    """After t AdamW steps with β₁ = 0 (so m̂ = g), the step AdamW takes is −P⁻¹g coordinate-wise, with
+    P⁻¹ read back from the state by adam_preconditioner."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)]
+    opt = torch.optim.AdamW([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.02}],
+                            betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        opt.step()
+    step = torch.cat([p.detach().reshape(-1) for p in params]) - before
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(step, -adam_preconditioner(opt, params) * grad, rtol=1e-5, atol=1e-7)
+
+
+def test_adam_preconditioner_is_none_for_muon_matrices():
+    from lipflow.optimizers import Muon
+
+    w = torch.randn(6, 4, requires_grad=True)
+    muon = Muon([dict(params=[w], kind="muon", lr=0.05)], lr=0.05, momentum=0.95, ns_steps=5, betas=(0.9, 0.95))
+    w.grad = torch.randn(6, 4)
+    muon.step()
+    assert adam_preconditioner(muon, [w]) is None
 
 
 def test_lanczos_top_k_matches_eigvalsh():

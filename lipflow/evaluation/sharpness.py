@@ -6,7 +6,11 @@ Built on that operator:
 
 - ``power_iteration`` / ``top_eigenvalue``: the eigenvalue of largest |λ| (the sharpness of Noci et
   al. 2024, measured like PyHessian: stop when |Δλ| < tol·(|λ| + 1e-6)), optionally warm-started
-  from a previous eigenvector;
+  from a previous eigenvector; with ``precondition`` = diag(P⁻¹) the same for P⁻¹H, computed as
+  the similar symmetric matrix P^{-½} H P^{-½};
+- ``adam_preconditioner``: Adam's P⁻¹ = η/(√v̂ + ε) per coordinate, read from the optimizer state
+  (the *preconditioned sharpness* λ_max(P⁻¹H) of Cohen et al. 2022, "Adaptive gradient methods at
+  the edge of stability", which Noci et al. report for Adam; stable below (2 + 2β₁)/(1 − β₁));
 - ``lanczos_topk``: the k largest eigenvalues from a Lanczos tridiagonalisation with full
   reorthogonalisation (Ritz values of T_m; memory m × #params);
 - ``hutchinson_trace``: tr H ≈ mean of vᵀHv over Rademacher v (Hutchinson 1989), with the
@@ -39,17 +43,23 @@ def _twice_differentiable(device: torch.device) -> Iterator[None]:
 
 
 class HessianOperator:
-    """v ↦ Hv for the Hessian of ``loss_fn()`` w.r.t. ``params`` at their current values.
+    """v ↦ Hv for the Hessian of ``loss_fn()`` w.r.t. ``params`` at their current values; with
+    ``precondition`` = d (flat, positive), v ↦ D^{½} H D^{½} v for D = diag(d), whose eigenvalues
+    are those of DH.
 
     Vectors are flat float32 tensors of length ``dim`` = Σ numel(p), in ``params`` order.
     """
 
-    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor]):
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor],
+                 precondition: torch.Tensor | None = None):
         self.params = list(params)
         if not self.params:
             raise ValueError("sharpness: no parameters to differentiate")
         self.device = self.params[0].device
         self.dim = sum(p.numel() for p in self.params)
+        if precondition is not None and precondition.shape != (self.dim,):
+            raise ValueError(f"sharpness: preconditioner has shape {tuple(precondition.shape)}, expected ({self.dim},)")
+        self._half = None if precondition is None else precondition.to(self.device).float().sqrt()
         with _twice_differentiable(self.device):
             loss = loss_fn()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -62,12 +72,15 @@ class HessianOperator:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if not self._grads:
             return torch.zeros_like(v)
+        if self._half is not None:
+            v = self._half * v
         pieces = self._split(v)
         hv = torch.autograd.grad([g for _, g in self._grads], self.params,
                                  grad_outputs=[pieces[i].to(g.dtype) for i, g in self._grads],
                                  retain_graph=True, allow_unused=True)
-        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for h, p in zip(hv, self.params)])
+        out = torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1).float()
+                         for h, p in zip(hv, self.params)])
+        return out if self._half is None else self._half * out
 
     def random_vector(self, generator: torch.Generator | None, rademacher: bool = False) -> torch.Tensor:
         """A Gaussian (or Rademacher ±1) vector, drawn on the CPU so seeds agree across devices."""
@@ -87,10 +100,11 @@ class PowerIterationResult:
 
 
 def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
-                    generator: torch.Generator | None = None,
-                    init: torch.Tensor | None = None) -> PowerIterationResult:
-    """Largest-|λ| Hessian eigenvalue: v ← Hv/‖Hv‖, λ = vᵀHv, until |Δλ| < tol·(|λ| + 1e-6)."""
-    op = HessianOperator(loss_fn, params)
+                    generator: torch.Generator | None = None, init: torch.Tensor | None = None,
+                    precondition: torch.Tensor | None = None) -> PowerIterationResult:
+    """Largest-|λ| Hessian eigenvalue: v ← Hv/‖Hv‖, λ = vᵀHv, until |Δλ| < tol·(|λ| + 1e-6)
+    (of D^{½}HD^{½}, i.e. of DH, with ``precondition`` = diag(D))."""
+    op = HessianOperator(loss_fn, params, precondition)
     v = (init.to(op.device).float().clone() if init is not None else op.random_vector(generator))
     v /= v.norm()
     eigenvalue, converged, step = 0.0, False, 0
@@ -110,9 +124,26 @@ def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int 
 
 
 def top_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
-                   generator: torch.Generator | None = None, init: torch.Tensor | None = None) -> float:
+                   generator: torch.Generator | None = None, init: torch.Tensor | None = None,
+                   precondition: torch.Tensor | None = None) -> float:
     """The sharpness λ_max of ``power_iteration`` as a float (see there)."""
-    return power_iteration(loss_fn, params, iters, tol, generator, init).eigenvalue
+    return power_iteration(loss_fn, params, iters, tol, generator, init, precondition).eigenvalue
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """diag(P⁻¹) of Adam's step for ``params``, flat: η/(√(v/(1 − β₂ᵗ)) + ε) per coordinate, with η
+    the group's current lr (schedule applied) and v the second moment (``exp_avg_sq``). None when
+    some parameter has no Adam state (Muon/Scion matrices, or before the first step)."""
+    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    pieces = []
+    for p in params:
+        state, group = optimizer.state.get(p, {}), group_of.get(p)
+        if group is None or "exp_avg_sq" not in state or "betas" not in group:
+            return None
+        beta2, t = group["betas"][1], float(state["step"])
+        v_hat = state["exp_avg_sq"].float() / (1.0 - beta2 ** t)
+        pieces.append((group["lr"] / (v_hat.sqrt() + group["eps"])).reshape(-1))
+    return torch.cat(pieces)
 
 
 def lanczos_topk(loss_fn: LossFn, params: Sequence[torch.Tensor], k: int, iters: int = 30,
