@@ -68,10 +68,12 @@ def _unscaled(x: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
 
 @SCALINGS.register("per_tensor")
 def _per_tensor(x: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """s = format_max / max|x| over finite entries (1 for an all-zero tensor)."""
+    """s = format_max / max|x| over finite entries (1 for an all-zero tensor), at most fp32's max: for
+    bf16, whose max is fp32's, the ratio overflows fp32 whenever max|x| < 1."""
     finite = x[torch.isfinite(x)]
-    amax = finite.abs().max() if finite.numel() else torch.zeros((), device=x.device)
-    return torch.where(amax > 0, fmt.max / amax, torch.ones((), device=x.device)).float()
+    amax = finite.abs().max().double() if finite.numel() else torch.zeros((), device=x.device, dtype=torch.float64)
+    s = torch.where(amax > 0, fmt.max / amax, torch.ones_like(amax))
+    return s.clamp(max=torch.finfo(torch.float32).max).float()
 
 
 @dataclass
