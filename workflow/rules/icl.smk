@@ -122,8 +122,10 @@ rule icl_plots:
         loss_by_layers="results/icl/loss_by_layers.parquet",
         loss_by_n="results/icl/loss_by_n.parquet",
     output:
-        **{f"{name}_{ext}": f"results/figures/icl_{name}.{ext}"
-           for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")},
+        **{f"{name}_png": report(f"results/figures/icl_{name}.png", caption=f"../report/figure_icl_{name}.rst",
+                                 category="icl", labels={"figure": f"icl_{name}", "format": "PNG"})
+           for name in ("loss_vs_layers", "loss_vs_n")},
+        **{f"{name}_svg": f"results/figures/icl_{name}.svg" for name in ("loss_vs_layers", "loss_vs_n")},
     log:
         "results/logs/icl/plots.log",
     params:
