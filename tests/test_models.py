@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lipflow.model import MODELS, build_model
 from lipflow.model.bound import ACTIVATIONS, GELU_MAX_SLOPE
@@ -156,3 +157,29 @@ def test_bad_configs_fail_with_one_line_errors():
         build_model({**LM_CFG, "model": "lipschitz_gpt", "depth_mup": True}, VOCAB)
     with pytest.raises(UnknownNameError, match="activation"):
         build_model({**LM_CFG, "model": "lipschitz_gpt", "activation": "tanh"}, VOCAB)
+
+
+@pytest.mark.parametrize("activation, n_layers", [("gelu", 2), ("relu", 1)])
+def test_lipschitz_block_equals_the_convex_residual_written_out(activation, n_layers):
+    """The block folds the branches' constant scales (⅓, 1/max GELU') into one fused residual step;
+    it must equal x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x) with the scales applied in the branches."""
+    from lipflow.model.lipschitz_gpt import LipschitzGPT
+
+    torch.manual_seed(0)
+    model = LipschitzGPT({"d_model": 32, "n_layers": n_layers, "n_heads": 4, "context": 8,
+                          "activation": activation}, vocab_size=11)
+    with torch.no_grad():  # output projections start at zero: give the branches something to add
+        for block in model.blocks:
+            block.attn.o.weight.normal_(0, 0.3)
+            block.mlp.down.weight.normal_(0, 0.3)
+    x = torch.randn(3, 8, 32, dtype=torch.float64)
+    model = model.double()
+    for block in model.blocks:
+        a = block.alpha
+        expected = (1 - a) * x + a * block.attn(x)
+        expected = (1 - a) * expected + a * block.mlp(expected)
+        torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+        assert block.attn.output_scale == pytest.approx(1 / 3)
+        if activation == "gelu":
+            torch.testing.assert_close(block.mlp(x), block.mlp.down(F.gelu(block.mlp.up(x)) / GELU_MAX_SLOPE))
+        x = block(x)

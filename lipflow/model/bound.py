@@ -27,20 +27,23 @@ GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.p
 
 @dataclass(frozen=True)
 class Activation:
-    """An entrywise activation φ with φ(0) = 0, Lipschitz constant 1 and |φ(x)| ≤ gain·|x|."""
+    """An entrywise activation φ = scale·base with φ(0) = 0, Lipschitz constant 1 and |φ(x)| ≤ gain·|x|.
 
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    ``scale`` is kept apart so a model can fold it into a following linear step (a residual weight)
+    instead of spending an elementwise pass on the widest activation."""
+
+    base: Callable[[torch.Tensor], torch.Tensor]
+    scale: float
     gain: float
 
-
-def scaled_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU(x)/max GELU': slope in [−0.1142, 1]; GELU(x) = xΦ(x) gives |GELU(x)| ≤ |x| (Φ ≤ 1)."""
-    return F.gelu(x) / GELU_MAX_SLOPE
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * self.scale if self.scale != 1.0 else self.base(x)
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation")
-ACTIVATIONS.register("gelu")(Activation(scaled_gelu, 1.0 / GELU_MAX_SLOPE))
-ACTIVATIONS.register("relu")(Activation(F.relu, 1.0))
+# GELU(x)/max GELU': slope in [−0.1142, 1]; GELU(x) = xΦ(x) gives |GELU(x)| ≤ |x| (Φ ≤ 1).
+ACTIVATIONS.register("gelu")(Activation(F.gelu, 1.0 / GELU_MAX_SLOPE, 1.0 / GELU_MAX_SLOPE))
+ACTIVATIONS.register("relu")(Activation(F.relu, 1.0, 1.0))
 
 
 def convex_residual(alpha: float, inner: float) -> float:

@@ -62,7 +62,12 @@ class RotaryEmbedding(nn.Module):
 
 
 class LipschitzAttention(nn.Module):
-    """y = ⅓·W_o·concat_h softmax(c·RoPE(q_h)·RoPE(k_h)ᵀ + causal mask)·v_h with c = attn_scale/d_head."""
+    """y = ⅓·W_o·concat_h softmax(c·RoPE(q_h)·RoPE(k_h)ᵀ + causal mask)·v_h with c = attn_scale/d_head.
+
+    ``unscaled`` leaves out the constant ⅓ (``output_scale``), which the block folds into its residual.
+    """
+
+    output_scale = 1.0 / 3.0
 
     def __init__(self, d_model: int, n_heads: int, context: int, attn_scale: float):
         super().__init__()
@@ -71,15 +76,18 @@ class LipschitzAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
         self.rope = RotaryEmbedding(self.head_dim, context)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def unscaled(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = self.rope(heads(self.q(x))), self.rope(heads(self.k(x))), heads(self.v(x))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.score_scale) / 3.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.score_scale)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unscaled(x) * self.output_scale
 
     def weight_norms(self) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(‖W_o‖_RMS→RMS, then σ_max of each head's slice of W_q, W_k, W_v), from the current weights."""
@@ -96,16 +104,24 @@ class LipschitzAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """y = W_down·φ(W_up·x); Lipschitz ‖W_down‖‖W_up‖ (φ is 1-Lipschitz), RMS gain φ.gain times that."""
+    """y = W_down·φ(W_up·x); Lipschitz ‖W_down‖‖W_up‖ (φ is 1-Lipschitz), RMS gain φ.gain times that.
+
+    φ = scale·base (e.g. GELU/1.128904): ``unscaled`` is W_down·base(W_up·x), and the constant
+    ``output_scale`` = φ's scale is left to the block's residual (W_down is linear).
+    """
 
     def __init__(self, d_model: int, ratio: int, activation: str):
         super().__init__()
         self.up = nn.Linear(d_model, ratio * d_model, bias=False)
         self.down = nn.Linear(ratio * d_model, d_model, bias=False)
         self.act = ACTIVATIONS.get(activation)
+        self.output_scale = self.act.scale
+
+    def unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act.base(self.up(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act.fn(self.up(x)))
+        return self.unscaled(x) * self.output_scale
 
     def lipschitz(self) -> float:
         return rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
@@ -125,8 +141,12 @@ class LipschitzBlock(nn.Module):
         self.mlp = FeedForward(d, cfg.get("mlp_ratio", 4), cfg.get("activation", "gelu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (1 - self.alpha) * x + self.alpha * self.attn(x)
-        return (1 - self.alpha) * x + self.alpha * self.mlp(x)
+        """(1−α)x + α·s·u(x) computed as (1−α)·(x + (αs/(1−α))·u(x)), u = the branch without its
+        constant output scale s: one fused add and one scaling per branch instead of four passes."""
+        keep = 1.0 - self.alpha
+        for branch in (self.attn, self.mlp):
+            x = torch.add(x, branch.unscaled(x), alpha=self.alpha * branch.output_scale / keep).mul_(keep)
+        return x
 
     def certify(self, a: float) -> tuple[float, float]:
         """(RMS bound on the output, ∞RMS Lipschitz constant) given RMS bound ``a`` on the input."""
@@ -192,7 +212,9 @@ class LipschitzGPT(LanguageModel):
         for i, block in enumerate(self.blocks):
             x = block(x)
             self._record(f"block{i}", x)
-        logits = self.head(x) * (self.logit_scale * self.output_mult)
+        logits = self.head(x)
+        if self.logit_scale * self.output_mult != 1.0:
+            logits = logits * (self.logit_scale * self.output_mult)
         self._record("logits", logits)
         return logits
 
