@@ -136,3 +136,33 @@ def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline,
     with duckdb.connect(str(empty_db), read_only=True) as con:
         assert con.execute("select count(*) from runs").fetchone() == (0,)
         assert con.execute("select count(*) from pareto").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("gpu_per_run", [0, 1])
+def test_dry_run_launches_data_parallel_runs_with_torchrun_and_asks_for_their_gpus(tmp_path, gpu_per_run):
+    """The launcher and GPU request are constants unless a run needs more: a run with nproc 2 gets
+    torchrun (and, with GPUs on, 2 GPUs), the other `python -m` (and 1 GPU, or none)."""
+    config = yaml_load(REPO / "tests" / "data" / "tiny_config.yaml")
+    config["runs"]["baseline"]["nproc"] = 2
+    config["resources"] = {"gpu_per_run": gpu_per_run}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    done = snakemake(tmp_path, "-n", "-p", "--until", "train")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    jobs = [block for block in out.split("rule train:")[1:]]
+    assert len(jobs) == 2
+    for block in jobs:
+        wildcard = block.split("wildcards: run=")[1].split()[0]
+        gpus = block.split("gpu=")[1].split(",")[0].split()[0] if "gpu=" in block else "0"
+        if wildcard.startswith("baseline-"):
+            assert "torchrun --standalone --nproc_per_node=2 -m lipflow.training" in block
+            assert gpus == ("2" if gpu_per_run else "0")
+        else:
+            assert "python -m lipflow.training" in block and "torchrun" not in block
+            assert gpus == ("1" if gpu_per_run else "0")
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
