@@ -69,7 +69,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
 
 def empty_runs_table() -> pa.Table:
     """A zero-row ``runs`` table with a real run's columns (config keys sorted, as in config.json,
-    and typed by their schema defaults), so queries and views work on a database of studies without runs (e.g. only the ICL study)."""
+    and typed by their schema defaults), so queries and views work on a database of studies
+    without runs (e.g. only the ICL study)."""
     from lipflow.config import check_config
 
     template = {"runs": {"template": {}}}
@@ -92,9 +93,8 @@ def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _create_from_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
-    arrow = pa.Table.from_pylist(rows)  # noqa: F841  (read by DuckDB's replacement scan)
-    con.execute(f"CREATE TABLE {table} AS SELECT * FROM arrow")
+def _create_from_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Table) -> None:
+    con.execute(f"CREATE TABLE {table} AS SELECT * FROM arrow")  # DuckDB's replacement scan reads ``arrow``
 
 
 def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], empty_sql: str) -> None:
@@ -122,16 +122,12 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
                         val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
         for row in runs:
             row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
-        if runs:
-            _create_from_rows(con, "runs", runs)
-        else:
-            empty = empty_runs_table()  # noqa: F841  (read by DuckDB's replacement scan)
-            con.execute("CREATE TABLE runs AS SELECT * FROM empty")
+        _create_from_arrow(con, "runs", pa.Table.from_pylist(runs) if runs else empty_runs_table())
         _create_from_parquet(con, "train_metrics", [Path(d) / "train_metrics.parquet" for d in run_dirs],
                              "run_id VARCHAR, step BIGINT, loss DOUBLE")
         _create_from_parquet(con, "evals", [p for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()],
                              "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
-        _create_from_rows(con, "shards", shard_rows(manifest))
+        _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
         for path in sorted((results / "icl").glob("*.parquet")):
             _create_from_parquet(con, f"icl_{path.stem}", [path], "")
         _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),

@@ -142,7 +142,9 @@ def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline,
 def test_dry_run_launches_data_parallel_runs_with_torchrun_and_asks_for_their_gpus(tmp_path, gpu_per_run):
     """The launcher and GPU request are constants unless a run needs more: a run with nproc 2 gets
     torchrun (and, with GPUs on, 2 GPUs), the other `python -m` (and 1 GPU, or none)."""
-    config = yaml_load(REPO / "tests" / "data" / "tiny_config.yaml")
+    from lipflow.config import load_config_file
+
+    config = load_config_file(REPO / "tests" / "data" / "tiny_config.yaml")
     config["runs"]["baseline"]["nproc"] = 2
     config["resources"] = {"gpu_per_run": gpu_per_run}
     (tmp_path / "config.yaml").write_text(json.dumps(config))
@@ -160,9 +162,3 @@ def test_dry_run_launches_data_parallel_runs_with_torchrun_and_asks_for_their_gp
         else:
             assert "python -m lipflow.training" in block and "torchrun" not in block
             assert gpus == ("1" if gpu_per_run else "0")
-
-
-def yaml_load(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
