@@ -1,6 +1,7 @@
 # Helpers shared by all rules: config validation, run resolution, paths and resources.
 import json
 import math
+import os
 import sys
 
 from lipflow.config import ConfigError, check_config, plain_runs, resolve_runs, tokenizer_id

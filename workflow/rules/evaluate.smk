@@ -13,7 +13,7 @@ rule evaluate:
     params:
         cfg=evaluation_params_json,
         data_dir=TOKENS_DIR,
-        run_dir="results/runs/{run}",
+        run_dir=lambda wildcards, input: os.path.dirname(input.model),  # derived, not a second literal
     log:
         "results/logs/evaluate/{run}/{evaluation}.log",
     resources:
