@@ -1,13 +1,17 @@
 """Shared benchmark plumbing: one row per measurement, appended to a Parquet file.
 
 Row columns: bench, metric, value, unit, machine (host name + CPU model), device, date (UTC ISO
-8601), git_commit (``git rev-parse HEAD``, null outside a repository or before the first commit).
-Also: side-by-side timing (``alternating_timings``), a text table, the default config's data
-(``default_shards``) and schema-resolved run configs (``run_configs``).
+8601), git_commit (HEAD's hash, with ``-dirty`` appended when tracked files have uncommitted
+changes; null outside a repository or before the first commit). Full runs append to
+``results/bench/<bench>.parquet`` (the database's ``bench`` table); ``--quick`` smoke runs to
+``results/bench/quick/<bench>.parquet``, which the database does not load, so a smoke test's rows
+never pass for measurements. Also: side-by-side timing (``alternating_timings``), a text table,
+the default config's data (``default_shards``) and schema-resolved run configs (``run_configs``).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -50,11 +54,25 @@ def machine() -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD's hash, ``-dirty`` appended when tracked files differ from it; None without a commit."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always", "--abbrev=40", "--dirty", "--exclude=*"],
+                             cwd=REPO, capture_output=True, text=True, timeout=10)
     except OSError:
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="Parquet file to append to (default: results/bench/<bench>"
+                                                 ".parquet, or results/bench/quick/<bench>.parquet with --quick)")
+
+
+def out_path(args: argparse.Namespace, bench: str) -> Path:
+    """``--out``, else the default file of ``bench`` for a full or a ``--quick`` run."""
+    if args.out is not None:
+        return args.out
+    return REPO / "results" / "bench" / ("quick" if getattr(args, "quick", False) else "") / f"{bench}.parquet"
 
 
 def row(bench: str, metric: str, value: float, unit: str, device: str = "cpu") -> dict[str, Any]:

@@ -21,7 +21,7 @@ For each n (default 256 … 4096; --quick: 256, 512), on one seeded Gaussian n×
 
 Timings: the two methods of each pair alternate (``--rounds`` rounds after one warmup; sizes ≥ 2048
 on CPU take seconds per call and run one round, no warmup), median kept; speedup = SVD time / other
-time. Rows go to results/bench/constraints.parquet.
+time. Rows go to results/bench/constraints.parquet (--quick: results/bench/quick/).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import REPO, alternating_timings, append_rows, device_label, machine, print_table, row  # noqa: E402
+from bench.common import (add_out_argument, alternating_timings, append_rows, device_label,  # noqa: E402
+                          machine, out_path, print_table, row)
 from lipflow.constraints import StepContext, msign, soft_cap_alpha, spectral_hard_cap, spectral_soft_cap  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.optimizers import MUON_NS_COEFFICIENTS, newton_schulz, newton_schulz_peak  # noqa: E402
@@ -112,18 +112,20 @@ def measure(n: int, device: torch.device, rounds: int, warmup: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="sizes 256 and 512, one round, no warmup (seconds)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--quick", action="store_true",
+                        help="one round, no warmup, and sizes 256 and 512 unless --sizes is given (seconds)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="matrix sizes (default 256 512 1024 2048 4096)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per pair (median kept)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
                                                      "1 is steadier on a machine shared with other work)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    sizes, rounds = ([256, 512], 1) if args.quick else (args.sizes, args.rounds)
+    sizes = args.sizes or ([256, 512] if args.quick else [256, 512, 1024, 2048, 4096])
+    rounds = 1 if args.quick else args.rounds
     dev = device_label(str(device))
     print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
     rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
@@ -148,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={n} done", flush=True)
     print_table(["n", "NS5 ms", "SVD polar ms", "speedup", "NS err", "(predicted)", "soft cap ms", "SVD clamp ms",
                  "speedup", "cap err", "(predicted)", "σ₁ after cap"], table)
-    append_rows(args.out, rows)
-    print(f"{len(rows)} rows appended to {args.out}")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
     return 0
 
 

@@ -19,7 +19,7 @@ activation statistics every 50 steps) and ``evals.parquet`` with the val evaluat
   loss per method × lr, one column per width, averaged over seeds: a PIVOT over train_metrics),
   and the project's own views ``pareto`` and ``lr_transfer`` as ``lipflow query`` reads them.
 
-Rows go to results/bench/duckdb_queries.parquet.
+Rows go to results/bench/duckdb_queries.parquet (--quick: results/bench/quick/).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.common import (REPO, alternating_timings, append_rows, default_shards, machine, print_table,  # noqa: E402
-                          row, run_configs)
+from bench.common import (add_out_argument, alternating_timings, append_rows, default_shards,  # noqa: E402
+                          machine, out_path, print_table, row, run_configs)
 from lipflow import provenance  # noqa: E402
 from lipflow.results import build  # noqa: E402
 from lipflow.training import Trainer  # noqa: E402
@@ -99,7 +99,8 @@ QUERIES = {
 
 def grid_points(n_runs: int) -> list[dict[str, Any]]:
     """n_runs overrides cycling through GRID's product (in a seeded random order, so any n_runs
-    spreads over the groups), each repetition a new seed."""
+    spreads over the groups), each repetition a new seed; runs alternate between the two
+    experiments, flipping with each repetition, so every grid point lands in both."""
     product = list(itertools.product(*GRID.values()))
     product = [product[i] for i in np.random.default_rng(0).permutation(len(product))]
     points = []
@@ -107,7 +108,7 @@ def grid_points(n_runs: int) -> list[dict[str, Any]]:
         values = product[i % len(product)]
         point = {key: v for keys, vals in zip(GRID, values) for key, v in zip(keys, vals)}
         point["seed"] = i // len(product)
-        point["experiment"] = "lipschitz_tradeoff" if i % 2 == 0 else "lr_transfer"
+        point["experiment"] = "lipschitz_tradeoff" if (i + i // len(product)) % 2 == 0 else "lr_transfer"
         points.append(point)
     return points
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1000, help="train_metrics rows per run")
     parser.add_argument("--rounds", type=int, default=10, help="query repetitions (median kept); ingest: a third")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     n_runs, steps, rounds = (50, 200, 3) if args.quick else (args.runs, args.steps, args.rounds)
     print(f"machine: {machine()}; duckdb {duckdb.__version__}")
@@ -219,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         table.append([name, median * 1e3, results[name], "yes" if median <= TARGET_S else "NO"])
     print(f"{n_runs} runs × {steps} steps = {n_rows} train_metrics rows; median of {rounds} rounds")
     print_table(["what", "ms", "result rows", "<= 100 ms"], table)
-    append_rows(args.out, rows)
-    print(f"{len(rows)} rows appended to {args.out}")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
     return 0
 
 

@@ -13,7 +13,7 @@ val loss over the eval windows; built once per run and timed separately, as each
 pays it once more).
 Evaluation parameters: each evaluation's defaults (what the pipeline passes today); --quick uses
 the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
-results/bench/evals.parquet.
+results/bench/evals.parquet (--quick: results/bench/quick/).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import (REPO, alternating_timings, append_rows, default_shards, device_label,  # noqa: E402
-                          machine, print_table, row, run_configs, synchronize)
+from bench.common import (REPO, add_out_argument, alternating_timings, append_rows, default_shards,  # noqa: E402
+                          device_label, machine, out_path, print_table, row, run_configs,
+                          synchronize)
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
                                                      "1 is steadier on a machine shared with other work)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"default shape: d_model {shape['d_model']}, {shape['n_layers']} layers, context {shape['context']}, "
           f"batch {shape['batch_size']}; evaluation parameters: {'QUICK_PARAMS' if args.quick else 'defaults'}")
     print_table(["model", "what", "ms", "train steps"], table)
-    append_rows(args.out, rows)
-    print(f"{len(rows)} rows appended to {args.out}")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
     return 0
 
 

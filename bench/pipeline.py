@@ -21,7 +21,7 @@
 
 Every timing is the wall clock of a whole ``python -m snakemake`` process; the two sides alternate
 for ``--rounds`` rounds (order reversed every other round) and the median is kept. Rows go to
-results/bench/pipeline.parquet.
+results/bench/pipeline.parquet (--quick: results/bench/quick/).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
-from bench.common import REPO, alternating_timings, append_rows, machine, print_table, row  # noqa: E402
+from bench.common import (REPO, add_out_argument, alternating_timings, append_rows, machine,  # noqa: E402
+                          out_path, print_table, row)
 from lipflow.config import check_config, resolve_runs  # noqa: E402
 
 BENCH = "pipeline"
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100 runs, one round, one tiny real run")
     parser.add_argument("--runs", type=int, default=1000, help="runs in the dry-run sweep")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     n_runs, rounds, warmup, tiny_runs = (100, 1, 0, 1) if args.quick else (args.runs, args.rounds, 1, 2)
     print(f"machine: {machine()}")
@@ -222,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     report(f"noop.runs{tiny_runs}.lipflow_over_bare", noop["lipflow"] / noop["bare"], "x", "  ratio")
     print(f"median of {rounds} alternating round(s) after {warmup} warmup; whole snakemake processes")
     print_table(["measurement", "value", "unit"], table)
-    append_rows(args.out, rows)
-    print(f"{len(rows)} rows appended to {args.out}")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
     return 0
 
 

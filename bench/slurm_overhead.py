@@ -1,6 +1,7 @@
 """What running on SLURM costs per job, measured on the local one-node test cluster (tests/slurm/cluster.sh).
 
     python bench/slurm_overhead.py [--jobs N] [--repeats R] [--snakefile FILE --configfile FILE] [--parse-only]
+                                   [--out FILE]
 
 Needs root (it brings the cluster up, and down again unless it was already up), except with --parse-only.
 Rows go to results/bench/slurm_overhead.parquet:
@@ -35,7 +36,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench.common import REPO, append_rows, row  # noqa: E402
+from bench.common import REPO, add_out_argument, append_rows, out_path, row  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("lipflow_slurm_harness", REPO / "tests" / "slurm" / "harness.py")
 harness = importlib.util.module_from_spec(_spec)
@@ -156,6 +157,7 @@ def main() -> None:
                         default=REPO / "tests" / "data" / "tiny_config.yaml",
                         help="config for --snakefile (default tests/data/tiny_config.yaml)")
     parser.add_argument("--parse-only", action="store_true", help="only the startup and parse timings")
+    add_out_argument(parser)
     args = parser.parse_args()
     if not args.snakefile.is_file():
         raise SystemExit(f"slurm_overhead: --snakefile {args.snakefile} does not exist")
@@ -173,8 +175,9 @@ def main() -> None:
         parse_times(rows, args.snakefile.resolve(), args.configfile.resolve(), args.repeats, work)
         if not args.parse_only:
             cluster_timings(rows, args.jobs, work)
-    append_rows(REPO / "results" / "bench" / f"{BENCH}.parquet", rows)
-    print(f"appended {len(rows)} rows to results/bench/{BENCH}.parquet")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"appended {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     python bench/tokenize.py [--quick] [--text FILE] [--copies N] [--rounds R]
 
-Input: Tiny Shakespeare (``--text``, default /work/shared/data/tinyshakespeare.txt) repeated
-``--copies`` times as one file, cut into documents by the corpus stage; ``--quick`` (or a missing
-file) uses the embedded pydoc corpus once. For each tokenizer (char; byte-level BPE 512):
+Input: Tiny Shakespeare (``--text``, default ../shared/data/tinyshakespeare.txt beside the
+repository; an error when it is missing) repeated ``--copies`` times as one file, cut into
+documents by the corpus stage; ``--quick`` uses the embedded pydoc corpus once instead. For each tokenizer (char; byte-level BPE 512):
 
 - ``stage``: the whole tokenize stage (JSONL read, encode, Arrow shards, sha256, manifest) with the
   already-trained ``tokenizer.json`` passed as kind ``file``, so BPE training is not timed;
@@ -16,7 +16,7 @@ they run side by side (``bench.common.alternating_timings``: one untimed warm-up
 load on the machine only ever slows a round down. MB = 10⁶ bytes of UTF-8 text. Also: the char
 tokenizer's raw encode against a plain Python dict lookup per character (timed in the same
 rounds). ``--quick`` is a smoke test: on 0.47 MB the stage's fixed costs (tokenizer load and
-save, fsync) dominate its ratio. Rows go to results/bench/tokenize.parquet.
+save, fsync) dominate its ratio. Rows go to results/bench/tokenize.parquet (--quick: results/bench/quick/).
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from typing import Callable  # noqa: E402
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from bench.common import REPO, alternating_timings, append_rows, machine, row  # noqa: E402
+from bench.common import (add_out_argument, alternating_timings, append_rows, machine, out_path,  # noqa: E402
+                          row)
 from lipflow.data.corpus import CorpusConfig, build_corpus  # noqa: E402
 from lipflow.data.tokenize import TokenizerConfig, batched, iter_texts, tokenize_corpus  # noqa: E402
 
-TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+BENCH = "tokenize"
+TINY_SHAKESPEARE = Path(_HERE).parent.parent / "shared" / "data" / "tinyshakespeare.txt"  # ../shared
 
 
 def build_input(work: Path, text: Path | None, copies: int) -> Path:
@@ -89,9 +91,11 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="copies of --text (default 8: ~9 MB)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up; best kept")
     parser.add_argument("--batch-docs", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "tokenize.parquet")
+    add_out_argument(parser)
     args = parser.parse_args()
-    text = None if args.quick or not args.text.exists() else args.text
+    if not args.quick and not args.text.is_file():
+        raise SystemExit(f"bench/tokenize.py: --text {args.text} is not a file (--quick uses the embedded corpus)")
+    text = None if args.quick else args.text
     rounds = 1 if args.quick else args.rounds
     rows = []
     print(f"machine: {machine()}")
@@ -113,8 +117,9 @@ def main() -> None:
             ]
             if "python_dict_mb_s" in r:
                 rows.append(row("tokenize", f"{name}.python_dict", r["python_dict_mb_s"], "MB/s"))
-    append_rows(args.out, rows)
-    print(f"{len(rows)} rows appended to {args.out}")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
 
 
 if __name__ == "__main__":

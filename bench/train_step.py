@@ -15,11 +15,15 @@ FLOPs per step (PaLM, Chowdhery et al. 2022, App. B; nanoGPT's ``estimate_mfu``)
 ``tokens · (6·N + 12·L·T·d)``, tokens = batch·context·grad_accum, N = the weights that multiply
 activations (hidden and head matrices: embedding lookups and vectors do no matmul), and 12·L·T·d
 the attention scores QKᵀ and the weighted sum AV (2·2·T·d per token per layer forward, ×3 with
-backward, over the full T×T: causal kernels skip about half, so this slightly flatters short-T
-MFU). Both arms have the same N and so the same FLOPs. Optimizer and constraint arithmetic
+backward, over the full T×T). Causal attention needs only about half of that term, so the formula
+overstates the useful FLOPs, and with them MFU, by 6·L·T·d per token: more at long T (7% for
+``gpt2-124m``, 4% for ``cpu``); it is the convention PaLM and nanoGPT report. Both arms have the
+same N and so the same FLOPs. Optimizer and constraint arithmetic
 (Newton–Schulz, the soft cap's matmuls) is not model FLOPs: it shows up as a lower MFU.
-MFU = (FLOPs / median step time) / peak, the peak being the best of ``--rounds`` n×n matmuls
-(2n³ FLOPs) timed in the same run, fp32 on CPU and bf16 (the autocast dtype) on CUDA.
+MFU = (FLOPs / median step time) / peak, the peak being the best of ``--rounds`` timings of
+``PEAK_REPEATS`` back-to-back n×n matmuls (2n³ FLOPs each; n = 2048 on CPU, 8192 on CUDA, 512 on
+CPU with --quick) in the same run, fp32 on CPU and bf16 (the autocast dtype) on CUDA. A step whose
+loss is not finite (the trainer then skips the optimizer) stops the benchmark: it would time less work.
 
 Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
 weight constraint alone (``apply_weight_constraint``), which split the difference between the arms.
@@ -33,7 +37,7 @@ small shapes train on the default config's data (embedded pydoc corpus, char tok
 ``gpt2-124m`` on random words of a word-level tokenizer.json with exactly 50257 ids, passed through
 the real corpus and tokenize stages (step time does not depend on the text).
 
-Rows go to results/bench/train_step.parquet; metric names start with ``<shape>.B<batch>``.
+Rows go to results/bench/train_step.parquet (--quick: results/bench/quick/); metric names start with ``<shape>.B<batch>``.
 """
 
 from __future__ import annotations
@@ -48,16 +52,17 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (REPO, alternating_timings, append_rows, default_shards, device_label,  # noqa: E402
-                          machine, print_table, row, run_configs)
+from bench.common import (add_out_argument, alternating_timings, append_rows, default_shards,  # noqa: E402
+                          device_label, machine, out_path, print_table, row, run_configs)
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.training import Trainer, apply_weight_constraint  # noqa: E402
 
@@ -79,7 +84,8 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # n of the n×n peak matmul
-MATMUL_SIZE_QUICK = 512
+MATMUL_SIZE_QUICK = {"cpu": 512, "cuda": 4096}  # a small matmul on a GPU times its launch, not its math
+PEAK_REPEATS = 10  # matmuls per timing, so one synchronize does not weigh on the peak
 SYNTHETIC_TRAIN_TOKENS = 200_000
 
 
@@ -108,12 +114,29 @@ def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
 
 
 def matmul_peak(n: int, device: torch.device, rounds: int) -> float:
-    """Best FLOP/s of an n×n @ n×n matmul (2n³ FLOPs): fp32 on CPU, bf16 on CUDA."""
+    """Best FLOP/s of ``PEAK_REPEATS`` n×n @ n×n matmuls (2n³ FLOPs each): fp32 on CPU, bf16 on CUDA."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    times = alternating_timings({"matmul": lambda: a @ b}, rounds, warmup=1, device=str(device))["matmul"]
-    return 2 * n**3 / min(times)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+
+    def matmuls() -> None:
+        for _ in range(PEAK_REPEATS):
+            torch.matmul(a, b, out=out)
+
+    times = alternating_timings({"matmul": matmuls}, rounds, warmup=1, device=str(device))["matmul"]
+    return PEAK_REPEATS * 2 * n**3 / min(times)
+
+
+def finite_step(trainer: Trainer) -> Callable[[], float]:
+    """``trainer.train_step``, raising on a non-finite loss (the step would skip the optimizer)."""
+    def step() -> float:
+        loss = trainer.train_step()
+        if not math.isfinite(loss):
+            raise SystemExit(f"train_step: arm {trainer.run_id} reached a non-finite loss ({loss}); "
+                             "its timing would leave out the optimizer step")
+        return loss
+    return step
 
 
 def matmul_weights(trainer: Trainer) -> int:
@@ -139,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
                                                      "1 is steadier on a machine shared with other work)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key compile)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / f"{BENCH}.parquet")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         configs = run_configs({**shape, "device": args.device, "compile": args.compile}, ARMS)
         trainers = {name: Trainer(name, cfg, data, work / "runs" / name, progress=False)
                     for name, cfg in configs.items()}
-        steps = alternating_timings({name: t.train_step for name, t in trainers.items()}, rounds, warmup, str(device))
+        steps = alternating_timings({name: finite_step(t) for name, t in trainers.items()}, rounds, warmup,
+                                    str(device))
         phases = {}
         for name, t in trainers.items():
             phases[f"{name}.optimizer"] = t.optimizer.step
             phases[f"{name}.constraint"] = lambda t=t: apply_weight_constraint(t.model, t.optimizer, t.cfg)
         phase_times = alternating_timings(phases, rounds, warmup=1, device=str(device))
-        n_peak = MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE[device.type]
+        n_peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type]
         peak = matmul_peak(n_peak, device, rounds)
 
         cfg = configs["baseline"]
@@ -201,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"], table)
     print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
           f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
-    append_rows(args.out, rows)
-    print(f"{len(rows)} rows appended to {args.out}")
+    out = out_path(args, BENCH)
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
     return 0
 
 

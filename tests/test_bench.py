@@ -28,7 +28,8 @@ COLUMNS = ["bench", "metric", "value", "unit", "machine", "device", "date", "git
 def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     # one torch thread: steadier, and no slower for these tiny shapes, when other tests share the cores
-    done = subprocess.run([str(REPO / "bench" / "run_all"), "--quick", "--threads", "1", "--results", str(out)],
+    done = subprocess.run([str(REPO / "bench" / "run_all"), "--quick", "--threads", "1", "--device", "cpu",
+                           "--results", str(out)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return out

@@ -25,7 +25,7 @@ from lipflow.data.corpus import PARAGRAPH_DOC_CHARS, CorpusConfig, _paragraph_do
 from lipflow.data.loader import TokenShards, load_tokenizer
 from lipflow.data.tokenize import EOT, UNK, CharTable, TokenizerConfig, flat_ids, token_dtype, tokenize_corpus
 
-TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared
 TOPICS = [topics.topics[name] for name in sorted(topics.topics)]  # real English prose, 79 documents
 
 
