@@ -383,7 +383,8 @@ FROM p LEFT JOIN a USING (n_layers, n) LEFT JOIN s USING (n_layers, n)
 @pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
 def test_snakemake_rules_build_every_table_figure_and_the_view(tmp_path):
     (tmp_path / "Snakefile").write_text(
-        f'configfile: "config.yaml"\ninclude: "{REPO}/workflow/rules/icl.smk"\n'
+        f'configfile: "config.yaml"\ninclude: "{REPO}/workflow/rules/common.smk"\n'
+        f'include: "{REPO}/workflow/rules/icl.smk"\n'
     )
     (tmp_path / "config.yaml").write_text(textwrap.dedent("""\
         icl:

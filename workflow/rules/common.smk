@@ -1,11 +1,14 @@
-# Helpers shared by all rules: config validation, run resolution, paths and resources.
+# Helpers shared by all rules: config validation, run resolution, paths and resources, and the
+# constants and functions of the ICL study and the experiments (the rule files hold rules only).
 import json
 import math
 import os
 import sys
 
 from lipflow.config import ConfigError, check_config, plain_runs, resolve_runs, tokenizer_id
-from lipflow.experiments import experiment_evaluations
+from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, experiment_evaluations, selected_experiments,
+                                 study_enabled)
+from lipflow.icl.config import load_config, training_config, training_jobs
 
 try:
     # Validate against workflow/schemas/config.schema.yaml and fill its defaults (one pass, what
@@ -29,6 +32,10 @@ def run_evaluations(run):
 
 ALL_EVALUATIONS = sorted({name for run in RUNS for name in run_evaluations(run)} | set(EVALUATIONS))
 DATA_DIR = f"results/data/{config['corpus']['name']}"
+# Rules pass these directories (and results/icl, results/figures) as literal params. `snakemake --lint`
+# suggests deriving them from input or output, but Snakemake does not record a derived param for the
+# params rerun trigger, so that switch would rerun every existing result once (and cost a function
+# call per job in a dry run): the 9 "prefix ... hardcoded" lints are kept on purpose.
 TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
 DATABASE = "results/lipflow.duckdb"
 ENV = "../../envs/lipflow.yaml"
@@ -95,3 +102,64 @@ def train_launcher(wildcards):
     """``python -m`` for one process; ``torchrun`` for data-parallel runs (nproc > 1)."""
     nproc = RUNS[wildcards.run]["nproc"]
     return f"torchrun --standalone --nproc_per_node={nproc} -m" if nproc > 1 else "python -m"
+
+
+# In-context learning study (rules in icl.smk; configured by the `icl:` block)
+
+ICL_CONFIG = load_config(config.get("icl"))
+ICL_ENABLED = study_enabled(config, "icl")  # icl.enabled, or an experiment that includes the study
+ICL_RUNS = [f"results/icl/runs/L{layers}_n{n}.safetensors" for layers, n in training_jobs(ICL_CONFIG)]
+ICL_TABLES = [
+    "loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error",
+    "step_sizes", "agreement", "training",
+]
+ICL_FIGURES = [
+    f"results/figures/icl_{name}.{ext}"
+    for name in ("loss_vs_layers", "loss_vs_n")
+    for ext in ("png", "svg")
+]
+
+
+def icl_tables(wildcards):
+    """The study's tables when it is enabled (the DuckDB build loads them as icl_<table>)."""
+    return expand("results/icl/{table}.parquet", table=ICL_TABLES) if ICL_ENABLED else []
+
+
+def icl_targets(wildcards):
+    """The study's part of the default target `all`: everything of icl_all when it is enabled."""
+    return [*icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"] if ICL_ENABLED else []
+
+
+def icl_params(wildcards):
+    """The whole icl block as JSON (without `enabled`, which changes no result)."""
+    return json.dumps({k: v for k, v in ICL_CONFIG.to_dict().items() if k != "enabled"})
+
+
+def icl_train_params(wildcards):
+    """Only the keys that change what a training job learns, so n_grid edits keep models."""
+    return json.dumps(training_config(ICL_CONFIG))
+
+
+# Experiments (rules in experiments.smk)
+
+EXPERIMENTS = selected_experiments(config)
+IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
+
+
+def experiment_outputs(name):
+    """The figures (PNG and SVG) and tables (CSV) of one experiment."""
+    figures = [f"results/figures/{fig}.{ext}" for fig in EXPERIMENT_FIGURES.get(name, ()) for ext in ("png", "svg")]
+    return figures + [f"results/tables/{view}.csv" for view in EXPERIMENT_VIEWS.get(name, ())]
+
+
+def experiment_targets(wildcards=None):
+    """Everything the enabled experiments produce (added to `rule all`); the ICL study's outputs come
+    from icl_targets (above), which experiments: [icl] switches on."""
+    targets = [path for name in EXPERIMENTS for path in experiment_outputs(name)]
+    return targets + experiment_database_inputs()
+
+
+def experiment_database_inputs(wildcards=None):
+    """Files outside the runs that the database loads when their study is on (for `database`'s input):
+    the digits-MLP robustness table (loaded by create_views as image_mlp_robustness)."""
+    return [IMAGE_MLP] if study_enabled(config, "image_mlp") else []

@@ -1,30 +1,8 @@
 # Experiments: their runs come from lipflow.experiments.expand_experiments (through resolve_runs in
 # common.smk); here are the figures and tables of each experiment (one job per experiment, reading
 # the results database), the image-MLP robustness study (scikit-learn digits, the same size under both
-# presets: about 2 minutes on one core), and `experiment_targets` for `rule all`.
-from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, selected_experiments, study_enabled
-
-EXPERIMENTS = selected_experiments(config)
-IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
-
-
-def experiment_outputs(name):
-    """The figures (PNG and SVG) and tables (CSV) of one experiment."""
-    figures = [f"results/figures/{fig}.{ext}" for fig in EXPERIMENT_FIGURES.get(name, ()) for ext in ("png", "svg")]
-    return figures + [f"results/tables/{view}.csv" for view in EXPERIMENT_VIEWS.get(name, ())]
-
-
-def experiment_targets(wildcards=None):
-    """Everything the enabled experiments produce (added to `rule all`); the ICL study's outputs come
-    from icl_targets (icl.smk), which experiments: [icl] switches on."""
-    targets = [path for name in EXPERIMENTS for path in experiment_outputs(name)]
-    return targets + experiment_database_inputs()
-
-
-def experiment_database_inputs(wildcards=None):
-    """Files outside the runs that the database loads when their study is on (for `database`'s input):
-    the digits-MLP robustness table (loaded by create_views as image_mlp_robustness)."""
-    return [IMAGE_MLP] if study_enabled(config, "image_mlp") else []
+# presets: about 2 minutes on one core). Their constants and helpers (EXPERIMENTS, IMAGE_MLP, and
+# experiment_targets for `rule all`) live in common.smk.
 
 
 for _name in EXPERIMENT_FIGURES:

@@ -2,44 +2,7 @@
 # Configured by the `icl:` block of config.yaml (schema: lipflow/icl/config_schema.yaml).
 # Target: icl_all. Training jobs are cached per (L, n): they rerun only when a key that
 # changes what is learned (lipflow.icl.config.TRAINING_KEYS) changes.
-
-import json
-
-from lipflow.experiments import study_enabled
-from lipflow.icl.config import load_config, training_config, training_jobs
-
-ICL_CONFIG = load_config(config.get("icl"))
-ICL_ENABLED = study_enabled(config, "icl")  # icl.enabled, or an experiment that includes the study
-ICL_RUNS = [f"results/icl/runs/L{layers}_n{n}.safetensors" for layers, n in training_jobs(ICL_CONFIG)]
-ICL_TABLES = [
-    "loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error",
-    "step_sizes", "agreement", "training",
-]
-ICL_FIGURES = [
-    f"results/figures/icl_{name}.{ext}"
-    for name in ("loss_vs_layers", "loss_vs_n")
-    for ext in ("png", "svg")
-]
-
-
-def icl_tables(wildcards):
-    """The study's tables when it is enabled (the DuckDB build loads them as icl_<table>)."""
-    return expand("results/icl/{table}.parquet", table=ICL_TABLES) if ICL_ENABLED else []
-
-
-def icl_targets(wildcards):
-    """What `rule all` needs from the study: everything of icl_all when it is enabled."""
-    return [*icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"] if ICL_ENABLED else []
-
-
-def icl_params(wildcards):
-    """The whole icl block as JSON (without `enabled`, which changes no result)."""
-    return json.dumps({k: v for k, v in ICL_CONFIG.to_dict().items() if k != "enabled"})
-
-
-def icl_train_params(wildcards):
-    """Only the keys that change what a training job learns, so n_grid edits keep models."""
-    return json.dumps(training_config(ICL_CONFIG))
+# Its constants and helpers (ICL_CONFIG, ICL_RUNS, icl_params …) live in common.smk.
 
 
 rule icl_all:
@@ -66,7 +29,7 @@ rule icl_train:
         runtime=30,
         cpus_per_task=1,
     conda:
-        "../../envs/lipflow.yaml"
+        ENV
     shell:
         "python -m lipflow.icl --threads {threads} train --config-json {params.config_json:q}"
         " --layers {wildcards.layers} --n {wildcards.n} --out {output.checkpoint} > {log} 2>&1"
@@ -86,7 +49,7 @@ rule icl_baselines:
         runtime=20,
         cpus_per_task=1,
     conda:
-        "../../envs/lipflow.yaml"
+        ENV
     shell:
         "python -m lipflow.icl --threads {threads} baselines --config-json {params.config_json:q}"
         " --out {output.baselines} > {log} 2>&1"
@@ -110,7 +73,7 @@ rule icl_collect:
         runtime=20,
         cpus_per_task=1,
     conda:
-        "../../envs/lipflow.yaml"
+        ENV
     shell:
         "python -m lipflow.icl --threads {threads} collect --config-json {params.config_json:q}"
         " --baselines {input.baselines} --runs {input.runs} --out-dir {params.out_dir} > {log} 2>&1"
@@ -137,7 +100,7 @@ rule icl_plots:
         runtime=10,
         cpus_per_task=1,
     conda:
-        "../../envs/lipflow.yaml"
+        ENV
     shell:
         "python -m lipflow.icl plot --results-dir {params.results_dir} --out-dir {params.out_dir}"
         " > {log} 2>&1"
@@ -163,7 +126,7 @@ rule icl_check:
         runtime=10,
         cpus_per_task=1,
     conda:
-        "../../envs/lipflow.yaml"
+        ENV
     shell:
         "python -m lipflow.icl check --config-json {params.config_json:q}"
         " --results-dir {params.results_dir} --out {output.summary} > {log} 2>&1"
