@@ -68,11 +68,13 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
                                                  ".parquet, or results/bench/quick/<bench>.parquet with --quick)")
 
 
-def out_path(args: argparse.Namespace, bench: str) -> Path:
-    """``--out``, else the default file of ``bench`` for a full or a ``--quick`` run."""
-    if args.out is not None:
-        return args.out
-    return REPO / "results" / "bench" / ("quick" if getattr(args, "quick", False) else "") / f"{bench}.parquet"
+def save_rows(args: argparse.Namespace, bench: str, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to ``--out``, else to the default file of ``bench`` for a full or a ``--quick``
+    run, and say where."""
+    quick = getattr(args, "quick", False)
+    out = args.out or REPO / "results" / "bench" / ("quick" if quick else "") / f"{bench}.parquet"
+    append_rows(out, rows)
+    print(f"{len(rows)} rows appended to {out}")
 
 
 def row(bench: str, metric: str, value: float, unit: str, device: str = "cpu") -> dict[str, Any]:

@@ -41,8 +41,8 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, alternating_timings, append_rows, device_label,  # noqa: E402
-                          machine, out_path, print_table, row)
+from bench.common import (add_out_argument, alternating_timings, device_label, machine,  # noqa: E402
+                          print_table, row, save_rows)
 from lipflow.constraints import StepContext, msign, soft_cap_alpha, spectral_hard_cap, spectral_soft_cap  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.optimizers import MUON_NS_COEFFICIENTS, newton_schulz, newton_schulz_peak  # noqa: E402
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={n} done", flush=True)
     print_table(["n", "NS5 ms", "SVD polar ms", "speedup", "NS err", "(predicted)", "soft cap ms", "SVD clamp ms",
                  "speedup", "cap err", "(predicted)", "σ₁ after cap"], table)
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"{len(rows)} rows appended to {out}")
+    save_rows(args, BENCH, rows)
     return 0
 
 

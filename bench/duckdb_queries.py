@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.common import (add_out_argument, alternating_timings, append_rows, default_shards,  # noqa: E402
-                          machine, out_path, print_table, row, run_configs)
+from bench.common import (add_out_argument, alternating_timings, default_shards, machine,  # noqa: E402
+                          print_table, row, run_configs, save_rows)
 from lipflow import provenance  # noqa: E402
 from lipflow.results import build  # noqa: E402
 from lipflow.training import Trainer  # noqa: E402
@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         table.append([name, median * 1e3, results[name], "yes" if median <= TARGET_S else "NO"])
     print(f"{n_runs} runs × {steps} steps = {n_rows} train_metrics rows; median of {rounds} rounds")
     print_table(["what", "ms", "result rows", "<= 100 ms"], table)
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"{len(rows)} rows appended to {out}")
+    save_rows(args, BENCH, rows)
     return 0
 
 

@@ -36,9 +36,8 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, alternating_timings, append_rows, default_shards,  # noqa: E402
-                          device_label, machine, out_path, print_table, row, run_configs,
-                          synchronize)
+from bench.common import (REPO, add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
+                          machine, print_table, row, run_configs, save_rows, synchronize)
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"default shape: d_model {shape['d_model']}, {shape['n_layers']} layers, context {shape['context']}, "
           f"batch {shape['batch_size']}; evaluation parameters: {'QUICK_PARAMS' if args.quick else 'defaults'}")
     print_table(["model", "what", "ms", "train steps"], table)
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"{len(rows)} rows appended to {out}")
+    save_rows(args, BENCH, rows)
     return 0
 
 

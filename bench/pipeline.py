@@ -45,8 +45,8 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, alternating_timings, append_rows, machine,  # noqa: E402
-                          out_path, print_table, row)
+from bench.common import (REPO, add_out_argument, alternating_timings, machine, print_table, row,  # noqa: E402
+                          save_rows)
 from lipflow.config import check_config, resolve_runs  # noqa: E402
 
 BENCH = "pipeline"
@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     report(f"noop.runs{tiny_runs}.lipflow_over_bare", noop["lipflow"] / noop["bare"], "x", "  ratio")
     print(f"median of {rounds} alternating round(s) after {warmup} warmup; whole snakemake processes")
     print_table(["measurement", "value", "unit"], table)
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"{len(rows)} rows appended to {out}")
+    save_rows(args, BENCH, rows)
     return 0
 
 

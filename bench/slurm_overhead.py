@@ -36,7 +36,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench.common import REPO, add_out_argument, append_rows, out_path, row  # noqa: E402
+from bench.common import REPO, add_out_argument, row, save_rows  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("lipflow_slurm_harness", REPO / "tests" / "slurm" / "harness.py")
 harness = importlib.util.module_from_spec(_spec)
@@ -175,9 +175,7 @@ def main() -> None:
         parse_times(rows, args.snakefile.resolve(), args.configfile.resolve(), args.repeats, work)
         if not args.parse_only:
             cluster_timings(rows, args.jobs, work)
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"appended {len(rows)} rows to {out}")
+    save_rows(args, BENCH, rows)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Input: Tiny Shakespeare (``--text``, default ../shared/data/tinyshakespeare.txt beside the
 repository; an error when it is missing) repeated ``--copies`` times as one file, cut into
-documents by the corpus stage; ``--quick`` uses the embedded pydoc corpus once instead. For each tokenizer (char; byte-level BPE 512):
+documents by the corpus stage; ``--quick`` uses the embedded pydoc corpus once instead. For each
+tokenizer (char; byte-level BPE 512):
 
 - ``stage``: the whole tokenize stage (JSONL read, encode, Arrow shards, sha256, manifest) with the
   already-trained ``tokenizer.json`` passed as kind ``file``, so BPE training is not timed;
@@ -16,7 +17,8 @@ they run side by side (``bench.common.alternating_timings``: one untimed warm-up
 load on the machine only ever slows a round down. MB = 10⁶ bytes of UTF-8 text. Also: the char
 tokenizer's raw encode against a plain Python dict lookup per character (timed in the same
 rounds). ``--quick`` is a smoke test: on 0.47 MB the stage's fixed costs (tokenizer load and
-save, fsync) dominate its ratio. Rows go to results/bench/tokenize.parquet (--quick: results/bench/quick/).
+save, fsync) dominate its ratio. Rows go to results/bench/tokenize.parquet (--quick:
+results/bench/quick/).
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ from typing import Callable  # noqa: E402
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from bench.common import (add_out_argument, alternating_timings, append_rows, machine, out_path,  # noqa: E402
-                          row)
+from bench.common import add_out_argument, alternating_timings, machine, row, save_rows  # noqa: E402
 from lipflow.data.corpus import CorpusConfig, build_corpus  # noqa: E402
 from lipflow.data.tokenize import TokenizerConfig, batched, iter_texts, tokenize_corpus  # noqa: E402
 
@@ -117,9 +118,7 @@ def main() -> None:
             ]
             if "python_dict_mb_s" in r:
                 rows.append(row("tokenize", f"{name}.python_dict", r["python_dict_mb_s"], "MB/s"))
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"{len(rows)} rows appended to {out}")
+    save_rows(args, BENCH, rows)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ overstates the useful FLOPs, and with them MFU, by 6·L·T·d per token: more at
 same N and so the same FLOPs. Optimizer and constraint arithmetic
 (Newton–Schulz, the soft cap's matmuls) is not model FLOPs: it shows up as a lower MFU.
 MFU = (FLOPs / median step time) / peak, the peak being the best of ``--rounds`` timings of
-``PEAK_REPEATS`` back-to-back n×n matmuls (2n³ FLOPs each; n = 2048 on CPU, 8192 on CUDA, 512 on
-CPU with --quick) in the same run, fp32 on CPU and bf16 (the autocast dtype) on CUDA. A step whose
+``PEAK_REPEATS`` back-to-back n×n matmuls (2n³ FLOPs each; n = 2048 on CPU and 8192 on CUDA, with
+--quick 512 and 4096) in the same run, fp32 on CPU and bf16 (the autocast dtype) on CUDA. A step whose
 loss is not finite (the trainer then skips the optimizer) stops the benchmark: it would time less work.
 
 Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
@@ -37,7 +37,8 @@ small shapes train on the default config's data (embedded pydoc corpus, char tok
 ``gpt2-124m`` on random words of a word-level tokenizer.json with exactly 50257 ids, passed through
 the real corpus and tokenize stages (step time does not depend on the text).
 
-Rows go to results/bench/train_step.parquet (--quick: results/bench/quick/); metric names start with ``<shape>.B<batch>``.
+Rows go to results/bench/train_step.parquet (--quick: results/bench/quick/); metric names start
+with ``<shape>.B<batch>``.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ from typing import Any, Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, alternating_timings, append_rows, default_shards,  # noqa: E402
-                          device_label, machine, out_path, print_table, row, run_configs)
+from bench.common import (add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
+                          machine, print_table, row, run_configs, save_rows)
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.training import Trainer, apply_weight_constraint  # noqa: E402
 
@@ -225,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"], table)
     print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
           f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
-    out = out_path(args, BENCH)
-    append_rows(out, rows)
-    print(f"{len(rows)} rows appended to {out}")
+    save_rows(args, BENCH, rows)
     return 0
 
 
