@@ -26,7 +26,8 @@ MFU = (FLOPs / median step time) / peak, the peak being the best of ``--rounds``
 loss is not finite (the trainer then skips the optimizer) stops the benchmark: it would time less work.
 
 Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
-weight constraint alone (``apply_weight_constraint``), which split the difference between the arms.
+weight constraint alone (``project_matrices_`` and the embedding projection), which split the
+difference between the arms. A timed step reads its loss (one host sync), to check it is finite.
 
 Shapes: ``quick`` (d 64, 2 layers, context 64, batch 8; the --quick smoke test), ``cpu`` (d 256,
 4 layers, context 128, batch 128: 16,384 tokens per step, the tokens per step of Newhouse et al.'s
@@ -65,7 +66,8 @@ import torch  # noqa: E402
 from bench.common import (add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
                           machine, print_table, row, run_configs, save_rows)
 from lipflow.metrics import resolve_device  # noqa: E402
-from lipflow.training import Trainer, apply_weight_constraint  # noqa: E402
+from lipflow.training import Trainer  # noqa: E402
+from lipflow.update import project_matrices_  # noqa: E402
 
 BENCH = "train_step"
 
@@ -132,7 +134,7 @@ def matmul_peak(n: int, device: torch.device, rounds: int) -> float:
 def finite_step(trainer: Trainer) -> Callable[[], float]:
     """``trainer.train_step``, raising on a non-finite loss (the step would skip the optimizer)."""
     def step() -> float:
-        loss = trainer.train_step()
+        loss = float(trainer.train_step().loss)
         if not math.isfinite(loss):
             raise SystemExit(f"train_step: arm {trainer.run_id} reached a non-finite loss ({loss}); "
                              "its timing would leave out the optimizer step")
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         phases = {}
         for name, t in trainers.items():
             phases[f"{name}.optimizer"] = t.optimizer.step
-            phases[f"{name}.constraint"] = lambda t=t: apply_weight_constraint(t.model, t.optimizer, t.cfg)
+            phases[f"{name}.constraint"] = lambda t=t: (project_matrices_(t.optimizer, t.matrices, t.constraint, {}),
+                                                        t.model.project_embeddings())
         phase_times = alternating_timings(phases, rounds, warmup=1, device=str(device))
         n_peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type]
         peak = matmul_peak(n_peak, device, rounds)

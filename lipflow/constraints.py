@@ -13,6 +13,7 @@ by the optimizer), project — dividing by s before and multiplying by s after, 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -34,7 +35,7 @@ class StepContext:
 
     lr: float = 0.0
     weight_decay: float = 0.0
-    update_norm: float = 0.0
+    update_norm: float | Tensor = 0.0
     spectral_wd: float = 0.0
 
 
@@ -48,14 +49,14 @@ SPECTRAL_NORM_RTOL = 1e-3  # relative accuracy of spectral_norm_bound
 
 
 def msign(x: Tensor) -> Tensor:
-    """Exact matrix sign (polar factor) U Vᵀ of X = U Σ Vᵀ, by SVD.
+    """Exact matrix sign (polar factor) U Vᵀ of X = U Σ Vᵀ, by SVD (X may be a stack (…, m, n)).
 
     Directions with σ ≤ max(m, n)·eps·σ₁ (numerically zero) map to 0, as Newton–Schulz would,
     so a zero or low-rank input gives a zero or low-rank output.
     """
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    keep = s > s[:1] * (max(x.shape) * torch.finfo(x.dtype).eps)
-    return (u * keep.to(u.dtype)) @ vh
+    keep = s > s[..., :1] * (max(x.shape[-2:]) * torch.finfo(x.dtype).eps)
+    return (u * keep.unsqueeze(-2).to(u.dtype)) @ vh
 
 
 def _gram_squarings(n: int) -> int:
@@ -74,21 +75,26 @@ def _gram_power(x: Tensor) -> tuple[Tensor, Tensor]:
     Each squaring is divided by its trace t_j, and log B = log tr(G_J)/2^(J+1) + Σ_j log t_j/2^(j+1),
     so nothing overflows and every trace stays ≥ 1/n.
     """
-    g = x.mT @ x if x.shape[0] >= x.shape[1] else x @ x.mT
-    squarings = _gram_squarings(g.shape[0])
+    g = x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT
+    squarings = _gram_squarings(g.shape[-1])
     tiny = torch.finfo(g.dtype).tiny
-    log_bound = torch.zeros((), dtype=g.dtype, device=g.device)
+    log_bound = torch.zeros(g.shape[:-2], dtype=g.dtype, device=g.device)
     for j in range(squarings):
-        trace = torch.diagonal(g).sum().clamp_min(tiny)
+        trace = _trace(g).clamp_min(tiny)
         log_bound = log_bound + torch.log(trace) / 2 ** (j + 1)
-        h = g / trace
+        h = g / trace[..., None, None]
         g = h @ h
-    log_bound = log_bound + torch.log(torch.diagonal(g).sum()) / 2 ** (squarings + 1)
+    log_bound = log_bound + torch.log(_trace(g)) / 2 ** (squarings + 1)
     return g, log_bound
 
 
+def _trace(g: Tensor) -> Tensor:
+    return torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
+
+
 def spectral_norm_bound(x: Tensor) -> Tensor:
-    """Upper bound B on σ₁(X) with σ₁ ≤ B ≤ (1 + 1e-3)·σ₁ (Schatten norm via block power iteration)."""
+    """Upper bound B on σ₁(X) with σ₁ ≤ B ≤ (1 + 1e-3)·σ₁ (Schatten norm via block power iteration);
+    one per matrix of a stack (…, m, n)."""
     return torch.exp(_gram_power(x)[1])
 
 
@@ -112,32 +118,51 @@ def top_singular_triplet(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return sigma, w, xtu / sigma.clamp_min(tiny)
 
 
-def soft_cap_alpha(sigma_max: float, k: float) -> float:
+SOFT_CAP_MAX_GROWTH = 81.0 / 62.0  # k/σmax up to which the soft cap's guarantee holds (t ≤ 1/3)
+
+
+def soft_cap_alpha(sigma_max: float, k: float | Tensor) -> float | Tensor:
     """Smallest α ≥ 0 with p₂(p₁(k)) = σmax for p₁(x) = x − αx³, p₂(x) = x + αx³.
 
     Newhouse et al. 2025, Thm 3.1: α is a root of −k⁹α⁴ + 3k⁷α³ − 3k⁵α² + (k − σmax) = 0.
     With t = αk² this reads t⁴ − 3t³ + 3t² = 1 − σmax/k, whose left side increases from 0 to 1
-    on [0, 1]; so for k > σmax the root is unique in (0, 1) and found by bisection. For
-    k ≤ σmax nothing can exceed σmax and α = 0. For k = σmax(1−λη) + u, the largest singular value
-    one step can reach, σmax is a fixed point; p₂∘p₁ is increasing on [0, k] while t ≤ 1/3,
-    i.e. k ≤ 1.307·σmax, so then every singular value ≤ k ends ≤ σmax.
+    on [0, 1]; so for k > σmax the root is unique in (0, 1) and found by bisection (60 halvings,
+    float64). For k ≤ σmax nothing can exceed σmax and α = 0. For k = σmax(1−λη) + u, the largest
+    singular value one step can reach, σmax is a fixed point; p₂∘p₁ is increasing on [0, k] while
+    t ≤ 1/3, i.e. k ≤ (81/62)·σmax = 1.3065·σmax (``SOFT_CAP_MAX_GROWTH``), so then every singular
+    value ≤ k ends ≤ σmax. ``k`` may be a tensor (one α per entry, computed where it lives).
     """
-    if k <= sigma_max:
-        return 0.0
-    target = 1.0 - sigma_max / k
-    lo, hi = 0.0, 1.0
+    if not isinstance(k, Tensor):  # the same bisection on Python floats: no tensor work per step
+        if k <= sigma_max:
+            return 0.0
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mid * mid * (3.0 - 3.0 * mid + mid * mid) < 1.0 - sigma_max / k else (lo, mid)
+        return 0.5 * (lo + hi) / (k * k)
+    k = k.double()
+    target = (1.0 - sigma_max / k).clamp_min(0.0)
+    lo, hi = torch.zeros_like(k), torch.ones_like(k)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if mid * mid * (3.0 - 3.0 * mid + mid * mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi) / (k * k)
+        below = mid * mid * (3.0 - 3.0 * mid + mid * mid) < target
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.where(k > sigma_max, 0.5 * (lo + hi) / (k * k), torch.zeros_like(k))
 
 
 def _gram_product(x: Tensor) -> Tensor:
     """X XᵀX (= (XXᵀ) X), multiplied through the smaller Gram matrix."""
-    return x @ (x.mT @ x) if x.shape[0] >= x.shape[1] else (x @ x.mT) @ x
+    return x @ (x.mT @ x) if x.shape[-2] >= x.shape[-1] else (x @ x.mT) @ x
+
+
+def _per_matrix(constraint: Constraint) -> Constraint:
+    """Apply a constraint written for one matrix to each matrix of a stack (…, m, n)."""
+    @functools.wraps(constraint)
+    def each(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
+        if x.ndim == 2:
+            return constraint(x, sigma_max, step=step)
+        return torch.stack([each(m, sigma_max, step=step) for m in x.unbind(0)])
+    return each
 
 
 # ----------------------------------------------------------------------------- constraints
@@ -152,6 +177,7 @@ def unconstrained(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
 
 
 @CONSTRAINTS.register("spectral_weight_decay")
+@_per_matrix
 def spectral_weight_decay(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
     """X − λσ₁u₁v₁ᵀ with λ = spectral_wd (not coupled to η, as in the reference code)."""
     sigma, u, v = top_singular_triplet(x)
@@ -162,10 +188,11 @@ def spectral_weight_decay(x: Tensor, sigma_max: float, *, step: StepContext) -> 
 def spectral_normalize(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
     """X / max(1, σ₁/σmax), with σ₁ from the certified bound: afterwards σ₁ ≤ σmax, and ≥ σmax/(1+1e-3)
     when X was scaled down."""
-    return x / torch.clamp(spectral_norm_bound(x) / sigma_max, min=1.0)
+    return x / torch.clamp(spectral_norm_bound(x) / sigma_max, min=1.0)[..., None, None]
 
 
 @CONSTRAINTS.register("spectral_hammer")
+@_per_matrix
 def spectral_hammer(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
     """X + (σmax − σ₁)u₁v₁ᵀ: sets the top singular value to σmax (Hess & Hutchison; no guarantee,
     the other singular values may exceed σmax)."""
@@ -178,11 +205,14 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
     """M ← M(I − αMᵀM), then M ← M(I + αMᵀM): σ ↦ p₂(p₁(σ)) on every singular value.
 
     α = soft_cap_alpha(σmax, k) with k = σmax(1 − λη) + u, so σmax is a fixed point of one
-    decay-step-project (Newhouse et al. 2025, Thm 3.1). Four matmuls.
+    decay-step-project (Newhouse et al. 2025, Thm 3.1). Four matmuls. ``step.update_norm`` may be
+    a tensor with one u per matrix of the stack (α is then solved on the device, per matrix).
     """
     k = sigma_max * (1.0 - step.lr * step.weight_decay) + step.update_norm
     alpha = soft_cap_alpha(sigma_max, k)
-    if alpha == 0.0:
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(x.dtype)[..., None, None]
+    elif alpha == 0.0:
         return x
     x = x - alpha * _gram_product(x)
     return x + alpha * _gram_product(x)
@@ -190,11 +220,14 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
 
 @CONSTRAINTS.register("spectral_hard_cap")
 def spectral_hard_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
-    """U min(Σ, σmax) Vᵀ exactly (SVD), written X − U relu(Σ − σmax) Vᵀ so singular values already
-    ≤ σmax and all singular vectors are untouched. Replaces the paper's four-quintic
-    approximation, which fails for σ > 3.5·σmax."""
+    """U min(Σ, σmax) Vᵀ exactly (SVD), rebuilt from the clamped spectrum so σ₁ ends at σmax to
+    rounding whatever σ₁ was (subtracting U relu(Σ − σmax) Vᵀ instead leaves a cancellation error
+    ∝ σ₁: 1.008·σmax at σ₁ = 10⁴·σmax in fp32); matrices already within the cap are returned
+    untouched. Replaces the paper's four-quintic approximation, which fails for σ > 3.5·σmax."""
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return x - (u * torch.relu(s - sigma_max)) @ vh
+    capped = (u * s.clamp(max=sigma_max).unsqueeze(-2)) @ vh
+    within = (s[..., 0] <= sigma_max)[..., None, None]
+    return torch.where(within, x, capped)
 
 
 @CONSTRAINTS.register("stiefel")
@@ -209,25 +242,40 @@ def stiefel(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
 @torch.no_grad()
 def constrain_(weight: Tensor, name: str, sigma_max: float, *, lr: float, weight_decay: float,
                update_norm: float, spectral_wd: float) -> None:
-    """Decay and project one weight in place, right after the optimizer's step.
+    """Decay and project one weight in place, right after the optimizer's step (``constrain_all_``
+    for one matrix)."""
+    if weight.ndim != 2:
+        raise ValueError(f"constraint '{name}' needs a 2-D weight (fan_out, fan_in), got shape {tuple(weight.shape)}")
+    constrain_all_([weight], name, sigma_max, lr=lr, weight_decay=weight_decay, update_norm=update_norm,
+                   spectral_wd=spectral_wd)
+
+
+@torch.no_grad()
+def constrain_all_(weights: list[Tensor], name: str, sigma_max: float, *, lr: float, weight_decay: float,
+                   update_norm: float | Tensor, spectral_wd: float) -> None:
+    """Decay and project same-shape weights in place, as one stack, right after the optimizer's step.
 
     W ← (1 − λη)W, then W ← s·constraint(W/s), s = √(fan_out/fan_in), all in float32 whatever the
-    weight's dtype. The decay comes after the step here (Modula decays first); the weights differ
-    by O(λη²) and k = σmax(1−λη) + u still bounds (σmax + u)(1−λη), so the soft cap's guarantee
-    holds. ``lr`` is this parameter's learning rate, ``update_norm`` its step's RMS→RMS bound.
+    weights' dtype, one batched matmul chain for the whole stack. The decay comes after the step
+    here (Modula decays first); the weights differ by O(λη²) and k = σmax(1−λη) + u still bounds
+    (σmax + u)(1−λη), so the soft cap's guarantee holds. ``lr`` is the weights' learning rate,
+    ``update_norm`` their step's RMS→RMS bound: one float, or a tensor with one per weight.
     """
     project = CONSTRAINTS.get(name)
     if not sigma_max > 0:
         raise ValueError(f"sigma_max must be > 0, got {sigma_max}")
-    if weight.ndim != 2:
-        raise ValueError(f"constraint '{name}' needs a 2-D weight (fan_out, fan_in), got shape {tuple(weight.shape)}")
+    shapes = {tuple(w.shape) for w in weights}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"constraint '{name}' needs 2-D weights of one shape, got shapes {sorted(shapes)}")
     decay = 1.0 - lr * weight_decay
     if project is unconstrained:  # no float32 round trip for the identity
         if decay != 1.0:
-            weight.mul_(decay)
+            torch._foreach_mul_(weights, decay)
         return
-    fan_out, fan_in = weight.shape
+    fan_out, fan_in = weights[0].shape
     scale = math.sqrt(fan_out / fan_in)
     step = StepContext(lr=lr, weight_decay=weight_decay, update_norm=update_norm, spectral_wd=spectral_wd)
-    x = weight.float() * (decay / scale)
-    weight.copy_(project(x, sigma_max, step=step) * scale)
+    x = torch.stack([w.float() for w in weights]) * (decay / scale)
+    projected = project(x, sigma_max, step=step) * scale
+    for w, new in zip(weights, projected.unbind(0)):
+        w.copy_(new)

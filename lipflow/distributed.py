@@ -26,10 +26,11 @@ class Topology:
 
 
 def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
-    """Join the process group torchrun describes in the environment (a no-op for one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """Join the process group torchrun describes in the environment (a no-op without torchrun;
+    under torchrun also for one process, so ``nproc: 1`` runs the NCCL/gloo and DDP code paths)."""
+    if "WORLD_SIZE" not in os.environ:
         return Topology(), device
+    world = int(os.environ["WORLD_SIZE"])
     topo = Topology(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         device = torch.device("cuda", topo.local_rank)
@@ -38,12 +39,13 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
     return topo, device
 
 
-def mean_across_ranks(value: float, topo: Topology, device: torch.device) -> float:
+def mean_tensor_across_ranks(t: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """The mean of ``t`` over ranks (one all-reduce, no host sync); ``t`` itself for one process."""
     if topo.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return t
+    t = t.double()
     dist.all_reduce(t)
-    return float(t) / topo.world
+    return t / topo.world
 
 
 def any_rank(flag: bool, topo: Topology, device: torch.device) -> bool:
@@ -60,5 +62,21 @@ def barrier(topo: Topology) -> None:
 
 
 def shutdown(topo: Topology) -> None:
-    if topo.world > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def share_of_work(count: int) -> tuple[int, int, int]:
+    """(world size, this rank, items per rank) for splitting ``count`` items evenly (padded) over
+    the process group; (1, 0, count) outside one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1, 0, count
+    world = dist.get_world_size()
+    return world, dist.get_rank(), -(-count // world)
+
+
+def all_gather_stack(mine: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's equally shaped ``mine``, concatenated along dim 0 in rank order."""
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine.contiguous())
+    return torch.cat(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,35 @@ def evaluate_windows(model: LanguageModel, windows: torch.Tensor, batch_size: in
     mean = total_loss / max(1, total_tokens)
     return {"loss": mean, "accuracy": total_correct / max(1, total_tokens),
             "perplexity": float(torch.tensor(mean).exp()), "tokens": float(total_tokens)}
+
+
+@torch.no_grad()
+def max_attention_logits(model: LanguageModel, idx: torch.Tensor) -> dict[str, float]:
+    """Per attention layer (module name): max |score| over batch, heads and causal (query, key)
+    pairs of the pre-softmax scores on token ids ``idx``, from each module's ``attention_scores``
+    applied to the input its ``first_projection`` (the Linear that reads the attention's input) sees.
+    This is the quantity that grows without bound in unconstrained transformers."""
+    found: dict[str, float] = {}
+
+    def hook(name: str, attention):
+        def record(module, args):  # the input of the attention's first projection is the attention's input
+            if name not in found:  # attention_scores calls that projection again
+                found[name] = math.nan
+                found[name] = attention.attention_scores(args[0]).abs().max().item()
+        return record
+
+    handles = [m.first_projection.register_forward_pre_hook(hook(name, m)) for name, m in model.named_modules()
+               if hasattr(m, "attention_scores")]
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_for(idx.device):
+            model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
 
 
 def write_table_parquet(path, table) -> None:

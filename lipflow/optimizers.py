@@ -15,7 +15,8 @@ Layout: matrices are (fan_out, fan_in) as in nn.Linear. Role ``embed`` holds loo
 stored (num_embeddings, dim) with one-hot inputs; the LMOs see their transpose.
 
 Each Muon/Scion step records ``state[p]["update_norm"]``, a bound on the RMS→RMS operator norm
-of the step's update of matrix p (the soft cap couples to it); ``parameter_steps`` reads it.
+of the step's update of matrix p, also given by ``optimizer.update_bound(group, p)`` before the
+step (the soft cap couples to it, see lipflow.update).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lipflow import distributed
 from lipflow.constraints import msign
 from lipflow.model.base import ROLES
 from lipflow.registry import Registry
@@ -39,6 +41,7 @@ OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "momentum": 0.95, "ns_steps": 5, "adam_lr": 3e-3,
+    "compile": False,
 }
 ADAM_EPS = 1e-8  # torch's default
 
@@ -77,18 +80,35 @@ def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype = torch.float32,
     """≈ msign(G): X ← G/‖G‖_F, then ``steps`` × X ← aX + (bA + cA²)X with A = XXᵀ (Keller Jordan).
 
     Applies p∘…∘p to every singular value σ/‖G‖_F ≤ 1 and keeps singular vectors. Runs in
-    ``dtype`` on the wide orientation (small Gram matrix); returns float32.
+    ``dtype`` on the wide orientation (small Gram matrix); returns float32. ``g`` may be a stack
+    (…, m, n) of same-shape matrices: one batched matmul chain, each normalized by its own norm.
     """
     a, b, c = coefficients
     x = g.to(dtype)
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
-    x = x / (x.norm() + 1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if transposed else x).float()
+
+
+def _orthogonalize(directions: Tensor, steps: int, orthogonalize: Callable[..., Tensor] | None = None) -> Tensor:
+    """newton_schulz (or ``orthogonalize``, e.g. its compiled form) of a stack of same-shape
+    matrices. Under DDP each rank orthogonalizes its
+    share (padded with zero matrices, which map to zero) and the shares are all-gathered, as in
+    modded-nanogpt: gradients, and so momenta and directions, are the same on every rank."""
+    orthogonalize = orthogonalize or newton_schulz
+    dtype = _ns_dtype(directions.device)
+    world, rank, per_rank = distributed.share_of_work(directions.shape[0])
+    if world == 1:
+        return orthogonalize(directions, steps, dtype)
+    padded = torch.cat([directions, directions.new_zeros(per_rank * world - directions.shape[0],
+                                                         *directions.shape[1:])])
+    mine = orthogonalize(padded[rank * per_rank:(rank + 1) * per_rank], steps, dtype)
+    return distributed.all_gather_stack(mine, world)[:directions.shape[0]]
 
 
 def _ns_dtype(device: torch.device) -> torch.dtype:
@@ -114,10 +134,12 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = ADAM_EPS, weight_decay: float = 0.0,
-                 kind: str = "muon"):
+                 kind: str = "muon", compile: bool = False):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, betas=betas, eps=eps,
                         weight_decay=weight_decay, kind=kind)
         super().__init__(params, defaults)
+        # compile: Newton–Schulz through torch.compile, one graph per matrix-stack shape
+        self._newton_schulz = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
         for group in self.param_groups:
             if group["kind"] not in self._steps:
                 raise ValueError(f"Muon param group kind '{group['kind']}' is not one of {sorted(self._steps)}")
@@ -141,21 +163,34 @@ class Muon(torch.optim.Optimizer):
             self._steps[group["kind"]](group)
         return loss
 
+    def update_bound(self, group: dict[str, Any], p: Tensor) -> float | None:
+        """Bound on the RMS→RMS norm of one step of ``p`` in ``group`` at its current lr (None for AdamW)."""
+        if group["kind"] != "muon":
+            return None
+        dtype = _ns_dtype(p.device)
+        return group["lr"] * newton_schulz_peak(group["ns_steps"]) * NS_ROUNDING_MARGIN[dtype]
+
     def _muon_step(self, group: dict[str, Any]) -> None:
+        """Momentum for every matrix, then Newton–Schulz once per shape on the stacked directions."""
         lr, beta, steps = group["lr"], group["momentum"], group["ns_steps"]
+        by_shape: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1.0 - beta)
-            direction = p.grad.lerp(buf, beta)
-            dtype = _ns_dtype(p.device)
-            fan_out, fan_in = p.shape
-            p.add_(newton_schulz(direction, steps, dtype).to(p.dtype), alpha=-lr * math.sqrt(fan_out / fan_in))
-            state["update_norm"] = lr * newton_schulz_peak(steps) * NS_ROUNDING_MARGIN[dtype]
+            if p.grad is not None:
+                by_shape[tuple(p.shape)].append(p)
+        for (fan_out, fan_in), params in by_shape.items():
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            grads = [p.grad for p in params]
+            torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+            directions = torch.stack([g.lerp(buf, beta) for g, buf in zip(grads, bufs)])
+            updates = _orthogonalize(directions, steps, self._newton_schulz).to(params[0].dtype).unbind(0)
+            torch._foreach_add_(params, updates, alpha=-lr * math.sqrt(fan_out / fan_in))
+            for p in params:
+                self.state[p]["update_norm"] = self.update_bound(group, p)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -296,8 +331,16 @@ class Scion(torch.optim.Optimizer):
                 if group["constrained"]:
                     p.mul_(1.0 - lr)
                 p.add_(direction.to(p.dtype), alpha=lr * radius)
-                if p.ndim == 2 and not embedding and lmo.rms_bound is not None:
-                    state["update_norm"] = lr * radius * lmo.rms_bound
+                bound = self.update_bound(group, p)
+                if bound is not None:
+                    state["update_norm"] = bound
+
+    def update_bound(self, group: dict[str, Any], p: Tensor) -> float | None:
+        """γρ·rms_bound: the RMS→RMS norm bound of one step of matrix ``p`` (None where the LMO has none)."""
+        lmo = LMOS.get(group["norm"])
+        if p.ndim != 2 or group["embedding"] or lmo.rms_bound is None:
+            return None
+        return group["lr"] * group["radius"] * lmo.rms_bound
 
 
 # Pethick et al. 2025, untied GPT (LIONS-EPFL/scion examples/shallow-nanogpt): embedding Sign
@@ -359,7 +402,8 @@ def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 
 @OPTIMIZERS.register("muon")
 def build_muon(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """Muon (lr) on hidden and head matrices; AdamW (adam_lr, betas) on embeddings and vectors."""
+    """Muon (lr) on hidden and head matrices; AdamW (adam_lr, betas) on embeddings and vectors;
+    with ``compile`` also Newton–Schulz through torch.compile."""
     groups = []
     for role, mult, params in _role_groups(model):
         if role in ("hidden", "head"):
@@ -368,7 +412,7 @@ def build_muon(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
             groups.append(dict(params=params, kind="adamw", lr=_setting(cfg, "adam_lr") * mult,
                                weight_decay=_embed_decay(role, cfg), role=role))
     return Muon(groups, lr=cfg["lr"], momentum=_setting(cfg, "momentum"), ns_steps=_setting(cfg, "ns_steps"),
-                betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")))
+                betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")), compile=_setting(cfg, "compile"))
 
 
 def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Scion:
@@ -409,11 +453,3 @@ def build_uscg(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """Build the optimizer named by cfg['optimizer'] for ``model``."""
     return OPTIMIZERS.get(cfg["optimizer"])(model, cfg)
-
-
-def parameter_steps(optimizer: torch.optim.Optimizer) -> Iterator[tuple[Tensor, float, float | None]]:
-    """(parameter, its group's current lr, its last step's RMS→RMS bound or None): the per-parameter
-    inputs of ``constrain_`` (None for AdamW, whose update norm has no useful bound)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            yield p, group["lr"], optimizer.state[p].get("update_norm") if p in optimizer.state else None

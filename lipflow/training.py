@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -29,16 +29,35 @@ from tqdm import tqdm
 from lipflow import distributed, provenance
 from lipflow.checkpoint import (flatten_optimizer_state, latest_valid_checkpoint, prune_checkpoints,
                                 save_weights, unflatten_optimizer_state)
-from lipflow.constraints import constrain_
 from lipflow.data.atomic import write_json_atomic
 from lipflow.data.loader import TokenShards
-from lipflow.metrics import (autocast_for, evaluate_windows, loss_and_correct, resolve_device,
+from lipflow.metrics import (autocast_for, evaluate_windows, loss_and_correct, max_attention_logits, resolve_device,
                              write_rows_parquet)
 from lipflow.model import build_model
+from lipflow.model.base import rms_operator_norm
 from lipflow.optimizers import build_optimizer
 from lipflow.schedules import lr_factor
+from lipflow.update import ConstraintSettings, check_coupling, constrained_update
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job did not finish; rerunning resumes it
+MAX_PENDING_STEPS = 1000  # steps whose loss may wait on the device before a flush reads them
+ATTENTION_LOGIT_WINDOWS = 16  # val windows whose pre-softmax scores are checked at eval steps
+STOP_CHECK_EVERY = 10  # under DDP, steps between agreeing on SIGTERM (a collective and a host sync)
+
+
+class StepResult(NamedTuple):
+    """What one training step leaves on the device (0-d tensors): mean loss, global gradient norm,
+    and how many matrices' measured steps were clipped to keep the soft cap's guarantee."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    clipped_updates: torch.Tensor
+
+
+class PendingStep(NamedTuple):
+    step: int
+    lr_factor: float
+    result: StepResult
 
 
 class Preempted(Exception):
@@ -50,16 +69,27 @@ def _matrices(model) -> list[tuple[str, torch.nn.Parameter]]:
     return roles["hidden"] + roles["head"]
 
 
-def apply_weight_constraint(model, optimizer: torch.optim.Optimizer, cfg: dict[str, Any]) -> None:
-    """Decay and project every hidden/head matrix, coupled to the lr and update norm it just saw."""
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    for _, p in _matrices(model):
-        group = group_of[id(p)]
-        update_norm = optimizer.state.get(p, {}).get("update_norm", group["lr"])
-        constrain_(p.data, cfg["weight_constraint"], cfg["sigma_max"], lr=group["lr"],
-                   weight_decay=cfg["weight_decay"], update_norm=float(update_norm),
-                   spectral_wd=cfg["spectral_wd"])
-    model.project_embeddings()
+class LayerTelemetry:
+    """Per constrained matrix, at eval steps: the RMS→RMS norm of the optimizer's own update ΔW
+    (exact SVD of W_after_step − W_before), the bound the optimizer recorded for it (None for
+    AdamW), and ‖W‖_RMS→RMS after the constraint: what the soft cap's coupling assumes vs gets."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer):
+        self.matrices, self.optimizer = _matrices(model), optimizer
+
+    def before_step(self) -> dict[str, Any]:
+        return {"_before": {name: p.detach().clone() for name, p in self.matrices}}
+
+    def after_step(self, layers: dict[str, Any]) -> None:
+        before = layers.pop("_before")
+        for name, p in self.matrices:
+            bound = self.optimizer.state.get(p, {}).get("update_norm")
+            layers[name] = {"update_norm": rms_operator_norm(p.detach() - before[name]),
+                            "update_bound": None if bound is None else float(bound)}
+
+    def after_constraint(self, layers: dict[str, Any]) -> None:
+        for name, p in self.matrices:
+            layers[name]["sigma_max"] = rms_operator_norm(p)
 
 
 def ensure_writable(directory: Path) -> None:
@@ -100,19 +130,27 @@ class Trainer:
         self.val_data = TokenShards(data_dir, "val")
         for split in (self.train_data, self.val_data):
             split.check_context(cfg["context"])
+        self.train_windows = self.train_data.resident(self.device)
         self.model = build_model(cfg, self.train_data.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.matrices = [p for _, p in _matrices(self.model)]
+        self.constraint = ConstraintSettings.from_config(cfg)
+        check_coupling(self.optimizer, self.matrices, self.constraint)
         for group in self.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
         self.forward = torch.compile(self.model) if cfg["compile"] else self.model
-        if self.topo.world > 1:
+        if torch.distributed.is_initialized():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=device_ids)
-        self.val_windows = self._fixed_val_windows()
+        self.val_windows = self._fixed_val_windows().to(self.device)
         self._stop_requested = False
+        self._pending: list[PendingStep] = []
+        self._stretch_started = time.perf_counter()
+        self.layer_telemetry = LayerTelemetry(self.model, self.optimizer)
+        self._record_layers, self._layers = False, None
         self.tensorboard = self._tensorboard_writer() if cfg["tensorboard"] and self.topo.is_main else None
 
     def _tensorboard_writer(self):
@@ -167,6 +205,10 @@ class Trainer:
         row["max_activation"] = max(block_max) if block_max else None
         row["activations"] = json.dumps(stats, sort_keys=True)
         row["lipschitz_bound"] = self.model.lipschitz_bound()
+        logits = max_attention_logits(self.model, self.val_windows[:ATTENTION_LOGIT_WINDOWS, :-1])
+        row["max_attention_logit"] = max(logits.values()) if logits else None
+        row["attention_logits"] = json.dumps(logits, sort_keys=True)
+        row["layers"] = json.dumps(self._layers, sort_keys=True) if self._layers else None
         every = self.cfg["sharpness_every"]
         if every and self.step % every == 0:
             row.update(self._sharpness())
@@ -210,29 +252,72 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         return factor
 
-    def train_step(self) -> float:
+    def train_step(self) -> StepResult:
+        """One optimizer step: micro-batches forward/backward, optimizer, weight constraint.
+
+        Nothing here waits for the device: the windows are gathered on it, the loss and the global
+        gradient norm stay there as 0-d tensors (read in one go by ``_flush``), and the optimizer
+        steps whatever the loss (a non-finite loss is caught at the next flush, see ``run``).
+        """
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         rank, world = self.topo.rank, self.topo.world
         for _ in range(cfg["grad_accum"]):
             # the same global batch on every rank (same generator state); each keeps its slice
-            x, y = self.train_data.sample_windows(cfg["batch_size"] * world, cfg["context"], self.generator)
+            x, y = self.train_windows.sample_windows(cfg["batch_size"] * world, cfg["context"], self.generator)
             part = slice(rank * cfg["batch_size"], (rank + 1) * cfg["batch_size"])
-            x, y = x[part].to(self.device), y[part].to(self.device)
+            x, y = x[part], y[part]
             with autocast_for(self.device):
                 logits = self.forward(x).float()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             (loss / cfg["grad_accum"]).backward()
-            total += loss.item() / cfg["grad_accum"]
-        total = distributed.mean_across_ranks(total, self.topo, self.device)
-        if math.isfinite(total):
-            self.optimizer.step()
-            apply_weight_constraint(self.model, self.optimizer, cfg)
-        return total
+            total = total + loss.detach() / cfg["grad_accum"]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        layers = self.layer_telemetry.before_step() if self._record_layers else None
+        clipped = constrained_update(self.optimizer, self.matrices, self.constraint,
+                                     after_step=None if layers is None else lambda: self.layer_telemetry.after_step(layers))
+        self.model.project_embeddings()
+        if layers is not None:
+            self.layer_telemetry.after_constraint(layers)
+            self._layers = layers
+        return StepResult(total, grad_norm, clipped)
+
+    def _flush(self) -> tuple[list[dict[str, Any]], int | None]:
+        """Read every pending step's loss and gradient norm (one host sync, one all-reduce) into
+        metric rows; returns the rows up to the first non-finite loss and that step (or None)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return [], None
+        values = torch.stack([torch.stack([p.result.loss, p.result.grad_norm.float(), p.result.clipped_updates.float()])
+                              for p in pending])
+        values = distributed.mean_tensor_across_ranks(values, self.topo).tolist()
+        elapsed = time.perf_counter() - self._stretch_started
+        step_time = elapsed / len(pending)
+        cfg = self.cfg
+        tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["context"] * self.topo.world
+        rows, bad_step = [], None
+        for p, (loss, grad_norm, clipped) in zip(pending, values):
+            rows.append({"step": p.step, "loss": loss, "lr_factor": p.lr_factor,
+                         "tokens": p.step * tokens_per_step // self.topo.world, "grad_norm": grad_norm,
+                         "clipped_updates": round(clipped), "step_time": step_time,
+                         "tokens_per_s": tokens_per_step / step_time})
+            if not math.isfinite(loss):
+                bad_step = p.step
+                break
+        return rows, bad_step
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
+
+    def _should_stop(self, force_check: bool) -> bool:
+        """Whether SIGTERM arrived on any rank (under DDP agreed only every ``STOP_CHECK_EVERY``
+        steps and at flushes, since agreeing is a collective and a host sync)."""
+        if self.topo.world == 1:
+            return self._stop_requested
+        if force_check or self.step % STOP_CHECK_EVERY == 0:
+            return distributed.any_rank(self._stop_requested, self.topo, self.device)
+        return False
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -243,32 +328,42 @@ class Trainer:
         bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id,
                    disable=not (self.progress and self.topo.is_main),
                    file=sys.stderr, mininterval=2.0)
+        self._stretch_started = time.perf_counter()
         try:
             while self.step < cfg["steps"]:
                 factor = self._set_lr()
-                loss = self.train_step()
+                self._record_layers = self._is_eval_step(self.step + 1)
+                result = self.train_step()
                 self.step += 1
-                row: dict[str, Any] = {"step": self.step, "loss": loss, "lr_factor": factor,
-                                       "tokens": self.step * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]}
-                if not math.isfinite(loss):
-                    status, diverged_step, reason = "diverged", self.step, f"loss is {loss}"
-                elif self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
-                    self.evaluate(row)
-                    bound = row["lipschitz_bound"]
+                self._pending.append(PendingStep(self.step, factor, result))
+                bar.update(1)
+                eval_now = self._is_eval_step(self.step)
+                checkpoint_now = bool(cfg["checkpoint_every"]) and self.step % cfg["checkpoint_every"] == 0
+                stop_now = self._should_stop(force_check=eval_now or checkpoint_now)
+                if not (eval_now or checkpoint_now or stop_now or len(self._pending) >= MAX_PENDING_STEPS):
+                    continue
+                rows, bad_step = self._flush()
+                if bad_step is not None:
+                    status, diverged_step = "diverged", bad_step
+                    reason = f"loss is {rows[-1]['loss']}"
+                elif eval_now:
+                    self.evaluate(rows[-1])
+                    bound = rows[-1]["lipschitz_bound"]
                     if bound is not None and not bound <= cfg["max_bound"]:
                         status, diverged_step = "diverged", self.step
                         reason = f"Lipschitz bound {bound:.4g} exceeds max_bound {cfg['max_bound']:.4g}"
-                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
-                self._log(row)
-                bar.update(1)
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
+                for row in rows:
+                    self._log(row)
                 if status == "diverged":
-                    print(f"run {self.run_id} diverged at step {self.step}: {reason}", file=sys.stderr)
+                    print(f"run {self.run_id} diverged at step {diverged_step}: {reason}", file=sys.stderr)
                     break
-                if distributed.any_rank(self._stop_requested, self.topo, self.device):
+                if stop_now:
                     self.save_checkpoint()
                     raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved; rerun to resume")
-                if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
+                if checkpoint_now:
                     self.save_checkpoint()
+                self._stretch_started = time.perf_counter()
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
@@ -278,6 +373,14 @@ class Trainer:
         distributed.barrier(self.topo)
         distributed.shutdown(self.topo)
         return summary
+
+    def _is_eval_step(self, step: int) -> bool:
+        return step % self.cfg["eval_every"] == 0 or step == self.cfg["steps"]
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        """False after a diverged stretch left non-finite weights (they have no certificate)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def finish(self, status: str, diverged_step: int | None, reason: str | None,
                started: float, resumed: bool) -> dict[str, Any]:
@@ -290,7 +393,7 @@ class Trainer:
             "device": str(self.device), "processes": self.topo.world,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "start_time": started, "end_time": time.time(),
-            "lipschitz_bound": self.model.lipschitz_bound(),
+            "lipschitz_bound": self.model.lipschitz_bound() if self._weights_finite() else None,
             "final_val_loss": last_eval.get("val_loss"), "final_val_accuracy": last_eval.get("val_accuracy"),
             "max_activation": last_eval.get("max_activation"),
             "n_params": sum(p.numel() for p in self.model.parameters()),
@@ -306,8 +409,11 @@ class Trainer:
         return summary
 
 
+WALL_CLOCK_COLUMNS = ("step_time", "tokens_per_s")  # measured time: differs between identical runs
 METRIC_COLUMNS = {
     "run_id": "string", "step": "int64", "loss": "float64", "lr_factor": "float64", "tokens": "int64",
+    "grad_norm": "float64", "clipped_updates": "int64", "step_time": "float64", "tokens_per_s": "float64",
+    "max_attention_logit": "float64", "attention_logits": "string", "layers": "string",
     "val_loss": "float64", "val_accuracy": "float64", "val_perplexity": "float64",
     "max_activation": "float64", "activations": "string", "lipschitz_bound": "float64", "sharpness": "float64",
     "preconditioned_sharpness": "float64",

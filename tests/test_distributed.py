@@ -33,3 +33,39 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(char_shards,
         assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), name
         moved += int(not torch.equal(a[name], torch.zeros_like(a[name])))
     assert moved > 0
+
+
+def _orthogonalize_on_rank(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from lipflow import optimizers
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    stack = torch.randn(5, 12, 8, generator=torch.Generator().manual_seed(0))
+    computed = []
+    plain = optimizers.newton_schulz
+
+    def counting(g, steps, dtype=torch.float32):
+        computed.append(g.shape[0])
+        return plain(g, steps, dtype)
+
+    optimizers.newton_schulz = counting
+    out = optimizers._orthogonalize(stack, 5)
+    torch.save({"out": out, "computed": computed}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_distributed_muon_splits_newton_schulz_across_ranks(tmp_path):
+    """Two gloo ranks each orthogonalize 3 of 5 matrices (one a zero pad); the all-gathered result
+    equals one process doing all 5."""
+    import torch.multiprocessing as mp
+
+    from lipflow.optimizers import newton_schulz
+
+    mp.spawn(_orthogonalize_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2)
+    expected = newton_schulz(torch.randn(5, 12, 8, generator=torch.Generator().manual_seed(0)), 5)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"result.{rank}")
+        assert result["computed"] == [3]
+        torch.testing.assert_close(result["out"], expected, atol=1e-6, rtol=0)

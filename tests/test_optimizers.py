@@ -13,7 +13,7 @@ from torch import nn
 
 from lipflow.constraints import constrain_
 from lipflow.optimizers import (LMOS, MUON_NS_COEFFICIENTS, OPTIMIZERS, SCION_GPT_DEFAULTS, Muon, Scion,
-                                build_optimizer, newton_schulz, newton_schulz_peak, parameter_steps)
+                                build_optimizer, newton_schulz, newton_schulz_peak)
 from lipflow.registry import UnknownNameError
 
 VOCAB, DIM = 16, 24
@@ -307,7 +307,7 @@ def test_scion_embedding_tables_use_one_hot_scaling():
 
 
 def test_muon_soft_cap_coupling_keeps_sigma_max():
-    """Muon steps + constrain_(soft cap) with parameter_steps' update_norm: σ stays ≤ σmax."""
+    """Muon steps + constrain_(soft cap) with the optimizer's update bound: σ stays ≤ σmax."""
     sigma_max, shape = 1.0, (48, 24)
     scale = math.sqrt(shape[0] / shape[1])
     gen = torch.Generator().manual_seed(5)
@@ -318,9 +318,9 @@ def test_muon_soft_cap_coupling_keeps_sigma_max():
         w.grad = torch.randn(shape, generator=gen) - 0.5 * w.detach()  # push outwards
         optimizer.step()
         grown |= rms_operator_norm(w.detach()) > sigma_max * (1 + 1e-3)
-        for p, lr, update_norm in parameter_steps(optimizer):
-            constrain_(p, "spectral_soft_cap", sigma_max, lr=lr, weight_decay=0.0, update_norm=update_norm,
-                       spectral_wd=0.0)
+        group = optimizer.param_groups[0]
+        constrain_(w.data, "spectral_soft_cap", sigma_max, lr=group["lr"], weight_decay=0.0,
+                   update_norm=optimizer.state[w]["update_norm"], spectral_wd=0.0)
         assert rms_operator_norm(w.detach()) <= sigma_max * (1 + 1e-3)
     assert grown
 
@@ -412,11 +412,47 @@ def test_state_dict_round_trip_resumes_bit_exactly(name):
         assert optimizer.state[p].keys() == resumed_optimizer.state[q].keys()
 
 
-def test_parameter_steps_reports_lr_and_update_norm():
+def test_update_bounds_follow_each_optimizer():
     model = ToyModel()
-    optimizer = build_optimizer(model, CFGS["muon"])
-    train(model, optimizer, 1)
-    steps = {id(p): (lr, u) for p, lr, u in parameter_steps(optimizer)}
-    lr, update = steps[id(model.hidden.weight)]
+    muon = build_optimizer(model, CFGS["muon"])
+    train(model, muon, 1)
+    bounds = {id(p): (g["lr"], muon.update_bound(g, p)) for g in muon.param_groups for p in g["params"]}
+    lr, update = bounds[id(model.hidden.weight)]
     assert lr == CFGS["muon"]["lr"] and update == pytest.approx(lr * newton_schulz_peak(5))
-    assert steps[id(model.tok.weight)] == (CFGS["muon"]["adam_lr"], None)
+    assert muon.state[model.hidden.weight]["update_norm"] == update
+    assert bounds[id(model.tok.weight)] == (CFGS["muon"]["adam_lr"], None)
+    scion = build_optimizer(ToyModel(), CFGS["scion"])
+    group = next(g for g in scion.param_groups if g["role"] == "hidden")
+    assert scion.update_bound(group, group["params"][0]) == pytest.approx(0.05 * 3.0 * 1.0)
+    embed = next(g for g in scion.param_groups if g["role"] == "embed")
+    assert scion.update_bound(embed, embed["params"][0]) is None
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 48)])
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape):
+    gen = torch.Generator().manual_seed(3)
+    stack = torch.randn(5, *shape, generator=gen) * torch.logspace(-2, 2, 5)[:, None, None]
+    batched = newton_schulz(stack, 5)
+    for g, out in zip(stack, batched):
+        torch.testing.assert_close(out, newton_schulz(g, 5), atol=2e-6, rtol=0)
+
+
+def test_muon_step_batched_by_shape_equals_a_per_matrix_muon():
+    """Muon steps several same-shape matrices as one stack: the same weights as Keller Jordan's
+    per-matrix update written out here (Nesterov lerp, NS5, √(fan_out/fan_in))."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(24, 16), (24, 16), (16, 24), (24, 16)]
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    reference = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    optimizer = Muon(params, lr=0.05, momentum=0.9)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        for w, buf, g in zip(reference, buffers, grads):
+            buf.lerp_(g, 0.1)
+            w.add_(newton_schulz(g.lerp(buf, 0.9), 5), alpha=-0.05 * math.sqrt(w.shape[0] / w.shape[1]))
+    for p, w in zip(params, reference):
+        torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from lipflow.constraints import constrain_
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.metrics import write_table_parquet
 from lipflow.model import build_model
-from lipflow.optimizers import build_optimizer, parameter_steps
+from lipflow.optimizers import build_optimizer
+from lipflow.update import ConstraintSettings, check_coupling, constrained_update
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0, "width": 256, "n_layers": 3, "steps": 1500, "batch_size": 128, "eval_every": 50,
@@ -74,7 +74,9 @@ def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
                          "activation": "relu"}, 10)
     optimizer = build_optimizer(model, method)
     roles = model.param_roles()
-    matrices = {id(p) for _, p in roles["hidden"] + roles["head"]}
+    matrices = [p for _, p in roles["hidden"] + roles["head"]]
+    constraint = ConstraintSettings(method["weight_constraint"], method["sigma_max"], method["weight_decay"], 0.0)
+    check_coupling(optimizer, matrices, constraint)
     batches = torch.Generator().manual_seed(cfg["seed"])
     x_train, y_train = data["train"]
     snapshots = []
@@ -83,12 +85,7 @@ def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
         loss = F.cross_entropy(model(x_train[pick]), y_train[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        for p, lr, update_norm in parameter_steps(optimizer):  # decay → step → project (Modula's order)
-            if id(p) in matrices:
-                constrain_(p.data, method["weight_constraint"], method["sigma_max"], lr=lr,
-                           weight_decay=method["weight_decay"],
-                           update_norm=float(update_norm if update_norm is not None else lr), spectral_wd=0.0)
+        constrained_update(optimizer, matrices, constraint)  # step → decay → project (Modula's order)
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             snapshots.append((step, _accuracy(model, data["val"]), copy.deepcopy(model.state_dict())))
     return snapshots

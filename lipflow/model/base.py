@@ -94,3 +94,10 @@ def rms_operator_norm(w: torch.Tensor) -> float:
     """‖W‖_RMS→RMS = σ_max(W) / √(fan_out/fan_in) for W of shape (fan_out, fan_in)."""
     fan_out, fan_in = w.shape
     return spectral_norm(w) / (fan_out / fan_in) ** 0.5
+
+
+def causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·q·kᵀ per head (…, T, T), entries above the diagonal (masked keys) set to 0."""
+    scores = scale * (q.float() @ k.float().transpose(-2, -1))
+    t = scores.shape[-1]
+    return scores.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=scores.device).tril(), 0.0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipflow.model.base import LanguageModel
+from lipflow.model.base import LanguageModel, causal_scores
 from lipflow.model.registry import MODELS
 
 
@@ -27,6 +27,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.out(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    @property
+    def first_projection(self) -> nn.Linear:
+        return self.qkv
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax scores scale·q_h·k_hᵀ, (B, H, T, T), masked entries 0."""
+        B, T, C = x.shape
+        q, k, _ = self.qkv(x).split(C, dim=2)
+        q, k = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k))
+        return causal_scores(q, k, self.scale)
 
 
 class MLP(nn.Module):

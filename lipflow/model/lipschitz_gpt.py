@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipflow.model.base import LanguageModel, rms_operator_norm, spectral_norm
+from lipflow.model.base import LanguageModel, causal_scores, rms_operator_norm, spectral_norm
 from lipflow.model.bound import (ACTIVATIONS, attention_gain, attention_lipschitz, convex_residual,
                                  head_spectral_norms, project_rms_ball)
 from lipflow.model.registry import MODELS
@@ -88,6 +88,16 @@ class LipschitzAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unscaled(x) * self.output_scale
+
+    @property
+    def first_projection(self) -> nn.Linear:
+        return self.q
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax scores c·RoPE(q_h)·RoPE(k_h)ᵀ, (B, H, T, T), masked entries 0."""
+        B, T, C = x.shape
+        q, k = (self.rope(m(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)) for m in (self.q, self.k))
+        return causal_scores(q, k, self.score_scale)
 
     def weight_norms(self) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(‖W_o‖_RMS→RMS, then σ_max of each head's slice of W_q, W_k, W_v), from the current weights."""

@@ -1,0 +1,121 @@
+"""One update of a norm-constrained model: the optimizer's step, then decay and projection of every
+constrained matrix (Newhouse et al. 2025; Modula's ``Atom.decay_step_project``). Shared by the
+language-model trainer and the image-MLP study.
+
+The soft cap is coupled to the norm u of the step actually taken: the optimizer's own bound where
+it has one (``optimizer.update_bound``: Muon η·peak of Newton–Schulz, Scion γρ·rms_bound), else
+measured (AdamW: ``spectral_norm_bound``, a certified upper bound, of (W_after − W_before)/s). Its
+guarantee needs k = σmax(1 − λη) + u ≤ (81/62)·σmax (``SOFT_CAP_MAX_GROWTH``): an optimizer bound
+above that is refused before training (``check_coupling``); a measured step above it is clipped
+to it (W ← W_before + c·ΔW, c < 1) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from lipflow.constraints import SOFT_CAP_MAX_GROWTH, constrain_all_, spectral_norm_bound
+
+
+@dataclass(frozen=True)
+class ConstraintSettings:
+    """The weight constraint of a run: its name, σmax, decoupled decay λ and spectral decay."""
+
+    name: str
+    sigma_max: float
+    weight_decay: float
+    spectral_wd: float
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "ConstraintSettings":
+        return cls(cfg["weight_constraint"], cfg["sigma_max"], cfg["weight_decay"], cfg["spectral_wd"])
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the projection depends on the step's norm u (the soft cap's coupling)."""
+        return self.name == "spectral_soft_cap"
+
+    def max_update_norm(self, lr: float) -> float:
+        """The largest u with σmax(1 − λη) + u ≤ (81/62)·σmax."""
+        return self.sigma_max * (SOFT_CAP_MAX_GROWTH - 1.0 + lr * self.weight_decay)
+
+
+def _update_bound(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> float | None:
+    bound = getattr(optimizer, "update_bound", None)
+    return None if bound is None else bound(group, p)
+
+
+def _slots(optimizer: torch.optim.Optimizer, matrices: list[Tensor]) -> list[tuple[Tensor, dict[str, Any]]]:
+    """(matrix, its param group) for every matrix, in the optimizer's order."""
+    wanted = {id(p) for p in matrices}
+    return [(p, g) for g in optimizer.param_groups for p in g["params"] if id(p) in wanted]
+
+
+def check_coupling(optimizer: torch.optim.Optimizer, matrices: list[Tensor], settings: ConstraintSettings) -> None:
+    """Refuse a soft cap whose optimizer steps (at the current, i.e. the base, lr) can leave the
+    range where its guarantee holds: ValueError naming lr and sigma_max."""
+    if not settings.coupled:
+        return
+    for p, group in _slots(optimizer, matrices):
+        u = _update_bound(optimizer, group, p)
+        if u is not None and u > settings.max_update_norm(group["lr"]):
+            raise ValueError(
+                f"lr: steps of RMS→RMS norm up to {u:.4g} (lr {group['lr']:.4g}) are more than the soft cap can "
+                f"absorb at sigma_max {settings.sigma_max:g} (at most {settings.max_update_norm(group['lr']):.4g}, "
+                f"k ≤ 1.3065·sigma_max): lower lr or raise sigma_max")
+
+
+@torch.no_grad()
+def constrained_update(optimizer: torch.optim.Optimizer, matrices: list[Tensor], settings: ConstraintSettings,
+                       after_step: Callable[[], None] | None = None) -> Tensor:
+    """``optimizer.step()`` (then ``after_step()``, if given), then decay → project every matrix.
+    Returns the number of clipped steps as a 0-d tensor on the matrices' device (no host sync)."""
+    slots = _slots(optimizer, matrices)
+    before = {}
+    if settings.coupled:
+        before = {id(p): p.detach().clone() for p, g in slots if _update_bound(optimizer, g, p) is None}
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    return project_matrices_(optimizer, matrices, settings, before)
+
+
+@torch.no_grad()
+def project_matrices_(optimizer: torch.optim.Optimizer, matrices: list[Tensor], settings: ConstraintSettings,
+                      before: dict[int, Tensor]) -> Tensor:
+    """Decay → project every matrix just stepped, one stack per (shape, lr, bound); ``before`` holds
+    the pre-step copies of the matrices whose step is measured. Returns the clipped-step count."""
+    stacks: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p, group in _slots(optimizer, matrices):
+        bound = _update_bound(optimizer, group, p) if settings.coupled else 0.0
+        stacks[(tuple(p.shape), p.dtype, group["lr"], bound)].append(p)
+    clipped = torch.zeros((), dtype=torch.int64, device=matrices[0].device if matrices else "cpu")
+    for (shape, _, lr, bound), params in stacks.items():
+        update_norm: float | Tensor = 0.0 if bound is None else bound
+        if bound is None and settings.coupled:
+            update_norm, count = _clip_measured_steps_(params, [before[id(p)] for p in params], lr, settings)
+            clipped = clipped + count
+        constrain_all_([p.data for p in params], settings.name, settings.sigma_max, lr=lr,
+                       weight_decay=settings.weight_decay, update_norm=update_norm, spectral_wd=settings.spectral_wd)
+    return clipped
+
+
+def _clip_measured_steps_(params: list[Tensor], before: list[Tensor], lr: float,
+                          settings: ConstraintSettings) -> tuple[Tensor, Tensor]:
+    """u = certified ‖ΔW/s‖₂ per matrix; steps with u above ``max_update_norm`` are scaled down to
+    it in place. Returns (u after clipping, number clipped), both on the device."""
+    fan_out, fan_in = params[0].shape
+    old = torch.stack([b.float() for b in before])
+    delta = torch.stack([p.detach().float() for p in params]) - old
+    u = spectral_norm_bound(delta / math.sqrt(fan_out / fan_in)).nan_to_num(nan=math.inf)
+    u_max = settings.max_update_norm(lr)
+    factor = (u_max / u).clamp(max=1.0)
+    for p, new in zip(params, (old + delta * factor[:, None, None]).unbind(0)):
+        p.data.copy_(new)
+    return torch.minimum(u, torch.full_like(u, u_max)), (factor < 1.0).sum()
