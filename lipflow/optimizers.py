@@ -41,7 +41,8 @@ OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "momentum": 0.95, "ns_steps": 5, "adam_lr": 3e-3,
-    "compile": False,
+    "compile": False, "nesterov": True, "ns_coefficients": "jordan", "update_scale": "sqrt_fan_ratio",
+    "embed_optimizer": "adamw", "max_embed_inflation": 16.0,
 }
 ADAM_EPS = 1e-8  # torch's default
 
@@ -58,44 +59,72 @@ MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_ROUNDING_MARGIN = {torch.float32: 1.0, torch.bfloat16: 1.05}
 
 
-@functools.lru_cache(maxsize=None)
-def newton_schulz_peak(steps: int, coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS) -> float:
-    """max over σ ∈ [0, 1] of p∘…∘p (``steps`` times): the bound on NS output singular values.
+# You Jiacheng's 6-step schedule, one (a, b, c) per step (Modula's ``orthogonalize``, used by the
+# reference implementation of Newhouse et al. 2025): its output peak on [0, 1] is 0.99933, so an
+# update of spectral norm ≤ η needs no safety factor.
+YOU_NS_COEFFICIENTS = tuple((a / 1024, b / 1024, c / 1024) for a, b, c in (
+    (3955, -8306, 5008), (3735, -6681, 3463), (3799, -6499, 3211),
+    (4019, -6385, 2906), (2677, -3029, 1162), (2172, -1833, 682)))
+NS_COEFFICIENT_SETS = {"jordan": MUON_NS_COEFFICIENTS, "you": YOU_NS_COEFFICIENTS}
 
-    The image of [0, 1] under the t-fold map is an interval [lo, hi]; the next image is
-    p's range over it, reached at its ends or at real roots of p'(x) = a + 3bx² + 5cx⁴.
+Coefficients = tuple  # one (a, b, c) used at every step, or a tuple of one (a, b, c) per step
+
+
+def ns_schedule(steps: int, coefficients: Coefficients = MUON_NS_COEFFICIENTS) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of ``steps`` Newton–Schulz steps."""
+    if len(coefficients) == 3 and not isinstance(coefficients[0], tuple):
+        return (tuple(coefficients),) * steps
+    if len(coefficients) != steps:
+        raise ValueError(f"ns_steps: this Newton–Schulz coefficient set has exactly {len(coefficients)} steps, "
+                         f"not {steps}")
+    return tuple(coefficients)
+
+
+@functools.lru_cache(maxsize=None)
+def newton_schulz_peak(steps: int, coefficients: Coefficients = MUON_NS_COEFFICIENTS) -> float:
+    """max over σ ∈ [0, 1] of p_T∘…∘p_1 (``steps`` steps): the bound on NS output singular values.
+
+    The image of [0, 1] under the first t steps is an interval [lo, hi]; the next image is p's
+    range over it, reached at its ends or at real roots of p'(x) = a + 3bx² + 5cx⁴.
     """
-    a, b, c = coefficients
-    poly = np.polynomial.Polynomial([0.0, a, 0.0, b, 0.0, c])
-    critical = [r.real for r in poly.deriv().roots() if abs(r.imag) < 1e-12]
     lo, hi = 0.0, 1.0
-    for _ in range(steps):
+    for a, b, c in ns_schedule(steps, coefficients):
+        poly = np.polynomial.Polynomial([0.0, a, 0.0, b, 0.0, c])
+        critical = [r.real for r in poly.deriv().roots() if abs(r.imag) < 1e-12]
         values = poly(np.array([lo, hi] + [r for r in critical if lo <= r <= hi]))
         lo, hi = float(values.min()), float(values.max())
     return hi
 
 
 def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype = torch.float32,
-                  coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS) -> Tensor:
-    """≈ msign(G): X ← G/‖G‖_F, then ``steps`` × X ← aX + (bA + cA²)X with A = XXᵀ (Keller Jordan).
+                  coefficients: Coefficients = MUON_NS_COEFFICIENTS) -> Tensor:
+    """≈ msign(G): X ← G/‖G‖_F, then ``steps`` × X ← aX + (bA + cA²)X with A = XXᵀ (Keller Jordan;
+    ``coefficients`` may give each step its own (a, b, c), e.g. ``YOU_NS_COEFFICIENTS``).
 
-    Applies p∘…∘p to every singular value σ/‖G‖_F ≤ 1 and keeps singular vectors. Runs in
+    Applies p_T∘…∘p_1 to every singular value σ/‖G‖_F ≤ 1 and keeps singular vectors. Runs in
     ``dtype`` on the wide orientation (small Gram matrix); returns float32. ``g`` may be a stack
     (…, m, n) of same-shape matrices: one batched matmul chain, each normalized by its own norm.
     """
-    a, b, c = coefficients
     x = g.to(dtype)
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in ns_schedule(steps, coefficients):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if transposed else x).float()
 
 
-def _orthogonalize(directions: Tensor, steps: int, orthogonalize: Callable[..., Tensor] | None = None) -> Tensor:
+# Muon's update scale c(fan_out, fan_in) on NS(u) (Muon docstring)
+UPDATE_SCALES: dict[str, Callable[[int, int], float]] = {
+    "sqrt_fan_ratio": lambda fan_out, fan_in: math.sqrt(fan_out / fan_in),
+    "speedrun": lambda fan_out, fan_in: math.sqrt(max(1.0, fan_out / fan_in)),
+}
+
+
+def _orthogonalize(directions: Tensor, steps: int, orthogonalize: Callable[..., Tensor] | None = None,
+                   coefficients: Coefficients = MUON_NS_COEFFICIENTS) -> Tensor:
     """newton_schulz (or ``orthogonalize``, e.g. its compiled form) of a stack of same-shape
     matrices. Under DDP each rank orthogonalizes its
     share (padded with zero matrices, which map to zero) and the shares are all-gathered, as in
@@ -104,10 +133,10 @@ def _orthogonalize(directions: Tensor, steps: int, orthogonalize: Callable[..., 
     dtype = _ns_dtype(directions.device)
     world, rank, per_rank = distributed.share_of_work(directions.shape[0])
     if world == 1:
-        return orthogonalize(directions, steps, dtype)
+        return orthogonalize(directions, steps, dtype, coefficients)
     padded = torch.cat([directions, directions.new_zeros(per_rank * world - directions.shape[0],
                                                          *directions.shape[1:])])
-    mine = orthogonalize(padded[rank * per_rank:(rank + 1) * per_rank], steps, dtype)
+    mine = orthogonalize(padded[rank * per_rank:(rank + 1) * per_rank], steps, dtype, coefficients)
     return distributed.all_gather_stack(mine, world)[:directions.shape[0]]
 
 
@@ -120,38 +149,53 @@ def _ns_dtype(device: torch.device) -> torch.dtype:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for matrices plus AdamW for the rest, in one optimizer (param-group field ``kind``).
+    """Muon for matrices plus AdamW (or the reference's dualized step) for the rest, in one
+    optimizer (param-group field ``kind``).
 
     kind "muon" (Keller Jordan 2024; Newhouse et al. 2025 for the scaling), W of shape
     (fan_out, fan_in), g its gradient, β = momentum:
-        m ← βm + (1 − β)g;  u = (1 − β)g + βm  (Nesterov);
-        W ← W − η·√(fan_out/fan_in)·NS(u).
-    √(fan_out/fan_in) (Newhouse's choice, not the speedrun's max(1, ·)) makes the step's RMS→RMS
-    norm η·σ₁(NS(u)) ≤ η·peak, recorded as state["update_norm"] (peak from newton_schulz_peak,
-    times NS_ROUNDING_MARGIN). No weight decay on these matrices (see module docstring).
+        m ← βm + (1 − β)g;  u = (1 − β)g + βm (``nesterov``) or u = m;
+        W ← W − η·c·NS(u),  c = √(fan_out/fan_in) (``update_scale`` "sqrt_fan_ratio") or
+        max(1, fan_out/fan_in)^½ (the speedrun's "speedrun").
+    With c = √(fan_out/fan_in) the step's RMS→RMS norm is η·σ₁(NS(u)) ≤ η·peak; with the speedrun's
+    c it is η·peak·max(1, √(fan_in/fan_out)). That bound is ``update_bound`` and state["update_norm"]
+    (peak = newton_schulz_peak of the group's ``ns_coefficients`` set, times NS_ROUNDING_MARGIN).
+    No weight decay on these matrices (see module docstring).
     kind "adamw": bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay.
+    kind "dualized": the reference's embedding step for tables (num_embeddings, dim) with one-hot
+    inputs: the same momentum, then each row's direction u_i ↦ u_i / max(1/inflation, RMS(u_i))
+    (unit RMS, small rows inflated at most ``max_inflation``×: the ℓ1→RMS duality map), W ← W − η·that.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = ADAM_EPS, weight_decay: float = 0.0,
-                 kind: str = "muon", compile: bool = False):
+                 kind: str = "muon", nesterov: bool = True, ns_coefficients: str = "jordan",
+                 update_scale: str = "sqrt_fan_ratio", max_inflation: float = 16.0, compile: bool = False):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, betas=betas, eps=eps,
-                        weight_decay=weight_decay, kind=kind)
+                        weight_decay=weight_decay, kind=kind, nesterov=nesterov, ns_coefficients=ns_coefficients,
+                        update_scale=update_scale, max_inflation=max_inflation)
         super().__init__(params, defaults)
         # compile: Newton–Schulz through torch.compile, one graph per matrix-stack shape
         self._newton_schulz = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
         for group in self.param_groups:
             if group["kind"] not in self._steps:
                 raise ValueError(f"Muon param group kind '{group['kind']}' is not one of {sorted(self._steps)}")
-            if group["kind"] == "muon":
+            if group["ns_coefficients"] not in NS_COEFFICIENT_SETS:
+                raise ValueError(f"ns_coefficients: '{group['ns_coefficients']}' is not one of "
+                                 f"{sorted(NS_COEFFICIENT_SETS)}")
+            if group["update_scale"] not in UPDATE_SCALES:
+                raise ValueError(f"update_scale: '{group['update_scale']}' is not one of {sorted(UPDATE_SCALES)}")
+            ns_schedule(group["ns_steps"], NS_COEFFICIENT_SETS[group["ns_coefficients"]])  # a step count that fits
+            if group["kind"] in ("muon", "dualized"):
                 if group["weight_decay"]:
-                    raise ValueError("Muon matrices take no weight_decay (constrain_ decays them)")
+                    raise ValueError(f"Muon param groups of kind '{group['kind']}' take no weight_decay "
+                                     "(constrain_ decays matrices)")
                 if any(p.ndim != 2 for p in group["params"]):
-                    raise ValueError("Muon param groups of kind 'muon' must hold 2-D matrices only")
+                    raise ValueError(f"Muon param groups of kind '{group['kind']}' must hold 2-D matrices only")
 
     @property
     def _steps(self) -> dict[str, Callable[[dict[str, Any]], None]]:
-        return {"muon": self._muon_step, "adamw": self._adamw_step}
+        return {"muon": self._muon_step, "adamw": self._adamw_step, "dualized": self._dualized_step}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -164,33 +208,49 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def update_bound(self, group: dict[str, Any], p: Tensor) -> float | None:
-        """Bound on the RMS→RMS norm of one step of ``p`` in ``group`` at its current lr (None for AdamW)."""
+        """Bound on the RMS→RMS norm of one step of ``p`` in ``group`` at its current lr (None but for Muon)."""
         if group["kind"] != "muon":
             return None
-        dtype = _ns_dtype(p.device)
-        return group["lr"] * newton_schulz_peak(group["ns_steps"]) * NS_ROUNDING_MARGIN[dtype]
+        fan_out, fan_in = p.shape
+        peak = newton_schulz_peak(group["ns_steps"], NS_COEFFICIENT_SETS[group["ns_coefficients"]])
+        scale = UPDATE_SCALES[group["update_scale"]](fan_out, fan_in) / math.sqrt(fan_out / fan_in)
+        return group["lr"] * peak * scale * NS_ROUNDING_MARGIN[_ns_dtype(p.device)]
+
+    def _directions(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
+        """Momentum update of each parameter, then its (Nesterov) direction, stacked."""
+        beta = group["momentum"]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+        if group["nesterov"]:
+            return torch.stack([g.lerp(buf, beta) for g, buf in zip(grads, bufs)])
+        return torch.stack(bufs)
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         """Momentum for every matrix, then Newton–Schulz once per shape on the stacked directions."""
-        lr, beta, steps = group["lr"], group["momentum"], group["ns_steps"]
         by_shape: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is not None:
                 by_shape[tuple(p.shape)].append(p)
+        coefficients = NS_COEFFICIENT_SETS[group["ns_coefficients"]]
         for (fan_out, fan_in), params in by_shape.items():
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
-            grads = [p.grad for p in params]
-            torch._foreach_lerp_(bufs, grads, 1.0 - beta)
-            directions = torch.stack([g.lerp(buf, beta) for g, buf in zip(grads, bufs)])
-            updates = _orthogonalize(directions, steps, self._newton_schulz).to(params[0].dtype).unbind(0)
-            torch._foreach_add_(params, updates, alpha=-lr * math.sqrt(fan_out / fan_in))
+            directions = self._directions(group, params)
+            updates = _orthogonalize(directions, group["ns_steps"], self._newton_schulz, coefficients)
+            scale = UPDATE_SCALES[group["update_scale"]](fan_out, fan_in)
+            torch._foreach_add_(params, updates.to(params[0].dtype).unbind(0), alpha=-group["lr"] * scale)
             for p in params:
                 self.state[p]["update_norm"] = self.update_bound(group, p)
+
+    def _dualized_step(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p, direction in zip(params, self._directions(group, params) if params else []):
+            rms = direction.float().pow(2).mean(dim=1, keepdim=True).sqrt()
+            p.add_((direction / rms.clamp_min(1.0 / group["max_inflation"])).to(p.dtype), alpha=-group["lr"])
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -402,17 +462,22 @@ def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 
 @OPTIMIZERS.register("muon")
 def build_muon(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """Muon (lr) on hidden and head matrices; AdamW (adam_lr, betas) on embeddings and vectors;
-    with ``compile`` also Newton–Schulz through torch.compile."""
+    """Muon (lr) on hidden and head matrices; embeddings on AdamW (adam_lr, betas), or with
+    ``embed_optimizer: dualized`` on the reference's dualized step (lr, ``max_embed_inflation``);
+    vectors on AdamW. With ``compile`` also Newton–Schulz through torch.compile."""
     groups = []
     for role, mult, params in _role_groups(model):
         if role in ("hidden", "head"):
             groups.append(dict(params=params, kind="muon", lr=cfg["lr"] * mult, role=role))
+        elif role == "embed" and _setting(cfg, "embed_optimizer") == "dualized":
+            groups.append(dict(params=params, kind="dualized", lr=cfg["lr"] * mult, role=role))
         else:
             groups.append(dict(params=params, kind="adamw", lr=_setting(cfg, "adam_lr") * mult,
                                weight_decay=_embed_decay(role, cfg), role=role))
     return Muon(groups, lr=cfg["lr"], momentum=_setting(cfg, "momentum"), ns_steps=_setting(cfg, "ns_steps"),
-                betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")), compile=_setting(cfg, "compile"))
+                betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")), nesterov=_setting(cfg, "nesterov"),
+                ns_coefficients=_setting(cfg, "ns_coefficients"), update_scale=_setting(cfg, "update_scale"),
+                max_inflation=_setting(cfg, "max_embed_inflation"), compile=_setting(cfg, "compile"))
 
 
 def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Scion:

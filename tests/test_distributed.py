@@ -46,9 +46,9 @@ def _orthogonalize_on_rank(rank: int, world: int, init_file: str, result_file: s
     computed = []
     plain = optimizers.newton_schulz
 
-    def counting(g, steps, dtype=torch.float32):
+    def counting(g, steps, *args):
         computed.append(g.shape[0])
-        return plain(g, steps, dtype)
+        return plain(g, steps, *args)
 
     optimizers.newton_schulz = counting
     out = optimizers._orthogonalize(stack, 5)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lipflow.constraints import constrain_
-from lipflow.optimizers import (LMOS, MUON_NS_COEFFICIENTS, OPTIMIZERS, SCION_GPT_DEFAULTS, Muon, Scion,
+from lipflow.optimizers import (LMOS, MUON_NS_COEFFICIENTS, NS_COEFFICIENT_SETS, OPTIMIZERS, SCION_GPT_DEFAULTS, Muon, Scion,
                                 build_optimizer, newton_schulz, newton_schulz_peak)
 from lipflow.registry import UnknownNameError
 
@@ -456,3 +456,89 @@ def test_muon_step_batched_by_shape_equals_a_per_matrix_muon():
             w.add_(newton_schulz(g.lerp(buf, 0.9), 5), alpha=-0.05 * math.sqrt(w.shape[0] / w.shape[1]))
     for p, w in zip(params, reference):
         torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the reference's Muon options
+
+
+def composed_ns_map(x: np.ndarray, schedule) -> np.ndarray:
+    for a, b, c in schedule:
+        x = a * x + b * x ** 3 + c * x ** 5
+    return x
+
+
+def test_you_coefficients_peak_below_one_and_follow_their_scalar_map():
+    from lipflow.optimizers import YOU_NS_COEFFICIENTS
+
+    grid_max = composed_ns_map(np.linspace(0.0, 1.0, 2_000_001), YOU_NS_COEFFICIENTS).max()
+    peak = newton_schulz_peak(6, YOU_NS_COEFFICIENTS)
+    assert grid_max - 1e-12 <= peak <= grid_max + 1e-6
+    assert peak == pytest.approx(0.99933, abs=2e-5)  # the value the reference's coupling relies on
+    g = make_matrix("random", (48, 24))
+    out = newton_schulz(g, 6, coefficients=YOU_NS_COEFFICIENTS)
+    predicted = np.sort(composed_ns_map((torch.linalg.svdvals(g.double()) / (g.norm().double() + 1e-7)).numpy(),
+                                        YOU_NS_COEFFICIENTS))[::-1].copy()
+    np.testing.assert_allclose(torch.linalg.svdvals(out.double()).numpy(), predicted, atol=2e-4)
+
+
+def test_a_coefficient_schedule_needs_its_own_step_count():
+    with pytest.raises(ValueError, match="ns_steps: .* exactly 6 steps"):
+        build_optimizer(ToyModel(), {**CFGS["muon"], "ns_coefficients": "you", "ns_steps": 5})
+
+
+@pytest.mark.parametrize("coefficients,steps", [("jordan", 5), ("you", 6)])
+@pytest.mark.parametrize("update_scale", ["sqrt_fan_ratio", "speedrun"])
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
+def test_muon_update_bound_holds_for_every_option(coefficients, steps, update_scale, shape):
+    gen = torch.Generator().manual_seed(11)
+    w = nn.Parameter(torch.randn(shape, generator=gen))
+    optimizer = Muon([w], lr=0.1, ns_steps=steps, ns_coefficients=coefficients, update_scale=update_scale)
+    bound = optimizer.update_bound(optimizer.param_groups[0], w)
+    for _ in range(3):
+        before = w.detach().clone()
+        w.grad = torch.randn(shape, generator=gen)
+        optimizer.step()
+        measured = rms_operator_norm(w.detach() - before)
+        assert measured <= bound * (1 + 1e-5)
+        assert measured >= 0.6 * bound  # the bound is the step's own size, not a loose cap
+    expected_scale = math.sqrt(max(1.0, shape[0] / shape[1])) if update_scale == "speedrun" else \
+        math.sqrt(shape[0] / shape[1])
+    ns_peak = newton_schulz_peak(steps, NS_COEFFICIENT_SETS[coefficients])
+    assert bound == pytest.approx(0.1 * ns_peak * expected_scale / math.sqrt(shape[0] / shape[1]))
+
+
+def test_muon_without_nesterov_steps_along_the_momentum():
+    gen = torch.Generator().manual_seed(12)
+    w = nn.Parameter(torch.randn(24, 24, generator=gen))
+    start = w.detach().clone()
+    optimizer = Muon([w], lr=0.05, momentum=0.9, nesterov=False)
+    g1, g2 = torch.randn(24, 24, generator=gen), torch.randn(24, 24, generator=gen)
+    for g in (g1, g2):
+        w.grad = g
+        optimizer.step()
+    m1 = 0.1 * g1
+    m2 = 0.9 * m1 + 0.1 * g2
+    expected = start - 0.05 * newton_schulz(m1, 5) - 0.05 * newton_schulz(m2, 5)
+    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_dualized_embedding_rows_move_at_unit_rms_with_capped_inflation():
+    model = ToyModel()
+    cfg = {**CFGS["muon"], "embed_optimizer": "dualized", "max_embed_inflation": 16.0, "nesterov": False}
+    optimizer = build_optimizer(model, cfg)
+    group = next(g for g in optimizer.param_groups if g["role"] == "embed")
+    assert group["kind"] == "dualized" and group["lr"] == cfg["lr"]
+    table = model.tok.weight
+    before = table.detach().clone()
+    grad = 10 * torch.randn(VOCAB, DIM, generator=torch.Generator().manual_seed(13))  # momentum rows RMS ≈ 0.5
+    grad[0] *= 1e-2  # a row far below 1/16 RMS: inflated 16×, not to unit RMS
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    table.grad = grad
+    optimizer.step()
+    step = (before - table.detach()) / cfg["lr"]
+    momentum = (1 - group["momentum"]) * grad
+    rms = momentum.pow(2).mean(dim=1).sqrt()
+    torch.testing.assert_close(step[1:].pow(2).mean(dim=1).sqrt(), torch.ones(VOCAB - 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[0], 16.0 * momentum[0], atol=0, rtol=1e-3)
+    assert rms[0] * 16 < 1
