@@ -98,9 +98,13 @@ def test_precision_evaluation_on_a_tiny_gpt():
     assert abs(lookup(rows, "val_loss_delta", format="bf16", scaling="none")[0]["value"]) < 0.05
     assert lookup(rows, "val_loss", format="int8", scaling="per_channel")
     assert {r["tensor"] for r in lookup(rows, "max_abs_activation")} >= {"block0", "logits", "head.output"}
-    proven = lookup(rows, "fp8_safe_proven", format="fp8_e4m3")[0]
-    assert math.isnan(proven["value"]) and proven["status"] == "no analytic bound"
-    assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 1.0
+    for fmt in ("bf16", "fp8_e4m3"):
+        proven = lookup(rows, "fp8_safe_proven", format=fmt)[0]
+        assert math.isnan(proven["value"]) and proven["status"] == "no analytic bound"
+        assert lookup(rows, "fp8_safe_observed", format=fmt)[0]["value"] == 1.0
+    assert not lookup(rows, "proven_max_activation") and not lookup(rows, "activation_bound")
+    observed = lookup(rows, "observed_max_activation")[0]["value"]
+    assert observed == max(r["value"] for r in lookup(rows, "max_abs_activation"))
     assert lookup(rows, "activation_overflow", format="fp8_e4m3", scaling="none")[0]["value"] == 0
 
 
@@ -113,6 +117,9 @@ def test_fp8_safety_statement_uses_the_analytic_bound_and_the_weights():
     model.activation_bounds = lambda: 1000.0      # above e4m3's 448, below e5m2's 57344
     rows, _ = run_precision(model, cfg, eval_cfg)
     assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [0.0, 1.0]
+    model.activation_bounds = lambda: 6e4         # above e5m2's 57344, below fp16's 65504
+    rows, _ = run_precision(model, cfg, {**eval_cfg, "formats": ["bf16", "fp16", "fp8_e5m2"]})
+    assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [1.0, 1.0, 0.0]
     with torch.no_grad():
         model.head.weight[0, 0] = 1000.0          # a weight beyond e4m3's range is certain to overflow
     rows, _ = run_precision(model, cfg, eval_cfg)
@@ -186,3 +193,36 @@ cuda_fp8 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_
 def test_real_fp8_kernel_agrees_with_the_simulation_on_cuda():
     assert fp8_kernel_available("cuda")
     kernel_and_simulation_agree("cuda")
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_precision_evaluation_reports_proven_next_to_observed_bounds(constrained):
+    """A lipschitz_gpt's bounds appear per tensor beside the observed maxima, never below them; a
+    constrained one is proven safe for every format, the same weights scaled up far enough for none of
+    the fp8 formats (and the observed overflow counts agree with what was proven)."""
+    model, windows = lipschitz_lm(vocab=20, d=32, context=8)
+    if not constrained:
+        with torch.no_grad():
+            for _, w in model.param_roles()["hidden"] + model.param_roles()["head"]:
+                w.mul_(6.0)
+    ctx = EvalContext(model, windows, windows, {"scalings": ["none"], "int8": False, "batch_size": 8,
+                                                "real_fp8": False}, {}, None, None, torch.device("cpu"), None)
+    rows = EVALUATIONS.get("precision")(ctx)
+    bounds, observed = model.activation_bounds(), {}
+    for r in lookup(rows, "max_abs_activation"):
+        observed[r["tensor"]] = r["value"]
+    assert set(observed) <= set(bounds)
+    for r in lookup(rows, "bound_over_observed"):
+        assert r["value"] >= 1.0 and r["value"] == pytest.approx(bounds[r["tensor"]] / observed[r["tensor"]])
+    proven = lookup(rows, "proven_max_activation")[0]["value"]
+    seen = lookup(rows, "observed_max_activation")[0]["value"]
+    assert proven == max(bounds[k] for k in observed) and seen == max(observed.values())
+    assert lookup(rows, "proven_over_observed")[0]["value"] == pytest.approx(proven / seen)
+    verdicts = {r["format"]: r["value"] for r in lookup(rows, "fp8_safe_proven")}
+    overflow = {f: lookup(rows, "activation_overflow", format=f, scaling="none")[0]["value"] for f in verdicts}
+    if constrained:
+        assert verdicts == dict.fromkeys(["bf16", "fp16", "fp8_e4m3", "fp8_e5m2"], 1.0)
+        assert all(v == 0 for v in overflow.values())
+    else:
+        assert verdicts["bf16"] == 1.0 and verdicts["fp8_e4m3"] == 0.0 and verdicts["fp8_e5m2"] == 0.0
+        assert lookup(rows, "analytic_activation_bound")[0]["value"] > 57344
