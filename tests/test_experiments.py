@@ -310,6 +310,34 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
                      ("fp8_e4m3", "per_tensor", 0.49, None, None, 1.0)]
 
 
+def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closest_accuracy(tmp_path):
+    """Each lipschitz_gpt run is matched with the run of the other kind (constrained or not) of the closest
+    fp32 accuracy; the baseline gpt (no analytic bound) gets its observed max and no match."""
+    specs = [("prec.cap-00000001", "lipschitz_gpt", "spectral_soft_cap", 400, 0.30, 4.0, 2.0),
+             ("prec.free-00000002", "lipschitz_gpt", "none", 400, 0.45, 900.0, 9.0),
+             ("prec.free.T100-00000003", "lipschitz_gpt", "none", 100, 0.28, 300.0, 6.0),
+             ("prec.free.T50-00000004", "lipschitz_gpt", "none", 50, 0.20, 100.0, 5.0),
+             ("prec.gpt-00000005", "gpt", "none", 400, 0.50, None, 17.0)]
+    runs = [run(rid, experiment="precision", model=m, weight_constraint=c, steps=t) for rid, m, c, t, *_ in specs]
+    evals = []
+    for rid, model, _, _, acc, proven, seen in specs:
+        rows = [("accuracy", acc, "fp32"), ("observed_max_activation", seen, None),
+                ("fp8_safe_proven", float("nan") if proven is None else float(proven <= 448), "fp8_e4m3")]
+        if proven is not None:
+            rows += [("proven_max_activation", proven, None), ("proven_over_observed", proven / seen, None)]
+        evals += [{"run_id": rid, "eval": "precision", "metric": m, "value": v, "format": f, "scaling": None}
+                  for m, v, f in rows]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, tmp_path)["precision_bounds"] == ""
+    got = {r[0]: r[1:] for r in con.sql(
+        "select label, matched_label, matched_proven_max_activation, proven_over_observed, e4m3_proven_safe "
+        "from precision_bounds").fetchall()}
+    assert got["cap"] == ("free.T100", 300.0, 2.0, 1.0)          # 0.28 is the closest to 0.30
+    assert got["free"][:2] == ("cap", 4.0) and got["free"][3] == 0.0
+    assert got["free.T50"][0] == "cap"
+    assert got["gpt"][:3] == (None, None, None) and math.isnan(got["gpt"][3])
+
+
 def icl_tables(layer_losses: dict[int, tuple[float, float]], n: int = 20) -> dict[str, list[dict]]:
     """The ICL study's tables (lipflow.icl.study) for a layer sweep at n and an n sweep at the largest L."""
     top = max(layer_losses)

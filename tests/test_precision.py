@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.evaluation.precision import (FORMATS, cast_with_counts, linear_hooks, quantize_int8_per_channel,
-                                          simulate_cast)
+from lipflow.evaluation.precision import (FORMATS, Fp8Linear, cast_with_counts, fp8_kernel_available, linear_hooks,
+                                          quantize_int8_per_channel, real_fp8_accuracy, simulate_cast)
 from lipflow.metrics import evaluate_windows
 from lipflow.model import build_model
 
@@ -98,9 +98,13 @@ def test_precision_evaluation_on_a_tiny_gpt():
     assert abs(lookup(rows, "val_loss_delta", format="bf16", scaling="none")[0]["value"]) < 0.05
     assert lookup(rows, "val_loss", format="int8", scaling="per_channel")
     assert {r["tensor"] for r in lookup(rows, "max_abs_activation")} >= {"block0", "logits", "head.output"}
-    proven = lookup(rows, "fp8_safe_proven", format="fp8_e4m3")[0]
-    assert math.isnan(proven["value"]) and proven["status"] == "no analytic bound"
-    assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 1.0
+    for fmt in ("bf16", "fp8_e4m3"):
+        proven = lookup(rows, "fp8_safe_proven", format=fmt)[0]
+        assert math.isnan(proven["value"]) and proven["status"] == "no analytic bound"
+        assert lookup(rows, "fp8_safe_observed", format=fmt)[0]["value"] == 1.0
+    assert not lookup(rows, "proven_max_activation") and not lookup(rows, "activation_bound")
+    observed = lookup(rows, "observed_max_activation")[0]["value"]
+    assert observed == max(r["value"] for r in lookup(rows, "max_abs_activation"))
     assert lookup(rows, "activation_overflow", format="fp8_e4m3", scaling="none")[0]["value"] == 0
 
 
@@ -113,9 +117,112 @@ def test_fp8_safety_statement_uses_the_analytic_bound_and_the_weights():
     model.activation_bounds = lambda: 1000.0      # above e4m3's 448, below e5m2's 57344
     rows, _ = run_precision(model, cfg, eval_cfg)
     assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [0.0, 1.0]
+    model.activation_bounds = lambda: 6e4         # above e5m2's 57344, below fp16's 65504
+    rows, _ = run_precision(model, cfg, {**eval_cfg, "formats": ["bf16", "fp16", "fp8_e5m2"]})
+    assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [1.0, 1.0, 0.0]
     with torch.no_grad():
         model.head.weight[0, 0] = 1000.0          # a weight beyond e4m3's range is certain to overflow
     rows, _ = run_precision(model, cfg, eval_cfg)
     assert lookup(rows, "fp8_safe_proven", format="fp8_e4m3")[0]["status"].startswith("weights reach")
     assert lookup(rows, "weight_overflow", format="fp8_e4m3", scaling="none")[0]["value"] == 1
     assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 0.0
+
+
+# --------------------------------------------------------------------------- the real fp8 kernel
+
+def lipschitz_lm(vocab: int = 65, d: int = 64, context: int = 32, model: str = "lipschitz_gpt"):
+    """A lipschitz_gpt (or gpt) with nonzero output projections; the vocabulary is not a multiple of 16,
+    so the kernel path must pad."""
+    torch.manual_seed(0)
+    net = build_model({"model": model, "d_model": d, "n_layers": 2, "n_heads": 4, "context": context}, vocab)
+    if model == "lipschitz_gpt":
+        with torch.no_grad():
+            for block in net.blocks:
+                block.attn.o.weight.normal_(0, 0.3)
+                block.mlp.down.weight.normal_(0, 0.1)
+    windows = torch.randint(0, vocab, (16, context + 1), generator=torch.Generator().manual_seed(4))
+    return net.eval(), windows
+
+
+def kernel_and_simulation_agree(device: str) -> None:
+    """Per Linear, ``torch._scaled_mm`` and the fp32 simulation agree to fp32 rounding (they differ only
+    in summation order and where the fp32 scales are applied); through a model these last-bit
+    differences can flip an e4m3 rounding of a later operand, so whole models agree in loss and
+    accuracy, not bit for bit."""
+    layer = nn.Linear(64, 65, bias=False).to(device)  # 65 outputs: the kernel path pads to 80
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(5)).to(device) * 3
+    for scaling in ("none", "per_tensor"):
+        real = Fp8Linear(layer, scaling, real=True, out_dtype=torch.float32)(x)
+        sim = Fp8Linear(layer, scaling, real=False, out_dtype=torch.float32)(x)
+        assert ((real - sim).abs().max() / sim.abs().max()).item() < 1e-5
+        assert ((sim - x @ layer.weight.detach().T).abs().max() / sim.abs().max()).item() < 0.1  # e4m3, not garbage
+    model, windows = lipschitz_lm()
+    model = model.to(device)
+    assert real_fp8_accuracy(model, windows, 8)["scaling"] == "none"  # proven safe: scale 1
+    for scaling in ("none", "per_tensor"):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            result = real_fp8_accuracy(model, windows, batch_size=8, scaling=scaling, out_dtype=out_dtype)
+            assert result["real_loss"] == pytest.approx(result["simulated_loss"], abs=2e-3), result
+            assert abs(result["real_accuracy"] - result["simulated_accuracy"]) <= 0.01, result
+            assert result["max_logit_difference"] < 0.1, result
+            assert 0 < abs(result["real_loss"] - result["fp32_loss"]) < 0.05  # e4m3 is lossy, but not broken
+
+
+def test_fp8_kernel_matches_its_simulation_on_cpu():
+    """torch's CPU _scaled_mm runs the same code path as the GPU, without the hardware."""
+    kernel_and_simulation_agree("cpu")
+
+
+def test_precision_evaluation_reports_the_kernel_rows():
+    model, windows = lipschitz_lm(vocab=20, d=32, context=8)
+    ctx = EvalContext(model, windows, windows, {"formats": ["fp8_e4m3"], "scalings": ["none"], "int8": False,
+                                                "batch_size": 8, "real_fp8": True}, {}, None, None,
+                      torch.device("cpu"), None)
+    rows = EVALUATIONS.get("precision")(ctx)
+    real = lookup(rows, "real_fp8_accuracy", format="fp8_e4m3", scaling="none")[0]["value"]
+    assert real == lookup(rows, "simulated_fp8_accuracy", format="fp8_e4m3", scaling="none")[0]["value"]
+    assert lookup(rows, "real_fp8_max_logit_difference")[0]["value"] < 0.1
+
+
+cuda_fp8 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                              reason="needs a CUDA GPU of compute capability ≥ 8.9 (fp8 tensor cores)")
+
+
+@pytest.mark.cuda
+@cuda_fp8
+def test_real_fp8_kernel_agrees_with_the_simulation_on_cuda():
+    assert fp8_kernel_available("cuda")
+    kernel_and_simulation_agree("cuda")
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_precision_evaluation_reports_proven_next_to_observed_bounds(constrained):
+    """A lipschitz_gpt's bounds appear per tensor beside the observed maxima, never below them; a
+    constrained one is proven safe for every format, the same weights scaled up far enough for none of
+    the fp8 formats (and the observed overflow counts agree with what was proven)."""
+    model, windows = lipschitz_lm(vocab=20, d=32, context=8)
+    if not constrained:
+        with torch.no_grad():
+            for _, w in model.param_roles()["hidden"] + model.param_roles()["head"]:
+                w.mul_(6.0)
+    ctx = EvalContext(model, windows, windows, {"scalings": ["none"], "int8": False, "batch_size": 8,
+                                                "real_fp8": False}, {}, None, None, torch.device("cpu"), None)
+    rows = EVALUATIONS.get("precision")(ctx)
+    bounds, observed = model.activation_bounds(), {}
+    for r in lookup(rows, "max_abs_activation"):
+        observed[r["tensor"]] = r["value"]
+    assert set(observed) <= set(bounds)
+    for r in lookup(rows, "bound_over_observed"):
+        assert r["value"] >= 1.0 and r["value"] == pytest.approx(bounds[r["tensor"]] / observed[r["tensor"]])
+    proven = lookup(rows, "proven_max_activation")[0]["value"]
+    seen = lookup(rows, "observed_max_activation")[0]["value"]
+    assert proven == max(bounds[k] for k in observed) and seen == max(observed.values())
+    assert lookup(rows, "proven_over_observed")[0]["value"] == pytest.approx(proven / seen)
+    verdicts = {r["format"]: r["value"] for r in lookup(rows, "fp8_safe_proven")}
+    overflow = {f: lookup(rows, "activation_overflow", format=f, scaling="none")[0]["value"] for f in verdicts}
+    if constrained:
+        assert verdicts == dict.fromkeys(["bf16", "fp16", "fp8_e4m3", "fp8_e5m2"], 1.0)
+        assert all(v == 0 for v in overflow.values())
+    else:
+        assert verdicts["bf16"] == 1.0 and verdicts["fp8_e4m3"] == 0.0 and verdicts["fp8_e5m2"] == 0.0
+        assert lookup(rows, "analytic_activation_bound")[0]["value"] > 57344

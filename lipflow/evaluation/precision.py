@@ -13,10 +13,17 @@ Counts over finite fp32 values x (already non-finite inputs are not counted agai
   cast, and so the simulation, clips to ±448; hardware in non-saturating mode gives NaN);
 - underflow: s·x ≠ 0 but the cast is 0.
 
-fp8 safety is a statement about every input, not the observed ones: overflow is impossible iff
-every weight fits (checked exactly) and the model's analytic activation bounds fit. The bound comes
-from ``model.activation_bounds()`` — a float, or a dict of floats — bounding |entry| of every
-matmul operand and result for any token sequence; a model without it gets "no analytic bound".
+Safety is a statement about every input, not the observed ones: overflow of an unscaled cast is
+impossible iff every weight fits (checked exactly) and the model's analytic activation bounds fit
+(``fp8_safe_proven``, per format, bf16 and fp16 included). The bounds come from
+``model.activation_bounds()`` — a float, or a dict of floats keyed like the observed tensors —
+bounding |entry| of every matmul operand and result for any token sequence; a model without it gets
+"no analytic bound". Per tensor the bound is reported next to the observed max (their ratio ≥ 1).
+
+Real kernel (``real_fp8``: auto = on CUDA of capability ≥ 8.9; true forces it, e.g. torch's CPU
+kernel; false): every Linear also runs through ``torch._scaled_mm`` in e4m3 (``real_fp8_accuracy``),
+next to the same arithmetic simulated (e4m3 operands, fp32 accumulation, bf16 result); rows
+``real_fp8_*`` / ``simulated_fp8_*`` per scaling.
 """
 
 from __future__ import annotations
@@ -183,37 +190,173 @@ def _cast_parameters(model: nn.Module, cast: Callable[[torch.Tensor], torch.Tens
             p.copy_(cast(p))
 
 
-def analytic_activation_bound(model: nn.Module) -> float | None:
-    """max over ``model.activation_bounds()`` (a float or a dict of floats), or None without one."""
+def analytic_activation_bounds(model: nn.Module) -> dict[str, float] | None:
+    """``model.activation_bounds()`` as a dict (a float becomes {"all": value}), or None without one."""
     bounds_fn = getattr(model, "activation_bounds", None)
-    if bounds_fn is None:
-        return None
-    bounds = bounds_fn()
+    bounds = bounds_fn() if bounds_fn is not None else None
     if bounds is None:
         return None
-    return float(max(bounds.values()) if isinstance(bounds, dict) else bounds)
+    return {k: float(v) for k, v in bounds.items()} if isinstance(bounds, dict) else {"all": float(bounds)}
+
+
+def analytic_activation_bound(model: nn.Module) -> float | None:
+    """max over ``model.activation_bounds()`` (a float or a dict of floats), or None without one."""
+    bounds = analytic_activation_bounds(model)
+    return None if bounds is None else max(bounds.values())
+
+
+def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
+    """(1.0, why) when no weight and no bound of ``model.activation_bounds()`` exceeds ``fmt.max``, so an
+    unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does; (NaN, "no analytic
+    bound") without bounds."""
+    weight_max = max(p.detach().abs().max().item() for p in model.parameters() if p.is_floating_point())
+    bound = analytic_activation_bound(model)
+    if weight_max > fmt.max:
+        return 0.0, f"weights reach {weight_max:.4g} > {fmt.max:g}"
+    if bound is None:
+        return math.nan, "no analytic bound"
+    if bound <= fmt.max:
+        return 1.0, f"activations ≤ {bound:.4g} ≤ {fmt.max:g} for any input"
+    return 0.0, f"analytic bound {bound:.4g} > {fmt.max:g}"
 
 
 def fp8_safety_rows(model: nn.Module, formats: list[NumberFormat]) -> list[dict]:
-    """'fp8_safe_proven' per fp8 format: 1 when every weight and the analytic activation bound fit."""
-    weight_max = max(p.detach().abs().max().item() for p in model.parameters() if p.is_floating_point())
+    """'fp8_safe_proven' per format (every format, despite the name: bf16 and fp16 too): 1 when every
+    weight and every analytic activation bound fit the format's range, 0 when one does not, NaN without
+    bounds; and the analytic bound (the max over all bounded tensors)."""
     bound = analytic_activation_bound(model)
-    rows = []
-    if bound is not None:
-        rows.append({"metric": "analytic_activation_bound", "value": bound})
+    rows = [] if bound is None else [{"metric": "analytic_activation_bound", "value": bound}]
     for fmt in formats:
-        if not fmt.is_fp8:
-            continue
-        if weight_max > fmt.max:
-            value, status = 0.0, f"weights reach {weight_max:.4g} > {fmt.max:g}"
-        elif bound is None:
-            value, status = math.nan, "no analytic bound"
-        elif bound <= fmt.max:
-            value, status = 1.0, f"activations ≤ {bound:.4g} ≤ {fmt.max:g} for any input"
-        else:
-            value, status = 0.0, f"analytic bound {bound:.4g} > {fmt.max:g}"
+        value, status = proven_safe(model, fmt)
         rows.append({"metric": "fp8_safe_proven", "value": value, "format": fmt.name, "status": status})
     return rows
+
+
+def bound_rows(bounds: dict[str, float] | None, observed: dict[str, float]) -> list[dict]:
+    """Proven vs observed max |entry|. Always the largest observed value ('observed_max_activation', over
+    the residual stream after each block, every Linear input and output and the logits). With bounds:
+    per tensor the bound ('activation_bound') and, where observed, bound / observed
+    ('bound_over_observed'); the largest bound over the observed tensors ('proven_max_activation': the
+    scores are bounded but not observed, so they are left out here, not in the safety verdicts) and
+    its ratio to the observed max ('proven_over_observed', ≥ 1 for a sound bound)."""
+    seen = max(observed.values(), default=0.0)
+    rows = [{"metric": "observed_max_activation", "value": seen}]
+    if bounds is None:
+        return rows
+    rows += [{"metric": "activation_bound", "value": v, "tensor": k} for k, v in bounds.items()]
+    common = [k for k in bounds if k in observed]
+    rows += [{"metric": "bound_over_observed", "value": bounds[k] / observed[k] if observed[k] else math.inf,
+              "tensor": k} for k in common]
+    if common:
+        proven = max(bounds[k] for k in common)
+        rows += [{"metric": "proven_max_activation", "value": proven},
+                 {"metric": "proven_over_observed", "value": proven / seen if seen else math.inf}]
+    return rows
+
+
+# -- the real fp8 kernel --------------------------------------------------------------------------
+
+E4M3 = FORMATS.get("fp8_e4m3")
+
+
+def fp8_kernel_available(device: torch.device | str) -> bool:
+    """True on a CUDA device of compute capability ≥ 8.9 (Ada, Hopper and later: fp8 tensor cores)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def _pad16(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad dimension ``dim`` of ``t`` up to a multiple of 16 (``torch._scaled_mm``'s alignment)."""
+    extra = -t.shape[dim] % 16
+    if not extra:
+        return t
+    pad = [0, 0] * (t.ndim - 1 - dim) + [0, extra]
+    return F.pad(t, pad)
+
+
+class Fp8Linear:
+    """One ``nn.Linear`` as an e4m3 matmul: y = (A·B)·(1/s_x)(1/s_w) with A = (s_x·x)₈, B = (s_w·W)₈ᵀ,
+    the product accumulated in fp32 and returned in ``out_dtype``; (·)₈ is the cast to e4m3 (round to
+    nearest) and s the ``scaling`` (1, or 448/max|·| per tensor: the weight's once, the input's per call).
+
+    ``real`` runs ``torch._scaled_mm`` (A row-major, B = the contiguous e4m3 weight transposed, i.e.
+    column-major; scale_a, scale_b = the dequantization factors 1/s as fp32 scalars; both operands
+    zero-padded to multiples of 16, which changes neither max|·| nor the product). Otherwise the same
+    arithmetic runs in fp32: the e4m3 values upcast, multiplied, the product times the same fp32 scale
+    factors and rounded to ``out_dtype`` — so the two differ only in the kernel's summation order.
+    """
+
+    def __init__(self, module: nn.Linear, scaling: str, real: bool, out_dtype: torch.dtype):
+        if module.bias is not None:
+            raise ValueError("Fp8Linear: Linears with a bias are not supported")
+        self.scaling, self.real, self.out_dtype = scaling, real, out_dtype
+        w = module.weight.detach().float()
+        self.out_features = w.shape[0]
+        w_scale = SCALINGS.get(scaling)(w, E4M3)
+        self.w_dequant = (1.0 / w_scale).float()
+        self.w8 = _pad16(_pad16((w * w_scale).to(E4M3.dtype), 0), 1).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        x_scale = SCALINGS.get(self.scaling)(x, E4M3)
+        x8 = _pad16(_pad16((x * x_scale).to(E4M3.dtype), 0), 1)
+        x_dequant = (1.0 / x_scale).float()
+        if self.real:
+            y = torch._scaled_mm(x8, self.w8.t(), scale_a=x_dequant, scale_b=self.w_dequant, out_dtype=self.out_dtype)
+        else:
+            y = ((x8.float() @ self.w8.float().t()) * (x_dequant * self.w_dequant)).to(self.out_dtype)
+        return y[: x.shape[0], : self.out_features].float().reshape(*shape[:-1], self.out_features)
+
+
+@contextlib.contextmanager
+def fp8_linears(model: nn.Module, scaling: str, real: bool, out_dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """Run every ``nn.Linear`` of ``model`` as an ``Fp8Linear`` (real kernel or simulated) inside the block."""
+    patched = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for module in patched:
+        module.forward = Fp8Linear(module, scaling, real, out_dtype)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+@torch.no_grad()
+def real_fp8_accuracy(model: nn.Module, windows: torch.Tensor, batch_size: int = 32, scaling: str | None = None,
+                      out_dtype: torch.dtype = torch.bfloat16) -> dict[str, float | str]:
+    """Next-token loss and accuracy with every Linear run through ``torch._scaled_mm`` in e4m3 ("real"),
+    against the same arithmetic simulated in fp32 ("simulated") and the fp32 model, on ``windows``
+    (token ids, shape (N, T + 1)), on the model's device (CUDA of capability ≥ 8.9 for the hardware
+    kernel; torch's CPU kernel also runs it on a CPU).
+
+    ``scaling`` None picks "none" (scale 1) when ``proven_safe`` shows e4m3 cannot overflow and
+    "per_tensor" otherwise. Returns fp32_/simulated_/real_ loss and accuracy, the largest
+    |real − simulated| logit (``max_logit_difference``), the scaling used and ``proven_safe`` (1/0/NaN).
+    """
+    device = next(model.parameters()).device
+    safe, _ = proven_safe(model, E4M3)
+    scaling = scaling or ("none" if safe == 1.0 else "per_tensor")
+    SCALINGS.get(scaling)
+    totals = {kind: [0.0, 0] for kind in ("fp32", "simulated", "real")}
+    tokens, max_diff = 0, 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = {"fp32": model(x).float()}
+        for kind in ("simulated", "real"):
+            with fp8_linears(model, scaling, real=kind == "real", out_dtype=out_dtype):
+                logits[kind] = model(x).float()
+        for kind, z in logits.items():
+            totals[kind][0] += F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum").item()
+            totals[kind][1] += int((z.argmax(-1) == y).sum())
+        max_diff = max(max_diff, (logits["real"] - logits["simulated"]).abs().max().item())
+        tokens += y.numel()
+    result: dict[str, float | str] = {"scaling": scaling, "proven_safe": safe, "max_logit_difference": max_diff}
+    for kind, (loss, correct) in totals.items():
+        result[f"{kind}_loss"], result[f"{kind}_accuracy"] = loss / tokens, correct / tokens
+    return result
 
 
 @EVALUATIONS.register("precision")
@@ -285,6 +428,15 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         rows += result_rows(loss, acc, format="int8", scaling="per_channel")
         rows.append({"metric": "weight_max_abs_error", "value": max_error, "format": "int8", "scaling": "per_channel"})
     rows += fp8_safety_rows(model, formats)
-    rows += [{"metric": "fp8_safe_observed", "value": float(ok), "format": name}
-             for name, ok in observed_clean.items() if FORMATS.get(name).is_fp8]
+    rows += [{"metric": "fp8_safe_observed", "value": float(ok), "format": name} for name, ok in observed_clean.items()]
+    rows += bound_rows(analytic_activation_bounds(model), {**block_max, **reference.max_abs})
+    real = cfg.get("real_fp8", "auto")
+    if real is True or (real == "auto" and fp8_kernel_available(ctx.device)):
+        for scaling in scalings:
+            result = real_fp8_accuracy(model, windows, batch_size, scaling)
+            columns = {"format": "fp8_e4m3", "scaling": scaling}
+            rows += [{"metric": f"{kind}_fp8_{what}", "value": result[f"{kind}_{what}"], **columns}
+                     for kind in ("simulated", "real") for what in ("loss", "accuracy")]
+            rows.append({"metric": "real_fp8_max_logit_difference", "value": result["max_logit_difference"],
+                         **columns})
     return rows

@@ -93,3 +93,26 @@ def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
     rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
     return x * (radius / rms.clamp(min=radius))
 
+
+
+# -- entry-wise activation bounds ---------------------------------------------------------------
+# A per-token bound RMS(x) ≤ a is the ℓ2 bound ‖x‖₂ ≤ √n·a; every entry then has |x_i| ≤ ‖x‖₂ (equality
+# for x = √n·a·e_i), and for y = Wx Cauchy–Schwarz gives |y_i| = |⟨W_i,:, x⟩| ≤ ‖W_i,:‖₂·‖x‖₂, with equality
+# for x along W_i,:. Bounds are computed in float64 and returned as tensors of per-entry bounds.
+
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """‖W_i,:‖₂ for every row i of W (float64), shape (fan_out,)."""
+    return w.detach().double().norm(dim=1)
+
+
+def linear_output_bounds(w: torch.Tensor, in_norm: float, in_entry: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output bound on |(Wx)_i| for every x with ‖x‖₂ ≤ ``in_norm`` (and |x_j| ≤ ``in_entry``_j).
+
+    |(Wx)_i| ≤ ‖W_i,:‖₂·‖x‖₂ ≤ ‖W_i,:‖₂·in_norm (Cauchy–Schwarz); with entry bounds also
+    |(Wx)_i| ≤ Σ_j |W_ij|·|x_j| ≤ (|W|·in_entry)_i (triangle inequality). Both hold, so their minimum does;
+    the second is sharper when the entry bounds are uneven (e.g. after a nonlinearity).
+    """
+    bound = row_norms(w) * in_norm
+    if in_entry is not None:
+        bound = torch.minimum(bound, w.detach().double().abs() @ in_entry.double())
+    return bound

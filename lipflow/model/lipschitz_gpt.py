@@ -31,7 +31,7 @@ from torch import nn
 
 from lipflow.model.base import LanguageModel, causal_scores, rms_operator_norm, spectral_norm
 from lipflow.model.bound import (ACTIVATIONS, attention_gain, attention_lipschitz, convex_residual,
-                                 head_spectral_norms, project_rms_ball)
+                                 head_spectral_norms, linear_output_bounds, project_rms_ball, row_norms)
 from lipflow.model.registry import MODELS
 
 ROPE_BASE = 10000.0
@@ -112,6 +112,39 @@ class LipschitzAttention(nn.Module):
         o, q, k, v = self.weight_norms()
         return attention_lipschitz(o, q, k, v, self.score_scale, self.q.in_features, a)
 
+    @torch.no_grad()
+    def activation_bounds(self, a: float) -> dict[str, float]:
+        """Bounds on max |entry| of each matmul operand and result, and of the scores, for every input
+        sequence with RMS(x_s) ≤ a for all tokens s.
+
+        With A = √d·a, so ‖x_s‖₂ ≤ A for every token:
+        - ``q/k/v.input``: |x_s,j| ≤ ‖x_s‖₂ ≤ A.
+        - ``q/k/v.output``: |(W x_s)_i| ≤ ‖W_i,:‖₂·A (Cauchy–Schwarz); the max over rows i.
+        - ``scores`` z_ts = c·⟨R_t q_t^h, R_s k_s^h⟩ (c = attn_scale/d_head; the RoPE rotations R are
+          orthogonal): |z_ts| ≤ c·‖q_t^h‖₂·‖k_s^h‖₂ ≤ c·σ(W_q^h)·σ(W_k^h)·A², the max over heads h.
+        - ``o.input``: head h's output y_t^h = Σ_s P_ts·v_s^h is a convex combination (P_ts ≥ 0,
+          Σ_s P_ts = 1), so |y_t,j| ≤ max_s |v_s,j| ≤ ‖W_v[j,:]‖₂·A, the ``v.output`` bound.
+        - ``o.output`` u_t = W_o·y_t = Σ_h W_o^(h)·W_v^h·z_t^h, where W_o^(h) is W_o's column block of head h
+          and z_t^h = Σ_s P^h_ts·x_s is a convex combination of the inputs, so ‖z_t^h‖₂ ≤ A (one such
+          point per head): |u_t,i| ≤ A·Σ_h ‖(W_o^(h)·W_v^h)_i,:‖₂. This is u before the constant ⅓
+          (``unscaled``, the Linear's actual output).
+        """
+        A = math.sqrt(self.q.in_features) * a
+        _, q_norms, k_norms, v_norms = self.weight_norms()
+        w_o = self.o.weight.detach().double()
+        w_v = self.v.weight.detach().double()
+        d_h = self.head_dim
+        o_rows = sum(row_norms(w_o[:, h * d_h:(h + 1) * d_h] @ w_v[h * d_h:(h + 1) * d_h])
+                     for h in range(self.n_heads))
+        v_out = float(row_norms(self.v.weight).max()) * A
+        return {"q.input": A, "k.input": A, "v.input": A,
+                "q.output": float(row_norms(self.q.weight).max()) * A,
+                "k.output": float(row_norms(self.k.weight).max()) * A,
+                "v.output": v_out,
+                "scores": self.score_scale * float((q_norms.double() * k_norms.double()).max()) * A * A,
+                "o.input": v_out,
+                "o.output": float(o_rows.max()) * A}
+
 
 class FeedForward(nn.Module):
     """y = W_down·φ(W_up·x); Lipschitz ‖W_down‖‖W_up‖ (φ is 1-Lipschitz), RMS gain φ.gain times that.
@@ -139,6 +172,24 @@ class FeedForward(nn.Module):
     def gain(self) -> float:
         return self.act.gain * self.lipschitz()
 
+    @torch.no_grad()
+    def activation_bounds(self, a: float) -> dict[str, float]:
+        """Bounds on max |entry| of both matmuls' operands and results for inputs with RMS(x) ≤ a.
+
+        With A = √d·a and κ = gain/scale, the bound |base(h)| ≤ κ·|h| of the unscaled activation (κ = 1
+        for GELU: |GELU(h)| = |h|·Φ(h) ≤ |h|; and for ReLU):
+        - ``up.input``: |x_j| ≤ ‖x‖₂ ≤ A;  ``up.output``: |h_j| ≤ β_j = ‖W_up[j,:]‖₂·A (Cauchy–Schwarz).
+        - ``down.input`` g = base(h): |g_j| ≤ κ·β_j, and ‖g‖₂ ≤ κ·‖h‖₂ ≤ κ·σ(W_up)·A.
+        - ``down.output``: |(W_down g)_i| ≤ min(‖W_down[i,:]‖₂·κσ(W_up)A, Σ_j |W_down[i,j]|·κβ_j)
+          (``linear_output_bounds``), before the constant ``output_scale`` (the Linear's actual output).
+        """
+        A = math.sqrt(self.up.in_features) * a
+        kappa = self.act.gain / self.act.scale
+        beta = row_norms(self.up.weight) * A
+        down = linear_output_bounds(self.down.weight, kappa * spectral_norm(self.up.weight) * A, kappa * beta)
+        return {"up.input": A, "up.output": float(beta.max()), "down.input": kappa * float(beta.max()),
+                "down.output": float(down.max())}
+
 
 class LipschitzBlock(nn.Module):
     """x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x), α = 1/(2N)."""
@@ -165,6 +216,20 @@ class LipschitzBlock(nn.Module):
         lip_mlp = self.mlp.lipschitz()
         a_out = a * convex_residual(self.alpha, self.mlp.gain())
         return a_out, convex_residual(self.alpha, lip_attn) * convex_residual(self.alpha, lip_mlp)
+
+    def activation_bounds(self, a: float) -> tuple[dict[str, float], float]:
+        """(max |entry| bounds of every matmul operand, result and score, keyed ``attn.q.input`` …
+        ``mlp.down.output``; RMS bound on the output) given RMS bound ``a`` on every input token.
+
+        The RMS bounds follow ``certify``: a_mid = a·((1−α) + α·g_att) after the attention residual
+        (the MLP's input), a_out = a_mid·((1−α) + α·g_mlp). The fused form of ``forward`` computes the same
+        (1−α)x + α·s·u(x); its Linears see x and produce the unscaled u, which the branch bounds cover.
+        """
+        a_mid = a * convex_residual(self.alpha, self.attn.gain())
+        a_out = a_mid * convex_residual(self.alpha, self.mlp.gain())
+        bounds = {f"attn.{k}": v for k, v in self.attn.activation_bounds(a).items()}
+        bounds.update({f"mlp.{k}": v for k, v in self.mlp.activation_bounds(a_mid).items()})
+        return bounds, a_out
 
 
 @MODELS.register("lipschitz_gpt")
@@ -249,6 +314,32 @@ class LipschitzGPT(LanguageModel):
             a, lip_block = block.certify(a)
             lip *= lip_block
         return lip
+
+    @torch.no_grad()
+    def activation_bounds(self) -> dict[str, float]:
+        """Bounds on max |entry|, over every token sequence, of each Linear's input and output (keys
+        ``blocks.{i}.attn.q.input`` … ``head.output``, the names ``precision.linear_hooks`` uses), of each
+        block's attention scores (``blocks.{i}.attn.scores``), of the residual stream after block i
+        (``block{i}``) and of the logits (``logits``), all from the current weights.
+
+        Domain: ``forward_embedded`` on any input (it projects every token onto RMS ≤ 1) and ``forward`` on
+        token ids (rows of the embedding), so the RMS bound starts at a₀ = max(1, max row RMS of the
+        embedding) — 1 whenever ``project_embeddings`` has run. Each block maps the RMS bound a as in
+        ``certify`` (``LipschitzBlock.activation_bounds``); a token with RMS ≤ a has ‖x‖₂ ≤ √d·a, so
+        ``block{i}`` and ``head.input`` are √d·a; ``head.output`` is max_j ‖W_head[j,:]‖₂·√d·a_N
+        (Cauchy–Schwarz) and ``logits`` that times |logit_scale·output_mult|.
+        """
+        a = max(self.input_radius, float(self.tok.weight.detach().double().pow(2).mean(dim=1).sqrt().max()))
+        root_d = math.sqrt(self.tok.embedding_dim)
+        bounds: dict[str, float] = {}
+        for i, block in enumerate(self.blocks):
+            block_bounds, a = block.activation_bounds(a)
+            bounds.update({f"blocks.{i}.{k}": v for k, v in block_bounds.items()})
+            bounds[f"block{i}"] = root_d * a
+        bounds["head.input"] = root_d * a
+        bounds["head.output"] = float(row_norms(self.head.weight).max()) * root_d * a
+        bounds["logits"] = abs(self.logit_scale * self.output_mult) * bounds["head.output"]
+        return bounds
 
     def lipschitz_bound(self) -> float:
         """Certified L with ‖f(X)−f(Y)‖_∞RMS ≤ L·‖X−Y‖_∞RMS for f = ``forward_embedded``, all X, Y.

@@ -2,7 +2,9 @@
 
 Built from cfg keys: ``in_features`` (input size; images are flattened), ``d_model`` (the width),
 ``n_layers`` (the number of Linear layers, ≥ 1), ``activation`` (gelu = GELU/1.1289 | relu;
-default gelu) and ``n_classes`` (or the second argument of ``build_model``). Layers:
+default gelu), ``n_classes`` (or the second argument of ``build_model``) and optionally
+``input_norm``, a bound on ‖x‖₂ of the flattened input (e.g. 8 for 64 pixels in [0, 1]) that
+``activation_bounds`` starts from. Layers:
 in_features → width → … → width → n_classes, each a Linear without bias, φ between them.
 Init: orthogonal·√(fan_out/fan_in) except the last layer, which starts at zero.
 
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from lipflow.model.base import LanguageModel, spectral_norm
-from lipflow.model.bound import ACTIVATIONS
+from lipflow.model.bound import ACTIVATIONS, linear_output_bounds
 from lipflow.model.lipschitz_gpt import orthogonal_init_
 from lipflow.model.registry import MODELS
 
@@ -47,6 +49,7 @@ class LipschitzMLP(LanguageModel):
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims, dims[1:]))
         self.act = ACTIVATIONS.get(cfg.get("activation", "gelu"))
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
+        self.input_norm: float | None = cfg.get("input_norm")  # ‖x‖₂ bound of the inputs, if known
         self.reset_parameters()
 
     @torch.no_grad()
@@ -81,3 +84,32 @@ class LipschitzMLP(LanguageModel):
     def lipschitz_bound_l2(self) -> float:
         """The same certificate (the MLP's bound is already ℓ2→ℓ2, on all of R^in_features)."""
         return self.lipschitz_bound()
+
+    @torch.no_grad()
+    def activation_bounds(self, input_norm: float | None = None) -> dict[str, float] | None:
+        """Bounds on max |entry| of every layer's input and output (``layers.{i}.input``/``.output``), of
+        φ after layer i (``block{i}``) and of the logits, over all inputs with ‖x‖₂ ≤ ``input_norm``
+        (default: the cfg's ``input_norm``; None without one, as no input domain is known).
+
+        Layer i sees x with ‖x‖₂ ≤ n_i and |x_j| ≤ e_i,j (n_0 = input_norm, e_0 = n_0 entry-wise). Its
+        output bound is b_i = min(‖W_i[j,:]‖₂·n_i, (|W_i|·e_i)_j) (``linear_output_bounds``: Cauchy–Schwarz
+        and the triangle inequality). φ has φ(0) = 0, is 1-Lipschitz and |φ(h)| ≤ gain·|h|, so the next
+        input has e_i+1 = gain·b_i entry-wise and n_i+1 = gain·σ(W_i)·n_i (the certificate's recursion).
+        ``logits`` = |output_mult|·b_last.
+        """
+        norm = self.input_norm if input_norm is None else input_norm
+        if norm is None:
+            return None
+        norm = float(norm)
+        entry = torch.full((self.in_features,), norm, dtype=torch.float64, device=self.layers[0].weight.device)
+        bounds: dict[str, float] = {}
+        for i, layer in enumerate(self.layers):
+            bounds[f"layers.{i}.input"] = float(entry.max())
+            out = linear_output_bounds(layer.weight, norm, entry)
+            bounds[f"layers.{i}.output"] = float(out.max())
+            if i < len(self.layers) - 1:
+                entry = self.act.gain * out
+                norm = self.act.gain * spectral_norm(layer.weight) * norm
+                bounds[f"block{i}"] = float(entry.max())
+        bounds["logits"] = abs(self.output_mult) * bounds[f"layers.{len(self.layers) - 1}.output"]
+        return bounds
