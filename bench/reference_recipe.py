@@ -12,7 +12,11 @@ modular-norm step sizes, embedding-gradient dualization). Data: the corpus and t
 ``--text`` (default ../shared/data/tinyshakespeare.txt beside the repository), character
 tokenizer, 10% of the documents held out. Reported per run: final val loss and accuracy (the
 trainer's fixed val windows), the certified ∞RMS Lipschitz bound, max activation, wall time and
-tokens/s of training. ``--quick``: 20 steps at d 64, context 64, batch 16 (a smoke test).
+tokens/s of training; where the GPU has fp8 tensor cores (compute capability ≥ 8.9), also val loss and
+accuracy with every Linear through the real e4m3 kernel (``torch._scaled_mm``) against the same
+arithmetic simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val windows;
+scale 1 where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
+``--quick``: 20 steps at d 64, context 64, batch 16 (a smoke test).
 Rows go to results/bench/reference_recipe.parquet (--quick: results/bench/quick/).
 """
 
@@ -33,6 +37,7 @@ import torch  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, device_label, machine, print_table, row, run_configs,  # noqa: E402
                           save_rows)
+from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.training import Trainer  # noqa: E402
 
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         shape.update(steps=args.steps, eval_every=min(shape["eval_every"], args.steps))
     print(f"machine: {machine()}; device: {dev}")
-    rows, table = [], []
+    rows, table, fp8_table = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = shakespeare_shards(args.text, work)
@@ -98,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             table.append([name, summary["status"], summary["final_val_loss"], 100 * summary["final_val_accuracy"],
                           summary["lipschitz_bound"] if summary["lipschitz_bound"] is not None else "none",
                           summary["max_activation"], wall, tokens / wall])
+            if fp8_kernel_available(device):
+                trainer.model.eval()
+                fp8 = real_fp8_accuracy(trainer.model, trainer.val_data.sequential_windows(cfg["context"], 256))
+                fp8_table.append([name, fp8["scaling"], fp8["proven_safe"], fp8["fp32_loss"], fp8["simulated_loss"],
+                                  fp8["real_loss"], 100 * fp8["fp32_accuracy"], 100 * fp8["simulated_accuracy"],
+                                  100 * fp8["real_accuracy"], fp8["max_logit_difference"]])
+                rows += [row(BENCH, f"{metric}.fp8_e4m3.{key}", value, "nats" if "loss" in key else "fraction", dev)
+                         for key, value in fp8.items() if key.endswith(("_loss", "_accuracy"))]
             del trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -106,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {cfg['batch_size']}, {cfg['steps']} steps, linear decay; Tiny Shakespeare characters")
     print_table(["run", "status", "val loss", "val acc %", "certified L (∞RMS)", "max act", "wall s", "tokens/s"],
                 table)
+    if fp8_table:
+        print("every Linear in e4m3 (real kernel torch._scaled_mm vs fp32 simulation), 256 val windows:")
+        print_table(["run", "scaling", "proven safe", "fp32 loss", "sim loss", "real loss", "fp32 acc %",
+                     "sim acc %", "real acc %", "max |Δlogit|"], fp8_table)
     save_rows(args, BENCH, rows)
     return 0
 
