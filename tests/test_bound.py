@@ -328,7 +328,8 @@ def activations(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return attn.rope(t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2))
 
-        scores = attn.score_scale * heads(found[prefix + "q.output"]) @ heads(found[prefix + "k.output"]).transpose(-1, -2)
+        q, k = heads(found[prefix + "q.output"]), heads(found[prefix + "k.output"])
+        scores = attn.score_scale * q @ k.transpose(-1, -2)
         found[prefix + "scores"] = scores * torch.ones(T, T, dtype=torch.bool).tril()
         found[f"block{i}"] = found[f"blocks.{i + 1}.attn.q.input" if i + 1 < len(model.blocks) else "head.input"]
     return found

@@ -94,7 +94,6 @@ def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
     return x * (radius / rms.clamp(min=radius))
 
 
-
 # -- entry-wise activation bounds ---------------------------------------------------------------
 # A per-token bound RMS(x) ≤ a is the ℓ2 bound ‖x‖₂ ≤ √n·a; every entry then has |x_i| ≤ ‖x‖₂ (equality
 # for x = √n·a·e_i), and for y = Wx Cauchy–Schwarz gives |y_i| = |⟨W_i,:, x⟩| ≤ ‖W_i,:‖₂·‖x‖₂, with equality

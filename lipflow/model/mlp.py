@@ -94,7 +94,7 @@ class LipschitzMLP(LanguageModel):
         Layer i sees x with ‖x‖₂ ≤ n_i and |x_j| ≤ e_i,j (n_0 = input_norm, e_0 = n_0 entry-wise). Its
         output bound is b_i = min(‖W_i[j,:]‖₂·n_i, (|W_i|·e_i)_j) (``linear_output_bounds``: Cauchy–Schwarz
         and the triangle inequality). φ has φ(0) = 0, is 1-Lipschitz and |φ(h)| ≤ gain·|h|, so the next
-        input has e_i+1 = gain·b_i entry-wise and n_i+1 = gain·σ(W_i)·n_i (the certificate's recursion).
+        input has e_i+1 = gain·b_i entry-wise and n_i+1 = gain·σ(W_i)·n_i (|φ(h)| ≤ gain·|h| entry-wise).
         ``logits`` = |output_mult|·b_last.
         """
         norm = self.input_norm if input_norm is None else input_norm
