@@ -154,7 +154,9 @@ def kernel_and_simulation_agree(device: str) -> None:
     for scaling in ("none", "per_tensor"):
         real = Fp8Linear(layer, scaling, real=True, out_dtype=torch.float32)(x)
         sim = Fp8Linear(layer, scaling, real=False, out_dtype=torch.float32)(x)
-        assert ((real - sim).abs().max() / sim.abs().max()).item() < 1e-5
+        # CPU: to fp32 rounding; Hopper's fp8 tensor cores accumulate with fewer than fp32's mantissa
+        # bits (measured 1.6e-4 on an H200), so there the per-Linear agreement is 1e-3 relative
+        assert ((real - sim).abs().max() / sim.abs().max()).item() < (1e-5 if device == "cpu" else 1e-3)
         assert ((sim - x @ layer.weight.detach().T).abs().max() / sim.abs().max()).item() < 0.1  # e4m3, not garbage
     model, windows = lipschitz_lm()
     model = model.to(device)
