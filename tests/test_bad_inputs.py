@@ -51,6 +51,26 @@ def train_case(overrides: dict, data=None, out_dir=None):
     return prepare
 
 
+def results_db(tmp: Path) -> Path:
+    """A small results database: a ``runs`` table and a view on it."""
+    import duckdb
+
+    db = tmp / "results" / "lipflow.duckdb"
+    db.parent.mkdir(exist_ok=True)
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE runs AS SELECT 'a-00000000' AS run_id, 1.5 AS val_loss")
+        con.execute("CREATE VIEW best AS SELECT * FROM runs ORDER BY val_loss LIMIT 1")
+    return db
+
+
+def query_case(sql: str, writes: str | None = None):
+    """``lipflow query sql`` on a results database; ``writes`` names a file the SQL tries to create."""
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        db = results_db(tmp)
+        return "lipflow.cli", ["query", sql.format(tmp=tmp), "--db", str(db)], tmp / writes if writes else None
+    return prepare
+
+
 def corrupt_shard(tmp: Path, shards: Path) -> Path:
     copy = tmp / "shards"
     shutil.copytree(shards, copy)
@@ -131,6 +151,25 @@ CASES = {
     "vocab_mismatch": (eval_case(vocab_mismatch), "tokenizer/checkpoint mismatch"),
     "other_architecture": (eval_case(other_architecture), "holds a 'gpt' model but config.json says 'lipschitz_gpt'"),
     "pickled_checkpoint": (eval_case(pickled_checkpoint), "never unpickles"),
+    "query_empty": (query_case(""), "no SQL statement given"),
+    "query_comment_only": (query_case("-- nothing"), "no SQL statement given"),
+    "query_read_system_file": (query_case("SELECT * FROM read_csv('/etc/passwd')"), "/etc/passwd"),
+    "query_read_text": (query_case("SELECT * FROM read_text('/etc/hostname')"), "file system operations are disabled"),
+    "query_glob": (query_case("SELECT * FROM glob('/etc/*')"), "file system operations are disabled"),
+    "query_copy_to": (query_case("COPY runs TO '{tmp}/copied.csv'", writes="copied.csv"), "not COPY"),
+    "query_copy_in_select": (query_case("SELECT * FROM runs; COPY runs TO '{tmp}/copied.csv'", writes="copied.csv"),
+                             "exactly one statement; got 2"),
+    "query_attach": (query_case("ATTACH '{tmp}/new.duckdb' (READ_ONLY false)", writes="new.duckdb"), "not ATTACH"),
+    "query_two_statements": (query_case("SELECT 1; SELECT 2"), "exactly one statement; got 2"),
+    "query_install": (query_case("INSTALL httpfs"), "not LOAD"),
+    "query_load": (query_case("LOAD json"), "not LOAD"),
+    "query_set": (query_case("SET enable_external_access = true"), "not SET"),
+    "query_pragma": (query_case("PRAGMA enable_profiling"), "not PRAGMA"),
+    "query_delete": (query_case("DELETE FROM runs"), "read-only"),
+    "query_bad_sql": (query_case("SELEC 1"), "syntax error"),
+    "query_not_a_database": (lambda tmp, s, c: ((tmp / "x.duckdb").write_text("hello"),
+                                                ("lipflow.cli", ["query", "SELECT 1", "--db", str(tmp / "x.duckdb")],
+                                                 None))[1], "x.duckdb"),
 }
 
 
@@ -152,3 +191,20 @@ def test_bad_input_gives_one_clear_line(case, char_shards, tiny_run_config, tmp_
         leftovers = [p for p in Path(output).parent.glob(f".{Path(output).name}*")] if Path(output).parent.exists() else []
         assert leftovers == []
     assert earlier.read_bytes() == before
+
+
+def test_connect_is_locked_to_the_database(tmp_path):
+    """lipflow.connect() reads the database's tables and views, and no file, extension or setting."""
+    import duckdb
+
+    import lipflow
+
+    db = results_db(tmp_path)
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    con = lipflow.connect(db)
+    assert con.execute("SELECT run_id FROM best").fetchall() == [("a-00000000",)]
+    for sql in (f"SELECT * FROM read_csv('{tmp_path}/secret.csv')", f"COPY runs TO '{tmp_path}/out.csv'",
+                f"ATTACH '{tmp_path}/new.duckdb'", "SET enable_external_access = true", "INSTALL httpfs"):
+        with pytest.raises(duckdb.Error):
+            con.execute(sql)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "secret.csv"]
