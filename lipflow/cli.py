@@ -15,8 +15,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, PermissionError,
-                                                IsADirectoryError, NotADirectoryError)
+class StageError(RuntimeError):
+    """A stage that cannot finish for a reason outside the code (a check of what it wrote failed);
+    str() is one line saying what, and what was kept."""
+
+
+# OSError: a missing, unreadable or unwritable file, a full disk: one line naming the file.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, StageError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -3,6 +3,7 @@ output, and earlier results untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -114,9 +115,57 @@ def other_architecture(tmp, shards, run_cfg):
 
 
 def pickled_checkpoint(tmp, shards, run_cfg):
+    """A pickle under a checkpoint's name, with a matching sidecar (whoever writes one can write both)."""
     run_dir = other_architecture(tmp, shards, run_cfg)
     torch.save({"w": torch.ones(2)}, run_dir / "model.safetensors")
+    digest = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    (run_dir / "model.safetensors.sha256").write_text(digest + "\n")
+    return run_dir
+
+
+def missing_sidecar(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
     (run_dir / "model.safetensors.sha256").unlink()
+    return run_dir
+
+
+def flipped_weights(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    data = bytearray((run_dir / "model.safetensors").read_bytes())
+    data[-5] ^= 0x10
+    (run_dir / "model.safetensors").write_bytes(bytes(data))
+    return run_dir
+
+
+def edited_n_heads(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    info = json.loads((run_dir / "config.json").read_text())
+    info["config"]["n_heads"] = 1
+    (run_dir / "config.json").write_text(json.dumps(info))
+    return run_dir
+
+
+def truncated_config_json(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "config.json").write_text((run_dir / "config.json").read_text()[:40])
+    return run_dir
+
+
+def truncated_run_json(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "run.json").write_text('{"run_id": "fake-000')
+    return run_dir
+
+
+def real_fake_run(tmp, shards, run_cfg):
+    """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
+    from lipflow.checkpoint import save_weights
+    from lipflow.model import build_model
+
+    vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
+    run_dir = fake_run(tmp, run_cfg, vocab=vocab, model="gpt", weights_of="gpt")
+    save_weights(run_dir / "model.safetensors", build_model({**run_cfg, "model": "gpt"}, vocab).state_dict(),
+                 {"config": {**run_cfg, "model": "gpt"}, "vocab_size": vocab})
     return run_dir
 
 
@@ -151,6 +200,12 @@ CASES = {
     "vocab_mismatch": (eval_case(vocab_mismatch), "tokenizer/checkpoint mismatch"),
     "other_architecture": (eval_case(other_architecture), "holds a 'gpt' model but config.json says 'lipschitz_gpt'"),
     "pickled_checkpoint": (eval_case(pickled_checkpoint), "never unpickles"),
+    "missing_weights_sidecar": (eval_case(missing_sidecar), "has no checksum file model.safetensors.sha256"),
+    "flipped_weight_bits": (eval_case(flipped_weights), "model.safetensors is corrupt: sha256 does not match"),
+    "edited_n_heads": (eval_case(edited_n_heads), "config.json does not match the config stored in model.safetensors "
+                                                  "(differs in n_heads)"),
+    "truncated_config_json": (eval_case(truncated_config_json), "config.json is not valid JSON"),
+    "truncated_run_json": (eval_case(truncated_run_json), "run.json is not valid JSON"),
     "query_empty": (query_case(""), "no SQL statement given"),
     "query_comment_only": (query_case("-- nothing"), "no SQL statement given"),
     "query_read_system_file": (query_case("SELECT * FROM read_csv('/etc/passwd')"), "/etc/passwd"),

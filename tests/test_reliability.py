@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lipflow.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
+from lipflow.data.atomic import write_with_sidecar
 
 from conftest import run_stage
 
@@ -106,6 +107,21 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
 
 
+def test_checkpoint_without_sidecar_is_not_trusted(tmp_path, capsys):
+    """A checkpoint whose sidecar is missing (a crash between the two writes, or a deletion) is
+    never loaded unverified: resume falls back to the previous one, a direct load names the file."""
+    ckpts = tmp_path / "checkpoints"
+    save_weights(ckpts / "step-000000003.safetensors", {"w": torch.ones(3)}, {"step": 3})
+    newest = ckpts / "step-000000006.safetensors"
+    save_weights(newest, {"w": torch.full((3,), 2.0)}, {"step": 6})
+    (ckpts / "step-000000006.safetensors.sha256").unlink()
+    path, _, meta = latest_valid_checkpoint(ckpts)
+    assert path.name == "step-000000003.safetensors" and meta["step"] == 3
+    assert "step-000000006.safetensors has no checksum file" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="step-000000006.safetensors has no checksum file"):
+        load_weights(newest)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -114,10 +130,11 @@ class _Exploit:
 def test_pickle_bearing_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     crafted = tmp_path / "model.safetensors"
-    crafted.write_bytes(pickle.dumps({"w": _Exploit()}))
+    write_with_sidecar(crafted, pickle.dumps({"w": _Exploit()}))  # whoever writes one can write both
     with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
         load_weights(crafted)
     torch.save({"w": torch.ones(2)}, tmp_path / "torch.safetensors")  # a zip of pickles
+    write_with_sidecar(tmp_path / "torch.safetensors", (tmp_path / "torch.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="never unpickles"):
         load_weights(tmp_path / "torch.safetensors")
     assert not (tmp_path / "pwned").exists()
