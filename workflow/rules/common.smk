@@ -5,14 +5,18 @@ import math
 import os
 import sys
 
-from lipflow.config import ConfigError, check_config, plain_runs, resolve_runs, tokenizer_id
+from lipflow.config import ConfigError, check_config, load_config_file, plain_runs, resolve_runs, tokenizer_id
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, experiment_evaluations, selected_experiments,
                                  study_enabled)
 from lipflow.icl.config import load_config, training_config, training_jobs
 
 try:
+    # Snakemake's YAML loading keeps the last value of a repeated key: reread each config file to refuse one.
+    for _configfile in workflow.configfiles:
+        load_config_file(_configfile)
     # Validate against workflow/schemas/config.schema.yaml and fill its defaults (one pass, what
-    # snakemake.utils.validate does), failing with one line naming the key path before any job starts.
+    # snakemake.utils.validate does), then the cross-key rules, failing with one line naming the key
+    # path before any job starts.
     check_config(config)
 except ConfigError as err:
     sys.exit(f"lipflow: {err}")
