@@ -54,6 +54,8 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
 
 
 def load_run(run_id: str, results: str | Path = "results", device: str = "auto") -> Run:
+    """One finished run under ``results``; its data directory, recorded relative to the directory
+    it was trained in (the parent of ``results``), is resolved against that parent."""
     run_dir = Path(results) / "runs" / run_id
     if not (run_dir / "run.json").is_file():
         known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
@@ -62,4 +64,4 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
     model, info = load_model(run_dir, dev)
     return Run(run_id=run_id, config=info["config"], summary=read_json(run_dir / "run.json"),
                metrics=read_table_parquet(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
-               data_dir=Path(info["data_dir"]))
+               data_dir=Path(results).parent / info["data_dir"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -131,6 +132,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lipflow.data.loader import load_tokenizer
     from lipflow.api import load_run
 
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
     run = load_run(args.run_id, results=args.results, device=args.device)
     tokenizer = load_tokenizer(run.data_dir)
     ids = tokenizer.encode(args.prompt).ids

@@ -22,7 +22,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was requested but no CUDA device is available (use 'auto' or 'cpu')")
+        raise ValueError("device: 'cuda' was requested but no CUDA device is available (use 'auto' or 'cpu')")
     return torch.device(name)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -206,6 +207,11 @@ CASES = {
                                                   "(differs in n_heads)"),
     "truncated_config_json": (eval_case(truncated_config_json), "config.json is not valid JSON"),
     "truncated_run_json": (eval_case(truncated_run_json), "run.json is not valid JSON"),
+    "char_device_corpus": (corpus_case({}, {"source": "files", "paths": ["/dev/zero"]}),
+                           "/dev/zero is not a regular file"),
+    "sample_temperature_nan": (lambda tmp, s, c: ("lipflow.cli", ["sample", "a-00000000", "--prompt", "x",
+                                                                 "--temperature", "nan"], None),
+                               "--temperature must be a finite number >= 0, got nan"),
     "query_empty": (query_case(""), "no SQL statement given"),
     "query_comment_only": (query_case("-- nothing"), "no SQL statement given"),
     "query_read_system_file": (query_case("SELECT * FROM read_csv('/etc/passwd')"), "/etc/passwd"),
@@ -263,3 +269,62 @@ def test_connect_is_locked_to_the_database(tmp_path):
         with pytest.raises(duckdb.Error):
             con.execute(sql)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "secret.csv"]
+
+
+def test_cuda_without_a_gpu_is_one_line(char_shards, tiny_run_config, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
+    evaluate = run_stage("lipflow.evaluation", "--evaluation", "val", "--run-dir", str(run_dir), "--data-dir",
+                         str(char_shards), "--out", str(tmp_path / "val.parquet"), "--device", "cuda")
+    train = run_stage("lipflow.training", "--run-id", "bad-00000000", "--config-json",
+                      json.dumps({**tiny_run_config, "device": "cuda"}), "--data-dir", str(char_shards),
+                      "--out-dir", str(tmp_path / "run"), "--no-progress")
+    for done in (evaluate, train):
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "device: 'cuda' was requested but no CUDA device is available" in lines[0]
+    assert not (tmp_path / "val.parquet").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_sample_reads_the_tokenizer_of_its_results_dir(char_shards, tiny_run_config, tmp_path):
+    """``--results DIR``: the run's data directory (recorded relative to where it was trained) is
+    found under DIR's parent, not under the current directory."""
+    from lipflow.metrics import write_table_parquet
+
+    elsewhere = tmp_path / "project" / "results"
+    shutil.copytree(char_shards, elsewhere / "data" / "char")
+    run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
+    info = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**info, "data_dir": "results/data/char"}))
+    write_table_parquet(run_dir / "train_metrics.parquet", pa.table({"step": [0], "loss": [1.0]}))
+    shutil.move(run_dir, elsewhere / "runs" / "fake-00000000")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    done = run_stage("lipflow.cli", "sample", "fake-00000000", "--results", str(elsewhere), "--prompt", "The",
+                     "--tokens", "5", "--device", "cpu", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("The")
+
+
+def test_disk_full_while_checkpointing_is_one_line(char_shards, tiny_run_config, tmp_path):
+    """A full disk (a 1 MiB tmpfs; needs root) stops training with one line naming the file and
+    leaves no temp file or final output."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+        done = run_stage("lipflow.training", "--run-id", "bad-00000000", "--config-json",
+                         json.dumps({**tiny_run_config, "d_model": 64}), "--data-dir", str(char_shards),
+                         "--out-dir", str(disk / "run"), "--no-progress")
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "No space left on device" in lines[0] and str(disk / "run") in lines[0]
+        assert [p.name for p in (disk / "run").rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

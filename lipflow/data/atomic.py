@@ -104,9 +104,11 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # e.g. a full disk: name the file being written
+            raise OSError(err.errno, err.strerror, str(final)) from None
         raise
     fsync_dir(final.parent)
 
