@@ -21,6 +21,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
+from lipflow.data.atomic import sha256_file
 from lipflow.provenance import config_hash
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -200,17 +201,31 @@ def check_run(where: str, run: dict[str, Any]) -> None:
 
 
 def data_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run's training data depends on."""
-    return {"corpus": config["corpus"], "tokenizer": config["tokenizer"]}
+    """What a run's training data depends on: the corpus and tokenizer blocks, and a ``file``
+    tokenizer's content. (The corpus files' content is not hashed here, at parse time: they are
+    the corpus rule's inputs, and a checkpoint resumes only on the token shards it was made on.)"""
+    identity = {"corpus": config["corpus"], "tokenizer": config["tokenizer"]}
+    if config["tokenizer"]["kind"] == "file":
+        identity["tokenizer_sha256"] = tokenizer_file_sha256(config["tokenizer"]["path"])
+    return identity
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_file_sha256(path: str) -> str:
+    """The sha256 of a tokenizer file's bytes; a missing file is a ConfigError naming it."""
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise ConfigError(f"config error: tokenizer.path: cannot read {path} ({err.strerror})") from None
 
 
 def tokenizer_id(tok: dict[str, Any]) -> str:
-    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash>``."""
+    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash of its content>``."""
     if tok["kind"] == "char":
         return "char"
     if tok["kind"] == "bpe":
         return f"bpe{tok['vocab_size']}"
-    return f"file-{config_hash(tok['path'])[:8]}"
+    return f"file-{tokenizer_file_sha256(tok['path'])[:8]}"
 
 
 def expanded_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,8 @@ import os
 import sys
 
 from lipflow.config import ConfigError, check_config, load_config_file, plain_runs, resolve_runs, tokenizer_id
+from lipflow.data import DataError
+from lipflow.data.corpus import expand_paths
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, experiment_evaluations, selected_experiments,
                                  study_enabled)
 from lipflow.icl.config import load_config, training_config, training_jobs
@@ -21,7 +23,17 @@ try:
 except ConfigError as err:
     sys.exit(f"lipflow: {err}")
 
-RUNS = resolve_runs(config)
+DATA_DIR = f"results/data/{config['corpus']['name']}"
+try:
+    # The files the corpus reads (globs expanded now) and a `file` tokenizer: inputs of their rules, so an
+    # edited or a newly matching file reruns the data steps and the runs trained on them.
+    CORPUS_FILES = [] if config["corpus"]["source"] == "embedded" else expand_paths(config["corpus"]["paths"])
+    TOKENIZER_FILES = [config["tokenizer"]["path"]] if config["tokenizer"]["kind"] == "file" else []
+    RUNS = resolve_runs(config)
+    TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
+except (ConfigError, DataError) as err:
+    sys.exit(f"lipflow: {err}")
+
 if config["runs"] and not plain_runs(config):
     print(f"lipflow: experiments selected, so the {len(config['runs'])} run(s) of `runs` are not trained "
           "(set runs_with_experiments: true to include them)", file=sys.stderr)
@@ -35,12 +47,10 @@ def run_evaluations(run):
 
 
 ALL_EVALUATIONS = sorted({name for run in RUNS for name in run_evaluations(run)} | set(EVALUATIONS))
-DATA_DIR = f"results/data/{config['corpus']['name']}"
 # Rules pass these directories (and results/icl, results/figures) as literal params. `snakemake --lint`
 # suggests deriving them from input or output, but Snakemake does not record a derived param for the
 # params rerun trigger, so that switch would rerun every existing result once (and cost a function
 # call per job in a dry run): the 9 "prefix ... hardcoded" lints are kept on purpose.
-TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
 DATABASE = "results/lipflow.duckdb"
 ENV = "../../envs/lipflow.yaml"
 
