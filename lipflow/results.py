@@ -13,7 +13,8 @@ keeps the previous database, and a rebuild is idempotent. Every run file is chec
 - ``icl_<name>``: every ``results/icl/<name>.parquet`` of the ICL study;
 - ``bench``: every ``results/bench/*.parquet`` row.
 
-``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files.
+``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files;
+``python -m lipflow.results seal F...`` writes the missing sidecars of trusted older files.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.data.atomic import fsync_dir, read_json
+from lipflow.data.atomic import fsync_dir, read_json, read_verified, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.experiments import create_views
 from lipflow.metrics import read_table_parquet, write_table_parquet
 
@@ -219,6 +220,18 @@ def merge_evals(out: Path, files: list[Path]) -> None:
     write_table_parquet(Path(out), merged)
 
 
+def seal(files: list[Path]) -> None:
+    """Write the sidecar of each file that has none (results written before lipflow kept checksums
+    of its Parquet files: only for files you trust); a file that has one is checked instead."""
+    for path in files:
+        if sidecar_path(path).exists():
+            read_verified(path)
+            print(f"{path}: sha256 matches its sidecar")
+        else:
+            write_bytes_atomic(sidecar_path(path), (sha256_file(path) + "\n").encode())
+            print(f"{path}: sidecar written")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lipflow.results")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,11 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     p_merge = sub.add_parser("merge-evals", help="merge one run's evaluation Parquet files")
     p_merge.add_argument("--out", type=Path, required=True)
     p_merge.add_argument("files", type=Path, nargs="*")
+    p_seal = sub.add_parser("seal", help="write missing .sha256 sidecars of trusted files from before checksums")
+    p_seal.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args(argv)
     from lipflow.cli import run_guarded
 
     if args.command == "build":
         return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs) or 0)
+    if args.command == "seal":
+        return run_guarded(lambda: seal(args.files) or 0)
     return run_guarded(lambda: merge_evals(args.out, args.files) or 0)
 
 

@@ -171,3 +171,42 @@ def test_disk_full_keeps_the_previous_database(results, tmp_path):
         assert big.is_dir()
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
+    """Under Snakemake, which deletes a job's outputs before it runs: the database is an update()
+    output, so a rebuild that fails leaves the previous database in place and readable."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "config.yaml").write_text("runs: {}\n")  # data steps and database only: no training
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+                               "--configfile", str(tmp_path / "config.yaml"), "-c1", *args, "results/lipflow.duckdb"],
+                              capture_output=True, text=True, timeout=300)
+
+    assert snakemake().returncode == 0
+    db = tmp_path / "results" / "lipflow.duckdb"
+    previous = db.read_bytes()
+    bad = tmp_path / "results" / "icl" / "loss_by_n.parquet"  # no sidecar: the build refuses it
+    bad.parent.mkdir()
+    pq.write_table(pa.table({"x": [1]}), bad)
+    failed = snakemake("--forcerun", "database")
+    assert failed.returncode != 0
+    assert "loss_by_n.parquet has no checksum file" in (tmp_path / "results" / "logs" / "database.log").read_text()
+    assert db.read_bytes() == previous
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM shards").fetchone()[0] > 0
+
+
+def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
+    old = tmp_path / "train_metrics.parquet"
+    pq.write_table(pa.table({"step": [0]}), old)  # as written before lipflow kept Parquet checksums
+    assert run_stage("lipflow.results", "seal", str(old)).returncode == 0
+    from lipflow.metrics import read_table_parquet
+
+    assert read_table_parquet(old).num_rows == 1
+    old.write_bytes(old.read_bytes()[:-4])
+    done = run_stage("lipflow.results", "seal", str(old))
+    assert done.returncode == 2 and "train_metrics.parquet is corrupt" in done.stderr

@@ -9,7 +9,7 @@ rule evaluate:
         summary=rules.train.output.summary,
         manifest=rules.tokenize.output.manifest,
     output:
-        "results/runs/{run}/evals/{evaluation}.parquet",
+        update("results/runs/{run}/evals/{evaluation}.parquet"),
     params:
         cfg=evaluation_params_json,
         data_dir=TOKENS_DIR,
@@ -31,7 +31,7 @@ rule merge_evaluations:
     input:
         run_evaluation_files,
     output:
-        "results/runs/{run}/evals.parquet",
+        update("results/runs/{run}/evals.parquet"),
     log:
         "results/logs/evaluate/{run}/merge.log",
     resources:

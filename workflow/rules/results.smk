@@ -15,7 +15,7 @@ rule database:
         manifest=f"{TOKENS_DIR}/manifest.json",
         icl=icl_tables,
     output:
-        DATABASE,
+        update(DATABASE),
     params:
         runs=" ".join(f"results/runs/{run}" for run in RUNS),
     log:
