@@ -83,6 +83,10 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     again = train()
     assert again.returncode == 0, again.stderr
     assert "resumed from" not in again.stderr and "written for other data" in again.stderr
+    from lipflow.checkpoint import latest_valid_checkpoint
+    from lipflow.data.atomic import sha256_file
+
+    assert latest_valid_checkpoint(out / "checkpoints")[2]["manifest_sha256"] == sha256_file(data / "manifest.json")
     summary = json.loads((out / "run.json").read_text())
     assert summary["resumed"] is False and summary["vocab_size"] == json.loads((data / "manifest.json").read_text())[
         "vocab_size"]

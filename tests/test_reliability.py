@@ -201,3 +201,26 @@ def test_sharpness_is_logged_every_sharpness_every_steps(char_shards, tiny_run_c
     sharpness, pre = logged[8]
     assert sharpness != 0 and sharpness == sharpness
     assert (pre is not None and pre > 0) == preconditioned
+
+
+def test_a_killed_snakemake_leaves_a_lock_that_unlock_removes(tmp_path):
+    """SIGKILL of Snakemake and its jobs (a lost login node): the next run refuses the locked
+    directory; `snakemake --unlock` clears it and the rerun completes."""
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "config.yaml").write_text("runs: {}\n")  # data steps and database only
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "-c1"]
+    proc = subprocess.Popen([*cmd, "results/lipflow.duckdb"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / ".snakemake" / "locks").glob("*")):
+        assert proc.poll() is None and time.time() < deadline, "Snakemake ended before it took its lock"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    locked = subprocess.run([*cmd, "results/lipflow.duckdb"], capture_output=True, text=True, timeout=300)
+    assert locked.returncode != 0 and "cannot be locked" in locked.stderr + locked.stdout
+    assert subprocess.run([*cmd, "--unlock"], capture_output=True, timeout=300).returncode == 0
+    done = subprocess.run([*cmd, "results/lipflow.duckdb"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "results" / "lipflow.duckdb").is_file()
