@@ -42,6 +42,8 @@ class UniqueKeyLoader(YAML_LOADER):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping's own keys may override
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, SCALARS):
                 continue  # an unhashable key: the base class gives its own error

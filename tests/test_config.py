@@ -136,3 +136,11 @@ def test_snakemake_refuses_a_repeated_key_and_a_cross_key_error_before_any_job(t
         lines = [line for line in done.stderr.splitlines() if line.startswith("lipflow:")]
         assert done.returncode != 0
         assert len(lines) == 1 and expected in lines[0], done.stderr
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """`<<: *anchor` then a key of the anchor is an override, not a repeated key."""
+    from lipflow.config import load_config_file
+
+    (tmp_path / "c.yaml").write_text("defaults: &d {steps: 5, lr: 0.01}\nruns:\n  a:\n    <<: *d\n    lr: 0.02\n")
+    assert load_config_file(tmp_path / "c.yaml")["runs"]["a"] == {"steps": 5, "lr": 0.02}
