@@ -112,15 +112,21 @@ def _create_from_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Tab
     return arrow.num_rows
 
 
-def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], empty_sql: str,
-                         verify: bool = True) -> int:
-    """Create ``table`` from Parquet files (columns unioned by name), each read by pyarrow (so a file
-    name is never SQL or a glob) and, with ``verify``, checked against its sidecar; returns the rows."""
-    if not files:
+def _create_from_tables(con: duckdb.DuckDBPyConnection, table: str, tables: list[pa.Table], empty_sql: str) -> int:
+    """Create ``table`` from Arrow tables (columns unioned by name), or with the columns of
+    ``empty_sql`` when there are none; returns its row count."""
+    if not tables:
         con.execute(f"CREATE TABLE {quote_identifier(table)} ({empty_sql})")
         return 0
+    return _create_from_arrow(con, table, pa.concat_tables(tables, promote_options="permissive"))
+
+
+def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], empty_sql: str,
+                         verify: bool = True) -> int:
+    """Create ``table`` from Parquet files, each read by pyarrow (so a file name is never SQL or a
+    glob) and, with ``verify``, checked against its sidecar; returns its row count."""
     read = read_table_parquet if verify else _read_unverified
-    return _create_from_arrow(con, table, pa.concat_tables([read(f) for f in files], promote_options="permissive"))
+    return _create_from_tables(con, table, [read(f) for f in files], empty_sql)
 
 
 def _read_unverified(path: Path) -> pa.Table:
@@ -133,8 +139,7 @@ def _read_unverified(path: Path) -> pa.Table:
 def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path], results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
     runs = [run_row(Path(d)) for d in run_dirs]
-    eval_files = [p for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()]
-    evals = [read_table_parquet(p) for p in eval_files]
+    evals = [read_table_parquet(p) for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()]
     val_loss = {}
     for table in evals:
         for r in table.select(["run_id", "eval", "metric", "value"]).to_pylist():
@@ -146,9 +151,7 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     rows["train_metrics"] = _create_from_parquet(con, "train_metrics",
                                                  [Path(d) / "train_metrics.parquet" for d in run_dirs],
                                                  "run_id VARCHAR, step BIGINT, loss DOUBLE")
-    rows["evals"] = (_create_from_arrow(con, "evals", pa.concat_tables(evals, promote_options="permissive"))
-                     if evals else _create_from_parquet(con, "evals", [], "run_id VARCHAR, eval VARCHAR, "
-                                                        "metric VARCHAR, value DOUBLE"))
+    rows["evals"] = _create_from_tables(con, "evals", evals, "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
     for path in sorted((results / "icl").glob("*.parquet")):
         rows[f"icl_{path.stem}"] = _create_from_parquet(con, f"icl_{path.stem}", [path], "")

@@ -107,7 +107,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename is None:  # e.g. a full disk: name the file being written
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # e.g. a full disk
             raise OSError(err.errno, err.strerror, str(final)) from None
         raise
     fsync_dir(final.parent)
