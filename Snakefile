@@ -21,5 +21,6 @@ rule all:
     default_target: True
     input:
         DATABASE,
+        DATABASE_RECEIPT,
         icl_targets,
         experiment_targets,

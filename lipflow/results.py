@@ -31,7 +31,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.data.atomic import fsync_dir, read_json, read_verified, sha256_file, sidecar_path, write_bytes_atomic
+from lipflow.data.atomic import (fsync_dir, read_json, read_verified, sha256_file, sidecar_path, write_bytes_atomic,
+                                 write_json_atomic)
 from lipflow.experiments import create_views
 from lipflow.metrics import read_table_parquet, write_table_parquet
 
@@ -180,11 +181,12 @@ def check_database(path: Path, rows: dict[str, int]) -> None:
             con.execute(f"SELECT * FROM {quote_identifier(view)} LIMIT 0")
 
 
-def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS) -> None:
+def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS, receipt: Path | None = None) -> None:
     """Build the database at ``out`` from scratch in a temp file, checkpoint it, reopen it to check
     every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
     it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead
-    log survives its checkpoint (e.g. disk full) is a failure, never published."""
+    log survives its checkpoint (e.g. disk full) is a failure, never published. ``receipt``, when
+    given, is written last: the database's sha256 and each table's row count."""
     from lipflow.cli import StageError
 
     out = Path(out)
@@ -208,8 +210,11 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
         os.replace(tmp, out)
         published = True
         fsync_dir(out.parent)
+        if receipt is not None:
+            write_json_atomic(receipt, {"database": out.name, "sha256": sha256_file(out), "rows": rows})
     except (duckdb.Error, OSError, StageError) as err:
-        raise StageError(f"database build failed, {out} left as it was: {str(err).splitlines()[0]}") from None
+        state = "replaced, but its receipt was not written" if published else "left as it was"
+        raise StageError(f"database build failed, {out} {state}: {str(err).splitlines()[0]}") from None
     finally:
         if not published:
             tmp.unlink(missing_ok=True)
@@ -225,13 +230,16 @@ def merge_evals(out: Path, files: list[Path]) -> None:
 
 def seal(files: list[Path]) -> None:
     """Write the sidecar of each file that has none (results written before lipflow kept checksums
-    of its Parquet files: only for files you trust); a file that has one is checked instead."""
+    of its Parquet files: only for files you trust); a file that has one is checked instead. A new
+    sidecar takes its file's modification time, so sealing reruns no Snakemake job."""
     for path in files:
         if sidecar_path(path).exists():
             read_verified(path)
             print(f"{path}: sha256 matches its sidecar")
         else:
             write_bytes_atomic(sidecar_path(path), (sha256_file(path) + "\n").encode())
+            stat = os.stat(path)
+            os.utime(sidecar_path(path), ns=(stat.st_atime_ns, stat.st_mtime_ns))
             print(f"{path}: sidecar written")
 
 
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--out", type=Path, required=True)
     p_build.add_argument("--manifest", type=Path, required=True)
     p_build.add_argument("--run-dirs", type=Path, nargs="*", default=[])
+    p_build.add_argument("--receipt", type=Path, default=None, help="JSON written after the database is in place")
     p_merge = sub.add_parser("merge-evals", help="merge one run's evaluation Parquet files")
     p_merge.add_argument("--out", type=Path, required=True)
     p_merge.add_argument("files", type=Path, nargs="*")
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     from lipflow.cli import run_guarded
 
     if args.command == "build":
-        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs) or 0)
+        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, receipt=args.receipt) or 0)
     if args.command == "seal":
         return run_guarded(lambda: seal(args.files) or 0)
     return run_guarded(lambda: merge_evals(args.out, args.files) or 0)

@@ -3,6 +3,7 @@ and a build that fails (disk full, a check of the new file) leaves the previous 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -175,7 +176,8 @@ def test_disk_full_keeps_the_previous_database(results, tmp_path):
 
 def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     """Under Snakemake, which deletes a job's outputs before it runs: the database is an update()
-    output, so a rebuild that fails leaves the previous database in place and readable."""
+    output, so a rebuild that fails leaves the previous database in place and readable; its
+    receipt is gone, so the next run rebuilds it (never "Nothing to be done" on a failed build)."""
     import sys
 
     repo = Path(__file__).resolve().parent.parent
@@ -183,7 +185,8 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
-                               "--configfile", str(tmp_path / "config.yaml"), "-c1", *args, "results/lipflow.duckdb"],
+                               "--configfile", str(tmp_path / "config.yaml"), "-c1", *args, "results/lipflow.duckdb",
+                               "results/lipflow.duckdb.built"],
                               capture_output=True, text=True, timeout=300)
 
     assert snakemake().returncode == 0
@@ -198,6 +201,11 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     assert db.read_bytes() == previous
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM shards").fetchone()[0] > 0
+    assert "Missing output files: results/lipflow.duckdb.built" in snakemake("-n").stdout
+    bad.unlink()
+    assert snakemake().returncode == 0
+    receipt = json.loads((tmp_path / "results" / "lipflow.duckdb.built").read_text())
+    assert receipt["rows"]["shards"] > 0 and receipt["sha256"] == hashlib.sha256(db.read_bytes()).hexdigest()
 
 
 def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):

@@ -52,6 +52,10 @@ ALL_EVALUATIONS = sorted({name for run in RUNS for name in run_evaluations(run)}
 # params rerun trigger, so that switch would rerun every existing result once (and cost a function
 # call per job in a dry run): the 9 "prefix ... hardcoded" lints are kept on purpose.
 DATABASE = "results/lipflow.duckdb"
+# Written by the database job after the database is in place. Snakemake checks only the outputs that
+# something asks for, so every rule that reads the database asks for this too: a failed build (which
+# leaves the previous database, an update() output) is then always rerun.
+DATABASE_RECEIPT = f"{DATABASE}.built"
 ENV = "../../envs/lipflow.yaml"
 
 
@@ -68,6 +72,11 @@ def evaluation_params_json(wildcards):
 def run_evaluation_files(wildcards):
     return expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run,
                   evaluation=run_evaluations(wildcards.run))
+
+
+def run_evaluation_checksums(wildcards):
+    """The sidecars of run_evaluation_files: each evaluation job's receipt (see rule evaluate)."""
+    return [f"{path}.sha256" for path in run_evaluation_files(wildcards)]
 
 
 def run_config_json(wildcards):
