@@ -35,9 +35,11 @@ def test_a_file_tokenizer_is_known_by_its_content(tmp_path):
     assert list(resolve_runs(copy.deepcopy(config))) != first_runs
 
 
-def test_an_edited_corpus_file_reruns_the_corpus(tmp_path):
-    (tmp_path / "text.txt").write_text(paragraphs("Before we proceed any further, hear me speak"))
-    (tmp_path / "config.yaml").write_text("corpus: {name: mini, source: files, paths: [text.txt]}\n")
+def test_an_edited_or_added_corpus_file_reruns_the_corpus(tmp_path):
+    (tmp_path / "texts").mkdir()
+    for i in range(40):  # one document per file
+        (tmp_path / "texts" / f"t{i:02d}.txt").write_text(paragraphs(f"Before we proceed any further, {i}", n=2))
+    (tmp_path / "config.yaml").write_text("corpus: {name: mini, source: files, paths: ['texts/*.txt']}\n")
     target = "results/data/mini/corpus/corpus.json"
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
@@ -47,10 +49,15 @@ def test_an_edited_corpus_file_reruns_the_corpus(tmp_path):
 
     assert snakemake().returncode == 0
     assert "Nothing to be done" in snakemake("-n").stdout
-    with open(tmp_path / "text.txt", "a") as f:
+    with open(tmp_path / "texts" / "t00.txt", "a") as f:
         f.write("All:\nSpeak, speak.\n")
     dry = snakemake("-n")
-    assert dry.returncode == 0 and "Updated input files: text.txt" in dry.stdout, dry.stdout
+    assert dry.returncode == 0 and "Updated input files: texts/t00.txt" in dry.stdout, dry.stdout
+    assert snakemake().returncode == 0
+    (tmp_path / "texts" / "t40.txt").write_text(paragraphs("You are all resolved rather to die than to famish", n=2))
+    dry = snakemake("-n")
+    reasons = [line for line in dry.stdout.splitlines() if "reason:" in line]
+    assert dry.returncode == 0 and any("texts/t40.txt" in line for line in reasons), dry.stdout
 
 
 def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config, tmp_path):
