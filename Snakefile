@@ -22,5 +22,6 @@ rule all:
     input:
         DATABASE,
         DATABASE_RECEIPT,
+        evaluation_receipts,
         icl_targets,
         experiment_targets,

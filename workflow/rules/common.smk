@@ -69,14 +69,24 @@ def evaluation_params_json(wildcards):
     return json.dumps(config["evaluations"][wildcards.evaluation], sort_keys=True)
 
 
+def evaluation_files(run):
+    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=run, evaluation=run_evaluations(run))
+
+
 def run_evaluation_files(wildcards):
-    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run,
-                  evaluation=run_evaluations(wildcards.run))
+    return evaluation_files(wildcards.run)
 
 
 def run_evaluation_checksums(wildcards):
     """The sidecars of run_evaluation_files: each evaluation job's receipt (see rule evaluate)."""
-    return [f"{path}.sha256" for path in run_evaluation_files(wildcards)]
+    return [f"{path}.sha256" for path in evaluation_files(wildcards.run)]
+
+
+def evaluation_receipts(wildcards):
+    """Every run's evaluation and merged-evaluation sidecars, for `rule all`: Snakemake does not
+    look below an up-to-date output for a missing intermediate file, so a receipt deleted by a
+    failed evaluation must be asked for by the target itself to be rebuilt."""
+    return [f"{path}.sha256" for run in RUNS for path in (*evaluation_files(run), f"results/runs/{run}/evals.parquet")]
 
 
 def run_config_json(wildcards):
