@@ -21,5 +21,7 @@ rule all:
     default_target: True
     input:
         DATABASE,
+        DATABASE_RECEIPT,
+        evaluation_receipts,
         icl_targets,
         experiment_targets,

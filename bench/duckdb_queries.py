@@ -48,6 +48,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench.common import (add_out_argument, alternating_timings, default_shards, machine,  # noqa: E402
                           print_table, row, run_configs, save_rows)
 from lipflow import provenance  # noqa: E402
+from lipflow.metrics import write_table_parquet  # noqa: E402
 from lipflow.results import build  # noqa: E402
 from lipflow.training import Trainer  # noqa: E402
 
@@ -167,11 +168,11 @@ def write_runs(root: Path, n_runs: int, steps: int) -> list[Path]:
                    "final_val_accuracy": last["val_accuracy"], "max_activation": last["max_activation"]}
         (run_dir / "run.json").write_text(json.dumps(summary))
         (run_dir / "config.json").write_text(json.dumps({**base_info, "run_id": run_id, "config": cfg}))
-        pq.write_table(table, run_dir / "train_metrics.parquet")
-        pq.write_table(pa.Table.from_pylist([
+        write_table_parquet(run_dir / "train_metrics.parquet", table)  # with its sidecar, as the train stage
+        write_table_parquet(run_dir / "evals.parquet", pa.Table.from_pylist([
             {"run_id": run_id, "eval": "val", "metric": metric, "value": value}
             for metric, value in (("loss", last["val_loss"]), ("accuracy", last["val_accuracy"]),
-                                  ("perplexity", last["val_perplexity"]))]), run_dir / "evals.parquet")
+                                  ("perplexity", last["val_perplexity"]))]))
         dirs.append(run_dir)
     return dirs
 

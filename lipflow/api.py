@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 
 from lipflow.checkpoint import CheckpointError, load_weights
-from lipflow.metrics import resolve_device
+from lipflow.data.atomic import read_json
+from lipflow.metrics import read_table_parquet, resolve_device
 from lipflow.model import LanguageModel, build_model
 
 
@@ -27,12 +28,23 @@ class Run:
 
 
 def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict[str, Any]]:
-    """Rebuild a run's model from config.json and load model.safetensors (no pickle)."""
-    info = json.loads((run_dir / "config.json").read_text())
+    """Rebuild a run's model from config.json and load model.safetensors (no pickle); config.json
+    must agree with the config and vocabulary size stored in the checksummed weights, so an edit
+    to it (e.g. ``n_heads``) is an error, never a silently different model."""
+    info = read_json(run_dir / "config.json")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "vocab_size" not in info:
+        raise ValueError(f"{run_dir / 'config.json'} lacks the run's config and vocab_size")
     tensors, meta = load_weights(run_dir / "model.safetensors")
-    if meta.get("config", {}).get("model") != info["config"]["model"]:
-        raise CheckpointError(f"{run_dir / 'model.safetensors'} holds a {meta.get('config', {}).get('model')!r} "
-                              f"model but config.json says {info['config']['model']!r}")
+    stored = meta.get("config", {})
+    if stored.get("model") != info["config"].get("model"):
+        raise CheckpointError(f"{run_dir / 'model.safetensors'} holds a {stored.get('model')!r} "
+                              f"model but config.json says {info['config'].get('model')!r}")
+    changed = sorted(k for k in stored.keys() | info["config"].keys() if stored.get(k) != info["config"].get(k))
+    if "vocab_size" in meta and meta["vocab_size"] != info["vocab_size"]:
+        changed.insert(0, "vocab_size")
+    if changed:
+        raise CheckpointError(f"{run_dir / 'config.json'} does not match the config stored in model.safetensors "
+                              f"(differs in {', '.join(changed[:3])}): edited after training?")
     model = build_model(info["config"], info["vocab_size"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
@@ -42,12 +54,14 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
 
 
 def load_run(run_id: str, results: str | Path = "results", device: str = "auto") -> Run:
+    """One finished run under ``results``; its data directory, recorded relative to the directory
+    it was trained in (the parent of ``results``), is resolved against that parent."""
     run_dir = Path(results) / "runs" / run_id
     if not (run_dir / "run.json").is_file():
         known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
         raise FileNotFoundError(f"no finished run '{run_id}' under {run_dir.parent} (known: {', '.join(known) or 'none'})")
     dev = resolve_device(device)
     model, info = load_model(run_dir, dev)
-    return Run(run_id=run_id, config=info["config"], summary=json.loads((run_dir / "run.json").read_text()),
-               metrics=pd.read_parquet(run_dir / "train_metrics.parquet"), model=model, device=dev,
-               data_dir=Path(info["data_dir"]))
+    return Run(run_id=run_id, config=info["config"], summary=read_json(run_dir / "run.json"),
+               metrics=read_table_parquet(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
+               data_dir=Path(results).parent / info["data_dir"])

@@ -4,12 +4,11 @@ A training checkpoint is one ``.safetensors`` file holding model weights (``mode
 tensors (``optim.*``) and RNG states (``rng.*``); everything that is not a tensor (step, optimizer
 hyper-parameters, metrics so far) lives in the safetensors header metadata as JSON. Files are
 written atomically (temp file, fsync, rename) with a ``.sha256`` sidecar; a checkpoint whose
-hash does not match is treated as corrupt and skipped with a warning.
+hash does not match, or that has no sidecar, is treated as corrupt and skipped with a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lipflow.data.atomic import write_bytes_atomic
+from lipflow.data.atomic import IntegrityError, read_verified, sidecar_path, write_with_sidecar
 
 CHECKPOINT_GLOB = "step-*.safetensors"
 
@@ -56,24 +55,20 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """Atomically write ``tensors`` (+ JSON ``metadata``) as safetensors with a sha256 sidecar."""
     blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                    metadata={"lipflow": json.dumps(metadata or {})})
-    digest = hashlib.sha256(blob).hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, blob)
-    write_bytes_atomic(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
-    return digest
+    return write_with_sidecar(path, blob)
 
 
-def load_weights(path: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a safetensors file written by :func:`save_weights`; verify the sidecar hash if present."""
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file written by :func:`save_weights` after checking it against its
+    sidecar (a missing sidecar is an error naming the file, as is a mismatch)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    blob = path.read_bytes()
-    sidecar = path.with_name(path.name + ".sha256")
-    if verify and sidecar.is_file():
-        expected = sidecar.read_text().strip()
-        if hashlib.sha256(blob).hexdigest() != expected:
-            raise CheckpointError(f"checkpoint {path} is corrupt: sha256 does not match {sidecar.name}")
+    try:
+        blob = read_verified(path)
+    except IntegrityError as err:
+        raise CheckpointError(f"checkpoint {err}") from None
     try:
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
@@ -99,5 +94,5 @@ def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tens
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (and their sidecars)."""
     for path in sorted(Path(directory).glob(CHECKPOINT_GLOB), reverse=True)[keep:]:
-        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)

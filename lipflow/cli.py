@@ -10,13 +10,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, PermissionError,
-                                                IsADirectoryError, NotADirectoryError)
+class StageError(RuntimeError):
+    """A stage that cannot finish for a reason outside the code (a check of what it wrote failed);
+    str() is one line saying what, and what was kept."""
+
+
+# OSError: a missing, unreadable or unwritable file, a full disk: one line naming the file.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, StageError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -43,14 +49,44 @@ def default_db() -> Path:
     return Path(os.environ.get("LIPFLOW_DB", "results/lipflow.duckdb"))
 
 
+# Set when the connection opens and locked: no file, URL or other database can be read or written
+# (read_csv, COPY, ATTACH, glob …), no extension installed or loaded, no setting changed.
+LOCKED_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
+                 "autoload_known_extensions": False, "lock_configuration": True}
+
+
 def connect(db: str | os.PathLike[str] | None = None):
-    """A read-only DuckDB connection to the results database (``.df()``/``.pl()`` work on it)."""
+    """A read-only DuckDB connection to the results database that reaches nothing outside it
+    (:data:`LOCKED_CONFIG`); ``.df()``/``.pl()`` work on it."""
     import duckdb
 
     path = Path(db) if db is not None else default_db()
     if not path.is_file():
         raise FileNotFoundError(f"no results database at {path} (run `snakemake` first, or pass --db)")
-    return duckdb.connect(str(path), read_only=True)
+    try:
+        return duckdb.connect(str(path), read_only=True, config=dict(LOCKED_CONFIG))
+    except duckdb.Error as err:
+        raise ValueError(f"cannot open {path} as a DuckDB database ({str(err).splitlines()[0]})") from None
+
+
+def read_only_statement(con, sql: str) -> str:
+    """``sql`` when it is exactly one SELECT (SHOW, DESCRIBE, SUMMARIZE, VALUES and FROM-first
+    queries parse as one); anything else (several statements, COPY, ATTACH, INSTALL, LOAD, PRAGMA,
+    SET, CALL …) is a ValueError saying why."""
+    import duckdb
+
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as err:
+        raise ValueError(str(err).splitlines()[0]) from None
+    if not statements:
+        raise ValueError("no SQL statement given (e.g. lipflow query \"SELECT * FROM runs\")")
+    if len(statements) > 1:
+        raise ValueError(f"lipflow query runs exactly one statement; got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise ValueError(f"lipflow query runs only read-only SELECT statements, not {kind.name}")
+    return sql
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
@@ -77,11 +113,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     con = connect(args.db)
     try:
-        cursor = con.execute(args.sql)
+        cursor = con.execute(read_only_statement(con, args.sql))
     except duckdb.Error as err:
         first = str(err).splitlines()[0]
         if "read-only" in first.lower():
             first = f"the results database is read-only for queries ({first})"
+        elif isinstance(err, duckdb.PermissionException):
+            first = f"queries read only the results database ({first})"
         raise ValueError(first) from None
     columns = [d[0] for d in cursor.description] if cursor.description else []
     print(format_rows(columns, cursor.fetchall(), args.format))
@@ -94,6 +132,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lipflow.data.loader import load_tokenizer
     from lipflow.api import load_run
 
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
     run = load_run(args.run_id, results=args.results, device=args.device)
     tokenizer = load_tokenizer(run.data_dir)
     ids = tokenizer.encode(args.prompt).ids

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import math
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,6 +21,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
+from lipflow.data.atomic import sha256_file
 from lipflow.provenance import config_hash
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -29,6 +32,25 @@ class ConfigError(ValueError):
 
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~7× faster; every job parses
+SCALARS = (str, int, float, bool, type(None))
+
+
+class UniqueKeyLoader(YAML_LOADER):
+    """A safe YAML loader on which a mapping that repeats a key is an error naming the key and
+    its line (PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping's own keys may override
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, SCALARS):
+                continue  # an unhashable key: the base class gives its own error
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
@@ -39,9 +61,6 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def _read_schema(path: str) -> dict[str, Any]:
     return yaml.load(Path(path).read_text(), Loader=YAML_LOADER)
-
-
-SCALARS = (str, int, float, bool, type(None))
 
 
 def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
@@ -71,7 +90,22 @@ def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
                 passed.add(key)
             yield from errors
 
-    return jsonschema.validators.extend(base, {"properties": check_properties})
+    def full_pattern(validator, pattern, instance, schema):
+        """``pattern`` must match the whole string (Python's ``$`` also matches before a final newline,
+        so ``^…$`` alone would pass a name that ends in one)."""
+        if validator.is_type(instance, "string") and not re.fullmatch(pattern, instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+    base_type = base.VALIDATORS["type"]
+
+    def finite_type(validator, types, instance, schema):
+        """The type check, and a number must be finite (NaN and ±inf pass every comparison check)."""
+        yield from base_type(validator, types, instance, schema)
+        if isinstance(instance, float) and not math.isfinite(instance):
+            yield jsonschema.ValidationError(f"{instance!r} is not a finite number")
+
+    return jsonschema.validators.extend(base, {"properties": check_properties, "pattern": full_pattern,
+                                               "type": finite_type})
 
 
 def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False):
@@ -84,9 +118,10 @@ def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False):
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config; malformed YAML is a one-line :class:`ConfigError` naming file and line."""
+    """Read a YAML config; malformed YAML or a repeated key is a one-line :class:`ConfigError`
+    naming file and line."""
     try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        config = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
@@ -127,31 +162,72 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{path}: {error.message}"
 
 
-def check_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
+def check_config(config: dict[str, Any]) -> None:
     """Merge run defaults and fill the schema's defaults into ``config`` (in place, as
     snakemake.utils.validate does), in the same pass raising :class:`ConfigError` on the first
-    schema violation (one line naming the key path)."""
+    schema violation (one line naming the key path), then on the first broken cross-key rule
+    (:func:`check_data_blocks`, :func:`check_run`)."""
     if not isinstance(config, dict):
         raise ConfigError("the config must be a mapping of keys to values")
     merge_run_defaults(config)
-    validator = make_validator(schema_path, fill=True)
+    validator = make_validator(fill=True)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"config error: {_describe(error)}")
+    check_data_blocks(config)
+    for name, run in config["runs"].items():
+        check_run(f"runs.{name}", run)
+
+
+def check_data_blocks(config: dict[str, Any]) -> None:
+    """What the schema cannot say about ``corpus`` and ``tokenizer``: paths go with a file source
+    and only with one; a ``file`` tokenizer needs its path."""
+    corpus, tokenizer = config["corpus"], config["tokenizer"]
+    if corpus["source"] == "embedded" and corpus["paths"]:
+        raise ConfigError("config error: corpus.paths must be empty for corpus.source 'embedded' "
+                          "(set source: files, jsonl or parquet to read them)")
+    if corpus["source"] != "embedded" and not corpus["paths"]:
+        raise ConfigError(f"config error: corpus.paths is empty; corpus.source '{corpus['source']}' needs a path or glob")
+    if tokenizer["kind"] == "file" and not tokenizer["path"]:
+        raise ConfigError("config error: tokenizer.path is required when tokenizer.kind is 'file'")
+
+
+def check_run(where: str, run: dict[str, Any]) -> None:
+    """Cross-key rules of one resolved run: the runs train a language model on the text corpus
+    (``mlp`` is the image study's classifier), and ``n_heads`` divides ``d_model``."""
+    if run["model"] == "mlp":
+        raise ConfigError(f"config error: {where}.model: 'mlp' is the image classifier of the image_mlp study and "
+                          "cannot train on the text corpus; use gpt or lipschitz_gpt")
+    if run["d_model"] % run["n_heads"]:
+        raise ConfigError(f"config error: {where}.n_heads: {run['n_heads']} does not divide d_model {run['d_model']}")
 
 
 def data_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run's training data depends on."""
-    return {"corpus": config["corpus"], "tokenizer": config["tokenizer"]}
+    """What a run's training data depends on: the corpus and tokenizer blocks, and a ``file``
+    tokenizer's content. (The corpus files' content is not hashed here, at parse time: they are
+    the corpus rule's inputs, and a checkpoint resumes only on the token shards it was made on.)"""
+    identity = {"corpus": config["corpus"], "tokenizer": config["tokenizer"]}
+    if config["tokenizer"]["kind"] == "file":
+        identity["tokenizer_sha256"] = tokenizer_file_sha256(config["tokenizer"]["path"])
+    return identity
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_file_sha256(path: str) -> str:
+    """The sha256 of a tokenizer file's bytes; a missing file is a ConfigError naming it."""
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise ConfigError(f"config error: tokenizer.path: cannot read {path} ({err.strerror})") from None
 
 
 def tokenizer_id(tok: dict[str, Any]) -> str:
-    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash>``."""
+    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash of its content>``."""
     if tok["kind"] == "char":
         return "char"
     if tok["kind"] == "bpe":
         return f"bpe{tok['vocab_size']}"
-    return f"file-{config_hash(tok['path'])[:8]}"
+    return f"file-{tokenizer_file_sha256(tok['path'])[:8]}"
 
 
 def expanded_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -165,6 +241,7 @@ def expanded_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         error = jsonschema.exceptions.best_match(validator.iter_errors(wrapped))
         if error is not None:
             raise ConfigError(f"config error in experiment run {_describe(error)}")
+        check_run(f"experiment run {name}", wrapped["runs"][name])
         runs[name] = wrapped["runs"][name]
     return runs
 

@@ -629,12 +629,17 @@ def missing_requirement(con, part: Part) -> str | None:
 
 
 def load_extra_tables(con, results: Path = Path("results")) -> list[str]:
-    """Create a table per present EXTRA_TABLES parquet file; returns the tables made."""
+    """Create a table per present EXTRA_TABLES parquet file, checked against its sidecar; returns
+    the tables made."""
+    from lipflow.metrics import read_table_parquet
+
     made = []
     for table, relative in EXTRA_TABLES.items():
         path = Path(results) / relative
         if path.is_file():
-            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(path)])
+            con.register("_lipflow_extra", read_table_parquet(path))
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _lipflow_extra")
+            con.unregister("_lipflow_extra")
             made.append(table)
     return made
 

@@ -23,7 +23,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was requested but no CUDA device is available (use 'auto' or 'cpu')")
+        raise ValueError("device: 'cuda' was requested but no CUDA device is available (use 'auto' or 'cpu')")
     return torch.device(name)
 
 
@@ -86,13 +86,32 @@ def max_attention_logits(model: LanguageModel, idx: torch.Tensor) -> dict[str, f
 
 
 def write_table_parquet(path, table) -> None:
-    """Write an Arrow table to ``path`` atomically (temp file, fsync, rename)."""
+    """Write an Arrow table to ``path`` atomically (temp file, fsync, rename) with a ``.sha256``
+    sidecar that :func:`read_table_parquet` checks."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lipflow.data.atomic import atomic_write
+    from lipflow.data.atomic import write_with_sidecar
 
-    with atomic_write(path, "wb") as f:
-        pq.write_table(table, f)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_with_sidecar(path, buffer.getvalue().to_pybytes())
+
+
+def read_table_parquet(path):
+    """The Arrow table of a Parquet file written by :func:`write_table_parquet`, checked against its
+    sidecar; a missing or mismatched sidecar, or bytes that are not Parquet, raise a ValueError
+    naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lipflow.data.atomic import read_verified
+
+    data = read_verified(path)
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
 
 
 def write_rows_parquet(path, rows: list[dict], columns: dict[str, str]) -> None:

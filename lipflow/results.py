@@ -1,8 +1,10 @@
 """Results stage: per-run Parquet/JSON → one DuckDB database.
 
 ``python -m lipflow.results build --out results/lipflow.duckdb --manifest M --run-dirs D...``
-rebuilds the whole database in a temp file and renames it into place, so readers never see a
-half-built file and a rebuild is idempotent. Tables:
+rebuilds the whole database in a temp file, checkpoints it, reopens it to check every table's row
+count and only then renames it into place, so readers never see a half-built file, a failed build
+keeps the previous database, and a rebuild is idempotent. Every run file is checked against its
+``.sha256`` sidecar; file names are never SQL. Tables:
 
 - ``runs``: one row per run: status, flattened config keys, ``config`` (JSON), provenance;
 - ``train_metrics``: per-step loss and, at eval steps, val metrics, bound, activations;
@@ -11,7 +13,8 @@ half-built file and a rebuild is idempotent. Tables:
 - ``icl_<name>``: every ``results/icl/<name>.parquet`` of the ICL study;
 - ``bench``: every ``results/bench/*.parquet`` row.
 
-``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files.
+``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files;
+``python -m lipflow.results seal F...`` writes the missing sidecars of trusted older files.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lipflow.data.atomic import (fsync_dir, read_json, read_verified, sha256_file, sidecar_path, write_bytes_atomic,
+                                 write_json_atomic)
 from lipflow.experiments import create_views
-from lipflow.metrics import write_table_parquet
+from lipflow.metrics import read_table_parquet, write_table_parquet
 
 RESULTS = Path("results")
 
@@ -59,8 +64,8 @@ def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One ``runs`` row from a run directory's run.json and config.json."""
-    summary = json.loads((run_dir / "run.json").read_text())
-    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    summary = read_json(run_dir / "run.json")
+    cfg = read_json(run_dir / "config.json")["config"]
     derived = {"config": json.dumps(cfg, sort_keys=True), "versions": json.dumps(summary["versions"], sort_keys=True),
                "start_time": _timestamp(summary["start_time"]), "end_time": _timestamp(summary["end_time"])}
     return {"run_id": summary["run_id"], "name": summary["run_id"].rsplit("-", 1)[0], "status": summary["status"],
@@ -84,7 +89,7 @@ def empty_runs_table() -> pa.Table:
 
 
 def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
-    manifest = json.loads(Path(manifest_path).read_text())
+    manifest = read_json(manifest_path)
     rows = []
     for split, info in manifest["splits"].items():
         for index, shard in enumerate(info["shards"]):
@@ -93,59 +98,149 @@ def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _create_from_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Table) -> None:
-    con.execute(f"CREATE TABLE {table} AS SELECT * FROM arrow")  # DuckDB's replacement scan reads ``arrow``
+def quote_identifier(name: str) -> str:
+    """``name`` as a DuckDB identifier: double-quoted, inner quotes doubled (any text is one name)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
-def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], empty_sql: str) -> None:
-    if files:
-        listing = ", ".join(f"'{f}'" for f in files)
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
-    else:
-        con.execute(f"CREATE TABLE {table} ({empty_sql})")
+def _create_from_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Table) -> int:
+    """Create ``table`` from an Arrow table (registered, not interpolated); returns its row count."""
+    con.register("_lipflow_staging", arrow)
+    try:
+        con.execute(f"CREATE TABLE {quote_identifier(table)} AS SELECT * FROM _lipflow_staging")
+    finally:
+        con.unregister("_lipflow_staging")
+    return arrow.num_rows
 
 
-def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS) -> None:
-    """Build the database at ``out`` from scratch, atomically."""
+def _create_from_tables(con: duckdb.DuckDBPyConnection, table: str, tables: list[pa.Table], empty_sql: str) -> int:
+    """Create ``table`` from Arrow tables (columns unioned by name), or with the columns of
+    ``empty_sql`` when there are none; returns its row count."""
+    if not tables:
+        con.execute(f"CREATE TABLE {quote_identifier(table)} ({empty_sql})")
+        return 0
+    return _create_from_arrow(con, table, pa.concat_tables(tables, promote_options="permissive"))
+
+
+def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], empty_sql: str,
+                         verify: bool = True) -> int:
+    """Create ``table`` from Parquet files, each read by pyarrow (so a file name is never SQL or a
+    glob) and, with ``verify``, checked against its sidecar; returns its row count."""
+    read = read_table_parquet if verify else _read_unverified
+    return _create_from_tables(con, table, [read(f) for f in files], empty_sql)
+
+
+def _read_unverified(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except pa.ArrowException as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+
+
+def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path], results: Path) -> dict[str, int]:
+    """Create every table and view; returns table → the rows it must hold."""
+    runs = [run_row(Path(d)) for d in run_dirs]
+    evals = [read_table_parquet(p) for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()]
+    val_loss = {}
+    for table in evals:
+        for r in table.select(["run_id", "eval", "metric", "value"]).to_pylist():
+            if r["eval"] == "val" and r["metric"] in ("loss", "accuracy", "perplexity"):
+                val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
+    for row in runs:
+        row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
+    rows = {"runs": _create_from_arrow(con, "runs", pa.Table.from_pylist(runs) if runs else empty_runs_table())}
+    rows["train_metrics"] = _create_from_parquet(con, "train_metrics",
+                                                 [Path(d) / "train_metrics.parquet" for d in run_dirs],
+                                                 "run_id VARCHAR, step BIGINT, loss DOUBLE")
+    rows["evals"] = _create_from_tables(con, "evals", evals, "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
+    rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
+    for path in sorted((results / "icl").glob("*.parquet")):
+        rows[f"icl_{path.stem}"] = _create_from_parquet(con, f"icl_{path.stem}", [path], "")
+    # hand-appended measurements (bench/common.py), written without a sidecar
+    rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
+                                         "bench VARCHAR, metric VARCHAR, value DOUBLE, unit VARCHAR, machine VARCHAR, "
+                                         "device VARCHAR, date VARCHAR, git_commit VARCHAR", verify=False)
+    create_views(con, results)
+    return rows
+
+
+def check_database(path: Path, rows: dict[str, int]) -> None:
+    """Open ``path`` read-only and check that it holds each table of ``rows`` with its row count
+    and that every view can be read; a StageError names the first difference."""
+    from lipflow.cli import StageError
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        for table, expected in rows.items():
+            try:
+                found = con.execute(f"SELECT count(*) FROM {quote_identifier(table)}").fetchone()[0]
+            except duckdb.Error as err:
+                raise StageError(f"table {table} is unreadable ({str(err).splitlines()[0]})") from None
+            if found != expected:
+                raise StageError(f"table {table} holds {found} rows, expected {expected}")
+        for (view,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall():
+            con.execute(f"SELECT * FROM {quote_identifier(view)} LIMIT 0")
+
+
+def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS, receipt: Path | None = None) -> None:
+    """Build the database at ``out`` from scratch in a temp file, checkpoint it, reopen it to check
+    every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
+    it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead
+    log survives its checkpoint (e.g. disk full) is a failure, never published. ``receipt``, when
+    given, is written last: the database's sha256 and each table's row count."""
+    from lipflow.cli import StageError
+
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    wal = Path(f"{tmp}.wal")
+    tmp.unlink(missing_ok=True)  # a dead build's leftovers (the process id is ours now)
+    wal.unlink(missing_ok=True)
+    published = False
     try:
         con = duckdb.connect(str(tmp))
-        runs = [run_row(Path(d)) for d in run_dirs]
-        val_loss = {}
-        for d in run_dirs:
-            evals = Path(d) / "evals.parquet"
-            if evals.is_file():
-                for r in pq.read_table(evals).to_pylist():
-                    if r["eval"] == "val" and r["metric"] in ("loss", "accuracy", "perplexity"):
-                        val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
-        for row in runs:
-            row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
-        _create_from_arrow(con, "runs", pa.Table.from_pylist(runs) if runs else empty_runs_table())
-        _create_from_parquet(con, "train_metrics", [Path(d) / "train_metrics.parquet" for d in run_dirs],
-                             "run_id VARCHAR, step BIGINT, loss DOUBLE")
-        _create_from_parquet(con, "evals", [p for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()],
-                             "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
-        _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
-        for path in sorted((results / "icl").glob("*.parquet")):
-            _create_from_parquet(con, f"icl_{path.stem}", [path], "")
-        _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
-                             "bench VARCHAR, metric VARCHAR, value DOUBLE, unit VARCHAR, machine VARCHAR, "
-                             "device VARCHAR, date VARCHAR, git_commit VARCHAR")
-        create_views(con)
-        con.close()
+        try:
+            rows = _fill_database(con, manifest, run_dirs, Path(results))
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        if wal.exists():
+            raise StageError(f"the database's final checkpoint did not complete ({wal.name} remains; disk full?)")
+        check_database(tmp, rows)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out)
+        published = True
+        fsync_dir(out.parent)
+        if receipt is not None:
+            write_json_atomic(receipt, {"database": out.name, "sha256": sha256_file(out), "rows": rows})
+    except (duckdb.Error, OSError, StageError) as err:
+        state = "replaced, but its receipt was not written" if published else "left as it was"
+        raise StageError(f"database build failed, {out} {state}: {str(err).splitlines()[0]}") from None
     finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        if not published:
+            tmp.unlink(missing_ok=True)
+            wal.unlink(missing_ok=True)  # the temp database's own log: nothing of it is kept
 
 
 def merge_evals(out: Path, files: list[Path]) -> None:
     """Concatenate one run's evaluation files (columns unioned by name) into ``out``."""
-    tables = [pq.read_table(f) for f in files]
+    tables = [read_table_parquet(f) for f in files]
     merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     write_table_parquet(Path(out), merged)
+
+
+def seal(files: list[Path]) -> None:
+    """Write the sidecar of each file that has none (results written before lipflow kept checksums
+    of its Parquet files: only for files you trust); a file that has one is checked instead. A new
+    sidecar takes its file's modification time, so sealing reruns no Snakemake job."""
+    for path in files:
+        if sidecar_path(path).exists():
+            read_verified(path)
+            print(f"{path}: sha256 matches its sidecar")
+        else:
+            write_bytes_atomic(sidecar_path(path), (sha256_file(path) + "\n").encode())
+            stat = os.stat(path)
+            os.utime(sidecar_path(path), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            print(f"{path}: sidecar written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,14 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--out", type=Path, required=True)
     p_build.add_argument("--manifest", type=Path, required=True)
     p_build.add_argument("--run-dirs", type=Path, nargs="*", default=[])
+    p_build.add_argument("--receipt", type=Path, default=None, help="JSON written after the database is in place")
     p_merge = sub.add_parser("merge-evals", help="merge one run's evaluation Parquet files")
     p_merge.add_argument("--out", type=Path, required=True)
     p_merge.add_argument("files", type=Path, nargs="*")
+    p_seal = sub.add_parser("seal", help="write missing .sha256 sidecars of trusted files from before checksums")
+    p_seal.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args(argv)
     from lipflow.cli import run_guarded
 
     if args.command == "build":
-        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs) or 0)
+        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, receipt=args.receipt) or 0)
+    if args.command == "seal":
+        return run_guarded(lambda: seal(args.files) or 0)
     return run_guarded(lambda: merge_evals(args.out, args.files) or 0)
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lipflow import distributed, provenance
 from lipflow.checkpoint import (flatten_optimizer_state, latest_valid_checkpoint, prune_checkpoints,
                                 save_weights, unflatten_optimizer_state)
-from lipflow.data.atomic import write_json_atomic
+from lipflow.data.atomic import sha256_file, write_json_atomic
 from lipflow.data.loader import TokenShards
 from lipflow.metrics import (autocast_for, evaluate_windows, loss_and_correct, max_attention_logits, resolve_device,
                              write_rows_parquet)
@@ -226,7 +226,8 @@ class Trainer:
         tensors.update(optim_tensors)
         tensors.update(rng_tensors(self.generator))
         meta = {"step": self.step, "optimizer": optim_meta, "metrics": self.metrics,
-                "config_hash": provenance.config_hash(self.cfg)}
+                "config_hash": provenance.config_hash(self.cfg),
+                "manifest_sha256": sha256_file(self.data_dir / "manifest.json")}
         save_weights(self.ckpt_dir / f"step-{self.step:09d}.safetensors", tensors, meta)
         prune_checkpoints(self.ckpt_dir, keep=2)
 
@@ -237,6 +238,13 @@ class Trainer:
         path, tensors, meta = found
         if meta.get("config_hash") != provenance.config_hash(self.cfg):
             print(f"warning: ignoring {path}: it was written for a different config", file=sys.stderr)
+            return False
+        if meta.get("manifest_sha256") != sha256_file(self.data_dir / "manifest.json"):
+            # other token shards (an edited corpus or tokenizer): start afresh, and drop those checkpoints
+            # so that pruning keeps the new ones
+            print(f"warning: ignoring {path}: it was written for other data than {self.data_dir}; "
+                  "training from scratch", file=sys.stderr)
+            prune_checkpoints(self.ckpt_dir, keep=0)
             return False
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))

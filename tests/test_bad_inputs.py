@@ -3,7 +3,9 @@ output, and earlier results untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -51,6 +53,26 @@ def train_case(overrides: dict, data=None, out_dir=None):
     return prepare
 
 
+def results_db(tmp: Path) -> Path:
+    """A small results database: a ``runs`` table and a view on it."""
+    import duckdb
+
+    db = tmp / "results" / "lipflow.duckdb"
+    db.parent.mkdir(exist_ok=True)
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE runs AS SELECT 'a-00000000' AS run_id, 1.5 AS val_loss")
+        con.execute("CREATE VIEW best AS SELECT * FROM runs ORDER BY val_loss LIMIT 1")
+    return db
+
+
+def query_case(sql: str, writes: str | None = None):
+    """``lipflow query sql`` on a results database; ``writes`` names a file the SQL tries to create."""
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        db = results_db(tmp)
+        return "lipflow.cli", ["query", sql.format(tmp=tmp), "--db", str(db)], tmp / writes if writes else None
+    return prepare
+
+
 def corrupt_shard(tmp: Path, shards: Path) -> Path:
     copy = tmp / "shards"
     shutil.copytree(shards, copy)
@@ -94,9 +116,57 @@ def other_architecture(tmp, shards, run_cfg):
 
 
 def pickled_checkpoint(tmp, shards, run_cfg):
+    """A pickle under a checkpoint's name, with a matching sidecar (whoever writes one can write both)."""
     run_dir = other_architecture(tmp, shards, run_cfg)
     torch.save({"w": torch.ones(2)}, run_dir / "model.safetensors")
+    digest = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    (run_dir / "model.safetensors.sha256").write_text(digest + "\n")
+    return run_dir
+
+
+def missing_sidecar(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
     (run_dir / "model.safetensors.sha256").unlink()
+    return run_dir
+
+
+def flipped_weights(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    data = bytearray((run_dir / "model.safetensors").read_bytes())
+    data[-5] ^= 0x10
+    (run_dir / "model.safetensors").write_bytes(bytes(data))
+    return run_dir
+
+
+def edited_n_heads(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    info = json.loads((run_dir / "config.json").read_text())
+    info["config"]["n_heads"] = 1
+    (run_dir / "config.json").write_text(json.dumps(info))
+    return run_dir
+
+
+def truncated_config_json(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "config.json").write_text((run_dir / "config.json").read_text()[:40])
+    return run_dir
+
+
+def truncated_run_json(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "run.json").write_text('{"run_id": "fake-000')
+    return run_dir
+
+
+def real_fake_run(tmp, shards, run_cfg):
+    """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
+    from lipflow.checkpoint import save_weights
+    from lipflow.model import build_model
+
+    vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
+    run_dir = fake_run(tmp, run_cfg, vocab=vocab, model="gpt", weights_of="gpt")
+    save_weights(run_dir / "model.safetensors", build_model({**run_cfg, "model": "gpt"}, vocab).state_dict(),
+                 {"config": {**run_cfg, "model": "gpt"}, "vocab_size": vocab})
     return run_dir
 
 
@@ -131,6 +201,36 @@ CASES = {
     "vocab_mismatch": (eval_case(vocab_mismatch), "tokenizer/checkpoint mismatch"),
     "other_architecture": (eval_case(other_architecture), "holds a 'gpt' model but config.json says 'lipschitz_gpt'"),
     "pickled_checkpoint": (eval_case(pickled_checkpoint), "never unpickles"),
+    "missing_weights_sidecar": (eval_case(missing_sidecar), "has no checksum file model.safetensors.sha256"),
+    "flipped_weight_bits": (eval_case(flipped_weights), "model.safetensors is corrupt: sha256 does not match"),
+    "edited_n_heads": (eval_case(edited_n_heads), "config.json does not match the config stored in model.safetensors "
+                                                  "(differs in n_heads)"),
+    "truncated_config_json": (eval_case(truncated_config_json), "config.json is not valid JSON"),
+    "truncated_run_json": (eval_case(truncated_run_json), "run.json is not valid JSON"),
+    "char_device_corpus": (corpus_case({}, {"source": "files", "paths": ["/dev/zero"]}),
+                           "/dev/zero is not a regular file"),
+    "sample_temperature_nan": (lambda tmp, s, c: ("lipflow.cli", ["sample", "a-00000000", "--prompt", "x",
+                                                                 "--temperature", "nan"], None),
+                               "--temperature must be a finite number >= 0, got nan"),
+    "query_empty": (query_case(""), "no SQL statement given"),
+    "query_comment_only": (query_case("-- nothing"), "no SQL statement given"),
+    "query_read_system_file": (query_case("SELECT * FROM read_csv('/etc/passwd')"), "/etc/passwd"),
+    "query_read_text": (query_case("SELECT * FROM read_text('/etc/hostname')"), "file system operations are disabled"),
+    "query_glob": (query_case("SELECT * FROM glob('/etc/*')"), "file system operations are disabled"),
+    "query_copy_to": (query_case("COPY runs TO '{tmp}/copied.csv'", writes="copied.csv"), "not COPY"),
+    "query_copy_in_select": (query_case("SELECT * FROM runs; COPY runs TO '{tmp}/copied.csv'", writes="copied.csv"),
+                             "exactly one statement; got 2"),
+    "query_attach": (query_case("ATTACH '{tmp}/new.duckdb' (READ_ONLY false)", writes="new.duckdb"), "not ATTACH"),
+    "query_two_statements": (query_case("SELECT 1; SELECT 2"), "exactly one statement; got 2"),
+    "query_install": (query_case("INSTALL httpfs"), "not LOAD"),
+    "query_load": (query_case("LOAD json"), "not LOAD"),
+    "query_set": (query_case("SET enable_external_access = true"), "not SET"),
+    "query_pragma": (query_case("PRAGMA enable_profiling"), "not PRAGMA"),
+    "query_delete": (query_case("DELETE FROM runs"), "read-only"),
+    "query_bad_sql": (query_case("SELEC 1"), "syntax error"),
+    "query_not_a_database": (lambda tmp, s, c: ((tmp / "x.duckdb").write_text("hello"),
+                                                ("lipflow.cli", ["query", "SELECT 1", "--db", str(tmp / "x.duckdb")],
+                                                 None))[1], "x.duckdb"),
 }
 
 
@@ -152,3 +252,79 @@ def test_bad_input_gives_one_clear_line(case, char_shards, tiny_run_config, tmp_
         leftovers = [p for p in Path(output).parent.glob(f".{Path(output).name}*")] if Path(output).parent.exists() else []
         assert leftovers == []
     assert earlier.read_bytes() == before
+
+
+def test_connect_is_locked_to_the_database(tmp_path):
+    """lipflow.connect() reads the database's tables and views, and no file, extension or setting."""
+    import duckdb
+
+    import lipflow
+
+    db = results_db(tmp_path)
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    con = lipflow.connect(db)
+    assert con.execute("SELECT run_id FROM best").fetchall() == [("a-00000000",)]
+    for sql in (f"SELECT * FROM read_csv('{tmp_path}/secret.csv')", f"COPY runs TO '{tmp_path}/out.csv'",
+                f"ATTACH '{tmp_path}/new.duckdb'", "SET enable_external_access = true", "INSTALL httpfs"):
+        with pytest.raises(duckdb.Error):
+            con.execute(sql)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "secret.csv"]
+
+
+def test_cuda_without_a_gpu_is_one_line(char_shards, tiny_run_config, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
+    evaluate = run_stage("lipflow.evaluation", "--evaluation", "val", "--run-dir", str(run_dir), "--data-dir",
+                         str(char_shards), "--out", str(tmp_path / "val.parquet"), "--device", "cuda")
+    train = run_stage("lipflow.training", "--run-id", "bad-00000000", "--config-json",
+                      json.dumps({**tiny_run_config, "device": "cuda"}), "--data-dir", str(char_shards),
+                      "--out-dir", str(tmp_path / "run"), "--no-progress")
+    for done in (evaluate, train):
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "device: 'cuda' was requested but no CUDA device is available" in lines[0]
+    assert not (tmp_path / "val.parquet").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_sample_reads_the_tokenizer_of_its_results_dir(char_shards, tiny_run_config, tmp_path):
+    """``--results DIR``: the run's data directory (recorded relative to where it was trained) is
+    found under DIR's parent, not under the current directory."""
+    from lipflow.metrics import write_table_parquet
+
+    elsewhere = tmp_path / "project" / "results"
+    shutil.copytree(char_shards, elsewhere / "data" / "char")
+    run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
+    info = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**info, "data_dir": "results/data/char"}))
+    write_table_parquet(run_dir / "train_metrics.parquet", pa.table({"step": [0], "loss": [1.0]}))
+    shutil.move(run_dir, elsewhere / "runs" / "fake-00000000")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    done = run_stage("lipflow.cli", "sample", "fake-00000000", "--results", str(elsewhere), "--prompt", "The",
+                     "--tokens", "5", "--device", "cpu", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("The")
+
+
+def test_disk_full_while_checkpointing_is_one_line(char_shards, tiny_run_config, tmp_path):
+    """A full disk (a 1 MiB tmpfs; needs root) stops training with one line naming the file and
+    leaves no temp file or final output."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+        done = run_stage("lipflow.training", "--run-id", "bad-00000000", "--config-json",
+                         json.dumps({**tiny_run_config, "d_model": 64}), "--data-dir", str(char_shards),
+                         "--out-dir", str(disk / "run"), "--no-progress")
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "No space left on device" in lines[0] and str(disk / "run") in lines[0]
+        assert [p.name for p in (disk / "run").rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -27,6 +27,19 @@ def resolved(config):
     ({"runs": {"../../etc": {}}}, "is not allowed"),
     ({"defaults": {"lr": 0}}, "lr: 0 is less than or equal to the minimum of 0"),
     ({"tokenizer": {"kind": "word"}}, "tokenizer.kind: 'word' is not one of char, bpe, file"),
+    ({"runs": {"a\n": {}}}, "runs: 'a\\n' is not allowed"),
+    ({"corpus": {"name": "pydoc\n"}}, "corpus.name: 'pydoc\\n' is not allowed"),
+    ({"runs": {"a": {"lr": float("nan")}}}, "runs.a.lr: nan is not a finite number"),
+    ({"runs": {"a": {"sigma_max": float("inf")}}}, "runs.a.sigma_max: inf is not a finite number"),
+    ({"defaults": {"weight_decay": float("inf")}}, "weight_decay: inf is not a finite number"),
+    ({"corpus": {"val_fraction": float("nan")}}, "corpus.val_fraction: nan is not a finite number"),
+    ({"evaluations": {"robustness": {"epsilons": [0.1, float("nan")]}}},
+     "evaluations.robustness.epsilons.1: nan is not a finite number"),
+    ({"runs": {"a": {"d_model": 64, "n_heads": 3}}}, "runs.a.n_heads: 3 does not divide d_model 64"),
+    ({"corpus": {"source": "embedded", "paths": ["x.txt"]}}, "corpus.paths must be empty for corpus.source 'embedded'"),
+    ({"corpus": {"source": "files"}}, "corpus.paths is empty; corpus.source 'files' needs a path or glob"),
+    ({"tokenizer": {"kind": "file"}}, "tokenizer.path is required when tokenizer.kind is 'file'"),
+    ({"runs": {"a": {"model": "mlp"}}}, "runs.a.model: 'mlp' is the image classifier"),
 ])
 def test_bad_config_is_one_line_naming_the_key(config, expected):
     with pytest.raises(ConfigError) as err:
@@ -91,3 +104,43 @@ def test_registry_suggests_close_names():
     reg.register("spectral_soft_cap")(object)
     with pytest.raises(UnknownNameError, match=r"unknown constraint 'spectral_softcap' \(did you mean 'spectral_soft_cap'\?\)"):
         reg.get("spectral_softcap")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("runs:\n  a: {lr: 0.1}\n  a: {lr: 0.2}\n", "at line 3, column 3: duplicate key 'a'"),
+    ("defaults:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n", "at line 4, column 3: duplicate key 'lr'"),
+    ("runs: {a: {lr: 0.1, lr: 0.2}}\n", "duplicate key 'lr'"),
+])
+def test_a_repeated_yaml_key_is_an_error_naming_it(tmp_path, text, expected):
+    from lipflow.config import load_config_file
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config_file(tmp_path / "c.yaml")
+    assert "\n" not in str(err.value) and "c.yaml" in str(err.value)
+
+
+def test_snakemake_refuses_a_repeated_key_and_a_cross_key_error_before_any_job(tmp_path):
+    """Snakemake's own config loading keeps the last value; the workflow rereads the file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    for text, expected in [("runs:\n  a: {lr: 0.1}\n  a: {lr: 0.2}\n", "duplicate key 'a'"),
+                           ("runs:\n  a: {n_heads: 5}\n", "runs.a.n_heads: 5 does not divide d_model 64")]:
+        (tmp_path / "config.yaml").write_text(text)
+        done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+                               "--configfile", str(tmp_path / "config.yaml"), "-n", "-c1"],
+                              capture_output=True, text=True, timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("lipflow:")]
+        assert done.returncode != 0
+        assert len(lines) == 1 and expected in lines[0], done.stderr
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """`<<: *anchor` then a key of the anchor is an override, not a repeated key."""
+    from lipflow.config import load_config_file
+
+    (tmp_path / "c.yaml").write_text("defaults: &d {steps: 5, lr: 0.01}\nruns:\n  a:\n    <<: *d\n    lr: 0.02\n")
+    assert load_config_file(tmp_path / "c.yaml")["runs"]["a"] == {"steps": 5, "lr": 0.02}

@@ -80,6 +80,27 @@ def test_rerun_is_a_noop_and_one_knob_reruns_one_run(pipeline):
     assert job_counts.get("database") == "1"
 
 
+def test_a_failed_evaluation_keeps_the_previous_results(pipeline, tmp_path):
+    """Snakemake deletes a job's outputs before it runs; the evaluation files and the database are
+    update() outputs, so an evaluation that fails (here: flipped bits in the weights) leaves the
+    previous evaluation files and database in place, and its sidecar (the job's receipt) is gone,
+    so the next run retries it instead of serving the old file as up to date."""
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work, symlinks=True)
+    run = next((work / "results" / "runs").glob("baseline-*"))
+    kept = [run / "evals" / "val.parquet", run / "evals.parquet", work / "results" / "lipflow.duckdb"]
+    before = [path.read_bytes() for path in kept]
+    weights = bytearray((run / "model.safetensors").read_bytes())
+    weights[-3] ^= 0x01
+    (run / "model.safetensors").write_bytes(bytes(weights))
+    failed = snakemake(work)
+    assert failed.returncode != 0
+    assert "model.safetensors is corrupt" in (work / "results" / "logs" / "evaluate" / run.name / "val.log").read_text()
+    assert [path.read_bytes() for path in kept] == before
+    again = snakemake(work, "-n")
+    assert f"Missing output files: results/runs/{run.name}/evals/val.parquet.sha256" in again.stdout, again.stdout
+
+
 def test_bad_config_key_fails_before_any_job(pipeline):
     before = sorted(p.relative_to(pipeline) for p in (pipeline / "results").rglob("*"))
     bad = snakemake(pipeline, "--config", 'runs={"baseline": {"lrr": 0.1}}')

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -20,6 +19,7 @@ from lipflow.config import ConfigError, check_config, resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
                                  study_enabled)
+from lipflow.metrics import write_table_parquet
 from lipflow.plots import main as plots_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -288,11 +288,10 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
     con = database(tmp_path, runs, evals=evals)
     image = tmp_path / "image_mlp"
     image.mkdir()
-    pq.write_table(pa.Table.from_pylist([
+    write_table_parquet(image / "robustness.parquet", pa.Table.from_pylist([
         {"metric": "certificate_l2", "value": 15.0, "method": "muon_soft_cap", "epsilon": None},
         {"metric": "robust_accuracy", "value": 0.8, "method": "muon_soft_cap", "epsilon": 0.5},
-        {"metric": "matched_step", "value": 300.0, "method": "muon_soft_cap", "epsilon": None}]),
-        image / "robustness.parquet")
+        {"metric": "matched_step", "value": 300.0, "method": "muon_soft_cap", "epsilon": None}]))
     status = create_views(con, tmp_path)
     assert status["robustness"] == "" and status["precision"] == ""
     rows = con.sql("select domain, label, certificate_l2, metric, attack, epsilon, k, value from robustness "

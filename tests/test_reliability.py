@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lipflow.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
+from lipflow.data.atomic import write_with_sidecar
 
 from conftest import run_stage
 
@@ -106,6 +107,21 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
 
 
+def test_checkpoint_without_sidecar_is_not_trusted(tmp_path, capsys):
+    """A checkpoint whose sidecar is missing (a crash between the two writes, or a deletion) is
+    never loaded unverified: resume falls back to the previous one, a direct load names the file."""
+    ckpts = tmp_path / "checkpoints"
+    save_weights(ckpts / "step-000000003.safetensors", {"w": torch.ones(3)}, {"step": 3})
+    newest = ckpts / "step-000000006.safetensors"
+    save_weights(newest, {"w": torch.full((3,), 2.0)}, {"step": 6})
+    (ckpts / "step-000000006.safetensors.sha256").unlink()
+    path, _, meta = latest_valid_checkpoint(ckpts)
+    assert path.name == "step-000000003.safetensors" and meta["step"] == 3
+    assert "step-000000006.safetensors has no checksum file" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="step-000000006.safetensors has no checksum file"):
+        load_weights(newest)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -114,10 +130,11 @@ class _Exploit:
 def test_pickle_bearing_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     crafted = tmp_path / "model.safetensors"
-    crafted.write_bytes(pickle.dumps({"w": _Exploit()}))
+    write_with_sidecar(crafted, pickle.dumps({"w": _Exploit()}))  # whoever writes one can write both
     with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
         load_weights(crafted)
     torch.save({"w": torch.ones(2)}, tmp_path / "torch.safetensors")  # a zip of pickles
+    write_with_sidecar(tmp_path / "torch.safetensors", (tmp_path / "torch.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="never unpickles"):
         load_weights(tmp_path / "torch.safetensors")
     assert not (tmp_path / "pwned").exists()
@@ -217,3 +234,26 @@ def test_compiled_training_matches_eager(char_shards, tiny_run_config, tmp_path,
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     for name in weights_eager:
         torch.testing.assert_close(weights_compiled[name], weights_eager[name], atol=1e-5, rtol=1e-4)
+
+
+def test_a_killed_snakemake_leaves_a_lock_that_unlock_removes(tmp_path):
+    """SIGKILL of Snakemake and its jobs (a lost login node): the next run refuses the locked
+    directory; `snakemake --unlock` clears it and the rerun completes."""
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "config.yaml").write_text("runs: {}\n")  # data steps and database only
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "-c1"]
+    proc = subprocess.Popen([*cmd, "results/lipflow.duckdb"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / ".snakemake" / "locks").glob("*")):
+        assert proc.poll() is None and time.time() < deadline, "Snakemake ended before it took its lock"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    locked = subprocess.run([*cmd, "results/lipflow.duckdb"], capture_output=True, text=True, timeout=300)
+    assert locked.returncode != 0 and "cannot be locked" in locked.stderr + locked.stdout
+    assert subprocess.run([*cmd, "--unlock"], capture_output=True, timeout=300).returncode == 0
+    done = subprocess.run([*cmd, "results/lipflow.duckdb"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "results" / "lipflow.duckdb").is_file()

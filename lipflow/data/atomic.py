@@ -29,6 +29,48 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+class IntegrityError(ValueError):
+    """A file whose bytes do not match its ``.sha256`` sidecar, or that has none; str() is one line
+    naming the file."""
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """``<path>.sha256``: the file's hex sha256 and a newline."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
+    """Atomically write ``data`` to ``path``, then its sha256 to the sidecar; returns the digest.
+    A crash between the two leaves a sidecar that does not match: a loud error, never a silent one."""
+    digest = hashlib.sha256(data).hexdigest()
+    write_bytes_atomic(path, data)
+    write_bytes_atomic(sidecar_path(path), (digest + "\n").encode())
+    return digest
+
+
+def read_verified(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path``, checked against its sidecar: a missing sidecar or a mismatch is an
+    :class:`IntegrityError` naming the file (what was checked is what is returned)."""
+    data = Path(path).read_bytes()
+    sidecar = sidecar_path(path)
+    try:
+        expected = sidecar.read_text().strip()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} has no checksum file {sidecar.name}, so it cannot be verified (rerun the job "
+                             "that writes it; for a file from before checksums: python -m lipflow.results seal)") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise IntegrityError(f"{path} is corrupt: sha256 does not match {sidecar.name}")
+    return data
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file's value; a truncated or malformed file is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); truncated or edited?") from None
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Persist a directory's entries (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
@@ -63,9 +105,11 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # e.g. a full disk
+            raise OSError(err.errno, err.strerror, str(final)) from None
         raise
     fsync_dir(final.parent)
 

@@ -103,7 +103,7 @@ SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
-    """Paths and globs (``**`` recursive) → existing files, in order, without duplicates."""
+    """Paths and globs (``**`` recursive) → existing regular files, in order, without duplicates."""
     files: dict[str, None] = {}
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -115,6 +115,8 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
                 not os.path.isdir(pattern),
                 f"corpus.paths: {pattern} is a directory (give a glob such as '{pattern}/*.txt')",
             )
+            _require(os.path.isfile(pattern), f"corpus.paths: {pattern} is not a regular file (a device or pipe "
+                                              "may never end)")
             matches = [pattern]
         files.update(dict.fromkeys(matches))
     return list(files)

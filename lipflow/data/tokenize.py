@@ -61,7 +61,7 @@ import pyarrow.ipc as ipc
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lipflow.data import DataError, parse_config_json, run_cli
-from lipflow.data.atomic import atomic_dir, sha256_file, write_json_atomic
+from lipflow.data.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -335,7 +335,7 @@ def tokenize_corpus(
     for name in ("corpus.json", "train.jsonl", "val.jsonl"):
         if not (corpus / name).is_file():
             raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
-    corpus_summary = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
+    corpus_summary = read_json(corpus / "corpus.json")
     with atomic_dir(out_dir) as tmp:
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents

@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from lipflow.cli import run_guarded
+from lipflow.data.atomic import read_json
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import evaluate_windows, resolve_device, write_table_parquet
 
@@ -44,7 +45,7 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
 
 def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, device: str = "auto") -> int:
     evaluation = EVALUATIONS.get(name)
-    summary = json.loads((run_dir / "run.json").read_text())
+    summary = read_json(run_dir / "run.json")
     run_id = summary["run_id"]
     if summary["status"] != "completed":
         rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),

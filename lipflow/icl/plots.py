@@ -8,11 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lipflow.data.atomic import atomic_write  # noqa: E402
 from lipflow.icl.study import PLOTTED_METHODS  # noqa: E402
+from lipflow.metrics import read_table_parquet  # noqa: E402
 
 LABELS = {
     "transformer": "trained linear transformer",
@@ -57,7 +57,7 @@ def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
 def run_plots(results_dir: str | Path, out_dir: str | Path) -> None:
     """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``."""
     for name, (x_key, xlabel, table) in FIGURES.items():
-        rows = pq.read_table(Path(results_dir) / f"{table}.parquet").to_pylist()
+        rows = read_table_parquet(Path(results_dir) / f"{table}.parquet").to_pylist()
         fixed = "n" if x_key == "n_layers" else "L"
         values = sorted({r["n" if x_key == "n_layers" else "n_layers"] for r in rows})
         title = f"In-context linear regression ({fixed} = {', '.join(map(str, values))})"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from lipflow.checkpoint import load_weights, save_weights
@@ -22,7 +21,7 @@ from lipflow.icl.config import ICLConfig, training_config, training_jobs
 from lipflow.icl.data import Prompts, PromptSampler, spd_power, stream_seed
 from lipflow.icl.model import InContextTransformer
 from lipflow.icl.train import train_model
-from lipflow.metrics import write_table_parquet
+from lipflow.metrics import read_table_parquet, write_table_parquet
 
 LOSS_SCHEMA = pa.schema(
     [
@@ -321,7 +320,7 @@ def _add_run(tables, cfg: ICLConfig, baselines: dict, checkpoint: dict, model, t
 def collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str]) -> dict[str, list[dict]]:
     """Rows of every result table from the baselines file and the training checkpoints."""
     sigma = PromptSampler(cfg, cfg.n).sigma.matrix
-    rows = pq.read_table(baselines_path).to_pylist()
+    rows = read_table_parquet(baselines_path).to_pylist()
     baselines = {(r["method"], r["n_layers"], r["n"]): r for r in rows}
     tables: dict[str, list[dict]] = {name: [] for name in TABLE_SCHEMAS}
     tables["losses"] = [
@@ -378,7 +377,7 @@ def summarize(cfg: ICLConfig, results_dir: str, loss_tol: float, step_tol: float
     n_layers, n = max(cfg.layers), cfg.n
 
     def rows(table: str, **where) -> list[dict]:
-        found = pq.read_table(Path(results_dir) / f"{table}.parquet").to_pylist()
+        found = read_table_parquet(Path(results_dir) / f"{table}.parquet").to_pylist()
         return [r for r in found if all(r[k] == v for k, v in where.items())]
 
     (agreement,) = rows("agreement", n_layers=n_layers, n=n, reference="pgd")

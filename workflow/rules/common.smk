@@ -5,19 +5,35 @@ import math
 import os
 import sys
 
-from lipflow.config import ConfigError, check_config, plain_runs, resolve_runs, tokenizer_id
+from lipflow.config import ConfigError, check_config, load_config_file, plain_runs, resolve_runs, tokenizer_id
+from lipflow.data import DataError
+from lipflow.data.corpus import expand_paths
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, experiment_evaluations, selected_experiments,
                                  study_enabled)
 from lipflow.icl.config import load_config, training_config, training_jobs
 
 try:
+    # Snakemake's YAML loading keeps the last value of a repeated key: reread each config file to refuse one.
+    for _configfile in workflow.configfiles:
+        load_config_file(_configfile)
     # Validate against workflow/schemas/config.schema.yaml and fill its defaults (one pass, what
-    # snakemake.utils.validate does), failing with one line naming the key path before any job starts.
+    # snakemake.utils.validate does), then the cross-key rules, failing with one line naming the key
+    # path before any job starts.
     check_config(config)
 except ConfigError as err:
     sys.exit(f"lipflow: {err}")
 
-RUNS = resolve_runs(config)
+DATA_DIR = f"results/data/{config['corpus']['name']}"
+try:
+    # The files the corpus reads (globs expanded now) and a `file` tokenizer: inputs of their rules, so an
+    # edited or a newly matching file reruns the data steps and the runs trained on them.
+    CORPUS_FILES = [] if config["corpus"]["source"] == "embedded" else expand_paths(config["corpus"]["paths"])
+    TOKENIZER_FILES = [config["tokenizer"]["path"]] if config["tokenizer"]["kind"] == "file" else []
+    RUNS = resolve_runs(config)
+    TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
+except (ConfigError, DataError) as err:
+    sys.exit(f"lipflow: {err}")
+
 if config["runs"] and not plain_runs(config):
     print(f"lipflow: experiments selected, so the {len(config['runs'])} run(s) of `runs` are not trained "
           "(set runs_with_experiments: true to include them)", file=sys.stderr)
@@ -31,13 +47,15 @@ def run_evaluations(run):
 
 
 ALL_EVALUATIONS = sorted({name for run in RUNS for name in run_evaluations(run)} | set(EVALUATIONS))
-DATA_DIR = f"results/data/{config['corpus']['name']}"
 # Rules pass these directories (and results/icl, results/figures) as literal params. `snakemake --lint`
 # suggests deriving them from input or output, but Snakemake does not record a derived param for the
 # params rerun trigger, so that switch would rerun every existing result once (and cost a function
 # call per job in a dry run): the 9 "prefix ... hardcoded" lints are kept on purpose.
-TOKENS_DIR = f"{DATA_DIR}/{tokenizer_id(config['tokenizer'])}"
 DATABASE = "results/lipflow.duckdb"
+# Written by the database job after the database is in place. Snakemake checks only the outputs that
+# something asks for, so every rule that reads the database asks for this too: a failed build (which
+# leaves the previous database, an update() output) is then always rerun.
+DATABASE_RECEIPT = f"{DATABASE}.built"
 ENV = "../../envs/lipflow.yaml"
 
 
@@ -51,9 +69,24 @@ def evaluation_params_json(wildcards):
     return json.dumps(config["evaluations"][wildcards.evaluation], sort_keys=True)
 
 
+def evaluation_files(run):
+    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=run, evaluation=run_evaluations(run))
+
+
 def run_evaluation_files(wildcards):
-    return expand("results/runs/{run}/evals/{evaluation}.parquet", run=wildcards.run,
-                  evaluation=run_evaluations(wildcards.run))
+    return evaluation_files(wildcards.run)
+
+
+def run_evaluation_checksums(wildcards):
+    """The sidecars of run_evaluation_files: each evaluation job's receipt (see rule evaluate)."""
+    return [f"{path}.sha256" for path in evaluation_files(wildcards.run)]
+
+
+def evaluation_receipts(wildcards):
+    """Every run's evaluation and merged-evaluation sidecars, for `rule all`: Snakemake does not
+    look below an up-to-date output for a missing intermediate file, so a receipt deleted by a
+    failed evaluation must be asked for by the target itself to be rebuilt."""
+    return [f"{path}.sha256" for run in RUNS for path in (*evaluation_files(run), f"results/runs/{run}/evals.parquet")]
 
 
 def run_config_json(wildcards):

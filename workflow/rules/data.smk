@@ -2,6 +2,8 @@
 
 
 rule corpus:
+    input:
+        CORPUS_FILES,
     output:
         train=f"{DATA_DIR}/corpus/train.jsonl",
         val=f"{DATA_DIR}/corpus/val.jsonl",
@@ -25,6 +27,7 @@ rule tokenize:
     input:
         train=rules.corpus.output.train,
         val=rules.corpus.output.val,
+        tokenizer_file=TOKENIZER_FILES,
     output:
         manifest=f"{TOKENS_DIR}/manifest.json",
         tokenizer=f"{TOKENS_DIR}/tokenizer.json",

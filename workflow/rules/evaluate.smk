@@ -9,7 +9,9 @@ rule evaluate:
         summary=rules.train.output.summary,
         manifest=rules.tokenize.output.manifest,
     output:
-        "results/runs/{run}/evals/{evaluation}.parquet",
+        # update() and a plain sidecar: see rule database (the sidecar is this job's receipt)
+        table=update("results/runs/{run}/evals/{evaluation}.parquet"),
+        checksum="results/runs/{run}/evals/{evaluation}.parquet.sha256",
     params:
         cfg=evaluation_params_json,
         data_dir=TOKENS_DIR,
@@ -24,14 +26,16 @@ rule evaluate:
         ENV
     shell:
         "python -m lipflow.evaluation --evaluation {wildcards.evaluation} --run-dir {params.run_dir}"
-        " --data-dir {params.data_dir} --params-json {params.cfg:q} --out {output} > {log} 2>&1"
+        " --data-dir {params.data_dir} --params-json {params.cfg:q} --out {output.table} > {log} 2>&1"
 
 
 rule merge_evaluations:
     input:
-        run_evaluation_files,
+        tables=run_evaluation_files,
+        checksums=run_evaluation_checksums,
     output:
-        "results/runs/{run}/evals.parquet",
+        table=update("results/runs/{run}/evals.parquet"),
+        checksum="results/runs/{run}/evals.parquet.sha256",
     log:
         "results/logs/evaluate/{run}/merge.log",
     resources:
@@ -41,4 +45,4 @@ rule merge_evaluations:
     conda:
         ENV
     shell:
-        "python -m lipflow.results merge-evals --out {output} {input} > {log} 2>&1"
+        "python -m lipflow.results merge-evals --out {output.table} {input.tables} > {log} 2>&1"

@@ -12,6 +12,7 @@ for _name in EXPERIMENT_FIGURES:
             f"experiment_{_name}"
         input:
             db=DATABASE,
+            receipt=DATABASE_RECEIPT,
         output:
             figures=[
                 report(f"results/figures/{fig}.png", caption=f"../report/figure_{fig}.rst",

@@ -10,12 +10,17 @@ rule database:
         summaries=expand("results/runs/{run}/run.json", run=RUNS),
         metrics=expand("results/runs/{run}/train_metrics.parquet", run=RUNS),
         evals=expand("results/runs/{run}/evals.parquet", run=RUNS),
+        evals_checksums=expand("results/runs/{run}/evals.parquet.sha256", run=RUNS),
         # A plain path, not rules.tokenize.output.manifest: a rule reference makes Snakemake hash the
         # whole run lists above once per file (quadratic in runs; 2 s of a 1,000-run dry run).
         manifest=f"{TOKENS_DIR}/manifest.json",
         icl=icl_tables,
     output:
-        DATABASE,
+        # update(): Snakemake does not delete the database before the job (and restores it from its backup
+        # after a failure), so the previous one stays readable; the receipt (DATABASE_RECEIPT, a plain
+        # output) is deleted, so a failed build is always rerun.
+        db=update(DATABASE),
+        receipt=DATABASE_RECEIPT,
     params:
         runs=" ".join(f"results/runs/{run}" for run in RUNS),
     log:
@@ -27,5 +32,6 @@ rule database:
     conda:
         ENV
     shell:
-        "python -m lipflow.results build --out {output} --manifest {input.manifest} --run-dirs {params.runs}"
+        "python -m lipflow.results build --out {output.db} --receipt {output.receipt} --manifest {input.manifest}"
+        " --run-dirs {params.runs}"
         " > {log} 2>&1"

@@ -1,0 +1,99 @@
+"""A run follows its data: an edited corpus file reruns the data steps, a file tokenizer is known by
+its content, and a checkpoint resumes only on the token shards it was written for."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lipflow.config import check_config, resolve_runs, tokenizer_id
+
+from conftest import run_stage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def paragraphs(line: str, n: int = 400) -> str:
+    """A text of ``n`` distinct paragraphs (enough documents for a val split)."""
+    return "".join(f"{line} {i}.\n" * 12 + "\n" for i in range(n))
+
+
+def test_a_file_tokenizer_is_known_by_its_content(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"version": "1.0"}')
+    config = {"tokenizer": {"kind": "file", "path": str(path)}, "runs": {"a": {}}}
+    check_config(config)
+    first_dir, first_runs = tokenizer_id(config["tokenizer"]), list(resolve_runs(copy.deepcopy(config)))
+    from lipflow.config import tokenizer_file_sha256
+
+    path.write_text('{"version": "1.1"}')
+    tokenizer_file_sha256.cache_clear()  # a new parse (every Snakemake invocation is a new process)
+    assert tokenizer_id(config["tokenizer"]) != first_dir
+    assert list(resolve_runs(copy.deepcopy(config))) != first_runs
+
+
+def test_an_edited_or_added_corpus_file_reruns_the_corpus(tmp_path):
+    (tmp_path / "texts").mkdir()
+    for i in range(40):  # one document per file
+        (tmp_path / "texts" / f"t{i:02d}.txt").write_text(paragraphs(f"Before we proceed any further, {i}", n=2))
+    (tmp_path / "config.yaml").write_text("corpus: {name: mini, source: files, paths: ['texts/*.txt']}\n")
+    target = "results/data/mini/corpus/corpus.json"
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                               "--configfile", str(tmp_path / "config.yaml"), "-c1", *args, target],
+                              capture_output=True, text=True, timeout=300)
+
+    assert snakemake().returncode == 0
+    assert "Nothing to be done" in snakemake("-n").stdout
+    with open(tmp_path / "texts" / "t00.txt", "a") as f:
+        f.write("All:\nSpeak, speak.\n")
+    dry = snakemake("-n")
+    assert dry.returncode == 0 and "Updated input files: texts/t00.txt" in dry.stdout, dry.stdout
+    assert snakemake().returncode == 0
+    (tmp_path / "texts" / "t40.txt").write_text(paragraphs("You are all resolved rather to die than to famish", n=2))
+    dry = snakemake("-n")
+    reasons = [line for line in dry.stdout.splitlines() if "reason:" in line]
+    assert dry.returncode == 0 and any("texts/t40.txt" in line for line in reasons), dry.stdout
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config, tmp_path):
+    """Shards re-made from another corpus (here with another vocabulary) under the same data dir:
+    training starts afresh instead of resuming the old data's model."""
+    data = tmp_path / "data"
+    out = tmp_path / "run"
+    cfg = {**tiny_run_config, "steps": 6, "checkpoint_every": 3}
+
+    def train() -> subprocess.CompletedProcess:
+        return run_stage("lipflow.training", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
+                         "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
+
+    import shutil
+
+    shutil.copytree(char_shards, data)
+    assert train().returncode == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))  # kept for a later resume
+    for name in ("model.safetensors", "run.json"):
+        (out / name).unlink()  # what Snakemake does before it reruns the job
+    (tmp_path / "other.txt").write_text(paragraphs("zyxw vut"))
+    corpus = run_stage("lipflow.data.corpus", "--config-json", json.dumps({"name": "o", "source": "files",
+                                                                           "paths": [str(tmp_path / "other.txt")]}),
+                       "--out-dir", str(tmp_path / "corpus"))
+    assert corpus.returncode == 0, corpus.stderr
+    shutil.rmtree(data)
+    tok = run_stage("lipflow.data.tokenize", "--corpus-dir", str(tmp_path / "corpus"), "--config-json",
+                    json.dumps({"kind": "char"}), "--out-dir", str(data))
+    assert tok.returncode == 0, tok.stderr
+    again = train()
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" not in again.stderr and "written for other data" in again.stderr
+    from lipflow.checkpoint import latest_valid_checkpoint
+    from lipflow.data.atomic import sha256_file
+
+    assert latest_valid_checkpoint(out / "checkpoints")[2]["manifest_sha256"] == sha256_file(data / "manifest.json")
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["resumed"] is False and summary["vocab_size"] == json.loads((data / "manifest.json").read_text())[
+        "vocab_size"]
