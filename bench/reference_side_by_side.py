@@ -43,8 +43,11 @@ through each residual, starting at the embedding's norm and ending × the head's
 tokens/s: training tokens over the wall time from step 5 to the start of the last step (JIT
 compilation, CUDA warm-up and the final evaluation excluded), each implementation alone.
 
-Prints a Markdown table; rows go to results/bench/reference.parquet (--quick: 20 steps, rows to
-results/bench/quick/). Needs no snakemake and no DuckDB.
+Prints a Markdown table (each point's two rows when it finishes, then all); rows are appended to
+results/bench/reference.parquet after each point (--quick: 20 steps, results/bench/quick/).
+Needs torch, jax (or pip to make the venv), numpy, pyarrow, tokenizers, safetensors, tqdm, pyyaml
+and jsonschema (lipflow's config validator); no snakemake, no DuckDB. The data file and DIR are read
+from the given paths (--data defaults to ../shared/data/tinyshakespeare.txt beside the repo).
 """
 
 from __future__ import annotations
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{date}; {machine()}; setting {name} {setting} steps {steps}; {len(windows)} val windows; "
           f"reference python {python}", flush=True)
-    results, rows = [], []
+    results = []
     with tempfile.TemporaryDirectory(prefix="lipflow-reference-") as tmp:
         work = Path(tmp)
         shards = write_shards(chars, train, val, work / "shards")
@@ -478,21 +481,23 @@ def main(argv: list[str] | None = None) -> int:
             val_metrics = _evaluate(trainer.model, windows, setting["batch_size"], device)
             print(f"{point}: lipflow done in {time.time() - started:.0f} s", flush=True)
             lip_weights = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+            rows, done = [], []
             for impl, metrics, weights, dev in (("reference", ref, ref_weights, ref["device"]),
                                                 ("lipflow", {**lip, **val_metrics}, lip_weights,
                                                  device_label(str(device)))):
                 r = {"point": point, "impl": impl, "device": dev, **metrics,
                      **bounds(weights, cfg, len(chars), reference_bound)}
-                results.append(r)
+                done.append(r)
                 for metric, unit in (("val_loss", "nats/token"), ("val_accuracy", "fraction"),
                                      ("train_loss", "nats/token"), ("lipflow_bound", "lipschitz"),
                                      ("reference_bound", "lipschitz"), ("max_weight_norm", "rms_to_rms"),
                                      ("tokens_per_s", "tokens/s")):
                     rows.append(row(BENCH, f"{name}.{point}.{impl}.{metric}", r[metric], unit, dev))
+            print(markdown_table(done), flush=True)
+            save_rows(args, BENCH, rows)  # per point, so a run cut short keeps what it finished
+            results += done
     print(markdown_table(results))
-    save_rows(args, BENCH, rows)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
