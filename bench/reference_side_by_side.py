@@ -393,9 +393,13 @@ def check_reference(reference: Path) -> None:
             f"--reference {reference} is not a checkout of Arongil/lipschitz-transformers (missing {', '.join(missing)}).\n"
             f"Get it with: git clone https://github.com/Arongil/lipschitz-transformers {reference} && "
             f"git -C {reference} checkout {REFERENCE_COMMIT}")
-    head = subprocess.run(["git", "-C", str(reference), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0 and not head.stdout.startswith(REFERENCE_COMMIT):
-        print(f"warning: {reference} is at {head.stdout[:7]}, not {REFERENCE_COMMIT}", file=sys.stderr)
+    git = subprocess.run(["git", "-C", str(reference), "rev-parse", "--show-toplevel", "HEAD"],
+                         capture_output=True, text=True)
+    top, _, head = git.stdout.partition("\n")
+    if git.returncode != 0 or Path(top).resolve() != reference:  # an export, or inside another repository
+        print(f"note: {reference} is not a git checkout; cannot confirm it is at {REFERENCE_COMMIT}", file=sys.stderr)
+    elif not head.startswith(REFERENCE_COMMIT):
+        print(f"warning: {reference} is at {head[:7]}, not {REFERENCE_COMMIT}", file=sys.stderr)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
