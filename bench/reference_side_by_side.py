@@ -184,6 +184,16 @@ def reference_atoms(module) -> list:
     return [a for child in module.children for a in reference_atoms(child)]
 
 
+def clear_rope_caches(module) -> None:
+    """Forget modula's Rope sin/cos caches: Rope.get_cached keeps the arrays of the trace that made
+    them on the Python object, and a later trace of another shape that reuses them fails with
+    UnexpectedTracerError (the JIT hazard the Ocean-Moist fork sidesteps with jit=False)."""
+    if hasattr(module, "seq_len_cached"):
+        module.seq_len_cached = None
+    for child in module.children:
+        clear_rope_caches(child)
+
+
 class StartsLoader:
     """The reference Trainer's train loader: batch k is the windows at starts[k]; records the wall
     time at which each batch is handed out."""
@@ -247,6 +257,7 @@ def reference_worker(spec_path: Path) -> None:
     total_loss = total_correct = total = 0.0
     for start in range(0, len(windows), batch):
         chunk = jnp.asarray(windows[start:start + batch].astype(np.int32))
+        clear_rope_caches(model)  # a last, shorter chunk is traced anew
         logits = forward(params, chunk[:, :-1])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         target = chunk[:, 1:]
