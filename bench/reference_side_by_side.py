@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                                      ("train_loss", "nats/token"), ("lipflow_bound", "lipschitz"),
                                      ("reference_bound", "lipschitz"), ("max_weight_norm", "rms_to_rms"),
                                      ("tokens_per_s", "tokens/s")):
-                    rows.append(row(BENCH, f"{name}.{point}.{impl}.{metric}", r[metric], unit, dev))
+                    rows.append(row(BENCH, f"{name}.steps{steps}.{point}.{impl}.{metric}", r[metric], unit, dev))
             print(markdown_table(done), flush=True)
             save_rows(args, BENCH, rows)  # per point, so a run cut short keeps what it finished
             results += done
