@@ -33,7 +33,10 @@ yet): Nesterov momentum (the reference: plain EMA m ← 0.9m + 0.1g, update = ms
 Jordan's 5-step Newton–Schulz (peak 1.2024; the reference: You's 6-step, peak 0.9993); the
 embedding on AdamW at adam_lr = lr (the reference dualizes its gradient column-wise, each column
 to RMS 1 with at most 16× inflation, times lr·t); the head starts orthogonal (the reference: zero);
-on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul precision).
+on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul precision). And one
+the other way: the reference's Linear.project couples the soft cap to lr·t/s, s = √(fan_out/fan_in),
+though the step's norm on W/s is lr·t, so its MLP up-projection (s = 2) can settle above σ_max
+(at σ_max 2 the scalar worst case is 2.293; lipflow couples to the step's own bound).
 
 Bounds, for each trained model and from its final weights: lipflow's ``lipschitz_bound()`` (∞RMS,
 embedded sequence → logits, attention per head) and the reference's ``calculate_lipschitz_constant``
