@@ -136,7 +136,8 @@ def test_modular_multipliers_follow_masses_and_downstream_sensitivity(blocks_mas
     total, alpha = 2.0 + m_b, 1.0 / 6.0
     attn_branch, mlp_branch = 4 * m_b / (18 * total) / alpha, 2 * m_b / (18 * total) / alpha
     qkv, out = attn_branch * 3 / 4 / (1 / 3) / 3, attn_branch / 4
-    assert (qkv, out, mlp_branch / 2) == pytest.approx((8 / 9, 8 / 27, 8 / 27) if m_b == 16 else (16 / 17, 16 / 51, 16 / 51))
+    closed_form = (8 / 9, 8 / 27, 8 / 27) if m_b == 16 else (16 / 17, 16 / 51, 16 / 51)
+    assert (qkv, out, mlp_branch / 2) == pytest.approx(closed_form)
     expected = {"tok.weight": 1 / total, "head.weight": 1 / total}
     for i in range(3):
         expected |= {f"blocks.{i}.attn.{n}.weight": qkv for n in "qkv"}
@@ -144,7 +145,8 @@ def test_modular_multipliers_follow_masses_and_downstream_sensitivity(blocks_mas
                      f"blocks.{i}.mlp.down.weight": mlp_branch / 2}
     got = modular_gpt_multipliers(blocks_mass)
     assert got == pytest.approx(expected, rel=1e-12)
-    rounded = {round(got["tok.weight"], 4), round(got["blocks.0.attn.q.weight"], 3), round(got["blocks.2.mlp.up.weight"], 3)}
+    rounded = {round(got["tok.weight"], 4), round(got["blocks.0.attn.q.weight"], 3),
+               round(got["blocks.2.mlp.up.weight"], 3)}
     assert rounded == ({0.0556, 0.889, 0.296} if m_b == 16 else {0.0294, 0.941, 0.314})
 
 

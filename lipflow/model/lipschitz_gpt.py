@@ -91,8 +91,8 @@ class LipschitzAttention(nn.Module):
         return self.unscaled(x) * self.output_scale
 
     def modular_structure(self, prefix: str) -> Module:
-        """Modula's Attention: W_o ∘ ⅓ ∘ (V, softmax ∘ Mul(attn_scale) ∘ mask ∘ QKᵀ/d_head ∘ RoPE ∘ (Q, K)).
-        Sensitivity ⅓·(1 + 2·attn_scale): 1 at attn_scale 1."""
+        """Modula's Attention: W_o ∘ ⅓ ∘ (V, softmax ∘ Mul(attn_scale) ∘ mask ∘ QKᵀ/d_head ∘ RoPE
+        ∘ (Q, K)). Sensitivity ⅓·(1 + 2·attn_scale): 1 at attn_scale 1."""
         scores = seq(par(atom(prefix + "q.weight"), atom(prefix + "k.weight")), bond(self.score_scale * self.head_dim))
         return seq(par(atom(prefix + "v.weight"), scores), bond(self.output_scale), atom(prefix + "o.weight"))
 
