@@ -186,7 +186,9 @@ def modular(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], n
     norm 0.8883 (q, k, v), 0.2961 (W_o, MLP) and 0.0555 (head; embedding column RMS 0.0556): these
     t = 8/9, 8/27, 1/18 times the peak 0.99933 of its 6-step Newton–Schulz.
     With Muon, t·lr is each matrix's step size and the soft cap couples to it (the group's lr).
-    Under lipflow's Muon the embedding is on AdamW, whose lr (adam_lr) is multiplied by its t."""
+    Under lipflow's Muon the embedding is on AdamW, whose lr (adam_lr) is multiplied by its t. With
+    optimizer adamw every Adam step is multiplied by t; the reference's Adam runs (post_dualize off)
+    use t only in the decay and the cap's coupling, not in the step."""
     name = cfg.get("model", type(model).__name__)
     if model.modular_masses is None:
         raise ValueError(f"parametrization: 'modular' needs a model with a Lipschitz structure "
