@@ -23,11 +23,17 @@ parametrization = mup; lipschitz_gpt always uses attn_scale/d_head), and hidden 
 Depth-µP (Yang et al. 2023, Tensor Programs VI; CompleteP with α = ½, Dey et al. 2025): with
 ``depth_mup`` the model multiplies each residual branch by 1/√L, and hidden lr gets × L^(α−1) = 1/√L
 (for Adam, Muon and Scion alike: all normalize the update, so the gradient's 1/√L does not carry through).
+
+Modular (Large et al. 2024, "Scalable optimization in the modular norm"; Bernstein & Newhouse 2024;
+the per-layer step sizes of Newhouse et al. 2025's Muon): the model describes itself as a Modula
+expression (``LanguageModel.modular_structure``) and every weight's lr multiplier is the target
+norm Modula's ``dualize`` gives it at target 1 (``target_norms``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -96,3 +102,103 @@ def maximal_update(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[
             if role == "head":
                 p.zero_()
     model.output_mult = 1.0 / m if geometry["head"] == "entrywise" else 1.0
+
+
+# ----------------------------------------------------------------------------- modular norm
+
+
+@dataclass(frozen=True)
+class Module:
+    """A Modula module reduced to what ``dualize`` reads (modula/abstract.py in Arongil/lipschitz-transformers).
+
+    kind "atom": one weight (parameter ``name``), mass 1 and sensitivity 1 like Modula's Linear and
+    Embed; "bond": no weight, mass 0, sensitivity = its Lipschitz constant (Mul(c) has c; ReLU,
+    GELU/1.1289, RoPE, QKᵀ/d_head, the causal mask, softmax and Add have 1); "seq": ``children``
+    applied first to last (Modula's ``@``: masses add, sensitivities multiply); "par": children on
+    one input, outputs added or kept as a tuple (TupleModule: masses add, sensitivities add).
+    """
+
+    kind: str
+    mass: float
+    sensitivity: float
+    children: tuple["Module", ...] = ()
+    name: str = ""
+
+
+def atom(name: str) -> Module:
+    return Module("atom", 1.0, 1.0, name=name)
+
+
+def bond(sensitivity: float) -> Module:
+    return Module("bond", 0.0, sensitivity)
+
+
+def seq(*children: Module) -> Module:
+    """children[0] ∘ … in application order: children[0] first."""
+    return Module("seq", sum(c.mass for c in children), math.prod(c.sensitivity for c in children), children)
+
+
+def par(*children: Module) -> Module:
+    return Module("par", sum(c.mass for c in children), sum(c.sensitivity for c in children), children)
+
+
+def residual(alpha: float, branch: Module) -> Module:
+    """(1−α)·Identity + α·branch (Modula's GPT residual): sensitivity (1−α) + α·s_branch."""
+    return par(bond(1.0 - alpha), seq(branch, bond(alpha)))
+
+
+def tare(module: Module, mass: float) -> Module:
+    """Modula's ``tare(absolute=mass)``: the module's mass becomes ``mass``. Modula rescales every
+    descendant by the same factor; ``target_norms`` reads only mass ratios inside a module, so
+    only the module's own mass changes here."""
+    return replace(module, mass=float(mass))
+
+
+def target_norms(module: Module, target: float = 1.0) -> dict[str, float]:
+    """Per atom name, the target norm t that Modula's ``dualize(grad, target_norm=target)`` gives it.
+
+    CompositeModule.dualize (m1 ∘ m0): m0 gets t·mass₀/mass/sensitivity₁, m1 gets t·mass₁/mass;
+    unrolled over a chain, child i gets t·massᵢ/mass / Π_{j>i} sensitivityⱼ (everything downstream).
+    TupleModule.dualize: child i gets t·massᵢ/mass. A mass-0 module gets no update (Modula returns zeros).
+    """
+    if module.kind == "atom":
+        return {module.name: target}
+    total = sum(c.mass for c in module.children)
+    out: dict[str, float] = {}
+    downstream = 1.0
+    for child in reversed(module.children):
+        if child.mass > 0:
+            share = target * child.mass / total
+            out.update(target_norms(child, share / downstream if module.kind == "seq" else share))
+        if module.kind == "seq":
+            downstream *= child.sensitivity
+    return out
+
+
+@PARAMETRIZATIONS.register("modular")
+def modular(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], nn.Module]) -> None:
+    """lr × t per weight, t = its target norm under Modula's mass/sensitivity rule (``target_norms``);
+    model init unchanged, output multiplier 1. cfg ``masses`` (embed / blocks / head; null or missing
+    keys: the model's ``modular_masses``) sets the tared masses of the model's parts.
+
+    Checked against the reference itself: Modula's ``GPT(vocab 65, 4 heads, d 256, 3 blocks,
+    blocks_mass 16).dualize`` (Arongil/lipschitz-transformers 158692e, JAX) gives updates of RMS→RMS
+    norm 0.8883 (q, k, v), 0.2961 (W_o, MLP) and 0.0555 (head; embedding column RMS 0.0556): these
+    t = 8/9, 8/27, 1/18 times the peak 0.99933 of its 6-step Newton–Schulz.
+    With Muon, t·lr is each matrix's step size and the soft cap couples to it (the group's lr).
+    Under lipflow's Muon the embedding is on AdamW, whose lr (adam_lr) is multiplied by its t. With
+    optimizer adamw every Adam step is multiplied by t; the reference's Adam runs (post_dualize off)
+    use t only in the decay and the cap's coupling, not in the step."""
+    name = cfg.get("model", type(model).__name__)
+    if model.modular_masses is None:
+        raise ValueError(f"parametrization: 'modular' needs a model with a Lipschitz structure "
+                         f"(lipschitz_gpt, mlp); '{name}' has none (its LayerNorm has no sensitivity)")
+    given = cfg.get("masses") or {}
+    unknown = sorted(set(given) - set(model.modular_masses))
+    if unknown:
+        raise ValueError(f"masses: model '{name}' has no part {unknown[0]}; its parts are "
+                         f"{', '.join(model.modular_masses)}")
+    targets = target_norms(model.modular_structure({**model.modular_masses, **given}))
+    for param_name, p in model.named_parameters():
+        p.lr_mult = targets[param_name]
+    model.output_mult = 1.0

@@ -99,6 +99,27 @@ def test_shipped_configs_validate():
         resolve_runs(resolved(config))
 
 
+def overlay(base: dict, top: dict) -> dict:
+    """Snakemake's --configfile merge (snakemake.utils.update_config): mappings merge, values replace."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = overlay(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def test_reference_recipe_overlay_validates_and_holds_the_notebook_values():
+    recipe = yaml.safe_load(open("experiments/reference.yaml"))
+    alone = resolve_runs(resolved(recipe))
+    merged = resolve_runs(resolved(overlay(yaml.safe_load(open("config.yaml")), recipe)))
+    (run_id, run), = alone.items()
+    assert run_id.startswith("reference-") and merged[run_id] == run  # the same run either way
+    notebook = {"model": "lipschitz_gpt", "d_model": 256, "n_layers": 3, "n_heads": 4, "context": 256,
+                "batch_size": 512, "steps": 2000, "lr": 0.1, "sigma_max": 6.0, "optimizer": "muon",
+                "weight_constraint": "spectral_soft_cap", "schedule": "linear", "parametrization": "modular",
+                "masses": {"embed": 1.0, "blocks": 16.0, "head": 1.0}, "weight_decay": 0.0, "momentum": 0.9}
+    assert {k: run[k] for k in notebook} == notebook
+
+
 def test_registry_suggests_close_names():
     reg = Registry("constraint")
     reg.register("spectral_soft_cap")(object)

@@ -117,3 +117,62 @@ def test_bad_parametrization_configs_fail_clearly():
     with pytest.raises(UnknownNameError, match="optimizer"):
         build_model(lm_cfg("gpt", "mup", 64, optimizer="sgd"), VOCAB)
     assert math.isclose(build_model(lm_cfg("gpt", "mup", 64), VOCAB).output_mult, 1.0)
+
+
+def modular_gpt_multipliers(blocks_mass: float | None, **extra) -> dict[str, float]:
+    masses = None if blocks_mass is None else {"blocks": blocks_mass}
+    cfg = {**lm_cfg("lipschitz_gpt", "modular", 256), "n_layers": 3, "masses": masses, **extra}
+    return multipliers(build_model(cfg, VOCAB))
+
+
+@pytest.mark.parametrize("blocks_mass", [None, 16.0, 32.0])
+def test_modular_multipliers_follow_masses_and_downstream_sensitivity(blocks_mass):
+    """The d 256, 3-block table by hand (lr 1): total mass M = 1 + m_b + 1; every block and the head
+    have sensitivity 1 (convex residual (1−α) + α·1; attention ⅓·(1 + 2) = 1), so embed and head get
+    1/M. Each of the 3 blocks has 6 weights: an atom's share of the stack is m_b/(18·M); the residual's
+    Mul(α = 1/6) divides it by α; in attention W_o gets ¼ of the branch and (V, scores) ¾ divided by
+    the ⅓ downstream, split ⅓ V, ⅔ scores (Q, K half each); in the MLP each Linear gets ½."""
+    m_b = 16.0 if blocks_mass is None else blocks_mass
+    total, alpha = 2.0 + m_b, 1.0 / 6.0
+    attn_branch, mlp_branch = 4 * m_b / (18 * total) / alpha, 2 * m_b / (18 * total) / alpha
+    qkv, out = attn_branch * 3 / 4 / (1 / 3) / 3, attn_branch / 4
+    closed_form = (8 / 9, 8 / 27, 8 / 27) if m_b == 16 else (16 / 17, 16 / 51, 16 / 51)
+    assert (qkv, out, mlp_branch / 2) == pytest.approx(closed_form)
+    expected = {"tok.weight": 1 / total, "head.weight": 1 / total}
+    for i in range(3):
+        expected |= {f"blocks.{i}.attn.{n}.weight": qkv for n in "qkv"}
+        expected |= {f"blocks.{i}.attn.o.weight": out, f"blocks.{i}.mlp.up.weight": mlp_branch / 2,
+                     f"blocks.{i}.mlp.down.weight": mlp_branch / 2}
+    got = modular_gpt_multipliers(blocks_mass)
+    assert got == pytest.approx(expected, rel=1e-12)
+    rounded = {round(got["tok.weight"], 4), round(got["blocks.0.attn.q.weight"], 3),
+               round(got["blocks.2.mlp.up.weight"], 3)}
+    assert rounded == ({0.0556, 0.889, 0.296} if m_b == 16 else {0.0294, 0.941, 0.314})
+
+
+def test_modular_multipliers_see_the_attention_scale_logit_scale_and_mlp_depth():
+    base = modular_gpt_multipliers(16.0)
+    # softmax scale s: the scores branch has sensitivity 2s, so q, k get 1/s; ⅓·(1 + 2s) ≠ 1 then
+    # changes the block's sensitivity, and with it the embedding's share
+    scaled = modular_gpt_multipliers(16.0, attn_scale=2.0)
+    assert scaled["blocks.2.attn.q.weight"] == pytest.approx(base["blocks.2.attn.q.weight"] / 2)
+    assert scaled["blocks.2.attn.v.weight"] == pytest.approx(base["blocks.2.attn.v.weight"])
+    assert scaled["tok.weight"] < base["tok.weight"] and scaled["head.weight"] == pytest.approx(base["head.weight"])
+    # Modula's final_scale: Mul(c) after the head divides every target by c
+    tempered = modular_gpt_multipliers(16.0, logit_scale=4.0)
+    assert tempered == pytest.approx({k: v / 4 for k, v in base.items()})
+    for n_layers, expected in ((3, [1 / 3] * 3), (1, [1.0])):
+        cfg = {"model": "mlp", "in_features": 20, "d_model": 32, "n_layers": n_layers, "parametrization": "modular"}
+        assert list(multipliers(build_model(cfg, 10)).values()) == pytest.approx(expected)
+    cfg = {"model": "mlp", "in_features": 20, "d_model": 32, "n_layers": 3, "parametrization": "modular",
+           "masses": {"blocks": 6.0, "head": 2.0}}
+    assert list(multipliers(build_model(cfg, 10)).values()) == pytest.approx([3 / 8, 3 / 8, 1 / 4])
+
+
+def test_modular_refuses_models_without_a_lipschitz_structure_and_unknown_parts():
+    with pytest.raises(ValueError, match="parametrization: 'modular' needs a model with a Lipschitz structure"):
+        build_model(lm_cfg("gpt", "modular", 64), VOCAB)
+    cfg = {"model": "mlp", "in_features": 20, "d_model": 32, "n_layers": 3, "parametrization": "modular",
+           "masses": {"embed": 1.0}}
+    with pytest.raises(ValueError, match="masses: model 'mlp' has no part embed"):
+        build_model(cfg, 10)

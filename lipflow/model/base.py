@@ -10,7 +10,9 @@ Training, constraints, optimizers and evaluations only talk to a model through t
 - ``lipschitz_bound()`` composes each module's Lipschitz constant from the current weights
   (None where no certificate exists, e.g. with LayerNorm);
 - ``activation_stats`` holds max |entry| and RMS per block from the last forward pass;
-- ``project_embeddings()`` re-applies any constraint the embedding itself carries.
+- ``project_embeddings()`` re-applies any constraint the embedding itself carries;
+- ``modular_structure(masses)`` describes the model as a Modula expression for the ``modular``
+  parametrization (``modular_masses`` None: the model has no such structure).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class LanguageModel(nn.Module):
     context: int
     embedding_prefixes: tuple[str, ...] = ("tok.",)  # parameter-name prefixes of the role "embed"
     head_prefixes: tuple[str, ...] = ("head.",)  # ... and of the role "head"
+    modular_masses: dict[str, float] | None = None  # default mass per part (None: no modular structure)
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,6 +65,10 @@ class LanguageModel(nn.Module):
         """Certified ℓ2 → ℓ2 constant from the embedded sequence (``seq_len`` tokens, default the
         context) to all logits (None: no certificate, e.g. LayerNorm is not globally Lipschitz)."""
         return None
+
+    def modular_structure(self, masses: dict[str, float]):
+        """The model as a ``lipflow.parametrization.Module`` tree, parts tared to ``masses``."""
+        raise NotImplementedError
 
     def project_embeddings(self) -> None:
         """Re-apply the embedding's own constraint (a no-op for unconstrained models)."""

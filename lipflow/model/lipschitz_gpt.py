@@ -33,6 +33,7 @@ from lipflow.model.base import LanguageModel, causal_scores, rms_operator_norm, 
 from lipflow.model.bound import (ACTIVATIONS, attention_gain, attention_lipschitz, convex_residual,
                                  head_spectral_norms, linear_output_bounds, project_rms_ball, row_norms)
 from lipflow.model.registry import MODELS
+from lipflow.parametrization import Module, atom, bond, par, residual, seq, tare
 
 ROPE_BASE = 10000.0
 
@@ -98,6 +99,12 @@ class LipschitzAttention(nn.Module):
         B, T, C = x.shape
         q, k = (self.rope(m(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)) for m in (self.q, self.k))
         return causal_scores(q, k, self.score_scale)
+
+    def modular_structure(self, prefix: str) -> Module:
+        """Modula's Attention: W_o ∘ ⅓ ∘ (V, softmax ∘ Mul(attn_scale) ∘ mask ∘ QKᵀ/d_head ∘ RoPE
+        ∘ (Q, K)). Sensitivity ⅓·(1 + 2·attn_scale): 1 at attn_scale 1."""
+        scores = seq(par(atom(prefix + "q.weight"), atom(prefix + "k.weight")), bond(self.score_scale * self.head_dim))
+        return seq(par(atom(prefix + "v.weight"), scores), bond(self.output_scale), atom(prefix + "o.weight"))
 
     def weight_norms(self) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(‖W_o‖_RMS→RMS, then σ_max of each head's slice of W_q, W_k, W_v), from the current weights."""
@@ -169,6 +176,10 @@ class FeedForward(nn.Module):
     def lipschitz(self) -> float:
         return rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
 
+    def modular_structure(self, prefix: str) -> Module:
+        """W_down ∘ φ ∘ W_up, φ 1-Lipschitz (sensitivity 1, Modula's GeLU/ReLU bonds)."""
+        return seq(atom(prefix + "up.weight"), bond(1.0), atom(prefix + "down.weight"))
+
     def gain(self) -> float:
         return self.act.gain * self.lipschitz()
 
@@ -209,6 +220,10 @@ class LipschitzBlock(nn.Module):
             x = torch.add(x, branch.unscaled(x), alpha=self.alpha * branch.output_scale / keep).mul_(keep)
         return x
 
+    def modular_structure(self, prefix: str) -> Module:
+        return seq(residual(self.alpha, self.attn.modular_structure(prefix + "attn.")),
+                   residual(self.alpha, self.mlp.modular_structure(prefix + "mlp.")))
+
     def certify(self, a: float) -> tuple[float, float]:
         """(RMS bound on the output, ∞RMS Lipschitz constant) given RMS bound ``a`` on the input."""
         lip_attn = self.attn.lipschitz(a)
@@ -245,6 +260,9 @@ class LipschitzGPT(LanguageModel):
     """
 
     input_radius = 1.0  # the certificate's domain: every token of the embedded input has RMS ≤ this
+    # experiment.ipynb's Shakespeare config (Arongil/lipschitz-transformers 158692e): Embed.tare(),
+    # blocks.tare(blocks_mass = 16), out.tare(); the paper (App. D) uses blocks_mass 32
+    modular_masses = {"embed": 1.0, "blocks": 16.0, "head": 1.0}
 
     def __init__(self, cfg: dict[str, Any], vocab_size: int):
         super().__init__()
@@ -275,6 +293,12 @@ class LipschitzGPT(LanguageModel):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.tok(idx)
+
+    def modular_structure(self, masses: dict[str, float]) -> Module:
+        """Modula's GPT: Mul(logit_scale) ∘ head ∘ blocks ∘ embed, each part tared to its mass."""
+        blocks = seq(*(block.modular_structure(f"blocks.{i}.") for i, block in enumerate(self.blocks)))
+        return seq(tare(atom("tok.weight"), masses["embed"]), tare(blocks, masses["blocks"]),
+                   tare(atom("head.weight"), masses["head"]), bond(self.logit_scale))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._blocks_and_head(self.embed(idx))

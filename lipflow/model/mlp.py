@@ -26,6 +26,7 @@ from lipflow.model.base import LanguageModel, spectral_norm
 from lipflow.model.bound import ACTIVATIONS, linear_output_bounds
 from lipflow.model.lipschitz_gpt import orthogonal_init_
 from lipflow.model.registry import MODELS
+from lipflow.parametrization import Module, atom, bond, seq, tare
 
 
 @MODELS.register("mlp")
@@ -50,6 +51,8 @@ class LipschitzMLP(LanguageModel):
         self.act = ACTIVATIONS.get(cfg.get("activation", "gelu"))
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
         self.input_norm: float | None = cfg.get("input_norm")  # ‖x‖₂ bound of the inputs, if known
+        # Modula's MLP: every Linear has mass 1 (no tare)
+        self.modular_masses = {"blocks": float(cfg["n_layers"] - 1), "head": 1.0}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -60,6 +63,15 @@ class LipschitzMLP(LanguageModel):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+    def modular_structure(self, masses: dict[str, float]) -> Module:
+        """W_n ∘ φ ∘ … ∘ φ ∘ W_1 (φ sensitivity 1): the hidden layers tared to masses['blocks'],
+        the last to masses['head']."""
+        head = tare(atom(f"layers.{len(self.layers) - 1}.weight"), masses["head"])
+        if len(self.layers) == 1:
+            return head
+        hidden = seq(*(m for i in range(len(self.layers) - 1) for m in (atom(f"layers.{i}.weight"), bond(1.0))))
+        return seq(tare(hidden, masses["blocks"]), head)
 
     def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers[:-1]):

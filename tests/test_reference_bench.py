@@ -1,0 +1,44 @@
+"""bench/reference_side_by_side.py's data plumbing: both implementations must see the same tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bench.reference_side_by_side import (TRACKERS, lipflow_name, reference_function, reference_split,
+                                          train_starts, val_windows, weight_norms, write_shards)
+from lipflow.data.loader import TokenShards
+from lipflow.model import build_model
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+
+
+def test_shards_hold_the_reference_split_and_windows_match_lipflow_s(tmp_path):
+    chars, train, val = reference_split(TEXT)
+    assert chars == sorted(set(TEXT)) and len(train) == int(len(TEXT) * 0.9) and len(train) + len(val) == len(TEXT)
+    assert "".join(chars[i] for i in np.concatenate([train, val])) == TEXT
+    shards = write_shards(chars, train, val, tmp_path / "shards")
+    lip_train, lip_val = TokenShards(shards, "train"), TokenShards(shards, "val")
+    assert lip_train.vocab_size == len(chars)
+    assert np.array_equal(lip_train.tokens(0, len(train)), train) and np.array_equal(lip_val.tokens(0, len(val)), val)
+    assert np.array_equal(val_windows(val, 16, None), lip_val.sequential_windows(16).numpy())
+    starts = train_starts(len(train), 16, 4, 3, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    drawn = [lip_train.sample_starts(4, 16, generator).numpy() for _ in range(3)]
+    assert np.array_equal(starts, np.stack(drawn))
+
+
+def test_reference_trackers_name_every_lipschitz_gpt_weight_once():
+    cfg = {"model": "lipschitz_gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "context": 8}
+    model = build_model(cfg, 11)
+    trackers = ["embed", "out"] + [f"{t}{i}" for i in range(2) for t in TRACKERS]
+    assert sorted(map(lipflow_name, trackers)) == sorted(name for name, _ in model.named_parameters())
+    norms = weight_norms(dict(model.state_dict()))
+    assert sorted(norms) == sorted(trackers)
+    assert abs(norms["embed"] - 1.0) < 1e-5 and abs(norms["q0"] - 1.0) < 1e-4 and norms["w0"] == 0.0
+
+
+def test_reference_function_compiles_one_function_out_of_a_file(tmp_path):
+    source = tmp_path / "utils.py"
+    source.write_text("import psutil_is_not_installed\n\ndef double(x):\n    return 2 * x\n")
+    assert reference_function(source, "double", {})(21) == 42
