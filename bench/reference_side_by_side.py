@@ -27,13 +27,10 @@ Both: lr 0.1, masses embed 1 / blocks 16 / head 1, linear decay to 0, no weight 
 GELU/1.1289, fp32 weights. Points: Muon + spectral soft cap at σ_max 2 and 6, and Muon without a
 constraint. Reference config: the notebook's keys (project soft_cap|none, w_max, post_dualize,
 max_embed_inflation_factor 16, use_unembed False, zero_init True, β1 0.9). lipflow config:
-lipschitz_gpt, parametrization modular, optimizer muon with momentum 0.9, weight_constraint
-spectral_soft_cap|none. What lipflow does differently (no config key selects the reference's choice
-yet): Nesterov momentum (the reference: plain EMA m ← 0.9m + 0.1g, update = msign(m)); Keller
-Jordan's 5-step Newton–Schulz (peak 1.2024; the reference: You's 6-step, peak 0.9993); the
-embedding on AdamW at adam_lr = lr (the reference dualizes its gradient column-wise, each column
-to RMS 1 with at most 16× inflation, times lr·t); the head starts orthogonal (the reference: zero);
-on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul precision). And one
+lipschitz_gpt, parametrization modular, optimizer muon with momentum 0.9 and the reference's Muon
+options (nesterov false, ns_coefficients you with 6 steps, embed_optimizer dualized with
+max_embed_inflation 16), weight_constraint spectral_soft_cap|none. What lipflow still does
+differently: the head starts orthogonal (the reference: zero); on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul precision). And one
 the other way: the reference's Linear.project couples the soft cap to lr·t/s, s = √(fan_out/fan_in),
 though the step's norm on W/s is lr·t, so its MLP up-projection (s = 2) can settle above σ_max
 (at σ_max 2 the scalar worst case is 2.293; lipflow couples to the step's own bound).
@@ -321,7 +318,8 @@ def lipflow_overrides(setting: dict[str, Any], point: str, steps: int) -> dict[s
         "model": "lipschitz_gpt", **{k: setting[k] for k in ("d_model", "n_layers", "n_heads", "context", "batch_size")},
         "mlp_ratio": 4, "activation": "gelu", "attn_scale": 1.0, "logit_scale": 1.0,
         "parametrization": "modular", "masses": {"embed": 1.0, "blocks": COMMON["blocks_mass"], "head": 1.0},
-        "optimizer": "muon", "lr": COMMON["lr"], "momentum": 0.9, "adam_lr": COMMON["lr"], "beta1": 0.9,
+        "optimizer": "muon", "lr": COMMON["lr"], "momentum": 0.9, "nesterov": False, "ns_coefficients": "you",
+        "ns_steps": 6, "embed_optimizer": "dualized", "max_embed_inflation": 16.0, "adam_lr": COMMON["lr"], "beta1": 0.9,
         "beta2": 0.95, "weight_decay": 0.0, "weight_constraint": constraint, "sigma_max": sigma_max,
         "steps": steps, "schedule": "linear", "warmup_steps": 0, "eval_every": steps, "eval_batches": 1,
         "checkpoint_every": 0, "seed": COMMON["seed"], "device": "auto",
