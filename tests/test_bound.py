@@ -243,15 +243,20 @@ def test_certificate_is_sound_on_a_trained_model(trained_lipschitz_gpt, norm_nam
     assert found[-1] > found[0]  # the ascent does search: it beats random pairs
 
 
-def test_mlp_certificate_is_sound():
+def scaled_mlp(**cfg):
+    """A 3-layer mlp (12 → 24 → 24 → 5) with an orthogonal head and layer i scaled by 1 + i/2."""
     torch.manual_seed(0)
     model = build_model({"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3, "activation": "gelu",
-                         "optimizer": "adamw"}, 5)
+                         **cfg}, 5)
     with torch.no_grad():
         orthogonal_init_(model.layers[-1].weight)
         for i, layer in enumerate(model.layers):
             layer.weight.mul_(1.0 + 0.5 * i)
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def test_mlp_certificate_is_sound():
+    model = scaled_mlp(optimizer="adamw")
     bound = model.lipschitz_bound()
     assert bound == model.lipschitz_bound_l2()
     x = torch.randn(128, 12)
@@ -408,14 +413,7 @@ def test_activation_bounds_hold_on_adversarially_scaled_models(trained_lipschitz
 
 
 def test_mlp_activation_bounds_hold_and_need_an_input_domain():
-    torch.manual_seed(0)
-    model = build_model({"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3, "activation": "gelu",
-                         "input_norm": 2.0}, 5)
-    with torch.no_grad():
-        orthogonal_init_(model.layers[-1].weight)
-        for i, layer in enumerate(model.layers):
-            layer.weight.mul_(1.0 + 0.5 * i)
-    model.requires_grad_(False)
+    model = scaled_mlp(input_norm=2.0)
     bounds = model.activation_bounds()
     assert build_model({"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3}, 5).activation_bounds() is None
     assert model.activation_bounds(input_norm=4.0)["logits"] == pytest.approx(2 * bounds["logits"], rel=1e-9)
