@@ -218,3 +218,14 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     old.write_bytes(old.read_bytes()[:-4])
     done = run_stage("lipflow.results", "seal", str(old))
     assert done.returncode == 2 and "train_metrics.parquet is corrupt" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "runs/a-00000000/run.json", "runs/a-00000000/config.json"])
+def test_a_truncated_json_file_is_named(results, name):
+    build_here(results)
+    path = results / name
+    path.write_text(path.read_text()[:25])
+    done = run_stage("lipflow.results", "build", "--out", str(results / "lipflow.duckdb"), "--manifest",
+                     str(results / "manifest.json"), "--run-dirs", *map(str, sorted((results / "runs").iterdir())))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"{path} is not valid JSON" in done.stderr, done.stderr
