@@ -159,8 +159,8 @@ def test_disk_full_keeps_the_previous_database(results, tmp_path):
         previous = db.read_bytes()
         (disk / "filler").write_bytes(b"\0" * (4 * 1024 * 1024 - db.stat().st_size - 300 * 1024))
         big = results / "runs" / "big-33333333"
-        make_run(results, "big-33333333", json.loads((results / "runs" / "a-00000000" / "config.json").read_text())["config"],
-                 steps=50_000)
+        cfg = json.loads((results / "runs" / "a-00000000" / "config.json").read_text())["config"]
+        make_run(results, "big-33333333", cfg, steps=50_000)
         done = run_stage("lipflow.results", "build", "--out", str(db), "--manifest", str(results / "manifest.json"),
                          "--run-dirs", *map(str, sorted((results / "runs").iterdir())), cwd=tmp_path)
         assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
