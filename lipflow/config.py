@@ -187,7 +187,8 @@ def check_data_blocks(config: dict[str, Any]) -> None:
         raise ConfigError("config error: corpus.paths must be empty for corpus.source 'embedded' "
                           "(set source: files, jsonl or parquet to read them)")
     if corpus["source"] != "embedded" and not corpus["paths"]:
-        raise ConfigError(f"config error: corpus.paths is empty; corpus.source '{corpus['source']}' needs a path or glob")
+        raise ConfigError(f"config error: corpus.paths is empty; corpus.source '{corpus['source']}' needs a path "
+                          "or glob")
     if tokenizer["kind"] == "file" and not tokenizer["path"]:
         raise ConfigError("config error: tokenizer.path is required when tokenizer.kind is 'file'")
 

@@ -137,7 +137,8 @@ def _read_unverified(path: Path) -> pa.Table:
         raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
 
 
-def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path], results: Path) -> dict[str, int]:
+def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path],
+                   results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
     runs = [run_row(Path(d)) for d in run_dirs]
     evals = [read_table_parquet(p) for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()]
@@ -152,7 +153,8 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     rows["train_metrics"] = _create_from_parquet(con, "train_metrics",
                                                  [Path(d) / "train_metrics.parquet" for d in run_dirs],
                                                  "run_id VARCHAR, step BIGINT, loss DOUBLE")
-    rows["evals"] = _create_from_tables(con, "evals", evals, "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
+    rows["evals"] = _create_from_tables(con, "evals", evals,
+                                        "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
     for path in sorted((results / "icl").glob("*.parquet")):
         rows[f"icl_{path.stem}"] = _create_from_parquet(con, f"icl_{path.stem}", [path], "")
@@ -181,7 +183,8 @@ def check_database(path: Path, rows: dict[str, int]) -> None:
             con.execute(f"SELECT * FROM {quote_identifier(view)} LIMIT 0")
 
 
-def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS, receipt: Path | None = None) -> None:
+def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS,
+          receipt: Path | None = None) -> None:
     """Build the database at ``out`` from scratch in a temp file, checkpoint it, reopen it to check
     every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
     it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead

@@ -159,8 +159,8 @@ def test_disk_full_keeps_the_previous_database(results, tmp_path):
         previous = db.read_bytes()
         (disk / "filler").write_bytes(b"\0" * (4 * 1024 * 1024 - db.stat().st_size - 300 * 1024))
         big = results / "runs" / "big-33333333"
-        make_run(results, "big-33333333", json.loads((results / "runs" / "a-00000000" / "config.json").read_text())["config"],
-                 steps=50_000)
+        cfg = json.loads((results / "runs" / "a-00000000" / "config.json").read_text())["config"]
+        make_run(results, "big-33333333", cfg, steps=50_000)
         done = run_stage("lipflow.results", "build", "--out", str(db), "--manifest", str(results / "manifest.json"),
                          "--run-dirs", *map(str, sorted((results / "runs").iterdir())), cwd=tmp_path)
         assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
@@ -212,9 +212,21 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     old = tmp_path / "train_metrics.parquet"
     pq.write_table(pa.table({"step": [0]}), old)  # as written before lipflow kept Parquet checksums
     assert run_stage("lipflow.results", "seal", str(old)).returncode == 0
+    assert Path(f"{old}.sha256").stat().st_mtime_ns == old.stat().st_mtime_ns  # reruns no Snakemake job
     from lipflow.metrics import read_table_parquet
 
     assert read_table_parquet(old).num_rows == 1
     old.write_bytes(old.read_bytes()[:-4])
     done = run_stage("lipflow.results", "seal", str(old))
     assert done.returncode == 2 and "train_metrics.parquet is corrupt" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "runs/a-00000000/run.json", "runs/a-00000000/config.json"])
+def test_a_truncated_json_file_is_named(results, name):
+    build_here(results)
+    path = results / name
+    path.write_text(path.read_text()[:25])
+    done = run_stage("lipflow.results", "build", "--out", str(results / "lipflow.duckdb"), "--manifest",
+                     str(results / "manifest.json"), "--run-dirs", *map(str, sorted((results / "runs").iterdir())))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"{path} is not valid JSON" in done.stderr, done.stderr

@@ -57,7 +57,8 @@ def read_verified(path: str | os.PathLike[str]) -> bytes:
         expected = sidecar.read_text().strip()
     except FileNotFoundError:
         raise IntegrityError(f"{path} has no checksum file {sidecar.name}, so it cannot be verified (rerun the job "
-                             "that writes it; for a file from before checksums: python -m lipflow.results seal)") from None
+                             "that writes it; for a file from before checksums: python -m lipflow.results seal)"
+                             ) from None
     if hashlib.sha256(data).hexdigest() != expected:
         raise IntegrityError(f"{path} is corrupt: sha256 does not match {sidecar.name}")
     return data

@@ -23,6 +23,10 @@ try:
 except ConfigError as err:
     sys.exit(f"lipflow: {err}")
 
+# Rules pass DATA_DIR and TOKENS_DIR (and results/icl, results/figures) as literal params.
+# `snakemake --lint` suggests deriving them from input or output, but Snakemake does not record a
+# derived param for the params rerun trigger, so that switch would rerun every existing result once
+# (and cost a function call per job in a dry run): the 9 "prefix ... hardcoded" lints are kept on purpose.
 DATA_DIR = f"results/data/{config['corpus']['name']}"
 try:
     # The files the corpus reads (globs expanded now) and a `file` tokenizer: inputs of their rules, so an
@@ -47,10 +51,6 @@ def run_evaluations(run):
 
 
 ALL_EVALUATIONS = sorted({name for run in RUNS for name in run_evaluations(run)} | set(EVALUATIONS))
-# Rules pass these directories (and results/icl, results/figures) as literal params. `snakemake --lint`
-# suggests deriving them from input or output, but Snakemake does not record a derived param for the
-# params rerun trigger, so that switch would rerun every existing result once (and cost a function
-# call per job in a dry run): the 9 "prefix ... hardcoded" lints are kept on purpose.
 DATABASE = "results/lipflow.duckdb"
 # Written by the database job after the database is in place. Snakemake checks only the outputs that
 # something asks for, so every rule that reads the database asks for this too: a failed build (which
