@@ -193,14 +193,24 @@ def check_data_blocks(config: dict[str, Any]) -> None:
         raise ConfigError("config error: tokenizer.path is required when tokenizer.kind is 'file'")
 
 
+# Newton–Schulz coefficient sets with their own step count (lipflow.optimizers.NS_COEFFICIENT_SETS;
+# a test checks the two agree): ns_steps must equal it.
+FIXED_NS_STEPS = {"you": 6}
+
+
 def check_run(where: str, run: dict[str, Any]) -> None:
     """Cross-key rules of one resolved run: the runs train a language model on the text corpus
-    (``mlp`` is the image study's classifier), and ``n_heads`` divides ``d_model``."""
+    (``mlp`` is the image study's classifier), ``n_heads`` divides ``d_model``, and a Newton–Schulz
+    coefficient schedule gets its own number of steps."""
     if run["model"] == "mlp":
         raise ConfigError(f"config error: {where}.model: 'mlp' is the image classifier of the image_mlp study and "
                           "cannot train on the text corpus; use gpt or lipschitz_gpt")
     if run["d_model"] % run["n_heads"]:
         raise ConfigError(f"config error: {where}.n_heads: {run['n_heads']} does not divide d_model {run['d_model']}")
+    fixed = FIXED_NS_STEPS.get(run["ns_coefficients"])
+    if fixed is not None and run["ns_steps"] != fixed:
+        raise ConfigError(f"config error: {where}.ns_steps: ns_coefficients '{run['ns_coefficients']}' has exactly "
+                          f"{fixed} steps, got {run['ns_steps']}")
 
 
 def data_identity(config: dict[str, Any]) -> dict[str, Any]:

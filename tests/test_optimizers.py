@@ -542,3 +542,14 @@ def test_dualized_embedding_rows_move_at_unit_rms_with_capped_inflation():
     torch.testing.assert_close(step[1:].pow(2).mean(dim=1).sqrt(), torch.ones(VOCAB - 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(step[0], 16.0 * momentum[0], atol=0, rtol=1e-3)
     assert rms[0] * 16 < 1
+
+
+def test_config_knows_each_fixed_coefficient_schedule_length():
+    """The config check (no torch at parse time) states the step count of each fixed schedule."""
+    from lipflow.config import FIXED_NS_STEPS, ConfigError, check_config
+
+    fixed = {name: len(c) for name, c in NS_COEFFICIENT_SETS.items() if isinstance(c[0], tuple)}
+    assert FIXED_NS_STEPS == fixed
+    with pytest.raises(ConfigError, match=r"runs\.r\.ns_steps: ns_coefficients 'you' has exactly 6 steps, got 5"):
+        check_config({"runs": {"r": {"optimizer": "muon", "ns_coefficients": "you"}}})
+    check_config({"runs": {"r": {"optimizer": "muon", "ns_coefficients": "you", "ns_steps": 6}}})
