@@ -7,10 +7,17 @@ Missing files are named and skipped (a section of bench/gpu_check that failed wr
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-import pyarrow.parquet as pq
+# Run as a script, this file's directory would come first on sys.path, where bench/tokenize.py
+# shadows the standard library's ``tokenize``: put the repo root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+from pathlib import Path  # noqa: E402
+
+import pyarrow.parquet as pq  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

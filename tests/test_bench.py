@@ -109,3 +109,34 @@ def test_duckdb_ingests_every_row_and_queries_return_each_group(results):
     assert v["train_metrics_rows"] == 50 * 200
     groups = {(p["model"], p["optimizer"], p["weight_constraint"]) for p in grid_points(50)}
     assert v["query.rows10000.best_run_per_group.result_rows"] == len(groups)
+
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_reference_recipe_quick_rows_and_their_markdown(tmp_path):
+    """bench/reference_recipe.py --quick trains the constrained arm and the baseline on Tiny
+    Shakespeare; only the constrained one has a certificate; bench/summarize.py tabulates the rows."""
+    out = tmp_path / "reference_recipe.parquet"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "reference_recipe.py"), "--quick", "--device", "cpu",
+                           "--arms", "lipschitz.s2", "baseline", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["metric"].rsplit(".", 2)[-2] + "." + r["metric"].rsplit(".", 1)[-1]: r["value"]
+            for r in pq.read_table(out).to_pylist()}
+    assert 0 < rows["s2.val_loss"] < 5 and 0 < rows["baseline.val_loss"] < 5
+    assert rows["s2.lipschitz_bound"] > 0 and "baseline.lipschitz_bound" not in rows
+    assert rows["s2.tokens_per_s"] > 0
+    table = subprocess.run([sys.executable, str(REPO / "bench" / "summarize.py"), str(out), str(tmp_path / "none")],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("| bench | metric |") and len(lines) == 2 + len(pq.read_table(out)) + 1
+    assert lines[-1] == f"(no rows: {tmp_path / 'none'} was not written)"
+
+
+def test_gpu_check_refuses_an_unknown_argument():
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--sections", "x"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "unknown argument '--sections'" in done.stderr
