@@ -483,6 +483,12 @@ VIEWS.register("robustness")(View(
 ))
 
 # -- precision -------------------------------------------------------------------------------
+# The precision experiment's precision-evaluation rows, the first CTE of its two views.
+PRECISION_EVALS = """
+        WITH e AS (
+            SELECT e.* FROM evals AS e JOIN runs AS r USING (run_id)
+            WHERE e.eval = 'precision' AND r.experiment = 'precision'),"""
+
 VIEWS.register("precision")(View(
     description="precision: per model, number format and scaling, val loss and next-token accuracy and their "
                 "deltas vs fp32, overflowed/saturated activation counts, and the fp8 safety verdicts "
@@ -496,10 +502,7 @@ VIEWS.register("precision")(View(
     parts=(Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "max_activation"),
                           "evals": ("run_id", "eval", "metric", "value", "format", "scaling")},
                 absent_reason="no precision runs with the precision evaluation in the database",
-                sql="""
-        WITH e AS (
-            SELECT e.* FROM evals AS e JOIN runs AS r USING (run_id)
-            WHERE e.eval = 'precision' AND r.experiment = 'precision'),
+                sql=PRECISION_EVALS + """
         cells AS (
             SELECT run_id, format, scaling,
                    max(value) FILTER (WHERE metric = 'val_loss') AS val_loss,
@@ -544,10 +547,7 @@ VIEWS.register("precision_bounds")(View(
     parts=(Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "steps"),
                           "evals": ("run_id", "eval", "metric", "value", "format")},
                 absent_reason="no precision runs with the precision evaluation in the database",
-                sql="""
-        WITH e AS (
-            SELECT e.* FROM evals AS e JOIN runs AS r USING (run_id)
-            WHERE e.eval = 'precision' AND r.experiment = 'precision'),
+                sql=PRECISION_EVALS + """
         per_run AS (
             SELECT run_id,
                    max(value) FILTER (WHERE metric = 'accuracy' AND format = 'fp32') AS accuracy,
