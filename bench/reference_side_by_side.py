@@ -250,7 +250,8 @@ def reference_worker(spec_path: Path) -> None:
     params, _, _ = trainer.train(params, optimizer.init_state(params), key)
     jax.block_until_ready(params)
     times = loader.times
-    tokens_per_s = (len(times) - 1 - WARMUP_STEPS) * config.batch_size * config.seq_len / (times[-1] - times[WARMUP_STEPS])
+    tokens = (len(times) - 1 - WARMUP_STEPS) * config.batch_size * config.seq_len
+    tokens_per_s = tokens / (times[-1] - times[WARMUP_STEPS])
 
     forward = jax.jit(lambda w, x: model(x, w))
     windows, batch = data["val"], config.batch_size
@@ -285,7 +286,8 @@ def jax_python(venv: Path) -> str:
     if importlib.util.find_spec("jax") is not None:
         return sys.executable
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import jax, numpy"], capture_output=True).returncode == 0:
+    probe = [str(python), "-c", "import jax, numpy"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return str(python)
     print(f"jax is not importable here: creating {venv} and running pip install jax numpy", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -315,7 +317,8 @@ def lipflow_overrides(setting: dict[str, Any], point: str, steps: int) -> dict[s
     """lipflow keys for the same run (module docstring: what has no key yet)."""
     _, _, constraint, sigma_max = POINTS[point]
     return {
-        "model": "lipschitz_gpt", **{k: setting[k] for k in ("d_model", "n_layers", "n_heads", "context", "batch_size")},
+        "model": "lipschitz_gpt",
+        **{k: setting[k] for k in ("d_model", "n_layers", "n_heads", "context", "batch_size")},
         "mlp_ratio": 4, "activation": "gelu", "attn_scale": 1.0, "logit_scale": 1.0,
         "parametrization": "modular", "masses": {"embed": 1.0, "blocks": COMMON["blocks_mass"], "head": 1.0},
         "optimizer": "muon", "lr": COMMON["lr"], "momentum": 0.9, "nesterov": False, "ns_coefficients": "you",
@@ -402,7 +405,8 @@ def check_reference(reference: Path) -> None:
     missing = [n for n in needed if not (reference / n).is_file()]
     if missing:
         raise SystemExit(
-            f"--reference {reference} is not a checkout of Arongil/lipschitz-transformers (missing {', '.join(missing)}).\n"
+            f"--reference {reference} is not a checkout of Arongil/lipschitz-transformers "
+            f"(missing {', '.join(missing)}).\n"
             f"Get it with: git clone https://github.com/Arongil/lipschitz-transformers {reference} && "
             f"git -C {reference} checkout {REFERENCE_COMMIT}")
     git = subprocess.run(["git", "-C", str(reference), "rev-parse", "--show-toplevel", "HEAD"],
@@ -415,7 +419,8 @@ def check_reference(reference: Path) -> None:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| point | implementation | val loss | val acc | lipflow bound | reference bound | max ‖W‖ | tokens/s | device |",
+    lines = ["| point | implementation | val loss | val acc | lipflow bound | reference bound | max ‖W‖ | tokens/s "
+             "| device |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['point']} | {r['impl']} | {r['val_loss']:.4f} | {r['val_accuracy']:.4f} | "
