@@ -5,9 +5,10 @@ embed / hidden / head / vector) and by learning-rate multiplier ``p.lr_mult`` (s
 parametrization, default 1), one param group per (role, multiplier), each tagged ``role``.
 
 Weight decay: matrices (hidden, head) get none inside any optimizer — their decoupled decay
-W ← (1 − λη)W is done by ``lipflow.constraints.constrain_`` after the step, with the same
-λ = cfg weight_decay, so constraints and decay compose in Modula's order. Embedding tables
-get cfg weight_decay inside AdamW (also the AdamW half of Muon); vectors (biases, gains) get
+W ← (1 − λη)W is done by ``lipflow.constraints.constrain_all_`` after the step (see
+``lipflow.update``), with the same λ = cfg weight_decay, so constraints and decay compose in
+Modula's order. Embedding tables get cfg weight_decay inside AdamW (also the AdamW half of Muon;
+none under Muon's ``dualized`` embedding step, as in the reference); vectors (biases, gains) get
 none, as in nanoGPT. Scion/uSCG use no weight decay: constrained Scion's (1 − γ) contraction
 already plays that role (Pethick et al. 2025).
 
