@@ -54,7 +54,7 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 @pytest.fixture
 def slow_cfg(tiny_run_config):
     """Long enough (in steps) that a kill lands mid-run."""
-    return {**tiny_run_config, "steps": 60, "checkpoint_every": 5, "eval_every": 20,
+    return {**tiny_run_config, "steps": 200, "checkpoint_every": 5, "eval_every": 50,
             "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap"}
 
 
@@ -64,11 +64,11 @@ def test_sigkill_then_rerun_resumes_bit_exact(char_shards, slow_cfg, tmp_path):
     killed = tmp_path / "killed"
     proc = start_training(slow_cfg, char_shards, killed)
     wait_for_checkpoint(killed, proc)
-    time.sleep(float(torch.rand(1)) * 0.5)  # a random point after the first checkpoint
+    time.sleep(float(torch.rand(1)) * 0.2)  # a random point after the first checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the kill landed")
+    if proc.returncode == 0 or (killed / "model.safetensors").exists():
+        pytest.skip("the run reached its final outputs before the kill landed")
     assert not (killed / "model.safetensors").exists()
     resumed = train(slow_cfg, char_shards, killed)
     assert resumed.returncode == 0, resumed.stderr
