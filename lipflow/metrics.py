@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +61,11 @@ def max_attention_logits(model: LanguageModel, idx: torch.Tensor) -> dict[str, f
     pairs of the pre-softmax scores on token ids ``idx``, from each module's ``attention_scores``
     applied to the input its ``first_projection`` (the Linear that reads the attention's input) sees.
     This is the quantity that grows without bound in unconstrained transformers."""
-    found: dict[str, float] = {}
+    inputs: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
 
     def hook(name: str, attention):
         def record(module, args):  # the input of the attention's first projection is the attention's input
-            if name not in found:  # attention_scores calls that projection again
-                found[name] = math.nan
-                found[name] = attention.attention_scores(args[0]).abs().max().item()
+            inputs[name] = (attention, args[0])
         return record
 
     handles = [m.first_projection.register_forward_pre_hook(hook(name, m)) for name, m in model.named_modules()
@@ -78,6 +75,7 @@ def max_attention_logits(model: LanguageModel, idx: torch.Tensor) -> dict[str, f
     try:
         with autocast_for(idx.device):
             model(idx)
+            found = {name: attention.attention_scores(x).abs().max().item() for name, (attention, x) in inputs.items()}
     finally:
         for h in handles:
             h.remove()

@@ -77,15 +77,18 @@ class LayerTelemetry:
     def __init__(self, model, optimizer: torch.optim.Optimizer):
         self.matrices, self.optimizer = _matrices(model), optimizer
 
-    def before_step(self) -> dict[str, Any]:
-        return {"_before": {name: p.detach().clone() for name, p in self.matrices}}
+    def before_step(self) -> dict[str, torch.Tensor]:
+        """Copies of the matrices before the optimizer's step."""
+        return {name: p.detach().clone() for name, p in self.matrices}
 
-    def after_step(self, layers: dict[str, Any]) -> None:
-        before = layers.pop("_before")
+    def after_step(self, before: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+        """Per matrix, the step's measured RMS→RMS norm and the optimizer's bound for it."""
+        layers = {}
         for name, p in self.matrices:
             bound = self.optimizer.state.get(p, {}).get("update_norm")
             layers[name] = {"update_norm": rms_operator_norm(p.detach() - before[name]),
                             "update_bound": None if bound is None else float(bound)}
+        return layers
 
     def after_constraint(self, layers: dict[str, Any]) -> None:
         for name, p in self.matrices:
@@ -282,11 +285,13 @@ class Trainer:
             (loss / cfg["grad_accum"]).backward()
             total = total + loss.detach() / cfg["grad_accum"]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        layers = self.layer_telemetry.before_step() if self._record_layers else None
+        before = self.layer_telemetry.before_step() if self._record_layers else None
+        layers: dict[str, dict[str, Any]] = {}
         clipped = constrained_update(self.optimizer, self.matrices, self.constraint,
-                                     after_step=None if layers is None else lambda: self.layer_telemetry.after_step(layers))
+                                     after_step=None if before is None else
+                                     lambda: layers.update(self.layer_telemetry.after_step(before)))
         self.model.project_embeddings()
-        if layers is not None:
+        if before is not None:
             self.layer_telemetry.after_constraint(layers)
             self._layers = layers
         return StepResult(total, grad_norm, clipped)
