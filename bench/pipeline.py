@@ -6,7 +6,7 @@
   ``runs`` block holds N tiny runs differing in seed, with the val evaluation on, so the DAG has
   N train + N evaluate + N merge jobs plus corpus, tokenize, database and all. The bare Snakefile
   has the same rules, the same input and output files (its run ids are the ones
-  ``lipflow.config.resolve_runs`` gives the config) and so the same jobs, but no config
+  ``lipflow.plan.resolve_runs`` gives the config) and so the same jobs, but no config
   validation, params, resources, logs or conda, and ``touch`` as every command. Both use the
   repository's workflow profile (profiles/default), so the command-line options are the same.
   The job counts Snakemake reports are checked to be equal. ratio = lipflow / bare.
@@ -47,7 +47,8 @@ import yaml  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, alternating_timings, machine, print_table, row,  # noqa: E402
                           save_rows)
-from lipflow.config import check_config, resolve_runs  # noqa: E402
+from lipflow.config import check_config  # noqa: E402
+from lipflow.plan import resolve_runs  # noqa: E402
 
 BENCH = "pipeline"
 PROFILE = REPO / "profiles" / "default"

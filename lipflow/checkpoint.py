@@ -19,13 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lipflow.data.atomic import IntegrityError, read_verified, sidecar_path, write_with_sidecar
+from lipflow.data.atomic import read_verified, sidecar_path, write_with_sidecar
+from lipflow.errors import CheckpointError, IntegrityError
 
 CHECKPOINT_GLOB = "step-*.safetensors"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; str() is a one-line user message."""
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,35 +14,8 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
-class StageError(RuntimeError):
-    """A stage that cannot finish for a reason outside the code (a check of what it wrote failed);
-    str() is one line saying what, and what was kept."""
-
-
-# OSError: a missing, unreadable or unwritable file, a full disk: one line naming the file.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, StageError)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from lipflow.checkpoint import CheckpointError
-    from lipflow.data import DataError
-
-    return USER_ERRORS + (CheckpointError, DataError)
-
-
-def run_guarded(fn: Callable[[], int]) -> int:
-    """Run a stage; a bad input becomes one line on stderr and exit code 2 (traceback with
-    ``LIPFLOW_DEBUG=1``); anything else is a bug and keeps its traceback."""
-    try:
-        return fn()
-    except _user_errors() as err:
-        if os.environ.get("LIPFLOW_DEBUG"):
-            raise
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"lipflow: error: {message}", file=sys.stderr)
-        return 2
+from lipflow.errors import run_guarded
 
 
 def default_db() -> Path:
@@ -149,11 +122,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from lipflow.config import check_config, load_config_file, resolve_runs
+    from lipflow.config import load_config_file
+    from lipflow.plan import Plan
 
-    config = load_config_file(Path(args.configfile))
-    check_config(config)
-    for run_id in resolve_runs(config):
+    for run_id in Plan.from_config(load_config_file(Path(args.configfile))).runs:
         print(run_id)
     return 0
 

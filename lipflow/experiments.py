@@ -10,7 +10,7 @@ of their products (scikit-learn's ParameterGrid semantics). An axis is either a 
 the run key it names (label ``<prefix><value>``, e.g. ``s2`` for sigma_max = 2, or the value itself
 for strings) or a mapping label → overrides (a variant axis setting several keys at once). A run is
 named ``<short>.<label>.<label>…`` and its overrides are base ← grid point ← ``experiment: <name>``;
-``lipflow.config.expanded_runs`` merges them over ``defaults`` and validates them like any run.
+``lipflow.plan.resolve_runs`` merges them over ``defaults`` and validates them like any run.
 A block's ``evaluations`` are its runs' checkpoint evaluations (instead of ``evaluations.enabled``);
 its ``studies`` (``icl``, ``image_mlp``) switch on work outside the run grid.
 

@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", action="append", default=None,
                         help=f"one of {', '.join(EXPERIMENT_FIGURES)} (repeatable; default: all with data)")
     args = parser.parse_args(argv)
-    from lipflow.cli import connect, run_guarded
+    from lipflow.cli import connect
+    from lipflow.errors import run_guarded
 
     def go() -> int:
         for name in args.experiment or []:

@@ -9,14 +9,9 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
+from lipflow.errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """A registry lookup of a name nobody registered; str() is a one-line user message."""
-
-    def __str__(self) -> str:  # KeyError quotes its message by default
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):

@@ -169,7 +169,7 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
 def check_database(path: Path, rows: dict[str, int]) -> None:
     """Open ``path`` read-only and check that it holds each table of ``rows`` with its row count
     and that every view can be read; a StageError names the first difference."""
-    from lipflow.cli import StageError
+    from lipflow.errors import StageError
 
     with duckdb.connect(str(path), read_only=True) as con:
         for table, expected in rows.items():
@@ -190,7 +190,7 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
     it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead
     log survives its checkpoint (e.g. disk full) is a failure, never published. ``receipt``, when
     given, is written last: the database's sha256 and each table's row count."""
-    from lipflow.cli import StageError
+    from lipflow.errors import StageError
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -260,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     p_seal = sub.add_parser("seal", help="write missing .sha256 sidecars of trusted files from before checksums")
     p_seal.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args(argv)
-    from lipflow.cli import run_guarded
+    from lipflow.errors import run_guarded
 
     if args.command == "build":
-        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, receipt=args.receipt) or 0)
+        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, receipt=args.receipt))
     if args.command == "seal":
-        return run_guarded(lambda: seal(args.files) or 0)
-    return run_guarded(lambda: merge_evals(args.out, args.files) or 0)
+        return run_guarded(lambda: seal(args.files))
+    return run_guarded(lambda: merge_evals(args.out, args.files))
 
 
 if __name__ == "__main__":

@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from lipflow.cli import run_guarded
+    from lipflow.errors import run_guarded
 
     def go() -> int:
         cfg = json.loads(args.config_json)

@@ -5,7 +5,8 @@ import copy
 import pytest
 import yaml
 
-from lipflow.config import ConfigError, check_config, resolve_runs
+from lipflow.config import ConfigError, check_config
+from lipflow.plan import resolve_runs
 from lipflow.registry import Registry, UnknownNameError
 
 
@@ -62,7 +63,8 @@ def test_sweep_validation_skips_no_check_and_fills_like_one_run_at_a_time():
     """Scalar values already validated are not validated again (a per-validator cache): filling a
     30-run sweep must equal filling each run with its own fresh validator (no cache hits across
     runs), and a bad value after the same key's good ones must still be caught."""
-    from lipflow.config import make_validator, merge_run_defaults
+    from lipflow.config import make_validator
+    from lipflow.config.runs import merge_run_defaults
 
     runs = {f"r{i}": {"seed": i, "lr": 0.01 * (1 + i % 3), "optimizer": ["adamw", "muon"][i % 2]}
             for i in range(30)}

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lipflow.config import check_config, resolve_runs, tokenizer_id
+from lipflow.config import check_config, tokenizer_id
+from lipflow.plan import resolve_runs
 
 from conftest import run_stage
 
@@ -27,7 +28,7 @@ def test_a_file_tokenizer_is_known_by_its_content(tmp_path):
     config = {"tokenizer": {"kind": "file", "path": str(path)}, "runs": {"a": {}}}
     check_config(config)
     first_dir, first_runs = tokenizer_id(config["tokenizer"]), list(resolve_runs(copy.deepcopy(config)))
-    from lipflow.config import tokenizer_file_sha256
+    from lipflow.config.runs import tokenizer_file_sha256
 
     path.write_text('{"version": "1.1"}')
     tokenizer_file_sha256.cache_clear()  # a new parse (every Snakemake invocation is a new process)

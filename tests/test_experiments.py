@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from lipflow.config import ConfigError, check_config, resolve_runs
+from lipflow.config import ConfigError, check_config
+from lipflow.plan import resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
                                  study_enabled)

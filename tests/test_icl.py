@@ -23,7 +23,8 @@ import torch
 
 from lipflow.icl import study, theory
 from lipflow.icl.__main__ import main as icl_main
-from lipflow.icl.config import ConfigError, load_config, schema, training_jobs
+from lipflow.errors import ConfigError
+from lipflow.icl.config import load_config, schema, training_jobs
 from lipflow.icl.data import PromptSampler, spd_power
 from lipflow.icl.model import InContextTransformer
 from lipflow.icl.train import train_model
@@ -64,7 +65,7 @@ def test_config_defaults_come_from_the_schema_and_errors_name_the_field():
         "icl.sigma.kind": {"sigma": {"kind": "rotatd"}},
         "icl.sigma.eigenvalues": {"d": 3},
         "icl.test_prompts": {"test_prompts": 100},
-        "icl: Additional properties": {"layer": [1]},
+        "unknown key 'icl.layer' (did you mean 'layers'?)": {"layer": [1]},
     }
     for field, raw in bad.items():
         with pytest.raises(ConfigError) as error:
@@ -76,7 +77,7 @@ def test_config_defaults_come_from_the_schema_and_errors_name_the_field():
 def test_cli_rejects_a_bad_config_with_one_line_and_exit_2(capsys):
     code = icl_main(["baselines", "--config-json", '{"w_prior": "sigma"}', "--out", "x.parquet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: icl.w_prior") and "\n" not in err
+    assert code == 2 and err.startswith("lipflow: error: icl.w_prior") and "\n" not in err
     assert icl_main(["baselines", "--config-json", "{d: 1}", "--out", "x.parquet"]) == 2
     assert not Path("x.parquet").exists()
     if not torch.cuda.is_available():

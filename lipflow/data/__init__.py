@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any
 
-
-class DataError(Exception):
-    """Bad data input (missing file, bad encoding, corrupt shard…); str() is one line for users."""
+from lipflow.errors import DataError
 
 
 def parse_config_json(text: str, block: str) -> dict[str, Any]:
@@ -31,18 +28,6 @@ def parse_config_json(text: str, block: str) -> dict[str, Any]:
     return cfg
 
 
-def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's ``main``; a bad input prints ``error: <one line>`` and returns exit code 2."""
-    from lipflow.registry import UnknownNameError
-
-    try:
-        main(argv)
-    except (DataError, UnknownNameError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 _LAZY = {
     "build_corpus": "lipflow.data.corpus",
     "CorpusConfig": "lipflow.data.corpus",
@@ -53,7 +38,7 @@ _LAZY = {
     "read_manifest": "lipflow.data.loader",
 }
 
-__all__ = ["DataError", "parse_config_json", "run_cli", *_LAZY]
+__all__ = ["DataError", "parse_config_json", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

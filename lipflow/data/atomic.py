@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from lipflow.errors import IntegrityError
+
 _CHUNK = 1 << 20
 
 
@@ -27,11 +29,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class IntegrityError(ValueError):
-    """A file whose bytes do not match its ``.sha256`` sidecar, or that has none; str() is one line
-    naming the file."""
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:

@@ -37,8 +37,9 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from lipflow.data import DataError, parse_config_json, run_cli
+from lipflow.data import DataError, parse_config_json
 from lipflow.data.atomic import atomic_dir, write_json_atomic
+from lipflow.errors import run_guarded
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -319,4 +320,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_guarded(main))

@@ -60,8 +60,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lipflow.data import DataError, parse_config_json, run_cli
+from lipflow.data import DataError, parse_config_json
 from lipflow.data.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
+from lipflow.errors import run_guarded
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -398,4 +399,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_guarded(main))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from lipflow.cli import run_guarded
+from lipflow.errors import run_guarded
 from lipflow.data.atomic import read_json
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import evaluate_windows, resolve_device, write_table_parquet

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from lipflow.errors import run_guarded
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.metrics import write_table_parquet
@@ -144,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
     parser.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke test)")
     args = parser.parse_args(argv)
-    rows = run_image_mlp_study(QUICK if args.quick else None)
-    columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, not just the first's
-    write_table_parquet(args.out, pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))
-    return 0
+
+    def go() -> None:
+        rows = run_image_mlp_study(QUICK if args.quick else None)
+        columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, not just the first's
+        write_table_parquet(args.out, pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))
+
+    return run_guarded(go)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
     check      --config-json J --results-dir results/icl --out results/icl/summary.json [--strict]
 
 J is the ``icl:`` block of config.yaml as JSON (missing keys take the schema defaults).
-Exit status 2 on a configuration or input error, 1 when ``check --strict`` fails.
+Exit status 2 on a configuration or input error (:func:`lipflow.errors.run_guarded`), 1 when ``check --strict`` fails.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import torch
 
 from lipflow.data.atomic import write_json_atomic
-from lipflow.icl.config import ConfigError, load_config
-from lipflow.registry import UnknownNameError
+from lipflow.errors import ConfigError, run_guarded
+from lipflow.icl.config import load_config
 
 
 def _config(text: str):
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from lipflow.icl import plots, study
 
-    try:
+    def go() -> int:
         if args.command == "train":
             cfg = _config(args.config_json)
             study.run_train(cfg, args.layers, args.n, args.out, progress=not args.no_progress)
@@ -90,12 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(args.out, summary)
             print(text)
             if args.strict and not summary["passed"]:
-                print("error: the ICL headline check failed", file=sys.stderr)
+                print("lipflow: error: the ICL headline check failed", file=sys.stderr)
                 return 1
-    except (ConfigError, UnknownNameError, FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_guarded(go)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,25 @@
 """The ``icl`` study configuration: defaults and validation from ``config_schema.yaml``.
 
-The schema file is the single source of truth for keys, ranges and defaults; this module fills
-defaults, validates with jsonschema (draft 2020-12) and adds the one cross-field rule the schema
-cannot state (``len(sigma.eigenvalues) == d``).
+The schema file is the single source of truth for keys, ranges and defaults; the one validator of
+:mod:`lipflow.config.schema` fills defaults and validates (draft 2020-12), and this module adds the
+one cross-field rule the schema cannot state (``len(sigma.eigenvalues) == d``).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
+from lipflow.config.schema import load_schema, validate
+from lipflow.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).with_name("config_schema.yaml")
 
 
-class ConfigError(ValueError):
-    """An invalid ``icl`` configuration; str() is a one-line message naming the field."""
-
-
-@lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return load_schema(SCHEMA_PATH)
 
 
 @dataclass(frozen=True)
@@ -67,28 +60,11 @@ class ICLConfig:
         return json.loads(json.dumps(out))  # tuples → lists
 
 
-def _fill_defaults(value: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
-    """Recursively add the schema's defaults for keys missing from ``value``."""
-    filled = dict(value)
-    for key, sub in node.get("properties", {}).items():
-        if key not in filled and "default" in sub:
-            filled[key] = copy.deepcopy(sub["default"])
-        if sub.get("type") == "object" and isinstance(filled.get(key), dict):
-            filled[key] = _fill_defaults(filled[key], sub)
-    return filled
-
-
 def load_config(raw: dict[str, Any] | None) -> ICLConfig:
     """Validate the ``icl`` block (missing keys take the schema defaults) into an ICLConfig."""
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"icl: expected a mapping, got {type(raw).__name__}")
-    cfg = _fill_defaults(raw or {}, schema())
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(schema()).iter_errors(cfg)
-    )
-    if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path)
-        raise ConfigError(f"icl.{where}: {error.message}" if where else f"icl: {error.message}")
+    cfg = validate(raw or {}, SCHEMA_PATH, prefix="icl")
     sigma = cfg["sigma"]
     if sigma["kind"] != "identity" and len(sigma["eigenvalues"]) != cfg["d"]:
         raise ConfigError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from lipflow.errors import ConfigError
 from lipflow.icl.config import ICLConfig
 from lipflow.icl.data import PromptSampler, stream_seed
 from lipflow.icl.model import InContextTransformer
@@ -24,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("icl.device: 'cuda' requested but torch sees no CUDA device")
+        raise ConfigError("icl.device: 'cuda' requested but torch sees no CUDA device")
     return torch.device(name)
 
 

@@ -2,7 +2,7 @@
 # Configured by the `icl:` block of config.yaml (schema: lipflow/icl/config_schema.yaml).
 # Target: icl_all. Training jobs are cached per (L, n): they rerun only when a key that
 # changes what is learned (lipflow.icl.config.TRAINING_KEYS) changes.
-# Its constants and helpers (ICL_CONFIG, ICL_RUNS, icl_params …) live in common.smk.
+# Its file lists and params (ICL_RUNS, icl_params …) come from the Plan (common.smk, lipflow/plan_rules.py).
 
 
 rule icl_all:

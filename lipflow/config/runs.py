@@ -1,0 +1,138 @@
+"""The run config: ``check_config`` merges ``defaults`` into every run, validates the result against
+``workflow/schemas/config.schema.yaml`` (filling its defaults) and applies the cross-key rules the
+schema cannot state. A run's id is ``<name>-<hash>``, the hash being a function of the resolved run
+config and the data it trains on (:func:`run_id`)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from lipflow.config.schema import SCHEMA_PATH, first_error, make_validator, validate
+from lipflow.data.atomic import sha256_file
+from lipflow.errors import ConfigError
+from lipflow.provenance import config_hash
+
+
+def merge_run_defaults(config: dict[str, Any]) -> None:
+    """Give every run the keys of ``defaults`` that it does not override (in place)."""
+    defaults, runs = config.get("defaults", {}), config.get("runs")  # before validation: either may be absent
+    if not isinstance(defaults, dict) or not isinstance(runs, dict):
+        return
+    for name, overrides in runs.items():
+        if overrides is None:
+            overrides = {}
+        if isinstance(overrides, dict):
+            runs[name] = {**defaults, **overrides}
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Merge run defaults and fill the schema's defaults into ``config`` (in place, as
+    snakemake.utils.validate does), in the same pass raising :class:`ConfigError` on the first
+    schema violation (one line naming the key path), then on the first broken cross-key rule
+    (:func:`check_data_blocks`, :func:`check_run`)."""
+    if not isinstance(config, dict):
+        raise ConfigError("the config must be a mapping of keys to values")
+    merge_run_defaults(config)
+    message = first_error(make_validator(fill=True), config)
+    if message is not None:
+        raise ConfigError(f"config error: {message}")
+    check_data_blocks(config)
+    for name, run in config["runs"].items():
+        check_run(f"runs.{name}", run)
+
+
+def check_data_blocks(config: dict[str, Any]) -> None:
+    """What the schema cannot say about ``corpus`` and ``tokenizer``: paths go with a file source
+    and only with one; a ``file`` tokenizer needs its path."""
+    corpus, tokenizer = config["corpus"], config["tokenizer"]
+    if corpus["source"] == "embedded" and corpus["paths"]:
+        raise ConfigError("config error: corpus.paths must be empty for corpus.source 'embedded' "
+                          "(set source: files, jsonl or parquet to read them)")
+    if corpus["source"] != "embedded" and not corpus["paths"]:
+        raise ConfigError(f"config error: corpus.paths is empty; corpus.source '{corpus['source']}' needs a path "
+                          "or glob")
+    if tokenizer["kind"] == "file" and not tokenizer["path"]:
+        raise ConfigError("config error: tokenizer.path is required when tokenizer.kind is 'file'")
+
+
+# Newton–Schulz coefficient sets with their own step count (lipflow.optimizers.NS_COEFFICIENT_SETS;
+# a test checks the two agree): ns_steps must equal it.
+FIXED_NS_STEPS = {"you": 6}
+
+
+def check_run(where: str, run: dict[str, Any]) -> None:
+    """Cross-key rules of one resolved run: the runs train a language model on the text corpus
+    (``mlp`` is the image study's classifier), ``n_heads`` divides ``d_model``, and a Newton–Schulz
+    coefficient schedule gets its own number of steps."""
+    if run["model"] == "mlp":
+        raise ConfigError(f"config error: {where}.model: 'mlp' is the image classifier of the image_mlp study and "
+                          "cannot train on the text corpus; use gpt or lipschitz_gpt")
+    if run["d_model"] % run["n_heads"]:
+        raise ConfigError(f"config error: {where}.n_heads: {run['n_heads']} does not divide d_model {run['d_model']}")
+    fixed = FIXED_NS_STEPS.get(run["ns_coefficients"])
+    if fixed is not None and run["ns_steps"] != fixed:
+        raise ConfigError(f"config error: {where}.ns_steps: ns_coefficients '{run['ns_coefficients']}' has exactly "
+                          f"{fixed} steps, got {run['ns_steps']}")
+
+
+def run_validator():
+    """A filling validator for :func:`experiment_run` (build it once per config: it caches values that passed)."""
+    return make_validator(fill=True)
+
+
+def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's run: ``defaults`` ← ``overrides``, validated and filled like a run of ``runs``."""
+    wrapped = {"runs": {name: {**defaults, **overrides}}}
+    message = first_error(validator, wrapped)
+    if message is not None:
+        raise ConfigError(f"config error in experiment run {message}")
+    check_run(f"experiment run {name}", wrapped["runs"][name])
+    return wrapped["runs"][name]
+
+
+def run_defaults(**overrides: Any) -> dict[str, Any]:
+    """A full run config: the schema's defaults with ``overrides`` (for code and tests that build a
+    model or an optimizer outside the pipeline); an invalid key or value is a ConfigError."""
+    return validate({"runs": {"run": overrides}}, SCHEMA_PATH)["runs"]["run"]
+
+
+def plain_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``runs`` block's runs that train: all of them, unless experiments are selected and
+    ``runs_with_experiments`` is false (a selected experiment then runs on its own)."""
+    if config["experiments"] and not config["runs_with_experiments"]:
+        return {}
+    return config["runs"]
+
+
+def data_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run's training data depends on: the corpus and tokenizer blocks, and a ``file``
+    tokenizer's content. (The corpus files' content is not hashed here, at parse time: they are
+    the corpus rule's inputs, and a checkpoint resumes only on the token shards it was made on.)"""
+    identity = {"corpus": config["corpus"], "tokenizer": config["tokenizer"]}
+    if config["tokenizer"]["kind"] == "file":
+        identity["tokenizer_sha256"] = tokenizer_file_sha256(config["tokenizer"]["path"])
+    return identity
+
+
+def run_id(name: str, run: dict[str, Any], data: dict[str, Any]) -> str:
+    """``<name>-<first 8 hex digits of the hash of the run config and its data identity>``."""
+    return f"{name}-{config_hash({'run': run, 'data': data})[:8]}"
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_file_sha256(path: str) -> str:
+    """The sha256 of a tokenizer file's bytes; a missing file is a ConfigError naming it."""
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise ConfigError(f"config error: tokenizer.path: cannot read {path} ({err.strerror})") from None
+
+
+def tokenizer_id(tok: dict[str, Any]) -> str:
+    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash of its content>``."""
+    if tok["kind"] == "char":
+        return "char"
+    if tok["kind"] == "bpe":
+        return f"bpe{tok['vocab_size']}"
+    return f"file-{tokenizer_file_sha256(tok['path'])[:8]}"

@@ -1,0 +1,169 @@
+"""The one schema validator: YAML loading, JSON-schema (draft 2020-12) validation that fills each
+property's ``default`` in the same pass (what snakemake.utils.validate does), and one-line errors
+naming the key path. The run config (``workflow/schemas/config.schema.yaml``) and the ICL block
+(``lipflow/icl/config_schema.yaml``) are both validated here.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import math
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+
+from lipflow.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~7× faster; every job parses
+SCALARS = (str, int, float, bool, type(None))
+
+
+class UniqueKeyLoader(YAML_LOADER):
+    """A safe YAML loader on which a mapping that repeats a key is an error naming the key and
+    its line (PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping's own keys may override
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, SCALARS):
+                continue  # an unhashable key: the base class gives its own error
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """A fresh copy of a schema file (callers may add keys such as ``$id``)."""
+    return copy.deepcopy(_read_schema(str(Path(path).resolve())))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_schema(path: str) -> dict[str, Any]:
+    return yaml.load(Path(path).read_text(), Loader=YAML_LOADER)
+
+
+def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
+    """A validator class; with ``fill`` it also writes each property's ``default`` into the data
+    (what snakemake.utils.validate does).
+
+    A scalar property value that already passed its subschema is not validated again: a sweep's
+    runs share most of their values, so a 1,000-run config costs about one run's validation per
+    distinct value instead of 1,000 full descents (Snakemake parses the config in every job).
+    """
+    passed: set[tuple[int, type, Any]] = set()
+
+    def fill_default(validator, instance, prop, subschema):
+        """The property's ``default``, or that of the schema its ``$ref`` names (so a block defined in
+        another schema file keeps its default in that file)."""
+        if "default" not in subschema and "$ref" in subschema:
+            subschema = validator._resolver.lookup(subschema["$ref"]).contents
+        if "default" in subschema:
+            instance[prop] = copy.deepcopy(subschema["default"])
+
+    def check_properties(validator, properties, instance, schema):
+        if not validator.is_type(instance, "object"):
+            return
+        for prop, subschema in properties.items():
+            if fill and prop not in instance:
+                fill_default(validator, instance, prop, subschema)
+            if prop not in instance:
+                continue
+            value = instance[prop]
+            key = (id(subschema), type(value), value) if isinstance(value, SCALARS) else None
+            if key is not None and key in passed:
+                continue
+            errors = list(validator.descend(value, subschema, path=prop, schema_path=prop))
+            if not errors and key is not None:
+                passed.add(key)
+            yield from errors
+
+    def full_pattern(validator, pattern, instance, schema):
+        """``pattern`` must match the whole string (Python's ``$`` also matches before a final newline,
+        so ``^…$`` alone would pass a name that ends in one)."""
+        if validator.is_type(instance, "string") and not re.fullmatch(pattern, instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+    base_type = base.VALIDATORS["type"]
+
+    def finite_type(validator, types, instance, schema):
+        """The type check, and a number must be finite (NaN and ±inf pass every comparison check)."""
+        yield from base_type(validator, types, instance, schema)
+        if isinstance(instance, float) and not math.isfinite(instance):
+            yield jsonschema.ValidationError(f"{instance!r} is not a finite number")
+
+    return jsonschema.validators.extend(base, {"properties": check_properties, "pattern": full_pattern,
+                                               "type": finite_type})
+
+
+def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False):
+    """A validator for a schema file; relative ``$ref``s (e.g. ``icl.schema.yaml``) resolve
+    against the schema's folder, as in snakemake.utils.validate."""
+    schema = load_schema(schema_path)
+    schema["$id"] = Path(schema_path).resolve().as_uri()
+    registry = Registry(retrieve=lambda uri: Resource.from_contents(load_schema(Path(urlparse(uri).path))))
+    return _validator_class(fill=fill)(schema, registry=registry)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config; malformed YAML or a repeated key is a one-line :class:`ConfigError`
+    naming file and line."""
+    try:
+        config = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    return config if config is not None else {}
+
+
+def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    """One line naming the key path (below ``prefix``, the block the instance is) and what is allowed."""
+    path = ".".join([prefix, *map(str, error.absolute_path)] if prefix else map(str, error.absolute_path))
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        where = f"{path}." if path else ""
+        key = extra[0] if extra else "?"
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{where}{key}'{hint}; allowed here: {', '.join(allowed)}"
+    path = path or "<top level>"
+    if error.validator == "enum":
+        return f"{path}: {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "pattern":
+        rule = error.schema.get("description", f"must match {error.validator_value}")
+        return f"{path}: {error.instance!r} is not allowed: {rule}"
+    return f"{path}: {error.message}"
+
+
+def first_error(validator, instance: Any, prefix: str = "") -> str | None:
+    """Validate ``instance`` (filling defaults when the validator fills) and describe the most
+    relevant violation, or None when it is valid."""
+    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    return None if error is None else describe(error, prefix)
+
+
+def validate(instance: dict[str, Any], schema_path: Path, prefix: str = "") -> dict[str, Any]:
+    """A copy of ``instance`` with the schema's defaults filled; the first violation is a
+    :class:`ConfigError` naming the key path below ``prefix``."""
+    filled = copy.deepcopy(instance)
+    message = first_error(make_validator(schema_path, fill=True), filled, prefix)
+    if message is not None:
+        raise ConfigError(message)
+    return filled

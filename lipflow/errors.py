@@ -1,0 +1,58 @@
+"""The user-facing errors of every stage and :func:`run_guarded`, the one wrapper of every
+``python -m lipflow.<stage>`` entry point (imports nothing heavy: parse time matters).
+
+Each error's str() is one line naming the field or file; ``run_guarded`` prints it as
+``lipflow: error: <line>`` and exits 2. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+class ConfigError(ValueError):
+    """A config (or config block) that does not satisfy its schema or a cross-key rule."""
+
+
+class DataError(Exception):
+    """Bad data input (missing file, bad encoding, corrupt shard…)."""
+
+
+class IntegrityError(ValueError):
+    """A file whose bytes do not match its ``.sha256`` sidecar, or that has none."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used."""
+
+
+class StageError(RuntimeError):
+    """A stage that cannot finish for a reason outside the code (a check of what it wrote failed);
+    the message says what, and what was kept."""
+
+
+class UnknownNameError(KeyError):
+    """A registry lookup of a name nobody registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message by default
+        return str(self.args[0])
+
+
+# OSError: a missing, unreadable or unwritable file, a full disk: one line naming the file.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ConfigError, DataError,
+                                                IntegrityError, CheckpointError, StageError, UnknownNameError)
+
+
+def run_guarded(fn: Callable[[], int | None]) -> int:
+    """Run a stage (``None`` counts as success); a bad input becomes one line on stderr and exit
+    code 2 (traceback with ``LIPFLOW_DEBUG=1``); anything else is a bug and keeps its traceback."""
+    try:
+        return fn() or 0
+    except USER_ERRORS as err:
+        if os.environ.get("LIPFLOW_DEBUG"):
+            raise
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"lipflow: error: {message}", file=sys.stderr)
+        return 2

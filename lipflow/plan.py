@@ -1,0 +1,143 @@
+"""The Plan: everything the workflow derives from one validated config, computed once at parse time
+(imports no torch). ``common.smk`` builds one Plan; the rules read it.
+
+A Plan holds the run configs by run id (read-only: :class:`FrozenDict`), each run's checkpoint
+evaluations, the selected experiments, the studies outside the run grid that are on, the ICL study's
+config and the targets and params strings the rules use. It joins :mod:`lipflow.config` (which knows
+nothing of experiments) with :mod:`lipflow.experiments` (grid expansion).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from lipflow.config import (check_config, data_identity, experiment_run, plain_runs, run_id, run_validator,
+                            tokenizer_id)
+from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, expand_experiments, experiment_evaluations,
+                                 experiment_studies, selected_experiments)
+from lipflow.icl.config import ICLConfig, load_config, training_config, training_jobs
+
+IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
+
+
+class FrozenDict(dict):
+    """A dict that refuses every change (json.dumps writes it as a dict; a copy is a plain dict)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a Plan's configs are read-only; copy one (dict(cfg)) to change it")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return {key: copy.deepcopy(value, memo) for key, value in self.items()}
+
+
+def freeze(value: Any) -> Any:
+    """``value`` with every mapping a :class:`FrozenDict` and every list a tuple (JSON unchanged)."""
+    if isinstance(value, dict):
+        return FrozenDict({key: freeze(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(freeze(item) for item in value)
+    return value
+
+
+def resolve_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """run id → resolved run config, for a validated config (defaults filled): the ``runs``
+    block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments."""
+    data = data_identity(config)
+    validator = run_validator()
+    experiment_runs = {name: experiment_run(validator, name, overrides, config["defaults"])
+                       for name, overrides in expand_experiments(config).items()}
+    return {run_id(name, cfg, data): cfg for name, cfg in {**plain_runs(config), **experiment_runs}.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one validated config asks the workflow to do (see the module docstring)."""
+
+    config: Mapping[str, Any]
+    runs: Mapping[str, Mapping[str, Any]]  # run id → resolved run config
+    evaluations: Mapping[str, tuple[str, ...]]  # run id → its checkpoint evaluations
+    enabled_evaluations: tuple[str, ...]  # evaluations.enabled (the runs block's evaluations)
+    experiments: tuple[str, ...]
+    studies: frozenset[str]  # studies outside the run grid that run (icl, image_mlp)
+    icl: ICLConfig
+    trains_runs_block: bool  # False when selected experiments replace the runs block
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Plan":
+        """Validate ``config`` in place (filling the schema's defaults, as Snakemake's own config must
+        be) and plan it; a bad config is a one-line ConfigError."""
+        check_config(config)
+        runs = resolve_runs(config)
+        experiments = selected_experiments(config)
+        enabled = tuple(config["evaluations"]["enabled"])
+        by_experiment = {name: tuple(experiment_evaluations(config, {"experiment": name})) for name in experiments}
+        evaluations = {run: by_experiment[cfg["experiment"]] if cfg["experiment"] else enabled
+                       for run, cfg in runs.items()}
+        icl = load_config(config["icl"])  # the icl block's own schema fills its defaults
+        studies = frozenset(experiment_studies(config)) | ({"icl"} if icl.enabled else set())
+        return cls(config=freeze(config), runs=freeze(runs), evaluations=FrozenDict(evaluations),
+                   enabled_evaluations=enabled, experiments=tuple(experiments), studies=studies, icl=icl,
+                   trains_runs_block=bool(plain_runs(config)))
+
+    @property
+    def all_evaluations(self) -> list[str]:
+        """Every evaluation some run (or evaluations.enabled) names, sorted."""
+        return sorted({name for names in self.evaluations.values() for name in names} | set(self.enabled_evaluations))
+
+    @property
+    def data_dir(self) -> str:
+        return f"results/data/{self.config['corpus']['name']}"
+
+    @property
+    def tokens_dir(self) -> str:
+        return f"{self.data_dir}/{tokenizer_id(self.config['tokenizer'])}"
+
+    # ------------------------------------------------------------------ params strings (a change reruns jobs)
+
+    def run_config_json(self, run: str) -> str:
+        """The resolved config of one run, passed to the training job as JSON."""
+        return json.dumps(self.runs[run], sort_keys=True)
+
+    def config_block_json(self, block: str) -> str:
+        """A top-level config block as JSON (a change to it reruns the rule through params)."""
+        return json.dumps(self.config[block], sort_keys=True)
+
+    def evaluation_params_json(self, evaluation: str) -> str:
+        """One evaluation's parameters (schema defaults filled) as JSON."""
+        return json.dumps(self.config["evaluations"][evaluation], sort_keys=True)
+
+    def icl_params(self) -> str:
+        """The whole icl block as JSON (without `enabled`, which changes no result)."""
+        return json.dumps({k: v for k, v in self.icl.to_dict().items() if k != "enabled"})
+
+    def icl_train_params(self) -> str:
+        """Only the keys that change what an ICL training job learns, so n_grid edits keep models."""
+        return json.dumps(training_config(self.icl))
+
+    # ------------------------------------------------------------------ targets
+
+    def icl_runs(self) -> list[str]:
+        """The ICL study's model checkpoints, one per (layers, n) training job."""
+        return [f"results/icl/runs/L{layers}_n{n}.safetensors" for layers, n in training_jobs(self.icl)]
+
+    def experiment_outputs(self, name: str) -> list[str]:
+        """The figures (PNG and SVG) and tables (CSV) of one experiment."""
+        figures = [f"results/figures/{fig}.{ext}" for fig in EXPERIMENT_FIGURES.get(name, ()) for ext in ("png", "svg")]
+        return figures + [f"results/tables/{view}.csv" for view in EXPERIMENT_VIEWS.get(name, ())]
+
+    def study_inputs(self) -> list[str]:
+        """Files outside the runs that the database loads when their study is on: the digits-MLP
+        robustness table (loaded by create_views as image_mlp_robustness)."""
+        return [IMAGE_MLP] if "image_mlp" in self.studies else []
+
+    def experiment_targets(self) -> list[str]:
+        """Everything the selected experiments produce (the ICL study's outputs are icl targets)."""
+        return [path for name in self.experiments for path in self.experiment_outputs(name)] + self.study_inputs()

@@ -1,0 +1,101 @@
+"""The Snakemake side of a :class:`~lipflow.plan.Plan`: the input, params and resource functions
+the rules call (each takes the job's ``wildcards``), and the file lists of the studies. Kept out of
+``common.smk`` so that the rule files hold rules only."""
+
+from __future__ import annotations
+
+from lipflow.plan import Plan
+
+ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
+              "training"]
+ICL_FIGURES = [f"results/figures/icl_{name}.{ext}" for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
+
+
+def param_count(cfg, vocab=512):
+    """≈ parameters of a GPT-like model: 12·L·d² (blocks) + 2·V·d (embedding and head)."""
+    return 12 * cfg["n_layers"] * cfg["d_model"] ** 2 + 2 * vocab * cfg["d_model"]
+
+
+class RuleFunctions:
+    """The functions the rules name, bound to one Plan."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.resources = plan.config["resources"]
+
+    # ------------------------------------------------------------------ evaluations
+
+    def evaluation_files(self, run):
+        return [f"results/runs/{run}/evals/{evaluation}.parquet" for evaluation in self.plan.evaluations[run]]
+
+    def run_evaluation_files(self, wildcards):
+        return self.evaluation_files(wildcards.run)
+
+    def run_evaluation_checksums(self, wildcards):
+        """The sidecars of run_evaluation_files: each evaluation job's receipt (see rule evaluate)."""
+        return [f"{path}.sha256" for path in self.evaluation_files(wildcards.run)]
+
+    def evaluation_receipts(self, wildcards):
+        """Every run's evaluation and merged-evaluation sidecars, for `rule all`: Snakemake does not
+        look below an up-to-date output for a missing intermediate file, so a receipt deleted by a
+        failed evaluation must be asked for by the target itself to be rebuilt."""
+        return [f"{path}.sha256" for run in self.plan.runs
+                for path in (*self.evaluation_files(run), f"results/runs/{run}/evals.parquet")]
+
+    def evaluation_params_json(self, wildcards):
+        return self.plan.evaluation_params_json(wildcards.evaluation)
+
+    # ------------------------------------------------------------------ training
+
+    def run_config_json(self, wildcards):
+        return self.plan.run_config_json(wildcards.run)
+
+    def train_mem_mb(self, wildcards, attempt):
+        """1 GB of runtime + 16 bytes/parameter (weights, grads, two optimizer moments) + activations
+        (≈ 34·B·T·d·L floats, Korthikanti et al. 2022), doubled on each retry."""
+        override = self.resources["train_mem_mb"]
+        if override:
+            return override * attempt
+        cfg = self.plan.runs[wildcards.run]
+        activations = 34 * cfg["batch_size"] * cfg["context"] * cfg["d_model"] * cfg["n_layers"] * 4
+        return int(1000 + (16 * param_count(cfg) + activations) / 1e6) * attempt
+
+    def train_runtime(self, wildcards, attempt):
+        """Minutes: 6·N·tokens FLOPs at a conservative 5 GFLOP/s (a CPU core), + 10, doubled on retry."""
+        override = self.resources["train_runtime"]
+        if override:
+            return override * attempt
+        cfg = self.plan.runs[wildcards.run]
+        tokens = cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]
+        return int(10 + 6 * param_count(cfg) * tokens / 5e9 / 60) * attempt
+
+    def train_gpus(self, wildcards):
+        """GPUs for one training job: ``gpu_per_run``, at least one per DDP process when GPUs are used."""
+        gpus = self.resources["gpu_per_run"]
+        return max(gpus, self.plan.runs[wildcards.run]["nproc"]) if gpus else 0
+
+    def train_launcher(self, wildcards):
+        """``python -m`` for one process; ``torchrun`` for data-parallel runs (nproc > 1)."""
+        nproc = self.plan.runs[wildcards.run]["nproc"]
+        return f"torchrun --standalone --nproc_per_node={nproc} -m" if nproc > 1 else "python -m"
+
+    # ------------------------------------------------------------------ studies and experiments
+
+    def icl_tables(self, wildcards):
+        """The ICL study's tables when it is on (the DuckDB build loads them as icl_<table>)."""
+        return [f"results/icl/{table}.parquet" for table in ICL_TABLES] if "icl" in self.plan.studies else []
+
+    def icl_targets(self, wildcards):
+        """The ICL study's part of the default target `all`: everything of icl_all when it is on."""
+        if "icl" not in self.plan.studies:
+            return []
+        return [*self.icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"]
+
+    def icl_params(self, wildcards):
+        return self.plan.icl_params()
+
+    def icl_train_params(self, wildcards):
+        return self.plan.icl_train_params()
+
+    def experiment_targets(self, wildcards=None):
+        return self.plan.experiment_targets()

@@ -1,0 +1,81 @@
+"""The Plan reproduces what the workflow derived from a config before it existed
+(tests/data/plan_golden.json, written from commit 1b9edc6): the same run ids and configs, each run's
+evaluations, the studies, the targets and byte-identical params strings (a changed params string
+reruns jobs)."""
+
+import copy
+import json
+
+import pytest
+
+import lipflow.experiments
+from lipflow.config import ConfigError
+from lipflow.plan import FrozenDict, Plan
+from plan_cases import GOLDEN, digest, golden_cases
+
+CASES = golden_cases()
+EXPECTED = json.loads(GOLDEN.read_text())
+
+
+def test_the_fixture_covers_every_case():
+    assert sorted(EXPECTED) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_reproduces_the_golden_fixture(name):
+    expected = EXPECTED[name]
+    plan = Plan.from_config(copy.deepcopy(CASES[name]))
+    assert list(plan.runs) == expected["run_ids"]
+    assert digest(plan.runs) == expected["runs_sha256"]
+    assert digest(plan.evaluations) == expected["evaluations_sha256"]
+    assert plan.all_evaluations == expected["all_evaluations"]
+    assert list(plan.experiments) == expected["experiments"]
+    assert {"icl": "icl" in plan.studies, "image_mlp": "image_mlp" in plan.studies} == expected["studies"]
+    assert plan.icl_runs() == [f"results/icl/runs/L{layers}_n{n}.safetensors" for layers, n in expected["icl_jobs"]]
+    assert plan.experiment_targets() == expected["experiment_targets"]
+    assert plan.trains_runs_block == bool(expected["plain_runs"])
+    params = {
+        "run_config_json": {run: plan.run_config_json(run) for run in plan.runs},
+        "config_block_json": {block: plan.config_block_json(block) for block in ("corpus", "tokenizer")},
+        "evaluation_params_json": {e: plan.evaluation_params_json(e) for e in plan.all_evaluations},
+        "icl_params": plan.icl_params(),
+        "icl_train_params": plan.icl_train_params(),
+        "database_runs": " ".join(f"results/runs/{run}" for run in plan.runs),
+    }
+    assert {key: digest(value) for key, value in params.items()} == expected["params_sha256"]
+    if "params" in expected:  # small cases keep the strings themselves: a failure shows the difference
+        assert params == expected["params"]
+        assert json.loads(json.dumps(plan.runs)) == expected["runs"]
+
+
+def test_run_configs_are_read_only_and_copy_to_plain_dicts():
+    plan = Plan.from_config(copy.deepcopy(CASES["config.yaml"]))
+    run = next(iter(plan.runs.values()))
+    for change in (lambda: run.__setitem__("lr", 1.0), lambda: run.update(lr=1.0), lambda: run.pop("lr"),
+                   lambda: plan.runs.clear(), lambda: plan.config["corpus"].setdefault("x", 1)):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    mutable = copy.deepcopy(run)
+    mutable["lr"] = 1.0
+    assert type(mutable) is dict and run["lr"] != 1.0
+    assert isinstance(plan.runs, FrozenDict) and isinstance(plan.config["corpus"]["paths"], tuple)
+
+
+def test_definitions_are_computed_a_fixed_number_of_times_not_per_run(monkeypatch):
+    """Before the Plan, ``definitions`` ran once per run (231 times for a 112-run selection)."""
+    calls = []
+    original = lipflow.experiments.definitions
+    monkeypatch.setattr(lipflow.experiments, "definitions", lambda config: calls.append(1) or original(config))
+    counts = {}
+    for name in ("precision/cpu/runs_false", "all/paper/runs_true"):
+        calls.clear()
+        plan = Plan.from_config(copy.deepcopy(CASES[name]))
+        counts[name] = (len(calls), len(plan.runs), len(plan.experiments))
+    (few, few_runs, one), (many, many_runs, seven) = counts.values()
+    assert few_runs < 10 < 300 < many_runs and (one, seven) == (1, 7)
+    assert few <= 8 and many - few == seven - one  # one per selected experiment, none per run
+
+
+def test_a_bad_config_is_a_config_error_before_anything_is_planned():
+    with pytest.raises(ConfigError, match="unknown experiment 'precison'"):
+        Plan.from_config({"experiments": ["precison"]})
