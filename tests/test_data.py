@@ -413,7 +413,7 @@ CORPUS_CASES = {
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("lipflow: error: "), result.stderr
     assert re.search(pattern, lines[0]), lines[0]
 
 
