@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from lipflow.checkpoint import CheckpointError, load_weights
+from lipflow.config import run_defaults
 from lipflow.data.atomic import read_json
 from lipflow.metrics import read_table_parquet, resolve_device
 from lipflow.model import LanguageModel, build_model
@@ -44,7 +45,7 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
     if changed:
         raise CheckpointError(f"{run_dir / 'config.json'} does not match the config stored in model.safetensors "
                               f"(differs in {', '.join(changed[:3])}): edited after training?")
-    model = build_model(info["config"], info["vocab_size"])
+    model = build_model(run_defaults(**info["config"]), info["vocab_size"])  # a key added since: its default
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / 'model.safetensors'} does not fit a {info['config']['model']} model "

@@ -40,11 +40,6 @@ from lipflow.registry import Registry
 OptimizerBuilder = Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
 
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "momentum": 0.95, "ns_steps": 5, "adam_lr": 3e-3,
-    "compile": False, "nesterov": True, "ns_coefficients": "jordan", "update_scale": "sqrt_fan_ratio",
-    "embed_optimizer": "adamw", "max_embed_inflation": 16.0,
-}
 ADAM_EPS = 1e-8  # torch's default
 
 # ----------------------------------------------------------------------------- Newton–Schulz
@@ -416,10 +411,6 @@ SCION_GPT_DEFAULTS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- builders
 
 
-def _setting(cfg: dict[str, Any], key: str) -> Any:
-    return cfg.get(key, CONFIG_DEFAULTS[key])
-
-
 def _role_groups(model: nn.Module) -> Iterator[tuple[str, float, list[nn.Parameter]]]:
     """(role, lr_mult, params) for each non-empty (role, multiplier) pair, in a fixed order.
 
@@ -449,7 +440,7 @@ def _role_groups(model: nn.Module) -> Iterator[tuple[str, float, list[nn.Paramet
 
 def _embed_decay(role: str, cfg: dict[str, Any]) -> float:
     """In-optimizer weight decay: cfg weight_decay for embedding tables, 0 otherwise (module docstring)."""
-    return _setting(cfg, "weight_decay") if role == "embed" else 0.0
+    return cfg["weight_decay"] if role == "embed" else 0.0
 
 
 @OPTIMIZERS.register("adamw")
@@ -457,7 +448,7 @@ def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2)."""
     groups = [dict(params=params, lr=cfg["lr"] * mult, weight_decay=_embed_decay(role, cfg), role=role)
               for role, mult, params in _role_groups(model)]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")),
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                              eps=ADAM_EPS, weight_decay=0.0)
 
 
@@ -470,15 +461,15 @@ def build_muon(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     for role, mult, params in _role_groups(model):
         if role in ("hidden", "head"):
             groups.append(dict(params=params, kind="muon", lr=cfg["lr"] * mult, role=role))
-        elif role == "embed" and _setting(cfg, "embed_optimizer") == "dualized":
+        elif role == "embed" and cfg["embed_optimizer"] == "dualized":
             groups.append(dict(params=params, kind="dualized", lr=cfg["lr"] * mult, role=role))
         else:
-            groups.append(dict(params=params, kind="adamw", lr=_setting(cfg, "adam_lr") * mult,
+            groups.append(dict(params=params, kind="adamw", lr=cfg["adam_lr"] * mult,
                                weight_decay=_embed_decay(role, cfg), role=role))
-    return Muon(groups, lr=cfg["lr"], momentum=_setting(cfg, "momentum"), ns_steps=_setting(cfg, "ns_steps"),
-                betas=(_setting(cfg, "beta1"), _setting(cfg, "beta2")), nesterov=_setting(cfg, "nesterov"),
-                ns_coefficients=_setting(cfg, "ns_coefficients"), update_scale=_setting(cfg, "update_scale"),
-                max_inflation=_setting(cfg, "max_embed_inflation"), compile=_setting(cfg, "compile"))
+    return Muon(groups, lr=cfg["lr"], momentum=cfg["momentum"], ns_steps=cfg["ns_steps"],
+                betas=(cfg["beta1"], cfg["beta2"]), nesterov=cfg["nesterov"],
+                ns_coefficients=cfg["ns_coefficients"], update_scale=cfg["update_scale"],
+                max_inflation=cfg["max_embed_inflation"], compile=cfg["compile"])
 
 
 def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Scion:
@@ -488,7 +479,7 @@ def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Sc
                          "(scion is constrained, uscg is not)")
     tables = {}
     for key in ("lmo_norms", "lmo_radius"):
-        given = cfg.get(key) or {}
+        given = cfg[key]
         unknown = set(given) - set(ROLES)
         if unknown:
             raise ValueError(f"{key} has unknown roles {sorted(unknown)}; expected a subset of {ROLES}")
@@ -503,7 +494,7 @@ def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Sc
                 raise ValueError(f"lmo_norms.{role}='{norm}' needs 2-D parameters, got shapes {bad}")
         groups.append(dict(params=params, lr=cfg["lr"] * mult, norm=norm, radius=float(tables["lmo_radius"][role]),
                            embedding=role == "embed", role=role))
-    return Scion(groups, lr=cfg["lr"], momentum=1.0 - _setting(cfg, "momentum"), constrained=constrained)
+    return Scion(groups, lr=cfg["lr"], momentum=1.0 - cfg["momentum"], constrained=constrained)
 
 
 @OPTIMIZERS.register("scion")

@@ -67,7 +67,7 @@ def width_dimension_counts(model: nn.Module, width_twin: Callable[[int], nn.Modu
 
 
 def _depth_factor(cfg: dict[str, Any]) -> float:
-    return 1.0 / math.sqrt(cfg["n_layers"]) if cfg.get("depth_mup", False) else 1.0
+    return 1.0 / math.sqrt(cfg["n_layers"]) if cfg["depth_mup"] else 1.0
 
 
 @PARAMETRIZATIONS.register("sp")
@@ -87,7 +87,7 @@ def maximal_update(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[
     if "optimizer" not in cfg:
         raise ValueError("optimizer: the mup parametrization needs the optimizer name to pick its multipliers")
     geometry = UPDATE_GEOMETRY.get(cfg["optimizer"])
-    d_model, base_width = cfg["d_model"], cfg.get("base_width", 64)
+    d_model, base_width = cfg["d_model"], cfg["base_width"]
     if base_width <= 0:
         raise ValueError(f"base_width={base_width} must be positive")
     m = d_model / base_width
@@ -189,11 +189,11 @@ def modular(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], n
     Under lipflow's Muon the embedding is on AdamW, whose lr (adam_lr) is multiplied by its t. With
     optimizer adamw every Adam step is multiplied by t; the reference's Adam runs (post_dualize off)
     use t only in the decay and the cap's coupling, not in the step."""
-    name = cfg.get("model", type(model).__name__)
+    name = cfg["model"]
     if model.modular_masses is None:
         raise ValueError(f"parametrization: 'modular' needs a model with a Lipschitz structure "
                          f"(lipschitz_gpt, mlp); '{name}' has none (its LayerNorm has no sensitivity)")
-    given = cfg.get("masses") or {}
+    given = cfg["masses"] or {}
     unknown = sorted(set(given) - set(model.modular_masses))
     if unknown:
         raise ValueError(f"masses: model '{name}' has no part {unknown[0]}; its parts are "

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lipflow.config import run_defaults
 from lipflow.model import MODELS, build_model
 from lipflow.model.bound import ACTIVATIONS, GELU_MAX_SLOPE
 from lipflow.model.lipschitz_gpt import RotaryEmbedding, orthogonal_init_
 from lipflow.registry import UnknownNameError
 
 VOCAB = 40
-LM_CFG = {"d_model": 32, "n_layers": 2, "n_heads": 4, "context": 12, "mlp_ratio": 4, "attn_scale": 4.0,
-          "optimizer": "adamw"}
+LM_CFG = run_defaults(d_model=32, n_layers=2, n_heads=4, context=12, mlp_ratio=4, attn_scale=4.0, optimizer="adamw")
 
 
 def lm(name: str, **overrides) -> torch.nn.Module:
@@ -135,8 +135,7 @@ def test_param_roles_cover_every_parameter_once(name):
 
 
 def test_mlp_classifier_shapes_roles_and_init():
-    cfg = {"model": "mlp", "in_features": 12, "d_model": 16, "n_layers": 3, "activation": "relu",
-           "optimizer": "adamw"}
+    cfg = run_defaults(model="mlp", in_features=12, d_model=16, n_layers=3, activation="relu", optimizer="adamw")
     model = build_model(cfg, 5)
     assert model(torch.randn(4, 3, 4)).shape == (4, 5)  # images are flattened
     roles = model.param_roles()
@@ -166,8 +165,8 @@ def test_lipschitz_block_equals_the_convex_residual_written_out(activation, n_la
     from lipflow.model.lipschitz_gpt import LipschitzGPT
 
     torch.manual_seed(0)
-    model = LipschitzGPT({"d_model": 32, "n_layers": n_layers, "n_heads": 4, "context": 8,
-                          "activation": activation}, vocab_size=11)
+    model = LipschitzGPT(run_defaults(d_model=32, n_layers=n_layers, n_heads=4, context=8, activation=activation),
+                         vocab_size=11)
     with torch.no_grad():  # output projections start at zero: give the branches something to add
         for block in model.blocks:
             block.attn.o.weight.normal_(0, 0.3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipflow.config import run_defaults
 from lipflow.constraints import constrain_
 from lipflow.optimizers import (LMOS, MUON_NS_COEFFICIENTS, NS_COEFFICIENT_SETS, OPTIMIZERS, SCION_GPT_DEFAULTS, Muon, Scion,
                                 build_optimizer, newton_schulz, newton_schulz_peak)
@@ -38,10 +39,10 @@ class ToyModel(nn.Module):
 
 
 CFGS = {
-    "adamw": dict(optimizer="adamw", lr=1e-2, weight_decay=0.1),
-    "muon": dict(optimizer="muon", lr=0.05, adam_lr=1e-2, weight_decay=0.1),
-    "scion": dict(optimizer="scion", lr=0.05, momentum=0.9),
-    "uscg": dict(optimizer="uscg", lr=0.02, momentum=0.9),
+    "adamw": run_defaults(optimizer="adamw", lr=1e-2, weight_decay=0.1),
+    "muon": run_defaults(optimizer="muon", lr=0.05, adam_lr=1e-2, weight_decay=0.1),
+    "scion": run_defaults(optimizer="scion", lr=0.05, momentum=0.9),
+    "uscg": run_defaults(optimizer="uscg", lr=0.02, momentum=0.9),
 }
 INPUTS = torch.arange(VOCAB).repeat(4)
 TARGETS = (3 * INPUTS + 5) % VOCAB  # a permutation of the vocabulary to learn
@@ -362,10 +363,10 @@ def test_scion_builder_uses_the_norm_table():
 
 
 @pytest.mark.parametrize("cfg,message", [
-    (dict(optimizer="scion", lr=0.1, lmo_norms={"hiden": "spectral"}), "unknown roles"),
-    (dict(optimizer="scion", lr=0.1, lmo_norms={"hidden": "spectrl"}), "did you mean 'spectral'"),
-    (dict(optimizer="scion", lr=0.1, lmo_norms={"vector": "spectral"}), "needs 2-D parameters"),
-    (dict(optimizer="uscg", lr=0.1, constrained=True), "contradicts"),
+    (run_defaults(optimizer="scion", lr=0.1, lmo_norms={"hiden": "spectral"}), "unknown roles"),
+    (run_defaults(optimizer="scion", lr=0.1, lmo_norms={"hidden": "spectrl"}), "did you mean 'spectral'"),
+    (run_defaults(optimizer="scion", lr=0.1, lmo_norms={"vector": "spectral"}), "needs 2-D parameters"),
+    (run_defaults(optimizer="uscg", lr=0.1, constrained=True), "contradicts"),
 ])
 def test_builder_errors(cfg, message):
     with pytest.raises((ValueError, UnknownNameError), match=message):

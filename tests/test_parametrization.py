@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lipflow.config import run_defaults
 from lipflow.model import build_model
 from lipflow.parametrization import UPDATE_GEOMETRY
 from lipflow.registry import UnknownNameError
@@ -16,8 +17,9 @@ WIDTHS = (64, 128, 256, 512)
 
 
 def lm_cfg(model: str, parametrization: str, width: int, **extra) -> dict:
-    return {"model": model, "d_model": width, "n_layers": 2, "n_heads": 4, "context": CONTEXT, "mlp_ratio": 4,
-            "parametrization": parametrization, "base_width": 64, "optimizer": "adamw", **extra}
+    return run_defaults(**{"model": model, "d_model": width, "n_layers": 2, "n_heads": 4, "context": CONTEXT,
+                           "mlp_ratio": 4, "parametrization": parametrization, "base_width": 64, "optimizer": "adamw",
+                           **extra})
 
 
 def activation_rms_after_adam(cfg: dict, lr: float, steps: int = 4) -> dict[str, float]:
@@ -67,7 +69,7 @@ def test_mup_multipliers_depend_on_the_optimizer_geometry():
 
 
 def test_width_dimensions_come_from_shapes_not_roles():
-    cfg = {"model": "mlp", "in_features": 20, "d_model": 128, "n_layers": 3, "parametrization": "mup",
+    cfg = {**run_defaults(), "model": "mlp", "in_features": 20, "d_model": 128, "n_layers": 3, "parametrization": "mup",
            "base_width": 32, "optimizer": "adamw"}
     model = build_model(cfg, 10)
     # layers.0 is "hidden" for the optimizer, but its fan_in (20) does not grow: µP input weights keep lr
@@ -162,9 +164,9 @@ def test_modular_multipliers_see_the_attention_scale_logit_scale_and_mlp_depth()
     tempered = modular_gpt_multipliers(16.0, logit_scale=4.0)
     assert tempered == pytest.approx({k: v / 4 for k, v in base.items()})
     for n_layers, expected in ((3, [1 / 3] * 3), (1, [1.0])):
-        cfg = {"model": "mlp", "in_features": 20, "d_model": 32, "n_layers": n_layers, "parametrization": "modular"}
+        cfg = run_defaults(model="mlp", in_features=20, d_model=32, n_layers=n_layers, parametrization="modular")
         assert list(multipliers(build_model(cfg, 10)).values()) == pytest.approx(expected)
-    cfg = {"model": "mlp", "in_features": 20, "d_model": 32, "n_layers": 3, "parametrization": "modular",
+    cfg = {**run_defaults(), "model": "mlp", "in_features": 20, "d_model": 32, "n_layers": 3, "parametrization": "modular",
            "masses": {"blocks": 6.0, "head": 2.0}}
     assert list(multipliers(build_model(cfg, 10)).values()) == pytest.approx([3 / 8, 3 / 8, 1 / 4])
 
@@ -172,7 +174,7 @@ def test_modular_multipliers_see_the_attention_scale_logit_scale_and_mlp_depth()
 def test_modular_refuses_models_without_a_lipschitz_structure_and_unknown_parts():
     with pytest.raises(ValueError, match="parametrization: 'modular' needs a model with a Lipschitz structure"):
         build_model(lm_cfg("gpt", "modular", 64), VOCAB)
-    cfg = {"model": "mlp", "in_features": 20, "d_model": 32, "n_layers": 3, "parametrization": "modular",
+    cfg = {**run_defaults(), "model": "mlp", "in_features": 20, "d_model": 32, "n_layers": 3, "parametrization": "modular",
            "masses": {"embed": 1.0}}
     with pytest.raises(ValueError, match="masses: model 'mlp' has no part embed"):
         build_model(cfg, 10)

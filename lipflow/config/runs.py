@@ -5,6 +5,7 @@ config and the data it trains on (:func:`run_id`)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -92,9 +93,21 @@ def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: di
 
 
 def run_defaults(**overrides: Any) -> dict[str, Any]:
-    """A full run config: the schema's defaults with ``overrides`` (for code and tests that build a
-    model or an optimizer outside the pipeline); an invalid key or value is a ConfigError."""
-    return validate({"runs": {"run": overrides}}, SCHEMA_PATH)["runs"]["run"]
+    """A full run config: the schema's run defaults with ``overrides`` on top, for code and tests that
+    build a model or an optimizer outside the pipeline. The overrides are not validated (the registry
+    or the model names a bad value; the image-MLP study adds keys of its own, e.g. ``in_features``)."""
+    return {**copy.deepcopy(_schema_run_defaults()), **overrides}
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_run_defaults() -> dict[str, Any]:
+    return validate({"runs": {"run": {}}}, SCHEMA_PATH)["runs"]["run"]
+
+
+def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
+    """One checkpoint evaluation's parameters (``evaluations.<name>``) with the schema's defaults
+    filled; an unknown key or a bad value is a ConfigError naming it."""
+    return validate({"evaluations": {name: params}}, SCHEMA_PATH)["evaluations"][name]
 
 
 def plain_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

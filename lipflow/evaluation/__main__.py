@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from lipflow.errors import run_guarded
+from lipflow.config import evaluation_params
 from lipflow.data.atomic import read_json
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import evaluate_windows, resolve_device, write_table_parquet
@@ -31,9 +32,9 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
                          f"tokenizer in {data_dir} has {train.vocab_size}: tokenizer/checkpoint mismatch")
     if params.get("n_train") is None:  # training sequences, for the rank bound
         params["n_train"] = train.num_tokens // context
-    train_windows = train.sequential_windows(context, max_windows=params.get("train_windows", 256))
-    val_windows = TokenShards(data_dir, "val").sequential_windows(context, max_windows=params.get("val_windows"))
-    batch = params.get("batch_size", 32)
+    train_windows = train.sequential_windows(context, max_windows=256)
+    val_windows = TokenShards(data_dir, "val").sequential_windows(context)
+    batch = params["batch_size"]
     train_loss = evaluate_windows(model, train_windows, batch, device)["loss"]
     val_loss = evaluate_windows(model, val_windows, batch, device)["loss"]
     bound_l2 = getattr(model, "lipschitz_bound_l2", None)
@@ -45,6 +46,7 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
 
 def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, device: str = "auto") -> int:
     evaluation = EVALUATIONS.get(name)
+    params = evaluation_params(name, **params)
     summary = read_json(run_dir / "run.json")
     run_id = summary["run_id"]
     if summary["status"] != "completed":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from lipflow.config import run_defaults
 from lipflow.errors import run_guarded
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
@@ -71,9 +72,9 @@ def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
                     data: dict[str, Split]) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
     """Train one method; (step, val accuracy, weights) every ``eval_every`` steps and at the end."""
     torch.manual_seed(cfg["seed"])
-    model = build_model({"model": "mlp", "in_features": 64, "d_model": cfg["width"], "n_layers": cfg["n_layers"],
-                         "activation": "relu"}, 10)
-    optimizer = build_optimizer(model, method)
+    model = build_model(run_defaults(model="mlp", in_features=64, d_model=cfg["width"], n_layers=cfg["n_layers"],
+                                     activation="relu"), 10)
+    optimizer = build_optimizer(model, run_defaults(**method))
     roles = model.param_roles()
     matrices = [p for _, p in roles["hidden"] + roles["head"]]
     constraint = ConstraintSettings(method["weight_constraint"], method["sigma_max"], method["weight_decay"], 0.0)
@@ -130,8 +131,8 @@ def run_image_mlp_study(cfg: dict[str, Any] | None = None) -> list[dict]:
     rows: list[dict] = []
     for name, snaps in runs.items():
         step, val_acc, weights = next(s for s in snaps if s[1] >= target)
-        model = build_model({"model": "mlp", "in_features": 64, "d_model": cfg["width"],
-                             "n_layers": cfg["n_layers"], "activation": "relu"}, 10)
+        model = build_model(run_defaults(model="mlp", in_features=64, d_model=cfg["width"], n_layers=cfg["n_layers"],
+                                         activation="relu"), 10)
         model.load_state_dict(weights)
         rows += [{"metric": "matched_step", "value": float(step), "method": name},
                  {"metric": "val_accuracy", "value": val_acc, "method": name},

@@ -359,10 +359,10 @@ def real_fp8_accuracy(model: nn.Module, windows: torch.Tensor, batch_size: int =
 def evaluate(ctx: EvalContext) -> list[dict]:
     """Loss/accuracy deltas vs fp32 per format and scaling, int8 weights, activation ranges, fp8 safety."""
     cfg = ctx.cfg
-    windows = ctx.val_windows[: cfg.get("max_windows", 256)]
-    batch_size = cfg.get("batch_size", 32)
-    formats = [FORMATS.get(name) for name in cfg.get("formats", FORMATS.names())]
-    scalings = cfg.get("scalings", ["none", "per_tensor"])
+    windows = ctx.val_windows[: cfg["max_windows"]]
+    batch_size = cfg["batch_size"]
+    formats = [FORMATS.get(name) for name in cfg["formats"]]
+    scalings = cfg["scalings"]
     for scaling in scalings:
         SCALINGS.get(scaling)  # fail on an unknown name before any work
     model = ctx.model.to(ctx.device).eval()
@@ -411,7 +411,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
             if scaling == "none":
                 observed_clean[fmt.name] = all(c.overflow == 0 and c.saturated == 0
                                                for c in (state.counts, weight_counts))
-    if cfg.get("int8", True):
+    if cfg["int8"]:
         int8_model = copy.deepcopy(model)
         max_error = 0.0
         with torch.no_grad():
@@ -426,7 +426,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     rows += fp8_safety_rows(model, formats)
     rows += [{"metric": "fp8_safe_observed", "value": float(ok), "format": name} for name, ok in observed_clean.items()]
     rows += bound_rows(analytic_activation_bounds(model), {**block_max, **reference.max_abs})
-    real = cfg.get("real_fp8", "auto")
+    real = cfg["real_fp8"]
     if real is True or (real == "auto" and fp8_kernel_available(ctx.device)):
         for scaling in scalings:
             result = real_fp8_accuracy(model, windows, batch_size, scaling)

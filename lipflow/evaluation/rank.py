@@ -328,19 +328,19 @@ def spectrum_adaptive_proxy(layers: Sequence[LayerMatrices], activation_lipschit
 def evaluate(ctx: EvalContext) -> list[dict]:
     """Spectra of every weight matrix and of W_QK / Ṽ per head; B3, B_Ed, B_ours; the measured gap."""
     cfg, model = ctx.cfg, ctx.model.to(ctx.device).eval()
-    rtols = list(cfg.get("rtols", [1e-2, 1e-3]))
-    skipped = set() if cfg.get("include_embeddings", True) else {n for n, _ in model.param_roles()["embed"]}
+    rtols = list(cfg["rtols"])
+    skipped = set() if cfg["include_embeddings"] else {n for n, _ in model.param_roles()["embed"]}
     rows: list[dict] = []
     for name, p in model.named_parameters():
         if p.ndim == 2 and name not in skipped:
             rows += spectrum_rows(p, rtols, matrix=name, layer=None, head=None)
 
-    layers = find_attention(model, ctx.run.get("n_heads"))
-    n_train = int(cfg.get("n_train") or ctx.train_windows.shape[0])
-    input_bounds = attention_input_norms(model, layers, ctx.train_windows[: cfg.get("bx_windows", 64)],
-                                         cfg.get("batch_size", 32), ctx.device)
-    lip = ACTIVATION_LIPSCHITZ.get(ctx.run.get("activation", "gelu"), 1.13)
-    bound_rtol = cfg.get("bound_rtol")
+    layers = find_attention(model, ctx.run["n_heads"])
+    n_train = int(cfg["n_train"] or ctx.train_windows.shape[0])
+    input_bounds = attention_input_norms(model, layers, ctx.train_windows[: cfg["bx_windows"]],
+                                         cfg["batch_size"], ctx.device)
+    lip = ACTIVATION_LIPSCHITZ.get(ctx.run["activation"], 1.13)
+    bound_rtol = cfg["bound_rtol"]
     b3_total, per_layer = 0.0, []
     for i, (layer, bx) in enumerate(zip(layers, input_bounds)):
         rows.append({"metric": "attention_input_max_norm", "value": bx, "layer": i})

@@ -217,10 +217,10 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     """Certified accuracy, PGD and substitution robustness, and the empirical Lipschitz lower bound."""
     cfg = ctx.cfg
     model = ctx.model.to(ctx.device).eval()
-    batch_size, objective = cfg.get("batch_size", 32), cfg.get("objective", "margin")
+    batch_size, objective = cfg["batch_size"], cfg["objective"]
     OBJECTIVES.get(objective)  # fail on an unknown name before any work
-    generator = torch.Generator().manual_seed(cfg.get("seed", 0))
-    windows = ctx.val_windows[: cfg.get("n_sequences", 64)].to(ctx.device)
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    windows = ctx.val_windows[: cfg["n_sequences"]].to(ctx.device)
     idx, labels = windows[:, :-1], windows[:, -1]
     with torch.no_grad():
         x = model.embed(idx).float()
@@ -243,7 +243,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         clean = _batched(last, batch_size, x)
     acc, loss = accuracy_and_loss(clean)
     rows = [{"metric": "clean_accuracy", "value": acc}, {"metric": "clean_loss", "value": loss}]
-    epsilons = [float(e) for e in cfg.get("epsilons", [0.0, 0.1, 0.25, 0.5, 1.0, 2.0])]
+    epsilons = [float(e) for e in cfg["epsilons"]]
     certificate = certificate_l2(model, ctx.certificate)
     if certificate is not None:
         radius = certified_radius(clean, labels, certificate)
@@ -255,7 +255,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     ratios: dict[str, list[torch.Tensor]] = {"pgd": [], "random": [], "greedy": []}
     for e in epsilons:
         delta = torch.cat([pgd_l2(last, x[i:i + batch_size], labels[i:i + batch_size], e,
-                                  cfg.get("pgd_steps", 20), cfg.get("pgd_restarts", 1), generator, objective)
+                                  cfg["pgd_steps"], cfg["pgd_restarts"], generator, objective)
                            for i in range(0, x.shape[0], batch_size)])
         with torch.no_grad():
             acc, loss = accuracy_and_loss(_batched(last, batch_size, x + delta))
@@ -263,12 +263,12 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                  {"metric": "robust_loss", "value": loss, "attack": "pgd", "epsilon": e}]
         ratios["pgd"].append(ratios_to(x + delta))
 
-    k_values = sorted(int(k) for k in cfg.get("k_values", [1, 2, 4]))
+    k_values = sorted(int(k) for k in cfg["k_values"])
     vocab = model.vocab_size
-    greedy = greedy_substitution(last_tokens, idx, labels, max(k_values), cfg.get("greedy_candidates", 32),
+    greedy = greedy_substitution(last_tokens, idx, labels, max(k_values), cfg["greedy_candidates"],
                                  vocab, generator, objective) if k_values else []
     for k in k_values:
-        attacked = {"random": random_substitution(last_tokens, idx, labels, k, cfg.get("random_trials", 8),
+        attacked = {"random": random_substitution(last_tokens, idx, labels, k, cfg["random_trials"],
                                                   vocab, generator, objective),
                     "greedy": greedy[min(k, len(greedy)) - 1]}
         for name, tokens in attacked.items():
@@ -280,7 +280,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
 
     ratios["lipschitz_ascent"] = [torch.cat([
         lipschitz_ascent(lambda t: model.forward_embedded(t).float(), x[i:i + batch_size],
-                         cfg.get("lipschitz_radius", 1e-2), cfg.get("lipschitz_steps", 20), generator)
+                         cfg["lipschitz_radius"], cfg["lipschitz_steps"], generator)
         for i in range(0, x.shape[0], batch_size)])]
     lower = 0.0
     for source, found in ratios.items():

@@ -210,22 +210,22 @@ def language_model_loss_fn(model: torch.nn.Module, windows: torch.Tensor) -> Los
 def evaluate(ctx: EvalContext) -> list[dict]:
     """Top Hessian eigenvalue (and optionally Lanczos top-k and Hutchinson trace) on a fixed train batch."""
     cfg = ctx.cfg
-    batch = ctx.train_windows[: cfg.get("batch_size", 32)].to(ctx.device)
+    batch = ctx.train_windows[: cfg["batch_size"]].to(ctx.device)
     model = ctx.model.to(ctx.device).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = language_model_loss_fn(model, batch)
-    seed = cfg.get("seed", 0)
+    seed = cfg["seed"]
     rows: list[dict] = []
-    result = power_iteration(loss_fn, params, iters=cfg.get("iters", 100), tol=cfg.get("tol", 1e-3),
+    result = power_iteration(loss_fn, params, iters=cfg["iters"], tol=cfg["tol"],
                              generator=torch.Generator().manual_seed(seed))
     rows.append({"metric": "top_hessian_eigenvalue", "value": result.eigenvalue})
     rows.append({"metric": "power_iterations", "value": float(result.iterations)})
     rows.append({"metric": "power_iteration_converged", "value": float(result.converged)})
-    if cfg.get("lanczos_k", 0):
-        top = lanczos_topk(loss_fn, params, cfg["lanczos_k"], iters=cfg.get("lanczos_iters", 30),
+    if cfg["lanczos_k"]:
+        top = lanczos_topk(loss_fn, params, cfg["lanczos_k"], iters=cfg["lanczos_iters"],
                            generator=torch.Generator().manual_seed(seed + 1))
         rows += [{"metric": "lanczos_eigenvalue", "value": lam, "k": i + 1} for i, lam in enumerate(top)]
-    if cfg.get("hutchinson_samples", 0):
+    if cfg["hutchinson_samples"]:
         trace = hutchinson_trace(loss_fn, params, cfg["hutchinson_samples"],
                                  generator=torch.Generator().manual_seed(seed + 2))
         rows.append({"metric": "hessian_trace", "value": trace.mean})

@@ -8,5 +8,5 @@ from lipflow.metrics import evaluate_windows
 
 @EVALUATIONS.register("val")
 def evaluate(ctx: EvalContext) -> list[dict]:
-    result = evaluate_windows(ctx.model, ctx.val_windows, int(ctx.cfg.get("batch_size", 32)), ctx.device)
+    result = evaluate_windows(ctx.model, ctx.val_windows, int(ctx.cfg["batch_size"]), ctx.device)
     return [{"metric": name, "value": value} for name, value in result.items()]

@@ -77,9 +77,9 @@ class GPT(LanguageModel):
             raise ValueError(f"d_model={d} is not divisible by n_heads={n_heads}")
         self.vocab_size, self.context = vocab_size, cfg["context"]
         head_dim = d // n_heads
-        mup = cfg.get("parametrization", "sp") == "mup"
+        mup = cfg["parametrization"] == "mup"
         attn_scale = 1.0 / head_dim if mup else 1.0 / math.sqrt(head_dim)
-        branch = 1.0 / math.sqrt(n_layers) if cfg.get("depth_mup", False) else 1.0
+        branch = 1.0 / math.sqrt(n_layers) if cfg["depth_mup"] else 1.0
         self.tok = nn.Embedding(vocab_size, d)
         self.pos = nn.Embedding(self.context, d)
         self.blocks = nn.ModuleList(

@@ -209,8 +209,8 @@ class LipschitzBlock(nn.Module):
         super().__init__()
         d = cfg["d_model"]
         self.alpha = alpha
-        self.attn = LipschitzAttention(d, cfg["n_heads"], cfg["context"], cfg.get("attn_scale", 1.0))
-        self.mlp = FeedForward(d, cfg.get("mlp_ratio", 4), cfg.get("activation", "gelu"))
+        self.attn = LipschitzAttention(d, cfg["n_heads"], cfg["context"], cfg["attn_scale"])
+        self.mlp = FeedForward(d, cfg["mlp_ratio"], cfg["activation"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(1−α)x + α·s·u(x) computed as (1−α)·(x + (αs/(1−α))·u(x)), u = the branch without its
@@ -269,14 +269,14 @@ class LipschitzGPT(LanguageModel):
         d, n_layers, n_heads = cfg["d_model"], cfg["n_layers"], cfg["n_heads"]
         if d % n_heads or (d // n_heads) % 2:
             raise ValueError(f"d_model={d} / n_heads={n_heads} must be an even integer (RoPE rotates pairs)")
-        if cfg.get("depth_mup", False):
+        if cfg["depth_mup"]:
             raise ValueError("depth_mup: lipschitz_gpt's convex residuals already scale branches by 1/(2N); "
                              "set depth_mup: false")
         self.vocab_size, self.context = vocab_size, cfg["context"]
         self.tok = nn.Embedding(vocab_size, d)
         self.blocks = nn.ModuleList(LipschitzBlock(cfg, 1.0 / (2 * n_layers)) for _ in range(n_layers))
         self.head = nn.Linear(d, vocab_size, bias=False)
-        self.logit_scale = float(cfg.get("logit_scale", 1.0))
+        self.logit_scale = float(cfg["logit_scale"])
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
         self.reset_parameters()
 

@@ -42,13 +42,13 @@ class LipschitzMLP(LanguageModel):
             raise ValueError(f"n_classes: config says {cfg_classes} but the data has {n_classes}")
         if cfg["n_layers"] < 1:
             raise ValueError(f"n_layers={cfg['n_layers']}: the mlp needs at least one layer")
-        if cfg.get("depth_mup", False):
+        if cfg["depth_mup"]:
             raise ValueError("depth_mup: the mlp model has no residual branches to scale; set depth_mup: false")
         self.n_classes = n_classes if n_classes is not None else cfg_classes
         self.in_features = cfg["in_features"]
         dims = [self.in_features] + [cfg["d_model"]] * (cfg["n_layers"] - 1) + [self.n_classes]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims, dims[1:]))
-        self.act = ACTIVATIONS.get(cfg.get("activation", "gelu"))
+        self.act = ACTIVATIONS.get(cfg["activation"])
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
         self.input_norm: float | None = cfg.get("input_norm")  # ‖x‖₂ bound of the inputs, if known
         # Modula's MLP: every Linear has mass 1 (no tare)

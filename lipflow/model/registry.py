@@ -13,9 +13,9 @@ MODELS: Registry[Callable[[dict[str, Any], int], LanguageModel]] = Registry("mod
 
 def build_model(cfg: dict[str, Any], vocab_size: int) -> LanguageModel:
     """Build the model named by ``cfg['model']`` for a vocabulary (or class count) of ``vocab_size``,
-    then apply the parametrization ``cfg['parametrization']`` (default sp) to it."""
+    then apply the parametrization ``cfg['parametrization']`` to it."""
     make = MODELS.get(cfg["model"])
-    parametrize = PARAMETRIZATIONS.get(cfg.get("parametrization", "sp"))
+    parametrize = PARAMETRIZATIONS.get(cfg["parametrization"])
     model = make(cfg, vocab_size)
     parametrize(model, cfg, lambda width: make({**cfg, "d_model": width}, vocab_size))
     return model
