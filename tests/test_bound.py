@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipflow.config import run_defaults
 from lipflow.model import build_model
 from lipflow.model.bound import GELU_MAX_SLOPE, project_rms_ball
 from lipflow.model.lipschitz_gpt import LipschitzAttention, orthogonal_init_
@@ -59,8 +60,8 @@ ATTN_SCALE, LOGIT_SCALE = 3.0, 2.0
 def known_model(n_layers: int, activation: str):
     """Every block: W_q = Q·I, W_k = K·I, W_v = VAL·I, W_o = O·I, W_up = UP·[I;I;I;I],
     W_down = DOWN·[I I I I]; head = HEAD·I. RMS→RMS norms: UP (σ 2·UP, s = 2) and 4·DOWN (σ 2·DOWN, s = ½)."""
-    cfg = {"model": "lipschitz_gpt", "d_model": D, "n_layers": n_layers, "n_heads": H, "context": T,
-           "mlp_ratio": 4, "attn_scale": ATTN_SCALE, "logit_scale": LOGIT_SCALE, "activation": activation}
+    cfg = run_defaults(model="lipschitz_gpt", d_model=D, n_layers=n_layers, n_heads=H, context=T, mlp_ratio=4,
+                       attn_scale=ATTN_SCALE, logit_scale=LOGIT_SCALE, activation=activation)
     model = build_model(cfg, V)
     eye = torch.eye(D)
     with torch.no_grad():
@@ -124,8 +125,7 @@ def test_bound_scales_with_weights_as_the_formula_predicts():
 
 
 def test_baseline_gpt_has_no_certificate():
-    model = build_model({"model": "gpt", "d_model": 16, "n_layers": 1, "n_heads": 2, "context": 8,
-                         "mlp_ratio": 4}, 10)
+    model = build_model(run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=4), 10)
     assert model.lipschitz_bound() is None and model.lipschitz_bound_l2() is None
 
 
@@ -205,8 +205,8 @@ def trained_lipschitz_gpt(request):
     """A 2-block lipschitz_gpt trained 40 AdamW steps on 'next = previous + 1', norms clamped at 2."""
     torch.manual_seed(0)
     vocab, context = 16, 6
-    model = build_model({"model": "lipschitz_gpt", "d_model": 16, "n_layers": 2, "n_heads": 2, "context": context,
-                         "attn_scale": 4.0, "activation": request.param, "optimizer": "adamw"}, vocab)
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=16, n_layers=2, n_heads=2, context=context,
+                                     attn_scale=4.0, activation=request.param, optimizer="adamw"), vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
     roles = model.param_roles()
     for _ in range(40):
@@ -246,8 +246,8 @@ def test_certificate_is_sound_on_a_trained_model(trained_lipschitz_gpt, norm_nam
 def scaled_mlp(**cfg):
     """A 3-layer mlp (12 → 24 → 24 → 5) with an orthogonal head and layer i scaled by 1 + i/2."""
     torch.manual_seed(0)
-    model = build_model({"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3, "activation": "gelu",
-                         **cfg}, 5)
+    model = build_model(run_defaults(**{"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3,
+                                        "activation": "gelu", **cfg}), 5)
     with torch.no_grad():
         orthogonal_init_(model.layers[-1].weight)
         for i, layer in enumerate(model.layers):
@@ -415,7 +415,7 @@ def test_activation_bounds_hold_on_adversarially_scaled_models(trained_lipschitz
 def test_mlp_activation_bounds_hold_and_need_an_input_domain():
     model = scaled_mlp(input_norm=2.0)
     bounds = model.activation_bounds()
-    assert build_model({"model": "mlp", "in_features": 12, "d_model": 24, "n_layers": 3}, 5).activation_bounds() is None
+    assert build_model(run_defaults(model="mlp", in_features=12, d_model=24, n_layers=3), 5).activation_bounds() is None
     assert model.activation_bounds(input_norm=4.0)["logits"] == pytest.approx(2 * bounds["logits"], rel=1e-9)
     found: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(model.layers):

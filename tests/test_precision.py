@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.precision import (FORMATS, Fp8Linear, cast_with_counts, fp8_kernel_available, linear_hooks,
                                           quantize_int8_per_channel, real_fp8_accuracy, simulate_cast)
@@ -73,14 +74,15 @@ def test_linear_hooks_cast_inputs_and_outputs():
 
 
 def tiny_gpt():
-    cfg = dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=2)
+    cfg = run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=2)
     torch.manual_seed(0)
     return build_model(cfg, 20), cfg
 
 
 def run_precision(model, cfg, eval_cfg):
     windows = torch.randint(0, 20, (8, 9), generator=torch.Generator().manual_seed(3))
-    ctx = EvalContext(model, windows, windows, eval_cfg, cfg, None, None, torch.device("cpu"), None)
+    ctx = EvalContext(model, windows, windows, evaluation_params("precision", **eval_cfg), cfg, None, None,
+                      torch.device("cpu"), None)
     return EVALUATIONS.get("precision")(ctx), windows
 
 
@@ -134,7 +136,7 @@ def lipschitz_lm(vocab: int = 65, d: int = 64, context: int = 32, model: str = "
     """A lipschitz_gpt (or gpt) with nonzero output projections; the vocabulary is not a multiple of 16,
     so the kernel path must pad."""
     torch.manual_seed(0)
-    net = build_model({"model": model, "d_model": d, "n_layers": 2, "n_heads": 4, "context": context}, vocab)
+    net = build_model(run_defaults(model=model, d_model=d, n_layers=2, n_heads=4, context=context), vocab)
     if model == "lipschitz_gpt":
         with torch.no_grad():
             for block in net.blocks:
@@ -177,8 +179,8 @@ def test_fp8_kernel_matches_its_simulation_on_cpu():
 
 def test_precision_evaluation_reports_the_kernel_rows():
     model, windows = lipschitz_lm(vocab=20, d=32, context=8)
-    ctx = EvalContext(model, windows, windows, {"formats": ["fp8_e4m3"], "scalings": ["none"], "int8": False,
-                                                "batch_size": 8, "real_fp8": True}, {}, None, None,
+    ctx = EvalContext(model, windows, windows, evaluation_params("precision", formats=["fp8_e4m3"], scalings=["none"],
+                                                                 int8=False, batch_size=8, real_fp8=True), {}, None, None,
                       torch.device("cpu"), None)
     rows = EVALUATIONS.get("precision")(ctx)
     real = lookup(rows, "real_fp8_accuracy", format="fp8_e4m3", scaling="none")[0]["value"]
@@ -207,8 +209,8 @@ def test_precision_evaluation_reports_proven_next_to_observed_bounds(constrained
         with torch.no_grad():
             for _, w in model.param_roles()["hidden"] + model.param_roles()["head"]:
                 w.mul_(6.0)
-    ctx = EvalContext(model, windows, windows, {"scalings": ["none"], "int8": False, "batch_size": 8,
-                                                "real_fp8": False}, {}, None, None, torch.device("cpu"), None)
+    ctx = EvalContext(model, windows, windows, evaluation_params("precision", scalings=["none"], int8=False, batch_size=8,
+                                                                 real_fp8=False), {}, None, None, torch.device("cpu"), None)
     rows = EVALUATIONS.get("precision")(ctx)
     bounds, observed = model.activation_bounds(), {}
     for r in lookup(rows, "max_abs_activation"):

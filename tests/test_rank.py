@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.rank import (LayerMatrices, b3_terms, dudley_rademacher, edelman_norm_proxy,
                                      find_attention, schatten_contribution, spectrum_rows)
 from lipflow.model import build_model
 
 
-CFG = dict(model="gpt", d_model=32, n_layers=2, n_heads=4, context=8, mlp_ratio=2)
+CFG = run_defaults(model="gpt", d_model=32, n_layers=2, n_heads=4, context=8, mlp_ratio=2)
 
 
 def matrix_with_spectrum(s, shape, seed=0):
@@ -67,7 +68,7 @@ def test_head_slices_reproduce_the_models_attention_logits_and_a_constructed_low
     assert torch.allclose(x.double() @ layer.ov(1), out_h.double(), atol=1e-4)
 
     windows = torch.randint(0, 30, (6, 9))
-    ctx = EvalContext(model, windows, windows, {"rtols": [1e-3]}, CFG, 3.0, 3.25, torch.device("cpu"), None)
+    ctx = EvalContext(model, windows, windows, evaluation_params("rank", rtols=[1e-3]), CFG, 3.0, 3.25, torch.device("cpu"), None)
     rows = EVALUATIONS.get("rank")(ctx)
     ranks = {(r["layer"], r["head"]): r["value"] for r in rows
              if r["metric"] == "numerical_rank" and r.get("matrix") == "qk" and r["rtol"] is None}

@@ -7,6 +7,7 @@ import torch
 
 from bench.reference_side_by_side import (TRACKERS, lipflow_name, reference_function, reference_split,
                                           train_starts, val_windows, weight_norms, write_shards)
+from lipflow.config import run_defaults
 from lipflow.data.loader import TokenShards
 from lipflow.model import build_model
 
@@ -29,7 +30,7 @@ def test_shards_hold_the_reference_split_and_windows_match_lipflow_s(tmp_path):
 
 
 def test_reference_trackers_name_every_lipschitz_gpt_weight_once():
-    cfg = {"model": "lipschitz_gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "context": 8}
+    cfg = run_defaults(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=2, context=8)
     model = build_model(cfg, 11)
     trackers = ["embed", "out"] + [f"{t}{i}" for i in range(2) for t in TRACKERS]
     assert sorted(map(lipflow_name, trackers)) == sorted(name for name, _ in model.named_parameters())

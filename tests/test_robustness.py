@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.robustness import (OBJECTIVES, certified_radius, greedy_substitution, lipschitz_ascent,
                                            pgd_l2, random_substitution)
@@ -132,8 +133,9 @@ def test_greedy_substitution_matches_brute_force_and_random_respects_k():
 
 def robustness_rows(model, certificate=None, cfg=None):
     windows = torch.randint(0, model.vocab_size, (16, model.context + 1), generator=torch.Generator().manual_seed(5))
-    eval_cfg = {"epsilons": [0.0, 0.3, 1.0], "pgd_steps": 10, "k_values": [1, 2], "random_trials": 3,
-                "greedy_candidates": 4, "lipschitz_steps": 10, "batch_size": 8, **(cfg or {})}
+    eval_cfg = evaluation_params("robustness", **{"epsilons": [0.0, 0.3, 1.0], "pgd_steps": 10, "k_values": [1, 2],
+                                                  "random_trials": 3, "greedy_candidates": 4, "lipschitz_steps": 10,
+                                                  "batch_size": 8, **(cfg or {})})
     ctx = EvalContext(model, windows, windows, eval_cfg, {}, None, None, torch.device("cpu"), certificate)
     return EVALUATIONS.get("robustness")(ctx)
 
@@ -163,7 +165,7 @@ def test_a_certificate_below_the_measured_lower_bound_raises():
 
 
 def test_robustness_evaluation_on_a_tiny_gpt_without_certificate():
-    cfg = dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2)
+    cfg = run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2)
     torch.manual_seed(0)
     model = build_model(cfg, 12)
     rows = robustness_rows(model, cfg={"epsilons": [0.0, 2.0], "pgd_steps": 5, "lipschitz_steps": 3})

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.sharpness import (adam_preconditioner, hutchinson_trace, lanczos_topk, power_iteration,
                                          top_eigenvalue)
@@ -134,12 +135,12 @@ def test_hessian_vector_products_match_the_full_hessian_of_a_nonlinear_loss():
 
 
 def test_sharpness_evaluation_on_a_tiny_gpt():
-    cfg = dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=2)
+    cfg = run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8, mlp_ratio=2)
     torch.manual_seed(0)
     model = build_model(cfg, 20)
     windows = torch.randint(0, 20, (8, 9))
-    ctx = EvalContext(model, windows, windows, {"batch_size": 4, "iters": 30, "lanczos_k": 2, "lanczos_iters": 12,
-                                                "hutchinson_samples": 4}, cfg, None, None, torch.device("cpu"), None)
+    ctx = EvalContext(model, windows, windows, evaluation_params("sharpness", batch_size=4, iters=30, lanczos_k=2,
+                                                                 lanczos_iters=12, hutchinson_samples=4), cfg, None, None, torch.device("cpu"), None)
     rows = {(r["metric"], r.get("k")): r["value"] for r in EVALUATIONS.get("sharpness")(ctx)}
     top, lanczos = rows[("top_hessian_eigenvalue", None)], rows[("lanczos_eigenvalue", 1)]
     assert math.isfinite(top) and math.isfinite(rows[("hessian_trace", None)])
