@@ -410,6 +410,28 @@ SCION_GPT_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- builders
 
+UPDATE_GEOMETRIES = ("entrywise", "normalized")
+
+
+def declares_geometry(**by_role: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Decorator of a builder: how its optimizer moves a parameter of each role, ``entrywise``
+    (Adam: every entry moves ≈ lr whatever the shape) or ``normalized`` (a width-independent
+    RMS→RMS update: Muon's orthogonalized step, Scion's LMOs). µP reads it (lipflow.parametrization)."""
+    if set(by_role) != set(ROLES) or not set(by_role.values()) <= set(UPDATE_GEOMETRIES):
+        raise ValueError(f"an update geometry maps every role {ROLES} to one of {UPDATE_GEOMETRIES}; got {by_role}")
+
+    def attach(builder: OptimizerBuilder) -> OptimizerBuilder:
+        builder.update_geometry = dict(by_role)
+        return builder
+
+    return attach
+
+
+def update_geometry(name: str) -> dict[str, str]:
+    """role → ``entrywise`` | ``normalized`` for the optimizer registered as ``name``."""
+    return OPTIMIZERS.get(name).update_geometry
+
+
 
 def _role_groups(model: nn.Module) -> Iterator[tuple[str, float, list[nn.Parameter]]]:
     """(role, lr_mult, params) for each non-empty (role, multiplier) pair, in a fixed order.
@@ -444,6 +466,7 @@ def _embed_decay(role: str, cfg: dict[str, Any]) -> float:
 
 
 @OPTIMIZERS.register("adamw")
+@declares_geometry(embed="entrywise", hidden="entrywise", head="entrywise", vector="entrywise")
 def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2)."""
     groups = [dict(params=params, lr=cfg["lr"] * mult, weight_decay=_embed_decay(role, cfg), role=role)
@@ -453,6 +476,7 @@ def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 
 
 @OPTIMIZERS.register("muon")
+@declares_geometry(embed="entrywise", hidden="normalized", head="normalized", vector="entrywise")
 def build_muon(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """Muon (lr) on hidden and head matrices; embeddings on AdamW (adam_lr, betas), or with
     ``embed_optimizer: dualized`` on the reference's dualized step (lr, ``max_embed_inflation``);
@@ -498,11 +522,13 @@ def _build_scion(model: nn.Module, cfg: dict[str, Any], constrained: bool) -> Sc
 
 
 @OPTIMIZERS.register("scion")
+@declares_geometry(embed="normalized", hidden="normalized", head="normalized", vector="normalized")
 def build_scion(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     return _build_scion(model, cfg, constrained=True)
 
 
 @OPTIMIZERS.register("uscg")
+@declares_geometry(embed="normalized", hidden="normalized", head="normalized", vector="normalized")
 def build_uscg(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     return _build_scion(model, cfg, constrained=False)
 

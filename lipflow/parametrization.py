@@ -7,7 +7,8 @@ same model at d_model = w; called on the meta device (nothing allocated), it tel
 grow with width by comparing shapes (microsoft/mup's ``set_base_shapes``).
 
 µP (Yang & Hu, Tensor Programs V, Table 3; microsoft/mup), width multiplier m = d_model/base_width.
-How a rule reads depends on how the optimizer moves a parameter (``UPDATE_GEOMETRY``):
+How a rule reads depends on how the optimizer moves a parameter (its builder's ``update_geometry``,
+declared beside it in :mod:`lipflow.optimizers`):
 - ``entrywise`` (Adam: every entry moves ≈ lr whatever the shape) — mup's MuAdam: tensors whose
   fan_in and fan_out both grow with width get lr/m; input weights, embeddings, biases and gains
   keep lr; the readout keeps lr and its logits are multiplied by 1/m (mup's MuReadout, the
@@ -44,19 +45,6 @@ from lipflow.registry import Registry
 Parametrization = Callable[[nn.Module, dict[str, Any], Callable[[int], nn.Module]], None]
 PARAMETRIZATIONS: Registry[Parametrization] = Registry("parametrization")
 
-# How each optimizer of lipflow.optimizers moves a parameter of each role (module docstring): Muon
-# orthogonalizes hidden and head matrices and sends embeddings and vectors to AdamW (build_muon);
-# Scion and uSCG apply a normalized LMO to every role (build_scion's per-role norms).
-UPDATE_GEOMETRY: Registry[dict[str, str]] = Registry("optimizer")
-UPDATE_GEOMETRY.register("adamw")({"embed": "entrywise", "hidden": "entrywise", "head": "entrywise",
-                                   "vector": "entrywise"})
-UPDATE_GEOMETRY.register("muon")({"embed": "entrywise", "hidden": "normalized", "head": "normalized",
-                                  "vector": "entrywise"})
-_ALL_NORMALIZED = {"embed": "normalized", "hidden": "normalized", "head": "normalized", "vector": "normalized"}
-UPDATE_GEOMETRY.register("scion")(_ALL_NORMALIZED)
-UPDATE_GEOMETRY.register("uscg")(_ALL_NORMALIZED)
-
-
 def width_dimension_counts(model: nn.Module, width_twin: Callable[[int], nn.Module], d_model: int) -> dict[str, int]:
     """Per parameter name, how many of its dimensions grow with d_model (0, 1 or 2)."""
     with torch.device("meta"):
@@ -83,10 +71,12 @@ def standard(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], 
 @PARAMETRIZATIONS.register("mup")
 @torch.no_grad()
 def maximal_update(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], nn.Module]) -> None:
-    """µP: zero-init readout; lr and readout multipliers per ``UPDATE_GEOMETRY`` of cfg['optimizer']."""
+    """µP: zero-init readout; lr and readout multipliers per the update geometry of cfg['optimizer']."""
+    from lipflow.optimizers import update_geometry  # at call time: lipflow.optimizers imports lipflow.model
+
     if "optimizer" not in cfg:
         raise ValueError("optimizer: the mup parametrization needs the optimizer name to pick its multipliers")
-    geometry = UPDATE_GEOMETRY.get(cfg["optimizer"])
+    geometry = update_geometry(cfg["optimizer"])
     d_model, base_width = cfg["d_model"], cfg["base_width"]
     if base_width <= 0:
         raise ValueError(f"base_width={base_width} must be positive")

@@ -9,7 +9,6 @@ import torch
 
 from lipflow.config import run_defaults
 from lipflow.model import build_model
-from lipflow.parametrization import UPDATE_GEOMETRY
 from lipflow.registry import UnknownNameError
 
 VOCAB, CONTEXT, BATCH = 32, 8, 8
@@ -94,14 +93,17 @@ def test_depth_mup_scales_branches_and_hidden_lr_by_inverse_sqrt_depth(parametri
 
 
 def test_update_geometry_matches_how_the_optimizers_route_each_role():
-    from lipflow.optimizers import OPTIMIZERS, build_optimizer
+    from lipflow.model.base import ROLES
+    from lipflow.optimizers import OPTIMIZERS, build_optimizer, declares_geometry, update_geometry
 
-    assert set(UPDATE_GEOMETRY.names()) == set(OPTIMIZERS.names())
-    for name in UPDATE_GEOMETRY:
+    assert OPTIMIZERS.names() and all(set(update_geometry(name)) == set(ROLES) for name in OPTIMIZERS.names())
+    with pytest.raises(ValueError, match="maps every role"):
+        declares_geometry(hidden="normalized")
+    for name in OPTIMIZERS.names():
         cfg = lm_cfg("lipschitz_gpt", "mup", 128, optimizer=name, lr=0.1)
         model = build_model(cfg, VOCAB)
         optimizer = build_optimizer(model, cfg)
-        geometry = UPDATE_GEOMETRY.get(name)
+        geometry = update_geometry(name)
         for group in optimizer.param_groups:
             entrywise = (isinstance(optimizer, torch.optim.AdamW) or group.get("kind") == "adamw")
             assert geometry[group["role"]] == ("entrywise" if entrywise else "normalized"), (name, group["role"])

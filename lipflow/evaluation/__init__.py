@@ -2,11 +2,14 @@
 
 Each row is {"metric": str, "value": float, ...parameter columns} (e.g. "epsilon", "k", "format",
 "scaling", "layer", "head", "matrix"); columns a row does not use are absent or None.
-Registered: ``val``, ``robustness``, ``precision``, ``rank``, ``sharpness``.
+Registered by the package's modules (found at import): ``val``, ``robustness``, ``precision``, ``rank``,
+``sharpness``.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +36,16 @@ class EvalContext:
 
 EVALUATIONS: Registry[Callable[[EvalContext], list[dict]]] = Registry("evaluation")
 
-from lipflow.evaluation import precision, rank, robustness, sharpness, val  # noqa: E402,F401  (register)
+
+def _register_all() -> None:
+    """Import every module of this package, so each registers its evaluations: adding one is adding a
+    file (and its name to the schema's enum). Skipped: the stage's entry point and the image-MLP study,
+    a training loop rather than a checkpoint evaluation."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in ("__main__", "image_mlp"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()
 
 __all__ = ["EVALUATIONS", "EvalContext"]

@@ -1,0 +1,84 @@
+"""Every schema enum that names registered things equals its registry's names: a registered name
+missing from the enum would be unreachable from a config, and an enum name without an entry would
+fail inside a cluster job instead of at parse time."""
+
+import pytest
+
+from lipflow.config import load_schema
+from lipflow.config.schema import SCHEMA_PATH
+from lipflow.icl.config import SCHEMA_PATH as ICL_SCHEMA_PATH
+
+EXPERIMENTS_SCHEMA_PATH = SCHEMA_PATH.with_name("experiments.schema.yaml")
+
+
+def registry_names(module: str, name: str) -> set[str]:
+    import importlib
+
+    registry = getattr(importlib.import_module(module), name)
+    return set(registry.names() if hasattr(registry, "names") else registry)
+
+
+def enum_at(schema_path, *path: str) -> set[str]:
+    """The enum at a path of keys into a schema file (through ``items`` of an array)."""
+    node = load_schema(schema_path)
+    for key in path:
+        node = node[key]
+    node = node.get("items", node)
+    return set(node["enum"])
+
+
+RUN = ("$defs", "run", "properties")
+EVALUATIONS = ("properties", "evaluations", "properties")
+CASES = {
+    "model": (("lipflow.model", "MODELS"), (SCHEMA_PATH, *RUN, "model")),
+    "activation": (("lipflow.model.bound", "ACTIVATIONS"), (SCHEMA_PATH, *RUN, "activation")),
+    "parametrization": (("lipflow.parametrization", "PARAMETRIZATIONS"), (SCHEMA_PATH, *RUN, "parametrization")),
+    "optimizer": (("lipflow.optimizers", "OPTIMIZERS"), (SCHEMA_PATH, *RUN, "optimizer")),
+    "ns_coefficients": (("lipflow.optimizers", "NS_COEFFICIENT_SETS"), (SCHEMA_PATH, *RUN, "ns_coefficients")),
+    "update_scale": (("lipflow.optimizers", "UPDATE_SCALES"), (SCHEMA_PATH, *RUN, "update_scale")),
+    "lmo_norm": (("lipflow.optimizers", "LMOS"), (SCHEMA_PATH, "$defs", "lmo_norm")),
+    "weight_constraint": (("lipflow.constraints", "CONSTRAINTS"), (SCHEMA_PATH, *RUN, "weight_constraint")),
+    "schedule": (("lipflow.schedules", "SCHEDULES"), (SCHEMA_PATH, *RUN, "schedule")),
+    "corpus source": (("lipflow.data.corpus", "SOURCES"), (SCHEMA_PATH, "properties", "corpus", "properties", "source")),
+    "tokenizer kind": (("lipflow.data.tokenize", "TOKENIZERS"),
+                       (SCHEMA_PATH, "properties", "tokenizer", "properties", "kind")),
+    "evaluations.enabled": (("lipflow.evaluation", "EVALUATIONS"), (SCHEMA_PATH, *EVALUATIONS, "enabled")),
+    "experiment evaluations": (("lipflow.evaluation", "EVALUATIONS"),
+                               (EXPERIMENTS_SCHEMA_PATH, "$defs", "experiment", "properties", "evaluations")),
+    "attack objective": (("lipflow.evaluation.robustness", "OBJECTIVES"),
+                         (SCHEMA_PATH, *EVALUATIONS, "robustness", "properties", "objective")),
+    "number format": (("lipflow.evaluation.precision", "FORMATS"),
+                      (SCHEMA_PATH, *EVALUATIONS, "precision", "properties", "formats")),
+    "scaling": (("lipflow.evaluation.precision", "SCALINGS"),
+                (SCHEMA_PATH, *EVALUATIONS, "precision", "properties", "scalings")),
+    "icl sigma kind": (("lipflow.icl.data", "SIGMA_KINDS"), (ICL_SCHEMA_PATH, "properties", "sigma", "properties", "kind")),
+    "icl w_prior": (("lipflow.icl.data", "W_PRIORS"), (ICL_SCHEMA_PATH, "properties", "w_prior")),
+    "icl parametrization": (("lipflow.icl.model", "PARAMETRIZATIONS"), (ICL_SCHEMA_PATH, "properties", "parametrization")),
+    "icl attention": (("lipflow.icl.model", "ATTENTIONS"), (ICL_SCHEMA_PATH, "properties", "attention")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_schema_enum_equals_registry_names(case):
+    (module, name), (schema_path, *path) = CASES[case]
+    assert enum_at(schema_path, *path) == registry_names(module, name)
+
+
+def test_every_evaluation_has_a_parameter_block_and_every_block_an_evaluation():
+    blocks = set(load_schema(SCHEMA_PATH)["properties"]["evaluations"]["properties"]) - {"enabled"}
+    assert blocks == registry_names("lipflow.evaluation", "EVALUATIONS")
+
+
+def test_every_experiment_has_figures_and_views_entries():
+    from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions
+
+    assert set(definitions({})) == set(EXPERIMENT_FIGURES) == set(EXPERIMENT_VIEWS)
+
+
+def test_a_mismatch_is_caught(monkeypatch):
+    """The check itself: a name registered but missing from the enum makes the sets differ."""
+    from lipflow.optimizers import OPTIMIZERS
+
+    monkeypatch.setitem(OPTIMIZERS._entries, "sgd", object())
+    (module, name), (schema_path, *path) = CASES["optimizer"]
+    assert enum_at(schema_path, *path) != registry_names(module, name)
