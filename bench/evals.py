@@ -38,6 +38,7 @@ import yaml  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
                           machine, print_table, row, run_configs, save_rows, synchronize)
+from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
@@ -45,9 +46,7 @@ from lipflow.training import Trainer  # noqa: E402
 
 BENCH = "evals"
 
-# Smaller settings for --quick (every evaluation still runs each of its parts once); QUICK_WINDOWS
-# caps the windows build_context loads for all of them.
-QUICK_WINDOWS = {"train_windows": 16, "val_windows": 16}
+# Smaller settings for --quick (every evaluation still runs each of its parts once).
 QUICK_PARAMS: dict[str, dict[str, Any]] = {
     "val": {},
     "robustness": {"n_sequences": 4, "epsilons": [0.0, 0.5], "pgd_steps": 2, "k_values": [1],
@@ -104,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{cfg['model']}+{cfg['optimizer']}+{cfg['weight_constraint']}"
             table.append([label, "train_step", step_s * 1e3, 1.0])
             rows.append(row(BENCH, f"{name}.train_step_time", step_s, "s", dev))
-            windows = QUICK_WINDOWS if args.quick else {}
-            ctx, build_s = timed(lambda: build_context(run_dir, data, windows, device)[0], str(device))
+            ctx, build_s = timed(lambda: build_context(run_dir, data, evaluation_params("val"), device)[0], str(device))
             table.append([label, "build_context", build_s * 1e3, build_s / step_s])
             rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
                      row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
             for evaluation in EVALUATIONS.names():
-                ctx.cfg = QUICK_PARAMS.get(evaluation, {}) if args.quick else {}
+                ctx.cfg = evaluation_params(evaluation, **(QUICK_PARAMS[evaluation] if args.quick else {}))
                 torch.manual_seed(0)
                 _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
                 table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])

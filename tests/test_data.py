@@ -437,9 +437,9 @@ def test_bad_corpus_input_fails_cleanly(tmp_path, case):
 def test_unwritable_output_directory_is_named(tmp_path):
     blocker = write(tmp_path / "a-file", "not a directory")
     assert_one_line_error(corpus_cli({"name": "x"}, Path(blocker) / "corpus"),
-                          r"^error: cannot create .*a-file/corpus: a file is in the way$")
+                          r"^lipflow: error: cannot create .*a-file/corpus: a file is in the way$")
     assert_one_line_error(corpus_cli({"name": "x"}, Path(blocker) / "sub" / "corpus"),
-                          r"^error: cannot create .*a-file/sub/corpus: Not a directory$")
+                          r"^lipflow: error: cannot create .*a-file/sub/corpus: Not a directory$")
 
 
 def test_failed_rerun_leaves_the_previous_output_untouched(tmp_path):

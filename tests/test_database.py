@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import lipflow.errors
 import lipflow.results
 from lipflow.metrics import write_table_parquet
 from lipflow.results import SUMMARY_COLUMNS, build
@@ -135,7 +136,7 @@ def test_a_table_that_lost_rows_is_not_published(results, monkeypatch):
     previous = db.read_bytes()
     real = lipflow.results._fill_database
     monkeypatch.setattr(lipflow.results, "_fill_database", lambda *a: {**real(*a), "train_metrics": 11})
-    with pytest.raises(lipflow.cli.StageError, match="table train_metrics holds 10 rows, expected 11"):
+    with pytest.raises(lipflow.errors.StageError, match="table train_metrics holds 10 rows, expected 11"):
         build_here(results)
     assert db.read_bytes() == previous
 
