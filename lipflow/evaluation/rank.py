@@ -45,9 +45,10 @@ from scipy.integrate import quad
 from torch import nn
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.model.bound import GELU_MAX_SLOPE
 
 FP32_EPS = float(torch.finfo(torch.float32).eps)
-ACTIVATION_LIPSCHITZ = {"gelu": 1.13, "relu": 1.0}  # L_φ; 1.13 ≥ max GELU′ = 1.1289 (Sakai & Imaizumi)
+ACTIVATION_LIPSCHITZ = {"gelu": GELU_MAX_SLOPE, "relu": 1.0}  # L_φ = max φ′ (Sakai & Imaizumi round GELU's to 1.13)
 
 
 # --- spectra ------------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     n_train = int(cfg.get("n_train") or ctx.train_windows.shape[0])
     input_bounds = attention_input_norms(model, layers, ctx.train_windows[: cfg.get("bx_windows", 64)],
                                          cfg.get("batch_size", 32), ctx.device)
-    lip = ACTIVATION_LIPSCHITZ.get(ctx.run.get("activation", "gelu"), 1.13)
+    lip = ACTIVATION_LIPSCHITZ.get(ctx.run.get("activation", "gelu"), GELU_MAX_SLOPE)
     bound_rtol = cfg.get("bound_rtol")
     b3_total, per_layer = 0.0, []
     for i, (layer, bx) in enumerate(zip(layers, input_bounds)):
