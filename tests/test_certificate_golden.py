@@ -38,11 +38,11 @@ MLP = {"model": "mlp", "in_features": IN_FEATURES, "d_model": 24, "n_classes": C
 # name: (config, output_mult, whether embedding rows are projected back to RMS ≤ 1 after training)
 MODELS = {
     "lgpt_h1_gelu_l1": ({**LM, "n_layers": 1, "n_heads": 1, "attn_scale": 4.0, "logit_scale": 2.0}, 1.0, True),
-    "lgpt_h4_gelu_l3": ({**LM, "n_layers": 3, "n_heads": 4}, 0.5, False),
+    "lgpt_h4_gelu_l3": ({**LM, "n_layers": 3, "n_heads": 4}, 0.3, False),
     "lgpt_h2_relu_l2": ({**LM, "n_layers": 2, "n_heads": 2, "activation": "relu", "attn_scale": 2.0}, 1.0, True),
     "gpt_h2_l2": ({"model": "gpt", "d_model": 16, "n_layers": 2, "n_heads": 2, "context": 8, "mlp_ratio": 2,
                    "parametrization": "sp", "depth_mup": False, "optimizer": "muon"}, 1.0, False),
-    "mlp_gelu_l3": ({**MLP, "n_layers": 3}, 1.0, False),
+    "mlp_gelu_l3": ({**MLP, "n_layers": 3}, 0.7, False),
     "mlp_relu_l2": ({**MLP, "n_layers": 2, "activation": "relu"}, 2.0, False),
 }
 SEQ_LENS = [None, 3]
