@@ -7,7 +7,9 @@ the ∞RMS and ℓ2 certificates, the body's constant, every activation bound, p
 fp8 safety rows, and the rank evaluation's rows. The rank rows were computed with the exact max GELU′
 (``GELU_MAX_SLOPE``) in place of the 1.13 rank.py then used; ``rank_rows_with_1.13`` keeps those for
 the record. Every number must be reproduced bit for bit (==): the composed certificate multiplies and
-adds in the same order as the hand-threaded one.
+adds in the same order as the hand-threaded one. One exception: the mlp's constant |output_mult|·Π σ_i
+is now Π σ_i·|output_mult| (the multiplier is the last part of the sequence), equal within 1e-15 relative
+(a rounding of the last product; exactly equal when output_mult is a power of two, e.g. 1).
 
 Regenerate (only for a change that is meant to move the numbers): ``PYTHONPATH=. python3
 tests/test_certificate_golden.py``.
@@ -79,11 +81,11 @@ def certified_numbers(model, cfg: dict, windows: torch.Tensor) -> dict:
 
 
 def same(found, expected) -> bool:
-    """Exact equality of nested JSON-like values, NaN equal to NaN."""
+    """Exact equality of nested JSON-like values (dict keys in the same order), NaN equal to NaN."""
     if isinstance(expected, float) and isinstance(found, float) and math.isnan(expected):
         return math.isnan(found)
     if isinstance(expected, dict) and isinstance(found, dict):
-        return expected.keys() == found.keys() and all(same(found[k], expected[k]) for k in expected)
+        return list(expected) == list(found) and all(same(found[k], expected[k]) for k in expected)
     if isinstance(expected, list) and isinstance(found, list):
         return len(found) == len(expected) and all(same(f, e) for f, e in zip(found, expected))
     return found == expected
@@ -100,9 +102,13 @@ def test_certified_numbers_equal_the_recorded_ones(golden, name):
     windows = torch.tensor(golden["windows"])
     found = json.loads(json.dumps(certified_numbers(model, golden["models"][name]["config"], windows)))
     expected = golden["models"][name]["numbers"]
-    assert expected.keys() == found.keys()
+    assert list(expected) == list(found)
+    reordered = {"lipschitz_bound", "lipschitz_bound_l2"} if name.startswith("mlp") else set()
     for key in expected:
-        assert same(found[key], expected[key]), (key, found[key], expected[key])
+        if key in reordered:
+            assert found[key] == pytest.approx(expected[key], rel=1e-15, abs=0.0), key
+        else:
+            assert same(found[key], expected[key]), (key, found[key], expected[key])
 
 
 def test_the_golden_models_are_trained_and_small(golden):
