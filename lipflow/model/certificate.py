@@ -2,9 +2,10 @@
 
 A module certifies itself from a bound on its input: ``certify(bound, coordinates) -> Certificate``.
 ``bound`` is a norm bound on each input token (per-token RMS in the transformer, ℓ2 of the whole input
-in the mlp): a float for the global certificate, or a tensor of per-token bounds for a local one (every
-rule here is elementwise arithmetic, so it carries tensors through unchanged). ``coordinates``, when
-known, bounds each input coordinate (|x_j| ≤ coordinates_j); a Linear uses it for a sharper entry bound.
+in the mlp). The models' modules take a float, one bound for every token (the global certificate); the
+rules are elementwise arithmetic, so a local certificate can pass tensors of per-token bounds (and get
+per-token constants) through modules that accept them. ``coordinates``, when known, bounds each input
+coordinate (|x_j| ≤ coordinates_j); a Linear uses it for a sharper entry bound.
 
 Every module's output bound is linear in its input bound, bound_out = gain·bound_in, and its Lipschitz
 constant may depend on bound_in (attention's does, through a²). The rules, in one place:
