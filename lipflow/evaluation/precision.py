@@ -188,8 +188,7 @@ def _cast_parameters(model: nn.Module, cast: Callable[[torch.Tensor], torch.Tens
 
 
 def analytic_activation_bounds(model: LanguageModel) -> dict[str, float] | None:
-    """``model.activation_bounds()`` (its certificate's entries) as a dict (a float becomes {"all": value}),
-    or None without one."""
+    """``model.activation_bounds()`` as a dict (a float becomes {"all": value}), or None without one."""
     bounds = model.activation_bounds()
     if bounds is None:
         return None
