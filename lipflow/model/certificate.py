@@ -3,8 +3,8 @@
 A module certifies itself from a bound on its input: ``certify(bound, coordinates) -> Certificate``.
 ``bound`` is a norm bound on each input token (per-token RMS in the transformer, ℓ2 of the whole input
 in the mlp). The models' modules take a float, one bound for every token (the global certificate); the
-rules are elementwise arithmetic, so a local certificate can pass tensors of per-token bounds (and get
-per-token constants) through modules that accept them. ``coordinates``, when known, bounds each input
+rules are elementwise arithmetic, so a local certificate can pass tensors of per-token bounds through
+modules that accept them and get elementwise results. ``coordinates``, when known, bounds each input
 coordinate (|x_j| ≤ coordinates_j); a Linear uses it for a sharper entry bound.
 
 Every module's output bound is linear in its input bound, bound_out = gain·bound_in, and its Lipschitz
@@ -14,7 +14,8 @@ constant may depend on bound_in (attention's does, through a²). The rules, in o
 - ``total`` (sum): f_1 + … + f_n on one input — gains and constants add;
 - ``scaled``: c·f — gain and constant times |c|;
 - ``convex_residual``: (1−α)·x + α·f(x) = total(scaled(1−α, identity), scaled(α, f)): constant
-  (1−α) + α·L_f and gain (1−α) + α·g_f.
+  (1−α) + α·L_f and gain (1−α) + α·g_f;
+- ``record``: the identity, naming an entry bound of the stream between two parts (e.g. ``block0``).
 
 Each rule multiplies and adds in a fixed order, so a model assembled from them reproduces the numbers
 of the same product written out by hand bit for bit (tests/test_certificate_golden.py).
