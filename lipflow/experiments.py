@@ -631,7 +631,7 @@ def missing_requirement(con, part: Part) -> str | None:
 def load_extra_tables(con, results: Path = Path("results")) -> list[str]:
     """Create a table per present EXTRA_TABLES parquet file, checked against its sidecar; returns
     the tables made."""
-    from lipflow.metrics import read_table_parquet
+    from lipflow.data.parquet import read_table_parquet
 
     made = []
     for table, relative in EXTRA_TABLES.items():

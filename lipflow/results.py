@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from lipflow.data.atomic import (fsync_dir, read_json, read_verified, sha256_file, sidecar_path, write_bytes_atomic,
                                  write_json_atomic)
 from lipflow.experiments import create_views
-from lipflow.metrics import read_table_parquet, write_table_parquet
+from lipflow.data.parquet import read_table_parquet, write_table_parquet
 
 RESULTS = Path("results")
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import lipflow.results
-from lipflow.metrics import write_table_parquet
+from lipflow.data.parquet import write_table_parquet
 from lipflow.results import SUMMARY_COLUMNS, build
 
 from conftest import run_stage
@@ -213,7 +213,7 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     pq.write_table(pa.table({"step": [0]}), old)  # as written before lipflow kept Parquet checksums
     assert run_stage("lipflow.results", "seal", str(old)).returncode == 0
     assert Path(f"{old}.sha256").stat().st_mtime_ns == old.stat().st_mtime_ns  # reruns no Snakemake job
-    from lipflow.metrics import read_table_parquet
+    from lipflow.data.parquet import read_table_parquet
 
     assert read_table_parquet(old).num_rows == 1
     old.write_bytes(old.read_bytes()[:-4])

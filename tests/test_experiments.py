@@ -19,7 +19,7 @@ from lipflow.config import ConfigError, check_config, resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
                                  study_enabled)
-from lipflow.metrics import write_table_parquet
+from lipflow.data.parquet import write_table_parquet
 from lipflow.plots import main as plots_main
 
 REPO = Path(__file__).resolve().parent.parent

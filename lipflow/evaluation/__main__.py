@@ -14,8 +14,9 @@ import torch
 
 from lipflow.cli import run_guarded
 from lipflow.data.atomic import read_json
+from lipflow.data.parquet import write_table_parquet
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.metrics import evaluate_windows, resolve_device, write_table_parquet
+from lipflow.metrics import evaluate_windows, resolve_device
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
