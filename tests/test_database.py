@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import lipflow.results
+import lipflow.results.database
 from lipflow.data.parquet import write_table_parquet
 from lipflow.results import SUMMARY_COLUMNS, build
 
@@ -133,8 +134,8 @@ def test_a_table_that_lost_rows_is_not_published(results, monkeypatch):
     """The reopened temp database is checked against the rows that went in."""
     db = build_here(results)
     previous = db.read_bytes()
-    real = lipflow.results._fill_database
-    monkeypatch.setattr(lipflow.results, "_fill_database", lambda *a: {**real(*a), "train_metrics": 11})
+    real = lipflow.results.database._fill_database
+    monkeypatch.setattr(lipflow.results.database, "_fill_database", lambda *a: {**real(*a), "train_metrics": 11})
     with pytest.raises(lipflow.cli.StageError, match="table train_metrics holds 10 rows, expected 11"):
         build_here(results)
     assert db.read_bytes() == previous
