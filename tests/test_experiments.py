@@ -153,6 +153,15 @@ def test_every_shipped_experiment_yaml_passes_the_schema():
     assert experiment_block_errors(broken)  # the check would catch a bad block
 
 
+def test_every_caption_an_experiment_names_is_a_report_file_and_every_report_file_is_named():
+    from lipflow.experiments import CATALOG
+
+    named = {output.caption for e in CATALOG.values() for output in (*e.views.values(), *e.figures.values())}
+    report = {p.name for p in (REPO / "workflow" / "report").glob("*.rst")}
+    icl_study = {"figure_icl_loss_vs_layers.rst", "figure_icl_loss_vs_n.rst"}  # workflow/rules/icl.smk
+    assert named <= report and report - named == {"workflow.rst", *icl_study}
+
+
 def test_the_studies_loaded_as_tables_are_the_schemas_studies():
     from lipflow.results import STUDIES
 

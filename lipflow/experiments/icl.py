@@ -3,7 +3,7 @@
 Ahn, Cheng, Daneshmand & Sra 2023 (arXiv 2306.00297). View ``icl_vs_pgd`` over the study's tables
 (``icl_<table>``, from results/icl/). No figure here: the ICL study draws its own
 (results/figures/icl_loss_vs_layers, icl_loss_vs_n; workflow/rules/icl.smk). Block: icl.yaml (no
-language-model runs, ``studies: [icl]``); report caption: workflow/report/table_icl_vs_pgd.rst.
+language-model runs, ``studies: [icl]``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """lipschitz_tradeoff: val accuracy and max activation against the certified Lipschitz bound.
 
 Newhouse et al. 2025 (arXiv 2507.13338) §4.3. View ``pareto`` (on_front: the Pareto front per
-optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lipschitz_tradeoff.yaml;
-report captions: workflow/report/table_pareto.rst, figure_tradeoff_accuracy.rst, figure_tradeoff_activation.rst.
+optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lipschitz_tradeoff.yaml.
 """
 
 from __future__ import annotations
@@ -85,4 +84,5 @@ def tradeoff_activation(con):
     return fig
 
 
-FIGURES = {"tradeoff_accuracy": Figure(tradeoff_accuracy, caption="figure_tradeoff_accuracy.rst"), "tradeoff_activation": Figure(tradeoff_activation, caption="figure_tradeoff_activation.rst")}
+FIGURES = {"tradeoff_accuracy": Figure(tradeoff_accuracy, caption="figure_tradeoff_accuracy.rst"),
+           "tradeoff_activation": Figure(tradeoff_activation, caption="figure_tradeoff_activation.rst")}

@@ -1,8 +1,7 @@
 """lr_transfer: the optimal learning rate per width and its drift across widths, per method.
 
 Pethick et al. 2025 (Scion, arXiv 2502.07529) and µP (Yang et al. 2022). Views ``lr_transfer``
-(headline) and ``lr_transfer_runs``; figure ``lr_transfer``. Runs: lr_transfer.yaml; report captions:
-workflow/report/table_lr_transfer.rst, table_lr_transfer_runs.rst, figure_lr_transfer.rst.
+(headline) and ``lr_transfer_runs``; figure ``lr_transfer``. Runs: lr_transfer.yaml.
 """
 
 from __future__ import annotations

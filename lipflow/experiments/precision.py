@@ -1,7 +1,6 @@
 """precision: low-precision inference of constrained and unconstrained models.
 
-Views ``precision`` (headline) and ``precision_bounds``; figure ``precision``. Runs: precision.yaml;
-report captions: workflow/report/table_precision.rst, table_precision_bounds.rst, figure_precision.rst.
+Views ``precision`` (headline) and ``precision_bounds``; figure ``precision``. Runs: precision.yaml.
 """
 
 from __future__ import annotations

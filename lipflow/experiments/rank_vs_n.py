@@ -1,7 +1,6 @@
 """rank_vs_n: the measured generalization gap and the rank bound against the number of sequences.
 
-Truong 2024 (arXiv 2410.11500). View ``rank_bound``; figure ``rank_vs_n``. Runs: rank_vs_n.yaml;
-report captions: workflow/report/table_rank_bound.rst, figure_rank_vs_n.rst.
+Truong 2024 (arXiv 2410.11500). View ``rank_bound``; figure ``rank_vs_n``. Runs: rank_vs_n.yaml.
 """
 
 from __future__ import annotations

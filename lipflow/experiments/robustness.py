@@ -1,8 +1,7 @@
 """robustness: accuracy under ℓ2 attacks and certified accuracy, LM and digits MLP.
 
 Newhouse et al. 2025 §3.3. View ``robustness`` (the LM runs' robustness evaluation and the
-``image_mlp_robustness`` table of the image_mlp study); figure ``robustness``. Runs: robustness.yaml;
-report captions: workflow/report/table_robustness.rst, figure_robustness.rst.
+``image_mlp_robustness`` table of the image_mlp study); figure ``robustness``. Runs: robustness.yaml.
 """
 
 from __future__ import annotations

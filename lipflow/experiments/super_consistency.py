@@ -1,8 +1,7 @@
 """super_consistency: the sharpness curves across widths and depths, and their spread.
 
 Noci et al. 2024 (arXiv 2402.17457). Views ``sharpness_spread`` (headline) and ``sharpness_curves``;
-figure ``sharpness``. Runs: super_consistency.yaml; report captions: workflow/report/
-table_sharpness_spread.rst, table_sharpness_curves.rst, figure_sharpness.rst.
+figure ``sharpness``. Runs: super_consistency.yaml.
 """
 
 from __future__ import annotations
