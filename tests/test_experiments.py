@@ -162,6 +162,16 @@ def test_every_caption_an_experiment_names_is_a_report_file_and_every_report_fil
     assert named <= report and report - named == {"workflow.rst", *icl_study}
 
 
+def test_a_malformed_experiment_yaml_is_one_line_naming_the_file(tmp_path):
+    from lipflow.experiments import discover
+
+    (tmp_path / "broken.py").write_text("VIEWS = {}\nFIGURES = {}\n")
+    (tmp_path / "broken.yaml").write_text("short: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        discover([str(tmp_path)], "lipflow.experiments")
+    assert str(tmp_path / "broken.yaml") in str(err.value) and "\n" not in str(err.value)
+
+
 def test_the_studies_loaded_as_tables_are_the_schemas_studies():
     from lipflow.results import STUDIES
 

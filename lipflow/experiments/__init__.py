@@ -43,6 +43,7 @@ from lipflow.results.plotting import Figure
 from lipflow.results.views import View
 
 PRESETS = ("cpu", "paper")
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: parsed at every parse
 
 
 @dataclass(frozen=True)
@@ -57,17 +58,22 @@ class Experiment:
 
 def discover(path: list[str], package: str) -> dict[str, Experiment]:
     """name → Experiment for every module of ``package`` (found on ``path``) with a YAML file of
-    its name beside it, in name order; a malformed YAML file is a one-line ConfigError naming it."""
+    its name beside it, in name order; a malformed YAML file, or a module without ``VIEWS`` and
+    ``FIGURES``, is a one-line ConfigError naming the file."""
     found = {}
     for info in sorted(pkgutil.iter_modules(path), key=lambda info: info.name):
         block_file = Path(info.module_finder.path) / f"{info.name}.yaml"
         if not block_file.is_file():
             continue
         try:
-            block = yaml.safe_load(block_file.read_text(encoding="utf-8"))
+            block = yaml.load(block_file.read_text(encoding="utf-8"), Loader=YAML_LOADER)
         except yaml.YAMLError as err:
             raise ConfigError(f"{block_file}: malformed YAML: {str(err).splitlines()[0]}") from None
         module = importlib.import_module(f"{package}.{info.name}")
+        lacking = [name for name in ("VIEWS", "FIGURES") if not hasattr(module, name)]
+        if lacking or not isinstance(block, dict):
+            what = f"defines no {' or '.join(lacking)}" if lacking else f"{block_file.name} is not a mapping"
+            raise ConfigError(f"experiment {info.name} ({module.__file__}): {what}")
         found[info.name] = Experiment(info.name, block, module.VIEWS, module.FIGURES)
     return found
 
