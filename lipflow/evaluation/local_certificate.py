@@ -1,0 +1,299 @@
+"""Local (per-input) certified robustness: a second-order bound on the logit margin in an ℓ2 ball.
+
+For one input x (the embedded sequence, T × d; ε an ℓ2 norm over the whole sequence, as the global
+certificate's) and each class j ≠ y, the pairwise margin m_j = z_y − z_j of the last position's
+logits obeys, for every ‖δ‖₂ ≤ ε (Taylor with the integral remainder along the segment):
+
+    m_j(x + δ) ≥ m_j(x) − ‖∇m_j(x)‖₂·ε − ½·‖w_j‖₂·β(ε)·ε²,
+
+where ∇m_j is exact (autograd, float64), w_j = s·(W_head[y] − W_head[j]) and β(ε) bounds the
+operator norm of the second derivative of the block stack B over the ball (so ‖w_j‖β bounds m_j's
+curvature; the head is linear). Two first-order bounds hold too: ‖w_j‖·L(ε)·ε with L(ε) the block
+stack's Lipschitz constant over the ball, and √2·L_global·ε from the global certificate. Each drop
+is sound, so their minimum is; margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε)), and as ε → 0 the drop
+of the runner-up class over ε tends to ‖∇margin(x)‖₂.
+
+L and β compose layer by layer from local constants at this input (β(f∘g) ≤ β_f·L_g² + L_f·β_g;
+a layer's ball has radius L_prefix·ε around its nominal input): the convex residual
+(1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F; attention and MLP as in
+``attention_bounds`` and ``mlp_bounds``. ``lipschitz_gpt``'s input projection onto the RMS ball is
+1-Lipschitz and fixes its own output, so the projected point P(x + δ) lies within ε of P(x) and the
+expansion is taken at P(x). Supported: ``lipschitz_gpt`` and ``mlp`` with GELU (smooth); ReLU has no
+curvature bound and LayerNorm (``gpt``) is not covered (``local_certificate`` returns None).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from lipflow.model.base import LanguageModel, spectral_norm
+from lipflow.model.bound import GELU_MAX_SLOPE, head_spectral_norms
+
+# max |GELU''| = max φ(x)(2 − x²) = 2φ(0) = 2/√(2π), at x = 0 (the other extremes, x = ±2, give 0.108)
+GELU_MAX_CURVATURE = 2.0 / math.sqrt(2.0 * math.pi)
+RADIUS_BISECTIONS = 48  # halvings of log ε between RADIUS_RANGE's ends: radii to a relative 2·10⁻¹²
+RADIUS_RANGE = (1e-12, 1e4)
+
+
+class AttentionRecord(NamedTuple):
+    """One attention layer at the nominal input: rotated queries and keys, values (B, H, T, d_h), the
+    softmax probabilities (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale,
+    and the score scale c."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    probs: torch.Tensor
+    sigma_q: torch.Tensor
+    sigma_k: torch.Tensor
+    sigma_v: torch.Tensor
+    out_norm: float
+    score_scale: float
+
+
+class SmoothLayer(NamedTuple):
+    """A layer's local constants as functions of the input ball's radius r (B,): (L(r), β(r))."""
+
+    bounds: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def compose(layers: list[SmoothLayer], radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, β) of layers[-1] ∘ … ∘ layers[0] on the ball of ``radius`` (B,) around the nominal input:
+    each layer sees radius L_prefix·r; β(f∘g) ≤ β_f·L_g² + L_f·β_g (chain rule for D²)."""
+    lip, curv = torch.ones_like(radius), torch.zeros_like(radius)
+    for layer in layers:
+        layer_lip, layer_curv = layer.bounds(lip * radius)
+        lip, curv = layer_lip * lip, layer_curv * lip * lip + layer_lip * curv
+    return lip, curv
+
+
+def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
+    """x ↦ (1−α)x + α·F(x): L = (1−α) + α·L_F, β = α·β_F."""
+    def bounds(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lip, curv = branch.bounds(r)
+        return (1.0 - alpha) + alpha * lip, alpha * curv
+    return SmoothLayer(bounds)
+
+
+def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> tuple[float, float]:
+    """(L, β) of x ↦ W_out·scale·GELU(W_in·x) per token (W_out = I when None), on any ball.
+
+    D = W_out·diag(scale·GELU'(h))·W_in with |scale·GELU'| ≤ scale·GELU_MAX_SLOPE; D(x) − D(x') =
+    W_out·diag(scale·ΔGELU')·W_in with |ΔGELU'_i| ≤ max|GELU''|·|⟨W_in[i], x − x'⟩| ≤
+    max|GELU''|·‖W_in[i]‖₂·‖x − x'‖₂. Over a sequence the Jacobian is block diagonal (per token), so
+    the same constants hold for the Frobenius norm over the whole sequence.
+    """
+    out_norm = spectral_norm(w_out) if w_out is not None else 1.0
+    in_norm = spectral_norm(w_in)
+    max_row = float(w_in.detach().double().norm(dim=1).max())
+    return (scale * GELU_MAX_SLOPE * out_norm * in_norm,
+            scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm)
+
+
+def constant_layer(lip: float, curv: float) -> SmoothLayer:
+    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)))
+
+
+def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, β) of one attention layer on the Frobenius ball of radius r (B,) around its nominal input.
+
+    Per head, for every X in the ball: ‖q_t‖ ≤ Q_t = ‖q⁰_t‖ + σ_q·r, ‖k_s‖ ≤ K_s = ‖k⁰_s‖ + σ_k·r
+    (RoPE is orthogonal); scores move by |Δz_ts| ≤ c·r·(σ_q·K_s + σ_k·‖q⁰_t‖) ≤ Δ_t, so
+    P_ts ≤ P̂_ts = min(1, P⁰_ts·e^{2Δ_t}); the value spread S_t² = Σ_s P_ts‖v_s − v̄_t‖² is at most
+    Σ_s P̂_ts(‖v⁰_s − v̄⁰_t‖ + σ_v r)² (variance ≤ mean square distance to v̄⁰_t), and at most the max.
+    With dz = ζ (first order) and ξ (second order) for a direction U (‖U‖_F = 1):
+      Do_t = Σ_s P_ts W_v u_s + Σ_s P_ts(ζ_ts − ζ̄_t)(v_s − v̄_t),
+      D²o_t = 2Σ_s P_ts(ζ_ts − ζ̄_t)W_v u_s + Σ_s P_ts(ξ_ts − ξ̄_t)(v_s − v̄_t)
+              + Σ_s P_ts((ζ_ts − ζ̄_t)² − Var_t ζ)(v_s − v̄_t)   (softmax's Jacobian and Hessian),
+    |ζ_ts| ≤ c(σ_q‖u_t‖K_s + Q_tσ_k‖u_s‖), |ξ_ts| ≤ 2cσ_qσ_k‖u_t‖‖u_s‖. Weighted Cauchy–Schwarz and
+    Σ_t Σ_s P̂_ts‖u_s‖² ≤ C = max_s Σ_t P̂_ts give, with K̄_t² = Σ_s P̂_ts K_s² (≤ max K²),
+    M_t = σ_q·max_{s≤t}K_s + σ_kQ_t:
+      L_h = σ_v√C + c·(2σ_q²·max_t S_t²K̄_t² + 2σ_k²·max_s Σ_t S_t²Q_t²P̂_ts)^½,
+      β_h = 2√2·σ_v·c·(σ_q²·max_t K̄_t² + σ_k²·max_s Σ_t Q_t²P̂_ts)^½ + 2cσ_qσ_k·max_t S_t
+            + 2√2·c²·(σ_q²·max_t M_t²K̄_t²S_t² + σ_k²·max_s Σ_t M_t²Q_t²S_t²P̂_ts)^½.
+    The heads stack (ℓ2 over heads) and W_o with its output scale multiplies both.
+    """
+    c = rec.score_scale
+    view = (-1, 1, 1)
+    rr = r.view(view)
+    sq, sk, sv = (s.view(1, -1, 1) for s in (rec.sigma_q, rec.sigma_k, rec.sigma_v))
+    q_norm, k_norm = rec.q.norm(dim=-1), rec.k.norm(dim=-1)                     # (B, H, T)
+    big_q, big_k = q_norm + sq * rr, k_norm + sk * rr
+    k_running_max = big_k.cummax(dim=-1).values                                  # max_{s≤t} K_s
+    shift = c * rr * (sq * k_running_max + sk * q_norm)                          # Δ_t
+    causal = torch.ones(rec.probs.shape[-2:], dtype=torch.bool, device=r.device).tril()
+    p_hat = (rec.probs * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0)
+    col = p_hat.sum(dim=-2).amax(dim=-1)                                         # C (B, H)
+    v_mean = rec.probs @ rec.v
+    sq_dist = (v_mean.pow(2).sum(-1)[..., :, None] + rec.v.pow(2).sum(-1)[..., None, :]
+               - 2.0 * v_mean @ rec.v.transpose(-2, -1)).clamp_min(0.0)
+    dist = (sq_dist.sqrt() + sv[..., None] * rr[..., None]) * causal    # (B, H, T, T)
+    spread_sq = torch.minimum((p_hat * dist.pow(2)).sum(-1), dist.pow(2).amax(-1))  # S_t²
+    k_bar_sq = torch.minimum(p_hat @ big_k.pow(2)[..., None], k_running_max.pow(2)[..., None]).squeeze(-1)
+
+    def col_max(weight: torch.Tensor) -> torch.Tensor:
+        """max_s Σ_t weight_t·P̂_ts, (B, H)."""
+        return (weight[..., None] * p_hat).sum(dim=-2).amax(dim=-1)
+
+    sq2, sk2 = sq.squeeze(-1) ** 2, sk.squeeze(-1) ** 2
+    lip_h = (sv.squeeze(-1) * col.sqrt()
+             + c * (2.0 * sq2 * (spread_sq * k_bar_sq).amax(-1)
+                    + 2.0 * sk2 * col_max(spread_sq * big_q.pow(2))).sqrt())
+    m = sq * k_running_max + sk * big_q
+    curv_h = (2.0 * math.sqrt(2.0) * sv.squeeze(-1) * c
+              * (sq2 * k_bar_sq.amax(-1) + sk2 * col_max(big_q.pow(2))).sqrt()
+              + 2.0 * c * (sq * sk).squeeze(-1) * spread_sq.amax(-1).sqrt()
+              + 2.0 * math.sqrt(2.0) * c * c
+              * (sq2 * (m.pow(2) * k_bar_sq * spread_sq).amax(-1)
+                 + sk2 * col_max(m.pow(2) * big_q.pow(2) * spread_sq)).sqrt())
+    return rec.out_norm * lip_h.pow(2).sum(-1).sqrt(), rec.out_norm * curv_h.pow(2).sum(-1).sqrt()
+
+
+def _attention_nominal(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
+    """``LipschitzAttention`` in float64 with explicit probabilities: (output, its record)."""
+    B, T, C = x.shape
+    H, d_h = attn.n_heads, attn.head_dim
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(B, T, H, d_h).transpose(1, 2)
+
+    w_q, w_k, w_v, w_o = (m.weight.detach().double() for m in (attn.q, attn.k, attn.v, attn.o))
+    q, k, v = attn.rope(heads(x @ w_q.T)), attn.rope(heads(x @ w_k.T)), heads(x @ w_v.T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal, float("-inf")).softmax(-1)
+    y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
+    sigma = [head_spectral_norms(m.weight, H).double().to(x.device) for m in (attn.q, attn.k, attn.v)]
+    rec = AttentionRecord(q.detach(), k.detach(), v.detach(), probs.detach(), *sigma,
+                          attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
+    return y, rec
+
+
+class LocalModel(NamedTuple):
+    """A model as a float64 map: body (B, …) → features (B, d) of the scored position, head weights,
+    the layers' local constants, and the input map applied before the body (a 1-Lipschitz projection
+    that fixes its output, or the identity)."""
+
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    body: Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer]]]
+    head: torch.Tensor  # (V, d), scale included
+
+
+def lipschitz_gpt_local(model) -> LocalModel | None:
+    if any(block.mlp.act.base is not F.gelu for block in model.blocks):
+        return None
+
+    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer]]:
+        layers = []
+        for block in model.blocks:
+            mlp = block.mlp
+            y, rec = _attention_nominal(block.attn, x)
+            x = (1.0 - block.alpha) * x + block.alpha * y
+            h = x @ mlp.up.weight.detach().double().T
+            x = (1.0 - block.alpha) * x + block.alpha * mlp.output_scale * (
+                mlp.act.base(h) @ mlp.down.weight.detach().double().T)
+            layers.append(convex_residual_layer(block.alpha, SmoothLayer(
+                lambda r, rec=rec: attention_bounds(rec, r))))
+            layers.append(convex_residual_layer(block.alpha, constant_layer(
+                *gelu_layer_bounds(mlp.output_scale, mlp.up.weight, mlp.down.weight))))
+        return x[:, -1, :], layers
+
+    scale = model.logit_scale * model.output_mult
+    return LocalModel(lambda x: model.project_to_domain(x.double()), body,
+                      scale * model.head.weight.detach().double())
+
+
+def mlp_local(model) -> LocalModel | None:
+    if model.act.base is not F.gelu:
+        return None
+
+    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer]]:
+        layers = []
+        for layer in model.layers[:-1]:
+            x = model.act.fn(x @ layer.weight.detach().double().T)
+            layers.append(constant_layer(*gelu_layer_bounds(model.act.scale, layer.weight, None)))
+        return x, layers
+
+    return LocalModel(lambda x: x.double(), body, model.output_mult * model.layers[-1].weight.detach().double())
+
+
+LOCAL_MODELS = {"LipschitzGPT": lipschitz_gpt_local, "LipschitzMLP": mlp_local}
+
+
+def local_model(model: LanguageModel) -> LocalModel | None:
+    """The float64 local form of ``model``, or None where it is not covered (LayerNorm, ReLU)."""
+    build = LOCAL_MODELS.get(type(model).__name__)
+    return None if build is None else build(model)
+
+
+class LocalCertificate:
+    """Per-input margin lower bounds over ℓ2 balls, for inputs x (B, …) and labels y (B,)."""
+
+    def __init__(self, local: LocalModel, x: torch.Tensor, labels: torch.Tensor, global_l2: float | None):
+        self.global_l2 = global_l2
+        x0 = local.prepare(x).detach()
+        with torch.no_grad():
+            features, self.layers = local.body(x0)
+        logits = features @ local.head.T
+        self.logits = logits
+        diff = local.head[labels][:, None, :] - local.head[None, :, :]          # w_j (B, V, d)
+        self.head_norms = diff.norm(dim=-1)
+        true = logits.gather(1, labels[:, None])
+        self.pair_margins = (true - logits).scatter(1, labels[:, None], float("inf"))
+        self.margin = self.pair_margins.min(dim=1).values
+        self.gradient_norms = self._pair_gradient_norms(local, x0, labels)
+
+    @staticmethod
+    def _pair_gradient_norms(local: LocalModel, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """‖∇(z_y − z_j)‖₂ at x0 (B, V) by autograd: the Gram matrix of the logits' gradients."""
+        x0 = x0.clone().requires_grad_(True)
+        logits = local.body(x0)[0] @ local.head.T
+        grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), x0, retain_graph=True)[0].flatten(1)
+                             for j in range(logits.shape[1])], dim=1)              # (B, V, n)
+        gram = grads @ grads.transpose(1, 2)
+        own = gram.diagonal(dim1=1, dim2=2)
+        rows = torch.arange(len(labels), device=labels.device)
+        cross = gram[rows, labels]                                                   # G_yj (B, V)
+        return (own[rows, labels][:, None] + own - 2.0 * cross).clamp_min(0.0).sqrt()
+
+    def pair_drops(self, epsilon: torch.Tensor) -> torch.Tensor:
+        """Upper bounds (B, V) on m_j(x) − m_j(x + δ) over ‖δ‖₂ ≤ ε (B,)."""
+        eps = epsilon.double().to(self.margin.device)
+        lip, curv = compose(self.layers, eps)
+        e = eps[:, None]
+        drop = torch.minimum(self.gradient_norms * e + 0.5 * self.head_norms * curv[:, None] * e * e,
+                             self.head_norms * lip[:, None] * e)
+        if self.global_l2 is not None:
+            drop = torch.minimum(drop, math.sqrt(2.0) * self.global_l2 * e)
+        return drop
+
+    def margin_lower_bound(self, epsilon: torch.Tensor) -> torch.Tensor:
+        """min_{j≠y} (m_j(x) − drop_j(ε)) ≤ margin(x + δ) for every ‖δ‖₂ ≤ ε, (B,)."""
+        return (self.pair_margins - self.pair_drops(epsilon)).min(dim=1).values
+
+    def margin_drop(self, epsilon: torch.Tensor) -> torch.Tensor:
+        """Certified bound on margin(x) − margin(x + δ), (B,)."""
+        return self.margin - self.margin_lower_bound(epsilon)
+
+    def radius(self) -> torch.Tensor:
+        """Per input the largest ε found (bisection in log ε) at which the margin provably stays
+        positive; 0 where the prediction is wrong or not certified at RADIUS_RANGE[0]."""
+        low = torch.full_like(self.margin, math.log(RADIUS_RANGE[0]))
+        high = torch.full_like(self.margin, math.log(RADIUS_RANGE[1]))
+        certified_low = self.margin_lower_bound(low.exp()) > 0
+        for _ in range(RADIUS_BISECTIONS):
+            mid = 0.5 * (low + high)
+            ok = self.margin_lower_bound(mid.exp()) > 0
+            low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+        return torch.where(certified_low, low.exp(), torch.zeros_like(low)).float()
+
+
+def local_certificate(model: LanguageModel, x: torch.Tensor, labels: torch.Tensor,
+                      global_l2: float | None) -> LocalCertificate | None:
+    """The local certificate of ``model`` (``forward_embedded``'s last position, or the classifier's
+    output) at embedded inputs ``x``; None for models it does not cover."""
+    local = local_model(model)
+    return None if local is None else LocalCertificate(local, x, labels, global_l2)
