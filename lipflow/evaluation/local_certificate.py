@@ -126,7 +126,7 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
     k_running_max = big_k.cummax(dim=-1).values                                  # max_{s≤t} K_s
     shift = c * rr * (sq * k_running_max + sk * q_norm)                          # Δ_t
     causal = torch.ones(rec.probs.shape[-2:], dtype=torch.bool, device=r.device).tril()
-    p_hat = (rec.probs * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0)
+    p_hat = torch.where(causal, (rec.probs * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0), 0.0)
     col = p_hat.sum(dim=-2).amax(dim=-1)                                         # C (B, H)
     v_mean = rec.probs @ rec.v
     sq_dist = (v_mean.pow(2).sum(-1)[..., :, None] + rec.v.pow(2).sum(-1)[..., None, :]
@@ -279,8 +279,8 @@ class LocalCertificate:
         return self.margin - self.margin_lower_bound(epsilon)
 
     def radius(self) -> torch.Tensor:
-        """Per input the largest ε found (bisection in log ε) at which the margin provably stays
-        positive; 0 where the prediction is wrong or not certified at RADIUS_RANGE[0]."""
+        """Per input (float64) the largest ε found (bisection in log ε) at which the margin provably
+        stays positive; 0 where the prediction is wrong or not certified at RADIUS_RANGE[0]."""
         low = torch.full_like(self.margin, math.log(RADIUS_RANGE[0]))
         high = torch.full_like(self.margin, math.log(RADIUS_RANGE[1]))
         certified_low = self.margin_lower_bound(low.exp()) > 0
@@ -288,7 +288,7 @@ class LocalCertificate:
             mid = 0.5 * (low + high)
             ok = self.margin_lower_bound(mid.exp()) > 0
             low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
-        return torch.where(certified_low, low.exp(), torch.zeros_like(low)).float()
+        return torch.where(certified_low, low.exp(), torch.zeros_like(low))
 
 
 def local_certificate(model: LanguageModel, x: torch.Tensor, labels: torch.Tensor,
