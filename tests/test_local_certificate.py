@@ -141,7 +141,7 @@ def test_the_local_radius_is_certified_and_at_least_the_global_one(kind):
         assert bool((score(model, GPT)(x + delta).argmax(1) == labels).all())
 
 
-@pytest.mark.parametrize("cfg", [dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6),
+@pytest.mark.parametrize("cfg", [dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2),
                                  {**MLP, "activation": "relu"}], ids=["layernorm", "relu"])
 def test_models_without_a_curvature_bound_have_no_local_certificate(cfg):
     model = build_model(cfg, cfg.get("n_classes", 12))
