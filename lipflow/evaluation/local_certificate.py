@@ -45,14 +45,14 @@ RADIUS_RANGE = (1e-12, 1e4)
 
 
 class AttentionRecord(NamedTuple):
-    """One attention layer at the nominal input: rotated queries and keys, values (B, H, T, d_h), the
-    softmax probabilities (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale,
-    and the score scale c."""
+    """One attention layer at the nominal input: rotated queries (B, H, T, d_h), the softmax
+    probabilities (B, H, T, T), each key's and value's distance to the query's attended mean
+    (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c."""
 
     q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
     probs: torch.Tensor
+    k_spread: torch.Tensor
+    v_spread: torch.Tensor
     sigma_q: torch.Tensor
     sigma_k: torch.Tensor
     sigma_v: torch.Tensor
@@ -106,39 +106,37 @@ def constant_layer(lip: float, curv: float) -> SmoothLayer:
 def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, β) of one attention layer on the Frobenius ball of radius r (B,) around its nominal input.
 
-    Per head, for every X in the ball: ‖q_t‖ ≤ Q_t = ‖q⁰_t‖ + σ_q·r, ‖k_s‖ ≤ K_s = ‖k⁰_s‖ + σ_k·r
-    (RoPE is orthogonal); scores move by |Δz_ts| ≤ c·r·(σ_q·K_s + σ_k·‖q⁰_t‖) ≤ Δ_t, so
-    P_ts ≤ P̂_ts = min(1, P⁰_ts·e^{2Δ_t}); the value spread S_t² = Σ_s P_ts‖v_s − v̄_t‖² is at most
-    Σ_s P̂_ts(‖v⁰_s − v̄⁰_t‖ + σ_v r)² (variance ≤ mean square distance to v̄⁰_t), and at most the max.
+    Per head, for every X in the ball: ‖q_t‖ ≤ Q_t = ‖q⁰_t‖ + σ_q·r (RoPE is orthogonal); keys and
+    values lie within k̂_ts = ‖k⁰_s − k̄⁰_t‖ + σ_k·r and v̂_ts = ‖v⁰_s − v̄⁰_t‖ + σ_v·r of the nominal
+    attention-weighted means k̄⁰_t, v̄⁰_t. Softmax ignores a per-row constant, so the scores move by
+    at most Δ_t = c·r·(σ_q·max_s k̂_ts + σ_k·‖q⁰_t‖) after removing c⟨Δq_t, k̄⁰_t⟩, and
+    P_ts ≤ P̂_ts = min(1, P⁰_ts·e^{2Δ_t}). Spreads (variance ≤ mean square distance to any point):
+    S_t² = Σ_s P_ts‖v_s − v̄_t‖² ≤ min(Σ_s P̂_ts v̂_ts², max_s v̂_ts²), likewise K_t² for the keys.
     With dz = ζ (first order) and ξ (second order) for a direction U (‖U‖_F = 1):
       Do_t = Σ_s P_ts W_v u_s + Σ_s P_ts(ζ_ts − ζ̄_t)(v_s − v̄_t),
       D²o_t = 2Σ_s P_ts(ζ_ts − ζ̄_t)W_v u_s + Σ_s P_ts(ξ_ts − ξ̄_t)(v_s − v̄_t)
-              + Σ_s P_ts((ζ_ts − ζ̄_t)² − Var_t ζ)(v_s − v̄_t)   (softmax's Jacobian and Hessian),
-    |ζ_ts| ≤ c(σ_q‖u_t‖K_s + Q_tσ_k‖u_s‖), |ξ_ts| ≤ 2cσ_qσ_k‖u_t‖‖u_s‖. Weighted Cauchy–Schwarz and
-    Σ_t Σ_s P̂_ts‖u_s‖² ≤ C = max_s Σ_t P̂_ts give, with K̄_t² = Σ_s P̂_ts K_s² (≤ max K²),
-    M_t = σ_q·max_{s≤t}K_s + σ_kQ_t:
-      L_h = σ_v√C + c·(2σ_q²·max_t S_t²K̄_t² + 2σ_k²·max_s Σ_t S_t²Q_t²P̂_ts)^½,
-      β_h = 2√2·σ_v·c·(σ_q²·max_t K̄_t² + σ_k²·max_s Σ_t Q_t²P̂_ts)^½ + 2cσ_qσ_k·max_t S_t
-            + 2√2·c²·(σ_q²·max_t M_t²K̄_t²S_t² + σ_k²·max_s Σ_t M_t²Q_t²S_t²P̂_ts)^½.
+              + Σ_s P_ts((ζ_ts − ζ̄_t)² − Var_t ζ)(v_s − v̄_t)   (softmax's Jacobian and Hessian).
+    Centred at ζ_c = c⟨W_q u_t, k̄⁰_t⟩: |ζ_ts − ζ_c| ≤ c(σ_q‖u_t‖k̂_ts + Q_tσ_k‖u_s‖) ≤ c·M_t with
+    M_t = σ_q·max_s k̂_ts + σ_kQ_t, Var_t ζ ≤ Σ_s P_ts(ζ_ts − ζ_c)², |ξ_ts| ≤ 2cσ_qσ_k‖u_t‖‖u_s‖.
+    Weighted Cauchy–Schwarz and Σ_t Σ_s P̂_ts‖u_s‖² ≤ C = max_s Σ_t P̂_ts give
+      L_h = σ_v√C + c·(2σ_q²·max_t S_t²K_t² + 2σ_k²·max_s Σ_t S_t²Q_t²P̂_ts)^½,
+      β_h = 2√2·σ_v·c·(σ_q²·max_t K_t² + σ_k²·max_s Σ_t Q_t²P̂_ts)^½ + 2cσ_qσ_k·max_t S_t
+            + 2√2·c²·(σ_q²·max_t M_t²K_t²S_t² + σ_k²·max_s Σ_t M_t²Q_t²S_t²P̂_ts)^½.
     The heads stack (ℓ2 over heads) and W_o with its output scale multiplies both.
     """
     c = rec.score_scale
-    view = (-1, 1, 1)
-    rr = r.view(view)
+    rr = r.view(-1, 1, 1)
     sq, sk, sv = (s.view(1, -1, 1) for s in (rec.sigma_q, rec.sigma_k, rec.sigma_v))
-    q_norm, k_norm = rec.q.norm(dim=-1), rec.k.norm(dim=-1)                     # (B, H, T)
-    big_q, big_k = q_norm + sq * rr, k_norm + sk * rr
-    k_running_max = big_k.cummax(dim=-1).values                                  # max_{s≤t} K_s
-    shift = c * rr * (sq * k_running_max + sk * q_norm)                          # Δ_t
     causal = torch.ones(rec.probs.shape[-2:], dtype=torch.bool, device=r.device).tril()
+    big_q = rec.q.norm(dim=-1) + sq * rr                                         # Q_t (B, H, T)
+    k_far = torch.where(causal, rec.k_spread + (sk * rr)[..., None], 0.0)       # k̂_ts (B, H, T, T)
+    v_far = torch.where(causal, rec.v_spread + (sv * rr)[..., None], 0.0)
+    k_max = k_far.amax(dim=-1)
+    shift = c * rr * (sq * k_max + sk * rec.q.norm(dim=-1))                      # Δ_t
     p_hat = torch.where(causal, (rec.probs * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0), 0.0)
     col = p_hat.sum(dim=-2).amax(dim=-1)                                         # C (B, H)
-    v_mean = rec.probs @ rec.v
-    sq_dist = (v_mean.pow(2).sum(-1)[..., :, None] + rec.v.pow(2).sum(-1)[..., None, :]
-               - 2.0 * v_mean @ rec.v.transpose(-2, -1)).clamp_min(0.0)
-    dist = (sq_dist.sqrt() + sv[..., None] * rr[..., None]) * causal    # (B, H, T, T)
-    spread_sq = torch.minimum((p_hat * dist.pow(2)).sum(-1), dist.pow(2).amax(-1))  # S_t²
-    k_bar_sq = torch.minimum(p_hat @ big_k.pow(2)[..., None], k_running_max.pow(2)[..., None]).squeeze(-1)
+    spread_sq = torch.minimum((p_hat * v_far.pow(2)).sum(-1), v_far.pow(2).amax(-1))  # S_t²
+    k_spread_sq = torch.minimum((p_hat * k_far.pow(2)).sum(-1), k_max.pow(2))         # K_t²
 
     def col_max(weight: torch.Tensor) -> torch.Tensor:
         """max_s Σ_t weight_t·P̂_ts, (B, H)."""
@@ -146,16 +144,24 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
 
     sq2, sk2 = sq.squeeze(-1) ** 2, sk.squeeze(-1) ** 2
     lip_h = (sv.squeeze(-1) * col.sqrt()
-             + c * (2.0 * sq2 * (spread_sq * k_bar_sq).amax(-1)
+             + c * (2.0 * sq2 * (spread_sq * k_spread_sq).amax(-1)
                     + 2.0 * sk2 * col_max(spread_sq * big_q.pow(2))).sqrt())
-    m = sq * k_running_max + sk * big_q
+    m = sq * k_max + sk * big_q
     curv_h = (2.0 * math.sqrt(2.0) * sv.squeeze(-1) * c
-              * (sq2 * k_bar_sq.amax(-1) + sk2 * col_max(big_q.pow(2))).sqrt()
+              * (sq2 * k_spread_sq.amax(-1) + sk2 * col_max(big_q.pow(2))).sqrt()
               + 2.0 * c * (sq * sk).squeeze(-1) * spread_sq.amax(-1).sqrt()
               + 2.0 * math.sqrt(2.0) * c * c
-              * (sq2 * (m.pow(2) * k_bar_sq * spread_sq).amax(-1)
+              * (sq2 * (m.pow(2) * k_spread_sq * spread_sq).amax(-1)
                  + sk2 * col_max(m.pow(2) * big_q.pow(2) * spread_sq)).sqrt())
     return rec.out_norm * lip_h.pow(2).sum(-1).sqrt(), rec.out_norm * curv_h.pow(2).sum(-1).sqrt()
+
+
+def distance_to_attended_mean(probs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """‖p_s − Σ_u P_tu p_u‖₂ for every query t and key s, (…, T, T)."""
+    mean = probs @ points
+    sq_dist = (mean.pow(2).sum(-1)[..., :, None] + points.pow(2).sum(-1)[..., None, :]
+               - 2.0 * mean @ points.transpose(-2, -1))
+    return sq_dist.clamp_min(0.0).sqrt()
 
 
 def _attention_nominal(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
@@ -172,8 +178,9 @@ def _attention_nominal(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRe
     probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal, float("-inf")).softmax(-1)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
     sigma = [head_spectral_norms(m.weight, H).double().to(x.device) for m in (attn.q, attn.k, attn.v)]
-    rec = AttentionRecord(q.detach(), k.detach(), v.detach(), probs.detach(), *sigma,
-                          attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
+    q, k, v, probs = q.detach(), k.detach(), v.detach(), probs.detach()
+    rec = AttentionRecord(q, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
+                          *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
     return y, rec
 
 
