@@ -117,8 +117,9 @@ def test_the_bound_over_epsilon_tends_to_the_margin_gradient_norm(cfg):
     cert, _, labels = certificate_at(model, cfg, x)
     gradient = margin_gradient_norm(model, cfg, x, labels)
     runner_up = cert.pair_margins.argmin(dim=1, keepdim=True)  # the class whose drop binds as ε → 0
-    ratios = [cert.pair_drops(torch.full((len(x),), eps, dtype=torch.float64)).gather(1, runner_up).squeeze(1) / (eps * gradient)
-              for eps in (1e-6, 1e-9, 1e-12)]
+    drops = [cert.pair_drops(torch.full((len(x),), eps, dtype=torch.float64)).gather(1, runner_up).squeeze(1)
+             for eps in (1e-6, 1e-9, 1e-12)]
+    ratios = [drop / (eps * gradient) for drop, eps in zip(drops, (1e-6, 1e-9, 1e-12))]
     assert torch.allclose(cert.margin_drop(torch.full((len(x),), 1e-6)), 1e-6 * ratios[0] * gradient, rtol=1e-6)
     assert bool((ratios[0] >= ratios[1] - 1e-9).all() and (ratios[1] >= ratios[2] - 1e-9).all())
     assert ratios[-1] == pytest.approx(torch.ones_like(ratios[-1]), abs=1e-3)

@@ -8,8 +8,8 @@ logits obeys, for every ‖δ‖₂ ≤ ε (Taylor with the integral remainder a
 
 where w_j = s·(W_head[y] − W_head[j]), ∇m_j is exact (autograd in float32, enlarged by
 GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest margins and bounded by ‖w_j‖·L(0)
-for the others, and β(ε) bounds the operator norm of the second derivative of the block stack B over the ball (so ‖w_j‖β bounds m_j's
-curvature; the head is linear). Two first-order bounds hold too: ‖w_j‖·L(ε)·ε with L(ε) the block
+for the others, and β(ε) bounds the operator norm of the second derivative of the block stack over
+the ball (so ‖w_j‖β bounds m_j's curvature; the head is linear). Two first-order bounds hold too: ‖w_j‖·L(ε)·ε with L(ε) the block
 stack's Lipschitz constant over the ball, and √2·L_global·ε from the global certificate. Each drop
 is sound, so their minimum is; margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε)), and as ε → 0 the drop
 of the runner-up class over ε tends to ‖∇margin(x)‖₂.
