@@ -10,12 +10,16 @@ from lipflow.results.plotting import Figure, colors, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 _ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', 'robust_loss', " \
-                  "'robust_true_class_probability', 'lipschitz_lower_bound')"
+                  "'robust_true_class_probability', 'lipschitz_lower_bound', 'certified_accuracy_local', " \
+                  "'certified_radius_local_median', 'half_certified_epsilon', 'tightness_global', " \
+                  "'tightness_local', 'within_100x_local')"
 ROBUSTNESS = View(
     caption="table_robustness.rst",
     description="robustness: long form, one row per model, metric, attack and ε (ℓ2 radius in the input "
                 "space: token embeddings for the LM, [0,1] pixels for the digits MLP) or k (substituted "
-                "tokens); domain = lm | image_mlp; label = the model's variant; certificate_l2 = its ℓ2 bound",
+                "tokens); domain = lm | image_mlp; label = the model's variant; certificate_l2 = its ℓ2 bound; "
+                "the local certificate's rows (certified_accuracy_local, tightness_global/local = median "
+                "PGD margin fall / certified fall, attack pgd or pgd_half_certified) where the model has one",
     columns={"domain": "VARCHAR", "label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR",
              "optimizer": "VARCHAR", "weight_constraint": "VARCHAR", "certificate_l2": "DOUBLE",
              "metric": "VARCHAR", "attack": "VARCHAR", "epsilon": "DOUBLE", "k": "BIGINT", "value": "DOUBLE"},
@@ -26,7 +30,8 @@ ROBUSTNESS = View(
              sql=f"""
         SELECT 'lm' AS domain, substr(r.name, strpos(r.name, '.') + 1) AS label, r.run_id, r.model,
                r.optimizer, r.weight_constraint, c.certificate_l2, e.metric,
-               CASE WHEN e.metric IN ('robust_accuracy', 'robust_loss') THEN e.attack END AS attack,
+               CASE WHEN e.metric IN ('robust_accuracy', 'robust_loss', 'tightness_global', 'tightness_local',
+                                      'within_100x_local') THEN e.attack END AS attack,
                e.epsilon, e.k, e.value
         FROM evals AS e JOIN runs AS r USING (run_id)
         LEFT JOIN (SELECT run_id, max(value) AS certificate_l2 FROM evals
@@ -52,8 +57,9 @@ VIEWS = {"robustness": ROBUSTNESS}
 
 
 def robustness(con):
-    """Accuracy under ℓ2 PGD (solid) and certified accuracy (dashed) against ε per model; LM token
-    substitutions against k; the digits MLP against ε."""
+    """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
+    ε per model; the global and local certificates' tightness against ε; LM token substitutions
+    against k; the digits MLP against ε."""
     plt = pyplot()
     df = read_view(con, "robustness")
     panels = []
@@ -63,6 +69,9 @@ def robustness(con):
                        "ε (ℓ2 norm of the embedding perturbation)"))
         if lm.k.notna().any():
             panels.append(("language model: token substitutions", lm, "k", "substituted tokens k"))
+        if (lm.metric == "tightness_local").any():
+            panels.append(("tightness: median PGD margin fall / certified fall", lm, "tightness",
+                           "ε (ℓ2 norm of the embedding perturbation)"))
     image = df[df.domain == "image_mlp"]
     if len(image):
         panels.append(("digits MLP at matched clean accuracy: ℓ2 PGD", image, "epsilon",
@@ -77,9 +86,18 @@ def robustness(con):
             if x_col == "epsilon":
                 pgd = rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")].sort_values("epsilon")
                 ax.plot(pgd.epsilon, 100 * pgd.value, "o-", color=color, label=f"{label}{suffix}: PGD")
-                cert = rows[rows.metric == "certified_accuracy"].sort_values("epsilon")
-                if len(cert):
-                    ax.plot(cert.epsilon, 100 * cert.value, "--", color=color, label=f"{label}: certified")
+                for style, metric, what in (("--", "certified_accuracy", "certified (global)"),
+                                            (":", "certified_accuracy_local", "certified (local)")):
+                    cert = rows[rows.metric == metric].sort_values("epsilon")
+                    if len(cert):
+                        ax.plot(cert.epsilon, 100 * cert.value, style, color=color, label=f"{label}: {what}")
+            elif x_col == "tightness":
+                for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
+                    sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")
+                    ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_ylabel("best attack / certificate (1 = tight)")
             else:
                 for style, attack in (("o-", "greedy"), ("x:", "random")):
                     sub = rows[(rows.metric == "robust_accuracy") & (rows.attack == attack)].sort_values("k")
