@@ -237,19 +237,24 @@ RUNS_NEED = ("run_id", "name", "status", "experiment")
 # -- lipschitz_tradeoff ----------------------------------------------------------------------
 VIEWS.register("pareto")(View(
     description="lipschitz_tradeoff: completed runs with a finite certified bound; on_front = no run of the "
-                "same optimizer has a bound ≤ and a val accuracy ≥ (one strictly)",
+                "same optimizer has a bound ≤ and a val accuracy ≥ (one strictly); local_radius = the ε where "
+                "the local certificate's certified accuracy is half the clean accuracy (robustness "
+                "evaluation's half_certified_epsilon; NULL unless that evaluation ran)",
     columns={"run_id": "VARCHAR", "name": "VARCHAR", "optimizer": "VARCHAR", "weight_constraint": "VARCHAR",
              "sigma_max": "DOUBLE", "lr": "DOUBLE", "lipschitz_bound": "DOUBLE", "val_accuracy": "DOUBLE",
-             "val_loss": "DOUBLE", "max_activation": "DOUBLE", "on_front": "BOOLEAN"},
+             "val_loss": "DOUBLE", "max_activation": "DOUBLE", "local_radius": "DOUBLE", "on_front": "BOOLEAN"},
     parts=(Part(requires={"runs": RUNS_NEED + ("optimizer", "weight_constraint", "sigma_max", "lr",
                                                "lipschitz_bound", "max_activation", "val_accuracy",
-                                               "final_val_accuracy", "val_loss", "final_val_loss")},
+                                               "final_val_accuracy", "val_loss", "final_val_loss"),
+                          "evals": ("run_id", "eval", "metric", "value")},
                 absent_reason="no lipschitz_tradeoff runs in the database",
                 sql="""
         WITH r AS (
             SELECT run_id, name, optimizer, weight_constraint, sigma_max, lr, lipschitz_bound,
                    coalesce(val_accuracy, final_val_accuracy) AS val_accuracy,
-                   coalesce(val_loss, final_val_loss) AS val_loss, max_activation
+                   coalesce(val_loss, final_val_loss) AS val_loss, max_activation,
+                   (SELECT max(e.value) FROM evals AS e WHERE e.run_id = runs.run_id AND e.eval = 'robustness'
+                      AND e.metric = 'half_certified_epsilon') AS local_radius
             FROM runs
             WHERE experiment = 'lipschitz_tradeoff' AND status = 'completed'
               AND lipschitz_bound IS NOT NULL AND isfinite(lipschitz_bound))
@@ -446,11 +451,15 @@ VIEWS.register("rank_bound")(View(
 
 # -- robustness ------------------------------------------------------------------------------
 _ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', 'robust_loss', " \
-                  "'robust_true_class_probability', 'lipschitz_lower_bound')"
+                  "'robust_true_class_probability', 'lipschitz_lower_bound', 'certified_accuracy_local', " \
+                  "'certified_radius_local_median', 'half_certified_epsilon', 'tightness_global', " \
+                  "'tightness_local', 'within_100x_local')"
 VIEWS.register("robustness")(View(
     description="robustness: long form, one row per model, metric, attack and ε (ℓ2 radius in the input "
                 "space: token embeddings for the LM, [0,1] pixels for the digits MLP) or k (substituted "
-                "tokens); domain = lm | image_mlp; label = the model's variant; certificate_l2 = its ℓ2 bound",
+                "tokens); domain = lm | image_mlp; label = the model's variant; certificate_l2 = its ℓ2 bound; "
+                "the local certificate's rows (certified_accuracy_local, tightness_global/local = median "
+                "PGD margin fall / certified fall, attack pgd or pgd_half_certified) where the model has one",
     columns={"domain": "VARCHAR", "label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR",
              "optimizer": "VARCHAR", "weight_constraint": "VARCHAR", "certificate_l2": "DOUBLE",
              "metric": "VARCHAR", "attack": "VARCHAR", "epsilon": "DOUBLE", "k": "BIGINT", "value": "DOUBLE"},
@@ -461,7 +470,8 @@ VIEWS.register("robustness")(View(
              sql=f"""
         SELECT 'lm' AS domain, substr(r.name, strpos(r.name, '.') + 1) AS label, r.run_id, r.model,
                r.optimizer, r.weight_constraint, c.certificate_l2, e.metric,
-               CASE WHEN e.metric IN ('robust_accuracy', 'robust_loss') THEN e.attack END AS attack,
+               CASE WHEN e.metric IN ('robust_accuracy', 'robust_loss', 'tightness_global', 'tightness_local',
+                                      'within_100x_local') THEN e.attack END AS attack,
                e.epsilon, e.k, e.value
         FROM evals AS e JOIN runs AS r USING (run_id)
         LEFT JOIN (SELECT run_id, max(value) AS certificate_l2 FROM evals

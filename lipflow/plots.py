@@ -52,9 +52,10 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 @FIGURES.register("tradeoff_accuracy")
 def tradeoff_accuracy(con) -> plt.Figure:
-    """Val accuracy against the certified bound (log x); the Pareto front of each optimizer as a line."""
+    """Val accuracy against the certified bound (log x; the Pareto front of each optimizer as a line)
+    and against the local certificate's radius (the ε where certified accuracy is half the clean)."""
     df = view(con, "pareto")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_local) = plt.subplots(1, 2, figsize=(12, 4.5))
     constraints = sorted(df.weight_constraint.unique())
     for color, (optimizer, group) in zip(_colors(df.optimizer.nunique()), df.groupby("optimizer")):
         for marker, constraint in zip(MARKERS, constraints):
@@ -62,15 +63,28 @@ def tradeoff_accuracy(con) -> plt.Figure:
             if len(sub):
                 ax.scatter(sub.lipschitz_bound, 100 * sub.val_accuracy, color=color, marker=marker, alpha=0.7,
                            label=f"{optimizer} · {constraint}")
+                local = sub[sub.local_radius.notna() & (sub.local_radius > 0)]
+                ax_local.scatter(local.local_radius, 100 * local.val_accuracy, color=color, marker=marker,
+                                 alpha=0.7, label=f"{optimizer} · {constraint}")
         front = group[group.on_front].sort_values("lipschitz_bound")
         ax.step(front.lipschitz_bound, 100 * front.val_accuracy, where="post", color=color, lw=1.5,
                 label=f"{optimizer} Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("certified Lipschitz bound L of the trained model (log scale)")
     ax.set_ylabel("val next-token accuracy (%)")
-    ax.set_title("Accuracy vs certified Lipschitz bound")
+    ax.set_title("Accuracy vs certified Lipschitz bound (global)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    if (df.local_radius.fillna(0) > 0).any():
+        ax_local.set_xscale("log")
+        ax_local.legend(fontsize=7, ncol=2)
+    else:
+        ax_local.text(0.5, 0.5, "no local certificate: add the robustness\nevaluation to this experiment's runs",
+                      ha="center", va="center", transform=ax_local.transAxes)
+    ax_local.set_xlabel("local certified radius: ε where certified accuracy = clean/2 (ℓ2, log scale)")
+    ax_local.set_title("Accuracy vs local certified radius")
+    ax_local.grid(alpha=0.3)
+    fig.tight_layout()
     return fig
 
 
@@ -204,8 +218,9 @@ def rank_vs_n(con) -> plt.Figure:
 
 @FIGURES.register("robustness")
 def robustness(con) -> plt.Figure:
-    """Accuracy under ℓ2 PGD (solid) and certified accuracy (dashed) against ε per model; LM token
-    substitutions against k; the digits MLP against ε."""
+    """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
+    ε per model; the global and local certificates' tightness against ε; LM token substitutions
+    against k; the digits MLP against ε."""
     df = view(con, "robustness")
     panels = []
     lm = df[df.domain == "lm"]
@@ -214,6 +229,9 @@ def robustness(con) -> plt.Figure:
                        "ε (ℓ2 norm of the embedding perturbation)"))
         if lm.k.notna().any():
             panels.append(("language model: token substitutions", lm, "k", "substituted tokens k"))
+        if (lm.metric == "tightness_local").any():
+            panels.append(("tightness: median PGD margin fall / certified fall", lm, "tightness",
+                           "ε (ℓ2 norm of the embedding perturbation)"))
     image = df[df.domain == "image_mlp"]
     if len(image):
         panels.append(("digits MLP at matched clean accuracy: ℓ2 PGD", image, "epsilon",
@@ -228,9 +246,18 @@ def robustness(con) -> plt.Figure:
             if x_col == "epsilon":
                 pgd = rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")].sort_values("epsilon")
                 ax.plot(pgd.epsilon, 100 * pgd.value, "o-", color=color, label=f"{label}{suffix}: PGD")
-                cert = rows[rows.metric == "certified_accuracy"].sort_values("epsilon")
-                if len(cert):
-                    ax.plot(cert.epsilon, 100 * cert.value, "--", color=color, label=f"{label}: certified")
+                for style, metric, what in (("--", "certified_accuracy", "certified (global)"),
+                                            (":", "certified_accuracy_local", "certified (local)")):
+                    cert = rows[rows.metric == metric].sort_values("epsilon")
+                    if len(cert):
+                        ax.plot(cert.epsilon, 100 * cert.value, style, color=color, label=f"{label}: {what}")
+            elif x_col == "tightness":
+                for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
+                    sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")
+                    ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_ylabel("best attack / certificate (1 = tight)")
             else:
                 for style, attack in (("o-", "greedy"), ("x:", "random")):
                     sub = rows[(rows.metric == "robust_accuracy") & (rows.attack == attack)].sort_values("k")

@@ -309,6 +309,26 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
                      ("fp8_e4m3", "per_tensor", 0.49, None, None, 1.0)]
 
 
+def test_local_certificate_rows_reach_the_robustness_and_pareto_views(tmp_path):
+    runs = [run("robust.lip-00000001", experiment="robustness", model="lipschitz_gpt", optimizer="muon"),
+            run("tradeoff.a-00000002", experiment="lipschitz_tradeoff", lipschitz_bound=5.0, val_accuracy=0.4),
+            run("tradeoff.b-00000003", experiment="lipschitz_tradeoff", lipschitz_bound=9.0, val_accuracy=0.5)]
+    evals = [{"run_id": rid, "eval": "robustness", "metric": m, "value": v, "epsilon": e, "attack": a, "k": None}
+             for rid, m, v, e, a in [("robust.lip-00000001", "certified_accuracy_local", 0.3, 0.5, None),
+                                     ("robust.lip-00000001", "tightness_local", 0.2, 0.5, "pgd"),
+                                     ("robust.lip-00000001", "tightness_global", 1e-6, 0.5, "pgd"),
+                                     ("robust.lip-00000001", "within_100x_local", 0.7, 0.01, "pgd_half_certified"),
+                                     ("tradeoff.b-00000003", "half_certified_epsilon", 0.01, None, None)]]
+    con = database(tmp_path, runs, evals=evals)
+    status = create_views(con, tmp_path)
+    assert status["robustness"] == "" and status["pareto"] == ""
+    rows = con.sql("select metric, attack, epsilon, value from robustness order by metric").fetchall()
+    assert rows == [("certified_accuracy_local", None, 0.5, 0.3), ("tightness_global", "pgd", 0.5, 1e-6),
+                    ("tightness_local", "pgd", 0.5, 0.2), ("within_100x_local", "pgd_half_certified", 0.01, 0.7)]
+    assert con.sql("select name, local_radius from pareto order by name").fetchall() == [
+        ("tradeoff.a", None), ("tradeoff.b", 0.01)]
+
+
 def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closest_accuracy(tmp_path):
     """Each lipschitz_gpt run is matched with the run of the other kind (constrained or not) of the closest
     fp32 accuracy; the baseline gpt (no analytic bound) gets its observed max and no match."""
