@@ -152,13 +152,15 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
 
 
-def default_shards(work: Path) -> Path:
-    """The default config's training data under ``work``: the embedded pydoc corpus, char-tokenized
-    by the corpus and tokenize stages; returns the shard directory."""
+def default_shards(work: Path, text: Path | None = None) -> Path:
+    """Char-tokenized shards under ``work`` from the corpus and tokenize stages; returns the shard
+    directory. Without ``text``: the default config's embedded pydoc corpus; else that text file."""
     from lipflow.data.corpus import CorpusConfig, build_corpus
     from lipflow.data.tokenize import TokenizerConfig, tokenize_corpus
 
-    build_corpus(CorpusConfig(name="pydoc"), work / "corpus")
+    corpus = CorpusConfig(name="pydoc") if text is None else \
+        CorpusConfig(name=text.stem, source="files", paths=(str(text),))
+    build_corpus(corpus, work / "corpus")
     tokenize_corpus(TokenizerConfig(kind="char"), work / "corpus", work / "char")
     return work / "char"
 

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench.common import (add_out_argument, alternating_timings, default_shards, machine,  # noqa: E402
                           print_table, row, run_configs, save_rows)
 from lipflow import provenance  # noqa: E402
-from lipflow.metrics import write_table_parquet  # noqa: E402
+from lipflow.data.parquet import write_table_parquet  # noqa: E402
 from lipflow.results import build  # noqa: E402
 from lipflow.training import Trainer  # noqa: E402
 

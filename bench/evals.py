@@ -10,7 +10,8 @@ steps with ``Trainer.run()`` (writing a real run directory), time ``--rounds`` f
 (``lipflow.evaluation.EVALUATIONS``: val, robustness, precision, rank, sharpness) once on the
 evaluate stage's context for that run directory (``build_context``: load the checkpoint, train and
 val loss over the eval windows; built once per run and timed separately, as each evaluate job
-pays it once more).
+pays it once more), and the local certificate alone (``local_certificate`` and its radii, issue 20)
+for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it covers.
 Evaluation parameters: each evaluation's defaults (what the pipeline passes today); --quick uses
 the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
 results/bench/evals.parquet (--quick: results/bench/quick/).
@@ -41,12 +42,14 @@ from bench.common import (REPO, add_out_argument, alternating_timings, default_s
 from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
+from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.training import Trainer  # noqa: E402
 
 BENCH = "evals"
 
 # Smaller settings for --quick (every evaluation still runs each of its parts once).
+LOCAL_SEQUENCES = {"default": 64, "quick": 4}  # sequences certified locally (issue 20: 64 of 64 tokens)
 QUICK_PARAMS: dict[str, dict[str, Any]] = {
     "val": {},
     "robustness": {"n_sequences": 4, "epsilons": [0.0, 0.5], "pgd_steps": 2, "k_values": [1],
@@ -70,6 +73,15 @@ def timed(fn, device: str) -> tuple[Any, float]:
     result = fn()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+def local_certified_radii(ctx, n_sequences: int) -> torch.Tensor | None:
+    """Local certified radii of the first ``n_sequences`` val windows (None: model not covered)."""
+    windows = ctx.val_windows[:n_sequences].to(ctx.device)
+    with torch.no_grad():
+        x = ctx.model.embed(windows[:, :-1]).float()
+    cert = local_certificate(ctx.model, x, windows[:, -1], ctx.certificate)
+    return None if cert is None else cert.radius()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
                      row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
             for evaluation in EVALUATIONS.names():
-                ctx.cfg = evaluation_params(evaluation, **(QUICK_PARAMS[evaluation] if args.quick else {}))
+                ctx.cfg = evaluation_params(evaluation, **(QUICK_PARAMS.get(evaluation, {}) if args.quick else {}))
                 torch.manual_seed(0)
                 _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
                 table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])
                 rows += [row(BENCH, f"{name}.{evaluation}_time", eval_s, "s", dev),
                          row(BENCH, f"{name}.{evaluation}_over_train_step", eval_s / step_s, "x", dev)]
+            local, local_s = timed(lambda: local_certified_radii(ctx, LOCAL_SEQUENCES["quick" if args.quick else
+                                                                                       "default"]), str(device))
+            if local is not None:
+                table.append([label, f"local_certificate ({len(local)} seq)", local_s * 1e3, local_s / step_s])
+                rows += [row(BENCH, f"{name}.local_certificate_time", local_s, "s", dev),
+                         row(BENCH, f"{name}.local_certificate_over_train_step", local_s / step_s, "x", dev)]
     shape = configs["baseline"]
     print(f"default shape: d_model {shape['d_model']}, {shape['n_layers']} layers, context {shape['context']}, "
           f"batch {shape['batch_size']}; evaluation parameters: {'QUICK_PARAMS' if args.quick else 'defaults'}")

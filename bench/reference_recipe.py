@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, device_label, machine, print_table, row, run_configs,  # noqa: E402
+from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, print_table, row, run_configs,  # noqa: E402
                           save_rows)
 from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
@@ -56,14 +56,9 @@ ARMS = {
 
 
 def shakespeare_shards(text: Path, work: Path) -> Path:
-    from lipflow.data.corpus import CorpusConfig, build_corpus
-    from lipflow.data.tokenize import TokenizerConfig, tokenize_corpus
-
     if not text.is_file():
         raise SystemExit(f"reference_recipe: --text {text} not found (Tiny Shakespeare, 1,115,394 characters)")
-    build_corpus(CorpusConfig(name="shakespeare", source="files", paths=(str(text),)), work / "corpus")
-    tokenize_corpus(TokenizerConfig(kind="char"), work / "corpus", work / "char")
-    return work / "char"
+    return default_shards(work, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ import torch
 from lipflow.checkpoint import CheckpointError, load_weights
 from lipflow.config import run_defaults
 from lipflow.data.atomic import read_json
-from lipflow.metrics import read_table_parquet, resolve_device
+from lipflow.data.parquet import read_table_parquet
+from lipflow.metrics import resolve_device
 from lipflow.model import LanguageModel, build_model
 
 

@@ -132,22 +132,19 @@ def soft_cap_alpha(sigma_max: float, k: float | Tensor) -> float | Tensor:
     t ≤ 1/3, i.e. k ≤ (81/62)·σmax = 1.3065·σmax (``SOFT_CAP_MAX_GROWTH``), so then every singular
     value ≤ k ends ≤ σmax. ``k`` may be a tensor (one α per entry, computed where it lives).
     """
-    if not isinstance(k, Tensor):  # the same bisection on Python floats: no tensor work per step
-        if k <= sigma_max:
-            return 0.0
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if mid * mid * (3.0 - 3.0 * mid + mid * mid) < 1.0 - sigma_max / k else (lo, mid)
-        return 0.5 * (lo + hi) / (k * k)
-    k = k.double()
-    target = (1.0 - sigma_max / k).clamp_min(0.0)
-    lo, hi = torch.zeros_like(k), torch.ones_like(k)
+    if isinstance(k, Tensor):
+        k = k.double()
+        target = (1.0 - sigma_max / k).clamp_min(0.0)
+        lo, hi, select = torch.zeros_like(k), torch.ones_like(k), torch.where
+    else:  # Python floats (also float64): no tensor work per step
+        target = max(1.0 - sigma_max / k, 0.0)
+        lo, hi, select = 0.0, 1.0, lambda below, a, b: a if below else b
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         below = mid * mid * (3.0 - 3.0 * mid + mid * mid) < target
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return torch.where(k > sigma_max, 0.5 * (lo + hi) / (k * k), torch.zeros_like(k))
+        lo, hi = select(below, mid, lo), select(below, hi, mid)
+    alpha = 0.5 * (lo + hi) / (k * k)
+    return select(k > sigma_max, alpha, torch.zeros_like(k) if isinstance(k, Tensor) else 0.0)
 
 
 def _gram_product(x: Tensor) -> Tensor:

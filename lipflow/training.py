@@ -31,8 +31,8 @@ from lipflow.checkpoint import (flatten_optimizer_state, latest_valid_checkpoint
                                 save_weights, unflatten_optimizer_state)
 from lipflow.data.atomic import sha256_file, write_json_atomic
 from lipflow.data.loader import TokenShards
-from lipflow.metrics import (autocast_for, evaluate_windows, loss_and_correct, max_attention_logits, resolve_device,
-                             write_rows_parquet)
+from lipflow.data.parquet import write_rows_parquet
+from lipflow.metrics import autocast_for, evaluate_windows, loss_and_correct, max_attention_logits, resolve_device
 from lipflow.model import build_model
 from lipflow.model.base import rms_operator_norm
 from lipflow.optimizers import build_optimizer

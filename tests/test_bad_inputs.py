@@ -290,7 +290,7 @@ def test_cuda_without_a_gpu_is_one_line(char_shards, tiny_run_config, tmp_path):
 def test_sample_reads_the_tokenizer_of_its_results_dir(char_shards, tiny_run_config, tmp_path):
     """``--results DIR``: the run's data directory (recorded relative to where it was trained) is
     found under DIR's parent, not under the current directory."""
-    from lipflow.metrics import write_table_parquet
+    from lipflow.data.parquet import write_table_parquet
 
     elsewhere = tmp_path / "project" / "results"
     shutil.copytree(char_shards, elsewhere / "data" / "char")

@@ -17,6 +17,7 @@ from torch import nn
 from lipflow.config import run_defaults
 from lipflow.model import build_model
 from lipflow.model.bound import GELU_MAX_SLOPE, project_rms_ball
+from lipflow.model.certificate import Certificate, convex_residual, scaled, sequential, total
 from lipflow.model.lipschitz_gpt import LipschitzAttention, orthogonal_init_
 
 
@@ -161,7 +162,7 @@ def attention_ascent(attn: LipschitzAttention, steps: int, pairs: int = 32) -> f
 
 def test_multi_head_attention_bound_is_sound_and_needs_its_head_factors():
     attn = random_attention(n_heads=4, d=16, context=4, attn_scale=8.0, seed=0)
-    ours = attn.lipschitz(1.0)
+    ours = attn.certify(1.0).lipschitz
     o, q, k, v = attn.weight_norms()
     paper = o * float(v.max()) * (1 + 2 * float(q.max() * k.max()) * 8.0) / 3  # Theorem B.1 with full-matrix norms
     found = attention_ascent(attn, steps=60)
@@ -172,7 +173,8 @@ def test_multi_head_attention_bound_is_sound_and_needs_its_head_factors():
 def test_single_head_attention_bound_is_nearly_tight():
     attn = random_attention(n_heads=1, d=8, context=4, attn_scale=8.0, seed=0)
     found = attention_ascent(attn, steps=100)
-    assert attn.lipschitz(1.0) / 1.5 < found <= attn.lipschitz(1.0)
+    bound = attn.certify(1.0).lipschitz
+    assert bound / 1.5 < found <= bound
 
 
 def test_attention_output_rms_stays_within_its_gain():
@@ -187,7 +189,7 @@ def test_attention_output_rms_stays_within_its_gain():
         opt.zero_grad()
         (-out.sum()).backward()
         opt.step()
-    assert best <= attn.gain()
+    assert best <= attn.certify(1.0).gain
 
 
 # --------------------------------------------------------------------------- trained models
@@ -302,7 +304,7 @@ def test_activation_bounds_follow_the_certificate_recursion(trained_lipschitz_gp
     a = 1.0
     bounds = model.activation_bounds()
     for i, block in enumerate(model.blocks):
-        a, _ = block.certify(a)
+        a = block.certify(a).bound
         assert bounds[f"block{i}"] == pytest.approx(math.sqrt(16) * a, rel=1e-6)  # a₀ = max row RMS, 1 + 5e-8
     with torch.no_grad():
         model.tok.weight[3] *= 2.0
@@ -439,3 +441,52 @@ def test_mlp_activation_bounds_hold_and_need_an_input_domain():
     assert all(best[k] <= bounds[k] * (1 + 1e-5) for k in keys), {k: (best[k], bounds[k]) for k in keys}
     assert best["layers.0.output"] > 0.99 * bounds["layers.0.output"]  # a row of W₁ is attained exactly
     assert best["logits"] > bounds["logits"] / 4
+
+
+# --------------------------------------------------------------------------- composition rules
+
+def toy(gain: float, lipschitz_per_bound: float, key: str):
+    """A module with output bound gain·b, constant lipschitz_per_bound·b (bound-dependent, like attention)
+    and one entry key = b, so a test sees which bound each part was certified at."""
+    return lambda b, coordinates=None: Certificate.leaf(b, gain, lipschitz_per_bound * b, {key: b})
+
+
+def test_sequential_feeds_each_part_the_previous_bound_and_multiplies():
+    cert = sequential([("a.", toy(2.0, 3.0, "in")), ("b.", toy(5.0, 7.0, "in"))], 0.5)
+    assert cert.entries == {"a.in": 0.5, "b.in": 1.0}  # part b sees 2·0.5
+    assert (cert.bound, cert.gain, cert.lipschitz) == (5.0, 10.0, (3.0 * 0.5) * (7.0 * 1.0))
+    assert [p.bound for p in cert.parts] == [1.0, 5.0]
+
+
+def test_convex_residual_is_the_sum_of_its_scaled_branches():
+    alpha, a = 0.25, 0.8
+    cert = convex_residual(alpha, toy(4.0, 6.0, "x"))(a)
+    assert cert.gain == (1 - alpha) + alpha * 4.0 and cert.bound == a * cert.gain
+    assert cert.lipschitz == (1 - alpha) + alpha * 6.0 * a and cert.entries == {"x": a}
+    summed = total(toy(1.0, 2.0, "p"), scaled(-3.0, toy(0.5, 1.0, "q")))(2.0)
+    assert (summed.gain, summed.lipschitz, summed.bound) == (2.5, 4.0 + 6.0, 5.0)
+    assert summed.entries == {"p": 2.0, "q": 2.0}
+
+
+def test_rules_carry_per_token_bounds_elementwise():
+    """A local certificate passes a tensor of per-token bounds; each token gets what a float would give."""
+    parts = [("r.", convex_residual(0.5, toy(3.0, 2.0, "x"))), ("s.", toy(0.5, 1.0, "y"))]
+    bounds = torch.tensor([0.25, 1.0, 2.0], dtype=torch.float64)
+    batch = sequential(parts, bounds)
+    for t, b in enumerate(bounds.tolist()):
+        one = sequential(parts, b)
+        assert batch.bound[t].item() == one.bound and batch.lipschitz[t].item() == one.lipschitz
+        assert batch.entries["s.y"][t].item() == one.entries["s.y"]
+
+
+def test_block_certificate_is_its_two_residuals_in_sequence(trained_lipschitz_gpt):
+    """The block's certificate is the product of (1−α) + α·L over its branches, each at its input's bound."""
+    block, a = trained_lipschitz_gpt.blocks[1], 1.3
+    alpha = block.alpha
+    attn = block.attn.certify(a)
+    a_mid = a * ((1 - alpha) + alpha * attn.gain)
+    mlp = block.mlp.certify(a_mid)
+    cert = block.certify(a)
+    assert cert.lipschitz == ((1 - alpha) + alpha * attn.lipschitz) * ((1 - alpha) + alpha * mlp.lipschitz)
+    assert cert.bound == a_mid * ((1 - alpha) + alpha * mlp.gain)
+    assert cert.entries["mlp.up.input"] == math.sqrt(16) * a_mid

@@ -311,3 +311,9 @@ def test_constrain_works_inside_autograd_and_on_parameters():
     constrain_(layer.weight, "spectral_normalize", 1.0, lr=0.0, weight_decay=0.0, update_norm=0.0, spectral_wd=0.0)
     assert layer.weight.requires_grad
     assert rms_operator_norm(layer.weight.detach()) <= 1.0 + 1e-5
+
+
+def test_soft_cap_alpha_is_the_same_number_for_a_float_and_a_tensor():
+    ks = [0.5, 1.0, 1.0001, 1.05, 1.3, 2.0, 5.0]
+    from_tensor = soft_cap_alpha(1.0, torch.tensor(ks, dtype=torch.float64))
+    assert from_tensor.tolist() == [soft_cap_alpha(1.0, k) for k in ks]  # bit for bit: one bisection

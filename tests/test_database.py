@@ -16,7 +16,8 @@ import pytest
 
 import lipflow.errors
 import lipflow.results
-from lipflow.metrics import write_table_parquet
+import lipflow.results.database
+from lipflow.data.parquet import write_table_parquet
 from lipflow.results import SUMMARY_COLUMNS, build
 
 from conftest import run_stage
@@ -134,8 +135,8 @@ def test_a_table_that_lost_rows_is_not_published(results, monkeypatch):
     """The reopened temp database is checked against the rows that went in."""
     db = build_here(results)
     previous = db.read_bytes()
-    real = lipflow.results._fill_database
-    monkeypatch.setattr(lipflow.results, "_fill_database", lambda *a: {**real(*a), "train_metrics": 11})
+    real = lipflow.results.database._fill_database
+    monkeypatch.setattr(lipflow.results.database, "_fill_database", lambda *a: {**real(*a), "train_metrics": 11})
     with pytest.raises(lipflow.errors.StageError, match="table train_metrics holds 10 rows, expected 11"):
         build_here(results)
     assert db.read_bytes() == previous
@@ -214,7 +215,7 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     pq.write_table(pa.table({"step": [0]}), old)  # as written before lipflow kept Parquet checksums
     assert run_stage("lipflow.results", "seal", str(old)).returncode == 0
     assert Path(f"{old}.sha256").stat().st_mtime_ns == old.stat().st_mtime_ns  # reruns no Snakemake job
-    from lipflow.metrics import read_table_parquet
+    from lipflow.data.parquet import read_table_parquet
 
     assert read_table_parquet(old).num_rows == 1
     old.write_bytes(old.read_bytes()[:-4])

@@ -4,6 +4,7 @@ figures, and one tiny experiment end to end through Snakemake (with the HTML rep
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import subprocess
@@ -20,8 +21,9 @@ from lipflow.plan import resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
                                  study_enabled)
-from lipflow.metrics import write_table_parquet
-from lipflow.plots import main as plots_main
+from lipflow.data.parquet import write_table_parquet
+from lipflow.results import load_study_tables
+from lipflow.results.figures import main as plots_main
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -134,6 +136,132 @@ def test_experiment_evaluations_and_studies():
     assert not study_enabled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}, "icl")
 
 
+def experiment_block_errors(block) -> list[str]:
+    """The schema's complaints about one experiment block ($defs/experiment)."""
+    import jsonschema
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "experiments.schema.yaml").read_text())
+    validator = jsonschema.Draft202012Validator({"$ref": "#/$defs/experiment", "$defs": schema["$defs"]})
+    return [error.message for error in validator.iter_errors(block)]
+
+
+def test_every_shipped_experiment_yaml_passes_the_schema():
+    files = sorted((REPO / "lipflow" / "experiments").glob("*.yaml"))
+    assert [f.stem for f in files] == sorted(builtin_definitions()) and len(files) == 7
+    for path in files:
+        assert experiment_block_errors(yaml.safe_load(path.read_text())) == [], path.name
+    broken = {**builtin_definitions()["lr_transfer"], "cpu": {"gird": {}}}
+    assert experiment_block_errors(broken)  # the check would catch a bad block
+
+
+def test_every_caption_an_experiment_names_is_a_report_file_and_every_report_file_is_named():
+    from lipflow.experiments import CATALOG
+
+    named = {output.caption for e in CATALOG.values() for output in (*e.views.values(), *e.figures.values())}
+    report = {p.name for p in (REPO / "workflow" / "report").glob("*.rst")}
+    icl_study = {"figure_icl_loss_vs_layers.rst", "figure_icl_loss_vs_n.rst"}  # workflow/rules/icl.smk
+    assert named <= report and report - named == {"workflow.rst", *icl_study}
+
+
+def test_a_malformed_experiment_yaml_is_one_line_naming_the_file(tmp_path):
+    from lipflow.experiments import discover
+
+    (tmp_path / "broken.py").write_text("VIEWS = {}\nFIGURES = {}\n")
+    (tmp_path / "broken.yaml").write_text("short: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        discover([str(tmp_path)], "lipflow.experiments")
+    assert str(tmp_path / "broken.yaml") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_studies_loaded_as_tables_are_the_schemas_studies():
+    from lipflow.results import STUDIES
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "experiments.schema.yaml").read_text())
+    assert list(STUDIES) == schema["$defs"]["experiment"]["properties"]["studies"]["items"]["enum"]
+
+
+def test_results_and_experiments_import_neither_torch_nor_matplotlib_until_drawing():
+    code = ("import sys, lipflow.experiments, lipflow.results; from lipflow.results import build, main; "
+            "import lipflow.results.figures; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+TOY_EXPERIMENT = '''"""toy: val loss against lr (a test's experiment)."""
+
+from lipflow.results.plotting import Figure, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+VIEWS = {"toy_loss": View(
+    caption="table_toy_loss.rst", description="toy: val loss per lr",
+    columns={"lr": "DOUBLE", "val_loss": "DOUBLE"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("lr", "val_loss")}, absent_reason="no toy runs",
+                sql="SELECT lr, val_loss FROM runs WHERE experiment = 'toy'"),))}
+
+
+def toy_loss(con):
+    df = read_view(con, "toy_loss", "ORDER BY lr")
+    fig, ax = pyplot().subplots()
+    ax.plot(df.lr, df.val_loss, "o-")
+    return fig
+
+
+FIGURES = {"toy_loss": Figure(toy_loss, caption="figure_toy_loss.rst")}
+'''
+
+TOY_BLOCK = {"short": "toy", "description": "a test's experiment", "evaluations": ["val"],
+             "cpu": {"base": {"steps": 10}, "grid": {"lr": [0.1, 0.2]}}}
+
+# Imports lipflow.experiments with the toy's folder on the package's search path, then expands the
+# toy, builds its view on a database of two runs and draws its figure through the plots CLI.
+TOY_SCRIPT = '''
+import importlib.util, io, json, sys
+import duckdb
+toy_dir, db, out = sys.argv[1:]
+spec = importlib.util.find_spec("lipflow.experiments")
+spec.submodule_search_locations.append(toy_dir)
+package = importlib.util.module_from_spec(spec)
+sys.modules["lipflow.experiments"] = package
+spec.loader.exec_module(package)
+from lipflow.results.figures import main
+runs = package.expand_experiments({"experiments": ["toy"]})
+con = duckdb.connect(db)
+con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES ('toy.lr0.1-00000001', 'toy.lr0.1', 'completed', 'toy', 0.1, "
+            "2.5), ('toy.lr0.2-00000002', 'toy.lr0.2', 'completed', 'toy', 0.2, 2.0)) AS t(run_id, name, status, "
+            "experiment, lr, val_loss)")
+status = package.create_views(con, log=io.StringIO())
+rows = con.execute("SELECT lr, val_loss FROM toy_loss ORDER BY lr").fetchall()
+con.close()
+code = main(["--db", db, "--out-dir", out, "--tables-dir", out, "--experiment", "toy"])
+print(json.dumps({"runs": runs, "status": status["toy_loss"], "rows": rows, "code": code,
+                  "figures": package.EXPERIMENT_FIGURES["toy"], "views": package.EXPERIMENT_VIEWS["toy"],
+                  "experiments": sorted(package.CATALOG)}))
+'''
+
+
+def test_an_experiment_is_one_python_file_and_one_yaml_file(tmp_path):
+    """A toy experiment in a folder of its own (added to the package's search path, no other file
+    edited) expands into runs, gets its view and draws its figure and table."""
+    toy = tmp_path / "toy_experiments"
+    toy.mkdir()
+    (toy / "toy.py").write_text(TOY_EXPERIMENT)
+    (toy / "toy.yaml").write_text(yaml.safe_dump(TOY_BLOCK))
+    assert experiment_block_errors(TOY_BLOCK) == []
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", TOY_SCRIPT, str(toy), str(tmp_path / "toy.duckdb"), str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["runs"] == {"toy.lr0.1": {"steps": 10, "lr": 0.1, "experiment": "toy"},
+                           "toy.lr0.2": {"steps": 10, "lr": 0.2, "experiment": "toy"}}
+    assert got["status"] == "" and got["rows"] == [[0.1, 2.5], [0.2, 2.0]] and got["code"] == 0
+    assert got["figures"] == ["toy_loss"] and got["views"] == ["toy_loss"]
+    assert got["experiments"] == sorted([*builtin_definitions(), "toy"])
+    assert (out / "toy_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "toy_loss.csv").read_text().splitlines() == ["lr,val_loss", "0.1,2.5", "0.2,2.0"]
+
+
 # --------------------------------------------------------------------------- views
 
 def make_table(con, name: str, rows: list[dict]) -> None:
@@ -181,7 +309,7 @@ def test_pareto_front_per_optimizer_matches_brute_force(tmp_path):
                  val_accuracy=0.9),
              run("other-0000000a", lipschitz_bound=1.0, val_accuracy=0.99)]  # not in the experiment
     con = database(tmp_path, runs)
-    status = create_views(con, tmp_path)
+    status = create_views(con)
     assert status["pareto"] == ""
     got = {int(name.split(".")[1]) for name, on in con.sql("select name, on_front from pareto").fetchall() if on}
     assert got == brute_force_front(points) == {0, 1, 4, 5, 6}
@@ -204,7 +332,7 @@ def test_lr_transfer_optimum_and_drift(tmp_path):
     runs.append(run(f"lrt.x-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=64, lr=1.0,
                     status="diverged", val_loss=0.1))  # a diverged run never wins
     con = database(tmp_path, runs)
-    create_views(con, tmp_path)
+    create_views(con)
     got = {(m, w): (lr, edge, drift) for m, w, lr, edge, drift in con.sql(
         "select method, width, optimal_lr, at_grid_edge, drift from lr_transfer").fetchall()}
     assert got == {("sp+adamw", 32): (0.01, False, 4.0), ("sp+adamw", 64): (0.005, False, 4.0),
@@ -228,7 +356,7 @@ def test_sharpness_spread_across_widths_and_depths(tmp_path):
     metrics += [{"run_id": "sc.a-00000001", "step": 15, "loss": 1.0, "sharpness": None,
                  "preconditioned_sharpness": None}]
     con = database(tmp_path, runs, metrics)
-    create_views(con, tmp_path)
+    create_views(con)
     rows = con.sql("select axis, parametrization, fixed_size, step, n_models, spread, preconditioned_spread "
                    "from sharpness_spread order by axis, step").fetchall()
     # widths 32/64/128 at depth 2: step 10 → (3−1)/2 = 1, step 20 → 0; depths 2/4 at width 64: (5−2)/3.5, (4−2)/3;
@@ -259,7 +387,7 @@ def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
         evals += [{"run_id": run_id, "eval": "rank", "metric": "numerical_rank", "value": float(r), "n": None,
                    "matrix": "qk", "rtol": rtol} for r, rtol in ((3, 0.01), (5, 0.01), (9, 0.001))]
     con = database(tmp_path, runs, metrics, evals)
-    create_views(con, tmp_path)
+    create_views(con)
     rows = con.sql("select n_heads, n, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope from rank_bound "
                    "order by n_heads, n").df()
     assert len(rows) == 6
@@ -293,7 +421,8 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
         {"metric": "certificate_l2", "value": 15.0, "method": "muon_soft_cap", "epsilon": None},
         {"metric": "robust_accuracy", "value": 0.8, "method": "muon_soft_cap", "epsilon": 0.5},
         {"metric": "matched_step", "value": 300.0, "method": "muon_soft_cap", "epsilon": None}]))
-    status = create_views(con, tmp_path)
+    assert load_study_tables(con, tmp_path) == {"image_mlp_robustness": 3}
+    status = create_views(con)
     assert status["robustness"] == "" and status["precision"] == ""
     rows = con.sql("select domain, label, certificate_l2, metric, attack, epsilon, k, value from robustness "
                    "order by domain, metric, value").fetchall()
@@ -308,6 +437,26 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
                     "from precision order by format, scaling").fetchall()
     assert cells == [("fp32", None, 0.5, None, None, None), ("fp8_e4m3", "none", 0.45, -0.05, 3.0, 1.0),
                      ("fp8_e4m3", "per_tensor", 0.49, None, None, 1.0)]
+
+
+def test_local_certificate_rows_reach_the_robustness_and_pareto_views(tmp_path):
+    runs = [run("robust.lip-00000001", experiment="robustness", model="lipschitz_gpt", optimizer="muon"),
+            run("tradeoff.a-00000002", experiment="lipschitz_tradeoff", lipschitz_bound=5.0, val_accuracy=0.4),
+            run("tradeoff.b-00000003", experiment="lipschitz_tradeoff", lipschitz_bound=9.0, val_accuracy=0.5)]
+    evals = [{"run_id": rid, "eval": "robustness", "metric": m, "value": v, "epsilon": e, "attack": a, "k": None}
+             for rid, m, v, e, a in [("robust.lip-00000001", "certified_accuracy_local", 0.3, 0.5, None),
+                                     ("robust.lip-00000001", "tightness_local", 0.2, 0.5, "pgd"),
+                                     ("robust.lip-00000001", "tightness_global", 1e-6, 0.5, "pgd"),
+                                     ("robust.lip-00000001", "within_100x_local", 0.7, 0.01, "pgd_half_certified"),
+                                     ("tradeoff.b-00000003", "half_certified_epsilon", 0.01, None, None)]]
+    con = database(tmp_path, runs, evals=evals)
+    status = create_views(con)
+    assert status["robustness"] == "" and status["pareto"] == ""
+    rows = con.sql("select metric, attack, epsilon, value from robustness order by metric").fetchall()
+    assert rows == [("certified_accuracy_local", None, 0.5, 0.3), ("tightness_global", "pgd", 0.5, 1e-6),
+                    ("tightness_local", "pgd", 0.5, 0.2), ("within_100x_local", "pgd_half_certified", 0.01, 0.7)]
+    assert con.sql("select name, local_radius from pareto order by name").fetchall() == [
+        ("tradeoff.a", None), ("tradeoff.b", 0.01)]
 
 
 def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closest_accuracy(tmp_path):
@@ -328,7 +477,7 @@ def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closes
         evals += [{"run_id": rid, "eval": "precision", "metric": m, "value": v, "format": f, "scaling": None}
                   for m, v, f in rows]
     con = database(tmp_path, runs, evals=evals)
-    assert create_views(con, tmp_path)["precision_bounds"] == ""
+    assert create_views(con)["precision_bounds"] == ""
     got = {r[0]: r[1:] for r in con.sql(
         "select label, matched_label, matched_proven_max_activation, proven_over_observed, e4m3_proven_safe "
         "from precision_bounds").fetchall()}
@@ -357,7 +506,7 @@ def icl_tables(layer_losses: dict[int, tuple[float, float]], n: int = 20) -> dic
 
 def test_icl_view_reads_the_icl_tables_and_is_empty_with_a_reason_without_them(tmp_path):
     con = database(tmp_path, [run("x-00000001")], extra=icl_tables({1: (0.5, 0.4), 3: (0.13, 0.13)}))
-    create_views(con, tmp_path)
+    create_views(con)
     assert con.sql("select sweep, n_layers, n, ratio_to_pgd, gd_loss, relative_prediction_mse, max_step_size_rel_error "
                    "from icl_vs_pgd order by sweep, n_layers, n").fetchall() == [
         ("layers", 1, 20, pytest.approx(1.25), 0.9, pytest.approx(1e-3), pytest.approx(0.0)),
@@ -366,14 +515,14 @@ def test_icl_view_reads_the_icl_tables_and_is_empty_with_a_reason_without_them(t
         ("n", 3, 20, pytest.approx(1.0), 0.9, pytest.approx(3e-3), pytest.approx(0.02))]
     (tmp_path / "bare").mkdir()
     bare = database(tmp_path / "bare", [run("x-00000001")])
-    create_views(bare, tmp_path / "bare")
+    create_views(bare)
     comment = bare.execute("select comment from duckdb_views() where view_name = 'icl_vs_pgd'").fetchall()[0][0]
     assert comment.startswith("empty:") and "ICL study did not run" in comment
 
 
 def test_every_view_exists_with_its_declared_columns_whether_empty_or_not(tmp_path):
     con = database(tmp_path, [run("baseline-00000001")])
-    status = create_views(con, tmp_path)
+    status = create_views(con)
     assert set(status) == set(VIEWS.names())
     for name in VIEWS.names():
         described = [(c, t) for c, t, *_ in con.sql(f"describe {name}").fetchall()]
@@ -416,7 +565,7 @@ def filled_database(tmp_path) -> Path:
                "matrix": None, "rtol": None, "epsilon": None, "attack": None, "k": None, "format": f, "scaling": s}
               for f, s in (("fp32", None), ("bf16", "none"), ("bf16", "per_tensor"))]
     con = database(tmp_path, runs, metrics, evals, extra=icl_tables({1: (0.5, 0.4), 2: (0.3, 0.25)}))
-    status = create_views(con, tmp_path)
+    status = create_views(con)
     assert all(status[views[0]] == "" for views in EXPERIMENT_VIEWS.values()), status
     con.close()
     return tmp_path / "test.duckdb"
@@ -437,7 +586,7 @@ def test_plots_cli_writes_every_figure_and_table(filled_database, tmp_path, caps
 
 def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):
     con = database(tmp_path, [run("baseline-00000001")])
-    create_views(con, tmp_path)
+    create_views(con)
     con.close()
     db = str(tmp_path / "test.duckdb")
     assert plots_main(["--db", db, "--out-dir", str(tmp_path / "f"), "--experiment", "icl"]) == 2

@@ -7,6 +7,7 @@ model finds Γ⋆ (Σ = I and a diagonal anisotropic Σ), and a trained three-la
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lipflow.experiments.icl import ICL_VS_PGD
 from lipflow.icl import study, theory
 from lipflow.icl.__main__ import main as icl_main
 from lipflow.errors import ConfigError
@@ -29,6 +31,8 @@ from lipflow.icl.data import PromptSampler, spd_power
 from lipflow.icl.model import InContextTransformer
 from lipflow.icl.train import train_model
 from lipflow.registry import UnknownNameError
+from lipflow.results import load_study_tables
+from lipflow.results.views import create_views
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_EIGENVALUES = [1.0, 1.0, 0.25, 0.0625, 1.0]
@@ -357,30 +361,6 @@ def test_three_layers_match_optimal_pgd_with_the_default_config(tmp_path):
 # ---------------------------------------------------------------- workflow
 
 
-VIEW_SQL = """
-CREATE VIEW icl_vs_pgd AS
-WITH losses AS (
-    SELECT 'layers' AS sweep, method, n_layers, n, loss FROM icl_loss_by_layers
-    UNION ALL
-    SELECT 'n' AS sweep, method, n_layers, n, loss FROM icl_loss_by_n),
-p AS (
-    SELECT sweep, n_layers, n,
-           avg(loss) FILTER (WHERE method = 'transformer') AS model_loss,
-           avg(loss) FILTER (WHERE method = 'pgd') AS pgd_loss,
-           avg(loss) FILTER (WHERE method = 'gd') AS gd_loss,
-           avg(loss) FILTER (WHERE method = 'least_squares') AS least_squares_loss
-    FROM losses GROUP BY sweep, n_layers, n),
-a AS (SELECT n_layers, n, avg(prediction_correlation) AS prediction_correlation,
-             avg(relative_prediction_mse) AS relative_prediction_mse
-      FROM icl_agreement WHERE reference = 'pgd' GROUP BY n_layers, n),
-s AS (SELECT n_layers, n, max(rel_error) AS max_step_size_rel_error
-      FROM icl_step_sizes GROUP BY n_layers, n)
-SELECT p.*, p.model_loss / p.pgd_loss AS ratio_to_pgd, a.prediction_correlation,
-       a.relative_prediction_mse, s.max_step_size_rel_error
-FROM p LEFT JOIN a USING (n_layers, n) LEFT JOIN s USING (n_layers, n)
-"""
-
-
 @pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
 def test_snakemake_rules_build_every_table_figure_and_the_view(tmp_path):
     (tmp_path / "Snakefile").write_text(
@@ -414,10 +394,8 @@ def test_snakemake_rules_build_every_table_figure_and_the_view(tmp_path):
         assert "<svg" in (tmp_path / f"results/figures/icl_{figure}.svg").read_text()[:500]
     assert (tmp_path / "results/logs/icl/train_L2_n8.log").exists()
     db = duckdb.connect()
-    for table in study.TABLE_SCHEMAS:
-        db.execute(f"CREATE TABLE icl_{table} AS SELECT * FROM "
-                   f"'{tmp_path}/results/icl/{table}.parquet'")
-    db.execute(VIEW_SQL)
+    assert set(load_study_tables(db, tmp_path / "results")) >= {f"icl_{table}" for table in study.TABLE_SCHEMAS}
+    assert create_views(db, {"icl_vs_pgd": ICL_VS_PGD}, log=io.StringIO()) == {"icl_vs_pgd": ""}
     rows = db.execute("SELECT sweep, n_layers, n, ratio_to_pgd, gd_loss, least_squares_loss, "
                       "max_step_size_rel_error FROM icl_vs_pgd ORDER BY ALL").fetchall()
     assert [r[:3] for r in rows] == [("layers", 1, 8), ("layers", 2, 8), ("n", 2, 8)]

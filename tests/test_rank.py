@@ -121,3 +121,16 @@ def test_edelman_proxy_and_schatten_contributions_on_diagonal_matrices():
     s = np.array([4.0, 1.0, 0.0])
     assert schatten_contribution(s, 0.0, 7.0, 16) == pytest.approx(math.sqrt(2 * 16))       # √(rank·N)
     assert schatten_contribution(s, 2.0, 7.0, 16) == pytest.approx(math.sqrt(math.sqrt(17)) * math.sqrt(7) * 16 ** 0.75)
+
+
+def test_attention_layers_come_from_the_model():
+    """lipschitz_gpt's separate q/k/v/o and the mlp (no attention) through ``model.attention_layers()``."""
+    model = build_model({**CFG, "model": "lipschitz_gpt", "attn_scale": 2.0}, 30)
+    layers = find_attention(model)
+    assert [layer.name for layer in layers] == ["blocks.0.attn", "blocks.1.attn"]
+    attn, layer = model.blocks[1].attn, layers[1]
+    for found, weight in ((layer.q, attn.q), (layer.k, attn.k), (layer.v, attn.v), (layer.out, attn.o),
+                          (layer.mlp_in, model.blocks[1].mlp.up), (layer.mlp_out, model.blocks[1].mlp.down)):
+        assert torch.equal(found, weight.weight.double())
+    assert layer.scale == 2.0 / 8 and layer.n_heads == 4 and layer.input_proj is attn.q
+    assert find_attention(build_model({"model": "mlp", "in_features": 4, "d_model": 8, "n_layers": 2}, 3)) == []

@@ -9,8 +9,8 @@ from torch import nn
 
 from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.evaluation.robustness import (OBJECTIVES, certified_radius, greedy_substitution, lipschitz_ascent,
-                                           pgd_l2, random_substitution)
+from lipflow.evaluation.robustness import (OBJECTIVES, certified_accuracy, certified_radius, greedy_substitution,
+                                           half_certified_epsilon, lipschitz_ascent, pgd_l2, random_substitution)
 from lipflow.model import build_model
 from lipflow.model.base import LanguageModel
 
@@ -197,3 +197,34 @@ def test_image_mlp_study_and_cli(tmp_path, monkeypatch):
     cap = 27 * math.sqrt(32 / 64) * math.sqrt(10 / 32)
     assert value([r for r in rows if r["method"] == "muon_soft_cap"], "certificate_l2") <= cap * 1.01
     assert {r["metric"] for r in rows} >= {"matched_step", "val_accuracy", "robust_true_class_probability"}
+
+
+def test_robustness_evaluation_reports_the_local_certificate_beside_the_global_one():
+    cfg = dict(model="lipschitz_gpt", d_model=16, n_layers=2, n_heads=2, context=6)
+    torch.manual_seed(0)
+    model = build_model(cfg, 12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and not name.startswith("tok"):
+                p.normal_().mul_(2.0 / torch.linalg.matrix_norm(p, 2))
+    epsilons = [0.0, 0.01, 0.1, 1.0]
+    rows = robustness_rows(model, cfg={"epsilons": epsilons, "k_values": []})
+    clean = value(rows, "clean_accuracy")
+    assert value(rows, "certified_accuracy_local", epsilon=0.0) == clean
+    for eps in epsilons:
+        local = value(rows, "certified_accuracy_local", epsilon=eps)
+        assert value(rows, "certified_accuracy", epsilon=eps) <= local
+        assert local <= value(rows, "robust_accuracy", attack="pgd", epsilon=eps)
+    assert value(rows, "certified_radius_local_median") >= value(rows, "certified_radius_median")
+    for eps in epsilons[1:]:  # the local bound is below the global one and above every attack
+        assert value(rows, "tightness_global", attack="pgd", epsilon=eps) <= \
+            value(rows, "tightness_local", attack="pgd", epsilon=eps) <= 1 + 1e-4
+    half = value(rows, "half_certified_epsilon")
+    assert 0 <= value(rows, "within_100x_local", attack="pgd_half_certified", epsilon=half) <= 1
+    assert value(rows, "tightness_local", attack="pgd_half_certified", epsilon=half) <= 1 + 1e-4
+
+
+def test_half_certified_epsilon_halves_the_certified_accuracy():
+    radius = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.0, 0.0, 0.0, 0.0])
+    eps = half_certified_epsilon(radius, clean_accuracy=0.5)
+    assert eps == pytest.approx(0.3) and certified_accuracy(radius, eps) == 0.25

@@ -15,8 +15,9 @@ import torch
 from lipflow.errors import run_guarded
 from lipflow.config import evaluation_params
 from lipflow.data.atomic import read_json
+from lipflow.data.parquet import write_table_parquet
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.metrics import evaluate_windows, resolve_device, write_table_parquet
+from lipflow.metrics import evaluate_windows, resolve_device
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:

@@ -31,7 +31,7 @@ from lipflow.config import run_defaults
 from lipflow.errors import run_guarded
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
-from lipflow.metrics import write_table_parquet
+from lipflow.data.parquet import write_table_parquet
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
 from lipflow.update import ConstraintSettings, check_coupling, constrained_update

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.model.base import LanguageModel
 from lipflow.registry import Registry
 
 
@@ -186,10 +187,9 @@ def _cast_parameters(model: nn.Module, cast: Callable[[torch.Tensor], torch.Tens
             p.copy_(cast(p))
 
 
-def analytic_activation_bounds(model: nn.Module) -> dict[str, float] | None:
+def analytic_activation_bounds(model: LanguageModel) -> dict[str, float] | None:
     """``model.activation_bounds()`` as a dict (a float becomes {"all": value}), or None without one."""
-    bounds_fn = getattr(model, "activation_bounds", None)
-    bounds = bounds_fn() if bounds_fn is not None else None
+    bounds = model.activation_bounds()
     if bounds is None:
         return None
     return {k: float(v) for k, v in bounds.items()} if isinstance(bounds, dict) else {"all": float(bounds)}

@@ -9,15 +9,12 @@ Per matrix (every 2-D parameter, and per layer and head W_QK = W_Qʰᵀ W_Kʰ an
 - effective rank  exp(H(p)), pᵢ = σᵢ / Σσ (Roy & Vetterli 2007);
 - spectral, Frobenius and nuclear norms.
 
-Where attention lives (the naming this module relies on): any module with an ``nn.Linear`` child
-``qkv`` (fused, rows [q; k; v], as in ``gpt``) or children ``q``, ``k``, ``v``. Its one other
-``nn.Linear`` child is the output projection; ``n_heads`` and ``scale`` or ``score_scale`` (the
-float that multiplies q·k) are read from the module, falling back to the run's ``n_heads`` and
-scale 1. Rotary position embeddings (lipschitz_gpt) rotate q and k per position; W_QK is reported
-unrotated (relative offset 0), which leaves its rank and norms per head unchanged only at offset 0.
-Other fixed factors (lipschitz_gpt's ⅓ on the attention output) are not folded in. Its parent module
-is the block; the block's other Linears with fan_out > fan_in / fan_in > fan_out are the MLP's
-M_in / M_out. Layers are numbered in ``named_modules`` order.
+Where attention lives: the model says, through ``model.attention_layers()`` (``AttentionSite``s in
+lipflow.model.base: each attention module's projections, head count and score scale, and its block's
+MLP M_in / M_out); layers are numbered in that order. Rotary position embeddings (lipschitz_gpt)
+rotate q and k per position; W_QK is reported unrotated (relative offset 0), which leaves its rank and
+norms per head unchanged only at offset 0. The attention's ``output_scale`` (lipschitz_gpt's ⅓) is
+not folded in.
 
 Bounds (all computed with the model's attention scale folded into W_QK; see icl_rank.md Part B):
 
@@ -45,9 +42,10 @@ from scipy.integrate import quad
 from torch import nn
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.model.base import AttentionSite
+from lipflow.model.bound import ACTIVATIONS
 
 FP32_EPS = float(torch.finfo(torch.float32).eps)
-ACTIVATION_LIPSCHITZ = {"gelu": 1.13, "relu": 1.0}  # L_φ; 1.13 ≥ max GELU′ = 1.1289 (Sakai & Imaizumi)
 
 
 # --- spectra ------------------------------------------------------------------------------------
@@ -112,8 +110,8 @@ class AttentionLayer:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    out: torch.Tensor | None       # output projection (d_model, n_heads·d_head)
-    scale: float                   # multiplies q·k in the attention logits (1.0 if the module has none)
+    out: torch.Tensor              # output projection (d_model, n_heads·d_head)
+    scale: float                   # multiplies q·k in the attention logits
     input_proj: nn.Linear          # the Linear that reads the attention input (qkv or q)
     mlp_in: torch.Tensor | None    # the block's MLP up-projection
     mlp_out: torch.Tensor | None   # the block's MLP down-projection
@@ -130,55 +128,31 @@ class AttentionLayer:
         """W_V of the single-head class (d × d_head): the value map is x ↦ W_Vᵀ x."""
         return self._slice(self.v, h).T
 
-    def readout(self, h: int) -> torch.Tensor | None:
+    def readout(self, h: int) -> torch.Tensor:
         """Head h's columns of the output projection (d_model × d_head)."""
-        return None if self.out is None else self._slice(self.out.T, h).T
+        return self._slice(self.out.T, h).T
 
-    def ov(self, h: int) -> torch.Tensor | None:
+    def ov(self, h: int) -> torch.Tensor:
         """Ṽ = (W_Oʰ W_Vʰ)ᵀ (d × d), the value–output map in row-vector orientation."""
-        o = self.readout(h)
-        return None if o is None else (o @ self._slice(self.v, h)).T
+        return (self.readout(h) @ self._slice(self.v, h)).T
 
 
-def _weight(m: nn.Module) -> torch.Tensor:
-    return m.weight.detach().to("cpu", torch.float64)
+def _float64(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().to("cpu", torch.float64)
 
 
-def _mlp_of(block: nn.Module, attention: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    inside = {id(m) for m in attention.modules()}
-    linears = [m for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in inside]
-    up = [m for m in linears if m.out_features > m.in_features]
-    down = [m for m in linears if m.in_features > m.out_features]
-    if len(up) == 1 and len(down) == 1:
-        return _weight(up[0]), _weight(down[0])
-    return None, None
+def attention_layer(site: AttentionSite) -> AttentionLayer:
+    """One site's weights in float64, as ``AttentionLayer``."""
+    attention = site.attention
+    q, k, v, out = (_float64(w) for w in attention.projection_weights())
+    mlp_in, mlp_out = (None, None) if site.mlp is None else (_float64(w) for w in site.mlp)
+    return AttentionLayer(site.name, attention.n_heads, q, k, v, out, float(attention.score_scale),
+                          attention.first_projection, mlp_in, mlp_out)
 
 
-def find_attention(model: nn.Module, default_heads: int | None = None) -> list[AttentionLayer]:
-    """Every attention layer of ``model`` by the naming described in the module docstring."""
-    layers = []
-    for name, module in model.named_modules():
-        children = dict(module.named_children())
-        if isinstance(children.get("qkv"), nn.Linear):
-            fused = children["qkv"]
-            q, k, v = _weight(fused).chunk(3, dim=0)
-            projections, input_proj = {"qkv"}, fused
-        elif all(isinstance(children.get(c), nn.Linear) for c in "qkv"):
-            q, k, v = (_weight(children[c]) for c in "qkv")
-            projections, input_proj = set("qkv"), children["q"]
-        else:
-            continue
-        n_heads = getattr(module, "n_heads", default_heads)
-        if not n_heads:
-            raise ValueError(f"rank: attention module '{name}' has no n_heads and the run config gives none")
-        others = [m for c, m in children.items() if isinstance(m, nn.Linear) and c not in projections]
-        scale = getattr(module, "scale", getattr(module, "score_scale", None))
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        mlp_in, mlp_out = _mlp_of(parent, module) if parent is not model else (None, None)
-        layers.append(AttentionLayer(name, int(n_heads), q, k, v, _weight(others[0]) if len(others) == 1 else None,
-                                     float(scale) if isinstance(scale, (int, float)) else 1.0,
-                                     input_proj, mlp_in, mlp_out))
-    return layers
+def find_attention(model: nn.Module) -> list[AttentionLayer]:
+    """Every attention layer of ``model``, from ``model.attention_layers()``."""
+    return [attention_layer(site) for site in model.attention_layers()]
 
 
 @torch.no_grad()
@@ -335,11 +309,11 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         if p.ndim == 2 and name not in skipped:
             rows += spectrum_rows(p, rtols, matrix=name, layer=None, head=None)
 
-    layers = find_attention(model, ctx.run["n_heads"])
+    layers = find_attention(model)
     n_train = int(cfg["n_train"] or ctx.train_windows.shape[0])
     input_bounds = attention_input_norms(model, layers, ctx.train_windows[: cfg["bx_windows"]],
                                          cfg["batch_size"], ctx.device)
-    lip = ACTIVATION_LIPSCHITZ.get(ctx.run["activation"], 1.13)
+    lip = ACTIVATIONS.get(ctx.run["activation"]).base_lipschitz  # L_φ = max φ′ (S&I round 1.1289 to 1.13)
     bound_rtol = cfg["bound_rtol"]
     b3_total, per_layer = 0.0, []
     for i, (layer, bx) in enumerate(zip(layers, input_bounds)):
@@ -349,23 +323,20 @@ def evaluate(ctx: EvalContext) -> list[dict]:
             qk, ov = layer.qk(h), layer.ov(h)
             rows += spectrum_rows(qk, rtols, matrix="qk", layer=i, head=h)
             qks.append((layer.scale * qk).numpy())
-            if ov is not None:
-                rows += spectrum_rows(ov, rtols, matrix="ov", layer=i, head=h)
-                ovs.append(ov.numpy())
-                terms, diameter = b3_terms(layer.scale * qk, layer.value(h), layer.readout(h), bx,
-                                           activation_lipschitz=1.0, rtol=bound_rtol)
-                r = dudley_rademacher(terms, diameter, n_train)
-                b3_total += r
-                rows.append({"metric": "b3_rademacher", "value": r, "layer": i, "head": h, "n": n_train})
+            rows += spectrum_rows(ov, rtols, matrix="ov", layer=i, head=h)
+            ovs.append(ov.numpy())
+            terms, diameter = b3_terms(layer.scale * qk, layer.value(h), layer.readout(h), bx,
+                                       activation_lipschitz=1.0, rtol=bound_rtol)
+            r = dudley_rademacher(terms, diameter, n_train)
+            b3_total += r
+            rows.append({"metric": "b3_rademacher", "value": r, "layer": i, "head": h, "n": n_train})
         per_layer.append(LayerMatrices(qks, ovs, None if layer.mlp_in is None else layer.mlp_in.T.numpy(),
                                        None if layer.mlp_out is None else layer.mlp_out.T.numpy()))
     if layers:
         rows.append({"metric": "b3_rademacher_sum", "value": b3_total, "n": n_train})
-        if all(len(lm.ov) == len(lm.qk) for lm in per_layer):
-            width = layers[0].q.shape[1]
-            rows.append({"metric": "edelman_norm_proxy", "value": edelman_norm_proxy(per_layer, lip)})
-            rows.append({"metric": "spectrum_adaptive_proxy",
-                         "value": spectrum_adaptive_proxy(per_layer, lip, width)})
+        width = layers[0].q.shape[1]
+        rows.append({"metric": "edelman_norm_proxy", "value": edelman_norm_proxy(per_layer, lip)})
+        rows.append({"metric": "spectrum_adaptive_proxy", "value": spectrum_adaptive_proxy(per_layer, lip, width)})
     rows.append({"metric": "n_train", "value": float(n_train)})
     if ctx.val_loss is not None and ctx.train_loss is not None:
         rows.append({"metric": "generalization_gap", "value": ctx.val_loss - ctx.train_loss})

@@ -20,6 +20,14 @@ norms ε are ℓ2 norms over the whole embedded sequence.
   k different tokens) and "greedy" (k rounds, each taking the best of ``greedy_candidates`` random
   single substitutions at untouched positions, scored exactly; budget k reports the worst sequence
   seen within k rounds).
+- Local certificate (``local_certificate``): per input, a sound bound on how far the margin can
+  fall in the ε-ball, from the exact gradient and the curvature of the network at that input
+  (models it covers: lipschitz_gpt, mlp with GELU). Rows: ``certified_radius_local_median``,
+  ``certified_accuracy_local`` per ε, and per ε > 0 ``tightness_global`` / ``tightness_local``, the
+  median over inputs of (margin fall found by PGD) / (certified fall). At ``half_certified_epsilon``,
+  the ε where local certified accuracy is half the clean accuracy, PGD runs once more (attack
+  ``pgd_half_certified``) for both tightness rows and ``within_100x_local``, the fraction of inputs
+  whose attack reaches at least 1/100 of the local bound.
 - Empirical Lipschitz lower bound: max ‖F(x') − F(x)‖₂ / ‖x' − x‖₂ over every attack pair (PGD,
   substitutions' embeddings, and a ratio ascent on a sphere of radius ``lipschitz_radius``). Any
   such ratio is a true lower bound, so one above the certificate is a bug; the evaluation raises.
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
+from lipflow.evaluation.local_certificate import local_certificate
 from lipflow.model.base import LanguageModel
 from lipflow.registry import Registry
 
@@ -208,6 +217,34 @@ def check_lower_bound(lower: float, certificate: float | None) -> None:
         raise RuntimeError(f"lower bound {lower:.6g} exceeds certificate {certificate:.6g}: this is a bug")
 
 
+def tightness(attack_drop: torch.Tensor, bound_drop: torch.Tensor) -> torch.Tensor:
+    """Per input (margin fall found by an attack) / (certified bound on it); inputs with a zero bound
+    (ε = 0) are left out."""
+    keep = bound_drop > 0
+    return attack_drop[keep].double() / bound_drop[keep].double()
+
+
+def half_certified_epsilon(radius: torch.Tensor, clean_accuracy: float) -> float:
+    """The ε where certified accuracy (the fraction with radius > ε) falls to half the clean accuracy:
+    the k-th largest radius, k = ⌊N·accuracy/2⌋."""
+    k = int(len(radius) * clean_accuracy / 2)
+    return float(radius.sort(descending=True).values[min(k, len(radius) - 1)])
+
+
+def tightness_rows(attack_drop: torch.Tensor, epsilon: float, local_drop: torch.Tensor | None,
+                   certificate: float | None, attack: str) -> list[dict]:
+    """Median tightness of the global (√2·L·ε) and local certificates at one ε."""
+    rows = []
+    bounds = {"tightness_global": None if certificate is None else
+              torch.full_like(attack_drop, math.sqrt(2.0) * certificate * epsilon),
+              "tightness_local": local_drop}
+    for metric, bound in bounds.items():
+        ratios = tightness(attack_drop, bound) if bound is not None else torch.zeros(0)
+        if ratios.numel():
+            rows.append({"metric": metric, "value": float(ratios.median()), "attack": attack, "epsilon": epsilon})
+    return rows
+
+
 def _batched(fn: Callable[..., torch.Tensor], batch_size: int, *tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(*(t[i:i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)])
 
@@ -241,8 +278,8 @@ def evaluate(ctx: EvalContext) -> list[dict]:
 
     with torch.no_grad():
         clean = _batched(last, batch_size, x)
-    acc, loss = accuracy_and_loss(clean)
-    rows = [{"metric": "clean_accuracy", "value": acc}, {"metric": "clean_loss", "value": loss}]
+    clean_acc, loss = accuracy_and_loss(clean)
+    rows = [{"metric": "clean_accuracy", "value": clean_acc}, {"metric": "clean_loss", "value": loss}]
     epsilons = [float(e) for e in cfg["epsilons"]]
     certificate = certificate_l2(model, ctx.certificate)
     if certificate is not None:
@@ -251,17 +288,46 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         rows.append({"metric": "certified_radius_median", "value": float(radius.clamp_min(0).median())})
         rows += [{"metric": "certified_accuracy", "value": certified_accuracy(radius, e), "epsilon": e}
                  for e in epsilons]
+    local = [local_certificate(model, x[i:i + batch_size], labels[i:i + batch_size], certificate)
+             for i in range(0, x.shape[0], batch_size)]
+    local = None if local[0] is None else local
+
+    def local_drop(e: float) -> torch.Tensor | None:
+        return None if local is None else torch.cat([c.margin_drop(torch.full((len(c.margin),), e)) for c in local])
+
+    if local is not None:
+        radius_local = torch.cat([c.radius() for c in local])
+        rows.append({"metric": "certified_radius_local_median", "value": float(radius_local.median())})
+        rows += [{"metric": "certified_accuracy_local", "value": certified_accuracy(radius_local, e), "epsilon": e}
+                 for e in epsilons]
+    clean_margin = logit_margin(clean, labels)
+
+    def pgd_at(e: float) -> torch.Tensor:
+        return torch.cat([pgd_l2(last, x[i:i + batch_size], labels[i:i + batch_size], e,
+                                 cfg["pgd_steps"], cfg["pgd_restarts"], generator, objective)
+                          for i in range(0, x.shape[0], batch_size)])
 
     ratios: dict[str, list[torch.Tensor]] = {"pgd": [], "random": [], "greedy": []}
     for e in epsilons:
-        delta = torch.cat([pgd_l2(last, x[i:i + batch_size], labels[i:i + batch_size], e,
-                                  cfg["pgd_steps"], cfg["pgd_restarts"], generator, objective)
-                           for i in range(0, x.shape[0], batch_size)])
+        delta = pgd_at(e)
         with torch.no_grad():
-            acc, loss = accuracy_and_loss(_batched(last, batch_size, x + delta))
+            attacked = _batched(last, batch_size, x + delta)
+        acc, loss = accuracy_and_loss(attacked)
         rows += [{"metric": "robust_accuracy", "value": acc, "attack": "pgd", "epsilon": e},
                  {"metric": "robust_loss", "value": loss, "attack": "pgd", "epsilon": e}]
+        rows += tightness_rows(clean_margin - logit_margin(attacked, labels), e, local_drop(e), certificate, "pgd")
         ratios["pgd"].append(ratios_to(x + delta))
+    if local is not None:
+        e = half_certified_epsilon(radius_local, clean_acc)
+        delta = pgd_at(e)
+        with torch.no_grad():
+            drop = clean_margin - logit_margin(_batched(last, batch_size, x + delta), labels)
+        rows.append({"metric": "half_certified_epsilon", "value": e})
+        rows += tightness_rows(drop, e, local_drop(e), certificate, "pgd_half_certified")
+        within = tightness(drop, local_drop(e))
+        if within.numel():
+            rows.append({"metric": "within_100x_local", "value": float((within >= 0.01).double().mean()),
+                         "attack": "pgd_half_certified", "epsilon": e})
 
     k_values = sorted(int(k) for k in cfg["k_values"])
     vocab = model.vocab_size

@@ -21,7 +21,7 @@ from lipflow.icl.config import ICLConfig, training_config, training_jobs
 from lipflow.icl.data import Prompts, PromptSampler, spd_power, stream_seed
 from lipflow.icl.model import InContextTransformer
 from lipflow.icl.train import train_model
-from lipflow.metrics import read_table_parquet, write_table_parquet
+from lipflow.data.parquet import read_table_parquet, write_table_parquet
 
 LOSS_SCHEMA = pa.schema(
     [

@@ -7,8 +7,10 @@ Training, constraints, optimizers and evaluations only talk to a model through t
   certificates act on the embedding space (ℓ2 on the embedded sequence → logits);
 - ``param_roles()`` sorts parameters into ``embed`` / ``hidden`` / ``head`` / ``vector``
   (vectors are biases and gains); optimizers and parametrizations key off these roles;
-- ``lipschitz_bound()`` composes each module's Lipschitz constant from the current weights
-  (None where no certificate exists, e.g. with LayerNorm);
+- ``lipschitz_bound()``, ``lipschitz_bound_l2()`` and ``activation_bounds()`` read the model's
+  certificate, composed from its modules' by the rules of ``lipflow.model.certificate`` (None where
+  the model certifies nothing, e.g. with LayerNorm);
+- ``attention_layers()`` lists each attention layer (an ``AttentionSite``) with its block's MLP;
 - ``activation_stats`` holds max |entry| and RMS per block from the last forward pass;
 - ``project_embeddings()`` re-applies any constraint the embedding itself carries;
 - ``modular_structure(masses)`` describes the model as a Modula expression for the ``modular``
@@ -17,10 +19,29 @@ Training, constraints, optimizers and evaluations only talk to a model through t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 ROLES = ("embed", "hidden", "head", "vector")
+
+
+class AttentionSite(NamedTuple):
+    """One attention layer as evaluations see it. ``attention`` provides ``n_heads``, ``score_scale`` (the
+    factor on q·k), ``output_scale`` (the constant after W_o), ``first_projection`` (the Linear that reads
+    the attention input), ``projection_weights()`` → (W_q, W_k, W_v, W_o), each (fan_out, fan_in), and
+    ``attention_scores(x)``; ``mlp`` is the block's (W_up, W_down), None without one."""
+
+    name: str
+    attention: nn.Module
+    mlp: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def block_attention_sites(blocks: nn.ModuleList) -> list[AttentionSite]:
+    """The sites of a stack of blocks that each hold ``attn`` and an ``mlp`` with ``up``/``down`` Linears."""
+    return [AttentionSite(f"blocks.{i}.attn", block.attn, (block.mlp.up.weight, block.mlp.down.weight))
+            for i, block in enumerate(blocks)]
 
 
 class LanguageModel(nn.Module):
@@ -65,6 +86,14 @@ class LanguageModel(nn.Module):
         """Certified ℓ2 → ℓ2 constant from the embedded sequence (``seq_len`` tokens, default the
         context) to all logits (None: no certificate, e.g. LayerNorm is not globally Lipschitz)."""
         return None
+
+    def activation_bounds(self) -> dict[str, float] | None:
+        """Bounds on max |entry| of named tensors over every input (None: no certificate)."""
+        return None
+
+    def attention_layers(self) -> list[AttentionSite]:
+        """Every attention layer in order (none by default)."""
+        return []
 
     def modular_structure(self, masses: dict[str, float]):
         """The model as a ``lipflow.parametrization.Module`` tree, parts tared to ``masses``."""

@@ -4,9 +4,9 @@ Norms. For a token vector x ∈ R^n, RMS(x) = ‖x‖₂/√n; for a sequence X 
 ‖X‖_∞RMS = max_t RMS(x_t). A weight W of shape (fan_out, fan_in) acts per token with
 ‖W‖_RMS→RMS = σ_max(W)/√(fan_out/fan_in) (``rms_operator_norm``).
 
-Composition (Modula's sensitivity algebra): sequential maps multiply their constants; the convex
-residual x ↦ (1−α)x + α·F(x) has constant (1−α) + α·L_F, and if RMS(F(x)) ≤ g·RMS(x) then its
-output stays within ((1−α) + α·g)·a of a per-token RMS bound a on its input.
+The per-module formulas live here and the rules that compose them (sequential, sum, convex residual)
+in ``lipflow.model.certificate``; the two constants every certificate and evaluation shares are
+``GELU_MAX_SLOPE`` and ``ATTENTION_OUTPUT_DIVISOR``.
 """
 
 from __future__ import annotations
@@ -23,32 +23,37 @@ from lipflow.registry import Registry
 # max_x GELU'(x) = Φ(√2) + √2·φ(√2) = ½(1 + erf(1)) + e⁻¹/√π = 1.1289041… (GELU'' = φ(x)(2 − x²) = 0
 # at x = √2). Newhouse et al. 2025 round it to 1.1289, which leaves GELU/1.1289 a slope of 1.0000035.
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.pi)
+# Modula's attention divides its output by 3 (Large et al. 2024): y = W_o·(…)/3, sensitivity ⅓(1 + 2·attn_scale).
+ATTENTION_OUTPUT_DIVISOR = 3.0
 
 
 @dataclass(frozen=True)
 class Activation:
-    """An entrywise activation φ = scale·base with φ(0) = 0, Lipschitz constant 1 and |φ(x)| ≤ gain·|x|.
+    """An entrywise activation φ = scale·base, scale = 1/max|base′|, so φ(0) = 0, φ is 1-Lipschitz and
+    |φ(x)| ≤ gain·|x| with gain = scale (|base(x)| ≤ |x| for both bases: GELU(x) = xΦ(x), Φ ≤ 1).
 
     ``scale`` is kept apart so a model can fold it into a following linear step (a residual weight)
     instead of spending an elementwise pass on the widest activation."""
 
     base: Callable[[torch.Tensor], torch.Tensor]
-    scale: float
-    gain: float
+    base_lipschitz: float  # max |base′|: GELU_MAX_SLOPE for GELU, 1 for ReLU
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.base_lipschitz
+
+    @property
+    def gain(self) -> float:
+        return self.scale
 
     def fn(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) * self.scale if self.scale != 1.0 else self.base(x)
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation")
-# GELU(x)/max GELU': slope in [−0.1142, 1]; GELU(x) = xΦ(x) gives |GELU(x)| ≤ |x| (Φ ≤ 1).
-ACTIVATIONS.register("gelu")(Activation(F.gelu, 1.0 / GELU_MAX_SLOPE, 1.0 / GELU_MAX_SLOPE))
-ACTIVATIONS.register("relu")(Activation(F.relu, 1.0, 1.0))
-
-
-def convex_residual(alpha: float, inner: float) -> float:
-    """(1−α) + α·inner: the Lipschitz constant (or RMS gain) of x ↦ (1−α)x + α·F(x)."""
-    return (1.0 - alpha) + alpha * inner
+# GELU(x)/max GELU': slope in [−0.1142, 1].
+ACTIVATIONS.register("gelu")(Activation(F.gelu, GELU_MAX_SLOPE))
+ACTIVATIONS.register("relu")(Activation(F.relu, 1.0))
 
 
 def head_spectral_norms(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -59,13 +64,13 @@ def head_spectral_norms(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def attention_gain(o_norm: float, v_head_norms: torch.Tensor) -> float:
-    """RMS gain g_att of ⅓·W_o·concat_h(P_h V_h): RMS(y_t) ≤ g_att·a when every RMS(x_s) ≤ a.
+    """RMS gain g_att of W_o/3·concat_h(P_h V_h): RMS(y_t) ≤ g_att·a when every RMS(x_s) ≤ a.
 
     Each head's output is a convex combination of its values, so ‖o_t^h‖₂ ≤ σ(W_v^h)·a√d, and the
     heads may each pick a different token: ‖o_t‖₂ ≤ (Σ_h σ(W_v^h)²)^½·a√d. Hence
     g_att = ⅓·‖W_o‖_RMS→RMS·(Σ_h σ(W_v^h)²)^½.
     """
-    return o_norm * float(v_head_norms.pow(2).sum().sqrt()) / 3.0
+    return o_norm * float(v_head_norms.pow(2).sum().sqrt()) / ATTENTION_OUTPUT_DIVISOR
 
 
 def attention_lipschitz(o_norm: float, q_head_norms: torch.Tensor, k_head_norms: torch.Tensor,
@@ -85,7 +90,7 @@ def attention_lipschitz(o_norm: float, q_head_norms: torch.Tensor, k_head_norms:
     ≤ √H·‖W_v‖ and the QK term c·d = attn_scale·H, which the paper's formula leaves out.
     """
     qk = 1.0 + 2.0 * score_scale * d_model * a * a * q_head_norms * k_head_norms
-    return o_norm * float((v_head_norms * qk).pow(2).sum().sqrt()) / 3.0
+    return o_norm * float((v_head_norms * qk).pow(2).sum().sqrt()) / ATTENTION_OUTPUT_DIVISOR
 
 
 def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:

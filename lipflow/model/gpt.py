@@ -9,23 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipflow.model.base import LanguageModel, causal_scores
+from lipflow.model.base import AttentionSite, LanguageModel, block_attention_sites, causal_scores
 from lipflow.model.registry import MODELS
 
 
 class CausalSelfAttention(nn.Module):
+    output_scale = 1.0
+
     def __init__(self, d_model: int, n_heads: int, attn_scale: float):
         super().__init__()
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.scale = attn_scale  # 1/√d_head (SP) or 1/d_head (µP)
+        self.score_scale = attn_scale  # 1/√d_head (SP) or 1/d_head (µP)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.score_scale)
         return self.out(y.transpose(1, 2).contiguous().view(B, T, C))
 
     @property
@@ -37,7 +39,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, _ = self.qkv(x).split(C, dim=2)
         q, k = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k))
-        return causal_scores(q, k, self.scale)
+        return causal_scores(q, k, self.score_scale)
+
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_q, W_k, W_v, W_out): the fused qkv's row blocks [q; k; v] and the output projection."""
+        return (*self.qkv.weight.chunk(3, dim=0), self.out.weight)
 
 
 class MLP(nn.Module):
@@ -66,7 +72,9 @@ class Block(nn.Module):
 
 @MODELS.register("gpt")
 class GPT(LanguageModel):
-    """Token + learned position embeddings → N pre-LN blocks → LayerNorm → untied head."""
+    """Token + learned position embeddings → N pre-LN blocks → LayerNorm → untied head.
+
+    It certifies nothing (LayerNorm is not globally Lipschitz): the LanguageModel defaults (None) stand."""
 
     embedding_prefixes = ("tok.", "pos.")
 
@@ -87,6 +95,9 @@ class GPT(LanguageModel):
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab_size, bias=False)
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
+
+    def attention_layers(self) -> list[AttentionSite]:
+        return block_attention_sites(self.blocks)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)

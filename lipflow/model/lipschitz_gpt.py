@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipflow.model.base import LanguageModel, causal_scores, rms_operator_norm, spectral_norm
-from lipflow.model.bound import (ACTIVATIONS, attention_gain, attention_lipschitz, convex_residual,
+from lipflow.model.base import (AttentionSite, LanguageModel, block_attention_sites, causal_scores, rms_operator_norm,
+                                spectral_norm)
+from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, attention_gain, attention_lipschitz,
                                  head_spectral_norms, linear_output_bounds, project_rms_ball, row_norms)
+from lipflow.model.certificate import Bound, Certificate, convex_residual, record, sequential
 from lipflow.model.registry import MODELS
 from lipflow.parametrization import Module, atom, bond, par, residual, seq, tare
 
@@ -68,7 +70,7 @@ class LipschitzAttention(nn.Module):
     ``unscaled`` leaves out the constant ⅓ (``output_scale``), which the block folds into its residual.
     """
 
-    output_scale = 1.0 / 3.0
+    output_scale = 1.0 / ATTENTION_OUTPUT_DIVISOR
 
     def __init__(self, d_model: int, n_heads: int, context: int, attn_scale: float):
         super().__init__()
@@ -106,23 +108,19 @@ class LipschitzAttention(nn.Module):
         scores = seq(par(atom(prefix + "q.weight"), atom(prefix + "k.weight")), bond(self.score_scale * self.head_dim))
         return seq(par(atom(prefix + "v.weight"), scores), bond(self.output_scale), atom(prefix + "o.weight"))
 
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_q, W_k, W_v, W_o), each (fan_out, fan_in)."""
+        return self.q.weight, self.k.weight, self.v.weight, self.o.weight
+
     def weight_norms(self) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(‖W_o‖_RMS→RMS, then σ_max of each head's slice of W_q, W_k, W_v), from the current weights."""
         return (rms_operator_norm(self.o.weight),
                 *(head_spectral_norms(m.weight, self.n_heads) for m in (self.q, self.k, self.v)))
 
-    def gain(self) -> float:
-        o, _, _, v = self.weight_norms()
-        return attention_gain(o, v)
-
-    def lipschitz(self, a: float) -> float:
-        o, q, k, v = self.weight_norms()
-        return attention_lipschitz(o, q, k, v, self.score_scale, self.q.in_features, a)
-
     @torch.no_grad()
-    def activation_bounds(self, a: float) -> dict[str, float]:
-        """Bounds on max |entry| of each matmul operand and result, and of the scores, for every input
-        sequence with RMS(x_s) ≤ a for all tokens s.
+    def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+        """For inputs with every RMS(x_s) ≤ a: gain ``attention_gain``, constant ``attention_lipschitz``
+        (bound.py), and bounds on max |entry| of each matmul operand and result, and of the scores.
 
         With A = √d·a, so ‖x_s‖₂ ≤ A for every token:
         - ``q/k/v.input``: |x_s,j| ≤ ‖x_s‖₂ ≤ A.
@@ -137,20 +135,22 @@ class LipschitzAttention(nn.Module):
           (``unscaled``, the Linear's actual output).
         """
         A = math.sqrt(self.q.in_features) * a
-        _, q_norms, k_norms, v_norms = self.weight_norms()
+        o_norm, q_norms, k_norms, v_norms = self.weight_norms()
         w_o = self.o.weight.detach().double()
         w_v = self.v.weight.detach().double()
         d_h = self.head_dim
         o_rows = sum(row_norms(w_o[:, h * d_h:(h + 1) * d_h] @ w_v[h * d_h:(h + 1) * d_h])
                      for h in range(self.n_heads))
         v_out = float(row_norms(self.v.weight).max()) * A
-        return {"q.input": A, "k.input": A, "v.input": A,
-                "q.output": float(row_norms(self.q.weight).max()) * A,
-                "k.output": float(row_norms(self.k.weight).max()) * A,
-                "v.output": v_out,
-                "scores": self.score_scale * float((q_norms.double() * k_norms.double()).max()) * A * A,
-                "o.input": v_out,
-                "o.output": float(o_rows.max()) * A}
+        entries = {"q.input": A, "k.input": A, "v.input": A,
+                   "q.output": float(row_norms(self.q.weight).max()) * A,
+                   "k.output": float(row_norms(self.k.weight).max()) * A,
+                   "v.output": v_out,
+                   "scores": self.score_scale * float((q_norms.double() * k_norms.double()).max()) * A * A,
+                   "o.input": v_out,
+                   "o.output": float(o_rows.max()) * A}
+        lipschitz = attention_lipschitz(o_norm, q_norms, k_norms, v_norms, self.score_scale, self.q.in_features, a)
+        return Certificate.leaf(a, attention_gain(o_norm, v_norms), lipschitz, entries)
 
 
 class FeedForward(nn.Module):
@@ -173,19 +173,14 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unscaled(x) * self.output_scale
 
-    def lipschitz(self) -> float:
-        return rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
-
     def modular_structure(self, prefix: str) -> Module:
         """W_down ∘ φ ∘ W_up, φ 1-Lipschitz (sensitivity 1, Modula's GeLU/ReLU bonds)."""
         return seq(atom(prefix + "up.weight"), bond(1.0), atom(prefix + "down.weight"))
 
-    def gain(self) -> float:
-        return self.act.gain * self.lipschitz()
-
     @torch.no_grad()
-    def activation_bounds(self, a: float) -> dict[str, float]:
-        """Bounds on max |entry| of both matmuls' operands and results for inputs with RMS(x) ≤ a.
+    def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+        """For inputs with RMS(x) ≤ a: constant L = ‖W_down‖‖W_up‖ (RMS→RMS), gain φ.gain·L, and bounds on
+        max |entry| of both matmuls' operands and results.
 
         With A = √d·a and κ = gain/scale, the bound |base(h)| ≤ κ·|h| of the unscaled activation (κ = 1
         for GELU: |GELU(h)| = |h|·Φ(h) ≤ |h|; and for ReLU):
@@ -198,8 +193,10 @@ class FeedForward(nn.Module):
         kappa = self.act.gain / self.act.scale
         beta = row_norms(self.up.weight) * A
         down = linear_output_bounds(self.down.weight, kappa * spectral_norm(self.up.weight) * A, kappa * beta)
-        return {"up.input": A, "up.output": float(beta.max()), "down.input": kappa * float(beta.max()),
-                "down.output": float(down.max())}
+        entries = {"up.input": A, "up.output": float(beta.max()), "down.input": kappa * float(beta.max()),
+                   "down.output": float(down.max())}
+        lipschitz = rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
+        return Certificate.leaf(a, self.act.gain * lipschitz, lipschitz, entries)
 
 
 class LipschitzBlock(nn.Module):
@@ -224,27 +221,14 @@ class LipschitzBlock(nn.Module):
         return seq(residual(self.alpha, self.attn.modular_structure(prefix + "attn.")),
                    residual(self.alpha, self.mlp.modular_structure(prefix + "mlp.")))
 
-    def certify(self, a: float) -> tuple[float, float]:
-        """(RMS bound on the output, ∞RMS Lipschitz constant) given RMS bound ``a`` on the input."""
-        lip_attn = self.attn.lipschitz(a)
-        a = a * convex_residual(self.alpha, self.attn.gain())
-        lip_mlp = self.mlp.lipschitz()
-        a_out = a * convex_residual(self.alpha, self.mlp.gain())
-        return a_out, convex_residual(self.alpha, lip_attn) * convex_residual(self.alpha, lip_mlp)
-
-    def activation_bounds(self, a: float) -> tuple[dict[str, float], float]:
-        """(max |entry| bounds of every matmul operand, result and score, keyed ``attn.q.input`` …
-        ``mlp.down.output``; RMS bound on the output) given RMS bound ``a`` on every input token.
-
-        The RMS bounds follow ``certify``: a_mid = a·((1−α) + α·g_att) after the attention residual
-        (the MLP's input), a_out = a_mid·((1−α) + α·g_mlp). The fused form of ``forward`` computes the same
-        (1−α)x + α·s·u(x); its Linears see x and produce the unscaled u, which the branch bounds cover.
+    def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+        """The two convex residuals in sequence, from RMS bound ``a`` on every input token: the MLP is
+        certified at a_mid = a·((1−α) + α·g_att), the output bound is a_mid·((1−α) + α·g_mlp), entries
+        are keyed ``attn.q.input`` … ``mlp.down.output``. The fused form of ``forward`` computes the same
+        (1−α)x + α·s·u(x); its Linears see x and produce the unscaled u, which the branch entries cover.
         """
-        a_mid = a * convex_residual(self.alpha, self.attn.gain())
-        a_out = a_mid * convex_residual(self.alpha, self.mlp.gain())
-        bounds = {f"attn.{k}": v for k, v in self.attn.activation_bounds(a).items()}
-        bounds.update({f"mlp.{k}": v for k, v in self.mlp.activation_bounds(a_mid).items()})
-        return bounds, a_out
+        return sequential([("attn.", convex_residual(self.alpha, self.attn.certify)),
+                           ("mlp.", convex_residual(self.alpha, self.mlp.certify))], a, coordinates)
 
 
 @MODELS.register("lipschitz_gpt")
@@ -255,8 +239,8 @@ class LipschitzGPT(LanguageModel):
     activation (gelu|relu, gelu), attn_scale (1.0), logit_scale (1.0). ``depth_mup`` must be false:
     the convex residual's 1/(2N) is already the depth scaling, and the certificate depends on it.
     Certificates: ``lipschitz_bound()`` (∞RMS → ∞RMS) and ``lipschitz_bound_l2(seq_len)`` (flattened
-    ℓ2 → ℓ2), both for ``forward_embedded`` on all inputs; ``body_lipschitz()`` is the block stack's
-    part; each block reports its own through ``certify(a)``.
+    ℓ2 → ℓ2), both for ``forward_embedded`` on all inputs, and ``activation_bounds()``, all read off
+    ``certificate(a)``: the blocks' and the readout's certificates composed by lipflow.model.certificate.
     """
 
     input_radius = 1.0  # the certificate's domain: every token of the embedded input has RMS ≤ this
@@ -294,6 +278,9 @@ class LipschitzGPT(LanguageModel):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.tok(idx)
 
+    def attention_layers(self) -> list[AttentionSite]:
+        return block_attention_sites(self.blocks)
+
     def modular_structure(self, masses: dict[str, float]) -> Module:
         """Modula's GPT: Mul(logit_scale) ∘ head ∘ blocks ∘ embed, each part tared to its mass."""
         blocks = seq(*(block.modular_structure(f"blocks.{i}.") for i, block in enumerate(self.blocks)))
@@ -326,20 +313,38 @@ class LipschitzGPT(LanguageModel):
         """Euclidean projection of an embedded sequence (…, T, d) onto D = {RMS(x_t) ≤ 1 ∀t}."""
         return project_rms_ball(x, self.input_radius)
 
+    def body_certificate(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+        """The block stack in sequence from RMS bound ``a`` on every input token (App. B's two passes in
+        one: the bound follows each residual with the modules' RMS gains and each block's constant uses
+        the bound at its input), recording the residual stream after block i (``block{i}``: a token with
+        RMS ≤ a has every |entry| ≤ ‖x‖₂ ≤ √d·a)."""
+        root_d = math.sqrt(self.tok.embedding_dim)
+        parts = []
+        for i, block in enumerate(self.blocks):
+            parts += [(f"blocks.{i}.", block.certify), ("", record(f"block{i}", lambda b, _: root_d * b))]
+        return sequential(parts, a, coordinates)
+
+    def readout_certificate(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+        """head × s (s = |logit_scale·output_mult|) on tokens with RMS ≤ a: constant and gain
+        s·‖W_head‖_RMS→RMS; entries ``head.input`` √d·a, ``head.output`` max_j ‖W_head[j,:]‖₂·√d·a
+        (Cauchy–Schwarz) and ``logits`` s times that."""
+        root_d = math.sqrt(self.tok.embedding_dim)
+        scale = abs(self.logit_scale * self.output_mult)
+        head_output = float(row_norms(self.head.weight).max()) * root_d * a
+        lipschitz = scale * rms_operator_norm(self.head.weight)
+        return Certificate.leaf(a, lipschitz, lipschitz, {"head.input": root_d * a, "head.output": head_output,
+                                                          "logits": scale * head_output})
+
     @torch.no_grad()
+    def certificate(self, a: Bound | None = None) -> Certificate:
+        """Blocks then readout from RMS bound ``a`` on every input token (default the domain's 1)."""
+        a = self.input_radius if a is None else a
+        return sequential([("", self.body_certificate), ("", self.readout_certificate)], a)
+
     def body_lipschitz(self) -> float:
-        """∞RMS→∞RMS constant L_body of the block stack on D (App. B's two passes in one).
+        """∞RMS→∞RMS constant L_body of the block stack on D."""
+        return self.body_certificate(self.input_radius).lipschitz
 
-        The activation bound a starts at 1 (the domain) and follows each residual with the modules'
-        RMS gains; each block's constant uses the a at its input (the attention term needs it).
-        """
-        a, lip = self.input_radius, 1.0
-        for block in self.blocks:
-            a, lip_block = block.certify(a)
-            lip *= lip_block
-        return lip
-
-    @torch.no_grad()
     def activation_bounds(self) -> dict[str, float]:
         """Bounds on max |entry|, over every token sequence, of each Linear's input and output (keys
         ``blocks.{i}.attn.q.input`` … ``head.output``, the names ``precision.linear_hooks`` uses), of each
@@ -348,32 +353,19 @@ class LipschitzGPT(LanguageModel):
 
         Domain: ``forward_embedded`` on any input (it projects every token onto RMS ≤ 1) and ``forward`` on
         token ids (rows of the embedding), so the RMS bound starts at a₀ = max(1, max row RMS of the
-        embedding) — 1 whenever ``project_embeddings`` has run. Each block maps the RMS bound a as in
-        ``certify`` (``LipschitzBlock.activation_bounds``); a token with RMS ≤ a has ‖x‖₂ ≤ √d·a, so
-        ``block{i}`` and ``head.input`` are √d·a; ``head.output`` is max_j ‖W_head[j,:]‖₂·√d·a_N
-        (Cauchy–Schwarz) and ``logits`` that times |logit_scale·output_mult|.
+        embedding) — 1 whenever ``project_embeddings`` has run.
         """
         a = max(self.input_radius, float(self.tok.weight.detach().double().pow(2).mean(dim=1).sqrt().max()))
-        root_d = math.sqrt(self.tok.embedding_dim)
-        bounds: dict[str, float] = {}
-        for i, block in enumerate(self.blocks):
-            block_bounds, a = block.activation_bounds(a)
-            bounds.update({f"blocks.{i}.{k}": v for k, v in block_bounds.items()})
-            bounds[f"block{i}"] = root_d * a
-        bounds["head.input"] = root_d * a
-        bounds["head.output"] = float(row_norms(self.head.weight).max()) * root_d * a
-        bounds["logits"] = abs(self.logit_scale * self.output_mult) * bounds["head.output"]
-        return bounds
+        return self.certificate(a).entries
 
     def lipschitz_bound(self) -> float:
         """Certified L with ‖f(X)−f(Y)‖_∞RMS ≤ L·‖X−Y‖_∞RMS for f = ``forward_embedded``, all X, Y.
 
         ‖X‖_∞RMS = max over tokens of the per-token RMS (over d for X, over V for the logits).
-        L = |logit_scale·output_mult|·‖W_head‖_RMS→RMS·L_body, from the current weights (exact SVDs);
+        L = L_body·|logit_scale·output_mult|·‖W_head‖_RMS→RMS, from the current weights (exact SVDs);
         the input projection onto D is 1-Lipschitz, so the bound holds on all of R^{T×d}.
         """
-        scale = abs(self.logit_scale * self.output_mult)
-        return scale * rms_operator_norm(self.head.weight) * self.body_lipschitz()
+        return self.certificate().lipschitz
 
     def lipschitz_bound_l2(self, seq_len: int | None = None) -> float:
         """Certified L₂ with ‖f(X)−f(Y)‖₂ ≤ L₂·‖X−Y‖₂, both flattened (T·d inputs, T·V logits).

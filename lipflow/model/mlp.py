@@ -24,6 +24,7 @@ from torch import nn
 
 from lipflow.model.base import LanguageModel, spectral_norm
 from lipflow.model.bound import ACTIVATIONS, linear_output_bounds
+from lipflow.model.certificate import Bound, Certificate, Certify, record, sequential
 from lipflow.model.lipschitz_gpt import orthogonal_init_
 from lipflow.model.registry import MODELS
 from lipflow.parametrization import Module, atom, bond, seq, tare
@@ -85,43 +86,52 @@ class LipschitzMLP(LanguageModel):
         named = list(self.named_parameters())
         return {"embed": [], "hidden": named[:-1], "head": named[-1:], "vector": []}
 
+    def layer_certifier(self, i: int) -> Certify:
+        """Layer i (then φ, except after the last) on inputs with ‖x‖₂ ≤ n and |x_j| ≤ e_j: its output has
+        |(W_i x)_j| ≤ b_j = min(‖W_i[j,:]‖₂·n, (|W_i|·e)_j) (``linear_output_bounds``: Cauchy–Schwarz and the
+        triangle inequality); φ has φ(0) = 0, is 1-Lipschitz and |φ(h)| ≤ gain·|h|, so after it the
+        coordinates are within gain·b and the ℓ2 norm within gain·σ(W_i)·n. Constant σ(W_i) (ℓ2 → ℓ2)."""
+        layer, last = self.layers[i], i == len(self.layers) - 1
+
+        def certify(norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
+            out = linear_output_bounds(layer.weight, norm, entry)
+            sigma = spectral_norm(layer.weight)
+            entries = {"input": float(entry.max()), "output": float(out.max())}
+            if last:
+                return Certificate.leaf(norm, sigma, sigma, entries, out)
+            return Certificate.leaf(norm, self.act.gain * sigma, sigma, entries, self.act.gain * out)
+        return certify
+
+    def certify_output(self, norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
+        """The readout multiplier s = |output_mult|: constant s, logits within s·(last layer's bound)."""
+        scale = abs(self.output_mult)
+        return Certificate.leaf(norm, scale, scale, {"logits": scale * float(entry.max())}, scale * entry)
+
     @torch.no_grad()
+    def certificate(self, input_norm: float) -> Certificate:
+        """Every layer in sequence, then the multiplier, on inputs with ‖x‖₂ ≤ ``input_norm`` (so every
+        |x_j| ≤ input_norm); entries ``layers.{i}.input``/``.output``, φ after layer i (``block{i}``) and
+        ``logits``. Its constant, |output_mult|·Π σ_max(W_i), holds on all inputs."""
+        parts: list[tuple[str, Certify]] = []
+        for i in range(len(self.layers)):
+            parts.append((f"layers.{i}.", self.layer_certifier(i)))
+            if i < len(self.layers) - 1:
+                parts.append(("", record(f"block{i}", lambda _, entry: float(entry.max()))))
+        parts.append(("", self.certify_output))
+        entry = torch.full((self.in_features,), input_norm, dtype=torch.float64, device=self.layers[0].weight.device)
+        return sequential(parts, input_norm, entry)
+
     def lipschitz_bound(self) -> float:
         """Certified ℓ2→ℓ2 constant on the flattened input: |output_mult|·Π σ_max(W_i) (φ is 1-Lipschitz)."""
-        bound = abs(self.output_mult)
-        for layer in self.layers:
-            bound *= spectral_norm(layer.weight)
-        return bound
+        return self.certificate(1.0).lipschitz  # the constant does not depend on the input bound
 
     def lipschitz_bound_l2(self) -> float:
         """The same certificate (the MLP's bound is already ℓ2→ℓ2, on all of R^in_features)."""
         return self.lipschitz_bound()
 
-    @torch.no_grad()
     def activation_bounds(self, input_norm: float | None = None) -> dict[str, float] | None:
-        """Bounds on max |entry| of every layer's input and output (``layers.{i}.input``/``.output``), of
-        φ after layer i (``block{i}``) and of the logits, over all inputs with ‖x‖₂ ≤ ``input_norm``
-        (default: the cfg's ``input_norm``; None without one, as no input domain is known).
-
-        Layer i sees x with ‖x‖₂ ≤ n_i and |x_j| ≤ e_i,j (n_0 = input_norm, e_0 = n_0 entry-wise). Its
-        output bound is b_i = min(‖W_i[j,:]‖₂·n_i, (|W_i|·e_i)_j) (``linear_output_bounds``: Cauchy–Schwarz
-        and the triangle inequality). φ has φ(0) = 0, is 1-Lipschitz and |φ(h)| ≤ gain·|h|, so the next
-        input has e_i+1 = gain·b_i entry-wise and n_i+1 = gain·σ(W_i)·n_i (|φ(h)| ≤ gain·|h| entry-wise).
-        ``logits`` = |output_mult|·b_last.
-        """
+        """Bounds on max |entry| of every layer's input and output, of φ after each layer and of the logits
+        (``certificate``), over all inputs with ‖x‖₂ ≤ ``input_norm`` (default: the cfg's ``input_norm``;
+        None without one, as no input domain is known)."""
         norm = self.input_norm if input_norm is None else input_norm
-        if norm is None:
-            return None
-        norm = float(norm)
-        entry = torch.full((self.in_features,), norm, dtype=torch.float64, device=self.layers[0].weight.device)
-        bounds: dict[str, float] = {}
-        for i, layer in enumerate(self.layers):
-            bounds[f"layers.{i}.input"] = float(entry.max())
-            out = linear_output_bounds(layer.weight, norm, entry)
-            bounds[f"layers.{i}.output"] = float(out.max())
-            if i < len(self.layers) - 1:
-                entry = self.act.gain * out
-                norm = self.act.gain * spectral_norm(layer.weight) * norm
-                bounds[f"block{i}"] = float(entry.max())
-        bounds["logits"] = abs(self.output_mult) * bounds[f"layers.{len(self.layers) - 1}.output"]
-        return bounds
+        return None if norm is None else self.certificate(float(norm)).entries

@@ -7,7 +7,6 @@ import sys
 from lipflow.config import ConfigError, load_config_file
 from lipflow.data import DataError
 from lipflow.data.corpus import expand_paths
-from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS
 from lipflow.plan import IMAGE_MLP, Plan
 from lipflow.plan_rules import ICL_FIGURES, ICL_TABLES, RuleFunctions
 

@@ -1,11 +1,14 @@
 # Experiments: their runs come from lipflow.experiments.expand_experiments (through resolve_runs in
 # common.smk); here are the figures and tables of each experiment (one job per experiment, reading
-# the results database), the image-MLP robustness study (scikit-learn digits, the same size under both
-# presets: about 2 minutes on one core). Their constants and helpers (EXPERIMENTS, IMAGE_MLP, and
+# the results database), each with the report caption its file (lipflow/experiments/<name>.py)
+# names, and the image-MLP robustness study (scikit-learn digits, the same size under both presets:
+# about 2 minutes on one core). Their constants and helpers (EXPERIMENTS, IMAGE_MLP, and
 # experiment_targets for `rule all`) live in common.smk.
 
+from lipflow.experiments import CATALOG as EXPERIMENT_CATALOG
 
-for _name in EXPERIMENT_FIGURES:
+
+for _name, _experiment in EXPERIMENT_CATALOG.items():
 
     rule:
         name:
@@ -15,15 +18,15 @@ for _name in EXPERIMENT_FIGURES:
             receipt=DATABASE_RECEIPT,
         output:
             figures=[
-                report(f"results/figures/{fig}.png", caption=f"../report/figure_{fig}.rst",
+                report(f"results/figures/{fig}.png", caption=f"../report/{figure.caption}",
                        category=_name, labels={"figure": fig, "format": "PNG"})
-                for fig in EXPERIMENT_FIGURES[_name]
+                for fig, figure in _experiment.figures.items()
             ],
-            vectors=[f"results/figures/{fig}.svg" for fig in EXPERIMENT_FIGURES[_name]],
+            vectors=[f"results/figures/{fig}.svg" for fig in _experiment.figures],
             tables=[
-                report(f"results/tables/{view}.csv", caption=f"../report/table_{view}.rst",
-                       category=_name, labels={"table": view, "format": "CSV"})
-                for view in EXPERIMENT_VIEWS[_name]
+                report(f"results/tables/{name}.csv", caption=f"../report/{view.caption}",
+                       category=_name, labels={"table": name, "format": "CSV"})
+                for name, view in _experiment.views.items()
             ],
         params:
             experiment=_name,

@@ -1,29 +1,25 @@
-"""Results stage: per-run Parquet/JSON → one DuckDB database.
+"""The results database: per-run Parquet/JSON and the studies' tables → one DuckDB file.
 
-``python -m lipflow.results build --out results/lipflow.duckdb --manifest M --run-dirs D...``
-rebuilds the whole database in a temp file, checkpoints it, reopens it to check every table's row
-count and only then renames it into place, so readers never see a half-built file, a failed build
-keeps the previous database, and a rebuild is idempotent. Every run file is checked against its
-``.sha256`` sidecar; file names are never SQL. Tables:
+:func:`build` rebuilds the whole database in a temp file, checkpoints it, reopens it to check
+every table's row count and only then renames it into place, so readers never see a half-built
+file, a failed build keeps the previous database, and a rebuild is idempotent. Every run and study
+file is checked against its ``.sha256`` sidecar; file names are never SQL. Every table is loaded
+here (:func:`_fill_database`), then the experiments' views are created on them:
 
 - ``runs``: one row per run: status, flattened config keys, ``config`` (JSON), provenance;
 - ``train_metrics``: per-step loss and, at eval steps, val metrics, bound, activations;
 - ``evals``: long form (run_id, eval, metric, value, parameter columns);
 - ``shards``: the token shards (split, file, tokens, sha256);
-- ``icl_<name>``: every ``results/icl/<name>.parquet`` of the ICL study;
+- ``<study>_<name>``: every ``results/<study>/<name>.parquet`` of a study outside the run grid
+  (``icl_loss_by_layers``…, ``image_mlp_robustness``);
 - ``bench``: every ``results/bench/*.parquet`` row.
-
-``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files;
-``python -m lipflow.results seal F...`` writes the missing sidecars of trusted older files.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +27,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.data.atomic import (fsync_dir, read_json, read_verified, sha256_file, sidecar_path, write_bytes_atomic,
-                                 write_json_atomic)
+from lipflow.data.atomic import fsync_dir, read_json, sha256_file, write_json_atomic
+from lipflow.data.parquet import read_table_parquet
 from lipflow.experiments import create_views
-from lipflow.metrics import read_table_parquet, write_table_parquet
 
 RESULTS = Path("results")
+# Studies outside the run grid (the schema's experiment `studies`): results/<study>/<name>.parquet
+# → table <study>_<name>.
+STUDIES = ("icl", "image_mlp")
 
 
 def _timestamp(seconds: float | None) -> dt.datetime | None:
@@ -156,14 +154,20 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
-    for path in sorted((results / "icl").glob("*.parquet")):
-        rows[f"icl_{path.stem}"] = _create_from_parquet(con, f"icl_{path.stem}", [path], "")
+    rows.update(load_study_tables(con, results))
     # hand-appended measurements (bench/common.py), written without a sidecar
     rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
                                          "bench VARCHAR, metric VARCHAR, value DOUBLE, unit VARCHAR, machine VARCHAR, "
                                          "device VARCHAR, date VARCHAR, git_commit VARCHAR", verify=False)
-    create_views(con, results)
+    create_views(con)
     return rows
+
+
+def load_study_tables(con: duckdb.DuckDBPyConnection, results: Path) -> dict[str, int]:
+    """Create a table ``<study>_<name>`` from each ``results/<study>/<name>.parquet`` of the
+    :data:`STUDIES` (checked against its sidecar); returns table → rows."""
+    return {f"{study}_{path.stem}": _create_from_parquet(con, f"{study}_{path.stem}", [path], "")
+            for study in STUDIES for path in sorted((Path(results) / study).glob("*.parquet"))}
 
 
 def check_database(path: Path, rows: dict[str, int]) -> None:
@@ -222,52 +226,3 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
         if not published:
             tmp.unlink(missing_ok=True)
             wal.unlink(missing_ok=True)  # the temp database's own log: nothing of it is kept
-
-
-def merge_evals(out: Path, files: list[Path]) -> None:
-    """Concatenate one run's evaluation files (columns unioned by name) into ``out``."""
-    tables = [read_table_parquet(f) for f in files]
-    merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    write_table_parquet(Path(out), merged)
-
-
-def seal(files: list[Path]) -> None:
-    """Write the sidecar of each file that has none (results written before lipflow kept checksums
-    of its Parquet files: only for files you trust); a file that has one is checked instead. A new
-    sidecar takes its file's modification time, so sealing reruns no Snakemake job."""
-    for path in files:
-        if sidecar_path(path).exists():
-            read_verified(path)
-            print(f"{path}: sha256 matches its sidecar")
-        else:
-            write_bytes_atomic(sidecar_path(path), (sha256_file(path) + "\n").encode())
-            stat = os.stat(path)
-            os.utime(sidecar_path(path), ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            print(f"{path}: sidecar written")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.results")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_build = sub.add_parser("build", help="build the DuckDB database")
-    p_build.add_argument("--out", type=Path, required=True)
-    p_build.add_argument("--manifest", type=Path, required=True)
-    p_build.add_argument("--run-dirs", type=Path, nargs="*", default=[])
-    p_build.add_argument("--receipt", type=Path, default=None, help="JSON written after the database is in place")
-    p_merge = sub.add_parser("merge-evals", help="merge one run's evaluation Parquet files")
-    p_merge.add_argument("--out", type=Path, required=True)
-    p_merge.add_argument("files", type=Path, nargs="*")
-    p_seal = sub.add_parser("seal", help="write missing .sha256 sidecars of trusted files from before checksums")
-    p_seal.add_argument("files", type=Path, nargs="+")
-    args = parser.parse_args(argv)
-    from lipflow.errors import run_guarded
-
-    if args.command == "build":
-        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, receipt=args.receipt))
-    if args.command == "seal":
-        return run_guarded(lambda: seal(args.files))
-    return run_guarded(lambda: merge_evals(args.out, args.files))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

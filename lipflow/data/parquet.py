@@ -1,0 +1,38 @@
+"""Parquet files with a ``.sha256`` sidecar (no torch: the results stage reads them too).
+
+A writer publishes the file atomically (temp file, fsync, rename) with its sidecar
+(:func:`lipflow.data.atomic.write_with_sidecar`); a reader checks the bytes against the sidecar
+before parsing them, so a damaged or foreign file is one error naming it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lipflow.data.atomic import read_verified, write_with_sidecar
+
+
+def write_table_parquet(path, table: pa.Table) -> None:
+    """Write an Arrow table to ``path`` atomically (temp file, fsync, rename) with a ``.sha256``
+    sidecar that :func:`read_table_parquet` checks."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_with_sidecar(path, buffer.getvalue().to_pybytes())
+
+
+def read_table_parquet(path) -> pa.Table:
+    """The Arrow table of a Parquet file written by :func:`write_table_parquet`, checked against its
+    sidecar; a missing or mismatched sidecar, or bytes that are not Parquet, raise a ValueError
+    naming the file."""
+    data = read_verified(path)
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+
+
+def write_rows_parquet(path, rows: list[dict], columns: dict[str, str]) -> None:
+    """Write dict rows with a fixed column → Arrow type-name schema (missing keys become null)."""
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in columns.items()])
+    write_table_parquet(path, pa.Table.from_pylist(rows, schema=schema))

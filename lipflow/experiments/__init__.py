@@ -1,0 +1,169 @@
+"""Experiments: one Python file and one YAML file each, in this package.
+
+An experiment ``<name>`` is ``lipflow/experiments/<name>.py`` and ``<name>.yaml`` beside it; every
+module of the package with a YAML file of its name is one (found by :func:`discover`, so adding an
+experiment edits no other file).
+
+- ``<name>.yaml``: its block (checked against ``$defs/experiment`` of
+  workflow/schemas/experiments.schema.yaml): ``short`` run-name prefix, ``description``, the
+  ``evaluations`` of its runs (instead of ``evaluations.enabled``), the ``studies`` outside the run
+  grid it includes (``icl``, ``image_mlp``), and per preset (cpu | paper) ``base`` run settings and a
+  ``grid`` (expanded by :mod:`lipflow.experiments.grid`).
+- ``<name>.py``: ``VIEWS``, view name → :class:`lipflow.results.views.View` (DuckDB SQL over the
+  results tables, headline view first; each is also written as results/tables/<view>.csv), and
+  ``FIGURES``, figure name → :class:`lipflow.results.plotting.Figure` (a function of a DuckDB
+  connection returning a matplotlib figure, saved as results/figures/<name>.png and .svg); each
+  names its caption file in workflow/report for the Snakemake report.
+
+``experiments: [name…]`` selects experiments; a block under ``experiment_definitions`` in the config
+is merged over the built-in one of the same name (mappings key by key, ``grid`` and lists replaced
+whole); ``experiment_preset`` picks the preset. ``lipflow.plan.resolve_runs`` merges each run's
+overrides over ``defaults`` and validates it like any run. Nothing here imports torch or matplotlib:
+it runs at Snakefile parse time.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import pkgutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lipflow.config import ConfigError
+from lipflow.experiments.grid import expand_experiment, merge_block
+from lipflow.registry import Registry
+from lipflow.results import views as _views
+from lipflow.results.plotting import Figure
+from lipflow.results.views import View
+
+PRESETS = ("cpu", "paper")
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: parsed at every parse
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: its YAML block, its views (headline first) and its figures."""
+
+    name: str
+    block: dict[str, Any]
+    views: dict[str, View]
+    figures: dict[str, Figure]
+
+
+def discover(path: list[str], package: str) -> dict[str, Experiment]:
+    """name → Experiment for every module of ``package`` (found on ``path``) with a YAML file of
+    its name beside it, in name order; a malformed YAML file, or a module without ``VIEWS`` and
+    ``FIGURES``, is a one-line ConfigError naming the file."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(path), key=lambda info: info.name):
+        block_file = Path(info.module_finder.path) / f"{info.name}.yaml"
+        if not block_file.is_file():
+            continue
+        try:
+            block = yaml.load(block_file.read_text(encoding="utf-8"), Loader=YAML_LOADER)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{block_file}: malformed YAML: {str(err).splitlines()[0]}") from None
+        module = importlib.import_module(f"{package}.{info.name}")
+        lacking = [name for name in ("VIEWS", "FIGURES") if not hasattr(module, name)]
+        if lacking or not isinstance(block, dict):
+            what = f"defines no {' or '.join(lacking)}" if lacking else f"{block_file.name} is not a mapping"
+            raise ConfigError(f"experiment {info.name} ({module.__file__}): {what}")
+        found[info.name] = Experiment(info.name, block, module.VIEWS, module.FIGURES)
+    return found
+
+
+CATALOG: dict[str, Experiment] = discover(__path__, __name__)
+
+VIEWS: Registry[View] = Registry("view")
+for _experiment in CATALOG.values():
+    for _name, _view in _experiment.views.items():
+        VIEWS.register(_name)(_view)
+
+# Which views are an experiment's (the first is its headline table), and the figures it draws.
+EXPERIMENT_VIEWS: dict[str, tuple[str, ...]] = {name: tuple(e.views) for name, e in CATALOG.items()}
+EXPERIMENT_FIGURES: dict[str, tuple[str, ...]] = {name: tuple(e.figures) for name, e in CATALOG.items()}
+
+
+def builtin_definitions() -> dict[str, dict[str, Any]]:
+    """name → block of every experiment's YAML file."""
+    return {name: experiment.block for name, experiment in CATALOG.items()}
+
+
+def create_views(con, log=sys.stderr) -> dict[str, str]:
+    """Create every experiment's views on ``con`` (:func:`lipflow.results.views.create_views`);
+    returns view → '' (built) or the reason it is empty."""
+    return _views.create_views(con, {name: VIEWS.get(name) for name in VIEWS.names()}, log)
+
+
+# --------------------------------------------------------------------------- the config's experiments
+
+def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every experiment block of ``config``: the built-in ones with the config's blocks merged over."""
+    blocks = copy.deepcopy(builtin_definitions())
+    for name, block in (config.get("experiment_definitions") or {}).items():
+        blocks[name] = merge_block(blocks.get(name, {}), block or {})
+    return blocks
+
+
+def selected_experiments(config: dict[str, Any]) -> list[str]:
+    """The names in ``config['experiments']``; an unknown name raises a one-line ConfigError."""
+    known = definitions(config)
+    names = list(config.get("experiments") or [])
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config error: unknown experiment '{name}' in experiments{hint}; "
+                              f"known: {', '.join(sorted(known))}")
+    return names
+
+
+def preset_name(config: dict[str, Any]) -> str:
+    preset = config.get("experiment_preset") or "cpu"
+    if preset not in PRESETS:
+        raise ConfigError(f"config error: experiment_preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    return preset
+
+
+def expand_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """run name → run overrides for every enabled experiment (``experiment`` set to its name)."""
+    blocks, preset = definitions(config), preset_name(config)
+    runs: dict[str, dict[str, Any]] = {}
+    for name in selected_experiments(config):
+        for run_name, overrides in expand_experiment(name, blocks[name], preset).items():
+            if run_name in runs:
+                raise ConfigError(f"config error: run '{run_name}' is produced by two experiments; "
+                                  f"give them different `short` names")
+            runs[run_name] = overrides
+    clash = sorted(set(runs) & set(config.get("runs") or {}))
+    if clash:
+        raise ConfigError(f"config error: run name '{clash[0]}' is both in runs and in an experiment")
+    return runs
+
+
+def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any]) -> list[str] | None:
+    """The evaluations of an experiment's run (its block's ``evaluations``, default [val]; they
+    replace ``evaluations.enabled``), or None for a run of the ``runs`` block."""
+    name = run_config.get("experiment")
+    if not name:
+        return None
+    return list(definitions(config).get(name, {}).get("evaluations", ["val"]))
+
+
+def study_enabled(config: dict[str, Any], study: str) -> bool:
+    """Whether a study outside the run grid runs: switched on in its own block (``icl.enabled``) or
+    included by a selected experiment (``experiments: [icl]``)."""
+    own = config.get(study)
+    return bool(isinstance(own, dict) and own.get("enabled")) or study in experiment_studies(config)
+
+
+def experiment_studies(config: dict[str, Any]) -> list[str]:
+    """Studies outside the run grid (``icl``, ``image_mlp``) that the enabled experiments include."""
+    blocks = definitions(config)
+    return sorted({s for name in selected_experiments(config) for s in blocks[name].get("studies", [])})

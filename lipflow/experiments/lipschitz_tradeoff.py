@@ -1,0 +1,107 @@
+"""lipschitz_tradeoff: val accuracy and max activation against the certified Lipschitz bound.
+
+Newhouse et al. 2025 (arXiv 2507.13338) §4.3. View ``pareto`` (on_front: the Pareto front per
+optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lipschitz_tradeoff.yaml.
+"""
+
+from __future__ import annotations
+
+from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+PARETO = View(
+    caption="table_pareto.rst",
+    description="lipschitz_tradeoff: completed runs with a finite certified bound; on_front = no run of the "
+                "same optimizer has a bound ≤ and a val accuracy ≥ (one strictly); local_radius = the ε where "
+                "the local certificate's certified accuracy is half the clean accuracy (robustness "
+                "evaluation's half_certified_epsilon; NULL unless that evaluation ran)",
+    columns={"run_id": "VARCHAR", "name": "VARCHAR", "optimizer": "VARCHAR", "weight_constraint": "VARCHAR",
+             "sigma_max": "DOUBLE", "lr": "DOUBLE", "lipschitz_bound": "DOUBLE", "val_accuracy": "DOUBLE",
+             "val_loss": "DOUBLE", "max_activation": "DOUBLE", "local_radius": "DOUBLE", "on_front": "BOOLEAN"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("optimizer", "weight_constraint", "sigma_max", "lr",
+                                               "lipschitz_bound", "max_activation", "val_accuracy",
+                                               "final_val_accuracy", "val_loss", "final_val_loss"),
+                          "evals": ("run_id", "eval", "metric", "value")},
+                absent_reason="no lipschitz_tradeoff runs in the database",
+                sql="""
+        WITH r AS (
+            SELECT run_id, name, optimizer, weight_constraint, sigma_max, lr, lipschitz_bound,
+                   coalesce(val_accuracy, final_val_accuracy) AS val_accuracy,
+                   coalesce(val_loss, final_val_loss) AS val_loss, max_activation,
+                   (SELECT max(e.value) FROM evals AS e WHERE e.run_id = runs.run_id AND e.eval = 'robustness'
+                      AND e.metric = 'half_certified_epsilon') AS local_radius
+            FROM runs
+            WHERE experiment = 'lipschitz_tradeoff' AND status = 'completed'
+              AND lipschitz_bound IS NOT NULL AND isfinite(lipschitz_bound))
+        SELECT r.*, NOT EXISTS (
+            SELECT 1 FROM r AS o
+            WHERE o.optimizer = r.optimizer AND o.lipschitz_bound <= r.lipschitz_bound
+              AND o.val_accuracy >= r.val_accuracy
+              AND (o.lipschitz_bound < r.lipschitz_bound OR o.val_accuracy > r.val_accuracy)) AS on_front
+        FROM r"""),),
+)
+
+# headline view first; each view is also written as results/tables/<view>.csv
+VIEWS = {"pareto": PARETO}
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def tradeoff_accuracy(con):
+    """Val accuracy against the certified bound (log x; the Pareto front of each optimizer as a line)
+    and against the local certificate's radius (the ε where certified accuracy is half the clean)."""
+    plt = pyplot()
+    df = read_view(con, "pareto")
+    fig, (ax, ax_local) = plt.subplots(1, 2, figsize=(12, 4.5))
+    constraints = sorted(df.weight_constraint.unique())
+    for color, (optimizer, group) in zip(colors(df.optimizer.nunique()), df.groupby("optimizer")):
+        for marker, constraint in zip(MARKERS, constraints):
+            sub = group[group.weight_constraint == constraint]
+            if len(sub):
+                ax.scatter(sub.lipschitz_bound, 100 * sub.val_accuracy, color=color, marker=marker, alpha=0.7,
+                           label=f"{optimizer} · {constraint}")
+                local = sub[sub.local_radius.notna() & (sub.local_radius > 0)]
+                ax_local.scatter(local.local_radius, 100 * local.val_accuracy, color=color, marker=marker,
+                                 alpha=0.7, label=f"{optimizer} · {constraint}")
+        front = group[group.on_front].sort_values("lipschitz_bound")
+        ax.step(front.lipschitz_bound, 100 * front.val_accuracy, where="post", color=color, lw=1.5,
+                label=f"{optimizer} Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("certified Lipschitz bound L of the trained model (log scale)")
+    ax.set_ylabel("val next-token accuracy (%)")
+    ax.set_title("Accuracy vs certified Lipschitz bound (global)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    if (df.local_radius.fillna(0) > 0).any():
+        ax_local.set_xscale("log")
+        ax_local.legend(fontsize=7, ncol=2)
+    else:
+        ax_local.text(0.5, 0.5, "no local certificate: add the robustness\nevaluation to this experiment's runs",
+                      ha="center", va="center", transform=ax_local.transAxes)
+    ax_local.set_xlabel("local certified radius: ε where certified accuracy = clean/2 (ℓ2, log scale)")
+    ax_local.set_title("Accuracy vs local certified radius")
+    ax_local.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_activation(con):
+    """Largest |activation| in the residual stream against the certified bound (log–log)."""
+    plt = pyplot()
+    df = read_view(con, "pareto")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, (optimizer, group) in zip(colors(df.optimizer.nunique()), df.groupby("optimizer")):
+        ax.scatter(group.lipschitz_bound, group.max_activation, color=color, alpha=0.7, label=optimizer)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("certified Lipschitz bound L (log scale)")
+    ax.set_ylabel("max |activation entry| over blocks on val batches")
+    ax.set_title("Activation size vs certified Lipschitz bound")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
+FIGURES = {"tradeoff_accuracy": Figure(tradeoff_accuracy, caption="figure_tradeoff_accuracy.rst"),
+           "tradeoff_activation": Figure(tradeoff_activation, caption="figure_tradeoff_activation.rst")}

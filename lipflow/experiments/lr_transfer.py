@@ -1,0 +1,89 @@
+"""lr_transfer: the optimal learning rate per width and its drift across widths, per method.
+
+Pethick et al. 2025 (Scion, arXiv 2502.07529) and µP (Yang et al. 2022). Views ``lr_transfer``
+(headline) and ``lr_transfer_runs``; figure ``lr_transfer``. Runs: lr_transfer.yaml.
+"""
+
+from __future__ import annotations
+
+from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+LR_TRANSFER_RUNS = View(
+    caption="table_lr_transfer_runs.rst",
+    description="lr_transfer: one row per run; method = parametrization+optimizer, final_loss = val loss "
+                "(whole val split when the val evaluation ran), NULL when the run diverged",
+    columns={"run_id": "VARCHAR", "name": "VARCHAR", "method": "VARCHAR", "width": "BIGINT", "lr": "DOUBLE",
+             "status": "VARCHAR", "final_loss": "DOUBLE"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "optimizer", "d_model", "lr",
+                                               "val_loss", "final_val_loss")},
+                absent_reason="no lr_transfer runs in the database",
+                sql="""
+        SELECT run_id, name, parametrization || '+' || optimizer AS method, d_model AS width, lr, status,
+               CASE WHEN status = 'completed' AND isfinite(coalesce(val_loss, final_val_loss))
+                    THEN coalesce(val_loss, final_val_loss) END AS final_loss
+        FROM runs WHERE experiment = 'lr_transfer'"""),),
+)
+
+LR_TRANSFER = View(
+    caption="table_lr_transfer.rst",
+    description="lr_transfer: per method and width the lr of lowest final loss (ties: smaller lr); "
+                "drift = max/min of the optimal lr across widths (1 = the optimum transfers)",
+    columns={"method": "VARCHAR", "width": "BIGINT", "optimal_lr": "DOUBLE", "best_loss": "DOUBLE",
+             "n_lrs": "BIGINT", "at_grid_edge": "BOOLEAN", "n_widths": "BIGINT", "drift": "DOUBLE"},
+    depends_on=("lr_transfer_runs",),
+    parts=(Part(requires={"lr_transfer_runs": ("method", "width", "lr", "final_loss")},
+                absent_reason="no lr_transfer runs in the database",
+                sql="""
+        WITH ok AS (SELECT * FROM lr_transfer_runs WHERE final_loss IS NOT NULL),
+        ranked AS (
+            SELECT method, width, lr, final_loss,
+                   row_number() OVER (PARTITION BY method, width ORDER BY final_loss, lr) AS rank_in_width,
+                   count(*) OVER (PARTITION BY method, width) AS n_lrs,
+                   min(lr) OVER (PARTITION BY method, width) AS min_lr,
+                   max(lr) OVER (PARTITION BY method, width) AS max_lr
+            FROM ok),
+        best AS (
+            SELECT method, width, lr AS optimal_lr, final_loss AS best_loss, n_lrs,
+                   n_lrs > 1 AND (lr = min_lr OR lr = max_lr) AS at_grid_edge
+            FROM ranked WHERE rank_in_width = 1)
+        SELECT *, count(*) OVER (PARTITION BY method) AS n_widths,
+               max(optimal_lr) OVER (PARTITION BY method) / min(optimal_lr) OVER (PARTITION BY method) AS drift
+        FROM best"""),),
+)
+
+# headline view first; each view is also written as results/tables/<view>.csv
+VIEWS = {"lr_transfer": LR_TRANSFER, "lr_transfer_runs": LR_TRANSFER_RUNS}
+
+
+def lr_transfer(con):
+    """Final val loss against lr, one line per width, one panel per method; ★ marks each optimum."""
+    plt = pyplot()
+    runs = read_view(con, "lr_transfer_runs", "ORDER BY method, width, lr")
+    best = read_view(con, "lr_transfer")
+    methods = sorted(runs.method.unique())
+    widths = sorted(runs.width.unique())
+    color_of = dict(zip(widths, colors(len(widths))))
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.8), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for width, group in runs[runs.method == method].groupby("width"):
+            ax.plot(group.lr, group.final_loss, "o-", color=color_of[width], ms=3, label=f"width {width}")
+        opt = best[best.method == method]
+        ax.scatter(opt.optimal_lr, opt.best_loss, marker="*", s=120, c=[color_of[w] for w in opt.width],
+                   edgecolors="black", zorder=3)
+        drift = opt.drift.iloc[0] if len(opt) else float("nan")
+        ax.set_title(f"{method}: optimal-lr drift ×{drift:.3g}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("peak learning rate (log₂ scale)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final val loss (nats/token)")
+    axes[0][0].legend(fontsize=8)
+    finite = runs.final_loss.dropna()
+    if len(finite):
+        low, high = finite.min(), finite.quantile(0.9)
+        axes[0][0].set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9))
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"lr_transfer": Figure(lr_transfer, caption="figure_lr_transfer.rst")}

@@ -1,0 +1,145 @@
+"""precision: low-precision inference of constrained and unconstrained models.
+
+Views ``precision`` (headline) and ``precision_bounds``; figure ``precision``. Runs: precision.yaml.
+"""
+
+from __future__ import annotations
+
+from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+# The precision experiment's precision-evaluation rows, the first CTE of its two views.
+PRECISION_EVALS = """
+        WITH e AS (
+            SELECT e.* FROM evals AS e JOIN runs AS r USING (run_id)
+            WHERE e.eval = 'precision' AND r.experiment = 'precision'),"""
+
+PRECISION = View(
+    caption="table_precision.rst",
+    description="precision: per model, number format and scaling, val loss and next-token accuracy and their "
+                "deltas vs fp32, overflowed/saturated activation counts, and the fp8 safety verdicts "
+                "(proven from the Lipschitz analysis, and observed on the val windows)",
+    columns={"domain": "VARCHAR", "label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR",
+             "optimizer": "VARCHAR", "weight_constraint": "VARCHAR", "max_activation": "DOUBLE",
+             "format": "VARCHAR", "scaling": "VARCHAR", "val_loss": "DOUBLE", "accuracy": "DOUBLE",
+             "val_loss_delta": "DOUBLE", "accuracy_delta": "DOUBLE", "activation_overflow": "DOUBLE",
+             "activation_saturated": "DOUBLE", "weight_saturated": "DOUBLE", "fp8_safe_proven": "DOUBLE",
+             "fp8_safe_observed": "DOUBLE", "real_fp8_accuracy": "DOUBLE", "simulated_fp8_accuracy": "DOUBLE"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "max_activation"),
+                          "evals": ("run_id", "eval", "metric", "value", "format", "scaling")},
+                absent_reason="no precision runs with the precision evaluation in the database",
+                sql=PRECISION_EVALS + """
+        cells AS (
+            SELECT run_id, format, scaling,
+                   max(value) FILTER (WHERE metric = 'val_loss') AS val_loss,
+                   max(value) FILTER (WHERE metric = 'accuracy') AS accuracy,
+                   max(value) FILTER (WHERE metric = 'val_loss_delta') AS val_loss_delta,
+                   max(value) FILTER (WHERE metric = 'accuracy_delta') AS accuracy_delta,
+                   max(value) FILTER (WHERE metric = 'activation_overflow') AS activation_overflow,
+                   max(value) FILTER (WHERE metric = 'activation_saturated') AS activation_saturated,
+                   max(value) FILTER (WHERE metric = 'weight_saturated') AS weight_saturated,
+                   max(value) FILTER (WHERE metric = 'real_fp8_accuracy') AS real_fp8_accuracy,
+                   max(value) FILTER (WHERE metric = 'simulated_fp8_accuracy') AS simulated_fp8_accuracy
+            FROM e WHERE metric IN ('val_loss', 'accuracy', 'val_loss_delta', 'accuracy_delta',
+                                    'activation_overflow', 'activation_saturated', 'weight_saturated',
+                                    'real_fp8_accuracy', 'simulated_fp8_accuracy')
+            GROUP BY run_id, format, scaling),
+        safety AS (
+            SELECT run_id, format,
+                   max(value) FILTER (WHERE metric = 'fp8_safe_proven') AS fp8_safe_proven,
+                   max(value) FILTER (WHERE metric = 'fp8_safe_observed') AS fp8_safe_observed
+            FROM e WHERE metric IN ('fp8_safe_proven', 'fp8_safe_observed') GROUP BY run_id, format)
+        SELECT 'lm' AS domain, substr(r.name, strpos(r.name, '.') + 1) AS label, r.run_id, r.model, r.optimizer,
+               r.weight_constraint, r.max_activation, c.format, c.scaling, c.val_loss, c.accuracy,
+               c.val_loss_delta, c.accuracy_delta, c.activation_overflow, c.activation_saturated,
+               c.weight_saturated, s.fp8_safe_proven, s.fp8_safe_observed, c.real_fp8_accuracy,
+               c.simulated_fp8_accuracy
+        FROM cells AS c JOIN runs AS r USING (run_id) LEFT JOIN safety AS s USING (run_id, format)"""),),
+)
+
+PRECISION_BOUNDS = View(
+    caption="table_precision_bounds.rst",
+    description="precision: per run, fp32 accuracy, the proven max |activation| (analytic bound over the observed "
+                "tensors), the observed max on the val windows and their ratio, the unscaled-format safety "
+                "verdicts (1 proven, 0 not, NaN: no analytic bound); each lipschitz_gpt run is matched with the "
+                "lipschitz_gpt run of the other kind (weight-constrained or not) of the closest accuracy",
+    columns={"label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR", "optimizer": "VARCHAR",
+             "weight_constraint": "VARCHAR", "steps": "BIGINT", "accuracy": "DOUBLE",
+             "proven_max_activation": "DOUBLE", "observed_max_activation": "DOUBLE",
+             "proven_over_observed": "DOUBLE", "analytic_activation_bound": "DOUBLE",
+             "e4m3_proven_safe": "DOUBLE", "e4m3_observed_safe": "DOUBLE", "e5m2_proven_safe": "DOUBLE",
+             "fp16_proven_safe": "DOUBLE", "matched_label": "VARCHAR", "matched_accuracy": "DOUBLE",
+             "matched_proven_max_activation": "DOUBLE", "matched_observed_max_activation": "DOUBLE",
+             "matched_proven_over_observed": "DOUBLE"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "steps"),
+                          "evals": ("run_id", "eval", "metric", "value", "format")},
+                absent_reason="no precision runs with the precision evaluation in the database",
+                sql=PRECISION_EVALS + """
+        per_run AS (
+            SELECT run_id,
+                   max(value) FILTER (WHERE metric = 'accuracy' AND format = 'fp32') AS accuracy,
+                   max(value) FILTER (WHERE metric = 'proven_max_activation') AS proven_max_activation,
+                   max(value) FILTER (WHERE metric = 'observed_max_activation') AS observed_max_activation,
+                   max(value) FILTER (WHERE metric = 'proven_over_observed') AS proven_over_observed,
+                   max(value) FILTER (WHERE metric = 'analytic_activation_bound') AS analytic_activation_bound,
+                   max(value) FILTER (WHERE metric = 'fp8_safe_proven' AND format = 'fp8_e4m3') AS e4m3_proven_safe,
+                   max(value) FILTER (WHERE metric = 'fp8_safe_observed' AND format = 'fp8_e4m3')
+                       AS e4m3_observed_safe,
+                   max(value) FILTER (WHERE metric = 'fp8_safe_proven' AND format = 'fp8_e5m2') AS e5m2_proven_safe,
+                   max(value) FILTER (WHERE metric = 'fp8_safe_proven' AND format = 'fp16') AS fp16_proven_safe
+            FROM e GROUP BY run_id),
+        runs_ AS (
+            SELECT p.*, substr(r.name, strpos(r.name, '.') + 1) AS label, r.model, r.optimizer,
+                   r.weight_constraint, r.steps, r.weight_constraint <> 'none' AS constrained
+            FROM per_run AS p JOIN runs AS r USING (run_id)),
+        matches AS (
+            SELECT a.run_id, b.label AS matched_label, b.accuracy AS matched_accuracy,
+                   b.proven_max_activation AS matched_proven_max_activation,
+                   b.observed_max_activation AS matched_observed_max_activation,
+                   b.proven_over_observed AS matched_proven_over_observed,
+                   row_number() OVER (PARTITION BY a.run_id ORDER BY abs(a.accuracy - b.accuracy), b.label) AS rank
+            FROM runs_ AS a JOIN runs_ AS b ON a.model = 'lipschitz_gpt' AND b.model = 'lipschitz_gpt'
+                                             AND a.constrained <> b.constrained)
+        SELECT r.label, r.run_id, r.model, r.optimizer, r.weight_constraint, r.steps, r.accuracy,
+               r.proven_max_activation, r.observed_max_activation, r.proven_over_observed,
+               r.analytic_activation_bound, r.e4m3_proven_safe, r.e4m3_observed_safe, r.e5m2_proven_safe,
+               r.fp16_proven_safe, m.matched_label, m.matched_accuracy, m.matched_proven_max_activation,
+               m.matched_observed_max_activation, m.matched_proven_over_observed
+        FROM runs_ AS r LEFT JOIN matches AS m ON m.run_id = r.run_id AND m.rank = 1"""),),
+)
+
+# headline view first; each view is also written as results/tables/<view>.csv
+VIEWS = {"precision": PRECISION, "precision_bounds": PRECISION_BOUNDS}
+
+
+FORMAT_ORDER = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8")
+
+
+def precision(con):
+    """Val accuracy per number format, one bar per model; unscaled casts and per-tensor scaling."""
+    import numpy as np
+
+    plt = pyplot()
+    df = read_view(con, "precision")
+    labels = sorted(df.label.unique())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, scaling, title in zip(axes, ("none", "per_tensor"), ("unscaled casts", "per-tensor scaled casts")):
+        cells = df[(df.scaling == scaling) | df.format.isin(["fp32", "int8"])]
+        formats = [f for f in FORMAT_ORDER if f in set(cells.format)]
+        width = 0.8 / max(len(labels), 1)
+        for i, (color, label) in enumerate(zip(colors(len(labels)), labels)):
+            rows = cells[cells.label == label].set_index("format")
+            values = [100 * rows.accuracy.get(f, float("nan")) for f in formats]
+            ax.bar(np.arange(len(formats)) + i * width, values, width, color=color, label=label)
+        ax.set_xticks(np.arange(len(formats)) + width * (len(labels) - 1) / 2)
+        ax.set_xticklabels(formats, rotation=20)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("val next-token accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.supxlabel("number format of weights and matmul activations (int8: weights only, per channel)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"precision": Figure(precision, caption="figure_precision.rst")}

@@ -1,0 +1,104 @@
+"""rank_vs_n: the measured generalization gap and the rank bound against the number of sequences.
+
+Truong 2024 (arXiv 2410.11500). View ``rank_bound``; figure ``rank_vs_n``. Runs: rank_vs_n.yaml.
+"""
+
+from __future__ import annotations
+
+from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+RANK_BOUND = View(
+    caption="table_rank_bound.rst",
+    description="rank_vs_n: per run, n = training tokens / context (disjoint sequences); measured gap = "
+                "val loss − mean training loss over the last 10% of steps (nats/token); b3_bound = the rank "
+                "evaluation's B3 Rademacher term rescaled to n (it is exactly ∝ 1/√n); qk_rank = mean "
+                "numerical rank (rtol 1e-2) of W_Q W_Kᵀ over layers and heads; gap_slope and bound_slope = "
+                "least-squares slopes of ln(value) on ln(n) over the runs with the same n_heads",
+    columns={"run_id": "VARCHAR", "name": "VARCHAR", "n_heads": "BIGINT", "d_head": "BIGINT",
+             "n_tokens": "BIGINT", "n": "DOUBLE", "measured_gap": "DOUBLE", "eval_gap": "DOUBLE",
+             "qk_rank": "DOUBLE", "qk_stable_rank": "DOUBLE", "b3_bound": "DOUBLE",
+             "edelman_norm_proxy": "DOUBLE", "spectrum_adaptive_proxy": "DOUBLE",
+             "gap_slope": "DOUBLE", "bound_slope": "DOUBLE"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("n_heads", "d_model", "context", "steps", "train_tokens",
+                                               "val_loss", "final_val_loss"),
+                          "train_metrics": ("run_id", "step", "loss"),
+                          "shards": ("split", "tokens"),
+                          "evals": ("run_id", "eval", "metric", "value", "matrix", "rtol", "n")},
+                absent_reason="no rank_vs_n runs with the rank evaluation in the database",
+                sql="""
+        WITH r AS (
+            SELECT run_id, name, n_heads, d_model // n_heads AS d_head, steps,
+                   coalesce(val_loss, final_val_loss) AS val_loss,
+                   coalesce(CAST(train_tokens AS BIGINT),
+                            (SELECT CAST(sum(tokens) AS BIGINT) FROM shards WHERE split = 'train')) AS n_tokens,
+                   context
+            FROM runs WHERE experiment = 'rank_vs_n' AND status = 'completed'),
+        train_end AS (
+            SELECT m.run_id, avg(m.loss) AS train_loss
+            FROM train_metrics AS m JOIN r USING (run_id)
+            WHERE m.step > 0.9 * r.steps GROUP BY m.run_id),
+        e AS (
+            SELECT run_id,
+                   max(value) FILTER (WHERE metric = 'generalization_gap') AS eval_gap,
+                   max(value) FILTER (WHERE metric = 'b3_rademacher_sum') AS b3_eval,
+                   max(n) FILTER (WHERE metric = 'b3_rademacher_sum') AS n_eval,
+                   max(value) FILTER (WHERE metric = 'edelman_norm_proxy') AS edelman_norm_proxy,
+                   max(value) FILTER (WHERE metric = 'spectrum_adaptive_proxy') AS spectrum_adaptive_proxy,
+                   avg(value) FILTER (WHERE metric = 'numerical_rank' AND matrix = 'qk'
+                                      AND abs(rtol - 0.01) < 1e-12) AS qk_rank,
+                   avg(value) FILTER (WHERE metric = 'stable_rank' AND matrix = 'qk') AS qk_stable_rank
+            FROM evals WHERE eval = 'rank' GROUP BY run_id),
+        j AS (
+            SELECT r.run_id, r.name, r.n_heads, r.d_head, r.n_tokens, r.n_tokens / r.context AS n,
+                   r.val_loss - t.train_loss AS measured_gap, e.eval_gap, e.qk_rank, e.qk_stable_rank,
+                   e.b3_eval * sqrt(e.n_eval / (r.n_tokens / r.context)) AS b3_bound,
+                   e.edelman_norm_proxy, e.spectrum_adaptive_proxy
+            FROM r JOIN train_end AS t USING (run_id) JOIN e USING (run_id)),
+        slopes AS (
+            SELECT n_heads,
+                   regr_slope(ln(measured_gap), ln(n)) FILTER (WHERE measured_gap > 0) AS gap_slope,
+                   regr_slope(ln(b3_bound), ln(n)) FILTER (WHERE b3_bound > 0) AS bound_slope
+            FROM j GROUP BY n_heads)
+        SELECT j.*, slopes.gap_slope, slopes.bound_slope FROM j JOIN slopes USING (n_heads)"""),),
+)
+
+# headline view first; each view is also written as results/tables/<view>.csv
+VIEWS = {"rank_bound": RANK_BOUND}
+
+
+def rank_vs_n(con):
+    """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank."""
+    plt = pyplot()
+    df = read_view(con, "rank_bound", "ORDER BY n_heads, n")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    heads = sorted(df.n_heads.unique())
+    for color, h in zip(colors(len(heads)), heads):
+        sub = df[df.n_heads == h]
+        positive = sub[sub.measured_gap > 0]
+        axes[0].plot(positive.n, positive.measured_gap, "o-", color=color,
+                     label=f"{h} head(s): slope {sub.gap_slope.iloc[0]:.2f}")
+        axes[1].plot(sub.n, sub.b3_bound, "s--", color=color, label=f"{h} head(s): slope {sub.bound_slope.iloc[0]:.2f}")
+        axes[2].scatter(sub.qk_rank, sub.measured_gap, color=color, label=f"gap, {h} head(s)")
+        axes[2].scatter(sub.qk_rank, sub.b3_bound, color=color, marker="s", facecolors="none",
+                        label=f"B3 bound, {h} head(s)")
+    for ax, title in zip(axes[:2], ("measured gap vs n", "B3 rank bound vs n")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("n = training tokens / context (sequences, log scale)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("val loss − train loss (nats/token)")
+    axes[1].set_ylabel("B3 Rademacher term at n (nats/token)")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("mean numerical rank of W_Q W_Kᵀ per head (rtol 1e-2)")
+    axes[2].set_ylabel("nats/token (log scale)")
+    axes[2].set_title("gap and bound vs rank")
+    axes[2].legend(fontsize=7)
+    axes[2].grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"rank_vs_n": Figure(rank_vs_n, caption="figure_rank_vs_n.rst")}

@@ -1,0 +1,114 @@
+"""robustness: accuracy under ℓ2 attacks and certified accuracy, LM and digits MLP.
+
+Newhouse et al. 2025 §3.3. View ``robustness`` (the LM runs' robustness evaluation and the
+``image_mlp_robustness`` table of the image_mlp study); figure ``robustness``. Runs: robustness.yaml.
+"""
+
+from __future__ import annotations
+
+from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+_ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', 'robust_loss', " \
+                  "'robust_true_class_probability', 'lipschitz_lower_bound', 'certified_accuracy_local', " \
+                  "'certified_radius_local_median', 'half_certified_epsilon', 'tightness_global', " \
+                  "'tightness_local', 'within_100x_local')"
+ROBUSTNESS = View(
+    caption="table_robustness.rst",
+    description="robustness: long form, one row per model, metric, attack and ε (ℓ2 radius in the input "
+                "space: token embeddings for the LM, [0,1] pixels for the digits MLP) or k (substituted "
+                "tokens); domain = lm | image_mlp; label = the model's variant; certificate_l2 = its ℓ2 bound; "
+                "the local certificate's rows (certified_accuracy_local, tightness_global/local = median "
+                "PGD margin fall / certified fall, attack pgd or pgd_half_certified) where the model has one",
+    columns={"domain": "VARCHAR", "label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR",
+             "optimizer": "VARCHAR", "weight_constraint": "VARCHAR", "certificate_l2": "DOUBLE",
+             "metric": "VARCHAR", "attack": "VARCHAR", "epsilon": "DOUBLE", "k": "BIGINT", "value": "DOUBLE"},
+    parts=(
+        Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint"),
+                       "evals": ("run_id", "eval", "metric", "value", "epsilon", "attack", "k")},
+             absent_reason="no robustness runs with the robustness evaluation in the database",
+             sql=f"""
+        SELECT 'lm' AS domain, substr(r.name, strpos(r.name, '.') + 1) AS label, r.run_id, r.model,
+               r.optimizer, r.weight_constraint, c.certificate_l2, e.metric,
+               CASE WHEN e.metric IN ('robust_accuracy', 'robust_loss', 'tightness_global', 'tightness_local',
+                                      'within_100x_local') THEN e.attack END AS attack,
+               e.epsilon, e.k, e.value
+        FROM evals AS e JOIN runs AS r USING (run_id)
+        LEFT JOIN (SELECT run_id, max(value) AS certificate_l2 FROM evals
+                   WHERE eval = 'robustness' AND metric = 'certificate_l2' GROUP BY run_id) AS c USING (run_id)
+        WHERE e.eval = 'robustness' AND r.experiment = 'robustness'
+          AND e.metric IN {_ROBUST_METRICS} AND (e.metric <> 'lipschitz_lower_bound' OR e.attack = 'all')"""),
+        Part(requires={"image_mlp_robustness": ("method", "metric", "value", "epsilon")},
+             absent_reason="table image_mlp_robustness is absent (results/image_mlp/robustness.parquet "
+                           "was not made)",
+             sql=f"""
+        SELECT 'image_mlp' AS domain, i.method AS label, NULL AS run_id, 'mlp' AS model,
+               split_part(i.method, '_', 1) AS optimizer, NULL AS weight_constraint, c.certificate_l2, i.metric,
+               CASE WHEN i.metric LIKE 'robust%' THEN 'pgd' END AS attack, i.epsilon, NULL AS k, i.value
+        FROM image_mlp_robustness AS i
+        LEFT JOIN (SELECT method, max(value) AS certificate_l2 FROM image_mlp_robustness
+                   WHERE metric = 'certificate_l2' GROUP BY method) AS c USING (method)
+        WHERE i.metric IN {_ROBUST_METRICS}"""),
+    ),
+)
+
+# headline view first; each view is also written as results/tables/<view>.csv
+VIEWS = {"robustness": ROBUSTNESS}
+
+
+def robustness(con):
+    """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
+    ε per model; the global and local certificates' tightness against ε; LM token substitutions
+    against k; the digits MLP against ε."""
+    plt = pyplot()
+    df = read_view(con, "robustness")
+    panels = []
+    lm = df[df.domain == "lm"]
+    if len(lm):
+        panels.append(("language model: ℓ2 attack on token embeddings", lm, "epsilon",
+                       "ε (ℓ2 norm of the embedding perturbation)"))
+        if lm.k.notna().any():
+            panels.append(("language model: token substitutions", lm, "k", "substituted tokens k"))
+        if (lm.metric == "tightness_local").any():
+            panels.append(("tightness: median PGD margin fall / certified fall", lm, "tightness",
+                           "ε (ℓ2 norm of the embedding perturbation)"))
+    image = df[df.domain == "image_mlp"]
+    if len(image):
+        panels.append(("digits MLP at matched clean accuracy: ℓ2 PGD", image, "epsilon",
+                       "ε (ℓ2 norm of the pixel perturbation, pixels in [0, 1])"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (title, data, x_col, x_label) in zip(axes[0], panels):
+        labels = sorted(data.label.unique())
+        for color, label in zip(colors(len(labels)), labels):
+            rows = data[data.label == label]
+            bound = rows.certificate_l2.dropna()
+            suffix = f" (L={bound.iloc[0]:.3g})" if len(bound) else ""
+            if x_col == "epsilon":
+                pgd = rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")].sort_values("epsilon")
+                ax.plot(pgd.epsilon, 100 * pgd.value, "o-", color=color, label=f"{label}{suffix}: PGD")
+                for style, metric, what in (("--", "certified_accuracy", "certified (global)"),
+                                            (":", "certified_accuracy_local", "certified (local)")):
+                    cert = rows[rows.metric == metric].sort_values("epsilon")
+                    if len(cert):
+                        ax.plot(cert.epsilon, 100 * cert.value, style, color=color, label=f"{label}: {what}")
+            elif x_col == "tightness":
+                for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
+                    sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")
+                    ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_ylabel("best attack / certificate (1 = tight)")
+            else:
+                for style, attack in (("o-", "greedy"), ("x:", "random")):
+                    sub = rows[(rows.metric == "robust_accuracy") & (rows.attack == attack)].sort_values("k")
+                    ax.plot(sub.k, 100 * sub.value, style, color=color, label=f"{label}: {attack}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"robustness": Figure(robustness, caption="figure_robustness.rst")}

@@ -1,0 +1,105 @@
+"""super_consistency: the sharpness curves across widths and depths, and their spread.
+
+Noci et al. 2024 (arXiv 2402.17457). Views ``sharpness_spread`` (headline) and ``sharpness_curves``;
+figure ``sharpness``. Runs: super_consistency.yaml.
+"""
+
+from __future__ import annotations
+
+from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.views import RUNS_NEED, Part, View
+
+SHARPNESS_CURVES = View(
+    caption="table_sharpness_curves.rst",
+    description="super_consistency: the top Hessian eigenvalue logged during training, per run and step; "
+                "preconditioned_sharpness = λ_max(P⁻¹H) with Adam's preconditioner (NULL for other optimizers)",
+    columns={"run_id": "VARCHAR", "name": "VARCHAR", "parametrization": "VARCHAR", "depth_mup": "BOOLEAN",
+             "optimizer": "VARCHAR", "lr": "DOUBLE", "width": "BIGINT", "depth": "BIGINT", "step": "BIGINT",
+             "sharpness": "DOUBLE", "preconditioned_sharpness": "DOUBLE", "loss": "DOUBLE"},
+    parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "depth_mup", "optimizer", "lr", "d_model",
+                                               "n_layers"),
+                          "train_metrics": ("run_id", "step", "sharpness", "preconditioned_sharpness", "loss")},
+                absent_reason="no super_consistency runs with sharpness in the database",
+                sql="""
+        SELECT r.run_id, r.name, r.parametrization, r.depth_mup, r.optimizer, r.lr, r.d_model AS width,
+               r.n_layers AS depth, m.step, m.sharpness, m.preconditioned_sharpness, m.loss
+        FROM train_metrics AS m JOIN runs AS r USING (run_id)
+        WHERE r.experiment = 'super_consistency' AND m.sharpness IS NOT NULL"""),),
+)
+
+SHARPNESS_SPREAD = View(
+    caption="table_sharpness_spread.rst",
+    description="super_consistency: per step, sharpness across the widths (axis 'width', depth fixed) or "
+                "depths (axis 'depth', width fixed) of one parametrization; spread = (max − min)/|mean|, of "
+                "the Hessian's λ_max and (preconditioned_spread) of Adam's P⁻¹H",
+    columns={"axis": "VARCHAR", "parametrization": "VARCHAR", "depth_mup": "BOOLEAN", "lr": "DOUBLE",
+             "fixed_size": "BIGINT", "step": "BIGINT", "n_models": "BIGINT", "min_sharpness": "DOUBLE",
+             "max_sharpness": "DOUBLE", "mean_sharpness": "DOUBLE", "spread": "DOUBLE",
+             "mean_preconditioned_sharpness": "DOUBLE", "preconditioned_spread": "DOUBLE"},
+    depends_on=("sharpness_curves",),
+    parts=(Part(requires={"sharpness_curves": ("parametrization", "width", "depth", "step", "sharpness")},
+                absent_reason="no super_consistency runs with sharpness in the database",
+                sql="""
+        WITH groups AS (
+            SELECT 'width' AS axis, parametrization, depth_mup, optimizer, lr, depth AS fixed_size, step,
+                   count(DISTINCT width) AS n_models, min(sharpness) AS min_sharpness,
+                   max(sharpness) AS max_sharpness, avg(sharpness) AS mean_sharpness,
+                   min(preconditioned_sharpness) AS min_pre, max(preconditioned_sharpness) AS max_pre,
+                   avg(preconditioned_sharpness) AS mean_preconditioned_sharpness
+            FROM sharpness_curves GROUP BY parametrization, depth_mup, optimizer, lr, depth, step
+            UNION ALL
+            SELECT 'depth' AS axis, parametrization, depth_mup, optimizer, lr, width AS fixed_size, step,
+                   count(DISTINCT depth), min(sharpness), max(sharpness), avg(sharpness),
+                   min(preconditioned_sharpness), max(preconditioned_sharpness), avg(preconditioned_sharpness)
+            FROM sharpness_curves GROUP BY parametrization, depth_mup, optimizer, lr, width, step)
+        SELECT axis, parametrization, depth_mup, optimizer, lr, fixed_size, step, n_models, min_sharpness,
+               max_sharpness, mean_sharpness, (max_sharpness - min_sharpness) / abs(mean_sharpness) AS spread,
+               mean_preconditioned_sharpness,
+               (max_pre - min_pre) / abs(mean_preconditioned_sharpness) AS preconditioned_spread
+        FROM groups WHERE n_models >= 2"""),),
+)
+
+# headline view first; each view is also written as results/tables/<view>.csv
+VIEWS = {"sharpness_spread": SHARPNESS_SPREAD, "sharpness_curves": SHARPNESS_CURVES}
+
+
+def _parametrization_label(parametrization: str, depth_mup: bool) -> str:
+    return f"{parametrization.upper()}{' + depth-µP' if depth_mup else ''}".replace("MUP", "µP")
+
+
+def sharpness(con):
+    """Sharpness against step; a panel per (parametrization, fixed depth) across widths and per
+    (parametrization, fixed width) across depths; the title gives the mean spread. A second row shows
+    Adam's preconditioned sharpness λ_max(P⁻¹H) when the runs logged it."""
+    plt = pyplot()
+    curves = read_view(con, "sharpness_curves", "ORDER BY step")
+    spread = read_view(con, "sharpness_spread")
+    panels = []
+    for axis, size_col, fixed_col in (("width", "width", "depth"), ("depth", "depth", "width")):
+        for key, group in curves.groupby(["parametrization", "depth_mup", fixed_col, "lr"]):
+            if group[size_col].nunique() >= 2:
+                panels.append((axis, size_col, fixed_col, key, group))
+    rows = [("sharpness", "spread", "top Hessian eigenvalue λ_max\n(train loss, fixed batch)")]
+    if curves.preconditioned_sharpness.notna().any():
+        rows.append(("preconditioned_sharpness", "preconditioned_spread",
+                     "Adam-preconditioned λ_max(P⁻¹H)\n(stable below (2+2β₁)/(1−β₁))"))
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4 * len(panels), 3.4 * len(rows)), squeeze=False)
+    for row_axes, (column, spread_column, ylabel) in zip(axes, rows):
+        for ax, (axis, size_col, fixed_col, (param, depth_mup, fixed, lr), group) in zip(row_axes, panels):
+            sizes = sorted(group[size_col].unique())
+            for color, size in zip(colors(len(sizes)), sizes):
+                run = group[group[size_col] == size]
+                ax.plot(run.step, run[column], "o-", ms=3, color=color, label=f"{size_col} {size}")
+            cells = spread[(spread.axis == axis) & (spread.parametrization == param) &
+                           (spread.depth_mup == depth_mup) & (spread.fixed_size == fixed) & (spread.lr == lr)]
+            ax.set_title(f"{_parametrization_label(param, depth_mup)}, {fixed_col} {fixed}\n"
+                         f"mean spread {cells[spread_column].mean():.2f}", fontsize=10)
+            ax.set_xlabel("training step")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"sharpness": Figure(sharpness, caption="figure_sharpness.rst")}

@@ -1,0 +1,150 @@
+"""The local certificate against attacks and autograd: PGD and random search inside the ball never
+move the margin further than the bound, the bound over ε tends to ‖∇margin‖₂ as ε → 0, and the
+certified radius holds — on lipschitz_gpt and mlp checkpoints (init, random σ 2 weights, trained)."""
+
+import copy
+
+import pytest
+import torch
+
+from lipflow.evaluation.local_certificate import local_certificate
+from lipflow.evaluation.robustness import _random_in_ball, certified_radius, logit_margin, pgd_l2
+from lipflow.model import build_model
+
+GPT = dict(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=4, context=12)
+MLP = dict(model="mlp", in_features=24, d_model=32, n_layers=3, n_classes=7)
+SLACK = 1e-4  # fp32 round-off of the attacked forward against the float64 bound
+
+
+def inputs(model, cfg, n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if cfg["model"] == "mlp":
+        return torch.randn(n, cfg["in_features"], generator=g)
+    return model.embed(torch.randint(0, model.vocab_size, (n, cfg["context"]), generator=g)).detach()
+
+
+def score(model, cfg):
+    if cfg["model"] == "mlp":
+        return model.forward_embedded
+    return lambda x: model.forward_embedded(x)[:, -1]
+
+
+def checkpoint(cfg, kind):
+    """'init' (the model's own init), 'random' (every matrix at σ_max 2) or 'trained' (random, then
+    20 Adam steps fitting random labels)."""
+    torch.manual_seed(0)
+    model = build_model(cfg, cfg.get("n_classes", 20))
+    if kind in ("random", "trained"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and not name.startswith("tok"):
+                    p.normal_().mul_(2.0 / torch.linalg.matrix_norm(p, 2))
+    if kind == "trained":
+        x = inputs(model, cfg, 32, seed=5)
+        y = torch.randint(0, cfg.get("n_classes", 20), (32,), generator=torch.Generator().manual_seed(6))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        for _ in range(20):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(score(model, cfg)(x), y).backward()
+            opt.step()
+        model.project_embeddings()
+    return model.eval()
+
+
+def certificate_at(model, cfg, x):
+    with torch.no_grad():
+        logits = score(model, cfg)(x).float()
+    labels = logits.argmax(1)
+    return local_certificate(model, x, labels, model.lipschitz_bound_l2()), logits, labels
+
+
+def worst_attack_drop(model, cfg, x, labels, margin, eps):
+    """max over PGD (2 restarts) and 32 uniform draws in the ball of margin(x) − margin(x + δ)."""
+    f = score(model, cfg)
+    delta = pgd_l2(f, x, labels, eps, steps=20, restarts=2, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        drops = [margin - logit_margin(f(x + delta), labels)]
+        for _ in range(32):
+            drops.append(margin - logit_margin(f(x + _random_in_ball(x.shape, torch.tensor(eps), g)), labels))
+    return torch.stack(drops).max(dim=0).values
+
+
+@pytest.mark.parametrize("cfg", [GPT, MLP], ids=["lipschitz_gpt", "mlp"])
+@pytest.mark.parametrize("kind", ["init", "random", "trained"])
+def test_no_attack_moves_the_margin_past_the_local_bound(cfg, kind):
+    model = checkpoint(cfg, kind)
+    x = inputs(model, cfg)
+    cert, logits, labels = certificate_at(model, cfg, x)
+    margin = logit_margin(logits, labels)
+    assert torch.allclose(cert.logits.float(), logits, atol=1e-5)
+    for eps in (1e-3, 0.1, 1.0):
+        attack = worst_attack_drop(model, cfg, x, labels, margin, eps)
+        bound = cert.margin_drop(torch.full((len(x),), eps)).float()
+        assert bool((attack <= bound * (1 + SLACK) + 1e-6).all()), (eps, attack, bound)
+
+
+def test_the_curvature_term_is_needed_the_gradient_alone_is_beaten():
+    """An attack exceeds ‖∇margin‖·ε somewhere, so the soundness test above can fail."""
+    model = checkpoint(GPT, "trained")
+    x = inputs(model, GPT)
+    cert, logits, labels = certificate_at(model, GPT, x)
+    runner_up = cert.pair_margins.argmin(dim=1)
+    gradient = cert.gradient_norms.gather(1, runner_up[:, None]).squeeze(1).float()
+    margin = logit_margin(logits, labels)
+    beaten = [bool((worst_attack_drop(model, GPT, x, labels, margin, eps) > gradient * eps * 1.01).any())
+              for eps in (0.3, 1.0)]
+    assert any(beaten)
+
+
+def margin_gradient_norm(model, cfg, x, labels):
+    """‖∇(z_y − z_j*)‖₂ per input by autograd on the model itself (float64), j* the runner-up."""
+    model = copy.deepcopy(model).double()
+    x = x.double().requires_grad_(True)
+    logits = score(model, cfg)(x)
+    runner_up = logits.scatter(1, labels[:, None], float("-inf")).argmax(1)
+    margin = logits.gather(1, labels[:, None]).squeeze(1) - logits.gather(1, runner_up[:, None]).squeeze(1)
+    grad, = torch.autograd.grad(margin.sum(), x)
+    return grad.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("cfg", [GPT, MLP], ids=["lipschitz_gpt", "mlp"])
+def test_the_bound_over_epsilon_tends_to_the_margin_gradient_norm(cfg):
+    model = checkpoint(cfg, "trained")
+    x = inputs(model, cfg)
+    if cfg["model"] != "mlp":
+        x = 0.9 * x  # strictly inside the RMS ball, where forward_embedded's projection is the identity
+    cert, _, labels = certificate_at(model, cfg, x)
+    gradient = margin_gradient_norm(model, cfg, x, labels)
+    runner_up = cert.pair_margins.argmin(dim=1, keepdim=True)  # the class whose drop binds as ε → 0
+    drops = [cert.pair_drops(torch.full((len(x),), eps, dtype=torch.float64)).gather(1, runner_up).squeeze(1)
+             for eps in (1e-6, 1e-9, 1e-12)]
+    ratios = [drop / (eps * gradient) for drop, eps in zip(drops, (1e-6, 1e-9, 1e-12))]
+    assert torch.allclose(cert.margin_drop(torch.full((len(x),), 1e-6)), 1e-6 * ratios[0] * gradient, rtol=1e-6)
+    assert bool((ratios[0] >= ratios[1] - 1e-9).all() and (ratios[1] >= ratios[2] - 1e-9).all())
+    assert ratios[-1] == pytest.approx(torch.ones_like(ratios[-1]), abs=1e-3)
+    assert bool((ratios[-1] >= 1 - 1e-6).all())
+
+
+@pytest.mark.parametrize("kind", ["random", "trained"])
+def test_the_local_radius_is_certified_and_at_least_the_global_one(kind):
+    model = checkpoint(GPT, kind)
+    x = inputs(model, GPT)
+    cert, logits, labels = certificate_at(model, GPT, x)
+    radius = cert.radius()
+    assert bool((cert.margin_lower_bound(radius.double()) > 0).all())
+    assert bool((cert.margin_lower_bound(1.01 * radius.double()) <= 0).all())
+    global_radius = certified_radius(logits, labels, model.lipschitz_bound_l2())
+    assert bool((radius >= global_radius * (1 - 1e-6)).all())
+    assert float(radius.median()) > 10 * float(global_radius.median())
+    delta = pgd_l2(score(model, GPT), x, labels, radius, steps=30, restarts=2)
+    with torch.no_grad():
+        assert bool((score(model, GPT)(x + delta).argmax(1) == labels).all())
+
+
+@pytest.mark.parametrize("cfg", [dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2),
+                                 {**MLP, "activation": "relu"}], ids=["layernorm", "relu"])
+def test_models_without_a_curvature_bound_have_no_local_certificate(cfg):
+    model = build_model(cfg, cfg.get("n_classes", 12))
+    x = inputs(model, cfg)
+    assert local_certificate(model, x, torch.zeros(len(x), dtype=torch.long), None) is None

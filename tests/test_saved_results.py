@@ -1,0 +1,51 @@
+"""A results tree made by an earlier lipflow stays up to date: `snakemake -n` has nothing to do.
+
+``tests/data/saved_results/tiny_config_1b9edc6.tgz`` is the full output of ``snakemake -c2`` on
+``tests/data/tiny_config.yaml`` (corpus, tokens, two trained runs, five evaluations each, the database
+and Snakemake's own metadata) made at commit 1b9edc6, before the config/train/results restructuring.
+A code change that alters a run id, a rule's params or an output path would make Snakemake rerun
+(and overwrite) a user's finished work; this test fails then.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAVED = REPO / "tests" / "data" / "saved_results" / "tiny_config_1b9edc6.tgz"
+pytestmark = pytest.mark.e2e
+
+
+def dry_run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "-c1", "-n", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture
+def saved_tree(tmp_path) -> Path:
+    with tarfile.open(SAVED) as archive:
+        archive.extractall(tmp_path, filter="data")  # keeps the archived modification times
+    return tmp_path
+
+
+def test_results_made_before_the_restructuring_need_nothing(saved_tree):
+    done = dry_run(saved_tree)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Nothing to be done" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+
+
+def test_a_changed_knob_in_the_saved_tree_reruns_its_run(saved_tree):
+    config = saved_tree / "config.yaml"
+    config.write_text(config.read_text().replace("steps: 20", "steps: 21"))
+    done = dry_run(saved_tree)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Nothing to be done" not in done.stdout + done.stderr
+    assert "train" in done.stdout
