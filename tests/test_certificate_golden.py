@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.precision import FORMATS, analytic_activation_bounds, fp8_safety_rows
 from lipflow.model import build_model
@@ -62,7 +63,8 @@ def load_model(name: str, golden: dict):
 
 def rank_rows(model, windows: torch.Tensor, cfg: dict) -> list[dict]:
     """The rank evaluation's rows that read the attention layers (the spectra of named parameters do not)."""
-    ctx = EvalContext(model, windows, windows, {"rtols": [1e-3]}, cfg, 3.0, 3.25, torch.device("cpu"), None)
+    ctx = EvalContext(model, windows, windows, evaluation_params("rank", rtols=[1e-3]), run_defaults(**cfg), 3.0, 3.25,
+                      torch.device("cpu"), None)
     return [r for r in EVALUATIONS.get("rank")(ctx) if r.get("matrix") in (None, "qk", "ov")]
 
 

@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
+from lipflow.config import run_defaults
 from lipflow.evaluation.local_certificate import local_certificate
 from lipflow.evaluation.robustness import _random_in_ball, certified_radius, logit_margin, pgd_l2
 from lipflow.model import build_model
 
-GPT = dict(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=4, context=12)
-MLP = dict(model="mlp", in_features=24, d_model=32, n_layers=3, n_classes=7)
+GPT = run_defaults(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=4, context=12)
+MLP = run_defaults(model="mlp", in_features=24, d_model=32, n_layers=3, n_classes=7)
 SLACK = 1e-4  # fp32 round-off of the attacked forward against the float64 bound
 
 
@@ -142,7 +143,7 @@ def test_the_local_radius_is_certified_and_at_least_the_global_one(kind):
         assert bool((score(model, GPT)(x + delta).argmax(1) == labels).all())
 
 
-@pytest.mark.parametrize("cfg", [dict(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2),
+@pytest.mark.parametrize("cfg", [run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2),
                                  {**MLP, "activation": "relu"}], ids=["layernorm", "relu"])
 def test_models_without_a_curvature_bound_have_no_local_certificate(cfg):
     model = build_model(cfg, cfg.get("n_classes", 12))

@@ -133,4 +133,4 @@ def test_attention_layers_come_from_the_model():
                           (layer.mlp_in, model.blocks[1].mlp.up), (layer.mlp_out, model.blocks[1].mlp.down)):
         assert torch.equal(found, weight.weight.double())
     assert layer.scale == 2.0 / 8 and layer.n_heads == 4 and layer.input_proj is attn.q
-    assert find_attention(build_model({"model": "mlp", "in_features": 4, "d_model": 8, "n_layers": 2}, 3)) == []
+    assert find_attention(build_model(run_defaults(model="mlp", in_features=4, d_model=8, n_layers=2), 3)) == []

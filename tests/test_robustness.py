@@ -200,7 +200,7 @@ def test_image_mlp_study_and_cli(tmp_path, monkeypatch):
 
 
 def test_robustness_evaluation_reports_the_local_certificate_beside_the_global_one():
-    cfg = dict(model="lipschitz_gpt", d_model=16, n_layers=2, n_heads=2, context=6)
+    cfg = run_defaults(model="lipschitz_gpt", d_model=16, n_layers=2, n_heads=2, context=6)
     torch.manual_seed(0)
     model = build_model(cfg, 12)
     with torch.no_grad():
