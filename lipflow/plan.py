@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from lipflow.config import (check_config, data_identity, experiment_run, plain_runs, run_id, run_validator,
                             tokenizer_id)
-from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, expand_experiments, experiment_evaluations,
-                                 experiment_studies, selected_experiments)
+from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
+                                 experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.icl.config import ICLConfig, load_config, training_config, training_jobs
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
@@ -47,13 +47,14 @@ def freeze(value: Any) -> Any:
     return value
 
 
-def resolve_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """run id → resolved run config, for a validated config (defaults filled): the ``runs``
-    block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments."""
+    block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments
+    (``blocks``: the config's experiment definitions, when the caller has them)."""
     data = data_identity(config)
     validator = run_validator()
     experiment_runs = {name: experiment_run(validator, name, overrides, config["defaults"])
-                       for name, overrides in expand_experiments(config).items()}
+                       for name, overrides in expand_experiments(config, blocks).items()}
     return {run_id(name, cfg, data): cfg for name, cfg in {**plain_runs(config), **experiment_runs}.items()}
 
 
@@ -75,14 +76,16 @@ class Plan:
         """Validate ``config`` in place (filling the schema's defaults, as Snakemake's own config must
         be) and plan it; a bad config is a one-line ConfigError."""
         check_config(config)
-        runs = resolve_runs(config)
-        experiments = selected_experiments(config)
+        blocks = definitions(config)  # once: every experiment helper below reads these
+        runs = resolve_runs(config, blocks)
+        experiments = selected_experiments(config, blocks)
         enabled = tuple(config["evaluations"]["enabled"])
-        by_experiment = {name: tuple(experiment_evaluations(config, {"experiment": name})) for name in experiments}
+        by_experiment = {name: tuple(experiment_evaluations(config, {"experiment": name}, blocks))
+                         for name in experiments}
         evaluations = {run: by_experiment[cfg["experiment"]] if cfg["experiment"] else enabled
                        for run, cfg in runs.items()}
         icl = load_config(config["icl"])  # the icl block's own schema fills its defaults
-        studies = frozenset(experiment_studies(config)) | ({"icl"} if icl.enabled else set())
+        studies = frozenset(experiment_studies(config, blocks)) | ({"icl"} if icl.enabled else set())
         return cls(config=freeze(config), runs=freeze(runs), evaluations=FrozenDict(evaluations),
                    enabled_evaluations=enabled, experiments=tuple(experiments), studies=studies, icl=icl,
                    trains_runs_block=bool(plain_runs(config)))

@@ -8,7 +8,8 @@ from lipflow.plan import Plan
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
               "training"]
-ICL_FIGURES = [f"results/figures/icl_{name}.{ext}" for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
+ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
+               for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
 
 
 def param_count(cfg, vocab=512):

@@ -20,7 +20,8 @@ EXPERIMENT_NAMES = ("lipschitz_tradeoff", "lr_transfer", "super_consistency", "i
 def golden_cases() -> dict[str, dict]:
     """case name → raw config (before validation)."""
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cases = {"config.yaml": base, "tiny_config.yaml": yaml.safe_load((ROOT / "tests/data/tiny_config.yaml").read_text())}
+    tiny = yaml.safe_load((ROOT / "tests/data/tiny_config.yaml").read_text())
+    cases = {"config.yaml": base, "tiny_config.yaml": tiny}
     for preset in ("cpu", "paper"):
         selections = {name: [name] for name in EXPERIMENT_NAMES} | {"all": list(EXPERIMENT_NAMES)}
         for label, names in selections.items():

@@ -111,9 +111,12 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return blocks
 
 
-def selected_experiments(config: dict[str, Any]) -> list[str]:
+Blocks = dict[str, dict[str, Any]]  # definitions(config), passed on by a caller that has them (lipflow.plan)
+
+
+def selected_experiments(config: dict[str, Any], blocks: Blocks | None = None) -> list[str]:
     """The names in ``config['experiments']``; an unknown name raises a one-line ConfigError."""
-    known = definitions(config)
+    known = definitions(config) if blocks is None else blocks
     names = list(config.get("experiments") or [])
     for name in names:
         if name not in known:
@@ -131,11 +134,11 @@ def preset_name(config: dict[str, Any]) -> str:
     return preset
 
 
-def expand_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def expand_experiments(config: dict[str, Any], blocks: Blocks | None = None) -> dict[str, dict[str, Any]]:
     """run name → run overrides for every enabled experiment (``experiment`` set to its name)."""
-    blocks, preset = definitions(config), preset_name(config)
+    blocks, preset = definitions(config) if blocks is None else blocks, preset_name(config)
     runs: dict[str, dict[str, Any]] = {}
-    for name in selected_experiments(config):
+    for name in selected_experiments(config, blocks):
         for run_name, overrides in expand_experiment(name, blocks[name], preset).items():
             if run_name in runs:
                 raise ConfigError(f"config error: run '{run_name}' is produced by two experiments; "
@@ -147,13 +150,15 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any]) -> list[str] | None:
+def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any],
+                           blocks: Blocks | None = None) -> list[str] | None:
     """The evaluations of an experiment's run (its block's ``evaluations``, default [val]; they
     replace ``evaluations.enabled``), or None for a run of the ``runs`` block."""
     name = run_config.get("experiment")
     if not name:
         return None
-    return list(definitions(config).get(name, {}).get("evaluations", ["val"]))
+    blocks = definitions(config) if blocks is None else blocks
+    return list(blocks.get(name, {}).get("evaluations", ["val"]))
 
 
 def study_enabled(config: dict[str, Any], study: str) -> bool:
@@ -163,7 +168,7 @@ def study_enabled(config: dict[str, Any], study: str) -> bool:
     return bool(isinstance(own, dict) and own.get("enabled")) or study in experiment_studies(config)
 
 
-def experiment_studies(config: dict[str, Any]) -> list[str]:
+def experiment_studies(config: dict[str, Any], blocks: Blocks | None = None) -> list[str]:
     """Studies outside the run grid (``icl``, ``image_mlp``) that the enabled experiments include."""
-    blocks = definitions(config)
-    return sorted({s for name in selected_experiments(config) for s in blocks[name].get("studies", [])})
+    blocks = definitions(config) if blocks is None else blocks
+    return sorted({s for name in selected_experiments(config, blocks) for s in blocks[name].get("studies", [])})
