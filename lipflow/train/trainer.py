@@ -55,8 +55,8 @@ class Trainer:
         self.telemetry = EvalStepTelemetry(cfg, self.model, self.optimizer, self.train_data, self.val_data,
                                            self.device)
         self.record_layers, self.layers = False, None
-        self.tensorboard = TensorBoardMirror(self.out_dir / "tensorboard") if cfg["tensorboard"] and self.topo.is_main \
-            else None
+        mirror = cfg["tensorboard"] and self.topo.is_main
+        self.tensorboard = TensorBoardMirror(self.out_dir / "tensorboard") if mirror else None
 
     def train_step(self) -> StepResult:
         """One optimizer step. Nothing here waits for the device: the windows are gathered on it, the
