@@ -8,12 +8,12 @@ batch 16) on the default data (embedded pydoc corpus, char tokenizer): train ``-
 steps with ``Trainer.run()`` (writing a real run directory), time ``--rounds`` further
 ``Trainer.train_step()`` calls (median = one step), then time every registered evaluation
 (``lipflow.evaluation.EVALUATIONS``: val, robustness, precision, rank, sharpness) once on the
-evaluate stage's context for that run directory (``build_context``: load the checkpoint, train and
-val loss over the eval windows; built once per run and timed separately, as each evaluate job
-pays it once more), and the local certificate alone (``local_certificate`` and its radii, issue 20)
-for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it covers.
-Evaluation parameters: each evaluation's defaults (what the pipeline passes today); --quick uses
-the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
+evaluate stage's context for that run directory (``build_context``: load the checkpoint and the
+windows; built once per run and timed separately, as each evaluate job pays it once more; rank
+also pays the train and val losses it reads), and the local certificate alone (``local_certificate``
+and its radii, issue 20) for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it
+covers. Evaluation parameters: each evaluation's schema defaults (what the pipeline passes today); --quick
+overrides some with the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
 results/bench/evals.parquet (--quick: results/bench/quick/).
 """
 
@@ -39,11 +39,12 @@ import yaml  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
                           machine, print_table, row, run_configs, save_rows, synchronize)
+from lipflow.config import check_config  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
-from lipflow.training import Trainer  # noqa: E402
+from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "evals"
 
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = device_label(str(device))
     train_steps, rounds = (2, 3) if args.quick else (args.train_steps, args.rounds)
     defaults, runs = default_runs()
+    schema = {"evaluations": {}}
+    check_config(schema)  # fills every evaluation's parameters
     configs = run_configs({**defaults, "steps": train_steps, "eval_every": train_steps, "checkpoint_every": 0,
                            "device": args.device}, runs)
     print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
                      row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
             for evaluation in EVALUATIONS.names():
-                ctx.cfg = QUICK_PARAMS.get(evaluation, {}) if args.quick else {}
+                quick = QUICK_PARAMS.get(evaluation, {}) if args.quick else {}
+                ctx.cfg = {**schema["evaluations"][evaluation], **quick}
                 torch.manual_seed(0)
                 _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
                 table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])

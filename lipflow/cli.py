@@ -26,7 +26,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, S
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lipflow.checkpoint import CheckpointError
+    from lipflow.train.checkpoint import CheckpointError
     from lipflow.data import DataError
 
     return USER_ERRORS + (CheckpointError, DataError)
