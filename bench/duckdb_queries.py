@@ -50,7 +50,7 @@ from bench.common import (add_out_argument, alternating_timings, default_shards,
 from lipflow import provenance  # noqa: E402
 from lipflow.data.parquet import write_table_parquet  # noqa: E402
 from lipflow.results import build  # noqa: E402
-from lipflow.training import Trainer  # noqa: E402
+from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "duckdb_queries"
 EVAL_EVERY = 50

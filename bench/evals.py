@@ -8,12 +8,12 @@ batch 16) on the default data (embedded pydoc corpus, char tokenizer): train ``-
 steps with ``Trainer.run()`` (writing a real run directory), time ``--rounds`` further
 ``Trainer.train_step()`` calls (median = one step), then time every registered evaluation
 (``lipflow.evaluation.EVALUATIONS``: val, robustness, precision, rank, sharpness) once on the
-evaluate stage's context for that run directory (``build_context``: load the checkpoint, train and
-val loss over the eval windows; built once per run and timed separately, as each evaluate job
-pays it once more), and the local certificate alone (``local_certificate`` and its radii, issue 20)
-for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it covers.
-Evaluation parameters: each evaluation's defaults (what the pipeline passes today); --quick uses
-the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
+evaluate stage's context for that run directory (``build_context``: load the checkpoint and the
+windows; built once per run and timed separately, as each evaluate job pays it once more; rank
+also pays the train and val losses it reads), and the local certificate alone (``local_certificate``
+and its radii, issue 20) for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it
+covers. Evaluation parameters: each evaluation's schema defaults (what the pipeline passes today); --quick
+overrides some with the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
 results/bench/evals.parquet (--quick: results/bench/quick/).
 """
 
@@ -44,7 +44,7 @@ from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
-from lipflow.training import Trainer  # noqa: E402
+from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "evals"
 

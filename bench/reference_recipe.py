@@ -39,7 +39,7 @@ from bench.common import (REPO, add_out_argument, default_shards, device_label, 
                           save_rows)
 from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
-from lipflow.training import Trainer  # noqa: E402
+from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "reference_recipe"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

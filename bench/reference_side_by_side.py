@@ -341,10 +341,10 @@ def run_reference(python: str, spec: dict[str, Any], work: Path, threads: int | 
 
 
 def run_lipflow(cfg: dict[str, Any], shards: Path, out: Path, starts: np.ndarray) -> tuple[dict[str, Any], Any]:
-    """Train with lipflow.training.Trainer; check it drew ``starts``; (metrics, trained model)."""
+    """Train with lipflow.train.trainer.Trainer; check it drew ``starts``; (metrics, trained model)."""
     import torch
 
-    from lipflow.training import Trainer
+    from lipflow.train.trainer import Trainer
 
     trainer = Trainer("reference-side-by-side", cfg, shards, out, progress=False)
     drawn, times = [], []

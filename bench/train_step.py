@@ -3,7 +3,7 @@
     python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--rounds R]
                                [--warmup W] [--device auto|cpu|cuda] [--compile]
 
-Both arms are ``lipflow.training.Trainer`` objects built from one schema-resolved config that
+Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
 differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,
 weight constraint), on the same tokenized data. A step is ``Trainer.train_step()``, exactly as
 training runs it: sample a batch, forward and backward (bf16 autocast on CUDA), optimizer step,
@@ -66,8 +66,8 @@ import torch  # noqa: E402
 from bench.common import (add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
                           machine, print_table, row, run_configs, save_rows)
 from lipflow.metrics import resolve_device  # noqa: E402
-from lipflow.training import Trainer  # noqa: E402
-from lipflow.update import project_matrices_  # noqa: E402
+from lipflow.train.trainer import Trainer  # noqa: E402
+from lipflow.train.update import project_matrices_  # noqa: E402
 
 BENCH = "train_step"
 

@@ -9,8 +9,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lipflow.checkpoint import CheckpointError, load_weights
 from lipflow.config import run_defaults
+from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.data.atomic import read_json
 from lipflow.data.parquet import read_table_parquet
 from lipflow.metrics import resolve_device

@@ -6,7 +6,7 @@ parametrization, default 1), one param group per (role, multiplier), each tagged
 
 Weight decay: matrices (hidden, head) get none inside any optimizer — their decoupled decay
 W ← (1 − λη)W is done by ``lipflow.constraints.constrain_all_`` after the step (see
-``lipflow.update``), with the same λ = cfg weight_decay, so constraints and decay compose in
+``lipflow.train.update``), with the same λ = cfg weight_decay, so constraints and decay compose in
 Modula's order. Embedding tables get cfg weight_decay inside AdamW (also the AdamW half of Muon;
 none under Muon's ``dualized`` embedding step, as in the reference); vectors (biases, gains) get
 none, as in nanoGPT. Scion/uSCG use no weight decay: constrained Scion's (1 − γ) contraction
@@ -17,7 +17,7 @@ stored (num_embeddings, dim) with one-hot inputs; the LMOs see their transpose.
 
 Each Muon/Scion step records ``state[p]["update_norm"]``, a bound on the RMS→RMS operator norm
 of the step's update of matrix p, also given by ``optimizer.update_bound(group, p)`` before the
-step (the soft cap couples to it, see lipflow.update).
+step (the soft cap couples to it, see lipflow.train.update).
 """
 
 from __future__ import annotations

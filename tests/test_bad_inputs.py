@@ -49,7 +49,7 @@ def train_case(overrides: dict, data=None, out_dir=None):
         out = Path(out_dir) if out_dir else tmp / "results" / "run"
         args = ["--run-id", "bad-00000000", "--config-json", json.dumps({**run_cfg, **overrides}),
                 "--data-dir", str(data_dir), "--out-dir", str(out), "--no-progress"]
-        return "lipflow.training", args, out / "model.safetensors"
+        return "lipflow.train", args, out / "model.safetensors"
     return prepare
 
 
@@ -94,7 +94,7 @@ def eval_case(make_run):
 
 def fake_run(tmp: Path, run_cfg: dict, vocab: int, model: str, weights_of: str) -> Path:
     """A finished-looking run directory whose checkpoint was made for ``weights_of``."""
-    from lipflow.checkpoint import save_weights
+    from lipflow.train.checkpoint import save_weights
     from lipflow.model import build_model
 
     run_dir = tmp / "fake_run"
@@ -160,7 +160,7 @@ def truncated_run_json(tmp, shards, run_cfg):
 
 def real_fake_run(tmp, shards, run_cfg):
     """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
-    from lipflow.checkpoint import save_weights
+    from lipflow.train.checkpoint import save_weights
     from lipflow.model import build_model
 
     vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
@@ -277,7 +277,7 @@ def test_cuda_without_a_gpu_is_one_line(char_shards, tiny_run_config, tmp_path):
     run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
     evaluate = run_stage("lipflow.evaluation", "--evaluation", "val", "--run-dir", str(run_dir), "--data-dir",
                          str(char_shards), "--out", str(tmp_path / "val.parquet"), "--device", "cuda")
-    train = run_stage("lipflow.training", "--run-id", "bad-00000000", "--config-json",
+    train = run_stage("lipflow.train", "--run-id", "bad-00000000", "--config-json",
                       json.dumps({**tiny_run_config, "device": "cuda"}), "--data-dir", str(char_shards),
                       "--out-dir", str(tmp_path / "run"), "--no-progress")
     for done in (evaluate, train):
@@ -319,7 +319,7 @@ def test_disk_full_while_checkpointing_is_one_line(char_shards, tiny_run_config,
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         (disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
-        done = run_stage("lipflow.training", "--run-id", "bad-00000000", "--config-json",
+        done = run_stage("lipflow.train", "--run-id", "bad-00000000", "--config-json",
                          json.dumps({**tiny_run_config, "d_model": 64}), "--data-dir", str(char_shards),
                          "--out-dir", str(disk / "run"), "--no-progress")
         lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -33,7 +33,7 @@ def cuda_cfg(tiny_run_config):
 
 
 def train(cfg: dict, data: Path, out: Path) -> subprocess.CompletedProcess:
-    return run_stage("lipflow.training", "--run-id", "cuda-00000000", "--config-json", json.dumps(cfg),
+    return run_stage("lipflow.train", "--run-id", "cuda-00000000", "--config-json", json.dumps(cfg),
                      "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
 
 
@@ -50,7 +50,7 @@ def test_training_on_cuda_in_bf16(arm, cuda_cfg, char_shards, tmp_path):
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_a_training_step_never_waits_for_the_gpu(arm, cuda_cfg, char_shards, tmp_path):
     """torch.cuda.set_sync_debug_mode('error') raises on any host-device synchronization."""
-    from lipflow.training import Trainer
+    from lipflow.train.trainer import Trainer
 
     trainer = Trainer("cuda-00000000", {**cuda_cfg, **ARMS[arm]}, char_shards, tmp_path, progress=False)
     trainer.train_step()  # first step: lazy CUDA initialisation may synchronize
@@ -87,7 +87,7 @@ def test_compiled_training_on_cuda(cuda_cfg, char_shards, tmp_path):
 def test_torchrun_one_process_with_nccl(cuda_cfg, char_shards, tmp_path):
     cfg = {**cuda_cfg, **ARMS["lipschitz_gpt"], "nproc": 1}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           "-m", "lipflow.training", "--run-id", "cuda-00000000", "--config-json", json.dumps(cfg),
+                           "-m", "lipflow.train", "--run-id", "cuda-00000000", "--config-json", json.dumps(cfg),
                            "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

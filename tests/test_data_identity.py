@@ -69,7 +69,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     cfg = {**tiny_run_config, "steps": 6, "checkpoint_every": 3}
 
     def train() -> subprocess.CompletedProcess:
-        return run_stage("lipflow.training", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
+        return run_stage("lipflow.train", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
                          "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
 
     import shutil
@@ -91,7 +91,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     again = train()
     assert again.returncode == 0, again.stderr
     assert "resumed from" not in again.stderr and "written for other data" in again.stderr
-    from lipflow.checkpoint import latest_valid_checkpoint
+    from lipflow.train.checkpoint import latest_valid_checkpoint
     from lipflow.data.atomic import sha256_file
 
     assert latest_valid_checkpoint(out / "checkpoints")[2]["manifest_sha256"] == sha256_file(data / "manifest.json")

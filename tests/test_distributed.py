@@ -16,11 +16,11 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(char_shards,
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05,
            "weight_constraint": "spectral_soft_cap", "steps": 6, "eval_every": 3, "checkpoint_every": 3}
     single = {**cfg, "batch_size": 2 * cfg["batch_size"]}
-    one = run_stage("lipflow.training", "--run-id", "one-00000000", "--config-json", json.dumps(single),
+    one = run_stage("lipflow.train", "--run-id", "one-00000000", "--config-json", json.dumps(single),
                     "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "one"), "--no-progress")
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "lipflow.training", "--run-id", "two-00000000", "--config-json",
+                          "-m", "lipflow.train", "--run-id", "two-00000000", "--config-json",
                           json.dumps({**cfg, "nproc": 2}), "--data-dir", str(char_shards),
                           "--out-dir", str(tmp_path / "two"), "--no-progress"],
                          capture_output=True, text=True, timeout=300)

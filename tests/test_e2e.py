@@ -178,8 +178,8 @@ def test_dry_run_launches_data_parallel_runs_with_torchrun_and_asks_for_their_gp
         wildcard = block.split("wildcards: run=")[1].split()[0]
         gpus = block.split("gpu=")[1].split(",")[0].split()[0] if "gpu=" in block else "0"
         if wildcard.startswith("baseline-"):
-            assert "torchrun --standalone --nproc_per_node=2 -m lipflow.training" in block
+            assert "torchrun --standalone --nproc_per_node=2 -m lipflow.train" in block
             assert gpus == ("2" if gpu_per_run else "0")
         else:
-            assert "python -m lipflow.training" in block and "torchrun" not in block
+            assert "python -m lipflow.train" in block and "torchrun" not in block
             assert gpus == ("1" if gpu_per_run else "0")

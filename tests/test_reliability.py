@@ -16,19 +16,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lipflow.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
+from lipflow.train.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
 from lipflow.data.atomic import write_with_sidecar
 
 from conftest import run_stage
 
 
 def train(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> subprocess.CompletedProcess:
-    return run_stage("lipflow.training", "--run-id", run_id, "--config-json", json.dumps(cfg),
+    return run_stage("lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg),
                      "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
 
 
 def start_training(cfg: dict, data: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lipflow.training", "--run-id", "tiny-00000000",
+    return subprocess.Popen([sys.executable, "-m", "lipflow.train", "--run-id", "tiny-00000000",
                              "--config-json", json.dumps(cfg), "--data-dir", str(data), "--out-dir", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -163,7 +163,7 @@ def test_same_config_and_seed_give_identical_metrics(char_shards, tiny_run_confi
         assert train(tiny_run_config, char_shards, tmp_path / name).returncode == 0
     import pyarrow.parquet as pq
 
-    from lipflow.training import WALL_CLOCK_COLUMNS
+    from lipflow.train.summary import WALL_CLOCK_COLUMNS
 
     ta, tb = ([{k: v for k, v in r.items() if k not in WALL_CLOCK_COLUMNS}
                for r in pq.read_table(tmp_path / n / "train_metrics.parquet").to_pylist()] for n in ("a", "b"))
@@ -212,7 +212,7 @@ def test_compiled_training_matches_eager(char_shards, tiny_run_config, tmp_path,
     aot_eager here (inductor's C++ build takes minutes on 2 cores; bench/gpu_check runs inductor on CUDA)."""
     import functools
 
-    from lipflow.training import Trainer
+    from lipflow.train.trainer import Trainer
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05,

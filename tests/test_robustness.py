@@ -177,15 +177,19 @@ def test_robustness_evaluation_on_a_tiny_gpt_without_certificate():
     assert value(rows, "lipschitz_lower_bound", attack="all") > 0
 
 
-def test_image_mlp_study_and_cli(tmp_path, monkeypatch):
+def test_image_mlp_study_and_cli(tmp_path):
+    import json
+
     import pyarrow.parquet as pq
 
-    from lipflow.evaluation import image_mlp
+    from lipflow.config import check_config
+    from lipflow.studies import image_mlp
 
     tiny = {"width": 32, "steps": 40, "eval_every": 20, "batch_size": 64, "epsilons": [0.0, 0.3], "pgd_steps": 5}
-    monkeypatch.setattr(image_mlp, "QUICK", tiny)
+    config = {"image_mlp": tiny}
+    check_config(config)  # the schema fills the rest (seed, n_layers, methods, …)
     out = tmp_path / "digits.parquet"
-    assert image_mlp.main(["--out", str(out), "--quick"]) == 0
+    assert image_mlp.main(["--config-json", json.dumps(config["image_mlp"]), "--out", str(out)]) == 0
     rows = pq.read_table(out).to_pylist()
     for method in ("muon_soft_cap", "adamw_weight_decay"):
         mine = [r for r in rows if r["method"] == method]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lipflow.model import build_model
-from lipflow.training import Trainer
+from lipflow.train.trainer import Trainer
 
 from conftest import run_stage
 
@@ -44,7 +44,7 @@ def test_attention_scores_are_the_ones_the_model_attends_with(model, tiny_run_co
 
 def test_training_logs_telemetry(char_shards, tiny_run_config, tmp_path):
     cfg = {**tiny_run_config, **LIPSCHITZ}
-    done = run_stage("lipflow.training", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
+    done = run_stage("lipflow.train", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
                      "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress")
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()

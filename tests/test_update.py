@@ -12,7 +12,7 @@ from torch import nn
 
 from lipflow.constraints import SOFT_CAP_MAX_GROWTH, constrain_, soft_cap_alpha, spectral_hard_cap, StepContext
 from lipflow.optimizers import Muon
-from lipflow.update import ConstraintSettings, check_coupling, constrained_update
+from lipflow.train.update import ConstraintSettings, check_coupling, constrained_update
 
 from conftest import run_stage
 
@@ -77,7 +77,7 @@ def test_a_muon_lr_beyond_the_soft_caps_range_is_refused():
 def test_training_refuses_such_a_config_in_one_line(char_shards, tiny_run_config, tmp_path):
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.4,
            "weight_constraint": "spectral_soft_cap", "sigma_max": 1.0}
-    done = run_stage("lipflow.training", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
+    done = run_stage("lipflow.train", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
                      "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress")
     assert done.returncode == 2
     assert done.stderr.strip().startswith("lipflow: error: lr: ") and len(done.stderr.strip().splitlines()) == 1

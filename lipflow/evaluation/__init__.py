@@ -8,6 +8,7 @@ Registered by the package's modules (found at import): ``val``, ``robustness``, 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -15,23 +16,39 @@ from typing import Any, Callable
 
 import torch
 
+from lipflow.metrics import evaluate_windows
 from lipflow.model.base import LanguageModel
 from lipflow.registry import Registry
 
 
 @dataclass
 class EvalContext:
-    """Everything an evaluation may read; windows are token ids of shape (N, context + 1)."""
+    """Everything an evaluation may read; windows are token ids of shape (N, context + 1).
+    ``train_loss`` and ``val_loss`` are the known losses, else measured over all of the windows
+    (in batches of the evaluation's ``batch_size``) when an evaluation first reads them."""
 
     model: LanguageModel
     train_windows: torch.Tensor
     val_windows: torch.Tensor
     cfg: dict[str, Any]            # this evaluation's own parameters
     run: dict[str, Any]            # the run's resolved training config
-    train_loss: float | None
-    val_loss: float | None
+    known_train_loss: float | None
+    known_val_loss: float | None
     device: torch.device
     certificate: float | None      # ℓ2 Lipschitz certificate (embedded sequence → logits), if any
+
+    @functools.cached_property
+    def train_loss(self) -> float:
+        return self._loss(self.known_train_loss, self.train_windows)
+
+    @functools.cached_property
+    def val_loss(self) -> float:
+        return self._loss(self.known_val_loss, self.val_windows)
+
+    def _loss(self, known: float | None, windows: torch.Tensor) -> float:
+        if known is not None:
+            return known
+        return evaluate_windows(self.model, windows, self.cfg["batch_size"], self.device)["loss"]
 
 
 EVALUATIONS: Registry[Callable[[EvalContext], list[dict]]] = Registry("evaluation")

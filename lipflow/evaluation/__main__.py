@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from lipflow.errors import run_guarded
 from lipflow.config import evaluation_params
 from lipflow.data.atomic import read_json
 from lipflow.data.parquet import write_table_parquet
+from lipflow.errors import run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.metrics import evaluate_windows, resolve_device
+from lipflow.metrics import resolve_device
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
@@ -35,12 +35,9 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
         params["n_train"] = train.num_tokens // context
     train_windows = train.sequential_windows(context, max_windows=256)
     val_windows = TokenShards(data_dir, "val").sequential_windows(context)
-    batch = params["batch_size"]
-    train_loss = evaluate_windows(model, train_windows, batch, device)["loss"]
-    val_loss = evaluate_windows(model, val_windows, batch, device)["loss"]
     bound_l2 = getattr(model, "lipschitz_bound_l2", None)
     ctx = EvalContext(model=model, train_windows=train_windows, val_windows=val_windows, cfg=params, run=cfg,
-                      train_loss=train_loss, val_loss=val_loss, device=device,
+                      known_train_loss=None, known_val_loss=None, device=device,  # measured if read
                       certificate=bound_l2() if callable(bound_l2) else None)
     return ctx, info
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from lipflow.checkpoint import load_weights, save_weights
+from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.icl import theory
 from lipflow.icl.config import ICLConfig, training_config, training_jobs
 from lipflow.icl.data import Prompts, PromptSampler, spd_power, stream_seed

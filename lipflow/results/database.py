@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from lipflow.data.atomic import fsync_dir, read_json, sha256_file, write_json_atomic
 from lipflow.data.parquet import read_table_parquet
 from lipflow.experiments import create_views
+from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
 
 RESULTS = Path("results")
 # Studies outside the run grid (the schema's experiment `studies`): results/<study>/<name>.parquet
@@ -42,16 +43,11 @@ def _timestamp(seconds: float | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None) if seconds else None
 
 
-# The ``runs`` columns after the config keys, from the run's run.json, with their Arrow types (what a
-# database without runs gets); run_row fills them in this order.
-SUMMARY_COLUMNS: dict[str, pa.DataType] = {
-    "config": pa.string(), "config_hash": pa.string(), "git_commit": pa.string(), "versions": pa.string(),
-    "hostname": pa.string(), "device": pa.string(), "processes": pa.int64(), "slurm_job_id": pa.string(),
-    "cuda_visible_devices": pa.string(), "start_time": pa.timestamp("us"), "end_time": pa.timestamp("us"),
-    "steps_completed": pa.int64(), "diverged_step": pa.int64(), "diverged_reason": pa.string(),
-    "resumed": pa.bool_(), "n_params": pa.int64(), "vocab_size": pa.int64(), "lipschitz_bound": pa.float64(),
-    "max_activation": pa.float64(), "final_val_loss": pa.float64(), "final_val_accuracy": pa.float64(),
-}
+# The ``runs`` columns after the config keys: the config as JSON, then the run.json fields, with their
+# Arrow types (what a database without runs gets); run_row fills them in this order.
+SUMMARY_COLUMNS: dict[str, pa.DataType] = {"config": pa.string(), **{
+    name: pa.type_for_alias(alias) for name, alias in RUN_SUMMARY_FIELDS.items()}}
+SQL_TYPES = {"string": "VARCHAR", "int64": "BIGINT", "float64": "DOUBLE"}  # of the train-metric columns
 VAL_COLUMNS = ("val_loss", "val_accuracy", "val_perplexity")  # from the val evaluation, when it ran
 
 
@@ -150,7 +146,8 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     rows = {"runs": _create_from_arrow(con, "runs", pa.Table.from_pylist(runs) if runs else empty_runs_table())}
     rows["train_metrics"] = _create_from_parquet(con, "train_metrics",
                                                  [Path(d) / "train_metrics.parquet" for d in run_dirs],
-                                                 "run_id VARCHAR, step BIGINT, loss DOUBLE")
+                                                 ", ".join(f"{quote_identifier(name)} {SQL_TYPES[alias]}"
+                                                           for name, alias in METRIC_COLUMNS.items()))
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))

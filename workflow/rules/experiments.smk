@@ -46,6 +46,8 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
 rule image_mlp_robustness:
     output:
         IMAGE_MLP,
+    params:
+        cfg=config_block_json("image_mlp"),
     log:
         "results/logs/experiments/image_mlp_robustness.log",
     resources:
@@ -55,7 +57,7 @@ rule image_mlp_robustness:
     conda:
         ENV
     shell:
-        "python -m lipflow.evaluation.image_mlp --out {output} > {log} 2>&1"
+        "python -m lipflow.studies.image_mlp --config-json {params.cfg:q} --out {output} > {log} 2>&1"
 
 
 report: "../report/workflow.rst"

@@ -27,5 +27,5 @@ rule train:
     conda:
         ENV
     shell:
-        "{params.launcher} lipflow.training --run-id {wildcards.run} --config-json {params.cfg:q}"
+        "{params.launcher} lipflow.train --run-id {wildcards.run} --config-json {params.cfg:q}"
         " --data-dir {params.data_dir} --out-dir {params.out_dir} > {log} 2>&1"

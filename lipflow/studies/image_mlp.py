@@ -9,15 +9,18 @@ accuracies and each method is evaluated, on the held-out test split, at its earl
 reaches it. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
 certified accuracy (radius m/(√2 L) > ε), robust accuracy, mean true-class probability and loss
 under ℓ2 PGD per ε on the 64 pixels scaled to [0, 1], and the empirical Lipschitz lower bound over
-the PGD pairs (checked against L).
+the PGD pairs (checked against L). Each method trains with the LM trainer's constrained update
+(``lipflow.train.update``: step → decay → project).
 
-CLI: ``python -m lipflow.evaluation.image_mlp --out FILE.parquet [--quick]``.
+CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet``, JSON being the
+``image_mlp`` block of the config (schema defaults filled: workflow/schemas/config.schema.yaml).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from typing import Any
 
@@ -28,26 +31,14 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from lipflow.config import run_defaults
-from lipflow.errors import run_guarded
+from lipflow.data.parquet import write_table_parquet
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
-from lipflow.data.parquet import write_table_parquet
 from lipflow.model import build_model
-from lipflow.optimizers import build_optimizer
-from lipflow.update import ConstraintSettings, check_coupling, constrained_update
+from lipflow.train.build import build_learner
+from lipflow.train.update import constrained_update
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0, "width": 256, "n_layers": 3, "steps": 1500, "batch_size": 128, "eval_every": 50,
-    "epsilons": [0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0], "pgd_steps": 20, "pgd_restarts": 1,
-    "methods": {
-        "muon_soft_cap": {"optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap",
-                          "sigma_max": 3.0, "weight_decay": 0.0},
-        "adamw_weight_decay": {"optimizer": "adamw", "lr": 3e-3, "weight_constraint": "weight_decay",
-                               "sigma_max": 1.0, "weight_decay": 0.1},
-    },
-}
-QUICK: dict[str, Any] = {"steps": 200, "eval_every": 25, "width": 64, "pgd_steps": 10,
-                         "epsilons": [0.0, 0.25, 0.5, 1.0]}
+IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -68,17 +59,18 @@ def _accuracy(model: torch.nn.Module, split: Split) -> float:
         return float((model(split[0]).argmax(1) == split[1]).float().mean())
 
 
+def mlp_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model keys of the study's bias-free ReLU MLP."""
+    return {"model": "mlp", "in_features": IMAGE_FEATURES, "d_model": cfg["width"], "n_layers": cfg["n_layers"],
+            "activation": "relu"}
+
+
 def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
                     data: dict[str, Split]) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
     """Train one method; (step, val accuracy, weights) every ``eval_every`` steps and at the end."""
     torch.manual_seed(cfg["seed"])
-    model = build_model(run_defaults(model="mlp", in_features=64, d_model=cfg["width"], n_layers=cfg["n_layers"],
-                                     activation="relu"), 10)
-    optimizer = build_optimizer(model, run_defaults(**method))
-    roles = model.param_roles()
-    matrices = [p for _, p in roles["hidden"] + roles["head"]]
-    constraint = ConstraintSettings(method["weight_constraint"], method["sigma_max"], method["weight_decay"], 0.0)
-    check_coupling(optimizer, matrices, constraint)
+    model, optimizer, matrices, constraint = build_learner(run_defaults(**{**method, **mlp_config(cfg)}), CLASSES,
+                                                           torch.device("cpu"))
     batches = torch.Generator().manual_seed(cfg["seed"])
     x_train, y_train = data["train"]
     snapshots = []
@@ -122,17 +114,15 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
     return rows
 
 
-def run_image_mlp_study(cfg: dict[str, Any] | None = None) -> list[dict]:
-    """Train both methods, match clean val accuracy, and return long-form rows (column ``method``)."""
-    cfg = {**DEFAULTS, **(cfg or {})}
+def run_image_mlp_study(cfg: dict[str, Any]) -> list[dict]:
+    """Train every method, match clean val accuracy, and return long-form rows (column ``method``)."""
     data = digits_splits(cfg["seed"])
     runs = {name: train_snapshots(method, cfg, data) for name, method in cfg["methods"].items()}
     target = min(max(acc for _, acc, _ in snaps) for snaps in runs.values())
     rows: list[dict] = []
     for name, snaps in runs.items():
         step, val_acc, weights = next(s for s in snaps if s[1] >= target)
-        model = build_model(run_defaults(model="mlp", in_features=64, d_model=cfg["width"], n_layers=cfg["n_layers"],
-                                         activation="relu"), 10)
+        model = build_model(run_defaults(**mlp_config(cfg)), CLASSES)
         model.load_state_dict(weights)
         rows += [{"metric": "matched_step", "value": float(step), "method": name},
                  {"metric": "val_accuracy", "value": val_acc, "method": name},
@@ -142,15 +132,17 @@ def run_image_mlp_study(cfg: dict[str, Any] | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lipflow.studies.image_mlp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-json", required=True, help="the config's image_mlp block (schema defaults filled)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
-    parser.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke test)")
     args = parser.parse_args(argv)
+    from lipflow.errors import run_guarded
 
-    def go() -> None:
-        rows = run_image_mlp_study(QUICK if args.quick else None)
+    def go() -> int:
+        rows = run_image_mlp_study(json.loads(args.config_json))
         columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, not just the first's
         write_table_parquet(args.out, pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))
+        return 0
 
     return run_guarded(go)
 

@@ -2,9 +2,11 @@
 
 A training checkpoint is one ``.safetensors`` file holding model weights (``model.*``), optimizer
 tensors (``optim.*``) and RNG states (``rng.*``); everything that is not a tensor (step, optimizer
-hyper-parameters, metrics so far) lives in the safetensors header metadata as JSON. Files are
-written atomically (temp file, fsync, rename) with a ``.sha256`` sidecar; a checkpoint whose
-hash does not match, or that has no sidecar, is treated as corrupt and skipped with a warning.
+hyper-parameters, metrics so far, the config and data it was written for) lives in the safetensors
+header metadata as JSON. Files are written atomically (temp file, fsync, rename) with a ``.sha256``
+sidecar; a checkpoint whose hash does not match, or that has no sidecar, is treated as corrupt and
+skipped with a warning. Resuming restores model, optimizer and RNG states, so a resumed run
+continues bit for bit.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lipflow.data.atomic import read_verified, sidecar_path, write_with_sidecar
+from lipflow import provenance
+from lipflow.data.atomic import read_verified, sha256_file, sidecar_path, write_with_sidecar
 from lipflow.errors import CheckpointError, IntegrityError
 
 CHECKPOINT_GLOB = "step-*.safetensors"
@@ -93,3 +96,68 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
     for path in sorted(Path(directory).glob(CHECKPOINT_GLOB), reverse=True)[keep:]:
         sidecar_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+
+
+def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The global torch (and CUDA) RNG states and the data generator's, as ``rng.*`` tensors."""
+    out = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.data"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def run_identity(cfg: dict[str, Any], data_dir: Path) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the run config's hash and the data manifest's."""
+    return {"config_hash": provenance.config_hash(cfg),
+            "manifest_sha256": sha256_file(Path(data_dir) / "manifest.json")}
+
+
+class TrainingState(NamedTuple):
+    """What a checkpoint holds besides tensors: the steps taken and the metric rows so far."""
+
+    step: int
+    metrics: list[dict[str, Any]]
+
+
+def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, identity: dict[str, str]) -> None:
+    """Write ``step-<step>.safetensors`` in ``directory`` and keep the two newest checkpoints."""
+    optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(optim_tensors)
+    tensors.update(rng_tensors(generator))
+    meta = {"step": state.step, "optimizer": optim_meta, "metrics": state.metrics, **identity}
+    save_weights(Path(directory) / f"step-{state.step:09d}.safetensors", tensors, meta)
+    prune_checkpoints(directory, keep=2)
+
+
+def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+           identity: dict[str, str], data_dir: Path) -> TrainingState | None:
+    """Load the newest valid checkpoint written for ``identity`` into model, optimizer and RNGs;
+    None (and a warning) when there is none. Checkpoints of other token shards are deleted."""
+    found = latest_valid_checkpoint(directory)
+    if found is None:
+        return None
+    path, tensors, meta = found
+    if meta.get("config_hash") != identity["config_hash"]:
+        print(f"warning: ignoring {path}: it was written for a different config", file=sys.stderr)
+        return None
+    if meta.get("manifest_sha256") != identity["manifest_sha256"]:
+        # other token shards (an edited corpus or tokenizer): start afresh, and drop those checkpoints
+        # so that pruning keeps the new ones
+        print(f"warning: ignoring {path}: it was written for other data than {data_dir}; "
+              "training from scratch", file=sys.stderr)
+        prune_checkpoints(directory, keep=0)
+        return None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+    restore_rng(tensors, generator)
+    print(f"resumed from {path.name} at step {meta['step']}", file=sys.stderr)
+    return TrainingState(meta["step"], meta["metrics"])

@@ -46,6 +46,12 @@ class ConstraintSettings:
         return self.sigma_max * (SOFT_CAP_MAX_GROWTH - 1.0 + lr * self.weight_decay)
 
 
+def constrained_matrices(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, matrix) of every matrix the constraint applies to: the hidden and head roles."""
+    roles = model.param_roles()
+    return roles["hidden"] + roles["head"]
+
+
 def _update_bound(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> float | None:
     bound = getattr(optimizer, "update_bound", None)
     return None if bound is None else bound(group, p)

@@ -1,0 +1,44 @@
+"""Train stage: ``python -m lipflow.train --run-id ID --config-json JSON --data-dir D --out-dir O``.
+
+Trains one run (see ``lipflow.train.trainer``) and prints its summary line; a run stopped by
+SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lipflow.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
+    parser.add_argument("--data-dir", required=True, type=Path, help="tokenized shards (with manifest.json)")
+    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from lipflow.errors import run_guarded
+    from lipflow.train.stop import EXIT_PREEMPTED, Preempted
+    from lipflow.train.trainer import Trainer
+
+    def go() -> int:
+        cfg = json.loads(args.config_json)
+        trainer = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress)
+        try:
+            summary = trainer.run()
+        except Preempted as stop:
+            print(f"lipflow: {stop}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if summary:
+            print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",
+                                                      "lipschitz_bound")}))
+        return 0
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Everything a run is built from its config: output directory, token splits, model, optimizer and
+weight constraint, and the forward used for training (``torch.compile`` and DDP when asked)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from lipflow.data.loader import TokenShards
+from lipflow.model import build_model
+from lipflow.optimizers import build_optimizer
+from lipflow.train.update import ConstraintSettings, check_coupling, constrained_matrices
+
+
+def ensure_writable(directory: Path) -> None:
+    """Fail before training, not after it, when results cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create results directory {directory}: {err.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"results directory {directory} is not writable")
+
+
+def token_splits(data_dir: Path, cfg: dict[str, Any]) -> tuple[TokenShards, TokenShards]:
+    """(train, val) shards; train cut to ``train_tokens``; both checked to hold a ``context`` window."""
+    train, val = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"]), TokenShards(data_dir, "val")
+    for split in (train, val):
+        split.check_context(cfg["context"])
+    return train, val
+
+
+class Learner(NamedTuple):
+    """A model with what updates it: the optimizer, the constrained matrices and the constraint."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    matrices: list[torch.nn.Parameter]
+    constraint: ConstraintSettings
+
+
+def build_learner(cfg: dict[str, Any], vocab_size: int, device: torch.device) -> Learner:
+    """Model (initialised from the global torch RNG) on ``device``, its optimizer with each group's
+    ``base_lr`` (the schedule scales it), and the constraint, checked against the optimizer's steps."""
+    model = build_model(cfg, vocab_size).to(device)
+    optimizer = build_optimizer(model, cfg)
+    matrices = [p for _, p in constrained_matrices(model)]
+    constraint = ConstraintSettings.from_config(cfg)
+    check_coupling(optimizer, matrices, constraint)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return Learner(model, optimizer, matrices, constraint)
+
+
+def training_forward(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The module the train step calls: ``model``, compiled when ``compile`` is set, wrapped in
+    DistributedDataParallel under torchrun."""
+    forward = torch.compile(model) if cfg["compile"] else model
+    if torch.distributed.is_initialized():
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+    return forward

@@ -1,0 +1,194 @@
+"""The training loop of one run (one resolved config); ``python -m lipflow.train`` runs it.
+
+Every step: forward/backward over ``grad_accum`` micro-batches (bf16 autocast on CUDA), then the
+constrained update (optimizer step, decay → project every matrix; Newhouse et al. 2025) and the
+embedding projection. Every ``eval_every`` steps the telemetry measures the model (val loss, the
+certified Lipschitz bound, activations, …); every ``checkpoint_every`` steps a checkpoint is saved.
+A killed run resumes from its last checkpoint bit for bit; SIGTERM saves one and exits; a
+non-finite loss or a bound above ``max_bound`` ends the run as ``diverged``. At the end: weights,
+config, per-step metrics and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lipflow import distributed, provenance
+from lipflow.data.atomic import write_json_atomic
+from lipflow.data.parquet import write_rows_parquet
+from lipflow.metrics import autocast_for, resolve_device
+from lipflow.schedules import lr_factor
+from lipflow.train import checkpoint
+from lipflow.train.build import build_learner, ensure_writable, token_splits, training_forward
+from lipflow.train.stop import Preempted, SigtermWatch, divergence
+from lipflow.train.summary import METRIC_COLUMNS, run_summary
+from lipflow.train.telemetry import EvalStepTelemetry, StepLog, StepResult, TensorBoardMirror
+from lipflow.train.update import constrained_update
+
+MAX_PENDING_STEPS = 1000  # steps whose loss may wait on the device before a flush reads them
+
+
+class Trainer:
+    """Holds one run's model, optimizer, data and metrics; ``run()`` trains to the end."""
+
+    def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True):
+        self.run_id, self.cfg, self.progress = run_id, cfg, progress
+        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        ensure_writable(self.out_dir)
+        self.topo, self.device = distributed.init_from_env(resolve_device(cfg["device"]))
+        torch.manual_seed(cfg["seed"])
+        self.train_data, self.val_data = token_splits(self.data_dir, cfg)
+        self.train_windows = self.train_data.resident(self.device)
+        self.model, self.optimizer, self.matrices, self.constraint = build_learner(
+            cfg, self.train_data.vocab_size, self.device)
+        self.forward = training_forward(self.model, cfg, self.device)
+        self.generator = torch.Generator().manual_seed(cfg["seed"])  # the data order
+        self.step, self.metrics = 0, []
+        self.steps = StepLog(cfg, self.topo)
+        self.telemetry = EvalStepTelemetry(cfg, self.model, self.optimizer, self.train_data, self.val_data,
+                                           self.device)
+        self.record_layers, self.layers = False, None
+        mirror = cfg["tensorboard"] and self.topo.is_main
+        self.tensorboard = TensorBoardMirror(self.out_dir / "tensorboard") if mirror else None
+
+    def train_step(self) -> StepResult:
+        """One optimizer step. Nothing here waits for the device: the windows are gathered on it, the
+        loss and gradient norm stay there as 0-d tensors (read by ``StepLog.flush``), and the
+        optimizer steps whatever the loss (a non-finite one ends the run at the next flush)."""
+        cfg, rank, world = self.cfg, self.topo.rank, self.topo.world
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg["grad_accum"]):
+            # the same global batch on every rank (same generator state); each keeps its slice
+            x, y = self.train_windows.sample_windows(cfg["batch_size"] * world, cfg["context"], self.generator)
+            part = slice(rank * cfg["batch_size"], (rank + 1) * cfg["batch_size"])
+            x, y = x[part], y[part]
+            with autocast_for(self.device):
+                logits = self.forward(x).float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            (loss / cfg["grad_accum"]).backward()
+            total = total + loss.detach() / cfg["grad_accum"]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        layer_telemetry = self.telemetry.layers
+        before = layer_telemetry.before_step() if self.record_layers else None
+        layers: dict[str, dict[str, Any]] = {}
+        clipped = constrained_update(self.optimizer, self.matrices, self.constraint,
+                                     after_step=None if before is None else
+                                     lambda: layers.update(layer_telemetry.after_step(before)))
+        self.model.project_embeddings()
+        if before is not None:
+            layer_telemetry.after_constraint(layers)
+            self.layers = layers
+        return StepResult(total, grad_norm, clipped)
+
+    def run(self) -> dict[str, Any]:
+        """Train (resuming from a checkpoint if one fits) to ``steps`` or an early stop; returns the
+        run summary on rank 0 ({} elsewhere)."""
+        cfg = self.cfg
+        started = time.time()
+        resumed = self.resume()
+        status, diverged = "completed", None
+        bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id, file=sys.stderr, mininterval=2.0,
+                   disable=not (self.progress and self.topo.is_main))
+        self.steps.restart_clock()
+        try:
+            with SigtermWatch(self.topo, self.device) as sigterm:
+                while self.step < cfg["steps"]:
+                    factor = self.set_lr()
+                    self.record_layers = self.is_eval_step(self.step + 1)
+                    result = self.train_step()
+                    self.step += 1
+                    self.steps.add(self.step, factor, result)
+                    bar.update(1)
+                    eval_now = self.is_eval_step(self.step)
+                    checkpoint_now = bool(cfg["checkpoint_every"]) and self.step % cfg["checkpoint_every"] == 0
+                    stop_now = sigterm.requested(self.step, force_check=eval_now or checkpoint_now)
+                    if not (eval_now or checkpoint_now or stop_now or len(self.steps.pending) >= MAX_PENDING_STEPS):
+                        continue
+                    rows, bad_step = self.steps.flush()
+                    if bad_step is None and eval_now:
+                        self.telemetry.measure(rows[-1], self.step, self.layers)
+                        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
+                    diverged = divergence(rows, bad_step, cfg["max_bound"])
+                    for row in rows:
+                        self.log(row)
+                    if diverged is not None:
+                        status = "diverged"
+                        print(f"run {self.run_id} diverged at step {diverged[0]}: {diverged[1]}", file=sys.stderr)
+                        break
+                    if stop_now:
+                        self.save_checkpoint()
+                        raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved; rerun to resume")
+                    if checkpoint_now:
+                        self.save_checkpoint()
+                    self.steps.restart_clock()
+        finally:
+            bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        summary = self.finish(status, diverged, started, resumed) if self.topo.is_main else {}
+        distributed.barrier(self.topo)
+        distributed.shutdown(self.topo)
+        return summary
+
+    def set_lr(self) -> float:
+        factor = lr_factor(self.cfg["schedule"], self.step, self.cfg["steps"], self.cfg["warmup_steps"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return factor
+
+    def is_eval_step(self, step: int) -> bool:
+        return step % self.cfg["eval_every"] == 0 or step == self.cfg["steps"]
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Keep a metrics row (and mirror its numbers to TensorBoard when enabled)."""
+        self.metrics.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes; every rank waits until the file is complete."""
+        if self.topo.is_main:
+            checkpoint.save_checkpoint(self.out_dir / "checkpoints", checkpoint.TrainingState(self.step, self.metrics),
+                                       self.model, self.optimizer, self.generator,
+                                       checkpoint.run_identity(self.cfg, self.data_dir))
+        distributed.barrier(self.topo)
+
+    def resume(self) -> bool:
+        state = checkpoint.resume(self.out_dir / "checkpoints", self.model, self.optimizer, self.generator,
+                                  checkpoint.run_identity(self.cfg, self.data_dir), self.data_dir)
+        if state is not None:
+            self.step, self.metrics = state
+        return state is not None
+
+    def finish(self, status: str, diverged: tuple[int, str] | None, started: float, resumed: bool) -> dict[str, Any]:
+        """Write model, config, metrics and the run summary (each atomically)."""
+        out, vocab_size = self.out_dir, self.train_data.vocab_size
+        last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
+        with torch.no_grad():  # diverged weights may be non-finite: they have no certificate
+            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        diverged_step, diverged_reason = diverged or (None, None)
+        summary = run_summary(
+            run_id=self.run_id, status=status, diverged_step=diverged_step,
+            diverged_reason=diverged_reason, steps_completed=self.step, resumed=resumed,
+            device=str(self.device), processes=self.topo.world, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), start_time=started, end_time=time.time(),
+            lipschitz_bound=self.model.lipschitz_bound() if finite else None,
+            final_val_loss=last_eval.get("val_loss"), final_val_accuracy=last_eval.get("val_accuracy"),
+            max_activation=last_eval.get("max_activation"), n_params=sum(p.numel() for p in self.model.parameters()),
+            vocab_size=vocab_size, **provenance.describe(self.cfg))
+        checkpoint.save_weights(out / "model.safetensors", self.model.state_dict(),
+                                {"run_id": self.run_id, "config": self.cfg, "vocab_size": vocab_size})
+        write_json_atomic(out / "config.json", {"run_id": self.run_id, "vocab_size": vocab_size,
+                                                "data_dir": str(self.data_dir), "config": self.cfg})
+        write_rows_parquet(out / "train_metrics.parquet",
+                           [{"run_id": self.run_id, **row} for row in self.metrics], METRIC_COLUMNS)
+        write_json_atomic(out / "run.json", summary)
+        return summary

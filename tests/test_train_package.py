@@ -1,0 +1,115 @@
+"""The train package's contracts (the loop is the documented algorithm; run.json and the metric
+columns are what lipflow.train.summary declares) and the evaluate stage computing only what an
+evaluation reads."""
+
+import json
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lipflow.metrics
+from lipflow.config import check_config
+from lipflow.evaluation.__main__ import evaluate
+from lipflow.schedules import lr_factor
+from lipflow.train.build import build_learner, token_splits
+from lipflow.train.summary import METRIC_COLUMNS, RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS, run_summary
+from lipflow.train.trainer import Trainer
+from lipflow.train.update import constrained_update
+
+LIPSCHITZ = {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap"}
+
+
+def test_the_trainer_takes_the_documented_steps(char_shards, tiny_run_config, tmp_path):
+    """Trainer steps are, bit for bit: seed, build, then per step lr ← base_lr·schedule, windows
+    from the seeded generator, cross-entropy backward, constrained update, embedding projection."""
+    cfg = {**tiny_run_config, **LIPSCHITZ, "schedule": "cosine", "warmup_steps": 1}
+    trainer = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False)
+    for _ in range(3):
+        trainer.set_lr()
+        trainer.train_step()
+        trainer.step += 1
+
+    torch.manual_seed(cfg["seed"])
+    train, _ = token_splits(char_shards, cfg)
+    model, optimizer, matrices, constraint = build_learner(cfg, train.vocab_size, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    for step in range(3):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(cfg["schedule"], step, cfg["steps"], cfg["warmup_steps"])
+        optimizer.zero_grad(set_to_none=True)
+        x, y = train.sample_windows(cfg["batch_size"], cfg["context"], generator)
+        logits = model(x).float()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        constrained_update(optimizer, matrices, constraint)
+        model.project_embeddings()
+    mine, theirs = model.state_dict(), trainer.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_run_outputs_hold_exactly_the_declared_fields_and_columns(char_shards, tiny_run_config, tmp_path):
+    cfg = {**tiny_run_config, "steps": 4, "checkpoint_every": 0}
+    summary = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False).run()
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written == summary and set(written) == set(RUN_KEY_FIELDS) | set(RUN_SUMMARY_FIELDS)
+    assert written["status"] == "completed" and written["steps_completed"] == 4
+    table = pq.read_table(tmp_path / "train_metrics.parquet")
+    assert table.schema.names == list(METRIC_COLUMNS)
+    assert [str(t) for t in table.schema.types] == [
+        {"float64": "double"}.get(alias, alias) for alias in METRIC_COLUMNS.values()]
+    with pytest.raises(ValueError, match=r"missing \['vocab_size'\], undeclared \['vocab'\]"):
+        run_summary(**{**{k: None for k in written if k != "vocab_size"}, "vocab": 1})
+
+
+@pytest.fixture
+def trained_run(char_shards, tiny_run_config, tmp_path):
+    out = tmp_path / "run"
+    Trainer("tiny-00000000", {**tiny_run_config, **LIPSCHITZ, "steps": 2, "checkpoint_every": 0}, char_shards, out,
+            progress=False).run()
+    return out
+
+
+def measured_windows(monkeypatch) -> list[int]:
+    """The number of windows of every loss measurement (``evaluate_windows``, wherever a lipflow
+    module imported it) made from now on, in order."""
+    calls = []
+    original = lipflow.metrics.evaluate_windows
+
+    def counting(model, windows, batch_size, device):
+        calls.append(windows.shape[0])
+        return original(model, windows, batch_size, device)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("lipflow")]:
+        if getattr(module, "evaluate_windows", None) is original:
+            monkeypatch.setattr(module, "evaluate_windows", counting)
+    return calls
+
+
+def test_the_robustness_job_measures_no_split_loss(trained_run, char_shards, tmp_path, monkeypatch):
+    calls = measured_windows(monkeypatch)
+    config = {"evaluations": {"robustness": {"n_sequences": 2, "epsilons": [0.5], "pgd_steps": 1, "k_values": [1],
+                                             "random_trials": 1, "greedy_candidates": 2, "lipschitz_steps": 1}}}
+    check_config(config)
+    out = tmp_path / "robustness.parquet"
+    assert evaluate("robustness", trained_run, char_shards, config["evaluations"]["robustness"], out, "cpu") == 0
+    assert calls == []  # neither the whole val split nor the train windows were evaluated
+    assert {r["metric"] for r in pq.read_table(out).to_pylist()} >= {"clean_accuracy", "robust_accuracy"}
+
+
+def test_the_rank_job_measures_both_losses_once_for_its_gap(trained_run, char_shards, tmp_path, monkeypatch):
+    from lipflow.data.loader import TokenShards
+
+    calls = measured_windows(monkeypatch)
+    config = {"evaluations": {"rank": {"bx_windows": 2}}}
+    check_config(config)
+    out = tmp_path / "rank.parquet"
+    assert evaluate("rank", trained_run, char_shards, config["evaluations"]["rank"], out, "cpu") == 0
+    context = json.loads((trained_run / "config.json").read_text())["config"]["context"]
+    val_windows = TokenShards(char_shards, "val").sequential_windows(context).shape[0]
+    assert len(calls) == 2 and calls[0] == val_windows  # the whole val split, then the train windows
+    gap = [r["value"] for r in pq.read_table(out).to_pylist() if r["metric"] == "generalization_gap"]
+    assert len(gap) == 1 and gap[0] == gap[0]
