@@ -18,7 +18,7 @@ from lipflow.config import (check_config, data_identity, experiment_run, plain_r
                             tokenizer_id)
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
-from lipflow.icl.config import ICLConfig, load_config, training_config, training_jobs
+from lipflow.studies.icl.config import ICLConfig, load_config, training_config, training_jobs
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
 

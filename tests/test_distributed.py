@@ -38,7 +38,7 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(char_shards,
 def _orthogonalize_on_rank(rank: int, world: int, init_file: str, result_file: str) -> None:
     import torch.distributed as dist
 
-    from lipflow import optimizers
+    from lipflow.optimizers import muon as optimizers
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)

@@ -488,7 +488,7 @@ def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closes
 
 
 def icl_tables(layer_losses: dict[int, tuple[float, float]], n: int = 20) -> dict[str, list[dict]]:
-    """The ICL study's tables (lipflow.icl.study) for a layer sweep at n and an n sweep at the largest L."""
+    """The ICL study's tables (lipflow.studies.icl.study) for a layer sweep at n and an n sweep at the largest L."""
     top = max(layer_losses)
     by_layers = [{"method": m, "n_layers": L, "n": n, "loss": v, "loss_stderr": 0.0, "expected_loss": None}
                  for L, (model, pgd) in layer_losses.items()

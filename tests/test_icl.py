@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from lipflow.experiments.icl import ICL_VS_PGD
-from lipflow.icl import study, theory
-from lipflow.icl.__main__ import main as icl_main
+from lipflow.studies.icl import study, theory
+from lipflow.studies.icl.__main__ import main as icl_main
 from lipflow.errors import ConfigError
-from lipflow.icl.config import load_config, schema, training_jobs
-from lipflow.icl.data import PromptSampler, spd_power
-from lipflow.icl.model import InContextTransformer
-from lipflow.icl.train import train_model
+from lipflow.studies.icl.config import load_config, schema, training_jobs
+from lipflow.studies.icl.data import PromptSampler, spd_power
+from lipflow.studies.icl.model import InContextTransformer
+from lipflow.studies.icl.train import train_model
 from lipflow.registry import UnknownNameError
 from lipflow.results import load_study_tables
 from lipflow.results.views import create_views

@@ -13,6 +13,7 @@ from torch import nn
 
 from lipflow.config import run_defaults
 from lipflow.constraints import constrain_
+from lipflow.model import build_model
 from lipflow.optimizers import (LMOS, MUON_NS_COEFFICIENTS, NS_COEFFICIENT_SETS, OPTIMIZERS, SCION_GPT_DEFAULTS, Muon, Scion,
                                 build_optimizer, newton_schulz, newton_schulz_peak)
 from lipflow.registry import UnknownNameError
@@ -554,3 +555,20 @@ def test_config_knows_each_fixed_coefficient_schedule_length():
     with pytest.raises(ConfigError, match=r"runs\.r\.ns_steps: ns_coefficients 'you' has exactly 6 steps, got 5"):
         check_config({"runs": {"r": {"optimizer": "muon", "ns_coefficients": "you"}}})
     check_config({"runs": {"r": {"optimizer": "muon", "ns_coefficients": "you", "ns_steps": 6}}})
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "scion", "uscg"])
+def test_step_returns_the_closure_loss_as_torch_optim_does(name):
+    torch.manual_seed(0)
+    model = build_model(run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=8), vocab_size=11)
+    optimizer = OPTIMIZERS.get(name)(model, run_defaults(model="gpt", optimizer=name, lr=0.01))
+    idx = torch.randint(0, 11, (2, 9))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert loss is not None and torch.isfinite(loss) and loss.requires_grad  # computed with gradients on

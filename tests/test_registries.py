@@ -6,7 +6,7 @@ import pytest
 
 from lipflow.config import load_schema
 from lipflow.config.schema import SCHEMA_PATH
-from lipflow.icl.config import SCHEMA_PATH as ICL_SCHEMA_PATH
+from lipflow.studies.icl.config import SCHEMA_PATH as ICL_SCHEMA_PATH
 
 EXPERIMENTS_SCHEMA_PATH = SCHEMA_PATH.with_name("experiments.schema.yaml")
 
@@ -53,12 +53,12 @@ CASES = {
                       (SCHEMA_PATH, *EVALUATIONS, "precision", "properties", "formats")),
     "scaling": (("lipflow.evaluation.precision", "SCALINGS"),
                 (SCHEMA_PATH, *EVALUATIONS, "precision", "properties", "scalings")),
-    "icl sigma kind": (("lipflow.icl.data", "SIGMA_KINDS"),
+    "icl sigma kind": (("lipflow.studies.icl.data", "SIGMA_KINDS"),
                        (ICL_SCHEMA_PATH, "properties", "sigma", "properties", "kind")),
-    "icl w_prior": (("lipflow.icl.data", "W_PRIORS"), (ICL_SCHEMA_PATH, "properties", "w_prior")),
-    "icl parametrization": (("lipflow.icl.model", "PARAMETRIZATIONS"),
+    "icl w_prior": (("lipflow.studies.icl.data", "W_PRIORS"), (ICL_SCHEMA_PATH, "properties", "w_prior")),
+    "icl parametrization": (("lipflow.studies.icl.model", "PARAMETRIZATIONS"),
                             (ICL_SCHEMA_PATH, "properties", "parametrization")),
-    "icl attention": (("lipflow.icl.model", "ATTENTIONS"), (ICL_SCHEMA_PATH, "properties", "attention")),
+    "icl attention": (("lipflow.studies.icl.model", "ATTENTIONS"), (ICL_SCHEMA_PATH, "properties", "attention")),
 }
 
 

@@ -1,7 +1,7 @@
 """The one schema validator: YAML loading, JSON-schema (draft 2020-12) validation that fills each
 property's ``default`` in the same pass (what snakemake.utils.validate does), and one-line errors
 naming the key path. The run config (``workflow/schemas/config.schema.yaml``) and the ICL block
-(``lipflow/icl/config_schema.yaml``) are both validated here.
+(``lipflow/studies/icl/config_schema.yaml``) are both validated here.
 """
 
 from __future__ import annotations

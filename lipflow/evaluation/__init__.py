@@ -56,10 +56,9 @@ EVALUATIONS: Registry[Callable[[EvalContext], list[dict]]] = Registry("evaluatio
 
 def _register_all() -> None:
     """Import every module of this package, so each registers its evaluations: adding one is adding a
-    file (and its name to the schema's enum). Skipped: the stage's entry point and the image-MLP study,
-    a training loop rather than a checkpoint evaluation."""
+    file (and its name to the schema's enum). Skipped: the stage's entry point."""
     for module in pkgutil.iter_modules(__path__):
-        if module.name not in ("__main__", "image_mlp"):
+        if module.name != "__main__":
             importlib.import_module(f"{__name__}.{module.name}")
 
 

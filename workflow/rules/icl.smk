@@ -1,7 +1,7 @@
 # In-context learning study (issue 5; Ahn et al. 2023): linear transformers vs preconditioned GD.
-# Configured by the `icl:` block of config.yaml (schema: lipflow/icl/config_schema.yaml).
+# Configured by the `icl:` block of config.yaml (schema: lipflow/studies/icl/config_schema.yaml).
 # Target: icl_all. Training jobs are cached per (L, n): they rerun only when a key that
-# changes what is learned (lipflow.icl.config.TRAINING_KEYS) changes.
+# changes what is learned (lipflow.studies.icl.config.TRAINING_KEYS) changes.
 # Its file lists and params (ICL_RUNS, icl_params …) come from the Plan (common.smk, lipflow/plan_rules.py).
 
 
@@ -31,7 +31,7 @@ rule icl_train:
     conda:
         ENV
     shell:
-        "python -m lipflow.icl --threads {threads} train --config-json {params.config_json:q}"
+        "python -m lipflow.studies.icl --threads {threads} train --config-json {params.config_json:q}"
         " --layers {wildcards.layers} --n {wildcards.n} --out {output.checkpoint} > {log} 2>&1"
 
 
@@ -51,7 +51,7 @@ rule icl_baselines:
     conda:
         ENV
     shell:
-        "python -m lipflow.icl --threads {threads} baselines --config-json {params.config_json:q}"
+        "python -m lipflow.studies.icl --threads {threads} baselines --config-json {params.config_json:q}"
         " --out {output.baselines} > {log} 2>&1"
 
 
@@ -75,7 +75,7 @@ rule icl_collect:
     conda:
         ENV
     shell:
-        "python -m lipflow.icl --threads {threads} collect --config-json {params.config_json:q}"
+        "python -m lipflow.studies.icl --threads {threads} collect --config-json {params.config_json:q}"
         " --baselines {input.baselines} --runs {input.runs} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -102,7 +102,7 @@ rule icl_plots:
     conda:
         ENV
     shell:
-        "python -m lipflow.icl plot --results-dir {params.results_dir} --out-dir {params.out_dir}"
+        "python -m lipflow.studies.icl plot --results-dir {params.results_dir} --out-dir {params.out_dir}"
         " > {log} 2>&1"
 
 
@@ -128,5 +128,5 @@ rule icl_check:
     conda:
         ENV
     shell:
-        "python -m lipflow.icl check --config-json {params.config_json:q}"
+        "python -m lipflow.studies.icl check --config-json {params.config_json:q}"
         " --results-dir {params.results_dir} --out {output.summary} > {log} 2>&1"

@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lipflow.errors import ConfigError
-from lipflow.icl.config import ICLConfig
-from lipflow.icl.data import PromptSampler, stream_seed
-from lipflow.icl.model import InContextTransformer
+from lipflow.studies.icl.config import ICLConfig
+from lipflow.studies.icl.data import PromptSampler, stream_seed
+from lipflow.studies.icl.model import InContextTransformer
 
 
 def resolve_device(name: str) -> torch.device:

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lipflow.icl.data import Prompts, PromptSampler, spd_power
+from lipflow.studies.icl.data import Prompts, PromptSampler, spd_power
 from lipflow.registry import Registry
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from lipflow.icl.config import ICLConfig
+from lipflow.studies.icl.config import ICLConfig
 from lipflow.registry import Registry
 
 # sigma kind → (d, eigenvalues, seed) → (U, λ) with Σ = U diag(λ) Uᵀ

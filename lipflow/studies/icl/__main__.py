@@ -1,4 +1,4 @@
-"""Command line of the ICL study: ``python -m lipflow.icl <command> --config-json JSON ...``.
+"""Command line of the ICL study: ``python -m lipflow.studies.icl <command> --config-json JSON ...``.
 
     train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors
     baselines  --config-json J --out results/icl/runs/baselines.parquet
@@ -20,7 +20,7 @@ import torch
 
 from lipflow.data.atomic import write_json_atomic
 from lipflow.errors import ConfigError, run_guarded
-from lipflow.icl.config import load_config
+from lipflow.studies.icl.config import load_config
 
 
 def _config(text: str):
@@ -32,7 +32,7 @@ def _config(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.icl", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lipflow.studies.icl", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from lipflow.icl import plots, study
+    from lipflow.studies.icl import plots, study
 
     def go() -> int:
         if args.command == "train":

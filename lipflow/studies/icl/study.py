@@ -16,11 +16,11 @@ import pyarrow as pa
 import torch
 
 from lipflow.train.checkpoint import load_weights, save_weights
-from lipflow.icl import theory
-from lipflow.icl.config import ICLConfig, training_config, training_jobs
-from lipflow.icl.data import Prompts, PromptSampler, spd_power, stream_seed
-from lipflow.icl.model import InContextTransformer
-from lipflow.icl.train import train_model
+from lipflow.studies.icl import theory
+from lipflow.studies.icl.config import ICLConfig, training_config, training_jobs
+from lipflow.studies.icl.data import Prompts, PromptSampler, spd_power, stream_seed
+from lipflow.studies.icl.model import InContextTransformer
+from lipflow.studies.icl.train import train_model
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 
 LOSS_SCHEMA = pa.schema(
