@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.evaluation.precision import FORMATS, analytic_activation_bounds, fp8_safety_rows
+from lipflow.evaluation.number_formats import FORMATS
+from lipflow.evaluation.precision import analytic_activation_bounds, fp8_safety_rows
 from lipflow.model import build_model
 
 DATA = Path(__file__).resolve().parent / "data" / "certificates"

@@ -9,8 +9,8 @@ from torch import nn
 
 from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.evaluation.precision import (FORMATS, Fp8Linear, cast_with_counts, fp8_kernel_available, linear_hooks,
-                                          quantize_int8_per_channel, real_fp8_accuracy, simulate_cast)
+from lipflow.evaluation.number_formats import FORMATS, cast_with_counts, quantize_int8_per_channel, simulate_cast
+from lipflow.evaluation.precision import Fp8Linear, fp8_kernel_available, linear_hooks, real_fp8_accuracy
 from lipflow.metrics import evaluate_windows
 from lipflow.model import build_model
 
