@@ -37,7 +37,7 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from lipflow.data import DataError, parse_config_json
+from lipflow.data import DataError, check_known_keys, parse_config_json
 from lipflow.data.atomic import atomic_dir, write_json_atomic
 from lipflow.errors import run_guarded
 from lipflow.registry import Registry
@@ -60,10 +60,7 @@ class CorpusConfig:
 
     @classmethod
     def from_dict(cls, block: dict[str, Any]) -> "CorpusConfig":
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in block:
-            if key not in known:
-                raise DataError(f"unknown key corpus.{key} (known: {', '.join(known)})")
+        check_known_keys(cls, block, "corpus")
         paths = block.get("paths") or []
         _require(
             isinstance(paths, list) and all(isinstance(p, str) for p in paths),

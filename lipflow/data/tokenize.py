@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lipflow.data import DataError, parse_config_json
+from lipflow.data import DataError, check_known_keys, parse_config_json
 from lipflow.data.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
 from lipflow.errors import run_guarded
 from lipflow.registry import Registry
@@ -85,10 +85,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, block: dict[str, Any]) -> "TokenizerConfig":
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in block:
-            if key not in known:
-                raise DataError(f"unknown key tokenizer.{key} (known: {', '.join(known)})")
+        check_known_keys(cls, block, "tokenizer")
         cfg = cls(**block)
         TOKENIZERS.get(cfg.kind)  # unknown kind → "did you mean"
         for key in ("vocab_size", "shard_tokens", "batch_docs"):
