@@ -20,7 +20,7 @@ from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitio
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.studies.icl.config import ICLConfig, load_config, training_config, training_jobs
 
-IMAGE_MLP = "results/image_mlp/robustness.parquet"  # loaded as table image_mlp_robustness by create_views
+IMAGE_MLP = "results/image_mlp/robustness.parquet"  # table image_mlp_robustness (lipflow.results.database)
 
 
 class FrozenDict(dict):

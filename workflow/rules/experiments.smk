@@ -1,9 +1,9 @@
-# Experiments: their runs come from lipflow.experiments.expand_experiments (through resolve_runs in
+# Experiments: their runs come from lipflow.experiments.expand_experiments (through the Plan built in
 # common.smk); here are the figures and tables of each experiment (one job per experiment, reading
 # the results database), each with the report caption its file (lipflow/experiments/<name>.py)
-# names, and the image-MLP robustness study (scikit-learn digits, the same size under both presets:
-# about 2 minutes on one core). Their constants and helpers (EXPERIMENTS, IMAGE_MLP, and
-# experiment_targets for `rule all`) live in common.smk.
+# names, and the image-MLP robustness study (lipflow/studies/image_mlp.py, configured by the
+# `image_mlp` block; scikit-learn digits, about 2 minutes on one core). IMAGE_MLP and the targets
+# for `rule all` come from lipflow/plan.py.
 
 from lipflow.experiments import CATALOG as EXPERIMENT_CATALOG
 
