@@ -138,7 +138,7 @@ class Plan:
 
     def study_inputs(self) -> list[str]:
         """Files outside the runs that the database loads when their study is on: the digits-MLP
-        robustness table (loaded by create_views as image_mlp_robustness)."""
+        robustness table (loaded by lipflow.results.database as image_mlp_robustness)."""
         return [IMAGE_MLP] if "image_mlp" in self.studies else []
 
     def experiment_targets(self) -> list[str]:

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from lipflow.model.base import LanguageModel, spectral_norm
 from lipflow.model.bound import GELU_MAX_SLOPE, head_spectral_norms
+from lipflow.model.lipschitz_gpt import LipschitzGPT
+from lipflow.model.mlp import LipschitzMLP
 
 # max |GELU''| = max φ(x)(2 − x²) = 2φ(0) = 2/√(2π), at x = 0 (the other extremes, x = ±2, give 0.108)
 GELU_MAX_CURVATURE = 2.0 / math.sqrt(2.0 * math.pi)
@@ -232,12 +234,12 @@ def mlp_local(model) -> LocalModel | None:
     return LocalModel(lambda x: x.double(), body, model.output_mult * model.layers[-1].weight.detach().double())
 
 
-LOCAL_MODELS = {"LipschitzGPT": lipschitz_gpt_local, "LipschitzMLP": mlp_local}
+LOCAL_MODELS = {LipschitzGPT: lipschitz_gpt_local, LipschitzMLP: mlp_local}
 
 
 def local_model(model: LanguageModel) -> LocalModel | None:
     """The float64 local form of ``model``, or None where it is not covered (LayerNorm, ReLU)."""
-    build = LOCAL_MODELS.get(type(model).__name__)
+    build = LOCAL_MODELS.get(type(model))
     return None if build is None else build(model)
 
 

@@ -303,9 +303,8 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     clean_margin = logit_margin(clean, labels)
 
     def pgd_at(e: float) -> torch.Tensor:
-        return torch.cat([pgd_l2(last, x[i:i + batch_size], labels[i:i + batch_size], e,
-                                 cfg["pgd_steps"], cfg["pgd_restarts"], generator, objective)
-                          for i in range(0, x.shape[0], batch_size)])
+        return _batched(lambda xb, yb: pgd_l2(last, xb, yb, e, cfg["pgd_steps"], cfg["pgd_restarts"], generator,
+                                              objective), batch_size, x, labels)
 
     ratios: dict[str, list[torch.Tensor]] = {"pgd": [], "random": [], "greedy": []}
     for e in epsilons:
@@ -322,9 +321,10 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         delta = pgd_at(e)
         with torch.no_grad():
             drop = clean_margin - logit_margin(_batched(last, batch_size, x + delta), labels)
+        bound = local_drop(e)
         rows.append({"metric": "half_certified_epsilon", "value": e})
-        rows += tightness_rows(drop, e, local_drop(e), certificate, "pgd_half_certified")
-        within = tightness(drop, local_drop(e))
+        rows += tightness_rows(drop, e, bound, certificate, "pgd_half_certified")
+        within = tightness(drop, bound)
         if within.numel():
             rows.append({"metric": "within_100x_local", "value": float((within >= 0.01).double().mean()),
                          "attack": "pgd_half_certified", "epsilon": e})
