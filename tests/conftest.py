@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Snakemake arguments for a test pipeline: training jobs on one thread (the train rule asks for 2), so on a
+# 2-core machine two of them run side by side instead of one at a time with threads waiting on each other.
+SNAKEMAKE_SINGLE_THREADED = ("--set-threads", "train=1")
 
 
 def run_stage(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -45,11 +48,14 @@ def tiny_run_config() -> dict:
 
 @pytest.fixture(scope="session", autouse=True)
 def single_thread_torch():
-    """In-process tests use small matrices: one intra-op thread avoids thrashing on a busy 2-core
-    machine (subprocesses started by the tests keep torch's default)."""
+    """Tests use small matrices: one intra-op thread avoids thrashing on a busy 2-core machine, in this
+    process and in the subprocesses the tests start (torch reads OMP_NUM_THREADS when it loads; Snakemake
+    sets it per job from the rule's threads, see SNAKEMAKE_SINGLE_THREADED)."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(previous)

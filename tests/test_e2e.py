@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SNAKEMAKE_SINGLE_THREADED
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "-c2", *args]
+           "--configfile", str(workdir / "config.yaml"), "-c2", *SNAKEMAKE_SINGLE_THREADED, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 

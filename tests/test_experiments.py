@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from conftest import SNAKEMAKE_SINGLE_THREADED
 from lipflow.config import ConfigError, check_config
 from lipflow.plan import resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
@@ -609,7 +610,7 @@ TINY_LR_TRANSFER = {
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "-c2", *args]
+           "--configfile", str(workdir / "config.yaml"), "-c2", *SNAKEMAKE_SINGLE_THREADED, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
