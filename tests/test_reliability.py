@@ -60,7 +60,7 @@ def slow_cfg(tiny_run_config):
 
 def test_sigkill_then_rerun_resumes_bit_exact(char_shards, slow_cfg, tmp_path):
     reference = tmp_path / "reference"
-    assert train(slow_cfg, char_shards, reference).returncode == 0
+    reference_run = start_training(slow_cfg, char_shards, reference)  # trains beside the killed and resumed run
     killed = tmp_path / "killed"
     proc = start_training(slow_cfg, char_shards, killed)
     wait_for_checkpoint(killed, proc)
@@ -68,9 +68,13 @@ def test_sigkill_then_rerun_resumes_bit_exact(char_shards, slow_cfg, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if proc.returncode == 0 or (killed / "model.safetensors").exists():
+        reference_run.kill()
+        reference_run.communicate()
         pytest.skip("the run reached its final outputs before the kill landed")
     assert not (killed / "model.safetensors").exists()
     resumed = train(slow_cfg, char_shards, killed)
+    _, reference_err = reference_run.communicate(timeout=600)
+    assert reference_run.returncode == 0, reference_err[-2000:]
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step-" in resumed.stderr
     assert_bitwise_equal(weights(reference), weights(killed))
