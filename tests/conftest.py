@@ -59,3 +59,15 @@ def single_thread_torch():
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_sweep_in_background(request, tmp_path_factory):
+    """When `slurm` tests are selected, their module's BackgroundSweep (test_slurm.py) starts with the session:
+    its cluster and Snakemake runs mostly wait on SLURM, and the other tests use those minutes."""
+    slurm_tests = [item for item in request.session.items if item.get_closest_marker("slurm")]
+    if not slurm_tests:
+        yield None
+        return
+    with slurm_tests[0].module.BackgroundSweep(tmp_path_factory.mktemp("slurm_sweep")) as sweep:
+        yield sweep

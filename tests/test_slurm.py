@@ -1,12 +1,17 @@
 """Workflows through `snakemake --profile profiles/slurm` on a real one-node SLURM cluster.
 
-The module fixture brings the cluster up with tests/slurm/cluster.sh (installing Debian's Slurm 22.05 and munge
-if missing: 10-25 s of apt, then about 1 s of bring-up) and stops its daemons by PID afterwards, also when a test fails.
-Select or deselect with `-m slurm` / `-m "not slurm"`.
+The cluster bring-up (tests/slurm/cluster.sh, installing Debian's Slurm 22.05 and munge if missing: 10-25 s of apt,
+then about 1 s of bring-up), the sweep and its failure case run in a thread that conftest.py starts with the session
+when these tests are selected: most of their minutes are waits between the plugin's status checks (2 s, then 10 s
+longer after each check that finds no job finished), which the other tests fill. The tests here wait for that
+thread and assert on what it recorded; the daemons are stopped by PID at the end of the session, also when a test
+fails. Select or deselect with `-m slurm` / `-m "not slurm"`.
 """
 
 import importlib.util
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,22 +24,6 @@ harness = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = harness  # dataclasses look their module up while the class is built
 _spec.loader.exec_module(harness)
 run_snakemake_on_slurm = harness.run_snakemake_on_slurm
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """A running test cluster; brought down afterwards unless it was already up before the tests."""
-    try:
-        harness.check_can_run_cluster()
-    except harness.SlurmUnavailable as reason:
-        pytest.skip(f"SLURM tests skipped: {reason}")
-    was_up = harness.cluster_is_up()
-    try:
-        print(harness.cluster("up"))
-        yield
-    finally:
-        if not was_up:
-            print(harness.cluster("down"))
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,15 +58,72 @@ def query(db: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
 
 
+@dataclass
+class SweepRuns:
+    """What the background thread recorded: the sweep, then (when it succeeded) the failure case."""
+
+    workdir: Path
+    sweep: harness.SlurmRun
+    database_before_failure: bytes | None  # the sweep's database, read before the failure case ran
+    failure: harness.SlurmRun | None
+
+
+def run_sweep_then_failure_case(workdir: Path) -> SweepRuns:
+    """The sweep of SWEEP_CONFIG; when it succeeds, the same workdir again with FAILING_RUNS added."""
+    config = workdir / "config.yaml"
+    config.write_text(SWEEP_CONFIG)
+    sweep = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=900)
+    if sweep.returncode != 0:
+        return SweepRuns(workdir, sweep, None, None)
+    before = (workdir / "results" / "lipflow.duckdb").read_bytes()
+    config.write_text(SWEEP_CONFIG.replace("\nevaluations:", FAILING_RUNS.rstrip() + "\nevaluations:"))
+    failure = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=600)
+    return SweepRuns(workdir, sweep, before, failure)
+
+
+class BackgroundSweep:
+    """Brings the test cluster up and runs run_sweep_then_failure_case in a thread; leaving the `with` block
+    waits for the thread, then brings the cluster down unless it was already up before."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.brought_up = False
+        self.cluster_output = ""
+        self._thread = ThreadPoolExecutor(max_workers=1)
+
+    def __enter__(self) -> "BackgroundSweep":
+        self._runs = self._thread.submit(self._bring_up_and_run)
+        return self
+
+    def _bring_up_and_run(self) -> SweepRuns:
+        harness.check_can_run_cluster()
+        if not harness.cluster_is_up():
+            self.cluster_output = harness.cluster("up")
+            self.brought_up = True
+        return run_sweep_then_failure_case(self.workdir)
+
+    def runs(self) -> SweepRuns:
+        """Wait for the thread; skip where this machine cannot run the cluster."""
+        try:
+            return self._runs.result()
+        except harness.SlurmUnavailable as reason:
+            pytest.skip(f"SLURM tests skipped: {reason}")
+
+    def __exit__(self, *exc_info) -> None:
+        self._thread.shutdown(wait=True)
+        if self.brought_up:
+            harness.cluster("down")
+
+
 @pytest.fixture(scope="module")
-def sweep(slurm_cluster, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slurm_sweep")
-    (workdir / "config.yaml").write_text(SWEEP_CONFIG)
-    return workdir, run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=900)
+def sweep(slurm_sweep_in_background: BackgroundSweep) -> SweepRuns:
+    runs = slurm_sweep_in_background.runs()
+    print(slurm_sweep_in_background.cluster_output)
+    return runs
 
 
 def test_lipflow_sweep_runs_every_job_on_slurm(sweep):
-    workdir, run = sweep
+    workdir, run = sweep.workdir, sweep.sweep
     assert run.returncode == 0, run.output[-6000:]
     by_rule: dict[str, list] = {}
     for job in run.jobs:
@@ -99,13 +145,9 @@ def test_lipflow_sweep_runs_every_job_on_slurm(sweep):
 
 
 def test_failed_job_is_reported_and_the_others_finish(sweep):
-    workdir, first = sweep
+    workdir, first, run = sweep.workdir, sweep.sweep, sweep.failure
     assert first.returncode == 0
     db = workdir / "results" / "lipflow.duckdb"
-    before = db.read_bytes()
-    config = workdir / "config.yaml"
-    config.write_text(SWEEP_CONFIG.replace("\nevaluations:", FAILING_RUNS.rstrip() + "\nevaluations:"))
-    run = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=600)
     assert run.returncode != 0, run.output[-6000:]
     states = {(job.rule, job.wildcards.split("-")[0]): job.state for job in run.jobs}
     assert states.get(("train", "broken")) == "FAILED", (states, run.output[-3000:])
@@ -113,4 +155,4 @@ def test_failed_job_is_reported_and_the_others_finish(sweep):
     assert "Error in rule train" in run.output and "broken-" in run.output
     assert len(list((workdir / "results" / "runs").glob("r5-*/evals.parquet"))) == 1  # r5's evaluations finished
     assert not list((workdir / "results" / "runs").glob("broken-*/model.safetensors"))
-    assert db.read_bytes() == before  # the earlier database is untouched
+    assert db.read_bytes() == sweep.database_before_failure  # the earlier database is untouched
