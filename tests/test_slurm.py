@@ -97,9 +97,8 @@ class BackgroundSweep:
 
     def _bring_up_and_run(self) -> SweepRuns:
         harness.check_can_run_cluster()
-        if not harness.cluster_is_up():
-            self.cluster_output = harness.cluster("up")
-            self.brought_up = True
+        self.brought_up = not harness.cluster_is_up()  # brought down at the end, also after a failed bring-up
+        self.cluster_output = harness.cluster("up")
         return run_sweep_then_failure_case(self.workdir)
 
     def runs(self) -> SweepRuns:
