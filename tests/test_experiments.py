@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from lipflow.config import ConfigError, check_config
+from lipflow.config import SCHEMA_PATH, ConfigError, check_config, validate
 from lipflow.plan import resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
@@ -27,6 +27,11 @@ from lipflow.results.figures import main as plots_main
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def filled(config: dict) -> dict:
+    """``config`` validated with the schema's defaults filled, as Plan.from_config hands it on."""
+    return validate(config, SCHEMA_PATH)
 
 
 def base_config(**extra) -> dict:
@@ -47,18 +52,18 @@ def expected_count(grid) -> int:
 def test_every_builtin_experiment_expands_to_its_grid_product_with_valid_unique_names(preset):
     blocks = builtin_definitions()
     for name, block in blocks.items():
-        runs = expand_experiments({"experiments": [name], "experiment_preset": preset})
+        runs = expand_experiments(filled({"experiments": [name], "experiment_preset": preset}))
         duplicates = 1 if name == "super_consistency" else 0  # sp·w64·L2 is in both of its grids
         assert len(runs) == expected_count(block[preset].get("grid")) - duplicates, name
         assert all(NAME.match(run) and run.startswith(block["short"] + ".") for run in runs), name
         assert all(cfg["experiment"] == name for cfg in runs.values())
-    everything = expand_experiments({"experiments": list(blocks), "experiment_preset": preset})
-    assert len(everything) == sum(len(expand_experiments({"experiments": [n], "experiment_preset": preset}))
+    everything = expand_experiments(filled({"experiments": list(blocks), "experiment_preset": preset}))
+    assert len(everything) == sum(len(expand_experiments(filled({"experiments": [n], "experiment_preset": preset})))
                                   for n in blocks)  # names unique across experiments
 
 
 def test_run_names_and_overrides_follow_the_axes():
-    runs = expand_experiments({"experiments": ["lipschitz_tradeoff"]})
+    runs = expand_experiments(filled({"experiments": ["lipschitz_tradeoff"]}))
     cfg = runs["tradeoff.muon.soft_cap.s2.lr0.2"]
     assert cfg["optimizer"] == "muon" and cfg["weight_constraint"] == "spectral_soft_cap"
     assert cfg["sigma_max"] == 2.0 and cfg["lr"] == 0.2 and cfg["model"] == "lipschitz_gpt"
@@ -69,11 +74,11 @@ def test_run_names_and_overrides_follow_the_axes():
 
 def test_presets_differ_and_the_paper_preset_has_the_papers_sizes():
     for name in builtin_definitions():
-        cpu = expand_experiments({"experiments": [name], "experiment_preset": "cpu"})
-        paper = expand_experiments({"experiments": [name], "experiment_preset": "paper"})
+        cpu = expand_experiments(filled({"experiments": [name], "experiment_preset": "cpu"}))
+        paper = expand_experiments(filled({"experiments": [name], "experiment_preset": "paper"}))
         if cpu:
             assert cpu != paper, name
-    paper = expand_experiments({"experiments": ["lipschitz_tradeoff"], "experiment_preset": "paper"})
+    paper = expand_experiments(filled({"experiments": ["lipschitz_tradeoff"], "experiment_preset": "paper"}))
     shapes = {(c["d_model"], c["n_layers"], c["n_heads"], c["context"], c["batch_size"], c["steps"])
               for c in paper.values()}
     assert shapes == {(256, 3, 4, 256, 64, 2000)}  # Newhouse et al. 2025, App. D (Shakespeare)
@@ -93,7 +98,7 @@ def test_all_cpu_runs_resolve_and_validate_as_runs():
 
 def test_unknown_experiment_is_one_line_with_did_you_mean():
     with pytest.raises(ConfigError) as err:
-        expand_experiments({"experiments": ["lr_transfr"]})
+        expand_experiments(filled({"experiments": ["lr_transfr"]}))
     message = str(err.value)
     assert "unknown experiment 'lr_transfr'" in message and "did you mean 'lr_transfer'" in message
     assert "\n" not in message
@@ -101,23 +106,23 @@ def test_unknown_experiment_is_one_line_with_did_you_mean():
 
 def test_config_block_merges_over_the_builtin_and_replaces_the_grid():
     override = {"lr_transfer": {"cpu": {"base": {"steps": 7}, "grid": {"lr": [0.1, 0.2]}}}}
-    runs = expand_experiments({"experiments": ["lr_transfer"], "experiment_definitions": override})
+    runs = expand_experiments(filled({"experiments": ["lr_transfer"], "experiment_definitions": override}))
     assert sorted(runs) == ["lrt.lr0.1", "lrt.lr0.2"]
     assert all(c["steps"] == 7 and c["model"] == "gpt" and c["context"] == 64 for c in runs.values())
-    assert definitions({"experiment_definitions": override})["lr_transfer"]["paper"] == \
+    assert definitions(filled({"experiment_definitions": override}))["lr_transfer"]["paper"] == \
         builtin_definitions()["lr_transfer"]["paper"]
 
 
 def test_clashing_names_and_bad_presets_are_errors():
     clash = {"mine": {"short": "x", "cpu": {"grid": [{"v": {"a": {"lr": 0.1}}}, {"v": {"a": {"lr": 0.2}}}]}}}
     with pytest.raises(ConfigError, match="both named 'x.a'"):
-        expand_experiments({"experiments": ["mine"], "experiment_definitions": clash})
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": clash}))
     same = {"mine": {"short": "x", "cpu": {"grid": [{"v": {"a": {"lr": 0.1}}}, {"v": {"a": {"lr": 0.1}}}]}}}
-    assert list(expand_experiments({"experiments": ["mine"], "experiment_definitions": same})) == ["x.a"]
+    assert list(expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same}))) == ["x.a"]
     with pytest.raises(ConfigError, match="both in runs and in an experiment"):
-        expand_experiments({"experiments": ["mine"], "experiment_definitions": same, "runs": {"x.a": {}}})
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same, "runs": {"x.a": {}}}))
     with pytest.raises(ConfigError, match="experiment_preset"):
-        expand_experiments({"experiments": ["mine"], "experiment_definitions": same, "experiment_preset": "gpu"})
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same, "experiment_preset": "gpu"}))
 
 
 def test_schema_rejects_a_bad_block_with_its_path():
@@ -127,13 +132,13 @@ def test_schema_rejects_a_bad_block_with_its_path():
 
 
 def test_experiment_evaluations_and_studies():
-    config = {"experiments": ["rank_vs_n", "robustness", "icl"]}
+    config = filled({"experiments": ["rank_vs_n", "robustness", "icl"]})
     assert experiment_evaluations(config, {"experiment": "rank_vs_n"}) == ["val", "rank"]
     assert experiment_evaluations(config, {"experiment": "lr_transfer"}) == ["val"]
     assert experiment_evaluations(config, {"experiment": None}) is None  # a `runs` run: evaluations.enabled
     assert experiment_studies(config) == ["icl", "image_mlp"]
-    assert study_enabled(config, "icl") and study_enabled({"icl": {"enabled": True}}, "icl")
-    assert not study_enabled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}, "icl")
+    assert study_enabled(config, "icl") and study_enabled(filled({"icl": {"enabled": True}}), "icl")
+    assert not study_enabled(filled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}), "icl")
 
 
 def experiment_block_errors(block) -> list[str]:
@@ -224,8 +229,9 @@ spec.submodule_search_locations.append(toy_dir)
 package = importlib.util.module_from_spec(spec)
 sys.modules["lipflow.experiments"] = package
 spec.loader.exec_module(package)
+from lipflow.config import SCHEMA_PATH, validate
 from lipflow.results.figures import main
-runs = package.expand_experiments({"experiments": ["toy"]})
+runs = package.expand_experiments(validate({"experiments": ["toy"]}, SCHEMA_PATH))
 con = duckdb.connect(db)
 con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES ('toy.lr0.1-00000001', 'toy.lr0.1', 'completed', 'toy', 0.1, "
             "2.5), ('toy.lr0.2-00000002', 'toy.lr0.2', 'completed', 'toy', 0.2, 2.0)) AS t(run_id, name, status, "
