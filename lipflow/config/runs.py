@@ -9,7 +9,7 @@ import copy
 import functools
 from typing import Any
 
-from lipflow.config.schema import SCHEMA_PATH, first_error, make_validator, validate
+from lipflow.config.schema import SCHEMA_PATH, first_error, load_schema, make_validator, validate
 from lipflow.data.atomic import sha256_file
 from lipflow.errors import ConfigError
 from lipflow.provenance import config_hash
@@ -102,6 +102,24 @@ def run_defaults(**overrides: Any) -> dict[str, Any]:
 @functools.lru_cache(maxsize=1)
 def _schema_run_defaults() -> dict[str, Any]:
     return validate({"runs": {"run": {}}}, SCHEMA_PATH)["runs"]["run"]
+
+
+def mlp_model_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The image classifier's own keys of ``cfg`` (``$defs/mlp_model``: in_features, n_classes,
+    input_norm) with the schema's defaults filled; a bad or missing one is a ConfigError naming it."""
+    keys = {key: cfg[key] for key in _MLP_KEYS if key in cfg}
+    message = first_error(_mlp_model_validator(), keys, prefix="mlp")
+    if message is not None:
+        raise ConfigError(f"config error: {message}")
+    return keys
+
+
+_MLP_KEYS = tuple(load_schema(SCHEMA_PATH)["$defs"]["mlp_model"]["properties"])
+
+
+@functools.lru_cache(maxsize=1)
+def _mlp_model_validator():
+    return make_validator(SCHEMA_PATH, fill=True, definition="mlp_model")
 
 
 def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
