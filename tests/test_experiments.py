@@ -24,6 +24,7 @@ from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, bu
 from lipflow.data.parquet import write_table_parquet
 from lipflow.results import load_study_tables
 from lipflow.results.figures import main as plots_main
+from lipflow.results.views import View, check_column_types, missing_requirement
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -199,8 +200,8 @@ from lipflow.results.plotting import Figure, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 VIEWS = {"toy_loss": View(
-    caption="table_toy_loss.rst", description="toy: val loss per lr",
-    columns={"lr": "DOUBLE", "val_loss": "DOUBLE"},
+    caption="table_toy_loss.rst",
+    columns=("lr", "val_loss"),
     parts=(Part(requires={"runs": RUNS_NEED + ("lr", "val_loss")}, absent_reason="no toy runs",
                 sql="SELECT lr, val_loss FROM runs WHERE experiment = 'toy'"),))}
 
@@ -222,6 +223,7 @@ TOY_BLOCK = {"short": "toy", "description": "a test's experiment", "evaluations"
 # toy, builds its view on a database of two runs and draws its figure through the plots CLI.
 TOY_SCRIPT = '''
 import importlib.util, io, json, sys
+from pathlib import Path
 import duckdb
 toy_dir, db, out = sys.argv[1:]
 spec = importlib.util.find_spec("lipflow.experiments")
@@ -229,6 +231,8 @@ spec.submodule_search_locations.append(toy_dir)
 package = importlib.util.module_from_spec(spec)
 sys.modules["lipflow.experiments"] = package
 spec.loader.exec_module(package)
+import lipflow.results.views
+lipflow.results.views.REPORT_DIR = Path(toy_dir)  # the toy's caption files are beside it
 from lipflow.config import SCHEMA_PATH, validate
 from lipflow.results.figures import main
 runs = package.expand_experiments(validate({"experiments": ["toy"]}, SCHEMA_PATH))
@@ -253,6 +257,7 @@ def test_an_experiment_is_one_python_file_and_one_yaml_file(tmp_path):
     toy.mkdir()
     (toy / "toy.py").write_text(TOY_EXPERIMENT)
     (toy / "toy.yaml").write_text(yaml.safe_dump(TOY_BLOCK))
+    (toy / "table_toy_loss.rst").write_text("View ``toy_loss``: toy val loss per lr.\n")
     assert experiment_block_errors(TOY_BLOCK) == []
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", TOY_SCRIPT, str(toy), str(tmp_path / "toy.duckdb"), str(out)],
@@ -394,10 +399,10 @@ def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
                    "matrix": "qk", "rtol": rtol} for r, rtol in ((3, 0.01), (5, 0.01), (9, 0.001))]
     con = database(tmp_path, runs, metrics, evals)
     create_views(con)
-    rows = con.sql("select n_heads, n, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope from rank_bound "
-                   "order by n_heads, n").df()
+    rows = con.sql("select n_heads, n_sequences, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope "
+                   "from rank_bound order by n_heads, n_sequences").df()
     assert len(rows) == 6
-    assert rows.n.tolist() == [10.0, 40.0, 160.0] * 2
+    assert rows.n_sequences.tolist() == [10.0, 40.0, 160.0] * 2
     assert rows.measured_gap.tolist() == pytest.approx([3.0 * n ** -0.5 * h for h in (1, 4) for n in (10, 40, 160)])
     assert rows.b3_bound.tolist() == pytest.approx([7.0 * n ** 0.2 * (256 / n) ** 0.5 for n in (10, 40, 160)] * 2)
     assert rows.qk_rank.tolist() == pytest.approx([4.0] * 6)  # mean over heads at rtol 1e-2 only
@@ -532,7 +537,7 @@ def test_every_view_exists_with_its_declared_columns_whether_empty_or_not(tmp_pa
     assert set(status) == set(VIEWS.names())
     for name in VIEWS.names():
         described = [(c, t) for c, t, *_ in con.sql(f"describe {name}").fetchall()]
-        assert described == list(VIEWS.get(name).columns.items()), name
+        assert described == list(VIEWS.get(name).column_types.items()), name
         assert con.execute(f"select count(*) from {name}").fetchall()[0][0] == 0
         assert status[name].startswith("empty: ")
     assert all(v in VIEWS for views in EXPERIMENT_VIEWS.values() for v in views)
@@ -575,6 +580,48 @@ def filled_database(tmp_path) -> Path:
     assert all(status[views[0]] == "" for views in EXPERIMENT_VIEWS.values()), status
     con.close()
     return tmp_path / "test.duckdb"
+
+
+def test_every_declared_column_is_in_every_part_of_its_view(filled_database):
+    """On a database with every table a part needs, each part's SELECT yields every column its view
+    declares, and the view's cast of it has the declared names and types in order."""
+    con = duckdb.connect(str(filled_database))
+    make_table(con, "image_mlp_robustness", [{"method": "muon_soft_cap", "metric": "robust_accuracy",
+                                              "value": 0.8, "epsilon": 0.5}])
+    for name in VIEWS.names():
+        view = VIEWS.get(name)
+        for part in view.parts:
+            assert missing_requirement(con, part) is None, name
+            produced = {column for column, *_ in con.sql(f"describe select * from ({part.sql})").fetchall()}
+            assert set(view.columns) <= produced, (name, sorted(set(view.columns) - produced))
+            cast = [(column, sql_type) for column, sql_type, *_ in con.sql(f"describe {view.select(part)}").fetchall()]
+            assert cast == list(view.column_types.items()), name
+
+
+def test_a_built_view_is_commented_with_its_caption_text(filled_database):
+    con = duckdb.connect(str(filled_database), read_only=True)
+    comments = dict(con.execute("select view_name, comment from duckdb_views() where not internal").fetchall())
+    for views in EXPERIMENT_VIEWS.values():
+        caption = (REPO / "workflow" / "report" / VIEWS.get(views[0]).caption).read_text()
+        assert comments[views[0]] == " ".join(caption.replace("``", "").split())
+        assert comments[views[0]].startswith(f"View {views[0]}: ")
+
+
+def test_a_column_has_one_type_in_every_view():
+    shared = View(columns=("run_id", "lr"), parts=(), caption="t.rst")
+    assert shared.column_types == {"run_id": "VARCHAR", "lr": "DOUBLE"}
+    with pytest.raises(ValueError, match="'lr' is typed in SHARED_TYPES already"):
+        View(columns=("lr",), types={"BIGINT": ("lr",)}, parts=(), caption="t.rst")
+    with pytest.raises(ValueError, match="'gap' has no type"):
+        View(columns=("run_id", "gap"), parts=(), caption="t.rst")
+    with pytest.raises(ValueError, match="'gap' is typed but is not one of the view's columns"):
+        View(columns=("run_id",), types={"DOUBLE": ("gap",)}, parts=(), caption="t.rst")
+    with pytest.raises(ValueError, match="listed as both DOUBLE and BIGINT"):
+        View(columns=("gap",), types={"DOUBLE": ("gap",), "BIGINT": ("gap",)}, parts=(), caption="t.rst")
+    mine = View(columns=("gap",), types={"DOUBLE": ("gap",)}, parts=(), caption="a.rst")
+    with pytest.raises(ValueError, match="'gap' is typed by views a and b"):
+        check_column_types({"a": mine, "b": View(columns=("gap",), types={"BIGINT": ("gap",)}, parts=(), caption="b.rst")})
+    check_column_types({name: VIEWS.get(name) for name in VIEWS.names()})  # the shipped views agree
 
 
 def test_plots_cli_writes_every_figure_and_table(filled_database, tmp_path, capsys):

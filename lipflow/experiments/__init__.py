@@ -86,6 +86,7 @@ VIEWS: Registry[View] = Registry("view")
 for _experiment in CATALOG.values():
     for _name, _view in _experiment.views.items():
         VIEWS.register(_name)(_view)
+_views.check_column_types({name: VIEWS.get(name) for name in VIEWS.names()})
 
 # Which views are an experiment's (the first is its headline table), and the figures it draws.
 EXPERIMENT_VIEWS: dict[str, tuple[str, ...]] = {name: tuple(e.views) for name, e in CATALOG.items()}
