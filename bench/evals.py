@@ -37,13 +37,12 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
-                          machine, print_table, row, run_configs, save_rows, synchronize)
+from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
+                          default_shards, print_table, row, run_configs, save_rows, synchronize, torch_setup)
 from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
-from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "evals"
@@ -89,20 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 training steps and QUICK_PARAMS (seconds)")
     parser.add_argument("--train-steps", type=int, default=50, help="steps trained before evaluating")
     parser.add_argument("--rounds", type=int, default=10, help="timed training steps (median kept)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
-                                                     "1 is steadier on a machine shared with other work)")
+    add_torch_arguments(parser)
     add_out_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dev = device_label(str(device))
+    device, dev = torch_setup(args)
     train_steps, rounds = (2, 3) if args.quick else (args.train_steps, args.rounds)
     defaults, runs = default_runs()
     configs = run_configs({**defaults, "steps": train_steps, "eval_every": train_steps, "checkpoint_every": 0,
                            "device": args.device}, runs)
-    print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
     rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
