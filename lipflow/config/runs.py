@@ -57,12 +57,13 @@ def check_data_blocks(config: dict[str, Any]) -> None:
 def data_block_problem(name: str, block: dict[str, Any]) -> str | None:
     """What the schema cannot say about a filled ``corpus`` or ``tokenizer`` block, as one line, or
     None: paths go with a file source and only with one; a ``file`` tokenizer needs its path."""
-    if name == "corpus" and block["source"] == "embedded" and block["paths"]:
-        return ("corpus.paths must be empty for corpus.source 'embedded' "
-                "(set source: files, jsonl or parquet to read them)")
-    if name == "corpus" and block["source"] != "embedded" and not block["paths"]:
-        return f"corpus.paths is empty; corpus.source '{block['source']}' needs a path or glob"
-    if name == "tokenizer" and block["kind"] == "file" and not block["path"]:
+    if name == "corpus":
+        if block["source"] == "embedded" and block["paths"]:
+            return ("corpus.paths must be empty for corpus.source 'embedded' "
+                    "(set source: files, jsonl or parquet to read them)")
+        if block["source"] != "embedded" and not block["paths"]:
+            return f"corpus.paths is empty; corpus.source '{block['source']}' needs a path or glob"
+    elif block["kind"] == "file" and not block["path"]:
         return "tokenizer.path is required when tokenizer.kind is 'file'"
     return None
 
