@@ -180,10 +180,9 @@ def default_shards(work: Path, text: Path | None = None) -> Path:
     from lipflow.data.corpus import CorpusConfig, build_corpus
     from lipflow.data.tokenize import TokenizerConfig, tokenize_corpus
 
-    corpus = CorpusConfig(name="pydoc") if text is None else \
-        CorpusConfig(name=text.stem, source="files", paths=(str(text),))
-    build_corpus(corpus, work / "corpus")
-    tokenize_corpus(TokenizerConfig(kind="char"), work / "corpus", work / "char")
+    block = {"name": "pydoc"} if text is None else {"name": text.stem, "source": "files", "paths": [str(text)]}
+    build_corpus(CorpusConfig.from_dict(block), work / "corpus")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), work / "corpus", work / "char")
     return work / "char"
 
 

@@ -110,8 +110,10 @@ def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
     with open(work / "words.jsonl", "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"text": " ".join(f"w{i}" for i in doc)}) + "\n")
-    build_corpus(CorpusConfig(name="words", source="jsonl", paths=(str(work / "words.jsonl"),)), work / "corpus")
-    tokenize_corpus(TokenizerConfig(kind="file", path=str(work / "words.json")), work / "corpus", work / "words")
+    corpus = CorpusConfig.from_dict({"name": "words", "source": "jsonl", "paths": [str(work / "words.jsonl")]})
+    build_corpus(corpus, work / "corpus")
+    tokenizer_cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(work / "words.json")})
+    tokenize_corpus(tokenizer_cfg, work / "corpus", work / "words")
     return work / "words"
 
 
