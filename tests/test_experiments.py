@@ -126,6 +126,15 @@ def test_clashing_names_and_bad_presets_are_errors():
         expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same, "experiment_preset": "gpu"}))
 
 
+def test_a_merged_block_names_its_prefix_and_gets_the_schemas_defaults():
+    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine: 'short' is a required"):
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": {"mine": {"cpu": {}}}}))
+    mine = definitions(filled({"experiment_definitions": {"mine": {"short": "m"}}}))["mine"]
+    assert mine == {"short": "m", "evaluations": ["val"], "studies": [], "cpu": {"base": {}, "grid": {}},
+                    "paper": {"base": {}, "grid": {}}}
+    assert expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": {"mine": {"short": "m"}}})) == {}
+
+
 def test_schema_rejects_a_bad_block_with_its_path():
     config = base_config(experiment_definitions={"lr_transfer": {"cpu": {"gird": {}}}})
     with pytest.raises(ConfigError, match=r"experiment_definitions\.lr_transfer\.cpu\.gird"):

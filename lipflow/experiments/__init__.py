@@ -118,9 +118,9 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def fill_block(name: str, block: dict[str, Any]) -> dict[str, Any]:
     """``block`` with the schema's defaults of a merged experiment block filled in (in place)."""
-    message = first_error(_merged_block_validator(), block)
+    message = first_error(_merged_block_validator(), block, prefix=f"experiment_definitions.{name}")
     if message is not None:
-        raise ConfigError(f"config error: experiment_definitions.{name}: {message}")
+        raise ConfigError(f"config error: {message}")
     return block
 
 
