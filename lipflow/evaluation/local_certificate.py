@@ -47,11 +47,13 @@ RADIUS_RANGE = (1e-12, 1e4)
 
 
 class AttentionRecord(NamedTuple):
-    """One attention layer at the nominal input: rotated queries (B, H, T, d_h), the softmax
-    probabilities (B, H, T, T), each key's and value's distance to the query's attended mean
-    (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c."""
+    """One attention layer at the nominal input: rotated queries and keys and the values (B, H, T, d_h),
+    the softmax probabilities (B, H, T, T), each key's and value's distance to the query's attended
+    mean (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c."""
 
     q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
     probs: torch.Tensor
     k_spread: torch.Tensor
     v_spread: torch.Tensor
@@ -63,19 +65,43 @@ class AttentionRecord(NamedTuple):
 
 
 class SmoothLayer(NamedTuple):
-    """A layer's local constants as functions of the input ball's radius r (B,): (L(r), β(r))."""
+    """A layer's local constants as functions of the input ball's radius r (B,): (L(r), β(r)), both
+    nondecreasing in r; ``per_token``: the layer acts on each token (last axis) separately."""
 
     bounds: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    per_token: bool = False
+    jacobian_norm: Callable[[], torch.Tensor] | None = None  # a tighter bound on L(0) = ‖J‖ at the nominal input
 
 
-def compose(layers: list[SmoothLayer], radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, β) of layers[-1] ∘ … ∘ layers[0] on the ball of ``radius`` (B,) around the nominal input:
-    each layer sees radius L_prefix·r; β(f∘g) ≤ β_f·L_g² + L_f·β_g (chain rule for D²)."""
-    lip, curv = torch.ones_like(radius), torch.zeros_like(radius)
-    for layer in layers:
-        layer_lip, layer_curv = layer.bounds(lip * radius)
+def nominal_lip(layer: SmoothLayer, zero: torch.Tensor) -> torch.Tensor:
+    """L_k(0) ≥ ‖J_k‖ at the nominal input (B,): the smaller of the ball bound at r = 0 and the layer's
+    own bound on the Jacobian there."""
+    lip = layer.bounds(zero)[0]
+    return lip if layer.jacobian_norm is None else torch.minimum(lip, layer.jacobian_norm())
+
+
+class Propagation(NamedTuple):
+    """Bounds over the ε-ball (each (B,)) carried through the layers: ``lip`` and ``curv`` (L, β of the
+    whole stack), ``radius`` (ρ_K ≥ ‖Δh_K‖) and ``remainders`` (K, B): ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}²."""
+
+    lip: torch.Tensor
+    curv: torch.Tensor
+    radius: torch.Tensor
+    remainders: torch.Tensor
+
+
+def propagate(layers: list[SmoothLayer], nominal_lips: torch.Tensor, epsilon: torch.Tensor) -> Propagation:
+    """Layer k sees the ball of radius ρ_{k−1} around its nominal input, ρ_0 = ε and
+    ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean value; Taylor at the
+    nominal point, ‖J_k‖ ≤ L_k(0) = ``nominal_lips[k]``); L and β compose by the chain rule,
+    β(f∘g) ≤ β_f·L_g² + L_f·β_g."""
+    lip, curv, radius, remainders = torch.ones_like(epsilon), torch.zeros_like(epsilon), epsilon, []
+    for layer, nominal_lip in zip(layers, nominal_lips):
+        layer_lip, layer_curv = layer.bounds(radius)
+        remainders.append(0.5 * layer_curv * radius * radius)
         lip, curv = layer_lip * lip, layer_curv * lip * lip + layer_lip * curv
-    return lip, curv
+        radius = torch.minimum(layer_lip * radius, nominal_lip * radius + remainders[-1])
+    return Propagation(lip, curv, radius, torch.stack(remainders))
 
 
 def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
@@ -83,7 +109,8 @@ def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
     def bounds(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lip, curv = branch.bounds(r)
         return (1.0 - alpha) + alpha * lip, alpha * curv
-    return SmoothLayer(bounds)
+    jacobian_norm = None if branch.jacobian_norm is None else lambda: (1.0 - alpha) + alpha * branch.jacobian_norm()
+    return SmoothLayer(bounds, branch.per_token, jacobian_norm)
 
 
 def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> tuple[float, float]:
@@ -101,8 +128,8 @@ def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | No
             scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm)
 
 
-def constant_layer(lip: float, curv: float) -> SmoothLayer:
-    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)))
+def per_token_gelu_layer(lip: float, curv: float) -> SmoothLayer:
+    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)), per_token=True)
 
 
 def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +185,25 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
     return rec.out_norm * lip_h.pow(2).sum(-1).sqrt(), rec.out_norm * curv_h.pow(2).sum(-1).sqrt()
 
 
+def attention_jacobian_norm(rec: AttentionRecord) -> torch.Tensor:
+    """‖J‖ ≤ bound (B,) for the attention layer's Jacobian at its nominal input, from the exact
+    nominal quantities. Per head, Do_t = Σ_s P_ts W_v u_s + Σ_s P_ts ζ_ts (v_s − v̄_t) with
+    ζ_ts = c(⟨R_t W_q u_t, k_s⟩ + ⟨q_t, R_s W_k u_s⟩) (R the RoPE rotations, orthogonal), three operators:
+    values P ⊗ W_v, norm ‖P‖₂·σ_v (Kronecker); queries u_t ↦ c·M_t R_t W_q u_t, block diagonal with the
+    cross-covariance M_t = Σ_s P_ts (v_s − v̄_t)(k_s − k̄_t)ᵀ, norm ≤ c·σ_q·max_t ‖M_t‖₂; keys
+    y_s = R_s W_k u_s (‖y‖ ≤ σ_k‖U‖) ↦ c Σ_s P_ts (v_s − v̄_t) q_tᵀ y_s, rank-one blocks of norm
+    n_ts = c·P_ts·‖v_s − v̄_t‖·‖q_t‖, so norm ≤ σ_k·‖n‖₂ (Cauchy–Schwarz over t). Each is at most its
+    counterpart in ``attention_bounds`` at r = 0 (‖P‖₂ ≤ √C, ‖M_t‖₂ ≤ S_t·K_t, ‖n‖₂ ≤ that bound's
+    weighted sum). Heads stack (ℓ2), W_o and the output scale multiply."""
+    c, probs = rec.score_scale, rec.probs
+    value = rec.sigma_v * torch.linalg.matrix_norm(probs, 2)
+    cross = (torch.einsum("bhts,bhsi,bhsj->bhtij", probs, rec.v, rec.k)
+             - (probs @ rec.v)[..., :, None] * (probs @ rec.k)[..., None, :])
+    query = c * rec.sigma_q * torch.linalg.matrix_norm(cross, 2).amax(-1)
+    key = rec.sigma_k * torch.linalg.matrix_norm(c * probs * rec.v_spread * rec.q.norm(dim=-1)[..., None], 2)
+    return rec.out_norm * (value + query + key).pow(2).sum(-1).sqrt()
+
+
 def distance_to_attended_mean(probs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """‖p_s − Σ_u P_tu p_u‖₂ for every query t and key s, (…, T, T)."""
     mean = probs @ points
@@ -181,18 +227,21 @@ def _attention_nominal(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRe
     y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
     sigma = [head_spectral_norms(m.weight, H).double().to(x.device) for m in (attn.q, attn.k, attn.v)]
     q, k, v, probs = q.detach(), k.detach(), v.detach(), probs.detach()
-    rec = AttentionRecord(q, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
+    rec = AttentionRecord(q, k, v, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
                           *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
     return y, rec
 
 
+Body = Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]]
+
+
 class LocalModel(NamedTuple):
-    """A model as a float64 map: body (B, …) → features (B, d) of the scored position, head weights,
-    the layers' local constants, and the input map applied before the body (a 1-Lipschitz projection
-    that fixes its output, or the identity)."""
+    """A model as a float64 map: body (B, …) → (features (B, d) of the scored position, the layers'
+    local constants, each layer's output h_k), head weights, and the input map applied before the body
+    (a 1-Lipschitz projection that fixes its output, or the identity)."""
 
     prepare: Callable[[torch.Tensor], torch.Tensor]
-    body: Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer]]]
+    body: Body
     head: torch.Tensor  # (V, d), scale included
 
 
@@ -200,20 +249,22 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
     if any(block.mlp.act.base is not F.gelu for block in model.blocks):
         return None
 
-    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer]]:
-        layers = []
+    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]:
+        layers, outputs = [], []
         for block in model.blocks:
             mlp = block.mlp
             y, rec = _attention_nominal(block.attn, x)
             x = (1.0 - block.alpha) * x + block.alpha * y
+            outputs.append(x)
             h = x @ mlp.up.weight.detach().to(x.dtype).T
             x = (1.0 - block.alpha) * x + block.alpha * mlp.output_scale * (
                 mlp.act.base(h) @ mlp.down.weight.detach().to(x.dtype).T)
+            outputs.append(x)
             layers.append(convex_residual_layer(block.alpha, SmoothLayer(
-                lambda r, rec=rec: attention_bounds(rec, r))))
-            layers.append(convex_residual_layer(block.alpha, constant_layer(
+                lambda r, rec=rec: attention_bounds(rec, r), jacobian_norm=lambda rec=rec: attention_jacobian_norm(rec))))
+            layers.append(convex_residual_layer(block.alpha, per_token_gelu_layer(
                 *gelu_layer_bounds(mlp.output_scale, mlp.up.weight, mlp.down.weight))))
-        return x[:, -1, :], layers
+        return x[:, -1, :], layers, outputs
 
     scale = model.logit_scale * model.output_mult
     return LocalModel(lambda x: model.project_to_domain(x.double()), body,
@@ -224,12 +275,13 @@ def mlp_local(model) -> LocalModel | None:
     if model.act.base is not F.gelu:
         return None
 
-    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer]]:
-        layers = []
+    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]:
+        layers, outputs = [], []
         for layer in model.layers[:-1]:
             x = model.act.fn(x @ layer.weight.detach().to(x.dtype).T)
-            layers.append(constant_layer(*gelu_layer_bounds(model.act.scale, layer.weight, None)))
-        return x, layers
+            layers.append(per_token_gelu_layer(*gelu_layer_bounds(model.act.scale, layer.weight, None)))
+            outputs.append(x)
+        return x, layers, outputs
 
     return LocalModel(lambda x: x.double(), body, model.output_mult * model.layers[-1].weight.detach().double())
 
@@ -250,7 +302,7 @@ class LocalCertificate:
         self.global_l2 = global_l2
         x0 = local.prepare(x).detach()
         with torch.no_grad():
-            features, self.layers = local.body(x0)
+            features, self.layers, _ = local.body(x0)
         logits = features @ local.head.T
         self.logits = logits
         diff = local.head[labels][:, None, :] - local.head[None, :, :]          # w_j (B, V, d)
@@ -259,29 +311,44 @@ class LocalCertificate:
         self.pair_margins = (true - logits).scatter(1, labels[:, None], float("inf"))
         self.margin = self.pair_margins.min(dim=1).values
         nearest = self.pair_margins.argsort(dim=1)[:, :min(GRADIENT_CLASSES, logits.shape[1] - 1)]
-        jacobian_bound = compose(self.layers, torch.zeros_like(self.margin))[0]  # ≥ ‖∂features/∂x‖ at x0
-        self.gradient_norms = (self.head_norms * jacobian_bound[:, None]).scatter(
-            1, nearest, self._pair_gradient_norms(local, x0, labels, nearest))
+        zero = torch.zeros_like(self.margin)
+        self.nominal_lips = torch.stack([nominal_lip(layer, zero) for layer in self.layers])  # ≥ ‖J_k‖ at x0 (K, B)
+        suffix_lips = torch.cat([self.nominal_lips.flip(0).cumprod(0).flip(0)[1:], torch.ones_like(zero)[None]])
+        jacobian_bound = self.nominal_lips[0] * suffix_lips[0]                    # ≥ ‖∂features/∂x‖ at x0
+        input_norms, stage_norms = self._pair_gradient_norms(local, x0, labels, nearest)
+        self.gradient_norms = (self.head_norms * jacobian_bound[:, None]).scatter(1, nearest, input_norms)
+        stage_bounds = self.head_norms[:, :, None] * suffix_lips.T[:, None, :]   # ‖w_j‖·L_{>k}(0) (B, V, K)
+        self.stage_gradient_norms = torch.minimum(stage_bounds, stage_bounds.scatter(
+            1, nearest[:, :, None].expand(-1, -1, len(self.layers)), stage_norms))
 
-    @staticmethod
-    def _pair_gradient_norms(local: LocalModel, x0: torch.Tensor, labels: torch.Tensor,
-                             classes: torch.Tensor) -> torch.Tensor:
-        """‖∇(z_y − z_j)‖₂ at x0 for the classes j in ``classes`` (B, K), (B, K): autograd in float32,
-        one batched backward pass per column, times 1 + GRADIENT_SLACK for its round-off."""
+    def _pair_gradient_norms(self, local: LocalModel, x0: torch.Tensor, labels: torch.Tensor,
+                             classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the classes j in ``classes`` (B, J): ‖∇(z_y − z_j)‖₂ at x0 (B, J) and the norms of
+        g_{j,k} = ∂(z_y − z_j)/∂h_k at x0 (B, J, K), for per-token layers the largest token's norm.
+        Autograd in float32, one batched backward pass per column, times 1 + GRADIENT_SLACK for its
+        round-off."""
         x0 = x0.float().requires_grad_(True)
-        logits = local.body(x0)[0] @ local.head.float().T
+        features, _, outputs = local.body(x0)
+        logits = features @ local.head.float().T
         n_classes = logits.shape[1]
-        pairs = F.one_hot(labels, n_classes)[None] - F.one_hot(classes.T, n_classes)   # (K, B, V)
-        grads, = torch.autograd.grad(logits, x0, pairs.to(logits.dtype), is_grads_batched=True)
-        return grads.flatten(2).norm(dim=2).T.double() * (1.0 + GRADIENT_SLACK)
+        pairs = F.one_hot(labels, n_classes)[None] - F.one_hot(classes.T, n_classes)   # (J, B, V)
+        grads = torch.autograd.grad(logits, [x0, *outputs], pairs.to(logits.dtype), is_grads_batched=True)
+        stages = [g.reshape(*g.shape[:2], -1, g.shape[-1]).norm(dim=-1).amax(dim=-1) if layer.per_token
+                  else g.flatten(2).norm(dim=2) for g, layer in zip(grads[1:], self.layers)]
+        slack = 1.0 + GRADIENT_SLACK
+        return (grads[0].flatten(2).norm(dim=2).T.double() * slack,
+                torch.stack(stages, dim=-1).transpose(0, 1).double() * slack)
 
     def pair_drops(self, epsilon: torch.Tensor) -> torch.Tensor:
-        """Upper bounds (B, V) on m_j(x) − m_j(x + δ) over ‖δ‖₂ ≤ ε (B,)."""
+        """Upper bounds (B, V) on m_j(x) − m_j(x + δ) over ‖δ‖₂ ≤ ε (B,): the minimum of the
+        telescoped bound ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_kρ_{k−1}², the composed second-order bound
+        ‖∇m_j‖·ε + ½‖w_j‖·β·ε², the first-order ‖w_j‖·ρ_K and the global √2·L_global·ε."""
         eps = epsilon.double().to(self.margin.device)
-        lip, curv = compose(self.layers, eps)
+        bounds = propagate(self.layers, self.nominal_lips, eps)
         e = eps[:, None]
-        drop = torch.minimum(self.gradient_norms * e + 0.5 * self.head_norms * curv[:, None] * e * e,
-                             self.head_norms * lip[:, None] * e)
+        telescoped = self.gradient_norms * e + (self.stage_gradient_norms * bounds.remainders.T[:, None, :]).sum(-1)
+        composed = self.gradient_norms * e + 0.5 * self.head_norms * bounds.curv[:, None] * e * e
+        drop = torch.minimum(torch.minimum(telescoped, composed), self.head_norms * bounds.radius[:, None])
         if self.global_l2 is not None:
             drop = torch.minimum(drop, math.sqrt(2.0) * self.global_l2 * e)
         return drop
