@@ -156,7 +156,7 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
     c = rec.score_scale
     rr = r.view(-1, 1, 1)
     sq, sk, sv = (s.view(1, -1, 1) for s in (rec.sigma_q, rec.sigma_k, rec.sigma_v))
-    causal = torch.ones(rec.probs.shape[-2:], dtype=torch.bool, device=r.device).tril()
+    causal = causal_mask(*rec.probs.shape[-2:], r.device)
     big_q = rec.q.norm(dim=-1) + sq * rr                                         # Q_t (B, H, T)
     k_far = torch.where(causal, rec.k_spread + (sk * rr)[..., None], 0.0)       # k̂_ts (B, H, T, T)
     v_far = torch.where(causal, rec.v_spread + (sv * rr)[..., None], 0.0)
@@ -202,6 +202,19 @@ def attention_jacobian_norm(rec: AttentionRecord) -> torch.Tensor:
     query = c * rec.sigma_q * torch.linalg.matrix_norm(cross, 2).amax(-1)
     key = rec.sigma_k * torch.linalg.matrix_norm(c * probs * rec.v_spread * rec.q.norm(dim=-1)[..., None], 2)
     return rec.out_norm * (value + query + key).pow(2).sum(-1).sqrt()
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """Which keys each of the last ``n_queries`` query positions attends to, (n_queries, n_keys)."""
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)
+
+
+def last_query(rec: AttentionRecord) -> AttentionRecord:
+    """The record of the layer's output at the last position only (queries restricted, keys and
+    values kept): after the last attention layer only that row reaches the margin, as the layers that
+    follow act per token, so its constants (L, β, ‖J‖) may be those of the map onto that row."""
+    return rec._replace(q=rec.q[..., -1:, :], probs=rec.probs[..., -1:, :], k_spread=rec.k_spread[..., -1:, :],
+                        v_spread=rec.v_spread[..., -1:, :])
 
 
 def distance_to_attended_mean(probs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -254,6 +267,7 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
         for block in model.blocks:
             mlp = block.mlp
             y, rec = _attention_nominal(block.attn, x)
+            rec = last_query(rec) if block is model.blocks[-1] else rec
             x = (1.0 - block.alpha) * x + block.alpha * y
             outputs.append(x)
             h = x @ mlp.up.weight.detach().to(x.dtype).T
