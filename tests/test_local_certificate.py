@@ -9,6 +9,7 @@ import torch
 
 from lipflow.config import run_defaults
 import lipflow.evaluation.local_certificate as lc
+from lipflow.evaluation.local_attention import attention_at, attention_bounds, attention_jacobian_norm
 from lipflow.evaluation.local_certificate import local_certificate
 from lipflow.evaluation.robustness import _random_in_ball, certified_radius, lipschitz_ascent, logit_margin, pgd_l2
 from lipflow.model import build_model
@@ -173,7 +174,8 @@ def composed_reference_drops(model, cfg, x, cert, eps, monkeypatch):
         1, nearest, cert.gradient_norms.gather(1, nearest))
     lip, curv = compose(eps)
     e = eps[:, None]
-    drop = torch.minimum(gradients * e + 0.5 * cert.head_norms * curv[:, None] * e * e, cert.head_norms * lip[:, None] * e)
+    drop = torch.minimum(gradients * e + 0.5 * cert.head_norms * curv[:, None] * e * e,
+                         cert.head_norms * lip[:, None] * e)
     return torch.minimum(drop, 2 ** 0.5 * cert.global_l2 * e)
 
 
@@ -216,12 +218,12 @@ def test_the_attention_jacobian_bound_holds_and_is_at_most_the_ball_bound_at_zer
     restrict = lc.last_query if last_only else (lambda rec: rec)
     zero = torch.zeros(len(x), dtype=torch.float64)
     for block in model.blocks:
-        rec = restrict(lc._attention_nominal(block.attn, x)[1])
-        bound = lc.attention_jacobian_norm(rec)
-        found = power_iteration_norm(lambda t: lc._attention_nominal(block.attn, t)[0][:, -1:] if last_only
-                                     else lc._attention_nominal(block.attn, t)[0], x)
+        rec = restrict(attention_at(block.attn, x)[1])
+        bound = attention_jacobian_norm(rec)
+        found = power_iteration_norm(lambda t: attention_at(block.attn, t)[0][:, -1:] if last_only
+                                     else attention_at(block.attn, t)[0], x)
         assert bool((found <= bound * (1 + 1e-9)).all()), (found, bound)
-        assert bool((bound <= lc.attention_bounds(rec, zero)[0] * (1 + 1e-9)).all())
+        assert bool((bound <= attention_bounds(rec, zero)[0] * (1 + 1e-9)).all())
         x = block(x)
 
 
@@ -241,7 +243,7 @@ def test_the_propagated_radius_bounds_how_far_the_scored_features_move(cfg, kind
         radius = lc.propagate(cert.layers, cert.nominal_lips, torch.full((len(x),), eps, dtype=torch.float64)).radius
         moved = eps * lipschitz_ascent(features, x, eps, steps=10, generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
-            draws = [(features(x + _random_in_ball(x.shape, torch.tensor(eps), torch.Generator().manual_seed(s)).double())
+            draws = [(features(x + _random_in_ball(x.shape, torch.tensor(eps), torch.Generator().manual_seed(s)))
                       - features(x)).norm(dim=1) for s in range(8)]
         assert bool((moved <= radius * (1 + 1e-9)).all()), (eps, moved, radius)
         assert bool((torch.stack(draws).max(0).values <= radius * (1 + 1e-9)).all())

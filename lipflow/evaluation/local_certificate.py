@@ -1,26 +1,38 @@
 """Local (per-input) certified robustness: a second-order bound on the logit margin in an ℓ2 ball.
 
 For one input x (the embedded sequence, T × d; ε an ℓ2 norm over the whole sequence, as the global
-certificate's) and each class j ≠ y, the pairwise margin m_j = z_y − z_j of the last position's
-logits obeys, for every ‖δ‖₂ ≤ ε (Taylor with the integral remainder along the segment):
+certificate's) and each class j ≠ y, the pairwise margin m_j = z_y − z_j = w_jᵀ·features of the last
+position's logits (w_j = s·(W_head[y] − W_head[j]); the head is linear) falls over ‖δ‖₂ ≤ ε by at most
+drop_j(ε), the minimum of four sound bounds (so margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε))):
 
-    m_j(x + δ) ≥ m_j(x) − ‖∇m_j(x)‖₂·ε − ½·‖w_j‖₂·β(ε)·ε²,
+1. Telescoped (issue 20). The body is layers h_k = f_k(h_{k−1}), h_0 = x. With Δ_k = h_k(x+δ) − h_k(x)
+   and J_k = Df_k at the nominal point, Taylor with the integral remainder gives Δ_k = J_kΔ_{k−1} + r_k,
+   ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}², where ρ_{k−1} ≥ ‖Δ_{k−1}‖ and β_k(ρ) bounds ‖D²f_k‖ on the ball of
+   radius ρ around h_{k−1}(x). Unrolled, m_j(x+δ) − m_j(x) = ∇m_j·δ + Σ_k g_{j,k}ᵀr_k with
+   g_{j,k} = ∂m_j/∂h_k at x, so  drop_j ≤ ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_k(ρ_{k−1})·ρ_{k−1}².
+   ∇m_j and g_{j,k} are exact (one batched float32 backward pass that also asks for the gradients at
+   the layer outputs, enlarged by GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest
+   margins, and bounded by ‖w_j‖·Π_{i>k} L_i(0) for the others. For a per-token layer (the MLP)
+   r_k's tokens are separate, ‖r_{k,t}‖ ≤ ½β_k‖Δ_{k−1,t}‖², so ‖g_{j,k}‖ becomes max_t ‖g_{j,k,t}‖.
+   Radii: ρ_0 = ε, ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean
+   value; Taylor), with L_k(0) ≥ ‖J_k‖ at the nominal input (``attention_jacobian_norm`` for attention,
+   from the exact nominal probabilities and key/value cross-covariances).
+2. Composed (the first local certificate): ‖∇m_j‖·ε + ½‖w_j‖·β(ε)·ε² with β of the whole stack by
+   the chain rule, β(f∘g) ≤ β_f·L_g² + L_f·β_g. With exact gradients 1 ≤ 2 (g_{j,k} ≤ ‖w_j‖·L_{>k}(0),
+   r_k ≤ ½β_k·L_{<k}²ε²); both are kept.
+3. First order: ‖w_j‖·ρ_K (≤ ‖w_j‖·L(ε)·ε, the stack's Lipschitz constant over the ball).
+4. Global: √2·L_global·ε from the global certificate.
+As ε → 0 the runner-up's drop over ε tends to ‖∇margin(x)‖₂.
 
-where w_j = s·(W_head[y] − W_head[j]), ∇m_j is exact (autograd in float32, enlarged by
-GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest margins and bounded by ‖w_j‖·L(0)
-for the others, and β(ε) bounds the operator norm of the second derivative of the block stack over
-the ball (so ‖w_j‖β bounds m_j's curvature; the head is linear). Two first-order bounds hold too: ‖w_j‖·L(ε)·ε with L(ε) the block
-stack's Lipschitz constant over the ball, and √2·L_global·ε from the global certificate. Each drop
-is sound, so their minimum is; margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε)), and as ε → 0 the drop
-of the runner-up class over ε tends to ‖∇margin(x)‖₂.
-
-L and β compose layer by layer from local constants at this input (β(f∘g) ≤ β_f·L_g² + L_f·β_g;
-a layer's ball has radius L_prefix·ε around its nominal input): the convex residual
-(1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F; attention and MLP as in
-``attention_bounds`` and ``gelu_layer_bounds``. ``lipschitz_gpt``'s input projection onto the RMS ball is
-1-Lipschitz and fixes its own output, so the projected point P(x + δ) lies within ε of P(x) and the
-expansion is taken at P(x). Supported: ``lipschitz_gpt`` and ``mlp`` with GELU (smooth); ReLU has no
-curvature bound and LayerNorm (``gpt``) is not covered (``local_certificate`` returns None).
+The margin reads the last position only, and every layer after the last attention layer acts per
+token, so that attention layer's constants (L, β, ‖J‖) are those of its map onto the last position
+(``last_query``), and the ρ_k after it bound the last token's movement. Layer constants come from the
+input's actual activations: the convex residual (1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F;
+attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer_bounds``).
+``lipschitz_gpt``'s input projection onto the RMS ball is 1-Lipschitz and fixes its own output, so
+P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` and
+``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm (``gpt``) is not covered
+(``local_certificate`` returns None).
 """
 
 from __future__ import annotations
@@ -31,8 +43,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lipflow.evaluation.local_attention import attention_at, attention_bounds, attention_jacobian_norm, last_query
 from lipflow.model.base import LanguageModel, spectral_norm
-from lipflow.model.bound import GELU_MAX_SLOPE, head_spectral_norms
+from lipflow.model.bound import GELU_MAX_SLOPE
 from lipflow.model.lipschitz_gpt import LipschitzGPT
 from lipflow.model.mlp import LipschitzMLP
 
@@ -44,24 +57,6 @@ GRADIENT_SLACK = 1e-4  # relative allowance for the float32 round-off of the mar
 # Shakespeare model (65 classes) 8 give the same radii as all classes, at an eighth of the backward passes.
 GRADIENT_CLASSES = 8
 RADIUS_RANGE = (1e-12, 1e4)
-
-
-class AttentionRecord(NamedTuple):
-    """One attention layer at the nominal input: rotated queries and keys and the values (B, H, T, d_h),
-    the softmax probabilities (B, H, T, T), each key's and value's distance to the query's attended
-    mean (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    probs: torch.Tensor
-    k_spread: torch.Tensor
-    v_spread: torch.Tensor
-    sigma_q: torch.Tensor
-    sigma_k: torch.Tensor
-    sigma_v: torch.Tensor
-    out_norm: float
-    score_scale: float
 
 
 class SmoothLayer(NamedTuple):
@@ -132,119 +127,6 @@ def per_token_gelu_layer(lip: float, curv: float) -> SmoothLayer:
     return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)), per_token=True)
 
 
-def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, β) of one attention layer on the Frobenius ball of radius r (B,) around its nominal input.
-
-    Per head, for every X in the ball: ‖q_t‖ ≤ Q_t = ‖q⁰_t‖ + σ_q·r (RoPE is orthogonal); keys and
-    values lie within k̂_ts = ‖k⁰_s − k̄⁰_t‖ + σ_k·r and v̂_ts = ‖v⁰_s − v̄⁰_t‖ + σ_v·r of the nominal
-    attention-weighted means k̄⁰_t, v̄⁰_t. Softmax ignores a per-row constant, so the scores move by
-    at most Δ_t = c·r·(σ_q·max_s k̂_ts + σ_k·‖q⁰_t‖) after removing c⟨Δq_t, k̄⁰_t⟩, and
-    P_ts ≤ P̂_ts = min(1, P⁰_ts·e^{2Δ_t}). Spreads (variance ≤ mean square distance to any point):
-    S_t² = Σ_s P_ts‖v_s − v̄_t‖² ≤ min(Σ_s P̂_ts v̂_ts², max_s v̂_ts²), likewise K_t² for the keys.
-    With dz = ζ (first order) and ξ (second order) for a direction U (‖U‖_F = 1):
-      Do_t = Σ_s P_ts W_v u_s + Σ_s P_ts(ζ_ts − ζ̄_t)(v_s − v̄_t),
-      D²o_t = 2Σ_s P_ts(ζ_ts − ζ̄_t)W_v u_s + Σ_s P_ts(ξ_ts − ξ̄_t)(v_s − v̄_t)
-              + Σ_s P_ts((ζ_ts − ζ̄_t)² − Var_t ζ)(v_s − v̄_t)   (softmax's Jacobian and Hessian).
-    Centred at ζ_c = c⟨W_q u_t, k̄⁰_t⟩: |ζ_ts − ζ_c| ≤ c(σ_q‖u_t‖k̂_ts + Q_tσ_k‖u_s‖) ≤ c·M_t with
-    M_t = σ_q·max_s k̂_ts + σ_kQ_t, Var_t ζ ≤ Σ_s P_ts(ζ_ts − ζ_c)², |ξ_ts| ≤ 2cσ_qσ_k‖u_t‖‖u_s‖.
-    Weighted Cauchy–Schwarz and Σ_t Σ_s P̂_ts‖u_s‖² ≤ C = max_s Σ_t P̂_ts give
-      L_h = σ_v√C + c·(2σ_q²·max_t S_t²K_t² + 2σ_k²·max_s Σ_t S_t²Q_t²P̂_ts)^½,
-      β_h = 2√2·σ_v·c·(σ_q²·max_t K_t² + σ_k²·max_s Σ_t Q_t²P̂_ts)^½ + 2cσ_qσ_k·max_t S_t
-            + 2√2·c²·(σ_q²·max_t M_t²K_t²S_t² + σ_k²·max_s Σ_t M_t²Q_t²S_t²P̂_ts)^½.
-    The heads stack (ℓ2 over heads) and W_o with its output scale multiplies both.
-    """
-    c = rec.score_scale
-    rr = r.view(-1, 1, 1)
-    sq, sk, sv = (s.view(1, -1, 1) for s in (rec.sigma_q, rec.sigma_k, rec.sigma_v))
-    causal = causal_mask(*rec.probs.shape[-2:], r.device)
-    big_q = rec.q.norm(dim=-1) + sq * rr                                         # Q_t (B, H, T)
-    k_far = torch.where(causal, rec.k_spread + (sk * rr)[..., None], 0.0)       # k̂_ts (B, H, T, T)
-    v_far = torch.where(causal, rec.v_spread + (sv * rr)[..., None], 0.0)
-    k_max = k_far.amax(dim=-1)
-    shift = c * rr * (sq * k_max + sk * rec.q.norm(dim=-1))                      # Δ_t
-    p_hat = torch.where(causal, (rec.probs * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0), 0.0)
-    col = p_hat.sum(dim=-2).amax(dim=-1)                                         # C (B, H)
-    spread_sq = torch.minimum((p_hat * v_far.pow(2)).sum(-1), v_far.pow(2).amax(-1))  # S_t²
-    k_spread_sq = torch.minimum((p_hat * k_far.pow(2)).sum(-1), k_max.pow(2))         # K_t²
-
-    def col_max(weight: torch.Tensor) -> torch.Tensor:
-        """max_s Σ_t weight_t·P̂_ts, (B, H)."""
-        return (weight[..., None] * p_hat).sum(dim=-2).amax(dim=-1)
-
-    sq2, sk2 = sq.squeeze(-1) ** 2, sk.squeeze(-1) ** 2
-    lip_h = (sv.squeeze(-1) * col.sqrt()
-             + c * (2.0 * sq2 * (spread_sq * k_spread_sq).amax(-1)
-                    + 2.0 * sk2 * col_max(spread_sq * big_q.pow(2))).sqrt())
-    m = sq * k_max + sk * big_q
-    curv_h = (2.0 * math.sqrt(2.0) * sv.squeeze(-1) * c
-              * (sq2 * k_spread_sq.amax(-1) + sk2 * col_max(big_q.pow(2))).sqrt()
-              + 2.0 * c * (sq * sk).squeeze(-1) * spread_sq.amax(-1).sqrt()
-              + 2.0 * math.sqrt(2.0) * c * c
-              * (sq2 * (m.pow(2) * k_spread_sq * spread_sq).amax(-1)
-                 + sk2 * col_max(m.pow(2) * big_q.pow(2) * spread_sq)).sqrt())
-    return rec.out_norm * lip_h.pow(2).sum(-1).sqrt(), rec.out_norm * curv_h.pow(2).sum(-1).sqrt()
-
-
-def attention_jacobian_norm(rec: AttentionRecord) -> torch.Tensor:
-    """‖J‖ ≤ bound (B,) for the attention layer's Jacobian at its nominal input, from the exact
-    nominal quantities. Per head, Do_t = Σ_s P_ts W_v u_s + Σ_s P_ts ζ_ts (v_s − v̄_t) with
-    ζ_ts = c(⟨R_t W_q u_t, k_s⟩ + ⟨q_t, R_s W_k u_s⟩) (R the RoPE rotations, orthogonal), three operators:
-    values P ⊗ W_v, norm ‖P‖₂·σ_v (Kronecker); queries u_t ↦ c·M_t R_t W_q u_t, block diagonal with the
-    cross-covariance M_t = Σ_s P_ts (v_s − v̄_t)(k_s − k̄_t)ᵀ, norm ≤ c·σ_q·max_t ‖M_t‖₂; keys
-    y_s = R_s W_k u_s (‖y‖ ≤ σ_k‖U‖) ↦ c Σ_s P_ts (v_s − v̄_t) q_tᵀ y_s, rank-one blocks of norm
-    n_ts = c·P_ts·‖v_s − v̄_t‖·‖q_t‖, so norm ≤ σ_k·‖n‖₂ (Cauchy–Schwarz over t). Each is at most its
-    counterpart in ``attention_bounds`` at r = 0 (‖P‖₂ ≤ √C, ‖M_t‖₂ ≤ S_t·K_t, ‖n‖₂ ≤ that bound's
-    weighted sum). Heads stack (ℓ2), W_o and the output scale multiply."""
-    c, probs = rec.score_scale, rec.probs
-    value = rec.sigma_v * torch.linalg.matrix_norm(probs, 2)
-    cross = (torch.einsum("bhts,bhsi,bhsj->bhtij", probs, rec.v, rec.k)
-             - (probs @ rec.v)[..., :, None] * (probs @ rec.k)[..., None, :])
-    query = c * rec.sigma_q * torch.linalg.matrix_norm(cross, 2).amax(-1)
-    key = rec.sigma_k * torch.linalg.matrix_norm(c * probs * rec.v_spread * rec.q.norm(dim=-1)[..., None], 2)
-    return rec.out_norm * (value + query + key).pow(2).sum(-1).sqrt()
-
-
-def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
-    """Which keys each of the last ``n_queries`` query positions attends to, (n_queries, n_keys)."""
-    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)
-
-
-def last_query(rec: AttentionRecord) -> AttentionRecord:
-    """The record of the layer's output at the last position only (queries restricted, keys and
-    values kept): after the last attention layer only that row reaches the margin, as the layers that
-    follow act per token, so its constants (L, β, ‖J‖) may be those of the map onto that row."""
-    return rec._replace(q=rec.q[..., -1:, :], probs=rec.probs[..., -1:, :], k_spread=rec.k_spread[..., -1:, :],
-                        v_spread=rec.v_spread[..., -1:, :])
-
-
-def distance_to_attended_mean(probs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """‖p_s − Σ_u P_tu p_u‖₂ for every query t and key s, (…, T, T)."""
-    mean = probs @ points
-    sq_dist = (mean.pow(2).sum(-1)[..., :, None] + points.pow(2).sum(-1)[..., None, :]
-               - 2.0 * mean @ points.transpose(-2, -1))
-    return sq_dist.clamp_min(0.0).sqrt()
-
-
-def _attention_nominal(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
-    """``LipschitzAttention`` in float64 with explicit probabilities: (output, its record)."""
-    B, T, C = x.shape
-    H, d_h = attn.n_heads, attn.head_dim
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, T, H, d_h).transpose(1, 2)
-
-    w_q, w_k, w_v, w_o = (m.weight.detach().to(x.dtype) for m in (attn.q, attn.k, attn.v, attn.o))
-    q, k, v = attn.rope(heads(x @ w_q.T)), attn.rope(heads(x @ w_k.T)), heads(x @ w_v.T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal, float("-inf")).softmax(-1)
-    y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
-    sigma = [head_spectral_norms(m.weight, H).double().to(x.device) for m in (attn.q, attn.k, attn.v)]
-    q, k, v, probs = q.detach(), k.detach(), v.detach(), probs.detach()
-    rec = AttentionRecord(q, k, v, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
-                          *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
-    return y, rec
-
-
 Body = Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]]
 
 
@@ -266,7 +148,7 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
         layers, outputs = [], []
         for block in model.blocks:
             mlp = block.mlp
-            y, rec = _attention_nominal(block.attn, x)
+            y, rec = attention_at(block.attn, x)
             rec = last_query(rec) if block is model.blocks[-1] else rec
             x = (1.0 - block.alpha) * x + block.alpha * y
             outputs.append(x)
@@ -275,7 +157,8 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
                 mlp.act.base(h) @ mlp.down.weight.detach().to(x.dtype).T)
             outputs.append(x)
             layers.append(convex_residual_layer(block.alpha, SmoothLayer(
-                lambda r, rec=rec: attention_bounds(rec, r), jacobian_norm=lambda rec=rec: attention_jacobian_norm(rec))))
+                lambda r, rec=rec: attention_bounds(rec, r),
+                jacobian_norm=lambda rec=rec: attention_jacobian_norm(rec))))
             layers.append(convex_residual_layer(block.alpha, per_token_gelu_layer(
                 *gelu_layer_bounds(mlp.output_scale, mlp.up.weight, mlp.down.weight))))
         return x[:, -1, :], layers, outputs
