@@ -19,7 +19,8 @@ from lipflow.model.bound import head_spectral_norms
 class AttentionRecord(NamedTuple):
     """One attention layer at the nominal input: rotated queries and keys and the values (B, H, T, d_h),
     the softmax probabilities (B, H, T, T), each key's and value's distance to the query's attended
-    mean (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c."""
+    mean (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c,
+    and σ_max of the whole W_q, W_k, W_v."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -32,6 +33,7 @@ class AttentionRecord(NamedTuple):
     sigma_v: torch.Tensor
     out_norm: float
     score_scale: float
+    sigma_whole: tuple[float, float, float]
 
 
 def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,9 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
       L_h = σ_v√C + c·(2σ_q²·max_t S_t²K_t² + 2σ_k²·max_s Σ_t S_t²Q_t²P̂_ts)^½,
       β_h = 2√2·σ_v·c·(σ_q²·max_t K_t² + σ_k²·max_s Σ_t Q_t²P̂_ts)^½ + 2cσ_qσ_k·max_t S_t
             + 2√2·c²·(σ_q²·max_t M_t²K_t²S_t² + σ_k²·max_s Σ_t M_t²Q_t²S_t²P̂_ts)^½.
-    The heads stack (ℓ2 over heads) and W_o with its output scale multiplies both.
+    Each term is c_h·‖W u‖-weighted with per-head coefficients, so the heads combine as in
+    ``across_heads`` (stacked, or with the whole matrices' σ and max_h of the coefficient); W_o with its
+    output scale multiplies both.
     """
     c = rec.score_scale
     rr = r.view(-1, 1, 1)
@@ -73,18 +77,35 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
         """max_s Σ_t weight_t·P̂_ts, (B, H)."""
         return (weight[..., None] * p_hat).sum(dim=-2).amax(dim=-1)
 
-    sq2, sk2 = sq.squeeze(-1) ** 2, sk.squeeze(-1) ** 2
-    lip_h = (sv.squeeze(-1) * col.sqrt()
-             + c * (2.0 * sq2 * (spread_sq * k_spread_sq).amax(-1)
-                    + 2.0 * sk2 * col_max(spread_sq * big_q.pow(2))).sqrt())
+    sq2, sk2, sv1 = sq.squeeze(-1) ** 2, sk.squeeze(-1) ** 2, sv.squeeze(-1)
+    wq, wk, wv = rec.sigma_whole
+    query_coef, key_coef = (spread_sq * k_spread_sq).amax(-1), col_max(spread_sq * big_q.pow(2))
+    lip = across_heads([sv1 * col.sqrt(), c * (2.0 * sq2 * query_coef + 2.0 * sk2 * key_coef).sqrt()],
+                       [wv * col.amax(-1).sqrt(),
+                        c * (2.0 * wq ** 2 * query_coef.amax(-1) + 2.0 * wk ** 2 * key_coef.amax(-1)).sqrt()])
     m = sq * k_max + sk * big_q
-    curv_h = (2.0 * math.sqrt(2.0) * sv.squeeze(-1) * c
-              * (sq2 * k_spread_sq.amax(-1) + sk2 * col_max(big_q.pow(2))).sqrt()
-              + 2.0 * c * (sq * sk).squeeze(-1) * spread_sq.amax(-1).sqrt()
-              + 2.0 * math.sqrt(2.0) * c * c
-              * (sq2 * (m.pow(2) * k_spread_sq * spread_sq).amax(-1)
-                 + sk2 * col_max(m.pow(2) * big_q.pow(2) * spread_sq)).sqrt())
-    return rec.out_norm * lip_h.pow(2).sum(-1).sqrt(), rec.out_norm * curv_h.pow(2).sum(-1).sqrt()
+    query_coef, key_coef = k_spread_sq.amax(-1), col_max(big_q.pow(2))
+    spread_max = spread_sq.amax(-1).sqrt()
+    curv = across_heads(
+        [2.0 * math.sqrt(2.0) * c * sv1 * (sq2 * query_coef + sk2 * key_coef).sqrt(),
+         2.0 * c * (sq * sk).squeeze(-1) * spread_max,
+         2.0 * math.sqrt(2.0) * c * c * (sq2 * (m.pow(2) * k_spread_sq * spread_sq).amax(-1)
+                                         + sk2 * col_max(m.pow(2) * big_q.pow(2) * spread_sq)).sqrt()],
+        [2.0 * math.sqrt(2.0) * c * wv * (wq ** 2 * query_coef.amax(-1) + wk ** 2 * key_coef.amax(-1)).sqrt(),
+         2.0 * c * wq * wk * spread_max.amax(-1), None])
+    return rec.out_norm * lip, rec.out_norm * curv
+
+
+def across_heads(per_head: list[torch.Tensor], whole: list[torch.Tensor | None]) -> torch.Tensor:
+    """A bound (B,) for all heads at once from the bounds of terms that add up: per head (B, H), each
+    head's sum stacked (ℓ2 over heads); or term by term (Minkowski), each term the smaller of its
+    stack over heads and its form with the whole matrices' σ (None: none), B, summed; the smaller.
+    The whole form holds where each head's bound is c_h·(Σ_i ‖(W_i U)_h‖²-weighted norms): with
+    Σ_h ‖(W U)_h‖² = ‖W U‖² ≤ σ_max(W)²‖U‖², the heads share max_h c_h."""
+    together = sum(per_head).pow(2).sum(-1).sqrt()
+    apart = sum(h.pow(2).sum(-1).sqrt() if w is None else torch.minimum(h.pow(2).sum(-1).sqrt(), w)
+                for h, w in zip(per_head, whole))
+    return torch.minimum(together, apart)
 
 
 def attention_jacobian_norm(rec: AttentionRecord) -> torch.Tensor:
@@ -96,14 +117,19 @@ def attention_jacobian_norm(rec: AttentionRecord) -> torch.Tensor:
     y_s = R_s W_k u_s (‖y‖ ≤ σ_k‖U‖) ↦ c Σ_s P_ts (v_s − v̄_t) q_tᵀ y_s, rank-one blocks of norm
     n_ts = c·P_ts·‖v_s − v̄_t‖·‖q_t‖, so norm ≤ σ_k·‖n‖₂ (Cauchy–Schwarz over t). Each is at most its
     counterpart in ``attention_bounds`` at r = 0 (‖P‖₂ ≤ √C, ‖M_t‖₂ ≤ S_t·K_t, ‖n‖₂ ≤ that bound's
-    weighted sum). Heads stack (ℓ2), W_o and the output scale multiply."""
+    weighted sum). Heads (``across_heads``): each operator is block diagonal over heads after the whole
+    W_v (W_q, W_k; RoPE rotates within heads), so for all heads the values' norm is also at most
+    σ_max(W_v)·max_h ‖P_h‖₂, likewise the others. W_o and the output scale multiply."""
     c, probs = rec.score_scale, rec.probs
-    value = rec.sigma_v * torch.linalg.matrix_norm(probs, 2)
+    mixing = torch.linalg.matrix_norm(probs, 2)
     cross = (torch.einsum("bhts,bhsi,bhsj->bhtij", probs, rec.v, rec.k)
              - (probs @ rec.v)[..., :, None] * (probs @ rec.k)[..., None, :])
-    query = c * rec.sigma_q * torch.linalg.matrix_norm(cross, 2).amax(-1)
-    key = rec.sigma_k * torch.linalg.matrix_norm(c * probs * rec.v_spread * rec.q.norm(dim=-1)[..., None], 2)
-    return rec.out_norm * (value + query + key).pow(2).sum(-1).sqrt()
+    covariance = c * torch.linalg.matrix_norm(cross, 2).amax(-1)
+    rank_one = torch.linalg.matrix_norm(c * probs * rec.v_spread * rec.q.norm(dim=-1)[..., None], 2)
+    wq, wk, wv = rec.sigma_whole
+    return rec.out_norm * across_heads(
+        [rec.sigma_v * mixing, rec.sigma_q * covariance + rec.sigma_k * rank_one],
+        [wv * mixing.amax(-1), wq * covariance.amax(-1) + wk * rank_one.amax(-1)])
 
 
 def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
@@ -143,5 +169,6 @@ def attention_at(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
     sigma = [head_spectral_norms(m.weight, H).double().to(x.device) for m in (attn.q, attn.k, attn.v)]
     q, k, v, probs = q.detach(), k.detach(), v.detach(), probs.detach()
     rec = AttentionRecord(q, k, v, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
-                          *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
+                          *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale,
+                          tuple(spectral_norm(m.weight) for m in (attn.q, attn.k, attn.v)))
     return y, rec
