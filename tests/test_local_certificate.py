@@ -247,3 +247,45 @@ def test_the_propagated_radius_bounds_how_far_the_scored_features_move(cfg, kind
                       - features(x)).norm(dim=1) for s in range(8)]
         assert bool((moved <= radius * (1 + 1e-9)).all()), (eps, moved, radius)
         assert bool((torch.stack(draws).max(0).values <= radius * (1 + 1e-9)).all())
+
+
+@pytest.mark.parametrize("with_output", [False, True], ids=["gelu", "mlp_block"])
+def test_the_readout_curvature_bounds_the_second_order_remainder_of_a_gelu_layer(with_output):
+    """|wᵀ(f(x+Δ) − f(x) − Df(x)Δ)| ≤ ½κ(w)‖Δ‖² for f = W_out·s·GELU(W_in·), and κ(w) ≤ ‖w‖·β."""
+    g = torch.Generator().manual_seed(8)
+    w_in = torch.randn(48, 16, generator=g, dtype=torch.float64) * 0.8
+    w_out = torch.randn(16, 48, generator=g, dtype=torch.float64) * 0.3 if with_output else None
+    layer = lc.gelu_layer(1.5, w_in, w_out)
+
+    def f(t):
+        h = 1.5 * torch.nn.functional.gelu(t @ w_in.T)
+        return h if w_out is None else h @ w_out.T
+
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64) * 2
+    sizes = torch.logspace(-2, 0.5, 64, dtype=torch.float64)[:, None]
+    delta = torch.randn(64, 16, generator=g, dtype=torch.float64) * sizes
+    readout = torch.randn(64, w_in.shape[0] if w_out is None else 16, generator=g, dtype=torch.float64)
+    linear = torch.func.jvp(f, (x,), (delta,))[1]
+    remainder = (readout * (f(x + delta) - f(x) - linear)).sum(-1).abs()
+    kappa = layer.readout_curvature(readout)
+    assert bool((remainder <= 0.5 * kappa * delta.pow(2).sum(-1) * (1 + 1e-9)).all())
+    assert bool((remainder >= 0.01 * 0.5 * kappa * delta.pow(2).sum(-1)).any())  # not vacuous
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert bool((kappa <= readout.norm(dim=-1) * layer.bounds(zero)[1] * (1 + 1e-9)).all())
+
+
+def test_the_readout_curvature_is_reached_at_the_curvature_peak():
+    """At h = 0 (max GELU'') along W_in's top singular vector with every readout weight 1, the
+    remainder tends to ½κ‖Δ‖²: the constant is attained, not just an upper bound."""
+    w_in = torch.randn(48, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    layer = lc.gelu_layer(1.5, w_in, None)
+    top = torch.linalg.svd(w_in).Vh[0]
+    delta = 1e-3 * top[None]
+    x = torch.zeros_like(delta)
+
+    def f(t):
+        return 1.5 * torch.nn.functional.gelu(t @ w_in.T)
+
+    remainder = (f(x + delta) - f(x) - torch.func.jvp(f, (x,), (delta,))[1]).sum(-1)
+    bound = 0.5 * layer.readout_curvature(torch.ones(1, 48, dtype=torch.float64)) * delta.pow(2).sum(-1)
+    assert float(remainder / bound) == pytest.approx(1.0, abs=1e-3)

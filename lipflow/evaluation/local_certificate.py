@@ -14,6 +14,8 @@ drop_j(ε), the minimum of four sound bounds (so margin(x+δ) ≥ min_{j≠y} (m
    the layer outputs, enlarged by GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest
    margins, and bounded by ‖w_j‖·Π_{i>k} L_i(0) for the others. For a per-token layer (the MLP)
    r_k's tokens are separate, ‖r_{k,t}‖ ≤ ½β_k‖Δ_{k−1,t}‖², so ‖g_{j,k}‖ becomes max_t ‖g_{j,k,t}‖.
+   The last layer's output gradient is w_j itself (float64, every class), and a GELU layer bounds
+   |w_jᵀr_K| ≤ ½κ(w_j)·ρ_{K−1}² directly (``gelu_layer``: κ weighs each hidden unit by |(W_outᵀw_j)_i|).
    Radii: ρ_0 = ε, ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean
    value; Taylor), with L_k(0) ≥ ‖J_k‖ at the nominal input (``attention_jacobian_norm`` for attention,
    from the exact nominal probabilities and key/value cross-covariances).
@@ -66,6 +68,8 @@ class SmoothLayer(NamedTuple):
     bounds: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     per_token: bool = False
     jacobian_norm: Callable[[], torch.Tensor] | None = None  # a tighter bound on L(0) = ‖J‖ at the nominal input
+    # κ(w) (…) for readouts w (…, d) of one token's output: |wᵀ·D²f[Δ, Δ]| ≤ κ(w)·‖Δ‖² on any ball
+    readout_curvature: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def nominal_lip(layer: SmoothLayer, zero: torch.Tensor) -> torch.Tensor:
@@ -77,11 +81,13 @@ def nominal_lip(layer: SmoothLayer, zero: torch.Tensor) -> torch.Tensor:
 
 class Propagation(NamedTuple):
     """Bounds over the ε-ball (each (B,)) carried through the layers: ``lip`` and ``curv`` (L, β of the
-    whole stack), ``radius`` (ρ_K ≥ ‖Δh_K‖) and ``remainders`` (K, B): ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}²."""
+    whole stack), ``radius`` (ρ_K ≥ ‖Δh_K‖), the layers' input radii ρ_{k−1} and ``remainders`` (both
+    (K, B)): ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}²."""
 
     lip: torch.Tensor
     curv: torch.Tensor
     radius: torch.Tensor
+    input_radii: torch.Tensor
     remainders: torch.Tensor
 
 
@@ -90,22 +96,24 @@ def propagate(layers: list[SmoothLayer], nominal_lips: torch.Tensor, epsilon: to
     ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean value; Taylor at the
     nominal point, ‖J_k‖ ≤ L_k(0) = ``nominal_lips[k]``); L and β compose by the chain rule,
     β(f∘g) ≤ β_f·L_g² + L_f·β_g."""
-    lip, curv, radius, remainders = torch.ones_like(epsilon), torch.zeros_like(epsilon), epsilon, []
+    lip, curv, radius, radii, remainders = torch.ones_like(epsilon), torch.zeros_like(epsilon), epsilon, [], []
     for layer, nominal_lip in zip(layers, nominal_lips):
+        radii.append(radius)
         layer_lip, layer_curv = layer.bounds(radius)
         remainders.append(0.5 * layer_curv * radius * radius)
         lip, curv = layer_lip * lip, layer_curv * lip * lip + layer_lip * curv
         radius = torch.minimum(layer_lip * radius, nominal_lip * radius + remainders[-1])
-    return Propagation(lip, curv, radius, torch.stack(remainders))
+    return Propagation(lip, curv, radius, torch.stack(radii), torch.stack(remainders))
 
 
 def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
-    """x ↦ (1−α)x + α·F(x): L = (1−α) + α·L_F, β = α·β_F."""
+    """x ↦ (1−α)x + α·F(x): L = (1−α) + α·L_F, β = α·β_F, κ(w) = α·κ_F(w)."""
     def bounds(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lip, curv = branch.bounds(r)
         return (1.0 - alpha) + alpha * lip, alpha * curv
     jacobian_norm = None if branch.jacobian_norm is None else lambda: (1.0 - alpha) + alpha * branch.jacobian_norm()
-    return SmoothLayer(bounds, branch.per_token, jacobian_norm)
+    readout = None if branch.readout_curvature is None else lambda w: alpha * branch.readout_curvature(w)
+    return SmoothLayer(bounds, branch.per_token, jacobian_norm, readout)
 
 
 def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> tuple[float, float]:
@@ -123,8 +131,17 @@ def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | No
             scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm)
 
 
-def per_token_gelu_layer(lip: float, curv: float) -> SmoothLayer:
-    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)), per_token=True)
+def gelu_layer(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> SmoothLayer:
+    """x ↦ W_out·scale·GELU(W_in·x) per token: ``gelu_layer_bounds``, and for a readout w,
+    wᵀD²f[Δ, Δ] = scale·Σ_i (W_outᵀw)_i·GELU''(h_i)·(W_inΔ)_i², so
+    κ(w) = scale·max|GELU''|·σ_max(W_in)²·max_i |(W_outᵀw)_i|."""
+    lip, curv = gelu_layer_bounds(scale, w_in, w_out)
+    gain = scale * GELU_MAX_CURVATURE * spectral_norm(w_in) ** 2
+
+    def readout_curvature(w: torch.Tensor) -> torch.Tensor:
+        return gain * (w if w_out is None else w @ w_out.detach().to(w.dtype)).abs().amax(dim=-1)
+
+    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)), True, None, readout_curvature)
 
 
 Body = Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]]
@@ -159,8 +176,8 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
             layers.append(convex_residual_layer(block.alpha, SmoothLayer(
                 lambda r, rec=rec: attention_bounds(rec, r),
                 jacobian_norm=lambda rec=rec: attention_jacobian_norm(rec))))
-            layers.append(convex_residual_layer(block.alpha, per_token_gelu_layer(
-                *gelu_layer_bounds(mlp.output_scale, mlp.up.weight, mlp.down.weight))))
+            layers.append(convex_residual_layer(block.alpha, gelu_layer(mlp.output_scale, mlp.up.weight,
+                                                                         mlp.down.weight)))
         return x[:, -1, :], layers, outputs
 
     scale = model.logit_scale * model.output_mult
@@ -176,7 +193,7 @@ def mlp_local(model) -> LocalModel | None:
         layers, outputs = [], []
         for layer in model.layers[:-1]:
             x = model.act.fn(x @ layer.weight.detach().to(x.dtype).T)
-            layers.append(per_token_gelu_layer(*gelu_layer_bounds(model.act.scale, layer.weight, None)))
+            layers.append(gelu_layer(model.act.scale, layer.weight, None))
             outputs.append(x)
         return x, layers, outputs
 
@@ -217,6 +234,8 @@ class LocalCertificate:
         stage_bounds = self.head_norms[:, :, None] * suffix_lips.T[:, None, :]   # ‖w_j‖·L_{>k}(0) (B, V, K)
         self.stage_gradient_norms = torch.minimum(stage_bounds, stage_bounds.scatter(
             1, nearest[:, :, None].expand(-1, -1, len(self.layers)), stage_norms))
+        last = self.layers[-1]  # its output gradient is w_j itself, at the scored token
+        self.readout_curvature = None if last.readout_curvature is None else last.readout_curvature(diff)
 
     def _pair_gradient_norms(self, local: LocalModel, x0: torch.Tensor, labels: torch.Tensor,
                              classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +262,11 @@ class LocalCertificate:
         eps = epsilon.double().to(self.margin.device)
         bounds = propagate(self.layers, self.nominal_lips, eps)
         e = eps[:, None]
-        telescoped = self.gradient_norms * e + (self.stage_gradient_norms * bounds.remainders.T[:, None, :]).sum(-1)
+        stages = self.stage_gradient_norms * bounds.remainders.T[:, None, :]          # (B, V, K)
+        if self.readout_curvature is not None:
+            last_input = bounds.input_radii[-1][:, None]
+            stages[..., -1] = torch.minimum(stages[..., -1], 0.5 * self.readout_curvature * last_input * last_input)
+        telescoped = self.gradient_norms * e + stages.sum(-1)
         composed = self.gradient_norms * e + 0.5 * self.head_norms * bounds.curv[:, None] * e * e
         drop = torch.minimum(torch.minimum(telescoped, composed), self.head_norms * bounds.radius[:, None])
         if self.global_l2 is not None:
