@@ -9,8 +9,9 @@ steps with ``Trainer.run()`` (writing a real run directory), time ``--rounds`` f
 ``Trainer.train_step()`` calls (median = one step), then time every registered evaluation
 (``lipflow.evaluation.EVALUATIONS``: val, robustness, precision, rank, sharpness) once on the
 evaluate stage's context for that run directory (``build_context``: load the checkpoint and the
-windows; built once per run and timed separately, as each evaluate job pays it once more; rank
-also pays the train and val losses it reads), and the local certificate alone (``local_certificate``
+windows, and fill the parameters read from the data such as rank's n_train; timed once per run and
+built afresh, untimed, for each evaluation, as each evaluate job pays it once more; an evaluation
+that reads the train or val loss pays for it, as in the pipeline), and the local certificate alone (``local_certificate``
 and its radii, issue 20) for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it
 covers. Evaluation parameters: each evaluation's schema defaults (what the pipeline passes today); --quick
 overrides some with the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
                      row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
             for evaluation in EVALUATIONS.names():
-                ctx.cfg = evaluation_params(evaluation, **(QUICK_PARAMS.get(evaluation, {}) if args.quick else {}))
+                params = evaluation_params(evaluation, **(QUICK_PARAMS.get(evaluation, {}) if args.quick else {}))
+                ctx = build_context(run_dir, data, params, device)[0]  # fills the params read from the data
                 torch.manual_seed(0)
                 _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
                 table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])
