@@ -68,6 +68,28 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
                                                  ".parquet, or results/bench/quick/<bench>.parquet with --quick)")
 
 
+def add_torch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` and ``--threads`` options of the benches that time torch code."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
+                                                     "1 is steadier on a machine shared with other work)")
+
+
+def torch_setup(args: argparse.Namespace):
+    """Apply ``--threads``, resolve ``--device`` and print the machine line; returns the device and its
+    label for the rows (torch is imported here, so the other benches never load it)."""
+    import torch
+
+    from lipflow.metrics import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    label = device_label(str(device))
+    print(f"machine: {machine()}; device: {label}; torch threads: {torch.get_num_threads()}")
+    return device, label
+
+
 def save_rows(args: argparse.Namespace, bench: str, rows: list[dict[str, Any]]) -> None:
     """Append ``rows`` to ``--out``, else to the default file of ``bench`` for a full or a ``--quick``
     run, and say where."""
@@ -158,10 +180,9 @@ def default_shards(work: Path, text: Path | None = None) -> Path:
     from lipflow.data.corpus import CorpusConfig, build_corpus
     from lipflow.data.tokenize import TokenizerConfig, tokenize_corpus
 
-    corpus = CorpusConfig(name="pydoc") if text is None else \
-        CorpusConfig(name=text.stem, source="files", paths=(str(text),))
-    build_corpus(corpus, work / "corpus")
-    tokenize_corpus(TokenizerConfig(kind="char"), work / "corpus", work / "char")
+    block = {"name": "pydoc"} if text is None else {"name": text.stem, "source": "files", "paths": [str(text)]}
+    build_corpus(CorpusConfig.from_dict(block), work / "corpus")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), work / "corpus", work / "char")
     return work / "char"
 
 

@@ -41,10 +41,9 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, alternating_timings, device_label, machine,  # noqa: E402
-                          print_table, row, save_rows)
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, print_table,  # noqa: E402
+                          row, save_rows, torch_setup)
 from lipflow.constraints import StepContext, msign, soft_cap_alpha, spectral_hard_cap, spectral_soft_cap  # noqa: E402
-from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.optimizers import MUON_NS_COEFFICIENTS, newton_schulz, newton_schulz_peak  # noqa: E402
 
 BENCH = "constraints"
@@ -116,18 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="one round, no warmup, and sizes 256 and 512 unless --sizes is given (seconds)")
     parser.add_argument("--sizes", type=int, nargs="+", help="matrix sizes (default 256 512 1024 2048 4096)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per pair (median kept)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
-                                                     "1 is steadier on a machine shared with other work)")
+    add_torch_arguments(parser)
     add_out_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device, dev = torch_setup(args)
     sizes = args.sizes or ([256, 512] if args.quick else [256, 512, 1024, 2048, 4096])
     rounds = 1 if args.quick else args.rounds
-    dev = device_label(str(device))
-    print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
     rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
     for n in sizes:
         large = device.type == "cpu" and n >= LARGE_ON_CPU

@@ -9,8 +9,9 @@ steps with ``Trainer.run()`` (writing a real run directory), time ``--rounds`` f
 ``Trainer.train_step()`` calls (median = one step), then time every registered evaluation
 (``lipflow.evaluation.EVALUATIONS``: val, robustness, precision, rank, sharpness) once on the
 evaluate stage's context for that run directory (``build_context``: load the checkpoint and the
-windows; built once per run and timed separately, as each evaluate job pays it once more; rank
-also pays the train and val losses it reads), and the local certificate alone (``local_certificate``
+windows, and fill the parameters read from the data such as rank's n_train; timed once per run and
+built afresh, untimed, for each evaluation, as each evaluate job pays it once more; an evaluation
+that reads the train or val loss pays for it, as in the pipeline), and the local certificate alone (``local_certificate``
 and its radii, issue 20) for ``LOCAL_SEQUENCES`` val windows of the context's length on the models it
 covers. Evaluation parameters: each evaluation's schema defaults (what the pipeline passes today); --quick
 overrides some with the smaller ``QUICK_PARAMS``. cost = evaluation seconds / step seconds. Rows go to
@@ -37,13 +38,12 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
-                          machine, print_table, row, run_configs, save_rows, synchronize)
+from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
+                          default_shards, print_table, row, run_configs, save_rows, synchronize, torch_setup)
 from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
-from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "evals"
@@ -89,20 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 training steps and QUICK_PARAMS (seconds)")
     parser.add_argument("--train-steps", type=int, default=50, help="steps trained before evaluating")
     parser.add_argument("--rounds", type=int, default=10, help="timed training steps (median kept)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
-                                                     "1 is steadier on a machine shared with other work)")
+    add_torch_arguments(parser)
     add_out_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dev = device_label(str(device))
+    device, dev = torch_setup(args)
     train_steps, rounds = (2, 3) if args.quick else (args.train_steps, args.rounds)
     defaults, runs = default_runs()
     configs = run_configs({**defaults, "steps": train_steps, "eval_every": train_steps, "checkpoint_every": 0,
                            "device": args.device}, runs)
-    print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
     rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -120,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [row(BENCH, f"{name}.build_context_time", build_s, "s", dev),
                      row(BENCH, f"{name}.build_context_over_train_step", build_s / step_s, "x", dev)]
             for evaluation in EVALUATIONS.names():
-                ctx.cfg = evaluation_params(evaluation, **(QUICK_PARAMS.get(evaluation, {}) if args.quick else {}))
+                params = evaluation_params(evaluation, **(QUICK_PARAMS.get(evaluation, {}) if args.quick else {}))
+                ctx = build_context(run_dir, data, params, device)[0]  # fills the params read from the data
                 torch.manual_seed(0)
                 _, eval_s = timed(lambda: EVALUATIONS.get(evaluation)(ctx), str(device))
                 table.append([label, evaluation, eval_s * 1e3, eval_s / step_s])

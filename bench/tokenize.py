@@ -48,19 +48,20 @@ TINY_SHAKESPEARE = Path(_HERE).parent.parent / "shared" / "data" / "tinyshakespe
 
 def build_input(work: Path, text: Path | None, copies: int) -> Path:
     if text is None:
-        build_corpus(CorpusConfig(name="bench"), work / "corpus")
+        build_corpus(CorpusConfig.from_dict({"name": "bench"}), work / "corpus")
     else:
         body = text.read_text(encoding="utf-8")
         (work / "input.txt").write_text("\n\n".join([body] * copies), encoding="utf-8")
-        files = CorpusConfig(name="bench", source="files", paths=(str(work / "input.txt"),))
+        files = CorpusConfig.from_dict({"name": "bench", "source": "files", "paths": [str(work / "input.txt")]})
         build_corpus(files, work / "corpus")
     return work / "corpus"
 
 
 def measure(kind: str, corpus: Path, work: Path, rounds: int, batch_docs: int) -> dict[str, float]:
-    trained = tokenize_corpus(TokenizerConfig(kind=kind, vocab_size=512), corpus, work / f"{kind}-trained")
+    trained_cfg = TokenizerConfig.from_dict({"kind": kind, "vocab_size": 512})
+    trained = tokenize_corpus(trained_cfg, corpus, work / f"{kind}-trained")
     tokenizer_json = str(work / f"{kind}-trained" / "tokenizer.json")
-    stage_cfg = TokenizerConfig(kind="file", path=tokenizer_json, batch_docs=batch_docs)
+    stage_cfg = TokenizerConfig.from_dict({"kind": "file", "path": tokenizer_json, "batch_docs": batch_docs})
     docs = [text for split in ("train", "val") for text in iter_texts(corpus / f"{split}.jsonl")]
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
 

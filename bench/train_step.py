@@ -63,9 +63,8 @@ from typing import Any, Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, alternating_timings, default_shards, device_label,  # noqa: E402
-                          machine, print_table, row, run_configs, save_rows)
-from lipflow.metrics import resolve_device  # noqa: E402
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, default_shards,  # noqa: E402
+                          print_table, row, run_configs, save_rows, torch_setup)
 from lipflow.train.trainer import Trainer  # noqa: E402
 from lipflow.train.update import project_matrices_  # noqa: E402
 
@@ -111,8 +110,10 @@ def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
     with open(work / "words.jsonl", "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"text": " ".join(f"w{i}" for i in doc)}) + "\n")
-    build_corpus(CorpusConfig(name="words", source="jsonl", paths=(str(work / "words.jsonl"),)), work / "corpus")
-    tokenize_corpus(TokenizerConfig(kind="file", path=str(work / "words.json")), work / "corpus", work / "words")
+    corpus = CorpusConfig.from_dict({"name": "words", "source": "jsonl", "paths": [str(work / "words.jsonl")]})
+    build_corpus(corpus, work / "corpus")
+    tokenizer_cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(work / "words.json")})
+    tokenize_corpus(tokenizer_cfg, work / "corpus", work / "words")
     return work / "words"
 
 
@@ -161,23 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="override the shape's batch size")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per arm (median kept)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
-                                                     "1 is steadier on a machine shared with other work)")
+    add_torch_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key compile)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device, dev = torch_setup(args)
     shape_name = args.shape or ("quick" if args.quick else "gpt2-124m" if device.type == "cuda" else "cpu")
     shape = dict(SHAPES[shape_name])
     vocab = shape.pop("vocab")
     if args.batch_size:
         shape["batch_size"] = args.batch_size
     rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
-    dev = device_label(str(device))
-    print(f"machine: {machine()}; device: {dev}; torch threads: {torch.get_num_threads()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -20,6 +20,7 @@ import torch
 from pydoc_data import topics
 from tokenizers import Tokenizer
 
+from lipflow.config import ConfigError, check_config, load_schema
 from lipflow.data import DataError
 from lipflow.data.corpus import PARAGRAPH_DOC_CHARS, CorpusConfig, _paragraph_documents, build_corpus, split_of
 from lipflow.data.loader import TokenShards, load_tokenizer
@@ -65,11 +66,47 @@ def direct_stream(tokenizer: Tokenizer, docs: list[str], eot_id: int) -> list[in
     return out
 
 
+# ---------------------------------------------------------------- config blocks
+
+
+DATA_CONFIGS = {"corpus": CorpusConfig, "tokenizer": TokenizerConfig}
+
+
+@pytest.mark.parametrize("block", list(DATA_CONFIGS))
+def test_the_schema_is_the_one_owner_of_the_data_blocks_defaults(block):
+    config_class = DATA_CONFIGS[block]
+    fields = dataclasses.fields(config_class)
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+    properties = load_schema()["properties"][block]["properties"]
+    assert {f.name for f in fields} == set(properties)
+    filled = config_class.from_dict({})
+    for key, spec in properties.items():
+        default = tuple(spec["default"]) if isinstance(spec["default"], list) else spec["default"]
+        assert getattr(filled, key) == default, key
+
+
+@pytest.mark.parametrize(("block", "values", "expected"), [
+    ("corpus", {"source": "embedded", "paths": ["x.txt"]}, "corpus.paths must be empty for corpus.source 'embedded'"),
+    ("corpus", {"source": "parquet"}, "corpus.paths is empty; corpus.source 'parquet' needs a path or glob"),
+    ("tokenizer", {"kind": "file"}, "tokenizer.path is required when tokenizer.kind is 'file'"),
+    ("corpus", {"val_fraction": 0}, "corpus.val_fraction: 0 is less than or equal to the minimum of 0"),
+    ("corpus", {"name": "a/b"}, "corpus.name: 'a/b' is not allowed"),
+    ("tokenizer", {"batch_docs": 0}, "tokenizer.batch_docs: 0 is less than the minimum of 1"),
+])
+def test_a_stage_refuses_a_data_block_as_the_config_check_does(block, values, expected):
+    with pytest.raises(DataError) as stage:
+        DATA_CONFIGS[block].from_dict(values)
+    with pytest.raises(ConfigError) as config:
+        check_config({block: values})
+    assert str(stage.value).startswith(expected)
+    assert str(config.value) == f"config error: {stage.value}"
+
+
 # ---------------------------------------------------------------- corpus sources
 
 
 def test_embedded_source_is_the_pydoc_topics(tmp_path):
-    summary = build_corpus(CorpusConfig(name="pydoc"), tmp_path / "c")
+    summary = build_corpus(CorpusConfig.from_dict({"name": "pydoc"}), tmp_path / "c")
     train, val = corpus_texts(tmp_path / "c")
     assert sorted(train + val) == sorted(t for t in TOPICS if t.strip())
     for split, docs in (("train", train), ("val", val)):
@@ -83,7 +120,8 @@ def test_files_source_one_document_per_file_through_a_glob(tmp_path):
     for i, doc in enumerate(docs):
         (tmp_path / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
     (tmp_path / "ignored.md").write_text("not matched by the glob")
-    build_corpus(CorpusConfig(source="files", paths=(str(tmp_path / "*.txt"),), val_fraction=0.3), tmp_path / "c")
+    cfg = CorpusConfig.from_dict({"source": "files", "paths": [str(tmp_path / "*.txt")], "val_fraction": 0.3})
+    build_corpus(cfg, tmp_path / "c")
     train, val = corpus_texts(tmp_path / "c")
     assert sorted(train + val) == sorted(docs)
 
@@ -97,14 +135,15 @@ def test_single_file_is_cut_into_paragraph_groups_that_rebuild_it(tmp_path):
     assert len(docs) > 100
     for doc in docs[:-1]:
         assert len(doc) >= PARAGRAPH_DOC_CHARS and doc.endswith("\n") and doc.splitlines()[-1].strip() == ""
-    build_corpus(CorpusConfig(source="files", paths=(str(path),)), tmp_path / "c")
+    build_corpus(CorpusConfig.from_dict({"source": "files", "paths": [str(path)]}), tmp_path / "c")
     train, val = corpus_texts(tmp_path / "c")
     assert sorted(train + val) == sorted(d for d in docs if d.strip()) and val and train
 
 
 @pytest.mark.skipif(not TINY_SHAKESPEARE.exists(), reason="Tiny Shakespeare is not on this machine")
 def test_tiny_shakespeare_single_file_builds_both_splits(tmp_path):
-    summary = build_corpus(CorpusConfig(source="files", paths=(str(TINY_SHAKESPEARE),)), tmp_path / "c")
+    cfg = CorpusConfig.from_dict({"source": "files", "paths": [str(TINY_SHAKESPEARE)]})
+    summary = build_corpus(cfg, tmp_path / "c")
     counts = summary["splits"]
     assert counts["train"]["chars"] + counts["val"]["chars"] == len(TINY_SHAKESPEARE.read_text(encoding="utf-8"))
     assert counts["val"]["documents"] >= 20 and counts["train"]["documents"] >= 200
@@ -116,7 +155,8 @@ def test_jsonl_source_reads_the_named_column(tmp_path):
         for i, d in enumerate(docs):
             f.write(json.dumps({"id": i, "body": d}) + "\n")
         f.write("\n" + json.dumps({"id": -1, "body": None}) + "\n")  # blank line and null: no document
-    build_corpus(CorpusConfig(source="jsonl", paths=(str(tmp_path / "a.jsonl"),), text_column="body"), tmp_path / "c")
+    cfg = CorpusConfig.from_dict({"source": "jsonl", "paths": [str(tmp_path / "a.jsonl")], "text_column": "body"})
+    build_corpus(cfg, tmp_path / "c")
     train, val = corpus_texts(tmp_path / "c")
     assert sorted(train + val) == sorted(docs)
 
@@ -125,7 +165,7 @@ def test_parquet_source_streams_the_named_column(tmp_path):
     docs = TOPICS[:50]
     table = pa.table({"id": list(range(len(docs) + 1)), "body": docs + [None]})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=7)
-    cfg = CorpusConfig(source="parquet", paths=(str(tmp_path / "*.parquet"),), text_column="body")
+    cfg = CorpusConfig.from_dict({"source": "parquet", "paths": [str(tmp_path / "*.parquet")], "text_column": "body"})
     build_corpus(cfg, tmp_path / "c")
     train, val = corpus_texts(tmp_path / "c")
     assert sorted(train + val) == sorted(docs)
@@ -139,7 +179,7 @@ def test_split_is_deterministic_disjoint_order_free_and_seeded(tmp_path):
     for i, d in enumerate(docs):
         (tmp_path / f"{i:03d}.txt").write_text(d)
     paths = [str(tmp_path / f"{i:03d}.txt") for i in range(300)]
-    cfg = CorpusConfig(source="files", paths=tuple(paths), val_fraction=0.2)
+    cfg = CorpusConfig.from_dict({"source": "files", "paths": paths, "val_fraction": 0.2})
     build_corpus(cfg, tmp_path / "a")
     build_corpus(cfg, tmp_path / "again")
     build_corpus(dataclasses.replace(cfg, paths=tuple(reversed(paths))), tmp_path / "reversed")
@@ -167,7 +207,7 @@ def test_char_tokenizer_round_trips_and_maps_unseen_val_chars_to_unk(tmp_path):
     train, val = TOPICS[:20], ["caf\u00e9 \u00a7 \u4e2d", TOPICS[30]]
     assert not {"\u00a7", "\u4e2d"} & set("".join(train))
     corpus = make_corpus_dir(tmp_path / "c", train, val)
-    manifest = tokenize_corpus(TokenizerConfig(kind="char", batch_docs=3), corpus, tmp_path / "t")
+    manifest = tokenize_corpus(TokenizerConfig.from_dict({"kind": "char", "batch_docs": 3}), corpus, tmp_path / "t")
     vocab = json.loads((tmp_path / "t" / "tokenizer.json").read_text())["model"]["vocab"]
     assert vocab[EOT] == manifest["eot_id"] == 0 and vocab[UNK] == 1
     assert set(vocab) - {EOT, UNK} == set("".join(train))
@@ -187,7 +227,7 @@ TRICKY_TEXTS = ["", "caf\u00e9 vs cafe\u0301", "emoji \U0001F600 and \U0010FFFF"
 
 def test_char_table_equals_encode_batch_fast_on_unseen_and_astral_characters(tmp_path):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:5] + ["caf\u00e9 \U0001F600"], TOPICS[5:6])
-    tokenize_corpus(TokenizerConfig(kind="char"), corpus, tmp_path / "t")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), corpus, tmp_path / "t")
     tokenizer = load_tokenizer(tmp_path / "t")
     tokenizer.encode_special_tokens = True
     table = CharTable.of(tokenizer)
@@ -200,8 +240,8 @@ def test_char_table_equals_encode_batch_fast_on_unseen_and_astral_characters(tmp
 
 def test_char_table_is_only_used_for_pure_character_tokenizers(tmp_path):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
-    tokenize_corpus(TokenizerConfig(kind="bpe", vocab_size=300), corpus, tmp_path / "bpe")
-    tokenize_corpus(TokenizerConfig(kind="char"), corpus, tmp_path / "char")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "bpe", "vocab_size": 300}), corpus, tmp_path / "bpe")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), corpus, tmp_path / "char")
     assert CharTable.of(load_tokenizer(tmp_path / "bpe")) is None  # merges
     spec = json.loads((tmp_path / "char" / "tokenizer.json").read_text())
     for key, value in (("normalizer", {"type": "Lowercase"}), ("fuse_unk", True)):
@@ -213,7 +253,8 @@ def test_char_table_is_only_used_for_pure_character_tokenizers(tmp_path):
     lower = json.loads(json.dumps(spec))
     lower["normalizer"] = {"type": "Lowercase"}
     (tmp_path / "lower.json").write_text(json.dumps(lower))
-    manifest = tokenize_corpus(TokenizerConfig(kind="file", path=str(tmp_path / "lower.json")), corpus, tmp_path / "t")
+    cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(tmp_path / "lower.json")})
+    manifest = tokenize_corpus(cfg, corpus, tmp_path / "t")
     reference = Tokenizer.from_str(json.dumps(lower))
     assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(reference, TOPICS[10:12], manifest["eot_id"])
 
@@ -225,7 +266,7 @@ def test_bpe_is_trained_on_the_train_split_only(tmp_path):
     assert "zq" not in "".join(train)
     def vocab_after(training_docs: list[str], name: str) -> dict[str, int]:
         corpus = make_corpus_dir(tmp_path / f"c{name}", training_docs, val)
-        tokenize_corpus(TokenizerConfig(kind="bpe", vocab_size=400), corpus, tmp_path / f"t{name}")
+        tokenize_corpus(TokenizerConfig.from_dict({"kind": "bpe", "vocab_size": 400}), corpus, tmp_path / f"t{name}")
         return json.loads((tmp_path / f"t{name}" / "tokenizer.json").read_text())["model"]["vocab"]
     assert not [t for t in vocab_after(train, "train") if "zq" in t]
     assert [t for t in vocab_after(train + val, "leak") if "zq" in t]  # the check can see a leak
@@ -235,7 +276,8 @@ def test_manifest_hashes_counts_and_dtypes_match_the_files(tmp_path):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:30], TOPICS[30:36])
     for kind, dtype in (("char", "uint8"), ("bpe", "uint16")):
         out = tmp_path / kind
-        manifest = tokenize_corpus(TokenizerConfig(kind=kind, vocab_size=512, shard_tokens=20_000), corpus, out)
+        cfg = TokenizerConfig.from_dict({"kind": kind, "vocab_size": 512, "shard_tokens": 20_000})
+        manifest = tokenize_corpus(cfg, corpus, out)
         assert manifest["dtype"] == dtype
         assert manifest["tokenizer"]["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
         for split, docs in (("train", TOPICS[:30]), ("val", TOPICS[30:36])):
@@ -259,7 +301,8 @@ def test_dtype_is_the_smallest_unsigned_type_that_fits(vocab, dtype):
 def test_tiny_shards_concatenate_to_the_direct_encoding(tmp_path):
     train, val = TOPICS[:12], TOPICS[12:15]
     corpus = make_corpus_dir(tmp_path / "c", train, val)
-    cfg = TokenizerConfig(kind="bpe", vocab_size=300, shard_tokens=197, batch_docs=2)
+    # shards of 197 tokens, below the schema's minimum: the full field set, bypassing from_dict
+    cfg = TokenizerConfig(kind="bpe", vocab_size=300, path=None, shard_tokens=197, batch_docs=2)
     manifest = tokenize_corpus(cfg, corpus, tmp_path / "t")
     tokenizer = Tokenizer.from_file(str(tmp_path / "t" / "tokenizer.json"))
     for split, docs in (("train", train), ("val", val)):
@@ -271,7 +314,7 @@ def test_tiny_shards_concatenate_to_the_direct_encoding(tmp_path):
 
 def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
-    tokenize_corpus(TokenizerConfig(kind="bpe", vocab_size=300), corpus, tmp_path / "bpe")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "bpe", "vocab_size": 300}), corpus, tmp_path / "bpe")
     spec = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
     spec["added_tokens"] = []  # drop <|endoftext|> from the special tokens (the id stays in the model vocab)
     del spec["model"]["vocab"][EOT]
@@ -280,7 +323,8 @@ def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
     user = Tokenizer.from_file(str(tmp_path / "user.json"))
     assert len(user.encode(TOPICS[10]).ids) == 8  # the stage must not truncate documents
     user.no_truncation()
-    manifest = tokenize_corpus(TokenizerConfig(kind="file", path=str(tmp_path / "user.json")), corpus, tmp_path / "t")
+    cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(tmp_path / "user.json")})
+    manifest = tokenize_corpus(cfg, corpus, tmp_path / "t")
     assert manifest["eot_token"] == EOT and manifest["eot_id"] == user.get_vocab_size()  # appended after the vocab
     assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(user, TOPICS[10:12], manifest["eot_id"])
 
@@ -295,7 +339,9 @@ VAL_DOCS = [TOPICS[0][:700], TOPICS[1][:500]]  # every character also occurs in 
 def small_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shards")
     corpus = make_corpus_dir(root / "c", TOPICS[:8], VAL_DOCS)
-    tokenize_corpus(TokenizerConfig(kind="char", shard_tokens=1000), corpus, root / "t")
+    # shards of 1,000 tokens, below the schema's minimum: the full field set, bypassing from_dict
+    cfg = TokenizerConfig(kind="char", vocab_size=512, path=None, shard_tokens=1000, batch_docs=1000)
+    tokenize_corpus(cfg, corpus, root / "t")
     return root / "t"
 
 
@@ -352,7 +398,7 @@ def test_context_longer_than_the_split_is_a_clear_error(small_shards):
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_shard_is_named(tmp_path, damage):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
-    tokenize_corpus(TokenizerConfig(kind="char", shard_tokens=5000), corpus, tmp_path / "t")
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char", "shard_tokens": 5000}), corpus, tmp_path / "t")
     shard = tmp_path / "t" / "train" / "shard-00001.arrow"
     blob = bytearray(shard.read_bytes())
     if damage == "flip":
@@ -405,8 +451,16 @@ CORPUS_CASES = {
                         r"val split is empty \(0 of 1 documents\): raise corpus\.val_fraction"),
     "train split empty": ("files", {"one.txt": lonely_text("val")}, ["one.txt"], {"val_fraction": 0.5},
                           r"train split is empty .*lower corpus\.val_fraction"),
-    "unknown source": ("parquett", {}, [], {}, r"unknown corpus source 'parquett' \(did you mean 'parquet'\?\)"),
-    "unknown key": ("files", {}, [], {"sourc": "files"}, r"unknown key corpus\.sourc"),
+    "unknown source": ("parquett", {}, [], {},
+                       r"corpus\.source: 'parquett' is not one of embedded, files, jsonl, parquet"),
+    "unknown key": ("files", {}, [], {"sourc": "files"}, r"unknown key 'corpus\.sourc' \(did you mean 'source'\?\)"),
+    "val_fraction out of range": ("files", {"a.txt": "fine"}, ["a.txt"], {"val_fraction": 1.5},
+                                  r"corpus\.val_fraction: 1\.5 is greater than or equal to the maximum of 1"),
+    "split_seed not an integer": ("embedded", {}, [], {"split_seed": "0"},
+                                  r"corpus\.split_seed: '0' is not of type 'integer'"),
+    "paths for the embedded source": ("embedded", {"a.txt": "fine"}, ["a.txt"], {},
+                                      r"corpus\.paths must be empty for corpus\.source 'embedded'"),
+    "no paths for a file source": ("jsonl", {}, [], {}, r"corpus\.paths is empty; corpus\.source 'jsonl' needs a path"),
 }
 
 
@@ -458,10 +512,12 @@ TOKENIZE_CASES = {
     "invalid tokenizer file": ({"kind": "file", "path": "{corpus}/corpus.json"},
                                r"tokenizer\.path: .*corpus\.json is not a valid tokenizer\.json"),
     "file kind without path": ({"kind": "file"}, r"tokenizer\.path is required when tokenizer\.kind is 'file'"),
-    "bpe vocab too small": ({"kind": "bpe", "vocab_size": 100}, r"tokenizer\.vocab_size 100 is below 257"),
-    "unknown kind": ({"kind": "bpee"}, r"unknown tokenizer kind 'bpee' \(did you mean 'bpe'\?\)"),
+    "bpe vocab too small": ({"kind": "bpe", "vocab_size": 100},
+                            r"tokenizer\.vocab_size: 100 is less than the minimum of 257"),
+    "unknown kind": ({"kind": "bpee"}, r"tokenizer\.kind: 'bpee' is not one of char, bpe, file"),
     "bad shard size": ({"kind": "char", "shard_tokens": 0},
-                       r"tokenizer\.shard_tokens must be a positive integer, got 0"),
+                       r"tokenizer\.shard_tokens: 0 is less than the minimum of 1024"),
+    "path not a string": ({"kind": "file", "path": 7}, r"tokenizer\.path: 7 is not of type 'string', 'null'"),
     "missing corpus": ({"kind": "char", "corpus_dir": "missing"}, r"corpus dir .*missing has no corpus\.json"),
 }
 

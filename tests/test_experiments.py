@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import SNAKEMAKE_SINGLE_THREADED
-from lipflow.config import ConfigError, check_config
+from lipflow.config import SCHEMA_PATH, ConfigError, check_config, validate
 from lipflow.plan import resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
                                  definitions, expand_experiments, experiment_evaluations, experiment_studies,
@@ -25,9 +25,15 @@ from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, bu
 from lipflow.data.parquet import write_table_parquet
 from lipflow.results import load_study_tables
 from lipflow.results.figures import main as plots_main
+from lipflow.results.views import View, check_column_types, missing_requirement
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def filled(config: dict) -> dict:
+    """``config`` validated with the schema's defaults filled, as Plan.from_config hands it on."""
+    return validate(config, SCHEMA_PATH)
 
 
 def base_config(**extra) -> dict:
@@ -48,18 +54,18 @@ def expected_count(grid) -> int:
 def test_every_builtin_experiment_expands_to_its_grid_product_with_valid_unique_names(preset):
     blocks = builtin_definitions()
     for name, block in blocks.items():
-        runs = expand_experiments({"experiments": [name], "experiment_preset": preset})
+        runs = expand_experiments(filled({"experiments": [name], "experiment_preset": preset}))
         duplicates = 1 if name == "super_consistency" else 0  # sp·w64·L2 is in both of its grids
         assert len(runs) == expected_count(block[preset].get("grid")) - duplicates, name
         assert all(NAME.match(run) and run.startswith(block["short"] + ".") for run in runs), name
         assert all(cfg["experiment"] == name for cfg in runs.values())
-    everything = expand_experiments({"experiments": list(blocks), "experiment_preset": preset})
-    assert len(everything) == sum(len(expand_experiments({"experiments": [n], "experiment_preset": preset}))
+    everything = expand_experiments(filled({"experiments": list(blocks), "experiment_preset": preset}))
+    assert len(everything) == sum(len(expand_experiments(filled({"experiments": [n], "experiment_preset": preset})))
                                   for n in blocks)  # names unique across experiments
 
 
 def test_run_names_and_overrides_follow_the_axes():
-    runs = expand_experiments({"experiments": ["lipschitz_tradeoff"]})
+    runs = expand_experiments(filled({"experiments": ["lipschitz_tradeoff"]}))
     cfg = runs["tradeoff.muon.soft_cap.s2.lr0.2"]
     assert cfg["optimizer"] == "muon" and cfg["weight_constraint"] == "spectral_soft_cap"
     assert cfg["sigma_max"] == 2.0 and cfg["lr"] == 0.2 and cfg["model"] == "lipschitz_gpt"
@@ -70,11 +76,11 @@ def test_run_names_and_overrides_follow_the_axes():
 
 def test_presets_differ_and_the_paper_preset_has_the_papers_sizes():
     for name in builtin_definitions():
-        cpu = expand_experiments({"experiments": [name], "experiment_preset": "cpu"})
-        paper = expand_experiments({"experiments": [name], "experiment_preset": "paper"})
+        cpu = expand_experiments(filled({"experiments": [name], "experiment_preset": "cpu"}))
+        paper = expand_experiments(filled({"experiments": [name], "experiment_preset": "paper"}))
         if cpu:
             assert cpu != paper, name
-    paper = expand_experiments({"experiments": ["lipschitz_tradeoff"], "experiment_preset": "paper"})
+    paper = expand_experiments(filled({"experiments": ["lipschitz_tradeoff"], "experiment_preset": "paper"}))
     shapes = {(c["d_model"], c["n_layers"], c["n_heads"], c["context"], c["batch_size"], c["steps"])
               for c in paper.values()}
     assert shapes == {(256, 3, 4, 256, 64, 2000)}  # Newhouse et al. 2025, App. D (Shakespeare)
@@ -94,7 +100,7 @@ def test_all_cpu_runs_resolve_and_validate_as_runs():
 
 def test_unknown_experiment_is_one_line_with_did_you_mean():
     with pytest.raises(ConfigError) as err:
-        expand_experiments({"experiments": ["lr_transfr"]})
+        expand_experiments(filled({"experiments": ["lr_transfr"]}))
     message = str(err.value)
     assert "unknown experiment 'lr_transfr'" in message and "did you mean 'lr_transfer'" in message
     assert "\n" not in message
@@ -102,23 +108,32 @@ def test_unknown_experiment_is_one_line_with_did_you_mean():
 
 def test_config_block_merges_over_the_builtin_and_replaces_the_grid():
     override = {"lr_transfer": {"cpu": {"base": {"steps": 7}, "grid": {"lr": [0.1, 0.2]}}}}
-    runs = expand_experiments({"experiments": ["lr_transfer"], "experiment_definitions": override})
+    runs = expand_experiments(filled({"experiments": ["lr_transfer"], "experiment_definitions": override}))
     assert sorted(runs) == ["lrt.lr0.1", "lrt.lr0.2"]
     assert all(c["steps"] == 7 and c["model"] == "gpt" and c["context"] == 64 for c in runs.values())
-    assert definitions({"experiment_definitions": override})["lr_transfer"]["paper"] == \
+    assert definitions(filled({"experiment_definitions": override}))["lr_transfer"]["paper"] == \
         builtin_definitions()["lr_transfer"]["paper"]
 
 
 def test_clashing_names_and_bad_presets_are_errors():
     clash = {"mine": {"short": "x", "cpu": {"grid": [{"v": {"a": {"lr": 0.1}}}, {"v": {"a": {"lr": 0.2}}}]}}}
     with pytest.raises(ConfigError, match="both named 'x.a'"):
-        expand_experiments({"experiments": ["mine"], "experiment_definitions": clash})
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": clash}))
     same = {"mine": {"short": "x", "cpu": {"grid": [{"v": {"a": {"lr": 0.1}}}, {"v": {"a": {"lr": 0.1}}}]}}}
-    assert list(expand_experiments({"experiments": ["mine"], "experiment_definitions": same})) == ["x.a"]
+    assert list(expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same}))) == ["x.a"]
     with pytest.raises(ConfigError, match="both in runs and in an experiment"):
-        expand_experiments({"experiments": ["mine"], "experiment_definitions": same, "runs": {"x.a": {}}})
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same, "runs": {"x.a": {}}}))
     with pytest.raises(ConfigError, match="experiment_preset"):
-        expand_experiments({"experiments": ["mine"], "experiment_definitions": same, "experiment_preset": "gpu"})
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": same, "experiment_preset": "gpu"}))
+
+
+def test_a_merged_block_names_its_prefix_and_gets_the_schemas_defaults():
+    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine: 'short' is a required"):
+        expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": {"mine": {"cpu": {}}}}))
+    mine = definitions(filled({"experiment_definitions": {"mine": {"short": "m"}}}))["mine"]
+    assert mine == {"short": "m", "evaluations": ["val"], "studies": [], "cpu": {"base": {}, "grid": {}},
+                    "paper": {"base": {}, "grid": {}}}
+    assert expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": {"mine": {"short": "m"}}})) == {}
 
 
 def test_schema_rejects_a_bad_block_with_its_path():
@@ -128,13 +143,13 @@ def test_schema_rejects_a_bad_block_with_its_path():
 
 
 def test_experiment_evaluations_and_studies():
-    config = {"experiments": ["rank_vs_n", "robustness", "icl"]}
+    config = filled({"experiments": ["rank_vs_n", "robustness", "icl"]})
     assert experiment_evaluations(config, {"experiment": "rank_vs_n"}) == ["val", "rank"]
     assert experiment_evaluations(config, {"experiment": "lr_transfer"}) == ["val"]
     assert experiment_evaluations(config, {"experiment": None}) is None  # a `runs` run: evaluations.enabled
     assert experiment_studies(config) == ["icl", "image_mlp"]
-    assert study_enabled(config, "icl") and study_enabled({"icl": {"enabled": True}}, "icl")
-    assert not study_enabled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}, "icl")
+    assert study_enabled(config, "icl") and study_enabled(filled({"icl": {"enabled": True}}), "icl")
+    assert not study_enabled(filled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}), "icl")
 
 
 def experiment_block_errors(block) -> list[str]:
@@ -195,8 +210,8 @@ from lipflow.results.plotting import Figure, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 VIEWS = {"toy_loss": View(
-    caption="table_toy_loss.rst", description="toy: val loss per lr",
-    columns={"lr": "DOUBLE", "val_loss": "DOUBLE"},
+    caption="table_toy_loss.rst",
+    columns=("lr", "val_loss"),
     parts=(Part(requires={"runs": RUNS_NEED + ("lr", "val_loss")}, absent_reason="no toy runs",
                 sql="SELECT lr, val_loss FROM runs WHERE experiment = 'toy'"),))}
 
@@ -218,6 +233,7 @@ TOY_BLOCK = {"short": "toy", "description": "a test's experiment", "evaluations"
 # toy, builds its view on a database of two runs and draws its figure through the plots CLI.
 TOY_SCRIPT = '''
 import importlib.util, io, json, sys
+from pathlib import Path
 import duckdb
 toy_dir, db, out = sys.argv[1:]
 spec = importlib.util.find_spec("lipflow.experiments")
@@ -225,8 +241,11 @@ spec.submodule_search_locations.append(toy_dir)
 package = importlib.util.module_from_spec(spec)
 sys.modules["lipflow.experiments"] = package
 spec.loader.exec_module(package)
+import lipflow.results.views
+lipflow.results.views.REPORT_DIR = Path(toy_dir)  # the toy's caption files are beside it
+from lipflow.config import SCHEMA_PATH, validate
 from lipflow.results.figures import main
-runs = package.expand_experiments({"experiments": ["toy"]})
+runs = package.expand_experiments(validate({"experiments": ["toy"]}, SCHEMA_PATH))
 con = duckdb.connect(db)
 con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES ('toy.lr0.1-00000001', 'toy.lr0.1', 'completed', 'toy', 0.1, "
             "2.5), ('toy.lr0.2-00000002', 'toy.lr0.2', 'completed', 'toy', 0.2, 2.0)) AS t(run_id, name, status, "
@@ -248,6 +267,7 @@ def test_an_experiment_is_one_python_file_and_one_yaml_file(tmp_path):
     toy.mkdir()
     (toy / "toy.py").write_text(TOY_EXPERIMENT)
     (toy / "toy.yaml").write_text(yaml.safe_dump(TOY_BLOCK))
+    (toy / "table_toy_loss.rst").write_text("View ``toy_loss``: toy val loss per lr.\n")
     assert experiment_block_errors(TOY_BLOCK) == []
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", TOY_SCRIPT, str(toy), str(tmp_path / "toy.duckdb"), str(out)],
@@ -389,10 +409,10 @@ def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
                    "matrix": "qk", "rtol": rtol} for r, rtol in ((3, 0.01), (5, 0.01), (9, 0.001))]
     con = database(tmp_path, runs, metrics, evals)
     create_views(con)
-    rows = con.sql("select n_heads, n, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope from rank_bound "
-                   "order by n_heads, n").df()
+    rows = con.sql("select n_heads, n_sequences, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope "
+                   "from rank_bound order by n_heads, n_sequences").df()
     assert len(rows) == 6
-    assert rows.n.tolist() == [10.0, 40.0, 160.0] * 2
+    assert rows.n_sequences.tolist() == [10.0, 40.0, 160.0] * 2
     assert rows.measured_gap.tolist() == pytest.approx([3.0 * n ** -0.5 * h for h in (1, 4) for n in (10, 40, 160)])
     assert rows.b3_bound.tolist() == pytest.approx([7.0 * n ** 0.2 * (256 / n) ** 0.5 for n in (10, 40, 160)] * 2)
     assert rows.qk_rank.tolist() == pytest.approx([4.0] * 6)  # mean over heads at rtol 1e-2 only
@@ -527,7 +547,7 @@ def test_every_view_exists_with_its_declared_columns_whether_empty_or_not(tmp_pa
     assert set(status) == set(VIEWS.names())
     for name in VIEWS.names():
         described = [(c, t) for c, t, *_ in con.sql(f"describe {name}").fetchall()]
-        assert described == list(VIEWS.get(name).columns.items()), name
+        assert described == list(VIEWS.get(name).column_types.items()), name
         assert con.execute(f"select count(*) from {name}").fetchall()[0][0] == 0
         assert status[name].startswith("empty: ")
     assert all(v in VIEWS for views in EXPERIMENT_VIEWS.values() for v in views)
@@ -570,6 +590,48 @@ def filled_database(tmp_path) -> Path:
     assert all(status[views[0]] == "" for views in EXPERIMENT_VIEWS.values()), status
     con.close()
     return tmp_path / "test.duckdb"
+
+
+def test_every_declared_column_is_in_every_part_of_its_view(filled_database):
+    """On a database with every table a part needs, each part's SELECT yields every column its view
+    declares, and the view's cast of it has the declared names and types in order."""
+    con = duckdb.connect(str(filled_database))
+    make_table(con, "image_mlp_robustness", [{"method": "muon_soft_cap", "metric": "robust_accuracy",
+                                              "value": 0.8, "epsilon": 0.5}])
+    for name in VIEWS.names():
+        view = VIEWS.get(name)
+        for part in view.parts:
+            assert missing_requirement(con, part) is None, name
+            produced = {column for column, *_ in con.sql(f"describe select * from ({part.sql})").fetchall()}
+            assert set(view.columns) <= produced, (name, sorted(set(view.columns) - produced))
+            cast = [(column, sql_type) for column, sql_type, *_ in con.sql(f"describe {view.select(part)}").fetchall()]
+            assert cast == list(view.column_types.items()), name
+
+
+def test_a_built_view_is_commented_with_its_caption_text(filled_database):
+    con = duckdb.connect(str(filled_database), read_only=True)
+    comments = dict(con.execute("select view_name, comment from duckdb_views() where not internal").fetchall())
+    for views in EXPERIMENT_VIEWS.values():
+        caption = (REPO / "workflow" / "report" / VIEWS.get(views[0]).caption).read_text()
+        assert comments[views[0]] == " ".join(caption.replace("``", "").split())
+        assert comments[views[0]].startswith(f"View {views[0]}: ")
+
+
+def test_a_column_has_one_type_in_every_view():
+    shared = View(columns=("run_id", "lr"), parts=(), caption="t.rst")
+    assert shared.column_types == {"run_id": "VARCHAR", "lr": "DOUBLE"}
+    with pytest.raises(ValueError, match="'lr' is typed in SHARED_TYPES already"):
+        View(columns=("lr",), types={"BIGINT": ("lr",)}, parts=(), caption="t.rst")
+    with pytest.raises(ValueError, match="'gap' has no type"):
+        View(columns=("run_id", "gap"), parts=(), caption="t.rst")
+    with pytest.raises(ValueError, match="'gap' is typed but is not one of the view's columns"):
+        View(columns=("run_id",), types={"DOUBLE": ("gap",)}, parts=(), caption="t.rst")
+    with pytest.raises(ValueError, match="listed as both DOUBLE and BIGINT"):
+        View(columns=("gap",), types={"DOUBLE": ("gap",), "BIGINT": ("gap",)}, parts=(), caption="t.rst")
+    mine = View(columns=("gap",), types={"DOUBLE": ("gap",)}, parts=(), caption="a.rst")
+    with pytest.raises(ValueError, match="'gap' is typed by views a and b"):
+        check_column_types({"a": mine, "b": View(columns=("gap",), types={"BIGINT": ("gap",)}, parts=(), caption="b.rst")})
+    check_column_types({name: VIEWS.get(name) for name in VIEWS.names()})  # the shipped views agree
 
 
 def test_plots_cli_writes_every_figure_and_table(filled_database, tmp_path, capsys):

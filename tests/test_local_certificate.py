@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from lipflow.config import run_defaults
+import lipflow.evaluation.local_certificate as lc
+from lipflow.evaluation.local_attention import attention_at, attention_bounds, attention_jacobian_norm
 from lipflow.evaluation.local_certificate import local_certificate
-from lipflow.evaluation.robustness import _random_in_ball, certified_radius, logit_margin, pgd_l2
+from lipflow.evaluation.robustness import _random_in_ball, certified_radius, lipschitz_ascent, logit_margin, pgd_l2
 from lipflow.model import build_model
 
 GPT = run_defaults(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=4, context=12)
@@ -149,3 +151,141 @@ def test_models_without_a_curvature_bound_have_no_local_certificate(cfg):
     model = build_model(cfg, cfg.get("n_classes", 12))
     x = inputs(model, cfg)
     assert local_certificate(model, x, torch.zeros(len(x), dtype=torch.long), None) is None
+
+
+def composed_reference_drops(model, cfg, x, cert, eps, monkeypatch):
+    """The bound before the telescoping (issue 20's first local certificate): L and β composed over all
+    layers with each layer at radius L_prefix·ε, full-sequence attention constants, the gradients of
+    the classes without an exact one bounded by ‖w_j‖·Π_k L_k(0)."""
+    monkeypatch.setattr(lc, "last_query", lambda rec: rec)
+    local = lc.local_model(model)
+    with torch.no_grad():
+        layers = local.body(local.prepare(x))[1]
+
+    def compose(radius):
+        lip, curv = torch.ones_like(radius), torch.zeros_like(radius)
+        for layer in layers:
+            layer_lip, layer_curv = layer.bounds(lip * radius)
+            lip, curv = layer_lip * lip, layer_curv * lip * lip + layer_lip * curv
+        return lip, curv
+
+    nearest = cert.pair_margins.argsort(dim=1)[:, :lc.GRADIENT_CLASSES]
+    gradients = (cert.head_norms * compose(torch.zeros(len(x), dtype=torch.float64))[0][:, None]).scatter(
+        1, nearest, cert.gradient_norms.gather(1, nearest))
+    lip, curv = compose(eps)
+    e = eps[:, None]
+    drop = torch.minimum(gradients * e + 0.5 * cert.head_norms * curv[:, None] * e * e,
+                         cert.head_norms * lip[:, None] * e)
+    return torch.minimum(drop, 2 ** 0.5 * cert.global_l2 * e)
+
+
+@pytest.mark.parametrize("cfg,kind,gain", [(GPT, "random", 0.5), (GPT, "trained", 0.5), (MLP, "trained", 0.95)],
+                         ids=["lipschitz_gpt-random", "lipschitz_gpt-trained", "mlp-trained"])
+def test_the_telescoped_bound_is_at_most_the_composed_one_and_tighter_where_curvature_binds(cfg, kind, gain,
+                                                                                           monkeypatch):
+    """Never above the composed bound, and below it by the factor ``gain`` for some class (the mlp
+    gains only the exact per-layer gradients; lipschitz_gpt also the attention constants)."""
+    model = checkpoint(cfg, kind)
+    x = inputs(model, cfg)
+    cert, _, _ = certificate_at(model, cfg, x)
+    ratios = []
+    for eps in (1e-3, 1e-2, 0.1):
+        eps = torch.full((len(x),), eps, dtype=torch.float64)
+        new = cert.pair_drops(eps)
+        old = composed_reference_drops(model, cfg, x.double(), cert, eps, monkeypatch)
+        assert bool((new <= old * (1 + 1e-9)).all())
+        ratios.append(float((new[old > 0] / old[old > 0]).min()))
+    assert min(ratios) < gain, ratios
+
+
+def power_iteration_norm(f, x, iters=50):
+    """max over the iterates of ‖J u‖ for unit u, J the Jacobian of f at x (float64): a lower bound on ‖J‖₂."""
+    u = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    best = torch.zeros(len(x), dtype=x.dtype)
+    for _ in range(iters):
+        u = u / u.flatten(1).norm(dim=1).view(-1, 1, 1)
+        _, ju = torch.func.jvp(f, (x,), (u,))
+        best = torch.maximum(best, ju.flatten(1).norm(dim=1))
+        u, = torch.func.vjp(f, x)[1](ju)
+    return best
+
+
+@pytest.mark.parametrize("kind", ["random", "trained"])  # (at init W_o = 0: both sides vanish)
+@pytest.mark.parametrize("last_only", [False, True], ids=["all_positions", "last_position"])
+def test_the_attention_jacobian_bound_holds_and_is_at_most_the_ball_bound_at_zero(kind, last_only):
+    model = checkpoint(GPT, kind).double()
+    x = model.project_to_domain(inputs(model, GPT).double())
+    restrict = lc.last_query if last_only else (lambda rec: rec)
+    zero = torch.zeros(len(x), dtype=torch.float64)
+    for block in model.blocks:
+        rec = restrict(attention_at(block.attn, x)[1])
+        bound = attention_jacobian_norm(rec)
+        found = power_iteration_norm(lambda t: attention_at(block.attn, t)[0][:, -1:] if last_only
+                                     else attention_at(block.attn, t)[0], x)
+        assert bool((found <= bound * (1 + 1e-9)).all()), (found, bound)
+        assert bool((bound <= attention_bounds(rec, zero)[0] * (1 + 1e-9)).all())
+        x = block(x)
+
+
+@pytest.mark.parametrize("cfg", [GPT, MLP], ids=["lipschitz_gpt", "mlp"])
+@pytest.mark.parametrize("kind", ["random", "trained"])
+def test_the_propagated_radius_bounds_how_far_the_scored_features_move(cfg, kind):
+    """ρ_K ≥ ‖features(x + δ) − features(x)‖ for ascent on that distance and random draws in the ball."""
+    model = checkpoint(cfg, kind)
+    x = inputs(model, cfg).double()
+    cert, _, _ = certificate_at(model, cfg, x.float())
+    local = lc.local_model(model)
+
+    def features(t):
+        return local.body(local.prepare(t))[0]
+
+    for eps in (0.01, 0.3):
+        radius = lc.propagate(cert.layers, cert.nominal_lips, torch.full((len(x),), eps, dtype=torch.float64)).radius
+        moved = eps * lipschitz_ascent(features, x, eps, steps=10, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            draws = [(features(x + _random_in_ball(x.shape, torch.tensor(eps), torch.Generator().manual_seed(s)))
+                      - features(x)).norm(dim=1) for s in range(8)]
+        assert bool((moved <= radius * (1 + 1e-9)).all()), (eps, moved, radius)
+        assert bool((torch.stack(draws).max(0).values <= radius * (1 + 1e-9)).all())
+
+
+@pytest.mark.parametrize("with_output", [False, True], ids=["gelu", "mlp_block"])
+def test_the_readout_curvature_bounds_the_second_order_remainder_of_a_gelu_layer(with_output):
+    """|wᵀ(f(x+Δ) − f(x) − Df(x)Δ)| ≤ ½κ(w)‖Δ‖² for f = W_out·s·GELU(W_in·), and κ(w) ≤ ‖w‖·β."""
+    g = torch.Generator().manual_seed(8)
+    w_in = torch.randn(48, 16, generator=g, dtype=torch.float64) * 0.8
+    w_out = torch.randn(16, 48, generator=g, dtype=torch.float64) * 0.3 if with_output else None
+    layer = lc.gelu_layer(1.5, w_in, w_out)
+
+    def f(t):
+        h = 1.5 * torch.nn.functional.gelu(t @ w_in.T)
+        return h if w_out is None else h @ w_out.T
+
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64) * 2
+    sizes = torch.logspace(-2, 0.5, 64, dtype=torch.float64)[:, None]
+    delta = torch.randn(64, 16, generator=g, dtype=torch.float64) * sizes
+    readout = torch.randn(64, w_in.shape[0] if w_out is None else 16, generator=g, dtype=torch.float64)
+    linear = torch.func.jvp(f, (x,), (delta,))[1]
+    remainder = (readout * (f(x + delta) - f(x) - linear)).sum(-1).abs()
+    kappa = layer.readout_curvature(readout)
+    assert bool((remainder <= 0.5 * kappa * delta.pow(2).sum(-1) * (1 + 1e-9)).all())
+    assert bool((remainder >= 0.01 * 0.5 * kappa * delta.pow(2).sum(-1)).any())  # not vacuous
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert bool((kappa <= readout.norm(dim=-1) * layer.bounds(zero)[1] * (1 + 1e-9)).all())
+
+
+def test_the_readout_curvature_is_reached_at_the_curvature_peak():
+    """At h = 0 (max GELU'') along W_in's top singular vector with every readout weight 1, the
+    remainder tends to ½κ‖Δ‖²: the constant is attained, not just an upper bound."""
+    w_in = torch.randn(48, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    layer = lc.gelu_layer(1.5, w_in, None)
+    top = torch.linalg.svd(w_in).Vh[0]
+    delta = 1e-3 * top[None]
+    x = torch.zeros_like(delta)
+
+    def f(t):
+        return 1.5 * torch.nn.functional.gelu(t @ w_in.T)
+
+    remainder = (f(x + delta) - f(x) - torch.func.jvp(f, (x,), (delta,))[1]).sum(-1)
+    bound = 0.5 * layer.readout_curvature(torch.ones(1, 48, dtype=torch.float64)) * delta.pow(2).sum(-1)
+    assert float(remainder / bound) == pytest.approx(1.0, abs=1e-3)

@@ -1,7 +1,9 @@
 """The Plan reproduces what the workflow derived from a config before it existed
 (tests/data/plan_golden.json, written from commit 1b9edc6): the same run ids and configs, each run's
 evaluations, the studies, the targets and byte-identical params strings (a changed params string
-reruns jobs)."""
+reruns jobs). One intended change since: lipschitz_tradeoff also runs the robustness evaluation
+(issue 20), which moved the evaluations of its cases and the `all` cases only — run ids, configs
+and every other params string as written at 1b9edc6."""
 
 import copy
 import json

@@ -4,7 +4,7 @@ fail inside a cluster job instead of at parse time."""
 
 import pytest
 
-from lipflow.config import load_schema
+from lipflow.config import load_schema, validate
 from lipflow.config.schema import SCHEMA_PATH
 from lipflow.studies.icl.config import SCHEMA_PATH as ICL_SCHEMA_PATH
 
@@ -76,7 +76,7 @@ def test_every_evaluation_has_a_parameter_block_and_every_block_an_evaluation():
 def test_every_experiment_has_figures_and_views_entries():
     from lipflow.experiments import EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions
 
-    assert set(definitions({})) == set(EXPERIMENT_FIGURES) == set(EXPERIMENT_VIEWS)
+    assert set(definitions(validate({}, SCHEMA_PATH))) == set(EXPERIMENT_FIGURES) == set(EXPERIMENT_VIEWS)
 
 
 def test_a_mismatch_is_caught(monkeypatch):

@@ -9,7 +9,7 @@ import copy
 import functools
 from typing import Any
 
-from lipflow.config.schema import SCHEMA_PATH, first_error, make_validator, validate
+from lipflow.config.schema import SCHEMA_PATH, first_error, load_schema, make_validator, validate
 from lipflow.data.atomic import sha256_file
 from lipflow.errors import ConfigError
 from lipflow.provenance import config_hash
@@ -43,18 +43,40 @@ def check_config(config: dict[str, Any]) -> None:
         check_run(f"runs.{name}", run)
 
 
+DATA_BLOCKS = ("corpus", "tokenizer")
+
+
 def check_data_blocks(config: dict[str, Any]) -> None:
-    """What the schema cannot say about ``corpus`` and ``tokenizer``: paths go with a file source
-    and only with one; a ``file`` tokenizer needs its path."""
-    corpus, tokenizer = config["corpus"], config["tokenizer"]
-    if corpus["source"] == "embedded" and corpus["paths"]:
-        raise ConfigError("config error: corpus.paths must be empty for corpus.source 'embedded' "
-                          "(set source: files, jsonl or parquet to read them)")
-    if corpus["source"] != "embedded" and not corpus["paths"]:
-        raise ConfigError(f"config error: corpus.paths is empty; corpus.source '{corpus['source']}' needs a path "
-                          "or glob")
-    if tokenizer["kind"] == "file" and not tokenizer["path"]:
-        raise ConfigError("config error: tokenizer.path is required when tokenizer.kind is 'file'")
+    """The cross-key rules of the config's ``corpus`` and ``tokenizer`` blocks (:func:`data_block_problem`)."""
+    for name in DATA_BLOCKS:
+        problem = data_block_problem(name, config[name])
+        if problem is not None:
+            raise ConfigError(f"config error: {problem}")
+
+
+def data_block_problem(name: str, block: dict[str, Any]) -> str | None:
+    """What the schema cannot say about a filled ``corpus`` or ``tokenizer`` block, as one line, or
+    None: paths go with a file source and only with one; a ``file`` tokenizer needs its path."""
+    if name == "corpus":
+        if block["source"] == "embedded" and block["paths"]:
+            return ("corpus.paths must be empty for corpus.source 'embedded' "
+                    "(set source: files, jsonl or parquet to read them)")
+        if block["source"] != "embedded" and not block["paths"]:
+            return f"corpus.paths is empty; corpus.source '{block['source']}' needs a path or glob"
+    elif block["kind"] == "file" and not block["path"]:
+        return "tokenizer.path is required when tokenizer.kind is 'file'"
+    return None
+
+
+def data_block(name: str, block: dict[str, Any], error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A data stage's ``corpus`` or ``tokenizer`` block (its ``--config-json``) checked as the config
+    checks its own: a copy filled with the schema's defaults, the first schema violation or broken
+    cross-key rule (:func:`data_block_problem`) raised as ``error``, one line naming the key."""
+    filled = {name: copy.deepcopy(block)}
+    problem = first_error(make_validator(fill=True), filled) or data_block_problem(name, filled[name])
+    if problem is not None:
+        raise error(problem)
+    return filled[name]
 
 
 # Newton–Schulz coefficient sets with their own step count (lipflow.optimizers.NS_COEFFICIENT_SETS;
@@ -102,6 +124,24 @@ def run_defaults(**overrides: Any) -> dict[str, Any]:
 @functools.lru_cache(maxsize=1)
 def _schema_run_defaults() -> dict[str, Any]:
     return validate({"runs": {"run": {}}}, SCHEMA_PATH)["runs"]["run"]
+
+
+def mlp_model_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The image classifier's own keys of ``cfg`` (``$defs/mlp_model``: in_features, n_classes,
+    input_norm) with the schema's defaults filled; a bad or missing one is a ConfigError naming it."""
+    keys = {key: cfg[key] for key in _MLP_KEYS if key in cfg}
+    message = first_error(_mlp_model_validator(), keys, prefix="mlp")
+    if message is not None:
+        raise ConfigError(f"config error: {message}")
+    return keys
+
+
+_MLP_KEYS = tuple(load_schema(SCHEMA_PATH)["$defs"]["mlp_model"]["properties"])
+
+
+@functools.lru_cache(maxsize=1)
+def _mlp_model_validator():
+    return make_validator(SCHEMA_PATH, fill=True, definition="mlp_model")
 
 
 def evaluation_params(name: str, **params: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from referencing import Registry, Resource
 from lipflow.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+EXPERIMENTS_SCHEMA = SCHEMA_PATH.with_name("experiments.schema.yaml")
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~7× faster; every job parses
 SCALARS = (str, int, float, bool, type(None))
@@ -108,12 +109,15 @@ def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
                                                "type": finite_type})
 
 
-def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False):
-    """A validator for a schema file; relative ``$ref``s (e.g. ``icl.schema.yaml``) resolve
-    against the schema's folder, as in snakemake.utils.validate."""
-    schema = load_schema(schema_path)
-    schema["$id"] = Path(schema_path).resolve().as_uri()
+def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False, definition: str | None = None):
+    """A validator for a schema file, or for its ``$defs/<definition>``; relative ``$ref``s (e.g.
+    ``icl.schema.yaml``) resolve against the schema's folder, as in snakemake.utils.validate."""
+    uri = Path(schema_path).resolve().as_uri()
     registry = Registry(retrieve=lambda uri: Resource.from_contents(load_schema(Path(urlparse(uri).path))))
+    if definition is not None:
+        return _validator_class(fill=fill)({"$ref": f"{uri}#/$defs/{definition}"}, registry=registry)
+    schema = load_schema(schema_path)
+    schema["$id"] = uri
     return _validator_class(fill=fill)(schema, registry=registry)
 
 

@@ -10,7 +10,6 @@ names below are loaded on first use.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 from typing import Any
@@ -27,14 +26,6 @@ def parse_config_json(text: str, block: str) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise DataError(f"--config-json for '{block}' must be a JSON object, got {type(cfg).__name__}")
     return cfg
-
-
-def check_known_keys(config_class: type, block: dict[str, Any], prefix: str) -> None:
-    """Refuse a key of a config ``block`` that is not a field of the dataclass ``config_class``."""
-    known = [f.name for f in dataclasses.fields(config_class)]
-    for key in block:
-        if key not in known:
-            raise DataError(f"unknown key {prefix}.{key} (known: {', '.join(known)})")
 
 
 _LAZY = {

@@ -37,7 +37,8 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from lipflow.data import DataError, check_known_keys, parse_config_json
+from lipflow.config.runs import data_block
+from lipflow.data import DataError, parse_config_json
 from lipflow.data.atomic import atomic_dir, write_json_atomic
 from lipflow.errors import run_guarded
 from lipflow.registry import Registry
@@ -49,41 +50,21 @@ SPLITS = ("train", "val")
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
-    """The ``corpus`` config block."""
+    """The ``corpus`` config block; its defaults and rules live in the config schema and
+    :func:`lipflow.config.runs.data_block_problem`."""
 
-    name: str = "corpus"
-    source: str = "embedded"
-    paths: tuple[str, ...] = ()
-    text_column: str = "text"
-    val_fraction: float = 0.1
-    split_seed: int = 0
+    name: str
+    source: str
+    paths: tuple[str, ...]
+    text_column: str
+    val_fraction: float
+    split_seed: int
 
     @classmethod
     def from_dict(cls, block: dict[str, Any]) -> "CorpusConfig":
-        check_known_keys(cls, block, "corpus")
-        paths = block.get("paths") or []
-        _require(
-            isinstance(paths, list) and all(isinstance(p, str) for p in paths),
-            f"corpus.paths must be a list of strings, got {paths!r}",
-        )
-        cfg = cls(**{**block, "paths": tuple(paths)})
-        _require(isinstance(cfg.name, str) and bool(cfg.name), "corpus.name must be a non-empty string")
-        SOURCES.get(cfg.source)  # unknown source → "did you mean"
-        if cfg.source == "embedded":
-            _require(not cfg.paths, "corpus.paths must be empty for source 'embedded'")
-        else:
-            _require(bool(cfg.paths), f"corpus.paths is empty; source '{cfg.source}' needs a path or glob")
-        _require(isinstance(cfg.text_column, str) and cfg.text_column, "corpus.text_column must be a non-empty string")
-        vf = cfg.val_fraction
-        _require(
-            isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0 < vf < 1,
-            f"corpus.val_fraction must be a number in (0, 1), got {vf!r}",
-        )
-        _require(
-            isinstance(cfg.split_seed, int) and not isinstance(cfg.split_seed, bool),
-            f"corpus.split_seed must be an integer, got {cfg.split_seed!r}",
-        )
-        return cfg
+        """``block`` validated and filled as the config's own (:func:`lipflow.config.data_block`)."""
+        values = data_block("corpus", block, DataError)
+        return cls(**{**values, "paths": tuple(values["paths"])})
 
 
 def _require(ok: bool, message: str) -> None:

@@ -60,7 +60,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lipflow.data import DataError, check_known_keys, parse_config_json
+from lipflow.config.runs import data_block
+from lipflow.data import DataError, parse_config_json
 from lipflow.data.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
 from lipflow.errors import run_guarded
 from lipflow.registry import Registry
@@ -75,26 +76,19 @@ BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-    """The ``tokenizer`` config block (``vocab_size`` is used by ``bpe`` only, ``path`` by ``file``)."""
+    """The ``tokenizer`` config block (``vocab_size`` is used by ``bpe`` only, ``path`` by ``file``);
+    its defaults and rules live in the config schema and :func:`lipflow.config.runs.data_block_problem`."""
 
-    kind: str = "char"
-    vocab_size: int = 512
-    path: str | None = None
-    shard_tokens: int = 1_048_576
-    batch_docs: int = 1000
+    kind: str
+    vocab_size: int
+    path: str | None
+    shard_tokens: int
+    batch_docs: int
 
     @classmethod
     def from_dict(cls, block: dict[str, Any]) -> "TokenizerConfig":
-        check_known_keys(cls, block, "tokenizer")
-        cfg = cls(**block)
-        TOKENIZERS.get(cfg.kind)  # unknown kind → "did you mean"
-        for key in ("vocab_size", "shard_tokens", "batch_docs"):
-            value = getattr(cfg, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise DataError(f"tokenizer.{key} must be a positive integer, got {value!r}")
-        if cfg.path is not None and not isinstance(cfg.path, str):
-            raise DataError(f"tokenizer.path must be a string or null, got {cfg.path!r}")
-        return cfg
+        """``block`` validated and filled as the config's own (:func:`lipflow.config.data_block`)."""
+        return cls(**data_block("tokenizer", block, DataError))
 
 
 def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
@@ -125,11 +119,6 @@ def char_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
 @TOKENIZERS.register("bpe")
 def bpe_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if cfg.vocab_size < len(alphabet) + 1:
-        raise DataError(
-            f"tokenizer.vocab_size {cfg.vocab_size} is below {len(alphabet) + 1} "
-            f"(256 bytes + end-of-text) for kind 'bpe'"
-        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -142,8 +131,6 @@ def bpe_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
 
 @TOKENIZERS.register("file")
 def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
-    if not cfg.path:
-        raise DataError("tokenizer.path is required when tokenizer.kind is 'file'")
     if not os.path.isfile(cfg.path):
         raise DataError(f"tokenizer.path: file not found: {cfg.path}")
     try:

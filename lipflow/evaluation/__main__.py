@@ -31,7 +31,7 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     if train.vocab_size != info["vocab_size"]:
         raise ValueError(f"{run_dir / 'model.safetensors'} was trained with vocabulary {info['vocab_size']} but the "
                          f"tokenizer in {data_dir} has {train.vocab_size}: tokenizer/checkpoint mismatch")
-    if params.get("n_train") is None:  # training sequences, for the rank bound
+    if "n_train" in params and params["n_train"] is None:  # the rank bound's n: null = train tokens / context
         params["n_train"] = train.num_tokens // context
     train_windows = train.sequential_windows(context, max_windows=256)
     val_windows = TokenShards(data_dir, "val").sequential_windows(context)
@@ -51,7 +51,8 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
         rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),
                  "note": f"run status is {summary['status']}"}]
     else:
-        torch.manual_seed(int(params.get("seed", 0)))
+        if "seed" in params:  # the evaluations that draw random numbers have a seed of their own
+            torch.manual_seed(params["seed"])
         ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device))
         rows = evaluation(ctx)
     rows = [{"run_id": run_id, "eval": name, **row} for row in rows]

@@ -1,26 +1,40 @@
 """Local (per-input) certified robustness: a second-order bound on the logit margin in an ℓ2 ball.
 
 For one input x (the embedded sequence, T × d; ε an ℓ2 norm over the whole sequence, as the global
-certificate's) and each class j ≠ y, the pairwise margin m_j = z_y − z_j of the last position's
-logits obeys, for every ‖δ‖₂ ≤ ε (Taylor with the integral remainder along the segment):
+certificate's) and each class j ≠ y, the pairwise margin m_j = z_y − z_j = w_jᵀ·features of the last
+position's logits (w_j = s·(W_head[y] − W_head[j]); the head is linear) falls over ‖δ‖₂ ≤ ε by at most
+drop_j(ε), the minimum of four sound bounds (so margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε))):
 
-    m_j(x + δ) ≥ m_j(x) − ‖∇m_j(x)‖₂·ε − ½·‖w_j‖₂·β(ε)·ε²,
+1. Telescoped (issue 20). The body is layers h_k = f_k(h_{k−1}), h_0 = x. With Δ_k = h_k(x+δ) − h_k(x)
+   and J_k = Df_k at the nominal point, Taylor with the integral remainder gives Δ_k = J_kΔ_{k−1} + r_k,
+   ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}², where ρ_{k−1} ≥ ‖Δ_{k−1}‖ and β_k(ρ) bounds ‖D²f_k‖ on the ball of
+   radius ρ around h_{k−1}(x). Unrolled, m_j(x+δ) − m_j(x) = ∇m_j·δ + Σ_k g_{j,k}ᵀr_k with
+   g_{j,k} = ∂m_j/∂h_k at x, so  drop_j ≤ ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_k(ρ_{k−1})·ρ_{k−1}².
+   ∇m_j and g_{j,k} are exact (one batched float32 backward pass that also asks for the gradients at
+   the layer outputs, enlarged by GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest
+   margins, and bounded by ‖w_j‖·Π_{i>k} L_i(0) for the others. For a per-token layer (the MLP)
+   r_k's tokens are separate, ‖r_{k,t}‖ ≤ ½β_k‖Δ_{k−1,t}‖², so ‖g_{j,k}‖ becomes max_t ‖g_{j,k,t}‖.
+   The last layer's output gradient is w_j itself (float64, every class), and a GELU layer bounds
+   |w_jᵀr_K| ≤ ½κ(w_j)·ρ_{K−1}² directly (``gelu_layer``: κ weighs each hidden unit by |(W_outᵀw_j)_i|).
+   Radii: ρ_0 = ε, ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean
+   value; Taylor), with L_k(0) ≥ ‖J_k‖ at the nominal input (``attention_jacobian_norm`` for attention,
+   from the exact nominal probabilities and key/value cross-covariances).
+2. Composed (the first local certificate): ‖∇m_j‖·ε + ½‖w_j‖·β(ε)·ε² with β of the whole stack by
+   the chain rule, β(f∘g) ≤ β_f·L_g² + L_f·β_g. With exact gradients 1 ≤ 2 (g_{j,k} ≤ ‖w_j‖·L_{>k}(0),
+   r_k ≤ ½β_k·L_{<k}²ε²); both are kept.
+3. First order: ‖w_j‖·ρ_K (≤ ‖w_j‖·L(ε)·ε, the stack's Lipschitz constant over the ball).
+4. Global: √2·L_global·ε from the global certificate.
+As ε → 0 the runner-up's drop over ε tends to ‖∇margin(x)‖₂.
 
-where w_j = s·(W_head[y] − W_head[j]), ∇m_j is exact (autograd in float32, enlarged by
-GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest margins and bounded by ‖w_j‖·L(0)
-for the others, and β(ε) bounds the operator norm of the second derivative of the block stack over
-the ball (so ‖w_j‖β bounds m_j's curvature; the head is linear). Two first-order bounds hold too: ‖w_j‖·L(ε)·ε with L(ε) the block
-stack's Lipschitz constant over the ball, and √2·L_global·ε from the global certificate. Each drop
-is sound, so their minimum is; margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε)), and as ε → 0 the drop
-of the runner-up class over ε tends to ‖∇margin(x)‖₂.
-
-L and β compose layer by layer from local constants at this input (β(f∘g) ≤ β_f·L_g² + L_f·β_g;
-a layer's ball has radius L_prefix·ε around its nominal input): the convex residual
-(1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F; attention and MLP as in
-``attention_bounds`` and ``gelu_layer_bounds``. ``lipschitz_gpt``'s input projection onto the RMS ball is
-1-Lipschitz and fixes its own output, so the projected point P(x + δ) lies within ε of P(x) and the
-expansion is taken at P(x). Supported: ``lipschitz_gpt`` and ``mlp`` with GELU (smooth); ReLU has no
-curvature bound and LayerNorm (``gpt``) is not covered (``local_certificate`` returns None).
+The margin reads the last position only, and every layer after the last attention layer acts per
+token, so that attention layer's constants (L, β, ‖J‖) are those of its map onto the last position
+(``last_query``), and the ρ_k after it bound the last token's movement. Layer constants come from the
+input's actual activations: the convex residual (1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F;
+attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer_bounds``).
+``lipschitz_gpt``'s input projection onto the RMS ball is 1-Lipschitz and fixes its own output, so
+P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` and
+``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm (``gpt``) is not covered
+(``local_certificate`` returns None).
 """
 
 from __future__ import annotations
@@ -31,8 +45,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lipflow.evaluation.local_attention import attention_at, attention_bounds, attention_jacobian_norm, last_query
 from lipflow.model.base import LanguageModel, spectral_norm
-from lipflow.model.bound import GELU_MAX_SLOPE, head_spectral_norms
+from lipflow.model.bound import GELU_MAX_SLOPE
 from lipflow.model.lipschitz_gpt import LipschitzGPT
 from lipflow.model.mlp import LipschitzMLP
 
@@ -46,44 +61,59 @@ GRADIENT_CLASSES = 8
 RADIUS_RANGE = (1e-12, 1e4)
 
 
-class AttentionRecord(NamedTuple):
-    """One attention layer at the nominal input: rotated queries (B, H, T, d_h), the softmax
-    probabilities (B, H, T, T), each key's and value's distance to the query's attended mean
-    (B, H, T, T), per-head σ_max of W_q, W_k, W_v (H,), σ_max(W_o)·output scale, the score scale c."""
-
-    q: torch.Tensor
-    probs: torch.Tensor
-    k_spread: torch.Tensor
-    v_spread: torch.Tensor
-    sigma_q: torch.Tensor
-    sigma_k: torch.Tensor
-    sigma_v: torch.Tensor
-    out_norm: float
-    score_scale: float
-
-
 class SmoothLayer(NamedTuple):
-    """A layer's local constants as functions of the input ball's radius r (B,): (L(r), β(r))."""
+    """A layer's local constants as functions of the input ball's radius r (B,): (L(r), β(r)), both
+    nondecreasing in r; ``per_token``: the layer acts on each token (last axis) separately."""
 
     bounds: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    per_token: bool = False
+    jacobian_norm: Callable[[], torch.Tensor] | None = None  # a tighter bound on L(0) = ‖J‖ at the nominal input
+    # κ(w) (…) for readouts w (…, d) of one token's output: |wᵀ·D²f[Δ, Δ]| ≤ κ(w)·‖Δ‖² on any ball
+    readout_curvature: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def compose(layers: list[SmoothLayer], radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, β) of layers[-1] ∘ … ∘ layers[0] on the ball of ``radius`` (B,) around the nominal input:
-    each layer sees radius L_prefix·r; β(f∘g) ≤ β_f·L_g² + L_f·β_g (chain rule for D²)."""
-    lip, curv = torch.ones_like(radius), torch.zeros_like(radius)
-    for layer in layers:
-        layer_lip, layer_curv = layer.bounds(lip * radius)
+def nominal_lip(layer: SmoothLayer, zero: torch.Tensor) -> torch.Tensor:
+    """L_k(0) ≥ ‖J_k‖ at the nominal input (B,): the smaller of the ball bound at r = 0 and the layer's
+    own bound on the Jacobian there."""
+    lip = layer.bounds(zero)[0]
+    return lip if layer.jacobian_norm is None else torch.minimum(lip, layer.jacobian_norm())
+
+
+class Propagation(NamedTuple):
+    """Bounds over the ε-ball (each (B,)) carried through the layers: ``lip`` and ``curv`` (L, β of the
+    whole stack), ``radius`` (ρ_K ≥ ‖Δh_K‖), the layers' input radii ρ_{k−1} and ``remainders`` (both
+    (K, B)): ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}²."""
+
+    lip: torch.Tensor
+    curv: torch.Tensor
+    radius: torch.Tensor
+    input_radii: torch.Tensor
+    remainders: torch.Tensor
+
+
+def propagate(layers: list[SmoothLayer], nominal_lips: torch.Tensor, epsilon: torch.Tensor) -> Propagation:
+    """Layer k sees the ball of radius ρ_{k−1} around its nominal input, ρ_0 = ε and
+    ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean value; Taylor at the
+    nominal point, ‖J_k‖ ≤ L_k(0) = ``nominal_lips[k]``); L and β compose by the chain rule,
+    β(f∘g) ≤ β_f·L_g² + L_f·β_g."""
+    lip, curv, radius, radii, remainders = torch.ones_like(epsilon), torch.zeros_like(epsilon), epsilon, [], []
+    for layer, nominal_lip in zip(layers, nominal_lips):
+        radii.append(radius)
+        layer_lip, layer_curv = layer.bounds(radius)
+        remainders.append(0.5 * layer_curv * radius * radius)
         lip, curv = layer_lip * lip, layer_curv * lip * lip + layer_lip * curv
-    return lip, curv
+        radius = torch.minimum(layer_lip * radius, nominal_lip * radius + remainders[-1])
+    return Propagation(lip, curv, radius, torch.stack(radii), torch.stack(remainders))
 
 
 def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
-    """x ↦ (1−α)x + α·F(x): L = (1−α) + α·L_F, β = α·β_F."""
+    """x ↦ (1−α)x + α·F(x): L = (1−α) + α·L_F, β = α·β_F, κ(w) = α·κ_F(w)."""
     def bounds(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lip, curv = branch.bounds(r)
         return (1.0 - alpha) + alpha * lip, alpha * curv
-    return SmoothLayer(bounds)
+    jacobian_norm = None if branch.jacobian_norm is None else lambda: (1.0 - alpha) + alpha * branch.jacobian_norm()
+    readout = None if branch.readout_curvature is None else lambda w: alpha * branch.readout_curvature(w)
+    return SmoothLayer(bounds, branch.per_token, jacobian_norm, readout)
 
 
 def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> tuple[float, float]:
@@ -101,98 +131,29 @@ def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | No
             scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm)
 
 
-def constant_layer(lip: float, curv: float) -> SmoothLayer:
-    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)))
+def gelu_layer(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> SmoothLayer:
+    """x ↦ W_out·scale·GELU(W_in·x) per token: ``gelu_layer_bounds``, and for a readout w,
+    wᵀD²f[Δ, Δ] = scale·Σ_i (W_outᵀw)_i·GELU''(h_i)·(W_inΔ)_i², so
+    κ(w) = scale·max|GELU''|·σ_max(W_in)²·max_i |(W_outᵀw)_i|."""
+    lip, curv = gelu_layer_bounds(scale, w_in, w_out)
+    gain = scale * GELU_MAX_CURVATURE * spectral_norm(w_in) ** 2
+
+    def readout_curvature(w: torch.Tensor) -> torch.Tensor:
+        return gain * (w if w_out is None else w @ w_out.detach().to(w.dtype)).abs().amax(dim=-1)
+
+    return SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)), True, None, readout_curvature)
 
 
-def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, β) of one attention layer on the Frobenius ball of radius r (B,) around its nominal input.
-
-    Per head, for every X in the ball: ‖q_t‖ ≤ Q_t = ‖q⁰_t‖ + σ_q·r (RoPE is orthogonal); keys and
-    values lie within k̂_ts = ‖k⁰_s − k̄⁰_t‖ + σ_k·r and v̂_ts = ‖v⁰_s − v̄⁰_t‖ + σ_v·r of the nominal
-    attention-weighted means k̄⁰_t, v̄⁰_t. Softmax ignores a per-row constant, so the scores move by
-    at most Δ_t = c·r·(σ_q·max_s k̂_ts + σ_k·‖q⁰_t‖) after removing c⟨Δq_t, k̄⁰_t⟩, and
-    P_ts ≤ P̂_ts = min(1, P⁰_ts·e^{2Δ_t}). Spreads (variance ≤ mean square distance to any point):
-    S_t² = Σ_s P_ts‖v_s − v̄_t‖² ≤ min(Σ_s P̂_ts v̂_ts², max_s v̂_ts²), likewise K_t² for the keys.
-    With dz = ζ (first order) and ξ (second order) for a direction U (‖U‖_F = 1):
-      Do_t = Σ_s P_ts W_v u_s + Σ_s P_ts(ζ_ts − ζ̄_t)(v_s − v̄_t),
-      D²o_t = 2Σ_s P_ts(ζ_ts − ζ̄_t)W_v u_s + Σ_s P_ts(ξ_ts − ξ̄_t)(v_s − v̄_t)
-              + Σ_s P_ts((ζ_ts − ζ̄_t)² − Var_t ζ)(v_s − v̄_t)   (softmax's Jacobian and Hessian).
-    Centred at ζ_c = c⟨W_q u_t, k̄⁰_t⟩: |ζ_ts − ζ_c| ≤ c(σ_q‖u_t‖k̂_ts + Q_tσ_k‖u_s‖) ≤ c·M_t with
-    M_t = σ_q·max_s k̂_ts + σ_kQ_t, Var_t ζ ≤ Σ_s P_ts(ζ_ts − ζ_c)², |ξ_ts| ≤ 2cσ_qσ_k‖u_t‖‖u_s‖.
-    Weighted Cauchy–Schwarz and Σ_t Σ_s P̂_ts‖u_s‖² ≤ C = max_s Σ_t P̂_ts give
-      L_h = σ_v√C + c·(2σ_q²·max_t S_t²K_t² + 2σ_k²·max_s Σ_t S_t²Q_t²P̂_ts)^½,
-      β_h = 2√2·σ_v·c·(σ_q²·max_t K_t² + σ_k²·max_s Σ_t Q_t²P̂_ts)^½ + 2cσ_qσ_k·max_t S_t
-            + 2√2·c²·(σ_q²·max_t M_t²K_t²S_t² + σ_k²·max_s Σ_t M_t²Q_t²S_t²P̂_ts)^½.
-    The heads stack (ℓ2 over heads) and W_o with its output scale multiplies both.
-    """
-    c = rec.score_scale
-    rr = r.view(-1, 1, 1)
-    sq, sk, sv = (s.view(1, -1, 1) for s in (rec.sigma_q, rec.sigma_k, rec.sigma_v))
-    causal = torch.ones(rec.probs.shape[-2:], dtype=torch.bool, device=r.device).tril()
-    big_q = rec.q.norm(dim=-1) + sq * rr                                         # Q_t (B, H, T)
-    k_far = torch.where(causal, rec.k_spread + (sk * rr)[..., None], 0.0)       # k̂_ts (B, H, T, T)
-    v_far = torch.where(causal, rec.v_spread + (sv * rr)[..., None], 0.0)
-    k_max = k_far.amax(dim=-1)
-    shift = c * rr * (sq * k_max + sk * rec.q.norm(dim=-1))                      # Δ_t
-    p_hat = torch.where(causal, (rec.probs * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0), 0.0)
-    col = p_hat.sum(dim=-2).amax(dim=-1)                                         # C (B, H)
-    spread_sq = torch.minimum((p_hat * v_far.pow(2)).sum(-1), v_far.pow(2).amax(-1))  # S_t²
-    k_spread_sq = torch.minimum((p_hat * k_far.pow(2)).sum(-1), k_max.pow(2))         # K_t²
-
-    def col_max(weight: torch.Tensor) -> torch.Tensor:
-        """max_s Σ_t weight_t·P̂_ts, (B, H)."""
-        return (weight[..., None] * p_hat).sum(dim=-2).amax(dim=-1)
-
-    sq2, sk2 = sq.squeeze(-1) ** 2, sk.squeeze(-1) ** 2
-    lip_h = (sv.squeeze(-1) * col.sqrt()
-             + c * (2.0 * sq2 * (spread_sq * k_spread_sq).amax(-1)
-                    + 2.0 * sk2 * col_max(spread_sq * big_q.pow(2))).sqrt())
-    m = sq * k_max + sk * big_q
-    curv_h = (2.0 * math.sqrt(2.0) * sv.squeeze(-1) * c
-              * (sq2 * k_spread_sq.amax(-1) + sk2 * col_max(big_q.pow(2))).sqrt()
-              + 2.0 * c * (sq * sk).squeeze(-1) * spread_sq.amax(-1).sqrt()
-              + 2.0 * math.sqrt(2.0) * c * c
-              * (sq2 * (m.pow(2) * k_spread_sq * spread_sq).amax(-1)
-                 + sk2 * col_max(m.pow(2) * big_q.pow(2) * spread_sq)).sqrt())
-    return rec.out_norm * lip_h.pow(2).sum(-1).sqrt(), rec.out_norm * curv_h.pow(2).sum(-1).sqrt()
-
-
-def distance_to_attended_mean(probs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """‖p_s − Σ_u P_tu p_u‖₂ for every query t and key s, (…, T, T)."""
-    mean = probs @ points
-    sq_dist = (mean.pow(2).sum(-1)[..., :, None] + points.pow(2).sum(-1)[..., None, :]
-               - 2.0 * mean @ points.transpose(-2, -1))
-    return sq_dist.clamp_min(0.0).sqrt()
-
-
-def _attention_nominal(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
-    """``LipschitzAttention`` in float64 with explicit probabilities: (output, its record)."""
-    B, T, C = x.shape
-    H, d_h = attn.n_heads, attn.head_dim
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, T, H, d_h).transpose(1, 2)
-
-    w_q, w_k, w_v, w_o = (m.weight.detach().to(x.dtype) for m in (attn.q, attn.k, attn.v, attn.o))
-    q, k, v = attn.rope(heads(x @ w_q.T)), attn.rope(heads(x @ w_k.T)), heads(x @ w_v.T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal, float("-inf")).softmax(-1)
-    y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
-    sigma = [head_spectral_norms(m.weight, H).double().to(x.device) for m in (attn.q, attn.k, attn.v)]
-    q, k, v, probs = q.detach(), k.detach(), v.detach(), probs.detach()
-    rec = AttentionRecord(q, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
-                          *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale)
-    return y, rec
+Body = Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]]
 
 
 class LocalModel(NamedTuple):
-    """A model as a float64 map: body (B, …) → features (B, d) of the scored position, head weights,
-    the layers' local constants, and the input map applied before the body (a 1-Lipschitz projection
-    that fixes its output, or the identity)."""
+    """A model as a float64 map: body (B, …) → (features (B, d) of the scored position, the layers'
+    local constants, each layer's output h_k), head weights, and the input map applied before the body
+    (a 1-Lipschitz projection that fixes its output, or the identity)."""
 
     prepare: Callable[[torch.Tensor], torch.Tensor]
-    body: Callable[[torch.Tensor], tuple[torch.Tensor, list[SmoothLayer]]]
+    body: Body
     head: torch.Tensor  # (V, d), scale included
 
 
@@ -200,20 +161,24 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
     if any(block.mlp.act.base is not F.gelu for block in model.blocks):
         return None
 
-    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer]]:
-        layers = []
+    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]:
+        layers, outputs = [], []
         for block in model.blocks:
             mlp = block.mlp
-            y, rec = _attention_nominal(block.attn, x)
+            y, rec = attention_at(block.attn, x)
+            rec = last_query(rec) if block is model.blocks[-1] else rec
             x = (1.0 - block.alpha) * x + block.alpha * y
+            outputs.append(x)
             h = x @ mlp.up.weight.detach().to(x.dtype).T
             x = (1.0 - block.alpha) * x + block.alpha * mlp.output_scale * (
                 mlp.act.base(h) @ mlp.down.weight.detach().to(x.dtype).T)
+            outputs.append(x)
             layers.append(convex_residual_layer(block.alpha, SmoothLayer(
-                lambda r, rec=rec: attention_bounds(rec, r))))
-            layers.append(convex_residual_layer(block.alpha, constant_layer(
-                *gelu_layer_bounds(mlp.output_scale, mlp.up.weight, mlp.down.weight))))
-        return x[:, -1, :], layers
+                lambda r, rec=rec: attention_bounds(rec, r),
+                jacobian_norm=lambda rec=rec: attention_jacobian_norm(rec))))
+            layers.append(convex_residual_layer(block.alpha, gelu_layer(mlp.output_scale, mlp.up.weight,
+                                                                         mlp.down.weight)))
+        return x[:, -1, :], layers, outputs
 
     scale = model.logit_scale * model.output_mult
     return LocalModel(lambda x: model.project_to_domain(x.double()), body,
@@ -224,12 +189,13 @@ def mlp_local(model) -> LocalModel | None:
     if model.act.base is not F.gelu:
         return None
 
-    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer]]:
-        layers = []
+    def body(x: torch.Tensor) -> tuple[torch.Tensor, list[SmoothLayer], list[torch.Tensor]]:
+        layers, outputs = [], []
         for layer in model.layers[:-1]:
             x = model.act.fn(x @ layer.weight.detach().to(x.dtype).T)
-            layers.append(constant_layer(*gelu_layer_bounds(model.act.scale, layer.weight, None)))
-        return x, layers
+            layers.append(gelu_layer(model.act.scale, layer.weight, None))
+            outputs.append(x)
+        return x, layers, outputs
 
     return LocalModel(lambda x: x.double(), body, model.output_mult * model.layers[-1].weight.detach().double())
 
@@ -250,7 +216,7 @@ class LocalCertificate:
         self.global_l2 = global_l2
         x0 = local.prepare(x).detach()
         with torch.no_grad():
-            features, self.layers = local.body(x0)
+            features, self.layers, _ = local.body(x0)
         logits = features @ local.head.T
         self.logits = logits
         diff = local.head[labels][:, None, :] - local.head[None, :, :]          # w_j (B, V, d)
@@ -259,29 +225,50 @@ class LocalCertificate:
         self.pair_margins = (true - logits).scatter(1, labels[:, None], float("inf"))
         self.margin = self.pair_margins.min(dim=1).values
         nearest = self.pair_margins.argsort(dim=1)[:, :min(GRADIENT_CLASSES, logits.shape[1] - 1)]
-        jacobian_bound = compose(self.layers, torch.zeros_like(self.margin))[0]  # ≥ ‖∂features/∂x‖ at x0
-        self.gradient_norms = (self.head_norms * jacobian_bound[:, None]).scatter(
-            1, nearest, self._pair_gradient_norms(local, x0, labels, nearest))
+        zero = torch.zeros_like(self.margin)
+        self.nominal_lips = torch.stack([nominal_lip(layer, zero) for layer in self.layers])  # ≥ ‖J_k‖ at x0 (K, B)
+        suffix_lips = torch.cat([self.nominal_lips.flip(0).cumprod(0).flip(0)[1:], torch.ones_like(zero)[None]])
+        jacobian_bound = self.nominal_lips[0] * suffix_lips[0]                    # ≥ ‖∂features/∂x‖ at x0
+        input_norms, stage_norms = self._pair_gradient_norms(local, x0, labels, nearest)
+        self.gradient_norms = (self.head_norms * jacobian_bound[:, None]).scatter(1, nearest, input_norms)
+        stage_bounds = self.head_norms[:, :, None] * suffix_lips.T[:, None, :]   # ‖w_j‖·L_{>k}(0) (B, V, K)
+        self.stage_gradient_norms = torch.minimum(stage_bounds, stage_bounds.scatter(
+            1, nearest[:, :, None].expand(-1, -1, len(self.layers)), stage_norms))
+        last = self.layers[-1]  # its output gradient is w_j itself, at the scored token
+        self.readout_curvature = None if last.readout_curvature is None else last.readout_curvature(diff)
 
-    @staticmethod
-    def _pair_gradient_norms(local: LocalModel, x0: torch.Tensor, labels: torch.Tensor,
-                             classes: torch.Tensor) -> torch.Tensor:
-        """‖∇(z_y − z_j)‖₂ at x0 for the classes j in ``classes`` (B, K), (B, K): autograd in float32,
-        one batched backward pass per column, times 1 + GRADIENT_SLACK for its round-off."""
+    def _pair_gradient_norms(self, local: LocalModel, x0: torch.Tensor, labels: torch.Tensor,
+                             classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the classes j in ``classes`` (B, J): ‖∇(z_y − z_j)‖₂ at x0 (B, J) and the norms of
+        g_{j,k} = ∂(z_y − z_j)/∂h_k at x0 (B, J, K), for per-token layers the largest token's norm.
+        Autograd in float32, one batched backward pass per column, times 1 + GRADIENT_SLACK for its
+        round-off."""
         x0 = x0.float().requires_grad_(True)
-        logits = local.body(x0)[0] @ local.head.float().T
+        features, _, outputs = local.body(x0)
+        logits = features @ local.head.float().T
         n_classes = logits.shape[1]
-        pairs = F.one_hot(labels, n_classes)[None] - F.one_hot(classes.T, n_classes)   # (K, B, V)
-        grads, = torch.autograd.grad(logits, x0, pairs.to(logits.dtype), is_grads_batched=True)
-        return grads.flatten(2).norm(dim=2).T.double() * (1.0 + GRADIENT_SLACK)
+        pairs = F.one_hot(labels, n_classes)[None] - F.one_hot(classes.T, n_classes)   # (J, B, V)
+        grads = torch.autograd.grad(logits, [x0, *outputs], pairs.to(logits.dtype), is_grads_batched=True)
+        stages = [g.reshape(*g.shape[:2], -1, g.shape[-1]).norm(dim=-1).amax(dim=-1) if layer.per_token
+                  else g.flatten(2).norm(dim=2) for g, layer in zip(grads[1:], self.layers)]
+        slack = 1.0 + GRADIENT_SLACK
+        return (grads[0].flatten(2).norm(dim=2).T.double() * slack,
+                torch.stack(stages, dim=-1).transpose(0, 1).double() * slack)
 
     def pair_drops(self, epsilon: torch.Tensor) -> torch.Tensor:
-        """Upper bounds (B, V) on m_j(x) − m_j(x + δ) over ‖δ‖₂ ≤ ε (B,)."""
+        """Upper bounds (B, V) on m_j(x) − m_j(x + δ) over ‖δ‖₂ ≤ ε (B,): the minimum of the
+        telescoped bound ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_kρ_{k−1}², the composed second-order bound
+        ‖∇m_j‖·ε + ½‖w_j‖·β·ε², the first-order ‖w_j‖·ρ_K and the global √2·L_global·ε."""
         eps = epsilon.double().to(self.margin.device)
-        lip, curv = compose(self.layers, eps)
+        bounds = propagate(self.layers, self.nominal_lips, eps)
         e = eps[:, None]
-        drop = torch.minimum(self.gradient_norms * e + 0.5 * self.head_norms * curv[:, None] * e * e,
-                             self.head_norms * lip[:, None] * e)
+        stages = self.stage_gradient_norms * bounds.remainders.T[:, None, :]          # (B, V, K)
+        if self.readout_curvature is not None:
+            last_input = bounds.input_radii[-1][:, None]
+            stages[..., -1] = torch.minimum(stages[..., -1], 0.5 * self.readout_curvature * last_input * last_input)
+        telescoped = self.gradient_norms * e + stages.sum(-1)
+        composed = self.gradient_norms * e + 0.5 * self.head_norms * bounds.curv[:, None] * e * e
+        drop = torch.minimum(torch.minimum(telescoped, composed), self.head_norms * bounds.radius[:, None])
         if self.global_l2 is not None:
             drop = torch.minimum(drop, math.sqrt(2.0) * self.global_l2 * e)
         return drop

@@ -310,7 +310,10 @@ def evaluate(ctx: EvalContext) -> list[dict]:
             rows += spectrum_rows(p, rtols, matrix=name, layer=None, head=None)
 
     layers = find_attention(model)
-    n_train = int(cfg["n_train"] or ctx.train_windows.shape[0])
+    if cfg["n_train"] is None:
+        raise ValueError("evaluations.rank.n_train is null: build the context with "
+                         "lipflow.evaluation.__main__.build_context, which sets it to train tokens / context")
+    n_train = int(cfg["n_train"])
     input_bounds = attention_input_norms(model, layers, ctx.train_windows[: cfg["bx_windows"]],
                                          cfg["batch_size"], ctx.device)
     lip = ACTIVATIONS.get(ctx.run["activation"]).base_lipschitz  # L_φ = max φ′ (S&I round 1.1289 to 1.13)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import importlib
 import pkgutil
 import sys
@@ -36,13 +37,14 @@ from typing import Any
 import yaml
 
 from lipflow.config import ConfigError
+from lipflow.config.schema import EXPERIMENTS_SCHEMA, first_error, make_validator
 from lipflow.experiments.grid import expand_experiment, merge_block
 from lipflow.registry import Registry
 from lipflow.results import views as _views
 from lipflow.results.plotting import Figure
 from lipflow.results.views import View
+from lipflow.studies.icl.config import load_config
 
-PRESETS = ("cpu", "paper")
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: parsed at every parse
 
 
@@ -84,6 +86,7 @@ VIEWS: Registry[View] = Registry("view")
 for _experiment in CATALOG.values():
     for _name, _view in _experiment.views.items():
         VIEWS.register(_name)(_view)
+_views.check_column_types({name: VIEWS.get(name) for name in VIEWS.names()})
 
 # Which views are an experiment's (the first is its headline table), and the figures it draws.
 EXPERIMENT_VIEWS: dict[str, tuple[str, ...]] = {name: tuple(e.views) for name, e in CATALOG.items()}
@@ -104,11 +107,26 @@ def create_views(con, log=sys.stderr) -> dict[str, str]:
 # --------------------------------------------------------------------------- the config's experiments
 
 def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every experiment block of ``config``: the built-in ones with the config's blocks merged over."""
+    """Every experiment block of a validated ``config``: the built-in ones with the config's blocks
+    merged over, each then filled with the defaults of ``$defs/merged_experiment``
+    (workflow/schemas/experiments.schema.yaml: a block that names no ``evaluations`` runs [val])."""
     blocks = copy.deepcopy(builtin_definitions())
-    for name, block in (config.get("experiment_definitions") or {}).items():
-        blocks[name] = merge_block(blocks.get(name, {}), block or {})
-    return blocks
+    for name, block in config["experiment_definitions"].items():
+        blocks[name] = merge_block(blocks.get(name, {}), block)
+    return {name: fill_block(name, block) for name, block in blocks.items()}
+
+
+def fill_block(name: str, block: dict[str, Any]) -> dict[str, Any]:
+    """``block`` with the schema's defaults of a merged experiment block filled in (in place)."""
+    message = first_error(_merged_block_validator(), block, prefix=f"experiment_definitions.{name}")
+    if message is not None:
+        raise ConfigError(f"config error: {message}")
+    return block
+
+
+@functools.lru_cache(maxsize=1)
+def _merged_block_validator():
+    return make_validator(EXPERIMENTS_SCHEMA, fill=True, definition="merged_experiment")
 
 
 Blocks = dict[str, dict[str, Any]]  # definitions(config), passed on by a caller that has them (lipflow.plan)
@@ -117,7 +135,7 @@ Blocks = dict[str, dict[str, Any]]  # definitions(config), passed on by a caller
 def selected_experiments(config: dict[str, Any], blocks: Blocks | None = None) -> list[str]:
     """The names in ``config['experiments']``; an unknown name raises a one-line ConfigError."""
     known = definitions(config) if blocks is None else blocks
-    names = list(config.get("experiments") or [])
+    names = list(config["experiments"])
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -127,16 +145,9 @@ def selected_experiments(config: dict[str, Any], blocks: Blocks | None = None) -
     return names
 
 
-def preset_name(config: dict[str, Any]) -> str:
-    preset = config.get("experiment_preset") or "cpu"
-    if preset not in PRESETS:
-        raise ConfigError(f"config error: experiment_preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    return preset
-
-
 def expand_experiments(config: dict[str, Any], blocks: Blocks | None = None) -> dict[str, dict[str, Any]]:
     """run name → run overrides for every enabled experiment (``experiment`` set to its name)."""
-    blocks, preset = definitions(config) if blocks is None else blocks, preset_name(config)
+    blocks, preset = definitions(config) if blocks is None else blocks, config["experiment_preset"]
     runs: dict[str, dict[str, Any]] = {}
     for name in selected_experiments(config, blocks):
         for run_name, overrides in expand_experiment(name, blocks[name], preset).items():
@@ -144,7 +155,7 @@ def expand_experiments(config: dict[str, Any], blocks: Blocks | None = None) -> 
                 raise ConfigError(f"config error: run '{run_name}' is produced by two experiments; "
                                   f"give them different `short` names")
             runs[run_name] = overrides
-    clash = sorted(set(runs) & set(config.get("runs") or {}))
+    clash = sorted(set(runs) & set(config["runs"]))
     if clash:
         raise ConfigError(f"config error: run name '{clash[0]}' is both in runs and in an experiment")
     return runs
@@ -152,23 +163,23 @@ def expand_experiments(config: dict[str, Any], blocks: Blocks | None = None) -> 
 
 def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any],
                            blocks: Blocks | None = None) -> list[str] | None:
-    """The evaluations of an experiment's run (its block's ``evaluations``, default [val]; they
-    replace ``evaluations.enabled``), or None for a run of the ``runs`` block."""
-    name = run_config.get("experiment")
-    if not name:
+    """The evaluations of an experiment's run (its block's ``evaluations``; they replace
+    ``evaluations.enabled``), or None for a run of the ``runs`` block."""
+    name = run_config["experiment"]
+    if name is None:
         return None
     blocks = definitions(config) if blocks is None else blocks
-    return list(blocks.get(name, {}).get("evaluations", ["val"]))
+    return list(blocks[name]["evaluations"])
 
 
 def study_enabled(config: dict[str, Any], study: str) -> bool:
-    """Whether a study outside the run grid runs: switched on in its own block (``icl.enabled``) or
-    included by a selected experiment (``experiments: [icl]``)."""
-    own = config.get(study)
-    return bool(isinstance(own, dict) and own.get("enabled")) or study in experiment_studies(config)
+    """Whether a study outside the run grid runs: switched on in its own block (``icl.enabled``; the
+    image_mlp study has no switch of its own) or included by a selected experiment (``experiments: [icl]``)."""
+    switched_on = study == "icl" and load_config(config["icl"]).enabled
+    return switched_on or study in experiment_studies(config)
 
 
 def experiment_studies(config: dict[str, Any], blocks: Blocks | None = None) -> list[str]:
     """Studies outside the run grid (``icl``, ``image_mlp``) that the enabled experiments include."""
     blocks = definitions(config) if blocks is None else blocks
-    return sorted({s for name in selected_experiments(config, blocks) for s in blocks[name].get("studies", [])})
+    return sorted({s for name in selected_experiments(config, blocks) for s in blocks[name]["studies"]})

@@ -65,9 +65,9 @@ def axis_points(axis: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     return points
 
 
-def grid_points(grid: dict[str, Any] | list[dict[str, Any]] | None) -> Iterator[tuple[list[str], dict[str, Any]]]:
+def grid_points(grid: dict[str, Any] | list[dict[str, Any]]) -> Iterator[tuple[list[str], dict[str, Any]]]:
     """(labels, overrides) of every point of a grid or of a list of grids (union of products)."""
-    grids = grid if isinstance(grid, list) else [grid or {}]
+    grids = grid if isinstance(grid, list) else [grid]
     for one in grids:
         if not one:
             continue
@@ -81,16 +81,16 @@ def grid_points(grid: dict[str, Any] | list[dict[str, Any]] | None) -> Iterator[
 
 
 def expand_experiment(name: str, block: dict[str, Any], preset: str) -> dict[str, dict[str, Any]]:
-    """run name → overrides of one experiment under one preset."""
-    short = block.get("short", name)
-    spec = block.get(preset) or {}
+    """run name → overrides of one experiment under one preset (a block filled by
+    :func:`lipflow.experiments.definitions`)."""
+    short, spec = block["short"], block[preset]
     runs: dict[str, dict[str, Any]] = {}
-    for labels, point in grid_points(spec.get("grid")):
+    for labels, point in grid_points(spec["grid"]):
         run_name = ".".join([short, *labels])
         if len(run_name) > RUN_NAME_MAX:
             raise ConfigError(f"config error: experiment '{name}': run name '{run_name}' is longer than "
                               f"{RUN_NAME_MAX} characters; use shorter labels")
-        overrides = {**(spec.get("base") or {}), **point, "experiment": name}
+        overrides = {**spec["base"], **point, "experiment": name}
         if run_name in runs and runs[run_name] != overrides:
             raise ConfigError(f"config error: experiment '{name}': two grid points are both named "
                               f"'{run_name}' but differ in settings; give them different labels")

@@ -13,14 +13,12 @@ from lipflow.results.views import Part, View
 
 ICL_VS_PGD = View(
     caption="table_icl_vs_pgd.rst",
-    description="icl: test loss (squared error on the query) of the trained in-context transformer against "
-                "optimal L-step preconditioned GD, tuned GD and least squares, per sweep (layers: L varies at "
-                "the config's n; n: n varies at the largest L); ratio_to_pgd = model/pgd; agreement of the "
-                "model's and PGD's predictions; largest relative error of the learned per-layer step sizes",
-    columns={"sweep": "VARCHAR", "n_layers": "BIGINT", "n": "BIGINT", "model_loss": "DOUBLE", "pgd_loss": "DOUBLE",
-             "gd_loss": "DOUBLE", "least_squares_loss": "DOUBLE", "ratio_to_pgd": "DOUBLE",
-             "prediction_correlation": "DOUBLE", "relative_prediction_mse": "DOUBLE",
-             "max_step_size_rel_error": "DOUBLE"},
+    columns=("sweep", "n_layers", "n", "model_loss", "pgd_loss", "gd_loss", "least_squares_loss", "ratio_to_pgd",
+             "prediction_correlation", "relative_prediction_mse", "max_step_size_rel_error"),
+    types={"VARCHAR": ("sweep",),
+           "BIGINT": ("n_layers", "n"),
+           "DOUBLE": ("model_loss", "pgd_loss", "gd_loss", "least_squares_loss", "ratio_to_pgd",
+                      "prediction_correlation", "relative_prediction_mse", "max_step_size_rel_error")},
     parts=(Part(requires={"icl_loss_by_layers": ("method", "n_layers", "n", "loss"),
                           "icl_loss_by_n": ("method", "n_layers", "n", "loss"),
                           "icl_agreement": ("n_layers", "n", "reference", "prediction_correlation",

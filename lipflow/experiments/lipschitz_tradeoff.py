@@ -11,13 +11,10 @@ from lipflow.results.views import RUNS_NEED, Part, View
 
 PARETO = View(
     caption="table_pareto.rst",
-    description="lipschitz_tradeoff: completed runs with a finite certified bound; on_front = no run of the "
-                "same optimizer has a bound ≤ and a val accuracy ≥ (one strictly); local_radius = the ε where "
-                "the local certificate's certified accuracy is half the clean accuracy (robustness "
-                "evaluation's half_certified_epsilon; NULL unless that evaluation ran)",
-    columns={"run_id": "VARCHAR", "name": "VARCHAR", "optimizer": "VARCHAR", "weight_constraint": "VARCHAR",
-             "sigma_max": "DOUBLE", "lr": "DOUBLE", "lipschitz_bound": "DOUBLE", "val_accuracy": "DOUBLE",
-             "val_loss": "DOUBLE", "max_activation": "DOUBLE", "local_radius": "DOUBLE", "on_front": "BOOLEAN"},
+    columns=("run_id", "name", "optimizer", "weight_constraint", "sigma_max", "lr", "lipschitz_bound",
+             "val_accuracy", "val_loss", "max_activation", "local_radius", "on_front"),
+    types={"DOUBLE": ("sigma_max", "lipschitz_bound", "val_accuracy", "local_radius"),
+           "BOOLEAN": ("on_front",)},
     parts=(Part(requires={"runs": RUNS_NEED + ("optimizer", "weight_constraint", "sigma_max", "lr",
                                                "lipschitz_bound", "max_activation", "val_accuracy",
                                                "final_val_accuracy", "val_loss", "final_val_loss"),

@@ -11,10 +11,9 @@ from lipflow.results.views import RUNS_NEED, Part, View
 
 LR_TRANSFER_RUNS = View(
     caption="table_lr_transfer_runs.rst",
-    description="lr_transfer: one row per run; method = parametrization+optimizer, final_loss = val loss "
-                "(whole val split when the val evaluation ran), NULL when the run diverged",
-    columns={"run_id": "VARCHAR", "name": "VARCHAR", "method": "VARCHAR", "width": "BIGINT", "lr": "DOUBLE",
-             "status": "VARCHAR", "final_loss": "DOUBLE"},
+    columns=("run_id", "name", "method", "width", "lr", "status", "final_loss"),
+    types={"VARCHAR": ("status",),
+           "DOUBLE": ("final_loss",)},
     parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "optimizer", "d_model", "lr",
                                                "val_loss", "final_val_loss")},
                 absent_reason="no lr_transfer runs in the database",
@@ -27,10 +26,10 @@ LR_TRANSFER_RUNS = View(
 
 LR_TRANSFER = View(
     caption="table_lr_transfer.rst",
-    description="lr_transfer: per method and width the lr of lowest final loss (ties: smaller lr); "
-                "drift = max/min of the optimal lr across widths (1 = the optimum transfers)",
-    columns={"method": "VARCHAR", "width": "BIGINT", "optimal_lr": "DOUBLE", "best_loss": "DOUBLE",
-             "n_lrs": "BIGINT", "at_grid_edge": "BOOLEAN", "n_widths": "BIGINT", "drift": "DOUBLE"},
+    columns=("method", "width", "optimal_lr", "best_loss", "n_lrs", "at_grid_edge", "n_widths", "drift"),
+    types={"DOUBLE": ("optimal_lr", "best_loss", "drift"),
+           "BIGINT": ("n_lrs", "n_widths"),
+           "BOOLEAN": ("at_grid_edge",)},
     depends_on=("lr_transfer_runs",),
     parts=(Part(requires={"lr_transfer_runs": ("method", "width", "lr", "final_loss")},
                 absent_reason="no lr_transfer runs in the database",

@@ -16,15 +16,14 @@ PRECISION_EVALS = """
 
 PRECISION = View(
     caption="table_precision.rst",
-    description="precision: per model, number format and scaling, val loss and next-token accuracy and their "
-                "deltas vs fp32, overflowed/saturated activation counts, and the fp8 safety verdicts "
-                "(proven from the Lipschitz analysis, and observed on the val windows)",
-    columns={"domain": "VARCHAR", "label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR",
-             "optimizer": "VARCHAR", "weight_constraint": "VARCHAR", "max_activation": "DOUBLE",
-             "format": "VARCHAR", "scaling": "VARCHAR", "val_loss": "DOUBLE", "accuracy": "DOUBLE",
-             "val_loss_delta": "DOUBLE", "accuracy_delta": "DOUBLE", "activation_overflow": "DOUBLE",
-             "activation_saturated": "DOUBLE", "weight_saturated": "DOUBLE", "fp8_safe_proven": "DOUBLE",
-             "fp8_safe_observed": "DOUBLE", "real_fp8_accuracy": "DOUBLE", "simulated_fp8_accuracy": "DOUBLE"},
+    columns=("domain", "label", "run_id", "model", "optimizer", "weight_constraint", "max_activation", "format",
+             "scaling", "val_loss", "accuracy", "val_loss_delta", "accuracy_delta", "activation_overflow",
+             "activation_saturated", "weight_saturated", "fp8_safe_proven", "fp8_safe_observed",
+             "real_fp8_accuracy", "simulated_fp8_accuracy"),
+    types={"VARCHAR": ("format", "scaling"),
+           "DOUBLE": ("val_loss_delta", "accuracy_delta", "activation_overflow", "activation_saturated",
+                      "weight_saturated", "fp8_safe_proven", "fp8_safe_observed", "real_fp8_accuracy",
+                      "simulated_fp8_accuracy")},
     parts=(Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "max_activation"),
                           "evals": ("run_id", "eval", "metric", "value", "format", "scaling")},
                 absent_reason="no precision runs with the precision evaluation in the database",
@@ -59,18 +58,17 @@ PRECISION = View(
 
 PRECISION_BOUNDS = View(
     caption="table_precision_bounds.rst",
-    description="precision: per run, fp32 accuracy, the proven max |activation| (analytic bound over the observed "
-                "tensors), the observed max on the val windows and their ratio, the unscaled-format safety "
-                "verdicts (1 proven, 0 not, NaN: no analytic bound); each lipschitz_gpt run is matched with the "
-                "lipschitz_gpt run of the other kind (weight-constrained or not) of the closest accuracy",
-    columns={"label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR", "optimizer": "VARCHAR",
-             "weight_constraint": "VARCHAR", "steps": "BIGINT", "accuracy": "DOUBLE",
-             "proven_max_activation": "DOUBLE", "observed_max_activation": "DOUBLE",
-             "proven_over_observed": "DOUBLE", "analytic_activation_bound": "DOUBLE",
-             "e4m3_proven_safe": "DOUBLE", "e4m3_observed_safe": "DOUBLE", "e5m2_proven_safe": "DOUBLE",
-             "fp16_proven_safe": "DOUBLE", "matched_label": "VARCHAR", "matched_accuracy": "DOUBLE",
-             "matched_proven_max_activation": "DOUBLE", "matched_observed_max_activation": "DOUBLE",
-             "matched_proven_over_observed": "DOUBLE"},
+    columns=("label", "run_id", "model", "optimizer", "weight_constraint", "steps", "accuracy",
+             "proven_max_activation", "observed_max_activation", "proven_over_observed",
+             "analytic_activation_bound", "e4m3_proven_safe", "e4m3_observed_safe", "e5m2_proven_safe",
+             "fp16_proven_safe", "matched_label", "matched_accuracy", "matched_proven_max_activation",
+             "matched_observed_max_activation", "matched_proven_over_observed"),
+    types={"BIGINT": ("steps",),
+           "DOUBLE": ("proven_max_activation", "observed_max_activation", "proven_over_observed",
+                      "analytic_activation_bound", "e4m3_proven_safe", "e4m3_observed_safe", "e5m2_proven_safe",
+                      "fp16_proven_safe", "matched_accuracy", "matched_proven_max_activation",
+                      "matched_observed_max_activation", "matched_proven_over_observed"),
+           "VARCHAR": ("matched_label",)},
     parts=(Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "steps"),
                           "evals": ("run_id", "eval", "metric", "value", "format")},
                 absent_reason="no precision runs with the precision evaluation in the database",

@@ -10,16 +10,12 @@ from lipflow.results.views import RUNS_NEED, Part, View
 
 RANK_BOUND = View(
     caption="table_rank_bound.rst",
-    description="rank_vs_n: per run, n = training tokens / context (disjoint sequences); measured gap = "
-                "val loss − mean training loss over the last 10% of steps (nats/token); b3_bound = the rank "
-                "evaluation's B3 Rademacher term rescaled to n (it is exactly ∝ 1/√n); qk_rank = mean "
-                "numerical rank (rtol 1e-2) of W_Q W_Kᵀ over layers and heads; gap_slope and bound_slope = "
-                "least-squares slopes of ln(value) on ln(n) over the runs with the same n_heads",
-    columns={"run_id": "VARCHAR", "name": "VARCHAR", "n_heads": "BIGINT", "d_head": "BIGINT",
-             "n_tokens": "BIGINT", "n": "DOUBLE", "measured_gap": "DOUBLE", "eval_gap": "DOUBLE",
-             "qk_rank": "DOUBLE", "qk_stable_rank": "DOUBLE", "b3_bound": "DOUBLE",
-             "edelman_norm_proxy": "DOUBLE", "spectrum_adaptive_proxy": "DOUBLE",
-             "gap_slope": "DOUBLE", "bound_slope": "DOUBLE"},
+    columns=("run_id", "name", "n_heads", "d_head", "n_tokens", "n_sequences", "measured_gap", "eval_gap",
+             "qk_rank", "qk_stable_rank", "b3_bound", "edelman_norm_proxy", "spectrum_adaptive_proxy", "gap_slope",
+             "bound_slope"),
+    types={"BIGINT": ("n_heads", "d_head", "n_tokens"),
+           "DOUBLE": ("n_sequences", "measured_gap", "eval_gap", "qk_rank", "qk_stable_rank", "b3_bound",
+                      "edelman_norm_proxy", "spectrum_adaptive_proxy", "gap_slope", "bound_slope")},
     parts=(Part(requires={"runs": RUNS_NEED + ("n_heads", "d_model", "context", "steps", "train_tokens",
                                                "val_loss", "final_val_loss"),
                           "train_metrics": ("run_id", "step", "loss"),
@@ -50,15 +46,15 @@ RANK_BOUND = View(
                    avg(value) FILTER (WHERE metric = 'stable_rank' AND matrix = 'qk') AS qk_stable_rank
             FROM evals WHERE eval = 'rank' GROUP BY run_id),
         j AS (
-            SELECT r.run_id, r.name, r.n_heads, r.d_head, r.n_tokens, r.n_tokens / r.context AS n,
+            SELECT r.run_id, r.name, r.n_heads, r.d_head, r.n_tokens, r.n_tokens / r.context AS n_sequences,
                    r.val_loss - t.train_loss AS measured_gap, e.eval_gap, e.qk_rank, e.qk_stable_rank,
                    e.b3_eval * sqrt(e.n_eval / (r.n_tokens / r.context)) AS b3_bound,
                    e.edelman_norm_proxy, e.spectrum_adaptive_proxy
             FROM r JOIN train_end AS t USING (run_id) JOIN e USING (run_id)),
         slopes AS (
             SELECT n_heads,
-                   regr_slope(ln(measured_gap), ln(n)) FILTER (WHERE measured_gap > 0) AS gap_slope,
-                   regr_slope(ln(b3_bound), ln(n)) FILTER (WHERE b3_bound > 0) AS bound_slope
+                   regr_slope(ln(measured_gap), ln(n_sequences)) FILTER (WHERE measured_gap > 0) AS gap_slope,
+                   regr_slope(ln(b3_bound), ln(n_sequences)) FILTER (WHERE b3_bound > 0) AS bound_slope
             FROM j GROUP BY n_heads)
         SELECT j.*, slopes.gap_slope, slopes.bound_slope FROM j JOIN slopes USING (n_heads)"""),),
 )
@@ -70,15 +66,15 @@ VIEWS = {"rank_bound": RANK_BOUND}
 def rank_vs_n(con):
     """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank."""
     plt = pyplot()
-    df = read_view(con, "rank_bound", "ORDER BY n_heads, n")
+    df = read_view(con, "rank_bound", "ORDER BY n_heads, n_sequences")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     heads = sorted(df.n_heads.unique())
     for color, h in zip(colors(len(heads)), heads):
         sub = df[df.n_heads == h]
         positive = sub[sub.measured_gap > 0]
-        axes[0].plot(positive.n, positive.measured_gap, "o-", color=color,
+        axes[0].plot(positive.n_sequences, positive.measured_gap, "o-", color=color,
                      label=f"{h} head(s): slope {sub.gap_slope.iloc[0]:.2f}")
-        axes[1].plot(sub.n, sub.b3_bound, "s--", color=color, label=f"{h} head(s): slope {sub.bound_slope.iloc[0]:.2f}")
+        axes[1].plot(sub.n_sequences, sub.b3_bound, "s--", color=color, label=f"{h} head(s): slope {sub.bound_slope.iloc[0]:.2f}")
         axes[2].scatter(sub.qk_rank, sub.measured_gap, color=color, label=f"gap, {h} head(s)")
         axes[2].scatter(sub.qk_rank, sub.b3_bound, color=color, marker="s", facecolors="none",
                         label=f"B3 bound, {h} head(s)")

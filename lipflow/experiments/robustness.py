@@ -15,14 +15,11 @@ _ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', '
                   "'tightness_local', 'within_100x_local')"
 ROBUSTNESS = View(
     caption="table_robustness.rst",
-    description="robustness: long form, one row per model, metric, attack and ε (ℓ2 radius in the input "
-                "space: token embeddings for the LM, [0,1] pixels for the digits MLP) or k (substituted "
-                "tokens); domain = lm | image_mlp; label = the model's variant; certificate_l2 = its ℓ2 bound; "
-                "the local certificate's rows (certified_accuracy_local, tightness_global/local = median "
-                "PGD margin fall / certified fall, attack pgd or pgd_half_certified) where the model has one",
-    columns={"domain": "VARCHAR", "label": "VARCHAR", "run_id": "VARCHAR", "model": "VARCHAR",
-             "optimizer": "VARCHAR", "weight_constraint": "VARCHAR", "certificate_l2": "DOUBLE",
-             "metric": "VARCHAR", "attack": "VARCHAR", "epsilon": "DOUBLE", "k": "BIGINT", "value": "DOUBLE"},
+    columns=("domain", "label", "run_id", "model", "optimizer", "weight_constraint", "certificate_l2", "metric",
+             "attack", "epsilon", "k", "value"),
+    types={"DOUBLE": ("certificate_l2", "epsilon", "value"),
+           "VARCHAR": ("metric", "attack"),
+           "BIGINT": ("k",)},
     parts=(
         Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint"),
                        "evals": ("run_id", "eval", "metric", "value", "epsilon", "attack", "k")},

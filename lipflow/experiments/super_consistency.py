@@ -11,11 +11,10 @@ from lipflow.results.views import RUNS_NEED, Part, View
 
 SHARPNESS_CURVES = View(
     caption="table_sharpness_curves.rst",
-    description="super_consistency: the top Hessian eigenvalue logged during training, per run and step; "
-                "preconditioned_sharpness = λ_max(P⁻¹H) with Adam's preconditioner (NULL for other optimizers)",
-    columns={"run_id": "VARCHAR", "name": "VARCHAR", "parametrization": "VARCHAR", "depth_mup": "BOOLEAN",
-             "optimizer": "VARCHAR", "lr": "DOUBLE", "width": "BIGINT", "depth": "BIGINT", "step": "BIGINT",
-             "sharpness": "DOUBLE", "preconditioned_sharpness": "DOUBLE", "loss": "DOUBLE"},
+    columns=("run_id", "name", "parametrization", "depth_mup", "optimizer", "lr", "width", "depth", "step",
+             "sharpness", "preconditioned_sharpness", "loss"),
+    types={"BIGINT": ("depth",),
+           "DOUBLE": ("sharpness", "preconditioned_sharpness", "loss")},
     parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "depth_mup", "optimizer", "lr", "d_model",
                                                "n_layers"),
                           "train_metrics": ("run_id", "step", "sharpness", "preconditioned_sharpness", "loss")},
@@ -29,13 +28,12 @@ SHARPNESS_CURVES = View(
 
 SHARPNESS_SPREAD = View(
     caption="table_sharpness_spread.rst",
-    description="super_consistency: per step, sharpness across the widths (axis 'width', depth fixed) or "
-                "depths (axis 'depth', width fixed) of one parametrization; spread = (max − min)/|mean|, of "
-                "the Hessian's λ_max and (preconditioned_spread) of Adam's P⁻¹H",
-    columns={"axis": "VARCHAR", "parametrization": "VARCHAR", "depth_mup": "BOOLEAN", "lr": "DOUBLE",
-             "fixed_size": "BIGINT", "step": "BIGINT", "n_models": "BIGINT", "min_sharpness": "DOUBLE",
-             "max_sharpness": "DOUBLE", "mean_sharpness": "DOUBLE", "spread": "DOUBLE",
-             "mean_preconditioned_sharpness": "DOUBLE", "preconditioned_spread": "DOUBLE"},
+    columns=("axis", "parametrization", "depth_mup", "lr", "fixed_size", "step", "n_models", "min_sharpness",
+             "max_sharpness", "mean_sharpness", "spread", "mean_preconditioned_sharpness", "preconditioned_spread"),
+    types={"VARCHAR": ("axis",),
+           "BIGINT": ("fixed_size", "n_models"),
+           "DOUBLE": ("min_sharpness", "max_sharpness", "mean_sharpness", "spread", "mean_preconditioned_sharpness",
+                      "preconditioned_spread")},
     depends_on=("sharpness_curves",),
     parts=(Part(requires={"sharpness_curves": ("parametrization", "width", "depth", "step", "sharpness")},
                 absent_reason="no super_consistency runs with sharpness in the database",

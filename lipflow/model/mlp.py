@@ -1,10 +1,11 @@
 """``mlp``: a bias-free Lipschitz MLP classifier (the CIFAR model of Newhouse et al. 2025, App. D).
 
-Built from cfg keys: ``in_features`` (input size; images are flattened), ``d_model`` (the width),
-``n_layers`` (the number of Linear layers, ≥ 1), ``activation`` (gelu = GELU/1.1289 | relu;
-default gelu), ``n_classes`` (or the second argument of ``build_model``) and optionally
-``input_norm``, a bound on ‖x‖₂ of the flattened input (e.g. 8 for 64 pixels in [0, 1]) that
-``activation_bounds`` starts from. Layers:
+Built from cfg keys: the run keys ``d_model`` (the width), ``n_layers`` (the number of Linear
+layers, ≥ 1), ``activation`` (gelu = GELU/1.1289 | relu) and the mlp's own keys
+(``$defs/mlp_model`` of workflow/schemas/config.schema.yaml, defaults filled there):
+``in_features`` (input size; images are flattened), ``n_classes`` (null: the second argument of
+``build_model``) and ``input_norm``, a bound on ‖x‖₂ of the flattened input (e.g. 8 for 64 pixels
+in [0, 1]) that ``activation_bounds`` starts from (null: none known). Layers:
 in_features → width → … → width → n_classes, each a Linear without bias, φ between them.
 Init: orthogonal·√(fan_out/fan_in) except the last layer, which starts at zero.
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lipflow.config import mlp_model_keys
 from lipflow.model.base import LanguageModel, spectral_norm
 from lipflow.model.bound import ACTIVATIONS, linear_output_bounds
 from lipflow.model.certificate import Bound, Certificate, Certify, record, sequential
@@ -36,7 +38,8 @@ class LipschitzMLP(LanguageModel):
 
     def __init__(self, cfg: dict[str, Any], n_classes: int | None = None):
         super().__init__()
-        cfg_classes = cfg.get("n_classes")
+        own = mlp_model_keys(cfg)  # in_features, n_classes, input_norm: $defs/mlp_model of the schema
+        cfg_classes = own["n_classes"]
         if n_classes is None and cfg_classes is None:
             raise ValueError("n_classes: the mlp model needs n_classes in the config or as an argument")
         if n_classes is not None and cfg_classes is not None and n_classes != cfg_classes:
@@ -46,12 +49,12 @@ class LipschitzMLP(LanguageModel):
         if cfg["depth_mup"]:
             raise ValueError("depth_mup: the mlp model has no residual branches to scale; set depth_mup: false")
         self.n_classes = n_classes if n_classes is not None else cfg_classes
-        self.in_features = cfg["in_features"]
+        self.in_features = own["in_features"]
         dims = [self.in_features] + [cfg["d_model"]] * (cfg["n_layers"] - 1) + [self.n_classes]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims, dims[1:]))
         self.act = ACTIVATIONS.get(cfg["activation"])
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
-        self.input_norm: float | None = cfg.get("input_norm")  # ‖x‖₂ bound of the inputs, if known
+        self.input_norm: float | None = own["input_norm"]  # ‖x‖₂ bound of the inputs, if known
         # Modula's MLP: every Linear has mass 1 (no tare)
         self.modular_masses = {"blocks": float(cfg["n_layers"] - 1), "head": 1.0}
         self.reset_parameters()

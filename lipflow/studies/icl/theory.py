@@ -104,6 +104,23 @@ def error_polynomial(step_sizes: torch.Tensor) -> torch.Tensor:
     return coeffs
 
 
+def lbfgs_minimum(loss: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, max_iter: int,
+                  tolerance_grad: float) -> torch.Tensor:
+    """A local minimum of ``loss`` reached from ``start`` by L-BFGS with a strong-Wolfe line search."""
+    x = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([x], max_iter=max_iter, tolerance_grad=tolerance_grad,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss(x)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return x.detach()
+
+
 @dataclass(frozen=True)
 class StepSizeProblem:
     """The quadratic form H (degree ≤ max_layers) of L-step GD with preconditioner M."""
@@ -173,19 +190,8 @@ class StepSizeProblem:
         h = self.hessian[: n_layers + 1, : n_layers + 1]
         coeffs = torch.linalg.solve(h, torch.eye(n_layers + 1, dtype=torch.float64)[0])
         roots = np.polynomial.polynomial.polyroots((coeffs / coeffs[0]).numpy())
-        steps = torch.tensor(np.sort(1.0 / roots.real), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [steps], max_iter=200, tolerance_grad=1e-14, line_search_fn="strong_wolfe"
-        )
-
-        def closure():
-            optimizer.zero_grad()
-            value = self.loss(steps)
-            value.backward()
-            return value
-
-        optimizer.step(closure)
-        return steps.detach().sort().values
+        start = torch.tensor(np.sort(1.0 / roots.real), dtype=torch.float64)
+        return lbfgs_minimum(self.loss, start, max_iter=200, tolerance_grad=1e-14).sort().values
 
 
 # ---------------------------------------------------------------- baselines
