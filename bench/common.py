@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.data.atomic import atomic_write
+from lipflow.atomic import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = pa.schema([

@@ -127,7 +127,7 @@ def write_shards(chars: list[str], train: np.ndarray, val: np.ndarray, out: Path
     tokenizer whose id i is chars[i], one shard per split, no end-of-text id (the reference has none)."""
     from tokenizers import Tokenizer, decoders, models
 
-    from lipflow.data.atomic import sha256_file, write_json_atomic
+    from lipflow.atomic import sha256_file, write_json_atomic
     from lipflow.data.tokenize import MANIFEST_FORMAT, ShardWriter
 
     out.mkdir(parents=True)

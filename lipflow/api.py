@@ -11,7 +11,7 @@ import torch
 
 from lipflow.config import run_defaults
 from lipflow.train.checkpoint import CheckpointError, load_weights
-from lipflow.data.atomic import read_json
+from lipflow.atomic import read_json
 from lipflow.data.parquet import read_table_parquet
 from lipflow.metrics import resolve_device
 from lipflow.model import LanguageModel, build_model

@@ -92,7 +92,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     assert again.returncode == 0, again.stderr
     assert "resumed from" not in again.stderr and "written for other data" in again.stderr
     from lipflow.train.checkpoint import latest_valid_checkpoint
-    from lipflow.data.atomic import sha256_file
+    from lipflow.atomic import sha256_file
 
     assert latest_valid_checkpoint(out / "checkpoints")[2]["manifest_sha256"] == sha256_file(data / "manifest.json")
     summary = json.loads((out / "run.json").read_text())

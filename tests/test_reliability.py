@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lipflow.train.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
-from lipflow.data.atomic import write_with_sidecar
+from lipflow.atomic import write_with_sidecar
 
 from conftest import run_stage
 

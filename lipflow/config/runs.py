@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 from lipflow.config.schema import SCHEMA_PATH, first_error, load_schema, make_validator, validate
-from lipflow.data.atomic import sha256_file
+from lipflow.atomic import sha256_file
 from lipflow.errors import ConfigError
 from lipflow.provenance import config_hash
 

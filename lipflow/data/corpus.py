@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from lipflow.config.runs import data_block
 from lipflow.data import DataError, parse_config_json
-from lipflow.data.atomic import atomic_dir, write_json_atomic
+from lipflow.atomic import atomic_dir, write_json_atomic
 from lipflow.errors import run_guarded
 from lipflow.registry import Registry
 

@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lipflow.data import DataError
-from lipflow.data.atomic import sha256_file
+from lipflow.atomic import sha256_file
 from lipflow.data.tokenize import MANIFEST_FORMAT
 
 

@@ -1,7 +1,7 @@
 """Parquet files with a ``.sha256`` sidecar (no torch: the results stage reads them too).
 
 A writer publishes the file atomically (temp file, fsync, rename) with its sidecar
-(:func:`lipflow.data.atomic.write_with_sidecar`); a reader checks the bytes against the sidecar
+(:func:`lipflow.atomic.write_with_sidecar`); a reader checks the bytes against the sidecar
 before parsing them, so a damaged or foreign file is one error naming it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.data.atomic import read_verified, write_with_sidecar
+from lipflow.atomic import read_verified, write_with_sidecar
 
 
 def write_table_parquet(path, table: pa.Table) -> None:

@@ -62,7 +62,7 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 
 from lipflow.config.runs import data_block
 from lipflow.data import DataError, parse_config_json
-from lipflow.data.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
+from lipflow.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
 from lipflow.errors import run_guarded
 from lipflow.registry import Registry
 

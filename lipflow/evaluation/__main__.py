@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from lipflow.config import evaluation_params
-from lipflow.data.atomic import read_json
+from lipflow.atomic import read_json
 from lipflow.data.parquet import write_table_parquet
 from lipflow.errors import run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext

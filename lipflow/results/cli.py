@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lipflow.data.atomic import read_verified, sha256_file, sidecar_path, write_bytes_atomic
+from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 
 

@@ -27,7 +27,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.data.atomic import fsync_dir, read_json, sha256_file, write_json_atomic
+from lipflow.atomic import fsync_dir, read_json, sha256_file, write_json_atomic
 from lipflow.data.parquet import read_table_parquet
 from lipflow.experiments import create_views
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS

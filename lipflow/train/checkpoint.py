@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lipflow import provenance
-from lipflow.data.atomic import read_verified, sha256_file, sidecar_path, write_with_sidecar
+from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_with_sidecar
 from lipflow.errors import CheckpointError, IntegrityError
 
 CHECKPOINT_GLOB = "step-*.safetensors"

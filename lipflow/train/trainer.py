@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from lipflow import distributed, provenance
-from lipflow.data.atomic import write_json_atomic
+from lipflow.atomic import write_json_atomic
 from lipflow.data.parquet import write_rows_parquet
 from lipflow.metrics import autocast_for, resolve_device
 from lipflow.schedules import lr_factor

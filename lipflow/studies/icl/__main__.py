@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from lipflow.data.atomic import write_json_atomic
+from lipflow.atomic import write_json_atomic
 from lipflow.errors import ConfigError, run_guarded
 from lipflow.studies.icl.config import load_config
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from lipflow.data.atomic import atomic_write  # noqa: E402
+from lipflow.atomic import atomic_write  # noqa: E402
 from lipflow.studies.icl.tables import PLOTTED_METHODS  # noqa: E402
 from lipflow.data.parquet import read_table_parquet  # noqa: E402
 
