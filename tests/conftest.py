@@ -69,5 +69,6 @@ def slurm_sweep_in_background(request, tmp_path_factory):
     if not slurm_tests:
         yield None
         return
-    with slurm_tests[0].module.BackgroundSweep(tmp_path_factory.mktemp("slurm_sweep")) as sweep:
+    failure_case = any(item.name.startswith("test_failed_job") for item in slurm_tests)
+    with slurm_tests[0].module.BackgroundSweep(tmp_path_factory.mktemp("slurm_sweep"), failure_case) as sweep:
         yield sweep

@@ -1,6 +1,7 @@
-"""lipflow's modules import each other without a cycle (issue 17): the graph of module-level
-``import``/``from … import`` statements between lipflow's own modules is acyclic, and the data
-stages' shared file helpers (``lipflow.atomic``) import nothing else of lipflow's but its errors."""
+"""lipflow's modules import each other without a cycle (issue 17): the graph of top-level
+``import``/``from … import`` statements between lipflow's own modules (not imports inside functions,
+which run later, nor the implicit import of a parent package's ``__init__``) is acyclic, and the
+shared file helpers (``lipflow.atomic``) import nothing else of lipflow's but its errors."""
 
 import ast
 from pathlib import Path

@@ -16,6 +16,12 @@ from lipflow.model import build_model
 
 GPT = run_defaults(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=4, context=12)
 MLP = run_defaults(model="mlp", in_features=24, d_model=32, n_layers=3, n_classes=7)
+LINEAR = run_defaults(model="mlp", in_features=24, d_model=32, n_layers=1, n_classes=7)  # one Linear layer
+VOCAB = 20  # the language models' vocabulary
+
+
+def n_classes(cfg):
+    return cfg["n_classes"] if cfg["model"] == "mlp" else VOCAB
 SLACK = 1e-4  # fp32 round-off of the attacked forward against the float64 bound
 
 
@@ -36,7 +42,7 @@ def checkpoint(cfg, kind):
     """'init' (the model's own init), 'random' (every matrix at σ_max 2) or 'trained' (random, then
     20 Adam steps fitting random labels)."""
     torch.manual_seed(0)
-    model = build_model(cfg, cfg.get("n_classes", 20))
+    model = build_model(cfg, n_classes(cfg))
     if kind in ("random", "trained"):
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -44,7 +50,7 @@ def checkpoint(cfg, kind):
                     p.normal_().mul_(2.0 / torch.linalg.matrix_norm(p, 2))
     if kind == "trained":
         x = inputs(model, cfg, 32, seed=5)
-        y = torch.randint(0, cfg.get("n_classes", 20), (32,), generator=torch.Generator().manual_seed(6))
+        y = torch.randint(0, n_classes(cfg), (32,), generator=torch.Generator().manual_seed(6))
         opt = torch.optim.Adam(model.parameters(), lr=3e-2)
         for _ in range(20):
             opt.zero_grad()
@@ -73,7 +79,7 @@ def worst_attack_drop(model, cfg, x, labels, margin, eps):
     return torch.stack(drops).max(dim=0).values
 
 
-@pytest.mark.parametrize("cfg", [GPT, MLP], ids=["lipschitz_gpt", "mlp"])
+@pytest.mark.parametrize("cfg", [GPT, MLP, LINEAR], ids=["lipschitz_gpt", "mlp", "linear"])
 @pytest.mark.parametrize("kind", ["init", "random", "trained"])
 def test_no_attack_moves_the_margin_past_the_local_bound(cfg, kind):
     model = checkpoint(cfg, kind)
@@ -111,7 +117,7 @@ def margin_gradient_norm(model, cfg, x, labels):
     return grad.flatten(1).norm(dim=1)
 
 
-@pytest.mark.parametrize("cfg", [GPT, MLP], ids=["lipschitz_gpt", "mlp"])
+@pytest.mark.parametrize("cfg", [GPT, MLP, LINEAR], ids=["lipschitz_gpt", "mlp", "linear"])
 def test_the_bound_over_epsilon_tends_to_the_margin_gradient_norm(cfg):
     model = checkpoint(cfg, "trained")
     x = inputs(model, cfg)
@@ -148,7 +154,7 @@ def test_the_local_radius_is_certified_and_at_least_the_global_one(kind):
 @pytest.mark.parametrize("cfg", [run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2),
                                  {**MLP, "activation": "relu"}], ids=["layernorm", "relu"])
 def test_models_without_a_curvature_bound_have_no_local_certificate(cfg):
-    model = build_model(cfg, cfg.get("n_classes", 12))
+    model = build_model(cfg, n_classes(cfg))
     x = inputs(model, cfg)
     assert local_certificate(model, x, torch.zeros(len(x), dtype=torch.long), None) is None
 

@@ -33,7 +33,7 @@ def start_training(cfg: dict, data: Path, out: Path) -> subprocess.Popen:
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not list((out / "checkpoints").glob("step-*.safetensors.sha256")):
         assert proc.poll() is None, f"training ended before its first checkpoint: {proc.communicate()[1][-2000:]}"
@@ -61,19 +61,22 @@ def slow_cfg(tiny_run_config):
 def test_sigkill_then_rerun_resumes_bit_exact(char_shards, slow_cfg, tmp_path):
     reference = tmp_path / "reference"
     reference_run = start_training(slow_cfg, char_shards, reference)  # trains beside the killed and resumed run
-    killed = tmp_path / "killed"
-    proc = start_training(slow_cfg, char_shards, killed)
-    wait_for_checkpoint(killed, proc)
-    time.sleep(float(torch.rand(1)) * 0.2)  # a random point after the first checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == 0 or (killed / "model.safetensors").exists():
-        reference_run.kill()
-        reference_run.communicate()
-        pytest.skip("the run reached its final outputs before the kill landed")
-    assert not (killed / "model.safetensors").exists()
-    resumed = train(slow_cfg, char_shards, killed)
-    _, reference_err = reference_run.communicate(timeout=600)
+    try:
+        killed = tmp_path / "killed"
+        proc = start_training(slow_cfg, char_shards, killed)
+        wait_for_checkpoint(killed, proc)
+        time.sleep(float(torch.rand(1)) * 0.2)  # a random point after the first checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == 0 or (killed / "model.safetensors").exists():
+            pytest.skip("the run reached its final outputs before the kill landed")
+        assert not (killed / "model.safetensors").exists()
+        resumed = train(slow_cfg, char_shards, killed)
+        _, reference_err = reference_run.communicate(timeout=600)
+    finally:  # a failed or skipped test leaves no training process behind
+        if reference_run.poll() is None:
+            reference_run.kill()
+            reference_run.communicate()
     assert reference_run.returncode == 0, reference_err[-2000:]
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step-" in resumed.stderr

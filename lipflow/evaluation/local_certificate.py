@@ -10,7 +10,7 @@ drop_j(ε), the minimum of four sound bounds (so margin(x+δ) ≥ min_{j≠y} (m
    ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}², where ρ_{k−1} ≥ ‖Δ_{k−1}‖ and β_k(ρ) bounds ‖D²f_k‖ on the ball of
    radius ρ around h_{k−1}(x). Unrolled, m_j(x+δ) − m_j(x) = ∇m_j·δ + Σ_k g_{j,k}ᵀr_k with
    g_{j,k} = ∂m_j/∂h_k at x, so  drop_j ≤ ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_k(ρ_{k−1})·ρ_{k−1}².
-   ∇m_j and g_{j,k} are exact (one batched float32 backward pass that also asks for the gradients at
+   ∇m_j and g_{j,k} are exact (one batched float64 backward pass that also asks for the gradients at
    the layer outputs, enlarged by GRADIENT_SLACK) for the GRADIENT_CLASSES classes with the smallest
    margins, and bounded by ‖w_j‖·Π_{i>k} L_i(0) for the others. For a per-token layer (the MLP)
    r_k's tokens are separate, ‖r_{k,t}‖ ≤ ½β_k‖Δ_{k−1,t}‖², so ‖g_{j,k}‖ becomes max_t ‖g_{j,k,t}‖.
@@ -54,7 +54,7 @@ from lipflow.model.mlp import LipschitzMLP
 # max |GELU''| = max φ(x)(2 − x²) = 2φ(0) = 2/√(2π), at x = 0 (the other extremes, x = ±2, give 0.108)
 GELU_MAX_CURVATURE = 2.0 / math.sqrt(2.0 * math.pi)
 RADIUS_BISECTIONS = 32  # halvings of log ε between RADIUS_RANGE's ends: radii to a relative 10⁻⁸
-GRADIENT_SLACK = 1e-4  # relative allowance for the float32 round-off of the margin gradients
+GRADIENT_SLACK = 1e-4  # relative allowance for the round-off of the float64 margin gradients (far above it)
 # Exact gradients for the classes with the smallest margins; the others use ‖∇m_j‖ ≤ ‖w_j‖·L(0). On the σ_max 2
 # Shakespeare model (65 classes) 8 give the same radii as all classes, at an eighth of the backward passes.
 GRADIENT_CLASSES = 8
@@ -63,7 +63,7 @@ RADIUS_RANGE = (1e-12, 1e4)
 
 class SmoothLayer(NamedTuple):
     """A layer's local constants as functions of the input ball's radius r (B,): (L(r), β(r)), both
-    nondecreasing in r; ``per_token``: the layer acts on each token (last axis) separately."""
+    nondecreasing in r; ``per_token``: the layer acts on each token (each row of T × d) separately."""
 
     bounds: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     per_token: bool = False
@@ -124,8 +124,8 @@ def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | No
     max|GELU''|·‖W_in[i]‖₂·‖x − x'‖₂. Over a sequence the Jacobian is block diagonal (per token), so
     the same constants hold for the Frobenius norm over the whole sequence.
     """
-    out_norm = spectral_norm(w_out) if w_out is not None else 1.0
-    in_norm = spectral_norm(w_in)
+    out_norm = spectral_norm(w_out, torch.float64) if w_out is not None else 1.0
+    in_norm = spectral_norm(w_in, torch.float64)
     max_row = float(w_in.detach().double().norm(dim=1).max())
     return (scale * GELU_MAX_SLOPE * out_norm * in_norm,
             scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm)
@@ -136,7 +136,7 @@ def gelu_layer(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> 
     wᵀD²f[Δ, Δ] = scale·Σ_i (W_outᵀw)_i·GELU''(h_i)·(W_inΔ)_i², so
     κ(w) = scale·max|GELU''|·σ_max(W_in)²·max_i |(W_outᵀw)_i|."""
     lip, curv = gelu_layer_bounds(scale, w_in, w_out)
-    gain = scale * GELU_MAX_CURVATURE * spectral_norm(w_in) ** 2
+    gain = scale * GELU_MAX_CURVATURE * spectral_norm(w_in, torch.float64) ** 2
 
     def readout_curvature(w: torch.Tensor) -> torch.Tensor:
         return gain * (w if w_out is None else w @ w_out.detach().to(w.dtype)).abs().amax(dim=-1)
@@ -195,6 +195,9 @@ def mlp_local(model) -> LocalModel | None:
             x = model.act.fn(x @ layer.weight.detach().to(x.dtype).T)
             layers.append(gelu_layer(model.act.scale, layer.weight, None))
             outputs.append(x)
+        if not layers:  # one Linear: the margin is linear in x, an identity stage (L 1, β 0) keeps the form
+            layers.append(SmoothLayer(lambda r: (torch.ones_like(r), torch.zeros_like(r)), True))
+            outputs.append(x)
         return x, layers, outputs
 
     return LocalModel(lambda x: x.double(), body, model.output_mult * model.layers[-1].weight.detach().double())
@@ -241,11 +244,11 @@ class LocalCertificate:
                              classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For the classes j in ``classes`` (B, J): ‖∇(z_y − z_j)‖₂ at x0 (B, J) and the norms of
         g_{j,k} = ∂(z_y − z_j)/∂h_k at x0 (B, J, K), for per-token layers the largest token's norm.
-        Autograd in float32, one batched backward pass per column, times 1 + GRADIENT_SLACK for its
-        round-off."""
-        x0 = x0.float().requires_grad_(True)
+        Autograd in float64 (the body's own precision), one pass batched over the J columns, times
+        1 + GRADIENT_SLACK for its round-off."""
+        x0 = x0.detach().requires_grad_(True)
         features, _, outputs = local.body(x0)
-        logits = features @ local.head.float().T
+        logits = features @ local.head.T
         n_classes = logits.shape[1]
         pairs = F.one_hot(labels, n_classes)[None] - F.one_hot(classes.T, n_classes)   # (J, B, V)
         grads = torch.autograd.grad(logits, [x0, *outputs], pairs.to(logits.dtype), is_grads_batched=True)

@@ -13,8 +13,8 @@ RANK_BOUND = View(
     columns=("run_id", "name", "n_heads", "d_head", "n_tokens", "n_sequences", "measured_gap", "eval_gap",
              "qk_rank", "qk_stable_rank", "b3_bound", "edelman_norm_proxy", "spectrum_adaptive_proxy", "gap_slope",
              "bound_slope"),
-    types={"BIGINT": ("n_heads", "d_head", "n_tokens"),
-           "DOUBLE": ("n_sequences", "measured_gap", "eval_gap", "qk_rank", "qk_stable_rank", "b3_bound",
+    types={"BIGINT": ("n_heads", "d_head", "n_tokens", "n_sequences"),
+           "DOUBLE": ("measured_gap", "eval_gap", "qk_rank", "qk_stable_rank", "b3_bound",
                       "edelman_norm_proxy", "spectrum_adaptive_proxy", "gap_slope", "bound_slope")},
     parts=(Part(requires={"runs": RUNS_NEED + ("n_heads", "d_model", "context", "steps", "train_tokens",
                                                "val_loss", "final_val_loss"),
@@ -46,9 +46,9 @@ RANK_BOUND = View(
                    avg(value) FILTER (WHERE metric = 'stable_rank' AND matrix = 'qk') AS qk_stable_rank
             FROM evals WHERE eval = 'rank' GROUP BY run_id),
         j AS (
-            SELECT r.run_id, r.name, r.n_heads, r.d_head, r.n_tokens, r.n_tokens / r.context AS n_sequences,
+            SELECT r.run_id, r.name, r.n_heads, r.d_head, r.n_tokens, r.n_tokens // r.context AS n_sequences,
                    r.val_loss - t.train_loss AS measured_gap, e.eval_gap, e.qk_rank, e.qk_stable_rank,
-                   e.b3_eval * sqrt(e.n_eval / (r.n_tokens / r.context)) AS b3_bound,
+                   e.b3_eval * sqrt(e.n_eval / (r.n_tokens // r.context)) AS b3_bound,
                    e.edelman_norm_proxy, e.spectrum_adaptive_proxy
             FROM r JOIN train_end AS t USING (run_id) JOIN e USING (run_id)),
         slopes AS (

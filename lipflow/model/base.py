@@ -121,9 +121,9 @@ class LanguageModel(nn.Module):
         return idx
 
 
-def spectral_norm(w: torch.Tensor) -> float:
-    """Exact largest singular value σ_max(W) (used at logging time)."""
-    return torch.linalg.matrix_norm(w.detach().float(), ord=2).item()
+def spectral_norm(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """Largest singular value σ_max(W), by an SVD in ``dtype`` (float64 where it must bound from above)."""
+    return torch.linalg.matrix_norm(w.detach().to(dtype), ord=2).item()
 
 
 def rms_operator_norm(w: torch.Tensor) -> float:
