@@ -287,8 +287,9 @@ def test_an_experiment_is_one_python_file_and_one_yaml_file(tmp_path):
 
 def make_table(con, name: str, rows: list[dict]) -> None:
     columns = dict.fromkeys(k for row in rows for k in row)
-    arrow = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])  # noqa: F841
+    con.register("arrow", pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))
     con.execute(f"CREATE TABLE {name} AS SELECT * FROM arrow")
+    con.unregister("arrow")
 
 
 RUN_DEFAULTS = {"status": "completed", "experiment": None, "model": "gpt", "optimizer": "adamw",

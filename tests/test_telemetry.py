@@ -9,7 +9,6 @@ import math
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lipflow.model import build_model
 from lipflow.train.trainer import Trainer
