@@ -72,3 +72,5 @@ def slurm_sweep_in_background(request, tmp_path_factory):
     failure_case = any(item.name.startswith("test_failed_job") for item in slurm_tests)
     with slurm_tests[0].module.BackgroundSweep(tmp_path_factory.mktemp("slurm_sweep"), failure_case) as sweep:
         yield sweep
+        if not sweep.delivered:  # the session ended first (-x, --maxfail, Ctrl-C): don't wait the runs out
+            sweep.stop.set()

@@ -10,6 +10,7 @@ fails. Select or deselect with `-m slurm` / `-m "not slurm"`.
 
 import importlib.util
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,17 +69,17 @@ class SweepRuns:
     failure: harness.SlurmRun | None
 
 
-def run_sweep_then_failure_case(workdir: Path, failure_case: bool) -> SweepRuns:
-    """The sweep of SWEEP_CONFIG; when it succeeds and ``failure_case`` is asked for, the same workdir
-    again with FAILING_RUNS added."""
+def run_sweep_then_failure_case(workdir: Path, failure_case: bool, stop: threading.Event) -> SweepRuns:
+    """The sweep of SWEEP_CONFIG; when it succeeds and ``failure_case`` is asked for (and the session has
+    not asked to ``stop``), the same workdir again with FAILING_RUNS added."""
     config = workdir / "config.yaml"
     config.write_text(SWEEP_CONFIG)
-    sweep = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=900)
-    if sweep.returncode != 0 or not failure_case:
+    sweep = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=900, stop=stop)
+    if sweep.returncode != 0 or not failure_case or stop.is_set():
         return SweepRuns(workdir, sweep, None, None)
     before = (workdir / "results" / "lipflow.duckdb").read_bytes()
     config.write_text(SWEEP_CONFIG.replace("\nevaluations:", FAILING_RUNS.rstrip() + "\nevaluations:"))
-    failure = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=600)
+    failure = run_snakemake_on_slurm(workdir, REPO / "Snakefile", ARGS, timeout=600, stop=stop)
     return SweepRuns(workdir, sweep, before, failure)
 
 
@@ -89,6 +90,8 @@ class BackgroundSweep:
     def __init__(self, workdir: Path, failure_case: bool):
         self.workdir = workdir
         self.failure_case = failure_case  # only when test_failed_job_is_reported… is selected
+        self.stop = threading.Event()  # set when the session ends before a test read the runs: Snakemake is interrupted
+        self.delivered = False
         self.brought_up = False
         self.cluster_output = ""
         self._thread = ThreadPoolExecutor(max_workers=1)
@@ -101,14 +104,16 @@ class BackgroundSweep:
         harness.check_can_run_cluster()
         self.brought_up = not harness.cluster_is_up()  # brought down at the end, also after a failed bring-up
         self.cluster_output = harness.cluster("up")
-        return run_sweep_then_failure_case(self.workdir, self.failure_case)
+        return run_sweep_then_failure_case(self.workdir, self.failure_case, self.stop)
 
     def runs(self) -> SweepRuns:
         """Wait for the thread; skip where this machine cannot run the cluster."""
         try:
-            return self._runs.result()
+            runs = self._runs.result()
         except harness.SlurmUnavailable as reason:
             pytest.skip(f"SLURM tests skipped: {reason}")
+        self.delivered = True
+        return runs
 
     def __exit__(self, *exc_info) -> None:
         self._thread.shutdown(wait=True)

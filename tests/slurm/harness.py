@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,12 +123,13 @@ def _describe_jobs(submissions: list[tuple[str, Path]]) -> list[SlurmJob]:
 
 
 def run_snakemake_on_slurm(workdir: Path, snakefile: Path, extra_args: Sequence[str] = (),
-                           timeout: float = 240) -> SlurmRun:
+                           timeout: float = 240, stop: threading.Event | None = None) -> SlurmRun:
     """Run `snakemake --profile profiles/slurm --profile tests/slurm/profile` in `workdir`.
 
     The test profile only adds what the local cluster needs (fast status checks, kept logs, no retries).
     CUDA_VISIBLE_DEVICES is removed from the environment, so any value a job sees was set by SLURM.
-    On timeout Snakemake gets SIGINT (SIGTERM does not stop it while it waits for jobs), then is killed.
+    On timeout, or as soon as ``stop`` is set (the test session ends early), Snakemake gets SIGINT (SIGTERM
+    does not stop it while it waits for jobs), then is killed.
     """
     env = {key: value for key, value in os.environ.items()
            if key != "CUDA_VISIBLE_DEVICES" and not key.startswith(("SLURM_", "SBATCH_", "SNAKEMAKE_PROFILE"))}
@@ -136,16 +138,23 @@ def run_snakemake_on_slurm(workdir: Path, snakefile: Path, extra_args: Sequence[
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    deadline = start + timeout
+    while True:
+        try:  # in slices, so that a stop request is seen within a second (retrying loses no output)
+            output, _ = proc.communicate(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            stopped = stop is not None and stop.is_set()
+            if not stopped and time.perf_counter() < deadline:
+                continue
         proc.send_signal(signal.SIGINT)
         try:
             output, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             output, _ = proc.communicate()
-        raise AssertionError(f"snakemake did not finish within {timeout} s:\n{output[-6000:]}") from None
+        reason = "was stopped: the test session ended early" if stopped else f"did not finish within {timeout} s"
+        raise AssertionError(f"snakemake {reason}:\n{output[-6000:]}") from None
     seconds = time.perf_counter() - start
     submissions = [(job_id, workdir / log) for job_id, log in _SUBMISSION.findall(output)]
     return SlurmRun(proc.returncode, output, _describe_jobs(submissions), seconds)
