@@ -30,7 +30,7 @@ The margin reads the last position only, and every layer after the last attentio
 token, so that attention layer's constants (L, β, ‖J‖) are those of its map onto the last position
 (``last_query``), and the ρ_k after it bound the last token's movement. Layer constants come from the
 input's actual activations: the convex residual (1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F;
-attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer_bounds``).
+attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer``).
 ``lipschitz_gpt``'s input projection onto the RMS ball is 1-Lipschitz and fixes its own output, so
 P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` and
 ``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm (``gpt``) is not covered
@@ -116,27 +116,23 @@ def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
     return SmoothLayer(bounds, branch.per_token, jacobian_norm, readout)
 
 
-def gelu_layer_bounds(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> tuple[float, float]:
-    """(L, β) of x ↦ W_out·scale·GELU(W_in·x) per token (W_out = I when None), on any ball.
+def gelu_layer(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> SmoothLayer:
+    """x ↦ W_out·scale·GELU(W_in·x) per token (W_out = I when None): (L, β) on any ball and, for a
+    readout w, the curvature κ(w).
 
     D = W_out·diag(scale·GELU'(h))·W_in with |scale·GELU'| ≤ scale·GELU_MAX_SLOPE; D(x) − D(x') =
     W_out·diag(scale·ΔGELU')·W_in with |ΔGELU'_i| ≤ max|GELU''|·|⟨W_in[i], x − x'⟩| ≤
     max|GELU''|·‖W_in[i]‖₂·‖x − x'‖₂. Over a sequence the Jacobian is block diagonal (per token), so
-    the same constants hold for the Frobenius norm over the whole sequence.
+    the same constants hold for the Frobenius norm over the whole sequence. For a readout w,
+    wᵀD²f[Δ, Δ] = scale·Σ_i (W_outᵀw)_i·GELU''(h_i)·(W_inΔ)_i², so
+    κ(w) = scale·max|GELU''|·σ_max(W_in)²·max_i |(W_outᵀw)_i|.
     """
     out_norm = spectral_norm(w_out, torch.float64) if w_out is not None else 1.0
     in_norm = spectral_norm(w_in, torch.float64)
     max_row = float(w_in.detach().double().norm(dim=1).max())
-    return (scale * GELU_MAX_SLOPE * out_norm * in_norm,
-            scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm)
-
-
-def gelu_layer(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> SmoothLayer:
-    """x ↦ W_out·scale·GELU(W_in·x) per token: ``gelu_layer_bounds``, and for a readout w,
-    wᵀD²f[Δ, Δ] = scale·Σ_i (W_outᵀw)_i·GELU''(h_i)·(W_inΔ)_i², so
-    κ(w) = scale·max|GELU''|·σ_max(W_in)²·max_i |(W_outᵀw)_i|."""
-    lip, curv = gelu_layer_bounds(scale, w_in, w_out)
-    gain = scale * GELU_MAX_CURVATURE * spectral_norm(w_in, torch.float64) ** 2
+    lip = scale * GELU_MAX_SLOPE * out_norm * in_norm
+    curv = scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm
+    gain = scale * GELU_MAX_CURVATURE * in_norm ** 2
 
     def readout_curvature(w: torch.Tensor) -> torch.Tensor:
         return gain * (w if w_out is None else w @ w_out.detach().to(w.dtype)).abs().amax(dim=-1)
@@ -217,11 +213,10 @@ class LocalCertificate:
 
     def __init__(self, local: LocalModel, x: torch.Tensor, labels: torch.Tensor, global_l2: float | None):
         self.global_l2 = global_l2
-        x0 = local.prepare(x).detach()
-        with torch.no_grad():
-            features, self.layers, _ = local.body(x0)
-        logits = features @ local.head.T
-        self.logits = logits
+        x0 = local.prepare(x).detach().requires_grad_(True)
+        features, self.layers, outputs = local.body(x0)  # one float64 forward; its graph gives the gradients
+        logits_with_graph = features @ local.head.T
+        self.logits = logits = logits_with_graph.detach()
         diff = local.head[labels][:, None, :] - local.head[None, :, :]          # w_j (B, V, d)
         self.head_norms = diff.norm(dim=-1)
         true = logits.gather(1, labels[:, None])
@@ -232,7 +227,7 @@ class LocalCertificate:
         self.nominal_lips = torch.stack([nominal_lip(layer, zero) for layer in self.layers])  # ≥ ‖J_k‖ at x0 (K, B)
         suffix_lips = torch.cat([self.nominal_lips.flip(0).cumprod(0).flip(0)[1:], torch.ones_like(zero)[None]])
         jacobian_bound = self.nominal_lips[0] * suffix_lips[0]                    # ≥ ‖∂features/∂x‖ at x0
-        input_norms, stage_norms = self._pair_gradient_norms(local, x0, labels, nearest)
+        input_norms, stage_norms = self._pair_gradient_norms(logits_with_graph, [x0, *outputs], labels, nearest)
         self.gradient_norms = (self.head_norms * jacobian_bound[:, None]).scatter(1, nearest, input_norms)
         stage_bounds = self.head_norms[:, :, None] * suffix_lips.T[:, None, :]   # ‖w_j‖·L_{>k}(0) (B, V, K)
         self.stage_gradient_norms = torch.minimum(stage_bounds, stage_bounds.scatter(
@@ -240,18 +235,16 @@ class LocalCertificate:
         last = self.layers[-1]  # its output gradient is w_j itself, at the scored token
         self.readout_curvature = None if last.readout_curvature is None else last.readout_curvature(diff)
 
-    def _pair_gradient_norms(self, local: LocalModel, x0: torch.Tensor, labels: torch.Tensor,
+    def _pair_gradient_norms(self, logits: torch.Tensor, points: list[torch.Tensor], labels: torch.Tensor,
                              classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For the classes j in ``classes`` (B, J): ‖∇(z_y − z_j)‖₂ at x0 (B, J) and the norms of
-        g_{j,k} = ∂(z_y − z_j)/∂h_k at x0 (B, J, K), for per-token layers the largest token's norm.
+        g_{j,k} = ∂(z_y − z_j)/∂h_k at x0 (B, J, K), for per-token layers the largest token's norm;
+        ``logits`` carry the graph of the body's forward from ``points`` = [x0, h_1, …, h_K].
         Autograd in float64 (the body's own precision), one pass batched over the J columns, times
         1 + GRADIENT_SLACK for its round-off."""
-        x0 = x0.detach().requires_grad_(True)
-        features, _, outputs = local.body(x0)
-        logits = features @ local.head.T
         n_classes = logits.shape[1]
         pairs = F.one_hot(labels, n_classes)[None] - F.one_hot(classes.T, n_classes)   # (J, B, V)
-        grads = torch.autograd.grad(logits, [x0, *outputs], pairs.to(logits.dtype), is_grads_batched=True)
+        grads = torch.autograd.grad(logits, points, pairs.to(logits.dtype), is_grads_batched=True)
         stages = [g.reshape(*g.shape[:2], -1, g.shape[-1]).norm(dim=-1).amax(dim=-1) if layer.per_token
                   else g.flatten(2).norm(dim=2) for g, layer in zip(grads[1:], self.layers)]
         slack = 1.0 + GRADIENT_SLACK
