@@ -12,7 +12,7 @@ For each n (default 256 … 4096; --quick: 256, 512), on one seeded Gaussian n×
   instead of 1): reported beside the measurement as ``predicted``, from G's singular values. The
   documented band (σ ≥ 0.0015‖G‖_F ↦ [0.6818, 1.2024]) bounds it by max(1 − 0.6818, 0.2024) = 0.318
   when every σᵢ is in range; a Gaussian's few smallest σᵢ are not (they map to ≈ 0).
-- **The weight constraint**: ``spectral_soft_cap`` (σ ↦ p₂(p₁(σ)), four matmuls) against
+- **The weight constraint**: ``spectral_soft_cap`` (σ ↦ p₂(p₁(σ)) through the Gram matrix) against
   ``spectral_hard_cap`` (U min(Σ, σmax) Vᵀ by SVD) at σmax = 1, on X = G·k/σ₁(G): the spectrum a
   capped matrix can have right after a Muon step at lr 0.05 (k = σmax + u, u = 0.05·1.2024, the
   soft cap's own worst case). Relative error ‖soft − hard‖_F / ‖hard‖_F, its exact-arithmetic

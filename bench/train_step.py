@@ -1,7 +1,7 @@
 """One training step of (lipschitz_gpt + muon + spectral_soft_cap) against (gpt + adamw), side by side.
 
-    python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--rounds R]
-                               [--warmup W] [--device auto|cpu|cuda] [--compile]
+    python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--grad-accum A]
+                               [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile]
 
 Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
 differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,
@@ -29,7 +29,12 @@ Also timed, alternately, on the gradients the last step left: ``optimizer.step()
 weight constraint alone (``project_matrices_`` and the embedding projection), which split the
 difference between the arms. A timed step reads its loss (one host sync), to check it is finite.
 
-Shapes: ``quick`` (d 64, 2 layers, context 64, batch 8; the --quick smoke test), ``cpu`` (d 256,
+Tokens per step: batch × context × ``--grad-accum`` micro-batches (config key grad_accum). The
+optimizer and the constraint run once per step whatever its tokens, so their share of the step, and
+with it the lipschitz/baseline ratio, falls as the step grows: GPT-2's own recipe (nanoGPT's
+train_gpt2) steps every 491,520 tokens, ``--shape gpt2-124m --grad-accum 30``.
+
+Shapes: ``quick`` (d 64, 2 layers, context 64, batch 8 × 2 micro-batches; the --quick smoke test), ``cpu`` (d 256,
 4 layers, context 128, batch 128: 16,384 tokens per step, the tokens per step of Newhouse et al.'s
 Shakespeare runs, batch 64 × context 256; the CPU default), ``gpt2-124m`` (GPT-2 small: d 768, 12 layers,
 12 heads, context 1024, vocabulary 50257, batch 16; the CUDA default; 124M parameters with GPT-2's
@@ -39,7 +44,8 @@ small shapes train on the default config's data (embedded pydoc corpus, char tok
 the real corpus and tokenize stages (step time does not depend on the text).
 
 Rows go to results/bench/train_step.parquet (--quick: results/bench/quick/); metric names start
-with ``<shape>.B<batch>``.
+with ``<shape>.B<batch>`` (``<shape>.B<batch>x<grad_accum>`` when a step has several micro-batches; ``.compiled`` after it with
+--compile).
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ BENCH = "train_step"
 
 # name → run settings (+ "vocab": None for the default char data, or a synthetic vocabulary size)
 SHAPES: dict[str, dict[str, Any]] = {
-    "quick": {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 8, "vocab": None},
+    "quick": {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 8, "grad_accum": 2,
+              "vocab": None},
     "cpu": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 128, "batch_size": 128, "vocab": None},
     "gpt2-124m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "context": 1024, "batch_size": 16,
                   "vocab": 50257},
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: cpu on CPU, gpt2-124m on CUDA")
     parser.add_argument("--batch-size", type=int, help="override the shape's batch size")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the shape's, 1 but "
+                                                       "for quick)")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per arm (median kept)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     add_torch_arguments(parser)
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = shape.pop("vocab")
     if args.batch_size:
         shape["batch_size"] = args.batch_size
+    if args.grad_accum:
+        shape["grad_accum"] = args.grad_accum
     rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = configs["baseline"]
         tokens = cfg["batch_size"] * cfg["context"] * cfg["grad_accum"]
-        metric = f"{shape_name}.B{cfg['batch_size']}"
+        metric = (f"{shape_name}.B{cfg['batch_size']}" + (f"x{cfg['grad_accum']}" if cfg["grad_accum"] > 1 else "")
+                  + (".compiled" if cfg["compile"] else ""))
         rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
         for name, t in trainers.items():
             step_s = statistics.median(steps[name])
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                  row(BENCH, f"{metric}.matmul_peak", peak, "FLOP/s", dev)]
 
     print(f"shape {shape_name}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
-          f"context {cfg['context']}, batch {cfg['batch_size']}, vocab {trainers['baseline'].train_data.vocab_size}; "
+          f"context {cfg['context']}, batch {cfg['batch_size']} × {cfg['grad_accum']} micro-batches, vocab {trainers['baseline'].train_data.vocab_size}; "
           f"{tokens} tokens/step; median of {rounds} alternating rounds after {warmup} warmup")
     print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"], table)
     print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "

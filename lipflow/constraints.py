@@ -147,11 +147,6 @@ def soft_cap_alpha(sigma_max: float, k: float | Tensor) -> float | Tensor:
     return select(k > sigma_max, alpha, torch.zeros_like(k) if isinstance(k, Tensor) else 0.0)
 
 
-def _gram_product(x: Tensor) -> Tensor:
-    """X XᵀX (= (XXᵀ) X), multiplied through the smaller Gram matrix."""
-    return x @ (x.mT @ x) if x.shape[-2] >= x.shape[-1] else (x @ x.mT) @ x
-
-
 def _per_matrix(constraint: Constraint) -> Constraint:
     """Apply a constraint written for one matrix to each matrix of a stack (…, m, n)."""
     @functools.wraps(constraint)
@@ -199,11 +194,16 @@ def spectral_hammer(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor
 
 @CONSTRAINTS.register("spectral_soft_cap")
 def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
-    """M ← M(I − αMᵀM), then M ← M(I + αMᵀM): σ ↦ p₂(p₁(σ)) on every singular value.
+    """σ ↦ p₂(p₁(σ)) on every singular value, p₁(σ) = σ − ασ³, p₂(σ) = σ + ασ³ (Newhouse et al. 2025,
+    Thm 3.1: M ← M(I − αMᵀM), then M ← M(I + αMᵀM)).
 
     α = soft_cap_alpha(σmax, k) with k = σmax(1 − λη) + u, so σmax is a fixed point of one
-    decay-step-project (Newhouse et al. 2025, Thm 3.1). Four matmuls. ``step.update_norm`` may be
-    a tensor with one u per matrix of the stack (α is then solved on the device, per matrix).
+    decay-step-project. The two steps compose to one polynomial of the Gram matrix: with t = ασ²,
+    p₂(p₁(σ)) = σ(1 − 3t² + 3t³ − t⁴), so X ← X − X·E, E = H²(3I − 3H + H²), H = αXᵀX (XXᵀ and
+    E·X for a wide X). Two matmuls with X itself (H and X·E) and two of the smaller Gram's size,
+    where the two steps take four with X: half the work on a tall head or MLP matrix, the same on a
+    square one. ``step.update_norm`` may be a tensor with one u per matrix of the stack (α is then
+    solved on the device, per matrix).
     """
     k = sigma_max * (1.0 - step.lr * step.weight_decay) + step.update_norm
     alpha = soft_cap_alpha(sigma_max, k)
@@ -211,8 +211,11 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
         alpha = alpha.to(x.dtype)[..., None, None]
     elif alpha == 0.0:
         return x
-    x = x - alpha * _gram_product(x)
-    return x + alpha * _gram_product(x)
+    tall = x.shape[-2] >= x.shape[-1]
+    h = alpha * (x.mT @ x if tall else x @ x.mT)
+    h2 = h @ h
+    e = 3.0 * h2 + h2 @ (h2 - 3.0 * h)
+    return x - (x @ e if tall else e @ x)
 
 
 @CONSTRAINTS.register("spectral_hard_cap")

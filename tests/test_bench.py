@@ -56,18 +56,18 @@ def test_each_bench_appends_finite_positive_stamped_rows(results, bench):
 def test_train_step_flops_follow_the_closed_form(results):
     v = values(results, "train_step")
     assert v["torch_threads"] == 1  # run_all passed --threads through
-    d, layers, context, batch = 64, 2, 64, 8  # SHAPES["quick"]
+    d, layers, context, batch, accum = 64, 2, 64, 8, 2  # SHAPES["quick"]
     for arm in ("baseline", "lipschitz"):
-        m = f"quick.B{batch}.{arm}"
+        m = f"quick.B{batch}x{accum}.{arm}"
         vocab = v[f"{m}.vocab_size"]
         # both models: 12·d² of matrices per block (attention 4d², MLP 8d²) and a d×V head
         n_matmul = layers * 12 * d * d + vocab * d
-        tokens = batch * context
+        tokens = batch * context * accum
         assert v[f"{m}.flops_per_step"] == tokens * (6 * n_matmul + 12 * layers * context * d)
         assert v[f"{m}.tokens_per_s"] * v[f"{m}.step_time"] == pytest.approx(tokens)
-        assert v[f"{m}.mfu"] == pytest.approx(v[f"{m}.achieved_flops"] / v[f"quick.B{batch}.matmul_peak"])
-    assert v[f"quick.B{batch}.lipschitz_over_baseline"] == pytest.approx(
-        v[f"quick.B{batch}.lipschitz.step_time"] / v[f"quick.B{batch}.baseline.step_time"])
+        assert v[f"{m}.mfu"] == pytest.approx(v[f"{m}.achieved_flops"] / v[f"quick.B{batch}x{accum}.matmul_peak"])
+    assert v[f"quick.B{batch}x{accum}.lipschitz_over_baseline"] == pytest.approx(
+        v[f"quick.B{batch}x{accum}.lipschitz.step_time"] / v[f"quick.B{batch}x{accum}.baseline.step_time"])
 
 
 @pytest.mark.parametrize("n", [256, 512])

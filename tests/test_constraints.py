@@ -213,6 +213,21 @@ def test_soft_cap_acts_on_singular_values(kind, shape):
     torch.testing.assert_close(y.double(), (u * soft_cap_scalar(s, alpha)) @ vh, atol=1e-5 * TOP, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(96, 8), (8, 96), (3, 96, 8), (24, 24)])
+def test_soft_cap_multiplies_the_long_side_twice(shape):
+    """X·r(αXᵀX) over the smaller Gram matrix: 2 matmuls with X (2·m·n·s FLOPs each, s = min(m, n))
+    and 2 of the Gram's size (2s³ each) per matrix, where the paper's two steps take 4 with X."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = make_matrix("random", shape[-2:]).expand(*shape).contiguous()
+    *stack, m, n = shape
+    count = math.prod(stack)
+    with FlopCounterMode(display=False) as counter:
+        apply("spectral_soft_cap", x, TOP, lr=0.1, weight_decay=0.0, update_norm=0.5)
+    small = min(m, n)
+    assert counter.get_total_flops() == count * (2 * (2 * m * n * small) + 2 * (2 * small ** 3))
+
+
 def rms_operator_norm(w: torch.Tensor) -> float:
     fan_out, fan_in = w.shape
     return svdvals(w)[0].item() / math.sqrt(fan_out / fan_in)

@@ -61,6 +61,8 @@ def test_a_training_step_never_waits_for_the_gpu(arm, cuda_cfg, char_shards, tmp
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(r.loss) for r in results)
+    if arm == "gpt":
+        assert trainer.optimizer.defaults["fused"]  # AdamW's one-kernel step on CUDA
 
 
 def test_resume_on_one_gpu_gives_the_uninterrupted_weights(cuda_cfg, char_shards, tmp_path):

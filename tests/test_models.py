@@ -114,6 +114,21 @@ def test_rope_is_orthogonal_and_relative():
         torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_pairwise_rotation_bit_for_bit(dtype):
+    """(x_2i, x_2i+1) ↦ (x_2i·cos − x_2i+1·sin, x_2i·sin + x_2i+1·cos), θ_i = 10000^(−2i/d_head), written
+    out pair by pair: the same numbers, not just close ones (also on a transposed (B, H, T, d) view)."""
+    head_dim, context = 8, 16
+    rope = RotaryEmbedding(head_dim=head_dim, context=context)
+    x = torch.randn(2, context, 3, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype).transpose(1, 2)
+    angles = torch.arange(context, dtype=torch.float32)[:, None] * 10000.0 ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    assert torch.equal(rope(x), expected)
+
+
 def test_activation_stats_are_recorded_per_block_and_logits():
     model = lm("lipschitz_gpt")
     model.record_activations = True

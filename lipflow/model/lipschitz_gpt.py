@@ -48,20 +48,24 @@ def orthogonal_init_(w: torch.Tensor) -> None:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021): rotate pair (x_2i, x_2i+1) of each head by t·θ_i, θ_i = 10000^(−2i/d_head)."""
+    """RoPE (Su et al. 2021): rotate pair (x_2i, x_2i+1) of each head by t·θ_i, θ_i = 10000^(−2i/d_head).
+
+    Computed as x·cos + swap(x)·sin, where swap exchanges the two entries of each pair and the sin
+    table carries the sign, (−sin, +sin) per pair: the pairwise formula's products and sums with the
+    same roundings, in one copy and three elementwise passes over whole tensors.
+    """
 
     def __init__(self, head_dim: int, context: int):
         super().__init__()
         inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().repeat_interleave(2, dim=-1), persistent=False)
+        self.register_buffer("sin", torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d_head)
         t = x.shape[-2]
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return x * self.cos[:t].to(x.dtype) + swapped * self.sin[:t].to(x.dtype)
 
 
 class LipschitzAttention(nn.Module):

@@ -101,11 +101,13 @@ def _embed_decay(role: str, cfg: dict[str, Any]) -> float:
 @OPTIMIZERS.register("adamw")
 @declares_geometry(embed="entrywise", hidden="entrywise", head="entrywise", vector="entrywise")
 def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2)."""
+    """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2). Fused (one kernel for all
+    parameters, as nanoGPT does) when the model is on CUDA; torch's default elsewhere."""
     groups = [dict(params=params, lr=cfg["lr"] * mult, weight_decay=_embed_decay(role, cfg), role=role)
               for role, mult, params in _role_groups(model)]
+    on_cuda = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                             eps=ADAM_EPS, weight_decay=0.0)
+                             eps=ADAM_EPS, weight_decay=0.0, fused=True if on_cuda else None)
 
 
 @OPTIMIZERS.register("muon")

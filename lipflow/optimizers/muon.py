@@ -71,18 +71,21 @@ def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype = torch.float32,
     ``coefficients`` may give each step its own (a, b, c), e.g. ``YOU_NS_COEFFICIENTS``).
 
     Applies p_T∘…∘p_1 to every singular value σ/‖G‖_F ≤ 1 and keeps singular vectors. Runs in
-    ``dtype`` on the wide orientation (small Gram matrix); returns float32. ``g`` may be a stack
-    (…, m, n) of same-shape matrices: one batched matmul chain, each normalized by its own norm.
+    ``dtype`` through the smaller Gram matrix: a tall X steps as X ← aX + X(bA + cA²), A = XᵀX, the
+    same map without Keller Jordan's transposed copy (whose rows would have the long side's stride,
+    an odd 50257 for GPT-2's head). The scalings ride in the matmuls (``baddbmm``: two matmuls and
+    the Gram product per step, no elementwise pass). Returns float32. ``g`` may be a stack (…, m, n)
+    of same-shape matrices: one batched matmul chain, each normalized by its own norm.
     """
-    x = g.to(dtype)
-    transposed = x.shape[-2] > x.shape[-1]
-    if transposed:
-        x = x.mT
+    shape = g.shape
+    x = g.to(dtype).reshape(-1, *shape[-2:])
+    tall = x.shape[-2] > x.shape[-1]
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for a, b, c in ns_schedule(steps, coefficients):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.mT if transposed else x).float()
+        gram = x.mT @ x if tall else x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
+        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x.reshape(shape).float()
 
 
 # Muon's update scale c(fan_out, fan_in) on NS(u) (Muon docstring)
