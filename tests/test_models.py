@@ -115,18 +115,31 @@ def test_rope_is_orthogonal_and_relative():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_equals_the_pairwise_rotation_bit_for_bit(dtype):
+def test_rope_and_its_gradient_equal_the_pairwise_rotation_bit_for_bit(dtype):
     """(x_2i, x_2i+1) ↦ (x_2i·cos − x_2i+1·sin, x_2i·sin + x_2i+1·cos), θ_i = 10000^(−2i/d_head), written
-    out pair by pair: the same numbers, not just close ones (also on a transposed (B, H, T, d) view)."""
+    out pair by pair and differentiated by autograd: the same outputs and input gradients, not just
+    close ones (on a transposed (B, H, T, d) view, as attention passes it)."""
     head_dim, context = 8, 16
     rope = RotaryEmbedding(head_dim=head_dim, context=context)
-    x = torch.randn(2, context, 3, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype).transpose(1, 2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, context, 3, head_dim, generator=gen).to(dtype).transpose(1, 2).requires_grad_(True)
+    upstream = torch.randn(x.shape, generator=gen).to(dtype)
     angles = torch.arange(context, dtype=torch.float32)[:, None] * 10000.0 ** (
         -torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     expected = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-    assert torch.equal(rope(x), expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, upstream)
+    y = rope(x)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    assert torch.equal(y, expected) and torch.equal(grad, expected_grad)
+
+
+def test_rope_is_differentiable_twice_in_both_modes_and_under_vmap():
+    rope = RotaryEmbedding(head_dim=4, context=5).double()
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rope, (x,), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(rope, (x,))
 
 
 def test_activation_stats_are_recorded_per_block_and_logits():

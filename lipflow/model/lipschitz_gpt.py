@@ -47,12 +47,42 @@ def orthogonal_init_(w: torch.Tensor) -> None:
     w.mul_(math.sqrt(fan_out / fan_in))
 
 
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + swap(x)·sin, swap exchanging the two entries of each pair (x_2i, x_2i+1); with sin
+    signed (−sin_i, +sin_i) per pair that is (x_2i·cos_i − x_2i+1·sin_i, x_2i+1·cos_i + x_2i·sin_i)."""
+    return x * cos + x.reshape(*x.shape[:-1], -1, 2).flip(-1).reshape(x.shape) * sin
+
+
+class _PairRotation(torch.autograd.Function):
+    """The rotation R(θ) of every pair, linear in x: its backward is R(θ)ᵀ = R(−θ), the same map with
+    −sin (one pass of ``_rotate_pairs`` instead of autograd through slices, products and a stack), and
+    differentiable to any order (sharpness takes Hessian-vector products through it), in forward mode
+    (its jvp is R(θ) itself) and under vmap."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return _rotate_pairs(x, cos, sin)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.cos, ctx.sin = inputs[1], inputs[2]  # constant tables, no gradient
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _PairRotation.apply(grad, ctx.cos, -ctx.sin), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: torch.Tensor, *_: Any) -> torch.Tensor:
+        return _PairRotation.apply(x_tangent, ctx.cos, ctx.sin)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021): rotate pair (x_2i, x_2i+1) of each head by t·θ_i, θ_i = 10000^(−2i/d_head).
 
-    Computed as x·cos + swap(x)·sin, where swap exchanges the two entries of each pair and the sin
-    table carries the sign, (−sin, +sin) per pair: the pairwise formula's products and sums with the
-    same roundings, in one copy and three elementwise passes over whole tensors.
+    The tables hold cos_i twice and (−sin_i, sin_i) per pair, so the rotation is ``_rotate_pairs``:
+    the pairwise formula's products and sums with the same roundings, forward and backward.
     """
 
     def __init__(self, head_dim: int, context: int):
@@ -64,8 +94,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d_head)
         t = x.shape[-2]
-        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return x * self.cos[:t].to(x.dtype) + swapped * self.sin[:t].to(x.dtype)
+        return _PairRotation.apply(x, self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype))
 
 
 class LipschitzAttention(nn.Module):
