@@ -30,13 +30,14 @@ class StepContext:
 
     lr: η of this parameter's step; weight_decay: λ of the decoupled decay (1 − λη);
     update_norm: u, a bound on the step's RMS→RMS norm (= the spectral norm of ΔX);
-    spectral_wd: λ of spectral weight decay.
+    spectral_wd: λ of spectral weight decay; compiled: run the matmul chain compiled.
     """
 
     lr: float = 0.0
     weight_decay: float = 0.0
     update_norm: float | Tensor = 0.0
     spectral_wd: float = 0.0
+    compiled: bool = False  # the soft cap's matmul chain through torch.compile (config key compile)
 
 
 Constraint = Callable[..., Tensor]  # (X, sigma_max, *, step: StepContext) -> X
@@ -192,6 +193,17 @@ def spectral_hammer(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor
     return x + (sigma_max - sigma) * torch.outer(u, v)
 
 
+def soft_cap_polynomial(x: Tensor, alpha: Tensor) -> Tensor:
+    """X − X·E, E = H²(3I − 3H + H²), H = αXᵀX (E·X and H = αXXᵀ for a wide X): σ ↦ σ(1 − 3t² + 3t³ − t⁴),
+    t = ασ², on every singular value. ``alpha`` is a tensor (0-d, or (…, 1, 1) for one α per matrix
+    of a stack), so a compiled form serves every step whatever α."""
+    tall = x.shape[-2] >= x.shape[-1]
+    h = alpha * (x.mT @ x if tall else x @ x.mT)
+    h2 = h @ h
+    e = 3.0 * h2 + h2 @ (h2 - 3.0 * h)
+    return x - (x @ e if tall else e @ x)
+
+
 @CONSTRAINTS.register("spectral_soft_cap")
 def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
     """σ ↦ p₂(p₁(σ)) on every singular value, p₁(σ) = σ − ασ³, p₂(σ) = σ + ασ³ (Newhouse et al. 2025,
@@ -199,11 +211,10 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
 
     α = soft_cap_alpha(σmax, k) with k = σmax(1 − λη) + u, so σmax is a fixed point of one
     decay-step-project. The two steps compose to one polynomial of the Gram matrix: with t = ασ²,
-    p₂(p₁(σ)) = σ(1 − 3t² + 3t³ − t⁴), so X ← X − X·E, E = H²(3I − 3H + H²), H = αXᵀX (XXᵀ and
-    E·X for a wide X). Two matmuls with X itself (H and X·E) and two of the smaller Gram's size,
-    where the two steps take four with X: half the work on a tall head or MLP matrix, the same on a
-    square one. ``step.update_norm`` may be a tensor with one u per matrix of the stack (α is then
-    solved on the device, per matrix).
+    p₂(p₁(σ)) = σ(1 − 3t² + 3t³ − t⁴) (``soft_cap_polynomial``). Two matmuls with X itself and two of
+    the smaller Gram's size, where the two steps take four with X: half the work on a tall head or
+    MLP matrix, the same on a square one. ``step.update_norm`` may be a tensor with one u per matrix
+    of the stack (α is then solved on the device, per matrix).
     """
     k = sigma_max * (1.0 - step.lr * step.weight_decay) + step.update_norm
     alpha = soft_cap_alpha(sigma_max, k)
@@ -211,11 +222,10 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
         alpha = alpha.to(x.dtype)[..., None, None]
     elif alpha == 0.0:
         return x
-    tall = x.shape[-2] >= x.shape[-1]
-    h = alpha * (x.mT @ x if tall else x @ x.mT)
-    h2 = h @ h
-    e = 3.0 * h2 + h2 @ (h2 - 3.0 * h)
-    return x - (x @ e if tall else e @ x)
+    else:  # a fill on the device, no host→device copy
+        alpha = torch.full((), alpha, dtype=x.dtype, device=x.device)
+    polynomial = torch.compile(soft_cap_polynomial, dynamic=False) if step.compiled else soft_cap_polynomial
+    return polynomial(x, alpha)
 
 
 @CONSTRAINTS.register("spectral_hard_cap")
@@ -252,14 +262,15 @@ def constrain_(weight: Tensor, name: str, sigma_max: float, *, lr: float, weight
 
 @torch.no_grad()
 def constrain_all_(weights: list[Tensor], name: str, sigma_max: float, *, lr: float, weight_decay: float,
-                   update_norm: float | Tensor, spectral_wd: float) -> None:
+                   update_norm: float | Tensor, spectral_wd: float, compiled: bool = False) -> None:
     """Decay and project same-shape weights in place, as one stack, right after the optimizer's step.
 
     W ← (1 − λη)W, then W ← s·constraint(W/s), s = √(fan_out/fan_in), all in float32 whatever the
     weights' dtype, one batched matmul chain for the whole stack. The decay comes after the step
     here (Modula decays first); the weights differ by O(λη²) and k = σmax(1−λη) + u still bounds
     (σmax + u)(1−λη), so the soft cap's guarantee holds. ``lr`` is the weights' learning rate,
-    ``update_norm`` their step's RMS→RMS bound: one float, or a tensor with one per weight.
+    ``update_norm`` their step's RMS→RMS bound: one float, or a tensor with one per weight;
+    ``compiled``: the constraint's matmul chain through torch.compile (the soft cap's).
     """
     project = CONSTRAINTS.get(name)
     if not sigma_max > 0:
@@ -274,7 +285,8 @@ def constrain_all_(weights: list[Tensor], name: str, sigma_max: float, *, lr: fl
         return
     fan_out, fan_in = weights[0].shape
     scale = math.sqrt(fan_out / fan_in)
-    step = StepContext(lr=lr, weight_decay=weight_decay, update_norm=update_norm, spectral_wd=spectral_wd)
+    step = StepContext(lr=lr, weight_decay=weight_decay, update_norm=update_norm, spectral_wd=spectral_wd,
+                       compiled=compiled)
     x = torch.stack([w.float() for w in weights]) * (decay / scale)
     projected = project(x, sigma_max, step=step) * scale
     for w, new in zip(weights, projected.unbind(0)):

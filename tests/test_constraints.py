@@ -228,6 +228,25 @@ def test_soft_cap_multiplies_the_long_side_twice(shape):
     assert counter.get_total_flops() == count * (2 * (2 * m * n * small) + 2 * (2 * small ** 3))
 
 
+def test_compiled_soft_cap_is_one_graph_for_every_alpha(monkeypatch):
+    """compile: α enters the compiled polynomial as a tensor, so a new lr (a new α every step of a
+    schedule) reuses the graph instead of recompiling; the result is the eager one. Backend aot_eager
+    (the graph Dynamo captures, run by eager kernels; inductor's C++ build takes minutes here)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    x = torch.stack([make_matrix("random", (24, 8), seed) for seed in range(3)])
+    for lr in (0.01, 0.02, 0.05, 0.1):
+        step = dict(lr=lr, weight_decay=0.0, update_norm=lr)
+        eager = apply("spectral_soft_cap", x, TOP, **step)
+        compiled = apply("spectral_soft_cap", x, TOP, compiled=True, **step)
+        torch.testing.assert_close(compiled, eager, atol=1e-6 * TOP, rtol=0)
+        assert not torch.equal(eager, x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def rms_operator_norm(w: torch.Tensor) -> float:
     fan_out, fan_in = w.shape
     return svdvals(w)[0].item() / math.sqrt(fan_out / fan_in)

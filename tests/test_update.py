@@ -44,7 +44,7 @@ def test_adamw_soft_cap_keeps_sigma_max_with_the_measured_step(lr):
     sigma_max = 1.0
     params = capped_matrices(3, (48, 24), sigma_max, seed=0)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    settings = ConstraintSettings("spectral_soft_cap", sigma_max, 0.0, 0.0)
+    settings = ConstraintSettings("spectral_soft_cap", sigma_max, 0.0, 0.0, False)
     gen = torch.Generator().manual_seed(1)
     raw_steps, clipped = [], 0
     for _ in range(30):
@@ -66,12 +66,12 @@ def test_adamw_soft_cap_keeps_sigma_max_with_the_measured_step(lr):
 
 def test_a_muon_lr_beyond_the_soft_caps_range_is_refused():
     params = capped_matrices(1, (32, 32), 1.0, seed=2)
-    settings = ConstraintSettings("spectral_soft_cap", 1.0, 0.0, 0.0)
+    settings = ConstraintSettings("spectral_soft_cap", 1.0, 0.0, 0.0, False)
     check_coupling(Muon(params, lr=0.25), params, settings)  # 0.25·1.2024 = 0.30 ≤ 0.3065
     with pytest.raises(ValueError, match=r"^lr: .*sigma_max 1"):
         check_coupling(Muon(params, lr=0.4), params, settings)
-    check_coupling(Muon(params, lr=0.4), params, ConstraintSettings("spectral_soft_cap", 2.0, 0.0, 0.0))
-    check_coupling(Muon(params, lr=0.4), params, ConstraintSettings("spectral_hard_cap", 1.0, 0.0, 0.0))
+    check_coupling(Muon(params, lr=0.4), params, ConstraintSettings("spectral_soft_cap", 2.0, 0.0, 0.0, False))
+    check_coupling(Muon(params, lr=0.4), params, ConstraintSettings("spectral_hard_cap", 1.0, 0.0, 0.0, False))
 
 
 def test_training_refuses_such_a_config_in_one_line(char_shards, tiny_run_config, tmp_path):
@@ -124,7 +124,7 @@ def test_a_stack_of_matrices_is_constrained_like_each_alone(name):
     optimizer = Muon(params, lr=0.05)
     for p in params:
         p.grad = torch.zeros_like(p)  # a zero step: what remains is decay → project
-    settings = ConstraintSettings(name, 1.5, 0.1, 0.2)
+    settings = ConstraintSettings(name, 1.5, 0.1, 0.2, False)
     constrained_update(optimizer, params, settings)
     bound = optimizer.update_bound(optimizer.param_groups[0], params[0])
     for p, w in zip(params, reference):

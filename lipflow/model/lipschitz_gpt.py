@@ -50,7 +50,7 @@ def orthogonal_init_(w: torch.Tensor) -> None:
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x·cos + swap(x)·sin, swap exchanging the two entries of each pair (x_2i, x_2i+1); with sin
     signed (−sin_i, +sin_i) per pair that is (x_2i·cos_i − x_2i+1·sin_i, x_2i+1·cos_i + x_2i·sin_i)."""
-    return x * cos + x.reshape(*x.shape[:-1], -1, 2).flip(-1).reshape(x.shape) * sin
+    return x * cos + torch.stack((x[..., 1::2], x[..., 0::2]), dim=-1).reshape(x.shape) * sin
 
 
 class _PairRotation(torch.autograd.Function):

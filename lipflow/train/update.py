@@ -25,16 +25,19 @@ from lipflow.constraints import SOFT_CAP_MAX_GROWTH, constrain_all_, spectral_no
 
 @dataclass(frozen=True)
 class ConstraintSettings:
-    """The weight constraint of a run: its name, σmax, decoupled decay λ and spectral decay."""
+    """The weight constraint of a run: its name, σmax, decoupled decay λ and spectral decay, and
+    whether its matmul chain runs through torch.compile."""
 
     name: str
     sigma_max: float
     weight_decay: float
     spectral_wd: float
+    compile: bool
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "ConstraintSettings":
-        return cls(cfg["weight_constraint"], cfg["sigma_max"], cfg["weight_decay"], cfg["spectral_wd"])
+        return cls(cfg["weight_constraint"], cfg["sigma_max"], cfg["weight_decay"], cfg["spectral_wd"],
+                   cfg["compile"])
 
     @property
     def coupled(self) -> bool:
@@ -108,7 +111,8 @@ def project_matrices_(optimizer: torch.optim.Optimizer, matrices: list[Tensor], 
             update_norm, count = _clip_measured_steps_(params, [before[id(p)] for p in params], lr, settings)
             clipped = clipped + count
         constrain_all_([p.data for p in params], settings.name, settings.sigma_max, lr=lr,
-                       weight_decay=settings.weight_decay, update_norm=update_norm, spectral_wd=settings.spectral_wd)
+                       weight_decay=settings.weight_decay, update_norm=update_norm, spectral_wd=settings.spectral_wd,
+                       compiled=settings.compile)
     return clipped
 
 
