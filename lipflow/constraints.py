@@ -204,6 +204,12 @@ def soft_cap_polynomial(x: Tensor, alpha: Tensor) -> Tensor:
     return x - (x @ e if tall else e @ x)
 
 
+@functools.cache
+def _compiled_soft_cap_polynomial() -> Callable[[Tensor, Tensor], Tensor]:
+    """``soft_cap_polynomial`` through torch.compile, wrapped once per process (a graph per stack shape)."""
+    return torch.compile(soft_cap_polynomial, dynamic=False)
+
+
 @CONSTRAINTS.register("spectral_soft_cap")
 def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
     """σ ↦ p₂(p₁(σ)) on every singular value, p₁(σ) = σ − ασ³, p₂(σ) = σ + ασ³ (Newhouse et al. 2025,
@@ -224,7 +230,7 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
         return x
     else:  # a fill on the device, no host→device copy
         alpha = torch.full((), alpha, dtype=x.dtype, device=x.device)
-    polynomial = torch.compile(soft_cap_polynomial, dynamic=False) if step.compiled else soft_cap_polynomial
+    polynomial = _compiled_soft_cap_polynomial() if step.compiled else soft_cap_polynomial
     return polynomial(x, alpha)
 
 
