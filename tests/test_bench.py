@@ -140,3 +140,10 @@ def test_gpu_check_refuses_an_unknown_argument():
     done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--sections", "x"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "unknown argument '--sections'" in done.stderr
+
+
+def test_gpu_check_refuses_an_unknown_section():
+    """A misspelt --only entry would otherwise run nothing and pass."""
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--only", "cuda_tests,train_step_acc"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown section 'train_step_acc'" in done.stderr

@@ -234,17 +234,22 @@ def test_compiled_soft_cap_is_one_graph_for_every_alpha(monkeypatch):
     (the graph Dynamo captures, run by eager kernels; inductor's C++ build takes minutes here)."""
     import functools
 
+    from lipflow.constraints import _compiled_soft_cap_polynomial
+
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
+    _compiled_soft_cap_polynomial.cache_clear()  # the wrapper is made once per process: with this backend
     x = torch.stack([make_matrix("random", (24, 8), seed) for seed in range(3)])
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for lr in (0.01, 0.02, 0.05, 0.1):
         step = dict(lr=lr, weight_decay=0.0, update_norm=lr)
         eager = apply("spectral_soft_cap", x, TOP, **step)
         compiled = apply("spectral_soft_cap", x, TOP, compiled=True, **step)
         torch.testing.assert_close(compiled, eager, atol=1e-6 * TOP, rtol=0)
         assert not torch.equal(eager, x)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
     torch._dynamo.reset()
+    _compiled_soft_cap_polynomial.cache_clear()
 
 
 def rms_operator_norm(w: torch.Tensor) -> float:

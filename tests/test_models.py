@@ -142,6 +142,16 @@ def test_rope_is_differentiable_twice_in_both_modes_and_under_vmap():
     assert torch.autograd.gradgradcheck(rope, (x,))
 
 
+@pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
+def test_models_compile_to_one_graph(name):
+    """torch.compile sees each model whole (a graph break would split compile: true's graph, e.g. at
+    RoPE's custom autograd Function, which the model leaves to the compiler when compiling)."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lm(name))(torch.randint(0, VOCAB, (2, LM_CFG["context"])))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
 def test_activation_stats_are_recorded_per_block_and_logits():
     model = lm("lipschitz_gpt")
     model.record_activations = True

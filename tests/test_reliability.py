@@ -219,14 +219,17 @@ def test_compiled_training_matches_eager(char_shards, tiny_run_config, tmp_path,
     aot_eager here (inductor's C++ build takes minutes on 2 cores; bench/gpu_check runs inductor on CUDA)."""
     import functools
 
+    from lipflow.constraints import _compiled_soft_cap_polynomial
     from lipflow.train.trainer import Trainer
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    _compiled_soft_cap_polynomial.cache_clear()  # made once per process: made here with this backend
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05,
            "weight_constraint": "spectral_soft_cap"}
     losses = {}
     for compiled in (False, True):
         torch._dynamo.reset()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         trainer = Trainer("tiny-00000000", {**cfg, "compile": compiled}, char_shards, tmp_path / str(compiled),
                           progress=False)
         losses[compiled] = [float(trainer.train_step().loss) for _ in range(4)]
@@ -234,11 +237,13 @@ def test_compiled_training_matches_eager(char_shards, tiny_run_config, tmp_path,
             from lipflow.optimizers import newton_schulz
 
             assert trainer.forward is not trainer.model and trainer.optimizer._newton_schulz is not newton_schulz
-            assert trainer.constraint.compile
-            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # model, Newton–Schulz, soft cap
+            assert trainer.constraint.compile and _compiled_soft_cap_polynomial.cache_info().currsize == 1
+            # the model (one graph: no break), Newton–Schulz and the soft cap, each once per matrix shape
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before >= 3
             weights_compiled = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         else:
             weights_eager = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    _compiled_soft_cap_polynomial.cache_clear()
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     for name in weights_eager:
         torch.testing.assert_close(weights_compiled[name], weights_eager[name], atol=1e-5, rtol=1e-4)

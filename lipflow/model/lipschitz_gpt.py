@@ -57,7 +57,8 @@ class _PairRotation(torch.autograd.Function):
     """The rotation R(θ) of every pair, linear in x: its backward is R(θ)ᵀ = R(−θ), the same map with
     −sin (one pass of ``_rotate_pairs`` instead of autograd through slices, products and a stack), and
     differentiable to any order (sharpness takes Hessian-vector products through it), in forward mode
-    (its jvp is R(θ) itself) and under vmap."""
+    (its jvp is R(θ) itself) and under vmap. Eager only: under torch.compile ``RotaryEmbedding`` calls
+    ``_rotate_pairs`` directly (a custom jvp would break the graph; the compiler fuses the pass anyway)."""
 
     generate_vmap_rule = True
 
@@ -67,15 +68,18 @@ class _PairRotation(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.cos, ctx.sin = inputs[1], inputs[2]  # constant tables, no gradient
+        ctx.save_for_backward(inputs[1], inputs[2])  # the tables (no gradient), version-checked
+        ctx.save_for_forward(inputs[1], inputs[2])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _PairRotation.apply(grad, ctx.cos, -ctx.sin), None, None
+        cos, sin = ctx.saved_tensors
+        return _PairRotation.apply(grad, cos, -sin), None, None
 
     @staticmethod
     def jvp(ctx: Any, x_tangent: torch.Tensor, *_: Any) -> torch.Tensor:
-        return _PairRotation.apply(x_tangent, ctx.cos, ctx.sin)
+        cos, sin = ctx.saved_tensors
+        return _PairRotation.apply(x_tangent, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):
@@ -94,7 +98,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d_head)
         t = x.shape[-2]
-        return _PairRotation.apply(x, self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype))
+        rotate = _rotate_pairs if torch.compiler.is_compiling() else _PairRotation.apply
+        return rotate(x, self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype))
 
 
 class LipschitzAttention(nn.Module):

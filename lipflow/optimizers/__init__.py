@@ -101,11 +101,12 @@ def _embed_decay(role: str, cfg: dict[str, Any]) -> float:
 @OPTIMIZERS.register("adamw")
 @declares_geometry(embed="entrywise", hidden="entrywise", head="entrywise", vector="entrywise")
 def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2). Fused (one kernel for all
-    parameters, as nanoGPT does) when the model is on CUDA; torch's default elsewhere."""
+    """torch.optim.AdamW with lr·lr_mult per group; betas (beta1, beta2). Fused (multi-tensor CUDA
+    kernels, as nanoGPT uses) when the whole model is on CUDA; torch's default elsewhere. A resumed
+    optimizer keeps the setting its checkpoint was saved with (``load_state_dict`` restores groups)."""
     groups = [dict(params=params, lr=cfg["lr"] * mult, weight_decay=_embed_decay(role, cfg), role=role)
               for role, mult, params in _role_groups(model)]
-    on_cuda = all(p.is_cuda for p in model.parameters())
+    on_cuda = {p.device.type for p in model.parameters()} == {"cuda"}
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                              eps=ADAM_EPS, weight_decay=0.0, fused=True if on_cuda else None)
 
