@@ -17,7 +17,10 @@ For each n (default 256 … 4096; --quick: 256, 512), on one seeded Gaussian n×
   capped matrix can have right after a Muon step at lr 0.05 (k = σmax + u, u = 0.05·1.2024, the
   soft cap's own worst case). Relative error ‖soft − hard‖_F / ‖hard‖_F, its exact-arithmetic
   prediction √(Σ (p₂(p₁(σᵢ)) − min(σᵢ, 1))²) / √(Σ min(σᵢ, 1)²), and σ₁ after the soft cap (≤ σmax
-  is the guarantee).
+  is the guarantee). Also the soft cap with its matmuls at torch's "high" float32 precision: TF32
+  tensor cores on CUDA (inputs rounded to a 10-bit mantissa, fp32 accumulation; JAX's default on
+  Ampere and later GPUs, so the reference implementation's), its time and σ₁ after it, which is
+  what a TF32 soft cap would cost in overshoot. On CPU that setting changes no matmul.
 
 Timings: the two methods of each pair alternate (``--rounds`` rounds after one warmup; sizes ≥ 2048
 on CPU take seconds per call and run one round, no warmup), median kept; speedup = SVD time / other
@@ -35,6 +38,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -76,6 +80,22 @@ def predicted_soft_cap_error(singular_values: np.ndarray, alpha: float, sigma_ma
     return float(np.linalg.norm(soft - hard) / np.linalg.norm(hard))
 
 
+@contextlib.contextmanager
+def tf32_matmuls():
+    """float32 matmuls at torch's "high" precision (TF32 on CUDA) inside the block."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def under_tf32(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with tf32_matmuls():
+        return fn()
+
+
 def keeping_results(fns: dict[str, Callable[[], torch.Tensor]], results: dict[str, torch.Tensor]) -> dict:
     """The same functions, each also storing its latest output in ``results`` (no recomputation)."""
     return {name: (lambda name=name, fn=fn: results.__setitem__(name, fn())) for name, fn in fns.items()}
@@ -96,6 +116,7 @@ def measure(n: int, device: torch.device, rounds: int, warmup: int) -> dict[str,
     step = StepContext(lr=MUON_LR, update_norm=u)
     cap_times = alternating_timings(keeping_results(
         {"soft": lambda: spectral_soft_cap(x, SIGMA_MAX, step=step),
+         "soft_tf32": lambda: under_tf32(lambda: spectral_soft_cap(x, SIGMA_MAX, step=step)),
          "clamp": lambda: spectral_hard_cap(x, SIGMA_MAX, step=step)}, out), rounds, warmup, dev)
     median = {name: statistics.median(t) for times in (polar_times, cap_times) for name, t in times.items()}
     return {
@@ -105,7 +126,8 @@ def measure(n: int, device: torch.device, rounds: int, warmup: int) -> dict[str,
         "soft_error": relative_error(out["soft"], out["clamp"]),
         "soft_error_predicted": predicted_soft_cap_error(singular_values * (k / singular_values[0]),
                                                          soft_cap_alpha(SIGMA_MAX, k), SIGMA_MAX),
-        "soft_top_sigma": float(torch.linalg.svdvals(out["soft"])[0]),
+        "soft_top_sigma": float(torch.linalg.svdvals(out["soft"].double())[0]),
+        "soft_tf32_top_sigma": float(torch.linalg.svdvals(out["soft_tf32"].double())[0]),
     }
 
 
@@ -136,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
                  row(BENCH, f"{metric}.svd_clamp_over_soft_cap", r["clamp"] / r["soft"], "x", dev),
                  row(BENCH, f"{metric}.soft_cap_rel_error", r["soft_error"], "fraction", dev),
                  row(BENCH, f"{metric}.soft_cap_rel_error_predicted", r["soft_error_predicted"], "fraction", dev),
-                 row(BENCH, f"{metric}.soft_cap_top_sigma", r["soft_top_sigma"], "sigma_max", dev)]
+                 row(BENCH, f"{metric}.soft_cap_top_sigma", r["soft_top_sigma"], "sigma_max", dev),
+                 row(BENCH, f"{metric}.soft_cap_tf32_time", r["soft_tf32"], "s", dev),
+                 row(BENCH, f"{metric}.soft_cap_over_soft_cap_tf32", r["soft"] / r["soft_tf32"], "x", dev),
+                 row(BENCH, f"{metric}.soft_cap_tf32_top_sigma", r["soft_tf32_top_sigma"], "sigma_max", dev)]
         table.append([n, r["ns"] * 1e3, r["svd"] * 1e3, r["svd"] / r["ns"], r["ns_error"],
                       r["ns_error_predicted"], r["soft"] * 1e3, r["clamp"] * 1e3, r["clamp"] / r["soft"],
-                      r["soft_error"], r["soft_error_predicted"], r["soft_top_sigma"]])
+                      r["soft_error"], r["soft_error_predicted"], r["soft_top_sigma"], r["soft_tf32"] * 1e3,
+                      r["soft_tf32_top_sigma"]])
         print(f"n={n} done", flush=True)
     print_table(["n", "NS5 ms", "SVD polar ms", "speedup", "NS err", "(predicted)", "soft cap ms", "SVD clamp ms",
-                 "speedup", "cap err", "(predicted)", "σ₁ after cap"], table)
+                 "speedup", "cap err", "(predicted)", "σ₁ after cap", "TF32 cap ms", "σ₁ after TF32 cap"], table)
     save_rows(args, BENCH, rows)
     return 0
 
