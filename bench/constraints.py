@@ -38,7 +38,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import statistics  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -80,20 +79,14 @@ def predicted_soft_cap_error(singular_values: np.ndarray, alpha: float, sigma_ma
     return float(np.linalg.norm(soft - hard) / np.linalg.norm(hard))
 
 
-@contextlib.contextmanager
-def tf32_matmuls():
-    """float32 matmuls at torch's "high" precision (TF32 on CUDA) inside the block."""
+def under_tf32(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()`` with float32 matmuls at torch's "high" precision (TF32 on CUDA), then the previous one."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        yield
+        return fn()
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-def under_tf32(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    with tf32_matmuls():
-        return fn()
 
 
 def keeping_results(fns: dict[str, Callable[[], torch.Tensor]], results: dict[str, torch.Tensor]) -> dict:

@@ -163,8 +163,8 @@ def attention_at(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
 
     w_q, w_k, w_v, w_o = (m.weight.detach().to(x.dtype) for m in (attn.q, attn.k, attn.v, attn.o))
     q, k, v = attn.rope(heads(x @ w_q.T)), attn.rope(heads(x @ w_k.T)), heads(x @ w_v.T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal, float("-inf")).softmax(-1)
+    probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal_mask(T, T, x.device),
+                                                                     float("-inf")).softmax(-1)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
     qkv = (attn.q, attn.k, attn.v)
     sigma = [head_spectral_norms(m.weight, H, torch.float64).to(x.device) for m in qkv]  # float64: upper bounds
