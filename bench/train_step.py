@@ -1,7 +1,7 @@
 """One training step of (lipschitz_gpt + muon + spectral_soft_cap) against (gpt + adamw), side by side.
 
     python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--grad-accum A]
-                               [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile]
+                               [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile] [--no-profile]
 
 Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
 differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,
@@ -28,6 +28,10 @@ loss is not finite (the trainer then skips the optimizer) stops the benchmark: i
 Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
 weight constraint alone (``project_matrices_`` and the embedding projection), which split the
 difference between the arms. A timed step reads its loss (one host sync), to check it is finite.
+Then (unless ``--no-profile``) one more step of each arm runs under ``torch.profiler``: the self time of each op (its CUDA
+kernels' time on a GPU, CPU time on a CPU), printed side by side, largest difference first, so the
+forward and backward part of the gap is named op by op; ops with at least ``PROFILE_MIN_SHARE`` of an
+arm's profiled time are kept as rows.
 
 Tokens per step: batch × context × ``--grad-accum`` micro-batches (config key grad_accum). The
 optimizer and the constraint run once per step whatever its tokens, so their share of the step, and
@@ -63,6 +67,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
+from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -70,7 +75,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, default_shards,  # noqa: E402
-                          print_table, row, run_configs, save_rows, torch_setup)
+                          print_table, row, run_configs, save_rows, synchronize, torch_setup)
 from lipflow.train.trainer import Trainer  # noqa: E402
 from lipflow.train.update import project_matrices_  # noqa: E402
 
@@ -96,6 +101,8 @@ MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # n of the n×n peak matmul
 MATMUL_SIZE_QUICK = {"cpu": 512, "cuda": 4096}  # a small matmul on a GPU times its launch, not its math
 PEAK_REPEATS = 10  # matmuls per timing, so one synchronize does not weigh on the peak
 SYNTHETIC_TRAIN_TOKENS = 200_000
+PROFILE_MIN_SHARE = 0.01  # an op's share of its arm's profiled time for a row
+PROFILE_PRINTED = 15  # ops in the printed side-by-side profile
 
 
 def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
@@ -162,6 +169,66 @@ def flops_per_step(cfg: dict[str, Any], n_matmul: int) -> float:
     return tokens * (6 * n_matmul + 12 * cfg["n_layers"] * cfg["context"] * cfg["d_model"])
 
 
+# Profiler ranges → phase of a step: torch's own range around every optimizer.step(), and the ranges
+# Trainer.train_step and project_matrices_ open; ops in none of them (gradient norm, embedding
+# projection) are "other".
+PHASE_RANGES = (("Optimizer.step#", "optimizer"), ("weight_constraint", "constraint"),
+                ("forward_backward", "forward_backward"))
+
+
+def op_self_times(step: Callable[[], object], device: torch.device) -> dict[str, float]:
+    """Self time in seconds of each op during one ``step``, keyed "phase: op": the time of the op's own
+    CUDA kernels on a GPU, its own CPU time on a CPU (``torch.profiler``); ops that took none are left out.
+
+    An op's phase is that of the innermost ``PHASE_RANGES`` range whose wall-clock span holds the op's
+    start: by time, not by the call stack, because on a GPU the backward pass runs on autograd's device
+    thread, whose ops have no parent among the ranges of the thread that called ``backward()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        step()
+        synchronize(str(device))
+    events = prof.events()
+    spans = sorted(((e.time_range.start, e.time_range.end, phase) for e in events
+                    for prefix, phase in PHASE_RANGES if e.name.startswith(prefix)), key=lambda s: s[1] - s[0])
+    times: dict[str, float] = defaultdict(float)
+    for event in events:
+        t = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if t > 0:  # a range's own CPU time is the Python between its ops
+            phase = next((p for start, end, p in spans if start <= event.time_range.start < end), "other")
+            times[f"{phase}: {event.name}"] += t / 1e6
+    return dict(times)
+
+
+def profile_rows(profiles: dict[str, dict[str, float]], metric: str, dev: str) -> list[dict[str, Any]]:
+    """Print the arms' op self times side by side (largest |lipschitz − baseline| first) and return a row per
+    op with at least ``PROFILE_MIN_SHARE`` of its arm's profiled time, plus each arm's total and its total per
+    phase."""
+    totals = {name: sum(ops.values()) for name, ops in profiles.items()}
+    if not all(totals.values()):
+        raise SystemExit("train_step: the profiler recorded no op times (on CUDA: is CUPTI missing?)")
+    base, lip = profiles["baseline"], profiles["lipschitz"]
+    ops = sorted(base.keys() | lip.keys(), key=lambda k: -abs(lip.get(k, 0.0) - base.get(k, 0.0)))
+    print(f"one profiled step, self time per op ({'CUDA kernels' if dev.startswith('cuda') else 'CPU'}), "
+          f"largest difference first ({PROFILE_PRINTED} of {len(ops)} ops):")
+    print_table(["op", "baseline ms", "lipschitz ms", "difference ms"],
+                [[k, base.get(k, 0.0) * 1e3, lip.get(k, 0.0) * 1e3, (lip.get(k, 0.0) - base.get(k, 0.0)) * 1e3]
+                 for k in ops[:PROFILE_PRINTED]]
+                + [["all ops", totals["baseline"] * 1e3, totals["lipschitz"] * 1e3,
+                    (totals["lipschitz"] - totals["baseline"]) * 1e3]])
+    rows = []
+    for name, arm_ops in profiles.items():
+        rows.append(row(BENCH, f"{metric}.{name}.profiled_time", totals[name], "s", dev))
+        phases: dict[str, float] = defaultdict(float)
+        for op, t in arm_ops.items():
+            phases[op.split(": ", 1)[0]] += t
+        rows += [row(BENCH, f"{metric}.{name}.profiled_time.{phase}", t, "s", dev) for phase, t in phases.items()]
+        rows += [row(BENCH, f"{metric}.{name}.op_self_time.{op}", t, "s", dev)
+                 for op, t in arm_ops.items() if t >= PROFILE_MIN_SHARE * totals[name]]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
@@ -173,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     add_torch_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key compile)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="profile one more step of each arm, op by op (default: on)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     device, dev = torch_setup(args)
@@ -230,15 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         rows += [row(BENCH, f"{metric}.lipschitz_over_baseline", ratio, "x", dev),
                  row(BENCH, f"{metric}.matmul_peak", peak, "FLOP/s", dev)]
 
-    print(f"shape {shape_name}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
-          f"context {cfg['context']}, batch {cfg['batch_size']} × {cfg['grad_accum']} micro-batches, vocab {trainers['baseline'].train_data.vocab_size}; "
-          f"{tokens} tokens/step; median of {rounds} alternating rounds after {warmup} warmup")
-    print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"], table)
-    print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
-    save_rows(args, BENCH, rows)
+        print(f"shape {shape_name}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+              f"context {cfg['context']}, batch {cfg['batch_size']} × {cfg['grad_accum']} micro-batches, "
+              f"vocab {trainers['baseline'].train_data.vocab_size}; {tokens} tokens/step; median of {rounds} "
+              f"alternating rounds after {warmup} warmup")
+        print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"],
+                    table)
+        print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
+              f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
+        save_rows(args, BENCH, rows)
+        # the timing rows are saved first: a profiler that fails on this machine costs only its own rows
+        if args.profile:
+            profiles = {name: op_self_times(finite_step(t), device) for name, t in trainers.items()}
+            save_rows(args, BENCH, profile_rows(profiles, metric, dev))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

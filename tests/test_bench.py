@@ -70,6 +70,47 @@ def test_train_step_flops_follow_the_closed_form(results):
         v[f"quick.B{batch}x{accum}.lipschitz.step_time"] / v[f"quick.B{batch}x{accum}.baseline.step_time"])
 
 
+def test_train_step_profile_splits_each_arm_into_its_phases(results):
+    v = values(results, "train_step")
+    for arm, phases in (("baseline", {"forward_backward", "optimizer"}),
+                        ("lipschitz", {"forward_backward", "optimizer", "constraint"})):
+        m = f"quick.B8x2.{arm}.profiled_time"
+        measured = {k[len(m) + 1:]: t for k, t in v.items() if k.startswith(m + ".")}
+        assert phases <= set(measured) <= {"forward_backward", "optimizer", "constraint", "other"}
+        assert sum(measured.values()) == pytest.approx(v[m])
+        ops = {k[len(f"quick.B8x2.{arm}.op_self_time."):]: t for k, t in v.items()
+               if k.startswith(f"quick.B8x2.{arm}.op_self_time.")}
+        assert ops and sum(ops.values()) <= v[m] * (1 + 1e-9)
+    # Newton–Schulz (baddbmm) runs in Muon's step only: the lipschitz arm's optimizer phase
+    assert any(k.startswith("quick.B8x2.lipschitz.op_self_time.optimizer: aten::baddbmm") for k in v)
+    assert not any("baddbmm" in k for k in v if k.startswith("quick.B8x2.baseline."))
+
+
+def test_profile_phases_are_the_innermost_ranges_open_at_each_op():
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from bench.train_step import op_self_times
+
+    a = torch.randn(64, 64, requires_grad=True)
+
+    def step():
+        with torch.profiler.record_function("forward_backward"):
+            torch.tanh(a).sum().backward()
+        with torch.no_grad(), torch.profiler.record_function("Optimizer.step#Toy.step"):
+            torch.bmm(a[None], a[None])
+            with torch.profiler.record_function("weight_constraint"):
+                torch.exp(a)
+        torch.sigmoid(a.detach())
+
+    times = op_self_times(step, torch.device("cpu"))
+    phases = {k.split(": ", 1)[1]: k.split(": ", 1)[0] for k in times}
+    assert phases["aten::tanh"] == phases["aten::tanh_backward"] == "forward_backward"
+    assert phases["aten::bmm"] == "optimizer" and phases["aten::exp"] == "constraint"
+    assert phases["aten::sigmoid"] == "other"
+    assert all(t > 0 for t in times.values())
+
+
 @pytest.mark.parametrize("n", [256, 512])
 def test_constraint_errors_match_their_exact_arithmetic_predictions(results, n):
     v = values(results, "constraints")

@@ -65,16 +65,17 @@ class Trainer:
         cfg, rank, world = self.cfg, self.topo.rank, self.topo.world
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg["grad_accum"]):
-            # the same global batch on every rank (same generator state); each keeps its slice
-            x, y = self.train_windows.sample_windows(cfg["batch_size"] * world, cfg["context"], self.generator)
-            part = slice(rank * cfg["batch_size"], (rank + 1) * cfg["batch_size"])
-            x, y = x[part], y[part]
-            with autocast_for(self.device):
-                logits = self.forward(x).float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            (loss / cfg["grad_accum"]).backward()
-            total = total + loss.detach() / cfg["grad_accum"]
+        with torch.profiler.record_function("forward_backward"):  # a phase of a step in a profile
+            for _ in range(cfg["grad_accum"]):
+                # the same global batch on every rank (same generator state); each keeps its slice
+                x, y = self.train_windows.sample_windows(cfg["batch_size"] * world, cfg["context"], self.generator)
+                part = slice(rank * cfg["batch_size"], (rank + 1) * cfg["batch_size"])
+                x, y = x[part], y[part]
+                with autocast_for(self.device):
+                    logits = self.forward(x).float()
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                (loss / cfg["grad_accum"]).backward()
+                total = total + loss.detach() / cfg["grad_accum"]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         layer_telemetry = self.telemetry.layers
         before = layer_telemetry.before_step() if self.record_layers else None

@@ -96,6 +96,7 @@ def constrained_update(optimizer: torch.optim.Optimizer, matrices: list[Tensor],
 
 
 @torch.no_grad()
+@torch.profiler.record_function("weight_constraint")  # a phase of a step in a profile
 def project_matrices_(optimizer: torch.optim.Optimizer, matrices: list[Tensor], settings: ConstraintSettings,
                       before: dict[int, Tensor]) -> Tensor:
     """Decay → project every matrix just stepped, one stack per (shape, lr, bound); ``before`` holds
