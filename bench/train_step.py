@@ -1,7 +1,8 @@
 """One training step of (lipschitz_gpt + muon + spectral_soft_cap) against (gpt + adamw), side by side.
 
-    python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--grad-accum A]
-                               [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile] [--no-profile]
+    python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--vocab V]
+                               [--grad-accum A] [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile]
+                               [--no-profile]
 
 Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
 differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,
@@ -28,10 +29,10 @@ loss is not finite (the trainer then skips the optimizer) stops the benchmark: i
 Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
 weight constraint alone (``project_matrices_`` and the embedding projection), which split the
 difference between the arms. A timed step reads its loss (one host sync), to check it is finite.
-Then (unless ``--no-profile``) one more step of each arm runs under ``torch.profiler``: the self time of each op (its CUDA
-kernels' time on a GPU, CPU time on a CPU), printed side by side, largest difference first, so the
-forward and backward part of the gap is named op by op; ops with at least ``PROFILE_MIN_SHARE`` of an
-arm's profiled time are kept as rows.
+Then (unless ``--no-profile``) one more step of each arm runs under ``torch.profiler``: the self time
+of each op (its CUDA kernels' time on a GPU, CPU time on a CPU), printed side by side, largest
+difference first, so the forward and backward part of the gap is named op by op; ops with at least
+``PROFILE_MIN_SHARE`` of an arm's profiled time are kept as rows.
 
 Tokens per step: batch × context × ``--grad-accum`` micro-batches (config key grad_accum). The
 optimizer and the constraint run once per step whatever its tokens, so their share of the step, and
@@ -47,9 +48,11 @@ small shapes train on the default config's data (embedded pydoc corpus, char tok
 ``gpt2-124m`` on random words of a word-level tokenizer.json with exactly 50257 ids, passed through
 the real corpus and tokenize stages (step time does not depend on the text).
 
+``--vocab V`` trains any shape on such random words of V ids instead.
+
 Rows go to results/bench/train_step.parquet (--quick: results/bench/quick/); metric names start
-with ``<shape>.B<batch>`` (``<shape>.B<batch>x<grad_accum>`` when a step has several micro-batches; ``.compiled`` after it with
---compile).
+with ``<shape>.B<batch>`` (``<shape>.B<batch>x<grad_accum>`` when a step has several micro-batches; then
+``.V<vocab>`` with --vocab and ``.compiled`` with --compile).
 """
 
 from __future__ import annotations
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: cpu on CPU, gpt2-124m on CUDA")
     parser.add_argument("--batch-size", type=int, help="override the shape's batch size")
+    parser.add_argument("--vocab", type=int, help="a synthetic vocabulary of this many ids instead of the shape's "
+                                                  "(as gpt2-124m's; the loss over the vocabulary grows with it)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the shape's, 1 but "
                                                        "for quick)")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per arm (median kept)")
@@ -248,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     shape_name = args.shape or ("quick" if args.quick else "gpt2-124m" if device.type == "cuda" else "cpu")
     shape = dict(SHAPES[shape_name])
     vocab = shape.pop("vocab")
+    if args.vocab:
+        vocab = args.vocab
     if args.batch_size:
         shape["batch_size"] = args.batch_size
     if args.grad_accum:
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = configs["baseline"]
         tokens = cfg["batch_size"] * cfg["context"] * cfg["grad_accum"]
         metric = (f"{shape_name}.B{cfg['batch_size']}" + (f"x{cfg['grad_accum']}" if cfg["grad_accum"] > 1 else "")
-                  + (".compiled" if cfg["compile"] else ""))
+                  + (f".V{args.vocab}" if args.vocab else "") + (".compiled" if cfg["compile"] else ""))
         rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
         for name, t in trainers.items():
             step_s = statistics.median(steps[name])
