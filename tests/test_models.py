@@ -143,11 +143,15 @@ def test_rope_is_differentiable_twice_in_both_modes_and_under_vmap():
 
 
 @pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
-def test_models_compile_to_one_graph(name):
-    """torch.compile sees each model whole (a graph break would split compile: true's graph, e.g. at
-    RoPE's custom autograd Function, which the model leaves to the compiler when compiling)."""
+def test_the_training_loss_compiles_to_one_graph(name):
+    """torch.compile sees each model and its loss whole (compile: true compiles ``NextTokenLoss``; a graph
+    break would split it, e.g. at RoPE's custom autograd Function, which the model leaves to the
+    compiler when compiling)."""
+    from lipflow.train.build import NextTokenLoss
+
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(lm(name))(torch.randint(0, VOCAB, (2, LM_CFG["context"])))
+    x, y = torch.randint(0, VOCAB, (2, 2, LM_CFG["context"]))
+    explanation = torch._dynamo.explain(NextTokenLoss(lm(name)))(x, y)
     torch._dynamo.reset()
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 

@@ -1,5 +1,5 @@
 """Everything a run is built from its config: output directory, token splits, model, optimizer and
-weight constraint, and the forward used for training (``torch.compile`` and DDP when asked)."""
+weight constraint, and the loss a training step calls (``torch.compile`` and DDP when asked)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,28 @@ def build_learner(cfg: dict[str, Any], vocab_size: int, device: torch.device) ->
     return Learner(model, optimizer, matrices, constraint)
 
 
-def training_forward(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """The module the train step calls: ``model``, compiled when ``compile`` is set, wrapped in
-    DistributedDataParallel under torchrun."""
-    forward = torch.compile(model) if cfg["compile"] else model
+class NextTokenLoss(torch.nn.Module):
+    """Mean cross-entropy of ``model``'s logits, cast to fp32, against the next tokens: what a training step
+    differentiates. One module with the model, so that ``torch.compile`` fuses the cast, the log-softmax
+    over the vocabulary and their backward instead of writing fp32 logits (GPT-2: 16,384 × 50,257 per
+    micro-batch of 16) to memory several times over, as nanoGPT computes its loss inside the compiled
+    model."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def training_loss(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The module a train step calls, (x, y) → loss: ``NextTokenLoss(model)``, compiled when ``compile``
+    is set, wrapped in DistributedDataParallel under torchrun."""
+    loss = NextTokenLoss(model)
+    loss = torch.compile(loss) if cfg["compile"] else loss
     if torch.distributed.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
-        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
-    return forward
+        loss = torch.nn.parallel.DistributedDataParallel(loss, device_ids=device_ids)
+    return loss

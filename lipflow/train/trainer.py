@@ -26,7 +26,7 @@ from lipflow.data.parquet import write_rows_parquet
 from lipflow.metrics import autocast_for, resolve_device
 from lipflow.schedules import lr_factor
 from lipflow.train import checkpoint
-from lipflow.train.build import build_learner, ensure_writable, token_splits, training_forward
+from lipflow.train.build import build_learner, ensure_writable, token_splits, training_loss
 from lipflow.train.stop import Preempted, SigtermWatch, divergence
 from lipflow.train.summary import METRIC_COLUMNS, run_summary
 from lipflow.train.telemetry import EvalStepTelemetry, StepLog, StepResult, TensorBoardMirror
@@ -48,7 +48,7 @@ class Trainer:
         self.train_windows = self.train_data.resident(self.device)
         self.model, self.optimizer, self.matrices, self.constraint = build_learner(
             cfg, self.train_data.vocab_size, self.device)
-        self.forward = training_forward(self.model, cfg, self.device)
+        self.loss = training_loss(self.model, cfg, self.device)
         self.generator = torch.Generator().manual_seed(cfg["seed"])  # the data order
         self.step, self.metrics = 0, []
         self.steps = StepLog(cfg, self.topo)
@@ -72,8 +72,7 @@ class Trainer:
                 part = slice(rank * cfg["batch_size"], (rank + 1) * cfg["batch_size"])
                 x, y = x[part], y[part]
                 with autocast_for(self.device):
-                    logits = self.forward(x).float()
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                    loss = self.loss(x, y)
                 (loss / cfg["grad_accum"]).backward()
                 total = total + loss.detach() / cfg["grad_accum"]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
