@@ -111,11 +111,13 @@ def trained_on_cuda(char_shards, tmp_path_factory):
 
 @pytest.mark.parametrize("evaluation", ["val", "robustness", "precision", "rank", "sharpness"])
 def test_each_evaluation_on_cuda(evaluation, trained_on_cuda, char_shards, tmp_path):
+    """The evaluation stage's entry point with the pipeline's arguments, in this process (a stage process
+    each would start Python, torch and CUDA five more times in bench/gpu_check's short lease)."""
+    from lipflow.evaluation.__main__ import main
+
     run_dir, params = trained_on_cuda
     out = tmp_path / f"{evaluation}.parquet"
-    done = run_stage("lipflow.evaluation", "--evaluation", evaluation, "--run-dir", str(run_dir),
-                     "--data-dir", str(char_shards), "--params-json", json.dumps(params[evaluation]),
-                     "--out", str(out), "--device", "cuda")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["--evaluation", evaluation, "--run-dir", str(run_dir), "--data-dir", str(char_shards),
+                 "--params-json", json.dumps(params[evaluation]), "--out", str(out), "--device", "cuda"]) == 0
     rows = pq.read_table(out).to_pylist()
     assert rows and all(r["eval"] == evaluation for r in rows)
