@@ -32,15 +32,22 @@ def cuda_cfg(tiny_run_config):
     return {**tiny_run_config, "device": "cuda", "d_model": 64, "n_heads": 4, "context": 32, "batch_size": 8}
 
 
-def train(cfg: dict, data: Path, out: Path) -> subprocess.CompletedProcess:
-    return run_stage("lipflow.train", "--run-id", "cuda-00000000", "--config-json", json.dumps(cfg),
-                     "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
+def train_args(cfg: dict, data: Path, out: Path) -> list[str]:
+    return ["--run-id", "cuda-00000000", "--config-json", json.dumps(cfg), "--data-dir", str(data),
+            "--out-dir", str(out), "--no-progress"]
+
+
+def train(cfg: dict, data: Path, out: Path) -> int:
+    """The train stage's entry point with the pipeline's arguments, in this process (bench/gpu_check's lease
+    is short: a stage process each would start Python, torch and CUDA again); its exit status."""
+    from lipflow.train.__main__ import main
+
+    return main(train_args(cfg, data, out))
 
 
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_training_on_cuda_in_bf16(arm, cuda_cfg, char_shards, tmp_path):
-    done = train({**cuda_cfg, **ARMS[arm]}, char_shards, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert train({**cuda_cfg, **ARMS[arm]}, char_shards, tmp_path) == 0
     summary = json.loads((tmp_path / "run.json").read_text())
     assert summary["status"] == "completed" and summary["device"].startswith("cuda")
     rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()
@@ -65,23 +72,27 @@ def test_a_training_step_never_waits_for_the_gpu(arm, cuda_cfg, char_shards, tmp
         assert trainer.optimizer.defaults["fused"]  # AdamW's one-kernel step on CUDA
 
 
-def test_resume_on_one_gpu_gives_the_uninterrupted_weights(cuda_cfg, char_shards, tmp_path):
+def test_resume_on_one_gpu_gives_the_uninterrupted_weights(cuda_cfg, char_shards, tmp_path, capsys):
     cfg = {**cuda_cfg, **ARMS["lipschitz_gpt"], "steps": 12, "checkpoint_every": 6, "eval_every": 6}
     whole = tmp_path / "whole"
-    assert train(cfg, char_shards, whole).returncode == 0
+    assert train(cfg, char_shards, whole) == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(whole / "checkpoints", resumed / "checkpoints")
     for late in (resumed / "checkpoints").glob("step-000000012*"):
         late.unlink()
-    done = train(cfg, char_shards, resumed)
-    assert done.returncode == 0 and "resumed from step-000000006" in done.stderr, done.stderr[-2000:]
+    capsys.readouterr()
+    assert train(cfg, char_shards, resumed) == 0
+    stderr = capsys.readouterr().err
+    assert "resumed from step-000000006" in stderr, stderr[-2000:]
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
     assert all(d == 0.0 for d in diffs.values()), diffs
 
 
 def test_compiled_training_on_cuda(cuda_cfg, char_shards, tmp_path):
-    done = train({**cuda_cfg, **ARMS["lipschitz_gpt"], "compile": True}, char_shards, tmp_path)
+    """A stage process of its own: compilation stays out of this test process."""
+    done = run_stage("lipflow.train", *train_args({**cuda_cfg, **ARMS["lipschitz_gpt"], "compile": True},
+                                                  char_shards, tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "completed"
 
@@ -89,8 +100,7 @@ def test_compiled_training_on_cuda(cuda_cfg, char_shards, tmp_path):
 def test_torchrun_one_process_with_nccl(cuda_cfg, char_shards, tmp_path):
     cfg = {**cuda_cfg, **ARMS["lipschitz_gpt"], "nproc": 1}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           "-m", "lipflow.train", "--run-id", "cuda-00000000", "--config-json", json.dumps(cfg),
-                           "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress"],
+                           "-m", "lipflow.train", *train_args(cfg, char_shards, tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run.json").read_text())
@@ -105,7 +115,7 @@ def trained_on_cuda(char_shards, tmp_path_factory):
                                 "steps": 10, "eval_every": 5, "device": "cuda", **ARMS["lipschitz_gpt"]}}}
     check_config(config)
     out = tmp_path_factory.mktemp("cuda_run")
-    assert train(config["runs"]["tiny"], char_shards, out).returncode == 0
+    assert train(config["runs"]["tiny"], char_shards, out) == 0
     return out, config["evaluations"]
 
 
