@@ -177,6 +177,12 @@ def test_reference_recipe_quick_rows_and_their_markdown(tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].startswith("| bench | metric |") and len(lines) == 2 + len(pq.read_table(out)) + 1
     assert lines[-1] == f"(no rows: {tmp_path / 'none'} was not written)"
+    kept = subprocess.run([sys.executable, str(REPO / "bench" / "summarize.py"), "--exclude", ".baseline.",
+                           "--exclude", "tokens_per_s", str(out)], capture_output=True, text=True, timeout=60)
+    metrics = [line.split(" | ")[1] for line in kept.stdout.splitlines()[2:]]
+    assert metrics == [r["metric"] for r in pq.read_table(out).to_pylist()
+                       if ".baseline." not in r["metric"] and "tokens_per_s" not in r["metric"]]
+    assert any(".s2." in m for m in metrics)
 
 
 def test_gpu_check_refuses_an_unknown_argument():
