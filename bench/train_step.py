@@ -72,7 +72,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Callable, Iterable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -134,6 +134,13 @@ def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
     return work / "words"
 
 
+def synthetic_vocab_size(text: str) -> int:
+    """--vocab: an integer ≥ 3 (ids 0 and 1 are the end-of-text and unknown tokens, words need one more)."""
+    if not text.isdigit() or int(text) < 3:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer ≥ 3")
+    return int(text)
+
+
 def matmul_peak(n: int, device: torch.device, rounds: int) -> float:
     """Best FLOP/s of ``PEAK_REPEATS`` n×n @ n×n matmuls (2n³ FLOPs each): fp32 on CPU, bf16 on CUDA."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -180,25 +187,35 @@ PHASE_RANGES = (("Optimizer.step#", "optimizer"), ("weight_constraint", "constra
 
 
 def op_self_times(step: Callable[[], object], device: torch.device) -> dict[str, float]:
-    """Self time in seconds of each op during one ``step``, keyed "phase: op": the time of the op's own
-    CUDA kernels on a GPU, its own CPU time on a CPU (``torch.profiler``); ops that took none are left out.
-
-    An op's phase is that of the innermost ``PHASE_RANGES`` range whose wall-clock span holds the op's
-    start: by time, not by the call stack, because on a GPU the backward pass runs on autograd's device
-    thread, whose ops have no parent among the ranges of the thread that called ``backward()``."""
+    """``phase_times`` of one ``step`` under ``torch.profiler`` (with CUDA activity on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         step()
         synchronize(str(device))
-    events = prof.events()
-    spans = sorted(((e.time_range.start, e.time_range.end, phase) for e in events
+    return phase_times(prof.events(), on_gpu)
+
+
+def phase_times(events: Iterable[Any], on_gpu: bool) -> dict[str, float]:
+    """Self time in seconds of each op among profiler ``events``, keyed "phase: op": the time of the op's
+    own CUDA kernels on a GPU, its own CPU time on a CPU; ops that took none are left out.
+
+    Only host-side events count: on a GPU the profiler also lists each kernel, and a device-side copy of
+    each range, as events of their own, whose time the op that launched them already holds (and whose
+    timestamps run behind the host's). An op's phase is that of the innermost ``PHASE_RANGES`` range
+    whose wall-clock span holds the op's start: by time, not by the call stack, because on a GPU the
+    backward pass runs on autograd's device thread, whose ops have no parent among the ranges of the
+    thread that called ``backward()``."""
+    from torch.autograd import DeviceType
+
+    host = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+    spans = sorted(((e.time_range.start, e.time_range.end, phase) for e in host
                     for prefix, phase in PHASE_RANGES if e.name.startswith(prefix)), key=lambda s: s[1] - s[0])
     times: dict[str, float] = defaultdict(float)
-    for event in events:
+    for event in host:
         t = event.self_device_time_total if on_gpu else event.self_cpu_time_total
-        if t > 0:  # a range's own CPU time is the Python between its ops
+        if t > 0:  # on a CPU, a range's own time is the Python between its ops
             phase = next((p for start, end, p in spans if start <= event.time_range.start < end), "other")
             times[f"{phase}: {event.name}"] += t / 1e6
     return dict(times)
@@ -237,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: cpu on CPU, gpt2-124m on CUDA")
     parser.add_argument("--batch-size", type=int, help="override the shape's batch size")
-    parser.add_argument("--vocab", type=int, help="a synthetic vocabulary of this many ids instead of the shape's "
-                                                  "(as gpt2-124m's; the loss over the vocabulary grows with it)")
+    parser.add_argument("--vocab", type=synthetic_vocab_size,
+                        help="a synthetic vocabulary of this many ids (≥ 3) instead of the shape's (as gpt2-124m's; "
+                             "the loss over the vocabulary grows with it)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the shape's, 1 but "
                                                        "for quick)")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per arm (median kept)")
@@ -320,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles = {name: op_self_times(finite_step(t), device) for name, t in trainers.items()}
             save_rows(args, BENCH, profile_rows(profiles, metric, dev))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

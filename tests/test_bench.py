@@ -111,6 +111,33 @@ def test_profile_phases_are_the_innermost_ranges_open_at_each_op():
     assert all(t > 0 for t in times.values())
 
 
+def test_gpu_profile_counts_each_kernel_once_under_the_op_that_launched_it():
+    """On a GPU the profiler lists each kernel, and a device-side copy of each range, beside the host op
+    that holds the kernel's time: only host events count, phased by their host start (the kernels run
+    later). Events shaped as torch.profiler's kineto parser makes them (times in µs)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(REPO))
+    from bench.train_step import phase_times
+
+    def event(name, start, end, device=DeviceType.CPU, cpu=0.0, gpu=0.0):
+        return SimpleNamespace(name=name, device_type=device, is_async=False, self_cpu_time_total=cpu,
+                               self_device_time_total=gpu, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("forward_backward", 0, 100), event("aten::mm", 10, 20, gpu=30.0),
+              event("Optimizer.step#Muon.step", 100, 150), event("aten::baddbmm", 110, 120, gpu=5.0),
+              event("aten::add", 160, 161, gpu=1.0),
+              # device side: the kernels (their time is the ops' own) and a range's copy, all running late
+              event("sm90_gemm", 95, 125, DeviceType.CUDA, gpu=30.0),
+              event("nvjet_baddbmm", 152, 157, DeviceType.CUDA, gpu=5.0),
+              event("forward_backward", 90, 200, DeviceType.CUDA, gpu=110.0)]
+    times = phase_times(events, on_gpu=True)
+    assert times == pytest.approx({"forward_backward: aten::mm": 30e-6, "optimizer: aten::baddbmm": 5e-6,
+                                   "other: aten::add": 1e-6})
+
+
 @pytest.mark.parametrize("n", [256, 512])
 def test_constraint_errors_match_their_exact_arithmetic_predictions(results, n):
     v = values(results, "constraints")

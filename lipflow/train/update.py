@@ -96,25 +96,25 @@ def constrained_update(optimizer: torch.optim.Optimizer, matrices: list[Tensor],
 
 
 @torch.no_grad()
-@torch.profiler.record_function("weight_constraint")  # a phase of a step in a profile
 def project_matrices_(optimizer: torch.optim.Optimizer, matrices: list[Tensor], settings: ConstraintSettings,
                       before: dict[int, Tensor]) -> Tensor:
     """Decay → project every matrix just stepped, one stack per (shape, lr, bound); ``before`` holds
     the pre-step copies of the matrices whose step is measured. Returns the clipped-step count."""
-    stacks: dict[tuple, list[Tensor]] = defaultdict(list)
-    for p, group in _slots(optimizer, matrices):
-        bound = _update_bound(optimizer, group, p) if settings.coupled else 0.0
-        stacks[(tuple(p.shape), p.dtype, group["lr"], bound)].append(p)
-    clipped = torch.zeros((), dtype=torch.int64, device=matrices[0].device if matrices else "cpu")
-    for (shape, _, lr, bound), params in stacks.items():
-        update_norm: float | Tensor = 0.0 if bound is None else bound
-        if bound is None and settings.coupled:
-            update_norm, count = _clip_measured_steps_(params, [before[id(p)] for p in params], lr, settings)
-            clipped = clipped + count
-        constrain_all_([p.data for p in params], settings.name, settings.sigma_max, lr=lr,
-                       weight_decay=settings.weight_decay, update_norm=update_norm, spectral_wd=settings.spectral_wd,
-                       compiled=settings.compile)
-    return clipped
+    with torch.profiler.record_function("weight_constraint"):  # a phase of a step in a profile
+        stacks: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p, group in _slots(optimizer, matrices):
+            bound = _update_bound(optimizer, group, p) if settings.coupled else 0.0
+            stacks[(tuple(p.shape), p.dtype, group["lr"], bound)].append(p)
+        clipped = torch.zeros((), dtype=torch.int64, device=matrices[0].device if matrices else "cpu")
+        for (shape, _, lr, bound), params in stacks.items():
+            update_norm: float | Tensor = 0.0 if bound is None else bound
+            if bound is None and settings.coupled:
+                update_norm, count = _clip_measured_steps_(params, [before[id(p)] for p in params], lr, settings)
+                clipped = clipped + count
+            constrain_all_([p.data for p in params], settings.name, settings.sigma_max, lr=lr,
+                           weight_decay=settings.weight_decay, update_norm=update_norm,
+                           spectral_wd=settings.spectral_wd, compiled=settings.compile)
+        return clipped
 
 
 def _clip_measured_steps_(params: list[Tensor], before: list[Tensor], lr: float,
