@@ -1,7 +1,7 @@
 """One training step of (lipschitz_gpt + muon + spectral_soft_cap) against (gpt + adamw), side by side.
 
     python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--vocab V]
-                               [--grad-accum A] [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile]
+                               [--grad-accum A[,A...]] [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile]
                                [--no-profile]
 
 Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
@@ -34,10 +34,13 @@ of each op (its CUDA kernels' time on a GPU, CPU time on a CPU), printed side by
 difference first, so the forward and backward part of the gap is named op by op; ops with at least
 ``PROFILE_MIN_SHARE`` of an arm's profiled time are kept as rows.
 
-Tokens per step: batch × context × ``--grad-accum`` micro-batches (config key grad_accum). The
-optimizer and the constraint run once per step whatever its tokens, so their share of the step, and
-with it the lipschitz/baseline ratio, falls as the step grows: GPT-2's own recipe (nanoGPT's
-train_gpt2) steps every 491,520 tokens, ``--shape gpt2-124m --grad-accum 30``.
+Tokens per step: batch × context × ``--grad-accum`` micro-batches (config key grad_accum); with
+several counts (``--grad-accum 1,30``) the same two arms, compiled graphs included, are timed at each
+in turn (rows and table per count; the optimizer and constraint phases, the peak and the profile
+once, the profile at the first count). The optimizer and the constraint run once per step whatever
+its tokens, so their share of the step, and with it the lipschitz/baseline ratio, falls as the step
+grows: GPT-2's own recipe (nanoGPT's train_gpt2) steps every 491,520 tokens, ``--shape gpt2-124m
+--grad-accum 30``.
 
 Shapes: ``quick`` (d 64, 2 layers, context 64, batch 8 × 2 micro-batches; the --quick smoke test), ``cpu`` (d 256,
 4 layers, context 128, batch 128: 16,384 tokens per step, the tokens per step of Newhouse et al.'s
@@ -249,6 +252,20 @@ def profile_rows(profiles: dict[str, dict[str, float]], metric: str, dev: str) -
     return rows
 
 
+def accumulation_counts(text: str) -> list[int]:
+    """--grad-accum: micro-batches per optimizer step, one count or several separated by commas."""
+    counts = text.split(",")
+    if not all(c.isdigit() and int(c) >= 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers ≥ 1")
+    return [int(c) for c in counts]
+
+
+def step_metric(shape_name: str, cfg: dict[str, Any], vocab: int | None) -> str:
+    """``<shape>.B<batch>[x<grad_accum>][.V<vocab>][.compiled]``: the prefix of a measurement's rows."""
+    return (f"{shape_name}.B{cfg['batch_size']}" + (f"x{cfg['grad_accum']}" if cfg["grad_accum"] > 1 else "")
+            + (f".V{vocab}" if vocab else "") + (".compiled" if cfg["compile"] else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
@@ -257,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=synthetic_vocab_size,
                         help="a synthetic vocabulary of this many ids (≥ 3) instead of the shape's (as gpt2-124m's; "
                              "the loss over the vocabulary grows with it)")
-    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the shape's, 1 but "
-                                                       "for quick)")
+    parser.add_argument("--grad-accum", type=accumulation_counts,
+                        help="micro-batches per optimizer step (default: the shape's, 1 but for quick); several, "
+                             "e.g. 1,30, time the same arms (and compiled graphs) at each")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per arm (median kept)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     add_torch_arguments(parser)
@@ -276,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         shape["batch_size"] = args.batch_size
     if args.grad_accum:
-        shape["grad_accum"] = args.grad_accum
+        shape["grad_accum"] = args.grad_accum[0]
     rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         configs = run_configs({**shape, "device": args.device, "compile": args.compile}, ARMS)
         trainers = {name: Trainer(name, cfg, data, work / "runs" / name, progress=False)
                     for name, cfg in configs.items()}
-        steps = alternating_timings({name: finite_step(t) for name, t in trainers.items()}, rounds, warmup,
-                                    str(device))
+        steps = {}
+        for accum in args.grad_accum or [configs["baseline"]["grad_accum"]]:
+            for t in trainers.values():  # the same arms (and compiled graphs) at this many micro-batches
+                t.cfg["grad_accum"] = accum
+            steps[accum] = alternating_timings({name: finite_step(t) for name, t in trainers.items()}, rounds,
+                                               warmup, str(device))
         phases = {}
         for name, t in trainers.items():
             phases[f"{name}.optimizer"] = t.optimizer.step
@@ -296,49 +318,54 @@ def main(argv: list[str] | None = None) -> int:
         n_peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type]
         peak = matmul_peak(n_peak, device, rounds)
 
-        cfg = configs["baseline"]
-        tokens = cfg["batch_size"] * cfg["context"] * cfg["grad_accum"]
-        metric = (f"{shape_name}.B{cfg['batch_size']}" + (f"x{cfg['grad_accum']}" if cfg["grad_accum"] > 1 else "")
-                  + (f".V{args.vocab}" if args.vocab else "") + (".compiled" if cfg["compile"] else ""))
-        rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
-        for name, t in trainers.items():
-            step_s = statistics.median(steps[name])
-            flops = flops_per_step(t.cfg, matmul_weights(t))
-            opt_s = statistics.median(phase_times[f"{name}.optimizer"])
-            con_s = statistics.median(phase_times[f"{name}.constraint"])
-            n_params = sum(p.numel() for p in t.model.parameters())
-            achieved = flops / step_s
-            table.append([f"{t.cfg['model']}+{t.cfg['optimizer']}+{t.cfg['weight_constraint']}",
-                          f"{n_params / 1e6:.2f}M", step_s * 1e3, opt_s * 1e3, con_s * 1e3,
-                          tokens / step_s, achieved / 1e9, 100 * achieved / peak])
-            rows += [row(BENCH, f"{metric}.{name}.step_time", step_s, "s", dev),
-                     row(BENCH, f"{metric}.{name}.optimizer_step_time", opt_s, "s", dev),
-                     row(BENCH, f"{metric}.{name}.constraint_time", con_s, "s", dev),
-                     row(BENCH, f"{metric}.{name}.tokens_per_s", tokens / step_s, "tokens/s", dev),
-                     row(BENCH, f"{metric}.{name}.flops_per_step", flops, "FLOP", dev),
-                     row(BENCH, f"{metric}.{name}.achieved_flops", achieved, "FLOP/s", dev),
-                     row(BENCH, f"{metric}.{name}.mfu", achieved / peak, "fraction", dev),
-                     row(BENCH, f"{metric}.{name}.n_params", n_params, "parameters", dev),
-                     row(BENCH, f"{metric}.{name}.vocab_size", t.train_data.vocab_size, "tokens", dev)]
-        ratio = statistics.median(steps["lipschitz"]) / statistics.median(steps["baseline"])
-        rows += [row(BENCH, f"{metric}.lipschitz_over_baseline", ratio, "x", dev),
-                 row(BENCH, f"{metric}.matmul_peak", peak, "FLOP/s", dev)]
-
-        print(f"shape {shape_name}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
-              f"context {cfg['context']}, batch {cfg['batch_size']} × {cfg['grad_accum']} micro-batches, "
-              f"vocab {trainers['baseline'].train_data.vocab_size}; {tokens} tokens/step; median of {rounds} "
-              f"alternating rounds after {warmup} warmup")
-        print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s", "MFU %"],
-                    table)
-        print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
-              f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
+        rows = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)]
+        for accum, times in steps.items():
+            for t in trainers.values():
+                t.cfg["grad_accum"] = accum
+            cfg = configs["baseline"]
+            tokens = cfg["batch_size"] * cfg["context"] * accum
+            metric = step_metric(shape_name, cfg, args.vocab)
+            table = []
+            for name, t in trainers.items():
+                step_s = statistics.median(times[name])
+                flops = flops_per_step(t.cfg, matmul_weights(t))
+                opt_s = statistics.median(phase_times[f"{name}.optimizer"])
+                con_s = statistics.median(phase_times[f"{name}.constraint"])
+                n_params = sum(p.numel() for p in t.model.parameters())
+                achieved = flops / step_s
+                table.append([f"{t.cfg['model']}+{t.cfg['optimizer']}+{t.cfg['weight_constraint']}",
+                              f"{n_params / 1e6:.2f}M", step_s * 1e3, opt_s * 1e3, con_s * 1e3,
+                              tokens / step_s, achieved / 1e9, 100 * achieved / peak])
+                rows += [row(BENCH, f"{metric}.{name}.step_time", step_s, "s", dev),
+                         row(BENCH, f"{metric}.{name}.optimizer_step_time", opt_s, "s", dev),
+                         row(BENCH, f"{metric}.{name}.constraint_time", con_s, "s", dev),
+                         row(BENCH, f"{metric}.{name}.tokens_per_s", tokens / step_s, "tokens/s", dev),
+                         row(BENCH, f"{metric}.{name}.flops_per_step", flops, "FLOP", dev),
+                         row(BENCH, f"{metric}.{name}.achieved_flops", achieved, "FLOP/s", dev),
+                         row(BENCH, f"{metric}.{name}.mfu", achieved / peak, "fraction", dev),
+                         row(BENCH, f"{metric}.{name}.n_params", n_params, "parameters", dev),
+                         row(BENCH, f"{metric}.{name}.vocab_size", t.train_data.vocab_size, "tokens", dev)]
+            ratio = statistics.median(times["lipschitz"]) / statistics.median(times["baseline"])
+            rows += [row(BENCH, f"{metric}.lipschitz_over_baseline", ratio, "x", dev),
+                     row(BENCH, f"{metric}.matmul_peak", peak, "FLOP/s", dev)]
+            print(f"shape {shape_name}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+                  f"context {cfg['context']}, batch {cfg['batch_size']} × {accum} micro-batches, "
+                  f"vocab {trainers['baseline'].train_data.vocab_size}; {tokens} tokens/step; median of {rounds} "
+                  f"alternating rounds after {warmup} warmup")
+            print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s",
+                         "MFU %"], table)
+            print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
+                  f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
         save_rows(args, BENCH, rows)
         # the timing rows are saved first: a profiler that fails on this machine costs only its own rows
         if args.profile:
+            first = next(iter(steps))
+            for t in trainers.values():
+                t.cfg["grad_accum"] = first
             profiles = {name: op_self_times(finite_step(t), device) for name, t in trainers.items()}
-            save_rows(args, BENCH, profile_rows(profiles, metric, dev))
+            save_rows(args, BENCH, profile_rows(profiles, step_metric(shape_name, configs["baseline"], args.vocab),
+                                                dev))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,6 +70,23 @@ def test_train_step_flops_follow_the_closed_form(results):
         v[f"quick.B{batch}x{accum}.lipschitz.step_time"] / v[f"quick.B{batch}x{accum}.baseline.step_time"])
 
 
+def test_train_step_times_the_same_arms_at_each_accumulation_count(tmp_path):
+    out = tmp_path / "train_step.parquet"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--quick", "--threads", "1",
+                           "--device", "cpu", "--grad-accum", "1,3", "--no-profile", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    v = {r["metric"]: r["value"] for r in pq.read_table(out).to_pylist()}
+    for arm in ("baseline", "lipschitz"):
+        one, three = f"quick.B8.{arm}", f"quick.B8x3.{arm}"
+        assert v[f"{three}.flops_per_step"] == 3 * v[f"{one}.flops_per_step"]
+        for m in (one, three):
+            assert v[f"{m}.tokens_per_s"] * v[f"{m}.step_time"] == pytest.approx(8 * 64 * (3 if "x3" in m else 1))
+        # the optimizer and the constraint are timed once: one step's cost whatever its tokens
+        assert v[f"{one}.optimizer_step_time"] == v[f"{three}.optimizer_step_time"]
+    assert not any("op_self_time" in m for m in v)  # --no-profile
+
+
 def test_train_step_profile_splits_each_arm_into_its_phases(results):
     v = values(results, "train_step")
     for arm, phases in (("baseline", {"forward_backward", "optimizer"}),
