@@ -257,6 +257,8 @@ def accumulation_counts(text: str) -> list[int]:
     counts = text.split(",")
     if not all(c.isdigit() and int(c) >= 1 for c in counts):
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers ≥ 1")
+    if len({int(c) for c in counts}) < len(counts):
+        raise argparse.ArgumentTypeError(f"'{text}' repeats a count")
     return [int(c) for c in counts]
 
 
@@ -303,28 +305,26 @@ def main(argv: list[str] | None = None) -> int:
         configs = run_configs({**shape, "device": args.device, "compile": args.compile}, ARMS)
         trainers = {name: Trainer(name, cfg, data, work / "runs" / name, progress=False)
                     for name, cfg in configs.items()}
-        steps = {}
-        for accum in args.grad_accum or [configs["baseline"]["grad_accum"]]:
+        phase_times: dict[str, list[float]] = {}
+        n_peak, peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type], 0.0
+        counts = args.grad_accum or [configs["baseline"]["grad_accum"]]
+        for accum in counts:
             for t in trainers.values():  # the same arms (and compiled graphs) at this many micro-batches
                 t.cfg["grad_accum"] = accum
-            steps[accum] = alternating_timings({name: finite_step(t) for name, t in trainers.items()}, rounds,
-                                               warmup, str(device))
-        phases = {}
-        for name, t in trainers.items():
-            phases[f"{name}.optimizer"] = t.optimizer.step
-            phases[f"{name}.constraint"] = lambda t=t: (project_matrices_(t.optimizer, t.matrices, t.constraint, {}),
-                                                        t.model.project_embeddings())
-        phase_times = alternating_timings(phases, rounds, warmup=1, device=str(device))
-        n_peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type]
-        peak = matmul_peak(n_peak, device, rounds)
-
-        rows = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)]
-        for accum, times in steps.items():
-            for t in trainers.values():
-                t.cfg["grad_accum"] = accum
+            times = alternating_timings({name: finite_step(t) for name, t in trainers.items()}, rounds, warmup,
+                                        str(device))
+            if not phase_times:  # once, on the gradients the first timed steps left
+                phases = {}
+                for name, t in trainers.items():
+                    phases[f"{name}.optimizer"] = t.optimizer.step
+                    phases[f"{name}.constraint"] = lambda t=t: (
+                        project_matrices_(t.optimizer, t.matrices, t.constraint, {}), t.model.project_embeddings())
+                phase_times = alternating_timings(phases, rounds, warmup=1, device=str(device))
+                peak = matmul_peak(n_peak, device, rounds)
             cfg = configs["baseline"]
             tokens = cfg["batch_size"] * cfg["context"] * accum
             metric = step_metric(shape_name, cfg, args.vocab)
+            rows = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)] if accum == counts[0] else []
             table = []
             for name, t in trainers.items():
                 step_s = statistics.median(times[name])
@@ -356,12 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                          "MFU %"], table)
             print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
                   f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
-        save_rows(args, BENCH, rows)
+            save_rows(args, BENCH, rows)  # each count's rows as soon as it is timed: a later one may time out
         # the timing rows are saved first: a profiler that fails on this machine costs only its own rows
         if args.profile:
-            first = next(iter(steps))
             for t in trainers.values():
-                t.cfg["grad_accum"] = first
+                t.cfg["grad_accum"] = counts[0]
             profiles = {name: op_self_times(finite_step(t), device) for name, t in trainers.items()}
             save_rows(args, BENCH, profile_rows(profiles, step_metric(shape_name, configs["baseline"], args.vocab),
                                                 dev))

@@ -70,21 +70,43 @@ def test_train_step_flops_follow_the_closed_form(results):
         v[f"quick.B{batch}x{accum}.lipschitz.step_time"] / v[f"quick.B{batch}x{accum}.baseline.step_time"])
 
 
-def test_train_step_times_the_same_arms_at_each_accumulation_count(tmp_path):
+def test_train_step_times_the_same_arms_at_each_accumulation_count(tmp_path, monkeypatch):
+    """--grad-accum 1,3: every timed step draws as many micro-batches as its count says (the trainers read
+    the count each step), and each count has its own rows."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    import bench.train_step as train_step
+    from lipflow.data.loader import ResidentTokens
+
+    draws = []
+    sample = ResidentTokens.sample_windows
+    monkeypatch.setattr(ResidentTokens, "sample_windows",
+                        lambda self, *a, **k: draws.append(1) or sample(self, *a, **k))
+    threads = torch.get_num_threads()
     out = tmp_path / "train_step.parquet"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--quick", "--threads", "1",
-                           "--device", "cpu", "--grad-accum", "1,3", "--no-profile", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        assert train_step.main(["--quick", "--threads", "1", "--device", "cpu", "--grad-accum", "1,3",
+                                "--no-profile", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # --quick: 1 warmup + 3 timed rounds of 2 arms, at 1 and then 3 micro-batches per step
+    assert len(draws) == (1 + 3) * 2 * (1 + 3)
     v = {r["metric"]: r["value"] for r in pq.read_table(out).to_pylist()}
     for arm in ("baseline", "lipschitz"):
         one, three = f"quick.B8.{arm}", f"quick.B8x3.{arm}"
         assert v[f"{three}.flops_per_step"] == 3 * v[f"{one}.flops_per_step"]
-        for m in (one, three):
-            assert v[f"{m}.tokens_per_s"] * v[f"{m}.step_time"] == pytest.approx(8 * 64 * (3 if "x3" in m else 1))
+        for m, count in ((one, 1), (three, 3)):
+            assert v[f"{m}.tokens_per_s"] * v[f"{m}.step_time"] == pytest.approx(8 * 64 * count)
         # the optimizer and the constraint are timed once: one step's cost whatever its tokens
         assert v[f"{one}.optimizer_step_time"] == v[f"{three}.optimizer_step_time"]
     assert not any("op_self_time" in m for m in v)  # --no-profile
+
+
+def test_train_step_refuses_a_repeated_accumulation_count():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--grad-accum", "30,30"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "'30,30' repeats a count" in done.stderr
 
 
 def test_train_step_profile_splits_each_arm_into_its_phases(results):
