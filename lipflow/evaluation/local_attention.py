@@ -156,13 +156,9 @@ def distance_to_attended_mean(probs: torch.Tensor, points: torch.Tensor) -> torc
 def attention_at(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
     """``LipschitzAttention`` in float64 with explicit probabilities: (output, its record)."""
     B, T, C = x.shape
-    H, d_h = attn.n_heads, attn.head_dim
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, T, H, d_h).transpose(1, 2)
-
+    H = attn.n_heads
     w_q, w_k, w_v, w_o = (m.weight.detach().to(x.dtype) for m in (attn.q, attn.k, attn.v, attn.o))
-    q, k, v = attn.rope(heads(x @ w_q.T)), attn.rope(heads(x @ w_k.T)), heads(x @ w_v.T)
+    q, k, v = attn.rotated_heads(x, (w_q, w_k, w_v))
     probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal_mask(T, T, x.device),
                                                                      float("-inf")).softmax(-1)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
