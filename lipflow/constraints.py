@@ -219,8 +219,9 @@ def spectral_soft_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
     decay-step-project. The two steps compose to one polynomial of the Gram matrix: with t = ασ²,
     p₂(p₁(σ)) = σ(1 − 3t² + 3t³ − t⁴) (``soft_cap_polynomial``). Two matmuls with X itself and two of
     the smaller Gram's size, where the two steps take four with X: about half the work on a very tall
-    matrix (GPT-2's head: 0.51×), 0.62× on a 4:1 MLP matrix, the same on a square one. ``step.update_norm`` may be a tensor with one u per matrix
-    of the stack (α is then solved on the device, per matrix).
+    matrix (GPT-2's head: 0.51×), 0.62× on a 4:1 MLP matrix, the same on a square one.
+    ``step.update_norm`` may be a tensor with one u per matrix of the stack (α is then solved on the
+    device, per matrix).
     """
     k = sigma_max * (1.0 - step.lr * step.weight_decay) + step.update_norm
     alpha = soft_cap_alpha(sigma_max, k)

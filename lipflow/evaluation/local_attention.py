@@ -158,7 +158,8 @@ def attention_at(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
     B, T, C = x.shape
     H = attn.n_heads
     w_q, w_k, w_v, w_o = (m.weight.detach().to(x.dtype) for m in (attn.q, attn.k, attn.v, attn.o))
-    q, k, v = attn.rotated_heads(x, (w_q, w_k, w_v))
+    q, k, v = (attn.split_heads(x @ w.T) for w in (w_q, w_k, w_v))
+    q, k = attn.rope(q), attn.rope(k)
     probs = (attn.score_scale * q @ k.transpose(-2, -1)).masked_fill(~causal_mask(T, T, x.device),
                                                                      float("-inf")).softmax(-1)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale

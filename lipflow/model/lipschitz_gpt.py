@@ -117,20 +117,15 @@ class LipschitzAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
         self.rope = RotaryEmbedding(self.head_dim, context)
 
-    def rotated_heads(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(RoPE(q_h), RoPE(k_h), v_h) for every head, each (B, H, T, d_head): projected by the module's
-        Linears, or by ``weights`` (W_q, W_k, W_v) given in x's dtype (the float64 local certificate)."""
-        B, T, _ = x.shape
-        linears = (self.q, self.k, self.v)
-        q, k, v = ((m(x) if weights is None else x @ weights[i].T).view(B, T, self.n_heads, self.head_dim)
-                   .transpose(1, 2) for i, m in enumerate(linears))
-        return self.rope(q), self.rope(k), v
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """A projection's output (B, T, d_model) as one slice per head, (B, H, T, d_head) (a view)."""
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.rotated_heads(x)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.score_scale)
+        q, k, v = (self.split_heads(m(x)) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True, scale=self.score_scale)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +137,7 @@ class LipschitzAttention(nn.Module):
 
     def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-softmax scores c·RoPE(q_h)·RoPE(k_h)ᵀ, (B, H, T, T), masked entries 0."""
-        q, k, _ = self.rotated_heads(x)
+        q, k = (self.rope(self.split_heads(m(x))) for m in (self.q, self.k))
         return causal_scores(q, k, self.score_scale)
 
     def modular_structure(self, prefix: str) -> Module:
