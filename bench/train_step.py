@@ -262,6 +262,24 @@ def accumulation_counts(text: str) -> list[int]:
     return [int(c) for c in counts]
 
 
+def use_grad_accum(trainers: dict[str, Trainer], count: int) -> None:
+    """Make every arm's next steps take ``count`` micro-batches (the trainer reads its config each step):
+    the same models, optimizers and compiled graphs at another number of tokens per step."""
+    for t in trainers.values():
+        t.cfg["grad_accum"] = count
+
+
+def phase_timings(trainers: dict[str, Trainer], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """``optimizer.step()`` alone and the weight constraint alone (``project_matrices_`` and the embedding
+    projection) of each arm, alternating, on the gradients the last step left."""
+    phases: dict[str, Callable[[], object]] = {}
+    for name, t in trainers.items():
+        phases[f"{name}.optimizer"] = t.optimizer.step
+        phases[f"{name}.constraint"] = lambda t=t: (project_matrices_(t.optimizer, t.matrices, t.constraint, {}),
+                                                    t.model.project_embeddings())
+    return alternating_timings(phases, rounds, warmup=1, device=str(device))
+
+
 def step_metric(shape_name: str, cfg: dict[str, Any], vocab: int | None) -> str:
     """``<shape>.B<batch>[x<grad_accum>][.V<vocab>][.compiled]``: the prefix of a measurement's rows."""
     return (f"{shape_name}.B{cfg['batch_size']}" + (f"x{cfg['grad_accum']}" if cfg["grad_accum"] > 1 else "")
@@ -305,27 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         configs = run_configs({**shape, "device": args.device, "compile": args.compile}, ARMS)
         trainers = {name: Trainer(name, cfg, data, work / "runs" / name, progress=False)
                     for name, cfg in configs.items()}
-        phase_times: dict[str, list[float]] = {}
-        n_peak, peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type], 0.0
+        n_peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type]
         counts = args.grad_accum or [configs["baseline"]["grad_accum"]]
+        rows = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)]
         for accum in counts:
-            for t in trainers.values():  # the same arms (and compiled graphs) at this many micro-batches
-                t.cfg["grad_accum"] = accum
+            use_grad_accum(trainers, accum)
             times = alternating_timings({name: finite_step(t) for name, t in trainers.items()}, rounds, warmup,
                                         str(device))
-            if not phase_times:  # once, on the gradients the first timed steps left
-                phases = {}
-                for name, t in trainers.items():
-                    phases[f"{name}.optimizer"] = t.optimizer.step
-                    phases[f"{name}.constraint"] = lambda t=t: (
-                        project_matrices_(t.optimizer, t.matrices, t.constraint, {}), t.model.project_embeddings())
-                phase_times = alternating_timings(phases, rounds, warmup=1, device=str(device))
+            if accum == counts[0]:  # once, on the gradients the first timed steps left
+                phase_times = phase_timings(trainers, rounds, device)
                 peak = matmul_peak(n_peak, device, rounds)
             cfg = configs["baseline"]
             tokens = cfg["batch_size"] * cfg["context"] * accum
             metric = step_metric(shape_name, cfg, args.vocab)
-            rows = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)] if accum == counts[0] else []
-            table = []
+            arm_table = []
             for name, t in trainers.items():
                 step_s = statistics.median(times[name])
                 flops = flops_per_step(t.cfg, matmul_weights(t))
@@ -333,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                 con_s = statistics.median(phase_times[f"{name}.constraint"])
                 n_params = sum(p.numel() for p in t.model.parameters())
                 achieved = flops / step_s
-                table.append([f"{t.cfg['model']}+{t.cfg['optimizer']}+{t.cfg['weight_constraint']}",
-                              f"{n_params / 1e6:.2f}M", step_s * 1e3, opt_s * 1e3, con_s * 1e3,
-                              tokens / step_s, achieved / 1e9, 100 * achieved / peak])
+                arm_table.append([f"{t.cfg['model']}+{t.cfg['optimizer']}+{t.cfg['weight_constraint']}",
+                                  f"{n_params / 1e6:.2f}M", step_s * 1e3, opt_s * 1e3, con_s * 1e3,
+                                  tokens / step_s, achieved / 1e9, 100 * achieved / peak])
                 rows += [row(BENCH, f"{metric}.{name}.step_time", step_s, "s", dev),
                          row(BENCH, f"{metric}.{name}.optimizer_step_time", opt_s, "s", dev),
                          row(BENCH, f"{metric}.{name}.constraint_time", con_s, "s", dev),
@@ -353,18 +364,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"vocab {trainers['baseline'].train_data.vocab_size}; {tokens} tokens/step; median of {rounds} "
                   f"alternating rounds after {warmup} warmup")
             print_table(["arm", "params", "step ms", "optimizer ms", "constraint ms", "tokens/s", "GFLOP/s",
-                         "MFU %"], table)
+                         "MFU %"], arm_table)
             print(f"step time ratio lipschitz/baseline: {ratio:.3f}x; matmul peak ({n_peak}², "
                   f"{'bf16' if device.type == 'cuda' else 'fp32'}): {peak / 1e9:.1f} GFLOP/s")
             save_rows(args, BENCH, rows)  # each count's rows as soon as it is timed: a later one may time out
+            rows = []
         # the timing rows are saved first: a profiler that fails on this machine costs only its own rows
         if args.profile:
-            for t in trainers.values():
-                t.cfg["grad_accum"] = counts[0]
+            use_grad_accum(trainers, counts[0])
             profiles = {name: op_self_times(finite_step(t), device) for name, t in trainers.items()}
             save_rows(args, BENCH, profile_rows(profiles, step_metric(shape_name, configs["baseline"], args.vocab),
                                                 dev))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
