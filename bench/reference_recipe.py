@@ -1,21 +1,25 @@
 """The reference Shakespeare recipe at full size, trained by lipflow's Trainer (no Snakemake): the
-constrained GPT at σ_max 2 and 6 and the unconstrained GPT baseline, on Tiny Shakespeare characters.
+constrained GPT as the reference notebook trains it, at σ_max 2 and 6, and the unconstrained GPT
+baseline (on request also the preprint's App. D setting at σ_max 2), on Tiny Shakespeare characters.
 
-    python bench/reference_recipe.py [--text FILE] [--steps N] [--device auto|cpu|cuda] [--quick]
+    python bench/reference_recipe.py [--text FILE] [--steps N] [--arms ARM ...] [--device auto|cpu|cuda] [--quick]
 
-Shape and schedule (Newhouse et al. 2025; the reference notebook ``experiment.ipynb`` of
-Arongil/lipschitz-transformers at 158692e): d 256, 3 blocks, 4 heads, context 256, batch 512,
-2000 steps, Muon at lr 0.1 with linear decay, spectral soft cap at σ_max ∈ {2, 6}; the baseline
-is config.yaml's ``baseline`` run (pre-LayerNorm GPT + AdamW, lr 0.003) at the same shape and
-budget. What lipflow does not (yet) do like the reference is listed in the README (per-layer
-modular-norm step sizes, embedding-gradient dualization). Data: the corpus and tokenize stages on
-``--text`` (default ../shared/data/tinyshakespeare.txt beside the repository), character
-tokenizer, 10% of the documents held out. Reported per run: final val loss and accuracy (the
-trainer's fixed val windows), the certified ∞RMS Lipschitz bound, max activation, wall time and
-tokens/s of training; where the GPU has fp8 tensor cores (compute capability ≥ 8.9), also val loss and
-accuracy with every Linear through the real e4m3 kernel (``torch._scaled_mm``) against the same
-arithmetic simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val windows;
-scale 1 where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
+Arms. ``notebook.s6`` is experiments/reference.yaml's run ``reference`` as it stands: the Shakespeare
+config of the code released with Newhouse et al. 2025 (Arongil/lipschitz-transformers @ 158692e,
+experiment.ipynb): d 256, 3 blocks, 4 heads, context 256, batch 512, 2000 steps, Muon at lr 0.1 with
+linear decay and the reference's Muon options, modular-norm step sizes (blocks mass 16), spectral
+soft cap at σ_max 6. ``notebook.s2``: the same at σ_max 2. ``appendix.s2``: the same at the 2025-07-15
+preprint's App. D Shakespeare setting, batch 64 and blocks mass 32, at σ_max 2 (the arXiv abstract's
+"2-Lipschitz, 60 % val accuracy"; not run unless named in --arms). ``baseline``: config.yaml's ``baseline`` run (pre-LayerNorm GPT +
+AdamW) at the notebook's shape and budget. Every arm evaluates every 500 steps (the recipe's
+eval_batches val windows) and writes no checkpoints. Data: the corpus and tokenize stages on
+``--text`` (default ../shared/data/tinyshakespeare.txt beside the repository), character tokenizer,
+10% of the documents held out. Reported per run: final val loss and accuracy (the trainer's fixed
+val windows), the certified ∞RMS Lipschitz bound, max activation, wall time and tokens/s of
+training; where the GPU has fp8 tensor cores (compute capability ≥ 8.9), also val loss and accuracy
+with every Linear through the real e4m3 kernel (``torch._scaled_mm``) against the same arithmetic
+simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val windows; scale 1
+where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
 ``--quick``: 20 steps at d 64, context 64, batch 16 (a smoke test).
 Rows go to results/bench/reference_recipe.parquet (--quick: results/bench/quick/).
 """
@@ -37,22 +41,31 @@ import torch  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, print_table, row, run_configs,  # noqa: E402
                           save_rows)
+from lipflow.config import load_config_file  # noqa: E402
 from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "reference_recipe"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-SHAPE = {"d_model": 256, "n_layers": 3, "n_heads": 4, "context": 256, "batch_size": 512, "steps": 2000,
-         "eval_every": 500, "eval_batches": 4, "schedule": "linear", "checkpoint_every": 0}
-QUICK_SHAPE = {**SHAPE, "d_model": 64, "context": 64, "batch_size": 16, "steps": 20, "eval_every": 10}
-ARMS = {
-    "lipschitz.s2": {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.1,
-                     "weight_constraint": "spectral_soft_cap", "sigma_max": 2.0},
-    "lipschitz.s6": {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.1,
-                     "weight_constraint": "spectral_soft_cap", "sigma_max": 6.0},
-    "baseline": {"model": "gpt", "optimizer": "adamw", "lr": 0.003},
-}
+RECIPE = REPO / "experiments" / "reference.yaml"
+# Newhouse et al., preprint of 2025-07-15, App. D: the Shakespeare sweep's batch and blocks mass.
+APPENDIX_D = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}}
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "context", "mlp_ratio", "batch_size", "grad_accum", "steps",
+              "schedule", "warmup_steps", "eval_batches", "seed")
+BENCH_SETTINGS = {"eval_every": 500, "checkpoint_every": 0}
+DEFAULT_ARMS = ["notebook.s2", "notebook.s6", "baseline"]
+QUICK = {"d_model": 64, "context": 64, "batch_size": 16, "steps": 20, "eval_every": 10}
+
+
+def arms() -> dict[str, dict]:
+    """Arm name → run overrides: the recipe's run and config.yaml's baseline at the recipe's shape."""
+    reference = load_config_file(RECIPE)["runs"]["reference"]
+    baseline = load_config_file(REPO / "config.yaml")["runs"]["baseline"]
+    return {"notebook.s2": {**reference, "sigma_max": 2.0},
+            "notebook.s6": reference,
+            "appendix.s2": {**reference, **APPENDIX_D, "sigma_max": 2.0},
+            "baseline": {**{key: reference[key] for key in SHAPE_KEYS}, **baseline}}
 
 
 def shakespeare_shards(text: Path, work: Path) -> Path:
@@ -64,23 +77,24 @@ def shakespeare_shards(text: Path, work: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--steps", type=int, help="override the 2000 steps (say so when reporting)")
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    parser.add_argument("--steps", type=int, help="override the recipe's steps (say so when reporting)")
+    recipe_arms = arms()
+    parser.add_argument("--arms", nargs="+", choices=list(recipe_arms), default=DEFAULT_ARMS)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="20 steps of a small shape (smoke test)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     dev = device_label(str(device))
-    shape = dict(QUICK_SHAPE if args.quick else SHAPE)
+    settings = {**BENCH_SETTINGS, **(QUICK if args.quick else {}), "device": args.device}
     if args.steps:
-        shape.update(steps=args.steps, eval_every=min(shape["eval_every"], args.steps))
+        settings.update(steps=args.steps, eval_every=min(settings["eval_every"], args.steps))
     print(f"machine: {machine()}; device: {dev}")
     rows, table, fp8_table = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = shakespeare_shards(args.text, work)
-        configs = run_configs({**shape, "device": args.device}, {name: ARMS[name] for name in args.arms})
+        configs = run_configs({}, {name: {**recipe_arms[name], **settings} for name in args.arms})
         for name, cfg in configs.items():
             trainer = Trainer(name, cfg, data, work / "runs" / name, progress=False)
             start = time.perf_counter()
@@ -95,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                       "wall_time": (wall, "s"), "tokens_per_s": (tokens / wall, "tokens/s")}
             rows += [row(BENCH, f"{metric}.{key}", value, unit, dev) for key, (value, unit) in values.items()
                      if value is not None]
-            table.append([name, summary["status"], summary["final_val_loss"], 100 * summary["final_val_accuracy"],
+            table.append([name, cfg["batch_size"], summary["status"], summary["final_val_loss"],
+                          100 * summary["final_val_accuracy"],
                           summary["lipschitz_bound"] if summary["lipschitz_bound"] is not None else "none",
                           summary["max_activation"], wall, tokens / wall])
             if fp8_kernel_available(device):
@@ -111,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     cfg = next(iter(configs.values()))
     print(f"d_model {cfg['d_model']}, {cfg['n_layers']} blocks, {cfg['n_heads']} heads, context {cfg['context']}, "
-          f"batch {cfg['batch_size']}, {cfg['steps']} steps, linear decay; Tiny Shakespeare characters")
-    print_table(["run", "status", "val loss", "val acc %", "certified L (∞RMS)", "max act", "wall s", "tokens/s"],
-                table)
+          f"{cfg['steps']} steps, linear decay; Tiny Shakespeare characters")
+    print_table(["run", "batch", "status", "val loss", "val acc %", "certified L (∞RMS)", "max act", "wall s",
+                 "tokens/s"], table)
     if fp8_table:
         print("every Linear in e4m3 (real kernel torch._scaled_mm vs fp32 simulation), 256 val windows:")
         print_table(["run", "scaling", "proven safe", "fp32 loss", "sim loss", "real loss", "fp32 acc %",

@@ -223,13 +223,35 @@ def test_duckdb_ingests_every_row_and_queries_return_each_group(results):
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+def test_reference_recipe_trains_the_recipe_file_and_config_yaml_baseline():
+    """The bench's arms are experiments/reference.yaml's run (one owner of the recipe) and
+    config.yaml's baseline at the recipe's shape, each a valid run config."""
+    import yaml
+
+    from bench.common import run_configs
+    from bench.reference_recipe import APPENDIX_D, arms
+
+    reference = yaml.safe_load((REPO / "experiments" / "reference.yaml").read_text())["runs"]["reference"]
+    baseline = yaml.safe_load((REPO / "config.yaml").read_text())["runs"]["baseline"]
+    recipe = arms()
+    assert recipe["notebook.s6"] == reference and reference["sigma_max"] == 6.0
+    assert recipe["notebook.s2"] == {**reference, "sigma_max": 2.0}
+    assert recipe["appendix.s2"] == {**reference, "sigma_max": 2.0, "batch_size": 64,
+                                     "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}} == {
+        **reference, **APPENDIX_D, "sigma_max": 2.0}
+    resolved = run_configs({}, recipe)
+    assert resolved["baseline"]["model"] == "gpt" and resolved["baseline"]["lr"] == baseline["lr"]
+    for key in ("d_model", "n_layers", "n_heads", "context", "batch_size", "steps", "schedule"):
+        assert resolved["baseline"][key] == reference[key], key
+
+
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
 def test_reference_recipe_quick_rows_and_their_markdown(tmp_path):
     """bench/reference_recipe.py --quick trains the constrained arm and the baseline on Tiny
     Shakespeare; only the constrained one has a certificate; bench/summarize.py tabulates the rows."""
     out = tmp_path / "reference_recipe.parquet"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "reference_recipe.py"), "--quick", "--device", "cpu",
-                           "--arms", "lipschitz.s2", "baseline", "--out", str(out)],
+                           "--arms", "notebook.s2", "baseline", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["metric"].rsplit(".", 2)[-2] + "." + r["metric"].rsplit(".", 1)[-1]: r["value"]
