@@ -186,6 +186,14 @@ def default_shards(work: Path, text: Path | None = None) -> Path:
     return work / "char"
 
 
+def reference_run() -> dict[str, Any]:
+    """experiments/reference.yaml's run ``reference``: the reference notebook's Shakespeare recipe in
+    lipflow keys (shape, modular masses, lr, the reference's Muon options, soft cap at σ_max 6)."""
+    from lipflow.config import load_config_file
+
+    return load_config_file(REPO / "experiments" / "reference.yaml")["runs"]["reference"]
+
+
 def run_configs(defaults: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """name → run config, validated and completed with the schema's defaults as the pipeline does."""
     from lipflow.config import check_config

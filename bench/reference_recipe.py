@@ -2,7 +2,8 @@
 constrained GPT as the reference notebook trains it, at σ_max 2 and 6, and the unconstrained GPT
 baseline (on request also the preprint's App. D setting at σ_max 2), on Tiny Shakespeare characters.
 
-    python bench/reference_recipe.py [--text FILE] [--steps N] [--arms ARM ...] [--device auto|cpu|cuda] [--quick]
+    python bench/reference_recipe.py [--text FILE] [--steps N] [--arms ARM ...] [--device auto|cpu|cuda]
+        [--quick]
 
 Arms. ``notebook.s6`` is experiments/reference.yaml's run ``reference`` as it stands: the Shakespeare
 config of the code released with Newhouse et al. 2025 (Arongil/lipschitz-transformers @ 158692e,
@@ -39,8 +40,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, print_table, row, run_configs,  # noqa: E402
-                          save_rows)
+from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, print_table,  # noqa: E402
+                          reference_run, row, run_configs, save_rows)
 from lipflow.config import load_config_file  # noqa: E402
 from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
@@ -48,7 +49,6 @@ from lipflow.train.trainer import Trainer  # noqa: E402
 
 BENCH = "reference_recipe"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-RECIPE = REPO / "experiments" / "reference.yaml"
 # Newhouse et al., preprint of 2025-07-15, App. D: the Shakespeare sweep's batch and blocks mass.
 APPENDIX_D = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}}
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "context", "mlp_ratio", "batch_size", "grad_accum", "steps",
@@ -60,7 +60,7 @@ QUICK = {"d_model": 64, "context": 64, "batch_size": 16, "steps": 20, "eval_ever
 
 def arms() -> dict[str, dict]:
     """Arm name → run overrides: the recipe's run and config.yaml's baseline at the recipe's shape."""
-    reference = load_config_file(RECIPE)["runs"]["reference"]
+    reference = reference_run()
     baseline = load_config_file(REPO / "config.yaml")["runs"]["baseline"]
     return {"notebook.s2": {**reference, "sigma_max": 2.0},
             "notebook.s6": reference,

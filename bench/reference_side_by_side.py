@@ -27,11 +27,12 @@ Both: lr 0.1, masses embed 1 / blocks 16 / head 1, linear decay to 0, no weight 
 GELU/1.1289, fp32 weights. Points: Muon + spectral soft cap at σ_max 2 and 6, and Muon without a
 constraint. Reference config: the notebook's keys (project soft_cap|none, w_max, post_dualize,
 max_embed_inflation_factor 16, use_unembed False, zero_init True, β1 0.9). lipflow config:
-lipschitz_gpt, parametrization modular, optimizer muon with momentum 0.9 and the reference's Muon
-options (nesterov false, ns_coefficients you with 6 steps, embed_optimizer dualized with
-max_embed_inflation 16), weight_constraint spectral_soft_cap|none. What lipflow still does
-differently: the head starts orthogonal (the reference: zero); on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul precision). And one
-the other way: the reference's Linear.project couples the soft cap to lr·t/s, s = √(fan_out/fan_in),
+experiments/reference.yaml's run at the setting's shape (lipschitz_gpt, parametrization modular,
+optimizer muon with momentum 0.9 and the reference's Muon options: nesterov false, ns_coefficients
+you with 6 steps, embed_optimizer dualized with max_embed_inflation 16), weight_constraint
+spectral_soft_cap|none. What lipflow still does differently: the head starts orthogonal (the
+reference: zero); on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul
+precision). And one the other way: the reference's Linear.project couples the soft cap to lr·t/s, s = √(fan_out/fan_in),
 though the step's norm on W/s is lr·t, so its MLP up-projection (s = 2) can settle above σ_max
 (at σ_max 2 the scalar worst case is 2.293; lipflow couples to the step's own bound).
 
@@ -82,7 +83,6 @@ SETTINGS = {
     "cpu": {"d_model": 128, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 64, "steps": 1000},
     "full": {"d_model": 256, "n_layers": 3, "n_heads": 4, "context": 256, "batch_size": 512, "steps": 2000},
 }
-COMMON = {"lr": 0.1, "blocks_mass": 16.0, "seed": 0}
 # point → (reference ``project``, w_max; lipflow weight_constraint, sigma_max)
 POINTS = {
     "soft_cap_2": ("soft_cap", 2.0, "spectral_soft_cap", 2.0),
@@ -298,13 +298,16 @@ def jax_python(venv: Path) -> str:
 
 def reference_config(setting: dict[str, Any], point: str, steps: int) -> dict[str, Any]:
     """The notebook's shakespeare_gpt_muon_constrained dict (experiment.ipynb @ 158692e) at this shape."""
+    from bench.common import reference_run
+
     project, w_max, _, _ = POINTS[point]
+    recipe = reference_run()
     return {
-        "optimizer": "muon", "project": {"default": project}, "w_max": w_max, "lr": COMMON["lr"],
+        "optimizer": "muon", "project": {"default": project}, "w_max": w_max, "lr": recipe["lr"],
         "beta1": 0.9, "beta2": 0.95, "wd": 0.0, "spectral_wd": 0.0, "d_embed": setting["d_model"],
         "seq_len": setting["context"], "num_blocks": setting["n_layers"], "num_heads": setting["n_heads"],
         "softmax_scale": 1.0, "final_scale": 1.0, "residual_scale": 1.0, "scales_learnable": False,
-        "blocks_mass": COMMON["blocks_mass"], "layernorm_substitute": "none", "max_embed_inflation_factor": 16,
+        "blocks_mass": recipe["masses"]["blocks"], "layernorm_substitute": "none", "max_embed_inflation_factor": 16,
         "use_unembed": False, "model_dtype": "float32", "project_dtype": "float32", "zero_init": True,
         "sensitive_to_wmax": {"default": True}, "data": "shakespeare", "vocab_size": 65, "model": "gpt",
         "randomize_labels": False, "val_iters": 20, "val_interval": steps + 1, "batch_size": setting["batch_size"],
@@ -314,19 +317,13 @@ def reference_config(setting: dict[str, Any], point: str, steps: int) -> dict[st
 
 
 def lipflow_overrides(setting: dict[str, Any], point: str, steps: int) -> dict[str, Any]:
-    """lipflow keys for the same run (module docstring: what has no key yet)."""
+    """lipflow keys for the same run: experiments/reference.yaml's run at this shape and point (module
+    docstring: what has no key yet)."""
+    from bench.common import reference_run
+
     _, _, constraint, sigma_max = POINTS[point]
-    return {
-        "model": "lipschitz_gpt",
-        **{k: setting[k] for k in ("d_model", "n_layers", "n_heads", "context", "batch_size")},
-        "mlp_ratio": 4, "activation": "gelu", "attn_scale": 1.0, "logit_scale": 1.0,
-        "parametrization": "modular", "masses": {"embed": 1.0, "blocks": COMMON["blocks_mass"], "head": 1.0},
-        "optimizer": "muon", "lr": COMMON["lr"], "momentum": 0.9, "nesterov": False, "ns_coefficients": "you",
-        "ns_steps": 6, "embed_optimizer": "dualized", "max_embed_inflation": 16.0, "adam_lr": COMMON["lr"], "beta1": 0.9,
-        "beta2": 0.95, "weight_decay": 0.0, "weight_constraint": constraint, "sigma_max": sigma_max,
-        "steps": steps, "schedule": "linear", "warmup_steps": 0, "eval_every": steps, "eval_batches": 1,
-        "checkpoint_every": 0, "seed": COMMON["seed"], "device": "auto",
-    }
+    return {**reference_run(), **setting, "weight_constraint": constraint, "sigma_max": sigma_max, "steps": steps,
+            "eval_every": steps, "eval_batches": 1, "checkpoint_every": 0, "device": "auto"}
 
 
 def run_reference(python: str, spec: dict[str, Any], work: Path, threads: int | None) -> dict[str, Any]:
@@ -464,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     check_reference(args.reference.resolve())
     import torch
 
-    from bench.common import device_label, machine, row, run_configs, save_rows
+    from bench.common import device_label, machine, reference_run, row, run_configs, save_rows
 
     if args.threads:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
@@ -478,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     reference_bound = reference_function(args.reference / "utils.py", "calculate_lipschitz_constant", {})
     chars, train, val = reference_split(args.data.read_text(encoding="utf-8"))
     windows = val_windows(val, setting["context"], 64 if args.quick else args.max_val_windows)
-    starts = train_starts(len(train), setting["context"], setting["batch_size"], steps, COMMON["seed"])
+    seed = reference_run()["seed"]
+    starts = train_starts(len(train), setting["context"], setting["batch_size"], steps, seed)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{date}; {machine()}; setting {name} {setting} steps {steps}; {len(windows)} val windows; "
           f"reference python {python}", flush=True)
@@ -490,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         for point in args.points:
             cfg = run_configs({}, {point: lipflow_overrides(setting, point, steps)})[point]
             spec = {"reference": str(args.reference.resolve()), "config": reference_config(setting, point, steps),
-                    "data": str(work / "data.npz"), "seed": COMMON["seed"], "weights": str(work / f"{point}.npz"),
+                    "data": str(work / "data.npz"), "seed": seed, "weights": str(work / f"{point}.npz"),
                     "result": str(work / f"{point}.json")}
             started = time.time()
             ref = run_reference(python, spec, work, args.threads)

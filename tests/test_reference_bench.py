@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.reference_side_by_side import (TRACKERS, lipflow_name, reference_function, reference_split,
-                                          train_starts, val_windows, weight_norms, write_shards)
+from bench.common import reference_run, run_configs
+from bench.reference_side_by_side import (POINTS, SETTINGS, TRACKERS, lipflow_name, lipflow_overrides,
+                                          reference_config, reference_function, reference_split, train_starts,
+                                          val_windows, weight_norms, write_shards)
 from lipflow.config import run_defaults
 from lipflow.data.loader import TokenShards
 from lipflow.model import build_model
@@ -43,3 +45,28 @@ def test_reference_function_compiles_one_function_out_of_a_file(tmp_path):
     source = tmp_path / "utils.py"
     source.write_text("import psutil_is_not_installed\n\ndef double(x):\n    return 2 * x\n")
     assert reference_function(source, "double", {})(21) == 42
+
+
+# lipflow key → the reference notebook's key for the same setting
+SHARED_KEYS = {"d_model": "d_embed", "n_layers": "num_blocks", "n_heads": "num_heads", "context": "seq_len",
+               "batch_size": "batch_size", "steps": "steps", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
+               "weight_decay": "wd", "spectral_wd": "spectral_wd", "attn_scale": "softmax_scale",
+               "logit_scale": "final_scale", "max_embed_inflation": "max_embed_inflation_factor",
+               "grad_accum": "accum_steps", "schedule": "schedule", "sigma_max": "w_max"}
+
+
+def test_both_implementations_get_the_same_settings_from_the_recipe_file():
+    """Each side's config at every setting and point: lipflow's is experiments/reference.yaml's run
+    at the setting's shape, and every setting both name has the same value on both sides."""
+    recipe = reference_run()
+    for setting in SETTINGS.values():
+        for point, (project, _, constraint, _) in POINTS.items():
+            lipflow = run_configs({}, {point: lipflow_overrides(setting, point, 50)})[point]
+            reference = reference_config(setting, point, 50)
+            assert {key: lipflow[key] for key in SHARED_KEYS} == {key: reference[other]
+                                                                  for key, other in SHARED_KEYS.items()}
+            assert lipflow["masses"]["blocks"] == reference["blocks_mass"]
+            assert (lipflow["weight_constraint"], reference["project"]["default"]) == (constraint, project)
+            kept = set(recipe) - set(setting) - {"weight_constraint", "sigma_max", "steps", "eval_every",
+                                                 "eval_batches"}
+            assert {key: lipflow[key] for key in kept} == {key: recipe[key] for key in kept}
