@@ -84,6 +84,14 @@ def test_presets_differ_and_the_paper_preset_has_the_papers_sizes():
     shapes = {(c["d_model"], c["n_layers"], c["n_heads"], c["context"], c["batch_size"], c["steps"])
               for c in paper.values()}
     assert shapes == {(256, 3, 4, 256, 64, 2000)}  # Newhouse et al. 2025, App. D (Shakespeare)
+    # Muon as the authors' code trains it: experiments/reference.yaml's Muon, App. D's blocks mass 32
+    reference = yaml.safe_load(Path("experiments/reference.yaml").read_text())["runs"]["reference"]
+    muon_keys = ("parametrization", "momentum", "nesterov", "ns_coefficients", "ns_steps", "embed_optimizer",
+                 "max_embed_inflation")
+    muon = [c for c in paper.values() if c["optimizer"] == "muon"]
+    assert len(muon) == 64 and all({k: c[k] for k in muon_keys} == {k: reference[k] for k in muon_keys}
+                                   and c["masses"] == {**reference["masses"], "blocks": 32.0} for c in muon)
+    assert all(c.get("parametrization", "sp") == "sp" for c in paper.values() if c["optimizer"] == "adamw")
 
 
 def test_all_cpu_runs_resolve_and_validate_as_runs():

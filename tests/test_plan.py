@@ -2,8 +2,10 @@
 (tests/data/plan_golden.json, written from commit 1b9edc6): the same run ids and configs, each run's
 evaluations, the studies, the targets and byte-identical params strings (a changed params string
 reruns jobs). One intended change since: lipschitz_tradeoff also runs the robustness evaluation
-(issue 20), which moved the evaluations of its cases and the `all` cases only — run ids, configs
-and every other params string as written at 1b9edc6."""
+(issue 20), which moved the evaluations of its cases and the `all` cases only; and its paper preset
+trains Muon as the authors' code does (modular step sizes at blocks mass 32, the reference's Muon
+options, lr 0.03…1), which moved the run ids and configs of the three paper cases that select it —
+every other case's run ids, configs and params strings as written at 1b9edc6."""
 
 import copy
 import json
