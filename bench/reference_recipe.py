@@ -9,19 +9,20 @@ Arms. ``notebook.s6`` is experiments/reference.yaml's run ``reference`` as it st
 config of the code released with Newhouse et al. 2025 (Arongil/lipschitz-transformers @ 158692e,
 experiment.ipynb): d 256, 3 blocks, 4 heads, context 256, batch 512, 2000 steps, Muon at lr 0.1 with
 linear decay and the reference's Muon options, modular-norm step sizes (blocks mass 16), spectral
-soft cap at σ_max 6. ``notebook.s2``: the same at σ_max 2. ``appendix.s2``: the same at the 2025-07-15
-preprint's App. D Shakespeare setting, batch 64 and blocks mass 32, at σ_max 2 (the arXiv abstract's
-"2-Lipschitz, 60 % val accuracy"; not run unless named in --arms). ``baseline``: config.yaml's ``baseline`` run (pre-LayerNorm GPT +
-AdamW) at the notebook's shape and budget. Every arm evaluates every 500 steps (the recipe's
-eval_batches val windows) and writes no checkpoints. Data: the corpus and tokenize stages on
-``--text`` (default ../shared/data/tinyshakespeare.txt beside the repository), character tokenizer,
-10% of the documents held out. Reported per run: final val loss and accuracy (the trainer's fixed
+soft cap at σ_max 6. ``notebook.s2``: the same at σ_max 2. ``appendix.s2``: the same with the batch
+and blocks mass of the 2025-07-15 preprint's App. D Shakespeare sweep (64 and 32; the notebook's lr
+0.1 and 2000 steps, so 8× fewer tokens) at σ_max 2, the bound of the arXiv abstract's "60 % val
+accuracy"; run only when named in --arms. ``baseline``: config.yaml's ``baseline`` run (pre-LayerNorm
+GPT + AdamW) at the notebook's shape and budget. Every arm evaluates every 500 steps (on the
+recipe's eval_batches × batch val windows, 20 × 512) and writes no checkpoints. Data: the corpus and
+tokenize stages on ``--text`` (default ../shared/data/tinyshakespeare.txt beside the repository),
+character tokenizer, 10% of the documents held out. Reported per run: final val loss and accuracy (the trainer's fixed
 val windows), the certified ∞RMS Lipschitz bound, max activation, wall time and tokens/s of
 training; where the GPU has fp8 tensor cores (compute capability ≥ 8.9), also val loss and accuracy
 with every Linear through the real e4m3 kernel (``torch._scaled_mm``) against the same arithmetic
 simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val windows; scale 1
 where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
-``--quick``: 20 steps at d 64, context 64, batch 16 (a smoke test).
+``--quick``: 20 steps at d 64, context 64, batch 16 for every arm (a smoke test).
 Rows go to results/bench/reference_recipe.parquet (--quick: results/bench/quick/).
 """
 
@@ -65,7 +66,17 @@ def arms() -> dict[str, dict]:
     return {"notebook.s2": {**reference, "sigma_max": 2.0},
             "notebook.s6": reference,
             "appendix.s2": {**reference, **APPENDIX_D, "sigma_max": 2.0},
-            "baseline": {**{key: reference[key] for key in SHAPE_KEYS}, **baseline}}
+            "baseline": {**baseline, **{key: reference[key] for key in SHAPE_KEYS}}}
+
+
+def arm_configs(names: list[str], device: str, quick: bool = False, steps: int | None = None) -> dict[str, dict]:
+    """Arm name → validated run config: the arm, then the bench's settings (evaluation every 500 steps,
+    no checkpoints; ``quick``: the smoke-test shape; ``steps``: fewer or more steps)."""
+    settings = {**BENCH_SETTINGS, **(QUICK if quick else {}), "device": device}
+    if steps is not None:
+        settings.update(steps=steps, eval_every=min(settings["eval_every"], steps))
+    recipe = arms()
+    return run_configs({}, {name: {**recipe[name], **settings} for name in names})
 
 
 def shakespeare_shards(text: Path, work: Path) -> Path:
@@ -78,23 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--steps", type=int, help="override the recipe's steps (say so when reporting)")
-    recipe_arms = arms()
-    parser.add_argument("--arms", nargs="+", choices=list(recipe_arms), default=DEFAULT_ARMS)
+    parser.add_argument("--arms", nargs="+", choices=list(arms()), default=DEFAULT_ARMS)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="20 steps of a small shape (smoke test)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     device = resolve_device(args.device)
     dev = device_label(str(device))
-    settings = {**BENCH_SETTINGS, **(QUICK if args.quick else {}), "device": args.device}
-    if args.steps:
-        settings.update(steps=args.steps, eval_every=min(settings["eval_every"], args.steps))
     print(f"machine: {machine()}; device: {dev}")
     rows, table, fp8_table = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = shakespeare_shards(args.text, work)
-        configs = run_configs({}, {name: {**recipe_arms[name], **settings} for name in args.arms})
+        configs = arm_configs(args.arms, args.device, args.quick, args.steps)
         for name, cfg in configs.items():
             trainer = Trainer(name, cfg, data, work / "runs" / name, progress=False)
             start = time.perf_counter()

@@ -229,7 +229,7 @@ def test_reference_recipe_trains_the_recipe_file_and_config_yaml_baseline():
     import yaml
 
     from bench.common import run_configs
-    from bench.reference_recipe import APPENDIX_D, arms
+    from bench.reference_recipe import APPENDIX_D, arm_configs, arms
 
     reference = yaml.safe_load((REPO / "experiments" / "reference.yaml").read_text())["runs"]["reference"]
     baseline = yaml.safe_load((REPO / "config.yaml").read_text())["runs"]["baseline"]
@@ -243,6 +243,13 @@ def test_reference_recipe_trains_the_recipe_file_and_config_yaml_baseline():
     assert resolved["baseline"]["model"] == "gpt" and resolved["baseline"]["lr"] == baseline["lr"]
     for key in ("d_model", "n_layers", "n_heads", "context", "batch_size", "steps", "schedule"):
         assert resolved["baseline"][key] == reference[key], key
+    full = arm_configs(["notebook.s6", "appendix.s2", "baseline"], "cpu")
+    assert [(c["batch_size"], c["steps"], c["eval_every"], c["checkpoint_every"]) for c in full.values()] == [
+        (512, 2000, 500, 0), (64, 2000, 500, 0), (512, 2000, 500, 0)]
+    assert {c["batch_size"] for c in arm_configs(list(recipe), "cpu", quick=True).values()} == {16}
+    assert [(c["steps"], c["eval_every"]) for c in arm_configs(["notebook.s2"], "cpu", steps=300).values()] == [
+        (300, 300)]
+    assert arm_configs(["notebook.s2"], "cpu", steps=800)["notebook.s2"]["eval_every"] == 500
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")

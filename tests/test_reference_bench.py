@@ -49,7 +49,8 @@ def test_reference_function_compiles_one_function_out_of_a_file(tmp_path):
 
 # lipflow key → the reference notebook's key for the same setting
 SHARED_KEYS = {"d_model": "d_embed", "n_layers": "num_blocks", "n_heads": "num_heads", "context": "seq_len",
-               "batch_size": "batch_size", "steps": "steps", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
+               "batch_size": "batch_size", "steps": "steps", "lr": "lr", "momentum": "beta1", "beta1": "beta1",
+               "beta2": "beta2",
                "weight_decay": "wd", "spectral_wd": "spectral_wd", "attn_scale": "softmax_scale",
                "logit_scale": "final_scale", "max_embed_inflation": "max_embed_inflation_factor",
                "grad_accum": "accum_steps", "schedule": "schedule", "sigma_max": "w_max"}
