@@ -16,12 +16,12 @@ accuracy"; run only when named in --arms. ``baseline``: config.yaml's ``baseline
 GPT + AdamW) at the notebook's shape and budget. Every arm evaluates every 500 steps (on the
 recipe's eval_batches × batch val windows, 20 × 512) and writes no checkpoints. Data: the corpus and
 tokenize stages on ``--text`` (default ../shared/data/tinyshakespeare.txt beside the repository),
-character tokenizer, 10% of the documents held out. Reported per run: final val loss and accuracy (the trainer's fixed
-val windows), the certified ∞RMS Lipschitz bound, max activation, wall time and tokens/s of
-training; where the GPU has fp8 tensor cores (compute capability ≥ 8.9), also val loss and accuracy
-with every Linear through the real e4m3 kernel (``torch._scaled_mm``) against the same arithmetic
-simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val windows; scale 1
-where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
+character tokenizer, 10% of the documents held out. Reported per run: final val loss and accuracy
+(the trainer's fixed val windows), the certified ∞RMS Lipschitz bound, max activation, wall time
+and tokens/s of training; where the GPU has fp8 tensor cores (compute capability ≥ 8.9), also val
+loss and accuracy with every Linear through the real e4m3 kernel (``torch._scaled_mm``) against the
+same arithmetic simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val
+windows; scale 1 where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
 ``--quick``: 20 steps at d 64, context 64, batch 16 for every arm (a smoke test).
 Rows go to results/bench/reference_recipe.parquet (--quick: results/bench/quick/).
 """

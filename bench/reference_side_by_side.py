@@ -32,9 +32,10 @@ optimizer muon with momentum 0.9 and the reference's Muon options: nesterov fals
 you with 6 steps, embed_optimizer dualized with max_embed_inflation 16), weight_constraint
 spectral_soft_cap|none. What lipflow still does differently: the head starts orthogonal (the
 reference: zero); on CUDA bf16 autocast (the reference: fp32 weights and JAX's default matmul
-precision). And one the other way: the reference's Linear.project couples the soft cap to lr·t/s, s = √(fan_out/fan_in),
-though the step's norm on W/s is lr·t, so its MLP up-projection (s = 2) can settle above σ_max
-(at σ_max 2 the scalar worst case is 2.293; lipflow couples to the step's own bound).
+precision). And one the other way: the reference's Linear.project couples the soft cap to lr·t/s,
+s = √(fan_out/fan_in), though the step's norm on W/s is lr·t, so its MLP up-projection (s = 2) can
+settle above σ_max (at σ_max 2 the scalar worst case is 2.293; lipflow couples to the step's own
+bound).
 
 Bounds, for each trained model and from its final weights: lipflow's ``lipschitz_bound()`` (∞RMS,
 embedded sequence → logits, attention per head) and the reference's ``calculate_lipschitz_constant``
