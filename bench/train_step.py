@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             if accum == counts[0]:  # once, on the gradients the first timed steps left
                 phase_times = phase_timings(trainers, rounds, device)
                 peak = matmul_peak(n_peak, device, rounds)
-            cfg = configs["baseline"]
+            cfg = trainers["baseline"].cfg  # the config use_grad_accum set
             tokens = cfg["batch_size"] * cfg["context"] * accum
             metric = step_metric(shape_name, cfg, args.vocab)
             arm_table = []
@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             use_grad_accum(trainers, counts[0])
             profiles = {name: op_self_times(finite_step(t), device) for name, t in trainers.items()}
-            save_rows(args, BENCH, profile_rows(profiles, step_metric(shape_name, configs["baseline"], args.vocab),
-                                                dev))
+            metric = step_metric(shape_name, trainers["baseline"].cfg, args.vocab)
+            save_rows(args, BENCH, profile_rows(profiles, metric, dev))
     return 0
 
 
