@@ -2,7 +2,10 @@
 
     lipflow query "SELECT run_id, status, val_loss FROM runs" [--format table|csv|json] [--db PATH]
     lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8]
-    lipflow runs            # the run ids the current config.yaml resolves to
+    lipflow runs [--configfile config.yaml [overlay.yaml ...]]   # the run ids a config resolves to
+
+Output cut short by its reader (``lipflow query … | head``) ends the command quietly with status 141,
+as a Unix tool killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from lipflow.errors import run_guarded
+from lipflow.errors import ArgumentParser, run_guarded
 
 
 def default_db() -> Path:
@@ -62,6 +65,16 @@ def read_only_statement(con, sql: str) -> str:
     return sql
 
 
+def emit(text: str) -> None:
+    """Print ``text`` to stdout; a reader that closed the pipe is not an error (exit 141, quietly)."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        raise SystemExit(141) from None
+
+
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     if fmt == "csv":
         from io import StringIO
@@ -95,7 +108,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             first = f"queries read only the results database ({first})"
         raise ValueError(first) from None
     columns = [d[0] for d in cursor.description] if cursor.description else []
-    print(format_rows(columns, cursor.fetchall(), args.format))
+    emit(format_rows(columns, cursor.fetchall(), args.format))
     return 0
 
 
@@ -117,21 +130,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     idx = torch.tensor([ids], device=run.device)
     out = run.model.generate(idx, args.tokens, temperature=args.temperature, generator=gen)
-    print(tokenizer.decode(out[0].tolist()))
+    emit(tokenizer.decode(out[0].tolist()))
     return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from snakemake.utils import update_config
+
     from lipflow.config import load_config_file
     from lipflow.plan import Plan
 
-    for run_id in Plan.from_config(load_config_file(Path(args.configfile))).runs:
-        print(run_id)
+    config: dict = {}
+    for path in args.configfile:  # later files override earlier ones key by key, as with snakemake --configfile
+        update_config(config, load_config_file(Path(path)))
+    emit("\n".join(Plan.from_config(config).runs))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lipflow", description="lipflow results and checkpoints")
+    parser = ArgumentParser(prog="lipflow", description="lipflow results and checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("query", help="run SQL on results/lipflow.duckdb (read-only)")
     q.add_argument("sql")
@@ -148,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--results", default="results")
     s.set_defaults(fn=cmd_sample)
     r = sub.add_parser("runs", help="list the run ids a config resolves to")
-    r.add_argument("--configfile", default="config.yaml")
+    r.add_argument("--configfile", nargs="+", default=["config.yaml"],
+                   help="config files merged in order, as snakemake --configfile merges them (default config.yaml)")
     r.set_defaults(fn=cmd_runs)
     args = parser.parse_args(argv)
     return run_guarded(lambda: args.fn(args))

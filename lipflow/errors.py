@@ -7,9 +7,11 @@ Each error's str() is one line naming the field or file; ``run_guarded`` prints 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
@@ -56,3 +58,24 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"lipflow: error: {message}", file=sys.stderr)
         return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the stages' error format: a bad or missing option is one line
+    ``lipflow: error: <what> (see <prog> --help)`` on stderr and exit code 2, where plain argparse
+    prints its usage block and a second line. Subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"lipflow: error: {message} (see {self.prog} --help)\n")
+
+
+def json_object_argument(text: str, flag: str) -> dict[str, Any]:
+    """The JSON object an option such as ``--config-json`` holds; malformed JSON or another JSON
+    type is a one-line :class:`ConfigError` naming the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value

@@ -49,7 +49,7 @@ def train_case(overrides: dict, data=None, out_dir=None):
         out = Path(out_dir) if out_dir else tmp / "results" / "run"
         args = ["--run-id", "bad-00000000", "--config-json", json.dumps({**run_cfg, **overrides}),
                 "--data-dir", str(data_dir), "--out-dir", str(out), "--no-progress"]
-        return "lipflow.train", args, out / "model.safetensors"
+        return "lipflow.train", args, out  # a failed run leaves no run directory, not even an empty one
     return prepare
 
 
@@ -193,7 +193,25 @@ CASES = {
                                                   corpus_case({}, {"source": "parquet", "paths": ["d.parquet"]})(tmp, s, c))[1],
                                "text"),
     "missing_tokenizer_file": (tokenizer_case({"kind": "file", "path": "/nonexistent/tokenizer.json"}), "tokenizer.json"),
-    "unknown_registry_name": (train_case({"optimizer": "muonn"}), "unknown optimizer 'muonn' (did you mean 'muon'?)"),
+    "unknown_registry_name": (train_case({"optimizer": "muonn"}),
+                              "--config-json.optimizer: 'muonn' is not one of adamw, muon, scion, uscg (did you mean 'muon'?)"),
+    "train_unknown_key": (train_case({"stepz": 3}), "unknown key '--config-json.stepz' (did you mean 'steps'?)"),
+    "train_wrong_type": (train_case({"steps": "two"}), "--config-json.steps: 'two' is not of type 'integer'"),
+    "train_heads_not_dividing": (train_case({"n_heads": 5}), "--config-json.n_heads: 5 does not divide d_model 32"),
+    "train_config_not_json": (lambda tmp, s, c: ("lipflow.train", ["--run-id", "bad-00000000", "--config-json", "{steps: 3}",
+                                                                  "--data-dir", str(s), "--out-dir", str(tmp / "run")],
+                                                 tmp / "run"), "--config-json is not valid JSON"),
+    "train_missing_shards": (train_case({}, data=lambda tmp, shards: tmp / "nowhere"), "no token shards at"),
+    "train_unknown_option": (lambda tmp, s, c: ("lipflow.train", ["--run-id", "bad-00000000", "--config-json", "{}",
+                                                                 "--data-dir", str(s), "--out-dir", str(tmp / "run"),
+                                                                 "--stepz", "3"], tmp / "run"),
+                             "unrecognized arguments: --stepz 3 (see python -m lipflow.train --help)"),
+    "eval_params_not_json": (lambda tmp, s, c: ("lipflow.evaluation", ["--evaluation", "val", "--run-dir", str(tmp),
+                                                                      "--data-dir", str(s), "--params-json", "[1]",
+                                                                      "--out", str(tmp / "val.parquet")],
+                                                tmp / "val.parquet"), "--params-json must be a JSON object, got list"),
+    "query_missing_sql": (lambda tmp, s, c: ("lipflow.cli", ["query"], None),
+                          "the following arguments are required: sql (see lipflow query --help)"),
     "unknown_constraint": (train_case({"weight_constraint": "spectral_softcap"}), "did you mean 'spectral_soft_cap'?"),
     "context_longer_than_shards": (train_case({"context": 10_000_000}), "context 10000000 is longer than the"),
     "corrupt_shard": (train_case({}, data=corrupt_shard), "sha256 mismatch"),
@@ -328,3 +346,38 @@ def test_disk_full_while_checkpointing_is_one_line(char_shards, tiny_run_config,
         assert [p.name for p in (disk / "run").rglob("*") if p.is_file()] == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_runs_merges_config_files_as_snakemake_does(tmp_path):
+    """``lipflow runs --configfile A B``: B overrides A key by key (a nested merge, not a replacement), so the
+    ids are those of the one file holding the merged config; a shallow merge would drop run a's lr."""
+    (tmp_path / "base.yaml").write_text("runs:\n  a: {lr: 0.1}\n")
+    (tmp_path / "overlay.yaml").write_text("runs:\n  a: {steps: 5}\n  b: {}\n")
+    (tmp_path / "merged.yaml").write_text("runs:\n  a: {lr: 0.1, steps: 5}\n  b: {}\n")
+    (tmp_path / "replaced.yaml").write_text("runs:\n  a: {steps: 5}\n  b: {}\n")
+    ids = {name: run_stage("lipflow.cli", "runs", "--configfile", *files, cwd=tmp_path)
+           for name, files in {"two": ["base.yaml", "overlay.yaml"], "merged": ["merged.yaml"],
+                               "replaced": ["replaced.yaml"]}.items()}
+    assert all(done.returncode == 0 for done in ids.values()), [done.stderr for done in ids.values()]
+    assert len(ids["two"].stdout.split()) == 2
+    assert ids["two"].stdout == ids["merged"].stdout != ids["replaced"].stdout
+
+
+def test_query_output_cut_short_by_its_reader_is_quiet(tmp_path):
+    """``lipflow query … | head -1``: when the reader closes the pipe the command ends with status 141
+    (SIGPIPE's), and says nothing on stderr (it printed 'lipflow: error: [Errno 32] Broken pipe')."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    db = tmp_path / "big.duckdb"
+    with duckdb.connect(str(db)) as con:  # far more output than a pipe buffer holds
+        con.execute("CREATE TABLE runs AS SELECT range AS step FROM range(200000)")
+    query = subprocess.Popen([sys.executable, "-m", "lipflow.cli", "query", "SELECT * FROM runs", "--db", str(db),
+                              "--format", "csv"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert query.stdout.readline() == b"step\n"
+    query.stdout.close()
+    stderr = query.stderr.read().decode()
+    assert query.wait(timeout=120) == 141
+    assert stderr == ""

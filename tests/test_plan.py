@@ -81,3 +81,19 @@ def test_definitions_are_computed_once_per_plan(monkeypatch):
 def test_a_bad_config_is_a_config_error_before_anything_is_planned():
     with pytest.raises(ConfigError, match="unknown experiment 'precison'"):
         Plan.from_config({"experiments": ["precison"]})
+
+
+def test_the_readmes_example_run_ids_are_the_default_configs():
+    """The README's ``lipflow sample <id>`` and ``lipflow.load_run("<id>")`` examples name run ids that the
+    default config.yaml resolves to (they went stale once when a default changed)."""
+    import re
+    from pathlib import Path
+
+    from lipflow.config import load_config_file
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"lipflow sample ([\w-]+-[0-9a-f]{8})", readme))
+    named |= set(re.findall(r'load_run\("([\w-]+-[0-9a-f]{8})"\)', readme))
+    assert len(named) == 2, named
+    assert named <= set(Plan.from_config(load_config_file(repo / "config.yaml")).runs)

@@ -104,6 +104,23 @@ def run_validator():
     return make_validator(fill=True)
 
 
+def stage_run(cfg: dict[str, Any], where: str = "--config-json") -> dict[str, Any]:
+    """The train stage's run config (its ``--config-json``, the resolved run the pipeline writes)
+    checked as a run of ``runs``: a copy with the schema's run defaults filled, the first schema
+    violation or broken cross-key rule a one-line ConfigError naming ``where`` and the key."""
+    filled = copy.deepcopy(cfg)
+    message = first_error(_run_validator(), filled, prefix=where)
+    if message is not None:
+        raise ConfigError(f"config error: {message}")
+    check_run(where, filled)
+    return filled
+
+
+@functools.lru_cache(maxsize=1)
+def _run_validator():
+    return make_validator(SCHEMA_PATH, fill=True, definition="run")
+
+
 def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """An experiment's run: ``defaults`` ← ``overrides``, validated and filled like a run of ``runs``."""
     wrapped = {"runs": {name: {**defaults, **overrides}}}

@@ -149,7 +149,10 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
         return f"unknown key '{where}{key}'{hint}; allowed here: {', '.join(allowed)}"
     path = path or "<top level>"
     if error.validator == "enum":
-        return f"{path}: {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+        names = [str(value) for value in error.validator_value]
+        close = difflib.get_close_matches(str(error.instance), names, n=1) if isinstance(error.instance, str) else []
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{path}: {error.instance!r} is not one of {', '.join(names)}{hint}"
     if error.validator == "pattern":
         rule = error.schema.get("description", f"must match {error.validator_value}")
         return f"{path}: {error.instance!r} is not allowed: {rule}"

@@ -11,21 +11,9 @@ names below are loaded on first use.
 from __future__ import annotations
 
 import importlib
-import json
 from typing import Any
 
 from lipflow.errors import DataError
-
-
-def parse_config_json(text: str, block: str) -> dict[str, Any]:
-    """Parse a ``--config-json`` argument that must hold one JSON object (the ``block`` config)."""
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"--config-json for '{block}' is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise DataError(f"--config-json for '{block}' must be a JSON object, got {type(cfg).__name__}")
-    return cfg
 
 
 _LAZY = {
@@ -38,7 +26,7 @@ _LAZY = {
     "read_manifest": "lipflow.data.loader",
 }
 
-__all__ = ["DataError", "parse_config_json", *_LAZY]
+__all__ = ["DataError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

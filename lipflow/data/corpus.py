@@ -26,7 +26,6 @@ Whitespace-only documents are skipped (counted in corpus.json).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -38,9 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from lipflow.config.runs import data_block
-from lipflow.data import DataError, parse_config_json
+from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, write_json_atomic
-from lipflow.errors import run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -284,11 +283,11 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.data.corpus", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.data.corpus", description=__doc__.split("\n")[0])
     parser.add_argument("--config-json", required=True, help="the 'corpus' config block as JSON")
     parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)
-    cfg = CorpusConfig.from_dict(parse_config_json(args.config_json, "corpus"))
+    cfg = CorpusConfig.from_dict(json_object_argument(args.config_json, "--config-json"))
     summary = build_corpus(cfg, args.out_dir)
     splits = summary["splits"]
     print(

@@ -44,7 +44,6 @@ manifest.json::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -61,9 +60,9 @@ import pyarrow.ipc as ipc
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lipflow.config.runs import data_block
-from lipflow.data import DataError, parse_config_json
+from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
-from lipflow.errors import run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -370,12 +369,12 @@ def tokenize_corpus(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.data.tokenize", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.data.tokenize", description=__doc__.split("\n")[0])
     parser.add_argument("--corpus-dir", required=True, type=Path, help="output of the corpus stage")
     parser.add_argument("--config-json", required=True, help="the 'tokenizer' config block as JSON")
     parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)
-    cfg = TokenizerConfig.from_dict(parse_config_json(args.config_json, "tokenizer"))
+    cfg = TokenizerConfig.from_dict(json_object_argument(args.config_json, "--config-json"))
     manifest = tokenize_corpus(cfg, args.corpus_dir, args.out_dir)
     counts = " / ".join(f"{manifest['splits'][s]['num_tokens']} {s}" for s in SPLITS)
     vocab = f"vocab {manifest['vocab_size']}, {manifest['dtype']}"

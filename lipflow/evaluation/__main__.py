@@ -4,8 +4,6 @@ rows (run_id, eval, metric, value, parameter columns) to Parquet."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from lipflow.config import evaluation_params
 from lipflow.atomic import read_json
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
 
@@ -64,7 +62,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.evaluation", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lipflow.evaluation", description=__doc__.splitlines()[0])
     parser.add_argument("--evaluation", required=True, help=f"one of: {', '.join(EVALUATIONS.names())}")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     return run_guarded(lambda: evaluate(args.evaluation, args.run_dir, args.data_dir,
-                                        json.loads(args.params_json), args.out, args.device))
+                                        json_object_argument(args.params_json, "--params-json"), args.out, args.device))
 
 
 if __name__ == "__main__":

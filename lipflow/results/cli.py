@@ -8,7 +8,6 @@ builds the database (:func:`lipflow.results.database.build`);
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow as pa
 
 from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
+from lipflow.errors import ArgumentParser
 
 
 def merge_evals(out: Path, files: list[Path]) -> None:
@@ -41,7 +41,7 @@ def seal(files: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.results")
+    parser = ArgumentParser(prog="python -m lipflow.results")
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build the DuckDB database")
     p_build.add_argument("--out", type=Path, required=True)

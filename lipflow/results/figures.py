@@ -13,13 +13,13 @@ is an error that quotes the reason recorded on the view.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from lipflow.errors import ArgumentParser
 from lipflow.experiments import CATALOG
 from lipflow.results.plotting import pyplot, read_view
 
@@ -81,7 +81,7 @@ def draw(con, experiments: list[str], out_dir: Path, tables_dir: Path | None, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.plots", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lipflow.plots", description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=Path("results/lipflow.duckdb"))
     parser.add_argument("--out-dir", type=Path, default=Path("results/figures"))
     parser.add_argument("--tables-dir", type=Path, default=None, help="also write each view as CSV here")

@@ -18,7 +18,6 @@ CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -32,6 +31,7 @@ from sklearn.model_selection import train_test_split
 
 from lipflow.config import run_defaults
 from lipflow.data.parquet import write_table_parquet
+from lipflow.errors import ArgumentParser
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -132,7 +132,7 @@ def run_image_mlp_study(cfg: dict[str, Any]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.studies.image_mlp", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.studies.image_mlp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-json", required=True, help="the config's image_mlp block (schema defaults filled)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
     args = parser.parse_args(argv)

@@ -6,26 +6,27 @@ SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lipflow.train", description=__doc__.splitlines()[0])
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
     parser.add_argument("--data-dir", required=True, type=Path, help="tokenized shards (with manifest.json)")
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from lipflow.errors import run_guarded
+    from lipflow.config import stage_run
     from lipflow.train.stop import EXIT_PREEMPTED, Preempted
     from lipflow.train.trainer import Trainer
 
     def go() -> int:
-        cfg = json.loads(args.config_json)
+        cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
         trainer = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress)
         try:
             summary = trainer.run()

@@ -12,27 +12,22 @@ Exit status 2 on a configuration or input error (:func:`lipflow.errors.run_guard
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
 from lipflow.atomic import write_json_atomic
-from lipflow.errors import ConfigError, run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.studies.icl.config import load_config
 
 
 def _config(text: str):
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--config-json: not valid JSON ({error})") from None
-    return load_config(raw)
+    return load_config(json_object_argument(text, "--config-json"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lipflow.studies.icl", description=__doc__.split("\n")[0])
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m lipflow.studies.icl", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
