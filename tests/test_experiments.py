@@ -238,7 +238,9 @@ TOY_BLOCK = {"short": "toy", "description": "a test's experiment", "evaluations"
              "cpu": {"base": {"steps": 10}, "grid": {"lr": [0.1, 0.2]}}}
 
 # Imports lipflow.experiments with the toy's folder on the package's search path, then expands the
-# toy, builds its view on a database of two runs and draws its figure through the plots CLI.
+# toy, plans it as the Snakefile does (lipflow.plan: the runs the train rule gets, the figure and table
+# targets of the plots rule), builds its view on a database of two runs and draws its figure through
+# the plots CLI.
 TOY_SCRIPT = '''
 import importlib.util, io, json, sys
 from pathlib import Path
@@ -252,8 +254,10 @@ spec.loader.exec_module(package)
 import lipflow.results.views
 lipflow.results.views.REPORT_DIR = Path(toy_dir)  # the toy's caption files are beside it
 from lipflow.config import SCHEMA_PATH, validate
+from lipflow.plan import Plan
 from lipflow.results.figures import main
 runs = package.expand_experiments(validate({"experiments": ["toy"]}, SCHEMA_PATH))
+plan = Plan.from_config({"experiments": ["toy"]})
 con = duckdb.connect(db)
 con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES ('toy.lr0.1-00000001', 'toy.lr0.1', 'completed', 'toy', 0.1, "
             "2.5), ('toy.lr0.2-00000002', 'toy.lr0.2', 'completed', 'toy', 0.2, 2.0)) AS t(run_id, name, status, "
@@ -264,7 +268,8 @@ con.close()
 code = main(["--db", db, "--out-dir", out, "--tables-dir", out, "--experiment", "toy"])
 print(json.dumps({"runs": runs, "status": status["toy_loss"], "rows": rows, "code": code,
                   "figures": package.EXPERIMENT_FIGURES["toy"], "views": package.EXPERIMENT_VIEWS["toy"],
-                  "experiments": sorted(package.CATALOG)}))
+                  "experiments": sorted(package.CATALOG), "plan_runs": sorted(plan.runs),
+                  "targets": plan.experiment_targets()}))
 '''
 
 
@@ -287,6 +292,9 @@ def test_an_experiment_is_one_python_file_and_one_yaml_file(tmp_path):
     assert got["status"] == "" and got["rows"] == [[0.1, 2.5], [0.2, 2.0]] and got["code"] == 0
     assert got["figures"] == ["toy_loss"] and got["views"] == ["toy_loss"]
     assert got["experiments"] == sorted([*builtin_definitions(), "toy"])
+    assert [run_id.rsplit("-", 1)[0] for run_id in got["plan_runs"]] == ["toy.lr0.1", "toy.lr0.2"]
+    assert got["targets"] == ["results/figures/toy_loss.png", "results/figures/toy_loss.svg",
+                              "results/tables/toy_loss.csv"]
     assert (out / "toy_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "toy_loss.csv").read_text().splitlines() == ["lr,val_loss", "0.1,2.5", "0.2,2.0"]
 

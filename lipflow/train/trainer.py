@@ -41,9 +41,11 @@ class Trainer:
     def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True):
         self.run_id, self.cfg, self.progress = run_id, cfg, progress
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.train_data, self.val_data = token_splits(self.data_dir, cfg)  # bad shards: no out_dir made
+        # bad shards or a missing device fail before out_dir exists
+        self.train_data, self.val_data = token_splits(self.data_dir, cfg)
+        device = resolve_device(cfg["device"])
         ensure_writable(self.out_dir)
-        self.topo, self.device = distributed.init_from_env(resolve_device(cfg["device"]))
+        self.topo, self.device = distributed.init_from_env(device)
         torch.manual_seed(cfg["seed"])
         self.train_windows = self.train_data.resident(self.device)
         self.model, self.optimizer, self.matrices, self.constraint = build_learner(
