@@ -7,8 +7,9 @@ spectral norm of X is the RMS→RMS operator norm of W and σ_max is a bound on 
 
     constraint(X, sigma_max, step=StepContext(...)) -> new X
 
-``constrain_`` does Modula's per-step order around the optimizer: decay, step (already done
-by the optimizer), project — dividing by s before and multiplying by s after, in float32.
+``constrain_all_`` runs right after the optimizer's step: decay, then project — dividing by s
+before and multiplying by s after, in float32. (Modula decays before the step; the two orders differ
+by O(λη²), see ``constrain_all_``.)
 """
 
 from __future__ import annotations

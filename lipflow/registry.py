@@ -7,11 +7,21 @@ registered under a name, so adding one touches one file (and the config schema's
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 from lipflow.errors import UnknownNameError
 
 T = TypeVar("T")
+
+
+def import_package_modules(package: str, path: Iterable[str]) -> None:
+    """Import every module of ``package`` (its ``__name__`` and ``__path__``) but its ``__main__``, so
+    each one's ``@REGISTRY.register`` runs: adding an entry is adding a file (and its schema enum name)."""
+    for module in pkgutil.iter_modules(path):
+        if module.name != "__main__":
+            importlib.import_module(f"{package}.{module.name}")
 
 
 class Registry(Generic[T]):

@@ -162,10 +162,9 @@ def test_experiment_evaluations_and_studies():
 
 def experiment_block_errors(block) -> list[str]:
     """The schema's complaints about one experiment block ($defs/experiment)."""
-    import jsonschema
+    from lipflow.config.schema import EXPERIMENTS_SCHEMA, make_validator
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "experiments.schema.yaml").read_text())
-    validator = jsonschema.Draft202012Validator({"$ref": "#/$defs/experiment", "$defs": schema["$defs"]})
+    validator = make_validator(EXPERIMENTS_SCHEMA, definition="experiment")  # its $refs resolve as lipflow's do
     return [error.message for error in validator.iter_errors(block)]
 
 

@@ -2,6 +2,8 @@
 missing from the enum would be unreachable from a config, and an enum name without an entry would
 fail inside a cluster job instead of at parse time."""
 
+import sys
+
 import pytest
 
 from lipflow.config import load_schema, validate
@@ -19,11 +21,18 @@ def registry_names(module: str, name: str) -> set[str]:
 
 
 def enum_at(schema_path, *path: str) -> set[str]:
-    """The enum at a path of keys into a schema file (through ``items`` of an array)."""
+    """The enum at a path of keys into a schema file (through ``items`` of an array and a ``$ref``,
+    local or to a sibling schema file)."""
     node = load_schema(schema_path)
     for key in path:
         node = node[key]
     node = node.get("items", node)
+    if "$ref" in node:
+        file, _, pointer = node["$ref"].partition("#")
+        schema_path = schema_path.with_name(file) if file else schema_path
+        node = load_schema(schema_path)
+        for key in pointer.strip("/").split("/"):
+            node = node[key]
     return set(node["enum"])
 
 
@@ -86,3 +95,45 @@ def test_a_mismatch_is_caught(monkeypatch):
     monkeypatch.setitem(OPTIMIZERS._entries, "sgd", object())
     (module, name), (schema_path, *path) = CASES["optimizer"]
     assert enum_at(schema_path, *path) != registry_names(module, name)
+
+
+
+TOY_MODULES = {  # a model and an evaluation, each registered from a file of its own
+    "lipflow.model": ("MODELS", """from lipflow.model.gpt import GPT
+from lipflow.model.registry import MODELS
+
+MODELS.register("toy")(GPT)
+"""),
+    "lipflow.evaluation": ("EVALUATIONS", """from lipflow.evaluation import EVALUATIONS
+
+@EVALUATIONS.register("toy")
+def toy(ctx):
+    return []
+"""),
+}
+
+TOY_SCRIPT = """
+import importlib.util, json, sys
+package_name, registry, folder = sys.argv[1:]
+spec = importlib.util.find_spec(package_name)
+spec.submodule_search_locations.append(folder)
+package = importlib.util.module_from_spec(spec)
+sys.modules[package_name] = package
+spec.loader.exec_module(package)
+print(json.dumps(getattr(package, registry).names()))
+"""
+
+
+@pytest.mark.parametrize("package", sorted(TOY_MODULES))
+def test_adding_a_model_or_an_evaluation_is_adding_a_file(package, tmp_path):
+    """A module in a folder on the package's search path registers its entry at import, with no
+    import line naming it anywhere (the package imports every module it holds)."""
+    import json
+    import subprocess
+
+    registry, source = TOY_MODULES[package]
+    (tmp_path / "toy_entry.py").write_text(source)
+    done = subprocess.run([sys.executable, "-c", TOY_SCRIPT, package, registry, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "toy" in json.loads(done.stdout.splitlines()[-1])

@@ -39,6 +39,9 @@ def check_config(config: dict[str, Any]) -> None:
     if message is not None:
         raise ConfigError(f"config error: {message}")
     check_data_blocks(config)
+    for name, params in config["evaluations"].items():
+        if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
+            check_evaluation(name, params)
     for name, run in config["runs"].items():
         check_run(f"runs.{name}", run)
 
@@ -163,8 +166,23 @@ def _mlp_model_validator():
 
 def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
     """One checkpoint evaluation's parameters (``evaluations.<name>``) with the schema's defaults
-    filled; an unknown key or a bad value is a ConfigError naming it."""
-    return validate({"evaluations": {name: params}}, SCHEMA_PATH)["evaluations"][name]
+    filled; an unknown key, a bad value or a broken cross-key rule is a ConfigError naming it."""
+    filled = validate({"evaluations": {name: params}}, SCHEMA_PATH)["evaluations"][name]
+    check_evaluation(name, filled)
+    return filled
+
+
+def check_evaluation(name: str, params: dict[str, Any]) -> None:
+    """What the schema cannot say about an evaluation's filled parameters: Hutchinson's estimate needs
+    two samples for its spread, and Lanczos returns at most as many eigenvalues as it takes steps."""
+    if name != "sharpness":
+        return
+    if params["hutchinson_samples"] == 1:
+        raise ConfigError("config error: evaluations.sharpness.hutchinson_samples: 1 sample gives no standard "
+                          "error; use 0 (off) or at least 2")
+    if params["lanczos_k"] > params["lanczos_iters"]:
+        raise ConfigError(f"config error: evaluations.sharpness.lanczos_k: {params['lanczos_k']} eigenvalues need "
+                          f"at least as many Lanczos steps, lanczos_iters is {params['lanczos_iters']}")
 
 
 def plain_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -9,8 +9,6 @@ Registered by the package's modules (found at import): ``val``, ``robustness``, 
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,7 +16,7 @@ import torch
 
 from lipflow.metrics import evaluate_windows
 from lipflow.model.base import LanguageModel
-from lipflow.registry import Registry
+from lipflow.registry import Registry, import_package_modules
 
 
 @dataclass
@@ -54,14 +52,6 @@ class EvalContext:
 EVALUATIONS: Registry[Callable[[EvalContext], list[dict]]] = Registry("evaluation")
 
 
-def _register_all() -> None:
-    """Import every module of this package, so each registers its evaluations: adding one is adding a
-    file (and its name to the schema's enum). Skipped: the stage's entry point."""
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "__main__":
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-_register_all()
+import_package_modules(__name__, __path__)  # each module registers its evaluations
 
 __all__ = ["EVALUATIONS", "EvalContext"]

@@ -6,8 +6,8 @@ parametrization, default 1), one param group per (role, multiplier), each tagged
 
 Weight decay: matrices (hidden, head) get none inside any optimizer — their decoupled decay
 W ← (1 − λη)W is done by ``lipflow.constraints.constrain_all_`` after the step (see
-``lipflow.train.update``), with the same λ = cfg weight_decay, so constraints and decay compose in
-Modula's order. Embedding tables get cfg weight_decay inside AdamW (also the AdamW half of Muon;
+``lipflow.train.update``), with the same λ = cfg weight_decay, so decay and constraint compose
+(step → decay → project; Modula decays before the step). Embedding tables get cfg weight_decay inside AdamW (also the AdamW half of Muon;
 none under Muon's ``dualized`` embedding step, as in the reference); vectors (biases, gains) get
 none, as in nanoGPT. Scion/uSCG use no weight decay: constrained Scion's (1 − γ) contraction
 already plays that role (Pethick et al. 2025).

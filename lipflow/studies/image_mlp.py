@@ -79,7 +79,7 @@ def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
         loss = F.cross_entropy(model(x_train[pick]), y_train[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        constrained_update(optimizer, matrices, constraint)  # step → decay → project (Modula's order)
+        constrained_update(optimizer, matrices, constraint)  # step → decay → project
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             snapshots.append((step, _accuracy(model, data["val"]), copy.deepcopy(model.state_dict())))
     return snapshots

@@ -2,7 +2,7 @@
 
 - ``trainer``: the loop (``Trainer``), read top to bottom;
 - ``build``: output directory, token splits, model, optimizer, constraint, compiled/DDP forward;
-- ``update``: the constrained update, decay → step → project (shared with the image-MLP study);
+- ``update``: the constrained update, step → decay → project (shared with the image-MLP study);
 - ``checkpoint``: safetensors weights and checkpoints, save/resume with RNG state;
 - ``telemetry``: per-step metric rows, eval-step measurements, sharpness, TensorBoard;
 - ``stop``: SIGTERM and divergence;
