@@ -63,9 +63,11 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def add_out_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, help="Parquet file to append to (default: results/bench/<bench>"
-                                                 ".parquet, or results/bench/quick/<bench>.parquet with --quick)")
+def add_out_argument(parser: argparse.ArgumentParser, quick: bool = True) -> None:
+    """``--out``; ``quick``: the bench has a ``--quick`` smoke mode, whose rows go elsewhere."""
+    elsewhere = ", or results/bench/quick/<bench>.parquet with --quick" if quick else ""
+    parser.add_argument("--out", type=Path, help=f"Parquet file to append to (default: results/bench/<bench>.parquet"
+                                                 f"{elsewhere})")
 
 
 def add_torch_arguments(parser: argparse.ArgumentParser) -> None:

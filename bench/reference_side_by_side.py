@@ -46,7 +46,7 @@ tokens/s: training tokens over the wall time from step 5 to the start of the las
 compilation, CUDA warm-up and the final evaluation excluded), each implementation alone.
 
 Prints a Markdown table (each point's two rows when it finishes, then all); rows are appended to
-results/bench/reference.parquet after each point (--quick: 20 steps, results/bench/quick/).
+results/bench/reference_side_by_side.parquet after each point (--quick: 20 steps, results/bench/quick/).
 Needs torch, jax (or pip to make the venv), numpy, pyarrow, tokenizers, safetensors, tqdm, pyyaml
 and jsonschema (lipflow's config validator); no snakemake, no DuckDB. The data file and DIR are read
 from the given paths (--data defaults to ../shared/data/tinyshakespeare.txt beside the repo).
@@ -75,7 +75,7 @@ from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-BENCH = "reference"
+BENCH = "reference_side_by_side"
 REFERENCE_COMMIT = "158692e"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -157,7 +157,7 @@ def main() -> None:
                         default=REPO / "tests" / "data" / "tiny_config.yaml",
                         help="config for --snakefile (default tests/data/tiny_config.yaml)")
     parser.add_argument("--parse-only", action="store_true", help="only the startup and parse timings")
-    add_out_argument(parser)
+    add_out_argument(parser, quick=False)
     args = parser.parse_args()
     if not args.snakefile.is_file():
         raise SystemExit(f"slurm_overhead: --snakefile {args.snakefile} does not exist")
