@@ -184,6 +184,8 @@ CASES = {
                               "evaluations.sharpness.lanczos_k: 5 eigenvalues need at least as many Lanczos steps"),
     "run_name_injection": (config_case("runs:\n  \"x'; drop table runs;--\": {}\n"), "is not allowed"),
     "run_name_escape": (config_case("runs:\n  ../../etc: {}\n"), "is not allowed"),
+    "config_file_not_a_mapping": (config_case("- runs\n- defaults\n"), "config.yaml: a config file holds a mapping "
+                                                                     "of keys at its top level, not a list"),
     "missing_config_file": (lambda tmp, s, c: ("lipflow.cli", ["runs", "--configfile", str(tmp / "nope.yaml")], None),
                             "config file"),
     "empty_corpus": (corpus_case({"empty.txt": b"  \n\n"}, {"source": "files", "paths": ["empty.txt"]}), "empty"),

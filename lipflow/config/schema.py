@@ -122,8 +122,8 @@ def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False, definiti
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config; malformed YAML or a repeated key is a one-line :class:`ConfigError`
-    naming file and line."""
+    """Read a YAML config (an empty file is ``{}``); malformed YAML, a repeated key or a top level that
+    is not a mapping of keys is a one-line :class:`ConfigError` naming the file (and line)."""
     try:
         config = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
@@ -133,7 +133,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    return config if config is not None else {}
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of keys at its top level, not a "
+                          f"{type(config).__name__}")
+    return config
 
 
 def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
