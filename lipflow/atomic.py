@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Collection, Iterator
 
 from lipflow.errors import IntegrityError
 
@@ -135,15 +135,31 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
+def refuse_foreign(final: Path, owned: Collection[str]) -> None:
+    """A FileExistsError naming ``final`` when it exists and is not a directory of ``owned`` names only."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a directory this stage wrote; refusing to replace it "
+                              "(choose another output directory or move it away)")
+    foreign = sorted(entry.name for entry in final.iterdir() if entry.name not in owned)
+    if foreign:
+        raise FileExistsError(f"{final} holds {foreign[0]!r}, which this stage does not write; refusing to replace "
+                              "the directory (choose another output directory or move it away)")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator[Path]:
     """Yield an empty temporary sibling directory of ``path``; on a clean exit fsync everything in
-    it and swap it in as ``path`` (an existing ``path`` is replaced); on an exception delete it.
+    it and swap it in as ``path``; on an exception delete it. An existing ``path`` is replaced only
+    when it is a directory holding nothing but names of ``owned`` (what the stage writes: its earlier
+    output, or what Snakemake left of it); anything else there is a user's, and refused up front.
 
     Two renames (old → trash, new → path) because ``rename(2)`` cannot replace a non-empty
     directory; between them ``path`` is briefly absent, never partial.
     """
     final = Path(path)
+    refuse_foreign(final, owned)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_name(final), dir=final.parent))

@@ -387,3 +387,36 @@ def test_query_output_cut_short_by_its_reader_is_quiet(tmp_path):
     stderr = query.stderr.read().decode()
     assert query.wait(timeout=120) == 141
     assert stderr == ""
+
+
+def test_a_data_stage_never_replaces_what_it_did_not_write(char_shards, tmp_path):
+    """--out-dir on a user's file or on a folder holding a file the stage does not write is refused in one
+    line with both untouched (the stage replaced them with its output, exit 0); its own earlier output,
+    and what Snakemake leaves of it before a rerun (the declared files deleted), is replaced."""
+    corpus_args = ["--config-json", json.dumps({"name": "pydoc", "source": "embedded"}), "--out-dir"]
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine too")
+    for target in (mine, folder, tmp_path):
+        done = run_stage("lipflow.data.corpus", *corpus_args, str(target), cwd=tmp_path)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1 and "refusing to replace" in lines[0], done.stderr
+    assert mine.read_text() == "mine" and (folder / "notes.txt").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]  # no temp dirs left
+
+    corpus = tmp_path / "corpus"
+    for rerun in range(2):
+        done = run_stage("lipflow.data.corpus", *corpus_args, str(corpus))
+        assert done.returncode == 0, done.stderr
+    for name in ("train.jsonl", "val.jsonl"):  # Snakemake deletes a rule's declared outputs before it reruns
+        (corpus / name).unlink()
+    assert run_stage("lipflow.data.corpus", *corpus_args, str(corpus)).returncode == 0
+    tokens = tmp_path / "char"
+    shutil.copytree(char_shards, tokens)
+    for name in ("manifest.json", "tokenizer.json"):
+        (tokens / name).unlink()
+    done = run_stage("lipflow.data.tokenize", "--corpus-dir", str(corpus), "--config-json", json.dumps({"kind": "char"}),
+                     "--out-dir", str(tokens))
+    assert done.returncode == 0 and (tokens / "manifest.json").is_file(), done.stderr

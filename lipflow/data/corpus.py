@@ -240,7 +240,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str
     source = SOURCES.get(cfg.source)(cfg)
     counts = {split: {"documents": 0, "chars": 0, "bytes": 0} for split in SPLITS}
     skipped = 0
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, owned=("corpus.json", *(f"{s}.jsonl" for s in SPLITS))) as tmp:
         with contextlib.ExitStack() as stack:
             outputs = {s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
             for text in source.documents:

@@ -320,7 +320,7 @@ def tokenize_corpus(
         if not (corpus / name).is_file():
             raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
     corpus_summary = read_json(corpus / "corpus.json")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, owned=("manifest.json", "tokenizer.json", *SPLITS)) as tmp:
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
         tokenizer.no_padding()
