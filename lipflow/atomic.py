@@ -61,12 +61,16 @@ def read_verified(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """A JSON file's value; a truncated or malformed file is a ValueError naming it."""
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON file's object (every JSON file lipflow writes holds one); a truncated or malformed file,
+    or one holding another JSON value, is a ValueError naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); truncated or edited?") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; truncated or edited?")
+    return value
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, run_guarded
+from lipflow.errors import ArgumentParser, name_argument, run_guarded
 
 
 def default_db() -> Path:
@@ -84,8 +84,9 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         writer.writerow(columns)
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
-    if fmt == "json":
-        return json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1)
+    if fmt == "json":  # NaN and ±inf are not JSON: null, as DuckDB's own JSON output writes them
+        finite = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in r] for r in rows]
+        return json.dumps([dict(zip(columns, r)) for r in finite], default=str, indent=1, allow_nan=False)
     cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--db", default=None, help="database file (default results/lipflow.duckdb or $LIPFLOW_DB)")
     q.set_defaults(fn=cmd_query)
     s = sub.add_parser("sample", help="generate text from a trained run")
-    s.add_argument("run_id")
+    s.add_argument("run_id", type=name_argument)
     s.add_argument("--prompt", required=True)
     s.add_argument("--tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -55,7 +56,12 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
     except USER_ERRORS as err:
         if os.environ.get("LIPFLOW_DEBUG"):
             raise
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, UnknownNameError):
+            message = str(err)
+        elif isinstance(err, KeyError):  # a lookup of a key a file or block lacks
+            message = f"missing key {err.args[0]!r}" if err.args else "missing key"
+        else:
+            message = str(err)
         print(f"lipflow: error: {message}", file=sys.stderr)
         return 2
 
@@ -67,6 +73,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"lipflow: error: {message} (see {self.prog} --help)\n")
+
+
+def count_argument(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number ≥ ``minimum`` (a layer count, a thread count)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+    return parse
+
+
+def name_argument(text: str) -> str:
+    """An argparse ``type`` for a run id or name used as a path component: letters, digits, '_', '.',
+    '-', starting with a letter or digit (so never '..' or a path)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name (letters, digits, '_', '.', '-', starting with a "
+                                         "letter or digit)")
+    return text
 
 
 def json_object_argument(text: str, flag: str) -> dict[str, Any]:

@@ -158,6 +158,31 @@ def truncated_run_json(tmp, shards, run_cfg):
     return run_dir
 
 
+def list_run_json(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "run.json").write_text("[]")
+    return run_dir
+
+
+def run_json_without_key(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "run.json").write_text("{}")
+    return run_dir
+
+
+def build_case(extra_args, out_name="db.duckdb", out_text=None):
+    """``python -m lipflow.results build`` on the data shards' manifest; ``out_text``: a user's file at --out."""
+    def prepare(tmp: Path, shards: Path, run_cfg: dict):
+        out = tmp / out_name
+        if out_text is not None:
+            out.write_text(out_text)
+        run_dir = real_fake_run(tmp, shards, run_cfg)
+        args = [a.format(run=run_dir, tmp=tmp) for a in extra_args]
+        return "lipflow.results", ["build", "--out", str(out), "--manifest", str(shards / "manifest.json"), *args], \
+            None if out_text is not None else out
+    return prepare
+
+
 def real_fake_run(tmp, shards, run_cfg):
     """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
     from lipflow.train.checkpoint import save_weights
@@ -216,6 +241,30 @@ CASES = {
                                                                       "--data-dir", str(s), "--params-json", "[1]",
                                                                       "--out", str(tmp / "val.parquet")],
                                                 tmp / "val.parquet"), "--params-json must be a JSON object, got list"),
+    "train_run_id_traversal": (lambda tmp, s, c: ("lipflow.train", ["--run-id", "../../evil", "--config-json", "{}",
+                                                                   "--data-dir", str(s), "--out-dir", str(tmp / "run")],
+                                                   tmp / "run"), "argument --run-id: '../../evil' is not a name"),
+    "sample_run_id_traversal": (lambda tmp, s, c: ("lipflow.cli", ["sample", "../../etc", "--prompt", "x"], None),
+                                "argument run_id: '../../etc' is not a name"),
+    "icl_zero_layers": (lambda tmp, s, c: ("lipflow.studies.icl", ["train", "--config-json", "{}", "--layers", "0",
+                                                                   "--n", "5", "--out", str(tmp / "m.safetensors")],
+                                           tmp / "m.safetensors"), "argument --layers: 0 is less than 1"),
+    "image_mlp_config_not_object": (lambda tmp, s, c: ("lipflow.studies.image_mlp", ["--config-json", "[]", "--out",
+                                                                                     str(tmp / "r.parquet")],
+                                                       tmp / "r.parquet"), "--config-json must be a JSON object, got list"),
+    "float_shard_tokens": (tokenizer_case({"kind": "char", "shard_tokens": 2048.0}),
+                           "tokenizer.shard_tokens: 2048.0 is not of type 'integer'"),
+    "run_json_a_list": (eval_case(list_run_json), "run.json holds a JSON list, not an object"),
+    "run_json_missing_key": (eval_case(run_json_without_key), "missing key"),
+    "build_over_a_user_file": (build_case(["--run-dirs", "{run}"], out_name="notes.txt", out_text="mine"),
+                               "exists and is not a DuckDB database; refusing to replace it"),
+    "build_run_dir_twice": (build_case(["--run-dirs", "{run}", "{run}/"]), "is given twice"),
+    "build_receipt_folder_missing": (build_case(["--run-dirs", "{run}", "--receipt", "{tmp}/nowhere/db.built"]),
+                                     "folder"),
+    "merge_into_an_input": (lambda tmp, s, c: (pq.write_table(pa.table({"x": [1]}), tmp / "val.parquet"),
+                                               ("lipflow.results", ["merge-evals", "--out", str(tmp / "val.parquet"),
+                                                                    str(tmp / "val.parquet")], None))[1],
+                            "is also one of the files to merge"),
     "query_missing_sql": (lambda tmp, s, c: ("lipflow.cli", ["query"], None),
                           "the following arguments are required: sql (see lipflow query --help)"),
     "unknown_constraint": (train_case({"weight_constraint": "spectral_softcap"}), "did you mean 'spectral_soft_cap'?"),
@@ -420,3 +469,12 @@ def test_a_data_stage_never_replaces_what_it_did_not_write(char_shards, tmp_path
     done = run_stage("lipflow.data.tokenize", "--corpus-dir", str(corpus), "--config-json", json.dumps({"kind": "char"}),
                      "--out-dir", str(tokens))
     assert done.returncode == 0 and (tokens / "manifest.json").is_file(), done.stderr
+
+
+def test_query_json_is_json_when_a_value_is_not_finite():
+    """NaN and ±inf (a diverged run's loss) are null in --format json: bare NaN is not JSON."""
+    from lipflow.cli import format_rows
+
+    text = format_rows(["loss", "bound"], [(float("nan"), 2.5), (float("-inf"), float("inf"))], "json")
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON output")) == [
+        {"loss": None, "bound": 2.5}, {"loss": None, "bound": None}]

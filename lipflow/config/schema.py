@@ -105,8 +105,11 @@ def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
         if isinstance(instance, float) and not math.isfinite(instance):
             yield jsonschema.ValidationError(f"{instance!r} is not a finite number")
 
+    # an integer is an int: JSON Schema also counts 2048.0, which the code then fails on (range, shapes)
+    integers = base.TYPE_CHECKER.redefine(
+        "integer", lambda checker, instance: isinstance(instance, int) and not isinstance(instance, bool))
     return jsonschema.validators.extend(base, {"properties": check_properties, "pattern": full_pattern,
-                                               "type": finite_type})
+                                               "type": finite_type}, type_checker=integers)
 
 
 def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False, definition: str | None = None):

@@ -19,7 +19,9 @@ from lipflow.errors import ArgumentParser
 
 
 def merge_evals(out: Path, files: list[Path]) -> None:
-    """Concatenate one run's evaluation files (columns unioned by name) into ``out``."""
+    """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them)."""
+    if any(Path(out).resolve() == Path(f).resolve() for f in files):
+        raise ValueError(f"--out {out} is also one of the files to merge")
     tables = [read_table_parquet(f) for f in files]
     merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     write_table_parquet(Path(out), merged)

@@ -184,6 +184,26 @@ def check_database(path: Path, rows: dict[str, int]) -> None:
             con.execute(f"SELECT * FROM {quote_identifier(view)} LIMIT 0")
 
 
+DUCKDB_MAGIC = b"DUCK"  # bytes 8–12 of every DuckDB database file
+
+
+def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None) -> None:
+    """Before any work: ``out`` is absent or a DuckDB database (a user's other file is never replaced),
+    no run directory is given twice (its rows would be counted twice), and the receipt's folder exists
+    (else the database would be replaced and its receipt missing)."""
+    if out.exists():
+        with open(out, "rb") as f:
+            if not out.is_file() or f.read(12)[8:] != DUCKDB_MAGIC:
+                raise FileExistsError(f"--out {out} exists and is not a DuckDB database; refusing to replace it")
+    seen: set[Path] = set()
+    for run_dir in run_dirs:
+        if Path(run_dir).resolve() in seen:
+            raise ValueError(f"--run-dirs: {run_dir} is given twice")
+        seen.add(Path(run_dir).resolve())
+    if receipt is not None and not Path(receipt).parent.is_dir():
+        raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
+
+
 def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS,
           receipt: Path | None = None) -> None:
     """Build the database at ``out`` from scratch in a temp file, checkpoint it, reopen it to check
@@ -194,6 +214,7 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
     from lipflow.errors import StageError
 
     out = Path(out)
+    check_build_arguments(out, run_dirs, receipt)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     wal = Path(f"{tmp}.wal")
     tmp.unlink(missing_ok=True)  # a dead build's leftovers (the process id is ours now)

@@ -19,7 +19,6 @@ CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from typing import Any
 
@@ -31,7 +30,7 @@ from sklearn.model_selection import train_test_split
 
 from lipflow.config import run_defaults
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import ArgumentParser
+from lipflow.errors import ArgumentParser, json_object_argument
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from lipflow.errors import run_guarded
 
     def go() -> int:
-        rows = run_image_mlp_study(json.loads(args.config_json))
+        rows = run_image_mlp_study(json_object_argument(args.config_json, "--config-json"))
         columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, not just the first's
         write_table_parquet(args.out, pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))
         return 0

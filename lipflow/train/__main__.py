@@ -10,12 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, name_argument, run_guarded
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m lipflow.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--run-id", required=True, type=name_argument)
     parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
     parser.add_argument("--data-dir", required=True, type=Path, help="tokenized shards (with manifest.json)")
     parser.add_argument("--out-dir", required=True, type=Path)

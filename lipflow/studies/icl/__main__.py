@@ -18,7 +18,7 @@ import sys
 import torch
 
 from lipflow.atomic import write_json_atomic
-from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, count_argument, json_object_argument, run_guarded
 from lipflow.studies.icl.config import load_config
 
 
@@ -28,13 +28,13 @@ def _config(text: str):
 
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m lipflow.studies.icl", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--threads", type=count_argument(0), default=0, help="torch CPU threads (0: default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one L-layer model at context length n")
     train.add_argument("--config-json", required=True)
-    train.add_argument("--layers", type=int, required=True)
-    train.add_argument("--n", type=int, required=True)
+    train.add_argument("--layers", type=count_argument(1), required=True)
+    train.add_argument("--n", type=count_argument(1), required=True)
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
