@@ -34,10 +34,15 @@ def corpus_case(files: dict[str, bytes], block: dict):
     return prepare
 
 
-def tokenizer_case(block: dict):
+def tokenizer_case(block: dict, val_line: str | None = None):
+    """The tokenize stage on the fixture's corpus; ``val_line``: a copy of it whose val.jsonl ends with that line."""
     def prepare(tmp: Path, shards: Path, run_cfg: dict):
         out = tmp / "results" / "tok"
         corpus = shards.parent / "corpus"
+        if val_line is not None:
+            corpus = Path(shutil.copytree(corpus, tmp / "corpus"))
+            with open(corpus / "val.jsonl", "a", encoding="utf-8") as f:
+                f.write(val_line + "\n")
         return "lipflow.data.tokenize", ["--corpus-dir", str(corpus), "--config-json", json.dumps(block),
                                          "--out-dir", str(out)], out
     return prepare
@@ -252,6 +257,8 @@ CASES = {
     "image_mlp_config_not_object": (lambda tmp, s, c: ("lipflow.studies.image_mlp", ["--config-json", "[]", "--out",
                                                                                      str(tmp / "r.parquet")],
                                                        tmp / "r.parquet"), "--config-json must be a JSON object, got list"),
+    "corpus_line_text_null": (tokenizer_case({"kind": "char"}, val_line='{"text": null}'),
+                              "val.jsonl:"),
     "float_shard_tokens": (tokenizer_case({"kind": "char", "shard_tokens": 2048.0}),
                            "tokenizer.shard_tokens: 2048.0 is not of type 'integer'"),
     "run_json_a_list": (eval_case(list_run_json), "run.json holds a JSON list, not an object"),

@@ -95,9 +95,12 @@ def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
     with open(jsonl_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
-                yield json.loads(line)["text"]
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{jsonl_path}:{lineno}: not a corpus-stage line (rerun the corpus stage)") from None
+                text = None
+            if not isinstance(text, str):  # {"text": null}, a list, a number: not what the corpus stage writes
+                raise DataError(f"{jsonl_path}:{lineno}: not a corpus-stage line (rerun the corpus stage)")
+            yield text
 
 
 TOKENIZERS: Registry[Callable[[TokenizerConfig, Path], Tokenizer]] = Registry("tokenizer kind")
