@@ -175,13 +175,14 @@ def run_json_without_key(tmp, shards, run_cfg):
     return run_dir
 
 
-def build_case(extra_args, out_name="db.duckdb", out_text=None):
-    """``python -m lipflow.results build`` on the data shards' manifest; ``out_text``: a user's file at --out."""
+def build_case(extra_args, out_name="db.duckdb", out_text=None, run=None):
+    """``python -m lipflow.results build`` on the data shards' manifest and one run directory (``run``: how to
+    make it, default :func:`real_fake_run`); ``out_text``: a user's file at --out."""
     def prepare(tmp: Path, shards: Path, run_cfg: dict):
         out = tmp / out_name
         if out_text is not None:
             out.write_text(out_text)
-        run_dir = real_fake_run(tmp, shards, run_cfg)
+        run_dir = (run or real_fake_run)(tmp, shards, run_cfg)
         args = [a.format(run=run_dir, tmp=tmp) for a in extra_args]
         return "lipflow.results", ["build", "--out", str(out), "--manifest", str(shards / "manifest.json"), *args], \
             None if out_text is not None else out
@@ -261,8 +262,8 @@ CASES = {
                               "val.jsonl:"),
     "float_shard_tokens": (tokenizer_case({"kind": "char", "shard_tokens": 2048.0}),
                            "tokenizer.shard_tokens: 2048.0 is not of type 'integer'"),
-    "run_json_a_list": (eval_case(list_run_json), "run.json holds a JSON list, not an object"),
-    "run_json_missing_key": (eval_case(run_json_without_key), "missing key"),
+    "run_json_a_list": (build_case(["--run-dirs", "{run}"], run=list_run_json), "run.json holds a JSON list, not an object"),
+    "run_json_missing_key": (build_case(["--run-dirs", "{run}"], run=run_json_without_key), "missing key"),
     "build_over_a_user_file": (build_case(["--run-dirs", "{run}"], out_name="notes.txt", out_text="mine"),
                                "exists and is not a DuckDB database; refusing to replace it"),
     "build_run_dir_twice": (build_case(["--run-dirs", "{run}", "{run}/"]), "is given twice"),

@@ -21,12 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from lipflow.config import stage_run
-    from lipflow.train.stop import EXIT_PREEMPTED, Preempted
-    from lipflow.train.trainer import Trainer
 
     def go() -> int:
-        cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
+        from lipflow.config import stage_run
+
+        cfg = stage_run(json_object_argument(args.config_json, "--config-json"))  # before torch is imported
+        from lipflow.train.stop import EXIT_PREEMPTED, Preempted
+        from lipflow.train.trainer import Trainer
+
         trainer = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress)
         try:
             summary = trainer.run()
