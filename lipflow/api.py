@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lipflow.config import run_defaults
+from lipflow.config import check_run_id, run_defaults
 from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.atomic import read_json
 from lipflow.data.parquet import read_table_parquet
@@ -56,8 +56,9 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
 
 def load_run(run_id: str, results: str | Path = "results", device: str = "auto") -> Run:
     """One finished run under ``results``; its data directory, recorded relative to the directory
-    it was trained in (the parent of ``results``), is resolved against that parent."""
-    run_dir = Path(results) / "runs" / run_id
+    it was trained in (the parent of ``results``), is resolved against that parent. ``run_id`` must be
+    a run id (never a path out of ``results/runs``)."""
+    run_dir = Path(results) / "runs" / check_run_id(run_id, "run_id")
     if not (run_dir / "run.json").is_file():
         known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
         raise FileNotFoundError(f"no finished run '{run_id}' under {run_dir.parent} (known: {', '.join(known) or 'none'})")

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, name_argument, run_guarded
+from lipflow.errors import ArgumentParser, run_guarded
 
 
 def default_db() -> Path:
@@ -116,8 +116,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from lipflow.data.loader import load_tokenizer
     from lipflow.api import load_run
+    from lipflow.data.loader import load_tokenizer
 
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--db", default=None, help="database file (default results/lipflow.duckdb or $LIPFLOW_DB)")
     q.set_defaults(fn=cmd_query)
     s = sub.add_parser("sample", help="generate text from a trained run")
-    s.add_argument("run_id", type=name_argument)
+    s.add_argument("run_id")
     s.add_argument("--prompt", required=True)
     s.add_argument("--tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)

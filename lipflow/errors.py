@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Any, Callable
 
@@ -86,15 +85,6 @@ def count_argument(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
         return value
     return parse
-
-
-def name_argument(text: str) -> str:
-    """An argparse ``type`` for a run id or name used as a path component: letters, digits, '_', '.',
-    '-', starting with a letter or digit (so never '..' or a path)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a name (letters, digits, '_', '.', '-', starting with a "
-                                         "letter or digit)")
-    return text
 
 
 def json_object_argument(text: str, flag: str) -> dict[str, Any]:

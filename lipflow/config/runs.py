@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from typing import Any
 
 from lipflow.config.schema import SCHEMA_PATH, first_error, load_schema, make_validator, validate
@@ -206,6 +207,19 @@ def data_identity(config: dict[str, Any]) -> dict[str, Any]:
 def run_id(name: str, run: dict[str, Any], data: dict[str, Any]) -> str:
     """``<name>-<first 8 hex digits of the hash of the run config and its data identity>``."""
     return f"{name}-{config_hash({'run': run, 'data': data})[:8]}"
+
+
+# What run_id() makes of a run name the schema allows ($defs/name): the Snakemake wildcard's constraint
+# and what the stages take as --run-id (never a path: no '/', never '..').
+RUN_ID_PATTERN = load_schema(SCHEMA_PATH)["$defs"]["name"]["pattern"].strip("^$") + "-[0-9a-f]{8}"
+
+
+def check_run_id(text: str, where: str) -> str:
+    """``text`` when it is a run id (:data:`RUN_ID_PATTERN`), else a one-line ConfigError naming ``where``."""
+    if not re.fullmatch(RUN_ID_PATTERN, text):
+        raise ConfigError(f"{where}: {text!r} is not a run id (<run name>-<8 hex digits>, the name of letters, "
+                          "digits, '_', '.', '-')")
+    return text
 
 
 @functools.lru_cache(maxsize=None)

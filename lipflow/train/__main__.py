@@ -10,12 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, json_object_argument, name_argument, run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m lipflow.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-id", required=True, type=name_argument)
+    parser.add_argument("--run-id", required=True, help="<run name>-<8 hex digits>")
     parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
     parser.add_argument("--data-dir", required=True, type=Path, help="tokenized shards (with manifest.json)")
     parser.add_argument("--out-dir", required=True, type=Path)
@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from lipflow.config import stage_run
+        from lipflow.config import check_run_id, stage_run
 
-        cfg = stage_run(json_object_argument(args.config_json, "--config-json"))  # before torch is imported
+        check_run_id(args.run_id, "--run-id")  # both before torch is imported
+        cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted
         from lipflow.train.trainer import Trainer
 

@@ -4,7 +4,7 @@
 import os
 import sys
 
-from lipflow.config import ConfigError, load_config_file
+from lipflow.config import RUN_ID_PATTERN, ConfigError, load_config_file
 from lipflow.data import DataError
 from lipflow.data.corpus import expand_paths
 from lipflow.plan import IMAGE_MLP, Plan
@@ -48,7 +48,7 @@ ICL_RUNS = PLAN.icl_runs()
 
 
 wildcard_constraints:
-    run="[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}",
+    run=RUN_ID_PATTERN,
     evaluation="|".join(PLAN.all_evaluations) or "(?!)",  # an empty list matches nothing
 
 
