@@ -187,14 +187,17 @@ def check_database(path: Path, rows: dict[str, int]) -> None:
 DUCKDB_MAGIC = b"DUCK"  # bytes 8–12 of every DuckDB database file
 
 
+def is_duckdb_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(12)[8:] == DUCKDB_MAGIC
+
+
 def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None) -> None:
     """Before any work: ``out`` is absent or a DuckDB database (a user's other file is never replaced),
     no run directory is given twice (its rows would be counted twice), and the receipt's folder exists
     (else the database would be replaced and its receipt missing)."""
-    if out.exists():
-        with open(out, "rb") as f:
-            if not out.is_file() or f.read(12)[8:] != DUCKDB_MAGIC:
-                raise FileExistsError(f"--out {out} exists and is not a DuckDB database; refusing to replace it")
+    if out.exists() and not (out.is_file() and is_duckdb_file(out)):
+        raise FileExistsError(f"--out {out} exists and is not a DuckDB database; refusing to replace it")
     seen: set[Path] = set()
     for run_dir in run_dirs:
         if Path(run_dir).resolve() in seen:
