@@ -132,9 +132,10 @@ def par(*children: Module) -> Module:
     return Module("par", sum(c.mass for c in children), sum(c.sensitivity for c in children), children)
 
 
-def residual(alpha: float, branch: Module) -> Module:
-    """(1−α)·Identity + α·branch (Modula's GPT residual): sensitivity (1−α) + α·s_branch."""
-    return par(bond(1.0 - alpha), seq(branch, bond(alpha)))
+def residual(keep: float, weight: float, branch: Module) -> Module:
+    """keep·Identity + weight·branch (Modula's GPT residual: keep = 1−α, weight = α):
+    sensitivity keep + weight·s_branch."""
+    return par(bond(keep), seq(branch, bond(weight)))
 
 
 def tare(module: Module, mass: float) -> Module:

@@ -17,7 +17,7 @@ from torch import nn
 from lipflow.config import run_defaults
 from lipflow.model import build_model
 from lipflow.model.bound import GELU_MAX_SLOPE, project_rms_ball
-from lipflow.model.certificate import Certificate, convex_residual, scaled, sequential, total
+from lipflow.model.certificate import Certificate, residual, scaled, sequential, total
 from lipflow.model.lipschitz_gpt import LipschitzAttention, orthogonal_init_
 
 
@@ -58,10 +58,10 @@ Q, K, VAL, O, UP, DOWN, HEAD = 0.7, 1.3, 0.9, 1.1, 0.8, 0.6, 1.5
 ATTN_SCALE, LOGIT_SCALE = 3.0, 2.0
 
 
-def known_model(n_layers: int, activation: str):
+def known_model(n_layers: int, activation: str, name: str = "lipschitz_gpt"):
     """Every block: W_q = Q·I, W_k = K·I, W_v = VAL·I, W_o = O·I, W_up = UP·[I;I;I;I],
     W_down = DOWN·[I I I I]; head = HEAD·I. RMS→RMS norms: UP (σ 2·UP, s = 2) and 4·DOWN (σ 2·DOWN, s = ½)."""
-    cfg = run_defaults(model="lipschitz_gpt", d_model=D, n_layers=n_layers, n_heads=H, context=T, mlp_ratio=4,
+    cfg = run_defaults(model=name, d_model=D, n_layers=n_layers, n_heads=H, context=T, mlp_ratio=4,
                        attn_scale=ATTN_SCALE, logit_scale=LOGIT_SCALE, activation=activation)
     model = build_model(cfg, V)
     eye = torch.eye(D)
@@ -75,9 +75,9 @@ def known_model(n_layers: int, activation: str):
     return model
 
 
-def hand_attention(a: float) -> float:
+def hand_attention(a: float, divisor: float = 3.0) -> float:
     # per head: σ_q = Q, σ_k = K, σ_v = VAL; score scale c = attn_scale/d_head so 2·c·d·a² = 2·attn_scale·H·a²
-    return O * math.sqrt(H * VAL ** 2 * (1 + 2 * ATTN_SCALE * H * a * a * Q * K) ** 2) / 3
+    return O * math.sqrt(H * VAL ** 2 * (1 + 2 * ATTN_SCALE * H * a * a * Q * K) ** 2) / divisor
 
 
 @pytest.mark.parametrize("activation,act_gain", [("gelu", 1 / GELU_MAX_SLOPE), ("relu", 1.0)])
@@ -101,6 +101,22 @@ def test_two_block_bound_propagates_the_activation_bound(activation, act_gain):
     for a in (1.0, a1):
         body *= ((1 - alpha) + alpha * hand_attention(a)) * ((1 - alpha) + alpha * lip_mlp)
     assert model.lipschitz_bound() == pytest.approx(LOGIT_SCALE * HEAD * body, rel=1e-5)
+
+
+@pytest.mark.parametrize("activation,act_gain", [("gelu", 1 / GELU_MAX_SLOPE), ("relu", 1.0)])
+def test_two_block_bound_of_the_unscaled_model_matches_hand_computation(activation, act_gain):
+    """lipschitz_gpt_unscaled: x + F(x) and attention without ⅓, so each residual contributes 1 + L_F and
+    the stream's RMS bound grows by (1 + g_att)(1 + g_mlp) per block."""
+    model = known_model(2, activation, "lipschitz_gpt_unscaled")
+    lip_mlp = UP * 4 * DOWN
+    attn_gain = O * math.sqrt(H) * VAL
+    a1 = (1 + attn_gain) * (1 + act_gain * lip_mlp)
+    body = 1.0
+    for a in (1.0, a1):
+        body *= (1 + hand_attention(a, divisor=1.0)) * (1 + lip_mlp)
+    assert model.lipschitz_bound() == pytest.approx(LOGIT_SCALE * HEAD * body, rel=1e-5)
+    modula = known_model(2, activation)
+    assert model.lipschitz_bound() > 10 * modula.lipschitz_bound()
 
 
 def test_bound_scales_with_weights_as_the_formula_predicts():
@@ -202,13 +218,12 @@ def clamp_rms_operator_norm_(w: torch.Tensor, sigma_max: float) -> None:
     w.copy_((u * sig.clamp(max=sigma_max)) @ vh * s)
 
 
-@pytest.fixture(scope="module", params=["gelu", "relu"])
-def trained_lipschitz_gpt(request):
+def train_lipschitz_gpt(activation: str, name: str = "lipschitz_gpt"):
     """A 2-block lipschitz_gpt trained 40 AdamW steps on 'next = previous + 1', norms clamped at 2."""
     torch.manual_seed(0)
     vocab, context = 16, 6
-    model = build_model(run_defaults(model="lipschitz_gpt", d_model=16, n_layers=2, n_heads=2, context=context,
-                                     attn_scale=4.0, activation=request.param, optimizer="adamw"), vocab)
+    model = build_model(run_defaults(model=name, d_model=16, n_layers=2, n_heads=2, context=context,
+                                     attn_scale=4.0, activation=activation, optimizer="adamw"), vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
     roles = model.param_roles()
     for _ in range(40):
@@ -227,9 +242,34 @@ def trained_lipschitz_gpt(request):
     return model
 
 
+@pytest.fixture(scope="module", params=["gelu", "relu"])
+def trained_lipschitz_gpt(request):
+    return train_lipschitz_gpt(request.param)
+
+
+@pytest.fixture(scope="module")
+def trained_unscaled_lipschitz_gpt():
+    """The same for lipschitz_gpt_unscaled (x + F(x), attention without ⅓)."""
+    return train_lipschitz_gpt("gelu", "lipschitz_gpt_unscaled")
+
+
+def test_certificate_of_the_unscaled_model_is_sound(trained_unscaled_lipschitz_gpt):
+    """No attack beats the certificate or the activation bounds of a model with x + F(x) residuals."""
+    model = trained_unscaled_lipschitz_gpt
+    assert_certificate_sound(model, "inf_rms")
+    bounds = model.activation_bounds()
+    best = max_entry_attack(model, bounds)
+    assert all(best[k] <= bounds[k] * (1 + 1e-5) for k in bounds), {k: (best[k], bounds[k]) for k in bounds}
+    assert best["blocks.0.attn.scores"] > bounds["blocks.0.attn.scores"] / 2  # the attack searches
+
+
 @pytest.mark.parametrize("norm_name", ["inf_rms", "l2"])
 def test_certificate_is_sound_on_a_trained_model(trained_lipschitz_gpt, norm_name):
-    model = trained_lipschitz_gpt
+    assert_certificate_sound(trained_lipschitz_gpt, norm_name)
+
+
+def assert_certificate_sound(model, norm_name: str) -> None:
+    """Random pairs in and outside the domain and a gradient ascent on the ratio stay within the bound."""
     norm, bound = {"inf_rms": (inf_rms, model.lipschitz_bound()),
                    "l2": (flat_l2, model.lipschitz_bound_l2())}[norm_name]
     assert math.isfinite(bound)
@@ -458,11 +498,12 @@ def test_sequential_feeds_each_part_the_previous_bound_and_multiplies():
     assert [p.bound for p in cert.parts] == [1.0, 5.0]
 
 
-def test_convex_residual_is_the_sum_of_its_scaled_branches():
-    alpha, a = 0.25, 0.8
-    cert = convex_residual(alpha, toy(4.0, 6.0, "x"))(a)
-    assert cert.gain == (1 - alpha) + alpha * 4.0 and cert.bound == a * cert.gain
-    assert cert.lipschitz == (1 - alpha) + alpha * 6.0 * a and cert.entries == {"x": a}
+@pytest.mark.parametrize("keep, weight", [(0.75, 0.25), (1.0, 1.0)])
+def test_residual_is_the_sum_of_its_scaled_branches(keep, weight):
+    a = 0.8
+    cert = residual(keep, weight, toy(4.0, 6.0, "x"))(a)
+    assert cert.gain == keep + weight * 4.0 and cert.bound == a * cert.gain
+    assert cert.lipschitz == keep + weight * 6.0 * a and cert.entries == {"x": a}
     summed = total(toy(1.0, 2.0, "p"), scaled(-3.0, toy(0.5, 1.0, "q")))(2.0)
     assert (summed.gain, summed.lipschitz, summed.bound) == (2.5, 4.0 + 6.0, 5.0)
     assert summed.entries == {"p": 2.0, "q": 2.0}
@@ -470,7 +511,7 @@ def test_convex_residual_is_the_sum_of_its_scaled_branches():
 
 def test_rules_carry_per_token_bounds_elementwise():
     """A local certificate passes a tensor of per-token bounds; each token gets what a float would give."""
-    parts = [("r.", convex_residual(0.5, toy(3.0, 2.0, "x"))), ("s.", toy(0.5, 1.0, "y"))]
+    parts = [("r.", residual(0.5, 0.5, toy(3.0, 2.0, "x"))), ("s.", toy(0.5, 1.0, "y"))]
     bounds = torch.tensor([0.25, 1.0, 2.0], dtype=torch.float64)
     batch = sequential(parts, bounds)
     for t, b in enumerate(bounds.tolist()):
@@ -482,7 +523,8 @@ def test_rules_carry_per_token_bounds_elementwise():
 def test_block_certificate_is_its_two_residuals_in_sequence(trained_lipschitz_gpt):
     """The block's certificate is the product of (1−α) + α·L over its branches, each at its input's bound."""
     block, a = trained_lipschitz_gpt.blocks[1], 1.3
-    alpha = block.alpha
+    alpha = 1 / (2 * len(trained_lipschitz_gpt.blocks))
+    assert (block.keep, block.weight) == (1 - alpha, alpha)
     attn = block.attn.certify(a)
     a_mid = a * ((1 - alpha) + alpha * attn.gain)
     mlp = block.mlp.certify(a_mid)

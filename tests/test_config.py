@@ -122,6 +122,23 @@ def test_reference_recipe_overlay_validates_and_holds_the_notebook_values():
     assert {k: run[k] for k in notebook} == notebook
 
 
+def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
+    """experiments/appendix_d.yaml: both runs are experiments/reference.yaml's run with App. D's batch,
+    blocks mass and σ_max (and their own eval cadence); they differ from each other only in the model
+    and its lr."""
+    reference = resolve_runs(resolved(yaml.safe_load(open("experiments/reference.yaml"))))
+    appendix = resolve_runs(resolved(yaml.safe_load(open("experiments/appendix_d.yaml"))))
+    (reference_run,) = reference.values()
+    runs = {run_id.rsplit("-", 1)[0]: run for run_id, run in appendix.items()}
+    assert sorted(runs) == ["appd_s2", "appd_s2_unscaled"]
+    app_d = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}, "sigma_max": 2.0,
+             "eval_every": 250, "checkpoint_every": 500}
+    assert runs["appd_s2"] == {**reference_run, **app_d}
+    unscaled = runs["appd_s2_unscaled"]
+    assert unscaled["model"] == "lipschitz_gpt_unscaled" and unscaled["lr"] > runs["appd_s2"]["lr"]
+    assert {**unscaled, "model": "lipschitz_gpt", "lr": 0.1} == runs["appd_s2"]
+
+
 def test_registry_suggests_close_names():
     reg = Registry("constraint")
     reg.register("spectral_soft_cap")(object)

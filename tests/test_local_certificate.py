@@ -15,6 +15,7 @@ from lipflow.evaluation.robustness import _random_in_ball, certified_radius, lip
 from lipflow.model import build_model
 
 GPT = run_defaults(model="lipschitz_gpt", d_model=32, n_layers=2, n_heads=4, context=12)
+GPT_UNSCALED = {**GPT, "model": "lipschitz_gpt_unscaled"}  # x + F(x) residuals, attention without ⅓
 MLP = run_defaults(model="mlp", in_features=24, d_model=32, n_layers=3, n_classes=7)
 LINEAR = run_defaults(model="mlp", in_features=24, d_model=32, n_layers=1, n_classes=7)  # one Linear layer
 VOCAB = 20  # the language models' vocabulary
@@ -79,7 +80,8 @@ def worst_attack_drop(model, cfg, x, labels, margin, eps):
     return torch.stack(drops).max(dim=0).values
 
 
-@pytest.mark.parametrize("cfg", [GPT, MLP, LINEAR], ids=["lipschitz_gpt", "mlp", "linear"])
+@pytest.mark.parametrize("cfg", [GPT, GPT_UNSCALED, MLP, LINEAR],
+                         ids=["lipschitz_gpt", "lipschitz_gpt-unscaled", "mlp", "linear"])
 @pytest.mark.parametrize("kind", ["init", "random", "trained"])
 def test_no_attack_moves_the_margin_past_the_local_bound(cfg, kind):
     model = checkpoint(cfg, kind)

@@ -200,27 +200,31 @@ def test_bad_configs_fail_with_one_line_errors():
         build_model({**LM_CFG, "model": "lipschitz_gpt", "activation": "tanh"}, VOCAB)
 
 
-@pytest.mark.parametrize("activation, n_layers", [("gelu", 2), ("relu", 1)])
-def test_lipschitz_block_equals_the_convex_residual_written_out(activation, n_layers):
+@pytest.mark.parametrize("activation, n_layers, name", [("gelu", 2, "lipschitz_gpt"), ("relu", 1, "lipschitz_gpt"),
+                                                         ("gelu", 2, "lipschitz_gpt_unscaled")])
+def test_lipschitz_block_equals_the_residual_written_out(activation, n_layers, name):
     """The block folds the branches' constant scales (⅓, 1/max GELU') into one fused residual step;
-    it must equal x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x) with the scales applied in the branches."""
-    from lipflow.model.lipschitz_gpt import LipschitzGPT
-
+    it must equal x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x), α = 1/(2N), with the scales applied in
+    the branches (lipschitz_gpt), or x ← x + attn(x); x ← x + mlp(x) with no ⅓ (lipschitz_gpt_unscaled)."""
     torch.manual_seed(0)
-    model = LipschitzGPT(run_defaults(d_model=32, n_layers=n_layers, n_heads=4, context=8, activation=activation),
-                         vocab_size=11)
+    model = build_model(run_defaults(model=name, d_model=32, n_layers=n_layers, n_heads=4, context=8,
+                                     activation=activation), 11)
     with torch.no_grad():  # output projections start at zero: give the branches something to add
         for block in model.blocks:
             block.attn.o.weight.normal_(0, 0.3)
             block.mlp.down.weight.normal_(0, 0.3)
     x = torch.randn(3, 8, 32, dtype=torch.float64)
     model = model.double()
+    a, third = (1 / (2 * n_layers), 1 / 3) if name == "lipschitz_gpt" else (None, 1.0)
     for block in model.blocks:
-        a = block.alpha
-        expected = (1 - a) * x + a * block.attn(x)
-        expected = (1 - a) * expected + a * block.mlp(expected)
+        if a is None:
+            expected = x + block.attn(x)
+            expected = expected + block.mlp(expected)
+        else:
+            expected = (1 - a) * x + a * block.attn(x)
+            expected = (1 - a) * expected + a * block.mlp(expected)
         torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
-        assert block.attn.output_scale == pytest.approx(1 / 3)
+        torch.testing.assert_close(block.attn(x), block.attn.unscaled(x) * third)
         if activation == "gelu":
             torch.testing.assert_close(block.mlp(x), block.mlp.down(F.gelu(block.mlp.up(x)) / GELU_MAX_SLOPE))
         x = block(x)

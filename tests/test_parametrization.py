@@ -154,6 +154,24 @@ def test_modular_multipliers_follow_masses_and_downstream_sensitivity(blocks_mas
     assert rounded == ({0.0556, 0.889, 0.296} if m_b == 16 else {0.0294, 0.941, 0.314})
 
 
+def test_modular_multipliers_of_the_unscaled_model_divide_by_each_downstream_residual():
+    """lipschitz_gpt_unscaled (every Mul the identity, the reference's laker-coupling branch), d 256, 3 blocks,
+    blocks mass 32, total M = 34: attention has sensitivity 1 + 2 = 3 (no ⅓), so its residual 1 + 3 = 4,
+    the MLP's residual 1 + 1 = 2 and a block 8. Block i (of 3) gets (32/M)/3 divided by 8 per later
+    block; in it attention gets ⅔ of that divided by the MLP residual's 2, split equally over q, k, v,
+    o (o: ¼; (V, scores): ¾ over a sensitivity-1 output, v ⅓ of it, q and k ⅓ each), the MLP ⅓ split
+    ½ / ½. The embedding gets 1/M divided by 8³, the head 1/M."""
+    m_b, total = 32.0, 34.0
+    expected = {"tok.weight": 1 / total / 8 ** 3, "head.weight": 1 / total}
+    for i in range(3):
+        block = m_b / total / 3 / 8 ** (2 - i)
+        expected |= {f"blocks.{i}.attn.{n}.weight": block * (4 / 6) / 2 / 4 for n in "qkvo"}
+        expected |= {f"blocks.{i}.mlp.{n}.weight": block * (2 / 6) / 2 for n in ("up", "down")}
+    got = modular_gpt_multipliers(m_b, model="lipschitz_gpt_unscaled")
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got["blocks.2.mlp.up.weight"] == pytest.approx(16 / 306)  # 6× below the Modula GPT's 16/51
+
+
 def test_modular_multipliers_see_the_attention_scale_logit_scale_and_mlp_depth():
     base = modular_gpt_multipliers(16.0)
     # softmax scale s: the scores branch has sensitivity 2s, so q, k get 1/s; ⅓·(1 + 2s) ≠ 1 then

@@ -29,7 +29,7 @@ As ε → 0 the runner-up's drop over ε tends to ‖∇margin(x)‖₂.
 The margin reads the last position only, and every layer after the last attention layer acts per
 token, so that attention layer's constants (L, β, ‖J‖) are those of its map onto the last position
 (``last_query``), and the ρ_k after it bound the last token's movement. Layer constants come from the
-input's actual activations: the convex residual (1−α)x + α·F(x) has L = (1−α) + α·L_F and β = α·β_F;
+input's actual activations: the residual keep·x + weight·F(x) has L = keep + weight·L_F and β = weight·β_F;
 attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer``).
 ``lipschitz_gpt``'s input projection onto the RMS ball is 1-Lipschitz and fixes its own output, so
 P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` and
@@ -106,13 +106,13 @@ def propagate(layers: list[SmoothLayer], nominal_lips: torch.Tensor, epsilon: to
     return Propagation(lip, curv, radius, torch.stack(radii), torch.stack(remainders))
 
 
-def convex_residual_layer(alpha: float, branch: SmoothLayer) -> SmoothLayer:
-    """x ↦ (1−α)x + α·F(x): L = (1−α) + α·L_F, β = α·β_F, κ(w) = α·κ_F(w)."""
+def residual_layer(keep: float, weight: float, branch: SmoothLayer) -> SmoothLayer:
+    """x ↦ keep·x + weight·F(x): L = keep + weight·L_F, β = weight·β_F, κ(w) = weight·κ_F(w)."""
     def bounds(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lip, curv = branch.bounds(r)
-        return (1.0 - alpha) + alpha * lip, alpha * curv
-    jacobian_norm = None if branch.jacobian_norm is None else lambda: (1.0 - alpha) + alpha * branch.jacobian_norm()
-    readout = None if branch.readout_curvature is None else lambda w: alpha * branch.readout_curvature(w)
+        return keep + weight * lip, weight * curv
+    jacobian_norm = None if branch.jacobian_norm is None else lambda: keep + weight * branch.jacobian_norm()
+    readout = None if branch.readout_curvature is None else lambda w: weight * branch.readout_curvature(w)
     return SmoothLayer(bounds, branch.per_token, jacobian_norm, readout)
 
 
@@ -163,17 +163,17 @@ def lipschitz_gpt_local(model) -> LocalModel | None:
             mlp = block.mlp
             y, rec = attention_at(block.attn, x)
             rec = last_query(rec) if block is model.blocks[-1] else rec
-            x = (1.0 - block.alpha) * x + block.alpha * y
+            x = block.keep * x + block.weight * y
             outputs.append(x)
             h = x @ mlp.up.weight.detach().to(x.dtype).T
-            x = (1.0 - block.alpha) * x + block.alpha * mlp.output_scale * (
+            x = block.keep * x + block.weight * mlp.output_scale * (
                 mlp.act.base(h) @ mlp.down.weight.detach().to(x.dtype).T)
             outputs.append(x)
-            layers.append(convex_residual_layer(block.alpha, SmoothLayer(
+            layers.append(residual_layer(block.keep, block.weight, SmoothLayer(
                 lambda r, rec=rec: attention_bounds(rec, r),
                 jacobian_norm=lambda rec=rec: attention_jacobian_norm(rec))))
-            layers.append(convex_residual_layer(block.alpha, gelu_layer(mlp.output_scale, mlp.up.weight,
-                                                                         mlp.down.weight)))
+            layers.append(residual_layer(block.keep, block.weight, gelu_layer(mlp.output_scale, mlp.up.weight,
+                                                                               mlp.down.weight)))
         return x[:, -1, :], layers, outputs
 
     scale = model.logit_scale * model.output_mult
@@ -204,7 +204,7 @@ LOCAL_MODELS = {LipschitzGPT: lipschitz_gpt_local, LipschitzMLP: mlp_local}
 
 def local_model(model: LanguageModel) -> LocalModel | None:
     """The float64 local form of ``model``, or None where it is not covered (LayerNorm, ReLU)."""
-    build = LOCAL_MODELS.get(type(model))
+    build = next((local for cls, local in LOCAL_MODELS.items() if isinstance(model, cls)), None)
     return None if build is None else build(model)
 
 

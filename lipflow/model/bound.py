@@ -4,7 +4,7 @@ Norms. For a token vector x ∈ R^n, RMS(x) = ‖x‖₂/√n; for a sequence X 
 ‖X‖_∞RMS = max_t RMS(x_t). A weight W of shape (fan_out, fan_in) acts per token with
 ‖W‖_RMS→RMS = σ_max(W)/√(fan_out/fan_in) (``rms_operator_norm``).
 
-The per-module formulas live here and the rules that compose them (sequential, sum, convex residual)
+The per-module formulas live here and the rules that compose them (sequential, sum, residual)
 in ``lipflow.model.certificate``; the two constants every certificate and evaluation shares are
 ``GELU_MAX_SLOPE`` and ``ATTENTION_OUTPUT_DIVISOR``.
 """
@@ -23,7 +23,8 @@ from lipflow.registry import Registry
 # max_x GELU'(x) = Φ(√2) + √2·φ(√2) = ½(1 + erf(1)) + e⁻¹/√π = 1.1289041… (GELU'' = φ(x)(2 − x²) = 0
 # at x = √2). Newhouse et al. 2025 round it to 1.1289, which leaves GELU/1.1289 a slope of 1.0000035.
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.pi)
-# Modula's attention divides its output by 3 (Large et al. 2024): y = W_o·(…)/3, sensitivity ⅓(1 + 2·attn_scale).
+# Modula's attention divides its output by 3 (Large et al. 2024): y = W_o·(…)/3, sensitivity ⅓(1 + 2·attn_scale)
+# (lipschitz_gpt_unscaled divides by 1).
 ATTENTION_OUTPUT_DIVISOR = 3.0
 
 
@@ -63,18 +64,20 @@ def head_spectral_norms(w: torch.Tensor, n_heads: int, dtype: torch.dtype = torc
     return torch.linalg.matrix_norm(slices, ord=2)
 
 
-def attention_gain(o_norm: float, v_head_norms: torch.Tensor) -> float:
-    """RMS gain g_att of W_o/3·concat_h(P_h V_h): RMS(y_t) ≤ g_att·a when every RMS(x_s) ≤ a.
+def attention_gain(o_norm: float, v_head_norms: torch.Tensor, output_divisor: float) -> float:
+    """RMS gain g_att of W_o·concat_h(P_h V_h)/D (D = ``output_divisor``, Modula's 3):
+    RMS(y_t) ≤ g_att·a when every RMS(x_s) ≤ a.
 
     Each head's output is a convex combination of its values, so ‖o_t^h‖₂ ≤ σ(W_v^h)·a√d, and the
     heads may each pick a different token: ‖o_t‖₂ ≤ (Σ_h σ(W_v^h)²)^½·a√d. Hence
-    g_att = ⅓·‖W_o‖_RMS→RMS·(Σ_h σ(W_v^h)²)^½.
+    g_att = ‖W_o‖_RMS→RMS·(Σ_h σ(W_v^h)²)^½/D.
     """
-    return o_norm * float(v_head_norms.pow(2).sum().sqrt()) / ATTENTION_OUTPUT_DIVISOR
+    return o_norm * float(v_head_norms.pow(2).sum().sqrt()) / output_divisor
 
 
 def attention_lipschitz(o_norm: float, q_head_norms: torch.Tensor, k_head_norms: torch.Tensor,
-                        v_head_norms: torch.Tensor, score_scale: float, d_model: int, a: float) -> float:
+                        v_head_norms: torch.Tensor, score_scale: float, d_model: int, a: float,
+                        output_divisor: float) -> float:
     """∞RMS Lipschitz constant of causal attention on inputs with every RMS(x_s) ≤ a.
 
     Theorem B.1 of Newhouse et al. (after Large et al. 2024, Prop. 7), per head h with scores
@@ -83,14 +86,15 @@ def attention_lipschitz(o_norm: float, q_head_norms: torch.Tensor, k_head_norms:
       d(Σ_s P_ts v_s) = Σ_s P_ts dv_s + Σ_s dP_ts v_s,  ‖Σ_s P_ts dv_s‖ ≤ σ_v,h Δ,
       ‖dP_t‖₁ ≤ ‖dz_t‖_∞ (softmax Jacobian: Σ_s P_s|u_s − ū| ≤ max|u|),
       |dz_ts| ≤ c(‖dq_t‖‖k_s‖ + ‖q_t‖‖dk_s‖) ≤ 2c·σ_q,h σ_k,h A Δ,
-    so ‖do_t^h‖ ≤ σ_v,h (1 + 2c·d·a²·σ_q,h σ_k,h) Δ. Summing heads in ℓ2 and applying ⅓W_o:
-      L_att = ⅓‖W_o‖·(Σ_h σ_v,h² (1 + 2c·d·a²·σ_q,h σ_k,h)²)^½.
+    so ‖do_t^h‖ ≤ σ_v,h (1 + 2c·d·a²·σ_q,h σ_k,h) Δ. Summing heads in ℓ2 and applying W_o/D
+    (D = ``output_divisor``, Modula's 3):
+      L_att = ‖W_o‖·(Σ_h σ_v,h² (1 + 2c·d·a²·σ_q,h σ_k,h)²)^½/D.
     With one head, c = attn_scale/d and unit norms this is the paper's ⅓‖W_o‖‖W_v‖(1 + 2a²‖W_q‖‖W_k‖·
     attn_scale), with attn_scale on the QK term only. With H heads the value term carries (Σ_h σ_v,h²)^½
     ≤ √H·‖W_v‖ and the QK term c·d = attn_scale·H, which the paper's formula leaves out.
     """
     qk = 1.0 + 2.0 * score_scale * d_model * a * a * q_head_norms * k_head_norms
-    return o_norm * float((v_head_norms * qk).pow(2).sum().sqrt()) / ATTENTION_OUTPUT_DIVISOR
+    return o_norm * float((v_head_norms * qk).pow(2).sum().sqrt()) / output_divisor
 
 
 def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:

@@ -13,8 +13,8 @@ constant may depend on bound_in (attention's does, through a²). The rules, in o
 - ``sequential``: f_n ∘ … ∘ f_1 — bounds flow through, constants and gains multiply;
 - ``total`` (sum): f_1 + … + f_n on one input — gains and constants add;
 - ``scaled``: c·f — gain and constant times |c|;
-- ``convex_residual``: (1−α)·x + α·f(x) = total(scaled(1−α, identity), scaled(α, f)): constant
-  (1−α) + α·L_f and gain (1−α) + α·g_f;
+- ``residual``: κ·x + β·f(x) = total(scaled(κ, identity), scaled(β, f)): constant κ + β·L_f and
+  gain κ + β·g_f (the convex residual κ = 1−α, β = α; the plain one κ = β = 1);
 - ``record``: the identity, naming an entry bound of the stream between two parts (e.g. ``block0``).
 
 Each rule multiplies and adds in a fixed order, so a model assembled from them reproduces the numbers
@@ -103,9 +103,10 @@ def total(*summands: Certify) -> Certify:
     return certify_total
 
 
-def convex_residual(alpha: float, certify: Certify) -> Certify:
-    """x ↦ (1−α)·x + α·f(x): constant (1−α) + α·L_f and gain (1−α) + α·g_f (f's entries kept)."""
-    return total(scaled(1.0 - alpha, identity), scaled(alpha, certify))
+def residual(keep: float, weight: float, certify: Certify) -> Certify:
+    """x ↦ κ·x + β·f(x) (κ = ``keep``, β = ``weight``): constant κ + β·L_f and gain κ + β·g_f
+    (f's entries kept)."""
+    return total(scaled(keep, identity), scaled(weight, certify))
 
 
 def record(key: str, value: Callable[[Bound, "torch.Tensor | None"], float]) -> Certify:

@@ -5,7 +5,8 @@ enters only through RoPE on queries and keys, a per-position rotation (orthogona
 every norm in the certificate), so the embedded input sequence is just the token rows. Each of the
 N blocks applies two convex residuals x ← (1−α)x + α·F(x), α = 1/(2N), with F = attention
 ⅓·W_o·softmax(attn_scale·QKᵀ/d_head + causal mask)·V (separate q, k, v, o matrices) and then
-F = MLP W_down·φ(W_up·x), φ = GELU/1.1289 or ReLU. The head is a Linear under the same RMS→RMS
+F = MLP W_down·φ(W_up·x), φ = GELU/1.1289 or ReLU. (``lipschitz_gpt_unscaled`` sets those constants
+to 1 through ``block_constants``.) The head is a Linear under the same RMS→RMS
 weight constraint as the hidden matrices, followed by logits × logit_scale × output_mult (the
 µP readout multiplier, set by the parametrization).
 
@@ -33,7 +34,7 @@ from lipflow.model.base import (AttentionSite, LanguageModel, block_attention_si
                                 spectral_norm)
 from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, attention_gain, attention_lipschitz,
                                  head_spectral_norms, linear_output_bounds, project_rms_ball, row_norms)
-from lipflow.model.certificate import Bound, Certificate, convex_residual, record, sequential
+from lipflow.model.certificate import Bound, Certificate, record, residual as residual_certificate, sequential
 from lipflow.model.registry import MODELS
 from lipflow.parametrization import Module, atom, bond, par, residual, seq, tare
 
@@ -103,15 +104,17 @@ class RotaryEmbedding(nn.Module):
 
 
 class LipschitzAttention(nn.Module):
-    """y = ⅓·W_o·concat_h softmax(c·RoPE(q_h)·RoPE(k_h)ᵀ + causal mask)·v_h with c = attn_scale/d_head.
+    """y = W_o·concat_h softmax(c·RoPE(q_h)·RoPE(k_h)ᵀ + causal mask)·v_h / D with c = attn_scale/d_head,
+    D = ``output_divisor`` (Modula's 3).
 
-    ``unscaled`` leaves out the constant ⅓ (``output_scale``), which the block folds into its residual.
+    ``unscaled`` leaves out the constant 1/D (``output_scale``), which the block folds into its residual.
     """
 
-    output_scale = 1.0 / ATTENTION_OUTPUT_DIVISOR
-
-    def __init__(self, d_model: int, n_heads: int, context: int, attn_scale: float):
+    def __init__(self, d_model: int, n_heads: int, context: int, attn_scale: float,
+                 output_divisor: float = ATTENTION_OUTPUT_DIVISOR):
         super().__init__()
+        self.output_divisor = output_divisor
+        self.output_scale = 1.0 / output_divisor
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.score_scale = attn_scale / self.head_dim
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
@@ -141,8 +144,8 @@ class LipschitzAttention(nn.Module):
         return causal_scores(q, k, self.score_scale)
 
     def modular_structure(self, prefix: str) -> Module:
-        """Modula's Attention: W_o ∘ ⅓ ∘ (V, softmax ∘ Mul(attn_scale) ∘ mask ∘ QKᵀ/d_head ∘ RoPE
-        ∘ (Q, K)). Sensitivity ⅓·(1 + 2·attn_scale): 1 at attn_scale 1."""
+        """Modula's Attention: W_o ∘ 1/D ∘ (V, softmax ∘ Mul(attn_scale) ∘ mask ∘ QKᵀ/d_head ∘ RoPE
+        ∘ (Q, K)). Sensitivity (1 + 2·attn_scale)/D: 1 at attn_scale 1 and D = 3."""
         scores = seq(par(atom(prefix + "q.weight"), atom(prefix + "k.weight")), bond(self.score_scale * self.head_dim))
         return seq(par(atom(prefix + "v.weight"), scores), bond(self.output_scale), atom(prefix + "o.weight"))
 
@@ -187,8 +190,9 @@ class LipschitzAttention(nn.Module):
                    "scores": self.score_scale * float((q_norms.double() * k_norms.double()).max()) * A * A,
                    "o.input": v_out,
                    "o.output": float(o_rows.max()) * A}
-        lipschitz = attention_lipschitz(o_norm, q_norms, k_norms, v_norms, self.score_scale, self.q.in_features, a)
-        return Certificate.leaf(a, attention_gain(o_norm, v_norms), lipschitz, entries)
+        lipschitz = attention_lipschitz(o_norm, q_norms, k_norms, v_norms, self.score_scale, self.q.in_features, a,
+                                        self.output_divisor)
+        return Certificate.leaf(a, attention_gain(o_norm, v_norms, self.output_divisor), lipschitz, entries)
 
 
 class FeedForward(nn.Module):
@@ -238,35 +242,37 @@ class FeedForward(nn.Module):
 
 
 class LipschitzBlock(nn.Module):
-    """x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x), α = 1/(2N)."""
+    """x ← κx + β·attn(x); x ← κx + β·mlp(x): the convex residual κ = 1−α, β = α = 1/(2N) (Modula), or
+    κ = β = 1 (``lipschitz_gpt_unscaled``)."""
 
-    def __init__(self, cfg: dict[str, Any], alpha: float):
+    def __init__(self, cfg: dict[str, Any], keep: float, weight: float, attention_divisor: float):
         super().__init__()
         d = cfg["d_model"]
-        self.alpha = alpha
-        self.attn = LipschitzAttention(d, cfg["n_heads"], cfg["context"], cfg["attn_scale"])
+        self.keep, self.weight = keep, weight
+        self.attn = LipschitzAttention(d, cfg["n_heads"], cfg["context"], cfg["attn_scale"], attention_divisor)
         self.mlp = FeedForward(d, cfg["mlp_ratio"], cfg["activation"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(1−α)x + α·s·u(x) computed as (1−α)·(x + (αs/(1−α))·u(x)), u = the branch without its
-        constant output scale s: one fused add and one scaling per branch instead of four passes."""
-        keep = 1.0 - self.alpha
+        """κx + β·s·u(x) computed as κ·(x + (βs/κ)·u(x)), u = the branch without its constant output
+        scale s: one fused add and one scaling per branch instead of four passes."""
         for branch in (self.attn, self.mlp):
-            x = torch.add(x, branch.unscaled(x), alpha=self.alpha * branch.output_scale / keep).mul_(keep)
+            x = torch.add(x, branch.unscaled(x), alpha=self.weight * branch.output_scale / self.keep)
+            if self.keep != 1.0:
+                x.mul_(self.keep)
         return x
 
     def modular_structure(self, prefix: str) -> Module:
-        return seq(residual(self.alpha, self.attn.modular_structure(prefix + "attn.")),
-                   residual(self.alpha, self.mlp.modular_structure(prefix + "mlp.")))
+        return seq(residual(self.keep, self.weight, self.attn.modular_structure(prefix + "attn.")),
+                   residual(self.keep, self.weight, self.mlp.modular_structure(prefix + "mlp.")))
 
     def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
-        """The two convex residuals in sequence, from RMS bound ``a`` on every input token: the MLP is
-        certified at a_mid = a·((1−α) + α·g_att), the output bound is a_mid·((1−α) + α·g_mlp), entries
-        are keyed ``attn.q.input`` … ``mlp.down.output``. The fused form of ``forward`` computes the same
-        (1−α)x + α·s·u(x); its Linears see x and produce the unscaled u, which the branch entries cover.
+        """The two residuals in sequence, from RMS bound ``a`` on every input token: the MLP is
+        certified at a_mid = a·(κ + β·g_att), the output bound is a_mid·(κ + β·g_mlp), entries are keyed
+        ``attn.q.input`` … ``mlp.down.output``. The fused form of ``forward`` computes the same
+        κx + β·s·u(x); its Linears see x and produce the unscaled u, which the branch entries cover.
         """
-        return sequential([("attn.", convex_residual(self.alpha, self.attn.certify)),
-                           ("mlp.", convex_residual(self.alpha, self.mlp.certify))], a, coordinates)
+        return sequential([("attn.", residual_certificate(self.keep, self.weight, self.attn.certify)),
+                           ("mlp.", residual_certificate(self.keep, self.weight, self.mlp.certify))], a, coordinates)
 
 
 @MODELS.register("lipschitz_gpt")
@@ -292,15 +298,22 @@ class LipschitzGPT(LanguageModel):
         if d % n_heads or (d // n_heads) % 2:
             raise ValueError(f"d_model={d} / n_heads={n_heads} must be an even integer (RoPE rotates pairs)")
         if cfg["depth_mup"]:
-            raise ValueError("depth_mup: lipschitz_gpt's convex residuals already scale branches by 1/(2N); "
-                             "set depth_mup: false")
+            raise ValueError("depth_mup: lipschitz_gpt's residuals fix their own branch scaling (the certificate "
+                             "depends on it); set depth_mup: false")
         self.vocab_size, self.context = vocab_size, cfg["context"]
         self.tok = nn.Embedding(vocab_size, d)
-        self.blocks = nn.ModuleList(LipschitzBlock(cfg, 1.0 / (2 * n_layers)) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(LipschitzBlock(cfg, *self.block_constants(n_layers)) for _ in range(n_layers))
         self.head = nn.Linear(d, vocab_size, bias=False)
         self.logit_scale = float(cfg["logit_scale"])
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization
         self.reset_parameters()
+
+    @staticmethod
+    def block_constants(n_layers: int) -> tuple[float, float, float]:
+        """(κ, β, D): residuals x ← κx + β·F(x) and attention divided by D. Modula's GPT: the convex
+        residual κ = 1−α, β = α = 1/(2N), and D = 3."""
+        alpha = 1.0 / (2 * n_layers)
+        return 1.0 - alpha, alpha, ATTENTION_OUTPUT_DIVISOR
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
