@@ -48,6 +48,21 @@ def tokenizer_case(block: dict, val_line: str | None = None):
     return prepare
 
 
+def merge_case(tables: list[tuple[str, str | None, str | None]], merged: list[str]):
+    """``merge-evals`` of the named files, each written (with its checksum) as an evaluation table of
+    (run id, evaluation) or, with None, a table of one unrelated column."""
+    def case(tmp: Path, shards: Path, checkpoint: Path):
+        from lipflow.data.parquet import write_table_parquet
+
+        for name, run_id, evaluation in tables:
+            table = (pa.table({"x": [1]}) if run_id is None else
+                     pa.table({"run_id": [run_id], "eval": [evaluation], "metric": ["loss"], "value": [1.0]}))
+            write_table_parquet(tmp / f"{name}.parquet", table)
+        out = tmp / "evals.parquet"
+        return "lipflow.results", ["merge-evals", "--out", str(out), *(str(tmp / f"{n}.parquet") for n in merged)], out
+    return case
+
+
 def train_case(overrides: dict, data=None, out_dir=None):
     def prepare(tmp: Path, shards: Path, run_cfg: dict):
         data_dir = data(tmp, shards) if data else shards
@@ -273,6 +288,13 @@ CASES = {
                                                ("lipflow.results", ["merge-evals", "--out", str(tmp / "val.parquet"),
                                                                     str(tmp / "val.parquet")], None))[1],
                             "is also one of the files to merge"),
+    "merge_the_same_file_twice": (merge_case([("val", "r-0000000a", "val")], ["val", "val"]), "is given twice"),
+    "merge_a_foreign_table": (merge_case([("notes", None, None)], ["notes"]),
+                              "notes.parquet is not an evaluation table (it has no column 'run_id')"),
+    "merge_two_runs": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000b", "rank")], ["a", "b"]),
+                       "b.parquet holds run 'r-0000000b' but"),
+    "merge_one_evaluation_twice": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "val")], ["a", "b"]),
+                                   "both hold evaluation 'val'"),
     "query_missing_sql": (lambda tmp, s, c: ("lipflow.cli", ["query"], None),
                           "the following arguments are required: sql (see lipflow query --help)"),
     "unknown_constraint": (train_case({"weight_constraint": "spectral_softcap"}), "did you mean 'spectral_soft_cap'?"),

@@ -18,11 +18,36 @@ from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.errors import ArgumentParser
 
 
+EVALUATION_COLUMNS = ("run_id", "eval", "metric", "value")  # what every evaluation file holds (lipflow.evaluation)
+
+
 def merge_evals(out: Path, files: list[Path]) -> None:
-    """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them)."""
-    if any(Path(out).resolve() == Path(f).resolve() for f in files):
+    """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them).
+    Each file must be an evaluation table, of the same run as the others and of an evaluation no other
+    file holds, so no row is counted twice or filed under another run."""
+    seen: dict[Path, Path] = {}
+    for f in files:
+        if Path(f).resolve() in seen:
+            raise ValueError(f"{f} is given twice (as {seen[Path(f).resolve()]})")
+        seen[Path(f).resolve()] = f
+    if Path(out).resolve() in seen:
         raise ValueError(f"--out {out} is also one of the files to merge")
-    tables = [read_table_parquet(f) for f in files]
+    tables, runs, evaluations = [], {}, {}
+    for f in files:
+        table = read_table_parquet(f)
+        missing = [c for c in EVALUATION_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{f} is not an evaluation table (it has no column '{missing[0]}')")
+        for run_id in table.column("run_id").unique().to_pylist():
+            runs.setdefault(run_id, f)
+        for name in table.column("eval").unique().to_pylist():
+            if name in evaluations:
+                raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")
+            evaluations[name] = f
+        tables.append(table)
+    if len(runs) > 1:
+        (a, file_a), (b, file_b) = list(runs.items())[:2]
+        raise ValueError(f"{file_b} holds run '{b}' but {file_a} holds run '{a}': merge one run's files at a time")
     merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     write_table_parquet(Path(out), merged)
 
