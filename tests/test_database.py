@@ -223,6 +223,14 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     assert done.returncode == 2 and "train_metrics.parquet is corrupt" in done.stderr
 
 
+def test_build_reports_its_views_on_stdout_and_leaves_stderr_to_errors(results):
+    done = run_stage("lipflow.results", "build", "--out", str(results / "lipflow.duckdb"), "--manifest",
+                     str(results / "manifest.json"), "--run-dirs", *map(str, sorted((results / "runs").iterdir())))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    views = [line for line in done.stdout.splitlines() if line.startswith("view ")]
+    assert views and all(line.endswith(": built") or ": empty: " in line for line in views), done.stdout
+
+
 @pytest.mark.parametrize("name", ["manifest.json", "runs/a-00000000/run.json", "runs/a-00000000/config.json"])
 def test_a_truncated_json_file_is_named(results, name):
     build_here(results)

@@ -29,7 +29,6 @@ import difflib
 import functools
 import importlib
 import pkgutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +97,7 @@ def builtin_definitions() -> dict[str, dict[str, Any]]:
     return {name: experiment.block for name, experiment in CATALOG.items()}
 
 
-def create_views(con, log=sys.stderr) -> dict[str, str]:
+def create_views(con, log=None) -> dict[str, str]:
     """Create every experiment's views on ``con`` (:func:`lipflow.results.views.create_views`);
     returns view → '' (built) or the reason it is empty."""
     return _views.create_views(con, {name: VIEWS.get(name) for name in VIEWS.names()}, log)

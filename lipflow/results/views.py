@@ -15,7 +15,6 @@ A column name has one DuckDB type in every view: a column that several views hav
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -133,9 +132,10 @@ def missing_requirement(con, part: Part) -> str | None:
     return None
 
 
-def create_views(con, views: Mapping[str, View], log=sys.stderr) -> dict[str, str]:
+def create_views(con, views: Mapping[str, View], log=None) -> dict[str, str]:
     """Create each of ``views`` (name → View) on ``con``; returns view → '' (built) or the reason
-    it is empty.
+    it is empty, and prints one status line per view to ``log`` (default stdout: progress, not errors,
+    so a failing build's stderr is its one error line).
 
     A view unites those of its parts whose tables and columns exist and that select at least one
     row; with none, it is created empty (same columns) and commented 'empty: <reason>'.
