@@ -184,3 +184,40 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
 
     (tmp_path / "c.yaml").write_text("defaults: &d {steps: 5, lr: 0.01}\nruns:\n  a:\n    <<: *d\n    lr: 0.02\n")
     assert load_config_file(tmp_path / "c.yaml")["runs"]["a"] == {"steps": 5, "lr": 0.02}
+
+
+@pytest.mark.parametrize("overlay", ["reference.yaml", "appendix_d.yaml"])
+def test_the_overlay_command_in_the_experiment_file_plans_its_runs(overlay, tmp_path):
+    """The `snakemake …` line in the header of experiments/<overlay>, run as written (with -n) in a
+    checkout-shaped folder, plans exactly one train job per run of the overlay."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    header = [line[1:].strip() for line in (repo / "experiments" / overlay).read_text().splitlines()
+              if line.startswith("#")]
+    start = next(i for i, line in enumerate(header) if line.startswith("snakemake "))
+    command = header[start]
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + header[start]
+    work = tmp_path / "lipflow"
+    work.mkdir()
+    for name in ("Snakefile", "workflow", "config.yaml", "experiments"):
+        (work / name).symlink_to(repo / name)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "tinyshakespeare.txt").write_text("First Citizen:\nSpeak.\n")
+    bin_dir = tmp_path / "bin"  # `snakemake` and `lipflow` as this interpreter runs them
+    bin_dir.mkdir()
+    for tool, module in (("snakemake", "snakemake"), ("lipflow", "lipflow.cli")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\nexec {sys.executable} -m {module} \"$@\"\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(repo)}
+    done = subprocess.run(["bash", "-c", f"{command} -n"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, (command, done.stderr[-3000:])
+    runs = yaml.safe_load((repo / "experiments" / overlay).read_text())["runs"]
+    planned = re.findall(r"wildcards: run=(\S+)", done.stdout)
+    assert sorted(run.rsplit("-", 1)[0] for run in planned) == sorted(runs), done.stdout[-3000:]
