@@ -55,9 +55,9 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
 
 
 def load_run(run_id: str, results: str | Path = "results", device: str = "auto") -> Run:
-    """One finished run under ``results``; its data directory, recorded relative to the directory
-    it was trained in (the parent of ``results``), is resolved against that parent. ``run_id`` must be
-    a run id (never a path out of ``results/runs``)."""
+    """One finished run under ``results`` (any name: a moved or renamed results tree works); its data
+    directory, recorded relative to the directory it was trained in (``results/data/…``), is looked up
+    in the same tree. ``run_id`` must be a run id (never a path out of ``results/runs``)."""
     run_dir = Path(results) / "runs" / check_run_id(run_id, "run_id")
     if not (run_dir / "run.json").is_file():
         known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
@@ -66,4 +66,12 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
     model, info = load_model(run_dir, dev)
     return Run(run_id=run_id, config=info["config"], summary=read_json(run_dir / "run.json"),
                metrics=read_table_parquet(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
-               data_dir=Path(results).parent / info["data_dir"])
+               data_dir=data_dir_in(Path(results), Path(info["data_dir"])))
+
+
+def data_dir_in(results: Path, recorded: Path) -> Path:
+    """The recorded data directory (``results/data/<corpus>/<tokenizer>``, relative to where the run
+    trained) inside the results tree ``results``; a path recorded otherwise is taken from its parent."""
+    if not recorded.is_absolute() and recorded.parts[:2] == ("results", "data"):
+        return results / recorded.relative_to("results")
+    return results.parent / recorded

@@ -133,6 +133,18 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     assert sample.returncode == 0 and sample.stdout.startswith("The")
 
 
+def test_a_moved_and_renamed_results_tree_still_samples(pipeline, tmp_path):
+    """``lipflow sample --results DIR`` finds the run's tokenizer inside DIR, whatever DIR is called."""
+    run_id = query_csv(pipeline, "select run_id from runs where name = 'lipschitz'")[0]["run_id"]
+    archive = tmp_path / "archive" / "exp1_results"
+    archive.mkdir(parents=True)
+    for part in ("runs", "data"):
+        shutil.copytree(pipeline / "results" / part, archive / part)
+    sample = lipflow_cli(tmp_path, "sample", run_id, "--results", str(archive), "--prompt", "The", "--tokens", "5",
+                         "--device", "cpu")
+    assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr
+
+
 def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline, tmp_path):
     """An ICL-only sweep trains no runs: its database still has a `runs` table (no rows) with the
     columns a real run gives, so queries and the views work (they come out empty, with a reason)."""
