@@ -291,7 +291,7 @@ CASES = {
     "merge_the_same_file_twice": (merge_case([("val", "r-0000000a", "val")], ["val", "val"]), "is given twice"),
     "merge_a_foreign_table": (merge_case([("notes", None, None)], ["notes"]),
                               "notes.parquet is not an evaluation table (it has no column 'run_id')"),
-    "merge_two_runs": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000b", "rank")], ["a", "b"]),
+    "merge_two_runs": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000b", "val")], ["a", "b"]),
                        "b.parquet holds run 'r-0000000b' but"),
     "merge_one_evaluation_twice": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "val")], ["a", "b"]),
                                    "both hold evaluation 'val'"),

@@ -123,17 +123,18 @@ def test_reference_recipe_overlay_validates_and_holds_the_notebook_values():
 
 
 def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
-    """experiments/appendix_d.yaml: both runs are experiments/reference.yaml's run with App. D's batch,
+    """experiments/appendix_d.yaml: its runs are experiments/reference.yaml's run with App. D's batch,
     blocks mass and σ_max (and their own eval cadence); they differ from each other only in the model
-    and its lr."""
+    and the lr."""
     reference = resolve_runs(resolved(yaml.safe_load(open("experiments/reference.yaml"))))
     appendix = resolve_runs(resolved(yaml.safe_load(open("experiments/appendix_d.yaml"))))
     (reference_run,) = reference.values()
     runs = {run_id.rsplit("-", 1)[0]: run for run_id, run in appendix.items()}
-    assert sorted(runs) == ["appd_s2", "appd_s2_unscaled"]
+    assert sorted(runs) == ["appd_s2", "appd_s2_lr03", "appd_s2_unscaled"]
     app_d = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}, "sigma_max": 2.0,
              "eval_every": 250, "checkpoint_every": 500}
     assert runs["appd_s2"] == {**reference_run, **app_d}
+    assert runs["appd_s2_lr03"] == {**runs["appd_s2"], "lr": 0.3}
     unscaled = runs["appd_s2_unscaled"]
     assert unscaled["model"] == "lipschitz_gpt_unscaled" and unscaled["lr"] > runs["appd_s2"]["lr"]
     assert {**unscaled, "model": "lipschitz_gpt", "lr": 0.1} == runs["appd_s2"]

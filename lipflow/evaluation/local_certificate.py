@@ -32,8 +32,8 @@ token, so that attention layer's constants (L, β, ‖J‖) are those of its map
 input's actual activations: the residual keep·x + weight·F(x) has L = keep + weight·L_F and β = weight·β_F;
 attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer``).
 ``lipschitz_gpt``'s input projection onto the RMS ball is 1-Lipschitz and fixes its own output, so
-P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` and
-``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm (``gpt``) is not covered
+P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` (and
+``lipschitz_gpt_unscaled``) and ``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm (``gpt``) is not covered
 (``local_certificate`` returns None).
 """
 

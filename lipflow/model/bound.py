@@ -6,7 +6,8 @@ Norms. For a token vector x ∈ R^n, RMS(x) = ‖x‖₂/√n; for a sequence X 
 
 The per-module formulas live here and the rules that compose them (sequential, sum, residual)
 in ``lipflow.model.certificate``; the two constants every certificate and evaluation shares are
-``GELU_MAX_SLOPE`` and ``ATTENTION_OUTPUT_DIVISOR``.
+``GELU_MAX_SLOPE`` and ``ATTENTION_OUTPUT_DIVISOR`` (Modula's ⅓, which ``lipschitz_gpt_unscaled``
+replaces by 1).
 """
 
 from __future__ import annotations

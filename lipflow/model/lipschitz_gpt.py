@@ -281,7 +281,8 @@ class LipschitzGPT(LanguageModel):
 
     cfg keys: d_model, n_layers, n_heads, context (required; d_model/n_heads even); mlp_ratio (4),
     activation (gelu|relu, gelu), attn_scale (1.0), logit_scale (1.0). ``depth_mup`` must be false:
-    the convex residual's 1/(2N) is already the depth scaling, and the certificate depends on it.
+    the residuals' branch scaling (``block_constants``: the convex residual's 1/(2N) here) is fixed,
+    and the certificate depends on it.
     Certificates: ``lipschitz_bound()`` (∞RMS → ∞RMS) and ``lipschitz_bound_l2(seq_len)`` (flattened
     ℓ2 → ℓ2), both for ``forward_embedded`` on all inputs, and ``activation_bounds()``, all read off
     ``certificate(a)``: the blocks' and the readout's certificates composed by lipflow.model.certificate.

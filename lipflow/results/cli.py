@@ -32,22 +32,26 @@ def merge_evals(out: Path, files: list[Path]) -> None:
         seen[Path(f).resolve()] = f
     if Path(out).resolve() in seen:
         raise ValueError(f"--out {out} is also one of the files to merge")
-    tables, runs, evaluations = [], {}, {}
-    for f in files:
-        table = read_table_parquet(f)
+    tables = [read_table_parquet(f) for f in files]
+    run_of: dict[Path, str] = {}
+    for f, table in zip(files, tables):
         missing = [c for c in EVALUATION_COLUMNS if c not in table.column_names]
         if missing:
             raise ValueError(f"{f} is not an evaluation table (it has no column '{missing[0]}')")
-        for run_id in table.column("run_id").unique().to_pylist():
-            runs.setdefault(run_id, f)
+        runs = sorted(table.column("run_id").unique().to_pylist())
+        if len(runs) > 1:
+            raise ValueError(f"{f} holds rows of runs {runs[0]!r} and {runs[1]!r}: merge one run's files at a time")
+        first = next(iter(run_of.items()), None)
+        if runs and first is not None and runs[0] != first[1]:
+            raise ValueError(f"{f} holds run {runs[0]!r} but {first[0]} holds run {first[1]!r}: "
+                             "merge one run's files at a time")
+        run_of.update({f: runs[0]} if runs else {})
+    evaluations: dict[str, Path] = {}
+    for f, table in zip(files, tables):
         for name in table.column("eval").unique().to_pylist():
             if name in evaluations:
                 raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")
             evaluations[name] = f
-        tables.append(table)
-    if len(runs) > 1:
-        (a, file_a), (b, file_b) = list(runs.items())[:2]
-        raise ValueError(f"{file_b} holds run '{b}' but {file_a} holds run '{a}': merge one run's files at a time")
     merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     write_table_parquet(Path(out), merged)
 
