@@ -11,7 +11,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"lipflow: error: {message} (see {self.prog} --help)\n")
+
+
+def check_distinct_paths(paths: Iterable[str | os.PathLike[str]], where: str) -> None:
+    """A ValueError naming the first of ``paths`` given twice (the same file by any spelling): its rows
+    would be counted twice."""
+    seen: dict[Path, str | os.PathLike[str]] = {}
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise ValueError(f"{where}: {path} is given twice (as {seen[key]})")
+        seen[key] = path
 
 
 def count_argument(minimum: int) -> Callable[[str], int]:

@@ -183,7 +183,8 @@ def modular(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[int], n
     name = cfg["model"]
     if model.modular_masses is None:
         raise ValueError(f"parametrization: 'modular' needs a model with a Lipschitz structure "
-                         f"(lipschitz_gpt, lipschitz_gpt_unscaled, mlp); '{name}' has none (its LayerNorm has no sensitivity)")
+                         f"(lipschitz_gpt, lipschitz_gpt_unscaled, mlp); '{name}' has none "
+                         "(its LayerNorm has no sensitivity)")
     given = cfg["masses"] or {}
     unknown = sorted(set(given) - set(model.modular_masses))
     if unknown:

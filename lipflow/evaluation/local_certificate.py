@@ -29,12 +29,12 @@ As ε → 0 the runner-up's drop over ε tends to ‖∇margin(x)‖₂.
 The margin reads the last position only, and every layer after the last attention layer acts per
 token, so that attention layer's constants (L, β, ‖J‖) are those of its map onto the last position
 (``last_query``), and the ρ_k after it bound the last token's movement. Layer constants come from the
-input's actual activations: the residual keep·x + weight·F(x) has L = keep + weight·L_F and β = weight·β_F;
-attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer``).
+input's actual activations: the residual keep·x + weight·F(x) has L = keep + weight·L_F and
+β = weight·β_F; attention as in ``local_attention``, the MLP from max|GELU''| (``gelu_layer``).
 ``lipschitz_gpt``'s input projection onto the RMS ball is 1-Lipschitz and fixes its own output, so
 P(x + δ) lies within ε of P(x) and the expansion is taken at P(x). Supported: ``lipschitz_gpt`` (and
-``lipschitz_gpt_unscaled``) and ``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm (``gpt``) is not covered
-(``local_certificate`` returns None).
+``lipschitz_gpt_unscaled``) and ``mlp`` with GELU (smooth); ReLU has no curvature bound and LayerNorm
+(``gpt``) is not covered (``local_certificate`` returns None).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
-from lipflow.errors import ArgumentParser
+from lipflow.errors import ArgumentParser, check_distinct_paths
 
 
 EVALUATION_COLUMNS = ("run_id", "eval", "metric", "value")  # what every evaluation file holds (lipflow.evaluation)
@@ -25,15 +25,12 @@ def merge_evals(out: Path, files: list[Path]) -> None:
     """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them).
     Each file must be an evaluation table, of the same run as the others and of an evaluation no other
     file holds, so no row is counted twice or filed under another run."""
-    seen: dict[Path, Path] = {}
-    for f in files:
-        if Path(f).resolve() in seen:
-            raise ValueError(f"{f} is given twice (as {seen[Path(f).resolve()]})")
-        seen[Path(f).resolve()] = f
-    if Path(out).resolve() in seen:
+    check_distinct_paths(files, "files")
+    if any(Path(out).resolve() == Path(f).resolve() for f in files):
         raise ValueError(f"--out {out} is also one of the files to merge")
     tables = [read_table_parquet(f) for f in files]
-    run_of: dict[Path, str] = {}
+    first_run: tuple[Path, str] | None = None  # (file, run id) of the first file with rows
+    evaluations: dict[str, Path] = {}
     for f, table in zip(files, tables):
         missing = [c for c in EVALUATION_COLUMNS if c not in table.column_names]
         if missing:
@@ -41,13 +38,11 @@ def merge_evals(out: Path, files: list[Path]) -> None:
         runs = sorted(table.column("run_id").unique().to_pylist())
         if len(runs) > 1:
             raise ValueError(f"{f} holds rows of runs {runs[0]!r} and {runs[1]!r}: merge one run's files at a time")
-        first = next(iter(run_of.items()), None)
-        if runs and first is not None and runs[0] != first[1]:
-            raise ValueError(f"{f} holds run {runs[0]!r} but {first[0]} holds run {first[1]!r}: "
+        if runs and first_run is None:
+            first_run = (f, runs[0])
+        elif runs and runs[0] != first_run[1]:
+            raise ValueError(f"{f} holds run {runs[0]!r} but {first_run[0]} holds run {first_run[1]!r}: "
                              "merge one run's files at a time")
-        run_of.update({f: runs[0]} if runs else {})
-    evaluations: dict[str, Path] = {}
-    for f, table in zip(files, tables):
         for name in table.column("eval").unique().to_pylist():
             if name in evaluations:
                 raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")

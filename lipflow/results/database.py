@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from lipflow.atomic import fsync_dir, read_json, sha256_file, write_json_atomic
 from lipflow.data.parquet import read_table_parquet
+from lipflow.errors import check_distinct_paths
 from lipflow.experiments import create_views
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
 
@@ -198,11 +199,7 @@ def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None)
     (else the database would be replaced and its receipt missing)."""
     if out.exists() and not (out.is_file() and is_duckdb_file(out)):
         raise FileExistsError(f"--out {out} exists and is not a DuckDB database; refusing to replace it")
-    seen: set[Path] = set()
-    for run_dir in run_dirs:
-        if Path(run_dir).resolve() in seen:
-            raise ValueError(f"--run-dirs: {run_dir} is given twice")
-        seen.add(Path(run_dir).resolve())
+    check_distinct_paths(run_dirs, "--run-dirs")
     if receipt is not None and not Path(receipt).parent.is_dir():
         raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
 
