@@ -159,7 +159,7 @@ def write_runs(root: Path, n_runs: int, steps: int) -> list[Path]:
         cfg = {**base_info["config"], **point}
         config_hash = provenance.config_hash(cfg)
         run_id = f"r{i:05d}-{config_hash[:8]}"
-        table = metrics_table(schema, run_id, steps, rng, cfg["model"] == "lipschitz_gpt")
+        table = metrics_table(schema, run_id, steps, rng, cfg["model"] != "gpt")
         last = table.slice(steps - 1).to_pylist()[0]
         run_dir = root / "runs" / run_id
         run_dir.mkdir(parents=True)

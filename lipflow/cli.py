@@ -1,8 +1,12 @@
 """The ``lipflow`` command: query the results database and sample from a trained run.
 
     lipflow query "SELECT run_id, status, val_loss FROM runs" [--format table|csv|json] [--db PATH]
-    lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8]
+    lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8] [--seed 0]
+        [--device auto|cpu|cuda] [--results results]
     lipflow runs [--configfile config.yaml [overlay.yaml ...]]   # the run ids a config resolves to
+
+``--db`` defaults to ``$LIPFLOW_DB``, else results/lipflow.duckdb; ``LIPFLOW_DEBUG=1`` keeps the
+traceback of a user error.
 
 Output cut short by its reader (``lipflow query … | head``) ends the command quietly with status 141,
 as a Unix tool killed by SIGPIPE does.
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_sample)
     r = sub.add_parser("runs", help="list the run ids a config resolves to")
     r.add_argument("--configfile", nargs="+", default=["config.yaml"],
-                   help="config files merged in order, as snakemake --configfile merges them (default config.yaml)")
+                   help="config files merged in order, as snakemake --configfile merges them (default config.yaml; "
+                        "unlike snakemake, which always reads config.yaml first, list it yourself before an overlay)")
     r.set_defaults(fn=cmd_runs)
     args = parser.parse_args(argv)
     return run_guarded(lambda: args.fn(args))

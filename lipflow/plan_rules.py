@@ -86,6 +86,11 @@ class RuleFunctions:
         """The ICL study's tables when it is on (the DuckDB build loads them as icl_<table>)."""
         return [f"results/icl/{table}.parquet" for table in ICL_TABLES] if "icl" in self.plan.studies else []
 
+    def study_tables(self, wildcards):
+        """Every study table the DuckDB build loads, when its study is on: the ICL tables and the
+        digits-MLP robustness table, so that the database waits for them and is rebuilt when they change."""
+        return [*self.icl_tables(wildcards), *self.plan.study_inputs()]
+
     def icl_targets(self, wildcards):
         """The ICL study's part of the default target `all`: everything of icl_all when it is on."""
         if "icl" not in self.plan.studies:

@@ -41,6 +41,13 @@ def resolved(config):
     ({"corpus": {"source": "files"}}, "corpus.paths is empty; corpus.source 'files' needs a path or glob"),
     ({"tokenizer": {"kind": "file"}}, "tokenizer.path is required when tokenizer.kind is 'file'"),
     ({"runs": {"a": {"model": "mlp"}}}, "runs.a.model: 'mlp' is the image classifier"),
+    ({"runs": {"a": {"model": "lipschitz_gpt", "d_model": 20, "n_heads": 4}}},
+     "runs.a.n_heads: lipschitz_gpt needs an even head width (RoPE rotates pairs), d_model 20 / n_heads 4 is odd"),
+    ({"runs": {"a": {"model": "lipschitz_gpt_unscaled", "depth_mup": True}}}, "runs.a.depth_mup: lipschitz_gpt_unscaled"),
+    ({"runs": {"a": {"model": "gpt", "parametrization": "modular"}}},
+     "runs.a.parametrization: 'modular' needs a model with a Lipschitz structure (lipschitz_gpt, lipschitz_gpt_unscaled)"),
+    ({"runs": {"a": {"experiment": "lr_transfer"}}}, "runs.a.experiment: set by experiment expansion"),
+    ({"defaults": {"experiment": "nonsense"}, "runs": {"a": {}}}, "runs.a.experiment: set by experiment expansion"),
 ])
 def test_bad_config_is_one_line_naming_the_key(config, expected):
     with pytest.raises(ConfigError) as err:
@@ -48,6 +55,33 @@ def test_bad_config_is_one_line_naming_the_key(config, expected):
     message = str(err.value)
     assert "\n" not in message
     assert expected in message
+
+
+@pytest.mark.parametrize("model", ["gpt", "lipschitz_gpt", "lipschitz_gpt_unscaled"])
+def test_the_config_refuses_exactly_the_runs_the_model_refuses(model):
+    """check_run states, without torch, the rules the model constructors and the parametrization
+    enforce when the train job builds the model: over a grid of head widths, depth-µP and
+    parametrizations, a run passes the config check if and only if its model builds."""
+    import itertools
+
+    from lipflow.model import build_model
+
+    for (d_model, n_heads), depth_mup, parametrization in itertools.product(
+            [(24, 4), (20, 4), (16, 16), (24, 3)], [False, True], ["sp", "mup", "modular"]):
+        config = {"runs": {"a": {"model": model, "d_model": d_model, "n_heads": n_heads, "n_layers": 2,
+                                 "context": 8, "depth_mup": depth_mup, "parametrization": parametrization}}}
+        try:
+            check_config(config)
+            accepted = True
+        except ConfigError:
+            accepted = False
+        run = config["runs"]["a"]
+        try:
+            build_model(run, 11)
+            builds = True
+        except ValueError:
+            builds = False
+        assert accepted == builds, (d_model, n_heads, depth_mup, parametrization)
 
 
 def test_defaults_fill_and_runs_inherit_defaults_block():
@@ -130,14 +164,28 @@ def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
     appendix = resolve_runs(resolved(yaml.safe_load(open("experiments/appendix_d.yaml"))))
     (reference_run,) = reference.values()
     runs = {run_id.rsplit("-", 1)[0]: run for run_id, run in appendix.items()}
-    assert sorted(runs) == ["appd_s2", "appd_s2_lr03", "appd_s2_unscaled"]
+    assert sorted(runs) == ["appd_s2", "appd_s2_lr03", "appd_s2_lr06", "appd_s2_unscaled"]
     app_d = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}, "sigma_max": 2.0,
              "eval_every": 250, "checkpoint_every": 500}
     assert runs["appd_s2"] == {**reference_run, **app_d}
     assert runs["appd_s2_lr03"] == {**runs["appd_s2"], "lr": 0.3}
+    assert runs["appd_s2_lr06"] == {**runs["appd_s2"], "lr": 0.6}
     unscaled = runs["appd_s2_unscaled"]
     assert unscaled["model"] == "lipschitz_gpt_unscaled" and unscaled["lr"] > runs["appd_s2"]["lr"]
     assert {**unscaled, "model": "lipschitz_gpt", "lr": 0.1} == runs["appd_s2"]
+
+
+def test_the_conda_environment_holds_the_packages_pyproject_requires():
+    """envs/lipflow.yaml (every rule's `conda:`) pins what pyproject.toml does, plus its tensorboard
+    extra (a run may set tensorboard: true), and installs no path (Snakemake copies the file elsewhere)."""
+    import tomllib
+
+    project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+    env = yaml.safe_load(open("envs/lipflow.yaml"))
+    (pip,) = [entry["pip"] for entry in env["dependencies"] if isinstance(entry, dict)]
+    assert sorted(pip) == sorted(project["dependencies"] + project["optional-dependencies"]["tensorboard"])
+    python = next(entry for entry in env["dependencies"] if isinstance(entry, str) and entry.startswith("python="))
+    assert project["requires-python"] == ">=" + python.split("=")[1]
 
 
 def test_registry_suggests_close_names():

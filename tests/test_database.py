@@ -210,6 +210,24 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     assert receipt["rows"]["shards"] > 0 and receipt["sha256"] == hashlib.sha256(db.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("study, table", [("image_mlp", "results/image_mlp/robustness.parquet"),
+                                          ("icl", "results/icl/loss_by_n.parquet")])
+def test_the_database_waits_for_the_study_tables_it_loads(tmp_path, study, table):
+    """The build loads results/<study>/*.parquet when it exists: the database rule names the study's
+    tables as inputs, so a dry run of the database plans the study's job (not left to job order)."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    turn_on = {"image_mlp": "experiments: [robustness]\n", "icl": "icl: {enabled: true}\n"}[study]
+    (tmp_path / "config.yaml").write_text("runs: {}\n" + turn_on)
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+                          "results/lipflow.duckdb.built", "--configfile", str(tmp_path / "config.yaml"), "-c1", "-n"],
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    database_inputs = dry.stdout[dry.stdout.index("rule database:"):].splitlines()[1]
+    assert database_inputs.startswith("    input: ") and table in database_inputs.split(", ")
+
+
 def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     old = tmp_path / "train_metrics.parquet"
     pq.write_table(pa.table({"step": [0]}), old)  # as written before lipflow kept Parquet checksums

@@ -497,13 +497,16 @@ def test_local_certificate_rows_reach_the_robustness_and_pareto_views(tmp_path):
 
 
 def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closest_accuracy(tmp_path):
-    """Each lipschitz_gpt run is matched with the run of the other kind (constrained or not) of the closest
-    fp32 accuracy; the baseline gpt (no analytic bound) gets its observed max and no match."""
+    """Each run is matched with the run of the same model and the other kind (constrained or not) of the
+    closest fp32 accuracy; the baseline gpt (no analytic bound, no constrained twin) gets its observed max
+    and no match, and lipschitz_gpt_unscaled's runs match each other only."""
     specs = [("prec.cap-00000001", "lipschitz_gpt", "spectral_soft_cap", 400, 0.30, 4.0, 2.0),
              ("prec.free-00000002", "lipschitz_gpt", "none", 400, 0.45, 900.0, 9.0),
              ("prec.free.T100-00000003", "lipschitz_gpt", "none", 100, 0.28, 300.0, 6.0),
              ("prec.free.T50-00000004", "lipschitz_gpt", "none", 50, 0.20, 100.0, 5.0),
-             ("prec.gpt-00000005", "gpt", "none", 400, 0.50, None, 17.0)]
+             ("prec.gpt-00000005", "gpt", "none", 400, 0.50, None, 17.0),
+             ("prec.ucap-00000006", "lipschitz_gpt_unscaled", "spectral_soft_cap", 400, 0.29, 40.0, 3.0),
+             ("prec.ufree-00000007", "lipschitz_gpt_unscaled", "none", 400, 0.44, 5000.0, 12.0)]
     runs = [run(rid, experiment="precision", model=m, weight_constraint=c, steps=t) for rid, m, c, t, *_ in specs]
     evals = []
     for rid, model, _, _, acc, proven, seen in specs:
@@ -522,6 +525,7 @@ def test_precision_bounds_pairs_constrained_and_unconstrained_runs_at_the_closes
     assert got["free"][:2] == ("cap", 4.0) and got["free"][3] == 0.0
     assert got["free.T50"][0] == "cap"
     assert got["gpt"][:3] == (None, None, None) and math.isnan(got["gpt"][3])
+    assert got["ucap"][:2] == ("ufree", 5000.0) and got["ufree"][:2] == ("ucap", 40.0)
 
 
 def icl_tables(layer_losses: dict[int, tuple[float, float]], n: int = 20) -> dict[str, list[dict]]:

@@ -44,6 +44,9 @@ def check_config(config: dict[str, Any]) -> None:
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
     for name, run in config["runs"].items():
+        if run["experiment"] is not None:
+            raise ConfigError(f"config error: runs.{name}.experiment: set by experiment expansion, not in `runs` "
+                              "(select an experiment with `experiments: [...]`)")
         check_run(f"runs.{name}", run)
 
 
@@ -88,15 +91,36 @@ def data_block(name: str, block: dict[str, Any], error: type[Exception] = Config
 FIXED_NS_STEPS = {"you": 6}
 
 
+# The models a run of `runs` or of an experiment trains on the text corpus: the schema's, less the image
+# study's classifier. The ones with a Lipschitz structure are all of them but the LayerNorm baseline.
+LANGUAGE_MODELS = tuple(m for m in load_schema(SCHEMA_PATH)["$defs"]["run"]["properties"]["model"]["enum"]
+                        if m != "mlp")
+LIPSCHITZ_LANGUAGE_MODELS = tuple(m for m in LANGUAGE_MODELS if m != "gpt")
+
+
 def check_run(where: str, run: dict[str, Any]) -> None:
-    """Cross-key rules of one resolved run: the runs train a language model on the text corpus
-    (``mlp`` is the image study's classifier), ``n_heads`` divides ``d_model``, and a Newton–Schulz
+    """Cross-key rules of one resolved run, the ones each model's constructor and the parametrization
+    enforce, checked here before any job starts (tests/test_config.py checks that the two agree): the
+    runs train a language model on the text corpus (``mlp`` is the image study's classifier),
+    ``n_heads`` divides ``d_model``, the Lipschitz models rotate pairs of head dimensions (RoPE) and fix
+    their own residual scaling, ``modular`` needs a Lipschitz structure, and a Newton–Schulz
     coefficient schedule gets its own number of steps."""
-    if run["model"] == "mlp":
-        raise ConfigError(f"config error: {where}.model: 'mlp' is the image classifier of the image_mlp study and "
-                          "cannot train on the text corpus; use gpt or lipschitz_gpt")
+    model = run["model"]
+    if model not in LANGUAGE_MODELS:
+        raise ConfigError(f"config error: {where}.model: '{model}' is the image classifier of the image_mlp study "
+                          f"and cannot train on the text corpus; use {', '.join(LANGUAGE_MODELS)}")
     if run["d_model"] % run["n_heads"]:
         raise ConfigError(f"config error: {where}.n_heads: {run['n_heads']} does not divide d_model {run['d_model']}")
+    if model in LIPSCHITZ_LANGUAGE_MODELS:
+        if (run["d_model"] // run["n_heads"]) % 2:
+            raise ConfigError(f"config error: {where}.n_heads: {model} needs an even head width (RoPE rotates "
+                              f"pairs), d_model {run['d_model']} / n_heads {run['n_heads']} is odd")
+        if run["depth_mup"]:
+            raise ConfigError(f"config error: {where}.depth_mup: {model}'s residuals fix their own branch scaling "
+                              "(the certificate depends on it); set depth_mup: false")
+    elif run["parametrization"] == "modular":
+        raise ConfigError(f"config error: {where}.parametrization: 'modular' needs a model with a Lipschitz "
+                          f"structure ({', '.join(LIPSCHITZ_LANGUAGE_MODELS)}); {model}'s LayerNorm has none")
     fixed = FIXED_NS_STEPS.get(run["ns_coefficients"])
     if fixed is not None and run["ns_steps"] != fixed:
         raise ConfigError(f"config error: {where}.ns_steps: ns_coefficients '{run['ns_coefficients']}' has exactly "

@@ -1,6 +1,9 @@
-"""Evaluation stage: ``python -m lipflow.evaluation --evaluation NAME --run-dir D --data-dir T
---params-json J --out F`` runs one registered evaluation on one checkpoint and writes long-form
-rows (run_id, eval, metric, value, parameter columns) to Parquet."""
+"""Evaluation stage: one registered evaluation on one checkpoint, long-form rows to Parquet.
+
+    python -m lipflow.evaluation --evaluation NAME --run-dir D --data-dir T --params-json J --out F
+        [--device auto|cpu|cuda]
+
+The rows are (run_id, eval, metric, value, parameter columns)."""
 
 from __future__ import annotations
 

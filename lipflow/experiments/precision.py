@@ -96,8 +96,7 @@ PRECISION_BOUNDS = View(
                    b.observed_max_activation AS matched_observed_max_activation,
                    b.proven_over_observed AS matched_proven_over_observed,
                    row_number() OVER (PARTITION BY a.run_id ORDER BY abs(a.accuracy - b.accuracy), b.label) AS rank
-            FROM runs_ AS a JOIN runs_ AS b ON a.model = 'lipschitz_gpt' AND b.model = 'lipschitz_gpt'
-                                             AND a.constrained <> b.constrained)
+            FROM runs_ AS a JOIN runs_ AS b ON a.model = b.model AND a.constrained <> b.constrained)
         SELECT r.label, r.run_id, r.model, r.optimizer, r.weight_constraint, r.steps, r.accuracy,
                r.proven_max_activation, r.observed_max_activation, r.proven_over_observed,
                r.analytic_activation_bound, r.e4m3_proven_safe, r.e4m3_observed_safe, r.e5m2_proven_safe,

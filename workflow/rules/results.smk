@@ -14,7 +14,7 @@ rule database:
         # A plain path, not rules.tokenize.output.manifest: a rule reference makes Snakemake hash the
         # whole run lists above once per file (quadratic in runs; 2 s of a 1,000-run dry run).
         manifest=f"{TOKENS_DIR}/manifest.json",
-        icl=icl_tables,
+        studies=study_tables,
     output:
         # update(): Snakemake does not delete the database before the job (and restores it from its backup
         # after a failure), so the previous one stays readable; the receipt (DATABASE_RECEIPT, a plain
