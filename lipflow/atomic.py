@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Collection, Iterator
+from typing import IO, Any, Callable, Collection, Iterator
 
 from lipflow.errors import IntegrityError
 
@@ -99,7 +99,13 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
     """Open a temporary sibling of ``path`` for writing; on a clean exit fsync and rename it onto
     ``path``; on an exception delete it and leave ``path`` untouched."""
     final = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_name(final), dir=final.parent)
+    if final.is_dir():
+        raise IsADirectoryError(f"cannot write {final}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_name(final), dir=final.parent)
+    except OSError as err:  # name the file asked for, not the temporary one
+        reason = f"folder {final.parent} does not exist" if isinstance(err, FileNotFoundError) else err.strerror
+        raise type(err)(f"cannot write {final}: {reason}") from None
     os.chmod(tmp, _umask_mode(0o666))
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -137,6 +143,15 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(dirpath)
+
+
+def refuse_to_replace(path: str | os.PathLike[str], flag: str, what: str, is_ours: Callable[[Path], bool]) -> None:
+    """A FileExistsError naming ``flag`` and ``path`` when ``path`` exists (or is a link) and is not
+    ``what``, the kind of file the stage writes there: its earlier output, which it may replace,
+    passes ``is_ours``; a user's other file, a folder or a link is never replaced."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not (path.is_file() and is_ours(path))):
+        raise FileExistsError(f"{flag} {path} exists and is not {what}; refusing to replace it")
 
 
 def refuse_foreign(final: Path, owned: Collection[str]) -> None:

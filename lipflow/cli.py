@@ -30,9 +30,10 @@ def default_db() -> Path:
 
 
 # Set when the connection opens and locked: no file, URL or other database can be read or written
-# (read_csv, COPY, ATTACH, glob …), no extension installed or loaded, no setting changed.
+# (read_csv, COPY, ATTACH, glob …), no extension installed or loaded, no setting changed, and no
+# spill files (DuckDB's temp_directory, <db>.tmp by default: a query too big for memory fails instead).
 LOCKED_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
-                 "autoload_known_extensions": False, "lock_configuration": True}
+                 "autoload_known_extensions": False, "temp_directory": "", "lock_configuration": True}
 
 
 def connect(db: str | os.PathLike[str] | None = None):
@@ -127,11 +128,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.tokens < 1:
         raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
+    if not 0 <= args.seed < 2**63:  # torch.Generator's range
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     run = load_run(args.run_id, results=args.results, device=args.device)
     tokenizer = load_tokenizer(run.data_dir)
-    ids = tokenizer.encode(args.prompt).ids
+    encoding = tokenizer.encode(args.prompt)
+    ids = encoding.ids
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
+    unknown = getattr(tokenizer.model, "unk_token", None)
+    unknown_id = tokenizer.token_to_id(unknown) if unknown else None
+    if unknown_id is not None and unknown_id in ids:  # it would be dropped from the prompt without a word
+        start, end = encoding.offsets[ids.index(unknown_id)]
+        raise ValueError(f"--prompt: {args.prompt[start:end]!r} is not in the run's vocabulary "
+                         f"(the tokenizer in {run.data_dir} never saw it in training)")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     idx = torch.tensor([ids], device=run.device)
     out = run.model.generate(idx, args.tokens, temperature=args.temperature, generator=gen)

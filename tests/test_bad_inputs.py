@@ -17,9 +17,9 @@ import torch
 from conftest import run_stage
 
 
-def config_case(text: str):
+def config_case(text: str | bytes):
     def prepare(tmp: Path, shards: Path, run_cfg: dict):
-        (tmp / "config.yaml").write_text(text)
+        (tmp / "config.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
         return "lipflow.cli", ["runs", "--configfile", str(tmp / "config.yaml")], None
     return prepare
 
@@ -48,18 +48,22 @@ def tokenizer_case(block: dict, val_line: str | None = None):
     return prepare
 
 
-def merge_case(tables: list[tuple[str, str | None, str | None]], merged: list[str]):
+def merge_case(tables: list[tuple[str, str | None, str | None]], merged: list[str], text_values=(),
+               out: str = "evals.parquet"):
     """``merge-evals`` of the named files, each written (with its checksum) as an evaluation table of
-    (run id, evaluation) or, with None, a table of one unrelated column."""
+    (run id, evaluation) or, with None, a table of one unrelated column; ``text_values``: the files
+    whose value column is text instead of a number."""
     def case(tmp: Path, shards: Path, checkpoint: Path):
         from lipflow.data.parquet import write_table_parquet
 
         for name, run_id, evaluation in tables:
+            value = "1.0" if name in text_values else 1.0
             table = (pa.table({"x": [1]}) if run_id is None else
-                     pa.table({"run_id": [run_id], "eval": [evaluation], "metric": ["loss"], "value": [1.0]}))
+                     pa.table({"run_id": [run_id], "eval": [evaluation], "metric": ["loss"], "value": [value]}))
             write_table_parquet(tmp / f"{name}.parquet", table)
-        out = tmp / "evals.parquet"
-        return "lipflow.results", ["merge-evals", "--out", str(out), *(str(tmp / f"{n}.parquet") for n in merged)], out
+        out_path = tmp / out
+        return ("lipflow.results", ["merge-evals", "--out", str(out_path), *(str(tmp / f"{n}.parquet") for n in merged)],
+                out_path)
     return case
 
 
@@ -204,6 +208,23 @@ def build_case(extra_args, out_name="db.duckdb", out_text=None, run=None):
     return prepare
 
 
+def edited_manifest(drop: str):
+    """A copy of the data dir whose manifest lacks ``drop`` (a top-level key, or ``shards`` of the train split)."""
+    def data(tmp: Path, shards: Path) -> Path:
+        import shutil
+
+        copy = tmp / "edited_data"
+        shutil.copytree(shards, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        if drop == "shards":
+            del manifest["splits"]["train"]["shards"]
+        else:
+            del manifest[drop]
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+    return data
+
+
 def real_fake_run(tmp, shards, run_cfg):
     """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
     from lipflow.train.checkpoint import save_weights
@@ -218,6 +239,7 @@ def real_fake_run(tmp, shards, run_cfg):
 
 CASES = {
     "malformed_yaml": (config_case("runs:\n  a: {lr: 0.1\n"), "malformed YAML at line"),
+    "config_not_utf8": (config_case(b"runs: {}\n# caf\xe9\n"), "config.yaml: not UTF-8 text (byte 14 is 0xe9)"),
     "unknown_key": (config_case("runs:\n  a: {lrr: 0.1}\n"), "unknown key 'runs.a.lrr' (did you mean 'lr'?)"),
     "wrong_type": (config_case("defaults: {d_model: wide}\n"), "d_model: 'wide' is not of type 'integer'"),
     "negative_lr": (config_case("runs:\n  a: {lr: -0.1}\n"), "runs.a.lr: -0.1 is less than or equal to the minimum of 0"),
@@ -280,8 +302,14 @@ CASES = {
     "run_json_a_list": (build_case(["--run-dirs", "{run}"], run=list_run_json), "run.json holds a JSON list, not an object"),
     "run_json_missing_key": (build_case(["--run-dirs", "{run}"], run=run_json_without_key), "missing key"),
     "build_over_a_user_file": (build_case(["--run-dirs", "{run}"], out_name="notes.txt", out_text="mine"),
-                               "exists and is not a DuckDB database; refusing to replace it"),
+                               "exists and is not a lipflow database; refusing to replace it"),
     "build_run_dir_twice": (build_case(["--run-dirs", "{run}", "{run}/"]), "is given twice"),
+    "build_manifest_without_splits": (lambda tmp, s, c: (
+        "lipflow.results", ["build", "--out", str(tmp / "db.duckdb"), "--manifest",
+                            str(edited_manifest("splits")(tmp, s) / "manifest.json")], tmp / "db.duckdb"),
+        "edited_data/manifest.json has no 'splits' (truncated or edited?)"),
+    "train_manifest_without_shards": (train_case({}, data=edited_manifest("shards")),
+                                      "edited_data/manifest.json: split 'train' has no list of shards"),
     "build_receipt_folder_missing": (build_case(["--run-dirs", "{run}", "--receipt", "{tmp}/nowhere/db.built"]),
                                      "folder"),
     "merge_into_an_input": (lambda tmp, s, c: (pq.write_table(pa.table({"x": [1]}), tmp / "val.parquet"),
@@ -295,6 +323,11 @@ CASES = {
                        "b.parquet holds run 'r-0000000b' but"),
     "merge_one_evaluation_twice": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "val")], ["a", "b"]),
                                    "both hold evaluation 'val'"),
+    "merge_nothing": (merge_case([], []), "no evaluation files given"),
+    "merge_clashing_types": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "rank")], ["a", "b"],
+                                        text_values=["b"]), "the evaluation files cannot be merged"),
+    "merge_into_a_missing_folder": (merge_case([("a", "r-0000000a", "val")], ["a"], out="nowhere/evals.parquet"),
+                                    "nowhere/evals.parquet: folder"),
     "query_missing_sql": (lambda tmp, s, c: ("lipflow.cli", ["query"], None),
                           "the following arguments are required: sql (see lipflow query --help)"),
     "unknown_constraint": (train_case({"weight_constraint": "spectral_softcap"}), "did you mean 'spectral_soft_cap'?"),
@@ -357,6 +390,69 @@ def test_bad_input_gives_one_clear_line(case, char_shards, tiny_run_config, tmp_
     assert earlier.read_bytes() == before
 
 
+def user_duckdb(path: Path) -> Path:
+    import duckdb
+
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE secrets AS SELECT 42 AS x")
+    return path
+
+
+def other_run_dir(tmp: Path, shards: Path, run_cfg: dict) -> Path:
+    """A finished run's directory, trained with another lr than run_cfg's."""
+    out = tmp / "other_run"
+    done = run_stage("lipflow.train", "--run-id", "bad-00000000", "--config-json", json.dumps({**run_cfg, "lr": 0.5}),
+                     "--data-dir", str(shards), "--out-dir", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+# what a stage is pointed at → (module, args, the file it must leave as it was, the error's words)
+NEVER_REPLACED = {
+    "evaluation over a run's weights": lambda tmp, s, c: (
+        "lipflow.evaluation", ["--evaluation", "val", "--run-dir", str(real_fake_run(tmp, s, c)), "--data-dir", str(s),
+                               "--out", str(tmp / "fake_run" / "model.safetensors"), "--device", "cpu"],
+        tmp / "fake_run" / "model.safetensors", "--out"),
+    "merge-evals over a user's file": lambda tmp, s, c: (
+        (tmp / "notes.txt").write_text("mine"), merge_case([("a", "r-0000000a", "val")], ["a"])(tmp, s, c)[0],
+        ["merge-evals", "--out", str(tmp / "notes.txt"), str(tmp / "a.parquet")], tmp / "notes.txt", "--out")[1:],
+    "build over another DuckDB database": lambda tmp, s, c: (
+        "lipflow.results", ["build", "--out", str(user_duckdb(tmp / "mine.duckdb")), "--manifest",
+                            str(s / "manifest.json"), "--run-dirs", str(real_fake_run(tmp, s, c))],
+        tmp / "mine.duckdb", "--out"),
+    "receipt over a JSON file": lambda tmp, s, c: (
+        (tmp / "manifest.json").write_bytes((s / "manifest.json").read_bytes()),
+        "lipflow.results", ["build", "--out", str(tmp / "db.duckdb"), "--manifest", str(s / "manifest.json"),
+                            "--run-dirs", str(real_fake_run(tmp, s, c)), "--receipt", str(tmp / "manifest.json")],
+        tmp / "manifest.json", "--receipt")[1:],
+    "receipt over a user's database": lambda tmp, s, c: (
+        "lipflow.results", ["build", "--out", str(tmp / "db.duckdb"), "--manifest", str(s / "manifest.json"),
+                            "--run-dirs", str(real_fake_run(tmp, s, c)), "--receipt", str(user_duckdb(tmp / "u.duckdb"))],
+        tmp / "u.duckdb", "--receipt"),
+    "train over another run": lambda tmp, s, c: (
+        "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
+                          "--out-dir", str(other_run_dir(tmp, s, c)), "--no-progress"],
+        tmp / "other_run" / "model.safetensors", "differs in lr"),
+    "train over a user's config.json": lambda tmp, s, c: (
+        (tmp / "notes").mkdir(), (tmp / "notes" / "config.json").write_text("my notes"),
+        "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
+                          "--out-dir", str(tmp / "notes"), "--no-progress"], tmp / "notes" / "config.json", "--out-dir")[2:],
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEVER_REPLACED))
+def test_a_stage_never_replaces_a_file_it_did_not_write(case, char_shards, tiny_run_config, tmp_path):
+    """Pointed at a file that is not its own earlier output, a stage refuses with one line naming the
+    option, and the file keeps its bytes."""
+    module, args, protected, words = NEVER_REPLACED[case](tmp_path, char_shards, tiny_run_config)
+    before = protected.read_bytes()
+    done = run_stage(module, *args, cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "refusing to replace it" in lines[0] and words in lines[0], lines[0]
+    assert protected.read_bytes() == before
+
+
 def test_connect_is_locked_to_the_database(tmp_path):
     """lipflow.connect() reads the database's tables and views, and no file, extension or setting."""
     import duckdb
@@ -368,9 +464,12 @@ def test_connect_is_locked_to_the_database(tmp_path):
     con = lipflow.connect(db)
     assert con.execute("SELECT run_id FROM best").fetchall() == [("a-00000000",)]
     for sql in (f"SELECT * FROM read_csv('{tmp_path}/secret.csv')", f"COPY runs TO '{tmp_path}/out.csv'",
-                f"ATTACH '{tmp_path}/new.duckdb'", "SET enable_external_access = true", "INSTALL httpfs"):
+                f"ATTACH '{tmp_path}/new.duckdb'", "SET enable_external_access = true", "INSTALL httpfs",
+                f"SET temp_directory = '{tmp_path}/spill'"):
         with pytest.raises(duckdb.Error):
             con.execute(sql)
+    # no spill folder either (DuckDB's default is <db>.tmp beside the database)
+    assert con.execute("SELECT current_setting('temp_directory')").fetchone() == ("",)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "secret.csv"]
 
 

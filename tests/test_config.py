@@ -22,6 +22,8 @@ def resolved(config):
     ({"runs": {"a": {"lr": -1}}}, "runs.a.lr: -1 is less than or equal to the minimum of 0"),
     ({"runs": {"a": {"sigma_max": 0}}}, "runs.a.sigma_max: 0 is less than or equal to the minimum of 0"),
     ({"runs": {"a": {"steps": 0}}}, "runs.a.steps: 0 is less than the minimum of 1"),
+    ({"runs": {"a": {"seed": 2**70}}}, "runs.a.seed: 1180591620717411303424 is greater than the maximum of 4294967295"),
+    ({"evaluations": {"robustness": {"seed": 2**40}}}, "evaluations.robustness.seed: 1099511627776 is greater than"),
     ({"runs": {"a": {"d_model": "wide"}}}, "runs.a.d_model: 'wide' is not of type 'integer'"),
     ({"runs": {"a": {"optimizer": "adam"}}}, "runs.a.optimizer: 'adam' is not one of adamw, muon, scion, uscg"),
     ({"runs": {"a'; drop table runs; --": {}}}, "is not allowed"),

@@ -44,8 +44,9 @@ def results(tmp_path, tiny_run_config) -> Path:
     root = tmp_path / "results"
     for run_id in ("a-00000000", "b-11111111"):
         make_run(root, run_id, tiny_run_config)
-    manifest = {"dtype": "uint16", "splits": {"train": {"shards": [{"file": "train/shard-00000.arrow",
-                                                                    "num_tokens": 100, "sha256": "0" * 64}]}}}
+    manifest = {"format": "lipflow-token-shards/1", "dtype": "uint16", "vocab_size": 10, "tokenizer": {},
+                "splits": {"train": {"shards": [{"file": "train/shard-00000.arrow", "num_tokens": 100,
+                                                 "sha256": "0" * 64}]}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 

@@ -131,6 +131,11 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     assert run.model.lipschitz_bound() == pytest.approx(run.summary["lipschitz_bound"], rel=1e-6)
     sample = lipflow_cli(pipeline, "sample", run_id, "--prompt", "The", "--tokens", "20", "--device", "cpu")
     assert sample.returncode == 0 and sample.stdout.startswith("The")
+    # a character the char tokenizer never saw would encode as [UNK] and vanish from the prompt
+    unseen = lipflow_cli(pipeline, "sample", run_id, "--prompt", "The 日", "--tokens", "5", "--device", "cpu")
+    assert unseen.returncode == 2 and unseen.stdout == ""
+    assert unseen.stderr.strip().splitlines() == ["lipflow: error: --prompt: '日' is not in the run's vocabulary "
+                                                  "(the tokenizer in results/data/pydoc/char never saw it in training)"]
 
 
 def test_a_moved_and_renamed_results_tree_still_samples(pipeline, tmp_path):

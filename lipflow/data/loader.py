@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from lipflow.data import DataError
 from lipflow.atomic import sha256_file
-from lipflow.data.tokenize import MANIFEST_FORMAT
+from lipflow.data.tokenize import check_manifest
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -33,9 +33,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"corrupt manifest {path}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path} is not a '{MANIFEST_FORMAT}' manifest")
-    return manifest
+    return check_manifest(manifest, path)
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:

@@ -70,6 +70,28 @@ UNK = "[UNK]"
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|im_end|>", "[SEP]")
 SPLITS = ("train", "val")
 MANIFEST_FORMAT = "lipflow-token-shards/1"
+MANIFEST_KEYS = ("dtype", "vocab_size", "tokenizer", "splits")
+SHARD_KEYS = ("file", "num_tokens", "sha256")
+
+
+def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """``manifest`` (read from ``path``) when it has the format above, else a DataError naming the
+    file and what it lacks (the manifest has no checksum file: an edit shows only here)."""
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path} is not a '{MANIFEST_FORMAT}' manifest")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise DataError(f"{path} has no '{missing[0]}' (truncated or edited?)")
+    if not isinstance(manifest["splits"], dict):
+        raise DataError(f"{path}: 'splits' is not a mapping of split names")
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            raise DataError(f"{path}: split '{split}' has no list of shards")
+        for index, shard in enumerate(shards):
+            if not isinstance(shard, dict) or any(key not in shard for key in SHARD_KEYS):
+                raise DataError(f"{path}: shard {index} of split '{split}' lacks one of {', '.join(SHARD_KEYS)}")
+    return manifest
 BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
 
 

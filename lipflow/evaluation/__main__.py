@@ -19,6 +19,7 @@ from lipflow.data.parquet import write_table_parquet
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
+from lipflow.results.cli import refuse_to_replace_non_evaluation
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
@@ -46,6 +47,7 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
 def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, device: str = "auto") -> int:
     evaluation = EVALUATIONS.get(name)
     params = evaluation_params(name, **params)
+    refuse_to_replace_non_evaluation(out)
     summary = read_json(run_dir / "run.json")
     run_id = summary["run_id"]
     if summary["status"] != "completed":

@@ -19,6 +19,7 @@ Training, constraints, optimizers and evaluations only talk to a model through t
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -122,8 +123,12 @@ class LanguageModel(nn.Module):
 
 
 def spectral_norm(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
-    """Largest singular value σ_max(W), by an SVD in ``dtype`` (float64 where it must bound from above)."""
-    return torch.linalg.matrix_norm(w.detach().to(dtype), ord=2).item()
+    """Largest singular value σ_max(W), by an SVD in ``dtype`` (float64 where it must bound from above);
+    NaN for a matrix with a non-finite entry (a diverged run's), where the SVD would fail."""
+    w = w.detach().to(dtype)
+    if not bool(torch.isfinite(w).all()):
+        return math.nan
+    return torch.linalg.matrix_norm(w, ord=2).item()
 
 
 def rms_operator_norm(w: torch.Tensor) -> float:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_bytes_atomic
+import pyarrow.parquet as pq
+
+from lipflow.atomic import read_verified, refuse_to_replace, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.errors import ArgumentParser, check_distinct_paths
 
@@ -21,13 +23,30 @@ from lipflow.errors import ArgumentParser, check_distinct_paths
 EVALUATION_COLUMNS = ("run_id", "eval", "metric", "value")  # what every evaluation file holds (lipflow.evaluation)
 
 
+def is_evaluation_table(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file with the evaluation columns (an earlier evaluation output)."""
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return False
+    return all(c in names for c in EVALUATION_COLUMNS)
+
+
+def refuse_to_replace_non_evaluation(out: Path) -> None:
+    """``out`` may replace an earlier evaluation table only, never a user's other file."""
+    refuse_to_replace(out, "--out", "an evaluation table", is_evaluation_table)
+
+
 def merge_evals(out: Path, files: list[Path]) -> None:
     """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them).
     Each file must be an evaluation table, of the same run as the others and of an evaluation no other
     file holds, so no row is counted twice or filed under another run."""
+    if not files:
+        raise ValueError("merge-evals: no evaluation files given (name at least one)")
     check_distinct_paths(files, "files")
     if any(Path(out).resolve() == Path(f).resolve() for f in files):
         raise ValueError(f"--out {out} is also one of the files to merge")
+    refuse_to_replace_non_evaluation(Path(out))
     tables = [read_table_parquet(f) for f in files]
     first_run: tuple[Path, str] | None = None  # (file, run id) of the first file with rows
     evaluations: dict[str, Path] = {}
@@ -47,7 +66,10 @@ def merge_evals(out: Path, files: list[Path]) -> None:
             if name in evaluations:
                 raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")
             evaluations[name] = f
-    merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    try:
+        merged = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as err:  # e.g. a column that is a number in one file and text in another
+        raise ValueError(f"the evaluation files cannot be merged ({str(err).splitlines()[0]})") from None
     write_table_parquet(Path(out), merged)
 
 

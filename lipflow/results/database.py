@@ -27,8 +27,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.atomic import fsync_dir, read_json, sha256_file, write_json_atomic
+from lipflow.atomic import fsync_dir, read_json, refuse_to_replace, sha256_file, write_json_atomic
 from lipflow.data.parquet import read_table_parquet
+from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
 from lipflow.experiments import create_views
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
@@ -84,7 +85,7 @@ def empty_runs_table() -> pa.Table:
 
 
 def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
-    manifest = read_json(manifest_path)
+    manifest = check_manifest(read_json(manifest_path), manifest_path)
     rows = []
     for split, info in manifest["splits"].items():
         for index, shard in enumerate(info["shards"]):
@@ -193,15 +194,43 @@ def is_duckdb_file(path: Path) -> bool:
         return f.read(12)[8:] == DUCKDB_MAGIC
 
 
+LIPFLOW_TABLES = ("runs", "shards")  # every lipflow database has them, even with no run
+
+
+def is_lipflow_database(path: Path) -> bool:
+    """Whether ``path`` is a DuckDB database holding lipflow's tables (an earlier build)."""
+    if not is_duckdb_file(path):
+        return False
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            tables = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    except duckdb.Error:
+        return False
+    return set(LIPFLOW_TABLES) <= tables
+
+
+def is_receipt(path: Path) -> bool:
+    """Whether ``path`` is a receipt an earlier build wrote (a JSON object with its keys)."""
+    try:
+        receipt = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(receipt, dict) and set(receipt) == {"database", "sha256", "rows"}
+
+
 def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None) -> None:
-    """Before any work: ``out`` is absent or a DuckDB database (a user's other file is never replaced),
-    no run directory is given twice (its rows would be counted twice), and the receipt's folder exists
-    (else the database would be replaced and its receipt missing)."""
-    if out.exists() and not (out.is_file() and is_duckdb_file(out)):
-        raise FileExistsError(f"--out {out} exists and is not a DuckDB database; refusing to replace it")
+    """Before any work: ``out`` is absent or a lipflow database and ``receipt`` absent or a receipt (a
+    user's other file, another database or the manifest is never replaced), no run directory is given
+    twice (its rows would be counted twice), and the receipt's folder exists (else the database would
+    be replaced and its receipt missing)."""
+    refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
     check_distinct_paths(run_dirs, "--run-dirs")
-    if receipt is not None and not Path(receipt).parent.is_dir():
-        raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
+    if receipt is not None:
+        refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
+        if Path(receipt).resolve() == out.resolve():
+            raise ValueError(f"--receipt {receipt} is also --out")
+        if not Path(receipt).parent.is_dir():
+            raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
 
 
 def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS,

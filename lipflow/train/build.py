@@ -3,6 +3,7 @@ weight constraint, and the loss a training step calls (``torch.compile`` and DDP
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +24,27 @@ def ensure_writable(directory: Path) -> None:
         raise PermissionError(f"cannot create results directory {directory}: {err.strerror}") from None
     if not os.access(directory, os.W_OK):
         raise PermissionError(f"results directory {directory} is not writable")
+
+
+def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> None:
+    """A FileExistsError when ``directory`` holds another run's config.json (or a file of that name that
+    is no run's): training would replace that run's weights and metrics. The same run's files (a rerun,
+    or what an interrupted run left) may be replaced."""
+    path = directory / "config.json"
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        info = None
+    if not (isinstance(info, dict) and isinstance(info.get("config"), dict)):
+        raise FileExistsError(f"--out-dir {directory} holds a config.json that is not a run's; refusing to replace it")
+    ours = json.loads(json.dumps(cfg))
+    if info.get("run_id") != run_id or info["config"] != ours:
+        keys = sorted(k for k in set(ours) | set(info["config"]) if ours.get(k) != info["config"].get(k))
+        what = f"differs in {keys[0]}" if keys else f"run id {info.get('run_id')!r}"
+        raise FileExistsError(f"--out-dir {directory} holds another run ({what}); refusing to replace it "
+                              "(choose another --out-dir or move it away)")
 
 
 def token_splits(data_dir: Path, cfg: dict[str, Any]) -> tuple[TokenShards, TokenShards]:

@@ -26,7 +26,7 @@ from lipflow.data.parquet import write_rows_parquet
 from lipflow.metrics import autocast_for, resolve_device
 from lipflow.schedules import lr_factor
 from lipflow.train import checkpoint
-from lipflow.train.build import build_learner, ensure_writable, token_splits, training_loss
+from lipflow.train.build import build_learner, check_run_directory, ensure_writable, token_splits, training_loss
 from lipflow.train.stop import Preempted, SigtermWatch, divergence
 from lipflow.train.summary import METRIC_COLUMNS, run_summary
 from lipflow.train.telemetry import EvalStepTelemetry, StepLog, StepResult, TensorBoardMirror
@@ -44,6 +44,7 @@ class Trainer:
         # bad shards or a missing device fail before out_dir exists
         self.train_data, self.val_data = token_splits(self.data_dir, cfg)
         device = resolve_device(cfg["device"])
+        check_run_directory(self.out_dir, run_id, cfg)
         ensure_writable(self.out_dir)
         self.topo, self.device = distributed.init_from_env(device)
         torch.manual_seed(cfg["seed"])
@@ -115,10 +116,14 @@ class Trainer:
                     if not (eval_now or checkpoint_now or stop_now or len(self.steps.pending) >= MAX_PENDING_STEPS):
                         continue
                     rows, bad_step = self.steps.flush()
-                    if bad_step is None and eval_now:
+                    # a finite loss can precede non-finite weights (the step after it overflowed them),
+                    # which the eval step's norms and certificate cannot measure
+                    broken = bad_step is None and eval_now and not self.weights_finite()
+                    if bad_step is None and eval_now and not broken:
                         self.telemetry.measure(rows[-1], self.step, self.layers)
                         bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
-                    diverged = divergence(rows, bad_step, cfg["max_bound"])
+                    diverged = ((self.step, "weights are non-finite") if broken
+                                else divergence(rows, bad_step, cfg["max_bound"]))
                     for row in rows:
                         self.log(row)
                     if diverged is not None:
@@ -139,6 +144,10 @@ class Trainer:
         distributed.barrier(self.topo)
         distributed.shutdown(self.topo)
         return summary
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def set_lr(self) -> float:
         factor = lr_factor(self.cfg["schedule"], self.step, self.cfg["steps"], self.cfg["warmup_steps"])
@@ -174,8 +183,7 @@ class Trainer:
         """Write model, config, metrics and the run summary (each atomically)."""
         out, vocab_size = self.out_dir, self.train_data.vocab_size
         last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
-        with torch.no_grad():  # diverged weights may be non-finite: they have no certificate
-            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        finite = self.weights_finite()  # diverged weights may be non-finite: they have no certificate
         diverged_step, diverged_reason = diverged or (None, None)
         summary = run_summary(
             run_id=self.run_id, status=status, diverged_step=diverged_step,
