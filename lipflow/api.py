@@ -11,7 +11,7 @@ import torch
 
 from lipflow.config import check_run_id, run_defaults
 from lipflow.train.checkpoint import CheckpointError, load_weights
-from lipflow.atomic import read_json
+from lipflow.atomic import read_json, sha256_file
 from lipflow.data.parquet import read_table_parquet
 from lipflow.metrics import resolve_device
 from lipflow.model import LanguageModel, build_model
@@ -51,7 +51,18 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / 'model.safetensors'} does not fit a {info['config']['model']} model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    return model.to(device).eval(), info
+    return model.to(device).eval(), {**info, "manifest_sha256": meta.get("manifest_sha256")}
+
+
+def check_trained_on(run_dir: Path, info: dict[str, Any], data_dir: Path) -> None:
+    """A CheckpointError when the weights record the sha256 of the token shards' manifest they were
+    trained on (runs since it was recorded) and ``data_dir`` holds other shards: another corpus or
+    tokenizer with the same vocabulary size would give wrong numbers or text without a word."""
+    recorded = info.get("manifest_sha256")
+    manifest = Path(data_dir) / "manifest.json"
+    if recorded is not None and manifest.is_file() and sha256_file(manifest) != recorded:
+        raise CheckpointError(f"{run_dir / 'model.safetensors'} was trained on other token shards than {data_dir} "
+                              "(its manifest.json differs): use the data directory it was trained on")
 
 
 def load_run(run_id: str, results: str | Path = "results", device: str = "auto") -> Run:
@@ -64,9 +75,11 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
         raise FileNotFoundError(f"no finished run '{run_id}' under {run_dir.parent} (known: {', '.join(known) or 'none'})")
     dev = resolve_device(device)
     model, info = load_model(run_dir, dev)
+    data_dir = data_dir_in(Path(results), Path(info["data_dir"]))
+    check_trained_on(run_dir, info, data_dir)
     return Run(run_id=run_id, config=info["config"], summary=read_json(run_dir / "run.json"),
                metrics=read_table_parquet(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
-               data_dir=data_dir_in(Path(results), Path(info["data_dir"])))
+               data_dir=data_dir)
 
 
 def data_dir_in(results: Path, recorded: Path) -> Path:

@@ -225,6 +225,22 @@ def edited_manifest(drop: str):
     return data
 
 
+def run_trained_on_other_shards(tmp: Path, shards: Path, run_cfg: dict) -> Path:
+    """A run trained on a copy of ``shards`` whose manifest differs in its bytes (as another corpus's or
+    tokenizer's would; the vocabulary size stays the same)."""
+    import shutil
+
+    other = tmp / "other_data"
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    run_dir = tmp / "trained_elsewhere"
+    done = run_stage("lipflow.train", "--run-id", "bad-00000000", "--config-json", json.dumps(run_cfg),
+                     "--data-dir", str(other), "--out-dir", str(run_dir), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
 def real_fake_run(tmp, shards, run_cfg):
     """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
     from lipflow.train.checkpoint import save_weights
@@ -335,6 +351,8 @@ CASES = {
     "corrupt_shard": (train_case({}, data=corrupt_shard), "sha256 mismatch"),
     "unwritable_results_dir": (train_case({}, out_dir="/proc/lipflow-results"), "/proc/lipflow-results"),
     "vocab_mismatch": (eval_case(vocab_mismatch), "tokenizer/checkpoint mismatch"),
+    "evaluated_on_other_shards": (eval_case(run_trained_on_other_shards),
+                                  "was trained on other token shards than"),
     "other_architecture": (eval_case(other_architecture), "holds a 'gpt' model but config.json says 'lipschitz_gpt'"),
     "pickled_checkpoint": (eval_case(pickled_checkpoint), "never unpickles"),
     "missing_weights_sidecar": (eval_case(missing_sidecar), "has no checksum file model.safetensors.sha256"),

@@ -148,6 +148,11 @@ def test_a_moved_and_renamed_results_tree_still_samples(pipeline, tmp_path):
     sample = lipflow_cli(tmp_path, "sample", run_id, "--results", str(archive), "--prompt", "The", "--tokens", "5",
                          "--device", "cpu")
     assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr
+    # other token shards in the tree (here: the same manifest written differently) are never sampled with
+    manifest = next((archive / "data").glob("*/*/manifest.json"))
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()), indent=1))
+    other = lipflow_cli(tmp_path, "sample", run_id, "--results", str(archive), "--prompt", "The", "--device", "cpu")
+    assert other.returncode == 2 and "was trained on other token shards than" in other.stderr, other.stderr
 
 
 def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline, tmp_path):

@@ -23,10 +23,11 @@ from lipflow.results.cli import refuse_to_replace_non_evaluation
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
-    from lipflow.api import load_model
+    from lipflow.api import check_trained_on, load_model
     from lipflow.data.loader import TokenShards
 
     model, info = load_model(run_dir, device)
+    check_trained_on(run_dir, info, data_dir)
     cfg = info["config"]
     context = cfg["context"]
     train = TokenShards(data_dir, "train")

@@ -194,8 +194,10 @@ class Trainer:
             final_val_loss=last_eval.get("val_loss"), final_val_accuracy=last_eval.get("val_accuracy"),
             max_activation=last_eval.get("max_activation"), n_params=sum(p.numel() for p in self.model.parameters()),
             vocab_size=vocab_size, **provenance.describe(self.cfg))
+        manifest_sha256 = checkpoint.run_identity(self.cfg, self.data_dir)["manifest_sha256"]
         checkpoint.save_weights(out / "model.safetensors", self.model.state_dict(),
-                                {"run_id": self.run_id, "config": self.cfg, "vocab_size": vocab_size})
+                                {"run_id": self.run_id, "config": self.cfg, "vocab_size": vocab_size,
+                                 "manifest_sha256": manifest_sha256})
         write_json_atomic(out / "config.json", {"run_id": self.run_id, "vocab_size": vocab_size,
                                                 "data_dir": str(self.data_dir), "config": self.cfg})
         write_rows_parquet(out / "train_metrics.parquet",
