@@ -20,6 +20,7 @@ def resolved(config):
     ({"runs": {"a": {"lrr": 0.1}}}, "unknown key 'runs.a.lrr' (did you mean 'lr'?)"),
     ({"corpus": {"sorce": "files"}}, "unknown key 'corpus.sorce' (did you mean 'source'?)"),
     ({"runs": {"a": {"lr": -1}}}, "runs.a.lr: -1 is less than or equal to the minimum of 0"),
+    ({"runs": {"a": {"lr": 1e308}}}, "runs.a.lr: 1e+308 is greater than the maximum of 1e+30"),
     ({"runs": {"a": {"sigma_max": 0}}}, "runs.a.sigma_max: 0 is less than or equal to the minimum of 0"),
     ({"runs": {"a": {"steps": 0}}}, "runs.a.steps: 0 is less than the minimum of 1"),
     ({"runs": {"a": {"seed": 2**70}}}, "runs.a.seed: 1180591620717411303424 is greater than the maximum of 4294967295"),
