@@ -151,7 +151,8 @@ def refuse_to_replace(path: str | os.PathLike[str], flag: str, what: str, is_our
     passes ``is_ours``; a user's other file, a folder or a link is never replaced."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not (path.is_file() and is_ours(path))):
-        raise FileExistsError(f"{flag} {path} exists and is not {what}; refusing to replace it")
+        raise FileExistsError(f"{flag} {path} exists and is not {what}; refusing to replace it (if it is a "
+                              "damaged earlier output, delete it)")
 
 
 def refuse_foreign(final: Path, owned: Collection[str]) -> None:

@@ -339,7 +339,6 @@ CASES = {
                        "b.parquet holds run 'r-0000000b' but"),
     "merge_one_evaluation_twice": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "val")], ["a", "b"]),
                                    "both hold evaluation 'val'"),
-    "merge_nothing": (merge_case([], []), "no evaluation files given"),
     "merge_clashing_types": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "rank")], ["a", "b"],
                                         text_values=["b"]), "the evaluation files cannot be merged"),
     "merge_into_a_missing_folder": (merge_case([("a", "r-0000000a", "val")], ["a"], out="nowhere/evals.parquet"),
@@ -451,6 +450,12 @@ NEVER_REPLACED = {
         "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
                           "--out-dir", str(other_run_dir(tmp, s, c)), "--no-progress"],
         tmp / "other_run" / "model.safetensors", "differs in lr"),
+    "train over another run's checkpoints": lambda tmp, s, c: (
+        [(run / name).unlink() for run in [other_run_dir(tmp, s, c)] for name in ("config.json", "run.json")],
+        # as a killed run leaves it: checkpoints only
+        "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
+                          "--out-dir", str(tmp / "other_run"), "--no-progress"],
+        max((tmp / "other_run" / "checkpoints").glob("step-*.safetensors")), "another run's checkpoint")[1:],
     "train over a user's config.json": lambda tmp, s, c: (
         (tmp / "notes").mkdir(), (tmp / "notes" / "config.json").write_text("my notes"),
         "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
@@ -469,6 +474,22 @@ def test_a_stage_never_replaces_a_file_it_did_not_write(case, char_shards, tiny_
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "refusing to replace it" in lines[0] and words in lines[0], lines[0]
     assert protected.read_bytes() == before
+
+
+def test_a_stage_replaces_its_own_earlier_output(char_shards, tiny_run_config, tmp_path):
+    """What the refusals above let through: a rerun of the same run into its directory, an evaluation
+    over its earlier table and a build over its earlier database and receipt all succeed."""
+    run_dir = tmp_path / "run"
+    train = ["--run-id", "ok-00000000", "--config-json", json.dumps(tiny_run_config), "--data-dir", str(char_shards),
+             "--out-dir", str(run_dir), "--no-progress"]
+    evaluate = ["--evaluation", "val", "--run-dir", str(run_dir), "--data-dir", str(char_shards),
+                "--out", str(tmp_path / "val.parquet"), "--device", "cpu"]
+    build = ["build", "--out", str(tmp_path / "db.duckdb"), "--manifest", str(char_shards / "manifest.json"),
+             "--receipt", str(tmp_path / "db.built")]
+    for _ in range(2):
+        for module, args in (("lipflow.train", train), ("lipflow.evaluation", evaluate), ("lipflow.results", build)):
+            done = run_stage(module, *args, cwd=tmp_path)
+            assert done.returncode == 0, (module, done.stderr)
 
 
 def test_connect_is_locked_to_the_database(tmp_path):

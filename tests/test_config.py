@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from lipflow.config import ConfigError, check_config
+from lipflow.config.runs import LANGUAGE_MODELS
 from lipflow.plan import resolve_runs
 from lipflow.registry import Registry, UnknownNameError
 
@@ -50,6 +51,7 @@ def resolved(config):
     ({"runs": {"a": {"model": "gpt", "parametrization": "modular"}}},
      "runs.a.parametrization: 'modular' needs a model with a Lipschitz structure (lipschitz_gpt, lipschitz_gpt_unscaled)"),
     ({"runs": {"a": {"experiment": "lr_transfer"}}}, "runs.a.experiment: set by experiment expansion"),
+    ({"runs": {"a": {"model": "gpt", "activation": "relu"}}}, "runs.a.activation: gpt's MLP is nanoGPT's GELU"),
     ({"defaults": {"experiment": "nonsense"}, "runs": {"a": {}}}, "runs.a.experiment: set by experiment expansion"),
 ])
 def test_bad_config_is_one_line_naming_the_key(config, expected):
@@ -60,7 +62,7 @@ def test_bad_config_is_one_line_naming_the_key(config, expected):
     assert expected in message
 
 
-@pytest.mark.parametrize("model", ["gpt", "lipschitz_gpt", "lipschitz_gpt_unscaled"])
+@pytest.mark.parametrize("model", LANGUAGE_MODELS)
 def test_the_config_refuses_exactly_the_runs_the_model_refuses(model):
     """check_run states, without torch, the rules the model constructors and the parametrization
     enforce when the train job builds the model: over a grid of head widths, depth-µP and

@@ -17,6 +17,7 @@ import pytest
 import lipflow.errors
 import lipflow.results
 import lipflow.results.database
+import lipflow.data.parquet
 from lipflow.data.parquet import write_table_parquet
 from lipflow.results import SUMMARY_COLUMNS, build
 
@@ -227,6 +228,22 @@ def test_the_database_waits_for_the_study_tables_it_loads(tmp_path, study, table
     assert dry.returncode == 0, dry.stderr
     database_inputs = dry.stdout[dry.stdout.index("rule database:"):].splitlines()[1]
     assert database_inputs.startswith("    input: ") and table in database_inputs.split(", ")
+
+
+def test_a_run_without_evaluations_merges_to_an_empty_table_the_build_loads(results):
+    """evaluations.enabled: [] leaves a run with no evaluation files: merge-evals writes an empty table
+    with the evaluation columns (which a rerun may replace), and the database loads the run."""
+    from lipflow.results.cli import EVALUATION_COLUMNS, is_evaluation_table, merge_evals
+
+    out = results / "runs" / "a-00000000" / "evals.parquet"
+    out.unlink()
+    merge_evals(out, [])
+    merge_evals(out, [])  # its own earlier output is replaced
+    table = lipflow.data.parquet.read_table_parquet(out)
+    assert table.num_rows == 0 and tuple(table.column_names) == EVALUATION_COLUMNS and is_evaluation_table(out)
+    with duckdb.connect(str(build_here(results)), read_only=True) as con:
+        assert con.execute("SELECT run_id, val_loss FROM runs ORDER BY run_id").fetchall() == [
+            ("a-00000000", None), ("b-11111111", 1.5)]
 
 
 def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):

@@ -41,7 +41,6 @@ EVALUATIONS = ("properties", "evaluations", "properties")
 CASES = {
     "model": (("lipflow.model", "MODELS"), (SCHEMA_PATH, *RUN, "model")),
     "activation": (("lipflow.model.bound", "ACTIVATIONS"), (SCHEMA_PATH, *RUN, "activation")),
-    "gpt activation": (("lipflow.model.gpt", "NONLINEARITIES"), (SCHEMA_PATH, *RUN, "activation")),
     "parametrization": (("lipflow.parametrization", "PARAMETRIZATIONS"),
                         (SCHEMA_PATH, *RUN, "parametrization")),
     "optimizer": (("lipflow.optimizers", "OPTIMIZERS"), (SCHEMA_PATH, *RUN, "optimizer")),

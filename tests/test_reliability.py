@@ -162,6 +162,32 @@ def test_nan_loss_marks_run_diverged_with_step(char_shards, tiny_run_config, tmp
     assert "loss" in summary["diverged_reason"] or summary["diverged_reason"] == "weights are non-finite"
 
 
+@pytest.mark.parametrize("model", ["gpt", "lipschitz_gpt"])
+def test_weights_that_overflow_after_a_finite_loss_end_the_run_at_the_eval_step(char_shards, tiny_run_config,
+                                                                              tmp_path, model):
+    """The step that reaches an eval step leaves an infinite weight while its loss was finite: the run
+    ends there as diverged, without taking norms or a certificate of the matrices (an SVD of a
+    non-finite matrix fails), and writes its outputs."""
+    from lipflow.train.trainer import Trainer
+
+    cfg = {**tiny_run_config, "model": model, "optimizer": "muon", "lr": 0.01}
+    trainer = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False)
+    step = trainer.train_step
+
+    def overflowing_step():
+        result = step()
+        if trainer.step + 1 == cfg["eval_every"]:  # the step being taken is the first eval step
+            with torch.no_grad():
+                next(p for p in trainer.model.parameters() if p.ndim == 2).view(-1)[0] = float("inf")
+        return result
+
+    trainer.train_step = overflowing_step
+    summary = trainer.run()
+    assert (summary["status"], summary["diverged_step"], summary["diverged_reason"]) == (
+        "diverged", cfg["eval_every"], "weights are non-finite")
+    assert summary["lipschitz_bound"] is None and (tmp_path / "model.safetensors").is_file()
+
+
 def test_bound_above_ceiling_marks_run_diverged(char_shards, tiny_run_config, tmp_path):
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "max_bound": 1e-6}
     done = train(cfg, char_shards, tmp_path)

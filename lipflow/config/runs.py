@@ -103,8 +103,8 @@ def check_run(where: str, run: dict[str, Any]) -> None:
     enforce, checked here before any job starts (tests/test_config.py checks that the two agree): the
     runs train a language model on the text corpus (``mlp`` is the image study's classifier),
     ``n_heads`` divides ``d_model``, the Lipschitz models rotate pairs of head dimensions (RoPE) and fix
-    their own residual scaling, ``modular`` needs a Lipschitz structure, and a Newton–Schulz
-    coefficient schedule gets its own number of steps."""
+    their own residual scaling, ``modular`` needs a Lipschitz structure, the baseline's MLP is GELU, and
+    a Newton–Schulz coefficient schedule gets its own number of steps."""
     model = run["model"]
     if model not in LANGUAGE_MODELS:
         raise ConfigError(f"config error: {where}.model: '{model}' is the image classifier of the image_mlp study "
@@ -121,6 +121,9 @@ def check_run(where: str, run: dict[str, Any]) -> None:
     elif run["parametrization"] == "modular":
         raise ConfigError(f"config error: {where}.parametrization: 'modular' needs a model with a Lipschitz "
                           f"structure ({', '.join(LIPSCHITZ_LANGUAGE_MODELS)}); {model}'s LayerNorm has none")
+    elif run["activation"] != "gelu":
+        raise ConfigError(f"config error: {where}.activation: {model}'s MLP is nanoGPT's GELU; '{run['activation']}' "
+                          f"applies to {', '.join(LIPSCHITZ_LANGUAGE_MODELS)} (leave activation out for {model})")
     fixed = FIXED_NS_STEPS.get(run["ns_coefficients"])
     if fixed is not None and run["ns_steps"] != fixed:
         raise ConfigError(f"config error: {where}.ns_steps: ns_coefficients '{run['ns_coefficients']}' has exactly "

@@ -46,30 +46,23 @@ class CausalSelfAttention(nn.Module):
         return (*self.qkv.weight.chunk(3, dim=0), self.out.weight)
 
 
-# the schema's `activation` names, as plain functions (lipschitz_gpt scales GELU to be 1-Lipschitz; the
-# baseline keeps nanoGPT's GELU)
-NONLINEARITIES = {"gelu": F.gelu, "relu": F.relu}
-
-
 class MLP(nn.Module):
-    def __init__(self, d_model: int, ratio: int, activation: str):
+    def __init__(self, d_model: int, ratio: int):
         super().__init__()
         self.up = nn.Linear(d_model, ratio * d_model, bias=False)
         self.down = nn.Linear(ratio * d_model, d_model, bias=False)
-        self.act = NONLINEARITIES[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
+        return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ratio: int, activation: str, attn_scale: float,
-                 branch_scale: float):
+    def __init__(self, d_model: int, n_heads: int, ratio: int, attn_scale: float, branch_scale: float):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, attn_scale)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, ratio, activation)
+        self.mlp = MLP(d_model, ratio)
         self.branch_scale = branch_scale  # 1, or 1/√L under depth-µP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +91,7 @@ class GPT(LanguageModel):
         self.tok = nn.Embedding(vocab_size, d)
         self.pos = nn.Embedding(self.context, d)
         self.blocks = nn.ModuleList(
-            Block(d, n_heads, cfg["mlp_ratio"], cfg["activation"], attn_scale, branch) for _ in range(n_layers))
+            Block(d, n_heads, cfg["mlp_ratio"], attn_scale, branch) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab_size, bias=False)
         self.output_mult = 1.0  # µP readout multiplier, set by the parametrization

@@ -38,11 +38,9 @@ def refuse_to_replace_non_evaluation(out: Path) -> None:
 
 
 def merge_evals(out: Path, files: list[Path]) -> None:
-    """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them).
-    Each file must be an evaluation table, of the same run as the others and of an evaluation no other
-    file holds, so no row is counted twice or filed under another run."""
-    if not files:
-        raise ValueError("merge-evals: no evaluation files given (name at least one)")
+    """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them;
+    no files: an empty evaluation table). Each file must be an evaluation table, of the same run as the
+    others and of an evaluation no other file holds, so no row is counted twice or filed under another run."""
     check_distinct_paths(files, "files")
     if any(Path(out).resolve() == Path(f).resolve() for f in files):
         raise ValueError(f"--out {out} is also one of the files to merge")
@@ -66,6 +64,8 @@ def merge_evals(out: Path, files: list[Path]) -> None:
             if name in evaluations:
                 raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")
             evaluations[name] = f
+    if not tables:  # a run with no evaluation (evaluations.enabled: []): an empty evaluation table
+        tables = [pa.table({c: pa.array([], pa.float64() if c == "value" else pa.string()) for c in EVALUATION_COLUMNS})]
     try:
         merged = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as err:  # e.g. a column that is a number in one file and text in another

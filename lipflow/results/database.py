@@ -204,9 +204,16 @@ def is_lipflow_database(path: Path) -> bool:
     try:
         with duckdb.connect(str(path), read_only=True) as con:
             tables = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    except duckdb.Error:
+    except duckdb.Error as err:
+        if "lock" in str(err).lower():  # a read-write connection elsewhere (the duckdb CLI's default)
+            raise FileExistsError(f"--out {path} is open for writing in another process, so it cannot be checked "
+                                  "or replaced; close that connection (lipflow.connect() reads without a lock) "
+                                  "and rerun") from None
         return False
     return set(LIPFLOW_TABLES) <= tables
+
+
+RECEIPT_KEYS = ("database", "sha256", "rows")  # what build() writes to --receipt
 
 
 def is_receipt(path: Path) -> bool:
@@ -215,7 +222,7 @@ def is_receipt(path: Path) -> bool:
         receipt = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(receipt, dict) and set(receipt) == {"database", "sha256", "rows"}
+    return isinstance(receipt, dict) and set(receipt) == set(RECEIPT_KEYS)
 
 
 def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None) -> None:
@@ -265,7 +272,7 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
         published = True
         fsync_dir(out.parent)
         if receipt is not None:
-            write_json_atomic(receipt, {"database": out.name, "sha256": sha256_file(out), "rows": rows})
+            write_json_atomic(receipt, dict(zip(RECEIPT_KEYS, (out.name, sha256_file(out), rows))))
     except (duckdb.Error, OSError, StageError) as err:
         state = "replaced, but its receipt was not written" if published else "left as it was"
         raise StageError(f"database build failed, {out} {state}: {str(err).splitlines()[0]}") from None

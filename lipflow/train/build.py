@@ -35,7 +35,9 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
         return
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except OSError as err:
+        raise OSError(f"--out-dir {directory}: cannot read {path} ({err.strerror})") from None
+    except (UnicodeDecodeError, ValueError):
         info = None
     if not (isinstance(info, dict) and isinstance(info.get("config"), dict)):
         raise FileExistsError(f"--out-dir {directory} holds a config.json that is not a run's; refusing to replace it")

@@ -141,14 +141,15 @@ def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Modul
 def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
            identity: dict[str, str], data_dir: Path) -> TrainingState | None:
     """Load the newest valid checkpoint written for ``identity`` into model, optimizer and RNGs;
-    None (and a warning) when there is none. Checkpoints of other token shards are deleted."""
+    None when there is none. Checkpoints of other token shards are deleted (the run's data changed);
+    those of another run config are another run's, which is never replaced (a CheckpointError)."""
     found = latest_valid_checkpoint(directory)
     if found is None:
         return None
     path, tensors, meta = found
     if meta.get("config_hash") != identity["config_hash"]:
-        print(f"warning: ignoring {path}: it was written for a different config", file=sys.stderr)
-        return None
+        raise CheckpointError(f"{path} is another run's checkpoint (written for a different config); refusing to "
+                              f"replace it (choose another --out-dir or move {directory.parent} away)")
     if meta.get("manifest_sha256") != identity["manifest_sha256"]:
         # other token shards (an edited corpus or tokenizer): start afresh, and drop those checkpoints
         # so that pruning keeps the new ones
