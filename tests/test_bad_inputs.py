@@ -347,6 +347,8 @@ CASES = {
                           "the following arguments are required: sql (see lipflow query --help)"),
     "unknown_constraint": (train_case({"weight_constraint": "spectral_softcap"}), "did you mean 'spectral_soft_cap'?"),
     "context_longer_than_shards": (train_case({"context": 10_000_000}), "context 10000000 is longer than the"),
+    "model_larger_than_memory": (train_case({"mlp_ratio": 2**44}),  # 2⁵⁸ bytes: beyond any address space
+                                 "out of memory (can't allocate memory: you tried to allocate"),
     "corrupt_shard": (train_case({}, data=corrupt_shard), "sha256 mismatch"),
     "unwritable_results_dir": (train_case({}, out_dir="/proc/lipflow-results"), "/proc/lipflow-results"),
     "vocab_mismatch": (eval_case(vocab_mismatch), "tokenizer/checkpoint mismatch"),

@@ -10,7 +10,17 @@ import json
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, StageError, json_object_argument, run_guarded
+
+
+def out_of_memory(err: BaseException) -> StageError | None:
+    """A one-line StageError for a model or batch that does not fit in memory (torch raises a
+    RuntimeError with the allocator's message), else None."""
+    message = str(err)
+    if isinstance(err, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message):
+        detail = message.split("DefaultCPUAllocator: ")[-1].split(". Error code")[0].splitlines()[0]
+        return StageError(f"out of memory ({detail}): lower d_model, mlp_ratio, n_layers, batch_size or context")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted
         from lipflow.train.trainer import Trainer
 
-        trainer = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress)
+        new_directory = not args.out_dir.exists()
         try:
-            summary = trainer.run()
+            summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
         except Preempted as stop:
             print(f"lipflow: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
+        except BaseException as err:
+            if new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
+                args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
+            memory = out_of_memory(err)
+            if memory is None:
+                raise
+            raise memory from None
         if summary:
             print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",
                                                       "lipschitz_bound")}))
