@@ -169,7 +169,7 @@ def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
     appendix = resolve_runs(resolved(yaml.safe_load(open("experiments/appendix_d.yaml"))))
     (reference_run,) = reference.values()
     runs = {run_id.rsplit("-", 1)[0]: run for run_id, run in appendix.items()}
-    assert sorted(runs) == ["appd_s2", "appd_s2_lr03", "appd_s2_lr06", "appd_s2_unscaled"]
+    assert sorted(runs) == ["appd_s2", "appd_s2_lr03", "appd_s2_lr06", "appd_s2_unscaled", "appd_s2_unscaled_s1"]
     app_d = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}, "sigma_max": 2.0,
              "eval_every": 250, "checkpoint_every": 500}
     assert runs["appd_s2"] == {**reference_run, **app_d}
@@ -178,6 +178,7 @@ def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
     unscaled = runs["appd_s2_unscaled"]
     assert unscaled["model"] == "lipschitz_gpt_unscaled" and unscaled["lr"] > runs["appd_s2"]["lr"]
     assert {**unscaled, "model": "lipschitz_gpt", "lr": 0.1} == runs["appd_s2"]
+    assert runs["appd_s2_unscaled_s1"] == {**unscaled, "seed": 1}
 
 
 def test_the_conda_environment_holds_the_packages_pyproject_requires():
