@@ -65,6 +65,9 @@ def read_only_statement(con, sql: str) -> str:
     if len(statements) > 1:
         raise ValueError(f"lipflow query runs exactly one statement; got {len(statements)}")
     kind = statements[0].type
+    if kind == duckdb.StatementType.MULTI:  # DuckDB expands a PIVOT without an IN list into several statements
+        raise ValueError("lipflow query runs one SELECT; a PIVOT must name its columns' values "
+                         "(PIVOT runs ON model IN ('gpt', 'lipschitz_gpt') USING count(*))")
     if kind != duckdb.StatementType.SELECT:
         raise ValueError(f"lipflow query runs only read-only SELECT statements, not {kind.name}")
     return sql

@@ -377,6 +377,9 @@ CASES = {
                              "exactly one statement; got 2"),
     "query_attach": (query_case("ATTACH '{tmp}/new.duckdb' (READ_ONLY false)", writes="new.duckdb"), "not ATTACH"),
     "query_two_statements": (query_case("SELECT 1; SELECT 2"), "exactly one statement; got 2"),
+    "query_pivot_without_values": (query_case("PIVOT runs ON model USING count(*)"), "a PIVOT must name its columns'"),
+    "query_copy_of_a_pivot": (query_case("COPY (PIVOT runs ON model USING count(*)) TO '{tmp}/p.csv'", writes="p.csv"),
+                              "a PIVOT must name its columns'"),
     "query_install": (query_case("INSTALL httpfs"), "not LOAD"),
     "query_load": (query_case("LOAD json"), "not LOAD"),
     "query_set": (query_case("SET enable_external_access = true"), "not SET"),
@@ -492,6 +495,13 @@ def test_a_stage_replaces_its_own_earlier_output(char_shards, tiny_run_config, t
         for module, args in (("lipflow.train", train), ("lipflow.evaluation", evaluate), ("lipflow.results", build)):
             done = run_stage(module, *args, cwd=tmp_path)
             assert done.returncode == 0, (module, done.stderr)
+
+
+def test_query_runs_a_pivot_that_names_its_values(tmp_path):
+    db = results_db(tmp_path)
+    done = run_stage("lipflow.cli", "query", "PIVOT (SELECT 'x' AS k, 2 AS v) ON k IN ('x', 'y') USING sum(v)",
+                     "--db", str(db), "--format", "csv")
+    assert done.returncode == 0 and done.stdout.splitlines() == ["x,y", "2,"], done.stderr
 
 
 def test_connect_is_locked_to_the_database(tmp_path):
