@@ -72,6 +72,7 @@ SPLITS = ("train", "val")
 MANIFEST_FORMAT = "lipflow-token-shards/1"
 MANIFEST_KEYS = ("dtype", "vocab_size", "tokenizer", "splits")
 SHARD_KEYS = ("file", "num_tokens", "sha256")
+BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
 
 
 def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
@@ -92,7 +93,6 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
             if not isinstance(shard, dict) or any(key not in shard for key in SHARD_KEYS):
                 raise DataError(f"{path}: shard {index} of split '{split}' lacks one of {', '.join(SHARD_KEYS)}")
     return manifest
-BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
 
 
 @dataclasses.dataclass(frozen=True)

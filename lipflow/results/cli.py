@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
-
 import pyarrow.parquet as pq
 
 from lipflow.atomic import read_verified, refuse_to_replace, sha256_file, sidecar_path, write_bytes_atomic
