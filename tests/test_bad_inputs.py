@@ -429,6 +429,37 @@ def other_run_dir(tmp: Path, shards: Path, run_cfg: dict) -> Path:
     return out
 
 
+def user_file(path: Path, data: str | bytes) -> Path:
+    """A file of the user's at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def evaluation_file(path: Path) -> Path:
+    from lipflow.data.parquet import write_table_parquet
+
+    write_table_parquet(path, pa.table({"run_id": ["r-0000000a"], "eval": ["val"], "metric": ["loss"], "value": [1.0]}))
+    return path
+
+
+def killed(run_dir: Path) -> Path:
+    """``run_dir`` as a killed run leaves it: checkpoints, no config.json or run.json yet."""
+    for name in ("config.json", "run.json"):
+        (run_dir / name).unlink()
+    return run_dir
+
+
+def train_into(out_dir: Path, shards: Path, run_cfg: dict) -> tuple[str, list[str]]:
+    return "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(run_cfg), "--data-dir",
+                             str(shards), "--out-dir", str(out_dir), "--no-progress"]
+
+
+def build_with(tmp: Path, shards: Path, run_cfg: dict, *extra: str) -> tuple[str, list[str]]:
+    """A database build that succeeds (no runs) unless ``extra`` points it at a file it must not replace."""
+    return "lipflow.results", ["build", "--manifest", str(shards / "manifest.json"), *extra]
+
+
 # what a stage is pointed at → (module, args, the file it must leave as it was, the error's words)
 NEVER_REPLACED = {
     "evaluation over a run's weights": lambda tmp, s, c: (
@@ -436,35 +467,25 @@ NEVER_REPLACED = {
                                "--out", str(tmp / "fake_run" / "model.safetensors"), "--device", "cpu"],
         tmp / "fake_run" / "model.safetensors", "--out"),
     "merge-evals over a user's file": lambda tmp, s, c: (
-        (tmp / "notes.txt").write_text("mine"), merge_case([("a", "r-0000000a", "val")], ["a"])(tmp, s, c)[0],
-        ["merge-evals", "--out", str(tmp / "notes.txt"), str(tmp / "a.parquet")], tmp / "notes.txt", "--out")[1:],
+        "lipflow.results", ["merge-evals", "--out", str(user_file(tmp / "notes.txt", "mine")),
+                            str(evaluation_file(tmp / "a.parquet"))], tmp / "notes.txt", "--out"),
     "build over another DuckDB database": lambda tmp, s, c: (
-        "lipflow.results", ["build", "--out", str(user_duckdb(tmp / "mine.duckdb")), "--manifest",
-                            str(s / "manifest.json"), "--run-dirs", str(real_fake_run(tmp, s, c))],
-        tmp / "mine.duckdb", "--out"),
+        *build_with(tmp, s, c, "--out", str(user_duckdb(tmp / "mine.duckdb"))), tmp / "mine.duckdb", "--out"),
     "receipt over a JSON file": lambda tmp, s, c: (
-        (tmp / "manifest.json").write_bytes((s / "manifest.json").read_bytes()),
-        "lipflow.results", ["build", "--out", str(tmp / "db.duckdb"), "--manifest", str(s / "manifest.json"),
-                            "--run-dirs", str(real_fake_run(tmp, s, c)), "--receipt", str(tmp / "manifest.json")],
-        tmp / "manifest.json", "--receipt")[1:],
+        *build_with(tmp, s, c, "--out", str(tmp / "db.duckdb"), "--receipt",
+                    str(user_file(tmp / "manifest.json", (s / "manifest.json").read_bytes()))),
+        tmp / "manifest.json", "--receipt"),
     "receipt over a user's database": lambda tmp, s, c: (
-        "lipflow.results", ["build", "--out", str(tmp / "db.duckdb"), "--manifest", str(s / "manifest.json"),
-                            "--run-dirs", str(real_fake_run(tmp, s, c)), "--receipt", str(user_duckdb(tmp / "u.duckdb"))],
+        *build_with(tmp, s, c, "--out", str(tmp / "db.duckdb"), "--receipt", str(user_duckdb(tmp / "u.duckdb"))),
         tmp / "u.duckdb", "--receipt"),
     "train over another run": lambda tmp, s, c: (
-        "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
-                          "--out-dir", str(other_run_dir(tmp, s, c)), "--no-progress"],
-        tmp / "other_run" / "model.safetensors", "differs in lr"),
+        *train_into(other_run_dir(tmp, s, c), s, c), tmp / "other_run" / "model.safetensors", "differs in lr"),
     "train over another run's checkpoints": lambda tmp, s, c: (
-        [(run / name).unlink() for run in [other_run_dir(tmp, s, c)] for name in ("config.json", "run.json")],
-        # as a killed run leaves it: checkpoints only
-        "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
-                          "--out-dir", str(tmp / "other_run"), "--no-progress"],
-        max((tmp / "other_run" / "checkpoints").glob("step-*.safetensors")), "another run's checkpoint")[1:],
+        *train_into(killed(other_run_dir(tmp, s, c)), s, c),
+        max((tmp / "other_run" / "checkpoints").glob("step-*.safetensors")), "another run's checkpoint"),
     "train over a user's config.json": lambda tmp, s, c: (
-        (tmp / "notes").mkdir(), (tmp / "notes" / "config.json").write_text("my notes"),
-        "lipflow.train", ["--run-id", "bad-00000000", "--config-json", json.dumps(c), "--data-dir", str(s),
-                          "--out-dir", str(tmp / "notes"), "--no-progress"], tmp / "notes" / "config.json", "--out-dir")[2:],
+        *train_into(user_file(tmp / "notes" / "config.json", "my notes").parent, s, c),
+        tmp / "notes" / "config.json", "--out-dir"),
 }
 
 
