@@ -24,7 +24,8 @@ norms ε are ℓ2 norms over the whole embedded sequence.
   fall in the ε-ball, from the exact gradient and the curvature of the network at that input
   (models it covers: lipschitz_gpt and lipschitz_gpt_unscaled, mlp with GELU). Rows:
   ``certified_radius_local_median``, ``certified_accuracy_local`` per ε, and per ε > 0
-  ``tightness_global`` / ``tightness_local``, the median over inputs of (margin fall found by PGD) / (certified fall). At ``half_certified_epsilon``,
+  ``tightness_global`` / ``tightness_local``, the median over inputs of (margin fall found by PGD) /
+  (certified fall). At ``half_certified_epsilon``,
   the ε where local certified accuracy is half the clean accuracy, PGD runs once more (attack
   ``pgd_half_certified``) for both tightness rows and ``within_100x_local``, the fraction of inputs
   whose attack reaches at least 1/100 of the local bound.

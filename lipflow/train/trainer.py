@@ -116,14 +116,16 @@ class Trainer:
                     if not (eval_now or checkpoint_now or stop_now or len(self.steps.pending) >= MAX_PENDING_STEPS):
                         continue
                     rows, bad_step = self.steps.flush()
-                    # a finite loss can precede non-finite weights (the step after it overflowed them),
-                    # which the eval step's norms and certificate cannot measure
-                    broken = bad_step is None and eval_now and not self.weights_finite()
-                    if bad_step is None and eval_now and not broken:
-                        self.telemetry.measure(rows[-1], self.step, self.layers)
-                        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
-                    diverged = ((self.step, "weights are non-finite") if broken
-                                else divergence(rows, bad_step, cfg["max_bound"]))
+                    diverged = None
+                    if bad_step is None and eval_now:
+                        # a finite loss can precede non-finite weights (the step after it overflowed
+                        # them), which the eval step's norms and certificate cannot measure
+                        if self.weights_finite():
+                            self.telemetry.measure(rows[-1], self.step, self.layers)
+                            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
+                        else:
+                            diverged = (self.step, "weights are non-finite")
+                    diverged = diverged or divergence(rows, bad_step, cfg["max_bound"])
                     for row in rows:
                         self.log(row)
                     if diverged is not None:
@@ -147,7 +149,8 @@ class Trainer:
 
     @torch.no_grad()
     def weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        """Whether every parameter is finite, read from the device once (not once per parameter)."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
 
     def set_lr(self) -> float:
         factor = lr_factor(self.cfg["schedule"], self.step, self.cfg["steps"], self.cfg["warmup_steps"])
