@@ -208,8 +208,9 @@ def build_case(extra_args, out_name="db.duckdb", out_text=None, run=None):
     return prepare
 
 
-def edited_manifest(drop: str):
-    """A copy of the data dir whose manifest lacks ``drop`` (a top-level key, or ``shards`` of the train split)."""
+def edited_manifest(drop: str, **values):
+    """A copy of the data dir whose manifest lacks ``drop`` (a top-level key, or ``shards`` of the train split;
+    "" drops nothing) and has the top-level ``values``."""
     def data(tmp: Path, shards: Path) -> Path:
         import shutil
 
@@ -218,8 +219,9 @@ def edited_manifest(drop: str):
         manifest = json.loads((copy / "manifest.json").read_text())
         if drop == "shards":
             del manifest["splits"]["train"]["shards"]
-        else:
+        elif drop:
             del manifest[drop]
+        manifest.update(values)
         (copy / "manifest.json").write_text(json.dumps(manifest))
         return copy
     return data
@@ -326,6 +328,8 @@ CASES = {
         "edited_data/manifest.json has no 'splits' (truncated or edited?)"),
     "train_manifest_without_shards": (train_case({}, data=edited_manifest("shards")),
                                       "edited_data/manifest.json: split 'train' has no list of shards"),
+    "train_manifest_vocab_edited": (train_case({}, data=edited_manifest("", vocab_size=20)),
+                                    "edited_data/manifest.json: vocab_size 20, but its tokenizer.json has"),
     "build_receipt_folder_missing": (build_case(["--run-dirs", "{run}", "--receipt", "{tmp}/nowhere/db.built"]),
                                      "folder"),
     "merge_into_an_input": (lambda tmp, s, c: (pq.write_table(pa.table({"x": [1]}), tmp / "val.parquet"),

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from lipflow.data import DataError
 from lipflow.atomic import sha256_file
-from lipflow.data.tokenize import check_manifest
+from lipflow.data.tokenize import check_manifest, vocab_size_of
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -72,7 +72,8 @@ class TokenShards:
     """One split of a shard directory as a read-only, memory-mapped token stream.
 
     ``verify`` (default on) hashes every shard on open — one sequential read, no RAM growth — and
-    raises ``DataError("corrupt shard …: sha256 mismatch …")`` on any changed or truncated shard.
+    raises ``DataError("corrupt shard …: sha256 mismatch …")`` on any changed or truncated shard, or
+    a ``DataError`` when the manifest's ``vocab_size`` is not its tokenizer's.
     """
 
     def __init__(self, directory: str | os.PathLike[str], split: str, verify: bool = True,
@@ -91,6 +92,9 @@ class TokenShards:
         ]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])  # stream offset of each shard
         self._tokenizer: Tokenizer | None = None
+        if verify and vocab_size_of(self.tokenizer) != self.vocab_size:
+            raise DataError(f"{self.directory}/manifest.json: vocab_size {self.vocab_size}, but its "
+                            f"{self.manifest['tokenizer']['file']} has {vocab_size_of(self.tokenizer)} (edited?)")
 
     @property
     def num_tokens(self) -> int:
