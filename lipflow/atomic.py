@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Collection, Iterator
@@ -38,11 +40,18 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
     """Atomically write ``data`` to ``path``, then its sha256 to the sidecar; returns the digest.
-    A crash between the two leaves a sidecar that does not match: a loud error, never a silent one."""
+    A crash between the two leaves a sidecar that does not match: a loud error, never a silent one.
+    A file in the sidecar's place that is not a checksum (a user's) is refused before either is written."""
+    refuse_to_replace(sidecar_path(path), "checksum file", "a sha256 checksum", is_checksum)
     digest = hashlib.sha256(data).hexdigest()
     write_bytes_atomic(path, data)
     write_bytes_atomic(sidecar_path(path), (digest + "\n").encode())
     return digest
+
+
+def is_checksum(path: Path) -> bool:
+    """Whether ``path`` holds what :func:`write_with_sidecar` writes: 64 hex digits and a newline."""
+    return path.stat().st_size == 65 and re.fullmatch(rb"[0-9a-f]{64}\n", path.read_bytes()) is not None
 
 
 def read_verified(path: str | os.PathLike[str]) -> bytes:
@@ -82,8 +91,43 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _temp_name(final: Path) -> str:
-    return f".{final.name}.tmp-"
+HOST = socket.gethostname()
+
+
+def _temp_name(final: Path, kind: str = "tmp") -> str:
+    """``.<name>.<kind>-<host>-<pid>-``: the prefix of this process's temporary siblings of ``final``."""
+    return f".{final.name}.{kind}-{HOST}-{os.getpid()}-"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the temporary siblings :func:`atomic_write` and :func:`atomic_dir` make."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Delete the temporary siblings of ``final`` left by a process of this host that is gone (killed
+    mid-write: its rename never came); a live process's, or another host's, are left alone."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-{re.escape(HOST)}-(\d+)-")
+    with contextlib.suppress(OSError):
+        for entry in final.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match and not process_alive(int(match.group(1))):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _umask_mode(mode: int) -> int:
@@ -101,6 +145,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
     final = Path(path)
     if final.is_dir():
         raise IsADirectoryError(f"cannot write {final}: it is a directory")
+    remove_stale_temporaries(final)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_name(final), dir=final.parent)
     except OSError as err:  # name the file asked for, not the temporary one
@@ -155,6 +200,21 @@ def refuse_to_replace(path: str | os.PathLike[str], flag: str, what: str, is_our
                               "damaged earlier output, delete it)")
 
 
+def is_sealed(path: Path) -> bool:
+    """Whether ``path`` matches its ``.sha256`` sidecar: an intact earlier output of a lipflow stage."""
+    try:
+        read_verified(path)
+    except (IntegrityError, OSError):
+        return False
+    return True
+
+
+def refuse_to_replace_unsealed(path: str | os.PathLike[str], flag: str) -> None:
+    """``path`` may replace an earlier output of a stage that writes a ``.sha256`` sidecar only
+    (:func:`is_sealed`), never a user's other file."""
+    refuse_to_replace(path, flag, "an earlier lipflow output (a file matching its .sha256)", is_sealed)
+
+
 def refuse_foreign(final: Path, owned: Collection[str]) -> None:
     """A FileExistsError naming ``final`` when it exists and is not a directory of ``owned`` names only."""
     if not final.exists() and not final.is_symlink():
@@ -182,6 +242,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator
     refuse_foreign(final, owned)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_name(final), dir=final.parent))
     except OSError as e:  # name the directory asked for, not the temporary one
         reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
@@ -191,7 +252,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator
         yield tmp
         _fsync_tree(tmp)
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            trash = Path(tempfile.mkdtemp(prefix=_temp_name(final, "old"), dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash)

@@ -161,7 +161,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     config: dict = {}
     for path in args.configfile:  # later files override earlier ones key by key, as with snakemake --configfile
         update_config(config, load_config_file(Path(path)))
-    emit("\n".join(Plan.from_config(config).runs))
+    plan = Plan.from_config(config)
+    plan.corpus_files()  # what snakemake refuses at parse time, refused here too
+    emit("\n".join(plan.runs))
     return 0
 
 

@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lipflow.config import (check_config, data_identity, experiment_run, plain_runs, run_id, run_validator,
+from lipflow.config import (check_config, corpus_id, data_identity, experiment_run, plain_runs, run_id, run_validator,
                             tokenizer_id)
+from lipflow.data.corpus import expand_paths
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.studies.icl.config import ICLConfig, load_config, training_config, training_jobs
@@ -97,11 +98,18 @@ class Plan:
 
     @property
     def data_dir(self) -> str:
-        return f"results/data/{self.config['corpus']['name']}"
+        """``results/data/<corpus name>-<hash>``: one folder per corpus block (:func:`corpus_id`)."""
+        return f"results/data/{corpus_id(self.config['corpus'])}"
 
     @property
     def tokens_dir(self) -> str:
+        """The token shards: one folder per tokenizer block under the corpus's (:func:`tokenizer_id`)."""
         return f"{self.data_dir}/{tokenizer_id(self.config['tokenizer'])}"
+
+    def corpus_files(self) -> list[str]:
+        """The files the corpus reads (globs expanded; each checked to be a readable regular file)."""
+        corpus = self.config["corpus"]
+        return [] if corpus["source"] == "embedded" else expand_paths(corpus["paths"])
 
     # ------------------------------------------------------------------ params strings (a change reruns jobs)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import run_stage
+from lipflow.studies.icl.tables import TABLE_SCHEMAS
 
 
 def config_case(text: str | bytes):
@@ -259,6 +260,15 @@ CASES = {
     "malformed_yaml": (config_case("runs:\n  a: {lr: 0.1\n"), "malformed YAML at line"),
     "config_not_utf8": (config_case(b"runs: {}\n# caf\xe9\n"), "config.yaml: not UTF-8 text (byte 14 is 0xe9)"),
     "unknown_key": (config_case("runs:\n  a: {lrr: 0.1}\n"), "unknown key 'runs.a.lrr' (did you mean 'lr'?)"),
+    "repeated_merge_key": (config_case("runs:\n  a:\n    <<: {lr: 0.1}\n    steps: 5\n    <<: {lr: 0.2}\n"),
+                           "config.yaml: malformed YAML at line 5, column 5: duplicate key '<<'"),
+    "anchor_inside_itself": (config_case("runs: &r\n  a: *r\n  b: *r\n"),
+                             "config.yaml: nested deeper than 64 levels (an anchor that refers to itself?)"),
+    "nesting_too_deep": (config_case("runs: " + "[" * 5000 + "]" * 5000 + "\n"), "config.yaml: nested deeper than"),
+    "corpus_path_a_device": (config_case("corpus: {source: files, paths: [/dev/null]}\n"),
+                             "corpus.paths: /dev/null is not a regular file"),
+    "tokenizer_path_a_folder": (config_case("tokenizer: {kind: file, path: /tmp}\n"),
+                                "tokenizer.path: /tmp is not a regular file"),
     "wrong_type": (config_case("defaults: {d_model: wide}\n"), "d_model: 'wide' is not of type 'integer'"),
     "negative_lr": (config_case("runs:\n  a: {lr: -0.1}\n"), "runs.a.lr: -0.1 is less than or equal to the minimum of 0"),
     "sigma_max_zero": (config_case("runs:\n  a: {sigma_max: 0}\n"), "runs.a.sigma_max: 0 is less than or equal"),
@@ -440,6 +450,13 @@ def user_file(path: Path, data: str | bytes) -> Path:
     return path
 
 
+def user_files(folder: Path, contents: dict[str, str]) -> Path:
+    """A folder of the user's holding ``contents`` (file name → text)."""
+    for name, text in contents.items():
+        user_file(folder / name, text)
+    return folder
+
+
 def evaluation_file(path: Path) -> Path:
     from lipflow.data.parquet import write_table_parquet
 
@@ -448,8 +465,9 @@ def evaluation_file(path: Path) -> Path:
 
 
 def killed(run_dir: Path) -> Path:
-    """``run_dir`` as a killed run leaves it: checkpoints, no config.json or run.json yet."""
-    for name in ("config.json", "run.json"):
+    """``run_dir`` as a killed run leaves it: checkpoints, none of the files the end of training writes."""
+    for name in ("config.json", "run.json", "model.safetensors", "model.safetensors.sha256",
+                 "train_metrics.parquet", "train_metrics.parquet.sha256"):
         (run_dir / name).unlink()
     return run_dir
 
@@ -490,7 +508,32 @@ NEVER_REPLACED = {
     "train over a user's config.json": lambda tmp, s, c: (
         *train_into(user_file(tmp / "notes" / "config.json", "my notes").parent, s, c),
         tmp / "notes" / "config.json", "--out-dir"),
+    "train over a user's run.json and weights": lambda tmp, s, c: (
+        *train_into(user_files(tmp / "mine", {"run.json": "my notes", "model.safetensors": "my weights"}), s, c),
+        tmp / "mine" / "model.safetensors", "but no config.json"),
+    "train into a folder of the user's": lambda tmp, s, c: (
+        *train_into(user_file(tmp / "thesis" / "draft.tex", "chapter 1").parent, s, c),
+        tmp / "thesis" / "draft.tex", "holds 'draft.tex', which no lipflow stage writes there"),
+    "evaluation over a user's checksum-named file": lambda tmp, s, c: (
+        "lipflow.evaluation", ["--evaluation", "val", "--run-dir", str(real_fake_run(tmp, s, c)), "--data-dir", str(s),
+                               "--out", str(tmp / "val.parquet"), "--device", "cpu"],
+        user_file(tmp / "val.parquet.sha256", "my notes"), "checksum file"),
+    "image_mlp study over a user's file": lambda tmp, s, c: (
+        "lipflow.studies.image_mlp", ["--config-json", "{}", "--out", str(user_file(tmp / "mine.parquet", "data"))],
+        tmp / "mine.parquet", "--out"),
+    "ICL baselines over a user's file": lambda tmp, s, c: (
+        "lipflow.studies.icl", ["baselines", "--config-json", "{}", "--out", str(user_file(tmp / "b.parquet", "data"))],
+        tmp / "b.parquet", "--out"),
+    "ICL collect over a user's table": lambda tmp, s, c: (
+        "lipflow.studies.icl", ["collect", "--config-json", "{}", "--baselines", "b.parquet", "--runs", "r.safetensors",
+                                "--out-dir", str(user_file(tmp / "icl" / f"{ICL_TABLE}.parquet", "data").parent)],
+        tmp / "icl" / f"{ICL_TABLE}.parquet", "--out-dir"),
+    "ICL check over a user's JSON": lambda tmp, s, c: (
+        "lipflow.studies.icl", ["check", "--config-json", "{}", "--results-dir", str(tmp), "--out",
+                                str(user_file(tmp / "summary.json", '{"mine": 1}'))],
+        tmp / "summary.json", "--out"),
 }
+ICL_TABLE = next(iter(TABLE_SCHEMAS))  # one of the tables ICL collect writes
 
 
 @pytest.mark.parametrize("case", sorted(NEVER_REPLACED))
@@ -502,7 +545,7 @@ def test_a_stage_never_replaces_a_file_it_did_not_write(case, char_shards, tiny_
     done = run_stage(module, *args, cwd=tmp_path)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "refusing to replace it" in lines[0] and words in lines[0], lines[0]
+    assert "refusing to" in lines[0] and words in lines[0], lines[0]
     assert protected.read_bytes() == before
 
 

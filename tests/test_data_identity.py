@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lipflow.config import check_config, tokenizer_id
-from lipflow.plan import resolve_runs
+from lipflow.plan import Plan, resolve_runs
 
 from conftest import run_stage
 
@@ -36,12 +36,31 @@ def test_a_file_tokenizer_is_known_by_its_content(tmp_path):
     assert list(resolve_runs(copy.deepcopy(config))) != first_runs
 
 
+def test_each_corpus_and_tokenizer_block_has_its_own_folder():
+    """Two corpus blocks of one name (other files) or two tokenizer blocks of one kind (other shard
+    size) get their own folders, so neither replaces the shards the other's runs were trained on;
+    the same blocks always give the same folders."""
+    def plan(**blocks) -> Plan:
+        return Plan.from_config(copy.deepcopy({"corpus": {"name": "mine", "source": "files", "paths": ["a.txt"]},
+                                               **blocks}))
+
+    base = plan()
+    assert base.data_dir == plan().data_dir and base.tokens_dir == plan().tokens_dir
+    assert base.data_dir.startswith("results/data/mine-") and base.tokens_dir.startswith(base.data_dir + "/char-")
+    other_files = plan(corpus={"name": "mine", "source": "files", "paths": ["b.txt"]})
+    assert other_files.data_dir != base.data_dir
+    other_shards = plan(tokenizer={"kind": "char", "shard_tokens": 4096})
+    assert other_shards.data_dir == base.data_dir and other_shards.tokens_dir != base.tokens_dir
+    assert plan(tokenizer={"kind": "bpe", "vocab_size": 300}).tokens_dir.startswith(base.data_dir + "/bpe300-")
+
+
 def test_an_edited_or_added_corpus_file_reruns_the_corpus(tmp_path):
     (tmp_path / "texts").mkdir()
     for i in range(40):  # one document per file
         (tmp_path / "texts" / f"t{i:02d}.txt").write_text(paragraphs(f"Before we proceed any further, {i}", n=2))
     (tmp_path / "config.yaml").write_text("corpus: {name: mini, source: files, paths: ['texts/*.txt']}\n")
-    target = "results/data/mini/corpus/corpus.json"
+    plan = Plan.from_config({"corpus": {"name": "mini", "source": "files", "paths": ["texts/*.txt"]}})
+    target = f"{plan.data_dir}/corpus/corpus.json"
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),

@@ -303,3 +303,30 @@ def test_a_killed_snakemake_leaves_a_lock_that_unlock_removes(tmp_path):
     done = subprocess.run([*cmd, "results/lipflow.duckdb"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "results" / "lipflow.duckdb").is_file()
+
+
+@pytest.mark.parametrize("writer", ["atomic_write", "atomic_dir"])
+def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path, writer):
+    """A process SIGKILLed inside an atomic write leaves its temporary sibling (the rename never came);
+    the next write of the same path removes it. A live process's temporary and other names stay."""
+    final = tmp_path / "out"
+    body = {"atomic_write": f"with atomic_write({str(final)!r}) as f:\n    f.write(b'half')\n",
+            "atomic_dir": f"with atomic_dir({str(final)!r}, owned=()) as d:\n    (d / 'x').write_text('half')\n"}
+    script = (f"import os, signal\nfrom lipflow.atomic import atomic_dir, atomic_write\n{body[writer]}"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    from lipflow.atomic import _temp_name, atomic_dir, atomic_write
+
+    ours = tmp_path / (_temp_name(final) + "live")  # this (live) process's
+    ours.write_text("in progress")
+    (tmp_path / ".out.tmp-otherhost-1-x").write_text("another machine's")
+    if writer == "atomic_write":
+        with atomic_write(final) as f:
+            f.write(b"whole")
+    else:
+        with atomic_dir(final, owned=("x",)) as d:
+            (d / "x").write_text("whole")
+    assert not left.exists()
+    assert ours.exists() and (tmp_path / ".out.tmp-otherhost-1-x").exists()

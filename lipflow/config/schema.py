@@ -35,8 +35,12 @@ class UniqueKeyLoader(YAML_LOADER):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` merges keys that the mapping's own keys may override
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges keys the mapping's own override
+                if "<<" in seen:  # PyYAML would keep the last: merge several as `<<: [*a, *b]`
+                    raise yaml.constructor.ConstructorError(None, None, "duplicate key '<<' (merge several "
+                                                            "mappings with one `<<: [*a, *b]`)", key_node.start_mark)
+                seen.add("<<")
+                continue
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, SCALARS):
                 continue  # an unhashable key: the base class gives its own error
@@ -135,6 +139,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is a directory") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (an anchor that refers to itself?)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -145,7 +151,31 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config file holds a mapping of keys at its top level, not a "
                           f"{type(config).__name__}")
+    if nesting_depth(config) > MAX_NESTING:
+        raise ConfigError(f"{path}: nested deeper than {MAX_NESTING} levels (an anchor that refers to itself?)")
     return config
+
+
+MAX_NESTING = 64  # far beyond any config block; a YAML anchor inside itself makes an endless one
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING, _open: set[int] | None = None,
+                  _known: dict[int, int] | None = None) -> int:
+    """How deeply mappings and lists nest in ``value``, counted up to ``limit`` + 1; a mapping or
+    list inside itself (a YAML anchor used within its own node) counts as deeper than ``limit``.
+    Each node is measured once, however many aliases share it."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    _open, _known = (set(), {}) if _open is None else (_open, _known)
+    node = id(value)
+    if node in _open or len(_open) > limit:
+        return limit + 1
+    if node not in _known:
+        _open.add(node)
+        children = value.values() if isinstance(value, dict) else value
+        _known[node] = 1 + max((nesting_depth(child, limit, _open, _known) for child in children), default=0)
+        _open.discard(node)
+    return _known[node]
 
 
 def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:

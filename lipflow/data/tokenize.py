@@ -156,7 +156,8 @@ def bpe_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
 @TOKENIZERS.register("file")
 def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
     if not os.path.isfile(cfg.path):
-        raise DataError(f"tokenizer.path: file not found: {cfg.path}")
+        what = "is not a regular file" if os.path.exists(cfg.path) else "not found"
+        raise DataError(f"tokenizer.path: {cfg.path} {what}")
     try:
         return Tokenizer.from_file(cfg.path)
     except Exception as e:  # the Rust side raises a bare Exception

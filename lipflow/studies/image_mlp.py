@@ -135,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True, help="the config's image_mlp block (schema defaults filled)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
     args = parser.parse_args(argv)
+    from lipflow.atomic import refuse_to_replace_unsealed
     from lipflow.errors import run_guarded
 
     def go() -> int:
+        refuse_to_replace_unsealed(args.out, "--out")
         rows = run_image_mlp_study(json_object_argument(args.config_json, "--config-json"))
         columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, not just the first's
         write_table_parquet(args.out, pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))

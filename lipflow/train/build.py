@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from lipflow.atomic import is_temporary
 from lipflow.data.loader import TokenShards
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
@@ -26,12 +28,34 @@ def ensure_writable(directory: Path) -> None:
         raise PermissionError(f"results directory {directory} is not writable")
 
 
+# What the train and evaluate stages write into a run directory (anything else there is a user's).
+RUN_ENTRIES = frozenset({"config.json", "run.json", "model.safetensors", "model.safetensors.sha256",
+                         "train_metrics.parquet", "train_metrics.parquet.sha256", "checkpoints", "tensorboard",
+                         "evals", "evals.parquet", "evals.parquet.sha256"})
+
+
 def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> None:
-    """A FileExistsError when ``directory`` holds another run's config.json (or a file of that name that
-    is no run's): training would replace that run's weights and metrics. The same run's files (a rerun,
-    or what an interrupted run left) may be replaced."""
+    """A FileExistsError when ``directory`` holds what training would replace and is not this run's: a
+    name no stage writes there, another run's config.json (or a file of that name that is no run's),
+    or, without a config.json (the end of training writes it after the weights, before the metrics
+    and run.json), a run.json, metrics or weights of no run of this id. The same run's files (a
+    rerun, or what an interrupted run left, temporary files included) may be replaced."""
+    if not (directory.exists() or directory.is_symlink()):
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"--out-dir {directory} exists and is not a folder; refusing to replace it")
+    foreign = sorted(entry.name for entry in directory.iterdir()
+                     if entry.name not in RUN_ENTRIES and not is_temporary(entry.name))
+    if foreign:
+        raise FileExistsError(f"--out-dir {directory} holds {foreign[0]!r}, which no lipflow stage writes there; "
+                              "refusing to train into it (choose another --out-dir or move it away)")
     path = directory / "config.json"
     if not (path.exists() or path.is_symlink()):
+        for name in ("run.json", "train_metrics.parquet", "model.safetensors"):
+            left_by_this_run = name == "model.safetensors" and weights_of_run(directory / name, run_id)
+            if (directory / name).exists() and not left_by_this_run:
+                raise FileExistsError(f"--out-dir {directory} holds {name} but no config.json, so it is no run's "
+                                      "that training left; refusing to replace it")
         return
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -47,6 +71,16 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
         what = f"differs in {keys[0]}" if keys else f"run id {info.get('run_id')!r}"
         raise FileExistsError(f"--out-dir {directory} holds another run ({what}); refusing to replace it "
                               "(choose another --out-dir or move it away)")
+
+
+def weights_of_run(path: Path, run_id: str) -> bool:
+    """Whether ``path`` is a safetensors file whose lipflow metadata names ``run_id``."""
+    try:
+        with safe_open(str(path), "pt") as weights:
+            metadata = json.loads((weights.metadata() or {}).get("lipflow", "{}"))
+    except (OSError, ValueError, SafetensorError):  # not a safetensors file, or no JSON metadata
+        return False
+    return isinstance(metadata, dict) and metadata.get("run_id") == run_id
 
 
 def token_splits(data_dir: Path, cfg: dict[str, Any]) -> tuple[TokenShards, TokenShards]:

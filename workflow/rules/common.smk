@@ -6,7 +6,6 @@ import sys
 
 from lipflow.config import RUN_ID_PATTERN, ConfigError, load_config_file
 from lipflow.data import DataError
-from lipflow.data.corpus import expand_paths
 from lipflow.plan import IMAGE_MLP, Plan
 from lipflow.plan_rules import ICL_FIGURES, ICL_TABLES, RuleFunctions
 
@@ -20,7 +19,7 @@ try:
     PLAN = Plan.from_config(config)
     # The files the corpus reads (globs expanded now) and a `file` tokenizer: inputs of their rules, so an
     # edited or a newly matching file reruns the data steps and the runs trained on them.
-    CORPUS_FILES = [] if config["corpus"]["source"] == "embedded" else expand_paths(config["corpus"]["paths"])
+    CORPUS_FILES = PLAN.corpus_files()
     TOKENIZER_FILES = [config["tokenizer"]["path"]] if config["tokenizer"]["kind"] == "file" else []
     TOKENS_DIR = PLAN.tokens_dir
 except (ConfigError, DataError) as err:

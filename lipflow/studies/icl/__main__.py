@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from lipflow.atomic import write_json_atomic
+from lipflow.atomic import refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
 from lipflow.errors import ArgumentParser, count_argument, json_object_argument, run_guarded
 from lipflow.studies.icl.config import load_config
 
@@ -62,6 +63,28 @@ def _parser() -> ArgumentParser:
     return parser
 
 
+def refuse_to_replace_earlier_outputs(args) -> None:
+    """A FileExistsError before any work when an output path holds a file this command did not write."""
+    from lipflow.studies.icl.tables import TABLE_SCHEMAS
+
+    if args.command in ("train", "baselines"):
+        refuse_to_replace_unsealed(args.out, "--out")
+    elif args.command == "collect":
+        for name in TABLE_SCHEMAS:
+            refuse_to_replace_unsealed(Path(args.out_dir) / f"{name}.parquet", "--out-dir")
+    elif args.command == "check":
+        refuse_to_replace(args.out, "--out", "an ICL check summary", is_check_summary)
+
+
+def is_check_summary(path: Path) -> bool:
+    """Whether ``path`` is a JSON summary the ``check`` command wrote (an object with ``passed``)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(summary, dict) and "passed" in summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads > 0:
@@ -69,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from lipflow.studies.icl import plots, study
 
     def go() -> int:
+        refuse_to_replace_earlier_outputs(args)
         if args.command == "train":
             cfg = _config(args.config_json)
             study.run_train(cfg, args.layers, args.n, args.out, progress=not args.no_progress)
