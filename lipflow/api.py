@@ -83,9 +83,8 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
 
 
 def data_dir_in(results: Path, recorded: Path) -> Path:
-    """The recorded data directory (``results/data/<corpus>-<hash>/<tokenizer>-<hash>``, relative to
-    where the run trained) inside the results tree ``results``; a path recorded otherwise is taken
-    from its parent."""
+    """The recorded data directory (``results/data/<corpus>/<tokenizer>``, relative to where the run
+    trained) inside the results tree ``results``; a path recorded otherwise is taken from its parent."""
     if not recorded.is_absolute() and recorded.parts[:2] == ("results", "data"):
         return results / recorded.relative_to("results")
     return results.parent / recorded

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lipflow.config import (check_config, corpus_id, data_identity, experiment_run, plain_runs, run_id, run_validator,
+from lipflow.config import (ConfigError, check_config, data_identity, experiment_run, plain_runs, run_id, run_validator,
                             tokenizer_id)
 from lipflow.data.corpus import expand_paths
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
@@ -46,6 +46,19 @@ def freeze(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(freeze(item) for item in value)
     return value
+
+
+def recorded_block(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The config block a data stage recorded in its JSON output ``path`` under ``keys``; {} when the
+    file is missing or unreadable (the stage itself reports a damaged one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            block = json.load(f)
+        for key in keys:
+            block = block[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return block if isinstance(block, dict) else {}
 
 
 def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -98,13 +111,28 @@ class Plan:
 
     @property
     def data_dir(self) -> str:
-        """``results/data/<corpus name>-<hash>``: one folder per corpus block (:func:`corpus_id`)."""
-        return f"results/data/{corpus_id(self.config['corpus'])}"
+        return f"results/data/{self.config['corpus']['name']}"
 
     @property
     def tokens_dir(self) -> str:
-        """The token shards: one folder per tokenizer block under the corpus's (:func:`tokenizer_id`)."""
         return f"{self.data_dir}/{tokenizer_id(self.config['tokenizer'])}"
+
+    def check_data_folders(self) -> None:
+        """A ConfigError when the corpus or token folder this config names was made from another
+        ``corpus`` or ``tokenizer`` block (as recorded in its corpus.json or manifest.json): building
+        this config's data there would replace the data that other runs were trained on."""
+        folders = {"corpus": (self.data_dir, "corpus/corpus.json", ("config",)),
+                   "tokenizer": (self.tokens_dir, "manifest.json", ("tokenizer", "config"))}
+        for block, (folder, record, keys) in folders.items():
+            recorded = recorded_block(f"{folder}/{record}", keys)
+            current = json.loads(json.dumps(self.config[block]))
+            differs = sorted(key for key in recorded if current.get(key) != recorded[key])
+            if differs:
+                key = differs[0]
+                other = "give this corpus its own corpus.name, or " if block == "corpus" else ""
+                raise ConfigError(f"{folder} holds data made from another {block} block ({block}.{key} was "
+                                  f"{recorded[key]!r}, is {current.get(key)!r}), which runs were trained on: "
+                                  f"{other}move {folder} away to rebuild it")
 
     def corpus_files(self) -> list[str]:
         """The files the corpus reads (globs expanded; each checked to be a readable regular file)."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lipflow.config import check_config, tokenizer_id
-from lipflow.plan import Plan, resolve_runs
+from lipflow.plan import resolve_runs
 
 from conftest import run_stage
 
@@ -36,22 +36,35 @@ def test_a_file_tokenizer_is_known_by_its_content(tmp_path):
     assert list(resolve_runs(copy.deepcopy(config))) != first_runs
 
 
-def test_each_corpus_and_tokenizer_block_has_its_own_folder():
-    """Two corpus blocks of one name (other files) or two tokenizer blocks of one kind (other shard
-    size) get their own folders, so neither replaces the shards the other's runs were trained on;
-    the same blocks always give the same folders."""
-    def plan(**blocks) -> Plan:
-        return Plan.from_config(copy.deepcopy({"corpus": {"name": "mine", "source": "files", "paths": ["a.txt"]},
-                                               **blocks}))
+def test_data_made_from_another_block_is_not_replaced(tmp_path):
+    """A corpus block of the same name but other files, or a tokenizer block of the same kind but
+    another shard size, would rebuild the folder the earlier runs were trained on: refused before any
+    job (snakemake and `lipflow runs` alike), and the folder keeps its bytes; the unchanged config
+    still has nothing to do."""
+    (tmp_path / "a.txt").write_text(paragraphs("To be, or not to be"))
+    (tmp_path / "b.txt").write_text(paragraphs("Now is the winter of our discontent"))
+    base = "corpus: {name: mine, source: files, paths: [a.txt]}\nruns: {a: {steps: 2, eval_every: 2}}\n"
+    (tmp_path / "config.yaml").write_text(base)
+    manifest = tmp_path / "results/data/mine/char/manifest.json"
 
-    base = plan()
-    assert base.data_dir == plan().data_dir and base.tokens_dir == plan().tokens_dir
-    assert base.data_dir.startswith("results/data/mine-") and base.tokens_dir.startswith(base.data_dir + "/char-")
-    other_files = plan(corpus={"name": "mine", "source": "files", "paths": ["b.txt"]})
-    assert other_files.data_dir != base.data_dir
-    other_shards = plan(tokenizer={"kind": "char", "shard_tokens": 4096})
-    assert other_shards.data_dir == base.data_dir and other_shards.tokens_dir != base.tokens_dir
-    assert plan(tokenizer={"kind": "bpe", "vocab_size": 300}).tokens_dir.startswith(base.data_dir + "/bpe300-")
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                               "--configfile", str(tmp_path / "config.yaml"), "-c1", *args,
+                               str(manifest.relative_to(tmp_path))], capture_output=True, text=True, timeout=300)
+
+    assert snakemake().returncode == 0
+    before = manifest.read_bytes()
+    for edit, words in ((("[a.txt]", "[b.txt]"), "results/data/mine holds data made from another corpus block "
+                         "(corpus.paths was ['a.txt'], is ['b.txt'])"),
+                        (("runs:", "tokenizer: {kind: char, shard_tokens: 4096}\nruns:"),
+                         "results/data/mine/char holds data made from another tokenizer block "
+                         "(tokenizer.shard_tokens was 1048576, is 4096)")):
+        (tmp_path / "config.yaml").write_text(base.replace(*edit))
+        for done in (snakemake("-n"), run_stage("lipflow.cli", "runs", "--configfile", "config.yaml", cwd=tmp_path)):
+            assert done.returncode != 0 and words in done.stderr, done.stderr
+    assert manifest.read_bytes() == before
+    (tmp_path / "config.yaml").write_text(base)
+    assert "Nothing to be done" in snakemake("-n").stdout
 
 
 def test_an_edited_or_added_corpus_file_reruns_the_corpus(tmp_path):
@@ -59,8 +72,7 @@ def test_an_edited_or_added_corpus_file_reruns_the_corpus(tmp_path):
     for i in range(40):  # one document per file
         (tmp_path / "texts" / f"t{i:02d}.txt").write_text(paragraphs(f"Before we proceed any further, {i}", n=2))
     (tmp_path / "config.yaml").write_text("corpus: {name: mini, source: files, paths: ['texts/*.txt']}\n")
-    plan = Plan.from_config({"corpus": {"name": "mini", "source": "files", "paths": ["texts/*.txt"]}})
-    target = f"{plan.data_dir}/corpus/corpus.json"
+    target = "results/data/mini/corpus/corpus.json"
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),

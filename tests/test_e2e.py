@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -135,9 +134,8 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     # a character the char tokenizer never saw would encode as [UNK] and vanish from the prompt
     unseen = lipflow_cli(pipeline, "sample", run_id, "--prompt", "The 日", "--tokens", "5", "--device", "cpu")
     assert unseen.returncode == 2 and unseen.stdout == ""
-    assert re.fullmatch(r"lipflow: error: --prompt: '日' is not in the run's vocabulary \(the tokenizer in "
-                        r"results/data/pydoc-[0-9a-f]{8}/char-[0-9a-f]{8} never saw it in training\)\n",
-                        unseen.stderr), unseen.stderr
+    assert unseen.stderr.strip().splitlines() == ["lipflow: error: --prompt: '日' is not in the run's vocabulary "
+                                                  "(the tokenizer in results/data/pydoc/char never saw it in training)"]
 
 
 def test_a_moved_and_renamed_results_tree_still_samples(pipeline, tmp_path):

@@ -262,15 +262,9 @@ def tokenizer_file_sha256(path: str) -> str:
 
 
 def tokenizer_id(tok: dict[str, Any]) -> str:
-    """Folder name of a tokenizer config's shards: its kind (``bpe`` with its vocabulary size) and the
-    first 8 hex digits of the hash of the whole block (a ``file`` tokenizer's content included), so
-    two tokenizer configs never write over each other's shards: ``char-1a2b3c4d``, ``bpe512-…``."""
-    identity = {**tok, "sha256": tokenizer_file_sha256(tok["path"])} if tok["kind"] == "file" else tok
-    label = f"bpe{tok['vocab_size']}" if tok["kind"] == "bpe" else tok["kind"]
-    return f"{label}-{config_hash(identity)[:8]}"
-
-
-def corpus_id(corpus: dict[str, Any]) -> str:
-    """Folder name of a corpus config's documents: ``<name>-<first 8 hex digits of the block's hash>``,
-    so two corpus blocks of one name (another file list, split or source) never share a folder."""
-    return f"{corpus['name']}-{config_hash(corpus)[:8]}"
+    """Short folder name for a tokenizer config: ``char``, ``bpe512`` or ``file-<hash of its content>``."""
+    if tok["kind"] == "char":
+        return "char"
+    if tok["kind"] == "bpe":
+        return f"bpe{tok['vocab_size']}"
+    return f"file-{tokenizer_file_sha256(tok['path'])[:8]}"

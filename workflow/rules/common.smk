@@ -20,6 +20,7 @@ try:
     # The files the corpus reads (globs expanded now) and a `file` tokenizer: inputs of their rules, so an
     # edited or a newly matching file reruns the data steps and the runs trained on them.
     CORPUS_FILES = PLAN.corpus_files()
+    PLAN.check_data_folders()
     TOKENIZER_FILES = [config["tokenizer"]["path"]] if config["tokenizer"]["kind"] == "file" else []
     TOKENS_DIR = PLAN.tokens_dir
 except (ConfigError, DataError) as err:
