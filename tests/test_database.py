@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -276,3 +277,159 @@ def test_a_truncated_json_file_is_named(results, name):
                      str(results / "manifest.json"), "--run-dirs", *map(str, sorted((results / "runs").iterdir())))
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"{path} is not valid JSON" in done.stderr, done.stderr
+
+
+def refused_build(results: Path, capsys, damage, run_dirs: list[Path] | None = None) -> str:
+    """Build, apply ``damage``, then build again through the CLI (in ``results``' parent, which holds
+    results/bench): exit code 2 with one line on stderr, the first database unchanged and no temp file
+    left. Returns the line."""
+    db = build_here(results)
+    previous = db.read_bytes()
+    damage()
+    capsys.readouterr()
+    code = lipflow.results.main(["build", "--out", str(db), "--manifest", str(results / "manifest.json"), "--run-dirs",
+                                 *map(str, run_dirs or sorted((results / "runs").iterdir()))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert db.read_bytes() == previous
+    assert list(results.glob(".lipflow.duckdb*")) == []
+    return err
+
+
+DELETE = object()  # edit_json's value that removes the key
+
+
+def edit_json(path: Path, key: str, value, block: str | None = None) -> None:
+    """Set ``key`` (of the object ``block`` when given) in a JSON file to ``value``; ``DELETE`` removes it."""
+    contents = json.loads(path.read_text())
+    target = contents[block] if block else contents
+    if value is DELETE:
+        del target[key]
+    else:
+        target[key] = value
+    path.write_text(json.dumps(contents))
+
+
+@pytest.mark.parametrize("name, key, value, message", [
+    ("run.json", "start_time", "yesterday", "start_time is 'yesterday', not a number"),
+    ("run.json", "lipschitz_bound", "big", "lipschitz_bound is 'big', not a number"),
+    ("run.json", "run_id", 5, "run_id is 5, not text"),
+    ("run.json", "status", ["x"], "status is ['x'], not text"),
+    ("run.json", "status", None, "status is None, not text"),
+    ("run.json", "n_params", 1.5, "n_params is 1.5, not a whole number"),
+    ("run.json", "n_params", 2**70, f"n_params is {2**70}, beyond a 64-bit integer"),
+    ("run.json", "resumed", "no", "resumed is 'no', not true or false"),
+    ("run.json", "processes", True, "processes is True, not a whole number"),
+    ("run.json", "versions", "torch 2", "versions is 'torch 2', not an object"),
+    ("run.json", "end_time", DELETE, "missing key 'end_time'"),
+    ("config.json", "config", DELETE, "missing key 'config'"),
+    ("config.json", "run_id", DELETE, "missing key 'run_id'"),
+])
+def test_a_run_file_value_of_another_type_is_named(results, capsys, monkeypatch, name, key, value, message):
+    """Each run.json value must be of its column type in lipflow.train.summary; a key the trainer
+    always writes must be there."""
+    monkeypatch.chdir(results.parent)
+    path = results / "runs" / "a-00000000" / name
+    assert f"lipflow: error: {path}: {message}\n" == refused_build(results, capsys, lambda: edit_json(path, key, value))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("d_model", "big", "config.d_model: 'big' is not of type 'integer'"),
+    ("lr", [1], "config.lr: [1] is not of type 'number'"),
+    ("depth_mup", 1, "config.depth_mup: 1 is not of type 'boolean'"),
+    ("weight_decay", 2**70, f"config.weight_decay is {2**70}, beyond a 64-bit integer"),
+])
+def test_a_config_value_of_another_type_is_named(results, capsys, monkeypatch, key, value, message):
+    """config.json's run config is checked against the config schema's types, as the train stage
+    checked it."""
+    monkeypatch.chdir(results.parent)
+    path = results / "runs" / "a-00000000" / "config.json"
+    damage = lambda: edit_json(path, key, value, block="config")  # noqa: E731
+    assert f"lipflow: error: {path}: {message}\n" == refused_build(results, capsys, damage)
+
+
+@pytest.mark.parametrize("key, seconds", [("start_time", 1e20), ("end_time", -1e12)])
+def test_a_time_beyond_the_calendar_is_named(results, capsys, monkeypatch, key, seconds):
+    monkeypatch.chdir(results.parent)
+    path = results / "runs" / "a-00000000" / "run.json"
+    err = refused_build(results, capsys, lambda: edit_json(path, key, seconds))
+    assert err == f"lipflow: error: {path}: {key} is {seconds!r}, not a time (Unix seconds within the years 1-9999)\n"
+
+
+@pytest.mark.parametrize("names", [("run.json",), ("config.json",), ("run.json", "config.json")])
+def test_a_run_directory_holds_the_run_it_is_named_after(results, capsys, monkeypatch, names):
+    """run.json and config.json naming another run (whose directory is there too): refused, never two
+    rows of one run."""
+    monkeypatch.chdir(results.parent)
+    run_dir = results / "runs" / "a-00000000"
+    err = refused_build(results, capsys, lambda: [edit_json(run_dir / name, "run_id", "b-11111111") for name in names])
+    assert err == (f"lipflow: error: {run_dir / names[0]}: run_id is 'b-11111111', but its run directory is "
+                   "'a-00000000' (a run directory holds the run it is named after)\n")
+
+
+def test_one_run_in_two_directories_is_refused(results, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(results.parent)
+    copy = tmp_path / "backup" / "a-00000000"
+    run_dirs = [*sorted((results / "runs").iterdir()), copy]
+    err = refused_build(results, capsys, lambda: shutil.copytree(results / "runs" / "a-00000000", copy), run_dirs)
+    assert err == f"lipflow: error: --run-dirs: {run_dirs[0]} and {copy} both hold run 'a-00000000'\n"
+
+
+@pytest.mark.parametrize("name", ["train_metrics.parquet", "evals.parquet"])
+def test_a_run_file_holding_another_runs_rows_is_refused(results, capsys, monkeypatch, name):
+    """A run directory's metrics and evaluations are its run's (an evaluation of another run copied in
+    would give that run's loss to this one)."""
+    monkeypatch.chdir(results.parent)
+    path = results / "runs" / "a-00000000" / name
+    table = pq.read_table(path)
+    retagged = table.set_column(0, "run_id", pa.array(["b-11111111"] * table.num_rows))
+    err = refused_build(results, capsys, lambda: write_table_parquet(path, retagged))
+    assert err == f"lipflow: error: {path} holds rows of run 'b-11111111', not of its directory's run 'a-00000000'\n"
+
+
+def test_bench_files_whose_columns_clash_are_named(results, capsys, monkeypatch):
+    monkeypatch.chdir(results.parent)
+    bench = results / "bench"
+
+    def damage():
+        bench_file(bench / "a.parquet", 1.0)
+        pq.write_table(pa.table({"bench": ["b"], "metric": ["m"], "value": ["fast"]}), bench / "b.parquet")
+
+    assert refused_build(results, capsys, damage) == (
+        "lipflow: error: the bench table's files cannot be merged: results/bench/a.parquet and results/bench/b.parquet "
+        "differ (Unable to merge: Field value has incompatible types: double vs string)\n")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: pq.write_table(pa.table({}), path),
+     "{path} cannot be loaded into the database (Invalid Input Error: Provided table/dataframe must have at least "
+     "one column)"),
+    (lambda path: pq.write_table(pa.table({"value": pa.array([1.5], pa.float16())}), path),
+     "{path} cannot be loaded into the database (Not implemented Error: Unsupported Internal Arrow Type"),
+    (lambda path: path.mkdir(), "results/lipflow.duckdb left as it was: [Errno 21] Is a directory: '{path}'"),
+], ids=["no_columns", "float16", "folder"])
+def test_a_bench_file_the_database_cannot_hold_is_named(results, capsys, monkeypatch, make, message):
+    monkeypatch.chdir(results.parent)
+    path = Path("results") / "bench" / "d.parquet"
+
+    def damage():
+        bench_file(results / "bench" / "a.parquet", 1.0)
+        make(path)
+
+    assert message.format(path=path) in refused_build(results, capsys, damage)
+
+
+def test_an_evaluation_refuses_a_run_json_of_another_run(results, capsys):
+    """Evaluated in a directory named like a run id, a run.json naming another run is refused before
+    any row is filed under that run."""
+    from lipflow.evaluation.__main__ import main
+
+    run_dir = results / "runs" / "a-00000000"
+    edit_json(run_dir / "run.json", "run_id", "b-11111111")
+    out = run_dir / "evals" / "val.parquet"
+    code = main(["--evaluation", "val", "--run-dir", str(run_dir), "--data-dir", str(results), "--out", str(out),
+                 "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err == (
+        f"lipflow: error: {run_dir / 'run.json'}: run_id is 'b-11111111', but its run directory is 'a-00000000' "
+        "(a run directory holds the run it is named after)\n")
+    assert not out.parent.exists()

@@ -7,19 +7,21 @@ The rows are (run_id, eval, metric, value, parameter columns)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from lipflow.config import evaluation_params
+from lipflow.config import RUN_ID_PATTERN, evaluation_params
 from lipflow.atomic import read_json
 from lipflow.data.parquet import write_table_parquet
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
 from lipflow.results.cli import refuse_to_replace_non_evaluation
+from lipflow.results.inputs import check_names_its_run, directory_name, run_id_in
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
@@ -50,7 +52,11 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     params = evaluation_params(name, **params)
     refuse_to_replace_non_evaluation(out)
     summary = read_json(run_dir / "run.json")
-    run_id = summary["run_id"]
+    run_id = run_id_in(run_dir / "run.json", summary)
+    # a directory named like a run id (the pipeline's results/runs/<run id>) must hold that run, else its rows
+    # would be filed under another; a run trained into a folder of another name (train --out-dir) is its own
+    if re.fullmatch(RUN_ID_PATTERN, directory_name(run_dir)):
+        check_names_its_run(run_dir / "run.json", run_id)
     if summary["status"] != "completed":
         rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),
                  "note": f"run status is {summary['status']}"}]

@@ -3,6 +3,8 @@ their figures and tables.
 
 - :mod:`lipflow.results.database`: :func:`build` (runs, metrics, evals, shards, the studies' tables,
   bench measurements), then the views;
+- :mod:`lipflow.results.inputs`: the checks of what the build reads (run.json and config.json values,
+  run ids, files that share a table);
 - :mod:`lipflow.results.views`: :class:`View` and :func:`create_views` (the SQL lives in each
   experiment's file, ``lipflow/experiments/<name>.py``);
 - :mod:`lipflow.results.figures`: draws the experiments' figures and writes their views as CSV

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from lipflow.atomic import read_verified, refuse_to_replace, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.errors import ArgumentParser, check_distinct_paths
+from lipflow.results.inputs import concat_files
 
 
 EVALUATION_COLUMNS = ("run_id", "eval", "metric", "value")  # what every evaluation file holds (lipflow.evaluation)
@@ -63,12 +64,10 @@ def merge_evals(out: Path, files: list[Path]) -> None:
             if name in evaluations:
                 raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")
             evaluations[name] = f
-    if not tables:  # a run with no evaluation (evaluations.enabled: []): an empty evaluation table
-        tables = [pa.table({c: pa.array([], pa.float64() if c == "value" else pa.string()) for c in EVALUATION_COLUMNS})]
-    try:
-        merged = pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowException as err:  # e.g. a column that is a number in one file and text in another
-        raise ValueError(f"the evaluation files cannot be merged ({str(err).splitlines()[0]})") from None
+    if tables:  # a column that is a number in one file and text in another names both files
+        merged = concat_files(list(zip(files, tables)), "the evaluation files")
+    else:  # a run with no evaluation (evaluations.enabled: []): an empty evaluation table
+        merged = pa.table({c: pa.array([], pa.float64() if c == "value" else pa.string()) for c in EVALUATION_COLUMNS})
     write_table_parquet(Path(out), merged)
 
 

@@ -3,7 +3,10 @@
 :func:`build` rebuilds the whole database in a temp file, checkpoints it, reopens it to check
 every table's row count and only then renames it into place, so readers never see a half-built
 file, a failed build keeps the previous database, and a rebuild is idempotent. Every run and study
-file is checked against its ``.sha256`` sidecar; file names are never SQL. Every table is loaded
+file is checked against its ``.sha256`` sidecar; file names are never SQL. A run directory must hold
+the run it is named after, each run.json and config.json value must be of the type the trainer
+writes, and files loaded into one table must agree on their columns' types
+(:mod:`lipflow.results.inputs`): a bad file is one line naming it. Every table is loaded
 here (:func:`_fill_database`), then the experiments' views are created on them:
 
 - ``runs``: one row per run: status, flattened config keys, ``config`` (JSON), provenance;
@@ -17,7 +20,6 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -32,17 +34,14 @@ from lipflow.data.parquet import read_table_parquet
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
 from lipflow.experiments import create_views
+from lipflow.results.inputs import (check_names_its_run, check_rows_of_run, checked_config, concat_files,
+                                    directory_name, run_id_in, summary_values)
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
 
 RESULTS = Path("results")
 # Studies outside the run grid (the schema's experiment `studies`): results/<study>/<name>.parquet
 # → table <study>_<name>.
 STUDIES = ("icl", "image_mlp")
-
-
-def _timestamp(seconds: float | None) -> dt.datetime | None:
-    """UTC as a naive TIMESTAMP (a TIMESTAMPTZ would need pytz in every client)."""
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None) if seconds else None
 
 
 # The ``runs`` columns after the config keys: the config as JSON, then the run.json fields, with their
@@ -59,13 +58,17 @@ def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_row(run_dir: Path) -> dict[str, Any]:
-    """One ``runs`` row from a run directory's run.json and config.json."""
-    summary = read_json(run_dir / "run.json")
-    cfg = read_json(run_dir / "config.json")["config"]
-    derived = {"config": json.dumps(cfg, sort_keys=True), "versions": json.dumps(summary["versions"], sort_keys=True),
-               "start_time": _timestamp(summary["start_time"]), "end_time": _timestamp(summary["end_time"])}
-    return {"run_id": summary["run_id"], "name": summary["run_id"].rsplit("-", 1)[0], "status": summary["status"],
-            **_flat_config(cfg), **{k: derived[k] if k in derived else summary[k] for k in SUMMARY_COLUMNS}}
+    """One ``runs`` row from a run directory's run.json and config.json: both name the directory's run,
+    and every value is of the type the trainer writes (:mod:`lipflow.results.inputs`)."""
+    run_json, config_json = Path(run_dir) / "run.json", Path(run_dir) / "config.json"
+    summary, info = read_json(run_json), read_json(config_json)
+    for path, contents in ((run_json, summary), (config_json, info)):
+        check_names_its_run(path, run_id_in(path, contents))
+    values = summary_values(run_json, summary)
+    cfg = checked_config(config_json, info)
+    derived = {**values, "config": json.dumps(cfg, sort_keys=True)}
+    return {"run_id": values["run_id"], "name": values["run_id"].rsplit("-", 1)[0], "status": values["status"],
+            **_flat_config(cfg), **{k: derived[k] for k in SUMMARY_COLUMNS}}
 
 
 def empty_runs_table() -> pa.Table:
@@ -109,13 +112,22 @@ def _create_from_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Tab
     return arrow.num_rows
 
 
-def _create_from_tables(con: duckdb.DuckDBPyConnection, table: str, tables: list[pa.Table], empty_sql: str) -> int:
-    """Create ``table`` from Arrow tables (columns unioned by name), or with the columns of
-    ``empty_sql`` when there are none; returns its row count."""
-    if not tables:
+def _create_from_tables(con: duckdb.DuckDBPyConnection, table: str, named: list[tuple[Path, pa.Table]],
+                        empty_sql: str) -> int:
+    """Create ``table`` from the Arrow tables of files (``named``: file, table; columns unioned by
+    name), or with the columns of ``empty_sql`` when there are none; returns its row count. A file
+    whose table DuckDB cannot take (no columns, a float16 column…) or whose columns' types clash
+    with another's is a ValueError naming it."""
+    if not named:
         con.execute(f"CREATE TABLE {quote_identifier(table)} ({empty_sql})")
         return 0
-    return _create_from_arrow(con, table, pa.concat_tables(tables, promote_options="permissive"))
+    for path, arrow in named:
+        try:
+            con.register("_lipflow_staging", arrow)
+        except duckdb.Error as err:
+            raise ValueError(f"{path} cannot be loaded into the database ({str(err).splitlines()[0]})") from None
+        con.unregister("_lipflow_staging")
+    return _create_from_arrow(con, table, concat_files(named, f"the {table} table's files"))
 
 
 def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], empty_sql: str,
@@ -123,12 +135,13 @@ def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list
     """Create ``table`` from Parquet files, each read by pyarrow (so a file name is never SQL or a
     glob) and, with ``verify``, checked against its sidecar; returns its row count."""
     read = read_table_parquet if verify else _read_unverified
-    return _create_from_tables(con, table, [read(f) for f in files], empty_sql)
+    return _create_from_tables(con, table, [(f, read(f)) for f in files], empty_sql)
 
 
 def _read_unverified(path: Path) -> pa.Table:
+    """A Parquet file's table, read from its bytes (a folder is an error naming it, never a dataset)."""
     try:
-        return pq.read_table(path)
+        return pq.read_table(pa.BufferReader(Path(path).read_bytes()))
     except pa.ArrowException as err:
         raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
 
@@ -136,20 +149,19 @@ def _read_unverified(path: Path) -> pa.Table:
 def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path],
                    results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
-    runs = [run_row(Path(d)) for d in run_dirs]
-    evals = [read_table_parquet(p) for d in run_dirs if (p := Path(d) / "evals.parquet").is_file()]
+    runs = _run_rows(run_dirs)
+    evals = _run_files([d for d in run_dirs if (Path(d) / "evals.parquet").is_file()], "evals.parquet")
     val_loss = {}
-    for table in evals:
+    for _, table in evals:
         for r in table.select(["run_id", "eval", "metric", "value"]).to_pylist():
             if r["eval"] == "val" and r["metric"] in ("loss", "accuracy", "perplexity"):
                 val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
     for row in runs:
         row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
     rows = {"runs": _create_from_arrow(con, "runs", pa.Table.from_pylist(runs) if runs else empty_runs_table())}
-    rows["train_metrics"] = _create_from_parquet(con, "train_metrics",
-                                                 [Path(d) / "train_metrics.parquet" for d in run_dirs],
-                                                 ", ".join(f"{quote_identifier(name)} {SQL_TYPES[alias]}"
-                                                           for name, alias in METRIC_COLUMNS.items()))
+    rows["train_metrics"] = _create_from_tables(con, "train_metrics", _run_files(run_dirs, "train_metrics.parquet"),
+                                                ", ".join(f"{quote_identifier(name)} {SQL_TYPES[alias]}"
+                                                          for name, alias in METRIC_COLUMNS.items()))
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
@@ -160,6 +172,28 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
                                          "device VARCHAR, date VARCHAR, git_commit VARCHAR", verify=False)
     create_views(con)
     return rows
+
+
+def _run_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """The ``runs`` rows of ``run_dirs`` (:func:`run_row`); two directories of one run (a copy
+    elsewhere) are a ValueError naming both: the run would have two rows."""
+    rows, seen = [], {}
+    for run_dir in run_dirs:
+        row = run_row(Path(run_dir))
+        if row["run_id"] in seen:
+            raise ValueError(f"--run-dirs: {seen[row['run_id']]} and {run_dir} both hold run {row['run_id']!r}")
+        seen[row["run_id"]] = run_dir
+        rows.append(row)
+    return rows
+
+
+def _run_files(run_dirs: list[Path], name: str) -> list[tuple[Path, pa.Table]]:
+    """Each run directory's Parquet file ``name`` with its table, checked against its sidecar and
+    holding rows of the directory's run only."""
+    named = [(path, read_table_parquet(path)) for path in (Path(d) / name for d in run_dirs)]
+    for path, table in named:
+        check_rows_of_run(path, table, directory_name(path.parent))
+    return named
 
 
 def load_study_tables(con: duckdb.DuckDBPyConnection, results: Path) -> dict[str, int]:

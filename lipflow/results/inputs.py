@@ -1,0 +1,151 @@
+"""The results stage's inputs, checked before they reach a table; each problem is one ValueError
+naming the file (and key):
+
+- a run directory's run.json and config.json: each value of the type the trainer writes (the column
+  types of :mod:`lipflow.train.summary`, the config schema's types), and the run id they state;
+- Parquet files whose tables go into one table: their columns' types must agree.
+
+Imports neither DuckDB nor torch (the evaluation stage checks run ids with it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from lipflow.train.summary import RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS
+
+# The JSON values run.json holds for each column type of lipflow.train.summary (a time is Unix seconds),
+# and their name in an error. Null is allowed but for the key fields; `versions` is an object.
+JSON_FORMS: dict[str, tuple[tuple[type, ...], str]] = {
+    "string": ((str,), "text"), "int64": ((int,), "a whole number"), "float64": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"), "timestamp[us]": ((int, float), "a number")}
+OBJECT_FORM: tuple[tuple[type, ...], str] = ((dict,), "an object")
+JSON_TEXT_FIELDS = ("versions",)  # run.json objects kept as JSON text in the database
+INT64 = range(-2**63, 2**63)
+
+
+def value_of(obj: dict[str, Any], key: str, path: Path) -> Any:
+    """``obj[key]``; a missing key is a ValueError naming ``path`` and the key."""
+    try:
+        return obj[key]
+    except KeyError:
+        raise ValueError(f"{path}: missing key {key!r}") from None
+
+
+def check_value(path: Path, key: str, value: Any, form: tuple[tuple[type, ...], str], nullable: bool = True) -> Any:
+    """``value`` when it is of ``form`` (JSON types, their name) or null where ``nullable``; a bool
+    is no number and an integer must fit 64 bits. Else a ValueError naming ``path`` and ``key``."""
+    types, name = form
+    if value is None and nullable:
+        return value
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ValueError(f"{path}: {key} is {value!r}, not {name}")
+    if isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
+        raise ValueError(f"{path}: {key} is {value!r}, beyond a 64-bit integer")
+    return value
+
+
+def timestamp(path: Path, key: str, seconds: float | None) -> dt.datetime | None:
+    """Unix seconds as a naive UTC TIMESTAMP (a TIMESTAMPTZ would need pytz in every client); seconds
+    beyond the years 1–9999 are a ValueError naming ``path`` and ``key``."""
+    if not seconds:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"{path}: {key} is {seconds!r}, not a time (Unix seconds within the years 1-9999)") from None
+
+
+def summary_values(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """run.json's fields (``path``), each checked against its type in lipflow.train.summary, as the
+    ``runs`` table holds them: times as timestamps, objects as JSON text."""
+    values = {}
+    for key, alias in {**RUN_KEY_FIELDS, **RUN_SUMMARY_FIELDS}.items():
+        form = OBJECT_FORM if key in JSON_TEXT_FIELDS else JSON_FORMS[alias]
+        value = check_value(path, key, value_of(summary, key, path), form, nullable=key not in RUN_KEY_FIELDS)
+        if key in JSON_TEXT_FIELDS:
+            value = json.dumps(value, sort_keys=True)
+        elif alias.startswith("timestamp"):
+            value = timestamp(path, key, value)
+        values[key] = value
+    return values
+
+
+@functools.lru_cache(maxsize=1)
+def _run_schema_validator():
+    from lipflow.config.schema import make_validator
+
+    return make_validator(definition="run")  # not filling: the config is checked as the run wrote it
+
+
+def checked_config(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """config.json's (``path``) run config, each key of the type the config schema gives it (what
+    the train stage accepted), each integer fitting 64 bits; else a ValueError naming the key."""
+    from lipflow.config.schema import first_error
+
+    cfg = value_of(info, "config", path)
+    problem = first_error(_run_schema_validator(), cfg, prefix="config")
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
+    for key, value in cfg.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            check_value(path, f"config.{key}", value, JSON_FORMS["int64"])
+    return cfg
+
+
+def directory_name(run_dir: Path) -> str:
+    """The name of a run directory however it is spelled (``runs/x/``, ``.``)."""
+    return Path(os.path.abspath(run_dir)).name
+
+
+def run_id_in(path: Path, info: dict[str, Any]) -> str:
+    """The ``run_id`` text of run.json or config.json (``path``); else a ValueError naming it."""
+    return check_value(path, "run_id", value_of(info, "run_id", path), JSON_FORMS["string"], nullable=False)
+
+
+def check_names_its_run(path: Path, run_id: str) -> None:
+    """A ValueError naming ``path`` (a run directory's run.json or config.json) when ``run_id`` is not
+    its directory's name: its rows would be filed under another run (the pipeline keeps run X in
+    results/runs/X)."""
+    name = directory_name(path.parent)
+    if run_id != name:
+        raise ValueError(f"{path}: run_id is {run_id!r}, but its run directory is {name!r} (a run directory "
+                         "holds the run it is named after)")
+
+
+def check_rows_of_run(path: Path, table: pa.Table, run_id: str) -> None:
+    """A ValueError naming ``path`` (a run directory's Parquet file) when a row is not of ``run_id``."""
+    if "run_id" not in table.column_names:
+        raise ValueError(f"{path} has no column 'run_id'")
+    others = sorted(set(table.column("run_id").unique().to_pylist()) - {run_id}, key=str)
+    if others:
+        raise ValueError(f"{path} holds rows of run {others[0]!r}, not of its directory's run {run_id!r}")
+
+
+def concat_files(named: list[tuple[Path, pa.Table]], what: str) -> pa.Table:
+    """The files' tables (``named``: file, table) as one, columns unioned by name (a number column
+    takes the widest type); columns whose types cannot be joined are a ValueError naming ``what``
+    and the first two files that clash."""
+    try:
+        return pa.concat_tables([table for _, table in named], promote_options="permissive")
+    except pa.ArrowException as err:
+        raise ValueError(f"{what} cannot be merged: {_first_clash(named) or str(err).splitlines()[0]}") from None
+
+
+def _first_clash(named: list[tuple[Path, pa.Table]]) -> str | None:
+    """'<file> and <file> differ (<which column, which types>)' for the first two files whose
+    columns cannot be joined, or None when only all of them together clash."""
+    for index, (path, table) in enumerate(named):
+        for earlier, other in named[:index]:
+            try:
+                pa.unify_schemas([other.schema, table.schema], promote_options="permissive")
+            except pa.ArrowException as err:
+                return f"{earlier} and {path} differ ({str(err).splitlines()[0]})"
+    return None
