@@ -94,7 +94,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 HOST = socket.gethostname()
 
 
-def _temp_name(final: Path, kind: str = "tmp") -> str:
+def temp_prefix(final: Path, kind: str = "tmp") -> str:
     """``.<name>.<kind>-<host>-<pid>-``: the prefix of this process's temporary siblings of ``final``."""
     return f".{final.name}.{kind}-{HOST}-{os.getpid()}-"
 
@@ -147,7 +147,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
         raise IsADirectoryError(f"cannot write {final}: it is a directory")
     remove_stale_temporaries(final)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_name(final), dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(final), dir=final.parent)
     except OSError as err:  # name the file asked for, not the temporary one
         reason = f"folder {final.parent} does not exist" if isinstance(err, FileNotFoundError) else err.strerror
         raise type(err)(f"cannot write {final}: {reason}") from None
@@ -243,7 +243,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(final)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(final), dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), dir=final.parent))
     except OSError as e:  # name the directory asked for, not the temporary one
         reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
         raise OSError(f"cannot create {final}: {reason}") from None
@@ -252,7 +252,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator
         yield tmp
         _fsync_tree(tmp)
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=_temp_name(final, "old"), dir=final.parent))
+            trash = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "old"), dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash)

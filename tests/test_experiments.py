@@ -667,6 +667,22 @@ def test_plots_cli_writes_every_figure_and_table(filled_database, tmp_path, caps
     assert not list(out.glob(".*tmp*"))
 
 
+def test_plots_cli_replaces_its_own_figures_and_tables_but_no_other_file(filled_database, tmp_path, capsys):
+    out, tables = tmp_path / "figures", tmp_path / "tables"
+    args = ["--db", str(filled_database), "--out-dir", str(out), "--tables-dir", str(tables)]
+    assert plots_main(args) == 0 and plots_main(args) == 0  # the second run replaces the first's files
+    figure = next(iter(EXPERIMENT_FIGURES["lr_transfer"]))
+    for path, flag in ((out / f"{figure}.png", "--out-dir"), (tables / "lr_transfer.csv", "--tables-dir")):
+        mine = b"my own figure, or my own table\n"
+        path.write_bytes(mine)
+        capsys.readouterr()
+        assert plots_main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"{flag} {path} exists and is not" in err, err
+        assert path.read_bytes() == mine
+        path.unlink()
+
+
 def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):
     con = database(tmp_path, [run("baseline-00000001")])
     create_views(con)

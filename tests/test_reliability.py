@@ -317,9 +317,9 @@ def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path, writer)
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
-    from lipflow.atomic import _temp_name, atomic_dir, atomic_write
+    from lipflow.atomic import temp_prefix, atomic_dir, atomic_write
 
-    ours = tmp_path / (_temp_name(final) + "live")  # this (live) process's
+    ours = tmp_path / (temp_prefix(final) + "live")  # this (live) process's
     ours.write_text("in progress")
     (tmp_path / ".out.tmp-otherhost-1-x").write_text("another machine's")
     if writer == "atomic_write":
@@ -330,3 +330,19 @@ def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path, writer)
             (d / "x").write_text("whole")
     assert not left.exists()
     assert ours.exists() and (tmp_path / ".out.tmp-otherhost-1-x").exists()
+
+
+def test_what_a_killed_database_build_left_is_removed_by_the_next(char_shards, tmp_path):
+    """The build writes a temporary database (and its write-ahead log) beside the real one; after a
+    SIGKILL they stay until the next build, which removes them."""
+    from lipflow.atomic import HOST
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = [tmp_path / f".db.duckdb.tmp-{HOST}-{gone.stdout.strip()}-build{suffix}" for suffix in ("", ".wal")]
+    for path in left:
+        path.write_bytes(b"half a database")
+    done = run_stage("lipflow.results", "build", "--out", str(tmp_path / "db.duckdb"), "--manifest",
+                     str(char_shards / "manifest.json"))
+    assert done.returncode == 0, done.stderr
+    assert not any(path.exists() for path in left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.duckdb"]

@@ -29,7 +29,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.atomic import fsync_dir, read_json, refuse_to_replace, sha256_file, write_json_atomic
+from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
+                            temp_prefix, write_json_atomic)
 from lipflow.data.parquet import read_table_parquet
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
@@ -285,10 +286,9 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
 
     out = Path(out)
     check_build_arguments(out, run_dirs, receipt)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(out)  # what a killed build left
+    tmp = out.with_name(temp_prefix(out) + "build")
     wal = Path(f"{tmp}.wal")
-    tmp.unlink(missing_ok=True)  # a dead build's leftovers (the process id is ours now)
-    wal.unlink(missing_ok=True)
     published = False
     try:
         con = duckdb.connect(str(tmp))

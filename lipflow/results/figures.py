@@ -5,7 +5,8 @@
 
 Each experiment's file (``lipflow/experiments/<name>.py``) declares its figures (``FIGURES``: a
 function reading its views and returning a matplotlib figure), saved as ``<out-dir>/<figure>.png``
-and ``.svg`` (Agg backend, written to a temp file and renamed). ``--tables-dir`` also writes each of
+and ``.svg`` (Agg backend, written to a temp file and renamed; a file there that lipflow did not
+write is refused, not replaced). ``--tables-dir`` also writes each of
 the experiment's views as CSV. Without ``--experiment`` every experiment whose headline view has
 rows is drawn and the others are listed as skipped; a named experiment whose headline view is empty
 is an error that quotes the reason recorded on the view.
@@ -14,34 +15,22 @@ is an error that quotes the reason recorded on the view.
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 from lipflow.errors import ArgumentParser
 from lipflow.experiments import CATALOG
-from lipflow.results.plotting import pyplot, read_view
+from lipflow.atomic import atomic_write, refuse_to_replace
+from lipflow.results.plotting import pyplot, read_view, refuse_to_replace_figure, write_figure
 
 FORMATS = ("png", "svg")
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in FORMATS:
-        path = out_dir / f"{name}.{fmt}"
-        _replace_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight"))
-        paths.append(path)
+    paths = [out_dir / f"{name}.{fmt}" for fmt in FORMATS]
+    for path, fmt in zip(paths, FORMATS):
+        write_figure(fig, path, fmt)
     pyplot().close(fig)
     return paths
 
@@ -49,8 +38,31 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
 def write_table(con, name: str, tables_dir: Path) -> Path:
     tables_dir.mkdir(parents=True, exist_ok=True)
     path = tables_dir / f"{name}.csv"
-    _replace_atomically(path, lambda tmp: read_view(con, name).to_csv(tmp, index=False))
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        read_view(con, name).to_csv(f, index=False)
     return path
+
+
+def view_columns(con, name: str) -> list[str]:
+    return [column[0] for column in con.execute(f"SELECT * FROM {name} LIMIT 0").description]
+
+
+def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_dir: Path | None) -> None:
+    """A FileExistsError before anything is drawn when a figure or table path of ``experiments``
+    holds a file lipflow did not write there (a figure without lipflow's mark, a CSV of other columns)."""
+    for name in experiments:
+        for figure in CATALOG[name].figures:
+            for fmt in FORMATS:
+                refuse_to_replace_figure(out_dir / f"{figure}.{fmt}", "--out-dir")
+        for view in CATALOG[name].views if tables_dir is not None else ():
+            header = ",".join(view_columns(con, view))
+            refuse_to_replace(tables_dir / f"{view}.csv", "--tables-dir", f"a table of view {view}",
+                              lambda path: first_line(path) == header)
+
+
+def first_line(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return f.readline().rstrip("\r\n")
 
 
 def empty_reason(con, name: str) -> str | None:
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(f"unknown experiment '{name}'{hint}; known: {', '.join(CATALOG)}")
         con = connect(args.db)
+        refuse_to_replace_others(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir)
         written = draw(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir,
                        strict=bool(args.experiment))
         for path in written:

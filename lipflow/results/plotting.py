@@ -5,7 +5,13 @@ a view as a DataFrame and a colour cycle."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
+
+from lipflow.atomic import atomic_write, refuse_to_replace
+
+# Written into every figure's metadata: what marks a PNG or SVG file as one lipflow drew.
+FIGURE_MARK = {"png": {"Software": "lipflow"}, "svg": {"Creator": "lipflow"}}
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,24 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_figure(fig, path: Path, fmt: str) -> None:
+    """``fig`` as ``path`` in ``fmt`` (png or svg), atomically, with :data:`FIGURE_MARK` in its metadata."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight", metadata=FIGURE_MARK[fmt])
+
+
+def is_lipflow_figure(path: Path) -> bool:
+    """Whether ``path`` carries :data:`FIGURE_MARK` (in the first 4 kB: PNG text chunks and SVG
+    metadata come before the picture)."""
+    with open(path, "rb") as f:
+        return b"lipflow" in f.read(4096)
+
+
+def refuse_to_replace_figure(path: Path, flag: str) -> None:
+    """``path`` may replace a figure lipflow drew only, never a user's other file."""
+    refuse_to_replace(path, flag, "a figure lipflow drew", is_lipflow_figure)
 
 
 def read_view(con, name: str, order: str = ""):

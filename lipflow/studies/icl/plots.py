@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from lipflow.atomic import atomic_write  # noqa: E402
+from lipflow.results.plotting import refuse_to_replace_figure, write_figure  # noqa: E402
 from lipflow.studies.icl.tables import PLOTTED_METHODS  # noqa: E402
 from lipflow.data.parquet import read_table_parquet  # noqa: E402
 
@@ -56,14 +56,16 @@ def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
 
 def run_plots(results_dir: str | Path, out_dir: str | Path) -> None:
     """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``."""
+    paths = {(name, ext): Path(out_dir) / f"icl_{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
+    for path in paths.values():
+        refuse_to_replace_figure(path, "--out-dir")
     for name, (x_key, xlabel, table) in FIGURES.items():
         rows = read_table_parquet(Path(results_dir) / f"{table}.parquet").to_pylist()
         fixed = "n" if x_key == "n_layers" else "L"
         values = sorted({r["n" if x_key == "n_layers" else "n_layers"] for r in rows})
         title = f"In-context linear regression ({fixed} = {', '.join(map(str, values))})"
         fig = plot_losses(rows, x_key, xlabel, title)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         for ext in ("png", "svg"):
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            with atomic_write(Path(out_dir) / f"icl_{name}.{ext}", "wb") as f:
-                fig.savefig(f, format=ext, dpi=150)
+            write_figure(fig, paths[name, ext], ext)
         plt.close(fig)
