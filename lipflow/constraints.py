@@ -50,15 +50,25 @@ SPECTRAL_NORM_RTOL = 1e-3  # relative accuracy of spectral_norm_bound
 # ----------------------------------------------------------------------------- linear algebra
 
 
+def _svd_of_finite(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(U, Σ, Vᵀ, finite): the thin SVD of each matrix of a stack (…, m, n), a matrix with a non-finite
+    entry decomposed as the zero matrix (torch's SVD of it raises), and ``finite`` (…, 1, 1) saying
+    which matrices had none, so that a caller returns NaN (or X itself) for the others: a diverged
+    step stays non-finite and the run ends as diverged instead of raising. No host sync."""
+    finite = torch.isfinite(x).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    u, s, vh = torch.linalg.svd(torch.where(finite, x, 0.0), full_matrices=False)
+    return u, s, vh, finite
+
+
 def msign(x: Tensor) -> Tensor:
     """Exact matrix sign (polar factor) U Vᵀ of X = U Σ Vᵀ, by SVD (X may be a stack (…, m, n)).
 
     Directions with σ ≤ max(m, n)·eps·σ₁ (numerically zero) map to 0, as Newton–Schulz would,
-    so a zero or low-rank input gives a zero or low-rank output.
+    so a zero or low-rank input gives a zero or low-rank output; a non-finite input gives NaN.
     """
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u, s, vh, finite = _svd_of_finite(x)
     keep = s > s[..., :1] * (max(x.shape[-2:]) * torch.finfo(x.dtype).eps)
-    return (u * keep.unsqueeze(-2).to(u.dtype)) @ vh
+    return torch.where(finite, (u * keep.unsqueeze(-2).to(u.dtype)) @ vh, math.nan)
 
 
 def _gram_squarings(n: int) -> int:
@@ -241,11 +251,12 @@ def spectral_hard_cap(x: Tensor, sigma_max: float, *, step: StepContext) -> Tens
     """U min(Σ, σmax) Vᵀ exactly (SVD), rebuilt from the clamped spectrum so σ₁ ends at σmax to
     rounding whatever σ₁ was (subtracting U relu(Σ − σmax) Vᵀ instead leaves a cancellation error
     ∝ σ₁: 1.008·σmax at σ₁ = 10⁴·σmax in fp32); matrices already within the cap are returned
-    untouched. Replaces the paper's four-quintic approximation, which fails for σ > 3.5·σmax."""
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    untouched, and so are non-finite ones (a diverged step stays diverged). Replaces the paper's
+    four-quintic approximation, which fails for σ > 3.5·σmax."""
+    u, s, vh, finite = _svd_of_finite(x)
     capped = (u * s.clamp(max=sigma_max).unsqueeze(-2)) @ vh
     within = (s[..., 0] <= sigma_max)[..., None, None]
-    return torch.where(within, x, capped)
+    return torch.where(within | ~finite, x, capped)
 
 
 @CONSTRAINTS.register("stiefel")

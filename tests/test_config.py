@@ -62,6 +62,61 @@ def test_bad_config_is_one_line_naming_the_key(config, expected):
     assert expected in message
 
 
+@pytest.mark.parametrize("run, expected", [
+    ({"d_model": 10**26, "n_heads": 1}, "runs.a.d_model: 100000000000000000000000000 is greater than the maximum of 16777216"),
+    ({"n_heads": 2**30}, "runs.a.n_heads: 1073741824 is greater than the maximum of 16777216"),
+    ({"context": 2**30}, "runs.a.context: 1073741824 is greater than the maximum of 16777216"),
+    ({"base_width": 2**30}, "runs.a.base_width: 1073741824 is greater than the maximum of 16777216"),
+    ({"n_layers": 2**63}, "runs.a.n_layers: 9223372036854775808 is greater than the maximum of 281474976710656"),
+    ({"mlp_ratio": 2**63}, "runs.a.mlp_ratio: 9223372036854775808 is greater than the maximum of 281474976710656"),
+    ({"batch_size": 2**63}, "runs.a.batch_size: 9223372036854775808 is greater than the maximum of 281474976710656"),
+    ({"steps": 10**26}, "runs.a.steps: 100000000000000000000000000 is greater than the maximum of 281474976710656"),
+    ({"train_tokens": 2**63}, "runs.a.train_tokens: 9223372036854775808 is greater than the maximum of 281474976710656"),
+    ({"nproc": 5000}, "runs.a.nproc: 5000 is greater than the maximum of 4096"),
+    ({"weight_constraint": "spectral_hard_cap", "sigma_max": 1e40},
+     "runs.a.sigma_max: 1e+40 is greater than the maximum of 1e+30"),
+    ({"optimizer": "scion", "lmo_radius": {"hidden": 1e20}},
+     "runs.a.lmo_radius.hidden: 1e+20 is greater than the maximum of 100000000"),
+])
+def test_sizes_and_scales_no_run_can_use_are_one_line_naming_the_key(run, expected):
+    """Sizes torch cannot hold (a d_model of 1e26 overflowed torch.empty in the train job), a σmax
+    beyond fp32 (the hard cap's clamp overflowed) and a Scion radius whose lr·ρ leaves fp32 are
+    refused before any job runs; the train stage's --config-json is checked the same way."""
+    from lipflow.config import run_defaults, stage_run
+
+    with pytest.raises(ConfigError) as err:
+        check_config({"runs": {"a": run}})
+    assert "\n" not in str(err.value) and expected in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        stage_run({**run_defaults(), **run})
+    assert "\n" not in str(err.value) and expected.replace("runs.a.", "--config-json.") in str(err.value)
+
+
+def test_every_integer_of_the_config_schema_has_a_maximum():
+    """No integer key is left unbounded: each states a maximum, itself or through a local $ref."""
+    from lipflow.config import SCHEMA_PATH, load_schema
+
+    schema = load_schema(SCHEMA_PATH)
+
+    def bounded(node):
+        ref = node.get("$ref", "")
+        target = schema["$defs"][ref.split("/")[-1]] if ref.startswith("#/$defs/") else {}
+        return "maximum" in node or "maximum" in target
+
+    def unbounded(node, path):
+        if isinstance(node, dict):
+            types = node.get("type", [])
+            if "integer" in (types if isinstance(types, list) else [types]) and not bounded(node):
+                yield path
+            for key, child in node.items():
+                yield from unbounded(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                yield from unbounded(child, f"{path}/{i}")
+
+    assert list(unbounded(schema, "#")) == []
+
+
 @pytest.mark.parametrize("model", LANGUAGE_MODELS)
 def test_the_config_refuses_exactly_the_runs_the_model_refuses(model):
     """check_run states, without torch, the rules the model constructors and the parametrization

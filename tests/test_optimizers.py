@@ -546,6 +546,31 @@ def test_dualized_embedding_rows_move_at_unit_rms_with_capped_inflation():
     assert rms[0] * 16 < 1
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_dualized_step_of_gpt_token_and_position_tables_equals_one_table_at_a_time(nesterov):
+    """gpt has two embedding tables of different shapes (token 105×64, position 64×64) in one dualized
+    group: each steps as a Muon holding that table alone (was a stack of unequal shapes)."""
+    model = build_model(run_defaults(model="gpt", d_model=64, n_heads=4, context=64), 105)
+    cfg = {**CFGS["muon"], "embed_optimizer": "dualized", "nesterov": nesterov}
+    optimizer = build_optimizer(model, cfg)
+    group = next(g for g in optimizer.param_groups if g["role"] == "embed")
+    tables = group["params"]
+    assert group["kind"] == "dualized" and sorted(tuple(t.shape) for t in tables) == [(64, 64), (105, 64)]
+    alone = [nn.Parameter(t.detach().clone()) for t in tables]
+    references = [Muon([dict(params=[t], kind="dualized")], lr=cfg["lr"], momentum=cfg["momentum"],
+                       nesterov=nesterov, max_inflation=cfg["max_embed_inflation"]) for t in alone]
+    gen = torch.Generator().manual_seed(14)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+        for t, reference, table in zip(alone, references, tables):
+            t.grad = table.grad.clone()
+            reference.step()
+    for t, table in zip(alone, tables):
+        torch.testing.assert_close(table.detach(), t.detach(), atol=0, rtol=0)
+
+
 def test_config_knows_each_fixed_coefficient_schedule_length():
     """The config check (no torch at parse time) states the step count of each fixed schedule."""
     from lipflow.config import FIXED_NS_STEPS, ConfigError, check_config

@@ -3,6 +3,8 @@ columns are what lipflow.train.summary declares) and the evaluate stage computin
 evaluation reads."""
 
 import json
+import math
+import re
 import sys
 
 import pyarrow.parquet as pq
@@ -63,6 +65,73 @@ def test_run_outputs_hold_exactly_the_declared_fields_and_columns(char_shards, t
         {"float64": "double"}.get(alias, alias) for alias in METRIC_COLUMNS.values()]
     with pytest.raises(ValueError, match=r"missing \['vocab_size'\], undeclared \['vocab'\]"):
         run_summary(**{**{k: None for k in written if k != "vocab_size"}, "vocab": 1})
+
+
+BLOW_UPS = {  # (overrides, what crashed before the run could end as diverged)
+    "scion_lr_10": {"optimizer": "scion", "lr": 10.0},  # msign's SVD of a non-finite momentum
+    "uscg_lr_1e25": {"optimizer": "uscg", "lr": 1e25},
+    "scion_largest_step": {"optimizer": "scion", "lr": 1e30,  # lr·ρ = 1e38: still an fp32 number
+                           "lmo_radius": {"embed": 1e8, "hidden": 1e8, "head": 1e8, "vector": 1e8}},
+    "stiefel_sigma_max_1e20": {"weight_constraint": "stiefel", "sigma_max": 1e20},
+    "hard_cap_sigma_max_1e30": {"weight_constraint": "spectral_hard_cap", "sigma_max": 1e30, "lr": 1e30},
+    "soft_cap_decay_beyond_fp32": {"weight_constraint": "spectral_soft_cap", "lr": 1e30, "weight_decay": 1e10},
+}
+
+
+@pytest.mark.parametrize("overrides", BLOW_UPS.values(), ids=BLOW_UPS)
+def test_a_run_that_blows_up_ends_as_diverged(char_shards, tiny_run_config, tmp_path, overrides):
+    """A config the schema accepts whose training overflows ends as diverged (non-finite gradients or
+    weights), with its outputs written, instead of an SVD of a non-finite matrix or an fp32 overflow
+    raising."""
+    from lipflow.config import stage_run
+
+    cfg = stage_run({**tiny_run_config, **overrides, "checkpoint_every": 0})
+    summary = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False).run()
+    assert summary["status"] == "diverged" and 1 <= summary["diverged_step"] <= cfg["steps"]
+    assert (re.fullmatch(r"loss is \S+, gradient norm is (nan|inf)", summary["diverged_reason"])
+            or summary["diverged_reason"] == "weights are non-finite"), summary["diverged_reason"]
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "diverged"
+
+
+def test_a_non_finite_gradient_after_a_finite_loss_ends_the_run_at_its_step(char_shards, tiny_run_config, tmp_path):
+    """Step 3's loss is finite but its gradient is not, so its update spoils the weights: the run ends
+    as diverged at step 3, naming the gradient norm (not at step 4's non-finite loss)."""
+    trainer = Trainer("tiny-00000000", {**tiny_run_config, "checkpoint_every": 0}, char_shards, tmp_path,
+                      progress=False)
+    matrix = next(p for p in trainer.model.parameters() if p.ndim == 2)
+    matrix.register_hook(lambda grad: grad * math.inf if trainer.step == 2 else grad)
+    summary = trainer.run()
+    loss, grad_norm = re.fullmatch(r"loss is (\S+), gradient norm is (\S+)", summary["diverged_reason"]).groups()
+    assert (summary["status"], summary["diverged_step"]) == ("diverged", 3)
+    assert math.isfinite(float(loss)) and not math.isfinite(float(grad_norm))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"d_model": 10**26, "n_heads": 1},
+     "config error: --config-json.d_model: 100000000000000000000000000 is greater than the maximum of 16777216"),
+    ({"d_model": 1024, "n_heads": 4, "mlp_ratio": 2**48},  # each allowed, the MLP's 2^58 × 2^10 matrix is not
+     "out of memory (a tensor's size overflows 64 bits): lower d_model, mlp_ratio"),
+])
+def test_the_train_stage_refuses_sizes_torch_cannot_hold_in_one_line(char_shards, tiny_run_config, tmp_path,
+                                                                     capsys, overrides, expected):
+    from lipflow.train.__main__ import main
+
+    out = tmp_path / "run"
+    code = main(["--run-id", "big-00000000", "--config-json", json.dumps({**tiny_run_config, **overrides}),
+                 "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"lipflow: error: {expected}"), err
+    assert not out.exists()
+
+
+def test_out_of_memory_names_every_size_torch_cannot_represent():
+    """torch reports a size beyond 64 bits as a TypeError (one size) or a RuntimeError (their product)."""
+    from lipflow.train.__main__ import out_of_memory
+
+    for make in (lambda: torch.empty(2**64), lambda: torch.empty(2**40, 2**40)):
+        with pytest.raises((TypeError, RuntimeError)) as err:
+            make()
+        assert str(out_of_memory(err.value)).startswith("out of memory (a tensor's size overflows 64 bits)")
 
 
 @pytest.fixture

@@ -135,8 +135,9 @@ class Muon(torch.optim.Optimizer):
     No weight decay on these matrices (see module docstring).
     kind "adamw": bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay.
     kind "dualized": the reference's embedding step for tables (num_embeddings, dim) with one-hot
-    inputs: the same momentum, then each row's direction u_i ↦ u_i / max(1/inflation, RMS(u_i))
-    (unit RMS, small rows inflated at most ``max_inflation``×: the ℓ1→RMS duality map), W ← W − η·that.
+    inputs, each table on its own (a group may mix shapes: GPT's token and position tables): the same
+    momentum, then each row's direction u_i ↦ u_i / max(1/inflation, RMS(u_i)) (unit RMS, small rows
+    inflated at most ``max_inflation``×: the ℓ1→RMS duality map), W ← W − η·that.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
@@ -185,8 +186,9 @@ class Muon(torch.optim.Optimizer):
         scale = UPDATE_SCALES[group["update_scale"]](fan_out, fan_in) / math.sqrt(fan_out / fan_in)
         return group["lr"] * peak * scale * NS_ROUNDING_MARGIN[_ns_dtype(p.device)]
 
-    def _directions(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
-        """Momentum update of each parameter, then its (Nesterov) direction, stacked."""
+    def _directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """Momentum update of each parameter, then its (Nesterov) direction, one per parameter
+        (any shapes: the muon step stacks one shape at a time, the dualized step takes each table)."""
         beta = group["momentum"]
         bufs = []
         for p in params:
@@ -197,8 +199,8 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         torch._foreach_lerp_(bufs, grads, 1.0 - beta)
         if group["nesterov"]:
-            return torch.stack([g.lerp(buf, beta) for g, buf in zip(grads, bufs)])
-        return torch.stack(bufs)
+            return [g.lerp(buf, beta) for g, buf in zip(grads, bufs)]
+        return bufs
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         """Momentum for every matrix, then Newton–Schulz once per shape on the stacked directions."""
@@ -208,7 +210,7 @@ class Muon(torch.optim.Optimizer):
                 by_shape[tuple(p.shape)].append(p)
         coefficients = NS_COEFFICIENT_SETS[group["ns_coefficients"]]
         for (fan_out, fan_in), params in by_shape.items():
-            directions = self._directions(group, params)
+            directions = torch.stack(self._directions(group, params))
             updates = _orthogonalize(directions, group["ns_steps"], self._newton_schulz, coefficients)
             scale = UPDATE_SCALES[group["update_scale"]](fan_out, fan_in)
             torch._foreach_add_(params, updates.to(params[0].dtype).unbind(0), alpha=-group["lr"] * scale)
@@ -216,6 +218,7 @@ class Muon(torch.optim.Optimizer):
                 self.state[p]["update_norm"] = self.update_bound(group, p)
 
     def _dualized_step(self, group: dict[str, Any]) -> None:
+        """W ← W − η·u_i/max(1/inflation, RMS(u_i)) for each row u_i of each table's direction."""
         params = [p for p in group["params"] if p.grad is not None]
         for p, direction in zip(params, self._directions(group, params) if params else []):
             rms = direction.float().pow(2).mean(dim=1, keepdim=True).sqrt()

@@ -1,5 +1,5 @@
 """When a run stops early: SIGTERM (checkpoint, then exit ``EXIT_PREEMPTED`` so a rerun resumes),
-a non-finite loss or a certified bound above ``max_bound`` (status ``diverged``)."""
+a non-finite loss or gradient, or a certified bound above ``max_bound`` (status ``diverged``)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ class SigtermWatch:
 
 
 def divergence(rows: list[dict[str, Any]], bad_step: int | None, max_bound: float) -> tuple[int, str] | None:
-    """(step, reason) when the steps just flushed end the run: a non-finite loss, or a certified
-    bound (present on an eval step's row) above ``max_bound``; None otherwise."""
+    """(step, reason) when the steps just flushed end the run: a non-finite loss or gradient norm, or a
+    certified bound (present on an eval step's row) above ``max_bound``; None otherwise."""
     if bad_step is not None:
-        return bad_step, f"loss is {rows[-1]['loss']}"
+        return bad_step, f"loss is {rows[-1]['loss']}, gradient norm is {rows[-1]['grad_norm']}"
     bound = rows[-1].get("lipschitz_bound")
     if bound is not None and not bound <= max_bound:
         return rows[-1]["step"], f"Lipschitz bound {bound:.4g} exceeds max_bound {max_bound:.4g}"

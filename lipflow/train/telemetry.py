@@ -59,7 +59,8 @@ class StepLog:
         self.stretch_started = time.perf_counter()
 
     def flush(self) -> tuple[list[dict[str, Any]], int | None]:
-        """Metric rows of the pending steps up to the first non-finite loss, and that step (or None)."""
+        """Metric rows of the pending steps up to the first with a non-finite loss or gradient norm (its
+        update has made the weights non-finite), and that step (or None)."""
         pending, self.pending = self.pending, []
         if not pending:
             return [], None
@@ -73,7 +74,7 @@ class StepLog:
                          "tokens": p.step * self.tokens_per_step // self.topo.world, "grad_norm": grad_norm,
                          "clipped_updates": round(clipped), "step_time": step_time,
                          "tokens_per_s": self.tokens_per_step / step_time})
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad_step = p.step
                 break
         return rows, bad_step

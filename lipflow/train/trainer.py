@@ -5,8 +5,8 @@ constrained update (optimizer step, decay → project every matrix; Newhouse et 
 embedding projection. Every ``eval_every`` steps the telemetry measures the model (val loss, the
 certified Lipschitz bound, activations, …); every ``checkpoint_every`` steps a checkpoint is saved.
 A killed run resumes from its last checkpoint bit for bit; SIGTERM saves one and exits; a
-non-finite loss or a bound above ``max_bound`` ends the run as ``diverged``. At the end: weights,
-config, per-step metrics and ``run.json``.
+non-finite loss or gradient, or a bound above ``max_bound``, ends the run as ``diverged``. At the
+end: weights, config, per-step metrics and ``run.json``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step. Nothing here waits for the device: the windows are gathered on it, the
         loss and gradient norm stay there as 0-d tensors (read by ``StepLog.flush``), and the
-        optimizer steps whatever the loss (a non-finite one ends the run at the next flush)."""
+        optimizer steps whatever the loss (a non-finite loss or gradient ends the run at the next flush)."""
         cfg, rank, world = self.cfg, self.topo.rank, self.topo.world
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)

@@ -120,12 +120,13 @@ def project_matrices_(optimizer: torch.optim.Optimizer, matrices: list[Tensor], 
 def _clip_measured_steps_(params: list[Tensor], before: list[Tensor], lr: float,
                           settings: ConstraintSettings) -> tuple[Tensor, Tensor]:
     """u = certified ‖ΔW/s‖₂ per matrix; steps with u above ``max_update_norm`` are scaled down to
-    it in place. Returns (u after clipping, number clipped), both on the device."""
+    it in place. Returns (u after clipping, number clipped), both on the device. A ``max_update_norm``
+    beyond fp32's range (a decay λη far above 1) clips no finite step and is taken as fp32's largest."""
     fan_out, fan_in = params[0].shape
     old = torch.stack([b.float() for b in before])
     delta = torch.stack([p.detach().float() for p in params]) - old
     u = spectral_norm_bound(delta / math.sqrt(fan_out / fan_in)).nan_to_num(nan=math.inf)
-    u_max = settings.max_update_norm(lr)
+    u_max = min(settings.max_update_norm(lr), torch.finfo(u.dtype).max)
     factor = (u_max / u).clamp(max=1.0)
     for p, new in zip(params, (old + delta * factor[:, None, None]).unbind(0)):
         p.data.copy_(new)
