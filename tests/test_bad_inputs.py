@@ -434,6 +434,18 @@ def user_duckdb(path: Path) -> Path:
     return path
 
 
+def annotated_database(tmp: Path, shards: Path) -> Path:
+    """A database lipflow built, to which the user added a table of their own."""
+    import duckdb
+
+    path = tmp / "results.duckdb"
+    done = run_stage("lipflow.results", "build", "--out", str(path), "--manifest", str(shards / "manifest.json"))
+    assert done.returncode == 0, done.stderr
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE my_notes AS SELECT 'run a-1 looked odd' AS note")
+    return path
+
+
 def other_run_dir(tmp: Path, shards: Path, run_cfg: dict) -> Path:
     """A finished run's directory, trained with another lr than run_cfg's."""
     out = tmp / "other_run"
@@ -493,6 +505,9 @@ NEVER_REPLACED = {
                             str(evaluation_file(tmp / "a.parquet"))], tmp / "notes.txt", "--out"),
     "build over another DuckDB database": lambda tmp, s, c: (
         *build_with(tmp, s, c, "--out", str(user_duckdb(tmp / "mine.duckdb"))), tmp / "mine.duckdb", "--out"),
+    "build over a database holding a user's table": lambda tmp, s, c: (
+        *build_with(tmp, s, c, "--out", str(annotated_database(tmp, s))), tmp / "results.duckdb",
+        "holds table 'my_notes', which lipflow does not build"),
     "receipt over a JSON file": lambda tmp, s, c: (
         *build_with(tmp, s, c, "--out", str(tmp / "db.duckdb"), "--receipt",
                     str(user_file(tmp / "manifest.json", (s / "manifest.json").read_bytes()))),

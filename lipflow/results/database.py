@@ -34,7 +34,7 @@ from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stal
 from lipflow.data.parquet import read_table_parquet
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
-from lipflow.experiments import create_views
+from lipflow.experiments import VIEWS, create_views
 from lipflow.results.inputs import (check_names_its_run, check_rows_of_run, checked_config, concat_files,
                                     directory_name, run_id_in, summary_values)
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
@@ -248,6 +248,24 @@ def is_lipflow_database(path: Path) -> bool:
     return set(LIPFLOW_TABLES) <= tables
 
 
+BUILT_TABLES = ("runs", "train_metrics", "evals", "shards", "bench")  # and the studies' tables (STUDIES)
+
+
+def refuse_to_drop_user_objects(out: Path) -> None:
+    """A FileExistsError naming the first table or view of the lipflow database ``out`` that no build
+    makes (one a user added): the rebuild, a new file, would drop it."""
+    with duckdb.connect(str(out), read_only=True) as con:
+        objects = con.execute("SELECT 'table', table_name FROM duckdb_tables() WHERE NOT internal UNION ALL "
+                              "SELECT 'view', view_name FROM duckdb_views() WHERE NOT internal ORDER BY 2").fetchall()
+    ours = set(BUILT_TABLES) | set(VIEWS)
+    added = [(kind, name) for kind, name in objects
+             if name not in ours and not name.startswith(tuple(f"{study}_" for study in STUDIES))]
+    if added:
+        kind, name = added[0]
+        raise FileExistsError(f"--out {out} holds {kind} {name!r}, which lipflow does not build; refusing to "
+                              "drop it in a rebuild (copy it into a database of your own and drop it here first)")
+
+
 RECEIPT_KEYS = ("database", "sha256", "rows")  # what build() writes to --receipt
 
 
@@ -266,6 +284,8 @@ def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None)
     twice (its rows would be counted twice), and the receipt's folder exists (else the database would
     be replaced and its receipt missing)."""
     refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
+    if out.exists():
+        refuse_to_drop_user_objects(out)
     check_distinct_paths(run_dirs, "--run-dirs")
     if receipt is not None:
         refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
