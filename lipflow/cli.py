@@ -83,6 +83,19 @@ def emit(text: str) -> None:
         raise SystemExit(141) from None
 
 
+def json_value(value):
+    """``value`` as JSON can hold it: NaN and ±inf (not JSON) are null at any depth, in a list, array,
+    struct or map value too; a map's non-finite key is its name ('nan', 'inf'), as DuckDB writes it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {(str(k) if isinstance(k, float) and not math.isfinite(k) else k): json_value(v)
+                for k, v in value.items()}
+    return value
+
+
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     if fmt == "csv":
         from io import StringIO
@@ -92,9 +105,9 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         writer.writerow(columns)
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
-    if fmt == "json":  # NaN and ±inf are not JSON: null, as DuckDB's own JSON output writes them
-        finite = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in r] for r in rows]
-        return json.dumps([dict(zip(columns, r)) for r in finite], default=str, indent=1, allow_nan=False)
+    if fmt == "json":
+        records = [dict(zip(columns, map(json_value, r))) for r in rows]
+        return json.dumps(records, default=str, indent=1, allow_nan=False)
     cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
@@ -168,6 +181,28 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(command: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed subcommand once each of its arguments is known to be UTF-8 text."""
+    check_utf8_arguments(command, args)
+    return args.fn(args)
+
+
+def check_utf8_arguments(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A ValueError naming the first argument whose bytes are not UTF-8: Python passes them on as lone
+    surrogates, which DuckDB, the tokenizer and the file paths they are handed to cannot take."""
+    for action in command._actions:
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str):
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                name = action.option_strings[0] if action.option_strings else f"the {action.dest.upper()}"
+                raise ValueError(f"{name} is not valid UTF-8 text (at byte {len(value[:err.start].encode())})"
+                                 ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="lipflow", description="lipflow results and checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         "unlike snakemake, which always reads config.yaml first, list it yourself before an overlay)")
     r.set_defaults(fn=cmd_runs)
     args = parser.parse_args(argv)
-    return run_guarded(lambda: args.fn(args))
+    return run_guarded(lambda: run_command(sub.choices[args.command], args))
 
 
 if __name__ == "__main__":

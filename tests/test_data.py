@@ -508,7 +508,7 @@ def test_failed_rerun_leaves_the_previous_output_untouched(tmp_path):
 
 TOKENIZE_CASES = {
     "missing tokenizer file": ({"kind": "file", "path": "/nonexistent/tokenizer.json"},
-                               r"tokenizer\.path: file not found: /nonexistent/tokenizer\.json"),
+                               r"tokenizer\.path: /nonexistent/tokenizer\.json not found"),
     "invalid tokenizer file": ({"kind": "file", "path": "{corpus}/corpus.json"},
                                r"tokenizer\.path: .*corpus\.json is not a valid tokenizer\.json"),
     "file kind without path": ({"kind": "file"}, r"tokenizer\.path is required when tokenizer\.kind is 'file'"),
