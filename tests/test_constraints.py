@@ -356,3 +356,18 @@ def test_soft_cap_alpha_is_the_same_number_for_a_float_and_a_tensor():
     ks = [0.5, 1.0, 1.0001, 1.05, 1.3, 2.0, 5.0]
     from_tensor = soft_cap_alpha(1.0, torch.tensor(ks, dtype=torch.float64))
     assert from_tensor.tolist() == [soft_cap_alpha(1.0, k) for k in ks]  # bit for bit: one bisection
+
+
+def test_soft_cap_maps_the_decayed_reachable_sigma_exactly_to_sigma_max():
+    """With weight decay, the soft cap's k is σmax(1 − λη) + u (its docstring): a singular value equal
+    to that k ends at exactly σmax, and one at σmax + u (the no-decay k) is not the fixed point."""
+    sigma_max, lr, wd, u = 1.0, 0.5, 0.2, 0.3  # λη = 0.1 → k = 0.9 + 0.3 = 1.2
+    k = sigma_max * (1.0 - lr * wd) + u
+    x = torch.diag(torch.tensor([k, 0.5], dtype=torch.float64))
+    out = apply("spectral_soft_cap", x, sigma_max, lr=lr, weight_decay=wd, update_norm=u)
+    s = svdvals(out)
+    assert s[0].item() == pytest.approx(sigma_max, abs=1e-9)
+    # closed form on the other singular value: σ(1 − 3t² + 3t³ − t⁴), t = ασ², α from k
+    alpha = soft_cap_alpha(sigma_max, k)
+    t = alpha * 0.5 ** 2
+    assert s[1].item() == pytest.approx(0.5 * (1 - 3 * t ** 2 + 3 * t ** 3 - t ** 4), abs=1e-12)

@@ -433,3 +433,22 @@ def test_an_evaluation_refuses_a_run_json_of_another_run(results, capsys):
         f"lipflow: error: {run_dir / 'run.json'}: run_id is 'b-11111111', but its run directory is 'a-00000000' "
         "(a run directory holds the run it is named after)\n")
     assert not out.parent.exists()
+
+
+def test_runs_name_is_the_run_id_without_only_its_hash_and_val_perplexity_is_filled(tmp_path, tiny_run_config):
+    """runs.name is the run id less its last '-hash' part (a hyphenated name keeps its hyphens), and
+    runs.val_loss/val_accuracy/val_perplexity come from the run's val evaluation rows."""
+    root = tmp_path / "results"
+    run_dir = make_run(root, "lr-sweep-1a2b3c4d", tiny_run_config)
+    write_table_parquet(run_dir / "evals.parquet",
+                        pa.table({"run_id": ["lr-sweep-1a2b3c4d"] * 4, "eval": ["val", "val", "val", "train"],
+                                  "metric": ["loss", "accuracy", "perplexity", "perplexity"],
+                                  "value": [1.5, 0.25, 4.5, 9.0]}))
+    manifest = {"format": "lipflow-token-shards/1", "dtype": "uint16", "vocab_size": 10, "tokenizer": {},
+                "splits": {"train": {"shards": [{"file": "train/shard-00000.arrow", "num_tokens": 100,
+                                                 "sha256": "0" * 64}]}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    out = build_here(root)
+    with duckdb.connect(str(out), read_only=True) as con:
+        row = con.execute("SELECT name, val_loss, val_accuracy, val_perplexity FROM runs").fetchall()
+    assert row == [("lr-sweep", 1.5, 0.25, 4.5)]

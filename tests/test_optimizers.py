@@ -597,3 +597,11 @@ def test_step_returns_the_closure_loss_as_torch_optim_does(name):
 
     loss = optimizer.step(closure)
     assert loss is not None and torch.isfinite(loss) and loss.requires_grad  # computed with gradients on
+
+
+def test_scion_gpt_defaults_are_the_reference_radii():
+    """SCION_GPT_DEFAULTS are the untied-GPT radii of LIONS-EPFL/scion (examples/shallow-nanogpt):
+    embedding Sign ρ=1, hidden Spectral ρ=3, head Sign ρ=10, vectors ρ=1."""
+    assert SCION_GPT_DEFAULTS["lmo_radius"] == {"embed": 1.0, "hidden": 3.0, "head": 10.0, "vector": 1.0}
+    assert SCION_GPT_DEFAULTS["lmo_norms"] == {"embed": "sign", "hidden": "spectral", "head": "sign",
+                                               "vector": "bias_rms"}

@@ -182,3 +182,22 @@ def test_the_rank_job_measures_both_losses_once_for_its_gap(trained_run, char_sh
     assert len(calls) == 2 and calls[0] == val_windows  # the whole val split, then the train windows
     gap = [r["value"] for r in pq.read_table(out).to_pylist() if r["metric"] == "generalization_gap"]
     assert len(gap) == 1 and gap[0] == gap[0]
+
+
+@pytest.mark.parametrize("bound", [float("nan"), float("inf"), 11.0])
+def test_a_nan_or_too_large_certified_bound_ends_the_run_as_diverged(bound):
+    """divergence() ends the run at the eval step when the certified bound is not ≤ max_bound,
+    which includes a NaN bound (NaN > max_bound is False, but NaN ≤ max_bound is False too)."""
+    from lipflow.train.stop import divergence
+
+    rows = [{"step": 3, "loss": 1.0, "grad_norm": 1.0}, {"step": 4, "loss": 1.0, "grad_norm": 1.0,
+                                                           "lipschitz_bound": bound}]
+    stopped = divergence(rows, None, 10.0)
+    assert stopped is not None and stopped[0] == 4
+
+
+def test_a_bound_within_max_bound_does_not_end_the_run():
+    from lipflow.train.stop import divergence
+
+    assert divergence([{"step": 4, "loss": 1.0, "grad_norm": 1.0, "lipschitz_bound": 10.0}], None, 10.0) is None
+    assert divergence([{"step": 4, "loss": 1.0, "grad_norm": 1.0}], None, 10.0) is None
