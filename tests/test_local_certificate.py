@@ -297,3 +297,63 @@ def test_the_readout_curvature_is_reached_at_the_curvature_peak():
     remainder = (f(x + delta) - f(x) - torch.func.jvp(f, (x,), (delta,))[1]).sum(-1)
     bound = 0.5 * layer.readout_curvature(torch.ones(1, 48, dtype=torch.float64)) * delta.pow(2).sum(-1)
     assert float(remainder / bound) == pytest.approx(1.0, abs=1e-3)
+
+
+# --- mutation-testing additions ---------------------------------------------------------------------
+
+def constant_layer(lip, curv, per_token=True):
+    """A hand-built SmoothLayer with L(r) = lip and β(r) = curv on every ball."""
+    return lc.SmoothLayer(lambda r: (torch.full_like(r, lip), torch.full_like(r, curv)), per_token)
+
+
+def test_propagated_radius_takes_the_smaller_of_mean_value_and_taylor():
+    """ρ_1 = min(L(ε)·ε, L(0)·ε + ½β·ε²): L(ε) = 3, L(0) = 1, β = 2 at ε = 0.1 gives
+    min(0.3, 0.1 + 0.01) = 0.11 (Taylor), at ε = 2 gives min(6, 2 + 4) = 6 (mean value)."""
+    layer = constant_layer(3.0, 2.0)
+    eps = torch.tensor([0.1, 2.0], dtype=torch.float64)
+    out = lc.propagate([layer], torch.ones(1, 2, dtype=torch.float64), eps)
+    assert torch.allclose(out.radius, torch.tensor([0.11, 6.0], dtype=torch.float64))
+    assert torch.allclose(out.remainders[0], 0.5 * 2.0 * eps ** 2)
+    assert torch.allclose(out.lip, torch.full_like(eps, 3.0)) and torch.allclose(out.curv, torch.full_like(eps, 2.0))
+
+
+def test_residual_layer_scales_the_branch_lipschitz_and_curvature_by_its_weight():
+    """x ↦ keep·x + weight·F(x): L = keep + weight·L_F and β = weight·β_F (keep·x has no curvature)."""
+    layer = lc.residual_layer(0.5, 0.25, constant_layer(2.0, 3.0))
+    lip, curv = layer.bounds(torch.tensor([0.1, 1.0], dtype=torch.float64))
+    assert torch.allclose(lip, torch.full((2,), 1.0, dtype=torch.float64))
+    assert torch.allclose(curv, torch.full((2,), 0.75, dtype=torch.float64))
+
+
+def test_residual_curvature_bounds_a_scalar_residual_gelu_by_finite_differences():
+    """For f(x) = x + w·GELU(x) (scalar), |f''| = w·|GELU''| ≤ w·max|GELU''|, and the residual
+    layer's β equals that peak (reached at x = 0), not the unweighted branch curvature."""
+    w = 0.2
+    branch = lc.gelu_layer(1.0, torch.ones(1, 1), None)
+    layer = lc.residual_layer(1.0, w, branch)
+    beta = float(layer.bounds(torch.zeros(1, dtype=torch.float64))[1])
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64)
+    h = 1e-3
+    f = lambda t: t + w * torch.nn.functional.gelu(t)
+    second = (f(x + h) - 2 * f(x) + f(x - h)) / h ** 2
+    assert second.abs().max() <= beta * (1 + 1e-4)
+    assert second.abs().max() == pytest.approx(beta, rel=1e-3)
+
+
+def test_the_composed_bound_is_gradient_times_eps_plus_half_curvature_eps_squared():
+    """With the telescoped bound switched off, pair_drops is min(‖∇m_j‖ε + ½‖w_j‖βε², ‖w_j‖ρ_1).
+    Body: identity features declared as one layer with L = 2, β = 4, so ‖∇m_j‖ = ‖w_j‖ (×(1 + slack))
+    and at ε = 0.1 the composed value ‖w_j‖(0.1·(1+slack) + 0.02) is below ‖w_j‖·ρ_1 = 0.2‖w_j‖."""
+    head = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]], dtype=torch.float64)
+    local = lc.LocalModel(lambda x: x.double(), lambda x: (x, [constant_layer(2.0, 4.0)], [x]), head)
+    x = torch.tensor([[0.5, 0.1], [0.2, 0.9]])
+    labels = torch.tensor([0, 1])
+    cert = lc.LocalCertificate(local, x, labels, None)
+    cert.stage_gradient_norms = torch.full_like(cert.stage_gradient_norms, float("inf"))
+    eps = 0.1
+    drops = cert.pair_drops(torch.full((2,), eps))
+    w_norm = (head[labels][:, None, :] - head[None]).norm(dim=-1)
+    expected = w_norm * (eps * (1 + lc.GRADIENT_SLACK) + 0.5 * 4.0 * eps ** 2)
+    mask = w_norm > 0
+    assert torch.allclose(drops[mask], expected[mask], rtol=1e-9)
+    assert (drops[mask] < 2 * eps * w_norm[mask]).all()

@@ -230,3 +230,25 @@ def test_precision_evaluation_reports_proven_next_to_observed_bounds(constrained
     else:
         assert verdicts["bf16"] == 1.0 and verdicts["fp8_e4m3"] == 0.0 and verdicts["fp8_e5m2"] == 0.0
         assert lookup(rows, "analytic_activation_bound")[0]["value"] > 57344
+
+
+def test_accuracy_delta_is_format_accuracy_minus_fp32_accuracy(monkeypatch):
+    """accuracy_delta = accuracy(format) − accuracy(fp32) (val_loss_delta likewise): a format that
+    loses accuracy has a negative delta. fp32 scores (1.0, 0.75) and every cast copy (1.5, 0.5)."""
+    import lipflow.evaluation.precision as precision
+
+    model, cfg = tiny_gpt()
+    real = precision.loss_and_accuracy
+
+    def fake(m, windows, batch_size, device, block_max=None):
+        real(m, windows, batch_size, device, block_max)
+        return (1.0, 0.75) if m is model else (1.5, 0.5)
+
+    monkeypatch.setattr(precision, "loss_and_accuracy", fake)
+    rows, _ = run_precision(model, cfg, {"formats": ["bf16"], "batch_size": 4})
+    deltas = lookup(rows, "accuracy_delta")
+    assert {r["format"] for r in deltas} >= {"bf16", "int8"}
+    for r in deltas:
+        assert r["value"] == pytest.approx(-0.25)
+    for r in lookup(rows, "val_loss_delta"):
+        assert r["value"] == pytest.approx(0.5)

@@ -134,3 +134,27 @@ def test_attention_layers_come_from_the_model():
         assert torch.equal(found, weight.weight.double())
     assert layer.scale == 2.0 / 8 and layer.n_heads == 4 and layer.input_proj is attn.q
     assert find_attention(build_model(run_defaults(model="mlp", in_features=4, d_model=8, n_layers=2), 3)) == []
+
+
+def test_attention_input_norm_is_the_largest_token_l2_norm():
+    """B_X is max over tokens of ‖x_t‖₂ of the attention input: tokens (3, 4) and (1, 1) give 5, not the
+    largest entry 4."""
+    from types import SimpleNamespace
+
+    from lipflow.evaluation.rank import attention_input_norms
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Embedding.from_pretrained(torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.0, -2.0]]))
+            self.proj = torch.nn.Linear(2, 2)
+
+        def forward(self, idx):
+            return self.proj(self.tok(idx))
+
+    net = Net()
+    layer = SimpleNamespace(input_proj=net.proj)
+    both = torch.tensor([[1, 2, 0, 1], [2, 2, 1, 1]])   # the last column is the label, never fed
+    assert attention_input_norms(net, [layer], both, 1, torch.device("cpu")) == [pytest.approx(5.0)]
+    without = torch.tensor([[1, 2, 1, 0]])               # token 0 only as the label: max(√2, 2) = 2
+    assert attention_input_norms(net, [layer], without, 1, torch.device("cpu")) == [pytest.approx(2.0)]

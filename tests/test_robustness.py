@@ -232,3 +232,153 @@ def test_half_certified_epsilon_halves_the_certified_accuracy():
     radius = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.0, 0.0, 0.0, 0.0])
     eps = half_certified_epsilon(radius, clean_accuracy=0.5)
     assert eps == pytest.approx(0.3) and certified_accuracy(radius, eps) == 0.25
+
+
+# --- mutation-testing additions ---------------------------------------------------------------------
+
+from lipflow.evaluation import robustness as robustness_module  # noqa: E402
+from lipflow.evaluation.robustness import _random_in_ball, check_lower_bound, tightness_rows  # noqa: E402
+
+
+def linear_two_class(seed=0, n=3, d=4):
+    """score(x) = x Wᵀ with 2 classes: the margin objective is linear, its worst δ in the ε-ball is
+    ε·(w_j − w_y)/‖w_j − w_y‖ and raises it by exactly ‖w_j − w_y‖·ε."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, d, generator=g)
+    x = torch.randn(n, d, generator=g)
+    labels = (x @ w.T).argmax(1)
+    return w, x, labels
+
+
+def test_pgd_takes_normalized_steps_of_two_and_a_half_epsilon_over_steps():
+    """Restart 0 of ℓ2 PGD on a linear objective walks a straight line from δ = 0 in steps of
+    2.5ε/steps, projected onto the ε-ball: iterate norms are min(i·2.5ε/steps, ε), i = 0..steps."""
+    w, x, labels = linear_two_class()
+    eps, steps, seen = 0.8, 10, []
+
+    def score(z):
+        seen.append((z - x).detach().flatten(1).norm(dim=1))
+        return z @ w.T
+
+    pgd_l2(score, x, labels, eps, steps=steps, restarts=1)
+    norms = torch.stack(seen[1:])  # seen[0] is the clean forward
+    expected = torch.tensor([min(i * 2.5 * eps / steps, eps) for i in range(steps + 1)])
+    assert norms.shape[0] == steps + 1
+    assert torch.allclose(norms, expected[:, None].expand_as(norms), atol=1e-5)
+
+
+def test_pgd_with_one_step_scores_its_last_iterate_and_finds_the_linear_optimum():
+    """steps=1 is one gradient step to the ε-sphere; that iterate must be scored, so PGD returns the
+    exact optimum ε·(w_j − w_y)/‖w_j − w_y‖ of a linear margin (not δ = 0)."""
+    w, x, labels = linear_two_class(seed=1)
+    eps = 0.3
+    delta = pgd_l2(lambda z: z @ w.T, x, labels, eps, steps=1, restarts=1)
+    direction = w[1 - labels] - w[labels]
+    optimum = eps * direction / direction.norm(dim=1, keepdim=True)
+    assert torch.allclose(delta, optimum, atol=1e-5)
+
+
+def test_random_restarts_are_uniform_in_the_ball():
+    """Uniform in the D-dimensional ball of radius ε: P(‖δ‖ ≤ rε) = r^D and E‖δ‖ = ε·D/(D+1)."""
+    g = torch.Generator().manual_seed(0)
+    n, eps = 4000, 2.0
+    flat = _random_in_ball(torch.Size([n, 2]), torch.full((n, 1), eps), g).norm(dim=1)
+    assert flat.max() <= eps * (1 + 1e-6)
+    assert abs(float((flat <= eps / 2).double().mean()) - 0.25) < 0.04
+    deep = _random_in_ball(torch.Size([n, 3, 2]), torch.full((n, 1, 1), eps), g).flatten(1).norm(dim=1)
+    assert float(deep.mean()) / eps == pytest.approx(6 / 7, abs=0.02)
+
+
+def token_scorer(vocab, T, seed=0):
+    """A fixed random linear function of the one-hot tokens (2 classes), recording every batch it scores."""
+    w = torch.randn(T * vocab, 2, generator=torch.Generator().manual_seed(seed))
+    calls = []
+
+    def score(tokens):
+        calls.append(tokens.clone())
+        return torch.nn.functional.one_hot(tokens, vocab).float().flatten(1) @ w
+    return score, calls
+
+
+def test_random_substitution_changes_exactly_k_tokens_in_every_trial():
+    """Each trial sets k distinct positions to *different* tokens: every candidate differs from the
+    input in exactly k positions (vocabulary 2, where a zero shift would keep the token)."""
+    vocab, T, k = 2, 4, 2
+    idx = torch.randint(0, vocab, (6, T), generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(6, dtype=torch.long)
+    score, calls = token_scorer(vocab, T)
+    random_substitution(score, idx, labels, k, 20, vocab, torch.Generator().manual_seed(2))
+    assert len(calls) == 21
+    for candidate in calls[1:]:
+        assert ((candidate != idx).sum(dim=1) == k).all()
+
+
+def test_greedy_rounds_change_one_new_position_each():
+    """Round r of greedy substitution tries single substitutions at untouched positions with a
+    different token, so every trial of round r differs from the input at exactly r positions
+    (vocabulary 2: re-picking a changed position would flip it back; a zero shift changes nothing)."""
+    vocab, T, B, candidates = 2, 5, 4, 8
+    idx = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(3))
+    labels = torch.zeros(B, dtype=torch.long)
+    score, calls = token_scorer(vocab, T, seed=4)
+    per_budget = greedy_substitution(score, idx, labels, T, candidates, vocab, torch.Generator().manual_seed(5))
+    assert len(per_budget) == T and len(calls) == T + 1
+    for r, trial in enumerate(calls[1:], start=1):
+        changed = (trial.view(B, candidates, T) != idx[:, None, :]).sum(dim=2)
+        assert (changed == r).all(), (r, changed)
+    for k, worst in enumerate(per_budget, start=1):
+        assert ((worst != idx).sum(dim=1) <= k).all()
+
+
+def test_tightness_global_is_one_for_an_exact_attack_on_opposite_class_rows():
+    """The global bound on the margin fall is √2·L·ε (z_y − z_j is √2L-Lipschitz). For W = [v; −v],
+    L = √2‖v‖ and the worst δ drops the margin by exactly 2‖v‖ε = √2Lε: tightness_global = 1."""
+    v = torch.tensor([3.0, -1.0, 2.0])
+    w = torch.stack([v, -v])
+    L = float(torch.linalg.matrix_norm(w, 2))
+    assert L == pytest.approx(math.sqrt(2) * float(v.norm()), rel=1e-6)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    logits = x @ w.T
+    labels = logits.argmax(1)
+    eps = 0.7
+    direction = w[1 - labels] - w[labels]
+    attacked = (x + eps * direction / direction.norm(dim=1, keepdim=True)) @ w.T
+    drop = robustness_module.logit_margin(logits, labels) - robustness_module.logit_margin(attacked, labels)
+    rows = tightness_rows(drop, eps, None, L, "pgd")
+    assert [r["metric"] for r in rows] == ["tightness_global"]
+    assert rows[0]["value"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_ratio_one_percent_above_the_certificate_raises_and_round_off_does_not():
+    """Only fp32 round-off (≪ 1 %) may separate a measured ratio from the certificate."""
+    with pytest.raises(RuntimeError, match="this is a bug"):
+        check_lower_bound(1.01 * 3.0, 3.0)
+    check_lower_bound(3.0 * (1 + 1e-6), 3.0)
+    check_lower_bound(2.0, None)
+
+
+class FixedSlopeLocal:
+    """A stand-in local certificate: margin fall bound slope·ε, radius 0.5 for every input."""
+
+    def __init__(self, n, slope):
+        self.margin, self.slope = torch.ones(n), slope
+
+    def radius(self):
+        return torch.full_like(self.margin, 0.5)
+
+    def margin_drop(self, eps):
+        return self.slope * eps.double()
+
+
+def test_within_100x_local_counts_attacks_reaching_a_hundredth_of_the_local_bound(monkeypatch):
+    """On a 2-class linear model PGD's margin fall at ε is exactly ‖w_0 − w_1‖ε; with a local bound
+    20× that, every input reaches 1/20 ≥ 1/100 of it, so within_100x_local = 1 (and tightness 0.05)."""
+    model = PositionwiseNet(vocab=2, d=3)
+    gap = float((model.weights[0][0] - model.weights[0][1]).detach().norm())
+    monkeypatch.setattr(robustness_module, "local_certificate",
+                        lambda m, x, y, cert: FixedSlopeLocal(x.shape[0], 20 * gap))
+    rows = robustness_rows(model, cfg={"epsilons": [0.0, 0.3], "k_values": [], "lipschitz_steps": 3})
+    half = value(rows, "half_certified_epsilon")
+    assert half == pytest.approx(0.5)
+    assert value(rows, "tightness_local", attack="pgd_half_certified", epsilon=half) == pytest.approx(0.05, rel=1e-3)
+    assert value(rows, "within_100x_local", attack="pgd_half_certified", epsilon=half) == 1.0
