@@ -188,8 +188,8 @@ def run_command(command: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 
 def check_utf8_arguments(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A ValueError naming the first argument whose bytes are not UTF-8: Python passes them on as lone
-    surrogates, which DuckDB, the tokenizer and the file paths they are handed to cannot take."""
+    """A ValueError naming the first argument whose bytes are not UTF-8: Python passes such bytes on as
+    lone surrogates, which DuckDB and the tokenizer (given SQL, a prompt or a path) fail on."""
     for action in command._actions:
         values = getattr(args, action.dest, None)
         for value in values if isinstance(values, list) else [values]:

@@ -25,9 +25,20 @@ def read_table_parquet(path) -> pa.Table:
     """The Arrow table of a Parquet file written by :func:`write_table_parquet`, checked against its
     sidecar; a missing or mismatched sidecar, or bytes that are not Parquet, raise a ValueError
     naming the file."""
-    data = read_verified(path)
+    return parse_table_parquet(read_verified(path), path)
+
+
+def parse_table_parquet(data: bytes, path) -> pa.Table:
+    """The Arrow table in the Parquet bytes ``data`` of file ``path`` (named by the ValueError they may raise).
+
+    Parsed from an Arrow-owned copy: ``pq.read_table`` can drop its last reference to its input on one
+    of Arrow's threads after it returns, and a buffer wrapping a Python object then takes the GIL; at
+    interpreter exit Python stops that thread inside a C++ destructor and the process aborts (SIGABRT,
+    'terminate called without an active exception') after a command's error line."""
+    buffer = pa.allocate_buffer(len(data))
+    pa.FixedSizeBufferWriter(buffer).write(data)
     try:
-        return pq.read_table(pa.BufferReader(data))
+        return pq.read_table(pa.BufferReader(buffer))
     except pa.ArrowException as err:
         raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
 

@@ -27,11 +27,10 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
                             temp_prefix, write_json_atomic)
-from lipflow.data.parquet import read_table_parquet
+from lipflow.data.parquet import parse_table_parquet, read_table_parquet
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
 from lipflow.experiments import VIEWS, create_views
@@ -141,10 +140,7 @@ def _create_from_parquet(con: duckdb.DuckDBPyConnection, table: str, files: list
 
 def _read_unverified(path: Path) -> pa.Table:
     """A Parquet file's table, read from its bytes (a folder is an error naming it, never a dataset)."""
-    try:
-        return pq.read_table(pa.BufferReader(Path(path).read_bytes()))
-    except pa.ArrowException as err:
-        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    return parse_table_parquet(Path(path).read_bytes(), path)
 
 
 def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path],
