@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lipflow.config import (ConfigError, check_config, data_identity, experiment_run, plain_runs, run_id, run_validator,
-                            tokenizer_id)
+from lipflow.config import (ConfigError, check_config, data_identity, experiment_run, plain_runs, run_id,
+                            run_validator, tokenizer_id)
 from lipflow.data.corpus import expand_paths
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
