@@ -37,7 +37,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer a shard directory was encoded with, checked against the manifest's sha256."""
+    """The tokenizer a shard directory was encoded with, checked against the manifest's sha256 and
+    ``vocab_size`` (the manifest has no checksum: an edit shows only here)."""
     manifest = read_manifest(directory)
     path = Path(directory) / manifest["tokenizer"]["file"]
     if not path.is_file():
@@ -45,6 +46,9 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if sha256_file(path) != manifest["tokenizer"]["sha256"]:
         raise DataError(f"corrupt tokenizer {path}: sha256 mismatch with manifest.json")
     tokenizer = Tokenizer.from_file(str(path))
+    if (vocab := vocab_size_of(tokenizer)) != manifest["vocab_size"]:
+        raise DataError(f"{Path(directory)}/manifest.json: vocab_size {manifest['vocab_size']}, but its "
+                        f"{manifest['tokenizer']['file']} has {vocab} (edited?)")
     tokenizer.encode_special_tokens = True  # as when the shards were written
     return tokenizer
 
@@ -91,10 +95,7 @@ class TokenShards:
             _open_shard(self.directory / e["file"], e, self.manifest["dtype"], verify) for e in entries
         ]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])  # stream offset of each shard
-        self._tokenizer: Tokenizer | None = None
-        if verify and vocab_size_of(self.tokenizer) != self.vocab_size:
-            raise DataError(f"{self.directory}/manifest.json: vocab_size {self.vocab_size}, but its "
-                            f"{self.manifest['tokenizer']['file']} has {vocab_size_of(self.tokenizer)} (edited?)")
+        self._tokenizer: Tokenizer | None = load_tokenizer(directory) if verify else None  # checks vocab_size
 
     @property
     def num_tokens(self) -> int:
