@@ -3,7 +3,7 @@
 For one input x (the embedded sequence, T × d; ε an ℓ2 norm over the whole sequence, as the global
 certificate's) and each class j ≠ y, the pairwise margin m_j = z_y − z_j = w_jᵀ·features of the last
 position's logits (w_j = s·(W_head[y] − W_head[j]); the head is linear) falls over ‖δ‖₂ ≤ ε by at most
-drop_j(ε), the minimum of four sound bounds (so margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε))):
+drop_j(ε), the minimum of three sound bounds (so margin(x+δ) ≥ min_{j≠y} (m_j(x) − drop_j(ε))):
 
 1. Telescoped (issue 20). The body is layers h_k = f_k(h_{k−1}), h_0 = x. With Δ_k = h_k(x+δ) − h_k(x)
    and J_k = Df_k at the nominal point, Taylor with the integral remainder gives Δ_k = J_kΔ_{k−1} + r_k,
@@ -19,11 +19,11 @@ drop_j(ε), the minimum of four sound bounds (so margin(x+δ) ≥ min_{j≠y} (m
    Radii: ρ_0 = ε, ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean
    value; Taylor), with L_k(0) ≥ ‖J_k‖ at the nominal input (``attention_jacobian_norm`` for attention,
    from the exact nominal probabilities and key/value cross-covariances).
-2. Composed (the first local certificate): ‖∇m_j‖·ε + ½‖w_j‖·β(ε)·ε² with β of the whole stack by
-   the chain rule, β(f∘g) ≤ β_f·L_g² + L_f·β_g. With exact gradients 1 ≤ 2 (g_{j,k} ≤ ‖w_j‖·L_{>k}(0),
-   r_k ≤ ½β_k·L_{<k}²ε²); both are kept.
-3. First order: ‖w_j‖·ρ_K (≤ ‖w_j‖·L(ε)·ε, the stack's Lipschitz constant over the ball).
-4. Global: √2·L_global·ε from the global certificate.
+   It is never above the first local certificate, ‖∇m_j‖·ε + ½‖w_j‖·β(ε)·ε² with β of the whole
+   stack by the chain rule (β(f∘g) ≤ β_f·L_g² + L_f·β_g, so β = Σ_k β_k·L_{<k}²·L_{>k}), term by
+   term: ‖g_{j,k}‖ ≤ ‖w_j‖·L_{>k}(0) and ρ_{k−1} ≤ L_{<k}·ε. So that bound is not computed.
+2. First order: ‖w_j‖·ρ_K (≤ ‖w_j‖·L(ε)·ε, the stack's Lipschitz constant over the ball).
+3. Global: √2·L_global·ε from the global certificate.
 As ε → 0 the runner-up's drop over ε tends to ‖∇margin(x)‖₂.
 
 The margin reads the last position only, and every layer after the last attention layer acts per
@@ -80,12 +80,9 @@ def nominal_lip(layer: SmoothLayer, zero: torch.Tensor) -> torch.Tensor:
 
 
 class Propagation(NamedTuple):
-    """Bounds over the ε-ball (each (B,)) carried through the layers: ``lip`` and ``curv`` (L, β of the
-    whole stack), ``radius`` (ρ_K ≥ ‖Δh_K‖), the layers' input radii ρ_{k−1} and ``remainders`` (both
-    (K, B)): ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}²."""
+    """Bounds over the ε-ball carried through the layers: ``radius`` (B,) (ρ_K ≥ ‖Δh_K‖), the layers'
+    input radii ρ_{k−1} and ``remainders`` (both (K, B)): ‖r_k‖ ≤ ½β_k(ρ_{k−1})·ρ_{k−1}²."""
 
-    lip: torch.Tensor
-    curv: torch.Tensor
     radius: torch.Tensor
     input_radii: torch.Tensor
     remainders: torch.Tensor
@@ -94,16 +91,14 @@ class Propagation(NamedTuple):
 def propagate(layers: list[SmoothLayer], nominal_lips: torch.Tensor, epsilon: torch.Tensor) -> Propagation:
     """Layer k sees the ball of radius ρ_{k−1} around its nominal input, ρ_0 = ε and
     ρ_k = min(L_k(ρ_{k−1})·ρ_{k−1}, L_k(0)·ρ_{k−1} + ½β_k(ρ_{k−1})·ρ_{k−1}²) (mean value; Taylor at the
-    nominal point, ‖J_k‖ ≤ L_k(0) = ``nominal_lips[k]``); L and β compose by the chain rule,
-    β(f∘g) ≤ β_f·L_g² + L_f·β_g."""
-    lip, curv, radius, radii, remainders = torch.ones_like(epsilon), torch.zeros_like(epsilon), epsilon, [], []
+    nominal point, ‖J_k‖ ≤ L_k(0) = ``nominal_lips[k]``)."""
+    radius, radii, remainders = epsilon, [], []
     for layer, nominal_lip in zip(layers, nominal_lips):
         radii.append(radius)
         layer_lip, layer_curv = layer.bounds(radius)
         remainders.append(0.5 * layer_curv * radius * radius)
-        lip, curv = layer_lip * lip, layer_curv * lip * lip + layer_lip * curv
         radius = torch.minimum(layer_lip * radius, nominal_lip * radius + remainders[-1])
-    return Propagation(lip, curv, radius, torch.stack(radii), torch.stack(remainders))
+    return Propagation(radius, torch.stack(radii), torch.stack(remainders))
 
 
 def residual_layer(keep: float, weight: float, branch: SmoothLayer) -> SmoothLayer:
@@ -253,8 +248,8 @@ class LocalCertificate:
 
     def pair_drops(self, epsilon: torch.Tensor) -> torch.Tensor:
         """Upper bounds (B, V) on m_j(x) − m_j(x + δ) over ‖δ‖₂ ≤ ε (B,): the minimum of the
-        telescoped bound ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_kρ_{k−1}², the composed second-order bound
-        ‖∇m_j‖·ε + ½‖w_j‖·β·ε², the first-order ‖w_j‖·ρ_K and the global √2·L_global·ε."""
+        telescoped bound ‖∇m_j‖·ε + Σ_k ‖g_{j,k}‖·½β_kρ_{k−1}², the first-order ‖w_j‖·ρ_K and the
+        global √2·L_global·ε."""
         eps = epsilon.double().to(self.margin.device)
         bounds = propagate(self.layers, self.nominal_lips, eps)
         e = eps[:, None]
@@ -263,8 +258,7 @@ class LocalCertificate:
             last_input = bounds.input_radii[-1][:, None]
             stages[..., -1] = torch.minimum(stages[..., -1], 0.5 * self.readout_curvature * last_input * last_input)
         telescoped = self.gradient_norms * e + stages.sum(-1)
-        composed = self.gradient_norms * e + 0.5 * self.head_norms * bounds.curv[:, None] * e * e
-        drop = torch.minimum(torch.minimum(telescoped, composed), self.head_norms * bounds.radius[:, None])
+        drop = torch.minimum(telescoped, self.head_norms * bounds.radius[:, None])
         if self.global_l2 is not None:
             drop = torch.minimum(drop, math.sqrt(2.0) * self.global_l2 * e)
         return drop
