@@ -19,6 +19,7 @@ from lipflow.config import (ConfigError, check_config, data_identity, experiment
 from lipflow.data.corpus import expand_paths
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
+from lipflow.experiments.grid import expand_experiment
 from lipflow.studies.icl.config import ICLConfig, load_config, training_config, training_jobs
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # table image_mlp_robustness (lipflow.results.database)
@@ -61,6 +62,16 @@ def recorded_block(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return block if isinstance(block, dict) else {}
 
 
+def check_unselected_definitions(config: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> None:
+    """Validate, run by run under the config's preset, each block the config writes under
+    ``experiment_definitions`` without selecting it, so that its mistakes are named now and not on the
+    day it is selected (the selected ones are validated by :func:`resolve_runs`)."""
+    validator = run_validator()
+    for name in sorted(set(config["experiment_definitions"]) - set(config["experiments"])):
+        for run_name, overrides in expand_experiment(name, blocks[name], config["experiment_preset"]).items():
+            experiment_run(validator, run_name, overrides, config["defaults"])
+
+
 def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """run id → resolved run config, for a validated config (defaults filled): the ``runs``
     block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments
@@ -92,6 +103,7 @@ class Plan:
         check_config(config)
         blocks = definitions(config)  # once: every experiment helper below reads these
         runs = resolve_runs(config, blocks)
+        check_unselected_definitions(config, blocks)
         experiments = selected_experiments(config, blocks)
         enabled = tuple(config["evaluations"]["enabled"])
         by_experiment = {name: tuple(experiment_evaluations(config, {"experiment": name}, blocks))

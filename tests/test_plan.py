@@ -97,3 +97,17 @@ def test_the_readmes_example_run_ids_are_the_default_configs():
     named |= set(re.findall(r'load_run\("([\w-]+-[0-9a-f]{8})"\)', readme))
     assert len(named) == 2, named
     assert named <= set(Plan.from_config(load_config_file(repo / "config.yaml")).runs)
+
+
+@pytest.mark.parametrize("selected", [[], ["lr_transfer"]], ids=["unselected", "selected"])
+def test_a_written_experiment_block_is_validated_whether_or_not_it_is_selected(selected):
+    """A mistake in an experiment_definitions block is named before any job even when the block is not
+    selected, with the same message as when it is; an unselected valid block adds no runs."""
+    written = {"lr_transfer": {"cpu": {"base": {"model": "lipschitz_gptt"}, "grid": {"lr": [0.1]}}}}
+    with pytest.raises(ConfigError, match=r"^config error in experiment run runs\.lrt\.lr0\.1\.model: "
+                                          r"'lipschitz_gptt' is not one of .*did you mean 'lipschitz_gpt'"):
+        Plan.from_config({"experiments": selected, "experiment_definitions": written})
+    written["lr_transfer"]["cpu"]["base"]["model"] = "lipschitz_gpt"
+    plan = Plan.from_config({"experiments": selected, "experiment_definitions": written})
+    assert [run_id.rsplit("-", 1)[0] for run_id in plan.runs if run_id.startswith("lrt.")] == \
+        (["lrt.lr0.1"] if selected else [])
