@@ -18,10 +18,9 @@ import yaml
 
 from conftest import SNAKEMAKE_SINGLE_THREADED
 from lipflow.config import SCHEMA_PATH, ConfigError, check_config, validate
-from lipflow.plan import resolve_runs
+from lipflow.plan import Plan, resolve_runs
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, builtin_definitions, create_views,
-                                 definitions, expand_experiments, experiment_evaluations, experiment_studies,
-                                 study_enabled)
+                                 definitions, expand_experiments, experiment_evaluations, experiment_studies)
 from lipflow.data.parquet import write_table_parquet
 from lipflow.results import load_study_tables
 from lipflow.results.figures import main as plots_main
@@ -156,8 +155,9 @@ def test_experiment_evaluations_and_studies():
     assert experiment_evaluations(config, {"experiment": "lr_transfer"}) == ["val"]
     assert experiment_evaluations(config, {"experiment": None}) is None  # a `runs` run: evaluations.enabled
     assert experiment_studies(config) == ["icl", "image_mlp"]
-    assert study_enabled(config, "icl") and study_enabled(filled({"icl": {"enabled": True}}), "icl")
-    assert not study_enabled(filled({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}), "icl")
+    assert "icl" in Plan.from_config({"experiments": ["rank_vs_n", "robustness", "icl"]}).studies
+    assert "icl" in Plan.from_config({"icl": {"enabled": True}}).studies
+    assert "icl" not in Plan.from_config({"icl": {"enabled": False}, "experiments": ["rank_vs_n"]}).studies
 
 
 def experiment_block_errors(block) -> list[str]:

@@ -42,7 +42,6 @@ from lipflow.registry import Registry
 from lipflow.results import views as _views
 from lipflow.results.plotting import Figure
 from lipflow.results.views import View
-from lipflow.studies.icl.config import load_config
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: parsed at every parse
 
@@ -169,13 +168,6 @@ def experiment_evaluations(config: dict[str, Any], run_config: dict[str, Any],
         return None
     blocks = definitions(config) if blocks is None else blocks
     return list(blocks[name]["evaluations"])
-
-
-def study_enabled(config: dict[str, Any], study: str) -> bool:
-    """Whether a study outside the run grid runs: switched on in its own block (``icl.enabled``; the
-    image_mlp study has no switch of its own) or included by a selected experiment (``experiments: [icl]``)."""
-    switched_on = study == "icl" and load_config(config["icl"]).enabled
-    return switched_on or study in experiment_studies(config)
 
 
 def experiment_studies(config: dict[str, Any], blocks: Blocks | None = None) -> list[str]:

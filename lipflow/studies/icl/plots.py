@@ -32,10 +32,6 @@ FIGURES = {
 }
 
 
-def figure_paths(out_dir: str | Path) -> list[Path]:
-    return [Path(out_dir) / f"icl_{name}.{ext}" for name in FIGURES for ext in ("png", "svg")]
-
-
 def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
     """One line per plotted method: test loss (mean ± standard error) against ``x_key``."""
     fig, ax = plt.subplots(figsize=(6, 4))
