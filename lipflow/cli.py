@@ -1,6 +1,7 @@
 """The ``lipflow`` command: query the results database and sample from a trained run.
 
     lipflow query "SELECT run_id, status, val_loss FROM runs" [--format table|csv|json] [--db PATH]
+        [--max-rows 1000000]
     lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8] [--seed 0]
         [--device auto|cpu|cuda] [--results results]
     lipflow runs [--configfile config.yaml [overlay.yaml ...]]   # the run ids a config resolves to
@@ -85,15 +86,21 @@ def emit(text: str) -> None:
 
 def json_value(value):
     """``value`` as JSON can hold it: NaN and ±inf (not JSON) are null at any depth, in a list, array,
-    struct or map value too; a map's non-finite key is its name ('nan', 'inf'), as DuckDB writes it."""
+    struct or map value too; a map key JSON cannot hold (a date, a non-finite float: 'nan', 'inf', as
+    DuckDB writes them) is its text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
     if isinstance(value, dict):
-        return {(str(k) if isinstance(k, float) and not math.isfinite(k) else k): json_value(v)
-                for k, v in value.items()}
+        return {json_key(k): json_value(v) for k, v in value.items()}
     return value
+
+
+def json_key(key):
+    if key is None or isinstance(key, (str, int)) or (isinstance(key, float) and math.isfinite(key)):
+        return key
+    return str(key)
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
@@ -106,6 +113,10 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
     if fmt == "json":
+        repeated = next((name for name in columns if columns.count(name) > 1), None)
+        if repeated is not None:  # a JSON object keeps one value per name: the other would be lost
+            raise ValueError(f"column {repeated!r} appears twice in the result and a JSON object holds one "
+                             "value per name; name the columns apart (… AS …) for --format json")
         records = [dict(zip(columns, map(json_value, r))) for r in rows]
         return json.dumps(records, default=str, indent=1, allow_nan=False)
     cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
@@ -116,12 +127,31 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     return "\n".join(lines)
 
 
+def fetch_rows(cursor, max_rows: int) -> list[tuple]:
+    """Every row of ``cursor``'s result, or a ValueError when it has more than ``max_rows``: all rows
+    are read before anything is printed, so an error while DuckDB computes them prints no partial result."""
+    rows: list[tuple] = []
+    while batch := cursor.fetchmany(min(10_000, max_rows + 1 - len(rows))):
+        rows += batch
+        if len(rows) > max_rows:
+            raise ValueError(f"the result has more than {max_rows:,} rows (--max-rows); narrow it (WHERE, LIMIT, "
+                             "GROUP BY), raise --max-rows, or read it in Python: lipflow.connect().execute(sql).arrow()")
+    return rows
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
+    if args.max_rows < 1:
+        raise ValueError(f"--max-rows must be at least 1, got {args.max_rows}")
     con = connect(args.db)
     try:
         cursor = con.execute(read_only_statement(con, args.sql))
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        rows = fetch_rows(cursor, args.max_rows)
+    except MemoryError:
+        raise ValueError("the result does not fit in memory; narrow it (WHERE, LIMIT, GROUP BY) or lower "
+                         "--max-rows") from None
     except duckdb.Error as err:
         first = str(err).splitlines()[0]
         if "read-only" in first.lower():
@@ -129,8 +159,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         elif isinstance(err, duckdb.PermissionException):
             first = f"queries read only the results database ({first})"
         raise ValueError(first) from None
-    columns = [d[0] for d in cursor.description] if cursor.description else []
-    emit(format_rows(columns, cursor.fetchall(), args.format))
+    emit(format_rows(columns, rows, args.format))
     return 0
 
 
@@ -147,6 +176,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not 0 <= args.seed < 2**63:  # torch.Generator's range
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     run = load_run(args.run_id, results=args.results, device=args.device)
+    broken = next((name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None:
+        status, step = run.summary.get("status"), run.summary.get("diverged_step")
+        why = f"it diverged at step {step}" if status == "diverged" and step is not None else f"its status is {status}"
+        raise ValueError(f"run {args.run_id} has non-finite weights ({broken}; {why}): there is nothing to sample")
     tokenizer = load_tokenizer(run.data_dir)
     encoding = tokenizer.encode(args.prompt)
     ids = encoding.ids
@@ -160,7 +194,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          f"(the tokenizer in {run.data_dir} never saw it in training)")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     idx = torch.tensor([ids], device=run.device)
-    out = run.model.generate(idx, args.tokens, temperature=args.temperature, generator=gen)
+    try:
+        out = run.model.generate(idx, args.tokens, temperature=args.temperature, generator=gen)
+    except RuntimeError as err:  # torch.multinomial on probabilities that overflowed
+        if "probability tensor" not in str(err):
+            raise
+        raise ValueError(f"run {args.run_id}'s next-token probabilities are not finite for this prompt "
+                         f"({str(err).splitlines()[0]}); try a lower --temperature") from None
     emit(tokenizer.decode(out[0].tolist()))
     return 0
 
@@ -210,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("sql")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.add_argument("--db", default=None, help="database file (default results/lipflow.duckdb or $LIPFLOW_DB)")
+    q.add_argument("--max-rows", type=int, default=1_000_000,
+                   help="refuse a larger result (default 1,000,000): every row is held in memory before printing")
     q.set_defaults(fn=cmd_query)
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("run_id")

@@ -100,3 +100,74 @@ def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
          "pair": [None, 2.0]},
         {"run_id": "b", "top": None, "values": [None], "struct": {"max": None}, "map": {"-inf": None},
          "pair": [None, 2.0]}]
+
+
+def test_sample_from_a_run_with_non_finite_weights_is_one_line(results_tree):
+    """A diverged run may keep NaN weights; sampling it was torch.multinomial's traceback."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lipflow.train.checkpoint import save_weights
+
+    results, run_id = results_tree
+    run_dir = results / "runs" / run_id
+    weights = load_file(run_dir / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    info = json.loads((run_dir / "config.json").read_text())
+    save_weights(run_dir / "model.safetensors", weights, {"config": info["config"], "vocab_size": info["vocab_size"]})
+    summary = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**summary, "status": "diverged", "diverged_step": 7}))
+    done = run_stage("lipflow.cli", "sample", run_id, "--results", str(results), "--prompt", "The", "--tokens", "5",
+                     "--device", "cpu")
+    assert error_line(done).endswith(f"run {run_id} has non-finite weights ({name}; it diverged at step 7): "
+                                     "there is nothing to sample")
+    assert done.stdout == ""
+
+
+@pytest.fixture
+def metrics_db(tmp_path) -> Path:
+    """A database whose runs and train_metrics share the column val_loss, as lipflow's do."""
+    import duckdb
+
+    db = tmp_path / "metrics.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE runs AS SELECT 'a-00000000' AS run_id, 1.5 AS val_loss, DATE '2026-12-05' AS day")
+        con.execute("CREATE TABLE train_metrics AS SELECT 'a-00000000' AS run_id, i AS step, 3.0 - i AS val_loss "
+                    "FROM range(3) t(i)")
+    return db
+
+
+def test_query_json_refuses_two_columns_of_one_name_which_table_and_csv_show(metrics_db):
+    """A JSON object holds one value per name: the run's val_loss was silently dropped for the step's."""
+    sql = "SELECT r.run_id, r.val_loss, m.step, m.val_loss FROM runs r JOIN train_metrics m USING (run_id) WHERE step = 1"
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--format", "json")
+    assert "column 'val_loss' appears twice in the result" in error_line(done) and done.stdout == ""
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--format", "csv")
+    assert done.returncode == 0 and done.stdout.splitlines() == ["run_id,val_loss,step,val_loss", "a-00000000,1.5,1,2.0"]
+
+
+def test_query_json_writes_a_map_key_json_cannot_hold_as_its_text(metrics_db):
+    done = run_stage("lipflow.cli", "query", "SELECT histogram(day) AS h, map([1], ['x']) AS m FROM runs",
+                     "--db", str(metrics_db), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"h": {"2026-12-05": 1}, "m": {"1": "x"}}]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_query_error_while_rows_are_computed_is_one_line_with_no_partial_result(metrics_db, fmt):
+    """DuckDB computes a result while it is fetched: an error in row 50,001 came after the first rows,
+    outside the error handling (a traceback)."""
+    sql = "SELECT i, CASE WHEN i > 50000 THEN (i::VARCHAR || 'x')::INT END AS bad FROM range(100000) t(i)"
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--format", fmt)
+    assert "Could not convert string '50001x'" in error_line(done) and done.stdout == ""
+
+
+def test_query_max_rows_is_the_largest_result_printed(metrics_db):
+    sql = "SELECT i FROM range(25000) t(i)"
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--format", "csv", "--max-rows", "25000")
+    assert done.returncode == 0 and done.stdout.splitlines() == ["i", *map(str, range(25000))]
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--format", "csv", "--max-rows", "24999")
+    assert "the result has more than 24,999 rows (--max-rows)" in error_line(done) and done.stdout == ""
+    assert "--max-rows must be at least 1, got 0" in error_line(
+        run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--max-rows", "0"))
