@@ -5,7 +5,10 @@ Row columns: bench, metric, value, unit, machine (host name + CPU model), device
 changes; null outside a repository or before the first commit). Full runs append to
 ``results/bench/<bench>.parquet`` (the database's ``bench`` table); ``--quick`` smoke runs to
 ``results/bench/quick/<bench>.parquet``, which the database does not load, so a smoke test's rows
-never pass for measurements. Also: side-by-side timing (``alternating_timings``), a text table,
+never pass for measurements. Every bench parses its command line with ``parse_bench_args``, which
+checks the file before anything is measured: absent, or a Parquet table with exactly these columns
+(appending keeps all its rows and columns; anything else is refused in one line, and is left as it
+was). Also: side-by-side timing (``alternating_timings``), a text table,
 the default config's data (``default_shards``) and schema-resolved run configs (``run_configs``).
 """
 
@@ -92,12 +95,33 @@ def torch_setup(args: argparse.Namespace):
     return device, label
 
 
+def parse_bench_args(parser: argparse.ArgumentParser, bench: str,
+                     argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line and resolve ``--out`` (:func:`out_path`), checking it before anything is
+    measured (:func:`check_out`): a file the rows cannot be appended to is one line and exit code 2."""
+    args = parser.parse_args(argv)
+    args.out = out_path(args, bench)
+    try:
+        check_out(args.out)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return args
+
+
+def out_path(args: argparse.Namespace, bench: str) -> Path:
+    """``--out``, else the default file of ``bench`` for a full or a ``--quick`` run."""
+    quick = getattr(args, "quick", False)
+    return args.out or REPO / "results" / "bench" / ("quick" if quick else "") / f"{bench}.parquet"
+
+
 def save_rows(args: argparse.Namespace, bench: str, rows: list[dict[str, Any]]) -> None:
     """Append ``rows`` to ``--out``, else to the default file of ``bench`` for a full or a ``--quick``
     run, and say where."""
-    quick = getattr(args, "quick", False)
-    out = args.out or REPO / "results" / "bench" / ("quick" if quick else "") / f"{bench}.parquet"
-    append_rows(out, rows)
+    out = out_path(args, bench)
+    try:
+        append_rows(out, rows)
+    except ValueError as err:  # the file changed while the bench ran
+        raise SystemExit(f"bench: error: {err}") from None
     print(f"{len(rows)} rows appended to {out}")
 
 
@@ -115,13 +139,52 @@ def row(bench: str, metric: str, value: float, unit: str, device: str = "cpu") -
     }
 
 
+def check_out(path: str | os.PathLike[str]) -> None:
+    """A one-line ValueError naming ``path`` unless rows can be appended to it without losing anything:
+    it is absent, or a Parquet file whose columns are exactly :data:`SCHEMA`'s (names and types, in any
+    order). A folder, a link, another file or a table with other columns is never rewritten."""
+    _read_existing(Path(path), schema_only=True)
+
+
+def _read_existing(path: Path, schema_only: bool = False) -> pa.Table | None:
+    """The bench table at ``path`` in :data:`SCHEMA`'s column order (None when absent, or when only its
+    schema is checked); anything else is a ValueError naming the file and what differs."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    refusal = "; refusing to append to it (choose another --out)"
+    if path.is_symlink() or not path.is_file():
+        raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'not a regular file'}{refusal}")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]}){refusal}") from None
+    for field in schema:
+        if field.name not in SCHEMA.names:
+            raise ValueError(f"{path} has column {field.name}, which the bench schema lacks{refusal}")
+    for field in SCHEMA:
+        if field.name not in schema.names:
+            raise ValueError(f"{path} lacks column {field.name}, which the bench schema has{refusal}")
+        if schema.get_all_field_indices(field.name) != [schema.get_field_index(field.name)]:
+            raise ValueError(f"{path} has column {field.name} more than once{refusal}")
+        if schema.field(field.name).type != field.type:
+            raise ValueError(f"{path}: column {field.name} is {schema.field(field.name).type}, not the bench "
+                             f"schema's {field.type}{refusal}")
+    if schema_only:
+        return None
+    from lipflow.data.parquet import parse_table_parquet
+
+    return parse_table_parquet(path.read_bytes(), path).select(SCHEMA.names).cast(SCHEMA)
+
+
 def append_rows(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` to the Parquet file at ``path`` (created if absent), atomically."""
+    """Append ``rows`` to the Parquet file at ``path`` (created if absent), atomically. An existing file
+    must be a bench table (:func:`check_out`): its rows and columns are all kept, or it is left alone."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    if path.exists():
-        table = pa.concat_tables([pq.read_table(path, schema=SCHEMA), table])
+    existing = _read_existing(path)
+    if existing is not None:
+        table = pa.concat_tables([existing, table])
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
         pq.write_table(table, f)
 

@@ -44,8 +44,8 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, print_table,  # noqa: E402
-                          row, save_rows, torch_setup)
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, parse_bench_args,  # noqa: E402
+                          print_table, row, save_rows, torch_setup)
 from lipflow.constraints import StepContext, msign, soft_cap_alpha, spectral_hard_cap, spectral_soft_cap  # noqa: E402
 from lipflow.optimizers import MUON_NS_COEFFICIENTS, newton_schulz, newton_schulz_peak  # noqa: E402
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per pair (median kept)")
     add_torch_arguments(parser)
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     device, dev = torch_setup(args)
     sizes = args.sizes or ([256, 512] if args.quick else [256, 512, 1024, 2048, 4096])
     rounds = 1 if args.quick else args.rounds

@@ -46,7 +46,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import (add_out_argument, alternating_timings, default_shards, machine,  # noqa: E402
-                          print_table, row, run_configs, save_rows)
+                          parse_bench_args, print_table, row, run_configs, save_rows)
 from lipflow import provenance  # noqa: E402
 from lipflow.data.parquet import write_table_parquet  # noqa: E402
 from lipflow.results import build  # noqa: E402
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="train_metrics rows per run")
     parser.add_argument("--rounds", type=int, default=10, help="query repetitions (median kept); ingest: a third")
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     n_runs, steps, rounds = (50, 200, 3) if args.quick else (args.runs, args.steps, args.rounds)
     print(f"machine: {machine()}; duckdb {duckdb.__version__}")
     rows, table = [], []

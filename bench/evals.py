@@ -39,7 +39,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
-                          default_shards, print_table, row, run_configs, save_rows, synchronize, torch_setup)
+                          default_shards, parse_bench_args, print_table, row, run_configs, save_rows, synchronize,
+                          torch_setup)
 from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="timed training steps (median kept)")
     add_torch_arguments(parser)
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     device, dev = torch_setup(args)
     train_steps, rounds = (2, 3) if args.quick else (args.train_steps, args.rounds)
     defaults, runs = default_runs()

@@ -45,8 +45,8 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, alternating_timings, machine, print_table, row,  # noqa: E402
-                          save_rows)
+from bench.common import (REPO, add_out_argument, alternating_timings, machine, parse_bench_args,  # noqa: E402
+                          print_table, row, save_rows)
 from lipflow.config import check_config  # noqa: E402
 from lipflow.plan import resolve_runs  # noqa: E402
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1000, help="runs in the dry-run sweep")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     n_runs, rounds, warmup, tiny_runs = (100, 1, 0, 1) if args.quick else (args.runs, args.rounds, 1, 2)
     print(f"machine: {machine()}")
     rows, table = [], []

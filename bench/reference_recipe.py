@@ -41,8 +41,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, print_table,  # noqa: E402
-                          reference_run, row, run_configs, save_rows)
+from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, parse_bench_args,  # noqa: E402
+                          print_table, reference_run, row, run_configs, save_rows)
 from lipflow.config import load_config_file  # noqa: E402
 from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="20 steps of a small shape (smoke test)")
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     device = resolve_device(args.device)

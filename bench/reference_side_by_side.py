@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:  # the reference subprocess: jax and numpy only
         reference_worker(Path(argv[1]))
         return 0
-    from bench.common import add_out_argument
+    from bench.common import add_out_argument, parse_bench_args
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", type=Path, help="checkout of Arongil/lipschitz-transformers at 158692e")
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-val-windows", type=int, help="cap on the val windows scored (default: all)")
     parser.add_argument("--quick", action="store_true", help="20 steps, 64 val windows; rows to results/bench/quick")
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     if args.reference is None:
         parser.error("--reference DIR is required (a checkout of Arongil/lipschitz-transformers at 158692e)")
     check_reference(args.reference.resolve())

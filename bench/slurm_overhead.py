@@ -36,7 +36,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench.common import REPO, add_out_argument, row, save_rows  # noqa: E402
+from bench.common import REPO, add_out_argument, parse_bench_args, row, save_rows  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("lipflow_slurm_harness", REPO / "tests" / "slurm" / "harness.py")
 harness = importlib.util.module_from_spec(_spec)
@@ -158,7 +158,7 @@ def main() -> None:
                         help="config for --snakefile (default tests/data/tiny_config.yaml)")
     parser.add_argument("--parse-only", action="store_true", help="only the startup and parse timings")
     add_out_argument(parser, quick=False)
-    args = parser.parse_args()
+    args = parse_bench_args(parser, BENCH)
     if not args.snakefile.is_file():
         raise SystemExit(f"slurm_overhead: --snakefile {args.snakefile} does not exist")
     if not args.configfile.is_file():

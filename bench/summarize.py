@@ -2,9 +2,11 @@
 
     python bench/summarize.py [--exclude SUBSTR ...] FILE.parquet [FILE.parquet ...]
 
-Missing files are named and skipped (a section of bench/gpu_check that failed wrote none). Rows whose
-metric contains an ``--exclude`` string are left out (bench/gpu_check leaves out train_step's per-op
-profile rows, which its log prints as a table of their own).
+Missing files are named and skipped (a section of bench/gpu_check that failed wrote none); a file that
+is not a bench table (not Parquet, or without a column the table shows) is one line naming it, exit
+code 2, before anything is printed. Rows whose metric contains an ``--exclude`` string are left out
+(bench/gpu_check leaves out train_step's per-op profile rows, which its log prints as a table of their
+own).
 """
 
 from __future__ import annotations
@@ -20,7 +22,23 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+
+COLUMNS = ("bench", "metric", "value", "unit", "device", "date", "git_commit")  # the ones the table shows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a bench table; a file that is not Parquet, or lacks a column of :data:`COLUMNS`, is a
+    one-line ValueError naming it."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    missing = [column for column in COLUMNS if column not in table.column_names]
+    if missing:
+        raise ValueError(f"{path} has no column {missing[0]}: not a bench table (bench/common.py)")
+    return table.select(list(COLUMNS)).to_pylist()
 
 
 def main(argv: list[str]) -> int:
@@ -29,19 +47,25 @@ def main(argv: list[str]) -> int:
                         help="leave out rows whose metric contains this (repeatable)")
     parser.add_argument("files", nargs="+", metavar="FILE.parquet")
     args = parser.parse_args(argv)
-    print("| bench | metric | value | unit | device | date | commit |")
-    print("|---|---|---|---|---|---|---|")
-    missing = []
+    tables, missing = [], []
     for name in args.files:
         path = Path(name)
         if not path.is_file():
             missing.append(name)
             continue
-        for r in pq.read_table(path).to_pylist():
-            if any(part in r["metric"] for part in args.exclude):
+        try:
+            tables.append(read_rows(path))
+        except ValueError as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print("| bench | metric | value | unit | device | date | commit |")
+    print("|---|---|---|---|---|---|---|")
+    for rows in tables:
+        for r in rows:
+            if any(part in (r["metric"] or "") for part in args.exclude):
                 continue
-            print(f"| {r['bench']} | {r['metric']} | {r['value']:.4g} | {r['unit']} | {r['device']} | "
-                  f"{r['date'][:10]} | {(r['git_commit'] or '')[:12]} |")
+            value = "" if r["value"] is None else f"{r['value']:.4g}"
+            print(f"| {r['bench']} | {r['metric']} | {value} | {r['unit']} | {r['device']} | "
+                  f"{(r['date'] or '')[:10]} | {(r['git_commit'] or '')[:12]} |")
     for name in missing:
         print(f"(no rows: {name} was not written)")
     return 0

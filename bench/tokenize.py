@@ -38,7 +38,7 @@ from typing import Callable  # noqa: E402
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from bench.common import add_out_argument, alternating_timings, machine, row, save_rows  # noqa: E402
+from bench.common import add_out_argument, alternating_timings, machine, parse_bench_args, row, save_rows  # noqa: E402
 from lipflow.data.corpus import CorpusConfig, build_corpus  # noqa: E402
 from lipflow.data.tokenize import TokenizerConfig, batched, iter_texts, tokenize_corpus  # noqa: E402
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up; best kept")
     parser.add_argument("--batch-docs", type=int, default=1000)
     add_out_argument(parser)
-    args = parser.parse_args()
+    args = parse_bench_args(parser, BENCH)
     if not args.quick and not args.text.is_file():
         raise SystemExit(f"bench/tokenize.py: --text {args.text} is not a file (--quick uses the embedded corpus)")
     text = None if args.quick else args.text

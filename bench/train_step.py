@@ -81,7 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, default_shards,  # noqa: E402
-                          print_table, row, run_configs, save_rows, synchronize, torch_setup)
+                          parse_bench_args, print_table, row, run_configs, save_rows, synchronize, torch_setup)
 from lipflow.train.trainer import Trainer  # noqa: E402
 from lipflow.train.update import project_matrices_  # noqa: E402
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="profile one more step of each arm, op by op (default: on)")
     add_out_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, BENCH, argv)
     device, dev = torch_setup(args)
     shape_name = args.shape or ("quick" if args.quick else "gpt2-124m" if device.type == "cuda" else "cpu")
     shape = dict(SHAPES[shape_name])

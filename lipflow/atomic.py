@@ -209,37 +209,57 @@ def is_sealed(path: Path) -> bool:
     return True
 
 
-def refuse_to_replace_unsealed(path: str | os.PathLike[str], flag: str) -> None:
-    """``path`` may replace an earlier output of a stage that writes a ``.sha256`` sidecar only
-    (:func:`is_sealed`), never a user's other file."""
-    refuse_to_replace(path, flag, "an earlier lipflow output (a file matching its .sha256)", is_sealed)
+def refuse_to_replace_unsealed(path: str | os.PathLike[str], flag: str, what: str,
+                               is_kind: Callable[[Path], bool]) -> None:
+    """``path`` may replace the stage's own earlier output only: a file matching its ``.sha256``
+    sidecar (:func:`is_sealed`) that is also ``what``, the kind the stage writes there (``is_kind``,
+    e.g. a Parquet table with exactly the stage's columns). Another stage's sealed output (a run's
+    weights or metrics) or a user's file is never replaced."""
+    refuse_to_replace(path, flag, f"{what} (a file of that kind matching its .sha256)",
+                      lambda p: is_sealed(p) and is_kind(p))
 
 
-def refuse_foreign(final: Path, owned: Collection[str]) -> None:
-    """A FileExistsError naming ``final`` when it exists and is not a directory of ``owned`` names only."""
+def refuse_foreign(final: Path, owned: Collection[str], flag: str = "",
+                   ours: Callable[[Path], str | None] | None = None) -> None:
+    """A FileExistsError naming ``flag`` and ``final`` when it exists and is not the stage's earlier
+    output: a directory of ``owned`` names only, whose contents pass ``ours`` (which returns why they
+    are not the stage's, or None; names alone never prove it: a user's ``train.jsonl`` is no corpus)."""
     if not final.exists() and not final.is_symlink():
         return
+    where = f"{flag} {final}" if flag else str(final)
     if final.is_symlink() or not final.is_dir():
-        raise FileExistsError(f"{final} exists and is not a directory this stage wrote; refusing to replace it "
+        raise FileExistsError(f"{where} exists and is not a directory this stage wrote; refusing to replace it "
                               "(choose another output directory or move it away)")
     foreign = sorted(entry.name for entry in final.iterdir() if entry.name not in owned)
     if foreign:
-        raise FileExistsError(f"{final} holds {foreign[0]!r}, which this stage does not write; refusing to replace "
+        raise FileExistsError(f"{where} holds {foreign[0]!r}, which this stage does not write; refusing to replace "
                               "the directory (choose another output directory or move it away)")
+    if ours is None:
+        return
+    try:
+        reason = ours(final)
+    except OSError as err:
+        reason = f"{err.filename or final} cannot be read: {err.strerror}"
+    if reason:
+        raise FileExistsError(f"{where} is not this stage's earlier output ({reason}); refusing to replace the "
+                              "directory (choose another output directory or move it away)")
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], owned: Collection[str], *, flag: str = "",
+               ours: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary sibling directory of ``path``; on a clean exit fsync everything in
     it and swap it in as ``path``; on an exception delete it. An existing ``path`` is replaced only
-    when it is a directory holding nothing but names of ``owned`` (what the stage writes: its earlier
-    output, or what Snakemake left of it); anything else there is a user's, and refused up front.
+    when it is a directory holding nothing but names of ``owned`` whose contents ``ours`` recognises
+    as the stage's (its earlier output, or what Snakemake left of it); anything else there is a
+    user's, and refused (:func:`refuse_foreign`, naming ``flag``) up front and again just before the
+    swap (a long build leaves time for the folder to change).
 
     Two renames (old → trash, new → path) because ``rename(2)`` cannot replace a non-empty
     directory; between them ``path`` is briefly absent, never partial.
     """
     final = Path(path)
-    refuse_foreign(final, owned)
+    refuse_foreign(final, owned, flag, ours)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(final)
@@ -251,6 +271,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str]) -> Iterator
     try:
         yield tmp
         _fsync_tree(tmp)
+        refuse_foreign(final, owned, flag, ours)
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "old"), dir=final.parent))
             os.replace(final, trash / final.name)

@@ -4,7 +4,8 @@
 
 writes ``DIR/train.jsonl`` and ``DIR/val.jsonl`` (one ``{"text": ...}`` per line) and
 ``DIR/corpus.json`` (documents, characters and UTF-8 bytes per split; the source), streaming one
-document at a time. ``DIR`` appears complete or not at all (built in a temporary sibling).
+document at a time. ``DIR`` appears complete or not at all (built in a temporary sibling). An
+existing ``DIR`` is replaced only when it is this stage's earlier output (:func:`not_a_corpus`).
 
 Sources (registry ``SOURCES``; ``paths`` are file paths or globs):
 
@@ -33,18 +34,22 @@ import hashlib
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
-from lipflow.atomic import atomic_dir, write_json_atomic
+from lipflow.atomic import atomic_dir, read_json, write_json_atomic
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
 MAX_DOC_CHARS = 20_000
 SPLITS = ("train", "val")
+OUTPUTS = ("corpus.json", *(f"{s}.jsonl" for s in SPLITS))
+SUMMARY_KEYS = ("name", "source", "split", "splits", "skipped_blank_documents", "config")  # of corpus.json
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # JSON's only way to a str that UTF-8 cannot encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +197,19 @@ def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
                     continue
                 if not isinstance(text, str):
                     raise DataError(f"{where}: text column '{column}' holds {type(text).__name__}, expected a string")
+                if SURROGATE_ESCAPE.search(raw):
+                    _require_encodable(text, f"{where}: text column '{column}'")
                 yield text
+
+
+def _require_encodable(text: str, where: str) -> None:
+    """A DataError naming ``where`` when ``text`` holds a lone surrogate (an escape such as
+    ``\\ud800`` in JSON), which is no Unicode character and has no UTF-8 encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1}, "
+                        "which is not a Unicode character (UTF-8 cannot encode it)") from None
 
 
 @SOURCES.register("jsonl")
@@ -215,10 +232,27 @@ def _parquet_documents(files: list[str], column: str) -> Iterator[str]:
             kind = schema.field(column).type
             if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
                 raise DataError(f"{path}: text column '{column}' has type {kind}, expected a string column")
+            row = 0
             for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
-                yield from (text for text in batch.column(0).to_pylist() if text is not None)
+                try:
+                    texts = batch.column(0).to_pylist()
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}: text column '{column}' is not UTF-8 "
+                                    f"(row {row + _first_invalid_row(batch.column(0))})") from None
+                yield from (text for text in texts if text is not None)
+                row += batch.num_rows
         except pa.ArrowException as e:
             raise DataError(f"{path}: unreadable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _first_invalid_row(column: Any) -> int:
+    """The index of the first value of a string ``column`` that is not valid UTF-8."""
+    for index in range(len(column)):
+        try:
+            column[index].as_py()
+        except UnicodeDecodeError:
+            return index
+    return 0
 
 
 @SOURCES.register("parquet")
@@ -234,13 +268,45 @@ def split_of(text: str, val_fraction: float, split_seed: int) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
+def not_a_corpus(folder: Path) -> str | None:
+    """Why ``folder`` (holding only names the stage writes) is not an earlier output of this stage,
+    or None when it is one or what Snakemake leaves of one (it deletes the three files before a
+    rerun): every file is a regular file, and a JSONL file stands beside a corpus.json of the keys
+    :func:`build_corpus` writes and starts with a ``{"text": …}`` line of its own."""
+    names = sorted(entry.name for entry in folder.iterdir())
+    for name in names:
+        if (folder / name).is_symlink() or not (folder / name).is_file():
+            return f"{name} is not a regular file"
+    if names and "corpus.json" not in names:
+        return f"it holds {names[0]} but no corpus.json"
+    if "corpus.json" in names:
+        try:
+            summary = read_json(folder / "corpus.json")
+        except ValueError:
+            return "its corpus.json is not valid JSON"
+        missing = [key for key in SUMMARY_KEYS if key not in summary]
+        if missing:
+            return f"its corpus.json has no '{missing[0]}'"
+    for name in names:
+        if name.endswith(".jsonl"):
+            with open(folder / name, "rb") as f:
+                first = f.readline()
+            try:
+                record = json.loads(first)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if not (isinstance(record, dict) and list(record) == ["text"] and isinstance(record["text"], str)):
+                return f'{name} does not start with a line {{"text": …}} of this stage'
+    return None
+
+
 def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Stream the source's documents into ``out_dir/{train,val}.jsonl`` and write corpus.json;
     returns the corpus.json contents. ``out_dir`` is replaced atomically, or untouched on error."""
     source = SOURCES.get(cfg.source)(cfg)
     counts = {split: {"documents": 0, "chars": 0, "bytes": 0} for split in SPLITS}
     skipped = 0
-    with atomic_dir(out_dir, owned=("corpus.json", *(f"{s}.jsonl" for s in SPLITS))) as tmp:
+    with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_a_corpus) as tmp:
         with contextlib.ExitStack() as stack:
             outputs = {s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
             for text in source.documents:

@@ -16,7 +16,8 @@ Tokenizers (HF ``tokenizers``, registry ``TOKENIZERS``), all fitted on the *trai
   special token among ``EOT_CANDIDATES``; if it has none, ``<|endoftext|>`` is added. Its
   truncation and padding settings are dropped, and no template (BOS/CLS…) tokens are added.
 
-Output under OUT (built in a temporary sibling, renamed at the end):
+Output under OUT (built in a temporary sibling, renamed at the end; an existing OUT is replaced only
+when it is this stage's earlier output, :func:`not_token_shards`):
 ``tokenizer.json``; ``{train,val}/shard-00000.arrow`` …, each an Arrow IPC file holding one record
 batch with one column ``tokens`` of the smallest unsigned type that holds every id, exactly
 ``shard_tokens`` long except the last; and ``manifest.json`` (format below). Each split is one
@@ -49,6 +50,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -73,6 +75,10 @@ MANIFEST_FORMAT = "lipflow-token-shards/1"
 MANIFEST_KEYS = ("dtype", "vocab_size", "tokenizer", "splits")
 SHARD_KEYS = ("file", "num_tokens", "sha256")
 BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
+SHARD_BUFFER = 1 << 20  # tokens a shard buffer starts with; it grows up to shard_tokens as tokens come
+OUTPUTS = ("manifest.json", "tokenizer.json", *SPLITS)
+SHARD_NAME = re.compile(r"shard-\d{5,}\.arrow")
+ARROW_MAGIC = b"ARROW1"
 
 
 def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
@@ -159,10 +165,30 @@ def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
         what = "is not a regular file" if os.path.exists(cfg.path) else "not found"
         raise DataError(f"tokenizer.path: {cfg.path} {what}")
     try:
-        return Tokenizer.from_file(cfg.path)
+        tokenizer = Tokenizer.from_file(cfg.path)
     except Exception as e:  # the Rust side raises a bare Exception
         reason = str(e).splitlines()[0]
         raise DataError(f"tokenizer.path: {cfg.path} is not a valid tokenizer.json ({reason})") from None
+    problem = unknown_token_problem(tokenizer)
+    if problem:
+        raise DataError(f"tokenizer.path: {cfg.path} {problem}")
+    return tokenizer
+
+
+def unknown_token_problem(tokenizer: Tokenizer) -> str | None:
+    """Why ``tokenizer`` fails on text outside its vocabulary (``tokenizers`` raises, mid-encoding, for
+    a WordLevel or WordPiece model whose unknown token is not in its vocabulary and for a Unigram
+    model without ``unk_id``), or None."""
+    model = json.loads(tokenizer.to_str())["model"]
+    kind = model.get("type")
+    if kind in ("WordLevel", "WordPiece") and model.get("unk_token") not in model.get("vocab", {}):
+        unk = model.get("unk_token")
+        return (f"has a {kind} model whose unknown token {unk!r} is not in its vocabulary, so it cannot encode "
+                f"a word outside the vocabulary (add {unk!r} to the model's vocab)")
+    if kind == "Unigram" and model.get("unk_id") is None:
+        return ("has a Unigram model without an unknown token (unk_id is null), so it cannot encode text "
+                "outside its vocabulary (set unk_id to an unknown token's id)")
+    return None
 
 
 def end_of_text(tokenizer: Tokenizer) -> tuple[str, int]:
@@ -189,11 +215,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Cuts one split's token stream into Arrow IPC files of exactly ``shard_tokens`` tokens."""
+    """Cuts one split's token stream into Arrow IPC files of exactly ``shard_tokens`` tokens. The
+    buffer starts at ``SHARD_BUFFER`` tokens at most and doubles, up to ``shard_tokens``, as tokens
+    come: a shard size far above the corpus (the schema allows 2⁴⁸) costs only the tokens there."""
 
     def __init__(self, root: Path, split: str, shard_tokens: int, dtype: np.dtype):
-        self.root, self.split = root, split
-        self.buffer = np.empty(shard_tokens, dtype)
+        self.root, self.split, self.shard_tokens = root, split, shard_tokens
+        self.buffer = np.empty(min(shard_tokens, SHARD_BUFFER), dtype)
         self.fill = 0
         self.shards: list[dict[str, Any]] = []
         (root / split).mkdir()
@@ -201,12 +229,26 @@ class ShardWriter:
     def add(self, tokens: np.ndarray) -> None:
         pos = 0
         while pos < len(tokens):
-            n = min(len(tokens) - pos, len(self.buffer) - self.fill)
+            n = min(len(tokens) - pos, self.shard_tokens - self.fill)
+            self._reserve(self.fill + n)
             self.buffer[self.fill : self.fill + n] = tokens[pos : pos + n]
             self.fill += n
             pos += n
-            if self.fill == len(self.buffer):
+            if self.fill == self.shard_tokens:
                 self._flush()
+
+    def _reserve(self, size: int) -> None:
+        """Grow the buffer to hold ``size`` tokens (≤ shard_tokens), keeping what it holds."""
+        if size <= len(self.buffer):
+            return
+        capacity = min(self.shard_tokens, max(size, 2 * len(self.buffer)))
+        try:
+            grown = np.empty(capacity, self.buffer.dtype)
+        except MemoryError:
+            raise DataError(f"tokenizer.shard_tokens: out of memory holding {capacity:,} tokens of one {self.split} "
+                            f"shard (shard_tokens is {self.shard_tokens:,}; lower it)") from None
+        grown[: self.fill] = self.buffer[: self.fill]
+        self.buffer = grown
 
     def _flush(self) -> None:
         name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
@@ -303,13 +345,26 @@ def first_chars(batch: Sequence[str], max_chars: int) -> list[str]:
     return sample
 
 
+def encode_batch(tokenizer: Tokenizer, batch: Sequence[str], label: str) -> list[Encoding]:
+    """``tokenizer.encode_batch_fast`` without special tokens; an error of the Rust side (a bare
+    Exception, e.g. a model that meets a word it has no id for) is a DataError naming ``label``."""
+    try:
+        return tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+    except Exception as e:
+        if type(e) is not Exception:  # a Python error is a bug: keep its traceback
+            raise
+        raise DataError(f"{label} cannot encode a document ({str(e).splitlines()[0]})") from None
+
+
 def encode_stream(
-    tokenizer: Tokenizer, texts: Iterator[str], batch_docs: int, eot_id: int, dtype: np.dtype
+    tokenizer: Tokenizer, texts: Iterator[str], batch_docs: int, eot_id: int, dtype: np.dtype,
+    label: str = "the tokenizer",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (documents, token array) per batch. A character tokenizer is a numpy lookup
     (CharTable; 10× or more faster than ``encode_batch_fast``), checked against
     ``encode_batch_fast`` on the first 64k characters; any other tokenizer encodes batch k+1 in a
-    worker thread while the caller consumes batch k (``encode_batch_fast`` releases the GIL)."""
+    worker thread while the caller consumes batch k (``encode_batch_fast`` releases the GIL).
+    ``label`` names the tokenizer in an encoding error."""
     batches = batched(texts, batch_docs)
     table = CharTable.of(tokenizer)
     if table is not None:
@@ -317,7 +372,7 @@ def encode_stream(
         if first is None:
             return
         sample = first_chars(first, 1 << 16)
-        expected = flat_ids(tokenizer.encode_batch_fast(sample, add_special_tokens=False), eot_id, dtype)
+        expected = flat_ids(encode_batch(tokenizer, sample, label), eot_id, dtype)
         if np.array_equal(table.encode(sample, eot_id, dtype), expected):
             for batch in itertools.chain([first], batches):
                 yield len(batch), table.encode(batch, eot_id, dtype)
@@ -328,12 +383,48 @@ def encode_stream(
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: tuple[int, Future[list[Encoding]]] | None = None
         for batch in batches:
-            future = pool.submit(tokenizer.encode_batch_fast, batch, add_special_tokens=False)
+            future = pool.submit(encode_batch, tokenizer, batch, label)
             if pending is not None:
                 yield pending[0], flat_ids(pending[1].result(), eot_id, dtype)
             pending = (len(batch), future)
         if pending is not None:
             yield pending[0], flat_ids(pending[1].result(), eot_id, dtype)
+
+
+def not_token_shards(folder: Path) -> str | None:
+    """Why ``folder`` (holding only names the stage writes) is not an earlier output of this stage,
+    or None when it is one or what Snakemake leaves of one (it deletes manifest.json and
+    tokenizer.json before a rerun, leaving the shard folders): ``train``/``val`` hold Arrow IPC
+    files named ``shard-NNNNN.arrow`` only, a manifest.json is a token-shard manifest listing every
+    shard there, and a tokenizer.json is the one such a manifest records (by sha256)."""
+    entries = {entry.name: entry for entry in folder.iterdir()}
+    for name, entry in entries.items():
+        if entry.is_symlink() or not (entry.is_dir() if name in SPLITS else entry.is_file()):
+            return f"{name} is not a {'folder' if name in SPLITS else 'regular file'}"
+    shards: list[str] = []
+    for split in SPLITS:
+        for shard in sorted(entries[split].iterdir()) if split in entries else ():
+            if not SHARD_NAME.fullmatch(shard.name) or shard.is_symlink() or not shard.is_file():
+                return f"{split}/{shard.name} is not a token shard"
+            with open(shard, "rb") as f:
+                if f.read(len(ARROW_MAGIC)) != ARROW_MAGIC:
+                    return f"{split}/{shard.name} is not an Arrow IPC file"
+            shards.append(f"{split}/{shard.name}")
+    if "manifest.json" not in entries:
+        return "it holds tokenizer.json but no manifest.json" if "tokenizer.json" in entries else None
+    path = entries["manifest.json"]
+    try:
+        manifest = check_manifest(read_json(path), path)
+    except (ValueError, DataError):
+        return f"its manifest.json is not a '{MANIFEST_FORMAT}' manifest"
+    listed = {str(shard["file"]) for info in manifest["splits"].values() for shard in info["shards"]}
+    unlisted = [shard for shard in shards if shard not in listed]
+    if unlisted:
+        return f"its manifest.json does not list {unlisted[0]}"
+    recorded = manifest["tokenizer"].get("sha256") if isinstance(manifest["tokenizer"], dict) else None
+    if "tokenizer.json" in entries and sha256_file(entries["tokenizer.json"]) != recorded:
+        return "its tokenizer.json is not the one its manifest.json records"
+    return None
 
 
 def tokenize_corpus(
@@ -346,7 +437,7 @@ def tokenize_corpus(
         if not (corpus / name).is_file():
             raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
     corpus_summary = read_json(corpus / "corpus.json")
-    with atomic_dir(out_dir, owned=("manifest.json", "tokenizer.json", *SPLITS)) as tmp:
+    with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_token_shards) as tmp:
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
         tokenizer.no_padding()
@@ -356,11 +447,12 @@ def tokenize_corpus(
         tokenizer.save(str(tmp / "tokenizer.json"))
         tokenizer.encode_special_tokens = True  # documents are plain text; separators go in by id
         splits: dict[str, Any] = {}
+        label = f"tokenizer.path: {cfg.path}" if cfg.kind == "file" else f"the {cfg.kind} tokenizer"
         for split in SPLITS:
             writer = ShardWriter(tmp, split, cfg.shard_tokens, dtype)
             num_docs = 0
             texts = iter_texts(corpus / f"{split}.jsonl")
-            for docs, tokens in encode_stream(tokenizer, texts, cfg.batch_docs, eot_id, dtype):
+            for docs, tokens in encode_stream(tokenizer, texts, cfg.batch_docs, eot_id, dtype, label):
                 num_docs += docs
                 writer.add(tokens)
             shards = writer.close()
@@ -401,7 +493,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)
     cfg = TokenizerConfig.from_dict(json_object_argument(args.config_json, "--config-json"))
-    manifest = tokenize_corpus(cfg, args.corpus_dir, args.out_dir)
+    try:
+        manifest = tokenize_corpus(cfg, args.corpus_dir, args.out_dir)
+    except MemoryError:  # numpy's, or Python's: the output folder is already left as it was
+        raise DataError(f"out of memory tokenizing {args.corpus_dir} (lower tokenizer.shard_tokens or "
+                        "tokenizer.batch_docs, or give the job more memory)") from None
     counts = " / ".join(f"{manifest['splits'][s]['num_tokens']} {s}" for s in SPLITS)
     vocab = f"vocab {manifest['vocab_size']}, {manifest['dtype']}"
     print(f"tokenizer '{cfg.kind}' ({vocab}): {counts} tokens → {args.out_dir}")

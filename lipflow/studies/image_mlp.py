@@ -13,7 +13,9 @@ the PGD pairs (checked against L). Each method trains with the LM trainer's cons
 (``lipflow.train.update``: step → decay → project).
 
 CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet``, JSON being the
-``image_mlp`` block of the config (schema defaults filled: workflow/schemas/config.schema.yaml).
+``image_mlp`` block of the config, checked against the config schema's ``image_mlp`` block
+(workflow/schemas/config.schema.yaml; missing keys take its defaults). ``--out`` replaces only an
+earlier table of this study (:data:`COLUMNS`, matching its ``.sha256``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from lipflow.config import run_defaults
+from lipflow.config import make_validator, run_defaults
+from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import ArgumentParser, json_object_argument
+from lipflow.errors import ArgumentParser, ConfigError, json_object_argument
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -38,6 +41,10 @@ from lipflow.train.build import build_learner
 from lipflow.train.update import constrained_update
 
 IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
+# The study's table: long form, one row per (method, metric[, epsilon])
+SCHEMA = pa.schema([("metric", pa.string()), ("value", pa.float64()), ("method", pa.string()),
+                    ("epsilon", pa.float64())])
+COLUMNS = tuple(SCHEMA.names)
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -130,19 +137,31 @@ def run_image_mlp_study(cfg: dict[str, Any]) -> list[dict]:
     return rows
 
 
+def study_config(block: dict[str, Any]) -> dict[str, Any]:
+    """The ``--config-json`` block checked as the config checks its ``image_mlp`` block (the one schema,
+    workflow/schemas/config.schema.yaml): a copy with the schema's defaults filled; the first violation
+    is a one-line ConfigError naming the key."""
+    filled = {"image_mlp": copy.deepcopy(block)}
+    message = first_error(make_validator(fill=True), filled)
+    if message is not None:
+        raise ConfigError(f"--config-json: {message}")
+    return filled["image_mlp"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m lipflow.studies.image_mlp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-json", required=True, help="the config's image_mlp block (schema defaults filled)")
+    parser.add_argument("--config-json", required=True, help="the config's image_mlp block (missing keys: "
+                                                             "the schema's defaults)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
     args = parser.parse_args(argv)
     from lipflow.atomic import refuse_to_replace_unsealed
     from lipflow.errors import run_guarded
+    from lipflow.studies.outputs import parquet_with_columns
 
     def go() -> int:
-        refuse_to_replace_unsealed(args.out, "--out")
-        rows = run_image_mlp_study(json_object_argument(args.config_json, "--config-json"))
-        columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, not just the first's
-        write_table_parquet(args.out, pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]))
+        refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table", parquet_with_columns(COLUMNS))
+        rows = run_image_mlp_study(study_config(json_object_argument(args.config_json, "--config-json")))
+        write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
         return 0
 
     return run_guarded(go)

@@ -64,25 +64,35 @@ def _parser() -> ArgumentParser:
 
 
 def refuse_to_replace_earlier_outputs(args) -> None:
-    """A FileExistsError before any work when an output path holds a file this command did not write."""
-    from lipflow.studies.icl.tables import TABLE_SCHEMAS
+    """A FileExistsError before any work when an output path holds a file this command did not write:
+    each command replaces only its own kind of output (a checkpoint of the study, a table with the
+    columns of the one it writes there, a check summary), never another stage's sealed file."""
+    from lipflow.studies.icl.study import is_checkpoint
+    from lipflow.studies.icl.tables import BASELINE_SCHEMA, TABLE_SCHEMAS
+    from lipflow.studies.outputs import parquet_with_columns
 
-    if args.command in ("train", "baselines"):
-        refuse_to_replace_unsealed(args.out, "--out")
+    if args.command == "train":
+        refuse_to_replace_unsealed(args.out, "--out", "an ICL study checkpoint", is_checkpoint)
+    elif args.command == "baselines":
+        refuse_to_replace_unsealed(args.out, "--out", "an ICL baselines table",
+                                   parquet_with_columns(BASELINE_SCHEMA.names))
     elif args.command == "collect":
-        for name in TABLE_SCHEMAS:
-            refuse_to_replace_unsealed(Path(args.out_dir) / f"{name}.parquet", "--out-dir")
+        for name, schema in TABLE_SCHEMAS.items():
+            refuse_to_replace_unsealed(Path(args.out_dir) / f"{name}.parquet", "--out-dir",
+                                       f"an ICL {name} table", parquet_with_columns(schema.names))
     elif args.command == "check":
         refuse_to_replace(args.out, "--out", "an ICL check summary", is_check_summary)
 
 
 def is_check_summary(path: Path) -> bool:
-    """Whether ``path`` is a JSON summary the ``check`` command wrote (an object with ``passed``)."""
+    """Whether ``path`` is a JSON summary the ``check`` command wrote: an object with exactly its keys."""
+    from lipflow.studies.icl.study import SUMMARY_KEYS, SUMMARY_OPTIONAL_KEYS
+
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(summary, dict) and "passed" in summary
+    return isinstance(summary, dict) and set(SUMMARY_KEYS) <= set(summary) <= {*SUMMARY_KEYS, *SUMMARY_OPTIONAL_KEYS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,13 @@ methods are paired and their ratios are far more precise than each loss alone.
 
 from __future__ import annotations
 
+import json
 import operator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.studies.icl import theory
@@ -40,6 +42,12 @@ def loss_stats(predictions: torch.Tensor, prompts: Prompts) -> tuple[float, floa
 # ---------------------------------------------------------------- train job
 
 
+# What a training checkpoint holds: the blocks Q (and P, without the sparse parametrization) and, in
+# its lipflow metadata, these keys (what the train command may replace: :func:`is_checkpoint`)
+CHECKPOINT_TENSORS = ("q", "p")
+CHECKPOINT_KEYS = ("training_config", "n_layers", "n", "curve")
+
+
 def run_train(cfg: ICLConfig, n_layers: int, n: int, out: str, progress: bool = True) -> None:
     """Train one model and save its blocks, training curve and training config."""
     result = train_model(cfg, n_layers, n, progress=progress)
@@ -51,6 +59,19 @@ def run_train(cfg: ICLConfig, n_layers: int, n: int, out: str, progress: bool = 
             "curve": {"step": list(result.steps), "loss": [float(v) for v in result.losses],
                       "lr": [float(v) for v in result.lrs], "seconds": [float(v) for v in result.seconds]}}
     save_weights(Path(out), tensors, meta)  # safetensors + JSON: nothing here unpickles
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file as :func:`run_train` writes it: tensor ``q`` (and ``p``)
+    only, and lipflow metadata with exactly :data:`CHECKPOINT_KEYS` (a run's weights are not one)."""
+    try:
+        with safe_open(str(path), "pt") as weights:
+            names = set(weights.keys())
+            meta = json.loads((weights.metadata() or {}).get("lipflow", "null"))
+    except (OSError, ValueError, SafetensorError):  # not a safetensors file, or no JSON metadata
+        return False
+    return ("q" in names and names <= set(CHECKPOINT_TENSORS) and isinstance(meta, dict)
+            and sorted(meta) == sorted(CHECKPOINT_KEYS))
 
 
 def load_run(path: str, cfg: ICLConfig) -> tuple[dict[str, Any], InContextTransformer]:
@@ -276,6 +297,12 @@ def run_collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str], out_d
 
 
 # ---------------------------------------------------------------- headline check
+
+
+# The keys of the check summary (``one_layer`` too when 1 is in icl.layers): what the check command may replace
+SUMMARY_KEYS = ("n_layers", "n", "transformer_loss", "pgd_loss", "loss_ratio", "learned_step_sizes",
+                "optimal_step_sizes", "max_step_rel_error", "passed")
+SUMMARY_OPTIONAL_KEYS = ("one_layer",)
 
 
 def summarize(cfg: ICLConfig, results_dir: str, loss_tol: float, step_tol: float) -> dict:
