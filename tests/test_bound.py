@@ -16,6 +16,7 @@ from torch import nn
 
 from lipflow.config import run_defaults
 from lipflow.model import build_model
+from lipflow.model.base import rms_operator_norm, spectral_norm
 from lipflow.model.bound import GELU_MAX_SLOPE, project_rms_ball
 from lipflow.model.certificate import Certificate, residual, scaled, sequential, total
 from lipflow.model.lipschitz_gpt import LipschitzAttention, orthogonal_init_
@@ -454,6 +455,30 @@ def test_activation_bounds_hold_on_adversarially_scaled_models(trained_lipschitz
     assert best["blocks.0.attn.scores"] > bounds["blocks.0.attn.scores"] / 2  # still searching well
 
 
+def test_mlp_bounds_use_the_coordinate_bounds_and_the_readout_multiplier():
+    """in 2 → 2 → 2 (ReLU), W₀ = diag(1, 0.01), W₁ = [[0.01, 1], [0.01, 1]], output_mult −0.25, inputs ‖x‖₂ ≤ 1.
+    After layer 0 the coordinates are within (1, 0.01), so |(W₁h)_i| ≤ 0.01·1 + 1·0.01 = 0.02 (triangle
+    inequality), far below Cauchy–Schwarz's ‖W₁[i,:]‖·‖h‖ ≈ 1.00005; the logits within 0.25·0.02. Forward:
+    −0.25·W₁ relu(W₀x); the certified constant |−0.25|·σ(W₀)σ(W₁) = 0.25·√2·1.00005."""
+    cfg = run_defaults(model="mlp", in_features=2, d_model=2, n_layers=2, activation="relu")
+    model = build_model(cfg, 2).double()
+    w0 = torch.diag(torch.tensor([1.0, 0.01], dtype=torch.float64))
+    w1 = torch.tensor([[0.01, 1.0], [0.01, 1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        model.layers[0].weight.copy_(w0)
+        model.layers[1].weight.copy_(w1)
+    model.output_mult = -0.25
+    bounds = model.activation_bounds(input_norm=1.0)
+    assert bounds["layers.0.output"] == pytest.approx(1.0) and bounds["block0"] == pytest.approx(1.0)
+    assert bounds["layers.1.input"] == pytest.approx(1.0)
+    assert bounds["layers.1.output"] == pytest.approx(0.02, rel=1e-12)
+    assert bounds["logits"] == pytest.approx(0.25 * 0.02, rel=1e-12)
+    assert model.lipschitz_bound() == pytest.approx(0.25 * math.sqrt(2 * (1 + 1e-4)), rel=1e-6)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), -0.25 * torch.relu(x @ w0.T) @ w1.T, rtol=1e-12, atol=1e-12)
+
+
 def test_mlp_activation_bounds_hold_and_need_an_input_domain():
     model = scaled_mlp(input_norm=2.0)
     bounds = model.activation_bounds()
@@ -483,6 +508,45 @@ def test_mlp_activation_bounds_hold_and_need_an_input_domain():
     assert best["logits"] > bounds["logits"] / 4
 
 
+@pytest.mark.parametrize("shape", [(12, 3), (3, 12), (5, 5)])
+def test_rms_operator_norm_is_the_largest_rms_gain(shape):
+    """‖W‖_RMS→RMS = max_x RMS(Wx)/RMS(x) = σ_max·√(fan_in/fan_out), attained at the top right singular
+    vector (computed here from the SVD), and never exceeded by random inputs."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fan_out, fan_in = shape
+    _, s, vh = torch.linalg.svd(w)
+    rms = lambda z: z.pow(2).mean(dim=-1).sqrt()  # noqa: E731
+    attained = float(rms(w @ vh[0]) / rms(vh[0]))
+    assert rms_operator_norm(w) == pytest.approx(attained, rel=1e-6)
+    assert rms_operator_norm(w) == pytest.approx(float(s[0]) * math.sqrt(fan_in / fan_out), rel=1e-6)
+    x = torch.randn(1000, fan_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert float((rms(x @ w.T) / rms(x)).max()) <= attained * (1 + 1e-6)
+
+
+def test_readout_certificate_uses_the_rms_norm_of_a_non_square_head():
+    """Vocabulary 40 ≠ d 16: the readout's constant is |logit_scale·output_mult|·σ(W_head)·√(d/V)."""
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=16, n_layers=1, n_heads=2, context=4,
+                                     logit_scale=2.0), 40)
+    model.output_mult = -0.5
+    sigma = float(torch.linalg.matrix_norm(model.head.weight.detach().double(), ord=2))
+    cert = model.readout_certificate(1.0)
+    assert cert.lipschitz == pytest.approx(1.0 * sigma * math.sqrt(16 / 40), rel=1e-6)
+    assert model.lipschitz_bound() == pytest.approx(model.body_lipschitz() * cert.lipschitz, rel=1e-12)
+
+
+def test_norms_and_certificates_of_non_finite_weights_are_nan():
+    """A diverged run's weights: spectral_norm and the certificate are NaN instead of an SVD error."""
+    w = torch.randn(6, 4)
+    w[1, 2] = math.nan
+    assert math.isnan(spectral_norm(w)) and math.isnan(rms_operator_norm(w))
+    w[1, 2] = math.inf
+    assert math.isnan(spectral_norm(w))
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=8, n_layers=1, n_heads=2, context=4), 8)
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[0, 0] = math.inf
+    assert math.isnan(model.lipschitz_bound())
+
+
 # --------------------------------------------------------------------------- composition rules
 
 def toy(gain: float, lipschitz_per_bound: float, key: str):
@@ -507,6 +571,15 @@ def test_residual_is_the_sum_of_its_scaled_branches(keep, weight):
     summed = total(toy(1.0, 2.0, "p"), scaled(-3.0, toy(0.5, 1.0, "q")))(2.0)
     assert (summed.gain, summed.lipschitz, summed.bound) == (2.5, 4.0 + 6.0, 5.0)
     assert summed.entries == {"p": 2.0, "q": 2.0}
+
+
+def test_scaled_multiplies_bound_gain_constant_and_coordinates_by_abs_c():
+    """c·f with c < 0: every output quantity of f, the per-coordinate bounds included, times |c|."""
+    coords = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    inner = lambda b, coordinates=None: Certificate.leaf(b, 3.0, 5.0, {"e": b}, coords * b)  # noqa: E731
+    cert = scaled(-2.0, inner)(0.5)
+    assert (cert.bound, cert.gain, cert.lipschitz, cert.entries) == (3.0, 6.0, 10.0, {"e": 0.5})
+    torch.testing.assert_close(cert.coordinates, 2.0 * 0.5 * coords, rtol=0, atol=0)
 
 
 def test_rules_carry_per_token_bounds_elementwise():

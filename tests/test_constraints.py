@@ -88,6 +88,34 @@ def test_top_singular_triplet_matches_svd(kind, shape):
     assert torch.dot(x.double() @ v.double(), u.double()).item() == pytest.approx(s_ref[0].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(5, 5), (7, 4), (4, 7)])
+def test_top_singular_triplet_finds_a_top_direction_orthogonal_to_the_first_basis_vector(shape):
+    """X = diag(1, 3, 2) (padded): v₁ = e₂ ⟂ e₁, so power iteration started from P's first column (which
+    never leaves span(e₁)) would return σ = 1; starting from P's largest-diagonal column gives σ₁ = 3."""
+    x = torch.zeros(shape)
+    x[0, 0], x[1, 1], x[2, 2] = 1.0, 3.0, 2.0
+    sigma, u, v = top_singular_triplet(x)
+    e = torch.zeros(max(shape))
+    e[1] = 1.0
+    assert sigma.item() == pytest.approx(3.0, rel=1e-6)
+    assert abs(torch.dot(u, e[:shape[0]]).item()) == pytest.approx(1.0, abs=1e-6)
+    assert abs(torch.dot(v, e[:shape[1]]).item()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_msign_and_stiefel_of_a_non_finite_matrix_are_nan(bad):
+    """A diverged step stays diverged: msign of a matrix with a non-finite entry is NaN everywhere (its SVD
+    is taken of the zero matrix instead, which alone would give 0), and only that matrix of a stack."""
+    x = make_matrix("random", (6, 4))
+    broken = x.clone()
+    broken[2, 1] = bad
+    stack = torch.stack([x, broken])
+    out = msign(stack)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    torch.testing.assert_close(out[0], msign(x))
+    assert torch.isnan(apply("stiefel", broken, 2.0)).all()
+
+
 def test_msign_is_the_polar_factor():
     for kind, shape in ALL_CASES:
         x = make_matrix(kind, shape)

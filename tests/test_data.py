@@ -24,7 +24,8 @@ from lipflow.config import ConfigError, check_config, load_schema
 from lipflow.data import DataError
 from lipflow.data.corpus import PARAGRAPH_DOC_CHARS, CorpusConfig, _paragraph_documents, build_corpus, split_of
 from lipflow.data.loader import TokenShards, load_tokenizer
-from lipflow.data.tokenize import EOT, UNK, CharTable, TokenizerConfig, flat_ids, token_dtype, tokenize_corpus
+from lipflow.data.tokenize import (EOT, UNK, CharTable, TokenizerConfig, batched, end_of_text, flat_ids, token_dtype,
+                                    tokenize_corpus)
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared
 TOPICS = [topics.topics[name] for name in sorted(topics.topics)]  # real English prose, 79 documents
@@ -312,6 +313,27 @@ def test_tiny_shards_concatenate_to_the_direct_encoding(tmp_path):
         assert shard_stream(tmp_path / "t", split).tolist() == direct_stream(tokenizer, docs, manifest["eot_id"])
 
 
+def test_encode_batches_close_at_max_docs_or_max_chars():
+    """At most ``max_docs`` documents per batch, closed as soon as the characters reach ``max_chars``;
+    every document once, in order."""
+    docs = [f"d{i}" for i in range(7)]
+    assert list(batched(iter(docs), 3)) == [docs[0:3], docs[3:6], docs[6:7]]
+    assert list(batched(iter(["abc", "de", "f", "ghij", "k"]), 10, max_chars=5)) == [["abc", "de"], ["f", "ghij"], ["k"]]
+    assert list(batched(iter([]), 3)) == []
+
+
+def test_the_separator_is_the_tokenizers_own_end_of_text_token_when_it_has_one():
+    """A tokenizer with ``</s>`` (an EOT_CANDIDATES entry) among its special tokens keeps it as the separator,
+    with its id and no token added; one with none gets <|endoftext|> added at the next id."""
+    from tokenizers import models
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "</s>": 2}, unk_token="[UNK]"))
+    tokenizer.add_special_tokens(["</s>"])
+    assert end_of_text(tokenizer) == ("</s>", 2) and tokenizer.get_vocab_size() == 3
+    plain = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    assert end_of_text(plain) == (EOT, 2) and plain.get_vocab_size() == 3
+
+
 def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
     tokenize_corpus(TokenizerConfig.from_dict({"kind": "bpe", "vocab_size": 300}), corpus, tmp_path / "bpe")
@@ -369,6 +391,45 @@ def test_same_seed_same_windows_other_seed_other_windows(small_shards):
     b = data.sample_windows(16, 32, torch.Generator().manual_seed(11))
     c = data.sample_windows(16, 32, torch.Generator().manual_seed(12))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_window_starts_cover_every_offset_of_a_max_tokens_prefix_and_nothing_past_it(small_shards):
+    """``max_tokens`` keeps the first M tokens: starts are uniform on 0 … M − context − 1 (every window of
+    context + 1 tokens that fits, the last one included) and every window lies inside the prefix."""
+    stream = shard_stream(small_shards, "train")
+    context, prefix = 5, 9  # 9 tokens hold windows of 6 at starts 0, 1, 2, 3
+    data = TokenShards(small_shards, "train", max_tokens=prefix)
+    assert data.num_tokens == prefix and TokenShards(small_shards, "train", max_tokens=10**9).num_tokens == len(stream)
+    starts = data.sample_starts(400, context, torch.Generator().manual_seed(0))
+    assert set(starts.tolist()) == {0, 1, 2, 3}
+    x, y = data.sample_windows(400, context, torch.Generator().manual_seed(0))
+    for s, xs, ys in zip(starts.tolist(), x.tolist(), y.tolist()):
+        assert xs == stream[s:s + context].tolist() and ys == stream[s + 1:s + context + 1].tolist()
+    with pytest.raises(IndexError):
+        data.tokens(0, prefix + 1)
+    # 9 tokens = 3 windows of 3 targets would need a 10th token: whole-split eval takes 2 windows (1 … 6)
+    assert data.sequential_windows(3).tolist() == [stream[0:4].tolist(), stream[3:7].tolist()]
+    with pytest.raises(DataError, match="longer than the train split"):
+        data.check_context(prefix)
+
+
+def test_resident_windows_are_the_shard_windows_and_resume_from_the_generator_state(small_shards):
+    """ResidentTokens draws the same starts from the same generator as TokenShards (so the data order
+    does not depend on where the tokens live), and a generator restored from a saved state continues
+    with the windows the uninterrupted generator would have drawn (resume)."""
+    data = TokenShards(small_shards, "train")
+    resident = data.resident(torch.device("cpu"))
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = data.sample_windows(8, 40, gen_a), resident.sample_windows(8, 40, gen_b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.dtype == torch.int64
+    saved = gen_b.get_state()
+    expected = resident.sample_windows(8, 40, gen_b)
+    restored = torch.Generator()
+    restored.set_state(saved)
+    got = resident.sample_windows(8, 40, restored)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(got[0][:, 1:], got[1][:, :-1])  # y is x shifted by one token
 
 
 def test_sequential_windows_cover_each_target_once(small_shards):

@@ -208,6 +208,40 @@ def test_one_step_optimum_closed_forms():
     assert torch.allclose(gamma, n / (n + d + 1 + 0.49) * noisy.sigma.inverse, atol=1e-10)
 
 
+def test_matrix_metrics_match_their_closed_forms():
+    """Dist(M, I) = min_α ‖M − αI‖_F/‖M‖_F, the minimum at α = tr M/d: 0 for cI, √2/√14 for diag(1, 2, 3)
+    (α = 2), never above the value at any other α; step_size a = tr(ΣΓ)/d is a for Γ = aΣ⁻¹."""
+    assert theory.distance_to_identity(2.5 * torch.eye(4, dtype=DOUBLE)) == pytest.approx(0.0, abs=1e-15)
+    m = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DOUBLE))
+    assert theory.distance_to_identity(m) == pytest.approx(math.sqrt(2 / 14), rel=1e-12)
+    for alpha in (1.5, 1.9, 2.1, 6.0):
+        assert theory.distance_to_identity(m) <= float(torch.linalg.norm(m - alpha * torch.eye(3, dtype=DOUBLE))
+                                                       / torch.linalg.norm(m))
+    sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES})
+    sigma = sampler.sigma.matrix
+    assert theory.step_size(0.7 * sampler.sigma.inverse, sigma) == pytest.approx(0.7, rel=1e-12)
+    assert theory.sigma_weighted_error(1.1 * sampler.sigma.inverse, sampler.sigma.inverse, sigma) == pytest.approx(0.1)
+    # whitened: Σ^½ diag(1, 0) Σ^½ = diag(1, 0) against Σ^½ I Σ^½ = diag(1, 4), so 1/√17 (unwhitened 1/√2)
+    eye, sigma = torch.eye(2, dtype=DOUBLE), torch.diag(torch.tensor([1.0, 4.0], dtype=DOUBLE))
+    error = theory.sigma_weighted_error(eye + torch.diag(torch.tensor([1.0, 0.0], dtype=DOUBLE)), eye, sigma)
+    assert error == pytest.approx(1 / math.sqrt(17), rel=1e-12)
+
+
+def test_regression_optimum_satisfies_the_normal_equations_of_its_prompts():
+    """Γ̂ is the least-squares fit of y_q by x_qᵀΓc on the prompts it drew: the residuals of the one-step
+    predictions x_qᵀΓ̂c (``preconditioned_gd``) are orthogonal to every feature x_q,i·c_j."""
+    sampler = sampler_for(n=6, sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES}, noise_std=0.5)
+    gamma = theory.regression_optimum(sampler, 3000, torch.Generator().manual_seed(4))
+    assert not torch.allclose(gamma, gamma.T, atol=1e-3)  # a finite sample: not symmetric
+    batch = sampler.sample(3000, torch.Generator().manual_seed(4), DOUBLE)
+    residual = batch.query_y - theory.preconditioned_gd(batch, gamma[None])
+    c = (batch.context_x.transpose(1, 2) @ batch.context_y.unsqueeze(-1)).squeeze(-1) / batch.n
+    features = batch.query_x.unsqueeze(-1) * c.unsqueeze(-2)  # (B, i, j) = x_q,i·c_j
+    normal = torch.einsum("b,bij->ij", residual, features)
+    scale = torch.einsum("b,bij->ij", batch.query_y.abs(), features.abs())
+    assert float((normal.abs() / scale).max()) < 1e-10
+
+
 def test_one_step_loss_formula_matches_monte_carlo():
     sampler = sampler_for(sigma={"kind": "rotated", "eigenvalues": PAPER_EIGENVALUES, "seed": 2},
                           w_prior="identity", noise_std=0.5)
@@ -410,3 +444,23 @@ def test_snakemake_rules_build_every_table_figure_and_the_view(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.search(r"^icl_train\s+1$", again.stdout, re.MULTILINE), again.stdout[-3000:]
     assert "results/icl/runs/L2_n6.safetensors" in again.stdout
+
+
+def test_one_step_optimum_is_stationary_for_a_prior_that_does_not_commute_with_sigma():
+    """Γ⋆ = ΩΣK⁻¹ (not ΣΩK⁻¹, the same only when Ω and Σ commute, as for Ω = I or Σ⁻¹): for random
+    SPD Σ and Ω, ∇f(Γ⋆) = 2ΣΓ⋆K − 2ΣΩΣ = 0 (autograd through ``one_step_loss``) and f grows around it."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 4, 10
+    a, b = (torch.randn(d, d, generator=gen, dtype=DOUBLE) for _ in range(2))
+    sigma, w_cov = a @ a.T + 0.5 * torch.eye(d, dtype=DOUBLE), b @ b.T + 0.5 * torch.eye(d, dtype=DOUBLE)
+    assert not torch.allclose(sigma @ w_cov, w_cov @ sigma)
+    gamma = theory.optimal_preconditioner(sigma, w_cov, n, 0.3).requires_grad_(True)
+    k = theory.one_step_moment(sigma, w_cov, n, 0.3)
+    f = torch.trace(sigma @ gamma @ k @ gamma.T) - 2 * torch.trace(sigma @ gamma @ sigma @ w_cov)
+    f.backward()
+    assert gamma.grad.abs().max() < 1e-9 * float(f.abs())
+    best = theory.one_step_loss(gamma.detach(), sigma, w_cov, n, 0.3)
+    bump = 0.01 * torch.randn(d, d, generator=gen, dtype=DOUBLE)
+    assert theory.one_step_loss(gamma.detach() + bump, sigma, w_cov, n, 0.3) > best
+
+

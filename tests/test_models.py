@@ -200,6 +200,66 @@ def test_bad_configs_fail_with_one_line_errors():
         build_model({**LM_CFG, "model": "lipschitz_gpt", "activation": "tanh"}, VOCAB)
 
 
+def test_lipschitz_gpt_refuses_an_odd_head_dimension():
+    """RoPE rotates pairs of each head's coordinates: d_model 12 over 4 heads (d_head 3) is refused up front."""
+    with pytest.raises(ValueError, match="even integer"):
+        build_model({**LM_CFG, "model": "lipschitz_gpt", "d_model": 12, "n_heads": 4}, VOCAB)
+    assert build_model({**LM_CFG, "model": "lipschitz_gpt", "d_model": 16, "n_heads": 4}, VOCAB).blocks[0].attn.head_dim == 4
+
+
+@pytest.mark.parametrize("parametrization, scale", [("sp", 1 / math.sqrt(8)), ("mup", 1 / 8)])
+def test_gpt_attention_scale_is_one_over_root_d_head_in_sp_and_one_over_d_head_in_mup(parametrization, scale):
+    """µP's attention 1/d_head (Tensor Programs V, §E.3) replaces SP's 1/√d_head (d_head = 32/4 = 8)."""
+    model = build_model({**LM_CFG, "model": "gpt", "parametrization": parametrization}, VOCAB)
+    assert all(block.attn.score_scale == pytest.approx(scale, rel=1e-15) for block in model.blocks)
+
+
+@pytest.mark.parametrize("depth_mup, branch", [(False, 1.0), (True, 0.5)])
+def test_gpt_block_is_the_pre_layernorm_residual_written_out(depth_mup, branch):
+    """x ← x + b·attn(LN₁(x)); x ← x + b·mlp(LN₂(x)) with b = 1/√L under depth-µP (L = 4: ½), else 1:
+    both branches carry the factor."""
+    model = lm("gpt", n_layers=4, depth_mup=depth_mup).double()
+    x = torch.randn(2, LM_CFG["context"], LM_CFG["d_model"], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in model.blocks:
+            mid = x + branch * block.attn(block.ln1(x))
+            expected = mid + branch * block.mlp(block.ln2(mid))
+            torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+            x = expected
+
+
+def heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, C) → (B, H, T, C/H)."""
+    B, T, C = t.shape
+    return t.reshape(B, T, n_heads, C // n_heads).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name, parametrization", [("gpt", "sp"), ("gpt", "mup"), ("lipschitz_gpt", "sp")])
+def test_attention_scores_and_output_equal_attention_written_out(name, parametrization):
+    """From ``projection_weights`` alone: z = c·(RoPE)q·(RoPE)kᵀ per head (c = ``score_scale``: µP's
+    1/d_head is not SDPA's default 1/√d_head) is ``attention_scores`` on and below the diagonal and 0
+    above it, and W_o·concat_h softmax(z + causal mask)·v_h times ``output_scale`` is the attention's output."""
+    model = lm(name, parametrization=parametrization).double()
+    attn = model.blocks[0].attn
+    n_heads = attn.n_heads
+    x = torch.randn(2, LM_CFG["context"], LM_CFG["d_model"], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    w_q, w_k, w_v, w_o = attn.projection_weights()
+    q, k, v = (heads(x @ w.T, n_heads) for w in (w_q, w_k, w_v))
+    if name == "lipschitz_gpt":
+        q, k = attn.rope(q), attn.rope(k)
+    z = attn.score_scale * q @ k.transpose(-2, -1)
+    below = torch.ones(z.shape[-2:], dtype=torch.bool).tril()
+    with torch.no_grad():
+        scores = attn.attention_scores(x)
+        out = attn(x)
+    torch.testing.assert_close(scores.double(), z.masked_fill(~below, 0.0), rtol=1e-5, atol=1e-5)
+    y = torch.softmax(z.masked_fill(~below, -math.inf), dim=-1) @ v
+    expected = y.transpose(1, 2).reshape(x.shape) @ w_o.T * attn.output_scale
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("activation, n_layers, name", [("gelu", 2, "lipschitz_gpt"), ("relu", 1, "lipschitz_gpt"),
                                                          ("gelu", 2, "lipschitz_gpt_unscaled")])
 def test_lipschitz_block_equals_the_residual_written_out(activation, n_layers, name):

@@ -349,6 +349,20 @@ def test_groups_follow_roles_and_lr_multipliers():
     assert {g["role"]: g["lr"] for g in adamw.param_groups}["hidden"] == pytest.approx(0.25 * 1e-2)
 
 
+def test_muon_adamw_half_multiplies_adam_lr_by_each_parameters_multiplier():
+    """Under ``parametrization: modular`` the embedding on Muon's AdamW half steps at adam_lr·t (its target
+    norm), vectors at adam_lr·their multiplier; the Muon groups at lr·t."""
+    model = ToyModel()
+    model.tok.weight.lr_mult, model.hidden.bias.lr_mult, model.head.weight.lr_mult = 0.125, 0.5, 0.25
+    cfg = CFGS["muon"]
+    groups = {g["role"]: g for g in build_optimizer(model, cfg).param_groups}
+    assert groups["embed"]["kind"] == "adamw" and groups["embed"]["lr"] == pytest.approx(0.125 * cfg["adam_lr"])
+    assert groups["vector"]["kind"] == "adamw" and groups["vector"]["lr"] == pytest.approx(0.5 * cfg["adam_lr"])
+    assert groups["head"]["kind"] == "muon" and groups["head"]["lr"] == pytest.approx(0.25 * cfg["lr"])
+    dualized = {g["role"]: g for g in build_optimizer(model, dict(cfg, embed_optimizer="dualized")).param_groups}
+    assert dualized["embed"]["kind"] == "dualized" and dualized["embed"]["lr"] == pytest.approx(0.125 * cfg["lr"])
+
+
 def test_scion_builder_uses_the_norm_table():
     model = ToyModel()
     optimizer = build_optimizer(model, dict(CFGS["scion"], lmo_norms={"head": "rownorm"}, lmo_radius={"hidden": 7}))

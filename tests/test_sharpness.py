@@ -53,6 +53,34 @@ def test_power_iteration_returns_the_largest_magnitude_even_when_negative():
     assert top_eigenvalue(loss, params, iters=300, tol=1e-8) == pytest.approx(-12.0, rel=1e-2)
 
 
+def test_power_iteration_does_not_stop_at_a_start_with_zero_rayleigh_quotient():
+    """A = diag(2, −½, 0, …) from v ∝ (1, 2, 0, …): vᵀAv = 2 − ½·4 = 0 exactly (powers of two) on the first
+    step, which is no estimate of anything (convergence needs two Rayleigh quotients); it goes on to 2."""
+    a = torch.zeros(20, 20, dtype=torch.float64)
+    a[0, 0], a[1, 1] = 2.0, -0.5
+    loss, params = quadratic(a)
+    init = torch.zeros(20)
+    init[0], init[1] = 1.0, 2.0
+    result = power_iteration(loss, params, iters=200, tol=1e-8, init=init)
+    assert result.iterations > 1 and result.converged
+    assert result.eigenvalue == pytest.approx(2.0, rel=1e-4)
+
+
+def test_language_model_loss_is_the_next_token_cross_entropy():
+    """The sharpness loss of windows (N, context + 1): mean cross-entropy of the logits at positions
+    0 … context − 1 against the tokens one step later."""
+    from lipflow.evaluation.sharpness import language_model_loss_fn
+
+    cfg = run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, 11)
+    windows = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(1))
+    logits = model(windows[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), windows[:, 1:].reshape(-1))
+    got = language_model_loss_fn(model, windows)().detach()
+    assert got.item() == pytest.approx(expected.detach().item(), rel=1e-6)
+
+
 def test_preconditioned_power_iteration_finds_the_top_eigenvalue_of_DA():
     """With precondition d the operator is D^{½}AD^{½}: its top eigenvalue is that of DA (eig of the
     non-symmetric product, computed directly), not A's."""

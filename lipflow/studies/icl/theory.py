@@ -38,7 +38,7 @@ def one_step_moment(sigma: torch.Tensor, w_cov: torch.Tensor, n: int, noise_std:
 def optimal_preconditioner(sigma, w_cov, n: int, noise_std: float = 0.0) -> torch.Tensor:
     """Γ⋆ = Ω Σ K⁻¹ minimises f(Γ) (set ∇_Γ f = 2ΣΓK − 2ΣΩΣ to zero)."""
     k = one_step_moment(sigma, w_cov, n, noise_std)
-    return torch.linalg.solve(k, sigma @ w_cov, left=False)
+    return torch.linalg.solve(k, w_cov @ sigma, left=False)
 
 
 def one_step_loss(gamma, sigma, w_cov, n: int, noise_std: float = 0.0) -> float:
