@@ -135,7 +135,7 @@ def fetch_rows(cursor, max_rows: int) -> list[tuple]:
         rows += batch
         if len(rows) > max_rows:
             raise ValueError(f"the result has more than {max_rows:,} rows (--max-rows); narrow it (WHERE, LIMIT, "
-                             "GROUP BY), raise --max-rows, or read it in Python: lipflow.connect().execute(sql).arrow()")
+                             "GROUP BY), raise --max-rows, or read it in Python: lipflow.connect().sql(sql).to_arrow_table()")
     return rows
 
 
