@@ -741,3 +741,46 @@ def test_tiny_experiment_end_to_end_fills_view_figure_and_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert "lr_transfer.png" in html and "optimal" in html
+
+
+# ---- views' filters, counts and aggregates on hand-made tables (mutation round 3)
+
+def test_pareto_keeps_finite_bounds_of_completed_runs_and_takes_the_largest_half_certified_radius(tmp_path):
+    """Only completed runs with a finite bound enter the front; val_accuracy is the eval step's value where
+    there is one (final_val_accuracy otherwise); local_radius is max over the run's robustness
+    half_certified_epsilon rows (other metrics and evaluations ignored)."""
+    runs = [run("tradeoff.a-00000001", experiment="lipschitz_tradeoff", lipschitz_bound=5.0, val_accuracy=0.4,
+                final_val_accuracy=0.9),
+            run("tradeoff.b-00000002", experiment="lipschitz_tradeoff", lipschitz_bound=9.0, val_accuracy=None,
+                final_val_accuracy=0.5),
+            run("tradeoff.c-00000003", experiment="lipschitz_tradeoff", lipschitz_bound=None, val_accuracy=0.99),
+            run("tradeoff.d-00000004", experiment="lipschitz_tradeoff", lipschitz_bound=float("inf"),
+                val_accuracy=0.99),
+            run("tradeoff.e-00000005", experiment="lipschitz_tradeoff", lipschitz_bound=1.0, val_accuracy=0.99,
+                status="diverged")]
+    evals = [{"run_id": rid, "eval": ev, "metric": m, "value": v}
+             for rid, ev, m, v in [("tradeoff.a-00000001", "robustness", "half_certified_epsilon", 0.01),
+                                   ("tradeoff.a-00000001", "robustness", "half_certified_epsilon", 0.03),
+                                   ("tradeoff.a-00000001", "robustness", "half_certified_epsilon", 0.02),
+                                   ("tradeoff.a-00000001", "robustness", "certified_accuracy", 0.7),
+                                   ("tradeoff.a-00000001", "precision", "half_certified_epsilon", 0.9)]]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con)["pareto"] == ""
+    rows = con.sql("select name, val_accuracy, local_radius, on_front from pareto order by name").fetchall()
+    # a (bound 5, acc 0.4) and b (bound 9, acc 0.5) are both on the front
+    assert rows == [("tradeoff.a", 0.4, 0.03, True), ("tradeoff.b", 0.5, None, True)]
+
+
+def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with_one_lr(tmp_path):
+    losses = {("adamw", 32): {0.01: 1.5, 0.02: 1.4, 0.04: 1.6},   # optimum inside the grid
+              ("adamw", 64): {0.01: 1.3},                         # a single lr: no grid, so no edge
+              ("muon", 32): {0.1: 1.2, 0.2: 1.1}}                 # optimum at the grid's edge
+    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer=opt, d_model=width, lr=lr, val_loss=loss)
+            for i, ((opt, width), lr, loss) in enumerate((key, lr, loss) for key, curve in losses.items()
+                                                          for lr, loss in curve.items())]
+    con = database(tmp_path, runs)
+    create_views(con)
+    got = {(m, w): rest for m, w, *rest in con.sql(
+        "select method, width, optimal_lr, n_lrs, at_grid_edge, n_widths, drift from lr_transfer").fetchall()}
+    assert got == {("sp+adamw", 32): [0.02, 3, False, 2, 2.0], ("sp+adamw", 64): [0.01, 1, False, 2, 2.0],
+                   ("sp+muon", 32): [0.2, 2, True, 1, 1.0]}

@@ -9,7 +9,7 @@ import torch
 
 from lipflow.config import run_defaults
 import lipflow.evaluation.local_certificate as lc
-from lipflow.evaluation.local_attention import attention_at, attention_bounds, attention_jacobian_norm
+from lipflow.evaluation.local_attention import across_heads, attention_at, attention_bounds, attention_jacobian_norm
 from lipflow.evaluation.local_certificate import local_certificate
 from lipflow.evaluation.robustness import _random_in_ball, certified_radius, lipschitz_ascent, logit_margin, pgd_l2
 from lipflow.model import build_model
@@ -337,3 +337,171 @@ def test_residual_curvature_bounds_a_scalar_residual_gelu_by_finite_differences(
     second = (f(x + h) - 2 * f(x) + f(x - h)) / h ** 2
     assert second.abs().max() <= beta * (1 + 1e-4)
     assert second.abs().max() == pytest.approx(beta, rel=1e-3)
+
+
+# ---- attention's local constants against a loop-by-loop evaluation of their documented formulas (mutation round 3)
+
+def _small_attention(seed=0, d_model=8, n_heads=2, context=5, gain=1.5):
+    """A LipschitzAttention (float64) with random weights of σ_max ``gain`` and its record at a random input."""
+    from lipflow.model.lipschitz_gpt import LipschitzAttention
+
+    torch.manual_seed(seed)
+    attn = LipschitzAttention(d_model, n_heads, context, attn_scale=2.0).double()
+    with torch.no_grad():
+        for m in (attn.q, attn.k, attn.v, attn.o):
+            m.weight.normal_().mul_(gain / torch.linalg.matrix_norm(m.weight, 2))
+    x = torch.randn(2, context, d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return attn, x
+
+
+def _spec_attention_bounds(rec, r):
+    """attention_bounds' docstring evaluated entry by entry with Python floats: (L, β) per batch row."""
+    import math
+
+    c = rec.score_scale
+    B, H, T, S = rec.probs.shape
+    off = S - T  # query t (of the last T) sees keys s ≤ t + off
+    wq, wk, wv = rec.sigma_whole
+    lips, curvs = [], []
+    for b in range(B):
+        rb = float(r[b])
+        heads = []
+        for h in range(H):
+            sq, sk, sv = (float(s[h]) for s in (rec.sigma_q, rec.sigma_k, rec.sigma_v))
+            seen = [list(range(t + off + 1)) for t in range(T)]
+            qn = [float(rec.q[b, h, t].norm()) for t in range(T)]
+            bq = [qn[t] + sq * rb for t in range(T)]
+            kh = [{s: float(rec.k_spread[b, h, t, s]) + sk * rb for s in seen[t]} for t in range(T)]
+            vh = [{s: float(rec.v_spread[b, h, t, s]) + sv * rb for s in seen[t]} for t in range(T)]
+            kmax = [max(kh[t].values()) for t in range(T)]
+            delta = [c * rb * (sq * kmax[t] + sk * qn[t]) for t in range(T)]
+            ph = [{s: min(1.0, float(rec.probs[b, h, t, s]) * math.exp(2 * delta[t])) for s in seen[t]}
+                  for t in range(T)]
+
+            def col_max(w):
+                return max(sum(w[t] * ph[t].get(s, 0.0) for t in range(T)) for s in range(S))
+
+            C = col_max([1.0] * T)
+            S2 = [min(sum(ph[t][s] * vh[t][s] ** 2 for s in seen[t]), max(v ** 2 for v in vh[t].values()))
+                  for t in range(T)]
+            K2 = [min(sum(ph[t][s] * kh[t][s] ** 2 for s in seen[t]), kmax[t] ** 2) for t in range(T)]
+            M = [sq * kmax[t] + sk * bq[t] for t in range(T)]
+            lq, lk = max(S2[t] * K2[t] for t in range(T)), col_max([S2[t] * bq[t] ** 2 for t in range(T)])
+            bqc, bkc = max(K2), col_max([bq[t] ** 2 for t in range(T)])
+            heads.append(dict(
+                lip=[sv * math.sqrt(C), c * math.sqrt(2 * sq ** 2 * lq + 2 * sk ** 2 * lk)],
+                curv=[2 * math.sqrt(2) * c * sv * math.sqrt(sq ** 2 * bqc + sk ** 2 * bkc),
+                      2 * c * sq * sk * math.sqrt(max(S2)),
+                      2 * math.sqrt(2) * c * c * math.sqrt(
+                          sq ** 2 * max(M[t] ** 2 * K2[t] * S2[t] for t in range(T))
+                          + sk ** 2 * col_max([M[t] ** 2 * bq[t] ** 2 * S2[t] for t in range(T)]))],
+                C=C, lq=lq, lk=lk, bqc=bqc, bkc=bkc, smax=math.sqrt(max(S2))))
+        mx = {key: max(hd[key] for hd in heads) for key in ("C", "lq", "lk", "bqc", "bkc", "smax")}
+        lips.append(_spec_across_heads(
+            [hd["lip"] for hd in heads],
+            [wv * math.sqrt(mx["C"]), c * math.sqrt(2 * wq ** 2 * mx["lq"] + 2 * wk ** 2 * mx["lk"])]))
+        curvs.append(_spec_across_heads(
+            [hd["curv"] for hd in heads],
+            [2 * math.sqrt(2) * c * wv * math.sqrt(wq ** 2 * mx["bqc"] + wk ** 2 * mx["bkc"]),
+             2 * c * wq * wk * mx["smax"], None]))
+    return [rec.out_norm * v for v in lips], [rec.out_norm * v for v in curvs]
+
+
+def _spec_across_heads(per_head_terms, whole):
+    """min(‖(Σ_i term_i,h)_h‖₂, Σ_i min(‖(term_i,h)_h‖₂, whole_i)) for one batch row."""
+    import math
+
+    together = math.sqrt(sum(sum(terms) ** 2 for terms in per_head_terms))
+    apart = 0.0
+    for i, w in enumerate(whole):
+        stacked = math.sqrt(sum(terms[i] ** 2 for terms in per_head_terms))
+        apart += stacked if w is None else min(stacked, w)
+    return min(together, apart)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("last_only", [False, True], ids=["all_positions", "last_position"])
+def test_attention_bounds_evaluate_their_documented_formulas(seed, last_only):
+    """(L, β) on balls of several radii equal a loop-by-loop evaluation of the docstring's formulas
+    (Q_t, k̂, v̂, Δ_t, P̂ = min(1, P·e^{2Δ}), C, S_t², K_t², M_t and the heads combined by across_heads)."""
+    attn, x = _small_attention(seed)
+    rec = attention_at(attn, x)[1]
+    if last_only:
+        rec = lc.last_query(rec)
+    for radius in (0.0, 0.05, 0.7):
+        r = torch.tensor([radius, 2.0 * radius + 0.1], dtype=torch.float64)
+        lip, curv = attention_bounds(rec, r)
+        want_lip, want_curv = _spec_attention_bounds(rec, r)
+        assert torch.allclose(lip, torch.tensor(want_lip, dtype=torch.float64), rtol=1e-10), (radius, lip, want_lip)
+        assert torch.allclose(curv, torch.tensor(want_curv, dtype=torch.float64), rtol=1e-10), (radius, curv, want_curv)
+
+
+def test_across_heads_is_the_smaller_of_the_stacked_sum_and_the_termwise_minkowski_sum():
+    per_head = [torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 0.0], [2.0, 2.0]])]
+    # row 0: together ‖(3, 4)‖ = 5; apart min(5, 4.5) + 0 = 4.5 → 4.5
+    # row 1: together ‖(3, 2)‖ = √13 ≈ 3.606; apart min(1, 9) + ‖(2, 2)‖ = 1 + 2√2 ≈ 3.828 → √13
+    got = across_heads(per_head, [torch.tensor([4.5, 9.0]), None])
+    assert torch.allclose(got, torch.tensor([4.5, 13.0 ** 0.5]))
+    for b in range(2):
+        want = _spec_across_heads([[float(t[b, h]) for t in per_head] for h in range(2)], [[4.5, 9.0][b], None])
+        assert abs(float(got[b]) - want) < 1e-6
+
+
+def test_attention_records_hold_each_key_and_values_distance_to_the_attended_mean():
+    attn, x = _small_attention(3)
+    rec = attention_at(attn, x)[1]
+    for points, spread in ((rec.k, rec.k_spread), (rec.v, rec.v_spread)):
+        mean = torch.einsum("bhts,bhsd->bhtd", rec.probs, points)
+        want = (points[:, :, None, :, :] - mean[:, :, :, None, :]).norm(dim=-1)  # (B, H, t, s)
+        assert torch.allclose(spread, want, atol=1e-9)
+
+
+def test_attention_jacobian_bound_is_exact_when_the_scores_are_constant():
+    """With W_q = 0 the scores vanish (uniform causal P, independent of the input) and W_o = I: the
+    layer is x ↦ scale·P X W_vᵀ, whose Jacobian's norm ‖P‖₂·σ_max(W_v)·scale (autograd) the bound equals."""
+    attn, x = _small_attention(4)
+    with torch.no_grad():
+        attn.q.weight.zero_()
+        attn.o.weight.copy_(torch.eye(attn.o.weight.shape[0], dtype=torch.float64))
+    rec = attention_at(attn, x)[1]
+    bound = attention_jacobian_norm(rec)
+    for b in range(len(x)):
+        jac = torch.autograd.functional.jacobian(lambda t: attention_at(attn, t[None])[0][0], x[b])
+        exact = torch.linalg.matrix_norm(jac.reshape(x[b].numel(), x[b].numel()), 2)
+        assert torch.allclose(bound[b], exact, rtol=1e-9), (bound, exact)
+
+
+def _spec_attention_jacobian_norm(rec):
+    """attention_jacobian_norm's docstring with explicit loops: per head ‖P‖₂·σ_v and
+    σ_q·c·max_t ‖Σ_s P_ts (v_s − v̄_t)(k_s − k̄_t)ᵀ‖₂ + σ_k·‖(c·P_ts‖v_s − v̄_t‖‖q_t‖)_ts‖₂."""
+    c = rec.score_scale
+    B, H, T, S = rec.probs.shape
+    wq, wk, wv = rec.sigma_whole
+    out = []
+    for b in range(B):
+        terms = []
+        for h in range(H):
+            P, k, v, q = rec.probs[b, h], rec.k[b, h], rec.v[b, h], rec.q[b, h]
+            cov = 0.0
+            n = torch.zeros(T, S, dtype=torch.float64)
+            for t in range(T):
+                kbar, vbar = P[t] @ k, P[t] @ v
+                m = sum(P[t, s] * torch.outer(v[s] - vbar, k[s] - kbar) for s in range(S))
+                cov = max(cov, c * float(torch.linalg.matrix_norm(m, 2)))
+                for s in range(S):
+                    n[t, s] = c * P[t, s] * (v[s] - vbar).norm() * q[t].norm()
+            terms.append((float(torch.linalg.matrix_norm(P, 2)), cov, float(torch.linalg.matrix_norm(n, 2))))
+        per_head = [[float(rec.sigma_v[h]) * m, float(rec.sigma_q[h]) * cv + float(rec.sigma_k[h]) * rk]
+                    for h, (m, cv, rk) in enumerate(terms)]
+        whole = [wv * max(t[0] for t in terms), wq * max(t[1] for t in terms) + wk * max(t[2] for t in terms)]
+        out.append(rec.out_norm * _spec_across_heads(per_head, whole))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("last_only", [False, True], ids=["all_positions", "last_position"])
+def test_attention_jacobian_bound_evaluates_its_documented_operators(last_only):
+    attn, x = _small_attention(5)
+    rec = attention_at(attn, x)[1]
+    if last_only:
+        rec = lc.last_query(rec)
+    assert torch.allclose(attention_jacobian_norm(rec), _spec_attention_jacobian_norm(rec), rtol=1e-9)

@@ -252,3 +252,31 @@ def test_accuracy_delta_is_format_accuracy_minus_fp32_accuracy(monkeypatch):
         assert r["value"] == pytest.approx(-0.25)
     for r in lookup(rows, "val_loss_delta"):
         assert r["value"] == pytest.approx(0.5)
+
+
+# ---- scalings and range counts by hand (mutation round 3)
+
+def test_per_tensor_scale_is_the_format_max_over_the_largest_finite_magnitude():
+    """s = format_max / max|x| over the finite entries: a negative entry can be the largest, an
+    infinite one is left out (and stays infinite), and the scaled tensor's largest magnitude lands
+    on the format's max, so nothing saturates."""
+    from lipflow.evaluation.number_formats import SCALINGS
+
+    fmt = FORMATS.get("fp8_e4m3")  # max 448
+    x = torch.tensor([-8.0, 1.0, 0.5, float("inf"), float("-inf"), float("nan")])
+    assert float(SCALINGS.get("per_tensor")(x, fmt)) == 448.0 / 8.0
+    y, counts = cast_with_counts(x, fmt, "per_tensor")
+    assert y[0] == -8.0 and y[1] == 1.0 and y[2] == 0.5  # 56·x is exact in e4m3 for these
+    assert y[3] == float("inf") and y[4] == float("-inf") and torch.isnan(y[5])
+    assert (counts.elements, counts.overflow, counts.saturated, counts.underflow) == (3, 0, 0, 0)
+    assert float(SCALINGS.get("none")(x, fmt)) == 1.0
+    assert float(SCALINGS.get("per_tensor")(torch.zeros(4), fmt)) == 1.0  # documented: 1 for an all-zero tensor
+
+
+def test_range_counts_add_up_field_by_field():
+    from lipflow.evaluation.number_formats import RangeCounts
+
+    total = RangeCounts()
+    total.add(RangeCounts(10, 1, 2, 3))
+    total.add(RangeCounts(5, 4, 6, 7))
+    assert total == RangeCounts(15, 5, 8, 10)

@@ -346,3 +346,46 @@ def test_what_a_killed_database_build_left_is_removed_by_the_next(char_shards, t
     assert done.returncode == 0, done.stderr
     assert not any(path.exists() for path in left)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db.duckdb"]
+
+
+def test_checkpoints_are_kept_and_resumed_newest_by_step_across_a_digit_boundary(tmp_path):
+    """save_checkpoint at steps 8, 9, 10, 11 keeps the two newest (10 and 11, not the lexically largest
+    names), and resume loads step 11 into model and optimizer and restores the data generator; a
+    checkpoint of another config is refused, one of other data is dropped."""
+    from lipflow.train.checkpoint import TrainingState, resume, save_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    identity = {"config_hash": "c", "manifest_sha256": "m"}
+    saved = {}
+    for step in (8, 9, 10, 11):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        torch.rand(1, generator=generator)
+        saved[step] = ({k: v.clone() for k, v in model.state_dict().items()},
+                       optimizer.state_dict()["state"][0]["exp_avg"].clone(), generator.get_state())
+        save_checkpoint(ckpts, TrainingState(step, [{"step": s} for s in range(1, step + 1)]), model, optimizer,
+                        generator, identity)
+        torch_rng = torch.get_rng_state()
+    torch.rand(5)  # the global RNG moves on after the last checkpoint
+    assert sorted(int(p.name[5:14]) for p in ckpts.glob("step-*.safetensors")) == [10, 11]
+    assert len(list(ckpts.glob("step-*.safetensors.sha256"))) == 2
+
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh_gen = torch.Generator().manual_seed(123)
+    state = resume(ckpts, fresh, fresh_opt, fresh_gen, identity, tmp_path)
+    assert state.step == 11 and [r["step"] for r in state.metrics] == list(range(1, 12))
+    weights_11, exp_avg_11, gen_11 = saved[11]
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, weights_11[name]), name
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], exp_avg_11)
+    assert torch.equal(fresh_gen.get_state(), gen_11)
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+
+    with pytest.raises(CheckpointError, match="another run's checkpoint"):
+        resume(ckpts, fresh, fresh_opt, fresh_gen, {**identity, "config_hash": "other"}, tmp_path)
+    assert resume(ckpts, fresh, fresh_opt, fresh_gen, {**identity, "manifest_sha256": "other"}, tmp_path) is None
+    assert not list(ckpts.glob("step-*"))

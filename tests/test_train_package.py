@@ -201,3 +201,92 @@ def test_a_bound_within_max_bound_does_not_end_the_run():
 
     assert divergence([{"step": 4, "loss": 1.0, "grad_norm": 1.0, "lipschitz_bound": 10.0}], None, 10.0) is None
     assert divergence([{"step": 4, "loss": 1.0, "grad_norm": 1.0}], None, 10.0) is None
+
+
+# ---- resume, gradient accumulation and the cadence of evals (mutation round 3)
+
+def _rows_without_wall_clock(rows):
+    from lipflow.train.summary import WALL_CLOCK_COLUMNS
+
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_COLUMNS} for row in rows]
+
+
+def test_a_run_resumed_from_its_middle_checkpoint_ends_bit_for_bit_as_the_uninterrupted_one(
+        char_shards, tiny_run_config, tmp_path):
+    """Run 6 steps (checkpoints at 3 and 6); a second run given only the step-3 checkpoint resumes
+    there (model, Muon momentum, data generator and metric rows restored) and ends with the same
+    weights and metric rows."""
+    import shutil
+
+    cfg = {**tiny_run_config, **LIPSCHITZ, "steps": 6, "eval_every": 3, "checkpoint_every": 3,
+           "schedule": "cosine", "warmup_steps": 1}
+    full = Trainer("tiny-00000000", cfg, char_shards, tmp_path / "full", progress=False)
+    full.run()
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("step-*.safetensors"))
+    assert names == ["step-000000003.safetensors", "step-000000006.safetensors"]
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    for name in (names[0], names[0] + ".sha256"):
+        shutil.copy(tmp_path / "full" / "checkpoints" / name, tmp_path / "resumed" / "checkpoints" / name)
+    resumed = Trainer("tiny-00000000", cfg, char_shards, tmp_path / "resumed", progress=False)
+    summary = resumed.run()
+    assert summary["resumed"] is True and summary["steps_completed"] == 6
+    mine, theirs = full.model.state_dict(), resumed.model.state_dict()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    assert _rows_without_wall_clock(resumed.metrics) == _rows_without_wall_clock(full.metrics)
+    assert [row["step"] for row in resumed.metrics] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_accumulation_averages_the_micro_batches(char_shards, tiny_run_config, tmp_path):
+    """With grad_accum = 2 a step's loss is the mean of its two micro-batches' losses and its gradient
+    the mean of their gradients (micro-batches drawn one after the other from the data generator)."""
+    cfg = {**tiny_run_config, "grad_accum": 2, "checkpoint_every": 0}
+    trainer = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False)
+    model = trainer.model
+    generator = torch.Generator()
+    generator.set_state(trainer.generator.get_state())
+    batches = [trainer.train_data.sample_windows(cfg["batch_size"], cfg["context"], generator) for _ in range(2)]
+    losses, grads = [], []
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        logits = model(x).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    captured = {}
+
+    def capture(*args, **kwargs):
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return torch.zeros((), dtype=torch.int64)
+
+    import lipflow.train.trainer as trainer_module
+    original = trainer_module.constrained_update
+    trainer_module.constrained_update = capture
+    try:
+        result = trainer.train_step()
+    finally:
+        trainer_module.constrained_update = original
+    assert torch.allclose(result.loss, (losses[0] + losses[1]) / 2, rtol=1e-5)
+    assert captured.keys() == grads[0].keys()
+    for name in captured:
+        assert torch.allclose(captured[name], (grads[0][name] + grads[1][name]) / 2, rtol=1e-4, atol=1e-7), name
+
+
+def test_evals_come_every_eval_every_steps_and_at_the_last_step(char_shards, tiny_run_config, tmp_path):
+    """steps 7, eval_every 3: val_loss on the rows of steps 3, 6 and 7 only; the summary's final
+    val_loss is step 7's."""
+    cfg = {**tiny_run_config, "steps": 7, "eval_every": 3, "checkpoint_every": 0}
+    trainer = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False)
+    summary = trainer.run()
+    assert [row["step"] for row in trainer.metrics if row.get("val_loss") is not None] == [3, 6, 7]
+    assert summary["final_val_loss"] == trainer.metrics[-1]["val_loss"]
+    assert summary["final_val_loss"] != trainer.metrics[2]["val_loss"]
+
+
+def test_each_param_group_starts_from_the_configured_lr_as_its_base_lr(char_shards, tiny_run_config):
+    """build_learner records each group's lr from the config as base_lr (the schedule scales it)."""
+    cfg = {**tiny_run_config, "lr": 0.0123}
+    _, optimizer, _, _ = build_learner(cfg, 40, torch.device("cpu"))
+    assert all(group["base_lr"] == group["lr"] for group in optimizer.param_groups)
+    assert any(group["base_lr"] == 0.0123 for group in optimizer.param_groups)

@@ -130,3 +130,31 @@ def test_a_stack_of_matrices_is_constrained_like_each_alone(name):
     for p, w in zip(params, reference):
         constrain_(w, name, 1.5, lr=0.05, weight_decay=0.1, update_norm=bound, spectral_wd=0.2)
         torch.testing.assert_close(p.detach(), w, atol=2e-5, rtol=1e-5)
+
+
+# ---- the soft cap's step limit and the measured step's norm (mutation round 3)
+
+def test_max_update_norm_is_the_largest_step_keeping_k_within_the_growth_limit():
+    """u_max solves σ(1 − λη) + u = (81/62)·σ."""
+    settings = ConstraintSettings("spectral_soft_cap", sigma_max=2.0, weight_decay=0.1, spectral_wd=0.0,
+                                  compile=False)
+    lr = 0.5
+    u = settings.max_update_norm(lr)
+    assert u == pytest.approx(2.0 * (81 / 62 - 1 + 0.05))
+    assert 2.0 * (1 - 0.1 * lr) + u == pytest.approx(SOFT_CAP_MAX_GROWTH * 2.0)
+
+
+def test_the_measured_step_of_a_non_square_matrix_is_its_rms_to_rms_norm():
+    """u = ‖ΔW‖₂/√(fan_out/fan_in), certified (never below the exact value), for an (8, 2) matrix."""
+    from lipflow.train.update import _clip_measured_steps_
+
+    settings = ConstraintSettings("spectral_soft_cap", sigma_max=100.0, weight_decay=0.0, spectral_wd=0.0,
+                                  compile=False)
+    gen = torch.Generator().manual_seed(0)
+    before = torch.randn(8, 2, generator=gen)
+    delta = torch.randn(8, 2, generator=gen) * 0.1
+    p = nn.Parameter(before + delta)
+    u, clipped = _clip_measured_steps_([p], [before], lr=0.1, settings=settings)
+    exact = float(torch.linalg.matrix_norm(delta, 2)) / math.sqrt(8 / 2)
+    assert exact * (1 - 1e-5) <= float(u[0]) <= exact * 1.5
+    assert int(clipped) == 0 and torch.equal(p.data, before + delta)
