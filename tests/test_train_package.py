@@ -290,3 +290,30 @@ def test_each_param_group_starts_from_the_configured_lr_as_its_base_lr(char_shar
     _, optimizer, _, _ = build_learner(cfg, 40, torch.device("cpu"))
     assert all(group["base_lr"] == group["lr"] for group in optimizer.param_groups)
     assert any(group["base_lr"] == 0.0123 for group in optimizer.param_groups)
+
+
+def test_a_hard_cap_holds_every_hidden_and_head_matrix_after_a_large_step(char_shards, tiny_run_config, tmp_path):
+    """spectral_hard_cap σ_max 0.5 after three steps of lr 2: each matrix of the hidden and head roles
+    (the head included: the certificate's last factor) has ‖W‖_RMS→RMS ≤ σ_max, measured by SVD."""
+    from lipflow.model.base import rms_operator_norm
+
+    sigma_max = 0.5
+    cfg = {**tiny_run_config, **LIPSCHITZ, "lr": 2.0, "weight_constraint": "spectral_hard_cap", "sigma_max": sigma_max}
+    trainer = Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False)
+    for _ in range(3):
+        trainer.set_lr()
+        trainer.train_step()
+        trainer.step += 1
+    roles = trainer.model.param_roles()
+    matrices = [(name, p) for name, p in roles["hidden"] + roles["head"] if p.ndim == 2]
+    assert any(name.startswith("head") for name, _ in roles["head"]) and len(roles["head"]) >= 1
+    for name, p in matrices:
+        assert rms_operator_norm(p) <= sigma_max * (1 + 1e-4), name
+
+
+def test_train_tokens_cuts_the_train_split_and_leaves_val_whole(char_shards, tiny_run_config):
+    """train_tokens M keeps the train split's first M tokens (windows are drawn inside them); val is whole."""
+    full_train, full_val = token_splits(char_shards, {**tiny_run_config, "train_tokens": None})
+    train, val = token_splits(char_shards, {**tiny_run_config, "train_tokens": 100})
+    assert train.num_tokens == 100 < full_train.num_tokens and val.num_tokens == full_val.num_tokens
+    assert (train.tokens(0, 100) == full_train.tokens(0, 100)).all()
