@@ -20,6 +20,11 @@ include: "workflow/rules/experiments.smk"
 rule all:
     default_target: True
     input:
+        # The data stage's outputs by name: Snakemake does not rerun a job whose outputs are missing while
+        # the jobs after it are up to date, so a data job that failed after Snakemake deleted its outputs
+        # (a refusal, out of memory) would leave an edited corpus untokenized and "Nothing to be done".
+        rules.corpus.output,
+        rules.tokenize.output,
         DATABASE,
         DATABASE_RECEIPT,
         evaluation_receipts,

@@ -129,3 +129,37 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     summary = json.loads((out / "run.json").read_text())
     assert summary["resumed"] is False and summary["vocab_size"] == json.loads((data / "manifest.json").read_text())[
         "vocab_size"]
+
+
+def test_a_corpus_edit_whose_tokenize_job_failed_is_not_forgotten(tmp_path):
+    """Snakemake deletes a job's outputs before running it; when the tokenize job then fails (here refused:
+    a stray file in its folder), the runs after it are up to date, so without the data stage's outputs
+    among the default targets the next run said "Nothing to be done" with the edit never tokenized and
+    no manifest.json. Now the next run tokenizes the edited corpus and retrains on it."""
+    corpus = tmp_path / "a.txt"
+    corpus.write_text(paragraphs("To be, or not to be", n=60))
+    (tmp_path / "config.yaml").write_text(
+        "corpus: {name: mine, source: files, paths: [a.txt]}\nevaluations: {enabled: []}\n"
+        "runs: {a: {steps: 2, eval_every: 2, checkpoint_every: 0, d_model: 16, n_layers: 1, n_heads: 2, "
+        "context: 16, batch_size: 2}}\n")
+    tokens = tmp_path / "results/data/mine/char"
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                               "--configfile", str(tmp_path / "config.yaml"), "-c1", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    assert snakemake().returncode == 0, snakemake().stderr
+    corpus.write_text(corpus.read_text() + paragraphs("Now is the winter of our discontent", n=5))
+    (tokens / ".DS_Store").write_text("")
+    assert snakemake().returncode != 0
+    (tokens / ".DS_Store").unlink()
+    assert "Nothing to be done" not in snakemake("-n").stdout
+    assert snakemake().returncode == 0
+    from lipflow.atomic import sha256_file
+    from lipflow.train.checkpoint import load_weights
+
+    (run_dir,) = (tmp_path / "results/runs").iterdir()
+    assert load_weights(run_dir / "model.safetensors")[1]["manifest_sha256"] == sha256_file(tokens / "manifest.json")
+    assert "discontent" in (tmp_path / "results/data/mine/corpus/train.jsonl").read_text() + \
+        (tmp_path / "results/data/mine/corpus/val.jsonl").read_text()
