@@ -99,6 +99,17 @@ def temp_prefix(final: Path, kind: str = "tmp") -> str:
     return f".{final.name}.{kind}-{HOST}-{os.getpid()}-"
 
 
+# What file browsers, notebooks and NFS put into any folder by themselves (Finder's .DS_Store and ._*
+# files, Windows' Thumbs.db and desktop.ini, Jupyter's .ipynb_checkpoints, NFS's .nfs* renames of files
+# deleted while open): no one's work, so never a reason to refuse a stage's own output folder.
+CLUTTER_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"})
+
+
+def is_clutter(name: str) -> bool:
+    """Whether ``name`` is one of the files tools leave in any folder (:data:`CLUTTER_NAMES`)."""
+    return name in CLUTTER_NAMES or name.startswith(("._", ".nfs"))
+
+
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is one of the temporary siblings :func:`atomic_write` and :func:`atomic_dir` make."""
     return name.startswith(".") and (".tmp-" in name or ".old-" in name)
@@ -230,7 +241,7 @@ def refuse_foreign(final: Path, owned: Collection[str], flag: str = "",
     if final.is_symlink() or not final.is_dir():
         raise FileExistsError(f"{where} exists and is not a directory this stage wrote; refusing to replace it "
                               "(choose another output directory or move it away)")
-    foreign = sorted(entry.name for entry in final.iterdir() if entry.name not in owned)
+    foreign = sorted(entry.name for entry in final.iterdir() if entry.name not in owned and not is_clutter(entry.name))
     if foreign:
         raise FileExistsError(f"{where} holds {foreign[0]!r}, which this stage does not write; refusing to replace "
                               "the directory (choose another output directory or move it away)")
@@ -276,7 +287,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str], *, flag: st
             trash = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "old"), dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
-            shutil.rmtree(trash)
+            shutil.rmtree(trash, ignore_errors=True)  # what cannot go now (an open NFS file) goes as a stale temporary
         else:
             os.replace(tmp, final)
     except BaseException:

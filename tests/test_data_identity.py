@@ -133,7 +133,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
 
 def test_a_corpus_edit_whose_tokenize_job_failed_is_not_forgotten(tmp_path):
     """Snakemake deletes a job's outputs before running it; when the tokenize job then fails (here refused:
-    a stray file in its folder), the runs after it are up to date, so without the data stage's outputs
+    a user's file in its folder), the runs after it are up to date, so without the data stage's outputs
     among the default targets the next run said "Nothing to be done" with the edit never tokenized and
     no manifest.json. Now the next run tokenizes the edited corpus and retrains on it."""
     corpus = tmp_path / "a.txt"
@@ -151,9 +151,9 @@ def test_a_corpus_edit_whose_tokenize_job_failed_is_not_forgotten(tmp_path):
 
     assert snakemake().returncode == 0, snakemake().stderr
     corpus.write_text(corpus.read_text() + paragraphs("Now is the winter of our discontent", n=5))
-    (tokens / ".DS_Store").write_text("")
+    (tokens / "notes.txt").write_text("mine")
     assert snakemake().returncode != 0
-    (tokens / ".DS_Store").unlink()
+    (tokens / "notes.txt").unlink()
     assert "Nothing to be done" not in snakemake("-n").stdout
     assert snakemake().returncode == 0
     from lipflow.atomic import sha256_file

@@ -265,3 +265,41 @@ def test_a_parquet_string_column_that_is_not_utf8_names_the_file_and_row(tmp_pat
     done = corpus_stage({"name": "s", "source": "parquet", "paths": ["docs.parquet"]}, Path("out"), tmp_path)
     one_line_refusal(done, "docs.parquet: text column 'text' is not UTF-8 (row 1500)")
     assert not (tmp_path / "out").exists()
+
+
+CLUTTER = [".DS_Store", "._manifest.json", "Thumbs.db", ".nfs0000000000a1b2c300000001"]
+
+
+def test_files_that_tools_leave_in_any_folder_do_not_stop_a_rerun(corpus, tmp_path, tiny_run_config, char_shards):
+    """Finder, Windows, Jupyter and NFS put files into folders by themselves; a stage rerun over its own
+    output with them there (at the top, in the shard folders, in a run folder) succeeds, where a file of
+    another name is still refused."""
+    from lipflow.train.build import check_run_directory
+
+    out = tmp_path / "tok"
+    assert tokenize_stage(corpus, {"kind": "char"}, out).returncode == 0
+    for folder in (out, out / "train"):
+        for name in CLUTTER:
+            (folder / name).write_bytes(b"\0")
+        (folder / ".ipynb_checkpoints").mkdir()
+    assert tokenize_stage(corpus, {"kind": "char"}, out).returncode == 0
+    assert (out / "manifest.json").is_file() and not (out / ".DS_Store").exists()  # swapped in whole
+    (out / "notes.txt").write_text("mine")
+    one_line_refusal(tokenize_stage(corpus, {"kind": "char"}, out), "--out-dir", "notes.txt")
+
+    again = tmp_path / "corpus"
+    cfg = {"name": "tiny", "source": "jsonl", "paths": [str(corpus.parent / "docs.jsonl")]}
+    assert corpus_stage(cfg, again, tmp_path).returncode == 0
+    for name in CLUTTER:
+        (again / name).write_bytes(b"\0")
+    assert corpus_stage(cfg, again, tmp_path).returncode == 0
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in CLUTTER:
+        (run_dir / name).write_bytes(b"\0")
+    (run_dir / ".ipynb_checkpoints").mkdir()
+    check_run_directory(run_dir, "tiny-00000000", tiny_run_config)
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        check_run_directory(run_dir, "tiny-00000000", tiny_run_config)

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
-from lipflow.atomic import atomic_dir, read_json, write_json_atomic
+from lipflow.atomic import atomic_dir, is_clutter, read_json, write_json_atomic
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.registry import Registry
 
@@ -273,7 +273,7 @@ def not_a_corpus(folder: Path) -> str | None:
     or None when it is one or what Snakemake leaves of one (it deletes the three files before a
     rerun): every file is a regular file, and a JSONL file stands beside a corpus.json of the keys
     :func:`build_corpus` writes and starts with a ``{"text": …}`` line of its own."""
-    names = sorted(entry.name for entry in folder.iterdir())
+    names = sorted(entry.name for entry in folder.iterdir() if not is_clutter(entry.name))
     for name in names:
         if (folder / name).is_symlink() or not (folder / name).is_file():
             return f"{name} is not a regular file"

@@ -63,7 +63,7 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
-from lipflow.atomic import atomic_dir, read_json, sha256_file, write_json_atomic
+from lipflow.atomic import atomic_dir, is_clutter, read_json, sha256_file, write_json_atomic
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.registry import Registry
 
@@ -397,13 +397,13 @@ def not_token_shards(folder: Path) -> str | None:
     tokenizer.json before a rerun, leaving the shard folders): ``train``/``val`` hold Arrow IPC
     files named ``shard-NNNNN.arrow`` only, a manifest.json is a token-shard manifest listing every
     shard there, and a tokenizer.json is the one such a manifest records (by sha256)."""
-    entries = {entry.name: entry for entry in folder.iterdir()}
+    entries = {entry.name: entry for entry in folder.iterdir() if not is_clutter(entry.name)}
     for name, entry in entries.items():
         if entry.is_symlink() or not (entry.is_dir() if name in SPLITS else entry.is_file()):
             return f"{name} is not a {'folder' if name in SPLITS else 'regular file'}"
     shards: list[str] = []
     for split in SPLITS:
-        for shard in sorted(entries[split].iterdir()) if split in entries else ():
+        for shard in sorted(s for s in entries[split].iterdir() if not is_clutter(s.name)) if split in entries else ():
             if not SHARD_NAME.fullmatch(shard.name) or shard.is_symlink() or not shard.is_file():
                 return f"{split}/{shard.name} is not a token shard"
             with open(shard, "rb") as f:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lipflow.atomic import is_temporary
+from lipflow.atomic import is_clutter, is_temporary
 from lipflow.data.loader import TokenShards
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
@@ -45,7 +45,7 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
     if not directory.is_dir():
         raise FileExistsError(f"--out-dir {directory} exists and is not a folder; refusing to replace it")
     foreign = sorted(entry.name for entry in directory.iterdir()
-                     if entry.name not in RUN_ENTRIES and not is_temporary(entry.name))
+                     if entry.name not in RUN_ENTRIES and not is_temporary(entry.name) and not is_clutter(entry.name))
     if foreign:
         raise FileExistsError(f"--out-dir {directory} holds {foreign[0]!r}, which no lipflow stage writes there; "
                               "refusing to train into it (choose another --out-dir or move it away)")
