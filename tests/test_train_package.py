@@ -317,3 +317,41 @@ def test_train_tokens_cuts_the_train_split_and_leaves_val_whole(char_shards, tin
     train, val = token_splits(char_shards, {**tiny_run_config, "train_tokens": 100})
     assert train.num_tokens == 100 < full_train.num_tokens and val.num_tokens == full_val.num_tokens
     assert (train.tokens(0, 100) == full_train.tokens(0, 100)).all()
+
+
+def test_an_evaluation_out_holding_another_runs_or_evaluations_rows_is_refused(trained_run, char_shards, tmp_path):
+    """--out naming another run's (or evaluation's) table would file this one's rows under its name
+    and lose its rows: refused before any work, the file as it was; its own earlier table is replaced."""
+    config = {"evaluations": {"val": {}, "rank": {"bx_windows": 2}}}
+    check_config(config)
+    out = tmp_path / "rank.parquet"
+    assert evaluate("rank", trained_run, char_shards, config["evaluations"]["rank"], out, "cpu") == 0
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match=r"holds the rank rows of run tiny-00000000; refusing to replace them "
+                                              r"with the val rows of run tiny-00000000"):
+        evaluate("val", trained_run, char_shards, config["evaluations"]["val"], out, "cpu")
+    assert out.read_bytes() == before
+    assert evaluate("rank", trained_run, char_shards, config["evaluations"]["rank"], out, "cpu") == 0
+
+
+def test_evaluating_a_completed_run_with_non_finite_weights_is_one_line(trained_run, char_shards, tmp_path):
+    """Training ends a run whose weights stop being finite as diverged; weights made otherwise (an older
+    version, a hand edit) would give NaN rows or a traceback in the SVD of the rank evaluation."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lipflow.train.checkpoint import load_weights, save_weights
+
+    run_dir = tmp_path / "nan_run"
+    shutil.copytree(trained_run, run_dir)
+    weights = load_file(run_dir / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_weights(run_dir / "model.safetensors", weights, load_weights(trained_run / "model.safetensors")[1])
+    config = {"evaluations": {"rank": {"bx_windows": 2}}}
+    check_config(config)
+    with pytest.raises(ValueError, match=rf"has non-finite weights \({re.escape(name)}\) but .*run.json says the "
+                                         "run completed"):
+        evaluate("rank", run_dir, char_shards, config["evaluations"]["rank"], tmp_path / "rank.parquet", "cpu")
+    assert not (tmp_path / "rank.parquet").exists()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from lipflow.config import RUN_ID_PATTERN, evaluation_params
@@ -29,6 +30,10 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     from lipflow.data.loader import TokenShards
 
     model, info = load_model(run_dir, device)
+    broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None:  # training ends such a run as diverged (evaluate skips it); these were made otherwise
+        raise ValueError(f"{run_dir / 'model.safetensors'} has non-finite weights ({broken}) but "
+                         f"{run_dir / 'run.json'} says the run completed")
     check_trained_on(run_dir, info, data_dir)
     cfg = info["config"]
     context = cfg["context"]
@@ -47,6 +52,18 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     return ctx, info
 
 
+def refuse_to_replace_other_rows(out: Path, run_id: str, name: str) -> None:
+    """A FileExistsError when ``out`` (an evaluation table) holds rows of another run or evaluation:
+    writing this one's there would lose them under their file's name."""
+    if not out.is_file():
+        return
+    held = pq.read_table(out, columns=["run_id", "eval"]).group_by(["run_id", "eval"]).aggregate([]).to_pylist()
+    other = next((row for row in held if (row["run_id"], row["eval"]) != (run_id, name)), None)
+    if other is not None:
+        raise FileExistsError(f"--out {out} holds the {other['eval']} rows of run {other['run_id']}; refusing to "
+                              f"replace them with the {name} rows of run {run_id} (choose its own --out)")
+
+
 def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, device: str = "auto") -> int:
     evaluation = EVALUATIONS.get(name)
     params = evaluation_params(name, **params)
@@ -57,6 +74,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     # would be filed under another; a run trained into a folder of another name (train --out-dir) is its own
     if re.fullmatch(RUN_ID_PATTERN, directory_name(run_dir)):
         check_names_its_run(run_dir / "run.json", run_id)
+    refuse_to_replace_other_rows(out, run_id, name)
     if summary["status"] != "completed":
         rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),
                  "note": f"run status is {summary['status']}"}]
