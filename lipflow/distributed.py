@@ -7,7 +7,10 @@ Decisions that end the loop (divergence, SIGTERM) are all-reduced so every rank 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
     under torchrun also for one process, so ``nproc: 1`` runs the NCCL/gloo and DDP code paths)."""
     if "WORLD_SIZE" not in os.environ:
         return Topology(), device
+    terminate_with_launcher()
     world = int(os.environ["WORLD_SIZE"])
     topo = Topology(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
@@ -37,6 +41,21 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return topo, device
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
+
+
+def terminate_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so killing the job's process group (a
+    SIGKILLed Snakemake or job step) missed the workers, which trained on into the run's folder. On
+    Linux each worker asks for SIGTERM when torchrun exits: the preemption path (checkpoint, exit 143)."""
+    if sys.platform != "linux":
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # it exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def mean_tensor_across_ranks(t: torch.Tensor, topo: Topology) -> torch.Tensor:

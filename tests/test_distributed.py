@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -69,3 +70,50 @@ def test_distributed_muon_splits_newton_schulz_across_ranks(tmp_path):
         result = torch.load(tmp_path / f"result.{rank}")
         assert result["computed"] == [3]
         torch.testing.assert_close(result["out"], expected, atol=1e-6, rtol=0)
+
+
+def processes_running(marker: str) -> list[int]:
+    """Pids of this machine's live processes whose command line contains ``marker`` (Linux /proc)."""
+    import os
+    from pathlib import Path
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if marker in cmdline and "zombie" not in state and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's prctl")
+def test_workers_stop_with_a_checkpoint_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
+    """torchrun puts each worker in a session of its own: a SIGKILL of the launcher (or of the job's
+    process group) left the workers training into the run's folder. Now they get SIGTERM and stop (the
+    preemption path): no worker left, no run.json."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 20, "nproc": 2}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "lipflow.train", "--run-id", "killed-00000000", "--config-json", json.dumps(cfg),
+                                 "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoints/*.safetensors")) and time.monotonic() < deadline:  # in the training loop
+        time.sleep(0.5)
+    assert len(processes_running(str(out))) >= 3  # the launcher and 2 workers
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 120
+    while processes_running(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_running(str(out))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [] and not (out / "run.json").exists()
