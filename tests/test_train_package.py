@@ -355,3 +355,11 @@ def test_evaluating_a_completed_run_with_non_finite_weights_is_one_line(trained_
                                          "run completed"):
         evaluate("rank", run_dir, char_shards, config["evaluations"]["rank"], tmp_path / "rank.parquet", "cpu")
     assert not (tmp_path / "rank.parquet").exists()
+
+
+def test_a_context_longer_than_train_tokens_names_train_tokens(char_shards, tiny_run_config):
+    from lipflow.data import DataError
+
+    with pytest.raises(DataError, match=r"context 16 is longer than the train split \(10 tokens, cut to train_tokens "
+                                        r"10\)"):
+        token_splits(char_shards, {**tiny_run_config, "train_tokens": 10})

@@ -128,7 +128,8 @@ class TokenShards:
         if context < 1:
             raise DataError(f"context must be a positive integer, got {context}")
         if context + 1 > self.num_tokens:
-            raise DataError(f"context {context} is longer than the {self.split} split ({self.num_tokens} tokens)")
+            cut = f", cut to train_tokens {self.max_tokens}" if self.max_tokens == self.num_tokens else ""
+            raise DataError(f"context {context} is longer than the {self.split} split ({self.num_tokens} tokens{cut})")
 
     def sample_starts(self, batch_size: int, context: int, generator: torch.Generator) -> torch.Tensor:
         """``batch_size`` window starts, uniform on [0, num_tokens − context − 1], drawn from ``generator``."""
