@@ -90,7 +90,7 @@ def processes_running(marker: str) -> list[int]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's prctl")
-def test_workers_stop_with_a_checkpoint_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
+def test_workers_stop_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
     """torchrun puts each worker in a session of its own: a SIGKILL of the launcher (or of the job's
     process group) left the workers training into the run's folder. Now they get SIGTERM and stop (the
     preemption path): no worker left, no run.json."""
