@@ -3,6 +3,7 @@ figures, and one tiny experiment end to end through Snakemake (with the HTML rep
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -24,7 +25,8 @@ from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, VIEWS, bu
 from lipflow.data.parquet import write_table_parquet
 from lipflow.results import load_study_tables
 from lipflow.results.figures import main as plots_main
-from lipflow.results.views import View, check_column_types, missing_requirement
+from lipflow.results.views import Part, View, check_column_types, missing_requirement, view_order
+from lipflow.results.views import create_views as create_views_of
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -784,3 +786,246 @@ def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with
         "select method, width, optimal_lr, n_lrs, at_grid_edge, n_widths, drift from lr_transfer").fetchall()}
     assert got == {("sp+adamw", 32): [0.02, 3, False, 2, 2.0], ("sp+adamw", 64): [0.01, 1, False, 2, 2.0],
                    ("sp+muon", 32): [0.2, 2, True, 1, 1.0]}
+
+
+# ---- mutation round 4: super_consistency, rank_vs_n, robustness, precision and icl views
+
+def test_sharpness_spread_counts_distinct_sizes_skips_missing_sharpness_and_other_experiments(tmp_path):
+    """Two seeds of width 64 are one model size (n_models counts distinct widths); a run whose sharpness
+    is NULL and a run of another experiment take no part; the spread divides by |mean| (negative
+    sharpness, as early in training, still gives a positive spread)."""
+    runs = [run("sc.a-00000001", experiment="super_consistency", d_model=32, n_layers=2),
+            run("sc.b-00000002", experiment="super_consistency", d_model=64, n_layers=2),
+            run("sc.b.seed1-00000003", experiment="super_consistency", d_model=64, n_layers=2),
+            run("sc.c-00000004", experiment="super_consistency", d_model=128, n_layers=2),
+            run("lrt.x-00000005", experiment="lr_transfer", d_model=256, n_layers=2)]
+    values = {"sc.a-00000001": -1.0, "sc.b-00000002": -3.0, "sc.b.seed1-00000003": -2.0, "sc.c-00000004": None,
+              "lrt.x-00000005": -100.0}
+    metrics = [{"run_id": r, "step": 10, "loss": 1.0, "sharpness": v,
+                "preconditioned_sharpness": None if v is None else 10 * v} for r, v in values.items()]
+    con = database(tmp_path, runs, metrics)
+    create_views(con)
+    assert sorted(r for r, in con.sql("select run_id from sharpness_curves").fetchall()) == [
+        "sc.a-00000001", "sc.b-00000002", "sc.b.seed1-00000003"]
+    rows = con.sql("select axis, fixed_size, step, n_models, min_sharpness, max_sharpness, mean_sharpness, spread, "
+                   "preconditioned_spread from sharpness_spread").fetchall()
+    # widths 32 and 64 at depth 2: min −3, max −1, mean (−1 − 3 − 2)/3 = −2, spread 2/|−2| = 1
+    assert rows == [("width", 2, 10, 2, -3.0, -1.0, pytest.approx(-2.0), pytest.approx(1.0), pytest.approx(1.0))]
+
+
+def rank_database(tmp_path):
+    """rank_vs_n runs (1 head, context 64, 100 steps) with hand-picked numbers:
+    r1: 640 train tokens → n = 10; val_loss 2.5 (eval step) beside final_val_loss 9.0 → gap 0.5
+    r2: no train_tokens → the train shards' 1000 tokens → n = 15; only final_val_loss 2.3 → gap 0.3
+    r4: 2560 tokens → n = 40; val_loss 1.8 → gap −0.2 (no log: out of the gap fit)
+    r3: diverged, not in the view. Train loss over steps 91..100 alternates 1.9 / 2.1 (mean 2.0)."""
+    specs = [("rank.r1-00000001", "completed", 640, 2.5, 9.0), ("rank.r2-00000002", "completed", None, None, 2.3),
+             ("rank.r3-00000003", "diverged", 1280, 2.2, None), ("rank.r4-00000004", "completed", 2560, 1.8, None)]
+    runs, metrics, evals = [], [], []
+    for rid, status, tokens, val, final in specs:
+        runs.append(run(rid, experiment="rank_vs_n", status=status, train_tokens=tokens, val_loss=val,
+                        final_val_loss=final, n_heads=1, context=64, steps=100))
+        metrics += [{"run_id": rid, "step": s, "loss": 5.0 if s <= 90 else (1.9 if s % 2 else 2.1), "sharpness": None,
+                     "preconditioned_sharpness": None} for s in range(1, 101)]
+        evals += [{"run_id": rid, "eval": ev, "metric": m, "value": v, "n": n, "matrix": mat, "rtol": rtol}
+                  for ev, m, v, n, mat, rtol in [
+                      ("rank", "b3_rademacher_sum", 4.0, 256, None, None),
+                      ("rank", "generalization_gap", 0.11, None, None, None),
+                      ("rank", "edelman_norm_proxy", 7.0, None, None, None),
+                      ("rank", "spectrum_adaptive_proxy", 8.0, None, None, None),
+                      ("rank", "numerical_rank", 6.0, 1024, "qk", 0.01),
+                      ("rank", "stable_rank", 2.0, None, "qk", None),
+                      ("rank", "stable_rank", 4.0, None, "qk", None),
+                      ("rank", "stable_rank", 10.0, None, "ov", None),
+                      ("other", "generalization_gap", 99.0, None, None, None),
+                      ("other", "b3_rademacher_sum", 99.0, 9999, None, None),
+                      ("other", "stable_rank", 99.0, None, "qk", None)]]
+    return database(tmp_path, runs, metrics, evals)
+
+
+def test_rank_bound_columns_on_hand_made_runs(tmp_path):
+    con = rank_database(tmp_path)
+    assert create_views(con)["rank_bound"] == ""
+    rows = con.sql("select name, n_tokens, n_sequences, measured_gap, eval_gap, qk_rank, qk_stable_rank, b3_bound, "
+                   "edelman_norm_proxy, spectrum_adaptive_proxy from rank_bound order by name").fetchall()
+    expected = [("rank.r1", 640, 10, 0.5), ("rank.r2", 1000, 15, 0.3), ("rank.r4", 2560, 40, -0.2)]
+    assert [r[:3] for r in rows] == [e[:3] for e in expected]
+    for row, (_, _, n, gap) in zip(rows, expected):
+        # eval_gap, qk_rank, mean qk stable rank (2 and 4), B3 rescaled from n_eval = 256 to n, the proxies
+        assert row[3:] == (pytest.approx(gap), 0.11, 6.0, pytest.approx(3.0), pytest.approx(4.0 * math.sqrt(256 / n)),
+                           7.0, 8.0)
+
+
+def test_rank_bound_slopes_fit_only_positive_gaps(tmp_path):
+    con = rank_database(tmp_path)
+    create_views(con)
+    slopes = con.sql("select distinct gap_slope, bound_slope from rank_bound").fetchall()
+    # gap fit through (10, 0.5) and (15, 0.3) only; the bound is 4·√(256/n) ∝ n^−½ at every n
+    assert slopes == [(pytest.approx(math.log(0.3 / 0.5) / math.log(15 / 10)), pytest.approx(-0.5))]
+
+
+def test_robustness_view_attack_labels_certificates_and_optimizers_per_row(tmp_path):
+    """LM: robust_loss is an attack's row (attack kept), half_certified_epsilon reaches the view, the
+    certificate is the robustness evaluation's certificate_l2 only (not a larger value of another metric
+    or evaluation) and a run without one keeps its rows (NULL certificate). Image MLP: every robust_*
+    metric is labelled pgd, clean accuracy has no attack, the optimizer is the method's first word."""
+    runs = [run("robust.a-00000001", experiment="robustness"), run("robust.b-00000002", experiment="robustness")]
+    evals = [{"run_id": rid, "eval": ev, "metric": m, "value": v, "epsilon": e, "attack": a, "k": None}
+             for rid, ev, m, v, e, a in [("robust.a-00000001", "robustness", "certificate_l2", 4.0, None, None),
+                                         ("robust.a-00000001", "other", "certificate_l2", 100.0, None, None),
+                                         ("robust.a-00000001", "robustness", "robust_loss", 7.5, 0.5, "pgd"),
+                                         ("robust.a-00000001", "robustness", "half_certified_epsilon", 0.02, None,
+                                          None),
+                                         ("robust.b-00000002", "robustness", "clean_accuracy", 0.6, None, None)]]
+    image = [{"method": m, "metric": metric, "value": v, "epsilon": e}
+             for m, metric, v, e in [("muon_soft_cap", "certificate_l2", 15.0, None),
+                                     ("muon_soft_cap", "robust_loss", 1.5, 0.5),
+                                     ("muon_soft_cap", "robust_true_class_probability", 0.7, 0.5),
+                                     ("adamw_weight_decay", "clean_accuracy", 0.9, None)]]
+    con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
+    assert create_views(con)["robustness"] == ""
+    rows = con.sql("select domain, label, optimizer, certificate_l2, metric, attack, epsilon, value from robustness "
+                   "order by domain, label, metric").fetchall()
+    assert rows == [
+        ("image_mlp", "adamw_weight_decay", "adamw", None, "clean_accuracy", None, None, 0.9),
+        ("image_mlp", "muon_soft_cap", "muon", 15.0, "robust_loss", "pgd", 0.5, 1.5),
+        ("image_mlp", "muon_soft_cap", "muon", 15.0, "robust_true_class_probability", "pgd", 0.5, 0.7),
+        ("lm", "a", "adamw", 4.0, "half_certified_epsilon", None, None, 0.02),
+        ("lm", "a", "adamw", 4.0, "robust_loss", "pgd", 0.5, 7.5),
+        ("lm", "b", "adamw", None, "clean_accuracy", None, None, 0.6)]
+
+
+def test_precision_view_pivots_every_metric_of_the_precision_evaluation_of_precision_runs_only(tmp_path):
+    """Each metric lands in its own column; rows of another evaluation (an 'other' accuracy) and precision
+    rows of a run of another experiment are ignored."""
+    runs = [run("prec.p-00000001", experiment="precision"), run("robust.x-00000002", experiment="robustness")]
+    cell = {"val_loss": 3.1, "accuracy": 0.45, "val_loss_delta": 0.2, "accuracy_delta": -0.05,
+            "activation_overflow": 2.0, "activation_saturated": 0.01, "weight_saturated": 0.02,
+            "real_fp8_accuracy": 0.44, "simulated_fp8_accuracy": 0.43}
+    rows = [("prec.p-00000001", "precision", m, v, "fp8_e4m3", "none") for m, v in cell.items()]
+    rows += [("prec.p-00000001", "precision", "fp8_safe_proven", 1.0, "fp8_e4m3", None),
+             ("prec.p-00000001", "precision", "fp8_safe_observed", 0.0, "fp8_e4m3", None),
+             ("prec.p-00000001", "other", "accuracy", 0.99, "fp8_e4m3", "none"),
+             ("robust.x-00000002", "precision", "accuracy", 0.5, "fp32", None)]
+    evals = [{"run_id": r, "eval": ev, "metric": m, "value": v, "format": f, "scaling": s} for r, ev, m, v, f, s in rows]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con)["precision"] == ""
+    columns = ("label", "format", "scaling", *cell, "fp8_safe_proven", "fp8_safe_observed")
+    got = con.sql(f"select {', '.join(columns)} from precision").fetchall()
+    assert got == [("p", "fp8_e4m3", "none", *cell.values(), 1.0, 0.0)]
+
+
+def test_precision_bounds_columns_and_the_label_breaks_an_accuracy_tie(tmp_path):
+    """cap (fp32 accuracy 0.5; 0.74 in fp8 is not its accuracy) is 0.25 from both free.a (0.75) and free.b
+    (0.25): the tie goes to the first label, free.a. Each bound column is its own metric and format."""
+    runs = [run(rid, experiment="precision", model="lipschitz_gpt", weight_constraint=c, steps=100)
+            for rid, c in [("prec.cap-00000001", "spectral_soft_cap"), ("prec.free.a-00000002", "none"),
+                           ("prec.free.b-00000003", "none")]]
+    rows = [("prec.cap-00000001", "accuracy", 0.5, "fp32"), ("prec.cap-00000001", "accuracy", 0.74, "fp8_e4m3"),
+            ("prec.cap-00000001", "proven_max_activation", 4.0, None),
+            ("prec.cap-00000001", "observed_max_activation", 2.0, None),
+            ("prec.cap-00000001", "proven_over_observed", 2.0, None),
+            ("prec.cap-00000001", "analytic_activation_bound", 8.0, None),
+            ("prec.cap-00000001", "fp8_safe_proven", 1.0, "fp8_e4m3"),
+            ("prec.cap-00000001", "fp8_safe_observed", 0.0, "fp8_e4m3"),
+            ("prec.cap-00000001", "fp8_safe_proven", 0.0, "fp8_e5m2"),
+            ("prec.cap-00000001", "fp8_safe_proven", 1.0, "fp16"),
+            ("prec.free.a-00000002", "accuracy", 0.75, "fp32"),
+            ("prec.free.a-00000002", "proven_max_activation", 300.0, None),
+            ("prec.free.a-00000002", "observed_max_activation", 10.0, None),
+            ("prec.free.a-00000002", "proven_over_observed", 30.0, None),
+            ("prec.free.b-00000003", "accuracy", 0.25, "fp32"),
+            ("prec.free.b-00000003", "proven_over_observed", 70.0, None)]
+    evals = [{"run_id": r, "eval": "precision", "metric": m, "value": v, "format": f, "scaling": None}
+             for r, m, v, f in rows]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con)["precision_bounds"] == ""
+    got = con.sql("select steps, accuracy, proven_max_activation, observed_max_activation, proven_over_observed, "
+                  "analytic_activation_bound, e4m3_proven_safe, e4m3_observed_safe, e5m2_proven_safe, fp16_proven_safe, "
+                  "matched_label, matched_accuracy, matched_proven_max_activation, matched_observed_max_activation, "
+                  "matched_proven_over_observed from precision_bounds where label = 'cap'").fetchall()
+    assert got == [(100, 0.5, 4.0, 2.0, 2.0, 8.0, 1.0, 0.0, 0.0, 1.0, "free.a", 0.75, 300.0, 10.0, 30.0)]
+
+
+def test_icl_view_agreement_is_against_pgd_only(tmp_path):
+    """icl_agreement has a row per reference; the view's agreement columns are the pgd row's (not a
+    mean with the one-step-optimum row)."""
+    extra = icl_tables({2: (0.3, 0.25)})
+    for row in extra["icl_agreement"]:
+        if row["reference"] == "one_step_optimal":
+            row.update(prediction_correlation=0.5, relative_prediction_mse=0.9)
+    con = database(tmp_path, [run("x-00000001")], extra=extra)
+    create_views(con)
+    assert con.sql("select sweep, n_layers, n, model_loss, pgd_loss, gd_loss, least_squares_loss, "
+                   "prediction_correlation, relative_prediction_mse from icl_vs_pgd where sweep = 'layers'"
+                   ).fetchall() == [("layers", 2, 20, 0.3, 0.25, 0.9, 0.01, 0.99, pytest.approx(2e-3))]
+
+
+def one_column_view(*parts: Part, depends_on: tuple[str, ...] = ()) -> View:
+    return View(columns=("run_id",), parts=parts, caption="table_pareto.rst", depends_on=depends_on)
+
+
+def test_view_order_is_sorted_with_each_view_after_the_views_it_reads():
+    views = {"m": one_column_view(), "z_curves": one_column_view(), "a_spread": one_column_view(depends_on=("z_curves",))}
+    assert view_order(views) == ["z_curves", "a_spread", "m"]
+
+
+def test_create_views_unites_parts_with_duplicates_and_builds_a_view_after_the_one_it_reads(tmp_path):
+    """UNION ALL keeps every row of every part (a row in both parts, and twice in one, is there 4 times); a
+    view that reads another view named after it is built once that one is."""
+    con = duckdb.connect()
+    make_table(con, "t", [{"run_id": "a"}, {"run_id": "a"}])
+    part = Part(sql="SELECT run_id FROM t", requires={"t": ("run_id",)})
+    views = {"a_spread": one_column_view(Part(sql="SELECT run_id FROM z_curves", requires={"z_curves": ("run_id",)}),
+                                         depends_on=("z_curves",)),
+             "z_curves": one_column_view(part, part)}
+    assert create_views_of(con, views, log=io.StringIO()) == {"z_curves": "", "a_spread": ""}
+    assert con.execute("select count(*) from z_curves").fetchall() == [(4,)]
+    assert con.execute("select count(*) from a_spread").fetchall() == [(4,)]
+
+
+def test_an_empty_views_comment_gives_each_parts_reason_once_and_may_quote(tmp_path):
+    """Each unbuildable part adds its reason, with the missing table or column in parentheses unless the
+    reason already says it; a reason with a quote is stored as written."""
+    con = duckdb.connect()
+    make_table(con, "t", [{"run_id": "a"}])
+    view = one_column_view(Part(sql="SELECT run_id FROM nope", requires={"nope": ("run_id",)},
+                                absent_reason="table nope is absent"),
+                           Part(sql="SELECT zzz AS run_id FROM t", requires={"t": ("zzz",)},
+                                absent_reason="the run's zzz was not logged"),
+                           Part(sql="SELECT run_id FROM t WHERE false", requires={"t": ("run_id",)},
+                                absent_reason="no rows"))
+    reason = "empty: table nope is absent; the run's zzz was not logged (t has no column zzz); no rows"
+    assert create_views_of(con, {"v": view}, log=io.StringIO()) == {"v": reason}
+    assert con.execute("select comment from duckdb_views() where view_name = 'v'").fetchall() == [(reason,)]
+    assert con.execute("select count(*) from v").fetchall() == [(0,)]
+
+
+def test_axis_labels_format_integral_floats_as_integers_and_others_to_six_digits():
+    from lipflow.experiments.grid import axis_points
+    assert [label for label, _ in axis_points("lr", [2.0, 0.000123456789, 1e16, 3])] == [
+        "lr2", "lr0.000123457", "lr1e+16", "lr3"]
+    assert [label for label, _ in axis_points("depth_mup", [True, False])] == ["depth_mup", "no_depth_mup"]
+
+
+def test_a_run_name_of_exactly_the_maximum_length_is_allowed_and_one_more_is_not():
+    from lipflow.experiments.grid import RUN_NAME_MAX, expand_experiment
+    for length, ok in ((RUN_NAME_MAX, True), (RUN_NAME_MAX + 1, False)):
+        short = "x" * (length - len(".seed1"))
+        block = {"short": short, "cpu": {"base": {"steps": 5}, "grid": {"seed": [1]}}}
+        if ok:
+            assert expand_experiment("e", block, "cpu") == {f"{short}.seed1": {"steps": 5, "seed": 1, "experiment": "e"}}
+        else:
+            with pytest.raises(ConfigError, match="longer than"):
+                expand_experiment("e", block, "cpu")
+
+
+def test_a_grid_point_overrides_the_base_and_a_merged_grid_replaces_the_builtin_one_whole():
+    from lipflow.experiments.grid import expand_experiment, merge_block
+    block = {"short": "t", "cpu": {"base": {"seed": 0, "lr": 0.5}, "grid": {"seed": [1, 2]}}}
+    assert expand_experiment("e", block, "cpu") == {"t.seed1": {"seed": 1, "lr": 0.5, "experiment": "e"},
+                                                    "t.seed2": {"seed": 2, "lr": 0.5, "experiment": "e"}}
+    builtin = {"short": "t", "cpu": {"base": {"seed": 0, "lr": 0.5}, "grid": {"seed": [1, 2], "lr": [0.1, 0.2]}}}
+    merged = merge_block(builtin, {"cpu": {"base": {"lr": 0.25}, "grid": {"seed": [3]}}})
+    assert merged["cpu"] == {"base": {"seed": 0, "lr": 0.25}, "grid": {"seed": [3]}}
+    assert builtin["cpu"]["grid"] == {"seed": [1, 2], "lr": [0.1, 0.2]}  # the builtin block is not changed

@@ -464,3 +464,106 @@ def test_one_step_optimum_is_stationary_for_a_prior_that_does_not_commute_with_s
     assert theory.one_step_loss(gamma.detach() + bump, sigma, w_cov, n, 0.3) > best
 
 
+
+
+# ---------------------------------------------------------------- collect and summarize on hand-made files
+# (mutation round 4: every number below is written by hand or recomputed here independently)
+
+
+def write_icl_tables(directory: Path, **table_rows) -> None:
+    for name, rows in table_rows.items():
+        tables.write_table(rows, tables.TABLE_SCHEMAS[name], directory / f"{name}.parquet")
+
+
+def test_summarize_reads_the_headline_cell_sorts_step_sizes_by_rank_and_needs_both_criteria(tmp_path):
+    cfg = load_config({"layers": [1, 3], "n_grid": [20]})
+    assert cfg.n == 20
+    agreement = [{"n_layers": L, "n": 20, "reference": ref, "transformer_loss": t, "reference_loss": r,
+                  "loss_ratio": t / r} for L, ref, t, r in [(3, "pgd", 0.15, 0.125), (3, "one_step_optimal", 0.9, 0.1),
+                                                             (1, "pgd", 0.5, 0.25)]]
+    steps = [{"n_layers": 3, "n": 20, "rank": rank, "learned": a, "optimal_pgd": b, "rel_error": abs(a - b) / b}
+             for rank, a, b in [(2, 3.0, 2.5), (0, 1.0, 1.0), (1, 2.1, 2.0)]]
+    steps.append({"n_layers": 1, "n": 20, "rank": 0, "learned": 9.0, "optimal_pgd": 1.0, "rel_error": 8.0})
+    errors = [{"source": s, "n_layers": 1, "n": 20, "layer": 0, "reference": "one_step_optimal",
+               "rel_frobenius_error": e, "sigma_weighted_error": 2 * e} for s, e in [("transformer", 0.1),
+                                                                                   ("regression", 0.7)]]
+    losses = [{"method": m, "n_layers": 1, "n": 20, "loss": v, "expected_loss": e}
+              for m, v, e in [("one_step_optimal", 0.5, 0.45), ("transformer", 0.48, None)]]
+    tmp_path = tmp_path / "results" / "icl"  # write_table makes the folders
+    write_icl_tables(tmp_path, agreement=agreement, step_sizes=steps, preconditioner_error=errors,
+                     loss_by_layers=losses)
+    summary = study.summarize(cfg, str(tmp_path), loss_tol=0.3, step_tol=0.25)
+    assert summary == {"n_layers": 3, "n": 20, "transformer_loss": 0.15, "pgd_loss": 0.125,
+                       "loss_ratio": pytest.approx(1.2), "learned_step_sizes": [1.0, 2.1, 3.0],
+                       "optimal_step_sizes": [1.0, 2.0, 2.5], "max_step_rel_error": pytest.approx(0.2),
+                       "passed": True,
+                       "one_layer": {"rel_frobenius_error": 0.1, "sigma_weighted_error": 0.2,
+                                     "transformer_loss": 0.48, "optimal_loss": 0.45}}
+    # loss within 30% but a step size 20% off (> 10%); step sizes fine but the loss 20% above (> 10%)
+    assert not study.summarize(cfg, str(tmp_path), loss_tol=0.3, step_tol=0.1)["passed"]
+    assert not study.summarize(cfg, str(tmp_path), loss_tol=0.1, step_tol=0.25)["passed"]
+
+
+def baseline_rows(cfg, cells: list[tuple[str, int, int]]) -> list[dict]:
+    """Baselines-file rows: method, L, n with identity preconditioners and loss 0.1·L + 0.001·n."""
+    eye = torch.eye(cfg.d, dtype=DOUBLE).flatten().tolist()
+    return [{"method": m, "n_layers": L, "n": n, "loss": 0.1 * L + 0.001 * n, "loss_stderr": 0.0,
+             "expected_loss": None, "step_sizes": [1.0] * L, "preconditioners": [eye] * L} for m, L, n in cells]
+
+
+@pytest.mark.parametrize("layers, loss_by_layers, loss_by_n", [
+    ([1, 3], [("gd", 3, 20), ("one_step_optimal", 1, 20), ("pgd", 1, 20), ("pgd", 3, 20)],
+     [("gd", 3, 20), ("pgd", 3, 10), ("pgd", 3, 20)]),
+    ([1], [("one_step_optimal", 1, 20), ("pgd", 1, 20)], [("pgd", 1, 10), ("pgd", 1, 20)]),
+])
+def test_collect_splits_baseline_losses_into_the_layer_and_n_sweeps(tmp_path, layers, loss_by_layers, loss_by_n):
+    """loss_by_layers: each L of icl.layers at n; loss_by_n: max(layers) at each n of n_grid, without the
+    one-step optimum; both sorted by (method, L, n). Methods outside the loss tables are left out."""
+    cfg = load_config({"layers": layers, "n_grid": [10, 20]})
+    cells = [("pgd", L, n) for L in (1, 3) for n in (10, 20)] + [("gd", 3, 20), ("one_step_optimal", 1, 20),
+                                                                    ("one_step_optimal", 1, 10), ("unlisted", 1, 20)]
+    tables.write_table(baseline_rows(cfg, cells), tables.BASELINE_SCHEMA, tmp_path / "baselines.parquet")
+    got = study.collect(cfg, str(tmp_path / "baselines.parquet"), [])
+    for name, expected in (("loss_by_layers", loss_by_layers), ("loss_by_n", loss_by_n)):
+        assert [(r["method"], r["n_layers"], r["n"]) for r in got[name]] == expected, name
+        assert all(r["loss"] == pytest.approx(0.1 * r["n_layers"] + 0.001 * r["n"]) for r in got[name])
+
+
+def test_collect_scores_a_hand_made_checkpoint_against_its_pgd_baseline(tmp_path):
+    """A two-layer sparse model with Γ₀ = 0.5 Σ⁻¹, Γ₁ = 0.2 Σ⁻¹ (learned step sizes 0.5 and 0.2) against PGD
+    steps 0.25 and 0.4: step sizes sorted ascending pair rank by rank (0.2 with 0.25, 0.5 with 0.4), relative
+    errors 0.2 and 0.25; loss, its standard error, the loss ratio and the agreement recomputed here from
+    preconditioned GD on the same held-out prompts."""
+    cfg = load_config({"layers": [2], "n_grid": [20]})
+    n = cfg.n
+    sampler = PromptSampler(cfg, n)
+    inverse = sampler.sigma.inverse
+    gammas = torch.stack([0.5 * inverse, 0.2 * inverse])
+    run_path = tmp_path / "L2.safetensors"
+    meta = {"training_config": study.training_config(cfg), "n_layers": 2, "n": n,
+            "curve": {"step": [1, 2], "loss": [1.0, 0.5], "lr": [0.1, 0.1], "seconds": [0.0, 1.0]}}
+    study.save_weights(run_path, {"q": -gammas}, meta)
+    ref_gammas = torch.stack([0.25 * inverse, 0.4 * inverse])
+    pgd = {"method": "pgd", "n_layers": 2, "n": n, "loss": 0.125, "loss_stderr": 0.0, "expected_loss": None,
+           "step_sizes": [0.25, 0.4], "preconditioners": [g.flatten().tolist() for g in ref_gammas]}
+    tables.write_table([pgd], tables.BASELINE_SCHEMA, tmp_path / "baselines.parquet")
+    got = study.collect(cfg, str(tmp_path / "baselines.parquet"), [str(run_path)])
+
+    steps = sorted(got["step_sizes"], key=lambda r: r["rank"])
+    assert [(r["rank"], r["layer"]) for r in steps] == [(0, 1), (1, 0)]
+    assert [r["learned"] for r in steps] == pytest.approx([0.2, 0.5])
+    assert [r["rel_error"] for r in steps] == pytest.approx([0.2, 0.25])
+
+    test = study.held_out_prompts(cfg, n)
+    mine, ref = theory.preconditioned_gd(test, gammas), theory.preconditioned_gd(test, ref_gammas)
+    errors = (mine - test.query_y) ** 2
+    loss = errors.mean().item()
+    (row,) = [r for r in got["loss_by_layers"] if r["method"] == "transformer"]
+    assert row["loss"] == pytest.approx(loss, rel=1e-6)
+    assert row["loss_stderr"] == pytest.approx(errors.std().item() / math.sqrt(errors.numel()), rel=1e-6)
+    (agreement,) = got["agreement"]
+    gap = ((mine - ref) ** 2).mean().item()
+    assert agreement["loss_ratio"] == pytest.approx(loss / 0.125, rel=1e-6)
+    assert agreement["prediction_mse"] == pytest.approx(gap, rel=1e-6)
+    assert agreement["relative_prediction_mse"] == pytest.approx(gap / (ref ** 2).mean().item(), rel=1e-6)
+    assert [r["step"] for r in got["training"]] == [1, 2]

@@ -382,3 +382,71 @@ def test_within_100x_local_counts_attacks_reaching_a_hundredth_of_the_local_boun
     assert half == pytest.approx(0.5)
     assert value(rows, "tightness_local", attack="pgd_half_certified", epsilon=half) == pytest.approx(0.05, rel=1e-3)
     assert value(rows, "within_100x_local", attack="pgd_half_certified", epsilon=half) == 1.0
+
+
+# ---- mutation round 4: the image-MLP study's matching and per-model rows on hand-made inputs
+
+def _image_cfg(**extra):
+    from lipflow.studies.image_mlp import study_config
+    return study_config({"width": 16, "n_layers": 2, "epsilons": [0.0, 0.5], "pgd_steps": 3, **extra})
+
+
+def test_image_mlp_study_matches_each_method_at_its_first_snapshot_reaching_the_lower_best_accuracy(monkeypatch):
+    """Best val accuracies 0.9 (a) and 0.8 (b): the target is 0.8; a is taken at its first snapshot ≥ 0.8
+    (step 20, not its best at 30 nor its last at 40), b at its best (step 30); final_val_accuracy is the last."""
+    from lipflow.studies import image_mlp
+
+    cfg = _image_cfg(methods={"a": {"optimizer": "adamw"}, "b": {"optimizer": "adamw"}})
+    weights = build_model(run_defaults(**image_mlp.mlp_config(cfg)), image_mlp.CLASSES).state_dict()
+    curves = {"a": [(10, 0.5), (20, 0.85), (30, 0.9), (40, 0.7)], "b": [(10, 0.6), (20, 0.7), (30, 0.8), (40, 0.75)]}
+    order = iter(curves)
+    monkeypatch.setattr(image_mlp, "train_snapshots",
+                        lambda method, cfg, data: [(s, acc, weights) for s, acc in curves[next(order)]])
+    monkeypatch.setattr(image_mlp, "robustness_rows", lambda model, split, cfg, **columns: [])
+    rows = image_mlp.run_image_mlp_study(cfg)
+    got = {(r["method"], r["metric"]): r["value"] for r in rows}
+    assert got == {("a", "matched_step"): 20.0, ("a", "val_accuracy"): 0.85, ("a", "final_val_accuracy"): 0.7,
+                   ("b", "matched_step"): 30.0, ("b", "val_accuracy"): 0.8, ("b", "final_val_accuracy"): 0.75}
+
+
+def test_image_mlp_robustness_rows_against_independent_computations():
+    """On an untrained MLP and the digits test split: at ε = 0 the true-class probability and loss are the
+    clean ones (recomputed here); certified accuracy per ε is the share of certified radii above ε; the
+    attack raises the loss at ε = 0.5; the Lipschitz lower bound is positive and below the certificate."""
+    import torch.nn.functional as F
+
+    from lipflow.studies import image_mlp
+
+    torch.manual_seed(0)
+    model = build_model(run_defaults(**image_mlp.mlp_config(_image_cfg())), image_mlp.CLASSES)
+    with torch.no_grad():  # weights large enough for confident, attackable logits
+        for weight in model.parameters():
+            weight.copy_(torch.randn_like(weight) * 3 / weight.shape[-1] ** 0.5)
+    x, y = image_mlp.digits_splits(0)["test"]
+    assert 0.0 <= float(x.min()) and float(x.max()) == 1.0  # 16 grey levels scaled to [0, 1]
+    with torch.no_grad():
+        logits = model(x)
+    radius = certified_radius(logits, y, model.lipschitz_bound_l2())
+    eps = 0.75 * float(radius[radius > 0].median())  # some radii lie in (ε, 2ε]: certified accuracy depends on ε
+    assert float((radius > eps).float().mean()) != float((radius > 2 * eps).float().mean())
+    rows = image_mlp.robustness_rows(model, (x, y), _image_cfg(epsilons=[0.0, eps, 0.5]), method="m")
+    certificate = value(rows, "certificate_l2")
+    assert certificate == pytest.approx(model.lipschitz_bound_l2())
+    clean_loss = float(F.cross_entropy(logits, y))
+    assert value(rows, "robust_true_class_probability", epsilon=0.0) == pytest.approx(
+        float(logits.softmax(1)[torch.arange(len(y)), y].mean()), rel=1e-5)
+    assert value(rows, "robust_loss", epsilon=0.0) == pytest.approx(clean_loss, rel=1e-5)
+    assert value(rows, "robust_loss", epsilon=0.5) > clean_loss
+    for e in (0.0, eps, 0.5):
+        assert value(rows, "certified_accuracy", epsilon=e) == pytest.approx(float((radius > e).float().mean()))
+    assert 0 < value(rows, "lipschitz_lower_bound") <= certificate * (1 + 1e-4)
+
+
+def test_image_mlp_snapshots_every_eval_every_steps_and_at_the_last_step():
+    from lipflow.studies import image_mlp
+
+    cfg = _image_cfg(steps=3, eval_every=2, batch_size=8)
+    data = image_mlp.digits_splits(0)
+    snapshots = image_mlp.train_snapshots({"optimizer": "adamw"}, cfg, data)
+    assert [step for step, *_ in snapshots] == [2, 3]
+    assert all(0.0 <= acc <= 1.0 for _, acc, _ in snapshots)
