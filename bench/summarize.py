@@ -22,8 +22,7 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from lipflow.data.parquet import parse_table_parquet  # noqa: E402
 
 COLUMNS = ("bench", "metric", "value", "unit", "device", "date", "git_commit")  # the ones the table shows
 
@@ -31,10 +30,7 @@ COLUMNS = ("bench", "metric", "value", "unit", "device", "date", "git_commit")  
 def read_rows(path: Path) -> list[dict]:
     """The rows of a bench table; a file that is not Parquet, or lacks a column of :data:`COLUMNS`, is a
     one-line ValueError naming it."""
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    table = parse_table_parquet(path.read_bytes(), path)
     missing = [column for column in COLUMNS if column not in table.column_names]
     if missing:
         raise ValueError(f"{path} has no column {missing[0]}: not a bench table (bench/common.py)")

@@ -135,7 +135,8 @@ def fetch_rows(cursor, max_rows: int) -> list[tuple]:
         rows += batch
         if len(rows) > max_rows:
             raise ValueError(f"the result has more than {max_rows:,} rows (--max-rows); narrow it (WHERE, LIMIT, "
-                             "GROUP BY), raise --max-rows, or read it in Python: lipflow.connect().sql(sql).to_arrow_table()")
+                             "GROUP BY), raise --max-rows, or read it in Python: "
+                             "lipflow.connect().sql(sql).to_arrow_table()")
     return rows
 
 
@@ -168,6 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from lipflow.api import load_run
     from lipflow.data.loader import load_tokenizer
+    from lipflow.model.base import non_finite_parameter
 
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -176,7 +178,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not 0 <= args.seed < 2**63:  # torch.Generator's range
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     run = load_run(args.run_id, results=args.results, device=args.device)
-    broken = next((name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    broken = non_finite_parameter(run.model)
     if broken is not None:
         status, step = run.summary.get("status"), run.summary.get("diverged_step")
         why = f"it diverged at step {step}" if status == "diverged" and step is not None else f"its status is {status}"

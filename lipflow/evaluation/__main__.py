@@ -28,9 +28,10 @@ from lipflow.results.inputs import check_names_its_run, directory_name, run_id_i
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
     from lipflow.api import check_trained_on, load_model
     from lipflow.data.loader import TokenShards
+    from lipflow.model.base import non_finite_parameter
 
     model, info = load_model(run_dir, device)
-    broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    broken = non_finite_parameter(model)
     if broken is not None:  # training ends such a run as diverged (evaluate skips it); these were made otherwise
         raise ValueError(f"{run_dir / 'model.safetensors'} has non-finite weights ({broken}) but "
                          f"{run_dir / 'run.json'} says the run completed")

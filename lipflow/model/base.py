@@ -122,6 +122,15 @@ class LanguageModel(nn.Module):
         return idx
 
 
+@torch.no_grad()
+def non_finite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or ±inf (a diverged run's), or None; read from
+    the device once, not once per parameter."""
+    names, params = zip(*model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()
+    return next((name for name, ok in zip(names, finite) if not ok), None)
+
+
 def spectral_norm(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """Largest singular value σ_max(W), by an SVD in ``dtype`` (float64 where it must bound from above);
     NaN for a matrix with a non-finite entry (a diverged run's), where the SVD would fail."""

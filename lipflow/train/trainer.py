@@ -24,6 +24,7 @@ from lipflow import distributed, provenance
 from lipflow.atomic import write_json_atomic
 from lipflow.data.parquet import write_rows_parquet
 from lipflow.metrics import autocast_for, resolve_device
+from lipflow.model.base import non_finite_parameter
 from lipflow.schedules import lr_factor
 from lipflow.train import checkpoint
 from lipflow.train.build import build_learner, check_run_directory, ensure_writable, token_splits, training_loss
@@ -120,7 +121,7 @@ class Trainer:
                     if bad_step is None and eval_now:
                         # a finite loss can precede non-finite weights (the step after it overflowed
                         # them), which the eval step's norms and certificate cannot measure
-                        if self.weights_finite():
+                        if non_finite_parameter(self.model) is None:
                             self.telemetry.measure(rows[-1], self.step, self.layers)
                             bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
                         else:
@@ -146,11 +147,6 @@ class Trainer:
         distributed.barrier(self.topo)
         distributed.shutdown(self.topo)
         return summary
-
-    @torch.no_grad()
-    def weights_finite(self) -> bool:
-        """Whether every parameter is finite, read from the device once (not once per parameter)."""
-        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
 
     def set_lr(self) -> float:
         factor = lr_factor(self.cfg["schedule"], self.step, self.cfg["steps"], self.cfg["warmup_steps"])
@@ -186,7 +182,7 @@ class Trainer:
         """Write model, config, metrics and the run summary (each atomically)."""
         out, vocab_size = self.out_dir, self.train_data.vocab_size
         last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
-        finite = self.weights_finite()  # diverged weights may be non-finite: they have no certificate
+        finite = non_finite_parameter(self.model) is None  # diverged weights may be non-finite: they have no certificate
         diverged_step, diverged_reason = diverged or (None, None)
         summary = run_summary(
             run_id=self.run_id, status=status, diverged_step=diverged_step,
