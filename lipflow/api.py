@@ -12,9 +12,9 @@ import torch
 from lipflow.config import check_run_id, run_defaults
 from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.atomic import read_json, sha256_file
-from lipflow.data.parquet import read_table_parquet
 from lipflow.metrics import resolve_device
 from lipflow.model import LanguageModel, build_model
+from lipflow.results.inputs import JSON_FORMS, check_value, read_run_json, read_run_table, value_of
 
 
 @dataclass
@@ -68,17 +68,21 @@ def check_trained_on(run_dir: Path, info: dict[str, Any], data_dir: Path) -> Non
 def load_run(run_id: str, results: str | Path = "results", device: str = "auto") -> Run:
     """One finished run under ``results`` (any name: a moved or renamed results tree works); its data
     directory, recorded relative to the directory it was trained in (``results/data/…``), is looked up
-    in the same tree. ``run_id`` must be a run id (never a path out of ``results/runs``)."""
+    in the same tree. ``run_id`` must be a run id (never a path out of ``results/runs``); its run.json
+    and metrics must be the run's own (as the database build checks them)."""
     run_dir = Path(results) / "runs" / check_run_id(run_id, "run_id")
     if not (run_dir / "run.json").is_file():
         known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
         raise FileNotFoundError(f"no finished run '{run_id}' under {run_dir.parent} (known: {', '.join(known) or 'none'})")
     dev = resolve_device(device)
     model, info = load_model(run_dir, dev)
-    data_dir = data_dir_in(Path(results), Path(info["data_dir"]))
+    config_json = run_dir / "config.json"
+    recorded = check_value(config_json, "data_dir", value_of(info, "data_dir", config_json), JSON_FORMS["string"],
+                           nullable=False)
+    data_dir = data_dir_in(Path(results), Path(recorded))
     check_trained_on(run_dir, info, data_dir)
-    return Run(run_id=run_id, config=info["config"], summary=read_json(run_dir / "run.json"),
-               metrics=read_table_parquet(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
+    return Run(run_id=run_id, config=info["config"], summary=read_run_json(run_dir / "run.json"),
+               metrics=read_run_table(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
                data_dir=data_dir)
 
 

@@ -49,18 +49,18 @@ def tokenizer_case(block: dict, val_line: str | None = None):
     return prepare
 
 
-def merge_case(tables: list[tuple[str, str | None, str | None]], merged: list[str], text_values=(),
+def merge_case(tables: list[tuple[str, str | None, str | None]], merged: list[str], text_n=(),
                out: str = "evals.parquet"):
     """``merge-evals`` of the named files, each written (with its checksum) as an evaluation table of
-    (run id, evaluation) or, with None, a table of one unrelated column; ``text_values``: the files
-    whose value column is text instead of a number."""
+    (run id, evaluation) with a parameter column ``n`` or, with None, a table of one unrelated column;
+    ``text_n``: the files whose ``n`` is text instead of a number."""
     def case(tmp: Path, shards: Path, checkpoint: Path):
         from lipflow.data.parquet import write_table_parquet
 
         for name, run_id, evaluation in tables:
-            value = "1.0" if name in text_values else 1.0
+            n = "1" if name in text_n else 1
             table = (pa.table({"x": [1]}) if run_id is None else
-                     pa.table({"run_id": [run_id], "eval": [evaluation], "metric": ["loss"], "value": [value]}))
+                     pa.table({"run_id": [run_id], "eval": [evaluation], "metric": ["loss"], "value": [1.0], "n": [n]}))
             write_table_parquet(tmp / f"{name}.parquet", table)
         out_path = tmp / out
         return ("lipflow.results", ["merge-evals", "--out", str(out_path), *(str(tmp / f"{n}.parquet") for n in merged)],
@@ -354,7 +354,7 @@ CASES = {
     "merge_one_evaluation_twice": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "val")], ["a", "b"]),
                                    "both hold evaluation 'val'"),
     "merge_clashing_types": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "rank")], ["a", "b"],
-                                        text_values=["b"]), "the evaluation files cannot be merged"),
+                                        text_n=["b"]), "the evaluation files cannot be merged"),
     "merge_into_a_missing_folder": (merge_case([("a", "r-0000000a", "val")], ["a"], out="nowhere/evals.parquet"),
                                     "nowhere/evals.parquet: folder"),
     "query_missing_sql": (lambda tmp, s, c: ("lipflow.cli", ["query"], None),
@@ -633,7 +633,8 @@ def test_sample_reads_the_tokenizer_of_its_results_dir(char_shards, tiny_run_con
     run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
     info = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**info, "data_dir": "results/data/char"}))
-    write_table_parquet(run_dir / "train_metrics.parquet", pa.table({"step": [0], "loss": [1.0]}))
+    write_table_parquet(run_dir / "train_metrics.parquet",
+                        pa.table({"run_id": ["fake-00000000"], "step": [0], "loss": [1.0]}))
     shutil.move(run_dir, elsewhere / "runs" / "fake-00000000")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()

@@ -66,7 +66,8 @@ def bench_file(path: Path, value: float) -> None:
 
 
 def test_file_names_are_never_sql_or_globs(results):
-    """A quote in a file name neither breaks nor injects; glob characters are literal."""
+    """A quote in a file name neither breaks nor injects; glob characters are literal; a study table
+    is loaded under its own name only (a file of another name is refused, naming it)."""
     bench_file(results / "bench" / "bob's_laptop.parquet", 1.0)
     bench_file(results / "bench" / "x', 'y.parquet'); CREATE TABLE pwned AS SELECT 42; --.parquet", 2.0)
     bench_file(results / "bench" / "g[1].parquet", 3.0)
@@ -74,13 +75,16 @@ def test_file_names_are_never_sql_or_globs(results):
     icl = results / "icl" / 'loss"; DROP TABLE runs; --.parquet'
     icl.parent.mkdir()
     write_table_parquet(icl, pa.table({"x": [1, 2]}))
+    with pytest.raises(ValueError, match="is no study table of lipflow's") as refused:
+        build(results / "lipflow.duckdb", results / "manifest.json", sorted((results / "runs").iterdir()), [icl],
+              results=results)
+    assert str(icl) in str(refused.value)
     db = build_here(results)
     with duckdb.connect(str(db), read_only=True) as con:
         tables = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         assert sorted(v for (v,) in con.execute("SELECT value FROM bench").fetchall()) == [1.0, 2.0, 3.0, 4.0]
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)
-        assert con.execute('SELECT count(*) FROM "icl_loss""; DROP TABLE runs; --"').fetchone() == (2,)
-    assert "pwned" not in tables
+    assert "pwned" not in tables and not any(name.startswith("icl_") for name in tables)
 
 
 @pytest.mark.parametrize("damage", ["flip", "no_sidecar"])
@@ -197,12 +201,12 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     assert snakemake().returncode == 0
     db = tmp_path / "results" / "lipflow.duckdb"
     previous = db.read_bytes()
-    bad = tmp_path / "results" / "icl" / "loss_by_n.parquet"  # no sidecar: the build refuses it
+    bad = tmp_path / "results" / "bench" / "broken.parquet"  # not Parquet: the build refuses it
     bad.parent.mkdir()
-    pq.write_table(pa.table({"x": [1]}), bad)
+    bad.write_bytes(b"not parquet")
     failed = snakemake("--forcerun", "database")
     assert failed.returncode != 0
-    assert "loss_by_n.parquet has no checksum file" in (tmp_path / "results" / "logs" / "database.log").read_text()
+    assert "broken.parquet is not a readable Parquet file" in (tmp_path / "results" / "logs" / "database.log").read_text()
     assert db.read_bytes() == previous
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM shards").fetchone()[0] > 0
@@ -216,8 +220,9 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
 @pytest.mark.parametrize("study, table", [("image_mlp", "results/image_mlp/robustness.parquet"),
                                           ("icl", "results/icl/loss_by_n.parquet")])
 def test_the_database_waits_for_the_study_tables_it_loads(tmp_path, study, table):
-    """The build loads results/<study>/*.parquet when it exists: the database rule names the study's
-    tables as inputs, so a dry run of the database plans the study's job (not left to job order)."""
+    """The build loads the tables of the studies the config has on: the database rule names them as
+    inputs (and on the build's command line), so a dry run of the database plans the study's job (not
+    left to job order)."""
     import sys
 
     repo = Path(__file__).resolve().parent.parent

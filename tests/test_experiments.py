@@ -426,6 +426,7 @@ def test_rank_bound_gap_rescaled_bound_and_fitted_slopes(tmp_path):
         evals += [{"run_id": run_id, "eval": "rank", "metric": "numerical_rank", "value": float(r), "n": None,
                    "matrix": "qk", "rtol": rtol} for r, rtol in ((3, 0.01), (5, 0.01), (9, 0.001))]
     con = database(tmp_path, runs, metrics, evals)
+    con.execute("UPDATE shards SET tokens = 10240 WHERE split = 'train'")  # a split that holds every run's tokens
     create_views(con)
     rows = con.sql("select n_heads, n_sequences, measured_gap, b3_bound, qk_rank, gap_slope, bound_slope "
                    "from rank_bound order by n_heads, n_sequences").df()
@@ -460,7 +461,7 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
         {"metric": "certificate_l2", "value": 15.0, "method": "muon_soft_cap", "epsilon": None},
         {"metric": "robust_accuracy", "value": 0.8, "method": "muon_soft_cap", "epsilon": 0.5},
         {"metric": "matched_step", "value": 300.0, "method": "muon_soft_cap", "epsilon": None}]))
-    assert load_study_tables(con, tmp_path) == {"image_mlp_robustness": 3}
+    assert load_study_tables(con, [image / "robustness.parquet"]) == {"image_mlp_robustness": 3}
     status = create_views(con)
     assert status["robustness"] == "" and status["precision"] == ""
     rows = con.sql("select domain, label, certificate_l2, metric, attack, epsilon, k, value from robustness "
@@ -816,7 +817,7 @@ def test_sharpness_spread_counts_distinct_sizes_skips_missing_sharpness_and_othe
 def rank_database(tmp_path):
     """rank_vs_n runs (1 head, context 64, 100 steps) with hand-picked numbers:
     r1: 640 train tokens → n = 10; val_loss 2.5 (eval step) beside final_val_loss 9.0 → gap 0.5
-    r2: no train_tokens → the train shards' 1000 tokens → n = 15; only final_val_loss 2.3 → gap 0.3
+    r2: no train_tokens → the train shards' 5120 tokens → n = 80; only final_val_loss 2.3 → gap 0.3
     r4: 2560 tokens → n = 40; val_loss 1.8 → gap −0.2 (no log: out of the gap fit)
     r3: diverged, not in the view. Train loss over steps 91..100 alternates 1.9 / 2.1 (mean 2.0)."""
     specs = [("rank.r1-00000001", "completed", 640, 2.5, 9.0), ("rank.r2-00000002", "completed", None, None, 2.3),
@@ -840,7 +841,9 @@ def rank_database(tmp_path):
                       ("other", "generalization_gap", 99.0, None, None, None),
                       ("other", "b3_rademacher_sum", 99.0, 9999, None, None),
                       ("other", "stable_rank", 99.0, None, "qk", None)]]
-    return database(tmp_path, runs, metrics, evals)
+    con = database(tmp_path, runs, metrics, evals)
+    con.execute("UPDATE shards SET tokens = 5120 WHERE split = 'train'")  # a split that holds every run's tokens
+    return con
 
 
 def test_rank_bound_columns_on_hand_made_runs(tmp_path):
@@ -848,7 +851,7 @@ def test_rank_bound_columns_on_hand_made_runs(tmp_path):
     assert create_views(con)["rank_bound"] == ""
     rows = con.sql("select name, n_tokens, n_sequences, measured_gap, eval_gap, qk_rank, qk_stable_rank, b3_bound, "
                    "edelman_norm_proxy, spectrum_adaptive_proxy from rank_bound order by name").fetchall()
-    expected = [("rank.r1", 640, 10, 0.5), ("rank.r2", 1000, 15, 0.3), ("rank.r4", 2560, 40, -0.2)]
+    expected = [("rank.r1", 640, 10, 0.5), ("rank.r2", 5120, 80, 0.3), ("rank.r4", 2560, 40, -0.2)]
     assert [r[:3] for r in rows] == [e[:3] for e in expected]
     for row, (_, _, n, gap) in zip(rows, expected):
         # eval_gap, qk_rank, mean qk stable rank (2 and 4), B3 rescaled from n_eval = 256 to n, the proxies
@@ -860,8 +863,8 @@ def test_rank_bound_slopes_fit_only_positive_gaps(tmp_path):
     con = rank_database(tmp_path)
     create_views(con)
     slopes = con.sql("select distinct gap_slope, bound_slope from rank_bound").fetchall()
-    # gap fit through (10, 0.5) and (15, 0.3) only; the bound is 4·√(256/n) ∝ n^−½ at every n
-    assert slopes == [(pytest.approx(math.log(0.3 / 0.5) / math.log(15 / 10)), pytest.approx(-0.5))]
+    # gap fit through (10, 0.5) and (80, 0.3) only; the bound is 4·√(256/n) ∝ n^−½ at every n
+    assert slopes == [(pytest.approx(math.log(0.3 / 0.5) / math.log(80 / 10)), pytest.approx(-0.5))]
 
 
 def test_robustness_view_attack_labels_certificates_and_optimizers_per_row(tmp_path):

@@ -419,7 +419,8 @@ def test_snakemake_rules_build_every_table_figure_and_the_view(tmp_path):
         assert "<svg" in (tmp_path / f"results/figures/icl_{figure}.svg").read_text()[:500]
     assert (tmp_path / "results/logs/icl/train_L2_n8.log").exists()
     db = duckdb.connect()
-    assert set(load_study_tables(db, tmp_path / "results")) >= {f"icl_{table}" for table in tables.TABLE_SCHEMAS}
+    files = [tmp_path / "results" / "icl" / f"{table}.parquet" for table in tables.TABLE_SCHEMAS]
+    assert set(load_study_tables(db, files)) == {f"icl_{table}" for table in tables.TABLE_SCHEMAS}
     assert create_views(db, {"icl_vs_pgd": ICL_VS_PGD}, log=io.StringIO()) == {"icl_vs_pgd": ""}
     rows = db.execute("SELECT sweep, n_layers, n, ratio_to_pgd, gd_loss, least_squares_loss, "
                       "max_step_size_rel_error FROM icl_vs_pgd ORDER BY ALL").fetchall()

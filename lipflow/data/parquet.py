@@ -43,6 +43,13 @@ def parse_table_parquet(data: bytes, path) -> pa.Table:
         raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
 
 
+def table_of_rows(rows: list[dict]) -> pa.Table:
+    """Dict rows as an Arrow table with every row's keys as columns (first-seen order; a key a row
+    lacks is null there): ``pa.Table.from_pylist`` alone takes the first row's keys only."""
+    columns = dict.fromkeys(key for row in rows for key in row)
+    return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+
+
 def write_rows_parquet(path, rows: list[dict], columns: dict[str, str]) -> None:
     """Write dict rows with a fixed column → Arrow type-name schema (missing keys become null)."""
     schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in columns.items()])

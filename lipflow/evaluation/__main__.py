@@ -11,13 +11,12 @@ import re
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from lipflow.config import RUN_ID_PATTERN, evaluation_params
 from lipflow.atomic import read_json
-from lipflow.data.parquet import write_table_parquet
+from lipflow.data.parquet import table_of_rows, write_table_parquet
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
@@ -85,9 +84,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
         ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device))
         rows = evaluation(ctx)
     rows = [{"run_id": run_id, "eval": name, **row} for row in rows]
-    columns = dict.fromkeys(key for row in rows for key in row)  # union of keys, first-seen order
-    table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
-    write_table_parquet(out, table)
+    write_table_parquet(out, table_of_rows(rows))
     print(f"{name}: {len(rows)} rows for {run_id}")
     return 0
 

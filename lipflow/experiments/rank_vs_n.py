@@ -1,6 +1,11 @@
 """rank_vs_n: the measured generalization gap and the rank bound against the number of sequences.
 
 Truong 2024 (arXiv 2410.11500). View ``rank_bound``; figure ``rank_vs_n``. Runs: rank_vs_n.yaml.
+
+A run trains on the first ``train_tokens`` of the train split, all of it when that is null or larger
+(``TokenShards.num_tokens``): the view's ``n_tokens`` is the smaller of the two (``least`` skips a null),
+the split's size being the ``shards`` table's (the manifest the build is given: the token shards
+the config's runs train on).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ RANK_BOUND = View(
         WITH r AS (
             SELECT run_id, name, n_heads, d_model // n_heads AS d_head, steps,
                    coalesce(val_loss, final_val_loss) AS val_loss,
-                   coalesce(CAST(train_tokens AS BIGINT),
-                            (SELECT CAST(sum(tokens) AS BIGINT) FROM shards WHERE split = 'train')) AS n_tokens,
+                   least(CAST(train_tokens AS BIGINT),
+                         (SELECT CAST(sum(tokens) AS BIGINT) FROM shards WHERE split = 'train')) AS n_tokens,
                    context
             FROM runs WHERE experiment = 'rank_vs_n' AND status = 'completed'),
         train_end AS (

@@ -1,7 +1,8 @@
 """``python -m lipflow.results``: build the database, merge a run's evaluation files, seal old files.
 
-``python -m lipflow.results build --out results/lipflow.duckdb --manifest M --run-dirs D... [--receipt R]``
-builds the database (:func:`lipflow.results.database.build`);
+``python -m lipflow.results build --out results/lipflow.duckdb --manifest M --run-dirs D... [--study-tables F...]
+[--receipt R]`` builds the database (:func:`lipflow.results.database.build`; it loads the study tables F
+and no others);
 ``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files;
 ``python -m lipflow.results seal F...`` writes the missing sidecars of trusted older files.
 """
@@ -17,10 +18,7 @@ import pyarrow.parquet as pq
 from lipflow.atomic import read_verified, refuse_to_replace, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.errors import ArgumentParser, check_distinct_paths
-from lipflow.results.inputs import concat_files
-
-
-EVALUATION_COLUMNS = ("run_id", "eval", "metric", "value")  # what every evaluation file holds (lipflow.evaluation)
+from lipflow.results.inputs import EVALUATION_COLUMNS, check_evaluation_table, concat_files
 
 
 def is_evaluation_table(path: Path) -> bool:
@@ -49,9 +47,7 @@ def merge_evals(out: Path, files: list[Path]) -> None:
     first_run: tuple[Path, str] | None = None  # (file, run id) of the first file with rows
     evaluations: dict[str, Path] = {}
     for f, table in zip(files, tables):
-        missing = [c for c in EVALUATION_COLUMNS if c not in table.column_names]
-        if missing:
-            raise ValueError(f"{f} is not an evaluation table (it has no column '{missing[0]}')")
+        check_evaluation_table(f, table)
         runs = sorted(table.column("run_id").unique().to_pylist())
         if len(runs) > 1:
             raise ValueError(f"{f} holds rows of runs {runs[0]!r} and {runs[1]!r}: merge one run's files at a time")
@@ -93,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--out", type=Path, required=True)
     p_build.add_argument("--manifest", type=Path, required=True)
     p_build.add_argument("--run-dirs", type=Path, nargs="*", default=[])
+    p_build.add_argument("--study-tables", type=Path, nargs="*", default=[],
+                         help="the studies' tables to load (<study>/<name>.parquet → table <study>_<name>)")
     p_build.add_argument("--receipt", type=Path, default=None, help="JSON written after the database is in place")
     p_merge = sub.add_parser("merge-evals", help="merge one run's evaluation Parquet files")
     p_merge.add_argument("--out", type=Path, required=True)
@@ -105,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         from lipflow.results.database import build
 
-        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, receipt=args.receipt))
+        return run_guarded(lambda: build(args.out, args.manifest, args.run_dirs, args.study_tables,
+                                         receipt=args.receipt))
     if args.command == "seal":
         return run_guarded(lambda: seal(args.files))
     return run_guarded(lambda: merge_evals(args.out, args.files))

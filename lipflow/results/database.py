@@ -13,8 +13,9 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 - ``train_metrics``: per-step loss and, at eval steps, val metrics, bound, activations;
 - ``evals``: long form (run_id, eval, metric, value, parameter columns);
 - ``shards``: the token shards (split, file, tokens, sha256);
-- ``<study>_<name>``: every ``results/<study>/<name>.parquet`` of a study outside the run grid
-  (``icl_loss_by_layers``…, ``image_mlp_robustness``);
+- ``<study>_<name>``: each study table ``<study>/<name>.parquet`` the build is given (``--study-tables``:
+  the database rule names those of the studies the config has on), a table of a study outside the
+  run grid (``icl_loss_by_layers``…, ``image_mlp_robustness``);
 - ``bench``: every ``results/bench/*.parquet`` row.
 """
 
@@ -30,18 +31,26 @@ import pyarrow as pa
 
 from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
                             temp_prefix, write_json_atomic)
-from lipflow.data.parquet import parse_table_parquet, read_table_parquet
+from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
 from lipflow.experiments import VIEWS, create_views
-from lipflow.results.inputs import (check_names_its_run, check_rows_of_run, checked_config, concat_files,
-                                    directory_name, run_id_in, summary_values)
+from lipflow.plan_rules import STUDY_FILES
+from lipflow.results.inputs import (check_evaluation_table, checked_config, concat_files, read_run_json, read_run_table,
+                                    summary_values)
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
 
-RESULTS = Path("results")
-# Studies outside the run grid (the schema's experiment `studies`): results/<study>/<name>.parquet
-# → table <study>_<name>.
-STUDIES = ("icl", "image_mlp")
+RESULTS = Path("results")  # where results/bench is
+
+
+def study_table(path: str | os.PathLike[str]) -> str:
+    """The table of a study's file ``<study>/<name>.parquet``: ``<study>_<name>``."""
+    return f"{Path(path).parent.name}_{Path(path).stem}"
+
+
+# Studies outside the run grid (the schema's experiment `studies`) and the exact names of their tables.
+STUDIES = tuple(STUDY_FILES)
+STUDY_TABLES = frozenset(study_table(path) for files in STUDY_FILES.values() for path in files)
 
 
 # The ``runs`` columns after the config keys: the config as JSON, then the run.json fields, with their
@@ -61,9 +70,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     """One ``runs`` row from a run directory's run.json and config.json: both name the directory's run,
     and every value is of the type the trainer writes (:mod:`lipflow.results.inputs`)."""
     run_json, config_json = Path(run_dir) / "run.json", Path(run_dir) / "config.json"
-    summary, info = read_json(run_json), read_json(config_json)
-    for path, contents in ((run_json, summary), (config_json, info)):
-        check_names_its_run(path, run_id_in(path, contents))
+    summary, info = read_run_json(run_json), read_run_json(config_json)
     values = summary_values(run_json, summary)
     cfg = checked_config(config_json, info)
     derived = {**values, "config": json.dumps(cfg, sort_keys=True)}
@@ -143,11 +150,13 @@ def _read_unverified(path: Path) -> pa.Table:
     return parse_table_parquet(Path(path).read_bytes(), path)
 
 
-def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path],
+def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path], study_tables: list[Path],
                    results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
     runs = _run_rows(run_dirs)
-    evals = _run_files([d for d in run_dirs if (Path(d) / "evals.parquet").is_file()], "evals.parquet")
+    evals = _run_files(run_dirs, "evals.parquet")  # every run has one (merge-evals: empty without evaluations)
+    for path, table in evals:
+        check_evaluation_table(path, table)
     val_loss = {}
     for _, table in evals:
         for r in table.select(["run_id", "eval", "metric", "value"]).to_pylist():
@@ -155,14 +164,14 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
                 val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
     for row in runs:
         row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
-    rows = {"runs": _create_from_arrow(con, "runs", pa.Table.from_pylist(runs) if runs else empty_runs_table())}
+    rows = {"runs": _create_from_arrow(con, "runs", table_of_rows(runs) if runs else empty_runs_table())}
     rows["train_metrics"] = _create_from_tables(con, "train_metrics", _run_files(run_dirs, "train_metrics.parquet"),
                                                 ", ".join(f"{quote_identifier(name)} {SQL_TYPES[alias]}"
                                                           for name, alias in METRIC_COLUMNS.items()))
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
-    rows.update(load_study_tables(con, results))
+    rows.update(load_study_tables(con, study_tables))
     # hand-appended measurements (bench/common.py), written without a sidecar
     rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
                                          "bench VARCHAR, metric VARCHAR, value DOUBLE, unit VARCHAR, machine VARCHAR, "
@@ -185,19 +194,30 @@ def _run_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
 
 
 def _run_files(run_dirs: list[Path], name: str) -> list[tuple[Path, pa.Table]]:
-    """Each run directory's Parquet file ``name`` with its table, checked against its sidecar and
-    holding rows of the directory's run only."""
-    named = [(path, read_table_parquet(path)) for path in (Path(d) / name for d in run_dirs)]
-    for path, table in named:
-        check_rows_of_run(path, table, directory_name(path.parent))
-    return named
+    """Each run directory's Parquet file ``name`` with its table (:func:`read_run_table`: checked
+    against its sidecar, holding rows of the directory's run only); a missing file is named."""
+    return [(path, read_run_table(path)) for path in (Path(d) / name for d in run_dirs)]
 
 
-def load_study_tables(con: duckdb.DuckDBPyConnection, results: Path) -> dict[str, int]:
-    """Create a table ``<study>_<name>`` from each ``results/<study>/<name>.parquet`` of the
-    :data:`STUDIES` (checked against its sidecar); returns table → rows."""
-    return {f"{study}_{path.stem}": _create_from_parquet(con, f"{study}_{path.stem}", [path], "")
-            for study in STUDIES for path in sorted((Path(results) / study).glob("*.parquet"))}
+def check_study_tables(files: list[Path]) -> None:
+    """A ValueError naming the first of ``files`` that is no study table lipflow writes (its table,
+    :func:`study_table`, not one of :data:`STUDY_TABLES`: a rebuild would refuse to drop it) or
+    whose table another of them makes."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        table = study_table(path)
+        if table not in STUDY_TABLES:
+            raise ValueError(f"--study-tables: {path} is no study table of lipflow's (<study>/<name>.parquet, "
+                             f"one of {', '.join(sorted(STUDY_TABLES))})")
+        if table in seen:
+            raise ValueError(f"--study-tables: {seen[table]} and {path} are both table {table}")
+        seen[table] = path
+
+
+def load_study_tables(con: duckdb.DuckDBPyConnection, files: list[Path]) -> dict[str, int]:
+    """Create the table of each study file of ``files`` (:func:`study_table`, checked against its
+    sidecar), and of no other; returns table → rows."""
+    return {study_table(path): _create_from_parquet(con, study_table(path), [Path(path)], "") for path in files}
 
 
 def check_database(path: Path, rows: dict[str, int]) -> None:
@@ -234,7 +254,8 @@ def is_lipflow_database(path: Path) -> bool:
         return False
     try:
         with duckdb.connect(str(path), read_only=True) as con:
-            tables = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+            tables = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables() "
+                                                      "WHERE schema_name = 'main'").fetchall()}
     except duckdb.Error as err:
         if "lock" in str(err).lower():  # a read-write connection elsewhere (the duckdb CLI's default)
             raise FileExistsError(f"--out {path} is open for writing in another process, so it cannot be checked "
@@ -244,21 +265,40 @@ def is_lipflow_database(path: Path) -> bool:
     return set(LIPFLOW_TABLES) <= tables
 
 
-BUILT_TABLES = ("runs", "train_metrics", "evals", "shards", "bench")  # and the studies' tables (STUDIES)
+BUILT_TABLES = ("runs", "train_metrics", "evals", "shards", "bench")  # and the studies' tables (STUDY_TABLES)
+# Every kind of object a DuckDB database keeps (kind, its catalog function, its name column), schemas last: a
+# schema holding a user's object is named by that object.
+CATALOG_OBJECTS = (("table", "duckdb_tables()", "table_name"), ("view", "duckdb_views()", "view_name"),
+                   ("macro", "duckdb_functions()", "function_name"), ("sequence", "duckdb_sequences()", "sequence_name"),
+                   ("type", "duckdb_types()", "type_name"), ("index", "duckdb_indexes()", "index_name"),
+                   ("schema", "duckdb_schemas()", "schema_name"))
+
+
+def database_objects(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
+    """(kind, schema, name) of every object stored in ``con``'s database but DuckDB's own, in
+    :data:`CATALOG_OBJECTS` order."""
+    found = []
+    for kind, catalog, name in CATALOG_OBJECTS:
+        internal = "" if kind in ("sequence", "index") else " AND NOT internal"  # these have no such column
+        found += [(kind, schema, value) for schema, value in con.execute(
+            f"SELECT schema_name, {name} FROM {catalog} WHERE database_name = current_database(){internal} "
+            f"ORDER BY 1, 2").fetchall()]
+    return found
 
 
 def refuse_to_drop_user_objects(out: Path) -> None:
-    """A FileExistsError naming the first table or view of the lipflow database ``out`` that no build
-    makes (one a user added): the rebuild, a new file, would drop it."""
+    """A FileExistsError naming the first object of the lipflow database ``out`` that no build makes
+    (one a user added: a table or view of another name, or in a schema of theirs, a macro, a
+    sequence…): the rebuild, a new file, would drop it."""
     with duckdb.connect(str(out), read_only=True) as con:
-        objects = con.execute("SELECT 'table', table_name FROM duckdb_tables() WHERE NOT internal UNION ALL "
-                              "SELECT 'view', view_name FROM duckdb_views() WHERE NOT internal ORDER BY 2").fetchall()
-    ours = set(BUILT_TABLES) | set(VIEWS)
-    added = [(kind, name) for kind, name in objects
-             if name not in ours and not name.startswith(tuple(f"{study}_" for study in STUDIES))]
+        objects = database_objects(con)
+    ours = {("table", "main", name) for name in (*BUILT_TABLES, *STUDY_TABLES)} | {
+        ("view", "main", name) for name in VIEWS}
+    added = [(kind, schema, name) for kind, schema, name in objects if (kind, schema, name) not in ours]
     if added:
-        kind, name = added[0]
-        raise FileExistsError(f"--out {out} holds {kind} {name!r}, which lipflow does not build; refusing to "
+        kind, schema, name = added[0]
+        named = name if kind == "schema" or schema == "main" else f"{schema}.{name}"
+        raise FileExistsError(f"--out {out} holds {kind} {named!r}, which lipflow does not build; refusing to "
                               "drop it in a rebuild (copy it into a database of your own and drop it here first)")
 
 
@@ -274,15 +314,17 @@ def is_receipt(path: Path) -> bool:
     return isinstance(receipt, dict) and set(receipt) == set(RECEIPT_KEYS)
 
 
-def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None) -> None:
+def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Path], receipt: Path | None) -> None:
     """Before any work: ``out`` is absent or a lipflow database and ``receipt`` absent or a receipt (a
     user's other file, another database or the manifest is never replaced), no run directory is given
-    twice (its rows would be counted twice), and the receipt's folder exists (else the database would
-    be replaced and its receipt missing)."""
+    twice (its rows would be counted twice), each study table is one of lipflow's, once
+    (:func:`check_study_tables`), and the receipt's folder exists (else the database would be replaced
+    and its receipt missing)."""
     refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
     if out.exists():
         refuse_to_drop_user_objects(out)
     check_distinct_paths(run_dirs, "--run-dirs")
+    check_study_tables(study_tables)
     if receipt is not None:
         refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
         if Path(receipt).resolve() == out.resolve():
@@ -291,9 +333,10 @@ def check_build_arguments(out: Path, run_dirs: list[Path], receipt: Path | None)
             raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
 
 
-def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESULTS,
+def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Path] = (), results: Path = RESULTS,
           receipt: Path | None = None) -> None:
-    """Build the database at ``out`` from scratch in a temp file, checkpoint it, reopen it to check
+    """Build the database at ``out`` from the run directories, the studies' tables ``study_tables``
+    (no others) and ``results``/bench from scratch in a temp file, checkpoint it, reopen it to check
     every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
     it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead
     log survives its checkpoint (e.g. disk full) is a failure, never published. ``receipt``, when
@@ -301,7 +344,7 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
     from lipflow.errors import StageError
 
     out = Path(out)
-    check_build_arguments(out, run_dirs, receipt)
+    check_build_arguments(out, run_dirs, study_tables, receipt)
     remove_stale_temporaries(out)  # what a killed build left
     tmp = out.with_name(temp_prefix(out) + "build")
     wal = Path(f"{tmp}.wal")
@@ -309,7 +352,7 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], results: Path = RESUL
     try:
         con = duckdb.connect(str(tmp))
         try:
-            rows = _fill_database(con, manifest, run_dirs, Path(results))
+            rows = _fill_database(con, manifest, run_dirs, list(study_tables), Path(results))
             con.execute("CHECKPOINT")
         finally:
             con.close()

@@ -9,7 +9,8 @@ and ``.svg`` (Agg backend, written to a temp file and renamed; a file there that
 write is refused, not replaced). ``--tables-dir`` also writes each of
 the experiment's views as CSV. Without ``--experiment`` every experiment whose headline view has
 rows is drawn and the others are listed as skipped; a named experiment whose headline view is empty
-is an error that quotes the reason recorded on the view.
+is an error that quotes the reason recorded on the view, and a database without an experiment's view
+(not a lipflow database, or one built before the view existed) is an error naming both.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def write_table(con, name: str, tables_dir: Path) -> Path:
 
 def view_columns(con, name: str) -> list[str]:
     return [column[0] for column in con.execute(f"SELECT * FROM {name} LIMIT 0").description]
+
+
+def check_views(con, db: Path, experiments: list[str]) -> None:
+    """A ValueError naming ``db`` and the first view of ``experiments`` it lacks (not a lipflow
+    database, or one built before the view existed), before anything is read or drawn."""
+    present = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    for name in experiments:
+        missing = [view for view in CATALOG[name].views if view not in present]
+        if missing:
+            raise ValueError(f"--db {db} has no view {missing[0]} (experiment {name}): not a lipflow database, "
+                             "or built before the view existed (rebuild it: snakemake --forcerun database)")
 
 
 def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_dir: Path | None) -> None:
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(f"unknown experiment '{name}'{hint}; known: {', '.join(CATALOG)}")
         con = connect(args.db)
+        check_views(con, args.db, args.experiment or list(CATALOG))
         refuse_to_replace_others(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir)
         written = draw(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir,
                        strict=bool(args.experiment))

@@ -3,9 +3,11 @@ naming the file (and key):
 
 - a run directory's run.json and config.json: each value of the type the trainer writes (the column
   types of :mod:`lipflow.train.summary`, the config schema's types), and the run id they state;
+- a run directory's Parquet files: rows of its run only; an evaluation table's columns and types;
 - Parquet files whose tables go into one table: their columns' types must agree.
 
-Imports neither DuckDB nor torch (the evaluation stage checks run ids with it).
+Imports neither DuckDB nor torch (the evaluation stage checks run ids with it, ``lipflow.load_run``
+reads a run's files with it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from lipflow.atomic import read_json
+from lipflow.data.parquet import read_table_parquet
 from lipflow.train.summary import RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS
 
 # The JSON values run.json holds for each column type of lipflow.train.summary (a time is Unix seconds),
@@ -29,6 +33,7 @@ JSON_FORMS: dict[str, tuple[tuple[type, ...], str]] = {
 OBJECT_FORM: tuple[tuple[type, ...], str] = ((dict,), "an object")
 JSON_TEXT_FIELDS = ("versions",)  # run.json objects kept as JSON text in the database
 INT64 = range(-2**63, 2**63)
+EVALUATION_COLUMNS = ("run_id", "eval", "metric", "value")  # what every evaluation file holds (lipflow.evaluation)
 
 
 def value_of(obj: dict[str, Any], key: str, path: Path) -> Any:
@@ -127,6 +132,35 @@ def check_rows_of_run(path: Path, table: pa.Table, run_id: str) -> None:
     others = sorted(set(table.column("run_id").unique().to_pylist()) - {run_id}, key=str)
     if others:
         raise ValueError(f"{path} holds rows of run {others[0]!r}, not of its directory's run {run_id!r}")
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A run directory's run.json or config.json (``path``), which must name its directory's run
+    (:func:`check_names_its_run`)."""
+    contents = read_json(path)
+    check_names_its_run(path, run_id_in(path, contents))
+    return contents
+
+
+def read_run_table(path: Path) -> pa.Table:
+    """A run directory's Parquet file (``path``: train_metrics.parquet, evals.parquet), checked against
+    its sidecar and holding rows of its directory's run only (:func:`check_rows_of_run`)."""
+    table = read_table_parquet(path)
+    check_rows_of_run(path, table, directory_name(Path(path).parent))
+    return table
+
+
+def check_evaluation_table(path: Path, table: pa.Table) -> None:
+    """A ValueError naming ``path`` unless its ``table`` is an evaluation table: the
+    :data:`EVALUATION_COLUMNS`, every row of a run, ``value`` numbers (the views compute with them)."""
+    missing = [c for c in EVALUATION_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path} is not an evaluation table (it has no column '{missing[0]}')")
+    if table.column("run_id").null_count:
+        raise ValueError(f"{path} is not an evaluation table (a row has no run_id)")
+    value = table.schema.field("value").type
+    if not (pa.types.is_integer(value) or pa.types.is_floating(value) or pa.types.is_null(value)):
+        raise ValueError(f"{path} is not an evaluation table (its column 'value' is {value}, not numbers)")
 
 
 def concat_files(named: list[tuple[Path, pa.Table]], what: str) -> pa.Table:

@@ -4,6 +4,9 @@ a view as a DataFrame and a colour cycle."""
 
 from __future__ import annotations
 
+import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,11 +42,25 @@ def write_figure(fig, path: Path, fmt: str) -> None:
         fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight", metadata=FIGURE_MARK[fmt])
 
 
+def figure_mark(fmt: str) -> re.Pattern[bytes]:
+    """The bytes :data:`FIGURE_MARK` puts into a ``fmt`` file, exactly: the PNG text chunk (length, type,
+    keyword, text, CRC), the SVG metadata's creator agent. lipflow named anywhere else (a user's title)
+    is no mark."""
+    ((key, value),) = FIGURE_MARK[fmt].items()
+    if fmt == "png":
+        chunk = b"tEXt" + key.encode("latin-1") + b"\0" + value.encode("latin-1")
+        return re.compile(re.escape(struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk))))
+    return re.compile(rb"<dc:creator>\s*<cc:Agent>\s*<dc:title>" + re.escape(value.encode()) + rb"</dc:title>")
+
+
 def is_lipflow_figure(path: Path) -> bool:
-    """Whether ``path`` carries :data:`FIGURE_MARK` (in the first 4 kB: PNG text chunks and SVG
-    metadata come before the picture)."""
+    """Whether ``path``, a PNG or SVG file by its name, carries its :func:`figure_mark` (in the first
+    4 kB: PNG text chunks and SVG metadata come before the picture)."""
+    fmt = Path(path).suffix.removeprefix(".")
+    if fmt not in FIGURE_MARK:
+        return False
     with open(path, "rb") as f:
-        return b"lipflow" in f.read(4096)
+        return figure_mark(fmt).search(f.read(4096)) is not None
 
 
 def refuse_to_replace_figure(path: Path, flag: str) -> None:

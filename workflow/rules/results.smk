@@ -14,6 +14,7 @@ rule database:
         # A plain path, not rules.tokenize.output.manifest: a rule reference makes Snakemake hash the
         # whole run lists above once per file (quadratic in runs; 2 s of a 1,000-run dry run).
         manifest=f"{TOKENS_DIR}/manifest.json",
+        # the tables of the studies the config has on, named on the build's command line: it loads no others
         studies=study_tables,
     output:
         # update(): Snakemake does not delete the database before the job (and restores it from its backup
@@ -33,5 +34,5 @@ rule database:
         ENV
     shell:
         "python -m lipflow.results build --out {output.db} --receipt {output.receipt} --manifest {input.manifest}"
-        " --run-dirs {params.runs}"
+        " --run-dirs {params.runs} --study-tables {input.studies}"
         " > {log} 2>&1"

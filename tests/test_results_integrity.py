@@ -1,0 +1,420 @@
+"""What the results stage and the notebook API read is what they say it is: the database build loads
+the tables it is given and drops none of a user's objects, every run's files are its own and of the
+kinds lipflow writes (else one line naming the file), the views count what a run trained on, the
+plots replace only their own figures, and ``lipflow.load_run`` names the file or argument at fault."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+import lipflow
+import lipflow.results
+from lipflow.data.parquet import write_table_parquet
+from lipflow.results import SUMMARY_COLUMNS, build
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = {"format": "lipflow-token-shards/1", "dtype": "uint16", "vocab_size": 10, "tokenizer": {},
+            "splits": {"train": {"shards": [{"file": "train/shard-00000.arrow", "num_tokens": 100,
+                                             "sha256": "0" * 64}]}}}
+
+
+def make_run(results: Path, run_id: str, cfg: dict, steps: int = 5, evals: pa.Table | None = None,
+             metrics: pa.Table | None = None, **summary_values) -> Path:
+    """A finished-looking run directory (as tests/test_database.py makes them: no weights)."""
+    run_dir = results / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    summary = {k: None for k in SUMMARY_COLUMNS}
+    summary.update(run_id=run_id, status="completed", versions={}, start_time=1.0, end_time=2.0, steps_completed=steps)
+    summary.update(summary_values)
+    (run_dir / "run.json").write_text(json.dumps(summary))
+    (run_dir / "config.json").write_text(json.dumps({"run_id": run_id, "vocab_size": 10, "config": cfg,
+                                                     "data_dir": "results/data/pydoc/char"}))
+    if metrics is None:
+        metrics = pa.table({"run_id": [run_id] * steps, "step": list(range(1, steps + 1)), "loss": [1.0] * steps})
+    write_table_parquet(run_dir / "train_metrics.parquet", metrics)
+    if evals is None:
+        evals = pa.table({"run_id": [run_id], "eval": ["val"], "metric": ["loss"], "value": [1.5]})
+    write_table_parquet(run_dir / "evals.parquet", evals)
+    return run_dir
+
+
+def write_manifest(results: Path) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "manifest.json").write_text(json.dumps(MANIFEST))
+    return results / "manifest.json"
+
+
+def build_cli(results: Path, out: Path | None = None, study_tables: list[Path] = ()) -> int:
+    """``python -m lipflow.results build`` on every run directory under ``results``."""
+    out = out or results / "lipflow.duckdb"
+    return lipflow.results.main(["build", "--out", str(out), "--manifest", str(results / "manifest.json"),
+                                 "--run-dirs", *map(str, sorted((results / "runs").iterdir())),
+                                 "--study-tables", *map(str, study_tables)])
+
+
+def build_here(results: Path) -> Path:
+    """build() on every run directory under ``results``; returns the database."""
+    build(results / "lipflow.duckdb", results / "manifest.json", sorted((results / "runs").iterdir()),
+          results=results)
+    return results / "lipflow.duckdb"
+
+
+# ------------------------------------------------------------------------------------------ a rebuild keeps a user's objects
+
+
+@pytest.fixture
+def built(tmp_path, tiny_run_config) -> Path:
+    """results/ with one run and a database built from it."""
+    results = tmp_path / "results"
+    make_run(results, "a-00000000", tiny_run_config)
+    write_manifest(results)
+    assert build_cli(results) == 0
+    return results
+
+
+@pytest.mark.parametrize("statement, name", [
+    ("CREATE TABLE icl_my_notes AS SELECT 'keep me' AS note", "icl_my_notes"),
+    ("CREATE VIEW image_mlp_best AS SELECT * FROM runs WHERE status = 'completed'", "image_mlp_best"),
+    ("CREATE SCHEMA mine; CREATE TABLE mine.runs AS SELECT 42 AS x", "runs"),
+    ("CREATE MACRO my_score(a, b) AS a * 2 + b", "my_score"),
+])
+def test_a_rebuild_refuses_to_drop_a_users_object_named_like_lipflows(built, capsys, statement, name):
+    """README (Failure behaviour): the build replaces --out only when it holds none of a user's own
+    objects. A table named icl_… or a view named image_mlp_… that is no study table, a table named
+    like one of lipflow's in a schema of the user's, a macro: the rebuild refuses (exit 2, one line)
+    and leaves them in place."""
+    db = built / "lipflow.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute(statement)
+    capsys.readouterr()
+    code = build_cli(built)
+    err = capsys.readouterr().err
+    with duckdb.connect(str(db), read_only=True) as con:
+        objects = {n for (n,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name <> 'main' OR table_name LIKE 'icl_%' "
+            "UNION ALL SELECT view_name FROM duckdb_views() WHERE NOT internal "
+            "UNION ALL SELECT function_name FROM duckdb_functions() WHERE function_type = 'macro' "
+            "AND NOT internal").fetchall()}
+    assert code == 2 and err.count("\n") == 1, err
+    assert name in objects
+
+
+@pytest.mark.parametrize("statement, named", [
+    ("CREATE SEQUENCE my_ids", "sequence 'my_ids'"),
+    ("CREATE TYPE mood AS ENUM ('ok', 'not ok')", "type 'mood'"),
+    ("CREATE INDEX my_index ON runs (run_id)", "index 'my_index'"),
+    ("CREATE SCHEMA mine; CREATE TABLE mine.runs AS SELECT 42 AS x", "table 'mine.runs'"),
+    ("CREATE SCHEMA mine", "schema 'mine'"),
+])
+def test_a_rebuild_names_a_users_object_of_any_kind(built, capsys, statement, named):
+    """Whatever the kind of a user's object, the refusal names it (with its schema) and the database
+    is left as it was."""
+    db = built / "lipflow.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute(statement)
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert build_cli(built) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
+    assert db.read_bytes() == before
+
+
+def test_a_rebuild_replaces_the_study_tables_it_made(tmp_path, tiny_run_config):
+    """The study tables a build loads are lipflow's by their exact names: the next build replaces them."""
+    results = tmp_path / "results"
+    make_run(results, "a-00000000", tiny_run_config)
+    write_manifest(results)
+    table = results / "image_mlp" / "robustness.parquet"
+    table.parent.mkdir()
+    write_table_parquet(table, pa.table({"metric": ["certificate_l2"], "value": [15.0], "method": ["muon_soft_cap"],
+                                         "epsilon": pa.array([None], pa.float64())}))
+    assert build_cli(results, study_tables=[table]) == 0
+    assert build_cli(results, study_tables=[table]) == 0
+
+
+# ------------------------------------------------------------------------------------------ what the build loads
+
+
+def test_runs_keeps_the_config_keys_of_every_run_not_only_the_first(tmp_path, tiny_run_config):
+    """A run directory from before a config key existed (README: `masses`, `nesterov`… were added
+    later; load_run fills them from their defaults) built together with a newer run: the ``runs``
+    table has the newer run's key as a column (null for the older run), not only the first run's keys."""
+    results = tmp_path / "results"
+    older = {k: v for k, v in tiny_run_config.items() if k != "nesterov"}
+    make_run(results, "a-00000000", older)  # sorts first
+    make_run(results, "b-11111111", {**tiny_run_config, "nesterov": False})
+    write_manifest(results)
+    with duckdb.connect(str(build_here(results)), read_only=True) as con:
+        columns = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns "
+                                              "WHERE table_name = 'runs'").fetchall()]
+        assert "nesterov" in columns
+        assert con.execute("SELECT nesterov FROM runs WHERE run_id = 'b-11111111'").fetchone() == (False,)
+
+
+@pytest.mark.parametrize("evals", [
+    pa.table({"run_id": ["a-00000000"], "metric": ["loss"], "value": [1.5]}),  # no `eval` column
+    pa.table({"run_id": ["a-00000000"], "eval": ["val"], "metric": ["loss"]}),  # no `value` column
+    pa.table({"run_id": ["a-00000000"], "eval": ["val"], "metric": ["loss"], "value": ["1.5"]}),  # text values
+], ids=["no_eval_column", "no_value_column", "text_values"])
+def test_an_evaluation_table_without_its_columns_is_named(tmp_path, tiny_run_config, capsys, evals):
+    """README: bad input to a stage stops it with one line naming the file. An evals.parquet that
+    lacks the `eval` or `value` column, or holds `value` as text, is named (not a pyarrow "Field does
+    not exist in schema" or a DuckDB binder error)."""
+    results = tmp_path / "results"
+    make_run(results, "a-00000000", tiny_run_config, evals=evals)
+    write_manifest(results)
+    code = build_cli(results)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "evals.parquet" in err, err
+
+
+def test_a_run_directory_without_its_evaluation_table_is_named(tmp_path, tiny_run_config, capsys):
+    """Every pipeline run has an evals.parquet (merge-evals writes an empty one for
+    `evaluations.enabled: []`; the database rule has every run's as an input), as it has a
+    train_metrics.parquet: one that is gone (here with its sidecar left behind) stops the build with
+    one line naming it, never a run loaded without its evaluations (val_loss NULL)."""
+    results = tmp_path / "results"
+    run_dir = make_run(results, "a-00000000", tiny_run_config)
+    (run_dir / "evals.parquet").unlink()
+    write_manifest(results)
+    code = build_cli(results)
+    err = capsys.readouterr().err
+    assert code == 2 and "evals.parquet" in err, err
+
+
+def test_the_build_loads_no_study_table_its_command_does_not_ask_for(tmp_path, tiny_run_config, monkeypatch):
+    """The build loads the study tables named by --study-tables only: a results/icl table left by an
+    earlier config (the ICL study since switched off) never lands in the database as icl_* to feed the
+    icl_vs_pgd view as if it were this config's."""
+    results = tmp_path / "results"
+    make_run(results, "a-00000000", tiny_run_config)
+    write_manifest(results)
+    (results / "icl").mkdir()
+    write_table_parquet(results / "icl" / "loss_by_layers.parquet",
+                        pa.table({"method": ["transformer"], "n_layers": [1], "n": [20], "loss": [0.5]}))
+    monkeypatch.chdir(tmp_path)
+    assert build_cli(Path("results")) == 0
+    with duckdb.connect(str(results / "lipflow.duckdb"), read_only=True) as con:
+        tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert "icl_loss_by_layers" not in tables
+
+
+@pytest.mark.parametrize("name", ["notes/mine.parquet", "icl/summary.parquet"],
+                         ids=["no_study", "no_table_of_the_study"])
+def test_a_study_table_of_another_name_is_refused(tmp_path, tiny_run_config, capsys, name):
+    """--study-tables takes lipflow's study tables only (a table of another name would be one the
+    next rebuild refuses to drop): anything else is one line naming the file, before any work."""
+    results = tmp_path / "results"
+    make_run(results, "a-00000000", tiny_run_config)
+    write_manifest(results)
+    table = results / name
+    table.parent.mkdir()
+    write_table_parquet(table, pa.table({"x": [1]}))
+    assert build_cli(results, study_tables=[table]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(table) in err, err
+    assert not (results / "lipflow.duckdb").exists()
+
+
+@pytest.mark.parametrize("overlay, tables", [("icl: {enabled: true}\n", [f"results/icl/{name}.parquet" for name in (
+    "loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement", "training")]),
+                                             ("", [])], ids=["icl_on", "icl_off"])
+def test_the_database_rule_names_the_studies_tables_the_config_has_on(tmp_path, overlay, tables):
+    """The database job's command line names the tables of the studies the config has on, and no
+    other (a dry run, printing the job's command)."""
+    (tmp_path / "config.yaml").write_text("runs: {}\n" + overlay)
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                          "results/lipflow.duckdb.built", "--configfile", str(tmp_path / "config.yaml"), "-c1", "-n",
+                          "-p"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    command = next(line for line in dry.stdout.splitlines() if "lipflow.results build" in line)
+    named = command.split("--study-tables", 1)[1].split(">", 1)[0].split()
+    assert named == tables, command
+
+
+# ------------------------------------------------------------------------------------------ views
+
+
+def rank_run(results: Path, run_id: str, cfg: dict, b3: float, n_eval: int) -> None:
+    """A rank_vs_n run: training metrics over all its steps, a val loss and the rank evaluation's rows."""
+    steps = cfg["steps"]
+    rows = [("val", "loss", 2.0, None, None, None),
+            ("rank", "generalization_gap", 0.1, None, None, None),
+            ("rank", "b3_rademacher_sum", b3, None, None, n_eval),
+            ("rank", "numerical_rank", 4.0, "qk", 0.01, None),
+            ("rank", "stable_rank", 3.0, "qk", None, None),
+            ("rank", "edelman_norm_proxy", 5.0, None, None, None),
+            ("rank", "spectrum_adaptive_proxy", 6.0, None, None, None)]
+    evals = pa.table({"run_id": [run_id] * len(rows), "eval": [r[0] for r in rows], "metric": [r[1] for r in rows],
+                      "value": [r[2] for r in rows], "matrix": pa.array([r[3] for r in rows], pa.string()),
+                      "rtol": pa.array([r[4] for r in rows], pa.float64()),
+                      "n": pa.array([r[5] for r in rows], pa.int64())})
+    metrics = pa.table({"run_id": [run_id] * steps, "step": list(range(1, steps + 1)), "loss": [1.5] * steps})
+    make_run(results, run_id, cfg, steps=steps, evals=evals, metrics=metrics)
+
+
+@pytest.mark.parametrize("train_tokens, n_tokens, n_sequences", [(2048, 100, 6), (64, 64, 4), (None, 100, 6)])
+def test_rank_bound_counts_the_tokens_a_run_trained_on(tmp_path, tiny_run_config, train_tokens, n_tokens,
+                                                       n_sequences):
+    """table_rank_bound.rst: n_sequences = ⌊training tokens / context⌋. A run trains on the first
+    min(train_tokens, split size) tokens (TokenShards.num_tokens; all of the split without
+    train_tokens), and the rank evaluation's n is the split's (6 windows of 16 here): a train_tokens
+    above the 100-token split counts 100 tokens, not 2048, and the B3 bound is rescaled to that n."""
+    results = tmp_path / "results"
+    cfg = {**tiny_run_config, "experiment": "rank_vs_n", "train_tokens": train_tokens}  # context 16
+    rank_run(results, "rank.n-00000000", cfg, b3=12.0, n_eval=100 // 16)
+    write_manifest(results)  # one train shard of 100 tokens
+    with duckdb.connect(str(build_here(results)), read_only=True) as con:
+        row = con.execute("SELECT n_tokens, n_sequences, b3_bound FROM rank_bound").fetchone()
+    assert row[:2] == (n_tokens, n_sequences)
+    assert math.isclose(row[2], 12.0 * math.sqrt(6 / n_sequences))
+
+
+# ------------------------------------------------------------------------------------------ merge-evals
+
+
+@pytest.mark.parametrize("run_ids, values", [(["r-0000000a", None], [1.0, 0.5]),
+                                             (["r-0000000a", "r-0000000a"], ["1.0", "0.5"])],
+                         ids=["null_run_id", "text_values"])
+def test_merge_evals_refuses_a_table_that_is_no_evaluation_table_in_one_line(tmp_path, capsys, run_ids, values):
+    """README: merge-evals takes only evaluation tables of one run; anything else (a row without a
+    run_id, text values) is one line naming the file, and nothing is written."""
+    write_table_parquet(tmp_path / "val.parquet", pa.table({"run_id": run_ids, "eval": ["val", "val"],
+                                                           "metric": ["loss", "accuracy"], "value": values}))
+    code = lipflow.results.main(["merge-evals", "--out", str(tmp_path / "evals.parquet"), str(tmp_path / "val.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "val.parquet" in err, err
+    assert not (tmp_path / "evals.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def test_plots_on_a_database_without_lipflow_views_is_one_line(tmp_path, capsys):
+    """`python -m lipflow.plots --db X` on a database that is not a lipflow database (or one built
+    before a view existed) is one line `lipflow: error: …` naming the database and the view, exit 2."""
+    from lipflow.results.figures import main
+
+    db = tmp_path / "other.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE t (x INTEGER)")
+    code = main(["--db", str(db), "--out-dir", str(tmp_path / "figures"), "--experiment", "precision"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "other.duckdb" in err or "precision" in err, err
+    assert err.startswith("lipflow: error: ") and "other.duckdb" in err and "precision" in err, err
+
+
+def test_a_users_figure_that_mentions_lipflow_is_not_replaced(tmp_path, tiny_run_config, capsys):
+    """README: the plots replace only figures lipflow drew (marked in their PNG/SVG metadata). A user's
+    own PNG whose Title metadata mentions lipflow carries no mark: it is refused (exit 2) and left as it was."""
+    from lipflow.results.figures import main
+    from lipflow.results.plotting import pyplot
+
+    results = tmp_path / "results"
+    cfg = {**tiny_run_config, "experiment": "lipschitz_tradeoff"}
+    make_run(results, "tradeoff.a-00000000", cfg, lipschitz_bound=3.0, max_activation=2.0)
+    make_run(results, "tradeoff.b-11111111", cfg, lipschitz_bound=5.0, max_activation=2.0)
+    write_manifest(results)
+    assert build_cli(results) == 0
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    fig.savefig(figures / "tradeoff_accuracy.png", metadata={"Title": "my lipflow runs, annotated by hand"})
+    plt.close(fig)
+    before = hashlib.sha256((figures / "tradeoff_accuracy.png").read_bytes()).hexdigest()
+    capsys.readouterr()
+    code = main(["--db", str(results / "lipflow.duckdb"), "--out-dir", str(figures),
+                 "--experiment", "lipschitz_tradeoff"])
+    after = hashlib.sha256((figures / "tradeoff_accuracy.png").read_bytes()).hexdigest()
+    assert after == before
+    assert code == 2
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_the_figure_mark_is_lipflows_metadata_only(tmp_path, fmt):
+    """A figure lipflow wrote carries its mark; a user's figure naming lipflow in its title or as
+    another program does not."""
+    from lipflow.results.plotting import is_lipflow_figure, pyplot, write_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    write_figure(fig, tmp_path / f"ours.{fmt}", fmt)
+    other = {"png": {"Title": "lipflow", "Software": "lipflow-fork"}, "svg": {"Title": "lipflow"}}[fmt]
+    fig.savefig(tmp_path / f"theirs.{fmt}", format=fmt, metadata=other)
+    plt.close(fig)
+    assert is_lipflow_figure(tmp_path / f"ours.{fmt}")
+    assert not is_lipflow_figure(tmp_path / f"theirs.{fmt}")
+
+
+# ------------------------------------------------------------------------------------------ load_run
+
+
+def loadable_run(results: Path, run_id: str, cfg: dict, **kwargs) -> Path:
+    """A run directory load_run accepts: make_run's files plus checksummed weights of a fresh model."""
+    from lipflow.config import run_defaults
+    from lipflow.model import build_model
+    from lipflow.train.checkpoint import save_weights
+
+    run_dir = make_run(results, run_id, cfg, **kwargs)
+    model = build_model(run_defaults(**cfg), 10)
+    save_weights(run_dir / "model.safetensors", model.state_dict(), {"config": cfg, "vocab_size": 10})
+    return run_dir
+
+
+def test_load_run_names_config_json_when_it_lacks_data_dir(tmp_path, tiny_run_config):
+    """README: a JSON file of lipflow's that lacks a key is an error naming the file: load_run (and so
+    `lipflow sample`) on a config.json without data_dir names config.json and the key."""
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config)
+    info = json.loads((run_dir / "config.json").read_text())
+    del info["data_dir"]
+    (run_dir / "config.json").write_text(json.dumps(info))
+    with pytest.raises(Exception) as caught:
+        lipflow.load_run("tiny-00000000", results=results, device="cpu")
+    assert "config.json" in str(caught.value), repr(caught.value)
+    assert "data_dir" in str(caught.value), repr(caught.value)
+    from conftest import run_stage
+
+    sample = run_stage("lipflow.cli", "sample", "tiny-00000000", "--results", str(results), "--prompt", "x",
+                       "--device", "cpu")
+    assert sample.returncode == 2 and f"{run_dir / 'config.json'}: missing key 'data_dir'" in sample.stderr, sample.stderr
+
+
+@pytest.mark.parametrize("foreign", ["train_metrics.parquet", "run.json"])
+def test_load_run_refuses_files_of_another_run(tmp_path, tiny_run_config, foreign):
+    """As the database build does ("a run directory holds the run it is named after"), load_run
+    refuses a run.json or train_metrics.parquet of another run in the run's folder, naming the file,
+    instead of returning them as this run's .summary / .metrics."""
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config)
+    other = make_run(results, "other-11111111", tiny_run_config)
+    for name in (foreign, f"{foreign}.sha256"):
+        if (other / name).exists():
+            (run_dir / name).write_bytes((other / name).read_bytes())
+    with pytest.raises(Exception) as caught:
+        run = lipflow.load_run("tiny-00000000", results=results, device="cpu")
+        print(run.summary["run_id"], run.metrics.run_id.unique())
+    assert foreign in str(caught.value), repr(caught.value)
+
+
+def test_load_run_names_the_device_argument(tmp_path, tiny_run_config):
+    """A device torch does not know is a ValueError naming the `device` argument, not torch's RuntimeError."""
+    results = tmp_path / "results"
+    loadable_run(results, "tiny-00000000", tiny_run_config)
+    with pytest.raises(ValueError, match="device: 'tpu'"):
+        lipflow.load_run("tiny-00000000", results=results, device="tpu")
