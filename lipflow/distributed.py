@@ -1,8 +1,12 @@
-"""Data-parallel training across processes started by ``torchrun`` (DDP; NCCL on GPU, gloo on CPU).
+"""Data-parallel training on one machine: ``launch_workers`` starts ``nproc`` processes (the
+environment ``torchrun --standalone`` gives its workers, which may start them instead), and they
+average their gradients (NCCL on GPU, gloo on CPU).
 
 Every rank draws the same global batch from the same seeded generator and keeps its own slice,
 so the data-loader state is identical on all ranks and rank 0's checkpoint resumes them all.
-Decisions that end the loop (divergence, SIGTERM) are all-reduced so every rank stops together.
+Gradients are averaged in one fixed layout (``average_gradients``), so a resumed run sums them in
+the order an uninterrupted one does. Decisions that end the loop (divergence, SIGTERM) are
+all-reduced so every rank stops together.
 """
 
 from __future__ import annotations
@@ -10,8 +14,13 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -19,40 +28,53 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Topology:
+    """This process's place in the group; ``control`` is the CPU (gloo) group that agrees on flags
+    without waiting for the GPU (None: the default group, already gloo on CPU)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    control: Any = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def processes_in_env() -> int | None:
+    """The number of processes a launcher (``launch_workers`` or torchrun) started this one among,
+    from the environment; None when no launcher started it."""
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+
+
 def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
-    """Join the process group torchrun describes in the environment (a no-op without torchrun;
-    under torchrun also for one process, so ``nproc: 1`` runs the NCCL/gloo and DDP code paths)."""
-    if "WORLD_SIZE" not in os.environ:
+    """Join the process group the launcher describes in the environment (a no-op without one;
+    under torchrun also for one process, so ``nproc: 1`` runs the NCCL/gloo code paths)."""
+    world = processes_in_env()
+    if world is None:
         return Topology(), device
     terminate_with_launcher()
-    world = int(os.environ["WORLD_SIZE"])
-    topo = Topology(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", topo.local_rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return topo, device
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return Topology(rank, world, local_rank, control), device
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
 
 
-def terminate_with_launcher() -> None:
-    """torchrun starts each worker in a session of its own, so killing the job's process group (a
-    SIGKILLed Snakemake or job step) missed the workers, which trained on into the run's folder. On
-    Linux each worker asks for SIGTERM when torchrun exits: the preemption path (checkpoint, exit 143)."""
+def terminate_with_launcher(launcher: int | None = None) -> None:
+    """A worker whose launcher is killed must not train on into the run's folder (torchrun starts
+    each worker in a session of its own, which a SIGKILL of the job's process group misses). On Linux
+    the worker asks for SIGTERM when its parent exits: the preemption path (checkpoint, exit 143).
+    ``launch_workers`` asks for it in the child before it runs Python, with ``launcher`` its own pid,
+    so a launcher killed while the workers start is seen too; torchrun's workers ask at start-up."""
     if sys.platform != "linux":
         return
-    launcher = os.getppid()
+    launcher = os.getppid() if launcher is None else launcher
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != launcher:  # it exited before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
@@ -67,12 +89,33 @@ def mean_tensor_across_ranks(t: torch.Tensor, topo: Topology) -> torch.Tensor:
     return t / topo.world
 
 
-def any_rank(flag: bool, topo: Topology, device: torch.device) -> bool:
+def any_rank(flag: bool, topo: Topology) -> bool:
+    """Whether ``flag`` is set on any rank: a CPU all-reduce over the control group, which waits
+    for the other ranks' processes but not for any GPU."""
     if topo.world == 1:
         return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=topo.control)
     return bool(t.item())
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], topo: Topology) -> None:
+    """Replace every gradient by its mean over ranks: one all-reduce per dtype of all gradients
+    flattened in parameter order. The layout never changes, so the ranks' gradients are summed in
+    the same order at every step (DDP rebuilds its buckets after a process's first step, so the
+    first step after a resume summed a 3-rank ring in another order than an uninterrupted run)."""
+    if topo.world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            by_dtype[p.grad.dtype].append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= topo.world
+        for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
 
 
 def barrier(topo: Topology) -> None:
@@ -99,3 +142,64 @@ def all_gather_stack(mine: torch.Tensor, world: int) -> torch.Tensor:
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine.contiguous())
     return torch.cat(parts)
+
+
+KILL_AFTER_S = 60.0  # after one worker failed, how long the others get to stop before SIGKILL
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the rendezvous of the workers)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int) -> int:
+    """Run ``python -m module argv`` as ``nproc`` workers on this machine, each with the environment
+    ``torchrun --standalone`` gives (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and
+    return one exit code: 0 when all finished; 2 when one refused an input (it printed its line);
+    ``preempted_code`` when SIGTERM stopped them (it is passed on to the workers, which save a
+    checkpoint and exit with that code); else the first failure's. Once a worker fails, the others
+    get SIGTERM, then SIGKILL ``KILL_AFTER_S`` later, so none waits forever in a collective. SIGINT
+    is passed on too, and the launcher returns only once every worker has exited."""
+    launcher = os.getpid()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc)}
+    workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
+                                                                           "LOCAL_RANK": str(rank)},
+                                preexec_fn=lambda: terminate_with_launcher(launcher)) for rank in range(nproc)]
+
+    def terminate_workers(signum=signal.SIGTERM, frame=None) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, terminate_workers) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        first_failure, kill_at = None, None
+        while any(worker.poll() is None for worker in workers):
+            if first_failure is None:
+                first_failure = next((w.returncode for w in workers if w.poll() not in (None, 0)), None)
+                if first_failure is not None:
+                    kill_at = time.monotonic() + KILL_AFTER_S
+                    terminate_workers()
+            elif time.monotonic() > kill_at:
+                terminate_workers(signal.SIGKILL)
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [exit_code(worker.returncode) for worker in workers]
+    if all(code == 0 for code in codes):
+        return 0
+    if 2 in codes:
+        return 2
+    if all(code in (0, preempted_code) for code in codes):
+        return preempted_code
+    first = exit_code(first_failure) if first_failure is not None else preempted_code
+    return first if first != preempted_code else max(code for code in codes if code != preempted_code)
+
+
+def exit_code(returncode: int) -> int:
+    """A process's status as a shell reports it: 128 + N for one killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode

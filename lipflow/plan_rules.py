@@ -4,10 +4,12 @@ the rules call (each takes the job's ``wildcards``), and the file lists of the s
 
 from __future__ import annotations
 
-from lipflow.plan import Plan
+from lipflow.plan import IMAGE_MLP, Plan
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
               "training"]
+# Every study's tables, by study: what the DuckDB build may load (lipflow.results.database, as <study>_<name>).
+STUDY_FILES = {"icl": [f"results/icl/{table}.parquet" for table in ICL_TABLES], "image_mlp": [IMAGE_MLP]}
 ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
                for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
 
@@ -52,14 +54,14 @@ class RuleFunctions:
         return self.plan.run_config_json(wildcards.run)
 
     def train_mem_mb(self, wildcards, attempt):
-        """1 GB of runtime + 16 bytes/parameter (weights, grads, two optimizer moments) + activations
-        (≈ 34·B·T·d·L floats, Korthikanti et al. 2022), doubled on each retry."""
+        """Per process, 1 GB of runtime + 16 bytes/parameter (weights, grads, two optimizer moments) +
+        activations (≈ 34·B·T·d·L floats, Korthikanti et al. 2022); times ``nproc``, doubled on each retry."""
         override = self.resources["train_mem_mb"]
         if override:
             return override * attempt
         cfg = self.plan.runs[wildcards.run]
         activations = 34 * cfg["batch_size"] * cfg["context"] * cfg["d_model"] * cfg["n_layers"] * 4
-        return int(1000 + (16 * param_count(cfg) + activations) / 1e6) * attempt
+        return int(1000 + (16 * param_count(cfg) + activations) / 1e6) * cfg["nproc"] * attempt
 
     def train_runtime(self, wildcards, attempt):
         """Minutes: 6·N·tokens FLOPs at a conservative 5 GFLOP/s (a CPU core), + 10, doubled on retry."""
@@ -71,24 +73,24 @@ class RuleFunctions:
         return int(10 + 6 * param_count(cfg) * tokens / 5e9 / 60) * attempt
 
     def train_gpus(self, wildcards):
-        """GPUs for one training job: ``gpu_per_run``, at least one per DDP process when GPUs are used."""
+        """GPUs for one training job: ``gpu_per_run``, at least one per process when GPUs are used."""
         gpus = self.resources["gpu_per_run"]
         return max(gpus, self.plan.runs[wildcards.run]["nproc"]) if gpus else 0
 
-    def train_launcher(self, wildcards):
-        """``python -m`` for one process; ``torchrun`` for data-parallel runs (nproc > 1)."""
-        nproc = self.plan.runs[wildcards.run]["nproc"]
-        return f"torchrun --standalone --nproc_per_node={nproc} -m" if nproc > 1 else "python -m"
+    def train_cpus(self, wildcards):
+        """CPUs for one training job: two per process (the rule's ``threads``, which each process uses)."""
+        return 2 * self.plan.runs[wildcards.run]["nproc"]
 
     # ------------------------------------------------------------------ studies and experiments
 
     def icl_tables(self, wildcards):
         """The ICL study's tables when it is on (the DuckDB build loads them as icl_<table>)."""
-        return [f"results/icl/{table}.parquet" for table in ICL_TABLES] if "icl" in self.plan.studies else []
+        return list(STUDY_FILES["icl"]) if "icl" in self.plan.studies else []
 
     def study_tables(self, wildcards):
         """Every study table the DuckDB build loads, when its study is on: the ICL tables and the
-        digits-MLP robustness table, so that the database waits for them and is rebuilt when they change."""
+        digits-MLP robustness table, so that the database waits for them and is rebuilt when they change
+        (the database rule also names them on the build's command line: it loads those only)."""
         return [*self.icl_tables(wildcards), *self.plan.study_inputs()]
 
     def icl_targets(self, wildcards):

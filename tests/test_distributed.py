@@ -1,4 +1,6 @@
-"""torchrun DDP on CPU (gloo, 2 processes) trains the same model as one process on the same global batch."""
+"""Data-parallel training on CPU (gloo, 2 processes started by ``python -m lipflow.train`` itself) trains the
+same model as one process on the same global batch; the workers never outlive their launcher (lipflow's or
+torchrun)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,8 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(char_shards,
     one = run_stage("lipflow.train", "--run-id", "one-00000000", "--config-json", json.dumps(single),
                     "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "one"), "--no-progress")
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "lipflow.train", "--run-id", "two-00000000", "--config-json",
-                          json.dumps({**cfg, "nproc": 2}), "--data-dir", str(char_shards),
-                          "--out-dir", str(tmp_path / "two"), "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
+    two = run_stage("lipflow.train", "--run-id", "two-00000000", "--config-json", json.dumps({**cfg, "nproc": 2}),
+                    "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "two"), "--no-progress")
     assert two.returncode == 0, two.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "run.json").read_text())
     assert summary["processes"] == 2 and summary["status"] == "completed"
@@ -89,20 +88,25 @@ def processes_running(marker: str) -> list[int]:
     return pids
 
 
+LAUNCHERS = {"lipflow": ["-m", "lipflow.train"],
+             "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lipflow.train"]}
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's prctl")
-def test_workers_stop_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
+@pytest.mark.parametrize("launcher_name", sorted(LAUNCHERS))
+def test_workers_stop_when_their_launcher_is_killed(char_shards, tiny_run_config, tmp_path, launcher_name):
     """torchrun puts each worker in a session of its own: a SIGKILL of the launcher (or of the job's
     process group) left the workers training into the run's folder. Now they get SIGTERM and stop (the
-    preemption path): no worker left, no run.json."""
+    preemption path), under lipflow's launcher too: no worker left, no run.json."""
     import os
     import signal
     import time
 
     out = tmp_path / "killed"
     cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 20, "nproc": 2}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "lipflow.train", "--run-id", "killed-00000000", "--config-json", json.dumps(cfg),
-                                 "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress"],
+    launcher = subprocess.Popen([sys.executable, *LAUNCHERS[launcher_name], "--run-id", "killed-00000000",
+                                 "--config-json", json.dumps(cfg), "--data-dir", str(char_shards), "--out-dir",
+                                 str(out), "--no-progress"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("checkpoints/*.safetensors")) and time.monotonic() < deadline:  # in the training loop

@@ -184,9 +184,10 @@ def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline,
 
 
 @pytest.mark.parametrize("gpu_per_run", [0, 1])
-def test_dry_run_launches_data_parallel_runs_with_torchrun_and_asks_for_their_gpus(tmp_path, gpu_per_run):
-    """The launcher and GPU request are constants unless a run needs more: a run with nproc 2 gets
-    torchrun (and, with GPUs on, 2 GPUs), the other `python -m` (and 1 GPU, or none)."""
+def test_dry_run_asks_for_the_gpus_and_cpus_of_data_parallel_runs(tmp_path, gpu_per_run):
+    """Every run is `python -m lipflow.train` (one of nproc 2 starts its own workers); the GPU request is
+    a constant unless a run needs more: a run with nproc 2 gets (with GPUs on) 2 GPUs and 4 CPUs, the
+    other 1 GPU (or none) and 2 CPUs."""
     from lipflow.config import load_config_file
 
     config = load_config_file(REPO / "tests" / "data" / "tiny_config.yaml")
@@ -201,9 +202,9 @@ def test_dry_run_launches_data_parallel_runs_with_torchrun_and_asks_for_their_gp
     for block in jobs:
         wildcard = block.split("wildcards: run=")[1].split()[0]
         gpus = block.split("gpu=")[1].split(",")[0].split()[0] if "gpu=" in block else "0"
+        cpus = block.split("cpus_per_task=")[1].split(",")[0].split()[0]
+        assert "python -m lipflow.train" in block and "torchrun" not in block
         if wildcard.startswith("baseline-"):
-            assert "torchrun --standalone --nproc_per_node=2 -m lipflow.train" in block
-            assert gpus == ("2" if gpu_per_run else "0")
+            assert (gpus, cpus) == ("2" if gpu_per_run else "0", "4")
         else:
-            assert "python -m lipflow.train" in block and "torchrun" not in block
-            assert gpus == ("1" if gpu_per_run else "0")
+            assert (gpus, cpus) == ("1" if gpu_per_run else "0", "2")

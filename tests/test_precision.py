@@ -160,7 +160,7 @@ def kernel_and_simulation_agree(device: str) -> None:
         # bits (measured 1.6e-4 on an H200), so there the per-Linear agreement is 1e-3 relative
         assert ((real - sim).abs().max() / sim.abs().max()).item() < (1e-5 if device == "cpu" else 1e-3)
         assert ((sim - x @ layer.weight.detach().T).abs().max() / sim.abs().max()).item() < 0.1  # e4m3, not garbage
-    model, windows = lipschitz_lm()
+    model, windows = lipschitz_lm(context=16)  # 16 × 16 tokens: CPU's _scaled_mm is slow, one flip is 0.4 %
     model = model.to(device)
     assert real_fp8_accuracy(model, windows, 8)["scaling"] == "none"  # proven safe: scale 1
     for scaling in ("none", "per_tensor"):

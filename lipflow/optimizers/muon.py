@@ -98,7 +98,7 @@ UPDATE_SCALES: dict[str, Callable[[int, int], float]] = {
 def _orthogonalize(directions: Tensor, steps: int, orthogonalize: Callable[..., Tensor] | None = None,
                    coefficients: Coefficients = MUON_NS_COEFFICIENTS) -> Tensor:
     """newton_schulz (or ``orthogonalize``, e.g. its compiled form) of a stack of same-shape
-    matrices. Under DDP each rank orthogonalizes its
+    matrices. Under data parallelism each rank orthogonalizes its
     share (padded with zero matrices, which map to zero) and the shares are all-gathered, as in
     modded-nanogpt: gradients, and so momenta and directions, are the same on every rank."""
     orthogonalize = orthogonalize or newton_schulz

@@ -1,7 +1,7 @@
 """The train stage, ``python -m lipflow.train`` (see ``__main__``): one module per job.
 
 - ``trainer``: the loop (``Trainer``), read top to bottom;
-- ``build``: output directory, token splits, model, optimizer, constraint, compiled/DDP forward;
+- ``build``: output directory, token splits, model, optimizer, constraint, compiled forward;
 - ``update``: the constrained update, step → decay → project (shared with the image-MLP study);
 - ``checkpoint``: safetensors weights and checkpoints, save/resume with RNG state;
 - ``telemetry``: per-step metric rows, eval-step measurements, sharpness, TensorBoard;

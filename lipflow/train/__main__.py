@@ -1,11 +1,15 @@
 """Train stage: ``python -m lipflow.train --run-id ID --config-json JSON --data-dir D --out-dir O``.
 
 Trains one run (see ``lipflow.train.trainer``) and prints its summary line; a run stopped by
-SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it.
+SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it. A run of
+``nproc`` > 1 checks its inputs, then starts ``nproc`` workers of this command on this machine
+(``lipflow.distributed.launch_workers``; ``torchrun --standalone --nproc_per_node=nproc -m
+lipflow.train`` starts the same workers), and exits as one process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -45,9 +49,20 @@ def main(argv: list[str] | None = None) -> int:
 
         check_run_id(args.run_id, "--run-id")  # both before torch is imported
         cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
+        from lipflow import distributed
+        from lipflow.train.build import checked_inputs
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted
         from lipflow.train.trainer import Trainer
 
+        processes = distributed.processes_in_env()
+        if processes is None and cfg["nproc"] > 1:
+            checked_inputs(args.run_id, cfg, args.data_dir, args.out_dir)  # one line, not one per worker
+            return distributed.launch_workers(cfg["nproc"], "lipflow.train",
+                                              sys.argv[1:] if argv is None else argv, EXIT_PREEMPTED)
+        if (processes or 1) != cfg["nproc"]:
+            raise ValueError(f"nproc: the run's config says {cfg['nproc']} processes, but this stage runs as one of "
+                             f"{processes or 1} (batch_size is per process); run it without torchrun, and it "
+                             f"starts nproc workers itself")
         new_directory = not args.out_dir.exists()
         try:
             summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
@@ -56,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_PREEMPTED
         except BaseException as err:
             if new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
-                args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
+                with contextlib.suppress(OSError):  # another worker may have removed it, or written to it
+                    args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
             memory = out_of_memory(err)
             if memory is None:
                 raise

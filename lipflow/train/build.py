@@ -1,5 +1,5 @@
 """Everything a run is built from its config: output directory, token splits, model, optimizer and
-weight constraint, and the loss a training step calls (``torch.compile`` and DDP when asked)."""
+weight constraint, and the loss a training step calls (``torch.compile`` when asked)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from lipflow.atomic import is_clutter, is_temporary
 from lipflow.data.loader import TokenShards
+from lipflow.metrics import resolve_device
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
 from lipflow.train.update import ConstraintSettings, check_coupling, constrained_matrices
@@ -83,6 +84,16 @@ def weights_of_run(path: Path, run_id: str) -> bool:
     return isinstance(metadata, dict) and metadata.get("run_id") == run_id
 
 
+def checked_inputs(run_id: str, cfg: dict[str, Any], data_dir: Path,
+                   out_dir: Path) -> tuple[TokenShards, TokenShards, torch.device]:
+    """(train, val, device) once the shards, the device and the run directory are checked: every bad
+    input a run can have refused before anything is written."""
+    train, val = token_splits(data_dir, cfg)
+    device = resolve_device(cfg["device"])
+    check_run_directory(out_dir, run_id, cfg)
+    return train, val, device
+
+
 def token_splits(data_dir: Path, cfg: dict[str, Any]) -> tuple[TokenShards, TokenShards]:
     """(train, val) shards; train cut to ``train_tokens``; both checked to hold a ``context`` window."""
     train, val = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"]), TokenShards(data_dir, "val")
@@ -129,12 +140,8 @@ class NextTokenLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def training_loss(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
+def training_loss(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.nn.Module:
     """The module a train step calls, (x, y) → loss: ``NextTokenLoss(model)``, compiled when ``compile``
-    is set, wrapped in DistributedDataParallel under torchrun."""
+    is set."""
     loss = NextTokenLoss(model)
-    loss = torch.compile(loss) if cfg["compile"] else loss
-    if torch.distributed.is_initialized():
-        device_ids = [device.index] if device.type == "cuda" else None
-        loss = torch.nn.parallel.DistributedDataParallel(loss, device_ids=device_ids)
-    return loss
+    return torch.compile(loss) if cfg["compile"] else loss

@@ -6,12 +6,9 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-import torch
-
 from lipflow import distributed
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job did not finish; rerunning resumes it
-STOP_CHECK_EVERY = 10  # under DDP, steps between agreeing on SIGTERM (a collective and a host sync)
 
 
 class Preempted(Exception):
@@ -21,8 +18,8 @@ class Preempted(Exception):
 class SigtermWatch:
     """While entered, SIGTERM only sets a flag; ``requested`` says whether it arrived on any rank."""
 
-    def __init__(self, topo: distributed.Topology, device: torch.device):
-        self.topo, self.device, self.arrived = topo, device, False
+    def __init__(self, topo: distributed.Topology):
+        self.topo, self.arrived = topo, False
 
     def __enter__(self) -> "SigtermWatch":
         self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -34,14 +31,10 @@ class SigtermWatch:
     def _on_sigterm(self, signum, frame) -> None:
         self.arrived = True
 
-    def requested(self, step: int, force_check: bool) -> bool:
-        """Under DDP agreed only every ``STOP_CHECK_EVERY`` steps and when ``force_check`` (at
-        flushes), since agreeing is a collective and a host sync."""
-        if self.topo.world == 1:
-            return self.arrived
-        if force_check or step % STOP_CHECK_EVERY == 0:
-            return distributed.any_rank(self.arrived, self.topo, self.device)
-        return False
+    def requested(self) -> bool:
+        """Whether SIGTERM arrived on any rank, agreed after every step (a CPU all-reduce over the
+        control group: the ranks stop after the same step, and no rank waits for its GPU)."""
+        return distributed.any_rank(self.arrived, self.topo)
 
 
 def divergence(rows: list[dict[str, Any]], bad_step: int | None, max_bound: float) -> tuple[int, str] | None:

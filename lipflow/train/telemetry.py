@@ -44,7 +44,7 @@ class PendingStep(NamedTuple):
 
 class StepLog:
     """Steps whose results are still on the device; ``flush`` reads them all in one host sync (and,
-    under DDP, one all-reduce) and times them as one stretch."""
+    over processes, one all-reduce) and times them as one stretch."""
 
     def __init__(self, cfg: dict[str, Any], topo: distributed.Topology):
         self.topo = topo
@@ -71,7 +71,7 @@ class StepLog:
         rows, bad_step = [], None
         for p, (loss, grad_norm, clipped) in zip(pending, values):
             rows.append({"step": p.step, "loss": loss, "lr_factor": p.lr_factor,
-                         "tokens": p.step * self.tokens_per_step // self.topo.world, "grad_norm": grad_norm,
+                         "tokens": p.step * self.tokens_per_step, "grad_norm": grad_norm,
                          "clipped_updates": round(clipped), "step_time": step_time,
                          "tokens_per_s": self.tokens_per_step / step_time})
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):

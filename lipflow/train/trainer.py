@@ -23,11 +23,11 @@ from tqdm import tqdm
 from lipflow import distributed, provenance
 from lipflow.atomic import write_json_atomic
 from lipflow.data.parquet import write_rows_parquet
-from lipflow.metrics import autocast_for, resolve_device
+from lipflow.metrics import autocast_for
 from lipflow.model.base import non_finite_parameter
 from lipflow.schedules import lr_factor
 from lipflow.train import checkpoint
-from lipflow.train.build import build_learner, check_run_directory, ensure_writable, token_splits, training_loss
+from lipflow.train.build import build_learner, checked_inputs, ensure_writable, training_loss
 from lipflow.train.stop import Preempted, SigtermWatch, divergence
 from lipflow.train.summary import METRIC_COLUMNS, run_summary
 from lipflow.train.telemetry import EvalStepTelemetry, StepLog, StepResult, TensorBoardMirror
@@ -42,17 +42,14 @@ class Trainer:
     def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True):
         self.run_id, self.cfg, self.progress = run_id, cfg, progress
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        # bad shards or a missing device fail before out_dir exists
-        self.train_data, self.val_data = token_splits(self.data_dir, cfg)
-        device = resolve_device(cfg["device"])
-        check_run_directory(self.out_dir, run_id, cfg)
+        self.train_data, self.val_data, device = checked_inputs(run_id, cfg, self.data_dir, self.out_dir)
         ensure_writable(self.out_dir)
         self.topo, self.device = distributed.init_from_env(device)
         torch.manual_seed(cfg["seed"])
         self.train_windows = self.train_data.resident(self.device)
         self.model, self.optimizer, self.matrices, self.constraint = build_learner(
             cfg, self.train_data.vocab_size, self.device)
-        self.loss = training_loss(self.model, cfg, self.device)
+        self.loss = training_loss(self.model, cfg)
         self.generator = torch.Generator().manual_seed(cfg["seed"])  # the data order
         self.step, self.metrics = 0, []
         self.steps = StepLog(cfg, self.topo)
@@ -79,6 +76,7 @@ class Trainer:
                     loss = self.loss(x, y)
                 (loss / cfg["grad_accum"]).backward()
                 total = total + loss.detach() / cfg["grad_accum"]
+            distributed.average_gradients(self.model.parameters(), self.topo)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         layer_telemetry = self.telemetry.layers
         before = layer_telemetry.before_step() if self.record_layers else None
@@ -103,7 +101,7 @@ class Trainer:
                    disable=not (self.progress and self.topo.is_main))
         self.steps.restart_clock()
         try:
-            with SigtermWatch(self.topo, self.device) as sigterm:
+            with SigtermWatch(self.topo) as sigterm:
                 while self.step < cfg["steps"]:
                     factor = self.set_lr()
                     self.record_layers = self.is_eval_step(self.step + 1)
@@ -113,7 +111,7 @@ class Trainer:
                     bar.update(1)
                     eval_now = self.is_eval_step(self.step)
                     checkpoint_now = bool(cfg["checkpoint_every"]) and self.step % cfg["checkpoint_every"] == 0
-                    stop_now = sigterm.requested(self.step, force_check=eval_now or checkpoint_now)
+                    stop_now = sigterm.requested()
                     if not (eval_now or checkpoint_now or stop_now or len(self.steps.pending) >= MAX_PENDING_STEPS):
                         continue
                     rows, bad_step = self.steps.flush()

@@ -1,6 +1,6 @@
 # One training job per run; a changed run config is a new run id, so nothing trained is overwritten.
-# The launcher and GPU count are constants unless some run needs per-run values (a callable costs
-# Snakemake a signature inspection per job).
+# The CPU and GPU counts are constants unless some run needs per-run values (a callable costs
+# Snakemake a signature inspection per job). A run of nproc > 1 starts its own workers.
 
 
 rule train:
@@ -15,14 +15,14 @@ rule train:
         cfg=run_config_json,
         data_dir=TOKENS_DIR,
         out_dir="results/runs/{run}",
-        launcher=train_launcher if any(run["nproc"] > 1 for run in RUNS.values()) else "python -m",
+        launcher="python -m",  # a param since finished runs recorded it (a changed param reruns them)
     log:
         "results/logs/train/{run}.log",
     threads: 2
     resources:
         mem_mb=train_mem_mb,
         runtime=train_runtime,
-        cpus_per_task=2,
+        cpus_per_task=train_cpus if any(run["nproc"] > 1 for run in RUNS.values()) else 2,
         gpu=train_gpus if config["resources"]["gpu_per_run"] else 0,
     conda:
         ENV

@@ -1,0 +1,523 @@
+"""Properties of lipflow's worker launcher (``launch_workers``, ``exit_code``, ``free_port``) and of the
+collectives the workers use (``average_gradients``, ``any_rank``, ``init_from_env``) that the end-to-end
+runs of tests/test_distributed*.py do not pin down: each test here fails for a plausible wrong version of
+the code (found by mutation testing). The launcher tests start stand-in workers (a few lines of Python
+that exit, sleep or handle SIGTERM as told), so each takes a second or two."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipflow import distributed
+
+PREEMPTED = 143
+
+# A stand-in worker: ``python -m fake_worker SPEC OUT``; SPEC is a JSON list, one entry per rank:
+# sleep (s, before exiting), exit (its code), kill_self (a signal it sends itself instead of exiting),
+# on_term ("exit": exit with term_code, default 143; "ignore": note it and sleep on). Each starts its sleep
+# once every rank has set its SIGTERM handler and noted "ready" in its log.
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, signal, sys, time
+
+    rank = int(os.environ["RANK"])
+    spec = json.loads(sys.argv[1])[rank]
+    out = sys.argv[2]
+
+    def note(what):
+        with open(os.path.join(out, f"rank{rank}.log"), "a") as log:
+            log.write(what + "\\n")
+
+    def on_term(signum, frame):
+        note("SIGTERM")
+        if spec.get("on_term", "exit") == "exit":
+            sys.exit(spec.get("term_code", 143))
+
+    signal.signal(signal.SIGTERM, on_term)
+    with open(os.path.join(out, f"env{rank}.json"), "w") as f:
+        json.dump({"pid": os.getpid(), **{k: os.environ.get(k) for k in
+                   ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}}, f)
+    note("ready")
+    everyone = time.monotonic() + 60  # all ranks are ready (their SIGTERM handlers set) before any goes on
+    while not all(os.path.exists(os.path.join(out, f"rank{r}.log")) for r in range(int(os.environ["WORLD_SIZE"]))):
+        assert time.monotonic() < everyone
+        time.sleep(0.01)
+    deadline = time.monotonic() + spec.get("sleep", 0)
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    if "kill_self" in spec:
+        os.kill(os.getpid(), spec["kill_self"])
+        time.sleep(10)
+    note("exit")
+    sys.exit(spec.get("exit", 0))
+""")
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """Runs ``launch_workers`` (in this process) over stand-in workers; returns (code, seconds, logs)."""
+    (tmp_path / "fake_worker.py").write_text(FAKE_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def launch(specs: list[dict]) -> tuple[int, float, list[list[str]]]:
+        started = time.monotonic()
+        try:
+            code = distributed.launch_workers(len(specs), "fake_worker", [json.dumps(specs), str(out)], PREEMPTED)
+        finally:
+            for rank in range(len(specs)):  # a wrong launcher may leave one running
+                stop_pid_of(out / f"env{rank}.json")
+        return code, time.monotonic() - started, worker_logs(out, len(specs))
+
+    launch.out = out
+    return launch
+
+
+def worker_logs(out: Path, nproc: int) -> list[list[str]]:
+    return [(out / f"rank{rank}.log").read_text().split() if (out / f"rank{rank}.log").exists() else []
+            for rank in range(nproc)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "zombie" not in state
+
+
+def stop_pid_of(env_file: Path) -> None:
+    if env_file.exists():
+        pid = json.loads(env_file.read_text())["pid"]
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_exit_code_is_what_a_shell_reports():
+    """A worker killed by signal N (Popen's returncode -N) counts as 128 + N, as the shell, Snakemake
+    and SLURM report it; a process's own exit status is kept as is (0 stays success)."""
+    assert [distributed.exit_code(c) for c in (0, 1, 2, 143, -signal.SIGKILL, -signal.SIGTERM)] == \
+        [0, 1, 2, 143, 137, 143]
+
+
+def test_each_worker_gets_its_rank_and_all_share_one_rendezvous(fake):
+    """Every worker has the torchrun --standalone environment: RANK and LOCAL_RANK its own index
+    (LOCAL_RANK picks its GPU), WORLD_SIZE nproc, and the same MASTER_ADDR:MASTER_PORT, so that they
+    meet in one process group."""
+    code, _, _ = fake([{}, {}, {}])
+    envs = [json.loads((fake.out / f"env{rank}.json").read_text()) for rank in range(3)]
+    assert code == 0
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("0", "0", "3"), ("1", "1", "3"),
+                                                                            ("2", "2", "3")]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("127.0.0.1", envs[0]["MASTER_PORT"])}
+    assert int(envs[0]["MASTER_PORT"]) > 0
+
+
+def test_a_worker_that_finishes_first_does_not_stop_the_others(fake):
+    """Success is not a failure: a worker that exits 0 while another still works (rank 0 writes the
+    run's files last, or a rank has less to do) does not get the others SIGTERMed, and the run is 0."""
+    code, _, logs = fake([{"exit": 0}, {"sleep": 1.0, "exit": 0}])
+    assert code == 0 and "SIGTERM" not in logs[1] and "exit" in logs[1], logs
+
+
+def test_one_failure_fails_the_run_even_if_another_worker_finished(fake):
+    """A run is 0 only when every worker exits 0: one that finished does not hide another's failure."""
+    code, _, _ = fake([{"exit": 0}, {"sleep": 0.3, "exit": 1}])
+    assert code == 1
+
+
+def test_a_refused_input_is_exit_2_although_the_other_worker_was_then_stopped(fake):
+    """A worker that refused an input (exit 2, its one line) makes the run exit 2, the code Snakemake
+    and the user read as "fix the input", not the other worker's 143 from the SIGTERM it then got."""
+    code, _, logs = fake([{"sleep": 30}, {"sleep": 0.2, "exit": 2}])
+    assert code == 2 and "SIGTERM" in logs[0], logs
+
+
+def test_a_worker_killed_by_a_signal_fails_the_run_with_128_plus_n(fake):
+    """A worker the OOM killer SIGKILLs fails the run with 137 (not 143 from the survivor it stopped:
+    a rerun must not be told it was merely preempted)."""
+    code, _, logs = fake([{"sleep": 30}, {"sleep": 0.2, "kill_self": int(signal.SIGKILL)}])
+    assert code == 128 + signal.SIGKILL and "SIGTERM" in logs[0], logs
+
+
+def test_a_failure_beside_a_preempted_worker_is_not_reported_as_preempted(fake):
+    """One worker exits 143 first and the other then fails (exit 1): the run failed and exits 1;
+    exit 143 would tell Snakemake and the user that a rerun simply resumes."""
+    code, _, logs = fake([{"sleep": 30, "term_code": 1}, {"sleep": 0.2, "exit": PREEMPTED}])
+    assert code == 1 and "SIGTERM" in logs[0], logs
+
+
+def test_all_preempted_is_143(fake):
+    """Workers that all stopped for SIGTERM (exit 143, or finished) make the run exit 143."""
+    code, _, _ = fake([{"sleep": 0.2, "exit": PREEMPTED}, {"sleep": 30}])
+    assert code == PREEMPTED
+
+
+def test_when_one_worker_fails_the_others_get_sigterm_at_once(fake):
+    """The survivors of a failure get SIGTERM right away (their checkpoint path), not only SIGKILL
+    ``KILL_AFTER_S`` (60 s) later."""
+    code, seconds, logs = fake([{"sleep": 60}, {"sleep": 0.2, "exit": 3}])
+    assert code == 3 and "SIGTERM" in logs[0] and seconds < 20, (seconds, logs)
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_kill_after_s(fake, monkeypatch):
+    """A survivor that does not stop on SIGTERM (stuck in a collective, or its flag never read) is
+    SIGKILLed ``KILL_AFTER_S`` later, so the launcher never waits forever."""
+    monkeypatch.setattr(distributed, "KILL_AFTER_S", 0.5)
+    code, seconds, logs = fake([{"sleep": 60, "on_term": "ignore"}, {"sleep": 0.2, "exit": 3}])
+    assert code == 3 and logs[0] == ["ready", "SIGTERM"] and seconds < 20, (seconds, logs)
+
+
+def test_the_launcher_puts_back_the_sigterm_handler_it_found(fake):
+    """While it runs, the launcher's SIGTERM handler forwards the signal to its workers; afterwards the
+    caller's handler is back (a later SIGTERM must not go to finished workers and be swallowed)."""
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        code, _, _ = fake([{}, {}])
+        assert code == 0 and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_sigterm_to_the_launcher_stops_every_worker_before_it_exits_143(tmp_path):
+    """SIGTERM to the launcher (what Snakemake and SLURM send the job) reaches every worker (which
+    checkpoint and exit 143), and the launcher waits for them: it exits 143 itself, not killed by the
+    signal, and no worker outlives it (writing into the run's folder after the job ended)."""
+    (tmp_path / "fake_worker.py").write_text(FAKE_WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    specs = [{"sleep": 30}, {"sleep": 30}]
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; from lipflow.distributed import launch_workers; "
+                               "sys.exit(launch_workers(2, 'fake_worker', sys.argv[1:], 143))",
+                               json.dumps(specs), str(out)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while worker_logs(out, 2) != [["ready"], ["ready"]] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker_logs(out, 2) == [["ready"], ["ready"]]
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=30)
+        pids = [json.loads((out / f"env{rank}.json").read_text())["pid"] for rank in range(2)]
+        running = [pid for pid in pids if alive(pid)]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for rank in range(2):
+            stop_pid_of(out / f"env{rank}.json")
+    assert driver.returncode == PREEMPTED and running == [], (driver.returncode, running)
+    assert worker_logs(out, 2) == [["ready", "SIGTERM"], ["ready", "SIGTERM"]]
+
+
+def test_free_port_never_names_a_port_in_use():
+    """The rendezvous port is one nothing listens on: two launches on one machine (Snakemake runs
+    jobs side by side) must not meet in one rendezvous, nor fail to bind it."""
+    taken = []
+    try:
+        for _ in range(5):
+            port = distributed.free_port()
+            assert port not in [s.getsockname()[1] for s in taken]
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", port))  # free: it binds
+            listener.listen()
+            taken.append(listener)
+    finally:
+        for s in taken:
+            s.close()
+
+
+def test_processes_in_env_is_none_without_a_launcher(monkeypatch):
+    """Without WORLD_SIZE no launcher started this process (the stage then launches nproc workers or
+    trains alone); with it, its value."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.processes_in_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert distributed.processes_in_env() == 3
+
+
+def test_one_process_neither_averages_nor_agrees_through_a_process_group():
+    """With one process (no process group exists) gradients are left as they are and a flag is its own
+    value: no collective is attempted."""
+    one = distributed.Topology()
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    distributed.average_gradients([p], one)
+    assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
+    assert distributed.any_rank(True, one) is True and distributed.any_rank(False, one) is False
+
+
+def _collectives_on_rank(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    topo = distributed.Topology(rank, world)
+    base = torch.arange(1.0, 7.0)
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)),
+              torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2))]
+    params[0].grad = base.view(2, 3) * (rank + 1)
+    params[1].grad = torch.full((4,), 10.0 * (rank + 1), dtype=torch.float64)
+    params[3].grad = torch.tensor([rank + 1.0, -(rank + 1.0)])  # params[2] has no gradient
+    distributed.average_gradients(params, topo)
+    flags = [distributed.any_rank(rank == world - 1, topo), distributed.any_rank(False, topo),
+             distributed.any_rank(True, topo)]
+    torch.save({"grads": [p.grad for p in params], "flags": flags}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_ranks_and_any_rank_is_or(tmp_path):
+    """Two gloo ranks whose gradients are 1× and 2× a pattern end with 1.5× it on every rank, for each
+    dtype (float32 and float64 are all-reduced apart) and every parameter (a parameter without a
+    gradient keeps none): the mean, not the sum. ``any_rank`` is true on every rank when one rank's flag
+    is (a SIGTERM to one worker stops them all), false when none is."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2)
+    base = torch.arange(1.0, 7.0)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"result.{rank}")
+        grads = result["grads"]
+        torch.testing.assert_close(grads[0], base.view(2, 3) * 1.5, rtol=0, atol=1e-6)
+        assert grads[1].dtype == torch.float64
+        torch.testing.assert_close(grads[1], torch.full((4,), 15.0, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert grads[2] is None
+        torch.testing.assert_close(grads[3], torch.tensor([1.5, -1.5]), rtol=0, atol=1e-6)
+        assert result["flags"] == [True, False, True]
+
+
+def test_on_cuda_flags_are_agreed_on_a_cpu_gloo_group(monkeypatch):
+    """On GPUs the default group is NCCL, which cannot all-reduce a CPU tensor (and would wait for the
+    GPU): ``init_from_env`` also makes a gloo group, and ``any_rank`` agrees over it. (The process group
+    calls are recorded, so this runs without GPUs.)"""
+    import torch.distributed as dist
+
+    calls = []
+    control = object()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "terminate_with_launcher", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw)) or control)
+    topo, device = distributed.init_from_env(torch.device("cuda"))
+    assert str(device) == "cuda:1" and (topo.rank, topo.world, topo.local_rank) == (1, 2, 1)
+    assert ("init", "nccl") in calls and ("new_group", {"backend": "gloo"}) in calls and topo.control is control
+
+    reduced = []
+
+    def all_reduce(t, op=None, group=None):
+        reduced.append((t.device.type, op, group))
+        t.fill_(1)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    assert distributed.any_rank(False, topo) is True
+    assert reduced == [("cpu", dist.ReduceOp.MAX, control)]
+
+
+def test_a_worker_whose_launcher_died_before_prctl_took_effect_stops_itself(monkeypatch):
+    """``terminate_with_launcher`` asks for SIGTERM when the launcher exits; if the launcher exited
+    between reading the parent pid and that request (the worker was reparented), the request will never
+    fire, so the worker sends itself SIGTERM (its checkpoint path) at once."""
+    parents = iter([4242, 1])  # the launcher, then init after the launcher died
+    killed, requested = [], []
+
+    class FakeLibc:
+        def prctl(self, option, sig):
+            requested.append((option, sig))
+
+    monkeypatch.setattr(distributed.sys, "platform", "linux")
+    monkeypatch.setattr(distributed.os, "getppid", lambda: next(parents))
+    monkeypatch.setattr(distributed.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda *a, **kw: FakeLibc())
+    distributed.terminate_with_launcher()
+    assert requested == [(distributed.PR_SET_PDEATHSIG, signal.SIGTERM)]
+    assert killed == [(os.getpid(), signal.SIGTERM)]
+
+
+def test_sigterm_stops_a_single_process_run_that_cannot_finish_first(char_shards, tiny_run_config, tmp_path):
+    """SIGTERM to a one-process run (no launcher, no process group) stops it with a checkpoint and exit
+    143. tests/test_reliability.py's SIGTERM test skips when the run exits 0, which is also what a run
+    that ignores SIGTERM does; this run has 100000 steps, so only a stop ends it in time."""
+    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lipflow.train", "--run-id", "s-00000000", "--config-json",
+                             json.dumps(cfg), "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoints/*.sha256")) and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == PREEMPTED and "SIGTERM at step " in err, err[-2000:]
+    step = int(err.split("SIGTERM at step ")[1].split(":")[0])
+    assert (out / "checkpoints" / f"step-{step:09d}.safetensors").exists()
+
+
+def train_command(run_id: str, cfg: dict, data_dir: Path, out: Path, launcher: tuple[str, ...] = ("-m",)) -> list[str]:
+    return [sys.executable, *launcher, "lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg),
+            "--data-dir", str(data_dir), "--out-dir", str(out), "--no-progress"]
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive after waiting up to ``timeout`` s for them to exit."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pgrep and the parent-death signal")
+def test_a_torchrun_worker_of_one_process_stops_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
+    """Under torchrun even one process joins a process group and asks for SIGTERM when its launcher
+    dies (``init_from_env``: "under torchrun also for one process"): a SIGKILLed torchrun of
+    --nproc_per_node=1 leaves no worker training on into the run's folder."""
+    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5}
+    out = tmp_path / "run"
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m")
+    launcher = subprocess.Popen(train_command("one-00000000", cfg, char_shards, out, torchrun),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoints/*.sha256")) and time.monotonic() < deadline:  # in the loop
+            assert launcher.poll() is None
+            time.sleep(0.05)
+        workers = children(launcher.pid)
+        assert len(workers) == 1
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        left = wait_until_gone(workers, 60)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert left == [] and not (out / "run.json").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pgrep and the parent-death signal")
+def test_workers_stop_when_their_launcher_is_killed_while_they_start(char_shards, tiny_run_config, tmp_path):
+    """A launcher SIGKILLed while its workers start up (importing torch, loading the data: seconds) left
+    them training into the run's folder forever: ``terminate_with_launcher`` read the parent pid when the
+    worker reached ``init_from_env``, by when it had been reparented, so the parent-death signal never
+    came. The launcher now asks for it in each child before Python runs, with its own pid (torchrun's
+    workers still ask at start-up). No worker left, no run.json."""
+    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5, "nproc": 2}
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(train_command("race-00000000", cfg, char_shards, out), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = children(launcher.pid)
+            time.sleep(0.005)
+        assert len(workers) == 2
+        os.kill(launcher.pid, signal.SIGKILL)  # before the workers reach init_from_env
+        launcher.wait()
+        left = wait_until_gone(workers, 30)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert left == [] and not (out / "run.json").exists(), \
+        f"workers {left} trained on without their launcher: {sorted(p.name for p in out.glob('checkpoints/*'))}"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pgrep")
+def test_sigint_to_the_launcher_does_not_return_before_its_workers(char_shards, tiny_run_config, tmp_path):
+    """SIGINT to the launcher alone (``kill -INT``, ``timeout -s INT``) raised KeyboardInterrupt in its
+    wait loop: it exited (130, a traceback) while both workers trained on and wrote checkpoints into the
+    run's folder. Now, as for SIGTERM, the signal reaches the workers and the launcher returns only
+    after they exited."""
+    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5, "nproc": 2}
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(train_command("int-00000000", cfg, char_shards, out), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoints/*.sha256")) and time.monotonic() < deadline:  # in the loop
+            assert launcher.poll() is None
+            time.sleep(0.05)
+        workers = children(launcher.pid)
+        assert len(workers) == 2
+        os.kill(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=60)
+        running_when_it_returned = [pid for pid in workers if alive(pid)]
+        wait_until_gone(workers, 60)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert running_when_it_returned == [], f"the launcher exited {launcher.returncode} with workers running"
+
+
+def test_sigterm_watch_only_sets_a_flag_and_puts_back_the_handler_it_found():
+    """While a run's loop is in ``SigtermWatch``, SIGTERM sets a flag that ``requested`` reports (the
+    loop then checkpoints); afterwards the handler in place before is back, so a SIGTERM after the loop
+    (or to a process that trained in-process) is handled as its owner meant, not silently dropped."""
+    from lipflow.train.stop import SigtermWatch
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with SigtermWatch(distributed.Topology()) as watch:
+            assert watch.requested() is False
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not watch.arrived and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert watch.requested() is True
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_run_of_one_process_trains_in_the_stage_itself(char_shards, tiny_run_config, tmp_path, monkeypatch):
+    """``nproc: 1`` without a launcher trains in the stage's own process: no worker is started (no
+    second Python with its own copy of torch beside the one the memory request counts, no rendezvous
+    port, no process group)."""
+    from lipflow.train.__main__ import main
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError(f"launch_workers{args} for a run of nproc 1")
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch_workers", no_workers)
+    code = main(["--run-id", "one-00000000", "--config-json", json.dumps({**tiny_run_config, "steps": 2}),
+                 "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "one"), "--no-progress"])
+    assert code == 0 and json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == 1
