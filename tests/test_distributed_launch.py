@@ -4,6 +4,7 @@ every worker after the step in flight, and a stage run by hand with another proc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,18 +13,80 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_stage
+TORCHRUN_ONE = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m")
+ENDLESS = {"steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5}  # a run that trains until stopped
 
 
-def train_command(run_id: str, cfg: dict, data_dir: Path, out: Path) -> list[str]:
-    """The train rule's command for one run."""
-    return [sys.executable, "-m", "lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg),
+def train_command(run_id: str, cfg: dict, data_dir: Path, out: Path, launcher: tuple[str, ...] = ("-m",)) -> list[str]:
+    """The train rule's command for one run (or, with ``launcher``, torchrun's)."""
+    return [sys.executable, *launcher, "lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg),
             "--data-dir", str(data_dir), "--out-dir", str(out), "--no-progress"]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "zombie" not in state
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive after waiting up to ``timeout`` s for them to exit."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
+def wait_for(path: Path, launcher: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``path`` exists (a checkpoint: the run is in its loop) while ``launcher`` runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+        time.sleep(0.02)
+    assert path.exists(), f"{path} did not appear in {timeout} s"
+
+
+class Launch:
+    """A launcher process and the workers it was seen with."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.workers = process, []
+
+    def find_workers(self, count: int) -> list[int]:
+        self.workers = children(self.process.pid)
+        assert len(self.workers) == count, self.workers
+        return self.workers
+
+
+@contextlib.contextmanager
+def launched(command: list[str]) -> Iterator[Launch]:
+    """``command`` started in a session of its own (stderr piped); on the way out whatever is left of it
+    and of the workers it was seen with is SIGKILLed, so no test leaves a run training."""
+    launch = Launch(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True))
+    try:
+        yield launch
+    finally:
+        for pid in launch.workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launch.process.poll() is None:
+            os.killpg(launch.process.pid, signal.SIGKILL)
+            launch.process.communicate()
 
 
 def test_three_process_resume_is_bit_exact(char_shards, tiny_run_config, tmp_path):
@@ -60,56 +123,40 @@ def test_a_bad_input_is_one_line_and_exit_2(tiny_run_config, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="pgrep, /proc and the parent-death signal")
+
+
+@linux_only
 def test_a_worker_that_fails_takes_the_others_down(char_shards, tiny_run_config, tmp_path):
     """A worker that dies (here: SIGKILL, as the kernel's OOM killer does) fails the run with its own
     code, and the other worker is stopped, not left waiting in a collective."""
-    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5, "nproc": 2}
     out = tmp_path / "run"
-    launcher = subprocess.Popen(train_command("k-00000000", cfg, char_shards, out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_for(out / "checkpoints" / "step-000000005.safetensors.sha256")
-        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-        assert len(workers) == 2
-        os.kill(int(workers[1]), signal.SIGKILL)
-        launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 128 + signal.SIGKILL
+    with launched(train_command("k-00000000", {**tiny_run_config, **ENDLESS, "nproc": 2}, char_shards, out)) as launch:
+        wait_for(out / "checkpoints" / "step-000000005.safetensors.sha256", launch.process)
+        os.kill(launch.find_workers(2)[1], signal.SIGKILL)
+        launch.process.communicate(timeout=120)
+        assert wait_until_gone(launch.workers, 30) == []
+    assert launch.process.returncode == 128 + signal.SIGKILL
     assert not (out / "run.json").exists()
 
 
-def wait_for(path: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert path.exists(), f"{path} did not appear in {timeout} s"
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="pgrep")
+@linux_only
 def test_sigterm_to_one_worker_checkpoints_after_the_step_in_flight(char_shards, tiny_run_config, tmp_path):
     """The workers agreed on a stop only every 10 steps (or at an eval or checkpoint step): SIGTERM just
-    after the step-11 checkpoint stopped the run at step 20, time a cluster's kill grace may not leave. Now
-    they agree after every step: the stop comes within a step or two, the launcher exits 143 (torchrun
-    exited 1), and a rerun resumes from the stop."""
-    cfg = {**tiny_run_config, "d_model": 64, "n_heads": 4, "context": 32, "batch_size": 8, "steps": 1000,
-           "eval_every": 1000, "checkpoint_every": 11, "nproc": 2}
+    after the step-21 checkpoint stopped the run at step 30, time a cluster's kill grace may not leave. Now
+    they agree after every step: the stop comes within a few steps (steps of about 0.1 s here, so a busy
+    machine's delay in sending the signal is a step or two), and the launcher exits 143 (torchrun exited 1)."""
+    cfg = {**tiny_run_config, "d_model": 128, "n_heads": 4, "n_layers": 2, "context": 64, "batch_size": 16,
+           "steps": 1000, "eval_every": 1000, "checkpoint_every": 21, "nproc": 2}
     out = tmp_path / "run"
-    launcher = subprocess.Popen(train_command("t-00000000", cfg, char_shards, out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_for(out / "checkpoints" / "step-000000011.safetensors.sha256")
-        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(workers[-1]), signal.SIGTERM)  # one worker: a signal may reach one rank first
-        _, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 143, stderr[-2000:]
+    with launched(train_command("t-00000000", cfg, char_shards, out)) as launch:
+        wait_for(out / "checkpoints" / "step-000000021.safetensors.sha256", launch.process)
+        os.kill(launch.find_workers(2)[-1], signal.SIGTERM)  # one worker: a signal may reach one rank first
+        _, stderr = launch.process.communicate(timeout=120)
+    assert launch.process.returncode == 143, stderr[-2000:]
     stops = {int(line.split("SIGTERM at step ")[1].split(":")[0]) for line in stderr.splitlines()
              if "SIGTERM at step " in line}
-    assert len(stops) == 1 and 11 < min(stops) <= 14, stderr[-2000:]  # both workers, one step
+    assert len(stops) == 1 and 21 < min(stops) <= 25, stderr[-2000:]  # both workers, one step
     assert (out / "checkpoints" / f"step-{min(stops):09d}.safetensors").exists()
 
 
@@ -153,3 +200,61 @@ def test_the_tokens_column_counts_the_global_batch(monkeypatch):
     log.add(1, 1.0, StepResult(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0)))
     (row,), bad_step = log.flush()
     assert row["tokens"] == 128 and round(row["tokens_per_s"] * row["step_time"]) == 128
+
+
+@linux_only
+def test_a_torchrun_worker_of_one_process_stops_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
+    """Under torchrun even one process joins a process group and asks for SIGTERM when its launcher
+    dies (``init_from_env``): a SIGKILLed torchrun of --nproc_per_node=1 leaves no worker training on into
+    the run's folder."""
+    out = tmp_path / "run"
+    with launched(train_command("one-00000000", {**tiny_run_config, **ENDLESS}, char_shards, out,
+                                TORCHRUN_ONE)) as launch:
+        wait_for(out / "checkpoints" / "step-000000005.safetensors.sha256", launch.process)
+        launch.find_workers(1)
+        os.kill(launch.process.pid, signal.SIGKILL)
+        launch.process.wait()
+        assert wait_until_gone(launch.workers, 60) == []
+    assert not (out / "run.json").exists()
+
+
+@linux_only
+def test_workers_stop_when_their_launcher_is_killed_while_they_start(char_shards, tiny_run_config, tmp_path):
+    """A launcher SIGKILLed while its workers start up (importing torch, loading the data: seconds) left
+    them training into the run's folder forever: ``terminate_with_launcher`` read the parent pid when the
+    worker reached ``init_from_env``, by when it had been reparented, so the parent-death signal never
+    came. The launcher now asks for it in each child before Python runs, with its own pid (torchrun's
+    workers still ask at start-up). No worker left, no run.json."""
+    out = tmp_path / "run"
+    with launched(train_command("race-00000000", {**tiny_run_config, **ENDLESS, "nproc": 2}, char_shards,
+                                out)) as launch:
+        deadline = time.monotonic() + 60
+        while len(children(launch.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        launch.find_workers(2)
+        os.kill(launch.process.pid, signal.SIGKILL)  # before the workers reach init_from_env
+        launch.process.wait()
+        left = wait_until_gone(launch.workers, 30)
+    assert left == [] and not (out / "run.json").exists(), sorted(p.name for p in out.glob("checkpoints/*"))
+
+
+@linux_only
+def test_sigint_to_the_launcher_does_not_return_before_its_workers(char_shards, tiny_run_config, tmp_path):
+    """SIGINT to the launcher alone (``kill -INT``, ``timeout -s INT``) raised KeyboardInterrupt in its
+    wait loop: it exited (130, a traceback) while both workers trained on and wrote checkpoints into the
+    run's folder. Now the signal reaches the workers, which take it as SIGTERM (a KeyboardInterrupt in
+    one rank's collective left the other waiting in it): both stop after the same step with a checkpoint,
+    and the launcher returns 130 only after they exited."""
+    out = tmp_path / "run"
+    with launched(train_command("int-00000000", {**tiny_run_config, **ENDLESS, "nproc": 2}, char_shards,
+                                out)) as launch:
+        wait_for(out / "checkpoints" / "step-000000005.safetensors.sha256", launch.process)
+        launch.find_workers(2)
+        os.kill(launch.process.pid, signal.SIGINT)
+        _, stderr = launch.process.communicate(timeout=60)
+        running_when_it_returned = [pid for pid in launch.workers if alive(pid)]
+    assert running_when_it_returned == [], f"the launcher exited {launch.process.returncode} with workers running"
+    assert launch.process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    stops = {int(line.split("SIGINT at step ")[1].split(":")[0]) for line in stderr.splitlines()
+             if "SIGINT at step " in line}
+    assert len(stops) == 1 and (out / "checkpoints" / f"step-{min(stops):09d}.safetensors").exists(), stderr[-2000:]

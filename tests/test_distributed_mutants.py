@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lipflow import distributed
+from test_distributed_launch import alive
 
 PREEMPTED = 143
 
@@ -87,15 +88,6 @@ def fake(tmp_path, monkeypatch):
 def worker_logs(out: Path, nproc: int) -> list[list[str]]:
     return [(out / f"rank{rank}.log").read_text().split() if (out / f"rank{rank}.log").exists() else []
             for rank in range(nproc)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                     if line.startswith("State:"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
 
 
 def stop_pid_of(env_file: Path) -> None:
@@ -375,115 +367,6 @@ def test_sigterm_stops_a_single_process_run_that_cannot_finish_first(char_shards
     assert (out / "checkpoints" / f"step-{step:09d}.safetensors").exists()
 
 
-def train_command(run_id: str, cfg: dict, data_dir: Path, out: Path, launcher: tuple[str, ...] = ("-m",)) -> list[str]:
-    return [sys.executable, *launcher, "lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg),
-            "--data-dir", str(data_dir), "--out-dir", str(out), "--no-progress"]
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-
-
-def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
-    """The pids still alive after waiting up to ``timeout`` s for them to exit."""
-    deadline = time.monotonic() + timeout
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [pid for pid in pids if alive(pid)]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="pgrep and the parent-death signal")
-def test_a_torchrun_worker_of_one_process_stops_when_torchrun_is_killed(char_shards, tiny_run_config, tmp_path):
-    """Under torchrun even one process joins a process group and asks for SIGTERM when its launcher
-    dies (``init_from_env``: "under torchrun also for one process"): a SIGKILLed torchrun of
-    --nproc_per_node=1 leaves no worker training on into the run's folder."""
-    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5}
-    out = tmp_path / "run"
-    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m")
-    launcher = subprocess.Popen(train_command("one-00000000", cfg, char_shards, out, torchrun),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("checkpoints/*.sha256")) and time.monotonic() < deadline:  # in the loop
-            assert launcher.poll() is None
-            time.sleep(0.05)
-        workers = children(launcher.pid)
-        assert len(workers) == 1
-        os.kill(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-        left = wait_until_gone(workers, 60)
-    finally:
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert left == [] and not (out / "run.json").exists()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="pgrep and the parent-death signal")
-def test_workers_stop_when_their_launcher_is_killed_while_they_start(char_shards, tiny_run_config, tmp_path):
-    """A launcher SIGKILLed while its workers start up (importing torch, loading the data: seconds) left
-    them training into the run's folder forever: ``terminate_with_launcher`` read the parent pid when the
-    worker reached ``init_from_env``, by when it had been reparented, so the parent-death signal never
-    came. The launcher now asks for it in each child before Python runs, with its own pid (torchrun's
-    workers still ask at start-up). No worker left, no run.json."""
-    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5, "nproc": 2}
-    out = tmp_path / "run"
-    launcher = subprocess.Popen(train_command("race-00000000", cfg, char_shards, out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + 60
-        while len(workers) < 2 and time.monotonic() < deadline:
-            workers = children(launcher.pid)
-            time.sleep(0.005)
-        assert len(workers) == 2
-        os.kill(launcher.pid, signal.SIGKILL)  # before the workers reach init_from_env
-        launcher.wait()
-        left = wait_until_gone(workers, 30)
-    finally:
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert left == [] and not (out / "run.json").exists(), \
-        f"workers {left} trained on without their launcher: {sorted(p.name for p in out.glob('checkpoints/*'))}"
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="pgrep")
-def test_sigint_to_the_launcher_does_not_return_before_its_workers(char_shards, tiny_run_config, tmp_path):
-    """SIGINT to the launcher alone (``kill -INT``, ``timeout -s INT``) raised KeyboardInterrupt in its
-    wait loop: it exited (130, a traceback) while both workers trained on and wrote checkpoints into the
-    run's folder. Now, as for SIGTERM, the signal reaches the workers and the launcher returns only
-    after they exited."""
-    cfg = {**tiny_run_config, "steps": 100_000, "eval_every": 100_000, "checkpoint_every": 5, "nproc": 2}
-    out = tmp_path / "run"
-    launcher = subprocess.Popen(train_command("int-00000000", cfg, char_shards, out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("checkpoints/*.sha256")) and time.monotonic() < deadline:  # in the loop
-            assert launcher.poll() is None
-            time.sleep(0.05)
-        workers = children(launcher.pid)
-        assert len(workers) == 2
-        os.kill(launcher.pid, signal.SIGINT)
-        launcher.wait(timeout=60)
-        running_when_it_returned = [pid for pid in workers if alive(pid)]
-        wait_until_gone(workers, 60)
-    finally:
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert running_when_it_returned == [], f"the launcher exited {launcher.returncode} with workers running"
-
-
 def test_sigterm_watch_only_sets_a_flag_and_puts_back_the_handler_it_found():
     """While a run's loop is in ``SigtermWatch``, SIGTERM sets a flag that ``requested`` reports (the
     loop then checkpoints); afterwards the handler in place before is back, so a SIGTERM after the loop
@@ -521,3 +404,18 @@ def test_a_run_of_one_process_trains_in_the_stage_itself(char_shards, tiny_run_c
     code = main(["--run-id", "one-00000000", "--config-json", json.dumps({**tiny_run_config, "steps": 2}),
                  "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "one"), "--no-progress"])
     assert code == 0 and json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == 1
+
+
+def test_the_stage_starts_its_workers_with_its_own_arguments(char_shards, tiny_run_config, tmp_path, monkeypatch):
+    """A run of nproc > 1 starts nproc workers of ``lipflow.train`` with the arguments the stage was
+    given (to ``main(argv)`` as on the command line, not this process's sys.argv), and tells the
+    launcher that 143 means preempted (so a crash beside a stopped worker is not reported as one)."""
+    from lipflow.train.__main__ import main
+
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch_workers", lambda *args: launched.append(args) or 0)
+    argv = ["--run-id", "two-00000000", "--config-json", json.dumps({**tiny_run_config, "nproc": 2}),
+            "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "two"), "--no-progress"]
+    assert main(argv) == 0
+    assert launched == [(2, "lipflow.train", argv, PREEMPTED)]

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
         except Preempted as stop:
             print(f"lipflow: {stop}", file=sys.stderr)
-            return EXIT_PREEMPTED
+            return stop.exit_code
         except BaseException as err:
             if new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
                 with contextlib.suppress(OSError):  # another worker may have removed it, or written to it

@@ -1,4 +1,5 @@
-"""When a run stops early: SIGTERM (checkpoint, then exit ``EXIT_PREEMPTED`` so a rerun resumes),
+"""When a run stops early: SIGTERM or SIGINT (checkpoint, then exit 128 + the signal, ``EXIT_PREEMPTED``
+for SIGTERM, so a rerun resumes),
 a non-finite loss or gradient, or a certified bound above ``max_bound`` (status ``diverged``)."""
 
 from __future__ import annotations
@@ -11,30 +12,47 @@ from lipflow import distributed
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job did not finish; rerunning resumes it
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was written."""
+    """A stop signal arrived; a checkpoint was written. ``exit_code``: 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class SigtermWatch:
-    """While entered, SIGTERM only sets a flag; ``requested`` says whether it arrived on any rank."""
+    """While entered, SIGTERM and SIGINT (Ctrl-C) only record their arrival, so that the step in flight
+    finishes and every rank stops after the same step (a KeyboardInterrupt in one rank's collective
+    left the other waiting in it); ``requested`` says whether one arrived on any rank."""
 
     def __init__(self, topo: distributed.Topology):
-        self.topo, self.arrived = topo, False
+        self.topo, self.arrived = topo, None
 
     def __enter__(self) -> "SigtermWatch":
-        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.arrived = True
+    def _on_signal(self, signum, frame) -> None:
+        self.arrived = self.arrived or signal.Signals(signum)
 
     def requested(self) -> bool:
-        """Whether SIGTERM arrived on any rank, agreed after every step (a CPU all-reduce over the
+        """Whether a stop signal arrived on any rank, agreed after every step (a CPU all-reduce over the
         control group: the ranks stop after the same step, and no rank waits for its GPU)."""
-        return distributed.any_rank(self.arrived, self.topo)
+        return distributed.any_rank(self.arrived is not None, self.topo)
+
+    def stop(self, step: int) -> Preempted:
+        """The exception that ends the run once its checkpoint is saved, naming the signal this process
+        got (another rank's, when it got none: then it exits as preempted)."""
+        name = self.arrived.name if self.arrived else "a stop signal to another process"
+        code = 128 + self.arrived if self.arrived else EXIT_PREEMPTED
+        return Preempted(f"{name} at step {step}: checkpoint saved; rerun to resume", code)
 
 
 def divergence(rows: list[dict[str, Any]], bad_step: int | None, max_bound: float) -> tuple[int, str] | None:

@@ -28,7 +28,7 @@ from lipflow.model.base import non_finite_parameter
 from lipflow.schedules import lr_factor
 from lipflow.train import checkpoint
 from lipflow.train.build import build_learner, checked_inputs, ensure_writable, training_loss
-from lipflow.train.stop import Preempted, SigtermWatch, divergence
+from lipflow.train.stop import SigtermWatch, divergence
 from lipflow.train.summary import METRIC_COLUMNS, run_summary
 from lipflow.train.telemetry import EvalStepTelemetry, StepLog, StepResult, TensorBoardMirror
 from lipflow.train.update import constrained_update
@@ -133,7 +133,7 @@ class Trainer:
                         break
                     if stop_now:
                         self.save_checkpoint()
-                        raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved; rerun to resume")
+                        raise sigterm.stop(self.step)
                     if checkpoint_now:
                         self.save_checkpoint()
                     self.steps.restart_clock()
