@@ -251,8 +251,9 @@ def test_sigint_to_the_launcher_does_not_return_before_its_workers(char_shards, 
         wait_for(out / "checkpoints" / "step-000000005.safetensors.sha256", launch.process)
         launch.find_workers(2)
         os.kill(launch.process.pid, signal.SIGINT)
-        _, stderr = launch.process.communicate(timeout=60)
+        launch.process.wait(timeout=60)  # (communicate would also wait for the workers to close stderr)
         running_when_it_returned = [pid for pid in launch.workers if alive(pid)]
+        stderr = launch.process.stderr.read()
     assert running_when_it_returned == [], f"the launcher exited {launch.process.returncode} with workers running"
     assert launch.process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
     stops = {int(line.split("SIGINT at step ")[1].split(":")[0]) for line in stderr.splitlines()
