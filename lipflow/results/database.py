@@ -155,10 +155,9 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     """Create every table and view; returns table → the rows it must hold."""
     runs = _run_rows(run_dirs)
     evals = _run_files(run_dirs, "evals.parquet")  # every run has one (merge-evals: empty without evaluations)
+    val_loss = {}
     for path, table in evals:
         check_evaluation_table(path, table)
-    val_loss = {}
-    for _, table in evals:
         for r in table.select(["run_id", "eval", "metric", "value"]).to_pylist():
             if r["eval"] == "val" and r["metric"] in ("loss", "accuracy", "perplexity"):
                 val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
