@@ -68,7 +68,7 @@ def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
     runs share most of their values, so a 1,000-run config costs about one run's validation per
     distinct value instead of 1,000 full descents (Snakemake parses the config in every job).
     """
-    passed: set[tuple[int, type, Any]] = set()
+    passed: dict[tuple[int, type, Any], Any] = {}  # key → its subschema, held so that its id is never reused
 
     def fill_default(validator, instance, prop, subschema):
         """The property's ``default``, or that of the schema its ``$ref`` names (so a block defined in
@@ -92,7 +92,7 @@ def _validator_class(base=jsonschema.Draft202012Validator, fill: bool = False):
                 continue
             errors = list(validator.descend(value, subschema, path=prop, schema_path=prop))
             if not errors and key is not None:
-                passed.add(key)
+                passed[key] = subschema
             yield from errors
 
     def full_pattern(validator, pattern, instance, schema):
@@ -120,7 +120,14 @@ def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False, definiti
     """A validator for a schema file, or for its ``$defs/<definition>``; relative ``$ref``s (e.g.
     ``icl.schema.yaml``) resolve against the schema's folder, as in snakemake.utils.validate."""
     uri = Path(schema_path).resolve().as_uri()
-    registry = Registry(retrieve=lambda uri: Resource.from_contents(load_schema(Path(urlparse(uri).path))))
+    retrieved: dict[str, Resource] = {}  # one copy per schema file: the same subschema objects on every check
+
+    def retrieve(uri: str) -> Resource:
+        if uri not in retrieved:
+            retrieved[uri] = Resource.from_contents(load_schema(Path(urlparse(uri).path)))
+        return retrieved[uri]
+
+    registry = Registry(retrieve=retrieve)
     if definition is not None:
         return _validator_class(fill=fill)({"$ref": f"{uri}#/$defs/{definition}"}, registry=registry)
     schema = load_schema(schema_path)
