@@ -144,7 +144,7 @@ def all_gather_stack(mine: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-KILL_AFTER_S = 60.0  # after one worker failed, how long the others get to stop before SIGKILL
+KILL_AFTER_S = 60.0  # after a worker failed or a stop signal was passed on: how long workers get before SIGKILL
 
 
 def free_port() -> int:
@@ -160,8 +160,9 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     return one exit code: 0 when all finished; 2 when one refused an input (it printed its line);
     ``preempted_code`` when SIGTERM stopped them (it is passed on to the workers, which save a
     checkpoint and exit with that code); else the first failure's. Once a worker fails, the others
-    get SIGTERM, then SIGKILL ``KILL_AFTER_S`` later, so none waits forever in a collective. SIGINT
-    is passed on too, and the launcher returns only once every worker has exited."""
+    get SIGTERM; SIGTERM and SIGINT to the launcher are passed on to all. Either way, a worker still
+    running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
+    launcher returns only once every worker has exited."""
     launcher = os.getpid()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc)}
@@ -169,21 +170,25 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
                                                                            "LOCAL_RANK": str(rank)},
                                 preexec_fn=lambda: terminate_with_launcher(launcher)) for rank in range(nproc)]
 
+    kill_at = None  # once a worker failed or a stop signal was passed on: when the stragglers get SIGKILL
+
     def terminate_workers(signum=signal.SIGTERM, frame=None) -> None:
+        nonlocal kill_at
+        if kill_at is None:
+            kill_at = time.monotonic() + KILL_AFTER_S
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
     previous = {sig: signal.signal(sig, terminate_workers) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        first_failure, kill_at = None, None
+        first_failure = None
         while any(worker.poll() is None for worker in workers):
             if first_failure is None:
                 first_failure = next((w.returncode for w in workers if w.poll() not in (None, 0)), None)
-                if first_failure is not None:
-                    kill_at = time.monotonic() + KILL_AFTER_S
+                if first_failure is not None and kill_at is None:  # not already stopping them
                     terminate_workers()
-            elif time.monotonic() > kill_at:
+            if kill_at is not None and time.monotonic() > kill_at:
                 terminate_workers(signal.SIGKILL)
             time.sleep(0.05)
     finally:

@@ -194,18 +194,17 @@ def test_the_launcher_puts_back_the_sigterm_handler_it_found(fake):
         signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
-def test_sigterm_to_the_launcher_stops_every_worker_before_it_exits_143(tmp_path):
-    """SIGTERM to the launcher (what Snakemake and SLURM send the job) reaches every worker (which
-    checkpoint and exit 143), and the launcher waits for them: it exits 143 itself, not killed by the
-    signal, and no worker outlives it (writing into the run's folder after the job ended)."""
+def sigterm_to_a_launcher_process(tmp_path: Path, specs: list[dict], kill_after_s: float) -> tuple[int, list[int]]:
+    """Start ``launch_workers`` over stand-in workers in a process of its own (as ``python -m
+    lipflow.train`` runs it), SIGTERM it once every worker is ready, and return its exit code and the
+    workers still alive when it returned (a wrong launcher's leftovers are then killed)."""
     (tmp_path / "fake_worker.py").write_text(FAKE_WORKER)
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    specs = [{"sleep": 30}, {"sleep": 30}]
-    driver = subprocess.Popen([sys.executable, "-c", "import sys; from lipflow.distributed import launch_workers; "
-                               "sys.exit(launch_workers(2, 'fake_worker', sys.argv[1:], 143))",
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; from lipflow import distributed; "
+                               f"distributed.KILL_AFTER_S = {kill_after_s}; "
+                               "sys.exit(distributed.launch_workers(2, 'fake_worker', sys.argv[1:], 143))",
                                json.dumps(specs), str(out)], env=env)
     try:
         deadline = time.monotonic() + 60
@@ -221,8 +220,27 @@ def test_sigterm_to_the_launcher_stops_every_worker_before_it_exits_143(tmp_path
             driver.kill()
         for rank in range(2):
             stop_pid_of(out / f"env{rank}.json")
-    assert driver.returncode == PREEMPTED and running == [], (driver.returncode, running)
     assert worker_logs(out, 2) == [["ready", "SIGTERM"], ["ready", "SIGTERM"]]
+    return driver.returncode, running
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_sigterm_to_the_launcher_stops_every_worker_before_it_exits_143(tmp_path):
+    """SIGTERM to the launcher (what Snakemake and SLURM send the job) reaches every worker (which
+    checkpoint and exit 143), and the launcher waits for them: it exits 143 itself, not killed by the
+    signal, and no worker outlives it (writing into the run's folder after the job ended)."""
+    code, running = sigterm_to_a_launcher_process(tmp_path, [{"sleep": 30}, {"sleep": 30}], kill_after_s=60)
+    assert code == PREEMPTED and running == [], (code, running)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_a_worker_that_ignores_a_passed_on_sigterm_is_killed_after_kill_after_s(tmp_path):
+    """SIGTERM to the launcher reaches a worker that does not stop (stuck in a collective, its flag never
+    read): ``KILL_AFTER_S`` later it gets SIGKILL, so the launcher (and the Snakemake or SLURM job
+    waiting on it) does not hang; the run exits 137, not 143, since that worker saved no checkpoint."""
+    code, running = sigterm_to_a_launcher_process(tmp_path, [{"sleep": 60, "on_term": "ignore"}, {"sleep": 60}],
+                                                  kill_after_s=0.5)
+    assert code == 128 + signal.SIGKILL and running == [], (code, running)
 
 
 def test_free_port_never_names_a_port_in_use():
