@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lipflow.errors import ArgumentParser, run_guarded
@@ -74,10 +76,10 @@ def read_only_statement(con, sql: str) -> str:
     return sql
 
 
-def emit(text: str) -> None:
-    """Print ``text`` to stdout; a reader that closed the pipe is not an error (exit 141, quietly)."""
+def emit(text: str, end: str = "\n") -> None:
+    """Print ``text`` to stdout now; a reader that closed the pipe is not an error (exit 141, quietly)."""
     try:
-        print(text)
+        print(text, end=end)
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
@@ -164,6 +166,21 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def decoded_pieces(tokenizer, prompt: list[int], drawn: Iterable[list[int]]) -> Iterator[str]:
+    """The text of ``prompt`` and each drawn token, piece by piece as they come (``lipflow sample``
+    prints as it samples); a piece that would end inside a UTF-8 character (a byte-level token may
+    hold part of one) waits for the next token. Joined, the pieces are the decoding of all tokens."""
+    pending = prompt
+    for tokens in drawn:
+        pending = pending + tokens
+        text = tokenizer.decode(pending)
+        if not text.endswith("\ufffd"):
+            yield text
+            pending = []
+    if pending:
+        yield tokenizer.decode(pending)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -195,15 +212,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompt: {args.prompt[start:end]!r} is not in the run's vocabulary "
                          f"(the tokenizer in {run.data_dir} never saw it in training)")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
-    idx = torch.tensor([ids], device=run.device)
+    drawn = run.model.sample_tokens(torch.tensor([ids], device=run.device), args.temperature, gen)
     try:
-        out = run.model.generate(idx, args.tokens, temperature=args.temperature, generator=gen)
+        for piece in decoded_pieces(tokenizer, ids, (token[0].tolist() for token in itertools.islice(drawn, args.tokens))):
+            emit(piece, end="")
+        emit("")
     except RuntimeError as err:  # torch.multinomial on probabilities that overflowed
         if "probability tensor" not in str(err):
             raise
         raise ValueError(f"run {args.run_id}'s next-token probabilities are not finite for this prompt "
                          f"({str(err).splitlines()[0]}); try a lower --temperature") from None
-    emit(tokenizer.decode(out[0].tolist()))
     return 0
 
 
@@ -258,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("run_id")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--tokens", type=int, default=200)
+    s.add_argument("--tokens", type=int, default=200, help="how many tokens to draw (printed as they are drawn)")
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -19,7 +19,9 @@ Training, constraints, optimizers and evaluations only talk to a model through t
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -111,15 +113,23 @@ class LanguageModel(nn.Module):
             self.activation_stats[f"{name}.rms"] = x.pow(2).mean().sqrt().item()
 
     @torch.no_grad()
+    def sample_tokens(self, idx: torch.Tensor, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield sampled next tokens, shape (batch, 1), one at a time and without end (nanoGPT's loop:
+        softmax(logits / T) over the last ``context`` tokens; T = 0 is taken as 1e-6, i.e. greedy). Only
+        the last ``context`` tokens are kept, so memory stays flat however many are drawn."""
+        while True:
+            idx = idx[:, -self.context:]
+            logits = self(idx)[:, -1, :] / max(temperature, 1e-6)
+            nxt = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            yield nxt
+
     def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``new_tokens`` tokens autoregressively (nanoGPT's loop)."""
-        for _ in range(new_tokens):
-            logits = self(idx[:, -self.context:])[:, -1, :] / max(temperature, 1e-6)
-            probs = torch.softmax(logits.float(), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        """``idx`` followed by ``new_tokens`` sampled tokens (nanoGPT's ``generate``)."""
+        drawn = itertools.islice(self.sample_tokens(idx, temperature, generator), new_tokens)
+        return torch.cat([idx, *drawn], dim=1)
 
 
 @torch.no_grad()
