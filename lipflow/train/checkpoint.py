@@ -82,6 +82,10 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` that loads and matches its hash; corrupt ones are skipped."""
     for path in sorted(Path(directory).glob(CHECKPOINT_GLOB), reverse=True):
+        if not sidecar_path(path).exists():  # a crash between the two writes: never sealed, never trusted
+            print(f"warning: checkpoint {path} has no checksum file {sidecar_path(path).name} (a crash while it "
+                  "was written?); falling back to an earlier checkpoint", file=sys.stderr)
+            continue
         try:
             tensors, meta = load_weights(path)
         except CheckpointError as err:
