@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +65,20 @@ def single_thread_torch():
 @pytest.fixture(scope="session", autouse=True)
 def slurm_sweep_in_background(request, tmp_path_factory):
     """When `slurm` tests are selected, their module's BackgroundSweep (test_slurm.py) starts with the session:
-    its cluster and Snakemake runs mostly wait on SLURM, and the other tests use those minutes."""
+    its cluster and Snakemake runs mostly wait on SLURM, and the other tests use those minutes. Under
+    pytest-xdist the first worker to claim it runs it and the others wait for what it publishes."""
     slurm_tests = [item for item in request.session.items if item.get_closest_marker("slurm")]
     if not slurm_tests:
         yield None
         return
+    module = slurm_tests[0].module
     failure_case = any(item.name.startswith("test_failed_job") for item in slurm_tests)
-    with slurm_tests[0].module.BackgroundSweep(tmp_path_factory.mktemp("slurm_sweep"), failure_case) as sweep:
+    # xdist workers' temporary folders are popen-gw<N> inside the session's own folder, which they share
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if shared is not None and not module.claim_sweep(shared):
+        yield module.SweepOfAnotherWorker(shared)
+        return
+    with module.BackgroundSweep(tmp_path_factory.mktemp("slurm_sweep"), failure_case, shared) as sweep:
         yield sweep
-        if not sweep.delivered:  # the session ended first (-x, --maxfail, Ctrl-C): don't wait the runs out
-            sweep.stop.set()
+        if not sweep.delivered and shared is None:  # the session ended first (-x, --maxfail, Ctrl-C): don't
+            sweep.stop.set()                          # wait the runs out (under xdist, another worker may need them)

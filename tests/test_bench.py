@@ -22,6 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCHES = ("tokenize", "train_step", "constraints", "evals", "pipeline", "duckdb_queries")
 COLUMNS = ["bench", "metric", "value", "unit", "machine", "device", "date", "git_commit"]
+# one xdist worker runs this module, so run_all --quick (its fixture) runs once (-n 2 --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("bench")
 
 
 @pytest.fixture(scope="module")

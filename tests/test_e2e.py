@@ -15,7 +15,8 @@ import pytest
 from conftest import SNAKEMAKE_SINGLE_THREADED
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.e2e
+# one xdist worker runs this module, so its pipeline fixture is built once (-n 2 --dist loadgroup)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

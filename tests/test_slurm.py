@@ -9,8 +9,11 @@ fails. Select or deselect with `-m slurm` / `-m "not slurm"`.
 """
 
 import importlib.util
+import os
+import pickle
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +88,14 @@ def run_sweep_then_failure_case(workdir: Path, failure_case: bool, stop: threadi
 
 class BackgroundSweep:
     """Brings the test cluster up and runs run_sweep_then_failure_case in a thread; leaving the `with` block
-    waits for the thread, then brings the cluster down unless it was already up before."""
+    waits for the thread, then brings the cluster down unless it was already up before. Under pytest-xdist
+    (``-n 2``) one worker runs it (see :func:`claim_sweep`) and leaves its outcome in ``publish_to`` for the
+    other worker, which may be the one that runs these tests (:class:`SweepOfAnotherWorker`)."""
 
-    def __init__(self, workdir: Path, failure_case: bool):
+    def __init__(self, workdir: Path, failure_case: bool, publish_to: Path | None = None):
         self.workdir = workdir
         self.failure_case = failure_case  # only when test_failed_job_is_reported… is selected
+        self.publish_to = publish_to
         self.stop = threading.Event()  # set when the session ends before a test read the runs: Snakemake is interrupted
         self.delivered = False
         self.brought_up = False
@@ -101,10 +107,17 @@ class BackgroundSweep:
         return self
 
     def _bring_up_and_run(self) -> SweepRuns:
-        harness.check_can_run_cluster()
-        self.brought_up = not harness.cluster_is_up()  # brought down at the end, also after a failed bring-up
-        self.cluster_output = harness.cluster("up")
-        return run_sweep_then_failure_case(self.workdir, self.failure_case, self.stop)
+        try:
+            harness.check_can_run_cluster()
+            self.brought_up = not harness.cluster_is_up()  # brought down at the end, also after a failed bring-up
+            self.cluster_output = harness.cluster("up")
+            runs = run_sweep_then_failure_case(self.workdir, self.failure_case, self.stop)
+        except Exception as err:
+            publish(self.publish_to, err if isinstance(err, harness.SlurmUnavailable) else RuntimeError(
+                f"the SLURM sweep failed in another pytest worker: {err!r}"), "")
+            raise
+        publish(self.publish_to, runs, self.cluster_output)
+        return runs
 
     def runs(self) -> SweepRuns:
         """Wait for the thread; skip where this machine cannot run the cluster."""
@@ -119,6 +132,47 @@ class BackgroundSweep:
         self._thread.shutdown(wait=True)
         if self.brought_up:
             harness.cluster("down")
+
+
+OUTCOME = "slurm_sweep.pickle"  # in the session's shared temporary folder: the sweep's runs, or why it failed
+
+
+def claim_sweep(shared: Path) -> bool:
+    """Whether this pytest-xdist worker is the first to claim the sweep (one cluster per machine)."""
+    try:
+        os.close(os.open(shared / "slurm_sweep.claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def publish(shared: Path | None, outcome: SweepRuns | Exception, cluster_output: str) -> None:
+    if shared is not None:
+        partial = shared / (OUTCOME + ".partial")
+        partial.write_bytes(pickle.dumps((outcome, cluster_output)))
+        partial.rename(shared / OUTCOME)
+
+
+class SweepOfAnotherWorker:
+    """The sweep another pytest-xdist worker runs: :meth:`runs` waits for its published outcome."""
+
+    delivered = True  # nothing to stop here
+
+    def __init__(self, shared: Path):
+        self.shared = shared
+        self.cluster_output = ""
+
+    def runs(self) -> SweepRuns:
+        deadline = time.monotonic() + 1800
+        while not (self.shared / OUTCOME).exists():
+            assert time.monotonic() < deadline, "the other pytest worker never published the SLURM sweep"
+            time.sleep(1)
+        outcome, self.cluster_output = pickle.loads((self.shared / OUTCOME).read_bytes())
+        if isinstance(outcome, harness.SlurmUnavailable):
+            pytest.skip(f"SLURM tests skipped: {outcome}")
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
 
 @pytest.fixture(scope="module")
