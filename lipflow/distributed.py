@@ -53,7 +53,8 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
     world = processes_in_env()
     if world is None:
         return Topology(), device
-    terminate_with_launcher()
+    launcher = os.environ.get(LAUNCHER_PID)
+    terminate_with_launcher(int(launcher) if launcher else None)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -64,14 +65,16 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
+LAUNCHER_PID = "LIPFLOW_LAUNCHER_PID"  # launch_workers puts its own pid here in its workers' environment
 
 
 def terminate_with_launcher(launcher: int | None = None) -> None:
     """A worker whose launcher is killed must not train on into the run's folder (torchrun starts
     each worker in a session of its own, which a SIGKILL of the job's process group misses). On Linux
     the worker asks for SIGTERM when its parent exits: the preemption path (checkpoint, exit 143).
-    ``launch_workers`` asks for it in the child before it runs Python, with ``launcher`` its own pid,
-    so a launcher killed while the workers start is seen too; torchrun's workers ask at start-up."""
+    ``launch_workers`` passes its own pid (``$LIPFLOW_LAUNCHER_PID``) as ``launcher``, so a launcher
+    killed while a worker starts up (before this request) is seen too: the worker's parent is then no
+    longer the launcher; torchrun's workers take the parent they have at start-up."""
     if sys.platform != "linux":
         return
     launcher = os.getppid() if launcher is None else launcher
@@ -163,12 +166,11 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     get SIGTERM; SIGTERM and SIGINT to the launcher are passed on to all. Either way, a worker still
     running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
     launcher returns only once every worker has exited."""
-    launcher = os.getpid()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc)}
+           "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid())}
     workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
-                                                                           "LOCAL_RANK": str(rank)},
-                                preexec_fn=lambda: terminate_with_launcher(launcher)) for rank in range(nproc)]
+                                                                           "LOCAL_RANK": str(rank)})
+               for rank in range(nproc)]
 
     kill_at = None  # once a worker failed or a stop signal was passed on: when the stragglers get SIGKILL
 

@@ -223,8 +223,8 @@ def test_workers_stop_when_their_launcher_is_killed_while_they_start(char_shards
     """A launcher SIGKILLed while its workers start up (importing torch, loading the data: seconds) left
     them training into the run's folder forever: ``terminate_with_launcher`` read the parent pid when the
     worker reached ``init_from_env``, by when it had been reparented, so the parent-death signal never
-    came. The launcher now asks for it in each child before Python runs, with its own pid (torchrun's
-    workers still ask at start-up). No worker left, no run.json."""
+    came. The launcher now passes its own pid to the workers, which see that their parent is no longer
+    it (torchrun's workers still take the parent they start with). No worker left, no run.json."""
     out = tmp_path / "run"
     with launched(train_command("race-00000000", {**tiny_run_config, **ENDLESS, "nproc": 2}, char_shards,
                                 out)) as launch:

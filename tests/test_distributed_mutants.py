@@ -329,13 +329,15 @@ def test_on_cuda_flags_are_agreed_on_a_cpu_gloo_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(distributed, "terminate_with_launcher", lambda: None)
+    monkeypatch.setenv("LIPFLOW_LAUNCHER_PID", "4242")
+    monkeypatch.setattr(distributed, "terminate_with_launcher", lambda launcher: calls.append(("launcher", launcher)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw)) or control)
     topo, device = distributed.init_from_env(torch.device("cuda"))
     assert str(device) == "cuda:1" and (topo.rank, topo.world, topo.local_rank) == (1, 2, 1)
     assert ("init", "nccl") in calls and ("new_group", {"backend": "gloo"}) in calls and topo.control is control
+    assert calls[0] == ("launcher", 4242)  # the parent it must outlive is the launcher's pid, asked for first
 
     reduced = []
 
