@@ -142,6 +142,8 @@ class Plan:
             if differs:
                 key = differs[0]
                 other = "give this corpus its own corpus.name, or " if block == "corpus" else ""
+                if (block, key) == ("tokenizer", "shard_tokens"):  # the loader reads the shards as one stream
+                    other = f"the same tokens in other files: set it back to {recorded[key]!r} to keep them, or "
                 raise ConfigError(f"{folder} holds data made from another {block} block ({block}.{key} was "
                                   f"{recorded[key]!r}, is {current.get(key)!r}), which runs were trained on: "
                                   f"{other}move {folder} away to rebuild it")

@@ -58,7 +58,8 @@ def test_data_made_from_another_block_is_not_replaced(tmp_path):
                          "(corpus.paths was ['a.txt'], is ['b.txt'])"),
                         (("runs:", "tokenizer: {kind: char, shard_tokens: 4096}\nruns:"),
                          "results/data/mine/char holds data made from another tokenizer block "
-                         "(tokenizer.shard_tokens was 1048576, is 4096)")):
+                         "(tokenizer.shard_tokens was 1048576, is 4096), which runs were trained on: the same "
+                         "tokens in other files: set it back to 1048576 to keep them, or move")):
         (tmp_path / "config.yaml").write_text(base.replace(*edit))
         for done in (snakemake("-n"), run_stage("lipflow.cli", "runs", "--configfile", "config.yaml", cwd=tmp_path)):
             assert done.returncode != 0 and words in done.stderr, done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -75,6 +76,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     if re.fullmatch(RUN_ID_PATTERN, directory_name(run_dir)):
         check_names_its_run(run_dir / "run.json", run_id)
     refuse_to_replace_other_rows(out, run_id, name)
+    started = time.monotonic()
     if summary["status"] != "completed":
         rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),
                  "note": f"run status is {summary['status']}"}]
@@ -85,7 +87,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
         rows = evaluation(ctx)
     rows = [{"run_id": run_id, "eval": name, **row} for row in rows]
     write_table_parquet(out, table_of_rows(rows))
-    print(f"{name}: {len(rows)} rows for {run_id}")
+    print(f"{name}: {len(rows)} rows for {run_id} in {time.monotonic() - started:.1f} s")
     return 0
 
 
