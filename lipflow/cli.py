@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -71,8 +72,9 @@ def read_only_statement(con, sql: str) -> str:
     if kind == duckdb.StatementType.MULTI:  # DuckDB expands a PIVOT without an IN list into several statements
         raise ValueError("lipflow query runs one SELECT; a PIVOT must name its columns' values "
                          "(PIVOT runs ON model IN ('gpt', 'lipschitz_gpt') USING count(*))")
-    if kind != duckdb.StatementType.SELECT:
-        raise ValueError(f"lipflow query runs only read-only SELECT statements, not {kind.name}")
+    if kind != duckdb.StatementType.SELECT:  # named by its keyword: DuckDB's type of INSTALL is LOAD
+        keyword = re.match(r"\s*([A-Za-z]*)", statements[0].query).group(1).upper() or kind.name
+        raise ValueError(f"lipflow query runs only read-only SELECT statements, not {keyword}")
     return sql
 
 

@@ -394,7 +394,7 @@ CASES = {
     "query_pivot_without_values": (query_case("PIVOT runs ON model USING count(*)"), "a PIVOT must name its columns'"),
     "query_copy_of_a_pivot": (query_case("COPY (PIVOT runs ON model USING count(*)) TO '{tmp}/p.csv'", writes="p.csv"),
                               "a PIVOT must name its columns'"),
-    "query_install": (query_case("INSTALL httpfs"), "not LOAD"),
+    "query_install": (query_case("install httpfs"), "statements, not INSTALL"),
     "query_load": (query_case("LOAD json"), "not LOAD"),
     "query_set": (query_case("SET enable_external_access = true"), "not SET"),
     "query_pragma": (query_case("PRAGMA enable_profiling"), "not PRAGMA"),
