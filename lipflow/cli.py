@@ -169,18 +169,20 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def decoded_pieces(tokenizer, prompt: list[int], drawn: Iterable[list[int]]) -> Iterator[str]:
-    """The text of ``prompt`` and each drawn token, piece by piece as they come (``lipflow sample``
-    prints as it samples); a piece that would end inside a UTF-8 character (a byte-level token may
-    hold part of one) waits for the next token. Joined, the pieces are the decoding of all tokens."""
-    pending = prompt
+    """The text of ``prompt`` and the drawn tokens, piece by piece as they come (``lipflow sample``
+    prints as it samples): each piece is what the decoding of all tokens so far adds to the text
+    already given (decoding token by token would drop the spaces a Metaspace or WordPiece decoder
+    puts between tokens); a text that ends inside a UTF-8 character waits for the next token."""
+    ids, given = list(prompt), ""
     for tokens in drawn:
-        pending = pending + tokens
-        text = tokenizer.decode(pending)
-        if not text.endswith("\ufffd"):
-            yield text
-            pending = []
-    if pending:
-        yield tokenizer.decode(pending)
+        ids += tokens
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(given):
+            yield text[len(given):]
+            given = text
+    text = tokenizer.decode(ids)
+    if text != given:
+        yield text[len(given):] if text.startswith(given) else "\n" + text
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -75,3 +75,13 @@ def test_the_command_prints_what_the_run_generates(results_tree):  # noqa: F811
     ids = tokenizer.encode("The").ids
     expected = run.model.generate(torch.tensor([ids]), 40, 0.8, torch.Generator().manual_seed(3))
     assert done.stdout == tokenizer.decode(expected[0].tolist()) + "\n"
+
+
+def test_pieces_keep_the_spaces_a_metaspace_decoder_puts_between_tokens():
+    """A SentencePiece-style tokenizer file (Metaspace): decoded token by token, "Hello world" lost its
+    space; the pieces are the suffixes of decoding every token so far."""
+    tokenizer = Tokenizer(models.WordLevel({"▁Hello": 0, "▁world": 1, "▁to": 2, "!": 3, "[UNK]": 4}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    ids = tokenizer.encode("Hello world to!").ids
+    assert "".join(decoded_pieces(tokenizer, ids[:1], [[i] for i in ids[1:]])) == tokenizer.decode(ids)
