@@ -6,6 +6,7 @@ that exit, sleep or handle SIGTERM as told), so each takes a second or two."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -194,15 +195,17 @@ def test_the_launcher_puts_back_the_sigterm_handler_it_found(fake):
         signal.signal(signal.SIGTERM, previous)
 
 
-def sigterm_to_a_launcher_process(tmp_path: Path, specs: list[dict], kill_after_s: float) -> tuple[int, list[int]]:
+@contextlib.contextmanager
+def launcher_process(tmp_path: Path, specs: list[dict], kill_after_s: float, driver_setup: str = "pass"):
     """Start ``launch_workers`` over stand-in workers in a process of its own (as ``python -m
-    lipflow.train`` runs it), SIGTERM it once every worker is ready, and return its exit code and the
-    workers still alive when it returned (a wrong launcher's leftovers are then killed)."""
+    lipflow.train`` runs it; ``driver_setup`` is Python run there first), wait until every worker is
+    ready and yield (the process, the output folder, the workers' pids); afterwards a wrong launcher's
+    leftovers are killed."""
     (tmp_path / "fake_worker.py").write_text(FAKE_WORKER)
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    driver = subprocess.Popen([sys.executable, "-c", "import sys; from lipflow import distributed; "
+    driver = subprocess.Popen([sys.executable, "-c", f"import signal, sys; from lipflow import distributed; {driver_setup}; "
                                f"distributed.KILL_AFTER_S = {kill_after_s}; "
                                "sys.exit(distributed.launch_workers(2, 'fake_worker', sys.argv[1:], 143))",
                                json.dumps(specs), str(out)], env=env)
@@ -211,15 +214,22 @@ def sigterm_to_a_launcher_process(tmp_path: Path, specs: list[dict], kill_after_
         while worker_logs(out, 2) != [["ready"], ["ready"]] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert worker_logs(out, 2) == [["ready"], ["ready"]]
-        driver.send_signal(signal.SIGTERM)
-        driver.wait(timeout=30)
-        pids = [json.loads((out / f"env{rank}.json").read_text())["pid"] for rank in range(2)]
-        running = [pid for pid in pids if alive(pid)]
+        yield driver, out, [json.loads((out / f"env{rank}.json").read_text())["pid"] for rank in range(2)]
     finally:
         if driver.poll() is None:
             driver.kill()
+            driver.wait()
         for rank in range(2):
             stop_pid_of(out / f"env{rank}.json")
+
+
+def sigterm_to_a_launcher_process(tmp_path: Path, specs: list[dict], kill_after_s: float) -> tuple[int, list[int]]:
+    """SIGTERM a launcher process (``launcher_process``) once every worker is ready, and return its exit
+    code and the workers still alive when it returned."""
+    with launcher_process(tmp_path, specs, kill_after_s) as (driver, out, pids):
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=30)
+        running = [pid for pid in pids if alive(pid)]
     assert worker_logs(out, 2) == [["ready", "SIGTERM"], ["ready", "SIGTERM"]]
     return driver.returncode, running
 

@@ -58,8 +58,9 @@ def check_value(path: Path, key: str, value: Any, form: tuple[tuple[type, ...], 
 
 
 def timestamp(path: Path, key: str, seconds: float | None) -> dt.datetime | None:
-    """Unix seconds as a naive UTC TIMESTAMP (a TIMESTAMPTZ would need pytz in every client); seconds
-    beyond the years 1–9999 are a ValueError naming ``path`` and ``key``."""
+    """Unix seconds as a naive UTC TIMESTAMP (a TIMESTAMPTZ would need pytz in every client); null and 0
+    (no run trained at 1970-01-01) are no time, NULL; seconds beyond the years 1–9999 are a ValueError
+    naming ``path`` and ``key``."""
     if not seconds:
         return None
     try:
