@@ -170,17 +170,20 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def decoded_pieces(tokenizer, prompt: list[int], drawn: Iterable[list[int]]) -> Iterator[str]:
     """The text of ``prompt`` and the drawn tokens, piece by piece as they come (``lipflow sample``
-    prints as it samples): each piece is what the decoding of all tokens so far adds to the text
-    already given (decoding token by token would drop the spaces a Metaspace or WordPiece decoder
-    puts between tokens); a text that ends inside a UTF-8 character waits for the next token."""
-    ids, given = list(prompt), ""
+    prints as it samples). Incremental detokenization as in text-generation-inference and vLLM: each
+    piece is what decoding a window that starts one printed token back adds to the decoding of the
+    window's printed tokens, so a Metaspace or WordPiece decoder still puts its spaces between tokens
+    (decoding token by token drops them) and the work stays linear in the tokens. A text that ends
+    inside a UTF-8 character waits for the next token; the whole decoding settles any difference."""
+    ids, start, printed, pieces = list(prompt), 0, 0, []
     for tokens in drawn:
         ids += tokens
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd") and text.startswith(given):
-            yield text[len(given):]
-            given = text
-    text = tokenizer.decode(ids)
+        before, text = tokenizer.decode(ids[start:printed]), tokenizer.decode(ids[start:])
+        if len(text) > len(before) and text.startswith(before) and not text.endswith("\ufffd"):
+            pieces.append(text[len(before):])
+            yield pieces[-1]
+            start, printed = printed, len(ids)
+    given, text = "".join(pieces), tokenizer.decode(ids)
     if text != given:
         yield text[len(given):] if text.startswith(given) else "\n" + text
 
@@ -190,6 +193,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from lipflow.api import load_run
     from lipflow.data.loader import load_tokenizer
+    from lipflow.data.tokenize import unknown_token_id
     from lipflow.model.base import non_finite_parameter
 
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -209,8 +213,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ids = encoding.ids
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
-    unknown = getattr(tokenizer.model, "unk_token", None)
-    unknown_id = tokenizer.token_to_id(unknown) if unknown else None
+    unknown_id = unknown_token_id(tokenizer)
     if unknown_id is not None and unknown_id in ids:  # it would be dropped from the prompt without a word
         start, end = encoding.offsets[ids.index(unknown_id)]
         raise ValueError(f"--prompt: {args.prompt[start:end]!r} is not in the run's vocabulary "

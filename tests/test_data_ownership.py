@@ -228,6 +228,27 @@ def test_a_tokenizer_file_without_an_unknown_token_is_refused_when_loaded(corpus
     assert not (tmp_path / "tokens").exists()
 
 
+@pytest.mark.parametrize("kind", ["BPE", "WordLevel", "WordPiece", "Unigram"])
+def test_the_unknown_token_id_is_what_text_outside_the_vocabulary_encodes_to(kind):
+    """``unknown_token_id`` is the id an unseen word encodes to, for every model kind: a Unigram model
+    names its unknown token by ``unk_id`` (no ``unk_token``), the others by ``unk_token``; words of the
+    vocabulary never encode to it (``lipflow sample`` refuses a prompt holding it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lipflow.data.tokenize import unknown_token_id
+
+    vocab = {"a": 0, "[UNK]": 1, "b": 2}  # one-letter words: BPE without merges encodes letter by letter
+    model = {"BPE": lambda: models.BPE(vocab, [], unk_token="[UNK]"),
+             "WordLevel": lambda: models.WordLevel(vocab, unk_token="[UNK]"),
+             "WordPiece": lambda: models.WordPiece(vocab, unk_token="[UNK]"),
+             "Unigram": lambda: models.Unigram([("a", -1.0), ("[UNK]", 0.0), ("b", -2.0)], unk_id=1)}[kind]()
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert unknown_token_id(tokenizer) == 1
+    assert tokenizer.encode("a 日 b").ids == [0, 1, 2]
+    assert unknown_token_id(Tokenizer(models.BPE({"a": 0}, []))) is None  # no unknown token: unseen text is dropped
+
+
 def test_an_encoding_error_names_the_tokenizer(tmp_path):
     """Whatever else the Rust side raises while encoding is a DataError naming the tokenizer (the stage
     passes 'tokenizer.path: <file>'), not a bare Exception from the worker thread."""

@@ -85,3 +85,27 @@ def test_pieces_keep_the_spaces_a_metaspace_decoder_puts_between_tokens():
     tokenizer.decoder = decoders.Metaspace()
     ids = tokenizer.encode("Hello world to!").ids
     assert "".join(decoded_pieces(tokenizer, ids[:1], [[i] for i in ids[1:]])) == tokenizer.decode(ids)
+
+
+def test_pieces_of_a_long_wordpiece_text_join_to_its_decoding_in_linear_work():
+    """A WordPiece decoder joins ``##`` pieces to the word before and puts spaces between words: the
+    pieces of 2,000 drawn tokens join to the whole decoding, and the tokens decoded along the way are
+    a few per drawn token (a window one printed token back), not all tokens so far at every step."""
+    vocab = {"[UNK]": 0, "the": 1, "king": 2, "##dom": 3, "##s": 4, "rule": 5, ",": 6}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, len(vocab), (2002,), generator=generator).tolist()
+
+    class Counting:
+        decoded = 0
+
+        def decode(self, tokens):
+            self.decoded += len(tokens)
+            return tokenizer.decode(tokens)
+
+    counting = Counting()
+    pieces = list(decoded_pieces(counting, ids[:2], [[i] for i in ids[2:]]))
+    assert "".join(pieces) == tokenizer.decode(ids) and len(pieces) == 2000
+    assert counting.decoded <= 4 * len(ids) + len(ids), counting.decoded  # the last term: the final check

@@ -191,6 +191,15 @@ def unknown_token_problem(tokenizer: Tokenizer) -> str | None:
     return None
 
 
+def unknown_token_id(tokenizer: Tokenizer) -> int | None:
+    """The id ``tokenizer`` encodes text outside its vocabulary as: the id of the model's ``unk_token``
+    (BPE, WordLevel, WordPiece) or a Unigram model's ``unk_id``; None when it has none."""
+    model = json.loads(tokenizer.to_str())["model"]
+    if model.get("type") == "Unigram":
+        return model.get("unk_id")
+    return tokenizer.token_to_id(model["unk_token"]) if model.get("unk_token") else None
+
+
 def end_of_text(tokenizer: Tokenizer) -> tuple[str, int]:
     """The document separator: the first special token among EOT_CANDIDATES, else a new <|endoftext|>."""
     specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
