@@ -325,9 +325,9 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
     check_distinct_paths(run_dirs, "--run-dirs")
     check_study_tables(study_tables)
     if receipt is not None:
-        refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
         if Path(receipt).resolve() == out.resolve():
             raise ValueError(f"--receipt {receipt} is also --out")
+        refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
         if not Path(receipt).parent.is_dir():
             raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
 
