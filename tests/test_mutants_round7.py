@@ -37,6 +37,7 @@ from lipflow.train.__main__ import out_of_memory
 from lipflow.train.stop import Preempted
 from lipflow.train.build import (NextTokenLoss, check_run_directory, ensure_writable, token_splits, training_loss,
                                  weights_of_run)
+from test_cli import results_tree  # noqa: F401  (a fixture)
 from test_experiments import filled_database  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -404,3 +405,18 @@ def test_a_context_longer_than_the_val_split_is_refused_naming_it(char_shards, t
     token_splits(char_shards, {**cfg, "context": val_tokens - 1})  # the longest context both hold
     with pytest.raises(DataError, match=f"context {val_tokens} is longer than the val split"):
         token_splits(char_shards, {**cfg, "context": val_tokens})
+
+
+def test_a_null_n_train_is_the_train_tokens_per_context(results_tree):  # noqa: F811
+    """The rank bound's ``n_train: null`` is the number of context-long training sequences the train
+    split holds: its tokens // context (not // (context + 1), a window's length with its target)."""
+    from lipflow.data.loader import TokenShards
+    from lipflow.evaluation.__main__ import build_context
+
+    results, run_id = results_tree
+    data_dir = results / "data" / "char"
+    params = {"n_train": None}
+    ctx, info = build_context(results / "runs" / run_id, data_dir, params, torch.device("cpu"))
+    tokens, context = TokenShards(data_dir, "train").num_tokens, info["config"]["context"]
+    assert tokens // context != tokens // (context + 1)  # the two readings differ here
+    assert params["n_train"] == ctx.cfg["n_train"] == tokens // context
