@@ -176,13 +176,15 @@ def decoded_pieces(tokenizer, prompt: list[int], drawn: Iterable[list[int]]) -> 
     (decoding token by token drops them) and the work stays linear in the tokens. A text that ends
     inside a UTF-8 character waits for the next token; the whole decoding settles any difference."""
     ids, start, printed, pieces = list(prompt), 0, 0, []
+    before = ""  # the decoding of the window's printed tokens, ids[start:printed]
     for tokens in drawn:
         ids += tokens
-        before, text = tokenizer.decode(ids[start:printed]), tokenizer.decode(ids[start:])
+        text = tokenizer.decode(ids[start:])
         if len(text) > len(before) and text.startswith(before) and not text.endswith("\ufffd"):
             pieces.append(text[len(before):])
             yield pieces[-1]
             start, printed = printed, len(ids)
+            before = tokenizer.decode(ids[start:printed])
     given, text = "".join(pieces), tokenizer.decode(ids)
     if text != given:
         yield text[len(given):] if text.startswith(given) else "\n" + text

@@ -79,7 +79,7 @@ def test_the_command_prints_what_the_run_generates(results_tree):  # noqa: F811
 
 def test_pieces_keep_the_spaces_a_metaspace_decoder_puts_between_tokens():
     """A SentencePiece-style tokenizer file (Metaspace): decoded token by token, "Hello world" lost its
-    space; the pieces are the suffixes of decoding every token so far."""
+    space; decoded in a window one printed token back, the pieces join to the whole decoding."""
     tokenizer = Tokenizer(models.WordLevel({"▁Hello": 0, "▁world": 1, "▁to": 2, "!": 3, "[UNK]": 4}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
