@@ -11,7 +11,6 @@ all-reduced so every rank stops together.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -24,6 +23,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+
+from lipflow.launcher import LAUNCHER_PID, processes_in_env
 
 
 @dataclass(frozen=True)
@@ -41,20 +42,13 @@ class Topology:
         return self.rank == 0
 
 
-def processes_in_env() -> int | None:
-    """The number of processes a launcher (``launch_workers`` or torchrun) started this one among,
-    from the environment; None when no launcher started it."""
-    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-
-
 def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
     """Join the process group the launcher describes in the environment (a no-op without one;
-    under torchrun also for one process, so ``nproc: 1`` runs the NCCL/gloo code paths)."""
+    under torchrun also for one process, so ``nproc: 1`` runs the NCCL/gloo code paths). The train
+    stage has already asked to stop with the launcher (``lipflow.launcher.terminate_with_launcher``)."""
     world = processes_in_env()
     if world is None:
         return Topology(), device
-    launcher = os.environ.get(LAUNCHER_PID)
-    terminate_with_launcher(int(launcher) if launcher else None)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -62,25 +56,6 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return Topology(rank, world, local_rank, control), device
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
-LAUNCHER_PID = "LIPFLOW_LAUNCHER_PID"  # launch_workers puts its own pid here in its workers' environment
-
-
-def terminate_with_launcher(launcher: int | None = None) -> None:
-    """A worker whose launcher is killed must not train on into the run's folder (torchrun starts
-    each worker in a session of its own, which a SIGKILL of the job's process group misses). On Linux
-    the worker asks for SIGTERM when its parent exits: the preemption path (checkpoint, exit 143).
-    ``launch_workers`` passes its own pid (``$LIPFLOW_LAUNCHER_PID``) as ``launcher``, so a launcher
-    killed while a worker starts up (before this request) is seen too: the worker's parent is then no
-    longer the launcher; torchrun's workers take the parent they have at start-up."""
-    if sys.platform != "linux":
-        return
-    launcher = os.getppid() if launcher is None else launcher
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != launcher:  # it exited before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def mean_tensor_across_ranks(t: torch.Tensor, topo: Topology) -> torch.Tensor:

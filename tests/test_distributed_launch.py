@@ -238,6 +238,38 @@ def test_workers_stop_when_their_launcher_is_killed_while_they_start(char_shards
     assert left == [] and not (out / "run.json").exists(), sorted(p.name for p in out.glob("checkpoints/*"))
 
 
+def maps_torch(pid: int) -> bool:
+    """Whether process ``pid`` has begun importing torch (a libtorch library is mapped into it)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@linux_only
+def test_a_torchrun_worker_stops_when_torchrun_is_killed_while_it_imports_torch(char_shards, tiny_run_config,
+                                                                                tmp_path):
+    """torchrun does not give its workers its pid, so a worker takes the parent it has when it asks for
+    the parent-death signal. It asked in ``init_from_env``, after importing torch and checking its inputs
+    (seconds): torchrun SIGKILLed meanwhile left it reparented, asking about init, and then waiting in
+    ``init_process_group`` for the store that torchrun's agent held, until the group's timeout (30 min).
+    The train stage now asks first, before it imports torch. No worker left, no run.json."""
+    out = tmp_path / "run"
+    with launched(train_command("tr-00000000", {**tiny_run_config, **ENDLESS}, char_shards, out,
+                                TORCHRUN_ONE)) as launch:
+        deadline = time.monotonic() + 60
+        while not children(launch.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        (worker,) = launch.find_workers(1)
+        while not maps_torch(worker) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert maps_torch(worker)
+        os.kill(launch.process.pid, signal.SIGKILL)  # while the worker imports torch
+        launch.process.wait()
+        left = wait_until_gone([worker], 30)
+    assert left == [] and not (out / "run.json").exists()
+
+
 @linux_only
 def test_sigint_to_the_launcher_does_not_return_before_its_workers(char_shards, tiny_run_config, tmp_path):
     """SIGINT to the launcher alone (``kill -INT``, ``timeout -s INT``) raised KeyboardInterrupt in its

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipflow import distributed
+from lipflow import distributed, launcher
 from test_distributed_launch import alive
 
 PREEMPTED = 143
@@ -274,9 +274,9 @@ def test_processes_in_env_is_none_without_a_launcher(monkeypatch):
     """Without WORLD_SIZE no launcher started this process (the stage then launches nproc workers or
     trains alone); with it, its value."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.processes_in_env() is None
+    assert launcher.processes_in_env() is None
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert distributed.processes_in_env() == 3
+    assert launcher.processes_in_env() == 3
 
 
 def test_one_process_neither_averages_nor_agrees_through_a_process_group():
@@ -339,15 +339,12 @@ def test_on_cuda_flags_are_agreed_on_a_cpu_gloo_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("LIPFLOW_LAUNCHER_PID", "4242")
-    monkeypatch.setattr(distributed, "terminate_with_launcher", lambda launcher: calls.append(("launcher", launcher)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw)) or control)
     topo, device = distributed.init_from_env(torch.device("cuda"))
     assert str(device) == "cuda:1" and (topo.rank, topo.world, topo.local_rank) == (1, 2, 1)
     assert ("init", "nccl") in calls and ("new_group", {"backend": "gloo"}) in calls and topo.control is control
-    assert calls[0] == ("launcher", 4242)  # the parent it must outlive is the launcher's pid, asked for first
 
     reduced = []
 
@@ -362,22 +359,30 @@ def test_on_cuda_flags_are_agreed_on_a_cpu_gloo_group(monkeypatch):
 
 def test_a_worker_whose_launcher_died_before_prctl_took_effect_stops_itself(monkeypatch):
     """``terminate_with_launcher`` asks for SIGTERM when the launcher exits; if the launcher exited
-    between reading the parent pid and that request (the worker was reparented), the request will never
-    fire, so the worker sends itself SIGTERM (its checkpoint path) at once."""
-    parents = iter([4242, 1])  # the launcher, then init after the launcher died
+    before that request (the worker was reparented), the request will never fire, so the worker sends
+    itself SIGTERM at once. The launcher is ``$LIPFLOW_LAUNCHER_PID`` where ``launch_workers`` set it,
+    else the parent at the request (torchrun's workers)."""
     killed, requested = [], []
 
     class FakeLibc:
         def prctl(self, option, sig):
             requested.append((option, sig))
 
-    monkeypatch.setattr(distributed.sys, "platform", "linux")
-    monkeypatch.setattr(distributed.os, "getppid", lambda: next(parents))
-    monkeypatch.setattr(distributed.os, "kill", lambda pid, sig: killed.append((pid, sig)))
-    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda *a, **kw: FakeLibc())
-    distributed.terminate_with_launcher()
-    assert requested == [(distributed.PR_SET_PDEATHSIG, signal.SIGTERM)]
+    monkeypatch.setattr(launcher.sys, "platform", "linux")
+    monkeypatch.setattr(launcher.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(launcher.ctypes, "CDLL", lambda *a, **kw: FakeLibc())
+    monkeypatch.setattr(launcher.os, "getppid", lambda: 1)  # init, after the launcher died
+    monkeypatch.setenv("LIPFLOW_LAUNCHER_PID", "4242")
+    launcher.terminate_with_launcher()
+    assert requested == [(launcher.PR_SET_PDEATHSIG, signal.SIGTERM)]
     assert killed == [(os.getpid(), signal.SIGTERM)]
+    monkeypatch.setattr(launcher.os, "getppid", lambda: 4242)  # the launcher, alive
+    launcher.terminate_with_launcher()
+    monkeypatch.delenv("LIPFLOW_LAUNCHER_PID")
+    parents = iter([4242, 1])  # torchrun at the request, then init: it died between the two reads
+    monkeypatch.setattr(launcher.os, "getppid", lambda: next(parents))
+    launcher.terminate_with_launcher()
+    assert len(requested) == 3 and killed == [(os.getpid(), signal.SIGTERM)] * 2
 
 
 def test_sigterm_stops_a_single_process_run_that_cannot_finish_first(char_shards, tiny_run_config, tmp_path):

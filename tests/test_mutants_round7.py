@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import lipflow.distributed
+import lipflow.launcher
 import lipflow.provenance as provenance
 import lipflow.train.trainer
 from lipflow.errors import (ArgumentParser, ConfigError, StageError, UnknownNameError, check_distinct_paths, count_argument,
@@ -343,9 +343,12 @@ def test_the_training_loss_is_fp32_cross_entropy_and_compiled_when_asked():
 # ------------------------------------------------------------------------------------------ train stage
 
 
-def train_stage(monkeypatch, tmp_path: Path, cfg: dict, outcome, processes=None) -> int:
+def train_stage(monkeypatch, tmp_path: Path, cfg: dict, outcome, processes=None, asked=None) -> int:
     """``python -m lipflow.train`` into tmp_path/run with a Trainer whose run() returns ``outcome``
-    (or raises it, an exception), as ``processes`` workers of torchrun say (None: not under torchrun)."""
+    (or raises it, an exception), as ``processes`` workers of torchrun say (None: not under torchrun);
+    each request to stop with the launcher is appended to ``asked``."""
+    asked = [] if asked is None else asked
+
     class Trainer:
         def __init__(self, *args, **kwargs):
             pass
@@ -356,7 +359,8 @@ def train_stage(monkeypatch, tmp_path: Path, cfg: dict, outcome, processes=None)
             return outcome
 
     monkeypatch.setattr(lipflow.train.trainer, "Trainer", Trainer)
-    monkeypatch.setattr(lipflow.distributed, "processes_in_env", lambda: processes)
+    monkeypatch.setattr(lipflow.launcher, "processes_in_env", lambda: processes)
+    monkeypatch.setattr(lipflow.launcher, "terminate_with_launcher", lambda: asked.append("asked"))
     return train_main(["--run-id", "tiny-0000000a", "--config-json", json.dumps(cfg), "--data-dir",
                        str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--no-progress"])
 
@@ -365,7 +369,9 @@ def test_the_train_stage_prints_the_summary_line_and_exits_with_a_stops_code(mon
                                                                             capsys):
     summary = {"run_id": "tiny-0000000a", "status": "completed", "steps_completed": 12, "final_val_loss": 1.5,
                "lipschitz_bound": 3.0, "wall_seconds": 9.0}
-    assert train_stage(monkeypatch, tmp_path, tiny_run_config, summary) == 0
+    asked = []
+    assert train_stage(monkeypatch, tmp_path, tiny_run_config, summary, asked=asked) == 0
+    assert asked == []  # started by no launcher: nothing to stop with
     assert json.loads(capsys.readouterr().out) == {k: v for k, v in summary.items() if k != "wall_seconds"}
     assert train_stage(monkeypatch, tmp_path, tiny_run_config, Preempted("stopped at step 3", 143)) == 143
     assert capsys.readouterr().err == "lipflow: stopped at step 3\n"
@@ -380,7 +386,9 @@ def test_a_failed_run_removes_only_the_empty_directory_it_created(monkeypatch, t
 
 
 def test_a_run_under_torchrun_with_another_process_count_is_refused(monkeypatch, tmp_path, tiny_run_config, capsys):
-    assert train_stage(monkeypatch, tmp_path, tiny_run_config, {}, processes=2) == 2
+    asked = []
+    assert train_stage(monkeypatch, tmp_path, tiny_run_config, {}, processes=2, asked=asked) == 2
+    assert asked == ["asked"]  # a worker asks to stop with its launcher before anything else
     assert capsys.readouterr().err.startswith("lipflow: error: nproc: the run's config says 1 processes, but this "
                                               "stage runs as one of 2")
 

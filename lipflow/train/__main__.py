@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
+        from lipflow.launcher import processes_in_env, terminate_with_launcher
+
+        processes = processes_in_env()
+        if processes is not None:  # a worker: stop with the launcher, asked before importing torch (seconds)
+            terminate_with_launcher()
         from lipflow.config import check_run_id, stage_run
 
         check_run_id(args.run_id, "--run-id")  # both before torch is imported
@@ -54,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted
         from lipflow.train.trainer import Trainer
 
-        processes = distributed.processes_in_env()
         if processes is None and cfg["nproc"] > 1:
             checked_inputs(args.run_id, cfg, args.data_dir, args.out_dir)  # one line, not one per worker
             return distributed.launch_workers(cfg["nproc"], "lipflow.train",

@@ -1,0 +1,39 @@
+"""What a training worker learns from the launcher that started it (``lipflow.distributed.launch_workers``
+or torchrun), without importing torch: how many processes it runs among, and that it must stop when
+the launcher dies. The train stage asks for the latter first, so that torch's seconds of import lie
+after the request, not before it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
+LAUNCHER_PID = "LIPFLOW_LAUNCHER_PID"  # launch_workers puts its own pid here in its workers' environment
+
+
+def processes_in_env() -> int | None:
+    """The number of processes a launcher (``launch_workers`` or torchrun) started this one among,
+    from the environment; None when no launcher started it."""
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+
+
+def terminate_with_launcher() -> None:
+    """A worker whose launcher is killed must not train on into the run's folder (torchrun starts
+    each worker in a session of its own, which a SIGKILL of the job's process group misses). On Linux
+    the worker asks for SIGTERM when its parent exits: the preemption path (checkpoint, exit 143), or
+    the default action before the train loop has begun. ``launch_workers`` passes its own pid
+    (``$LIPFLOW_LAUNCHER_PID``), so a launcher killed before this request is seen too: the worker's
+    parent is then no longer the launcher, and the worker sends itself SIGTERM. torchrun passes no pid,
+    so its workers take the parent they have at the request: one orphaned before it (in the tenth of a
+    second before the stage's first line) waits in ``init_process_group`` for the store that torchrun's
+    agent held until the group's timeout, then fails, without training."""
+    if sys.platform != "linux":
+        return
+    recorded = os.environ.get(LAUNCHER_PID)
+    launcher = int(recorded) if recorded else os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # it exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
