@@ -218,14 +218,14 @@ def test_reference_recipe_overlay_validates_and_holds_the_notebook_values():
 
 def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
     """experiments/appendix_d.yaml: its runs are experiments/reference.yaml's run with App. D's batch,
-    blocks mass and σ_max (and their own eval cadence); they differ from each other only in the model
-    and the lr; appd_gpt is config.yaml's baseline at the same shape and budget."""
+    blocks mass and σ_max (and their own eval cadence); they differ from each other only in the model,
+    the lr, the seed and σ_max; appd_gpt is config.yaml's baseline at the same shape and budget."""
     reference = resolve_runs(resolved(yaml.safe_load(open("experiments/reference.yaml"))))
     appendix = resolve_runs(resolved(yaml.safe_load(open("experiments/appendix_d.yaml"))))
     (reference_run,) = reference.values()
     runs = {run_id.rsplit("-", 1)[0]: run for run_id, run in appendix.items()}
-    assert sorted(runs) == ["appd_gpt", "appd_s2", "appd_s2_lr03", "appd_s2_lr06", "appd_s2_unscaled",
-                            "appd_s2_unscaled_s1"]
+    assert sorted(runs) == ["appd_gpt", "appd_s1_unscaled", "appd_s2", "appd_s2_lr03", "appd_s2_lr06",
+                            "appd_s2_unscaled", "appd_s2_unscaled_s1", "appd_s3_unscaled"]
     app_d = {"batch_size": 64, "masses": {"embed": 1.0, "blocks": 32.0, "head": 1.0}, "sigma_max": 2.0,
              "eval_every": 250, "checkpoint_every": 500}
     assert runs["appd_s2"] == {**reference_run, **app_d}
@@ -235,6 +235,8 @@ def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
     assert unscaled["model"] == "lipschitz_gpt_unscaled" and unscaled["lr"] > runs["appd_s2"]["lr"]
     assert {**unscaled, "model": "lipschitz_gpt", "lr": 0.1} == runs["appd_s2"]
     assert runs["appd_s2_unscaled_s1"] == {**unscaled, "seed": 1}
+    assert runs["appd_s1_unscaled"] == {**unscaled, "sigma_max": 1.0}
+    assert runs["appd_s3_unscaled"] == {**unscaled, "sigma_max": 3.0}
     baseline = resolve_runs(resolved(yaml.safe_load(open("config.yaml"))))  # config.yaml's baseline run
     (gpt_run,) = [run for run_id, run in baseline.items() if run_id.startswith("baseline-")]
     shape = {key: runs["appd_s2"][key] for key in ("d_model", "n_layers", "n_heads", "context", "mlp_ratio",
