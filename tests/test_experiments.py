@@ -90,9 +90,30 @@ def test_presets_differ_and_the_paper_preset_has_the_papers_sizes():
     muon_keys = ("parametrization", "momentum", "nesterov", "ns_coefficients", "ns_steps", "embed_optimizer",
                  "max_embed_inflation")
     muon = [c for c in paper.values() if c["optimizer"] == "muon"]
-    assert len(muon) == 64 and all({k: c[k] for k in muon_keys} == {k: reference[k] for k in muon_keys}
+    assert len(muon) == 59 and all({k: c[k] for k in muon_keys} == {k: reference[k] for k in muon_keys}
                                    and c["masses"] == {**reference["masses"], "blocks": 32.0} for c in muon)
     assert all(c.get("parametrization", "sp") == "sp" for c in paper.values() if c["optimizer"] == "adamw")
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_no_preset_holds_a_soft_cap_run_that_training_refuses(preset, monkeypatch):
+    """Every soft-cap run of every experiment's preset passes the train stage's coupling check
+    (``build_learner``: lr against what the soft cap absorbs at its σ_max), with Newton–Schulz's fp32
+    margin (CPU) and with its bf16 margin (CUDA, where the paper preset runs): the paper preset's
+    Muon + soft cap at lr 1 was refused at every σ_max, five jobs failed in every paper sweep."""
+    import torch
+
+    import lipflow.optimizers.muon as muon
+    from lipflow.config import run_defaults
+    from lipflow.train.build import build_learner
+
+    configs = expand_experiments(filled({"experiments": list(builtin_definitions()), "experiment_preset": preset}))
+    capped = {run: cfg for run, cfg in configs.items() if cfg.get("weight_constraint") == "spectral_soft_cap"}
+    assert len(capped) >= 10  # the tradeoff, robustness and precision experiments' soft-cap runs
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setattr(muon, "_ns_dtype", lambda device: dtype)
+        for run, cfg in capped.items():
+            build_learner(run_defaults(**cfg), 65, torch.device("cpu"))
 
 
 def test_all_cpu_runs_resolve_and_validate_as_runs():

@@ -74,6 +74,31 @@ def test_a_muon_lr_beyond_the_soft_caps_range_is_refused():
     check_coupling(Muon(params, lr=0.4), params, ConstraintSettings("spectral_hard_cap", 1.0, 0.0, 0.0, False))
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_the_refusal_names_the_largest_lr_that_fits(weight_decay):
+    """The largest run lr the message names (4 significant digits, cut down) passes, and 0.11 % above
+    it is refused, so it is the edge; with a group at half the run's lr (a multiplier, as µP and the
+    modular step sizes set) that edge doubles."""
+    import re
+
+    params = capped_matrices(1, (32, 32), 1.0, seed=2)
+    settings = ConstraintSettings("spectral_soft_cap", 1.0, weight_decay, 0.0, False)
+
+    def largest(lr: float, multiplier: float) -> float:
+        with pytest.raises(ValueError) as refused:
+            check_coupling(Muon([{"params": params, "lr": lr * multiplier}], lr=lr), params, settings)
+        return float(re.search(r"lower lr to at most ([0-9.e+-]+) ", str(refused.value)).group(1))
+
+    for multiplier in (1.0, 0.5):
+        edge = largest(1.0, multiplier)
+        assert largest(3.0, multiplier) == edge  # the edge does not depend on the lr that was refused
+        check_coupling(Muon([{"params": params, "lr": edge * multiplier}], lr=edge), params, settings)
+        above = edge * 1.0011
+        with pytest.raises(ValueError, match=r"^lr: at lr "):
+            check_coupling(Muon([{"params": params, "lr": above * multiplier}], lr=above), params, settings)
+    assert largest(1.0, 0.5) == pytest.approx(2 * largest(1.0, 1.0), rel=2e-3)
+
+
 def test_training_refuses_such_a_config_in_one_line(char_shards, tiny_run_config, tmp_path):
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.4,
            "weight_constraint": "spectral_soft_cap", "sigma_max": 1.0}

@@ -68,16 +68,36 @@ def _slots(optimizer: torch.optim.Optimizer, matrices: list[Tensor]) -> list[tup
 
 def check_coupling(optimizer: torch.optim.Optimizer, matrices: list[Tensor], settings: ConstraintSettings) -> None:
     """Refuse a soft cap whose optimizer steps (at the current, i.e. the base, lr) can leave the
-    range where its guarantee holds: ValueError naming lr and sigma_max."""
+    range where its guarantee holds: ValueError naming lr, sigma_max and the largest lr that fits.
+
+    The run's lr η scales every group's lr to m·η (m the group's multiplier), and both a step's bound
+    u = m·η·c and the limit σmax(1.3065 − 1 + m·η·λ) are linear in it, so the largest η that fits is
+    the least σmax·0.3065 / (m·(c − σmax·λ)) over the matrices with c > σmax·λ."""
     if not settings.coupled:
         return
+    run_lr, headroom = optimizer.defaults["lr"], settings.max_update_norm(0.0)
+    largest_lr, worst = math.inf, None
     for p, group in _slots(optimizer, matrices):
         u = _update_bound(optimizer, group, p)
-        if u is not None and u > settings.max_update_norm(group["lr"]):
-            raise ValueError(
-                f"lr: steps of RMS→RMS norm up to {u:.4g} (lr {group['lr']:.4g}) are more than the soft cap can "
-                f"absorb at sigma_max {settings.sigma_max:g} (at most {settings.max_update_norm(group['lr']):.4g}, "
-                f"k ≤ 1.3065·sigma_max): lower lr or raise sigma_max")
+        if u is None or group["lr"] == 0:
+            continue
+        per_lr = u / group["lr"] - settings.sigma_max * settings.weight_decay
+        if per_lr > 0:
+            largest_lr = min(largest_lr, headroom / (group["lr"] / run_lr * per_lr))
+        if u > settings.max_update_norm(group["lr"]) and (worst is None or u > worst[0]):
+            worst = (u, settings.max_update_norm(group["lr"]), group.get("role"))
+    if worst is not None:
+        u, limit, role = worst
+        raise ValueError(f"lr: at lr {run_lr:g} the optimizer's steps reach RMS→RMS norm {u:.4g}"
+                         f"{f' ({role} matrices)' if role else ''}, more than the soft cap absorbs at sigma_max "
+                         f"{settings.sigma_max:g} (at most {limit:.4g}: k ≤ 1.3065·sigma_max); lower lr to at most "
+                         f"{_round_down(largest_lr):g} or raise sigma_max")
+
+
+def _round_down(x: float, digits: int = 4) -> float:
+    """``x`` cut (not rounded) to ``digits`` significant digits: a printed limit that is never above ``x``."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.floor(x * scale) / scale
 
 
 @torch.no_grad()
