@@ -65,9 +65,21 @@ def test_registry_names():
 @pytest.mark.parametrize("kind,shape", ALL_CASES)
 def test_spectral_norm_bound_is_a_tight_upper_bound(kind, shape):
     x = make_matrix(kind, shape)
-    sigma = svdvals(x)[0].item()
-    bound = spectral_norm_bound(x).item()
-    assert sigma * (1 - 1e-6) <= bound <= sigma * (1 + 1e-3)
+    sigma = torch.linalg.matrix_norm(x.double(), ord=2).item()
+    bound = spectral_norm_bound(x)
+    assert bound.dtype == x.dtype and sigma <= bound.item() <= sigma * (1 + 1e-3)
+
+
+def test_spectral_norm_bound_is_never_below_the_float64_sigma_max():
+    """On 300 seeded Gaussian matrices the float32 bound is ≥ σ₁ from a float64 SVD of the same float32
+    matrix, in every case: computed in float32 it fell below in 139 of 300 (by up to 6e-7 relative),
+    which the soft cap's measured step and spectral_normalize's "σ₁ ≤ σmax afterwards" then inherited."""
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.randn(300, 64, 16, generator=generator)
+    bounds = spectral_norm_bound(xs)
+    sigmas = torch.linalg.matrix_norm(xs.double(), ord=2)
+    assert bounds.dtype == torch.float32 and bool((bounds.double() >= sigmas).all())
+    assert bool((bounds.double() <= sigmas * (1 + 1e-3)).all())
 
 
 def test_spectral_norm_bound_of_zero_and_vectors():

@@ -164,9 +164,9 @@ def attention_at(attn, x: torch.Tensor) -> tuple[torch.Tensor, AttentionRecord]:
                                                                      float("-inf")).softmax(-1)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C) @ w_o.T * attn.output_scale
     qkv = (attn.q, attn.k, attn.v)
-    sigma = [head_spectral_norms(m.weight, H, torch.float64).to(x.device) for m in qkv]  # float64: upper bounds
+    sigma = [head_spectral_norms(m.weight, H).to(x.device) for m in qkv]  # float64: upper bounds
     q, k, v, probs = q.detach(), k.detach(), v.detach(), probs.detach()
     rec = AttentionRecord(q, k, v, probs, distance_to_attended_mean(probs, k), distance_to_attended_mean(probs, v),
-                          *sigma, attn.output_scale * spectral_norm(attn.o.weight, torch.float64), attn.score_scale,
-                          tuple(spectral_norm(m.weight, torch.float64) for m in qkv))
+                          *sigma, attn.output_scale * spectral_norm(attn.o.weight), attn.score_scale,
+                          tuple(spectral_norm(m.weight) for m in qkv))
     return y, rec

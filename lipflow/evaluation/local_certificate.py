@@ -122,8 +122,8 @@ def gelu_layer(scale: float, w_in: torch.Tensor, w_out: torch.Tensor | None) -> 
     wᵀD²f[Δ, Δ] = scale·Σ_i (W_outᵀw)_i·GELU''(h_i)·(W_inΔ)_i², so
     κ(w) = scale·max|GELU''|·σ_max(W_in)²·max_i |(W_outᵀw)_i|.
     """
-    out_norm = spectral_norm(w_out, torch.float64) if w_out is not None else 1.0
-    in_norm = spectral_norm(w_in, torch.float64)
+    out_norm = spectral_norm(w_out) if w_out is not None else 1.0
+    in_norm = spectral_norm(w_in)
     max_row = float(w_in.detach().double().norm(dim=1).max())
     lip = scale * GELU_MAX_SLOPE * out_norm * in_norm
     curv = scale * GELU_MAX_CURVATURE * max_row * out_norm * in_norm

@@ -141,10 +141,11 @@ def non_finite_parameter(model: nn.Module) -> str | None:
     return next((name for name, ok in zip(names, finite) if not ok), None)
 
 
-def spectral_norm(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
-    """Largest singular value σ_max(W), by an SVD in ``dtype`` (float64 where it must bound from above);
-    NaN for a matrix with a non-finite entry (a diverged run's), where the SVD would fail."""
-    w = w.detach().to(dtype)
+def spectral_norm(w: torch.Tensor) -> float:
+    """Largest singular value σ_max(W), by an SVD in float64 (the certificates bound from above with it:
+    a float32 SVD fell below the float64 σ_max of the same float32 matrix by up to 3e-7 relative in half
+    of the cases); NaN for a matrix with a non-finite entry (a diverged run's), where the SVD would fail."""
+    w = w.detach().double()
     if not bool(torch.isfinite(w).all()):
         return math.nan
     return torch.linalg.matrix_norm(w, ord=2).item()

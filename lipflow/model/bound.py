@@ -58,10 +58,11 @@ ACTIVATIONS.register("gelu")(Activation(F.gelu, GELU_MAX_SLOPE))
 ACTIVATIONS.register("relu")(Activation(F.relu, 1.0))
 
 
-def head_spectral_norms(w: torch.Tensor, n_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """σ_max of each head's row slice W[h·d_h:(h+1)·d_h, :] (ℓ2→ℓ2) by an SVD in ``dtype``, shape (n_heads,)."""
+def head_spectral_norms(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """σ_max of each head's row slice W[h·d_h:(h+1)·d_h, :] (ℓ2→ℓ2) by an SVD in float64 (an upper
+    bound's ingredient, as ``spectral_norm``), shape (n_heads,)."""
     fan_out, fan_in = w.shape
-    slices = w.detach().to(dtype).reshape(n_heads, fan_out // n_heads, fan_in)
+    slices = w.detach().double().reshape(n_heads, fan_out // n_heads, fan_in)
     return torch.linalg.matrix_norm(slices, ord=2)
 
 
