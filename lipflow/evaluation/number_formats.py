@@ -42,11 +42,16 @@ def _unscaled(x: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
 @SCALINGS.register("per_tensor")
 def _per_tensor(x: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
     """s = format_max / max|x| over finite entries (1 for an all-zero tensor), at most fp32's max: for
-    bf16, whose max is fp32's, the ratio overflows fp32 whenever max|x| < 1."""
+    bf16, whose max is fp32's, the ratio overflows fp32 whenever max|x| < 1. s is then lowered ulp by
+    ulp (at most 4) until s·max|x| in fp32, the product the cast sees, is ≤ format_max: rounded to
+    fp32 it could land one ulp above (448.00003 for e4m3), which counted as overflow and saturation."""
     finite = x[torch.isfinite(x)]
-    amax = finite.abs().max().double() if finite.numel() else torch.zeros((), device=x.device, dtype=torch.float64)
-    s = torch.where(amax > 0, fmt.max / amax, torch.ones_like(amax))
-    return s.clamp(max=torch.finfo(torch.float32).max).float()
+    amax = finite.abs().max() if finite.numel() else torch.zeros((), device=x.device)
+    s = torch.where(amax > 0, fmt.max / amax.double(), torch.ones((), device=x.device, dtype=torch.float64))
+    s = s.clamp(max=torch.finfo(torch.float32).max).float()
+    for _ in range(4):
+        s = torch.where(s * amax > fmt.max, torch.nextafter(s, torch.zeros_like(s)), s)
+    return s
 
 
 @dataclass
