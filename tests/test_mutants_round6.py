@@ -706,7 +706,7 @@ def test_an_eval_step_row_holds_metric_columns_and_the_largest_attention_logit(e
 
     telemetry, cfg, _ = eval_step
     row = {}
-    telemetry.measure(row, step=4, layers=None)
+    telemetry.measure(row, layers=None)
     assert set(row) <= set(METRIC_COLUMNS) and "val_loss" in row, set(row) - set(METRIC_COLUMNS)
     logits = json.loads(row["attention_logits"])
     assert len(set(logits.values())) == 2 and row["max_attention_logit"] == max(logits.values())

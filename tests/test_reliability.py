@@ -245,19 +245,22 @@ def test_tensorboard_mirrors_the_logged_metrics(char_shards, tiny_run_config, tm
 @pytest.mark.parametrize("optimizer, preconditioned", [("adamw", True), ("muon", False)])
 def test_sharpness_is_logged_every_sharpness_every_steps(char_shards, tiny_run_config, tmp_path,
                                                         optimizer, preconditioned):
-    """sharpness_every logs λ_max(H) at those eval steps; AdamW also λ_max(P⁻¹H), Muon (no Adam state
+    """sharpness_every logs λ_max(H) every that many steps, eval steps or not (6 and 12 with eval_every
+    4; step 6 was skipped when only eval steps measured it); AdamW also λ_max(P⁻¹H), Muon (no Adam state
     on its matrices) leaves it NULL."""
     import pyarrow.parquet as pq
 
-    cfg = {**tiny_run_config, "optimizer": optimizer, "lr": 0.01, "sharpness_every": 8, "sharpness_iters": 5}
+    cfg = {**tiny_run_config, "optimizer": optimizer, "lr": 0.01, "sharpness_every": 6, "sharpness_iters": 5}
+    assert cfg["eval_every"] == 4 and cfg["steps"] == 12
     done = train(cfg, char_shards, tmp_path)
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()
     logged = {r["step"]: (r["sharpness"], r["preconditioned_sharpness"]) for r in rows if r["sharpness"] is not None}
-    assert sorted(logged) == [8]
-    sharpness, pre = logged[8]
-    assert sharpness != 0 and sharpness == sharpness
-    assert (pre is not None and pre > 0) == preconditioned
+    assert sorted(logged) == [6, 12]
+    for sharpness, pre in logged.values():
+        assert sharpness != 0 and sharpness == sharpness
+        assert (pre is not None and pre > 0) == preconditioned
+    assert next(r for r in rows if r["step"] == 6)["val_loss"] is None  # not an eval step
 
 
 def test_compiled_training_matches_eager(char_shards, tiny_run_config, tmp_path, monkeypatch):

@@ -3,9 +3,9 @@
 Every step: loss, global gradient norm and clipped soft-cap steps stay on the device (``StepLog``
 reads many steps in one host sync). Every ``eval_every`` steps (``EvalStepTelemetry``): loss and
 accuracy on fixed val windows, activation statistics, the certified Lipschitz bound, the largest
-pre-softmax attention score, per-matrix update norms (``LayerTelemetry``) and, every
-``sharpness_every`` steps, the top Hessian eigenvalue (for Adam also that of P⁻¹H). Rows can be
-mirrored to TensorBoard.
+pre-softmax attention score and per-matrix update norms (``LayerTelemetry``). Every
+``sharpness_every`` steps, eval step or not (``EvalStepTelemetry.sharpness``): the top Hessian
+eigenvalue (for Adam also that of P⁻¹H). Rows can be mirrored to TensorBoard.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class EvalStepTelemetry:
         self.val_windows = torch.cat([x, y[:, -1:]], dim=1).to(device)
         self.layers = LayerTelemetry(model, optimizer)
 
-    def measure(self, row: dict[str, Any], step: int, layers: dict[str, Any] | None) -> None:
+    def measure(self, row: dict[str, Any], layers: dict[str, Any] | None) -> None:
         """Add the eval-step columns to ``row`` (``layers``: this step's LayerTelemetry, if recorded)."""
         model, cfg = self.model, self.cfg
         model.record_activations = True
@@ -134,9 +134,6 @@ class EvalStepTelemetry:
         row["max_attention_logit"] = max(logits.values()) if logits else None
         row["attention_logits"] = json.dumps(logits, sort_keys=True)
         row["layers"] = json.dumps(layers, sort_keys=True) if layers else None
-        every = cfg["sharpness_every"]
-        if every and step % every == 0:
-            row.update(self.sharpness())
 
     def sharpness(self) -> dict[str, float | None]:
         """Top Hessian eigenvalue of the train loss on a fixed batch, and for Adam also that of P⁻¹H

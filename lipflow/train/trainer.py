@@ -110,20 +110,24 @@ class Trainer:
                     self.steps.add(self.step, factor, result)
                     bar.update(1)
                     eval_now = self.is_eval_step(self.step)
+                    sharpness_now = bool(cfg["sharpness_every"]) and self.step % cfg["sharpness_every"] == 0
                     checkpoint_now = bool(cfg["checkpoint_every"]) and self.step % cfg["checkpoint_every"] == 0
                     stop_now = sigterm.requested()
-                    if not (eval_now or checkpoint_now or stop_now or len(self.steps.pending) >= MAX_PENDING_STEPS):
+                    if not (eval_now or sharpness_now or checkpoint_now or stop_now
+                            or len(self.steps.pending) >= MAX_PENDING_STEPS):
                         continue
                     rows, bad_step = self.steps.flush()
                     diverged = None
-                    if bad_step is None and eval_now:
+                    if bad_step is None and (eval_now or sharpness_now):
                         # a finite loss can precede non-finite weights (the step after it overflowed
                         # them), which the eval step's norms and certificate cannot measure
-                        if non_finite_parameter(self.model) is None:
-                            self.telemetry.measure(rows[-1], self.step, self.layers)
-                            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
-                        else:
+                        if non_finite_parameter(self.model) is not None:
                             diverged = (self.step, "weights are non-finite")
+                        if diverged is None and eval_now:
+                            self.telemetry.measure(rows[-1], self.layers)
+                            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
+                        if diverged is None and sharpness_now:
+                            rows[-1].update(self.telemetry.sharpness())
                     diverged = diverged or divergence(rows, bad_step, cfg["max_bound"])
                     for row in rows:
                         self.log(row)
