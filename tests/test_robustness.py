@@ -450,3 +450,18 @@ def test_image_mlp_snapshots_every_eval_every_steps_and_at_the_last_step():
     snapshots = image_mlp.train_snapshots({"optimizer": "adamw"}, cfg, data)
     assert [step for step, *_ in snapshots] == [2, 3]
     assert all(0.0 <= acc <= 1.0 for _, acc, _ in snapshots)
+
+
+def test_the_median_radius_is_over_the_correct_predictions():
+    """The radius medians are over the correctly predicted inputs (margin > 0): over all inputs, the
+    wrong ones at radius 0, a model below 50 % clean accuracy had a median of 0 whatever its radii
+    (here 1 correct of 3), and a model with none correct has no median (NaN)."""
+    import math
+
+    from lipflow.evaluation.robustness import median_radius_of_correct
+
+    assert median_radius_of_correct(torch.tensor([0.5, 0.0, 0.0]), torch.tensor([1.0, -1.0, -2.0])) == 0.5
+    radius = torch.tensor([0.1, 0.3, 0.2, 0.0, 0.0])
+    margin = torch.tensor([1.0, 3.0, 2.0, -1.0, 0.0])  # a tie (margin 0) is not a correct prediction
+    assert median_radius_of_correct(radius, margin) == pytest.approx(0.2)
+    assert math.isnan(median_radius_of_correct(torch.zeros(2), torch.tensor([-1.0, 0.0])))

@@ -12,6 +12,7 @@ norms ε are ℓ2 norms over the whole embedded sequence.
 - certified radius: m / (√2·L), m = z_y − max_{j≠y} z_j; each z_y − z_j is √2·L-Lipschitz because
   ‖e_y − e_j‖₂ = √2, so no perturbation with ‖δ‖₂ < m/(√2 L) changes the prediction. Certified
   accuracy at ε: the fraction with radius > ε (a positive radius implies a correct prediction).
+  ``certified_radius_median``: the median radius over the correct predictions.
 - PGD ℓ2 (Madry et al. 2018): normalized-gradient ascent with step 2.5ε/steps, projection onto the
   ε-ball, restart 0 from δ = 0 and later restarts uniform in the ball; the objective (default the
   Carlini–Wagner margin max_{j≠y} z_j − z_y, or "ce") picks the worst δ seen; robust loss is the
@@ -23,7 +24,8 @@ norms ε are ℓ2 norms over the whole embedded sequence.
 - Local certificate (``local_certificate``): per input, a sound bound on how far the margin can
   fall in the ε-ball, from the exact gradient and the curvature of the network at that input
   (models it covers: lipschitz_gpt and lipschitz_gpt_unscaled, mlp with GELU). Rows:
-  ``certified_radius_local_median``, ``certified_accuracy_local`` per ε, and per ε > 0
+  ``certified_radius_local_median`` (as ``certified_radius_median``, over the correct predictions),
+  ``certified_accuracy_local`` per ε, and per ε > 0
   ``tightness_global`` / ``tightness_local``, the median over inputs of (margin fall found by PGD) /
   (certified fall). At ``half_certified_epsilon``,
   the ε where local certified accuracy is half the clean accuracy, PGD runs once more (attack
@@ -75,6 +77,13 @@ def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz_l2: float) -> torch.Tensor:
     """m / (√2·L): no ℓ2 perturbation of the input smaller than this flips the prediction."""
     return logit_margin(logits, labels) / (math.sqrt(2.0) * lipschitz_l2)
+
+
+def median_radius_of_correct(radius: torch.Tensor, margin: torch.Tensor) -> float:
+    """The median certified radius over the inputs predicted correctly (margin > 0); NaN when none is.
+    (Over all inputs, the wrong ones at radius 0, it was 0 for any model below 50 % clean accuracy.)"""
+    correct = margin > 0
+    return float(radius[correct].median()) if bool(correct.any()) else math.nan
 
 
 def certified_accuracy(radius: torch.Tensor, epsilon: float) -> float:
@@ -282,11 +291,12 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     clean_acc, loss = accuracy_and_loss(clean)
     rows = [{"metric": "clean_accuracy", "value": clean_acc}, {"metric": "clean_loss", "value": loss}]
     epsilons = [float(e) for e in cfg["epsilons"]]
+    clean_margin = logit_margin(clean, labels)
     certificate = certificate_l2(model, ctx.certificate)
     if certificate is not None:
         radius = certified_radius(clean, labels, certificate)
         rows.append({"metric": "certificate_l2", "value": certificate})
-        rows.append({"metric": "certified_radius_median", "value": float(radius.clamp_min(0).median())})
+        rows.append({"metric": "certified_radius_median", "value": median_radius_of_correct(radius, clean_margin)})
         rows += [{"metric": "certified_accuracy", "value": certified_accuracy(radius, e), "epsilon": e}
                  for e in epsilons]
     local = [local_certificate(model, x[i:i + batch_size], labels[i:i + batch_size], certificate)
@@ -298,10 +308,10 @@ def evaluate(ctx: EvalContext) -> list[dict]:
 
     if local is not None:
         radius_local = torch.cat([c.radius() for c in local])
-        rows.append({"metric": "certified_radius_local_median", "value": float(radius_local.median())})
+        rows.append({"metric": "certified_radius_local_median",
+                     "value": median_radius_of_correct(radius_local, clean_margin.to(radius_local.device))})
         rows += [{"metric": "certified_accuracy_local", "value": certified_accuracy(radius_local, e), "epsilon": e}
                  for e in epsilons]
-    clean_margin = logit_margin(clean, labels)
 
     def pgd_at(e: float) -> torch.Tensor:
         return _batched(lambda xb, yb: pgd_l2(last, xb, yb, e, cfg["pgd_steps"], cfg["pgd_restarts"], generator,
