@@ -153,7 +153,8 @@ class TokenShards:
     def sequential_windows(self, context: int, max_windows: int | None = None) -> torch.Tensor:
         """Windows i = tokens[i·context, i·context + context + 1) for i < (num_tokens − 1) // context
         (capped at ``max_windows``), shape (N, context + 1) int64. Consecutive windows share one
-        token, so their targets w[:, 1:] are disjoint and cover the stream once: whole-split eval."""
+        token, so their targets w[:, 1:] are disjoint and cover the stream once up to its last whole
+        window: whole-split eval but for the last (num_tokens − 1) mod context targets."""
         self.check_context(context)
         count = (self.num_tokens - 1) // context
         if max_windows is not None:

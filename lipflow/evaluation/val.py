@@ -1,4 +1,6 @@
-"""``val``: loss (nats/token), next-token accuracy and perplexity exp(loss) over the whole val split."""
+"""``val``: loss (nats/token), next-token accuracy and perplexity exp(loss) over the val split's
+consecutive context windows (``TokenShards.sequential_windows``: every target but the last
+(tokens − 1) mod context), and the number of targets scored."""
 
 from __future__ import annotations
 
