@@ -457,3 +457,13 @@ def test_runs_name_is_the_run_id_without_only_its_hash_and_val_perplexity_is_fil
     with duckdb.connect(str(out), read_only=True) as con:
         row = con.execute("SELECT name, val_loss, val_accuracy, val_perplexity FROM runs").fetchall()
     assert row == [("lr-sweep", 1.5, 0.25, 4.5)]
+
+
+def test_device_is_the_only_run_json_field_that_shares_a_config_keys_column():
+    """A ``runs`` row holds every config key and every run.json field as columns: where the two share a
+    name, run.json's value takes the column (the config's stays in ``config``). That is ``device`` only
+    (used vs setting, as the README says); a new collision would hide a config value without a word."""
+    from lipflow.config import run_defaults
+    from lipflow.train.summary import RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS
+
+    assert (set(RUN_KEY_FIELDS) | set(RUN_SUMMARY_FIELDS)) & set(run_defaults()) == {"device"}

@@ -68,7 +68,9 @@ def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One ``runs`` row from a run directory's run.json and config.json: both name the directory's run,
-    and every value is of the type the trainer writes (:mod:`lipflow.results.inputs`)."""
+    and every value is of the type the trainer writes (:mod:`lipflow.results.inputs`). run.json's
+    ``device`` (the device used) takes the column of the config key ``device`` (the setting, e.g.
+    auto), which stays in the ``config`` JSON; no other run.json field is a config key (tested)."""
     run_json, config_json = Path(run_dir) / "run.json", Path(run_dir) / "config.json"
     summary, info = read_run_json(run_json), read_run_json(config_json)
     values = summary_values(run_json, summary)
