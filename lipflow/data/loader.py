@@ -40,10 +40,14 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer a shard directory was encoded with, checked against the manifest's sha256 and
     ``vocab_size`` (the manifest has no checksum: an edit shows only here)."""
     manifest = read_manifest(directory)
-    path = Path(directory) / manifest["tokenizer"]["file"]
+    entry = manifest["tokenizer"]
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("file", "sha256")):
+        raise DataError(f"{Path(directory) / 'manifest.json'}: 'tokenizer' lacks its file or sha256 (truncated or "
+                        "edited?)")
+    path = Path(directory) / entry["file"]
     if not path.is_file():
         raise DataError(f"tokenizer file not found: {path}")
-    if sha256_file(path) != manifest["tokenizer"]["sha256"]:
+    if sha256_file(path) != entry["sha256"]:
         raise DataError(f"corrupt tokenizer {path}: sha256 mismatch with manifest.json")
     tokenizer = Tokenizer.from_file(str(path))
     if (vocab := vocab_size_of(tokenizer)) != manifest["vocab_size"]:

@@ -101,6 +101,21 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_corpus_summary(path: Path) -> dict[str, Any]:
+    """The corpus stage's corpus.json (``path``) when it holds what tokenizing reads (the name as text,
+    the source, each split's byte count), else a DataError naming the file."""
+    summary = read_json(path)
+    try:
+        ok = (isinstance(summary["name"], str) and "source" in summary
+              and all(type(summary["splits"][split]["bytes"]) is int for split in SPLITS))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise DataError(f"{path} lacks the corpus name, source or a split's byte count (truncated or edited? "
+                        "rerun the corpus stage)")
+    return summary
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """The ``tokenizer`` config block (``vocab_size`` is used by ``bpe`` only, ``path`` by ``file``);
@@ -445,7 +460,7 @@ def tokenize_corpus(
     for name in ("corpus.json", "train.jsonl", "val.jsonl"):
         if not (corpus / name).is_file():
             raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
-    corpus_summary = read_json(corpus / "corpus.json")
+    corpus_summary = read_corpus_summary(corpus / "corpus.json")
     with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_token_shards) as tmp:
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents

@@ -22,7 +22,7 @@ from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
 from lipflow.results.cli import refuse_to_replace_non_evaluation
-from lipflow.results.inputs import check_names_its_run, directory_name, run_id_in
+from lipflow.results.inputs import check_names_its_run, directory_name, run_id_in, value_of
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
@@ -77,7 +77,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
         check_names_its_run(run_dir / "run.json", run_id)
     refuse_to_replace_other_rows(out, run_id, name)
     started = time.monotonic()
-    if summary["status"] != "completed":
+    if value_of(summary, "status", run_dir / "run.json") != "completed":
         rows = [{"metric": "skipped", "value": float(summary.get("diverged_step") or 0),
                  "note": f"run status is {summary['status']}"}]
     else:
