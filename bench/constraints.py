@@ -10,7 +10,7 @@ For each n (default 256 … 4096; --quick: 256, 512), on one seeded Gaussian n×
   with unchanged singular vectors, so in exact arithmetic that error is
   √(Σᵢ (p⁵(σᵢ/‖G‖_F) − 1)²) / √n (msign's numerically-zero directions, σ ≤ n·eps·σ₁, have target 0
   instead of 1): reported beside the measurement as ``predicted``, from G's singular values. The
-  documented band (σ ≥ 0.0015‖G‖_F ↦ [0.6818, 1.2024]) bounds it by max(1 − 0.6818, 0.2024) = 0.318
+  documented band (σ ≥ 0.00151‖G‖_F ↦ [0.6818, 1.2024]) bounds it by max(1 − 0.6818, 0.2024) = 0.318
   when every σᵢ is in range; a Gaussian's few smallest σᵢ are not (they map to ≈ 0).
 - **The weight constraint**: ``spectral_soft_cap`` (σ ↦ p₂(p₁(σ)) through the Gram matrix) against
   ``spectral_hard_cap`` (U min(Σ, σmax) Vᵀ by SVD) at σmax = 1, on X = G·k/σ₁(G): the spectrum a

@@ -1,7 +1,8 @@
 """Learning-rate schedules: multipliers of the base lr as a function of the step.
 
 Each schedule maps (step, total_steps) → factor in [0, 1]; a linear warmup over
-``warmup_steps`` multiplies any of them.
+``warmup_steps`` multiplies any of them. The trainer's steps are 0 … total − 1 (the factor of the
+step about to be taken), so a decay "to 0" reaches 0 after the last step: linear runs it at 1/total.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ def constant(step: int, total: int) -> float:
 
 @SCHEDULES.register("linear")
 def linear(step: int, total: int) -> float:
-    """Linear decay to 0 at the last step (the paper's default)."""
+    """Linear decay 1 − step/total, to 0 after the last step (the paper's default)."""
     return max(0.0, 1.0 - step / max(1, total))
 
 
 @SCHEDULES.register("cosine")
 def cosine(step: int, total: int) -> float:
-    """Half-cosine decay to 0: ½(1 + cos(π·step/total))."""
+    """Half-cosine decay ½(1 + cos(π·step/total)), to 0 after the last step."""
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 

@@ -194,7 +194,7 @@ def test_constraint_errors_match_their_exact_arithmetic_predictions(results, n):
     v = values(results, "constraints")
     ns, predicted = v[f"n{n}.newton_schulz5_rel_error"], v[f"n{n}.newton_schulz5_rel_error_predicted"]
     assert ns == pytest.approx(predicted, abs=1e-4)
-    # 5 quintic steps send σ ≥ 0.0015‖G‖_F into [0.6818, 1.2024] (lipflow.optimizers): error ≤ 0.3182
+    # 5 quintic steps send σ ≥ 0.00151‖G‖_F into [0.6818, 1.2024] (lipflow.optimizers): error ≤ 0.3182
     assert ns < 0.3182
     soft = v[f"n{n}.soft_cap_rel_error"]
     assert soft == pytest.approx(v[f"n{n}.soft_cap_rel_error_predicted"], rel=1e-4)

@@ -93,8 +93,8 @@ class HessianOperator:
 
 @dataclass
 class PowerIterationResult:
-    eigenvalue: float            # Rayleigh quotient vᵀHv of the final unit vector (signed)
-    eigenvector: torch.Tensor    # flat unit vector, reusable as ``init`` for a warm start
+    eigenvalue: float            # Rayleigh quotient vᵀHv (signed) of the last unit vector v multiplied by H
+    eigenvector: torch.Tensor    # Hv/‖Hv‖, one power step past v: a flat unit vector for a warm start (``init``)
     iterations: int
     converged: bool
 

@@ -9,15 +9,17 @@ W ← (1 − λη)W is done by ``lipflow.constraints.constrain_all_`` after the 
 ``lipflow.train.update``), with the same λ = cfg weight_decay, so decay and constraint compose
 (step → decay → project; Modula decays before the step). Embedding tables get cfg weight_decay inside AdamW (also the AdamW half of Muon;
 none under Muon's ``dualized`` embedding step, as in the reference); vectors (biases, gains) get
-none, as in nanoGPT. Scion/uSCG use no weight decay: constrained Scion's (1 − γ) contraction
-already plays that role (Pethick et al. 2025).
+none, as in nanoGPT. Scion/uSCG add no decay of their own (constrained Scion's (1 − γ) contraction
+plays that role, Pethick et al. 2025); the decoupled decay after the step applies to their matrices
+too when weight_decay > 0 (default 0).
 
 Layout: matrices are (fan_out, fan_in) as in nn.Linear. Role ``embed`` holds lookup tables
 stored (num_embeddings, dim) with one-hot inputs; the LMOs see their transpose.
 
 Each Muon/Scion step records ``state[p]["update_norm"]``, a bound on the RMS→RMS operator norm
-of the step's update of matrix p, also given by ``optimizer.update_bound(group, p)`` before the
-step (the soft cap couples to it, see lipflow.train.update).
+of the step's update of matrix p (for constrained Scion, of its LMO part γρ·lmo(d); the whole step
+also contracts W by (1 − γ)), also given by ``optimizer.update_bound(group, p)`` before the step
+(the soft cap couples to it, see lipflow.train.update: the contraction only lowers the k it caps).
 """
 
 from __future__ import annotations

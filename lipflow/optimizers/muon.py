@@ -19,7 +19,8 @@ from lipflow.optimizers.common import ADAM_EPS, evaluate_closure
 
 # Keller Jordan's quintic p(x) = a x + b x³ + c x⁵ (KellerJordan/Muon, zeropower_via_newtonschulz5).
 # p peaks at 1.2024 (x ≈ 0.5545) and maps [0, 1.2024] into itself, so T ≥ 1 steps have peak
-# 1.2024 on [0, 1]; 5 steps send every singular value σ ≥ 0.0015·‖G‖_F into [0.6818, 1.2024].
+# 1.2024 on [0, 1]; 5 steps send every singular value σ ≥ 0.00151·‖G‖_F into [0.6818, 1.2024]
+# (σ = 0.0015·‖G‖_F ends at 0.6798).
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 # Extra factor on the recorded update bound for rounding in the iteration's dtype:
