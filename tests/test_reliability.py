@@ -127,6 +127,20 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
 
 
+def test_checkpoints_are_ordered_by_step_past_nine_digits(tmp_path):
+    """Step 10⁹'s name has ten digits and sorted before step-999999999 by name: resume took the older
+    checkpoint and pruning deleted the newest. They are ordered by the step in the name."""
+    from lipflow.train.checkpoint import prune_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (999_999_998, 999_999_999, 1_000_000_000):
+        save_weights(ckpts / f"step-{step:09d}.safetensors", {"w": torch.full((1,), float(step))}, {"step": step})
+    assert latest_valid_checkpoint(ckpts)[2]["step"] == 1_000_000_000
+    prune_checkpoints(ckpts, keep=2)
+    assert sorted(p.name for p in ckpts.glob("*.safetensors")) == ["step-1000000000.safetensors",
+                                                                   "step-999999999.safetensors"]
+
+
 def test_checkpoint_without_sidecar_is_not_trusted(tmp_path, capsys):
     """A checkpoint whose sidecar is missing (a crash between the two writes, or a deletion) is
     never loaded unverified: resume falls back to the previous one, a direct load names the file."""

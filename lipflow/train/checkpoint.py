@@ -12,6 +12,7 @@ continues bit for bit.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_with_
 from lipflow.errors import CheckpointError, IntegrityError
 
 CHECKPOINT_GLOB = "step-*.safetensors"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)\.safetensors")  # step-<step, 9 digits or more>.safetensors
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -79,9 +81,17 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def checkpoints_newest_first(directory: Path) -> list[Path]:
+    """The checkpoints in ``directory`` by their step, highest first (by name, step 10⁹'s ten digits
+    sorted before step-999999999)."""
+    found = [(int(match[1]), path) for path in Path(directory).glob(CHECKPOINT_GLOB)
+             if (match := CHECKPOINT_NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` that loads and matches its hash; corrupt ones are skipped."""
-    for path in sorted(Path(directory).glob(CHECKPOINT_GLOB), reverse=True):
+    for path in checkpoints_newest_first(directory):
         if not sidecar_path(path).exists():  # a crash between the two writes: never sealed, never trusted
             print(f"warning: checkpoint {path} has no checksum file {sidecar_path(path).name} (a crash while it "
                   "was written?); falling back to an earlier checkpoint", file=sys.stderr)
@@ -97,7 +107,7 @@ def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tens
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (and their sidecars)."""
-    for path in sorted(Path(directory).glob(CHECKPOINT_GLOB), reverse=True)[keep:]:
+    for path in checkpoints_newest_first(directory)[keep:]:
         sidecar_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
