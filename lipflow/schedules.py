@@ -1,7 +1,7 @@
 """Learning-rate schedules: multipliers of the base lr as a function of the step.
 
-Each schedule maps (step, total_steps) → factor in [0, 1]; a linear warmup over
-``warmup_steps`` multiplies any of them. The trainer's steps are 0 … total − 1 (the factor of the
+Each schedule maps (step, total_steps) → factor in [0, 1]; ``lr_factor`` puts a linear warmup of
+``warmup_steps`` before any of them. The trainer's steps are 0 … total − 1 (the factor of the
 step about to be taken), so a decay "to 0" reaches 0 after the last step: linear runs it at 1/total.
 """
 
@@ -33,6 +33,9 @@ def cosine(step: int, total: int) -> float:
 
 
 def lr_factor(name: str, step: int, total: int, warmup: int) -> float:
-    """Schedule ``name`` at ``step``, times a linear warmup from 1/warmup to 1."""
-    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    return warm * SCHEDULES.get(name)(step, total)
+    """A linear warmup from 1/warmup to 1 over the first ``warmup`` steps, then schedule ``name`` over
+    the remaining total − warmup steps (nanoGPT's ``get_lr``), so the run reaches its peak lr: the
+    warmup multiplied a decay that had already begun (cosine, 100 steps, warmup 50: peak 0.54·lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return SCHEDULES.get(name)(step - warmup, total - warmup)

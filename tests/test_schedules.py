@@ -29,6 +29,17 @@ def test_warmup_trains_the_first_step_at_lr_over_warmup(step):
     assert lr_factor("constant", step, 100, warmup) == pytest.approx(min(1.0, (step + 1) / warmup), abs=1e-12)
 
 
-def test_warmup_multiplies_the_cosine_schedule():
-    """lr_factor = warmup × schedule: at s = 1, W = 4, T = 8: (2/4)·½(1 + cos(π/8))."""
-    assert lr_factor("cosine", 1, 8, 4) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 8)), abs=1e-12)
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_the_schedule_runs_after_the_warmup_and_starts_at_the_peak(name):
+    """After W warmup steps the schedule runs over the remaining T − W steps from its start, so the
+    peak lr (factor 1) is reached at steps W − 1 and W; the warmup multiplied a decay already under
+    way (cosine, T 100, W 50: the largest factor was 0.54)."""
+    total, warmup = 100, 50
+    factors = [lr_factor(name, step, total, warmup) for step in range(total)]
+    assert max(factors) == 1.0 and factors[warmup - 1] == 1.0 and factors[warmup] == 1.0
+    for step in range(warmup, total):
+        assert factors[step] == SCHEDULES.get(name)(step - warmup, total - warmup)
+    if name == "linear":
+        assert factors[-1] == pytest.approx(1 / (total - warmup), abs=1e-12)  # 0 after the last step
+    if name == "cosine":
+        assert lr_factor(name, 1 + 4, 8 + 4, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)), abs=1e-12)
