@@ -15,8 +15,9 @@ ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
 
 
 def param_count(cfg, vocab=512):
-    """≈ parameters of a GPT-like model: 12·L·d² (blocks) + 2·V·d (embedding and head)."""
-    return 12 * cfg["n_layers"] * cfg["d_model"] ** 2 + 2 * vocab * cfg["d_model"]
+    """≈ parameters of a GPT-like model: (4 + 2r)·L·d² (blocks: q, k, v, o and an MLP of ratio r) +
+    2·V·d (embedding and head); exact for lipschitz_gpt."""
+    return (4 + 2 * cfg["mlp_ratio"]) * cfg["n_layers"] * cfg["d_model"] ** 2 + 2 * vocab * cfg["d_model"]
 
 
 class RuleFunctions:

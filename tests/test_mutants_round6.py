@@ -523,9 +523,21 @@ def test_a_recorded_block_that_is_not_there_is_empty(tmp_path, content):
 
 
 def test_param_count_is_twelve_L_d_squared_plus_two_V_d():
-    """≈ 12·L·d² + 2·V·d: 2 layers of width 64 with a vocabulary of 512 → 98,304 + 65,536."""
-    assert param_count({"n_layers": 2, "d_model": 64}) == 163_840
-    assert param_count({"n_layers": 1, "d_model": 10}, vocab=100) == 1_200 + 2_000
+    """≈ 12·L·d² + 2·V·d at MLP ratio 4: 2 layers of width 64 with a vocabulary of 512 → 98,304 + 65,536."""
+    assert param_count({"n_layers": 2, "d_model": 64, "mlp_ratio": 4}) == 163_840
+    assert param_count({"n_layers": 1, "d_model": 10, "mlp_ratio": 4}, vocab=100) == 1_200 + 2_000
+
+
+@pytest.mark.parametrize("mlp_ratio", [1, 4, 16])
+def test_param_count_is_lipschitz_gpts_parameter_count_at_any_mlp_ratio(mlp_ratio):
+    """The memory and runtime estimates' parameter count is lipschitz_gpt's exactly (at MLP ratio 16
+    it counted 12·L·d² for the blocks' 36·L·d²: SLURM memory a third of the weights' need)."""
+    from lipflow.config import run_defaults
+    from lipflow.model import build_model
+
+    cfg = run_defaults(model="lipschitz_gpt", d_model=32, n_layers=3, n_heads=4, mlp_ratio=mlp_ratio)
+    model = build_model(cfg, 50)
+    assert param_count(cfg, vocab=50) == sum(p.numel() for p in model.parameters())
 
 
 BIG_RUN = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 256, "batch_size": 32, "steps": 10_000,

@@ -4,7 +4,8 @@ evaluations, the studies, the targets and byte-identical params strings (a chang
 reruns jobs). One intended change since: lipschitz_tradeoff also runs the robustness evaluation
 (issue 20), which moved the evaluations of its cases and the `all` cases only; and its paper preset
 trains Muon as the authors' code does (modular step sizes at blocks mass 32, the reference's Muon
-options, lr 0.03…1), which moved the run ids and configs of the three paper cases that select it —
+options, lr 0.03…1), which moved the run ids and configs of the three paper cases that select it,
+and then left lr 1 out of its soft-cap runs (refused at every σ_max), which moved the same three —
 every other case's run ids, configs and params strings as written at 1b9edc6."""
 
 import copy
