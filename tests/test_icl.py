@@ -70,6 +70,9 @@ def test_config_defaults_come_from_the_schema_and_errors_name_the_field():
         "icl.sigma.eigenvalues": {"d": 3},
         "icl.test_prompts": {"test_prompts": 100},
         "unknown key 'icl.layer' (did you mean 'layers'?)": {"layer": [1]},
+        "icl.n": {"n": 10**20},  # every count above 2^48 is refused, as config.schema.yaml's
+        "icl.train_steps": {"train_steps": 2**48 + 1},
+        "icl.layers": {"layers": [1, 10**20]},
     }
     for field, raw in bad.items():
         with pytest.raises(ConfigError) as error:
