@@ -813,6 +813,30 @@ def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with
 
 # ---- mutation round 4: super_consistency, rank_vs_n, robustness, precision and icl views
 
+def test_sharpness_spread_tells_optimizers_apart_in_its_rows_and_figure(tmp_path):
+    """The view groups by optimizer, and now shows it: two optimizers' spreads at the same width axis,
+    depth and step were two rows that could not be told apart; the figure has a panel per optimizer."""
+    runs = [run(f"sc.{opt}{w}-0000000{i}", experiment="super_consistency", d_model=w, n_layers=2, optimizer=opt)
+            for i, (opt, w) in enumerate([("adamw", 32), ("adamw", 64), ("muon", 32), ("muon", 64)])]
+    sharp = {"sc.adamw32-00000000": 1.0, "sc.adamw64-00000001": 3.0, "sc.muon32-00000002": 4.0,
+             "sc.muon64-00000003": 4.0}
+    metrics = [{"run_id": r, "step": 10, "loss": 1.0, "sharpness": v, "preconditioned_sharpness": None}
+               for r, v in sharp.items()]
+    con = database(tmp_path, runs, metrics)
+    create_views(con)
+    rows = con.sql("select optimizer, spread from sharpness_spread order by optimizer").fetchall()
+    assert rows == [("adamw", pytest.approx(1.0)), ("muon", pytest.approx(0.0))]
+    from lipflow.experiments.super_consistency import sharpness
+
+    import matplotlib.pyplot as plt
+
+    figure = sharpness(con)
+    titles = [ax.get_title() for ax in figure.axes]
+    plt.close(figure)
+    assert len(titles) == 2 and "+ adamw" in titles[0] and "+ muon" in titles[1]
+    assert "mean spread 1.00" in titles[0] and "mean spread 0.00" in titles[1]
+
+
 def test_sharpness_spread_counts_distinct_sizes_skips_missing_sharpness_and_other_experiments(tmp_path):
     """Two seeds of width 64 are one model size (n_models counts distinct widths); a run whose sharpness
     is NULL and a run of another experiment take no part; the spread divides by |mean| (negative

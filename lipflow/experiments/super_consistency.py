@@ -28,7 +28,7 @@ SHARPNESS_CURVES = View(
 
 SHARPNESS_SPREAD = View(
     caption="table_sharpness_spread.rst",
-    columns=("axis", "parametrization", "depth_mup", "lr", "fixed_size", "step", "n_models", "min_sharpness",
+    columns=("axis", "parametrization", "depth_mup", "optimizer", "lr", "fixed_size", "step", "n_models", "min_sharpness",
              "max_sharpness", "mean_sharpness", "spread", "mean_preconditioned_sharpness", "preconditioned_spread"),
     types={"VARCHAR": ("axis",),
            "BIGINT": ("fixed_size", "n_models"),
@@ -66,15 +66,15 @@ def _parametrization_label(parametrization: str, depth_mup: bool) -> str:
 
 
 def sharpness(con):
-    """Sharpness against step; a panel per (parametrization, fixed depth) across widths and per
-    (parametrization, fixed width) across depths; the title gives the mean spread. A second row shows
+    """Sharpness against step; a panel per (parametrization, optimizer, fixed depth) across widths and
+    per (parametrization, optimizer, fixed width) across depths; the title gives the mean spread. A second row shows
     Adam's preconditioned sharpness λ_max(P⁻¹H) when the runs logged it."""
     plt = pyplot()
     curves = read_view(con, "sharpness_curves", "ORDER BY step")
     spread = read_view(con, "sharpness_spread")
     panels = []
     for axis, size_col, fixed_col in (("width", "width", "depth"), ("depth", "depth", "width")):
-        for key, group in curves.groupby(["parametrization", "depth_mup", fixed_col, "lr"]):
+        for key, group in curves.groupby(["parametrization", "depth_mup", "optimizer", fixed_col, "lr"]):
             if group[size_col].nunique() >= 2:
                 panels.append((axis, size_col, fixed_col, key, group))
     rows = [("sharpness", "spread", "top Hessian eigenvalue λ_max\n(train loss, fixed batch)")]
@@ -83,14 +83,14 @@ def sharpness(con):
                      "Adam-preconditioned λ_max(P⁻¹H)\n(stable below (2+2β₁)/(1−β₁))"))
     fig, axes = plt.subplots(len(rows), len(panels), figsize=(4 * len(panels), 3.4 * len(rows)), squeeze=False)
     for row_axes, (column, spread_column, ylabel) in zip(axes, rows):
-        for ax, (axis, size_col, fixed_col, (param, depth_mup, fixed, lr), group) in zip(row_axes, panels):
+        for ax, (axis, size_col, fixed_col, (param, depth_mup, optimizer, fixed, lr), group) in zip(row_axes, panels):
             sizes = sorted(group[size_col].unique())
             for color, size in zip(colors(len(sizes)), sizes):
                 run = group[group[size_col] == size]
                 ax.plot(run.step, run[column], "o-", ms=3, color=color, label=f"{size_col} {size}")
-            cells = spread[(spread.axis == axis) & (spread.parametrization == param) &
-                           (spread.depth_mup == depth_mup) & (spread.fixed_size == fixed) & (spread.lr == lr)]
-            ax.set_title(f"{_parametrization_label(param, depth_mup)}, {fixed_col} {fixed}\n"
+            cells = spread[(spread.axis == axis) & (spread.parametrization == param) & (spread.depth_mup == depth_mup)
+                           & (spread.optimizer == optimizer) & (spread.fixed_size == fixed) & (spread.lr == lr)]
+            ax.set_title(f"{_parametrization_label(param, depth_mup)} + {optimizer}, {fixed_col} {fixed}\n"
                          f"mean spread {cells[spread_column].mean():.2f}", fontsize=10)
             ax.set_xlabel("training step")
             ax.legend(fontsize=7)
