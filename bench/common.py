@@ -251,6 +251,15 @@ def default_shards(work: Path, text: Path | None = None) -> Path:
     return work / "char"
 
 
+def default_runs() -> dict[str, dict[str, Any]]:
+    """config.yaml's runs ``baseline`` (gpt + AdamW) and ``lipschitz`` (lipschitz_gpt + Muon + soft cap,
+    logits × 8), as the config sets them: the arms the train-step benchmark compares."""
+    from lipflow.config import load_config_file
+
+    runs = load_config_file(REPO / "config.yaml")["runs"]
+    return {"baseline": runs["baseline"], "lipschitz": runs["lipschitz"]}
+
+
 def reference_run() -> dict[str, Any]:
     """experiments/reference.yaml's run ``reference``: the reference notebook's Shakespeare recipe in
     lipflow keys (shape, modular masses, lr, the reference's Muon options, soft cap at σ_max 6)."""

@@ -6,7 +6,7 @@
 
 Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
 differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,
-weight constraint), on the same tokenized data. A step is ``Trainer.train_step()``, exactly as
+weight constraint, logit scale; read from config.yaml), on the same tokenized data. A step is ``Trainer.train_step()``, exactly as
 training runs it: sample a batch, forward and backward (bf16 autocast on CUDA), optimizer step,
 weight constraint on every matrix, embedding projection. After ``--warmup`` untimed rounds the arms
 alternate for ``--rounds`` rounds (order reversed every other round; CUDA synchronized around each
@@ -24,7 +24,8 @@ same N and so the same FLOPs. Optimizer and constraint arithmetic
 MFU = (FLOPs / median step time) / peak, the peak being the best of ``--rounds`` timings of
 ``PEAK_REPEATS`` back-to-back n×n matmuls (2n³ FLOPs each; n = 2048 on CPU and 8192 on CUDA, with
 --quick 512 and 4096) in the same run, fp32 on CPU and bf16 (the autocast dtype) on CUDA. A step whose
-loss is not finite (the trainer then skips the optimizer) stops the benchmark: it would time less work.
+loss is not finite stops the benchmark: its steps no longer train a model (the trainer steps on, and
+the run would end at its next flush).
 
 Also timed, alternately, on the gradients the last step left: ``optimizer.step()`` alone and the
 weight constraint alone (``project_matrices_`` and the embedding projection), which split the
@@ -80,7 +81,7 @@ from typing import Any, Callable, Iterable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, default_shards,  # noqa: E402
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, default_runs, default_shards,  # noqa: E402
                           parse_bench_args, print_table, row, run_configs, save_rows, synchronize, torch_setup)
 from lipflow.train.trainer import Trainer  # noqa: E402
 from lipflow.train.update import project_matrices_  # noqa: E402
@@ -94,13 +95,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "cpu": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 128, "batch_size": 128, "vocab": None},
     "gpt2-124m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "context": 1024, "batch_size": 16,
                   "vocab": 50257},
-}
-
-# The two arms, as config.yaml's runs set them.
-ARMS: dict[str, dict[str, Any]] = {
-    "baseline": {"model": "gpt", "optimizer": "adamw", "lr": 0.003},
-    "lipschitz": {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05,
-                  "weight_constraint": "spectral_soft_cap", "sigma_max": 1.0},
 }
 
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # n of the n×n peak matmul
@@ -160,12 +154,12 @@ def matmul_peak(n: int, device: torch.device, rounds: int) -> float:
 
 
 def finite_step(trainer: Trainer) -> Callable[[], float]:
-    """``trainer.train_step``, raising on a non-finite loss (the step would skip the optimizer)."""
+    """``trainer.train_step``, raising on a non-finite loss (the arm no longer trains a model)."""
     def step() -> float:
         loss = float(trainer.train_step().loss)
         if not math.isfinite(loss):
             raise SystemExit(f"train_step: arm {trainer.run_id} reached a non-finite loss ({loss}); "
-                             "its timing would leave out the optimizer step")
+                             "its steps no longer train a model")
         return loss
     return step
 
@@ -320,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = default_shards(work) if vocab is None else synthetic_vocab_shards(work, vocab)
-        configs = run_configs({**shape, "device": args.device, "compile": args.compile}, ARMS)
+        configs = run_configs({**shape, "device": args.device, "compile": args.compile}, default_runs())
         trainers = {name: Trainer(name, cfg, data, work / "runs" / name, progress=False)
                     for name, cfg in configs.items()}
         n_peak = (MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZE)[device.type]

@@ -16,15 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_stage
+from lipflow.config import load_config_file
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ARMS = {
-    "gpt": {"model": "gpt", "optimizer": "adamw", "lr": 0.003},
-    "lipschitz_gpt": {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05,
-                      "weight_constraint": "spectral_soft_cap", "sigma_max": 1.0},
-}
+RUNS = load_config_file(Path(__file__).resolve().parent.parent / "config.yaml")["runs"]
+ARMS = {"gpt": RUNS["baseline"], "lipschitz_gpt": RUNS["lipschitz"]}  # config.yaml's, logits × 8 included
 
 
 @pytest.fixture
