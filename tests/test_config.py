@@ -340,3 +340,23 @@ def test_the_overlay_command_in_the_experiment_file_plans_its_runs(overlay, tmp_
     runs = yaml.safe_load((repo / "experiments" / overlay).read_text())["runs"]
     planned = re.findall(r"wildcards: run=(\S+)", done.stdout)
     assert sorted(run.rsplit("-", 1)[0] for run in planned) == sorted(runs), done.stdout[-3000:]
+
+
+@pytest.mark.parametrize("method, key", [
+    ({"optimizer": "muon", "ns_coefficients": "you", "ns_steps": 5}, "ns_steps"),
+    ({"optimizer": "muon", "parametrization": "modular", "masses": {"embed": 3.0}}, "masses"),
+    ({"optimizer": "adamw", "steps": 3000}, "steps"),
+    ({"optimizer": "adamw", "schedule": "cosine"}, "schedule"),
+    ({"optimizer": "muon", "depth_mup": True}, "depth_mup")])
+def test_an_image_mlp_method_sets_only_its_optimizer_and_constraint(method, key):
+    """A method of the image_mlp study passed the schema with any run key: the study ignored its steps,
+    schedule or seed without a word, and a Newton–Schulz or masses mistake failed inside the study's job.
+    Now the config check refuses them, naming the method's key; optimizer and constraint keys pass."""
+    config = yaml.safe_load(open("config.yaml"))
+    config["image_mlp"] = {"methods": {"m": method}}
+    with pytest.raises(ConfigError, match=rf"^config error: image_mlp\.methods\.m\.{key}: "):
+        check_config(config)
+    config = yaml.safe_load(open("config.yaml"))
+    config["image_mlp"] = {"methods": {"m": {"optimizer": "muon", "lr": 0.1, "ns_coefficients": "you", "ns_steps": 6,
+                                             "weight_constraint": "spectral_soft_cap", "sigma_max": 2.0}}}
+    check_config(config)

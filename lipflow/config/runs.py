@@ -37,10 +37,12 @@ def check_config(config: dict[str, Any]) -> None:
     if not isinstance(config, dict):
         raise ConfigError("the config must be a mapping of keys to values")
     merge_run_defaults(config)
+    methods_set = image_mlp_method_keys(config)
     message = first_error(make_validator(fill=True), config)
     if message is not None:
         raise ConfigError(f"config error: {message}")
     check_data_blocks(config)
+    check_image_mlp_methods(config["image_mlp"]["methods"], methods_set)
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
@@ -49,6 +51,39 @@ def check_config(config: dict[str, Any]) -> None:
             raise ConfigError(f"config error: runs.{name}.experiment: set by experiment expansion, not in `runs` "
                               "(select an experiment with `experiments: [...]`)")
         check_run(f"runs.{name}", run)
+
+
+# What a method of the image_mlp study may set: its optimizer and weight constraint (the schema's
+# description). The study sets the model, its shape, the steps, batches and seed itself, and applies no
+# schedule, so any other run key would be ignored without a word.
+IMAGE_MLP_METHOD_KEYS = ("optimizer", "lr", "adam_lr", "momentum", "nesterov", "beta1", "beta2", "weight_decay",
+                         "ns_coefficients", "ns_steps", "update_scale", "lmo_norms", "lmo_radius",
+                         "weight_constraint", "sigma_max", "spectral_wd")
+
+
+def image_mlp_method_keys(config: dict[str, Any]) -> dict[str, set[str]]:
+    """The keys each image_mlp method sets in ``config`` itself (before the schema fills the rest)."""
+    block = config.get("image_mlp")
+    methods = block.get("methods") if isinstance(block, dict) else None
+    if not isinstance(methods, dict):
+        return {}
+    return {name: set(method) for name, method in methods.items() if isinstance(method, dict)}
+
+
+def check_image_mlp_methods(methods: dict[str, dict[str, Any]], keys_set: dict[str, set[str]]) -> None:
+    """Each image_mlp method sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the keys it was given)
+    and keeps the Newton–Schulz rule of :func:`check_run`; both fail before any job starts instead of
+    being ignored or failing inside the study's job."""
+    for name, method in methods.items():
+        others = sorted(keys_set.get(name, set()) - set(IMAGE_MLP_METHOD_KEYS))
+        if others:
+            raise ConfigError(f"config error: image_mlp.methods.{name}.{others[0]}: a method sets only its optimizer "
+                              f"and weight constraint ({', '.join(IMAGE_MLP_METHOD_KEYS)}); the study sets the "
+                              "model, its shape, steps, batches and seed (image_mlp's own keys)")
+        fixed = FIXED_NS_STEPS.get(method["ns_coefficients"])
+        if fixed is not None and method["ns_steps"] != fixed:
+            raise ConfigError(f"config error: image_mlp.methods.{name}.ns_steps: ns_coefficients "
+                              f"'{method['ns_coefficients']}' has exactly {fixed} steps, got {method['ns_steps']}")
 
 
 DATA_BLOCKS = ("corpus", "tokenizer")
