@@ -479,10 +479,11 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
     con = database(tmp_path, runs, evals=evals)
     image = tmp_path / "image_mlp"
     image.mkdir()
+    method = {"method": "muon_soft_cap", "optimizer": "muon", "weight_constraint": "spectral_soft_cap"}
     write_table_parquet(image / "robustness.parquet", pa.Table.from_pylist([
-        {"metric": "certificate_l2", "value": 15.0, "method": "muon_soft_cap", "epsilon": None},
-        {"metric": "robust_accuracy", "value": 0.8, "method": "muon_soft_cap", "epsilon": 0.5},
-        {"metric": "matched_step", "value": 300.0, "method": "muon_soft_cap", "epsilon": None}]))
+        {"metric": "certificate_l2", "value": 15.0, **method, "epsilon": None},
+        {"metric": "robust_accuracy", "value": 0.8, **method, "epsilon": 0.5},
+        {"metric": "matched_step", "value": 300.0, **method, "epsilon": None}]))
     assert load_study_tables(con, [image / "robustness.parquet"]) == {"image_mlp_robustness": 3}
     status = create_views(con)
     assert status["robustness"] == "" and status["precision"] == ""
@@ -641,7 +642,8 @@ def test_every_declared_column_is_in_every_part_of_its_view(filled_database):
     """On a database with every table a part needs, each part's SELECT yields every column its view
     declares, and the view's cast of it has the declared names and types in order."""
     con = duckdb.connect(str(filled_database))
-    make_table(con, "image_mlp_robustness", [{"method": "muon_soft_cap", "metric": "robust_accuracy",
+    make_table(con, "image_mlp_robustness", [{"method": "muon_soft_cap", "optimizer": "muon",
+                                              "weight_constraint": "spectral_soft_cap", "metric": "robust_accuracy",
                                               "value": 0.8, "epsilon": 0.5}])
     for name in VIEWS.names():
         view = VIEWS.get(name)
@@ -926,10 +928,13 @@ def test_robustness_view_attack_labels_certificates_and_optimizers_per_row(tmp_p
                                          ("robust.a-00000001", "robustness", "half_certified_epsilon", 0.02, None,
                                           None),
                                          ("robust.b-00000002", "robustness", "clean_accuracy", 0.6, None, None)]]
-    image = [{"method": m, "metric": metric, "value": v, "epsilon": e}
-             for m, metric, v, e in [("muon_soft_cap", "certificate_l2", 15.0, None),
-                                     ("muon_soft_cap", "robust_loss", 1.5, 0.5),
-                                     ("muon_soft_cap", "robust_true_class_probability", 0.7, 0.5),
+    # the optimizer is the method's, not its name's first word (a method "softcap" with Muon was "softcap")
+    optimizers = {"softcap": ("muon", "spectral_soft_cap"), "adamw_weight_decay": ("adamw", "weight_decay")}
+    image = [{"method": m, "optimizer": optimizers[m][0], "weight_constraint": optimizers[m][1], "metric": metric,
+              "value": v, "epsilon": e}
+             for m, metric, v, e in [("softcap", "certificate_l2", 15.0, None),
+                                     ("softcap", "robust_loss", 1.5, 0.5),
+                                     ("softcap", "robust_true_class_probability", 0.7, 0.5),
                                      ("adamw_weight_decay", "clean_accuracy", 0.9, None)]]
     con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
     assert create_views(con)["robustness"] == ""
@@ -937,8 +942,8 @@ def test_robustness_view_attack_labels_certificates_and_optimizers_per_row(tmp_p
                    "order by domain, label, metric").fetchall()
     assert rows == [
         ("image_mlp", "adamw_weight_decay", "adamw", None, "clean_accuracy", None, None, 0.9),
-        ("image_mlp", "muon_soft_cap", "muon", 15.0, "robust_loss", "pgd", 0.5, 1.5),
-        ("image_mlp", "muon_soft_cap", "muon", 15.0, "robust_true_class_probability", "pgd", 0.5, 0.7),
+        ("image_mlp", "softcap", "muon", 15.0, "robust_loss", "pgd", 0.5, 1.5),
+        ("image_mlp", "softcap", "muon", 15.0, "robust_true_class_probability", "pgd", 0.5, 0.7),
         ("lm", "a", "adamw", 4.0, "half_certified_epsilon", None, None, 0.02),
         ("lm", "a", "adamw", 4.0, "robust_loss", "pgd", 0.5, 7.5),
         ("lm", "b", "adamw", None, "clean_accuracy", None, None, 0.6)]

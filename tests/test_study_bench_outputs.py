@@ -94,7 +94,25 @@ def test_image_mlp_out_replaces_its_own_table_but_not_a_runs_sealed_file(name, t
         for _ in range(2):
             assert image_mlp.main(["--config-json", json.dumps(TINY_MLP), "--out", str(out)]) == 0, \
                 capsys.readouterr().err[-2000:]
-        assert pq.read_schema(out).names == ["metric", "value", "method", "epsilon"]
+        assert pq.read_schema(out).names == ["metric", "value", "method", "optimizer", "weight_constraint",
+                                             "epsilon"]
+        assert {(row["method"], row["optimizer"]) for row in pq.read_table(out).to_pylist()} == {
+            (name, method["optimizer"]) for name, method in filled_mlp()["methods"].items()}
+
+
+def test_image_mlp_out_replaces_its_table_of_the_earlier_layout(tmp_path, capsys):
+    """Its table before the optimizer and weight_constraint columns is still the study's own: a rerun
+    replaces it (as --forcerun image_mlp_robustness does) instead of refusing it as a foreign file."""
+    import pyarrow as pa
+
+    from lipflow.data.parquet import write_table_parquet
+    from lipflow.studies import image_mlp
+
+    out = tmp_path / "robustness.parquet"
+    write_table_parquet(out, pa.Table.from_pylist([{"metric": "clean_accuracy", "value": 0.5, "method": "m",
+                                                    "epsilon": None}]))
+    assert image_mlp.main(["--config-json", json.dumps(TINY_MLP), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "optimizer" in pq.read_schema(out).names
 
 
 def icl_commands(tmp_path: Path, run_dir: Path) -> dict[str, tuple[list[str], Path]]:

@@ -35,12 +35,13 @@ ROBUSTNESS = View(
                    WHERE eval = 'robustness' AND metric = 'certificate_l2' GROUP BY run_id) AS c USING (run_id)
         WHERE e.eval = 'robustness' AND r.experiment = 'robustness'
           AND e.metric IN {_ROBUST_METRICS} AND (e.metric <> 'lipschitz_lower_bound' OR e.attack = 'all')"""),
-        Part(requires={"image_mlp_robustness": ("method", "metric", "value", "epsilon")},
-             absent_reason="table image_mlp_robustness is absent (results/image_mlp/robustness.parquet "
-                           "was not made)",
+        Part(requires={"image_mlp_robustness": ("method", "optimizer", "weight_constraint", "metric", "value",
+                                                "epsilon")},
+             absent_reason="no digits-MLP rows (results/image_mlp/robustness.parquet was not made, or made "
+                           "before it named each method's optimizer: snakemake --forcerun image_mlp_robustness)",
              sql=f"""
         SELECT 'image_mlp' AS domain, i.method AS label, NULL AS run_id, 'mlp' AS model,
-               split_part(i.method, '_', 1) AS optimizer, NULL AS weight_constraint, c.certificate_l2, i.metric,
+               i.optimizer, i.weight_constraint, c.certificate_l2, i.metric,
                CASE WHEN i.metric LIKE 'robust%' THEN 'pgd' END AS attack, i.epsilon, NULL AS k, i.value
         FROM image_mlp_robustness AS i
         LEFT JOIN (SELECT method, max(value) AS certificate_l2 FROM image_mlp_robustness

@@ -15,7 +15,7 @@ the PGD pairs (checked against L). Each method trains with the LM trainer's cons
 CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet``, JSON being the
 ``image_mlp`` block of the config, checked against the config schema's ``image_mlp`` block
 (workflow/schemas/config.schema.yaml; missing keys take its defaults). ``--out`` replaces only an
-earlier table of this study (:data:`COLUMNS`, matching its ``.sha256``).
+earlier table of this study (:data:`COLUMNS`, or :data:`EARLIER_COLUMNS`, matching its ``.sha256``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ from lipflow.train.update import constrained_update
 IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
 # The study's table: long form, one row per (method, metric[, epsilon])
 SCHEMA = pa.schema([("metric", pa.string()), ("value", pa.float64()), ("method", pa.string()),
-                    ("epsilon", pa.float64())])
+                    ("optimizer", pa.string()), ("weight_constraint", pa.string()), ("epsilon", pa.float64())])
 COLUMNS = tuple(SCHEMA.names)
+# its columns before they named each method's optimizer and constraint: such a table is this study's too
+EARLIER_COLUMNS = ("metric", "value", "method", "epsilon")
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -121,7 +123,8 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
 
 
 def run_image_mlp_study(cfg: dict[str, Any]) -> list[dict]:
-    """Train every method, match clean val accuracy, and return long-form rows (column ``method``)."""
+    """Train every method, match clean val accuracy, and return long-form rows (columns ``method`` and
+    its ``optimizer`` and ``weight_constraint``)."""
     data = digits_splits(cfg["seed"])
     runs = {name: train_snapshots(method, cfg, data) for name, method in cfg["methods"].items()}
     target = min(max(acc for _, acc, _ in snaps) for snaps in runs.values())
@@ -130,10 +133,12 @@ def run_image_mlp_study(cfg: dict[str, Any]) -> list[dict]:
         step, val_acc, weights = next(s for s in snaps if s[1] >= target)
         model = build_model(run_defaults(**mlp_config(cfg)), CLASSES)
         model.load_state_dict(weights)
-        rows += [{"metric": "matched_step", "value": float(step), "method": name},
-                 {"metric": "val_accuracy", "value": val_acc, "method": name},
-                 {"metric": "final_val_accuracy", "value": snaps[-1][1], "method": name}]
-        rows += robustness_rows(model, data["test"], cfg, method=name)
+        method = {"method": name, "optimizer": cfg["methods"][name]["optimizer"],
+                  "weight_constraint": cfg["methods"][name]["weight_constraint"]}
+        rows += [{"metric": "matched_step", "value": float(step), **method},
+                 {"metric": "val_accuracy", "value": val_acc, **method},
+                 {"metric": "final_val_accuracy", "value": snaps[-1][1], **method}]
+        rows += robustness_rows(model, data["test"], cfg, **method)
     return rows
 
 
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     from lipflow.studies.outputs import parquet_with_columns
 
     def go() -> int:
-        refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table", parquet_with_columns(COLUMNS))
+        refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
+                                   lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
         rows = run_image_mlp_study(study_config(json_object_argument(args.config_json, "--config-json")))
         write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
         return 0
