@@ -69,7 +69,7 @@ def check_unselected_definitions(config: dict[str, Any], blocks: dict[str, dict[
     validator = run_validator()
     for name in sorted(set(config["experiment_definitions"]) - set(config["experiments"])):
         for run_name, overrides in expand_experiment(name, blocks[name], config["experiment_preset"]).items():
-            experiment_run(validator, run_name, overrides, config["defaults"])
+            experiment_run(validator, run_name, overrides, config["defaults"], config["experiment_preset"])
 
 
 def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -78,7 +78,7 @@ def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | Non
     (``blocks``: the config's experiment definitions, when the caller has them)."""
     data = data_identity(config)
     validator = run_validator()
-    experiment_runs = {name: experiment_run(validator, name, overrides, config["defaults"])
+    experiment_runs = {name: experiment_run(validator, name, overrides, config["defaults"], config["experiment_preset"])
                        for name, overrides in expand_experiments(config, blocks).items()}
     return {run_id(name, cfg, data): cfg for name, cfg in {**plain_runs(config), **experiment_runs}.items()}
 

@@ -105,7 +105,8 @@ def test_a_written_experiment_block_is_validated_whether_or_not_it_is_selected(s
     """A mistake in an experiment_definitions block is named before any job even when the block is not
     selected, with the same message as when it is; an unselected valid block adds no runs."""
     written = {"lr_transfer": {"cpu": {"base": {"model": "lipschitz_gptt"}, "grid": {"lr": [0.1]}}}}
-    with pytest.raises(ConfigError, match=r"^config error in experiment run runs\.lrt\.lr0\.1\.model: "
+    with pytest.raises(ConfigError, match=r"^config error in experiment run lrt\.lr0\.1 \(lr_transfer's cpu preset "
+                                          r"or the config's defaults\): model: "
                                           r"'lipschitz_gptt' is not one of .*did you mean 'lipschitz_gpt'"):
         Plan.from_config({"experiments": selected, "experiment_definitions": written})
     written["lr_transfer"]["cpu"]["base"]["model"] = "lipschitz_gpt"

@@ -188,12 +188,15 @@ def _run_validator():
     return make_validator(SCHEMA_PATH, fill=True, definition="run")
 
 
-def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """An experiment's run: ``defaults`` ← ``overrides``, validated and filled like a run of ``runs``."""
+def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: dict[str, Any],
+                   preset: str) -> dict[str, Any]:
+    """An experiment's run: ``defaults`` ← ``overrides``, validated and filled like a run of ``runs``;
+    an error names the run, its experiment and ``preset`` (where its keys come from) and the key."""
     wrapped = {"runs": {name: {**defaults, **overrides}}}
     message = first_error(validator, wrapped)
     if message is not None:
-        raise ConfigError(f"config error in experiment run {message}")
+        raise ConfigError(f"config error in experiment run {name} ({overrides.get('experiment')}'s {preset} preset "
+                          f"or the config's defaults): {message.replace(f'runs.{name}.', '')}")
     check_run(f"experiment run {name}", wrapped["runs"][name])
     return wrapped["runs"][name]
 
