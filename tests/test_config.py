@@ -52,7 +52,8 @@ def resolved(config):
      "runs.a.parametrization: 'modular' needs a model with a Lipschitz structure (lipschitz_gpt, lipschitz_gpt_unscaled)"),
     ({"runs": {"a": {"experiment": "lr_transfer"}}}, "runs.a.experiment: set by experiment expansion"),
     ({"runs": {"a": {"model": "gpt", "activation": "relu"}}}, "runs.a.activation: gpt's MLP is nanoGPT's GELU"),
-    ({"defaults": {"experiment": "nonsense"}, "runs": {"a": {}}}, "runs.a.experiment: set by experiment expansion"),
+    ({"defaults": {"experiment": "nonsense"}, "runs": {"a": {}}},
+     "defaults.experiment (given to runs.a): set by experiment expansion"),
 ])
 def test_bad_config_is_one_line_naming_the_key(config, expected):
     with pytest.raises(ConfigError) as err:
@@ -360,3 +361,22 @@ def test_an_image_mlp_method_sets_only_its_optimizer_and_constraint(method, key)
     config["image_mlp"] = {"methods": {"m": {"optimizer": "muon", "lr": 0.1, "ns_coefficients": "you", "ns_steps": 6,
                                              "weight_constraint": "spectral_soft_cap", "sigma_max": 2.0}}}
     check_config(config)
+
+
+def test_a_run_key_taken_from_defaults_is_named_where_it_was_written():
+    """A cross-key rule broken by a key the run took from ``defaults`` names ``defaults.<key>`` (and the
+    run it reached): it named runs.<run>.<key>, a key the user had not written there. A key the run
+    sets itself is still named in the run."""
+    config = yaml.safe_load(open("config.yaml"))
+    config["defaults"] = {"depth_mup": True}
+    with pytest.raises(ConfigError, match=r"^config error: defaults\.depth_mup \(given to runs\.lipschitz\): "):
+        check_config(config)
+    config = yaml.safe_load(open("config.yaml"))
+    config["defaults"] = {"experiment": "lr_transfer"}
+    with pytest.raises(ConfigError, match=r"^config error: defaults\.experiment \(given to runs\.baseline\): "):
+        check_config(config)
+    config = yaml.safe_load(open("config.yaml"))
+    config["defaults"] = {"depth_mup": False}
+    config["runs"]["lipschitz"]["depth_mup"] = True
+    with pytest.raises(ConfigError, match=r"^config error: runs\.lipschitz\.depth_mup: "):
+        check_config(config)

@@ -17,16 +17,31 @@ from lipflow.errors import ConfigError
 from lipflow.provenance import config_hash
 
 
-def merge_run_defaults(config: dict[str, Any]) -> None:
-    """Give every run the keys of ``defaults`` that it does not override (in place)."""
+def merge_run_defaults(config: dict[str, Any]) -> dict[str, set[str]]:
+    """Give every run the keys of ``defaults`` that it does not override (in place); returns, per run,
+    the keys it took from ``defaults``."""
     defaults, runs = config.get("defaults", {}), config.get("runs")  # before validation: either may be absent
     if not isinstance(defaults, dict) or not isinstance(runs, dict):
-        return
+        return {}
+    inherited = {}
     for name, overrides in runs.items():
         if overrides is None:
             overrides = {}
         if isinstance(overrides, dict):
             runs[name] = {**defaults, **overrides}
+            inherited[name] = set(defaults) - set(overrides)
+    return inherited
+
+
+def named_where_written(message: str, inherited: dict[str, set[str]]) -> str:
+    """``message`` with its path runs.<run>.<key> named as the user wrote it when the run took that key
+    from ``defaults``: ``defaults.<key> (given to runs.<run>)``."""
+    for name, keys in inherited.items():
+        for key in keys:
+            path = re.compile(rf"runs\.{re.escape(name)}\.{re.escape(key)}(?![\w])")
+            if path.search(message):
+                return path.sub(f"defaults.{key} (given to runs.{name})", message, count=1)
+    return message
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -36,21 +51,24 @@ def check_config(config: dict[str, Any]) -> None:
     (:func:`check_data_blocks`, :func:`check_run`)."""
     if not isinstance(config, dict):
         raise ConfigError("the config must be a mapping of keys to values")
-    merge_run_defaults(config)
+    inherited = merge_run_defaults(config)
     methods_set = image_mlp_method_keys(config)
     message = first_error(make_validator(fill=True), config)
     if message is not None:
-        raise ConfigError(f"config error: {message}")
+        raise ConfigError(f"config error: {named_where_written(message, inherited)}")
     check_data_blocks(config)
     check_image_mlp_methods(config["image_mlp"]["methods"], methods_set)
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
     for name, run in config["runs"].items():
-        if run["experiment"] is not None:
-            raise ConfigError(f"config error: runs.{name}.experiment: set by experiment expansion, not in `runs` "
-                              "(select an experiment with `experiments: [...]`)")
-        check_run(f"runs.{name}", run)
+        try:
+            if run["experiment"] is not None:
+                raise ConfigError(f"config error: runs.{name}.experiment: set by experiment expansion, not in "
+                                  "`runs` (select an experiment with `experiments: [...]`)")
+            check_run(f"runs.{name}", run)
+        except ConfigError as err:
+            raise ConfigError(named_where_written(str(err), inherited)) from None
 
 
 # What a method of the image_mlp study may set: its optimizer and weight constraint (the schema's
