@@ -98,10 +98,7 @@ def check_image_mlp_methods(methods: dict[str, dict[str, Any]], keys_set: dict[s
             raise ConfigError(f"config error: image_mlp.methods.{name}.{others[0]}: a method sets only its optimizer "
                               f"and weight constraint ({', '.join(IMAGE_MLP_METHOD_KEYS)}); the study sets the "
                               "model, its shape, steps, batches and seed (image_mlp's own keys)")
-        fixed = FIXED_NS_STEPS.get(method["ns_coefficients"])
-        if fixed is not None and method["ns_steps"] != fixed:
-            raise ConfigError(f"config error: image_mlp.methods.{name}.ns_steps: ns_coefficients "
-                              f"'{method['ns_coefficients']}' has exactly {fixed} steps, got {method['ns_steps']}")
+        check_newton_schulz_steps(f"image_mlp.methods.{name}", method)
 
 
 DATA_BLOCKS = ("corpus", "tokenizer")
@@ -178,6 +175,12 @@ def check_run(where: str, run: dict[str, Any]) -> None:
     elif run["activation"] != "gelu":
         raise ConfigError(f"config error: {where}.activation: {model}'s MLP is nanoGPT's GELU; '{run['activation']}' "
                           f"applies to {', '.join(LIPSCHITZ_LANGUAGE_MODELS)} (leave activation out for {model})")
+    check_newton_schulz_steps(where, run)
+
+
+def check_newton_schulz_steps(where: str, run: dict[str, Any]) -> None:
+    """A Newton–Schulz coefficient schedule with its own step count (:data:`FIXED_NS_STEPS`) gets
+    exactly that many ``ns_steps``."""
     fixed = FIXED_NS_STEPS.get(run["ns_coefficients"])
     if fixed is not None and run["ns_steps"] != fixed:
         raise ConfigError(f"config error: {where}.ns_steps: ns_coefficients '{run['ns_coefficients']}' has exactly "
