@@ -30,3 +30,4 @@ rule all:
         evaluation_receipts,
         icl_targets,
         experiment_targets,
+        training_curve_targets,

@@ -191,6 +191,10 @@ class Plan:
         robustness table (loaded by lipflow.results.database as image_mlp_robustness)."""
         return [IMAGE_MLP] if "image_mlp" in self.studies else []
 
+    def training_curve_targets(self) -> list[str]:
+        """The runs block's training-curve figure (PNG and SVG) when that block trains runs."""
+        return [f"results/figures/training_curves.{ext}" for ext in ("png", "svg")] if self.trains_runs_block else []
+
     def experiment_targets(self) -> list[str]:
         """Everything the selected experiments produce (the ICL study's outputs are icl targets)."""
         return [path for name in self.experiments for path in self.experiment_outputs(name)] + self.study_inputs()

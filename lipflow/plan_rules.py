@@ -108,3 +108,6 @@ class RuleFunctions:
 
     def experiment_targets(self, wildcards=None):
         return self.plan.experiment_targets()
+
+    def training_curve_targets(self, wildcards=None):
+        return self.plan.training_curve_targets()

@@ -58,6 +58,14 @@ def test_runs_table_shows_each_run_with_val_loss(pipeline):
     assert rows[1]["weight_constraint"] == "spectral_soft_cap"
 
 
+def test_the_training_curves_figure_is_drawn_for_the_runs_block(pipeline):
+    from lipflow.results.plotting import is_lipflow_figure
+
+    assert all(is_lipflow_figure(pipeline / "results" / "figures" / f"training_curves.{fmt}") for fmt in ("png", "svg"))
+    assert (pipeline / "results" / "logs" / "training_curves.log").read_text().split() == [
+        "results/figures/training_curves.png", "results/figures/training_curves.svg"]
+
+
 def test_tables_are_consistent(pipeline):
     steps = query_csv(pipeline, "select run_id, count(*) as n, max(step) as last from train_metrics group by run_id")
     assert len(steps) == 2 and all(r["n"] == "20" and r["last"] == "20" for r in steps)

@@ -207,7 +207,8 @@ def test_every_caption_an_experiment_names_is_a_report_file_and_every_report_fil
     named = {output.caption for e in CATALOG.values() for output in (*e.views.values(), *e.figures.values())}
     report = {p.name for p in (REPO / "workflow" / "report").glob("*.rst")}
     icl_study = {"figure_icl_loss_vs_layers.rst", "figure_icl_loss_vs_n.rst"}  # workflow/rules/icl.smk
-    assert named <= report and report - named == {"workflow.rst", *icl_study}
+    runs_block = {"figure_training_curves.rst"}  # workflow/rules/results.smk
+    assert named <= report and report - named == {"workflow.rst", *icl_study, *runs_block}
 
 
 def test_a_malformed_experiment_yaml_is_one_line_naming_the_file(tmp_path):

@@ -8,7 +8,8 @@ their figures and tables.
 - :mod:`lipflow.results.views`: :class:`View` and :func:`create_views` (the SQL lives in each
   experiment's file, ``lipflow/experiments/<name>.py``);
 - :mod:`lipflow.results.figures`: draws the experiments' figures and writes their views as CSV
-  (``python -m lipflow.plots``);
+  (``python -m lipflow.plots``), and the ``runs`` block's training curves
+  (:mod:`lipflow.results.training_curves`);
 - :mod:`lipflow.results.cli`: ``python -m lipflow.results build | merge-evals | seal``.
 
 Nothing here imports torch; the public names below are loaded on first use, so an experiment file

@@ -1,7 +1,9 @@
-"""The experiments' figures and tables, drawn from the results database's views.
+"""The experiments' figures and tables, drawn from the results database's views, and the ``runs``
+block's training curves.
 
 ``python -m lipflow.plots --db results/lipflow.duckdb --out-dir results/figures
-[--tables-dir results/tables] [--experiment NAME ...]``
+[--tables-dir results/tables] [--experiment NAME ...]``, or ``… --training-curves`` for the one
+figure of :mod:`lipflow.results.training_curves`.
 
 Each experiment's file (``lipflow/experiments/<name>.py``) declares its figures (``FIGURES``: a
 function reading its views and returning a matplotlib figure), saved as ``<out-dir>/<figure>.png``
@@ -22,6 +24,7 @@ from pathlib import Path
 from lipflow.errors import ArgumentParser
 from lipflow.experiments import CATALOG
 from lipflow.atomic import atomic_write, refuse_to_replace
+from lipflow.results import training_curves
 from lipflow.results.plotting import pyplot, read_view, refuse_to_replace_figure, write_figure
 
 FORMATS = ("png", "svg")
@@ -57,6 +60,14 @@ def check_views(con, db: Path, experiments: list[str]) -> None:
         if missing:
             raise ValueError(f"--db {db} has no view {missing[0]} (experiment {name}): not a lipflow database, "
                              "or built before the view existed (rebuild it: snakemake --forcerun database)")
+
+
+def check_tables(con, db: Path, tables: tuple[str, ...]) -> None:
+    """A ValueError naming ``db`` and the first of ``tables`` it lacks (not a lipflow database)."""
+    present = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    missing = [table for table in tables if table not in present]
+    if missing:
+        raise ValueError(f"--db {db} has no table {missing[0]}: not a lipflow database")
 
 
 def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_dir: Path | None) -> None:
@@ -111,11 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables-dir", type=Path, default=None, help="also write each view as CSV here")
     parser.add_argument("--experiment", action="append", default=None,
                         help=f"one of {', '.join(CATALOG)} (repeatable; default: all with data)")
+    parser.add_argument("--training-curves", action="store_true",
+                        help=f"draw the runs block's training curves ({training_curves.FIGURE}.png, .svg) "
+                             "instead of the experiments' figures")
     args = parser.parse_args(argv)
+    if args.training_curves and (args.experiment or args.tables_dir):
+        parser.error("--training-curves draws one figure: without --experiment and --tables-dir")
     from lipflow.cli import connect
     from lipflow.errors import run_guarded
 
     def go() -> int:
+        if args.training_curves:
+            for fmt in FORMATS:
+                refuse_to_replace_figure(args.out_dir / f"{training_curves.FIGURE}.{fmt}", "--out-dir")
+            con = connect(args.db)
+            check_tables(con, args.db, ("runs", "train_metrics"))
+            for path in save_figure(training_curves.draw(con), args.out_dir, training_curves.FIGURE):
+                print(path)
+            return 0
         for name in args.experiment or []:
             if name not in CATALOG:
                 close = difflib.get_close_matches(name, CATALOG, n=1)

@@ -69,3 +69,4 @@ icl_targets = _RULE_FUNCTIONS.icl_targets
 icl_params = _RULE_FUNCTIONS.icl_params
 icl_train_params = _RULE_FUNCTIONS.icl_train_params
 experiment_targets = _RULE_FUNCTIONS.experiment_targets
+training_curve_targets = _RULE_FUNCTIONS.training_curve_targets

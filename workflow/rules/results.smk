@@ -36,3 +36,24 @@ rule database:
         "python -m lipflow.results build --out {output.db} --receipt {output.receipt} --manifest {input.manifest}"
         " --run-dirs {params.runs} --study-tables {input.studies}"
         " > {log} 2>&1"
+
+
+# The runs block's training curves (lipflow/results/training_curves.py), drawn from the database.
+rule training_curves:
+    input:
+        db=DATABASE,
+        receipt=DATABASE_RECEIPT,
+    output:
+        figure=report("results/figures/training_curves.png", caption="../report/figure_training_curves.rst",
+                      category="runs", labels={"figure": "training_curves", "format": "PNG"}),
+        vector="results/figures/training_curves.svg",
+    log:
+        "results/logs/training_curves.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        cpus_per_task=1,
+    conda:
+        ENV
+    shell:
+        "python -m lipflow.plots --db {input.db} --out-dir results/figures --training-curves > {log} 2>&1"

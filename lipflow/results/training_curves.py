@@ -1,0 +1,94 @@
+"""The ``runs`` block's training curves: one figure of every run of ``runs`` (``experiment`` null) in
+the results database, read from its ``train_metrics`` table: the train loss at every step (with its
+running mean over :func:`smoothing_window` steps), the gradient norm, and at the eval steps the val
+loss and accuracy, the certified Lipschitz bound and the largest activation (the two quantities the
+constrained models are about: Newhouse et al. 2025 keep both small); the gradient norm, the bound
+and the activation on a log axis when they span more than a decade. Drawn by
+``python -m lipflow.plots --training-curves`` as ``training_curves.png`` and ``.svg``."""
+
+from __future__ import annotations
+
+import math
+
+from lipflow.results.plotting import colors, pyplot
+
+FIGURE = "training_curves"
+
+# (train_metrics column, panel title, log scale, recorded at every step)
+PANELS = (
+    ("loss", "train loss", False, True),
+    ("val_loss", "val loss", False, False),
+    ("val_accuracy", "val accuracy", False, False),
+    ("grad_norm", "gradient norm", True, True),
+    ("lipschitz_bound", "certified Lipschitz bound", True, False),
+    ("max_activation", "largest activation |x|", True, False),
+)
+
+CURVES_SQL = f"""
+    SELECT r.name, r.model, r.optimizer, r.weight_constraint, m.step, {', '.join(f'm.{c}' for c, *_ in PANELS)}
+    FROM train_metrics AS m JOIN runs AS r USING (run_id)
+    WHERE r.experiment IS NULL
+    ORDER BY r.name, m.step"""
+
+
+def curves(con):
+    """The rows the figure draws, a pandas DataFrame: one per (run of ``runs``, step), by name and step."""
+    return con.execute(CURVES_SQL).df()
+
+
+def smoothing_window(steps: int) -> int:
+    """Steps in the train loss's running mean: a fiftieth of the run (at least 1), as a TensorBoard-
+    like view of a noisy per-batch loss keeps its trend without hiding a spike's step."""
+    return max(1, steps // 50)
+
+
+def run_label(row) -> str:
+    """``<name> (<model>, <optimizer>[, <weight constraint>])`` of a row of :func:`curves`."""
+    constraint = "" if row["weight_constraint"] == "none" else f", {row['weight_constraint']}"
+    return f"{row['name']} ({row['model']}, {row['optimizer']}{constraint})"
+
+
+def draw(con):
+    """The figure: a panel per :data:`PANELS` entry, a colour per run; non-finite values (a diverged
+    run's last loss) and, on a log axis, values ≤ 0 are left out. A ValueError when the database has
+    no run of ``runs`` with metrics."""
+    from matplotlib.lines import Line2D
+
+    rows = curves(con)
+    if rows.empty:
+        raise ValueError("the database has no training metrics of a run of `runs` (experiment runs have "
+                         "their experiments' figures)")
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True, constrained_layout=True)
+    runs = list(rows.groupby("name", sort=True))
+    legend = []
+    for (name, run), color in zip(runs, colors(len(runs))):
+        label = run_label(run.iloc[0])
+        legend.append(Line2D([], [], color=color, linewidth=1.6, label=label))
+        for ax, (column, _, log, every_step) in zip(axes.flat, PANELS):
+            points = run[["step", column]].dropna()
+            points = points[[math.isfinite(v) and (v > 0 or not log) for v in points[column]]]
+            if points.empty:
+                continue
+            if every_step and column == "loss":
+                ax.plot(points.step, points[column], color=color, alpha=0.25, linewidth=0.8)
+                mean = points[column].rolling(smoothing_window(len(points)), min_periods=1).mean()
+                ax.plot(points.step, mean, color=color, linewidth=1.6)
+            elif every_step:
+                ax.plot(points.step, points[column], color=color, linewidth=1.0)
+            else:
+                ax.plot(points.step, points[column], color=color, marker="o", markersize=3, linewidth=1.4)
+    for ax, (column, title, log, _) in zip(axes.flat, PANELS):
+        ax.set_title(title)
+        values = [y for line in ax.lines for y in line.get_ydata()]
+        if log and values and max(values) > 10 * min(values):  # within one decade a linear axis reads better
+            ax.set_yscale("log")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no run records it" if column != "lipschitz_bound" else "no run has a certificate",
+                    ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.legend(handles=legend, loc="outside lower center", ncol=min(len(legend), 3), frameon=False)
+    fig.suptitle("training curves of the runs of `runs` (train loss: per step, and its running mean)")
+    return fig

@@ -1,0 +1,132 @@
+"""The runs block's training-curve figure (lipflow/results/training_curves.py): it draws what the
+database holds for the runs of `runs` and nothing else, and its command refuses what it must."""
+
+import math
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lipflow.results import training_curves
+from lipflow.results.figures import main as plots_main
+from lipflow.results.plotting import is_lipflow_figure, pyplot
+
+PANEL = {column: i for i, (column, *_) in enumerate(training_curves.PANELS)}
+
+
+def metric_rows(run_id: str, steps: int, eval_every: int, bound: float | None, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for step in range(1, steps + 1):
+        at_eval = step % eval_every == 0
+        rows.append({"run_id": run_id, "step": step, "loss": float(3 - step / steps + rng.normal(0, 0.1)),
+                     "grad_norm": float(rng.uniform(0.5, 2)),
+                     "val_loss": float(3 - step / steps) if at_eval else None,
+                     "val_accuracy": step / (2 * steps) if at_eval else None,
+                     "lipschitz_bound": bound * step if at_eval and bound is not None else None,
+                     "max_activation": float(10 + step) if at_eval else None})
+    return rows
+
+
+def write_database(path: Path, runs: list[dict], metrics: list[dict]) -> Path:
+    con = duckdb.connect(str(path))
+    for name, rows in (("runs", runs), ("train_metrics", metrics)):
+        con.register("rows", pa.Table.from_pylist(rows))
+        con.execute(f"CREATE TABLE {name} AS SELECT * FROM rows")
+        con.unregister("rows")
+    con.close()
+    return path
+
+
+def run_row(run_id: str, experiment: str | None = None, model: str = "gpt", constraint: str = "none") -> dict:
+    return {"run_id": run_id, "name": run_id.rsplit("-", 1)[0], "experiment": experiment, "model": model,
+            "optimizer": "adamw" if model == "gpt" else "muon", "weight_constraint": constraint}
+
+
+@pytest.fixture
+def results_db(tmp_path) -> Path:
+    """Two runs of `runs` (one with a certificate, one whose last loss is non-finite) and an experiment run."""
+    metrics = metric_rows("baseline-00000001", 100, 25, None, 0) + metric_rows("lipschitz-00000002", 100, 25, 2.0, 1)
+    metrics += metric_rows("lrt.w16-00000003", 100, 25, 5.0, 2)
+    metrics[99]["loss"] = math.inf
+    metrics[50]["grad_norm"] = 0.0  # off a log axis
+    metrics[60]["grad_norm"] = 1e-3
+    runs = [run_row("baseline-00000001"), run_row("lipschitz-00000002", model="lipschitz_gpt",
+                                                  constraint="spectral_soft_cap"),
+            run_row("lrt.w16-00000003", experiment="lr_transfer")]
+    return write_database(tmp_path / "results.duckdb", runs, metrics)
+
+
+def test_each_panel_draws_the_databases_values_of_the_runs_of_runs_only(results_db):
+    con = duckdb.connect(str(results_db), read_only=True)
+    rows = con.execute("SELECT run_id, step, loss, grad_norm, val_loss, lipschitz_bound FROM train_metrics "
+                       "ORDER BY run_id, step").df()
+    fig = training_curves.draw(con)
+    axes = fig.axes[:len(training_curves.PANELS)]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "baseline (gpt, adamw)", "lipschitz (lipschitz_gpt, muon, spectral_soft_cap)"]
+
+    val = [line.get_ydata() for line in axes[PANEL["val_loss"]].lines]
+    assert len(val) == 2  # the experiment run is not drawn
+    for drawn, run_id in zip(val, ("baseline-00000001", "lipschitz-00000002")):
+        np.testing.assert_array_equal(drawn, rows[rows.run_id == run_id].val_loss.dropna().to_numpy())
+    bound = axes[PANEL["lipschitz_bound"]].lines
+    assert len(bound) == 1 and list(bound[0].get_xdata()) == [25, 50, 75, 100]  # gpt has no certificate
+    assert axes[PANEL["lipschitz_bound"]].get_yscale() == "linear"  # 50…200: within a decade
+    assert axes[PANEL["grad_norm"]].get_yscale() == "log"  # 0.5…2 and one 1e-3: more than a decade
+
+    raw, mean = axes[PANEL["loss"]].lines[:2]  # the baseline's: its last loss is inf, left out
+    loss = rows[rows.run_id == "baseline-00000001"].loss.to_numpy()[:99]
+    np.testing.assert_array_equal(raw.get_ydata(), loss)
+    window = training_curves.smoothing_window(99)
+    assert window == 1 and training_curves.smoothing_window(1000) == 20
+    np.testing.assert_allclose(mean.get_ydata(), loss)  # a window of 1 is the loss itself
+    grad = axes[PANEL["grad_norm"]].lines[0]
+    assert len(grad.get_xdata()) == 99 and 51 not in list(grad.get_xdata())  # 0 is off a log axis
+    pyplot().close(fig)
+
+
+def test_the_running_mean_is_the_mean_of_the_last_window_steps(tmp_path):
+    metrics = metric_rows("long-00000001", 1000, 100, None, 3)
+    con = duckdb.connect(str(write_database(tmp_path / "r.duckdb", [run_row("long-00000001")], metrics)))
+    fig = training_curves.draw(con)
+    mean = fig.axes[PANEL["loss"]].lines[1].get_ydata()
+    loss = np.array([row["loss"] for row in metrics])
+    expected = [loss[max(0, i - 19):i + 1].mean() for i in range(len(loss))]
+    np.testing.assert_allclose(mean, expected, rtol=1e-12)
+    pyplot().close(fig)
+
+
+def test_the_command_writes_both_formats_and_replaces_only_its_own_figure(results_db, tmp_path, capsys):
+    out = tmp_path / "figures"
+    args = ["--db", str(results_db), "--out-dir", str(out), "--training-curves"]
+    assert plots_main(args) == 0 and plots_main(args) == 0
+    paths = [out / f"training_curves.{fmt}" for fmt in ("png", "svg")]
+    assert all(is_lipflow_figure(path) for path in paths)
+    assert capsys.readouterr().out.split() == [str(path) for path in paths] * 2
+    mine = b"my own picture\n"
+    paths[1].write_bytes(mine)
+    assert plots_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out-dir {paths[1]} exists and is not" in err[0]
+    assert paths[1].read_bytes() == mine
+
+
+def test_the_command_refuses_a_database_without_runs_of_runs_in_one_line(tmp_path, capsys):
+    db = write_database(tmp_path / "r.duckdb", [run_row("lrt.a-00000001", experiment="lr_transfer")],
+                        metric_rows("lrt.a-00000001", 10, 5, None, 0))
+    out = tmp_path / "figures"
+    assert plots_main(["--db", str(db), "--out-dir", str(out), "--training-curves"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no training metrics of a run of `runs`" in err[0] and not out.exists()
+    con = duckdb.connect(str(tmp_path / "other.duckdb"))
+    con.execute("CREATE TABLE runs (run_id VARCHAR)")
+    con.close()
+    assert plots_main(["--db", str(tmp_path / "other.duckdb"), "--out-dir", str(out), "--training-curves"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no table train_metrics: not a lipflow database" in err[0]
+    with pytest.raises(SystemExit) as exit_:
+        plots_main(["--db", str(db), "--training-curves", "--experiment", "icl"])
+    assert exit_.value.code == 2
