@@ -63,8 +63,8 @@ def merge_case(tables: list[tuple[str, str | None, str | None]], merged: list[st
                      pa.table({"run_id": [run_id], "eval": [evaluation], "metric": ["loss"], "value": [1.0], "n": [n]}))
             write_table_parquet(tmp / f"{name}.parquet", table)
         out_path = tmp / out
-        return ("lipflow.results", ["merge-evals", "--out", str(out_path), *(str(tmp / f"{n}.parquet") for n in merged)],
-                out_path)
+        return ("lipflow.results", ["merge-evals", "--run-id", "r-0000000a", "--out", str(out_path),
+                                    *(str(tmp / f"{n}.parquet") for n in merged)], out_path)
     return case
 
 
@@ -343,14 +343,15 @@ CASES = {
     "build_receipt_folder_missing": (build_case(["--run-dirs", "{run}", "--receipt", "{tmp}/nowhere/db.built"]),
                                      "folder"),
     "merge_into_an_input": (lambda tmp, s, c: (pq.write_table(pa.table({"x": [1]}), tmp / "val.parquet"),
-                                               ("lipflow.results", ["merge-evals", "--out", str(tmp / "val.parquet"),
-                                                                    str(tmp / "val.parquet")], None))[1],
+                                               ("lipflow.results", ["merge-evals", "--run-id", "r-0000000a", "--out",
+                                                                    str(tmp / "val.parquet"), str(tmp / "val.parquet")],
+                                                None))[1],
                             "is also one of the files to merge"),
     "merge_the_same_file_twice": (merge_case([("val", "r-0000000a", "val")], ["val", "val"]), "is given twice"),
     "merge_a_foreign_table": (merge_case([("notes", None, None)], ["notes"]),
                               "notes.parquet is not an evaluation table (it has no column 'run_id')"),
     "merge_two_runs": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000b", "val")], ["a", "b"]),
-                       "b.parquet holds run 'r-0000000b' but"),
+                       "b.parquet holds rows of run 'r-0000000b', not of --run-id 'r-0000000a'"),
     "merge_one_evaluation_twice": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "val")], ["a", "b"]),
                                    "both hold evaluation 'val'"),
     "merge_clashing_types": (merge_case([("a", "r-0000000a", "val"), ("b", "r-0000000a", "rank")], ["a", "b"],
@@ -469,10 +470,10 @@ def user_files(folder: Path, contents: dict[str, str]) -> Path:
     return folder
 
 
-def evaluation_file(path: Path) -> Path:
+def evaluation_file(path: Path, run_id: str = "r-0000000a") -> Path:
     from lipflow.data.parquet import write_table_parquet
 
-    write_table_parquet(path, pa.table({"run_id": ["r-0000000a"], "eval": ["val"], "metric": ["loss"], "value": [1.0]}))
+    write_table_parquet(path, pa.table({"run_id": [run_id], "eval": ["val"], "metric": ["loss"], "value": [1.0]}))
     return path
 
 
@@ -501,8 +502,12 @@ NEVER_REPLACED = {
                                "--out", str(tmp / "fake_run" / "model.safetensors"), "--device", "cpu"],
         tmp / "fake_run" / "model.safetensors", "--out"),
     "merge-evals over a user's file": lambda tmp, s, c: (
-        "lipflow.results", ["merge-evals", "--out", str(user_file(tmp / "notes.txt", "mine")),
+        "lipflow.results", ["merge-evals", "--run-id", "r-0000000a", "--out", str(user_file(tmp / "notes.txt", "mine")),
                             str(evaluation_file(tmp / "a.parquet"))], tmp / "notes.txt", "--out"),
+    "merge-evals over another run's table": lambda tmp, s, c: (
+        "lipflow.results", ["merge-evals", "--run-id", "r-0000000b", "--out", str(evaluation_file(tmp / "evals.parquet")),
+                            str(evaluation_file(tmp / "b.parquet", "r-0000000b"))],
+        tmp / "evals.parquet", "it holds rows of run 'r-0000000a', not of --run-id 'r-0000000b'"),
     "build over another DuckDB database": lambda tmp, s, c: (
         *build_with(tmp, s, c, "--out", str(user_duckdb(tmp / "mine.duckdb"))), tmp / "mine.duckdb", "--out"),
     "build over a database holding a user's table": lambda tmp, s, c: (

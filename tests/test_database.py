@@ -243,8 +243,8 @@ def test_a_run_without_evaluations_merges_to_an_empty_table_the_build_loads(resu
 
     out = results / "runs" / "a-00000000" / "evals.parquet"
     out.unlink()
-    merge_evals(out, [])
-    merge_evals(out, [])  # its own earlier output is replaced
+    merge_evals(out, [], "a-00000000")
+    merge_evals(out, [], "a-00000000")  # its own earlier output is replaced
     table = lipflow.data.parquet.read_table_parquet(out)
     assert table.num_rows == 0 and tuple(table.column_names) == EVALUATION_COLUMNS and is_evaluation_table(out)
     with duckdb.connect(str(build_here(results)), read_only=True) as con:

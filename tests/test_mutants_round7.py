@@ -130,8 +130,8 @@ def evaluation_file(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 def test_merge_evals_refuses_one_file_holding_rows_of_two_runs(tmp_path):
     mixed = evaluation_file(tmp_path / "val.parquet", [("a-0000000a", "val"), ("b-0000000b", "val")])
-    with pytest.raises(ValueError, match="holds rows of runs 'a-0000000a' and 'b-0000000b'"):
-        merge_evals(tmp_path / "evals.parquet", [mixed])
+    with pytest.raises(ValueError, match="val.parquet holds rows of run 'b-0000000b', not of --run-id 'a-0000000a'"):
+        merge_evals(tmp_path / "evals.parquet", [mixed], "a-0000000a")
     assert not (tmp_path / "evals.parquet").exists()
 
 
@@ -142,7 +142,7 @@ def test_a_table_with_only_some_evaluation_columns_is_no_evaluation_table(tmp_pa
 
 
 def test_the_empty_evaluation_table_has_numeric_values(tmp_path):
-    merge_evals(tmp_path / "evals.parquet", [])
+    merge_evals(tmp_path / "evals.parquet", [], "a-0000000a")
     assert read_table_parquet(tmp_path / "evals.parquet").schema == pa.schema(
         [("run_id", pa.string()), ("eval", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
 

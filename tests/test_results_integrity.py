@@ -292,7 +292,8 @@ def test_merge_evals_refuses_a_table_that_is_no_evaluation_table_in_one_line(tmp
     run_id, text values) is one line naming the file, and nothing is written."""
     write_table_parquet(tmp_path / "val.parquet", pa.table({"run_id": run_ids, "eval": ["val", "val"],
                                                            "metric": ["loss", "accuracy"], "value": values}))
-    code = lipflow.results.main(["merge-evals", "--out", str(tmp_path / "evals.parquet"), str(tmp_path / "val.parquet")])
+    code = lipflow.results.main(["merge-evals", "--run-id", "r-0000000a", "--out", str(tmp_path / "evals.parquet"),
+                                 str(tmp_path / "val.parquet")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "val.parquet" in err, err
     assert not (tmp_path / "evals.parquet").exists()

@@ -3,7 +3,7 @@
 ``python -m lipflow.results build --out results/lipflow.duckdb --manifest M --run-dirs D... [--study-tables F...]
 [--receipt R]`` builds the database (:func:`lipflow.results.database.build`; it loads the study tables F
 and no others);
-``python -m lipflow.results merge-evals --out F E...`` merges one run's evaluation files;
+``python -m lipflow.results merge-evals --run-id RUN --out F E...`` merges run RUN's evaluation files;
 ``python -m lipflow.results seal F...`` writes the missing sidecars of trusted older files.
 """
 
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from lipflow.atomic import read_verified, refuse_to_replace, sha256_file, sidecar_path, write_bytes_atomic
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
+from lipflow.config import check_run_id
 from lipflow.errors import ArgumentParser, check_distinct_paths
 from lipflow.results.inputs import EVALUATION_COLUMNS, check_evaluation_table, concat_files
 
@@ -35,27 +36,29 @@ def refuse_to_replace_non_evaluation(out: Path) -> None:
     refuse_to_replace(out, "--out", "an evaluation table", is_evaluation_table)
 
 
-def merge_evals(out: Path, files: list[Path]) -> None:
-    """Concatenate one run's evaluation files (columns unioned by name) into ``out`` (never one of them;
-    no files: an empty evaluation table). Each file must be an evaluation table, of the same run as the
-    others and of an evaluation no other file holds, so no row is counted twice or filed under another run."""
+def merge_evals(out: Path, files: list[Path], run_id: str) -> None:
+    """Concatenate run ``run_id``'s evaluation files (columns unioned by name) into ``out`` (never one of
+    them; no files: an empty evaluation table). Each file must be an evaluation table of that run and of
+    an evaluation no other file holds, and ``out`` may replace only a table of that run's rows, so no row
+    is counted twice, filed under another run, or lost from another run's table."""
+    check_run_id(run_id, "--run-id")
     check_distinct_paths(files, "files")
     if any(Path(out).resolve() == Path(f).resolve() for f in files):
         raise ValueError(f"--out {out} is also one of the files to merge")
     refuse_to_replace_non_evaluation(Path(out))
+    if Path(out).exists():
+        others = other_runs(read_table_parquet(Path(out)), run_id)
+        if others:
+            raise ValueError(f"refusing to replace --out {out}: it holds rows of run {others[0]!r}, not of "
+                             f"--run-id {run_id!r}")
     tables = [read_table_parquet(f) for f in files]
-    first_run: tuple[Path, str] | None = None  # (file, run id) of the first file with rows
     evaluations: dict[str, Path] = {}
     for f, table in zip(files, tables):
         check_evaluation_table(f, table)
-        runs = sorted(table.column("run_id").unique().to_pylist())
-        if len(runs) > 1:
-            raise ValueError(f"{f} holds rows of runs {runs[0]!r} and {runs[1]!r}: merge one run's files at a time")
-        if runs and first_run is None:
-            first_run = (f, runs[0])
-        elif runs and runs[0] != first_run[1]:
-            raise ValueError(f"{f} holds run {runs[0]!r} but {first_run[0]} holds run {first_run[1]!r}: "
-                             "merge one run's files at a time")
+        others = other_runs(table, run_id)
+        if others:
+            raise ValueError(f"{f} holds rows of run {others[0]!r}, not of --run-id {run_id!r}: merge one run's "
+                             "files at a time")
         for name in table.column("eval").unique().to_pylist():
             if name in evaluations:
                 raise ValueError(f"{f} and {evaluations[name]} both hold evaluation '{name}'")
@@ -65,6 +68,11 @@ def merge_evals(out: Path, files: list[Path]) -> None:
     else:  # a run with no evaluation (evaluations.enabled: []): an empty evaluation table
         merged = pa.table({c: pa.array([], pa.float64() if c == "value" else pa.string()) for c in EVALUATION_COLUMNS})
     write_table_parquet(Path(out), merged)
+
+
+def other_runs(table: pa.Table, run_id: str) -> list[str]:
+    """The run ids other than ``run_id`` that rows of evaluation ``table`` hold, sorted."""
+    return sorted(set(table.column("run_id").unique().to_pylist()) - {run_id})
 
 
 def seal(files: list[Path]) -> None:
@@ -93,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="the studies' tables to load (<study>/<name>.parquet → table <study>_<name>)")
     p_build.add_argument("--receipt", type=Path, default=None, help="JSON written after the database is in place")
     p_merge = sub.add_parser("merge-evals", help="merge one run's evaluation Parquet files")
+    p_merge.add_argument("--run-id", required=True, help="the run whose evaluation files these are")
     p_merge.add_argument("--out", type=Path, required=True)
     p_merge.add_argument("files", type=Path, nargs="*")
     p_seal = sub.add_parser("seal", help="write missing .sha256 sidecars of trusted files from before checksums")
@@ -107,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
                                          receipt=args.receipt))
     if args.command == "seal":
         return run_guarded(lambda: seal(args.files))
-    return run_guarded(lambda: merge_evals(args.out, args.files))
+    return run_guarded(lambda: merge_evals(args.out, args.files, args.run_id))

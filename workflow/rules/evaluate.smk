@@ -45,4 +45,4 @@ rule merge_evaluations:
     conda:
         ENV
     shell:
-        "python -m lipflow.results merge-evals --out {output.table} {input.tables} > {log} 2>&1"
+        "python -m lipflow.results merge-evals --run-id {wildcards.run} --out {output.table} {input.tables} > {log} 2>&1"
