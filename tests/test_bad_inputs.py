@@ -463,6 +463,13 @@ def user_file(path: Path, data: str | bytes) -> Path:
     return path
 
 
+def linked(link: Path, target: Path) -> Path:
+    """``link`` made a symbolic link to ``target``; returns the folder holding the link."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link.parent
+
+
 def user_files(folder: Path, contents: dict[str, str]) -> Path:
     """A folder of the user's holding ``contents`` (file name → text)."""
     for name, text in contents.items():
@@ -531,6 +538,12 @@ NEVER_REPLACED = {
     "train over a user's run.json and weights": lambda tmp, s, c: (
         *train_into(user_files(tmp / "mine", {"run.json": "my notes", "model.safetensors": "my weights"}), s, c),
         tmp / "mine" / "model.safetensors", "but no config.json"),
+    "train with checkpoints linked to a user's folder": lambda tmp, s, c: (
+        *train_into(linked(tmp / "run" / "checkpoints", user_files(tmp / "mine", {"step-000000001.safetensors": "x"})),
+                    s, c), tmp / "mine" / "step-000000001.safetensors", "checkpoints is a link"),
+    "train over a user's file in checkpoints": lambda tmp, s, c: (
+        *train_into(user_file(tmp / "run" / "checkpoints" / "step-1.safetensors", "mine").parent.parent, s, c),
+        tmp / "run" / "checkpoints" / "step-1.safetensors", "checkpoints holds 'step-1.safetensors', which lipflow"),
     "train into a folder of the user's": lambda tmp, s, c: (
         *train_into(user_file(tmp / "thesis" / "draft.tex", "chapter 1").parent, s, c),
         tmp / "thesis" / "draft.tex", "holds 'draft.tex', which no lipflow stage writes there"),

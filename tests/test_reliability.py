@@ -141,6 +141,24 @@ def test_checkpoints_are_ordered_by_step_past_nine_digits(tmp_path):
                                                                    "step-999999999.safetensors"]
 
 
+def test_a_checkpoint_name_is_exactly_what_save_checkpoint_writes(tmp_path):
+    """Only step-{step:09d}.safetensors is a checkpoint: resume and pruning leave a user's step-1 or
+    step-0000000001 alone (pruning deleted them), and the train stage refuses a folder holding them."""
+    from lipflow.train.checkpoint import checkpoint_step, prune_checkpoints
+
+    assert [checkpoint_step(n) for n in ("step-000000001.safetensors", "step-1000000000.safetensors",
+                                         "step-1.safetensors", "step-0000000001.safetensors",
+                                         "step-00000001a.safetensors", "step-000000001.safetensors.sha256")] == [
+        1, 10**9, None, None, None, None]
+    ckpts = tmp_path / "checkpoints"
+    for name in ("step-1.safetensors", "step-0000000001.safetensors"):
+        (ckpts / name).parent.mkdir(exist_ok=True)
+        (ckpts / name).write_text("mine")
+    save_weights(ckpts / "step-000000002.safetensors", {"w": torch.ones(1)}, {"step": 2})
+    prune_checkpoints(ckpts, keep=0)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000000001.safetensors", "step-1.safetensors"]
+
+
 def test_checkpoint_without_sidecar_is_not_trusted(tmp_path, capsys):
     """A checkpoint whose sidecar is missing (a crash between the two writes, or a deletion) is
     never loaded unverified: resume falls back to the previous one, a direct load names the file."""

@@ -16,6 +16,7 @@ from lipflow.data.loader import TokenShards
 from lipflow.metrics import resolve_device
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
+from lipflow.train.checkpoint import checkpoint_step
 from lipflow.train.update import ConstraintSettings, check_coupling, constrained_matrices
 
 
@@ -50,6 +51,7 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
     if foreign:
         raise FileExistsError(f"--out-dir {directory} holds {foreign[0]!r}, which no lipflow stage writes there; "
                               "refusing to train into it (choose another --out-dir or move it away)")
+    check_run_folders(directory)
     path = directory / "config.json"
     if not (path.exists() or path.is_symlink()):
         for name in ("run.json", "train_metrics.parquet", "model.safetensors"):
@@ -72,6 +74,30 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
         what = f"differs in {keys[0]}" if keys else f"run id {info.get('run_id')!r}"
         raise FileExistsError(f"--out-dir {directory} holds another run ({what}); refusing to replace it "
                               "(choose another --out-dir or move it away)")
+
+
+RUN_FOLDERS = ("checkpoints", "evals", "tensorboard")  # the RUN_ENTRIES that are folders
+
+
+def check_run_folders(directory: Path) -> None:
+    """A FileExistsError when a folder of :data:`RUN_FOLDERS` in ``directory`` is a link (training would
+    write, and prune, where it points) or not a folder, or when ``checkpoints`` holds a name that
+    :func:`lipflow.train.checkpoint.save_checkpoint` does not write (pruning would delete a
+    ``step-1.safetensors`` of the user's)."""
+    for name in RUN_FOLDERS:
+        entry = directory / name
+        if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+            kind = "a link" if entry.is_symlink() else "not a folder"
+            raise FileExistsError(f"--out-dir {directory}: {name} is {kind}; refusing to train into it "
+                                  "(move it away)")
+    checkpoints = directory / "checkpoints"
+    if checkpoints.is_dir():
+        foreign = sorted(entry.name for entry in checkpoints.iterdir()
+                         if checkpoint_step(entry.name.removesuffix(".sha256")) is None
+                         and not is_temporary(entry.name) and not is_clutter(entry.name))
+        if foreign:
+            raise FileExistsError(f"--out-dir {directory}: checkpoints holds {foreign[0]!r}, which lipflow does not "
+                                  "write there; refusing to train into it (checkpoint pruning would delete it)")
 
 
 def weights_of_run(path: Path, run_id: str) -> bool:

@@ -27,7 +27,14 @@ from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_with_
 from lipflow.errors import CheckpointError, IntegrityError
 
 CHECKPOINT_GLOB = "step-*.safetensors"
-CHECKPOINT_NAME = re.compile(r"step-(\d+)\.safetensors")  # step-<step, 9 digits or more>.safetensors
+CHECKPOINT_NAME = re.compile(r"step-(\d{9,})\.safetensors")  # step-<step, 9 digits or more>.safetensors
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint file name exactly as :func:`save_checkpoint` writes it
+    (``step-{step:09d}.safetensors``), else None: ``step-1.safetensors`` is no checkpoint of lipflow's."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return int(match[1]) if match and f"{int(match[1]):09d}" == match[1] else None
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -84,8 +91,8 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def checkpoints_newest_first(directory: Path) -> list[Path]:
     """The checkpoints in ``directory`` by their step, highest first (by name, step 10⁹'s ten digits
     sorted before step-999999999)."""
-    found = [(int(match[1]), path) for path in Path(directory).glob(CHECKPOINT_GLOB)
-             if (match := CHECKPOINT_NAME.fullmatch(path.name))]
+    found = [(step, path) for path in Path(directory).glob(CHECKPOINT_GLOB)
+             if (step := checkpoint_step(path.name)) is not None]
     return [path for _, path in sorted(found, reverse=True)]
 
 
