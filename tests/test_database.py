@@ -183,6 +183,22 @@ def test_disk_full_keeps_the_previous_database(results, tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_rebuild_removes_the_old_databases_write_ahead_log(results):
+    """A session that changed the database and never checkpointed it (killed; the duckdb CLI) leaves
+    lipflow.duckdb.wal: a rebuild left it beside the new file, which DuckDB then could not open
+    ("WAL does not match database file"), the build having reported success."""
+    db = build_here(results)
+    con = duckdb.connect(str(db))
+    con.execute("PRAGMA disable_checkpoint_on_shutdown")
+    con.execute("UPDATE runs SET status = 'checked by me'")
+    con.close()
+    assert Path(f"{db}.wal").exists()
+    build_here(results)
+    assert not Path(f"{db}.wal").exists()
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*), min(status) FROM runs").fetchone() == (2, "completed")
+
+
 def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     """Under Snakemake, which deletes a job's outputs before it runs: the database is an update()
     output, so a rebuild that fails leaves the previous database in place and readable; its

@@ -340,7 +340,8 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Pa
     (no others) and ``results``/bench from scratch in a temp file, checkpoint it, reopen it to check
     every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
     it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead
-    log survives its checkpoint (e.g. disk full) is a failure, never published. ``receipt``, when
+    log survives its checkpoint (e.g. disk full) is a failure, never published, and the old
+    database's own log is removed before the rename. ``receipt``, when
     given, is written last: the database's sha256 and each table's row count."""
     from lipflow.errors import StageError
 
@@ -362,6 +363,10 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Pa
         check_database(tmp, rows)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # The old database's write-ahead log (a session that wrote to it and never checkpointed) would
+        # be replayed onto the new file, which no reader could then open; what it holds are changes to
+        # lipflow's own tables (refuse_to_drop_user_objects read it), which the rebuild replaces.
+        Path(f"{out}.wal").unlink(missing_ok=True)
         os.replace(tmp, out)
         published = True
         fsync_dir(out.parent)
