@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Collection, Iterator
 
-from lipflow.errors import IntegrityError
+from lipflow.errors import IntegrityError, parse_json
 
 _CHUNK = 1 << 20
 
@@ -74,7 +74,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON file's object (every JSON file lipflow writes holds one); a truncated or malformed file,
     or one holding another JSON value, is a ValueError naming it."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        value = parse_json(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); truncated or edited?") from None
     if not isinstance(value, dict):

@@ -99,11 +99,21 @@ def count_argument(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads(text)``, a document nested deeper than Python's recursion limit being a
+    :class:`json.JSONDecodeError` like any other malformed one (json.loads raises RecursionError, which
+    every reader of a user's JSON would pass on as a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to read", text if isinstance(text, str) else "", 0) from None
+
+
 def json_object_argument(text: str, flag: str) -> dict[str, Any]:
     """The JSON object an option such as ``--config-json`` holds; malformed JSON or another JSON
     type is a one-line :class:`ConfigError` naming the option."""
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{flag} is not valid JSON: {err}") from None
     if not isinstance(value, dict):

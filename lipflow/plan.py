@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from lipflow.config import (ConfigError, check_config, data_identity, experiment_run, plain_runs, run_id,
                             run_validator, tokenizer_id)
 from lipflow.data.corpus import expand_paths
+from lipflow.errors import parse_json
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.experiments.grid import expand_experiment
@@ -54,7 +55,7 @@ def recorded_block(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
     file is missing or unreadable (the stage itself reports a damaged one)."""
     try:
         with open(path, encoding="utf-8") as f:
-            block = json.load(f)
+            block = parse_json(f.read())
         for key in keys:
             block = block[key]
     except (OSError, ValueError, KeyError, TypeError):

@@ -183,6 +183,24 @@ def truncated_run_json(tmp, shards, run_cfg):
     return run_dir
 
 
+DEEP = '{"text": ' + "[" * 20_000 + "]" * 20_000 + "}"  # deeper than Python's recursion limit (1,000)
+
+
+def deep_run_json(tmp, shards, run_cfg):
+    run_dir = real_fake_run(tmp, shards, run_cfg)
+    (run_dir / "run.json").write_text(DEEP)
+    return run_dir
+
+
+def deep_manifest(tmp: Path, shards: Path) -> Path:
+    import shutil
+
+    copy = tmp / "deep_data"
+    shutil.copytree(shards, copy)
+    (copy / "manifest.json").write_text(DEEP)
+    return copy
+
+
 def list_run_json(tmp, shards, run_cfg):
     run_dir = real_fake_run(tmp, shards, run_cfg)
     (run_dir / "run.json").write_text("[]")
@@ -377,6 +395,15 @@ CASES = {
                                                   "(differs in n_heads)"),
     "truncated_config_json": (eval_case(truncated_config_json), "config.json is not valid JSON"),
     "truncated_run_json": (eval_case(truncated_run_json), "run.json is not valid JSON"),
+    # JSON nested past Python's recursion limit (json.loads raised RecursionError: a traceback, exit 1)
+    "deep_run_json": (eval_case(deep_run_json), "run.json is not valid JSON (nested too deeply to read"),
+    "deep_config_json_option": (lambda tmp, s, c: ("lipflow.train", ["--run-id", "bad-00000000", "--config-json", DEEP,
+                                                                    "--data-dir", str(s), "--out-dir", str(tmp / "run")],
+                                                   tmp / "run"), "--config-json is not valid JSON: nested too deeply"),
+    "deep_corpus_line": (corpus_case({"d.jsonl": b'{"text": "a"}\n' + DEEP.encode() + b"\n"},
+                                     {"source": "jsonl", "paths": ["d.jsonl"]}), "d.jsonl:2"),
+    "deep_corpus_stage_line": (tokenizer_case({"kind": "char"}, val_line=DEEP), "val.jsonl:"),
+    "deep_manifest": (train_case({}, data=deep_manifest), "corrupt manifest"),
     "char_device_corpus": (corpus_case({}, {"source": "files", "paths": ["/dev/zero"]}),
                            "/dev/zero is not a regular file"),
     "sample_temperature_nan": (lambda tmp, s, c: ("lipflow.cli", ["sample", "a-00000000", "--prompt", "x",

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, write_json_atomic
-from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, parse_json, run_guarded
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -182,7 +182,7 @@ def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    record = parse_json(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
                     bad = f"invalid byte 0x{raw[e.start]:02x} at column {e.start + 1}"
                     raise DataError(f"{where}: not UTF-8 ({bad})") from None
@@ -292,7 +292,7 @@ def not_a_corpus(folder: Path) -> str | None:
             with open(folder / name, "rb") as f:
                 first = f.readline()
             try:
-                record = json.loads(first)
+                record = parse_json(first)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 record = None
             if not (isinstance(record, dict) and list(record) == ["text"] and isinstance(record["text"], str)):

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from lipflow.data import DataError
 from lipflow.atomic import sha256_file
+from lipflow.errors import parse_json
 from lipflow.data.tokenize import check_manifest, vocab_size_of
 
 
@@ -30,7 +31,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"no token shards at {directory}: {path} not found (run the tokenize stage)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = parse_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"corrupt manifest {path}: {e}") from None
     return check_manifest(manifest, path)

@@ -64,7 +64,7 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, sha256_file, write_json_atomic
-from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, json_object_argument, parse_json, run_guarded
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -138,7 +138,7 @@ def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
     with open(jsonl_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
-                text = json.loads(line)["text"]
+                text = parse_json(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 text = None
             if not isinstance(text, str):  # {"text": null}, a list, a number: not what the corpus stage writes

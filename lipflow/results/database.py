@@ -33,7 +33,7 @@ from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stal
                             temp_prefix, write_json_atomic)
 from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
 from lipflow.data.tokenize import check_manifest
-from lipflow.errors import check_distinct_paths
+from lipflow.errors import check_distinct_paths, parse_json
 from lipflow.experiments import VIEWS, create_views
 from lipflow.plan_rules import STUDY_FILES
 from lipflow.results.inputs import (check_evaluation_table, checked_config, concat_files, read_run_json, read_run_table,
@@ -309,7 +309,7 @@ RECEIPT_KEYS = ("database", "sha256", "rows")  # what build() writes to --receip
 def is_receipt(path: Path) -> bool:
     """Whether ``path`` is a receipt an earlier build wrote (a JSON object with its keys)."""
     try:
-        receipt = json.loads(path.read_text(encoding="utf-8"))
+        receipt = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(receipt, dict) and set(receipt) == set(RECEIPT_KEYS)

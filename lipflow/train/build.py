@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from lipflow.atomic import is_clutter, is_temporary
 from lipflow.data.loader import TokenShards
+from lipflow.errors import parse_json
 from lipflow.metrics import resolve_device
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
@@ -61,7 +62,7 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
                                       "that training left; refusing to replace it")
         return
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = parse_json(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise OSError(f"--out-dir {directory}: cannot read {path} ({err.strerror})") from None
     except (UnicodeDecodeError, ValueError):
@@ -104,7 +105,7 @@ def weights_of_run(path: Path, run_id: str) -> bool:
     """Whether ``path`` is a safetensors file whose lipflow metadata names ``run_id``."""
     try:
         with safe_open(str(path), "pt") as weights:
-            metadata = json.loads((weights.metadata() or {}).get("lipflow", "{}"))
+            metadata = parse_json((weights.metadata() or {}).get("lipflow", "{}"))
     except (OSError, ValueError, SafetensorError):  # not a safetensors file, or no JSON metadata
         return False
     return isinstance(metadata, dict) and metadata.get("run_id") == run_id

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 
 from lipflow import provenance
 from lipflow.atomic import read_verified, sha256_file, sidecar_path, write_with_sidecar
-from lipflow.errors import CheckpointError, IntegrityError
+from lipflow.errors import CheckpointError, IntegrityError, parse_json
 
 CHECKPOINT_GLOB = "step-*.safetensors"
 CHECKPOINT_NAME = re.compile(r"step-(\d{9,})\.safetensors")  # step-<step, 9 digits or more>.safetensors
@@ -81,10 +81,10 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8:8 + header_len])
-    except (SafetensorError, ValueError, UnicodeDecodeError) as err:
+        header = parse_json(blob[8:8 + header_len])
+        meta = parse_json(header.get("__metadata__", {}).get("lipflow", "{}"))
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as err:
         raise CheckpointError(f"{path} is not a safetensors checkpoint ({err}); lipflow never unpickles") from None
-    meta = json.loads(header.get("__metadata__", {}).get("lipflow", "{}"))
     return tensors, meta
 
 

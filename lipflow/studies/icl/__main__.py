@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lipflow.atomic import refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
-from lipflow.errors import ArgumentParser, count_argument, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, count_argument, json_object_argument, parse_json, run_guarded
 from lipflow.studies.icl.config import load_config
 
 
@@ -89,7 +89,7 @@ def is_check_summary(path: Path) -> bool:
     from lipflow.studies.icl.study import SUMMARY_KEYS, SUMMARY_OPTIONAL_KEYS
 
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(summary, dict) and set(SUMMARY_KEYS) <= set(summary) <= {*SUMMARY_KEYS, *SUMMARY_OPTIONAL_KEYS}

@@ -8,7 +8,6 @@ methods are paired and their ratios are far more precise than each loss alone.
 
 from __future__ import annotations
 
-import json
 import operator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lipflow.errors import parse_json
 from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.studies.icl import theory
 from lipflow.studies.icl.config import ICLConfig, training_config, training_jobs
@@ -67,7 +67,7 @@ def is_checkpoint(path: Path) -> bool:
     try:
         with safe_open(str(path), "pt") as weights:
             names = set(weights.keys())
-            meta = json.loads((weights.metadata() or {}).get("lipflow", "null"))
+            meta = parse_json((weights.metadata() or {}).get("lipflow", "null"))
     except (OSError, ValueError, SafetensorError):  # not a safetensors file, or no JSON metadata
         return False
     return ("q" in names and names <= set(CHECKPOINT_TENSORS) and isinstance(meta, dict)
