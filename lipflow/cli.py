@@ -75,11 +75,59 @@ def read_only_statement(con, sql: str) -> str:
     if kind != duckdb.StatementType.SELECT:  # named by its keyword: DuckDB's type of INSTALL is LOAD
         keyword = re.match(r"\s*([A-Za-z]*)", statements[0].query).group(1).upper() or kind.name
         raise ValueError(f"lipflow query runs only read-only SELECT statements, not {keyword}")
+    check_reads_tables_only(con, sql)
     return sql
 
 
+# The table functions a query may call: generators and DuckDB's own catalog. Every other one reads
+# something other than tables (read_text, read_blob, read_csv…: with external access off DuckDB still
+# lets them read the database's own file and its write-ahead-log paths, by any spelling of those paths,
+# `..` through a link included, so a planted <db>.wal.recovery link was followed) or runs SQL text of its
+# own (query, query_table).
+QUERY_TABLE_FUNCTIONS = ("range", "generate_series", "unnest", "repeat", "repeat_row")
+QUERY_TABLE_FUNCTION_PREFIXES = ("duckdb_", "pragma_")
+FILE_NAME_CHARACTERS = re.compile(r"[./\\:*?]")  # no table or view of lipflow's has one; a path has
+
+
+def check_reads_tables_only(con, sql: str) -> None:
+    """A ValueError naming the first table function of ``sql`` (one SELECT) that is not a generator or
+    one of DuckDB's catalog functions, or the first table name that names a file (``FROM 'x.csv'``,
+    ``DESCRIBE 'x'``), at any depth of the statement (DuckDB's own parse, ``json_serialize_sql``)."""
+    from lipflow.errors import parse_json
+
+    try:
+        tree = parse_json(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the query cannot be checked ({err.msg}); simplify it") from None
+    if tree.get("error"):
+        raise ValueError(f"the query cannot be checked: {tree.get('error_message', 'DuckDB could not parse it')}")
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "TABLE_FUNCTION":
+            name = node["function"].get("function_name", "")
+            if name not in QUERY_TABLE_FUNCTIONS and not name.startswith(QUERY_TABLE_FUNCTION_PREFIXES):
+                raise ValueError(f"lipflow query reads only the database's tables and views; table function "
+                                 f"{name}() is not allowed (allowed: {', '.join(QUERY_TABLE_FUNCTIONS)}, duckdb_*, "
+                                 "pragma_*)")
+        elif kind in ("BASE_TABLE", "SHOW_REF"):
+            name = str(node.get("table_name") or "").strip('"')
+            if FILE_NAME_CHARACTERS.search(name):
+                raise ValueError(f"lipflow query reads only the database's tables and views; {name!r} names a file")
+        stack.extend(node.values())
+
+
 def emit(text: str, end: str = "\n") -> None:
-    """Print ``text`` to stdout now; a reader that closed the pipe is not an error (exit 141, quietly)."""
+    """Print ``text`` to stdout now; a reader that closed the pipe is not an error (exit 141, quietly);
+    a closed stdout (``>&-``) is a one-line error."""
+    if sys.stdout is None:
+        raise OSError("standard output is closed; nothing can be printed")
     try:
         print(text, end=end)
         sys.stdout.flush()
@@ -154,9 +202,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         cursor = con.execute(read_only_statement(con, args.sql))
         columns = [d[0] for d in cursor.description] if cursor.description else []
         rows = fetch_rows(cursor, args.max_rows)
+        text = format_rows(columns, rows, args.format)
     except MemoryError:
         raise ValueError("the result does not fit in memory; narrow it (WHERE, LIMIT, GROUP BY) or lower "
                          "--max-rows") from None
+    except OverflowError as err:  # a DuckDB value Python cannot hold, e.g. an interval of 2^31 days
+        raise ValueError(f"a value of the result has no Python equivalent ({err}); cast it to VARCHAR") from None
+    except RecursionError:
+        raise ValueError(f"a value of the result is nested too deeply to print as {args.format}; unnest it or "
+                         "cast it to VARCHAR") from None
+    except RuntimeError as err:
+        if str(err) == "Query interrupted":  # how DuckDB ends a query on Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
     except duckdb.Error as err:
         first = str(err).splitlines()[0]
         if "read-only" in first.lower():
@@ -164,7 +222,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         elif isinstance(err, duckdb.PermissionException):
             first = f"queries read only the results database ({first})"
         raise ValueError(first) from None
-    emit(format_rows(columns, rows, args.format))
+    emit(text)
     return 0
 
 

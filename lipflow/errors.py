@@ -50,9 +50,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, C
 
 def run_guarded(fn: Callable[[], int | None]) -> int:
     """Run a stage (``None`` counts as success); a bad input becomes one line on stderr and exit
-    code 2 (traceback with ``LIPFLOW_DEBUG=1``); anything else is a bug and keeps its traceback."""
+    code 2 (traceback with ``LIPFLOW_DEBUG=1``); Ctrl-C is one line and exit code 130 (128 + SIGINT,
+    as a shell reports it); anything else is a bug and keeps its traceback."""
     try:
         return fn() or 0
+    except KeyboardInterrupt:
+        if os.environ.get("LIPFLOW_DEBUG"):
+            raise
+        print("lipflow: interrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as err:
         if os.environ.get("LIPFLOW_DEBUG"):
             raise

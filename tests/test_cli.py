@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -174,3 +178,67 @@ def test_query_max_rows_is_the_largest_result_printed(metrics_db):
     assert "the result has more than 24,999 rows (--max-rows)" in error_line(done) and done.stdout == ""
     assert "--max-rows must be at least 1, got 0" in error_line(
         run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--max-rows", "0"))
+
+
+# ------------------------------------------------------------------------------------------ query: red team
+# With external access off DuckDB still lets a query read the database's own file and its write-ahead-log
+# paths (<db>.wal, .wal.recovery, .wal.checkpoint), following a link planted there, and `..` through a
+# linked folder reaches a file of the same name elsewhere: lipflow query allows only generator and catalog
+# table functions and no table name that names a file.
+
+@pytest.mark.parametrize("sql, words", [
+    ("SELECT content FROM read_text('{db}.wal.recovery')", "table function read_text() is not allowed"),
+    ("SELECT * FROM (SELECT 1) t WHERE 1 IN (SELECT size FROM read_blob('{link}/../{name}'))",
+     "table function read_blob() is not allowed"),
+    ("SELECT * FROM '{db}.wal.recovery'", "names a file"),
+    ("DESCRIBE '{db}.wal.recovery'", "names a file"),
+    ("WITH q AS (SELECT * FROM query('SELECT 1')) SELECT * FROM q", "table function query() is not allowed"),
+], ids=["read_text_of_a_planted_link", "read_blob_through_dot_dot", "from_a_path", "describe_a_path",
+        "query_function"])
+def test_query_reads_no_file_through_the_paths_duckdb_allows(tmp_path, sql, words):
+    db = results_db(tmp_path)
+    Path(f"{db}.wal.recovery").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "secret.txt").write_text("a secret\n")
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere" / db.name).write_text("another file of the database's name\n")
+    (db.parent / "link").symlink_to(tmp_path / "elsewhere" / "sub")
+    done = run_stage("lipflow.cli", "query", sql.format(db=db, link=db.parent / "link", name=db.name), "--db", str(db))
+    assert words in error_line(done) and "secret" not in done.stdout + done.stderr and done.stdout == ""
+
+
+def test_query_keeps_generators_catalog_functions_and_shows(tmp_path):
+    db = results_db(tmp_path)
+    for sql, first in [("SELECT sum(i) AS s FROM range(4) t(i)", "6"), ("SELECT count(*) FROM generate_series(1, 3)", "3"),
+                       ("SELECT table_name FROM duckdb_tables()", "runs"), ("SELECT name FROM pragma_table_info('runs')",
+                                                                             "run_id"),
+                       ("SHOW TABLES", "best"), ("DESCRIBE runs", "run_id"), ("SELECT count(*) FROM (SUMMARIZE runs)", "2"),
+                       ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT max(n) FROM t",
+                        "3"), ("PIVOT runs ON run_id IN ('a-00000000') USING max(val_loss)", "1.5")]:
+        done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "csv")
+        assert done.returncode == 0 and done.stdout.splitlines()[1].split(",")[0] == first, (sql, done.stderr)
+
+
+@pytest.mark.parametrize("sql, fmt, words", [
+    ("SELECT to_days(2147483647) AS i", "csv", "a value of the result has no Python equivalent"),
+    ("SELECT from_json('" + "[" * 990 + "1" + "]" * 990 + "', '" + "[" * 990 + '"INTEGER"' + "]" * 990 + "') AS x",
+     "json", "nested too deeply to print as json"),
+], ids=["interval_beyond_python", "deep_list"])
+def test_query_values_python_cannot_print_are_one_line(metrics_db, sql, fmt, words):
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(metrics_db), "--format", fmt)
+    assert words in error_line(done) and done.stdout == ""
+
+
+def test_query_into_a_closed_stdout_is_one_line(metrics_db):
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m lipflow.cli query 'SELECT 1' --db {metrics_db} >&-",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert "standard output is closed" in error_line(done)
+
+
+def test_query_interrupted_by_ctrl_c_is_one_line_and_exit_130(metrics_db):
+    process = subprocess.Popen([sys.executable, "-m", "lipflow.cli", "query",
+                                "SELECT sum(range) FROM range(100000000000000)", "--db", str(metrics_db)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # started, importing done, DuckDB summing
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and err.strip().splitlines() == ["lipflow: interrupted"] and out == "", err
