@@ -248,6 +248,9 @@ def decoded_pieces(tokenizer, prompt: list[int], drawn: Iterable[list[int]]) -> 
         yield text[len(given):] if text.startswith(given) else "\n" + text
 
 
+MAX_SAMPLE_TOKENS = 2**48  # lipflow's largest count (the schema's $defs/count); islice takes at most 2^63 − 1
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -258,8 +261,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.tokens < 1:
-        raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
+    if not 1 <= args.tokens <= MAX_SAMPLE_TOKENS:
+        raise ValueError(f"--tokens must be between 1 and {MAX_SAMPLE_TOKENS:,} (2^48), got {args.tokens}")
     if not 0 <= args.seed < 2**63:  # torch.Generator's range
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     run = load_run(args.run_id, results=args.results, device=args.device)

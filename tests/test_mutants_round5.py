@@ -109,7 +109,10 @@ def test_sample_refuses_zero_tokens(results_tree, capsys):  # noqa: F811
     results, run_id = results_tree
     assert sample_in_process(results, run_id, "--tokens", "0") == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and "--tokens must be at least 1, got 0" in captured.err
+    assert captured.out == "" and "--tokens must be between 1 and 281,474,976,710,656 (2^48), got 0" in captured.err
+    assert sample_in_process(results, run_id, "--tokens", str(10**20)) == 2  # islice's OverflowError, --tokens unnamed
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"--tokens must be between 1 and 281,474,976,710,656 (2^48), got {10**20}" in captured.err
 
 
 def test_sample_whose_probabilities_overflow_is_one_line(results_tree, capsys):  # noqa: F811

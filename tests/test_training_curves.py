@@ -130,3 +130,15 @@ def test_the_command_refuses_a_database_without_runs_of_runs_in_one_line(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         plots_main(["--db", str(db), "--training-curves", "--experiment", "icl"])
     assert exit_.value.code == 2
+
+
+def test_an_out_dir_that_is_a_file_is_refused_even_when_nothing_would_be_drawn(results_db, tmp_path, capsys):
+    """With no experiment's view filled every experiment is skipped: --out-dir was never looked at and a
+    file there passed with exit 0."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for extra in ([], ["--training-curves"]):
+        assert plots_main(["--db", str(results_db), "--out-dir", str(mine), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out-dir {mine} exists and is not a folder" in err[0]
+    assert mine.read_text() == "mine"

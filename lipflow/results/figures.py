@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     from lipflow.errors import run_guarded
 
     def go() -> int:
+        for flag, folder in (("--out-dir", args.out_dir), ("--tables-dir", args.tables_dir)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(f"{flag} {folder} exists and is not a folder")
         if args.training_curves:
             for fmt in FORMATS:
                 refuse_to_replace_figure(args.out_dir / f"{training_curves.FIGURE}.{fmt}", "--out-dir")
