@@ -4,8 +4,8 @@
 
 - **Dry run** (``snakemake -n``) of a sweep of N runs (default 1,000; --quick 100): a config whose
   ``runs`` block holds N tiny runs differing in seed, with the val evaluation on, so the DAG has
-  N train + N evaluate + N merge jobs plus corpus, tokenize, database and all. The bare Snakefile
-  has the same rules, the same input and output files (its run ids are the ones
+  N train + N evaluate + N merge jobs plus corpus, tokenize, database, training_curves and all. The
+  bare Snakefile has the same rules, the same input and output files (its run ids are the ones
   ``lipflow.plan.resolve_runs`` gives the config) and so the same jobs, but no config
   validation, params, resources, logs or conda, and ``touch`` as every command. Both use the
   repository's workflow profile (profiles/default), so the command-line options are the same.
@@ -63,7 +63,7 @@ DATA = "results/data/pydoc"
 
 
 rule all:
-    input: "results/lipflow.duckdb"
+    input: "results/lipflow.duckdb", "results/figures/training_curves.png", "results/figures/training_curves.svg"
 
 
 rule corpus:
@@ -101,6 +101,12 @@ rule database:
            expand("results/runs/{{run}}/train_metrics.parquet", run=RUNS),
            expand("results/runs/{{run}}/evals.parquet", run=RUNS), f"{{DATA}}/char/manifest.json"
     output: "results/lipflow.duckdb"
+    shell: "touch {{output}}"
+
+
+rule training_curves:
+    input: "results/lipflow.duckdb"
+    output: "results/figures/training_curves.png", "results/figures/training_curves.svg"
     shell: "touch {{output}}"
 '''
 ONE_RULE_SNAKEFILE = 'rule one:\n    output: "one.txt"\n    shell: "touch {output}"\n'

@@ -79,20 +79,22 @@ def read_only_statement(con, sql: str) -> str:
     return sql
 
 
-# The table functions a query may call: generators and DuckDB's own catalog. Every other one reads
-# something other than tables (read_text, read_blob, read_csv…: with external access off DuckDB still
+# The table functions a query may call: generators, JSON over a column (runs.config, the activations
+# JSON of train_metrics) and DuckDB's own catalog. Every other one reads something other than tables (read_text, read_blob, read_csv…: with external access off DuckDB still
 # lets them read the database's own file and its write-ahead-log paths, by any spelling of those paths,
 # `..` through a link included, so a planted <db>.wal.recovery link was followed) or runs SQL text of its
 # own (query, query_table).
-QUERY_TABLE_FUNCTIONS = ("range", "generate_series", "unnest", "repeat", "repeat_row")
+QUERY_TABLE_FUNCTIONS = ("range", "generate_series", "unnest", "repeat", "repeat_row", "json_each", "json_tree")
 QUERY_TABLE_FUNCTION_PREFIXES = ("duckdb_", "pragma_")
 FILE_NAME_CHARACTERS = re.compile(r"[./\\:*?]")  # no table or view of lipflow's has one; a path has
 
 
 def check_reads_tables_only(con, sql: str) -> None:
-    """A ValueError naming the first table function of ``sql`` (one SELECT) that is not a generator or
-    one of DuckDB's catalog functions, or the first table name that names a file (``FROM 'x.csv'``,
-    ``DESCRIBE 'x'``), at any depth of the statement (DuckDB's own parse, ``json_serialize_sql``)."""
+    """A ValueError naming the first table function of ``sql`` (one SELECT) that is not one of
+    :data:`QUERY_TABLE_FUNCTIONS` or DuckDB's catalog functions, or the first table name that names a
+    file (``FROM 'x.csv'``, ``DESCRIBE 'x.csv'``, or unquoted ``FROM x.csv``, which DuckDB reads as
+    schema x, table csv and, finding no such schema, as the file x.csv), at any depth of the statement
+    (DuckDB's own parse, ``json_serialize_sql``)."""
     from lipflow.errors import parse_json
 
     try:
@@ -101,6 +103,8 @@ def check_reads_tables_only(con, sql: str) -> None:
         raise ValueError(f"the query cannot be checked ({err.msg}); simplify it") from None
     if tree.get("error"):
         raise ValueError(f"the query cannot be checked: {tree.get('error_message', 'DuckDB could not parse it')}")
+    known = {name.lower() for (name,) in con.execute(  # the qualifiers a table name may have: catalogs, schemas
+        "SELECT database_name FROM duckdb_databases() UNION SELECT schema_name FROM duckdb_schemas()").fetchall()}
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -118,8 +122,11 @@ def check_reads_tables_only(con, sql: str) -> None:
                                  "pragma_*)")
         elif kind in ("BASE_TABLE", "SHOW_REF"):
             name = str(node.get("table_name") or "").strip('"')
-            if FILE_NAME_CHARACTERS.search(name):
-                raise ValueError(f"lipflow query reads only the database's tables and views; {name!r} names a file")
+            qualifiers = [str(node.get(key) or "") for key in ("catalog_name", "schema_name")]
+            if FILE_NAME_CHARACTERS.search(name) or any(q and q.lower() not in known for q in qualifiers):
+                path = ".".join([*(q for q in qualifiers if q), name])
+                raise ValueError(f"lipflow query reads only the database's tables and views; {path!r} names a "
+                                 "file, or a schema the database does not have")
         stack.extend(node.values())
 
 

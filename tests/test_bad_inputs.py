@@ -541,7 +541,8 @@ NEVER_REPLACED = {
     "merge-evals over another run's table": lambda tmp, s, c: (
         "lipflow.results", ["merge-evals", "--run-id", "r-0000000b", "--out", str(evaluation_file(tmp / "evals.parquet")),
                             str(evaluation_file(tmp / "b.parquet", "r-0000000b"))],
-        tmp / "evals.parquet", "it holds rows of run 'r-0000000a', not of --run-id 'r-0000000b'"),
+        tmp / "evals.parquet", "holds the val rows of run r-0000000a; refusing to replace them with the rows of run "
+                               "r-0000000b"),
     "build over another DuckDB database": lambda tmp, s, c: (
         *build_with(tmp, s, c, "--out", str(user_duckdb(tmp / "mine.duckdb"))), tmp / "mine.duckdb", "--out"),
     "build over a database holding a user's table": lambda tmp, s, c: (

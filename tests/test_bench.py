@@ -214,10 +214,10 @@ def test_evals_time_every_registered_evaluation_against_a_step(results):
             assert v[f"{run}.{name}_over_train_step"] == pytest.approx(v[f"{run}.{name}_time"] / step)
 
 
-def test_pipeline_dry_run_has_three_jobs_per_run_plus_four(results):
+def test_pipeline_dry_run_has_three_jobs_per_run_plus_five(results):
     v = values(results, "pipeline")
-    # train, evaluate (val) and merge per run; corpus, tokenize, database, all once
-    assert v["dry_run.runs100.jobs"] == 3 * 100 + 4
+    # train, evaluate (val) and merge per run; corpus, tokenize, database, training_curves, all once
+    assert v["dry_run.runs100.jobs"] == 3 * 100 + 5
     assert v["dry_run.runs100.lipflow_over_bare"] == pytest.approx(
         v["dry_run.runs100.lipflow_time"] / v["dry_run.runs100.bare_time"])
 

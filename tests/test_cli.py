@@ -193,8 +193,9 @@ def test_query_max_rows_is_the_largest_result_printed(metrics_db):
     ("SELECT * FROM '{db}.wal.recovery'", "names a file"),
     ("DESCRIBE '{db}.wal.recovery'", "names a file"),
     ("WITH q AS (SELECT * FROM query('SELECT 1')) SELECT * FROM q", "table function query() is not allowed"),
+    ("SELECT * FROM secret.txt", "'secret.txt' names a file, or a schema the database does not have"),
 ], ids=["read_text_of_a_planted_link", "read_blob_through_dot_dot", "from_a_path", "describe_a_path",
-        "query_function"])
+        "query_function", "unquoted_dotted_name"])
 def test_query_reads_no_file_through_the_paths_duckdb_allows(tmp_path, sql, words):
     db = results_db(tmp_path)
     Path(f"{db}.wal.recovery").symlink_to(tmp_path / "secret.txt")
@@ -203,7 +204,7 @@ def test_query_reads_no_file_through_the_paths_duckdb_allows(tmp_path, sql, word
     (tmp_path / "elsewhere" / db.name).write_text("another file of the database's name\n")
     (db.parent / "link").symlink_to(tmp_path / "elsewhere" / "sub")
     done = run_stage("lipflow.cli", "query", sql.format(db=db, link=db.parent / "link", name=db.name), "--db", str(db))
-    assert words in error_line(done) and "secret" not in done.stdout + done.stderr and done.stdout == ""
+    assert words in error_line(done) and "a secret" not in done.stdout + done.stderr and done.stdout == ""
 
 
 def test_query_keeps_generators_catalog_functions_and_shows(tmp_path):
@@ -213,7 +214,10 @@ def test_query_keeps_generators_catalog_functions_and_shows(tmp_path):
                                                                              "run_id"),
                        ("SHOW TABLES", "best"), ("DESCRIBE runs", "run_id"), ("SELECT count(*) FROM (SUMMARIZE runs)", "2"),
                        ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT max(n) FROM t",
-                        "3"), ("PIVOT runs ON run_id IN ('a-00000000') USING max(val_loss)", "1.5")]:
+                        "3"), ("PIVOT runs ON run_id IN ('a-00000000') USING max(val_loss)", "1.5"),
+                       ("SELECT j.key FROM runs, json_each('{\"lr\": 1}') j", "lr"),
+                       ("SELECT count(*) FROM json_tree('{\"a\": [1, 2]}')", "4"),
+                       ("SELECT count(*) FROM main.runs JOIN lipflow.main.runs USING (run_id)", "1")]:
         done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "csv")
         assert done.returncode == 0 and done.stdout.splitlines()[1].split(",")[0] == first, (sql, done.stderr)
 

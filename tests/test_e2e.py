@@ -66,6 +66,16 @@ def test_the_training_curves_figure_is_drawn_for_the_runs_block(pipeline):
         "results/figures/training_curves.png", "results/figures/training_curves.svg"]
 
 
+def test_a_rerun_of_the_merge_replaces_each_runs_merged_evaluations(pipeline):
+    """What adding an evaluation does: the merge job reruns over its kept table (an update() output)
+    after Snakemake deleted the table's sidecar; the run check of merge-evals read the table through
+    that sidecar and failed every such rerun."""
+    before = query_csv(pipeline, "select run_id, eval, count(*) as n from evals group by all order by all")
+    done = snakemake(pipeline, "--forcerun", "merge_evaluations")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert query_csv(pipeline, "select run_id, eval, count(*) as n from evals group by all order by all") == before
+
+
 def test_tables_are_consistent(pipeline):
     steps = query_csv(pipeline, "select run_id, count(*) as n, max(step) as last from train_metrics group by run_id")
     assert len(steps) == 2 and all(r["n"] == "20" and r["last"] == "20" for r in steps)

@@ -23,7 +23,9 @@ import lipflow.provenance as provenance
 import lipflow.train.trainer
 from lipflow.errors import (ArgumentParser, ConfigError, StageError, UnknownNameError, check_distinct_paths, count_argument,
                             json_object_argument, run_guarded)
-from lipflow.evaluation.__main__ import evaluate, refuse_to_replace_other_rows
+from lipflow.atomic import sidecar_path
+from lipflow.evaluation.__main__ import evaluate
+from lipflow.results.cli import refuse_to_replace_other_rows
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.experiments import CATALOG
 from lipflow.registry import Registry, import_package_modules
@@ -133,6 +135,21 @@ def test_merge_evals_refuses_one_file_holding_rows_of_two_runs(tmp_path):
     with pytest.raises(ValueError, match="val.parquet holds rows of run 'b-0000000b', not of --run-id 'a-0000000a'"):
         merge_evals(tmp_path / "evals.parquet", [mixed], "a-0000000a")
     assert not (tmp_path / "evals.parquet").exists()
+
+
+def test_merge_evals_reruns_over_its_table_whose_sidecar_snakemake_deleted(tmp_path):
+    """The merged table is an update() output (kept by Snakemake before a rerun), its sidecar a plain one
+    (deleted): the run check of --out read the table through its sidecar, so every rerun of the rule
+    (an evaluation added to evaluations.enabled) failed with 'has no checksum file'."""
+    out = tmp_path / "evals.parquet"
+    val = evaluation_file(tmp_path / "val.parquet", [("a-0000000a", "val")])
+    merge_evals(out, [val], "a-0000000a")
+    sidecar_path(out).unlink()
+    rank = evaluation_file(tmp_path / "rank.parquet", [("a-0000000a", "rank")])
+    merge_evals(out, [val, rank], "a-0000000a")
+    assert sorted(read_table_parquet(out).column("eval").to_pylist()) == ["rank", "val"]
+    with pytest.raises(FileExistsError, match="holds the val rows of run a-0000000a"):
+        merge_evals(out, [], "b-0000000b")
 
 
 def test_a_table_with_only_some_evaluation_columns_is_no_evaluation_table(tmp_path):

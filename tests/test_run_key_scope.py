@@ -21,7 +21,7 @@ SCOPED_KEYS = {
     "logit_scale": (8.0, GPT_ADAMW, LIPSCHITZ_MUON),
     "masses": ({"blocks": 4.0}, LIPSCHITZ_MUON, {**LIPSCHITZ_MUON, "parametrization": "modular"}),
     "base_width": (16, GPT_ADAMW, {**GPT_ADAMW, "parametrization": "mup"}),
-    "momentum": (0.5, GPT_ADAMW, LIPSCHITZ_MUON),
+    "momentum": (0.5, GPT_ADAMW, {**SCION, "optimizer": "uscg"}),
     "beta1": (0.5, SCION, GPT_ADAMW),
     "beta2": (0.5, SCION, GPT_ADAMW),
     "ns_steps": (3, SCION, LIPSCHITZ_MUON),

@@ -88,6 +88,25 @@ def test_each_panel_draws_the_databases_values_of_the_runs_of_runs_only(results_
     pyplot().close(fig)
 
 
+def test_a_loss_that_grew_by_decades_gets_a_log_axis(tmp_path):
+    """A run whose loss blew up to 3e7 without overflowing (lr 1000, status completed) flattened the
+    other runs' losses to a line at 0 on a linear axis."""
+    metrics = metric_rows("fine-00000001", 100, 25, None, 0) + metric_rows("blown-00000002", 100, 25, None, 1)
+    for row in metrics[100:]:
+        row["loss"] *= 1e7
+        row["val_loss"] = row["val_loss"] * 1e7 if row["val_loss"] is not None else None
+    con = duckdb.connect(str(write_database(tmp_path / "r.duckdb", [run_row("fine-00000001"), run_row("blown-00000002")],
+                                            metrics)))
+    fig = training_curves.draw(con)
+    assert fig.axes[PANEL["loss"]].get_yscale() == fig.axes[PANEL["val_loss"]].get_yscale() == "log"
+    assert fig.axes[PANEL["val_accuracy"]].get_yscale() == "linear"
+    pyplot().close(fig)
+    con = duckdb.connect(str(write_database(tmp_path / "f.duckdb", [run_row("fine-00000001")], metrics[:100])))
+    fig = training_curves.draw(con)
+    assert fig.axes[PANEL["loss"]].get_yscale() == "linear"  # 2…3.3: within a decade
+    pyplot().close(fig)
+
+
 def test_the_running_mean_is_the_mean_of_the_last_window_steps(tmp_path):
     metrics = metric_rows("long-00000001", 1000, 100, None, 3)
     con = duckdb.connect(str(write_database(tmp_path / "r.duckdb", [run_row("long-00000001")], metrics)))

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from lipflow.config import RUN_ID_PATTERN, evaluation_params
@@ -21,7 +20,7 @@ from lipflow.data.parquet import table_of_rows, write_table_parquet
 from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
-from lipflow.results.cli import refuse_to_replace_non_evaluation
+from lipflow.results.cli import refuse_to_replace_non_evaluation, refuse_to_replace_other_rows
 from lipflow.results.inputs import check_names_its_run, directory_name, run_id_in, value_of
 
 
@@ -51,18 +50,6 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
                       known_train_loss=None, known_val_loss=None, device=device,  # measured if read
                       certificate=bound_l2() if callable(bound_l2) else None)
     return ctx, info
-
-
-def refuse_to_replace_other_rows(out: Path, run_id: str, name: str) -> None:
-    """A FileExistsError when ``out`` (an evaluation table) holds rows of another run or evaluation:
-    writing this one's there would lose them under their file's name."""
-    if not out.is_file():
-        return
-    held = pq.read_table(out, columns=["run_id", "eval"]).group_by(["run_id", "eval"]).aggregate([]).to_pylist()
-    other = next((row for row in held if (row["run_id"], row["eval"]) != (run_id, name)), None)
-    if other is not None:
-        raise FileExistsError(f"--out {out} holds the {other['eval']} rows of run {other['run_id']}; refusing to "
-                              f"replace them with the {name} rows of run {run_id} (choose its own --out)")
 
 
 def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, device: str = "auto") -> int:

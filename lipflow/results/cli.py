@@ -36,6 +36,21 @@ def refuse_to_replace_non_evaluation(out: Path) -> None:
     refuse_to_replace(out, "--out", "an evaluation table", is_evaluation_table)
 
 
+def refuse_to_replace_other_rows(out: Path, run_id: str, name: str | None = None) -> None:
+    """A FileExistsError when ``out`` (an evaluation table) holds rows of another run, or with ``name``
+    of another evaluation: writing this one's there would lose them under their file's name. Only the
+    table's columns are read, not checked against its sidecar, which Snakemake deletes before a rerun
+    (the table itself is an ``update()`` output, kept)."""
+    if not out.is_file():
+        return
+    held = pq.read_table(out, columns=["run_id", "eval"]).group_by(["run_id", "eval"]).aggregate([]).to_pylist()
+    other = next((row for row in held if row["run_id"] != run_id or name not in (None, row["eval"])), None)
+    if other is not None:
+        what = f"the {name} rows" if name is not None else "the rows"
+        raise FileExistsError(f"--out {out} holds the {other['eval']} rows of run {other['run_id']}; refusing to "
+                              f"replace them with {what} of run {run_id} (choose its own --out)")
+
+
 def merge_evals(out: Path, files: list[Path], run_id: str) -> None:
     """Concatenate run ``run_id``'s evaluation files (columns unioned by name) into ``out`` (never one of
     them; no files: an empty evaluation table). Each file must be an evaluation table of that run and of
@@ -46,11 +61,7 @@ def merge_evals(out: Path, files: list[Path], run_id: str) -> None:
     if any(Path(out).resolve() == Path(f).resolve() for f in files):
         raise ValueError(f"--out {out} is also one of the files to merge")
     refuse_to_replace_non_evaluation(Path(out))
-    if Path(out).exists():
-        others = other_runs(read_table_parquet(Path(out)), run_id)
-        if others:
-            raise ValueError(f"refusing to replace --out {out}: it holds rows of run {others[0]!r}, not of "
-                             f"--run-id {run_id!r}")
+    refuse_to_replace_other_rows(Path(out), run_id)
     tables = [read_table_parquet(f) for f in files]
     evaluations: dict[str, Path] = {}
     for f, table in zip(files, tables):

@@ -2,8 +2,9 @@
 the results database, read from its ``train_metrics`` table: the train loss at every step (with its
 running mean over :func:`smoothing_window` steps), the gradient norm, and at the eval steps the val
 loss and accuracy, the certified Lipschitz bound and the largest activation (the two quantities the
-constrained models are about: Newhouse et al. 2025 keep both small); the gradient norm, the bound
-and the activation on a log axis when they span more than a decade. Drawn by
+constrained models are about: Newhouse et al. 2025 keep both small); every panel but the accuracy
+on a log axis when its values span more than a decade (a run whose loss grew to 10⁷ without
+overflowing flattened every other run's curve at 0). Drawn by
 ``python -m lipflow.plots --training-curves`` as ``training_curves.png`` and ``.svg``."""
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from lipflow.results.plotting import colors, pyplot
 
 FIGURE = "training_curves"
 
-# (train_metrics column, panel title, log scale, recorded at every step)
+# (train_metrics column, panel title, log axis when the values span more than a decade, recorded at every step)
 PANELS = (
-    ("loss", "train loss", False, True),
-    ("val_loss", "val loss", False, False),
+    ("loss", "train loss", True, True),
+    ("val_loss", "val loss", True, False),
     ("val_accuracy", "val accuracy", False, False),
     ("grad_norm", "gradient norm", True, True),
     ("lipschitz_bound", "certified Lipschitz bound", True, False),
