@@ -799,6 +799,34 @@ def test_pareto_keeps_finite_bounds_of_completed_runs_and_takes_the_largest_half
     assert rows == [("tradeoff.a", 0.4, 0.03, True), ("tradeoff.b", 0.5, None, True)]
 
 
+def test_lr_transfer_figure_marks_what_it_cannot_place_and_survives_a_method_that_all_diverged(tmp_path):
+    """A method whose every run diverged crashed the figure (a log axis with no positive data); a
+    diverged run and a loss above the axis were left out without a mark, and the drift of the widths
+    that kept an optimum read as the method's."""
+    from lipflow.experiments.lr_transfer import lr_transfer
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=loss,
+                status="completed" if loss is not None else "diverged")
+            for i, (w, lr, loss) in enumerate([(32, 0.01, 2.0), (32, 0.02, 2.1), (32, 0.04, 2.2), (32, 0.08, 2.3),
+                                               (32, 0.16, 90.0), (64, 0.01, None), (64, 0.02, None)])]
+    runs += [run(f"lrt.s{i}-{20 + i:08x}", experiment="lr_transfer", optimizer="scion", lr=lr, val_loss=None,
+                 status="diverged") for i, lr in enumerate((0.01, 0.02))]
+    con = database(tmp_path, runs)
+    create_views(con)
+    fig = lr_transfer(con)
+    adamw, scion = fig.axes
+    assert adamw.get_title() == "sp+adamw: optimal-lr drift ×1 (1 of 2 widths)"
+    assert scion.get_title() == "sp+scion: no run ended with a finite loss"
+    top = adamw.get_ylim()[1]
+    marked = {(line.get_marker(), tuple(line.get_xdata())) for ax in fig.axes for line in ax.lines
+              if line.get_linestyle() == "None" and list(line.get_ydata()) == [top] * len(line.get_ydata())}
+    assert marked == {("^", (0.16,)), ("x", (0.01, 0.02))}  # width 32's lr 0.16; width 64's and scion's runs
+    assert [t.get_text() for t in adamw.get_legend().get_texts()] == [
+        "width 32", "width 64", "loss above the axis", "diverged / no final loss"]
+    pyplot().close(fig)
+
+
 def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with_one_lr(tmp_path):
     losses = {("adamw", 32): {0.01: 1.5, 0.02: 1.4, 0.04: 1.6},   # optimum inside the grid
               ("adamw", 64): {0.01: 1.3},                         # a single lr: no grid, so no edge

@@ -56,32 +56,54 @@ VIEWS = {"lr_transfer": LR_TRANSFER, "lr_transfer_runs": LR_TRANSFER_RUNS}
 
 
 def lr_transfer(con):
-    """Final val loss against lr, one line per width, one panel per method; ★ marks each optimum."""
+    """Final val loss against lr, one line per width, one panel per method; ★ marks each optimum. The
+    loss axis ends at the 90 % quantile plus 30 % of the range (a blown-up run would flatten the rest):
+    a point above it is drawn at the top edge as ▲, a run without a final loss (diverged or failed) as ×
+    there; the title's drift names how many of the method's widths have an optimum."""
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
     runs = read_view(con, "lr_transfer_runs", "ORDER BY method, width, lr")
     best = read_view(con, "lr_transfer")
     methods = sorted(runs.method.unique())
     widths = sorted(runs.width.unique())
     color_of = dict(zip(widths, colors(len(widths))))
-    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.8), sharey=True, squeeze=False)
+    finite = runs.final_loss.dropna()
+    low, high = (finite.min(), finite.quantile(0.9)) if len(finite) else (0.0, 1.0)
+    bottom, top = low - 0.05 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4), sharey=True, squeeze=False,
+                             constrained_layout=True)
+    marks = set()
     for ax, method in zip(axes[0], methods):
-        for width, group in runs[runs.method == method].groupby("width"):
-            ax.plot(group.lr, group.final_loss, "o-", color=color_of[width], ms=3, label=f"width {width}")
+        runs_of = runs[runs.method == method]
+        for width, group in runs_of.groupby("width"):
+            ok, lost = group[group.final_loss.notna()], group[group.final_loss.isna()]
+            ax.plot(ok.lr, ok.final_loss.clip(upper=top), "o-", color=color_of[width], ms=3, label=f"width {width}")
+            above = ok[ok.final_loss > top]
+            for name, points, style in (("above", above, {"marker": "^"}), ("lost", lost, {"marker": "x", "mew": 2})):
+                if len(points):  # an empty unclipped line would stretch the layout to the figure's corner
+                    ax.plot(points.lr, [top] * len(points), ls="", color=color_of[width], ms=7, clip_on=False,
+                            zorder=4, **style)
+                    marks.add(name)
         opt = best[best.method == method]
         ax.scatter(opt.optimal_lr, opt.best_loss, marker="*", s=120, c=[color_of[w] for w in opt.width],
                    edgecolors="black", zorder=3)
-        drift = opt.drift.iloc[0] if len(opt) else float("nan")
-        ax.set_title(f"{method}: optimal-lr drift ×{drift:.3g}")
+        widths_of = runs_of.width.nunique()
+        if len(opt):
+            within = "" if len(opt) == widths_of else f" ({len(opt)} of {widths_of} widths)"
+            ax.set_title(f"{method}: optimal-lr drift ×{opt.drift.iloc[0]:.3g}{within}", fontsize=10)
+        else:
+            ax.set_title(f"{method}: no run ended with a finite loss", fontsize=10)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(runs_of.lr.min() / 1.3, runs_of.lr.max() * 1.3)  # set, so a panel of diverged runs has one
         ax.set_xlabel("peak learning rate (log₂ scale)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final val loss (nats/token)")
-    axes[0][0].legend(fontsize=8)
-    finite = runs.final_loss.dropna()
-    if len(finite):
-        low, high = finite.min(), finite.quantile(0.9)
-        axes[0][0].set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9))
-    fig.tight_layout()
+    axes[0][0].set_ylim(bottom, top)
+    handles = [Line2D([], [], color=color_of[w], marker="o", ms=3, label=f"width {w}") for w in widths]
+    handles += [Line2D([], [], ls="", marker="^", color="0.3", label="loss above the axis")] * ("above" in marks)
+    handles += [Line2D([], [], ls="", marker="x", mew=2, color="0.3", label="diverged / no final loss")] * ("lost" in marks)
+    axes[0][0].legend(handles=handles, fontsize=8)
     return fig
 
 
