@@ -40,9 +40,11 @@ def write_database(path: Path, runs: list[dict], metrics: list[dict]) -> Path:
     return path
 
 
-def run_row(run_id: str, experiment: str | None = None, model: str = "gpt", constraint: str = "none") -> dict:
+def run_row(run_id: str, experiment: str | None = None, model: str = "gpt", constraint: str = "none",
+            diverged_step: int | None = None) -> dict:
     return {"run_id": run_id, "name": run_id.rsplit("-", 1)[0], "experiment": experiment, "model": model,
-            "optimizer": "adamw" if model == "gpt" else "muon", "weight_constraint": constraint}
+            "optimizer": "adamw" if model == "gpt" else "muon", "weight_constraint": constraint,
+            "status": "completed" if diverged_step is None else "diverged", "diverged_step": diverged_step}
 
 
 @pytest.fixture
@@ -53,8 +55,8 @@ def results_db(tmp_path) -> Path:
     metrics[99]["loss"] = math.inf
     metrics[50]["grad_norm"] = 0.0  # off a log axis
     metrics[60]["grad_norm"] = 1e-3
-    runs = [run_row("baseline-00000001"), run_row("lipschitz-00000002", model="lipschitz_gpt",
-                                                  constraint="spectral_soft_cap"),
+    runs = [run_row("baseline-00000001", diverged_step=100), run_row("lipschitz-00000002", model="lipschitz_gpt",
+                                                                     constraint="spectral_soft_cap"),
             run_row("lrt.w16-00000003", experiment="lr_transfer")]
     return write_database(tmp_path / "results.duckdb", runs, metrics)
 
@@ -66,7 +68,10 @@ def test_each_panel_draws_the_databases_values_of_the_runs_of_runs_only(results_
     fig = training_curves.draw(con)
     axes = fig.axes[:len(training_curves.PANELS)]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "baseline (gpt, adamw)", "lipschitz (lipschitz_gpt, muon, spectral_soft_cap)"]
+        "baseline (gpt, adamw): diverged at step 100", "lipschitz (lipschitz_gpt, muon, spectral_soft_cap)"]
+    accuracy = axes[PANEL["val_accuracy"]].lines[0].get_ydata()  # drawn in %
+    np.testing.assert_allclose(accuracy, [100 * s / 200 for s in (25, 50, 75, 100)])
+    assert axes[PANEL["val_loss"]].get_ylabel() == "nats/token"
 
     val = [line.get_ydata() for line in axes[PANEL["val_loss"]].lines]
     assert len(val) == 2  # the experiment run is not drawn

@@ -5,7 +5,7 @@ Views ``precision`` (headline) and ``precision_bounds``; figure ``precision``. R
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.plotting import Figure, category_colors, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 # The precision experiment's precision-evaluation rows, the first CTE of its two views.
@@ -113,29 +113,39 @@ FORMAT_ORDER = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
 def precision(con):
-    """Val accuracy per number format, one bar per model; unscaled casts and per-tensor scaling."""
+    """Change of val accuracy against the model's fp32 accuracy (percentage points) per number format,
+    one bar per model (its fp32 accuracy and weight constraint in the legend); unscaled casts (int8:
+    weights only, rounded per output channel) and per-tensor scaled casts. Bars from 0 % accuracy hid
+    the point differences between formats that the figure is about."""
     import numpy as np
 
     plt = pyplot()
     df = read_view(con, "precision")
     labels = sorted(df.label.unique())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, scaling, title in zip(axes, ("none", "per_tensor"), ("unscaled casts", "per-tensor scaled casts")):
-        cells = df[(df.scaling == scaling) | df.format.isin(["fp32", "int8"])]
+    fp32 = df[df.format == "fp32"].set_index("label").accuracy
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
+    color_of = dict(zip(labels, category_colors(len(labels))))
+    for ax, scaling, title in zip(axes, ("none", "per_tensor"), ("unscaled casts (int8 per channel)",
+                                                                  "per-tensor scaled casts")):
+        cells = df[(df.format != "fp32") & ((df.scaling == scaling) | ((df.format == "int8") & (scaling == "none")))]
         formats = [f for f in FORMAT_ORDER if f in set(cells.format)]
         width = 0.8 / max(len(labels), 1)
-        for i, (color, label) in enumerate(zip(colors(len(labels)), labels)):
+        for i, label in enumerate(labels):
             rows = cells[cells.label == label].set_index("format")
-            values = [100 * rows.accuracy.get(f, float("nan")) for f in formats]
-            ax.bar(np.arange(len(formats)) + i * width, values, width, color=color, label=label)
+            values = [100 * rows.accuracy_delta.get(f, float("nan")) for f in formats]
+            constraint = df[df.label == label].weight_constraint.iloc[0]
+            accuracy = f"fp32 {100 * fp32[label]:.1f} %" if label in fp32 else "no fp32 row"
+            ax.bar(np.arange(len(formats)) + i * width, values, width, color=color_of[label],
+                   label=f"{label} ({constraint}; {accuracy})")
+        ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(np.arange(len(formats)) + width * (len(labels) - 1) / 2)
         ax.set_xticklabels(formats, rotation=20)
         ax.set_title(title)
+        ax.set_xlabel("number format of weights and matmul activations")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("val next-token accuracy (%)")
-    axes[0].legend(fontsize=8)
-    fig.supxlabel("number format of weights and matmul activations (int8: weights only, per channel)", fontsize=10)
-    fig.tight_layout()
+    axes[0].set_ylabel("val accuracy − fp32 accuracy (points)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(labels), 3),
+               fontsize=8, frameon=False)
     return fig
 
 

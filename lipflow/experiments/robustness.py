@@ -6,7 +6,7 @@ Newhouse et al. 2025 §3.3. View ``robustness`` (the LM runs' robustness evaluat
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.plotting import Figure, category_colors, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 _ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', 'robust_loss', " \
@@ -74,11 +74,13 @@ def robustness(con):
     if len(image):
         panels.append(("digits MLP at matched clean accuracy: ℓ2 PGD", image, "epsilon",
                        "ε (ℓ2 norm of the pixel perturbation, pixels in [0, 1])"))
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    color_of = dict(zip(sorted(df.label.unique()), category_colors(df.label.nunique())))  # one per model, every panel
     for ax, (title, data, x_col, x_label) in zip(axes[0], panels):
-        labels = sorted(data.label.unique())
-        for color, label in zip(colors(len(labels)), labels):
-            rows = data[data.label == label]
+        for label in sorted(data.label.unique()):
+            color, rows = color_of[label], data[data.label == label]
             bound = rows.certificate_l2.dropna()
             suffix = f" (L={bound.iloc[0]:.3g})" if len(bound) else ""
             if x_col == "epsilon":
@@ -92,19 +94,20 @@ def robustness(con):
             elif x_col == "tightness":
                 for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
                     sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")
-                    ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
+                    if len(sub):  # a model without a certificate has no tightness
+                        ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
-                ax.set_ylabel("best attack / certificate (1 = tight)")
             else:
                 for style, attack in (("o-", "greedy"), ("x:", "random")):
                     sub = rows[(rows.metric == "robust_accuracy") & (rows.attack == attack)].sort_values("k")
                     ax.plot(sub.k, 100 * sub.value, style, color=color, label=f"{label}: {attack}")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_label)
+        ax.set_ylabel("best attack / certificate (1 = tight)" if x_col == "tightness" else "accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("accuracy (%)")
     fig.tight_layout()
     return fig
 

@@ -73,7 +73,17 @@ def read_view(con, name: str, order: str = ""):
     return con.execute(f"SELECT * FROM {name} {order}").df()
 
 
+def category_colors(n: int) -> list:
+    """``n`` distinct colours for unordered categories (runs, models, methods): tab10 for up to 10,
+    tab20 for up to 20, else evenly spaced on viridis (whose order would suggest one up to there)."""
+    if n > 20:
+        return colors(n)
+    cmap = pyplot().get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i) for i in range(n)]
+
+
 def colors(n: int) -> list:
-    """``n`` distinct colours: tab10 for up to 4, else evenly spaced on viridis."""
+    """``n`` distinct colours for an ordered quantity (widths, head counts): tab10 for up to 4, else
+    evenly spaced on viridis."""
     cmap = pyplot().get_cmap("viridis" if n > 4 else "tab10")
     return [cmap(i / max(n - 1, 1)) if n > 4 else cmap(i) for i in range(n)]

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import math
 
-from lipflow.results.plotting import colors, pyplot
+from lipflow.results.plotting import category_colors, pyplot
 
 FIGURE = "training_curves"
 
-# (train_metrics column, panel title, log axis when the values span more than a decade, recorded at every step)
+# (train_metrics column, panel title, y label, log axis when the values span more than a decade,
+# recorded at every step)
 PANELS = (
-    ("loss", "train loss", True, True),
-    ("val_loss", "val loss", True, False),
-    ("val_accuracy", "val accuracy", False, False),
-    ("grad_norm", "gradient norm", True, True),
-    ("lipschitz_bound", "certified Lipschitz bound", True, False),
-    ("max_activation", "largest activation |x|", True, False),
+    ("loss", "train loss", "nats/token", True, True),
+    ("val_loss", "val loss", "nats/token", True, False),
+    ("val_accuracy", "val accuracy", "next-token accuracy (%)", False, False),
+    ("grad_norm", "gradient norm", "‖∇loss‖₂", True, True),
+    ("lipschitz_bound", "certified Lipschitz bound", "∞RMS bound of the model", True, False),
+    ("max_activation", "largest activation |x|", "max |x| in the blocks", True, False),
 )
+PERCENT = ("val_accuracy",)  # fractions drawn as %
 
 CURVES_SQL = f"""
-    SELECT r.name, r.model, r.optimizer, r.weight_constraint, m.step, {', '.join(f'm.{c}' for c, *_ in PANELS)}
+    SELECT r.name, r.model, r.optimizer, r.weight_constraint, r.status, r.diverged_step, m.step,
+           {', '.join(f'm.{c}' for c, *_ in PANELS)}
     FROM train_metrics AS m JOIN runs AS r USING (run_id)
     WHERE r.experiment IS NULL
     ORDER BY r.name, m.step"""
@@ -44,9 +47,13 @@ def smoothing_window(steps: int) -> int:
 
 
 def run_label(row) -> str:
-    """``<name> (<model>, <optimizer>[, <weight constraint>])`` of a row of :func:`curves`."""
+    """``<name> (<model>, <optimizer>[, <weight constraint>])[: diverged at step N]`` of a row of :func:`curves`."""
     constraint = "" if row["weight_constraint"] == "none" else f", {row['weight_constraint']}"
-    return f"{row['name']} ({row['model']}, {row['optimizer']}{constraint})"
+    label = f"{row['name']} ({row['model']}, {row['optimizer']}{constraint})"
+    if row["status"] == "diverged":
+        step = row["diverged_step"]
+        label += f": diverged at step {int(step)}" if step is not None and step == step else ": diverged"
+    return label
 
 
 def draw(con):
@@ -63,12 +70,14 @@ def draw(con):
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True, constrained_layout=True)
     runs = list(rows.groupby("name", sort=True))
     legend = []
-    for (name, run), color in zip(runs, colors(len(runs))):
+    for (name, run), color in zip(runs, category_colors(len(runs))):
         label = run_label(run.iloc[0])
         legend.append(Line2D([], [], color=color, linewidth=1.6, label=label))
-        for ax, (column, _, log, every_step) in zip(axes.flat, PANELS):
+        for ax, (column, _, _, log, every_step) in zip(axes.flat, PANELS):
             points = run[["step", column]].dropna()
             points = points[[math.isfinite(v) and (v > 0 or not log) for v in points[column]]]
+            if column in PERCENT:
+                points = points.assign(**{column: 100 * points[column]})
             if points.empty:
                 continue
             if every_step and column == "loss":
@@ -79,8 +88,9 @@ def draw(con):
                 ax.plot(points.step, points[column], color=color, linewidth=1.0)
             else:
                 ax.plot(points.step, points[column], color=color, marker="o", markersize=3, linewidth=1.4)
-    for ax, (column, title, log, _) in zip(axes.flat, PANELS):
+    for ax, (column, title, unit, log, _) in zip(axes.flat, PANELS):
         ax.set_title(title)
+        ax.set_ylabel(unit)
         values = [y for line in ax.lines for y in line.get_ydata()]
         if log and values and max(values) > 10 * min(values):  # within one decade a linear axis reads better
             ax.set_yscale("log")
