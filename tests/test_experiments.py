@@ -827,6 +827,21 @@ def test_lr_transfer_figure_marks_what_it_cannot_place_and_survives_a_method_tha
     pyplot().close(fig)
 
 
+def test_sharpness_panels_go_symlog_only_when_a_few_estimates_dwarf_the_rest():
+    """Early power-iteration estimates of ±10³ flattened every later curve of the preconditioned row onto 0."""
+    import pandas as pd
+
+    from lipflow.experiments.super_consistency import symlog_if_spiky
+    from lipflow.results.plotting import pyplot
+
+    fig, (spiky, calm) = pyplot().subplots(1, 2)
+    symlog_if_spiky(spiky, pd.Series([740.0, -1900.0, 5.0, 6.0, 4.0, 5.5, None]))
+    symlog_if_spiky(calm, pd.Series([20.0, 8.0, 10.0, 9.0]))
+    assert spiky.get_yscale() == "symlog" and spiky.yaxis.get_transform().linthresh == 10.0  # median 5.75 → 10
+    assert calm.get_yscale() == "linear"
+    pyplot().close(fig)
+
+
 def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with_one_lr(tmp_path):
     losses = {("adamw", 32): {0.01: 1.5, 0.02: 1.4, 0.04: 1.6},   # optimum inside the grid
               ("adamw", 64): {0.01: 1.3},                         # a single lr: no grid, so no edge

@@ -6,6 +6,8 @@ figure ``sharpness``. Runs: super_consistency.yaml.
 
 from __future__ import annotations
 
+import math
+
 from lipflow.results.plotting import Figure, colors, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
@@ -77,10 +79,10 @@ def sharpness(con):
         for key, group in curves.groupby(["parametrization", "depth_mup", "optimizer", fixed_col, "lr"]):
             if group[size_col].nunique() >= 2:
                 panels.append((axis, size_col, fixed_col, key, group))
-    rows = [("sharpness", "spread", "top Hessian eigenvalue λ_max\n(train loss, fixed batch)")]
+    rows = [("sharpness", "spread", "top Hessian eigenvalue $\\lambda_{max}$\n(train loss, fixed batch)")]
     if curves.preconditioned_sharpness.notna().any():
         rows.append(("preconditioned_sharpness", "preconditioned_spread",
-                     "Adam-preconditioned λ_max(P⁻¹H)\n(stable below (2+2β₁)/(1−β₁))"))
+                     "Adam-preconditioned $\\lambda_{max}(P^{-1}H)$\n(stable below (2+2β₁)/(1−β₁))"))
     fig, axes = plt.subplots(len(rows), len(panels), figsize=(4 * len(panels), 3.4 * len(rows)), squeeze=False)
     for row_axes, (column, spread_column, ylabel) in zip(axes, rows):
         for ax, (axis, size_col, fixed_col, (param, depth_mup, optimizer, fixed, lr), group) in zip(row_axes, panels):
@@ -95,9 +97,22 @@ def sharpness(con):
             ax.set_xlabel("training step")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
+            symlog_if_spiky(ax, group[column])
         row_axes[0].set_ylabel(ylabel)
     fig.tight_layout()
     return fig
+
+
+def symlog_if_spiky(ax, values) -> None:
+    """A symmetric log axis (linear within ± the power of ten at or above the median |value|) when a few
+    estimates exceed 20× the median magnitude: early power-iteration estimates of ±10³ flattened every
+    later curve onto 0."""
+    import numpy as np
+
+    magnitudes = np.abs(values.dropna().to_numpy(dtype=float))
+    magnitudes = magnitudes[np.isfinite(magnitudes)]
+    if len(magnitudes) and (median := float(np.median(magnitudes))) > 0 and magnitudes.max() > 20 * median:
+        ax.set_yscale("symlog", linthresh=10 ** math.ceil(math.log10(median)), linscale=1.5)
 
 
 FIGURES = {"sharpness": Figure(sharpness, caption="figure_sharpness.rst")}
