@@ -827,6 +827,34 @@ def test_lr_transfer_figure_marks_what_it_cannot_place_and_survives_a_method_tha
     pyplot().close(fig)
 
 
+def test_rank_figure_marks_gaps_a_log_axis_cannot_show_and_says_what_the_slope_is_over(tmp_path):
+    """A gap ≤ 0 vanished from the log panel, and the legend's slope (fitted on the positive gaps only)
+    read as fitted on every run; one run gave 'slope nan'."""
+    from lipflow.experiments.rank_vs_n import rank_vs_n, slope_text
+    from lipflow.results.plotting import pyplot
+
+    gaps = {128: 0.4, 256: 0.2, 512: -0.01, 768: 0.0}  # train tokens (context 64) → val loss − the train loss of the last 10 % of steps
+    runs = [run(f"rank.{j}-{40 + j:08x}", experiment="rank_vs_n", train_tokens=n, n_heads=1, val_loss=2.0 + gap)
+            for j, (n, gap) in enumerate(gaps.items())]
+    metrics = [{"run_id": r["run_id"], "step": s, "loss": 2.0, "sharpness": None, "preconditioned_sharpness": None}
+               for r in runs for s in (95, 100)]
+    con = database(tmp_path, runs, metrics, evals=[
+        {"run_id": r["run_id"], "eval": "rank", "metric": metric, "value": value, "n": n, "matrix": matrix,
+         "rtol": rtol, "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}
+        for r in runs for metric, value, n, matrix, rtol in (
+            ("b3_rademacher_sum", 50.0, 256, None, None), ("numerical_rank", 8.0, None, "qk", 0.01))])
+    create_views(con)
+    fig = rank_vs_n(con)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0].endswith("(2 of 4 points)") and labels[1] == "1 head(s): gap ≤ 0"
+    floor = fig.axes[0].get_ylim()[0]
+    edge = fig.axes[0].lines[1]
+    assert edge.get_marker() == "v" and list(edge.get_ydata()) == [floor, floor]
+    assert list(edge.get_xdata()) == [8, 12] and floor == pytest.approx(0.1)  # half the smallest positive gap
+    assert slope_text(float("nan")) == "no slope (under 2 points)" and slope_text(-0.5) == "slope -0.50"
+    pyplot().close(fig)
+
+
 def test_sharpness_panels_go_symlog_only_when_a_few_estimates_dwarf_the_rest():
     """Early power-iteration estimates of ±10³ flattened every later curve of the preconditioned row onto 0."""
     import pandas as pd

@@ -68,18 +68,36 @@ RANK_BOUND = View(
 VIEWS = {"rank_bound": RANK_BOUND}
 
 
+HEAD_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def slope_text(slope) -> str:
+    """A fitted log–log slope for a legend; none when fewer than two positive points were there to fit."""
+    return f"slope {slope:.2f}" if slope == slope and slope is not None else "no slope (under 2 points)"
+
+
 def rank_vs_n(con):
-    """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank."""
+    """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank; a
+    marker shape per head count (equal curves hid each other). A gap ≤ 0 (val below train loss), which
+    a log axis cannot show and the slope leaves out, is a ▽ on the panel's bottom edge, and the legend
+    says over how many points the slope was fitted."""
     plt = pyplot()
     df = read_view(con, "rank_bound", "ORDER BY n_heads, n_sequences")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     heads = sorted(df.n_heads.unique())
-    for color, h in zip(colors(len(heads)), heads):
-        sub = df[df.n_heads == h]
-        positive = sub[sub.measured_gap > 0]
-        axes[0].plot(positive.n_sequences, positive.measured_gap, "o-", color=color,
-                     label=f"{h} head(s): slope {sub.gap_slope.iloc[0]:.2f}")
-        axes[1].plot(sub.n_sequences, sub.b3_bound, "s--", color=color, label=f"{h} head(s): slope {sub.bound_slope.iloc[0]:.2f}")
+    positive_gaps = df.measured_gap[df.measured_gap > 0]
+    floor = positive_gaps.min() / 2 if len(positive_gaps) else 1e-3
+    for i, (color, h) in enumerate(zip(colors(len(heads)), heads)):
+        sub, marker = df[df.n_heads == h], HEAD_MARKERS[i % len(HEAD_MARKERS)]
+        positive, rest = sub[sub.measured_gap > 0], sub[~(sub.measured_gap > 0) & sub.measured_gap.notna()]
+        fitted = "" if rest.empty else f" ({len(positive)} of {len(positive) + len(rest)} points)"
+        axes[0].plot(positive.n_sequences, positive.measured_gap, f"{marker}-", color=color,
+                     label=f"{h} head(s): {slope_text(sub.gap_slope.iloc[0])}{fitted}")
+        if len(rest):
+            axes[0].plot(rest.n_sequences, [floor] * len(rest), "v", color=color, mfc="none", ms=8, clip_on=False,
+                         label=f"{h} head(s): gap ≤ 0")
+        axes[1].plot(sub.n_sequences, sub.b3_bound, f"{marker}--", color=color,
+                     label=f"{h} head(s): {slope_text(sub.bound_slope.iloc[0])}")
         axes[2].scatter(sub.qk_rank, sub.measured_gap, color=color, label=f"gap, {h} head(s)")
         axes[2].scatter(sub.qk_rank, sub.b3_bound, color=color, marker="s", facecolors="none",
                         label=f"B3 bound, {h} head(s)")
@@ -91,6 +109,8 @@ def rank_vs_n(con):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("val loss − train loss (nats/token)")
+    if (df.measured_gap <= 0).any():
+        axes[0].set_ylim(bottom=floor)
     axes[1].set_ylabel("B3 Rademacher term at n (nats/token)")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("mean numerical rank of W_Q W_Kᵀ per head (rtol 1e-2)")
