@@ -91,18 +91,28 @@ def tradeoff_accuracy(con):
 
 
 def tradeoff_activation(con):
-    """Largest |activation| in the residual stream against the certified bound (log–log)."""
+    """Largest |activation| in the residual stream against the certified bound (log x; log y when the
+    activations span more than a decade), colour by optimizer and marker by weight constraint as in
+    tradeoff_accuracy."""
     plt = pyplot()
     df = read_view(con, "pareto")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    constraints = sorted(df.weight_constraint.unique())
     for color, (optimizer, group) in zip(colors(df.optimizer.nunique()), df.groupby("optimizer")):
-        ax.scatter(group.lipschitz_bound, group.max_activation, color=color, alpha=0.7, label=optimizer)
+        for marker, constraint in zip(MARKERS, constraints):
+            sub = group[group.weight_constraint == constraint]
+            if len(sub):
+                ax.scatter(sub.lipschitz_bound, sub.max_activation, color=color, marker=marker, alpha=0.7,
+                           label=f"{optimizer} · {constraint}")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    shown = df.max_activation[(df.max_activation > 0) & (df.max_activation < float("inf"))]
+    log_y = len(shown) and shown.max() > 10 * shown.min()
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("certified Lipschitz bound L (log scale)")
-    ax.set_ylabel("max |activation entry| over blocks on val batches")
+    ax.set_ylabel("max |activation entry| over blocks on val batches" + (" (log scale)" if log_y else ""))
     ax.set_title("Activation size vs certified Lipschitz bound")
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: it covered points
     ax.grid(alpha=0.3, which="both")
     return fig
 

@@ -32,7 +32,7 @@ LR_TRANSFER = View(
            "BOOLEAN": ("at_grid_edge",)},
     depends_on=("lr_transfer_runs",),
     parts=(Part(requires={"lr_transfer_runs": ("method", "width", "lr", "final_loss")},
-                absent_reason="no lr_transfer runs in the database",
+                absent_reason="no lr_transfer run in the database ended with a finite val loss",
                 sql="""
         WITH ok AS (SELECT * FROM lr_transfer_runs WHERE final_loss IS NOT NULL),
         ranked AS (

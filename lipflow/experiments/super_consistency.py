@@ -38,7 +38,8 @@ SHARPNESS_SPREAD = View(
                       "preconditioned_spread")},
     depends_on=("sharpness_curves",),
     parts=(Part(requires={"sharpness_curves": ("parametrization", "width", "depth", "step", "sharpness")},
-                absent_reason="no super_consistency runs with sharpness in the database",
+                absent_reason="no super_consistency runs with sharpness at two or more widths or depths of one "
+                              "setting in the database",
                 sql="""
         WITH groups AS (
             SELECT 'width' AS axis, parametrization, depth_mup, optimizer, lr, depth AS fixed_size, step,
