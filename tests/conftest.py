@@ -16,6 +16,33 @@ REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE_SINGLE_THREADED = ("--set-threads", "train=1")
 
 
+def documented_training(shards: Path, cfg: dict, steps: int = 3):
+    """The model after ``steps`` steps of the trainer's documented loop, written out here: seed, build,
+    then per step lr ← base_lr·schedule, windows from the seeded generator, cross-entropy backward,
+    constrained update, embedding projection."""
+    import torch
+    import torch.nn.functional as F
+
+    from lipflow.schedules import lr_factor
+    from lipflow.train.build import build_learner, token_splits
+    from lipflow.train.update import constrained_update
+
+    torch.manual_seed(cfg["seed"])
+    train, _ = token_splits(shards, cfg)
+    model, optimizer, matrices, constraint = build_learner(cfg, train.vocab_size, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(cfg["schedule"], step, cfg["steps"], cfg["warmup_steps"])
+        optimizer.zero_grad(set_to_none=True)
+        x, y = train.sample_windows(cfg["batch_size"], cfg["context"], generator)
+        logits = model(x).float()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        constrained_update(optimizer, matrices, constraint)
+        model.project_embeddings()
+    return model
+
+
 def run_stage(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` and return the finished process (never raises)."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,

@@ -5,11 +5,9 @@ effect and still enters the run id."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import documented_training
 from lipflow.config import stage_run
-from lipflow.train.build import build_learner, token_splits
-from lipflow.train.update import constrained_update
 
 GPT_ADAMW = {"model": "gpt", "optimizer": "adamw", "lr": 0.01}
 LIPSCHITZ_MUON = {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap"}
@@ -38,20 +36,8 @@ SCOPED_KEYS = {
 
 
 def trained_weights(char_shards, tiny_run_config, overrides):
-    """The weights after three steps of the trainer's documented loop (tests/test_train_package.py)."""
-    cfg = stage_run({**tiny_run_config, **overrides})
-    torch.manual_seed(cfg["seed"])
-    train, _ = token_splits(char_shards, cfg)
-    model, optimizer, matrices, constraint = build_learner(cfg, train.vocab_size, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    for _ in range(3):
-        optimizer.zero_grad(set_to_none=True)
-        x, y = train.sample_windows(cfg["batch_size"], cfg["context"], generator)
-        logits = model(x).float()
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-        constrained_update(optimizer, matrices, constraint)
-        model.project_embeddings()
-    return model.state_dict()
+    """The weights after three steps of the trainer's documented loop (conftest.documented_training)."""
+    return documented_training(char_shards, stage_run({**tiny_run_config, **overrides})).state_dict()
 
 
 def same_weights(a, b):

@@ -12,14 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import documented_training
 import lipflow.metrics
 from lipflow.config import check_config
 from lipflow.evaluation.__main__ import evaluate
-from lipflow.schedules import lr_factor
 from lipflow.train.build import build_learner, token_splits
 from lipflow.train.summary import METRIC_COLUMNS, RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS, run_summary
 from lipflow.train.trainer import Trainer
-from lipflow.train.update import constrained_update
 
 LIPSCHITZ = {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap"}
 
@@ -34,20 +33,7 @@ def test_the_trainer_takes_the_documented_steps(char_shards, tiny_run_config, tm
         trainer.train_step()
         trainer.step += 1
 
-    torch.manual_seed(cfg["seed"])
-    train, _ = token_splits(char_shards, cfg)
-    model, optimizer, matrices, constraint = build_learner(cfg, train.vocab_size, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    for step in range(3):
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(cfg["schedule"], step, cfg["steps"], cfg["warmup_steps"])
-        optimizer.zero_grad(set_to_none=True)
-        x, y = train.sample_windows(cfg["batch_size"], cfg["context"], generator)
-        logits = model(x).float()
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-        constrained_update(optimizer, matrices, constraint)
-        model.project_embeddings()
-    mine, theirs = model.state_dict(), trainer.model.state_dict()
+    mine, theirs = documented_training(char_shards, cfg).state_dict(), trainer.model.state_dict()
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
