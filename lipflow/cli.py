@@ -80,10 +80,10 @@ def read_only_statement(con, sql: str) -> str:
 
 
 # The table functions a query may call: generators, JSON over a column (runs.config, the activations
-# JSON of train_metrics) and DuckDB's own catalog. Every other one reads something other than tables (read_text, read_blob, read_csv…: with external access off DuckDB still
-# lets them read the database's own file and its write-ahead-log paths, by any spelling of those paths,
-# `..` through a link included, so a planted <db>.wal.recovery link was followed) or runs SQL text of its
-# own (query, query_table).
+# JSON of train_metrics) and DuckDB's own catalog. Every other one reads something other than tables
+# (read_text, read_blob, read_csv…: with external access off DuckDB still lets them read the database's
+# own file and its write-ahead-log paths, by any spelling of those paths, `..` through a link included,
+# so a planted <db>.wal.recovery link was followed) or runs SQL text of its own (query, query_table).
 QUERY_TABLE_FUNCTIONS = ("range", "generate_series", "unnest", "repeat", "repeat_row", "json_each", "json_tree")
 QUERY_TABLE_FUNCTION_PREFIXES = ("duckdb_", "pragma_")
 FILE_NAME_CHARACTERS = re.compile(r"[./\\:*?]")  # no table or view of lipflow's has one; a path has

@@ -101,8 +101,10 @@ def lr_transfer(con):
     axes[0][0].set_ylabel("final val loss (nats/token)")
     axes[0][0].set_ylim(bottom, top)
     handles = [Line2D([], [], color=color_of[w], marker="o", ms=3, label=f"width {w}") for w in widths]
-    handles += [Line2D([], [], ls="", marker="^", color="0.3", label="loss above the axis")] * ("above" in marks)
-    handles += [Line2D([], [], ls="", marker="x", mew=2, color="0.3", label="diverged / no final loss")] * ("lost" in marks)
+    if "above" in marks:
+        handles.append(Line2D([], [], ls="", marker="^", color="0.3", label="loss above the axis"))
+    if "lost" in marks:
+        handles.append(Line2D([], [], ls="", marker="x", mew=2, color="0.3", label="diverged / no final loss"))
     axes[0][0].legend(handles=handles, fontsize=8)
     return fig
 
