@@ -7,10 +7,8 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -238,11 +236,18 @@ def test_query_into_a_closed_stdout_is_one_line(metrics_db):
     assert "standard output is closed" in error_line(done)
 
 
-def test_query_interrupted_by_ctrl_c_is_one_line_and_exit_130(metrics_db):
-    process = subprocess.Popen([sys.executable, "-m", "lipflow.cli", "query",
-                                "SELECT sum(range) FROM range(100000000000000)", "--db", str(metrics_db)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # started, importing done, DuckDB summing
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 130 and err.strip().splitlines() == ["lipflow: interrupted"] and out == "", err
+def test_query_interrupted_by_ctrl_c_is_one_line_and_exit_130(metrics_db, monkeypatch, capsys):
+    """DuckDB ends a query on Ctrl-C with RuntimeError('Query interrupted'), which was a traceback (exit 1).
+    (In process: a SIGINT sent to a subprocess races its imports and DuckDB's interrupt checks.)"""
+    import lipflow.cli
+
+    real_fetch_rows = lipflow.cli.fetch_rows
+
+    def interrupted(cursor, max_rows):
+        real_fetch_rows(cursor, max_rows)
+        raise RuntimeError("Query interrupted")
+
+    monkeypatch.setattr(lipflow.cli, "fetch_rows", interrupted)
+    assert lipflow.cli.main(["query", "SELECT 1", "--db", str(metrics_db)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == ["lipflow: interrupted"] and captured.out == ""

@@ -3,6 +3,7 @@
 
 localrules:
     database,
+    training_curves,
 
 
 rule database:
@@ -38,7 +39,8 @@ rule database:
         " > {log} 2>&1"
 
 
-# The runs block's training curves (lipflow/results/training_curves.py), drawn from the database.
+# The runs block's training curves (lipflow/results/training_curves.py), drawn from the database: a few
+# seconds, so like the database it runs where Snakemake runs, not as a cluster job.
 rule training_curves:
     input:
         db=DATABASE,
