@@ -63,7 +63,7 @@ def read_only_statement(con, sql: str) -> str:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as err:
-        raise ValueError(str(err).splitlines()[0]) from None
+        raise ValueError(without_set_advice(str(err).splitlines()[0])) from None
     if not statements:
         raise ValueError("no SQL statement given (e.g. lipflow query \"SELECT * FROM runs\")")
     if len(statements) > 1:
@@ -77,6 +77,13 @@ def read_only_statement(con, sql: str) -> str:
         raise ValueError(f"lipflow query runs only read-only SELECT statements, not {keyword}")
     check_reads_tables_only(con, sql)
     return sql
+
+
+def without_set_advice(message: str) -> str:
+    """DuckDB's error line without its advice to change a setting with SET, which lipflow query refuses
+    (its configuration is locked): the nesting limit's 'Use "SET max_expression_depth TO x" …'."""
+    advice = re.search(r'\s*Use "SET [^"]*".*$', message)
+    return message if advice is None else message[:advice.start()] + " (a limit lipflow query keeps: simplify the query)"
 
 
 # The table functions a query may call: generators, JSON over a column (runs.config, the activations
@@ -223,7 +230,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt from None
         raise
     except duckdb.Error as err:
-        first = str(err).splitlines()[0]
+        first = without_set_advice(str(err).splitlines()[0])
         if "read-only" in first.lower():
             first = f"the results database is read-only for queries ({first})"
         elif isinstance(err, duckdb.PermissionException):

@@ -233,6 +233,17 @@ def test_query_values_python_cannot_print_are_one_line(metrics_db, sql, fmt, wor
     assert words in error_line(done) and done.stdout == ""
 
 
+def test_query_beyond_duckdbs_nesting_limit_gives_no_advice_lipflow_refuses(metrics_db, capsys):
+    """DuckDB's error advised 'SET max_expression_depth', a statement lipflow query refuses."""
+    import lipflow.cli
+
+    sql = "SELECT " + "(" * 1200 + "1" + ")" * 1200
+    assert lipflow.cli.main(["query", sql, "--db", str(metrics_db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lipflow: error: Parser Error: Max expression depth limit of 1000 exceeded. (a limit lipflow "
+                   "query keeps: simplify the query)"]
+
+
 def test_query_into_a_closed_stdout_is_one_line(metrics_db):
     done = subprocess.run(f"{shlex.quote(sys.executable)} -m lipflow.cli query 'SELECT 1' --db {metrics_db} >&-",
                           shell=True, capture_output=True, text=True, timeout=120)
