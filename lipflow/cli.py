@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, run_guarded
+from lipflow.errors import ArgumentParser, parse_json, run_guarded
 
 
 def default_db() -> Path:
@@ -102,8 +102,6 @@ def check_reads_tables_only(con, sql: str) -> None:
     file (``FROM 'x.csv'``, ``DESCRIBE 'x.csv'``, or unquoted ``FROM x.csv``, which DuckDB reads as
     schema x, table csv and, finding no such schema, as the file x.csv), at any depth of the statement
     (DuckDB's own parse, ``json_serialize_sql``)."""
-    from lipflow.errors import parse_json
-
     try:
         tree = parse_json(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
     except json.JSONDecodeError as err:

@@ -6,7 +6,7 @@ optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lip
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.plotting import Figure, colors, pyplot, read_view, spans_a_decade
 from lipflow.results.views import RUNS_NEED, Part, View
 
 PARETO = View(
@@ -106,7 +106,7 @@ def tradeoff_activation(con):
                            label=f"{optimizer} · {constraint}")
     ax.set_xscale("log")
     shown = df.max_activation[(df.max_activation > 0) & (df.max_activation < float("inf"))]
-    log_y = len(shown) and shown.max() > 10 * shown.min()
+    log_y = spans_a_decade(shown)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("certified Lipschitz bound L (log scale)")

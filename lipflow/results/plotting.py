@@ -73,6 +73,12 @@ def read_view(con, name: str, order: str = ""):
     return con.execute(f"SELECT * FROM {name} {order}").df()
 
 
+def spans_a_decade(values) -> bool:
+    """Whether positive ``values`` span more than a factor 10, the figures' rule for a log axis."""
+    values = list(values)
+    return bool(values) and max(values) > 10 * min(values)
+
+
 def category_colors(n: int) -> list:
     """``n`` distinct colours for unordered categories (runs, models, methods): tab10 for up to 10,
     tab20 for up to 20, else evenly spaced on viridis (whose order would suggest one up to there)."""

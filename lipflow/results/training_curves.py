@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from lipflow.results.plotting import category_colors, pyplot
+from lipflow.results.plotting import category_colors, pyplot, spans_a_decade
 
 FIGURE = "training_curves"
 
@@ -91,8 +91,7 @@ def draw(con):
     for ax, (column, title, unit, log, _) in zip(axes.flat, PANELS):
         ax.set_title(title)
         ax.set_ylabel(unit)
-        values = [y for line in ax.lines for y in line.get_ydata()]
-        if log and values and max(values) > 10 * min(values):  # within one decade a linear axis reads better
+        if log and spans_a_decade(y for line in ax.lines for y in line.get_ydata()):  # else linear reads better
             ax.set_yscale("log")
         if not ax.lines:
             ax.text(0.5, 0.5, "no run records it" if column != "lipschitz_bound" else "no run has a certificate",
