@@ -162,5 +162,6 @@ def test_a_corpus_edit_whose_tokenize_job_failed_is_not_forgotten(tmp_path):
 
     (run_dir,) = (tmp_path / "results/runs").iterdir()
     assert load_weights(run_dir / "model.safetensors")[1]["manifest_sha256"] == sha256_file(tokens / "manifest.json")
+    assert json.loads((run_dir / "config.json").read_text())["manifest_sha256"] == sha256_file(tokens / "manifest.json")
     assert "discontent" in (tmp_path / "results/data/mine/corpus/train.jsonl").read_text() + \
         (tmp_path / "results/data/mine/corpus/val.jsonl").read_text()

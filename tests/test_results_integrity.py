@@ -419,3 +419,22 @@ def test_load_run_names_the_device_argument(tmp_path, tiny_run_config):
     loadable_run(results, "tiny-00000000", tiny_run_config)
     with pytest.raises(ValueError, match="device: 'tpu'"):
         lipflow.load_run("tiny-00000000", results=results, device="tpu")
+
+
+def test_the_build_refuses_a_manifest_other_than_the_runs(tmp_path, tiny_run_config, capsys):
+    """A run's config.json records the sha256 of the token manifest it trained on; a build given
+    another manifest (whose shards table would describe data the run never saw) is one line naming
+    --manifest and the run, and the recorded manifest builds."""
+    results = tmp_path / "results"
+    run_dir = make_run(results, "a-00000000", tiny_run_config)
+    manifest = write_manifest(results)
+    info = json.loads((run_dir / "config.json").read_text())
+    info["manifest_sha256"] = hashlib.sha256(b"other shards").hexdigest()
+    (run_dir / "config.json").write_text(json.dumps(info))
+    assert build_cli(results) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lipflow: error: --manifest {manifest} is not the token manifest run 'a-00000000'"), err
+    assert len(err.splitlines()) == 1 and not (results / "lipflow.duckdb").exists()
+    info["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    (run_dir / "config.json").write_text(json.dumps(info))
+    assert build_cli(results) == 0

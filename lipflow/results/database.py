@@ -36,8 +36,8 @@ from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths, parse_json
 from lipflow.experiments import VIEWS, create_views
 from lipflow.plan_rules import STUDY_FILES
-from lipflow.results.inputs import (check_evaluation_table, checked_config, concat_files, read_run_json, read_run_table,
-                                    summary_values)
+from lipflow.results.inputs import (JSON_FORMS, check_evaluation_table, check_value, checked_config, concat_files,
+                                    read_run_json, read_run_table, run_id_in, summary_values)
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
 
 RESULTS = Path("results")  # where results/bench is
@@ -172,6 +172,7 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
+    check_trained_on_manifest(run_dirs, manifest)
     rows.update(load_study_tables(con, study_tables))
     # hand-appended measurements (bench/common.py), written without a sidecar
     rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
@@ -192,6 +193,21 @@ def _run_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
         seen[row["run_id"]] = run_dir
         rows.append(row)
     return rows
+
+
+def check_trained_on_manifest(run_dirs: list[Path], manifest: Path) -> None:
+    """A ValueError naming ``manifest`` when a run's config.json records the sha256 of another token
+    manifest (runs since the trainer records it): the ``shards`` table would describe data the run
+    never saw."""
+    digest = sha256_file(manifest)
+    for run_dir in run_dirs:
+        config_json = Path(run_dir) / "config.json"
+        info = read_run_json(config_json)
+        recorded = check_value(config_json, "manifest_sha256", info.get("manifest_sha256"), JSON_FORMS["string"])
+        if recorded is not None and recorded != digest:
+            raise ValueError(f"--manifest {manifest} is not the token manifest run {run_id_in(config_json, info)!r} "
+                             f"was trained on ({config_json} records sha256 {recorded[:12]}…, the file has "
+                             f"{digest[:12]}…)")
 
 
 def _run_files(run_dirs: list[Path], name: str) -> list[tuple[Path, pa.Table]]:

@@ -200,7 +200,8 @@ class Trainer:
                                 {"run_id": self.run_id, "config": self.cfg, "vocab_size": vocab_size,
                                  "manifest_sha256": manifest_sha256})
         write_json_atomic(out / "config.json", {"run_id": self.run_id, "vocab_size": vocab_size,
-                                                "data_dir": str(self.data_dir), "config": self.cfg})
+                                                "data_dir": str(self.data_dir), "manifest_sha256": manifest_sha256,
+                                                "config": self.cfg})
         write_rows_parquet(out / "train_metrics.parquet",
                            [{"run_id": self.run_id, **row} for row in self.metrics], METRIC_COLUMNS)
         write_json_atomic(out / "run.json", summary)
