@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, parse_bench_args,  # noqa: E402
                           print_table, row, save_rows, torch_setup)
 from lipflow.constraints import StepContext, msign, soft_cap_alpha, spectral_hard_cap, spectral_soft_cap  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 from lipflow.optimizers import MUON_NS_COEFFICIENTS, newton_schulz, newton_schulz_peak  # noqa: E402
 
 BENCH = "constraints"
@@ -125,7 +126,7 @@ def measure(n: int, device: torch.device, rounds: int, warmup: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true",
                         help="one round, no warmup, and sizes 256 and 512 unless --sizes is given (seconds)")
     parser.add_argument("--sizes", type=int, nargs="+", help="matrix sizes (default 256 512 1024 2048 4096)")

@@ -49,6 +49,7 @@ from bench.common import (add_out_argument, alternating_timings, default_shards,
                           parse_bench_args, print_table, row, run_configs, save_rows)
 from lipflow import provenance  # noqa: E402
 from lipflow.data.parquet import write_table_parquet  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 from lipflow.results import build  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
 
@@ -178,7 +179,7 @@ def write_runs(root: Path, n_runs: int, steps: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="50 runs × 200 steps, 3 rounds (seconds)")
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1000, help="train_metrics rows per run")

@@ -42,6 +42,7 @@ from bench.common import (REPO, add_out_argument, add_torch_arguments, alternati
                           default_shards, parse_bench_args, print_table, row, run_configs, save_rows, synchronize,
                           torch_setup)
 from lipflow.config import evaluation_params  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
@@ -86,7 +87,7 @@ def local_certified_radii(ctx, n_sequences: int) -> torch.Tensor | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="2 training steps and QUICK_PARAMS (seconds)")
     parser.add_argument("--train-steps", type=int, default=50, help="steps trained before evaluating")
     parser.add_argument("--rounds", type=int, default=10, help="timed training steps (median kept)")

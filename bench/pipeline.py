@@ -48,6 +48,7 @@ import yaml  # noqa: E402
 from bench.common import (REPO, add_out_argument, alternating_timings, machine, parse_bench_args,  # noqa: E402
                           print_table, row, save_rows)
 from lipflow.config import check_config  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 from lipflow.plan import resolve_runs  # noqa: E402
 
 BENCH = "pipeline"
@@ -162,7 +163,7 @@ def median_times(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="100 runs, one round, one tiny real run")
     parser.add_argument("--runs", type=int, default=1000, help="runs in the dry-run sweep")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from bench.common import (REPO, add_out_argument, default_shards, device_label, machine, parse_bench_args,  # noqa: E402
                           print_table, reference_run, row, run_configs, save_rows)
 from lipflow.config import load_config_file  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 from lipflow.evaluation.precision import fp8_kernel_available, real_fp8_accuracy  # noqa: E402
 from lipflow.metrics import resolve_device  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
@@ -86,7 +87,7 @@ def shakespeare_shards(text: Path, work: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--steps", type=int, help="override the recipe's steps (say so when reporting)")
     parser.add_argument("--arms", nargs="+", choices=list(arms()), default=DEFAULT_ARMS)

@@ -75,6 +75,8 @@ from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from lipflow.errors import summary_of  # noqa: E402
+
 BENCH = "reference_side_by_side"
 REFERENCE_COMMIT = "158692e"
 REPO = Path(__file__).resolve().parent.parent
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench.common import add_out_argument, parse_bench_args
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--reference", type=Path, help="checkout of Arongil/lipschitz-transformers at 158692e")
     parser.add_argument("--full", action="store_true", help="the notebook's Shakespeare shape (for a GPU)")
     parser.add_argument("--steps", type=int, help="override the setting's step count")

@@ -37,6 +37,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.common import REPO, add_out_argument, parse_bench_args, row, save_rows  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("lipflow_slurm_harness", REPO / "tests" / "slurm" / "harness.py")
 harness = importlib.util.module_from_spec(_spec)
@@ -149,7 +150,7 @@ def cluster_timings(rows: list[dict], n_jobs: int, work: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--jobs", type=int, default=4, help="size of the concurrent batch (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each parse timing (default 3)")
     parser.add_argument("--snakefile", type=Path, default=REPO / "Snakefile")

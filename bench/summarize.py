@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lipflow.data.parquet import parse_table_parquet  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 
 COLUMNS = ("bench", "metric", "value", "unit", "device", "date", "git_commit")  # the ones the table shows
 
@@ -38,7 +39,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--exclude", action="append", default=[], metavar="SUBSTR",
                         help="leave out rows whose metric contains this (repeatable)")
     parser.add_argument("files", nargs="+", metavar="FILE.parquet")

@@ -41,6 +41,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from bench.common import add_out_argument, alternating_timings, machine, parse_bench_args, row, save_rows  # noqa: E402
 from lipflow.data.corpus import CorpusConfig, build_corpus  # noqa: E402
 from lipflow.data.tokenize import TokenizerConfig, batched, iter_texts, tokenize_corpus  # noqa: E402
+from lipflow.errors import summary_of  # noqa: E402
 
 BENCH = "tokenize"
 TINY_SHAKESPEARE = Path(_HERE).parent.parent / "shared" / "data" / "tinyshakespeare.txt"  # ../shared
@@ -87,7 +88,7 @@ def measure(kind: str, corpus: Path, work: Path, rounds: int, batch_docs: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="embedded corpus, one round (seconds)")
     parser.add_argument("--text", type=Path, default=TINY_SHAKESPEARE, help="text file to repeat")
     parser.add_argument("--copies", type=int, default=8, help="copies of --text (default 8: ~9 MB)")

@@ -83,6 +83,7 @@ import torch  # noqa: E402
 
 from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, default_runs, default_shards,  # noqa: E402
                           parse_bench_args, print_table, row, run_configs, save_rows, synchronize, torch_setup)
+from lipflow.errors import summary_of  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
 from lipflow.train.update import project_matrices_  # noqa: E402
 
@@ -281,7 +282,7 @@ def step_metric(shape_name: str, cfg: dict[str, Any], vocab: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: cpu on CPU, gpt2-124m on CUDA")
     parser.add_argument("--batch-size", type=int, help="override the shape's batch size")

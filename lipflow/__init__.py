@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 
 def connect(db=None):
-    """Read-only DuckDB connection to the results database (default ``results/lipflow.duckdb``)."""
+    """Read-only DuckDB connection to the results database ``db`` (default ``$LIPFLOW_DB``, else
+    ``results/lipflow.duckdb``)."""
     from lipflow.cli import connect as _connect
 
     return _connect(db)

@@ -30,6 +30,7 @@ from lipflow.errors import ArgumentParser, parse_json, run_guarded
 
 
 def default_db() -> Path:
+    """The database a command reads without ``--db``: ``$LIPFLOW_DB``, else results/lipflow.duckdb."""
     return Path(os.environ.get("LIPFLOW_DB", "results/lipflow.duckdb"))
 
 
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("query", help="run SQL on results/lipflow.duckdb (read-only)")
     q.add_argument("sql")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    q.add_argument("--db", default=None, help="database file (default results/lipflow.duckdb or $LIPFLOW_DB)")
+    q.add_argument("--db", default=None, help="database file (default $LIPFLOW_DB, else results/lipflow.duckdb)")
     q.add_argument("--max-rows", type=int, default=1_000_000,
                    help="refuse a larger result (default 1,000,000): every row is held in memory before printing")
     q.set_defaults(fn=cmd_query)

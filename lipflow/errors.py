@@ -81,6 +81,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"lipflow: error: {message} (see {self.prog} --help)\n")
 
 
+def summary_of(doc: str) -> str:
+    """The first paragraph of a module's docstring on one line: a command's ``--help`` description
+    (its first line alone may stop mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def check_distinct_paths(paths: Iterable[str | os.PathLike[str]], where: str) -> None:
     """A ValueError naming the first of ``paths`` given twice (the same file by any spelling): its rows
     would be counted twice."""

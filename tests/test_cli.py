@@ -265,3 +265,23 @@ def test_query_interrupted_by_ctrl_c_is_one_line_and_exit_130(metrics_db, monkey
     assert lipflow.cli.main(["query", "SELECT 1", "--db", str(metrics_db)]) == 130
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == ["lipflow: interrupted"] and captured.out == ""
+
+
+REPO = Path(__file__).resolve().parent.parent
+COMMAND_FILES = sorted([*REPO.glob("bench/*.py"), *REPO.glob("lipflow/**/*.py")])
+
+
+def test_every_commands_help_describes_it_in_whole_sentences():
+    """A command's --help description is its docstring's first paragraph (summary_of), never the
+    first line alone: ``python -m lipflow.plots --help`` once ended "… and the ``runs``"."""
+    import ast
+
+    from lipflow.errors import summary_of
+
+    users = [path for path in COMMAND_FILES if "description=summary_of(__doc__)" in path.read_text()]
+    assert len(users) >= 18, [p.name for p in users]
+    for path in users:
+        summary = summary_of(ast.get_docstring(ast.parse(path.read_text()), clean=False))
+        assert summary.endswith("."), (path, summary)
+    assert summary_of("First line\nends here.\n\nSecond paragraph.") == "First line ends here."
+    assert not [path for path in COMMAND_FILES if "description=__doc__" in path.read_text()]

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, write_json_atomic
-from lipflow.errors import ArgumentParser, json_object_argument, parse_json, run_guarded
+from lipflow.errors import ArgumentParser, summary_of, json_object_argument, parse_json, run_guarded
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -349,7 +349,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m lipflow.data.corpus", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.data.corpus", description=summary_of(__doc__))
     parser.add_argument("--config-json", required=True, help="the 'corpus' config block as JSON")
     parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)

@@ -64,7 +64,7 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, sha256_file, write_json_atomic
-from lipflow.errors import ArgumentParser, json_object_argument, parse_json, run_guarded
+from lipflow.errors import ArgumentParser, summary_of, json_object_argument, parse_json, run_guarded
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -511,7 +511,7 @@ def tokenize_corpus(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m lipflow.data.tokenize", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.data.tokenize", description=summary_of(__doc__))
     parser.add_argument("--corpus-dir", required=True, type=Path, help="output of the corpus stage")
     parser.add_argument("--config-json", required=True, help="the 'tokenizer' config block as JSON")
     parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")

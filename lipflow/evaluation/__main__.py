@@ -17,7 +17,7 @@ import torch
 from lipflow.config import RUN_ID_PATTERN, evaluation_params
 from lipflow.atomic import read_json
 from lipflow.data.parquet import table_of_rows, write_table_parquet
-from lipflow.errors import ArgumentParser, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, summary_of, json_object_argument, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
 from lipflow.results.cli import refuse_to_replace_non_evaluation, refuse_to_replace_other_rows
@@ -79,7 +79,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m lipflow.evaluation", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lipflow.evaluation", description=summary_of(__doc__))
     parser.add_argument("--evaluation", required=True, help=f"one of: {', '.join(EVALUATIONS.names())}")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)

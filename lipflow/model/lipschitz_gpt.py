@@ -5,7 +5,7 @@ enters only through RoPE on queries and keys, a per-position rotation (orthogona
 every norm in the certificate), so the embedded input sequence is just the token rows. Each of the
 N blocks applies two convex residuals x ← (1−α)x + α·F(x), α = 1/(2N), with F = attention
 ⅓·W_o·softmax(attn_scale·QKᵀ/d_head + causal mask)·V (separate q, k, v, o matrices) and then
-F = MLP W_down·φ(W_up·x), φ = GELU/1.1289 or ReLU. (``lipschitz_gpt_unscaled`` sets those constants
+F = MLP W_down·φ(W_up·x), φ = GELU/1.128904 (its largest slope) or ReLU. (``lipschitz_gpt_unscaled`` sets those constants
 to 1 through ``block_constants``.) The head is a Linear under the same RMS→RMS
 weight constraint as the hidden matrices, followed by logits × logit_scale × output_mult (the
 µP readout multiplier, set by the parametrization).

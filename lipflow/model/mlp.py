@@ -1,7 +1,7 @@
 """``mlp``: a bias-free Lipschitz MLP classifier (the CIFAR model of Newhouse et al. 2025, App. D).
 
 Built from cfg keys: the run keys ``d_model`` (the width), ``n_layers`` (the number of Linear
-layers, ≥ 1), ``activation`` (gelu = GELU/1.1289 | relu) and the mlp's own keys
+layers, ≥ 1), ``activation`` (gelu = GELU/1.128904, its largest slope | relu) and the mlp's own keys
 (``$defs/mlp_model`` of workflow/schemas/config.schema.yaml, defaults filled there):
 ``in_features`` (input size; images are flattened), ``n_classes`` (null: the second argument of
 ``build_model``) and ``input_norm``, a bound on ‖x‖₂ of the flattened input (e.g. 8 for 64 pixels

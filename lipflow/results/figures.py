@@ -21,7 +21,7 @@ import difflib
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser
+from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
 from lipflow.atomic import atomic_write, refuse_to_replace
 from lipflow.results import training_curves
@@ -116,7 +116,7 @@ def draw(con, experiments: list[str], out_dir: Path, tables_dir: Path | None, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m lipflow.plots", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lipflow.plots", description=summary_of(__doc__))
     parser.add_argument("--db", type=Path, default=Path("results/lipflow.duckdb"))
     parser.add_argument("--out-dir", type=Path, default=Path("results/figures"))
     parser.add_argument("--tables-dir", type=Path, default=None, help="also write each view as CSV here")

@@ -33,7 +33,7 @@ from sklearn.model_selection import train_test_split
 from lipflow.config import make_validator, run_defaults
 from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import ArgumentParser, ConfigError, json_object_argument
+from lipflow.errors import ArgumentParser, summary_of, ConfigError, json_object_argument
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -154,7 +154,7 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m lipflow.studies.image_mlp", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.studies.image_mlp", description=summary_of(__doc__))
     parser.add_argument("--config-json", required=True, help="the config's image_mlp block (missing keys: "
                                                              "the schema's defaults)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, StageError, json_object_argument, run_guarded
+from lipflow.errors import ArgumentParser, summary_of, StageError, json_object_argument, run_guarded
 
 
 # torch's messages for a tensor size beyond its 64-bit sizes (a product of sizes the schema allows one by one)
@@ -36,7 +36,7 @@ def out_of_memory(err: BaseException) -> StageError | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m lipflow.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lipflow.train", description=summary_of(__doc__))
     parser.add_argument("--run-id", required=True, help="<run name>-<8 hex digits>")
     parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
     parser.add_argument("--data-dir", required=True, type=Path, help="tokenized shards (with manifest.json)")

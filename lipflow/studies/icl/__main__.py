@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lipflow.atomic import refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
-from lipflow.errors import ArgumentParser, count_argument, json_object_argument, parse_json, run_guarded
+from lipflow.errors import ArgumentParser, summary_of, count_argument, json_object_argument, parse_json, run_guarded
 from lipflow.studies.icl.config import load_config
 
 
@@ -28,7 +28,7 @@ def _config(text: str):
 
 
 def _parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m lipflow.studies.icl", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m lipflow.studies.icl", description=summary_of(__doc__))
     parser.add_argument("--threads", type=count_argument(0), default=0, help="torch CPU threads (0: default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
