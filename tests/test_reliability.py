@@ -439,3 +439,22 @@ def test_checkpoints_are_kept_and_resumed_newest_by_step_across_a_digit_boundary
         resume(ckpts, fresh, fresh_opt, fresh_gen, {**identity, "config_hash": "other"}, tmp_path)
     assert resume(ckpts, fresh, fresh_opt, fresh_gen, {**identity, "manifest_sha256": "other"}, tmp_path) is None
     assert not list(ckpts.glob("step-*"))
+
+
+def test_a_second_trainer_of_a_run_is_refused_while_the_first_trains(char_shards, tiny_run_config, tmp_path):
+    """A rerun while the job of a killed Snakemake still trains the run (an orphan holding the run
+    folder's flock) is one line and writes nothing; once the folder is free, training runs."""
+    from lipflow.train.build import exclusive_run_folder
+
+    out = tmp_path / "runs" / "tiny-00000000"
+    args = ["--run-id", "tiny-00000000", "--config-json", json.dumps(tiny_run_config), "--data-dir", str(char_shards),
+            "--out-dir", str(out), "--no-progress"]
+    with exclusive_run_folder(out, "tiny-00000000"):
+        done = run_stage("lipflow.train", *args)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "another process is training run tiny-00000000 into it" in lines[0], lines[0]
+        assert not any(out.iterdir())
+    done = run_stage("lipflow.train", *args)
+    assert done.returncode == 0, done.stderr
+    assert (out / "run.json").is_file()

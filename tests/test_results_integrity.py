@@ -438,3 +438,22 @@ def test_the_build_refuses_a_manifest_other_than_the_runs(tmp_path, tiny_run_con
     info["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     (run_dir / "config.json").write_text(json.dumps(info))
     assert build_cli(results) == 0
+
+
+def test_the_build_refuses_a_config_json_edited_after_training(tmp_path, tiny_run_config, capsys):
+    """run.json records the hash of the config the run trained with; a config.json edited since
+    (lr, constraint…) would put another run's settings into ``runs``: one line naming the file."""
+    from lipflow.provenance import config_hash
+
+    results = tmp_path / "results"
+    run_dir = make_run(results, "a-00000000", tiny_run_config, config_hash=config_hash(tiny_run_config))
+    write_manifest(results)
+    assert build_cli(results) == 0
+    info = json.loads((run_dir / "config.json").read_text())
+    info["config"]["lr"] = info["config"]["lr"] * 10
+    (run_dir / "config.json").write_text(json.dumps(info))
+    assert build_cli(results) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lipflow: error: {run_dir / 'config.json'}: its config is not the one run 'a-00000000' "
+                          "trained with"), err
+    assert len(err.splitlines()) == 1

@@ -29,6 +29,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from lipflow import provenance
 from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
                             temp_prefix, write_json_atomic)
 from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
@@ -68,13 +69,17 @@ def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One ``runs`` row from a run directory's run.json and config.json: both name the directory's run,
-    and every value is of the type the trainer writes (:mod:`lipflow.results.inputs`). run.json's
+    config.json's config hashes to run.json's ``config_hash`` (an edited config.json is refused), and
+    every value is of the type the trainer writes (:mod:`lipflow.results.inputs`). run.json's
     ``device`` (the device used) takes the column of the config key ``device`` (the setting, e.g.
     auto), which stays in the ``config`` JSON; no other run.json field is a config key (tested)."""
     run_json, config_json = Path(run_dir) / "run.json", Path(run_dir) / "config.json"
     summary, info = read_run_json(run_json), read_run_json(config_json)
     values = summary_values(run_json, summary)
     cfg = checked_config(config_json, info)
+    if values["config_hash"] is not None and provenance.config_hash(cfg) != values["config_hash"]:
+        raise ValueError(f"{config_json}: its config is not the one run {values['run_id']!r} trained with "
+                         f"(its hash differs from {run_json}'s config_hash): edited after training?")
     derived = {**values, "config": json.dumps(cfg, sort_keys=True)}
     return {"run_id": values["run_id"], "name": values["run_id"].rsplit("-", 1)[0], "status": values["status"],
             **_flat_config(cfg), **{k: derived[k] for k in SUMMARY_COLUMNS}}

@@ -54,6 +54,21 @@ def main(argv: list[str] | None = None) -> int:
 
         check_run_id(args.run_id, "--run-id")  # both before torch is imported
         cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
+        if processes is not None:  # a worker: its launcher holds the run folder
+            return train(cfg, processes)
+        from lipflow.train.build import exclusive_run_folder
+
+        new_directory = not args.out_dir.exists()
+        try:
+            with exclusive_run_folder(args.out_dir, args.run_id):
+                return train(cfg, processes)
+        except BaseException:
+            if new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
+                with contextlib.suppress(OSError):  # another process may have written to it since
+                    args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
+            raise
+
+    def train(cfg: dict, processes: int | None) -> int:
         from lipflow import distributed
         from lipflow.train.build import checked_inputs
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted
@@ -67,16 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"nproc: the run's config says {cfg['nproc']} processes, but this stage runs as one of "
                              f"{processes or 1} (batch_size is per process); run it without torchrun, and it "
                              f"starts nproc workers itself")
-        new_directory = not args.out_dir.exists()
         try:
             summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
         except Preempted as stop:
             print(f"lipflow: {stop}", file=sys.stderr)
             return stop.exit_code
         except BaseException as err:
-            if new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
-                with contextlib.suppress(OSError):  # another worker may have removed it, or written to it
-                    args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
             memory = out_of_memory(err)
             if memory is None:
                 raise

@@ -3,10 +3,12 @@ weight constraint, and the loss a training step calls (``torch.compile`` when as
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -99,6 +101,32 @@ def check_run_folders(directory: Path) -> None:
         if foreign:
             raise FileExistsError(f"--out-dir {directory}: checkpoints holds {foreign[0]!r}, which lipflow does not "
                                   "write there; refusing to train into it (checkpoint pruning would delete it)")
+
+
+@contextlib.contextmanager
+def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the run folder ``directory`` (created if missing) while training
+    into it: a second trainer of the run (e.g. a rerun while the job of a killed Snakemake still runs)
+    is a FileExistsError, never two processes writing one run's checkpoints and outputs. Where the
+    file system has no locks (some network mounts) training goes on unlocked; a path that is no
+    folder is left to the stage's own checks."""
+    if directory.exists() and not directory.is_dir():
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"--out-dir {directory}: another process is training run {run_id} into it (the "
+                                  f"job of a killed Snakemake? find it with `pgrep -af {run_id}`); stop it "
+                                  "first") from None
+        except OSError:
+            pass  # no locking here
+        yield
+    finally:
+        os.close(fd)
 
 
 def weights_of_run(path: Path, run_id: str) -> bool:
