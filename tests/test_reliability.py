@@ -458,3 +458,29 @@ def test_a_second_trainer_of_a_run_is_refused_while_the_first_trains(char_shards
     done = run_stage("lipflow.train", *args)
     assert done.returncode == 0, done.stderr
     assert (out / "run.json").is_file()
+
+
+def test_a_resumed_run_records_its_first_start_and_commit_and_warns_of_another(char_shards, tiny_run_config, tmp_path,
+                                                                               monkeypatch, capsys):
+    """run.json's start_time and git_commit are the run's first start's, carried through its
+    checkpoints: a rerun that only reloads the final checkpoint (``snakemake -R train`` after a code
+    change) must not stamp the old weights with the new commit, and says how to train afresh."""
+    from lipflow import provenance
+    from lipflow.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(provenance, "git_commit", lambda cwd=None: "a" * 40)
+    first = Trainer("tiny-00000000", tiny_run_config, char_shards, out, progress=False).run()
+    weights = (out / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "model.safetensors.sha256", "run.json", "config.json", "train_metrics.parquet",
+                 "train_metrics.parquet.sha256"):
+        (out / name).unlink()  # what --delete-all-output leaves: the checkpoints
+    monkeypatch.setattr(provenance, "git_commit", lambda cwd=None: "b" * 40)
+    capsys.readouterr()
+    again = Trainer("tiny-00000000", tiny_run_config, char_shards, out, progress=False).run()
+    err = capsys.readouterr().err
+    assert again["resumed"] and (out / "model.safetensors").read_bytes() == weights
+    assert again["git_commit"] == "a" * 40 and again["start_time"] == first["start_time"]
+    assert again["end_time"] > first["end_time"]
+    assert f"started under commit {'a' * 40} and resumes under {'b' * 40}" in err, err
+    assert json.loads((out / "run.json").read_text())["git_commit"] == "a" * 40

@@ -141,10 +141,12 @@ def run_identity(cfg: dict[str, Any], data_dir: Path) -> dict[str, str]:
 
 
 class TrainingState(NamedTuple):
-    """What a checkpoint holds besides tensors: the steps taken and the metric rows so far."""
+    """What a checkpoint holds besides tensors: the steps taken, the metric rows so far, and the
+    run's origin: when it first started and under which git commit (what run.json records)."""
 
     step: int
     metrics: list[dict[str, Any]]
+    origin: dict[str, Any] | None = None
 
 
 def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -154,7 +156,7 @@ def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Modul
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(optim_tensors)
     tensors.update(rng_tensors(generator))
-    meta = {"step": state.step, "optimizer": optim_meta, "metrics": state.metrics, **identity}
+    meta = {"step": state.step, "optimizer": optim_meta, "metrics": state.metrics, "origin": state.origin, **identity}
     save_weights(Path(directory) / f"step-{state.step:09d}.safetensors", tensors, meta)
     prune_checkpoints(directory, keep=2)
 
@@ -182,4 +184,4 @@ def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
     restore_rng(tensors, generator)
     print(f"resumed from {path.name} at step {meta['step']}", file=sys.stderr)
-    return TrainingState(meta["step"], meta["metrics"])
+    return TrainingState(meta["step"], meta["metrics"], meta.get("origin"))  # no origin: written before it was kept

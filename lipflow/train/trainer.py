@@ -42,6 +42,7 @@ class Trainer:
     def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True):
         self.run_id, self.cfg, self.progress = run_id, cfg, progress
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        self.origin: dict[str, Any] | None = None  # the run's first start (time, git commit): set by run()
         self.train_data, self.val_data, device = checked_inputs(run_id, cfg, self.data_dir, self.out_dir)
         ensure_writable(self.out_dir)
         self.topo, self.device = distributed.init_from_env(device)
@@ -94,7 +95,7 @@ class Trainer:
         """Train (resuming from a checkpoint if one fits) to ``steps`` or an early stop; returns the
         run summary on rank 0 ({} elsewhere)."""
         cfg = self.cfg
-        started = time.time()
+        self.origin = {"start_time": time.time(), "git_commit": provenance.git_commit()}
         resumed = self.resume()
         status, diverged = "completed", None
         bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id, file=sys.stderr, mininterval=2.0,
@@ -145,7 +146,7 @@ class Trainer:
             bar.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
-        summary = self.finish(status, diverged, started, resumed) if self.topo.is_main else {}
+        summary = self.finish(status, diverged, resumed) if self.topo.is_main else {}
         distributed.barrier(self.topo)
         distributed.shutdown(self.topo)
         return summary
@@ -168,7 +169,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Rank 0 writes; every rank waits until the file is complete."""
         if self.topo.is_main:
-            checkpoint.save_checkpoint(self.out_dir / "checkpoints", checkpoint.TrainingState(self.step, self.metrics),
+            checkpoint.save_checkpoint(self.out_dir / "checkpoints",
+                                       checkpoint.TrainingState(self.step, self.metrics, self.origin),
                                        self.model, self.optimizer, self.generator,
                                        checkpoint.run_identity(self.cfg, self.data_dir))
         distributed.barrier(self.topo)
@@ -176,12 +178,21 @@ class Trainer:
     def resume(self) -> bool:
         state = checkpoint.resume(self.out_dir / "checkpoints", self.model, self.optimizer, self.generator,
                                   checkpoint.run_identity(self.cfg, self.data_dir), self.data_dir)
-        if state is not None:
-            self.step, self.metrics = state
-        return state is not None
+        if state is None:
+            return False
+        self.step, self.metrics = state.step, state.metrics
+        if state.origin is not None:
+            commits = state.origin["git_commit"], self.origin["git_commit"]
+            if None not in commits and commits[0] != commits[1] and self.topo.is_main:
+                print(f"warning: run {self.run_id} was started under commit {state.origin['git_commit']} and resumes "
+                      f"under {self.origin['git_commit']}; run.json records the first (delete "
+                      f"{self.out_dir / 'checkpoints'} to train it afresh under this commit)", file=sys.stderr)
+            self.origin = state.origin
+        return True
 
-    def finish(self, status: str, diverged: tuple[int, str] | None, started: float, resumed: bool) -> dict[str, Any]:
-        """Write model, config, metrics and the run summary (each atomically)."""
+    def finish(self, status: str, diverged: tuple[int, str] | None, resumed: bool) -> dict[str, Any]:
+        """Write model, config, metrics and the run summary (each atomically); its start time and git
+        commit are the run's first start's, through every resume (``origin``)."""
         out, vocab_size = self.out_dir, self.train_data.vocab_size
         last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
         finite = non_finite_parameter(self.model) is None  # diverged weights may be non-finite: they have no certificate
@@ -190,11 +201,12 @@ class Trainer:
             run_id=self.run_id, status=status, diverged_step=diverged_step,
             diverged_reason=diverged_reason, steps_completed=self.step, resumed=resumed,
             device=str(self.device), processes=self.topo.world, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), start_time=started, end_time=time.time(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), start_time=self.origin["start_time"],
+            end_time=time.time(),
             lipschitz_bound=self.model.lipschitz_bound() if finite else None,
             final_val_loss=last_eval.get("val_loss"), final_val_accuracy=last_eval.get("val_accuracy"),
             max_activation=last_eval.get("max_activation"), n_params=sum(p.numel() for p in self.model.parameters()),
-            vocab_size=vocab_size, **provenance.describe(self.cfg))
+            vocab_size=vocab_size, **{**provenance.describe(self.cfg), "git_commit": self.origin["git_commit"]})
         manifest_sha256 = checkpoint.run_identity(self.cfg, self.data_dir)["manifest_sha256"]
         checkpoint.save_weights(out / "model.safetensors", self.model.state_dict(),
                                 {"run_id": self.run_id, "config": self.cfg, "vocab_size": vocab_size,
