@@ -16,16 +16,18 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
         input:
             db=DATABASE,
             receipt=DATABASE_RECEIPT,
+        # update(): Snakemake does not delete them before the job, so lipflow.plots decides what it may
+        # replace (a figure it drew, a CSV of the view) and a user's file there is refused, never lost
         output:
             figures=[
-                report(f"results/figures/{fig}.png", caption=f"../report/{figure.caption}",
-                       category=_name, labels={"figure": fig, "format": "PNG"})
+                update(report(f"results/figures/{fig}.png", caption=f"../report/{figure.caption}",
+                              category=_name, labels={"figure": fig, "format": "PNG"}))
                 for fig, figure in _experiment.figures.items()
             ],
-            vectors=[f"results/figures/{fig}.svg" for fig in _experiment.figures],
+            vectors=[update(f"results/figures/{fig}.svg") for fig in _experiment.figures],
             tables=[
-                report(f"results/tables/{name}.csv", caption=f"../report/{view.caption}",
-                       category=_name, labels={"table": name, "format": "CSV"})
+                update(report(f"results/tables/{name}.csv", caption=f"../report/{view.caption}",
+                              category=_name, labels={"table": name, "format": "CSV"}))
                 for name, view in _experiment.views.items()
             ],
         params:

@@ -47,9 +47,10 @@ rule training_curves:
         db=DATABASE,
         receipt=DATABASE_RECEIPT,
     output:
-        figure=report("results/figures/training_curves.png", caption="../report/figure_training_curves.rst",
-                      category="runs", labels={"figure": "training_curves", "format": "PNG"}),
-        vector="results/figures/training_curves.svg",
+        # update(), as the experiments' figures: a user's file there is refused by lipflow.plots, never deleted
+        figure=update(report("results/figures/training_curves.png", caption="../report/figure_training_curves.rst",
+                             category="runs", labels={"figure": "training_curves", "format": "PNG"})),
+        vector=update("results/figures/training_curves.svg"),
     log:
         "results/logs/training_curves.log",
     resources:
