@@ -76,6 +76,26 @@ def test_a_rerun_of_the_merge_replaces_each_runs_merged_evaluations(pipeline):
     assert query_csv(pipeline, "select run_id, eval, count(*) as n from evals group by all order by all") == before
 
 
+def test_a_users_file_at_a_figure_path_survives_a_rerun_of_the_figure(pipeline, tmp_path):
+    """The figures are update() outputs: Snakemake leaves a user's file at a figure's path to
+    lipflow.plots, which refuses it in one line (the job fails, the file keeps its bytes); once it is
+    moved away the figure is drawn again and a further run has nothing to do."""
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work, symlinks=True)
+    figure = work / "results" / "figures" / "training_curves.png"
+    figure.write_bytes(b"\x89PNG my own figure")
+    failed = snakemake(work, "--forcerun", "training_curves")
+    assert failed.returncode != 0
+    assert figure.read_bytes() == b"\x89PNG my own figure"
+    assert "is not a figure lipflow drew; refusing to replace it" in (work / "results/logs/training_curves.log").read_text()
+    figure.unlink()
+    assert snakemake(work).returncode == 0
+    from lipflow.results.plotting import is_lipflow_figure
+
+    assert is_lipflow_figure(figure)
+    assert "Nothing to be done" in (lambda done: done.stdout + done.stderr)(snakemake(work, "-n"))
+
+
 def test_tables_are_consistent(pipeline):
     steps = query_csv(pipeline, "select run_id, count(*) as n, max(step) as last from train_metrics group by run_id")
     assert len(steps) == 2 and all(r["n"] == "20" and r["last"] == "20" for r in steps)
