@@ -285,7 +285,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         why = f"it diverged at step {step}" if status == "diverged" and step is not None else f"its status is {status}"
         raise ValueError(f"run {args.run_id} has non-finite weights ({broken}; {why}): there is nothing to sample")
     tokenizer = load_tokenizer(run.data_dir)
-    encoding = tokenizer.encode(args.prompt)
+    encoding = tokenizer.encode(args.prompt, add_special_tokens=False)  # as the shards were encoded
     ids = encoding.ids
     if not ids:
         raise ValueError("--prompt encodes to no tokens")

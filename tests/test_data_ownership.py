@@ -203,7 +203,8 @@ def test_a_shard_buffer_larger_than_memory_is_one_line(corpus, tmp_path, monkeyp
 def without_unk(kind: str, path: Path) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    model = {"WordLevel": lambda: models.WordLevel({"the": 0, "a": 1}),
+    model = {"BPE": lambda: models.BPE({"t": 0, "h": 1, "e": 2, "a": 3}, []),  # would drop unseen characters
+             "WordLevel": lambda: models.WordLevel({"the": 0, "a": 1}),
              "WordPiece": lambda: models.WordPiece({"the": 0, "a": 1}),
              "Unigram": lambda: models.Unigram([("the", -1.0), ("a", -2.0)], unk_id=None)}[kind]()
     tokenizer = Tokenizer(model)
@@ -212,10 +213,11 @@ def without_unk(kind: str, path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["WordLevel", "WordPiece", "Unigram"])
+@pytest.mark.parametrize("kind", ["BPE", "WordLevel", "WordPiece", "Unigram"])
 def test_a_tokenizer_file_without_an_unknown_token_is_refused_when_loaded(corpus, tmp_path, capsys, kind):
     """Such a model raises a bare Exception (with a traceback, from the worker thread) at the first word
-    outside its vocabulary; it is refused up front in one line naming tokenizer.path, the file and why."""
+    outside its vocabulary, or (BPE) drops such characters from the shards and prompts without a word;
+    it is refused up front in one line naming tokenizer.path, the file and why."""
     from lipflow.data.tokenize import main
 
     path = without_unk(kind, tmp_path / "wl.json")
@@ -324,3 +326,18 @@ def test_files_that_tools_leave_in_any_folder_do_not_stop_a_rerun(corpus, tmp_pa
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):
         check_run_directory(run_dir, "tiny-00000000", tiny_run_config)
+
+
+def test_a_bpe_model_that_encodes_every_character_is_accepted():
+    """Byte fallback, or a ByteLevel pre-tokenizer (alone or in a Sequence, as lipflow's `bpe` kind and
+    GPT-2 have), encodes any text, so only a BPE without either and without an unknown token is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lipflow.data.tokenize import unknown_token_problem
+
+    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0}, []))) is not None
+    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0, "<0x00>": 1}, [], byte_fallback=True))) is None
+    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0, "?": 1}, [], unk_token="?"))) is None
+    byte_level = Tokenizer(models.BPE({"a": 0}, []))
+    byte_level.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])
+    assert unknown_token_problem(byte_level) is None

@@ -571,3 +571,31 @@ def test_collect_scores_a_hand_made_checkpoint_against_its_pgd_baseline(tmp_path
     assert agreement["prediction_mse"] == pytest.approx(gap, rel=1e-6)
     assert agreement["relative_prediction_mse"] == pytest.approx(gap / (ref ** 2).mean().item(), rel=1e-6)
     assert [r["step"] for r in got["training"]] == [1, 2]
+
+
+def test_collect_refuses_a_checkpoint_given_twice_and_check_names_a_table_without_its_row(tmp_path, capsys):
+    """A checkpoint given twice would double every table's rows (and the check then failed with
+    "too many values to unpack"); a table without the row the check reads is named with the row."""
+    cfg = json.dumps({"layers": [2], "n_grid": [20]})
+    run = tmp_path / "L2.safetensors"
+    assert icl_main(["collect", "--config-json", cfg, "--baselines", str(tmp_path / "b.parquet"),
+                     "--runs", str(run), str(tmp_path / "." / run.name), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lipflow: error: --runs") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    row = {name: [None] for name in tables.TABLE_SCHEMAS["agreement"].names}
+    tables.write_table([{**{k: v[0] for k, v in row.items()}, "n_layers": 1, "n": 20, "reference": "pgd"}],
+                       tables.TABLE_SCHEMAS["agreement"], tmp_path / "agreement.parquet")
+    assert icl_main(["check", "--config-json", cfg, "--results-dir", str(tmp_path), "--out",
+                     str(tmp_path / "summary.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"lipflow: error: {tmp_path / 'agreement.parquet'} holds 0 rows at n_layers=2, n=20, "
+                   "reference='pgd', not one (collected for another icl config, or twice?)"), err
+
+
+@pytest.mark.parametrize("threads", ["2147483648", "100000"])
+def test_icl_threads_beyond_any_machine_is_one_line(threads, capsys):
+    """torch.set_num_threads overflowed (a traceback) or crashed (segfault) on such counts."""
+    assert icl_main(["--threads", threads, "plot", "--results-dir", "x", "--out-dir", "y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lipflow: error: --threads {threads}: at most 1024", err

@@ -35,7 +35,7 @@ from lipflow.results.figures import check_views, draw
 from lipflow.results.figures import main as plots_main
 from lipflow.results.plotting import colors, is_lipflow_figure, pyplot, read_view
 from lipflow.train.__main__ import main as train_main
-from lipflow.train.__main__ import out_of_memory
+from lipflow.errors import out_of_memory
 from lipflow.train.stop import Preempted
 from lipflow.train.build import (NextTokenLoss, check_run_directory, ensure_writable, token_splits, training_loss,
                                  weights_of_run)

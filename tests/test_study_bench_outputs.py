@@ -280,3 +280,19 @@ def test_summarize_names_a_file_that_is_not_a_bench_table(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "summarize.py"), str(ours)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "| mine | m1 | 2 | s |" in done.stdout, done.stderr
+
+
+def test_image_mlp_refuses_method_keys_the_config_refuses_and_names_out_of_memory(tmp_path, capsys):
+    """The stage checks its --config-json as the config checks the image_mlp block (a method's
+    `steps` used to be ignored with exit 0), and a batch beyond memory is one line, not a traceback."""
+    from lipflow.studies.image_mlp import main
+
+    methods = {"a": {"optimizer": "muon", "steps": 100}}
+    assert main(["--config-json", json.dumps({"methods": methods}), "--out", str(tmp_path / "t.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lipflow: error: --config-json: image_mlp.methods.a.steps: a method sets only"), err
+    huge = {"width": 2**22}
+    assert main(["--config-json", json.dumps(huge), "--out", str(tmp_path / "t.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lipflow: error: out of memory (") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "t.parquet").exists()

@@ -112,7 +112,7 @@ def test_the_train_stage_refuses_sizes_torch_cannot_hold_in_one_line(char_shards
 
 def test_out_of_memory_names_every_size_torch_cannot_represent():
     """torch reports a size beyond 64 bits as a TypeError (one size) or a RuntimeError (their product)."""
-    from lipflow.train.__main__ import out_of_memory
+    from lipflow.errors import out_of_memory
 
     for make in (lambda: torch.empty(2**64), lambda: torch.empty(2**40, 2**40)):
         with pytest.raises((TypeError, RuntimeError)) as err:

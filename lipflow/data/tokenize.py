@@ -193,9 +193,16 @@ def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
 def unknown_token_problem(tokenizer: Tokenizer) -> str | None:
     """Why ``tokenizer`` fails on text outside its vocabulary (``tokenizers`` raises, mid-encoding, for
     a WordLevel or WordPiece model whose unknown token is not in its vocabulary and for a Unigram
-    model without ``unk_id``), or None."""
-    model = json.loads(tokenizer.to_str())["model"]
+    model without ``unk_id``; a BPE model without an unknown token in its vocabulary, byte fallback
+    or byte-level pre-tokenizer drops such characters without a word), or None."""
+    spec = json.loads(tokenizer.to_str())
+    model = spec["model"]
     kind = model.get("type")
+    if (kind == "BPE" and model.get("unk_token") not in model.get("vocab", {}) and not model.get("byte_fallback")
+            and not _is_byte_level(spec.get("pre_tokenizer"))):
+        return ("has a BPE model without an unknown token in its vocabulary, byte fallback or a ByteLevel "
+                "pre-tokenizer, so it cannot encode a character outside its vocabulary (it drops it without a "
+                "word; set unk_token to a token of its vocab, or byte_fallback)")
     if kind in ("WordLevel", "WordPiece") and model.get("unk_token") not in model.get("vocab", {}):
         unk = model.get("unk_token")
         return (f"has a {kind} model whose unknown token {unk!r} is not in its vocabulary, so it cannot encode "
@@ -204,6 +211,16 @@ def unknown_token_problem(tokenizer: Tokenizer) -> str | None:
         return ("has a Unigram model without an unknown token (unk_id is null), so it cannot encode text "
                 "outside its vocabulary (set unk_id to an unknown token's id)")
     return None
+
+
+def _is_byte_level(pre_tokenizer: dict | None) -> bool:
+    """Whether a tokenizer.json pre-tokenizer (or one in its Sequence) is ByteLevel: every byte of any
+    text becomes one of 256 symbols, which a byte-level BPE has in its vocabulary."""
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any(_is_byte_level(p) for p in pre_tokenizer.get("pretokenizers", []))
+    return pre_tokenizer.get("type") == "ByteLevel"
 
 
 def unknown_token_id(tokenizer: Tokenizer) -> int | None:

@@ -31,9 +31,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from lipflow.config import make_validator, run_defaults
+from lipflow.config.runs import check_image_mlp_methods, image_mlp_method_keys
 from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import ArgumentParser, summary_of, ConfigError, json_object_argument
+from lipflow.errors import ArgumentParser, ConfigError, json_object_argument, out_of_memory, summary_of
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -147,9 +148,14 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
     workflow/schemas/config.schema.yaml): a copy with the schema's defaults filled; the first violation
     is a one-line ConfigError naming the key."""
     filled = {"image_mlp": copy.deepcopy(block)}
+    methods_set = image_mlp_method_keys(filled)
     message = first_error(make_validator(fill=True), filled)
     if message is not None:
         raise ConfigError(f"--config-json: {message}")
+    try:
+        check_image_mlp_methods(filled["image_mlp"]["methods"], methods_set)
+    except ConfigError as err:
+        raise ConfigError(f"--config-json: {str(err).removeprefix('config error: ')}") from None
     return filled["image_mlp"]
 
 
@@ -166,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
                                    lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
-        rows = run_image_mlp_study(study_config(json_object_argument(args.config_json, "--config-json")))
+        cfg = study_config(json_object_argument(args.config_json, "--config-json"))
+        try:
+            rows = run_image_mlp_study(cfg)
+        except (RuntimeError, TypeError) as err:
+            memory = out_of_memory(err)
+            if memory is None:
+                raise
+            raise memory from None
         write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
         return 0
 

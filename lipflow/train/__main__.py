@@ -14,25 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, summary_of, StageError, json_object_argument, run_guarded
-
-
-# torch's messages for a tensor size beyond its 64-bit sizes (a product of sizes the schema allows one by one)
-SIZE_OVERFLOW_MESSAGES = ("Storage size calculation overflowed", "Overflow when unpacking long long")
-
-
-def out_of_memory(err: BaseException) -> StageError | None:
-    """A one-line StageError for a model or batch that does not fit in memory (torch raises a
-    RuntimeError with the allocator's message) or whose size torch cannot even represent (a
-    RuntimeError or TypeError saying the size overflowed), else None."""
-    message = str(err)
-    if isinstance(err, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message):
-        detail = message.split("DefaultCPUAllocator: ")[-1].split(". Error code")[0].splitlines()[0]
-    elif isinstance(err, (RuntimeError, TypeError)) and any(m in message for m in SIZE_OVERFLOW_MESSAGES):
-        detail = "a tensor's size overflows 64 bits"
-    else:
-        return None
-    return StageError(f"out of memory ({detail}): lower d_model, mlp_ratio, n_layers, batch_size or context")
+from lipflow.errors import ArgumentParser, json_object_argument, out_of_memory, run_guarded, summary_of
 
 
 def main(argv: list[str] | None = None) -> int:

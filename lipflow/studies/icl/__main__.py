@@ -95,13 +95,18 @@ def is_check_summary(path: Path) -> bool:
     return isinstance(summary, dict) and set(SUMMARY_KEYS) <= set(summary) <= {*SUMMARY_KEYS, *SUMMARY_OPTIONAL_KEYS}
 
 
+MAX_THREADS = 1024  # torch crashes (segfault, overflow) far above any machine's cores
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     from lipflow.studies.icl import plots, study
 
     def go() -> int:
+        if args.threads > MAX_THREADS:
+            raise ValueError(f"--threads {args.threads}: at most {MAX_THREADS}")
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         refuse_to_replace_earlier_outputs(args)
         if args.command == "train":
             cfg = _config(args.config_json)

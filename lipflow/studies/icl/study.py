@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lipflow.errors import parse_json
+from lipflow.errors import check_distinct_paths, parse_json
 from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.studies.icl import theory
 from lipflow.studies.icl.config import ICLConfig, training_config, training_jobs
@@ -292,6 +292,7 @@ def collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str]) -> dict[s
 
 
 def run_collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str], out_dir: str) -> None:
+    check_distinct_paths(run_paths, "--runs")  # a checkpoint given twice would count its rows twice
     for name, rows in collect(cfg, baselines_path, run_paths).items():
         write_table(rows, TABLE_SCHEMAS[name], Path(out_dir) / f"{name}.parquet")
 
@@ -315,10 +316,21 @@ def summarize(cfg: ICLConfig, results_dir: str, loss_tol: float, step_tol: float
 
     def rows(table: str, **where) -> list[dict]:
         found = read_table_parquet(Path(results_dir) / f"{table}.parquet").to_pylist()
-        return [r for r in found if all(r[k] == v for k, v in where.items())]
+        return [r for r in found if all(r.get(k) == v for k, v in where.items())]
 
-    (agreement,) = rows("agreement", n_layers=n_layers, n=n, reference="pgd")
+    def one_row(table: str, **where) -> dict:
+        matching = rows(table, **where)
+        if len(matching) != 1:
+            at = ", ".join(f"{k}={v!r}" for k, v in where.items())
+            raise ValueError(f"{Path(results_dir) / f'{table}.parquet'} holds {len(matching)} rows at {at}, not one "
+                             "(collected for another icl config, or twice?)")
+        return matching[0]
+
+    agreement = one_row("agreement", n_layers=n_layers, n=n, reference="pgd")
     steps = sorted(rows("step_sizes", n_layers=n_layers, n=n), key=lambda r: r["rank"])
+    if not steps:
+        raise ValueError(f"{Path(results_dir) / 'step_sizes.parquet'} holds no rows at n_layers={n_layers}, n={n} "
+                         "(collected for another icl config?)")
     summary: dict[str, Any] = {
         "n_layers": n_layers,
         "n": n,
@@ -333,9 +345,9 @@ def summarize(cfg: ICLConfig, results_dir: str, loss_tol: float, step_tol: float
         summary["loss_ratio"] <= 1 + loss_tol and summary["max_step_rel_error"] <= step_tol
     )
     if 1 in cfg.layers:
-        (error,) = rows("preconditioner_error", source="transformer", n_layers=1, n=n)
-        (optimal,) = rows("loss_by_layers", method="one_step_optimal", n_layers=1, n=n)
-        (trained,) = rows("loss_by_layers", method="transformer", n_layers=1, n=n)
+        error = one_row("preconditioner_error", source="transformer", n_layers=1, n=n)
+        optimal = one_row("loss_by_layers", method="one_step_optimal", n_layers=1, n=n)
+        trained = one_row("loss_by_layers", method="transformer", n_layers=1, n=n)
         summary["one_layer"] = {
             "rel_frobenius_error": error["rel_frobenius_error"],
             "sigma_weighted_error": error["sigma_weighted_error"],
