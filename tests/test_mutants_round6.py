@@ -269,6 +269,10 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     (tmp_path / "b.txt").write_text("beta")
     a = str(tmp_path / "a.txt")
     assert expand_paths([a, str(tmp_path / "*.txt")]) == [a, str(tmp_path / "b.txt")]
+    (tmp_path / "link.txt").symlink_to(tmp_path / "b.txt")
+    other_spelling = str(tmp_path / ".." / tmp_path.name / "a.txt")  # the same file spelled otherwise
+    assert expand_paths([a, other_spelling, str(tmp_path / "b.txt"), str(tmp_path / "link.txt")]) == [
+        a, str(tmp_path / "b.txt")]
 
 
 def test_a_glob_matches_files_only_and_recurses_with_two_stars(tmp_path):

@@ -465,3 +465,20 @@ def test_the_median_radius_is_over_the_correct_predictions():
     margin = torch.tensor([1.0, 3.0, 2.0, -1.0, 0.0])  # a tie (margin 0) is not a correct prediction
     assert median_radius_of_correct(radius, margin) == pytest.approx(0.2)
     assert math.isnan(median_radius_of_correct(torch.zeros(2), torch.tensor([-1.0, 0.0])))
+
+
+def test_pgd_at_the_largest_allowed_radius_stays_finite_and_larger_radii_are_refused():
+    """At ε = 10⁶ (the schema's cap) PGD on a linear classifier still finds the exact worst margin,
+    −ε·‖w₀ − w₁‖ + clean margin, and drives it below zero; at 10²⁰ its fp32 norms overflowed, the
+    objective became NaN, and the ball scored as clean. Such radii are refused by the schema."""
+    from lipflow.config import ConfigError
+    from lipflow.evaluation.robustness import pgd_l2
+
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x, labels = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+    score = lambda inputs: inputs @ weight.T  # noqa: E731
+    delta = pgd_l2(score, x, labels, 1e6, steps=5)
+    margin = OBJECTIVES.get("margin")(score(x + delta), labels)
+    assert torch.isfinite(delta).all() and float(-margin) == pytest.approx(2.0 - 1e6 * math.sqrt(2), rel=1e-4)
+    with pytest.raises(ConfigError, match=r"epsilons\.0: 1e\+20 is greater than the maximum of 1000000"):
+        evaluation_params("robustness", epsilons=[1e20])

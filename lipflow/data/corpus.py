@@ -86,8 +86,9 @@ SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
-    """Paths and globs (``**`` recursive) → existing regular files, in order, without duplicates."""
-    files: dict[str, None] = {}
+    """Paths and globs (``**`` recursive) → existing regular files, in order, without duplicates (one
+    file however spelled, e.g. ``d/a.txt`` and ``d/../d/a.txt`` or a link to it: its first spelling)."""
+    files: dict[str, str] = {}  # real path → the first spelling
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
@@ -101,8 +102,9 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
             _require(os.path.isfile(pattern), f"corpus.paths: {pattern} is not a regular file (a device or pipe "
                                               "may never end)")
             matches = [pattern]
-        files.update(dict.fromkeys(matches))
-    return list(files)
+        for match in matches:
+            files.setdefault(os.path.realpath(match), match)
+    return list(files.values())
 
 
 def _label(kind: str, files: list[str]) -> str:
