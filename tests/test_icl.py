@@ -599,3 +599,16 @@ def test_icl_threads_beyond_any_machine_is_one_line(threads, capsys):
     assert icl_main(["--threads", threads, "plot", "--results-dir", "x", "--out-dir", "y"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"lipflow: error: --threads {threads}: at most 1024", err
+
+
+def test_icl_plot_with_a_table_missing_writes_no_figure(tmp_path, capsys):
+    """plot reads every table before it draws: with loss_by_layers present and loss_by_n missing it
+    used to write the first figure and then fail (exit 2 with a half-written output)."""
+    rows = [{"method": "transformer", "n_layers": 1, "n": 20, "loss": 0.5, "loss_stderr": 0.01, "expected_loss": None}]
+    schema = tables.TABLE_SCHEMAS["loss_by_layers"]
+    tables.write_table([{**dict.fromkeys(schema.names), **{k: v for k, v in rows[0].items() if k in schema.names}}],
+                       schema, tmp_path / "loss_by_layers.parquet")
+    assert icl_main(["plot", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss_by_n.parquet" in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.glob("figures/*"))

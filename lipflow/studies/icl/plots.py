@@ -51,12 +51,15 @@ def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
 
 
 def run_plots(results_dir: str | Path, out_dir: str | Path) -> None:
-    """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``."""
+    """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``, after reading
+    every table (a missing one leaves no figure written)."""
     paths = {(name, ext): Path(out_dir) / f"icl_{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
     for path in paths.values():
         refuse_to_replace_figure(path, "--out-dir")
-    for name, (x_key, xlabel, table) in FIGURES.items():
-        rows = read_table_parquet(Path(results_dir) / f"{table}.parquet").to_pylist()
+    tables = {name: read_table_parquet(Path(results_dir) / f"{table}.parquet").to_pylist()
+              for name, (_, _, table) in FIGURES.items()}
+    for name, (x_key, xlabel, _) in FIGURES.items():
+        rows = tables[name]
         fixed = "n" if x_key == "n_layers" else "L"
         values = sorted({r["n" if x_key == "n_layers" else "n_layers"] for r in rows})
         title = f"In-context linear regression ({fixed} = {', '.join(map(str, values))})"
