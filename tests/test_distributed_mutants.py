@@ -490,3 +490,30 @@ def test_the_stop_watch_takes_sigterm_and_sigint_and_then_puts_back_both_handler
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_stop_signal_stops_at_once_and_puts_back_the_handlers(stop_signal):
+    """The first signal waits for the step in flight; a second one (Ctrl-C again, during a step of a
+    huge grad_accum that takes hours) raises SecondSignal at once, exit 128 + the signal, and the
+    handlers in place before are back."""
+    from lipflow.train.stop import SecondSignal, SigtermWatch
+
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SecondSignal) as caught:
+            with SigtermWatch(distributed.Topology()) as watch:
+                os.kill(os.getpid(), stop_signal)
+                deadline = time.monotonic() + 5
+                while not watch.arrived and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.kill(os.getpid(), stop_signal)
+                time.sleep(5)  # a long step: interrupted by the second signal
+        assert caught.value.exit_code == 128 + stop_signal and f"a second {stop_signal.name}" in str(caught.value)
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     def train(cfg: dict, processes: int | None) -> int:
         from lipflow import distributed
         from lipflow.train.build import checked_inputs
-        from lipflow.train.stop import EXIT_PREEMPTED, Preempted
+        from lipflow.train.stop import EXIT_PREEMPTED, Preempted, SecondSignal
         from lipflow.train.trainer import Trainer
 
         if processes is None and cfg["nproc"] > 1:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"starts nproc workers itself")
         try:
             summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
-        except Preempted as stop:
+        except (Preempted, SecondSignal) as stop:
             print(f"lipflow: {stop}", file=sys.stderr)
             return stop.exit_code
         except BaseException as err:

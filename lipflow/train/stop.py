@@ -1,5 +1,5 @@
 """When a run stops early: SIGTERM or SIGINT (checkpoint, then exit 128 + the signal, ``EXIT_PREEMPTED``
-for SIGTERM, so a rerun resumes),
+for SIGTERM, so a rerun resumes; a second one before the step ends: at once, without a checkpoint),
 a non-finite loss or gradient, or a certified bound above ``max_bound`` (status ``diverged``)."""
 
 from __future__ import annotations
@@ -23,10 +23,21 @@ class Preempted(Exception):
         self.exit_code = exit_code
 
 
+class SecondSignal(BaseException):
+    """A second stop signal arrived before the step in flight finished: the run stops now, without a
+    checkpoint (the last one saved stays); exits 128 + the signal."""
+
+    def __init__(self, signum: signal.Signals):
+        super().__init__(f"a second {signum.name} before the step in flight finished: stopped without a checkpoint "
+                         "(a rerun resumes from the last one saved)")
+        self.exit_code = 128 + signum
+
+
 class SigtermWatch:
     """While entered, SIGTERM and SIGINT (Ctrl-C) only record their arrival, so that the step in flight
     finishes and every rank stops after the same step (a KeyboardInterrupt in one rank's collective
-    left the other waiting in it); ``requested`` says whether one arrived on any rank."""
+    left the other waiting in it); ``requested`` says whether one arrived on any rank. A second signal
+    raises :class:`SecondSignal` at once (a step of a huge ``grad_accum`` may take hours)."""
 
     def __init__(self, topo: distributed.Topology):
         self.topo, self.arrived = topo, None
@@ -40,7 +51,9 @@ class SigtermWatch:
             signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        self.arrived = self.arrived or signal.Signals(signum)
+        if self.arrived is not None:  # a second signal: the step in flight is too long to wait for
+            raise SecondSignal(signal.Signals(signum))
+        self.arrived = signal.Signals(signum)
 
     def requested(self) -> bool:
         """Whether a stop signal arrived on any rank, agreed after every step (a CPU all-reduce over the
