@@ -166,3 +166,31 @@ def test_an_out_dir_that_is_a_file_is_refused_even_when_nothing_would_be_drawn(r
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--out-dir {mine} exists and is not a folder" in err[0]
     assert mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("ALTER TABLE train_metrics DROP COLUMN step", "table train_metrics has no column step"),
+    ("ALTER TABLE train_metrics ALTER loss TYPE VARCHAR", "column train_metrics.loss is VARCHAR, not number"),
+    ("ALTER TABLE runs ALTER name TYPE INTEGER USING 1", "column runs.name is INTEGER, not text"),
+])
+def test_a_database_edited_by_hand_is_named_in_one_line(results_db, tmp_path, capsys, edit, words):
+    """A column the figure reads that is missing or of another kind is one line naming the database,
+    the table and the column (a BinderException or TypeError traceback before)."""
+    con = duckdb.connect(str(results_db))
+    con.execute(edit)
+    con.close()
+    out = tmp_path / "figures"
+    assert plots_main(["--db", str(results_db), "--out-dir", str(out), "--training-curves"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--db {results_db}: {words}" in err[0], err
+    assert not out.exists()
+
+
+def test_a_dollar_in_a_run_name_is_drawn_as_text(tmp_path):
+    """Matplotlib reads $…$ in a legend label as mathtext (an unbalanced one failed the figure)."""
+    row = {**run_row("price$-00000001"), "name": "price$ \\frac{"}
+    assert training_curves.run_label(row) == "price\\$ \\frac{ (gpt, adamw)"
+    db = write_database(tmp_path / "r.duckdb", [row], metric_rows("price$-00000001", 10, 5, None, 0))
+    fig = training_curves.draw(duckdb.connect(str(db), read_only=True))
+    fig.savefig(tmp_path / "f.png")
+    pyplot().close(fig)

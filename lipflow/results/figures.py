@@ -70,6 +70,27 @@ def check_tables(con, db: Path, tables: tuple[str, ...]) -> None:
         raise ValueError(f"--db {db} has no table {missing[0]}: not a lipflow database")
 
 
+NUMBER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
+                "FLOAT", "DOUBLE", "DECIMAL")
+
+
+def check_columns(con, db: Path, columns: dict[str, dict[str, str]]) -> None:
+    """A ValueError naming ``db``, the table and the column when one of ``columns`` (table → column →
+    ``text`` or ``number``) is missing or of another kind (a database edited by hand)."""
+    for table, wanted in columns.items():
+        types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ?",
+                                 [table]).fetchall())
+        for column, kind in wanted.items():
+            found = types.get(column)
+            if found is None:
+                raise ValueError(f"--db {db}: table {table} has no column {column} (not a lipflow database?)")
+            if found == '"NULL"':  # a column of nulls only (pyarrow's null type): nothing to misread
+                continue
+            is_number = found.split("(")[0] in NUMBER_TYPES
+            if (kind == "number") != is_number or (kind == "text" and found != "VARCHAR"):
+                raise ValueError(f"--db {db}: column {table}.{column} is {found}, not {kind} (edited by hand?)")
+
+
 def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_dir: Path | None) -> None:
     """A FileExistsError before anything is drawn when a figure or table path of ``experiments``
     holds a file lipflow did not write there (a figure without lipflow's mark, a CSV of other columns)."""
@@ -140,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_to_replace_figure(args.out_dir / f"{training_curves.FIGURE}.{fmt}", "--out-dir")
             con = connect(args.db)
             check_tables(con, args.db, ("runs", "train_metrics"))
+            check_columns(con, args.db, training_curves.COLUMNS)
             for path in save_figure(training_curves.draw(con), args.out_dir, training_curves.FIGURE):
                 print(path)
             return 0

@@ -35,6 +35,13 @@ CURVES_SQL = f"""
     ORDER BY r.name, m.step"""
 
 
+# the columns CURVES_SQL reads, and their kind (text or number): a database edited by hand is named
+# in one line instead of failing inside the query or the plot
+COLUMNS = {"runs": {"run_id": "text", "name": "text", "model": "text", "optimizer": "text",
+                    "weight_constraint": "text", "status": "text", "diverged_step": "number", "experiment": "text"},
+           "train_metrics": {"run_id": "text", "step": "number", **{column: "number" for column, *_ in PANELS}}}
+
+
 def curves(con):
     """The rows the figure draws, a pandas DataFrame: one per (run of ``runs``, step), by name and step."""
     return con.execute(CURVES_SQL).df()
@@ -49,7 +56,7 @@ def smoothing_window(steps: int) -> int:
 def run_label(row) -> str:
     """``<name> (<model>, <optimizer>[, <weight constraint>])[: diverged at step N]`` of a row of :func:`curves`."""
     constraint = "" if row["weight_constraint"] == "none" else f", {row['weight_constraint']}"
-    label = f"{row['name']} ({row['model']}, {row['optimizer']}{constraint})"
+    label = f"{row['name']} ({row['model']}, {row['optimizer']}{constraint})".replace("$", r"\$")  # no mathtext
     if row["status"] == "diverged":
         step = row["diverged_step"]
         label += f": diverged at step {int(step)}" if step is not None and step == step else ": diverged"
