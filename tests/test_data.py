@@ -472,6 +472,29 @@ def test_corrupt_shard_is_named(tmp_path, damage):
         TokenShards(tmp_path / "t", "train")
 
 
+def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
+    """A shard rewritten with an id ≥ vocab_size (its sha256 updated in manifest.json, so the checksum
+    passes) is refused when opened, not an IndexError in the embedding mid-run."""
+    import pyarrow.ipc as ipc
+
+    from lipflow.atomic import sha256_file
+
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), corpus, tmp_path / "t")
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    shard = tmp_path / "t" / entry["file"]
+    tokens = ipc.open_file(pa.memory_map(str(shard))).get_batch(0).column("tokens").to_numpy().copy()
+    tokens[7] = manifest["vocab_size"]
+    with ipc.new_file(str(shard), pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])) as writer:
+        writer.write_batch(pa.record_batch([pa.array(tokens)], names=["tokens"]))
+    entry["sha256"] = sha256_file(shard)
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"^corrupt shard .*: token id {manifest['vocab_size']} is outside the "
+                                        rf"vocabulary of {manifest['vocab_size']}"):
+        TokenShards(tmp_path / "t", "train")
+
+
 # ---------------------------------------------------------------- bad input through the CLIs
 
 
