@@ -109,8 +109,8 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     shutil.copytree(char_shards, data)
     assert train().returncode == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))  # kept for a later resume
-    for name in ("model.safetensors", "run.json"):
-        (out / name).unlink()  # what Snakemake does before it reruns the job
+    for name in ("model.safetensors", "config.json", "train_metrics.parquet", "run.json"):
+        (out / name).unlink()  # what Snakemake does before it reruns the job (the train rule's outputs)
     (tmp_path / "other.txt").write_text(paragraphs("zyxw vut"))
     corpus = run_stage("lipflow.data.corpus", "--config-json", json.dumps({"name": "o", "source": "files",
                                                                            "paths": [str(tmp_path / "other.txt")]}),

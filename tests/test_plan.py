@@ -10,6 +10,7 @@ every other case's run ids, configs and params strings as written at 1b9edc6."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,24 @@ def test_a_written_experiment_block_is_validated_whether_or_not_it_is_selected(s
     plan = Plan.from_config({"experiments": selected, "experiment_definitions": written})
     assert [run_id.rsplit("-", 1)[0] for run_id in plan.runs if run_id.startswith("lrt.")] == \
         (["lrt.lr0.1"] if selected else [])
+
+
+def test_a_tokenizer_key_its_kind_does_not_read_changes_neither_run_ids_nor_the_data_check(tmp_path, monkeypatch):
+    """tokenizer.vocab_size is the BPE vocabulary: under kind char it changed every run id (all runs
+    retrained on identical tokens) and the data folder refused the config; now it is set to the
+    schema's default there, while under kind bpe it is the tokens' identity."""
+    def plan(tokenizer: dict) -> Plan:
+        return Plan.from_config({"tokenizer": tokenizer})
+
+    assert set(plan({"kind": "char", "vocab_size": 1024}).runs) == set(plan({"kind": "char"}).runs)
+    assert plan({"kind": "char", "vocab_size": 1024}).config["tokenizer"]["vocab_size"] == 512
+    assert set(plan({"kind": "bpe", "vocab_size": 1024}).runs) != set(plan({"kind": "bpe"}).runs)
+    monkeypatch.chdir(tmp_path)
+    default = plan({"kind": "char"})
+    manifest = Path(default.tokens_dir) / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"tokenizer": {"config": {**default.config["tokenizer"], "vocab_size": 1024}}}))
+    default.check_data_folders()  # recorded by a stage given the inapplicable key: the same tokens
+    manifest.write_text(json.dumps({"tokenizer": {"config": {**default.config["tokenizer"], "shard_tokens": 2048}}}))
+    with pytest.raises(ConfigError, match=r"tokenizer\.shard_tokens was 2048"):
+        default.check_data_folders()

@@ -484,3 +484,26 @@ def test_a_resumed_run_records_its_first_start_and_commit_and_warns_of_another(c
     assert again["end_time"] > first["end_time"]
     assert f"started under commit {'a' * 40} and resumes under {'b' * 40}" in err, err
     assert json.loads((out / "run.json").read_text())["git_commit"] == "a" * 40
+
+
+def test_a_finished_run_is_not_retrained_by_hand_on_other_token_shards(char_shards, tiny_run_config, tmp_path):
+    """The train stage pointed at a finished run's folder with other shards (another corpus split)
+    refused nothing and replaced the weights, leaving the run's evaluations describing the old model;
+    it is one line and the weights keep their bytes (the pipeline deletes the outputs first)."""
+    other = tmp_path / "other"
+    assert run_stage("lipflow.data.corpus", "--config-json", json.dumps({"name": "pydoc", "source": "embedded",
+                                                                         "val_fraction": 0.3}),
+                     "--out-dir", str(other / "corpus")).returncode == 0
+    assert run_stage("lipflow.data.tokenize", "--corpus-dir", str(other / "corpus"), "--config-json",
+                     json.dumps({"kind": "char"}), "--out-dir", str(other / "char")).returncode == 0
+    out = tmp_path / "run"
+    args = ["--run-id", "tiny-00000000", "--config-json", json.dumps(tiny_run_config), "--out-dir", str(out),
+            "--no-progress"]
+    assert run_stage("lipflow.train", *args, "--data-dir", str(char_shards)).returncode == 0
+    weights = (out / "model.safetensors").read_bytes()
+    done = run_stage("lipflow.train", *args, "--data-dir", str(other / "char"))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "holds run tiny-00000000 finished on other token shards" in lines[0], lines[0]
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert run_stage("lipflow.train", *args, "--data-dir", str(char_shards)).returncode == 0  # a rerun: allowed

@@ -5,7 +5,7 @@ matters; :mod:`lipflow.plan` joins the config with the experiments)."""
 from lipflow.config.runs import (FIXED_NS_STEPS, check_config, check_data_blocks, check_run, data_block,
                                  data_identity, evaluation_params, experiment_run, mlp_model_keys, plain_runs,
                                  RUN_ID_PATTERN, run_defaults, run_id, check_run_id, run_validator,
-                                 stage_run, tokenizer_id)
+                                 stage_run, tokenizer_as_used, tokenizer_id)
 from lipflow.config.schema import SCHEMA_PATH, load_config_file, load_schema, make_validator, validate
 from lipflow.errors import ConfigError
 
@@ -13,4 +13,4 @@ __all__ = ["ConfigError", "FIXED_NS_STEPS", "SCHEMA_PATH", "check_config", "chec
            "data_block", "data_identity", "evaluation_params", "experiment_run", "load_config_file", "load_schema",
            "make_validator", "mlp_model_keys", "plain_runs", "RUN_ID_PATTERN", "run_defaults", "run_id",
            "check_run_id", "run_validator",
-           "stage_run", "tokenizer_id", "validate"]
+           "stage_run", "tokenizer_as_used", "tokenizer_id", "validate"]

@@ -13,7 +13,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lipflow.atomic import is_clutter, is_temporary
+from lipflow.atomic import is_clutter, is_temporary, sha256_file
 from lipflow.data.loader import TokenShards
 from lipflow.errors import parse_json
 from lipflow.metrics import resolve_device
@@ -39,12 +39,15 @@ RUN_ENTRIES = frozenset({"config.json", "run.json", "model.safetensors", "model.
                          "evals", "evals.parquet", "evals.parquet.sha256"})
 
 
-def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> None:
+def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any], manifest_sha256: str | None = None) -> None:
     """A FileExistsError when ``directory`` holds what training would replace and is not this run's: a
     name no stage writes there, another run's config.json (or a file of that name that is no run's),
-    or, without a config.json (the end of training writes it after the weights, before the metrics
-    and run.json), a run.json, metrics or weights of no run of this id. The same run's files (a
-    rerun, or what an interrupted run left, temporary files included) may be replaced."""
+    the same run finished on other token shards than ``manifest_sha256``'s (its config.json records
+    theirs; retraining would leave its evaluations describing the old model), or, without a
+    config.json (the end of training writes it after the weights, before the metrics and run.json),
+    a run.json, metrics or weights of no run of this id. The same run's files (a rerun, or what an
+    interrupted run left, temporary files included) may be replaced. (Snakemake deletes a train job's
+    outputs, config.json included, before rerunning it on changed data, and reruns its evaluations.)"""
     if not (directory.exists() or directory.is_symlink()):
         return
     if not directory.is_dir():
@@ -77,6 +80,11 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any]) -> No
         what = f"differs in {keys[0]}" if keys else f"run id {info.get('run_id')!r}"
         raise FileExistsError(f"--out-dir {directory} holds another run ({what}); refusing to replace it "
                               "(choose another --out-dir or move it away)")
+    recorded = info.get("manifest_sha256")
+    if manifest_sha256 is not None and recorded is not None and recorded != manifest_sha256:
+        raise FileExistsError(f"--out-dir {directory} holds run {run_id} finished on other token shards (its "
+                              "config.json records another manifest.json); refusing to replace it and leave its "
+                              "evaluations stale (move it away, or delete its outputs as Snakemake does)")
 
 
 RUN_FOLDERS = ("checkpoints", "evals", "tensorboard")  # the RUN_ENTRIES that are folders
@@ -145,7 +153,7 @@ def checked_inputs(run_id: str, cfg: dict[str, Any], data_dir: Path,
     input a run can have refused before anything is written."""
     train, val = token_splits(data_dir, cfg)
     device = resolve_device(cfg["device"])
-    check_run_directory(out_dir, run_id, cfg)
+    check_run_directory(out_dir, run_id, cfg, sha256_file(Path(data_dir) / "manifest.json"))
     return train, val, device
 
 
