@@ -34,7 +34,7 @@ def make_run(results: Path, run_id: str, cfg: dict, steps: int = 5) -> Path:
     (run_dir / "run.json").write_text(json.dumps(summary))
     (run_dir / "config.json").write_text(json.dumps({"run_id": run_id, "vocab_size": 10, "config": cfg}))
     write_table_parquet(run_dir / "train_metrics.parquet",
-                        pa.table({"run_id": [run_id] * steps, "step": list(range(steps)), "loss": [1.0] * steps}))
+                        pa.table({"run_id": [run_id] * steps, "step": list(range(1, steps + 1)), "loss": [1.0] * steps}))
     write_table_parquet(run_dir / "evals.parquet", pa.table({"run_id": [run_id], "eval": ["val"], "metric": ["loss"],
                                                             "value": [1.5]}))
     return run_dir

@@ -457,3 +457,26 @@ def test_the_build_refuses_a_config_json_edited_after_training(tmp_path, tiny_ru
     assert err.startswith(f"lipflow: error: {run_dir / 'config.json'}: its config is not the one run 'a-00000000' "
                           "trained with"), err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"steps_completed": 5000}, "steps_completed is 5000, but its train_metrics end at step 5"),
+    ({"lipschitz_bound": 1.5}, "lipschitz_bound is 1.5, but its train_metrics say 7.25 at the final step 5"),
+    ({"final_val_loss": 0.5}, "final_val_loss is 0.5, but its train_metrics say 2.5 at the final step 5"),
+])
+def test_the_build_refuses_a_run_json_its_checksummed_metrics_contradict(tmp_path, tiny_run_config, capsys, edit,
+                                                                         words):
+    """run.json has no sidecar; a completed run's steps, final val loss and bound must be what its
+    checksummed metrics say at the final (eval) step, so a hand edit is one line, not a fact in `runs`."""
+    metrics = pa.table({"run_id": ["a-00000000"] * 5, "step": [1, 2, 3, 4, 5], "loss": [1.0] * 5,
+                        "val_loss": [None, None, None, None, 2.5], "lipschitz_bound": [None] * 4 + [7.25]})
+    results = tmp_path / "results"
+    run_dir = make_run(results, "a-00000000", tiny_run_config, metrics=metrics, final_val_loss=2.5,
+                       lipschitz_bound=7.25)
+    write_manifest(results)
+    assert build_cli(results) == 0
+    summary = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**summary, **edit}))
+    assert build_cli(results) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lipflow: error: {run_dir / 'run.json'}: {words} (edited?)", err

@@ -58,7 +58,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     return tokenizer
 
 
-def _open_shard(path: Path, entry: dict[str, Any], dtype: str, verify: bool, vocab_size: int) -> np.ndarray:
+def _open_shard(path: Path, entry: dict[str, Any], dtype: str, verify: bool) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"missing shard {path}")
     if verify and sha256_file(path) != entry["sha256"]:
@@ -74,9 +74,6 @@ def _open_shard(path: Path, entry: dict[str, Any], dtype: str, verify: bool, voc
             f"corrupt shard {path}: {reader.num_record_batches} batch(es) of {len(tokens)} {tokens.dtype} tokens, "
             f"manifest.json says 1 of {entry['num_tokens']} {dtype}"
         )
-    if verify and len(tokens) and int(tokens.max()) >= vocab_size:  # the embedding lookup would fail mid-run
-        raise DataError(f"corrupt shard {path}: token id {int(tokens.max())} is outside the vocabulary of "
-                        f"{vocab_size} (manifest.json)")
     return tokens
 
 
@@ -100,11 +97,14 @@ class TokenShards:
             raise DataError(f"{self.directory}/manifest.json has no split '{split}' (has: {', '.join(splits)})")
         entries = splits[split]["shards"]
         self._shards = [
-            _open_shard(self.directory / e["file"], e, self.manifest["dtype"], verify, self.vocab_size)
-            for e in entries
+            _open_shard(self.directory / e["file"], e, self.manifest["dtype"], verify) for e in entries
         ]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])  # stream offset of each shard
         self._tokenizer: Tokenizer | None = load_tokenizer(directory) if verify else None  # checks vocab_size
+        for entry, tokens in zip(entries, self._shards if verify else ()):
+            if len(tokens) and int(tokens.max()) >= self.vocab_size:  # the embedding lookup would fail mid-run
+                raise DataError(f"corrupt shard {self.directory / entry['file']}: token id {int(tokens.max())} is "
+                                f"outside the vocabulary of {self.vocab_size} (manifest.json)")
 
     @property
     def num_tokens(self) -> int:

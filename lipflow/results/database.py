@@ -22,12 +22,14 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from lipflow import provenance
 from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
@@ -171,7 +173,10 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     for row in runs:
         row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
     rows = {"runs": _create_from_arrow(con, "runs", table_of_rows(runs) if runs else empty_runs_table())}
-    rows["train_metrics"] = _create_from_tables(con, "train_metrics", _run_files(run_dirs, "train_metrics.parquet"),
+    metrics = _run_files(run_dirs, "train_metrics.parquet")
+    for run_dir, row, (_, table) in zip(run_dirs, runs, metrics):
+        check_summary_matches_metrics(Path(run_dir) / "run.json", row, table)
+    rows["train_metrics"] = _create_from_tables(con, "train_metrics", metrics,
                                                 ", ".join(f"{quote_identifier(name)} {SQL_TYPES[alias]}"
                                                           for name, alias in METRIC_COLUMNS.items()))
     rows["evals"] = _create_from_tables(con, "evals", evals,
@@ -198,6 +203,28 @@ def _run_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
         seen[row["run_id"]] = run_dir
         rows.append(row)
     return rows
+
+
+def check_summary_matches_metrics(run_json: Path, row: dict[str, Any], metrics: pa.Table) -> None:
+    """A ValueError naming ``run_json`` (which has no checksum) when a completed run's summary is not
+    what its checksummed metrics say: ``steps_completed`` the last step, ``final_val_loss`` and
+    ``lipschitz_bound`` those of the last eval step (the final step is one). An edit to run.json
+    (a bound of 1.5 for a model without a certificate) is refused, never loaded as fact."""
+    if row["status"] != "completed" or metrics.num_rows == 0 or "step" not in metrics.column_names:
+        return
+    steps = metrics.column("step").to_pylist()
+    last = max(steps)
+    if row["steps_completed"] != last:
+        raise ValueError(f"{run_json}: steps_completed is {row['steps_completed']}, but its train_metrics end at "
+                         f"step {last} (edited?)")
+    final = metrics.filter(pa.compute.equal(metrics.column("step"), last)).to_pylist()[-1]
+    for key, column in (("final_val_loss", "val_loss"), ("lipschitz_bound", "lipschitz_bound")):
+        recorded, measured = row[key], final.get(column)
+        if recorded is None or measured is None:
+            continue
+        if not math.isclose(recorded, measured, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(f"{run_json}: {key} is {recorded!r}, but its train_metrics say {measured!r} at the "
+                             f"final step {last} (edited?)")
 
 
 def check_trained_on_manifest(run_dirs: list[Path], manifest: Path) -> None:
