@@ -31,3 +31,4 @@ rule all:
         icl_targets,
         experiment_targets,
         training_curve_targets,
+        figure_receipts,

@@ -84,6 +84,13 @@ def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | Non
     return {run_id(name, cfg, data): cfg for name, cfg in {**plain_runs(config), **experiment_runs}.items()}
 
 
+def figure_receipt(job: str) -> str:
+    """The receipt a figures job (an experiment's, or ``training_curves``) writes last: a plain output,
+    deleted by Snakemake before the job, so a failed job (whose update() figures Snakemake restores,
+    newer than their inputs) is rerun instead of its old figures passing as current."""
+    return f"results/figures/{job}.drawn"
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one validated config asks the workflow to do (see the module docstring)."""
@@ -195,8 +202,14 @@ class Plan:
         return [IMAGE_MLP] if "image_mlp" in self.studies else []
 
     def training_curve_targets(self) -> list[str]:
-        """The runs block's training-curve figure (PNG and SVG) when that block trains runs."""
-        return [f"results/figures/training_curves.{ext}" for ext in ("png", "svg")] if self.trains_runs_block else []
+        """The runs block's training-curve figure (PNG and SVG) and its receipt when that block trains runs."""
+        if not self.trains_runs_block:
+            return []
+        return [f"results/figures/training_curves.{ext}" for ext in ("png", "svg")] + [figure_receipt("training_curves")]
+
+    def figure_receipts(self) -> list[str]:
+        """The receipt of each selected experiment's figures job (:func:`figure_receipt`)."""
+        return [figure_receipt(name) for name in self.experiments]
 
     def experiment_targets(self) -> list[str]:
         """Everything the selected experiments produce (the ICL study's outputs are icl targets)."""

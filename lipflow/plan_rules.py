@@ -111,3 +111,6 @@ class RuleFunctions:
 
     def training_curve_targets(self, wildcards=None):
         return self.plan.training_curve_targets()
+
+    def figure_receipts(self, wildcards=None):
+        return self.plan.figure_receipts()

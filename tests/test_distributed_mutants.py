@@ -493,11 +493,15 @@ def test_the_stop_watch_takes_sigterm_and_sigint_and_then_puts_back_both_handler
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_a_second_stop_signal_stops_at_once_and_puts_back_the_handlers(stop_signal):
-    """The first signal waits for the step in flight; a second one (Ctrl-C again, during a step of a
-    huge grad_accum that takes hours) raises SecondSignal at once, exit 128 + the signal, and the
-    handlers in place before are back."""
+def test_a_second_stop_signal_stops_at_once_and_puts_back_the_handlers(stop_signal, monkeypatch):
+    """The first signal waits for the step in flight; a copy arriving with it (the launcher passing a
+    Ctrl-C on to workers that got it too) is the same stop, but a second one later (Ctrl-C again,
+    during a step of a huge grad_accum that takes hours) raises SecondSignal at once, exit 128 + the
+    signal, and the handlers in place before are back."""
+    from lipflow.train import stop
     from lipflow.train.stop import SecondSignal, SigtermWatch
+
+    monkeypatch.setattr(stop, "SECOND_SIGNAL_AFTER_S", 0.5)
 
     def mine(signum, frame):
         pass
@@ -510,6 +514,8 @@ def test_a_second_stop_signal_stops_at_once_and_puts_back_the_handlers(stop_sign
                 deadline = time.monotonic() + 5
                 while not watch.arrived and time.monotonic() < deadline:
                     time.sleep(0.01)
+                os.kill(os.getpid(), stop_signal)  # a copy of the same stop: recorded once, no exception
+                time.sleep(0.6)
                 os.kill(os.getpid(), stop_signal)
                 time.sleep(5)  # a long step: interrupted by the second signal
         assert caught.value.exit_code == 128 + stop_signal and f"a second {stop_signal.name}" in str(caught.value)
@@ -517,3 +523,17 @@ def test_a_second_stop_signal_stops_at_once_and_puts_back_the_handlers(stop_sign
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_run_whose_workers_failed_before_writing_leaves_no_folder(char_shards, tiny_run_config, tmp_path,
+                                                                     monkeypatch):
+    """The launcher's failure comes back as an exit code (not raised); a run that wrote nothing still
+    leaves no run folder behind, as a failed one-process run does."""
+    from lipflow.train.__main__ import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch_workers", lambda *args: 2)
+    out = tmp_path / "two"
+    argv = ["--run-id", "two-00000000", "--config-json", json.dumps({**tiny_run_config, "nproc": 2}),
+            "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress"]
+    assert main(argv) == 2 and not out.exists()

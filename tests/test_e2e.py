@@ -78,16 +78,22 @@ def test_a_rerun_of_the_merge_replaces_each_runs_merged_evaluations(pipeline):
 
 def test_a_users_file_at_a_figure_path_survives_a_rerun_of_the_figure(pipeline, tmp_path):
     """The figures are update() outputs: Snakemake leaves a user's file at a figure's path to
-    lipflow.plots, which refuses it in one line (the job fails, the file keeps its bytes); once it is
-    moved away the figure is drawn again and a further run has nothing to do."""
+    lipflow.plots, which refuses it in one line (the job fails, the file keeps its bytes, and with its
+    receipt gone the job is planned again rather than its figures passing as current); once the
+    file is moved away the figure is drawn again and a further run has nothing to do."""
     work = tmp_path / "work"
     shutil.copytree(pipeline, work, symlinks=True)
+    receipt = work / "results" / "figures" / "training_curves.drawn"
+    assert json.loads(receipt.read_text()) == {"drawn": ["results/figures/training_curves.png",
+                                                         "results/figures/training_curves.svg"]}
     figure = work / "results" / "figures" / "training_curves.png"
     figure.write_bytes(b"\x89PNG my own figure")
     failed = snakemake(work, "--forcerun", "training_curves")
     assert failed.returncode != 0
-    assert figure.read_bytes() == b"\x89PNG my own figure"
+    assert figure.read_bytes() == b"\x89PNG my own figure" and not receipt.exists()
     assert "is not a figure lipflow drew; refusing to replace it" in (work / "results/logs/training_curves.log").read_text()
+    planned = snakemake(work, "-n")
+    assert "training_curves" in planned.stdout and "Nothing to be done" not in planned.stdout + planned.stderr
     figure.unlink()
     assert snakemake(work).returncode == 0
     from lipflow.results.plotting import is_lipflow_figure

@@ -194,3 +194,20 @@ def test_a_dollar_in_a_run_name_is_drawn_as_text(tmp_path):
     fig = training_curves.draw(duckdb.connect(str(db), read_only=True))
     fig.savefig(tmp_path / "f.png")
     pyplot().close(fig)
+
+
+def test_the_receipt_lists_the_files_drawn_and_never_replaces_a_users_file(results_db, tmp_path, capsys):
+    """--receipt is written last, naming the files drawn; a file there that is no such receipt is
+    refused in one line before anything is drawn."""
+    import json
+
+    out, receipt = tmp_path / "figures", tmp_path / "training_curves.drawn"
+    args = ["--db", str(results_db), "--out-dir", str(out), "--training-curves", "--receipt", str(receipt)]
+    assert plots_main(args) == 0 and plots_main(args) == 0
+    assert json.loads(receipt.read_text()) == {"drawn": [str(out / f"training_curves.{fmt}") for fmt in ("png", "svg")]}
+    receipt.write_text("my notes")
+    capsys.readouterr()
+    assert plots_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--receipt {receipt} exists and is not a receipt of lipflow.plots" in err[0], err
+    assert receipt.read_text() == "my notes"

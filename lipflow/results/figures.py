@@ -21,9 +21,9 @@ import difflib
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, summary_of
+from lipflow.errors import ArgumentParser, parse_json, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import atomic_write, refuse_to_replace
+from lipflow.atomic import atomic_write, refuse_to_replace, write_json_atomic
 from lipflow.results import training_curves
 from lipflow.results.plotting import pyplot, read_view, refuse_to_replace_figure, write_figure
 
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training-curves", action="store_true",
                         help=f"draw the runs block's training curves ({training_curves.FIGURE}.png, .svg) "
                              "instead of the experiments' figures")
+    parser.add_argument("--receipt", type=Path, default=None,
+                        help="written last: the files drawn, as JSON (the pipeline's record that the job finished)")
     args = parser.parse_args(argv)
     if args.training_curves and (args.experiment or args.tables_dir):
         parser.error("--training-curves draws one figure: without --experiment and --tables-dir")
@@ -162,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             con = connect(args.db)
             check_tables(con, args.db, ("runs", "train_metrics"))
             check_columns(con, args.db, training_curves.COLUMNS)
-            for path in save_figure(training_curves.draw(con), args.out_dir, training_curves.FIGURE):
-                print(path)
-            return 0
+            return finish(save_figure(training_curves.draw(con), args.out_dir, training_curves.FIGURE))
         for name in args.experiment or []:
             if name not in CATALOG:
                 close = difflib.get_close_matches(name, CATALOG, n=1)
@@ -173,10 +173,31 @@ def main(argv: list[str] | None = None) -> int:
         con = connect(args.db)
         check_views(con, args.db, args.experiment or list(CATALOG))
         refuse_to_replace_others(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir)
-        written = draw(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir,
-                       strict=bool(args.experiment))
+        return finish(draw(con, args.experiment or list(CATALOG), args.out_dir, args.tables_dir,
+                           strict=bool(args.experiment)))
+
+    def finish(written: list[Path]) -> int:
         for path in written:
             print(path)
+        if args.receipt is not None:
+            write_json_atomic(args.receipt, {RECEIPT_KEY: [str(path) for path in written]})
         return 0
 
-    return run_guarded(go)
+    def go_checked() -> int:
+        if args.receipt is not None:
+            refuse_to_replace(args.receipt, "--receipt", "a receipt of lipflow.plots", is_receipt)
+        return go()
+
+    return run_guarded(go_checked)
+
+
+RECEIPT_KEY = "drawn"  # the one key of a receipt --receipt writes
+
+
+def is_receipt(path: Path) -> bool:
+    """Whether ``path`` is a receipt this command wrote: a JSON object with only :data:`RECEIPT_KEY`."""
+    try:
+        receipt = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(receipt, dict) and set(receipt) == {RECEIPT_KEY}

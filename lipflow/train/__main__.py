@@ -40,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
             return train(cfg, processes)
         from lipflow.train.build import exclusive_run_folder
 
-        new_directory = not args.out_dir.exists()
+        new_directory, code = not args.out_dir.exists(), None
         try:
             with exclusive_run_folder(args.out_dir, args.run_id):
-                return train(cfg, processes)
-        except BaseException:
-            if new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
+                code = train(cfg, processes)  # workers' failures come back as a code, not raised
+            return code
+        finally:
+            if code != 0 and new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
                 with contextlib.suppress(OSError):  # another process may have written to it since
                     args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
-            raise
 
     def train(cfg: dict, processes: int | None) -> int:
         from lipflow import distributed

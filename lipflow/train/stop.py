@@ -1,10 +1,11 @@
 """When a run stops early: SIGTERM or SIGINT (checkpoint, then exit 128 + the signal, ``EXIT_PREEMPTED``
-for SIGTERM, so a rerun resumes; a second one before the step ends: at once, without a checkpoint),
+for SIGTERM, so a rerun resumes; asked again seconds later: at once, without a new checkpoint),
 a non-finite loss or gradient, or a certified bound above ``max_bound`` (status ``diverged``)."""
 
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 from lipflow import distributed
@@ -13,6 +14,10 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job did not finish; rerunning resumes
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop signal this long after the first stops the run at once. Copies of one stop arrive together (a
+# Ctrl-C reaches Snakemake's job and the launcher, which passes it on to its workers; Snakemake sends
+# SIGTERM after the terminal's SIGINT; SLURM signals every process of the step) and are not a second stop.
+SECOND_SIGNAL_AFTER_S = 5.0
 
 
 class Preempted(Exception):
@@ -24,11 +29,12 @@ class Preempted(Exception):
 
 
 class SecondSignal(BaseException):
-    """A second stop signal arrived before the step in flight finished: the run stops now, without a
-    checkpoint (the last one saved stays); exits 128 + the signal."""
+    """A second stop signal (:data:`SECOND_SIGNAL_AFTER_S` or more after the first) arrived before the
+    run stopped: it stops now, without a new checkpoint (the last one saved stays); exits 128 + the
+    signal."""
 
     def __init__(self, signum: signal.Signals):
-        super().__init__(f"a second {signum.name} before the step in flight finished: stopped without a checkpoint "
+        super().__init__(f"a second {signum.name} before the run could stop: stopped without a new checkpoint "
                          "(a rerun resumes from the last one saved)")
         self.exit_code = 128 + signum
 
@@ -36,11 +42,12 @@ class SecondSignal(BaseException):
 class SigtermWatch:
     """While entered, SIGTERM and SIGINT (Ctrl-C) only record their arrival, so that the step in flight
     finishes and every rank stops after the same step (a KeyboardInterrupt in one rank's collective
-    left the other waiting in it); ``requested`` says whether one arrived on any rank. A second signal
-    raises :class:`SecondSignal` at once (a step of a huge ``grad_accum`` may take hours)."""
+    left the other waiting in it); ``requested`` says whether one arrived on any rank. A second signal,
+    :data:`SECOND_SIGNAL_AFTER_S` or more after the first, raises :class:`SecondSignal` at once (a step
+    of a huge ``grad_accum`` may take hours); copies of one stop arriving together are one stop."""
 
     def __init__(self, topo: distributed.Topology):
-        self.topo, self.arrived = topo, None
+        self.topo, self.arrived, self.arrived_at = topo, None, None
 
     def __enter__(self) -> "SigtermWatch":
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
@@ -51,9 +58,10 @@ class SigtermWatch:
             signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.arrived is not None:  # a second signal: the step in flight is too long to wait for
+        if self.arrived is None:
+            self.arrived, self.arrived_at = signal.Signals(signum), time.monotonic()
+        elif time.monotonic() - self.arrived_at >= SECOND_SIGNAL_AFTER_S:  # asked again: too long to wait for
             raise SecondSignal(signal.Signals(signum))
-        self.arrived = signal.Signals(signum)
 
     def requested(self) -> bool:
         """Whether a stop signal arrived on any rank, agreed after every step (a CPU all-reduce over the

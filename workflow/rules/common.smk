@@ -6,7 +6,7 @@ import sys
 
 from lipflow.config import RUN_ID_PATTERN, ConfigError, load_config_file
 from lipflow.data import DataError
-from lipflow.plan import IMAGE_MLP, Plan
+from lipflow.plan import IMAGE_MLP, Plan, figure_receipt
 from lipflow.plan_rules import ICL_FIGURES, ICL_TABLES, RuleFunctions
 
 try:
@@ -70,3 +70,4 @@ icl_params = _RULE_FUNCTIONS.icl_params
 icl_train_params = _RULE_FUNCTIONS.icl_train_params
 experiment_targets = _RULE_FUNCTIONS.experiment_targets
 training_curve_targets = _RULE_FUNCTIONS.training_curve_targets
+figure_receipts = _RULE_FUNCTIONS.figure_receipts

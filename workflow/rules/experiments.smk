@@ -17,7 +17,8 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
             db=DATABASE,
             receipt=DATABASE_RECEIPT,
         # update(): Snakemake does not delete them before the job, so lipflow.plots decides what it may
-        # replace (a figure it drew, a CSV of the view) and a user's file there is refused, never lost
+        # replace (a figure it drew, a CSV of the view) and a user's file there is refused, never lost;
+        # the receipt (plain, written last) makes a failed job rerun
         output:
             figures=[
                 update(report(f"results/figures/{fig}.png", caption=f"../report/{figure.caption}",
@@ -30,6 +31,7 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
                               category=_name, labels={"table": name, "format": "CSV"}))
                 for name, view in _experiment.views.items()
             ],
+            receipt=figure_receipt(_name),
         params:
             experiment=_name,
         log:
@@ -42,7 +44,7 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
             ENV
         shell:
             "python -m lipflow.plots --db {input.db} --out-dir results/figures --tables-dir results/tables"
-            " --experiment {params.experiment} > {log} 2>&1"
+            " --experiment {params.experiment} --receipt {output.receipt} > {log} 2>&1"
 
 
 rule image_mlp_robustness:

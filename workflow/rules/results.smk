@@ -51,6 +51,7 @@ rule training_curves:
         figure=update(report("results/figures/training_curves.png", caption="../report/figure_training_curves.rst",
                              category="runs", labels={"figure": "training_curves", "format": "PNG"})),
         vector=update("results/figures/training_curves.svg"),
+        receipt=figure_receipt("training_curves"),  # plain, written last: a failed job reruns
     log:
         "results/logs/training_curves.log",
     resources:
@@ -60,4 +61,5 @@ rule training_curves:
     conda:
         ENV
     shell:
-        "python -m lipflow.plots --db {input.db} --out-dir results/figures --training-curves > {log} 2>&1"
+        "python -m lipflow.plots --db {input.db} --out-dir results/figures --training-curves"
+        " --receipt {output.receipt} > {log} 2>&1"
