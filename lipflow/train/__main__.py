@@ -9,7 +9,6 @@ lipflow.train`` starts the same workers), and exits as one process would.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
         if processes is not None:  # a worker: its launcher holds the run folder
             return train(cfg, processes)
-        from lipflow.train.build import exclusive_run_folder
+        from lipflow.train.build import exclusive_run_folder, remove_if_unused
 
         new_directory, code = not args.out_dir.exists(), None
         try:
@@ -46,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                 code = train(cfg, processes)  # workers' failures come back as a code, not raised
             return code
         finally:
-            if code != 0 and new_directory and args.out_dir.is_dir() and not any(args.out_dir.iterdir()):
-                with contextlib.suppress(OSError):  # another process may have written to it since
-                    args.out_dir.rmdir()  # a run that failed before writing anything leaves no directory
+            if code != 0 and new_directory and args.out_dir.is_dir():
+                remove_if_unused(args.out_dir)  # a run that failed before writing anything leaves no directory
 
     def train(cfg: dict, processes: int | None) -> int:
         from lipflow import distributed

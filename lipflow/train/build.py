@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -34,7 +35,8 @@ def ensure_writable(directory: Path) -> None:
 
 
 # What the train and evaluate stages write into a run directory (anything else there is a user's).
-RUN_ENTRIES = frozenset({"config.json", "run.json", "model.safetensors", "model.safetensors.sha256",
+RUN_LOCK = ".train.lock"  # the file the train stage holds an exclusive flock on (exclusive_run_folder)
+RUN_ENTRIES = frozenset({RUN_LOCK, "config.json", "run.json", "model.safetensors", "model.safetensors.sha256",
                          "train_metrics.parquet", "train_metrics.parquet.sha256", "checkpoints", "tensorboard",
                          "evals", "evals.parquet", "evals.parquet.sha256"})
 
@@ -113,16 +115,16 @@ def check_run_folders(directory: Path) -> None:
 
 @contextlib.contextmanager
 def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the run folder ``directory`` (created if missing) while training
-    into it: a second trainer of the run (e.g. a rerun while the job of a killed Snakemake still runs)
-    is a FileExistsError, never two processes writing one run's checkpoints and outputs. Where the
-    file system has no locks (some network mounts) training goes on unlocked; a path that is no
-    folder is left to the stage's own checks."""
+    """Hold an exclusive ``flock`` on the run folder's :data:`RUN_LOCK` file (folder and file created if
+    missing; a file opened for writing, as NFS needs) while training into it: a second trainer of the
+    run (e.g. a rerun while the job of a killed Snakemake still runs) is a FileExistsError, never two
+    processes writing one run's checkpoints and outputs. Where the file system has no locks training
+    goes on unlocked, with a warning; a path that is no folder is left to the stage's own checks."""
     if directory.exists() and not directory.is_dir():
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -130,11 +132,19 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
             raise FileExistsError(f"--out-dir {directory}: another process is training run {run_id} into it (the "
                                   f"job of a killed Snakemake? find it with `pgrep -af {run_id}`); stop it "
                                   "first") from None
-        except OSError:
-            pass  # no locking here
+        except OSError as err:
+            print(f"warning: cannot lock {directory / RUN_LOCK} ({err.strerror}): training unlocked", file=sys.stderr)
         yield
     finally:
         os.close(fd)
+
+
+def remove_if_unused(directory: Path) -> None:
+    """Remove a run folder holding nothing but its lock file (a run that failed before writing)."""
+    with contextlib.suppress(OSError):  # another process may have written to it since
+        if {entry.name for entry in directory.iterdir()} <= {RUN_LOCK}:
+            (directory / RUN_LOCK).unlink(missing_ok=True)
+            directory.rmdir()
 
 
 def weights_of_run(path: Path, run_id: str) -> bool:
