@@ -31,7 +31,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from lipflow.config import make_validator, run_defaults
-from lipflow.config.runs import check_image_mlp_methods, image_mlp_method_keys
+from lipflow.config.runs import check_image_mlp_methods
 from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
 from lipflow.errors import ArgumentParser, ConfigError, json_object_argument, out_of_memory, summary_of
@@ -148,10 +148,16 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
     workflow/schemas/config.schema.yaml): a copy with the schema's defaults filled; the first violation
     is a one-line ConfigError naming the key."""
     filled = {"image_mlp": copy.deepcopy(block)}
-    methods_set = image_mlp_method_keys(filled)
     message = first_error(make_validator(fill=True), filled)
     if message is not None:
         raise ConfigError(f"--config-json: {message}")
+    # the pipeline passes the block as the config filled it (every run key of a method at its default):
+    # a key counts as set where its value is not that default
+    blank = {"image_mlp": {"methods": {"blank": {}}}}
+    make_validator(fill=True).validate(blank)
+    defaults = blank["image_mlp"]["methods"]["blank"]
+    methods_set = {name: {key for key, value in method.items() if key not in defaults or value != defaults[key]}
+                   for name, method in filled["image_mlp"]["methods"].items()}
     try:
         check_image_mlp_methods(filled["image_mlp"]["methods"], methods_set)
     except ConfigError as err:

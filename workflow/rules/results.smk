@@ -9,7 +9,6 @@ localrules:
 rule database:
     input:
         summaries=expand("results/runs/{run}/run.json", run=RUNS),
-        configs=expand("results/runs/{run}/config.json", run=RUNS),  # an edit reruns the build, which refuses it
         metrics=expand("results/runs/{run}/train_metrics.parquet", run=RUNS),
         evals=expand("results/runs/{run}/evals.parquet", run=RUNS),
         evals_checksums=expand("results/runs/{run}/evals.parquet.sha256", run=RUNS),
