@@ -49,7 +49,8 @@ def test_results_made_before_the_restructuring_need_nothing(saved_tree):
     assert {line.split()[0] for line in stats if line.strip()} == ADDED_JOBS | {"all"}, done.stdout[-3000:]
     reasons = [line.strip().removeprefix("reason: ") for line in done.stdout.splitlines()
                if line.strip().startswith("reason:")]
-    figures = {"results/figures/training_curves.png", "results/figures/training_curves.svg"}
+    figures = {"results/figures/training_curves.png", "results/figures/training_curves.svg",
+               "results/figures/training_curves.drawn"}
     assert sorted(reason.split(": ")[0] for reason in reasons) == ["Input files updated by another job",
                                                                    "Missing output files"], reasons
     assert all(set(reason.split(": ")[1].split(", ")) == figures for reason in reasons), reasons
