@@ -507,3 +507,20 @@ def test_a_finished_run_is_not_retrained_by_hand_on_other_token_shards(char_shar
     assert "holds run tiny-00000000 finished on other token shards" in lines[0], lines[0]
     assert (out / "model.safetensors").read_bytes() == weights
     assert run_stage("lipflow.train", *args, "--data-dir", str(char_shards)).returncode == 0  # a rerun: allowed
+
+
+def test_a_run_folder_that_cannot_be_made_is_left_to_the_stages_own_check(char_shards, tiny_run_config, tmp_path,
+                                                                          capsys):
+    """Where the folder or its lock file cannot be created (here: its parent is a file; a read-only
+    parent alike) the lock steps aside and the stage names the folder in its own words."""
+    from lipflow.train.__main__ import main
+    from lipflow.train.build import exclusive_run_folder
+
+    (tmp_path / "notes").write_text("mine")
+    with exclusive_run_folder(tmp_path / "notes" / "run", "tiny-00000000"):
+        pass
+    assert main(["--run-id", "tiny-00000000", "--config-json", json.dumps(tiny_run_config), "--data-dir",
+                 str(char_shards), "--out-dir", str(tmp_path / "notes" / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create results directory" in err[0], err
+    assert (tmp_path / "notes").read_text() == "mine"

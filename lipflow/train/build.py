@@ -123,8 +123,8 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
     if directory.exists() and not directory.is_dir():
         yield
         return
-    directory.mkdir(parents=True, exist_ok=True)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:  # e.g. a read-only folder: the stage's own checks name it
         yield
