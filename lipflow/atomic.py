@@ -82,6 +82,15 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     return value
 
 
+def json_object_keys(path: str | os.PathLike[str]) -> set[str] | None:
+    """The keys of the JSON object a file holds; None when it is unreadable or holds no JSON object
+    (how a command recognises its own receipt or summary before replacing it)."""
+    try:
+        return set(read_json(path))
+    except (OSError, ValueError):
+        return None
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Persist a directory's entries (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)

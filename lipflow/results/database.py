@@ -31,11 +31,11 @@ import duckdb
 import pyarrow as pa
 
 from lipflow import provenance
-from lipflow.atomic import (fsync_dir, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
+from lipflow.atomic import (fsync_dir, json_object_keys, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
                             temp_prefix, write_json_atomic)
 from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
 from lipflow.data.tokenize import check_manifest
-from lipflow.errors import check_distinct_paths, parse_json
+from lipflow.errors import check_distinct_paths
 from lipflow.experiments import VIEWS, create_views
 from lipflow.plan_rules import STUDY_FILES
 from lipflow.results.inputs import (JSON_FORMS, check_evaluation_table, check_value, checked_config, concat_files,
@@ -68,10 +68,11 @@ def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in cfg.items()}
 
 
-def run_row(run_dir: Path) -> dict[str, Any]:
+def run_row(run_dir: Path, manifest: Path | None = None, manifest_sha256: str | None = None) -> dict[str, Any]:
     """One ``runs`` row from a run directory's run.json and config.json: both name the directory's run,
-    config.json's config hashes to run.json's ``config_hash`` (an edited config.json is refused), and
-    every value is of the type the trainer writes (:mod:`lipflow.results.inputs`). run.json's
+    config.json's config hashes to run.json's ``config_hash`` (an edited config.json is refused), the
+    run was trained on ``manifest`` (sha256 ``manifest_sha256``, when given: :func:`check_trained_on_manifest`),
+    and every value is of the type the trainer writes (:mod:`lipflow.results.inputs`). run.json's
     ``device`` (the device used) takes the column of the config key ``device`` (the setting, e.g.
     auto), which stays in the ``config`` JSON; no other run.json field is a config key (tested)."""
     run_json, config_json = Path(run_dir) / "run.json", Path(run_dir) / "config.json"
@@ -81,6 +82,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     if values["config_hash"] is not None and provenance.config_hash(cfg) != values["config_hash"]:
         raise ValueError(f"{config_json}: its config is not the one run {values['run_id']!r} trained with "
                          f"(its hash differs from {run_json}'s config_hash): edited after training?")
+    if manifest is not None:
+        check_trained_on_manifest(config_json, info, manifest, manifest_sha256)
     derived = {**values, "config": json.dumps(cfg, sort_keys=True)}
     return {"run_id": values["run_id"], "name": values["run_id"].rsplit("-", 1)[0], "status": values["status"],
             **_flat_config(cfg), **{k: derived[k] for k in SUMMARY_COLUMNS}}
@@ -161,7 +164,8 @@ def _read_unverified(path: Path) -> pa.Table:
 def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path], study_tables: list[Path],
                    results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
-    runs = _run_rows(run_dirs)
+    shards = shard_rows(manifest)  # the manifest checked before the runs are compared with it
+    runs = _run_rows(run_dirs, manifest)
     evals = _run_files(run_dirs, "evals.parquet")  # every run has one (merge-evals: empty without evaluations)
     val_loss = {}
     for path, table in evals:
@@ -180,8 +184,7 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
                                                           for name, alias in METRIC_COLUMNS.items()))
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
-    rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shard_rows(manifest)))
-    check_trained_on_manifest(run_dirs, manifest)
+    rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shards))
     rows.update(load_study_tables(con, study_tables))
     # hand-appended measurements (bench/common.py), written without a sidecar
     rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
@@ -191,12 +194,12 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
     return rows
 
 
-def _run_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
-    """The ``runs`` rows of ``run_dirs`` (:func:`run_row`); two directories of one run (a copy
-    elsewhere) are a ValueError naming both: the run would have two rows."""
-    rows, seen = [], {}
+def _run_rows(run_dirs: list[Path], manifest: Path) -> list[dict[str, Any]]:
+    """The ``runs`` rows of ``run_dirs`` (:func:`run_row`, each trained on ``manifest``); two
+    directories of one run (a copy elsewhere) are a ValueError naming both: the run would have two rows."""
+    rows, seen, digest = [], {}, sha256_file(manifest)
     for run_dir in run_dirs:
-        row = run_row(Path(run_dir))
+        row = run_row(Path(run_dir), manifest, digest)
         if row["run_id"] in seen:
             raise ValueError(f"--run-dirs: {seen[row['run_id']]} and {run_dir} both hold run {row['run_id']!r}")
         seen[row["run_id"]] = run_dir
@@ -226,19 +229,15 @@ def check_summary_matches_metrics(run_json: Path, row: dict[str, Any], metrics: 
                              f"final step {last} (edited?)")
 
 
-def check_trained_on_manifest(run_dirs: list[Path], manifest: Path) -> None:
-    """A ValueError naming ``manifest`` when a run's config.json records the sha256 of another token
-    manifest (runs since the trainer records it): the ``shards`` table would describe data the run
-    never saw."""
-    digest = sha256_file(manifest)
-    for run_dir in run_dirs:
-        config_json = Path(run_dir) / "config.json"
-        info = read_run_json(config_json)
-        recorded = check_value(config_json, "manifest_sha256", info.get("manifest_sha256"), JSON_FORMS["string"])
-        if recorded is not None and recorded != digest:
-            raise ValueError(f"--manifest {manifest} is not the token manifest run {run_id_in(config_json, info)!r} "
-                             f"was trained on ({config_json} records sha256 {recorded[:12]}…, the file has "
-                             f"{digest[:12]}…)")
+def check_trained_on_manifest(config_json: Path, info: dict[str, Any], manifest: Path, digest: str) -> None:
+    """A ValueError naming ``manifest`` (sha256 ``digest``) when a run's config.json (``info``) records
+    the sha256 of another token manifest (runs since the trainer records it): the ``shards`` table
+    would describe data the run never saw."""
+    recorded = check_value(config_json, "manifest_sha256", info.get("manifest_sha256"), JSON_FORMS["string"])
+    if recorded is not None and recorded != digest:
+        raise ValueError(f"--manifest {manifest} is not the token manifest run {run_id_in(config_json, info)!r} "
+                         f"was trained on ({config_json} records sha256 {recorded[:12]}…, the file has "
+                         f"{digest[:12]}…)")
 
 
 def _run_files(run_dirs: list[Path], name: str) -> list[tuple[Path, pa.Table]]:
@@ -355,11 +354,7 @@ RECEIPT_KEYS = ("database", "sha256", "rows")  # what build() writes to --receip
 
 def is_receipt(path: Path) -> bool:
     """Whether ``path`` is a receipt an earlier build wrote (a JSON object with its keys)."""
-    try:
-        receipt = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(receipt, dict) and set(receipt) == set(RECEIPT_KEYS)
+    return json_object_keys(path) == set(RECEIPT_KEYS)
 
 
 def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Path], receipt: Path | None) -> None:

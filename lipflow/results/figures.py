@@ -21,9 +21,9 @@ import difflib
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, parse_json, summary_of
+from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import atomic_write, refuse_to_replace, write_json_atomic
+from lipflow.atomic import atomic_write, json_object_keys, refuse_to_replace, write_json_atomic
 from lipflow.results import training_curves
 from lipflow.results.plotting import pyplot, read_view, refuse_to_replace_figure, write_figure
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     from lipflow.errors import run_guarded
 
     def go() -> int:
+        if args.receipt is not None:
+            refuse_to_replace(args.receipt, "--receipt", "a receipt of lipflow.plots", is_receipt)
         for flag, folder in (("--out-dir", args.out_dir), ("--tables-dir", args.tables_dir)):
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"{flag} {folder} exists and is not a folder")
@@ -183,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(args.receipt, {RECEIPT_KEY: [str(path) for path in written]})
         return 0
 
-    def go_checked() -> int:
-        if args.receipt is not None:
-            refuse_to_replace(args.receipt, "--receipt", "a receipt of lipflow.plots", is_receipt)
-        return go()
-
-    return run_guarded(go_checked)
+    return run_guarded(go)
 
 
 RECEIPT_KEY = "drawn"  # the one key of a receipt --receipt writes
@@ -196,8 +193,4 @@ RECEIPT_KEY = "drawn"  # the one key of a receipt --receipt writes
 
 def is_receipt(path: Path) -> bool:
     """Whether ``path`` is a receipt this command wrote: a JSON object with only :data:`RECEIPT_KEY`."""
-    try:
-        receipt = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(receipt, dict) and set(receipt) == {RECEIPT_KEY}
+    return json_object_keys(path) == {RECEIPT_KEY}

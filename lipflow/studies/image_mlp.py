@@ -153,9 +153,7 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"--config-json: {message}")
     # the pipeline passes the block as the config filled it (every run key of a method at its default):
     # a key counts as set where its value is not that default
-    blank = {"image_mlp": {"methods": {"blank": {}}}}
-    make_validator(fill=True).validate(blank)
-    defaults = blank["image_mlp"]["methods"]["blank"]
+    defaults = run_defaults()  # a method is a run block ($defs/run)
     methods_set = {name: {key for key, value in method.items() if key not in defaults or value != defaults[key]}
                    for name, method in filled["image_mlp"]["methods"].items()}
     try:

@@ -119,10 +119,8 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
     missing; a file opened for writing, as NFS needs) while training into it: a second trainer of the
     run (e.g. a rerun while the job of a killed Snakemake still runs) is a FileExistsError, never two
     processes writing one run's checkpoints and outputs. Where the file system has no locks training
-    goes on unlocked, with a warning; a path that is no folder is left to the stage's own checks."""
-    if directory.exists() and not directory.is_dir():
-        yield
-        return
+    goes on unlocked, with a warning; a path that is no folder, or that cannot be made, is left to the
+    stage's own checks."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lipflow.atomic import refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
-from lipflow.errors import ArgumentParser, summary_of, count_argument, json_object_argument, parse_json, run_guarded
+from lipflow.atomic import json_object_keys, refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
+from lipflow.errors import ArgumentParser, count_argument, json_object_argument, run_guarded, summary_of
 from lipflow.studies.icl.config import load_config
 
 
@@ -88,11 +88,8 @@ def is_check_summary(path: Path) -> bool:
     """Whether ``path`` is a JSON summary the ``check`` command wrote: an object with exactly its keys."""
     from lipflow.studies.icl.study import SUMMARY_KEYS, SUMMARY_OPTIONAL_KEYS
 
-    try:
-        summary = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(summary, dict) and set(SUMMARY_KEYS) <= set(summary) <= {*SUMMARY_KEYS, *SUMMARY_OPTIONAL_KEYS}
+    keys = json_object_keys(path)
+    return keys is not None and set(SUMMARY_KEYS) <= keys <= {*SUMMARY_KEYS, *SUMMARY_OPTIONAL_KEYS}
 
 
 MAX_THREADS = 1024  # torch crashes (segfault, overflow) far above any machine's cores
