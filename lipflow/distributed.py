@@ -132,9 +132,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int) -> int:
+def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int,
+                   pass_fds: tuple[int, ...] = ()) -> int:
     """Run ``python -m module argv`` as ``nproc`` workers on this machine, each with the environment
-    ``torchrun --standalone`` gives (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and
+    ``torchrun --standalone`` gives (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the
+    open files ``pass_fds`` (the run folder's lock, held until the last worker exits), and
     return one exit code: 0 when all finished; 2 when one refused an input (it printed its line);
     ``preempted_code`` when SIGTERM stopped them (it is passed on to the workers, which save a
     checkpoint and exit with that code); else the first failure's. Once a worker fails, the others
@@ -144,7 +146,8 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid())}
     workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
-                                                                           "LOCAL_RANK": str(rank)})
+                                                                           "LOCAL_RANK": str(rank)},
+                                pass_fds=pass_fds)
                for rank in range(nproc)]
 
     kill_at = None  # once a worker failed or a stop signal was passed on: when the stragglers get SIGKILL

@@ -5,6 +5,7 @@ torchrun)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -71,6 +72,23 @@ def test_distributed_muon_splits_newton_schulz_across_ranks(tmp_path):
         torch.testing.assert_close(result["out"], expected, atol=1e-6, rtol=0)
 
 
+def rank_of(pid: int) -> str | None:
+    """The RANK in process ``pid``'s environment (a worker's), None for a process without one."""
+    from pathlib import Path
+
+    environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    return environ[b"RANK"].decode() if b"RANK" in environ else None
+
+
+def holds_run_lock(pid: int, out) -> bool:
+    """Whether process ``pid`` has the run folder's lock file open (Linux /proc)."""
+    from pathlib import Path
+
+    from lipflow.train.build import RUN_LOCK
+
+    return any(Path(f"/proc/{pid}/fd/{fd}").resolve() == (out / RUN_LOCK).resolve() for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
 def processes_running(marker: str) -> list[int]:
     """Pids of this machine's live processes whose command line contains ``marker`` (Linux /proc)."""
     import os
@@ -97,7 +115,10 @@ LAUNCHERS = {"lipflow": ["-m", "lipflow.train"],
 def test_workers_stop_when_their_launcher_is_killed(char_shards, tiny_run_config, tmp_path, launcher_name):
     """torchrun puts each worker in a session of its own: a SIGKILL of the launcher (or of the job's
     process group) left the workers training into the run's folder. Now they get SIGTERM and stop (the
-    preemption path), under lipflow's launcher too: no worker left, no run.json."""
+    preemption path), under lipflow's launcher too: no worker left, no run.json. And while they finish
+    their step and save its checkpoint the run folder stays locked (a rerun then would train beside
+    them): lipflow's workers inherit their launcher's lock, and torchrun's rank 0, which writes the
+    run's files, holds its own."""
     import os
     import signal
     import time
@@ -112,6 +133,10 @@ def test_workers_stop_when_their_launcher_is_killed(char_shards, tiny_run_config
     while not list(out.glob("checkpoints/*.safetensors")) and time.monotonic() < deadline:  # in the training loop
         time.sleep(0.5)
     assert len(processes_running(str(out))) >= 3  # the launcher and 2 workers
+    ranks = {pid: rank_of(pid) for pid in processes_running(str(out))}
+    writers = [pid for pid, rank in ranks.items() if rank == "0" or (rank and launcher_name == "lipflow")]
+    assert len(writers) == (2 if launcher_name == "lipflow" else 1), ranks
+    assert all(holds_run_lock(pid, out) for pid in writers), ranks  # inherited (lipflow), or rank 0's own
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
     deadline = time.monotonic() + 120

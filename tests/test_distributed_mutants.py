@@ -253,6 +253,34 @@ def test_a_worker_that_ignores_a_passed_on_sigterm_is_killed_after_kill_after_s(
     assert code == 128 + signal.SIGKILL and running == [], (code, running)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_workers_hold_the_run_folders_lock_after_their_launcher_is_sigkilled(tmp_path):
+    """The train stage locks the run folder and hands the lock to its workers (``pass_fds``): a launcher
+    SIGKILLed while its workers still finish their step and save its checkpoint left the folder free
+    for a rerun to train beside them. It stays locked until the last worker exits."""
+    from lipflow.train.build import exclusive_run_folder
+
+    run = tmp_path / "run"
+    take_lock = (f"from lipflow.train.build import exclusive_run_folder; "
+                 f"held = exclusive_run_folder(__import__('pathlib').Path({str(run)!r}), 'run-00000000'); "
+                 "lock = held.__enter__(); "
+                 "launch = distributed.launch_workers; "
+                 "distributed.launch_workers = lambda *a: launch(*a, pass_fds=(lock,))")
+    with launcher_process(tmp_path, [{"sleep": 60, "on_term": "ignore"}] * 2, 60, take_lock) as (driver, out, pids):
+        driver.kill()
+        driver.wait()
+        for pid in pids:  # each worker in turn: while any runs, the folder is locked
+            with pytest.raises(FileExistsError, match="another process is training run run-00000000"):
+                with exclusive_run_folder(run, "run-00000000"):
+                    pass
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    with exclusive_run_folder(run, "run-00000000") as lock:
+        assert lock is not None
+
+
 def test_free_port_never_names_a_port_in_use():
     """The rendezvous port is one nothing listens on: two launches on one machine (Snakemake runs
     jobs side by side) must not meet in one rendezvous, nor fail to bind it."""
@@ -452,16 +480,22 @@ def test_a_run_of_one_process_trains_in_the_stage_itself(char_shards, tiny_run_c
 def test_the_stage_starts_its_workers_with_its_own_arguments(char_shards, tiny_run_config, tmp_path, monkeypatch):
     """A run of nproc > 1 starts nproc workers of ``lipflow.train`` with the arguments the stage was
     given (to ``main(argv)`` as on the command line, not this process's sys.argv), and tells the
-    launcher that 143 means preempted (so a crash beside a stopped worker is not reported as one)."""
+    launcher that 143 means preempted (so a crash beside a stopped worker is not reported as one); the
+    workers are handed the open lock file of the run folder."""
     from lipflow.train.__main__ import main
 
     launched = []
+
+    def launch(*args):
+        launched.append(args[:4] + (os.path.realpath(f"/proc/self/fd/{args[4][0]}"),))
+        return 0
+
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(distributed, "launch_workers", lambda *args: launched.append(args) or 0)
+    monkeypatch.setattr(distributed, "launch_workers", launch)
     argv = ["--run-id", "two-00000000", "--config-json", json.dumps({**tiny_run_config, "nproc": 2}),
             "--data-dir", str(char_shards), "--out-dir", str(tmp_path / "two"), "--no-progress"]
     assert main(argv) == 0
-    assert launched == [(2, "lipflow.train", argv, PREEMPTED)]
+    assert launched == [(2, "lipflow.train", argv, PREEMPTED, str((tmp_path / "two" / ".train.lock").resolve()))]
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])

@@ -4,12 +4,15 @@ Trains one run (see ``lipflow.train.trainer``) and prints its summary line; a ru
 SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it. A run of
 ``nproc`` > 1 checks its inputs, then starts ``nproc`` workers of this command on this machine
 (``lipflow.distributed.launch_workers``; ``torchrun --standalone --nproc_per_node=nproc -m
-lipflow.train`` starts the same workers), and exits as one process would.
+lipflow.train`` starts the same workers), and exits as one process would. One trainer per run folder:
+the stage holds a flock on ``<out-dir>/.train.lock``, which its workers inherit (under torchrun, rank 0
+takes it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from lipflow.launcher import processes_in_env, terminate_with_launcher
+        from lipflow.launcher import LAUNCHER_PID, processes_in_env, terminate_with_launcher
 
         processes = processes_in_env()
         if processes is not None:  # a worker: stop with the launcher, asked before importing torch (seconds)
@@ -35,20 +38,20 @@ def main(argv: list[str] | None = None) -> int:
 
         check_run_id(args.run_id, "--run-id")  # both before torch is imported
         cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
-        if processes is not None:  # a worker: its launcher holds the run folder
-            return train(cfg, processes)
+        if processes is not None and (LAUNCHER_PID in os.environ or os.environ.get("RANK") != "0"):
+            return train(cfg, processes)  # launch_workers' workers share its lock; torchrun's rank 0 takes it
         from lipflow.train.build import exclusive_run_folder, remove_if_unused
 
         new_directory, code = not args.out_dir.exists(), None
         try:
-            with exclusive_run_folder(args.out_dir, args.run_id):
-                code = train(cfg, processes)  # workers' failures come back as a code, not raised
+            with exclusive_run_folder(args.out_dir, args.run_id) as lock:
+                code = train(cfg, processes, () if lock is None else (lock,))  # workers' failures: a code
             return code
         finally:
             if code != 0 and new_directory and args.out_dir.is_dir():
                 remove_if_unused(args.out_dir)  # a run that failed before writing anything leaves no directory
 
-    def train(cfg: dict, processes: int | None) -> int:
+    def train(cfg: dict, processes: int | None, lock: tuple[int, ...] = ()) -> int:
         from lipflow import distributed
         from lipflow.train.build import checked_inputs
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted, SecondSignal
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if processes is None and cfg["nproc"] > 1:
             checked_inputs(args.run_id, cfg, args.data_dir, args.out_dir)  # one line, not one per worker
             return distributed.launch_workers(cfg["nproc"], "lipflow.train",
-                                              sys.argv[1:] if argv is None else argv, EXIT_PREEMPTED)
+                                              sys.argv[1:] if argv is None else argv, EXIT_PREEMPTED, lock)
         if (processes or 1) != cfg["nproc"]:
             raise ValueError(f"nproc: the run's config says {cfg['nproc']} processes, but this stage runs as one of "
                              f"{processes or 1} (batch_size is per process); run it without torchrun, and it "

@@ -114,18 +114,20 @@ def check_run_folders(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
+def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[int | None]:
     """Hold an exclusive ``flock`` on the run folder's :data:`RUN_LOCK` file (folder and file created if
     missing; a file opened for writing, as NFS needs) while training into it: a second trainer of the
     run (e.g. a rerun while the job of a killed Snakemake still runs) is a FileExistsError, never two
-    processes writing one run's checkpoints and outputs. Where the file system has no locks training
-    goes on unlocked, with a warning; a path that is no folder, or that cannot be made, is left to the
-    stage's own checks."""
+    processes writing one run's checkpoints and outputs. Yields the lock's file descriptor: a flock
+    belongs to the open file, so workers started with it (``launch_workers``' ``pass_fds``) hold the
+    folder until the last of them exits, even after their launcher was SIGKILLed. Where the file system
+    has no locks training goes on unlocked, with a warning; a path that is no folder, or that cannot be
+    made, is left to the stage's own checks (None is yielded for both)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:  # e.g. a read-only folder: the stage's own checks name it
-        yield
+        yield None
         return
     try:
         try:
@@ -136,7 +138,9 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[None]:
                                   "first") from None
         except OSError as err:
             print(f"warning: cannot lock {directory / RUN_LOCK} ({err.strerror}): training unlocked", file=sys.stderr)
-        yield
+            yield None
+            return
+        yield fd
     finally:
         os.close(fd)
 
