@@ -41,3 +41,17 @@ def package_versions() -> dict[str, str | None]:
 def describe(cfg: Any) -> dict[str, Any]:
     return {"config_hash": config_hash(cfg), "git_commit": git_commit(), "versions": package_versions(),
             "hostname": platform.node()}
+
+
+def changed_provenance(first: dict[str, Any], now: dict[str, Any]) -> tuple[str, str] | None:
+    """What differs between two provenances ({git_commit, versions}), as the earlier's and the later's
+    words ("commit a…, torch 2.13.0" and "commit b…, torch 2.14.0"); None when nothing known differs."""
+    before, after = [], []
+    if None not in (first["git_commit"], now["git_commit"]) and first["git_commit"] != now["git_commit"]:
+        before.append(f"commit {first['git_commit']}")
+        after.append(f"commit {now['git_commit']}")
+    for name, version in first["versions"].items():
+        if None not in (version, now["versions"].get(name)) and version != now["versions"][name]:
+            before.append(f"{name} {version}")
+            after.append(f"{name} {now['versions'][name]}")
+    return (", ".join(before), ", ".join(after)) if before else None

@@ -462,7 +462,7 @@ def test_a_second_trainer_of_a_run_is_refused_while_the_first_trains(char_shards
 
 def test_a_resumed_run_records_its_first_start_and_commit_and_warns_of_another(char_shards, tiny_run_config, tmp_path,
                                                                                monkeypatch, capsys):
-    """run.json's start_time and git_commit are the run's first start's, carried through its
+    """run.json's start_time, git_commit and versions are the run's first start's, carried through its
     checkpoints: a rerun that only reloads the final checkpoint (``snakemake -R train`` after a code
     change) must not stamp the old weights with the new commit, and says how to train afresh."""
     from lipflow import provenance
@@ -476,13 +476,17 @@ def test_a_resumed_run_records_its_first_start_and_commit_and_warns_of_another(c
                  "train_metrics.parquet.sha256"):
         (out / name).unlink()  # what --delete-all-output leaves: the checkpoints
     monkeypatch.setattr(provenance, "git_commit", lambda cwd=None: "b" * 40)
+    versions = provenance.package_versions()
+    monkeypatch.setattr(provenance, "package_versions", lambda: {**versions, "torch": "9.9.9"})
     capsys.readouterr()
     again = Trainer("tiny-00000000", tiny_run_config, char_shards, out, progress=False).run()
     err = capsys.readouterr().err
     assert again["resumed"] and (out / "model.safetensors").read_bytes() == weights
     assert again["git_commit"] == "a" * 40 and again["start_time"] == first["start_time"]
+    assert again["versions"] == first["versions"] != {**versions, "torch": "9.9.9"}
     assert again["end_time"] > first["end_time"]
-    assert f"started under commit {'a' * 40} and resumes under {'b' * 40}" in err, err
+    assert (f"started under commit {'a' * 40}, torch {versions['torch']} and resumes under commit {'b' * 40}, "
+            "torch 9.9.9") in err, err
     assert json.loads((out / "run.json").read_text())["git_commit"] == "a" * 40
 
 

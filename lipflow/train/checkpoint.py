@@ -142,7 +142,8 @@ def run_identity(cfg: dict[str, Any], data_dir: Path) -> dict[str, str]:
 
 class TrainingState(NamedTuple):
     """What a checkpoint holds besides tensors: the steps taken, the metric rows so far, and the
-    run's origin: when it first started and under which git commit (what run.json records)."""
+    run's origin: when it first started, under which git commit and package versions (what run.json
+    records)."""
 
     step: int
     metrics: list[dict[str, Any]]

@@ -95,7 +95,8 @@ class Trainer:
         """Train (resuming from a checkpoint if one fits) to ``steps`` or an early stop; returns the
         run summary on rank 0 ({} elsewhere)."""
         cfg = self.cfg
-        self.origin = {"start_time": time.time(), "git_commit": provenance.git_commit()}
+        self.origin = {"start_time": time.time(), "git_commit": provenance.git_commit(),
+                       "versions": provenance.package_versions()}
         resumed = self.resume()
         status, diverged = "completed", None
         bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id, file=sys.stderr, mininterval=2.0,
@@ -182,17 +183,19 @@ class Trainer:
             return False
         self.step, self.metrics = state.step, state.metrics
         if state.origin is not None:
-            commits = state.origin["git_commit"], self.origin["git_commit"]
-            if None not in commits and commits[0] != commits[1] and self.topo.is_main:
-                print(f"warning: run {self.run_id} was started under commit {state.origin['git_commit']} and resumes "
-                      f"under {self.origin['git_commit']}; run.json records the first (delete "
-                      f"{self.out_dir / 'checkpoints'} to train it afresh under this commit)", file=sys.stderr)
-            self.origin = state.origin
+            first = {**self.origin, **state.origin}  # a checkpoint of an earlier lipflow kept no versions
+            changed = provenance.changed_provenance(first, self.origin)
+            if changed and self.topo.is_main:
+                print(f"warning: run {self.run_id} was started under {changed[0]} and resumes under {changed[1]}; "
+                      f"run.json records the first (delete {self.out_dir / 'checkpoints'} to train it afresh "
+                      "under this code)", file=sys.stderr)
+            self.origin = first
         return True
 
     def finish(self, status: str, diverged: tuple[int, str] | None, resumed: bool) -> dict[str, Any]:
-        """Write model, config, metrics and the run summary (each atomically); its start time and git
-        commit are the run's first start's, through every resume (``origin``)."""
+        """Write model, config, metrics and the run summary (each atomically); its start time, git
+        commit and package versions are the run's first start's, through every resume (``origin``);
+        host, device, processes and end time are those of the process that finished it."""
         out, vocab_size = self.out_dir, self.train_data.vocab_size
         last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
         finite = non_finite_parameter(self.model) is None  # diverged weights may be non-finite: they have no certificate
@@ -206,7 +209,8 @@ class Trainer:
             lipschitz_bound=self.model.lipschitz_bound() if finite else None,
             final_val_loss=last_eval.get("val_loss"), final_val_accuracy=last_eval.get("val_accuracy"),
             max_activation=last_eval.get("max_activation"), n_params=sum(p.numel() for p in self.model.parameters()),
-            vocab_size=vocab_size, **{**provenance.describe(self.cfg), "git_commit": self.origin["git_commit"]})
+            vocab_size=vocab_size, **{**provenance.describe(self.cfg), "git_commit": self.origin["git_commit"],
+                                      "versions": self.origin["versions"]})
         manifest_sha256 = checkpoint.run_identity(self.cfg, self.data_dir)["manifest_sha256"]
         checkpoint.save_weights(out / "model.safetensors", self.model.state_dict(),
                                 {"run_id": self.run_id, "config": self.cfg, "vocab_size": vocab_size,
