@@ -134,12 +134,16 @@ def _create_from_tables(con: duckdb.DuckDBPyConnection, table: str, named: list[
                         empty_sql: str) -> int:
     """Create ``table`` from the Arrow tables of files (``named``: file, table; columns unioned by
     name), or with the columns of ``empty_sql`` when there are none; returns its row count. A file
-    whose table DuckDB cannot take (no columns, a float16 column…) or whose columns' types clash
-    with another's is a ValueError naming it."""
+    whose table DuckDB cannot take (no columns, a float16 column…: a property of its schema, so each
+    schema is tried once, on its first file) or whose columns' types clash with another's is a
+    ValueError naming it."""
     if not named:
         con.execute(f"CREATE TABLE {quote_identifier(table)} ({empty_sql})")
         return 0
-    for path, arrow in named:
+    first_of_schema: dict[bytes, tuple[Path, pa.Table]] = {}
+    for path, arrow in named:  # keyed by the schema's serialized bytes (metadata included)
+        first_of_schema.setdefault(arrow.schema.serialize().to_pybytes(), (path, arrow))
+    for path, arrow in first_of_schema.values():
         try:
             con.register("_lipflow_staging", arrow)
         except duckdb.Error as err:
