@@ -1155,3 +1155,19 @@ def test_a_grid_point_overrides_the_base_and_a_merged_grid_replaces_the_builtin_
     merged = merge_block(builtin, {"cpu": {"base": {"lr": 0.25}, "grid": {"seed": [3]}}})
     assert merged["cpu"] == {"base": {"seed": 0, "lr": 0.25}, "grid": {"seed": [3]}}
     assert builtin["cpu"]["grid"] == {"seed": [1, 2], "lr": [0.1, 0.2]}  # the builtin block is not changed
+
+
+def test_two_axes_of_a_grid_setting_the_same_run_key_are_refused():
+    """The later axis used to win silently: run `lrt.lr0.01.a` trained at lr 0.5 under a name saying 0.01."""
+    conflict = {"lr_transfer": {"cpu": {"grid": {"lr": [0.01], "v": {"a": {"lr": 0.5}}}}}}
+    for selected in (["lr_transfer"], []):  # a written block is checked whether or not it is selected
+        config = base_config(experiments=selected, experiment_definitions=conflict)
+        with pytest.raises(ConfigError) as err:
+            Plan.from_config(config)
+        message = str(err.value)
+        assert message.startswith("config error: experiment_definitions.lr_transfer.cpu.grid: axes 'lr' and 'v' "
+                                  "both set run key 'lr'") and "\n" not in message
+    # the same key in two grids of a list, or in `base` and one axis, is no conflict
+    union = {"mine": {"short": "m", "cpu": {"base": {"lr": 0.1}, "grid": [{"lr": [0.01]}, {"v": {"a": {"lr": 0.5}}}]}}}
+    runs = expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": union}))
+    assert {name: cfg["lr"] for name, cfg in runs.items()} == {"m.lr0.01": 0.01, "m.a": 0.5}

@@ -65,13 +65,29 @@ def axis_points(axis: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     return points
 
 
-def grid_points(grid: dict[str, Any] | list[dict[str, Any]]) -> Iterator[tuple[list[str], dict[str, Any]]]:
+def check_disjoint_axes(names: list[str], axes: list[list[tuple[str, dict[str, Any]]]], where: str = "grid") -> None:
+    """Each run key is set by one axis of a grid at most: the product meets every point of one axis with
+    every point of another, so two axes setting the same key would make the later one win silently and
+    the run's name (which carries both labels, e.g. ``lr0.01``) would misstate what it trains."""
+    owner: dict[str, str] = {}
+    for name, points in zip(names, axes):
+        keys = {key for _, overrides in points for key in overrides}
+        for key in sorted(keys):
+            if key in owner:
+                raise ConfigError(f"config error: {where}: axes '{owner[key]}' and '{name}' both set run key '{key}'; "
+                                  "set each key in one axis of a grid (or in `base`)")
+        owner.update(dict.fromkeys(keys, name))
+
+
+def grid_points(grid: dict[str, Any] | list[dict[str, Any]],
+                where: str = "grid") -> Iterator[tuple[list[str], dict[str, Any]]]:
     """(labels, overrides) of every point of a grid or of a list of grids (union of products)."""
     grids = grid if isinstance(grid, list) else [grid]
     for one in grids:
         if not one:
             continue
         axes = [axis_points(axis, values) for axis, values in one.items()]
+        check_disjoint_axes(list(one), axes, where)
         for combination in itertools.product(*axes):
             labels, overrides = [], {}
             for label, settings in combination:
@@ -85,7 +101,7 @@ def expand_experiment(name: str, block: dict[str, Any], preset: str) -> dict[str
     :func:`lipflow.experiments.definitions`)."""
     short, spec = block["short"], block[preset]
     runs: dict[str, dict[str, Any]] = {}
-    for labels, point in grid_points(spec["grid"]):
+    for labels, point in grid_points(spec["grid"], f"experiment_definitions.{name}.{preset}.grid"):
         run_name = ".".join([short, *labels])
         if len(run_name) > RUN_NAME_MAX:
             raise ConfigError(f"config error: experiment '{name}': run name '{run_name}' is longer than "
