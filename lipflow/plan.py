@@ -208,8 +208,10 @@ class Plan:
         return [f"results/figures/training_curves.{ext}" for ext in ("png", "svg")] + [figure_receipt("training_curves")]
 
     def figure_receipts(self) -> list[str]:
-        """The receipt of each selected experiment's figures job (:func:`figure_receipt`)."""
-        return [figure_receipt(name) for name in self.experiments]
+        """The receipt of each selected experiment's figures job (:func:`figure_receipt`). A block that a
+        config adds under ``experiment_definitions`` without a module in lipflow/experiments has runs but
+        no views, figures or figures job (the rules are made from the catalog), so it has no receipt."""
+        return [figure_receipt(name) for name in self.experiments if name in EXPERIMENT_FIGURES]
 
     def experiment_targets(self) -> list[str]:
         """Everything the selected experiments produce (the ICL study's outputs are icl targets)."""

@@ -1171,3 +1171,21 @@ def test_two_axes_of_a_grid_setting_the_same_run_key_are_refused():
     union = {"mine": {"short": "m", "cpu": {"base": {"lr": 0.1}, "grid": [{"lr": [0.01]}, {"v": {"a": {"lr": 0.5}}}]}}}
     runs = expand_experiments(filled({"experiments": ["mine"], "experiment_definitions": union}))
     assert {name: cfg["lr"] for name, cfg in runs.items()} == {"m.lr0.01": 0.01, "m.a": 0.5}
+
+
+def test_a_selected_block_without_a_module_trains_its_runs_and_plans_no_figures_job(tmp_path):
+    """A block written under experiment_definitions for a name with no lipflow/experiments/<name>.py
+    expands into runs, but there is no figures rule for it: its receipt in `rule all` made every
+    `snakemake` stop with a MissingInputException for results/figures/mine.drawn."""
+    mine = {"mine": {"short": "m", "cpu": {"grid": {"lr": [0.1]}}}}
+    plan = Plan.from_config(base_config(experiments=["mine", "rank_vs_n"], experiment_definitions=mine))
+    assert [rid.rsplit("-", 1)[0] for rid in plan.runs if rid.startswith("m.")] == ["m.lr0.1"]
+    assert plan.figure_receipts() == ["results/figures/rank_vs_n.drawn"]
+    assert not [path for path in plan.experiment_targets() if "mine" in path]
+    config = base_config(experiments=["mine"], experiment_definitions=mine)
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--configfile", str(tmp_path / "config.yaml"), "-n", "-c1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    assert "m.lr0.1-" in done.stdout and "mine.drawn" not in done.stdout + done.stderr
