@@ -73,6 +73,18 @@ def check_unselected_definitions(config: dict[str, Any], blocks: dict[str, dict[
             experiment_run(validator, run_name, overrides, config["defaults"], config["experiment_preset"])
 
 
+def check_selected_experiments_do_something(config: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> None:
+    """A selected experiment whose preset expands to no run (an empty grid: ``grid: {}``, ``grid: [{}]``,
+    or a block of the config's own that names none) and that includes no study would train nothing and
+    draw its figures from empty views: refused in one line naming its grid."""
+    preset = config["experiment_preset"]
+    for name in selected_experiments(config, blocks):
+        if not blocks[name]["studies"] and not expand_experiment(name, blocks[name], preset):
+            raise ConfigError(f"config error: experiment_definitions.{name}.{preset}.grid: experiment '{name}' is "
+                              f"selected in experiments but has no runs under preset '{preset}' (an empty grid) and "
+                              "no studies; give it a grid or leave it out of experiments")
+
+
 def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """run id → resolved run config, for a validated config (defaults filled): the ``runs``
     block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments
@@ -110,6 +122,7 @@ class Plan:
         be) and plan it; a bad config is a one-line ConfigError."""
         check_config(config)
         blocks = definitions(config)  # once: every experiment helper below reads these
+        check_selected_experiments_do_something(config, blocks)
         runs = resolve_runs(config, blocks)
         check_unselected_definitions(config, blocks)
         experiments = selected_experiments(config, blocks)

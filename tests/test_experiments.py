@@ -1189,3 +1189,20 @@ def test_a_selected_block_without_a_module_trains_its_runs_and_plans_no_figures_
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
     assert "m.lr0.1-" in done.stdout and "mine.drawn" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("grid", [{}, [{}]])
+def test_a_selected_experiment_without_runs_or_studies_is_refused(grid):
+    """An empty sweep used to plan nothing but the experiment's figures job, drawn from empty views."""
+    empty = {"lr_transfer": {"cpu": {"grid": grid}}}
+    with pytest.raises(ConfigError) as err:
+        Plan.from_config(base_config(experiments=["lr_transfer"], experiment_definitions=empty))
+    assert str(err.value).startswith("config error: experiment_definitions.lr_transfer.cpu.grid: experiment "
+                                     "'lr_transfer' is selected in experiments but has no runs under preset 'cpu'")
+    with pytest.raises(ConfigError, match=r"experiment_definitions\.mine\.cpu\.grid"):
+        Plan.from_config(base_config(experiments=["mine"], experiment_definitions={"mine": {"short": "m"}}))
+    # not selected, or another preset's grid empty, or a study instead of runs: planned as before
+    assert Plan.from_config(base_config(experiment_definitions=empty)).runs
+    assert Plan.from_config(base_config(experiments=["lr_transfer"], experiment_preset="paper",
+                                        experiment_definitions=empty)).runs
+    assert Plan.from_config(base_config(experiments=["icl"])).studies == {"icl"}
