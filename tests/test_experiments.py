@@ -1206,3 +1206,15 @@ def test_a_selected_experiment_without_runs_or_studies_is_refused(grid):
     assert Plan.from_config(base_config(experiments=["lr_transfer"], experiment_preset="paper",
                                         experiment_definitions=empty)).runs
     assert Plan.from_config(base_config(experiments=["icl"])).studies == {"icl"}
+
+
+@pytest.mark.parametrize("preset_block", [{"base": {"experiment": "rank_vs_n"}},
+                                          {"grid": {"v": {"a": {"experiment": "rank_vs_n"}}}}])
+def test_an_experiment_block_that_sets_experiment_is_refused(preset_block):
+    """`experiment` in `runs` is refused; in an experiment's base or grid it used to be replaced silently."""
+    block = {"lr_transfer": {"cpu": preset_block}}
+    for selected in (["lr_transfer"], []):
+        with pytest.raises(ConfigError) as err:
+            Plan.from_config(base_config(experiments=selected, experiment_definitions=block))
+        assert str(err.value).startswith("config error: experiment_definitions.lr_transfer.cpu.")
+        assert "experiment" in str(err.value) and "\n" not in str(err.value)

@@ -100,12 +100,18 @@ def expand_experiment(name: str, block: dict[str, Any], preset: str) -> dict[str
     """run name → overrides of one experiment under one preset (a block filled by
     :func:`lipflow.experiments.definitions`)."""
     short, spec = block["short"], block[preset]
+    if "experiment" in spec["base"]:
+        raise ConfigError(f"config error: experiment_definitions.{name}.{preset}.base.experiment: set by experiment "
+                          "expansion (each run gets its experiment's name), not in a block")
     runs: dict[str, dict[str, Any]] = {}
     for labels, point in grid_points(spec["grid"], f"experiment_definitions.{name}.{preset}.grid"):
         run_name = ".".join([short, *labels])
         if len(run_name) > RUN_NAME_MAX:
             raise ConfigError(f"config error: experiment '{name}': run name '{run_name}' is longer than "
                               f"{RUN_NAME_MAX} characters; use shorter labels")
+        if "experiment" in point:
+            raise ConfigError(f"config error: experiment_definitions.{name}.{preset}.grid: run '{run_name}' sets "
+                              "experiment, which experiment expansion sets (each run gets its experiment's name)")
         overrides = {**spec["base"], **point, "experiment": name}
         if run_name in runs and runs[run_name] != overrides:
             raise ConfigError(f"config error: experiment '{name}': two grid points are both named "
