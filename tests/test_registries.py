@@ -137,3 +137,17 @@ def test_adding_a_model_or_an_evaluation_is_adding_a_file(package, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "toy" in json.loads(done.stdout.splitlines()[-1])
+
+
+def test_every_figure_file_has_one_maker():
+    """Two figures jobs writing one file would be an ambiguous rule (or one job's figure silently the
+    other's): the experiments' figures, the runs block's training curves and the ICL study's figures
+    are distinct files."""
+    from pathlib import Path
+
+    from lipflow.experiments import EXPERIMENT_FIGURES
+    from lipflow.plan_rules import ICL_FIGURES
+
+    stems = [figure for figures in EXPERIMENT_FIGURES.values() for figure in figures]
+    stems += ["training_curves"] + sorted({Path(path).stem for path in ICL_FIGURES})
+    assert len(stems) == len(set(stems)), sorted(stem for stem in stems if stems.count(stem) > 1)
