@@ -99,7 +99,7 @@ class PowerIterationResult:
     converged: bool
 
 
-def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
+def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], *, iters: int, tol: float,
                     generator: torch.Generator | None = None, init: torch.Tensor | None = None,
                     precondition: torch.Tensor | None = None) -> PowerIterationResult:
     """Largest-|λ| Hessian eigenvalue: v ← Hv/‖Hv‖, λ = vᵀHv, until |Δλ| < tol·(|λ| + 1e-6)
@@ -123,11 +123,12 @@ def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int 
     return PowerIterationResult(eigenvalue, v.detach(), step, converged)
 
 
-def top_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
+def top_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], *, iters: int, tol: float,
                    generator: torch.Generator | None = None, init: torch.Tensor | None = None,
                    precondition: torch.Tensor | None = None) -> float:
     """The sharpness λ_max of ``power_iteration`` as a float (see there)."""
-    return power_iteration(loss_fn, params, iters, tol, generator, init, precondition).eigenvalue
+    return power_iteration(loss_fn, params, iters=iters, tol=tol, generator=generator, init=init,
+                           precondition=precondition).eigenvalue
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -146,7 +147,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch
     return torch.cat(pieces)
 
 
-def lanczos_topk(loss_fn: LossFn, params: Sequence[torch.Tensor], k: int, iters: int = 30,
+def lanczos_topk(loss_fn: LossFn, params: Sequence[torch.Tensor], k: int, *, iters: int,
                  generator: torch.Generator | None = None) -> list[float]:
     """The k largest Ritz values of an ``iters``-step Lanczos run (full reorthogonalisation), descending.
 

@@ -25,6 +25,7 @@ from lipflow.model.base import rms_operator_norm
 from lipflow.train.update import constrained_matrices
 
 ATTENTION_LOGIT_WINDOWS = 16  # val windows whose pre-softmax scores are checked at eval steps
+TRAINING_SHARPNESS_TOL = 1e-3  # power iteration's stopping tolerance for sharpness during training (no config key)
 
 
 class StepResult(NamedTuple):
@@ -148,7 +149,7 @@ class EvalStepTelemetry:
 
         def eigenvalue(precondition: torch.Tensor | None) -> float:
             return top_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
-                                  iters=cfg["sharpness_iters"], tol=1e-3, precondition=precondition,
+                                  iters=cfg["sharpness_iters"], tol=TRAINING_SHARPNESS_TOL, precondition=precondition,
                                   generator=torch.Generator().manual_seed(cfg["seed"] + 3))
 
         precondition = adam_preconditioner(self.optimizer, params)
