@@ -68,7 +68,7 @@ def load_model(name: str, golden: dict):
 def rank_rows(model, windows: torch.Tensor, cfg: dict) -> list[dict]:
     """The rank evaluation's rows that read the attention layers (the spectra of named parameters do not)."""
     params = evaluation_params("rank", rtols=[1e-3], n_train=len(windows))
-    ctx = EvalContext(model, windows, windows, params, run_defaults(**cfg), 3.0, 3.25, torch.device("cpu"), None)
+    ctx = EvalContext(model, lambda count: windows[:count], windows, params, run_defaults(**cfg), 3.0, 3.25, torch.device("cpu"), None)
     return [r for r in EVALUATIONS.get("rank")(ctx) if r.get("matrix") in (None, "qk", "ov")]
 
 

@@ -81,7 +81,7 @@ def tiny_gpt():
 
 def run_precision(model, cfg, eval_cfg):
     windows = torch.randint(0, 20, (8, 9), generator=torch.Generator().manual_seed(3))
-    ctx = EvalContext(model, windows, windows, evaluation_params("precision", **eval_cfg), cfg, None, None,
+    ctx = EvalContext(model, lambda count: windows[:count], windows, evaluation_params("precision", **eval_cfg), cfg, None, None,
                       torch.device("cpu"), None)
     return EVALUATIONS.get("precision")(ctx), windows
 
@@ -179,7 +179,7 @@ def test_fp8_kernel_matches_its_simulation_on_cpu():
 
 def test_precision_evaluation_reports_the_kernel_rows():
     model, windows = lipschitz_lm(vocab=20, d=32, context=8)
-    ctx = EvalContext(model, windows, windows, evaluation_params("precision", formats=["fp8_e4m3"], scalings=["none"],
+    ctx = EvalContext(model, lambda count: windows[:count], windows, evaluation_params("precision", formats=["fp8_e4m3"], scalings=["none"],
                                                                  int8=False, batch_size=8, real_fp8=True), {}, None, None,
                       torch.device("cpu"), None)
     rows = EVALUATIONS.get("precision")(ctx)
@@ -209,7 +209,7 @@ def test_precision_evaluation_reports_proven_next_to_observed_bounds(constrained
         with torch.no_grad():
             for _, w in model.param_roles()["hidden"] + model.param_roles()["head"]:
                 w.mul_(6.0)
-    ctx = EvalContext(model, windows, windows, evaluation_params("precision", scalings=["none"], int8=False, batch_size=8,
+    ctx = EvalContext(model, lambda count: windows[:count], windows, evaluation_params("precision", scalings=["none"], int8=False, batch_size=8,
                                                                  real_fp8=False), {}, None, None, torch.device("cpu"), None)
     rows = EVALUATIONS.get("precision")(ctx)
     bounds, observed = model.activation_bounds(), {}

@@ -68,7 +68,7 @@ def test_head_slices_reproduce_the_models_attention_logits_and_a_constructed_low
     assert torch.allclose(x.double() @ layer.ov(1), out_h.double(), atol=1e-4)
 
     windows = torch.randint(0, 30, (6, 9))
-    ctx = EvalContext(model, windows, windows, evaluation_params("rank", rtols=[1e-3], n_train=len(windows)), CFG, 3.0, 3.25, torch.device("cpu"), None)
+    ctx = EvalContext(model, lambda count: windows[:count], windows, evaluation_params("rank", rtols=[1e-3], n_train=len(windows)), CFG, 3.0, 3.25, torch.device("cpu"), None)
     rows = EVALUATIONS.get("rank")(ctx)
     ranks = {(r["layer"], r["head"]): r["value"] for r in rows
              if r["metric"] == "numerical_rank" and r.get("matrix") == "qk" and r["rtol"] is None}

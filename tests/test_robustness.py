@@ -136,7 +136,7 @@ def robustness_rows(model, certificate=None, cfg=None):
     eval_cfg = evaluation_params("robustness", **{"epsilons": [0.0, 0.3, 1.0], "pgd_steps": 10, "k_values": [1, 2],
                                                   "random_trials": 3, "greedy_candidates": 4, "lipschitz_steps": 10,
                                                   "batch_size": 8, **(cfg or {})})
-    ctx = EvalContext(model, windows, windows, eval_cfg, {}, None, None, torch.device("cpu"), certificate)
+    ctx = EvalContext(model, lambda count: windows[:count], windows, eval_cfg, {}, None, None, torch.device("cpu"), certificate)
     return EVALUATIONS.get("robustness")(ctx)
 
 

@@ -167,7 +167,7 @@ def test_sharpness_evaluation_on_a_tiny_gpt():
     torch.manual_seed(0)
     model = build_model(cfg, 20)
     windows = torch.randint(0, 20, (8, 9))
-    ctx = EvalContext(model, windows, windows, evaluation_params("sharpness", batch_size=4, iters=30, lanczos_k=2,
+    ctx = EvalContext(model, lambda count: windows[:count], windows, evaluation_params("sharpness", batch_size=4, iters=30, lanczos_k=2,
                                                                  lanczos_iters=12, hutchinson_samples=4), cfg, None, None, torch.device("cpu"), None)
     rows = {(r["metric"], r.get("k")): r["value"] for r in EVALUATIONS.get("sharpness")(ctx)}
     top, lanczos = rows[("top_hessian_eigenvalue", None)], rows[("lanczos_eigenvalue", 1)]
@@ -175,3 +175,33 @@ def test_sharpness_evaluation_on_a_tiny_gpt():
     # power iteration finds the largest |λ|, which is at least the largest Ritz value (Ritz ≤ λ_max)
     assert abs(top) >= lanczos * 0.95
     assert rows[("lanczos_eigenvalue", 1)] >= rows[("lanczos_eigenvalue", 2)]
+
+
+def test_the_fixed_batch_and_rank_bx_windows_are_not_capped_at_256_train_windows(char_shards, tiny_run_config,
+                                                                                tmp_path, monkeypatch):
+    """build_context read at most 256 train windows whatever the evaluation asked for, so sharpness
+    batch_size 512 (or rank bx_windows 512) silently measured 256 windows: bit-identical to 256."""
+    import lipflow.evaluation.rank as rank
+    import lipflow.evaluation.sharpness as sharpness
+    from lipflow.evaluation.__main__ import evaluate
+    from test_bad_inputs import real_fake_run
+    from test_cli import record_data_dir
+
+    run_dir = real_fake_run(tmp_path, char_shards, tiny_run_config)
+    record_data_dir(run_dir, char_shards)
+    seen = {}
+    loss_fn, input_norms = sharpness.language_model_loss_fn, rank.attention_input_norms
+
+    def spy_loss_fn(model, windows):
+        seen["sharpness"] = windows.shape[0]
+        return loss_fn(model, windows[:2])  # the Hessian of two windows is enough here
+
+    def spy_input_norms(model, layers, windows, batch_size, device):
+        seen["rank"] = windows.shape[0]
+        return input_norms(model, layers, windows, batch_size, device)
+
+    monkeypatch.setattr(sharpness, "language_model_loss_fn", spy_loss_fn)
+    monkeypatch.setattr(rank, "attention_input_norms", spy_input_norms)
+    evaluate("sharpness", run_dir, char_shards, {"batch_size": 300, "iters": 1}, tmp_path / "sharpness.parquet", "cpu")
+    evaluate("rank", run_dir, char_shards, {"bx_windows": 300}, tmp_path / "rank.parquet", "cpu")
+    assert seen == {"sharpness": 300, "rank": 300}

@@ -19,14 +19,19 @@ from lipflow.model.base import LanguageModel
 from lipflow.registry import Registry, import_package_modules
 
 
+TRAIN_LOSS_WINDOWS = 256  # the train windows ``EvalContext.train_loss`` is measured on
+
+
 @dataclass
 class EvalContext:
     """Everything an evaluation may read; windows are token ids of shape (N, context + 1).
-    ``train_loss`` and ``val_loss`` are the known losses, else measured over all of the windows
-    (in batches of the evaluation's ``batch_size``) when an evaluation first reads them."""
+    ``first_train_windows(n)`` reads the train split's first n windows (fewer where it holds fewer),
+    as many as an evaluation asks for. ``train_loss`` and ``val_loss`` are the known losses, else
+    measured over the first :data:`TRAIN_LOSS_WINDOWS` train windows and over all val windows (in
+    batches of the evaluation's ``batch_size``) when an evaluation first reads them."""
 
     model: LanguageModel
-    train_windows: torch.Tensor
+    first_train_windows: Callable[[int], torch.Tensor]
     val_windows: torch.Tensor
     cfg: dict[str, Any]            # this evaluation's own parameters
     run: dict[str, Any]            # the run's resolved training config
@@ -37,7 +42,7 @@ class EvalContext:
 
     @functools.cached_property
     def train_loss(self) -> float:
-        return self._loss(self.known_train_loss, self.train_windows)
+        return self._loss(self.known_train_loss, self.first_train_windows(TRAIN_LOSS_WINDOWS))
 
     @functools.cached_property
     def val_loss(self) -> float:

@@ -43,10 +43,10 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
                          f"tokenizer in {data_dir} has {train.vocab_size}: tokenizer/checkpoint mismatch")
     if "n_train" in params and params["n_train"] is None:  # the rank bound's n: null = train tokens / context
         params["n_train"] = train.num_tokens // context
-    train_windows = train.sequential_windows(context, max_windows=256)
     val_windows = TokenShards(data_dir, "val").sequential_windows(context)
     bound_l2 = getattr(model, "lipschitz_bound_l2", None)
-    ctx = EvalContext(model=model, train_windows=train_windows, val_windows=val_windows, cfg=params, run=cfg,
+    ctx = EvalContext(model=model, first_train_windows=lambda count: train.sequential_windows(context, count),
+                      val_windows=val_windows, cfg=params, run=cfg,
                       known_train_loss=None, known_val_loss=None, device=device,  # measured if read
                       certificate=bound_l2() if callable(bound_l2) else None)
     return ctx, info

@@ -314,7 +314,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         raise ValueError("evaluations.rank.n_train is null: build the context with "
                          "lipflow.evaluation.__main__.build_context, which sets it to train tokens / context")
     n_train = int(cfg["n_train"])
-    input_bounds = attention_input_norms(model, layers, ctx.train_windows[: cfg["bx_windows"]],
+    input_bounds = attention_input_norms(model, layers, ctx.first_train_windows(cfg["bx_windows"]),
                                          cfg["batch_size"], ctx.device)
     lip = ACTIVATIONS.get(ctx.run["activation"]).base_lipschitz  # L_φ = max φ′ (S&I round 1.1289 to 1.13)
     bound_rtol = cfg["bound_rtol"]

@@ -211,7 +211,7 @@ def language_model_loss_fn(model: torch.nn.Module, windows: torch.Tensor) -> Los
 def evaluate(ctx: EvalContext) -> list[dict]:
     """Top Hessian eigenvalue (and optionally Lanczos top-k and Hutchinson trace) on a fixed train batch."""
     cfg = ctx.cfg
-    batch = ctx.train_windows[: cfg["batch_size"]].to(ctx.device)
+    batch = ctx.first_train_windows(cfg["batch_size"]).to(ctx.device)
     model = ctx.model.to(ctx.device).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = language_model_loss_fn(model, batch)
