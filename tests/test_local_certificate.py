@@ -505,3 +505,38 @@ def test_attention_jacobian_bound_evaluates_its_documented_operators(last_only):
     if last_only:
         rec = lc.last_query(rec)
     assert torch.allclose(attention_jacobian_norm(rec), _spec_attention_jacobian_norm(rec), rtol=1e-9)
+
+
+def test_sharp_attention_whose_probabilities_underflow_gives_finite_sound_drops_never_above_the_global_one():
+    """Nominal attention probabilities that underflow to exactly 0 (sharp attention: q, k × 60) met
+    e^{2Δ} = inf in P̂ = min(1, P·e^{2Δ}) as 0·inf = NaN, and the NaN passed through every minimum:
+    the margin drop was NaN instead of at most the global √2·L·ε (tightness_local rows NaN, the
+    local radius 0 where the global one certifies). P̂ now floors P at the least subnormal."""
+    model = checkpoint(GPT, "random")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".attn.q." in name or ".attn.k." in name:
+                p.mul_(60.0)
+    x = inputs(model, GPT, n=16)
+    cert, logits, labels = certificate_at(model, GPT, x)
+    assert any(bool((rec.probs == 0).any()) for rec in _attention_records(model, x))  # the case at hand
+    for eps in (1e-3, 0.1, 10.0):
+        epsilon = torch.full((x.shape[0],), eps, dtype=torch.float64)
+        drop = cert.margin_drop(epsilon)
+        assert bool(torch.isfinite(drop).all()), eps
+        assert bool((drop <= 2 ** 0.5 * model.lipschitz_bound_l2() * eps * (1 + 1e-9)).all()), eps
+    global_radius = certified_radius(logits, labels, model.lipschitz_bound_l2())
+    assert bool((cert.radius() >= global_radius * (1 - 1e-6)).all())
+
+
+def _attention_records(model, x):
+    """Each block's attention record at the nominal input (as the certificate's body computes them)."""
+    records, h = [], model.project_to_domain(x.double())
+    for block in model.blocks:
+        y, rec = attention_at(block.attn, h)
+        records.append(rec)
+        h = block.keep * h + block.weight * y
+        mlp = block.mlp
+        h = block.keep * h + block.weight * mlp.output_scale * (
+            mlp.act.base(h @ mlp.up.weight.detach().double().T) @ mlp.down.weight.detach().double().T)
+    return records
