@@ -85,10 +85,11 @@ class ArgumentParser(argparse.ArgumentParser):
 SIZE_OVERFLOW_MESSAGES = ("Storage size calculation overflowed", "Overflow when unpacking long long")
 
 
-def out_of_memory(err: BaseException) -> StageError | None:
+def out_of_memory(err: BaseException,
+                  advice: str = "lower d_model, mlp_ratio, n_layers, batch_size or context") -> StageError | None:
     """A one-line StageError for a model or batch that does not fit in memory (torch raises a
     RuntimeError with the allocator's message) or whose size torch cannot even represent (a
-    RuntimeError or TypeError saying the size overflowed), else None."""
+    RuntimeError or TypeError saying the size overflowed), ending in ``advice``; else None."""
     message = str(err)
     if isinstance(err, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message):
         detail = message.split("DefaultCPUAllocator: ")[-1].split(". Error code")[0].splitlines()[0]
@@ -96,7 +97,7 @@ def out_of_memory(err: BaseException) -> StageError | None:
         detail = "a tensor's size overflows 64 bits"
     else:
         return None
-    return StageError(f"out of memory ({detail}): lower d_model, mlp_ratio, n_layers, batch_size or context")
+    return StageError(f"out of memory ({detail}): {advice}")
 
 
 def summary_of(doc: str) -> str:
