@@ -131,6 +131,15 @@ def test_greedy_substitution_matches_brute_force_and_random_respects_k():
     assert torch.all(objective(score(attacked), labels) >= objective(score(idx), labels))
 
 
+def test_the_sequences_row_counts_the_val_windows_attacked():
+    """n_sequences above what the val split holds is cut to it: the rows say how many were used."""
+    model = PositionwiseNet()
+    for asked, used in ((10, 10), (1000, 16)):
+        rows = robustness_rows(model, cfg={"n_sequences": asked, "epsilons": [0.0], "k_values": [], "pgd_steps": 1,
+                                           "lipschitz_steps": 1})
+        assert value(rows, "sequences") == used
+
+
 def robustness_rows(model, certificate=None, cfg=None):
     windows = torch.randint(0, model.vocab_size, (16, model.context + 1), generator=torch.Generator().manual_seed(5))
     eval_cfg = evaluation_params("robustness", **{"epsilons": [0.0, 0.3, 1.0], "pgd_steps": 10, "k_values": [1, 2],

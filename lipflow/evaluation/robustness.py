@@ -289,7 +289,8 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     with torch.no_grad():
         clean = _batched(last, batch_size, x)
     clean_acc, loss = accuracy_and_loss(clean)
-    rows = [{"metric": "clean_accuracy", "value": clean_acc}, {"metric": "clean_loss", "value": loss}]
+    rows = [{"metric": "sequences", "value": float(windows.shape[0])},  # n_sequences, or fewer where val is short
+            {"metric": "clean_accuracy", "value": clean_acc}, {"metric": "clean_loss", "value": loss}]
     epsilons = [float(e) for e in cfg["epsilons"]]
     clean_margin = logit_margin(clean, labels)
     certificate = certificate_l2(model, ctx.certificate)
