@@ -303,3 +303,31 @@ def test_gpu_check_refuses_an_unknown_section():
     done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--only", "cuda_tests,train_step_acc"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown section 'train_step_acc'" in done.stderr
+
+
+def test_gpu_check_takes_relative_paths_from_the_callers_directory(tmp_path):
+    """--out and --text relative to where gpu_check is called from (it runs its sections from the repository):
+    each section's log lands beside its rows, and the section reads the caller's text file. A stand-in
+    Python prints the command lines instead of running them."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\necho "ARGS $*"\n')
+    stand_in.chmod(0o755)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", "relative", "--text", "corpus.txt",
+                           "--only", "reference_recipe"],
+                          cwd=caller, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": str(stand_in)})
+    assert done.returncode == 0, done.stderr
+    log = (caller / "relative" / "reference_recipe.log").read_text()
+    args = log.split("ARGS ", 1)[1].split()
+    assert args[args.index("--text") + 1] == str(caller / "corpus.txt")
+    assert args[args.index("--out") + 1] == str(caller / "relative" / "reference_recipe.parquet")
+    assert not (REPO / "relative").exists()
+
+
+def test_gpu_check_refuses_an_out_it_cannot_make(tmp_path):
+    (tmp_path / "file").write_text("")
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "file" / "x")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--out: cannot make or enter the directory" in done.stderr
