@@ -23,7 +23,8 @@ loss and accuracy with every Linear through the real e4m3 kernel (``torch._scale
 same arithmetic simulated in fp32 (``lipflow.evaluation.precision.real_fp8_accuracy``, 256 val
 windows; scale 1 where the activation bounds prove e4m3 safe, per-tensor scaling otherwise).
 ``--quick``: 20 steps at d 64, context 64, batch 16 for every arm (a smoke test).
-Rows go to results/bench/reference_recipe.parquet (--quick: results/bench/quick/).
+Rows go to results/bench/reference_recipe.parquet (--quick: results/bench/quick/), each arm's as soon as
+it is done (a time limit that stops a later arm keeps them).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dev = device_label(str(device))
     print(f"machine: {machine()}; device: {dev}")
-    rows, table, fp8_table = [], [], []
+    table, fp8_table = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = shakespeare_shards(args.text, work)
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                       "lipschitz_bound": (summary["lipschitz_bound"], "ratio"),
                       "max_activation": (summary["max_activation"], "abs"),
                       "wall_time": (wall, "s"), "tokens_per_s": (tokens / wall, "tokens/s")}
-            rows += [row(BENCH, f"{metric}.{key}", value, unit, dev) for key, (value, unit) in values.items()
-                     if value is not None]
+            rows = [row(BENCH, f"{metric}.{key}", value, unit, dev) for key, (value, unit) in values.items()
+                    if value is not None]
             table.append([name, cfg["batch_size"], summary["status"], summary["final_val_loss"],
                           100 * summary["final_val_accuracy"],
                           summary["lipschitz_bound"] if summary["lipschitz_bound"] is not None else "none",
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                   100 * fp8["real_accuracy"], fp8["max_logit_difference"]])
                 rows += [row(BENCH, f"{metric}.fp8_e4m3.{key}", value, "nats" if "loss" in key else "fraction", dev)
                          for key, value in fp8.items() if key.endswith(("_loss", "_accuracy"))]
+            save_rows(args, BENCH, rows)  # each arm's rows once it is done: a later arm may be cut off by a time limit
             del trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -143,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         print("every Linear in e4m3 (real kernel torch._scaled_mm vs fp32 simulation), 256 val windows:")
         print_table(["run", "scaling", "proven safe", "fp32 loss", "sim loss", "real loss", "fp32 acc %",
                      "sim acc %", "real acc %", "max |Δlogit|"], fp8_table)
-    save_rows(args, BENCH, rows)
     return 0
 
 

@@ -331,3 +331,33 @@ def test_gpu_check_refuses_an_out_it_cannot_make(tmp_path):
     done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "file" / "x")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--out: cannot make or enter the directory" in done.stderr
+
+
+def test_reference_recipe_keeps_each_finished_arm_when_a_later_one_is_stopped(tmp_path, monkeypatch):
+    """gpu_check stops a section at its time limit (SIGINT): the arms trained before it keep their rows."""
+    import random
+
+    sys.path.insert(0, str(REPO))
+    import bench.reference_recipe as recipe
+
+    rng = random.Random(0)
+    words = ["the", "king", "and", "queen", "of", "night", "to", "be", "or", "not", "with", "thee"]
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)) + "\n")
+    trained = []
+    run = recipe.Trainer.run
+
+    def run_or_stop(self):
+        if trained:
+            raise KeyboardInterrupt  # what timeout --signal=INT delivers
+        trained.append(self.run_id)
+        return run(self)
+
+    monkeypatch.setattr(recipe.Trainer, "run", run_or_stop)
+    out = tmp_path / "reference_recipe.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(["--quick", "--steps", "2", "--device", "cpu", "--text", str(text),
+                     "--arms", "notebook.s2", "baseline", "--out", str(out)])
+    metrics = [r["metric"] for r in pq.read_table(out).to_pylist()]
+    assert trained == ["notebook.s2"] and all(".notebook.s2." in m for m in metrics)
+    assert any(m.endswith(".notebook.s2.val_loss") for m in metrics)
