@@ -314,6 +314,7 @@ def test_gpu_check_takes_relative_paths_from_the_callers_directory(tmp_path):
     stand_in.chmod(0o755)
     caller = tmp_path / "caller"
     caller.mkdir()
+    (caller / "corpus.txt").write_text("to be or not to be\n")
     done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", "relative", "--text", "corpus.txt",
                            "--only", "reference_recipe"],
                           cwd=caller, capture_output=True, text=True, timeout=60,
@@ -361,3 +362,39 @@ def test_reference_recipe_keeps_each_finished_arm_when_a_later_one_is_stopped(tm
     metrics = [r["metric"] for r in pq.read_table(out).to_pylist()]
     assert trained == ["notebook.s2"] and all(".notebook.s2." in m for m in metrics)
     assert any(m.endswith(".notebook.s2.val_loss") for m in metrics)
+
+
+def test_gpu_check_fits_its_sections_into_the_budget(tmp_path):
+    """--budget bounds the whole call: each section's limit is cut to what is left (less 20 s for the
+    timeout's grace and the closing table), and a section with under 30 s left is skipped and counted as
+    failed. A stand-in Python that takes 8 s for the CUDA tests and no time for anything else."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\ncase "$*" in *"-m pytest"*) sleep 8 ;; *summarize*) echo TABLE ;; esac\n')
+    stand_in.chmod(0o755)
+    (tmp_path / "text.txt").write_text("to be\n")
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "out"), "--text",
+                           str(tmp_path / "text.txt"), "--budget", "56"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": str(stand_in)})
+    limits = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("=== ")
+              and "(limit" in line}
+    limit = int(limits["cuda_tests"].split("(limit ")[1].split()[0])
+    assert 30 <= limit <= 36  # 56 − 20 − the seconds before it, not its own 210
+    for name in ("train_step", "constraints", "reference_recipe"):
+        assert f"=== {name}: skipped" in done.stdout
+    assert done.returncode == 1 and "constraints (no time left)" in done.stderr
+    assert done.stdout.rstrip().endswith("TABLE")  # the closing table still printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reference-steps", "0"], "--reference-steps: '0' is not an integer ≥ 1"),
+    (["--budget", "6min"], "--budget: '6min' is not a number of seconds"),
+    (["--text", "absent.txt"], "is not a file (Tiny Shakespeare, for the reference_recipe section)"),
+    (["--out"], "--out needs a value"),
+])
+def test_gpu_check_refuses_bad_values_before_running_anything(tmp_path, args, message):
+    """Found at once, not after the sections before reference_recipe have used up the lease."""
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), *args, *(["--out", str(tmp_path / "out")]
+                                                                      if args != ["--out"] else [])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
