@@ -331,7 +331,7 @@ def test_gpu_check_refuses_an_out_it_cannot_make(tmp_path):
     (tmp_path / "file").write_text("")
     done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "file" / "x")],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "--out: cannot make or enter the directory" in done.stderr
+    assert done.returncode == 2 and "--out: cannot make or write to the directory" in done.stderr
 
 
 def test_reference_recipe_keeps_each_finished_arm_when_a_later_one_is_stopped(tmp_path, monkeypatch):
@@ -398,3 +398,17 @@ def test_gpu_check_refuses_bad_values_before_running_anything(tmp_path, args, me
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_without_jsonschema_or_its_wheels_stops_at_once(tmp_path):
+    """Every section needs jsonschema: a machine without it, and without .whl/ to install it from, is told
+    so in one line before anything runs (not by each section's traceback). A stand-in Python without it."""
+    if any((REPO / ".whl").glob("*.whl")):
+        pytest.skip("this checkout carries .whl/: gpu_check would try to install from it")
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\ncase "$*" in *"import jsonschema"*) exit 1 ;; esac\necho RAN "$*"\n')
+    stand_in.chmod(0o755)
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "out"), "--only", "constraints"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": str(stand_in)})
+    assert done.returncode == 2 and "cannot import jsonschema" in done.stderr, done.stderr
+    assert "RAN" not in done.stdout and not (tmp_path / "out").exists()
