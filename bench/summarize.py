@@ -38,6 +38,14 @@ def read_rows(path: Path) -> list[dict]:
     return table.select(list(COLUMNS)).to_pylist()
 
 
+def short_commit(commit: str | None) -> str:
+    """The commit's first 12 digits, keeping the ``-dirty`` mark of a tree with uncommitted changes (bench/common.py's
+    git_commit): a dirty tree's numbers are not that commit's."""
+    if not commit:
+        return ""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--exclude", action="append", default=[], metavar="SUBSTR",
@@ -62,7 +70,7 @@ def main(argv: list[str]) -> int:
                 continue
             value = "" if r["value"] is None else f"{r['value']:.4g}"
             print(f"| {r['bench']} | {r['metric']} | {value} | {r['unit']} | {r['device']} | "
-                  f"{(r['date'] or '')[:10]} | {(r['git_commit'] or '')[:12]} |")
+                  f"{(r['date'] or '')[:10]} | {short_commit(r['git_commit'])} |")
     for name in missing:
         print(f"(no rows: {name} was not written)")
     return 0

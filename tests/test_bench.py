@@ -412,3 +412,19 @@ def test_gpu_check_without_jsonschema_or_its_wheels_stops_at_once(tmp_path):
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": str(stand_in)})
     assert done.returncode == 2 and "cannot import jsonschema" in done.stderr, done.stderr
     assert "RAN" not in done.stdout and not (tmp_path / "out").exists()
+
+
+def test_summarize_keeps_the_dirty_mark_of_a_commit(tmp_path):
+    """A row measured on a tree with uncommitted changes says so in the table (the hash alone was cut to 12 digits,
+    which dropped the mark)."""
+    sys.path.insert(0, str(REPO))
+    from bench.common import append_rows, row
+
+    out = tmp_path / "t.parquet"
+    clean, dirty = row("b", "clean", 1.0, "s"), row("b", "dirty", 2.0, "s")
+    clean["git_commit"], dirty["git_commit"] = "a" * 40, "b" * 40 + "-dirty"
+    append_rows(out, [clean, dirty, {**row("b", "none", 3.0, "s"), "git_commit": None}])
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "summarize.py"), str(out)], capture_output=True,
+                          text=True, timeout=60)
+    commits = [line.split(" | ")[-1].rstrip(" |") for line in done.stdout.splitlines()[2:]]
+    assert commits == ["a" * 12, "b" * 12 + "-dirty", ""]
