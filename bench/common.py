@@ -73,11 +73,25 @@ def add_out_argument(parser: argparse.ArgumentParser, quick: bool = True) -> Non
                                                  f"{elsewhere})")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ ``minimum`` (a count of rounds, threads, steps …), else a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer ≥ {minimum}")
+        return value
+    parse.__name__ = f"integer ≥ {minimum}"
+    return parse
+
+
 def add_torch_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--device`` and ``--threads`` options of the benches that time torch code."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; "
-                                                     "1 is steadier on a machine shared with other work)")
+    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's, one per core; "
+                                                             "1 is steadier on a machine shared with other work)")
 
 
 def torch_setup(args: argparse.Namespace):
@@ -98,11 +112,16 @@ def torch_setup(args: argparse.Namespace):
 def parse_bench_args(parser: argparse.ArgumentParser, bench: str,
                      argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line and resolve ``--out`` (:func:`out_path`), checking it before anything is
-    measured (:func:`check_out`): a file the rows cannot be appended to is one line and exit code 2."""
+    measured (:func:`check_out`): a file the rows cannot be appended to is one line and exit code 2, and so
+    is a ``--device`` that is not there (``cuda`` without a GPU)."""
     args = parser.parse_args(argv)
     args.out = out_path(args, bench)
     try:
         check_out(args.out)
+        if getattr(args, "device", None) is not None:  # a torch bench: --device cuda without a GPU, now
+            from lipflow.metrics import resolve_device
+
+            resolve_device(args.device)
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return args

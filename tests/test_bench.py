@@ -428,3 +428,30 @@ def test_summarize_keeps_the_dirty_mark_of_a_commit(tmp_path):
                           text=True, timeout=60)
     commits = [line.split(" | ")[-1].rstrip(" |") for line in done.stdout.splitlines()[2:]]
     assert commits == ["a" * 12, "b" * 12 + "-dirty", ""]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench/train_step.py", "--rounds", "0"], "argument --rounds: '0' is not an integer ≥ 1"),
+    (["bench/train_step.py", "--warmup", "-1"], "argument --warmup: '-1' is not an integer ≥ 0"),
+    (["bench/constraints.py", "--threads", "-2"], "argument --threads: '-2' is not an integer ≥ 1"),
+    (["bench/constraints.py", "--sizes", "256", "0"], "argument --sizes: '0' is not an integer ≥ 1"),
+    (["bench/evals.py", "--rounds", "x"], "argument --rounds: 'x' is not an integer ≥ 1"),
+])
+def test_torch_benches_refuse_counts_they_cannot_use(tmp_path, args, message):
+    """Found by argparse, before anything is built or timed (--rounds 0 was a traceback from median() of no
+    timings after the models were built; a negative --threads one from torch)."""
+    done = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:], "--out", str(tmp_path / "x.parquet")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].endswith(message), done.stderr[-2000:]
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("script", ["bench/constraints.py", "bench/reference_recipe.py"])
+def test_torch_benches_refuse_cuda_without_a_gpu_in_one_line(tmp_path, script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    done = subprocess.run([sys.executable, str(REPO / script), "--device", "cuda", "--out", str(tmp_path / "x.parquet")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "no CUDA device" in done.stderr
