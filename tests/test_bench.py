@@ -455,3 +455,17 @@ def test_torch_benches_refuse_cuda_without_a_gpu_in_one_line(tmp_path, script):
     done = subprocess.run([sys.executable, str(REPO / script), "--device", "cuda", "--out", str(tmp_path / "x.parquet")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "no CUDA device" in done.stderr
+
+
+def test_gpu_check_appends_to_a_sections_log(tmp_path):
+    """A second call with the same --out keeps the first call's log, as it keeps its rows."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\ncase "$*" in *constraints*) echo "RUN $RUN" ;; esac\n')
+    stand_in.chmod(0o755)
+    for run in ("first", "second"):
+        done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "out"), "--only",
+                               "constraints"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHON": str(stand_in), "RUN": run})
+        assert done.returncode == 0, done.stderr
+    log = (tmp_path / "out" / "constraints.log").read_text()
+    assert log.index("RUN first") < log.index("RUN second") and log.count("### ") == 2
