@@ -469,3 +469,15 @@ def test_gpu_check_appends_to_a_sections_log(tmp_path):
         assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "constraints.log").read_text()
     assert log.index("RUN first") < log.index("RUN second") and log.count("### ") == 2
+
+
+def test_gpu_check_tabulates_train_step_last(tmp_path):
+    """The closing table (≈ 20 kB on a GPU) outgrows a device call's 12,000-character output tail, which keeps
+    its end: train_step's rows, the MFU and the ratio, come last so they are the ones kept."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\ncase "$*" in *summarize*) echo "TABLE $*" ;; esac\n')
+    stand_in.chmod(0o755)
+    done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--out", str(tmp_path / "out"), "--only", "constraints"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": str(stand_in)})
+    table = done.stdout.split("TABLE ", 1)[1].split()
+    assert table[-1] == str(tmp_path / "out" / "train_step.parquet")
