@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import pyarrow.parquet as pq  # noqa: E402
 
+from bench.common import at_least  # noqa: E402
 from lipflow.errors import summary_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,36 +42,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rev_a")
     parser.add_argument("rev_b")
     parser.add_argument("script", help="path of the bench script inside the repository, e.g. bench/train_step.py")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--metrics", nargs="*", default=[])
     args = parser.parse_args(own)
-    values: dict[str, dict[str, list[float]]] = {args.rev_a: defaultdict(list), args.rev_b: defaultdict(list)}
+    revs = (args.rev_a, args.rev_b)
+    for rev in revs:
+        found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                               capture_output=True, text=True)
+        if found.returncode != 0:
+            parser.exit(2, f"{parser.prog}: error: '{rev}' is not a commit of {REPO}\n")
+    # keyed by position, so that a revision against itself (an A/A run: the noise) keeps two columns
+    values: tuple[dict[str, list[float]], ...] = (defaultdict(list), defaultdict(list))
     units: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {}
-        for rev in (args.rev_a, args.rev_b):
-            trees[rev] = Path(tmp) / f"tree-{len(trees)}"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(trees[rev]), rev],
-                           check=True)
+        trees: list[Path] = []
         try:
+            for side, rev in enumerate(revs):
+                trees.append(Path(tmp) / f"tree-{side}")
+                subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(trees[side]), rev],
+                               check=True)
             for repeat in range(args.repeats):
-                order = [args.rev_a, args.rev_b] if repeat % 2 == 0 else [args.rev_b, args.rev_a]
-                for rev in order:
+                for side in ((0, 1) if repeat % 2 == 0 else (1, 0)):
                     out = Path(tmp) / f"{len(list(Path(tmp).glob('*.parquet')))}.parquet"
-                    print(f"=== {rev}: {args.script} {' '.join(passed)} (repeat {repeat + 1})", flush=True)
-                    subprocess.run([sys.executable, str(trees[rev] / args.script), *passed, "--out", str(out)],
-                                   cwd=trees[rev], check=True)
+                    print(f"=== {revs[side]}: {args.script} {' '.join(passed)} (repeat {repeat + 1})", flush=True)
+                    done = subprocess.run([sys.executable, str(trees[side] / args.script), *passed, "--out", str(out)],
+                                          cwd=trees[side])
+                    if done.returncode != 0:
+                        raise SystemExit(f"compare_revisions: {args.script} failed at {revs[side]} "
+                                         f"(exit {done.returncode})")
                     for r in pq.read_table(out).to_pylist():
                         if not args.metrics or any(m in r["metric"] for m in args.metrics):
-                            values[rev][r["metric"]].append(r["value"])
+                            values[side][r["metric"]].append(r["value"])
                             units[r["metric"]] = r["unit"]
         finally:
-            for tree in trees.values():
+            for tree in trees:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
     print(f"\n| metric | unit | {args.rev_a} | {args.rev_b} | B/A |\n|---|---|---|---|---|")
-    for metric in values[args.rev_a]:
-        if metric in values[args.rev_b]:
-            a, b = statistics.median(values[args.rev_a][metric]), statistics.median(values[args.rev_b][metric])
+    for metric in values[0]:
+        if metric in values[1]:
+            a, b = statistics.median(values[0][metric]), statistics.median(values[1][metric])
             print(f"| {metric} | {units[metric]} | {a:.4g} | {b:.4g} | {b / a if a else float('nan'):.3f} |")
     return 0
 

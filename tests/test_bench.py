@@ -481,3 +481,22 @@ def test_gpu_check_tabulates_train_step_last(tmp_path):
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": str(stand_in)})
     table = done.stdout.split("TABLE ", 1)[1].split()
     assert table[-1] == str(tmp_path / "out" / "train_step.parquet")
+
+
+def test_compare_revisions_refuses_an_unknown_revision_and_leaves_no_worktree():
+    before = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "compare_revisions.py"), "HEAD", "no-such-revision",
+                           "bench/constraints.py", "--", "--quick"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().endswith("'no-such-revision' is not a commit of " + str(REPO))
+    assert subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout == before
+
+
+def test_compare_revisions_of_a_revision_against_itself_keeps_both_columns(tmp_path):
+    """An A/A run (what the machine's noise is) times each side on its own: the two columns had been one list."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "compare_revisions.py"), "HEAD", "HEAD",
+                           "bench/constraints.py", "--repeats", "1", "--metrics", "_time", "--",
+                           "--sizes", "16", "--rounds", "1", "--device", "cpu", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| n16.")]
+    assert len(rows) >= 4 and any(a != b for _, _, a, b, _ in rows)  # each side its own run
