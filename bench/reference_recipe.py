@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                       "lipschitz_bound": (summary["lipschitz_bound"], "ratio"),
                       "max_activation": (summary["max_activation"], "abs"),
                       "wall_time": (wall, "s"), "tokens_per_s": (tokens / wall, "tokens/s")}
-            rows = [row(BENCH, f"{metric}.{key}", value, unit, dev) for key, (value, unit) in values.items()
-                    if value is not None]
+            # each arm's rows once it is trained: a later arm (or this arm's fp8 check) may be cut off by a time limit
+            save_rows(args, BENCH, [row(BENCH, f"{metric}.{key}", value, unit, dev)
+                                    for key, (value, unit) in values.items() if value is not None])
             table.append([name, cfg["batch_size"], summary["status"], summary["final_val_loss"],
                           100 * summary["final_val_accuracy"],
                           summary["lipschitz_bound"] if summary["lipschitz_bound"] is not None else "none",
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 fp8_table.append([name, fp8["scaling"], fp8["proven_safe"], fp8["fp32_loss"], fp8["simulated_loss"],
                                   fp8["real_loss"], 100 * fp8["fp32_accuracy"], 100 * fp8["simulated_accuracy"],
                                   100 * fp8["real_accuracy"], fp8["max_logit_difference"]])
-                rows += [row(BENCH, f"{metric}.fp8_e4m3.{key}", value, "nats" if "loss" in key else "fraction", dev)
-                         for key, value in fp8.items() if key.endswith(("_loss", "_accuracy"))]
-            save_rows(args, BENCH, rows)  # each arm's rows once it is done: a later arm may be cut off by a time limit
+                save_rows(args, BENCH, [row(BENCH, f"{metric}.fp8_e4m3.{key}", value,
+                                            "nats" if "loss" in key else "fraction", dev)
+                                        for key, value in fp8.items() if key.endswith(("_loss", "_accuracy"))])
             del trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -500,3 +500,36 @@ def test_compare_revisions_of_a_revision_against_itself_keeps_both_columns(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| n16.")]
     assert len(rows) >= 4 and any(a != b for _, _, a, b, _ in rows)  # each side its own run
+
+
+def test_reference_recipe_saves_an_arms_training_rows_before_its_fp8_check(tmp_path, monkeypatch):
+    """The fp8 branch runs only on a GPU with fp8 tensor cores: exercised here with the kernel check and the
+    evaluation stubbed. An arm's training rows are saved before its fp8 check, which cannot take them down."""
+    import random
+
+    sys.path.insert(0, str(REPO))
+    import bench.reference_recipe as recipe
+
+    rng = random.Random(0)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(["to", "be", "or", "not", "king"]) for _ in range(60))
+                                for _ in range(200)) + "\n")
+    checked = []
+
+    def fp8_accuracy(model, windows):
+        checked.append(model)
+        if len(checked) > 1:
+            raise RuntimeError("fp8 kernel failed")
+        return {"scaling": "none", "proven_safe": True, "fp32_loss": 3.0, "simulated_loss": 3.1, "real_loss": 3.2,
+                "fp32_accuracy": 0.3, "simulated_accuracy": 0.29, "real_accuracy": 0.28, "max_logit_difference": 0.1}
+
+    monkeypatch.setattr(recipe, "fp8_kernel_available", lambda device: True)
+    monkeypatch.setattr(recipe, "real_fp8_accuracy", fp8_accuracy)
+    out = tmp_path / "reference_recipe.parquet"
+    with pytest.raises(RuntimeError, match="fp8 kernel failed"):
+        recipe.main(["--quick", "--steps", "2", "--device", "cpu", "--text", str(text),
+                     "--arms", "notebook.s2", "baseline", "--out", str(out)])
+    v = {r["metric"].split(".S2.", 1)[1]: (r["value"], r["unit"]) for r in pq.read_table(out).to_pylist()}
+    assert v["notebook.s2.fp8_e4m3.real_loss"] == (3.2, "nats")
+    assert v["notebook.s2.fp8_e4m3.real_accuracy"] == (0.28, "fraction")
+    assert "baseline.val_loss" in v and not any(k.startswith("baseline.fp8") for k in v)
