@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipflow.atomic import atomic_write
+from lipflow.provenance import COMMIT_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = pa.schema([
@@ -57,13 +58,15 @@ def machine() -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD's hash, ``-dirty`` appended when tracked files differ from it; None without a commit."""
+    """HEAD's hash, ``-dirty`` appended when tracked files differ from it; outside a git checkout (the
+    source tree a GPU machine gets) ``$LIPFLOW_GIT_COMMIT``; else None."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--abbrev=40", "--dirty", "--exclude=*"],
                              cwd=REPO, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    found = out.stdout.strip() if out is not None and out.returncode == 0 else ""
+    return found or os.environ.get(COMMIT_ENV) or None
 
 
 def add_out_argument(parser: argparse.ArgumentParser, quick: bool = True) -> None:

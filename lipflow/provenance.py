@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -18,14 +19,18 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
+COMMIT_ENV = "LIPFLOW_GIT_COMMIT"  # the commit of a source tree copied without .git (a GPU machine's), set by hand
+
+
 def git_commit(cwd: Path | None = None) -> str | None:
-    """HEAD of the repository lipflow runs from (None outside a git checkout)."""
+    """HEAD of the repository lipflow runs from; outside a git checkout ``$LIPFLOW_GIT_COMMIT``, else None."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        out = None
+    found = out.stdout.strip() if out is not None and out.returncode == 0 else ""
+    return found or os.environ.get(COMMIT_ENV) or None
 
 
 def package_versions() -> dict[str, str | None]:

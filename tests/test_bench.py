@@ -533,3 +533,20 @@ def test_reference_recipe_saves_an_arms_training_rows_before_its_fp8_check(tmp_p
     assert v["notebook.s2.fp8_e4m3.real_loss"] == (3.2, "nats")
     assert v["notebook.s2.fp8_e4m3.real_accuracy"] == (0.28, "fraction")
     assert "baseline.val_loss" in v and not any(k.startswith("baseline.fp8") for k in v)
+
+
+def test_a_source_tree_without_git_takes_its_commit_from_the_environment(tmp_path, monkeypatch):
+    """A GPU machine gets a copy of the source without .git: its rows and run.json had no commit. There
+    ``$LIPFLOW_GIT_COMMIT`` (set by the caller who knows it) names it; in a checkout, git's answer wins."""
+    sys.path.insert(0, str(REPO))
+    import bench.common as common
+    from lipflow import provenance
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path is found
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    monkeypatch.delenv(provenance.COMMIT_ENV, raising=False)
+    assert common.git_commit() is None and provenance.git_commit(tmp_path) is None
+    monkeypatch.setenv(provenance.COMMIT_ENV, "c" * 40)
+    assert common.git_commit() == "c" * 40 and provenance.git_commit(tmp_path) == "c" * 40
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert provenance.git_commit(REPO) == head != "c" * 40
