@@ -172,6 +172,23 @@ def test_parquet_source_streams_the_named_column(tmp_path):
     assert sorted(train + val) == sorted(docs)
 
 
+def test_parquet_source_reads_a_dictionary_encoded_string_column(tmp_path):
+    # pandas writes a 'category' column as a dictionary<values=string> column: strings, like any other
+    docs = TOPICS[:30]
+    table = pa.table({"body": pa.array(docs + [None] + docs[:3]).dictionary_encode()})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=7)
+    assert pa.types.is_dictionary(pq.ParquetFile(tmp_path / "a.parquet").schema_arrow.field("body").type)
+    cfg = CorpusConfig.from_dict({"source": "parquet", "paths": [str(tmp_path / "a.parquet")], "text_column": "body"})
+    build_corpus(cfg, tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(docs + docs[:3])
+    table = pa.table({"body": pa.array([1, 2, 3]).dictionary_encode()})
+    pq.write_table(table, tmp_path / "n.parquet")
+    cfg = CorpusConfig.from_dict({"source": "parquet", "paths": [str(tmp_path / "n.parquet")], "text_column": "body"})
+    with pytest.raises(DataError, match=r"n\.parquet: text column 'body' has type .*expected a string column"):
+        build_corpus(cfg, tmp_path / "d")
+
+
 # ---------------------------------------------------------------- split
 
 

@@ -232,7 +232,9 @@ def _parquet_documents(files: list[str], column: str) -> Iterator[str]:
             if column not in schema.names:
                 raise DataError(f"{path}: missing text column '{column}' (columns: {', '.join(schema.names)})")
             kind = schema.field(column).type
-            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            # a dictionary-encoded string column (pandas' 'category' dtype) holds strings too
+            values = kind.value_type if pa.types.is_dictionary(kind) else kind
+            if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
                 raise DataError(f"{path}: text column '{column}' has type {kind}, expected a string column")
             row = 0
             for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
