@@ -449,6 +449,16 @@ def test_resident_windows_are_the_shard_windows_and_resume_from_the_generator_st
     assert torch.equal(got[0][:, 1:], got[1][:, :-1])  # y is x shifted by one token
 
 
+def test_an_empty_token_range_is_an_empty_array_anywhere_in_the_stream(small_shards):
+    """tokens(start, stop) takes 0 <= start <= stop <= num_tokens: start == stop is the empty range
+    (at the stream's start, at a shard boundary and at its end), not a ValueError from np.concatenate."""
+    data = TokenShards(small_shards, "train")
+    boundary = int(data._starts[1])
+    for start in (0, 5, boundary, data.num_tokens):
+        got = data.tokens(start, start)
+        assert got.shape == (0,) and got.dtype == np.dtype(data.manifest["dtype"])
+    assert data.tokens(boundary - 1, boundary).tolist() == shard_stream(small_shards, "train")[boundary - 1 : boundary].tolist()
+
 def test_sequential_windows_cover_each_target_once(small_shards):
     data = TokenShards(small_shards, "val")
     stream = shard_stream(small_shards, "val")

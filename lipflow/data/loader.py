@@ -123,6 +123,8 @@ class TokenShards:
         """Stream tokens [start, stop): a view into one shard, or a copy joined across shards."""
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"token range [{start}, {stop}) outside the {self.split} split (0, {self.num_tokens})")
+        if start == stop:  # an empty range (also at a shard's end or the stream's end, where no shard starts)
+            return np.empty(0, np.dtype(self.manifest["dtype"]))
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces = []
         while start < stop:
