@@ -471,6 +471,25 @@ def test_sequential_windows_cover_each_target_once(small_shards):
     assert data.sequential_windows(context, max_windows=3).tolist() == windows[:3].tolist()
 
 
+def test_sequential_windows_at_zero_and_one_window(small_shards):
+    """max_windows=0 is no window (shape (0, context + 1)), not a sliding_window_view ValueError; a split
+    holding one window gives it as an ordinary writable tensor, with no 'non-writable NumPy array' warning."""
+    import warnings
+
+    data = TokenShards(small_shards, "val")
+    stream = shard_stream(small_shards, "val")
+    none = data.sequential_windows(10, max_windows=0)
+    assert none.shape == (0, 11) and none.dtype == torch.int64
+    context = (len(stream) - 1) // 2 + 1  # (num_tokens - 1) // context == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = data.sequential_windows(context)
+        capped = data.sequential_windows(10, max_windows=1)
+    assert one.shape == (1, context + 1) and one[0].tolist() == stream[: context + 1].tolist()
+    assert capped.tolist() == [stream[:11].tolist()]
+    one[0, 0] = -1  # the caller's own memory
+    assert data.sequential_windows(context)[0, 0] == stream[0]
+
 def test_decode_returns_the_text_with_separators(small_shards):
     data = TokenShards(small_shards, "val")
     ids = torch.from_numpy(shard_stream(small_shards, "val").astype(np.int64))

@@ -170,9 +170,12 @@ class TokenShards:
         count = (self.num_tokens - 1) // context
         if max_windows is not None:
             count = min(count, max_windows)
+        if count <= 0:  # max_windows 0: no window (a stream of count·context + 1 = 1 token holds none)
+            return torch.empty((0, context + 1), dtype=torch.int64)
         body = self.tokens(0, count * context + 1).astype(np.int64)
         windows = np.lib.stride_tricks.sliding_window_view(body, context + 1)[::context]
-        return torch.from_numpy(np.ascontiguousarray(windows))
+        # a copy: one window is already contiguous, and ascontiguousarray would hand torch the read-only view
+        return torch.from_numpy(windows.copy())
 
     @property
     def tokenizer(self) -> Tokenizer:
