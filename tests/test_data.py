@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from pydoc_data import topics
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models
 
 from lipflow.config import ConfigError, check_config, load_schema
 from lipflow.data import DataError
@@ -276,6 +276,22 @@ def test_char_table_is_only_used_for_pure_character_tokenizers(tmp_path):
     reference = Tokenizer.from_str(json.dumps(lower))
     assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(reference, TOPICS[10:12], manifest["eot_id"])
 
+
+def test_a_single_character_special_token_keeps_its_model_id_past_the_checked_sample(tmp_path):
+    """A character tokenizer.json whose model vocab holds a character that is also a special token
+    ('|' here): with special tokens encoded as text the model gives it its vocab id, and so must the
+    character table, also where it first appears after the sample encode_stream checks (64k chars)."""
+    vocab = {EOT: 0, UNK: 1, "a": 2, "b": 3, "|": 4}
+    user = Tokenizer(models.BPE(vocab, [], unk_token=UNK))
+    user.add_special_tokens([EOT, UNK, "|"])
+    user.save(str(tmp_path / "user.json"))
+    docs = ["ab" * 40_000, "a|b", "a|b"]
+    corpus = make_corpus_dir(tmp_path / "c", docs, docs)
+    cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(tmp_path / "user.json")})
+    manifest = tokenize_corpus(cfg, corpus, tmp_path / "t")
+    encoder = load_tokenizer(tmp_path / "t")
+    assert shard_stream(tmp_path / "t", "train").tolist() == direct_stream(encoder, docs, manifest["eot_id"])
+    assert shard_stream(tmp_path / "t", "train")[-4:].tolist() == [2, 4, 3, 0]
 
 def test_bpe_is_trained_on_the_train_split_only(tmp_path):
     train = TOPICS[:25]

@@ -363,7 +363,9 @@ class CharTable:
         specials = {t["content"] for t in spec.get("added_tokens", []) if t["special"]}
         if any(not t["special"] for t in spec.get("added_tokens", [])):
             return None
-        chars = {token: i for token, i in model["vocab"].items() if token not in specials}
+        # special tokens are encoded as text (encode_special_tokens): the model's single-character entries
+        # keep their ids, a special one included; only a longer special entry (<|endoftext|>) is no character
+        chars = {token: i for token, i in model["vocab"].items() if len(token) == 1 or token not in specials}
         if model["unk_token"] not in model["vocab"] or any(len(token) != 1 for token in chars):
             return None
         return cls(chars, model["vocab"][model["unk_token"]])
