@@ -15,7 +15,7 @@ Sources (registry ``SOURCES``; ``paths`` are file paths or globs):
   whole paragraphs: a document ends at the first blank line once it holds ≥ 2,000 characters (or
   at the first line end once it holds ≥ 20,000, for text without blank lines), so even one file
   (Tiny Shakespeare: ~500 documents) has a validation split. Concatenating its documents
-  gives back the file exactly.
+  gives back the file exactly, before whitespace-only documents are skipped (below).
 - ``jsonl``: one JSON object per line; the document is the ``text_column`` field (null = none).
 - ``parquet``: the string column ``text_column``, read in record batches.
 
@@ -329,7 +329,8 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str
         _require(
             n_val > 0,
             f"val split is empty (0 of {total} documents): raise corpus.val_fraction "
-            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents",
+            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents"
+            + (" (a single file is cut into documents at line ends: this one has too few)" if total < 2 else ""),
         )
         _require(
             n_train > 0,
