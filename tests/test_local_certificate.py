@@ -507,7 +507,19 @@ def test_attention_jacobian_bound_evaluates_its_documented_operators(last_only):
     assert torch.allclose(attention_jacobian_norm(rec), _spec_attention_jacobian_norm(rec), rtol=1e-9)
 
 
-def test_sharp_attention_whose_probabilities_underflow_gives_finite_sound_drops_never_above_the_global_one():
+@pytest.fixture(params=[False, True], ids=["denormals", "flush_denormal"])
+def denormal_mode(request):
+    """Both floating-point modes: denormals kept (the default) and flushed to zero (torch.set_flush_denormal,
+    FTZ/DAZ, where the least subnormal floor of P̂ reads as 0)."""
+    if request.param and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        yield request.param
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_sharp_attention_whose_probabilities_underflow_gives_finite_sound_drops_never_above_the_global_one(denormal_mode):
     """Nominal attention probabilities that underflow to exactly 0 (sharp attention: q, k × 60) met
     e^{2Δ} = inf in P̂ = min(1, P·e^{2Δ}) as 0·inf = NaN, and the NaN passed through every minimum:
     the margin drop was NaN instead of at most the global √2·L·ε (tightness_local rows NaN, the

@@ -69,9 +69,12 @@ def attention_bounds(rec: AttentionRecord, r: torch.Tensor) -> tuple[torch.Tenso
     k_max = k_far.amax(dim=-1)
     shift = c * rr * (sq * k_max + sk * rec.q.norm(dim=-1))                      # Δ_t
     # a nominal probability that underflowed to 0 is below the least subnormal, not 0: with that floor
-    # 0·e^{2Δ} = 0·inf (NaN, for sharp attention and large r) becomes the sound P̂ = 1
+    # 0·e^{2Δ} = 0·inf (NaN, for sharp attention and large r) becomes the sound P̂ = 1. Where denormals
+    # are flushed (torch.set_flush_denormal(True), FTZ/DAZ) the floor itself reads as 0, so a NaN left by
+    # 0·inf is also taken as P̂ = 1 (sound: P̂ ≤ 1 always)
     floor = torch.finfo(rec.probs.dtype).smallest_normal * torch.finfo(rec.probs.dtype).eps
-    p_hat = torch.where(causal, (rec.probs.clamp_min(floor) * torch.exp(2.0 * shift)[..., None]).clamp(max=1.0), 0.0)
+    scaled = (rec.probs.clamp_min(floor) * torch.exp(2.0 * shift)[..., None]).nan_to_num(nan=1.0)
+    p_hat = torch.where(causal, scaled.clamp(max=1.0), 0.0)
     col = p_hat.sum(dim=-2).amax(dim=-1)                                         # C (B, H)
     spread_sq = torch.minimum((p_hat * v_far.pow(2)).sum(-1), v_far.pow(2).amax(-1))  # S_t²
     k_spread_sq = torch.minimum((p_hat * k_far.pow(2)).sum(-1), k_max.pow(2))         # K_t²
