@@ -382,11 +382,13 @@ CASES = {
     "context_longer_than_shards": (train_case({"context": 10_000_000}), "context 10000000 is longer than the"),
     "model_larger_than_memory": (train_case({"mlp_ratio": 2**44}),  # 2⁵⁸ bytes: beyond any address space
                                  "out of memory (can't allocate memory: you tried to allocate"),
-    "evaluation_larger_than_memory": (lambda tmp, s, c: (  # 2⁴⁰ greedy candidates: 8 TiB of positions
+    # 2⁴⁸ greedy candidates (the schema's maximum): 2⁵¹ bytes of positions, beyond a 47-bit address space (2⁴⁰, 8 TiB,
+    # fits a 47-bit address space: under vm.overcommit_memory=1 malloc succeeds and filling it OOM-kills)
+    "evaluation_larger_than_memory": (lambda tmp, s, c: (
         "lipflow.evaluation", ["--evaluation", "robustness", "--run-dir", str(real_fake_run(tmp, s, c)), "--data-dir",
                                str(s), "--out", str(tmp / "robustness.parquet"), "--device", "cpu", "--params-json",
                                json.dumps({"n_sequences": 1, "epsilons": [0], "k_values": [1],
-                                           "greedy_candidates": 2**40})], tmp / "robustness.parquet"),
+                                           "greedy_candidates": 2**48})], tmp / "robustness.parquet"),
         "out of memory (can't allocate memory: you tried to allocate"),
     "corrupt_shard": (train_case({}, data=corrupt_shard), "sha256 mismatch"),
     "unwritable_results_dir": (train_case({}, out_dir="/proc/lipflow-results"), "/proc/lipflow-results"),
