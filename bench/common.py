@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipflow.atomic import atomic_write
-from lipflow.provenance import COMMIT_ENV
+from lipflow.provenance import carried_commit
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = pa.schema([
@@ -65,8 +65,7 @@ def git_commit() -> str | None:
                              cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         out = None
-    found = out.stdout.strip() if out is not None and out.returncode == 0 else ""
-    return found or os.environ.get(COMMIT_ENV) or None
+    return (out.stdout.strip() if out is not None and out.returncode == 0 else "") or carried_commit()
 
 
 def add_out_argument(parser: argparse.ArgumentParser, quick: bool = True) -> None:

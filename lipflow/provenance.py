@@ -29,8 +29,12 @@ def git_commit(cwd: Path | None = None) -> str | None:
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         out = None
-    found = out.stdout.strip() if out is not None and out.returncode == 0 else ""
-    return found or os.environ.get(COMMIT_ENV) or None
+    return (out.stdout.strip() if out is not None and out.returncode == 0 else "") or carried_commit()
+
+
+def carried_commit() -> str | None:
+    """``$LIPFLOW_GIT_COMMIT``: the commit a source tree without .git was copied from (None when unset)."""
+    return os.environ.get(COMMIT_ENV) or None
 
 
 def package_versions() -> dict[str, str | None]:
