@@ -183,3 +183,41 @@ def test_the_measured_step_of_a_non_square_matrix_is_its_rms_to_rms_norm():
     exact = float(torch.linalg.matrix_norm(delta, 2)) / math.sqrt(8 / 2)
     assert exact * (1 - 1e-5) <= float(u[0]) <= exact * 1.5
     assert int(clipped) == 0 and torch.equal(p.data, before + delta)
+
+
+@pytest.mark.parametrize("sigma_max", [0.5, 0.25])
+def test_soft_cap_below_the_init_norm_keeps_every_matrix_within_sigma_max(sigma_max):
+    """The models initialise their matrices at RMS→RMS norm 1 and the soft cap keeps σ ≤ σmax only from
+    weights within it: at sigma_max 0.5 they stayed above it for steps, at 0.25 they reached 1e10 and NaN
+    within two Muon steps. build_learner now starts them on the cap."""
+    from lipflow.config import run_defaults
+    from lipflow.train.build import build_learner
+
+    torch.manual_seed(0)
+    cfg = run_defaults(model="lipschitz_gpt", d_model=16, n_layers=1, n_heads=2, context=8, optimizer="muon",
+                       lr=0.02, weight_constraint="spectral_soft_cap", sigma_max=sigma_max, weight_decay=0.0)
+    learner = build_learner(cfg, 11, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randint(0, 11, (4, 8), generator=gen)
+        loss = nn.functional.cross_entropy(learner.model(x).reshape(-1, 11), torch.roll(x, -1, 1).reshape(-1))
+        learner.optimizer.zero_grad()
+        loss.backward()
+        constrained_update(learner.optimizer, learner.matrices, learner.constraint)
+        for w in learner.matrices:
+            assert rms_operator_norm(w) <= sigma_max * (1 + 1e-5)
+
+
+def test_soft_cap_start_leaves_an_init_within_sigma_max_bit_for_bit():
+    from lipflow.config import run_defaults
+    from lipflow.model import build_model
+    from lipflow.train.build import build_learner
+
+    cfg = run_defaults(model="lipschitz_gpt", d_model=16, n_layers=1, n_heads=2, context=8, optimizer="muon",
+                       lr=0.02, weight_constraint="spectral_soft_cap", sigma_max=1.0, weight_decay=0.0)
+    torch.manual_seed(0)
+    plain = build_model(cfg, 11)
+    torch.manual_seed(0)
+    learner = build_learner(cfg, 11, torch.device("cpu"))
+    for (name, a), b in zip(plain.named_parameters(), learner.model.parameters()):
+        assert torch.equal(a, b), name

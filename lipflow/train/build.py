@@ -21,7 +21,7 @@ from lipflow.metrics import resolve_device
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
 from lipflow.train.checkpoint import checkpoint_step
-from lipflow.train.update import ConstraintSettings, check_coupling, constrained_matrices
+from lipflow.train.update import ConstraintSettings, check_coupling, constrained_matrices, fit_within_cap_
 
 
 def ensure_writable(directory: Path) -> None:
@@ -192,12 +192,14 @@ class Learner(NamedTuple):
 
 def build_learner(cfg: dict[str, Any], vocab_size: int, device: torch.device) -> Learner:
     """Model (initialised from the global torch RNG) on ``device``, its optimizer with each group's
-    ``base_lr`` (the schedule scales it), and the constraint, checked against the optimizer's steps."""
+    ``base_lr`` (the schedule scales it), and the constraint, checked against the optimizer's steps; under
+    the soft cap, matrices initialised above sigma_max are scaled onto it (``fit_within_cap_``)."""
     model = build_model(cfg, vocab_size).to(device)
     optimizer = build_optimizer(model, cfg)
     matrices = [p for _, p in constrained_matrices(model)]
     constraint = ConstraintSettings.from_config(cfg)
     check_coupling(optimizer, matrices, constraint)
+    fit_within_cap_(matrices, constraint)  # the soft cap keeps σ ≤ σmax only from weights within it
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     return Learner(model, optimizer, matrices, constraint)
