@@ -83,7 +83,8 @@ def maximal_update(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[
     m = d_model / base_width
     n_width = width_dimension_counts(model, width_twin, d_model)
     depth = _depth_factor(cfg)
-    for role, params in model.param_roles().items():
+    roles = model.param_roles()
+    for role, params in roles.items():
         for name, p in params:
             entrywise_hidden = geometry[role] == "entrywise" and n_width[name] == 2
             p.lr_mult = 1.0 / m if entrywise_hidden else 1.0
@@ -91,7 +92,10 @@ def maximal_update(model: nn.Module, cfg: dict[str, Any], width_twin: Callable[[
                 p.lr_mult *= depth
             if role == "head":
                 p.zero_()
-    model.output_mult = 1.0 / m if geometry["head"] == "entrywise" else 1.0
+    # mup's MuReadout divides by the readout's fan_in multiplier: 1/m where its fan_in grows with width, 1 where
+    # nothing in it does (the one-layer mlp, in_features → n_classes, whose shape d_model does not reach)
+    head_grows = any(n_width[name] > 0 for name, _ in roles["head"])
+    model.output_mult = 1.0 / m if geometry["head"] == "entrywise" and head_grows else 1.0
 
 
 # ----------------------------------------------------------------------------- modular norm

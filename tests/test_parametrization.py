@@ -198,3 +198,16 @@ def test_modular_refuses_models_without_a_lipschitz_structure_and_unknown_parts(
            "masses": {"embed": 1.0}}
     with pytest.raises(ValueError, match="masses: model 'mlp' has no part embed"):
         build_model(cfg, 10)
+
+
+@pytest.mark.parametrize("d_model", [64, 256])
+def test_mup_readout_multiplier_is_one_where_the_readout_has_no_width_dimension(d_model):
+    """mup's MuReadout divides by fan_in/base_fan_in: a one-layer mlp (in_features → n_classes) has no
+    dimension that grows with d_model, so its logits must not shrink by base_width/d_model (they did: 0.25 at
+    d_model 256, the same (3, 10) model as at 64). A two-layer mlp's readout reads the width: 1/m."""
+    one = build_model(run_defaults(model="mlp", d_model=d_model, n_layers=1, parametrization="mup",
+                                   optimizer="adamw", base_width=64, in_features=10, n_classes=3), 3)
+    two = build_model(run_defaults(model="mlp", d_model=d_model, n_layers=2, parametrization="mup",
+                                   optimizer="adamw", base_width=64, in_features=10, n_classes=3), 3)
+    assert one.output_mult == 1.0
+    assert two.output_mult == pytest.approx(64 / d_model)
