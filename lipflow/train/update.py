@@ -56,27 +56,23 @@ def constrained_matrices(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
 
 @torch.no_grad()
-def fit_within_cap_(matrices: list[Tensor], settings: ConstraintSettings) -> int:
+def fit_within_cap_(matrices: list[Tensor], settings: ConstraintSettings) -> None:
     """Scale every matrix whose RMS→RMS norm exceeds σmax onto σmax (W ← W·σmax/‖W‖), for the soft cap only;
-    returns how many were scaled. Called once on the freshly initialised model (``build_learner``).
+    called once on the freshly initialised model (``build_learner``).
 
     The soft cap's guarantee is inductive: one decay-step-project keeps ‖W‖ ≤ σmax only from weights
     that start there (singular values above k = σmax(1 − λη) + u map above σmax, and beyond (81/62)·k
     anywhere, e.g. to ±1e10 and then to NaN). The models initialise at RMS→RMS norm 1, so a run with
     sigma_max < 1 would start outside the cap: its weights stayed above σmax for several steps
     (σmax 0.5), or diverged within two steps (σmax 0.25). Matrices within σmax·(1 + 1e-6) (an
-    orthogonal init at σmax = 1) are left bit for bit; the other constraints project exactly on the
-    first step and need nothing here."""
+    orthogonal init at σmax = 1) are multiplied by exactly 1, bits unchanged; the other constraints
+    project exactly on the first step and need nothing here. No host sync (a meta model builds too)."""
     if not settings.coupled:
-        return 0
-    scaled = 0
+        return
     for w in matrices:
         fan_out, fan_in = w.shape
-        sigma = torch.linalg.matrix_norm(w.detach().double(), ord=2).item() / math.sqrt(fan_out / fan_in)
-        if sigma > settings.sigma_max * (1.0 + 1e-6):
-            w.mul_(settings.sigma_max / sigma)
-            scaled += 1
-    return scaled
+        sigma = torch.linalg.matrix_norm(w.detach().double(), ord=2) / math.sqrt(fan_out / fan_in)
+        w.mul_(torch.where(sigma > settings.sigma_max * (1.0 + 1e-6), settings.sigma_max / sigma, 1.0).to(w.dtype))
 
 
 def _update_bound(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> float | None:
