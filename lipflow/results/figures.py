@@ -40,10 +40,13 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
 
 
 def write_table(con, name: str, tables_dir: Path) -> Path:
+    """View ``name`` as ``<tables_dir>/<name>.csv``, its rows sorted by every column left to right: a
+    view without ORDER BY came out in the order DuckDB's threads finished (the same database gave
+    differently ordered CSVs from one run to the next)."""
     tables_dir.mkdir(parents=True, exist_ok=True)
     path = tables_dir / f"{name}.csv"
     with atomic_write(path, "w", encoding="utf-8", newline="") as f:
-        read_view(con, name).to_csv(f, index=False)
+        read_view(con, name, "ORDER BY ALL").to_csv(f, index=False)
     return path
 
 
