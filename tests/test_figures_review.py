@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import duckdb
 
 from lipflow.results.figures import write_table
@@ -16,3 +18,34 @@ def test_a_tables_rows_are_sorted_by_every_column_whatever_order_the_view_yields
     con.execute("CREATE VIEW v AS SELECT * FROM t")
     path = write_table(con, "v", tmp_path)
     assert path.read_text().splitlines() == ["method,width,loss", "a,3,1.0", "a,9,", "b,1,0.25", "b,2,0.5"]
+
+
+def rank_database_without_b3(tmp_path):
+    """One rank_vs_n run whose rank evaluation has no B3 term (a model without attention layers)."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+
+    runs = [run("rank.a-00000001", experiment="rank_vs_n", train_tokens=640, val_loss=2.5)]
+    metrics = [{"run_id": "rank.a-00000001", "step": s, "loss": 2.0, "sharpness": None,
+                "preconditioned_sharpness": None} for s in (95, 100)]
+    evals = [{"run_id": "rank.a-00000001", "eval": "rank", "metric": "numerical_rank", "value": 8.0, "n": None,
+              "matrix": "qk", "rtol": 0.01, "epsilon": None, "attack": None, "k": None, "format": None,
+              "scaling": None}]
+    con = database(tmp_path, runs, metrics, evals)
+    assert create_views(con, log=io.StringIO())["rank_bound"] == ""
+    return con
+
+
+def test_the_rank_figure_without_a_positive_b3_bound_notes_it_instead_of_failing(tmp_path):
+    """The B3 panel's log axis had no positive value: saving raised 'Data cannot be log-scaled'."""
+    from lipflow.experiments.rank_vs_n import rank_vs_n
+    from lipflow.results.plotting import pyplot
+
+    fig = rank_vs_n(rank_database_without_b3(tmp_path))
+    fig.savefig(io.BytesIO(), format="png")
+    bound = fig.axes[1]
+    assert bound.get_yscale() == "linear" and [t.get_text() for t in bound.texts] == ["no positive value to draw"]
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[2].get_yscale() == "log"  # the gap is there
+    pyplot().close(fig)
+

@@ -76,11 +76,28 @@ def slope_text(slope) -> str:
     return f"slope {slope:.2f}" if slope == slope and slope is not None else "no slope (under 2 points)"
 
 
+def log_axis_or_note(ax, values) -> None:
+    """A log y axis when ``values``, the heights of the panel's points, hold a positive finite one (the
+    gap panel passes whether each gap is drawn: a gap ≤ 0 sits on the positive floor); else a note on a
+    linear axis. A log axis without positive data raised matplotlib's "Data cannot be log-scaled" when
+    the figure was saved (a model without attention layers has no B3 bound)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    if (np.isfinite(values) & (values > 0)).any():
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no positive value to draw", ha="center", va="center", transform=ax.transAxes,
+                color="0.4")
+
+
 def rank_vs_n(con):
     """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank; a
     marker shape per head count (equal curves hid each other). A gap ≤ 0 (val below train loss), which
     a log axis cannot show and the slope leaves out, is a ▽ on the panel's bottom edge, and the legend
     says over how many points the slope was fitted."""
+    import pandas as pd
+
     plt = pyplot()
     df = read_view(con, "rank_bound", "ORDER BY n_heads, n_sequences")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -101,9 +118,10 @@ def rank_vs_n(con):
         axes[2].scatter(sub.qk_rank, sub.measured_gap, color=color, label=f"gap, {h} head(s)")
         axes[2].scatter(sub.qk_rank, sub.b3_bound, color=color, marker="s", facecolors="none",
                         label=f"B3 bound, {h} head(s)")
-    for ax, title in zip(axes[:2], ("measured gap vs n", "B3 rank bound vs n")):
+    shown = (df.measured_gap.notna(), df.b3_bound, pd.concat([df.measured_gap, df.b3_bound]))
+    for ax, title, values in zip(axes[:2], ("measured gap vs n", "B3 rank bound vs n"), shown):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        log_axis_or_note(ax, values)
         ax.set_xlabel("n = training tokens / context (sequences, log scale)")
         ax.set_title(title)
         ax.legend(fontsize=8)
@@ -112,7 +130,7 @@ def rank_vs_n(con):
     if (df.measured_gap <= 0).any():
         axes[0].set_ylim(bottom=floor)
     axes[1].set_ylabel("B3 Rademacher term at n (nats/token)")
-    axes[2].set_yscale("log")
+    log_axis_or_note(axes[2], shown[2])
     axes[2].set_xlabel("mean numerical rank of W_Q W_Kᵀ per head (rtol 1e-2)")
     axes[2].set_ylabel("nats/token (log scale)")
     axes[2].set_title("gap and bound vs rank")
