@@ -49,3 +49,21 @@ def test_the_rank_figure_without_a_positive_b3_bound_notes_it_instead_of_failing
     assert fig.axes[0].get_yscale() == "log" and fig.axes[2].get_yscale() == "log"  # the gap is there
     pyplot().close(fig)
 
+
+def test_a_figure_that_cannot_be_drawn_is_named_in_the_one_line_error(tmp_path, capsys, monkeypatch):
+    """matplotlib's message alone ('Data cannot be log-scaled …') did not say which figure failed."""
+    from lipflow.experiments import CATALOG
+    from lipflow.results.figures import main
+    from lipflow.results.plotting import Figure
+
+    def broken(con):
+        raise ValueError("Data cannot be log-scaled because all values are <= 0.")
+
+    rank_database_without_b3(tmp_path).close()
+    monkeypatch.setitem(CATALOG["rank_vs_n"].figures, "rank_vs_n", Figure(broken, caption="figure_rank_vs_n.rst"))
+    out = tmp_path / "figures"
+    assert main(["--db", str(tmp_path / "test.duckdb"), "--out-dir", str(out), "--experiment", "rank_vs_n"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "lipflow: error: figure rank_vs_n of experiment rank_vs_n: Data cannot be log-scaled because all values "
+        "are <= 0.")
+    assert not out.exists()

@@ -120,6 +120,15 @@ def empty_reason(con, name: str) -> str | None:
     return (rows[0][0] if rows and rows[0][0] else "empty").removeprefix("empty: ")
 
 
+def drawn(figure, con, experiment: str, name: str):
+    """``figure.draw(con)``; a ValueError (matplotlib's, on data it cannot draw) names the figure and its
+    experiment, which matplotlib's own message ("Data cannot be log-scaled …") did not."""
+    try:
+        return figure.draw(con)
+    except ValueError as err:
+        raise ValueError(f"figure {name} of experiment {experiment}: {err}") from err
+
+
 def draw(con, experiments: list[str], out_dir: Path, tables_dir: Path | None, strict: bool) -> list[Path]:
     """Figures (and tables) of ``experiments``; an empty headline view raises when ``strict``."""
     written = []
@@ -133,7 +142,7 @@ def draw(con, experiments: list[str], out_dir: Path, tables_dir: Path | None, st
             print(f"skipped {name}: view {headline} is empty: {reason}", file=sys.stderr)
             continue
         for figure_name, figure in experiment.figures.items():
-            written += save_figure(figure.draw(con), out_dir, figure_name)
+            written += save_figure(drawn(figure, con, name, figure_name), out_dir, figure_name)
         if tables_dir is not None:
             written += [write_table(con, view, tables_dir) for view in experiment.views]
     return written
