@@ -67,3 +67,18 @@ def test_a_figure_that_cannot_be_drawn_is_named_in_the_one_line_error(tmp_path, 
         "lipflow: error: figure rank_vs_n of experiment rank_vs_n: Data cannot be log-scaled because all values "
         "are <= 0.")
     assert not out.exists()
+
+
+def test_a_run_without_a_val_accuracy_is_not_on_the_pareto_front(tmp_path):
+    """No comparison with a null accuracy holds, so nothing dominated such a run and the view put it on
+    its optimizer's front (and the figure's front line began at a point it could not draw)."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+
+    runs = [run("tradeoff.a-00000001", experiment="lipschitz_tradeoff", lipschitz_bound=3.0, val_accuracy=None),
+            run("tradeoff.b-00000002", experiment="lipschitz_tradeoff", lipschitz_bound=30.0, val_accuracy=0.4)]
+    con = database(tmp_path, runs)
+    create_views(con, log=io.StringIO())
+    assert con.sql("select name, on_front from pareto order by name").fetchall() == [
+        ("tradeoff.a", False), ("tradeoff.b", True)]

@@ -30,7 +30,7 @@ PARETO = View(
             FROM runs
             WHERE experiment = 'lipschitz_tradeoff' AND status = 'completed'
               AND lipschitz_bound IS NOT NULL AND isfinite(lipschitz_bound))
-        SELECT r.*, NOT EXISTS (
+        SELECT r.*, r.val_accuracy IS NOT NULL AND NOT EXISTS (
             SELECT 1 FROM r AS o
             WHERE o.optimizer = r.optimizer AND o.lipschitz_bound <= r.lipschitz_bound
               AND o.val_accuracy >= r.val_accuracy
