@@ -82,3 +82,25 @@ def test_a_run_without_a_val_accuracy_is_not_on_the_pareto_front(tmp_path):
     create_views(con, log=io.StringIO())
     assert con.sql("select name, on_front from pareto order by name").fetchall() == [
         ("tradeoff.a", False), ("tradeoff.b", True)]
+
+
+def test_the_activation_figure_counts_runs_it_cannot_place(tmp_path):
+    """A run with a null or infinite max activation vanished from the figure without a word, and with
+    none finite the axes were empty."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.lipschitz_tradeoff import tradeoff_activation
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"tradeoff.{c}-0000000{i}", experiment="lipschitz_tradeoff", lipschitz_bound=3.0 * 10 ** i,
+                val_accuracy=0.3, max_activation=a) for i, (c, a) in enumerate(zip("abc", (float("inf"), None, 5.0)))]
+    con = database(tmp_path, runs)
+    create_views(con, log=io.StringIO())
+    fig = tradeoff_activation(con)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["2 of 3 runs without a finite max activation: not drawn"]
+    pyplot().close(fig)
+    con.execute("UPDATE runs SET max_activation = NULL")
+    fig = tradeoff_activation(con)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no run has a finite max activation"]
+    pyplot().close(fig)

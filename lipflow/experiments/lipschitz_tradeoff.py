@@ -93,7 +93,8 @@ def tradeoff_accuracy(con):
 def tradeoff_activation(con):
     """Largest |activation| in the residual stream against the certified bound (log x; log y when the
     activations span more than a decade), colour by optimizer and marker by weight constraint as in
-    tradeoff_accuracy."""
+    tradeoff_accuracy; runs without a finite max activation (null, or an overflow to inf), which no axis
+    can place, are counted in a note (they vanished without one)."""
     plt = pyplot()
     df = read_view(con, "pareto")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -111,6 +112,15 @@ def tradeoff_activation(con):
         ax.set_yscale("log")
     ax.set_xlabel("certified Lipschitz bound L (log scale)")
     ax.set_ylabel("max |activation entry| over blocks on val batches" + (" (log scale)" if log_y else ""))
+    import numpy as np
+
+    unknown = int((~np.isfinite(df.max_activation.to_numpy(dtype=float))).sum())  # null, NaN or ±inf
+    if unknown == len(df):
+        ax.text(0.5, 0.5, "no run has a finite max activation", ha="center", va="center", transform=ax.transAxes,
+                color="0.4")
+    elif unknown:
+        ax.text(0.01, 0.01, f"{unknown} of {len(df)} runs without a finite max activation: not drawn",
+                ha="left", va="bottom", transform=ax.transAxes, fontsize=8, color="0.4")
     ax.set_title("Activation size vs certified Lipschitz bound")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: it covered points
     ax.grid(alpha=0.3, which="both")
