@@ -612,3 +612,22 @@ def test_icl_plot_with_a_table_missing_writes_no_figure(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "loss_by_n.parquet" in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.glob("figures/*"))
+
+
+def test_collect_refuses_baselines_computed_under_another_icl_config(tmp_path, capsys):
+    """The baselines file records the keys it depends on; collect under another Σ (or prior, noise, n …)
+    is one line naming the keys and writes no table, instead of silently pairing the models with the
+    other config's PGD, GD and least-squares losses (a noisy config got least-squares loss 0)."""
+    small = {"d": 2, "n": 4, "layers": [1], "n_grid": [4], "theory_samples": 1000, "regression_prompts": 1000,
+             "sigma": {"kind": "diagonal", "eigenvalues": [1.0, 0.5]}}
+    baselines = tmp_path / "baselines.parquet"
+    assert icl_main(["baselines", "--config-json", json.dumps(small), "--out", str(baselines)]) == 0
+    assert study.collect(load_config(small), str(baselines), [])["loss_by_layers"]  # same config: read
+    other = {**small, "sigma": {"kind": "diagonal", "eigenvalues": [1.0, 0.01]}, "noise_std": 1.0}
+    code = icl_main(["collect", "--config-json", json.dumps(other), "--baselines", str(baselines),
+                     "--runs", str(tmp_path / "unused.safetensors"), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"lipflow: error: {baselines}: computed with different icl.noise_std, icl.sigma; "
+                   "rerun the baselines command"), err
+    assert not (tmp_path / "out").exists()

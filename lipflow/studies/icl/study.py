@@ -8,6 +8,7 @@ methods are paired and their ratios are far more precise than each loss alone.
 
 from __future__ import annotations
 
+import json
 import operator
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,32 @@ def _baseline_row(method, n_layers, n, predictions, test, expected, steps, preco
     }
 
 
+# Keys that change the baselines file (the rest only choose how models train); the file records them in its
+# Parquet metadata under BASELINES_CONFIG_KEY, and collect refuses a file computed under other values
+BASELINE_KEYS = ("d", "n", "layers", "n_grid", "sigma", "w_prior", "noise_std", "test_prompts", "theory_samples",
+                 "regression_prompts", "seed")
+BASELINES_CONFIG_KEY = b"lipflow_icl_baselines_config"
+
+
+def baselines_config(cfg: ICLConfig) -> dict[str, Any]:
+    """The part of the config the baselines file depends on (recorded in it, checked by collect)."""
+    full = cfg.to_dict()
+    return {key: full[key] for key in BASELINE_KEYS}
+
+
+def check_baselines_config(table, path: str, cfg: ICLConfig) -> None:
+    """A ValueError naming the keys when the baselines table records a config other than ``cfg``'s
+    (a table without the record, written by hand or before it was kept, is taken as it is)."""
+    recorded = (table.schema.metadata or {}).get(BASELINES_CONFIG_KEY)
+    if recorded is None:
+        return
+    recorded = parse_json(recorded.decode())
+    expected = baselines_config(cfg)
+    changed = sorted(k for k in expected if not isinstance(recorded, dict) or recorded.get(k) != expected[k])
+    if changed:
+        raise ValueError(f"{path}: computed with different icl.{', icl.'.join(changed)}; rerun the baselines command")
+
+
 def run_baselines(cfg: ICLConfig, out: str) -> None:
     """Score every registered baseline, Γ⋆ and the regression optimum Γ̂ on the test sets."""
     rows = []
@@ -162,7 +189,8 @@ def run_baselines(cfg: ICLConfig, out: str) -> None:
                     [theory.step_size(gamma, sigma)], [gamma],
                 )
             )
-    write_table(rows, BASELINE_SCHEMA, out)
+    metadata = {BASELINES_CONFIG_KEY: json.dumps(baselines_config(cfg), sort_keys=True).encode()}
+    write_table(rows, BASELINE_SCHEMA.with_metadata(metadata), out)
 
 
 # ---------------------------------------------------------------- collect job
@@ -251,7 +279,9 @@ def _add_run(tables, cfg: ICLConfig, baselines: dict, checkpoint: dict, model, t
 def collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str]) -> dict[str, list[dict]]:
     """Rows of every result table from the baselines file and the training checkpoints."""
     sigma = PromptSampler(cfg, cfg.n).sigma.matrix
-    rows = read_table_parquet(baselines_path).to_pylist()
+    table = read_table_parquet(baselines_path)
+    check_baselines_config(table, baselines_path, cfg)
+    rows = table.to_pylist()
     baselines = {(r["method"], r["n_layers"], r["n"]): r for r in rows}
     tables: dict[str, list[dict]] = {name: [] for name in TABLE_SCHEMAS}
     tables["losses"] = [
