@@ -296,3 +296,17 @@ def test_image_mlp_refuses_method_keys_the_config_refuses_and_names_out_of_memor
     err = capsys.readouterr().err.strip()
     assert err.startswith("lipflow: error: out of memory (") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_image_mlp_refuses_an_out_folder_that_does_not_exist_before_training(tmp_path, capsys, monkeypatch):
+    """--out in a missing folder failed only when the table was written, after the whole study had trained
+    (about 2 minutes with the defaults); now one line naming --out and the folder, before any training."""
+    from lipflow.studies import image_mlp
+
+    trained = []
+    monkeypatch.setattr(image_mlp, "run_image_mlp_study", lambda cfg: trained.append(cfg) or [])
+    out = tmp_path / "missing" / "robustness.parquet"
+    assert image_mlp.main(["--config-json", "{}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lipflow: error: --out {out}: folder {out.parent} does not exist", err
+    assert trained == [] and not out.parent.exists()

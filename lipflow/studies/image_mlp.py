@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
                                    lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
+        if not Path(args.out).parent.is_dir():  # before the minutes of training, not after them
+            raise FileNotFoundError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
         cfg = study_config(json_object_argument(args.config_json, "--config-json"))
         try:
             rows = run_image_mlp_study(cfg)
