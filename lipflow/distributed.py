@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from lipflow.launcher import LAUNCHER_PID, processes_in_env
+from lipflow.launcher import HANDED_FDS, LAUNCHER_PID, processes_in_env
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,8 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
     launcher returns only once every worker has exited."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid())}
+           "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid()),
+           HANDED_FDS: ",".join(map(str, pass_fds))}
     workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
                                                                            "LOCAL_RANK": str(rank)},
                                 pass_fds=pass_fds)

@@ -12,6 +12,15 @@ import sys
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
 LAUNCHER_PID = "LIPFLOW_LAUNCHER_PID"  # launch_workers puts its own pid here in its workers' environment
+HANDED_FDS = "LIPFLOW_HANDED_FDS"  # and here the open files it handed them (the run folder's lock), comma-separated
+
+
+def keep_handed_files_private() -> None:
+    """Make the files the launcher handed this worker (``$LIPFLOW_HANDED_FDS``) non-inheritable again:
+    the run folder's lock is held until the last holder exits, so a process this worker starts (with
+    ``close_fds=False``, ``os.system``) must not take it along and outlive the run holding it."""
+    for fd in filter(None, os.environ.get(HANDED_FDS, "").split(",")):
+        os.set_inheritable(int(fd), False)
 
 
 def processes_in_env() -> int | None:

@@ -81,12 +81,16 @@ def rank_of(pid: int) -> str | None:
 
 
 def holds_run_lock(pid: int, out) -> bool:
-    """Whether process ``pid`` has the run folder's lock file open (Linux /proc)."""
+    """Whether process ``pid`` has the run folder's lock file open, and only for itself: close-on-exec
+    (``O_CLOEXEC`` in /proc's fdinfo), so no process it starts takes the lock along (Linux /proc)."""
     from pathlib import Path
 
     from lipflow.train.build import RUN_LOCK
 
-    return any(Path(f"/proc/{pid}/fd/{fd}").resolve() == (out / RUN_LOCK).resolve() for fd in os.listdir(f"/proc/{pid}/fd"))
+    lock = [fd for fd in os.listdir(f"/proc/{pid}/fd") if Path(f"/proc/{pid}/fd/{fd}").resolve() == (out / RUN_LOCK).resolve()]
+    flags = [int(next(line.split()[1] for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+                      if line.startswith("flags:")), 8) for fd in lock]
+    return len(lock) == 1 and all(flag & os.O_CLOEXEC for flag in flags)
 
 
 def processes_running(marker: str) -> list[int]:

@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from lipflow.launcher import LAUNCHER_PID, processes_in_env, terminate_with_launcher
+        from lipflow.launcher import LAUNCHER_PID, keep_handed_files_private, processes_in_env, terminate_with_launcher
 
         processes = processes_in_env()
         if processes is not None:  # a worker: stop with the launcher, asked before importing torch (seconds)
             terminate_with_launcher()
+            keep_handed_files_private()
         from lipflow.config import check_run_id, stage_run
 
         check_run_id(args.run_id, "--run-id")  # both before torch is imported
