@@ -66,13 +66,18 @@ def fit_within_cap_(matrices: list[Tensor], settings: ConstraintSettings) -> Non
     sigma_max < 1 would start outside the cap: its weights stayed above σmax for several steps
     (σmax 0.5), or diverged within two steps (σmax 0.25). Matrices within σmax·(1 + 1e-6) (an
     orthogonal init at σmax = 1) are multiplied by exactly 1, bits unchanged; the other constraints
-    project exactly on the first step and need nothing here. No host sync (a meta model builds too)."""
+    project exactly on the first step and need nothing here. No host sync (a meta model builds too).
+
+    "Within" allows the rounding of the init: an orthogonal matrix rounded to float32 has σ up to
+    ≈ 0.6·eps·√max(fan) above 1 (1.4e-6 at 512 × 512), so the slack is 4·eps·√max(fan) of the
+    matrix's dtype; a fixed 1e-6 rescaled many σmax = 1 inits from d_model 512 on."""
     if not settings.coupled:
         return
     for w in matrices:
         fan_out, fan_in = w.shape
+        slack = 4.0 * torch.finfo(w.dtype).eps * math.sqrt(max(fan_out, fan_in))
         sigma = torch.linalg.matrix_norm(w.detach().double(), ord=2) / math.sqrt(fan_out / fan_in)
-        w.mul_(torch.where(sigma > settings.sigma_max * (1.0 + 1e-6), settings.sigma_max / sigma, 1.0).to(w.dtype))
+        w.mul_(torch.where(sigma > settings.sigma_max * (1.0 + slack), settings.sigma_max / sigma, 1.0).to(w.dtype))
 
 
 def _update_bound(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> float | None:
