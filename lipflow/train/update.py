@@ -62,7 +62,8 @@ def fit_within_cap_(matrices: list[Tensor], settings: ConstraintSettings) -> Non
 
     The soft cap's guarantee is inductive: one decay-step-project keeps ‖W‖ ≤ σmax only from weights
     that start there (singular values above k = σmax(1 − λη) + u map above σmax, and beyond (81/62)·k
-    anywhere, e.g. to ±1e10 and then to NaN). The models initialise at RMS→RMS norm 1, so a run with
+    anywhere, e.g. to ±1e10 and then to NaN). lipschitz_gpt and mlp initialise at RMS→RMS norm 1 (gpt's
+    attention-out, MLP-down and head matrices, PyTorch's default init, ≈ 1.1–1.7: scaled already at σmax = 1), so a run with
     sigma_max < 1 would start outside the cap: its weights stayed above σmax for several steps
     (σmax 0.5), or diverged within two steps (σmax 0.25). Matrices within σmax·(1 + 1e-6) (an
     orthogonal init at σmax = 1) are multiplied by exactly 1, bits unchanged; the other constraints
