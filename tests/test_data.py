@@ -595,7 +595,17 @@ CORPUS_CASES = {
                                r"a\.parquet: missing text column 'text' \(columns: body\)"),
     "val split empty": ("files", {"one.txt": lonely_text("train")}, ["one.txt"], {"val_fraction": 0.5},
                         r"val split is empty \(0 of 1 documents\): raise corpus\.val_fraction .*a single file is cut "
-                        r"into documents at line ends: this one has too few"),
+                        r"into documents at the first blank line after 2,000 characters, or at the first line end "
+                        r"after 20,000: this one gives one document\)$"),
+    # 100 line ends, one document (under 2,000 characters): the hint names the size rule, not too few line ends
+    "val split empty, a short file": ("files", {"short.txt": next(t for t in (f"short {i}\n" * 100 for i in range(1000))
+                                                                    if split_of(t, 0.5, 0) == "train")},
+                                      ["short.txt"], {"val_fraction": 0.5},
+                                      r"\(0 of 1 documents\).*at the first blank line after 2,000 characters"),
+    # a JSONL record is a document whatever its line ends: no single-file hint
+    "val split empty, one JSONL record": ("jsonl", {"one.jsonl": json.dumps({"text": lonely_text("train")}) + "\n"},
+                                          ["one.jsonl"], {"val_fraction": 0.5},
+                                          r"val split is empty \(0 of 1 documents\): .*or add documents$"),
     "train split empty": ("files", {"one.txt": lonely_text("val")}, ["one.txt"], {"val_fraction": 0.5},
                           r"train split is empty .*lower corpus\.val_fraction"),
     "unknown source": ("parquett", {}, [], {},

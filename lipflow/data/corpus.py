@@ -330,7 +330,10 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str
             n_val > 0,
             f"val split is empty (0 of {total} documents): raise corpus.val_fraction "
             f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents"
-            + (" (a single file is cut into documents at line ends: this one has too few)" if total < 2 else ""),
+            + (f" (a single file is cut into documents at the first blank line after {PARAGRAPH_DOC_CHARS:,} "
+               f"characters, or at the first line end after {MAX_DOC_CHARS:,}: this one gives one document)"
+               if total < 2 and source.description["kind"] == "files" and len(source.description["files"]) == 1
+               else ""),
         )
         _require(
             n_train > 0,
