@@ -104,3 +104,20 @@ def test_the_activation_figure_counts_runs_it_cannot_place(tmp_path):
     fig = tradeoff_activation(con)
     assert [t.get_text() for t in fig.axes[0].texts] == ["no run has a finite max activation"]
     pyplot().close(fig)
+
+
+def test_the_rank_figure_labels_a_linear_rank_panel_as_linear(tmp_path):
+    """With neither a gap nor a B3 bound the rank panel is a linear axis with a note; its label said
+    'nats/token (log scale)'."""
+    from lipflow.experiments.rank_vs_n import rank_vs_n
+    from lipflow.results.plotting import pyplot
+
+    con = rank_database_without_b3(tmp_path)
+    con.execute("UPDATE runs SET val_loss = NULL")
+    fig = rank_vs_n(con)
+    assert fig.axes[2].get_yscale() == "linear" and fig.axes[2].get_ylabel() == "nats/token"
+    pyplot().close(fig)
+    (tmp_path / "b").mkdir()
+    fig = rank_vs_n(rank_database_without_b3(tmp_path / "b"))
+    assert fig.axes[2].get_yscale() == "log" and fig.axes[2].get_ylabel() == "nats/token (log scale)"
+    pyplot().close(fig)

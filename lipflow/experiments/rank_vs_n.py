@@ -76,7 +76,7 @@ def slope_text(slope) -> str:
     return f"slope {slope:.2f}" if slope == slope and slope is not None else "no slope (under 2 points)"
 
 
-def log_axis_or_note(ax, values) -> None:
+def log_axis_or_note(ax, values) -> bool:
     """A log y axis when ``values``, the heights of the panel's points, hold a positive finite one (the
     gap panel passes whether each gap is drawn: a gap ≤ 0 sits on the positive floor); else a note on a
     linear axis. A log axis without positive data raised matplotlib's "Data cannot be log-scaled" when
@@ -86,9 +86,9 @@ def log_axis_or_note(ax, values) -> None:
     values = np.asarray(values, dtype=float)
     if (np.isfinite(values) & (values > 0)).any():
         ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no positive value to draw", ha="center", va="center", transform=ax.transAxes,
-                color="0.4")
+        return True
+    ax.text(0.5, 0.5, "no positive value to draw", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    return False
 
 
 def rank_vs_n(con):
@@ -130,9 +130,9 @@ def rank_vs_n(con):
     if (df.measured_gap <= 0).any():
         axes[0].set_ylim(bottom=floor)
     axes[1].set_ylabel("B3 Rademacher term at n (nats/token)")
-    log_axis_or_note(axes[2], shown[2])
+    log_y = log_axis_or_note(axes[2], shown[2])
     axes[2].set_xlabel("mean numerical rank of W_Q W_Kᵀ per head (rtol 1e-2)")
-    axes[2].set_ylabel("nats/token (log scale)")
+    axes[2].set_ylabel("nats/token" + (" (log scale)" if log_y else ""))  # the note's linear axis is no log one
     axes[2].set_title("gap and bound vs rank")
     axes[2].legend(fontsize=7)
     axes[2].grid(alpha=0.3, which="both")
