@@ -62,16 +62,14 @@ def fit_within_cap_(matrices: list[Tensor], settings: ConstraintSettings) -> Non
 
     The soft cap's guarantee is inductive: one decay-step-project keeps ‖W‖ ≤ σmax only from weights
     that start there (singular values above k = σmax(1 − λη) + u map above σmax, and beyond (81/62)·k
-    anywhere, e.g. to ±1e10 and then to NaN). lipschitz_gpt and mlp initialise at RMS→RMS norm 1 (gpt's
-    attention-out, MLP-down and head matrices, PyTorch's default init, ≈ 1.1–1.7: scaled already at σmax = 1), so a run with
-    sigma_max < 1 would start outside the cap: its weights stayed above σmax for several steps
-    (σmax 0.5), or diverged within two steps (σmax 0.25). Matrices within σmax·(1 + 1e-6) (an
-    orthogonal init at σmax = 1) are multiplied by exactly 1, bits unchanged; the other constraints
-    project exactly on the first step and need nothing here. No host sync (a meta model builds too).
-
-    "Within" allows the rounding of the init: an orthogonal matrix rounded to float32 has σ up to
-    ≈ 0.6·eps·√max(fan) above 1 (1.4e-6 at 512 × 512), so the slack is 4·eps·√max(fan) of the
-    matrix's dtype; a fixed 1e-6 rescaled many σmax = 1 inits from d_model 512 on."""
+    anywhere, e.g. to ±1e10 and then to NaN). lipschitz_gpt and mlp initialise at RMS→RMS norm 1, so a
+    run with sigma_max < 1 started outside the cap: its weights stayed above σmax for several steps
+    (σmax 0.5), or diverged within two steps (σmax 0.25); gpt's attention-out, MLP-down and head
+    matrices (PyTorch's default init, ≈ 1.1–1.7) are scaled already at σmax = 1. A matrix within
+    σmax·(1 + 4·eps·√max(fan)) is multiplied by exactly 1, bits unchanged: the slack is the rounding
+    of an orthogonal init to the matrix's dtype (up to ≈ 0.6·eps·√max(fan) above 1, 1.4e-6 at
+    512 × 512 in fp32). The other constraints project exactly on the first step and need nothing
+    here. No host sync (a meta model builds too)."""
     if not settings.coupled:
         return
     for w in matrices:
