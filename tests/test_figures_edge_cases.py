@@ -98,7 +98,14 @@ def test_the_activation_figure_counts_runs_it_cannot_place(tmp_path):
     con = database(tmp_path, runs)
     create_views(con, log=io.StringIO())
     fig = tradeoff_activation(con)
-    assert [t.get_text() for t in fig.axes[0].texts] == ["2 of 3 runs without a finite max activation: not drawn"]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["2 without a finite max activation of 3 runs: not drawn on "
+                                                         "this axis"]
+    pyplot().close(fig)
+    con.execute("UPDATE runs SET max_activation = CASE WHEN run_id LIKE 'tradeoff.a-%' THEN 0.0 "
+                "WHEN run_id LIKE 'tradeoff.b-%' THEN 1.0 ELSE 100.0 END")
+    fig = tradeoff_activation(con)  # 1 and 100 span a decade: a log axis, where 0 has no place
+    assert fig.axes[0].get_yscale() == "log"
+    assert [t.get_text() for t in fig.axes[0].texts] == ["1 at 0 of 3 runs: not drawn on this axis"]
     pyplot().close(fig)
     con.execute("UPDATE runs SET max_activation = NULL")
     fig = tradeoff_activation(con)

@@ -94,7 +94,7 @@ def tradeoff_activation(con):
     """Largest |activation| in the residual stream against the certified bound (log x; log y when the
     activations span more than a decade), colour by optimizer and marker by weight constraint as in
     tradeoff_accuracy; runs without a finite max activation (null, or an overflow to inf), which no axis
-    can place, are counted in a note (they vanished without one)."""
+    can place, and on a log axis those at 0, are counted in a note (they vanished without one)."""
     plt = pyplot()
     df = read_view(con, "pareto")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -114,12 +114,15 @@ def tradeoff_activation(con):
     ax.set_ylabel("max |activation entry| over blocks on val batches" + (" (log scale)" if log_y else ""))
     import numpy as np
 
-    unknown = int((~np.isfinite(df.max_activation.to_numpy(dtype=float))).sum())  # null, NaN or ±inf
+    values = df.max_activation.to_numpy(dtype=float)
+    unknown = int((~np.isfinite(values)).sum())  # null, NaN or ±inf
+    at_zero = int((values <= 0).sum()) if log_y else 0  # a log axis cannot place 0 either
     if unknown == len(df):
         ax.text(0.5, 0.5, "no run has a finite max activation", ha="center", va="center", transform=ax.transAxes,
                 color="0.4")
-    elif unknown:
-        ax.text(0.01, 0.01, f"{unknown} of {len(df)} runs without a finite max activation: not drawn",
+    elif unknown or at_zero:
+        reasons = [f"{unknown} without a finite max activation"] * bool(unknown) + [f"{at_zero} at 0"] * bool(at_zero)
+        ax.text(0.01, 0.01, f"{' and '.join(reasons)} of {len(df)} runs: not drawn on this axis",
                 ha="left", va="bottom", transform=ax.transAxes, fontsize=8, color="0.4")
     ax.set_title("Activation size vs certified Lipschitz bound")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: it covered points
