@@ -8,11 +8,12 @@ Each error's str() is one line naming the field or file; ``run_guarded`` prints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 class ConfigError(ValueError):
@@ -83,10 +84,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # torch's messages for a tensor size beyond its 64-bit sizes (a product of sizes the schema allows one by one)
 SIZE_OVERFLOW_MESSAGES = ("Storage size calculation overflowed", "Overflow when unpacking long long")
+MODEL_MEMORY_ADVICE = "lower d_model, mlp_ratio, n_layers, batch_size or context"  # for a model or batch too large
 
 
-def out_of_memory(err: BaseException,
-                  advice: str = "lower d_model, mlp_ratio, n_layers, batch_size or context") -> StageError | None:
+def out_of_memory(err: BaseException, advice: str = MODEL_MEMORY_ADVICE) -> StageError | None:
     """A one-line StageError for a model or batch that does not fit in memory (torch raises a
     RuntimeError with the allocator's message) or whose size torch cannot even represent (a
     RuntimeError or TypeError saying the size overflowed), ending in ``advice``; else None."""
@@ -98,6 +99,19 @@ def out_of_memory(err: BaseException,
     else:
         return None
     return StageError(f"out of memory ({detail}): {advice}")
+
+
+@contextlib.contextmanager
+def memory_errors_in_one_line(advice: str = MODEL_MEMORY_ADVICE) -> Iterator[None]:
+    """Inside the block, a failure :func:`out_of_memory` recognises is raised as its one-line StageError
+    (ending in ``advice``); every other exception passes unchanged."""
+    try:
+        yield
+    except (RuntimeError, TypeError) as err:
+        memory = out_of_memory(err, advice)
+        if memory is None:
+            raise
+        raise memory from None
 
 
 def summary_of(doc: str) -> str:

@@ -17,7 +17,7 @@ import torch
 from lipflow.config import RUN_ID_PATTERN, evaluation_params
 from lipflow.atomic import read_json
 from lipflow.data.parquet import table_of_rows, write_table_parquet
-from lipflow.errors import ArgumentParser, summary_of, json_object_argument, out_of_memory, run_guarded
+from lipflow.errors import ArgumentParser, summary_of, json_object_argument, memory_errors_in_one_line, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
 from lipflow.results.cli import refuse_to_replace_non_evaluation, refuse_to_replace_other_rows
@@ -70,14 +70,9 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     else:
         if "seed" in params:  # the evaluations that draw random numbers have a seed of their own
             torch.manual_seed(params["seed"])
-        try:
+        with memory_errors_in_one_line(f"lower evaluations.{name}'s batch_size or counts"):
             ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device))
             rows = evaluation(ctx)
-        except (RuntimeError, TypeError) as err:  # one line, as the train stage's, not a traceback
-            memory = out_of_memory(err, f"lower evaluations.{name}'s batch_size or counts")
-            if memory is None:
-                raise
-            raise memory from None
     rows = [{"run_id": run_id, "eval": name, **row} for row in rows]
     write_table_parquet(out, table_of_rows(rows))
     print(f"{name}: {len(rows)} rows for {run_id} in {time.monotonic() - started:.1f} s")

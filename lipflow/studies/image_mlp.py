@@ -35,7 +35,7 @@ from lipflow.config import make_validator, run_defaults
 from lipflow.config.runs import check_image_mlp_methods
 from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import ArgumentParser, ConfigError, json_object_argument, out_of_memory, summary_of
+from lipflow.errors import ArgumentParser, ConfigError, json_object_argument, memory_errors_in_one_line, summary_of
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -180,13 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.out).parent.is_dir():  # before the minutes of training, not after them
             raise FileNotFoundError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
         cfg = study_config(json_object_argument(args.config_json, "--config-json"))
-        try:
+        with memory_errors_in_one_line():
             rows = run_image_mlp_study(cfg)
-        except (RuntimeError, TypeError) as err:
-            memory = out_of_memory(err)
-            if memory is None:
-                raise
-            raise memory from None
         write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
         return 0
 

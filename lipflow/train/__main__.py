@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, json_object_argument, out_of_memory, run_guarded, summary_of
+from lipflow.errors import ArgumentParser, json_object_argument, memory_errors_in_one_line, run_guarded, summary_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,15 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"{processes or 1} (batch_size is per process); run it without torchrun, and it "
                              f"starts nproc workers itself")
         try:
-            summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
+            with memory_errors_in_one_line():
+                summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
         except (Preempted, SecondSignal) as stop:
             print(f"lipflow: {stop}", file=sys.stderr)
             return stop.exit_code
-        except BaseException as err:
-            memory = out_of_memory(err)
-            if memory is None:
-                raise
-            raise memory from None
         if summary:
             print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",
                                                       "lipschitz_bound")}))
