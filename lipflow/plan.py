@@ -73,13 +73,14 @@ def check_unselected_definitions(config: dict[str, Any], blocks: dict[str, dict[
             experiment_run(validator, run_name, overrides, config["defaults"], config["experiment_preset"])
 
 
-def check_selected_experiments_do_something(config: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> None:
-    """A selected experiment whose preset expands to no run (an empty grid: ``grid: {}``, ``grid: [{}]``,
-    or a block of the config's own that names none) and that includes no study would train nothing and
-    draw its figures from empty views: refused in one line naming its grid."""
-    preset = config["experiment_preset"]
+def check_selected_experiments_do_something(config: dict[str, Any], blocks: dict[str, dict[str, Any]],
+                                            runs: dict[str, dict[str, Any]]) -> None:
+    """A selected experiment that has none of the resolved ``runs`` (its preset expands to none: an empty
+    grid, ``grid: {}``, ``grid: [{}]``, or a block of the config's own that names none) and includes no
+    study would train nothing and draw its figures from empty views: refused in one line naming its grid."""
+    preset, trained = config["experiment_preset"], {cfg["experiment"] for cfg in runs.values()}
     for name in selected_experiments(config, blocks):
-        if not blocks[name]["studies"] and not expand_experiment(name, blocks[name], preset):
+        if not blocks[name]["studies"] and name not in trained:
             raise ConfigError(f"config error: experiment_definitions.{name}.{preset}.grid: experiment '{name}' is "
                               f"selected in experiments but has no runs under preset '{preset}' (an empty grid) and "
                               "no studies; give it a grid or leave it out of experiments")
@@ -122,8 +123,8 @@ class Plan:
         be) and plan it; a bad config is a one-line ConfigError."""
         check_config(config)
         blocks = definitions(config)  # once: every experiment helper below reads these
-        check_selected_experiments_do_something(config, blocks)
         runs = resolve_runs(config, blocks)
+        check_selected_experiments_do_something(config, blocks, runs)
         check_unselected_definitions(config, blocks)
         experiments = selected_experiments(config, blocks)
         enabled = tuple(config["evaluations"]["enabled"])
