@@ -220,6 +220,13 @@ def refuse_to_replace(path: str | os.PathLike[str], flag: str, what: str, is_our
                               "damaged earlier output, delete it)")
 
 
+def check_folder_exists(path: str | os.PathLike[str], flag: str) -> None:
+    """A FileNotFoundError naming ``flag`` when the folder ``path`` is to be written in does not exist,
+    found before a command's work instead of when it writes its result."""
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+
+
 def is_sealed(path: Path) -> bool:
     """Whether ``path`` matches its ``.sha256`` sidecar: an intact earlier output of a lipflow stage."""
     try:

@@ -31,8 +31,8 @@ import duckdb
 import pyarrow as pa
 
 from lipflow import provenance
-from lipflow.atomic import (fsync_dir, json_object_keys, read_json, refuse_to_replace, remove_stale_temporaries, sha256_file,
-                            temp_prefix, write_json_atomic)
+from lipflow.atomic import (check_folder_exists, fsync_dir, json_object_keys, read_json, refuse_to_replace,
+                            remove_stale_temporaries, sha256_file, temp_prefix, write_json_atomic)
 from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths
@@ -376,8 +376,7 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
         if Path(receipt).resolve() == out.resolve():
             raise ValueError(f"--receipt {receipt} is also --out")
         refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
-        if not Path(receipt).parent.is_dir():
-            raise FileNotFoundError(f"--receipt {receipt}: folder {Path(receipt).parent} does not exist")
+        check_folder_exists(receipt, "--receipt")
 
 
 def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Path] = (), results: Path = RESULTS,

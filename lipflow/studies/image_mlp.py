@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -170,15 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                                                              "the schema's defaults)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
     args = parser.parse_args(argv)
-    from lipflow.atomic import refuse_to_replace_unsealed
+    from lipflow.atomic import check_folder_exists, refuse_to_replace_unsealed
     from lipflow.errors import run_guarded
     from lipflow.studies.outputs import parquet_with_columns
 
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
                                    lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
-        if not Path(args.out).parent.is_dir():  # before the minutes of training, not after them
-            raise FileNotFoundError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
+        check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
         cfg = study_config(json_object_argument(args.config_json, "--config-json"))
         with memory_errors_in_one_line():
             rows = run_image_mlp_study(cfg)
