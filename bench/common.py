@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipflow.atomic import atomic_write
+from lipflow.errors import count_argument
 from lipflow.provenance import carried_commit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,24 +76,10 @@ def add_out_argument(parser: argparse.ArgumentParser, quick: bool = True) -> Non
                                                  f"{elsewhere})")
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer ≥ ``minimum`` (a count of rounds, threads, steps …), else a one-line error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"'{text}' is not an integer ≥ {minimum}")
-        return value
-    parse.__name__ = f"integer ≥ {minimum}"
-    return parse
-
-
 def add_torch_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--device`` and ``--threads`` options of the benches that time torch code."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's, one per core; "
+    parser.add_argument("--threads", type=count_argument(1), help="torch CPU threads (default: torch's, one per core; "
                                                              "1 is steadier on a machine shared with other work)")
 
 

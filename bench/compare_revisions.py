@@ -29,8 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.common import at_least  # noqa: E402
-from lipflow.errors import summary_of  # noqa: E402
+from lipflow.errors import count_argument, summary_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rev_a")
     parser.add_argument("rev_b")
     parser.add_argument("script", help="path of the bench script inside the repository, e.g. bench/train_step.py")
-    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--repeats", type=count_argument(1), default=3)
     parser.add_argument("--metrics", nargs="*", default=[])
     args = parser.parse_args(own)
     revs = (args.rev_a, args.rev_b)

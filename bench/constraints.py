@@ -44,10 +44,10 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, at_least,  # noqa: E402
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
                           parse_bench_args, print_table, row, save_rows, torch_setup)
 from lipflow.constraints import StepContext, msign, soft_cap_alpha, spectral_hard_cap, spectral_soft_cap  # noqa: E402
-from lipflow.errors import summary_of  # noqa: E402
+from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.optimizers import MUON_NS_COEFFICIENTS, newton_schulz, newton_schulz_peak  # noqa: E402
 
 BENCH = "constraints"
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true",
                         help="one round, no warmup, and sizes 256 and 512 unless --sizes is given (seconds)")
-    parser.add_argument("--sizes", type=at_least(1), nargs="+", help="matrix sizes (default 256 512 1024 2048 4096)")
-    parser.add_argument("--rounds", type=at_least(1), default=5, help="alternating rounds per pair (median kept)")
+    parser.add_argument("--sizes", type=count_argument(1), nargs="+", help="matrix sizes (default 256 512 1024 2048 4096)")
+    parser.add_argument("--rounds", type=count_argument(1), default=5, help="alternating rounds per pair (median kept)")
     add_torch_arguments(parser)
     add_out_argument(parser)
     args = parse_bench_args(parser, BENCH, argv)

@@ -38,11 +38,11 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings, at_least,  # noqa: E402
+from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
                           default_shards, parse_bench_args, print_table, row, run_configs, save_rows, synchronize,
                           torch_setup)
 from lipflow.config import evaluation_params  # noqa: E402
-from lipflow.errors import summary_of  # noqa: E402
+from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
 from lipflow.evaluation.__main__ import build_context  # noqa: E402
 from lipflow.evaluation.local_certificate import local_certificate  # noqa: E402
@@ -89,8 +89,8 @@ def local_certified_radii(ctx, n_sequences: int) -> torch.Tensor | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="2 training steps and QUICK_PARAMS (seconds)")
-    parser.add_argument("--train-steps", type=at_least(1), default=50, help="steps trained before evaluating")
-    parser.add_argument("--rounds", type=at_least(1), default=10, help="timed training steps (median kept)")
+    parser.add_argument("--train-steps", type=count_argument(1), default=50, help="steps trained before evaluating")
+    parser.add_argument("--rounds", type=count_argument(1), default=10, help="timed training steps (median kept)")
     add_torch_arguments(parser)
     add_out_argument(parser)
     args = parse_bench_args(parser, BENCH, argv)

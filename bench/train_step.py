@@ -81,10 +81,10 @@ from typing import Any, Callable, Iterable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, add_torch_arguments, alternating_timings, at_least,  # noqa: E402
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
                           default_runs, default_shards, parse_bench_args, print_table, row, run_configs,
                           save_rows, synchronize, torch_setup)
-from lipflow.errors import summary_of  # noqa: E402
+from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.train.trainer import Trainer  # noqa: E402
 from lipflow.train.update import project_matrices_  # noqa: E402
 
@@ -131,13 +131,6 @@ def synthetic_vocab_shards(work: Path, vocab_size: int) -> Path:
     tokenizer_cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(work / "words.json")})
     tokenize_corpus(tokenizer_cfg, work / "corpus", work / "words")
     return work / "words"
-
-
-def synthetic_vocab_size(text: str) -> int:
-    """--vocab: an integer ≥ 3 (ids 0 and 1 are the end-of-text and unknown tokens, words need one more)."""
-    if not text.isdigit() or int(text) < 3:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer ≥ 3")
-    return int(text)
 
 
 def matmul_peak(n: int, device: torch.device, rounds: int) -> float:
@@ -286,15 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="shape 'quick', 3 rounds, small peak matmul (seconds)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: cpu on CPU, gpt2-124m on CUDA")
-    parser.add_argument("--batch-size", type=at_least(1), help="override the shape's batch size")
-    parser.add_argument("--vocab", type=synthetic_vocab_size,
+    parser.add_argument("--batch-size", type=count_argument(1), help="override the shape's batch size")
+    parser.add_argument("--vocab", type=count_argument(3),  # ids 0, 1: end-of-text, unknown; words need one more
                         help="a synthetic vocabulary of this many ids (≥ 3) instead of the shape's (as gpt2-124m's; "
                              "the loss over the vocabulary grows with it)")
     parser.add_argument("--grad-accum", type=accumulation_counts,
                         help="micro-batches per optimizer step (default: the shape's, 1 but for quick); several, "
                              "e.g. 1,30, time the same arms (and compiled graphs) at each")
-    parser.add_argument("--rounds", type=at_least(1), default=10, help="timed rounds per arm (median kept)")
-    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed rounds first")
+    parser.add_argument("--rounds", type=count_argument(1), default=10, help="timed rounds per arm (median kept)")
+    parser.add_argument("--warmup", type=count_argument(0), default=2, help="untimed rounds first")
     add_torch_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key compile)")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,

@@ -132,15 +132,17 @@ def check_distinct_paths(paths: Iterable[str | os.PathLike[str]], where: str) ->
 
 
 def count_argument(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` for a whole number ≥ ``minimum`` (a layer count, a thread count)."""
+    """An argparse ``type``: an integer ≥ ``minimum`` (a layer, thread, round or step count), else the
+    one-line error ``'x' is not an integer ≥ minimum``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer ≥ {minimum}")
         return value
+    parse.__name__ = f"integer ≥ {minimum}"
     return parse
 
 

@@ -337,7 +337,7 @@ CASES = {
                                 "run_id: '../../etc' is not a run id"),
     "icl_zero_layers": (lambda tmp, s, c: ("lipflow.studies.icl", ["train", "--config-json", "{}", "--layers", "0",
                                                                    "--n", "5", "--out", str(tmp / "m.safetensors")],
-                                           tmp / "m.safetensors"), "argument --layers: 0 is less than 1"),
+                                           tmp / "m.safetensors"), "argument --layers: '0' is not an integer ≥ 1"),
     "image_mlp_config_not_object": (lambda tmp, s, c: ("lipflow.studies.image_mlp", ["--config-json", "[]", "--out",
                                                                                      str(tmp / "r.parquet")],
                                                        tmp / "r.parquet"), "--config-json must be a JSON object, got list"),

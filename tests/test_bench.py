@@ -436,6 +436,7 @@ def test_summarize_keeps_the_dirty_mark_of_a_commit(tmp_path):
     (["bench/constraints.py", "--threads", "-2"], "argument --threads: '-2' is not an integer ≥ 1"),
     (["bench/constraints.py", "--sizes", "256", "0"], "argument --sizes: '0' is not an integer ≥ 1"),
     (["bench/evals.py", "--rounds", "x"], "argument --rounds: 'x' is not an integer ≥ 1"),
+    (["bench/train_step.py", "--vocab", "2"], "argument --vocab: '2' is not an integer ≥ 3"),
 ])
 def test_torch_benches_refuse_counts_they_cannot_use(tmp_path, args, message):
     """Found by argparse, before anything is built or timed (--rounds 0 was a traceback from median() of no

@@ -253,7 +253,7 @@ def test_a_bad_option_exits_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         parser.parse_args(["--n", "0"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err == "lipflow: error: argument --n: 0 is less than 1 (see python -m lipflow.x --help)\n"
+    assert capsys.readouterr().err == "lipflow: error: argument --n: '0' is not an integer ≥ 1 (see python -m lipflow.x --help)\n"
     assert parser.parse_args(["--n", "1"]).n == 1
 
 
