@@ -93,6 +93,18 @@ def test_cli_rejects_a_bad_config_with_one_line_and_exit_2(capsys):
         assert icl_main(train) == 2 and "icl.device" in capsys.readouterr().err
 
 
+def test_cli_sizes_beyond_memory_are_one_line_and_write_nothing(tmp_path, capsys):
+    """The schema allows d and batch_size up to 2^48 one by one: a Σ (d × d) or a prompt batch that no
+    memory holds was a RuntimeError traceback from torch's allocator."""
+    for config in ('{"d": 10000000, "sigma": {"kind": "identity"}}',):  # Σ alone: 800 TB
+        out = tmp_path / "x.safetensors"
+        code = icl_main(["train", "--no-progress", "--config-json", config, "--layers", "1", "--n", "5",
+                         "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("lipflow: error: out of memory") and "icl.d" in err, err
+        assert "\n" not in err and not out.exists()
+
+
 # ---------------------------------------------------------------- data
 
 

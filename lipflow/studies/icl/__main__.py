@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from lipflow.atomic import json_object_keys, refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
-from lipflow.errors import ArgumentParser, count_argument, json_object_argument, run_guarded, summary_of
+from lipflow.errors import (ArgumentParser, count_argument, json_object_argument, memory_errors_in_one_line, run_guarded,
+                            summary_of)
 from lipflow.studies.icl.config import load_config
 
 
@@ -92,6 +93,8 @@ def is_check_summary(path: Path) -> bool:
     return keys is not None and set(SUMMARY_KEYS) <= keys <= {*SUMMARY_KEYS, *SUMMARY_OPTIONAL_KEYS}
 
 
+# the schema allows each size up to 2^48; their products can exceed any memory
+MEMORY_ADVICE = "lower icl.d, icl.batch_size, icl.test_prompts, icl.theory_samples, icl.regression_prompts or n"
 MAX_THREADS = 1024  # torch crashes (segfault, overflow) far above any machine's cores
 
 
@@ -105,24 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         refuse_to_replace_earlier_outputs(args)
-        if args.command == "train":
-            cfg = _config(args.config_json)
-            study.run_train(cfg, args.layers, args.n, args.out, progress=not args.no_progress)
-        elif args.command == "baselines":
-            study.run_baselines(_config(args.config_json), args.out)
-        elif args.command == "collect":
-            study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
-        elif args.command == "plot":
-            plots.run_plots(args.results_dir, args.out_dir)
-        else:
-            cfg = _config(args.config_json)
-            summary = study.summarize(cfg, args.results_dir, args.loss_tol, args.step_tol)
-            text = json.dumps(summary, indent=2)
-            write_json_atomic(args.out, summary)
-            print(text)
-            if args.strict and not summary["passed"]:
-                print("lipflow: error: the ICL headline check failed", file=sys.stderr)
-                return 1
+        with memory_errors_in_one_line(MEMORY_ADVICE):  # a Σ or prompt batch too large for memory
+            if args.command == "train":
+                cfg = _config(args.config_json)
+                study.run_train(cfg, args.layers, args.n, args.out, progress=not args.no_progress)
+            elif args.command == "baselines":
+                study.run_baselines(_config(args.config_json), args.out)
+            elif args.command == "collect":
+                study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
+            elif args.command == "plot":
+                plots.run_plots(args.results_dir, args.out_dir)
+            else:
+                cfg = _config(args.config_json)
+                summary = study.summarize(cfg, args.results_dir, args.loss_tol, args.step_tol)
+                text = json.dumps(summary, indent=2)
+                write_json_atomic(args.out, summary)
+                print(text)
+                if args.strict and not summary["passed"]:
+                    print("lipflow: error: the ICL headline check failed", file=sys.stderr)
+                    return 1
         return 0
 
     return run_guarded(go)
