@@ -279,6 +279,17 @@ def test_regression_finds_the_one_step_optimum_without_training():
         assert error < 0.02, (kind, error)
 
 
+
+def test_baselines_refuse_fewer_regression_prompts_than_coefficients(tmp_path):
+    """Γ̂ regresses on d² features: with d = 40 the schema's minimum of 1,000 prompts left its normal
+    equations singular, and the `regression` row came out with a loss near 10⁶ (Γ⋆'s: 27), silently."""
+    cfg = load_config({"d": 40, "sigma": {"kind": "identity"}, "layers": [1], "n_grid": [20],
+                       "regression_prompts": 1000, "theory_samples": 1000})
+    out = tmp_path / "baselines.parquet"
+    with pytest.raises(ConfigError, match=r"^icl.regression_prompts: 1000 is fewer than the d² = 1600"):
+        study.run_baselines(cfg, str(out))
+    assert not out.exists()
+
 # ---------------------------------------------------------------- multi-step theory
 
 
