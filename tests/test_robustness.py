@@ -476,6 +476,15 @@ def test_the_median_radius_is_over_the_correct_predictions():
     assert math.isnan(median_radius_of_correct(torch.zeros(2), torch.tensor([-1.0, 0.0])))
 
 
+def test_image_mlp_refuses_a_radius_given_twice_in_one_line():
+    """epsilons [0.1, 0.1] wrote every row of ε = 0.1 twice (two PGD runs, possibly different values)."""
+    from lipflow.config import ConfigError
+    from lipflow.studies.image_mlp import study_config
+
+    with pytest.raises(ConfigError, match=r"^--config-json: .*image_mlp\.epsilons.*non-unique"):
+        study_config({"epsilons": [0.1, 0.3, 0.1]})
+
+
 def test_pgd_at_the_largest_allowed_radius_stays_finite_and_larger_radii_are_refused():
     """At ε = 10⁶ (the schema's cap) PGD on a linear classifier still finds the exact worst margin,
     −ε·‖w₀ − w₁‖ + clean margin, and drives it below zero; at 10²⁰ its fp32 norms overflowed, the
