@@ -616,6 +616,21 @@ def test_collect_refuses_a_checkpoint_given_twice_and_check_names_a_table_withou
                    "reference='pgd', not one (collected for another icl config, or twice?)"), err
 
 
+def test_collect_refuses_two_checkpoints_of_one_layer_count_and_n(tmp_path):
+    """A copy of a checkpoint under another name is not the same path, yet it doubled every table's rows
+    at its (L, n): two transformer losses, two agreement rows, four step-size rows."""
+    cfg = load_config({"layers": [1], "n_grid": [20]})
+    meta = {"training_config": study.training_config(cfg), "n_layers": 1, "n": 20,
+            "curve": {"step": [1], "loss": [1.0], "lr": [0.1], "seconds": [0.0]}}
+    first, copy = tmp_path / "L1_n20.safetensors", tmp_path / "copy.safetensors"
+    for path in (first, copy):
+        study.save_weights(path, {"q": -0.5 * torch.eye(5, dtype=DOUBLE)[None]}, meta)
+    tables.write_table(baseline_rows(cfg, [("pgd", 1, 20), ("one_step_optimal", 1, 20)]), tables.BASELINE_SCHEMA,
+                       tmp_path / "baselines.parquet")
+    with pytest.raises(ValueError, match=rf"copy.safetensors: L=1, n=20 is also the checkpoint .*L1_n20"):
+        study.collect(cfg, str(tmp_path / "baselines.parquet"), [str(first), str(copy)])
+
+
 @pytest.mark.parametrize("threads", ["2147483648", "100000"])
 def test_icl_threads_beyond_any_machine_is_one_line(threads, capsys):
     """torch.set_num_threads overflowed (a traceback) or crashed (segfault) on such counts."""

@@ -301,11 +301,15 @@ def collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str]) -> dict[s
                 _matrix(optimum, cfg.d), sigma,
             ))
     tests: dict[int, Prompts] = {}
+    seen: dict[tuple[int, int], str] = {}
     for path in run_paths:
         checkpoint, model = load_run(path, cfg)
         n_layers, n = checkpoint["n_layers"], checkpoint["n"]
         if ("pgd", n_layers, n) not in baselines:
             raise ValueError(f"{path}: L={n_layers}, n={n} is not in icl.layers × n / n_grid")
+        if (n_layers, n) in seen:  # two files of one job would put two rows in every table at (L, n)
+            raise ValueError(f"{path}: L={n_layers}, n={n} is also the checkpoint {seen[n_layers, n]}; give one")
+        seen[n_layers, n] = path
         if n not in tests:
             tests[n] = held_out_prompts(cfg, n)
         _add_run(tables, cfg, baselines, checkpoint, model, tests[n], sigma)
