@@ -105,6 +105,18 @@ def test_cli_sizes_beyond_memory_are_one_line_and_write_nothing(tmp_path, capsys
         assert "\n" not in err and not out.exists()
 
 
+def test_train_writes_no_checkpoint_when_training_overflows(tmp_path, capsys):
+    """An eigenvalue of 10³⁰⁰ with w ~ N(0, I) overflows float32 at the first step: the checkpoint was written
+    with NaN blocks and a NaN curve, exit 0, and collect then scored NaN."""
+    out = tmp_path / "L1_n5.safetensors"
+    config = json.dumps({"sigma": {"kind": "diagonal", "eigenvalues": [1e300, 1, 1, 1, 1]}, "w_prior": "identity",
+                         "train_steps": 2, "batch_size": 10})
+    code = icl_main(["train", "--no-progress", "--config-json", config, "--layers", "1", "--n", "5", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("lipflow: error: icl train L=1 n=5: ") and "icl.sigma.eigenvalues" in err, err
+    assert "\n" not in err and not out.exists() and not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- data
 
 
