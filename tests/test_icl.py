@@ -643,6 +643,28 @@ def test_collect_refuses_two_checkpoints_of_one_layer_count_and_n(tmp_path):
         study.collect(cfg, str(tmp_path / "baselines.parquet"), [str(first), str(copy)])
 
 
+@pytest.mark.parametrize("meta, q, message", [
+    ({"n_layers": 1}, (1, 5, 5), "not an ICL study checkpoint (no training_config, n, curve, curve.step"),
+    ({"n_layers": 1, "n": 20, "curve": {}}, (1, 5, 5), "not an ICL study checkpoint (no curve.step, curve.loss"),
+    ({"n_layers": 1, "n": 20}, (2, 4, 5), "tensor q has shape (2, 4, 5), not (1, 5, 5)"),
+])
+def test_collect_names_a_checkpoint_without_the_studys_keys_or_shapes(tmp_path, capsys, meta, q, message):
+    """A safetensors file without the metadata the study writes was 'missing key ...' naming no file, and one
+    with a block of another shape a torch copy_ traceback."""
+    cfg = load_config({"layers": [1], "n_grid": [20]})
+    curve = {"curve": {"step": [1], "loss": [1.0], "lr": [0.1], "seconds": [0.0]}}
+    full = {"training_config": study.training_config(cfg), **curve, **meta} if "n" in meta else meta
+    run = tmp_path / "run.safetensors"
+    study.save_weights(run, {"q": torch.zeros(q)}, full)
+    tables.write_table(baseline_rows(cfg, [("pgd", 1, 20), ("one_step_optimal", 1, 20)]), tables.BASELINE_SCHEMA,
+                       tmp_path / "baselines.parquet")
+    code = icl_main(["collect", "--config-json", json.dumps({"layers": [1], "n_grid": [20]}), "--baselines",
+                     str(tmp_path / "baselines.parquet"), "--runs", str(run), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"lipflow: error: {run}: {message}") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("threads", ["2147483648", "100000"])
 def test_icl_threads_beyond_any_machine_is_one_line(threads, capsys):
     """torch.set_num_threads overflowed (a traceback) or crashed (segfault) on such counts."""

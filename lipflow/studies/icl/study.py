@@ -48,6 +48,7 @@ def loss_stats(predictions: torch.Tensor, prompts: Prompts) -> tuple[float, floa
 # its lipflow metadata, these keys (what the train command may replace: :func:`is_checkpoint`)
 CHECKPOINT_TENSORS = ("q", "p")
 CHECKPOINT_KEYS = ("training_config", "n_layers", "n", "curve")
+CURVE_KEYS = ("step", "loss", "lr", "seconds")
 
 
 def run_train(cfg: ICLConfig, n_layers: int, n: int, out: str, progress: bool = True) -> None:
@@ -85,6 +86,10 @@ def is_checkpoint(path: Path) -> bool:
 def load_run(path: str, cfg: ICLConfig) -> tuple[dict[str, Any], InContextTransformer]:
     """A checkpoint and its model (float64); refuses one trained under another config."""
     tensors, checkpoint = load_weights(Path(path))
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] + [
+        f"curve.{key}" for key in CURVE_KEYS if key not in (checkpoint.get("curve") or {})]
+    if missing or "q" not in tensors:
+        raise ValueError(f"{path}: not an ICL study checkpoint (no {', '.join(missing or ['tensor q'])})")
     checkpoint = {**checkpoint, "q": tensors["q"], "p": tensors.get("p")}
     expected = training_config(cfg)
     changed = sorted(k for k in expected if checkpoint["training_config"].get(k) != expected[k])
@@ -93,6 +98,12 @@ def load_run(path: str, cfg: ICLConfig) -> tuple[dict[str, Any], InContextTransf
     model = InContextTransformer(
         cfg.d, checkpoint["n_layers"], cfg.parametrization, cfg.attention
     ).double()
+    for name in ("q", "p"):  # a hand-made or damaged file: a one-line error, not torch's copy_ traceback
+        block, shape = checkpoint[name], None if getattr(model, name) is None else tuple(getattr(model, name).shape)
+        if (None if block is None else tuple(block.shape)) != shape:
+            found = "none" if block is None else tuple(block.shape)
+            raise ValueError(f"{path}: tensor {name} has shape {found}, not {shape} (L={checkpoint['n_layers']}, "
+                             f"icl.d = {cfg.d}, icl.parametrization = {cfg.parametrization})")
     with torch.no_grad():
         model.q.copy_(checkpoint["q"])
         if model.p is not None:
