@@ -81,6 +81,17 @@ def test_config_defaults_come_from_the_schema_and_errors_name_the_field():
     assert load_config({"d": 3, "sigma": {"kind": "identity"}}).d == 3  # identity needs no λ
 
 
+
+def test_an_eigenvalue_without_a_finite_inverse_is_refused_in_one_line(capsys):
+    """λ = 10⁻³²⁰ (positive, so the schema takes it) made Σ⁻¹ infinite: train and baselines died in
+    torch.linalg.eigh with a _LinAlgError traceback. The smallest normal double still has an inverse."""
+    with pytest.raises(ConfigError, match=r"^icl.sigma.eigenvalues.1: 1e-320 has no finite inverse"):
+        load_config({"sigma": {"kind": "diagonal", "eigenvalues": [1, 1e-320, 1, 1, 1]}})
+    assert load_config({"sigma": {"kind": "diagonal", "eigenvalues": [1, 2.3e-308, 1, 1, 1]}}).sigma.kind == "diagonal"
+    config = json.dumps({"sigma": {"kind": "rotated", "eigenvalues": [1e-320, 1, 1, 1, 1]}})
+    assert icl_main(["baselines", "--config-json", config, "--out", "x.parquet"]) == 2
+    assert capsys.readouterr().err.startswith("lipflow: error: icl.sigma.eigenvalues.0")
+
 def test_cli_rejects_a_bad_config_with_one_line_and_exit_2(capsys):
     code = icl_main(["baselines", "--config-json", '{"w_prior": "sigma"}', "--out", "x.parquet"])
     err = capsys.readouterr().err.strip()

@@ -8,6 +8,7 @@ one cross-field rule the schema cannot state (``len(sigma.eigenvalues) == d``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def load_config(raw: dict[str, Any] | None) -> ICLConfig:
         raise ConfigError(
             f"icl.sigma.eigenvalues: has {len(sigma['eigenvalues'])} entries but icl.d = {cfg['d']}"
         )
+    if sigma["kind"] != "identity":
+        for i, value in enumerate(sigma["eigenvalues"]):
+            if not math.isfinite(1.0 / value) or not math.isfinite(float(value)):  # Σ⁻¹ (the PGD baseline, w's prior)
+                raise ConfigError(f"icl.sigma.eigenvalues.{i}: {value} has no finite inverse in float64 (Σ⁻¹)")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     values["sigma"] = SigmaConfig(
         kind=sigma["kind"],
