@@ -313,6 +313,16 @@ def test_baselines_refuse_fewer_regression_prompts_than_coefficients(tmp_path):
         study.run_baselines(cfg, str(out))
     assert not out.exists()
 
+
+def test_baselines_name_the_fields_when_the_step_size_problem_overflows():
+    """With λ = 10¹⁰⁰ plain GD's moments E tr(S^j Σ S^k) overflow float64: the baselines command failed
+    with numpy's "Array must not contain infs or NaNs" (λ = 10³⁰⁰: "min() arg is an empty sequence")."""
+    cfg = load_config({"sigma": {"kind": "diagonal", "eigenvalues": [1e100, 1, 1, 1, 1]}, "layers": [1, 2],
+                       "n_grid": [20], "theory_samples": 1000})
+    with pytest.raises(ValueError, match=r"^icl: the GD step-size problem at n=20, L ≤ 2 overflows float64; "
+                                         r"bring icl.sigma.eigenvalues closer to 1 or use fewer icl.layers$"):
+        study.theory_context(cfg, 20, 2)
+
 # ---------------------------------------------------------------- multi-step theory
 
 

@@ -120,9 +120,13 @@ def theory_context(cfg: ICLConfig, n: int, max_layers: int) -> theory.TheoryCont
 
     def problem(preconditioner: torch.Tensor) -> theory.StepSizeProblem:
         generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "theory", n))
-        return theory.StepSizeProblem.estimate(
+        problem = theory.StepSizeProblem.estimate(
             sampler, preconditioner, max_layers, cfg.theory_samples, generator
         )
+        if not bool(torch.isfinite(problem.hessian).all()):  # E tr(S^j Σ S^k Ω) grows like λ_max^(2L+1)
+            raise ValueError(f"icl: the GD step-size problem at n={n}, L ≤ {max_layers} overflows float64; bring "
+                             "icl.sigma.eigenvalues closer to 1 or use fewer icl.layers")
+        return problem
 
     inverse = sampler.sigma.inverse
     return theory.TheoryContext(held_out_prompts(cfg, n), inverse, problem(inverse), problem(eye))
