@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from lipflow.config import check_run_id, run_defaults
@@ -15,6 +14,9 @@ from lipflow.atomic import read_json, sha256_file
 from lipflow.metrics import resolve_device
 from lipflow.model import LanguageModel, build_model
 from lipflow.results.inputs import JSON_FORMS, check_value, read_run_json, read_run_table, value_of
+
+if TYPE_CHECKING:  # pandas only where load_run builds the metrics table: the evaluation stage runs without it
+    import pandas as pd
 
 
 @dataclass

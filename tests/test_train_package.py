@@ -5,6 +5,7 @@ evaluation reads."""
 import json
 import math
 import re
+import subprocess
 import sys
 
 import pyarrow.parquet as pq
@@ -168,6 +169,45 @@ def test_the_rank_job_measures_both_losses_once_for_its_gap(trained_run, char_sh
     assert len(calls) == 2 and calls[0] == val_windows  # the whole val split, then the train windows
     gap = [r["value"] for r in pq.read_table(out).to_pylist() if r["metric"] == "generalization_gap"]
     assert len(gap) == 1 and gap[0] == gap[0]
+
+
+# what bench/gpu_check's machine may lack (issue 18: it has torch, JAX with numpy and scipy, pyarrow,
+# safetensors, tokenizers, pytest, and jsonschema from the carried wheels; nothing installs from a registry)
+BARE_GPU_MACHINE_LACKS = ("pandas", "duckdb", "snakemake", "matplotlib", "sklearn")
+# Prepended to a script: importing any of {names} (or a submodule) fails as for a package not installed. The
+# spec has no origin so that torch._dynamo, which looks up where well-known libraries live, passes over it.
+ABSENT_MODULES = """import importlib.machinery, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name.partition(".")[0] in {names!r} else None
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {{spec.name!r}}", name=spec.name)
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, Absent())
+"""
+
+
+@pytest.mark.parametrize("evaluation", ["val", "robustness", "precision", "sharpness"])
+def test_the_train_and_evaluation_stages_run_without_what_a_bare_gpu_machine_lacks(
+        evaluation, char_shards, tiny_run_config, tmp_path):
+    """bench/gpu_check's CUDA tests train and evaluate on a machine without pandas (the evaluation stage
+    imported it through lipflow.api), DuckDB, Snakemake, matplotlib or scikit-learn: here in a process where
+    importing any of them fails."""
+    config = {**tiny_run_config, **LIPSCHITZ, "steps": 2, "checkpoint_every": 0}
+    params = {"robustness": {"n_sequences": 1, "epsilons": [0.5], "pgd_steps": 1, "k_values": [1], "random_trials": 1,
+                             "greedy_candidates": 2, "lipschitz_steps": 1},
+              "sharpness": {"batch_size": 4, "iters": 2}}.get(evaluation, {})
+    script = (ABSENT_MODULES.format(names=BARE_GPU_MACHINE_LACKS) +
+              "from pathlib import Path\nfrom lipflow.train.trainer import Trainer\n"
+              "from lipflow.evaluation.__main__ import evaluate\n"
+              f"Trainer('tiny-00000000', {config!r}, Path({str(char_shards)!r}), Path({str(tmp_path / 'run')!r}), "
+              "progress=False).run()\n"
+              f"sys.exit(evaluate({evaluation!r}, Path({str(tmp_path / 'run')!r}), Path({str(char_shards)!r}), "
+              f"{params!r}, Path({str(tmp_path / 'out.parquet')!r}), 'cpu'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {r["eval"] for r in pq.read_table(tmp_path / "out.parquet").to_pylist()} == {evaluation}
 
 
 @pytest.mark.parametrize("bound", [float("nan"), float("inf"), 11.0])
