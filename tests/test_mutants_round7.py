@@ -445,3 +445,18 @@ def test_a_null_n_train_is_the_train_tokens_per_context(results_tree):  # noqa: 
     tokens, context = TokenShards(data_dir, "train").num_tokens, info["config"]["context"]
     assert tokens // context != tokens // (context + 1)  # the two readings differ here
     assert params["n_train"] == ctx.cfg["n_train"] == tokens // context
+
+
+def test_the_evaluations_read_only_the_train_tokens_a_run_trained_on(char_shards, tiny_run_config, tmp_path):
+    """A run with ``train_tokens`` trained on the train split's first that many tokens: rank's n_train
+    null, its train loss (the generalization gap) and the windows sharpness and B_X read are of those
+    tokens, not of the whole split (whose other windows the run never saw)."""
+    from lipflow.evaluation.__main__ import build_context
+    from test_bad_inputs import real_fake_run
+
+    train_tokens = 5 * tiny_run_config["context"] + 1  # five whole windows
+    run_dir = real_fake_run(tmp_path, char_shards, {**tiny_run_config, "train_tokens": train_tokens})
+    params = {"n_train": None}
+    ctx, _ = build_context(run_dir, char_shards, params, torch.device("cpu"))
+    assert params["n_train"] == train_tokens // tiny_run_config["context"] == 5
+    assert ctx.first_train_windows(10 ** 6).shape[0] == 5

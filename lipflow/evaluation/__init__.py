@@ -25,7 +25,8 @@ TRAIN_LOSS_WINDOWS = 256  # the train windows ``EvalContext.train_loss`` is meas
 @dataclass
 class EvalContext:
     """Everything an evaluation may read; windows are token ids of shape (N, context + 1).
-    ``first_train_windows(n)`` reads the train split's first n windows (fewer where it holds fewer),
+    ``first_train_windows(n)`` reads the first n windows of the train tokens the run trained on (the
+    split's first ``train_tokens``; fewer where they hold fewer),
     as many as an evaluation asks for. ``train_loss`` and ``val_loss`` are the known losses, else
     measured over the first :data:`TRAIN_LOSS_WINDOWS` train windows and over all val windows (in
     batches of the evaluation's ``batch_size``) when an evaluation first reads them."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lipflow.config import RUN_ID_PATTERN, evaluation_params
+from lipflow.config import RUN_ID_PATTERN, evaluation_params, run_defaults
 from lipflow.atomic import read_json
 from lipflow.data.parquet import table_of_rows, write_table_parquet
 from lipflow.errors import ArgumentParser, summary_of, json_object_argument, memory_errors_in_one_line, run_guarded
@@ -37,7 +37,8 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     check_trained_on(run_dir, info, data_dir)
     cfg = info["config"]
     context = cfg["context"]
-    train = TokenShards(data_dir, "train")
+    # the tokens the run trained on: the train split's first train_tokens (build.token_splits), not the whole split
+    train = TokenShards(data_dir, "train", max_tokens=run_defaults(**cfg)["train_tokens"])
     if train.vocab_size != info["vocab_size"]:
         raise ValueError(f"{run_dir / 'model.safetensors'} was trained with vocabulary {info['vocab_size']} but the "
                          f"tokenizer in {data_dir} has {train.vocab_size}: tokenizer/checkpoint mismatch")
