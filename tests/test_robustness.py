@@ -500,3 +500,14 @@ def test_pgd_at_the_largest_allowed_radius_stays_finite_and_larger_radii_are_ref
     assert torch.isfinite(delta).all() and float(-margin) == pytest.approx(2.0 - 1e6 * math.sqrt(2), rel=1e-4)
     with pytest.raises(ConfigError, match=r"epsilons\.0: 1e\+20 is greater than the maximum of 1000000"):
         evaluation_params("robustness", epsilons=[1e20])
+
+
+@pytest.mark.parametrize("name, key, values", [("robustness", "epsilons", [0, 0.0]), ("robustness", "k_values", [1, 1]),
+                                               ("rank", "rtols", [0.01, 0.01])])
+def test_a_value_given_twice_in_an_evaluation_list_is_refused_naming_the_key(name, key, values):
+    """A repeated ε, k or rtol gave two rows of one (metric, parameter), the random attack's with two
+    different values; it is a one-line error naming the key."""
+    from lipflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^evaluations\.{name}\.{key}: .* has non-unique elements$"):
+        evaluation_params(name, **{key: values})
