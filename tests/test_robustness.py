@@ -511,3 +511,18 @@ def test_a_value_given_twice_in_an_evaluation_list_is_refused_naming_the_key(nam
 
     with pytest.raises(ConfigError, match=rf"^evaluations\.{name}\.{key}: .* has non-unique elements$"):
         evaluation_params(name, **{key: values})
+
+
+def test_the_lipschitz_radius_is_capped_like_the_epsilons_and_the_cap_gives_a_finite_ratio():
+    """A lipschitz_radius of 10³⁰ gave a NaN lipschitz_lower_bound row on a gpt (its LayerNorm's
+    float32 variance overflows) with exit 0; above 10⁶ it is refused naming the key, and at 10⁶
+    the ascent's ratio is finite."""
+    from lipflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^evaluations\.robustness\.lipschitz_radius: 1e\+30 is greater than"):
+        evaluation_params("robustness", lipschitz_radius=1e30)
+    cfg = run_defaults(model="gpt", d_model=16, n_layers=1, n_heads=2, context=6, mlp_ratio=2)
+    torch.manual_seed(0)
+    rows = robustness_rows(build_model(cfg, 12), cfg={"epsilons": [0.0], "k_values": [], "pgd_steps": 1,
+                                                      "lipschitz_steps": 2, "lipschitz_radius": 1e6})
+    assert math.isfinite(value(rows, "lipschitz_lower_bound", attack="lipschitz_ascent"))
