@@ -526,3 +526,14 @@ def test_the_lipschitz_radius_is_capped_like_the_epsilons_and_the_cap_gives_a_fi
     rows = robustness_rows(build_model(cfg, 12), cfg={"epsilons": [0.0], "k_values": [], "pgd_steps": 1,
                                                       "lipschitz_steps": 2, "lipschitz_radius": 1e6})
     assert math.isfinite(value(rows, "lipschitz_lower_bound", attack="lipschitz_ascent"))
+
+
+def test_the_medians_of_an_even_count_are_the_mean_of_the_two_middle_values():
+    """certified_radius_median and tightness_* are medians: over 2 (or 26) inputs the mean of the
+    middle two, not torch's lower one (radii 0.1 and 0.3 gave 0.1)."""
+    from lipflow.evaluation.robustness import median_radius_of_correct
+
+    assert median_radius_of_correct(torch.tensor([0.1, 0.3, 0.0]), torch.tensor([1.0, 3.0, -1.0])) == pytest.approx(0.2)
+    rows = tightness_rows(torch.tensor([1.0, 3.0, 2.0, 6.0]), 0.5, torch.tensor([2.0, 2.0, 2.0, 2.0]), 1.0, "pgd")
+    assert value(rows, "tightness_local", attack="pgd") == pytest.approx(1.25)  # ratios 0.5, 1, 1.5, 3
+    assert value(rows, "tightness_global", attack="pgd") == pytest.approx(2.5 / (math.sqrt(2.0) * 0.5))  # bound √2·L·ε
