@@ -447,6 +447,14 @@ def test_a_null_n_train_is_the_train_tokens_per_context(results_tree):  # noqa: 
     assert params["n_train"] == ctx.cfg["n_train"] == tokens // context
 
 
+def test_an_evaluation_out_in_a_missing_folder_is_refused_before_any_work(tmp_path):
+    """--out in a folder that does not exist was found only when the rows were written, after the
+    evaluation's minutes; it is refused first, naming --out (before the run is even read)."""
+    out = tmp_path / "missing" / "robustness.parquet"
+    with pytest.raises(FileNotFoundError, match=r"^--out .*robustness\.parquet: folder .*missing does not exist$"):
+        evaluate("robustness", tmp_path / "no-run", tmp_path / "no-data", {}, out, "cpu")
+
+
 def test_the_evaluations_read_only_the_train_tokens_a_run_trained_on(char_shards, tiny_run_config, tmp_path):
     """A run with ``train_tokens`` trained on the train split's first that many tokens: rank's n_train
     null, its train loss (the generalization gap) and the windows sharpness and B_X read are of those

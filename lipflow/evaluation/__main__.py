@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lipflow.config import RUN_ID_PATTERN, evaluation_params, run_defaults
-from lipflow.atomic import read_json
+from lipflow.atomic import check_folder_exists, read_json
 from lipflow.data.parquet import table_of_rows, write_table_parquet
 from lipflow.errors import ArgumentParser, summary_of, json_object_argument, memory_errors_in_one_line, run_guarded
 from lipflow.evaluation import EVALUATIONS, EvalContext
@@ -57,6 +57,7 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     evaluation = EVALUATIONS.get(name)
     params = evaluation_params(name, **params)
     refuse_to_replace_non_evaluation(out)
+    check_folder_exists(out, "--out")  # before the evaluation's minutes, not after them
     summary = read_json(run_dir / "run.json")
     run_id = run_id_in(run_dir / "run.json", summary)
     # a directory named like a run id (the pipeline's results/runs/<run id>) must hold that run, else its rows
