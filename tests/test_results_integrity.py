@@ -112,6 +112,8 @@ def test_a_rebuild_refuses_to_drop_a_users_object_named_like_lipflows(built, cap
     ("CREATE SEQUENCE my_ids", "sequence 'my_ids'"),
     ("CREATE TYPE mood AS ENUM ('ok', 'not ok')", "type 'mood'"),
     ("CREATE INDEX my_index ON runs (run_id)", "index 'my_index'"),
+    ("CREATE TRIGGER log_new_runs AFTER INSERT ON runs FOR EACH ROW INSERT INTO bench (bench) VALUES (NEW.run_id)",
+     "trigger 'log_new_runs'"),  # DuckDB 2 keeps triggers; a rebuild dropped one without a word
     ("CREATE SCHEMA mine; CREATE TABLE mine.runs AS SELECT 42 AS x", "table 'mine.runs'"),
     ("CREATE SCHEMA mine", "schema 'mine'"),
 ])

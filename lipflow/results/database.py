@@ -322,7 +322,7 @@ BUILT_TABLES = ("runs", "train_metrics", "evals", "shards", "bench")  # and the 
 CATALOG_OBJECTS = (("table", "duckdb_tables()", "table_name"), ("view", "duckdb_views()", "view_name"),
                    ("macro", "duckdb_functions()", "function_name"), ("sequence", "duckdb_sequences()", "sequence_name"),
                    ("type", "duckdb_types()", "type_name"), ("index", "duckdb_indexes()", "index_name"),
-                   ("schema", "duckdb_schemas()", "schema_name"))
+                   ("trigger", "duckdb_triggers()", "trigger_name"), ("schema", "duckdb_schemas()", "schema_name"))
 
 
 def database_objects(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
@@ -330,7 +330,7 @@ def database_objects(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str
     :data:`CATALOG_OBJECTS` order."""
     found = []
     for kind, catalog, name in CATALOG_OBJECTS:
-        internal = "" if kind in ("sequence", "index") else " AND NOT internal"  # these have no such column
+        internal = "" if kind in ("sequence", "index", "trigger") else " AND NOT internal"  # these have no such column
         found += [(kind, schema, value) for schema, value in con.execute(
             f"SELECT schema_name, {name} FROM {catalog} WHERE database_name = current_database(){internal} "
             f"ORDER BY 1, 2").fetchall()]
@@ -340,7 +340,7 @@ def database_objects(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str
 def refuse_to_drop_user_objects(out: Path) -> None:
     """A FileExistsError naming the first object of the lipflow database ``out`` that no build makes
     (one a user added: a table or view of another name, or in a schema of theirs, a macro, a
-    sequence…): the rebuild, a new file, would drop it."""
+    sequence, a trigger…): the rebuild, a new file, would drop it."""
     with duckdb.connect(str(out), read_only=True) as con:
         objects = database_objects(con)
     ours = {("table", "main", name) for name in (*BUILT_TABLES, *STUDY_TABLES)} | {
