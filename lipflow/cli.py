@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lipflow.errors import ArgumentParser, parse_json, run_guarded
+from lipflow.errors import ArgumentParser, check_utf8, parse_json, run_guarded
 
 
 def default_db() -> Path:
@@ -49,6 +49,7 @@ def connect(db: str | os.PathLike[str] | None = None):
     path = Path(db) if db is not None else default_db()
     if not path.is_file():
         raise FileNotFoundError(f"no results database at {path} (run `snakemake` first, or pass --db)")
+    check_utf8(str(path), f"{'$LIPFLOW_DB' if db is None else 'the database path'} {str(path)!r}")
     try:
         return duckdb.connect(str(path), read_only=True, config=dict(LOCKED_CONFIG))
     except duckdb.Error as err:
@@ -336,14 +337,8 @@ def check_utf8_arguments(command: argparse.ArgumentParser, args: argparse.Namesp
     for action in command._actions:
         values = getattr(args, action.dest, None)
         for value in values if isinstance(values, list) else [values]:
-            if not isinstance(value, str):
-                continue
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                name = action.option_strings[0] if action.option_strings else f"the {action.dest.upper()}"
-                raise ValueError(f"{name} is not valid UTF-8 text (at byte {len(value[:err.start].encode())})"
-                                 ) from None
+            if isinstance(value, str):
+                check_utf8(value, action.option_strings[0] if action.option_strings else f"the {action.dest.upper()}")
 
 
 def main(argv: list[str] | None = None) -> int:

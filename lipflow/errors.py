@@ -131,6 +131,16 @@ def check_distinct_paths(paths: Iterable[str | os.PathLike[str]], where: str) ->
         seen[key] = path
 
 
+def check_utf8(text: str, where: str) -> None:
+    """A ValueError naming ``where`` when ``text`` is not UTF-8 text: Python passes bytes of an argument,
+    an environment variable or a file name that are not UTF-8 on as lone surrogates, which DuckDB
+    (given a path: a bare ``std::bad_cast``) and the tokenizer fail on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where} is not valid UTF-8 text (at byte {len(text[:err.start].encode())})") from None
+
+
 def count_argument(minimum: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer ≥ ``minimum`` (a layer, thread, round or step count), else the
     one-line error ``'x' is not an integer ≥ minimum``."""

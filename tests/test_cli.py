@@ -86,6 +86,25 @@ def test_an_argument_that_is_not_utf8_is_one_line_naming_it(argument, results_tr
     assert f"{argument} is not valid UTF-8 text" in error_line(done)
 
 
+def test_a_database_path_that_is_not_utf8_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """$LIPFLOW_DB (what lipflow query and lipflow.connect() read without --db) and the plots' --db reach
+    DuckDB, which failed on a file name that is not UTF-8 with a bare 'RuntimeError: std::bad_cast'
+    traceback, exit 1."""
+    import lipflow
+    from lipflow.cli import main
+    from lipflow.results.figures import main as plots_main
+
+    db = tmp_path / not_utf8("lipflow")
+    db.write_bytes(b"")
+    monkeypatch.setenv("LIPFLOW_DB", str(db))
+    with pytest.raises(ValueError, match=r"^\$LIPFLOW_DB .* is not valid UTF-8 text"):
+        lipflow.connect()
+    assert main(["query", "SELECT 1"]) == 2
+    assert plots_main(["--db", str(db), "--training-curves", "--out-dir", str(tmp_path / "figures")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("is not valid UTF-8 text" in line for line in lines), lines
+
+
 def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
     """As at the top level, a NaN or ±inf in a list, array, struct or map is null (it was the error 'Out of
     range float values are not JSON compliant'); a map key that is one keeps its name."""
