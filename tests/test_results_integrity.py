@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,16 @@ def test_a_rebuild_names_a_users_object_of_any_kind(built, capsys, statement, na
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err, err
     assert db.read_bytes() == before
+
+
+def test_an_out_that_is_not_utf8_is_one_line_naming_it(tmp_path, capsys):
+    """DuckDB failed on a --out name that is not UTF-8 (bytes Python hands over as lone surrogates) with a
+    bare 'RuntimeError: std::bad_cast' traceback, exit 1; it is refused before any work."""
+    out = tmp_path / os.fsdecode(b"lipflow\xff.duckdb")
+    assert lipflow.results.main(["build", "--out", str(out), "--manifest", str(tmp_path / "manifest.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out is not valid UTF-8 text (at byte" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_rebuild_replaces_the_study_tables_it_made(tmp_path, tiny_run_config):

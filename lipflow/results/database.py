@@ -35,7 +35,7 @@ from lipflow.atomic import (check_folder_exists, fsync_dir, json_object_keys, re
                             remove_stale_temporaries, sha256_file, temp_prefix, write_json_atomic)
 from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
 from lipflow.data.tokenize import check_manifest
-from lipflow.errors import check_distinct_paths
+from lipflow.errors import check_distinct_paths, check_utf8
 from lipflow.experiments import VIEWS, create_views
 from lipflow.plan_rules import STUDY_FILES
 from lipflow.results.inputs import (JSON_FORMS, check_evaluation_table, check_value, checked_config, concat_files,
@@ -366,7 +366,8 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
     user's other file, another database or the manifest is never replaced), no run directory is given
     twice (its rows would be counted twice), each study table is one of lipflow's, once
     (:func:`check_study_tables`), and the receipt's folder exists (else the database would be replaced
-    and its receipt missing)."""
+    and its receipt missing); ``out`` is UTF-8 text (DuckDB fails on another name: std::bad_cast)."""
+    check_utf8(str(out), "--out")
     refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
     if out.exists():
         refuse_to_drop_user_objects(out)
