@@ -112,6 +112,20 @@ def test_a_loss_that_grew_by_decades_gets_a_log_axis(tmp_path):
     pyplot().close(fig)
 
 
+def test_two_runs_of_one_name_are_two_lines_labelled_by_run_id(tmp_path):
+    """A database built by hand from every run folder holds an earlier config's run of a name too: the two
+    runs were one line with one label, the 20-step run's points interleaved with the 100-step run's."""
+    metrics = metric_rows("baseline-00000001", 100, 25, None, 0)
+    metrics += metric_rows("baseline-00000002", 20, 10, None, 1)
+    db = write_database(tmp_path / "r.duckdb", [run_row("baseline-00000001"), run_row("baseline-00000002")], metrics)
+    fig = training_curves.draw(duckdb.connect(str(db), read_only=True))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "baseline-00000001 (gpt, adamw)", "baseline-00000002 (gpt, adamw)"]
+    val = fig.axes[PANEL["val_loss"]].lines
+    assert [list(line.get_xdata()) for line in val] == [[25, 50, 75, 100], [10, 20]]
+    pyplot().close(fig)
+
+
 def test_the_running_mean_is_the_mean_of_the_last_window_steps(tmp_path):
     metrics = metric_rows("long-00000001", 1000, 100, None, 3)
     con = duckdb.connect(str(write_database(tmp_path / "r.duckdb", [run_row("long-00000001")], metrics)))

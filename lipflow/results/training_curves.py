@@ -28,11 +28,11 @@ PANELS = (
 PERCENT = ("val_accuracy",)  # fractions drawn as %
 
 CURVES_SQL = f"""
-    SELECT r.name, r.model, r.optimizer, r.weight_constraint, r.status, r.diverged_step, m.step,
+    SELECT r.run_id, r.name, r.model, r.optimizer, r.weight_constraint, r.status, r.diverged_step, m.step,
            {', '.join(f'm.{c}' for c, *_ in PANELS)}
     FROM train_metrics AS m JOIN runs AS r USING (run_id)
     WHERE r.experiment IS NULL
-    ORDER BY r.name, m.step"""
+    ORDER BY r.name, r.run_id, m.step"""
 
 
 # the columns CURVES_SQL reads, and their kind (text or number): a database edited by hand is named
@@ -43,7 +43,7 @@ COLUMNS = {"runs": {"run_id": "text", "name": "text", "model": "text", "optimize
 
 
 def curves(con):
-    """The rows the figure draws, a pandas DataFrame: one per (run of ``runs``, step), by name and step."""
+    """The rows the figure draws, a pandas DataFrame: one per (run of ``runs``, step), by name, run id, step."""
     return con.execute(CURVES_SQL).df()
 
 
@@ -53,10 +53,12 @@ def smoothing_window(steps: int) -> int:
     return max(1, steps // 50)
 
 
-def run_label(row) -> str:
-    """``<name> (<model>, <optimizer>[, <weight constraint>])[: diverged at step N]`` of a row of :func:`curves`."""
+def run_label(row, by_id: bool = False) -> str:
+    """``<name> (<model>, <optimizer>[, <weight constraint>])[: diverged at step N]`` of a row of :func:`curves`;
+    with ``by_id`` the run id in place of the name (another run of the database has that name)."""
     constraint = "" if row["weight_constraint"] == "none" else f", {row['weight_constraint']}"
-    label = f"{row['name']} ({row['model']}, {row['optimizer']}{constraint})".replace("$", r"\$")  # no mathtext
+    name = row["run_id"] if by_id else row["name"]
+    label = f"{name} ({row['model']}, {row['optimizer']}{constraint})".replace("$", r"\$")  # no mathtext
     if row["status"] == "diverged":
         step = row["diverged_step"]
         label += f": diverged at step {int(step)}" if step is not None and step == step else ": diverged"
@@ -75,10 +77,13 @@ def draw(con):
                          "their experiments' figures)")
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True, constrained_layout=True)
-    runs = list(rows.groupby("name", sort=True))
+    # one line per run: two runs of one name (a hand-built database holding an earlier config's run of
+    # that name too) were drawn as one line with one label, their steps interleaved
+    runs = list(rows.groupby("run_id", sort=False))  # in CURVES_SQL's order: by name, then run id
+    ids_of_name = rows.drop_duplicates("run_id")["name"].value_counts()
     legend = []
-    for (name, run), color in zip(runs, category_colors(len(runs))):
-        label = run_label(run.iloc[0])
+    for (_, run), color in zip(runs, category_colors(len(runs))):
+        label = run_label(run.iloc[0], by_id=ids_of_name[run.iloc[0]["name"]] > 1)
         legend.append(Line2D([], [], color=color, linewidth=1.6, label=label))
         for ax, (column, _, _, log, every_step) in zip(axes.flat, PANELS):
             points = run[["step", column]].dropna()
