@@ -441,6 +441,35 @@ def test_checkpoints_are_kept_and_resumed_newest_by_step_across_a_digit_boundary
     assert not list(ckpts.glob("step-*"))
 
 
+def test_a_long_runs_metric_rows_stay_out_of_the_checkpoint_header(tmp_path):
+    """safetensors refuses a header above 100 MB, and a checkpoint's metric rows grow with the run
+    (≈ 0.4 kB a step at 12 blocks: a 250k-step run failed at its next checkpoint with a traceback):
+    they are a tensor, so the header does not grow with them, and resume
+    returns them; a checkpoint written with the rows in its metadata still resumes."""
+    from lipflow.train.checkpoint import TrainingState, resume, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    identity = {"config_hash": "c", "manifest_sha256": "m"}
+    headers = {}
+    for rows in (1, 5000):
+        metrics = [{"step": s, "loss": 1.5, "layers": "x" * 200} for s in range(1, rows + 1)]
+        ckpts = tmp_path / str(rows)
+        save_checkpoint(ckpts, TrainingState(rows, metrics), model, optimizer, torch.Generator(), identity)
+        path = ckpts / f"step-{rows:09d}.safetensors"
+        headers[rows] = int.from_bytes(path.read_bytes()[:8], "little")
+        state = resume(ckpts, model, optimizer, torch.Generator(), identity, tmp_path)
+        assert state.step == rows and state.metrics == metrics
+    assert headers[5000] < headers[1] + 100  # the rows are 1.1 MB of JSON: only the tensor offsets grew
+
+    old = tmp_path / "old"  # the format before: rows in the header's metadata, no metrics tensor
+    tensors, meta = load_weights(tmp_path / "1" / "step-000000001.safetensors")
+    del tensors["metrics"]
+    save_weights(old / "step-000000001.safetensors", tensors, {**meta, "metrics": [{"step": 1, "loss": 2.5}]})
+    state = resume(old, model, optimizer, torch.Generator(), identity, tmp_path)
+    assert state.metrics == [{"step": 1, "loss": 2.5}]
+
+
 def test_a_second_trainer_of_a_run_is_refused_while_the_first_trains(char_shards, tiny_run_config, tmp_path):
     """A rerun while the job of a killed Snakemake still trains the run (an orphan holding the run
     folder's flock) is one line and writes nothing; once the folder is free, training runs."""
