@@ -189,6 +189,16 @@ def test_optimizers_reduce_a_simple_loss(name):
     assert train(model, optimizer, 60) < 0.3 * start
 
 
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_a_beta_written_as_a_whole_number_builds_the_optimizer(name):
+    """`beta1: 0` (no first moment) is a valid config, read from YAML or JSON as the int 0; torch's AdamW
+    refused betas (0, 0.95) in a line naming no key ("betas must be either both floats or both Tensors")."""
+    model = ToyModel()
+    for betas in ((0, 0.95), (0.9, 0), (0, 0)):
+        optimizer = build_optimizer(model, {**CFGS[name], "beta1": betas[0], "beta2": betas[1]})
+        train(model, optimizer, 1)
+
+
 def test_registry_names():
     assert OPTIMIZERS.names() == ["adamw", "muon", "scion", "uscg"]
     with pytest.raises(UnknownNameError, match="did you mean 'muon'"):

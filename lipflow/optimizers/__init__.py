@@ -109,7 +109,8 @@ def build_adamw(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     groups = [dict(params=params, lr=cfg["lr"] * mult, weight_decay=_embed_decay(role, cfg), role=role)
               for role, mult, params in _role_groups(model)]
     on_cuda = {p.device.type for p in model.parameters()} == {"cuda"}
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+    # floats: a config's `beta1: 0` is an int, and torch refuses betas of an int and a float
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(float(cfg["beta1"]), float(cfg["beta2"])),
                              eps=ADAM_EPS, weight_decay=0.0, fused=True if on_cuda else None)
 
 
