@@ -274,6 +274,26 @@ def test_tensorboard_mirrors_the_logged_metrics(char_shards, tiny_run_config, tm
     assert len(events.Scalars("val_loss")) == tiny_run_config["steps"] // tiny_run_config["eval_every"]
 
 
+def test_a_run_with_tensorboard_that_fails_at_its_first_step_leaves_no_run_folder(char_shards, tiny_run_config,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """A batch too large for memory fails at the first forward (one line, exit 2) and leaves no run folder;
+    with tensorboard: true the mirror had already made tensorboard/ and its event file, so the folder stayed."""
+    pytest.importorskip("tensorboard")
+    from lipflow.train.__main__ import main
+    from lipflow.train.trainer import Trainer
+
+    def out_of_memory(self):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 34359738368 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    out = tmp_path / "run"
+    code = main(["--run-id", "tiny-00000000", "--config-json", json.dumps({**tiny_run_config, "tensorboard": True}),
+                 "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress"])
+    assert code == 2 and "out of memory" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("optimizer, preconditioned", [("adamw", True), ("muon", False)])
 def test_sharpness_is_logged_every_sharpness_every_steps(char_shards, tiny_run_config, tmp_path,
                                                         optimizer, preconditioned):

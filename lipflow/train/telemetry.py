@@ -158,19 +158,24 @@ class EvalStepTelemetry:
 
 
 class TensorBoardMirror:
-    """Writes every numeric column of each metric row as a TensorBoard scalar at its step."""
+    """Writes every numeric column of each metric row as a TensorBoard scalar at its step. The event
+    file (and its folder) is made with the first row, so a run that fails before its first logged step
+    (a batch that does not fit in memory) leaves no run folder behind, as without TensorBoard."""
 
     def __init__(self, log_dir: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ValueError("tensorboard: true needs the tensorboard package (pip install 'lipflow[tensorboard]')") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir, self.summary_writer, self.writer = log_dir, SummaryWriter, None
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            self.writer = self.summary_writer(log_dir=str(self.log_dir))
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
