@@ -246,6 +246,39 @@ def test_appendix_d_overlay_is_the_reference_recipe_at_app_d_shape():
     assert runs["appd_gpt"] == {**gpt_run, **shape, "eval_every": 250, "checkpoint_every": 500}
 
 
+JSON_SCHEMA_KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "type", "enum", "const", "default",
+                        "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minLength",
+                        "maxLength", "items", "minItems", "maxItems", "uniqueItems", "properties", "required",
+                        "additionalProperties", "propertyNames", "minProperties", "allOf", "anyOf", "oneOf", "not"}
+
+
+def schema_keys(schema: dict, path: str = "") -> list[tuple[str, str]]:
+    """(path, key) for every key of every schema object in ``schema``, descending into subschemas."""
+    found = []
+    for key, value in schema.items():
+        found.append((path, key))
+        if key in ("properties", "$defs"):
+            for name, sub in value.items():
+                found += schema_keys(sub, f"{path}.{name}")
+        elif key in ("items", "additionalProperties", "propertyNames", "not") and isinstance(value, dict):
+            found += schema_keys(value, f"{path}[{key}]")
+        elif key in ("allOf", "anyOf", "oneOf"):
+            for i, sub in enumerate(value):
+                found += schema_keys(sub, f"{path}[{key}{i}]")
+    return found
+
+
+@pytest.mark.parametrize("path", ["workflow/schemas/config.schema.yaml", "workflow/schemas/experiments.schema.yaml",
+                                  "lipflow/studies/icl/config_schema.yaml"])
+def test_every_key_of_a_schema_is_a_json_schema_keyword(path):
+    """A plain YAML description with a comma inside a flow mapping ({description: lr after warmup, over the
+    steps}) ends at the comma, and the rest becomes a key the validator ignores: schedule's description
+    lost half, image_mlp.seed's two thirds."""
+    strays = [f"{where or '/'}: {key!r}" for where, key in schema_keys(yaml.safe_load(open(path)))
+              if key not in JSON_SCHEMA_KEYWORDS]
+    assert strays == []
+
+
 def test_the_conda_environment_holds_the_packages_pyproject_requires():
     """envs/lipflow.yaml (every rule's `conda:`) pins what pyproject.toml does, plus its tensorboard
     extra (a run may set tensorboard: true), and installs no path (Snakemake copies the file elsewhere)."""
