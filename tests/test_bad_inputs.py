@@ -289,7 +289,7 @@ CASES = {
                                 "tokenizer.path: /tmp is not a regular file"),
     "wrong_type": (config_case("defaults: {d_model: wide}\n"), "d_model: 'wide' is not of type 'integer'"),
     "negative_lr": (config_case("runs:\n  a: {lr: -0.1}\n"), "runs.a.lr: -0.1 is less than or equal to the minimum of 0"),
-    "sigma_max_zero": (config_case("runs:\n  a: {sigma_max: 0}\n"), "runs.a.sigma_max: 0 is less than or equal"),
+    "sigma_max_zero": (config_case("runs:\n  a: {sigma_max: 0}\n"), "runs.a.sigma_max: 0 is less than the minimum of 1e-30"),
     "zero_steps": (config_case("runs:\n  a: {steps: 0}\n"), "runs.a.steps: 0 is less than the minimum of 1"),
     "unknown_enum": (config_case("runs:\n  a: {weight_constraint: soft_cap}\n"), "runs.a.weight_constraint: 'soft_cap' is not one of"),
     "one_hutchinson_sample": (config_case("evaluations:\n  sharpness: {hutchinson_samples: 1}\n"),
