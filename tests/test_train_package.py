@@ -129,6 +129,19 @@ def trained_run(char_shards, tiny_run_config, tmp_path):
     return out
 
 
+def test_more_processes_than_gpus_is_refused_naming_nproc(char_shards, tiny_run_config, tmp_path, monkeypatch):
+    """Each process trains on cuda:<local rank>: rank 1 on a one-GPU machine failed in torch.cuda.set_device."""
+    import lipflow.train.build as build
+
+    monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^nproc: 2 processes need a GPU each, and this machine has 1;"):
+        build.checked_inputs("tiny-00000000", {**tiny_run_config, "nproc": 2}, char_shards, tmp_path / "run")
+    assert build.checked_inputs("tiny-00000000", {**tiny_run_config, "nproc": 1}, char_shards, tmp_path / "run")[2].type == "cuda"
+    monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cpu"))
+    assert build.checked_inputs("tiny-00000000", {**tiny_run_config, "nproc": 2}, char_shards, tmp_path / "run")
+
+
 def measured_windows(monkeypatch) -> list[int]:
     """The number of windows of every loss measurement (``evaluate_windows``, wherever a lipflow
     module imported it) made from now on, in order."""

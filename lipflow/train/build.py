@@ -169,6 +169,9 @@ def checked_inputs(run_id: str, cfg: dict[str, Any], data_dir: Path,
     input a run can have refused before anything is written."""
     train, val = token_splits(data_dir, cfg)
     device = resolve_device(cfg["device"])
+    if device.type == "cuda" and cfg["nproc"] > torch.cuda.device_count():  # one GPU per process (cuda:<local rank>)
+        raise ValueError(f"nproc: {cfg['nproc']} processes need a GPU each, and this machine has "
+                         f"{torch.cuda.device_count()}; lower nproc or set device: cpu")
     check_run_directory(out_dir, run_id, cfg, sha256_file(Path(data_dir) / "manifest.json"))
     return train, val, device
 
