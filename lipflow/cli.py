@@ -246,18 +246,23 @@ def decoded_pieces(tokenizer, prompt: list[int], drawn: Iterable[list[int]]) -> 
     piece is what decoding a window that starts one printed token back adds to the decoding of the
     window's printed tokens, so a Metaspace or WordPiece decoder still puts its spaces between tokens
     (decoding token by token drops them) and the work stays linear in the tokens. A text that ends
-    inside a UTF-8 character waits for the next token; the whole decoding settles any difference."""
+    inside a UTF-8 character waits for the next token; the whole decoding settles any difference. A drawn
+    special token is printed as its text (``<|endoftext|>``: where the model ends a document, as nanoGPT
+    prints it); the tokenizers library's decode drops it by default."""
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=False)
+
     ids, start, printed, pieces = list(prompt), 0, 0, []
     before = ""  # the decoding of the window's printed tokens, ids[start:printed]
     for tokens in drawn:
         ids += tokens
-        text = tokenizer.decode(ids[start:])
+        text = decode(ids[start:])
         if len(text) > len(before) and text.startswith(before) and not text.endswith("\ufffd"):
             pieces.append(text[len(before):])
             yield pieces[-1]
             start, printed = printed, len(ids)
-            before = tokenizer.decode(ids[start:printed])
-    given, text = "".join(pieces), tokenizer.decode(ids)
+            before = decode(ids[start:printed])
+    given, text = "".join(pieces), decode(ids)
     if text != given:
         yield text[len(given):] if text.startswith(given) else "\n" + text
 

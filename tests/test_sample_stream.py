@@ -46,6 +46,17 @@ def test_a_text_ending_inside_a_character_is_still_printed_at_the_end():
     assert "".join(pieces) == tokenizer.decode(ids) and pieces[-1].endswith("\ufffd")
 
 
+def test_a_drawn_end_of_text_is_printed_where_the_model_ends_a_document():
+    """The document separator the shards put between documents shows in the sample (the tokenizers
+    library's decode drops special tokens unless told not to, which joined two documents into one)."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    first, second = tokenizer.encode("end.").ids, tokenizer.encode("Act II").ids
+    pieces = list(decoded_pieces(tokenizer, first[:1], [[i] for i in first[1:] + [eot] + second]))
+    assert "".join(pieces) == "end.<|endoftext|>Act II" and "<|endoftext|>" in pieces
+
+
 def nanogpt_generate(model, idx, new_tokens, temperature, generator):
     """nanoGPT's ``generate``, the reference: the whole sequence kept, the last ``context`` fed."""
     for _ in range(new_tokens):
@@ -74,7 +85,8 @@ def test_the_command_prints_what_the_run_generates(results_tree):  # noqa: F811
     tokenizer = load_tokenizer(run.data_dir)
     ids = tokenizer.encode("The").ids
     expected = run.model.generate(torch.tensor([ids]), 40, 0.8, torch.Generator().manual_seed(3))
-    assert done.stdout == tokenizer.decode(expected[0].tolist()) + "\n"
+    # special tokens drawn ([UNK] here, from a barely trained model) are printed as their text
+    assert done.stdout == tokenizer.decode(expected[0].tolist(), skip_special_tokens=False) + "\n"
 
 
 def test_pieces_keep_the_spaces_a_metaspace_decoder_puts_between_tokens():
@@ -101,9 +113,9 @@ def test_pieces_of_a_long_wordpiece_text_join_to_its_decoding_in_linear_work():
     class Counting:
         decoded = 0
 
-        def decode(self, tokens):
+        def decode(self, tokens, skip_special_tokens=True):
             self.decoded += len(tokens)
-            return tokenizer.decode(tokens)
+            return tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     counting = Counting()
     pieces = list(decoded_pieces(counting, ids[:2], [[i] for i in ids[2:]]))
