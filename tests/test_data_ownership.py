@@ -329,15 +329,35 @@ def test_files_that_tools_leave_in_any_folder_do_not_stop_a_rerun(corpus, tmp_pa
 
 
 def test_a_bpe_model_that_encodes_every_character_is_accepted():
-    """Byte fallback, or a ByteLevel pre-tokenizer (alone or in a Sequence, as lipflow's `bpe` kind and
-    GPT-2 have), encodes any text, so only a BPE without either and without an unknown token is refused."""
+    """Byte fallback with all 256 <0xNN> tokens, or a ByteLevel pre-tokenizer (alone or in a Sequence, as
+    lipflow's `bpe` kind and GPT-2 have) with all 256 byte symbols in the vocabulary, encodes any text, so
+    only a BPE without either and without an unknown token is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lipflow.data.tokenize import BYTE_FALLBACK_TOKENS, unknown_token_problem
+
+    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0}, []))) is not None
+    bytes_vocab = {token: i for i, token in enumerate(BYTE_FALLBACK_TOKENS)}
+    assert unknown_token_problem(Tokenizer(models.BPE(bytes_vocab, [], byte_fallback=True))) is None
+    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0, "?": 1}, [], unk_token="?"))) is None
+    alphabet_vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    byte_level = Tokenizer(models.BPE(alphabet_vocab, []))
+    byte_level.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])
+    assert unknown_token_problem(byte_level) is None
+
+
+def test_a_bpe_model_whose_fallback_lacks_byte_tokens_is_refused():
+    """Byte fallback without the <0xNN> tokens, or a ByteLevel pre-tokenizer over a vocabulary without
+    every byte symbol, drops a character it cannot spell without a word ('c' of "abc" encoded as "ab"):
+    such a tokenizer.json is refused like a BPE with neither."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from lipflow.data.tokenize import unknown_token_problem
 
-    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0}, []))) is not None
-    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0, "<0x00>": 1}, [], byte_fallback=True))) is None
-    assert unknown_token_problem(Tokenizer(models.BPE({"a": 0, "?": 1}, [], unk_token="?"))) is None
-    byte_level = Tokenizer(models.BPE({"a": 0}, []))
-    byte_level.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])
-    assert unknown_token_problem(byte_level) is None
+    fallback = Tokenizer(models.BPE({"a": 0, "b": 1, "<0x00>": 2}, [], byte_fallback=True))
+    assert fallback.encode("abc").tokens == ["a", "b"]  # the character lost
+    assert "byte fallback" in unknown_token_problem(fallback)
+    byte_level = Tokenizer(models.BPE({"a": 0, "b": 1}, []))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert byte_level.encode("abc").tokens == ["a", "b"]
+    assert "ByteLevel" in unknown_token_problem(byte_level)

@@ -79,6 +79,7 @@ SHARD_BUFFER = 1 << 20  # tokens a shard buffer starts with; it grows up to shar
 OUTPUTS = ("manifest.json", "tokenizer.json", *SPLITS)
 SHARD_NAME = re.compile(r"shard-\d{5,}\.arrow")
 ARROW_MAGIC = b"ARROW1"
+BYTE_FALLBACK_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))  # what a BPE's byte_fallback spells with
 
 
 def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
@@ -193,16 +194,21 @@ def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
 def unknown_token_problem(tokenizer: Tokenizer) -> str | None:
     """Why ``tokenizer`` fails on text outside its vocabulary (``tokenizers`` raises, mid-encoding, for
     a WordLevel or WordPiece model whose unknown token is not in its vocabulary and for a Unigram
-    model without ``unk_id``; a BPE model without an unknown token in its vocabulary, byte fallback
-    or byte-level pre-tokenizer drops such characters without a word), or None."""
+    model without ``unk_id``; a BPE model without an unknown token in its vocabulary drops such
+    characters without a word, unless byte fallback with all 256 ``<0xNN>`` tokens or a byte-level
+    pre-tokenizer with all 256 byte symbols in its vocabulary spells them), or None."""
     spec = json.loads(tokenizer.to_str())
     model = spec["model"]
     kind = model.get("type")
-    if (kind == "BPE" and model.get("unk_token") not in model.get("vocab", {}) and not model.get("byte_fallback")
-            and not _is_byte_level(spec.get("pre_tokenizer"))):
-        return ("has a BPE model without an unknown token in its vocabulary, byte fallback or a ByteLevel "
-                "pre-tokenizer, so it cannot encode a character outside its vocabulary (it drops it without a "
-                "word; set unk_token to a token of its vocab, or byte_fallback)")
+    vocab = model.get("vocab", {})
+    if (kind == "BPE" and model.get("unk_token") not in vocab
+            and not (model.get("byte_fallback") and all(token in vocab for token in BYTE_FALLBACK_TOKENS))
+            and not (_is_byte_level(spec.get("pre_tokenizer"))
+                     and all(symbol in vocab for symbol in pre_tokenizers.ByteLevel.alphabet()))):
+        return ("has a BPE model without an unknown token in its vocabulary, byte fallback with all 256 <0xNN> "
+                "byte tokens or a ByteLevel pre-tokenizer with all 256 byte symbols in its vocabulary, so it cannot "
+                "encode a character outside its vocabulary (it drops it without a word; set unk_token to a token "
+                "of its vocab, or byte_fallback with the byte tokens)")
     if kind in ("WordLevel", "WordPiece") and model.get("unk_token") not in model.get("vocab", {}):
         unk = model.get("unk_token")
         return (f"has a {kind} model whose unknown token {unk!r} is not in its vocabulary, so it cannot encode "
