@@ -189,6 +189,17 @@ def test_parquet_source_reads_a_dictionary_encoded_string_column(tmp_path):
         build_corpus(cfg, tmp_path / "d")
 
 
+def test_parquet_source_refuses_a_text_column_that_appears_twice(tmp_path):
+    # Parquet allows two columns of one name; which is the text is not ours to guess (was a KeyError
+    # 'Column body does not exist in schema' naming no file)
+    table = pa.table([pa.array(TOPICS[:5]), pa.array(TOPICS[5:10])], names=["body", "body"])
+    pq.write_table(table, tmp_path / "a.parquet")
+    cfg = CorpusConfig.from_dict({"source": "parquet", "paths": [str(tmp_path / "a.parquet")], "text_column": "body"})
+    with pytest.raises(DataError, match=r"a\.parquet: text column 'body' appears 2 times"):
+        build_corpus(cfg, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 # ---------------------------------------------------------------- split
 
 

@@ -231,6 +231,9 @@ def _parquet_documents(files: list[str], column: str) -> Iterator[str]:
             schema = parquet.schema_arrow
             if column not in schema.names:
                 raise DataError(f"{path}: missing text column '{column}' (columns: {', '.join(schema.names)})")
+            copies = len(schema.get_all_field_indices(column))
+            if copies > 1:  # schema.field would raise a KeyError naming no file
+                raise DataError(f"{path}: text column '{column}' appears {copies} times (rename all but one)")
             kind = schema.field(column).type
             # a dictionary-encoded string column (pandas' 'category' dtype) holds strings too
             values = kind.value_type if pa.types.is_dictionary(kind) else kind
