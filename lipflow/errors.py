@@ -157,13 +157,19 @@ def count_argument(minimum: int) -> Callable[[str], int]:
 
 
 def parse_json(text: str | bytes) -> Any:
-    """``json.loads(text)``, a document nested deeper than Python's recursion limit being a
-    :class:`json.JSONDecodeError` like any other malformed one (json.loads raises RecursionError, which
-    every reader of a user's JSON would pass on as a traceback)."""
+    """``json.loads(text)``, a document nested deeper than Python's recursion limit or with an integer
+    longer than its int_max_str_digits being a :class:`json.JSONDecodeError` like any other malformed
+    one (json.loads raises RecursionError, which every reader of a user's JSON would pass on as a
+    traceback, or a bare ValueError, a line naming no file)."""
     try:
         return json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply to read", text if isinstance(text, str) else "", 0) from None
+    except ValueError as err:  # an integer literal past Python's int_max_str_digits (4,300 digits)
+        if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise
+        raise json.JSONDecodeError(f"number too long to read ({str(err).split(':')[0]})",
+                                   text if isinstance(text, str) else "", 0) from None
 
 
 def json_object_argument(text: str, flag: str) -> dict[str, Any]:

@@ -162,6 +162,14 @@ def test_jsonl_source_reads_the_named_column(tmp_path):
     assert sorted(train + val) == sorted(docs)
 
 
+def test_jsonl_line_with_an_overlong_integer_is_named(tmp_path):
+    # json.loads raises a bare ValueError past Python's 4,300-digit int limit: one line naming no file
+    write(tmp_path / "a.jsonl", json.dumps({"text": "fine"}) + "\n" + '{"text": "x", "id": ' + "1" * 5000 + "}\n")
+    cfg = CorpusConfig.from_dict({"source": "jsonl", "paths": [str(tmp_path / "a.jsonl")]})
+    with pytest.raises(DataError, match=r"a\.jsonl:2: malformed JSON line \(number too long to read"):
+        build_corpus(cfg, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
 def test_parquet_source_streams_the_named_column(tmp_path):
     docs = TOPICS[:50]
     table = pa.table({"id": list(range(len(docs) + 1)), "body": docs + [None]})
