@@ -576,6 +576,26 @@ def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
         TokenShards(tmp_path / "t", "train")
 
 
+@pytest.mark.parametrize("edit, pattern", [
+    ({"dtype": "uint17"}, r"dtype 'uint17' is not one of uint8, uint16, uint32"),
+    ({"file": 5}, r"shard 0 of split 'train' has a file name that is not a string"),
+])
+def test_a_manifest_value_of_the_wrong_type_is_named(small_shards, tmp_path, edit, pattern):
+    """A hand-edited manifest.json value (no checksum guards it) is one error naming the file, not a
+    TypeError from numpy ('data type 'uint17' not understood') or pathlib."""
+    import shutil
+
+    shutil.copytree(small_shards, tmp_path / "t")
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    if "file" in edit:
+        manifest["splits"]["train"]["shards"][0].update(edit)
+    else:
+        manifest.update(edit)
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 't' / 'manifest.json'))}: {pattern}"):
+        TokenShards(tmp_path / "t", "train", verify=False)
+
+
 # ---------------------------------------------------------------- bad input through the CLIs
 
 

@@ -74,6 +74,7 @@ SPLITS = ("train", "val")
 MANIFEST_FORMAT = "lipflow-token-shards/1"
 MANIFEST_KEYS = ("dtype", "vocab_size", "tokenizer", "splits")
 SHARD_KEYS = ("file", "num_tokens", "sha256")
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what token_dtype picks
 BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
 SHARD_BUFFER = 1 << 20  # tokens a shard buffer starts with; it grows up to shard_tokens as tokens come
 OUTPUTS = ("manifest.json", "tokenizer.json", *SPLITS)
@@ -90,6 +91,8 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise DataError(f"{path} has no '{missing[0]}' (truncated or edited?)")
+    if manifest["dtype"] not in TOKEN_DTYPES:  # np.dtype() of another value is a TypeError or another type
+        raise DataError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(TOKEN_DTYPES)} (edited?)")
     if not isinstance(manifest["splits"], dict):
         raise DataError(f"{path}: 'splits' is not a mapping of split names")
     for split, info in manifest["splits"].items():
@@ -99,6 +102,9 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         for index, shard in enumerate(shards):
             if not isinstance(shard, dict) or any(key not in shard for key in SHARD_KEYS):
                 raise DataError(f"{path}: shard {index} of split '{split}' lacks one of {', '.join(SHARD_KEYS)}")
+            if not isinstance(shard["file"], str):  # a path below the folder: another type is pathlib's TypeError
+                raise DataError(f"{path}: shard {index} of split '{split}' has a file name that is not a string "
+                                "(edited?)")
     return manifest
 
 
