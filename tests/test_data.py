@@ -240,6 +240,22 @@ def test_split_fraction_is_honoured_on_many_documents():
 # ---------------------------------------------------------------- tokenizers and shards
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("split, line, pattern", [
+    ("val", b'{"text": "a\\ud800b"}\n', r"val\.jsonl:3: not a corpus-stage line"),
+    ("train", b'{"text": "a\\udc00b"}\n', r"train\.jsonl:3: not a corpus-stage line"),
+    ("val", b'{"text": "caf\xe9"}\n', r"val\.jsonl: not UTF-8"),
+])
+def test_a_corpus_line_no_tokenizer_can_take_is_named(tmp_path, kind, split, line, pattern):
+    """A corpus JSONL (edited by hand) with a lone surrogate escape or bytes that are not UTF-8 is one
+    error naming the file, not a TypeError from the tokenizers library or a bare UnicodeDecodeError."""
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:2], TOPICS[2:4])
+    with open(corpus / f"{split}.jsonl", "ab") as f:
+        f.write(line)
+    with pytest.raises(DataError, match=pattern):
+        tokenize_corpus(TokenizerConfig.from_dict({"kind": kind, "vocab_size": 260}), corpus, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
 def test_char_tokenizer_round_trips_and_maps_unseen_val_chars_to_unk(tmp_path):
     train, val = TOPICS[:20], ["caf\u00e9 \u00a7 \u4e2d", TOPICS[30]]
     assert not {"\u00a7", "\u4e2d"} & set("".join(train))

@@ -80,6 +80,7 @@ SHARD_BUFFER = 1 << 20  # tokens a shard buffer starts with; it grows up to shar
 OUTPUTS = ("manifest.json", "tokenizer.json", *SPLITS)
 SHARD_NAME = re.compile(r"shard-\d{5,}\.arrow")
 ARROW_MAGIC = b"ARROW1"
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")  # JSON's only way to a str that UTF-8 cannot encode
 BYTE_FALLBACK_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))  # what a BPE's byte_fallback spells with
 
 
@@ -143,14 +144,28 @@ class TokenizerConfig:
 def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
     """The documents of a corpus-stage JSONL file, one at a time."""
     with open(jsonl_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                text = parse_json(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                text = None
-            if not isinstance(text, str):  # {"text": null}, a list, a number: not what the corpus stage writes
-                raise DataError(f"{jsonl_path}:{lineno}: not a corpus-stage line (rerun the corpus stage)")
-            yield text
+        try:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    text = parse_json(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                # {"text": null}, a list, a number, a lone surrogate ("\ud800", which no tokenizer takes):
+                # not what the corpus stage writes
+                if not isinstance(text, str) or (SURROGATE_ESCAPE.search(line) and not _encodable(text)):
+                    raise DataError(f"{jsonl_path}:{lineno}: not a corpus-stage line (rerun the corpus stage)")
+                yield text
+        except UnicodeDecodeError:  # raised by the file's reads, a chunk ahead of the lines: no line to name
+            raise DataError(f"{jsonl_path}: not UTF-8, so not what the corpus stage writes (rerun the corpus "
+                            "stage)") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 TOKENIZERS: Registry[Callable[[TokenizerConfig, Path], Tokenizer]] = Registry("tokenizer kind")
