@@ -419,6 +419,20 @@ def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
     assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(user, TOPICS[10:12], manifest["eot_id"])
 
 
+def test_user_bpe_dropout_is_dropped_so_the_shards_are_deterministic(tmp_path):
+    """BPE-dropout (a training-time regularizer some tokenizer.json files carry) skips merges at random:
+    each build's shards differed, and so did every later encoding with the saved tokenizer.json."""
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "bpe", "vocab_size": 300}), corpus, tmp_path / "bpe")
+    spec = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
+    spec["model"]["dropout"] = 0.5
+    (tmp_path / "user.json").write_text(json.dumps(spec))
+    cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(tmp_path / "user.json")})
+    tokenize_corpus(cfg, corpus, tmp_path / "t")
+    assert shard_stream(tmp_path / "t", "val").tolist() == shard_stream(tmp_path / "bpe", "val").tolist()
+    assert json.loads((tmp_path / "t" / "tokenizer.json").read_text())["model"]["dropout"] is None
+
+
 # ---------------------------------------------------------------- loader
 
 

@@ -14,7 +14,8 @@ Tokenizers (HF ``tokenizers``, registry ``TOKENIZERS``), all fitted on the *trai
   fewer if the train split runs out of pairs).
 - ``file``: a user-supplied ``tokenizer.json`` (``path``). The end-of-text token is its first
   special token among ``EOT_CANDIDATES``; if it has none, ``<|endoftext|>`` is added. Its
-  truncation and padding settings are dropped, and no template (BOS/CLS…) tokens are added.
+  truncation and padding settings and a BPE model's dropout are dropped, and no template (BOS/CLS…)
+  tokens are added.
 
 Output under OUT (built in a temporary sibling, renamed at the end; an existing OUT is replaced only
 when it is this stage's earlier output, :func:`not_token_shards`):
@@ -511,6 +512,8 @@ def tokenize_corpus(
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
         tokenizer.no_padding()
+        if isinstance(tokenizer.model, models.BPE) and tokenizer.model.dropout:  # BPE-dropout: random merges
+            tokenizer.model.dropout = None  # would make every build's shards (and later encodings) differ
         eot_token, eot_id = end_of_text(tokenizer)
         vocab_size = vocab_size_of(tokenizer)
         dtype = token_dtype(vocab_size)
