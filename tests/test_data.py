@@ -402,12 +402,34 @@ def test_the_separator_is_the_tokenizers_own_end_of_text_token_when_it_has_one()
     assert end_of_text(plain) == (EOT, 2) and plain.get_vocab_size() == 3
 
 
+def test_an_added_separator_never_takes_the_id_of_a_token(tmp_path):
+    """tokenizers numbers an added token after the vocabulary's count: in a vocabulary with a gap in its ids
+    that id is a token's ('b' here), whose every occurrence would have read as a separator; so is a
+    tokenizer.json's own </s> (its added_tokens id 4 is renumbered to 3 when loaded)."""
+    from tokenizers import models
+
+    gap = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 3}, unk_token="[UNK]"))
+    gap.save(str(tmp_path / "gap.json"))
+    with pytest.raises(DataError, match=r"^user\.json: its end-of-text token '<\|endoftext\|>' gets id 3, which "
+                                        r"is also its token 'b' .*its ids have gaps"):
+        end_of_text(gap, "user.json")
+    spec = json.loads((tmp_path / "gap.json").read_text())
+    spec["added_tokens"] = [{"id": 4, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True}]
+    with pytest.raises(DataError, match=r"end-of-text token '</s>' gets id 3, which is also its token 'b'"):
+        end_of_text(Tokenizer.from_str(json.dumps(spec)))
+    named = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 3, EOT: 7}, unk_token="[UNK]"))
+    assert end_of_text(named) == (EOT, 7)  # its own <|endoftext|> (made special): no new id
+
+
 def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
     corpus = make_corpus_dir(tmp_path / "c", TOPICS[:10], TOPICS[10:12])
     tokenize_corpus(TokenizerConfig.from_dict({"kind": "bpe", "vocab_size": 300}), corpus, tmp_path / "bpe")
     spec = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
-    spec["added_tokens"] = []  # drop <|endoftext|> from the special tokens (the id stays in the model vocab)
+    spec["added_tokens"] = []  # drop <|endoftext|> from the special tokens and the vocab, renumbered without a gap
     del spec["model"]["vocab"][EOT]
+    spec["model"]["vocab"] = {token: i for i, token in enumerate(sorted(spec["model"]["vocab"],
+                                                                       key=spec["model"]["vocab"].get))}
     spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
     (tmp_path / "user.json").write_text(json.dumps(spec))
     user = Tokenizer.from_file(str(tmp_path / "user.json"))

@@ -260,14 +260,23 @@ def unknown_token_id(tokenizer: Tokenizer) -> int | None:
     return tokenizer.token_to_id(model["unk_token"]) if model.get("unk_token") else None
 
 
-def end_of_text(tokenizer: Tokenizer) -> tuple[str, int]:
-    """The document separator: the first special token among EOT_CANDIDATES, else a new <|endoftext|>."""
+def end_of_text(tokenizer: Tokenizer, label: str = "the tokenizer") -> tuple[str, int]:
+    """The document separator: the first special token among EOT_CANDIDATES, else a new <|endoftext|>.
+    ``tokenizers`` numbers an added token (one it adds, or one of a tokenizer.json's added_tokens) after
+    the vocabulary's count, which a vocabulary with a gap in its ids already uses: a DataError naming
+    ``label`` when the separator's id is also another token's (that token would read as a separator)."""
     specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     token = next((t for t in EOT_CANDIDATES if t in specials), None)
     if token is None:
         token = EOT
         tokenizer.add_special_tokens([EOT])
-    return token, tokenizer.token_to_id(token)
+    eot_id = tokenizer.token_to_id(token)
+    clash = sorted(t for t, i in tokenizer.get_vocab(with_added_tokens=True).items() if i == eot_id and t != token)
+    if clash:
+        raise DataError(f"{label}: its end-of-text token {token!r} gets id {eot_id}, which is also its token "
+                        f"{clash[0]!r} (tokenizers numbers an added token after the vocabulary's count, and its ids "
+                        "have gaps): number its vocabulary without gaps")
+    return token, eot_id
 
 
 def vocab_size_of(tokenizer: Tokenizer) -> int:
@@ -514,13 +523,13 @@ def tokenize_corpus(
         tokenizer.no_padding()
         if isinstance(tokenizer.model, models.BPE) and tokenizer.model.dropout:  # BPE-dropout: random merges
             tokenizer.model.dropout = None  # would make every build's shards (and later encodings) differ
-        eot_token, eot_id = end_of_text(tokenizer)
+        label = f"tokenizer.path: {cfg.path}" if cfg.kind == "file" else f"the {cfg.kind} tokenizer"
+        eot_token, eot_id = end_of_text(tokenizer, label)
         vocab_size = vocab_size_of(tokenizer)
         dtype = token_dtype(vocab_size)
         tokenizer.save(str(tmp / "tokenizer.json"))
         tokenizer.encode_special_tokens = True  # documents are plain text; separators go in by id
         splits: dict[str, Any] = {}
-        label = f"tokenizer.path: {cfg.path}" if cfg.kind == "file" else f"the {cfg.kind} tokenizer"
         for split in SPLITS:
             writer = ShardWriter(tmp, split, cfg.shard_tokens, dtype)
             num_docs = 0
