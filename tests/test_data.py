@@ -197,6 +197,16 @@ def test_parquet_source_reads_a_dictionary_encoded_string_column(tmp_path):
         build_corpus(cfg, tmp_path / "d")
 
 
+def test_parquet_source_skips_a_column_of_nulls_only(tmp_path):
+    # pandas writes a column of None only with Arrow type null: no documents, as nulls in a string column
+    # (was refused as "has type null, expected a string column", stopping a corpus of many files)
+    pq.write_table(pa.table({"body": pa.nulls(3)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"body": TOPICS[:30]}), tmp_path / "b.parquet")
+    cfg = CorpusConfig.from_dict({"source": "parquet", "paths": [str(tmp_path / "*.parquet")], "text_column": "body"})
+    build_corpus(cfg, tmp_path / "c")
+    train, val = corpus_texts(tmp_path / "c")
+    assert sorted(train + val) == sorted(TOPICS[:30])
+
 def test_parquet_source_refuses_a_text_column_that_appears_twice(tmp_path):
     # Parquet allows two columns of one name; which is the text is not ours to guess (was a KeyError
     # 'Column body does not exist in schema' naming no file)

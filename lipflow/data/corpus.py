@@ -237,7 +237,9 @@ def _parquet_documents(files: list[str], column: str) -> Iterator[str]:
             kind = schema.field(column).type
             # a dictionary-encoded string column (pandas' 'category' dtype) holds strings too
             values = kind.value_type if pa.types.is_dictionary(kind) else kind
-            if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
+            # a column of nulls only (pandas writes an all-None column so) holds no documents, as nulls elsewhere
+            if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)
+                    or pa.types.is_null(values)):
                 raise DataError(f"{path}: text column '{column}' has type {kind}, expected a string column")
             row = 0
             for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
