@@ -127,6 +127,16 @@ def test_files_source_one_document_per_file_through_a_glob(tmp_path):
     assert sorted(train + val) == sorted(docs)
 
 
+def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
+    # 'notes[1].txt' as a glob matches 'notes1.txt' only: the file itself was refused ("matched no files")
+    from lipflow.data.corpus import expand_paths
+
+    write(tmp_path / "notes[1].txt", "mine")
+    write(tmp_path / "other.txt", "more")
+    assert expand_paths([str(tmp_path / "notes[1].txt"), str(tmp_path / "*.txt")]) == [
+        str(tmp_path / "notes[1].txt"), str(tmp_path / "other.txt")]
+
+
 def test_single_file_is_cut_into_paragraph_groups_that_rebuild_it(tmp_path):
     text = "\n\n".join(TOPICS)
     path = tmp_path / "book.txt"

@@ -87,10 +87,11 @@ SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
     """Paths and globs (``**`` recursive) → existing regular files, in order, without duplicates (one
-    file however spelled, e.g. ``d/a.txt`` and ``d/../d/a.txt`` or a link to it: its first spelling)."""
+    file however spelled, e.g. ``d/a.txt`` and ``d/../d/a.txt`` or a link to it: its first spelling).
+    A pattern that names an existing file is that file, even with glob characters (``notes[1].txt``)."""
     files: dict[str, str] = {}  # real path → the first spelling
     for pattern in patterns:
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not os.path.isfile(pattern):
             matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
             _require(bool(matches), f"corpus.paths: glob '{pattern}' matched no files")
         else:
