@@ -112,6 +112,7 @@ def eval_case(make_run):
     def prepare(tmp: Path, shards: Path, run_cfg: dict):
         run_dir = make_run(tmp, shards, run_cfg)
         out = tmp / "results" / "evals" / "val.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)  # as Snakemake makes an output's folder
         return "lipflow.evaluation", ["--evaluation", "val", "--run-dir", str(run_dir), "--data-dir", str(shards),
                                       "--out", str(out), "--device", "cpu"], out
     return prepare
