@@ -192,6 +192,19 @@ def test_run_id_is_a_function_of_the_resolved_config():
     assert explicit == ids
 
 
+def test_an_integer_written_for_a_number_key_gives_the_same_run_id_as_its_float():
+    """``sigma_max: 1`` and ``sigma_max: 1.0`` train alike: one run config and one id (they had two)."""
+    def ids(run, defaults=None):
+        return list(resolve_runs(resolved({"defaults": defaults or {}, "runs": {"a": run}})))
+
+    as_floats = {"sigma_max": 2.0, "lr": 1.0, "logit_scale": 8.0, "masses": {"blocks": 32.0}, "lmo_radius": {"head": 3.0}}
+    as_ints = {"sigma_max": 2, "lr": 1, "logit_scale": 8, "masses": {"blocks": 32}, "lmo_radius": {"head": 3}}
+    assert ids(as_ints) == ids(as_floats) == ids({}, defaults=as_ints)
+    run = next(iter(resolve_runs(resolved({"runs": {"a": {**as_ints, "steps": 3}}})).values()))
+    assert type(run["sigma_max"]) is float and type(run["masses"]["blocks"]) is float and type(run["steps"]) is int
+    assert ids({"sigma_max": 2, "steps": 3}) != ids({"sigma_max": 2, "steps": 4})
+
+
 def test_shipped_configs_validate():
     for path in ("config.yaml", "tests/data/tiny_config.yaml"):
         config = yaml.safe_load(open(path))

@@ -5,8 +5,9 @@ reruns jobs). One intended change since: lipschitz_tradeoff also runs the robust
 (issue 20), which moved the evaluations of its cases and the `all` cases only; and its paper preset
 trains Muon as the authors' code does (modular step sizes at blocks mass 32, the reference's Muon
 options, lr 0.03…1), which moved the run ids and configs of the three paper cases that select it,
-and then left lr 1 out of its soft-cap runs (refused at every σ_max), which moved the same three —
-every other case's run ids, configs and params strings as written at 1b9edc6."""
+and then left lr 1 out of its soft-cap runs (refused at every σ_max), which moved the same three; and an
+integer written for a number key (max_embed_inflation: 16) is the float it trains as, which moved
+the same three again — every other case's run ids, configs and params strings as written at 1b9edc6."""
 
 import copy
 import json

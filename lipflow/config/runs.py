@@ -63,6 +63,7 @@ def check_config(config: dict[str, Any]) -> None:
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
     for name, run in config["runs"].items():
+        config["runs"][name] = run = numbers_as_floats(run)
         try:
             if run["experiment"] is not None:
                 raise ConfigError(f"config error: runs.{name}.experiment: set by experiment expansion, not in "
@@ -234,7 +235,47 @@ def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: di
         raise ConfigError(f"config error in experiment run {name} ({overrides.get('experiment')}'s {preset} preset "
                           f"or the config's defaults): {message.replace(f'runs.{name}.', '')}")
     check_run(f"experiment run {name}", wrapped["runs"][name])
-    return wrapped["runs"][name]
+    return numbers_as_floats(wrapped["runs"][name])
+
+
+def numbers_as_floats(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` (validated) with each integer written for a ``number`` key (``sigma_max: 1``) as a float, so
+    that ``1`` and ``1.0``, which train alike, give one run config and one run id (:func:`run_id`)."""
+    return _as_floats(run, _float_keys())
+
+
+def _as_floats(value: Any, keys: Any) -> Any:
+    if keys is True:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:  # a float holds it
+            return float(value)
+        return value
+    if isinstance(value, dict):
+        return {key: _as_floats(item, keys[key]) if key in keys else item for key, item in value.items()}
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _float_keys() -> dict[str, Any]:
+    """The run schema's keys whose type is ``number`` and not ``integer`` (True), and its mappings of
+    such keys (``masses``, ``lmo_radius``: key → their own keys)."""
+    schema = load_schema(SCHEMA_PATH)
+
+    def keys(subschema: dict[str, Any]) -> Any:
+        types, properties, parts = set(), {}, [subschema]
+        while parts:
+            part = parts.pop()
+            if "$ref" in part:  # the run schema refers only to its own $defs
+                parts.append(schema["$defs"][part["$ref"].rsplit("/", 1)[1]])
+            parts.extend(part.get("allOf", ()))
+            kind = part.get("type", ())
+            types.update([kind] if isinstance(kind, str) else kind)
+            properties.update(part.get("properties", {}))
+        if "number" in types and "integer" not in types:
+            return True
+        found = {key: keys(sub) for key, sub in properties.items()}
+        return {key: value for key, value in found.items() if value} or None
+
+    return keys(schema["$defs"]["run"])
 
 
 def run_defaults(**overrides: Any) -> dict[str, Any]:
