@@ -346,6 +346,22 @@ def test_snakemake_refuses_a_repeated_key_and_a_cross_key_error_before_any_job(t
         assert len(lines) == 1 and expected in lines[0], done.stderr
 
 
+def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
+    """json.dump writes 1e-05, which YAML reads as a string: `lipflow runs` refused a JSON config that
+    Snakemake (which tries JSON first) accepts; a repeated key is still refused."""
+    import json
+
+    from lipflow.cli import main
+    from lipflow.config import load_config_file
+
+    (tmp_path / "c.json").write_text(json.dumps({"runs": {"a": {"lr": 1e-05, "weight_decay": 1e-06}}}))
+    assert load_config_file(tmp_path / "c.json") == {"runs": {"a": {"lr": 1e-05, "weight_decay": 1e-06}}}
+    assert main(["runs", "--configfile", str(tmp_path / "c.json")]) == 0
+    (tmp_path / "d.json").write_text('{"runs": {"a": {"lr": 0.1}, "a": {"lr": 0.2}}}')
+    with pytest.raises(ConfigError, match="d.json: .*duplicate key 'a'"):
+        load_config_file(tmp_path / "d.json")
+
+
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
     """`<<: *anchor` then a key of the anchor is an override, not a repeated key."""
     from lipflow.config import load_config_file

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import json
 import math
 import re
 from pathlib import Path
@@ -136,10 +137,15 @@ def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False, definiti
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config (an empty file is ``{}``); malformed YAML, a repeated key or a top level that
+    """Read a YAML config, or a JSON one as JSON first (as Snakemake reads a config file: YAML reads JSON's
+    ``1e-05`` as a string); an empty file is ``{}``. Malformed YAML, a repeated key or a top level that
     is not a mapping of keys is a one-line :class:`ConfigError` naming the file (and line)."""
     try:
-        config = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            config = json.loads(text, object_pairs_hook=_unique_keys)
+        except ValueError:  # not JSON (a repeated key is a ValueError too: YAML then names its line)
+            config = yaml.load(text, Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -160,6 +166,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
                           f"{type(config).__name__}")
     if nesting_depth(config) > MAX_NESTING:
         raise ConfigError(f"{path}: nested deeper than {MAX_NESTING} levels (an anchor that refers to itself?)")
+    return config
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a repeated key is a ValueError (json.loads keeps the last one)."""
+    config = dict(pairs)
+    if len(config) != len(pairs):
+        raise ValueError("a repeated key")
     return config
 
 
