@@ -156,6 +156,13 @@ def test_defaults_fill_and_runs_inherit_defaults_block():
     assert config["corpus"]["source"] == "embedded"
 
 
+def test_the_default_run_of_a_config_without_runs_inherits_defaults():
+    """Without `runs`, the schema's default run (baseline) trained with the schema's settings: the
+    config's `defaults` were dropped without a word."""
+    runs = list(resolve_runs(resolved({"defaults": {"steps": 7, "d_model": 32}})).values())
+    assert [(run["steps"], run["d_model"]) for run in runs] == [(7, 32)]
+
+
 def test_sweep_validation_skips_no_check_and_fills_like_one_run_at_a_time():
     """Scalar values already validated are not validated again (a per-validator cache): filling a
     30-run sweep must equal filling each run with its own fresh validator (no cache hits across

@@ -19,7 +19,10 @@ from lipflow.provenance import config_hash
 
 def merge_run_defaults(config: dict[str, Any]) -> dict[str, set[str]]:
     """Give every run the keys of ``defaults`` that it does not override (in place); returns, per run,
-    the keys it took from ``defaults``."""
+    the keys it took from ``defaults``. A config without ``runs`` gets the schema's default runs first, so
+    that they inherit ``defaults`` too."""
+    if "runs" not in config:
+        config["runs"] = copy.deepcopy(load_schema(SCHEMA_PATH)["properties"]["runs"]["default"])
     defaults, runs = config.get("defaults", {}), config.get("runs")  # before validation: either may be absent
     if not isinstance(defaults, dict) or not isinstance(runs, dict):
         return {}
