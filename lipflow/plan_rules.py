@@ -26,6 +26,8 @@ class RuleFunctions:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.resources = plan.config["resources"]
+        # the BPE vocabulary the runs train with (another kind's vocab_size is the schema default, 512)
+        self.vocab = plan.config["tokenizer"]["vocab_size"]
 
     # ------------------------------------------------------------------ evaluations
 
@@ -62,7 +64,7 @@ class RuleFunctions:
             return override * attempt
         cfg = self.plan.runs[wildcards.run]
         activations = 34 * cfg["batch_size"] * cfg["context"] * cfg["d_model"] * cfg["n_layers"] * 4
-        return int(1000 + (16 * param_count(cfg) + activations) / 1e6) * cfg["nproc"] * attempt
+        return int(1000 + (16 * param_count(cfg, self.vocab) + activations) / 1e6) * cfg["nproc"] * attempt
 
     def train_runtime(self, wildcards, attempt):
         """Minutes: 6·N·tokens FLOPs at a conservative 5 GFLOP/s (a CPU core), + 10, doubled on retry."""
@@ -71,7 +73,7 @@ class RuleFunctions:
             return override * attempt
         cfg = self.plan.runs[wildcards.run]
         tokens = cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]
-        return int(10 + 6 * param_count(cfg) * tokens / 5e9 / 60) * attempt
+        return int(10 + 6 * param_count(cfg, self.vocab) * tokens / 5e9 / 60) * attempt
 
     def train_gpus(self, wildcards):
         """GPUs for one training job: ``gpu_per_run``, at least one per process when GPUs are used."""

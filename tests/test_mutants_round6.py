@@ -562,6 +562,17 @@ def test_train_memory_and_time_follow_their_closed_forms_and_double_on_retry():
     assert rules.train_runtime(wildcards, 3) == 3 * rules.train_runtime(wildcards, 1)
 
 
+def test_train_memory_and_time_count_the_bpe_vocabulary_the_run_trains_with():
+    """The embedding and head of a BPE vocabulary of 50,000 are 2·V·d parameters: the estimates
+    counted a vocabulary of 512 whatever tokenizer.vocab_size was."""
+    bpe = {"tokenizer": {"kind": "bpe", "vocab_size": 50_000}}
+    rules, wildcards = rules_for(BIG_RUN, **bpe)
+    n = 12 * 4 * 256 ** 2 + 2 * 50_000 * 256
+    activations = 34 * 32 * 256 * 256 * 4 * 4
+    assert rules.train_mem_mb(wildcards, 1) == int(1000 + (16 * n + activations) / 1e6)
+    assert rules.train_runtime(wildcards, 1) == int(10 + 6 * n * (10_000 * 32 * 4 * 256) / 5e9 / 60)
+
+
 def test_resource_overrides_also_double_on_retry():
     """resources.train_mem_mb / train_runtime replace the estimates and still grow with the attempt."""
     rules, wildcards = rules_for({}, resources={"train_mem_mb": 3000, "train_runtime": 90})
