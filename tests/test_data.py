@@ -648,6 +648,30 @@ def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
         TokenShards(tmp_path / "t", "train")
 
 
+@pytest.mark.parametrize("batches", [0, 2])
+def test_a_shard_of_other_than_one_record_batch_is_named(tmp_path, batches):
+    """A shard rewritten with no record batch or two (its sha256 updated in manifest.json): one error naming
+    it (none was a bare 'Batch number 0 out of range')."""
+    import pyarrow.ipc as ipc
+
+    from lipflow.atomic import sha256_file
+
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
+    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), corpus, tmp_path / "t")
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    shard = tmp_path / "t" / entry["file"]
+    tokens = ipc.open_file(pa.memory_map(str(shard))).get_batch(0).column("tokens").to_numpy().copy()
+    with ipc.new_file(str(shard), pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])) as writer:
+        for half in np.array_split(tokens, batches) if batches else []:
+            writer.write_batch(pa.record_batch([pa.array(half)], names=["tokens"]))
+    entry["sha256"] = sha256_file(shard)
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"^corrupt shard .*{entry['file']}: {batches} record batches, manifest.json "
+                                        rf"says 1 of {entry['num_tokens']} "):
+        TokenShards(tmp_path / "t", "train")
+
+
 @pytest.mark.parametrize("edit, pattern", [
     ({"dtype": "uint17"}, r"dtype 'uint17' is not one of uint8, uint16, uint32"),
     ({"file": 5}, r"shard 0 of split 'train' has a file name that is not a string"),

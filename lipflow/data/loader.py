@@ -65,15 +65,16 @@ def _open_shard(path: Path, entry: dict[str, Any], dtype: str, verify: bool) -> 
         raise DataError(f"corrupt shard {path}: sha256 mismatch (file changed or truncated since manifest.json)")
     try:
         reader = ipc.open_file(pa.memory_map(str(path), "r"))
+        if reader.num_record_batches != 1:  # get_batch(0) of none is a bare ValueError
+            raise DataError(f"corrupt shard {path}: {reader.num_record_batches} record batches, manifest.json "
+                            f"says 1 of {entry['num_tokens']} {dtype} tokens")
         column = reader.get_batch(0).column("tokens")
         tokens = column.to_numpy(zero_copy_only=True)
     except (pa.ArrowException, KeyError) as e:
         raise DataError(f"corrupt shard {path}: not a token shard ({str(e).splitlines()[0]})") from None
-    if reader.num_record_batches != 1 or tokens.dtype != np.dtype(dtype) or len(tokens) != entry["num_tokens"]:
-        raise DataError(
-            f"corrupt shard {path}: {reader.num_record_batches} batch(es) of {len(tokens)} {tokens.dtype} tokens, "
-            f"manifest.json says 1 of {entry['num_tokens']} {dtype}"
-        )
+    if tokens.dtype != np.dtype(dtype) or len(tokens) != entry["num_tokens"]:
+        raise DataError(f"corrupt shard {path}: {len(tokens)} {tokens.dtype} tokens, manifest.json says "
+                        f"{entry['num_tokens']} {dtype}")
     return tokens
 
 
