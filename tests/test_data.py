@@ -625,9 +625,10 @@ def test_corrupt_shard_is_named(tmp_path, damage):
         TokenShards(tmp_path / "t", "train")
 
 
-def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
-    """A shard rewritten with an id ≥ vocab_size (its sha256 updated in manifest.json, so the checksum
-    passes) is refused when opened, not an IndexError in the embedding mid-run."""
+def rewritten_train_shard(tmp_path, batches_of) -> tuple[dict, dict]:
+    """(manifest, its first train shard's entry) of char shards in tmp_path/t whose first train shard is
+    rewritten as the record batches ``batches_of(tokens, manifest)``, its sha256 updated in manifest.json
+    so that the checksum passes."""
     import pyarrow.ipc as ipc
 
     from lipflow.atomic import sha256_file
@@ -638,11 +639,22 @@ def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
     entry = manifest["splits"]["train"]["shards"][0]
     shard = tmp_path / "t" / entry["file"]
     tokens = ipc.open_file(pa.memory_map(str(shard))).get_batch(0).column("tokens").to_numpy().copy()
-    tokens[7] = manifest["vocab_size"]
     with ipc.new_file(str(shard), pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])) as writer:
-        writer.write_batch(pa.record_batch([pa.array(tokens)], names=["tokens"]))
+        for batch in batches_of(tokens, manifest):
+            writer.write_batch(pa.record_batch([pa.array(batch)], names=["tokens"]))
     entry["sha256"] = sha256_file(shard)
     (tmp_path / "t" / "manifest.json").write_text(json.dumps(manifest))
+    return manifest, entry
+
+
+def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
+    """A shard rewritten with an id ≥ vocab_size is refused when opened, not an IndexError in the
+    embedding mid-run."""
+    def one_id_past_the_vocabulary(tokens, manifest):
+        tokens[7] = manifest["vocab_size"]
+        return [tokens]
+
+    manifest, _ = rewritten_train_shard(tmp_path, one_id_past_the_vocabulary)
     with pytest.raises(DataError, match=rf"^corrupt shard .*: token id {manifest['vocab_size']} is outside the "
                                         rf"vocabulary of {manifest['vocab_size']}"):
         TokenShards(tmp_path / "t", "train")
@@ -650,23 +662,9 @@ def test_a_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
 
 @pytest.mark.parametrize("batches", [0, 2])
 def test_a_shard_of_other_than_one_record_batch_is_named(tmp_path, batches):
-    """A shard rewritten with no record batch or two (its sha256 updated in manifest.json): one error naming
-    it (none was a bare 'Batch number 0 out of range')."""
-    import pyarrow.ipc as ipc
-
-    from lipflow.atomic import sha256_file
-
-    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
-    tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), corpus, tmp_path / "t")
-    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
-    entry = manifest["splits"]["train"]["shards"][0]
-    shard = tmp_path / "t" / entry["file"]
-    tokens = ipc.open_file(pa.memory_map(str(shard))).get_batch(0).column("tokens").to_numpy().copy()
-    with ipc.new_file(str(shard), pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])) as writer:
-        for half in np.array_split(tokens, batches) if batches else []:
-            writer.write_batch(pa.record_batch([pa.array(half)], names=["tokens"]))
-    entry["sha256"] = sha256_file(shard)
-    (tmp_path / "t" / "manifest.json").write_text(json.dumps(manifest))
+    """A shard rewritten as no record batch or two: one error naming it (none was a bare 'Batch number 0
+    out of range')."""
+    _, entry = rewritten_train_shard(tmp_path, lambda tokens, _: np.array_split(tokens, batches) if batches else [])
     with pytest.raises(DataError, match=rf"^corrupt shard .*{entry['file']}: {batches} record batches, manifest.json "
                                         rf"says 1 of {entry['num_tokens']} "):
         TokenShards(tmp_path / "t", "train")
