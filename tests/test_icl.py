@@ -92,6 +92,15 @@ def test_an_eigenvalue_without_a_finite_inverse_is_refused_in_one_line(capsys):
     assert icl_main(["baselines", "--config-json", config, "--out", "x.parquet"]) == 2
     assert capsys.readouterr().err.startswith("lipflow: error: icl.sigma.eigenvalues.0")
 
+
+def test_an_integer_eigenvalue_past_float64_is_refused_in_one_line():
+    """An integer eigenvalue of 10⁴⁰⁰ (JSON and YAML read it as a Python int, the schema's number takes
+    it) has no float64 value: 1.0 / value raised OverflowError, a traceback naming no key."""
+    with pytest.raises(ConfigError, match=r"^icl.sigma.eigenvalues.2: an integer of 401 digits is beyond float64's range"):
+        load_config({"sigma": {"kind": "diagonal", "eigenvalues": [1, 1, 10**400, 1, 1]}})
+    assert load_config({"sigma": {"kind": "diagonal", "eigenvalues": [1, 1, 10**300, 1, 1]}}).sigma.eigenvalues[2] == 1e300
+
+
 def test_cli_rejects_a_bad_config_with_one_line_and_exit_2(capsys):
     code = icl_main(["baselines", "--config-json", '{"w_prior": "sigma"}', "--out", "x.parquet"])
     err = capsys.readouterr().err.strip()

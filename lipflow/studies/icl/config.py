@@ -73,7 +73,12 @@ def load_config(raw: dict[str, Any] | None) -> ICLConfig:
         )
     if sigma["kind"] != "identity":
         for i, value in enumerate(sigma["eigenvalues"]):
-            if not math.isfinite(1.0 / value) or not math.isfinite(float(value)):  # Σ⁻¹ (the PGD baseline, w's prior)
+            try:  # an integer past float64's range (10**400) has no float64 value: float() raises
+                inverse = 1.0 / float(value)
+            except OverflowError:
+                raise ConfigError(f"icl.sigma.eigenvalues.{i}: an integer of {len(str(value))} digits is beyond "
+                                  "float64's range") from None
+            if not math.isfinite(inverse):  # Σ⁻¹ (the PGD baseline, w's prior)
                 raise ConfigError(f"icl.sigma.eigenvalues.{i}: {value} has no finite inverse in float64 (Σ⁻¹)")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     values["sigma"] = SigmaConfig(
