@@ -353,6 +353,20 @@ def test_snakemake_refuses_a_repeated_key_and_a_cross_key_error_before_any_job(t
         assert len(lines) == 1 and expected in lines[0], done.stderr
 
 
+def test_a_config_value_that_cannot_be_built_is_one_line_naming_the_file(tmp_path):
+    """An integer past Python's 4,300 digits (in YAML, or in JSON, which falls back to YAML) or a YAML
+    date of month 13 raised a bare ValueError: one line naming no file."""
+    from lipflow.config import load_config_file
+
+    cases = {"big.yaml": "defaults:\n  steps: " + "1" * 5000 + "\n",
+             "big.json": '{"defaults": {"steps": ' + "1" * 5000 + "}}",
+             "date.yaml": "defaults:\n  seed: 2024-13-01\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=f"^{tmp_path / name}: a value that cannot be read"):
+            load_config_file(tmp_path / name)
+
+
 def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
     """json.dump writes 1e-05, which YAML reads as a string: `lipflow runs` refused a JSON config that
     Snakemake (which tries JSON first) accepts; a repeated key is still refused."""

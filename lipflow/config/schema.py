@@ -159,6 +159,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except ValueError as err:  # a value YAML cannot build: an integer past 4,300 digits, a date of month 13
+        raise ConfigError(f"{path}: a value that cannot be read ({str(err).split(';')[0]})") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
