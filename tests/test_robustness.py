@@ -537,3 +537,15 @@ def test_the_medians_of_an_even_count_are_the_mean_of_the_two_middle_values():
     rows = tightness_rows(torch.tensor([1.0, 3.0, 2.0, 6.0]), 0.5, torch.tensor([2.0, 2.0, 2.0, 2.0]), 1.0, "pgd")
     assert value(rows, "tightness_local", attack="pgd") == pytest.approx(1.25)  # ratios 0.5, 1, 1.5, 3
     assert value(rows, "tightness_global", attack="pgd") == pytest.approx(2.5 / (math.sqrt(2.0) * 0.5))  # bound √2·L·ε
+
+
+def test_a_median_over_a_nan_is_nan_as_torchs():
+    """Tensor.median is NaN when a value is; the mean-of-the-middle-two median sorted the NaNs last
+    and then took the middle of the rest: tightness ratios 1, 2, NaN gave 2 instead of NaN."""
+    from lipflow.evaluation.robustness import median
+
+    assert math.isnan(median(torch.tensor([1.0, 2.0, math.nan])))
+    assert math.isnan(median(torch.tensor([math.nan, 1.0, 2.0, 3.0, 4.0])))
+    rows = tightness_rows(torch.tensor([1.0, 2.0, math.nan]), 0.5, torch.tensor([1.0, 1.0, 1.0]), None, "pgd")
+    assert math.isnan(value(rows, "tightness_local", attack="pgd"))
+    assert median(torch.tensor([3.0, 1.0, 2.0, 4.0])) == 2.5

@@ -81,8 +81,11 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz_l2: f
 
 def median(values: torch.Tensor) -> float:
     """The median of a non-empty tensor, the mean of the two middle values for an even count
-    (``Tensor.median`` returns the lower of the two)."""
+    (``Tensor.median`` returns the lower of the two); NaN when a value is NaN, as ``Tensor.median``
+    (sorting puts NaNs last, where the middle of the sorted values would skip them)."""
     ordered = values.double().flatten().sort().values
+    if bool(ordered.isnan().any()):
+        return math.nan
     n = ordered.numel()
     return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
 
