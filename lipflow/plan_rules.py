@@ -20,14 +20,28 @@ def param_count(cfg, vocab=512):
     return (4 + 2 * cfg["mlp_ratio"]) * cfg["n_layers"] * cfg["d_model"] ** 2 + 2 * vocab * cfg["d_model"]
 
 
+def estimated_vocab_size(tokenizer: dict) -> int:
+    """The vocabulary the runs train with, for the resource estimates: a BPE's ``vocab_size``, a file
+    tokenizer's own count (its vocabulary and added tokens, and the end-of-text token the tokenize stage
+    may add), else (char, or a file that does not load: the tokenize stage names its problem) the
+    schema's 512, which the char vocabulary of most corpora stays below."""
+    if tokenizer["kind"] == "file" and tokenizer["path"]:
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(tokenizer["path"])).get_vocab_size(with_added_tokens=True) + 1
+        except Exception:  # tokenizers raises a bare Exception on a malformed file
+            pass
+    return tokenizer["vocab_size"]
+
+
 class RuleFunctions:
     """The functions the rules name, bound to one Plan."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.resources = plan.config["resources"]
-        # the BPE vocabulary the runs train with (another kind's vocab_size is the schema default, 512)
-        self.vocab = plan.config["tokenizer"]["vocab_size"]
+        self.vocab = estimated_vocab_size(plan.config["tokenizer"])
 
     # ------------------------------------------------------------------ evaluations
 

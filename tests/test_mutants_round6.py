@@ -573,6 +573,20 @@ def test_train_memory_and_time_count_the_bpe_vocabulary_the_run_trains_with():
     assert rules.train_runtime(wildcards, 1) == int(10 + 6 * n * (10_000 * 32 * 4 * 256) / 5e9 / 60)
 
 
+def test_train_memory_counts_a_file_tokenizers_own_vocabulary(tmp_path):
+    """A tokenizer.json's vocabulary (here 20,000 words, with the end-of-text token the stage adds)
+    is the embedding's and head's: the estimate counted the schema's 512 for any file tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(20_000)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rules, wildcards = rules_for(BIG_RUN, tokenizer={"kind": "file", "path": str(tmp_path / "tokenizer.json")})
+    n = 12 * 4 * 256 ** 2 + 2 * 20_001 * 256
+    activations = 34 * 32 * 256 * 256 * 4 * 4
+    assert rules.train_mem_mb(wildcards, 1) == int(1000 + (16 * n + activations) / 1e6)
+
+
 def test_resource_overrides_also_double_on_retry():
     """resources.train_mem_mb / train_runtime replace the estimates and still grow with the attempt."""
     rules, wildcards = rules_for({}, resources={"train_mem_mb": 3000, "train_runtime": 90})
