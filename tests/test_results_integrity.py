@@ -493,3 +493,18 @@ def test_the_build_refuses_a_run_json_its_checksummed_metrics_contradict(tmp_pat
     assert build_cli(results) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"lipflow: error: {run_dir / 'run.json'}: {words} (edited?)", err
+
+
+def test_the_catalog_of_objects_skips_a_catalog_function_this_duckdb_lacks(monkeypatch):
+    """duckdb_triggers() came with DuckDB 2; under the DuckDB 1.x that pyproject allows (>=1.1) its
+    query failed with a CatalogException, so every rebuild of an existing database stopped."""
+    import duckdb
+
+    from lipflow.results import database
+
+    monkeypatch.setattr(database, "CATALOG_OBJECTS",
+                        (*database.CATALOG_OBJECTS[:-1], ("trigger", "duckdb_no_such_catalog()", "trigger_name"),
+                         database.CATALOG_OBJECTS[-1]))
+    with duckdb.connect() as con:
+        con.execute("CREATE TABLE mine (x INTEGER)")
+        assert ("table", "main", "mine") in database.database_objects(con)

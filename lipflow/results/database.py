@@ -329,7 +329,12 @@ def database_objects(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str
     """(kind, schema, name) of every object stored in ``con``'s database but DuckDB's own, in
     :data:`CATALOG_OBJECTS` order."""
     found = []
+    # duckdb_triggers() came with DuckDB 2's triggers: DuckDB 1.x (pyproject allows >= 1.1) has neither
+    catalogs = {row[0] for row in con.execute("SELECT function_name FROM duckdb_functions() WHERE "
+                                              "function_type = 'table' AND function_name LIKE 'duckdb_%'").fetchall()}
     for kind, catalog, name in CATALOG_OBJECTS:
+        if catalog.removesuffix("()") not in catalogs:
+            continue
         internal = "" if kind in ("sequence", "index", "trigger") else " AND NOT internal"  # these have no such column
         found += [(kind, schema, value) for schema, value in con.execute(
             f"SELECT schema_name, {name} FROM {catalog} WHERE database_name = current_database(){internal} "
