@@ -131,14 +131,22 @@ def check_distinct_paths(paths: Iterable[str | os.PathLike[str]], where: str) ->
         seen[key] = path
 
 
-def check_utf8(text: str, where: str) -> None:
-    """A ValueError naming ``where`` when ``text`` is not UTF-8 text: Python passes bytes of an argument,
-    an environment variable or a file name that are not UTF-8 on as lone surrogates, which DuckDB
-    (given a path: a bare ``std::bad_cast``) and the tokenizer fail on."""
+def first_non_utf8(text: str) -> int | None:
+    """The index of ``text``'s first character that UTF-8 cannot encode (a lone surrogate: a JSON escape
+    such as ``\\ud800``, or bytes of an argument, environment variable or file name that are not UTF-8,
+    which Python passes on as surrogates), None when there is none."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"{where} is not valid UTF-8 text (at byte {len(text[:err.start].encode())})") from None
+        return err.start
+    return None
+
+
+def check_utf8(text: str, where: str) -> None:
+    """A ValueError naming ``where`` when ``text`` is not UTF-8 text (:func:`first_non_utf8`), which DuckDB
+    (given a path: a bare ``std::bad_cast``) and the tokenizer fail on."""
+    if (start := first_non_utf8(text)) is not None:
+        raise ValueError(f"{where} is not valid UTF-8 text (at byte {len(text[:start].encode())})")
 
 
 def count_argument(minimum: int) -> Callable[[str], int]:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, write_json_atomic
-from lipflow.errors import ArgumentParser, summary_of, json_object_argument, parse_json, run_guarded
+from lipflow.errors import ArgumentParser, first_non_utf8, json_object_argument, parse_json, run_guarded, summary_of
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -208,11 +208,9 @@ def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
 def _require_encodable(text: str, where: str) -> None:
     """A DataError naming ``where`` when ``text`` holds a lone surrogate (an escape such as
     ``\\ud800`` in JSON), which is no Unicode character and has no UTF-8 encoding."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{where} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1}, "
-                        "which is not a Unicode character (UTF-8 cannot encode it)") from None
+    if (start := first_non_utf8(text)) is not None:
+        raise DataError(f"{where} holds a lone surrogate \\u{ord(text[start]):04x} at character {start + 1}, "
+                        "which is not a Unicode character (UTF-8 cannot encode it)")
 
 
 @SOURCES.register("jsonl")

@@ -65,7 +65,7 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, sha256_file, write_json_atomic
-from lipflow.errors import ArgumentParser, summary_of, json_object_argument, parse_json, run_guarded
+from lipflow.errors import ArgumentParser, first_non_utf8, json_object_argument, parse_json, run_guarded, summary_of
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -153,20 +153,12 @@ def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
                     text = None
                 # {"text": null}, a list, a number, a lone surrogate ("\ud800", which no tokenizer takes):
                 # not what the corpus stage writes
-                if not isinstance(text, str) or (SURROGATE_ESCAPE.search(line) and not _encodable(text)):
+                if not isinstance(text, str) or (SURROGATE_ESCAPE.search(line) and first_non_utf8(text) is not None):
                     raise DataError(f"{jsonl_path}:{lineno}: not a corpus-stage line (rerun the corpus stage)")
                 yield text
         except UnicodeDecodeError:  # raised by the file's reads, a chunk ahead of the lines: no line to name
             raise DataError(f"{jsonl_path}: not UTF-8, so not what the corpus stage writes (rerun the corpus "
                             "stage)") from None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 TOKENIZERS: Registry[Callable[[TokenizerConfig, Path], Tokenizer]] = Registry("tokenizer kind")
