@@ -669,7 +669,7 @@ def test_collect_refuses_two_checkpoints_of_one_layer_count_and_n(tmp_path):
         study.save_weights(path, {"q": -0.5 * torch.eye(5, dtype=DOUBLE)[None]}, meta)
     tables.write_table(baseline_rows(cfg, [("pgd", 1, 20), ("one_step_optimal", 1, 20)]), tables.BASELINE_SCHEMA,
                        tmp_path / "baselines.parquet")
-    with pytest.raises(ValueError, match=rf"copy.safetensors: L=1, n=20 is also the checkpoint .*L1_n20"):
+    with pytest.raises(ValueError, match=r"copy.safetensors: L=1, n=20 is also the checkpoint .*L1_n20"):
         study.collect(cfg, str(tmp_path / "baselines.parquet"), [str(first), str(copy)])
 
 
