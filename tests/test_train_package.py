@@ -201,26 +201,29 @@ sys.meta_path.insert(0, Absent())
 """
 
 
-@pytest.mark.parametrize("evaluation", ["val", "robustness", "precision", "sharpness"])
-def test_the_train_and_evaluation_stages_run_without_what_a_bare_gpu_machine_lacks(
-        evaluation, char_shards, tiny_run_config, tmp_path):
+def test_the_train_and_evaluation_stages_run_without_what_a_bare_gpu_machine_lacks(char_shards, tiny_run_config,
+                                                                                   tmp_path):
     """bench/gpu_check's CUDA tests train and evaluate on a machine without pandas (the evaluation stage
-    imported it through lipflow.api), DuckDB, Snakemake, matplotlib or scikit-learn: here in a process where
-    importing any of them fails."""
+    imported it through lipflow.api), DuckDB, Snakemake, matplotlib or scikit-learn: here, in one process
+    where importing any of them fails, a run trains and each evaluation the CUDA tests run but rank
+    (which needs scipy, there through JAX) evaluates it."""
     config = {**tiny_run_config, **LIPSCHITZ, "steps": 2, "checkpoint_every": 0}
-    params = {"robustness": {"n_sequences": 1, "epsilons": [0.5], "pgd_steps": 1, "k_values": [1], "random_trials": 1,
+    params = {"val": {}, "precision": {},
+              "robustness": {"n_sequences": 1, "epsilons": [0.5], "pgd_steps": 1, "k_values": [1], "random_trials": 1,
                              "greedy_candidates": 2, "lipschitz_steps": 1},
-              "sharpness": {"batch_size": 4, "iters": 2}}.get(evaluation, {})
+              "sharpness": {"batch_size": 4, "iters": 2}}
+    run, data = str(tmp_path / "run"), str(char_shards)
     script = (ABSENT_MODULES.format(names=BARE_GPU_MACHINE_LACKS) +
               "from pathlib import Path\nfrom lipflow.train.trainer import Trainer\n"
               "from lipflow.evaluation.__main__ import evaluate\n"
-              f"Trainer('tiny-00000000', {config!r}, Path({str(char_shards)!r}), Path({str(tmp_path / 'run')!r}), "
-              "progress=False).run()\n"
-              f"sys.exit(evaluate({evaluation!r}, Path({str(tmp_path / 'run')!r}), Path({str(char_shards)!r}), "
-              f"{params!r}, Path({str(tmp_path / 'out.parquet')!r}), 'cpu'))\n")
+              f"Trainer('tiny-00000000', {config!r}, Path({data!r}), Path({run!r}), progress=False).run()\n"
+              f"for name, params in {params!r}.items():\n"
+              f"    assert evaluate(name, Path({run!r}), Path({data!r}), params, Path({run!r}) / f'{{name}}.parquet', "
+              "'cpu') == 0, name\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {r["eval"] for r in pq.read_table(tmp_path / "out.parquet").to_pylist()} == {evaluation}
+    for name in params:
+        assert {r["eval"] for r in pq.read_table(tmp_path / "run" / f"{name}.parquet").to_pylist()} == {name}
 
 
 @pytest.mark.parametrize("bound", [float("nan"), float("inf"), 11.0])
