@@ -101,7 +101,7 @@ def test_sample_at_temperature_zero_draws_the_greedy_tokens(results_tree, capsys
     with torch.no_grad():
         for _ in range(6):
             idx = torch.cat([idx, run.model(idx[:, -run.model.context:])[:, -1, :].argmax(-1, keepdim=True)], dim=1)
-    assert capsys.readouterr().out == tokenizer.decode(idx[0].tolist()) + "\n"
+    assert capsys.readouterr().out == tokenizer.decode(idx[0].tolist(), skip_special_tokens=False) + "\n"
 
 
 def test_sample_refuses_zero_tokens(results_tree, capsys):  # noqa: F811
