@@ -59,8 +59,9 @@ def test_sample_refused_after_loading_its_run_exits_2_every_time(results_tree, t
     record_data_dir(results / "runs" / run_id, tmp_path / "no_shards")
     command = ("lipflow.cli", "sample", run_id, "--results", str(results), "--prompt", "The", "--tokens", "5",
                "--device", "cpu")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # 20 tries, side by side on every core
-        for done in pool.map(lambda _: run_stage(*command), range(20)):
+    # 10 tries, side by side on every core: an abort in one try in five goes unseen in 0.8¹⁰ ≈ 11% of runs
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done in pool.map(lambda _: run_stage(*command), range(10)):
             assert "no token shards at" in error_line(done)
 
 

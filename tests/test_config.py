@@ -210,6 +210,14 @@ def test_an_integer_written_for_a_number_key_gives_the_same_run_id_as_its_float(
     run = next(iter(resolve_runs(resolved({"runs": {"a": {**as_ints, "steps": 3}}})).values()))
     assert type(run["sigma_max"]) is float and type(run["masses"]["blocks"]) is float and type(run["steps"]) is int
     assert ids({"sigma_max": 2, "steps": 3}) != ids({"sigma_max": 2, "steps": 4})
+    # the train stage run by hand (its --config-json) records the same config, and so the same checkpoint hash
+    from lipflow.config import run_defaults, stage_run
+    from lipflow.provenance import config_hash
+
+    by_hand = stage_run({**run_defaults(), **as_ints, "steps": 3})
+    assert by_hand == stage_run({**run_defaults(), **as_floats, "steps": 3}) == run
+    assert type(by_hand["lmo_radius"]["head"]) is float and type(by_hand["steps"]) is int
+    assert config_hash(by_hand) == config_hash(run)
 
 
 def test_shipped_configs_validate():

@@ -213,14 +213,15 @@ def run_validator():
 
 def stage_run(cfg: dict[str, Any], where: str = "--config-json") -> dict[str, Any]:
     """The train stage's run config (its ``--config-json``, the resolved run the pipeline writes)
-    checked as a run of ``runs``: a copy with the schema's run defaults filled, the first schema
-    violation or broken cross-key rule a one-line ConfigError naming ``where`` and the key."""
+    checked as a run of ``runs``: a copy with the schema's run defaults filled and integers of number
+    keys as floats (:func:`numbers_as_floats`, as the pipeline writes them), the first schema violation
+    or broken cross-key rule a one-line ConfigError naming ``where`` and the key."""
     filled = copy.deepcopy(cfg)
     message = first_error(_run_validator(), filled, prefix=where)
     if message is not None:
         raise ConfigError(f"config error: {message}")
     check_run(where, filled)
-    return filled
+    return numbers_as_floats(filled)
 
 
 @functools.lru_cache(maxsize=1)

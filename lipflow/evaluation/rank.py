@@ -38,7 +38,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.integrate import quad
 from torch import nn
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
@@ -183,6 +182,7 @@ def dudley_rademacher(terms: Sequence[tuple[float, float]], diameter: float, n: 
     ln N(ε) ≤ Σⱼ Pⱼ ln₊(cⱼ/ε) of a class with outputs in [−D, D] (D = ``diameter``)."""
     if diameter <= 0:
         return 0.0
+    from scipy.integrate import quad  # here, not at the top: it costs every stage that lists evaluations 0.4 s
 
     def integrand(eps: float) -> float:
         return math.sqrt(sum(p * max(0.0, math.log(c / eps)) for p, c in terms if c > 0))
