@@ -118,14 +118,23 @@ def eval_case(make_run):
     return prepare
 
 
+def seeded_model(cfg: dict, vocab: int) -> torch.nn.Module:
+    """``build_model(cfg, vocab)`` initialised from ``cfg["seed"]``, whatever the tests before it drew: the
+    weights of a fake run (and the tokens a greedy sample of it draws) are the same in every session."""
+    from lipflow.model import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg["seed"])
+        return build_model(cfg, vocab)
+
+
 def fake_run(tmp: Path, run_cfg: dict, vocab: int, model: str, weights_of: str) -> Path:
     """A finished-looking run directory whose checkpoint was made for ``weights_of``."""
     from lipflow.train.checkpoint import save_weights
-    from lipflow.model import build_model
 
     run_dir = tmp / "fake_run"
     run_dir.mkdir()
-    built = build_model({**run_cfg, "model": weights_of}, vocab)
+    built = seeded_model({**run_cfg, "model": weights_of}, vocab)
     save_weights(run_dir / "model.safetensors", built.state_dict(), {"config": {**run_cfg, "model": weights_of}})
     (run_dir / "config.json").write_text(json.dumps({"vocab_size": vocab, "data_dir": "", "config": {**run_cfg, "model": model}}))
     (run_dir / "run.json").write_text(json.dumps({"run_id": "fake-00000000", "status": "completed"}))
@@ -266,11 +275,10 @@ def run_trained_on_other_shards(tmp: Path, shards: Path, run_cfg: dict) -> Path:
 def real_fake_run(tmp, shards, run_cfg):
     """A run directory whose weights and config.json agree (with the vocabulary of ``shards``)."""
     from lipflow.train.checkpoint import save_weights
-    from lipflow.model import build_model
 
     vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
     run_dir = fake_run(tmp, run_cfg, vocab=vocab, model="gpt", weights_of="gpt")
-    save_weights(run_dir / "model.safetensors", build_model({**run_cfg, "model": "gpt"}, vocab).state_dict(),
+    save_weights(run_dir / "model.safetensors", seeded_model({**run_cfg, "model": "gpt"}, vocab).state_dict(),
                  {"config": {**run_cfg, "model": "gpt"}, "vocab_size": vocab})
     return run_dir
 
