@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -305,3 +306,117 @@ def test_every_commands_help_describes_it_in_whole_sentences():
         assert summary.endswith("."), (path, summary)
     assert summary_of("First line\nends here.\n\nSecond paragraph.") == "First line ends here."
     assert not [path for path in COMMAND_FILES if "description=__doc__" in path.read_text()]
+
+
+# ---------------------------------------------------------------- the README's command lines
+# A command the README shows: `lipflow <query|sample|runs>`, `python -m lipflow.<module> [subcommand]`, or
+# a script under bench/ (bench/NAME.py, or a bash script bench/NAME). Its --flags run up to the next
+# command or a `|`, `;`, `&&` or `#`; bench/compare_revisions.py's up to its `--`, its SCRIPT's after it.
+README_COMMAND = re.compile(r"bench/[A-Za-z0-9_]+(?:\.py)?|lipflow\.[A-Za-z0-9_.|]+")
+README_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
+# Where a `python -m` module's main() is when the module's own __main__ calls it at import
+MAIN_MODULES = {"lipflow.results": "lipflow.results.cli", "lipflow.plots": "lipflow.results.figures"}
+
+
+def readme_command_lines() -> list[str]:
+    """The README's shell text: each line of its fenced blocks (backslash continuations joined) and each
+    inline code span (its line breaks read as spaces)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    fence = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+    lines = [line for block in fence.findall(text) for line in block.replace("\\\n", " ").splitlines()]
+    return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", fence.sub("", text))]
+
+
+def readme_command_flags() -> dict[tuple[str, ...], set[str]]:
+    """Every command the README shows, ("lipflow", subcommand), ("module", name[, subcommand]) or
+    ("bench", path), with the --flags it is shown with."""
+    shown: dict[tuple[str, ...], set[str]] = {}
+    for line in readme_command_lines():
+        tokens = [token.strip("`") for token in line.split()]
+        commands: list[tuple[str, ...]] = []  # what the flags go to (lipflow.data.corpus|tokenize: both)
+        script: tuple[str, ...] | None = None  # compare_revisions' SCRIPT
+        for i, token in enumerate(tokens):
+            following = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if token in ("|", ";", "&&") or token.startswith("#"):
+                commands, script = [], None
+            elif token == "lipflow" and following in ("query", "sample", "runs"):
+                commands, script = [("lipflow", following)], None
+            elif token.startswith("bench/") and README_COMMAND.fullmatch(token):
+                if commands == [("bench", "bench/compare_revisions.py")]:
+                    script = ("bench", token)
+                else:
+                    commands, script = [("bench", token)], None
+            elif tokens[i - 1:i] == ["-m"] and token.startswith("lipflow.") and README_COMMAND.fullmatch(token):
+                name, _, other = token.partition("|")
+                names = [name] + ([name.rsplit(".", 1)[0] + "." + other] if other else [])
+                sub = (following,) if re.fullmatch(r"[a-z][a-z-]*", following) else ()
+                commands, script = [("module", module, *sub) for module in names], None
+            elif token == "--" and script is not None:
+                commands, script = [script], None
+            for command in commands:
+                shown.setdefault(command, set())
+                if token.lstrip("[").startswith("--"):
+                    shown[command].update(README_FLAG.findall(token))
+    return shown
+
+
+class _Parsed(Exception):
+    """Raised by the patched ``parse_args`` with the parser a command built."""
+
+    def __init__(self, parser):
+        super().__init__()
+        self.parser = parser
+
+
+def accepted_flags(command: tuple[str, ...], monkeypatch) -> set[str]:
+    """The options ``command`` accepts: those of the argparse parser it builds, caught at parse_args (in
+    this process; nothing runs), or a bench bash script's `case` arms."""
+    import argparse
+    import importlib
+    import runpy
+
+    kind, name, *sub = command
+    if kind == "bench" and not name.endswith(".py"):
+        arms = re.findall(r"^\s*(--[a-z|-]+)\)", (REPO / name).read_text(encoding="utf-8"), re.M)
+        return set(README_FLAG.findall(" ".join(arms)))
+
+    def caught(self, args=None, namespace=None):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    if kind == "bench":
+        monkeypatch.setattr(sys, "argv", [name])
+        monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts put the repository first
+        run = lambda: runpy.run_path(str(REPO / name), run_name="__main__")  # noqa: E731
+    else:
+        if kind == "lipflow":
+            module, sub = "lipflow.cli", [name]
+        else:
+            module = MAIN_MODULES.get(name, name)
+        main = (getattr(importlib.import_module(module), "main", None)
+                or importlib.import_module(f"{module}.__main__").main)
+        run = lambda: main([])  # noqa: E731
+    with pytest.raises(_Parsed) as parsed:
+        run()
+    parser = parsed.value.parser
+    for word in sub:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def test_every_flag_the_readme_shows_on_a_command_is_one_its_parser_accepts(monkeypatch):
+    """README drift: each command line the README shows names a script that exists and only options its
+    parser takes (a renamed or removed option fails here, and so did `bench/train_step` without its .py)."""
+    shown = readme_command_flags()
+    assert {("lipflow", "query"), ("bench", "bench/gpu_check"), ("module", "lipflow.data.tokenize")} <= set(shown)
+    assert "--rounds" in shown[("bench", "bench/train_step.py")]  # after compare_revisions' `--`
+    assert "--repeats" in shown[("bench", "bench/compare_revisions.py")]
+    assert "--config-json" in shown[("module", "lipflow.data.tokenize")]
+    unknown = {}
+    for command, flags in sorted(shown.items()):
+        if command[0] == "bench":
+            assert (REPO / command[1]).is_file(), f"the README shows {command[1]}, which does not exist"
+        missing = flags - accepted_flags(command, monkeypatch)
+        if missing:
+            unknown[command] = sorted(missing)
+    assert not unknown, unknown
