@@ -298,6 +298,21 @@ def test_gpu_check_refuses_an_unknown_argument():
     assert done.returncode == 2 and "unknown argument '--sections'" in done.stderr
 
 
+@pytest.mark.parametrize("script", ["gpu_check", "run_all"])
+def test_the_bash_scripts_print_their_header_for_help_and_run_nothing(script, tmp_path):
+    """``--help`` (or ``-h``) prints the script's header comment, its usage line included, and exits 0
+    before anything runs (it was an unknown argument, exit 2)."""
+    path = REPO / "bench" / script
+    header = path.read_text(encoding="utf-8").split("\nset -uo", 1)[0].splitlines()[1:]
+    for flag in ("--help", "-h"):
+        done = subprocess.run([str(path), flag, "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert done.returncode == 0 and done.stderr == ""
+        assert done.stdout.splitlines() == [line[2:] if line.startswith("# ") else line[1:] for line in header]
+        assert f"    bench/{script} [" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # no results folder, no log
+
+
 def test_gpu_check_refuses_an_unknown_section():
     """A misspelt --only entry would otherwise run nothing and pass."""
     done = subprocess.run([str(REPO / "bench" / "gpu_check"), "--only", "cuda_tests,train_step_acc"],
