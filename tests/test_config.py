@@ -220,6 +220,15 @@ def test_an_integer_written_for_a_number_key_gives_the_same_run_id_as_its_float(
     assert config_hash(by_hand) == config_hash(run)
 
 
+def test_a_runs_mapping_key_replaces_the_defaults_mapping_whole():
+    """As the README says: run overrides apply key by key, and a mapping value (lmo_radius) is one key."""
+    config = {"defaults": {"optimizer": "scion", "lmo_radius": {"head": 3.0}},
+              "runs": {"a": {"lmo_radius": {"hidden": 2.0}}, "b": {}}}
+    runs = {run_id.split("-")[0]: run for run_id, run in resolve_runs(resolved(config)).items()}
+    assert runs["a"]["lmo_radius"] == {"hidden": 2.0} and runs["b"]["lmo_radius"] == {"head": 3.0}
+    assert runs["a"]["optimizer"] == runs["b"]["optimizer"] == "scion"
+
+
 def test_shipped_configs_validate():
     for path in ("config.yaml", "tests/data/tiny_config.yaml"):
         config = yaml.safe_load(open(path))
