@@ -137,6 +137,25 @@ def test_soft_cap_start_slack_grows_with_the_long_side(shape):
         assert norm == pytest.approx(1.0, abs=2 * eps) if not untouched else norm == 1 + factor * eps
 
 
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (64, 64), (1, 50), (50, 1)])
+def test_the_gram_spectral_norm_equals_the_svds(shape):
+    """spectral_norm_f64 (λ_max of the short side's Gram matrix) against float64 singular values, on a
+    Gaussian, a rank-one matrix, one with a repeated top singular value and zero."""
+    from lipflow.train.update import spectral_norm_f64
+
+    generator = torch.Generator().manual_seed(sum(shape))
+    gaussian = torch.randn(shape, generator=generator)
+    u, v = torch.randn(shape[0], 1, generator=generator), torch.randn(1, shape[1], generator=generator)
+    k = min(shape)
+    repeated = torch.zeros(shape)
+    repeated[range(k), range(k)] = 3.0
+    for w in (gaussian, u @ v, repeated, 1e-20 * gaussian):
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        assert spectral_norm_f64(w).item() == pytest.approx(exact, rel=1e-13)
+    assert spectral_norm_f64(torch.zeros(shape)).item() == 0.0
+    assert spectral_norm_f64(repeated).item() == 3.0  # an exact Gram (9·I) has the exact eigenvalue
+
+
 # --- lipflow.model.lipschitz_gpt ----------------------------------------------------------------------
 
 def test_l2_bound_is_the_rms_bound_times_root_t_v_over_d():
