@@ -69,7 +69,8 @@ def fit_within_cap_(matrices: list[Tensor], settings: ConstraintSettings) -> Non
     σmax·(1 + 4·eps·√max(fan)) is multiplied by exactly 1, bits unchanged: the slack is the rounding
     of an orthogonal init to the matrix's dtype (up to ≈ 0.6·eps·√max(fan) above 1, 1.4e-6 at
     512 × 512 in fp32). The other constraints project exactly on the first step and need nothing
-    here. No host sync (a meta model builds too)."""
+    here. No ``.item()`` (a meta model builds too); on CUDA the eigensolve waits for the device once per
+    matrix, at build only, as torch.linalg's solvers do."""
     if not settings.coupled:
         return
     for w in matrices:
