@@ -210,6 +210,10 @@ def test_an_integer_written_for_a_number_key_gives_the_same_run_id_as_its_float(
     run = next(iter(resolve_runs(resolved({"runs": {"a": {**as_ints, "steps": 3}}})).values()))
     assert type(run["sigma_max"]) is float and type(run["masses"]["blocks"]) is float and type(run["steps"]) is int
     assert ids({"sigma_max": 2, "steps": 3}) != ids({"sigma_max": 2, "steps": 4})
+    # masses {} gives no part a mass, as null does: one id (and a given mass still counts)
+    modular = {"model": "lipschitz_gpt", "parametrization": "modular"}
+    assert ids({**modular, "masses": {}}) == ids({**modular, "masses": None}) == ids(modular)
+    assert ids({**modular, "masses": {"blocks": 8}}) != ids(modular)
     # the train stage run by hand (its --config-json) records the same config, and so the same checkpoint hash
     from lipflow.config import run_defaults, stage_run
     from lipflow.provenance import config_hash

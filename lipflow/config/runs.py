@@ -66,7 +66,7 @@ def check_config(config: dict[str, Any]) -> None:
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
     for name, run in config["runs"].items():
-        config["runs"][name] = run = numbers_as_floats(run)
+        config["runs"][name] = run = canonical_run(run)
         try:
             if run["experiment"] is not None:
                 raise ConfigError(f"config error: runs.{name}.experiment: set by experiment expansion, not in "
@@ -213,15 +213,15 @@ def run_validator():
 
 def stage_run(cfg: dict[str, Any], where: str = "--config-json") -> dict[str, Any]:
     """The train stage's run config (its ``--config-json``, the resolved run the pipeline writes)
-    checked as a run of ``runs``: a copy with the schema's run defaults filled and integers of number
-    keys as floats (:func:`numbers_as_floats`, as the pipeline writes them), the first schema violation
-    or broken cross-key rule a one-line ConfigError naming ``where`` and the key."""
+    checked as a run of ``runs``: a copy with the schema's run defaults filled, spelled as the pipeline
+    writes it (:func:`canonical_run`), the first schema violation or broken cross-key rule a one-line
+    ConfigError naming ``where`` and the key."""
     filled = copy.deepcopy(cfg)
     message = first_error(_run_validator(), filled, prefix=where)
     if message is not None:
         raise ConfigError(f"config error: {message}")
     check_run(where, filled)
-    return numbers_as_floats(filled)
+    return canonical_run(filled)
 
 
 @functools.lru_cache(maxsize=1)
@@ -239,13 +239,15 @@ def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: di
         raise ConfigError(f"config error in experiment run {name} ({overrides.get('experiment')}'s {preset} preset "
                           f"or the config's defaults): {message.replace(f'runs.{name}.', '')}")
     check_run(f"experiment run {name}", wrapped["runs"][name])
-    return numbers_as_floats(wrapped["runs"][name])
+    return canonical_run(wrapped["runs"][name])
 
 
-def numbers_as_floats(run: dict[str, Any]) -> dict[str, Any]:
-    """``run`` (validated) with each integer written for a ``number`` key (``sigma_max: 1``) as a float, so
-    that ``1`` and ``1.0``, which train alike, give one run config and one run id (:func:`run_id`)."""
-    return _as_floats(run, _float_keys())
+def canonical_run(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` (validated) in the one spelling of what trains alike, so that it gives one run config and
+    one run id (:func:`run_id`): each integer written for a ``number`` key (``sigma_max: 1``) as a float,
+    and ``masses: {}`` (no part given: each takes the model's mass) as ``masses: null``."""
+    run = _as_floats(run, _float_keys())
+    return {**run, "masses": None} if run.get("masses") == {} else run
 
 
 def _as_floats(value: Any, keys: Any) -> Any:
