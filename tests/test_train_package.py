@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import documented_training
 import lipflow.metrics
-from lipflow.config import check_config
+from lipflow.config import check_config, evaluation_params
 from lipflow.evaluation.__main__ import evaluate
 from lipflow.train.build import build_learner, token_splits
 from lipflow.train.summary import METRIC_COLUMNS, RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS, run_summary
@@ -167,6 +167,49 @@ def test_the_robustness_job_measures_no_split_loss(trained_run, char_shards, tmp
     assert evaluate("robustness", trained_run, char_shards, config["evaluations"]["robustness"], out, "cpu") == 0
     assert calls == []  # neither the whole val split nor the train windows were evaluated
     assert {r["metric"] for r in pq.read_table(out).to_pylist()} >= {"clean_accuracy", "robust_accuracy"}
+
+
+def test_long_evaluations_report_each_phase_to_the_log_and_keep_their_rows(trained_run, char_shards, tmp_path,
+                                                                          capsys):
+    """The stage prints a line per phase of robustness (clean pass, each ε of PGD, each k of the
+    substitutions), precision (each format and scaling) and sharpness (the power iteration), each with
+    the seconds so far, then its summary; the rows are those of the evaluation run without a reporter."""
+    from lipflow.evaluation import EVALUATIONS
+    from lipflow.evaluation.__main__ import build_context
+
+    config = {"evaluations": {
+        "robustness": {"n_sequences": 2, "epsilons": [0.5, 0.25], "pgd_steps": 1, "k_values": [2, 1],
+                       "random_trials": 1, "greedy_candidates": 2, "lipschitz_steps": 1},
+        "precision": {"max_windows": 4, "formats": ["bf16", "fp8_e4m3"], "scalings": ["none", "per_tensor"],
+                      "int8": False},
+        "sharpness": {"batch_size": 2, "iters": 3}}}
+    check_config(config)
+    expected = {
+        "robustness": [r"clean accuracy [\d.]+ on 2 sequences", r"PGD at ε = 0.5: robust accuracy [\d.]+ \(1 of 2\)",
+                       r"PGD at ε = 0.25: robust accuracy [\d.]+ \(2 of 2\)",
+                       r"random and greedy substitutions at k = 1 \(1 of 2\)",
+                       r"random and greedy substitutions at k = 2 \(2 of 2\)"],
+        "precision": [rf"{fmt}, scaling {scaling}: val loss [\d.]+ \(fp32 [\d.]+\)"
+                      for fmt in ("bf16", "fp8_e4m3") for scaling in ("none", "per_tensor")],
+        "sharpness": [r"top Hessian eigenvalue \S+ after [1-3] power iterations"]}
+    for name, phases in expected.items():
+        params = config["evaluations"][name]
+        out = tmp_path / f"{name}.parquet"
+        assert evaluate(name, trained_run, char_shards, dict(params), out, "cpu") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == len(phases) + 1 and lines[-1].startswith(f"{name}: ")
+        seconds = []
+        for line, phase in zip(lines, phases):
+            match = re.fullmatch(rf"{name}: {phase} \((\d+\.\d) s\)", line)
+            assert match, (line, phase)
+            seconds.append(float(match.group(1)))
+        assert seconds == sorted(seconds)
+        torch.manual_seed(0)  # as the stage seeds before an evaluation that draws
+        ctx, _ = build_context(trained_run, char_shards, evaluation_params(name, **params), torch.device("cpu"))
+        rows = [{"run_id": "tiny-00000000", "eval": name, **row} for row in EVALUATIONS.get(name)(ctx)]
+        written = pq.read_table(out).to_pylist()
+        assert (json.dumps([{k: v for k, v in r.items() if v is not None} for r in written], sort_keys=True)
+                == json.dumps(rows, sort_keys=True))  # as text: NaN equals NaN
 
 
 def test_the_rank_job_measures_both_losses_once_for_its_gap(trained_run, char_shards, tmp_path, monkeypatch):

@@ -29,7 +29,9 @@ class EvalContext:
     split's first ``train_tokens``; fewer where they hold fewer),
     as many as an evaluation asks for. ``train_loss`` and ``val_loss`` are the known losses, else
     measured over the first :data:`TRAIN_LOSS_WINDOWS` train windows and over all val windows (in
-    batches of the evaluation's ``batch_size``) when an evaluation first reads them."""
+    batches of the evaluation's ``batch_size``) when an evaluation first reads them. ``report(message)``
+    tells the user a phase of a long evaluation is done (the stage prints it, with the time so far, to
+    its log); by default it says nothing."""
 
     model: LanguageModel
     first_train_windows: Callable[[int], torch.Tensor]
@@ -40,6 +42,7 @@ class EvalContext:
     known_val_loss: float | None
     device: torch.device
     certificate: float | None      # ℓ2 Lipschitz certificate (embedded sequence → logits), if any
+    report: Callable[[str], None] = lambda message: None
 
     @functools.cached_property
     def train_loss(self) -> float:

@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,7 +25,8 @@ from lipflow.results.cli import refuse_to_replace_non_evaluation, refuse_to_repl
 from lipflow.results.inputs import check_names_its_run, directory_name, run_id_in, value_of
 
 
-def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device) -> tuple[EvalContext, dict]:
+def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device,
+                  report: Callable[[str], None] = lambda message: None) -> tuple[EvalContext, dict]:
     from lipflow.api import check_trained_on, load_model
     from lipflow.data.loader import TokenShards
     from lipflow.model.base import non_finite_parameter
@@ -49,7 +51,7 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
     ctx = EvalContext(model=model, first_train_windows=lambda count: train.sequential_windows(context, count),
                       val_windows=val_windows, cfg=params, run=cfg,
                       known_train_loss=None, known_val_loss=None, device=device,  # measured if read
-                      certificate=bound_l2() if callable(bound_l2) else None)
+                      certificate=bound_l2() if callable(bound_l2) else None, report=report)
     return ctx, info
 
 
@@ -72,8 +74,11 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     else:
         if "seed" in params:  # the evaluations that draw random numbers have a seed of their own
             torch.manual_seed(params["seed"])
+        def report(message: str) -> None:  # a phase done, to stdout (the job's log), with the time so far
+            print(f"{name}: {message} ({time.monotonic() - started:.1f} s)", flush=True)
+
         with memory_errors_in_one_line(f"lower evaluations.{name}'s batch_size or counts"):
-            ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device))
+            ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device), report)
             rows = evaluation(ctx)
     rows = [{"run_id": run_id, "eval": name, **row} for row in rows]
     write_table_parquet(out, table_of_rows(rows))

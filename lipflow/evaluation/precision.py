@@ -333,6 +333,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
             if scaling == "none":
                 observed_clean[fmt.name] = all(c.overflow == 0 and c.saturated == 0
                                                for c in (state.counts, weight_counts))
+            ctx.report(f"{fmt.name}, scaling {scaling}: val loss {loss:.4f} (fp32 {base_loss:.4f})")
     if cfg["int8"]:
         int8_model = copy.deepcopy(model)
         max_error = 0.0

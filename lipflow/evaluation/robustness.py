@@ -300,6 +300,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     with torch.no_grad():
         clean = _batched(last, batch_size, x)
     clean_acc, loss = accuracy_and_loss(clean)
+    ctx.report(f"clean accuracy {clean_acc:.4f} on {windows.shape[0]} sequences")
     rows = [{"metric": "sequences", "value": float(windows.shape[0])},  # n_sequences, or fewer where val is short
             {"metric": "clean_accuracy", "value": clean_acc}, {"metric": "clean_loss", "value": loss}]
     epsilons = [float(e) for e in cfg["epsilons"]]
@@ -339,6 +340,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                  {"metric": "robust_loss", "value": loss, "attack": "pgd", "epsilon": e}]
         rows += tightness_rows(clean_margin - logit_margin(attacked, labels), e, local_drop(e), certificate, "pgd")
         ratios["pgd"].append(ratios_to(x + delta))
+        ctx.report(f"PGD at ε = {e:g}: robust accuracy {acc:.4f} ({epsilons.index(e) + 1} of {len(epsilons)})")
     if local is not None:
         e = half_certified_epsilon(radius_local, clean_acc)
         delta = pgd_at(e)
@@ -366,6 +368,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                      {"metric": "robust_loss", "value": loss, "attack": name, "k": k}]
             with torch.no_grad():
                 ratios[name].append(ratios_to(model.embed(tokens).float()))
+        ctx.report(f"random and greedy substitutions at k = {k} ({k_values.index(k) + 1} of {len(k_values)})")
 
     ratios["lipschitz_ascent"] = [torch.cat([
         lipschitz_ascent(lambda t: model.forward_embedded(t).float(), x[i:i + batch_size],

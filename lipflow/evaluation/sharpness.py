@@ -222,10 +222,12 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     rows.append({"metric": "top_hessian_eigenvalue", "value": result.eigenvalue})
     rows.append({"metric": "power_iterations", "value": float(result.iterations)})
     rows.append({"metric": "power_iteration_converged", "value": float(result.converged)})
+    ctx.report(f"top Hessian eigenvalue {result.eigenvalue:.6g} after {result.iterations} power iterations")
     if cfg["lanczos_k"]:
         top = lanczos_topk(loss_fn, params, cfg["lanczos_k"], iters=cfg["lanczos_iters"],
                            generator=torch.Generator().manual_seed(seed + 1))
         rows += [{"metric": "lanczos_eigenvalue", "value": lam, "k": i + 1} for i, lam in enumerate(top)]
+        ctx.report(f"Lanczos: the top {len(top)} eigenvalues")
     if cfg["hutchinson_samples"]:
         trace = hutchinson_trace(loss_fn, params, cfg["hutchinson_samples"],
                                  generator=torch.Generator().manual_seed(seed + 2))
