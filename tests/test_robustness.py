@@ -186,8 +186,9 @@ def test_robustness_evaluation_on_a_tiny_gpt_without_certificate():
     assert value(rows, "lipschitz_lower_bound", attack="all") > 0
 
 
-def test_image_mlp_study_and_cli(tmp_path):
+def test_image_mlp_study_and_cli(tmp_path, capsys):
     import json
+    import re
 
     import pyarrow.parquet as pq
 
@@ -200,6 +201,21 @@ def test_image_mlp_study_and_cli(tmp_path):
     out = tmp_path / "digits.parquet"
     assert image_mlp.main(["--config-json", json.dumps(config["image_mlp"]), "--out", str(out)]) == 0
     rows = pq.read_table(out).to_pylist()
+    # a line per method trained, in the config's order, with its best val accuracy and the seconds so far
+    methods = list(config["image_mlp"]["methods"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(methods) >= 2
+    best = {}
+    for number, (line, method) in enumerate(zip(lines, methods), 1):
+        match = re.fullmatch(rf"image_mlp: {method} trained, best val accuracy ([\d.]+) \({number} of "
+                             rf"{len(methods)}\) \([\d.]+ s\)", line)
+        assert match, line
+        best[method] = float(match.group(1))
+        mine = [r for r in rows if r["method"] == method]
+        assert best[method] >= max(value(mine, "val_accuracy"), value(mine, "final_val_accuracy")) - 5e-5
+    # the methods are matched at the lowest best accuracy: the weakest method's own best
+    assert min(best.values()) == pytest.approx(min(value([r for r in rows if r["method"] == m], "val_accuracy")
+                                                   for m in methods), abs=5e-5)
     for method in ("muon_soft_cap", "adamw_weight_decay"):
         mine = [r for r in rows if r["method"] == method]
         clean = value(mine, "clean_accuracy")

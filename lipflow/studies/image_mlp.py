@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 import pyarrow as pa
 import torch
@@ -123,11 +124,15 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
     return rows
 
 
-def run_image_mlp_study(cfg: dict[str, Any]) -> list[dict]:
+def run_image_mlp_study(cfg: dict[str, Any], report: Callable[[str], None] = lambda message: None) -> list[dict]:
     """Train every method, match clean val accuracy, and return long-form rows (columns ``method`` and
-    its ``optimizer`` and ``weight_constraint``)."""
+    its ``optimizer`` and ``weight_constraint``); ``report(message)`` hears of each method trained."""
     data = digits_splits(cfg["seed"])
-    runs = {name: train_snapshots(method, cfg, data) for name, method in cfg["methods"].items()}
+    runs = {}
+    for number, (name, method) in enumerate(cfg["methods"].items(), 1):
+        runs[name] = train_snapshots(method, cfg, data)
+        report(f"{name} trained, best val accuracy {max(acc for _, acc, _ in runs[name]):.4f} "
+               f"({number} of {len(cfg['methods'])})")
     target = min(max(acc for _, acc, _ in snaps) for snaps in runs.values())
     rows: list[dict] = []
     for name, snaps in runs.items():
@@ -178,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
         check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
         cfg = study_config(json_object_argument(args.config_json, "--config-json"))
+        started = time.monotonic()
+
+        def report(message: str) -> None:  # to stdout (the job's log), with the time so far
+            print(f"image_mlp: {message} ({time.monotonic() - started:.1f} s)", flush=True)
+
         with memory_errors_in_one_line():
-            rows = run_image_mlp_study(cfg)
+            rows = run_image_mlp_study(cfg, report)
         write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
         return 0
 
