@@ -1,5 +1,6 @@
 """The user-facing errors of every stage and :func:`run_guarded`, the one wrapper of every
-``python -m lipflow.<stage>`` entry point (imports nothing heavy: parse time matters).
+``python -m lipflow.<stage>`` entry point, with the stages' argument parsing and progress lines
+(imports nothing heavy: parse time matters).
 
 Each error's str() is one line naming the field or file; ``run_guarded`` prints it as
 ``lipflow: error: <line>`` and exits 2. Any other exception is a bug and keeps its traceback.
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -129,6 +131,21 @@ def check_distinct_paths(paths: Iterable[str | os.PathLike[str]], where: str) ->
         if key in seen:
             raise ValueError(f"{where}: {path} is given twice (as {seen[key]})")
         seen[key] = path
+
+
+def silent(message: str) -> None:
+    """The progress reporter that says nothing: the default ``report`` of a long computation."""
+
+
+def phase_reporter(prefix: str) -> Callable[[str], None]:
+    """A progress reporter for a stage's log: ``report(message)`` prints ``<prefix>: <message> (<seconds
+    since this call> s)`` on stdout, flushed at once (a job's log holds its stdout)."""
+    started = time.monotonic()
+
+    def report(message: str) -> None:
+        print(f"{prefix}: {message} ({time.monotonic() - started:.1f} s)", flush=True)
+
+    return report
 
 
 def first_non_utf8(text: str) -> int | None:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from lipflow.errors import silent
 from lipflow.metrics import evaluate_windows
 from lipflow.model.base import LanguageModel
 from lipflow.registry import Registry, import_package_modules
@@ -42,7 +43,7 @@ class EvalContext:
     known_val_loss: float | None
     device: torch.device
     certificate: float | None      # ℓ2 Lipschitz certificate (embedded sequence → logits), if any
-    report: Callable[[str], None] = lambda message: None
+    report: Callable[[str], None] = silent
 
     @functools.cached_property
     def train_loss(self) -> float:

@@ -18,7 +18,8 @@ import torch
 from lipflow.config import RUN_ID_PATTERN, evaluation_params, run_defaults
 from lipflow.atomic import check_folder_exists, read_json
 from lipflow.data.parquet import table_of_rows, write_table_parquet
-from lipflow.errors import ArgumentParser, summary_of, json_object_argument, memory_errors_in_one_line, run_guarded
+from lipflow.errors import (ArgumentParser, json_object_argument, memory_errors_in_one_line, phase_reporter,
+                            run_guarded, silent, summary_of)
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.metrics import resolve_device
 from lipflow.results.cli import refuse_to_replace_non_evaluation, refuse_to_replace_other_rows
@@ -26,7 +27,7 @@ from lipflow.results.inputs import check_names_its_run, directory_name, run_id_i
 
 
 def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.device,
-                  report: Callable[[str], None] = lambda message: None) -> tuple[EvalContext, dict]:
+                  report: Callable[[str], None] = silent) -> tuple[EvalContext, dict]:
     from lipflow.api import check_trained_on, load_model
     from lipflow.data.loader import TokenShards
     from lipflow.model.base import non_finite_parameter
@@ -74,11 +75,8 @@ def evaluate(name: str, run_dir: Path, data_dir: Path, params: dict, out: Path, 
     else:
         if "seed" in params:  # the evaluations that draw random numbers have a seed of their own
             torch.manual_seed(params["seed"])
-        def report(message: str) -> None:  # a phase done, to stdout (the job's log), with the time so far
-            print(f"{name}: {message} ({time.monotonic() - started:.1f} s)", flush=True)
-
         with memory_errors_in_one_line(f"lower evaluations.{name}'s batch_size or counts"):
-            ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device), report)
+            ctx, _ = build_context(run_dir, data_dir, params, resolve_device(device), phase_reporter(name))
             rows = evaluation(ctx)
     rows = [{"run_id": run_id, "eval": name, **row} for row in rows]
     write_table_parquet(out, table_of_rows(rows))

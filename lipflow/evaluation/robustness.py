@@ -331,7 +331,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                                               objective), batch_size, x, labels)
 
     ratios: dict[str, list[torch.Tensor]] = {"pgd": [], "random": [], "greedy": []}
-    for e in epsilons:
+    for number, e in enumerate(epsilons, 1):
         delta = pgd_at(e)
         with torch.no_grad():
             attacked = _batched(last, batch_size, x + delta)
@@ -340,7 +340,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                  {"metric": "robust_loss", "value": loss, "attack": "pgd", "epsilon": e}]
         rows += tightness_rows(clean_margin - logit_margin(attacked, labels), e, local_drop(e), certificate, "pgd")
         ratios["pgd"].append(ratios_to(x + delta))
-        ctx.report(f"PGD at ε = {e:g}: robust accuracy {acc:.4f} ({epsilons.index(e) + 1} of {len(epsilons)})")
+        ctx.report(f"PGD at ε = {e:g}: robust accuracy {acc:.4f} ({number} of {len(epsilons)})")
     if local is not None:
         e = half_certified_epsilon(radius_local, clean_acc)
         delta = pgd_at(e)
@@ -358,7 +358,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     vocab = model.vocab_size
     greedy = greedy_substitution(last_tokens, idx, labels, max(k_values), cfg["greedy_candidates"],
                                  vocab, generator, objective) if k_values else []
-    for k in k_values:
+    for number, k in enumerate(k_values, 1):
         attacked = {"random": random_substitution(last_tokens, idx, labels, k, cfg["random_trials"],
                                                   vocab, generator, objective),
                     "greedy": greedy[min(k, len(greedy)) - 1]}
@@ -368,7 +368,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                      {"metric": "robust_loss", "value": loss, "attack": name, "k": k}]
             with torch.no_grad():
                 ratios[name].append(ratios_to(model.embed(tokens).float()))
-        ctx.report(f"random and greedy substitutions at k = {k} ({k_values.index(k) + 1} of {len(k_values)})")
+        ctx.report(f"random and greedy substitutions at k = {k} ({number} of {len(k_values)})")
 
     ratios["lipschitz_ascent"] = [torch.cat([
         lipschitz_ascent(lambda t: model.forward_embedded(t).float(), x[i:i + batch_size],

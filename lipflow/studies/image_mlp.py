@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -35,7 +34,8 @@ from lipflow.config import make_validator, run_defaults
 from lipflow.config.runs import check_image_mlp_methods
 from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
-from lipflow.errors import ArgumentParser, ConfigError, json_object_argument, memory_errors_in_one_line, summary_of
+from lipflow.errors import (ArgumentParser, ConfigError, json_object_argument, memory_errors_in_one_line,
+                            phase_reporter, silent, summary_of)
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
                                            pgd_l2)
 from lipflow.model import build_model
@@ -124,7 +124,7 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
     return rows
 
 
-def run_image_mlp_study(cfg: dict[str, Any], report: Callable[[str], None] = lambda message: None) -> list[dict]:
+def run_image_mlp_study(cfg: dict[str, Any], report: Callable[[str], None] = silent) -> list[dict]:
     """Train every method, match clean val accuracy, and return long-form rows (columns ``method`` and
     its ``optimizer`` and ``weight_constraint``); ``report(message)`` hears of each method trained."""
     data = digits_splits(cfg["seed"])
@@ -183,13 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
         check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
         cfg = study_config(json_object_argument(args.config_json, "--config-json"))
-        started = time.monotonic()
-
-        def report(message: str) -> None:  # to stdout (the job's log), with the time so far
-            print(f"image_mlp: {message} ({time.monotonic() - started:.1f} s)", flush=True)
-
         with memory_errors_in_one_line():
-            rows = run_image_mlp_study(cfg, report)
+            rows = run_image_mlp_study(cfg, phase_reporter("image_mlp"))
         write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
         return 0
 
