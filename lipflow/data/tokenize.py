@@ -75,7 +75,7 @@ SPLITS = ("train", "val")
 MANIFEST_FORMAT = "lipflow-token-shards/1"
 MANIFEST_KEYS = ("dtype", "vocab_size", "tokenizer", "splits")
 SHARD_KEYS = ("file", "num_tokens", "sha256")
-TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what token_dtype picks
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # token_dtype picks the smallest that holds the ids
 BATCH_CHARS = 1 << 20  # per encode batch: tokenizers' Encoding objects take ~80 bytes per token
 SHARD_BUFFER = 1 << 20  # tokens a shard buffer starts with; it grows up to shard_tokens as tokens come
 OUTPUTS = ("manifest.json", "tokenizer.json", *SPLITS)
@@ -223,7 +223,7 @@ def unknown_token_problem(tokenizer: Tokenizer) -> str | None:
                 "byte tokens or a ByteLevel pre-tokenizer with all 256 byte symbols in its vocabulary, so it cannot "
                 "encode a character outside its vocabulary (it drops it without a word; set unk_token to a token "
                 "of its vocab, or byte_fallback with the byte tokens)")
-    if kind in ("WordLevel", "WordPiece") and model.get("unk_token") not in model.get("vocab", {}):
+    if kind in ("WordLevel", "WordPiece") and model.get("unk_token") not in vocab:
         unk = model.get("unk_token")
         return (f"has a {kind} model whose unknown token {unk!r} is not in its vocabulary, so it cannot encode "
                 f"a word outside the vocabulary (add {unk!r} to the model's vocab)")
@@ -278,10 +278,10 @@ def vocab_size_of(tokenizer: Tokenizer) -> int:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned integer type holding ids 0 … vocab_size − 1."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise DataError(f"vocabulary of {vocab_size} tokens does not fit in uint32")
+    for name in TOKEN_DTYPES:
+        if vocab_size - 1 <= np.iinfo(name).max:
+            return np.dtype(name)
+    raise DataError(f"vocabulary of {vocab_size} tokens does not fit in {TOKEN_DTYPES[-1]}")
 
 
 class ShardWriter:
