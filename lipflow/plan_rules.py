@@ -4,6 +4,8 @@ the rules call (each takes the job's ``wildcards``), and the file lists of the s
 
 from __future__ import annotations
 
+import functools
+
 from lipflow.plan import IMAGE_MLP, Plan
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
@@ -41,7 +43,12 @@ class RuleFunctions:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.resources = plan.config["resources"]
-        self.vocab = estimated_vocab_size(plan.config["tokenizer"])
+
+    @functools.cached_property
+    def vocab(self) -> int:
+        """:func:`estimated_vocab_size` of the config's tokenizer, read when a train job is first sized (a
+        file tokenizer is loaded then, not at every parse: ``--lint``, ``--list-rules``, a study's target)."""
+        return estimated_vocab_size(self.plan.config["tokenizer"])
 
     # ------------------------------------------------------------------ evaluations
 
