@@ -101,7 +101,6 @@ def test_muons_recorded_bound_covers_bf16_newton_schulz_rounding(monkeypatch):
     assert steps.max() <= bound
 
 
-
 # --- lipflow.train.update -----------------------------------------------------------------------------
 
 def test_check_coupling_skips_a_group_at_lr_zero():
