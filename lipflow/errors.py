@@ -137,6 +137,24 @@ def silent(message: str) -> None:
     """The progress reporter that says nothing: the default ``report`` of a long computation."""
 
 
+PROGRESS_SECONDS = 10.0  # the least time between two "so far" lines of a long loop (ProgressClock)
+
+
+class ProgressClock:
+    """When a long loop reports how far it is: ``due()`` is True once ``PROGRESS_SECONDS`` have passed
+    since the clock started or since it last said True (a line per item would flood a large job's log)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS:
+            return False
+        self.last = now
+        return True
+
+
 def phase_reporter(prefix: str) -> Callable[[str], None]:
     """A progress reporter for a stage's log: ``report(message)`` prints ``<prefix>: <message> (<seconds
     since this call> s)`` on stdout, flushed at once (a job's log holds its stdout)."""

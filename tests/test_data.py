@@ -127,6 +127,28 @@ def test_files_source_one_document_per_file_through_a_glob(tmp_path):
     assert sorted(train + val) == sorted(docs)
 
 
+def test_corpus_progress_lines_count_the_documents_and_bytes_written(tmp_path, monkeypatch):
+    """With PROGRESS_SECONDS = 0 the corpus stage reports before each document the documents and MB written
+    so far (blank ones are skipped, not counted), ending one document short of corpus.json's totals."""
+    import lipflow.errors
+
+    docs = [*TOPICS[:6], " \n", *TOPICS[6:9]]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    cfg = CorpusConfig.from_dict({"source": "files", "paths": [str(tmp_path / "*.txt")], "val_fraction": 0.3})
+    lines: list[str] = []
+    monkeypatch.setattr(lipflow.errors, "PROGRESS_SECONDS", 0.0)
+    summary = build_corpus(cfg, tmp_path / "c", lines.append)
+    assert lines[0] == "reading files " + ", ".join(f"{tmp_path}/doc0{i}.txt" for i in range(3)) + " … (10 files)"
+    counts = [re.fullmatch(r"([\d,]+) documents, (\d+\.\d\d) MB so far from files .*", line).groups()
+              for line in lines[1:]]
+    assert len(counts) == len(docs)
+    written = [sum(len(d.encode()) for d in docs[:i] if d.strip()) for i in range(len(docs))]
+    assert counts == [(str(sum(1 for d in docs[:i] if d.strip())), f"{written[i] / 1e6:.2f}") for i in range(len(docs))]
+    total = summary["splits"]["train"]["bytes"] + summary["splits"]["val"]["bytes"]
+    assert total == written[-1] + len(docs[-1].encode())
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     # 'notes[1].txt' as a glob matches 'notes1.txt' only: the file itself was refused ("matched no files")
     from lipflow.data.corpus import expand_paths
@@ -623,6 +645,38 @@ def test_corrupt_shard_is_named(tmp_path, damage):
     TokenShards(tmp_path / "t", "val")  # the other split is still readable
     with pytest.raises(DataError, match=r"^corrupt shard .*train/shard-00001\.arrow: sha256 mismatch"):
         TokenShards(tmp_path / "t", "train")
+
+
+def test_tokenize_progress_lines_count_what_the_manifest_records(tmp_path, monkeypatch, capsys):
+    """The stage's log: a line as the tokenizer is fitted and when it is ready, then per split one line per
+    new shard (PROGRESS_SECONDS = 0 here) whose shard, token and document counts grow to what manifest.json
+    records, and a closing line with the split's exact totals. ``report`` defaults to silence."""
+    import lipflow.errors
+    from lipflow.data import tokenize
+
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:12], [TOPICS[5], TOPICS[9]])
+    cfg = {"kind": "char", "shard_tokens": 2048, "batch_docs": 1}
+    silent_manifest = tokenize_corpus(TokenizerConfig.from_dict(cfg), corpus, tmp_path / "quiet")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(lipflow.errors, "PROGRESS_SECONDS", 0.0)
+    tokenize.main(["--corpus-dir", str(corpus), "--config-json", json.dumps(cfg), "--out-dir", str(tmp_path / "t")])
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["splits"] == silent_manifest["splits"]
+    lines = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert lines[:2] == ["tokenize: fitting the char tokenizer on train.jsonl",
+                         f"tokenize: tokenizer ready: vocab {manifest['vocab_size']:,}, {manifest['dtype']} tokens"]
+    for split, count in (("train", 12), ("val", 2)):
+        info = manifest["splits"][split]
+        progress = [re.fullmatch(rf"tokenize: {split}: (\d+) shards?, ([\d,]+) tokens, ([\d,]+) of {count} documents",
+                                 line) for line in lines if line.startswith(f"tokenize: {split}: ")]
+        shards = [int(m[1]) for m in progress]
+        documents = [int(m[3].replace(",", "")) for m in progress]
+        # a line at every batch that completed a shard: counts only grow, up to the last whole shard
+        assert shards == sorted(set(shards)) and shards[-1] == info["num_tokens"] // 2048
+        assert documents == sorted(set(documents)) and 0 < documents[0] and documents[-1] <= count
+        assert [int(m[2].replace(",", "")) for m in progress] == [n * 2048 for n in shards]
+        assert (f"tokenize: {split} done: {len(info['shards'])} shards, {count} documents, {info['num_tokens']:,} tokens"
+                in lines)
 
 
 def rewritten_train_shard(tmp_path, batches_of) -> tuple[dict, dict]:

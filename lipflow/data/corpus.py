@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, write_json_atomic
-from lipflow.errors import ArgumentParser, first_non_utf8, json_object_argument, parse_json, run_guarded, summary_of
+from lipflow.errors import (ArgumentParser, ProgressClock, first_non_utf8, json_object_argument, parse_json,
+                            phase_reporter, run_guarded, silent, summary_of)
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -308,16 +309,23 @@ def not_a_corpus(folder: Path) -> str | None:
     return None
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str],
+                 report: Callable[[str], None] = silent) -> dict[str, Any]:
     """Stream the source's documents into ``out_dir/{train,val}.jsonl`` and write corpus.json;
-    returns the corpus.json contents. ``out_dir`` is replaced atomically, or untouched on error."""
+    returns the corpus.json contents. ``out_dir`` is replaced atomically, or untouched on error.
+    ``report`` gets the documents and MB written so far when :class:`ProgressClock` says so."""
     source = SOURCES.get(cfg.source)(cfg)
     counts = {split: {"documents": 0, "chars": 0, "bytes": 0} for split in SPLITS}
     skipped = 0
     with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_a_corpus) as tmp:
         with contextlib.ExitStack() as stack:
             outputs = {s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
+            report(f"reading {source.label}")
+            clock = ProgressClock()
             for text in source.documents:
+                if clock.due():
+                    report(f"{sum(c['documents'] for c in counts.values()):,} documents, "
+                           f"{sum(c['bytes'] for c in counts.values()) / 1e6:.2f} MB so far from {source.label}")
                 if not text.strip():
                     skipped += 1
                     continue
@@ -366,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out-dir", required=True, type=Path, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)
     cfg = CorpusConfig.from_dict(json_object_argument(args.config_json, "--config-json"))
-    summary = build_corpus(cfg, args.out_dir)
+    summary = build_corpus(cfg, args.out_dir, phase_reporter("corpus"))
     splits = summary["splits"]
     print(
         f"corpus '{cfg.name}': {splits['train']['documents']} train / {splits['val']['documents']} val documents "

@@ -65,7 +65,8 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, sha256_file, write_json_atomic
-from lipflow.errors import ArgumentParser, first_non_utf8, json_object_argument, parse_json, run_guarded, summary_of
+from lipflow.errors import (ArgumentParser, ProgressClock, first_non_utf8, json_object_argument, parse_json,
+                            phase_reporter, run_guarded, silent, summary_of)
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -463,6 +464,10 @@ def encode_stream(
             yield pending[0], flat_ids(pending[1].result(), eot_id, dtype)
 
 
+def shards_text(count: int) -> str:
+    return f"{count} shard" + ("s" if count != 1 else "")
+
+
 def not_token_shards(folder: Path) -> str | None:
     """Why ``folder`` (holding only names the stage writes) is not an earlier output of this stage,
     or None when it is one or what Snakemake leaves of one (it deletes manifest.json and
@@ -500,16 +505,21 @@ def not_token_shards(folder: Path) -> str | None:
 
 
 def tokenize_corpus(
-    cfg: TokenizerConfig, corpus_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+    cfg: TokenizerConfig, corpus_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+    report: Callable[[str], None] = silent,
 ) -> dict[str, Any]:
     """Fit the tokenizer on corpus_dir/train.jsonl, shard both splits into ``out_dir``; returns the
-    manifest. ``out_dir`` is replaced atomically, or untouched on error."""
+    manifest. ``out_dir`` is replaced atomically, or untouched on error. ``report`` gets a line when the
+    tokenizer is ready, then per split a line when a new shard is written and :class:`ProgressClock` says so
+    (shards and tokens written, documents read of the split's count in corpus.json), and one when the
+    split is done."""
     corpus = Path(corpus_dir)
     for name in ("corpus.json", "train.jsonl", "val.jsonl"):
         if not (corpus / name).is_file():
             raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
     corpus_summary = read_corpus_summary(corpus / "corpus.json")
     with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_token_shards) as tmp:
+        report(f"{'loading' if cfg.kind == 'file' else 'fitting'} the {cfg.kind} tokenizer on train.jsonl")
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
         tokenizer.no_padding()
@@ -519,17 +529,26 @@ def tokenize_corpus(
         eot_token, eot_id = end_of_text(tokenizer, label)
         vocab_size = vocab_size_of(tokenizer)
         dtype = token_dtype(vocab_size)
+        report(f"tokenizer ready: vocab {vocab_size:,}, {dtype.name} tokens")
         tokenizer.save(str(tmp / "tokenizer.json"))
         tokenizer.encode_special_tokens = True  # documents are plain text; separators go in by id
         splits: dict[str, Any] = {}
         for split in SPLITS:
             writer = ShardWriter(tmp, split, cfg.shard_tokens, dtype)
-            num_docs = 0
+            num_docs, reported, clock = 0, 0, ProgressClock()
+            split_docs = corpus_summary["splits"][split].get("documents")
             texts = iter_texts(corpus / f"{split}.jsonl")
             for docs, tokens in encode_stream(tokenizer, texts, cfg.batch_docs, eot_id, dtype, label):
                 num_docs += docs
                 writer.add(tokens)
+                if len(writer.shards) > reported and clock.due():
+                    reported = len(writer.shards)
+                    docs_so_far = (f"{num_docs:,} of {split_docs:,} documents" if type(split_docs) is int
+                                   else f"{num_docs:,} documents")
+                    report(f"{split}: {shards_text(reported)}, {reported * cfg.shard_tokens:,} tokens, {docs_so_far}")
             shards = writer.close()
+            report(f"{split} done: {shards_text(len(shards))}, {num_docs:,} documents, "
+                   f"{sum(s['num_tokens'] for s in shards):,} tokens")
             splits[split] = {
                 "num_docs": num_docs,
                 "num_tokens": sum(s["num_tokens"] for s in shards),
@@ -568,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = TokenizerConfig.from_dict(json_object_argument(args.config_json, "--config-json"))
     try:
-        manifest = tokenize_corpus(cfg, args.corpus_dir, args.out_dir)
+        manifest = tokenize_corpus(cfg, args.corpus_dir, args.out_dir, phase_reporter("tokenize"))
     except MemoryError:  # numpy's, or Python's: the output folder is already left as it was
         raise DataError(f"out of memory tokenizing {args.corpus_dir} (lower tokenizer.shard_tokens or "
                         "tokenizer.batch_docs, or give the job more memory)") from None
