@@ -483,6 +483,29 @@ def test_user_tokenizer_file_gets_a_separator_and_no_truncation(tmp_path):
     assert shard_stream(tmp_path / "t", "val").tolist() == direct_stream(user, TOPICS[10:12], manifest["eot_id"])
 
 
+def test_a_model_that_spells_a_documents_text_as_the_separator_is_refused(tmp_path):
+    """A Unigram model holds its special tokens among its pieces (</s> at the top score, as UnigramTrainer and
+    SentencePiece conversions write it): with special tokens encoded as text, a document holding "</s>" still
+    came out as the separator's id, so the shards had one more document boundary than documents."""
+    from tokenizers import models
+
+    vocab = [("<unk>", 0.0), ("</s>", 0.0), *((c, -2.0) for c in "</s> abc")]
+    user = Tokenizer(models.Unigram(vocab, unk_id=0))
+    user.add_special_tokens(["<unk>", "</s>"])
+    user.save(str(tmp_path / "user.json"))
+    corpus = make_corpus_dir(tmp_path / "c", ["abc", "a b", "c </s> a", "b"], ["a", "c"])
+    cfg = TokenizerConfig.from_dict({"kind": "file", "path": str(tmp_path / "user.json")})
+    with pytest.raises(DataError, match=r"encodes text of .*train\.jsonl:3 as its end-of-text token '</s>' \(id 1\)"):
+        tokenize_corpus(cfg, corpus, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    user.add_special_tokens([EOT])  # a separator of its own, outside the model's vocabulary
+    user.save(str(tmp_path / "own.json"))
+    manifest = tokenize_corpus(TokenizerConfig.from_dict({"kind": "file", "path": str(tmp_path / "own.json")}),
+                               corpus, tmp_path / "own")
+    stream = shard_stream(tmp_path / "own", "train")
+    assert manifest["eot_token"] == EOT and np.count_nonzero(stream == manifest["eot_id"]) == 4
+
+
 def test_user_bpe_dropout_is_dropped_so_the_shards_are_deterministic(tmp_path):
     """BPE-dropout (a training-time regularizer some tokenizer.json files carry) skips merges at random:
     each build's shards differed, and so did every later encoding with the saved tokenizer.json."""

@@ -23,7 +23,9 @@ when it is this stage's earlier output, :func:`not_token_shards`):
 batch with one column ``tokens`` of the smallest unsigned type that holds every id, exactly
 ``shard_tokens`` long except the last; and ``manifest.json`` (format below). Each split is one
 token stream: every document's ids followed by the end-of-text id. Special-token strings inside
-documents are encoded as plain text (the separator is inserted by id only).
+documents are encoded as plain text (the separator is inserted by id only); a ``file`` tokenizer
+whose model itself encodes a document's text as the separator (a Unigram model with ``</s>`` among
+its pieces, on a document holding ``</s>``) is refused, naming the document's line.
 
 Streaming: documents are read in batches of ``batch_docs`` documents or 2²⁰ characters, whichever
 comes first, and encoded with ``encode_batch_fast`` (Rust, parallel across cores, GIL released) in
@@ -464,6 +466,15 @@ def encode_stream(
             yield pending[0], flat_ids(pending[1].result(), eot_id, dtype)
 
 
+def first_line_encoding(tokenizer: Tokenizer, jsonl_path: Path, start: int, token_id: int) -> int:
+    """The line number (``start`` or later) of the first document of a corpus JSONL file whose encoding
+    holds ``token_id``; 0 when none does."""
+    for lineno, text in enumerate(iter_texts(jsonl_path), 1):
+        if lineno >= start and token_id in tokenizer.encode(text, add_special_tokens=False).ids:
+            return lineno
+    return 0
+
+
 def shards_text(count: int) -> str:
     return f"{count} shard" + ("s" if count != 1 else "")
 
@@ -539,6 +550,13 @@ def tokenize_corpus(
             split_docs = corpus_summary["splits"][split].get("documents")
             texts = iter_texts(corpus / f"{split}.jsonl")
             for docs, tokens in encode_stream(tokenizer, texts, cfg.batch_docs, eot_id, dtype, label):
+                if np.count_nonzero(tokens == eot_id) != docs:  # the model spelled a document's text as the separator
+                    line = first_line_encoding(tokenizer, corpus / f"{split}.jsonl", num_docs + 1, eot_id)
+                    raise DataError(f"{label} encodes text of {corpus / split}.jsonl:{line} as its end-of-text token "
+                                    f"{eot_token!r} (id {eot_id}), the separator between documents, which its model "
+                                    "has in its vocabulary: that document would read as two (give the tokenizer a "
+                                    f"special token {EOT!r} that is not in its model's vocabulary, or remove "
+                                    f"{eot_token!r} from that vocabulary)")
                 num_docs += docs
                 writer.add(tokens)
                 if len(writer.shards) > reported and clock.due():
