@@ -506,6 +506,19 @@ def test_a_model_that_spells_a_documents_text_as_the_separator_is_refused(tmp_pa
     assert manifest["eot_token"] == EOT and np.count_nonzero(stream == manifest["eot_id"]) == 4
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_corpus_file_cut_short_at_a_line_end_is_refused(tmp_path, split):
+    """A JSONL file that lost its last lines (a copy cut short, a hand edit) is still valid JSONL: its
+    documents were tokenized as if they were the corpus, beside a manifest taking corpus.json's counts."""
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
+    lines = (corpus / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (corpus / f"{split}.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{split}\.jsonl holds {len(lines) - 1} documents, but .*corpus\.json "
+                                        rf"counts {len(lines)} \(truncated or edited\? rerun the corpus stage\)"):
+        tokenize_corpus(TokenizerConfig.from_dict({"kind": "char"}), corpus, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
 def test_user_bpe_dropout_is_dropped_so_the_shards_are_deterministic(tmp_path):
     """BPE-dropout (a training-time regularizer some tokenizer.json files carry) skips merges at random:
     each build's shards differed, and so did every later encoding with the saved tokenizer.json."""

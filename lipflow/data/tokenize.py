@@ -520,7 +520,8 @@ def tokenize_corpus(
     report: Callable[[str], None] = silent,
 ) -> dict[str, Any]:
     """Fit the tokenizer on corpus_dir/train.jsonl, shard both splits into ``out_dir``; returns the
-    manifest. ``out_dir`` is replaced atomically, or untouched on error. ``report`` gets a line when the
+    manifest. ``out_dir`` is replaced atomically, or untouched on error (also when a split's JSONL holds
+    another number of documents than corpus.json counts: cut short or edited). ``report`` gets a line when the
     tokenizer is ready, then per split a line when a new shard is written and :class:`ProgressClock` says so
     (shards and tokens written, documents read of the split's count in corpus.json), and one when the
     split is done."""
@@ -564,6 +565,9 @@ def tokenize_corpus(
                     docs_so_far = (f"{num_docs:,} of {split_docs:,} documents" if type(split_docs) is int
                                    else f"{num_docs:,} documents")
                     report(f"{split}: {shards_text(reported)}, {reported * cfg.shard_tokens:,} tokens, {docs_so_far}")
+            if type(split_docs) is int and num_docs != split_docs:  # cut short at a line end, or edited
+                raise DataError(f"{corpus / split}.jsonl holds {num_docs:,} documents, but {corpus / 'corpus.json'} "
+                                f"counts {split_docs:,} (truncated or edited? rerun the corpus stage)")
             shards = writer.close()
             report(f"{split} done: {shards_text(len(shards))}, {num_docs:,} documents, "
                    f"{sum(s['num_tokens'] for s in shards):,} tokens")
