@@ -325,6 +325,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         update_config(config, load_config_file(Path(path)))
     plan = Plan.from_config(config)
     plan.corpus_files()  # what snakemake refuses at parse time, refused here too
+    plan.tokenizer_files()
     plan.check_data_folders()
     emit("\n".join(plan.runs))
     return 0

@@ -41,6 +41,16 @@ class FrozenDict(dict):
         return {key: copy.deepcopy(value, memo) for key, value in self.items()}
 
 
+def snakemake_input(key: str, path: str) -> str:
+    """``path``, a file of the config's ``key`` that a rule takes as an input, when it holds no brace: Snakemake
+    reads one as a wildcard in any input name (doubling it does not escape it there), and stopped with a
+    WildcardError naming the rule and the wildcard only; else a ConfigError naming the key and the file."""
+    if "{" in path or "}" in path:
+        raise ConfigError(f"config error: {key}: {path} holds a brace, which Snakemake reads as a wildcard in an "
+                          "input file: rename the file or its folder")
+    return path
+
+
 def freeze(value: Any) -> Any:
     """``value`` with every mapping a :class:`FrozenDict` and every list a tuple (JSON unchanged)."""
     if isinstance(value, dict):
@@ -173,9 +183,16 @@ class Plan:
                                   f"{other}move {folder} away to rebuild it")
 
     def corpus_files(self) -> list[str]:
-        """The files the corpus reads (globs expanded; each checked to be a readable regular file)."""
+        """The files the corpus reads (globs expanded; each checked to be a readable regular file, and
+        to be a name Snakemake can take as an input: :func:`snakemake_input`)."""
         corpus = self.config["corpus"]
-        return [] if corpus["source"] == "embedded" else expand_paths(corpus["paths"])
+        return [] if corpus["source"] == "embedded" else [snakemake_input("corpus.paths", path)
+                                                          for path in expand_paths(corpus["paths"])]
+
+    def tokenizer_files(self) -> list[str]:
+        """The ``file`` tokenizer's path (a Snakemake input name, :func:`snakemake_input`); none for another kind."""
+        tokenizer = self.config["tokenizer"]
+        return [snakemake_input("tokenizer.path", tokenizer["path"])] if tokenizer["kind"] == "file" else []
 
     # ------------------------------------------------------------------ params strings (a change reruns jobs)
 

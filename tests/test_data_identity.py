@@ -165,3 +165,23 @@ def test_a_corpus_edit_whose_tokenize_job_failed_is_not_forgotten(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["manifest_sha256"] == sha256_file(tokens / "manifest.json")
     assert "discontent" in (tmp_path / "results/data/mine/corpus/train.jsonl").read_text() + \
         (tmp_path / "results/data/mine/corpus/val.jsonl").read_text()
+
+
+def test_a_data_file_with_a_brace_in_its_path_is_one_line_before_any_job(tmp_path):
+    """Snakemake reads a brace in an input file as a wildcard (doubling it does not escape it there): a corpus
+    file named notes{v1}.txt, or such a tokenizer.json, stopped the DAG with a WildcardError naming the rule
+    and 'v1' only. Now one line names the key and the file, for snakemake and `lipflow runs` alike."""
+    (tmp_path / "notes{v1}.txt").write_text(paragraphs("To be, or not to be"))
+    (tmp_path / "tok{2}.json").write_text('{"version": "1.0"}')
+    for block, key, name in (("corpus: {name: mine, source: files, paths: ['notes{v1}.txt']}", "corpus.paths",
+                              "notes{v1}.txt"),
+                             ("tokenizer: {kind: file, path: 'tok{2}.json'}", "tokenizer.path", "tok{2}.json")):
+        (tmp_path / "config.yaml").write_text(block + "\n")
+        dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                              "--configfile", str(tmp_path / "config.yaml"), "-c1", "-n"],
+                             capture_output=True, text=True, timeout=300)
+        runs = run_stage("lipflow.cli", "runs", "--configfile", "config.yaml", cwd=tmp_path)
+        for done in (dry, runs):
+            assert done.returncode != 0 and "WildcardError" not in done.stderr, done.stderr
+            assert f"config error: {key}: {name} holds a brace, which Snakemake reads as a wildcard" in \
+                done.stderr.strip().splitlines()[-1], done.stderr

@@ -21,7 +21,7 @@ try:
     # edited or a newly matching file reruns the data steps and the runs trained on them.
     CORPUS_FILES = PLAN.corpus_files()
     PLAN.check_data_folders()
-    TOKENIZER_FILES = [config["tokenizer"]["path"]] if config["tokenizer"]["kind"] == "file" else []
+    TOKENIZER_FILES = PLAN.tokenizer_files()
     TOKENS_DIR = PLAN.tokens_dir
 except (ConfigError, DataError) as err:
     sys.exit(f"lipflow: {err}")
