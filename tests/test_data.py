@@ -713,6 +713,10 @@ def test_tokenize_progress_lines_count_what_the_manifest_records(tmp_path, monke
         assert [int(m[2].replace(",", "")) for m in progress] == [n * 2048 for n in shards]
         assert (f"tokenize: {split} done: {len(info['shards'])} shards, {count} documents, {info['num_tokens']:,} tokens"
                 in lines)
+    # a file tokenizer is loaded from its path, not fitted on (or loaded "on") train.jsonl
+    file_cfg = {"kind": "file", "path": str(tmp_path / "t" / "tokenizer.json")}
+    tokenize.main(["--corpus-dir", str(corpus), "--config-json", json.dumps(file_cfg), "--out-dir", str(tmp_path / "f")])
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"tokenize: loading the tokenizer {file_cfg['path']} (")
 
 
 def rewritten_train_shard(tmp_path, batches_of) -> tuple[dict, dict]:

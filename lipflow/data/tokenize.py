@@ -521,17 +521,18 @@ def tokenize_corpus(
 ) -> dict[str, Any]:
     """Fit the tokenizer on corpus_dir/train.jsonl, shard both splits into ``out_dir``; returns the
     manifest. ``out_dir`` is replaced atomically, or untouched on error (also when a split's JSONL holds
-    another number of documents than corpus.json counts: cut short or edited). ``report`` gets a line when the
-    tokenizer is ready, then per split a line when a new shard is written and :class:`ProgressClock` says so
-    (shards and tokens written, documents read of the split's count in corpus.json), and one when the
-    split is done."""
+    another number of documents than corpus.json counts: cut short or edited). ``report`` gets a line as
+    the tokenizer is fitted (or a file one loaded) and when it is ready, then per split a line when a new
+    shard is written and :class:`ProgressClock` says so (shards and tokens written, documents read of
+    the split's count in corpus.json), and one when the split is done."""
     corpus = Path(corpus_dir)
     for name in ("corpus.json", "train.jsonl", "val.jsonl"):
         if not (corpus / name).is_file():
             raise DataError(f"corpus dir {corpus} has no {name} (run the corpus stage first)")
     corpus_summary = read_corpus_summary(corpus / "corpus.json")
     with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_token_shards) as tmp:
-        report(f"{'loading' if cfg.kind == 'file' else 'fitting'} the {cfg.kind} tokenizer on train.jsonl")
+        report(f"loading the tokenizer {cfg.path}" if cfg.kind == "file"  # fitted on nothing
+               else f"fitting the {cfg.kind} tokenizer on train.jsonl")
         tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
         tokenizer.no_padding()
