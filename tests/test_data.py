@@ -833,8 +833,10 @@ CORPUS_CASES = {
     "val split empty, one JSONL record": ("jsonl", {"one.jsonl": json.dumps({"text": lonely_text("train")}) + "\n"},
                                           ["one.jsonl"], {"val_fraction": 0.5},
                                           r"val split is empty \(0 of 1 documents\): .*or add documents$"),
+    # one document fills one split whatever the fraction or seed: the hint says why there is one, as for val
     "train split empty": ("files", {"one.txt": lonely_text("val")}, ["one.txt"], {"val_fraction": 0.5},
-                          r"train split is empty .*lower corpus\.val_fraction"),
+                          r"train split is empty \(all 1 documents went to val\): lower corpus\.val_fraction .*a "
+                          r"single file is cut into documents .*: this one gives one document\)$"),
     "unknown source": ("parquett", {}, [], {},
                        r"corpus\.source: 'parquett' is not one of embedded, files, jsonl, parquet"),
     "unknown key": ("files", {}, [], {"sourc": "files"}, r"unknown key 'corpus\.sourc' \(did you mean 'source'\?\)"),

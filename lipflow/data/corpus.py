@@ -338,19 +338,20 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike[str],
         n_train, n_val = counts["train"]["documents"], counts["val"]["documents"]
         total = n_train + n_val
         _require(total > 0, f"empty corpus: {source.label} holds no non-whitespace text")
+        # one document fills one split whatever the fraction or seed: say why there is only one
+        one_document = (f" (a single file is cut into documents at the first blank line after {PARAGRAPH_DOC_CHARS:,} "
+                        f"characters, or at the first line end after {MAX_DOC_CHARS:,}: this one gives one document)"
+                        if total < 2 and source.description["kind"] == "files" and len(source.description["files"]) == 1
+                        else "")
         _require(
             n_val > 0,
             f"val split is empty (0 of {total} documents): raise corpus.val_fraction "
-            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents"
-            + (f" (a single file is cut into documents at the first blank line after {PARAGRAPH_DOC_CHARS:,} "
-               f"characters, or at the first line end after {MAX_DOC_CHARS:,}: this one gives one document)"
-               if total < 2 and source.description["kind"] == "files" and len(source.description["files"]) == 1
-               else ""),
+            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents" + one_document,
         )
         _require(
             n_train > 0,
             f"train split is empty (all {total} documents went to val): lower corpus.val_fraction "
-            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents",
+            f"(now {cfg.val_fraction}), change corpus.split_seed, or add documents" + one_document,
         )
         summary = {
             "name": cfg.name,
