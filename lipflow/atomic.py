@@ -286,6 +286,10 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str], *, flag: st
     directory; between them ``path`` is briefly absent, never partial.
     """
     final = Path(path)
+    if final.name in ("", ".."):  # '.', 'x/..': the temporary sibling would land inside it, and the swap move the
+        # current folder (or one above it) away from under the process and the user's shell
+        raise ValueError(f"{flag + ' ' if flag else ''}{final} names a folder as '.' or '..': give a path ending in "
+                         "the folder's name (e.g. ../<name>)")
     refuse_foreign(final, owned, flag, ours)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,28 @@ def test_corpus_progress_lines_count_the_documents_and_bytes_written(tmp_path, m
     assert total == written[-1] + len(docs[-1].encode())
 
 
+@pytest.mark.parametrize("spelling", [".", "./", "sub/.."])
+def test_out_dir_spelled_as_dot_or_dot_dot_is_refused_before_any_work(tmp_path, monkeypatch, spelling):
+    """``--out-dir .`` (say an empty folder) names the folder without its name: the temporary sibling was made
+    inside it, and after all the work the stage refused its own temporary as a user's file
+    ("holds '..tmp-…', which this stage does not write"). Now one line says so before any work."""
+    (tmp_path / "sub").mkdir()
+    corpus = make_corpus_dir(tmp_path / "c", TOPICS[:4], TOPICS[4:6])
+    monkeypatch.chdir(tmp_path / "sub" if spelling != "sub/.." else tmp_path)
+    read: list[str] = []
+    cfg = CorpusConfig.from_dict({"source": "files", "paths": [str(TINY_SHAKESPEARE)]})
+    with pytest.raises(ValueError, match=r"^--out-dir (sub/)?\.{1,2} names a folder as '\.' or '\.\.': give a path "
+                                         r"ending in the folder's name"):
+        build_corpus(cfg, spelling, read.append)
+    assert read == []  # refused before reading anything
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # no temporary anywhere
+    code = subprocess.run([sys.executable, "-m", "lipflow.data.tokenize", "--corpus-dir", str(corpus),
+                           "--config-json", "{}", "--out-dir", spelling], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert code.returncode == 2 and code.stderr.startswith("lipflow: error: --out-dir ") and \
+        len(code.stderr.splitlines()) == 1, code.stderr
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     # 'notes[1].txt' as a glob matches 'notes1.txt' only: the file itself was refused ("matched no files")
     from lipflow.data.corpus import expand_paths
