@@ -157,11 +157,15 @@ class ProgressClock:
 
 def phase_reporter(prefix: str) -> Callable[[str], None]:
     """A progress reporter for a stage's log: ``report(message)`` prints ``<prefix>: <message> (<seconds
-    since this call> s)`` on stdout, flushed at once (a job's log holds its stdout)."""
+    since this call> s)`` on stdout, flushed at once (a job's log holds its stdout). A character UTF-8
+    cannot encode (a file name that is not UTF-8 reaches Python as lone surrogates, :func:`first_non_utf8`)
+    is written as its escape, ``\\udcff``: a stdout with strict errors (a UTF-8 locale) raised on it, and
+    the stage failed on a progress line naming no file."""
     started = time.monotonic()
 
     def report(message: str) -> None:
-        print(f"{prefix}: {message} ({time.monotonic() - started:.1f} s)", flush=True)
+        line = f"{prefix}: {message} ({time.monotonic() - started:.1f} s)"
+        print(line.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
 
     return report
 

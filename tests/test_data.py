@@ -171,6 +171,21 @@ def test_out_dir_spelled_as_dot_or_dot_dot_is_refused_before_any_work(tmp_path, 
         len(code.stderr.splitlines()) == 1, code.stderr
 
 
+def test_a_file_name_that_is_not_utf8_is_written_escaped_in_the_progress_lines(tmp_path):
+    """A file name that is not UTF-8 (byte 0xff) reaches Python as a lone surrogate; under a UTF-8 locale
+    stdout is strict, and the stage's first progress line ("reading files …") raised on it: the corpus
+    failed with "lipflow: error: 'utf-8' codec can't encode character '\\udcff'…", naming no file."""
+    (tmp_path / os.fsdecode(b"\xff.txt")).write_text(TINY_SHAKESPEARE.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = {"name": "latin", "source": "files", "paths": [str(tmp_path / "*.txt")]}
+    done = subprocess.run([sys.executable, "-m", "lipflow.data.corpus", "--config-json", json.dumps(cfg),
+                           "--out-dir", str(tmp_path / "c")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8",  # strict, as under en_US.UTF-8
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"corpus: reading files {tmp_path}/\\udcff.txt (")
+    assert len(read_jsonl(tmp_path / "c" / "train.jsonl")) > 100
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     # 'notes[1].txt' as a glob matches 'notes1.txt' only: the file itself was refused ("matched no files")
     from lipflow.data.corpus import expand_paths
