@@ -157,17 +157,21 @@ class ProgressClock:
 
 def phase_reporter(prefix: str) -> Callable[[str], None]:
     """A progress reporter for a stage's log: ``report(message)`` prints ``<prefix>: <message> (<seconds
-    since this call> s)`` on stdout, flushed at once (a job's log holds its stdout). A character UTF-8
-    cannot encode (a file name that is not UTF-8 reaches Python as lone surrogates, :func:`first_non_utf8`)
-    is written as its escape, ``\\udcff``: a stdout with strict errors (a UTF-8 locale) raised on it, and
-    the stage failed on a progress line naming no file."""
+    since this call> s)`` on stdout, flushed at once (a job's log holds its stdout), :func:`printable`: a
+    stdout with strict errors raised on a file name that is not UTF-8, and the stage failed on a progress
+    line naming no file."""
     started = time.monotonic()
 
     def report(message: str) -> None:
-        line = f"{prefix}: {message} ({time.monotonic() - started:.1f} s)"
-        print(line.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
+        print(printable(f"{prefix}: {message} ({time.monotonic() - started:.1f} s)"), flush=True)
 
     return report
+
+
+def printable(text: str) -> str:
+    """``text`` with each character UTF-8 cannot encode (a lone surrogate: a file name that is not UTF-8,
+    :func:`first_non_utf8`) as its escape, ``\\udcff``: what a strict stdout (a UTF-8 locale) can write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def first_non_utf8(text: str) -> int | None:

@@ -186,6 +186,26 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped_in_the_progress_lines(t
     assert len(read_jsonl(tmp_path / "c" / "train.jsonl")) > 100
 
 
+def test_an_out_dir_name_that_is_not_utf8_is_written_escaped_or_refused(tmp_path):
+    """The corpus stage's closing line names its --out-dir: one that is not UTF-8 raised on a strict stdout after
+    the folder was complete (exit 2, "'utf-8' codec can't encode …"; Snakemake would delete the outputs). The
+    tokenize stage failed the same way at tokenizer.save after fitting (tokenizers takes UTF-8 paths only, and
+    so does the loader): it is now refused before any work, naming the option."""
+    out = tmp_path / os.fsdecode(b"\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    corpus = subprocess.run([sys.executable, "-m", "lipflow.data.corpus", "--config-json", "{}", "--out-dir",
+                             str(out / "c")], capture_output=True, text=True, env=env)
+    assert corpus.returncode == 0, corpus.stderr
+    assert corpus.stdout.splitlines()[-1].endswith(f"→ {tmp_path}/\\udcff/c")
+    tokens = subprocess.run([sys.executable, "-m", "lipflow.data.tokenize", "--corpus-dir", str(out / "c"),
+                             "--config-json", "{}", "--out-dir", str(out / "t")],
+                            capture_output=True, text=True, env=env)
+    assert tokens.returncode == 2 and tokens.stdout == "", tokens.stdout
+    assert tokens.stderr == "lipflow: error: --out-dir is not valid UTF-8 text (at byte " \
+                            f"{len(str(tmp_path).encode()) + 1})\n"
+    assert sorted(p.name for p in out.iterdir()) == ["c"]
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     # 'notes[1].txt' as a glob matches 'notes1.txt' only: the file itself was refused ("matched no files")
     from lipflow.data.corpus import expand_paths

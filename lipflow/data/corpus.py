@@ -42,7 +42,7 @@ from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, write_json_atomic
 from lipflow.errors import (ArgumentParser, ProgressClock, first_non_utf8, json_object_argument, parse_json,
-                            phase_reporter, run_guarded, silent, summary_of)
+                            phase_reporter, printable, run_guarded, silent, summary_of)
 from lipflow.registry import Registry
 
 PARAGRAPH_DOC_CHARS = 2_000
@@ -377,10 +377,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = CorpusConfig.from_dict(json_object_argument(args.config_json, "--config-json"))
     summary = build_corpus(cfg, args.out_dir, phase_reporter("corpus"))
     splits = summary["splits"]
-    print(
+    print(printable(
         f"corpus '{cfg.name}': {splits['train']['documents']} train / {splits['val']['documents']} val documents "
         f"({splits['train']['bytes'] / 1e6:.2f} / {splits['val']['bytes'] / 1e6:.2f} MB) → {args.out_dir}"
-    )
+    ))
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 from lipflow.config.runs import data_block
 from lipflow.data import DataError
 from lipflow.atomic import atomic_dir, is_clutter, read_json, sha256_file, write_json_atomic
-from lipflow.errors import (ArgumentParser, ProgressClock, first_non_utf8, json_object_argument, parse_json,
-                            phase_reporter, run_guarded, silent, summary_of)
+from lipflow.errors import (ArgumentParser, ProgressClock, check_utf8, first_non_utf8, json_object_argument,
+                            parse_json, phase_reporter, run_guarded, silent, summary_of)
 from lipflow.registry import Registry
 
 EOT = "<|endoftext|>"
@@ -525,6 +525,7 @@ def tokenize_corpus(
     the tokenizer is fitted (or a file one loaded) and when it is ready, then per split a line when a new
     shard is written and :class:`ProgressClock` says so (shards and tokens written, documents read of
     the split's count in corpus.json), and one when the split is done."""
+    check_utf8(str(out_dir), "--out-dir")  # tokenizers writes (and the loader reads) tokenizer.json by a UTF-8 path
     corpus = Path(corpus_dir)
     for name in ("corpus.json", "train.jsonl", "val.jsonl"):
         if not (corpus / name).is_file():
