@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lipflow.config import (ConfigError, check_config, data_identity, experiment_run, plain_runs, run_id,
-                            run_validator, tokenizer_as_used, tokenizer_id)
+from lipflow.config import (DATA_KEYS_OF_KINDS, ConfigError, check_config, data_block_as_used, data_identity,
+                            experiment_run, plain_runs, run_id, run_validator, tokenizer_id)
 from lipflow.data.corpus import expand_paths
 from lipflow.errors import parse_json
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
@@ -169,8 +169,8 @@ class Plan:
                    "tokenizer": (self.tokens_dir, "manifest.json", ("tokenizer", "config"))}
         for block, (folder, record, keys) in folders.items():
             recorded = recorded_block(f"{folder}/{record}", keys)
-            if block == "tokenizer" and "kind" in recorded:  # recorded by hand or before tokenizer_as_used
-                recorded = tokenizer_as_used(recorded)
+            if DATA_KEYS_OF_KINDS[block][0] in recorded:  # recorded by hand or before data_block_as_used
+                recorded = data_block_as_used(block, recorded)
             current = json.loads(json.dumps(self.config[block]))
             differs = sorted(key for key in recorded if current.get(key) != recorded[key])
             if differs:

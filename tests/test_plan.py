@@ -117,6 +117,40 @@ def test_a_written_experiment_block_is_validated_whether_or_not_it_is_selected(s
         (["lrt.lr0.1"] if selected else [])
 
 
+def test_a_corpus_key_its_source_does_not_read_changes_neither_run_ids_nor_the_data_check(tmp_path, monkeypatch):
+    """corpus.text_column names the text of a JSONL or Parquet corpus: under source files it changed every
+    run id and the corpus folder refused the config as made from another block; now it is set to the
+    schema's default there, while under jsonl it is the corpus's identity."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.txt").write_text("text")
+
+    def plan(corpus: dict) -> Plan:
+        return Plan.from_config({"corpus": {"name": "c", "paths": ["a.txt"], **corpus}})
+
+    files = plan({"source": "files"})
+    assert set(plan({"source": "files", "text_column": "body"}).runs) == set(files.runs)
+    assert plan({"source": "files", "text_column": "body"}).config["corpus"]["text_column"] == "text"
+    assert set(plan({"source": "jsonl", "text_column": "body"}).runs) != set(plan({"source": "jsonl"}).runs)
+    record = Path(files.data_dir) / "corpus" / "corpus.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"config": {**files.config["corpus"], "text_column": "body"}}))
+    files.check_data_folders()  # recorded by a stage given the inapplicable key: the same documents
+    record.write_text(json.dumps({"config": {**files.config["corpus"], "split_seed": 3}}))
+    with pytest.raises(ConfigError, match=r"corpus\.split_seed was 3"):
+        files.check_data_folders()
+
+
+def test_the_data_keys_read_by_some_kinds_only_are_schema_keys_and_kinds():
+    from lipflow.config import DATA_KEYS_OF_KINDS, SCHEMA_PATH, load_schema
+
+    blocks = load_schema(SCHEMA_PATH)["properties"]
+    for name, (kind_key, readers) in DATA_KEYS_OF_KINDS.items():
+        properties = blocks[name]["properties"]
+        for key, kinds in readers.items():
+            assert key in properties and key != kind_key and "default" in properties[key], (name, key)
+            assert set(kinds) < set(properties[kind_key]["enum"]), (name, key)
+
+
 def test_a_tokenizer_key_its_kind_does_not_read_changes_neither_run_ids_nor_the_data_check(tmp_path, monkeypatch):
     """tokenizer.vocab_size is the BPE vocabulary: under kind char it changed every run id (all runs
     retrained on identical tokens) and the data folder refused the config; now it is set to the

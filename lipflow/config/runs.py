@@ -60,7 +60,8 @@ def check_config(config: dict[str, Any]) -> None:
     if message is not None:
         raise ConfigError(f"config error: {named_where_written(message, inherited)}")
     check_data_blocks(config)
-    config["tokenizer"] = tokenizer_as_used(config["tokenizer"])
+    for name in DATA_BLOCKS:
+        config[name] = data_block_as_used(name, config[name])
     check_image_mlp_methods(config["image_mlp"]["methods"], methods_set)
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
@@ -131,17 +132,20 @@ def data_block_problem(name: str, block: dict[str, Any]) -> str | None:
     return None
 
 
-# tokenizer keys that only some kinds read: under another kind they are set to the schema's default, so
-# an inapplicable value (tokenizer.vocab_size under kind char) neither changes the run ids nor makes
-# the data folder look built from another block
-TOKENIZER_KEYS_OF_KINDS = {"vocab_size": ("bpe",), "path": ("file",)}
+# data block → (the key naming its kind, {key: the kinds that read it}): under another kind such a key is
+# set to the schema's default, so an inapplicable value (tokenizer.vocab_size under kind char,
+# corpus.text_column under source files) neither changes the run ids nor makes the data folder look
+# built from another block
+DATA_KEYS_OF_KINDS = {"corpus": ("source", {"text_column": ("jsonl", "parquet")}),
+                      "tokenizer": ("kind", {"vocab_size": ("bpe",), "path": ("file",)})}
 
 
-def tokenizer_as_used(block: dict[str, Any]) -> dict[str, Any]:
-    """A filled ``tokenizer`` block with each key of :data:`TOKENIZER_KEYS_OF_KINDS` that its kind does
-    not read at the schema's default (the block as the tokenize stage uses it)."""
-    defaults, kind = load_schema(SCHEMA_PATH)["properties"]["tokenizer"]["properties"], block.get("kind")
-    return {key: (defaults[key]["default"] if kind not in TOKENIZER_KEYS_OF_KINDS.get(key, (kind,)) else value)
+def data_block_as_used(name: str, block: dict[str, Any]) -> dict[str, Any]:
+    """A filled ``corpus`` or ``tokenizer`` block with each key of :data:`DATA_KEYS_OF_KINDS` that its
+    kind does not read at the schema's default (the block as its stage uses it)."""
+    kind_key, readers = DATA_KEYS_OF_KINDS[name]
+    defaults, kind = load_schema(SCHEMA_PATH)["properties"][name]["properties"], block.get(kind_key)
+    return {key: (defaults[key]["default"] if kind not in readers.get(key, (kind,)) else value)
             for key, value in block.items()}
 
 
