@@ -56,6 +56,13 @@ def resolved(config):
     ({"runs": {"a": {"model": "gpt", "activation": "relu"}}}, "runs.a.activation: gpt's MLP is nanoGPT's GELU"),
     ({"defaults": {"experiment": "nonsense"}, "runs": {"a": {}}},
      "defaults.experiment (given to runs.a): set by experiment expansion"),
+    # keys YAML reads as no string (`1:`, `yes:`, `null:`) are named by their text (were a TypeError traceback)
+    ({"defaults": {"steps": 5}, "runs": {1: {}}}, "runs: 1 is not of type 'string'"),
+    ({"defaults": {1: 2}}, "unknown key 'defaults.1'; allowed here: activation"),
+    ({"runs": {"a": {"masses": {1: 2.0, "blockz": 1.0}}}}, "unknown key 'runs.a.masses.1'; allowed here: blocks"),
+    ({"evaluations": {True: {}}}, "unknown key 'evaluations.True'; allowed here: enabled"),
+    ({None: 1}, "unknown key 'None'; allowed here: corpus"),
+    ({"icl": {"sigma": {1: 2}}}, "unknown key 'icl.sigma.1'; allowed here: eigenvalues"),
 ])
 def test_bad_config_is_one_line_naming_the_key(config, expected):
     with pytest.raises(ConfigError) as err:

@@ -41,7 +41,8 @@ def named_where_written(message: str, inherited: dict[str, set[str]]) -> str:
     from ``defaults``: ``defaults.<key> (given to runs.<run>)``."""
     for name, keys in inherited.items():
         for key in keys:
-            path = re.compile(rf"runs\.{re.escape(name)}\.{re.escape(key)}(?![\w])")
+            # a YAML key need not be a string (`1:`, `yes:`): matched by its text, as the message names it
+            path = re.compile(rf"runs\.{re.escape(str(name))}\.{re.escape(str(key))}(?![\w])")
             if path.search(message):
                 return path.sub(f"defaults.{key} (given to runs.{name})", message, count=1)
     return message

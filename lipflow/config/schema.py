@@ -206,7 +206,8 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     path = ".".join([prefix, *map(str, error.absolute_path)] if prefix else map(str, error.absolute_path))
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        # a YAML key need not be a string (`1:`, `yes:`, `null:`): named by its text, as a path names it
+        extra = sorted(map(str, set(error.instance) - set(allowed))) if isinstance(error.instance, dict) else []
         where = f"{path}." if path else ""
         key = extra[0] if extra else "?"
         close = difflib.get_close_matches(key, allowed, n=1)
