@@ -173,6 +173,15 @@ def test_schema_rejects_a_bad_block_with_its_path():
         check_config(config)
 
 
+@pytest.mark.parametrize("name", [1, 2024, True, None])
+def test_a_block_under_a_name_yaml_reads_as_no_string_is_refused(name):
+    """A block named `1:`, `2024:`, `yes:` or `null:` can never be selected (`experiments` lists strings);
+    it was accepted silently, never checked, as the name pattern tests strings only."""
+    config = base_config(experiment_definitions={name: {"short": "x", "cpu": {"grid": {"lr": [0.1]}}}})
+    with pytest.raises(ConfigError, match=rf"^config error: experiment_definitions: {name} is not of type 'string'$"):
+        Plan.from_config(config)
+
+
 def test_experiment_evaluations_and_studies():
     config = filled({"experiments": ["rank_vs_n", "robustness", "icl"]})
     assert experiment_evaluations(config, {"experiment": "rank_vs_n"}) == ["val", "rank"]
