@@ -1,6 +1,7 @@
 """Config validation: every violation is one line naming the key path; run ids follow the config."""
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -409,6 +410,32 @@ def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
     (tmp_path / "d.json").write_text('{"runs": {"a": {"lr": 0.1}, "a": {"lr": 0.2}}}')
     with pytest.raises(ConfigError, match="d.json: .*duplicate key 'a'"):
         load_config_file(tmp_path / "d.json")
+
+
+@pytest.mark.parametrize("text, expected", [
+    # YAML 1.1 reads an exponent without a dot (or without a sign) as text: the message says how to write it
+    ("defaults:\n  lr: 3e-4\n", "defaults.lr: '3e-4' is not of type 'number' (YAML reads 3e-4 as text: write 3.0e-4,"),
+    ("runs:\n  a:\n    weight_decay: 1E5\n", "runs.a.weight_decay: '1E5' is not of type 'number' (YAML reads 1E5 as "
+     "text: write 1.0e+5,"),
+    # what `snakemake --config 'defaults={steps: 5}'` and `--config runs_with_experiments=true` hand over
+    ("defaults: {steps: '5'}\n", "defaults.steps: '5' is not of type 'integer' (a number read as text: unquote it in a "
+     "config file; snakemake --config reads a value inside"),
+    ("runs_with_experiments: 'true'\n", "runs_with_experiments: 'true' is not of type 'boolean' (a boolean read as text: "
+     "write true or false in a config file; snakemake --config reads only True and False"),
+    # text that is no number or boolean gets no such note
+    ("defaults:\n  lr: fast\n", "defaults.lr: 'fast' is not of type 'number'$"),
+    ("defaults:\n  lr: .nan\n", "defaults.lr: nan is not a finite number$"),
+])
+def test_a_number_or_boolean_read_as_text_says_how_to_write_it(tmp_path, text, expected):
+    from lipflow.config import load_config_file
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        check_config(load_config_file(tmp_path / "c.yaml"))
+    assert "\n" not in str(err.value)
+    assert re.search(re.escape(expected).replace(r"\$", "$"), str(err.value)), str(err.value)
+    if expected.endswith("$"):
+        assert "(" not in str(err.value)
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path):

@@ -222,7 +222,36 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     if error.validator == "pattern":
         rule = error.schema.get("description", f"must match {error.validator_value}")
         return f"{path}: {error.instance!r} is not allowed: {rule}"
+    if error.validator == "type" and isinstance(error.instance, str):
+        return f"{path}: {error.message}{read_as_text(error.instance, error.validator_value)}"
     return f"{path}: {error.message}"
+
+
+BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def read_as_text(value: str, types: str | list[str]) -> str:
+    """Why a number or boolean arrived as the text ``value``, and how to write it: YAML 1.1 reads 3e-4
+    (no dot, or no exponent sign) as text, and ``snakemake --config`` reads only True and False as
+    booleans and every value inside {…} or […] as text. '' when ``value`` is no number or boolean word."""
+    types = {types} if isinstance(types, str) else set(types)
+    if types & {"number", "integer"}:
+        try:
+            if not math.isfinite(float(value)):
+                return ""
+        except ValueError:
+            return ""
+        exponent = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]*)[eE]([-+]?)([0-9]+)\s*", value)
+        if exponent and ("." not in exponent[1] or not exponent[2]):
+            mantissa, sign, digits = exponent.groups()
+            mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+            return f" (YAML reads {value} as text: write {mantissa}e{sign or '+'}{digits}, with a dot and a signed exponent)"
+        return (" (a number read as text: unquote it in a config file; snakemake --config reads a value inside "
+                "{…} or […] as text, so set that one in a --configfile overlay)")
+    if "boolean" in types and value.lower() in BOOLEAN_WORDS:
+        return (" (a boolean read as text: write true or false in a config file; snakemake --config reads only "
+                "True and False as booleans, and a value inside {…} or […] as text)")
+    return ""
 
 
 def first_error(validator, instance: Any, prefix: str = "") -> str | None:
