@@ -1,6 +1,7 @@
 """Config validation: every violation is one line naming the key path; run ids follow the config."""
 
 import copy
+import json
 import re
 
 import pytest
@@ -520,3 +521,27 @@ def test_a_run_key_taken_from_defaults_is_named_where_it_was_written():
     config["runs"]["lipschitz"]["depth_mup"] = True
     with pytest.raises(ConfigError, match=r"^config error: runs\.lipschitz\.depth_mup: "):
         check_config(config)
+
+
+@pytest.mark.parametrize("name, written, same_as", [
+    ("robustness", {"epsilons": [0.0, 0.1, 0.25, 0.5, 1.0, 2.0]}, {}),  # the default radii, written as floats
+    ("robustness", {"epsilons": [0.0, 3.0], "lipschitz_radius": 1.0}, {"epsilons": [0, 3], "lipschitz_radius": 1}),
+    ("rank", {"rtols": [0.01, 1.0], "bound_rtol": 1.0}, {"rtols": [0.01, 1], "bound_rtol": 1}),
+    ("sharpness", {"tol": 2.0}, {"tol": 2}),
+])
+def test_a_whole_number_written_as_a_float_is_one_evaluation_params_string(name, written, same_as):
+    """`epsilons: [0.0, 1.0]` and `[0, 1]` are one params string: the evaluation reads the same numbers, and
+    a changed string reruns that evaluation for every run (it did, for every run of a sweep). The defaults'
+    own spelling (`[0, 0.1, 0.25, 0.5, 1, 2]`) is the canonical one, so no existing result reruns."""
+    from lipflow.config import SCHEMA_PATH, evaluation_params, validate
+    from lipflow.plan import Plan
+
+    def params_json(params):
+        plan = Plan.from_config({"evaluations": {"enabled": [name], name: copy.deepcopy(params)}})
+        return plan.evaluation_params_json(name)
+
+    assert params_json(written) == params_json(same_as)
+    assert evaluation_params(name, **written) == evaluation_params(name, **same_as)
+    # the schema's defaults keep their params string, as a results tree recorded it
+    filled = validate({"evaluations": {name: {}}}, SCHEMA_PATH)["evaluations"][name]
+    assert params_json({}) == json.dumps(filled, sort_keys=True)

@@ -67,6 +67,7 @@ def check_config(config: dict[str, Any]) -> None:
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
+            config["evaluations"][name] = canonical_evaluation(name, params)
     for name, run in config["runs"].items():
         config["runs"][name] = run = canonical_run(run)
         try:
@@ -324,7 +325,41 @@ def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
     filled; an unknown key, a bad value or a broken cross-key rule is a ConfigError naming it."""
     filled = validate({"evaluations": {name: params}}, SCHEMA_PATH)["evaluations"][name]
     check_evaluation(name, filled)
-    return filled
+    return canonical_evaluation(name, filled)
+
+
+def canonical_evaluation(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's validated ``params`` in one spelling of what evaluates alike, so that they give one
+    params string (a changed one reruns the evaluation for every run): each whole float written for a
+    ``number`` key or its list items (``epsilons: [0.0, 0.5, 1.0]``) as the integer that the schema's
+    defaults write (``epsilons: [0, 0.1, 0.25, 0.5, 1, 2]``), which the evaluations read as the same number."""
+    keys = _evaluation_number_keys(name)
+    return {key: _whole_as_int(value) if key in keys else value for key, value in params.items()}
+
+
+def _whole_as_int(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_whole_as_int(item) for item in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:  # the int holds it exactly
+        return int(value)
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluation_number_keys(name: str) -> frozenset[str]:
+    """The keys of ``evaluations.<name>`` whose values, or list items, are of type ``number`` (not ``integer``)."""
+    schema = load_schema(SCHEMA_PATH)
+
+    def is_number(subschema: dict[str, Any]) -> bool:
+        subschema = subschema.get("items", subschema)
+        if "$ref" in subschema:  # the evaluation blocks refer only to the schema's own $defs
+            subschema = {**schema["$defs"][subschema["$ref"].rsplit("/", 1)[1]], **subschema}
+        kind = subschema.get("type", ())
+        types = {kind} if isinstance(kind, str) else set(kind)
+        return "number" in types and "integer" not in types
+
+    properties = schema["properties"]["evaluations"]["properties"][name]["properties"]
+    return frozenset(key for key, subschema in properties.items() if is_number(subschema))
 
 
 def check_evaluation(name: str, params: dict[str, Any]) -> None:
