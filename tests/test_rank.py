@@ -30,6 +30,13 @@ def metrics(rows):
     return {(r["metric"], r["rtol"]): r["value"] for r in rows}
 
 
+def test_a_whole_number_rtol_is_a_float_in_its_row():
+    """rtols: [1] (or [1.0], which the config spells as the integer) gave an int64 rtol column where every
+    other rank table has a DOUBLE one; the rows hold it as a float."""
+    rows = spectrum_rows(torch.eye(4), rtols=[1])
+    assert {type(row["rtol"]) for row in rows} == {type(None), float}
+
+
 def test_spectral_metrics_match_the_constructed_spectrum():
     s = np.array([5.0, 3.0, 1.0, 1e-9, 0.0])
     m = metrics(spectrum_rows(torch.tensor(matrix_with_spectrum(s, (8, 5))), rtols=[0.25, 1e-10]))

@@ -94,7 +94,7 @@ def spectrum_rows(a: torch.Tensor | np.ndarray, rtols: Sequence[float], **column
     rows = [{"metric": m, "value": v, "rtol": None, **columns} for m, v in values.items()]
     for rtol in (None, *rtols):
         rows.append({"metric": "numerical_rank", "value": float(numerical_rank(s, shape, rtol)),
-                     "rtol": rtol, **columns})
+                     "rtol": None if rtol is None else float(rtol), **columns})  # a DOUBLE column, also for rtols: [1]
     return rows
 
 
