@@ -545,3 +545,22 @@ def test_a_whole_number_written_as_a_float_is_one_evaluation_params_string(name,
     # the schema's defaults keep their params string, as a results tree recorded it
     filled = validate({"evaluations": {name: {}}}, SCHEMA_PATH)["evaluations"][name]
     assert params_json({}) == json.dumps(filled, sort_keys=True)
+
+
+def test_an_integer_in_the_image_mlp_block_is_one_params_string_with_its_float():
+    """`epsilons: [0, 0.5]` and a method's `sigma_max: 3` study the same as `[0.0, 0.5]` and `3.0` (the
+    defaults' spelling); they gave another params string, which reran the digits-MLP study."""
+    from lipflow.config import SCHEMA_PATH, validate
+    from lipflow.plan import Plan
+
+    def block_json(block):
+        return Plan.from_config({"image_mlp": copy.deepcopy(block)}).config_block_json("image_mlp")
+
+    ints = {"epsilons": [0, 0.5], "methods": {"m": {"optimizer": "muon", "lr": 0.05, "sigma_max": 3,
+                                                        "weight_constraint": "spectral_soft_cap", "weight_decay": 0}}}
+    floats = {"epsilons": [0.0, 0.5], "methods": {"m": {"optimizer": "muon", "lr": 0.05, "sigma_max": 3.0,
+                                                          "weight_constraint": "spectral_soft_cap", "weight_decay": 0.0}}}
+    assert block_json(ints) == block_json(floats)
+    assert json.loads(block_json(ints))["methods"]["m"]["sigma_max"] == 3.0
+    # the schema's defaults keep their params string, as a results tree recorded it
+    assert block_json({}) == json.dumps(validate({"image_mlp": {}}, SCHEMA_PATH)["image_mlp"], sort_keys=True)

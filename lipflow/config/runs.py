@@ -64,6 +64,7 @@ def check_config(config: dict[str, Any]) -> None:
     for name in DATA_BLOCKS:
         config[name] = data_block_as_used(name, config[name])
     check_image_mlp_methods(config["image_mlp"]["methods"], methods_set)
+    config["image_mlp"] = canonical_image_mlp(config["image_mlp"])
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
             check_evaluation(name, params)
@@ -107,6 +108,14 @@ def check_image_mlp_methods(methods: dict[str, dict[str, Any]], keys_set: dict[s
                               f"and weight constraint ({', '.join(IMAGE_MLP_METHOD_KEYS)}); the study sets the "
                               "model, its shape, steps, batches and seed (image_mlp's own keys)")
         check_newton_schulz_steps(f"image_mlp.methods.{name}", method)
+
+
+def canonical_image_mlp(block: dict[str, Any]) -> dict[str, Any]:
+    """The ``image_mlp`` block (validated) in one spelling of what trains alike, so that it gives one params
+    string (a changed one reruns the study): its radii as floats and each method spelled as a run is
+    (:func:`canonical_run`: ``sigma_max: 3`` as ``3.0``), as the schema's defaults write them."""
+    return {**block, "epsilons": [float(eps) for eps in block["epsilons"]],
+            "methods": {name: canonical_run(method) for name, method in block["methods"].items()}}
 
 
 DATA_BLOCKS = ("corpus", "tokenizer")
