@@ -26,7 +26,7 @@ from lipflow.experiments.icl import ICL_VS_PGD
 from lipflow.studies.icl import study, tables, theory
 from lipflow.studies.icl.__main__ import main as icl_main
 from lipflow.errors import ConfigError
-from lipflow.studies.icl.config import load_config, schema, training_jobs
+from lipflow.studies.icl.config import load_config, schema, training_config, training_jobs
 from lipflow.studies.icl.data import PromptSampler, spd_power
 from lipflow.studies.icl.model import InContextTransformer
 from lipflow.studies.icl.train import train_model
@@ -91,6 +91,21 @@ def test_an_eigenvalue_without_a_finite_inverse_is_refused_in_one_line(capsys):
     config = json.dumps({"sigma": {"kind": "rotated", "eigenvalues": [1e-320, 1, 1, 1, 1]}})
     assert icl_main(["baselines", "--config-json", config, "--out", "x.parquet"]) == 2
     assert capsys.readouterr().err.startswith("lipflow: error: icl.sigma.eigenvalues.0")
+
+
+def test_an_integer_for_a_number_key_is_one_training_params_string_with_its_float():
+    """`lr: 1`, `noise_std: 0` and `betas: [0, 0.9]` train as `1.0`, `0.0` and `[0.0, 0.9]` (the defaults'
+    spelling); they gave another params string, which retrained every ICL model with the same numbers."""
+    from lipflow.plan import Plan
+
+    ints = {"lr": 1, "noise_std": 0, "init_std": 1, "grad_clip": 1, "betas": [0, 0.9]}
+    floats = {"lr": 1.0, "noise_std": 0.0, "init_std": 1.0, "grad_clip": 1.0, "betas": [0.0, 0.9]}
+    assert training_config(load_config(ints)) == training_config(load_config(floats))
+    plans = [Plan.from_config({"icl": block}) for block in (ints, floats)]
+    assert plans[0].icl_train_params() == plans[1].icl_train_params()
+    assert plans[0].icl_params() == plans[1].icl_params()
+    assert json.loads(plans[0].icl_train_params())["lr"] == 1.0
+    assert load_config({"lr": 10**400}).lr == 10**400  # no float holds it: left as written, as a run's number
 
 
 def test_an_integer_eigenvalue_past_float64_is_refused_in_one_line():

@@ -81,12 +81,24 @@ def load_config(raw: dict[str, Any] | None) -> ICLConfig:
             if not math.isfinite(inverse):  # Σ⁻¹ (the PGD baseline, w's prior)
                 raise ConfigError(f"icl.sigma.eigenvalues.{i}: {value} has no finite inverse in float64 (Σ⁻¹)")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    for field in fields(ICLConfig):  # lr: 1 is 1.0, as the defaults write it: one params string, no retraining
+        if field.type == "float":
+            values[field.name] = _as_float(values[field.name])
+        elif field.type == "tuple[float, float]":
+            values[field.name] = tuple(_as_float(value) for value in values[field.name])
     values["sigma"] = SigmaConfig(
         kind=sigma["kind"],
         eigenvalues=tuple(float(e) for e in sigma["eigenvalues"]),
         seed=sigma["seed"],
     )
     return ICLConfig(**values)
+
+
+def _as_float(value: Any) -> Any:
+    """An integer as its float where a float holds it (as lipflow.config.canonical_run spells a run's)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:
+        return float(value)
+    return value
 
 
 def training_jobs(cfg: ICLConfig) -> list[tuple[int, int]]:
