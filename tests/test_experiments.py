@@ -220,6 +220,21 @@ def test_every_caption_an_experiment_names_is_a_report_file_and_every_report_fil
     assert named <= report and report - named == {"workflow.rst", *icl_study, *runs_block}
 
 
+@pytest.mark.parametrize("caption", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "workflow"
+                                                              / "report").glob("*.rst")))
+def test_every_report_caption_is_restructuredtext_without_errors(caption):
+    """`snakemake --report` renders each caption as reStructuredText: precision_bounds' "max |activation|"
+    was a substitution reference, and the report showed docutils' "Undefined substitution referenced"
+    error box under the table."""
+    from docutils import nodes
+    from docutils.core import publish_doctree
+
+    stream = io.StringIO()
+    tree = publish_doctree((REPO / "workflow" / "report" / caption).read_text(encoding="utf-8"),
+                           settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": stream})
+    assert stream.getvalue() == "" and not list(tree.findall(nodes.system_message)), stream.getvalue()
+
+
 def test_a_malformed_experiment_yaml_is_one_line_naming_the_file(tmp_path):
     from lipflow.experiments import discover
 
