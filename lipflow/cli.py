@@ -315,14 +315,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from snakemake.common.configfile import load_configfile
+    from snakemake.exceptions import WorkflowError
     from snakemake.utils import update_config
+    from yte.exceptions import YteError
 
-    from lipflow.config import load_config_file
+    from lipflow.config import ConfigError, load_config_file
     from lipflow.plan import Plan
 
     config: dict = {}
     for path in args.configfile:  # later files override earlier ones key by key, as with snakemake --configfile
-        update_config(config, load_config_file(Path(path)))
+        load_config_file(Path(path))  # what the Snakefile refuses first (a repeated key, malformed YAML), one line
+        try:  # then read as Snakemake reads it: its YAML loader, a YTE template rendered, a file of no keys refused
+            update_config(config, load_configfile(path))
+        except (WorkflowError, YteError) as err:
+            raise ConfigError(f"{path}: {' '.join(str(err).split())}") from None
     plan = Plan.from_config(config)
     plan.corpus_files()  # what snakemake refuses at parse time, refused here too
     plan.tokenizer_files()

@@ -439,6 +439,24 @@ def test_a_number_or_boolean_read_as_text_says_how_to_write_it(tmp_path, text, e
         assert "(" not in str(err.value)
 
 
+def test_lipflow_runs_reads_config_files_as_snakemake_does(tmp_path, capsys):
+    """A YTE template (`__use_yte__: true`), which Snakemake renders, gave `lipflow runs` an unknown key
+    '__use_yte__'; a file of no keys, which Snakemake refuses, listed the other files' ids."""
+    from lipflow.cli import main
+
+    (tmp_path / "template.yaml").write_text("__use_yte__: true\nruns:\n  a:\n    steps: ?2 + 1\n")
+    (tmp_path / "plain.yaml").write_text("runs:\n  a:\n    steps: 3\n")
+    ids = []
+    for name in ("template.yaml", "plain.yaml"):
+        assert main(["runs", "--configfile", str(tmp_path / name)]) == 0
+        ids.append(capsys.readouterr().out.split())
+    assert ids[0] == ids[1] and len(ids[0]) == 1
+    (tmp_path / "empty.yaml").write_text("# every line a comment\n")
+    assert main(["runs", "--configfile", str(tmp_path / "plain.yaml"), str(tmp_path / "empty.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lipflow: error: {tmp_path / 'empty.yaml'}: ") and err.count("\n") == 1, err
+
+
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
     """`<<: *anchor` then a key of the anchor is an override, not a repeated key."""
     from lipflow.config import load_config_file
