@@ -87,6 +87,21 @@ def test_file_names_are_never_sql_or_globs(results):
     assert "pwned" not in tables and not any(name.startswith("icl_") for name in tables)
 
 
+
+def test_the_build_reads_the_bench_rows_of_its_own_results_tree(results, tmp_path):
+    """``python -m lipflow.results build --out TREE/lipflow.duckdb`` run from another folder (a moved or
+    renamed results tree) loads TREE/bench/*.parquet, never the working directory's results/bench."""
+    moved = results.rename(tmp_path / "exp1_results")
+    bench_file(moved / "bench" / "mine.parquet", 1.0)
+    elsewhere = tmp_path / "project"
+    bench_file(elsewhere / "results" / "bench" / "theirs.parquet", 2.0)
+    done = run_stage("lipflow.results", "build", "--out", str(moved / "lipflow.duckdb"), "--manifest",
+                     str(moved / "manifest.json"), "--run-dirs", *map(str, sorted((moved / "runs").iterdir())),
+                     cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    with duckdb.connect(str(moved / "lipflow.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT value FROM bench").fetchall() == [(1.0,)]
+
 @pytest.mark.parametrize("damage", ["flip", "no_sidecar"])
 def test_damaged_metrics_stop_the_build_naming_the_file(results, damage):
     previous = build_here(results).read_bytes()
@@ -301,8 +316,8 @@ def test_a_truncated_json_file_is_named(results, name):
 
 
 def refused_build(results: Path, capsys, damage, run_dirs: list[Path] | None = None) -> str:
-    """Build, apply ``damage``, then build again through the CLI (in ``results``' parent, which holds
-    results/bench): exit code 2 with one line on stderr, the first database unchanged and no temp file
+    """Build, apply ``damage``, then build again through the CLI (its bench rows: results/bench, beside
+    the database): exit code 2 with one line on stderr, the first database unchanged and no temp file
     left. Returns the line."""
     db = build_here(results)
     previous = db.read_bytes()
@@ -417,7 +432,7 @@ def test_bench_files_whose_columns_clash_are_named(results, capsys, monkeypatch)
         pq.write_table(pa.table({"bench": ["b"], "metric": ["m"], "value": ["fast"]}), bench / "b.parquet")
 
     assert refused_build(results, capsys, damage) == (
-        "lipflow: error: the bench table's files cannot be merged: results/bench/a.parquet and results/bench/b.parquet "
+        f"lipflow: error: the bench table's files cannot be merged: {bench}/a.parquet and {bench}/b.parquet "
         "differ (Unable to merge: Field value has incompatible types: double vs string)\n")
 
 
@@ -431,7 +446,7 @@ def test_bench_files_whose_columns_clash_are_named(results, capsys, monkeypatch)
 ], ids=["no_columns", "float16", "folder"])
 def test_a_bench_file_the_database_cannot_hold_is_named(results, capsys, monkeypatch, make, message):
     monkeypatch.chdir(results.parent)
-    path = Path("results") / "bench" / "d.parquet"
+    path = results / "bench" / "d.parquet"  # the bench folder beside --out
 
     def damage():
         bench_file(results / "bench" / "a.parquet", 1.0)

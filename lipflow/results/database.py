@@ -16,7 +16,7 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 - ``<study>_<name>``: each study table ``<study>/<name>.parquet`` the build is given (``--study-tables``:
   the database rule names those of the studies the config has on), a table of a study outside the
   run grid (``icl_loss_by_layers``…, ``image_mlp_robustness``);
-- ``bench``: every ``results/bench/*.parquet`` row.
+- ``bench``: every ``results/bench/*.parquet`` row (the bench folder beside the database).
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ from lipflow.plan_rules import STUDY_FILES
 from lipflow.results.inputs import (JSON_FORMS, check_evaluation_table, check_value, checked_config, concat_files,
                                     read_run_json, read_run_table, run_id_in, summary_values)
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
-
-RESULTS = Path("results")  # where results/bench is
 
 
 def study_table(path: str | os.PathLike[str]) -> str:
@@ -385,11 +383,12 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
         check_folder_exists(receipt, "--receipt")
 
 
-def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Path] = (), results: Path = RESULTS,
-          receipt: Path | None = None) -> None:
+def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Path] = (),
+          results: Path | None = None, receipt: Path | None = None) -> None:
     """Build the database at ``out`` from the run directories, the studies' tables ``study_tables``
-    (no others) and ``results``/bench from scratch in a temp file, checkpoint it, reopen it to check
-    every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
+    (no others) and ``results``/bench (by default ``out``'s folder: the results tree the database is
+    built for, whatever the working directory) from scratch in a temp file, checkpoint it, reopen it to
+    check every table's row count, and only then rename it onto ``out``. On any failure ``out`` is left as
     it was and the temp file (with its write-ahead log) is removed; a database whose write-ahead
     log survives its checkpoint (e.g. disk full) is a failure, never published, and the old
     database's own log is removed before the rename. ``receipt``, when
@@ -405,7 +404,8 @@ def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Pa
     try:
         con = duckdb.connect(str(tmp))
         try:
-            rows = _fill_database(con, manifest, run_dirs, list(study_tables), Path(results))
+            rows = _fill_database(con, manifest, run_dirs, list(study_tables),
+                                  out.parent if results is None else Path(results))
             con.execute("CHECKPOINT")
         finally:
             con.close()
