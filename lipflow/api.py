@@ -49,7 +49,11 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
         raise CheckpointError(f"{run_dir / 'config.json'} does not match the config stored in model.safetensors "
                               f"(differs in {', '.join(changed[:3])}): edited after training?")
     model = build_model(run_defaults(**info["config"]), info["vocab_size"])  # a key added since: its default
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # a tensor of another shape under a parameter's name: torch's lines name it
+        raise CheckpointError(f"{run_dir / 'model.safetensors'} does not fit a {info['config']['model']} model "
+                              f"({str(err).splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / 'model.safetensors'} does not fit a {info['config']['model']} model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -434,6 +434,32 @@ def test_load_run_names_the_device_argument(tmp_path, tiny_run_config):
         lipflow.load_run("tiny-00000000", results=results, device="tpu")
 
 
+def test_weights_of_another_shape_are_one_line_naming_the_checkpoint(tmp_path, tiny_run_config):
+    """Checksummed weights holding a tensor of another shape under one of the model's parameter names
+    (a model class whose layer changed shape since training) are a CheckpointError naming the file and
+    the parameter, and `lipflow sample` one line with exit code 2, never torch's traceback."""
+    import torch
+
+    from conftest import run_stage
+    from lipflow.config import run_defaults
+    from lipflow.errors import CheckpointError
+    from lipflow.model import build_model
+    from lipflow.train.checkpoint import save_weights
+
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config)
+    tensors = build_model(run_defaults(**tiny_run_config), 10).state_dict()
+    name = next(key for key, tensor in tensors.items() if tensor.dim() == 2)
+    tensors[name] = torch.zeros(3, 3)
+    save_weights(run_dir / "model.safetensors", tensors, {"config": tiny_run_config, "vocab_size": 10})
+    with pytest.raises(CheckpointError, match=name) as caught:
+        lipflow.load_run("tiny-00000000", results=results, device="cpu")
+    assert str(run_dir / "model.safetensors") in str(caught.value) and "\n" not in str(caught.value)
+    sample = run_stage("lipflow.cli", "sample", "tiny-00000000", "--results", str(results), "--prompt", "x",
+                       "--device", "cpu")
+    assert sample.returncode == 2 and sample.stderr.count("\n") == 1 and name in sample.stderr, sample.stderr
+
+
 def test_the_build_refuses_a_manifest_other_than_the_runs(tmp_path, tiny_run_config, capsys):
     """A run's config.json records the sha256 of the token manifest it trained on; a build given
     another manifest (whose shards table would describe data the run never saw) is one line naming
