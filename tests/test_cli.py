@@ -226,6 +226,37 @@ def test_query_reads_no_file_through_the_paths_duckdb_allows(tmp_path, sql, word
     assert words in error_line(done) and "a secret" not in done.stdout + done.stderr and done.stdout == ""
 
 
+@pytest.mark.parametrize("definition", [
+    "CREATE VIEW runs AS SELECT content FROM read_text('{db}.wal.recovery')",
+    "CREATE MACRO secret() AS TABLE SELECT content FROM read_text('{db}.wal.recovery'); "
+    "CREATE VIEW runs AS SELECT * FROM (SELECT 1) t, LATERAL (SELECT (SELECT content FROM secret()) AS content)",
+], ids=["view", "view_of_a_macro"])
+def test_query_reads_no_file_through_a_view_the_database_holds(tmp_path, definition):
+    """The statement checks read the query's own text: a view (or a macro it calls) stored in a database
+    someone else made, reading a link planted at one of the paths DuckDB allows, printed the linked file
+    for `SELECT * FROM runs`. What DuckDB's plan of the query calls is checked too."""
+    import duckdb
+
+    db = tmp_path / "theirs.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute(definition.format(db=db))
+    Path(f"{db}.wal.recovery").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "secret.txt").write_text("a secret\n")
+    done = run_stage("lipflow.cli", "query", "SELECT * FROM runs", "--db", str(db))
+    assert "table function read_text() is not allowed" in error_line(done), done.stderr
+    assert "a secret" not in done.stdout + done.stderr and done.stdout == ""
+
+def test_query_checks_a_plan_deeper_than_pythons_json_reader_goes(metrics_db, capsys):
+    """The plan check must not refuse a query DuckDB runs: the plan of 300 nested subqueries is nested
+    deeper than Python's json module reads (its recursion limit)."""
+    import lipflow.cli
+
+    sql = "SELECT x FROM range(1) t(x)"
+    for _ in range(300):
+        sql = f"SELECT x + 1 AS x FROM ({sql}) ORDER BY x LIMIT 1"
+    assert lipflow.cli.main(["query", sql, "--db", str(metrics_db), "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "x\n300\n"
+
 def test_query_keeps_generators_catalog_functions_and_shows(tmp_path, capsys):
     import lipflow.cli
 
