@@ -397,6 +397,21 @@ def test_a_config_value_that_cannot_be_built_is_one_line_naming_the_file(tmp_pat
             load_config_file(tmp_path / name)
 
 
+def test_a_config_file_larger_than_any_config_is_one_line_read_no_further(tmp_path, monkeypatch):
+    """`lipflow runs --configfile /dev/zero` (or a data file given by mistake) read without end until the
+    kernel killed it for memory: a config file is read up to MAX_CONFIG_BYTES, and a larger one is one
+    line naming it (the limit is lowered here to keep the file small)."""
+    import lipflow.config.schema
+    from lipflow.config import load_config_file
+
+    monkeypatch.setattr(lipflow.config.schema, "MAX_CONFIG_BYTES", 1000, raising=False)
+    (tmp_path / "c.yaml").write_text("defaults:\n  steps: 3\n" + "# padding\n" * 200)
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'c.yaml'}: larger than 1,000 bytes") as err:
+        load_config_file(tmp_path / "c.yaml")
+    assert "\n" not in str(err.value)
+    (tmp_path / "small.yaml").write_text("defaults:\n  steps: 3\n")
+    assert load_config_file(tmp_path / "small.yaml") == {"defaults": {"steps": 3}}
+
 def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
     """json.dump writes 1e-05, which YAML reads as a string: `lipflow runs` refused a JSON config that
     Snakemake (which tries JSON first) accepts; a repeated key is still refused."""

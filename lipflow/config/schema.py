@@ -141,11 +141,18 @@ def load_config_file(path: Path) -> dict[str, Any]:
     ``1e-05`` as a string); an empty file is ``{}``. Malformed YAML, a repeated key or a top level that
     is not a mapping of keys is a one-line :class:`ConfigError` naming the file (and line)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # never more than a config can be: /dev/zero or a data file would fill memory
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes, more than any config (not a config "
+                              "file?)")
+        text = data.decode("utf-8")
         try:
             config = json.loads(text, object_pairs_hook=_unique_keys)
         except ValueError:  # not JSON (a repeated key is a ValueError too: YAML then names its line)
             config = yaml.load(text, Loader=UniqueKeyLoader)
+    except ConfigError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -180,6 +187,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 MAX_NESTING = 64  # far beyond any config block; a YAML anchor inside itself makes an endless one
+MAX_CONFIG_BYTES = 16 * 2**20  # the most of a config file read (lipflow's own config.yaml: some 2 kB)
 
 
 def nesting_depth(value: Any, limit: int = MAX_NESTING, _open: set[int] | None = None,
