@@ -292,7 +292,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from lipflow.api import load_run
     from lipflow.data.loader import load_tokenizer
-    from lipflow.data.tokenize import unknown_token_id
+    from lipflow.data.tokenize import unknown_token_id, vocab_size_of
     from lipflow.model.base import non_finite_parameter
 
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -308,6 +308,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         why = f"it diverged at step {step}" if status == "diverged" and step is not None else f"its status is {status}"
         raise ValueError(f"run {args.run_id} has non-finite weights ({broken}; {why}): there is nothing to sample")
     tokenizer = load_tokenizer(run.data_dir)
+    if vocab_size_of(tokenizer) != run.model.vocab_size:  # weights from before they recorded their manifest's sha256
+        raise ValueError(f"run {args.run_id} was trained with vocabulary {run.model.vocab_size} but the tokenizer in "
+                         f"{run.data_dir} has {vocab_size_of(tokenizer)}: tokenizer/checkpoint mismatch")
     encoding = tokenizer.encode(args.prompt, add_special_tokens=False)  # as the shards were encoded
     ids = encoding.ids
     if not ids:

@@ -66,6 +66,23 @@ def test_sample_refused_after_loading_its_run_exits_2_every_time(results_tree, t
             assert "no token shards at" in error_line(done)
 
 
+def test_sample_refuses_a_tokenizer_of_another_vocabulary_than_the_weights(results_tree):
+    """Weights from before lipflow recorded their token manifest's sha256 are not checked against the data
+    directory; sampled with a tokenizer of more tokens than their embedding table, the prompt's ids ran
+    past it (torch's IndexError, a traceback). It is refused as the evaluation stage refuses it."""
+    from lipflow.train.checkpoint import save_weights
+    from test_bad_inputs import seeded_model
+
+    results, run_id = results_tree
+    run_dir = results / "runs" / run_id
+    info = json.loads((run_dir / "config.json").read_text())
+    save_weights(run_dir / "model.safetensors", seeded_model(info["config"], 5).state_dict(),
+                 {"config": info["config"], "vocab_size": 5})
+    (run_dir / "config.json").write_text(json.dumps({**info, "vocab_size": 5}))
+    done = run_stage("lipflow.cli", "sample", run_id, "--results", str(results), "--prompt", "The", "--tokens", "5",
+                     "--device", "cpu")
+    assert "trained with vocabulary 5 but the tokenizer in" in error_line(done) and done.stdout == ""
+
 def not_utf8(text: str) -> str:
     """``text`` with a byte that is not UTF-8 (0xff) appended, as Python hands such an argument over."""
     return text + os.fsdecode(b"\xff")
