@@ -206,6 +206,40 @@ def test_an_out_dir_name_that_is_not_utf8_is_written_escaped_or_refused(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["c"]
 
 
+@pytest.mark.parametrize("source", ["one file", "files", "jsonl"])
+def test_a_utf8_byte_order_mark_is_no_text_and_a_utf16_file_is_named(tmp_path, source):
+    """A file that starts with a UTF-8 byte-order mark (as Windows editors write) gives the documents of
+    the same file without it: the mark is not text (it became a U+FEFF token at the first document's
+    start). A UTF-16 file (its mark: FF FE) is refused naming the file and the encoding, not as binary."""
+    docs = TOPICS[:3] if source != "one file" else ["\n\n".join(TOPICS[:3])]
+    kind = "jsonl" if source == "jsonl" else "files"
+
+    def corpus(folder: str, encode) -> list[str]:
+        (tmp_path / folder).mkdir()
+        if kind == "jsonl":
+            (tmp_path / folder / "a.jsonl").write_bytes(encode("".join(json.dumps({"text": d}) + "\n" for d in docs)))
+        else:
+            for i, doc in enumerate(docs):
+                (tmp_path / folder / f"d{i}.txt").write_bytes(encode(doc))
+        cfg = CorpusConfig.from_dict({"source": kind, "paths": [str(tmp_path / folder / "*")], "val_fraction": 0.3})
+        build_corpus(cfg, tmp_path / folder / "out")
+        return sorted(sum(corpus_texts(tmp_path / folder / "out"), []))
+
+    plain = corpus("plain", lambda text: text.encode())
+    assert corpus("bom", lambda text: b"\xef\xbb\xbf" + text.encode()) == plain
+    assert not any("\ufeff" in text for text in plain)
+    with pytest.raises(DataError, match=r"^/.*/(a\.jsonl|d0\.txt): UTF-16 text \(it starts with a UTF-16 byte-order "
+                                        r"mark\): convert it to UTF-8"):
+        corpus("utf16", lambda text: text.encode("utf-16"))
+
+
+def test_a_byte_order_mark_shifts_no_byte_offset_of_an_error(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"\xef\xbb\xbfok line\nna\xefve\n")
+    with pytest.raises(DataError, match=r"a\.txt: not UTF-8 \(invalid byte 0xef at byte offset 13\)$"):
+        build_corpus(CorpusConfig.from_dict({"source": "files", "paths": [str(path)]}), tmp_path / "c")
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     # 'notes[1].txt' as a glob matches 'notes1.txt' only: the file itself was refused ("matched no files")
     from lipflow.data.corpus import expand_paths

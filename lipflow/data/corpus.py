@@ -17,6 +17,9 @@ Sources (registry ``SOURCES``; ``paths`` are file paths or globs):
   (Tiny Shakespeare: ~500 documents) has a validation split. Concatenating its documents
   gives back the file exactly, before whitespace-only documents are skipped (below).
 - ``jsonl``: one JSON object per line; the document is the ``text_column`` field (null = none).
+
+A text or JSONL file may start with a UTF-8 byte-order mark, which is dropped (it is not text); a
+UTF-16 one is refused, naming the file.
 - ``parquet``: the string column ``text_column``, read in record batches.
 
 Split: a document is in val iff u < ``val_fraction`` where u ∈ [0, 1) is the first 8 bytes of
@@ -114,9 +117,26 @@ def _label(kind: str, files: list[str]) -> str:
     return f"{kind} {shown}" + (f" … ({len(files)} files)" if len(files) > 3 else "")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: what Windows editors put at a file's start, not text
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def without_bom(start: bytes, path: str) -> bytes:
+    """A file's first bytes ``start`` without the UTF-8 byte-order mark they may begin with; a UTF-16 one
+    is a DataError naming the file (its text would read as binary, or as not UTF-8)."""
+    if start.startswith(UTF16_BOMS):
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark): convert it to UTF-8, "
+                        "e.g. iconv -f UTF-16 -t UTF-8")
+    return start[len(UTF8_BOM):] if start.startswith(UTF8_BOM) else start
+
+
 def decode_utf8(data: bytes, where: str, offset: int = 0) -> str:
-    """Strict UTF-8 decode of ``data`` (which starts at byte ``offset`` of ``where``); a NUL byte
-    (a binary file) or an invalid sequence is a DataError naming the byte offset."""
+    """Strict UTF-8 decode of ``data`` (which starts at byte ``offset`` of ``where``; at 0 without a
+    byte-order mark, :func:`without_bom`); a NUL byte (a binary file) or an invalid sequence is a
+    DataError naming the byte offset."""
+    if offset == 0:
+        body = without_bom(data, where)
+        data, offset = body, len(data) - len(body)
     nul = data.find(b"\0")
     if nul >= 0:
         raise DataError(f"{where}: binary file (NUL byte at byte offset {offset + nul})")
@@ -183,6 +203,8 @@ def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
+                if lineno == 1:
+                    raw = without_bom(raw, path)
                 if not raw.strip():
                     continue
                 try:
