@@ -30,8 +30,9 @@ from lipflow.errors import ArgumentParser, check_utf8, parse_json, run_guarded
 
 
 def default_db() -> Path:
-    """The database a command reads without ``--db``: ``$LIPFLOW_DB``, else results/lipflow.duckdb."""
-    return Path(os.environ.get("LIPFLOW_DB", "results/lipflow.duckdb"))
+    """The database a command reads without ``--db``: ``$LIPFLOW_DB`` (empty is unset, as in a shell's
+    ``LIPFLOW_DB= lipflow query …``), else results/lipflow.duckdb."""
+    return Path(os.environ.get("LIPFLOW_DB") or "results/lipflow.duckdb")
 
 
 # Set when the connection opens and locked: no file, URL or other database can be read or written
@@ -46,6 +47,9 @@ def connect(db: str | os.PathLike[str] | None = None):
     (:data:`LOCKED_CONFIG`); ``.df()``/``.pl()`` work on it."""
     import duckdb
 
+    if db is not None and not os.fspath(db):  # Path('') is '.', which names no database
+        raise ValueError("the database path is empty (give --db a file, or leave it out for $LIPFLOW_DB, else "
+                         "results/lipflow.duckdb)")
     path = Path(db) if db is not None else default_db()
     if not path.is_file():
         raise FileNotFoundError(f"no results database at {path} (run `snakemake` first, or pass --db)")

@@ -124,6 +124,25 @@ def test_a_database_path_that_is_not_utf8_is_one_line_naming_it(tmp_path, monkey
     assert len(lines) == 2 and all("is not valid UTF-8 text" in line for line in lines), lines
 
 
+def test_an_empty_database_path_is_named_and_an_empty_lipflow_db_is_unset(tmp_path, monkeypatch, capsys):
+    """``--db ''`` read as Path('') named the database '.' ("no results database at ."); an empty $LIPFLOW_DB
+    (a shell's ``LIPFLOW_DB= lipflow query``) is unset: results/lipflow.duckdb."""
+    import duckdb
+
+    import lipflow
+    from lipflow.cli import main
+
+    (tmp_path / "results").mkdir()
+    with duckdb.connect(str(tmp_path / "results" / "lipflow.duckdb")) as con:
+        con.execute("CREATE TABLE runs AS SELECT 'a' AS run_id")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIPFLOW_DB", "")
+    assert lipflow.connect().execute("SELECT run_id FROM runs").fetchall() == [("a",)]
+    assert main(["query", "--db", "", "SELECT 1"]) == 2
+    assert capsys.readouterr().err == "lipflow: error: the database path is empty (give --db a file, or leave it " \
+                                      "out for $LIPFLOW_DB, else results/lipflow.duckdb)\n"
+
+
 def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
     """As at the top level, a NaN or ±inf in a list, array, struct or map is null (it was the error 'Out of
     range float values are not JSON compliant'); a map key that is one keeps its name."""
