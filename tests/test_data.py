@@ -977,7 +977,7 @@ def test_failed_rerun_leaves_the_previous_output_untouched(tmp_path):
     good = write(tmp_path / "good.txt", "\n\n".join(TOPICS[:20]))
     assert corpus_cli({"source": "files", "paths": [good]}, tmp_path / "out").returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    bad = write(tmp_path / "bad.txt", b"\xff\xfe")
+    bad = write(tmp_path / "bad.txt", b"ok \xff")
     assert_one_line_error(corpus_cli({"source": "files", "paths": [bad]}, tmp_path / "out"), r"bad\.txt: not UTF-8")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["bad.txt", "good.txt", "out"]
