@@ -128,3 +128,28 @@ def test_the_rank_figure_labels_a_linear_rank_panel_as_linear(tmp_path):
     fig = rank_vs_n(rank_database_without_b3(tmp_path / "b"))
     assert fig.axes[2].get_yscale() == "log" and fig.axes[2].get_ylabel() == "nats/token (log scale)"
     pyplot().close(fig)
+
+
+def test_a_precision_panel_of_a_scaling_not_evaluated_says_so(tmp_path):
+    """With evaluations.precision.scalings: [none] the per-tensor panel was drawn empty, without a word."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.precision import precision
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("prec.a-00000001", experiment="precision", max_activation=3.0)]
+    row = {"run_id": "prec.a-00000001", "eval": "precision", "n": None, "matrix": None, "rtol": None,
+           "epsilon": None, "attack": None, "k": None}
+    evals = [{**row, "metric": metric, "value": value, "format": fmt, "scaling": scaling}
+             for metric, value, fmt, scaling in (("accuracy", 0.3, "fp32", None),
+                                                 ("accuracy", 0.29, "fp8_e4m3", "none"),
+                                                 ("accuracy_delta", -0.01, "fp8_e4m3", "none"))]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["precision"] == ""
+    fig = precision(con)
+    unscaled, scaled = fig.axes[:2]
+    assert [t.get_text() for t in unscaled.texts] == [] and len(unscaled.patches) == 1
+    assert [t.get_text() for t in scaled.texts] == ["no casts with scaling per_tensor\n"
+                                                    "(see evaluations.precision.scalings)"]
+    pyplot().close(fig)

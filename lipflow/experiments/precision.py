@@ -138,6 +138,9 @@ def precision(con):
             ax.bar(np.arange(len(formats)) + i * width, values, width, color=color_of[label],
                    label=f"{label} ({constraint}; {accuracy})")
         ax.axhline(0, color="black", linewidth=0.8)
+        if not formats:  # evaluations.precision.scalings left this scaling out (and int8 off, for "none")
+            ax.text(0.5, 0.5, f"no casts with scaling {scaling}\n(see evaluations.precision.scalings)", ha="center",
+                    va="center", transform=ax.transAxes, color="0.4")
         ax.set_xticks(np.arange(len(formats)) + width * (len(labels) - 1) / 2)
         ax.set_xticklabels(formats, rotation=20)
         ax.set_title(title)
