@@ -153,3 +153,31 @@ def test_a_precision_panel_of_a_scaling_not_evaluated_says_so(tmp_path):
     assert [t.get_text() for t in scaled.texts] == ["no casts with scaling per_tensor\n"
                                                     "(see evaluations.precision.scalings)"]
     pyplot().close(fig)
+
+
+def test_the_rank_figure_without_a_rank_at_rtol_1e_2_notes_it_instead_of_failing(tmp_path):
+    """evaluations.rank.rtols: [0.001] (valid) left the view's qk_rank null: the rank panel's log axis had
+    no point, and saving the figure raised 'Data cannot be log-scaled', failing the plots job."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.rank_vs_n import rank_vs_n
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"rank.a{i}-0000000{i}", experiment="rank_vs_n", train_tokens=640 * i, val_loss=2.5 + i)
+            for i in (1, 2)]
+    metrics = [{"run_id": r["run_id"], "step": s, "loss": 2.0, "sharpness": None, "preconditioned_sharpness": None}
+               for r in runs for s in (95, 100)]
+    row = {"eval": "rank", "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}
+    evals = [{**row, "run_id": r["run_id"], "metric": metric, "value": value, "n": n, "matrix": matrix, "rtol": rtol}
+             for r in runs for metric, value, n, matrix, rtol in (("numerical_rank", 8.0, None, "qk", 0.001),
+                                                                  ("b3_rademacher_sum", 1.0, 10, None, None))]
+    con = database(tmp_path, runs, metrics, evals)
+    assert create_views(con, log=io.StringIO())["rank_bound"] == ""
+    fig = rank_vs_n(con)
+    fig.savefig(io.BytesIO(), format="png")
+    rank = fig.axes[2]
+    assert rank.get_yscale() == "linear"
+    assert [t.get_text() for t in rank.texts] == ["no numerical rank at rtol 1e-2\n(evaluations.rank.rtols lacks 0.01)"]
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[1].get_yscale() == "log"
+    pyplot().close(fig)
