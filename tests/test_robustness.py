@@ -259,6 +259,15 @@ def test_half_certified_epsilon_halves_the_certified_accuracy():
     assert eps == pytest.approx(0.3) and certified_accuracy(radius, eps) == 0.25
 
 
+def test_half_certified_epsilon_halves_a_float32_accuracy_that_rounds_down():
+    """14 of 20 correct is 0.69999999 in float32 (the evaluation's mean): ⌊20·0.69999999/2⌋ was 6, so the ε
+    certified 6 of 20 (30 %), not half of the 70 % clean accuracy."""
+    radius = torch.tensor([1.0 - i / 20 for i in range(14)] + [0.0] * 6)
+    clean = float((torch.arange(20) < 14).float().mean())
+    eps = half_certified_epsilon(radius, clean_accuracy=clean)
+    assert certified_accuracy(radius, eps) == pytest.approx(clean / 2)
+
+
 # --- mutation-testing additions ---------------------------------------------------------------------
 
 from lipflow.evaluation import robustness as robustness_module  # noqa: E402

@@ -247,8 +247,9 @@ def tightness(attack_drop: torch.Tensor, bound_drop: torch.Tensor) -> torch.Tens
 
 def half_certified_epsilon(radius: torch.Tensor, clean_accuracy: float) -> float:
     """The ε where certified accuracy (the fraction with radius > ε) falls to half the clean accuracy:
-    the k-th largest radius, k = ⌊N·accuracy/2⌋."""
-    k = int(len(radius) * clean_accuracy / 2)
+    the k-th largest radius, k = ⌊c/2⌋ for the c = N·accuracy correct predictions (rounded: a float32
+    accuracy such as 14/20 = 0.69999999 gave ⌊6.99…⌋ = 6, an ε certifying 30 %, not 35 %)."""
+    k = round(len(radius) * clean_accuracy) // 2
     return float(radius.sort(descending=True).values[min(k, len(radius) - 1)])
 
 
