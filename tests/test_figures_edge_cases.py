@@ -182,3 +182,28 @@ def test_the_rank_figure_without_a_rank_at_rtol_1e_2_notes_it_instead_of_failing
     assert [t.get_text() for t in rank.texts] == ["no numerical rank at rtol 1e-2\n(evaluations.rank.rtols lacks 0.01)"]
     assert fig.axes[0].get_yscale() == "log" and fig.axes[1].get_yscale() == "log"
     pyplot().close(fig)
+
+
+def test_the_robustness_figure_has_no_empty_tightness_panel_with_epsilons_0_only(tmp_path):
+    """evaluations.robustness.epsilons: [0] (valid) leaves tightness rows only at the half-certified ε
+    (attack pgd_half_certified): the tightness panel, which draws the pgd rows, was an empty log–log box."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": m, "value": v, "epsilon": e,
+              "attack": a, "k": None}
+             for m, v, e, a in (("certificate_l2", 200.0, None, None), ("robust_accuracy", 0.5, 0.0, "pgd"),
+                                ("certified_accuracy", 0.5, 0.0, None), ("certified_accuracy_local", 0.5, 0.0, None),
+                                ("tightness_global", 0.01, 0.008, "pgd_half_certified"),
+                                ("tightness_local", 0.99, 0.008, "pgd_half_certified"))]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    fig.savefig(io.BytesIO(), format="png")
+    assert [ax.get_title() for ax in fig.axes] == ["language model: ℓ2 attack on token embeddings"]
+    assert all(ax.lines for ax in fig.axes)
+    pyplot().close(fig)

@@ -67,7 +67,7 @@ def robustness(con):
                        "ε (ℓ2 norm of the embedding perturbation)"))
         if lm.k.notna().any():
             panels.append(("language model: token substitutions", lm, "k", "substituted tokens k"))
-        if (lm.metric == "tightness_local").any():
+        if ((lm.metric == "tightness_local") & (lm.attack == "pgd")).any():  # epsilons [0]: only ε½'s rows
             panels.append(("tightness: median PGD margin fall / certified fall", lm, "tightness",
                            "ε (ℓ2 norm of the embedding perturbation)"))
     image = df[df.domain == "image_mlp"]
