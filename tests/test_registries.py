@@ -151,3 +151,28 @@ def test_every_figure_file_has_one_maker():
     stems = [figure for figures in EXPERIMENT_FIGURES.values() for figure in figures]
     stems += ["training_curves"] + sorted({Path(path).stem for path in ICL_FIGURES})
     assert len(stems) == len(set(stems)), sorted(stem for stem in stems if stems.count(stem) > 1)
+
+
+def test_every_metric_an_evaluation_writes_is_named_in_the_readmes_evaluations_section():
+    """weight_max_abs_error, analytic_activation_bound, attention_input_max_norm, n_train,
+    hessian_trace_stderr, the `_elements` counts and `skipped` were rows of the evaluation tables that
+    the README's table of evaluations never named."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Evaluations", 1)[1].split("\n### ", 1)[0]
+    named = set(re.findall(r"`([a-z0-9_*/]+)`", section))
+    source = "".join(p.read_text(encoding="utf-8") for p in (root / "lipflow" / "evaluation").glob("*.py"))
+    metrics = set(re.findall(r'"metric": "([a-z0-9_]+)"', source))
+    metrics |= {f"{kind}_{what}" for kind in ("activation", "weight")
+                for what in ("elements", "overflow", "saturated", "underflow")}  # f"{kind}_{what}"
+    assert {"top_hessian_eigenvalue", "weight_max_abs_error", "skipped"} <= metrics  # the patterns found them
+
+    def documented(metric: str) -> bool:
+        kind, _, what = metric.partition("_")
+        return (metric in named or any(n.startswith("*") and metric.endswith(n[1:]) for n in named)
+                or ("activation_/weight_" + what in named or "_" + what in named) and kind in ("activation", "weight"))
+
+    assert sorted(m for m in metrics if not documented(m)) == []
