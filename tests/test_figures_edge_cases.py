@@ -207,3 +207,27 @@ def test_the_robustness_figure_has_no_empty_tightness_panel_with_epsilons_0_only
     assert [ax.get_title() for ax in fig.axes] == ["language model: ℓ2 attack on token embeddings"]
     assert all(ax.lines for ax in fig.axes)
     pyplot().close(fig)
+
+
+def test_the_robustness_figure_ticks_a_single_k_as_a_whole_number(tmp_path):
+    """k_values: [1] gave the substitution panel ticks 0.945, 0.96, … 1.05: MaxNLocator(integer=True) falls
+    back to fractional ticks when its range holds fewer than two integers."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": v,
+              "epsilon": e, "attack": a, "k": k}
+             for v, e, a, k in ((0.5, 0.0, "pgd", None), (0.4, None, "greedy", 1), (0.45, None, "random", 1))]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    fig.canvas.draw()
+    substitutions = fig.axes[1]
+    low, high = substitutions.get_xlim()
+    ticks = [t for t in substitutions.get_xticks() if low <= t <= high]
+    assert ticks == [1.0]
+    pyplot().close(fig)

@@ -102,7 +102,7 @@ def robustness(con):
                 for style, attack in (("o-", "greedy"), ("x:", "random")):
                     sub = rows[(rows.metric == "robust_accuracy") & (rows.attack == attack)].sort_values("k")
                     ax.plot(sub.k, 100 * sub.value, style, color=color, label=f"{label}: {attack}")
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one k: else ticks at 0.96, …
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_label)
         ax.set_ylabel("best attack / certificate (1 = tight)" if x_col == "tightness" else "accuracy (%)")
