@@ -225,3 +225,15 @@ def test_the_receipt_lists_the_files_drawn_and_never_replaces_a_users_file(resul
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--receipt {receipt} exists and is not a receipt of lipflow.plots" in err[0], err
     assert receipt.read_text() == "my notes"
+
+
+def test_a_run_of_one_step_is_marked_in_the_per_step_panels(tmp_path):
+    """The train loss and gradient norm are lines without markers: a run of 1 step (one point) drew nothing
+    there, while the eval panels showed it."""
+    metrics = metric_rows("one-00000001", 1, 1, 2.0, 0) + metric_rows("long-00000002", 50, 10, 2.0, 1)
+    path = write_database(tmp_path / "results.duckdb", [run_row("one-00000001"), run_row("long-00000002")], metrics)
+    fig = training_curves.draw(duckdb.connect(str(path), read_only=True))
+    for ax in (fig.axes[0], fig.axes[3]):  # train loss, gradient norm
+        single = [line for line in ax.lines if len(line.get_xdata()) == 1 and line.get_alpha() is None]
+        assert single and all(line.get_marker() not in ("None", "", None) for line in single)
+    pyplot().close(fig)

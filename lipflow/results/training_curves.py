@@ -92,12 +92,13 @@ def draw(con):
                 points = points.assign(**{column: 100 * points[column]})
             if points.empty:
                 continue
+            alone = "o" if len(points) == 1 else None  # a line through one point (a run of 1 step) draws nothing
             if every_step and column == "loss":
                 ax.plot(points.step, points[column], color=color, alpha=0.25, linewidth=0.8)
                 mean = points[column].rolling(smoothing_window(len(points)), min_periods=1).mean()
-                ax.plot(points.step, mean, color=color, linewidth=1.6)
+                ax.plot(points.step, mean, color=color, linewidth=1.6, marker=alone, markersize=3)
             elif every_step:
-                ax.plot(points.step, points[column], color=color, linewidth=1.0)
+                ax.plot(points.step, points[column], color=color, linewidth=1.0, marker=alone, markersize=3)
             else:
                 ax.plot(points.step, points[column], color=color, marker="o", markersize=3, linewidth=1.4)
     for ax, (column, title, unit, log, _) in zip(axes.flat, PANELS):
