@@ -231,3 +231,27 @@ def test_the_robustness_figure_ticks_a_single_k_as_a_whole_number(tmp_path):
     ticks = [t for t in substitutions.get_xticks() if low <= t <= high]
     assert ticks == [1.0]
     pyplot().close(fig)
+
+
+def test_the_tradeoff_figure_says_whether_the_robustness_evaluation_ran_when_no_radius_is_positive(tmp_path):
+    """With the robustness evaluation run and every half-certified ε 0 (no correct prediction), the local
+    panel said "add the robustness evaluation", which had run; without it, it still says so."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.lipschitz_tradeoff import tradeoff_accuracy
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"tradeoff.{i}-0000000{i}", experiment="lipschitz_tradeoff", optimizer="muon", lipschitz_bound=b,
+                val_accuracy=0.0, max_activation=1.0) for i, b in enumerate((2.0, 8.0))]
+    for evaluated in (True, False):
+        evals = [{"run_id": r["run_id"], "eval": "robustness", "metric": "half_certified_epsilon", "value": 0.0}
+                 for r in runs] if evaluated else []
+        folder = tmp_path / str(evaluated)
+        folder.mkdir()
+        con = database(folder, runs, evals=evals)
+        create_views(con, log=io.StringIO())
+        fig = tradeoff_accuracy(con)
+        [note] = [text.get_text() for text in fig.axes[1].texts]
+        assert note.startswith("every run's local certified radius is 0" if evaluated else "no local certificate: add")
+        pyplot().close(fig)

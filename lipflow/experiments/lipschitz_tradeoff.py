@@ -78,8 +78,10 @@ def tradeoff_accuracy(con):
         ax_local.legend(fontsize=7, ncol=2)
         ax_local.set_xlabel("local certified radius: ε where certified accuracy = clean/2 (ℓ2, log scale)")
     else:
-        ax_local.text(0.5, 0.5, "no local certificate: add the robustness\nevaluation to this experiment's runs",
-                      ha="center", va="center", transform=ax_local.transAxes)
+        why = ("every run's local certified radius is 0: fewer than half\nof its robustness windows' correct "
+               "predictions have a\npositive radius (untrained? raise n_sequences)" if df.local_radius.notna().any()
+               else "no local certificate: add the robustness\nevaluation to this experiment's runs")
+        ax_local.text(0.5, 0.5, why, ha="center", va="center", transform=ax_local.transAxes)
         ax_local.set_xticks([])
         ax_local.set_yticks([])
         ax_local.set_xlabel("local certified radius: ε where certified accuracy = clean/2 (ℓ2)")
