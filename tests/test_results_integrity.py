@@ -534,3 +534,19 @@ def test_the_catalog_of_objects_skips_a_catalog_function_this_duckdb_lacks(monke
     with duckdb.connect() as con:
         con.execute("CREATE TABLE mine (x INTEGER)")
         assert ("table", "main", "mine") in database.database_objects(con)
+
+
+@pytest.mark.parametrize("device", ["cuda:0", None])
+def test_load_run_names_the_device_argument_for_any_cuda_device_or_none(tmp_path, tiny_run_config, monkeypatch,
+                                                                       device):
+    """A CUDA device with an index (``cuda:0``) on a machine without CUDA, like ``cuda``, and a device that is
+    not a name at all (None) are a ValueError naming `device`, not torch's AssertionError ("Torch not compiled
+    with CUDA enabled") from moving the model or its multi-line TypeError."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = tmp_path / "results"
+    loadable_run(results, "tiny-00000000", tiny_run_config)
+    with pytest.raises(ValueError, match=r"^device: ") as caught:
+        lipflow.load_run("tiny-00000000", results=results, device=device)
+    assert "\n" not in str(caught.value)
