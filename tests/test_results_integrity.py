@@ -550,3 +550,15 @@ def test_load_run_names_the_device_argument_for_any_cuda_device_or_none(tmp_path
     with pytest.raises(ValueError, match=r"^device: ") as caught:
         lipflow.load_run("tiny-00000000", results=results, device=device)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("run_id", [Path("tiny-00000000"), 5])
+def test_load_run_names_run_id_when_it_is_no_string(tmp_path, tiny_run_config, run_id):
+    """A run id given as a Path (or any non-string) is the ConfigError naming `run_id` that a path string
+    gets, not re's "expected string or bytes-like object" TypeError."""
+    from lipflow.errors import ConfigError
+
+    results = tmp_path / "results"
+    loadable_run(results, "tiny-00000000", tiny_run_config)
+    with pytest.raises(ConfigError, match=r"^run_id: .* is not a run id"):
+        lipflow.load_run(run_id, results=results, device="cpu")

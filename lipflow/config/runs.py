@@ -413,8 +413,9 @@ RUN_ID_PATTERN = load_schema(SCHEMA_PATH)["$defs"]["name"]["pattern"].strip("^$"
 
 
 def check_run_id(text: str, where: str) -> str:
-    """``text`` when it is a run id (:data:`RUN_ID_PATTERN`), else a one-line ConfigError naming ``where``."""
-    if not re.fullmatch(RUN_ID_PATTERN, text):
+    """``text`` when it is a run id (:data:`RUN_ID_PATTERN`), else a one-line ConfigError naming ``where``
+    (also for a value that is no string, e.g. a ``Path``: re's TypeError names nothing)."""
+    if not isinstance(text, str) or not re.fullmatch(RUN_ID_PATTERN, text):
         raise ConfigError(f"{where}: {text!r} is not a run id (<run name>-<8 hex digits>, the name of letters, "
                           "digits, '_', '.', '-')")
     return text
