@@ -21,7 +21,8 @@ from lipflow.errors import parse_json
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.experiments.grid import expand_experiment
-from lipflow.studies.icl.config import ICLConfig, load_config, training_config, training_jobs
+from lipflow.studies.icl.config import (ICLConfig, check_regression_prompts, load_config, training_config,
+                                        training_jobs)
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # table image_mlp_robustness (lipflow.results.database)
 
@@ -144,6 +145,8 @@ class Plan:
                        for run, cfg in runs.items()}
         icl = load_config(config["icl"])  # the icl block's own schema fills its defaults
         studies = frozenset(experiment_studies(config, blocks)) | ({"icl"} if icl.enabled else set())
+        if "icl" in studies:  # before any job starts, not in the baselines job after the training jobs
+            check_regression_prompts(icl)
         return cls(config=freeze(config), runs=freeze(runs), evaluations=FrozenDict(evaluations),
                    enabled_evaluations=enabled, experiments=tuple(experiments), studies=studies, icl=icl,
                    trains_runs_block=bool(plain_runs(config)))

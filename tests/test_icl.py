@@ -748,3 +748,15 @@ def test_collect_refuses_baselines_computed_under_another_icl_config(tmp_path, c
     assert err == (f"lipflow: error: {baselines}: computed with different icl.noise_std, icl.sigma; "
                    "rerun the baselines command"), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("enabled, experiments", [(True, []), (False, ["icl"])])
+def test_the_plan_refuses_fewer_regression_prompts_than_coefficients(enabled, experiments):
+    """The same rule refuses the config before any job starts: it passed the plan, so `snakemake` trained
+    every model and only then failed in the baselines job."""
+    from lipflow.plan import Plan
+
+    block = {"enabled": enabled, "d": 40, "sigma": {"kind": "identity"}, "regression_prompts": 1000}
+    with pytest.raises(ConfigError, match=r"^icl.regression_prompts: 1000 is fewer than the d² = 1600"):
+        Plan.from_config({"icl": block, "experiments": experiments})
+    Plan.from_config({"icl": {**block, "layers": [2, 3]}, "experiments": experiments})  # no Γ̂ without L = 1

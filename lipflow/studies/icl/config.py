@@ -101,6 +101,15 @@ def _as_float(value: Any) -> Any:
     return value
 
 
+def check_regression_prompts(cfg: ICLConfig) -> None:
+    """A ConfigError when the one-layer regression Γ̂ is computed (1 in ``layers``) from fewer prompts
+    than its d² coefficients: its normal equations are singular and Γ̂ is noise. The workflow's plan
+    checks it before any job starts (not only the baselines job, after the training jobs)."""
+    if 1 in cfg.layers and cfg.regression_prompts < cfg.d**2:
+        raise ConfigError(f"icl.regression_prompts: {cfg.regression_prompts} is fewer than the d² = {cfg.d**2} "
+                          f"coefficients of the one-layer regression Γ̂ (icl.d = {cfg.d})")
+
+
 def training_jobs(cfg: ICLConfig) -> list[tuple[int, int]]:
     """(L, n) of every training job: each L in ``layers`` at n, and max(layers) at each n_grid."""
     jobs = {(layers, cfg.n) for layers in cfg.layers}

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lipflow.errors import ConfigError, check_distinct_paths, parse_json
+from lipflow.errors import check_distinct_paths, parse_json
 from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.studies.icl import theory
-from lipflow.studies.icl.config import ICLConfig, training_config, training_jobs
+from lipflow.studies.icl.config import ICLConfig, check_regression_prompts, training_config, training_jobs
 from lipflow.studies.icl.data import Prompts, PromptSampler, spd_power, stream_seed
 from lipflow.studies.icl.model import InContextTransformer
 from lipflow.studies.icl.tables import BASELINE_SCHEMA, LOSS_SCHEMA, LOSS_TABLE_METHODS, TABLE_SCHEMAS, write_table
@@ -182,10 +182,7 @@ def check_baselines_config(table, path: str, cfg: ICLConfig) -> None:
 
 def run_baselines(cfg: ICLConfig, out: str) -> None:
     """Score every registered baseline, Γ⋆ and the regression optimum Γ̂ on the test sets."""
-    if any(1 in counts for counts in baseline_layers(cfg).values()) and cfg.regression_prompts < cfg.d**2:
-        # Γ̂ fits d² coefficients: with fewer prompts its normal equations are singular and Γ̂ is noise
-        raise ConfigError(f"icl.regression_prompts: {cfg.regression_prompts} is fewer than the d² = {cfg.d**2} "
-                          f"coefficients of the one-layer regression Γ̂ (icl.d = {cfg.d})")
+    check_regression_prompts(cfg)
     rows = []
     for n, layer_counts in baseline_layers(cfg).items():
         ctx = theory_context(cfg, n, max(layer_counts))
