@@ -760,3 +760,16 @@ def test_the_plan_refuses_fewer_regression_prompts_than_coefficients(enabled, ex
     with pytest.raises(ConfigError, match=r"^icl.regression_prompts: 1000 is fewer than the d² = 1600"):
         Plan.from_config({"icl": block, "experiments": experiments})
     Plan.from_config({"icl": {**block, "layers": [2, 3]}, "experiments": experiments})  # no Γ̂ without L = 1
+
+
+@pytest.mark.parametrize("flag, value", [("--loss-tol", "nan"), ("--step-tol", "-1"), ("--step-tol", "x")])
+def test_check_refuses_a_tolerance_that_is_no_number_at_least_zero(tmp_path, capsys, flag, value):
+    """`check --loss-tol nan` (or a negative tolerance) was taken: every comparison with it is false, so the
+    summary said passed: false (and --strict exited 1) for any model; now it is a one-line usage error, exit 2,
+    before anything is read or written."""
+    out = tmp_path / "summary.json"
+    with pytest.raises(SystemExit) as caught:
+        icl_main(["check", "--config-json", "{}", "--results-dir", str(tmp_path), "--out", str(out), flag, value])
+    assert caught.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err, err

@@ -12,7 +12,9 @@ Exit status 2 on a configuration or input error (:func:`lipflow.errors.run_guard
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +28,17 @@ from lipflow.studies.icl.config import load_config
 
 def _config(text: str):
     return load_config(json_object_argument(text, "--config-json"))
+
+
+def _tolerance(text: str) -> float:
+    """An argparse ``type``: a number ≥ 0 (inf: no limit); a NaN tolerance failed every check, a negative one too."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number ≥ 0")
+    return value
 
 
 def _parser() -> ArgumentParser:
@@ -58,8 +71,8 @@ def _parser() -> ArgumentParser:
     check.add_argument("--config-json", required=True)
     check.add_argument("--results-dir", required=True)
     check.add_argument("--out", required=True, help="JSON summary path")
-    check.add_argument("--loss-tol", type=float, default=0.10)
-    check.add_argument("--step-tol", type=float, default=0.05)
+    check.add_argument("--loss-tol", type=_tolerance, default=0.10)
+    check.add_argument("--step-tol", type=_tolerance, default=0.05)
     check.add_argument("--strict", action="store_true", help="exit 1 when the check fails")
     return parser
 
