@@ -773,3 +773,17 @@ def test_check_refuses_a_tolerance_that_is_no_number_at_least_zero(tmp_path, cap
     assert caught.value.code == 2 and not out.exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag in err, err
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_a_one_layer_full_model_trains(attention):
+    """With the full parametrization a one-layer model's P updates only the x-rows, which no later layer
+    reads, so P gets no gradient: the L = 1 job (in the default icl.layers) crashed with an AttributeError
+    traceback in the per-layer clipping. Now it trains Q and leaves P at its initialisation."""
+    cfg = load_config({"d": 2, "sigma": {"kind": "identity"}, "parametrization": "full", "attention": attention,
+                       "train_steps": 3, "batch_size": 10, "device": "cpu"})
+    initial = InContextTransformer(2, 1, "full", attention, cfg.init_std,
+                                   torch.Generator().manual_seed(study.stream_seed(cfg.seed, "init", 1, 5)))
+    result = train_model(cfg, 1, 5, progress=False)
+    assert torch.equal(result.model.p, initial.p) and not torch.equal(result.model.q, initial.q)
+    assert all(math.isfinite(loss) for loss in result.losses)

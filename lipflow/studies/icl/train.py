@@ -39,7 +39,10 @@ class TrainResult:
 
 
 def clip_per_layer(parameter: torch.Tensor, max_norm: float) -> None:
-    """Scale each layer's gradient block (L, d, d) to Frobenius norm ≤ max_norm, in place."""
+    """Scale each layer's gradient block (L, d, d) to Frobenius norm ≤ max_norm, in place; a parameter
+    without a gradient (P of a one-layer full model: the x-rows it updates reach no prediction) is left."""
+    if parameter.grad is None:
+        return
     norms = parameter.grad.flatten(1).norm(dim=1).clamp_min(1e-30)
     parameter.grad.mul_((max_norm / norms).clamp(max=1.0)[:, None, None])
 
