@@ -787,3 +787,19 @@ def test_a_one_layer_full_model_trains(attention):
     result = train_model(cfg, 1, 5, progress=False)
     assert torch.equal(result.model.p, initial.p) and not torch.equal(result.model.q, initial.q)
     assert all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_a_figure_of_one_layer_count_has_integer_ticks():
+    """With one value on the x axis (icl.layers: [2], or one n in n_grid) the axis spanned 1.9 … 2.1 and
+    its ticks read 1.900, 1.925, …: fractional layer counts. Every tick in view is now a whole number."""
+    from lipflow.studies.icl import plots
+
+    rows = [{"method": "transformer", "n_layers": 2, "n": 5, "loss": 0.5, "loss_stderr": 0.01},
+            {"method": "pgd", "n_layers": 2, "n": 5, "loss": 0.4, "loss_stderr": 0.01}]
+    fig = plots.plot_losses(rows, "n_layers", "number of layers L", "t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    plots.plt.close(fig)
+    assert 2 in ticks and all(float(t).is_integer() for t in ticks), ticks
