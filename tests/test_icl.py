@@ -803,3 +803,15 @@ def test_a_figure_of_one_layer_count_has_integer_ticks():
     ticks = [t for t in ax.get_xticks() if low <= t <= high]
     plots.plt.close(fig)
     assert 2 in ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_non_finite_start_names_init_std(tmp_path):
+    """An init_std so large that the first step's loss is inf (1e30) was refused with advice naming only
+    icl.lr and icl.sigma.eigenvalues, neither of which is the cause; the message names icl.init_std too,
+    and no checkpoint is written."""
+    cfg = load_config({"d": 2, "sigma": {"kind": "identity"}, "init_std": 1e30, "train_steps": 2, "batch_size": 4,
+                       "device": "cpu"})
+    out = tmp_path / "L1_n5.safetensors"
+    with pytest.raises(ValueError, match=r"by step 0\).*icl\.init_std"):
+        study.run_train(cfg, 1, 5, str(out), progress=False)
+    assert not out.exists()

@@ -57,10 +57,10 @@ def run_train(cfg: ICLConfig, n_layers: int, n: int, out: str, progress: bool = 
     model = result.model
     blocks = [p for p in (model.q, model.p) if p is not None]
     if not all(bool(torch.isfinite(p).all()) for p in blocks) or not all(map(math.isfinite, result.losses)):
-        # a float32 overflow (Σ's eigenvalues far from 1, w ~ N(0, I)) or a blow-up: no checkpoint of NaNs
+        # a float32 overflow (Σ's eigenvalues far from 1, w ~ N(0, I); a huge init_std) or a blow-up: no checkpoint of NaNs
         step = next((s for s, v in zip(result.steps, result.losses) if not math.isfinite(v)), result.steps[-1])
         raise ValueError(f"icl train L={n_layers} n={n}: the training loss or the weights became non-finite "
-                         f"(by step {step}); lower icl.lr or bring icl.sigma.eigenvalues closer to 1")
+                         f"(by step {step}); lower icl.lr or icl.init_std, or bring icl.sigma.eigenvalues closer to 1")
     tensors = {"q": model.q.detach()}
     if model.p is not None:
         tensors["p"] = model.p.detach()
