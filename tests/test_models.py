@@ -41,6 +41,18 @@ def test_shapes_and_forward_paths_agree(name):
 
 
 @pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
+def test_a_sequence_longer_than_the_context_is_named(name):
+    """Past the context there is no position (gpt: a learned table, an IndexError; lipschitz_gpt: rotary
+    tables, a shape mismatch): one ValueError naming both lengths. Shorter sequences run."""
+    model = lm(name)
+    context = LM_CFG["context"]
+    assert model(torch.randint(0, VOCAB, (2, context - 5))).shape == (2, context - 5, VOCAB)
+    with pytest.raises(ValueError, match=rf"^a sequence of {context + 1} tokens is longer than the model's context "
+                                         rf"{context}: keep its last {context}"):
+        model(torch.randint(0, VOCAB, (2, context + 1)))
+
+
+@pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
 def test_causality_future_tokens_never_change_earlier_logits(name):
     model = lm(name)
     idx = torch.randint(0, VOCAB, (2, LM_CFG["context"]))

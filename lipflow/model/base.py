@@ -62,6 +62,14 @@ class LanguageModel(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_length(self, idx: torch.Tensor) -> None:
+        """A ValueError when the token sequences ``idx`` (B, T) are longer than the context, whose positions
+        (learned, or rotary tables) end there: torch's IndexError or shape mismatch named neither (as nanoGPT
+        asserts)."""
+        if idx.shape[-1] > self.context:
+            raise ValueError(f"a sequence of {idx.shape[-1]} tokens is longer than the model's context "
+                             f"{self.context}: keep its last {self.context} (idx[:, -{self.context}:])")
+
     def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -100,6 +100,7 @@ class GPT(LanguageModel):
         return block_attention_sites(self.blocks)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        self.check_length(idx)
         pos = torch.arange(idx.shape[1], device=idx.device)
         return self.tok(idx) + self.pos(pos)
 

@@ -328,6 +328,7 @@ class LipschitzGPT(LanguageModel):
         orthogonal_init_(self.head.weight)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        self.check_length(idx)
         return self.tok(idx)
 
     def attention_layers(self) -> list[AttentionSite]:
