@@ -123,6 +123,25 @@ def test_a_bad_input_is_one_line_and_exit_2(tiny_run_config, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_lr_the_soft_cap_refuses_is_one_line_before_any_worker(char_shards, tiny_run_config, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Each worker built its learner and refused the lr itself: two identical `lipflow: error: lr: …` lines
+    at nproc 2. The launcher now checks it once (on the meta device) and starts no worker."""
+    from lipflow import distributed
+    from lipflow.train.__main__ import main
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("workers started for a config the launcher should refuse")
+
+    monkeypatch.setattr(distributed, "launch_workers", no_workers)
+    cfg = {**tiny_run_config, "nproc": 2, "model": "lipschitz_gpt", "optimizer": "muon",
+           "weight_constraint": "spectral_soft_cap", "lr": 1e29}
+    code = main(train_command("c-00000000", cfg, char_shards, tmp_path / "out")[3:])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lipflow: error: lr: "), lines
+    assert not (tmp_path / "out").exists()
+
+
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="pgrep, /proc and the parent-death signal")
 
 

@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(cfg: dict, processes: int | None, lock: tuple[int, ...] = ()) -> int:
         from lipflow import distributed
-        from lipflow.train.build import checked_inputs
+        from lipflow.train.build import check_learner, checked_inputs
         from lipflow.train.stop import EXIT_PREEMPTED, Preempted, SecondSignal
         from lipflow.train.trainer import Trainer
 
         if processes is None and cfg["nproc"] > 1:
-            checked_inputs(args.run_id, cfg, args.data_dir, args.out_dir)  # one line, not one per worker
+            # one line, not one per worker
+            train_split, _, _ = checked_inputs(args.run_id, cfg, args.data_dir, args.out_dir)
+            check_learner(cfg, train_split.vocab_size)
             return distributed.launch_workers(cfg["nproc"], "lipflow.train",
                                               sys.argv[1:] if argv is None else argv, EXIT_PREEMPTED, lock)
         if (processes or 1) != cfg["nproc"]:

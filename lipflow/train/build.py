@@ -208,6 +208,15 @@ def build_learner(cfg: dict[str, Any], vocab_size: int, device: torch.device) ->
     return Learner(model, optimizer, matrices, constraint)
 
 
+def check_learner(cfg: dict[str, Any], vocab_size: int) -> None:
+    """What :func:`build_learner` refuses in a config (an lr the soft cap cannot absorb), checked on the
+    meta device, so without the weights' memory: a launcher checks it once, not each of its workers."""
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size)
+    check_coupling(build_optimizer(model, cfg), [p for _, p in constrained_matrices(model)],
+                   ConstraintSettings.from_config(cfg))
+
+
 class NextTokenLoss(torch.nn.Module):
     """Mean cross-entropy of ``model``'s logits, cast to fp32, against the next tokens: what a training step
     differentiates. One module with the model, so that ``torch.compile`` fuses the cast, the log-softmax
