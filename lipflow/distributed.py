@@ -68,13 +68,18 @@ def mean_tensor_across_ranks(t: torch.Tensor, topo: Topology) -> torch.Tensor:
 
 
 def any_rank(flag: bool, topo: Topology) -> bool:
-    """Whether ``flag`` is set on any rank: a CPU all-reduce over the control group, which waits
-    for the other ranks' processes but not for any GPU."""
+    """Whether ``flag`` is set on any rank (see :func:`largest_on_any_rank`)."""
+    return bool(largest_on_any_rank(int(flag), topo))
+
+
+def largest_on_any_rank(value: int, topo: Topology) -> int:
+    """The largest ``value`` over ranks: a CPU all-reduce over the control group, which waits for the
+    other ranks' processes but not for any GPU."""
     if topo.world == 1:
-        return flag
-    t = torch.tensor([int(flag)])
+        return value
+    t = torch.tensor([value])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=topo.control)
-    return bool(t.item())
+    return int(t.item())
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter], topo: Topology) -> None:

@@ -461,6 +461,20 @@ def test_sigterm_watch_only_sets_a_flag_and_puts_back_the_handler_it_found():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_rank_0_names_the_stop_signal_that_reached_only_another_rank(monkeypatch):
+    """Rank 0 alone says why the run stopped; when only another rank got the signal it names it (it
+    said "a stop signal to another process"), and a rank other than 0 says nothing."""
+    from lipflow.train.stop import SigtermWatch
+
+    monkeypatch.setattr(distributed, "largest_on_any_rank", lambda value, topo: max(value, signal.SIGTERM))
+    for rank in (0, 1):
+        with SigtermWatch(distributed.Topology(rank=rank, world=2)) as watch:
+            assert watch.requested() is True
+            stop = watch.stop(7)
+        assert str(stop).startswith("SIGTERM at step 7: checkpoint saved") and "another process" in str(stop)
+        assert stop.exit_code == 143 and stop.announce is (rank == 0)
+
+
 def test_a_run_of_one_process_trains_in_the_stage_itself(char_shards, tiny_run_config, tmp_path, monkeypatch):
     """``nproc: 1`` without a launcher trains in the stage's own process: no worker is started (no
     second Python with its own copy of torch beside the one the memory request counts, no rendezvous

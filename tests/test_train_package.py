@@ -448,3 +448,43 @@ def test_a_context_longer_than_train_tokens_names_train_tokens(char_shards, tiny
     with pytest.raises(DataError, match=r"context 16 is longer than the train split \(10 tokens, cut to train_tokens "
                                         r"10\)"):
         token_splits(char_shards, {**tiny_run_config, "train_tokens": 10})
+
+
+def test_a_worker_of_several_leaves_the_runs_messages_to_rank_0(char_shards, tiny_run_config, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Every worker of an nproc-2 run printed "resumed from …", "run … diverged at step …" and "lipflow:
+    SIGTERM at step …": each line twice. A worker of rank > 0 now prints none of them (rank 0 says each once)."""
+    import dataclasses
+    import os
+    import signal
+
+    import lipflow.train.trainer
+    from lipflow.distributed import Topology
+    from lipflow.train.__main__ import main
+    from lipflow.train.stop import Preempted
+
+    class NotMain(Topology):  # rank 0's data in one process (no collectives), but not the main rank
+        is_main = False
+
+    def rank_1(cfg: dict, out) -> Trainer:
+        trainer = Trainer("w-00000000", cfg, char_shards, out, progress=False)
+        trainer.topo = NotMain(**dataclasses.asdict(trainer.topo))
+        return trainer
+
+    Trainer("w-00000000", tiny_run_config, char_shards, tmp_path / "run", progress=False).run()
+    capsys.readouterr()
+    assert rank_1(tiny_run_config, tmp_path / "run").run() == {}  # resumes at the last step
+    diverging = rank_1({**tiny_run_config, "lr": 1e29}, tmp_path / "diverged")
+    assert diverging.run() == {} and math.isnan(diverging.metrics[-1]["loss"])
+    stopping = rank_1({**tiny_run_config, "checkpoint_every": 0}, tmp_path / "stopped")
+    train_step = stopping.train_step
+    monkeypatch.setattr(stopping, "train_step", lambda: (os.kill(os.getpid(), signal.SIGTERM), train_step())[1])
+    with pytest.raises(Preempted) as stop:
+        stopping.run()
+    assert stopping.step == 1 and math.isfinite(stopping.metrics[-1]["loss"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(lipflow.train.trainer, "Trainer", lambda *args, **kwargs: stopping)
+    monkeypatch.setattr(stopping, "run", lambda: (_ for _ in ()).throw(stop.value))
+    assert main(["--run-id", "w-00000000", "--config-json", json.dumps(tiny_run_config), "--data-dir",
+                 str(char_shards), "--out-dir", str(tmp_path / "stopped"), "--no-progress"]) == 143
+    assert capsys.readouterr().err == ""

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             with memory_errors_in_one_line():
                 summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
         except (Preempted, SecondSignal) as stop:
-            print(f"lipflow: {stop}", file=sys.stderr)
+            if getattr(stop, "announce", True):  # a second signal is this process's own
+                print(f"lipflow: {stop}", file=sys.stderr)
             return stop.exit_code
         if summary:
             print(json.dumps({k: summary[k] for k in ("run_id", "status", "steps_completed", "final_val_loss",

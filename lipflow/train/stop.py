@@ -21,11 +21,12 @@ SECOND_SIGNAL_AFTER_S = 5.0
 
 
 class Preempted(Exception):
-    """A stop signal arrived; a checkpoint was written. ``exit_code``: 128 + the signal."""
+    """A stop signal arrived; a checkpoint was written. ``exit_code``: 128 + the signal; ``announce``:
+    whether this process says so (rank 0: every rank stops after the same step, so one line)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, announce: bool = True):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.announce = exit_code, announce
 
 
 class SecondSignal(BaseException):
@@ -48,6 +49,7 @@ class SigtermWatch:
 
     def __init__(self, topo: distributed.Topology):
         self.topo, self.arrived, self.arrived_at = topo, None, None
+        self.agreed = 0  # the stop signal any rank got (the largest number), as requested() last agreed
 
     def __enter__(self) -> "SigtermWatch":
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
@@ -66,14 +68,19 @@ class SigtermWatch:
     def requested(self) -> bool:
         """Whether a stop signal arrived on any rank, agreed after every step (a CPU all-reduce over the
         control group: the ranks stop after the same step, and no rank waits for its GPU)."""
-        return distributed.any_rank(self.arrived is not None, self.topo)
+        self.agreed = distributed.largest_on_any_rank(int(self.arrived or 0), self.topo)
+        return self.agreed > 0
 
     def stop(self, step: int) -> Preempted:
         """The exception that ends the run once its checkpoint is saved, naming the signal this process
         got (another rank's, when it got none: then it exits as preempted)."""
         name = self.arrived.name if self.arrived else "a stop signal to another process"
+        where = ""
+        if not self.arrived and self.agreed:  # rank 0 speaks for all: it names the signal another rank got
+            name = signal.Signals(self.agreed).name
+            where = f" ({name} reached another process)"
         code = 128 + self.arrived if self.arrived else EXIT_PREEMPTED
-        return Preempted(f"{name} at step {step}: checkpoint saved; rerun to resume", code)
+        return Preempted(f"{name} at step {step}: checkpoint saved; rerun to resume{where}", code, self.topo.is_main)
 
 
 def divergence(rows: list[dict[str, Any]], bad_step: int | None, max_bound: float) -> tuple[int, str] | None:

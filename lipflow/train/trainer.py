@@ -11,6 +11,8 @@ end: weights, config, per-step metrics and ``run.json``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import time
@@ -135,7 +137,9 @@ class Trainer:
                         self.log(row)
                     if diverged is not None:
                         status = "diverged"
-                        print(f"run {self.run_id} diverged at step {diverged[0]}: {diverged[1]}", file=sys.stderr)
+                        if self.topo.is_main:  # every rank saw the same flushed rows: one line
+                            print(f"run {self.run_id} diverged at step {diverged[0]}: {diverged[1]}",
+                                  file=sys.stderr)
                         break
                     if stop_now:
                         self.save_checkpoint()
@@ -177,8 +181,10 @@ class Trainer:
         distributed.barrier(self.topo)
 
     def resume(self) -> bool:
-        state = checkpoint.resume(self.out_dir / "checkpoints", self.model, self.optimizer, self.generator,
-                                  checkpoint.run_identity(self.cfg, self.data_dir), self.data_dir)
+        # every rank reads the same checkpoints: rank 0 alone says which (and warns of those it skips)
+        with contextlib.nullcontext() if self.topo.is_main else contextlib.redirect_stderr(io.StringIO()):
+            state = checkpoint.resume(self.out_dir / "checkpoints", self.model, self.optimizer, self.generator,
+                                      checkpoint.run_identity(self.cfg, self.data_dir), self.data_dir)
         if state is None:
             return False
         self.step, self.metrics = state.step, state.metrics
