@@ -490,6 +490,20 @@ def test_a_long_runs_metric_rows_stay_out_of_the_checkpoint_header(tmp_path):
     assert state.metrics == [{"step": 1, "loss": 2.5}]
 
 
+def test_a_trainer_refused_a_held_run_folder_names_the_run_training_there(tmp_path):
+    """A trainer of another run id into a folder held by a training run said "another process is training
+    run <its own id> into it" and sent the user to `pgrep -af <its own id>`, which finds nothing: the
+    holder now writes its run id into the lock file, and the refusal names that run."""
+    from lipflow.train.build import exclusive_run_folder
+
+    with exclusive_run_folder(tmp_path / "run", "held-0000abcd"):
+        with pytest.raises(FileExistsError) as refused:
+            with exclusive_run_folder(tmp_path / "run", "other-1234abcd"):
+                pass
+    assert "training run held-0000abcd into it" in str(refused.value), refused.value
+    assert "pgrep -af held-0000abcd" in str(refused.value) and "other-1234abcd" not in str(refused.value)
+
+
 def test_a_second_trainer_of_a_run_is_refused_while_the_first_trains(char_shards, tiny_run_config, tmp_path):
     """A rerun while the job of a killed Snakemake still trains the run (an orphan holding the run
     folder's flock) is one line and writes nothing; once the folder is free, training runs."""

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lipflow.atomic import is_clutter, is_temporary, sha256_file
+from lipflow.config import check_run_id
 from lipflow.data.loader import TokenShards
 from lipflow.errors import parse_json
 from lipflow.metrics import resolve_device
@@ -118,7 +119,8 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[int | None]:
     """Hold an exclusive ``flock`` on the run folder's :data:`RUN_LOCK` file (folder and file created if
     missing; a file opened for writing, as NFS needs) while training into it: a second trainer of the
     run (e.g. a rerun while the job of a killed Snakemake still runs) is a FileExistsError, never two
-    processes writing one run's checkpoints and outputs. Yields the lock's file descriptor: a flock
+    processes writing one run's checkpoints and outputs; the holder writes ``run_id`` into the file, and
+    the refusal names that run (not the refused one's). Yields the lock's file descriptor: a flock
     belongs to the open file, so workers started with it (``launch_workers``' ``pass_fds``) hold the
     folder until the last of them exits, even after their launcher was SIGKILLed. Where the file system
     has no locks training goes on unlocked, with a warning; a path that is no folder, or that cannot be
@@ -133,16 +135,27 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[int | None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FileExistsError(f"--out-dir {directory}: another process is training run {run_id} into it (the "
-                                  f"job of a killed Snakemake? find it with `pgrep -af {run_id}`); stop it "
+            holder = lock_holder(fd) or run_id  # the run its holder trains (an earlier lipflow's lock is empty)
+            raise FileExistsError(f"--out-dir {directory}: another process is training run {holder} into it (the "
+                                  f"job of a killed Snakemake? find it with `pgrep -af {holder}`); stop it "
                                   "first") from None
         except OSError as err:
             print(f"warning: cannot lock {directory / RUN_LOCK} ({err.strerror}): training unlocked", file=sys.stderr)
             yield None
             return
+        with contextlib.suppress(OSError):  # what a refused trainer names (a full disk: it names its own run)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, run_id.encode(), 0)
         yield fd
     finally:
         os.close(fd)
+
+
+def lock_holder(fd: int) -> str | None:
+    """The run id the holder of a run folder's lock wrote into it, if it is one."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        return check_run_id(os.pread(fd, 256, 0).decode(), RUN_LOCK)
+    return None
 
 
 def remove_if_unused(directory: Path) -> None:
