@@ -21,8 +21,8 @@ from lipflow.errors import parse_json
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.experiments.grid import expand_experiment
-from lipflow.studies.icl.config import (ICLConfig, check_regression_prompts, load_config, training_config,
-                                        training_jobs)
+from lipflow.studies.icl.config import (ICLConfig, baselines_config, check_regression_prompts, load_config,
+                                        training_config, training_jobs)
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # table image_mlp_robustness (lipflow.results.database)
 
@@ -218,6 +218,10 @@ class Plan:
     def icl_train_params(self) -> str:
         """Only the keys that change what an ICL training job learns, so n_grid edits keep models."""
         return json.dumps(training_config(self.icl))
+
+    def icl_baselines_params(self) -> str:
+        """Only the keys that change the ICL baselines, so an edit of how models train keeps them."""
+        return json.dumps(baselines_config(self.icl))
 
     # ------------------------------------------------------------------ targets
 

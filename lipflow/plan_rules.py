@@ -129,6 +129,9 @@ class RuleFunctions:
     def icl_train_params(self, wildcards):
         return self.plan.icl_train_params()
 
+    def icl_baselines_params(self, wildcards):
+        return self.plan.icl_baselines_params()
+
     def experiment_targets(self, wildcards=None):
         return self.plan.experiment_targets()
 

@@ -327,6 +327,26 @@ def test_regression_finds_the_one_step_optimum_without_training():
 
 
 
+def test_the_baselines_job_depends_on_the_baseline_keys_only(tmp_path):
+    """The baselines rule was given the whole icl block, so a change of how models train (lr, attention)
+    reran it; its params are now the baseline keys, and the command given only those writes the same
+    table as given the whole block (the keys it leaves out are not read)."""
+    from lipflow.plan import Plan
+
+    tiny = {"layers": [1, 2], "n_grid": [5], "test_prompts": 20000, "theory_samples": 1000, "regression_prompts": 1000}
+    trained = {**tiny, "lr": 0.5, "attention": "softmax", "parametrization": "full", "train_steps": 7, "seed": 3}
+    plans = {name: Plan.from_config({"icl": block}) for name, block in
+             (("tiny", {**tiny, "seed": 3}), ("trained", trained), ("more prompts", {**trained, "test_prompts": 20001}))}
+    assert plans["tiny"].icl_baselines_params() == plans["trained"].icl_baselines_params()
+    assert plans["tiny"].icl_params() != plans["trained"].icl_params()
+    assert plans["more prompts"].icl_baselines_params() != plans["trained"].icl_baselines_params()
+    tables = []
+    for name, block in (("whole", trained), ("params", json.loads(plans["trained"].icl_baselines_params()))):
+        study.run_baselines(load_config(block), str(tmp_path / f"{name}.parquet"))
+        tables.append(pq.read_table(tmp_path / f"{name}.parquet"))
+    assert tables[0].equals(tables[1]) and tables[0].schema.metadata == tables[1].schema.metadata
+
+
 def test_baselines_refuse_fewer_regression_prompts_than_coefficients(tmp_path):
     """Γ̂ regresses on d² features: with d = 40 the schema's minimum of 1,000 prompts left its normal
     equations singular, and the `regression` row came out with a loss near 10⁶ (Γ⋆'s: 27), silently."""

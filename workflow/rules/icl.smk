@@ -42,7 +42,7 @@ rule icl_baselines:
     log:
         "results/logs/icl/baselines.log",
     params:
-        config_json=icl_params,
+        config_json=icl_baselines_params,
     threads: 1
     resources:
         mem_mb=3000,

@@ -128,3 +128,15 @@ def training_config(cfg: ICLConfig) -> dict[str, Any]:
     """The part of the config a training job depends on (its cache key in the workflow)."""
     full = cfg.to_dict()
     return {key: full[key] for key in TRAINING_KEYS}
+
+
+# Keys that change the baselines file (the rest only choose how models train).
+BASELINE_KEYS = ("d", "n", "layers", "n_grid", "sigma", "w_prior", "noise_std", "test_prompts", "theory_samples",
+                 "regression_prompts", "seed")
+
+
+def baselines_config(cfg: ICLConfig) -> dict[str, Any]:
+    """The part of the config the baselines file depends on (its cache key in the workflow, recorded in
+    the file and checked by collect)."""
+    full = cfg.to_dict()
+    return {key: full[key] for key in BASELINE_KEYS}

@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from lipflow.errors import check_distinct_paths, parse_json
 from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.studies.icl import theory
-from lipflow.studies.icl.config import ICLConfig, check_regression_prompts, training_config, training_jobs
+from lipflow.studies.icl.config import (ICLConfig, baselines_config, check_regression_prompts, training_config,
+                                        training_jobs)
 from lipflow.studies.icl.data import Prompts, PromptSampler, spd_power, stream_seed
 from lipflow.studies.icl.model import InContextTransformer
 from lipflow.studies.icl.tables import BASELINE_SCHEMA, LOSS_SCHEMA, LOSS_TABLE_METHODS, TABLE_SCHEMAS, write_table
@@ -154,17 +155,9 @@ def _baseline_row(method, n_layers, n, predictions, test, expected, steps, preco
     }
 
 
-# Keys that change the baselines file (the rest only choose how models train); the file records them in its
-# Parquet metadata under BASELINES_CONFIG_KEY, and collect refuses a file computed under other values
-BASELINE_KEYS = ("d", "n", "layers", "n_grid", "sigma", "w_prior", "noise_std", "test_prompts", "theory_samples",
-                 "regression_prompts", "seed")
+# the baselines file records baselines_config in its Parquet metadata under this key, and collect refuses a file
+# computed under other values
 BASELINES_CONFIG_KEY = b"lipflow_icl_baselines_config"
-
-
-def baselines_config(cfg: ICLConfig) -> dict[str, Any]:
-    """The part of the config the baselines file depends on (recorded in it, checked by collect)."""
-    full = cfg.to_dict()
-    return {key: full[key] for key in BASELINE_KEYS}
 
 
 def check_baselines_config(table, path: str, cfg: ICLConfig) -> None:
