@@ -48,7 +48,7 @@ def connect(db: str | os.PathLike[str] | None = None):
     import duckdb
 
     if db is not None and not os.fspath(db):  # Path('') is '.', which names no database
-        raise ValueError("the database path is empty (give --db a file, or leave it out for $LIPFLOW_DB, else "
+        raise ValueError("the database path is empty (name a file, or none for $LIPFLOW_DB, else "
                          "results/lipflow.duckdb)")
     path = Path(db) if db is not None else default_db()
     if not path.is_file():

@@ -139,8 +139,10 @@ def test_an_empty_database_path_is_named_and_an_empty_lipflow_db_is_unset(tmp_pa
     monkeypatch.setenv("LIPFLOW_DB", "")
     assert lipflow.connect().execute("SELECT run_id FROM runs").fetchall() == [("a",)]
     assert main(["query", "--db", "", "SELECT 1"]) == 2
-    assert capsys.readouterr().err == "lipflow: error: the database path is empty (give --db a file, or leave it " \
-                                      "out for $LIPFLOW_DB, else results/lipflow.duckdb)\n"
+    assert capsys.readouterr().err == "lipflow: error: the database path is empty (name a file, or none for " \
+                                      "$LIPFLOW_DB, else results/lipflow.duckdb)\n"
+    with pytest.raises(ValueError, match=r"^the database path is empty \(name a file"):  # the Python API's words too
+        lipflow.connect("")
 
 
 def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):

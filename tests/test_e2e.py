@@ -174,6 +174,18 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     assert run.config["model"] == "lipschitz_gpt"
     assert len(run.metrics) == 20
     assert run.model.lipschitz_bound() == pytest.approx(run.summary["lipschitz_bound"], rel=1e-6)
+    # the README's example, run as written on this run: it ends in the greedy next token
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    example = readme.split("### Python API (notebooks)\n\n```python\n", 1)[1].split("```", 1)[0]
+    lines = example.replace('"lipschitz-0fb1b2e9"', repr(run_id)).splitlines()
+    namespace: dict = {}
+    exec("\n".join(lines[:-1]), namespace)
+    next_token = eval(lines[-1].split("#")[0], namespace)
+    ids = namespace["ids"]
+    assert len(ids) == len("To be, or not to") and namespace["df"]["run_id"].tolist().count(run_id) == 1
+    greedy = lipflow_cli(pipeline, "sample", run_id, "--prompt", "To be, or not to", "--tokens", "1",
+                         "--temperature", "0", "--device", "cpu")
+    assert greedy.returncode == 0 and greedy.stdout == "To be, or not to" + next_token + "\n", greedy.stderr
     sample = lipflow_cli(pipeline, "sample", run_id, "--prompt", "The", "--tokens", "20", "--device", "cpu")
     assert sample.returncode == 0 and sample.stdout.startswith("The")
     # a character the char tokenizer never saw would encode as [UNK] and vanish from the prompt
