@@ -124,7 +124,12 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
     path, tensors, meta = latest_valid_checkpoint(ckpts)
     assert path.name == "step-000000003.safetensors" and meta["step"] == 3
     assert torch.equal(tensors["w"], torch.ones(3))
-    assert "corrupt" in capsys.readouterr().err
+    [warning] = capsys.readouterr().err.splitlines()
+    assert "corrupt" in warning and warning.endswith("; falling back to an earlier checkpoint")
+    oldest = ckpts / "step-000000003.safetensors"
+    oldest.write_bytes(oldest.read_bytes()[:-7])
+    assert latest_valid_checkpoint(ckpts) is None  # the trainer starts over: the last warning says so
+    assert capsys.readouterr().err.splitlines()[-1].endswith("; no earlier checkpoint: training starts over")
 
 
 def test_checkpoints_are_ordered_by_step_past_nine_digits(tmp_path):

@@ -99,16 +99,20 @@ def checkpoints_newest_first(directory: Path) -> list[Path]:
 
 
 def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that loads and matches its hash; corrupt ones are skipped."""
-    for path in checkpoints_newest_first(directory):
+    """The newest checkpoint in ``directory`` that loads and matches its hash; corrupt ones are skipped
+    (with a warning saying whether an earlier one is left to try)."""
+    paths = checkpoints_newest_first(directory)
+    for index, path in enumerate(paths):
+        fallback = ("falling back to an earlier checkpoint" if index + 1 < len(paths)
+                    else "no earlier checkpoint: training starts over")
         if not sidecar_path(path).exists():  # a crash between the two writes: never sealed, never trusted
             print(f"warning: checkpoint {path} has no checksum file {sidecar_path(path).name} (a crash while it "
-                  "was written?); falling back to an earlier checkpoint", file=sys.stderr)
+                  f"was written?); {fallback}", file=sys.stderr)
             continue
         try:
             tensors, meta = load_weights(path)
         except CheckpointError as err:
-            print(f"warning: {err}; falling back to an earlier checkpoint", file=sys.stderr)
+            print(f"warning: {err}; {fallback}", file=sys.stderr)
             continue
         return path, tensors, meta
     return None

@@ -36,7 +36,7 @@ class SecondSignal(BaseException):
 
     def __init__(self, signum: signal.Signals):
         super().__init__(f"a second {signum.name} before the run could stop: stopped without a new checkpoint "
-                         "(a rerun resumes from the last one saved)")
+                         "(a rerun resumes from the last one saved, or starts over if none was)")
         self.exit_code = 128 + signum
 
 
