@@ -114,7 +114,7 @@ def canonical_image_mlp(block: dict[str, Any]) -> dict[str, Any]:
     """The ``image_mlp`` block (validated) in one spelling of what trains alike, so that it gives one params
     string (a changed one reruns the study): its radii as floats and each method spelled as a run is
     (:func:`canonical_run`: ``sigma_max: 3`` as ``3.0``), as the schema's defaults write them."""
-    return {**block, "epsilons": [float(eps) for eps in block["epsilons"]],
+    return {**block, "epsilons": [int_as_float(eps) for eps in block["epsilons"]],
             "methods": {name: canonical_run(method) for name, method in block["methods"].items()}}
 
 
@@ -265,11 +265,17 @@ def canonical_run(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "masses": None} if run.get("masses") == {} else run
 
 
+def int_as_float(value: Any) -> Any:
+    """An integer written for a ``number`` as the float it is used as, where a float holds it; any other value
+    as it is (one spelling of a number: a run's, the image-MLP and ICL blocks')."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:  # a float holds it
+        return float(value)
+    return value
+
+
 def _as_floats(value: Any, keys: Any) -> Any:
     if keys is True:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:  # a float holds it
-            return float(value)
-        return value
+        return int_as_float(value)
     if isinstance(value, dict):
         return {key: _as_floats(item, keys[key]) if key in keys else item for key, item in value.items()}
     return value

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lipflow.config.runs import int_as_float
 from lipflow.config.schema import load_schema, validate
 from lipflow.errors import ConfigError
 
@@ -83,22 +84,15 @@ def load_config(raw: dict[str, Any] | None) -> ICLConfig:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     for field in fields(ICLConfig):  # lr: 1 is 1.0, as the defaults write it: one params string, no retraining
         if field.type == "float":
-            values[field.name] = _as_float(values[field.name])
+            values[field.name] = int_as_float(values[field.name])
         elif field.type == "tuple[float, float]":
-            values[field.name] = tuple(_as_float(value) for value in values[field.name])
+            values[field.name] = tuple(int_as_float(value) for value in values[field.name])
     values["sigma"] = SigmaConfig(
         kind=sigma["kind"],
         eigenvalues=tuple(float(e) for e in sigma["eigenvalues"]),
         seed=sigma["seed"],
     )
     return ICLConfig(**values)
-
-
-def _as_float(value: Any) -> Any:
-    """An integer as its float where a float holds it (as lipflow.config.canonical_run spells a run's)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:
-        return float(value)
-    return value
 
 
 def check_regression_prompts(cfg: ICLConfig) -> None:
