@@ -210,24 +210,28 @@ def build_learner(cfg: dict[str, Any], vocab_size: int, device: torch.device) ->
     """Model (initialised from the global torch RNG) on ``device``, its optimizer with each group's
     ``base_lr`` (the schedule scales it), and the constraint, checked against the optimizer's steps; under
     the soft cap, matrices initialised above sigma_max are scaled onto it (``fit_within_cap_``)."""
-    model = build_model(cfg, vocab_size).to(device)
+    learner = checked_learner(build_model(cfg, vocab_size).to(device), cfg)
+    fit_within_cap_(learner.matrices, learner.constraint)  # the soft cap keeps σ ≤ σmax only from weights within it
+    for group in learner.optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return learner
+
+
+def checked_learner(model: torch.nn.Module, cfg: dict[str, Any]) -> Learner:
+    """``model`` with its optimizer, constrained matrices and constraint, the constraint checked against the
+    optimizer's steps (an lr the soft cap cannot absorb is a ValueError)."""
     optimizer = build_optimizer(model, cfg)
     matrices = [p for _, p in constrained_matrices(model)]
     constraint = ConstraintSettings.from_config(cfg)
     check_coupling(optimizer, matrices, constraint)
-    fit_within_cap_(matrices, constraint)  # the soft cap keeps σ ≤ σmax only from weights within it
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
     return Learner(model, optimizer, matrices, constraint)
 
 
 def check_learner(cfg: dict[str, Any], vocab_size: int) -> None:
-    """What :func:`build_learner` refuses in a config (an lr the soft cap cannot absorb), checked on the
-    meta device, so without the weights' memory: a launcher checks it once, not each of its workers."""
+    """What :func:`build_learner` refuses in a config (:func:`checked_learner`), checked on the meta device,
+    so without the weights' memory: a launcher checks it once, not each of its workers."""
     with torch.device("meta"):
-        model = build_model(cfg, vocab_size)
-    check_coupling(build_optimizer(model, cfg), [p for _, p in constrained_matrices(model)],
-                   ConstraintSettings.from_config(cfg))
+        checked_learner(build_model(cfg, vocab_size), cfg)
 
 
 class NextTokenLoss(torch.nn.Module):
