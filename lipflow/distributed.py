@@ -67,11 +67,6 @@ def mean_tensor_across_ranks(t: torch.Tensor, topo: Topology) -> torch.Tensor:
     return t / topo.world
 
 
-def any_rank(flag: bool, topo: Topology) -> bool:
-    """Whether ``flag`` is set on any rank (see :func:`largest_on_any_rank`)."""
-    return bool(largest_on_any_rank(int(flag), topo))
-
-
 def largest_on_any_rank(value: int, topo: Topology) -> int:
     """The largest ``value`` over ranks: a CPU all-reduce over the control group, which waits for the
     other ranks' processes but not for any GPU."""

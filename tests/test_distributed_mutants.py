@@ -1,5 +1,5 @@
 """Properties of lipflow's worker launcher (``launch_workers``, ``exit_code``, ``free_port``) and of the
-collectives the workers use (``average_gradients``, ``any_rank``, ``init_from_env``) that the end-to-end
+collectives the workers use (``average_gradients``, ``largest_on_any_rank``, ``init_from_env``) that the end-to-end
 runs of tests/test_distributed*.py do not pin down: each test here fails for a plausible wrong version of
 the code (found by mutation testing). The launcher tests start stand-in workers (a few lines of Python
 that exit, sleep or handle SIGTERM as told), so each takes a second or two."""
@@ -315,7 +315,7 @@ def test_one_process_neither_averages_nor_agrees_through_a_process_group():
     p.grad = torch.tensor([1.0, 2.0, 3.0])
     distributed.average_gradients([p], one)
     assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
-    assert distributed.any_rank(True, one) is True and distributed.any_rank(False, one) is False
+    assert distributed.largest_on_any_rank(15, one) == 15 and distributed.largest_on_any_rank(0, one) == 0
 
 
 def _collectives_on_rank(rank: int, world: int, init_file: str, result_file: str) -> None:
@@ -330,17 +330,19 @@ def _collectives_on_rank(rank: int, world: int, init_file: str, result_file: str
     params[1].grad = torch.full((4,), 10.0 * (rank + 1), dtype=torch.float64)
     params[3].grad = torch.tensor([rank + 1.0, -(rank + 1.0)])  # params[2] has no gradient
     distributed.average_gradients(params, topo)
-    flags = [distributed.any_rank(rank == world - 1, topo), distributed.any_rank(False, topo),
-             distributed.any_rank(True, topo)]
+    # a stop flag on one rank, on none, on all; and two signals (SIGTERM 15 on rank 0, SIGINT 2 on the other)
+    flags = [distributed.largest_on_any_rank(int(rank == world - 1), topo), distributed.largest_on_any_rank(0, topo),
+             distributed.largest_on_any_rank(1, topo), distributed.largest_on_any_rank(15 if rank == 0 else 2, topo)]
     torch.save({"grads": [p.grad for p in params], "flags": flags}, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
 
-def test_gradients_are_averaged_over_ranks_and_any_rank_is_or(tmp_path):
+def test_gradients_are_averaged_over_ranks_and_every_rank_agrees_on_the_largest_value(tmp_path):
     """Two gloo ranks whose gradients are 1× and 2× a pattern end with 1.5× it on every rank, for each
     dtype (float32 and float64 are all-reduced apart) and every parameter (a parameter without a
-    gradient keeps none): the mean, not the sum. ``any_rank`` is true on every rank when one rank's flag
-    is (a SIGTERM to one worker stops them all), false when none is."""
+    gradient keeps none): the mean, not the sum. ``largest_on_any_rank`` is every rank's largest value on
+    every rank: a stop flag on one rank is set on all (a SIGTERM to one worker stops them all), and of two
+    signals all name the same one."""
     import torch.multiprocessing as mp
 
     mp.spawn(_collectives_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2)
@@ -353,12 +355,12 @@ def test_gradients_are_averaged_over_ranks_and_any_rank_is_or(tmp_path):
         torch.testing.assert_close(grads[1], torch.full((4,), 15.0, dtype=torch.float64), rtol=0, atol=1e-12)
         assert grads[2] is None
         torch.testing.assert_close(grads[3], torch.tensor([1.5, -1.5]), rtol=0, atol=1e-6)
-        assert result["flags"] == [True, False, True]
+        assert result["flags"] == [1, 0, 1, 15]
 
 
 def test_on_cuda_flags_are_agreed_on_a_cpu_gloo_group(monkeypatch):
     """On GPUs the default group is NCCL, which cannot all-reduce a CPU tensor (and would wait for the
-    GPU): ``init_from_env`` also makes a gloo group, and ``any_rank`` agrees over it. (The process group
+    GPU): ``init_from_env`` also makes a gloo group, and ``largest_on_any_rank`` agrees over it. (The process group
     calls are recorded, so this runs without GPUs.)"""
     import torch.distributed as dist
 
@@ -381,8 +383,8 @@ def test_on_cuda_flags_are_agreed_on_a_cpu_gloo_group(monkeypatch):
         t.fill_(1)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    assert distributed.any_rank(False, topo) is True
-    assert [(device, group) for device, _, group in reduced] == [("cpu", control)]  # MAX or SUM: either is "any"
+    assert distributed.largest_on_any_rank(0, topo) == 1
+    assert reduced == [("cpu", dist.ReduceOp.MAX, control)]
 
 
 def test_a_worker_whose_launcher_died_before_prctl_took_effect_stops_itself(monkeypatch):

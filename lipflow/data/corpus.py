@@ -17,10 +17,10 @@ Sources (registry ``SOURCES``; ``paths`` are file paths or globs):
   (Tiny Shakespeare: ~500 documents) has a validation split. Concatenating its documents
   gives back the file exactly, before whitespace-only documents are skipped (below).
 - ``jsonl``: one JSON object per line; the document is the ``text_column`` field (null = none).
+- ``parquet``: the string column ``text_column``, read in record batches.
 
 A text or JSONL file may start with a UTF-8 byte-order mark, which is dropped (it is not text); a
 UTF-16 one is refused, naming the file.
-- ``parquet``: the string column ``text_column``, read in record batches.
 
 Split: a document is in val iff u < ``val_fraction`` where u ∈ [0, 1) is the first 8 bytes of
 sha256(f"{split_seed}:" + text) read as an integer / 2⁶⁴. It depends on the text alone, so it

@@ -571,11 +571,11 @@ def tokenize_corpus(
                 raise DataError(f"{corpus / split}.jsonl holds {num_docs:,} documents, but {corpus / 'corpus.json'} "
                                 f"counts {split_docs:,} (truncated or edited? rerun the corpus stage)")
             shards = writer.close()
-            report(f"{split} done: {shards_text(len(shards))}, {num_docs:,} documents, "
-                   f"{sum(s['num_tokens'] for s in shards):,} tokens")
+            num_tokens = sum(s["num_tokens"] for s in shards)
+            report(f"{split} done: {shards_text(len(shards))}, {num_docs:,} documents, {num_tokens:,} tokens")
             splits[split] = {
                 "num_docs": num_docs,
-                "num_tokens": sum(s["num_tokens"] for s in shards),
+                "num_tokens": num_tokens,
                 "bytes": corpus_summary["splits"][split]["bytes"],
                 "shards": shards,
             }
