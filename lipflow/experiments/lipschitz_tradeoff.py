@@ -6,7 +6,7 @@ optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lip
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, pyplot, read_view, spans_a_decade
+from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view, spans_a_decade
 from lipflow.results.views import RUNS_NEED, Part, View
 
 PARETO = View(
@@ -81,7 +81,7 @@ def tradeoff_accuracy(con):
         why = ("every run's local certified radius is 0: fewer than half\nof its robustness windows' correct "
                "predictions have a\npositive radius (untrained? raise n_sequences)" if df.local_radius.notna().any()
                else "no local certificate: add the robustness\nevaluation to this experiment's runs")
-        ax_local.text(0.5, 0.5, why, ha="center", va="center", transform=ax_local.transAxes)
+        note_on_axes(ax_local, why, color=None)
         ax_local.set_xticks([])
         ax_local.set_yticks([])
         ax_local.set_xlabel("local certified radius: ε where certified accuracy = clean/2 (ℓ2)")
@@ -120,8 +120,7 @@ def tradeoff_activation(con):
     unknown = int((~np.isfinite(values)).sum())  # null, NaN or ±inf
     at_zero = int((values <= 0).sum()) if log_y else 0  # a log axis cannot place 0 either
     if unknown == len(df):
-        ax.text(0.5, 0.5, "no run has a finite max activation", ha="center", va="center", transform=ax.transAxes,
-                color="0.4")
+        note_on_axes(ax, "no run has a finite max activation")
     elif unknown or at_zero:
         reasons = [f"{unknown} without a finite max activation"] * bool(unknown) + [f"{at_zero} at 0"] * bool(at_zero)
         ax.text(0.01, 0.01, f"{' and '.join(reasons)} of {len(df)} runs: not drawn on this axis",

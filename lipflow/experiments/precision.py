@@ -5,7 +5,7 @@ Views ``precision`` (headline) and ``precision_bounds``; figure ``precision``. R
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, category_colors, pyplot, read_view
+from lipflow.results.plotting import Figure, category_colors, note_on_axes, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 # The precision experiment's precision-evaluation rows, the first CTE of its two views.
@@ -139,8 +139,7 @@ def precision(con):
                    label=f"{label} ({constraint}; {accuracy})")
         ax.axhline(0, color="black", linewidth=0.8)
         if not formats:  # evaluations.precision.scalings left this scaling out (and int8 off, for "none")
-            ax.text(0.5, 0.5, f"no casts with scaling {scaling}\n(see evaluations.precision.scalings)", ha="center",
-                    va="center", transform=ax.transAxes, color="0.4")
+            note_on_axes(ax, f"no casts with scaling {scaling}\n(see evaluations.precision.scalings)")
         ax.set_xticks(np.arange(len(formats)) + width * (len(labels) - 1) / 2)
         ax.set_xticklabels(formats, rotation=20)
         ax.set_title(title)

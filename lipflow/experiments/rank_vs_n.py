@@ -10,7 +10,7 @@ the config's runs train on).
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view
 from lipflow.results.views import RUNS_NEED, Part, View
 
 RANK_BOUND = View(
@@ -87,7 +87,7 @@ def log_axis_or_note(ax, values) -> bool:
     if (np.isfinite(values) & (values > 0)).any():
         ax.set_yscale("log")
         return True
-    ax.text(0.5, 0.5, "no positive value to draw", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    note_on_axes(ax, "no positive value to draw")
     return False
 
 
@@ -135,8 +135,7 @@ def rank_vs_n(con):
         log_y = log_axis_or_note(axes[2], pd.concat([df.measured_gap[ranked], df.b3_bound[ranked]]))
     else:  # nothing to place: a log axis without data raised "Data cannot be log-scaled" when saved
         log_y = False
-        axes[2].text(0.5, 0.5, "no numerical rank at rtol 1e-2\n(evaluations.rank.rtols lacks 0.01)", ha="center",
-                     va="center", transform=axes[2].transAxes, color="0.4")
+        note_on_axes(axes[2], "no numerical rank at rtol 1e-2\n(evaluations.rank.rtols lacks 0.01)")
     axes[2].set_xlabel("mean numerical rank of W_Q W_Kᵀ per head (rtol 1e-2)")
     axes[2].set_ylabel("nats/token" + (" (log scale)" if log_y else ""))  # the note's linear axis is no log one
     axes[2].set_title("gap and bound vs rank")

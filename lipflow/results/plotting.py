@@ -73,6 +73,11 @@ def read_view(con, name: str, order: str = ""):
     return con.execute(f"SELECT * FROM {name} {order}").df()
 
 
+def note_on_axes(ax, text: str, color: str | None = "0.4") -> None:
+    """Write ``text`` in the middle of ``ax``: why a panel has nothing (or nothing on its scale) to draw."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color=color)
+
+
 def spans_a_decade(values) -> bool:
     """Whether positive ``values`` span more than a factor 10, the figures' rule for a log axis."""
     values = list(values)

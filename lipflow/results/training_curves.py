@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from lipflow.results.plotting import category_colors, pyplot, spans_a_decade
+from lipflow.results.plotting import category_colors, note_on_axes, pyplot, spans_a_decade
 
 FIGURE = "training_curves"
 
@@ -107,8 +107,7 @@ def draw(con):
         if log and spans_a_decade(y for line in ax.lines for y in line.get_ydata()):  # else linear reads better
             ax.set_yscale("log")
         if not ax.lines:
-            ax.text(0.5, 0.5, "no run records it" if column != "lipschitz_bound" else "no run has a certificate",
-                    ha="center", va="center", transform=ax.transAxes, color="0.4")
+            note_on_axes(ax, "no run records it" if column != "lipschitz_bound" else "no run has a certificate")
         ax.grid(True, alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("step")
