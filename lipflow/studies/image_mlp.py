@@ -128,12 +128,12 @@ def run_image_mlp_study(cfg: dict[str, Any], report: Callable[[str], None] = sil
     """Train every method, match clean val accuracy, and return long-form rows (columns ``method`` and
     its ``optimizer`` and ``weight_constraint``); ``report(message)`` hears of each method trained."""
     data = digits_splits(cfg["seed"])
-    runs = {}
+    runs, best = {}, {}
     for number, (name, method) in enumerate(cfg["methods"].items(), 1):
         runs[name] = train_snapshots(method, cfg, data)
-        report(f"{name} trained, best val accuracy {max(acc for _, acc, _ in runs[name]):.4f} "
-               f"({number} of {len(cfg['methods'])})")
-    target = min(max(acc for _, acc, _ in snaps) for snaps in runs.values())
+        best[name] = max(acc for _, acc, _ in runs[name])
+        report(f"{name} trained, best val accuracy {best[name]:.4f} ({number} of {len(cfg['methods'])})")
+    target = min(best.values())
     rows: list[dict] = []
     for name, snaps in runs.items():
         step, val_acc, weights = next(s for s in snaps if s[1] >= target)
