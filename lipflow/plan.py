@@ -203,6 +203,11 @@ class Plan:
         """The resolved config of one run, passed to the training job as JSON."""
         return json.dumps(self.runs[run], sort_keys=True)
 
+    def database_run_dirs(self) -> str:
+        """The run folders the database job reads, sorted: the order of ``runs:`` or ``experiments:`` in a
+        config is not a change, so reordering them neither rebuilds the database nor redraws its figures."""
+        return " ".join(f"results/runs/{run}" for run in sorted(self.runs))
+
     def config_block_json(self, block: str) -> str:
         """A top-level config block as JSON (a change to it reruns the rule through params)."""
         return json.dumps(self.config[block], sort_keys=True)

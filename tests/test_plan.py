@@ -7,7 +7,9 @@ trains Muon as the authors' code does (modular step sizes at blocks mass 32, the
 options, lr 0.03…1), which moved the run ids and configs of the three paper cases that select it,
 and then left lr 1 out of its soft-cap runs (refused at every σ_max), which moved the same three; and an
 integer written for a number key (max_embed_inflation: 16) is the float it trains as, which moved
-the same three again — every other case's run ids, configs and params strings as written at 1b9edc6."""
+the same three again; and the database job's run list is sorted (a reordered config rebuilt the
+database), which moved that one params string of the experiment cases — every other case's run ids,
+configs and params strings as written at 1b9edc6."""
 
 import copy
 import json
@@ -48,12 +50,28 @@ def test_plan_reproduces_the_golden_fixture(name):
         "evaluation_params_json": {e: plan.evaluation_params_json(e) for e in plan.all_evaluations},
         "icl_params": plan.icl_params(),
         "icl_train_params": plan.icl_train_params(),
-        "database_runs": " ".join(f"results/runs/{run}" for run in plan.runs),
+        "database_runs": plan.database_run_dirs(),
     }
     assert {key: digest(value) for key, value in params.items()} == expected["params_sha256"]
     if "params" in expected:  # small cases keep the strings themselves: a failure shows the difference
         assert params == expected["params"]
         assert json.loads(json.dumps(plan.runs)) == expected["runs"]
+
+
+def test_reordering_runs_or_experiments_changes_no_params_string():
+    """The order of ``runs:`` and ``experiments:`` is not a change: the database job's run list (its one
+    params string made from all runs) was in config order, so a reordered config rebuilt the database
+    and redrew every figure."""
+    config = copy.deepcopy(CASES["all/cpu/runs_true"])
+    reordered = copy.deepcopy(config)
+    reordered["runs"] = dict(reversed(list(config["runs"].items())))
+    reordered["experiments"] = list(reversed(config["experiments"]))
+    plan, other = Plan.from_config(config), Plan.from_config(reordered)
+    assert list(plan.runs) != list(other.runs) and set(plan.runs) == set(other.runs)
+    assert other.database_run_dirs() == plan.database_run_dirs()
+    assert plan.database_run_dirs().split() == sorted(f"results/runs/{run}" for run in plan.runs)
+    assert {run: other.run_config_json(run) for run in plan.runs} == \
+        {run: plan.run_config_json(run) for run in plan.runs}
 
 
 def test_run_configs_are_read_only_and_copy_to_plain_dicts():

@@ -24,7 +24,7 @@ rule database:
         db=update(DATABASE),
         receipt=DATABASE_RECEIPT,
     params:
-        runs=" ".join(f"results/runs/{run}" for run in RUNS),
+        runs=PLAN.database_run_dirs(),
     log:
         "results/logs/database.log",
     resources:
