@@ -775,9 +775,11 @@ def test_corrupt_shard_is_named(tmp_path, damage):
 
 
 def test_tokenize_progress_lines_count_what_the_manifest_records(tmp_path, monkeypatch, capsys):
-    """The stage's log: a line as the tokenizer is fitted and when it is ready, then per split one line per
-    new shard (PROGRESS_SECONDS = 0 here) whose shard, token and document counts grow to what manifest.json
-    records, and a closing line with the split's exact totals. ``report`` defaults to silence."""
+    """The stage's log: a line as the tokenizer is fitted, then as the fit reads documents (PROGRESS_SECONDS
+    = 0 here: one per document; a BPE fit of a large corpus took minutes without a line, as ``tokenizers``
+    draws its bar only on a terminal), one when it is ready, then per split one line per new shard whose
+    shard, token and document counts grow to what manifest.json records, and a closing line with the
+    split's exact totals. ``report`` defaults to silence."""
     import lipflow.errors
     from lipflow.data import tokenize
 
@@ -790,8 +792,10 @@ def test_tokenize_progress_lines_count_what_the_manifest_records(tmp_path, monke
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["splits"] == silent_manifest["splits"]
     lines = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in capsys.readouterr().out.splitlines()[:-1]]
-    assert lines[:2] == ["tokenize: fitting the char tokenizer on train.jsonl",
-                         f"tokenize: tokenizer ready: vocab {manifest['vocab_size']:,}, {manifest['dtype']} tokens"]
+    # the fit reads the train split once, a line per document read here
+    assert lines[:14] == (["tokenize: fitting the char tokenizer on train.jsonl"]
+                          + [f"tokenize: fitting: {n} of 12 documents read" for n in range(1, 13)]
+                          + [f"tokenize: tokenizer ready: vocab {manifest['vocab_size']:,}, {manifest['dtype']} tokens"])
     for split, count in (("train", 12), ("val", 2)):
         info = manifest["splits"][split]
         progress = [re.fullmatch(rf"tokenize: {split}: (\d+) shards?, ([\d,]+) tokens, ([\d,]+) of {count} documents",
@@ -807,7 +811,13 @@ def test_tokenize_progress_lines_count_what_the_manifest_records(tmp_path, monke
     # a file tokenizer is loaded from its path, not fitted on (or loaded "on") train.jsonl
     file_cfg = {"kind": "file", "path": str(tmp_path / "t" / "tokenizer.json")}
     tokenize.main(["--corpus-dir", str(corpus), "--config-json", json.dumps(file_cfg), "--out-dir", str(tmp_path / "f")])
-    assert capsys.readouterr().out.splitlines()[0].startswith(f"tokenize: loading the tokenizer {file_cfg['path']} (")
+    loaded = capsys.readouterr().out.splitlines()
+    assert loaded[0].startswith(f"tokenize: loading the tokenizer {file_cfg['path']} (")
+    assert loaded[1].startswith("tokenize: tokenizer ready: ")  # reads no train document
+    bpe_cfg = {"kind": "bpe", "vocab_size": 300}
+    tokenize.main(["--corpus-dir", str(corpus), "--config-json", json.dumps(bpe_cfg), "--out-dir", str(tmp_path / "b")])
+    fitted = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in capsys.readouterr().out.splitlines()]
+    assert fitted[1:13] == [f"tokenize: fitting: {n} of 12 documents read" for n in range(1, 13)]
 
 
 def rewritten_train_shard(tmp_path, batches_of) -> tuple[dict, dict]:

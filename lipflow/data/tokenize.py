@@ -57,7 +57,7 @@ import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -164,13 +164,26 @@ def iter_texts(jsonl_path: str | os.PathLike[str]) -> Iterator[str]:
                             "stage)") from None
 
 
-TOKENIZERS: Registry[Callable[[TokenizerConfig, Path], Tokenizer]] = Registry("tokenizer kind")
+def documents_read(texts: Iterable[str], total: int | None, report: Callable[[str], None]) -> Iterator[str]:
+    """``texts`` passed through, with a line to ``report`` when :class:`ProgressClock` says so: how many
+    documents (of ``total``, the split's count in corpus.json) the fit has read. A BPE fit reads them
+    all, then computes its merges (``tokenizers`` draws its own progress bar only on a terminal)."""
+    clock = ProgressClock()
+    for count, text in enumerate(texts, 1):
+        if clock.due():
+            report(f"fitting: {count:,} of {total:,} documents read" if type(total) is int
+                   else f"fitting: {count:,} documents read")
+        yield text
+
+
+# A kind is fitted on (or, for ``file``, ignores) the train split's texts, read once.
+TOKENIZERS: Registry[Callable[[TokenizerConfig, Iterable[str]], Tokenizer]] = Registry("tokenizer kind")
 
 
 @TOKENIZERS.register("char")
-def char_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
+def char_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     chars: set[str] = set()
-    for text in iter_texts(train_jsonl):
+    for text in texts:
         chars.update(text)
     vocab = {EOT: 0, UNK: 1, **{c: i for i, c in enumerate(sorted(chars), start=2)}}
     tokenizer = Tokenizer(models.BPE(vocab, [], unk_token=UNK))
@@ -180,7 +193,7 @@ def char_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
 
 
 @TOKENIZERS.register("bpe")
-def bpe_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
+def bpe_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -188,12 +201,12 @@ def bpe_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=[EOT], initial_alphabet=alphabet, show_progress=False
     )
-    tokenizer.train_from_iterator(iter_texts(train_jsonl), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 
 @TOKENIZERS.register("file")
-def file_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> Tokenizer:
+def file_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     if not os.path.isfile(cfg.path):
         what = "is not a regular file" if os.path.exists(cfg.path) else "not found"
         raise DataError(f"tokenizer.path: {cfg.path} {what}")
@@ -522,9 +535,10 @@ def tokenize_corpus(
     """Fit the tokenizer on corpus_dir/train.jsonl, shard both splits into ``out_dir``; returns the
     manifest. ``out_dir`` is replaced atomically, or untouched on error (also when a split's JSONL holds
     another number of documents than corpus.json counts: cut short or edited). ``report`` gets a line as
-    the tokenizer is fitted (or a file one loaded) and when it is ready, then per split a line when a new
-    shard is written and :class:`ProgressClock` says so (shards and tokens written, documents read of
-    the split's count in corpus.json), and one when the split is done."""
+    the tokenizer is fitted (or a file one loaded), as the fit reads documents (:func:`documents_read`)
+    and when it is ready, then per split a line when a new shard is written and :class:`ProgressClock`
+    says so (shards and tokens written, documents read of the split's count in corpus.json), and one
+    when the split is done."""
     check_utf8(str(out_dir), "--out-dir")  # tokenizers writes (and the loader reads) tokenizer.json by a UTF-8 path
     corpus = Path(corpus_dir)
     for name in ("corpus.json", "train.jsonl", "val.jsonl"):
@@ -534,7 +548,9 @@ def tokenize_corpus(
     with atomic_dir(out_dir, owned=OUTPUTS, flag="--out-dir", ours=not_token_shards) as tmp:
         report(f"loading the tokenizer {cfg.path}" if cfg.kind == "file"  # fitted on nothing
                else f"fitting the {cfg.kind} tokenizer on train.jsonl")
-        tokenizer = TOKENIZERS.get(cfg.kind)(cfg, corpus / "train.jsonl")
+        train_texts = documents_read(iter_texts(corpus / "train.jsonl"),
+                                     corpus_summary["splits"]["train"].get("documents"), report)
+        tokenizer = TOKENIZERS.get(cfg.kind)(cfg, train_texts)
         tokenizer.no_truncation()  # a user tokenizer.json may carry these; shards hold whole documents
         tokenizer.no_padding()
         if isinstance(tokenizer.model, models.BPE) and tokenizer.model.dropout:  # BPE-dropout: random merges
