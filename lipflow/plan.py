@@ -18,7 +18,7 @@ from lipflow.config import (DATA_KEYS_OF_KINDS, ConfigError, check_config, data_
                             experiment_run, plain_runs, run_id, run_validator, tokenizer_id)
 from lipflow.data.corpus import expand_paths
 from lipflow.errors import parse_json
-from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, definitions, expand_experiments,
+from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, PRESETS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.experiments.grid import expand_experiment
 from lipflow.studies.icl.config import (ICLConfig, baselines_config, check_regression_prompts, load_config,
@@ -74,14 +74,19 @@ def recorded_block(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return block if isinstance(block, dict) else {}
 
 
-def check_unselected_definitions(config: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> None:
-    """Validate, run by run under the config's preset, each block the config writes under
-    ``experiment_definitions`` without selecting it, so that its mistakes are named now and not on the
-    day it is selected (the selected ones are validated by :func:`resolve_runs`)."""
+def check_written_definitions(config: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> None:
+    """Validate, run by run, each block the config writes under ``experiment_definitions``, under the
+    config's preset and under each other preset the block writes, whether or not it is selected, so
+    that its mistakes are named now and not on the day it is selected or its preset is switched (the
+    selected ones under the config's preset are validated by :func:`resolve_runs`)."""
     validator = run_validator()
-    for name in sorted(set(config["experiment_definitions"]) - set(config["experiments"])):
-        for run_name, overrides in expand_experiment(name, blocks[name], config["experiment_preset"]).items():
-            experiment_run(validator, run_name, overrides, config["defaults"], config["experiment_preset"])
+    preset_now = config["experiment_preset"]
+    for name, written in sorted(config["experiment_definitions"].items()):
+        for preset in sorted({preset_now} | (set(written) & set(PRESETS))):
+            if preset == preset_now and name in config["experiments"]:
+                continue
+            for run_name, overrides in expand_experiment(name, blocks[name], preset).items():
+                experiment_run(validator, run_name, overrides, config["defaults"], preset)
 
 
 def check_selected_experiments_do_something(config: dict[str, Any], blocks: dict[str, dict[str, Any]],
@@ -136,7 +141,7 @@ class Plan:
         blocks = definitions(config)  # once: every experiment helper below reads these
         runs = resolve_runs(config, blocks)
         check_selected_experiments_do_something(config, blocks, runs)
-        check_unselected_definitions(config, blocks)
+        check_written_definitions(config, blocks)
         experiments = selected_experiments(config, blocks)
         enabled = tuple(config["evaluations"]["enabled"])
         by_experiment = {name: tuple(experiment_evaluations(config, {"experiment": name}, blocks))

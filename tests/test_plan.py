@@ -135,6 +135,19 @@ def test_a_written_experiment_block_is_validated_whether_or_not_it_is_selected(s
         (["lrt.lr0.1"] if selected else [])
 
 
+@pytest.mark.parametrize("selected", [[], ["lr_transfer"]], ids=["unselected", "selected"])
+def test_a_written_preset_is_validated_under_another_experiment_preset(selected):
+    """A mistake in the ``paper`` preset a config writes is named while ``experiment_preset`` is cpu,
+    selected or not (it went unnoticed until the day the preset was switched); a valid one adds no run."""
+    written = {"lr_transfer": {"paper": {"base": {"model": "lipschitz_gptt"}, "grid": {"lr": [0.1]}}}}
+    with pytest.raises(ConfigError, match=r"^config error in experiment run lrt\.lr0\.1 \(lr_transfer's paper preset "
+                                          r"or the config's defaults\): model: 'lipschitz_gptt' is not one of"):
+        Plan.from_config({"experiments": selected, "experiment_preset": "cpu", "experiment_definitions": written})
+    written["lr_transfer"]["paper"]["base"]["model"] = "lipschitz_gpt"
+    valid = Plan.from_config({"experiments": selected, "experiment_preset": "cpu", "experiment_definitions": written})
+    assert valid.runs.keys() == Plan.from_config({"experiments": selected, "experiment_preset": "cpu"}).runs.keys()
+
+
 def test_a_corpus_key_its_source_does_not_read_changes_neither_run_ids_nor_the_data_check(tmp_path, monkeypatch):
     """corpus.text_column names the text of a JSONL or Parquet corpus: under source files it changed every
     run id and the corpus folder refused the config as made from another block; now it is set to the

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from lipflow.config import ConfigError
-from lipflow.config.schema import EXPERIMENTS_SCHEMA, first_error, make_validator
+from lipflow.config.schema import EXPERIMENTS_SCHEMA, first_error, load_schema, make_validator
 from lipflow.experiments.grid import expand_experiment, merge_block
 from lipflow.registry import Registry
 from lipflow.results import views as _views
@@ -127,6 +127,7 @@ def _merged_block_validator():
     return make_validator(EXPERIMENTS_SCHEMA, fill=True, definition="merged_experiment")
 
 
+PRESETS = tuple(load_schema(EXPERIMENTS_SCHEMA)["$defs"]["experiment_preset"]["enum"])  # cpu, paper
 Blocks = dict[str, dict[str, Any]]  # definitions(config), passed on by a caller that has them (lipflow.plan)
 
 
