@@ -597,3 +597,26 @@ def test_an_integer_in_the_image_mlp_block_is_one_params_string_with_its_float()
     assert json.loads(block_json(ints))["methods"]["m"]["sigma_max"] == 3.0
     # the schema's defaults keep their params string, as a results tree recorded it
     assert block_json({}) == json.dumps(validate({"image_mlp": {}}, SCHEMA_PATH)["image_mlp"], sort_keys=True)
+
+
+def test_the_readmes_name_rule_is_the_schemas():
+    """The README's Bad config list named only the characters of $defs/name; a name that does not start with a
+    letter or digit, or is longer than the pattern allows, is refused too, and the README did not say so."""
+    from pathlib import Path
+
+    from lipflow.config import SCHEMA_PATH
+
+    pattern = yaml.safe_load(Path(SCHEMA_PATH).read_text(encoding="utf-8"))["$defs"]["name"]["pattern"]
+    first, rest, most = re.fullmatch(r"\^\[([^\]]+)\]\[([^\]]+)\]\{0,(\d+)\}\$", pattern).groups()
+    longest = 1 + int(most)
+    assert first == "A-Za-z0-9"  # what "starting with a letter or digit" says
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rule = " ".join(readme.split("a name with a", 1)[1].split("a key repeated", 1)[0].split())
+    assert f"`[{rest}]`" in rule and "not starting with a letter or digit" in rule, rule
+    assert f"longer than {longest} characters" in rule, rule
+    for name, allowed in (("a" * longest, True), ("a" * (longest + 1), False), ("_a", False), (".a", False)):
+        if allowed:
+            resolved({"runs": {name: {}}})
+        else:
+            with pytest.raises(ConfigError, match="is not allowed"):
+                resolved({"runs": {name: {}}})
