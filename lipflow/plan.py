@@ -148,10 +148,14 @@ class Plan:
                          for name in experiments}
         evaluations = {run: by_experiment[cfg["experiment"]] if cfg["experiment"] else enabled
                        for run, cfg in runs.items()}
-        icl = load_config(config["icl"])  # the icl block's own schema fills its defaults
-        studies = frozenset(experiment_studies(config, blocks)) | ({"icl"} if icl.enabled else set())
-        if "icl" in studies:  # before any job starts, not in the baselines job after the training jobs
-            check_regression_prompts(icl)
+        studies = frozenset(experiment_studies(config, blocks))
+        try:  # the icl block's cross-key rules: their errors are prefixed as every other config error
+            icl = load_config(config["icl"])  # the icl block's own schema fills its defaults
+            studies |= {"icl"} if icl.enabled else set()
+            if "icl" in studies:  # before any job starts, not in the baselines job after the training jobs
+                check_regression_prompts(icl)
+        except ConfigError as err:
+            raise ConfigError(f"config error: {err}") from None
         return cls(config=freeze(config), runs=freeze(runs), evaluations=FrozenDict(evaluations),
                    enabled_evaluations=enabled, experiments=tuple(experiments), studies=studies, icl=icl,
                    trains_runs_block=bool(plain_runs(config)))

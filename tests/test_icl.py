@@ -777,9 +777,22 @@ def test_the_plan_refuses_fewer_regression_prompts_than_coefficients(enabled, ex
     from lipflow.plan import Plan
 
     block = {"enabled": enabled, "d": 40, "sigma": {"kind": "identity"}, "regression_prompts": 1000}
-    with pytest.raises(ConfigError, match=r"^icl.regression_prompts: 1000 is fewer than the d² = 1600"):
+    with pytest.raises(ConfigError, match=r"^config error: icl.regression_prompts: 1000 is fewer than the d² = 1600"):
         Plan.from_config({"icl": block, "experiments": experiments})
     Plan.from_config({"icl": {**block, "layers": [2, 3]}, "experiments": experiments})  # no Γ̂ without L = 1
+
+
+@pytest.mark.parametrize("sigma, message", [
+    ({"kind": "diagonal", "eigenvalues": [1.0]}, r"icl.sigma.eigenvalues: has 1 entries but icl.d = 5"),
+    ({"kind": "diagonal", "eigenvalues": [1.0, 1e-320, 1.0, 1.0, 1.0]}, r"icl.sigma.eigenvalues.1: 1e-320 has no finite"),
+])
+def test_the_plans_icl_errors_carry_the_config_error_prefix(sigma, message):
+    """Under Snakemake every config error reads `lipflow: config error: <key>: ...`; the icl block's own
+    cross-key rules (Σ's eigenvalues, Γ̂'s prompts) came out without the prefix."""
+    from lipflow.plan import Plan
+
+    with pytest.raises(ConfigError, match=rf"^config error: {message}"):
+        Plan.from_config({"icl": {"sigma": sigma}})
 
 
 @pytest.mark.parametrize("flag, value", [("--loss-tol", "nan"), ("--step-tol", "-1"), ("--step-tol", "x")])
