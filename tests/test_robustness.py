@@ -510,6 +510,31 @@ def test_image_mlp_refuses_a_radius_given_twice_in_one_line():
         study_config({"epsilons": [0.1, 0.3, 0.1]})
 
 
+@pytest.mark.parametrize("key, table", [("lmo_norms", {"hidden": "spectral", "embed": "sign"}),
+                                        ("lmo_radius", {"vector": 1.0})])
+def test_image_mlp_refuses_a_per_role_table_entry_for_a_role_its_mlp_lacks(key, table):
+    """The MLP has hidden and head matrices only: a scion method's lmo_norms.embed (or lmo_radius.vector)
+    passed the config and the study's --config-json check and was ignored without a word."""
+    import yaml
+
+    from lipflow.config import ConfigError, check_config
+    from lipflow.config.runs import IMAGE_MLP_ROLES
+    from lipflow.studies.image_mlp import mlp_config, study_config
+
+    role = sorted(set(table) - {"hidden"})[0]
+    method = {"optimizer": "scion", key: table}
+    with pytest.raises(ConfigError, match=rf"^--config-json: image_mlp\.methods\.m\.{key}\.{role}: the study's MLP "
+                                          rf"has no {role} parameters; its roles are hidden, head$"):
+        study_config({"methods": {"m": method}})
+    config = yaml.safe_load(open("config.yaml"))
+    config["image_mlp"] = {"methods": {"m": method}}
+    with pytest.raises(ConfigError, match=rf"^config error: image_mlp\.methods\.m\.{key}\.{role}: "):
+        check_config(config)
+    study_config({"methods": {"m": {"optimizer": "scion", key: {k: v for k, v in table.items() if k == "hidden"}}}})
+    mlp = build_model(run_defaults(**mlp_config(study_config({}))), 10)
+    assert tuple(role for role, params in mlp.param_roles().items() if params) == IMAGE_MLP_ROLES
+
+
 def test_pgd_at_the_largest_allowed_radius_stays_finite_and_larger_radii_are_refused():
     """At ε = 10⁶ (the schema's cap) PGD on a linear classifier still finds the exact worst margin,
     −ε·‖w₀ − w₁‖ + clean margin, and drives it below zero; at 10²⁰ its fp32 norms overflowed, the

@@ -86,6 +86,9 @@ def check_config(config: dict[str, Any]) -> None:
 IMAGE_MLP_METHOD_KEYS = ("optimizer", "lr", "adam_lr", "momentum", "nesterov", "beta1", "beta2", "weight_decay",
                          "ns_coefficients", "ns_steps", "update_scale", "lmo_norms", "lmo_radius",
                          "weight_constraint", "sigma_max", "spectral_wd")
+# The parameter roles of the study's MLP (lipflow.model.mlp: every layer but the last hidden, the last head):
+# a per-role table entry (lmo_norms, lmo_radius) for another role would be ignored without a word.
+IMAGE_MLP_ROLES = ("hidden", "head")
 
 
 def image_mlp_method_keys(config: dict[str, Any]) -> dict[str, set[str]]:
@@ -98,15 +101,20 @@ def image_mlp_method_keys(config: dict[str, Any]) -> dict[str, set[str]]:
 
 
 def check_image_mlp_methods(methods: dict[str, dict[str, Any]], keys_set: dict[str, set[str]]) -> None:
-    """Each image_mlp method sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the keys it was given)
-    and keeps the Newton–Schulz rule of :func:`check_run`; both fail before any job starts instead of
-    being ignored or failing inside the study's job."""
+    """Each image_mlp method sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the keys it was given),
+    per-role tables only for :data:`IMAGE_MLP_ROLES`, and keeps the Newton–Schulz rule of :func:`check_run`;
+    all fail before any job starts instead of being ignored or failing inside the study's job."""
     for name, method in methods.items():
         others = sorted(keys_set.get(name, set()) - set(IMAGE_MLP_METHOD_KEYS))
         if others:
             raise ConfigError(f"config error: image_mlp.methods.{name}.{others[0]}: a method sets only its optimizer "
                               f"and weight constraint ({', '.join(IMAGE_MLP_METHOD_KEYS)}); the study sets the "
                               "model, its shape, steps, batches and seed (image_mlp's own keys)")
+        for key in ("lmo_norms", "lmo_radius"):
+            absent = sorted(set(method[key]) - set(IMAGE_MLP_ROLES))
+            if absent:
+                raise ConfigError(f"config error: image_mlp.methods.{name}.{key}.{absent[0]}: the study's MLP has no "
+                                  f"{absent[0]} parameters; its roles are {', '.join(IMAGE_MLP_ROLES)}")
         check_newton_schulz_steps(f"image_mlp.methods.{name}", method)
 
 
