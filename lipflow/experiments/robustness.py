@@ -54,6 +54,15 @@ ROBUSTNESS = View(
 VIEWS = {"robustness": ROBUSTNESS}
 
 
+def one_radius_axis(ax) -> None:
+    """An ε axis whose lines share one radius ε spans [0, 2ε] ([0, 1] at ε = 0) with matplotlib's 5% margins:
+    its own ±5% around the point ticked −0.04 … 0.04 at ε = 0 (epsilons: [0]) and 0.235, 0.24 … at ε = 0.25."""
+    radii = {float(x) for line in ax.lines for x in line.get_xdata()}
+    if len(radii) == 1:
+        width = 2 * radii.pop() or 1.0
+        ax.set_xlim(-0.05 * width, 1.05 * width)
+
+
 def robustness(con):
     """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
     ε per model; the global and local certificates' tightness against ε; LM token substitutions
@@ -103,6 +112,8 @@ def robustness(con):
                     sub = rows[(rows.metric == "robust_accuracy") & (rows.attack == attack)].sort_values("k")
                     ax.plot(sub.k, 100 * sub.value, style, color=color, label=f"{label}: {attack}")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one k: else ticks at 0.96, …
+        if x_col == "epsilon":
+            one_radius_axis(ax)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_label)
         ax.set_ylabel("best attack / certificate (1 = tight)" if x_col == "tightness" else "accuracy (%)")
