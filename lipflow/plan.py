@@ -21,8 +21,8 @@ from lipflow.errors import parse_json
 from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, PRESETS, definitions, expand_experiments,
                                  experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.experiments.grid import expand_experiment
-from lipflow.studies.icl.config import (ICLConfig, baselines_config, check_regression_prompts, load_config,
-                                        training_config, training_jobs)
+from lipflow.studies.icl.config import (ICLConfig, baselines_config, caption_terms, check_regression_prompts,
+                                        load_config, training_config, training_jobs)
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # table image_mlp_robustness (lipflow.results.database)
 
@@ -236,6 +236,10 @@ class Plan:
     def icl_baselines_params(self) -> str:
         """Only the keys that change the ICL baselines, so an edit of how models train keeps them."""
         return json.dumps(baselines_config(self.icl))
+
+    def icl_caption(self) -> dict[str, str]:
+        """What the ICL figures' report captions say of the config (:func:`caption_terms`)."""
+        return caption_terms(self.icl)
 
     # ------------------------------------------------------------------ targets
 

@@ -132,6 +132,9 @@ class RuleFunctions:
     def icl_baselines_params(self, wildcards):
         return self.plan.icl_baselines_params()
 
+    def icl_caption(self, wildcards):
+        return self.plan.icl_caption()
+
     def experiment_targets(self, wildcards=None):
         return self.plan.experiment_targets()
 

@@ -795,6 +795,28 @@ def test_the_plans_icl_errors_carry_the_config_error_prefix(sigma, message):
         Plan.from_config({"icl": {"sigma": sigma}})
 
 
+@pytest.mark.parametrize("figure, states", [
+    ("loss_vs_layers", ["softmax-attention transformers (full: P and Q learned) with L = 2, 4 layers", "n = 12 in-context"]),
+    ("loss_vs_n", ["n = 6, 12 of in-context", "deepest of the trained softmax-attention transformers (full: P and Q learned), with L = 4 layers"])])
+def test_the_figure_captions_state_the_configured_models_layers_and_n(figure, states):
+    """The report captions said "linear transformers with L = 1, 2, 3 layers" whatever icl.layers, icl.attention
+    and icl.parametrization were. Rendered as `snakemake --report` renders them (Jinja2, the icl_plots job's
+    params), they now state the config's models, layer counts and context lengths."""
+    from jinja2 import Environment, StrictUndefined
+
+    from lipflow.plan import Plan
+
+    block = {"enabled": True, "layers": [2, 4], "n": 12, "n_grid": [6, 12], "attention": "softmax",
+             "parametrization": "full"}
+    job = type("Snakemake", (), {"params": type("Params", (), {"caption": Plan.from_config({"icl": block}).icl_caption()})})
+    template = (REPO / "workflow" / "report" / f"figure_icl_{figure}.rst").read_text(encoding="utf-8")
+    caption = " ".join(Environment(undefined=StrictUndefined).from_string(template).render(snakemake=job).split())
+    assert all(words in caption for words in states), caption
+    assert "1, 2, 3" not in caption and "linear-attention" not in caption, caption
+    plots_rule = (REPO / "workflow" / "rules" / "icl.smk").read_text().split("rule icl_plots:")[1].split("\nrule ")[0]
+    assert re.search(r"^ +caption=icl_caption,", plots_rule, re.MULTILINE), plots_rule
+
+
 @pytest.mark.parametrize("flag, value", [("--loss-tol", "nan"), ("--step-tol", "-1"), ("--step-tol", "x")])
 def test_check_refuses_a_tolerance_that_is_no_number_at_least_zero(tmp_path, capsys, flag, value):
     """`check --loss-tol nan` (or a negative tolerance) was taken: every comparison with it is false, so the

@@ -69,6 +69,7 @@ icl_targets = _RULE_FUNCTIONS.icl_targets
 icl_params = _RULE_FUNCTIONS.icl_params
 icl_train_params = _RULE_FUNCTIONS.icl_train_params
 icl_baselines_params = _RULE_FUNCTIONS.icl_baselines_params
+icl_caption = _RULE_FUNCTIONS.icl_caption
 experiment_targets = _RULE_FUNCTIONS.experiment_targets
 training_curve_targets = _RULE_FUNCTIONS.training_curve_targets
 figure_receipts = _RULE_FUNCTIONS.figure_receipts

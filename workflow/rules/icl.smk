@@ -94,6 +94,7 @@ rule icl_plots:
     params:
         results_dir="results/icl",
         out_dir="results/figures",
+        caption=icl_caption,  # what the captions (workflow/report/figure_icl_*.rst) say of the config
     threads: 1
     resources:
         mem_mb=1000,

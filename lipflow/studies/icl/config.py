@@ -104,6 +104,15 @@ def check_regression_prompts(cfg: ICLConfig) -> None:
                           f"coefficients of the one-layer regression Γ̂ (icl.d = {cfg.d})")
 
 
+def caption_terms(cfg: ICLConfig) -> dict[str, str]:
+    """What the figures' captions (workflow/report/figure_icl_*.rst) state of the config: the models trained
+    (attention, which blocks learn), the layer counts L at n, and the context lengths n_grid at max(L)."""
+    learned = "P = 0, only Q learned" if cfg.parametrization == "sparse" else "P and Q learned"
+    return {"models": f"{cfg.attention}-attention transformers ({cfg.parametrization}: {learned})",
+            "layers": ", ".join(map(str, cfg.layers)), "n": str(cfg.n),
+            "deepest": str(max(cfg.layers)), "n_grid": ", ".join(map(str, cfg.n_grid))}
+
+
 def training_jobs(cfg: ICLConfig) -> list[tuple[int, int]]:
     """(L, n) of every training job: each L in ``layers`` at n, and max(layers) at each n_grid."""
     jobs = {(layers, cfg.n) for layers in cfg.layers}
