@@ -733,7 +733,7 @@ def test_collect_names_a_checkpoint_without_the_studys_keys_or_shapes(tmp_path, 
 @pytest.mark.parametrize("threads", ["2147483648", "100000"])
 def test_icl_threads_beyond_any_machine_is_one_line(threads, capsys):
     """torch.set_num_threads overflowed (a traceback) or crashed (segfault) on such counts."""
-    assert icl_main(["--threads", threads, "plot", "--results-dir", "x", "--out-dir", "y"]) == 2
+    assert icl_main(["--threads", threads, "plot", "--config-json", "{}", "--results-dir", "x", "--out-dir", "y"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"lipflow: error: --threads {threads}: at most 1024", err
 
@@ -745,10 +745,30 @@ def test_icl_plot_with_a_table_missing_writes_no_figure(tmp_path, capsys):
     schema = tables.TABLE_SCHEMAS["loss_by_layers"]
     tables.write_table([{**dict.fromkeys(schema.names), **{k: v for k, v in rows[0].items() if k in schema.names}}],
                        schema, tmp_path / "loss_by_layers.parquet")
-    assert icl_main(["plot", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")]) == 2
+    assert icl_main(["plot", "--config-json", "{}", "--results-dir", str(tmp_path),
+                     "--out-dir", str(tmp_path / "figures")]) == 2
     err = capsys.readouterr().err.strip()
     assert "loss_by_n.parquet" in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.glob("figures/*"))
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_the_figures_legend_names_the_configured_attention(tmp_path, monkeypatch, attention):
+    """The legend said "trained linear transformer" whatever icl.attention was: plot takes the config
+    (--config-json, as the other commands) and each figure's legend names the trained models' attention."""
+    from lipflow.studies.icl import plots
+
+    for name in ("loss_by_layers", "loss_by_n"):
+        schema = tables.TABLE_SCHEMAS[name]
+        rows = [{**dict.fromkeys(schema.names), "method": method, "n_layers": 2, "n": 20, "loss": 0.5, "loss_stderr": 0.01}
+                for method in ("transformer", "pgd")]
+        tables.write_table(rows, schema, tmp_path / f"{name}.parquet")
+    drawn, draw = [], plots.plot_losses
+    monkeypatch.setattr(plots, "plot_losses", lambda *args: drawn.append(draw(*args)) or drawn[-1])
+    assert icl_main(["plot", "--config-json", json.dumps({"attention": attention}), "--results-dir", str(tmp_path),
+                     "--out-dir", str(tmp_path / "figures")]) == 0
+    legends = [[text.get_text() for text in fig.axes[0].get_legend().get_texts()] for fig in drawn]
+    assert legends == [[f"trained {attention}-attention transformer", plots.LABELS["pgd"]]] * 2, legends
 
 
 def test_collect_refuses_baselines_computed_under_another_icl_config(tmp_path, capsys):
@@ -851,7 +871,7 @@ def test_a_figure_of_one_layer_count_has_integer_ticks():
 
     rows = [{"method": "transformer", "n_layers": 2, "n": 5, "loss": 0.5, "loss_stderr": 0.01},
             {"method": "pgd", "n_layers": 2, "n": 5, "loss": 0.4, "loss_stderr": 0.01}]
-    fig = plots.plot_losses(rows, "n_layers", "number of layers L", "t")
+    fig = plots.plot_losses(rows, "n_layers", "number of layers L", "t", "linear")
     fig.canvas.draw()
     ax = fig.axes[0]
     low, high = ax.get_xlim()

@@ -95,6 +95,7 @@ rule icl_plots:
         results_dir="results/icl",
         out_dir="results/figures",
         caption=icl_caption,  # what the captions (workflow/report/figure_icl_*.rst) say of the config
+        config_json=icl_params,
     threads: 1
     resources:
         mem_mb=1000,
@@ -103,8 +104,8 @@ rule icl_plots:
     conda:
         ENV
     shell:
-        "python -m lipflow.studies.icl plot --results-dir {params.results_dir} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        "python -m lipflow.studies.icl plot --config-json {params.config_json:q}"
+        " --results-dir {params.results_dir} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule icl_check:

@@ -3,7 +3,7 @@
     train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors
     baselines  --config-json J --out results/icl/runs/baselines.parquet
     collect    --config-json J --baselines B --runs R1.safetensors R2.safetensors ... --out-dir results/icl
-    plot       --results-dir results/icl --out-dir results/figures
+    plot       --config-json J --results-dir results/icl --out-dir results/figures
     check      --config-json J --results-dir results/icl --out results/icl/summary.json [--strict]
 
 J is the ``icl:`` block of config.yaml as JSON (missing keys take the schema defaults).
@@ -64,6 +64,7 @@ def _parser() -> ArgumentParser:
     collect.add_argument("--out-dir", required=True)
 
     plot = sub.add_parser("plot", help="loss vs layers and loss vs n figures (PNG and SVG)")
+    plot.add_argument("--config-json", required=True)
     plot.add_argument("--results-dir", required=True)
     plot.add_argument("--out-dir", required=True)
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "collect":
                 study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
             elif args.command == "plot":
-                plots.run_plots(args.results_dir, args.out_dir)
+                plots.run_plots(args.results_dir, args.out_dir, _config(args.config_json).attention)
             else:
                 cfg = _config(args.config_json)
                 summary = study.summarize(cfg, args.results_dir, args.loss_tol, args.step_tol)

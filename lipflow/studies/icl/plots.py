@@ -14,8 +14,8 @@ from lipflow.results.plotting import refuse_to_replace_figure, write_figure  # n
 from lipflow.studies.icl.tables import PLOTTED_METHODS  # noqa: E402
 from lipflow.data.parquet import read_table_parquet  # noqa: E402
 
-LABELS = {
-    "transformer": "trained linear transformer",
+LABELS = {  # {attention}: the trained models' (icl.attention)
+    "transformer": "trained {attention}-attention transformer",
     "pgd": "preconditioned GD (Σ⁻¹, optimal per-step sizes)",
     "gd": "GD (tuned constant step)",
     "least_squares": "least squares (min-norm)",
@@ -32,14 +32,16 @@ FIGURES = {
 }
 
 
-def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
-    """One line per plotted method: test loss (mean ± standard error) against ``x_key``."""
+def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str, attention: str):
+    """One line per plotted method: test loss (mean ± standard error) against ``x_key``; the trained
+    models' label names their ``attention``."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in PLOTTED_METHODS:
         points = sorted((r[x_key], r["loss"], r["loss_stderr"]) for r in rows if r["method"] == method)
         if points:
             x, y, err = zip(*points)
-            ax.errorbar(x, y, yerr=err, capsize=3, label=LABELS[method], **STYLES[method])
+            ax.errorbar(x, y, yerr=err, capsize=3, label=LABELS[method].format(attention=attention),
+                        **STYLES[method])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     xs = {r[x_key] for r in rows}
     if len(xs) == 1:  # a view narrower than 1 gets fractional ticks (L = 1.975) even from an integer locator
@@ -53,9 +55,9 @@ def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str):
     return fig
 
 
-def run_plots(results_dir: str | Path, out_dir: str | Path) -> None:
+def run_plots(results_dir: str | Path, out_dir: str | Path, attention: str) -> None:
     """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``, after reading
-    every table (a missing one leaves no figure written)."""
+    every table (a missing one leaves no figure written); ``attention``: the trained models' (icl.attention)."""
     paths = {(name, ext): Path(out_dir) / f"icl_{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
     for path in paths.values():
         refuse_to_replace_figure(path, "--out-dir")
@@ -66,7 +68,7 @@ def run_plots(results_dir: str | Path, out_dir: str | Path) -> None:
         fixed = "n" if x_key == "n_layers" else "L"
         values = sorted({r["n" if x_key == "n_layers" else "n_layers"] for r in rows})
         title = f"In-context linear regression ({fixed} = {', '.join(map(str, values))})"
-        fig = plot_losses(rows, x_key, xlabel, title)
+        fig = plot_losses(rows, x_key, xlabel, title, attention)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for ext in ("png", "svg"):
             write_figure(fig, paths[name, ext], ext)
