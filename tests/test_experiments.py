@@ -851,6 +851,27 @@ def test_lr_transfer_figure_marks_what_it_cannot_place_and_survives_a_method_tha
     pyplot().close(fig)
 
 
+def test_lr_transfer_figure_of_one_final_loss_has_a_readable_loss_and_lr_axis(tmp_path):
+    """One run (or every run at one loss) made the loss axis 2 ± 1e-10 (ticks −0.5 … 3.0 under an offset
+    "1e−10+2"), and one lr a log axis of ±30 % around it with the only tick, 2⁻⁷, at its edge. The loss axis
+    now spans a tenth of the loss, the lr axis an octave each side."""
+    from lipflow.experiments.lr_transfer import lr_transfer
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", d_model=w, lr=0.01, val_loss=2.0)
+            for i, w in enumerate((32, 64))]
+    con = database(tmp_path, runs)
+    create_views(con)
+    fig = lr_transfer(con)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    bottom, top = ax.get_ylim()
+    assert ax.yaxis.get_offset_text().get_text() == "" and bottom < 2.0 < top and top - bottom > 0.05, (bottom, top)
+    low, high = ax.get_xlim()
+    assert len([t for t in ax.get_xticks() if low <= t <= high]) >= 2 and low < 0.01 < high, (low, high)
+    pyplot().close(fig)
+
+
 def test_rank_figure_marks_gaps_a_log_axis_cannot_show_and_says_what_the_slope_is_over(tmp_path):
     """A gap ≤ 0 vanished from the log panel, and the legend's slope (fitted on the positive gaps only)
     read as fitted on every run; one run gave 'slope nan'."""

@@ -70,7 +70,8 @@ def lr_transfer(con):
     color_of = dict(zip(widths, colors(len(widths))))
     finite = runs.final_loss.dropna()
     low, high = (finite.min(), finite.quantile(0.9)) if len(finite) else (0.0, 1.0)
-    bottom, top = low - 0.05 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9)
+    span = (high - low) or 0.1 * max(abs(high), 1.0)  # one loss (or all equal): not a 1e-9 range (ticks "1e−10+2")
+    bottom, top = low - 0.05 * span, high + 0.3 * span
     fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4), sharey=True, squeeze=False,
                              constrained_layout=True)
     marks = set()
@@ -95,7 +96,8 @@ def lr_transfer(con):
         else:
             ax.set_title(f"{method}: no run ended with a finite loss", fontsize=10)
         ax.set_xscale("log", base=2)
-        ax.set_xlim(runs_of.lr.min() / 1.3, runs_of.lr.max() * 1.3)  # set, so a panel of diverged runs has one
+        pad = 1.3 if runs_of.lr.nunique() > 1 else 2.0  # one lr: an octave each side, so two ticks are in view
+        ax.set_xlim(runs_of.lr.min() / pad, runs_of.lr.max() * pad)  # set, so a panel of diverged runs has one
         ax.set_xlabel("peak learning rate (log₂ scale)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final val loss (nats/token)")
