@@ -112,6 +112,21 @@ def test_a_loss_that_grew_by_decades_gets_a_log_axis(tmp_path):
     pyplot().close(fig)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_step_axis_ticks_whole_steps_only(tmp_path, steps):
+    """A run of 1 step (steps: 1) put every panel's step axis at 0.945 … 1.055 with ticks 0.96, 0.98 … 1.04,
+    and a run of 3 steps ticked 1.25, 1.5 …: fractional steps. Every tick in view is now a whole step, with
+    a tick at each step of so short a run."""
+    db = write_database(tmp_path / "r.duckdb", [run_row("short-00000001")], metric_rows("short-00000001", steps, 1, 2.0, 0))
+    fig = training_curves.draw(duckdb.connect(str(db)))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert all(float(t).is_integer() for t in ticks) and set(range(1, steps + 1)) <= set(ticks), ticks
+    pyplot().close(fig)
+
+
 def test_two_runs_of_one_name_are_two_lines_labelled_by_run_id(tmp_path):
     """A database built by hand from every run folder holds an earlier config's run of a name too: the two
     runs were one line with one label, the 20-step run's points interleaved with the 100-step run's."""
