@@ -951,9 +951,13 @@ def test_sharpness_spread_tells_optimizers_apart_in_its_rows_and_figure(tmp_path
 
     figure = sharpness(con)
     titles = [ax.get_title() for ax in figure.axes]
+    figure.canvas.draw()
+    views = [ax.get_xlim() for ax in figure.axes]  # one logged step (10): whole-step ticks, not 9.96, 9.98 …
+    ticks = [[t for t in ax.get_xticks() if low <= t <= high] for ax, (low, high) in zip(figure.axes, views)]
     plt.close(figure)
     assert len(titles) == 2 and "+ adamw" in titles[0] and "+ muon" in titles[1]
     assert "mean spread 1.00" in titles[0] and "mean spread 0.00" in titles[1]
+    assert all(10 in panel and all(float(t).is_integer() for t in panel) for panel in ticks), ticks
 
 
 def test_sharpness_spread_counts_distinct_sizes_skips_missing_sharpness_and_other_experiments(tmp_path):

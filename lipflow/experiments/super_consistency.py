@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from lipflow.results.plotting import Figure, colors, pyplot, read_view
+from lipflow.results.plotting import Figure, colors, pyplot, read_view, whole_number_x_axis
 from lipflow.results.views import RUNS_NEED, Part, View
 
 SHARPNESS_CURVES = View(
@@ -96,6 +96,7 @@ def sharpness(con):
             ax.set_title(f"{_parametrization_label(param, depth_mup)} + {optimizer}, {fixed_col} {fixed}\n"
                          f"mean spread {cells[spread_column].mean():.2f}", fontsize=10)
             ax.set_xlabel("training step")
+            whole_number_x_axis(ax, group.step)  # one logged step (10) ticked 9.6, 9.8 … 10.4
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             symlog_if_spiky(ax, group[column])

@@ -78,6 +78,18 @@ def note_on_axes(ax, text: str, color: str | None = "0.4") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color=color)
 
 
+def whole_number_x_axis(ax, values) -> None:
+    """Ticks of ``ax``'s x axis at whole numbers only (training steps), and x ± 1 when ``values`` hold one x:
+    matplotlib's ±5 % around a lone point ticked 0.96, 0.98 … 1.04 (fractional steps)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    distinct = set(values)
+    if len(distinct) == 1:
+        only = distinct.pop()
+        ax.set_xlim(only - 1, only + 1)
+
+
 def spans_a_decade(values) -> bool:
     """Whether positive ``values`` span more than a factor 10, the figures' rule for a log axis."""
     values = list(values)

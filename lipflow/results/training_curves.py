@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from lipflow.results.plotting import category_colors, note_on_axes, pyplot, spans_a_decade
+from lipflow.results.plotting import category_colors, note_on_axes, pyplot, spans_a_decade, whole_number_x_axis
 
 FIGURE = "training_curves"
 
@@ -70,7 +70,6 @@ def draw(con):
     run's last loss) and, on a log axis, values ≤ 0 are left out. A ValueError when the database has
     no run of ``runs`` with metrics."""
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     rows = curves(con)
     if rows.empty:
@@ -110,11 +109,8 @@ def draw(con):
         if not ax.lines:
             note_on_axes(ax, "no run records it" if column != "lipschitz_bound" else "no run has a certificate")
         ax.grid(True, alpha=0.3)
-    steps = rows.step.unique()
-    for ax in axes.flat:  # steps are whole numbers: a run of 1 step got ticks 0.96, 0.98 … 1.04 (±5 % around it)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        if len(steps) == 1:
-            ax.set_xlim(steps[0] - 1, steps[0] + 1)
+    for ax in axes.flat:
+        whole_number_x_axis(ax, rows.step)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.legend(handles=legend, loc="outside lower center", ncol=min(len(legend), 3), frameon=False)
