@@ -235,6 +235,26 @@ def test_every_report_caption_is_restructuredtext_without_errors(caption):
     assert stream.getvalue() == "" and not list(tree.findall(nodes.system_message)), stream.getvalue()
 
 
+def test_the_robustness_caption_names_the_configured_image_mlp_methods():
+    """The caption said "Digits MLP: Muon + spectral soft cap vs AdamW + weight decay" whatever image_mlp.methods
+    held. Rendered as `snakemake --report` renders it (Jinja2 over the config the Plan validated and filled),
+    it names the configured methods, as reStructuredText without errors."""
+    from docutils import nodes
+    from docutils.core import publish_doctree
+    from jinja2 import Environment, StrictUndefined
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["image_mlp"] = {"methods": {"scion_cap": {"optimizer": "scion"}, "sgd_like_": {"optimizer": "adamw"}}}
+    check_config(config)
+    template = (REPO / "workflow" / "report" / "figure_robustness.rst").read_text(encoding="utf-8")
+    job = type("Snakemake", (), {"config": config})
+    caption = Environment(undefined=StrictUndefined).from_string(template).render(snakemake=job)
+    assert "its methods ``scion_cap``, ``sgd_like_`` (" in " ".join(caption.split()), caption
+    stream = io.StringIO()
+    tree = publish_doctree(caption, settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": stream})
+    assert stream.getvalue() == "" and not list(tree.findall(nodes.system_message)), stream.getvalue()
+
+
 def test_a_malformed_experiment_yaml_is_one_line_naming_the_file(tmp_path):
     from lipflow.experiments import discover
 
