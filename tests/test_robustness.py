@@ -510,29 +510,34 @@ def test_image_mlp_refuses_a_radius_given_twice_in_one_line():
         study_config({"epsilons": [0.1, 0.3, 0.1]})
 
 
-@pytest.mark.parametrize("key, table", [("lmo_norms", {"hidden": "spectral", "embed": "sign"}),
-                                        ("lmo_radius", {"vector": 1.0})])
-def test_image_mlp_refuses_a_per_role_table_entry_for_a_role_its_mlp_lacks(key, table):
-    """The MLP has hidden and head matrices only: a scion method's lmo_norms.embed (or lmo_radius.vector)
-    passed the config and the study's --config-json check and was ignored without a word."""
+@pytest.mark.parametrize("n_layers, key, table, roles", [
+    (3, "lmo_norms", {"hidden": "spectral", "embed": "sign"}, "hidden, head"),
+    (3, "lmo_radius", {"vector": 1.0}, "hidden, head"),
+    (1, "lmo_norms", {"head": "sign", "hidden": "spectral"}, "head")])
+def test_image_mlp_refuses_a_per_role_table_entry_for_a_role_its_mlp_lacks(n_layers, key, table, roles):
+    """The MLP has hidden and head matrices only (a one-layer MLP a head only): a scion method's lmo_norms.embed
+    (or lmo_radius.vector, or lmo_norms.hidden at n_layers 1) passed the config and the study's --config-json
+    check and was ignored without a word."""
     import yaml
 
     from lipflow.config import ConfigError, check_config
-    from lipflow.config.runs import IMAGE_MLP_ROLES
+    from lipflow.config.runs import image_mlp_roles
     from lipflow.studies.image_mlp import mlp_config, study_config
 
-    role = sorted(set(table) - {"hidden"})[0]
-    method = {"optimizer": "scion", key: table}
+    role = sorted(set(table) - set(roles.split(", ")))[0]
+    block = {"n_layers": n_layers, "methods": {"m": {"optimizer": "scion", key: table}}}
     with pytest.raises(ConfigError, match=rf"^--config-json: image_mlp\.methods\.m\.{key}\.{role}: the study's MLP "
-                                          rf"has no {role} parameters; its roles are hidden, head$"):
-        study_config({"methods": {"m": method}})
+                                          rf"\(image_mlp\.n_layers = {n_layers}\) has no {role} parameters; its roles "
+                                          rf"are {roles}$"):
+        study_config(block)
     config = yaml.safe_load(open("config.yaml"))
-    config["image_mlp"] = {"methods": {"m": method}}
+    config["image_mlp"] = block
     with pytest.raises(ConfigError, match=rf"^config error: image_mlp\.methods\.m\.{key}\.{role}: "):
         check_config(config)
-    study_config({"methods": {"m": {"optimizer": "scion", key: {k: v for k, v in table.items() if k == "hidden"}}}})
-    mlp = build_model(run_defaults(**mlp_config(study_config({}))), 10)
-    assert tuple(role for role, params in mlp.param_roles().items() if params) == IMAGE_MLP_ROLES
+    kept = {name: value for name, value in table.items() if name in roles.split(", ")}
+    cfg = study_config({"n_layers": n_layers, "methods": {"m": {"optimizer": "scion", key: kept}}})
+    mlp = build_model(run_defaults(**mlp_config(cfg)), 10)
+    assert tuple(role for role, params in mlp.param_roles().items() if params) == image_mlp_roles(n_layers)
 
 
 def test_pgd_at_the_largest_allowed_radius_stays_finite_and_larger_radii_are_refused():

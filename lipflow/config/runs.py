@@ -63,7 +63,7 @@ def check_config(config: dict[str, Any]) -> None:
     check_data_blocks(config)
     for name in DATA_BLOCKS:
         config[name] = data_block_as_used(name, config[name])
-    check_image_mlp_methods(config["image_mlp"]["methods"], methods_set)
+    check_image_mlp_methods(config["image_mlp"], methods_set)
     config["image_mlp"] = canonical_image_mlp(config["image_mlp"])
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
@@ -86,9 +86,12 @@ def check_config(config: dict[str, Any]) -> None:
 IMAGE_MLP_METHOD_KEYS = ("optimizer", "lr", "adam_lr", "momentum", "nesterov", "beta1", "beta2", "weight_decay",
                          "ns_coefficients", "ns_steps", "update_scale", "lmo_norms", "lmo_radius",
                          "weight_constraint", "sigma_max", "spectral_wd")
-# The parameter roles of the study's MLP (lipflow.model.mlp: every layer but the last hidden, the last head):
-# a per-role table entry (lmo_norms, lmo_radius) for another role would be ignored without a word.
-IMAGE_MLP_ROLES = ("hidden", "head")
+
+
+def image_mlp_roles(n_layers: int) -> tuple[str, ...]:
+    """The parameter roles of the study's MLP of ``n_layers`` Linear layers (lipflow.model.mlp: every layer but
+    the last hidden, the last head): a per-role entry (lmo_norms, lmo_radius) for another would be ignored."""
+    return ("hidden", "head") if n_layers > 1 else ("head",)
 
 
 def image_mlp_method_keys(config: dict[str, Any]) -> dict[str, set[str]]:
@@ -100,21 +103,23 @@ def image_mlp_method_keys(config: dict[str, Any]) -> dict[str, set[str]]:
     return {name: set(method) for name, method in methods.items() if isinstance(method, dict)}
 
 
-def check_image_mlp_methods(methods: dict[str, dict[str, Any]], keys_set: dict[str, set[str]]) -> None:
-    """Each image_mlp method sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the keys it was given),
-    per-role tables only for :data:`IMAGE_MLP_ROLES`, and keeps the Newton–Schulz rule of :func:`check_run`;
-    all fail before any job starts instead of being ignored or failing inside the study's job."""
-    for name, method in methods.items():
+def check_image_mlp_methods(block: dict[str, Any], keys_set: dict[str, set[str]]) -> None:
+    """Each method of the (filled) image_mlp ``block`` sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the
+    keys it was given), per-role tables only for :func:`image_mlp_roles`, and keeps the Newton–Schulz rule of
+    :func:`check_run`; all fail before any job starts instead of being ignored or failing inside the study's job."""
+    roles = image_mlp_roles(block["n_layers"])
+    for name, method in block["methods"].items():
         others = sorted(keys_set.get(name, set()) - set(IMAGE_MLP_METHOD_KEYS))
         if others:
             raise ConfigError(f"config error: image_mlp.methods.{name}.{others[0]}: a method sets only its optimizer "
                               f"and weight constraint ({', '.join(IMAGE_MLP_METHOD_KEYS)}); the study sets the "
                               "model, its shape, steps, batches and seed (image_mlp's own keys)")
         for key in ("lmo_norms", "lmo_radius"):
-            absent = sorted(set(method[key]) - set(IMAGE_MLP_ROLES))
+            absent = sorted(set(method[key]) - set(roles))
             if absent:
-                raise ConfigError(f"config error: image_mlp.methods.{name}.{key}.{absent[0]}: the study's MLP has no "
-                                  f"{absent[0]} parameters; its roles are {', '.join(IMAGE_MLP_ROLES)}")
+                raise ConfigError(f"config error: image_mlp.methods.{name}.{key}.{absent[0]}: the study's MLP "
+                                  f"(image_mlp.n_layers = {block['n_layers']}) has no {absent[0]} parameters; its "
+                                  f"roles are {', '.join(roles)}")
         check_newton_schulz_steps(f"image_mlp.methods.{name}", method)
 
 

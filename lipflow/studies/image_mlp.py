@@ -162,7 +162,7 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
     methods_set = {name: {key for key, value in method.items() if key not in defaults or value != defaults[key]}
                    for name, method in filled["image_mlp"]["methods"].items()}
     try:
-        check_image_mlp_methods(filled["image_mlp"]["methods"], methods_set)
+        check_image_mlp_methods(filled["image_mlp"], methods_set)
     except ConfigError as err:
         raise ConfigError(f"--config-json: {str(err).removeprefix('config error: ')}") from None
     return filled["image_mlp"]
