@@ -234,32 +234,52 @@ def test_the_robustness_figure_ticks_a_single_k_as_a_whole_number(tmp_path):
     pyplot().close(fig)
 
 
-@pytest.mark.parametrize("radius", [0.0, 0.25])
-def test_the_robustness_figure_of_one_radius_has_no_negative_or_crowded_epsilon_ticks(tmp_path, radius):
-    """epsilons: [0] (valid, for the LM's evaluation and the digits MLP's study) left matplotlib's ±5% around the
-    one point: ε ticks −0.04, −0.02, 0, 0.02, 0.04 (and 0.235, 0.24 … 0.265 for [0.25]). Each ε panel now spans
-    [0, 2ε] ([0, 1] at ε = 0) with 5% margins: the point inside, every visible tick ≥ 0, a tick at 0."""
+def one_radius_robustness_figure(tmp_path, radius: float):
+    """The robustness figure of an LM run and a digits-MLP method evaluated at the one radius ``radius``."""
     from test_experiments import database, run
 
     from lipflow.experiments import create_views
     from lipflow.experiments.robustness import robustness
-    from lipflow.results.plotting import pyplot
 
     runs = [run("robust.a-00000001", experiment="robustness")]
     evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": m, "value": 0.5, "epsilon": radius,
-              "attack": a, "k": None} for m, a in (("robust_accuracy", "pgd"), ("certified_accuracy", None))]
+              "attack": a, "k": None} for m, a in (("robust_accuracy", "pgd"), ("certified_accuracy", None),
+                                                   ("certified_accuracy_local", None))]
     image = [{"method": "m", "optimizer": "muon", "weight_constraint": "none", "metric": m, "value": 0.5,
               "epsilon": radius} for m in ("robust_accuracy", "certified_accuracy")]
     con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
     assert create_views(con, log=io.StringIO())["robustness"] == ""
     fig = robustness(con)
     fig.canvas.draw()
+    return fig
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.25])
+def test_the_robustness_figure_of_one_radius_has_no_negative_or_crowded_epsilon_ticks(tmp_path, radius):
+    """epsilons: [0] (valid, for the LM's evaluation and the digits MLP's study) left matplotlib's ±5% around the
+    one point: ε ticks −0.04, −0.02, 0, 0.02, 0.04 (and 0.235, 0.24 … 0.265 for [0.25]). Each ε panel now spans
+    [0, 2ε] ([0, 1] at ε = 0) with 5% margins: the point inside, every visible tick ≥ 0, a tick at 0."""
+    from lipflow.results.plotting import pyplot
+
+    fig = one_radius_robustness_figure(tmp_path, radius)
     assert [ax.get_xlabel()[:2] for ax in fig.axes] == ["ε ", "ε "]
     for ax in fig.axes:
         low, high = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if low <= t <= high]
         assert min(ticks) == 0.0 and len(ticks) >= 3, ticks
         assert low < radius < high and high > (2 * radius or 1.0), (low, high)
+    pyplot().close(fig)
+
+
+def test_the_robustness_figure_of_one_radius_draws_its_certified_accuracies(tmp_path):
+    """At one radius (epsilons: [0]) the certified accuracies, dashed and dotted lines without markers, drew
+    nothing though the legend listed them: a line through one point is invisible. They now carry a marker."""
+    from lipflow.results.plotting import pyplot
+
+    fig = one_radius_robustness_figure(tmp_path, 0.0)
+    drawn = {line.get_label(): line.get_marker() for ax in fig.axes for line in ax.lines}
+    assert set(drawn) == {"a: PGD", "a: certified (global)", "a: certified (local)", "m: PGD", "m: certified (global)"}
+    assert all(marker not in (None, "None", "") for marker in drawn.values()), drawn
     pyplot().close(fig)
 
 

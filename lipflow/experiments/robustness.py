@@ -98,8 +98,10 @@ def robustness(con):
                 for style, metric, what in (("--", "certified_accuracy", "certified (global)"),
                                             (":", "certified_accuracy_local", "certified (local)")):
                     cert = rows[rows.metric == metric].sort_values("epsilon")
-                    if len(cert):
-                        ax.plot(cert.epsilon, 100 * cert.value, style, color=color, label=f"{label}: {what}")
+                    if len(cert):  # one radius (epsilons: [0]): a dashed line through one point draws nothing
+                        alone = "x" if len(cert) == 1 else None
+                        ax.plot(cert.epsilon, 100 * cert.value, style, color=color, marker=alone,
+                                label=f"{label}: {what}")
             elif x_col == "tightness":
                 for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
                     sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")
