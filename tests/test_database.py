@@ -17,6 +17,7 @@ import pytest
 
 import lipflow.errors
 import lipflow.results
+import lipflow.results.cli
 import lipflow.results.database
 import lipflow.data.parquet
 from lipflow.data.parquet import write_table_parquet
@@ -212,6 +213,20 @@ def test_a_rebuild_removes_the_old_databases_write_ahead_log(results):
     assert not Path(f"{db}.wal").exists()
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*), min(status) FROM runs").fetchone() == (2, "completed")
+
+
+@pytest.mark.parametrize("suffix", lipflow.results.database.DUCKDB_SIDECARS)
+def test_the_receipt_cannot_be_a_file_duckdb_keeps_beside_the_database(results, capsys, suffix):
+    """--receipt <out>.wal (DuckDB's write-ahead log, which it would replay onto the new database),
+    one of the two files it checkpoints through, or <out>.tmp (its spill folder) is refused up front
+    in one line, and nothing is written."""
+    out = results / "lipflow.duckdb"
+    argv = ["build", "--out", str(out), "--manifest", str(results / "manifest.json"),
+            "--run-dirs", *map(str, sorted((results / "runs").iterdir())), "--receipt", f"{out}{suffix}"]
+    assert lipflow.results.cli.main(argv) == 2
+    error = f"lipflow: error: --receipt {out}{suffix} is also --out's DuckDB {suffix} file\n"
+    assert capsys.readouterr().err == error
+    assert sorted(p.name for p in results.iterdir()) == ["manifest.json", "runs"]
 
 
 def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):

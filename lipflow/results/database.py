@@ -357,6 +357,8 @@ def refuse_to_drop_user_objects(out: Path) -> None:
 
 
 RECEIPT_KEYS = ("database", "sha256", "rows")  # what build() writes to --receipt
+# what DuckDB keeps beside a database: its write-ahead log (and the two it checkpoints through), its spill folder
+DUCKDB_SIDECARS = (".wal", ".wal.recovery", ".wal.checkpoint", ".tmp")
 
 
 def is_receipt(path: Path) -> bool:
@@ -366,8 +368,9 @@ def is_receipt(path: Path) -> bool:
 
 def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Path], receipt: Path | None) -> None:
     """Before any work: ``out`` is absent or a lipflow database and ``receipt`` absent or a receipt (a
-    user's other file, another database or the manifest is never replaced), no run directory is given
-    twice (its rows would be counted twice), each study table is one of lipflow's, once
+    user's other file, another database or the manifest is never replaced, nor ``out`` or the files
+    DuckDB keeps beside it, :data:`DUCKDB_SIDECARS`), no run directory is given twice (its rows would
+    be counted twice), each study table is one of lipflow's, once
     (:func:`check_study_tables`), and the receipt's folder exists (else the database would be replaced
     and its receipt missing); ``out`` is UTF-8 text (DuckDB fails on another name: std::bad_cast)."""
     check_utf8(str(out), "--out")
@@ -377,8 +380,9 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
     check_distinct_paths(run_dirs, "--run-dirs")
     check_study_tables(study_tables)
     if receipt is not None:
-        if Path(receipt).resolve() == out.resolve():
-            raise ValueError(f"--receipt {receipt} is also --out")
+        for suffix in ("", *DUCKDB_SIDECARS):
+            if Path(receipt).resolve() == Path(f"{out}{suffix}").resolve():
+                raise ValueError(f"--receipt {receipt} is also --out" + (f"'s DuckDB {suffix} file" if suffix else ""))
         refuse_to_replace(receipt, "--receipt", "a receipt of an earlier build", is_receipt)
         check_folder_exists(receipt, "--receipt")
 
