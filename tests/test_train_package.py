@@ -82,14 +82,15 @@ def test_a_run_that_blows_up_ends_as_diverged(char_shards, tiny_run_config, tmp_
 
 def test_a_non_finite_gradient_after_a_finite_loss_ends_the_run_at_its_step(char_shards, tiny_run_config, tmp_path):
     """Step 3's loss is finite but its gradient is not, so its update spoils the weights: the run ends
-    as diverged at step 3, naming the gradient norm (not at step 4's non-finite loss)."""
+    as diverged at step 3, naming the gradient norm (not at step 4's non-finite loss), with 2 steps
+    completed (not 3, nor step 4, where the losses were read)."""
     trainer = Trainer("tiny-00000000", {**tiny_run_config, "checkpoint_every": 0}, char_shards, tmp_path,
                       progress=False)
     matrix = next(p for p in trainer.model.parameters() if p.ndim == 2)
     matrix.register_hook(lambda grad: grad * math.inf if trainer.step == 2 else grad)
     summary = trainer.run()
     loss, grad_norm = re.fullmatch(r"loss is (\S+), gradient norm is (\S+)", summary["diverged_reason"]).groups()
-    assert (summary["status"], summary["diverged_step"]) == ("diverged", 3)
+    assert (summary["status"], summary["diverged_step"], summary["steps_completed"]) == ("diverged", 3, 2)
     assert math.isfinite(float(loss)) and not math.isfinite(float(grad_norm))
 
 

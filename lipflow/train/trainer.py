@@ -201,14 +201,17 @@ class Trainer:
     def finish(self, status: str, diverged: tuple[int, str] | None, resumed: bool) -> dict[str, Any]:
         """Write model, config, metrics and the run summary (each atomically); its start time, git
         commit and package versions are the run's first start's, through every resume (``origin``);
-        host, device, processes and end time are those of the process that finished it."""
+        host, device, processes and end time are those of the process that finished it. A diverged
+        run's ``steps_completed`` are the steps before its diverged step (the optimizer's steps from
+        there to the read that found it do not count)."""
         out, vocab_size = self.out_dir, self.train_data.vocab_size
         last_eval = next((r for r in reversed(self.metrics) if "val_loss" in r), {})
         finite = non_finite_parameter(self.model) is None  # diverged weights may be non-finite: they have no certificate
         diverged_step, diverged_reason = diverged or (None, None)
+        steps_completed = self.step if diverged is None else diverged_step - 1
         summary = run_summary(
             run_id=self.run_id, status=status, diverged_step=diverged_step,
-            diverged_reason=diverged_reason, steps_completed=self.step, resumed=resumed,
+            diverged_reason=diverged_reason, steps_completed=steps_completed, resumed=resumed,
             device=str(self.device), processes=self.topo.world, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), start_time=self.origin["start_time"],
             end_time=time.time(),
