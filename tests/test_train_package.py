@@ -54,6 +54,24 @@ def test_run_outputs_hold_exactly_the_declared_fields_and_columns(char_shards, t
         run_summary(**{**{k: None for k in written if k != "vocab_size"}, "vocab": 1})
 
 
+def test_a_failed_run_removes_the_parent_folders_it_made_and_no_others(char_shards, tiny_run_config, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A run into a new --out-dir <existing>/a/b/c that fails at its first step (out of memory) leaves
+    neither c nor the a/ and a/b/ it made; the existing folder stays, though empty."""
+    from lipflow.train.__main__ import main
+
+    def out_of_memory(self):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 34359738368 bytes")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    code = main(["--run-id", "tiny-00000000", "--config-json", json.dumps(tiny_run_config),
+                 "--data-dir", str(char_shards), "--out-dir", str(existing / "a" / "b" / "c"), "--no-progress"])
+    assert code == 2 and "out of memory" in capsys.readouterr().err
+    assert existing.is_dir() and list(existing.iterdir()) == []
+
+
 BLOW_UPS = {  # (overrides, what crashed before the run could end as diverged)
     "scion_lr_10": {"optimizer": "scion", "lr": 10.0},  # msign's SVD of a non-finite momentum
     "uscg_lr_1e25": {"optimizer": "uscg", "lr": 1e25},

@@ -41,16 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
         if processes is not None and (LAUNCHER_PID in os.environ or os.environ.get("RANK") != "0"):
             return train(cfg, processes)  # launch_workers' workers share its lock; torchrun's rank 0 takes it
-        from lipflow.train.build import exclusive_run_folder, remove_if_unused
+        from lipflow.train.build import exclusive_run_folder, missing_folders, remove_if_unused
 
-        new_directory, code = not args.out_dir.exists(), None
+        created, code = missing_folders(args.out_dir), None
         try:
             with exclusive_run_folder(args.out_dir, args.run_id) as lock:
                 code = train(cfg, processes, () if lock is None else (lock,))  # workers' failures: a code
             return code
         finally:
-            if code != 0 and new_directory and args.out_dir.is_dir():
-                remove_if_unused(args.out_dir)  # a run that failed before writing anything leaves no directory
+            if code != 0 and created:
+                remove_if_unused(created)  # a run that failed before writing anything leaves no folder it made
 
     def train(cfg: dict, processes: int | None, lock: tuple[int, ...] = ()) -> int:
         from lipflow import distributed

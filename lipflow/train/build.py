@@ -158,12 +158,27 @@ def lock_holder(fd: int) -> str | None:
     return None
 
 
-def remove_if_unused(directory: Path) -> None:
-    """Remove a run folder holding nothing but its lock file (a run that failed before writing)."""
+def missing_folders(directory: Path) -> list[Path]:
+    """``directory`` and its parents up to the first that exists, deepest first: what making it creates."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_if_unused(created: list[Path]) -> None:
+    """Remove the run folder ``created[0]`` when it holds nothing but its lock file (a run that failed
+    before writing), then the parents in ``created`` (those the stage made) that are left empty."""
+    directory = created[0]
     with contextlib.suppress(OSError):  # another process may have written to it since
         if {entry.name for entry in directory.iterdir()} <= {RUN_LOCK}:
             (directory / RUN_LOCK).unlink(missing_ok=True)
             directory.rmdir()
+    for parent in created[1:]:
+        with contextlib.suppress(OSError):  # not empty: another process's, or the run's folder stayed
+            parent.rmdir()
 
 
 def weights_of_run(path: Path, run_id: str) -> bool:
