@@ -18,14 +18,17 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA device (``cuda``, ``cuda:0``) without a GPU, or
-    a name that is no torch device (``None`` too), is a ValueError naming ``device``."""
+    """``auto`` → CUDA when available, else CPU; a CUDA device (``cuda``, ``cuda:0``) without a GPU, the
+    ``meta`` device (tensors without values), or a name that is no torch device (``None`` too), is a
+    ValueError naming ``device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):  # torch's own message names no argument (TypeError: not a str)
         raise ValueError(f"device: {name!r} is not a torch device (use 'auto', 'cpu' or 'cuda')") from None
+    if device.type == "meta":  # a model moved there keeps no weights
+        raise ValueError(f"device: {str(name)!r} holds no tensor values (use 'auto', 'cpu' or 'cuda')")
     if device.type == "cuda" and not torch.cuda.is_available():  # else .to() fails with a bare AssertionError
         raise ValueError(f"device: {str(name)!r} was requested but no CUDA device is available (use 'auto' or 'cpu')")
     return device

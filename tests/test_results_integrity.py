@@ -434,6 +434,17 @@ def test_load_run_names_the_device_argument(tmp_path, tiny_run_config):
         lipflow.load_run("tiny-00000000", results=results, device="tpu")
 
 
+@pytest.mark.parametrize("device", ["meta", "meta:0"])
+def test_load_run_refuses_the_meta_device_naming_the_device_argument(tmp_path, tiny_run_config, device):
+    """The meta device, where a model's tensors hold no values, is a one-line ValueError naming the
+    `device` argument, never a Run whose model has no weights."""
+    results = tmp_path / "results"
+    loadable_run(results, "tiny-00000000", tiny_run_config)
+    with pytest.raises(ValueError, match=rf"^device: '{device}' holds no tensor values") as caught:
+        lipflow.load_run("tiny-00000000", results=results, device=device)
+    assert "\n" not in str(caught.value)
+
+
 def test_weights_of_another_shape_are_one_line_naming_the_checkpoint(tmp_path, tiny_run_config):
     """Checksummed weights holding a tensor of another shape under one of the model's parameter names
     (a model class whose layer changed shape since training) are a CheckpointError naming the file and
