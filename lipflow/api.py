@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lipflow.config import check_run_id, run_defaults
+from lipflow.config import check_run_id, run_defaults, stage_run
+from lipflow.errors import ConfigError
 from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.atomic import read_json, sha256_file
 from lipflow.metrics import resolve_device
@@ -33,14 +34,18 @@ class Run:
 def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict[str, Any]]:
     """Rebuild a run's model from config.json and load model.safetensors (no pickle); config.json
     must agree with the config and vocabulary size stored in the checksummed weights, so an edit
-    to it (e.g. ``n_heads``) is an error, never a silently different model."""
+    to it (e.g. ``n_heads``) is an error, never a silently different model, and that config must
+    be a valid run's (a CheckpointError naming the weights file and the key)."""
     info = read_json(run_dir / "config.json")
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "vocab_size" not in info:
         raise ValueError(f"{run_dir / 'config.json'} lacks the run's config and vocab_size")
-    tensors, meta = load_weights(run_dir / "model.safetensors")
-    stored = meta.get("config", {})
+    weights = run_dir / "model.safetensors"
+    tensors, meta = load_weights(weights)
+    stored = meta.get("config", {}) if isinstance(meta, dict) else None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{weights} stores a config that is no mapping (forged or damaged)")
     if stored.get("model") != info["config"].get("model"):
-        raise CheckpointError(f"{run_dir / 'model.safetensors'} holds a {stored.get('model')!r} "
+        raise CheckpointError(f"{weights} holds a {stored.get('model')!r} "
                               f"model but config.json says {info['config'].get('model')!r}")
     changed = sorted(k for k in stored.keys() | info["config"].keys() if stored.get(k) != info["config"].get(k))
     if "vocab_size" in meta and meta["vocab_size"] != info["vocab_size"]:
@@ -48,14 +53,18 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
     if changed:
         raise CheckpointError(f"{run_dir / 'config.json'} does not match the config stored in model.safetensors "
                               f"(differs in {', '.join(changed[:3])}): edited after training?")
+    try:
+        stage_run(stored, f"{weights} config")
+    except ConfigError as err:  # forged and resealed: never build a model of an invalid config
+        raise CheckpointError(str(err)) from None
     model = build_model(run_defaults(**info["config"]), info["vocab_size"])  # a key added since: its default
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # a tensor of another shape under a parameter's name: torch's lines name it
-        raise CheckpointError(f"{run_dir / 'model.safetensors'} does not fit a {info['config']['model']} model "
+        raise CheckpointError(f"{weights} does not fit a {info['config']['model']} model "
                               f"({str(err).splitlines()[-1].strip()})") from None
     if missing or unexpected:
-        raise CheckpointError(f"{run_dir / 'model.safetensors'} does not fit a {info['config']['model']} model "
+        raise CheckpointError(f"{weights} does not fit a {info['config']['model']} model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return model.to(device).eval(), {**info, "manifest_sha256": meta.get("manifest_sha256")}
 

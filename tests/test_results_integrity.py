@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -469,6 +470,32 @@ def test_weights_of_another_shape_are_one_line_naming_the_checkpoint(tmp_path, t
     sample = run_stage("lipflow.cli", "sample", "tiny-00000000", "--results", str(results), "--prompt", "x",
                        "--device", "cpu")
     assert sample.returncode == 2 and sample.stderr.count("\n") == 1 and name in sample.stderr, sample.stderr
+
+
+@pytest.mark.parametrize("forged, named", [({"n_heads": "x"}, "config.n_heads: 'x' is not of type 'integer'"),
+                                            ({"n_heads": 3}, "config.n_heads: 3 does not divide d_model 32"),
+                                            ({"n_layers": None}, "config.n_layers: None is not of type 'integer'"),
+                                            ([1, 2], "stores a config that is no mapping")])
+def test_weights_resealed_with_an_invalid_config_are_one_line_naming_the_weights(tmp_path, tiny_run_config,
+                                                                                  forged, named):
+    """Weights forged with an invalid stored config (config.json edited to agree, the sidecar resealed)
+    are a CheckpointError naming model.safetensors and the key, never torch's or the model's traceback."""
+    from lipflow.config import run_defaults
+    from lipflow.errors import CheckpointError
+    from lipflow.model import build_model
+    from lipflow.train.checkpoint import save_weights
+
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config)
+    config = {**tiny_run_config, **forged} if isinstance(forged, dict) else forged
+    save_weights(run_dir / "model.safetensors", build_model(run_defaults(**tiny_run_config), 10).state_dict(),
+                 {"config": config, "vocab_size": 10})
+    if isinstance(forged, dict):
+        info = json.loads((run_dir / "config.json").read_text())
+        (run_dir / "config.json").write_text(json.dumps({**info, "config": config}))
+    with pytest.raises(CheckpointError, match=re.escape(named)) as caught:
+        lipflow.load_run("tiny-00000000", results=results, device="cpu")
+    assert str(run_dir / "model.safetensors") in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_the_build_refuses_a_manifest_other_than_the_runs(tmp_path, tiny_run_config, capsys):
