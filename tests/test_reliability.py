@@ -279,6 +279,45 @@ def test_tensorboard_mirrors_the_logged_metrics(char_shards, tiny_run_config, tm
     assert len(events.Scalars("val_loss")) == tiny_run_config["steps"] // tiny_run_config["eval_every"]
 
 
+def test_a_stop_signal_once_the_summary_is_written_leaves_the_exit_code_0(char_shards, tiny_run_config, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SIGTERM to the train command after its run's summary is written (as it shuts down: about a
+    second) changes nothing: the command returns 0 and the process ignores stop signals until it
+    exits, never exiting 143 (SIGTERM's default) with the run complete. SIGTERM's default is a
+    handler that raises here, so that pytest lives; the signal comes as the stage shuts its process
+    group down (run.json written) and again after it returned."""
+    from lipflow import distributed
+    from lipflow.train.__main__ import main
+
+    class Terminated(Exception):
+        pass
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    shutdown = distributed.shutdown
+
+    def shutdown_signalled(topo):
+        os.kill(os.getpid(), signal.SIGTERM)
+        shutdown(topo)
+
+    monkeypatch.setattr(distributed, "shutdown", shutdown_signalled)
+    out = tmp_path / "run"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        code = main(["--run-id", "tiny-00000000", "--config-json", json.dumps(tiny_run_config), "--data-dir",
+                     str(char_shards), "--out-dir", str(out), "--no-progress"], exits=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        ignored = [signal.getsignal(sig) for sig in handlers]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code == 0 and ignored == [signal.SIG_IGN, signal.SIG_IGN]
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
 def test_a_run_with_tensorboard_that_fails_at_its_first_step_leaves_no_run_folder(char_shards, tiny_run_config,
                                                                                    tmp_path, monkeypatch, capsys):
     """A batch too large for memory fails at the first forward (one line, exit 2) and leaves no run folder;

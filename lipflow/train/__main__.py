@@ -1,7 +1,8 @@
 """Train stage: ``python -m lipflow.train --run-id ID --config-json JSON --data-dir D --out-dir O``.
 
 Trains one run (see ``lipflow.train.trainer``) and prints its summary line; a run stopped by
-SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it. A run of
+SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it (once the
+run's summary is written, SIGTERM and SIGINT are ignored: the command exits 0). A run of
 ``nproc`` > 1 checks its inputs, then starts ``nproc`` workers of this command on this machine
 (``lipflow.distributed.launch_workers``; ``torchrun --standalone --nproc_per_node=nproc -m
 lipflow.train`` starts the same workers), and exits as one process would. One trainer per run folder:
@@ -19,7 +20,9 @@ from pathlib import Path
 from lipflow.errors import ArgumentParser, json_object_argument, memory_errors_in_one_line, run_guarded, summary_of
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exits: bool = False) -> int:
+    """The stage; ``exits``: the caller exits with the returned code at once (the command, not a test),
+    so a complete run may leave stop signals ignored (:func:`lipflow.train.stop.ignore_stop_signals`)."""
     parser = ArgumentParser(prog="python -m lipflow.train", description=summary_of(__doc__))
     parser.add_argument("--run-id", required=True, help="<run name>-<8 hex digits>")
     parser.add_argument("--config-json", required=True, help="the run's resolved config as JSON")
@@ -55,22 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     def train(cfg: dict, processes: int | None, lock: tuple[int, ...] = ()) -> int:
         from lipflow import distributed
         from lipflow.train.build import check_learner, checked_inputs
-        from lipflow.train.stop import EXIT_PREEMPTED, Preempted, SecondSignal
+        from lipflow.train.stop import EXIT_PREEMPTED, Preempted, SecondSignal, ignore_stop_signals
         from lipflow.train.trainer import Trainer
 
+        on_complete = ignore_stop_signals if exits else lambda: None
         if processes is None and cfg["nproc"] > 1:
             # one line, not one per worker
             train_split, _, _ = checked_inputs(args.run_id, cfg, args.data_dir, args.out_dir)
             check_learner(cfg, train_split.vocab_size)
-            return distributed.launch_workers(cfg["nproc"], "lipflow.train",
+            code = distributed.launch_workers(cfg["nproc"], "lipflow.train",
                                               sys.argv[1:] if argv is None else argv, EXIT_PREEMPTED, lock)
+            if code == 0:  # every worker exited after the run was complete
+                on_complete()
+            return code
         if (processes or 1) != cfg["nproc"]:
             raise ValueError(f"nproc: the run's config says {cfg['nproc']} processes, but this stage runs as one of "
                              f"{processes or 1} (batch_size is per process); run it without torchrun, and it "
                              f"starts nproc workers itself")
         try:
             with memory_errors_in_one_line():
-                summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress).run()
+                summary = Trainer(args.run_id, cfg, args.data_dir, args.out_dir, progress=not args.no_progress,
+                                  on_complete=on_complete).run()
         except (Preempted, SecondSignal) as stop:
             if getattr(stop, "announce", True):  # a second signal is this process's own
                 print(f"lipflow: {stop}", file=sys.stderr)
@@ -84,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exits=True))

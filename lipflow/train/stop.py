@@ -1,6 +1,7 @@
 """When a run stops early: SIGTERM or SIGINT (checkpoint, then exit 128 + the signal, ``EXIT_PREEMPTED``
-for SIGTERM, so a rerun resumes; asked again seconds later: at once, without a new checkpoint),
-a non-finite loss or gradient, or a certified bound above ``max_bound`` (status ``diverged``)."""
+for SIGTERM, so a rerun resumes; asked again seconds later: at once, without a new checkpoint; once
+the run's summary is written: ignored), a non-finite loss or gradient, or a certified bound above
+``max_bound`` (status ``diverged``)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,14 @@ class SigtermWatch:
             where = f" ({name} reached another process)"
         code = 128 + self.arrived if self.arrived else EXIT_PREEMPTED
         return Preempted(f"{name} at step {step}: checkpoint saved; rerun to resume{where}", code, self.topo.is_main)
+
+
+def ignore_stop_signals() -> None:
+    """SIGTERM and SIGINT change nothing from now on: the train stage calls it once its run is complete
+    (the summary written), when all that is left is to exit; that takes about a second (torch's
+    teardown), and a stop then made a finished run exit 143, as if preempted."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def divergence(rows: list[dict[str, Any]], bad_step: int | None, max_bound: float) -> tuple[int, str] | None:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -41,8 +41,9 @@ MAX_PENDING_STEPS = 1000  # steps whose loss may wait on the device before a flu
 class Trainer:
     """Holds one run's model, optimizer, data and metrics; ``run()`` trains to the end."""
 
-    def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True):
-        self.run_id, self.cfg, self.progress = run_id, cfg, progress
+    def __init__(self, run_id: str, cfg: dict[str, Any], data_dir: Path, out_dir: Path, progress: bool = True,
+                 on_complete: Callable[[], None] = lambda: None):
+        self.run_id, self.cfg, self.progress, self.on_complete = run_id, cfg, progress, on_complete
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.origin: dict[str, Any] | None = None  # the run's first start (time, git commit): set by run()
         self.train_data, self.val_data, device = checked_inputs(run_id, cfg, self.data_dir, self.out_dir)
@@ -95,7 +96,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train (resuming from a checkpoint if one fits) to ``steps`` or an early stop; returns the
-        run summary on rank 0 ({} elsewhere)."""
+        run summary on rank 0 ({} elsewhere). ``on_complete`` is called once the run is complete: on
+        rank 0 as soon as its summary is written, on the other ranks once rank 0 has written it."""
         cfg = self.cfg
         self.origin = {"start_time": time.time(), "git_commit": provenance.git_commit(),
                        "versions": provenance.package_versions()}
@@ -151,8 +153,13 @@ class Trainer:
             bar.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
-        summary = self.finish(status, diverged, resumed) if self.topo.is_main else {}
+        summary = {}
+        if self.topo.is_main:
+            summary = self.finish(status, diverged, resumed)
+            self.on_complete()
         distributed.barrier(self.topo)
+        if not self.topo.is_main:  # rank 0's summary is written
+            self.on_complete()
         distributed.shutdown(self.topo)
         return summary
 
