@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lipflow.config import check_run_id, run_defaults, stage_run
-from lipflow.errors import ConfigError
+from lipflow.config import RUN_KEYS, check_run_id, run_defaults, stage_run
+from lipflow.errors import ConfigError, memory_errors_in_one_line
 from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.atomic import read_json, sha256_file
 from lipflow.metrics import resolve_device
@@ -53,11 +53,15 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict
     if changed:
         raise CheckpointError(f"{run_dir / 'config.json'} does not match the config stored in model.safetensors "
                               f"(differs in {', '.join(changed[:3])}): edited after training?")
-    try:
-        stage_run(stored, f"{weights} config")
-    except ConfigError as err:  # forged and resealed: never build a model of an invalid config
+    try:  # forged and resealed: never build a model of an invalid config (a key since removed is no error)
+        stage_run({key: value for key, value in stored.items() if key in RUN_KEYS}, f"{weights} config")
+    except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    model = build_model(run_defaults(**info["config"]), info["vocab_size"])  # a key added since: its default
+    if type(info["vocab_size"]) is not int or info["vocab_size"] < 1:
+        raise CheckpointError(f"{weights} stores vocab_size {info['vocab_size']!r}, not a vocabulary size (forged "
+                              "or damaged)")
+    with memory_errors_in_one_line(f"the model {weights} records is larger than this machine's memory"):
+        model = build_model(run_defaults(**info["config"]), info["vocab_size"])  # a key added since: its default
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # a tensor of another shape under a parameter's name: torch's lines name it

@@ -498,6 +498,43 @@ def test_weights_resealed_with_an_invalid_config_are_one_line_naming_the_weights
     assert str(run_dir / "model.safetensors") in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("vocab_size", ["x", -3, 0])
+def test_weights_resealed_with_a_forged_vocab_size_are_one_line_naming_the_weights(tmp_path, tiny_run_config,
+                                                                                   vocab_size):
+    """A vocabulary size that is no positive integer (config.json and the weights forged to agree) is a
+    CheckpointError naming model.safetensors, not torch's TypeError or RuntimeError from the embedding."""
+    from lipflow.errors import CheckpointError
+    from lipflow.train.checkpoint import save_weights
+
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config)
+    save_weights(run_dir / "model.safetensors", {}, {"config": tiny_run_config, "vocab_size": vocab_size})
+    info = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**info, "vocab_size": vocab_size}))
+    with pytest.raises(CheckpointError, match=f"stores vocab_size {re.escape(repr(vocab_size))}, not a vocabulary"):
+        lipflow.load_run("tiny-00000000", results=results, device="cpu")
+
+
+def test_a_stored_config_with_a_key_the_schema_no_longer_has_still_loads(tmp_path, tiny_run_config):
+    """The stored config is checked as a run's for the keys today's schema knows: a run trained when the
+    schema had a key since removed loads (its model never read that key), rather than being refused."""
+    from lipflow.config import run_defaults
+    from lipflow.model import build_model
+    from lipflow.train.checkpoint import save_weights
+
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config)
+    config = {**tiny_run_config, "retired_knob": 1}
+    model = build_model(run_defaults(**tiny_run_config), 10)
+    save_weights(run_dir / "model.safetensors", model.state_dict(), {"config": config, "vocab_size": 10})
+    info = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**info, "config": config}))
+    run = lipflow.load_run("tiny-00000000", results=results, device="cpu")
+    import torch
+
+    assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), model.state_dict().values()))
+
+
 def test_the_build_refuses_a_manifest_other_than_the_runs(tmp_path, tiny_run_config, capsys):
     """A run's config.json records the sha256 of the token manifest it trained on; a build given
     another manifest (whose shards table would describe data the run never saw) is one line naming

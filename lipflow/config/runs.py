@@ -191,6 +191,7 @@ FIXED_NS_STEPS = {"you": 6}
 
 # The models a run of `runs` or of an experiment trains on the text corpus: the schema's, less the image
 # study's classifier. The ones with a Lipschitz structure are all of them but the LayerNorm baseline.
+RUN_KEYS = frozenset(load_schema(SCHEMA_PATH)["$defs"]["run"]["properties"])  # every key a run may set
 LANGUAGE_MODELS = tuple(m for m in load_schema(SCHEMA_PATH)["$defs"]["run"]["properties"]["model"]["enum"]
                         if m != "mlp")
 LIPSCHITZ_LANGUAGE_MODELS = tuple(m for m in LANGUAGE_MODELS if m != "gpt")
