@@ -90,7 +90,7 @@ def test_an_eigenvalue_without_a_finite_inverse_is_refused_in_one_line(capsys):
     assert load_config({"sigma": {"kind": "diagonal", "eigenvalues": [1, 2.3e-308, 1, 1, 1]}}).sigma.kind == "diagonal"
     config = json.dumps({"sigma": {"kind": "rotated", "eigenvalues": [1e-320, 1, 1, 1, 1]}})
     assert icl_main(["baselines", "--config-json", config, "--out", "x.parquet"]) == 2
-    assert capsys.readouterr().err.startswith("lipflow: error: icl.sigma.eigenvalues.0")
+    assert capsys.readouterr().err.startswith("lipflow: error: --config-json: icl.sigma.eigenvalues.0")
 
 
 def test_an_integer_for_a_number_key_is_one_training_params_string_with_its_float():
@@ -117,9 +117,10 @@ def test_an_integer_eigenvalue_past_float64_is_refused_in_one_line():
 
 
 def test_cli_rejects_a_bad_config_with_one_line_and_exit_2(capsys):
+    """The line names the argument and the key, as the image-MLP study's (``--config-json: icl.w_prior``)."""
     code = icl_main(["baselines", "--config-json", '{"w_prior": "sigma"}', "--out", "x.parquet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("lipflow: error: icl.w_prior") and "\n" not in err
+    assert code == 2 and err.startswith("lipflow: error: --config-json: icl.w_prior") and "\n" not in err
     assert icl_main(["baselines", "--config-json", "{d: 1}", "--out", "x.parquet"]) == 2
     assert not Path("x.parquet").exists()
     if not torch.cuda.is_available():

@@ -21,13 +21,18 @@ from pathlib import Path
 import torch
 
 from lipflow.atomic import json_object_keys, refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
-from lipflow.errors import (ArgumentParser, count_argument, json_object_argument, memory_errors_in_one_line, run_guarded,
-                            summary_of)
+from lipflow.errors import (ArgumentParser, ConfigError, count_argument, json_object_argument,
+                            memory_errors_in_one_line, run_guarded, summary_of)
 from lipflow.studies.icl.config import load_config
 
 
 def _config(text: str):
-    return load_config(json_object_argument(text, "--config-json"))
+    """The ``icl`` block given as ``--config-json``; a bad one is a ConfigError naming the argument and
+    the key, as the image-MLP study's."""
+    try:
+        return load_config(json_object_argument(text, "--config-json"))
+    except ConfigError as err:
+        raise ConfigError(f"--config-json: {err}") from None
 
 
 def _tolerance(text: str) -> float:
