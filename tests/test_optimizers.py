@@ -165,6 +165,22 @@ def test_lmo_of_zero_is_zero(name):
     assert torch.count_nonzero(LMOS.get(name)(torch.zeros(5, 7), 7)) == 0
 
 
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("magnitude", [1e-25, 3e-22, 1e-15, 1e20])
+def test_float32_lmo_of_a_tiny_or_huge_direction_stays_on_the_unit_sphere(name, magnitude):
+    """Each LMO is scale-invariant: a float32 direction of entries ~1e-25 (a momentum that decayed for a few
+    hundred steps without gradient: its squares underflow, ‖g‖₂ computes to 0) or ~1e20 (squares overflow,
+    ‖g‖₂ = inf) has the LMO of the same direction at unit scale, on the unit sphere of the norm (closed form
+    in float64), not ~1e13 times outside it or zero."""
+    d = 12
+    g = make_matrix("random", (8, d)).double()
+    expected = LMOS.get(name)(g, d)
+    s = LMOS.get(name)((g * magnitude).float(), d).double()
+    primal, _ = NORMS[name]
+    assert primal(s, d) == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(s, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [n for n in sorted(NORMS) if n != "bias_rms"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lmo_rms_bound(name, shape):
