@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lipflow.registry import Registry
 
 # max_x GELU'(x) = Φ(√2) + √2·φ(√2) = ½(1 + erf(1)) + e⁻¹/√π = 1.1289041… (GELU'' = φ(x)(2 − x²) = 0
-# at x = √2). Newhouse et al. 2025 round it to 1.1289, which leaves GELU/1.1289 a slope of 1.0000035.
+# at x = √2). Newhouse et al. 2025 round it to 1.1289, which leaves GELU/1.1289 a slope of 1.0000037.
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.pi)
 # Modula's attention divides its output by 3 (Large et al. 2024): y = W_o·(…)/3, sensitivity ⅓(1 + 2·attn_scale)
 # (lipschitz_gpt_unscaled divides by 1).
