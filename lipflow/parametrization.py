@@ -6,7 +6,7 @@ multiplies each parameter's lr by it) and sets ``model.output_mult``. ``width_tw
 same model at d_model = w; called on the meta device (nothing allocated), it tells which dimensions
 grow with width by comparing shapes (microsoft/mup's ``set_base_shapes``).
 
-µP (Yang & Hu, Tensor Programs V, Table 3; microsoft/mup), width multiplier m = d_model/base_width.
+µP (Yang et al. 2021, Tensor Programs V, Table 3; microsoft/mup), width multiplier m = d_model/base_width.
 How a rule reads depends on how the optimizer moves a parameter (its builder's ``update_geometry``,
 declared beside it in :mod:`lipflow.optimizers`):
 - ``entrywise`` (Adam: every entry moves ≈ lr whatever the shape) — mup's MuAdam: tensors whose
@@ -21,7 +21,8 @@ In both cases the readout starts at zero. Attention uses 1/d_head (gpt applies i
 parametrization = mup; lipschitz_gpt always uses attn_scale/d_head), and hidden init variance ∝ 1/fan_in
 (already true of every model's own init: PyTorch's default, orthogonal·√(fan_out/fan_in)).
 
-Depth-µP (Yang et al. 2023, Tensor Programs VI; CompleteP with α = ½, Dey et al. 2025): with
+Depth-µP (Yang et al. 2023, Tensor Programs VI; α = ½ of Dey et al. 2025's branch scaling L^(−α),
+whose CompleteP is α = 1): with
 ``depth_mup`` the model multiplies each residual branch by 1/√L, and hidden lr gets × L^(α−1) = 1/√L
 (for Adam, Muon and Scion alike: all normalize the update, so the gradient's 1/√L does not carry through).
 
