@@ -179,8 +179,9 @@ def _per_matrix(constraint: Constraint) -> Constraint:
 @CONSTRAINTS.register("weight_decay")
 def unconstrained(x: Tensor, sigma_max: float, *, step: StepContext) -> Tensor:
     """Identity. ``weight_decay`` is this map plus the decoupled decay that ``constrain_`` applies
-    for every constraint whenever weight_decay > 0. Under Muon, whose steps have RMS→RMS norm ≤ η·peak
-    (Newton–Schulz's peak: 1.2024 for Jordan's coefficients, 0.99933 for You's), step then decay
+    for every constraint whenever weight_decay > 0. Under Muon with update_scale sqrt_fan_ratio, whose
+    steps have RMS→RMS norm ≤ η·peak (Newton–Schulz's peak: 1.2024 for Jordan's coefficients, 0.99933
+    for You's; the speedrun scale multiplies it by max(1, √(fan_in/fan_out))), step then decay
     leaves ‖W‖_RMS→RMS ≤ x* = (1 − λη)·peak/λ in equilibrium (x* = (1 − λη)(x* + η·peak))."""
     return x
 
