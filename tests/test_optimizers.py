@@ -98,6 +98,17 @@ def test_newton_schulz_peak_matches_a_dense_grid(steps):
     assert newton_schulz_peak(steps) == pytest.approx(1.2024, abs=1e-4)  # documented value
 
 
+def test_newton_schulz_peak_bounds_singular_values_a_step_maps_below_zero():
+    """p(x) = x − 3x³ has max 2/9 on [0, 1] but p(1) = −2: a singular value at ‖G‖_F (a rank-one G) comes
+    out as |−2| = 2 (NS keeps the vectors, flips the sign), which the peak must bound."""
+    coefficients = (1.0, -3.0, 0.0)
+    g = torch.outer(torch.arange(1.0, 5.0), torch.tensor([1.0, -2.0, 0.5]))
+    out = newton_schulz(g, 1, coefficients=coefficients)
+    sigma = torch.linalg.matrix_norm(out.double(), ord=2).item()
+    assert sigma == pytest.approx(2.0, rel=1e-5)
+    assert sigma <= newton_schulz_peak(1, coefficients) * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_newton_schulz_singular_values_follow_the_scalar_map(kind, shape):

@@ -52,10 +52,12 @@ def ns_schedule(steps: int, coefficients: Coefficients = MUON_NS_COEFFICIENTS) -
 
 @functools.lru_cache(maxsize=None)
 def newton_schulz_peak(steps: int, coefficients: Coefficients = MUON_NS_COEFFICIENTS) -> float:
-    """max over σ ∈ [0, 1] of p_T∘…∘p_1 (``steps`` steps): the bound on NS output singular values.
+    """max over σ ∈ [0, 1] of |p_T∘…∘p_1| (``steps`` steps): the bound on NS output singular values.
 
     The image of [0, 1] under the first t steps is an interval [lo, hi]; the next image is p's
-    range over it, reached at its ends or at real roots of p'(x) = a + 3bx² + 5cx⁴.
+    range over it, reached at its ends or at real roots of p'(x) = a + 3bx² + 5cx⁴. An output
+    singular value is |value| (a negative one flips its singular vector), so the bound is max(hi, −lo):
+    hi for Jordan's and You's sets, whose images stay ≥ 0.
     """
     lo, hi = 0.0, 1.0
     for a, b, c in ns_schedule(steps, coefficients):
@@ -63,7 +65,7 @@ def newton_schulz_peak(steps: int, coefficients: Coefficients = MUON_NS_COEFFICI
         critical = [r.real for r in poly.deriv().roots() if abs(r.imag) < 1e-12]
         values = poly(np.array([lo, hi] + [r for r in critical if lo <= r <= hi]))
         lo, hi = float(values.min()), float(values.max())
-    return hi
+    return max(hi, -lo)
 
 
 def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype = torch.float32,
