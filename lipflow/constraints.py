@@ -151,8 +151,10 @@ def soft_cap_alpha(sigma_max: float, k: float | Tensor) -> float | Tensor:
         k = k.double()
         target = (1.0 - sigma_max / k).clamp_min(0.0)
         lo, hi, select = torch.zeros_like(k), torch.ones_like(k), torch.where
+    elif k <= sigma_max:  # also k = 0 (λη = 1, u = 0), where σmax/k would divide by zero
+        return 0.0
     else:  # Python floats (also float64): no tensor work per step
-        target = max(1.0 - sigma_max / k, 0.0)
+        target = 1.0 - sigma_max / k
         lo, hi, select = 0.0, 1.0, lambda below, a, b: a if below else b
     for _ in range(60):
         mid = 0.5 * (lo + hi)

@@ -242,6 +242,16 @@ def test_soft_cap_alpha_is_zero_without_growth():
     assert soft_cap_alpha(1.0, 0.9) == 0.0
 
 
+def test_soft_cap_of_a_step_that_decays_the_weights_to_zero():
+    """λη = 1 and u = 0 (a step measured as zero) give k = 0: α is 0 (nothing can exceed σmax), in Python
+    floats as on tensors, not a ZeroDivisionError; the decayed weights are zero and stay zero."""
+    assert soft_cap_alpha(1.0, 0.0) == 0.0
+    assert soft_cap_alpha(1.0, torch.zeros(2, dtype=torch.float64)).tolist() == [0.0, 0.0]
+    w = torch.randn(6, 4)
+    constrain_(w, "spectral_soft_cap", 1.0, lr=0.5, weight_decay=2.0, update_norm=0.0, spectral_wd=0.0)
+    assert torch.count_nonzero(w) == 0
+
+
 @pytest.mark.parametrize("kind,shape", ALL_CASES)
 def test_soft_cap_acts_on_singular_values(kind, shape):
     step = dict(lr=0.1, weight_decay=0.0, update_norm=0.5)
