@@ -111,8 +111,11 @@ class Scion(torch.optim.Optimizer):
 
     With α = momentum (the *averaging* weight, 1 − β), γ = lr, ρ = radius and the group's LMO:
         d ← (1 − α)d + αg   (d₀ = 0)
-        Scion (constrained=True):  x ← (1 − γ)x + γρ·lmo(d)   (Frank–Wolfe; stays in the ρ-ball)
+        Scion (constrained=True):  x ← (1 − γ)x + γρ·lmo(d)   (Frank–Wolfe: for γ ≤ 1 an x inside the
+                                   ρ-ball stays inside, one outside shrinks towards it by (1 − γ))
         uSCG  (constrained=False): x ← x + γρ·lmo(d)
+    Unlike the reference's ``init()``, nothing here moves the model's own init into the ball: e.g.
+    lipschitz_gpt's orthogonal 65 × 256 head starts at Sign norm 256·max|W| ≈ 33 > ρ = 10.
     Groups with ``embedding=True`` hold (num_embeddings, dim) tables with one-hot inputs: the LMO
     acts on the transpose with input_dim 1. For matrices whose LMO has an ``rms_bound``,
     state["update_norm"] = γρ·rms_bound bounds the RMS→RMS norm of γρ·lmo(d).
