@@ -8,7 +8,7 @@ Built on that operator:
   al. 2024, measured like PyHessian: stop when |Δλ| < tol·(|λ| + 1e-6)), optionally warm-started
   from a previous eigenvector; with ``precondition`` = diag(P⁻¹) the same for P⁻¹H, computed as
   the similar symmetric matrix P^{-½} H P^{-½};
-- ``adam_preconditioner``: Adam's P⁻¹ = η/(√v̂ + ε) per coordinate, read from the optimizer state
+- ``adam_preconditioner``: Adam's P⁻¹ = η/((1 − β₁ᵗ)(√v̂ + ε)) per coordinate, read from the optimizer state
   (the *preconditioned sharpness* λ_max(P⁻¹H) of Cohen et al. 2022, "Adaptive gradient methods at
   the edge of stability", which Noci et al. report for Adam; stable below (2 + 2β₁)/(1 − β₁));
 - ``lanczos_topk``: the k largest eigenvalues from a Lanczos tridiagonalisation with full
@@ -132,18 +132,20 @@ def top_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], *, iters: in
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """diag(P⁻¹) of Adam's step for ``params``, flat: η/(√(v/(1 − β₂ᵗ)) + ε) per coordinate, with η
-    the group's current lr (schedule applied) and v the second moment (``exp_avg_sq``). None when
-    some parameter has no Adam state (Muon/Scion matrices, or before the first step)."""
+    """diag(P⁻¹) of Adam's step for ``params``, flat: η/((1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε)) per coordinate,
+    with η the group's current lr (schedule applied) and v the second moment (``exp_avg_sq``): the
+    step is −P⁻¹m with m the uncorrected first moment, Cohen et al. 2022's form, for which their
+    threshold (2 + 2β₁)/(1 − β₁) holds. None when some parameter has no Adam state (Muon/Scion
+    matrices, or before the first step)."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
     pieces = []
     for p in params:
         state, group = optimizer.state.get(p, {}), group_of.get(p)
         if group is None or "exp_avg_sq" not in state or "betas" not in group:
             return None
-        beta2, t = group["betas"][1], float(state["step"])
+        (beta1, beta2), t = group["betas"], float(state["step"])
         v_hat = state["exp_avg_sq"].float() / (1.0 - beta2 ** t)
-        pieces.append((group["lr"] / (v_hat.sqrt() + group["eps"])).reshape(-1))
+        pieces.append((group["lr"] / ((1.0 - beta1 ** t) * (v_hat.sqrt() + group["eps"]))).reshape(-1))
     return torch.cat(pieces)
 
 
