@@ -138,7 +138,9 @@ class EvalStepTelemetry:
 
     def sharpness(self) -> dict[str, float | None]:
         """Top Hessian eigenvalue of the train loss on a fixed batch, and for Adam also that of P⁻¹H
-        (Adam's preconditioner from the optimizer state; see lipflow.evaluation.sharpness)."""
+        (Adam's preconditioner from the optimizer state; see lipflow.evaluation.sharpness). Each starts
+        from the same seeded vector, not the previous eigenvector (``power_iteration``'s ``init``),
+        which no checkpoint holds: a resumed run logs what the uninterrupted one logs."""
         from lipflow.evaluation.sharpness import adam_preconditioner, top_eigenvalue
 
         cfg = self.cfg
