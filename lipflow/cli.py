@@ -86,6 +86,15 @@ def read_only_statement(con, sql: str) -> str:
     return sql
 
 
+def duckdb_error_line(err: Exception) -> str:
+    """DuckDB's error as one line: its first line and, when the next one is DuckDB's hint for a misspelt
+    name ('Did you mean "runs"?', 'Candidate bindings: …'), that hint too."""
+    first, *rest = str(err).splitlines() or [""]
+    if rest and rest[0].startswith(("Did you mean", "Candidate bindings")):
+        return f"{first} {rest[0].strip()}"
+    return first
+
+
 def without_set_advice(message: str) -> str:
     """DuckDB's error line without its advice to change a setting with SET, which lipflow query refuses
     (its configuration is locked): the nesting limit's 'Use "SET max_expression_depth TO x" …'."""
@@ -253,7 +262,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt from None
         raise
     except duckdb.Error as err:
-        first = without_set_advice(str(err).splitlines()[0])
+        first = without_set_advice(duckdb_error_line(err))
         if "read-only" in first.lower():
             first = f"the results database is read-only for queries ({first})"
         elif isinstance(err, duckdb.PermissionException):

@@ -334,6 +334,19 @@ def test_query_beyond_duckdbs_nesting_limit_gives_no_advice_lipflow_refuses(metr
                    "query keeps: simplify the query)"]
 
 
+@pytest.mark.parametrize("sql, hint", [
+    ("SELECT * FROM run", 'Table with name run does not exist! Did you mean "runs"?'),
+    ("SELECT val_los FROM runs", 'not found in FROM clause! Candidate bindings: "val_loss"'),
+], ids=["table", "column"])
+def test_query_of_a_misspelt_name_keeps_duckdbs_suggestion_in_its_one_line(metrics_db, capsys, sql, hint):
+    """The one line was DuckDB's first, which drops the next one's 'Did you mean' for a misspelt name."""
+    import lipflow.cli
+
+    assert lipflow.cli.main(["query", sql, "--db", str(metrics_db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(hint), err
+
+
 def test_query_into_a_closed_stdout_is_one_line(metrics_db):
     done = subprocess.run(f"{shlex.quote(sys.executable)} -m lipflow.cli query 'SELECT 1' --db {metrics_db} >&-",
                           shell=True, capture_output=True, text=True, timeout=120)
