@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lipflow.config import RUN_KEYS, check_run_id, run_defaults, stage_run
+from lipflow.config import RUN_ID_PATTERN, RUN_KEYS, check_run_id, run_defaults, stage_run
 from lipflow.errors import ConfigError, memory_errors_in_one_line
 from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.atomic import read_json, sha256_file
@@ -89,9 +90,14 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
     directory, recorded relative to the directory it was trained in (``results/data/…``), is looked up
     in the same tree. ``run_id`` must be a run id (never a path out of ``results/runs``); its run.json
     and metrics must be the run's own (as the database build checks them)."""
+    known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
+    if isinstance(run_id, str) and not re.fullmatch(RUN_ID_PATTERN, run_id):
+        named = [known_id for known_id in known if re.fullmatch(re.escape(run_id) + "-[0-9a-f]{8}", known_id)]
+        if named:
+            raise ConfigError(f"run_id: '{run_id}' is a run name, not a run id; its finished runs under "
+                              f"{Path(results) / 'runs'}: {', '.join(named)}")
     run_dir = Path(results) / "runs" / check_run_id(run_id, "run_id")
     if not (run_dir / "run.json").is_file():
-        known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
         raise FileNotFoundError(f"no finished run '{run_id}' under {run_dir.parent} (known: {', '.join(known) or 'none'})")
     dev = resolve_device(device)
     model, info = load_model(run_dir, dev)

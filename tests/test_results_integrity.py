@@ -427,6 +427,20 @@ def test_load_run_refuses_files_of_another_run(tmp_path, tiny_run_config, foreig
     assert foreign in str(caught.value), repr(caught.value)
 
 
+def test_load_run_given_a_run_name_lists_that_names_run_ids(tmp_path, tiny_run_config):
+    """A user knows the name from config.yaml, not the hash: `lipflow sample tiny` said only that 'tiny'
+    is not a run id; the one line now names the finished runs of that name (not 'tiny.x')."""
+    from conftest import run_stage
+
+    results = tmp_path / "results"
+    for run_id in ("tiny-00000000", "tiny-11111111", "tiny.x-22222222"):
+        make_run(results, run_id, tiny_run_config)
+    with pytest.raises(ValueError, match=r"'tiny' is a run name, not a run id; .*: tiny-00000000, tiny-11111111$"):
+        lipflow.load_run("tiny", results=results, device="cpu")
+    sample = run_stage("lipflow.cli", "sample", "tiny", "--results", str(results), "--prompt", "x")
+    assert sample.returncode == 2 and sample.stderr.count("\n") == 1 and "tiny-11111111" in sample.stderr, sample.stderr
+
+
 def test_load_run_names_the_device_argument(tmp_path, tiny_run_config):
     """A device torch does not know is a ValueError naming the `device` argument, not torch's RuntimeError."""
     results = tmp_path / "results"
