@@ -185,3 +185,16 @@ def test_a_data_file_with_a_brace_in_its_path_is_one_line_before_any_job(tmp_pat
             assert done.returncode != 0 and "WildcardError" not in done.stderr, done.stderr
             assert f"config error: {key}: {name} holds a brace, which Snakemake reads as a wildcard" in \
                 done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_each_data_folder_keeps_its_own_data_logs(tmp_path):
+    """The corpus and tokenize logs were results/logs/{corpus,tokenize}.log, so building a second corpus
+    replaced the log of the first, whose folder and runs stay: they follow the data folders now."""
+    (tmp_path / "a.txt").write_text(paragraphs("To be, or not to be"))
+    (tmp_path / "config.yaml").write_text("corpus: {name: mine, source: files, paths: [a.txt]}\n"
+                                          "tokenizer: {kind: bpe, vocab_size: 300}\n")
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                          "--configfile", str(tmp_path / "config.yaml"), "-c1", "-n",
+                          "results/data/mine/bpe300/manifest.json"], capture_output=True, text=True, timeout=300)
+    logs = [line.split("log: ")[1] for line in dry.stdout.splitlines() if line.strip().startswith("log:")]
+    assert logs == ["results/logs/data/mine/corpus.log", "results/logs/data/mine/bpe300/tokenize.log"], dry.stdout

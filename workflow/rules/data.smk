@@ -1,4 +1,5 @@
-# Corpus → train/val documents → tokenizer + Arrow shards.
+# Corpus → train/val documents → tokenizer + Arrow shards. Their logs follow the data folders
+# (results/logs/data/<corpus>[/<tokenizer>]), so building another corpus keeps the earlier one's.
 
 
 rule corpus:
@@ -12,7 +13,7 @@ rule corpus:
         cfg=config_block_json("corpus"),
         out_dir=f"{DATA_DIR}/corpus",
     log:
-        "results/logs/corpus.log",
+        f"results/logs/{DATA_DIR.removeprefix('results/')}/corpus.log",
     resources:
         mem_mb=1000,
         runtime=30,
@@ -36,7 +37,7 @@ rule tokenize:
         corpus_dir=f"{DATA_DIR}/corpus",
         out_dir=TOKENS_DIR,
     log:
-        "results/logs/tokenize.log",
+        f"results/logs/{TOKENS_DIR.removeprefix('results/')}/tokenize.log",
     threads: 2
     resources:
         mem_mb=2000,
