@@ -157,6 +157,32 @@ def test_a_precision_panel_of_a_scaling_not_evaluated_says_so(tmp_path):
     pyplot().close(fig)
 
 
+def test_a_precision_bar_of_no_change_is_a_dot_on_the_zero_line(tmp_path):
+    """A format that changed no prediction (fp16, often) drew a bar of height 0: nothing, as if it had not
+    been evaluated. Its change of 0 is now a dot; a format not evaluated still draws nothing."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.precision import precision
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("prec.a-00000001", experiment="precision", max_activation=3.0)]
+    row = {"run_id": "prec.a-00000001", "eval": "precision", "n": None, "matrix": None, "rtol": None,
+           "epsilon": None, "attack": None, "k": None}
+    evals = [{**row, "metric": metric, "value": value, "format": fmt, "scaling": scaling}
+             for metric, value, fmt, scaling in (("accuracy", 0.3, "fp32", None),
+                                                 ("accuracy", 0.3, "fp16", "none"),
+                                                 ("accuracy_delta", 0.0, "fp16", "none"),
+                                                 ("accuracy", 0.29, "fp8_e4m3", "none"),
+                                                 ("accuracy_delta", -0.01, "fp8_e4m3", "none"))]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["precision"] == ""
+    fig = precision(con)
+    dots = [(x, y) for line in fig.axes[0].lines if line.get_marker() == "o" for x, y in line.get_xydata()]
+    assert dots == [(0.0, 0.0)]  # fp16 (the first format), not fp8_e4m3
+    pyplot().close(fig)
+
+
 def test_the_rank_figure_without_a_rank_at_rtol_1e_2_notes_it_instead_of_failing(tmp_path):
     """evaluations.rank.rtols: [0.001] (valid) left the view's qk_rank null: the rank panel's log axis had
     no point, and saving the figure raised 'Data cannot be log-scaled', failing the plots job."""

@@ -116,7 +116,8 @@ def precision(con):
     """Change of val accuracy against the model's fp32 accuracy (percentage points) per number format,
     one bar per model (its fp32 accuracy and weight constraint in the legend); unscaled casts (int8:
     weights only, rounded per output channel) and per-tensor scaled casts. Bars from 0 % accuracy hid
-    the point differences between formats that the figure is about."""
+    the point differences between formats that the figure is about. A measured change of exactly 0 is a
+    dot on the zero line (its bar has no height), so it differs from a format not evaluated."""
     import numpy as np
 
     plt = pyplot()
@@ -135,8 +136,11 @@ def precision(con):
             values = [100 * rows.accuracy_delta.get(f, float("nan")) for f in formats]
             constraint = df[df.label == label].weight_constraint.iloc[0]
             accuracy = f"fp32 {100 * fp32[label]:.1f} %" if label in fp32 else "no fp32 row"
-            ax.bar(np.arange(len(formats)) + i * width, values, width, color=color_of[label],
-                   label=f"{label} ({constraint}; {accuracy})")
+            positions = np.arange(len(formats)) + i * width
+            ax.bar(positions, values, width, color=color_of[label], label=f"{label} ({constraint}; {accuracy})")
+            unchanged = [x for x, value in zip(positions, values) if value == 0]  # a bar of height 0 is invisible
+            ax.plot(unchanged, [0] * len(unchanged), linestyle="none", marker="o", markersize=4,
+                    color=color_of[label], markeredgecolor="black", zorder=3)
         ax.axhline(0, color="black", linewidth=0.8)
         if not formats:  # evaluations.precision.scalings left this scaling out (and int8 off, for "none")
             note_on_axes(ax, f"no casts with scaling {scaling}\n(see evaluations.precision.scalings)")
