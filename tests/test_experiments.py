@@ -892,6 +892,27 @@ def test_lr_transfer_figure_of_one_final_loss_has_a_readable_loss_and_lr_axis(tm
     pyplot().close(fig)
 
 
+def test_lr_transfer_figure_keeps_the_optima_readable_when_the_top_lr_blows_up_at_every_width(tmp_path):
+    """The top lr of each width ended completed at a loss of ~10³ (a third of the runs, above the 90 %
+    quantile's tenth): the axis ran to 1,700 and every other point lay flat on its floor."""
+    from lipflow.experiments.lr_transfer import lr_transfer
+    from lipflow.results.plotting import pyplot
+
+    losses = {32: {0.03: 3.5, 0.12: 2.8, 1000.0: 1168.0}, 64: {0.03: 3.3, 0.12: 2.6, 1000.0: 1310.0}}
+    runs = [run(f"lrt.{w}.{i}-{w + i:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=loss)
+            for w, by_lr in losses.items() for i, (lr, loss) in enumerate(by_lr.items())]
+    con = database(tmp_path, runs)
+    create_views(con)
+    fig = lr_transfer(con)
+    (ax,) = fig.axes
+    bottom, top = ax.get_ylim()
+    assert 3.5 < top < 10 and bottom < 2.6, (bottom, top)
+    marked = [(line.get_marker(), tuple(line.get_xdata())) for line in ax.lines
+              if line.get_linestyle() == "None" and list(line.get_ydata()) == [top] * len(line.get_ydata())]
+    assert marked == [("^", (1000.0,)), ("^", (1000.0,))]
+    pyplot().close(fig)
+
+
 def test_rank_figure_marks_gaps_a_log_axis_cannot_show_and_says_what_the_slope_is_over(tmp_path):
     """A gap ≤ 0 vanished from the log panel, and the legend's slope (fitted on the positive gaps only)
     read as fitted on every run; one run gave 'slope nan'."""

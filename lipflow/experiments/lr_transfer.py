@@ -57,9 +57,11 @@ VIEWS = {"lr_transfer": LR_TRANSFER, "lr_transfer_runs": LR_TRANSFER_RUNS}
 
 def lr_transfer(con):
     """Final val loss against lr, one line per width, one panel per method; ★ marks each optimum. The
-    loss axis ends at the 90 % quantile plus 30 % of the range (a blown-up run would flatten the rest):
-    a point above it is drawn at the top edge as ▲, a run without a final loss (diverged or failed) as ×
-    there; the title's drift names how many of the method's widths have an optimum."""
+    loss axis ends at the 90 % quantile, or at three median−min spreads above the median where that is
+    lower (when a tenth of the runs or more blew up, their losses set the quantile), plus 30 % of the
+    range (a blown-up run would flatten the rest): a point above it is drawn at the top edge as ▲, a run
+    without a final loss (diverged or failed) as × there; the title's drift names how many of the
+    method's widths have an optimum."""
     from matplotlib.lines import Line2D
 
     plt = pyplot()
@@ -70,6 +72,8 @@ def lr_transfer(con):
     color_of = dict(zip(widths, colors(len(widths))))
     finite = runs.final_loss.dropna()
     low, high = (finite.min(), finite.quantile(0.9)) if len(finite) else (0.0, 1.0)
+    if len(finite) and finite.median() > low:
+        high = min(high, finite.median() + 3 * (finite.median() - low))
     span = (high - low) or 0.1 * max(abs(high), 1.0)  # one loss (or all equal): not a 1e-9 range (ticks "1e−10+2")
     bottom, top = low - 0.05 * span, high + 0.3 * span
     fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4), sharey=True, squeeze=False,
