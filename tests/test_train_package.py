@@ -423,6 +423,18 @@ def test_train_tokens_cuts_the_train_split_and_leaves_val_whole(char_shards, tin
     assert (train.tokens(0, 100) == full_train.tokens(0, 100)).all()
 
 
+def test_train_tokens_above_the_train_split_warns_that_the_run_trains_on_all_of_it(char_shards, tiny_run_config,
+                                                                                    capsys):
+    """rank_vs_n's n131072 on a 50,060-token corpus trained on 50,060 tokens without a word in its log."""
+    full_train, _ = token_splits(char_shards, {**tiny_run_config, "train_tokens": None})
+    assert capsys.readouterr().err == ""
+    train, _ = token_splits(char_shards, {**tiny_run_config, "train_tokens": 10 * full_train.num_tokens})
+    assert train.num_tokens == full_train.num_tokens
+    assert capsys.readouterr().err == (f"warning: train_tokens {10 * full_train.num_tokens:,} is more than the "
+                                       f"{full_train.num_tokens:,} tokens of the train split in {char_shards}: the run "
+                                       "trains on all of them\n")
+
+
 def test_an_evaluation_out_holding_another_runs_or_evaluations_rows_is_refused(trained_run, char_shards, tmp_path):
     """--out naming another run's (or evaluation's) table would file this one's rows under its name
     and lose its rows: refused before any work, the file as it was; its own earlier table is replaced."""
