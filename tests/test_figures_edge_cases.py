@@ -211,6 +211,34 @@ def test_the_rank_figure_without_a_rank_at_rtol_1e_2_notes_it_instead_of_failing
     pyplot().close(fig)
 
 
+def test_the_rank_figures_n_axes_are_labelled_at_the_trained_n_without_colliding_minor_labels(tmp_path):
+    """n from 32 to 782 sequences (1.4 decades) drew matplotlib's minor labels 3×10¹ 4×10¹ 6×10¹ 2×10² …,
+    which ran into each other under the panels; the axes name the trained n's instead."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.rank_vs_n import rank_vs_n
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"rank.a{i}-0000000{i}", experiment="rank_vs_n", train_tokens=64 * n, val_loss=2.5 + 1 / n)
+            for i, n in enumerate((32, 128, 512, 782))]
+    metrics = [{"run_id": r["run_id"], "step": s, "loss": 2.5, "sharpness": None, "preconditioned_sharpness": None}
+               for r in runs for s in (95, 100)]
+    row = {"eval": "rank", "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}
+    evals = [{**row, "run_id": r["run_id"], "metric": metric, "value": value, "n": n, "matrix": matrix, "rtol": rtol}
+             for r in runs for metric, value, n, matrix, rtol in (("numerical_rank", 8.0, None, "qk", 0.01),
+                                                                  ("b3_rademacher_sum", 1.0, 10, None, None))]
+    con = database(tmp_path, runs, metrics, evals)
+    con.execute("UPDATE shards SET tokens = 64 * 1000 WHERE split = 'train'")  # every run's train_tokens fit in it
+    assert create_views(con, log=io.StringIO())["rank_bound"] == ""
+    fig = rank_vs_n(con)
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "128", "512", "782"]
+    pyplot().close(fig)
+
+
 def test_the_robustness_figure_has_no_empty_tightness_panel_with_epsilons_0_only(tmp_path):
     """evaluations.robustness.epsilons: [0] (valid) leaves tightness rows only at the half-certified ε
     (attack pgd_half_certified): the tightness panel, which draws the pgd rows, was an empty log–log box."""

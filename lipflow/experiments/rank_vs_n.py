@@ -95,8 +95,10 @@ def rank_vs_n(con):
     """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank; a
     marker shape per head count (equal curves hid each other). A gap ≤ 0 (val below train loss), which
     a log axis cannot show and the slope leaves out, is a ▽ on the panel's bottom edge, and the legend
-    says over how many points the slope was fitted."""
+    says over how many points the slope was fitted. The n axes are labelled at the trained n's (matplotlib's
+    minor labels of a 1.5-decade span, 3×10¹ 4×10¹ 6×10¹ …, ran into each other)."""
     import pandas as pd
+    from matplotlib.ticker import NullFormatter
 
     plt = pyplot()
     df = read_view(con, "rank_bound", "ORDER BY n_heads, n_sequences")
@@ -119,8 +121,11 @@ def rank_vs_n(con):
         axes[2].scatter(sub.qk_rank, sub.b3_bound, color=color, marker="s", facecolors="none",
                         label=f"B3 bound, {h} head(s)")
     shown = (df.measured_gap.notna(), df.b3_bound, pd.concat([df.measured_gap, df.b3_bound]))
+    trained_n = sorted(int(n) for n in df.n_sequences.dropna().unique())
     for ax, title, values in zip(axes[:2], ("measured gap vs n", "B3 rank bound vs n"), shown):
         ax.set_xscale("log")
+        ax.set_xticks(trained_n, [str(n) for n in trained_n])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         log_axis_or_note(ax, values)
         ax.set_xlabel("n = training tokens / context (sequences, log scale)")
         ax.set_title(title)
