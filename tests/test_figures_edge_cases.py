@@ -337,6 +337,29 @@ def test_the_robustness_figure_of_one_radius_draws_its_certified_accuracies(tmp_
     pyplot().close(fig)
 
 
+def test_a_pareto_front_of_one_run_is_drawn_not_only_named_in_the_legend(tmp_path):
+    """An optimizer with one run on its front (a trimmed grid) had a legend entry 'adamw Pareto front' and
+    no line: a step through one point draws nothing. The point is ringed in the front's colour."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.lipschitz_tradeoff import tradeoff_accuracy
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"tradeoff.{i}-0000000{i}", experiment="lipschitz_tradeoff", optimizer=optimizer, lipschitz_bound=b,
+                val_accuracy=accuracy, max_activation=1.0)
+            for i, (optimizer, b, accuracy) in enumerate((("adamw", 1200.0, 0.26), ("muon", 1.2, 0.25),
+                                                          ("muon", 36.0, 0.256)))]
+    con = database(tmp_path, runs)
+    create_views(con, log=io.StringIO())
+    fig = tradeoff_accuracy(con)
+    fronts = {line.get_label(): line for line in fig.axes[0].lines}
+    assert fronts["adamw Pareto front"].get_marker() == "o"
+    assert list(fronts["adamw Pareto front"].get_xydata()[:, 0]) == [1200.0]
+    assert fronts["muon Pareto front"].get_marker() == "None"  # two points: a visible step
+    pyplot().close(fig)
+
+
 def test_the_tradeoff_figure_says_whether_the_robustness_evaluation_ran_when_no_radius_is_positive(tmp_path):
     """With the robustness evaluation run and every half-certified ε 0 (no correct prediction), the local
     panel said "add the robustness evaluation", which had run; without it, it still says so."""

@@ -64,8 +64,9 @@ def tradeoff_accuracy(con):
                 ax_local.scatter(local.local_radius, 100 * local.val_accuracy, color=color, marker=marker,
                                  alpha=0.7, label=f"{optimizer} · {constraint}")
         front = group[group.on_front].sort_values("lipschitz_bound")
+        alone = "o" if len(front) == 1 else None  # a step through one point draws nothing: ring the point
         ax.step(front.lipschitz_bound, 100 * front.val_accuracy, where="post", color=color, lw=1.5,
-                label=f"{optimizer} Pareto front")
+                marker=alone, markersize=11, markerfacecolor="none", label=f"{optimizer} Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("certified Lipschitz bound L of the trained model (log scale)")
     ax.set_ylabel("val next-token accuracy (%)")
