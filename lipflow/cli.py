@@ -369,7 +369,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     plan.corpus_files()  # what snakemake refuses at parse time, refused here too
     plan.tokenizer_files()
     plan.check_data_folders()
-    emit("\n".join(plan.runs))
+    if plan.runs:  # none (a study alone) prints nothing, not an empty line that `wc -l` counts
+        emit("\n".join(plan.runs))
     return 0
 
 

@@ -412,6 +412,17 @@ def test_a_config_file_larger_than_any_config_is_one_line_read_no_further(tmp_pa
     (tmp_path / "small.yaml").write_text("defaults:\n  steps: 3\n")
     assert load_config_file(tmp_path / "small.yaml") == {"defaults": {"steps": 3}}
 
+def test_lipflow_runs_of_a_config_without_runs_prints_nothing(tmp_path, capsys):
+    """The robustness experiment with an empty grid trains no run (its study does the work): `lipflow runs`
+    printed one empty line, which `lipflow runs | wc -l` counted as a run."""
+    from lipflow.cli import main
+
+    (tmp_path / "c.yaml").write_text("experiments: [robustness]\n"
+                                     "experiment_definitions: {robustness: {cpu: {grid: []}}}\n")
+    assert main(["runs", "--configfile", str(tmp_path / "c.yaml")]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
     """json.dump writes 1e-05, which YAML reads as a string: `lipflow runs` refused a JSON config that
     Snakemake (which tries JSON first) accepts; a repeated key is still refused."""
