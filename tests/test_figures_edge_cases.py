@@ -288,6 +288,30 @@ def test_the_robustness_figure_ticks_a_single_k_as_a_whole_number(tmp_path):
     pyplot().close(fig)
 
 
+def test_the_robustness_figure_puts_two_panels_a_row(tmp_path):
+    """Its four panels stood in one row 21 inches wide (3,100 × 580 pixels): scaled to a screen, the legends
+    and tick labels could not be read. Three panels take two rows, the empty cell removed."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": m, "value": v, "epsilon": e,
+              "attack": a, "k": k}
+             for m, v, e, a, k in (("robust_accuracy", 0.5, 0.0, "pgd", None), ("robust_accuracy", 0.4, None, "greedy", 1),
+                                   ("tightness_global", 0.01, 0.1, "pgd", None),
+                                   ("tightness_local", 0.5, 0.1, "pgd", None))]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    assert len(fig.axes) == 3 and [ax.get_subplotspec().colspan.start for ax in fig.axes] == [0, 1, 0]
+    width, height = fig.get_size_inches()
+    assert width <= 2 * height, (width, height)
+    pyplot().close(fig)
+
+
 def one_radius_robustness_figure(tmp_path, radius: float):
     """The robustness figure of an LM run and a digits-MLP method evaluated at the one radius ``radius``."""
     from test_experiments import database, run

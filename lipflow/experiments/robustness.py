@@ -66,7 +66,7 @@ def one_radius_axis(ax) -> None:
 def robustness(con):
     """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
     ε per model; the global and local certificates' tightness against ε; LM token substitutions
-    against k; the digits MLP against ε."""
+    against k; the digits MLP against ε. Two panels a row."""
     plt = pyplot()
     df = read_view(con, "robustness")
     panels = []
@@ -85,9 +85,13 @@ def robustness(con):
                        "ε (ℓ2 norm of the pixel perturbation, pixels in [0, 1])"))
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    columns = min(len(panels), 2) or 1  # four panels in a row were 21 inches wide: unreadable when scaled to a screen
+    n_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(5.2 * columns, 4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:  # an odd count leaves one cell empty
+        fig.delaxes(ax)
     color_of = dict(zip(sorted(df.label.unique()), category_colors(df.label.nunique())))  # one per model, every panel
-    for ax, (title, data, x_col, x_label) in zip(axes[0], panels):
+    for ax, (title, data, x_col, x_label) in zip(axes.flat, panels):
         for label in sorted(data.label.unique()):
             color, rows = color_of[label], data[data.label == label]
             bound = rows.certificate_l2.dropna()
