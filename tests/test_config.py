@@ -465,6 +465,21 @@ def test_a_number_or_boolean_read_as_text_says_how_to_write_it(tmp_path, text, e
         assert "(" not in str(err.value)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("defaults:\n  # steps: 5\n", "defaults: empty (null), not of type 'object': give it a value or leave the key out"),
+    ("runs:\n  a:\n    lr:\n", "runs.a.lr: empty (null), not of type 'number': give it a value or leave the key out"),
+])
+def test_an_empty_yaml_value_is_named_as_yaml_writes_it(tmp_path, text, expected):
+    """A block whose keys were all commented out is YAML's null: the error said Python's 'None is not of type
+    'object'', a word the config file never holds."""
+    from lipflow.config import load_config_file
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        check_config(load_config_file(tmp_path / "c.yaml"))
+    assert str(err.value).endswith(expected), str(err.value)
+
+
 def test_lipflow_runs_reads_config_files_as_snakemake_does(tmp_path, capsys):
     """A YTE template (`__use_yte__: true`), which Snakemake renders, gave `lipflow runs` an unknown key
     '__use_yte__'; a file of no keys, which Snakemake refuses, listed the other files' ids."""

@@ -230,6 +230,9 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     if error.validator == "pattern":
         rule = error.schema.get("description", f"must match {error.validator_value}")
         return f"{path}: {error.instance!r} is not allowed: {rule}"
+    if error.validator == "type" and error.instance is None:  # YAML's null (`defaults:` with every key commented out)
+        expected = error.validator_value if isinstance(error.validator_value, str) else " or ".join(error.validator_value)
+        return f"{path}: empty (null), not of type '{expected}': give it a value or leave the key out"
     if error.validator == "type" and isinstance(error.instance, str):
         return f"{path}: {error.message}{read_as_text(error.instance, error.validator_value)}"
     return f"{path}: {error.message}"
