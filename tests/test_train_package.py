@@ -424,13 +424,22 @@ def test_train_tokens_cuts_the_train_split_and_leaves_val_whole(char_shards, tin
 
 
 def test_train_tokens_above_the_train_split_warns_that_the_run_trains_on_all_of_it(char_shards, tiny_run_config,
-                                                                                    capsys):
-    """rank_vs_n's n131072 on a 50,060-token corpus trained on 50,060 tokens without a word in its log."""
+                                                                                    capsys, tmp_path):
+    """rank_vs_n's n131072 on a 50,060-token corpus trained on 50,060 tokens without a word in its log. The
+    trainer's rank 0 warns (a launcher and each worker read the splits)."""
+    from lipflow.train.build import warn_of_a_short_train_split
+
     full_train, _ = token_splits(char_shards, {**tiny_run_config, "train_tokens": None})
+    for train_tokens in (None, full_train.num_tokens):
+        warn_of_a_short_train_split({**tiny_run_config, "train_tokens": train_tokens}, full_train, char_shards)
     assert capsys.readouterr().err == ""
-    train, _ = token_splits(char_shards, {**tiny_run_config, "train_tokens": 10 * full_train.num_tokens})
+    cfg = {**tiny_run_config, "train_tokens": 10 * full_train.num_tokens}
+    train, _ = token_splits(char_shards, cfg)
     assert train.num_tokens == full_train.num_tokens
-    assert capsys.readouterr().err == (f"warning: train_tokens {10 * full_train.num_tokens:,} is more than the "
+    Trainer("tiny-00000000", cfg, char_shards, tmp_path, progress=False)  # one process: its rank 0 says it
+    warned = capsys.readouterr().err
+    warn_of_a_short_train_split(cfg, train, char_shards)
+    assert capsys.readouterr().err == warned == (f"warning: train_tokens {10 * full_train.num_tokens:,} is more than the "
                                        f"{full_train.num_tokens:,} tokens of the train split in {char_shards}: the run "
                                        "trains on all of them\n")
 

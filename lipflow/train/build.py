@@ -205,16 +205,20 @@ def checked_inputs(run_id: str, cfg: dict[str, Any], data_dir: Path,
 
 
 def token_splits(data_dir: Path, cfg: dict[str, Any]) -> tuple[TokenShards, TokenShards]:
-    """(train, val) shards; train cut to ``train_tokens``; both checked to hold a ``context`` window. A
-    ``train_tokens`` above the train split trains on the whole split, with a warning (the run's name and
-    ``runs.train_tokens`` say more tokens than it saw)."""
+    """(train, val) shards; train cut to ``train_tokens`` (all of it when the split holds fewer:
+    :func:`warn_of_a_short_train_split`); both checked to hold a ``context`` window."""
     train, val = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"]), TokenShards(data_dir, "val")
-    if cfg["train_tokens"] is not None and cfg["train_tokens"] > train.num_tokens:
-        print(f"warning: train_tokens {cfg['train_tokens']:,} is more than the {train.num_tokens:,} tokens of the "
-              f"train split in {data_dir}: the run trains on all of them", file=sys.stderr)
     for split in (train, val):
         split.check_context(cfg["context"])
     return train, val
+
+
+def warn_of_a_short_train_split(cfg: dict[str, Any], train: TokenShards, data_dir: Path) -> None:
+    """A warning when ``train_tokens`` is above what the train split holds: the run trains on the whole
+    split, while its name and ``train_tokens`` say more tokens than it saw (the trainer's rank 0 says it)."""
+    if cfg["train_tokens"] is not None and cfg["train_tokens"] > train.num_tokens:
+        print(f"warning: train_tokens {cfg['train_tokens']:,} is more than the {train.num_tokens:,} tokens of the "
+              f"train split in {data_dir}: the run trains on all of them", file=sys.stderr)
 
 
 class Learner(NamedTuple):

@@ -29,7 +29,8 @@ from lipflow.metrics import autocast_for
 from lipflow.model.base import non_finite_parameter
 from lipflow.schedules import lr_factor
 from lipflow.train import checkpoint
-from lipflow.train.build import build_learner, checked_inputs, ensure_writable, training_loss
+from lipflow.train.build import (build_learner, checked_inputs, ensure_writable, training_loss,
+                                  warn_of_a_short_train_split)
 from lipflow.train.stop import SigtermWatch, divergence
 from lipflow.train.summary import METRIC_COLUMNS, run_summary
 from lipflow.train.telemetry import EvalStepTelemetry, StepLog, StepResult, TensorBoardMirror
@@ -49,6 +50,8 @@ class Trainer:
         self.train_data, self.val_data, device = checked_inputs(run_id, cfg, self.data_dir, self.out_dir)
         ensure_writable(self.out_dir)
         self.topo, self.device = distributed.init_from_env(device)
+        if self.topo.is_main:
+            warn_of_a_short_train_split(cfg, self.train_data, self.data_dir)
         torch.manual_seed(cfg["seed"])
         self.train_windows = self.train_data.resident(self.device)
         self.model, self.optimizer, self.matrices, self.constraint = build_learner(
