@@ -488,7 +488,7 @@ def test_weights_of_another_shape_are_one_line_naming_the_checkpoint(tmp_path, t
 
 @pytest.mark.parametrize("forged, named", [({"n_heads": "x"}, "config.n_heads: 'x' is not of type 'integer'"),
                                             ({"n_heads": 3}, "config.n_heads: 3 does not divide d_model 32"),
-                                            ({"n_layers": None}, "config.n_layers: None is not of type 'integer'"),
+                                            ({"n_layers": None}, "config.n_layers: empty (null), not of type 'integer'"),
                                             ([1, 2], "stores a config that is no mapping")])
 def test_weights_resealed_with_an_invalid_config_are_one_line_naming_the_weights(tmp_path, tiny_run_config,
                                                                                   forged, named):

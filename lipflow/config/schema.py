@@ -230,7 +230,8 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     if error.validator == "pattern":
         rule = error.schema.get("description", f"must match {error.validator_value}")
         return f"{path}: {error.instance!r} is not allowed: {rule}"
-    if error.validator == "type" and error.instance is None:  # YAML's null (`defaults:` with every key commented out)
+    # YAML's null as a value (`defaults:` with every key commented out), not as a key (`null:`, a property name)
+    if error.validator == "type" and error.instance is None and "propertyNames" not in error.schema_path:
         expected = error.validator_value if isinstance(error.validator_value, str) else " or ".join(error.validator_value)
         return f"{path}: empty (null), not of type '{expected}': give it a value or leave the key out"
     if error.validator == "type" and isinstance(error.instance, str):
