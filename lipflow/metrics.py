@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from lipflow.errors import ProgressClock, silent
 from lipflow.model.base import LanguageModel
 
 
@@ -43,13 +45,17 @@ def loss_and_correct(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def evaluate_windows(model: LanguageModel, windows: torch.Tensor, batch_size: int,
-                     device: torch.device) -> dict[str, float]:
-    """Loss, accuracy and perplexity over every position of ``windows`` (N, context+1)."""
+def evaluate_windows(model: LanguageModel, windows: torch.Tensor, batch_size: int, device: torch.device,
+                     report: Callable[[str], None] = silent) -> dict[str, float]:
+    """Loss, accuracy and perplexity over every position of ``windows`` (N, context+1); ``report`` gets
+    the windows scored so far when :class:`ProgressClock` says so (a large val split takes minutes)."""
     was_training = model.training
     model.eval()
     total_loss, total_correct, total_tokens = 0.0, 0, 0
+    clock = ProgressClock()
     for start in range(0, windows.shape[0], batch_size):
+        if start and clock.due():
+            report(f"{start:,} of {windows.shape[0]:,} windows scored")
         batch = windows[start:start + batch_size].to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         with autocast_for(device):

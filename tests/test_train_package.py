@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from conftest import documented_training
 import lipflow.metrics
-from lipflow.config import check_config, evaluation_params
+from lipflow.config import check_config, evaluation_params, run_defaults
 from lipflow.evaluation.__main__ import evaluate
+from lipflow.model import build_model
 from lipflow.train.build import build_learner, token_splits
 from lipflow.train.summary import METRIC_COLUMNS, RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS, run_summary
 from lipflow.train.trainer import Trainer
@@ -191,8 +192,9 @@ def test_the_robustness_job_measures_no_split_loss(trained_run, char_shards, tmp
 def test_long_evaluations_report_each_phase_to_the_log_and_keep_their_rows(trained_run, char_shards, tmp_path,
                                                                           capsys):
     """The stage prints a line per phase of robustness (clean pass, each ε of PGD, each k of the
-    substitutions), precision (each format and scaling) and sharpness (the power iteration), each with
-    the seconds so far, then its summary; the rows are those of the evaluation run without a reporter."""
+    substitutions), precision (each format and scaling), sharpness (the power iteration) and rank (the
+    weight spectra, each attention layer), each with the seconds so far, then its summary; the rows are
+    those of the evaluation run without a reporter."""
     from lipflow.evaluation import EVALUATIONS
     from lipflow.evaluation.__main__ import build_context
 
@@ -201,8 +203,11 @@ def test_long_evaluations_report_each_phase_to_the_log_and_keep_their_rows(train
                        "random_trials": 1, "greedy_candidates": 2, "lipschitz_steps": 1},
         "precision": {"max_windows": 4, "formats": ["bf16", "fp8_e4m3"], "scalings": ["none", "per_tensor"],
                       "int8": False},
-        "sharpness": {"batch_size": 2, "iters": 3}}}
+        "sharpness": {"batch_size": 2, "iters": 3}, "rank": {"bx_windows": 2}}}
     check_config(config)
+    stored = json.loads((trained_run / "config.json").read_text())
+    model = build_model(run_defaults(**stored["config"]), stored["vocab_size"])
+    matrices = sum(p.ndim == 2 for p in model.parameters())  # rank's include_embeddings: true
     expected = {
         "robustness": [r"clean accuracy [\d.]+ on 2 sequences", r"PGD at ε = 0.5: robust accuracy [\d.]+ \(1 of 2\)",
                        r"PGD at ε = 0.25: robust accuracy [\d.]+ \(2 of 2\)",
@@ -210,7 +215,9 @@ def test_long_evaluations_report_each_phase_to_the_log_and_keep_their_rows(train
                        r"random and greedy substitutions at k = 2 \(2 of 2\)"],
         "precision": [rf"{fmt}, scaling {scaling}: val loss [\d.]+ \(fp32 [\d.]+\)"
                       for fmt in ("bf16", "fp8_e4m3") for scaling in ("none", "per_tensor")],
-        "sharpness": [r"top Hessian eigenvalue \S+ after [1-3] power iterations"]}
+        "sharpness": [r"top Hessian eigenvalue \S+ after [1-3] power iterations"],
+        "rank": [rf"spectra of {matrices} weight matrices",  # tiny: one block of 2 heads
+                 r"attention layer 1 of 1: W_QK and Ṽ spectra, B3 of 2 head\(s\)"]}
     for name, phases in expected.items():
         params = config["evaluations"][name]
         out = tmp_path / f"{name}.parquet"
@@ -227,8 +234,29 @@ def test_long_evaluations_report_each_phase_to_the_log_and_keep_their_rows(train
         ctx, _ = build_context(trained_run, char_shards, evaluation_params(name, **params), torch.device("cpu"))
         rows = [{"run_id": "tiny-00000000", "eval": name, **row} for row in EVALUATIONS.get(name)(ctx)]
         written = pq.read_table(out).to_pylist()
-        assert (json.dumps([{k: v for k, v in r.items() if v is not None} for r in written], sort_keys=True)
-                == json.dumps(rows, sort_keys=True))  # as text: NaN equals NaN
+
+        def text(table):  # as text: NaN equals NaN; a null cell is a key the row left out
+            return json.dumps([{k: v for k, v in r.items() if v is not None} for r in table], sort_keys=True)
+
+        assert text(written) == text(rows)
+
+
+def test_the_val_evaluation_reports_the_windows_scored_so_far(trained_run, char_shards, tmp_path, monkeypatch,
+                                                              capsys):
+    """A large val split took minutes without a line; with PROGRESS_SECONDS = 0 the stage says before
+    each batch after the first how many windows are scored, up to the last batch's start."""
+    import lipflow.errors
+
+    monkeypatch.setattr(lipflow.errors, "PROGRESS_SECONDS", 0.0)
+    config = {"evaluations": {"val": {"batch_size": 2}}}
+    check_config(config)
+    assert evaluate("val", trained_run, char_shards, dict(config["evaluations"]["val"]), tmp_path / "v.parquet",
+                    "cpu") == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = [re.fullmatch(r"val: ([\d,]+) of ([\d,]+) windows scored \(\d+\.\d s\)", line) for line in lines[:-1]]
+    assert all(progress) and len(progress) >= 2, lines
+    total = int(progress[0][2].replace(",", ""))
+    assert [int(m[1].replace(",", "")) for m in progress] == list(range(2, total, 2))
 
 
 def test_the_rank_job_measures_both_losses_once_for_its_gap(trained_run, char_shards, tmp_path, monkeypatch):

@@ -305,9 +305,10 @@ def evaluate(ctx: EvalContext) -> list[dict]:
     rtols = list(cfg["rtols"])
     skipped = set() if cfg["include_embeddings"] else {n for n, _ in model.param_roles()["embed"]}
     rows: list[dict] = []
-    for name, p in model.named_parameters():
-        if p.ndim == 2 and name not in skipped:
-            rows += spectrum_rows(p, rtols, matrix=name, layer=None, head=None)
+    matrices = [(name, p) for name, p in model.named_parameters() if p.ndim == 2 and name not in skipped]
+    for name, p in matrices:
+        rows += spectrum_rows(p, rtols, matrix=name, layer=None, head=None)
+    ctx.report(f"spectra of {len(matrices)} weight matrices")
 
     layers = find_attention(model)
     if cfg["n_train"] is None:
@@ -335,6 +336,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
             rows.append({"metric": "b3_rademacher", "value": r, "layer": i, "head": h, "n": n_train})
         per_layer.append(LayerMatrices(qks, ovs, None if layer.mlp_in is None else layer.mlp_in.T.numpy(),
                                        None if layer.mlp_out is None else layer.mlp_out.T.numpy()))
+        ctx.report(f"attention layer {i + 1} of {len(layers)}: W_QK and Ṽ spectra, B3 of {layer.n_heads} head(s)")
     if layers:
         rows.append({"metric": "b3_rademacher_sum", "value": b3_total, "n": n_train})
         width = layers[0].q.shape[1]

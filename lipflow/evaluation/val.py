@@ -10,5 +10,5 @@ from lipflow.metrics import evaluate_windows
 
 @EVALUATIONS.register("val")
 def evaluate(ctx: EvalContext) -> list[dict]:
-    result = evaluate_windows(ctx.model, ctx.val_windows, int(ctx.cfg["batch_size"]), ctx.device)
+    result = evaluate_windows(ctx.model, ctx.val_windows, int(ctx.cfg["batch_size"]), ctx.device, ctx.report)
     return [{"metric": name, "value": value} for name, value in result.items()]
