@@ -139,6 +139,18 @@ def test_lanczos_top_k_matches_eigvalsh():
     assert top == pytest.approx(exact, rel=1e-4)
 
 
+def test_lanczos_of_a_low_rank_or_zero_hessian():
+    """H of rank 2 in 30 dimensions: the top 5 are 6, 4 and three of the null space's 0s (float32's residue
+    keeps the run going past the closed Krylov space). H = 0: the start vector's Krylov space closes at
+    once, and the one exact eigenvalue, 0, is all it returns (the docstring's "fewer")."""
+    basis, _ = torch.linalg.qr(torch.randn(30, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    loss, params = quadratic((basis * torch.tensor([6.0, 4.0], dtype=torch.float64)) @ basis.T)
+    top = lanczos_topk(loss, params, k=5, iters=25, generator=torch.Generator().manual_seed(0))
+    assert top == pytest.approx([6.0, 4.0, 0.0, 0.0, 0.0], abs=1e-4)
+    loss, params = quadratic(torch.zeros(30, 30))
+    assert lanczos_topk(loss, params, k=5, iters=25, generator=torch.Generator().manual_seed(0)) == [0.0]
+
+
 def test_hutchinson_trace_is_within_its_standard_error():
     a, _ = symmetric_with_spectrum(torch.linspace(-2, 9, 20).tolist(), seed=5)
     loss, params = quadratic(a)

@@ -151,7 +151,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch
 
 def lanczos_topk(loss_fn: LossFn, params: Sequence[torch.Tensor], k: int, *, iters: int,
                  generator: torch.Generator | None = None) -> list[float]:
-    """The k largest Ritz values of an ``iters``-step Lanczos run (full reorthogonalisation), descending.
+    """The k largest Ritz values of an ``iters``-step Lanczos run (full reorthogonalisation), descending;
+    fewer when the start vector's Krylov space is invariant before k steps (H = 0: one), whose Ritz values
+    are then exact eigenvalues of H, the only ones this run sees.
 
     Lanczos (1950): q_{j+1} β_j = H q_j − α_j q_j − β_{j−1} q_{j−1}; the extreme eigenvalues of the
     tridiagonal T = tridiag(β, α, β) converge to those of H first.
@@ -229,7 +231,8 @@ def evaluate(ctx: EvalContext) -> list[dict]:
         top = lanczos_topk(loss_fn, params, cfg["lanczos_k"], iters=cfg["lanczos_iters"],
                            generator=torch.Generator().manual_seed(seed + 1))
         rows += [{"metric": "lanczos_eigenvalue", "value": lam, "k": i + 1} for i, lam in enumerate(top)]
-        ctx.report(f"Lanczos: the top {len(top)} eigenvalues")
+        closed = "" if len(top) == cfg["lanczos_k"] else f" of {cfg['lanczos_k']} (the Krylov space closed)"
+        ctx.report(f"Lanczos: the top {len(top)} eigenvalues{closed}")
     if cfg["hutchinson_samples"]:
         trace = hutchinson_trace(loss_fn, params, cfg["hutchinson_samples"],
                                  generator=torch.Generator().manual_seed(seed + 2))
