@@ -79,8 +79,8 @@ def note_on_axes(ax, text: str, color: str | None = "0.4") -> None:
 
 
 def whole_number_x_axis(ax, values) -> None:
-    """Ticks of ``ax``'s x axis at whole numbers only (training steps), and x ± 1 when ``values`` hold one x:
-    matplotlib's ±5 % around a lone point ticked 0.96, 0.98 … 1.04 (fractional steps)."""
+    """Ticks of ``ax``'s x axis at whole numbers only (training steps, layer counts, context lengths), and
+    x ± 1 when ``values`` hold one x: matplotlib's ±5 % around a lone point ticked 0.96, 0.98 … 1.04."""
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))

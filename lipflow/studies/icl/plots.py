@@ -8,9 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from lipflow.results.plotting import refuse_to_replace_figure, write_figure  # noqa: E402
+from lipflow.results.plotting import refuse_to_replace_figure, whole_number_x_axis, write_figure  # noqa: E402
 from lipflow.studies.icl.tables import PLOTTED_METHODS  # noqa: E402
 from lipflow.data.parquet import read_table_parquet  # noqa: E402
 
@@ -42,10 +41,7 @@ def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str, attention
             x, y, err = zip(*points)
             ax.errorbar(x, y, yerr=err, capsize=3, label=LABELS[method].format(attention=attention),
                         **STYLES[method])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    xs = {r[x_key] for r in rows}
-    if len(xs) == 1:  # a view narrower than 1 gets fractional ticks (L = 1.975) even from an integer locator
-        ax.set_xlim(min(xs) - 1, min(xs) + 1)
+    whole_number_x_axis(ax, [r[x_key] for r in rows])  # one L or n: else fractional ticks (L = 1.975)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test loss  E(ŷ − y_query)²")
     ax.set_title(title)
