@@ -109,7 +109,6 @@ def draw(con):
         if not ax.lines:
             note_on_axes(ax, "no run records it" if column != "lipschitz_bound" else "no run has a certificate")
         ax.grid(True, alpha=0.3)
-    for ax in axes.flat:
         whole_number_x_axis(ax, rows.step)
     for ax in axes[-1]:
         ax.set_xlabel("step")
