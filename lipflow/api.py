@@ -90,15 +90,19 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
     directory, recorded relative to the directory it was trained in (``results/data/…``), is looked up
     in the same tree. ``run_id`` must be a run id (never a path out of ``results/runs``); its run.json
     and metrics must be the run's own (as the database build checks them)."""
-    known = sorted(p.name for p in (Path(results) / "runs").glob("*") if (p / "run.json").is_file())
+    runs = Path(results) / "runs"
+
+    def finished() -> list[str]:  # listed only for an error message: a results tree may hold thousands of runs
+        return sorted(p.name for p in runs.glob("*") if (p / "run.json").is_file())
+
     if isinstance(run_id, str) and not re.fullmatch(RUN_ID_PATTERN, run_id):
-        named = [known_id for known_id in known if re.fullmatch(re.escape(run_id) + "-[0-9a-f]{8}", known_id)]
+        named = [known for known in finished() if re.fullmatch(re.escape(run_id) + "-[0-9a-f]{8}", known)]
         if named:
             raise ConfigError(f"run_id: '{run_id}' is a run name, not a run id; its finished runs under "
-                              f"{Path(results) / 'runs'}: {', '.join(named)}")
-    run_dir = Path(results) / "runs" / check_run_id(run_id, "run_id")
+                              f"{runs}: {', '.join(named)}")
+    run_dir = runs / check_run_id(run_id, "run_id")
     if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(f"no finished run '{run_id}' under {run_dir.parent} (known: {', '.join(known) or 'none'})")
+        raise FileNotFoundError(f"no finished run '{run_id}' under {runs} (known: {', '.join(finished()) or 'none'})")
     dev = resolve_device(device)
     model, info = load_model(run_dir, dev)
     config_json = run_dir / "config.json"
