@@ -171,9 +171,14 @@ def documents_read(texts: Iterable[str], total: int | None, report: Callable[[st
     clock = ProgressClock()
     for count, text in enumerate(texts, 1):
         if clock.due():
-            report(f"fitting: {count:,} of {total:,} documents read" if type(total) is int
-                   else f"fitting: {count:,} documents read")
+            report(f"fitting: {documents_of(count, total)} read")
         yield text
+
+
+def documents_of(count: int, total: int | None) -> str:
+    """``count`` documents, and of how many (``total``: a split's count in corpus.json, absent from an
+    earlier corpus stage's record)."""
+    return f"{count:,} of {total:,} documents" if type(total) is int else f"{count:,} documents"
 
 
 # A kind is fitted on (or, for ``file``, ignores) the train split's texts, read once.
@@ -580,9 +585,8 @@ def tokenize_corpus(
                 writer.add(tokens)
                 if len(writer.shards) > reported and clock.due():
                     reported = len(writer.shards)
-                    docs_so_far = (f"{num_docs:,} of {split_docs:,} documents" if type(split_docs) is int
-                                   else f"{num_docs:,} documents")
-                    report(f"{split}: {shards_text(reported)}, {reported * cfg.shard_tokens:,} tokens, {docs_so_far}")
+                    report(f"{split}: {shards_text(reported)}, {reported * cfg.shard_tokens:,} tokens, "
+                           f"{documents_of(num_docs, split_docs)}")
             if type(split_docs) is int and num_docs != split_docs:  # cut short at a line end, or edited
                 raise DataError(f"{corpus / split}.jsonl holds {num_docs:,} documents, but {corpus / 'corpus.json'} "
                                 f"counts {split_docs:,} (truncated or edited? rerun the corpus stage)")
