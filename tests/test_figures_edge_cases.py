@@ -183,26 +183,39 @@ def test_a_precision_bar_of_no_change_is_a_dot_on_the_zero_line(tmp_path):
     pyplot().close(fig)
 
 
+def rank_database(tmp_path, runs, *, train_loss: float, rtol: float, train_split_tokens: int | None = None):
+    """A database of rank_vs_n ``runs`` (their train loss ``train_loss`` at steps 95 and 100, a W_QK rank of 8
+    at ``rtol`` and a B3 sum of 1 at n = 10) with its views built; ``train_split_tokens``: the train split's
+    size, where the runs' train_tokens need more than the fixture's."""
+    from test_experiments import database
+
+    from lipflow.experiments import create_views
+
+    metrics = [{"run_id": r["run_id"], "step": s, "loss": train_loss, "sharpness": None,
+                "preconditioned_sharpness": None} for r in runs for s in (95, 100)]
+    row = {"eval": "rank", "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}
+    evals = [{**row, "run_id": r["run_id"], "metric": metric, "value": value, "n": n, "matrix": matrix,
+              "rtol": rank_rtol}
+             for r in runs for metric, value, n, matrix, rank_rtol in (("numerical_rank", 8.0, None, "qk", rtol),
+                                                                       ("b3_rademacher_sum", 1.0, 10, None, None))]
+    con = database(tmp_path, runs, metrics, evals)
+    if train_split_tokens is not None:
+        con.execute(f"UPDATE shards SET tokens = {train_split_tokens} WHERE split = 'train'")
+    assert create_views(con, log=io.StringIO())["rank_bound"] == ""
+    return con
+
+
 def test_the_rank_figure_without_a_rank_at_rtol_1e_2_notes_it_instead_of_failing(tmp_path):
     """evaluations.rank.rtols: [0.001] (valid) left the view's qk_rank null: the rank panel's log axis had
     no point, and saving the figure raised 'Data cannot be log-scaled', failing the plots job."""
-    from test_experiments import database, run
+    from test_experiments import run
 
-    from lipflow.experiments import create_views
     from lipflow.experiments.rank_vs_n import rank_vs_n
     from lipflow.results.plotting import pyplot
 
     runs = [run(f"rank.a{i}-0000000{i}", experiment="rank_vs_n", train_tokens=640 * i, val_loss=2.5 + i)
             for i in (1, 2)]
-    metrics = [{"run_id": r["run_id"], "step": s, "loss": 2.0, "sharpness": None, "preconditioned_sharpness": None}
-               for r in runs for s in (95, 100)]
-    row = {"eval": "rank", "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}
-    evals = [{**row, "run_id": r["run_id"], "metric": metric, "value": value, "n": n, "matrix": matrix, "rtol": rtol}
-             for r in runs for metric, value, n, matrix, rtol in (("numerical_rank", 8.0, None, "qk", 0.001),
-                                                                  ("b3_rademacher_sum", 1.0, 10, None, None))]
-    con = database(tmp_path, runs, metrics, evals)
-    assert create_views(con, log=io.StringIO())["rank_bound"] == ""
-    fig = rank_vs_n(con)
+    fig = rank_vs_n(rank_database(tmp_path, runs, train_loss=2.0, rtol=0.001))
     fig.savefig(io.BytesIO(), format="png")
     rank = fig.axes[2]
     assert rank.get_yscale() == "linear"
@@ -214,24 +227,14 @@ def test_the_rank_figure_without_a_rank_at_rtol_1e_2_notes_it_instead_of_failing
 def test_the_rank_figures_n_axes_are_labelled_at_the_trained_n_without_colliding_minor_labels(tmp_path):
     """n from 32 to 782 sequences (1.4 decades) drew matplotlib's minor labels 3×10¹ 4×10¹ 6×10¹ 2×10² …,
     which ran into each other under the panels; the axes name the trained n's instead."""
-    from test_experiments import database, run
+    from test_experiments import run
 
-    from lipflow.experiments import create_views
     from lipflow.experiments.rank_vs_n import rank_vs_n
     from lipflow.results.plotting import pyplot
 
     runs = [run(f"rank.a{i}-0000000{i}", experiment="rank_vs_n", train_tokens=64 * n, val_loss=2.5 + 1 / n)
             for i, n in enumerate((32, 128, 512, 782))]
-    metrics = [{"run_id": r["run_id"], "step": s, "loss": 2.5, "sharpness": None, "preconditioned_sharpness": None}
-               for r in runs for s in (95, 100)]
-    row = {"eval": "rank", "epsilon": None, "attack": None, "k": None, "format": None, "scaling": None}
-    evals = [{**row, "run_id": r["run_id"], "metric": metric, "value": value, "n": n, "matrix": matrix, "rtol": rtol}
-             for r in runs for metric, value, n, matrix, rtol in (("numerical_rank", 8.0, None, "qk", 0.01),
-                                                                  ("b3_rademacher_sum", 1.0, 10, None, None))]
-    con = database(tmp_path, runs, metrics, evals)
-    con.execute("UPDATE shards SET tokens = 64 * 1000 WHERE split = 'train'")  # every run's train_tokens fit in it
-    assert create_views(con, log=io.StringIO())["rank_bound"] == ""
-    fig = rank_vs_n(con)
+    fig = rank_vs_n(rank_database(tmp_path, runs, train_loss=2.5, rtol=0.01, train_split_tokens=64 * 1000))
     fig.canvas.draw()
     for ax in fig.axes[:2]:
         assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
