@@ -131,24 +131,30 @@ def test_the_rank_figure_labels_a_linear_rank_panel_as_linear(tmp_path):
     pyplot().close(fig)
 
 
-def test_a_precision_panel_of_a_scaling_not_evaluated_says_so(tmp_path):
-    """With evaluations.precision.scalings: [none] the per-tensor panel was drawn empty, without a word."""
+def precision_figure(tmp_path, cells):
+    """The precision figure of one run whose precision evaluation holds ``cells`` (metric, value, format,
+    scaling)."""
     from test_experiments import database, run
 
     from lipflow.experiments import create_views
     from lipflow.experiments.precision import precision
-    from lipflow.results.plotting import pyplot
 
     runs = [run("prec.a-00000001", experiment="precision", max_activation=3.0)]
     row = {"run_id": "prec.a-00000001", "eval": "precision", "n": None, "matrix": None, "rtol": None,
            "epsilon": None, "attack": None, "k": None}
     evals = [{**row, "metric": metric, "value": value, "format": fmt, "scaling": scaling}
-             for metric, value, fmt, scaling in (("accuracy", 0.3, "fp32", None),
-                                                 ("accuracy", 0.29, "fp8_e4m3", "none"),
-                                                 ("accuracy_delta", -0.01, "fp8_e4m3", "none"))]
+             for metric, value, fmt, scaling in cells]
     con = database(tmp_path, runs, evals=evals)
     assert create_views(con, log=io.StringIO())["precision"] == ""
-    fig = precision(con)
+    return precision(con)
+
+
+def test_a_precision_panel_of_a_scaling_not_evaluated_says_so(tmp_path):
+    """With evaluations.precision.scalings: [none] the per-tensor panel was drawn empty, without a word."""
+    from lipflow.results.plotting import pyplot
+
+    fig = precision_figure(tmp_path, (("accuracy", 0.3, "fp32", None), ("accuracy", 0.29, "fp8_e4m3", "none"),
+                                      ("accuracy_delta", -0.01, "fp8_e4m3", "none")))
     unscaled, scaled = fig.axes[:2]
     assert unscaled.get_title() == "unscaled casts"  # no int8 row: the title claimed int8 bars it did not draw
     assert [t.get_text() for t in unscaled.texts] == [] and len(unscaled.patches) == 1
@@ -160,24 +166,11 @@ def test_a_precision_panel_of_a_scaling_not_evaluated_says_so(tmp_path):
 def test_a_precision_bar_of_no_change_is_a_dot_on_the_zero_line(tmp_path):
     """A format that changed no prediction (fp16, often) drew a bar of height 0: nothing, as if it had not
     been evaluated. Its change of 0 is now a dot; a format not evaluated still draws nothing."""
-    from test_experiments import database, run
-
-    from lipflow.experiments import create_views
-    from lipflow.experiments.precision import precision
     from lipflow.results.plotting import pyplot
 
-    runs = [run("prec.a-00000001", experiment="precision", max_activation=3.0)]
-    row = {"run_id": "prec.a-00000001", "eval": "precision", "n": None, "matrix": None, "rtol": None,
-           "epsilon": None, "attack": None, "k": None}
-    evals = [{**row, "metric": metric, "value": value, "format": fmt, "scaling": scaling}
-             for metric, value, fmt, scaling in (("accuracy", 0.3, "fp32", None),
-                                                 ("accuracy", 0.3, "fp16", "none"),
-                                                 ("accuracy_delta", 0.0, "fp16", "none"),
-                                                 ("accuracy", 0.29, "fp8_e4m3", "none"),
-                                                 ("accuracy_delta", -0.01, "fp8_e4m3", "none"))]
-    con = database(tmp_path, runs, evals=evals)
-    assert create_views(con, log=io.StringIO())["precision"] == ""
-    fig = precision(con)
+    fig = precision_figure(tmp_path, (("accuracy", 0.3, "fp32", None), ("accuracy", 0.3, "fp16", "none"),
+                                      ("accuracy_delta", 0.0, "fp16", "none"), ("accuracy", 0.29, "fp8_e4m3", "none"),
+                                      ("accuracy_delta", -0.01, "fp8_e4m3", "none")))
     dots = [(x, y) for line in fig.axes[0].lines if line.get_marker() == "o" for x, y in line.get_xydata()]
     assert dots == [(0.0, 0.0)]  # fp16 (the first format), not fp8_e4m3
     pyplot().close(fig)
@@ -303,7 +296,8 @@ def test_the_robustness_figure_puts_two_panels_a_row(tmp_path):
     runs = [run("robust.a-00000001", experiment="robustness")]
     evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": m, "value": v, "epsilon": e,
               "attack": a, "k": k}
-             for m, v, e, a, k in (("robust_accuracy", 0.5, 0.0, "pgd", None), ("robust_accuracy", 0.4, None, "greedy", 1),
+             for m, v, e, a, k in (("robust_accuracy", 0.5, 0.0, "pgd", None),
+                                   ("robust_accuracy", 0.4, None, "greedy", 1),
                                    ("tightness_global", 0.01, 0.1, "pgd", None),
                                    ("tightness_local", 0.5, 0.1, "pgd", None))]
     con = database(tmp_path, runs, evals=evals)
