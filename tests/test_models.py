@@ -53,6 +53,21 @@ def test_a_sequence_longer_than_the_context_is_named(name):
 
 
 @pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 7, -1])
+def test_a_token_id_outside_the_vocabulary_is_named(name, bad):
+    """An id outside 0…VOCAB−1 given to a model in eval mode (as ``load_run`` returns it) is one ValueError
+    naming the id and the vocabulary size, not torch's "index out of range in self"; the last id runs."""
+    model = lm(name).eval()
+    idx = torch.randint(0, VOCAB, (2, LM_CFG["context"]))
+    idx[0, 0] = VOCAB - 1
+    assert model(idx).shape == (2, LM_CFG["context"], VOCAB)
+    idx[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"^token id {bad} is outside the model's vocabulary of {VOCAB} "
+                                         rf"\(ids 0 to {VOCAB - 1}\)$"):
+        model(idx)
+
+
+@pytest.mark.parametrize("name", ["gpt", "lipschitz_gpt"])
 def test_causality_future_tokens_never_change_earlier_logits(name):
     model = lm(name)
     idx = torch.randint(0, VOCAB, (2, LM_CFG["context"]))

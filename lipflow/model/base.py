@@ -70,6 +70,19 @@ class LanguageModel(nn.Module):
             raise ValueError(f"a sequence of {idx.shape[-1]} tokens is longer than the model's context "
                              f"{self.context}: keep its last {self.context} (idx[:, -{self.context}:])")
 
+    def check_token_ids(self, idx: torch.Tensor) -> None:
+        """A ValueError naming the vocabulary size and an id of ``idx`` outside 0…vocab_size−1 (torch's
+        IndexError "index out of range in self" names neither; on CUDA a device-side assert). Checked in
+        eval mode only (``load_run``'s model, evaluations, sampling: ids from outside): reading the ids'
+        range is a host sync on CUDA and a graph break under torch.compile, which the training step must
+        not have, and its ids come from token shards each checked against the vocabulary when opened."""
+        if self.training or idx.numel() == 0:
+            return
+        low, high = torch.stack(torch.aminmax(idx)).tolist()
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the model's vocabulary of "
+                             f"{self.vocab_size} (ids 0 to {self.vocab_size - 1})")
+
     def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

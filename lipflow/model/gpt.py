@@ -101,6 +101,7 @@ class GPT(LanguageModel):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         self.check_length(idx)
+        self.check_token_ids(idx)
         pos = torch.arange(idx.shape[1], device=idx.device)
         return self.tok(idx) + self.pos(pos)
 

@@ -329,6 +329,7 @@ class LipschitzGPT(LanguageModel):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         self.check_length(idx)
+        self.check_token_ids(idx)
         return self.tok(idx)
 
     def attention_layers(self) -> list[AttentionSite]:
