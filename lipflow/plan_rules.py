@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 
-from lipflow.plan import IMAGE_MLP, Plan
+from lipflow.plan import IMAGE_MLP, Plan, recorded_block
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
               "training"]
@@ -16,17 +16,18 @@ ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
                for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
 
 
-def param_count(cfg, vocab=512):
+def param_count(cfg, vocab):
     """≈ parameters of a GPT-like model: (4 + 2r)·L·d² (blocks: q, k, v, o and an MLP of ratio r) +
     2·V·d (embedding and head); exact for lipschitz_gpt."""
     return (4 + 2 * cfg["mlp_ratio"]) * cfg["n_layers"] * cfg["d_model"] ** 2 + 2 * vocab * cfg["d_model"]
 
 
 def estimated_vocab_size(tokenizer: dict) -> int:
-    """The vocabulary the runs train with, for the resource estimates: a BPE's ``vocab_size``, a file
-    tokenizer's own count (its vocabulary and added tokens, and the end-of-text token the tokenize stage
-    may add), else (char, or a file that does not load: the tokenize stage names its problem) the
-    schema's 512, which the char vocabulary of most corpora stays below."""
+    """The vocabulary the runs will train with, before the tokenize stage has counted it: a BPE's
+    ``vocab_size``, a file tokenizer's own count (its vocabulary and added tokens, and the end-of-text
+    token the tokenize stage may add), else (char, or a file that does not load: the tokenize stage names
+    its problem) the schema's 512, which the char vocabulary of most corpora stays below. A char
+    vocabulary is the train split's characters + 2, known only once the corpus is split and read."""
     if tokenizer["kind"] == "file" and tokenizer["path"]:
         from tokenizers import Tokenizer
 
@@ -45,10 +46,19 @@ class RuleFunctions:
         self.resources = plan.config["resources"]
 
     @functools.cached_property
-    def vocab(self) -> int:
+    def estimated_vocab(self) -> int:
         """:func:`estimated_vocab_size` of the config's tokenizer, read when a train job is first sized (a
         file tokenizer is loaded then, not at every parse: ``--lint``, ``--list-rules``, a study's target)."""
         return estimated_vocab_size(self.plan.config["tokenizer"])
+
+    @property
+    def vocab(self) -> int:
+        """The vocabulary for the resource estimates: the ``vocab_size`` of the tokenize stage's
+        manifest.json once written (Snakemake sizes a job when it is selected to run, after its inputs,
+        the manifest among them, exist: so a char run is sized by its real vocabulary), else
+        :attr:`estimated_vocab` (a manifest not yet written, or damaged: the train stage names it)."""
+        counted = recorded_block(f"{self.plan.tokens_dir}/manifest.json", ()).get("vocab_size")
+        return counted if type(counted) is int and counted > 0 else self.estimated_vocab
 
     # ------------------------------------------------------------------ evaluations
 

@@ -528,7 +528,7 @@ def test_a_recorded_block_that_is_not_there_is_empty(tmp_path, content):
 
 def test_param_count_is_twelve_L_d_squared_plus_two_V_d():
     """≈ 12·L·d² + 2·V·d at MLP ratio 4: 2 layers of width 64 with a vocabulary of 512 → 98,304 + 65,536."""
-    assert param_count({"n_layers": 2, "d_model": 64, "mlp_ratio": 4}) == 163_840
+    assert param_count({"n_layers": 2, "d_model": 64, "mlp_ratio": 4}, vocab=512) == 163_840
     assert param_count({"n_layers": 1, "d_model": 10, "mlp_ratio": 4}, vocab=100) == 1_200 + 2_000
 
 
@@ -548,10 +548,11 @@ BIG_RUN = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 256, "batch_s
            "grad_accum": 4}
 
 
-def test_train_memory_and_time_follow_their_closed_forms_and_double_on_retry():
+def test_train_memory_and_time_follow_their_closed_forms_and_double_on_retry(tmp_path, monkeypatch):
     """mem: 1000 MB + (16 B per parameter + 34·B·T·d·L floats of 4 B) / 1e6, times nproc, times the
     attempt; runtime: 10 min + 6·N·tokens / 5 GFLOP/s in minutes (tokens = steps·B·grad_accum·T), times
-    the attempt."""
+    the attempt (in a folder without token shards, whose manifest.json would give the vocabulary)."""
+    monkeypatch.chdir(tmp_path)
     rules, wildcards = rules_for(BIG_RUN)
     n = 12 * 4 * 256 ** 2 + 2 * 512 * 256  # 3,407,872 parameters
     activations = 34 * 32 * 256 * 256 * 4 * 4
@@ -562,9 +563,10 @@ def test_train_memory_and_time_follow_their_closed_forms_and_double_on_retry():
     assert rules.train_runtime(wildcards, 3) == 3 * rules.train_runtime(wildcards, 1)
 
 
-def test_train_memory_and_time_count_the_bpe_vocabulary_the_run_trains_with():
+def test_train_memory_and_time_count_the_bpe_vocabulary_the_run_trains_with(tmp_path, monkeypatch):
     """The embedding and head of a BPE vocabulary of 50,000 are 2·V·d parameters: the estimates
     counted a vocabulary of 512 whatever tokenizer.vocab_size was."""
+    monkeypatch.chdir(tmp_path)
     bpe = {"tokenizer": {"kind": "bpe", "vocab_size": 50_000}}
     rules, wildcards = rules_for(BIG_RUN, **bpe)
     n = 12 * 4 * 256 ** 2 + 2 * 50_000 * 256
@@ -573,9 +575,10 @@ def test_train_memory_and_time_count_the_bpe_vocabulary_the_run_trains_with():
     assert rules.train_runtime(wildcards, 1) == int(10 + 6 * n * (10_000 * 32 * 4 * 256) / 5e9 / 60)
 
 
-def test_train_memory_counts_a_file_tokenizers_own_vocabulary(tmp_path):
+def test_train_memory_counts_a_file_tokenizers_own_vocabulary(tmp_path, monkeypatch):
     """A tokenizer.json's vocabulary (here 20,000 words, with the end-of-text token the stage adds)
     is the embedding's and head's: the estimate counted the schema's 512 for any file tokenizer."""
+    monkeypatch.chdir(tmp_path)
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(20_000)}, unk_token="w0"))
@@ -585,6 +588,22 @@ def test_train_memory_counts_a_file_tokenizers_own_vocabulary(tmp_path):
     n = 12 * 4 * 256 ** 2 + 2 * 20_001 * 256
     activations = 34 * 32 * 256 * 256 * 4 * 4
     assert rules.train_mem_mb(wildcards, 1) == int(1000 + (16 * n + activations) / 1e6)
+
+
+@pytest.mark.parametrize("manifest, vocab", [({"vocab_size": 67}, 67), (None, 512), ({"vocab_size": "67"}, 512)])
+def test_train_memory_and_time_count_the_tokenized_vocabulary(tmp_path, monkeypatch, manifest, vocab):
+    """A char run is sized by its vocabulary as the tokenize stage counted it in manifest.json (Snakemake
+    sizes a train job once that input exists), here 67 characters, which the estimate took as 512; until
+    it is written, or when it records no vocabulary size, the estimate's 512 stands."""
+    monkeypatch.chdir(tmp_path)
+    rules, wildcards = rules_for(BIG_RUN)
+    if manifest is not None:
+        (tmp_path / rules.plan.tokens_dir).mkdir(parents=True)
+        (tmp_path / rules.plan.tokens_dir / "manifest.json").write_text(json.dumps(manifest))
+    n = 12 * 4 * 256 ** 2 + 2 * vocab * 256
+    activations = 34 * 32 * 256 * 256 * 4 * 4
+    assert rules.train_mem_mb(wildcards, 1) == int(1000 + (16 * n + activations) / 1e6)
+    assert rules.train_runtime(wildcards, 1) == int(10 + 6 * n * (10_000 * 32 * 4 * 256) / 5e9 / 60)
 
 
 def test_resource_overrides_also_double_on_retry():
