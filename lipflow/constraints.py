@@ -50,6 +50,22 @@ SPECTRAL_NORM_RTOL = 1e-3  # relative accuracy of spectral_norm_bound
 # ----------------------------------------------------------------------------- linear algebra
 
 
+def squaring_divisor(g: Tensor, dim: int | None = None) -> Tensor:
+    """Per slice of ``g`` along ``dim`` (all of g when None): its largest |entry| where that lies outside
+    [tiny^¼, max^¼] of g's dtype, else 1, so that g/divisor is g bit for bit in that range.
+
+    Norms are scale-covariant, ‖g‖₂ = s·‖g/s‖₂, but torch squares the entries unscaled: in float32 the
+    squares of entries ≤ 2.6e-23 (a momentum decayed a few hundred steps without gradient) underflow and
+    ‖g‖₂ = 0; those of entries ≥ 1.8e19 overflow and ‖g‖₂ = inf, so g/‖g‖₂ is 0. Within the range every
+    square and every sum of up to 1/√tiny of them is a normal number."""
+    if g.numel() == 0:
+        return g.new_ones(())
+    finfo = torch.finfo(g.dtype)
+    peak = g.abs().amax() if dim is None else g.abs().amax(dim=dim, keepdim=True)
+    within = (peak >= finfo.tiny ** 0.25) & (peak <= finfo.max ** 0.25)
+    return torch.where(within | (peak == 0), torch.ones_like(peak), peak)
+
+
 def _svd_of_finite(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(U, Σ, Vᵀ, finite): the thin SVD of each matrix of a stack (…, m, n), a matrix with a non-finite
     entry decomposed as the zero matrix (torch's SVD of it raises), and ``finite`` (…, 1, 1) saying

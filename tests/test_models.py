@@ -109,6 +109,27 @@ def test_embedding_projection_shrinks_only_rows_above_rms_one():
     torch.testing.assert_close(cos, torch.ones_like(cos))  # direction kept
 
 
+@pytest.mark.parametrize("scale", [5e18, 2e19, 1e30, 1e38])
+def test_embedding_projection_puts_huge_rows_on_the_sphere(scale):
+    """A row whose entries' squares overflow float32 (an entry ≥ 1.8e19, or a sum of squares past 3.4e38:
+    a step at a huge learning rate) goes onto RMS 1 in its own direction: its RMS was inf and the row was
+    set to 0, so a run trained on with those tokens' rows silently zeroed. Rows of ordinary size are
+    projected bit for bit as by the unscaled RMS."""
+    model = build_model({**LM_CFG, "model": "lipschitz_gpt"}, VOCAB)
+    with torch.no_grad():
+        model.tok.weight[:VOCAB // 2].mul_(scale)
+        model.tok.weight[VOCAB // 2:].mul_(torch.linspace(0.5, 3.0, VOCAB - VOCAB // 2)[:, None])
+    before = model.tok.weight.detach().clone()
+    model.project_embeddings()
+    after = model.tok.weight.detach()
+    huge, ordinary = slice(None, VOCAB // 2), slice(VOCAB // 2, None)
+    torch.testing.assert_close(after[huge].pow(2).mean(dim=1).sqrt(), torch.ones(VOCAB // 2))
+    cos = torch.nn.functional.cosine_similarity(after[huge], before[huge] / scale, dim=1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+    unscaled_rms = before[ordinary].pow(2).mean(dim=1, keepdim=True).sqrt()
+    assert torch.equal(after[ordinary], before[ordinary] * (1.0 / unscaled_rms.clamp(min=1.0)))
+
+
 def test_forward_embedded_projects_inputs_onto_the_domain():
     model = lm("lipschitz_gpt")
     x = model.embed(torch.randint(0, VOCAB, (2, LM_CFG["context"])))

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lipflow.constraints import squaring_divisor
 from lipflow.registry import Registry
 
 # max_x GELU'(x) = Φ(√2) + √2·φ(√2) = ½(1 + erf(1)) + e⁻¹/√π = 1.1289041… (GELU'' = φ(x)(2 − x²) = 0
@@ -100,8 +101,12 @@ def attention_lipschitz(o_norm: float, q_head_norms: torch.Tensor, k_head_norms:
 
 
 def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
-    """Shrink each token vector (last dim) whose RMS exceeds ``radius`` onto RMS = radius."""
-    rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    """Shrink each token vector (last dim) whose RMS exceeds ``radius`` onto RMS = radius. The RMS is
+    taken of the vector over its ``squaring_divisor``: in float32 a vector with an entry ≥ 1.8e19 (an
+    embedding row after a step at a huge learning rate) had RMS inf and was shrunk to 0, so a run went
+    on with those tokens' rows silently zeroed instead of on the sphere."""
+    divisor = squaring_divisor(x, dim=-1)
+    rms = (x / divisor).pow(2).mean(dim=-1, keepdim=True).sqrt() * divisor
     return x * (radius / rms.clamp(min=radius))
 
 

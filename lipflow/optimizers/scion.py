@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from lipflow.constraints import msign
+from lipflow.constraints import msign, squaring_divisor
 from lipflow.optimizers.common import evaluate_closure
 from lipflow.registry import Registry
 
@@ -49,23 +49,6 @@ def _safe(norm: Tensor) -> Tensor:
     return norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
-def _in_range(g: Tensor, dim: int | None = None) -> Tensor:
-    """``g`` with each slice along ``dim`` (all of g when None) divided by its largest |entry| where that
-    lies outside [tiny^¼, max^¼] of g's dtype, bit for bit g elsewhere (a division by 1).
-
-    The normalizing LMOs are scale-invariant, but ‖g‖₂ is not computable at every scale: in float32
-    the squares of entries ≤ 2.6e-23 (a momentum decayed a few hundred steps without gradient)
-    underflow, ‖g‖₂ = 0 and g/_safe(‖g‖₂) ≈ 1e13·g/|g|; entries ≥ 1.8e19 overflow, ‖g‖₂ = inf and
-    the LMO is 0. Within the range every square and every sum of up to 1/√tiny of them is a normal
-    number, so nothing changes there."""
-    if g.numel() == 0:
-        return g
-    finfo = torch.finfo(g.dtype)
-    peak = g.abs().amax() if dim is None else g.abs().amax(dim=dim, keepdim=True)
-    within = (peak >= finfo.tiny ** 0.25) & (peak <= finfo.max ** 0.25)
-    return g / torch.where(within | (peak == 0), torch.ones_like(peak), peak)
-
-
 @_register_lmo("spectral", matrix_only=True, rms_bound=1.0)
 def spectral_lmo(g: Tensor, input_dim: int) -> Tensor:
     """‖W‖ = √(input_dim/fan_out)·σ₁(W) (RMS→RMS); lmo = −√(fan_out/input_dim)·UVᵀ (exact polar);
@@ -84,7 +67,7 @@ def sign_lmo(g: Tensor, input_dim: int) -> Tensor:
 def colnorm_lmo(g: Tensor, input_dim: int) -> Tensor:
     """‖W‖ = input_dim·max_j RMS(W[:, j]) (ℓ1→RMS for one-hot inputs); lmo: column j ↦
     −g_j·√fan_out/(input_dim·‖g_j‖); dual (√fan_out/input_dim)·Σ_j ‖g_j‖."""
-    g = _in_range(g, dim=0)
+    g = g / squaring_divisor(g, dim=0)  # scale-invariant: keep its norm in range
     return -g * (math.sqrt(g.shape[0]) / input_dim) / _safe(g.norm(dim=0, keepdim=True))
 
 
@@ -92,14 +75,14 @@ def colnorm_lmo(g: Tensor, input_dim: int) -> Tensor:
 def rownorm_lmo(g: Tensor, input_dim: int) -> Tensor:
     """‖W‖ = √input_dim·max_i ‖W[i, :]‖ (RMS→ℓ∞); lmo: row i ↦ −g_i/(√input_dim·‖g_i‖);
     dual Σ_i ‖g_i‖/√input_dim. RMS→RMS ≤ ‖·‖_F/√(fan_out/fan_in) = 1 for input_dim = fan_in."""
-    g = _in_range(g, dim=1)
+    g = g / squaring_divisor(g, dim=1)  # scale-invariant: keep its norm in range
     return -g / (math.sqrt(input_dim) * _safe(g.norm(dim=1, keepdim=True)))
 
 
 @_register_lmo("bias_rms", matrix_only=False, rms_bound=None)
 def bias_rms_lmo(g: Tensor, input_dim: int) -> Tensor:
     """‖b‖ = RMS(b) over all entries (input_dim unused); lmo = −g/RMS(g); dual √numel·‖g‖₂."""
-    g = _in_range(g)
+    g = g / squaring_divisor(g)  # scale-invariant: keep its norm in range
     return -g * math.sqrt(g.numel()) / _safe(g.norm())
 
 
