@@ -403,3 +403,51 @@ def test_the_tradeoff_figure_says_whether_the_robustness_evaluation_ran_when_no_
         [note] = [text.get_text() for text in fig.axes[1].texts]
         assert note.startswith("every run's local certified radius is 0" if evaluated else "no local certificate: add")
         pyplot().close(fig)
+
+
+def visible_ticks(ax, axis: str) -> list[float]:
+    """The ticks of ``ax``'s ``axis`` ("x" or "y") within its limits, after drawing."""
+    ax.figure.canvas.draw()
+    low, high = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    return [t for t in (ax.get_xticks() if axis == "x" else ax.get_yticks()) if low <= t <= high]
+
+
+def test_the_activation_figure_of_runs_all_at_0_has_no_negative_ticks(tmp_path):
+    """Every run's max activation 0 (linear axis) left matplotlib's ±5% around 0: y ticks −0.04 … 0.04 for a
+    size that is never negative. The axis spans [0, 1] with 5% margins, the points on its 0 tick."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.lipschitz_tradeoff import tradeoff_activation
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"tradeoff.{c}-0000000{i}", experiment="lipschitz_tradeoff", lipschitz_bound=3.0 * 10 ** i,
+                val_accuracy=0.3, max_activation=0.0) for i, c in enumerate("abc")]
+    con = database(tmp_path, runs)
+    create_views(con, log=io.StringIO())
+    fig = tradeoff_activation(con)
+    ticks = visible_ticks(fig.axes[0], "y")
+    assert min(ticks) == 0.0 and len(ticks) >= 3, ticks
+    pyplot().close(fig)
+
+
+def test_the_rank_figure_of_zero_ranks_gaps_and_bounds_has_no_negative_ticks(tmp_path):
+    """A W_QK rank, a gap and a B3 sum of 0 for every run ticked the B3 panel's y axis and the rank panel's
+    both axes −0.04 … 0.04 (no rank or bound is negative); each now spans [0, 1] with 5% margins."""
+    from test_experiments import run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.rank_vs_n import rank_vs_n
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"rank.a{i}-0000000{i}", experiment="rank_vs_n", train_tokens=640 * i, val_loss=2.0) for i in (1, 2)]
+    con = rank_database(tmp_path, runs, train_loss=2.0, rtol=0.01)
+    con.execute("UPDATE evals SET value = 0.0")
+    create_views(con, log=io.StringIO())
+    assert con.sql("select distinct measured_gap, b3_bound, qk_rank from rank_bound").fetchall() == [(0.0, 0.0, 0.0)]
+    fig = rank_vs_n(con)
+    bound, rank = fig.axes[1], fig.axes[2]
+    for ax, axis in ((bound, "y"), (rank, "x"), (rank, "y")):
+        ticks = visible_ticks(ax, axis)
+        assert min(ticks) == 0.0 and len(ticks) >= 3, (ax.get_title(), axis, ticks)
+    pyplot().close(fig)

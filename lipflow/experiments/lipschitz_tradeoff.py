@@ -6,7 +6,7 @@ optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lip
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view, spans_a_decade
+from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view, spans_a_decade, zeros_from_zero
 from lipflow.results.views import RUNS_NEED, Part, View
 
 PARETO = View(
@@ -120,6 +120,7 @@ def tradeoff_activation(con):
     values = df.max_activation.to_numpy(dtype=float)
     unknown = int((~np.isfinite(values)).sum())  # null, NaN or ±inf
     at_zero = int((values <= 0).sum()) if log_y else 0  # a log axis cannot place 0 either
+    zeros_from_zero(ax, "y", values)
     if unknown == len(df):
         note_on_axes(ax, "no run has a finite max activation")
     elif unknown or at_zero:

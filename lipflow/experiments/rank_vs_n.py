@@ -10,7 +10,7 @@ the config's runs train on).
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view
+from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view, zeros_from_zero
 from lipflow.results.views import RUNS_NEED, Part, View
 
 RANK_BOUND = View(
@@ -135,9 +135,13 @@ def rank_vs_n(con):
     if (df.measured_gap <= 0).any():
         axes[0].set_ylim(bottom=floor)
     axes[1].set_ylabel("B3 Rademacher term at n (nats/token)")
+    zeros_from_zero(axes[1], "y", df.b3_bound)
     ranked = df.qk_rank.notna()  # the view's rank is the one at rtol 0.01, absent where rtols lack it
     if ranked.any():
-        log_y = log_axis_or_note(axes[2], pd.concat([df.measured_gap[ranked], df.b3_bound[ranked]]))
+        heights = pd.concat([df.measured_gap[ranked], df.b3_bound[ranked]])
+        log_y = log_axis_or_note(axes[2], heights)
+        zeros_from_zero(axes[2], "x", df.qk_rank[ranked])
+        zeros_from_zero(axes[2], "y", heights)
     else:  # nothing to place: a log axis without data raised "Data cannot be log-scaled" when saved
         log_y = False
         note_on_axes(axes[2], "no numerical rank at rtol 1e-2\n(evaluations.rank.rtols lacks 0.01)")

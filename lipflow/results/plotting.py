@@ -90,6 +90,18 @@ def whole_number_x_axis(ax, values) -> None:
         ax.set_xlim(only - 1, only + 1)
 
 
+def zeros_from_zero(ax, axis: str, values) -> None:
+    """The ``axis`` ("x" or "y") of a panel of quantities ≥ 0 (ranks, activations, bounds) spans [0, 1] with
+    5% margins when every finite value it places is 0: matplotlib's ±5% around the lone 0 ticked
+    −0.04 … 0.04, values these quantities cannot take."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) and not values.any():
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(-0.05, 1.05)
+
+
 def spans_a_decade(values) -> bool:
     """Whether positive ``values`` span more than a factor 10, the figures' rule for a log axis."""
     values = list(values)
