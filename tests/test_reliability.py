@@ -318,6 +318,42 @@ def test_a_stop_signal_once_the_summary_is_written_leaves_the_exit_code_0(char_s
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 
 
+def test_a_stop_signal_while_the_finished_run_writes_its_outputs_lets_it_complete(char_shards, tiny_run_config,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """SIGTERM after the last step, while the run writes its weights, metrics and run.json, lets it complete
+    (exit 0, run.json completed): those seconds ended it at SIGTERM's default, with no checkpoint of the
+    trained steps (every one of them, with checkpoint_every: 0) and exit 143. With nproc > 1 a rank waiting
+    for rank 0's writes died so while rank 0 completed the run: exit 143 with run.json completed, and
+    Snakemake deleted the finished run's outputs. SIGTERM's default is a handler that raises here, so
+    that pytest lives."""
+    from lipflow.train.__main__ import main
+    from lipflow.train.trainer import Trainer
+
+    class Terminated(Exception):
+        pass
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    finish = Trainer.finish
+
+    def finish_signalled(self, *args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return finish(self, *args)
+
+    monkeypatch.setattr(Trainer, "finish", finish_signalled)
+    out = tmp_path / "run"
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        cfg = {**tiny_run_config, "checkpoint_every": 0}
+        code = main(["--run-id", "tiny-00000000", "--config-json", json.dumps(cfg), "--data-dir", str(char_shards),
+                     "--out-dir", str(out), "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
 def test_a_run_with_tensorboard_that_fails_at_its_first_step_leaves_no_run_folder(char_shards, tiny_run_config,
                                                                                    tmp_path, monkeypatch, capsys):
     """A batch too large for memory fails at the first forward (one line, exit 2) and leaves no run folder;

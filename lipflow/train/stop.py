@@ -1,7 +1,7 @@
 """When a run stops early: SIGTERM or SIGINT (checkpoint, then exit 128 + the signal, ``EXIT_PREEMPTED``
-for SIGTERM, so a rerun resumes; asked again seconds later: at once, without a new checkpoint; once
-the run's summary is written: ignored), a non-finite loss or gradient, or a certified bound above
-``max_bound`` (status ``diverged``)."""
+for SIGTERM, so a rerun resumes; asked again seconds later: at once, without a new checkpoint; after
+the last step: the run writes its outputs and completes; once the run's summary is written: ignored),
+a non-finite loss or gradient, or a certified bound above ``max_bound`` (status ``diverged``)."""
 
 from __future__ import annotations
 

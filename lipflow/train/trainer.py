@@ -99,8 +99,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train (resuming from a checkpoint if one fits) to ``steps`` or an early stop; returns the
-        run summary on rank 0 ({} elsewhere). ``on_complete`` is called once the run is complete: on
-        rank 0 as soon as its summary is written, on the other ranks once rank 0 has written it."""
+        run summary on rank 0 ({} elsewhere). A stop signal after the last step only waits until the run's
+        outputs are written; ``on_complete`` is called on every rank once rank 0 has written its summary."""
         cfg = self.cfg
         self.origin = {"start_time": time.time(), "git_commit": provenance.git_commit(),
                        "versions": provenance.package_versions()}
@@ -109,8 +109,8 @@ class Trainer:
         bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.run_id, file=sys.stderr, mininterval=2.0,
                    disable=not (self.progress and self.topo.is_main))
         self.steps.restart_clock()
-        try:
-            with SigtermWatch(self.topo) as sigterm:
+        with SigtermWatch(self.topo) as sigterm:
+            try:
                 while self.step < cfg["steps"]:
                     factor = self.set_lr()
                     self.record_layers = self.is_eval_step(self.step + 1)
@@ -152,17 +152,16 @@ class Trainer:
                     if checkpoint_now:
                         self.save_checkpoint()
                     self.steps.restart_clock()
-        finally:
-            bar.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
-        summary = {}
-        if self.topo.is_main:
-            summary = self.finish(status, diverged, resumed)
-            self.on_complete()
-        distributed.barrier(self.topo)
-        if not self.topo.is_main:  # rank 0's summary is written
-            self.on_complete()
+            finally:
+                bar.close()
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
+            # the steps are done: a stop signal from here on is only recorded, so that the run completes
+            # (its outputs take seconds to write) instead of ending with its trained steps unsaved, or, with
+            # nproc > 1, a rank waiting for rank 0's writes ending the job as preempted although it completes
+            summary = self.finish(status, diverged, resumed) if self.topo.is_main else {}
+            distributed.barrier(self.topo)  # rank 0's summary is written
+        self.on_complete()
         distributed.shutdown(self.topo)
         return summary
 
