@@ -139,7 +139,8 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     open files ``pass_fds`` (the run folder's lock, held until the last worker exits), and
     return one exit code: 0 when all finished; 2 when one refused an input (it printed its line);
     ``preempted_code`` when SIGTERM stopped them (it is passed on to the workers, which save a
-    checkpoint and exit with that code); else the first failure's. Once a worker fails, the others
+    checkpoint and exit with that code); else the first failure's (a worker killed by a signal the launcher
+    did not send, e.g. the OOM killer's SIGKILL, is named in one line). Once a worker fails, the others
     get SIGTERM; SIGTERM and SIGINT to the launcher are passed on to all. Either way, a worker still
     running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
     launcher returns only once every worker has exited."""
@@ -152,6 +153,7 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
                for rank in range(nproc)]
 
     kill_at = None  # once a worker failed or a stop signal was passed on: when the stragglers get SIGKILL
+    killed = None  # (rank, signal) of a worker a signal killed before the launcher sent any: it said nothing
 
     def terminate_workers(signum=signal.SIGTERM, frame=None) -> None:
         nonlocal kill_at
@@ -164,17 +166,29 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     previous = {sig: signal.signal(sig, terminate_workers) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         first_failure = None
-        while any(worker.poll() is None for worker in workers):
+        while True:
+            running = any(worker.poll() is None for worker in workers)  # then look once more for a failure
             if first_failure is None:
-                first_failure = next((w.returncode for w in workers if w.poll() not in (None, 0)), None)
-                if first_failure is not None and kill_at is None:  # not already stopping them
+                failed = next(((rank, w.returncode) for rank, w in enumerate(workers) if w.poll() not in (None, 0)),
+                              None)
+                if failed is not None and kill_at is None:  # not already stopping them
+                    if failed[1] < 0:
+                        killed = (failed[0], -failed[1])
                     terminate_workers()
+                first_failure = None if failed is None else failed[1]
+            if not running:
+                break
             if kill_at is not None and time.monotonic() > kill_at:
                 terminate_workers(signal.SIGKILL)
             time.sleep(0.05)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if killed is not None:  # the others' errors (gloo: "Connection closed by peer") follow from it
+        rank, signum = killed
+        print(f"lipflow: worker {rank} of {nproc} was killed by {signal_name(signum)}"
+              f"{' (out of memory?)' if signum == signal.SIGKILL else ''}, which stopped the run",
+              file=sys.stderr)
     codes = [exit_code(worker.returncode) for worker in workers]
     if all(code == 0 for code in codes):
         return 0
@@ -184,6 +198,14 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
         return preempted_code
     first = exit_code(first_failure) if first_failure is not None else preempted_code
     return first if first != preempted_code else max(code for code in codes if code != preempted_code)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; the number for a signal without a name (a real-time one)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def exit_code(returncode: int) -> int:

@@ -153,6 +153,17 @@ def test_a_worker_killed_by_a_signal_fails_the_run_with_128_plus_n(fake):
     assert code == 128 + signal.SIGKILL and "SIGTERM" in logs[0], logs
 
 
+def test_a_worker_killed_by_a_signal_is_named_in_one_line_at_the_end(fake, capsys):
+    """A worker the OOM killer SIGKILLs prints nothing, and the survivor's error is gloo's "Connection closed
+    by peer ... Check the logs of the remote worker" traceback: the launcher's last line names the worker
+    and the signal. A refused input (exit 2) already printed its line: the launcher adds none."""
+    code, _, _ = fake([{"sleep": 30}, {"sleep": 0.2, "kill_self": int(signal.SIGKILL)}])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 128 + signal.SIGKILL and "worker 1 of 2" in last and "SIGKILL" in last, last
+    code, _, _ = fake([{"sleep": 30}, {"sleep": 0.2, "exit": 2}])
+    assert code == 2 and capsys.readouterr().err == ""
+
+
 def test_a_failure_beside_a_preempted_worker_is_not_reported_as_preempted(fake):
     """One worker exits 143 first and the other then fails (exit 1): the run failed and exits 1;
     exit 143 would tell Snakemake and the user that a rerun simply resumes."""
