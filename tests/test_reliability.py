@@ -455,6 +455,44 @@ def test_a_killed_snakemake_leaves_a_lock_that_unlock_removes(tmp_path):
     assert (tmp_path / "results" / "lipflow.duckdb").is_file()
 
 
+def test_snakemake_sigtermed_with_its_train_job_waits_for_the_preemption_checkpoint(tmp_path):
+    """SLURM preempts a job by sending SIGTERM to all of its processes, and ends the job once its script
+    (Snakemake) exits, killing what is left. The train rule's shell died of that SIGTERM at once, so
+    Snakemake, which waits for its running jobs, saw the job fail and exited while the trainer was
+    still in its step: under SLURM the step in flight and the preemption checkpoint were lost. The
+    shell now execs the stage, so Snakemake exits only after the checkpoint is saved."""
+    from conftest import SNAKEMAKE_SINGLE_THREADED
+
+    repo = Path(__file__).resolve().parent.parent
+    # a step of 3000 micro-batches takes seconds (10 s on 2 busy cores): a SIGTERM lands inside one
+    (tmp_path / "config.yaml").write_text(
+        "defaults: {d_model: 32, n_layers: 1, n_heads: 2, context: 16, batch_size: 4, steps: 100000, "
+        "eval_every: 100000, eval_batches: 1, checkpoint_every: 1, grad_accum: 3000, device: cpu}\n"
+        "runs: {slow: {}}\nevaluations: {enabled: []}\n")
+    run_id = subprocess.run([sys.executable, "-m", "lipflow.cli", "runs", "--configfile", "config.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120).stdout.split()[-1]
+    run = tmp_path / "results" / "runs" / run_id
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", f"results/runs/{run_id}/run.json", "-s",
+                             str(repo / "Snakefile"), "-d", str(tmp_path), "--configfile",
+                             str(tmp_path / "config.yaml"), "-c2", *SNAKEMAKE_SINGLE_THREADED],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "step-000000001.safetensors.sha256").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # what SLURM does: every process of the job
+        proc.wait(timeout=300)
+        log = (tmp_path / "results" / "logs" / "train" / f"{run_id}.log").read_text()
+        assert "checkpoint saved" in log, f"Snakemake exited before its train job had stopped: {log[-500:]}"
+    finally:
+        for pid in subprocess.run(["pgrep", "-f", run_id], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.parametrize("writer", ["atomic_write", "atomic_dir"])
 def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path, writer):
     """A process SIGKILLed inside an atomic write leaves its temporary sibling (the rename never came);

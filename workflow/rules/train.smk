@@ -26,6 +26,8 @@ rule train:
         gpu=train_gpus if config["resources"]["gpu_per_run"] else 0,
     conda:
         ENV
+    # exec: the stage replaces the job's shell, so a SIGTERM sent to every process of the job (SLURM's
+    # preemption) does not end the job at once by killing its shell while the stage saves its checkpoint
     shell:
-        "{params.launcher} lipflow.train --run-id {wildcards.run} --config-json {params.cfg:q}"
+        "exec {params.launcher} lipflow.train --run-id {wildcards.run} --config-json {params.cfg:q}"
         " --data-dir {params.data_dir} --out-dir {params.out_dir} > {log} 2>&1"
