@@ -146,6 +146,29 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="pgrep, /proc an
 
 
 @linux_only
+def test_another_runs_checkpoint_is_one_line_before_any_worker(char_shards, tiny_run_config, tmp_path, capsys,
+                                                                monkeypatch):
+    """Each worker found, on resuming, that the --out-dir's checkpoint is another run config's, and refused it:
+    two identical `lipflow: error: … is another run's checkpoint` lines at nproc 2. The launcher now checks
+    the newest checkpoint's header with its inputs and starts no worker."""
+    from lipflow import distributed
+    from lipflow.train.__main__ import main
+
+    other = {**tiny_run_config, "steps": 3, "checkpoint_every": 3, "seed": 1}
+    done = subprocess.run(train_command("c-00000000", other, char_shards, tmp_path / "other"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(tmp_path / "other" / "checkpoints", tmp_path / "out" / "checkpoints")
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("workers started for an --out-dir the launcher should refuse")
+
+    monkeypatch.setattr(distributed, "launch_workers", no_workers)
+    code = main(train_command("c-00000000", {**tiny_run_config, "nproc": 2}, char_shards, tmp_path / "out")[3:])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "another run's checkpoint" in lines[0], lines
+
+
 def test_a_worker_that_fails_takes_the_others_down(char_shards, tiny_run_config, tmp_path):
     """A worker that dies (here: SIGKILL, as the kernel's OOM killer does) fails the run with its own
     code, and the other worker is stopped, not left waiting in a collective."""

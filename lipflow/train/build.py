@@ -21,7 +21,7 @@ from lipflow.errors import parse_json
 from lipflow.metrics import resolve_device
 from lipflow.model import build_model
 from lipflow.optimizers import build_optimizer
-from lipflow.train.checkpoint import checkpoint_step
+from lipflow.train.checkpoint import check_newest_is_this_runs, checkpoint_step, run_identity
 from lipflow.train.update import ConstraintSettings, check_coupling, constrained_matrices, fit_within_cap_
 
 
@@ -201,6 +201,7 @@ def checked_inputs(run_id: str, cfg: dict[str, Any], data_dir: Path,
         raise ValueError(f"nproc: {cfg['nproc']} processes need a GPU each, and this machine has "
                          f"{torch.cuda.device_count()}; lower nproc or set device: cpu")
     check_run_directory(out_dir, run_id, cfg, sha256_file(Path(data_dir) / "manifest.json"))
+    check_newest_is_this_runs(out_dir / "checkpoints", run_identity(cfg, data_dir))
     return train, val, device
 
 

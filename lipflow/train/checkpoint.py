@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -170,6 +170,30 @@ def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Modul
     prune_checkpoints(directory, keep=2)
 
 
+def refuse_another_runs(path: Path, meta: dict[str, Any], identity: dict[str, str]) -> None:
+    """A CheckpointError when the checkpoint at ``path`` (its metadata ``meta``) was written for another run
+    config than ``identity``'s: that run's, which is never replaced."""
+    if meta.get("config_hash") != identity["config_hash"]:
+        raise CheckpointError(f"{path} is another run's checkpoint (written for a different config); refusing to "
+                              f"replace it (choose another --out-dir or move {path.parent.parent} away)")
+
+
+def check_newest_is_this_runs(directory: Path, identity: dict[str, str]) -> None:
+    """What :func:`resume` refuses, from the newest sealed checkpoint's header alone (no tensors read): the
+    train stage checks it with its inputs, so a launcher refuses it once instead of each of its workers.
+    One whose header does not parse is left to :func:`resume`, which skips it with a warning."""
+    newest = next((path for path in checkpoints_newest_first(directory) if sidecar_path(path).exists()), None)
+    if newest is None:
+        return
+    try:
+        with safe_open(str(newest), "pt") as weights:
+            meta = parse_json((weights.metadata() or {}).get("lipflow", "{}"))
+    except (OSError, ValueError, SafetensorError):
+        return
+    if isinstance(meta, dict):
+        refuse_another_runs(newest, meta, identity)
+
+
 def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
            identity: dict[str, str], data_dir: Path) -> TrainingState | None:
     """Load the newest valid checkpoint written for ``identity`` into model, optimizer and RNGs;
@@ -179,9 +203,7 @@ def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if found is None:
         return None
     path, tensors, meta = found
-    if meta.get("config_hash") != identity["config_hash"]:
-        raise CheckpointError(f"{path} is another run's checkpoint (written for a different config); refusing to "
-                              f"replace it (choose another --out-dir or move {directory.parent} away)")
+    refuse_another_runs(path, meta, identity)
     if meta.get("manifest_sha256") != identity["manifest_sha256"]:
         # other token shards (an edited corpus or tokenizer): start afresh, and drop those checkpoints
         # so that pruning keeps the new ones
