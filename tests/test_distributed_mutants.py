@@ -474,6 +474,26 @@ def test_sigterm_watch_only_sets_a_flag_and_puts_back_the_handler_it_found():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_signals_ignored_inside_the_watch_stay_ignored_after_it():
+    """A run that completes calls ``ignore_stop_signals`` inside the watch; leaving the watch must not put
+    the handlers found on entry back over it (then a SIGTERM while the process exits would end a finished
+    run with 143), while the handlers the watch set itself are replaced as before."""
+    from lipflow.train.stop import SigtermWatch, ignore_stop_signals
+
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with SigtermWatch(distributed.Topology()):
+            ignore_stop_signals()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def test_rank_0_names_the_stop_signal_that_reached_only_another_rank(monkeypatch):
     """Rank 0 alone says why the run stopped; when only another rank got the signal it names it (it
     said "a stop signal to another process"), and a rank other than 0 says nothing."""

@@ -57,8 +57,11 @@ class SigtermWatch:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Restore the handlers found on entry where the watch's own is still installed (one set since,
+        such as :func:`ignore_stop_signals`, stays: restoring first would leave a moment of the default)."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
         if self.arrived is None:

@@ -161,7 +161,7 @@ class Trainer:
             # nproc > 1, a rank waiting for rank 0's writes ending the job as preempted although it completes
             summary = self.finish(status, diverged, resumed) if self.topo.is_main else {}
             distributed.barrier(self.topo)  # rank 0's summary is written
-        self.on_complete()
+            self.on_complete()  # inside the watch: no moment of the default handlers in between
         distributed.shutdown(self.topo)
         return summary
 
