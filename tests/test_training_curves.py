@@ -252,3 +252,17 @@ def test_a_run_of_one_step_is_marked_in_the_per_step_panels(tmp_path):
         single = [line for line in ax.lines if len(line.get_xdata()) == 1 and line.get_alpha() is None]
         assert single and all(line.get_marker() not in ("None", "", None) for line in single)
     pyplot().close(fig)
+
+
+def test_a_run_that_diverged_before_its_first_eval_step_is_drawn_with_the_others(tmp_path):
+    """A run whose loss was NaN at step 2 (a learning rate far too high) has no eval step, so no val
+    accuracy: the accuracy panel's percent rescaling read a column its empty selection no longer had
+    (KeyError 'val_accuracy'), and `snakemake` failed on the figure of a sweep that otherwise finished."""
+    metrics = metric_rows("early-00000001", 2, 25, None, 0) + metric_rows("long-00000002", 50, 10, 2.0, 1)
+    metrics[1]["loss"] = math.nan
+    path = write_database(tmp_path / "results.duckdb", [run_row("early-00000001", diverged_step=2),
+                                                        run_row("long-00000002")], metrics)
+    fig = training_curves.draw(duckdb.connect(str(path), read_only=True))
+    assert len(fig.axes[PANEL["val_accuracy"]].lines) == 1  # the run with eval steps only
+    assert len(fig.axes[PANEL["loss"]].lines) == 4  # each run's per-step loss and its running mean
+    pyplot().close(fig)

@@ -87,7 +87,8 @@ def draw(con):
         legend.append(Line2D([], [], color=color, linewidth=1.6, label=label))
         for ax, (column, _, _, log, every_step) in zip(axes.flat, PANELS):
             points = run[["step", column]].dropna()
-            points = points[[math.isfinite(v) and (v > 0 or not log) for v in points[column]]]
+            # .loc: an empty list of flags (a run with no value here) selects no rows, where [] selected no columns
+            points = points.loc[[math.isfinite(v) and (v > 0 or not log) for v in points[column]]]
             if column in PERCENT:
                 points = points.assign(**{column: 100 * points[column]})
             if points.empty:
