@@ -31,6 +31,15 @@ class Run:
     device: torch.device
     data_dir: Path
 
+    def to(self, device: str | torch.device) -> Run:
+        """The run with its model on ``device`` (named as for :func:`load_run`) and ``device`` saying so:
+        ``run.model.to(...)`` alone left ``device`` naming the old one, where the inputs made with
+        ``device=run.device`` then failed to meet the model. A bad name changes nothing."""
+        moved = resolve_device(device)
+        self.model.to(moved)
+        self.device = moved
+        return self
+
 
 def load_model(run_dir: Path, device: torch.device) -> tuple[LanguageModel, dict[str, Any]]:
     """Rebuild a run's model from config.json and load model.safetensors (no pickle); config.json

@@ -651,3 +651,23 @@ def test_load_run_names_run_id_when_it_is_no_string(tmp_path, tiny_run_config, r
     loadable_run(results, "tiny-00000000", tiny_run_config)
     with pytest.raises(ConfigError, match=r"^run_id: .* is not a run id"):
         lipflow.load_run(run_id, results=results, device="cpu")
+
+
+def test_a_run_moves_to_another_device_with_its_device_field(tmp_path, tiny_run_config):
+    """``run.to(device)`` moves the model and records the device, so ``torch.tensor(ids, device=run.device)``
+    keeps meeting the model; a device that cannot be used is the one-line ValueError load_run gives, and the
+    run stays where it was."""
+    import torch
+
+    results = tmp_path / "results"
+    loadable_run(results, "tiny-00000000", tiny_run_config)
+    run = lipflow.load_run("tiny-00000000", results=results, device="cpu")
+    for refused in ["meta", "tpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(ValueError, match=rf"^device: '{refused}'"):
+            run.to(refused)
+    assert run.device == torch.device("cpu")
+    target = "cuda" if torch.cuda.is_available() else "cpu"
+    assert run.to(target) is run and run.device.type == target
+    assert {p.device.type for p in run.model.parameters()} == {target}
+    with torch.no_grad():
+        assert run.model(torch.tensor([[1, 2, 3]], device=run.device)).device.type == target
