@@ -44,7 +44,7 @@ LOCKED_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions"
 
 def connect(db: str | os.PathLike[str] | None = None):
     """A read-only DuckDB connection to the results database that reaches nothing outside it
-    (:data:`LOCKED_CONFIG`); ``.df()``/``.pl()`` work on it."""
+    (:data:`LOCKED_CONFIG`); ``.df()`` works on it (``.pl()`` too where polars is installed)."""
     import duckdb
 
     if db is not None and not os.fspath(db):  # Path('') is '.', which names no database
