@@ -132,11 +132,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def threads_per_worker(nproc: int) -> int:
+    """Each of ``nproc`` workers' share (at least 1) of the launcher's CPU threads: its OMP_NUM_THREADS,
+    which Snakemake sets to the job's ``threads`` (2 per process), else the machine's CPUs. Passed on
+    whole, every worker ran that many threads, nproc times what the job reserved (torchrun gives each 1)."""
+    try:
+        total = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:  # unset, or OpenMP's nested-list form ("4,2")
+        total = os.cpu_count() or 1
+    return max(1, total // nproc)
+
+
 def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int,
                    pass_fds: tuple[int, ...] = ()) -> int:
     """Run ``python -m module argv`` as ``nproc`` workers on this machine, each with the environment
-    ``torchrun --standalone`` gives (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the
-    open files ``pass_fds`` (the run folder's lock, held until the last worker exits), and
+    ``torchrun --standalone`` gives (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), its
+    :func:`threads_per_worker` (OMP_NUM_THREADS, MKL_NUM_THREADS) and the open files ``pass_fds`` (the run folder's lock, held until the last worker exits), and
     return one exit code: 0 when all finished; 2 when one refused an input (it printed its line);
     ``preempted_code`` when SIGTERM stopped them (it is passed on to the workers, which save a
     checkpoint and exit with that code); else the first failure's (a worker killed by a signal the launcher
@@ -144,9 +155,10 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     get SIGTERM; SIGTERM and SIGINT to the launcher are passed on to all. Either way, a worker still
     running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
     launcher returns only once every worker has exited."""
+    threads = str(threads_per_worker(nproc))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid()),
-           HANDED_FDS: ",".join(map(str, pass_fds))}
+           HANDED_FDS: ",".join(map(str, pass_fds)), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
                                                                            "LOCAL_RANK": str(rank)},
                                 pass_fds=pass_fds)

@@ -112,7 +112,8 @@ class RuleFunctions:
         return max(gpus, self.plan.runs[wildcards.run]["nproc"]) if gpus else 0
 
     def train_cpus(self, wildcards):
-        """CPUs for one training job: two per process (the rule's ``threads``, which each process uses)."""
+        """CPUs (and the rule's ``threads``) for one training job: two per process (the launcher gives each
+        worker its share of the job's threads)."""
         return 2 * self.plan.runs[wildcards.run]["nproc"]
 
     # ------------------------------------------------------------------ studies and experiments

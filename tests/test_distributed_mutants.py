@@ -48,7 +48,7 @@ FAKE_WORKER = textwrap.dedent("""
     signal.signal(signal.SIGTERM, on_term)
     with open(os.path.join(out, f"env{rank}.json"), "w") as f:
         json.dump({"pid": os.getpid(), **{k: os.environ.get(k) for k in
-                   ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}}, f)
+                   ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")}}, f)
     note("ready")
     everyone = time.monotonic() + 60  # all ranks are ready (their SIGTERM handlers set) before any goes on
     while not all(os.path.exists(os.path.join(out, f"rank{r}.log")) for r in range(int(os.environ["WORLD_SIZE"]))):
@@ -96,6 +96,17 @@ def stop_pid_of(env_file: Path) -> None:
         pid = json.loads(env_file.read_text())["pid"]
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("job_threads, nproc, each", [("4", 2, "2"), ("2", 2, "1"), ("1", 3, "1"), ("6", 3, "2")])
+def test_workers_share_the_jobs_threads(fake, monkeypatch, job_threads, nproc, each):
+    """Snakemake gives a job OMP_NUM_THREADS = its ``threads`` (2 per process for a train job); each of the
+    nproc workers runs its share, at least one, not all of them (nproc times the cores reserved)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", job_threads)
+    code, _, _ = fake([{}] * nproc)
+    assert code == 0
+    assert [json.loads((fake.out / f"env{rank}.json").read_text())["OMP_NUM_THREADS"] for rank in range(nproc)] \
+        == [each] * nproc
 
 
 def test_exit_code_is_what_a_shell_reports():

@@ -243,15 +243,17 @@ def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline,
 @pytest.mark.parametrize("gpu_per_run", [0, 1])
 def test_dry_run_asks_for_the_gpus_and_cpus_of_data_parallel_runs(tmp_path, gpu_per_run):
     """Every run is `python -m lipflow.train` (one of nproc 2 starts its own workers); the GPU request is
-    a constant unless a run needs more: a run with nproc 2 gets (with GPUs on) 2 GPUs and 4 CPUs, the
-    other 1 GPU (or none) and 2 CPUs."""
+    a constant unless a run needs more: a run with nproc 2 gets (with GPUs on) 2 GPUs and 4 CPUs, as
+    its threads (the local scheduler reserves those cores), the other 1 GPU (or none) and 2 CPUs."""
     from lipflow.config import load_config_file
 
     config = load_config_file(REPO / "tests" / "data" / "tiny_config.yaml")
     config["runs"]["baseline"]["nproc"] = 2
     config["resources"] = {"gpu_per_run": gpu_per_run}
     (tmp_path / "config.yaml").write_text(json.dumps(config))
-    done = snakemake(tmp_path, "-n", "-p", "--until", "train")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--configfile", str(tmp_path / "config.yaml"), "-c8", "-n", "-p", "--until", "train"],
+                          capture_output=True, text=True, timeout=600)  # the rule's own threads (8 cores: uncapped)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     jobs = [block for block in out.split("rule train:")[1:]]
@@ -260,8 +262,9 @@ def test_dry_run_asks_for_the_gpus_and_cpus_of_data_parallel_runs(tmp_path, gpu_
         wildcard = block.split("wildcards: run=")[1].split()[0]
         gpus = block.split("gpu=")[1].split(",")[0].split()[0] if "gpu=" in block else "0"
         cpus = block.split("cpus_per_task=")[1].split(",")[0].split()[0]
+        threads = block.split("threads: ")[1].split()[0]
         assert "python -m lipflow.train" in block and "torchrun" not in block
         if wildcard.startswith("baseline-"):
-            assert (gpus, cpus) == ("2" if gpu_per_run else "0", "4")
+            assert (gpus, cpus, threads) == ("2" if gpu_per_run else "0", "4", "4")
         else:
-            assert (gpus, cpus) == ("1" if gpu_per_run else "0", "2")
+            assert (gpus, cpus, threads) == ("1" if gpu_per_run else "0", "2", "2")

@@ -18,7 +18,7 @@ rule train:
         launcher="python -m",  # a param since finished runs recorded it (a changed param reruns them)
     log:
         "results/logs/train/{run}.log",
-    threads: 2
+    threads: train_cpus if any(run["nproc"] > 1 for run in RUNS.values()) else 2
     resources:
         mem_mb=train_mem_mb,
         runtime=train_runtime,
