@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, run_stage
+from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # bench.common
 
@@ -41,6 +41,10 @@ def one_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+# the tests that use it run on one xdist worker, so the run is trained once (-n 2 --dist loadgroup)
+TRAINED_RUN_GROUP = pytest.mark.xdist_group("trained_run")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, char_shards) -> Path:
     """A run directory the train stage wrote (sealed weights and metrics), plus a sealed evaluation table."""
@@ -51,10 +55,12 @@ def trained_run(tmp_path_factory, char_shards) -> Path:
                                 "steps": 2, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 0,
                                 "device": "cpu"}}}
     check_config(config)
+    from lipflow.train.__main__ import main
+
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-00000000"
-    done = run_stage("lipflow.train", "--run-id", "tiny-00000000", "--config-json", json.dumps(config["runs"]["tiny"]),
-                     "--data-dir", str(char_shards), "--out-dir", str(run_dir), "--no-progress")
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the stage's main in this process (what the command runs, less its second or two of imports)
+    assert main(["--run-id", "tiny-00000000", "--config-json", json.dumps(config["runs"]["tiny"]),
+                 "--data-dir", str(char_shards), "--out-dir", str(run_dir), "--no-progress"]) == 0
     write_table_parquet(run_dir / "evals.parquet", pa.table({"run_id": ["tiny-00000000"], "eval": ["val"],
                                                              "metric": ["loss"], "value": [1.0]}))
     for name in ("model.safetensors", "train_metrics.parquet", "evals.parquet"):
@@ -76,6 +82,7 @@ def copy_of(run_dir: Path, name: str, dest: Path) -> Path:
 # ---------------------------------------------------------------- the studies' outputs
 
 
+@TRAINED_RUN_GROUP
 @pytest.mark.parametrize("name", RUN_FILES)
 def test_image_mlp_out_replaces_its_own_table_but_not_a_runs_sealed_file(name, trained_run, tmp_path, capsys):
     """The red-team repro: --out on a run's weights (or metrics, or evaluations) is refused in one line
@@ -133,6 +140,7 @@ def icl_commands(tmp_path: Path, run_dir: Path) -> dict[str, tuple[list[str], Pa
                       summary)}
 
 
+@TRAINED_RUN_GROUP
 def test_icl_commands_replace_only_their_own_kind_of_output(trained_run, tmp_path, capsys):
     """train over a run's weights, baselines over its metrics, collect over an evaluation table named
     like one of its tables, check over a JSON with a `passed` key: each refused in one line naming the
