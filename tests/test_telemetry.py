@@ -13,7 +13,6 @@ import torch
 from lipflow.model import build_model
 from lipflow.train.trainer import Trainer
 
-from conftest import run_stage
 
 LIPSCHITZ = {"model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "weight_constraint": "spectral_soft_cap",
              "sigma_max": 1.0}
@@ -42,10 +41,12 @@ def test_attention_scores_are_the_ones_the_model_attends_with(model, tiny_run_co
 
 
 def test_training_logs_telemetry(char_shards, tiny_run_config, tmp_path):
+    from lipflow.train.__main__ import main
+
     cfg = {**tiny_run_config, **LIPSCHITZ}
-    done = run_stage("lipflow.train", "--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
-                     "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress")
-    assert done.returncode == 0, done.stderr
+    # the train stage's main in this process: what `python -m lipflow.train` runs, less its imports
+    assert main(["--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
+                 "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress"]) == 0
     rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == list(range(1, cfg["steps"] + 1))
     for r in rows:
