@@ -27,6 +27,15 @@ def train(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> su
                      "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
 
 
+def train_here(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> int:
+    """The train stage's main in this process (what ``python -m lipflow.train`` runs, less its second or two
+    of imports), for tests of what a run writes rather than of the command; returns its exit code."""
+    from lipflow.train.__main__ import main
+
+    return main(["--run-id", run_id, "--config-json", json.dumps(cfg), "--data-dir", str(data), "--out-dir", str(out),
+                 "--no-progress"])
+
+
 def start_training(cfg: dict, data: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lipflow.train", "--run-id", "tiny-00000000",
                              "--config-json", json.dumps(cfg), "--data-dir", str(data), "--out-dir", str(out),
@@ -206,8 +215,7 @@ def test_nan_loss_marks_run_diverged_with_step(char_shards, tiny_run_config, tmp
     be non-finite while the last loss was finite: no norm or certificate is taken of them."""
     cfg = {**tiny_run_config, "model": model, "lr": 1e30, "optimizer": "adamw", "steps": 30,
            "checkpoint_every": checkpoint_every}
-    done = train(cfg, char_shards, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert train_here(cfg, char_shards, tmp_path) == 0
     summary = json.loads((tmp_path / "run.json").read_text())
     assert summary["status"] == "diverged"
     assert 1 <= summary["diverged_step"] <= 30
@@ -242,8 +250,7 @@ def test_weights_that_overflow_after_a_finite_loss_end_the_run_at_the_eval_step(
 
 def test_bound_above_ceiling_marks_run_diverged(char_shards, tiny_run_config, tmp_path):
     cfg = {**tiny_run_config, "model": "lipschitz_gpt", "optimizer": "muon", "lr": 0.05, "max_bound": 1e-6}
-    done = train(cfg, char_shards, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert train_here(cfg, char_shards, tmp_path) == 0
     summary = json.loads((tmp_path / "run.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_step"] == cfg["eval_every"]
     assert "max_bound" in summary["diverged_reason"]
@@ -267,8 +274,7 @@ def test_tensorboard_mirrors_the_logged_metrics(char_shards, tiny_run_config, tm
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    done = train({**tiny_run_config, "tensorboard": True}, char_shards, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert train_here({**tiny_run_config, "tensorboard": True}, char_shards, tmp_path) == 0
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     losses = [e.value for e in events.Scalars("loss")]
@@ -384,8 +390,7 @@ def test_sharpness_is_logged_every_sharpness_every_steps(char_shards, tiny_run_c
 
     cfg = {**tiny_run_config, "optimizer": optimizer, "lr": 0.01, "sharpness_every": 6, "sharpness_iters": 5}
     assert cfg["eval_every"] == 4 and cfg["steps"] == 12
-    done = train(cfg, char_shards, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert train_here(cfg, char_shards, tmp_path) == 0
     rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()
     logged = {r["step"]: (r["sharpness"], r["preconditioned_sharpness"]) for r in rows if r["sharpness"] is not None}
     assert sorted(logged) == [6, 12]
