@@ -93,6 +93,26 @@ def test_an_eigenvalue_without_a_finite_inverse_is_refused_in_one_line(capsys):
     assert capsys.readouterr().err.startswith("lipflow: error: --config-json: icl.sigma.eigenvalues.0")
 
 
+def test_a_sigma_key_its_kind_does_not_read_changes_no_params_string():
+    """`sigma.seed` draws only the rotation (kind rotated) and `sigma.eigenvalues` are ignored for kind identity:
+    set there, they changed the training and baselines params, which retrained every ICL model and recomputed
+    the baselines on the same Σ. Such a key is set to the schema's default, as the data blocks' are."""
+    from lipflow.plan import Plan
+
+    defaults = schema()["properties"]["sigma"]["properties"]
+    for plain, edited in (({"kind": "identity"}, {"kind": "identity", "eigenvalues": [2.0], "seed": 7}),
+                          ({"kind": "diagonal", "eigenvalues": [1, 2, 3, 4, 5]},
+                           {"kind": "diagonal", "eigenvalues": [1, 2, 3, 4, 5], "seed": 9})):
+        plans = [Plan.from_config({"icl": {"sigma": sigma}}) for sigma in (plain, edited)]
+        assert plans[0].icl_train_params() == plans[1].icl_train_params()
+        assert plans[0].icl_baselines_params() == plans[1].icl_baselines_params()
+        assert load_config({"sigma": edited}).sigma.seed == defaults["seed"]["default"]
+    assert load_config({"sigma": {"kind": "identity", "eigenvalues": [2.0]}}).sigma.eigenvalues == \
+        tuple(defaults["eigenvalues"]["default"])
+    rotated = [load_config({"sigma": {"kind": "rotated", "seed": seed}}) for seed in (0, 9)]
+    assert training_config(rotated[0]) != training_config(rotated[1])  # the rotation's seed is read
+
+
 def test_an_integer_for_a_number_key_is_one_training_params_string_with_its_float():
     """`lr: 1`, `noise_std: 0` and `betas: [0, 0.9]` train as `1.0`, `0.0` and `[0.0, 0.9]` (the defaults'
     spelling); they gave another params string, which retrained every ICL model with the same numbers."""

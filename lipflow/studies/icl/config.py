@@ -18,6 +18,8 @@ from lipflow.config.schema import load_schema, validate
 from lipflow.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).with_name("config_schema.yaml")
+# The sigma keys each kind reads (lipflow.studies.icl.data.SIGMA_KINDS); the others are set to their defaults
+SIGMA_KEYS_READ = {"identity": (), "diagonal": ("eigenvalues",), "rotated": ("eigenvalues", "seed")}
 
 
 def schema() -> dict[str, Any]:
@@ -68,6 +70,10 @@ def load_config(raw: dict[str, Any] | None) -> ICLConfig:
         raise ConfigError(f"icl: expected a mapping, got {type(raw).__name__}")
     cfg = validate(raw or {}, SCHEMA_PATH, prefix="icl")
     sigma = cfg["sigma"]
+    sigma_defaults = schema()["properties"]["sigma"]["properties"]
+    for key in ("eigenvalues", "seed"):  # an unread key would change the params and retrain the same models
+        if key not in SIGMA_KEYS_READ[sigma["kind"]]:
+            sigma[key] = sigma_defaults[key]["default"]
     if sigma["kind"] != "identity" and len(sigma["eigenvalues"]) != cfg["d"]:
         raise ConfigError(
             f"icl.sigma.eigenvalues: has {len(sigma['eigenvalues'])} entries but icl.d = {cfg['d']}"
