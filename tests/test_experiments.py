@@ -447,6 +447,21 @@ def test_lr_transfer_optimum_and_drift(tmp_path):
     assert con.execute("select final_loss from lr_transfer_runs where status = 'diverged'").fetchall()[0][0] is None
 
 
+def test_lr_transfer_keeps_a_constrained_variant_of_a_method_apart(tmp_path):
+    """A method axis with Muon and Muon + a weight constraint (both sp+muon): their runs at one width and lr
+    were one method, two rows a point, so the optimum, n_lrs and drift mixed the two; the constraint names its
+    own method, and an unconstrained method keeps its name."""
+    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=32, lr=lr, val_loss=loss,
+                weight_constraint=constraint)
+            for i, (constraint, lr, loss) in enumerate([("none", 0.1, 1.5), ("none", 0.2, 1.4),
+                                                        ("spectral_hard_cap", 0.1, 1.2),
+                                                        ("spectral_hard_cap", 0.2, 1.3)])]
+    con = database(tmp_path, runs)
+    create_views(con)
+    got = {m: rest for m, *rest in con.sql("select method, optimal_lr, n_lrs from lr_transfer").fetchall()}
+    assert got == {"sp+muon": [0.2, 2], "sp+muon+spectral_hard_cap": [0.1, 2]}
+
+
 def test_sharpness_spread_across_widths_and_depths(tmp_path):
     runs = [run("sc.a-00000001", experiment="super_consistency", d_model=32, n_layers=2),
             run("sc.b-00000002", experiment="super_consistency", d_model=64, n_layers=2),

@@ -14,11 +14,14 @@ LR_TRANSFER_RUNS = View(
     columns=("run_id", "name", "method", "width", "lr", "status", "final_loss"),
     types={"VARCHAR": ("status",),
            "DOUBLE": ("final_loss",)},
-    parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "optimizer", "d_model", "lr",
-                                               "val_loss", "final_val_loss")},
+    parts=(Part(requires={"runs": RUNS_NEED + ("parametrization", "optimizer", "weight_constraint", "d_model",
+                                               "lr", "val_loss", "final_val_loss")},
                 absent_reason="no lr_transfer runs in the database",
                 sql="""
-        SELECT run_id, name, parametrization || '+' || optimizer AS method, d_model AS width, lr, status,
+        SELECT run_id, name,
+               parametrization || '+' || optimizer
+                   || CASE WHEN weight_constraint <> 'none' THEN '+' || weight_constraint ELSE '' END AS method,
+               d_model AS width, lr, status,
                CASE WHEN status = 'completed' AND isfinite(coalesce(val_loss, final_val_loss))
                     THEN coalesce(val_loss, final_val_loss) END AS final_loss
         FROM runs WHERE experiment = 'lr_transfer'"""),),
