@@ -255,6 +255,20 @@ def test_the_robustness_caption_names_the_configured_image_mlp_methods():
     assert stream.getvalue() == "" and not list(tree.findall(nodes.system_message)), stream.getvalue()
 
 
+def test_the_report_header_names_the_icl_study_when_icl_enabled_runs_it():
+    """With `icl.enabled: true` and no experiment selected the report holds the ICL figures and table, but its
+    header said "Experiments in this build: []"; it names the study (and not twice when `icl` is selected)."""
+    from jinja2 import Environment, StrictUndefined
+
+    template = (REPO / "workflow" / "report" / "workflow.rst").read_text(encoding="utf-8")
+    for overlay, says in (({"icl": {"enabled": True}}, True), ({"experiments": ["icl"]}, False), ({}, False)):
+        config = {**yaml.safe_load((REPO / "config.yaml").read_text()), **overlay}
+        check_config(config)
+        job = type("Snakemake", (), {"config": config})
+        header = " ".join(Environment(undefined=StrictUndefined).from_string(template).render(snakemake=job).split())
+        assert ("in-context-learning study" in header) == says, header
+
+
 def test_a_malformed_experiment_yaml_is_one_line_naming_the_file(tmp_path):
     from lipflow.experiments import discover
 
