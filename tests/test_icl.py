@@ -113,6 +113,19 @@ def test_a_sigma_key_its_kind_does_not_read_changes_no_params_string():
     assert training_config(rotated[0]) != training_config(rotated[1])  # the rotation's seed is read
 
 
+def test_reordering_layers_or_n_grid_reruns_no_icl_job():
+    """`layers: [3, 1, 2]` is the study of `[1, 2, 3]` (each job and baseline has its own seeded stream), but its
+    params string differed, which recomputed the baselines and reran collect, plots and check; the lists are
+    sorted, so the captions read L = 1, 2, 3 as well."""
+    from lipflow.plan import Plan
+
+    plans = [Plan.from_config({"icl": block}) for block in ({"layers": [1, 2, 3], "n_grid": [5, 10]},
+                                                             {"layers": [3, 1, 2], "n_grid": [10, 5]})]
+    assert plans[0].icl_baselines_params() == plans[1].icl_baselines_params()
+    assert plans[0].icl_params() == plans[1].icl_params()
+    assert plans[1].icl_caption()["layers"] == "1, 2, 3" and plans[1].icl_caption()["n_grid"] == "5, 10"
+
+
 def test_an_integer_for_a_number_key_is_one_training_params_string_with_its_float():
     """`lr: 1`, `noise_std: 0` and `betas: [0, 0.9]` train as `1.0`, `0.0` and `[0.0, 0.9]` (the defaults'
     spelling); they gave another params string, which retrained every ICL model with the same numbers."""

@@ -88,6 +88,8 @@ def load_config(raw: dict[str, Any] | None) -> ICLConfig:
             if not math.isfinite(inverse):  # Σ⁻¹ (the PGD baseline, w's prior)
                 raise ConfigError(f"icl.sigma.eigenvalues.{i}: {value} has no finite inverse in float64 (Σ⁻¹)")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    for key in ("layers", "n_grid"):  # their order changes no result: one params string, no rerun
+        values[key] = tuple(sorted(values[key]))
     for field in fields(ICLConfig):  # lr: 1 is 1.0, as the defaults write it: one params string, no retraining
         if field.type == "float":
             values[field.name] = int_as_float(values[field.name])
