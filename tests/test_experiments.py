@@ -1000,6 +1000,21 @@ def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with
                    ("sp+muon", 32): [0.2, 2, True, 1, 1.0]}
 
 
+def test_lr_transfer_edge_is_the_grids_edge_diverged_lrs_included(tmp_path):
+    """The grid is every lr tried: an optimum below an lr that diverged lies inside it (widening the grid
+    would not help; it was flagged "at the edge" when the edge was taken over the finished runs), and an
+    optimum at the largest lr tried is at the edge."""
+    curves = {32: [(0.05, 1.5, "completed"), (0.1, 1.4, "completed"), (0.2, None, "diverged")],
+              64: [(0.05, 1.5, "completed"), (0.1, 1.4, "completed"), (0.2, 1.3, "completed")]}
+    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=width, lr=lr, val_loss=loss,
+                status=status)
+            for i, (width, (lr, loss, status)) in enumerate((w, point) for w, points in curves.items() for point in points)]
+    con = database(tmp_path, runs)
+    create_views(con)
+    got = {w: (lr, edge) for w, lr, edge in con.sql("select width, optimal_lr, at_grid_edge from lr_transfer").fetchall()}
+    assert got == {32: (0.1, False), 64: (0.2, True)}
+
+
 # ---- mutation round 4: super_consistency, rank_vs_n, robustness, precision and icl views
 
 def test_sharpness_spread_tells_optimizers_apart_in_its_rows_and_figure(tmp_path):

@@ -38,17 +38,19 @@ LR_TRANSFER = View(
                 absent_reason="no lr_transfer run in the database ended with a finite val loss",
                 sql="""
         WITH ok AS (SELECT * FROM lr_transfer_runs WHERE final_loss IS NOT NULL),
+        -- the grid is every lr tried at the width, diverged ones too: an optimum below a diverged lr is inside it
+        grid AS (
+            SELECT method, width, min(lr) AS min_lr, max(lr) AS max_lr, count(DISTINCT lr) AS grid_lrs
+            FROM lr_transfer_runs GROUP BY method, width),
         ranked AS (
             SELECT method, width, lr, final_loss,
                    row_number() OVER (PARTITION BY method, width ORDER BY final_loss, lr) AS rank_in_width,
-                   count(*) OVER (PARTITION BY method, width) AS n_lrs,
-                   min(lr) OVER (PARTITION BY method, width) AS min_lr,
-                   max(lr) OVER (PARTITION BY method, width) AS max_lr
+                   count(*) OVER (PARTITION BY method, width) AS n_lrs
             FROM ok),
         best AS (
             SELECT method, width, lr AS optimal_lr, final_loss AS best_loss, n_lrs,
-                   n_lrs > 1 AND (lr = min_lr OR lr = max_lr) AS at_grid_edge
-            FROM ranked WHERE rank_in_width = 1)
+                   grid_lrs > 1 AND (lr = min_lr OR lr = max_lr) AS at_grid_edge
+            FROM ranked JOIN grid USING (method, width) WHERE rank_in_width = 1)
         SELECT *, count(*) OVER (PARTITION BY method) AS n_widths,
                max(optimal_lr) OVER (PARTITION BY method) / min(optimal_lr) OVER (PARTITION BY method) AS drift
         FROM best"""),),
