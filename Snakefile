@@ -23,8 +23,9 @@ rule all:
         # The data stage's outputs by name: Snakemake does not rerun a job whose outputs are missing while
         # the jobs after it are up to date, so a data job that failed after Snakemake deleted its outputs
         # (a refusal, out of memory) would leave an edited corpus untokenized and "Nothing to be done".
-        rules.corpus.output,
-        rules.tokenize.output,
+        # A build without runs (the ICL study alone) reads no tokens and makes none.
+        rules.corpus.output if RUNS else [],
+        rules.tokenize.output if RUNS else [],
         DATABASE,
         DATABASE_RECEIPT,
         evaluation_receipts,

@@ -89,6 +89,28 @@ def test_file_names_are_never_sql_or_globs(results):
 
 
 
+def test_a_build_without_runs_needs_no_manifest_and_one_with_runs_does(results, tmp_path, capsys):
+    """The database rule passes an empty ``--manifest`` when the config has no runs (the ICL study alone,
+    which tokenizes no corpus): the build has a shards table with its columns and no rows, as the one of a
+    manifest it reads; with ``--run-dirs`` it is one line naming --manifest and nothing is written."""
+    alone = tmp_path / "alone.duckdb"
+    assert lipflow.results.main(["build", "--out", str(alone), "--manifest", "--run-dirs"]) == 0
+    full = build_here(results)
+    columns = "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'shards'"
+    with duckdb.connect(str(alone), read_only=True) as con, duckdb.connect(str(full), read_only=True) as ref:
+        assert con.execute(columns).fetchall() == ref.execute(columns).fetchall() != []
+        assert con.execute("SELECT count(*) FROM shards").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    capsys.readouterr()
+    refused = tmp_path / "refused.duckdb"
+    code = lipflow.results.main(["build", "--out", str(refused), "--manifest", "--run-dirs",
+                                 *map(str, sorted((results / "runs").iterdir()))])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("lipflow: error: --manifest: needed with --run-dirs (each run is checked against "
+                                 "the token shards it was trained on)\n")
+    assert not refused.exists() and list(tmp_path.glob(".refused.duckdb*")) == []
+
+
 def test_the_build_reads_the_bench_rows_of_its_own_results_tree(results, tmp_path):
     """``python -m lipflow.results build --out TREE/lipflow.duckdb`` run from another folder (a moved or
     renamed results tree) loads TREE/bench/*.parquet, never the working directory's results/bench."""

@@ -240,6 +240,19 @@ def test_a_database_without_runs_has_the_runs_columns_of_one_with_runs(pipeline,
         assert con.execute("select count(*) from pareto").fetchone() == (0,)
 
 
+def test_the_icl_study_alone_tokenizes_no_corpus(tmp_path):
+    """A config whose only experiment is the ICL study has no language-model runs: its plan builds the
+    study and the database (its shards table empty, ``--manifest`` given nothing) and no corpus or token
+    shards, which nothing of it reads (they were made for the database's shards table alone)."""
+    (tmp_path / "config.yaml").write_text(json.dumps({"experiments": ["icl"], "icl": {"layers": [1], "n_grid": [4]}}))
+    done = snakemake(tmp_path, "-n", "-p")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    jobs = {line.split()[0] for line in out.split("Job stats:")[1].split("total")[0].splitlines()[3:] if line.strip()}
+    assert {"icl_train", "database"} <= jobs and not jobs & {"corpus", "tokenize"}, jobs
+    assert "--manifest  --run-dirs  --study-tables results/icl/" in out
+
+
 @pytest.mark.parametrize("gpu_per_run", [0, 1])
 def test_dry_run_asks_for_the_gpus_and_cpus_of_data_parallel_runs(tmp_path, gpu_per_run):
     """Every run is `python -m lipflow.train` (one of nproc 2 starts its own workers); the GPU request is

@@ -1,6 +1,6 @@
 """``python -m lipflow.results``: build the database, merge a run's evaluation files, seal old files.
 
-``python -m lipflow.results build --out results/lipflow.duckdb --manifest M --run-dirs D... [--study-tables F...]
+``python -m lipflow.results build --out results/lipflow.duckdb [--manifest M] --run-dirs D... [--study-tables F...]
 [--receipt R]`` builds the database (:func:`lipflow.results.database.build`; it loads the study tables F
 and no others);
 ``python -m lipflow.results merge-evals --run-id RUN --out F E...`` merges run RUN's evaluation files;
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build the DuckDB database")
     p_build.add_argument("--out", type=Path, required=True)
-    p_build.add_argument("--manifest", type=Path, required=True)
+    p_build.add_argument("--manifest", type=Path, nargs="?", default=None,
+                         help="the token shards' manifest.json (table shards); needed with --run-dirs, and left "
+                              "empty (as the database rule does without runs) for a build of studies alone")
     p_build.add_argument("--run-dirs", type=Path, nargs="*", default=[])
     p_build.add_argument("--study-tables", type=Path, nargs="*", default=[],
                          help="the studies' tables to load (<study>/<name>.parquet → table <study>_<name>)")

@@ -103,7 +103,15 @@ def empty_runs_table() -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def shard_rows(manifest_path: Path) -> list[dict[str, Any]]:
+SHARDS_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.int64()), ("file", pa.string()),
+                           ("tokens", pa.int64()), ("sha256", pa.string()), ("dtype", pa.string())])
+
+
+def shard_rows(manifest_path: Path | None) -> list[dict[str, Any]]:
+    """The ``shards`` rows of the token shards' manifest: none without one (a build with no runs, such as
+    the ICL study alone, which tokenizes no corpus)."""
+    if manifest_path is None:
+        return []
     manifest = check_manifest(read_json(manifest_path), manifest_path)
     rows = []
     for split, info in manifest["splits"].items():
@@ -163,11 +171,14 @@ def _read_unverified(path: Path) -> pa.Table:
     return parse_table_parquet(Path(path).read_bytes(), path)
 
 
-def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: list[Path], study_tables: list[Path],
+def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path | None, run_dirs: list[Path], study_tables: list[Path],
                    results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
+    if manifest is None and run_dirs:
+        raise ValueError("--manifest: needed with --run-dirs (each run is checked against the token shards it "
+                         "was trained on)")
     shards = shard_rows(manifest)  # the manifest checked before the runs are compared with it
-    runs = _run_rows(run_dirs, manifest)
+    runs = _run_rows(run_dirs, manifest) if run_dirs else []
     evals = _run_files(run_dirs, "evals.parquet")  # every run has one (merge-evals: empty without evaluations)
     val_loss = {}
     for path, table in evals:
@@ -186,7 +197,7 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path, run_dirs: lis
                                                           for name, alias in METRIC_COLUMNS.items()))
     rows["evals"] = _create_from_tables(con, "evals", evals,
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
-    rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shards))
+    rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shards, schema=SHARDS_SCHEMA))
     rows.update(load_study_tables(con, study_tables))
     # hand-appended measurements (bench/common.py), written without a sidecar
     rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
@@ -387,7 +398,7 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
         check_folder_exists(receipt, "--receipt")
 
 
-def build(out: Path, manifest: Path, run_dirs: list[Path], study_tables: list[Path] = (),
+def build(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: list[Path] = (),
           results: Path | None = None, receipt: Path | None = None) -> None:
     """Build the database at ``out`` from the run directories, the studies' tables ``study_tables``
     (no others) and ``results``/bench (by default ``out``'s folder: the results tree the database is

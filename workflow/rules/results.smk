@@ -14,7 +14,8 @@ rule database:
         evals_checksums=expand("results/runs/{run}/evals.parquet.sha256", run=RUNS),
         # A plain path, not rules.tokenize.output.manifest: a rule reference makes Snakemake hash the
         # whole run lists above once per file (quadratic in runs; 2 s of a 1,000-run dry run).
-        manifest=f"{TOKENS_DIR}/manifest.json",
+        # none without runs (the ICL study alone): then no corpus is tokenized for the database's shards table
+        manifest=[f"{TOKENS_DIR}/manifest.json"] if RUNS else [],
         # the tables of the studies the config has on, named on the build's command line: it loads no others
         studies=study_tables,
     output:
