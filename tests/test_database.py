@@ -258,7 +258,8 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     import sys
 
     repo = Path(__file__).resolve().parent.parent
-    (tmp_path / "config.yaml").write_text("runs: {}\n")  # data steps and database only: no training
+    (tmp_path / "config.yaml").write_text("runs: {}\n")  # the database only: no training, no tokens
+    bench_file(tmp_path / "results" / "bench" / "mine.parquet", 1.0)  # a row that the builds keep
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
@@ -270,19 +271,18 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     db = tmp_path / "results" / "lipflow.duckdb"
     previous = db.read_bytes()
     bad = tmp_path / "results" / "bench" / "broken.parquet"  # not Parquet: the build refuses it
-    bad.parent.mkdir()
     bad.write_bytes(b"not parquet")
     failed = snakemake("--forcerun", "database")
     assert failed.returncode != 0
     assert "broken.parquet is not a readable Parquet file" in (tmp_path / "results" / "logs" / "database.log").read_text()
     assert db.read_bytes() == previous
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM shards").fetchone()[0] > 0
+        assert con.execute("SELECT value FROM bench").fetchall() == [(1.0,)]
     assert "Missing output files: results/lipflow.duckdb.built" in snakemake("-n").stdout
     bad.unlink()
     assert snakemake().returncode == 0
     receipt = json.loads((tmp_path / "results" / "lipflow.duckdb.built").read_text())
-    assert receipt["rows"]["shards"] > 0 and receipt["sha256"] == hashlib.sha256(db.read_bytes()).hexdigest()
+    assert receipt["rows"]["bench"] == 1 and receipt["sha256"] == hashlib.sha256(db.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("study, table", [("image_mlp", "results/image_mlp/robustness.parquet"),

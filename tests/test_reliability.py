@@ -441,7 +441,7 @@ def test_a_killed_snakemake_leaves_a_lock_that_unlock_removes(tmp_path):
     """SIGKILL of Snakemake and its jobs (a lost login node): the next run refuses the locked
     directory; `snakemake --unlock` clears it and the rerun completes."""
     repo = Path(__file__).resolve().parent.parent
-    (tmp_path / "config.yaml").write_text("runs: {}\n")  # data steps and database only
+    (tmp_path / "config.yaml").write_text("runs: {}\n")  # the database only
     cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "-c1"]
     proc = subprocess.Popen([*cmd, "results/lipflow.duckdb"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
