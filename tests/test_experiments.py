@@ -1008,10 +1008,12 @@ def test_lr_transfer_edge_is_the_grids_edge_diverged_lrs_included(tmp_path):
               64: [(0.05, 1.5, "completed"), (0.1, 1.4, "completed"), (0.2, 1.3, "completed")]}
     runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=width, lr=lr, val_loss=loss,
                 status=status)
-            for i, (width, (lr, loss, status)) in enumerate((w, point) for w, points in curves.items() for point in points)]
+            for i, (width, (lr, loss, status)) in enumerate((w, point) for w, points in curves.items()
+                                                            for point in points)]
     con = database(tmp_path, runs)
     create_views(con)
-    got = {w: (lr, edge) for w, lr, edge in con.sql("select width, optimal_lr, at_grid_edge from lr_transfer").fetchall()}
+    got = {w: (lr, edge)
+           for w, lr, edge in con.sql("select width, optimal_lr, at_grid_edge from lr_transfer").fetchall()}
     assert got == {32: (0.1, False), 64: (0.2, True)}
 
 
