@@ -148,10 +148,11 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     """Run ``python -m module argv`` as ``nproc`` workers on this machine, each with the environment
     ``torchrun --standalone`` gives (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), its
     :func:`threads_per_worker` (OMP_NUM_THREADS, MKL_NUM_THREADS) and the open files ``pass_fds`` (the
-    run folder's lock, held until the last worker exits), and return one exit code: 0 when all finished; 2 when one refused an input (it printed its line);
-    ``preempted_code`` when SIGTERM stopped them (it is passed on to the workers, which save a
-    checkpoint and exit with that code); else the first failure's (a worker killed by a signal the launcher
-    did not send, e.g. the OOM killer's SIGKILL, is named in one line). Once a worker fails, the others
+    run folder's lock, held until the last worker exits), and return one exit code: 0 when all
+    finished; 2 when one refused an input (it printed its line); ``preempted_code`` when SIGTERM stopped
+    them (it is passed on to the workers, which save a checkpoint and exit with that code); else the
+    first failure's (a worker killed by a signal the launcher did not send, e.g. the OOM killer's
+    SIGKILL, is named in one line). Once a worker fails, the others
     get SIGTERM; SIGTERM and SIGINT to the launcher are passed on to all. Either way, a worker still
     running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
     launcher returns only once every worker has exited."""

@@ -232,7 +232,9 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
         return f"{path}: {error.instance!r} is not allowed: {rule}"
     # YAML's null as a value (`defaults:` with every key commented out), not as a key (`null:`, a property name)
     if error.validator == "type" and error.instance is None and "propertyNames" not in error.schema_path:
-        expected = error.validator_value if isinstance(error.validator_value, str) else " or ".join(error.validator_value)
+        expected = error.validator_value
+        if not isinstance(expected, str):
+            expected = " or ".join(expected)
         return f"{path}: empty (null), not of type '{expected}': give it a value or leave the key out"
     if error.validator == "type" and isinstance(error.instance, str):
         return f"{path}: {error.message}{read_as_text(error.instance, error.validator_value)}"

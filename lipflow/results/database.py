@@ -174,9 +174,6 @@ def _read_unverified(path: Path) -> pa.Table:
 def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path | None, run_dirs: list[Path], study_tables: list[Path],
                    results: Path) -> dict[str, int]:
     """Create every table and view; returns table → the rows it must hold."""
-    if manifest is None and run_dirs:
-        raise ValueError("--manifest: needed with --run-dirs (each run is checked against the token shards it "
-                         "was trained on)")
     shards = shard_rows(manifest)  # the manifest checked before the runs are compared with it
     runs = _run_rows(run_dirs, manifest) if run_dirs else []
     evals = _run_files(run_dirs, "evals.parquet")  # every run has one (merge-evals: empty without evaluations)
@@ -377,10 +374,12 @@ def is_receipt(path: Path) -> bool:
     return json_object_keys(path) == set(RECEIPT_KEYS)
 
 
-def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Path], receipt: Path | None) -> None:
+def check_build_arguments(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: list[Path],
+                          receipt: Path | None) -> None:
     """Before any work: ``out`` is absent or a lipflow database and ``receipt`` absent or a receipt (a
     user's other file, another database or the manifest is never replaced, nor ``out`` or the files
-    DuckDB keeps beside it, :data:`DUCKDB_SIDECARS`), no run directory is given twice (its rows would
+    DuckDB keeps beside it, :data:`DUCKDB_SIDECARS`), run directories come with the ``manifest`` they are
+    checked against, no run directory is given twice (its rows would
     be counted twice), each study table is one of lipflow's, once
     (:func:`check_study_tables`), and the receipt's folder exists (else the database would be replaced
     and its receipt missing); ``out`` is UTF-8 text (DuckDB fails on another name: std::bad_cast)."""
@@ -388,6 +387,9 @@ def check_build_arguments(out: Path, run_dirs: list[Path], study_tables: list[Pa
     refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
     if out.exists():
         refuse_to_drop_user_objects(out)
+    if manifest is None and run_dirs:
+        raise ValueError("--manifest: needed with --run-dirs (each run is checked against the token shards it "
+                         "was trained on)")
     check_distinct_paths(run_dirs, "--run-dirs")
     check_study_tables(study_tables)
     if receipt is not None:
@@ -411,7 +413,7 @@ def build(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: 
     from lipflow.errors import StageError
 
     out = Path(out)
-    check_build_arguments(out, run_dirs, study_tables, receipt)
+    check_build_arguments(out, manifest, run_dirs, study_tables, receipt)
     remove_stale_temporaries(out)  # what a killed build left
     tmp = out.with_name(temp_prefix(out) + "build")
     wal = Path(f"{tmp}.wal")
