@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -47,6 +49,25 @@ def run_stage(module: str, *args: str, cwd: Path | None = None) -> subprocess.Co
     """Run ``python -m <module> args`` and return the finished process (never raises)."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
+
+
+# The main each stage's command runs. A test that only sets a case up with a stage (or tests what a run
+# writes, not the command) runs it in this process: each command start costs a second or two of imports.
+STAGE_MAINS = {"lipflow.train": "lipflow.train.__main__", "lipflow.evaluation": "lipflow.evaluation.__main__",
+               "lipflow.results": "lipflow.results.cli"}
+
+
+def stage_here(module: str, *args: str, cwd: Path | None = None) -> int:
+    """:func:`run_stage` in this process: stage ``module``'s main with ``args`` (from ``cwd``); its exit code."""
+    main = importlib.import_module(STAGE_MAINS[module]).main
+    with contextlib.chdir(cwd or Path.cwd()):
+        return main(list(args))
+
+
+def train_here(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> int:
+    """The train stage in this process (:func:`stage_here`) for run ``run_id`` of ``cfg``; its exit code."""
+    return stage_here("lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg), "--data-dir", str(data),
+                      "--out-dir", str(out), "--no-progress")
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@ output, and earlier results untouched."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -16,20 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import run_stage
+from conftest import run_stage, stage_here
 from lipflow.studies.icl.tables import TABLE_SCHEMAS
 
-# A stage that only sets a case up (the stage under test still runs as `python -m`) runs in this process
-# through the main its command runs: each command start costs a second or two of imports (torch).
-STAGE_MAINS = {"lipflow.train": "lipflow.train.__main__", "lipflow.evaluation": "lipflow.evaluation.__main__",
-               "lipflow.results": "lipflow.results.cli"}
-
-
 def set_up_with(module: str, *args: str, cwd: Path | None = None) -> None:
-    """Run stage ``module`` with ``args`` in this process (from ``cwd``); it must succeed."""
-    main = importlib.import_module(STAGE_MAINS[module]).main
-    with contextlib.chdir(cwd or Path.cwd()):
-        code = main(list(args))
+    """Set a case up with stage ``module`` in this process (the stage under test still runs as `python -m`)."""
+    code = stage_here(module, *args, cwd=cwd)
     assert code == 0, f"{module} exited {code} (its error is in the captured stderr)"
 
 

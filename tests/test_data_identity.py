@@ -12,7 +12,7 @@ from pathlib import Path
 from lipflow.config import check_config, tokenizer_id
 from lipflow.plan import resolve_runs
 
-from conftest import run_stage
+from conftest import run_stage, train_here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,11 +107,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(char_shards, tiny_run_config,
     import shutil
 
     shutil.copytree(char_shards, data)
-    from lipflow.train.__main__ import main
-
-    # the old data's run, in this process (no imports to wait for); the command is the second train()
-    assert main(["--run-id", "tiny-00000000", "--config-json", json.dumps(cfg), "--data-dir", str(data),
-                 "--out-dir", str(out), "--no-progress"]) == 0
+    assert train_here(cfg, data, out) == 0  # the old data's run; the command under test is the second train()
     assert sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))  # kept for a later resume
     for name in ("model.safetensors", "config.json", "train_metrics.parquet", "run.json"):
         (out / name).unlink()  # what Snakemake does before it reruns the job (the train rule's outputs)

@@ -19,21 +19,12 @@ from safetensors.torch import load_file
 from lipflow.train.checkpoint import CheckpointError, latest_valid_checkpoint, load_weights, save_weights
 from lipflow.atomic import write_with_sidecar
 
-from conftest import run_stage
+from conftest import run_stage, train_here
 
 
 def train(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> subprocess.CompletedProcess:
     return run_stage("lipflow.train", "--run-id", run_id, "--config-json", json.dumps(cfg),
                      "--data-dir", str(data), "--out-dir", str(out), "--no-progress")
-
-
-def train_here(cfg: dict, data: Path, out: Path, run_id: str = "tiny-00000000") -> int:
-    """The train stage's main in this process (what ``python -m lipflow.train`` runs, less its second or two
-    of imports), for tests of what a run writes rather than of the command; returns its exit code."""
-    from lipflow.train.__main__ import main
-
-    return main(["--run-id", run_id, "--config-json", json.dumps(cfg), "--data-dir", str(data), "--out-dir", str(out),
-                 "--no-progress"])
 
 
 def start_training(cfg: dict, data: Path, out: Path) -> subprocess.Popen:

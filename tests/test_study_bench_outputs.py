@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_here
 
 sys.path.insert(0, str(REPO))  # bench.common
 
@@ -55,12 +55,8 @@ def trained_run(tmp_path_factory, char_shards) -> Path:
                                 "steps": 2, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 0,
                                 "device": "cpu"}}}
     check_config(config)
-    from lipflow.train.__main__ import main
-
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-00000000"
-    # the stage's main in this process (what the command runs, less its second or two of imports)
-    assert main(["--run-id", "tiny-00000000", "--config-json", json.dumps(config["runs"]["tiny"]),
-                 "--data-dir", str(char_shards), "--out-dir", str(run_dir), "--no-progress"]) == 0
+    assert train_here(config["runs"]["tiny"], char_shards, run_dir) == 0
     write_table_parquet(run_dir / "evals.parquet", pa.table({"run_id": ["tiny-00000000"], "eval": ["val"],
                                                              "metric": ["loss"], "value": [1.0]}))
     for name in ("model.safetensors", "train_metrics.parquet", "evals.parquet"):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import train_here
 from lipflow.model import build_model
 from lipflow.train.trainer import Trainer
 
@@ -41,12 +42,8 @@ def test_attention_scores_are_the_ones_the_model_attends_with(model, tiny_run_co
 
 
 def test_training_logs_telemetry(char_shards, tiny_run_config, tmp_path):
-    from lipflow.train.__main__ import main
-
     cfg = {**tiny_run_config, **LIPSCHITZ}
-    # the train stage's main in this process: what `python -m lipflow.train` runs, less its imports
-    assert main(["--run-id", "tiny-00000000", "--config-json", json.dumps(cfg),
-                 "--data-dir", str(char_shards), "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert train_here(cfg, char_shards, tmp_path) == 0
     rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == list(range(1, cfg["steps"] + 1))
     for r in rows:
