@@ -36,8 +36,8 @@ from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
 from lipflow.errors import (ArgumentParser, ConfigError, json_object_argument, memory_errors_in_one_line,
                             phase_reporter, silent, summary_of)
-from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, pair_ratios,
-                                           pgd_l2)
+from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, float64_forward,
+                                           pair_ratios, pgd_l2)
 from lipflow.model import build_model
 from lipflow.train.build import build_learner
 from lipflow.train.update import constrained_update
@@ -106,13 +106,13 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
     rows = [{"metric": "clean_accuracy", "value": float((logits.argmax(1) == y).float().mean()), **columns},
             {"metric": "certificate_l2", "value": certificate, **columns}]
     generator = torch.Generator().manual_seed(cfg["seed"])
-    lower = 0.0
+    lower, exact = 0.0, float64_forward(model)
     for eps in cfg["epsilons"]:
         delta = pgd_l2(model.forward_embedded, x, y, eps, cfg["pgd_steps"], cfg["pgd_restarts"], generator)
         with torch.no_grad():
             adv = model.forward_embedded(x + delta)
         true_prob = adv.softmax(1).gather(1, y[:, None]).mean()
-        ratios = pair_ratios(model.forward_embedded, x, x + delta)
+        ratios = pair_ratios(exact, x, x + delta)
         lower = max([lower, *ratios.tolist()])
         rows += [{"metric": "certified_accuracy", "value": certified_accuracy(radius, eps), "epsilon": eps, **columns},
                  {"metric": "robust_accuracy", "value": float((adv.argmax(1) == y).float().mean()),
