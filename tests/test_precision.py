@@ -1,6 +1,7 @@
 """Simulated casts against torch's dtypes and IEEE rounding bounds, range counts on constructed
 tensors, the int8 error bound, and the precision evaluation on a tiny gpt."""
 
+import copy
 import math
 
 import pytest
@@ -113,13 +114,13 @@ def test_precision_evaluation_on_a_tiny_gpt():
 def test_fp8_safety_statement_uses_the_analytic_bound_and_the_weights():
     model, cfg = tiny_gpt()
     eval_cfg = {"formats": ["fp8_e4m3", "fp8_e5m2"], "scalings": ["none"], "int8": False, "batch_size": 8}
-    model.activation_bounds = lambda: {"block0": 3.0, "logits": 40.0}
+    model.activation_bounds = lambda rounding=None: {"block0": 3.0, "logits": 40.0}
     rows, _ = run_precision(model, cfg, eval_cfg)
     assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [1.0, 1.0]
-    model.activation_bounds = lambda: 1000.0      # above e4m3's 448, below e5m2's 57344
+    model.activation_bounds = lambda rounding=None: 1000.0      # above e4m3's 448, below e5m2's 57344
     rows, _ = run_precision(model, cfg, eval_cfg)
     assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [0.0, 1.0]
-    model.activation_bounds = lambda: 6e4         # above e5m2's 57344, below fp16's 65504
+    model.activation_bounds = lambda rounding=None: 6e4         # above e5m2's 57344, below fp16's 65504
     rows, _ = run_precision(model, cfg, {**eval_cfg, "formats": ["bf16", "fp16", "fp8_e5m2"]})
     assert [r["value"] for r in lookup(rows, "fp8_safe_proven")] == [1.0, 1.0, 0.0]
     with torch.no_grad():
@@ -312,3 +313,111 @@ def test_the_readme_says_which_val_windows_the_precision_rows_are_measured_on():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     row = next(line for line in readme.splitlines() if line.startswith("| `precision`: `val_loss`"))
     assert "`max_windows`" in row and "`val`'s `loss`" in row
+
+
+# --------------------------------------------------------------------------- the cast model's bounds
+
+def unscaled_head_at_the_edge():
+    """lipschitz_gpt_unscaled, d 2, with zero branches, so the logits are W_head·x: token 0 at RMS 1 and the
+    head's first row along it, the fp32 head output 441 ≤ 448. In e4m3 the token rounds to (0.234, 1.375)
+    and the row to (48, 288), and the cast run's head output is 452 > 448."""
+    torch.manual_seed(0)
+    model = build_model(run_defaults(model="lipschitz_gpt_unscaled", d_model=2, n_layers=1, n_heads=1, context=1), 2)
+    a, b, c = 0.22702652215957642, 1.39587211385432, 312.0
+    with torch.no_grad():
+        model.tok.weight.copy_(torch.tensor([[a, b], [b, -a]]))
+        model.head.weight.copy_(torch.tensor([[c * a, c * b], [0.0, 0.0]]) / math.sqrt(2.0))
+    return model.eval(), torch.tensor([[0, 0], [0, 1], [1, 0]])
+
+
+def test_a_model_whose_cast_run_overflows_is_not_proven_safe():
+    """fp8_safe_proven was 1 ('activations ≤ 441.2 ≤ 448 for any input', from the fp32 model's bounds)
+    while the same evaluation counted overflow in the unscaled e4m3 run: the proof must cover the casts."""
+    model, windows = unscaled_head_at_the_edge()
+    assert max(model.activation_bounds().values()) <= 448
+    ctx = EvalContext(model, lambda count: windows[:count], windows,
+                      evaluation_params("precision", formats=["fp8_e4m3"], scalings=["none"], int8=False,
+                                        real_fp8=False, batch_size=8), {}, None, None, torch.device("cpu"), None)
+    rows = EVALUATIONS.get("precision")(ctx)
+    assert lookup(rows, "activation_overflow", format="fp8_e4m3", scaling="none")[0]["value"] > 0
+    assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 0.0
+    assert lookup(rows, "fp8_safe_proven", format="fp8_e4m3")[0]["value"] == 0.0
+
+
+def cancelling_attention():
+    """lipschitz_gpt, d 2, one head, W_o·W_v = 0 (W_v = [[1, 0], [1.5, 0]], W_o = 2·[[1.5, −1], [0, 0]]):
+    the fp32 model's o.output is 0 for every input, its bound too; the cast run's is not."""
+    torch.manual_seed(0)
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=2, n_layers=1, n_heads=1, context=4), 16)
+    with torch.no_grad():
+        model.tok.weight.normal_()
+        model.project_embeddings()
+        model.blocks[0].attn.v.weight.copy_(torch.tensor([[1.0, 0.0], [1.5, 0.0]]))
+        model.blocks[0].attn.o.weight.copy_(2.0 * torch.tensor([[1.5, -1.0], [0.0, 0.0]]))
+    return model.eval(), torch.randint(0, 16, (64, 5), generator=torch.Generator().manual_seed(1))
+
+
+def scaled_lipschitz_lm(name):
+    model, windows = lipschitz_lm(vocab=20, d=16, context=8, model=name)
+    with torch.no_grad():
+        for _, w in model.param_roles()["hidden"] + model.param_roles()["head"]:
+            w.mul_(2.0)
+    return model, windows
+
+
+def scaled_mlp():
+    """An mlp (8 → 16 → 16 → 5, GELU) with its matrices at σ_max 2 and input_norm 3, and inputs of norm 3."""
+    torch.manual_seed(0)
+    model = build_model(run_defaults(model="mlp", in_features=8, d_model=16, n_layers=3, input_norm=3.0), 5)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.normal_().mul_(2.0 / torch.linalg.matrix_norm(layer.weight, 2))
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    return model.eval(), 3.0 * x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("case", ["head_at_the_edge", "cancelling_attention", "lipschitz_gpt", "lipschitz_gpt_unscaled",
+                                  "mlp"])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "bf16"])
+def test_the_cast_models_bounds_hold_for_the_values_the_simulation_casts(case, name):
+    """Before each cast, every Linear input and output of the unscaled simulation (weights cast, casts
+    at each Linear) stays within activation_bounds(rounding) of the cast-weight model; in the first two
+    cases the fp32 model's bound does not hold there (head output 452 > 441; o.output > 0)."""
+    from lipflow.evaluation.precision import _cast_parameters
+    from lipflow.model.bound import Rounding
+
+    model, data = {"head_at_the_edge": unscaled_head_at_the_edge, "cancelling_attention": cancelling_attention,
+                      "mlp": scaled_mlp}.get(case, lambda: scaled_lipschitz_lm(case))()
+    fmt = FORMATS.get(name)
+    cast_model = copy.deepcopy(model)
+    _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt))
+    bounds = cast_model.activation_bounds(rounding=Rounding.of(fmt.dtype))
+    with torch.no_grad(), linear_hooks(cast_model, fmt) as state:
+        cast_model(data if case == "mlp" else data[:, :-1])
+    assert state.max_abs and all(state.max_abs[k] <= bounds[k] for k in state.max_abs), \
+        {k: (v, bounds[k]) for k, v in state.max_abs.items() if v > bounds[k]}
+    fp32_bounds = model.activation_bounds()
+    if case == "head_at_the_edge" and name == "fp8_e4m3":
+        assert state.max_abs["head.output"] > fp32_bounds["head.output"]
+    if case == "cancelling_attention" and name != "bf16":
+        assert state.max_abs["blocks.0.attn.o.output"] > fp32_bounds["blocks.0.attn.o.output"] + 1e-3
+
+
+@pytest.mark.parametrize("name", FORMATS.names())
+def test_the_rounding_bound_of_a_cast_holds_and_is_reached(name):
+    """|RN(y)| ≤ (1 + u)|y| + η with u = 2^−(mantissa bits + 1) and η half the subnormal step, on values from
+    below the subnormals to the format's max; the relative part is reached just above a power of two plus
+    half a step (u/(1 + u) there), the absolute one at half the least subnormal."""
+    from lipflow.model.bound import Rounding
+
+    fmt = FORMATS.get(name)
+    rounding, info = Rounding.of(fmt.dtype), torch.finfo(fmt.dtype)
+    assert rounding.unit == 2.0 ** -(MANTISSA_BITS[name] + 1)
+    y = torch.cat([torch.logspace(math.log10(info.smallest_normal * info.eps / 8), math.log10(fmt.max), 20001,
+                                  dtype=torch.float64).float(), torch.tensor([fmt.max])])
+    cast = simulate_cast(y, fmt).abs().double()
+    assert bool((cast <= rounding.entry(y.double())).all())
+    normal = y >= info.smallest_normal
+    assert ((cast - y)[normal] / y[normal]).max() > 0.99 * rounding.unit / (1 + rounding.unit)  # y just above (1 + u)·2^e
+    half_step = torch.tensor([info.smallest_normal * info.eps / 2 * 1.0001])
+    assert simulate_cast(half_step, fmt).item() - half_step.item() == pytest.approx(rounding.absolute, rel=1e-3)

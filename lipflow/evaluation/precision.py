@@ -14,11 +14,15 @@ Counts over finite fp32 values x (already non-finite inputs are not counted agai
 - underflow: s·x ≠ 0 but the cast is 0.
 
 Safety is a statement about every input, not the observed ones: overflow of an unscaled cast is
-impossible iff every weight fits (checked exactly) and the model's analytic activation bounds fit
-(``fp8_safe_proven``, per format, bf16 and fp16 included). The bounds come from
-``model.activation_bounds()`` — a float, or a dict of floats keyed like the observed tensors —
-bounding |entry| of every matmul operand and result for any token sequence; a model without it gets
-"no analytic bound". Per tensor the bound is reported next to the observed max (their ratio ≥ 1).
+impossible if every weight fits (checked exactly) and the analytic activation bounds of the cast model
+fit (``fp8_safe_proven``, per format, bf16 and fp16 included): ``model.activation_bounds(rounding)`` of
+the model with its weights cast, with each Linear's input and output cast (``bound.Rounding``: up to
+2^−(mantissa bits + 1) relative, plus half a subnormal step, per cast), so the bound covers the values
+the simulation casts, not only those of the fp32 model (a bound of 441 for the fp32 model's head output
+was proven safe in e4m3 while the cast run saturated there at 452). The bounds — a float, or a dict of
+floats keyed like the observed tensors — bound |entry| of every matmul operand and result for any token
+sequence; a model without them gets "no analytic bound". Per tensor the fp32 model's bound is reported
+next to the observed max (their ratio ≥ 1).
 
 Real kernel (``real_fp8``: auto = on CUDA of capability ≥ 8.9; true forces it, e.g. torch's CPU
 kernel; false): every Linear also runs through ``torch._scaled_mm`` in e4m3 (``real_fp8_accuracy``),
@@ -40,8 +44,9 @@ from torch import nn
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.number_formats import (FORMATS, SCALINGS, NumberFormat, RangeCounts, cast_with_counts,
-                                               quantize_int8_per_channel)
+                                               quantize_int8_per_channel, simulate_cast)
 from lipflow.model.base import LanguageModel
+from lipflow.model.bound import Rounding
 
 
 @dataclass
@@ -123,25 +128,38 @@ def analytic_activation_bound(model: nn.Module) -> float | None:
     return None if bounds is None else max(bounds.values())
 
 
+def cast_activation_bound(model: nn.Module, fmt: NumberFormat) -> float | None:
+    """The largest analytic activation bound of the unscaled simulation in ``fmt``: ``model`` with its
+    weights cast and every Linear's input and output cast (``activation_bounds(rounding)``); None without
+    bounds."""
+    cast_model = copy.deepcopy(model)
+    _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt).to(p.dtype))
+    bounds = cast_model.activation_bounds(rounding=Rounding.of(fmt.dtype))
+    if bounds is None:
+        return None
+    return max(float(v) for v in bounds.values()) if isinstance(bounds, dict) else float(bounds)
+
+
 def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
-    """(1.0, why) when no weight and no bound of ``model.activation_bounds()`` exceeds ``fmt.max``, so an
-    unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does; (NaN, "no analytic
-    bound") without bounds."""
+    """(1.0, why) when no weight and no bound of the cast model (``cast_activation_bound``) exceeds
+    ``fmt.max``, so an unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does;
+    (NaN, "no analytic bound") without bounds."""
     weight_max = max(p.detach().abs().max().item() for p in model.parameters() if p.is_floating_point())
-    bound = analytic_activation_bound(model)
     if weight_max > fmt.max:
         return 0.0, f"weights reach {weight_max:.4g} > {fmt.max:g}"
+    bound = cast_activation_bound(model, fmt)
     if bound is None:
         return math.nan, "no analytic bound"
     if bound <= fmt.max:
-        return 1.0, f"activations ≤ {bound:.4g} ≤ {fmt.max:g} for any input"
-    return 0.0, f"analytic bound {bound:.4g} > {fmt.max:g}"
+        return 1.0, f"activations ≤ {bound:.4g} ≤ {fmt.max:g} for any input, the casts' rounding included"
+    return 0.0, f"analytic bound {bound:.4g} > {fmt.max:g} (the casts' rounding included)"
 
 
 def fp8_safety_rows(model: nn.Module, formats: list[NumberFormat]) -> list[dict]:
     """'fp8_safe_proven' per format (every format, despite the name: bf16 and fp16 too): 1 when every
-    weight and every analytic activation bound fit the format's range, 0 when one does not, NaN without
-    bounds; and the analytic bound (the max over all bounded tensors)."""
+    weight and every analytic activation bound of the cast model fit the format's range (``proven_safe``),
+    0 when one does not, NaN without bounds; and the fp32 model's analytic bound (the max over all
+    bounded tensors)."""
     bound = analytic_activation_bound(model)
     rows = [] if bound is None else [{"metric": "analytic_activation_bound", "value": bound}]
     for fmt in formats:

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lipflow.model.bound import Rounding
+
 ROLES = ("embed", "hidden", "head", "vector")
 
 
@@ -111,8 +113,9 @@ class LanguageModel(nn.Module):
         context) to all logits (None: no certificate, e.g. LayerNorm is not globally Lipschitz)."""
         return None
 
-    def activation_bounds(self) -> dict[str, float] | None:
-        """Bounds on max |entry| of named tensors over every input (None: no certificate)."""
+    def activation_bounds(self, rounding: Rounding | None = None) -> dict[str, float] | None:
+        """Bounds on max |entry| of named tensors over every input, with ``rounding``: of the model whose
+        Linears cast their inputs and outputs (None: no certificate)."""
         return None
 
     def attention_layers(self) -> list[AttentionSite]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lipflow.constraints import squaring_divisor
+from lipflow.model.certificate import Bound
 from lipflow.registry import Registry
 
 # max_x GELU'(x) = Φ(√2) + √2·φ(√2) = ½(1 + erf(1)) + e⁻¹/√π = 1.1289041… (GELU'' = φ(x)(2 − x²) = 0
@@ -108,6 +109,31 @@ def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
     divisor = squaring_divisor(x, dim=-1)
     rms = (x / divisor).pow(2).mean(dim=-1, keepdim=True).sqrt() * divisor
     return x * (radius / rms.clamp(min=radius))
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """A cast y ↦ RN(y) to a number format (round to nearest) of values within its range:
+    |RN(y) − y| ≤ u·|y| in the normal range, u = eps/2 = 2^−(mantissa bits + 1), and ≤ η = half the
+    subnormal spacing below it (IEEE 754), so |RN(y)| ≤ (1 + u)|y| + η and, for y of n entries,
+    ‖RN(y)‖₂ ≤ (1 + u)‖y‖₂ + √n·η. The activation bounds of a model whose Linears cast their inputs and
+    outputs (the precision evaluation's simulation) carry these through."""
+
+    unit: float
+    absolute: float
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> "Rounding":
+        info = torch.finfo(dtype)
+        return cls(info.eps / 2, info.smallest_normal * info.eps / 2)
+
+    def entry(self, bound: Bound) -> Bound:
+        """Bound on |RN(y)| given |y| ≤ ``bound`` (elementwise for a tensor)."""
+        return (1.0 + self.unit) * bound + self.absolute
+
+    def norm(self, bound: Bound, n: int) -> Bound:
+        """Bound on ‖RN(y)‖₂ given ‖y‖₂ ≤ ``bound`` for y of n entries."""
+        return (1.0 + self.unit) * bound + math.sqrt(n) * self.absolute
 
 
 # -- entry-wise activation bounds ---------------------------------------------------------------

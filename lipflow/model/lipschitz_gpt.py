@@ -23,6 +23,7 @@ output projections (W_o, W_down) zero, embedding rows at RMS exactly 1.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from lipflow.model.base import (AttentionSite, LanguageModel, block_attention_sites, causal_scores, rms_operator_norm,
                                 spectral_norm)
-from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, attention_gain, attention_lipschitz,
+from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, Rounding, attention_gain, attention_lipschitz,
                                  head_spectral_norms, linear_output_bounds, project_rms_ball, row_norms)
 from lipflow.model.certificate import Bound, Certificate, record, residual as residual_certificate, sequential
 from lipflow.model.registry import MODELS
@@ -159,9 +160,11 @@ class LipschitzAttention(nn.Module):
                 *(head_spectral_norms(m.weight, self.n_heads) for m in (self.q, self.k, self.v)))
 
     @torch.no_grad()
-    def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+    def certify(self, a: Bound, coordinates: torch.Tensor | None = None,
+                rounding: Rounding | None = None) -> Certificate:
         """For inputs with every RMS(x_s) ≤ a: gain ``attention_gain``, constant ``attention_lipschitz``
-        (bound.py), and bounds on max |entry| of each matmul operand and result, and of the scores.
+        (bound.py), and bounds on max |entry| of each matmul operand and result, and of the scores
+        (with ``rounding``, those of ``cast_entries``).
 
         With A = √d·a, so ‖x_s‖₂ ≤ A for every token:
         - ``q/k/v.input``: |x_s,j| ≤ ‖x_s‖₂ ≤ A.
@@ -177,6 +180,12 @@ class LipschitzAttention(nn.Module):
         """
         A = math.sqrt(self.q.in_features) * a
         o_norm, q_norms, k_norms, v_norms = self.weight_norms()
+        lipschitz = attention_lipschitz(o_norm, q_norms, k_norms, v_norms, self.score_scale, self.q.in_features, a,
+                                        self.output_divisor)
+        if rounding is not None:
+            out_norm, entries = self.cast_entries(A, rounding)
+            bound = out_norm / math.sqrt(self.q.in_features)
+            return Certificate(bound, lipschitz, bound / a, entries)
         w_o = self.o.weight.detach().double()
         w_v = self.v.weight.detach().double()
         d_h = self.head_dim
@@ -190,9 +199,35 @@ class LipschitzAttention(nn.Module):
                    "scores": self.score_scale * float((q_norms.double() * k_norms.double()).max()) * A * A,
                    "o.input": v_out,
                    "o.output": float(o_rows.max()) * A}
-        lipschitz = attention_lipschitz(o_norm, q_norms, k_norms, v_norms, self.score_scale, self.q.in_features, a,
-                                        self.output_divisor)
         return Certificate.leaf(a, attention_gain(o_norm, v_norms, self.output_divisor), lipschitz, entries)
+
+    def cast_entries(self, A: float, rounding: Rounding) -> tuple[float, dict[str, float]]:
+        """With every Linear's input and output cast (``rounding``), tokens of ‖x_s‖₂ ≤ A: bounds on each
+        Linear operand and result before its cast, on the scores, and on ‖y_t‖₂ of the output y = RN(u)/D.
+
+        The cast input x̃ has ‖x̃‖ ≤ X = RN-norm(A); ``q/k/v.output`` ≤ ‖W_i,:‖₂·X; per head the cast
+        projections ‖q̃^h‖ ≤ RN-norm(σ(W_q^h)·X) (k, v likewise) and |scores| ≤ c·max_h ‖q̃^h‖‖k̃^h‖;
+        ``o.input`` z_t = Σ_s P_ts ṽ_s is a convex combination of cast values: |z_t,j| ≤ RN(‖W_v[j,:]‖₂·X)
+        and ‖z_t^h‖ ≤ ‖ṽ^h‖; ``o.output`` ≤ min(‖W_o[i,:]‖₂·‖z̃‖, (|W_o|·|z̃|)_i) for the cast z̃. The
+        product formula of ``certify`` does not hold here: the casts between W_v and W_o break
+        W_o^(h)W_v^h's cancellations (W_o·W_v = 0 still gives a nonzero cast output)."""
+        d, d_h = self.q.in_features, self.head_dim
+        x = rounding.norm(A, d)
+        _, q_norms, k_norms, v_norms = self.weight_norms()
+        q_h, k_h, v_h = (rounding.norm(n.double() * x, d_h) for n in (q_norms, k_norms, v_norms))
+        v_out = row_norms(self.v.weight) * x
+        z_entries = rounding.entry(v_out)
+        z_norm = rounding.norm(float(v_h.pow(2).sum().sqrt()), d)
+        o_out = linear_output_bounds(self.o.weight, z_norm, rounding.entry(z_entries))
+        out_norm = rounding.norm(spectral_norm(self.o.weight) * z_norm, d) / self.output_divisor
+        entries = {"q.input": A, "k.input": A, "v.input": A,
+                   "q.output": float(row_norms(self.q.weight).max()) * x,
+                   "k.output": float(row_norms(self.k.weight).max()) * x,
+                   "v.output": float(v_out.max()),
+                   "scores": self.score_scale * float((q_h * k_h).max()),
+                   "o.input": float(z_entries.max()),
+                   "o.output": float(o_out.max())}
+        return out_norm, entries
 
 
 class FeedForward(nn.Module):
@@ -220,7 +255,8 @@ class FeedForward(nn.Module):
         return seq(atom(prefix + "up.weight"), bond(1.0), atom(prefix + "down.weight"))
 
     @torch.no_grad()
-    def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+    def certify(self, a: Bound, coordinates: torch.Tensor | None = None,
+                rounding: Rounding | None = None) -> Certificate:
         """For inputs with RMS(x) ≤ a: constant L = ‖W_down‖‖W_up‖ (RMS→RMS), gain φ.gain·L, and bounds on
         max |entry| of both matmuls' operands and results.
 
@@ -230,14 +266,31 @@ class FeedForward(nn.Module):
         - ``down.input`` g = base(h): |g_j| ≤ κ·β_j, and ‖g‖₂ ≤ κ·‖h‖₂ ≤ κ·σ(W_up)·A.
         - ``down.output``: |(W_down g)_i| ≤ min(‖W_down[i,:]‖₂·κσ(W_up)A, Σ_j |W_down[i,j]|·κβ_j)
           (``linear_output_bounds``), before the constant ``output_scale`` (the Linear's actual output).
+
+        With ``rounding`` (every Linear's input and output cast), the same before each cast: the cast
+        input has ‖x̃‖ ≤ X = RN-norm(A), so β_j = ‖W_up[j,:]‖₂·X; the cast h̃ has |h̃_j| ≤ RN(β_j) and
+        ‖h̃‖ ≤ RN-norm(σ(W_up)·X), g = base(h̃) is within κ of those, its cast g̃ within RN of g, and
+        ``down.output`` ≤ ``linear_output_bounds`` for g̃; the branch output scale·RN(W_down·g̃) has
+        ℓ2 norm ≤ scale·RN-norm(σ(W_down)·‖g̃‖).
         """
         A = math.sqrt(self.up.in_features) * a
         kappa = self.act.gain / self.act.scale
+        lipschitz = rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
+        if rounding is not None:
+            d, hidden = self.up.in_features, self.up.out_features
+            x = rounding.norm(A, d)
+            beta = row_norms(self.up.weight) * x
+            g = kappa * rounding.entry(beta)
+            g_norm = rounding.norm(kappa * rounding.norm(spectral_norm(self.up.weight) * x, hidden), hidden)
+            down = linear_output_bounds(self.down.weight, g_norm, rounding.entry(g))
+            entries = {"up.input": A, "up.output": float(beta.max()), "down.input": float(g.max()),
+                       "down.output": float(down.max())}
+            bound = self.output_scale * rounding.norm(spectral_norm(self.down.weight) * g_norm, d) / math.sqrt(d)
+            return Certificate(bound, lipschitz, bound / a, entries)
         beta = row_norms(self.up.weight) * A
         down = linear_output_bounds(self.down.weight, kappa * spectral_norm(self.up.weight) * A, kappa * beta)
         entries = {"up.input": A, "up.output": float(beta.max()), "down.input": kappa * float(beta.max()),
                    "down.output": float(down.max())}
-        lipschitz = rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
         return Certificate.leaf(a, self.act.gain * lipschitz, lipschitz, entries)
 
 
@@ -265,14 +318,17 @@ class LipschitzBlock(nn.Module):
         return seq(residual(self.keep, self.weight, self.attn.modular_structure(prefix + "attn.")),
                    residual(self.keep, self.weight, self.mlp.modular_structure(prefix + "mlp.")))
 
-    def certify(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+    def certify(self, a: Bound, coordinates: torch.Tensor | None = None,
+                rounding: Rounding | None = None) -> Certificate:
         """The two residuals in sequence, from RMS bound ``a`` on every input token: the MLP is
         certified at a_mid = a·(κ + β·g_att), the output bound is a_mid·(κ + β·g_mlp), entries are keyed
-        ``attn.q.input`` … ``mlp.down.output``. The fused form of ``forward`` computes the same
-        κx + β·s·u(x); its Linears see x and produce the unscaled u, which the branch entries cover.
+        ``attn.q.input`` … ``mlp.down.output`` (with ``rounding``: of the branches' cast Linears). The fused
+        form of ``forward`` computes the same κx + β·s·u(x); its Linears see x and produce the unscaled u,
+        which the branch entries cover.
         """
-        return sequential([("attn.", residual_certificate(self.keep, self.weight, self.attn.certify)),
-                           ("mlp.", residual_certificate(self.keep, self.weight, self.mlp.certify))], a, coordinates)
+        attn, mlp = (functools.partial(branch.certify, rounding=rounding) for branch in (self.attn, self.mlp))
+        return sequential([("attn.", residual_certificate(self.keep, self.weight, attn)),
+                           ("mlp.", residual_certificate(self.keep, self.weight, mlp))], a, coordinates)
 
 
 @MODELS.register("lipschitz_gpt")
@@ -367,7 +423,8 @@ class LipschitzGPT(LanguageModel):
         """Euclidean projection of an embedded sequence (…, T, d) onto D = {RMS(x_t) ≤ 1 ∀t}."""
         return project_rms_ball(x, self.input_radius)
 
-    def body_certificate(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+    def body_certificate(self, a: Bound, coordinates: torch.Tensor | None = None,
+                         rounding: Rounding | None = None) -> Certificate:
         """The block stack in sequence from RMS bound ``a`` on every input token (App. B's two passes in
         one: the bound follows each residual with the modules' RMS gains and each block's constant uses
         the bound at its input), recording the residual stream after block i (``block{i}``: a token with
@@ -375,31 +432,38 @@ class LipschitzGPT(LanguageModel):
         root_d = math.sqrt(self.tok.embedding_dim)
         parts = []
         for i, block in enumerate(self.blocks):
-            parts += [(f"blocks.{i}.", block.certify), ("", record(f"block{i}", lambda b, _: root_d * b))]
+            parts += [(f"blocks.{i}.", functools.partial(block.certify, rounding=rounding)),
+                      ("", record(f"block{i}", lambda b, _: root_d * b))]
         return sequential(parts, a, coordinates)
 
-    def readout_certificate(self, a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+    def readout_certificate(self, a: Bound, coordinates: torch.Tensor | None = None,
+                            rounding: Rounding | None = None) -> Certificate:
         """head × s (s = |logit_scale·output_mult|) on tokens with RMS ≤ a: constant and gain
         s·‖W_head‖_RMS→RMS; entries ``head.input`` √d·a, ``head.output`` max_j ‖W_head[j,:]‖₂·√d·a
-        (Cauchy–Schwarz) and ``logits`` s times that."""
+        (Cauchy–Schwarz) and ``logits`` s times that. With ``rounding`` the head reads the cast input
+        (‖x̃‖ ≤ RN-norm(√d·a)) and the logits are s·RN(head output)."""
         root_d = math.sqrt(self.tok.embedding_dim)
         scale = abs(self.logit_scale * self.output_mult)
-        head_output = float(row_norms(self.head.weight).max()) * root_d * a
+        head_input = root_d * a if rounding is None else rounding.norm(root_d * a, self.tok.embedding_dim)
+        head_output = float(row_norms(self.head.weight).max()) * head_input
+        logits = scale * (head_output if rounding is None else rounding.entry(head_output))
         lipschitz = scale * rms_operator_norm(self.head.weight)
         return Certificate.leaf(a, lipschitz, lipschitz, {"head.input": root_d * a, "head.output": head_output,
-                                                          "logits": scale * head_output})
+                                                          "logits": logits})
 
     @torch.no_grad()
-    def certificate(self, a: Bound | None = None) -> Certificate:
-        """Blocks then readout from RMS bound ``a`` on every input token (default the domain's 1)."""
+    def certificate(self, a: Bound | None = None, rounding: Rounding | None = None) -> Certificate:
+        """Blocks then readout from RMS bound ``a`` on every input token (default the domain's 1); with
+        ``rounding``, the entries of the model whose Linears cast their inputs and outputs."""
         a = self.input_radius if a is None else a
-        return sequential([("", self.body_certificate), ("", self.readout_certificate)], a)
+        return sequential([("", functools.partial(self.body_certificate, rounding=rounding)),
+                           ("", functools.partial(self.readout_certificate, rounding=rounding))], a)
 
     def body_lipschitz(self) -> float:
         """∞RMS→∞RMS constant L_body of the block stack on D."""
         return self.body_certificate(self.input_radius).lipschitz
 
-    def activation_bounds(self) -> dict[str, float]:
+    def activation_bounds(self, rounding: Rounding | None = None) -> dict[str, float]:
         """Bounds on max |entry|, over every token sequence, of each Linear's input and output (keys
         ``blocks.{i}.attn.q.input`` … ``head.output``, the names ``precision.linear_hooks`` uses), of each
         block's attention scores (``blocks.{i}.attn.scores``), of the residual stream after block i
@@ -407,10 +471,11 @@ class LipschitzGPT(LanguageModel):
 
         Domain: ``forward_embedded`` on any input (it projects every token onto RMS ≤ 1) and ``forward`` on
         token ids (rows of the embedding), so the RMS bound starts at a₀ = max(1, max row RMS of the
-        embedding) — 1 whenever ``project_embeddings`` has run.
+        embedding) — 1 whenever ``project_embeddings`` has run. With ``rounding``, those of the model whose
+        Linears cast their inputs and outputs (``bound.Rounding``; each Linear's values before its cast).
         """
         a = max(self.input_radius, float(self.tok.weight.detach().double().pow(2).mean(dim=1).sqrt().max()))
-        return self.certificate(a).entries
+        return self.certificate(a, rounding).entries
 
     def lipschitz_bound(self) -> float:
         """Certified L with ‖f(X)−f(Y)‖_∞RMS ≤ L·‖X−Y‖_∞RMS for f = ``forward_embedded``, all X, Y.

@@ -25,7 +25,7 @@ from torch import nn
 
 from lipflow.config import mlp_model_keys
 from lipflow.model.base import LanguageModel, spectral_norm
-from lipflow.model.bound import ACTIVATIONS, linear_output_bounds
+from lipflow.model.bound import ACTIVATIONS, Rounding, linear_output_bounds
 from lipflow.model.certificate import Bound, Certificate, Certify, record, sequential
 from lipflow.model.lipschitz_gpt import orthogonal_init_
 from lipflow.model.registry import MODELS
@@ -89,20 +89,27 @@ class LipschitzMLP(LanguageModel):
         named = list(self.named_parameters())
         return {"embed": [], "hidden": named[:-1], "head": named[-1:], "vector": []}
 
-    def layer_certifier(self, i: int) -> Certify:
+    def layer_certifier(self, i: int, rounding: Rounding | None = None) -> Certify:
         """Layer i (then φ, except after the last) on inputs with ‖x‖₂ ≤ n and |x_j| ≤ e_j: its output has
         |(W_i x)_j| ≤ b_j = min(‖W_i[j,:]‖₂·n, (|W_i|·e)_j) (``linear_output_bounds``: Cauchy–Schwarz and the
         triangle inequality); φ has φ(0) = 0, is 1-Lipschitz and |φ(h)| ≤ gain·|h|, so after it the
-        coordinates are within gain·b and the ℓ2 norm within gain·σ(W_i)·n. Constant σ(W_i) (ℓ2 → ℓ2)."""
+        coordinates are within gain·b and the ℓ2 norm within gain·σ(W_i)·n. Constant σ(W_i) (ℓ2 → ℓ2).
+        With ``rounding`` the layer casts its input and output: b from the cast input (RN-norm(n),
+        RN(e)), and φ reads RN(b) and a vector of norm ≤ RN-norm(σ(W_i)·RN-norm(n))."""
         layer, last = self.layers[i], i == len(self.layers) - 1
 
         def certify(norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
-            out = linear_output_bounds(layer.weight, norm, entry)
             sigma = spectral_norm(layer.weight)
+            gain = 1.0 if last else self.act.gain
+            if rounding is None:
+                out = linear_output_bounds(layer.weight, norm, entry)
+                entries = {"input": float(entry.max()), "output": float(out.max())}
+                return Certificate.leaf(norm, gain * sigma, sigma, entries, gain * out)
+            cast_norm = rounding.norm(norm, layer.in_features)
+            out = linear_output_bounds(layer.weight, cast_norm, rounding.entry(entry))
             entries = {"input": float(entry.max()), "output": float(out.max())}
-            if last:
-                return Certificate.leaf(norm, sigma, sigma, entries, out)
-            return Certificate.leaf(norm, self.act.gain * sigma, sigma, entries, self.act.gain * out)
+            bound = gain * rounding.norm(sigma * cast_norm, layer.out_features)
+            return Certificate(bound, sigma, bound / norm, entries, gain * rounding.entry(out))
         return certify
 
     def certify_output(self, norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
@@ -111,13 +118,14 @@ class LipschitzMLP(LanguageModel):
         return Certificate.leaf(norm, scale, scale, {"logits": scale * float(entry.max())}, scale * entry)
 
     @torch.no_grad()
-    def certificate(self, input_norm: float) -> Certificate:
+    def certificate(self, input_norm: float, rounding: Rounding | None = None) -> Certificate:
         """Every layer in sequence, then the multiplier, on inputs with ‖x‖₂ ≤ ``input_norm`` (so every
         |x_j| ≤ input_norm); entries ``layers.{i}.input``/``.output``, φ after layer i (``block{i}``) and
-        ``logits``. Its constant, |output_mult|·Π σ_max(W_i), holds on all inputs."""
+        ``logits`` (with ``rounding``: of the model whose Linears cast their inputs and outputs). Its
+        constant, |output_mult|·Π σ_max(W_i), holds on all inputs."""
         parts: list[tuple[str, Certify]] = []
         for i in range(len(self.layers)):
-            parts.append((f"layers.{i}.", self.layer_certifier(i)))
+            parts.append((f"layers.{i}.", self.layer_certifier(i, rounding)))
             if i < len(self.layers) - 1:
                 parts.append(("", record(f"block{i}", lambda _, entry: float(entry.max()))))
         parts.append(("", self.certify_output))
@@ -132,9 +140,10 @@ class LipschitzMLP(LanguageModel):
         """The same certificate (the MLP's bound is already ℓ2→ℓ2, on all of R^in_features)."""
         return self.lipschitz_bound()
 
-    def activation_bounds(self, input_norm: float | None = None) -> dict[str, float] | None:
+    def activation_bounds(self, input_norm: float | None = None,
+                          rounding: Rounding | None = None) -> dict[str, float] | None:
         """Bounds on max |entry| of every layer's input and output, of φ after each layer and of the logits
-        (``certificate``), over all inputs with ‖x‖₂ ≤ ``input_norm`` (default: the cfg's ``input_norm``;
-        None without one, as no input domain is known)."""
+        (``certificate``, with ``rounding`` if given), over all inputs with ‖x‖₂ ≤ ``input_norm`` (default:
+        the cfg's ``input_norm``; None without one, as no input domain is known)."""
         norm = self.input_norm if input_norm is None else input_norm
-        return None if norm is None else self.certificate(float(norm)).entries
+        return None if norm is None else self.certificate(float(norm), rounding).entries
