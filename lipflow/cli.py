@@ -4,7 +4,7 @@
         [--max-rows 1000000]
     lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8] [--seed 0]
         [--device auto|cpu|cuda] [--results results]
-    lipflow runs [--configfile config.yaml [overlay.yaml ...]]   # the run ids a config resolves to
+    lipflow runs [--configfile overlay.yaml ...]   # the run ids snakemake [--configfile overlay.yaml ...] plans
 
 ``--db`` defaults to ``$LIPFLOW_DB``, else results/lipflow.duckdb; ``LIPFLOW_DEBUG=1`` keeps the
 traceback of a user error.
@@ -349,23 +349,54 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
+WORKFLOW_CONFIGFILE = "config.yaml"  # the Snakefile's `configfile:`, a path Snakemake reads from the working directory
+
+
+def read_config_file(path: str) -> dict:
+    """One config file read as a Snakemake run of lipflow's Snakefile reads it: what the Snakefile refuses
+    first (a repeated key, malformed YAML) as one line, then Snakemake's own reading (its YAML loader, a
+    YTE template rendered, a file of no keys refused)."""
     from snakemake.common.configfile import load_configfile
     from snakemake.exceptions import WorkflowError
-    from snakemake.utils import update_config
     from yte.exceptions import YteError
 
     from lipflow.config import ConfigError, load_config_file
+
+    load_config_file(Path(path))
+    try:
+        return load_configfile(path)
+    except (WorkflowError, YteError) as err:
+        raise ConfigError(f"{path}: {' '.join(str(err).split())}") from None
+
+
+def snakemake_config(configfiles: list[str]) -> dict:
+    """The config ``snakemake --configfile FILES`` hands lipflow's Snakefile, composed as Snakemake's
+    Workflow.configfile composes it: the files merged in order (a nested merge, later keys win), then
+    config.yaml of the working directory under them where there is one; without it, a run that names no
+    file is refused, as Snakemake refuses it."""
+    import copy
+
+    from snakemake.utils import update_config
+
+    from lipflow.config import ConfigError
+
+    overlay: dict = {}
+    for path in configfiles:
+        update_config(overlay, read_config_file(path))
+    config = copy.deepcopy(overlay)
+    if os.path.exists(WORKFLOW_CONFIGFILE):
+        update_config(config, read_config_file(WORKFLOW_CONFIGFILE))
+        update_config(config, overlay)
+    elif not configfiles:
+        raise ConfigError(f"no {WORKFLOW_CONFIGFILE} in the working directory {os.getcwd()}, which the Snakefile "
+                          "reads (run from the checkout, or name config files with --configfile)")
+    return config
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
     from lipflow.plan import Plan
 
-    config: dict = {}
-    for path in args.configfile:  # later files override earlier ones key by key, as with snakemake --configfile
-        load_config_file(Path(path))  # what the Snakefile refuses first (a repeated key, malformed YAML), one line
-        try:  # then read as Snakemake reads it: its YAML loader, a YTE template rendered, a file of no keys refused
-            update_config(config, load_configfile(path))
-        except (WorkflowError, YteError) as err:
-            raise ConfigError(f"{path}: {' '.join(str(err).split())}") from None
-    plan = Plan.from_config(config)
+    plan = Plan.from_config(snakemake_config(args.configfile))
     plan.corpus_files()  # what snakemake refuses at parse time, refused here too
     plan.tokenizer_files()
     plan.check_data_folders()
@@ -409,10 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--results", default="results")
     s.set_defaults(fn=cmd_sample)
-    r = sub.add_parser("runs", help="list the run ids a config resolves to")
-    r.add_argument("--configfile", nargs="+", default=["config.yaml"],
-                   help="config files merged in order, as snakemake --configfile merges them (default config.yaml; "
-                        "unlike snakemake, which always reads config.yaml first, list it yourself before an overlay)")
+    r = sub.add_parser("runs", help="list the run ids snakemake plans for a config")
+    r.add_argument("--configfile", nargs="+", default=[],
+                   help="overlays merged in order over config.yaml of the working directory (read first where it "
+                        "exists; needed without an overlay), as snakemake --configfile merges them")
     r.set_defaults(fn=cmd_runs)
     args = parser.parse_args(argv)
     return run_guarded(lambda: run_command(sub.choices[args.command], args))

@@ -412,18 +412,19 @@ def test_a_config_file_larger_than_any_config_is_one_line_read_no_further(tmp_pa
     (tmp_path / "small.yaml").write_text("defaults:\n  steps: 3\n")
     assert load_config_file(tmp_path / "small.yaml") == {"defaults": {"steps": 3}}
 
-def test_lipflow_runs_of_a_config_without_runs_prints_nothing(tmp_path, capsys):
+def test_lipflow_runs_of_a_config_without_runs_prints_nothing(tmp_path, capsys, monkeypatch):
     """The robustness experiment with an empty grid trains no run (its study does the work): `lipflow runs`
     printed one empty line, which `lipflow runs | wc -l` counted as a run."""
     from lipflow.cli import main
 
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: the files named are the config
     (tmp_path / "c.yaml").write_text("experiments: [robustness]\n"
                                      "experiment_definitions: {robustness: {cpu: {grid: []}}}\n")
     assert main(["runs", "--configfile", str(tmp_path / "c.yaml")]) == 0
     assert capsys.readouterr().out == ""
 
 
-def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
+def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path, monkeypatch):
     """json.dump writes 1e-05, which YAML reads as a string: `lipflow runs` refused a JSON config that
     Snakemake (which tries JSON first) accepts; a repeated key is still refused."""
     import json
@@ -431,6 +432,7 @@ def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path):
     from lipflow.cli import main
     from lipflow.config import load_config_file
 
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: the files named are the config
     (tmp_path / "c.json").write_text(json.dumps({"runs": {"a": {"lr": 1e-05, "weight_decay": 1e-06}}}))
     assert load_config_file(tmp_path / "c.json") == {"runs": {"a": {"lr": 1e-05, "weight_decay": 1e-06}}}
     assert main(["runs", "--configfile", str(tmp_path / "c.json")]) == 0
@@ -480,11 +482,12 @@ def test_an_empty_yaml_value_is_named_as_yaml_writes_it(tmp_path, text, expected
     assert str(err.value).endswith(expected), str(err.value)
 
 
-def test_lipflow_runs_reads_config_files_as_snakemake_does(tmp_path, capsys):
+def test_lipflow_runs_reads_config_files_as_snakemake_does(tmp_path, capsys, monkeypatch):
     """A YTE template (`__use_yte__: true`), which Snakemake renders, gave `lipflow runs` an unknown key
     '__use_yte__'; a file of no keys, which Snakemake refuses, listed the other files' ids."""
     from lipflow.cli import main
 
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: the files named are the config
     (tmp_path / "template.yaml").write_text("__use_yte__: true\nruns:\n  a:\n    steps: ?2 + 1\n")
     (tmp_path / "plain.yaml").write_text("runs:\n  a:\n    steps: 3\n")
     ids = []
@@ -496,6 +499,46 @@ def test_lipflow_runs_reads_config_files_as_snakemake_does(tmp_path, capsys):
     assert main(["runs", "--configfile", str(tmp_path / "plain.yaml"), str(tmp_path / "empty.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lipflow: error: {tmp_path / 'empty.yaml'}: ") and err.count("\n") == 1, err
+
+
+def test_lipflow_runs_lists_the_ids_snakemake_plans_for_the_same_overlays(tmp_path):
+    """`lipflow runs --configfile overlay.yaml` read the overlay alone, where snakemake reads config.yaml of
+    the working directory first (the Snakefile's `configfile:`): config.yaml's runs were missing and its
+    defaults not in the ids. Snakemake merges the overlays first and config.yaml under them, so a key
+    an overlay empties (`defaults:`, null) and a later one fills keeps config.yaml's other keys. Without
+    config.yaml an overlay alone is the config; with neither both refuse in one line."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_stage
+    from lipflow.config import RUN_ID_PATTERN
+
+    def planned(*overlays: str) -> tuple[list[str], list[str]]:
+        configfile = ["--configfile", *overlays] if overlays else []
+        dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "-c1",
+                              *configfile], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        listed = run_stage("lipflow.cli", "runs", *configfile, cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        return sorted(set(re.findall(rf"wildcards: run=({RUN_ID_PATTERN})", dry.stdout))), sorted(listed.stdout.split())
+
+    (tmp_path / "config.yaml").write_text("defaults: {steps: 7, eval_every: 7}\nruns: {a: {lr: 0.01}, b: {}}\n"
+                                          "evaluations: {enabled: []}\n")
+    (tmp_path / "overlay.yaml").write_text("runs: {a: {seed: 1}, c: {}}\n")
+    (tmp_path / "empties.yaml").write_text("defaults:\n")
+    (tmp_path / "fills.yaml").write_text("defaults: {lr: 0.02}\n")
+    for overlays in [(), ("overlay.yaml",), ("config.yaml", "overlay.yaml"),
+                     ("overlay.yaml", "empties.yaml", "fills.yaml")]:
+        snakemake_ids, listed_ids = planned(*overlays)
+        assert listed_ids == snakemake_ids and len(listed_ids) == (2 if not overlays else 3), (overlays, listed_ids)
+    assert planned("overlay.yaml")[1] == planned("config.yaml", "overlay.yaml")[1] != planned()[1]
+    (tmp_path / "config.yaml").unlink()
+    snakemake_ids, listed_ids = planned("overlay.yaml")
+    assert listed_ids == snakemake_ids and [i.split("-")[0] for i in listed_ids] == ["a", "c"]
+    listed = run_stage("lipflow.cli", "runs", cwd=tmp_path)
+    assert listed.returncode == 2 and listed.stdout == "", listed
+    assert listed.stderr == (f"lipflow: error: no config.yaml in the working directory {tmp_path}, which the "
+                             "Snakefile reads (run from the checkout, or name config files with --configfile)\n")
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
