@@ -59,6 +59,22 @@ def test_registry_names():
         CONSTRAINTS.get("stiefl")
 
 
+def test_the_constraints_that_read_sigma_max_are_the_configs_list_of_them():
+    """lipflow.config's SIGMA_MAX_CONSTRAINTS (the pareto view shows sigma_max for these only) is the set of
+    registered constraints whose output changes with sigma_max, and the set the schema's description names."""
+    import re
+
+    from lipflow.config import SCHEMA_PATH, SIGMA_MAX_CONSTRAINTS, load_schema
+
+    x = make_matrix("gapped", (48, 48))
+    step = StepContext(lr=0.1, update_norm=0.5, spectral_wd=0.2)
+    reads = {name for name in CONSTRAINTS.names()
+             if not torch.equal(CONSTRAINTS.get(name)(x, 1.0, step=step), CONSTRAINTS.get(name)(x, 2.0, step=step))}
+    assert reads == set(SIGMA_MAX_CONSTRAINTS) and len(SIGMA_MAX_CONSTRAINTS) == 5
+    described = load_schema(SCHEMA_PATH)["$defs"]["run"]["properties"]["sigma_max"]["description"]
+    assert set(re.search(r"\(([a-z_, ]+)\)$", described).group(1).split(", ")) == reads
+
+
 # ----------------------------------------------------------------------------- spectral estimates
 
 

@@ -60,6 +60,29 @@ def build_here(results: Path, out: Path | None = None) -> Path:
     return out
 
 
+def test_the_pareto_view_shows_sigma_max_only_for_a_constraint_that_reads_it(tmp_path, tiny_run_config):
+    """A lipschitz_tradeoff run whose weight constraint ignores sigma_max (none, weight_decay,
+    spectral_weight_decay: they project onto no bound) showed the schema default 1.0 in the pareto view
+    as if the run had been capped at 1.0; it is NULL there now, and the runs table keeps the config's value."""
+    from lipflow.config.schema import SCHEMA_PATH, load_schema
+
+    constraints = load_schema(SCHEMA_PATH)["$defs"]["run"]["properties"]["weight_constraint"]["enum"]
+    root = tmp_path / "results"
+    for i, constraint in enumerate(constraints):
+        run_dir = make_run(root, f"tradeoff.{constraint}-0000000{i}",
+                           {**tiny_run_config, "experiment": "lipschitz_tradeoff", "weight_constraint": constraint,
+                            "sigma_max": 2.5})
+        summary = json.loads((run_dir / "run.json").read_text())
+        (run_dir / "run.json").write_text(json.dumps({**summary, "lipschitz_bound": 3.0 + i}))
+    (root / "manifest.json").write_text(json.dumps({"format": "lipflow-token-shards/1", "dtype": "uint16",
+                                                    "vocab_size": 10, "tokenizer": {}, "splits": {}}))
+    with duckdb.connect(str(build_here(root)), read_only=True) as con:
+        shown = dict(con.execute("SELECT weight_constraint, sigma_max FROM pareto").fetchall())
+        assert con.execute("SELECT DISTINCT sigma_max FROM runs").fetchall() == [(2.5,)]
+    assert shown == {"none": None, "weight_decay": None, "spectral_weight_decay": None, "spectral_normalize": 2.5,
+                     "spectral_hammer": 2.5, "spectral_soft_cap": 2.5, "spectral_hard_cap": 2.5, "stiefel": 2.5}
+
+
 def bench_file(path: Path, value: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"bench": ["b"], "metric": ["m"], "value": [value], "unit": ["s"], "machine": ["x"],

@@ -184,6 +184,11 @@ def data_block(name: str, block: dict[str, Any], error: type[Exception] = Config
     return filled[name]
 
 
+# The weight constraints that read sigma_max: they project each matrix onto it (lipflow.constraints; a test
+# checks the two agree). Under the others the key changes no weight, and views that show it show NULL.
+SIGMA_MAX_CONSTRAINTS = ("spectral_normalize", "spectral_hammer", "spectral_soft_cap", "spectral_hard_cap", "stiefel")
+
+
 # Newton–Schulz coefficient sets with their own step count (lipflow.optimizers.NS_COEFFICIENT_SETS;
 # a test checks the two agree): ns_steps must equal it.
 FIXED_NS_STEPS = {"you": 6}

@@ -6,8 +6,11 @@ optimizer); figures ``tradeoff_accuracy`` and ``tradeoff_activation``. Runs: lip
 
 from __future__ import annotations
 
+from lipflow.config import SIGMA_MAX_CONSTRAINTS
 from lipflow.results.plotting import Figure, colors, note_on_axes, pyplot, read_view, spans_a_decade, zeros_from_zero
 from lipflow.results.views import RUNS_NEED, Part, View
+
+READS_SIGMA_MAX = ", ".join(f"'{name}'" for name in SIGMA_MAX_CONSTRAINTS)  # SQL's list of those constraints
 
 PARETO = View(
     caption="table_pareto.rst",
@@ -20,9 +23,11 @@ PARETO = View(
                                                "final_val_accuracy", "val_loss", "final_val_loss"),
                           "evals": ("run_id", "eval", "metric", "value")},
                 absent_reason="no lipschitz_tradeoff runs in the database",
-                sql="""
+                sql=f"""
         WITH r AS (
-            SELECT run_id, name, optimizer, weight_constraint, sigma_max, lr, lipschitz_bound,
+            SELECT run_id, name, optimizer, weight_constraint,
+                   CASE WHEN weight_constraint IN ({READS_SIGMA_MAX}) THEN sigma_max END AS sigma_max,
+                   lr, lipschitz_bound,
                    coalesce(val_accuracy, final_val_accuracy) AS val_accuracy,
                    coalesce(val_loss, final_val_loss) AS val_loss, max_activation,
                    (SELECT max(e.value) FROM evals AS e WHERE e.run_id = runs.run_id AND e.eval = 'robustness'
