@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from lipflow.launcher import HANDED_FDS, LAUNCHER_PID, processes_in_env
+from lipflow.launcher import HANDED_FDS, LAUNCHER_PID, REFUSALS_FD, processes_in_env
 
 
 @dataclass(frozen=True)
@@ -155,15 +156,20 @@ def launch_workers(nproc: int, module: str, argv: list[str], preempted_code: int
     SIGKILL, is named in one line). Once a worker fails, the others
     get SIGTERM; SIGTERM and SIGINT to the launcher are passed on to all. Either way, a worker still
     running ``KILL_AFTER_S`` later gets SIGKILL, so none waits forever in a collective, and the
-    launcher returns only once every worker has exited."""
+    launcher returns only once every worker has exited. The workers also share an unlinked file, where one
+    that refuses an input says so before it exits (``lipflow.launcher.run_beside_other_workers``: the others,
+    whose collectives then fail, stop quietly)."""
     threads = str(threads_per_worker(nproc))
+    refusals = tempfile.TemporaryFile()  # unlinked: gone once the launcher (once they started) and its workers close it
+    pass_fds = (*pass_fds, refusals.fileno())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid()),
-           HANDED_FDS: ",".join(map(str, pass_fds)), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
-                                                                           "LOCAL_RANK": str(rank)},
-                                pass_fds=pass_fds)
-               for rank in range(nproc)]
+           "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER_PID: str(os.getpid()), HANDED_FDS: ",".join(map(str, pass_fds)),
+           REFUSALS_FD: str(refusals.fileno()), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with refusals:
+        workers = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**env, "RANK": str(rank),
+                                                                               "LOCAL_RANK": str(rank)},
+                                    pass_fds=pass_fds)
+                   for rank in range(nproc)]
 
     kill_at = None  # once a worker failed or a stop signal was passed on: when the stragglers get SIGKILL
     killed = None  # (rank, signal) of a worker a signal killed before the launcher sent any: it said nothing

@@ -1,7 +1,8 @@
 """What a training worker learns from the launcher that started it (``lipflow.distributed.launch_workers``
-or torchrun), without importing torch: how many processes it runs among, and that it must stop when
-the launcher dies. The train stage asks for the latter first, so that torch's seconds of import lie
-after the request, not before it."""
+or torchrun), without importing torch: how many processes it runs among, that it must stop when
+the launcher dies, and (``launch_workers`` only) whether another worker refused an input. The train
+stage asks to stop with the launcher first, so that torch's seconds of import lie after the request,
+not before it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import ctypes
 import os
 import signal
 import sys
+from typing import Callable
+
+from lipflow.errors import USER_ERRORS
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
 LAUNCHER_PID = "LIPFLOW_LAUNCHER_PID"  # launch_workers puts its own pid here in its workers' environment
-HANDED_FDS = "LIPFLOW_HANDED_FDS"  # and here the open files it handed them (the run folder's lock), comma-separated
+# and here the open files it handed them (the run folder's lock, the refusals file), comma-separated
+HANDED_FDS = "LIPFLOW_HANDED_FDS"
+REFUSALS_FD = "LIPFLOW_REFUSALS_FD"  # and here the one of them all share: a worker that refuses an input writes there
 
 
 def keep_handed_files_private() -> None:
@@ -46,3 +52,25 @@ def terminate_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != launcher:  # it exited before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_beside_other_workers(work: Callable[[], int]) -> int:
+    """``work()`` in a worker of ``launch_workers``. A refused input (a user error, which ``run_guarded`` prints
+    as one line, exit 2) is first written to the file the launcher shares among its workers
+    (``$LIPFLOW_REFUSALS_FD``), while this worker's connections to the others are still open; any other
+    failure once another worker wrote there follows from that refusal (a collective found its connection
+    closed: gloo's "Connection closed by peer") and ends this worker quietly with exit 2, where it printed a
+    traceback after the refusal's line (``LIPFLOW_DEBUG=1`` keeps it). The launcher cannot stop it first: the
+    refusing worker's connections close before its exit is seen."""
+    fd = os.environ.get(REFUSALS_FD)
+    if fd is None:  # torchrun's worker, or one process
+        return work()
+    try:
+        return work()
+    except USER_ERRORS:
+        os.write(int(fd), f"{os.environ.get('RANK')}\n".encode())
+        raise
+    except Exception:
+        if os.fstat(int(fd)).st_size == 0 or os.environ.get("LIPFLOW_DEBUG"):
+            raise
+        return 2  # the refused input's code (run_guarded's)

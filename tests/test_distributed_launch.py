@@ -123,6 +123,54 @@ def test_a_bad_input_is_one_line_and_exit_2(tiny_run_config, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_input_one_worker_refuses_mid_run_is_its_one_line_without_the_others_traceback(char_shards,
+                                                                                         tiny_run_config, tmp_path):
+    """Rank 0 refuses to write its step-6 checkpoint onto a folder of that name (one line, exit 2) after the
+    step-3 one: rank 1, waiting for it in a barrier, printed gloo's "Connection closed by peer" traceback
+    (some 30 lines) after that line, as the refusing worker's connections close before the launcher sees it
+    exit. It now stops quietly: the job's log is the refusal's line (after rank 0's warning of the folder)."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000000006.safetensors").mkdir(parents=True)
+    done = subprocess.run(train_command("m-00000000", {**tiny_run_config, "nproc": 2}, char_shards, out),
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 2, done.stderr[-3000:]
+    assert lines[0].startswith(f"warning: checkpoint {out}/checkpoints/step-000000006.safetensors has no checksum")
+    assert lines[1] == f"lipflow: error: cannot write {out}/checkpoints/step-000000006.safetensors: it is a directory"
+    assert (out / "checkpoints" / "step-000000003.safetensors.sha256").exists()  # refused mid-run
+
+
+def test_a_worker_stops_quietly_only_after_another_refused_an_input(tmp_path, monkeypatch):
+    """run_beside_other_workers: a user error is written to the shared refusals file and raised (run_guarded
+    prints it); a failure with nothing written there keeps its traceback; once another worker wrote there,
+    a failure is exit 2 (its traceback kept with LIPFLOW_DEBUG=1); without the launcher's file, nothing changes."""
+    from lipflow.launcher import REFUSALS_FD, run_beside_other_workers
+
+    def fails(error: Exception):
+        def work() -> int:
+            raise error
+        return work
+
+    with open(tmp_path / "refusals", "w+b") as refusals:
+        monkeypatch.setenv(REFUSALS_FD, str(refusals.fileno()))
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.delenv("LIPFLOW_DEBUG", raising=False)
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            run_beside_other_workers(fails(RuntimeError("Connection closed by peer")))
+        assert run_beside_other_workers(lambda: 0) == 0
+        with pytest.raises(OSError, match="disk full"):
+            run_beside_other_workers(fails(OSError("disk full")))
+        assert (tmp_path / "refusals").read_text() == "1\n"
+        assert run_beside_other_workers(fails(RuntimeError("Connection closed by peer"))) == 2
+        monkeypatch.setenv("LIPFLOW_DEBUG", "1")
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            run_beside_other_workers(fails(RuntimeError("Connection closed by peer")))
+        monkeypatch.delenv(REFUSALS_FD)
+        monkeypatch.delenv("LIPFLOW_DEBUG")
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            run_beside_other_workers(fails(RuntimeError("Connection closed by peer")))
+
+
 def test_an_lr_the_soft_cap_refuses_is_one_line_before_any_worker(char_shards, tiny_run_config, tmp_path, capsys,
                                                                    monkeypatch):
     """Each worker built its learner and refused the lr itself: two identical `lipflow: error: lr: …` lines

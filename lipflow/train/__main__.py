@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None, *, exits: bool = False) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from lipflow.launcher import LAUNCHER_PID, keep_handed_files_private, processes_in_env, terminate_with_launcher
+        from lipflow.launcher import (LAUNCHER_PID, keep_handed_files_private, processes_in_env,
+                                      run_beside_other_workers, terminate_with_launcher)
 
         processes = processes_in_env()
         if processes is not None:  # a worker: stop with the launcher, asked before importing torch (seconds)
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None, *, exits: bool = False) -> int:
         check_run_id(args.run_id, "--run-id")  # both before torch is imported
         cfg = stage_run(json_object_argument(args.config_json, "--config-json"))
         if processes is not None and (LAUNCHER_PID in os.environ or os.environ.get("RANK") != "0"):
-            return train(cfg, processes)  # launch_workers' workers share its lock; torchrun's rank 0 takes it
+            # launch_workers' workers share its lock (torchrun's rank 0 takes it); one stops quietly after another's
+            # refusal of an input
+            return run_beside_other_workers(lambda: train(cfg, processes))
         from lipflow.train.build import exclusive_run_folder, missing_folders, remove_if_unused
 
         created, code = missing_folders(args.out_dir), None
