@@ -50,6 +50,9 @@ def init_from_env(device: torch.device) -> tuple[Topology, torch.device]:
     world = processes_in_env()
     if world is None:
         return Topology(), device
+    if "RANK" not in os.environ:  # a launcher sets both: WORLD_SIZE alone is left from elsewhere
+        raise ValueError(f"WORLD_SIZE is set ({world}) but RANK is not: unset WORLD_SIZE (python -m lipflow.train "
+                         "starts its nproc workers itself), or start the workers with torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -3,7 +3,9 @@
 (imports nothing heavy: parse time matters).
 
 Each error's str() is one line naming the field or file; ``run_guarded`` prints it as
-``lipflow: error: <line>`` and exits 2. Any other exception is a bug and keeps its traceback.
+``lipflow: error: <line>`` and exits 2. Any other exception is a bug and keeps its traceback, a plain
+KeyError too: a key a file or block lacks is refused where it is read, naming the file
+(``lipflow.results.inputs.value_of``), so a KeyError left is a lookup the code got wrong.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
-# OSError: a missing, unreadable or unwritable file, a full disk: one line naming the file.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ConfigError, DataError,
-                                                IntegrityError, CheckpointError, StageError, UnknownNameError)
+# OSError: a missing, unreadable or unwritable file, a full disk: one line naming the file. Not KeyError (a
+# bug's lookup), but the KeyError a registry raises for a name nobody registered.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ConfigError, DataError, IntegrityError,
+                                                CheckpointError, StageError, UnknownNameError)
 
 
 def run_guarded(fn: Callable[[], int | None]) -> int:
@@ -65,13 +68,7 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
     except USER_ERRORS as err:
         if os.environ.get("LIPFLOW_DEBUG"):
             raise
-        if isinstance(err, UnknownNameError):
-            message = str(err)
-        elif isinstance(err, KeyError):  # a lookup of a key a file or block lacks
-            message = f"missing key {err.args[0]!r}" if err.args else "missing key"
-        else:
-            message = str(err)
-        print(f"lipflow: error: {message}", file=sys.stderr)
+        print(f"lipflow: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -329,6 +329,16 @@ def test_processes_in_env_is_none_without_a_launcher(monkeypatch):
     assert launcher.processes_in_env() == 3
 
 
+def test_world_size_without_rank_is_one_line_naming_both(monkeypatch):
+    """WORLD_SIZE left in the environment without RANK (no launcher sets one alone) was a KeyError that
+    printed as `missing key 'RANK'`, as if a file lacked it (a plain KeyError is a bug's now, with its
+    traceback): it is a one-line ValueError naming both variables and what to do."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE is set \(2\) but RANK is not: unset WORLD_SIZE "):
+        distributed.init_from_env(torch.device("cpu"))
+
+
 def test_one_process_neither_averages_nor_agrees_through_a_process_group():
     """With one process (no process group exists) gradients are left as they are and a flag is its own
     value: no collective is attempted."""

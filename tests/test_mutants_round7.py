@@ -234,12 +234,14 @@ def guarded(capsys, error: BaseException) -> tuple[int, str]:
 
 
 def test_run_guarded_prints_one_unquoted_line_and_exits_2(capsys, monkeypatch):
-    """A registry miss is its message as is, a missing key is quoted once, success (None) is 0, and
-    LIPFLOW_DEBUG=1 keeps the traceback."""
+    """A registry miss is its message as is, a plain KeyError is a bug and keeps its traceback (it read as a
+    file's "missing key 'lr'"), success (None) is 0, and LIPFLOW_DEBUG=1 keeps the traceback."""
     monkeypatch.delenv("LIPFLOW_DEBUG", raising=False)
     assert guarded(capsys, UnknownNameError("unknown model 'x'; known: a")) == (
         2, "lipflow: error: unknown model 'x'; known: a\n")
-    assert guarded(capsys, KeyError("lr")) == (2, "lipflow: error: missing key 'lr'\n")
+    with pytest.raises(KeyError, match="lr"):
+        guarded(capsys, KeyError("lr"))
+    assert capsys.readouterr().err == ""
     assert str(UnknownNameError("unknown model 'x'")) == "unknown model 'x'"
     assert run_guarded(lambda: None) == 0 and run_guarded(lambda: None) is not None
     monkeypatch.setenv("LIPFLOW_DEBUG", "1")

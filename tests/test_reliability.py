@@ -199,6 +199,28 @@ def test_pickle_bearing_checkpoint_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("part", [("metadata", "step"), ("metadata", "optimizer"), ("tensor", "rng.torch"),
+                                  ("tensor", "rng.data"), ("tensor", "metrics")])
+def test_a_sealed_checkpoint_without_a_part_the_trainer_writes_is_one_line_naming_it(char_shards, tiny_run_config,
+                                                                                     tmp_path, capsys, part):
+    """A checkpoint of this run (its config and data) sealed without one of the parts lipflow's trainer writes
+    was resumed until the lookup failed: `lipflow: error: missing key 'optimizer'`, naming no file, a KeyError
+    that read as a file's missing key (a plain KeyError is a bug now, with its traceback). It is one line
+    naming the checkpoint and the part, before anything is loaded or said resumed."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train_here(tiny_run_config, char_shards, full) == 0
+    tensors, meta = load_weights(full / "checkpoints" / "step-000000012.safetensors")
+    kind, name = part
+    (meta if kind == "metadata" else tensors).pop(name)
+    checkpoint = resumed / "checkpoints" / "step-000000009.safetensors"
+    save_weights(checkpoint, tensors, meta)
+    capsys.readouterr()
+    assert train_here(tiny_run_config, char_shards, resumed) == 2
+    assert capsys.readouterr().err == (f"lipflow: error: {checkpoint} has no {kind} {name!r}, which every checkpoint "
+                                       "of lipflow's trainer holds (written otherwise, or damaged and resealed); "
+                                       "move it away to resume from an earlier one\n")
+
+
 @pytest.mark.parametrize("model, checkpoint_every", [("gpt", 3), ("gpt", 50), ("lipschitz_gpt", 50)])
 def test_nan_loss_marks_run_diverged_with_step(char_shards, tiny_run_config, tmp_path, model, checkpoint_every):
     """An overflowing lr ends the run as diverged, whether the losses are read at a checkpoint step

@@ -38,10 +38,10 @@ def build_context(run_dir: Path, data_dir: Path, params: dict, device: torch.dev
         raise ValueError(f"{run_dir / 'model.safetensors'} has non-finite weights ({broken}) but "
                          f"{run_dir / 'run.json'} says the run completed")
     check_trained_on(run_dir, info, data_dir)
-    cfg = info["config"]
+    cfg = run_defaults(**info["config"])  # the run as load_model built it: a key it lacks (added since) at its default
     context = cfg["context"]
     # the tokens the run trained on: the train split's first train_tokens (build.token_splits), not the whole split
-    train = TokenShards(data_dir, "train", max_tokens=run_defaults(**cfg)["train_tokens"])
+    train = TokenShards(data_dir, "train", max_tokens=cfg["train_tokens"])
     if train.vocab_size != info["vocab_size"]:
         raise ValueError(f"{run_dir / 'model.safetensors'} was trained with vocabulary {info['vocab_size']} but the "
                          f"tokenizer in {data_dir} has {train.vocab_size}: tokenizer/checkpoint mismatch")

@@ -194,6 +194,17 @@ def check_newest_is_this_runs(directory: Path, identity: dict[str, str]) -> None
         refuse_another_runs(newest, meta, identity)
 
 
+def missing_part(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
+    """The first part :func:`save_checkpoint` writes that a checkpoint (its ``tensors`` and metadata ``meta``)
+    lacks, named as in the file (``metadata 'step'``), else None: what :func:`resume` reads of it."""
+    optimizer = meta.get("optimizer")
+    present = {"metadata 'step'": "step" in meta,
+               "metadata 'optimizer'": isinstance(optimizer, dict) and {"state", "param_groups"} <= optimizer.keys(),
+               "tensor 'rng.torch'": "rng.torch" in tensors, "tensor 'rng.data'": "rng.data" in tensors,
+               f"tensor {METRICS_TENSOR!r}": METRICS_TENSOR in tensors or "metrics" in meta}
+    return next((part for part, found in present.items() if not found), None)
+
+
 def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
            identity: dict[str, str], data_dir: Path) -> TrainingState | None:
     """Load the newest valid checkpoint written for ``identity`` into model, optimizer and RNGs;
@@ -211,6 +222,10 @@ def resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
               "training from scratch", file=sys.stderr)
         prune_checkpoints(directory, keep=0)
         return None
+    part = missing_part(tensors, meta)
+    if part is not None:
+        raise CheckpointError(f"{path} has no {part}, which every checkpoint of lipflow's trainer holds (written "
+                              "otherwise, or damaged and resealed); move it away to resume from an earlier one")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
     restore_rng(tensors, generator)
