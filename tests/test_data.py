@@ -250,6 +250,22 @@ def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
         str(tmp_path / "notes[1].txt"), str(tmp_path / "other.txt")]
 
 
+def test_a_glob_matching_a_link_to_a_missing_file_is_refused_not_skipped(tmp_path):
+    # a link whose target moved (or sits on an unmounted drive) was skipped like a folder: its document
+    # vanished from the corpus without a word
+    from lipflow.data.corpus import expand_paths
+
+    write(tmp_path / "a.txt", "kept")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "moved" / "b.txt")
+    (tmp_path / "folder.txt").mkdir()
+    (tmp_path / "c.txt").symlink_to(tmp_path / "folder.txt")  # a link to a folder is skipped, as the folder is
+    with pytest.raises(DataError, match=r"^corpus\.paths: glob '.*\*\.txt' matched .*b\.txt, a link to a missing "
+                                        r"file \(restore its target or remove the link\)$"):
+        expand_paths([str(tmp_path / "*.txt")])
+    (tmp_path / "b.txt").unlink()
+    assert expand_paths([str(tmp_path / "*.txt")]) == [str(tmp_path / "a.txt")]
+
+
 def test_single_file_is_cut_into_paragraph_groups_that_rebuild_it(tmp_path):
     text = "\n\n".join(TOPICS)
     path = tmp_path / "book.txt"

@@ -92,11 +92,17 @@ SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
 def expand_paths(patterns: Sequence[str]) -> list[str]:
     """Paths and globs (``**`` recursive) → existing regular files, in order, without duplicates (one
     file however spelled, e.g. ``d/a.txt`` and ``d/../d/a.txt`` or a link to it: its first spelling).
-    A pattern that names an existing file is that file, even with glob characters (``notes[1].txt``)."""
+    A pattern that names an existing file is that file, even with glob characters (``notes[1].txt``).
+    A glob skips the folders it matches but refuses a link to a missing file (a moved or unmounted
+    target), which would otherwise drop that document without a word."""
     files: dict[str, str] = {}  # real path → the first spelling
     for pattern in patterns:
         if glob.has_magic(pattern) and not os.path.isfile(pattern):
-            matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+            matches = sorted(glob.glob(pattern, recursive=True))
+            dangling = next((m for m in matches if os.path.islink(m) and not os.path.exists(m)), None)
+            _require(dangling is None, f"corpus.paths: glob '{pattern}' matched {dangling}, a link to a missing "
+                                       "file (restore its target or remove the link)")
+            matches = [m for m in matches if os.path.isfile(m)]
             _require(bool(matches), f"corpus.paths: glob '{pattern}' matched no files")
         else:
             _require(os.path.exists(pattern), f"corpus.paths: file not found: {pattern}")
