@@ -671,3 +671,26 @@ def test_a_run_moves_to_another_device_with_its_device_field(tmp_path, tiny_run_
     assert {p.device.type for p in run.model.parameters()} == {target}
     with torch.no_grad():
         assert run.model(torch.tensor([[1, 2, 3]], device=run.device)).device.type == target
+
+
+def test_a_users_object_added_while_the_build_runs_is_not_dropped(built, capsys, monkeypatch):
+    """The database is checked for a user's objects before the build and again just before the swap:
+    a table a user made in it while a (long) build ran was dropped by the rename without a word."""
+    import lipflow.results.database as database
+
+    db = built / "lipflow.duckdb"
+    check_database = database.check_database
+
+    def add_notes_then_check(path, rows):  # the user's session, between the first check and the swap
+        with duckdb.connect(str(db)) as con:
+            con.execute("CREATE TABLE my_notes AS SELECT 'keep me' AS note")
+        check_database(path, rows)
+
+    monkeypatch.setattr(database, "check_database", add_notes_then_check)
+    capsys.readouterr()
+    assert build_cli(built) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds table 'my_notes', which lipflow does not build" in err, err
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT note FROM my_notes").fetchall() == [("keep me",)]
+    assert not [p.name for p in built.iterdir() if ".tmp-" in p.name]  # the build's temp database is gone

@@ -374,6 +374,15 @@ def is_receipt(path: Path) -> bool:
     return json_object_keys(path) == set(RECEIPT_KEYS)
 
 
+def check_out_replaceable(out: Path) -> None:
+    """A FileExistsError unless ``out`` is absent or a lipflow database holding none of a user's objects
+    (:func:`refuse_to_drop_user_objects`); checked before the build and again just before the swap, since
+    a user's session may add one while a long build runs."""
+    refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
+    if out.exists():
+        refuse_to_drop_user_objects(out)
+
+
 def check_build_arguments(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: list[Path],
                           receipt: Path | None) -> None:
     """Before any work: ``out`` is absent or a lipflow database and ``receipt`` absent or a receipt (a
@@ -384,9 +393,7 @@ def check_build_arguments(out: Path, manifest: Path | None, run_dirs: list[Path]
     (:func:`check_study_tables`), and the receipt's folder exists (else the database would be replaced
     and its receipt missing); ``out`` is UTF-8 text (DuckDB fails on another name: std::bad_cast)."""
     check_utf8(str(out), "--out")
-    refuse_to_replace(out, "--out", "a lipflow database", is_lipflow_database)
-    if out.exists():
-        refuse_to_drop_user_objects(out)
+    check_out_replaceable(out)
     if manifest is None and run_dirs:
         raise ValueError("--manifest: needed with --run-dirs (each run is checked against the token shards it "
                          "was trained on)")
@@ -431,6 +438,7 @@ def build(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: 
         check_database(tmp, rows)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        check_out_replaceable(out)  # a user's session may have added an object while the build ran
         # The old database's write-ahead log (a session that wrote to it and never checkpointed) would
         # be replayed onto the new file, which no reader could then open; what it holds are changes to
         # lipflow's own tables (refuse_to_drop_user_objects read it), which the rebuild replaces.
