@@ -24,6 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
 from pathlib import Path
 
 from lipflow.errors import ArgumentParser, check_utf8, parse_json, run_guarded
@@ -184,10 +185,13 @@ def emit(text: str, end: str = "\n") -> None:
 
 def json_value(value):
     """``value`` as JSON can hold it: NaN and ±inf (not JSON) are null at any depth, in a list, array,
-    struct or map value too; a map key JSON cannot hold (a date, a non-finite float: 'nan', 'inf', as
-    DuckDB writes them) is its text."""
+    struct or map value too; a DECIMAL (a literal such as ``0.5``, SUMMARIZE's ``null_percentage``) is a
+    number, as DuckDB computes with it, not its text; a map key JSON cannot hold (a date, a non-finite
+    float: 'nan', 'inf', as DuckDB writes them) is its text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        return float(value)
     if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
     if isinstance(value, dict):

@@ -166,6 +166,21 @@ def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
          "pair": [None, 2.0]}]
 
 
+def test_query_json_writes_a_decimal_as_a_number(tmp_path):
+    """A DECIMAL (DuckDB's type of a literal such as 2.50, and of SUMMARIZE's null_percentage) was written
+    as a JSON string ("2.50"), so a reader of --format json got text where the query computed a number."""
+    import duckdb
+
+    db = tmp_path / "evals.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE evals AS SELECT * FROM (VALUES ('a', 1.5::DOUBLE), ('b', NULL)) AS t(run_id, value)")
+    sql = ("SELECT 2.50 AS literal, [0.25] AS listed, (SELECT null_percentage FROM (SUMMARIZE evals) "
+           "WHERE column_name = 'value') AS nulls")
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"literal": 2.5, "listed": [0.25], "nulls": 50.0}]
+
+
 def test_sample_from_a_run_with_non_finite_weights_is_one_line(results_tree):
     """A diverged run may keep NaN weights; sampling it was torch.multinomial's traceback."""
     import torch
