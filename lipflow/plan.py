@@ -199,7 +199,7 @@ class Plan:
         to be a name Snakemake can take as an input: :func:`snakemake_input`)."""
         corpus = self.config["corpus"]
         return [] if corpus["source"] == "embedded" else [snakemake_input("corpus.paths", path)
-                                                          for path in expand_paths(corpus["paths"])]
+                                                          for path in expand_paths(corpus["paths"], corpus["source"])]
 
     def tokenizer_files(self) -> list[str]:
         """The ``file`` tokenizer's path (a Snakemake input name, :func:`snakemake_input`); none for another kind."""

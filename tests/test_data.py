@@ -266,6 +266,16 @@ def test_a_glob_matching_a_link_to_a_missing_file_is_refused_not_skipped(tmp_pat
     assert expand_paths([str(tmp_path / "*.txt")]) == [str(tmp_path / "a.txt")]
 
 
+@pytest.mark.parametrize("source, example", [("files", "*.txt"), ("jsonl", "*.jsonl"), ("parquet", "*.parquet")])
+def test_a_folder_named_in_paths_is_refused_with_a_glob_of_its_sources_files(tmp_path, source, example):
+    # the hint said '<folder>/*.txt' for every source, a glob that gives a JSONL or Parquet corpus no file
+    (tmp_path / "data").mkdir()
+    folder = str(tmp_path / "data")
+    with pytest.raises(DataError, match=re.escape(f"corpus.paths: {folder} is a directory (give a glob such as "
+                                                  f"'{folder}/{example}')")):
+        build_corpus(CorpusConfig.from_dict({"source": source, "paths": [folder]}), tmp_path / "c")
+
+
 def test_single_file_is_cut_into_paragraph_groups_that_rebuild_it(tmp_path):
     text = "\n\n".join(TOPICS)
     path = tmp_path / "book.txt"

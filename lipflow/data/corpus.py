@@ -89,7 +89,11 @@ class Source(NamedTuple):
 SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
 
 
-def expand_paths(patterns: Sequence[str]) -> list[str]:
+# the files a source reads, as a glob of a folder's: what to give for a folder named in corpus.paths
+SOURCE_FILE_GLOBS = {"files": "*.txt", "jsonl": "*.jsonl", "parquet": "*.parquet"}
+
+
+def expand_paths(patterns: Sequence[str], source: str = "files") -> list[str]:
     """Paths and globs (``**`` recursive) → existing regular files, in order, without duplicates (one
     file however spelled, e.g. ``d/a.txt`` and ``d/../d/a.txt`` or a link to it: its first spelling).
     A pattern that names an existing file is that file, even with glob characters (``notes[1].txt``).
@@ -108,7 +112,8 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
             _require(os.path.exists(pattern), f"corpus.paths: file not found: {pattern}")
             _require(
                 not os.path.isdir(pattern),
-                f"corpus.paths: {pattern} is a directory (give a glob such as '{pattern}/*.txt')",
+                f"corpus.paths: {pattern} is a directory (give a glob such as "
+                f"'{os.path.join(pattern, SOURCE_FILE_GLOBS[source])}')",
             )
             _require(os.path.isfile(pattern), f"corpus.paths: {pattern} is not a regular file (a device or pipe "
                                               "may never end)")
@@ -193,7 +198,7 @@ def _file_documents(files: list[str]) -> Iterator[str]:
 
 @SOURCES.register("files")
 def files_source(cfg: CorpusConfig) -> Source:
-    files = expand_paths(cfg.paths)
+    files = expand_paths(cfg.paths, cfg.source)
     single = len(files) == 1
     description = {
         "kind": "files",
@@ -244,7 +249,7 @@ def _require_encodable(text: str, where: str) -> None:
 
 @SOURCES.register("jsonl")
 def jsonl_source(cfg: CorpusConfig) -> Source:
-    files = expand_paths(cfg.paths)
+    files = expand_paths(cfg.paths, cfg.source)
     description = {"kind": "jsonl", "files": files, "text_column": cfg.text_column}
     return Source(description, _label("jsonl", files), _jsonl_documents(files, cfg.text_column))
 
@@ -294,7 +299,7 @@ def _first_invalid_row(column: Any) -> int:
 
 @SOURCES.register("parquet")
 def parquet_source(cfg: CorpusConfig) -> Source:
-    files = expand_paths(cfg.paths)
+    files = expand_paths(cfg.paths, cfg.source)
     description = {"kind": "parquet", "files": files, "text_column": cfg.text_column}
     return Source(description, _label("parquet", files), _parquet_documents(files, cfg.text_column))
 
