@@ -205,6 +205,15 @@ def json_key(key):
     return str(key)
 
 
+def nested_as_json(value):
+    """A list, array, struct or map value as its JSON text (:func:`json_value`: null, numbers, a date as
+    its text), any other value as it is: the table and CSV cell of a nested value, which Python's text
+    of it wrote as ``[Decimal('1.5'), None]`` or ``datetime.date(2026, 12, 5)``."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(json_value(value), default=str, ensure_ascii=False, allow_nan=False)
+    return value
+
+
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     if fmt == "csv":
         from io import StringIO
@@ -212,7 +221,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         buf = StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows(rows)
+        writer.writerows([map(nested_as_json, r) for r in rows])
         return buf.getvalue().rstrip("\n")
     if fmt == "json":
         repeated = next((name for name in columns if columns.count(name) > 1), None)
@@ -221,7 +230,8 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
                              "value per name; name the columns apart (… AS …) for --format json")
         records = [dict(zip(columns, map(json_value, r))) for r in rows]
         return json.dumps(records, default=str, indent=1, allow_nan=False)
-    cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
+    cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(nested_as_json(v))) for v in r]
+             for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]

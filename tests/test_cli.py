@@ -181,6 +181,29 @@ def test_query_json_writes_a_decimal_as_a_number(tmp_path):
     assert json.loads(done.stdout) == [{"literal": 2.5, "listed": [0.25], "nulls": 50.0}]
 
 
+def test_query_table_and_csv_write_a_nested_value_as_json(tmp_path):
+    """A list, struct or map cell was Python's text of it: "[Decimal('1.5'), None]", "{'at':
+    datetime.date(2026, 12, 5)}", which no CSV reader can take apart; it is its JSON text in both formats."""
+    import csv
+    import io
+
+    import duckdb
+
+    db = tmp_path / "evals.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE evals AS SELECT 'a' AS run_id")
+    sql = ("SELECT [1.5, NULL] AS losses, {'at': DATE '2026-12-05', 'x': 2.50} AS info, "
+           "map(['k'], [['nan'::DOUBLE, 1.0]]) AS m FROM evals")
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    header, row = csv.reader(io.StringIO(done.stdout))
+    assert header == ["losses", "info", "m"]
+    assert [json.loads(cell) for cell in row] == [[1.5, None], {"at": "2026-12-05", "x": 2.5}, {"k": [None, 1.0]}]
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[2].split(" | ")[0].strip() == "[1.5, null]"
+
+
 def test_sample_from_a_run_with_non_finite_weights_is_one_line(results_tree):
     """A diverged run may keep NaN weights; sampling it was torch.multinomial's traceback."""
     import torch
