@@ -587,20 +587,30 @@ def test_the_build_refuses_a_config_json_edited_after_training(tmp_path, tiny_ru
     assert len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("edit, words", [
-    ({"steps_completed": 5000}, "steps_completed is 5000, but its train_metrics end at step 5"),
-    ({"lipschitz_bound": 1.5}, "lipschitz_bound is 1.5, but its train_metrics say 7.25 at the final step 5"),
-    ({"final_val_loss": 0.5}, "final_val_loss is 0.5, but its train_metrics say 2.5 at the final step 5"),
+@pytest.mark.parametrize("bound, edit, words", [
+    (7.25, {"steps_completed": 5000}, "steps_completed is 5000, but its train_metrics end at step 5"),
+    (7.25, {"lipschitz_bound": 1.5}, "lipschitz_bound is 1.5, but its train_metrics say 7.25 at the final step 5"),
+    (7.25, {"final_val_loss": 0.5}, "final_val_loss is 0.5, but its train_metrics say 2.5 at the final step 5"),
+    # each was accepted: a bound for a model without a certificate (its metrics have none), none for one with
+    # it, and the final val accuracy and largest activation, which were not compared at all
+    (None, {"lipschitz_bound": 1.5}, "lipschitz_bound is 1.5, but its train_metrics say None at the final step 5"),
+    (7.25, {"lipschitz_bound": None}, "lipschitz_bound is None, but its train_metrics say 7.25 at the final step 5"),
+    (7.25, {"final_val_accuracy": 0.99},
+     "final_val_accuracy is 0.99, but its train_metrics say 0.25 at the final step 5"),
+    (7.25, {"max_activation": 0.5}, "max_activation is 0.5, but its train_metrics say 3.0 at the final step 5"),
 ])
-def test_the_build_refuses_a_run_json_its_checksummed_metrics_contradict(tmp_path, tiny_run_config, capsys, edit,
-                                                                         words):
-    """run.json has no sidecar; a completed run's steps, final val loss and bound must be what its
-    checksummed metrics say at the final (eval) step, so a hand edit is one line, not a fact in `runs`."""
+def test_the_build_refuses_a_run_json_its_checksummed_metrics_contradict(tmp_path, tiny_run_config, capsys, bound,
+                                                                         edit, words):
+    """run.json has no sidecar; a completed run's steps, final val loss and accuracy, bound and largest
+    activation must be what its checksummed metrics say at the final (eval) step, so a hand edit is one
+    line, not a fact in `runs`."""
     metrics = pa.table({"run_id": ["a-00000000"] * 5, "step": [1, 2, 3, 4, 5], "loss": [1.0] * 5,
-                        "val_loss": [None, None, None, None, 2.5], "lipschitz_bound": [None] * 4 + [7.25]})
+                        "val_loss": [None, None, None, None, 2.5], "val_accuracy": [None] * 4 + [0.25],
+                        "lipschitz_bound": pa.array([None] * 4 + [bound], pa.float64()),
+                        "max_activation": [None] * 4 + [3.0]})
     results = tmp_path / "results"
     run_dir = make_run(results, "a-00000000", tiny_run_config, metrics=metrics, final_val_loss=2.5,
-                       lipschitz_bound=7.25)
+                       final_val_accuracy=0.25, lipschitz_bound=bound, max_activation=3.0)
     write_manifest(results)
     assert build_cli(results) == 0
     summary = json.loads((run_dir / "run.json").read_text())
