@@ -15,7 +15,8 @@ from lipflow.train.checkpoint import CheckpointError, load_weights
 from lipflow.atomic import read_json, sha256_file
 from lipflow.metrics import resolve_device
 from lipflow.model import LanguageModel, build_model
-from lipflow.results.inputs import JSON_FORMS, check_value, read_run_json, read_run_table, value_of
+from lipflow.results.inputs import (JSON_FORMS, check_summary_matches_metrics, check_value, read_run_json,
+                                    read_run_table, value_of)
 
 if TYPE_CHECKING:  # pandas only where load_run builds the metrics table: the evaluation stage runs without it
     import pandas as pd
@@ -98,7 +99,8 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
     """One finished run under ``results`` (any name: a moved or renamed results tree works); its data
     directory, recorded relative to the directory it was trained in (``results/data/…``), is looked up
     in the same tree. ``run_id`` must be a run id (never a path out of ``results/runs``); its run.json
-    and metrics must be the run's own (as the database build checks them)."""
+    and metrics must be the run's own, and a completed run's run.json what its metrics say at the final
+    step (as the database build checks them)."""
     runs = Path(results) / "runs"
 
     def finished() -> list[str]:  # listed only for an error message: a results tree may hold thousands of runs
@@ -119,9 +121,11 @@ def load_run(run_id: str, results: str | Path = "results", device: str = "auto")
                            nullable=False)
     data_dir = data_dir_in(Path(results), Path(recorded))
     check_trained_on(run_dir, info, data_dir)
-    return Run(run_id=run_id, config=info["config"], summary=read_run_json(run_dir / "run.json"),
-               metrics=read_run_table(run_dir / "train_metrics.parquet").to_pandas(), model=model, device=dev,
-               data_dir=data_dir)
+    run_json = run_dir / "run.json"
+    summary, metrics = read_run_json(run_json), read_run_table(run_dir / "train_metrics.parquet")
+    check_summary_matches_metrics(run_json, summary, metrics)
+    return Run(run_id=run_id, config=info["config"], summary=summary, metrics=metrics.to_pandas(), model=model,
+               device=dev, data_dir=data_dir)
 
 
 def data_dir_in(results: Path, recorded: Path) -> Path:

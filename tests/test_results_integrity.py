@@ -427,6 +427,23 @@ def test_load_run_refuses_files_of_another_run(tmp_path, tiny_run_config, foreig
     assert foreign in str(caught.value), repr(caught.value)
 
 
+def test_load_run_refuses_a_run_json_its_checksummed_metrics_contradict(tmp_path, tiny_run_config):
+    """As the database build does, load_run refuses a completed run's run.json whose bound or final val
+    loss is not what its checksummed metrics say at the final step: .summary gave the edited numbers
+    (a bound of 1.5) that the build refused to load."""
+    metrics = pa.table({"run_id": ["tiny-00000000"] * 5, "step": [1, 2, 3, 4, 5], "loss": [1.0] * 5,
+                        "val_loss": [None] * 4 + [2.5], "lipschitz_bound": [None] * 4 + [7.25]})
+    results = tmp_path / "results"
+    run_dir = loadable_run(results, "tiny-00000000", tiny_run_config, metrics=metrics, final_val_loss=2.5,
+                           lipschitz_bound=7.25)
+    assert lipflow.load_run("tiny-00000000", results=results, device="cpu").summary["lipschitz_bound"] == 7.25
+    summary = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**summary, "lipschitz_bound": 1.5}))
+    with pytest.raises(ValueError, match=re.escape(f"{run_dir / 'run.json'}: lipschitz_bound is 1.5, but its "
+                                                   "train_metrics say 7.25 at the final step 5 (edited?)")):
+        lipflow.load_run("tiny-00000000", results=results, device="cpu")
+
+
 def test_load_run_given_a_run_name_lists_that_names_run_ids(tmp_path, tiny_run_config):
     """A user knows the name from config.yaml, not the hash: `lipflow sample tiny` said only that 'tiny'
     is not a run id; the one line now names the finished runs of that name (not 'tiny.x')."""

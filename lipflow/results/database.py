@@ -22,7 +22,6 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,9 @@ from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths, check_utf8
 from lipflow.experiments import VIEWS, create_views
 from lipflow.plan_rules import STUDY_FILES
-from lipflow.results.inputs import (JSON_FORMS, check_evaluation_table, check_value, checked_config, concat_files,
-                                    read_run_json, read_run_table, run_id_in, summary_values)
+from lipflow.results.inputs import (JSON_FORMS, check_evaluation_table, check_summary_matches_metrics, check_value,
+                                    checked_config, concat_files, read_run_json, read_run_table, run_id_in,
+                                    summary_values)
 from lipflow.train.summary import METRIC_COLUMNS, RUN_SUMMARY_FIELDS
 
 
@@ -215,42 +215,6 @@ def _run_rows(run_dirs: list[Path], manifest: Path) -> list[dict[str, Any]]:
         seen[row["run_id"]] = run_dir
         rows.append(row)
     return rows
-
-
-# run.json's fields that are a completed run's final (eval) step in its train_metrics: field → metrics column
-SUMMARY_OF_FINAL_STEP = {"final_val_loss": "val_loss", "final_val_accuracy": "val_accuracy",
-                         "lipschitz_bound": "lipschitz_bound", "max_activation": "max_activation"}
-
-
-def check_summary_matches_metrics(run_json: Path, row: dict[str, Any], metrics: pa.Table) -> None:
-    """A ValueError naming ``run_json`` (which has no checksum) when a completed run's summary is not
-    what its checksummed metrics say: ``steps_completed`` the last step, and each field of
-    :data:`SUMMARY_OF_FINAL_STEP` that of the last eval step (the final step is one), null where the
-    metrics hold none (a column the metrics lack, from before it was logged, is not compared). An
-    edit to run.json (a bound of 1.5 for a model without a certificate, none for one with it) is
-    refused, never loaded as fact."""
-    if row["status"] != "completed" or metrics.num_rows == 0 or "step" not in metrics.column_names:
-        return
-    steps = metrics.column("step").to_pylist()
-    last = max(steps)
-    if row["steps_completed"] != last:
-        raise ValueError(f"{run_json}: steps_completed is {row['steps_completed']}, but its train_metrics end at "
-                         f"step {last} (edited?)")
-    final = metrics.slice(len(steps) - 1 - steps[::-1].index(last), 1).to_pylist()[0]
-    for key, column in SUMMARY_OF_FINAL_STEP.items():
-        if column in final and not same_measurement(row[key], final[column]):
-            raise ValueError(f"{run_json}: {key} is {row[key]!r}, but its train_metrics say {final[column]!r} at "
-                             f"the final step {last} (edited?)")
-
-
-def same_measurement(recorded: float | None, measured: float | None) -> bool:
-    """Whether run.json's ``recorded`` value is the metrics' ``measured`` one: both null, both NaN, or
-    equal to 1e-9 relative."""
-    if recorded is None or measured is None:
-        return recorded is measured
-    if math.isnan(recorded) or math.isnan(measured):
-        return math.isnan(recorded) and math.isnan(measured)
-    return math.isclose(recorded, measured, rel_tol=1e-9, abs_tol=0.0)
 
 
 def check_trained_on_manifest(config_json: Path, info: dict[str, Any], manifest: Path, digest: str) -> None:

@@ -4,6 +4,7 @@ naming the file (and key):
 - a run directory's run.json and config.json: each value of the type the trainer writes (the column
   types of :mod:`lipflow.train.summary`, the config schema's types), and the run id they state;
 - a run directory's Parquet files: rows of its run only; an evaluation table's columns and types;
+- a completed run's run.json against its checksummed metrics' final step;
 - Parquet files whose tables go into one table: their columns' types must agree.
 
 Imports neither DuckDB nor torch (the evaluation stage checks run ids with it, ``lipflow.load_run``
@@ -15,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,45 @@ def read_run_table(path: Path) -> pa.Table:
     table = read_table_parquet(path)
     check_rows_of_run(path, table, directory_name(Path(path).parent))
     return table
+
+
+# run.json's fields that are a completed run's final (eval) step in its train_metrics: field → metrics column
+SUMMARY_OF_FINAL_STEP = {"final_val_loss": "val_loss", "final_val_accuracy": "val_accuracy",
+                         "lipschitz_bound": "lipschitz_bound", "max_activation": "max_activation"}
+
+
+def check_summary_matches_metrics(run_json: Path, summary: dict[str, Any], metrics: pa.Table) -> None:
+    """A ValueError naming ``run_json`` (which has no checksum) when a completed run's ``summary`` (its
+    fields, or the ``runs`` row made of them) is not what its checksummed metrics say: ``steps_completed``
+    the last step, and each field of :data:`SUMMARY_OF_FINAL_STEP` that of the last eval step (the final
+    step is one), null where the metrics hold none. A column the metrics lack (from before it was logged)
+    or a field the summary lacks (``lipflow.load_run`` reads run.json as written; the build requires
+    every field) is not compared. An edit to run.json (a bound of 1.5 for a model without a
+    certificate, none for one with it) is refused, never loaded as fact."""
+    if summary.get("status") != "completed" or metrics.num_rows == 0 or "step" not in metrics.column_names:
+        return
+    steps = metrics.column("step").to_pylist()
+    last = max(steps)
+    if "steps_completed" in summary and summary["steps_completed"] != last:
+        raise ValueError(f"{run_json}: steps_completed is {summary['steps_completed']}, but its train_metrics end "
+                         f"at step {last} (edited?)")
+    final = metrics.slice(len(steps) - 1 - steps[::-1].index(last), 1).to_pylist()[0]
+    for key, column in SUMMARY_OF_FINAL_STEP.items():
+        if key in summary and column in final and not same_measurement(summary[key], final[column]):
+            raise ValueError(f"{run_json}: {key} is {summary[key]!r}, but its train_metrics say {final[column]!r} "
+                             f"at the final step {last} (edited?)")
+
+
+def same_measurement(recorded: float | None, measured: float | None) -> bool:
+    """Whether run.json's ``recorded`` value is the metrics' ``measured`` one: both null, both NaN, or
+    numbers equal to 1e-9 relative (a value of another type, hand-written, is none of these)."""
+    if recorded is None or measured is None:
+        return recorded is measured
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (recorded, measured)):
+        return False
+    if math.isnan(recorded) or math.isnan(measured):
+        return math.isnan(recorded) and math.isnan(measured)
+    return math.isclose(recorded, measured, rel_tol=1e-9, abs_tol=0.0)
 
 
 def check_evaluation_table(path: Path, table: pa.Table) -> None:
