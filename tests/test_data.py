@@ -276,6 +276,16 @@ def test_a_folder_named_in_paths_is_refused_with_a_glob_of_its_sources_files(tmp
         build_corpus(CorpusConfig.from_dict({"source": source, "paths": [folder]}), tmp_path / "c")
 
 
+def test_a_jsonl_record_naming_its_text_column_inside_its_text_or_a_nested_object_is_read(tmp_path):
+    """Only a repeated top-level key is refused: the column's name quoted in the text, or as a key of a
+    nested object, is no second copy."""
+    from lipflow.data.corpus import _jsonl_documents
+
+    line = {"text": 'she said "text" twice: "text"', "meta": {"text": "nested"}}
+    path = write(tmp_path / "a.jsonl", json.dumps(line) + "\n")
+    assert list(_jsonl_documents([path], "text")) == [line["text"]]
+
+
 def test_single_file_is_cut_into_paragraph_groups_that_rebuild_it(tmp_path):
     text = "\n\n".join(TOPICS)
     path = tmp_path / "book.txt"
@@ -945,6 +955,10 @@ CORPUS_CASES = {
                         r"a\.jsonl:2: malformed JSON line"),
     "missing JSONL column": ("jsonl", {"a.jsonl": '{"body": "x"}\n'}, ["a.jsonl"], {},
                              r"a\.jsonl:1: missing text column 'text' \(keys: body\)"),
+    # json.loads keeps the last of a repeated key: "first" vanished from the corpus without a word
+    "repeated JSONL column": ("jsonl", {"a.jsonl": '{"text": "kept"}\n{"text": "first", "id": 2, "text": "second"}\n'},
+                              ["a.jsonl"], {}, r"a\.jsonl:2: text column 'text' appears 2 times in the record "
+                                               r"\(keep one\)$"),
     "missing Parquet column": ("parquet", {"a.parquet": pa.table({"body": ["text"]})}, ["a.parquet"], {},
                                r"a\.parquet: missing text column 'text' \(columns: body\)"),
     "val split empty": ("files", {"one.txt": lonely_text("train")}, ["one.txt"], {"val_fraction": 0.5},

@@ -210,6 +210,7 @@ def files_source(cfg: CorpusConfig) -> Source:
 
 
 def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
+    quoted = json.dumps(column, ensure_ascii=False).encode("utf-8")  # the key as a line spells it (mostly)
     for path in files:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -229,6 +230,8 @@ def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
                     raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 if column not in record:
                     raise DataError(f"{where}: missing text column '{column}' (keys: {', '.join(record) or 'none'})")
+                if raw.count(quoted) > 1 and (copies := key_count(raw, column)) > 1:  # json.loads keeps the last
+                    raise DataError(f"{where}: text column '{column}' appears {copies} times in the record (keep one)")
                 text = record[column]
                 if text is None:
                     continue
@@ -237,6 +240,13 @@ def _jsonl_documents(files: list[str], column: str) -> Iterator[str]:
                 if SURROGATE_ESCAPE.search(raw):
                     _require_encodable(text, f"{where}: text column '{column}'")
                 yield text
+
+
+def key_count(raw: bytes, key: str) -> int:
+    """How many times the JSON object of the line ``raw`` names ``key`` at its top level (``json.loads``
+    keeps the last value of a repeated key, so the other would vanish from the corpus without a word)."""
+    pairs = json.loads(raw, object_pairs_hook=lambda pairs: pairs)
+    return sum(name == key for name, _ in pairs)
 
 
 def _require_encodable(text: str, where: str) -> None:
