@@ -112,6 +112,16 @@ def test_file_names_are_never_sql_or_globs(results):
 
 
 
+def test_the_files_tools_leave_in_the_bench_folder_are_no_bench_rows(results):
+    """macOS writes an AppleDouble ._<name>.parquet beside each file it copies to a USB or network drive;
+    the build read it as a bench table and failed ('not a readable Parquet file'), so a copied results tree
+    had no database until the user found and deleted them. Such files are clutter (lipflow.atomic)."""
+    bench_file(results / "bench" / "gpu.parquet", 1.0)
+    (results / "bench" / "._gpu.parquet").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    with duckdb.connect(str(build_here(results)), read_only=True) as con:
+        assert con.execute("SELECT value FROM bench").fetchall() == [(1.0,)]
+
+
 def test_a_build_without_runs_needs_no_manifest_and_one_with_runs_does(results, tmp_path, capsys):
     """The database rule passes an empty ``--manifest`` when the config has no runs (the ICL study alone,
     which tokenizes no corpus): the build has a shards table with its columns and no rows, as the one of a

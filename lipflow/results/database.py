@@ -16,7 +16,8 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 - ``<study>_<name>``: each study table ``<study>/<name>.parquet`` the build is given (``--study-tables``:
   the database rule names those of the studies the config has on), a table of a study outside the
   run grid (``icl_loss_by_layers``…, ``image_mlp_robustness``);
-- ``bench``: every ``results/bench/*.parquet`` row (the bench folder beside the database).
+- ``bench``: every ``results/bench/*.parquet`` row (the bench folder beside the database; not the files
+  tools leave there, :func:`lipflow.atomic.is_clutter`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import duckdb
 import pyarrow as pa
 
 from lipflow import provenance
-from lipflow.atomic import (check_folder_exists, fsync_dir, json_object_keys, read_json, refuse_to_replace,
-                            remove_stale_temporaries, sha256_file, temp_prefix, write_json_atomic)
+from lipflow.atomic import (check_folder_exists, fsync_dir, is_clutter, json_object_keys, read_json,
+                            refuse_to_replace, remove_stale_temporaries, sha256_file, temp_prefix, write_json_atomic)
 from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths, check_utf8
@@ -196,8 +197,10 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path | None, run_di
                                         "run_id VARCHAR, eval VARCHAR, metric VARCHAR, value DOUBLE")
     rows["shards"] = _create_from_arrow(con, "shards", pa.Table.from_pylist(shards, schema=SHARDS_SCHEMA))
     rows.update(load_study_tables(con, study_tables))
-    # hand-appended measurements (bench/common.py), written without a sidecar
-    rows["bench"] = _create_from_parquet(con, "bench", sorted((results / "bench").glob("*.parquet")),
+    # hand-appended measurements (bench/common.py), written without a sidecar; not the files tools leave beside
+    # them (macOS's AppleDouble ._<name>.parquet on a copy to a USB or network drive), which hold no table
+    bench = sorted(path for path in (results / "bench").glob("*.parquet") if not is_clutter(path.name))
+    rows["bench"] = _create_from_parquet(con, "bench", bench,
                                          "bench VARCHAR, metric VARCHAR, value DOUBLE, unit VARCHAR, machine VARCHAR, "
                                          "device VARCHAR, date VARCHAR, git_commit VARCHAR", verify=False)
     create_views(con)
