@@ -637,6 +637,30 @@ def test_the_build_refuses_a_run_json_its_checksummed_metrics_contradict(tmp_pat
     assert err == f"lipflow: error: {run_dir / 'run.json'}: {words} (edited?)", err
 
 
+@pytest.mark.parametrize("status", ["x", "Completed", ""])
+def test_the_build_refuses_a_run_json_status_the_trainer_never_writes(tmp_path, tiny_run_config, capsys, status):
+    """A completed run edited to another status skipped every consistency check and counted in no view
+    that reads 'completed' or 'diverged': one line naming the file, and the database is not written."""
+    results = tmp_path / "results"
+    run_dir = make_run(results, "a-00000000", tiny_run_config)
+    write_manifest(results)
+    summary = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**summary, "status": status}))
+    assert build_cli(results) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lipflow: error: {run_dir / 'run.json'}: status is {status!r}, none of completed, diverged", err
+    assert not (results / "lipflow.duckdb").exists()
+
+
+def test_the_trainer_cannot_write_a_status_the_build_refuses():
+    from lipflow.train.summary import RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS, run_summary
+
+    fields = {name: None for name in {**RUN_KEY_FIELDS, **RUN_SUMMARY_FIELDS}}
+    assert run_summary(**{**fields, "status": "diverged"})["status"] == "diverged"
+    with pytest.raises(ValueError, match="run.json status 'stopped' is none of completed, diverged"):
+        run_summary(**{**fields, "status": "stopped"})
+
+
 def test_the_catalog_of_objects_skips_a_catalog_function_this_duckdb_lacks(monkeypatch):
     """duckdb_triggers() came with DuckDB 2; under the DuckDB 1.x that pyproject allows (>=1.1) its
     query failed with a CatalogException, so every rebuild of an existing database stopped."""

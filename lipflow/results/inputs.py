@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from lipflow.atomic import read_json
 from lipflow.data.parquet import read_table_parquet
-from lipflow.train.summary import RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS
+from lipflow.train.summary import RUN_KEY_FIELDS, RUN_STATUSES, RUN_SUMMARY_FIELDS
 
 # The JSON values run.json holds for each column type of lipflow.train.summary (a time is Unix seconds),
 # and their name in an error. Null is allowed but for the key fields; `versions` is an object.
@@ -83,6 +83,8 @@ def summary_values(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
         elif alias.startswith("timestamp"):
             value = timestamp(path, key, value)
         values[key] = value
+    if values["status"] not in RUN_STATUSES:  # an edited status would pass as no run the views count, unchecked
+        raise ValueError(f"{path}: status is {values['status']!r}, none of {', '.join(RUN_STATUSES)}")
     return values
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# a run.json's status: the trainer writes one of these (a diverged run's step and reason beside it)
+RUN_STATUSES = ("completed", "diverged")
 # run.json fields that open a ``runs`` row (before its name and config columns)
 RUN_KEY_FIELDS: dict[str, str] = {"run_id": "string", "status": "string"}
 # the other run.json fields, in the order of their ``runs`` columns (after the config columns);
@@ -39,4 +41,6 @@ def run_summary(**fields: Any) -> dict[str, Any]:
     if set(fields) != set(declared):
         raise ValueError(f"run.json fields differ from lipflow.train.summary: missing "
                          f"{sorted(set(declared) - set(fields))}, undeclared {sorted(set(fields) - set(declared))}")
+    if fields["status"] not in RUN_STATUSES:
+        raise ValueError(f"run.json status {fields['status']!r} is none of {', '.join(RUN_STATUSES)}")
     return {name: fields[name] for name in declared}
