@@ -36,6 +36,25 @@ def test_a_file_tokenizer_is_known_by_its_content(tmp_path):
     assert list(resolve_runs(copy.deepcopy(config))) != first_runs
 
 
+def test_a_data_path_spelled_another_way_is_the_same_data(tmp_path):
+    """`./texts//a.txt` and `texts/a.txt` name one file: they gave new run ids, and the built data folder
+    refused the config as made from another block. A `..` is kept (`a/../b` is not `b` when `a` is a link)."""
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"version": "1.0"}')
+
+    def resolved(paths: list[str], tokenizer_path: str) -> tuple[list[str], dict]:
+        config = {"corpus": {"source": "files", "paths": paths}, "tokenizer": {"kind": "file", "path": tokenizer_path},
+                  "runs": {"a": {}}}
+        check_config(config)
+        return list(resolve_runs(copy.deepcopy(config))), config["corpus"]
+
+    ids, corpus = resolved(["texts/a.txt", "texts/*.md"], str(tokenizer))
+    assert corpus["paths"] == ["texts/a.txt", "texts/*.md"]
+    spelled = resolved(["./texts//a.txt", "texts/./*.md/"], str(tmp_path) + "//./tokenizer.json")
+    assert spelled == (ids, corpus)
+    assert resolved(["texts/../texts/a.txt", "texts/*.md"], str(tokenizer))[0] != ids
+
+
 def test_data_made_from_another_block_is_not_replaced(tmp_path):
     """A corpus block of the same name but other files, or a tokenizer block of the same kind but
     another shard size, would rebuild the folder the earlier runs were trained on: refused before any

@@ -9,6 +9,7 @@ import copy
 import functools
 import os
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 from lipflow.config.schema import SCHEMA_PATH, first_error, load_schema, make_validator, validate
@@ -166,11 +167,23 @@ DATA_KEYS_OF_KINDS = {"corpus": ("source", {"text_column": ("jsonl", "parquet")}
 
 def data_block_as_used(name: str, block: dict[str, Any]) -> dict[str, Any]:
     """A filled ``corpus`` or ``tokenizer`` block with each key of :data:`DATA_KEYS_OF_KINDS` that its
-    kind does not read at the schema's default (the block as its stage uses it)."""
+    kind does not read at the schema's default (the block as its stage uses it), and its paths spelled
+    plainly (:func:`plain_path`), so ``./a.txt`` and ``a.txt`` are one corpus and one set of run ids."""
     kind_key, readers = DATA_KEYS_OF_KINDS[name]
     defaults, kind = load_schema(SCHEMA_PATH)["properties"][name]["properties"], block.get(kind_key)
-    return {key: (defaults[key]["default"] if kind not in readers.get(key, (kind,)) else value)
+    used = {key: (defaults[key]["default"] if kind not in readers.get(key, (kind,)) else value)
             for key, value in block.items()}
+    if isinstance(used.get("paths"), list):
+        used["paths"] = [plain_path(path) for path in used["paths"]]
+    if isinstance(used.get("path"), str):
+        used["path"] = plain_path(used["path"])
+    return used
+
+
+def plain_path(path: str) -> str:
+    """``path`` (or glob) without its ``.`` components, repeated and trailing slashes: the same file for
+    any spelling of them. A ``..`` stays, since ``a/../b`` is not ``b`` when ``a`` is a link."""
+    return str(PurePosixPath(path)) if path else path
 
 
 def data_block(name: str, block: dict[str, Any], error: type[Exception] = ConfigError) -> dict[str, Any]:
