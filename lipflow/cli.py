@@ -192,6 +192,8 @@ def json_value(value):
         return value if math.isfinite(value) else None
     if isinstance(value, Decimal):
         return float(value)
+    if isinstance(value, bytes):
+        return blob_text(value)
     if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
     if isinstance(value, dict):
@@ -205,13 +207,33 @@ def json_key(key):
     return str(key)
 
 
+def blob_text(value: bytes) -> str:
+    """A BLOB as DuckDB writes it as text (``blob::varchar``): printable ASCII as it is, other bytes and
+    ``\\``, ``"``, ``'`` as ``\\xHH``; Python's text of it was ``b'ab'``."""
+    return "".join(chr(byte) if 32 <= byte < 127 and chr(byte) not in "\\\"'" else f"\\x{byte:02X}"
+                   for byte in value)
+
+
 def nested_as_json(value):
     """A list, array, struct or map value as its JSON text (:func:`json_value`: null, numbers, a date as
-    its text), any other value as it is: the table and CSV cell of a nested value, which Python's text
-    of it wrote as ``[Decimal('1.5'), None]`` or ``datetime.date(2026, 12, 5)``."""
+    its text), a BLOB as its text (:func:`blob_text`), any other value as it is: the table and CSV cell
+    of a nested value, which Python's text of it wrote as ``[Decimal('1.5'), None]`` or
+    ``datetime.date(2026, 12, 5)``."""
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(json_value(value), default=str, ensure_ascii=False, allow_nan=False)
+    if isinstance(value, bytes):
+        return blob_text(value)
     return value
+
+
+def table_cell(value) -> str:
+    """A value as one line of the table format: NULL, a float to 6 digits, a line break or tab as
+    ``\\n``, ``\\r``, ``\\t`` (it broke the row into lines that read as rows of their own)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(nested_as_json(value)).replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
@@ -230,8 +252,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
                              "value per name; name the columns apart (… AS …) for --format json")
         records = [dict(zip(columns, map(json_value, r))) for r in rows]
         return json.dumps(records, default=str, indent=1, allow_nan=False)
-    cells = [[("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(nested_as_json(v))) for v in r]
-             for r in rows]
+    cells = [[table_cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]

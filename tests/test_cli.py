@@ -204,6 +204,33 @@ def test_query_table_and_csv_write_a_nested_value_as_json(tmp_path):
     assert done.stdout.splitlines()[2].split(" | ")[0].strip() == "[1.5, null]"
 
 
+def test_query_writes_a_blob_as_duckdb_writes_it_as_text():
+    """A BLOB was Python's text of it (b'ab') in every format; it is DuckDB's own text of it, every byte."""
+    import duckdb
+
+    from lipflow.cli import format_rows
+
+    every_byte = bytes(range(256))
+    with duckdb.connect() as con:
+        duckdb_text, blob, listed = con.execute("SELECT ?::BLOB::VARCHAR, ?::BLOB, [?::BLOB]",
+                                                [every_byte, every_byte, b"a'b"]).fetchone()
+    assert blob == every_byte and "\\x0A" in duckdb_text and "~" in duckdb_text
+    assert json.loads(format_rows(["b", "l"], [(blob, listed)], "json")) == [{"b": duckdb_text, "l": ["a\\x27b"]}]
+    assert format_rows(["b"], [(blob,)], "csv").splitlines()[1] == '"' + duckdb_text.replace('"', '""') + '"'
+    assert format_rows(["b"], [(blob,)], "table").splitlines()[2] == duckdb_text
+
+
+def test_query_table_keeps_a_cell_with_a_line_break_on_its_row():
+    """A text cell with a line break printed as extra lines that read as rows of their own ('(2 rows)'
+    in a one-row result); the table shows it as \\n, and CSV and JSON keep the text as it is."""
+    from lipflow.cli import format_rows
+
+    rows = [("a\n(2 rows)\tx\r", 1)]
+    table = format_rows(["note", "n"], rows, "table").splitlines()
+    assert table[2:] == ["a\\n(2 rows)\\tx\\r | 1", "(1 row)"]
+    assert json.loads(format_rows(["note", "n"], rows, "json")) == [{"note": "a\n(2 rows)\tx\r", "n": 1}]
+
+
 def test_sample_from_a_run_with_non_finite_weights_is_one_line(results_tree):
     """A diverged run may keep NaN weights; sampling it was torch.multinomial's traceback."""
     import torch
