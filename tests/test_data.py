@@ -257,13 +257,32 @@ def test_a_glob_matching_a_link_to_a_missing_file_is_refused_not_skipped(tmp_pat
 
     write(tmp_path / "a.txt", "kept")
     (tmp_path / "b.txt").symlink_to(tmp_path / "moved" / "b.txt")
-    (tmp_path / "folder.txt").mkdir()
-    (tmp_path / "c.txt").symlink_to(tmp_path / "folder.txt")  # a link to a folder is skipped, as the folder is
     with pytest.raises(DataError, match=r"^corpus\.paths: glob '.*\*\.txt' matched .*b\.txt, a link to a missing "
                                         r"file \(restore its target or remove the link\)$"):
         expand_paths([str(tmp_path / "*.txt")])
     (tmp_path / "b.txt").unlink()
     assert expand_paths([str(tmp_path / "*.txt")]) == [str(tmp_path / "a.txt")]
+
+
+@pytest.mark.parametrize("source, suffix, kind", [("files", ".txt", "text"), ("jsonl", ".jsonl", "JSONL"),
+                                                 ("parquet", ".parquet", "Parquet")])
+def test_a_glob_matching_a_folder_named_like_its_sources_file_is_refused_not_skipped(tmp_path, source, suffix, kind):
+    # a dataset written as a folder of parts (Spark's part.parquet/part-0.parquet) was skipped like any
+    # folder a glob matches: its documents vanished from the corpus without a word
+    from lipflow.data.corpus import expand_paths
+
+    (tmp_path / "data" / f"b{suffix}").mkdir(parents=True)
+    write(tmp_path / "data" / f"a{suffix}", "kept")
+    write(tmp_path / "data" / f"b{suffix}" / f"part-0{suffix}", "dropped")
+    (tmp_path / "data" / "notes").mkdir()  # a folder named like no file of the source is still skipped
+    folder = tmp_path / "data" / f"b{suffix}"
+    with pytest.raises(DataError, match=re.escape(f"corpus.paths: glob '{tmp_path}/data/*' matched {folder}, a folder "
+                                                  f"named like a {kind} file (its parts?): give a glob of its "
+                                                  f"files, such as '{folder}/*{suffix}'")):
+        expand_paths([str(tmp_path / "data" / "*")], source)
+    # a recursive glob that matches the folder's files as well takes them
+    assert expand_paths([str(tmp_path / "data" / "**" / f"*{suffix}")], source) == [
+        str(tmp_path / "data" / f"a{suffix}"), str(folder / f"part-0{suffix}")]
 
 
 @pytest.mark.parametrize("source, example", [("files", "*.txt"), ("jsonl", "*.jsonl"), ("parquet", "*.parquet")])

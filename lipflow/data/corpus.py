@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
@@ -91,6 +92,7 @@ SOURCES: Registry[Callable[[CorpusConfig], Source]] = Registry("corpus source")
 
 # the files a source reads, as a glob of a folder's: what to give for a folder named in corpus.paths
 SOURCE_FILE_GLOBS = {"files": "*.txt", "jsonl": "*.jsonl", "parquet": "*.parquet"}
+SOURCE_FILE_KINDS = {"files": "text", "jsonl": "JSONL", "parquet": "Parquet"}
 
 
 def expand_paths(patterns: Sequence[str], source: str = "files") -> list[str]:
@@ -98,7 +100,9 @@ def expand_paths(patterns: Sequence[str], source: str = "files") -> list[str]:
     file however spelled, e.g. ``d/a.txt`` and ``d/../d/a.txt`` or a link to it: its first spelling).
     A pattern that names an existing file is that file, even with glob characters (``notes[1].txt``).
     A glob skips the folders it matches but refuses a link to a missing file (a moved or unmounted
-    target), which would otherwise drop that document without a word."""
+    target) and a folder named like a file of ``source`` (``part.parquet/``: a dataset Spark or pandas
+    wrote as a folder of parts) none of whose files it matches, which would otherwise drop their
+    documents without a word."""
     files: dict[str, str] = {}  # real path → the first spelling
     for pattern in patterns:
         if glob.has_magic(pattern) and not os.path.isfile(pattern):
@@ -106,6 +110,13 @@ def expand_paths(patterns: Sequence[str], source: str = "files") -> list[str]:
             dangling = next((m for m in matches if os.path.islink(m) and not os.path.exists(m)), None)
             _require(dangling is None, f"corpus.paths: glob '{pattern}' matched {dangling}, a link to a missing "
                                        "file (restore its target or remove the link)")
+            named_like_a_file = next((m for m in matches if os.path.isdir(m)  # whose files the glob does not match
+                                      and fnmatch.fnmatch(os.path.basename(m), SOURCE_FILE_GLOBS[source])
+                                      and not any(f.startswith(m + os.sep) for f in matches)), None)
+            _require(named_like_a_file is None,
+                     f"corpus.paths: glob '{pattern}' matched {named_like_a_file}, a folder named like a "
+                     f"{SOURCE_FILE_KINDS[source]} file (its parts?): give a glob of its files, such as "
+                     f"'{os.path.join(str(named_like_a_file), SOURCE_FILE_GLOBS[source])}'")
             matches = [m for m in matches if os.path.isfile(m)]
             _require(bool(matches), f"corpus.paths: glob '{pattern}' matched no files")
         else:
