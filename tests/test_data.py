@@ -228,9 +228,10 @@ def test_a_utf8_byte_order_mark_is_no_text_and_a_utf16_file_is_named(tmp_path, s
     plain = corpus("plain", lambda text: text.encode())
     assert corpus("bom", lambda text: b"\xef\xbb\xbf" + text.encode()) == plain
     assert not any("\ufeff" in text for text in plain)
-    with pytest.raises(DataError, match=r"^/.*/(a\.jsonl|d0\.txt): UTF-16 text \(it starts with a UTF-16 byte-order "
-                                        r"mark\): convert it to UTF-8"):
-        corpus("utf16", lambda text: text.encode("utf-16"))
+    for encoding in ("UTF-16", "UTF-32"):  # UTF-32LE's mark begins with UTF-16LE's: it was called UTF-16
+        with pytest.raises(DataError, match=rf"^/.*/(a\.jsonl|d0\.txt): {encoding} text \(it starts with a {encoding} "
+                                            rf"byte-order mark\): convert it to UTF-8, e\.g\. iconv -f {encoding} -t UTF-8$"):
+            corpus(encoding, lambda text: text.encode(encoding))
 
 
 def test_a_byte_order_mark_shifts_no_byte_offset_of_an_error(tmp_path):

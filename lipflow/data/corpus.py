@@ -140,15 +140,18 @@ def _label(kind: str, files: list[str]) -> str:
 
 
 UTF8_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: what Windows editors put at a file's start, not text
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# the byte-order marks of the other Unicode encodings, UTF-32's first: UTF-32LE's begins with UTF-16LE's
+OTHER_BOMS = {"UTF-32": (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "UTF-16": (b"\xff\xfe", b"\xfe\xff")}
 
 
 def without_bom(start: bytes, path: str) -> bytes:
-    """A file's first bytes ``start`` without the UTF-8 byte-order mark they may begin with; a UTF-16 one
-    is a DataError naming the file (its text would read as binary, or as not UTF-8)."""
-    if start.startswith(UTF16_BOMS):
-        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark): convert it to UTF-8, "
-                        "e.g. iconv -f UTF-16 -t UTF-8")
+    """A file's first bytes ``start`` without the UTF-8 byte-order mark they may begin with; a UTF-16 or
+    UTF-32 one is a DataError naming the file and its encoding (its text would read as binary, or as not
+    UTF-8)."""
+    for encoding, marks in OTHER_BOMS.items():
+        if start.startswith(marks):
+            raise DataError(f"{path}: {encoding} text (it starts with a {encoding} byte-order mark): convert it to "
+                            f"UTF-8, e.g. iconv -f {encoding} -t UTF-8")
     return start[len(UTF8_BOM):] if start.startswith(UTF8_BOM) else start
 
 
