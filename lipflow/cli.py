@@ -4,7 +4,7 @@
         [--max-rows 1000000]
     lipflow sample RUN_ID --prompt "To be" [--tokens 200] [--temperature 0.8] [--seed 0]
         [--device auto|cpu|cuda] [--results results]
-    lipflow runs [--configfile overlay.yaml ...]   # the run ids snakemake [--configfile overlay.yaml ...] plans
+    lipflow runs [--configfile overlay.yaml ...] [--config KEY=VALUE ...]   # the run ids snakemake plans with them
 
 ``--db`` defaults to ``$LIPFLOW_DB``, else results/lipflow.duckdb; ``LIPFLOW_DEBUG=1`` keeps the
 traceback of a user error.
@@ -404,13 +404,15 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"{path}: {' '.join(str(err).split())}") from None
 
 
-def snakemake_config(configfiles: list[str]) -> dict:
-    """The config ``snakemake --configfile FILES`` hands lipflow's Snakefile, composed as Snakemake's
-    Workflow.configfile composes it: the files merged in order (a nested merge, later keys win), then
-    config.yaml of the working directory under them where there is one; without it, a run that names no
-    file is refused, as Snakemake refuses it."""
+def snakemake_config(configfiles: list[str], settings: list[str] = ()) -> dict:
+    """The config ``snakemake --configfile FILES --config SETTINGS`` hands lipflow's Snakefile, composed as
+    Snakemake's Workflow.configfile composes it: the files merged in order (a nested merge, later keys
+    win) and the KEY=VALUE settings over them (parsed as Snakemake parses them), then config.yaml of the
+    working directory under all that where there is one; without it, a run that names no file is
+    refused, as Snakemake refuses it."""
     import copy
 
+    from snakemake.cli import parse_config
     from snakemake.utils import update_config
 
     from lipflow.config import ConfigError
@@ -418,6 +420,7 @@ def snakemake_config(configfiles: list[str]) -> dict:
     overlay: dict = {}
     for path in configfiles:
         update_config(overlay, read_config_file(path))
+    update_config(overlay, parse_config(list(settings)))
     config = copy.deepcopy(overlay)
     if os.path.exists(WORKFLOW_CONFIGFILE):
         update_config(config, read_config_file(WORKFLOW_CONFIGFILE))
@@ -431,7 +434,7 @@ def snakemake_config(configfiles: list[str]) -> dict:
 def cmd_runs(args: argparse.Namespace) -> int:
     from lipflow.plan import Plan
 
-    plan = Plan.from_config(snakemake_config(args.configfile))
+    plan = Plan.from_config(snakemake_config(args.configfile, args.config))
     plan.corpus_files()  # what snakemake refuses at parse time, refused here too
     plan.tokenizer_files()
     plan.check_data_folders()
@@ -479,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--configfile", nargs="+", default=[],
                    help="overlays merged in order over config.yaml of the working directory (read first where it "
                         "exists; needed without an overlay), as snakemake --configfile merges them")
+    r.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="top-level keys set over the files, parsed as snakemake --config parses them "
+                        "(e.g. experiments=[lr_transfer])")
     r.set_defaults(fn=cmd_runs)
     args = parser.parse_args(argv)
     return run_guarded(lambda: run_command(sub.choices[args.command], args))

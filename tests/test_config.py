@@ -424,6 +424,29 @@ def test_lipflow_runs_of_a_config_without_runs_prints_nothing(tmp_path, capsys, 
     assert capsys.readouterr().out == ""
 
 
+def test_lipflow_runs_takes_config_values_as_snakemake_does(tmp_path, capsys, monkeypatch):
+    """`lipflow runs --config experiments=[rank_vs_n]` lists the ids `snakemake --config experiments=[rank_vs_n]`
+    trains: the values set over the files, parsed as Snakemake parses them. Without the option argparse read
+    `--config` as an abbreviation of `--configfile` and said "config file experiments=[rank_vs_n] does not exist"."""
+    from lipflow.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no config.yaml under the files
+    (tmp_path / "c.yaml").write_text("runs:\n  a: {lr: 0.1}\n")
+    (tmp_path / "overlay.yaml").write_text("experiments: [rank_vs_n]\n")
+    assert main(["runs", "--configfile", str(tmp_path / "c.yaml"), str(tmp_path / "overlay.yaml")]) == 0
+    from_files = capsys.readouterr().out
+    assert main(["runs", "--configfile", str(tmp_path / "c.yaml"), "--config", "experiments=[rank_vs_n]"]) == 0
+    assert capsys.readouterr().out == from_files and from_files.startswith("rank.")
+    assert main(["runs", "--configfile", str(tmp_path / "c.yaml")]) == 0
+    run_a = capsys.readouterr().out
+    assert main(["runs", "--configfile", str(tmp_path / "c.yaml"), str(tmp_path / "overlay.yaml"),
+                 "--config", "experiments=[]"]) == 0  # over the files, as Snakemake applies --config last
+    assert capsys.readouterr().out == run_a and run_a.startswith("a-")
+    assert main(["runs", "--configfile", str(tmp_path / "c.yaml"), "--config", "steps"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "name=value" in err
+
+
 def test_a_json_config_file_is_read_as_json_as_snakemake_reads_it(tmp_path, monkeypatch):
     """json.dump writes 1e-05, which YAML reads as a string: `lipflow runs` refused a JSON config that
     Snakemake (which tries JSON first) accepts; a repeated key is still refused."""
