@@ -20,9 +20,9 @@ def registry_names(module: str, name: str) -> set[str]:
     return set(registry.names() if hasattr(registry, "names") else registry)
 
 
-def enum_at(schema_path, *path: str) -> set[str]:
+def enum_at(schema_path, *path: str) -> tuple[set[str], str]:
     """The enum at a path of keys into a schema file (through ``items`` of an array and a ``$ref``,
-    local or to a sibling schema file)."""
+    local or to a sibling schema file), and where it is written: the file and its keys, after the ``$ref``."""
     node = load_schema(schema_path)
     for key in path:
         node = node[key]
@@ -30,10 +30,11 @@ def enum_at(schema_path, *path: str) -> set[str]:
     if "$ref" in node:
         file, _, pointer = node["$ref"].partition("#")
         schema_path = schema_path.with_name(file) if file else schema_path
+        path = tuple(pointer.strip("/").split("/"))
         node = load_schema(schema_path)
-        for key in pointer.strip("/").split("/"):
+        for key in path:
             node = node[key]
-    return set(node["enum"])
+    return set(node["enum"]), f"the enum at {'/'.join(path)} of workflow/schemas/{schema_path.name}"
 
 
 RUN = ("$defs", "run", "properties")
@@ -71,15 +72,31 @@ CASES = {
 }
 
 
+def disagreement(registered: set[str], listed: set[str], registry: str, where: str) -> str:
+    """What to add where, when a registry and a schema list disagree ('' when they agree)."""
+    problems = []
+    if registered - listed:
+        problems.append(f"registered in {registry} but missing from {where}: {sorted(registered - listed)}")
+    if listed - registered:
+        problems.append(f"in {where} but registered nowhere in {registry}: {sorted(listed - registered)}")
+    return "; ".join(problems)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_schema_enum_equals_registry_names(case):
     (module, name), (schema_path, *path) = CASES[case]
-    assert enum_at(schema_path, *path) == registry_names(module, name)
+    listed, where = enum_at(schema_path, *path)
+    problems = disagreement(registry_names(module, name), listed, f"{module}.{name}", where)
+    assert not problems, problems
 
 
 def test_every_evaluation_has_a_parameter_block_and_every_block_an_evaluation():
     blocks = set(load_schema(SCHEMA_PATH)["properties"]["evaluations"]["properties"]) - {"enabled"}
-    assert blocks == registry_names("lipflow.evaluation", "EVALUATIONS")
+    problems = disagreement(registry_names("lipflow.evaluation", "EVALUATIONS"), blocks, "lipflow.evaluation.EVALUATIONS",
+                            "the parameter blocks under properties/evaluations/properties of workflow/schemas/"
+                            "config.schema.yaml (an evaluation without parameters has `{type: object, "
+                            "additionalProperties: false, default: {}, properties: {}}`)")
+    assert not problems, problems
 
 
 def test_every_experiment_has_figures_and_views_entries():
@@ -94,7 +111,10 @@ def test_a_mismatch_is_caught(monkeypatch):
 
     monkeypatch.setitem(OPTIMIZERS._entries, "sgd", object())
     (module, name), (schema_path, *path) = CASES["optimizer"]
-    assert enum_at(schema_path, *path) != registry_names(module, name)
+    listed, where = enum_at(schema_path, *path)
+    assert disagreement(registry_names(module, name), listed, "OPTIMIZERS", where) == (
+        "registered in OPTIMIZERS but missing from the enum at $defs/run/properties/optimizer of "
+        "workflow/schemas/config.schema.yaml: ['sgd']")
 
 
 
