@@ -108,7 +108,8 @@ def check_column_types(views: Mapping[str, View]) -> None:
         for column in by_column(view.types):
             if column in typed_by:
                 raise ValueError(f"column {column!r} is typed by views {typed_by[column]} and {name}: a column views "
-                                 "share is typed once, in lipflow.results.views.SHARED_COLUMNS")
+                                 "share is typed once, in lipflow.results.views.SHARED_COLUMNS: move it there from both "
+                                 "views' types (in their lipflow/experiments/<name>.py)")
             typed_by[column] = name
 
 
