@@ -183,6 +183,7 @@ def test_python_api_loads_run_and_connects(pipeline, monkeypatch):
     next_token = eval(lines[-1].split("#")[0], namespace)
     ids = namespace["ids"]
     assert len(ids) == len("To be, or not to") and namespace["df"]["run_id"].tolist().count(run_id) == 1
+    assert namespace["drawn"].shape == (1, len(ids) + 100) and namespace["drawn"][0, :len(ids)].tolist() == ids
     greedy = lipflow_cli(pipeline, "sample", run_id, "--prompt", "To be, or not to", "--tokens", "1",
                          "--temperature", "0", "--device", "cpu")
     assert greedy.returncode == 0 and greedy.stdout == "To be, or not to" + next_token + "\n", greedy.stderr
