@@ -208,9 +208,23 @@ class Plan:
 
     # ------------------------------------------------------------------ params strings (a change reruns jobs)
 
+    def run_config(self, run: str) -> Mapping[str, Any]:
+        """The resolved config of run id ``run``. An id this config does not train (a target named on the
+        command line: a run of an experiment that is not selected, or of an edited config) is a one-line
+        ConfigError, where the rules' input functions raised a bare KeyError."""
+        if run not in self.runs:
+            raise ConfigError(f"config error: run {run} is not a run of this config (a run of an experiment needs "
+                              "--config experiments=[<experiment>]); `lipflow runs` lists its run ids")
+        return self.runs[run]
+
+    def run_evaluations(self, run: str) -> tuple[str, ...]:
+        """The checkpoint evaluations of run id ``run`` (an id of another config: :meth:`run_config`'s error)."""
+        self.run_config(run)
+        return self.evaluations[run]
+
     def run_config_json(self, run: str) -> str:
         """The resolved config of one run, passed to the training job as JSON."""
-        return json.dumps(self.runs[run], sort_keys=True)
+        return json.dumps(self.run_config(run), sort_keys=True)
 
     def database_run_dirs(self) -> str:
         """The run folders the database job reads, sorted: the order of ``runs:`` or ``experiments:`` in a

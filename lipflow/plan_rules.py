@@ -63,7 +63,7 @@ class RuleFunctions:
     # ------------------------------------------------------------------ evaluations
 
     def evaluation_files(self, run):
-        return [f"results/runs/{run}/evals/{evaluation}.parquet" for evaluation in self.plan.evaluations[run]]
+        return [f"results/runs/{run}/evals/{evaluation}.parquet" for evaluation in self.plan.run_evaluations(run)]
 
     def run_evaluation_files(self, wildcards):
         return self.evaluation_files(wildcards.run)
@@ -93,7 +93,7 @@ class RuleFunctions:
         override = self.resources["train_mem_mb"]
         if override:
             return override * attempt
-        cfg = self.plan.runs[wildcards.run]
+        cfg = self.plan.run_config(wildcards.run)
         activations = 34 * cfg["batch_size"] * cfg["context"] * cfg["d_model"] * cfg["n_layers"] * 4
         return int(1000 + (16 * param_count(cfg, self.vocab) + activations) / 1e6) * cfg["nproc"] * attempt
 
@@ -102,19 +102,19 @@ class RuleFunctions:
         override = self.resources["train_runtime"]
         if override:
             return override * attempt
-        cfg = self.plan.runs[wildcards.run]
+        cfg = self.plan.run_config(wildcards.run)
         tokens = cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]
         return int(10 + 6 * param_count(cfg, self.vocab) * tokens / 5e9 / 60) * attempt
 
     def train_gpus(self, wildcards):
         """GPUs for one training job: ``gpu_per_run``, at least one per process when GPUs are used."""
         gpus = self.resources["gpu_per_run"]
-        return max(gpus, self.plan.runs[wildcards.run]["nproc"]) if gpus else 0
+        return max(gpus, self.plan.run_config(wildcards.run)["nproc"]) if gpus else 0
 
     def train_cpus(self, wildcards):
         """CPUs (and the rule's ``threads``) for one training job: two per process (the launcher gives each
         worker its share of the job's threads)."""
-        return 2 * self.plan.runs[wildcards.run]["nproc"]
+        return 2 * self.plan.run_config(wildcards.run)["nproc"]
 
     # ------------------------------------------------------------------ studies and experiments
 

@@ -104,6 +104,27 @@ def test_a_bad_config_is_a_config_error_before_anything_is_planned():
         Plan.from_config({"experiments": ["precison"]})
 
 
+def test_a_run_id_the_config_does_not_train_is_one_config_error_in_every_rule_function():
+    """`snakemake results/runs/<id>/model.safetensors` (or `--forcerun` of an evaluation) for a run of an
+    experiment that is not selected failed in the rules' input functions with a bare ``KeyError: '<id>'``."""
+    from types import SimpleNamespace
+
+    from lipflow.plan_rules import RuleFunctions
+
+    plan = Plan.from_config({})
+    rules = RuleFunctions(plan)
+    other = SimpleNamespace(run="rank.n2048.h1-98ee76d1")
+    calls = [lambda: plan.run_config_json(other.run), lambda: rules.run_evaluation_files(other),
+             lambda: rules.train_mem_mb(other, 1), lambda: rules.train_runtime(other, 1),
+             lambda: rules.train_cpus(other)]
+    for call in calls:
+        with pytest.raises(ConfigError, match=r"run rank.n2048.h1-98ee76d1 is not a run of this config \(a run of "
+                                              r"an experiment needs --config experiments=\[<experiment>\]\)"):
+            call()
+    run = next(iter(plan.runs))
+    assert json.loads(plan.run_config_json(run)) == dict(plan.run_config(run))
+
+
 def test_the_readmes_example_run_ids_are_the_default_configs():
     """The README's ``lipflow sample <id>`` and ``lipflow.load_run("<id>")`` examples name run ids that the
     default config.yaml resolves to (they went stale once when a default changed)."""
