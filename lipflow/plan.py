@@ -102,6 +102,17 @@ def check_selected_experiments_do_something(config: dict[str, Any], blocks: dict
                               "no studies; give it a grid or leave it out of experiments")
 
 
+def check_evaluation_blocks(config: dict[str, Any], evaluations: Mapping[str, tuple[str, ...]]) -> None:
+    """Every evaluation a run names has its parameter block ``evaluations.<name>`` (the schema fills one for
+    each block it declares): an evaluation added to the ``$defs/evaluation_name`` enum without one passed the
+    config check and failed inside the evaluate rule with a bare KeyError."""
+    missing = sorted({name for names in evaluations.values() for name in names} - set(config["evaluations"]))
+    if missing:
+        raise ConfigError(f"config error: evaluation '{missing[0]}' has no parameter block: add evaluations.properties."
+                          f"{missing[0]} to workflow/schemas/config.schema.yaml (one without parameters: "
+                          "{type: object, additionalProperties: false, default: {}, properties: {}})")
+
+
 def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """run id → resolved run config, for a validated config (defaults filled): the ``runs``
     block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments
@@ -148,6 +159,7 @@ class Plan:
                          for name in experiments}
         evaluations = {run: by_experiment[cfg["experiment"]] if cfg["experiment"] else enabled
                        for run, cfg in runs.items()}
+        check_evaluation_blocks(config, evaluations)
         studies = frozenset(experiment_studies(config, blocks))
         try:  # the icl block's cross-key rules: their errors are prefixed as every other config error
             icl = load_config(config["icl"])  # the icl block's own schema fills its defaults

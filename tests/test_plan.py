@@ -125,6 +125,22 @@ def test_a_run_id_the_config_does_not_train_is_one_config_error_in_every_rule_fu
     assert json.loads(plan.run_config_json(run)) == dict(plan.run_config(run))
 
 
+def test_an_evaluation_without_a_parameter_block_is_refused_before_any_job(monkeypatch):
+    """An evaluation in the schema's enum but without its block under `evaluations` (an incomplete addition)
+    passed the config check and failed in the evaluate rule's params with ``KeyError: '<name>'``."""
+    checked = lipflow.plan.check_config
+
+    def without_sharpness_block(config):
+        checked(config)
+        del config["evaluations"]["sharpness"]
+
+    monkeypatch.setattr(lipflow.plan, "check_config", without_sharpness_block)
+    with pytest.raises(ConfigError, match=r"evaluation 'sharpness' has no parameter block: add evaluations\.properties"
+                                          r"\.sharpness to workflow/schemas/config\.schema\.yaml"):
+        Plan.from_config({})
+    Plan.from_config({"evaluations": {"enabled": ["val"]}})  # a block no run uses may be absent
+
+
 def test_the_readmes_example_run_ids_are_the_default_configs():
     """The README's ``lipflow sample <id>`` and ``lipflow.load_run("<id>")`` examples name run ids that the
     default config.yaml resolves to (they went stale once when a default changed)."""
