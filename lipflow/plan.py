@@ -18,9 +18,10 @@ from lipflow.config import (DATA_KEYS_OF_KINDS, ConfigError, check_config, data_
                             experiment_run, plain_runs, run_id, run_validator, tokenizer_id)
 from lipflow.data.corpus import expand_paths
 from lipflow.errors import parse_json
-from lipflow.experiments import (EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, PRESETS, definitions, expand_experiments,
-                                 experiment_evaluations, experiment_studies, selected_experiments)
+from lipflow.experiments import (CATALOG, EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, PRESETS, definitions,
+                                 expand_experiments, experiment_evaluations, experiment_studies, selected_experiments)
 from lipflow.experiments.grid import expand_experiment
+from lipflow.results import views as result_views
 from lipflow.studies.icl.config import (ICLConfig, baselines_config, caption_terms, check_regression_prompts,
                                         load_config, training_config, training_jobs)
 
@@ -113,6 +114,21 @@ def check_evaluation_blocks(config: dict[str, Any], evaluations: Mapping[str, tu
                           "{type: object, additionalProperties: false, default: {}, properties: {}})")
 
 
+def check_caption_files(experiments: list[str]) -> None:
+    """Each selected experiment's views and figures name caption files of workflow/report (a view's is its
+    DuckDB comment, both are the report's captions): a missing one was found only by the database build,
+    after every run had trained."""
+    for name in experiments:
+        if name not in CATALOG:  # a block of the config's own, without a module: no views, no figures
+            continue
+        experiment = CATALOG[name]
+        captions = [view.caption for view in experiment.views.values()]
+        for caption in captions + [figure.caption for figure in experiment.figures.values()]:
+            if not (result_views.REPORT_DIR / caption).is_file():
+                raise ConfigError(f"experiment {name}: caption file {result_views.REPORT_DIR / caption} does not exist "
+                                  f"(named by a view or figure of lipflow/experiments/{name}.py)")
+
+
 def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """run id → resolved run config, for a validated config (defaults filled): the ``runs``
     block's (see :func:`lipflow.config.plain_runs`) plus every run of the selected experiments
@@ -154,6 +170,7 @@ class Plan:
         check_selected_experiments_do_something(config, blocks, runs)
         check_written_definitions(config, blocks)
         experiments = selected_experiments(config, blocks)
+        check_caption_files(experiments)
         enabled = tuple(config["evaluations"]["enabled"])
         by_experiment = {name: tuple(experiment_evaluations(config, {"experiment": name}, blocks))
                          for name in experiments}

@@ -367,6 +367,7 @@ def test_an_experiment_is_one_python_file_and_one_yaml_file(tmp_path):
     (toy / "toy.py").write_text(TOY_EXPERIMENT)
     (toy / "toy.yaml").write_text(yaml.safe_dump(TOY_BLOCK))
     (toy / "table_toy_loss.rst").write_text("View ``toy_loss``: toy val loss per lr.\n")
+    (toy / "figure_toy_loss.rst").write_text("Toy val loss per lr.\n")
     assert experiment_block_errors(TOY_BLOCK) == []
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", TOY_SCRIPT, str(toy), str(tmp_path / "toy.duckdb"), str(out)],

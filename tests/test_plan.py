@@ -141,6 +141,22 @@ def test_an_evaluation_without_a_parameter_block_is_refused_before_any_job(monke
     Plan.from_config({"evaluations": {"enabled": ["val"]}})  # a block no run uses may be absent
 
 
+def test_a_missing_caption_file_of_a_selected_experiment_is_refused_before_any_job(tmp_path, monkeypatch):
+    """An experiment whose view or figure names a caption file that does not exist was planned and trained,
+    and its database build failed on the missing file."""
+    import shutil
+
+    from lipflow.results import views
+
+    report = tmp_path / "report"
+    shutil.copytree(views.REPORT_DIR, report)
+    (report / "figure_rank_vs_n.rst").unlink()
+    monkeypatch.setattr(views, "REPORT_DIR", report)
+    with pytest.raises(ConfigError, match=r"experiment rank_vs_n: caption file .*figure_rank_vs_n\.rst does not exist"):
+        Plan.from_config({"experiments": ["rank_vs_n"]})
+    Plan.from_config({"experiments": ["lr_transfer"]})  # another experiment's captions are all there
+
+
 def test_the_readmes_example_run_ids_are_the_default_configs():
     """The README's ``lipflow sample <id>`` and ``lipflow.load_run("<id>")`` examples name run ids that the
     default config.yaml resolves to (they went stale once when a default changed)."""
