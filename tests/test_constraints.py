@@ -69,9 +69,12 @@ def test_the_constraints_that_read_sigma_max_are_the_configs_list_of_them():
     step = StepContext(lr=0.1, update_norm=0.5, spectral_wd=0.2)
     reads = {name for name in CONSTRAINTS.names()
              if not torch.equal(CONSTRAINTS.get(name)(x, 1.0, step=step), CONSTRAINTS.get(name)(x, 2.0, step=step))}
-    assert reads == set(SIGMA_MAX_CONSTRAINTS) and len(SIGMA_MAX_CONSTRAINTS) == 5
+    assert {"spectral_normalize", "spectral_soft_cap", "stiefel"} <= reads  # the check can fail
+    assert sorted(SIGMA_MAX_CONSTRAINTS) == sorted(reads), ("lipflow/config/runs.py's SIGMA_MAX_CONSTRAINTS must "
+                                                            f"name exactly the constraints that read sigma_max: {sorted(reads)}")
     described = load_schema(SCHEMA_PATH)["$defs"]["run"]["properties"]["sigma_max"]["description"]
-    assert set(re.search(r"\(([a-z_, ]+)\)$", described).group(1).split(", ")) == reads
+    assert set(re.search(r"\(([a-z_, ]+)\)$", described).group(1).split(", ")) == reads, (
+        f"sigma_max's description in {SCHEMA_PATH} must end with the constraints that read it: ({', '.join(sorted(reads))})")
 
 
 # ----------------------------------------------------------------------------- spectral estimates
