@@ -131,6 +131,22 @@ def test_fp8_safety_statement_uses_the_analytic_bound_and_the_weights():
     assert lookup(rows, "fp8_safe_observed", format="fp8_e4m3")[0]["value"] == 0.0
 
 
+
+@pytest.mark.parametrize("where", ["head", "blocks.0.attn.o", "blocks.0.mlp.down"])
+def test_a_model_with_a_nan_weight_is_not_proven_safe(where):
+    """A NaN weight reaches the outputs (a NaN head row gives NaN logits) but its bounds are NaN, which
+    max() over the bounds and over the weights' maxima skipped: 'activations ≤ 3.4 ≤ 448 for any input'."""
+    from lipflow.evaluation.precision import proven_safe
+
+    torch.manual_seed(0)
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=8, n_layers=1, n_heads=1, context=4), 16).eval()
+    with torch.no_grad():
+        model.get_submodule(where).weight[0, 0] = math.nan
+    for name in ("fp8_e4m3", "bf16"):
+        value, status = proven_safe(model, FORMATS.get(name))
+        assert value == 0.0 and status == "weights not finite", (name, value, status)
+
+
 # --------------------------------------------------------------------------- the real fp8 kernel
 
 def lipschitz_lm(vocab: int = 65, d: int = 64, context: int = 32, model: str = "lipschitz_gpt"):
