@@ -142,9 +142,13 @@ def cast_activation_bound(model: nn.Module, fmt: NumberFormat) -> float | None:
 
 def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
     """(1.0, why) when no weight and no bound of the cast model (``cast_activation_bound``) exceeds
-    ``fmt.max``, so an unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does;
-    (NaN, "no analytic bound") without bounds."""
-    weight_max = max(p.detach().abs().max().item() for p in model.parameters() if p.is_floating_point())
+    ``fmt.max``, so an unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does
+    or a weight is not finite (its NaN bounds, and a NaN maximum, are skipped by ``max``); (NaN, "no
+    analytic bound") without bounds."""
+    weights = [p.detach() for p in model.parameters() if p.is_floating_point()]
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        return 0.0, "weights not finite"
+    weight_max = max(w.abs().max().item() for w in weights)
     if weight_max > fmt.max:
         return 0.0, f"weights reach {weight_max:.4g} > {fmt.max:g}"
     bound = cast_activation_bound(model, fmt)
