@@ -145,21 +145,27 @@ def test_an_empty_database_path_is_named_and_an_empty_lipflow_db_is_unset(tmp_pa
         lipflow.connect("")
 
 
-def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
-    """As at the top level, a NaN or ±inf in a list, array, struct or map is null (it was the error 'Out of
-    range float values are not JSON compliant'); a map key that is one keeps its name."""
+def query_of_table(tmp_path, table_sql: str, sql: str, *options: str) -> str:
+    """``lipflow query SQL`` (exit 0 asserted) on a database holding one table ``evals`` made by ``table_sql``."""
     import duckdb
 
     db = tmp_path / "evals.duckdb"
     with duckdb.connect(str(db)) as con:
-        con.execute("CREATE TABLE evals AS SELECT * FROM (VALUES ('a', 'nan'::DOUBLE), ('a', 1.5), ('b', '-inf'))"
-                    " AS t(run_id, value)")
+        con.execute(f"CREATE OR REPLACE TABLE evals AS {table_sql}")
+    done = run_stage("lipflow.cli", "query", sql, "--db", str(db), *options)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
+    """As at the top level, a NaN or ±inf in a list, array, struct or map is null (it was the error 'Out of
+    range float values are not JSON compliant'); a map key that is one keeps its name."""
     sql = ("SELECT run_id, max(value) AS top, list(value ORDER BY value) AS values, {'max': max(value)} AS struct, "
            "map([max(value)], [max(value)]) AS map, [max(value), 2.0]::DOUBLE[2] AS pair FROM evals "
            "GROUP BY run_id ORDER BY run_id")
-    done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "json")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"{name} in JSON output")) == [
+    out = query_of_table(tmp_path, "SELECT * FROM (VALUES ('a', 'nan'::DOUBLE), ('a', 1.5), ('b', '-inf')) "
+                                   "AS t(run_id, value)", sql, "--format", "json")
+    assert json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in JSON output")) == [
         {"run_id": "a", "top": None, "values": [1.5, None], "struct": {"max": None}, "map": {"nan": None},
          "pair": [None, 2.0]},
         {"run_id": "b", "top": None, "values": [None], "struct": {"max": None}, "map": {"-inf": None},
@@ -169,16 +175,11 @@ def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
 def test_query_json_writes_a_decimal_as_a_number(tmp_path):
     """A DECIMAL (DuckDB's type of a literal such as 2.50, and of SUMMARIZE's null_percentage) was written
     as a JSON string ("2.50"), so a reader of --format json got text where the query computed a number."""
-    import duckdb
-
-    db = tmp_path / "evals.duckdb"
-    with duckdb.connect(str(db)) as con:
-        con.execute("CREATE TABLE evals AS SELECT * FROM (VALUES ('a', 1.5::DOUBLE), ('b', NULL)) AS t(run_id, value)")
     sql = ("SELECT 2.50 AS literal, [0.25] AS listed, (SELECT null_percentage FROM (SUMMARIZE evals) "
            "WHERE column_name = 'value') AS nulls")
-    done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "json")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [{"literal": 2.5, "listed": [0.25], "nulls": 50.0}]
+    out = query_of_table(tmp_path, "SELECT * FROM (VALUES ('a', 1.5::DOUBLE), ('b', NULL)) AS t(run_id, value)", sql,
+                         "--format", "json")
+    assert json.loads(out) == [{"literal": 2.5, "listed": [0.25], "nulls": 50.0}]
 
 
 def test_query_table_and_csv_write_a_nested_value_as_json(tmp_path):
@@ -187,21 +188,13 @@ def test_query_table_and_csv_write_a_nested_value_as_json(tmp_path):
     import csv
     import io
 
-    import duckdb
-
-    db = tmp_path / "evals.duckdb"
-    with duckdb.connect(str(db)) as con:
-        con.execute("CREATE TABLE evals AS SELECT 'a' AS run_id")
     sql = ("SELECT [1.5, NULL] AS losses, {'at': DATE '2026-12-05', 'x': 2.50} AS info, "
            "map(['k'], [['nan'::DOUBLE, 1.0]]) AS m FROM evals")
-    done = run_stage("lipflow.cli", "query", sql, "--db", str(db), "--format", "csv")
-    assert done.returncode == 0, done.stderr
-    header, row = csv.reader(io.StringIO(done.stdout))
+    header, row = csv.reader(io.StringIO(query_of_table(tmp_path, "SELECT 'a' AS run_id", sql, "--format", "csv")))
     assert header == ["losses", "info", "m"]
     assert [json.loads(cell) for cell in row] == [[1.5, None], {"at": "2026-12-05", "x": 2.5}, {"k": [None, 1.0]}]
-    done = run_stage("lipflow.cli", "query", sql, "--db", str(db))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[2].split(" | ")[0].strip() == "[1.5, null]"
+    table = query_of_table(tmp_path, "SELECT 'a' AS run_id", sql)
+    assert table.splitlines()[2].split(" | ")[0].strip() == "[1.5, null]"
 
 
 def test_query_writes_a_blob_as_duckdb_writes_it_as_text():
