@@ -437,3 +437,83 @@ def test_the_rounding_bound_of_a_cast_holds_and_is_reached(name):
     assert ((cast - y)[normal] / y[normal]).max() > 0.99 * rounding.unit / (1 + rounding.unit)  # y just above (1 + u)·2^e
     half_step = torch.tensor([info.smallest_normal * info.eps / 2 * 1.0001])
     assert simulate_cast(half_step, fmt).item() - half_step.item() == pytest.approx(rounding.absolute, rel=1e-3)
+
+
+# An input x = (x₁, √(2 − x₁²)) on the RMS-1 circle and an fp32 weight row w per fp8 format (a search over
+# the circle and the format's pairs) at which three casts of the unscaled simulation each round up by nearly
+# as much as they can: x̃ = RN(x) has the largest norm of any cast on the circle (ρ·√2); w is just above the
+# midpoints below the entries of w̃ = RN(w); ⟨w̃, x̃⟩, within 1 % of ‖w̃‖‖x̃‖, lies just above a midpoint.
+TIGHT_CASTS = {  # format: (x₁, w, w̃)
+    # x̃ = (15/16, 9/8), ρ = 1.0355; w̃ = x̃/2, ‖w̃‖/‖w‖ = 1.0486; ⟨w̃, x̃⟩ = 1.0723 → 1.125
+    "fp8_e4m3": (0.92, (29 / 64, 17 / 32), (15 / 32, 9 / 16)),
+    # x̃ = (5/16, 3/2), ρ = 1.0834; ‖w̃‖/‖w‖ = 1.0907; ⟨w̃, x̃⟩ = 4.578 → 5
+    "fp8_e5m2": (0.30, (15 / 64, 11 / 4), (1 / 4, 3.0)),
+}
+
+
+def tight_casts(case: str, name: str):
+    """(model, run, tight keys, whether the weights' rounding is needed). lipschitz_gpt, d 2, one block, T = 1,
+    ReLU, zero W_q, W_k, W_o, W_down and embedding: forward_embedded(x) gives q/k/v x, the MLP x/2 and the head
+    x/4, and W_v, W_up and W_head have the row w (×1, ×2, ×64), so each reads x̃ (scaled) with w̃ and o.input
+    (the cast v, T = 1), down.input and the logits are the casts of ⟨w̃, x̃⟩. mlp: one Linear (row 4w) on x,
+    input_norm ‖x‖; 'mlp_subnormal': on x of two entries just above η (half the least subnormal), which round
+    to 2η, so ‖x̃‖ ≈ 2‖x‖ (the √n·η of a norm's rounding), with the row (1, 1)."""
+    from lipflow.model.bound import Rounding
+
+    x1, w, w_cast = TIGHT_CASTS[name]
+    w = torch.tensor(w) * (1 + 2.0 ** -20)
+    assert torch.equal(simulate_cast(w, FORMATS.get(name)), torch.tensor(w_cast))
+    x = torch.tensor([x1, math.sqrt(2.0 - x1 * x1)])
+    if case == "lipschitz_gpt":
+        model = build_model(run_defaults(model=case, d_model=2, n_layers=1, n_heads=1, context=1, mlp_ratio=1,
+                                         activation="relu"), 2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+            model.blocks[0].attn.v.weight[0] = w
+            model.blocks[0].mlp.up.weight[0] = 2 * w
+            model.head.weight[0] = 64 * w  # the logits have the largest bound
+        tight = ["blocks.0.attn.v.output", "blocks.0.attn.o.input", "blocks.0.mlp.up.output",
+                 "blocks.0.mlp.down.input", "head.output", "logits"]
+        return model.eval(), lambda m: m.forward_embedded(x[None, None]), tight, True
+    if case == "mlp_subnormal":
+        eta = Rounding.of(FORMATS.get(name).dtype).absolute
+        x, w = torch.full((2,), eta * (1 + 2.0 ** -10)), torch.ones(2) / 4
+    model = build_model(run_defaults(model="mlp", in_features=2, d_model=2, n_layers=1, activation="relu",
+                                     input_norm=float(x.double().norm())), 2)
+    with torch.no_grad():
+        model.layers[0].weight.zero_()
+        model.layers[0].weight[0] = 4 * w
+    return model.eval(), lambda m: m(x[None]), ["logits" if case == "mlp" else "layers.0.output"], case == "mlp"
+
+
+@pytest.mark.parametrize("case", ["lipschitz_gpt", "mlp", "mlp_subnormal"])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_the_cast_models_bounds_are_within_a_rounding_of_values_the_simulation_casts(case, name):
+    """Where each cast rounds up nearly as far as it can (``tight_casts``), the values the unscaled simulation
+    casts stay within the cast model's bounds and, at the tight keys, come within one rounding (1 + u) of them:
+    a bound that left out any one of the roundings on the way (the cast input x̃, the cast output before the next
+    Linear or the logits, √n·η) is below them; so is cast_activation_bound with the weights not cast first."""
+    from lipflow.evaluation.precision import _cast_parameters, cast_activation_bound
+    from lipflow.model.bound import Rounding
+
+    model, run, tight, weights_rounding = tight_casts(case, name)
+    fmt = FORMATS.get(name)
+    rounding = Rounding.of(fmt.dtype)
+    cast_model = copy.deepcopy(model)
+    _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt))
+    bounds = cast_model.activation_bounds(rounding=rounding)
+    cast_model.record_activations = True
+    with torch.no_grad(), linear_hooks(cast_model, fmt) as state:
+        run(cast_model)
+    observed = {**state.max_abs, **{k[:-len(".max_abs")]: v for k, v in cast_model.activation_stats.items()
+                                    if k.endswith(".max_abs")}}
+    assert set(tight) <= set(observed)
+    assert all(observed[k] <= bounds[k] for k in observed), \
+        {k: (v, bounds[k]) for k, v in observed.items() if v > bounds[k]}
+    assert all(observed[k] * (1 + rounding.unit) > bounds[k] for k in tight), \
+        {k: (observed[k], bounds[k]) for k in tight}
+    top = max(observed.values())
+    assert top <= cast_activation_bound(model, fmt)
+    if weights_rounding:  # the weights round up: the bounds of the fp32 weights with every cast are below it
+        assert top > max(model.activation_bounds(rounding=rounding).values())
