@@ -165,6 +165,27 @@ def test_robustness_evaluation_orders_certified_pgd_and_clean_and_stores_the_low
     assert value(rows, "robust_accuracy", attack="pgd", epsilon=0.0) == value(rows, "clean_accuracy")
 
 
+def test_a_radiuss_pgd_does_not_depend_on_the_other_radii_or_their_order():
+    """With random restarts the radii shared one generator, so a radius's PGD rows changed with the radii
+    before it: reordering `epsilons` changed numbers (and reran the evaluation). Each radius draws from a
+    stream of its own now, and the config takes the list sorted."""
+    model = PositionwiseNet(hidden=8)
+    windows = torch.randint(0, model.vocab_size, (16, model.context + 1), generator=torch.Generator().manual_seed(5))
+    params = evaluation_params("robustness", pgd_restarts=4, pgd_steps=3, k_values=[], lipschitz_steps=1,
+                               epsilons=[1.0, 0.3])
+    assert params["epsilons"] == [0.3, 1.0] and evaluation_params("robustness", k_values=[4, 1])["k_values"] == [1, 4]
+
+    def pgd_rows(epsilons: list[float]) -> dict:
+        ctx = EvalContext(model, lambda count: windows[:count], windows, {**params, "epsilons": epsilons}, {}, None,
+                          None, torch.device("cpu"), None)
+        return {(r["metric"], r["epsilon"]): r["value"] for r in EVALUATIONS.get("robustness")(ctx)
+                if r.get("attack") == "pgd" and r["metric"] in ("robust_loss", "robust_accuracy")}
+
+    both = pgd_rows([0.3, 1.0])
+    assert pgd_rows([1.0, 0.3]) == both
+    assert pgd_rows([1.0]) == {key: v for key, v in both.items() if key[1] == 1.0}
+
+
 def test_a_certificate_below_the_measured_lower_bound_raises():
     model = PositionwiseNet()
     sigma = model.lipschitz_bound_l2()

@@ -375,13 +375,21 @@ def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
     return canonical_evaluation(name, filled)
 
 
+# Evaluation lists whose order changes nothing the evaluation computes: taken sorted, as their defaults
+# are (robustness seeds each radius's PGD restarts by the radius, ``robustness.pgd_generator``, and sorts
+# its k values)
+UNORDERED_EVALUATION_LISTS = {"robustness": ("epsilons", "k_values")}
+
+
 def canonical_evaluation(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """An evaluation's validated ``params`` in one spelling of what evaluates alike, so that they give one
     params string (a changed one reruns the evaluation for every run): each whole float written for a
     ``number`` key or its list items (``epsilons: [0.0, 0.5, 1.0]``) as the integer that the schema's
-    defaults write (``epsilons: [0, 0.1, 0.25, 0.5, 1, 2]``), which the evaluations read as the same number."""
-    keys = _evaluation_number_keys(name)
-    return {key: _whole_as_int(value) if key in keys else value for key, value in params.items()}
+    defaults write (``epsilons: [0, 0.1, 0.25, 0.5, 1, 2]``), which the evaluations read as the same number,
+    and each list of :data:`UNORDERED_EVALUATION_LISTS` sorted."""
+    keys, unordered = _evaluation_number_keys(name), UNORDERED_EVALUATION_LISTS.get(name, ())
+    canonical = {key: _whole_as_int(value) if key in keys else value for key, value in params.items()}
+    return {key: sorted(value) if key in unordered else value for key, value in canonical.items()}
 
 
 def _whole_as_int(value: Any) -> Any:
