@@ -209,8 +209,9 @@ def test_long_evaluations_report_each_phase_to_the_log_and_keep_their_rows(train
     model = build_model(run_defaults(**stored["config"]), stored["vocab_size"])
     matrices = sum(p.ndim == 2 for p in model.parameters())  # rank's include_embeddings: true
     expected = {
-        "robustness": [r"clean accuracy [\d.]+ on 2 sequences", r"PGD at ε = 0.5: robust accuracy [\d.]+ \(1 of 2\)",
-                       r"PGD at ε = 0.25: robust accuracy [\d.]+ \(2 of 2\)",
+        "robustness": [r"clean accuracy [\d.]+ on 2 sequences",  # the radii taken sorted, as the config takes them
+                       r"PGD at ε = 0.25: robust accuracy [\d.]+ \(1 of 2\)",
+                       r"PGD at ε = 0.5: robust accuracy [\d.]+ \(2 of 2\)",
                        r"random and greedy substitutions at k = 1 \(1 of 2\)",
                        r"random and greedy substitutions at k = 2 \(2 of 2\)"],
         "precision": [rf"{fmt}, scaling {scaling}: val loss [\d.]+ \(fp32 [\d.]+\)"
