@@ -1,4 +1,4 @@
-"""Where a result came from: config hash, git commit, package versions, host."""
+"""Where a result came from: config hash, random streams' seeds, git commit, package versions, host."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def config_hash(cfg: Any) -> str:
 
 
 COMMIT_ENV = "LIPFLOW_GIT_COMMIT"  # the commit of a source tree copied without .git (a GPU machine's), set by hand
+
+
+def stream_seed(seed: int, *stream: object) -> int:
+    """A 63-bit seed for a named random stream, e.g. ``stream_seed(0, "test", 20)``: SHA-256 of the names,
+    the same in every process (Python's hash() of a string is not)."""
+    digest = hashlib.sha256(":".join(str(s) for s in (seed, *stream)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

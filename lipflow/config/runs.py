@@ -376,7 +376,7 @@ def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
 
 
 # Evaluation lists whose order changes nothing the evaluation computes: taken sorted, as their defaults
-# are (robustness seeds each radius's PGD restarts by the radius, ``robustness.pgd_generator``, and sorts
+# are (robustness seeds each radius's PGD restarts by the radius, ``provenance.stream_seed``, and sorts
 # its k values)
 UNORDERED_EVALUATION_LISTS = {"robustness": ("epsilons", "k_values")}
 

@@ -15,7 +15,7 @@ norms ε are ℓ2 norms over the whole embedded sequence.
   ``certified_radius_median``: the median radius over the correct predictions.
 - PGD ℓ2 (Madry et al. 2018): normalized-gradient ascent with step 2.5ε/steps, projection onto the
   ε-ball, restart 0 from δ = 0 and later restarts uniform in the ball, drawn from a stream of the
-  radius's own (``pgd_generator``: the seed and ε, so a radius's attack does not depend on the other
+  radius's own (``provenance.stream_seed`` of the seed and ε, so a radius's attack does not depend on the other
   radii or their order; the config takes ``epsilons`` sorted); the objective (default the
   Carlini–Wagner margin max_{j≠y} z_j − z_y, or "ce") picks the worst δ seen; robust loss is the
   cross-entropy there.
@@ -42,7 +42,6 @@ norms ε are ℓ2 norms over the whole embedded sequence.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from typing import Callable
 
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.local_certificate import local_certificate
 from lipflow.model.base import LanguageModel
+from lipflow.provenance import stream_seed
 from lipflow.registry import Registry
 
 CERTIFICATE_SLACK = 1e-4  # relative fp32 round-off allowed between a measured ratio and the certificate
@@ -117,13 +117,6 @@ def _random_in_ball(shape: torch.Size, radius: torch.Tensor, generator: torch.Ge
     dim = math.prod(shape[1:])
     u = torch.rand(shape[0], generator=generator) ** (1.0 / dim)
     return (direction * u.view(-1, *([1] * (len(shape) - 1)))).to(radius.device) * radius
-
-
-def pgd_generator(seed: int, epsilon: float) -> torch.Generator:
-    """The random restarts' generator of PGD at radius ``epsilon``: seeded by (seed, ε) through SHA-256,
-    the same in every process (Python's hash() of a string is not)."""
-    digest = hashlib.sha256(f"{seed}:{float(epsilon)!r}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def pgd_l2(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
@@ -350,7 +343,7 @@ def evaluate(ctx: EvalContext) -> list[dict]:
                  for e in epsilons]
 
     def pgd_at(e: float) -> torch.Tensor:
-        restarts = pgd_generator(cfg["seed"], e)
+        restarts = torch.Generator().manual_seed(stream_seed(cfg["seed"], float(e)))
         return _batched(lambda xb, yb: pgd_l2(last, xb, yb, e, cfg["pgd_steps"], cfg["pgd_restarts"], restarts,
                                               objective), batch_size, x, labels)
 

@@ -7,12 +7,12 @@ rows, as in the paper's code): row i = (x_i, y_i) for i ≤ n, and the query row
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from lipflow.provenance import stream_seed
 from lipflow.studies.icl.config import ICLConfig
 from lipflow.registry import Registry
 
@@ -39,12 +39,6 @@ def _rotated(d: int, eigenvalues: tuple[float, ...], seed: int):
     gen = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)), torch.tensor(eigenvalues, dtype=torch.float64)
-
-
-def stream_seed(seed: int, *stream: object) -> int:
-    """A 63-bit seed for a named random stream, e.g. ``stream_seed(0, "test", 20)``."""
-    digest = hashlib.sha256(":".join(str(s) for s in (seed, *stream)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)

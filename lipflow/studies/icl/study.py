@@ -18,11 +18,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lipflow.errors import check_distinct_paths, parse_json
+from lipflow.provenance import stream_seed
 from lipflow.train.checkpoint import load_weights, save_weights
 from lipflow.studies.icl import theory
 from lipflow.studies.icl.config import (ICLConfig, baselines_config, check_regression_prompts, training_config,
                                         training_jobs)
-from lipflow.studies.icl.data import Prompts, PromptSampler, spd_power, stream_seed
+from lipflow.studies.icl.data import Prompts, PromptSampler, spd_power
 from lipflow.studies.icl.model import InContextTransformer
 from lipflow.studies.icl.tables import BASELINE_SCHEMA, LOSS_SCHEMA, LOSS_TABLE_METHODS, TABLE_SCHEMAS, write_table
 from lipflow.studies.icl.train import train_model

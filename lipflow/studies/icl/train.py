@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from lipflow.errors import ConfigError
 from lipflow.studies.icl.config import ICLConfig
-from lipflow.studies.icl.data import PromptSampler, stream_seed
+from lipflow.provenance import stream_seed
+from lipflow.studies.icl.data import PromptSampler
 from lipflow.studies.icl.model import InContextTransformer
 
 
