@@ -183,7 +183,7 @@ class LipschitzAttention(nn.Module):
         lipschitz = attention_lipschitz(o_norm, q_norms, k_norms, v_norms, self.score_scale, self.q.in_features, a,
                                         self.output_divisor)
         if rounding is not None:
-            out_norm, entries = self.cast_entries(A, rounding)
+            out_norm, entries = self.cast_entries(A, rounding, q_norms, k_norms, v_norms)
             bound = out_norm / math.sqrt(self.q.in_features)
             return Certificate(bound, lipschitz, bound / a, entries)
         w_o = self.o.weight.detach().double()
@@ -201,8 +201,10 @@ class LipschitzAttention(nn.Module):
                    "o.output": float(o_rows.max()) * A}
         return Certificate.leaf(a, attention_gain(o_norm, v_norms, self.output_divisor), lipschitz, entries)
 
-    def cast_entries(self, A: float, rounding: Rounding) -> tuple[float, dict[str, float]]:
-        """With every Linear's input and output cast (``rounding``), tokens of ‖x_s‖₂ ≤ A: bounds on each
+    def cast_entries(self, A: float, rounding: Rounding, q_norms: torch.Tensor, k_norms: torch.Tensor,
+                     v_norms: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """With every Linear's input and output cast (``rounding``), tokens of ‖x_s‖₂ ≤ A and the heads'
+        σ(W_q^h), σ(W_k^h), σ(W_v^h) (``weight_norms``): bounds on each
         Linear operand and result before its cast, on the scores, and on ‖y_t‖₂ of the output y = RN(u)/D.
 
         The cast input x̃ has ‖x̃‖ ≤ X = RN-norm(A); ``q/k/v.output`` ≤ ‖W_i,:‖₂·X; per head the cast
@@ -213,7 +215,6 @@ class LipschitzAttention(nn.Module):
         W_o^(h)W_v^h's cancellations (W_o·W_v = 0 still gives a nonzero cast output)."""
         d, d_h = self.q.in_features, self.head_dim
         x = rounding.norm(A, d)
-        _, q_norms, k_norms, v_norms = self.weight_norms()
         q_h, k_h, v_h = (rounding.norm(n.double() * x, d_h) for n in (q_norms, k_norms, v_norms))
         v_out = row_norms(self.v.weight) * x
         z_entries = rounding.entry(v_out)
