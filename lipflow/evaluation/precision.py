@@ -114,9 +114,9 @@ def _cast_parameters(model: nn.Module, cast: Callable[[torch.Tensor], torch.Tens
             p.copy_(cast(p))
 
 
-def analytic_activation_bounds(model: LanguageModel) -> dict[str, float] | None:
-    """``model.activation_bounds()`` as a dict (a float becomes {"all": value}), or None without one."""
-    bounds = model.activation_bounds()
+def analytic_activation_bounds(model: LanguageModel, rounding: Rounding | None = None) -> dict[str, float] | None:
+    """``model.activation_bounds(rounding)`` as a dict (a float becomes {"all": value}), or None without one."""
+    bounds = model.activation_bounds(rounding=rounding)
     if bounds is None:
         return None
     return {k: float(v) for k, v in bounds.items()} if isinstance(bounds, dict) else {"all": float(bounds)}
@@ -134,10 +134,8 @@ def cast_activation_bound(model: nn.Module, fmt: NumberFormat) -> float | None:
     bounds."""
     cast_model = copy.deepcopy(model)
     _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt).to(p.dtype))
-    bounds = cast_model.activation_bounds(rounding=Rounding.of(fmt.dtype))
-    if bounds is None:
-        return None
-    return max(float(v) for v in bounds.values()) if isinstance(bounds, dict) else float(bounds)
+    bounds = analytic_activation_bounds(cast_model, Rounding.of(fmt.dtype))
+    return None if bounds is None else max(bounds.values())
 
 
 def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
