@@ -90,6 +90,15 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def read_header(path: Path) -> tuple[set[str], Any]:
+    """A safetensors file's tensor names and its lipflow metadata (None without), from its header alone: no
+    tensor is read and no sidecar checked. OSError, ValueError or SafetensorError for a file that is no
+    safetensors file or whose metadata is no JSON."""
+    with safe_open(str(path), "pt") as weights:
+        metadata = (weights.metadata() or {}).get("lipflow")
+        return set(weights.keys()), None if metadata is None else parse_json(metadata)
+
+
 def checkpoints_newest_first(directory: Path) -> list[Path]:
     """The checkpoints in ``directory`` by their step, highest first (by name, step 10⁹'s ten digits
     sorted before step-999999999)."""
@@ -186,10 +195,10 @@ def check_newest_is_this_runs(directory: Path, identity: dict[str, str]) -> None
     if newest is None:
         return
     try:
-        with safe_open(str(newest), "pt") as weights:
-            meta = parse_json((weights.metadata() or {}).get("lipflow", "{}"))
+        _, meta = read_header(newest)
     except (OSError, ValueError, SafetensorError):
         return
+    meta = {} if meta is None else meta  # as load_weights reads a file without lipflow metadata
     if isinstance(meta, dict):
         refuse_another_runs(newest, meta, identity)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from lipflow.errors import check_distinct_paths, parse_json
 from lipflow.provenance import stream_seed
-from lipflow.train.checkpoint import load_weights, save_weights
+from lipflow.train.checkpoint import load_weights, read_header, save_weights
 from lipflow.studies.icl import theory
 from lipflow.studies.icl.config import (ICLConfig, baselines_config, check_regression_prompts, training_config,
                                         training_jobs)
@@ -76,9 +76,7 @@ def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a safetensors file as :func:`run_train` writes it: tensor ``q`` (and ``p``)
     only, and lipflow metadata with exactly :data:`CHECKPOINT_KEYS` (a run's weights are not one)."""
     try:
-        with safe_open(str(path), "pt") as weights:
-            names = set(weights.keys())
-            meta = parse_json((weights.metadata() or {}).get("lipflow", "null"))
+        names, meta = read_header(path)
     except (OSError, ValueError, SafetensorError):  # not a safetensors file, or no JSON metadata
         return False
     return ("q" in names and names <= set(CHECKPOINT_TENSORS) and isinstance(meta, dict)
