@@ -639,3 +639,30 @@ def test_ratios_of_pairs_closer_than_float32_resolves_are_measured_in_float64():
                            "lipschitz_lower_bound", attack="lipschitz_ascent") for radius in (1e-7, 1e-4)}
     assert found[1e-7] == pytest.approx(found[1e-4], rel=1e-3)
     assert found[1e-7] <= model.lipschitz_bound_l2()
+
+
+def test_an_image_mlp_radiuss_pgd_does_not_depend_on_the_other_radii_or_their_order():
+    """With random restarts the study's radii shared one generator, so a radius's PGD rows changed with the
+    radii before it. Each radius draws from a stream seeded by the seed and the radius now, and the config
+    takes the list sorted (one params string for one study)."""
+    from lipflow.config import check_config
+    from lipflow.studies import image_mlp
+
+    torch.manual_seed(0)
+    model = build_model(run_defaults(**image_mlp.mlp_config(_image_cfg())), image_mlp.CLASSES)
+    with torch.no_grad():  # weights large enough for confident, attackable logits
+        for weight in model.parameters():
+            weight.copy_(torch.randn_like(weight) * 3 / weight.shape[-1] ** 0.5)
+    x, y = (part[:64] for part in image_mlp.digits_splits(0)["test"])
+
+    def pgd_rows(epsilons: list[float]) -> dict:
+        rows = image_mlp.robustness_rows(model, (x, y), _image_cfg(epsilons=epsilons, pgd_restarts=3), method="m")
+        return {(r["metric"], r["epsilon"]): r["value"] for r in rows
+                if r["metric"] in ("robust_accuracy", "robust_loss", "robust_true_class_probability")}
+
+    both = pgd_rows([0.3, 1.0])
+    assert pgd_rows([1.0, 0.3]) == both
+    assert pgd_rows([1.0]) == {key: v for key, v in both.items() if key[1] == 1.0}
+    config = {"image_mlp": {"epsilons": [1.0, 0.3, 0]}}
+    check_config(config)
+    assert config["image_mlp"]["epsilons"] == [0.0, 0.3, 1.0]

@@ -126,9 +126,10 @@ def check_image_mlp_methods(block: dict[str, Any], keys_set: dict[str, set[str]]
 
 def canonical_image_mlp(block: dict[str, Any]) -> dict[str, Any]:
     """The ``image_mlp`` block (validated) in one spelling of what trains alike, so that it gives one params
-    string (a changed one reruns the study): its radii as floats and each method spelled as a run is
+    string (a changed one reruns the study): its radii as floats, sorted (each radius's PGD restarts are
+    seeded by the radius, so their order changes nothing computed), and each method spelled as a run is
     (:func:`canonical_run`: ``sigma_max: 3`` as ``3.0``), as the schema's defaults write them."""
-    return {**block, "epsilons": [int_as_float(eps) for eps in block["epsilons"]],
+    return {**block, "epsilons": sorted(int_as_float(eps) for eps in block["epsilons"]),
             "methods": {name: canonical_run(method) for name, method in block["methods"].items()}}
 
 

@@ -8,8 +8,9 @@ accuracy is recorded with a weight snapshot; the target is the lower of the two 
 accuracies and each method is evaluated, on the held-out test split, at its earliest snapshot that
 reaches it. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
 certified accuracy (radius m/(√2 L) > ε), robust accuracy, mean true-class probability and loss
-under ℓ2 PGD per ε on the 64 pixels scaled to [0, 1], and the empirical Lipschitz lower bound over
-the PGD pairs (checked against L). Each method trains with the LM trainer's constrained update
+under ℓ2 PGD per ε on the 64 pixels scaled to [0, 1] (each radius's random restarts drawn from a
+stream seeded by the seed and ε, so a radius's numbers do not depend on the other radii), and the
+empirical Lipschitz lower bound over the PGD pairs (checked against L). Each method trains with the LM trainer's constrained update
 (``lipflow.train.update``: step → decay → project).
 
 CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet``, JSON being the
@@ -39,6 +40,7 @@ from lipflow.errors import (ArgumentParser, ConfigError, json_object_argument, m
 from lipflow.evaluation.robustness import (certified_accuracy, certified_radius, check_lower_bound, float64_forward,
                                            pair_ratios, pgd_l2)
 from lipflow.model import build_model
+from lipflow.provenance import stream_seed
 from lipflow.train.build import build_learner
 from lipflow.train.update import constrained_update
 
@@ -105,10 +107,10 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
     radius = certified_radius(logits, y, certificate)
     rows = [{"metric": "clean_accuracy", "value": float((logits.argmax(1) == y).float().mean()), **columns},
             {"metric": "certificate_l2", "value": certificate, **columns}]
-    generator = torch.Generator().manual_seed(cfg["seed"])
     lower, exact = 0.0, float64_forward(model)
     for eps in cfg["epsilons"]:
-        delta = pgd_l2(model.forward_embedded, x, y, eps, cfg["pgd_steps"], cfg["pgd_restarts"], generator)
+        restarts = torch.Generator().manual_seed(stream_seed(cfg["seed"], float(eps)))  # not shared by the radii
+        delta = pgd_l2(model.forward_embedded, x, y, eps, cfg["pgd_steps"], cfg["pgd_restarts"], restarts)
         with torch.no_grad():
             adv = model.forward_embedded(x + delta)
         true_prob = adv.softmax(1).gather(1, y[:, None]).mean()
