@@ -712,3 +712,24 @@ def test_the_readmes_name_rule_is_the_schemas():
         else:
             with pytest.raises(ConfigError, match="is not allowed"):
                 resolved({"runs": {name: {}}})
+
+
+@pytest.mark.parametrize("name, reordered", [
+    ("precision", {"formats": ["fp8_e5m2", "bf16", "fp8_e4m3", "fp16"], "scalings": ["per_tensor", "none"]}),
+    ("rank", {"rtols": [0.001, 0.01]}),
+    ("robustness", {"epsilons": [2, 1, 0.5, 0.25, 0.1, 0], "k_values": [4, 2, 1]}),
+])
+def test_a_reordered_unordered_evaluation_list_is_the_defaults_params_string(name, reordered):
+    """Each (format, scaling) cast and each rank tolerance is computed on its own, so the order of `formats`,
+    `scalings` and `rtols` changes only the order of the rows; another order gave another params string and
+    reran the evaluation for every run. Each list is taken in the direction its default is written
+    (`rtols: [0.01, 0.001]` descending), so the defaults keep the params string a results tree recorded."""
+    from lipflow.config import SCHEMA_PATH, validate
+    from lipflow.plan import Plan
+
+    def params_json(params):
+        plan = Plan.from_config({"evaluations": {"enabled": [name], name: copy.deepcopy(params)}})
+        return plan.evaluation_params_json(name)
+
+    filled = validate({"evaluations": {name: {}}}, SCHEMA_PATH)["evaluations"][name]
+    assert params_json(reordered) == params_json({}) == json.dumps(filled, sort_keys=True)

@@ -376,10 +376,15 @@ def evaluation_params(name: str, **params: Any) -> dict[str, Any]:
     return canonical_evaluation(name, filled)
 
 
-# Evaluation lists whose order changes nothing the evaluation computes: taken sorted, as their defaults
-# are (robustness seeds each radius's PGD restarts by the radius, ``provenance.stream_seed``, and sorts
-# its k values)
-UNORDERED_EVALUATION_LISTS = {"robustness": ("epsilons", "k_values")}
+# Evaluation lists whose order changes nothing the evaluation computes, only the order of its rows: taken
+# sorted, as their defaults are (robustness seeds each radius's PGD restarts by the radius,
+# ``provenance.stream_seed``, and sorts its k values; precision casts a fresh copy per format and scaling;
+# rank counts each tolerance on its own)
+UNORDERED_EVALUATION_LISTS = {"robustness": ("epsilons", "k_values"), "precision": ("formats", "scalings"),
+                              "rank": ("rtols",)}
+# those of them sorted in descending order, as their defaults are written (`rtols: [0.01, 0.001]`), so that
+# the defaults keep the params string a results tree recorded
+DESCENDING_EVALUATION_LISTS = {"rank": ("rtols",)}
 
 
 def canonical_evaluation(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -387,10 +392,13 @@ def canonical_evaluation(name: str, params: dict[str, Any]) -> dict[str, Any]:
     params string (a changed one reruns the evaluation for every run): each whole float written for a
     ``number`` key or its list items (``epsilons: [0.0, 0.5, 1.0]``) as the integer that the schema's
     defaults write (``epsilons: [0, 0.1, 0.25, 0.5, 1, 2]``), which the evaluations read as the same number,
-    and each list of :data:`UNORDERED_EVALUATION_LISTS` sorted."""
+    and each list of :data:`UNORDERED_EVALUATION_LISTS` sorted (descending for
+    :data:`DESCENDING_EVALUATION_LISTS`)."""
     keys, unordered = _evaluation_number_keys(name), UNORDERED_EVALUATION_LISTS.get(name, ())
+    descending = DESCENDING_EVALUATION_LISTS.get(name, ())
     canonical = {key: _whole_as_int(value) if key in keys else value for key, value in params.items()}
-    return {key: sorted(value) if key in unordered else value for key, value in canonical.items()}
+    return {key: sorted(value, reverse=key in descending) if key in unordered else value
+            for key, value in canonical.items()}
 
 
 def _whole_as_int(value: Any) -> Any:
