@@ -125,19 +125,39 @@ def test_a_bad_input_is_one_line_and_exit_2(tiny_run_config, tmp_path):
 
 def test_an_input_one_worker_refuses_mid_run_is_its_one_line_without_the_others_traceback(char_shards,
                                                                                          tiny_run_config, tmp_path):
-    """Rank 0 refuses to write its step-6 checkpoint onto a folder of that name (one line, exit 2) after the
-    step-3 one: rank 1, waiting for it in a barrier, printed gloo's "Connection closed by peer" traceback
-    (some 30 lines) after that line, as the refusing worker's connections close before the launcher sees it
-    exit. It now stops quietly: the job's log is the refusal's line (after rank 0's warning of the folder)."""
+    """Rank 0 refuses to write its step-6 checkpoint beside a user's file in its sidecar's place (one line,
+    exit 2) after the step-3 one: rank 1, waiting for it in a barrier, printed gloo's "Connection closed by
+    peer" traceback (some 30 lines) after that line, as the refusing worker's connections close before the
+    launcher sees it exit. It now stops quietly: the job's log is the refusal's line."""
     out = tmp_path / "run"
-    (out / "checkpoints" / "step-000000006.safetensors").mkdir(parents=True)
+    sidecar = out / "checkpoints" / "step-000000006.safetensors.sha256"
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text("my notes")
     done = subprocess.run(train_command("m-00000000", {**tiny_run_config, "nproc": 2}, char_shards, out),
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 2 and len(lines) == 2, done.stderr[-3000:]
-    assert lines[0].startswith(f"warning: checkpoint {out}/checkpoints/step-000000006.safetensors has no checksum")
-    assert lines[1] == f"lipflow: error: cannot write {out}/checkpoints/step-000000006.safetensors: it is a directory"
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0] == (f"lipflow: error: checksum file {sidecar} exists and is not a sha256 checksum; refusing to "
+                        "replace it (if it is a damaged earlier output, delete it)")
     assert (out / "checkpoints" / "step-000000003.safetensors.sha256").exists()  # refused mid-run
+
+
+def test_a_folder_in_a_checkpoint_files_place_is_refused_at_start_up_in_one_line(char_shards, tiny_run_config,
+                                                                                  tmp_path):
+    """A folder named as a checkpoint's sidecar passed the start-up check: beside a checkpoint, each worker
+    then failed reading it ("[Errno 21] Is a directory", once per worker); one for a later step, the run
+    failed writing it, after training up to that step. The launcher refuses it before any worker starts."""
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step-000000003.safetensors").write_text("no weights")
+    (checkpoints / "step-000000003.safetensors.sha256").mkdir()
+    done = subprocess.run(train_command("f-00000000", {**tiny_run_config, "nproc": 2}, char_shards, out),
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and lines == [
+        f"lipflow: error: --out-dir {out}: {checkpoints}/step-000000003.safetensors.sha256 is a folder where "
+        "training writes a file; refusing to train into it (move it away)"], done.stderr[-3000:]
 
 
 def test_a_worker_stops_quietly_only_after_another_refused_an_input(tmp_path, monkeypatch):

@@ -557,3 +557,17 @@ def test_a_worker_of_several_leaves_the_runs_messages_to_rank_0(char_shards, tin
     assert main(["--run-id", "w-00000000", "--config-json", json.dumps(tiny_run_config), "--data-dir",
                  str(char_shards), "--out-dir", str(tmp_path / "stopped"), "--no-progress"]) == 143
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", ["checkpoints/step-000000003.safetensors.sha256", "checkpoints/step-000000003.safetensors",
+                                  "model.safetensors.sha256", "run.json", "config.json", ".train.lock"])
+def test_a_folder_where_training_writes_a_file_is_refused_naming_its_path(name, tmp_path):
+    """A folder in the place of a file of the run (a checkpoint, its sidecar, the outputs, the lock) is a
+    FileExistsError naming its path, from the start-up check that the launcher and every worker run."""
+    from lipflow.train.build import check_run_directory
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / name).mkdir()
+    with pytest.raises(FileExistsError, match=rf"^--out-dir {tmp_path}: {tmp_path / name} is a folder where training "
+                                              r"writes a file; refusing to train into it \(move it away\)$"):
+        check_run_directory(tmp_path, "a-0000000a", {})

@@ -91,13 +91,16 @@ def check_run_directory(directory: Path, run_id: str, cfg: dict[str, Any], manif
 
 
 RUN_FOLDERS = ("checkpoints", "evals", "tensorboard")  # the RUN_ENTRIES that are folders
+RUN_FILES = tuple(sorted(RUN_ENTRIES - set(RUN_FOLDERS)))  # the others: files
 
 
 def check_run_folders(directory: Path) -> None:
     """A FileExistsError when a folder of :data:`RUN_FOLDERS` in ``directory`` is a link (training would
-    write, and prune, where it points) or not a folder, or when ``checkpoints`` holds a name that
+    write, and prune, where it points) or not a folder, when ``checkpoints`` holds a name that
     :func:`lipflow.train.checkpoint.save_checkpoint` does not write (pruning would delete a
-    ``step-1.safetensors`` of the user's)."""
+    ``step-1.safetensors`` of the user's), or when a file training reads or writes (:data:`RUN_FILES`, a
+    checkpoint or its sidecar) is a folder: refused here, where every worker then failed reading it
+    ("Is a directory", once per worker) or the run failed writing it after training up to it."""
     for name in RUN_FOLDERS:
         entry = directory / name
         if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
@@ -105,13 +108,18 @@ def check_run_folders(directory: Path) -> None:
             raise FileExistsError(f"--out-dir {directory}: {name} is {kind}; refusing to train into it "
                                   "(move it away)")
     checkpoints = directory / "checkpoints"
-    if checkpoints.is_dir():
-        foreign = sorted(entry.name for entry in checkpoints.iterdir()
-                         if checkpoint_step(entry.name.removesuffix(".sha256")) is None
-                         and not is_temporary(entry.name) and not is_clutter(entry.name))
-        if foreign:
-            raise FileExistsError(f"--out-dir {directory}: checkpoints holds {foreign[0]!r}, which lipflow does not "
-                                  "write there; refusing to train into it (checkpoint pruning would delete it)")
+    entries = sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    foreign = [entry.name for entry in entries if checkpoint_step(entry.name.removesuffix(".sha256")) is None
+               and not is_temporary(entry.name) and not is_clutter(entry.name)]
+    if foreign:
+        raise FileExistsError(f"--out-dir {directory}: checkpoints holds {foreign[0]!r}, which lipflow does not "
+                              "write there; refusing to train into it (checkpoint pruning would delete it)")
+    files = [directory / name for name in RUN_FILES] + [entry for entry in entries if not is_clutter(entry.name)
+                                                        and not is_temporary(entry.name)]
+    folder = next((path for path in files if path.is_dir()), None)
+    if folder is not None:
+        raise FileExistsError(f"--out-dir {directory}: {folder} is a folder where training writes a file; refusing "
+                              "to train into it (move it away)")
 
 
 @contextlib.contextmanager
