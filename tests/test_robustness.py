@@ -531,6 +531,22 @@ def test_image_mlp_refuses_a_radius_given_twice_in_one_line():
         study_config({"epsilons": [0.1, 0.3, 0.1]})
 
 
+def test_image_mlp_refuses_a_method_its_soft_cap_cannot_hold_before_any_method_trains(monkeypatch):
+    """A method whose steps the soft cap cannot absorb at its lr was refused by build_learner when its turn
+    came, after the methods before it had trained (minutes), as "lr: …" without the method's name."""
+    from lipflow.config import ConfigError
+    from lipflow.studies import image_mlp
+
+    monkeypatch.setattr(image_mlp, "train_snapshots", lambda *args: pytest.fail("a method trained"))
+    block = {"width": 16, "methods": {"a": {"optimizer": "adamw"},
+                                      "b": {"optimizer": "muon", "weight_constraint": "spectral_soft_cap",
+                                            "sigma_max": 1e-30}}}
+    with pytest.raises(ConfigError, match=r"^--config-json: image_mlp\.methods\.b\.lr: at lr 0\.003 the optimizer's "
+                                          r"steps reach .* more than the soft cap absorbs at sigma_max 1e-30 .*"
+                                          r"lower lr to at most .* or raise sigma_max$"):
+        image_mlp.run_image_mlp_study(image_mlp.study_config(block))
+
+
 @pytest.mark.parametrize("n_layers, key, table, roles", [
     (3, "lmo_norms", {"hidden": "spectral", "embed": "sign"}, "hidden, head"),
     (3, "lmo_radius", {"vector": 1.0}, "hidden, head"),

@@ -41,7 +41,7 @@ from lipflow.evaluation.robustness import (certified_accuracy, certified_radius,
                                            pair_ratios, pgd_l2)
 from lipflow.model import build_model
 from lipflow.provenance import stream_seed
-from lipflow.train.build import build_learner
+from lipflow.train.build import build_learner, check_learner
 from lipflow.train.update import constrained_update
 
 IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
@@ -167,7 +167,21 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
         check_image_mlp_methods(filled["image_mlp"], methods_set)
     except ConfigError as err:
         raise ConfigError(f"--config-json: {str(err).removeprefix('config error: ')}") from None
+    check_methods_build(filled["image_mlp"])
     return filled["image_mlp"]
+
+
+def check_methods_build(cfg: dict[str, Any]) -> None:
+    """Every method's learner checked as training builds it (``check_learner``, on the meta device: e.g. a soft
+    cap that cannot absorb the method's steps at its lr), so that a bad later method is refused before the
+    first one trains (minutes), as a ConfigError naming the method and, where the message does, its key."""
+    for name, method in cfg["methods"].items():
+        try:
+            check_learner(run_defaults(**{**method, **mlp_config(cfg)}), CLASSES)
+        except ValueError as err:
+            key, named, reason = str(err).partition(": ")
+            where = f"{name}.{key}: {reason}" if named and key in method else f"{name}: {err}"
+            raise ConfigError(f"--config-json: image_mlp.methods.{where}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
