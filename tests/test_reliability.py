@@ -186,6 +186,16 @@ class _Exploit:
         return (os.system, ("touch pwned",))
 
 
+def test_a_folder_given_as_weights_is_named_a_folder_not_missing(tmp_path):
+    """`icl collect --runs <folder>` (or a run's model.safetensors that is a folder) said the checkpoint
+    "does not exist", sending its user to look for a path that is there."""
+    (tmp_path / "weights.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path}/weights\.safetensors is a folder, not a file$"):
+        load_weights(tmp_path / "weights.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path}/none\.safetensors does not exist$"):
+        load_weights(tmp_path / "none.safetensors")
+
+
 def test_pickle_bearing_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     crafted = tmp_path / "model.safetensors"

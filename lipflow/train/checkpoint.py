@@ -75,7 +75,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sidecar (a missing sidecar is an error naming the file, as is a mismatch)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
     try:
         blob = read_verified(path)
     except IntegrityError as err:
