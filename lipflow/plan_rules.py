@@ -5,6 +5,8 @@ the rules call (each takes the job's ``wildcards``), and the file lists of the s
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 
 from lipflow.plan import IMAGE_MLP, Plan, recorded_block
 
@@ -127,6 +129,15 @@ class RuleFunctions:
         digits-MLP robustness table, so that the database waits for them and is rebuilt when they change
         (the database rule also names them on the build's command line: it loads those only)."""
         return [*self.icl_tables(wildcards), *self.plan.study_inputs()]
+
+    def database_receipt(self, database: str) -> str:
+        """The database job's receipt, named by a digest of what the build reads (the run folders and the
+        study tables its command line names): a database built from another run set (a config changed while
+        Snakemake's own records in .snakemake/ were lost, or a results/ shared by two checkouts) then lacks
+        this receipt and is rebuilt, where a fixed name would pass it as up to date. The build removes its
+        database's other receipts first (:func:`lipflow.results.database.remove_other_receipts`)."""
+        inputs = json.dumps([self.plan.database_run_dirs(), self.study_tables(None)])
+        return f"{database}.{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.built"
 
     def icl_targets(self, wildcards):
         """The ICL study's part of the default target `all`: everything of icl_all when it is on."""

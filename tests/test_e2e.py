@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import SNAKEMAKE_SINGLE_THREADED
 
@@ -99,6 +100,28 @@ def test_a_users_file_at_a_figure_path_survives_a_rerun_of_the_figure(pipeline, 
     from lipflow.results.plotting import is_lipflow_figure
 
     assert is_lipflow_figure(figure)
+    assert "Nothing to be done" in (lambda done: done.stdout + done.stderr)(snakemake(work, "-n"))
+
+
+def test_a_database_of_another_run_set_is_rebuilt_without_snakemakes_records(pipeline, tmp_path):
+    """The database's receipt is named by the run set it was built from: with Snakemake's own records
+    (.snakemake/, which hold its params and input-set triggers) gone, as in a results/ shared by two
+    checkouts, a config that drops a run still plans the database job (a fixed receipt name passed the
+    database of both runs as up to date); the rebuild leaves one receipt, and a user's file named like one
+    stays."""
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    del config["runs"]["lipschitz"]
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    mine = work / "results" / "lipflow.duckdb.mine.built"
+    mine.write_text('{"database": "lipflow.duckdb"}')
+    planned = snakemake(work, "-n")
+    assert "database" in planned.stdout and "Nothing to be done" not in planned.stdout + planned.stderr
+    assert snakemake(work).returncode == 0
+    receipts = sorted(path.name for path in (work / "results").glob("lipflow.duckdb.*.built"))
+    assert len(receipts) == 2 and "lipflow.duckdb.mine.built" in receipts, receipts
+    assert [row["name"] for row in query_csv(work, "select name from runs")] == ["baseline"]
     assert "Nothing to be done" in (lambda done: done.stdout + done.stderr)(snakemake(work, "-n"))
 
 

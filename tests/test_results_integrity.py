@@ -249,7 +249,7 @@ def test_the_database_rule_names_the_studies_tables_the_config_has_on(tmp_path, 
     other (a dry run, printing the job's command)."""
     (tmp_path / "config.yaml").write_text("runs: {}\n" + overlay)
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-                          "results/lipflow.duckdb.built", "--configfile", str(tmp_path / "config.yaml"), "-c1", "-n",
+                          "database", "--configfile", str(tmp_path / "config.yaml"), "-c1", "-n",
                           "-p"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr
     command = next(line for line in dry.stdout.splitlines() if "lipflow.results build" in line)

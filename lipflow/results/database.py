@@ -355,6 +355,17 @@ def is_receipt(path: Path) -> bool:
     return json_object_keys(path) == set(RECEIPT_KEYS)
 
 
+def remove_other_receipts(out: Path, receipt: Path) -> None:
+    """Remove the receipts of ``out`` in ``receipt``'s folder other than ``receipt``: receipts (the database
+    rule names each by the inputs it was built from) that record ``out`` as their database. Done before the
+    build, so that a database rebuilt from other inputs never stands beside a receipt of the old ones (which
+    Snakemake would take as up to date if that run set came back); a user's file is never one of them."""
+    for path in Path(receipt).parent.iterdir():
+        if path != Path(receipt) and path.name.startswith(f"{out.name}.") and is_receipt(path):
+            if read_json(path).get("database") == out.name:
+                path.unlink()
+
+
 def check_out_replaceable(out: Path) -> None:
     """A FileExistsError unless ``out`` is absent or a lipflow database holding none of a user's objects
     (:func:`refuse_to_drop_user_objects`); checked before the build and again just before the swap, since
@@ -403,6 +414,8 @@ def build(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: 
     out = Path(out)
     check_build_arguments(out, manifest, run_dirs, study_tables, receipt)
     remove_stale_temporaries(out)  # what a killed build left
+    if receipt is not None:
+        remove_other_receipts(out, receipt)
     tmp = out.with_name(temp_prefix(out) + "build")
     wal = Path(f"{tmp}.wal")
     published = False

@@ -37,10 +37,6 @@ if config["runs"] and not PLAN.trains_runs_block:
 DATA_DIR = PLAN.data_dir
 RUNS = PLAN.runs
 DATABASE = "results/lipflow.duckdb"
-# Written by the database job after the database is in place. Snakemake checks only the outputs that
-# something asks for, so every rule that reads the database asks for this too: a failed build (which
-# leaves the previous database, an update() output) is then always rerun.
-DATABASE_RECEIPT = f"{DATABASE}.built"
 ENV = "../../envs/lipflow.yaml"
 
 # The in-context learning study's checkpoints (rules in icl.smk; configured by the `icl:` block).
@@ -65,6 +61,11 @@ train_runtime = _RULE_FUNCTIONS.train_runtime
 train_gpus = _RULE_FUNCTIONS.train_gpus
 train_cpus = _RULE_FUNCTIONS.train_cpus
 study_tables = _RULE_FUNCTIONS.study_tables
+# Written by the database job after the database is in place, named by what it was built from
+# (RuleFunctions.database_receipt). Snakemake checks only the outputs that something asks for, so every
+# rule that reads the database asks for this too: a failed build (which leaves the previous database, an
+# update() output) is then always rerun.
+DATABASE_RECEIPT = _RULE_FUNCTIONS.database_receipt(DATABASE)
 icl_targets = _RULE_FUNCTIONS.icl_targets
 icl_params = _RULE_FUNCTIONS.icl_params
 icl_train_params = _RULE_FUNCTIONS.icl_train_params
