@@ -397,7 +397,7 @@ def make_table(con, name: str, rows: list[dict]) -> None:
 
 RUN_DEFAULTS = {"status": "completed", "experiment": None, "model": "gpt", "optimizer": "adamw",
                 "weight_constraint": "none", "sigma_max": 1.0, "lr": 0.01, "parametrization": "sp",
-                "depth_mup": False, "d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "steps": 100,
+                "depth_mup": False, "d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "steps": 100, "seed": 0,
                 "train_tokens": None, "lipschitz_bound": None, "max_activation": None, "val_loss": None,
                 "final_val_loss": None, "val_accuracy": None, "final_val_accuracy": None}
 
@@ -442,43 +442,66 @@ def test_pareto_front_per_optimizer_matches_brute_force(tmp_path):
 
 
 def test_lr_transfer_optimum_and_drift(tmp_path):
-    # method sp+adamw: optimum halves with each width doubling → drift 4; sp+muon: same lr → drift 1.
-    losses = {("adamw", 32): {0.0025: 2.0, 0.005: 1.9, 0.01: 1.5, 0.02: 1.7},
-              ("adamw", 64): {0.0025: 1.6, 0.005: 1.4, 0.01: 1.45, 0.02: 1.8},
-              ("adamw", 128): {0.0025: 1.3, 0.005: 1.35, 0.01: 1.6, 0.02: 2.5},
+    # method sp_adamw: optimum halves with each width doubling → drift 4; muon: same lr → drift 1.
+    losses = {("sp_adamw", 32): {0.0025: 2.0, 0.005: 1.9, 0.01: 1.5, 0.02: 1.7},
+              ("sp_adamw", 64): {0.0025: 1.6, 0.005: 1.4, 0.01: 1.45, 0.02: 1.8},
+              ("sp_adamw", 128): {0.0025: 1.3, 0.005: 1.35, 0.01: 1.6, 0.02: 2.5},
               ("muon", 32): {0.05: 1.5, 0.1: 1.4, 0.2: 1.4},   # tie → the smaller lr
               ("muon", 64): {0.05: 1.45, 0.1: 1.3, 0.2: 1.35}}
     runs, i = [], 0
-    for (opt, width), curve in losses.items():
+    for (method, width), curve in losses.items():
         for lr, loss in curve.items():
-            runs.append(run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer=opt, d_model=width, lr=lr,
+            runs.append(run(f"lrt.{method}.w{width}.lr{lr}-{i:08x}", experiment="lr_transfer", d_model=width, lr=lr,
                             val_loss=loss))
             i += 1
-    runs.append(run(f"lrt.x-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=64, lr=1.0,
+    runs.append(run(f"lrt.muon.w64.lr1-{i:08x}", experiment="lr_transfer", d_model=64, lr=1.0,
                     status="diverged", val_loss=0.1))  # a diverged run never wins
     con = database(tmp_path, runs)
     create_views(con)
     got = {(m, w): (lr, edge, drift) for m, w, lr, edge, drift in con.sql(
         "select method, width, optimal_lr, at_grid_edge, drift from lr_transfer").fetchall()}
-    assert got == {("sp+adamw", 32): (0.01, False, 4.0), ("sp+adamw", 64): (0.005, False, 4.0),
-                   ("sp+adamw", 128): (0.0025, True, 4.0),
-                   ("sp+muon", 32): (0.1, False, 1.0), ("sp+muon", 64): (0.1, False, 1.0)}
+    assert got == {("sp_adamw", 32): (0.01, False, 4.0), ("sp_adamw", 64): (0.005, False, 4.0),
+                   ("sp_adamw", 128): (0.0025, True, 4.0),
+                   ("muon", 32): (0.1, False, 1.0), ("muon", 64): (0.1, False, 1.0)}
     assert con.execute("select final_loss from lr_transfer_runs where status = 'diverged'").fetchall()[0][0] is None
 
 
-def test_lr_transfer_keeps_a_constrained_variant_of_a_method_apart(tmp_path):
-    """A method axis with Muon and Muon + a weight constraint (both sp+muon): their runs at one width and lr
-    were one method, two rows a point, so the optimum, n_lrs and drift mixed the two; the constraint names its
-    own method, and an unconstrained method keeps its name."""
-    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=32, lr=lr, val_loss=loss,
-                weight_constraint=constraint)
-            for i, (constraint, lr, loss) in enumerate([("none", 0.1, 1.5), ("none", 0.2, 1.4),
-                                                        ("spectral_hard_cap", 0.1, 1.2),
-                                                        ("spectral_hard_cap", 0.2, 1.3)])]
+def test_lr_transfer_method_is_the_grid_label(tmp_path):
+    """Two labels of the method axis with one parametrization + optimizer (AdamW with other betas; Muon + a
+    weight constraint) were one method `sp+adamw`: four runs at two lrs (n_lrs 4), the optimum over both;
+    each label is a method of its own, identical settings included."""
+    points = [("adamw_plain", "none", 0.1, 1.5), ("adamw_plain", "none", 0.2, 1.4),
+              ("adamw_beta", "none", 0.1, 1.2), ("adamw_beta", "none", 0.2, 1.3),
+              ("muon_cap", "spectral_hard_cap", 0.1, 1.1), ("muon_cap", "spectral_hard_cap", 0.2, 1.0),
+              ("adamw_again", "none", 0.1, 1.5), ("adamw_again", "none", 0.2, 1.4)]
+    runs = [run(f"lrt.{label}.w32.lr{lr}-{i:08x}", experiment="lr_transfer", d_model=32, lr=lr, val_loss=loss,
+                weight_constraint=constraint, optimizer="muon" if constraint != "none" else "adamw")
+            for i, (label, constraint, lr, loss) in enumerate(points)]
     con = database(tmp_path, runs)
     create_views(con)
-    got = {m: rest for m, *rest in con.sql("select method, optimal_lr, n_lrs from lr_transfer").fetchall()}
-    assert got == {"sp+muon": [0.2, 2], "sp+muon+spectral_hard_cap": [0.1, 2]}
+    got = {m: rest for m, *rest in con.sql("select method, optimal_lr, best_loss, n_lrs from lr_transfer").fetchall()}
+    assert got == {"adamw_plain": [0.2, 1.4, 2], "adamw_beta": [0.1, 1.2, 2], "muon_cap": [0.2, 1.0, 2],
+                   "adamw_again": [0.2, 1.4, 2]}
+
+
+def test_lr_transfer_averages_the_seeds_of_a_point(tmp_path):
+    """A seed axis gave two runs a point, counted as two lrs (n_lrs 4 of 2) with the luckiest seed's loss as
+    the optimum's; a point is its seeds' mean, and an lr where a seed diverged is no optimum."""
+    from lipflow.experiments.lr_transfer import lr_transfer
+    from lipflow.results.plotting import pyplot
+
+    points = [(0.1, 0, 1.0), (0.1, 1, 2.0), (0.2, 0, 1.4), (0.2, 1, 1.4), (0.4, 0, 0.5), (0.4, 1, None)]
+    runs = [run(f"lrt.adamw.w16.lr{lr}.seed{seed}-{i:08x}", experiment="lr_transfer", d_model=16, lr=lr, seed=seed,
+                val_loss=loss, status="completed" if loss is not None else "diverged")
+            for i, (lr, seed, loss) in enumerate(points)]
+    con = database(tmp_path, runs)
+    create_views(con)
+    assert con.sql("select method, optimal_lr, best_loss, n_seeds, n_lrs, at_grid_edge from lr_transfer").fetchall() \
+        == [("adamw", 0.2, 1.4, 2, 2, False)]
+    fig = lr_transfer(con)  # the width's line joins the means, not each seed's run (a zig-zag at every lr)
+    (curve,) = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
+    assert list(curve.get_xdata()) == [0.1, 0.2] and list(curve.get_ydata()) == [1.5, 1.4]
+    pyplot().close(fig)
 
 
 def test_sharpness_spread_across_widths_and_depths(tmp_path):
@@ -688,7 +711,8 @@ def filled_database(tmp_path) -> Path:
         runs.append(run(f"tradeoff.{i}-{i:08x}", experiment="lipschitz_tradeoff", optimizer=opt, lipschitz_bound=b,
                         val_accuracy=a, max_activation=3.0 + i, weight_constraint="spectral_soft_cap"))
     for j, (w, lr) in enumerate(itertools.product([32, 64], [0.01, 0.02])):
-        runs.append(run(f"lrt.{j}-{10 + j:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=2 + lr * w / 64))
+        runs.append(run(f"lrt.sp_adamw.w{w}.lr{lr}-{10 + j:08x}", experiment="lr_transfer", d_model=w, lr=lr,
+                        val_loss=2 + lr * w / 64))
     for j, (p, w) in enumerate(itertools.product(["sp", "mup"], [32, 64])):
         rid = f"sc.{j}-{20 + j:08x}"
         runs.append(run(rid, experiment="super_consistency", parametrization=p, d_model=w))
@@ -887,23 +911,23 @@ def test_lr_transfer_figure_marks_what_it_cannot_place_and_survives_a_method_tha
     from lipflow.experiments.lr_transfer import lr_transfer
     from lipflow.results.plotting import pyplot
 
-    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=loss,
+    runs = [run(f"lrt.sp_adamw.w{w}.lr{lr}-{i:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=loss,
                 status="completed" if loss is not None else "diverged")
             for i, (w, lr, loss) in enumerate([(32, 0.01, 2.0), (32, 0.02, 2.1), (32, 0.04, 2.2), (32, 0.08, 2.3),
                                                (32, 0.16, 90.0), (64, 0.01, None), (64, 0.02, None)])]
-    runs += [run(f"lrt.s{i}-{20 + i:08x}", experiment="lr_transfer", optimizer="scion", lr=lr, val_loss=None,
+    runs += [run(f"lrt.scion.w64.lr{lr}-{20 + i:08x}", experiment="lr_transfer", optimizer="scion", lr=lr, val_loss=None,
                  status="diverged") for i, lr in enumerate((0.01, 0.02))]
     con = database(tmp_path, runs)
     create_views(con)
     fig = lr_transfer(con)
-    adamw, scion = fig.axes
-    assert adamw.get_title() == "sp+adamw: optimal-lr drift ×1 (1 of 2 widths)"
-    assert scion.get_title() == "sp+scion: no run ended with a finite loss"
+    scion, adamw = fig.axes  # panels in method order
+    assert scion.get_title() == "scion: no run ended with a finite loss"
+    assert adamw.get_title() == "sp_adamw: optimal-lr drift ×1 (1 of 2 widths)"
     top = adamw.get_ylim()[1]
     marked = {(line.get_marker(), tuple(line.get_xdata())) for ax in fig.axes for line in ax.lines
               if line.get_linestyle() == "None" and list(line.get_ydata()) == [top] * len(line.get_ydata())}
     assert marked == {("^", (0.16,)), ("x", (0.01, 0.02))}  # width 32's lr 0.16; width 64's and scion's runs
-    assert [t.get_text() for t in adamw.get_legend().get_texts()] == [
+    assert [t.get_text() for t in scion.get_legend().get_texts()] == [  # the first panel's
         "width 32", "width 64", "loss above the axis", "diverged / no final loss"]
     pyplot().close(fig)
 
@@ -915,7 +939,7 @@ def test_lr_transfer_figure_of_one_final_loss_has_a_readable_loss_and_lr_axis(tm
     from lipflow.experiments.lr_transfer import lr_transfer
     from lipflow.results.plotting import pyplot
 
-    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", d_model=w, lr=0.01, val_loss=2.0)
+    runs = [run(f"lrt.sp_adamw.w{w}.lr0.01-{i:08x}", experiment="lr_transfer", d_model=w, lr=0.01, val_loss=2.0)
             for i, w in enumerate((32, 64))]
     con = database(tmp_path, runs)
     create_views(con)
@@ -936,7 +960,7 @@ def test_lr_transfer_figure_keeps_the_optima_readable_when_the_top_lr_blows_up_a
     from lipflow.results.plotting import pyplot
 
     losses = {32: {0.03: 3.5, 0.12: 2.8, 1000.0: 1168.0}, 64: {0.03: 3.3, 0.12: 2.6, 1000.0: 1310.0}}
-    runs = [run(f"lrt.{w}.{i}-{w + i:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=loss)
+    runs = [run(f"lrt.sp_adamw.w{w}.lr{lr}-{w + i:08x}", experiment="lr_transfer", d_model=w, lr=lr, val_loss=loss)
             for w, by_lr in losses.items() for i, (lr, loss) in enumerate(by_lr.items())]
     con = database(tmp_path, runs)
     create_views(con)
@@ -994,18 +1018,18 @@ def test_sharpness_panels_go_symlog_only_when_a_few_estimates_dwarf_the_rest():
 
 
 def test_lr_transfer_counts_lrs_per_width_and_widths_per_method_and_no_edge_with_one_lr(tmp_path):
-    losses = {("adamw", 32): {0.01: 1.5, 0.02: 1.4, 0.04: 1.6},   # optimum inside the grid
-              ("adamw", 64): {0.01: 1.3},                         # a single lr: no grid, so no edge
-              ("muon", 32): {0.1: 1.2, 0.2: 1.1}}                 # optimum at the grid's edge
-    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer=opt, d_model=width, lr=lr, val_loss=loss)
-            for i, ((opt, width), lr, loss) in enumerate((key, lr, loss) for key, curve in losses.items()
+    losses = {("sp_adamw", 32): {0.01: 1.5, 0.02: 1.4, 0.04: 1.6},   # optimum inside the grid
+              ("sp_adamw", 64): {0.01: 1.3},                         # a single lr: no grid, so no edge
+              ("muon", 32): {0.1: 1.2, 0.2: 1.1}}                    # optimum at the grid's edge
+    runs = [run(f"lrt.{method}.w{width}.lr{lr}-{i:08x}", experiment="lr_transfer", d_model=width, lr=lr, val_loss=loss)
+            for i, ((method, width), lr, loss) in enumerate((key, lr, loss) for key, curve in losses.items()
                                                           for lr, loss in curve.items())]
     con = database(tmp_path, runs)
     create_views(con)
     got = {(m, w): rest for m, w, *rest in con.sql(
         "select method, width, optimal_lr, n_lrs, at_grid_edge, n_widths, drift from lr_transfer").fetchall()}
-    assert got == {("sp+adamw", 32): [0.02, 3, False, 2, 2.0], ("sp+adamw", 64): [0.01, 1, False, 2, 2.0],
-                   ("sp+muon", 32): [0.2, 2, True, 1, 1.0]}
+    assert got == {("sp_adamw", 32): [0.02, 3, False, 2, 2.0], ("sp_adamw", 64): [0.01, 1, False, 2, 2.0],
+                   ("muon", 32): [0.2, 2, True, 1, 1.0]}
 
 
 def test_lr_transfer_edge_is_the_grids_edge_diverged_lrs_included(tmp_path):
@@ -1014,7 +1038,7 @@ def test_lr_transfer_edge_is_the_grids_edge_diverged_lrs_included(tmp_path):
     optimum at the largest lr tried is at the edge."""
     curves = {32: [(0.05, 1.5, "completed"), (0.1, 1.4, "completed"), (0.2, None, "diverged")],
               64: [(0.05, 1.5, "completed"), (0.1, 1.4, "completed"), (0.2, 1.3, "completed")]}
-    runs = [run(f"lrt.{i}-{i:08x}", experiment="lr_transfer", optimizer="muon", d_model=width, lr=lr, val_loss=loss,
+    runs = [run(f"lrt.muon.w{width}.lr{lr}-{i:08x}", experiment="lr_transfer", d_model=width, lr=lr, val_loss=loss,
                 status=status)
             for i, (width, (lr, loss, status)) in enumerate((w, point) for w, points in curves.items()
                                                             for point in points)]
@@ -1063,9 +1087,9 @@ def test_sharpness_spread_counts_distinct_sizes_skips_missing_sharpness_and_othe
             run("sc.b-00000002", experiment="super_consistency", d_model=64, n_layers=2),
             run("sc.b.seed1-00000003", experiment="super_consistency", d_model=64, n_layers=2),
             run("sc.c-00000004", experiment="super_consistency", d_model=128, n_layers=2),
-            run("lrt.x-00000005", experiment="lr_transfer", d_model=256, n_layers=2)]
+            run("lrt.muon.w256.lr0.01-00000005", experiment="lr_transfer", d_model=256, n_layers=2)]
     values = {"sc.a-00000001": -1.0, "sc.b-00000002": -3.0, "sc.b.seed1-00000003": -2.0, "sc.c-00000004": None,
-              "lrt.x-00000005": -100.0}
+              "lrt.muon.w256.lr0.01-00000005": -100.0}
     metrics = [{"run_id": r, "step": 10, "loss": 1.0, "sharpness": v,
                 "preconditioned_sharpness": None if v is None else 10 * v} for r, v in values.items()]
     con = database(tmp_path, runs, metrics)
