@@ -505,18 +505,19 @@ def test_lr_transfer_averages_the_seeds_of_a_point(tmp_path):
 
 
 def test_sharpness_spread_across_widths_and_depths(tmp_path):
-    runs = [run("sc.a-00000001", experiment="super_consistency", d_model=32, n_layers=2),
-            run("sc.b-00000002", experiment="super_consistency", d_model=64, n_layers=2),
-            run("sc.c-00000003", experiment="super_consistency", d_model=128, n_layers=2),
-            run("sc.d-00000004", experiment="super_consistency", d_model=64, n_layers=4),
-            run("sc.e-00000005", experiment="super_consistency", d_model=32, n_layers=2, parametrization="mup")]
-    sharp = {"sc.a-00000001": [1.0, 2.0], "sc.b-00000002": [2.0, 2.0], "sc.c-00000003": [3.0, 2.0],
-             "sc.d-00000004": [5.0, 4.0], "sc.e-00000005": [7.0, 7.0]}
+    runs = [run("sc.sp.w32.L2-00000001", experiment="super_consistency", d_model=32, n_layers=2),
+            run("sc.sp.w64.L2-00000002", experiment="super_consistency", d_model=64, n_layers=2),
+            run("sc.sp.w128.L2-00000003", experiment="super_consistency", d_model=128, n_layers=2),
+            run("sc.sp.w64.L4-00000004", experiment="super_consistency", d_model=64, n_layers=4),
+            run("sc.mup.w32.L2-00000005", experiment="super_consistency", d_model=32, n_layers=2, parametrization="mup")]
+    sharp = {"sc.sp.w32.L2-00000001": [1.0, 2.0], "sc.sp.w64.L2-00000002": [2.0, 2.0],
+             "sc.sp.w128.L2-00000003": [3.0, 2.0], "sc.sp.w64.L4-00000004": [5.0, 4.0],
+             "sc.mup.w32.L2-00000005": [7.0, 7.0]}
     # The preconditioned sharpness is 10× the sharpness, except sc.c's at step 20 (40 instead of 20).
     metrics = [{"run_id": r, "step": s, "loss": 1.0, "sharpness": v,
-                "preconditioned_sharpness": 40.0 if (r, s) == ("sc.c-00000003", 20) else 10 * v}
+                "preconditioned_sharpness": 40.0 if (r, s) == ("sc.sp.w128.L2-00000003", 20) else 10 * v}
                for r, values in sharp.items() for s, v in zip((10, 20), values)]
-    metrics += [{"run_id": "sc.a-00000001", "step": 15, "loss": 1.0, "sharpness": None,
+    metrics += [{"run_id": "sc.sp.w32.L2-00000001", "step": 15, "loss": 1.0, "sharpness": None,
                  "preconditioned_sharpness": None}]
     con = database(tmp_path, runs, metrics)
     create_views(con)
@@ -714,7 +715,7 @@ def filled_database(tmp_path) -> Path:
         runs.append(run(f"lrt.sp_adamw.w{w}.lr{lr}-{10 + j:08x}", experiment="lr_transfer", d_model=w, lr=lr,
                         val_loss=2 + lr * w / 64))
     for j, (p, w) in enumerate(itertools.product(["sp", "mup"], [32, 64])):
-        rid = f"sc.{j}-{20 + j:08x}"
+        rid = f"sc.{p}.w{w}.L2-{20 + j:08x}"
         runs.append(run(rid, experiment="super_consistency", parametrization=p, d_model=w))
         metrics += [{"run_id": rid, "step": s, "loss": 2.0, "sharpness": s / w,
                      "preconditioned_sharpness": 10 * s / w} for s in (10, 20)]
@@ -1054,10 +1055,10 @@ def test_lr_transfer_edge_is_the_grids_edge_diverged_lrs_included(tmp_path):
 def test_sharpness_spread_tells_optimizers_apart_in_its_rows_and_figure(tmp_path):
     """The view groups by optimizer, and now shows it: two optimizers' spreads at the same width axis,
     depth and step were two rows that could not be told apart; the figure has a panel per optimizer."""
-    runs = [run(f"sc.{opt}{w}-0000000{i}", experiment="super_consistency", d_model=w, n_layers=2, optimizer=opt)
+    runs = [run(f"sc.sp_{opt}.w{w}.L2-0000000{i}", experiment="super_consistency", d_model=w, n_layers=2, optimizer=opt)
             for i, (opt, w) in enumerate([("adamw", 32), ("adamw", 64), ("muon", 32), ("muon", 64)])]
-    sharp = {"sc.adamw32-00000000": 1.0, "sc.adamw64-00000001": 3.0, "sc.muon32-00000002": 4.0,
-             "sc.muon64-00000003": 4.0}
+    sharp = {"sc.sp_adamw.w32.L2-00000000": 1.0, "sc.sp_adamw.w64.L2-00000001": 3.0, "sc.sp_muon.w32.L2-00000002": 4.0,
+             "sc.sp_muon.w64.L2-00000003": 4.0}
     metrics = [{"run_id": r, "step": 10, "loss": 1.0, "sharpness": v, "preconditioned_sharpness": None}
                for r, v in sharp.items()]
     con = database(tmp_path, runs, metrics)
@@ -1079,27 +1080,51 @@ def test_sharpness_spread_tells_optimizers_apart_in_its_rows_and_figure(tmp_path
     assert all(10 in panel and all(float(t).is_integer() for t in panel) for panel in ticks), ticks
 
 
+def test_sharpness_spread_keeps_two_settings_of_one_parametrization_apart(tmp_path):
+    """Two labels of the param axis under SP + AdamW differing in another key (weight decay) were one
+    setting: each width's spread took both labels' runs (min 1, max 8, n_models 2 of four runs); each label
+    is a setting of its own, with its own panel."""
+    from lipflow.experiments.super_consistency import sharpness
+    from lipflow.results.plotting import pyplot
+
+    sharp = {("sp", 32): 1.0, ("sp", 64): 2.0, ("sp_wd", 32): 4.0, ("sp_wd", 64): 8.0}
+    runs = [run(f"sc.{setting}.w{w}.L2-{i:08x}", experiment="super_consistency", d_model=w, n_layers=2)
+            for i, (setting, w) in enumerate(sharp)]
+    metrics = [{"run_id": r["run_id"], "step": 10, "loss": 1.0, "sharpness": v, "preconditioned_sharpness": None}
+               for r, v in zip(runs, sharp.values())]
+    con = database(tmp_path, runs, metrics)
+    create_views(con)
+    rows = con.sql("select setting, n_models, min_sharpness, max_sharpness, spread from sharpness_spread "
+                   "order by setting").fetchall()
+    assert rows == [("sp", 2, 1.0, 2.0, pytest.approx(1 / 1.5)), ("sp_wd", 2, 4.0, 8.0, pytest.approx(4 / 6))]
+    fig = sharpness(con)
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["sp", "sp_wd"]
+    pyplot().close(fig)
+
+
 def test_sharpness_spread_counts_distinct_sizes_skips_missing_sharpness_and_other_experiments(tmp_path):
-    """Two seeds of width 64 are one model size (n_models counts distinct widths); a run whose sharpness
-    is NULL and a run of another experiment take no part; the spread divides by |mean| (negative
-    sharpness, as early in training, still gives a positive spread)."""
-    runs = [run("sc.a-00000001", experiment="super_consistency", d_model=32, n_layers=2),
-            run("sc.b-00000002", experiment="super_consistency", d_model=64, n_layers=2),
-            run("sc.b.seed1-00000003", experiment="super_consistency", d_model=64, n_layers=2),
-            run("sc.c-00000004", experiment="super_consistency", d_model=128, n_layers=2),
+    """Two seeds of width 64 are one model size, their mean: min, max and mean took each seed as a size of
+    its own (seed noise read as spread across widths); a run whose sharpness is NULL and a run of another
+    experiment take no part; the spread divides by |mean| (negative sharpness, as early in training, still
+    gives a positive spread)."""
+    runs = [run("sc.sp.w32.L2-00000001", experiment="super_consistency", d_model=32, n_layers=2),
+            run("sc.sp.w64.L2.seed0-00000002", experiment="super_consistency", d_model=64, n_layers=2),
+            run("sc.sp.w64.L2.seed1-00000003", experiment="super_consistency", d_model=64, n_layers=2, seed=1),
+            run("sc.sp.w128.L2-00000004", experiment="super_consistency", d_model=128, n_layers=2),
             run("lrt.muon.w256.lr0.01-00000005", experiment="lr_transfer", d_model=256, n_layers=2)]
-    values = {"sc.a-00000001": -1.0, "sc.b-00000002": -3.0, "sc.b.seed1-00000003": -2.0, "sc.c-00000004": None,
+    values = {"sc.sp.w32.L2-00000001": -1.0, "sc.sp.w64.L2.seed0-00000002": -3.0,
+              "sc.sp.w64.L2.seed1-00000003": -2.0, "sc.sp.w128.L2-00000004": None,
               "lrt.muon.w256.lr0.01-00000005": -100.0}
     metrics = [{"run_id": r, "step": 10, "loss": 1.0, "sharpness": v,
                 "preconditioned_sharpness": None if v is None else 10 * v} for r, v in values.items()]
     con = database(tmp_path, runs, metrics)
     create_views(con)
     assert sorted(r for r, in con.sql("select run_id from sharpness_curves").fetchall()) == [
-        "sc.a-00000001", "sc.b-00000002", "sc.b.seed1-00000003"]
+        "sc.sp.w32.L2-00000001", "sc.sp.w64.L2.seed0-00000002", "sc.sp.w64.L2.seed1-00000003"]
     rows = con.sql("select axis, fixed_size, step, n_models, min_sharpness, max_sharpness, mean_sharpness, spread, "
                    "preconditioned_spread from sharpness_spread").fetchall()
-    # widths 32 and 64 at depth 2: min −3, max −1, mean (−1 − 3 − 2)/3 = −2, spread 2/|−2| = 1
-    assert rows == [("width", 2, 10, 2, -3.0, -1.0, pytest.approx(-2.0), pytest.approx(1.0), pytest.approx(1.0))]
+    # widths 32 (−1) and 64 (seeds −3 and −2: −2.5) at depth 2: min −2.5, max −1, mean −1.75, spread 1.5/1.75
+    assert rows == [("width", 2, 10, 2, -2.5, -1.0, pytest.approx(-1.75), pytest.approx(6 / 7), pytest.approx(6 / 7))]
 
 
 def rank_database(tmp_path):

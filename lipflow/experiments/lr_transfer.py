@@ -14,7 +14,6 @@ LR_TRANSFER_RUNS = View(
     caption="table_lr_transfer_runs.rst",
     columns=("run_id", "name", "method", "width", "lr", "seed", "status", "final_loss"),
     types={"VARCHAR": ("status",),
-           "BIGINT": ("seed",),
            "DOUBLE": ("final_loss",)},
     # the method is the run's label on the grid's first axis (`method`: lrt.<method>.<width>.lr<lr>…), not its
     # parametrization + optimizer, which two methods differing in another key (beta2, momentum, the LMO) share

@@ -25,8 +25,8 @@ RUNS_NEED = ("run_id", "name", "status", "experiment")  # the runs columns every
 # DuckDB type → the columns that several views share, typed once here.
 SHARED_COLUMNS: dict[str, tuple[str, ...]] = {
     "VARCHAR": ("run_id", "name", "label", "domain", "model", "optimizer", "weight_constraint", "parametrization",
-                "method"),
-    "BIGINT": ("width", "step"),
+                "method", "setting"),
+    "BIGINT": ("width", "step", "seed"),
     "DOUBLE": ("lr", "accuracy", "val_loss", "max_activation"),
     "BOOLEAN": ("depth_mup",),
 }
