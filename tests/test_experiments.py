@@ -484,6 +484,22 @@ def test_lr_transfer_method_is_the_grid_label(tmp_path):
                    "adamw_again": [0.2, 1.4, 2]}
 
 
+@pytest.mark.parametrize("name, label_axis", [("lr_transfer", "method"), ("super_consistency", "param")])
+def test_a_grid_that_does_not_start_with_the_label_axis_is_refused(name, label_axis):
+    """The views read a run's method (setting) from the second part of its name: a grid written over the
+    built-in one with another axis first would group the runs by that axis's labels, so it is refused in one
+    line naming the grid and the axis; the built-in grids start with it."""
+    assert all(next(iter(grid)) == label_axis for preset in ("cpu", "paper")
+               for grid in builtin_definitions()[name][preset]["grid"])
+    grid = {"lr": [0.01, 0.1], label_axis: {"a": {"parametrization": "sp"}}}
+    config = filled({"experiments": [name], "experiment_definitions": {name: {"cpu": {"grid": [grid]}}}})
+    with pytest.raises(ConfigError, match=rf"^config error: experiment_definitions\.{name}\.cpu\.grid\[0\]: its first "
+                                          rf"axis is 'lr', .* put '{label_axis}' first$"):
+        expand_experiments(config)
+    config["experiment_definitions"][name]["cpu"]["grid"] = [{label_axis: grid[label_axis], "lr": grid["lr"]}]
+    assert len(expand_experiments(filled(config))) == 2
+
+
 def test_lr_transfer_averages_the_seeds_of_a_point(tmp_path):
     """A seed axis gave two runs a point, counted as two lrs (n_lrs 4 of 2) with the luckiest seed's loss as
     the optimum's; a point is its seeds' mean, and an lr where a seed diverged is no optimum."""

@@ -96,6 +96,18 @@ def grid_points(grid: dict[str, Any] | list[dict[str, Any]],
             yield labels, overrides
 
 
+def check_label_axis(name: str, preset: str, label_axis: str | None, grid: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """An experiment whose views read a run's label on ``label_axis`` from its name (``<short>.<label>.…``)
+    needs that axis first in every grid: another axis first would put its labels there, and the views
+    would group the runs by them without a word."""
+    for index, one in enumerate(grid if isinstance(grid, list) else [grid]):
+        if label_axis is not None and one and next(iter(one)) != label_axis:
+            where = f"grid[{index}]" if isinstance(grid, list) else "grid"
+            raise ConfigError(f"config error: experiment_definitions.{name}.{preset}.{where}: its first axis is "
+                              f"'{next(iter(one))}', but this experiment's views read the '{label_axis}' label from "
+                              f"the run names: put '{label_axis}' first")
+
+
 def expand_experiment(name: str, block: dict[str, Any], preset: str) -> dict[str, dict[str, Any]]:
     """run name → overrides of one experiment under one preset (a block filled by
     :func:`lipflow.experiments.definitions`)."""
@@ -103,6 +115,7 @@ def expand_experiment(name: str, block: dict[str, Any], preset: str) -> dict[str
     if "experiment" in spec["base"]:
         raise ConfigError(f"config error: experiment_definitions.{name}.{preset}.base.experiment: set by experiment "
                           "expansion (each run gets its experiment's name), not in a block")
+    check_label_axis(name, preset, block.get("label_axis"), spec["grid"])
     runs: dict[str, dict[str, Any]] = {}
     for labels, point in grid_points(spec["grid"], f"experiment_definitions.{name}.{preset}.grid"):
         run_name = ".".join([short, *labels])
