@@ -733,3 +733,18 @@ def test_a_reordered_unordered_evaluation_list_is_the_defaults_params_string(nam
 
     filled = validate({"evaluations": {name: {}}}, SCHEMA_PATH)["evaluations"][name]
     assert params_json(reordered) == params_json({}) == json.dumps(filled, sort_keys=True)
+
+
+def test_the_schemas_resolve_from_a_checkout_whose_path_holds_a_space_non_ascii_and_percent(tmp_path):
+    """as_uri percent-encodes such a path; the referenced icl schema must still be read back from it."""
+    from lipflow.config.schema import SCHEMA_PATH, validate
+    checkout = tmp_path / "sp ace ç%20x"
+    root = SCHEMA_PATH.parent.parent.parent
+    for schema in (*SCHEMA_PATH.parent.glob("*.yaml"), root / "lipflow" / "studies" / "icl" / "config_schema.yaml"):
+        copy_path = checkout / schema.relative_to(root)
+        copy_path.parent.mkdir(parents=True, exist_ok=True)
+        copy_path.write_text(schema.read_text())
+    schema_copy = checkout / SCHEMA_PATH.relative_to(root)
+    assert validate({"icl": {"d": 3}}, schema_copy)["icl"] == {"d": 3}
+    with pytest.raises(ConfigError, match=r"^icl\.d: "):
+        validate({"icl": {"d": 0}}, schema_copy)

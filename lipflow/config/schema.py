@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import jsonschema
 import yaml
@@ -125,7 +125,8 @@ def make_validator(schema_path: Path = SCHEMA_PATH, fill: bool = False, definiti
 
     def retrieve(uri: str) -> Resource:
         if uri not in retrieved:
-            retrieved[uri] = Resource.from_contents(load_schema(Path(urlparse(uri).path)))
+            # as_uri percent-encodes a space, non-ASCII or '%' in the checkout's path: decode it back
+            retrieved[uri] = Resource.from_contents(load_schema(Path(unquote(urlparse(uri).path))))
         return retrieved[uri]
 
     registry = Registry(retrieve=retrieve)
