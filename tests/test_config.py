@@ -45,6 +45,9 @@ def resolved(config):
     ({"evaluations": {"robustness": {"epsilons": [0.1, float("nan")]}}},
      "evaluations.robustness.epsilons.1: nan is not a finite number"),
     ({"runs": {"a": {"d_model": 64, "n_heads": 3}}}, "runs.a.n_heads: 3 does not divide d_model 64"),
+    ({"runs": {"a": {"steps": 20, "warmup_steps": 500}}},
+     "runs.a.warmup_steps: 500 is more than the run's 20 steps, so its lr would never reach lr (it peaks at 0.04·lr)"),
+    ({"defaults": {"warmup_steps": 21}, "runs": {"a": {"steps": 20}}}, "defaults.warmup_steps (given to runs.a): 21"),
     ({"corpus": {"source": "embedded", "paths": ["x.txt"]}}, "corpus.paths must be empty for corpus.source 'embedded'"),
     ({"corpus": {"source": "files"}}, "corpus.paths is empty; corpus.source 'files' needs a path or glob"),
     ({"tokenizer": {"kind": "file"}}, "tokenizer.path is required when tokenizer.kind is 'file'"),
@@ -72,6 +75,12 @@ def test_bad_config_is_one_line_naming_the_key(config, expected):
     message = str(err.value)
     assert "\n" not in message
     assert expected in message
+
+
+def test_a_warmup_as_long_as_the_run_is_taken_and_reaches_the_lr_at_the_last_step():
+    from lipflow.schedules import lr_factor
+    check_config({"runs": {"a": {"steps": 20, "warmup_steps": 20}}})
+    assert lr_factor("cosine", 19, 20, 20) == 1.0
 
 
 @pytest.mark.parametrize("run, expected", [

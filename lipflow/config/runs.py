@@ -222,7 +222,7 @@ def check_run(where: str, run: dict[str, Any]) -> None:
     runs train a language model on the text corpus (``mlp`` is the image study's classifier),
     ``n_heads`` divides ``d_model``, the Lipschitz models rotate pairs of head dimensions (RoPE) and fix
     their own residual scaling, ``modular`` needs a Lipschitz structure, the baseline's MLP is GELU, and
-    a Newton–Schulz coefficient schedule gets its own number of steps."""
+    a Newton–Schulz coefficient schedule gets its own number of steps, and the warmup ends within the run."""
     model = run["model"]
     if model not in LANGUAGE_MODELS:
         raise ConfigError(f"config error: {where}.model: '{model}' is the image classifier of the image_mlp study "
@@ -243,6 +243,16 @@ def check_run(where: str, run: dict[str, Any]) -> None:
         raise ConfigError(f"config error: {where}.activation: {model}'s MLP is nanoGPT's GELU; '{run['activation']}' "
                           f"applies to {', '.join(LIPSCHITZ_LANGUAGE_MODELS)} (leave activation out for {model})")
     check_newton_schulz_steps(where, run)
+    check_warmup_steps(where, run)
+
+
+def check_warmup_steps(where: str, run: dict[str, Any]) -> None:
+    """The warmup reaches the peak lr within the run: step i (0 … steps − 1) takes (i + 1)/warmup_steps,
+    so warmup_steps = steps peaks at the last step, and a longer warmup never reaches the run's ``lr``."""
+    if run["warmup_steps"] > run["steps"]:
+        raise ConfigError(f"config error: {where}.warmup_steps: {run['warmup_steps']} is more than the run's "
+                          f"{run['steps']} steps, so its lr would never reach lr (it peaks at "
+                          f"{run['steps'] / run['warmup_steps']:.3g}·lr); set warmup_steps ≤ steps")
 
 
 def check_newton_schulz_steps(where: str, run: dict[str, Any]) -> None:
