@@ -183,13 +183,17 @@ def emit(text: str, end: str = "\n") -> None:
         raise SystemExit(141) from None
 
 
+NON_FINITE_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # keyed by Python's str of the float
+
+
 def json_value(value):
-    """``value`` as JSON can hold it: NaN and ±inf (not JSON) are null at any depth, in a list, array,
-    struct or map value too; a DECIMAL (a literal such as ``0.5``, SUMMARIZE's ``null_percentage``) is a
+    """``value`` as JSON can hold it: NaN and ±inf (not JSON) are the strings "NaN", "Infinity" and
+    "-Infinity" (protobuf's JSON spelling; null would read as a missing value) at any depth, in a list,
+    array, struct or map value too; a DECIMAL (a literal such as ``0.5``, SUMMARIZE's ``null_percentage``) is a
     number, as DuckDB computes with it, not its text; a map key JSON cannot hold (a date, a non-finite
     float: 'nan', 'inf', as DuckDB writes them) is its text."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return value if math.isfinite(value) else NON_FINITE_JSON[str(value)]
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, bytes):
@@ -215,7 +219,7 @@ def blob_text(value: bytes) -> str:
 
 
 def nested_as_json(value):
-    """A list, array, struct or map value as its JSON text (:func:`json_value`: null, numbers, a date as
+    """A list, array, struct or map value as its JSON text (:func:`json_value`: "NaN", numbers, a date as
     its text), a BLOB as its text (:func:`blob_text`), any other value as it is: the table and CSV cell
     of a nested value, which Python's text of it wrote as ``[Decimal('1.5'), None]`` or
     ``datetime.date(2026, 12, 5)``."""

@@ -806,9 +806,10 @@ def test_a_data_stage_never_replaces_what_it_did_not_write(char_shards, tmp_path
 
 
 def test_query_json_is_json_when_a_value_is_not_finite():
-    """NaN and ±inf (a diverged run's loss) are null in --format json: bare NaN is not JSON."""
+    """NaN and ±inf (a diverged run's loss) are the strings "NaN", "±Infinity" in --format json: bare NaN is not JSON,
+    and null would read as a missing value."""
     from lipflow.cli import format_rows
 
     text = format_rows(["loss", "bound"], [(float("nan"), 2.5), (float("-inf"), float("inf"))], "json")
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON output")) == [
-        {"loss": None, "bound": 2.5}, {"loss": None, "bound": None}]
+        {"loss": "NaN", "bound": 2.5}, {"loss": "-Infinity", "bound": "Infinity"}]

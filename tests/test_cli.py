@@ -157,19 +157,22 @@ def query_of_table(tmp_path, table_sql: str, sql: str, *options: str) -> str:
     return done.stdout
 
 
-def test_query_json_writes_nan_and_inf_as_null_at_any_depth(tmp_path):
-    """As at the top level, a NaN or ±inf in a list, array, struct or map is null (it was the error 'Out of
-    range float values are not JSON compliant'); a map key that is one keeps its name."""
+def test_query_json_writes_nan_and_inf_as_protobufs_strings_at_any_depth(tmp_path):
+    """A NaN or ±inf, at the top level or in a list, array, struct or map, is "NaN", "Infinity" or "-Infinity"
+    (it was null, which reads as a missing value, while table and CSV print nan and inf); a map key that is
+    one keeps DuckDB's name of it."""
     sql = ("SELECT run_id, max(value) AS top, list(value ORDER BY value) AS values, {'max': max(value)} AS struct, "
-           "map([max(value)], [max(value)]) AS map, [max(value), 2.0]::DOUBLE[2] AS pair FROM evals "
-           "GROUP BY run_id ORDER BY run_id")
-    out = query_of_table(tmp_path, "SELECT * FROM (VALUES ('a', 'nan'::DOUBLE), ('a', 1.5), ('b', '-inf')) "
-                                   "AS t(run_id, value)", sql, "--format", "json")
+           "map([max(value)], [max(value)]) AS map, [max(value), 2.0]::DOUBLE[2] AS pair, NULL::DOUBLE AS missing "
+           "FROM evals GROUP BY run_id ORDER BY run_id")
+    out = query_of_table(tmp_path, "SELECT * FROM (VALUES ('a', 'nan'::DOUBLE), ('a', 1.5), ('b', '-inf'), "
+                                   "('c', 'inf')) AS t(run_id, value)", sql, "--format", "json")
     assert json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in JSON output")) == [
-        {"run_id": "a", "top": None, "values": [1.5, None], "struct": {"max": None}, "map": {"nan": None},
-         "pair": [None, 2.0]},
-        {"run_id": "b", "top": None, "values": [None], "struct": {"max": None}, "map": {"-inf": None},
-         "pair": [None, 2.0]}]
+        {"run_id": "a", "top": "NaN", "values": [1.5, "NaN"], "struct": {"max": "NaN"}, "map": {"nan": "NaN"},
+         "pair": ["NaN", 2.0], "missing": None},
+        {"run_id": "b", "top": "-Infinity", "values": ["-Infinity"], "struct": {"max": "-Infinity"},
+         "map": {"-inf": "-Infinity"}, "pair": ["-Infinity", 2.0], "missing": None},
+        {"run_id": "c", "top": "Infinity", "values": ["Infinity"], "struct": {"max": "Infinity"},
+         "map": {"inf": "Infinity"}, "pair": ["Infinity", 2.0], "missing": None}]
 
 
 def test_query_json_writes_a_decimal_as_a_number(tmp_path):
@@ -192,7 +195,7 @@ def test_query_table_and_csv_write_a_nested_value_as_json(tmp_path):
            "map(['k'], [['nan'::DOUBLE, 1.0]]) AS m FROM evals")
     header, row = csv.reader(io.StringIO(query_of_table(tmp_path, "SELECT 'a' AS run_id", sql, "--format", "csv")))
     assert header == ["losses", "info", "m"]
-    assert [json.loads(cell) for cell in row] == [[1.5, None], {"at": "2026-12-05", "x": 2.5}, {"k": [None, 1.0]}]
+    assert [json.loads(cell) for cell in row] == [[1.5, None], {"at": "2026-12-05", "x": 2.5}, {"k": ["NaN", 1.0]}]
     table = query_of_table(tmp_path, "SELECT 'a' AS run_id", sql)
     assert table.splitlines()[2].split(" | ")[0].strip() == "[1.5, null]"
 
