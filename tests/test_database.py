@@ -569,3 +569,33 @@ def test_device_is_the_only_run_json_field_that_shares_a_config_keys_column():
     from lipflow.train.summary import RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS
 
     assert (set(RUN_KEY_FIELDS) | set(RUN_SUMMARY_FIELDS)) & set(run_defaults()) == {"device"}
+
+
+def test_the_runs_columns_keep_their_types_when_no_run_sets_them(results):
+    """The runs table took each column's type from its values, so a column every run left null (experiment,
+    masses, train_tokens, diverged_step, slurm_job_id…) was DuckDB's NULL type and the schema depended on the
+    data; every column now has its declared type, the one a database without runs gets."""
+    full = build_here(results)
+    alone = results.parent / "alone.duckdb"
+    build(alone, None, [], results=results)
+    with duckdb.connect(str(full), read_only=True) as con, duckdb.connect(str(alone), read_only=True) as empty:
+        types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE runs)").fetchall())
+        assert con.execute("SELECT count(*) FROM runs WHERE experiment IS NULL AND masses IS NULL AND train_tokens "
+                           "IS NULL AND slurm_job_id IS NULL AND diverged_step IS NULL").fetchone() == (2,)
+        assert [name for name, kind in types.items() if "NULL" in kind] == []  # DuckDB spells it "NULL"
+        assert empty.execute("DESCRIBE runs").fetchall() == con.execute("DESCRIBE runs").fetchall()
+    assert {name: types[name] for name in ("experiment", "masses", "train_tokens", "slurm_job_id",
+                                           "cuda_visible_devices", "diverged_step", "diverged_reason")} == {
+        "experiment": "VARCHAR", "masses": "VARCHAR", "train_tokens": "BIGINT", "slurm_job_id": "VARCHAR",
+        "cuda_visible_devices": "VARCHAR", "diverged_step": "BIGINT", "diverged_reason": "VARCHAR"}
+
+
+def test_an_integer_an_old_config_holds_for_a_number_key_is_its_float(tmp_path, tiny_run_config):
+    """A config.json of before 2026-12-06 may hold an integer for a number key; one a double does not hold
+    exactly (2^53 + 1) failed the build in Arrow's traceback once the column was typed DOUBLE."""
+    root = tmp_path / "results"
+    make_run(root, "a-00000000", {**tiny_run_config, "max_bound": 2**53 + 1})
+    (root / "manifest.json").write_text(json.dumps({"format": "lipflow-token-shards/1", "dtype": "uint16",
+                                                    "vocab_size": 10, "tokenizer": {}, "splits": {}}))
+    with duckdb.connect(str(build_here(root)), read_only=True) as con:
+        assert con.execute("SELECT max_bound, typeof(max_bound) FROM runs").fetchall() == [(2.0**53, "DOUBLE")]

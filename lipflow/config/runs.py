@@ -324,6 +324,21 @@ def _as_floats(value: Any, keys: Any) -> Any:
     return value
 
 
+def _types_and_properties(schema: dict[str, Any], subschema: dict[str, Any]) -> tuple[set[str], dict[str, Any]]:
+    """A subschema's JSON types and properties, its ``$ref``s' and ``allOf``'s included (the run schema
+    refers only to its own ``$defs``)."""
+    types, properties, parts = set(), {}, [subschema]
+    while parts:
+        part = parts.pop()
+        if "$ref" in part:
+            parts.append(schema["$defs"][part["$ref"].rsplit("/", 1)[1]])
+        parts.extend(part.get("allOf", ()))
+        kind = part.get("type", ())
+        types.update([kind] if isinstance(kind, str) else kind)
+        properties.update(part.get("properties", {}))
+    return types, properties
+
+
 @functools.lru_cache(maxsize=1)
 def _float_keys() -> dict[str, Any]:
     """The run schema's keys whose type is ``number`` and not ``integer`` (True), and its mappings of
@@ -331,21 +346,22 @@ def _float_keys() -> dict[str, Any]:
     schema = load_schema(SCHEMA_PATH)
 
     def keys(subschema: dict[str, Any]) -> Any:
-        types, properties, parts = set(), {}, [subschema]
-        while parts:
-            part = parts.pop()
-            if "$ref" in part:  # the run schema refers only to its own $defs
-                parts.append(schema["$defs"][part["$ref"].rsplit("/", 1)[1]])
-            parts.extend(part.get("allOf", ()))
-            kind = part.get("type", ())
-            types.update([kind] if isinstance(kind, str) else kind)
-            properties.update(part.get("properties", {}))
+        types, properties = _types_and_properties(schema, subschema)
         if "number" in types and "integer" not in types:
             return True
         found = {key: keys(sub) for key, sub in properties.items()}
         return {key: value for key, value in found.items() if value} or None
 
     return keys(schema["$defs"]["run"])
+
+
+@functools.lru_cache(maxsize=1)
+def run_key_types() -> dict[str, frozenset[str]]:
+    """Each run key's JSON types in the schema (``null`` where it may be unset), sorted by key: the
+    ``runs`` table types its columns by them, not by the values its runs happen to hold."""
+    schema = load_schema(SCHEMA_PATH)
+    return {key: frozenset(_types_and_properties(schema, subschema)[0])
+            for key, subschema in sorted(schema["$defs"]["run"]["properties"].items())}
 
 
 def run_defaults(**overrides: Any) -> dict[str, Any]:

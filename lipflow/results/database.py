@@ -22,6 +22,7 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -33,7 +34,7 @@ import pyarrow as pa
 from lipflow import provenance
 from lipflow.atomic import (check_folder_exists, fsync_dir, is_clutter, json_object_keys, read_json,
                             refuse_to_replace, remove_stale_temporaries, sha256_file, temp_prefix, write_json_atomic)
-from lipflow.data.parquet import parse_table_parquet, read_table_parquet, table_of_rows
+from lipflow.data.parquet import parse_table_parquet, read_table_parquet
 from lipflow.data.tokenize import check_manifest
 from lipflow.errors import check_distinct_paths, check_utf8
 from lipflow.experiments import VIEWS, create_views
@@ -85,23 +86,40 @@ def run_row(run_dir: Path, manifest: Path | None = None, manifest_sha256: str | 
         check_trained_on_manifest(config_json, info, manifest, manifest_sha256)
     derived = {**values, "config": json.dumps(cfg, sort_keys=True)}
     return {"run_id": values["run_id"], "name": values["run_id"].rsplit("-", 1)[0], "status": values["status"],
-            **_flat_config(cfg), **{k: derived[k] for k in SUMMARY_COLUMNS}}
+            **_as_column_types(_flat_config(cfg)), **{k: derived[k] for k in SUMMARY_COLUMNS}}
 
 
-def empty_runs_table() -> pa.Table:
-    """A zero-row ``runs`` table with a real run's columns (config keys sorted, as in config.json,
-    and typed by their schema defaults), so queries and views work on a database of studies
-    without runs (e.g. only the ICL study)."""
-    from lipflow.config import check_config
+def _as_column_types(flat: dict[str, Any]) -> dict[str, Any]:
+    """An integer a config of before 2026-12-06 holds for a ``number`` key (``max_bound: 10000000000000000``)
+    as the float its column holds: Arrow refuses an integer a double does not hold exactly."""
+    from lipflow.config.runs import int_as_float
 
-    template = {"runs": {"template": {}}}
-    check_config(template)
-    config_fields = pa.Table.from_pylist([_flat_config(dict(sorted(template["runs"]["template"].items())))]).schema
-    summary_fields = [pa.field(k, t) for k, t in SUMMARY_COLUMNS.items() if k not in config_fields.names]
+    floats = {field.name for field in runs_schema() if field.type == pa.float64()}
+    return {key: int_as_float(value) if key in floats else value for key, value in flat.items()}
+
+
+# a config key's column: a mapping or list as its JSON text (_flat_config), other values as the schema types them
+CONFIG_COLUMN_TYPES = {"object": pa.string(), "array": pa.string(), "integer": pa.int64(), "number": pa.float64(),
+                       "string": pa.string(), "boolean": pa.bool_()}
+
+
+@functools.lru_cache(maxsize=1)
+def runs_schema() -> pa.Schema:
+    """The ``runs`` table's columns and types (config keys sorted, as in config.json, and typed by the config
+    schema), so a column no run sets (``experiment``, ``diverged_step``…) keeps its type instead of DuckDB's
+    NULL, and a database of studies without runs (e.g. only the ICL study) has the columns queries and
+    views read."""
+    from lipflow.config.runs import run_key_types
+
+    config_fields = []
+    for key, types in run_key_types().items():
+        (kind,) = {CONFIG_COLUMN_TYPES[kind] for kind in types - {"null"}}  # every run key has one column type
+        config_fields.append(pa.field(key, kind))
+    config_names = {field.name for field in config_fields}
+    summary_fields = [pa.field(k, t) for k, t in SUMMARY_COLUMNS.items() if k not in config_names]
     val_fields = [pa.field(k, pa.float64()) for k in VAL_COLUMNS]
-    fields = [pa.field("run_id", pa.string()), pa.field("name", pa.string()), pa.field("status", pa.string()),
-              *config_fields, *summary_fields, *val_fields]
-    return pa.schema(fields).empty_table()
+    return pa.schema([pa.field("run_id", pa.string()), pa.field("name", pa.string()), pa.field("status", pa.string()),
+                      *config_fields, *summary_fields, *val_fields])
 
 
 SHARDS_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.int64()), ("file", pa.string()),
@@ -186,7 +204,7 @@ def _fill_database(con: duckdb.DuckDBPyConnection, manifest: Path | None, run_di
                 val_loss.setdefault(r["run_id"], {})[f"val_{r['metric']}"] = r["value"]
     for row in runs:
         row.update({**dict.fromkeys(VAL_COLUMNS), **val_loss.get(row["run_id"], {})})
-    rows = {"runs": _create_from_arrow(con, "runs", table_of_rows(runs) if runs else empty_runs_table())}
+    rows = {"runs": _create_from_arrow(con, "runs", pa.Table.from_pylist(runs, schema=runs_schema()))}
     metrics = _run_files(run_dirs, "train_metrics.parquet")
     for run_dir, row, (_, table) in zip(run_dirs, runs, metrics):
         check_summary_matches_metrics(Path(run_dir) / "run.json", row, table)
