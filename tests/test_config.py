@@ -538,15 +538,19 @@ def test_lipflow_runs_lists_the_ids_snakemake_plans_for_the_same_overlays(tmp_pa
     the working directory first (the Snakefile's `configfile:`): config.yaml's runs were missing and its
     defaults not in the ids. Snakemake merges the overlays first and config.yaml under them, so a key
     an overlay empties (`defaults:`, null) and a later one fills keeps config.yaml's other keys. Without
-    config.yaml an overlay alone is the config; with neither both refuse in one line."""
+    config.yaml an overlay alone is the config; with neither both refuse in one line. Of several
+    `--configfile` options both keep the last (the README says to list the files after one)."""
     import subprocess
     import sys
 
     from conftest import REPO, run_stage
     from lipflow.config import RUN_ID_PATTERN
 
-    def planned(*overlays: str) -> tuple[list[str], list[str]]:
-        configfile = ["--configfile", *overlays] if overlays else []
+    def planned(*overlays: str, repeated: bool = False) -> tuple[list[str], list[str]]:
+        if repeated:
+            configfile = [arg for overlay in overlays for arg in ("--configfile", overlay)]
+        else:
+            configfile = ["--configfile", *overlays] if overlays else []
         dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "-c1",
                               *configfile], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert dry.returncode == 0, dry.stderr[-3000:]
@@ -564,6 +568,8 @@ def test_lipflow_runs_lists_the_ids_snakemake_plans_for_the_same_overlays(tmp_pa
         snakemake_ids, listed_ids = planned(*overlays)
         assert listed_ids == snakemake_ids and len(listed_ids) == (2 if not overlays else 3), (overlays, listed_ids)
     assert planned("overlay.yaml")[1] == planned("config.yaml", "overlay.yaml")[1] != planned()[1]
+    snakemake_ids, listed_ids = planned("overlay.yaml", "fills.yaml", repeated=True)
+    assert listed_ids == snakemake_ids == planned("fills.yaml")[1] != planned("overlay.yaml", "fills.yaml")[1]
     (tmp_path / "config.yaml").unlink()
     snakemake_ids, listed_ids = planned("overlay.yaml")
     assert listed_ids == snakemake_ids and [i.split("-")[0] for i in listed_ids] == ["a", "c"]
