@@ -739,3 +739,15 @@ def test_a_run_folder_that_cannot_be_made_is_left_to_the_stages_own_check(char_s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create results directory" in err[0], err
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_a_refused_out_dir_of_the_users_is_left_without_a_lock_file(char_shards, tiny_run_config, tmp_path):
+    """The stage took the run folder's lock (creating .train.lock) before checking the folder, so a
+    user's folder it then refused in one line was left holding a lock file: the folder is checked first."""
+    out = tmp_path / "mine"
+    (out / "keep").mkdir(parents=True)
+    done = run_stage("lipflow.train", "--run-id", "tiny-00000000", "--config-json", json.dumps(tiny_run_config),
+                     "--data-dir", str(char_shards), "--out-dir", str(out), "--no-progress")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "holds 'keep'" in lines[0], done.stderr
+    assert sorted(entry.name for entry in out.iterdir()) == ["keep"]

@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None, *, exits: bool = False) -> int:
             # launch_workers' workers share its lock (torchrun's rank 0 takes it); one stops quietly after another's
             # refusal of an input
             return run_beside_other_workers(lambda: train(cfg, processes))
-        from lipflow.train.build import exclusive_run_folder, missing_folders, remove_if_unused
+        from lipflow.train.build import check_run_directory, exclusive_run_folder, missing_folders, remove_if_unused
 
+        # before the lock, whose file a refused folder (a user's) would keep; checked again, with the shards, once held
+        check_run_directory(args.out_dir, args.run_id, cfg)
         created, code = missing_folders(args.out_dir), None
         try:
             with exclusive_run_folder(args.out_dir, args.run_id) as lock:
