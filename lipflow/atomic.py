@@ -124,19 +124,38 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and (".tmp-" in name or ".old-" in name)
 
 
+# How a temporary sibling's name begins (temp_prefix): .<final name>.<tmp|old>-<host>-<pid>-
+TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)-")
+
+
+def remove_temporaries(folder: Path, of: Callable[[str], bool]) -> list[str]:
+    """Delete every temporary sibling :func:`atomic_write` or :func:`atomic_dir` left in ``folder`` of a
+    final name that passes ``of`` (any process's, any host's: for a caller that holds the folder, so no
+    other process writes there); other names, a user's, are kept. Returns the names deleted."""
+    removed = [entry for entry in sorted(folder.iterdir())
+               if (match := TEMPORARY_NAME.match(entry.name)) and of(match["final"])]
+    for entry in removed:
+        _remove_temporary(entry)
+    return [entry.name for entry in removed]
+
+
+def _remove_temporary(entry: Path) -> None:
+    """Delete a temporary file, or the folder :func:`atomic_dir` made, whatever remains of it."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            entry.unlink()
+
+
 def remove_stale_temporaries(final: Path) -> None:
     """Delete the temporary siblings of ``final`` left by a process of this host that is gone (killed
     mid-write: its rename never came); a live process's, or another host's, are left alone."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-{re.escape(HOST)}-(\d+)-")
     with contextlib.suppress(OSError):
         for entry in final.parent.iterdir():
-            match = pattern.match(entry.name)
-            if match and not process_alive(int(match.group(1))):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
+            match = TEMPORARY_NAME.match(entry.name)
+            if match and (match["final"], match["host"]) == (final.name, HOST) and not process_alive(int(match["pid"])):
+                _remove_temporary(entry)
 
 
 def process_alive(pid: int) -> bool:

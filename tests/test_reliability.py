@@ -751,3 +751,23 @@ def test_a_refused_out_dir_of_the_users_is_left_without_a_lock_file(char_shards,
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "holds 'keep'" in lines[0], done.stderr
     assert sorted(entry.name for entry in out.iterdir()) == ["keep"]
+
+
+def test_the_temporary_checkpoints_a_killed_trainer_left_are_removed_once_the_run_folder_is_held(tmp_path, capsys):
+    """A killed trainer's temporary checkpoint files (its rename never came) stayed forever: only the next write
+    of the same file removed them. Holding the run folder's lock, no other process writes checkpoints there, so
+    the stage removes every temporary of a checkpoint name and says so; a user's other dot-file is kept."""
+    from lipflow.train.build import exclusive_run_folder
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    left = [".step-000001168.safetensors.tmp-otherhost-4242-ab12cd34",
+            ".step-000001168.safetensors.sha256.tmp-node-7-999999-zz_y0x9w"]
+    kept = [".notes.tmp-me-1-abcdefgh", "step-000000100.safetensors", ".hidden"]
+    for name in left + kept:
+        (checkpoints / name).write_bytes(b"x")
+    with exclusive_run_folder(tmp_path / "run", "tiny-00000000"):
+        pass
+    assert sorted(entry.name for entry in checkpoints.iterdir()) == sorted(kept)
+    err = capsys.readouterr().err
+    assert "removed 2 temporary file(s) a killed trainer left" in err and left[0] in err, err

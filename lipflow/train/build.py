@@ -14,7 +14,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lipflow.atomic import is_clutter, is_temporary, sha256_file
+from lipflow.atomic import is_clutter, is_temporary, remove_temporaries, sha256_file
 from lipflow.config import check_run_id
 from lipflow.data.loader import TokenShards
 from lipflow.errors import parse_json
@@ -109,7 +109,7 @@ def check_run_folders(directory: Path) -> None:
                                   "(move it away)")
     checkpoints = directory / "checkpoints"
     entries = sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []
-    foreign = [entry.name for entry in entries if checkpoint_step(entry.name.removesuffix(".sha256")) is None
+    foreign = [entry.name for entry in entries if not is_checkpoint_file(entry.name)
                and not is_temporary(entry.name) and not is_clutter(entry.name)]
     if foreign:
         raise FileExistsError(f"--out-dir {directory}: checkpoints holds {foreign[0]!r}, which lipflow does not "
@@ -154,9 +154,26 @@ def exclusive_run_folder(directory: Path, run_id: str) -> Iterator[int | None]:
         with contextlib.suppress(OSError):  # what a refused trainer names (a full disk: it names its own run)
             os.ftruncate(fd, 0)
             os.pwrite(fd, run_id.encode(), 0)
+        remove_left_checkpoint_temporaries(directory / "checkpoints")
         yield fd
     finally:
         os.close(fd)
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``name`` is what :func:`lipflow.train.checkpoint.save_checkpoint` writes: a checkpoint or its sidecar."""
+    return checkpoint_step(name.removesuffix(".sha256")) is not None
+
+
+def remove_left_checkpoint_temporaries(checkpoints: Path) -> None:
+    """Delete the temporary checkpoint files a killed trainer left (its rename never came), saying so: with the
+    run folder's lock held no other process writes checkpoints there, so every one is stale."""
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        with contextlib.suppress(OSError):  # a folder it cannot read: the stage's own checks name it
+            removed = remove_temporaries(checkpoints, is_checkpoint_file)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) a killed trainer left in {checkpoints}: "
+                      f"{', '.join(removed)}", file=sys.stderr)
 
 
 def lock_holder(fd: int) -> str | None:
