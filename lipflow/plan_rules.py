@@ -8,7 +8,7 @@ import functools
 import hashlib
 import json
 
-from lipflow.plan import IMAGE_MLP, Plan, recorded_block
+from lipflow.plan import IMAGE_MLP, Plan, figure_receipt, recorded_block
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
               "training"]
@@ -16,6 +16,7 @@ ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_e
 STUDY_FILES = {"icl": [f"results/icl/{table}.parquet" for table in ICL_TABLES], "image_mlp": [IMAGE_MLP]}
 ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
                for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
+ICL_FIGURE_RECEIPT = figure_receipt("icl_study")  # not "icl": the icl experiment's figures job has that one
 
 
 def param_count(cfg, vocab):
@@ -143,7 +144,7 @@ class RuleFunctions:
         """The ICL study's part of the default target `all`: everything of icl_all when it is on."""
         if "icl" not in self.plan.studies:
             return []
-        return [*self.icl_tables(wildcards), *ICL_FIGURES, "results/icl/summary.json"]
+        return [*self.icl_tables(wildcards), *ICL_FIGURES, ICL_FIGURE_RECEIPT, "results/icl/summary.json"]
 
     def icl_params(self, wildcards):
         return self.plan.icl_params()

@@ -277,6 +277,33 @@ def test_the_icl_study_alone_tokenizes_no_corpus(tmp_path):
     assert "--manifest  --run-dirs  --study-tables results/icl/" in out
 
 
+TINY_ICL = {"d": 2, "n": 5, "layers": [1], "n_grid": [5], "sigma": {"kind": "identity"}, "w_prior": "identity",
+            "train_steps": 20, "batch_size": 64, "theory_samples": 1000, "regression_prompts": 1000}
+
+
+def test_a_users_file_at_an_icl_figure_path_is_refused_not_replaced(tmp_path):
+    """The ICL figures were plain outputs, so Snakemake deleted a user's file at one of their paths before
+    the plot job drew over it without a word; now update() outputs, as the other figures: the job refuses
+    the file in one line and keeps it, its receipt missing plans it again, and once the file is moved away
+    it draws the figures and a further run has nothing to do."""
+    from lipflow.results.plotting import is_lipflow_figure
+
+    (tmp_path / "config.yaml").write_text(json.dumps({"experiments": ["icl"], "icl": TINY_ICL}))
+    figure = tmp_path / "results" / "figures" / "icl_loss_vs_layers.png"
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"\x89PNG my own figure")
+    failed = snakemake(tmp_path, "-p", "icl_all")
+    assert failed.returncode != 0 and figure.read_bytes() == b"\x89PNG my own figure"
+    log = (tmp_path / "results" / "logs" / "icl" / "plots.log").read_text().strip().splitlines()
+    assert len(log) == 1 and "is not a figure lipflow drew; refusing to replace it" in log[0], log
+    figure.unlink()
+    assert snakemake(tmp_path, "-p", "icl_all").returncode == 0
+    assert all(is_lipflow_figure(tmp_path / path) for path in ("results/figures/icl_loss_vs_layers.png",
+                                                                "results/figures/icl_loss_vs_n.svg"))
+    assert len(json.loads((tmp_path / "results" / "figures" / "icl_study.drawn").read_text())["drawn"]) == 4
+    assert "Nothing to be done" in (lambda done: done.stdout + done.stderr)(snakemake(tmp_path, "-n", "icl_all"))
+
+
 @pytest.mark.parametrize("gpu_per_run", [0, 1])
 def test_dry_run_asks_for_the_gpus_and_cpus_of_data_parallel_runs(tmp_path, gpu_per_run):
     """Every run is `python -m lipflow.train` (one of nproc 2 starts its own workers); the GPU request is

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import atomic_write, json_object_keys, refuse_to_replace, write_json_atomic
+from lipflow.atomic import atomic_write, refuse_to_replace
 from lipflow.results import training_curves
-from lipflow.results.plotting import pyplot, read_view, refuse_to_replace_figure, write_figure
+from lipflow.results.plotting import (pyplot, read_view, refuse_to_replace_figure, refuse_to_replace_receipt, write_figure,
+                                      write_receipt)
 
 FORMATS = ("png", "svg")
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         if args.receipt is not None:
-            refuse_to_replace(args.receipt, "--receipt", "a receipt of lipflow.plots", is_receipt)
+            refuse_to_replace_receipt(args.receipt, "lipflow.plots")
         for flag, folder in (("--out-dir", args.out_dir), ("--tables-dir", args.tables_dir)):
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"{flag} {folder} exists and is not a folder")
@@ -194,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in written:
             print(path)
         if args.receipt is not None:
-            write_json_atomic(args.receipt, {RECEIPT_KEY: [str(path) for path in written]})
+            write_receipt(args.receipt, written)
         return 0
 
     return run_guarded(go)
-
-
-RECEIPT_KEY = "drawn"  # the one key of a receipt --receipt writes
-
-
-def is_receipt(path: Path) -> bool:
-    """Whether ``path`` is a receipt this command wrote: a JSON object with only :data:`RECEIPT_KEY`."""
-    return json_object_keys(path) == {RECEIPT_KEY}

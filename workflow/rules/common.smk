@@ -7,7 +7,7 @@ import sys
 from lipflow.config import RUN_ID_PATTERN, ConfigError, load_config_file
 from lipflow.data import DataError
 from lipflow.plan import IMAGE_MLP, Plan, figure_receipt
-from lipflow.plan_rules import ICL_FIGURES, ICL_TABLES, RuleFunctions
+from lipflow.plan_rules import ICL_FIGURE_RECEIPT, ICL_FIGURES, ICL_TABLES, RuleFunctions
 
 try:
     # Snakemake's YAML loading keeps the last value of a repeated key: reread each config file to refuse one.

@@ -9,6 +9,7 @@ rule icl_all:
     input:
         tables=expand("results/icl/{table}.parquet", table=ICL_TABLES),
         figures=ICL_FIGURES,
+        receipt=ICL_FIGURE_RECEIPT,
         summary="results/icl/summary.json",
 
 
@@ -84,11 +85,14 @@ rule icl_plots:
     input:
         loss_by_layers="results/icl/loss_by_layers.parquet",
         loss_by_n="results/icl/loss_by_n.parquet",
+    # update() and a plain receipt, as the experiments' figures (rule experiment_*): a user's file at a figure's
+    # path is refused by the plot command, never deleted by Snakemake, and a failed job reruns
     output:
-        **{f"{name}_png": report(f"results/figures/icl_{name}.png", caption=f"../report/figure_icl_{name}.rst",
-                                 category="icl", labels={"figure": f"icl_{name}", "format": "PNG"})
+        **{f"{name}_png": update(report(f"results/figures/icl_{name}.png", caption=f"../report/figure_icl_{name}.rst",
+                                        category="icl", labels={"figure": f"icl_{name}", "format": "PNG"}))
            for name in ("loss_vs_layers", "loss_vs_n")},
-        **{f"{name}_svg": f"results/figures/icl_{name}.svg" for name in ("loss_vs_layers", "loss_vs_n")},
+        **{f"{name}_svg": update(f"results/figures/icl_{name}.svg") for name in ("loss_vs_layers", "loss_vs_n")},
+        receipt=ICL_FIGURE_RECEIPT,
     log:
         "results/logs/icl/plots.log",
     params:
@@ -105,7 +109,7 @@ rule icl_plots:
         ENV
     shell:
         "python -m lipflow.studies.icl plot --config-json {params.config_json:q}"
-        " --results-dir {params.results_dir} --out-dir {params.out_dir} > {log} 2>&1"
+        " --results-dir {params.results_dir} --out-dir {params.out_dir} --receipt {output.receipt} > {log} 2>&1"
 
 
 rule icl_check:

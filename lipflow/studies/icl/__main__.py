@@ -3,7 +3,7 @@
     train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors
     baselines  --config-json J --out results/icl/runs/baselines.parquet
     collect    --config-json J --baselines B --runs R1.safetensors R2.safetensors ... --out-dir results/icl
-    plot       --config-json J --results-dir results/icl --out-dir results/figures
+    plot       --config-json J --results-dir results/icl --out-dir results/figures [--receipt R]
     check      --config-json J --results-dir results/icl --out results/icl/summary.json [--strict]
 
 J is the ``icl:`` block of config.yaml as JSON (missing keys take the schema defaults).
@@ -23,6 +23,7 @@ import torch
 from lipflow.atomic import json_object_keys, refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
 from lipflow.errors import (ArgumentParser, ConfigError, count_argument, json_object_argument,
                             memory_errors_in_one_line, run_guarded, summary_of)
+from lipflow.results.plotting import refuse_to_replace_receipt, write_receipt
 from lipflow.studies.icl.config import load_config
 
 
@@ -72,6 +73,8 @@ def _parser() -> ArgumentParser:
     plot.add_argument("--config-json", required=True)
     plot.add_argument("--results-dir", required=True)
     plot.add_argument("--out-dir", required=True)
+    plot.add_argument("--receipt", type=Path, default=None,
+                      help="written last: the files drawn, as JSON (the pipeline's record that the job finished)")
 
     check = sub.add_parser("check", help="trained model vs optimal PGD at (max layers, n)")
     check.add_argument("--config-json", required=True)
@@ -100,6 +103,8 @@ def refuse_to_replace_earlier_outputs(args) -> None:
         for name, schema in TABLE_SCHEMAS.items():
             refuse_to_replace_unsealed(Path(args.out_dir) / f"{name}.parquet", "--out-dir",
                                        f"an ICL {name} table", parquet_with_columns(schema.names))
+    elif args.command == "plot" and args.receipt is not None:
+        refuse_to_replace_receipt(args.receipt, "the ICL plot command")
     elif args.command == "check":
         refuse_to_replace(args.out, "--out", "an ICL check summary", is_check_summary)
 
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "collect":
                 study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
             elif args.command == "plot":
-                plots.run_plots(args.results_dir, args.out_dir, _config(args.config_json).attention)
+                drawn = plots.run_plots(args.results_dir, args.out_dir, _config(args.config_json).attention)
+                if args.receipt is not None:
+                    write_receipt(args.receipt, drawn)
             else:
                 cfg = _config(args.config_json)
                 summary = study.summarize(cfg, args.results_dir, args.loss_tol, args.step_tol)

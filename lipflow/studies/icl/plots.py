@@ -51,9 +51,10 @@ def plot_losses(rows: list[dict], x_key: str, xlabel: str, title: str, attention
     return fig
 
 
-def run_plots(results_dir: str | Path, out_dir: str | Path, attention: str) -> None:
+def run_plots(results_dir: str | Path, out_dir: str | Path, attention: str) -> list[Path]:
     """Write icl_loss_vs_layers.{png,svg} and icl_loss_vs_n.{png,svg} into ``out_dir``, after reading
-    every table (a missing one leaves no figure written); ``attention``: the trained models' (icl.attention)."""
+    every table (a missing one leaves no figure written), and return them; ``attention``: the trained
+    models' (icl.attention)."""
     paths = {(name, ext): Path(out_dir) / f"icl_{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
     for path in paths.values():
         refuse_to_replace_figure(path, "--out-dir")
@@ -69,3 +70,4 @@ def run_plots(results_dir: str | Path, out_dir: str | Path, attention: str) -> N
         for ext in ("png", "svg"):
             write_figure(fig, paths[name, ext], ext)
         plt.close(fig)
+    return list(paths.values())
