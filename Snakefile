@@ -33,3 +33,4 @@ rule all:
         experiment_targets,
         training_curve_targets,
         figure_receipts,
+        study_receipts,

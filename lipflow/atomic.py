@@ -91,6 +91,19 @@ def json_object_keys(path: str | os.PathLike[str]) -> set[str] | None:
         return None
 
 
+def refuse_to_replace_receipt(path: str | os.PathLike[str], key: str, command: str) -> None:
+    """``--receipt`` may replace an earlier receipt of ``command`` only (a JSON object whose one key is
+    ``key``), never a user's other file."""
+    refuse_to_replace(path, "--receipt", f"a receipt of {command}", lambda p: json_object_keys(p) == {key})
+
+
+def write_receipt(path: str | os.PathLike[str], key: str, written: Collection[str | os.PathLike[str]]) -> None:
+    """A job's receipt, written last: the files it wrote, under ``key``. A plain Snakemake output beside
+    update() ones, deleted before the job, so a failed job (whose update() outputs Snakemake restores,
+    newer than their inputs) is rerun instead of its old outputs passing as current."""
+    write_json_atomic(path, {key: [str(file) for file in written]})
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Persist a directory's entries (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)

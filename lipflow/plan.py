@@ -26,6 +26,7 @@ from lipflow.studies.icl.config import (ICLConfig, baselines_config, caption_ter
                                         load_config, training_config, training_jobs)
 
 IMAGE_MLP = "results/image_mlp/robustness.parquet"  # table image_mlp_robustness (lipflow.results.database)
+IMAGE_MLP_RECEIPT = "results/image_mlp/robustness.written"  # its job's receipt (lipflow.atomic.write_receipt)
 
 
 class FrozenDict(dict):
@@ -311,6 +312,11 @@ class Plan:
         config adds under ``experiment_definitions`` without a module in lipflow/experiments has runs but
         no views, figures or figures job (the rules are made from the catalog), so it has no receipt."""
         return [figure_receipt(name) for name in self.experiments if name in EXPERIMENT_FIGURES]
+
+    def study_receipts(self) -> list[str]:
+        """The digits-MLP table job's receipt when that study is on, for `rule all`: Snakemake does not look
+        below an up-to-date table for a missing receipt (the ICL study's receipts are icl targets)."""
+        return [IMAGE_MLP_RECEIPT] if "image_mlp" in self.studies else []
 
     def experiment_targets(self) -> list[str]:
         """Everything the selected experiments produce (the ICL study's outputs are icl targets)."""

@@ -17,6 +17,7 @@ STUDY_FILES = {"icl": [f"results/icl/{table}.parquet" for table in ICL_TABLES], 
 ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
                for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
 ICL_FIGURE_RECEIPT = figure_receipt("icl_study")  # not "icl": the icl experiment's figures job has that one
+ICL_TABLES_RECEIPT = "results/icl/tables.written"  # the icl_collect job's receipt (lipflow.atomic.write_receipt)
 
 
 def param_count(cfg, vocab):
@@ -144,7 +145,8 @@ class RuleFunctions:
         """The ICL study's part of the default target `all`: everything of icl_all when it is on."""
         if "icl" not in self.plan.studies:
             return []
-        return [*self.icl_tables(wildcards), *ICL_FIGURES, ICL_FIGURE_RECEIPT, "results/icl/summary.json"]
+        return [*self.icl_tables(wildcards), ICL_TABLES_RECEIPT, *ICL_FIGURES, ICL_FIGURE_RECEIPT,
+                "results/icl/summary.json"]
 
     def icl_params(self, wildcards):
         return self.plan.icl_params()
@@ -166,3 +168,6 @@ class RuleFunctions:
 
     def figure_receipts(self, wildcards=None):
         return self.plan.figure_receipts()
+
+    def study_receipts(self, wildcards=None):
+        return self.plan.study_receipts()

@@ -8,12 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import SNAKEMAKE_SINGLE_THREADED
+from lipflow.plan_rules import ICL_TABLES as ICL_TABLE_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 # one xdist worker runs this module, so its pipeline fixture is built once (-n 2 --dist loadgroup)
@@ -302,6 +304,69 @@ def test_a_users_file_at_an_icl_figure_path_is_refused_not_replaced(tmp_path):
                                                                 "results/figures/icl_loss_vs_n.svg"))
     assert len(json.loads((tmp_path / "results" / "figures" / "icl_study.drawn").read_text())["drawn"]) == 4
     assert "Nothing to be done" in (lambda done: done.stdout + done.stderr)(snakemake(tmp_path, "-n", "icl_all"))
+
+
+def snakemake_with_a_killed_job(workdir: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+    """`snakemake` whose job's python process running ``command`` (a part of its command line) is
+    SIGKILLed as soon as it starts (not the job's shell, which would leave it running)."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "-c1", *args]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as snake:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and snake.poll() is None:
+            jobs = [child for child in psutil.Process(snake.pid).children(recursive=True) if command in command_line(child)]
+            if jobs:
+                jobs[0].kill()
+                break
+            time.sleep(0.05)
+        out, _ = snake.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, snake.returncode, out, "")
+
+
+def command_line(process) -> str:
+    """A python process's command line; empty for another (the job's shell) or once it has exited."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline()) if process.name().startswith("python") else ""
+    except psutil.Error:
+        return ""
+
+
+def sealed_files(paths: list[Path]) -> dict[Path, bytes]:
+    """Each table's and its sidecar's bytes, once each table is checked to match its sidecar."""
+    from lipflow.atomic import read_verified, sidecar_path
+
+    return {file: file.read_bytes() for path in paths if read_verified(path) for file in (path, sidecar_path(path))}
+
+
+@pytest.mark.parametrize("study", ["icl", "image_mlp"])
+def test_a_killed_rerun_of_a_studys_tables_keeps_the_previous_tables_and_reruns(tmp_path, study):
+    """The studies' tables were plain outputs: Snakemake deleted them before a rerun, so a killed one
+    left no table (only the digits-MLP table's orphan sidecar). Now update() tables and sidecars with a
+    plain receipt, as the evaluations and the database: the previous tables stay, each matching its
+    sidecar, the receipt is gone, and the next `snakemake` plans the job again."""
+    if study == "icl":
+        config, target, command, job = {"experiments": ["icl"], "icl": TINY_ICL}, "icl_all", "collect --config-json", "icl_collect"
+        tables = [tmp_path / "results" / "icl" / f"{name}.parquet" for name in ICL_TABLE_NAMES]
+        receipt = tmp_path / "results" / "icl" / "tables.written"
+    else:
+        config = {"image_mlp": {"width": 16, "n_layers": 2, "steps": 30, "batch_size": 32, "eval_every": 10,
+                                "epsilons": [0.0, 0.5], "pgd_steps": 3}}
+        target, command, job = "results/image_mlp/robustness.written", "lipflow.studies.image_mlp", "image_mlp_robustness"
+        tables, receipt = [tmp_path / "results" / "image_mlp" / "robustness.parquet"], tmp_path / target
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    done = snakemake(tmp_path, "-p", target)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(receipt.read_text()) == {"written": [str(path.relative_to(tmp_path)) for path in tables]}
+    before = sealed_files(tables)
+    killed = snakemake_with_a_killed_job(tmp_path, command, "--forcerun", job, "-p", target)
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    assert sealed_files(tables) == before and not receipt.exists()
+    planned = snakemake(tmp_path, "-n", target)
+    assert job in planned.stdout.split("Job stats:")[1].split("total")[0], planned.stdout[-3000:]
 
 
 @pytest.mark.parametrize("gpu_per_run", [0, 1])

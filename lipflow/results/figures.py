@@ -23,10 +23,9 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import atomic_write, refuse_to_replace
+from lipflow.atomic import atomic_write, refuse_to_replace, refuse_to_replace_receipt, write_receipt
 from lipflow.results import training_curves
-from lipflow.results.plotting import (pyplot, read_view, refuse_to_replace_figure, refuse_to_replace_receipt, write_figure,
-                                      write_receipt)
+from lipflow.results.plotting import RECEIPT_KEY, pyplot, read_view, refuse_to_replace_figure, write_figure
 
 FORMATS = ("png", "svg")
 
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         if args.receipt is not None:
-            refuse_to_replace_receipt(args.receipt, "lipflow.plots")
+            refuse_to_replace_receipt(args.receipt, RECEIPT_KEY, "lipflow.plots")
         for flag, folder in (("--out-dir", args.out_dir), ("--tables-dir", args.tables_dir)):
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"{flag} {folder} exists and is not a folder")
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in written:
             print(path)
         if args.receipt is not None:
-            write_receipt(args.receipt, written)
+            write_receipt(args.receipt, RECEIPT_KEY, written)
         return 0
 
     return run_guarded(go)

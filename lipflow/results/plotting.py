@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lipflow.atomic import atomic_write, json_object_keys, refuse_to_replace, write_json_atomic
+from lipflow.atomic import atomic_write, refuse_to_replace
 
 # Written into every figure's metadata: what marks a PNG or SVG file as one lipflow drew.
 FIGURE_MARK = {"png": {"Software": "lipflow"}, "svg": {"Creator": "lipflow"}}
@@ -68,22 +68,7 @@ def refuse_to_replace_figure(path: Path, flag: str) -> None:
     refuse_to_replace(path, flag, "a figure lipflow drew", is_lipflow_figure)
 
 
-RECEIPT_KEY = "drawn"  # the one key of a figures command's --receipt
-
-
-def is_receipt(path: Path) -> bool:
-    """Whether ``path`` is a receipt a figures command wrote: a JSON object with only :data:`RECEIPT_KEY`."""
-    return json_object_keys(path) == {RECEIPT_KEY}
-
-
-def refuse_to_replace_receipt(path: Path, command: str) -> None:
-    """``--receipt`` may replace an earlier receipt of a figures command only, never a user's other file."""
-    refuse_to_replace(path, "--receipt", f"a receipt of {command}", is_receipt)
-
-
-def write_receipt(path: Path, written: list[Path]) -> None:
-    """Written last by a figures command: the files it drew, the pipeline's record that the job finished."""
-    write_json_atomic(path, {RECEIPT_KEY: [str(drawn) for drawn in written]})
+RECEIPT_KEY = "drawn"  # the one key of a figures command's --receipt (lipflow.atomic.write_receipt)
 
 
 def read_view(con, name: str, order: str = ""):

@@ -189,19 +189,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True, help="the config's image_mlp block (missing keys: "
                                                              "the schema's defaults)")
     parser.add_argument("--out", required=True, help="Parquet file to write (atomically)")
+    parser.add_argument("--receipt", default=None,
+                        help="written last: the table written, as JSON (the pipeline's record that the job finished)")
     args = parser.parse_args(argv)
-    from lipflow.atomic import check_folder_exists, refuse_to_replace_unsealed
+    from lipflow.atomic import check_folder_exists, refuse_to_replace_receipt, refuse_to_replace_unsealed, write_receipt
     from lipflow.errors import run_guarded
-    from lipflow.studies.outputs import parquet_with_columns
+    from lipflow.studies.outputs import RECEIPT_KEY, parquet_with_columns
 
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
                                    lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
         check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
+        if args.receipt is not None:
+            refuse_to_replace_receipt(args.receipt, RECEIPT_KEY, "lipflow.studies.image_mlp")
+            check_folder_exists(args.receipt, "--receipt")
         cfg = study_config(json_object_argument(args.config_json, "--config-json"))
         with memory_errors_in_one_line():
             rows = run_image_mlp_study(cfg, phase_reporter("image_mlp"))
         write_table_parquet(args.out, pa.Table.from_pylist(rows, schema=SCHEMA))  # a key a row lacks: null
+        if args.receipt is not None:
+            write_receipt(args.receipt, RECEIPT_KEY, [args.out])
         return 0
 
     return run_guarded(go)

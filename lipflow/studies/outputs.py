@@ -23,3 +23,6 @@ def parquet_with_columns(columns: Iterable[str]) -> Callable[[Path], bool]:
             return False
 
     return is_table
+
+
+RECEIPT_KEY = "written"  # the one key of a study's table command's --receipt (lipflow.atomic.write_receipt)

@@ -6,8 +6,8 @@ import sys
 
 from lipflow.config import RUN_ID_PATTERN, ConfigError, load_config_file
 from lipflow.data import DataError
-from lipflow.plan import IMAGE_MLP, Plan, figure_receipt
-from lipflow.plan_rules import ICL_FIGURE_RECEIPT, ICL_FIGURES, ICL_TABLES, RuleFunctions
+from lipflow.plan import IMAGE_MLP, IMAGE_MLP_RECEIPT, Plan, figure_receipt
+from lipflow.plan_rules import ICL_FIGURE_RECEIPT, ICL_FIGURES, ICL_TABLES, ICL_TABLES_RECEIPT, RuleFunctions
 
 try:
     # Snakemake's YAML loading keeps the last value of a repeated key: reread each config file to refuse one.
@@ -74,3 +74,4 @@ icl_caption = _RULE_FUNCTIONS.icl_caption
 experiment_targets = _RULE_FUNCTIONS.experiment_targets
 training_curve_targets = _RULE_FUNCTIONS.training_curve_targets
 figure_receipts = _RULE_FUNCTIONS.figure_receipts
+study_receipts = _RULE_FUNCTIONS.study_receipts

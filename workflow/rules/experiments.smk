@@ -48,8 +48,11 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
 
 
 rule image_mlp_robustness:
+    # update() table and sidecar and a plain receipt, as rule icl_collect: a failed rerun keeps the previous table
     output:
-        IMAGE_MLP,
+        table=update(IMAGE_MLP),
+        sidecar=update(f"{IMAGE_MLP}.sha256"),
+        receipt=IMAGE_MLP_RECEIPT,
     params:
         cfg=config_block_json("image_mlp"),
     log:
@@ -61,7 +64,8 @@ rule image_mlp_robustness:
     conda:
         ENV
     shell:
-        "python -m lipflow.studies.image_mlp --config-json {params.cfg:q} --out {output} > {log} 2>&1"
+        "python -m lipflow.studies.image_mlp --config-json {params.cfg:q} --out {output.table}"
+        " --receipt {output.receipt} > {log} 2>&1"
 
 
 report: "../report/workflow.rst"

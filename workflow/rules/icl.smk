@@ -8,6 +8,7 @@
 rule icl_all:
     input:
         tables=expand("results/icl/{table}.parquet", table=ICL_TABLES),
+        tables_receipt=ICL_TABLES_RECEIPT,
         figures=ICL_FIGURES,
         receipt=ICL_FIGURE_RECEIPT,
         summary="results/icl/summary.json",
@@ -61,8 +62,12 @@ rule icl_collect:
     input:
         runs=ICL_RUNS,
         baselines="results/icl/runs/baselines.parquet",
+    # update() tables and sidecars (Snakemake backs both up and restores both after a failure, so a failed
+    # rerun keeps the previous tables, each matching its sidecar) and a plain receipt, written last: a failed job reruns
     output:
-        **{table: f"results/icl/{table}.parquet" for table in ICL_TABLES},
+        **{table: update(f"results/icl/{table}.parquet") for table in ICL_TABLES},
+        **{f"{table}_sidecar": update(f"results/icl/{table}.parquet.sha256") for table in ICL_TABLES},
+        receipt=ICL_TABLES_RECEIPT,
     log:
         "results/logs/icl/collect.log",
     params:
@@ -77,7 +82,8 @@ rule icl_collect:
         ENV
     shell:
         "python -m lipflow.studies.icl --threads {threads} collect --config-json {params.config_json:q}"
-        " --baselines {input.baselines} --runs {input.runs} --out-dir {params.out_dir} > {log} 2>&1"
+        " --baselines {input.baselines} --runs {input.runs} --out-dir {params.out_dir} --receipt {output.receipt}"
+        " > {log} 2>&1"
 
 
 rule icl_plots:

@@ -2,7 +2,7 @@
 
     train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors
     baselines  --config-json J --out results/icl/runs/baselines.parquet
-    collect    --config-json J --baselines B --runs R1.safetensors R2.safetensors ... --out-dir results/icl
+    collect    --config-json J --baselines B --runs R1.safetensors R2.safetensors ... --out-dir results/icl [--receipt R]
     plot       --config-json J --results-dir results/icl --out-dir results/figures [--receipt R]
     check      --config-json J --results-dir results/icl --out results/icl/summary.json [--strict]
 
@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from lipflow.atomic import json_object_keys, refuse_to_replace, refuse_to_replace_unsealed, write_json_atomic
+from lipflow.atomic import (json_object_keys, refuse_to_replace, refuse_to_replace_receipt, refuse_to_replace_unsealed,
+                            write_json_atomic, write_receipt)
 from lipflow.errors import (ArgumentParser, ConfigError, count_argument, json_object_argument,
                             memory_errors_in_one_line, run_guarded, summary_of)
-from lipflow.results.plotting import refuse_to_replace_receipt, write_receipt
+from lipflow.results.plotting import RECEIPT_KEY as FIGURES_RECEIPT_KEY
 from lipflow.studies.icl.config import load_config
+from lipflow.studies.outputs import RECEIPT_KEY as TABLES_RECEIPT_KEY
 
 
 def _config(text: str):
@@ -68,6 +70,8 @@ def _parser() -> ArgumentParser:
     collect.add_argument("--baselines", required=True)
     collect.add_argument("--runs", nargs="+", required=True)
     collect.add_argument("--out-dir", required=True)
+    collect.add_argument("--receipt", type=Path, default=None,
+                         help="written last: the tables written, as JSON (the pipeline's record that the job finished)")
 
     plot = sub.add_parser("plot", help="loss vs layers and loss vs n figures (PNG and SVG)")
     plot.add_argument("--config-json", required=True)
@@ -103,10 +107,13 @@ def refuse_to_replace_earlier_outputs(args) -> None:
         for name, schema in TABLE_SCHEMAS.items():
             refuse_to_replace_unsealed(Path(args.out_dir) / f"{name}.parquet", "--out-dir",
                                        f"an ICL {name} table", parquet_with_columns(schema.names))
-    elif args.command == "plot" and args.receipt is not None:
-        refuse_to_replace_receipt(args.receipt, "the ICL plot command")
     elif args.command == "check":
         refuse_to_replace(args.out, "--out", "an ICL check summary", is_check_summary)
+    if args.command in RECEIPT_KEYS and args.receipt is not None:
+        refuse_to_replace_receipt(args.receipt, RECEIPT_KEYS[args.command], f"the ICL {args.command} command")
+
+
+RECEIPT_KEYS = {"collect": TABLES_RECEIPT_KEY, "plot": FIGURES_RECEIPT_KEY}  # the commands that take --receipt
 
 
 def is_check_summary(path: Path) -> bool:
@@ -139,11 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "baselines":
                 study.run_baselines(_config(args.config_json), args.out)
             elif args.command == "collect":
-                study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
+                written = study.run_collect(_config(args.config_json), args.baselines, args.runs, args.out_dir)
             elif args.command == "plot":
-                drawn = plots.run_plots(args.results_dir, args.out_dir, _config(args.config_json).attention)
-                if args.receipt is not None:
-                    write_receipt(args.receipt, drawn)
+                written = plots.run_plots(args.results_dir, args.out_dir, _config(args.config_json).attention)
             else:
                 cfg = _config(args.config_json)
                 summary = study.summarize(cfg, args.results_dir, args.loss_tol, args.step_tol)
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.strict and not summary["passed"]:
                     print("lipflow: error: the ICL headline check failed", file=sys.stderr)
                     return 1
+            if args.command in RECEIPT_KEYS and args.receipt is not None:
+                write_receipt(args.receipt, RECEIPT_KEYS[args.command], written)
         return 0
 
     return run_guarded(go)

@@ -340,10 +340,14 @@ def collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str]) -> dict[s
     return tables
 
 
-def run_collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str], out_dir: str) -> None:
+def run_collect(cfg: ICLConfig, baselines_path: str, run_paths: list[str], out_dir: str) -> list[Path]:
+    """Write the study's tables into ``out_dir`` and return them."""
     check_distinct_paths(run_paths, "--runs")  # a checkpoint given twice would count its rows twice
+    written = []
     for name, rows in collect(cfg, baselines_path, run_paths).items():
-        write_table(rows, TABLE_SCHEMAS[name], Path(out_dir) / f"{name}.parquet")
+        written.append(Path(out_dir) / f"{name}.parquet")
+        write_table(rows, TABLE_SCHEMAS[name], written[-1])
+    return written
 
 
 # ---------------------------------------------------------------- headline check
