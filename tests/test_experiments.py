@@ -141,9 +141,10 @@ def test_unknown_experiment_is_one_line_with_did_you_mean():
 
 
 def test_config_block_merges_over_the_builtin_and_replaces_the_grid():
-    override = {"lr_transfer": {"cpu": {"base": {"steps": 7}, "grid": {"lr": [0.1, 0.2]}}}}
+    override = {"lr_transfer": {"cpu": {"base": {"steps": 7},
+                                        "grid": {"method": {"sgd_like": {"optimizer": "adamw"}}, "lr": [0.1, 0.2]}}}}
     runs = expand_experiments(filled({"experiments": ["lr_transfer"], "experiment_definitions": override}))
-    assert sorted(runs) == ["lrt.lr0.1", "lrt.lr0.2"]
+    assert sorted(runs) == ["lrt.sgd_like.lr0.1", "lrt.sgd_like.lr0.2"]
     assert all(c["steps"] == 7 and c["model"] == "gpt" and c["context"] == 64 for c in runs.values())
     assert definitions(filled({"experiment_definitions": override}))["lr_transfer"]["paper"] == \
         builtin_definitions()["lr_transfer"]["paper"]
