@@ -3,6 +3,7 @@ figures, and one tiny experiment end to end through Snakemake (with the HTML rep
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -832,6 +833,28 @@ def test_plots_cli_replaces_its_own_figures_and_tables_but_no_other_file(filled_
         assert len(err.strip().splitlines()) == 1 and f"{flag} {path} exists and is not" in err, err
         assert path.read_bytes() == mine
         path.unlink()
+
+
+def test_a_table_lipflow_wrote_before_its_view_changed_columns_is_replaced(filled_database, tmp_path, capsys):
+    """A view that gains a column (an upgrade) leaves its earlier CSV with another header: the table's
+    sidecar marks it as lipflow's, so the plots job replaces it, where it refused its own file until the user
+    deleted it; the same old header without a matching sidecar (edited, or a user's file) is still refused."""
+    from lipflow.atomic import sidecar_path, write_with_sidecar
+
+    out, tables = tmp_path / "figures", tmp_path / "tables"
+    args = ["--db", str(filled_database), "--out-dir", str(out), "--tables-dir", str(tables)]
+    table = tables / "lr_transfer.csv"
+    older = b"method,width,optimal_lr,best_loss\nsp+adamw,32,0.01,1.5\n"  # before n_seeds and the rest
+    tables.mkdir()
+    write_with_sidecar(table, older)
+    assert plots_main(args) == 0
+    assert table.read_text().splitlines()[0] == "method,width,optimal_lr,best_loss,n_seeds,n_lrs,at_grid_edge,n_widths,drift"
+    assert sidecar_path(table).read_text() == hashlib.sha256(table.read_bytes()).hexdigest() + "\n"
+    table.write_bytes(older)  # the old header, bytes its sidecar does not seal
+    capsys.readouterr()
+    assert plots_main(args) == 2
+    assert f"--tables-dir {table} exists and is not a table of view lr_transfer" in capsys.readouterr().err
+    assert table.read_bytes() == older
 
 
 def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import atomic_write, refuse_to_replace, refuse_to_replace_receipt, write_receipt
+from lipflow.atomic import (is_sealed, refuse_to_replace, refuse_to_replace_receipt, write_receipt,
+                            write_with_sidecar)
 from lipflow.results import training_curves
 from lipflow.results.plotting import RECEIPT_KEY, pyplot, read_view, refuse_to_replace_figure, write_figure
 
@@ -40,13 +41,13 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
 
 
 def write_table(con, name: str, tables_dir: Path) -> Path:
-    """View ``name`` as ``<tables_dir>/<name>.csv``, its rows sorted by every column left to right: a
-    view without ORDER BY came out in the order DuckDB's threads finished (the same database gave
-    differently ordered CSVs from one run to the next)."""
+    """View ``name`` as ``<tables_dir>/<name>.csv``, its rows sorted by every column left to right (a
+    view without ORDER BY came out in the order DuckDB's threads finished: the same database gave
+    differently ordered CSVs from one run to the next), with its ``.sha256`` sidecar, which marks the
+    file as lipflow's after the view's columns change (:func:`refuse_to_replace_others`)."""
     tables_dir.mkdir(parents=True, exist_ok=True)
     path = tables_dir / f"{name}.csv"
-    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
-        read_view(con, name, "ORDER BY ALL").to_csv(f, index=False)
+    write_with_sidecar(path, read_view(con, name, "ORDER BY ALL").to_csv(index=False).encode("utf-8"))
     return path
 
 
@@ -96,7 +97,8 @@ def check_columns(con, db: Path, columns: dict[str, dict[str, str]]) -> None:
 
 def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_dir: Path | None) -> None:
     """A FileExistsError before anything is drawn when a figure or table path of ``experiments``
-    holds a file lipflow did not write there (a figure without lipflow's mark, a CSV of other columns)."""
+    holds a file lipflow did not write there (a figure without lipflow's mark; a CSV of other columns that
+    does not match its sidecar, as a table lipflow wrote before its view gained a column does)."""
     for name in experiments:
         for figure in CATALOG[name].figures:
             for fmt in FORMATS:
@@ -104,7 +106,7 @@ def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_
         for view in CATALOG[name].views if tables_dir is not None else ():
             header = ",".join(view_columns(con, view))
             refuse_to_replace(tables_dir / f"{view}.csv", "--tables-dir", f"a table of view {view}",
-                              lambda path: first_line(path) == header)
+                              lambda path: first_line(path) == header or is_sealed(path))
 
 
 def first_line(path: Path) -> str:
