@@ -1392,7 +1392,8 @@ def test_a_grid_point_overrides_the_base_and_a_merged_grid_replaces_the_builtin_
 
 def test_two_axes_of_a_grid_setting_the_same_run_key_are_refused():
     """The later axis used to win silently: run `lrt.lr0.01.a` trained at lr 0.5 under a name saying 0.01."""
-    conflict = {"lr_transfer": {"cpu": {"grid": {"lr": [0.01], "v": {"a": {"lr": 0.5}}}}}}
+    conflict = {"lr_transfer": {"cpu": {"grid": {"method": {"m": {"optimizer": "adamw"}}, "lr": [0.01],
+                                                 "v": {"a": {"lr": 0.5}}}}}}
     for selected in (["lr_transfer"], []):  # a written block is checked whether or not it is selected
         config = base_config(experiments=selected, experiment_definitions=conflict)
         with pytest.raises(ConfigError) as err:

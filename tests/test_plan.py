@@ -177,23 +177,25 @@ def test_the_readmes_example_run_ids_are_the_default_configs():
 def test_a_written_experiment_block_is_validated_whether_or_not_it_is_selected(selected):
     """A mistake in an experiment_definitions block is named before any job even when the block is not
     selected, with the same message as when it is; an unselected valid block adds no runs."""
-    written = {"lr_transfer": {"cpu": {"base": {"model": "lipschitz_gptt"}, "grid": {"lr": [0.1]}}}}
-    with pytest.raises(ConfigError, match=r"^config error in experiment run lrt\.lr0\.1 \(lr_transfer's cpu preset "
+    grid = {"method": {"m": {"optimizer": "adamw"}}, "lr": [0.1]}  # method first: lr_transfer's label_axis
+    written = {"lr_transfer": {"cpu": {"base": {"model": "lipschitz_gptt"}, "grid": grid}}}
+    with pytest.raises(ConfigError, match=r"^config error in experiment run lrt\.m\.lr0\.1 \(lr_transfer's cpu preset "
                                           r"or the config's defaults\): model: "
                                           r"'lipschitz_gptt' is not one of .*did you mean 'lipschitz_gpt'"):
         Plan.from_config({"experiments": selected, "experiment_definitions": written})
     written["lr_transfer"]["cpu"]["base"]["model"] = "lipschitz_gpt"
     plan = Plan.from_config({"experiments": selected, "experiment_definitions": written})
     assert [run_id.rsplit("-", 1)[0] for run_id in plan.runs if run_id.startswith("lrt.")] == \
-        (["lrt.lr0.1"] if selected else [])
+        (["lrt.m.lr0.1"] if selected else [])
 
 
 @pytest.mark.parametrize("selected", [[], ["lr_transfer"]], ids=["unselected", "selected"])
 def test_a_written_preset_is_validated_under_another_experiment_preset(selected):
     """A mistake in the ``paper`` preset a config writes is named while ``experiment_preset`` is cpu,
     selected or not (it went unnoticed until the day the preset was switched); a valid one adds no run."""
-    written = {"lr_transfer": {"paper": {"base": {"model": "lipschitz_gptt"}, "grid": {"lr": [0.1]}}}}
-    with pytest.raises(ConfigError, match=r"^config error in experiment run lrt\.lr0\.1 \(lr_transfer's paper preset "
+    grid = {"method": {"m": {"optimizer": "adamw"}}, "lr": [0.1]}  # method first: lr_transfer's label_axis
+    written = {"lr_transfer": {"paper": {"base": {"model": "lipschitz_gptt"}, "grid": grid}}}
+    with pytest.raises(ConfigError, match=r"^config error in experiment run lrt\.m\.lr0\.1 \(lr_transfer's paper preset "
                                           r"or the config's defaults\): model: 'lipschitz_gptt' is not one of"):
         Plan.from_config({"experiments": selected, "experiment_preset": "cpu", "experiment_definitions": written})
     written["lr_transfer"]["paper"]["base"]["model"] = "lipschitz_gpt"
