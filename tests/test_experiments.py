@@ -500,6 +500,11 @@ def test_a_grid_that_does_not_start_with_the_label_axis_is_refused(name, label_a
         expand_experiments(config)
     config["experiment_definitions"][name]["cpu"]["grid"] = [{label_axis: grid[label_axis], "lr": grid["lr"]}]
     assert len(expand_experiments(filled(config))) == 2
+    # a config's block naming another label axis would pass the check while the views read the second part
+    config["experiment_definitions"][name]["label_axis"] = "lr"
+    config["experiment_definitions"][name]["cpu"]["grid"] = [{"lr": grid["lr"], label_axis: grid[label_axis]}]
+    with pytest.raises(ConfigError, match=rf"^config error: experiment_definitions\.{name}\.label_axis: set by the "):
+        expand_experiments(filled(config))
 
 
 def test_lr_transfer_averages_the_seeds_of_a_point(tmp_path):
@@ -855,6 +860,13 @@ def test_a_table_lipflow_wrote_before_its_view_changed_columns_is_replaced(fille
     assert plots_main(args) == 2
     assert f"--tables-dir {table} exists and is not a table of view lr_transfer" in capsys.readouterr().err
     assert table.read_bytes() == older
+    table.unlink()
+    sidecar_path(table).write_text("my notes on the table\n")  # a user's file in the sidecar's place
+    figure = out / f"{next(iter(EXPERIMENT_FIGURES['lr_transfer']))}.png"
+    drawn = figure.stat().st_mtime_ns
+    assert plots_main(args) == 2
+    assert f"--tables-dir {sidecar_path(table)} exists and is not a sha256 checksum" in capsys.readouterr().err
+    assert figure.stat().st_mtime_ns == drawn and not table.exists()  # refused before anything was drawn
 
 
 def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):
@@ -910,7 +922,9 @@ def test_tiny_experiment_end_to_end_fills_view_figure_and_report(tmp_path):
     assert best[0][4] == pytest.approx(max(optima) / min(optima))
     for ext in ("png", "svg"):
         assert (tmp_path / "results" / "figures" / f"lr_transfer.{ext}").stat().st_size > 1000
-    assert (tmp_path / "results" / "tables" / "lr_transfer.csv").is_file()
+    from lipflow.atomic import is_sealed
+
+    assert is_sealed(tmp_path / "results" / "tables" / "lr_transfer.csv")  # its sidecar: an update() output
     report = snakemake(tmp_path, "--report", str(tmp_path / "report.html"))
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="replace")

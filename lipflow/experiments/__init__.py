@@ -110,6 +110,10 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     (workflow/schemas/experiments.schema.yaml: a block that names no ``evaluations`` runs [val])."""
     blocks = copy.deepcopy(builtin_definitions())
     for name, block in config["experiment_definitions"].items():
+        if "label_axis" in block and block["label_axis"] != blocks.get(name, {}).get("label_axis"):
+            raise ConfigError(f"config error: experiment_definitions.{name}.label_axis: set by the experiment's own "
+                              f"YAML file, for its views, which read that axis's label from the run names; a config's "
+                              f"block cannot change it")
         blocks[name] = merge_block(blocks.get(name, {}), block)
     return {name: fill_block(name, block) for name, block in blocks.items()}
 

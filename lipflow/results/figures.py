@@ -23,8 +23,8 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import (is_sealed, refuse_to_replace, refuse_to_replace_receipt, write_receipt,
-                            write_with_sidecar)
+from lipflow.atomic import (is_checksum, is_sealed, refuse_to_replace, refuse_to_replace_receipt, sidecar_path,
+                            write_receipt, write_with_sidecar)
 from lipflow.results import training_curves
 from lipflow.results.plotting import RECEIPT_KEY, pyplot, read_view, refuse_to_replace_figure, write_figure
 
@@ -105,8 +105,10 @@ def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_
                 refuse_to_replace_figure(out_dir / f"{figure}.{fmt}", "--out-dir")
         for view in CATALOG[name].views if tables_dir is not None else ():
             header = ",".join(view_columns(con, view))
-            refuse_to_replace(tables_dir / f"{view}.csv", "--tables-dir", f"a table of view {view}",
+            table = tables_dir / f"{view}.csv"
+            refuse_to_replace(table, "--tables-dir", f"a table of view {view}",
                               lambda path: first_line(path) == header or is_sealed(path))
+            refuse_to_replace(sidecar_path(table), "--tables-dir", "a sha256 checksum", is_checksum)
 
 
 def first_line(path: Path) -> str:

@@ -31,6 +31,8 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
                               category=_name, labels={"table": name, "format": "CSV"}))
                 for name, view in _experiment.views.items()
             ],
+            # update() as the tables: Snakemake restores a failed job's table and its sidecar together
+            table_sidecars=[update(f"results/tables/{name}.csv.sha256") for name in _experiment.views],
             receipt=figure_receipt(_name),
         params:
             experiment=_name,
