@@ -94,8 +94,14 @@ def _as_column_types(flat: dict[str, Any]) -> dict[str, Any]:
     as the float its column holds: Arrow refuses an integer a double does not hold exactly."""
     from lipflow.config.runs import int_as_float
 
-    floats = {field.name for field in runs_schema() if field.type == pa.float64()}
+    floats = _float_columns()
     return {key: int_as_float(value) if key in floats else value for key, value in flat.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _float_columns() -> frozenset[str]:
+    """The ``runs`` columns of type DOUBLE (:func:`runs_schema`), found once, not once per run row."""
+    return frozenset(field.name for field in runs_schema() if field.type == pa.float64())
 
 
 # a config key's column: a mapping or list as its JSON text (_flat_config), other values as the schema types them
