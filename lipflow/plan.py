@@ -18,8 +18,9 @@ from lipflow.config import (DATA_KEYS_OF_KINDS, ConfigError, check_config, data_
                             experiment_run, plain_runs, run_id, run_validator, tokenizer_id)
 from lipflow.data.corpus import expand_paths
 from lipflow.errors import parse_json
-from lipflow.experiments import (CATALOG, EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, PRESETS, definitions,
-                                 expand_experiments, experiment_evaluations, experiment_studies, selected_experiments)
+from lipflow.experiments import (CATALOG, EXPERIMENT_FIGURES, EXPERIMENT_VIEWS, PRESETS, check_view_points,
+                                 definitions, expand_experiments, experiment_evaluations, experiment_studies,
+                                 selected_experiments)
 from lipflow.experiments.grid import expand_experiment
 from lipflow.results import views as result_views
 from lipflow.studies.icl.config import (ICLConfig, baselines_config, caption_terms, check_regression_prompts,
@@ -87,8 +88,9 @@ def check_written_definitions(config: dict[str, Any], blocks: dict[str, dict[str
         for preset in sorted({preset_now} | (set(written) & set(PRESETS))):
             if preset == preset_now and name in config["experiments"]:
                 continue
-            for run_name, overrides in expand_experiment(name, blocks[name], preset).items():
-                experiment_run(validator, run_name, overrides, config["defaults"], preset)
+            runs = {run_name: experiment_run(validator, run_name, overrides, config["defaults"], preset)
+                    for run_name, overrides in expand_experiment(name, blocks[name], preset).items()}
+            check_view_points(blocks, runs)
 
 
 def check_selected_experiments_do_something(config: dict[str, Any], blocks: dict[str, dict[str, Any]],
@@ -136,8 +138,10 @@ def resolve_runs(config: dict[str, Any], blocks: dict[str, dict[str, Any]] | Non
     (``blocks``: the config's experiment definitions, when the caller has them)."""
     data = data_identity(config)
     validator = run_validator()
+    blocks = definitions(config) if blocks is None else blocks
     experiment_runs = {name: experiment_run(validator, name, overrides, config["defaults"], config["experiment_preset"])
                        for name, overrides in expand_experiments(config, blocks).items()}
+    check_view_points(blocks, experiment_runs)
     return {run_id(name, cfg, data): cfg for name, cfg in {**plain_runs(config), **experiment_runs}.items()}
 
 

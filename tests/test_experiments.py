@@ -507,6 +507,59 @@ def test_a_grid_that_does_not_start_with_the_label_axis_is_refused(name, label_a
         expand_experiments(filled(config))
 
 
+# (label axis, a label, an axis the views tell apart, a further axis on a key they do not)
+VIEW_POINTS = {"lr_transfer": ("method", {"a": {"optimizer": "adamw"}}, {"lr": [0.01, 0.02]}, ("beta2", [0.95, 0.99])),
+               "super_consistency": ("param", {"sp": {"parametrization": "sp"}}, {"n_layers": [1, 2]},
+                                     ("weight_decay", [0.0, 0.1])),
+               "rank_vs_n": (None, None, {"train_tokens": [2048, 8192]}, ("lr", [0.001, 0.003]))}
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_POINTS))
+def test_runs_the_views_would_average_as_seeds_are_refused(name):
+    """lr_transfer averaged every run at one (method, width, lr) as seeds and rank_vs_n fitted one slope per
+    n_heads over every run: an axis a user adds after the label (beta2; an lr axis in rank_vs_n) was merged
+    into those points without a word (n_seeds stayed 1). Two runs equal on the label and the experiment's
+    point_keys but different in another key are refused, naming both and the key; a seed axis, or the key
+    given one value per label, passes. The built-in grids of both presets pass."""
+    label_axis, label, told_apart, (key, values) = VIEW_POINTS[name]
+    block = builtin_definitions()[name]
+    assert block.get("label_axis") == label_axis and key not in block["point_keys"]
+    for preset in ("cpu", "paper"):
+        assert resolve_runs(filled({"experiments": [name], "experiment_preset": preset}))
+    grid = {**({label_axis: label} if label_axis else {}), **told_apart, key: values}
+    config = {"experiments": [name], "experiment_definitions": {name: {"cpu": {"grid": grid}}}}
+    with pytest.raises(ConfigError, match=rf"^config error: experiment '{name}': runs '[^']+' and '[^']+' differ in "
+                                          rf"{key}, but its views group runs by .* would average or pool the two; "):
+        resolve_runs(filled(config))
+    with pytest.raises(ConfigError, match=rf"differ in {key}, "):  # a block written for the other preset too
+        Plan.from_config({**config, "experiments": [], "experiment_definitions": {name: {"paper": {"grid": grid}}}})
+    del grid[key]
+    assert len(resolve_runs(filled(config))) == 2
+    grid["seed"] = [0, 1]
+    assert len(resolve_runs(filled(config))) == 4
+    if label_axis:  # the key varied through the label: two settings, each its own point
+        two = {f"{key}{i}": {**next(iter(label.values())), key: value} for i, value in enumerate(values)}
+        config["experiment_definitions"][name]["cpu"]["grid"] = {label_axis: two, **told_apart}
+        assert len(resolve_runs(filled(config))) == 4
+
+
+def test_point_keys_are_run_keys_and_only_the_experiments_own():
+    """Each point key names a run key (a misspelt one would make every run its own point); a config's block
+    cannot set or change them, as it cannot label_axis."""
+    from lipflow.config.runs import run_key_types
+    blocks = builtin_definitions()
+    assert {name for name, block in blocks.items() if "point_keys" in block} == set(VIEW_POINTS)
+    assert all(set(block.get("point_keys", ())) <= set(run_key_types()) for block in blocks.values())
+    config = filled({"experiments": ["lr_transfer"],
+                     "experiment_definitions": {"lr_transfer": {"point_keys": ["d_model", "lr"]}}})
+    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.lr_transfer\.point_keys: set by "):
+        expand_experiments(config)
+    own = filled({"experiments": ["mine"], "experiment_definitions": {"mine": {  # no views of its own to group by
+        "short": "m", "point_keys": ["lr"], "cpu": {"grid": {"lr": [0.1, 0.2]}}}}})
+    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine\.point_keys: set by "):
+        resolve_runs(own)
+
+
 def test_lr_transfer_averages_the_seeds_of_a_point(tmp_path):
     """A seed axis gave two runs a point, counted as two lrs (n_lrs 4 of 2) with the luckiest seed's loss as
     the optimum's; a point is its seeds' mean, and an lr where a seed diverged is no optimum."""

@@ -28,6 +28,7 @@ import copy
 import difflib
 import functools
 import importlib
+import json
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +111,40 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     (workflow/schemas/experiments.schema.yaml: a block that names no ``evaluations`` runs [val])."""
     blocks = copy.deepcopy(builtin_definitions())
     for name, block in config["experiment_definitions"].items():
-        if "label_axis" in block and block["label_axis"] != blocks.get(name, {}).get("label_axis"):
-            raise ConfigError(f"config error: experiment_definitions.{name}.label_axis: set by the experiment's own "
-                              f"YAML file, for its views, which read that axis's label from the run names; a config's "
-                              f"block cannot change it")
+        for key in VIEW_KEYS:
+            if key in block and block[key] != blocks.get(name, {}).get(key):
+                raise ConfigError(f"config error: experiment_definitions.{name}.{key}: set by the experiment's own "
+                                  f"YAML file, for its views, which group the runs by it; a config's block cannot "
+                                  f"change it")
         blocks[name] = merge_block(blocks.get(name, {}), block)
     return {name: fill_block(name, block) for name, block in blocks.items()}
+
+
+# keys of an experiment block that describe how its views group the runs: only its own YAML file sets them
+VIEW_KEYS = ("label_axis", "point_keys")
+
+
+def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
+    """Two runs of one experiment that its views take for one point (one label on ``label_axis`` and equal
+    ``point_keys``) but that differ in another key would be averaged (lr_transfer's mean over seeds) or pooled
+    (rank_vs_n's one slope per n_heads) as if they were seeds: refused in one line naming both runs and the
+    keys they differ in. ``runs``: run name → resolved run config (schema defaults filled)."""
+    points: dict[tuple[str, ...], str] = {}
+    for name, cfg in sorted(runs.items()):
+        block = blocks.get(cfg.get("experiment") or "", {})
+        if "point_keys" not in block:
+            continue
+        label = name.split(".")[1] if block.get("label_axis") else ""
+        point = (cfg["experiment"], label, *(json.dumps(cfg.get(key), sort_keys=True) for key in block["point_keys"]))
+        first = points.setdefault(point, name)
+        differing = sorted(key for key in cfg.keys() | runs[first].keys() if cfg.get(key) != runs[first].get(key))
+        if first != name and differing:
+            by = ", ".join(([block["label_axis"]] if label else []) + list(block["point_keys"]))
+            fix = (f"give each value of {differing[0]} a label of its own on the '{block['label_axis']}' axis, or "
+                   f"set it in base" if label else f"set {differing[0]} in base, one value per experiment")
+            raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{first}' and '{name}' differ "
+                              f"in {', '.join(differing)}, but its views group runs by {by} alone and would "
+                              f"average or pool the two; {fix}")
 
 
 def fill_block(name: str, block: dict[str, Any]) -> dict[str, Any]:
