@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from pathlib import Path
 
 from lipflow.plan import IMAGE_MLP, Plan, figure_receipt, recorded_block
 
@@ -18,6 +19,24 @@ ICL_FIGURES = [f"results/figures/icl_{name}.{ext}"
                for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")]
 ICL_FIGURE_RECEIPT = figure_receipt("icl_study")  # not "icl": the icl experiment's figures job has that one
 ICL_TABLES_RECEIPT = "results/icl/tables.written"  # the icl_collect job's receipt (lipflow.atomic.write_receipt)
+PACKAGE = Path(__file__).resolve().parent
+
+
+# The code that lays out the results database, its views and its CSV tables (lipflow.results.database
+# reads each run's summary fields from lipflow.train.summary): its source is part of the database's receipt.
+DATABASE_CODE = (PACKAGE / "results", PACKAGE / "experiments", PACKAGE / "train" / "summary.py")
+
+
+@functools.lru_cache(maxsize=1)
+def database_code_digest() -> str:
+    """sha256 over the source files of :data:`DATABASE_CODE` (each file's path within the package and its
+    bytes, in path order)."""
+    files = sorted(path for root in DATABASE_CODE for path in ([root] if root.is_file() else root.rglob("*.py")))
+    digest = hashlib.sha256()
+    for path in files:
+        source = path.read_bytes()
+        digest.update(f"{path.relative_to(PACKAGE).as_posix()}\0{len(source)}\0".encode() + source)
+    return digest.hexdigest()
 
 
 def param_count(cfg, vocab):
@@ -137,8 +156,10 @@ class RuleFunctions:
         study tables its command line names): a database built from another run set (a config changed while
         Snakemake's own records in .snakemake/ were lost, or a results/ shared by two checkouts) then lacks
         this receipt and is rebuilt, where a fixed name would pass it as up to date. The build removes its
-        database's other receipts first (:func:`lipflow.results.database.remove_other_receipts`)."""
-        inputs = json.dumps([self.plan.database_run_dirs(), self.study_tables(None)])
+        database's other receipts first (:func:`lipflow.results.database.remove_other_receipts`). The digest
+        covers the code that lays out the tables and views too (:func:`database_code_digest`): a lipflow whose
+        views or tables changed (an upgrade) rebuilds the database, and so the tables and figures drawn from it."""
+        inputs = json.dumps([self.plan.database_run_dirs(), self.study_tables(None), database_code_digest()])
         return f"{database}.{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.built"
 
     def icl_targets(self, wildcards):

@@ -318,6 +318,49 @@ def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     assert receipt["rows"]["bench"] == 1 and receipt["sha256"] == hashlib.sha256(db.read_bytes()).hexdigest()
 
 
+def test_a_change_of_the_code_that_lays_out_the_database_rebuilds_it(tmp_path):
+    """The database's receipt was named by its inputs only: a lipflow whose views or tables changed (an
+    upgrade, an edited view) passed the old database, and the tables and figures drawn from it, as up to
+    date. Its digest covers the source of lipflow.results, lipflow.experiments and the run summary fields:
+    an edit there rebuilds the database (and removes the old receipt); an edit elsewhere does not."""
+    import shutil
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "lipflow-copy"
+    copy.mkdir()
+    for part in ("Snakefile", "workflow", "lipflow", "envs", "config.yaml", "pyproject.toml"):
+        (shutil.copytree if (repo / part).is_dir() else shutil.copy)(repo / part, copy / part)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.yaml").write_text("runs: {}\n")  # the database only: no training, no tokens
+    environment = {**os.environ, "PYTHONPATH": str(copy)}
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(copy / "Snakefile"), "-d", str(work),
+                               "--configfile", str(work / "config.yaml"), "-c1", *args, "database"],
+                              capture_output=True, text=True, timeout=300, env=environment, cwd=work)  # not the repo
+
+    def receipts() -> list[str]:
+        return sorted(path.name for path in (work / "results").glob("lipflow.duckdb.*.built"))
+
+    assert snakemake().returncode == 0
+    [first] = receipts()
+    assert "Nothing to be done" in snakemake("-n").stdout
+    with (copy / "lipflow" / "model" / "__init__.py").open("a") as model:  # not the database's code
+        model.write("# an edit\n")
+    assert "Nothing to be done" in snakemake("-n").stdout
+    for edited in ("lipflow/experiments/lr_transfer.py", "lipflow/results/views.py", "lipflow/train/summary.py"):
+        with (copy / edited).open("a") as view:
+            view.write("# an edit\n")
+        planned = snakemake("-n").stdout
+        assert re.search(r"Missing output files: results/lipflow\.duckdb\.[0-9a-f]{12}\.built", planned), (edited, planned)
+        assert snakemake().returncode == 0
+        [now] = receipts()  # the old receipt is gone, not left to pass if the old code came back
+        assert now != first
+        first = now
+
+
 @pytest.mark.parametrize("study, table", [("image_mlp", "results/image_mlp/robustness.parquet"),
                                           ("icl", "results/icl/loss_by_n.parquet")])
 def test_the_database_waits_for_the_study_tables_it_loads(tmp_path, study, table):
