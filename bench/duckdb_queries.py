@@ -115,6 +115,14 @@ def grid_points(n_runs: int) -> list[dict[str, Any]]:
     return points
 
 
+def run_name(point: dict[str, Any]) -> str:
+    """The name an experiment's grid gives the run (``<short>.<method label>.<width>.<lr>.<seed>``): the
+    views read the method from its second part, as from a real lr_transfer run's."""
+    method = f"{point['optimizer']}_{point['weight_constraint']}_{point['parametrization']}"
+    short = "tradeoff" if point["experiment"] == "lipschitz_tradeoff" else "lrt"
+    return f"{short}.{method}.w{point['d_model']}.lr{point['lr']}.seed{point['seed']}"
+
+
 def template_run(root: Path) -> Path:
     """A real one-step run of the train stage on the default data: the template whose files' fields
     and columns the synthetic runs copy (so they follow the train stage's formats as they change)."""
@@ -156,10 +164,10 @@ def write_runs(root: Path, n_runs: int, steps: int) -> list[Path]:
     schema = pq.read_schema(template / "train_metrics.parquet")
     rng = np.random.default_rng(0)
     dirs = []
-    for i, point in enumerate(grid_points(n_runs)):
+    for point in grid_points(n_runs):
         cfg = {**base_info["config"], **point}
         config_hash = provenance.config_hash(cfg)
-        run_id = f"r{i:05d}-{config_hash[:8]}"
+        run_id = f"{run_name(point)}-{config_hash[:8]}"
         table = metrics_table(schema, run_id, steps, rng, cfg["model"] != "gpt")
         last = table.slice(steps - 1).to_pylist()[0]
         run_dir = root / "runs" / run_id
