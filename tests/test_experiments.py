@@ -577,6 +577,7 @@ def test_lr_transfer_averages_the_seeds_of_a_point(tmp_path):
     fig = lr_transfer(con)  # the width's line joins the means, not each seed's run (a zig-zag at every lr)
     (curve,) = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
     assert list(curve.get_xdata()) == [0.1, 0.2] and list(curve.get_ydata()) == [1.5, 1.4]
+    assert fig.axes[0].get_title() == "adamw: optimal-lr drift ×1"  # lr 0.4 was tried: 0.2 is inside the grid
     pyplot().close(fig)
 
 
@@ -1030,7 +1031,8 @@ def test_lr_transfer_figure_marks_what_it_cannot_place_and_survives_a_method_tha
     fig = lr_transfer(con)
     scion, adamw = fig.axes  # panels in method order
     assert scion.get_title() == "scion: no run ended with a finite loss"
-    assert adamw.get_title() == "sp_adamw: optimal-lr drift ×1 (1 of 2 widths)"
+    # width 32's optimum is its smallest lr: the drift of an optimum at the grid's edge is no measurement
+    assert adamw.get_title() == "sp_adamw: optimal-lr drift ×1 (1 of 2 widths)\n1 of 1 optima at the lr grid's edge: widen the grid"
     top = adamw.get_ylim()[1]
     marked = {(line.get_marker(), tuple(line.get_xdata())) for ax in fig.axes for line in ax.lines
               if line.get_linestyle() == "None" and list(line.get_ydata()) == [top] * len(line.get_ydata())}

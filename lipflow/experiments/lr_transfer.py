@@ -70,7 +70,8 @@ def lr_transfer(con):
     spreads above the median where that is lower (when a tenth of the runs or more blew up, their losses
     set the quantile), plus 30 % of the range (a blown-up run would flatten the rest): a point above it is
     drawn at the top edge as ▲, a point without a final loss (a seed diverged or failed) as × there; the
-    title's drift names how many of the method's widths have an optimum."""
+    title's drift names how many of the method's widths have an optimum, and how many optima lie at the edge
+    of the lrs tried (the view's ``at_grid_edge``: the true optimum may lie beyond, so the drift is not measured)."""
     from matplotlib.lines import Line2D
 
     plt = pyplot()
@@ -105,7 +106,9 @@ def lr_transfer(con):
         widths_of = points_of.width.nunique()
         if len(opt):
             within = "" if len(opt) == widths_of else f" ({len(opt)} of {widths_of} widths)"
-            ax.set_title(f"{method}: optimal-lr drift ×{opt.drift.iloc[0]:.3g}{within}", fontsize=10)
+            edge = int(opt.at_grid_edge.sum())  # the optimum may lie beyond the grid: the drift is not measured
+            at_edge = f"\n{edge} of {len(opt)} optima at the lr grid's edge: widen the grid" if edge else ""
+            ax.set_title(f"{method}: optimal-lr drift ×{opt.drift.iloc[0]:.3g}{within}{at_edge}", fontsize=10)
         else:
             ax.set_title(f"{method}: no run ended with a finite loss", fontsize=10)
         ax.set_xscale("log", base=2)
