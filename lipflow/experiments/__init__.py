@@ -7,8 +7,10 @@ experiment edits no other file).
 - ``<name>.yaml``: its block (checked against ``$defs/experiment`` of
   workflow/schemas/experiments.schema.yaml): ``short`` run-name prefix, ``description``, the
   ``evaluations`` of its runs (instead of ``evaluations.enabled``), the ``studies`` outside the run
-  grid it includes (``icl``, ``image_mlp``), and per preset (cpu | paper) ``base`` run settings and a
-  ``grid`` (expanded by :mod:`lipflow.experiments.grid`).
+  grid it includes (``icl``, ``image_mlp``), per preset (cpu | paper) ``base`` run settings and a
+  ``grid`` (expanded by :mod:`lipflow.experiments.grid`), and for its views ``label_axis`` (the first
+  grid axis, whose label they read from a run's name) and ``point_keys`` (:func:`check_view_points`),
+  which only this file sets (:data:`VIEW_KEYS`).
 - ``<name>.py``: ``VIEWS``, view name → :class:`lipflow.results.views.View` (DuckDB SQL over the
   results tables, headline view first; each is also written as results/tables/<view>.csv), and
   ``FIGURES``, figure name → :class:`lipflow.results.plotting.Figure` (a function of a DuckDB

@@ -3,7 +3,8 @@
 A preset gives ``base`` run settings and a ``grid``. A grid maps axis → values; its runs are the
 cartesian product of the axes in order, and a list of grids is the union of their products
 (scikit-learn's ParameterGrid semantics). An axis is either a list of values of the run key it names
-(label ``<prefix><value>``, e.g. ``s2`` for sigma_max = 2, or the value itself for strings) or a
+(label ``<prefix><value>``, e.g. ``s2`` for sigma_max = 2, the value itself for strings, and the
+axis name or ``no_<axis>`` for booleans) or a
 mapping label → overrides (a variant axis setting several keys at once). A run is named
 ``<short>.<label>.<label>…`` and its overrides are base ← grid point ← ``experiment: <name>``.
 Nothing here imports torch: it runs at Snakefile parse time.
