@@ -7,8 +7,8 @@ import torch
 
 from lipflow.config import evaluation_params, run_defaults
 from lipflow.evaluation import EVALUATIONS, EvalContext
-from lipflow.evaluation.sharpness import (adam_preconditioner, hutchinson_trace, lanczos_topk, power_iteration,
-                                         top_eigenvalue)
+from lipflow.evaluation.sharpness import (adam_preconditioner, hutchinson_trace, lanczos_topk, largest_eigenvalue,
+                                         power_iteration)
 from lipflow.model import build_model
 
 
@@ -44,13 +44,13 @@ def test_power_iteration_finds_the_top_eigenvalue_within_one_percent():
     assert abs(float(result.eigenvector.double() @ q[:, 0])) > 0.999
     warm = power_iteration(loss, params, iters=200, tol=1e-7, init=result.eigenvector)
     assert warm.iterations <= 3 and warm.eigenvalue == pytest.approx(10.0, rel=1e-4)
-    assert top_eigenvalue(loss, params, iters=200, tol=1e-7) == pytest.approx(10.0, rel=1e-2)
+    assert power_iteration(loss, params, iters=200, tol=1e-7).eigenvalue == pytest.approx(10.0, rel=1e-2)
 
 
 def test_power_iteration_returns_the_largest_magnitude_even_when_negative():
     a, _ = symmetric_with_spectrum([-12.0, 7.0] + [1.0] * 18, seed=3)
     loss, params = quadratic(a)
-    assert top_eigenvalue(loss, params, iters=300, tol=1e-8) == pytest.approx(-12.0, rel=1e-2)
+    assert power_iteration(loss, params, iters=300, tol=1e-8).eigenvalue == pytest.approx(-12.0, rel=1e-2)
 
 
 def test_power_iteration_does_not_stop_at_a_start_with_zero_rayleigh_quotient():
@@ -90,12 +90,70 @@ def test_preconditioned_power_iteration_finds_the_top_eigenvalue_of_DA():
     d = torch.linspace(0.05, 2.0, 20, dtype=torch.float64)
     exact = torch.linalg.eigvals(torch.diag(d) @ a).real
     expected = float(exact[exact.abs().argmax()])
-    got = top_eigenvalue(loss, params, iters=500, tol=1e-8, precondition=d.float(),
-                         generator=torch.Generator().manual_seed(0))
+    got = power_iteration(loss, params, iters=500, tol=1e-8, precondition=d.float(),
+                          generator=torch.Generator().manual_seed(0)).eigenvalue
     assert got == pytest.approx(expected, rel=1e-2)
     assert abs(expected - 9.0) > 0.5  # the preconditioner really changes the answer
     with pytest.raises(ValueError, match="preconditioner has shape"):
-        top_eigenvalue(loss, params, iters=10, tol=1e-3, precondition=torch.ones(7))
+        power_iteration(loss, params, iters=10, tol=1e-3, precondition=torch.ones(7))
+
+
+def big_quadratic(eigenvalues, seed=0):
+    """``quadratic`` of a dense symmetric matrix with exactly ``eigenvalues`` (more of them than the Lanczos
+    steps below, so the Krylov space never closes and the answer is no exact invariant-space value)."""
+    a, _ = symmetric_with_spectrum(eigenvalues, seed=seed)
+    return (a, *quadratic(a))
+
+
+@pytest.mark.parametrize("spectrum, top", [
+    ([-12.0, 7.0] + torch.linspace(-3, 3, 118).tolist(), 7.0),   # power iteration's answer is −12
+    ([-10.0, 9.9] + torch.linspace(-2, 2, 118).tolist(), 9.9),   # |λ_min| ≈ λ_max: power iteration oscillates
+    ([10.0, 6.0] + torch.linspace(-4, 4, 118).tolist(), 10.0),   # a dominant top: the same as power iteration
+])
+def test_largest_eigenvalue_is_the_top_of_the_spectrum_not_the_largest_magnitude(spectrum, top):
+    """The sharpness logged in training is λ_max, which a stability threshold bounds: Lanczos finds it where
+    the negative end is the larger (power iteration returns −12) or as large (power iteration wanders
+    between the ends), within 1e-3 in 40 steps of a 120-dimensional operator."""
+    _, loss, params = big_quadratic(spectrum)
+    got = largest_eigenvalue(loss, params, iters=40, tol=1e-9, generator=torch.Generator().manual_seed(0))
+    assert got == pytest.approx(top, rel=1e-3)
+    power = power_iteration(loss, params, iters=40, tol=1e-9, generator=torch.Generator().manual_seed(0))
+    assert (power.eigenvalue == pytest.approx(top, rel=1e-2)) == (spectrum[0] > 0)  # 40 HVPs each
+
+
+def test_largest_eigenvalue_of_a_preconditioned_hessian_is_that_of_DA():
+    """With precondition d: λ_max of DA (the eigenvalues of the non-symmetric product, computed directly),
+    here a positive one below the negative end in magnitude."""
+    a, loss, params = big_quadratic([-15.0, 9.0] + torch.linspace(-3, 3, 118).tolist(), seed=5)
+    d = torch.linspace(0.2, 2.0, 120, dtype=torch.float64)
+    exact = torch.linalg.eigvals(torch.diag(d) @ a).real
+    assert exact.min() < -exact.max()  # the case power iteration gets wrong
+    got = largest_eigenvalue(loss, params, iters=60, tol=1e-10, precondition=d.float(),
+                             generator=torch.Generator().manual_seed(0))
+    assert got == pytest.approx(float(exact.max()), rel=1e-3)
+
+
+def test_largest_eigenvalue_stops_when_the_top_ritz_value_settles():
+    """At tol the run ends at the first step whose top Ritz value moved less than tol·(|θ| + 1e-6): a
+    well-separated top (100 against ≤ 1) settles in a few steps; with tol 0 it takes every step given."""
+    _, loss, params = big_quadratic([100.0] + torch.linspace(-1, 1, 119).tolist())
+    calls = []
+    from lipflow.evaluation import sharpness
+
+    original = sharpness.HessianOperator.__call__
+
+    def counted(self, v):
+        calls.append(1)
+        return original(self, v)
+
+    sharpness.HessianOperator.__call__ = counted
+    try:
+        quick = largest_eigenvalue(loss, params, iters=50, tol=1e-4, generator=torch.Generator().manual_seed(0))
+        early, calls[:] = len(calls), []
+        largest_eigenvalue(loss, params, iters=50, tol=0.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        sharpness.HessianOperator.__call__ = original
+    assert quick == pytest.approx(100.0, rel=1e-4) and 2 <= early <= 8 and len(calls) == 50
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.9])

@@ -25,7 +25,7 @@ from lipflow.model.base import rms_operator_norm
 from lipflow.train.update import constrained_matrices
 
 ATTENTION_LOGIT_WINDOWS = 16  # val windows whose pre-softmax scores are checked at eval steps
-TRAINING_SHARPNESS_TOL = 1e-3  # power iteration's stopping tolerance for sharpness during training (no config key)
+TRAINING_SHARPNESS_TOL = 1e-3  # Lanczos's stopping tolerance for sharpness during training (no config key)
 
 
 class StepResult(NamedTuple):
@@ -137,11 +137,11 @@ class EvalStepTelemetry:
         row["layers"] = json.dumps(layers, sort_keys=True) if layers else None
 
     def sharpness(self) -> dict[str, float | None]:
-        """Top Hessian eigenvalue of the train loss on a fixed batch, and for Adam also that of P⁻¹H
-        (Adam's preconditioner from the optimizer state; see lipflow.evaluation.sharpness). Each starts
-        from the same seeded vector, not the previous eigenvector (``power_iteration``'s ``init``),
-        which no checkpoint holds: a resumed run logs what the uninterrupted one logs."""
-        from lipflow.evaluation.sharpness import adam_preconditioner, top_eigenvalue
+        """λ_max, the largest eigenvalue of the train loss's Hessian on a fixed batch, and for Adam also that
+        of P⁻¹H (Adam's preconditioner from the optimizer state), by Lanczos (``largest_eigenvalue`` in
+        lipflow.evaluation.sharpness). Each starts from the same seeded vector, not from the previous
+        measurement's, which no checkpoint holds: a resumed run logs what the uninterrupted one logs."""
+        from lipflow.evaluation.sharpness import adam_preconditioner, largest_eigenvalue
 
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg["seed"] + 2)
@@ -150,9 +150,9 @@ class EvalStepTelemetry:
         params = [p for p in self.model.parameters() if p.requires_grad]
 
         def eigenvalue(precondition: torch.Tensor | None) -> float:
-            return top_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
-                                  iters=cfg["sharpness_iters"], tol=TRAINING_SHARPNESS_TOL, precondition=precondition,
-                                  generator=torch.Generator().manual_seed(cfg["seed"] + 3))
+            return largest_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
+                                      iters=cfg["sharpness_iters"], tol=TRAINING_SHARPNESS_TOL,
+                                      precondition=precondition, generator=torch.Generator().manual_seed(cfg["seed"] + 3))
 
         precondition = adam_preconditioner(self.optimizer, params)
         return {"sharpness": eigenvalue(None),
