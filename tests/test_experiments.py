@@ -923,6 +923,30 @@ def test_a_table_lipflow_wrote_before_its_view_changed_columns_is_replaced(fille
     assert figure.stat().st_mtime_ns == drawn and not table.exists()  # refused before anything was drawn
 
 
+def test_a_table_of_the_view_edited_by_its_user_is_refused_not_replaced(filled_database, tmp_path, capsys):
+    """A table lipflow wrote, then edited by its user (a cell changed, a note added: the header unchanged), no
+    longer matches its sidecar: it is the user's now and is refused in one line and kept, where the plots job
+    took the header alone as the mark of its own table and wrote over the edit. A table of the view's header
+    without a sidecar (written before tables had one) is still replaced, and gains its sidecar."""
+    from lipflow.atomic import is_sealed, sidecar_path
+
+    out, tables = tmp_path / "figures", tmp_path / "tables"
+    args = ["--db", str(filled_database), "--out-dir", str(out), "--tables-dir", str(tables)]
+    assert plots_main(args) == 0
+    table = tables / "lr_transfer.csv"
+    lines = table.read_text().splitlines()
+    edited = "\n".join([lines[0], lines[1] + "  # checked by hand", *lines[2:]]) + "\n"
+    table.write_text(edited)
+    capsys.readouterr()
+    assert plots_main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--tables-dir {table} exists and is not" in err, err
+    assert table.read_text() == edited
+    sidecar_path(table).unlink()  # a table from before sidecars: the view's header, no sidecar
+    table.write_text("\n".join(lines) + "\n")
+    assert plots_main(args) == 0 and is_sealed(table)
+
+
 def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):
     con = database(tmp_path, [run("baseline-00000001")])
     create_views(con)

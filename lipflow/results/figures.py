@@ -97,8 +97,10 @@ def check_columns(con, db: Path, columns: dict[str, dict[str, str]]) -> None:
 
 def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_dir: Path | None) -> None:
     """A FileExistsError before anything is drawn when a figure or table path of ``experiments``
-    holds a file lipflow did not write there (a figure without lipflow's mark; a CSV of other columns that
-    does not match its sidecar, as a table lipflow wrote before its view gained a column does)."""
+    holds a file lipflow did not write there (a figure without lipflow's mark) or no longer holds what it
+    wrote: a table is lipflow's when it matches its sidecar (also one written before its view gained a
+    column), or, without a sidecar (written before tables had one), when it has the view's header; a table
+    that does not match the sidecar beside it was edited by its user, whatever its header."""
     for name in experiments:
         for figure in CATALOG[name].figures:
             for fmt in FORMATS:
@@ -106,8 +108,10 @@ def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_
         for view in CATALOG[name].views if tables_dir is not None else ():
             header = ",".join(view_columns(con, view))
             table = tables_dir / f"{view}.csv"
-            refuse_to_replace(table, "--tables-dir", f"a table of view {view}",
-                              lambda path: first_line(path) == header or is_sealed(path))
+            refuse_to_replace(table, "--tables-dir", f"a table of view {view} as lipflow wrote it (an edited one "
+                                                     "no longer matches its .sha256: move it away)",
+                              lambda path: is_sealed(path) or (not sidecar_path(path).exists()
+                                                               and first_line(path) == header))
             refuse_to_replace(sidecar_path(table), "--tables-dir", "a sha256 checksum", is_checksum)
 
 
