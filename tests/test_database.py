@@ -285,6 +285,30 @@ def test_the_receipt_cannot_be_a_file_duckdb_keeps_beside_the_database(results, 
     assert sorted(p.name for p in results.iterdir()) == ["manifest.json", "runs"]
 
 
+def test_a_build_removes_its_old_receipts_and_no_copy_or_link_of_one(results, tmp_path):
+    """The build removes its database's other receipts (``<db>.<12 hex digits>.built``, as the database rule
+    names them) and nothing else: a user's backup of one (``….built.bak``, an editor's ``….built~``) or a link
+    named like one holds a receipt's JSON too, and was deleted as a receipt."""
+    runs = sorted((results / "runs").iterdir())
+    out = results / "lipflow.duckdb"
+    old = results / "lipflow.duckdb.0123456789ab.built"
+    build(out, results / "manifest.json", runs, results=results, receipt=old)
+    kept = [results / f"{old.name}.bak", results / f"{old.name}~", results / "lipflow.duckdb.mine.built"]
+    for path in kept:
+        shutil.copy(old, path)
+    elsewhere = tmp_path / "archive.built"
+    shutil.copy(old, elsewhere)
+    link = results / "lipflow.duckdb.ba9876543210.built"
+    link.symlink_to(elsewhere)
+    legacy = results / "lipflow.duckdb.built"  # the rule's fixed name before 2026-12-07: a receipt too
+    shutil.copy(old, legacy)
+    new = results / "lipflow.duckdb.fedcba987654.built"
+    build(out, results / "manifest.json", runs, results=results, receipt=new)
+    assert not old.exists() and not legacy.exists() and new.is_file()
+    assert all(path.read_bytes() == elsewhere.read_bytes() for path in kept)
+    assert link.is_symlink() and elsewhere.is_file()
+
+
 def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     """Under Snakemake, which deletes a job's outputs before it runs: the database is an update()
     output, so a rebuild that fails leaves the previous database in place and readable; its

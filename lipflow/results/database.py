@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -383,11 +384,20 @@ def remove_other_receipts(out: Path, receipt: Path) -> None:
     """Remove the receipts of ``out`` in ``receipt``'s folder other than ``receipt``: receipts (the database
     rule names each by the inputs it was built from) that record ``out`` as their database. Done before the
     build, so that a database rebuilt from other inputs never stands beside a receipt of the old ones (which
-    Snakemake would take as up to date if that run set came back); a user's file is never one of them."""
+    Snakemake would take as up to date if that run set came back). A receipt is a plain file named as the rule
+    names one (:func:`is_receipt_name`): a user's copy of one (``….built.bak``, an editor's ``….built~``) or a
+    link named like one is never removed, though it holds a receipt's JSON."""
     for path in Path(receipt).parent.iterdir():
-        if path != Path(receipt) and path.name.startswith(f"{out.name}.") and is_receipt(path):
-            if read_json(path).get("database") == out.name:
-                path.unlink()
+        if (path != Path(receipt) and is_receipt_name(out, path.name) and not path.is_symlink()
+                and is_receipt(path) and read_json(path).get("database") == out.name):
+            path.unlink()
+
+
+def is_receipt_name(out: Path, name: str) -> bool:
+    """Whether ``name`` is a receipt's of database ``out``, as the database rule names one
+    (lipflow.plan_rules.RuleFunctions.database_receipt: ``<out's name>.<12 hex digits>.built``), or named it
+    before 2026-12-07 (``<out's name>.built``)."""
+    return re.fullmatch(re.escape(out.name) + r"(\.[0-9a-f]{12})?\.built", name) is not None
 
 
 def check_out_replaceable(out: Path) -> None:
