@@ -543,6 +543,48 @@ def test_runs_the_views_would_average_as_seeds_are_refused(name):
         assert len(resolve_runs(filled(config))) == 4
 
 
+# (label axis, a grid list defining one label twice or with a further key per grid; the key; a legitimate list)
+ONE_SETTING_PER_LABEL = {
+    "lr_transfer": ("method",
+                    [{"method": {"a": {"optimizer": "adamw"}}, "width": {"w32": {"d_model": 32, "n_heads": 2}},
+                      "lr": [0.01]},
+                     {"method": {"a": {"optimizer": "muon"}}, "width": {"w64": {"d_model": 64, "n_heads": 4}},
+                      "lr": [0.01]}], "optimizer"),
+    "super_consistency": ("param",
+                          [{"param": {"sp": {"parametrization": "sp"}}, "width": {"w32": {"d_model": 32, "n_heads": 2}},
+                            "weight_decay": [0.0]},
+                           {"param": {"sp": {"parametrization": "sp"}}, "width": {"w64": {"d_model": 64, "n_heads": 4}},
+                            "weight_decay": [0.1]}], "weight_decay"),
+    "rank_vs_n": (None, [{"train_tokens": [2048], "n_heads": [1], "lr": [0.01]},
+                         {"train_tokens": [8192], "n_heads": [1], "lr": [0.001]}], "lr")}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_SETTING_PER_LABEL))
+def test_runs_of_one_label_that_differ_outside_the_views_axes_are_refused(name):
+    """point_keys caught two runs at one point only: a label defined twice in a list of grids (AdamW at one
+    width, Muon at another, both 'a') or a further key given one value per grid (rank_vs_n's lr per n) put runs
+    of two settings on one line, one optimum drift or one slope without a word. Runs of one label may differ
+    only in the views' point keys and the keys an axis sets with them (n_heads beside d_model); else refused
+    in one line naming both runs and the key. The built-in grids of both presets pass."""
+    label_axis, grids, key = ONE_SETTING_PER_LABEL[name]
+    for preset in ("cpu", "paper"):
+        assert resolve_runs(filled({"experiments": [name], "experiment_preset": preset}))
+    config = {"experiments": [name], "experiment_definitions": {name: {"cpu": {"grid": grids}}}}
+    of = rf"of label '[^']+' on the '{label_axis}' axis " if label_axis else ""
+    with pytest.raises(ConfigError, match=rf"^config error: experiment '{name}': runs '[^']+' and '[^']+' {of}differ "
+                                          rf"in {key}, which no axis of its views' points \(.*\) sets: "):
+        resolve_runs(filled(config))
+    with pytest.raises(ConfigError, match=rf"differ in {key}, "):  # a block written, not selected
+        Plan.from_config({**config, "experiments": []})
+    if label_axis:  # one label each: two settings
+        grids[1] = {**grids[1], label_axis: {"b": next(iter(grids[1][label_axis].values()))}}
+    else:  # the key tied to the point axis it goes with
+        grids = [{"n": {f"n{i}": {"train_tokens": grid["train_tokens"][0], key: grid[key][0]}
+                        for i, grid in enumerate(grids)}, "n_heads": [1]}]
+    config["experiment_definitions"][name]["cpu"]["grid"] = grids
+    assert len(resolve_runs(filled(config))) == 2
+
+
 def test_point_keys_are_run_keys_and_only_the_experiments_own():
     """Each point key names a run key (a misspelt one would make every run its own point); a config's block
     cannot set or change them, as it cannot label_axis."""

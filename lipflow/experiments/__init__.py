@@ -147,6 +147,51 @@ def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{first}' and '{name}' differ "
                               f"in {', '.join(differing)}, but its views group runs by {by} alone and would "
                               f"average or pool the two; {fix}")
+    check_one_setting_per_label(blocks, runs)
+
+
+def point_axis_keys(block: dict[str, Any]) -> set[str]:
+    """The run keys the views of an experiment see vary within one label: its ``point_keys`` and every key an
+    axis of its grids (any preset) sets together with one of them (``n_heads`` beside ``d_model`` in a width
+    axis)."""
+    keys = set(block["point_keys"])
+    for preset in PRESETS:
+        grid = block[preset]["grid"]  # a block of definitions(): each preset filled, with a grid
+        for one in grid if isinstance(grid, list) else [grid]:
+            for axis, values in one.items():
+                points = values.values() if isinstance(values, dict) else [{axis: value} for value in values]
+                axis_keys = {key for overrides in points for key in overrides}
+                if axis_keys & set(block["point_keys"]):
+                    keys |= axis_keys
+    return keys
+
+
+def check_one_setting_per_label(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
+    """The runs of one label (lr_transfer's method, super_consistency's setting; rank_vs_n's runs, which have
+    none, are one) are one line, slope or spread of the views across their points: two of them that differ in a
+    key no axis of those points sets (a label defined twice in a list of grids, AdamW at one width and Muon at
+    another; a beta2 or lr axis written with one value per grid) would be drawn and compared as one setting:
+    refused in one line naming both runs and the key."""
+    labels: dict[tuple[str, str], str] = {}
+    varying_of: dict[str, set[str]] = {}
+    for name, cfg in sorted(runs.items()):
+        block = blocks.get(cfg.get("experiment") or "", {})
+        if "point_keys" not in block:
+            continue
+        label = name.split(".")[1] if block.get("label_axis") else ""
+        first = labels.setdefault((cfg["experiment"], label), name)
+        varying = varying_of.setdefault(cfg["experiment"], point_axis_keys(block))
+        differing = sorted(key for key in cfg.keys() | runs[first].keys()
+                           if key not in varying and cfg.get(key) != runs[first].get(key))
+        if differing:
+            of = f"of label '{label}' on the '{block['label_axis']}' axis " if label else ""
+            tie = "or set it in one variant axis together with the point key it goes with"
+            fix = (f"give each value of {differing[0]} a label of its own on the '{block['label_axis']}' axis, {tie}"
+                   if label else f"set {differing[0]} in base, one value per experiment, {tie}")
+            raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{first}' and '{name}' {of}differ "
+                              f"in {', '.join(differing)}, which no axis of its views' points "
+                              f"({', '.join(block['point_keys'])}) sets: its views would take them for one "
+                              f"setting; {fix}")
 
 
 def fill_block(name: str, block: dict[str, Any]) -> dict[str, Any]:
