@@ -309,6 +309,25 @@ def test_a_build_removes_its_old_receipts_and_no_copy_or_link_of_one(results, tm
     assert link.is_symlink() and elsewhere.is_file()
 
 
+def test_a_receipt_another_checkout_wrote_during_the_build_does_not_stay_beside_its_database(results, monkeypatch):
+    """Two checkouts sharing results/ build the database at once: the other's receipt, written while this build
+    ran, stood beside this build's database when it was published after the other's (the old receipts were
+    removed before the build only), so the other checkout took a database of this run set as its own and said
+    "Nothing to be done". The build removes the others again once its database is in place."""
+    runs = sorted((results / "runs").iterdir())
+    out, mine = results / "lipflow.duckdb", results / "lipflow.duckdb.aaaaaaaaaaaa.built"
+    other = results / "lipflow.duckdb.bbbbbbbbbbbb.built"
+    check = lipflow.results.database.check_database
+
+    def other_checkout_finishes(*args):  # its build published its database and wrote its receipt meanwhile
+        other.write_text(json.dumps({"database": out.name, "sha256": "0" * 64, "rows": {}}))
+        return check(*args)
+
+    monkeypatch.setattr(lipflow.results.database, "check_database", other_checkout_finishes)
+    build(out, results / "manifest.json", runs, results=results, receipt=mine)
+    assert mine.is_file() and not other.exists()
+
+
 def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     """Under Snakemake, which deletes a job's outputs before it runs: the database is an update()
     output, so a rebuild that fails leaves the previous database in place and readable; its

@@ -384,7 +384,8 @@ def remove_other_receipts(out: Path, receipt: Path) -> None:
     """Remove the receipts of ``out`` in ``receipt``'s folder other than ``receipt``: receipts (the database
     rule names each by the inputs it was built from) that record ``out`` as their database. Done before the
     build, so that a database rebuilt from other inputs never stands beside a receipt of the old ones (which
-    Snakemake would take as up to date if that run set came back). A receipt is a plain file named as the rule
+    Snakemake would take as up to date if that run set came back), and again once the new database is in place
+    (another checkout sharing the results folder may have written its receipt meanwhile). A receipt is a plain file named as the rule
     names one (:func:`is_receipt_name`): a user's copy of one (``….built.bak``, an editor's ``….built~``) or a
     link named like one is never removed, though it holds a receipt's JSON."""
     for path in Path(receipt).parent.iterdir():
@@ -475,6 +476,9 @@ def build(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: 
         published = True
         fsync_dir(out.parent)
         if receipt is not None:
+            # again: another checkout sharing results/ may have written its receipt while this build ran,
+            # and it would stand beside this database of another run set
+            remove_other_receipts(out, receipt)
             write_json_atomic(receipt, dict(zip(RECEIPT_KEYS, (out.name, sha256_file(out), rows))))
     except (duckdb.Error, OSError, StageError) as err:
         state = "replaced, but its receipt was not written" if published else "left as it was"
