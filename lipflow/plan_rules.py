@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lipflow.plan import IMAGE_MLP, Plan, figure_receipt, recorded_block
+from lipflow.results.views import REPORT_DIR
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
               "training"]
@@ -23,19 +24,21 @@ PACKAGE = Path(__file__).resolve().parent
 
 
 # The code that lays out the results database, its views and its CSV tables (lipflow.results.database
-# reads each run's summary fields from lipflow.train.summary): its source is part of the database's receipt.
+# reads each run's summary fields from lipflow.train.summary): its source is part of the database's receipt,
+# and so are the caption files of workflow/report, whose text is each view's comment in the database.
 DATABASE_CODE = (PACKAGE / "results", PACKAGE / "experiments", PACKAGE / "train" / "summary.py")
 
 
 @functools.lru_cache(maxsize=1)
 def database_code_digest() -> str:
-    """sha256 over the source files of :data:`DATABASE_CODE` (each file's path within the package and its
-    bytes, in path order)."""
+    """sha256 over the source files of :data:`DATABASE_CODE` and the captions (``*.rst``) of
+    :data:`lipflow.results.views.REPORT_DIR` (each file's path within the checkout and its bytes, in path
+    order)."""
     files = sorted(path for root in DATABASE_CODE for path in ([root] if root.is_file() else root.rglob("*.py")))
     digest = hashlib.sha256()
-    for path in files:
+    for path in files + sorted(REPORT_DIR.glob("*.rst")):
         source = path.read_bytes()
-        digest.update(f"{path.relative_to(PACKAGE).as_posix()}\0{len(source)}\0".encode() + source)
+        digest.update(f"{path.relative_to(PACKAGE.parent).as_posix()}\0{len(source)}\0".encode() + source)
     return digest.hexdigest()
 
 

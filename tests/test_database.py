@@ -365,7 +365,8 @@ def test_a_change_of_the_code_that_lays_out_the_database_rebuilds_it(tmp_path):
     """The database's receipt was named by its inputs only: a lipflow whose views or tables changed (an
     upgrade, an edited view) passed the old database, and the tables and figures drawn from it, as up to
     date. Its digest covers the source of lipflow.results, lipflow.experiments and the run summary fields:
-    an edit there rebuilds the database (and removes the old receipt); an edit elsewhere does not."""
+    an edit there, or to a view's caption (its comment in the database), rebuilds the database (and removes the
+    old receipt); an edit elsewhere does not."""
     import shutil
     import sys
 
@@ -393,7 +394,8 @@ def test_a_change_of_the_code_that_lays_out_the_database_rebuilds_it(tmp_path):
     with (copy / "lipflow" / "model" / "__init__.py").open("a") as model:  # not the database's code
         model.write("# an edit\n")
     assert "Nothing to be done" in snakemake("-n").stdout
-    for edited in ("lipflow/experiments/lr_transfer.py", "lipflow/results/views.py", "lipflow/train/summary.py"):
+    for edited in ("lipflow/experiments/lr_transfer.py", "lipflow/results/views.py", "lipflow/train/summary.py",
+                   "workflow/report/table_lr_transfer.rst"):  # a caption: the view's comment in the database
         with (copy / edited).open("a") as view:
             view.write("# an edit\n")
         planned = snakemake("-n").stdout
