@@ -585,6 +585,29 @@ def test_runs_of_one_label_that_differ_outside_the_views_axes_are_refused(name):
     assert len(resolve_runs(filled(config))) == 2
 
 
+# grids of a list that overlap: one run under two names (the axes in another order, or a seed axis of the base seed)
+OVERLAPPING_GRIDS = {
+    "lr_transfer": [{"method": {"a": {"optimizer": "adamw"}}, "lr": [0.01, 0.02]},
+                    {"method": {"a": {"optimizer": "adamw"}}, "lr": [0.01], "seed": [0]}],
+    "super_consistency": [{"param": {"sp": {"parametrization": "sp"}}, "n_layers": [1, 2]},
+                          {"param": {"sp": {"parametrization": "sp"}}, "depth": {"one": {"n_layers": 1}}}],
+    "rank_vs_n": [{"train_tokens": [2048, 8192], "n_heads": [1]}, {"n_heads": [1], "train_tokens": [2048]}]}
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAPPING_GRIDS))
+def test_one_run_under_two_names_is_refused(name):
+    """Two grids of a list that overlap gave one run two names (rank.n2048.h1 and rank.h1.n2048): it trained
+    twice, and rank_vs_n's slope weighed its point twice (lr_transfer and super_consistency averaged it with
+    itself), without a word. Refused in one line naming both runs; the grids without the overlap pass."""
+    grids = OVERLAPPING_GRIDS[name]
+    config = {"experiments": [name], "experiment_definitions": {name: {"cpu": {"grid": grids}}}}
+    with pytest.raises(ConfigError, match=rf"^config error: experiment '{name}': runs '[^']+' and '[^']+' have equal "
+                                          r"settings, one run under two names "):
+        resolve_runs(filled(config))
+    config["experiment_definitions"][name]["cpu"]["grid"] = grids[:1]
+    assert len(resolve_runs(filled(config))) == 2
+
+
 def test_point_keys_are_run_keys_and_only_the_experiments_own():
     """Each point key names a run key (a misspelt one would make every run its own point); a config's block
     cannot set or change them, as it cannot label_axis."""

@@ -130,7 +130,9 @@ def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
     """Two runs of one experiment that its views take for one point (one label on ``label_axis`` and equal
     ``point_keys``) but that differ in another key would be averaged (lr_transfer's mean over seeds) or pooled
     (rank_vs_n's one slope per n_heads) as if they were seeds: refused in one line naming both runs and the
-    keys they differ in. ``runs``: run name → resolved run config (schema defaults filled)."""
+    keys they differ in; so are two of equal settings (one run under two names, from grids of a list that
+    overlap), which would train twice and weigh the point twice (rank_vs_n's slope). ``runs``: run name →
+    resolved run config (schema defaults filled)."""
     points: dict[tuple[str, ...], str] = {}
     for name, cfg in sorted(runs.items()):
         block = blocks.get(cfg.get("experiment") or "", {})
@@ -147,6 +149,10 @@ def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{first}' and '{name}' differ "
                               f"in {', '.join(differing)}, but its views group runs by {by} alone and would "
                               f"average or pool the two; {fix}")
+        if first != name:  # one run under two names (grids of a list that overlap, their axes in another order)
+            raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{first}' and '{name}' have equal "
+                              f"settings, one run under two names (grids of the list that overlap): it would train "
+                              f"twice and its views would count the point twice; give it one grid point")
     check_one_setting_per_label(blocks, runs)
 
 
