@@ -235,6 +235,29 @@ def test_the_rank_figures_n_axes_are_labelled_at_the_trained_n_without_colliding
     pyplot().close(fig)
 
 
+def test_the_rank_figures_lines_run_through_each_ns_seed_mean_not_through_every_seed(tmp_path):
+    """A seed axis (point_keys pool the seeds of one n_heads into its slope) gave the gap and bound lines one
+    vertex per run in n order, so they zig-zagged from one seed to the other at every n; the line runs through
+    each n's mean over its seeds and every run is still drawn, as a hollow marker."""
+    from test_experiments import run
+
+    from lipflow.experiments.rank_vs_n import rank_vs_n
+    from lipflow.results.plotting import pyplot
+
+    losses = {(32, 0): 2.7, (32, 1): 3.1, (128, 0): 2.6, (128, 1): 2.8}  # train loss 2.5: gaps 0.2 0.6 0.1 0.3
+    runs = [run(f"rank.n{n}.h1.seed{seed}-{i:08x}", experiment="rank_vs_n", train_tokens=64 * n, seed=seed,
+                val_loss=loss) for i, ((n, seed), loss) in enumerate(losses.items())]
+    fig = rank_vs_n(rank_database(tmp_path, runs, train_loss=2.5, rtol=0.01, train_split_tokens=64 * 1000))
+    for ax, style in ((fig.axes[0], "-"), (fig.axes[1], "--")):
+        [line] = [line for line in ax.lines if line.get_linestyle() == style]
+        assert list(line.get_xdata()) == [32, 128]
+    [gap] = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
+    assert list(gap.get_ydata()) == pytest.approx([0.4, 0.2])
+    seeds = [xy for line in fig.axes[0].lines if line.get_linestyle() == "None" for xy in line.get_xydata()]
+    assert sorted((int(x), round(float(y), 9)) for x, y in seeds) == [(32, 0.2), (32, 0.6), (128, 0.1), (128, 0.3)]
+    pyplot().close(fig)
+
+
 def test_the_robustness_figure_has_no_empty_tightness_panel_with_epsilons_0_only(tmp_path):
     """evaluations.robustness.epsilons: [0] (valid) leaves tightness rows only at the half-certified ε
     (attack pgd_half_certified): the tightness panel, which draws the pgd rows, was an empty log–log box."""

@@ -91,12 +91,25 @@ def log_axis_or_note(ax, values) -> bool:
     return False
 
 
+def seed_means(runs, column: str):
+    """One row per ``n_sequences``: the mean of ``column`` over its runs (the seeds of a seed axis)."""
+    return runs.groupby("n_sequences", as_index=False, sort=True)[column].mean()
+
+
+def draw_seeds(ax, runs, column: str, marker: str, color) -> None:
+    """Each run of an n that has several (a seed axis) as a hollow marker, beside the line through their mean."""
+    several = runs[runs.groupby("n_sequences").n_sequences.transform("size") > 1]
+    if len(several):
+        ax.plot(several.n_sequences, several[column], marker, ls="", color=color, mfc="none", ms=5, alpha=0.7)
+
+
 def rank_vs_n(con):
     """Measured gap and B3 bound against n (log–log, fitted slopes in the legend) and against rank; a
     marker shape per head count (equal curves hid each other). A gap ≤ 0 (val below train loss), which
     a log axis cannot show and the slope leaves out, is a ▽ on the panel's bottom edge, and the legend
     says over how many points the slope was fitted. The n axes are labelled at the trained n's (matplotlib's
-    minor labels of a 1.5-decade span, 3×10¹ 4×10¹ 6×10¹ …, ran into each other)."""
+    minor labels of a 1.5-decade span, 3×10¹ 4×10¹ 6×10¹ …, ran into each other). With several seeds at an n,
+    the gap and bound lines run through their mean and each seed is a hollow marker."""
     import pandas as pd
     from matplotlib.ticker import NullFormatter
 
@@ -110,13 +123,19 @@ def rank_vs_n(con):
         sub, marker = df[df.n_heads == h], HEAD_MARKERS[i % len(HEAD_MARKERS)]
         positive, rest = sub[sub.measured_gap > 0], sub[~(sub.measured_gap > 0) & sub.measured_gap.notna()]
         fitted = "" if rest.empty else f" ({len(positive)} of {len(positive) + len(rest)} points)"
-        axes[0].plot(positive.n_sequences, positive.measured_gap, f"{marker}-", color=color,
+        # the line runs through each n's mean over its seeds (the slope pools them); each seed's run is a hollow
+        # marker beside it: a line through the seeds one by one zig-zagged up and down at every n
+        gap = seed_means(positive, "measured_gap")
+        axes[0].plot(gap.n_sequences, gap.measured_gap, f"{marker}-", color=color,
                      label=f"{h} head(s): {slope_text(sub.gap_slope.iloc[0])}{fitted}")
+        draw_seeds(axes[0], positive, "measured_gap", marker, color)
         if len(rest):
             axes[0].plot(rest.n_sequences, [floor] * len(rest), "v", color=color, mfc="none", ms=8, clip_on=False,
                          label=f"{h} head(s): gap ≤ 0")
-        axes[1].plot(sub.n_sequences, sub.b3_bound, f"{marker}--", color=color,
+        bound = seed_means(sub, "b3_bound")
+        axes[1].plot(bound.n_sequences, bound.b3_bound, f"{marker}--", color=color,
                      label=f"{h} head(s): {slope_text(sub.bound_slope.iloc[0])}")
+        draw_seeds(axes[1], sub, "b3_bound", marker, color)
         axes[2].scatter(sub.qk_rank, sub.measured_gap, color=color, label=f"gap, {h} head(s)")
         axes[2].scatter(sub.qk_rank, sub.b3_bound, color=color, marker="s", facecolors="none",
                         label=f"B3 bound, {h} head(s)")
