@@ -1012,6 +1012,32 @@ def test_a_table_of_the_view_edited_by_its_user_is_refused_not_replaced(filled_d
     assert plots_main(args) == 0 and is_sealed(table)
 
 
+def test_a_figure_lipflow_drew_and_its_user_annotated_is_refused_not_replaced(filled_database, tmp_path, capsys):
+    """An SVG lipflow drew, annotated by its user in an editor that keeps the file's metadata (lipflow's mark),
+    was taken for lipflow's own by the mark alone and drawn over at the next figures job. Each figure has a
+    .sha256 sidecar now: one that no longer matches it is the user's, refused in one line and kept, before
+    anything is drawn; a marked figure without a sidecar (drawn before figures had one) is still replaced."""
+    from lipflow.atomic import is_sealed, sidecar_path
+
+    out, tables = tmp_path / "figures", tmp_path / "tables"
+    args = ["--db", str(filled_database), "--out-dir", str(out), "--tables-dir", str(tables),
+            "--experiment", "lr_transfer"]
+    assert plots_main(args) == 0
+    figure = out / f"{next(iter(EXPERIMENT_FIGURES['lr_transfer']))}.svg"
+    assert is_sealed(figure) and is_sealed(figure.with_suffix(".png"))
+    annotated = figure.read_text().replace("</svg>", '<text x="9" y="9">checked by hand</text></svg>')
+    figure.write_text(annotated)
+    table = tables / "lr_transfer.csv"
+    written = table.stat().st_mtime_ns
+    capsys.readouterr()
+    assert plots_main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--out-dir {figure} exists and is not a figure lipflow drew" in err
+    assert figure.read_text() == annotated and table.stat().st_mtime_ns == written
+    sidecar_path(figure).unlink()  # a figure from before figures had a sidecar: lipflow's by its mark
+    assert plots_main(args) == 0 and is_sealed(figure) and "checked by hand" not in figure.read_text()
+
+
 def test_plots_cli_names_the_reason_for_an_empty_experiment(tmp_path, capsys):
     con = database(tmp_path, [run("baseline-00000001")])
     create_views(con)

@@ -90,7 +90,9 @@ def test_plots_write_one_table_per_view_print_every_file_and_close_their_figures
                 | {tables / f"{view}.csv" for e in CATALOG.values() for view in e.views})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(expected) == 14 + 10 and set(map(Path, printed)) == expected
-    sidecars = {tables / f"{view}.csv.sha256" for e in CATALOG.values() for view in e.views}
+    sidecars = ({tables / f"{view}.csv.sha256" for e in CATALOG.values() for view in e.views}
+                | {out / f"{figure}.{fmt}.sha256" for e in CATALOG.values() for figure in e.figures
+                   for fmt in ("png", "svg")})
     assert set(out.iterdir()) | set(tables.iterdir()) == expected | sidecars
     assert (tables / "lr_transfer_runs.csv").read_text().count("\n") > 1
     assert plt.get_fignums() == open_before

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lipflow.atomic import atomic_write, refuse_to_replace
+from lipflow.atomic import is_checksum, is_sealed, refuse_to_replace, sidecar_path, write_with_sidecar
 
 # Written into every figure's metadata: what marks a PNG or SVG file as one lipflow drew.
 FIGURE_MARK = {"png": {"Software": "lipflow"}, "svg": {"Creator": "lipflow"}}
@@ -37,9 +37,14 @@ def pyplot():
 
 
 def write_figure(fig, path: Path, fmt: str) -> None:
-    """``fig`` as ``path`` in ``fmt`` (png or svg), atomically, with :data:`FIGURE_MARK` in its metadata."""
-    with atomic_write(path) as f:
-        fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight", metadata=FIGURE_MARK[fmt])
+    """``fig`` as ``path`` in ``fmt`` (png or svg), atomically, with :data:`FIGURE_MARK` in its metadata and
+    its ``.sha256`` sidecar, which tells a figure lipflow drew from one a user edited since
+    (:func:`refuse_to_replace_figure`)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=150, bbox_inches="tight", metadata=FIGURE_MARK[fmt])
+    write_with_sidecar(path, buffer.getvalue())
 
 
 def figure_mark(fmt: str) -> re.Pattern[bytes]:
@@ -64,8 +69,14 @@ def is_lipflow_figure(path: Path) -> bool:
 
 
 def refuse_to_replace_figure(path: Path, flag: str) -> None:
-    """``path`` may replace a figure lipflow drew only, never a user's other file."""
-    refuse_to_replace(path, flag, "a figure lipflow drew", is_lipflow_figure)
+    """``path`` may replace a figure lipflow drew only, as it drew it: one with its mark that matches its
+    ``.sha256`` sidecar, or that has none (drawn before figures had one); a figure a user edited since (an
+    annotation added in an SVG editor keeps the mark) no longer matches it and is kept, as is a user's other
+    file. A file in the sidecar's place that is no checksum is refused too."""
+    path = Path(path)
+    refuse_to_replace(path, flag, "a figure lipflow drew",
+                      lambda p: is_lipflow_figure(p) and (is_sealed(p) or not sidecar_path(p).exists()))
+    refuse_to_replace(sidecar_path(path), flag, "a sha256 checksum", is_checksum)
 
 
 RECEIPT_KEY = "drawn"  # the one key of a figures command's --receipt (lipflow.atomic.write_receipt)

@@ -26,6 +26,9 @@ for _name, _experiment in EXPERIMENT_CATALOG.items():
                 for fig, figure in _experiment.figures.items()
             ],
             vectors=[update(f"results/figures/{fig}.svg") for fig in _experiment.figures],
+            # update() as the figures: Snakemake restores a failed job's figure and its sidecar together
+            figure_sidecars=[update(f"results/figures/{fig}.{ext}.sha256") for fig in _experiment.figures
+                             for ext in ("png", "svg")],
             tables=[
                 update(report(f"results/tables/{name}.csv", caption=f"../report/{view.caption}",
                               category=_name, labels={"table": name, "format": "CSV"}))

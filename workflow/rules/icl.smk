@@ -98,6 +98,9 @@ rule icl_plots:
                                         category="icl", labels={"figure": f"icl_{name}", "format": "PNG"}))
            for name in ("loss_vs_layers", "loss_vs_n")},
         **{f"{name}_svg": update(f"results/figures/icl_{name}.svg") for name in ("loss_vs_layers", "loss_vs_n")},
+        # update() as the figures: Snakemake restores a failed job's figure and its sidecar together
+        **{f"{name}_{ext}_sidecar": update(f"results/figures/icl_{name}.{ext}.sha256")
+           for name in ("loss_vs_layers", "loss_vs_n") for ext in ("png", "svg")},
         receipt=ICL_FIGURE_RECEIPT,
     log:
         "results/logs/icl/plots.log",

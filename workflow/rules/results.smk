@@ -51,6 +51,7 @@ rule training_curves:
         figure=update(report("results/figures/training_curves.png", caption="../report/figure_training_curves.rst",
                              category="runs", labels={"figure": "training_curves", "format": "PNG"})),
         vector=update("results/figures/training_curves.svg"),
+        sidecars=[update(f"results/figures/training_curves.{ext}.sha256") for ext in ("png", "svg")],
         receipt=figure_receipt("training_curves"),  # plain, written last: a failed job reruns
     log:
         "results/logs/training_curves.log",
