@@ -621,7 +621,12 @@ def test_point_keys_are_run_keys_and_only_the_experiments_own():
         expand_experiments(config)
     own = filled({"experiments": ["mine"], "experiment_definitions": {"mine": {  # no views of its own to group by
         "short": "m", "point_keys": ["lr"], "cpu": {"grid": {"lr": [0.1, 0.2]}}}}})
-    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine\.point_keys: set by "):
+    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine\.point_keys: describes how an "
+                                          r"experiment's views group its runs, and 'mine' has none \(no "
+                                          r"lipflow/experiments/mine\.py\); leave point_keys out$"):
+        resolve_runs(own)
+    own["experiment_definitions"]["mine"] = {"short": "m", "label_axis": "lr", "cpu": {"grid": {"lr": [0.1]}}}
+    with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine\.label_axis: describes how "):
         resolve_runs(own)
 
 

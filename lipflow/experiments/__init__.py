@@ -114,6 +114,10 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     blocks = copy.deepcopy(builtin_definitions())
     for name, block in config["experiment_definitions"].items():
         for key in VIEW_KEYS:
+            if key in block and name not in blocks:  # a block of the config's own: no module, no views
+                raise ConfigError(f"config error: experiment_definitions.{name}.{key}: describes how an experiment's "
+                                  f"views group its runs, and '{name}' has none (no lipflow/experiments/{name}.py); "
+                                  f"leave {key} out")
             if key in block and block[key] != blocks.get(name, {}).get(key):
                 raise ConfigError(f"config error: experiment_definitions.{name}.{key}: set by the experiment's own "
                                   f"YAML file, for its views, which group the runs by it; a config's block cannot "
