@@ -260,8 +260,9 @@ def test_check_view_points_groups_runs_within_one_experiment_only():
     from lipflow.config import ConfigError
     from lipflow.experiments import check_view_points
 
-    blocks = {"e1": {"point_keys": ["lr"]}, "e2": {"point_keys": ["lr"]},
-              "e3": {"label_axis": "m", "point_keys": ["lr"]}}
+    presets = {"cpu": {"grid": {}}, "paper": {"grid": {}}}  # blocks as definitions() fills them
+    blocks = {"e1": {"point_keys": ["lr"], **presets}, "e2": {"point_keys": ["lr"], **presets},
+              "e3": {"label_axis": "m", "point_keys": ["lr"], **presets}}
     runs = {"x.a": {"experiment": "e1", "lr": 0.1, "seed": 0}, "y.a": {"experiment": "e2", "lr": 0.1, "seed": 1},
             "z.a.s0": {"experiment": "e3", "lr": 0.1, "seed": 0}, "z.b.s1": {"experiment": "e3", "lr": 0.1, "seed": 1},
             "plain": {"experiment": None, "lr": 0.1, "seed": 2}}
