@@ -256,3 +256,15 @@ def test_a_tokenizer_key_its_kind_does_not_read_changes_neither_run_ids_nor_the_
     manifest.write_text(json.dumps({"tokenizer": {"config": {**default.config["tokenizer"], "shard_tokens": 2048}}}))
     with pytest.raises(ConfigError, match=r"tokenizer\.shard_tokens was 2048"):
         default.check_data_folders()
+
+
+def test_a_cross_key_rule_of_an_experiment_run_names_the_preset_its_keys_come_from():
+    """super_consistency's paper preset warms up for 100 steps: a config shortening its runs to 50 steps was
+    refused as 'experiment run sc….warmup_steps: 100 is more than the run's 50 steps', with no word of where
+    the 100 came from (the built-in preset, which the user never wrote); the error names it now."""
+    config = {"experiments": ["super_consistency"], "experiment_preset": "paper",
+              "experiment_definitions": {"super_consistency": {"paper": {"base": {"steps": 50}}}}}
+    with pytest.raises(ConfigError, match=r"^config error: experiment run sc\.\S+\.warmup_steps: 100 is more than the "
+                                          r"run's 50 steps, .* \(its keys come from super_consistency's paper preset "
+                                          r"and the config's defaults\)$"):
+        Plan.from_config(config)

@@ -290,13 +290,18 @@ def _run_validator():
 def experiment_run(validator, name: str, overrides: dict[str, Any], defaults: dict[str, Any],
                    preset: str) -> dict[str, Any]:
     """An experiment's run: ``defaults`` ← ``overrides``, validated and filled like a run of ``runs``;
-    an error names the run, its experiment and ``preset`` (where its keys come from) and the key."""
+    an error (of the schema, or of a cross-key rule of :func:`check_run`) names the run, its experiment and
+    ``preset`` (where its keys come from) and the key."""
     wrapped = {"runs": {name: {**defaults, **overrides}}}
     message = first_error(validator, wrapped)
     if message is not None:
         raise ConfigError(f"config error in experiment run {name} ({overrides.get('experiment')}'s {preset} preset "
                           f"or the config's defaults): {message.replace(f'runs.{name}.', '')}")
-    check_run(f"experiment run {name}", wrapped["runs"][name])
+    try:
+        check_run(f"experiment run {name}", wrapped["runs"][name])
+    except ConfigError as err:  # a cross-key rule: its keys may come from the built-in preset, which the user never wrote
+        raise ConfigError(f"{err} (its keys come from {overrides.get('experiment')}'s {preset} preset and the "
+                          f"config's defaults)") from None
     return canonical_run(wrapped["runs"][name])
 
 
