@@ -585,6 +585,29 @@ def test_runs_of_one_label_that_differ_outside_the_views_axes_are_refused(name):
     assert len(resolve_runs(filled(config))) == 2
 
 
+def test_a_key_in_a_label_variant_or_tied_to_a_point_key_follows_the_label_and_the_point():
+    """The review's two cases: a key written in the label's variant (weight_decay in super_consistency's `sp`,
+    whose variant also sets point keys) differing between two grids of a list was taken for a point axis and let
+    through; and a key tied to a point key (n_heads beside d_model) took two values at one d_model of one
+    method. Both drew two settings as one; both are refused now, naming both runs and the key."""
+    sc = [{"param": {"sp": {"parametrization": "sp", "weight_decay": 0.0}}, "width": {"w32": {"d_model": 32, "n_heads": 2}}},
+          {"param": {"sp": {"parametrization": "sp", "weight_decay": 0.1}}, "width": {"w64": {"d_model": 64, "n_heads": 4}}}]
+    with pytest.raises(ConfigError, match=r"^config error: experiment 'super_consistency': runs 'sc\.sp\.w32' and "
+                                          r"'sc\.sp\.w64' of label 'sp' on the 'param' axis differ in weight_decay, "):
+        resolve_runs(filled({"experiments": ["super_consistency"],
+                             "experiment_definitions": {"super_consistency": {"cpu": {"grid": sc}}}}))
+    method = {"a": {"optimizer": "adamw"}}
+    lrt = [{"method": method, "width": {"w32": {"d_model": 32, "n_heads": 2}}, "lr": [0.01, 0.02]},
+           {"method": method, "width": {"w32h4": {"d_model": 32, "n_heads": 4}}, "lr": [0.04]}]
+    config = {"experiments": ["lr_transfer"], "experiment_definitions": {"lr_transfer": {"cpu": {"grid": lrt}}}}
+    with pytest.raises(ConfigError, match=r"^config error: experiment 'lr_transfer': runs 'lrt\.a\.w32\.lr0\.01' and "
+                                          r"'lrt\.a\.w32h4\.lr0\.04' of label 'a' on the 'method' axis have d_model 32 "
+                                          r"but n_heads 2 and 4: its views would take them for one setting; "):
+        resolve_runs(filled(config))
+    lrt[1]["width"] = {"w64": {"d_model": 64, "n_heads": 4}}  # one n_heads per d_model: a width axis as it should be
+    assert len(resolve_runs(filled(config))) == 3
+
+
 # grids of a list that overlap: one run under two names (the axes in another order, or a seed axis of the base seed)
 OVERLAPPING_GRIDS = {
     "lr_transfer": [{"method": {"a": {"optimizer": "adamw"}}, "lr": [0.01, 0.02]},

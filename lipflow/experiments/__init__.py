@@ -160,41 +160,46 @@ def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
     check_one_setting_per_label(blocks, runs)
 
 
-def point_axis_keys(block: dict[str, Any]) -> set[str]:
-    """The run keys the views of an experiment see vary within one label: its ``point_keys`` and every key an
-    axis of its grids (any preset) sets together with one of them (``n_heads`` beside ``d_model`` in a width
-    axis)."""
-    keys = set(block["point_keys"])
+def tied_keys(block: dict[str, Any]) -> dict[str, set[str]]:
+    """Run key → the point keys it goes with: the keys an axis of the experiment's grids (any preset; the label
+    axis aside, whose variants are the settings themselves) sets together with point keys (``n_heads`` beside
+    ``d_model`` in a width axis), which vary with those, one value per value of them."""
+    tied: dict[str, set[str]] = {}
     for preset in PRESETS:
         grid = block[preset]["grid"]  # a block of definitions(): each preset filled, with a grid
         for one in grid if isinstance(grid, list) else [grid]:
             for axis, values in one.items():
                 points = values.values() if isinstance(values, dict) else [{axis: value} for value in values]
                 axis_keys = {key for overrides in points for key in overrides}
-                if axis_keys & set(block["point_keys"]):
-                    keys |= axis_keys
-    return keys
+                with_point = axis_keys & set(block["point_keys"])
+                if axis != block.get("label_axis") and with_point:
+                    for key in axis_keys - set(block["point_keys"]):
+                        tied.setdefault(key, set()).update(with_point)
+    return tied
 
 
 def check_one_setting_per_label(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
     """The runs of one label (lr_transfer's method, super_consistency's setting; rank_vs_n's runs, which have
     none, are one) are one line, slope or spread of the views across their points: two of them that differ in a
     key no axis of those points sets (a label defined twice in a list of grids, AdamW at one width and Muon at
-    another; a beta2 or lr axis written with one value per grid) would be drawn and compared as one setting:
-    refused in one line naming both runs and the key."""
+    another; a beta2 or lr axis written with one value per grid), or in a key tied to a point key at one value
+    of it (n_heads 2 and 4 at d_model 32), would be drawn and compared as one setting: refused in one line
+    naming both runs and the key."""
     labels: dict[tuple[str, str], str] = {}
-    varying_of: dict[str, set[str]] = {}
+    tied_points: dict[tuple[str, ...], str] = {}
+    tied_of: dict[str, dict[str, set[str]]] = {}
     for name, cfg in sorted(runs.items()):
         block = blocks.get(cfg.get("experiment") or "", {})
         if "point_keys" not in block:
             continue
         label = name.split(".")[1] if block.get("label_axis") else ""
+        of = f"of label '{label}' on the '{block['label_axis']}' axis " if label else ""
         first = labels.setdefault((cfg["experiment"], label), name)
-        varying = varying_of.setdefault(cfg["experiment"], point_axis_keys(block))
+        tied = tied_of.setdefault(cfg["experiment"], tied_keys(block))
+        varying = set(block["point_keys"]) | set(tied)
         differing = sorted(key for key in cfg.keys() | runs[first].keys()
                            if key not in varying and cfg.get(key) != runs[first].get(key))
         if differing:
-            of = f"of label '{label}' on the '{block['label_axis']}' axis " if label else ""
             tie = "or set it in one variant axis together with the point key it goes with"
             fix = (f"give each value of {differing[0]} a label of its own on the '{block['label_axis']}' axis, {tie}"
                    if label else f"set {differing[0]} in base, one value per experiment, {tie}")
@@ -202,6 +207,16 @@ def check_one_setting_per_label(blocks: Blocks, runs: dict[str, dict[str, Any]])
                               f"in {', '.join(differing)}, which no axis of its views' points "
                               f"({', '.join(block['point_keys'])}) sets: its views would take them for one "
                               f"setting; {fix}")
+        for key, with_point in sorted(tied.items()):
+            point = sorted(with_point)
+            other = tied_points.setdefault((cfg["experiment"], label, key,
+                                            *(json.dumps(cfg.get(k), sort_keys=True) for k in point)), name)
+            if cfg.get(key) != runs[other].get(key):
+                at = ", ".join(f"{k} {cfg.get(k)}" for k in point)
+                raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{other}' and '{name}' {of}"
+                                  f"have {at} but {key} {runs[other].get(key)} and {cfg.get(key)}: its views would "
+                                  f"take them for one setting; give {key} one value per value of {', '.join(point)}, or "
+                                  f"a label of its own")
 
 
 def fill_block(name: str, block: dict[str, Any]) -> dict[str, Any]:
