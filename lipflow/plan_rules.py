@@ -34,12 +34,19 @@ def database_code_digest() -> str:
     """sha256 over the source files of :data:`DATABASE_CODE` and the captions (``*.rst``) of
     :data:`lipflow.results.views.REPORT_DIR` (each file's path within the checkout and its bytes, in path
     order)."""
-    files = sorted(path for root in DATABASE_CODE for path in ([root] if root.is_file() else root.rglob("*.py")))
+    files = sorted(path for root in DATABASE_CODE for path in ([root] if root.is_file() else root.rglob("*.py"))
+                   if is_source(path))
     digest = hashlib.sha256()
-    for path in files + sorted(REPORT_DIR.glob("*.rst")):
+    for path in files + sorted(path for path in REPORT_DIR.glob("*.rst") if is_source(path)):
         source = path.read_bytes()
         digest.update(f"{path.relative_to(PACKAGE.parent).as_posix()}\0{len(source)}\0".encode() + source)
     return digest.hexdigest()
+
+
+def is_source(path: Path) -> bool:
+    """A regular file that is no hidden one: not an editor's lock file (Emacs links ``.#views.py`` to a
+    target that does not exist while ``views.py`` is edited) nor a link."""
+    return not path.name.startswith(".") and not path.is_symlink() and path.is_file()
 
 
 def param_count(cfg, vocab):

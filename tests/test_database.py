@@ -687,3 +687,34 @@ def test_an_integer_an_old_config_holds_for_a_number_key_is_its_float(tmp_path, 
                                                     "vocab_size": 10, "tokenizer": {}, "splits": {}}))
     with duckdb.connect(str(build_here(root)), read_only=True) as con:
         assert con.execute("SELECT max_bound, typeof(max_bound) FROM runs").fetchall() == [(2.0**53, "DOUBLE")]
+
+
+def test_the_code_digest_reads_source_files_only(tmp_path, monkeypatch):
+    """An editor's lock file beside a view being edited (Emacs links `.#views.py` to a target that does not
+    exist) made the digest, and so every snakemake command's parse, fail with FileNotFoundError; hidden files
+    and links are not source and leave the digest as it is; an edit of a source file changes it."""
+    import lipflow.plan_rules as plan_rules
+
+    package, report = tmp_path / "lipflow", tmp_path / "report"
+    (package / "results").mkdir(parents=True)
+    report.mkdir()
+    (package / "results" / "views.py").write_text("VIEWS = {}\n")
+    (report / "table.rst").write_text("a caption\n")
+    monkeypatch.setattr(plan_rules, "PACKAGE", package)
+    monkeypatch.setattr(plan_rules, "DATABASE_CODE", (package / "results",))
+    monkeypatch.setattr(plan_rules, "REPORT_DIR", report)
+
+    def digest() -> str:
+        plan_rules.database_code_digest.cache_clear()
+        return plan_rules.database_code_digest()
+
+    try:
+        before = digest()
+        (package / "results" / ".#views.py").symlink_to("user@host.1234:1")  # dangling, as Emacs leaves it
+        (package / "results" / "link.py").symlink_to(package / "results" / "views.py")
+        (report / ".#table.rst").symlink_to("user@host.1234:1")
+        assert digest() == before
+        (package / "results" / "views.py").write_text("VIEWS = {'v': 1}\n")
+        assert digest() != before
+    finally:
+        plan_rules.database_code_digest.cache_clear()
