@@ -97,7 +97,7 @@ def seed_means(runs, column: str):
 
 
 def draw_seeds(ax, runs, column: str, marker: str, color) -> None:
-    """Each run of an n that has several (a seed axis) as a hollow marker, beside the line through their mean."""
+    """Each run of an n that has several (a seed axis) as a hollow marker at that n, on the line's x."""
     several = runs[runs.groupby("n_sequences").n_sequences.transform("size") > 1]
     if len(several):
         ax.plot(several.n_sequences, several[column], marker, ls="", color=color, mfc="none", ms=5, alpha=0.7)
@@ -109,7 +109,8 @@ def rank_vs_n(con):
     a log axis cannot show and the slope leaves out, is a ▽ on the panel's bottom edge, and the legend
     says over how many points the slope was fitted. The n axes are labelled at the trained n's (matplotlib's
     minor labels of a 1.5-decade span, 3×10¹ 4×10¹ 6×10¹ …, ran into each other). With several seeds at an n,
-    the gap and bound lines run through their mean and each seed is a hollow marker."""
+    the gap and bound lines run through their mean (the gap's over the seeds whose gap is > 0, the points its
+    slope is fitted to) and each seed is a hollow marker."""
     import pandas as pd
     from matplotlib.ticker import NullFormatter
 
