@@ -328,6 +328,38 @@ def test_a_receipt_another_checkout_wrote_during_the_build_does_not_stay_beside_
     assert mine.is_file() and not other.exists()
 
 
+def test_two_builds_of_one_database_publish_one_at_a_time(results, tmp_path):
+    """Removing the other receipts again after publishing narrowed the race of two checkouts sharing results/
+    but left a window: the other build's receipt, written between this build's publication and its removal
+    of the others... or after it, stood beside this build's database. Builds hold a lock on the folder while
+    they publish, remove and write: a build waits for one in progress (here a stand-in holding the lock that
+    writes its receipt just before it lets go), then removes that receipt."""
+    import subprocess
+    import sys
+    import time
+
+    runs = sorted((results / "runs").iterdir())
+    out, mine = results / "lipflow.duckdb", results / "lipflow.duckdb.aaaaaaaaaaaa.built"
+    other, holding = results / "lipflow.duckdb.bbbbbbbbbbbb.built", tmp_path / "holding"
+    receipt = json.dumps({"database": out.name, "sha256": "0" * 64, "rows": {}})
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, pathlib, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "pathlib.Path(sys.argv[2]).write_text('')\n"
+        "time.sleep(3)\n"  # longer than this build takes: unlocked, it was done before the receipt below
+        "pathlib.Path(sys.argv[3]).write_text(sys.argv[4])\n"), str(results), str(holding), str(other), receipt])
+    try:
+        deadline = time.monotonic() + 60
+        while not holding.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holding.exists()
+        build(out, results / "manifest.json", runs, results=results, receipt=mine)
+    finally:
+        assert holder.wait(timeout=60) == 0
+    assert mine.is_file() and not other.exists()
+
+
 def test_a_failed_database_rule_keeps_the_previous_database(tmp_path):
     """Under Snakemake, which deletes a job's outputs before it runs: the database is an update()
     output, so a rebuild that fails leaves the previous database in place and readable; its

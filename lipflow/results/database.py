@@ -22,12 +22,14 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import duckdb
 import pyarrow as pa
@@ -401,6 +403,21 @@ def is_receipt_name(out: Path, name: str) -> bool:
     return re.fullmatch(re.escape(out.name) + r"(\.[0-9a-f]{12})?\.built", name) is not None
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself (no lock file left in it) while the body runs: two builds
+    of one database (two checkouts sharing results/) publish one at a time, each its database, its receipt and
+    the removal of the other's, so no receipt stands beside a database it does not describe. Where the file
+    system has no locks (some network file systems), unlocked."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # no locks here: the publication is not serialised
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def check_out_replaceable(out: Path) -> None:
     """A FileExistsError unless ``out`` is absent or a lipflow database holding none of a user's objects
     (:func:`refuse_to_drop_user_objects`); checked before the build and again just before the swap, since
@@ -467,19 +484,20 @@ def build(out: Path, manifest: Path | None, run_dirs: list[Path], study_tables: 
         check_database(tmp, rows)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        check_out_replaceable(out)  # a user's session may have added an object while the build ran
-        # The old database's write-ahead log (a session that wrote to it and never checkpointed) would
-        # be replayed onto the new file, which no reader could then open; what it holds are changes to
-        # lipflow's own tables (refuse_to_drop_user_objects read it), which the rebuild replaces.
-        Path(f"{out}.wal").unlink(missing_ok=True)
-        os.replace(tmp, out)
-        published = True
-        fsync_dir(out.parent)
-        if receipt is not None:
-            # again: another checkout sharing results/ may have written its receipt while this build ran,
-            # and it would stand beside this database of another run set
-            remove_other_receipts(out, receipt)
-            write_json_atomic(receipt, dict(zip(RECEIPT_KEYS, (out.name, sha256_file(out), rows))))
+        with folder_lock(out.parent):  # another checkout sharing results/ publishes its database in turn
+            check_out_replaceable(out)  # a user's session may have added an object while the build ran
+            # The old database's write-ahead log (a session that wrote to it and never checkpointed) would
+            # be replayed onto the new file, which no reader could then open; what it holds are changes to
+            # lipflow's own tables (refuse_to_drop_user_objects read it), which the rebuild replaces.
+            Path(f"{out}.wal").unlink(missing_ok=True)
+            os.replace(tmp, out)
+            published = True
+            fsync_dir(out.parent)
+            if receipt is not None:
+                # again: another checkout sharing results/ may have written its receipt while this build ran,
+                # and it would stand beside this database of another run set
+                remove_other_receipts(out, receipt)
+                write_json_atomic(receipt, dict(zip(RECEIPT_KEYS, (out.name, sha256_file(out), rows))))
     except (duckdb.Error, OSError, StageError) as err:
         state = "replaced, but its receipt was not written" if published else "left as it was"
         raise StageError(f"database build failed, {out} {state}: {str(err).splitlines()[0]}") from None
