@@ -642,6 +642,9 @@ def test_point_keys_are_run_keys_and_only_the_experiments_own():
                      "experiment_definitions": {"lr_transfer": {"point_keys": ["d_model", "lr"]}}})
     with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.lr_transfer\.point_keys: set by "):
         expand_experiments(config)
+    restated = filled({"experiments": ["lr_transfer"],  # the same keys in another order: the same point keys
+                       "experiment_definitions": {"lr_transfer": {"point_keys": ["seed", "lr", "d_model"]}}})
+    assert len(expand_experiments(restated)) == len(expand_experiments(filled({"experiments": ["lr_transfer"]})))
     own = filled({"experiments": ["mine"], "experiment_definitions": {"mine": {  # no views of its own to group by
         "short": "m", "point_keys": ["lr"], "cpu": {"grid": {"lr": [0.1, 0.2]}}}}})
     with pytest.raises(ConfigError, match=r"^config error: experiment_definitions\.mine\.point_keys: describes how an "

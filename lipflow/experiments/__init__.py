@@ -118,7 +118,7 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"config error: experiment_definitions.{name}.{key}: describes how an experiment's "
                                   f"views group its runs, and '{name}' has none (no lipflow/experiments/{name}.py); "
                                   f"leave {key} out")
-            if key in block and block[key] != blocks.get(name, {}).get(key):
+            if key in block and as_set(block[key]) != as_set(blocks.get(name, {}).get(key)):  # point_keys: a set
                 raise ConfigError(f"config error: experiment_definitions.{name}.{key}: set by the experiment's own "
                                   f"YAML file, for its views, which group the runs by it; a config's block cannot "
                                   f"change it")
@@ -128,6 +128,11 @@ def definitions(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # keys of an experiment block that describe how its views group the runs: only its own YAML file sets them
 VIEW_KEYS = ("label_axis", "point_keys")
+
+
+def as_set(value: Any) -> Any:
+    """A list as the set of its items (``point_keys`` restated in another order is the same), else itself."""
+    return frozenset(value) if isinstance(value, list) else value
 
 
 def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
