@@ -34,13 +34,13 @@ import json
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable, Iterator
 
 import yaml
 
 from lipflow.config import ConfigError
 from lipflow.config.schema import EXPERIMENTS_SCHEMA, first_error, load_schema, make_validator
-from lipflow.experiments.grid import expand_experiment, merge_block
+from lipflow.experiments.grid import axis_points, expand_experiment, merge_block
 from lipflow.registry import Registry
 from lipflow.results import views as _views
 from lipflow.results.plotting import Figure
@@ -135,6 +135,27 @@ def as_set(value: Any) -> Any:
     return frozenset(value) if isinstance(value, list) else value
 
 
+def grouped_runs(blocks: Blocks, runs: dict[str, dict[str, Any]]
+                 ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any], str]]:
+    """(name, config, block, label) of each of ``runs`` whose experiment's views group runs (its block has
+    ``point_keys``), by name; the label is the run's on the block's ``label_axis`` (its name's second part),
+    or '' where the views read none."""
+    for name, cfg in sorted(runs.items()):
+        block = blocks.get(cfg.get("experiment") or "", {})
+        if "point_keys" in block:
+            yield name, cfg, block, name.split(".")[1] if block.get("label_axis") else ""
+
+
+def key_values(cfg: dict[str, Any], keys: Iterable[str]) -> tuple[str, ...]:
+    """The values of ``keys`` in ``cfg`` as comparable text (a mapping's or a list's too)."""
+    return tuple(json.dumps(cfg.get(key), sort_keys=True) for key in keys)
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], ignored: Collection[str] = ()) -> list[str]:
+    """The keys, sorted, whose values differ between run configs ``a`` and ``b``, but for ``ignored``."""
+    return sorted(key for key in a.keys() | b.keys() if key not in ignored and a.get(key) != b.get(key))
+
+
 def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
     """Two runs of one experiment that its views take for one point (one label on ``label_axis`` and equal
     ``point_keys``) but that differ in another key would be averaged (lr_transfer's mean over seeds) or pooled
@@ -143,14 +164,9 @@ def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
     overlap), which would train twice and weigh the point twice (rank_vs_n's slope). ``runs``: run name →
     resolved run config (schema defaults filled)."""
     points: dict[tuple[str, ...], str] = {}
-    for name, cfg in sorted(runs.items()):
-        block = blocks.get(cfg.get("experiment") or "", {})
-        if "point_keys" not in block:
-            continue
-        label = name.split(".")[1] if block.get("label_axis") else ""
-        point = (cfg["experiment"], label, *(json.dumps(cfg.get(key), sort_keys=True) for key in block["point_keys"]))
-        first = points.setdefault(point, name)
-        differing = sorted(key for key in cfg.keys() | runs[first].keys() if cfg.get(key) != runs[first].get(key))
+    for name, cfg, block, label in grouped_runs(blocks, runs):
+        first = points.setdefault((cfg["experiment"], label, *key_values(cfg, block["point_keys"])), name)
+        differing = differing_keys(cfg, runs[first])
         if first != name and differing:
             by = ", ".join(([block["label_axis"]] if label else []) + list(block["point_keys"]))
             fix = (f"give each value of {differing[0]} a label of its own on the '{block['label_axis']}' axis, or "
@@ -174,8 +190,7 @@ def tied_keys(block: dict[str, Any]) -> dict[str, set[str]]:
         grid = block[preset]["grid"]  # a block of definitions(): each preset filled, with a grid
         for one in grid if isinstance(grid, list) else [grid]:
             for axis, values in one.items():
-                points = values.values() if isinstance(values, dict) else [{axis: value} for value in values]
-                axis_keys = {key for overrides in points for key in overrides}
+                axis_keys = {key for _, overrides in axis_points(axis, values) for key in overrides}
                 with_point = axis_keys & set(block["point_keys"])
                 if axis != block.get("label_axis") and with_point:
                     for key in axis_keys - set(block["point_keys"]):
@@ -193,17 +208,11 @@ def check_one_setting_per_label(blocks: Blocks, runs: dict[str, dict[str, Any]])
     labels: dict[tuple[str, str], str] = {}
     tied_points: dict[tuple[str, ...], str] = {}
     tied_of: dict[str, dict[str, set[str]]] = {}
-    for name, cfg in sorted(runs.items()):
-        block = blocks.get(cfg.get("experiment") or "", {})
-        if "point_keys" not in block:
-            continue
-        label = name.split(".")[1] if block.get("label_axis") else ""
+    for name, cfg, block, label in grouped_runs(blocks, runs):
         of = f"of label '{label}' on the '{block['label_axis']}' axis " if label else ""
         first = labels.setdefault((cfg["experiment"], label), name)
         tied = tied_of.setdefault(cfg["experiment"], tied_keys(block))
-        varying = set(block["point_keys"]) | set(tied)
-        differing = sorted(key for key in cfg.keys() | runs[first].keys()
-                           if key not in varying and cfg.get(key) != runs[first].get(key))
+        differing = differing_keys(cfg, runs[first], ignored=set(block["point_keys"]) | set(tied))
         if differing:
             tie = "or set it in one variant axis together with the point key it goes with"
             fix = (f"give each value of {differing[0]} a label of its own on the '{block['label_axis']}' axis, {tie}"
@@ -214,14 +223,13 @@ def check_one_setting_per_label(blocks: Blocks, runs: dict[str, dict[str, Any]])
                               f"setting; {fix}")
         for key, with_point in sorted(tied.items()):
             point = sorted(with_point)
-            other = tied_points.setdefault((cfg["experiment"], label, key,
-                                            *(json.dumps(cfg.get(k), sort_keys=True) for k in point)), name)
+            other = tied_points.setdefault((cfg["experiment"], label, key, *key_values(cfg, point)), name)
             if cfg.get(key) != runs[other].get(key):
                 at = ", ".join(f"{k} {cfg.get(k)}" for k in point)
                 raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{other}' and '{name}' {of}"
                                   f"have {at} but {key} {runs[other].get(key)} and {cfg.get(key)}: its views would "
-                                  f"take them for one setting; give {key} one value per value of {', '.join(point)}, or "
-                                  f"a label of its own")
+                                  f"take them for one setting; give {key} one value per value of "
+                                  f"{', '.join(point)}, or a label of its own")
 
 
 def fill_block(name: str, block: dict[str, Any]) -> dict[str, Any]:
