@@ -980,13 +980,8 @@ def test_plots_cli_replaces_its_own_figures_and_tables_but_no_other_file(filled_
     assert plots_main(args) == 0 and plots_main(args) == 0  # the second run replaces the first's files
     figure = next(iter(EXPERIMENT_FIGURES["lr_transfer"]))
     for path, flag in ((out / f"{figure}.png", "--out-dir"), (tables / "lr_transfer.csv", "--tables-dir")):
-        mine = b"my own figure, or my own table\n"
-        path.write_bytes(mine)
-        capsys.readouterr()
-        assert plots_main(args) == 2
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and f"{flag} {path} exists and is not" in err, err
-        assert path.read_bytes() == mine
+        path.write_bytes(b"my own figure, or my own table\n")
+        assert_plots_refuse_and_keep(args, capsys, path, flag)
         path.unlink()
 
 
@@ -1019,6 +1014,17 @@ def test_a_table_lipflow_wrote_before_its_view_changed_columns_is_replaced(fille
     assert figure.stat().st_mtime_ns == drawn and not table.exists()  # refused before anything was drawn
 
 
+def assert_plots_refuse_and_keep(args: list[str], capsys, path: Path, flag: str, what: str = "") -> None:
+    """The plots command refuses the file at ``path`` in one line naming ``flag`` (and ``what`` it is not),
+    exits 2, and leaves the file as it was."""
+    kept = path.read_bytes()
+    capsys.readouterr()
+    assert plots_main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{flag} {path} exists and is not{what}" in err, err
+    assert path.read_bytes() == kept
+
+
 def test_a_table_of_the_view_edited_by_its_user_is_refused_not_replaced(filled_database, tmp_path, capsys):
     """A table lipflow wrote, then edited by its user (a cell changed, a note added: the header unchanged), no
     longer matches its sidecar: it is the user's now and is refused in one line and kept, where the plots job
@@ -1033,11 +1039,7 @@ def test_a_table_of_the_view_edited_by_its_user_is_refused_not_replaced(filled_d
     lines = table.read_text().splitlines()
     edited = "\n".join([lines[0], lines[1] + "  # checked by hand", *lines[2:]]) + "\n"
     table.write_text(edited)
-    capsys.readouterr()
-    assert plots_main(args) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"--tables-dir {table} exists and is not" in err, err
-    assert table.read_text() == edited
+    assert_plots_refuse_and_keep(args, capsys, table, "--tables-dir")
     sidecar_path(table).unlink()  # a table from before sidecars: the view's header, no sidecar
     table.write_text("\n".join(lines) + "\n")
     assert plots_main(args) == 0 and is_sealed(table)
@@ -1060,11 +1062,8 @@ def test_a_figure_lipflow_drew_and_its_user_annotated_is_refused_not_replaced(fi
     figure.write_text(annotated)
     table = tables / "lr_transfer.csv"
     written = table.stat().st_mtime_ns
-    capsys.readouterr()
-    assert plots_main(args) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"--out-dir {figure} exists and is not a figure lipflow drew" in err
-    assert figure.read_text() == annotated and table.stat().st_mtime_ns == written
+    assert_plots_refuse_and_keep(args, capsys, figure, "--out-dir", " a figure lipflow drew")
+    assert table.stat().st_mtime_ns == written
     sidecar_path(figure).unlink()  # a figure from before figures had a sidecar: lipflow's by its mark
     assert plots_main(args) == 0 and is_sealed(figure) and "checked by hand" not in figure.read_text()
 
