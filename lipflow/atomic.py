@@ -39,19 +39,37 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 
 def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
-    """Atomically write ``data`` to ``path``, then its sha256 to the sidecar; returns the digest.
-    A crash between the two leaves a sidecar that does not match: a loud error, never a silent one.
-    A file in the sidecar's place that is not a checksum (a user's) is refused before either is written."""
-    refuse_to_replace(sidecar_path(path), "checksum file", "a sha256 checksum", is_checksum)
+    """Atomically write ``data`` to ``path`` with its sha256 in the sidecar; returns the digest.
+
+    Three atomic steps, so a crash at any point leaves a file its sidecar vouches for: the sidecar first
+    lists the new digest *and* the one it held (the file is then the old one or the new one), the file is
+    replaced, and the sidecar is cut to the new digest. A file in the sidecar's place that is not a
+    checksum (a user's) is refused before anything is written."""
+    sidecar = sidecar_path(path)
+    refuse_to_replace(sidecar, "checksum file", "a sha256 checksum", is_checksum)
     digest = hashlib.sha256(data).hexdigest()
+    earlier = sidecar_digests(sidecar) if sidecar.exists() else []
+    if len(earlier) > 1:  # an earlier write crashed half-way: keep the digest of the file that is there
+        actual = sha256_file(path) if Path(path).is_file() else None
+        earlier = [actual] if actual in earlier else []
+    if earlier and earlier != [digest]:
+        write_bytes_atomic(sidecar, f"{digest}\n{earlier[0]}\n".encode())
     write_bytes_atomic(path, data)
-    write_bytes_atomic(sidecar_path(path), (digest + "\n").encode())
+    write_bytes_atomic(sidecar, (digest + "\n").encode())
     return digest
 
 
 def is_checksum(path: Path) -> bool:
-    """Whether ``path`` holds what :func:`write_with_sidecar` writes: 64 hex digits and a newline."""
-    return path.stat().st_size == 65 and re.fullmatch(rb"[0-9a-f]{64}\n", path.read_bytes()) is not None
+    """Whether ``path`` holds what :func:`write_with_sidecar` writes: a line of 64 hex digits (two lines,
+    the new digest and the old, while its file is replaced)."""
+    return (path.stat().st_size in (65, 130)
+            and re.fullmatch(rb"(?:[0-9a-f]{64}\n){1,2}", path.read_bytes()) is not None)
+
+
+def sidecar_digests(sidecar: Path) -> list[str]:
+    """The digests a sidecar vouches for (two only while, or after a crash while, its file is replaced);
+    none for a file that is no checksum."""
+    return sidecar.read_text().split() if is_checksum(sidecar) else []
 
 
 def read_verified(path: str | os.PathLike[str]) -> bytes:
@@ -60,12 +78,12 @@ def read_verified(path: str | os.PathLike[str]) -> bytes:
     data = Path(path).read_bytes()
     sidecar = sidecar_path(path)
     try:
-        expected = sidecar.read_text().strip()
+        expected = sidecar_digests(sidecar)
     except FileNotFoundError:
         raise IntegrityError(f"{path} has no checksum file {sidecar.name}, so it cannot be verified (rerun the job "
                              "that writes it; for a file from before checksums: python -m lipflow.results seal)"
                              ) from None
-    if hashlib.sha256(data).hexdigest() != expected:
+    if hashlib.sha256(data).hexdigest() not in expected:
         raise IntegrityError(f"{path} is corrupt: sha256 does not match {sidecar.name}")
     return data
 

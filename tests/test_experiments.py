@@ -1045,6 +1045,23 @@ def test_a_table_of_the_view_edited_by_its_user_is_refused_not_replaced(filled_d
     assert plots_main(args) == 0 and is_sealed(table)
 
 
+def test_a_table_whose_write_a_crash_cut_short_is_replaced_not_refused(filled_database, tmp_path):
+    """A plots job killed between writing a table and cutting its sidecar to the table's digest left the sidecar
+    listing two digests (the table's and the one before): the next plots job takes the table for its own and
+    replaces it, where it refused lipflow's own table as a user's edit."""
+    import hashlib
+
+    from lipflow.atomic import is_sealed, sidecar_path
+
+    out, tables = tmp_path / "figures", tmp_path / "tables"
+    args = ["--db", str(filled_database), "--out-dir", str(out), "--tables-dir", str(tables)]
+    assert plots_main(args) == 0
+    table = tables / "lr_transfer.csv"
+    written = sidecar_path(table).read_text()
+    sidecar_path(table).write_text(written + hashlib.sha256(b"the table before").hexdigest() + "\n")
+    assert plots_main(args) == 0 and is_sealed(table) and sidecar_path(table).read_text() == written
+
+
 def test_a_figure_lipflow_drew_and_its_user_annotated_is_refused_not_replaced(filled_database, tmp_path, capsys):
     """An SVG lipflow drew, annotated by its user in an editor that keeps the file's metadata (lipflow's mark),
     was taken for lipflow's own by the mark alone and drawn over at the next figures job. Each figure has a

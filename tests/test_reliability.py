@@ -3,6 +3,7 @@ determinism, and no pickle on any load path."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -771,3 +772,55 @@ def test_the_temporary_checkpoints_a_killed_trainer_left_are_removed_once_the_ru
     assert sorted(entry.name for entry in checkpoints.iterdir()) == sorted(kept)
     err = capsys.readouterr().err
     assert "removed 2 temporary file(s) a killed trainer left" in err and left[0] in err, err
+
+
+def _write_then_kill(path: Path, data: bytes, after_writes: int) -> None:
+    """Run ``write_with_sidecar(path, data)`` in a process SIGKILLed right after its ``after_writes``-th
+    atomic file write (a power cut between two of its steps)."""
+    script = ("import os, signal, sys\nimport lipflow.atomic as atomic\nwrite, done = atomic.write_bytes_atomic, []\n"
+              "def dying(path, data):\n    write(path, data)\n    done.append(path)\n"
+              f"    if len(done) == {after_writes}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "atomic.write_bytes_atomic = dying\n"
+              f"atomic.write_with_sidecar({str(path)!r}, {data!r})\n")
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+@pytest.mark.parametrize("after_writes", [1, 2])
+def test_a_crash_between_a_file_and_its_sidecar_leaves_a_file_its_sidecar_vouches_for(tmp_path, after_writes):
+    """A table or figure replaced by a process killed between writing the file and its sidecar left the new
+    file beside the old digest: lipflow's own output then read as corrupt and was refused as a user's edit at
+    the next plots job. The sidecar now lists the new digest and the old before the file is replaced: the
+    file a crash leaves (old after the first step, new after the second) is verified, the next write replaces
+    it and cuts the sidecar to one digest, and bytes of neither are still refused."""
+    from lipflow.atomic import IntegrityError, is_checksum, is_sealed, read_verified, sidecar_path
+
+    path = tmp_path / "lr_transfer.csv"
+    write_with_sidecar(path, b"old\n")
+    _write_then_kill(path, b"new\n", after_writes)
+    assert read_verified(path) == [b"old\n", b"new\n"][after_writes - 1]
+    assert is_checksum(sidecar_path(path)) and len(sidecar_path(path).read_text().split()) == 2
+    path.write_bytes(b"edited\n")
+    assert not is_sealed(path)
+    with pytest.raises(IntegrityError, match="corrupt"):
+        read_verified(path)
+    path.write_bytes([b"old\n", b"new\n"][after_writes - 1])
+    write_with_sidecar(path, b"newer\n")
+    assert read_verified(path) == b"newer\n"
+    assert sidecar_path(path).read_bytes() == (hashlib.sha256(b"newer\n").hexdigest() + "\n").encode()
+
+
+def test_a_second_crash_after_the_first_keeps_the_digest_of_the_file_that_is_there(tmp_path):
+    """Two writes killed after their first step in a row: the file is still the first one, and the second
+    write's sidecar lists the digest of that file (not of the first crashed write's data, which never
+    landed), so the file stays verified; the sidecar never grows past two digests."""
+    from lipflow.atomic import read_verified, sidecar_path
+
+    path = tmp_path / "figure.svg"
+    write_with_sidecar(path, b"first")
+    _write_then_kill(path, b"second", 1)
+    _write_then_kill(path, b"third", 1)
+    assert read_verified(path) == b"first"
+    assert sidecar_path(path).read_text().split() == [hashlib.sha256(b).hexdigest() for b in (b"third", b"first")]
+    _write_then_kill(path, b"fourth", 2)
+    assert read_verified(path) == b"fourth"
