@@ -608,6 +608,24 @@ def test_a_key_in_a_label_variant_or_tied_to_a_point_key_follows_the_label_and_t
     assert len(resolve_runs(filled(config))) == 3
 
 
+@pytest.mark.parametrize("name", sorted(VIEW_POINTS))
+def test_a_key_set_with_the_seed_is_no_seed_of_one_setting(name):
+    """A seed variant axis that sets another key (``r0: {seed: 0, weight_decay: 0.0}, r1: {seed: 1, weight_decay:
+    0.1}``) tied that key to seed, a point key, so each seed could take its own value: the views averaged (or
+    pooled into one slope) the two settings as seeds without a word. Refused now, naming the key; a seed axis
+    that also sets a point key ties the other key to that point key only."""
+    label_axis, label, told_apart, (key, values) = VIEW_POINTS[name]
+    rep = {f"r{i}": {"seed": i, key: value} for i, value in enumerate(values)}
+    grid = {**({label_axis: label} if label_axis else {}), **told_apart, "rep": rep}
+    config = {"experiments": [name], "experiment_definitions": {name: {"cpu": {"grid": grid}}}}
+    with pytest.raises(ConfigError, match=rf"^config error: experiment '{name}': runs '[^']+' and '[^']+' .*differ "
+                                          rf"in {key}, which no axis of its views' points \(.*\) sets: "):
+        resolve_runs(filled(config))
+    for variant in rep.values():  # the key given one value: a seed axis written as a variant
+        variant[key] = values[0]
+    assert len(resolve_runs(filled(config))) == 4
+
+
 # grids of a list that overlap: one run under two names (the axes in another order, or a seed axis of the base seed)
 OVERLAPPING_GRIDS = {
     "lr_transfer": [{"method": {"a": {"optimizer": "adamw"}}, "lr": [0.01, 0.02]},

@@ -181,17 +181,23 @@ def check_view_points(blocks: Blocks, runs: dict[str, dict[str, Any]]) -> None:
     check_one_setting_per_label(blocks, runs)
 
 
+# the point key whose runs every experiment's views average or pool (lr_transfer's and super_consistency's mean
+# over seeds, rank_vs_n's one slope over them): its runs are one setting, so no key goes with it
+POOLED_KEY = "seed"
+
+
 def tied_keys(block: dict[str, Any]) -> dict[str, set[str]]:
     """Run key → the point keys it goes with: the keys an axis of the experiment's grids (any preset; the label
     axis aside, whose variants are the settings themselves) sets together with point keys (``n_heads`` beside
-    ``d_model`` in a width axis), which vary with those, one value per value of them."""
+    ``d_model`` in a width axis), which vary with those, one value per value of them; not with ``seed``
+    (:data:`POOLED_KEY`), whose runs the views average as one setting."""
     tied: dict[str, set[str]] = {}
     for preset in PRESETS:
         grid = block[preset]["grid"]  # a block of definitions(): each preset filled, with a grid
         for one in grid if isinstance(grid, list) else [grid]:
             for axis, values in one.items():
                 axis_keys = {key for _, overrides in axis_points(axis, values) for key in overrides}
-                with_point = axis_keys & set(block["point_keys"])
+                with_point = axis_keys & (set(block["point_keys"]) - {POOLED_KEY})
                 if axis != block.get("label_axis") and with_point:
                     for key in axis_keys - set(block["point_keys"]):
                         tied.setdefault(key, set()).update(with_point)
@@ -219,8 +225,8 @@ def check_one_setting_per_label(blocks: Blocks, runs: dict[str, dict[str, Any]])
                    if label else f"set {differing[0]} in base, one value per experiment, {tie}")
             raise ConfigError(f"config error: experiment '{cfg['experiment']}': runs '{first}' and '{name}' {of}differ "
                               f"in {', '.join(differing)}, which no axis of its views' points "
-                              f"({', '.join(block['point_keys'])}) sets: its views would take them for one "
-                              f"setting; {fix}")
+                              f"({', '.join(k for k in block['point_keys'] if k != POOLED_KEY)}; not {POOLED_KEY}, "
+                              f"whose runs they average) sets: its views would take them for one setting; {fix}")
         for key, with_point in sorted(tied.items()):
             point = sorted(with_point)
             other = tied_points.setdefault((cfg["experiment"], label, key, *key_values(cfg, point)), name)
