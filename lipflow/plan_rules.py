@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from lipflow.plan import IMAGE_MLP, Plan, figure_receipt, recorded_block
@@ -32,14 +33,14 @@ DATABASE_CODE = (PACKAGE / "results", PACKAGE / "experiments", PACKAGE / "train"
 @functools.lru_cache(maxsize=1)
 def database_code_digest() -> str:
     """sha256 over the source files of :data:`DATABASE_CODE` and the captions (``*.rst``) of
-    :data:`lipflow.results.views.REPORT_DIR` (each file's path within the checkout and its bytes, in path
-    order)."""
+    :data:`lipflow.results.views.REPORT_DIR` (each file's path within the checkout, as the file system's bytes,
+    whatever their encoding, and its bytes, in path order)."""
     files = sorted(path for root in DATABASE_CODE for path in ([root] if root.is_file() else root.rglob("*.py"))
                    if is_source(path))
     digest = hashlib.sha256()
     for path in files + sorted(path for path in REPORT_DIR.glob("*.rst") if is_source(path)):
         source = path.read_bytes()
-        digest.update(f"{path.relative_to(PACKAGE.parent).as_posix()}\0{len(source)}\0".encode() + source)
+        digest.update(os.fsencode(path.relative_to(PACKAGE.parent).as_posix()) + f"\0{len(source)}\0".encode() + source)
     return digest.hexdigest()
 
 

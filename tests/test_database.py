@@ -750,3 +750,28 @@ def test_the_code_digest_reads_source_files_only(tmp_path, monkeypatch):
         assert digest() != before
     finally:
         plan_rules.database_code_digest.cache_clear()
+
+
+def test_the_code_digest_takes_a_source_file_whose_name_is_not_utf8(tmp_path, monkeypatch):
+    """A file whose name is not UTF-8 (``café.py`` unpacked from a Latin-1 archive: b'caf\\xe9.py') failed the
+    digest, and so every snakemake command's parse, with UnicodeEncodeError; its name is hashed as its bytes."""
+    import os
+
+    import lipflow.plan_rules as plan_rules
+
+    package, report = tmp_path / "lipflow", tmp_path / "report"
+    (package / "results").mkdir(parents=True)
+    report.mkdir()
+    (package / "results" / "views.py").write_text("VIEWS = {}\n")
+    monkeypatch.setattr(plan_rules, "PACKAGE", package)
+    monkeypatch.setattr(plan_rules, "DATABASE_CODE", (package / "results",))
+    monkeypatch.setattr(plan_rules, "REPORT_DIR", report)
+    try:
+        plan_rules.database_code_digest.cache_clear()
+        before = plan_rules.database_code_digest()
+        with open(os.path.join(os.fsencode(package / "results"), b"caf\xe9.py"), "wb") as f:
+            f.write(b"# notes\n")
+        plan_rules.database_code_digest.cache_clear()
+        assert plan_rules.database_code_digest() != before
+    finally:
+        plan_rules.database_code_digest.cache_clear()
