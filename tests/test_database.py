@@ -309,6 +309,21 @@ def test_a_build_removes_its_old_receipts_and_no_copy_or_link_of_one(results, tm
     assert link.is_symlink() and elsewhere.is_file()
 
 
+def test_a_build_is_not_held_by_a_fifo_named_like_a_receipt(tmp_path):
+    """Only plain files are receipts: a named pipe (or other special file) named like one was opened to read its
+    JSON, and the build waited for a writer forever; it is kept and the build goes on."""
+    import stat
+    import sys
+
+    out, fifo = tmp_path / "lipflow.duckdb", tmp_path / "lipflow.duckdb.0123456789ab.built"
+    os.mkfifo(fifo)
+    code = ("import sys; from pathlib import Path; from lipflow.results.database import remove_other_receipts; "
+            "remove_other_receipts(Path(sys.argv[1]), Path(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "lipflow.duckdb.aaaaaaaaaaaa.built")],
+                   check=True, timeout=20)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
 def test_a_receipt_another_checkout_wrote_during_the_build_does_not_stay_beside_its_database(results, monkeypatch):
     """Two checkouts sharing results/ build the database at once: the other's receipt, written while this build
     ran, stood beside this build's database when it was published after the other's (the old receipts were

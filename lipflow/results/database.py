@@ -389,9 +389,10 @@ def remove_other_receipts(out: Path, receipt: Path) -> None:
     Snakemake would take as up to date if that run set came back), and again once the new database is in place
     (another checkout sharing the results folder may have written its receipt meanwhile). A receipt is a plain file named as the rule
     names one (:func:`is_receipt_name`): a user's copy of one (``….built.bak``, an editor's ``….built~``) or a
-    link named like one is never removed, though it holds a receipt's JSON."""
+    link named like one is never removed, though it holds a receipt's JSON, and no special file (a named pipe)
+    is opened."""
     for path in Path(receipt).parent.iterdir():
-        if (path != Path(receipt) and is_receipt_name(out, path.name) and not path.is_symlink()
+        if (path != Path(receipt) and is_receipt_name(out, path.name) and not path.is_symlink() and path.is_file()
                 and is_receipt(path) and read_json(path).get("database") == out.name):
             path.unlink()
 
