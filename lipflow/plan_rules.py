@@ -45,9 +45,11 @@ def database_code_digest() -> str:
 
 
 def is_source(path: Path) -> bool:
-    """A regular file that is no hidden one: not an editor's lock file (Emacs links ``.#views.py`` to a
-    target that does not exist while ``views.py`` is edited) nor a link."""
-    return not path.name.startswith(".") and not path.is_symlink() and path.is_file()
+    """A regular file that is no hidden one nor in a hidden folder of the checkout: not an editor's lock file
+    (Emacs links ``.#views.py`` to a target that does not exist while ``views.py`` is edited), not Jupyter's
+    copy in ``.ipynb_checkpoints/``, nor a link."""
+    hidden = any(part.startswith(".") for part in path.relative_to(PACKAGE.parent).parts)
+    return not hidden and not path.is_symlink() and path.is_file()
 
 
 def param_count(cfg, vocab):

@@ -760,6 +760,8 @@ def test_the_code_digest_reads_source_files_only(tmp_path, monkeypatch):
         (package / "results" / ".#views.py").symlink_to("user@host.1234:1")  # dangling, as Emacs leaves it
         (package / "results" / "link.py").symlink_to(package / "results" / "views.py")
         (report / ".#table.rst").symlink_to("user@host.1234:1")
+        (package / "results" / ".ipynb_checkpoints").mkdir()  # Jupyter's copies: no source either
+        (package / "results" / ".ipynb_checkpoints" / "views-checkpoint.py").write_text("VIEWS = {'old': 1}\n")
         assert digest() == before
         (package / "results" / "views.py").write_text("VIEWS = {'v': 1}\n")
         assert digest() != before
