@@ -34,42 +34,57 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
-    """``<path>.sha256``: the file's hex sha256 and a newline."""
+    """``<path>.sha256``: the file's hex sha256 and a newline (the new digest and the old while the file
+    is replaced, :func:`write_with_sidecar`)."""
     return Path(path).with_name(Path(path).name + ".sha256")
 
 
 def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
     """Atomically write ``data`` to ``path`` with its sha256 in the sidecar; returns the digest.
 
-    Three atomic steps, so a crash at any point leaves a file its sidecar vouches for: the sidecar first
-    lists the new digest *and* the one it held (the file is then the old one or the new one), the file is
-    replaced, and the sidecar is cut to the new digest. A file in the sidecar's place that is not a
+    Over an earlier sidecar, three atomic steps, so a crash at any point leaves a file its sidecar vouches
+    for: the sidecar first lists the new digest and the one of the file there (the file is then the old one
+    or the new one), the file is replaced, and the sidecar is cut to the new digest; a write that fails
+    puts the sidecar back as it was. Without one, the file and then its sidecar (a crash between leaves a
+    file without a sidecar, never trusted). The old digest stays valid after a crash between the last two
+    steps, until the next write or ``lipflow.results seal``. A file in the sidecar's place that is not a
     checksum (a user's) is refused before anything is written."""
     sidecar = sidecar_path(path)
     refuse_to_replace(sidecar, "checksum file", "a sha256 checksum", is_checksum)
     digest = hashlib.sha256(data).hexdigest()
-    earlier = sidecar_digests(sidecar) if sidecar.exists() else []
-    if len(earlier) > 1:  # an earlier write crashed half-way: keep the digest of the file that is there
-        actual = sha256_file(path) if Path(path).is_file() else None
-        earlier = [actual] if actual in earlier else []
-    if earlier and earlier != [digest]:
-        write_bytes_atomic(sidecar, f"{digest}\n{earlier[0]}\n".encode())
-    write_bytes_atomic(path, data)
+    if sidecar.exists():
+        previous = sidecar.read_bytes()
+        vouched = sidecar_digests(sidecar)
+        if len(vouched) > 1:  # an earlier write stopped half-way: vouch for the file that is there, if any
+            actual = sha256_file(path) if Path(path).is_file() else None
+            vouched = [actual] if actual in vouched else []
+        write_bytes_atomic(sidecar, "".join(f"{line}\n" for line in dict.fromkeys([digest, *vouched])).encode())
+        try:
+            write_bytes_atomic(path, data)
+        except BaseException:
+            write_bytes_atomic(sidecar, previous)
+            raise
+    else:
+        write_bytes_atomic(path, data)
     write_bytes_atomic(sidecar, (digest + "\n").encode())
     return digest
 
 
 def is_checksum(path: Path) -> bool:
-    """Whether ``path`` holds what :func:`write_with_sidecar` writes: a line of 64 hex digits (two lines,
-    the new digest and the old, while its file is replaced)."""
-    return (path.stat().st_size in (65, 130)
-            and re.fullmatch(rb"(?:[0-9a-f]{64}\n){1,2}", path.read_bytes()) is not None)
+    """Whether ``path`` holds what :func:`write_with_sidecar` writes (:func:`sidecar_digests`)."""
+    return bool(sidecar_digests(path))
 
 
 def sidecar_digests(sidecar: Path) -> list[str]:
-    """The digests a sidecar vouches for (two only while, or after a crash while, its file is replaced);
-    none for a file that is no checksum."""
-    return sidecar.read_text().split() if is_checksum(sidecar) else []
+    """The digests a sidecar vouches for: one, or two while (or after a crash while) its file is replaced;
+    none when it holds anything else. Whitespace around them is no matter (a sidecar checked out through
+    git's autocrlf ends in CRLF)."""
+    if sidecar.stat().st_size > 256:
+        return []
+    tokens = sidecar.read_bytes().split()
+    if 1 <= len(tokens) <= 2 and all(re.fullmatch(rb"[0-9a-f]{64}", token) for token in tokens):
+        return [token.decode() for token in tokens]
+    return []
 
 
 def read_verified(path: str | os.PathLike[str]) -> bytes:

@@ -774,20 +774,21 @@ def test_the_temporary_checkpoints_a_killed_trainer_left_are_removed_once_the_ru
     assert "removed 2 temporary file(s) a killed trainer left" in err and left[0] in err, err
 
 
-def _write_then_kill(path: Path, data: bytes, after_writes: int) -> None:
-    """Run ``write_with_sidecar(path, data)`` in a process SIGKILLed right after its ``after_writes``-th
-    atomic file write (a power cut between two of its steps)."""
-    script = ("import os, signal, sys\nimport lipflow.atomic as atomic\nwrite, done = atomic.write_bytes_atomic, []\n"
-              "def dying(path, data):\n    write(path, data)\n    done.append(path)\n"
-              f"    if len(done) == {after_writes}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+def _write_then_kill(path: Path, data: bytes, after: str) -> None:
+    """Run ``write_with_sidecar(path, data)`` in a process SIGKILLed (a power cut) right after its first
+    atomic write of the sidecar (``after`` "sidecar") or of the file itself (``after`` "file")."""
+    target = str(path) + (".sha256" if after == "sidecar" else "")
+    script = ("import os, signal\nimport lipflow.atomic as atomic\nwrite = atomic.write_bytes_atomic\n"
+              "def dying(path, data):\n    write(path, data)\n"
+              f"    if str(path) == {target!r}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
               "atomic.write_bytes_atomic = dying\n"
               f"atomic.write_with_sidecar({str(path)!r}, {data!r})\n")
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
-@pytest.mark.parametrize("after_writes", [1, 2])
-def test_a_crash_between_a_file_and_its_sidecar_leaves_a_file_its_sidecar_vouches_for(tmp_path, after_writes):
+@pytest.mark.parametrize("after", ["sidecar", "file"])
+def test_a_crash_between_a_file_and_its_sidecar_leaves_a_file_its_sidecar_vouches_for(tmp_path, after):
     """A table or figure replaced by a process killed between writing the file and its sidecar left the new
     file beside the old digest: lipflow's own output then read as corrupt and was refused as a user's edit at
     the next plots job. The sidecar now lists the new digest and the old before the file is replaced: the
@@ -797,30 +798,80 @@ def test_a_crash_between_a_file_and_its_sidecar_leaves_a_file_its_sidecar_vouche
 
     path = tmp_path / "lr_transfer.csv"
     write_with_sidecar(path, b"old\n")
-    _write_then_kill(path, b"new\n", after_writes)
-    assert read_verified(path) == [b"old\n", b"new\n"][after_writes - 1]
+    _write_then_kill(path, b"new\n", after)
+    left = {"sidecar": b"old\n", "file": b"new\n"}[after]
+    assert read_verified(path) == left
     assert is_checksum(sidecar_path(path)) and len(sidecar_path(path).read_text().split()) == 2
     path.write_bytes(b"edited\n")
     assert not is_sealed(path)
     with pytest.raises(IntegrityError, match="corrupt"):
         read_verified(path)
-    path.write_bytes([b"old\n", b"new\n"][after_writes - 1])
+    path.write_bytes(left)
     write_with_sidecar(path, b"newer\n")
     assert read_verified(path) == b"newer\n"
     assert sidecar_path(path).read_bytes() == (hashlib.sha256(b"newer\n").hexdigest() + "\n").encode()
 
 
-def test_a_second_crash_after_the_first_keeps_the_digest_of_the_file_that_is_there(tmp_path):
+def test_crashes_in_a_row_keep_the_digest_of_the_file_that_is_there(tmp_path):
     """Two writes killed after their first step in a row: the file is still the first one, and the second
     write's sidecar lists the digest of that file (not of the first crashed write's data, which never
-    landed), so the file stays verified; the sidecar never grows past two digests."""
+    landed), so the file stays verified; the sidecar never grows past two digests. With the file gone
+    meanwhile (a user deleted the figure to have it redrawn), a write killed after its file is in place
+    leaves that file verified too (the sidecar, which vouched for no file there, was cut to the new digest
+    first)."""
     from lipflow.atomic import read_verified, sidecar_path
 
     path = tmp_path / "figure.svg"
     write_with_sidecar(path, b"first")
-    _write_then_kill(path, b"second", 1)
-    _write_then_kill(path, b"third", 1)
+    _write_then_kill(path, b"second", "sidecar")
+    _write_then_kill(path, b"third", "sidecar")
     assert read_verified(path) == b"first"
     assert sidecar_path(path).read_text().split() == [hashlib.sha256(b).hexdigest() for b in (b"third", b"first")]
-    _write_then_kill(path, b"fourth", 2)
+    _write_then_kill(path, b"fourth", "file")
     assert read_verified(path) == b"fourth"
+    _write_then_kill(path, b"fifth", "sidecar")
+    path.unlink()
+    _write_then_kill(path, b"sixth", "file")
+    assert read_verified(path) == b"sixth"
+
+
+def test_a_failed_write_puts_the_sidecar_back_and_seal_cuts_one_a_crash_left(tmp_path, monkeypatch, capsys):
+    """A write that fails while the file is replaced (disk full, Ctrl-C) left the sidecar vouching for bytes
+    that never landed; it is put back as it was. A sidecar a crash left with two digests is cut to its
+    file's by ``lipflow.results seal``, keeping its modification time."""
+    import lipflow.atomic as atomic
+    from lipflow.results.cli import main as results_main
+
+    path = tmp_path / "evals.parquet"
+    write_with_sidecar(path, b"old")
+    before = atomic.sidecar_path(path).read_bytes()
+    write = atomic.write_bytes_atomic
+
+    def full_disk(target, data):
+        if Path(target) == path:
+            raise OSError(28, "No space left on device")
+        write(target, data)
+
+    monkeypatch.setattr(atomic, "write_bytes_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_with_sidecar(path, b"new")
+    monkeypatch.setattr(atomic, "write_bytes_atomic", write)
+    assert atomic.sidecar_path(path).read_bytes() == before and atomic.read_verified(path) == b"old"
+    _write_then_kill(path, b"new", "file")
+    sidecar = atomic.sidecar_path(path)
+    os.utime(sidecar, ns=(10**18, 10**18))
+    assert results_main(["seal", str(path)]) == 0
+    assert sidecar.read_bytes() == (hashlib.sha256(b"new").hexdigest() + "\n").encode()
+    assert sidecar.stat().st_mtime_ns == 10**18 and "cut to the file's digest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("written", [b"%s\r\n", b"%s", b"%s \n", b"  %s\n\n"])
+def test_a_sidecar_with_other_whitespace_around_its_digest_still_vouches_for_its_file(tmp_path, written):
+    """A sidecar checked out through git's autocrlf (CRLF), or saved without its last newline, was read as
+    its digest (stripped) and must still be: it is no sign of a corrupt file."""
+    from lipflow.atomic import is_sealed, read_verified, sidecar_path
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    sidecar_path(path).write_bytes(written % hashlib.sha256(b"weights").hexdigest().encode())
+    assert read_verified(path) == b"weights" and is_sealed(path)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.atomic import read_verified, refuse_to_replace, sha256_file, sidecar_path, write_bytes_atomic
+from lipflow.atomic import (read_verified, refuse_to_replace, sha256_file, sidecar_digests, sidecar_path,
+                            write_bytes_atomic)
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.config import check_run_id
 from lipflow.errors import ArgumentParser, check_distinct_paths
@@ -88,17 +89,22 @@ def other_runs(table: pa.Table, run_id: str) -> list[str]:
 
 def seal(files: list[Path]) -> None:
     """Write the sidecar of each file that has none (results written before lipflow kept checksums
-    of its Parquet files: only for files you trust); a file that has one is checked instead. A new
-    sidecar takes its file's modification time, so sealing reruns no Snakemake job."""
+    of its Parquet files: only for files you trust); a file that has one is checked instead, and a
+    sidecar left with two digests by a write cut short is cut to its file's. A written sidecar takes the
+    modification time of its file (a new one) or its own (a cut one), so sealing reruns no Snakemake job."""
     for path in files:
-        if sidecar_path(path).exists():
+        sidecar = sidecar_path(path)
+        if sidecar.exists():
             read_verified(path)
-            print(f"{path}: sha256 matches its sidecar")
+            if len(sidecar_digests(sidecar)) == 1:
+                print(f"{path}: sha256 matches its sidecar")
+                continue
+            stat, done = os.stat(sidecar), "sidecar cut to the file's digest (a write of it was cut short)"
         else:
-            write_bytes_atomic(sidecar_path(path), (sha256_file(path) + "\n").encode())
-            stat = os.stat(path)
-            os.utime(sidecar_path(path), ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            print(f"{path}: sidecar written")
+            stat, done = os.stat(path), "sidecar written"
+        write_bytes_atomic(sidecar, (sha256_file(path) + "\n").encode())
+        os.utime(sidecar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        print(f"{path}: {done}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,7 @@ def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tens
     for index, path in enumerate(paths):
         fallback = ("falling back to an earlier checkpoint" if index + 1 < len(paths)
                     else "no earlier checkpoint: training starts over")
-        if not sidecar_path(path).exists():  # a crash between the two writes: never sealed, never trusted
+        if not sidecar_path(path).exists():  # a crash between a new file and its sidecar: never sealed, never trusted
             print(f"warning: checkpoint {path} has no checksum file {sidecar_path(path).name} (a crash while it "
                   f"was written?); {fallback}", file=sys.stderr)
             continue
