@@ -133,9 +133,10 @@ def test_largest_eigenvalue_of_a_preconditioned_hessian_is_that_of_DA():
     assert got == pytest.approx(float(exact.max()), rel=1e-3)
 
 
-def test_largest_eigenvalue_stops_when_the_top_ritz_pairs_residual_is_small():
-    """At tol the run ends at the first step whose top Ritz pair has residual below tol·(|θ| + 1e-6): a
-    well-separated top (100 against ≤ 1) is found in a few steps; with tol 0 it takes every step given."""
+def test_largest_eigenvalue_stops_when_the_top_ritz_pairs_residual_is_small(monkeypatch):
+    """At tol the run ends at the first step from LANCZOS_MIN_STEPS on whose top Ritz pair has residual below
+    tol·(|θ| + 1e-6): a well-separated top (100 against ≤ 1) is found in a few steps (without the floor) or
+    at the floor; with tol 0 it takes every step given."""
     _, loss, params = big_quadratic([100.0] + torch.linspace(-1, 1, 119).tolist())
     calls = []
     from lipflow.evaluation import sharpness
@@ -146,22 +147,28 @@ def test_largest_eigenvalue_stops_when_the_top_ritz_pairs_residual_is_small():
         calls.append(1)
         return original(self, v)
 
-    sharpness.HessianOperator.__call__ = counted
-    try:
-        quick = largest_eigenvalue(loss, params, iters=50, tol=1e-4, generator=torch.Generator().manual_seed(0))
-        early, calls[:] = len(calls), []
-        largest_eigenvalue(loss, params, iters=50, tol=0.0, generator=torch.Generator().manual_seed(0))
-    finally:
-        sharpness.HessianOperator.__call__ = original
-    assert quick == pytest.approx(100.0, rel=1e-4) and 2 <= early <= 8 and len(calls) == 50
+    def steps(tol: float) -> tuple[float, int]:
+        calls[:] = []
+        top = largest_eigenvalue(loss, params, iters=50, tol=tol, generator=torch.Generator().manual_seed(0))
+        return top, len(calls)
+
+    monkeypatch.setattr(sharpness.HessianOperator, "__call__", counted)
+    assert steps(0.0)[1] == 50
+    floored, at_floor = steps(1e-4)
+    monkeypatch.setattr(sharpness, "LANCZOS_MIN_STEPS", 1)
+    quick, early = steps(1e-4)
+    assert quick == pytest.approx(100.0, rel=1e-4) and floored == pytest.approx(100.0, rel=1e-4)
+    assert 2 <= early <= 8 and at_floor == 10
 
 
 def test_largest_eigenvalue_is_not_stopped_below_a_cluster_of_top_eigenvalues():
     """Under a cluster (10, 9.9, 9.8 over a bulk near 0 and −30, 3000 coordinates) the top Ritz value creeps
-    up by less than 1e-3 a step long before it reaches 10, and a stop on that change returned up to 1.8%
-    low in 20 steps (tol 1e-3). The residual rule stops only when an eigenvalue is within tol·|θ| of θ
-    (Parlett Thm 4.5.1, checked against the exact diagonal spectrum), here within 1e-3 of λ_max = 10."""
-    for seed in range(20):
+    up by less than 1e-3 a step long before it reaches 10, and a stop on that change returned up to 2% low
+    in 20 steps (tol 1e-3). The residual rule stops only when an eigenvalue is within tol·|θ| of θ (Parlett
+    Thm 4.5.1, checked against the exact diagonal spectrum), and not before LANCZOS_MIN_STEPS: of 300 start
+    vectors, five with little weight on the top eigenvector (seeds 36, 122, 196, 281, 291) settled on 9.9
+    first and were stopped there; here those five and 20 others give λ_max = 10."""
+    for seed in [*range(20), 36, 122, 196, 281, 291]:
         g = torch.Generator().manual_seed(seed)
         diagonal = torch.randn(3000, generator=g) * 0.05
         diagonal[:3], diagonal[-1] = torch.tensor([10.0, 9.9, 9.8]), -30.0
