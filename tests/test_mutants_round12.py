@@ -243,9 +243,9 @@ def test_largest_eigenvalue_with_more_steps_than_dimensions_takes_exactly_dim_st
 
 
 def test_largest_eigenvalue_of_a_small_scale_hessian_stops_on_the_relative_tolerance_only(monkeypatch):
-    """The stop rule is |Δθ| < tol·(|θ| + 1e-6), relative to the top Ritz value: a Hessian of scale 1e-3 with
-    tol 0 takes every step given, however little the top Ritz value moves, and with tol 1e-3 it stops early
-    on λ_max."""
+    """The stop rule is relative to the top Ritz value (its pair's residual < tol·(|θ| + 1e-6)): a Hessian of
+    scale 1e-3 with tol 0 takes every step given, however small the residual, and with tol 1e-3 it stops
+    early on λ_max."""
     import torch
 
     from lipflow.evaluation.sharpness import largest_eigenvalue
@@ -281,9 +281,9 @@ def test_save_figure_writes_both_formats_with_sidecars_and_closes_the_figure(tmp
 
 
 def test_largest_eigenvalue_does_not_stop_at_a_start_whose_rayleigh_quotient_is_zero():
-    """H shifted so that the start vector's Rayleigh quotient, the first Ritz value, is 0: there is no earlier
-    value to compare the first with, so even a loose tol (0.5) goes on to a positive top Ritz value, and a
-    tight one reaches λ_max."""
+    """H shifted so that the start vector's Rayleigh quotient, the first Ritz value, is 0: a stop relative to
+    |θ| is not met there by the first pair's residual, so even a loose tol (0.5) goes on to a positive top
+    Ritz value, and a tight one reaches λ_max."""
     import torch
 
     from lipflow.evaluation.sharpness import largest_eigenvalue
