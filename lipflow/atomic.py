@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Collection, Iterator
@@ -77,9 +78,11 @@ def is_checksum(path: Path) -> bool:
 
 def sidecar_digests(sidecar: Path) -> list[str]:
     """The digests a sidecar vouches for: one, or two while (or after a crash while) its file is replaced;
-    none when it holds anything else. Whitespace around them is no matter (a sidecar checked out through
-    git's autocrlf ends in CRLF)."""
-    if sidecar.stat().st_size > 256:
+    none when it holds anything else or is no regular file (a named pipe is never opened, which would wait for
+    a writer). Whitespace around them is no matter (a sidecar checked out through git's autocrlf ends in
+    CRLF). FileNotFoundError without one."""
+    found = sidecar.stat()
+    if not stat.S_ISREG(found.st_mode) or found.st_size > 256:
         return []
     tokens = sidecar.read_bytes().split()
     if 1 <= len(tokens) <= 2 and all(re.fullmatch(rb"[0-9a-f]{64}", token) for token in tokens):

@@ -875,3 +875,19 @@ def test_a_sidecar_with_other_whitespace_around_its_digest_still_vouches_for_its
     path.write_bytes(b"weights")
     sidecar_path(path).write_bytes(written % hashlib.sha256(b"weights").hexdigest().encode())
     assert read_verified(path) == b"weights" and is_sealed(path)
+
+
+def test_a_named_pipe_in_a_sidecars_place_is_refused_without_waiting_for_a_writer(tmp_path):
+    """A named pipe where a sidecar goes was opened to read its digest, and the read waited for a writer
+    forever (a figures job hung); it is no checksum: the file beside it reads as unverified at once, and a
+    write there is refused naming the checksum file."""
+    script = ("import os, pathlib, sys\nfrom lipflow.atomic import is_sealed, write_with_sidecar\n"
+              "path = pathlib.Path(sys.argv[1])\npath.write_bytes(b'table')\nos.mkfifo(str(path) + '.sha256')\n"
+              "print(is_sealed(path))\n"
+              "try:\n    write_with_sidecar(path, b'new')\nexcept FileExistsError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lr_transfer.csv")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    verdict, refusal = done.stdout.splitlines()
+    assert verdict == "False" and "checksum file" in refusal and "lr_transfer.csv.sha256" in refusal
+    assert (tmp_path / "lr_transfer.csv").read_bytes() == b"table"
