@@ -46,10 +46,10 @@ def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
     Over an earlier sidecar, three atomic steps, so a crash at any point leaves a file its sidecar vouches
     for: the sidecar first lists the new digest and the one of the file there (the file is then the old one
     or the new one), the file is replaced, and the sidecar is cut to the new digest; a write that fails
-    puts the sidecar back as it was. Without one, the file and then its sidecar (a crash between leaves a
-    file without a sidecar, never trusted). The old digest stays valid after a crash between the last two
-    steps, until the next write or ``lipflow.results seal``. A file in the sidecar's place that is not a
-    checksum (a user's) is refused before anything is written."""
+    before its file is in place puts the sidecar back as it was. Without one, the file and then its sidecar
+    (a crash between leaves a file without a sidecar, never trusted). The old digest stays valid after a
+    crash between the last two steps, until the next write or ``lipflow.results seal``. A file in the
+    sidecar's place that is not a checksum (a user's) is refused before anything is written."""
     sidecar = sidecar_path(path)
     refuse_to_replace(sidecar, "checksum file", "a sha256 checksum", is_checksum)
     digest = hashlib.sha256(data).hexdigest()
@@ -62,8 +62,9 @@ def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
         write_bytes_atomic(sidecar, "".join(f"{line}\n" for line in dict.fromkeys([digest, *vouched])).encode())
         try:
             write_bytes_atomic(path, data)
-        except BaseException:
-            write_bytes_atomic(sidecar, previous)
+        except BaseException:  # put back unless the file landed (Ctrl-C while its folder was synced)
+            if not (Path(path).is_file() and sha256_file(path) == digest):
+                write_bytes_atomic(sidecar, previous)
             raise
     else:
         write_bytes_atomic(path, data)

@@ -865,6 +865,28 @@ def test_a_failed_write_puts_the_sidecar_back_and_seal_cuts_one_a_crash_left(tmp
     assert sidecar.stat().st_mtime_ns == 10**18 and "cut to the file's digest" in capsys.readouterr().out
 
 
+def test_a_write_interrupted_once_its_file_is_in_place_keeps_vouching_for_that_file(tmp_path, monkeypatch):
+    """Ctrl-C landing after the file's rename (while its folder is synced) put the old sidecar back beside the
+    new file, so lipflow's own file read as corrupt; a failed write puts the sidecar back only when the file
+    there is not the new one."""
+    import lipflow.atomic as atomic
+
+    path = tmp_path / "lr_transfer.csv"
+    write_with_sidecar(path, b"old")
+    write = atomic.write_bytes_atomic
+
+    def interrupted_after_rename(target, data):
+        write(target, data)
+        if Path(target) == path:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "write_bytes_atomic", interrupted_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_with_sidecar(path, b"new")
+    monkeypatch.setattr(atomic, "write_bytes_atomic", write)
+    assert atomic.read_verified(path) == b"new" and atomic.is_sealed(path)
+
+
 @pytest.mark.parametrize("written", [b"%s\r\n", b"%s", b"%s \n", b"  %s\n\n"])
 def test_a_sidecar_with_other_whitespace_around_its_digest_still_vouches_for_its_file(tmp_path, written):
     """A sidecar checked out through git's autocrlf (CRLF), or saved without its last newline, was read as
