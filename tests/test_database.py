@@ -501,6 +501,32 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     assert done.returncode == 2 and "train_metrics.parquet is corrupt" in done.stderr
 
 
+@pytest.mark.parametrize("there", ["dangling link", "link", "folder", "named pipe", "sha256sum line"])
+def test_seal_refuses_a_sidecar_place_holding_no_checksum_and_keeps_it(tmp_path, there):
+    """seal replaced a link in a sidecar's place (a dangling one, or one to a two-digest sidecar, which it cut)
+    with a file, and called the file corrupt where a folder, a named pipe or a sha256sum line stood there; a
+    link or another thing that is no checksum is refused naming the sidecar and kept, as every write of one."""
+    table = tmp_path / "evals.parquet"
+    table.write_bytes(b"table")
+    sidecar = Path(f"{table}.sha256")
+    digest = hashlib.sha256(b"table").hexdigest()
+    if there == "dangling link":
+        sidecar.symlink_to(tmp_path / "nowhere")
+    elif there == "link":
+        (tmp_path / "elsewhere").write_text(f"{digest}\n{'0' * 64}\n")
+        sidecar.symlink_to(tmp_path / "elsewhere")
+    elif there == "folder":
+        sidecar.mkdir()
+    elif there == "named pipe":
+        os.mkfifo(sidecar)
+    else:
+        sidecar.write_text(f"{digest}  evals.parquet\n")
+    done = run_stage("lipflow.results", "seal", str(table))
+    assert done.returncode == 2 and f"{sidecar} exists and is not a sha256 checksum" in done.stderr, done.stderr
+    assert "corrupt" not in done.stderr and sidecar.is_symlink() == there.endswith("link")
+    assert there != "link" or (tmp_path / "elsewhere").read_text().count("\n") == 2
+
+
 def test_build_reports_its_views_on_stdout_and_leaves_stderr_to_errors(results):
     done = run_stage("lipflow.results", "build", "--out", str(results / "lipflow.duckdb"), "--manifest",
                      str(results / "manifest.json"), "--run-dirs", *map(str, sorted((results / "runs").iterdir())))

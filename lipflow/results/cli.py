@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.atomic import (read_verified, refuse_to_replace, sha256_file, sidecar_digests, sidecar_path,
+from lipflow.atomic import (is_checksum, read_verified, refuse_to_replace, sha256_file, sidecar_digests, sidecar_path,
                             write_bytes_atomic)
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.config import check_run_id
@@ -91,9 +91,11 @@ def seal(files: list[Path]) -> None:
     """Write the sidecar of each file that has none (results written before lipflow kept checksums
     of its Parquet files: only for files you trust); a file that has one is checked instead, and a
     sidecar left with two digests by a write cut short is cut to its file's. A written sidecar takes the
-    modification time of its file (a new one) or its own (a cut one), so sealing reruns no Snakemake job."""
+    modification time of its file (a new one) or its own (a cut one), so sealing reruns no Snakemake job. A
+    link or anything else that is no checksum in a sidecar's place is refused and kept, as by every write."""
     for path in files:
         sidecar = sidecar_path(path)
+        refuse_to_replace(sidecar, "checksum file", "a sha256 checksum", is_checksum)
         if sidecar.exists():
             read_verified(path)
             if len(sidecar_digests(sidecar)) == 1:
