@@ -703,6 +703,25 @@ def test_an_evaluation_refuses_a_run_json_of_another_run(results, capsys):
     assert list(out.parent.iterdir()) == []
 
 
+def test_an_evaluation_refuses_a_file_in_its_sidecars_place_before_it_evaluates(results, capsys, monkeypatch):
+    """A user's file in the place of --out's .sha256 was refused only when the table was written, after the
+    evaluation's minutes; it is refused up front, naming it, and kept."""
+    import lipflow.evaluation.__main__ as evaluation_main
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("evaluated before the refusal")
+
+    monkeypatch.setattr(evaluation_main, "build_context", evaluated)
+    run_dir = results / "runs" / "a-00000000"
+    out = run_dir / "evals" / "val.parquet"
+    out.parent.mkdir()
+    Path(f"{out}.sha256").write_text("my notes\n")
+    code = evaluation_main.main(["--evaluation", "val", "--run-dir", str(run_dir), "--data-dir", str(results),
+                                 "--out", str(out), "--device", "cpu"])
+    assert code == 2 and f"checksum file {out}.sha256 exists and is not a sha256 checksum" in capsys.readouterr().err
+    assert Path(f"{out}.sha256").read_text() == "my notes\n" and not out.exists()
+
+
 def test_runs_name_is_the_run_id_without_only_its_hash_and_val_perplexity_is_filled(tmp_path, tiny_run_config):
     """runs.name is the run id less its last '-hash' part (a hyphenated name keeps its hyphens), and
     runs.val_loss/val_accuracy/val_perplexity come from the run's val evaluation rows."""

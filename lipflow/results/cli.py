@@ -33,8 +33,10 @@ def is_evaluation_table(path: Path) -> bool:
 
 
 def refuse_to_replace_non_evaluation(out: Path) -> None:
-    """``out`` may replace an earlier evaluation table only, never a user's other file."""
+    """``out`` may replace an earlier evaluation table only, never a user's other file; nor may its sidecar
+    replace anything but a checksum (refused before an evaluation's minutes, not when its table is written)."""
     refuse_to_replace(out, "--out", "an evaluation table", is_evaluation_table)
+    refuse_to_replace(sidecar_path(out), "checksum file", "a sha256 checksum", is_checksum)
 
 
 def refuse_to_replace_other_rows(out: Path, run_id: str, name: str | None = None) -> None:
