@@ -310,9 +310,11 @@ def refuse_to_replace_unsealed(path: str | os.PathLike[str], flag: str, what: st
     """``path`` may replace the stage's own earlier output only: a file matching its ``.sha256``
     sidecar (:func:`is_sealed`) that is also ``what``, the kind the stage writes there (``is_kind``,
     e.g. a Parquet table with exactly the stage's columns). Another stage's sealed output (a run's
-    weights or metrics) or a user's file is never replaced."""
+    weights or metrics) or a user's file is never replaced, nor one in the sidecar's place (refused
+    here, before the stage's work, where no file is yet)."""
     refuse_to_replace(path, flag, f"{what} (a file of that kind matching its .sha256)",
                       lambda p: is_sealed(p) and is_kind(p))
+    refuse_to_replace(sidecar_path(path), flag, "a sha256 checksum", is_checksum)
 
 
 def refuse_foreign(final: Path, owned: Collection[str], flag: str = "",

@@ -547,6 +547,20 @@ def test_image_mlp_refuses_a_method_its_soft_cap_cannot_hold_before_any_method_t
         image_mlp.run_image_mlp_study(image_mlp.study_config(block))
 
 
+def test_image_mlp_refuses_a_file_in_its_tables_sidecar_place_before_it_trains(tmp_path, monkeypatch, capsys):
+    """A user's file in the place of --out's .sha256 (no table there yet) was refused when the table was
+    written, after the minutes of training; it is refused up front (as by every study and ICL command that
+    replaces only its own sealed output), naming it, and kept."""
+    from lipflow.studies import image_mlp
+
+    monkeypatch.setattr(image_mlp, "run_image_mlp_study", lambda *args: pytest.fail("the study trained"))
+    out = tmp_path / "robustness.parquet"
+    (tmp_path / "robustness.parquet.sha256").write_text("my notes\n")
+    assert image_mlp.main(["--config-json", "{}", "--out", str(out)]) == 2
+    assert f"--out {out}.sha256 exists and is not a sha256 checksum" in capsys.readouterr().err
+    assert (tmp_path / "robustness.parquet.sha256").read_text() == "my notes\n" and not out.exists()
+
+
 @pytest.mark.parametrize("n_layers, key, table, roles", [
     (3, "lmo_norms", {"hidden": "spectral", "embed": "sign"}, "hidden, head"),
     (3, "lmo_radius", {"vector": 1.0}, "hidden, head"),
