@@ -92,7 +92,8 @@ def sidecar_digests(sidecar: Path) -> list[str]:
 
 
 def read_verified(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of ``path``, checked against its sidecar: a missing sidecar or a mismatch is an
+    """The bytes of ``path``, checked against its sidecar: a missing sidecar, one that holds no checksum
+    (a folder, a named pipe, a user's notes: the file is not called corrupt) or a mismatch is an
     :class:`IntegrityError` naming the file (what was checked is what is returned)."""
     data = Path(path).read_bytes()
     sidecar = sidecar_path(path)
@@ -102,6 +103,9 @@ def read_verified(path: str | os.PathLike[str]) -> bytes:
         raise IntegrityError(f"{path} has no checksum file {sidecar.name}, so it cannot be verified (rerun the job "
                              "that writes it; for a file from before checksums: python -m lipflow.results seal)"
                              ) from None
+    if not expected:
+        raise IntegrityError(f"{path} cannot be verified: its checksum file {sidecar.name} holds no sha256 checksum "
+                             "(move it away and rerun the job that writes it)")
     if hashlib.sha256(data).hexdigest() not in expected:
         raise IntegrityError(f"{path} is corrupt: sha256 does not match {sidecar.name}")
     return data

@@ -899,6 +899,23 @@ def test_a_sidecar_with_other_whitespace_around_its_digest_still_vouches_for_its
     assert read_verified(path) == b"weights" and is_sealed(path)
 
 
+@pytest.mark.parametrize("there", ["folder", "named pipe", "notes"])
+def test_a_sidecar_place_holding_no_checksum_is_named_not_its_file_called_corrupt(tmp_path, there):
+    """A folder, a named pipe or a user's notes in a sidecar's place made its intact file read as "corrupt:
+    sha256 does not match" (the database build named a run's evals.parquet so, and its user would delete
+    it); the file cannot be verified, and the error says the checksum file holds no checksum."""
+    from lipflow.atomic import IntegrityError, read_verified, sidecar_path
+
+    path = tmp_path / "evals.parquet"
+    path.write_bytes(b"table")
+    {"folder": sidecar_path(path).mkdir, "named pipe": lambda: os.mkfifo(sidecar_path(path)),
+     "notes": lambda: sidecar_path(path).write_text("my notes\n")}[there]()
+    with pytest.raises(IntegrityError) as err:
+        read_verified(path)
+    assert str(err.value).startswith(f"{path} cannot be verified: its checksum file evals.parquet.sha256 holds no "
+                                     "sha256 checksum") and "corrupt" not in str(err.value)
+
+
 def test_a_named_pipe_in_a_sidecars_place_is_refused_without_waiting_for_a_writer(tmp_path):
     """A named pipe where a sidecar goes was opened to read its digest, and the read waited for a writer
     forever (a figures job hung); it is no checksum: the file beside it reads as unverified at once, and a
