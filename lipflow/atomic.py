@@ -51,7 +51,7 @@ def write_with_sidecar(path: str | os.PathLike[str], data: bytes) -> str:
     crash between the last two steps, until the next write or ``lipflow.results seal``. A file in the
     sidecar's place that is not a checksum (a user's) is refused before anything is written."""
     sidecar = sidecar_path(path)
-    refuse_to_replace(sidecar, "checksum file", "a sha256 checksum", is_checksum)
+    refuse_to_replace_sidecar(path)
     digest = hashlib.sha256(data).hexdigest()
     if sidecar.exists():
         previous = sidecar.read_bytes()
@@ -318,6 +318,12 @@ def refuse_to_replace_unsealed(path: str | os.PathLike[str], flag: str, what: st
     here, before the stage's work, where no file is yet)."""
     refuse_to_replace(path, flag, f"{what} (a file of that kind matching its .sha256)",
                       lambda p: is_sealed(p) and is_kind(p))
+    refuse_to_replace_sidecar(path, flag)
+
+
+def refuse_to_replace_sidecar(path: str | os.PathLike[str], flag: str = "checksum file") -> None:
+    """:func:`refuse_to_replace` for the sidecar of ``path``: it may replace a checksum only
+    (:func:`is_checksum`), never a user's file, a folder or a link in its place."""
     refuse_to_replace(sidecar_path(path), flag, "a sha256 checksum", is_checksum)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.atomic import (is_checksum, read_verified, refuse_to_replace, sha256_file, sidecar_digests, sidecar_path,
-                            write_bytes_atomic)
+from lipflow.atomic import (read_verified, refuse_to_replace, refuse_to_replace_sidecar, sha256_file, sidecar_digests,
+                            sidecar_path, write_bytes_atomic)
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.config import check_run_id
 from lipflow.errors import ArgumentParser, check_distinct_paths
@@ -36,7 +36,7 @@ def refuse_to_replace_non_evaluation(out: Path) -> None:
     """``out`` may replace an earlier evaluation table only, never a user's other file; nor may its sidecar
     replace anything but a checksum (refused before an evaluation's minutes, not when its table is written)."""
     refuse_to_replace(out, "--out", "an evaluation table", is_evaluation_table)
-    refuse_to_replace(sidecar_path(out), "checksum file", "a sha256 checksum", is_checksum)
+    refuse_to_replace_sidecar(out)
 
 
 def refuse_to_replace_other_rows(out: Path, run_id: str, name: str | None = None) -> None:
@@ -97,7 +97,7 @@ def seal(files: list[Path]) -> None:
     link or anything else that is no checksum in a sidecar's place is refused and kept, as by every write."""
     for path in files:
         sidecar = sidecar_path(path)
-        refuse_to_replace(sidecar, "checksum file", "a sha256 checksum", is_checksum)
+        refuse_to_replace_sidecar(path)
         if sidecar.exists():
             read_verified(path)
             if len(sidecar_digests(sidecar)) == 1:

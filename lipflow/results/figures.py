@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import (is_checksum, is_sealed, refuse_to_replace, refuse_to_replace_receipt, sidecar_path,
+from lipflow.atomic import (is_sealed, refuse_to_replace, refuse_to_replace_receipt, refuse_to_replace_sidecar, sidecar_path,
                             write_receipt, write_with_sidecar)
 from lipflow.results import training_curves
 from lipflow.results.plotting import RECEIPT_KEY, pyplot, read_view, refuse_to_replace_figure, write_figure
@@ -112,7 +112,7 @@ def refuse_to_replace_others(con, experiments: list[str], out_dir: Path, tables_
                                                      "no longer matches its .sha256: move it away)",
                               lambda path: is_sealed(path) or (not sidecar_path(path).exists()
                                                                and first_line(path) == header))
-            refuse_to_replace(sidecar_path(table), "--tables-dir", "a sha256 checksum", is_checksum)
+            refuse_to_replace_sidecar(table, "--tables-dir")
 
 
 def first_line(path: Path) -> str:

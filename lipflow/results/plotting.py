@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lipflow.atomic import is_checksum, is_sealed, refuse_to_replace, sidecar_path, write_with_sidecar
+from lipflow.atomic import is_sealed, refuse_to_replace, refuse_to_replace_sidecar, sidecar_path, write_with_sidecar
 
 # Written into every figure's metadata: what marks a PNG or SVG file as one lipflow drew.
 FIGURE_MARK = {"png": {"Software": "lipflow"}, "svg": {"Creator": "lipflow"}}
@@ -76,7 +76,7 @@ def refuse_to_replace_figure(path: Path, flag: str) -> None:
     path = Path(path)
     refuse_to_replace(path, flag, "a figure lipflow drew",
                       lambda p: is_lipflow_figure(p) and (is_sealed(p) or not sidecar_path(p).exists()))
-    refuse_to_replace(sidecar_path(path), flag, "a sha256 checksum", is_checksum)
+    refuse_to_replace_sidecar(path, flag)
 
 
 RECEIPT_KEY = "drawn"  # the one key of a figures command's --receipt (lipflow.atomic.write_receipt)
