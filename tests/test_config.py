@@ -644,6 +644,24 @@ def test_an_image_mlp_method_sets_only_its_optimizer_and_constraint(method, key)
     check_config(config)
 
 
+def test_the_image_mlp_seeds_end_at_the_largest_seed():
+    """image_mlp.seeds counts seeds from image_mlp.seed; the last, seed + seeds − 1, must be a seed (scikit-learn's
+    split takes random_state below 2^32): 4294967295 with one seed passes, with two it is refused in one line
+    naming image_mlp.seeds, in the config check and in the study's own --config-json check."""
+    from lipflow.studies.image_mlp import study_config
+
+    config = yaml.safe_load(open("config.yaml"))
+    config["image_mlp"] = {"seed": 4294967294, "seeds": 2}
+    check_config(config)
+    config["image_mlp"] = {"seed": 4294967295, "seeds": 2}
+    with pytest.raises(ConfigError, match=r"^config error: image_mlp\.seeds: seeds 4294967295 … 4294967296 pass "
+                                          r"the largest seed, 4294967295;"):
+        check_config(config)
+    with pytest.raises(ConfigError, match=r"^--config-json: image_mlp\.seeds: seeds 4294967295 … 4294967296"):
+        study_config({"seed": 4294967295, "seeds": 2})
+    assert study_config({"seed": 4294967295, "seeds": 1})["seeds"] == 1
+
+
 def test_a_run_key_taken_from_defaults_is_named_where_it_was_written():
     """A cross-key rule broken by a key the run took from ``defaults`` names ``defaults.<key>`` (and the
     run it reached): it named runs.<run>.<key>, a key the user had not written there. A key the run

@@ -773,7 +773,7 @@ def test_robustness_unites_lm_and_image_mlp_and_precision_pivots(tmp_path):
     con = database(tmp_path, runs, evals=evals)
     image = tmp_path / "image_mlp"
     image.mkdir()
-    method = {"method": "muon_soft_cap", "optimizer": "muon", "weight_constraint": "spectral_soft_cap"}
+    method = {"method": "muon_soft_cap", "optimizer": "muon", "weight_constraint": "spectral_soft_cap", "seed": 0}
     write_table_parquet(image / "robustness.parquet", pa.Table.from_pylist([
         {"metric": "certificate_l2", "value": 15.0, **method, "epsilon": None},
         {"metric": "robust_accuracy", "value": 0.8, **method, "epsilon": 0.5},
@@ -940,8 +940,8 @@ def test_every_declared_column_is_in_every_part_of_its_view(filled_database):
     declares, and the view's cast of it has the declared names and types in order."""
     con = duckdb.connect(str(filled_database))
     make_table(con, "image_mlp_robustness", [{"method": "muon_soft_cap", "optimizer": "muon",
-                                              "weight_constraint": "spectral_soft_cap", "metric": "robust_accuracy",
-                                              "value": 0.8, "epsilon": 0.5}])
+                                              "weight_constraint": "spectral_soft_cap", "seed": 0,
+                                              "metric": "robust_accuracy", "value": 0.8, "epsilon": 0.5}])
     for name in VIEWS.names():
         view = VIEWS.get(name)
         for part in view.parts:
@@ -1484,19 +1484,22 @@ def test_robustness_view_attack_labels_certificates_and_optimizers_per_row(tmp_p
                                          ("robust.b-00000002", "robustness", "clean_accuracy", 0.6, None, None)]]
     # the optimizer is the method's, not its name's first word (a method "softcap" with Muon was "softcap")
     optimizers = {"softcap": ("muon", "spectral_soft_cap"), "adamw_weight_decay": ("adamw", "weight_decay")}
-    image = [{"method": m, "optimizer": optimizers[m][0], "weight_constraint": optimizers[m][1], "metric": metric,
-              "value": v, "epsilon": e}
-             for m, metric, v, e in [("softcap", "certificate_l2", 15.0, None),
-                                     ("softcap", "robust_loss", 1.5, 0.5),
-                                     ("softcap", "robust_true_class_probability", 0.7, 0.5),
-                                     ("adamw_weight_decay", "clean_accuracy", 0.9, None)]]
+    image = [{"method": m, "optimizer": optimizers[m][0], "weight_constraint": optimizers[m][1], "seed": seed,
+              "metric": metric, "value": v, "epsilon": e}
+             for m, seed, metric, v, e in [("softcap", 0, "certificate_l2", 15.0, None),
+                                           ("softcap", 0, "robust_loss", 1.5, 0.5),
+                                           ("softcap", 0, "robust_true_class_probability", 0.7, 0.5),
+                                           ("softcap", 1, "certificate_l2", 12.0, None),
+                                           ("softcap", 1, "robust_loss", 1.25, 0.5),
+                                           ("adamw_weight_decay", 0, "clean_accuracy", 0.9, None)]]
     con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
     assert create_views(con)["robustness"] == ""
     rows = con.sql("select domain, label, optimizer, certificate_l2, metric, attack, epsilon, value from robustness "
-                   "order by domain, label, metric").fetchall()
-    assert rows == [
+                   "order by domain, label, metric, seed").fetchall()
+    assert rows == [  # each seed's rows carry that seed's certificate (15 at seed 0, 12 at seed 1)
         ("image_mlp", "adamw_weight_decay", "adamw", None, "clean_accuracy", None, None, 0.9),
         ("image_mlp", "softcap", "muon", 15.0, "robust_loss", "pgd", 0.5, 1.5),
+        ("image_mlp", "softcap", "muon", 12.0, "robust_loss", "pgd", 0.5, 1.25),
         ("image_mlp", "softcap", "muon", 15.0, "robust_true_class_probability", "pgd", 0.5, 0.7),
         ("lm", "a", "adamw", 4.0, "half_certified_epsilon", None, None, 0.02),
         ("lm", "a", "adamw", 4.0, "robust_loss", "pgd", 0.5, 7.5),

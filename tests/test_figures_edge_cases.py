@@ -343,7 +343,7 @@ def one_radius_robustness_figure(tmp_path, radius: float):
     evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": m, "value": 0.5, "epsilon": radius,
               "attack": a, "k": None} for m, a in (("robust_accuracy", "pgd"), ("certified_accuracy", None),
                                                    ("certified_accuracy_local", None))]
-    image = [{"method": "m", "optimizer": "muon", "weight_constraint": "none", "metric": m, "value": 0.5,
+    image = [{"method": "m", "optimizer": "muon", "weight_constraint": "none", "seed": 0, "metric": m, "value": 0.5,
               "epsilon": radius} for m in ("robust_accuracy", "certified_accuracy")]
     con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
     assert create_views(con, log=io.StringIO())["robustness"] == ""
@@ -378,6 +378,41 @@ def test_the_robustness_figure_of_one_radius_draws_its_certified_accuracies(tmp_
     drawn = {line.get_label(): line.get_marker() for ax in fig.axes for line in ax.lines}
     assert set(drawn) == {"a: PGD", "a: certified (global)", "a: certified (local)", "m: PGD", "m: certified (global)"}
     assert all(marker not in (None, "None", "") for marker in drawn.values()), drawn
+    pyplot().close(fig)
+
+
+def test_the_digits_mlp_panel_draws_the_mean_over_seeds_with_their_range(tmp_path):
+    """The digits MLP's seeds (image_mlp.seeds) are one line each of PGD and certified accuracy at their mean,
+    a band from their min to their max, and the legend's L spans the seeds' certificates; with one seed
+    (an LM run) no band is drawn."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": v,
+              "epsilon": e, "attack": "pgd", "k": None} for e, v in ((0.0, 0.9), (0.5, 0.4))]
+    image = [{"method": "m", "optimizer": "muon", "weight_constraint": "spectral_soft_cap", "seed": seed,
+              "metric": metric, "value": value, "epsilon": eps}
+             for seed, bound, pgd in ((0, 9.5, (0.9, 0.6)), (1, 10.5, (0.96, 0.4)), (2, 9.75, (0.93, 0.5)))
+             for metric, value, eps in (("certificate_l2", bound, None), ("robust_accuracy", pgd[0], 0.0),
+                                        ("robust_accuracy", pgd[1], 0.5), ("certified_accuracy", pgd[1] / 2, 0.5))]
+    con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    lm_ax, image_ax = fig.axes
+    assert "mean of 3 seeds" in image_ax.get_title() and "seeds" not in lm_ax.get_title()
+    lines = {line.get_label(): line for line in image_ax.lines}
+    assert set(lines) == {"m (L=9.5–10.5): PGD", "m: certified (global)"}
+    pgd = lines["m (L=9.5–10.5): PGD"]
+    assert list(pgd.get_xdata()) == [0.0, 0.5] and list(pgd.get_ydata()) == pytest.approx([93.0, 50.0])
+    assert list(lines["m: certified (global)"].get_ydata()) == pytest.approx([25.0])
+    vertices = image_ax.collections[0].get_paths()[0].vertices  # the PGD band
+    assert {round(float(y), 6) for y in vertices[:, 1]} >= {90.0, 96.0, 40.0, 60.0}
+    assert min(vertices[:, 1]) == pytest.approx(40.0) and max(vertices[:, 1]) == pytest.approx(96.0)
+    assert not lm_ax.collections
     pyplot().close(fig)
 
 

@@ -168,11 +168,11 @@ def test_image_mlp_snapshots_come_every_eval_every_steps_and_at_the_last_step():
     cfg = image_mlp.study_config({"width": 8, "steps": 5, "eval_every": 2, "batch_size": 16})
     method = next(iter(cfg["methods"].values()))
     data = image_mlp.digits_splits(cfg["seed"])
-    snapshots = image_mlp.train_snapshots(method, cfg, data)
+    snapshots = image_mlp.train_snapshots(method, cfg, data, cfg["seed"])
     assert [step for step, _, _ in snapshots] == [2, 4, 5]
     first, last = snapshots[0][2], snapshots[-1][2]
     assert any(not torch.equal(first[name], last[name]) for name in first)
-    again = image_mlp.train_snapshots(method, cfg, data)  # seeded: the same weights at every snapshot
+    again = image_mlp.train_snapshots(method, cfg, data, cfg["seed"])  # seeded: the same weights at every snapshot
     assert all(torch.equal(a[2][name], b[2][name]) for a, b in zip(snapshots, again) for name in a[2])
 
 
@@ -180,7 +180,7 @@ def test_image_mlp_methods_are_compared_at_their_first_snapshot_reaching_the_low
     """Best val accuracies 0.9 (a) and 0.85 (b): the target is 0.85; a is scored at its first snapshot with
     accuracy ≥ 0.85 (step 20, not its last), b at step 30, each with that snapshot's weights, on the test split."""
     from lipflow.studies import image_mlp
-    cfg = image_mlp.study_config({"width": 8, "steps": 30, "eval_every": 10})
+    cfg = image_mlp.study_config({"width": 8, "steps": 30, "eval_every": 10, "seeds": 1})
     names = list(cfg["methods"])
     curves = {names[0]: [(10, 0.5), (20, 0.9), (30, 0.8)], names[1]: [(10, 0.6), (20, 0.7), (30, 0.85)]}
     template = build_model(run_defaults(**image_mlp.mlp_config(cfg)), image_mlp.CLASSES).state_dict()
@@ -188,14 +188,14 @@ def test_image_mlp_methods_are_compared_at_their_first_snapshot_reaching_the_low
     def weights(step):
         return {name: torch.full_like(value, float(step)) for name, value in template.items()}
 
-    def fake_train(method, cfg_, data):
+    def fake_train(method, cfg_, data, seed):
         name = next(n for n, m in cfg["methods"].items() if m is method)
         return [(step, acc, weights(step)) for step, acc in curves[name]]
 
     scored = {}
     test_split = image_mlp.digits_splits(cfg["seed"])["test"]
 
-    def fake_rows(model, split, cfg_, **columns):
+    def fake_rows(model, split, cfg_, seed, **columns):
         scored[columns["method"]] = float(next(iter(model.state_dict().values())).flatten()[0])
         assert torch.equal(split[0], test_split[0]) and torch.equal(split[1], test_split[1])  # held-out test images
         return []
@@ -233,7 +233,7 @@ def test_image_mlp_robustness_rows_at_epsilon_zero_are_the_clean_numbers():
         model.layers[-1].weight.normal_()
     x, y = image_mlp.digits_splits(0)["test"]
     x, y = x[:40], y[:40]
-    rows = image_mlp.robustness_rows(model, (x, y), cfg, method="m")
+    rows = image_mlp.robustness_rows(model, (x, y), cfg, 0, method="m")
     value = {r["metric"]: r["value"] for r in rows if r.get("epsilon") in (None, 0.0)}
     with torch.no_grad():
         logits = model(x)

@@ -216,24 +216,36 @@ def test_image_mlp_study_and_cli(tmp_path, capsys):
     from lipflow.config import check_config
     from lipflow.studies import image_mlp
 
-    tiny = {"width": 32, "steps": 40, "eval_every": 20, "batch_size": 64, "epsilons": [0.0, 0.3], "pgd_steps": 5}
+    tiny = {"width": 32, "steps": 40, "eval_every": 20, "batch_size": 64, "epsilons": [0.0, 0.3], "pgd_steps": 5,
+            "seeds": 2}
     config = {"image_mlp": tiny}
     check_config(config)  # the schema fills the rest (seed, n_layers, methods, …)
     out = tmp_path / "digits.parquet"
     assert image_mlp.main(["--config-json", json.dumps(config["image_mlp"]), "--out", str(out)]) == 0
-    rows = pq.read_table(out).to_pylist()
-    # a line per method trained, in the config's order, with its best val accuracy and the seconds so far
+    table = pq.read_table(out)
+    assert table.schema.names == list(image_mlp.COLUMNS)
+    all_rows = table.to_pylist()
+    # a line per seed and method trained, in the config's order, with its best val accuracy and the seconds so far
     methods = list(config["image_mlp"]["methods"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(methods) >= 2
-    best = {}
-    for number, (line, method) in enumerate(zip(lines, methods), 1):
-        match = re.fullmatch(rf"image_mlp: {method} trained, best val accuracy ([\d.]+) \({number} of "
-                             rf"{len(methods)}\) \([\d.]+ s\)", line)
+    assert len(lines) == 2 * len(methods) and len(methods) >= 2
+    trained = [(seed, method) for seed in (0, 1) for method in methods]
+    for number, (line, (seed, method)) in enumerate(zip(lines, trained), 1):
+        match = re.fullmatch(rf"image_mlp: {method} trained at seed {seed}, best val accuracy ([\d.]+) "
+                             rf"\({number} of {len(trained)}\) \([\d.]+ s\)", line)
         assert match, line
-        best[method] = float(match.group(1))
-        mine = [r for r in rows if r["method"] == method]
-        assert best[method] >= max(value(mine, "val_accuracy"), value(mine, "final_val_accuracy")) - 5e-5
+        mine = [r for r in all_rows if r["method"] == method and r["seed"] == seed]
+        assert float(match.group(1)) >= max(value(mine, "val_accuracy"), value(mine, "final_val_accuracy")) - 5e-5
+    # each seed is the study run at that seed alone: its own split, init, batches, attacks and matched target
+    alone = tmp_path / "seed1.parquet"
+    assert image_mlp.main(["--config-json", json.dumps({**tiny, "seed": 1, "seeds": 1}), "--out", str(alone)]) == 0
+    assert pq.read_table(alone).to_pylist() == [r for r in all_rows if r["seed"] == 1]
+    assert [r["value"] for r in all_rows if r["seed"] == 0] != [r["value"] for r in all_rows if r["seed"] == 1]
+    rows = [r for r in all_rows if r["seed"] == 0]
+    best = {}
+    for line, (seed, method) in zip(lines, trained):
+        if seed == 0:
+            best[method] = float(re.search(r"best val accuracy ([\d.]+)", line).group(1))
     # the methods are matched at the lowest best accuracy: the weakest method's own best
     assert min(best.values()) == pytest.approx(min(value([r for r in rows if r["method"] == m], "val_accuracy")
                                                    for m in methods), abs=5e-5)
@@ -443,7 +455,7 @@ def test_within_100x_local_counts_attacks_reaching_a_hundredth_of_the_local_boun
 
 def _image_cfg(**extra):
     from lipflow.studies.image_mlp import study_config
-    return study_config({"width": 16, "n_layers": 2, "epsilons": [0.0, 0.5], "pgd_steps": 3, **extra})
+    return study_config({"width": 16, "n_layers": 2, "epsilons": [0.0, 0.5], "pgd_steps": 3, "seeds": 1, **extra})
 
 
 def test_image_mlp_study_matches_each_method_at_its_first_snapshot_reaching_the_lower_best_accuracy(monkeypatch):
@@ -456,8 +468,8 @@ def test_image_mlp_study_matches_each_method_at_its_first_snapshot_reaching_the_
     curves = {"a": [(10, 0.5), (20, 0.85), (30, 0.9), (40, 0.7)], "b": [(10, 0.6), (20, 0.7), (30, 0.8), (40, 0.75)]}
     order = iter(curves)
     monkeypatch.setattr(image_mlp, "train_snapshots",
-                        lambda method, cfg, data: [(s, acc, weights) for s, acc in curves[next(order)]])
-    monkeypatch.setattr(image_mlp, "robustness_rows", lambda model, split, cfg, **columns: [])
+                        lambda method, cfg, data, seed: [(s, acc, weights) for s, acc in curves[next(order)]])
+    monkeypatch.setattr(image_mlp, "robustness_rows", lambda model, split, cfg, seed, **columns: [])
     rows = image_mlp.run_image_mlp_study(cfg)
     got = {(r["method"], r["metric"]): r["value"] for r in rows}
     assert got == {("a", "matched_step"): 20.0, ("a", "val_accuracy"): 0.85, ("a", "final_val_accuracy"): 0.7,
@@ -484,7 +496,7 @@ def test_image_mlp_robustness_rows_against_independent_computations():
     radius = certified_radius(logits, y, model.lipschitz_bound_l2())
     eps = 0.75 * float(radius[radius > 0].median())  # some radii lie in (ε, 2ε]: certified accuracy depends on ε
     assert float((radius > eps).float().mean()) != float((radius > 2 * eps).float().mean())
-    rows = image_mlp.robustness_rows(model, (x, y), _image_cfg(epsilons=[0.0, eps, 0.5]), method="m")
+    rows = image_mlp.robustness_rows(model, (x, y), _image_cfg(epsilons=[0.0, eps, 0.5]), 0, method="m")
     certificate = value(rows, "certificate_l2")
     assert certificate == pytest.approx(model.lipschitz_bound_l2())
     clean_loss = float(F.cross_entropy(logits, y))
@@ -502,7 +514,7 @@ def test_image_mlp_snapshots_every_eval_every_steps_and_at_the_last_step():
 
     cfg = _image_cfg(steps=3, eval_every=2, batch_size=8)
     data = image_mlp.digits_splits(0)
-    snapshots = image_mlp.train_snapshots({"optimizer": "adamw"}, cfg, data)
+    snapshots = image_mlp.train_snapshots({"optimizer": "adamw"}, cfg, data, 0)
     assert [step for step, *_ in snapshots] == [2, 3]
     assert all(0.0 <= acc <= 1.0 for _, acc, _ in snapshots)
 
@@ -686,7 +698,8 @@ def test_an_image_mlp_radiuss_pgd_does_not_depend_on_the_other_radii_or_their_or
     x, y = (part[:64] for part in image_mlp.digits_splits(0)["test"])
 
     def pgd_rows(epsilons: list[float]) -> dict:
-        rows = image_mlp.robustness_rows(model, (x, y), _image_cfg(epsilons=epsilons, pgd_restarts=3), method="m")
+        rows = image_mlp.robustness_rows(model, (x, y), _image_cfg(epsilons=epsilons, pgd_restarts=3), 0,
+                                         method="m")
         return {(r["metric"], r["epsilon"]): r["value"] for r in rows
                 if r["metric"] in ("robust_accuracy", "robust_loss", "robust_true_class_probability")}
 

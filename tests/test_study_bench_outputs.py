@@ -97,25 +97,33 @@ def test_image_mlp_out_replaces_its_own_table_but_not_a_runs_sealed_file(name, t
         for _ in range(2):
             assert image_mlp.main(["--config-json", json.dumps(TINY_MLP), "--out", str(out)]) == 0, \
                 capsys.readouterr().err[-2000:]
-        assert pq.read_schema(out).names == ["metric", "value", "method", "optimizer", "weight_constraint",
+        assert pq.read_schema(out).names == ["metric", "value", "method", "optimizer", "weight_constraint", "seed",
                                              "epsilon"]
         assert {(row["method"], row["optimizer"]) for row in pq.read_table(out).to_pylist()} == {
             (name, method["optimizer"]) for name, method in filled_mlp()["methods"].items()}
 
 
-def test_image_mlp_out_replaces_its_table_of_the_earlier_layout(tmp_path, capsys):
-    """Its table before the optimizer and weight_constraint columns is still the study's own: a rerun
-    replaces it (as --forcerun image_mlp_robustness does) instead of refusing it as a foreign file."""
+@pytest.mark.parametrize("extra", [{}, {"optimizer": "muon", "weight_constraint": "none"}])
+def test_image_mlp_out_replaces_its_table_of_the_earlier_layouts(extra, tmp_path, capsys):
+    """Its tables before the optimizer and weight_constraint columns and before the seed column are still the
+    study's own: a rerun replaces them (as --forcerun image_mlp_robustness does) instead of refusing a
+    foreign file; a table with one more column is not the study's and is kept."""
     import pyarrow as pa
 
     from lipflow.data.parquet import write_table_parquet
     from lipflow.studies import image_mlp
 
     out = tmp_path / "robustness.parquet"
-    write_table_parquet(out, pa.Table.from_pylist([{"metric": "clean_accuracy", "value": 0.5, "method": "m",
+    write_table_parquet(out, pa.Table.from_pylist([{"metric": "clean_accuracy", "value": 0.5, "method": "m", **extra,
                                                     "epsilon": None}]))
     assert image_mlp.main(["--config-json", json.dumps(TINY_MLP), "--out", str(out)]) == 0, capsys.readouterr().err
-    assert "optimizer" in pq.read_schema(out).names
+    assert pq.read_schema(out).names == list(image_mlp.COLUMNS)
+    foreign = tmp_path / "mine.parquet"
+    write_table_parquet(foreign, pa.Table.from_pylist([{"metric": "m", "value": 0.5, "method": "m", **extra,
+                                                        "epsilon": None, "note": "mine"}]))
+    before = foreign.read_bytes()
+    assert image_mlp.main(["--config-json", json.dumps(TINY_MLP), "--out", str(foreign)]) == 2
+    assert "refusing to replace" in capsys.readouterr().err and foreign.read_bytes() == before
 
 
 def icl_commands(tmp_path: Path, run_dir: Path) -> dict[str, tuple[list[str], Path]]:

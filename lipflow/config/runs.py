@@ -64,7 +64,7 @@ def check_config(config: dict[str, Any]) -> None:
     check_data_blocks(config)
     for name in DATA_BLOCKS:
         config[name] = data_block_as_used(name, config[name])
-    check_image_mlp_methods(config["image_mlp"], methods_set)
+    check_image_mlp_block(config["image_mlp"], methods_set)
     config["image_mlp"] = canonical_image_mlp(config["image_mlp"])
     for name, params in config["evaluations"].items():
         if isinstance(params, dict):  # the blocks of evaluations (not its `enabled` list)
@@ -104,10 +104,15 @@ def image_mlp_method_keys(config: dict[str, Any]) -> dict[str, set[str]]:
     return {name: set(method) for name, method in methods.items() if isinstance(method, dict)}
 
 
-def check_image_mlp_methods(block: dict[str, Any], keys_set: dict[str, set[str]]) -> None:
-    """Each method of the (filled) image_mlp ``block`` sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the
-    keys it was given), per-role tables only for :func:`image_mlp_roles`, and keeps the Newton–Schulz rule of
+def check_image_mlp_block(block: dict[str, Any], keys_set: dict[str, set[str]]) -> None:
+    """The (filled) image_mlp ``block``'s last seed (seed + seeds − 1) is a seed (scikit-learn's split takes
+    below 2^32), and each method sets only :data:`IMAGE_MLP_METHOD_KEYS` (``keys_set``: the keys it was
+    given), per-role tables only for :func:`image_mlp_roles`, and keeps the Newton–Schulz rule of
     :func:`check_run`; all fail before any job starts instead of being ignored or failing inside the study's job."""
+    last, largest = block["seed"] + block["seeds"] - 1, load_schema()["$defs"]["seed"]["maximum"]
+    if last > largest:
+        raise ConfigError(f"config error: image_mlp.seeds: seeds {block['seed']} … {last} pass the largest seed, "
+                          f"{largest}; lower image_mlp.seed or image_mlp.seeds")
     roles = image_mlp_roles(block["n_layers"])
     for name, method in block["methods"].items():
         others = sorted(keys_set.get(name, set()) - set(IMAGE_MLP_METHOD_KEYS))

@@ -15,18 +15,18 @@ _ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', '
                   "'tightness_local', 'within_100x_local')"
 ROBUSTNESS = View(
     caption="table_robustness.rst",
-    columns=("domain", "label", "run_id", "model", "optimizer", "weight_constraint", "certificate_l2", "metric",
-             "attack", "epsilon", "k", "value"),
+    columns=("domain", "label", "run_id", "model", "optimizer", "weight_constraint", "seed", "certificate_l2",
+             "metric", "attack", "epsilon", "k", "value"),
     types={"DOUBLE": ("certificate_l2", "epsilon", "value"),
            "VARCHAR": ("metric", "attack"),
            "BIGINT": ("k",)},
     parts=(
-        Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint"),
+        Part(requires={"runs": RUNS_NEED + ("model", "optimizer", "weight_constraint", "seed"),
                        "evals": ("run_id", "eval", "metric", "value", "epsilon", "attack", "k")},
              absent_reason="no robustness runs with the robustness evaluation in the database",
              sql=f"""
         SELECT 'lm' AS domain, substr(r.name, strpos(r.name, '.') + 1) AS label, r.run_id, r.model,
-               r.optimizer, r.weight_constraint, c.certificate_l2, e.metric,
+               r.optimizer, r.weight_constraint, r.seed, c.certificate_l2, e.metric,
                CASE WHEN e.metric IN ('robust_accuracy', 'robust_loss', 'tightness_global', 'tightness_local',
                                       'within_100x_local') THEN e.attack END AS attack,
                e.epsilon, e.k, e.value
@@ -35,17 +35,18 @@ ROBUSTNESS = View(
                    WHERE eval = 'robustness' AND metric = 'certificate_l2' GROUP BY run_id) AS c USING (run_id)
         WHERE e.eval = 'robustness' AND r.experiment = 'robustness'
           AND e.metric IN {_ROBUST_METRICS} AND (e.metric <> 'lipschitz_lower_bound' OR e.attack = 'all')"""),
-        Part(requires={"image_mlp_robustness": ("method", "optimizer", "weight_constraint", "metric", "value",
+        Part(requires={"image_mlp_robustness": ("method", "optimizer", "weight_constraint", "seed", "metric", "value",
                                                 "epsilon")},
              absent_reason="no digits-MLP rows (results/image_mlp/robustness.parquet was not made, or made "
-                           "before it named each method's optimizer: snakemake --forcerun image_mlp_robustness)",
+                           "before it named each method's optimizer and seed: snakemake --forcerun "
+                           "image_mlp_robustness)",
              sql=f"""
         SELECT 'image_mlp' AS domain, i.method AS label, NULL AS run_id, 'mlp' AS model,
-               i.optimizer, i.weight_constraint, c.certificate_l2, i.metric,
+               i.optimizer, i.weight_constraint, i.seed, c.certificate_l2, i.metric,
                CASE WHEN i.metric LIKE 'robust%' THEN 'pgd' END AS attack, i.epsilon, NULL AS k, i.value
         FROM image_mlp_robustness AS i
-        LEFT JOIN (SELECT method, max(value) AS certificate_l2 FROM image_mlp_robustness
-                   WHERE metric = 'certificate_l2' GROUP BY method) AS c USING (method)
+        LEFT JOIN (SELECT method, seed, max(value) AS certificate_l2 FROM image_mlp_robustness
+                   WHERE metric = 'certificate_l2' GROUP BY method, seed) AS c USING (method, seed)
         WHERE i.metric IN {_ROBUST_METRICS}"""),
     ),
 )
@@ -63,10 +64,17 @@ def one_radius_axis(ax) -> None:
         ax.set_xlim(-0.05 * width, 1.05 * width)
 
 
+def over_seeds(rows, x_col: str):
+    """Per ``x_col`` value: the mean of ``value`` over the rows' seeds, its min and max, and the seed count."""
+    spread = rows.groupby(x_col).value.agg(["mean", "min", "max", "count"]).reset_index()
+    return spread.sort_values(x_col)
+
+
 def robustness(con):
     """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
     ε per model; the global and local certificates' tightness against ε; LM token substitutions
-    against k; the digits MLP against ε. Two panels a row."""
+    against k; the digits MLP against ε, the mean over its seeds with their min–max band. Two panels a
+    row."""
     plt = pyplot()
     df = read_view(con, "robustness")
     panels = []
@@ -81,7 +89,9 @@ def robustness(con):
                            "ε (ℓ2 norm of the embedding perturbation)"))
     image = df[df.domain == "image_mlp"]
     if len(image):
-        panels.append(("digits MLP at matched clean accuracy: ℓ2 PGD", image, "epsilon",
+        seeds = image.seed.nunique()
+        over = f"\n(mean of {seeds} seeds, band: min–max)" if seeds > 1 else ""
+        panels.append((f"digits MLP at matched clean accuracy: ℓ2 PGD{over}", image, "epsilon",
                        "ε (ℓ2 norm of the pixel perturbation, pixels in [0, 1])"))
     from matplotlib.ticker import MaxNLocator
 
@@ -94,18 +104,22 @@ def robustness(con):
     for ax, (title, data, x_col, x_label) in zip(axes.flat, panels):
         for label in sorted(data.label.unique()):
             color, rows = color_of[label], data[data.label == label]
-            bound = rows.certificate_l2.dropna()
-            suffix = f" (L={bound.iloc[0]:.3g})" if len(bound) else ""
+            bounds = rows.drop_duplicates("seed").certificate_l2.dropna()
+            suffix = (f" (L={bounds.iloc[0]:.3g})" if len(bounds) == 1 else
+                      f" (L={bounds.min():.3g}–{bounds.max():.3g})" if len(bounds) else "")
             if x_col == "epsilon":
-                pgd = rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")].sort_values("epsilon")
-                ax.plot(pgd.epsilon, 100 * pgd.value, "o-", color=color, label=f"{label}{suffix}: PGD")
-                for style, metric, what in (("--", "certified_accuracy", "certified (global)"),
-                                            (":", "certified_accuracy_local", "certified (local)")):
-                    cert = rows[rows.metric == metric].sort_values("epsilon")
-                    if len(cert):  # one radius (epsilons: [0]): a dashed line through one point draws nothing
-                        alone = "x" if len(cert) == 1 else None
-                        ax.plot(cert.epsilon, 100 * cert.value, style, color=color, marker=alone,
-                                label=f"{label}: {what}")
+                pgd = rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")]
+                for style, chosen, what in (("o-", pgd, f"{suffix}: PGD"),
+                                            ("--", rows[rows.metric == "certified_accuracy"], ": certified (global)"),
+                                            (":", rows[rows.metric == "certified_accuracy_local"],
+                                             ": certified (local)")):
+                    line = over_seeds(chosen, "epsilon")
+                    if len(line):  # one radius (epsilons: [0]): a dashed line through one point draws nothing
+                        alone = {"marker": "x"} if len(line) == 1 and style != "o-" else {}
+                        ax.plot(line.epsilon, 100 * line["mean"], style, color=color, label=f"{label}{what}", **alone)
+                        if (line["count"] > 1).any():
+                            ax.fill_between(line.epsilon, 100 * line["min"], 100 * line["max"], color=color,
+                                            alpha=0.12, linewidth=0)
             elif x_col == "tightness":
                 for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
                     sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")

@@ -6,7 +6,10 @@ Muon + spectral soft cap (every matrix's RMS→RMS norm ≤ sigma_max) and AdamW
 decay. They are compared at matched clean accuracy: every ``eval_every`` steps each run's val
 accuracy is recorded with a weight snapshot; the target is the lower of the two best val
 accuracies and each method is evaluated, on the held-out test split, at its earliest snapshot that
-reaches it. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
+reaches it. The comparison is repeated for ``seeds`` seeds (``seed``, ``seed`` + 1, …), each with its
+own split, init, batches, attacks and matched target: which snapshot first reaches the target is
+sensitive to rounding (AdamW's L at its matched snapshot spans 103–237 over seeds 0–4 and 1 or 2
+torch threads at the defaults), so one seed's numbers are a sample, not the result. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
 certified accuracy (radius m/(√2 L) > ε), robust accuracy, mean true-class probability and loss
 under ℓ2 PGD per ε on the 64 pixels scaled to [0, 1] (each radius's random restarts drawn from a
 stream seeded by the seed and ε, so a radius's numbers do not depend on the other radii), and the
@@ -32,7 +35,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from lipflow.config import make_validator, run_defaults
-from lipflow.config.runs import check_image_mlp_methods
+from lipflow.config.runs import check_image_mlp_block
 from lipflow.config.schema import first_error
 from lipflow.data.parquet import write_table_parquet
 from lipflow.errors import (ArgumentParser, ConfigError, json_object_argument, memory_errors_in_one_line,
@@ -47,10 +50,13 @@ from lipflow.train.update import constrained_update
 IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
 # The study's table: long form, one row per (method, metric[, epsilon])
 SCHEMA = pa.schema([("metric", pa.string()), ("value", pa.float64()), ("method", pa.string()),
-                    ("optimizer", pa.string()), ("weight_constraint", pa.string()), ("epsilon", pa.float64())])
+                    ("optimizer", pa.string()), ("weight_constraint", pa.string()), ("seed", pa.int64()),
+                    ("epsilon", pa.float64())])
 COLUMNS = tuple(SCHEMA.names)
-# its columns before they named each method's optimizer and constraint: such a table is this study's too
-EARLIER_COLUMNS = ("metric", "value", "method", "epsilon")
+# its columns before they named each method's optimizer and constraint, and before the seed column (one
+# seed, the config's): such tables are this study's too
+EARLIER_COLUMNS = (("metric", "value", "method", "epsilon"),
+                   ("metric", "value", "method", "optimizer", "weight_constraint", "epsilon"))
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,13 +83,13 @@ def mlp_config(cfg: dict[str, Any]) -> dict[str, Any]:
             "activation": "relu"}
 
 
-def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
-                    data: dict[str, Split]) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
-    """Train one method; (step, val accuracy, weights) every ``eval_every`` steps and at the end."""
-    torch.manual_seed(cfg["seed"])
+def train_snapshots(method: dict[str, Any], cfg: dict[str, Any], data: dict[str, Split],
+                    seed: int) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
+    """Train one method from ``seed``; (step, val accuracy, weights) every ``eval_every`` steps and at the end."""
+    torch.manual_seed(seed)
     model, optimizer, matrices, constraint = build_learner(run_defaults(**{**method, **mlp_config(cfg)}), CLASSES,
                                                            torch.device("cpu"))
-    batches = torch.Generator().manual_seed(cfg["seed"])
+    batches = torch.Generator().manual_seed(seed)
     x_train, y_train = data["train"]
     snapshots = []
     for step in range(1, cfg["steps"] + 1):
@@ -97,8 +103,11 @@ def train_snapshots(method: dict[str, Any], cfg: dict[str, Any],
     return snapshots
 
 
-def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], **columns: Any) -> list[dict]:
-    """Clean, certified and PGD numbers of one trained MLP on ``split``."""
+def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], seed: int,
+                    **columns: Any) -> list[dict]:
+    """Clean, certified and PGD numbers of one trained MLP on ``split``, its attacks seeded by ``seed``;
+    every row holds ``seed`` and ``columns``."""
+    columns = {**columns, "seed": seed}
     x, y = split
     model.eval()
     with torch.no_grad():
@@ -109,7 +118,7 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
             {"metric": "certificate_l2", "value": certificate, **columns}]
     lower, exact = 0.0, float64_forward(model)
     for eps in cfg["epsilons"]:
-        restarts = torch.Generator().manual_seed(stream_seed(cfg["seed"], float(eps)))  # not shared by the radii
+        restarts = torch.Generator().manual_seed(stream_seed(seed, float(eps)))  # not shared by the radii
         delta = pgd_l2(model.forward_embedded, x, y, eps, cfg["pgd_steps"], cfg["pgd_restarts"], restarts)
         with torch.no_grad():
             adv = model.forward_embedded(x + delta)
@@ -127,22 +136,34 @@ def robustness_rows(model: torch.nn.Module, split: Split, cfg: dict[str, Any], *
 
 
 def run_image_mlp_study(cfg: dict[str, Any], report: Callable[[str], None] = silent) -> list[dict]:
-    """Train every method, match clean val accuracy, and return long-form rows (columns ``method`` and
-    its ``optimizer`` and ``weight_constraint``); ``report(message)`` hears of each method trained."""
-    data = digits_splits(cfg["seed"])
-    runs, best = {}, {}
-    for number, (name, method) in enumerate(cfg["methods"].items(), 1):
-        runs[name] = train_snapshots(method, cfg, data)
-        best[name] = max(acc for _, acc, _ in runs[name])
-        report(f"{name} trained, best val accuracy {best[name]:.4f} ({number} of {len(cfg['methods'])})")
-    target = min(best.values())
+    """Train every method at every seed, match clean val accuracy within each seed, and return long-form
+    rows (columns ``method``, its ``optimizer`` and ``weight_constraint``, and ``seed``);
+    ``report(message)`` hears of each method trained."""
+    seeds = range(cfg["seed"], cfg["seed"] + cfg["seeds"])
+    total, done = len(seeds) * len(cfg["methods"]), 0
+    rows: list[dict] = []
+    for seed in seeds:
+        data = digits_splits(seed)
+        runs = {}
+        for name, method in cfg["methods"].items():
+            runs[name] = train_snapshots(method, cfg, data, seed)
+            done += 1
+            best = max(acc for _, acc, _ in runs[name])
+            report(f"{name} trained at seed {seed}, best val accuracy {best:.4f} ({done} of {total})")
+        rows += matched_rows(runs, cfg, data, seed)
+    return rows
+
+
+def matched_rows(runs: dict[str, list], cfg: dict[str, Any], data: dict[str, Split], seed: int) -> list[dict]:
+    """Each method's rows at its earliest snapshot reaching the lower of the methods' best val accuracies."""
+    target = min(max(acc for _, acc, _ in snaps) for snaps in runs.values())
     rows: list[dict] = []
     for name, snaps in runs.items():
         step, val_acc, weights = next(s for s in snaps if s[1] >= target)
         model = build_model(run_defaults(**mlp_config(cfg)), CLASSES)
         model.load_state_dict(weights)
         method = {"method": name, "optimizer": cfg["methods"][name]["optimizer"],
-                  "weight_constraint": cfg["methods"][name]["weight_constraint"]}
+                  "weight_constraint": cfg["methods"][name]["weight_constraint"], "seed": seed}
         rows += [{"metric": "matched_step", "value": float(step), **method},
                  {"metric": "val_accuracy", "value": val_acc, **method},
                  {"metric": "final_val_accuracy", "value": snaps[-1][1], **method}]
@@ -164,7 +185,7 @@ def study_config(block: dict[str, Any]) -> dict[str, Any]:
     methods_set = {name: {key for key, value in method.items() if key not in defaults or value != defaults[key]}
                    for name, method in filled["image_mlp"]["methods"].items()}
     try:
-        check_image_mlp_methods(filled["image_mlp"], methods_set)
+        check_image_mlp_block(filled["image_mlp"], methods_set)
     except ConfigError as err:
         raise ConfigError(f"--config-json: {str(err).removeprefix('config error: ')}") from None
     check_methods_build(filled["image_mlp"])
@@ -198,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
-                                   lambda p: parquet_with_columns(COLUMNS)(p) or parquet_with_columns(EARLIER_COLUMNS)(p))
+                                   lambda p: any(parquet_with_columns(columns)(p) for columns in (COLUMNS, *EARLIER_COLUMNS)))
         check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
         if args.receipt is not None:
             refuse_to_replace_receipt(args.receipt, RECEIPT_KEY, "lipflow.studies.image_mlp")
