@@ -439,6 +439,31 @@ def test_a_pareto_front_of_one_run_is_drawn_not_only_named_in_the_legend(tmp_pat
     pyplot().close(fig)
 
 
+def test_the_tradeoff_figure_says_over_which_data_each_accuracy_and_radius_is_measured(tmp_path):
+    """The local panel plotted a radius measured on the robustness evaluation's 64 val windows (one
+    prediction each) against an accuracy over every position of the whole val split, labelled only
+    "val next-token accuracy" and "local certified radius": the axes and title now say which data."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.lipschitz_tradeoff import tradeoff_accuracy
+    from lipflow.results.plotting import pyplot
+
+    runs = [run(f"tradeoff.{i}-0000000{i}", experiment="lipschitz_tradeoff", optimizer="muon", lipschitz_bound=b,
+                val_accuracy=0.3, max_activation=1.0) for i, b in enumerate((2.0, 8.0))]
+    evals = [{"run_id": r["run_id"], "eval": "robustness", "metric": m, "value": v}
+             for r in runs for m, v in (("half_certified_epsilon", 0.5), ("sequences", 64.0))]
+    con = database(tmp_path, runs, evals=evals)
+    create_views(con, log=io.StringIO())
+    assert con.sql("select local_windows from pareto").fetchall() == [(64,), (64,)]
+    fig = tradeoff_accuracy(con)
+    bound, local = fig.axes
+    assert all("whole val split" in ax.get_ylabel() for ax in (bound, local))
+    assert "last-position predictions of 64 val windows" in local.get_xlabel()
+    assert "whole val split" in local.get_title() and "64 val windows" in local.get_title()
+    pyplot().close(fig)
+
+
 def test_the_tradeoff_figure_says_whether_the_robustness_evaluation_ran_when_no_radius_is_positive(tmp_path):
     """With the robustness evaluation run and every half-certified ε 0 (no correct prediction), the local
     panel said "add the robustness evaluation", which had run; without it, it still says so."""
