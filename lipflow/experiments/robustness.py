@@ -64,6 +64,11 @@ def one_radius_axis(ax) -> None:
         ax.set_xlim(-0.05 * width, 1.05 * width)
 
 
+# line, marker, marker fill and legend of the certified accuracies: markers on both, as a line through one
+# point (epsilons: [0]) draws nothing, and unlike ones, as a local line equal to the global one hid it
+CERTIFIED_STYLES = (("--", "s", "none", "certified (global)"), (":", "x", None, "certified (local)"))
+
+
 def over_seeds(rows, x_col: str):
     """Per ``x_col`` value: the mean of ``value`` over the rows' seeds, its min and max, and the seed count."""
     spread = rows.groupby(x_col).value.agg(["mean", "min", "max", "count"]).reset_index()
@@ -71,10 +76,10 @@ def over_seeds(rows, x_col: str):
 
 
 def robustness(con):
-    """Accuracy under ℓ2 PGD (solid) and certified accuracy, global (dashed) and local (dotted), against
-    ε per model; the global and local certificates' tightness against ε; LM token substitutions
-    against k; the digits MLP against ε, the mean over its seeds with their min–max band. Two panels a
-    row."""
+    """Accuracy under ℓ2 PGD (solid, ●) and certified accuracy, global (dashed, hollow ■) and local
+    (dotted, ×; "= global at every ε" in the legend where the two coincide), against ε per model; the
+    global and local certificates' tightness against ε; LM token substitutions against k; the digits MLP
+    against ε, the mean over its seeds with their min–max band. Two panels a row."""
     plt = pyplot()
     df = read_view(con, "robustness")
     panels = []
@@ -108,16 +113,21 @@ def robustness(con):
             suffix = (f" (L={bounds.iloc[0]:.3g})" if len(bounds) == 1 else
                       f" (L={bounds.min():.3g}–{bounds.max():.3g})" if len(bounds) else "")
             if x_col == "epsilon":
-                pgd = rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")]
-                for style, chosen, what in (("o-", pgd, f"{suffix}: PGD"),
-                                            ("--", rows[rows.metric == "certified_accuracy"], ": certified (global)"),
-                                            (":", rows[rows.metric == "certified_accuracy_local"],
-                                             ": certified (local)")):
-                    line = over_seeds(chosen, "epsilon")
-                    if len(line):  # one radius (epsilons: [0]): a dashed line through one point draws nothing
-                        alone = {"marker": "x"} if len(line) == 1 and style != "o-" else {}
-                        ax.plot(line.epsilon, 100 * line["mean"], style, color=color, label=f"{label}{what}", **alone)
-                        if (line["count"] > 1).any():
+                pgd = over_seeds(rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")], "epsilon")
+                certified = [over_seeds(rows[rows.metric == metric], "epsilon")
+                             for metric in ("certified_accuracy", "certified_accuracy_local")]
+                same = all(len(cert) for cert in certified) and all(
+                    certified[0][column].tolist() == certified[1][column].tolist()
+                    for column in ("epsilon", "mean", "min", "max"))
+                notes = ("", " = global at every ε" if same else "")  # the local line's legend says it
+                lines = [(pgd, "o-", {}, f"{label}{suffix}: PGD")]
+                lines += [(cert, style, {"marker": marker, "markersize": 7, "markerfacecolor": fill},
+                           f"{label}: {what}{note}")
+                          for (style, marker, fill, what), cert, note in zip(CERTIFIED_STYLES, certified, notes)]
+                for line, style, marks, name in lines:
+                    if len(line):
+                        ax.plot(line.epsilon, 100 * line["mean"], style, color=color, label=name, **marks)
+                        if (line["count"] > 1).any():  # the digits MLP's seeds: their min–max band
                             ax.fill_between(line.epsilon, 100 * line["min"], 100 * line["max"], color=color,
                                             alpha=0.12, linewidth=0)
             elif x_col == "tightness":
