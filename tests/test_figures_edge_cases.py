@@ -447,6 +447,40 @@ def test_the_robustness_figure_shows_a_local_certified_accuracy_equal_to_the_glo
     pyplot().close(fig)
 
 
+def test_the_robustness_figure_names_a_model_without_a_certificate_in_its_certified_panels(tmp_path):
+    """gpt_adamw (no certificate: no certified accuracy, no tightness) was left out of the certified lines
+    and the tightness panel without a word. Its legend entries there say "no certificate", and nothing is
+    drawn for it; its PGD line stays."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.gpt-00000001", experiment="robustness", model="gpt"),
+            run("robust.lip-00000002", experiment="robustness", model="lipschitz_gpt")]
+    evals = [{"run_id": "robust.gpt-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": v,
+              "epsilon": e, "attack": "pgd", "k": None} for e, v in ((0.0, 0.3), (0.5, 0.2))]
+    evals += [{"run_id": "robust.lip-00000002", "eval": "robustness", "metric": m, "value": v, "epsilon": e,
+               "attack": a, "k": None}
+              for m, v, e, a in (("certificate_l2", 30.0, None, None), ("robust_accuracy", 0.3, 0.0, "pgd"),
+                                 ("robust_accuracy", 0.25, 0.5, "pgd"), ("certified_accuracy", 0.3, 0.0, None),
+                                 ("certified_accuracy", 0.0, 0.5, None), ("certified_accuracy_local", 0.3, 0.0, None),
+                                 ("certified_accuracy_local", 0.1, 0.5, None), ("tightness_global", 0.01, 0.5, "pgd"),
+                                 ("tightness_local", 0.5, 0.5, "pgd"))]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    attack, tightness = fig.axes
+    for ax, what in ((attack, "no certified accuracy"), (tightness, "no tightness")):
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert f"gpt: no certificate, {what}" in legend, legend
+        [entry] = [line for line in ax.lines if line.get_label() == f"gpt: no certificate, {what}"]
+        assert len(entry.get_xdata()) == 0  # named, not drawn
+    assert list(next(line for line in attack.lines if line.get_label() == "gpt: PGD").get_ydata()) == [30.0, 20.0]
+    pyplot().close(fig)
+
+
 def test_a_pareto_front_of_one_run_is_drawn_not_only_named_in_the_legend(tmp_path):
     """An optimizer with one run on its front (a trimmed grid) had a legend entry 'adamw Pareto front' and
     no line: a step through one point draws nothing. The point is ringed in the front's colour."""

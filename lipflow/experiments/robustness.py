@@ -75,11 +75,19 @@ def over_seeds(rows, x_col: str):
     return spread.sort_values(x_col)
 
 
+def no_certificate(ax, label: str, color, what: str) -> None:
+    """A legend entry, with nothing drawn, for model ``label`` in a panel of certificates where it has none
+    (an unconstrained GPT): absent without a word, it read as left out by mistake."""
+    ax.plot([], [], linestyle="none", color=color, label=f"{label}: no certificate, {what}")
+
+
 def robustness(con):
     """Accuracy under ℓ2 PGD (solid, ●) and certified accuracy, global (dashed, hollow ■) and local
     (dotted, ×; "= global at every ε" in the legend where the two coincide), against ε per model; the
     global and local certificates' tightness against ε; LM token substitutions against k; the digits MLP
-    against ε, the mean over its seeds with their min–max band. Two panels a row."""
+    against ε, the mean over its seeds with their min–max band. A model without a certificate (an
+    unconstrained GPT) is named in the legend of the certified and tightness panels, "no certificate",
+    with nothing drawn. Two panels a row."""
     plt = pyplot()
     df = read_view(con, "robustness")
     panels = []
@@ -130,11 +138,17 @@ def robustness(con):
                         if (line["count"] > 1).any():  # the digits MLP's seeds: their min–max band
                             ax.fill_between(line.epsilon, 100 * line["min"], 100 * line["max"], color=color,
                                             alpha=0.12, linewidth=0)
+                if not any(len(cert) for cert in certified):
+                    no_certificate(ax, label, color, "no certified accuracy")
             elif x_col == "tightness":
+                drawn = False
                 for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
                     sub = rows[(rows.metric == metric) & (rows.attack == "pgd")].sort_values("epsilon")
                     if len(sub):  # a model without a certificate has no tightness
                         ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
+                        drawn = True
+                if not drawn:
+                    no_certificate(ax, label, color, "no tightness")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
             else:
