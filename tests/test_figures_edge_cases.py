@@ -176,6 +176,47 @@ def test_a_precision_bar_of_no_change_is_a_dot_on_the_zero_line(tmp_path):
     pyplot().close(fig)
 
 
+def test_the_precision_figure_draws_the_proven_and_observed_activation_maxima_of_precision_bounds(tmp_path):
+    """View precision_bounds (proven vs observed max |activation| per run, the e4m3 verdict) had no figure,
+    only its table. A panel below the bars draws, per run in order of fp32 accuracy, the observed max (●)
+    and the proven one (▲, filled where e4m3 is proven safe), and e4m3's largest value; a run without an
+    analytic bound has its observed max and a note."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.precision import precision
+    from lipflow.results.plotting import pyplot
+
+    row = {"eval": "precision", "n": None, "matrix": None, "rtol": None, "epsilon": None, "attack": None, "k": None,
+           "scaling": None}
+    cells = {"prec.cap-00000001": (0.26, 6.0, 12.0, 1.0), "prec.free-00000002": (0.35, 26.0, 1300.0, 0.0),
+             "prec.gpt-00000003": (0.31, 18.0, None, None)}
+    runs = [run(rid, experiment="precision", model="gpt" if "gpt" in rid else "lipschitz_gpt",
+                weight_constraint="spectral_soft_cap" if "cap" in rid else "none", max_activation=3.0) for rid in cells]
+    evals = [{**row, "run_id": rid, "metric": metric, "value": value, "format": fmt}
+             for rid, (accuracy, observed, proven, safe) in cells.items()
+             for metric, value, fmt in (("accuracy", accuracy, "fp32"), ("observed_max_activation", observed, None),
+                                        ("proven_max_activation", proven, None),
+                                        ("proven_over_observed", proven and proven / observed, None),
+                                        ("fp8_safe_proven", safe, "fp8_e4m3"))
+             if value is not None]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["precision_bounds"] == ""
+    fig = precision(con)
+    bounds = fig.axes[2]
+    assert [t.get_text() for t in bounds.get_xticklabels()] == ["cap\nfp32 26.0 %", "gpt\nfp32 31.0 %",
+                                                                "free\nfp32 35.0 %"]
+    points = {(line.get_marker(), float(line.get_xdata()[0]), float(line.get_ydata()[0])): line
+              for line in bounds.lines if line.get_marker() in ("o", "^")}
+    assert set(points) == {("o", 0, 6.0), ("^", 0, 12.0), ("o", 1, 18.0), ("o", 2, 26.0), ("^", 2, 1300.0)}
+    assert points["^", 0, 12.0].get_markerfacecolor() != "none"  # e4m3 proven safe
+    assert points["^", 2, 1300.0].get_markerfacecolor() == "none"  # not proven
+    assert bounds.get_yscale() == "log"
+    assert [float(line.get_ydata()[0]) for line in bounds.lines if line.get_linestyle() == "--"] == [448.0]
+    assert "no analytic bound" in [t.get_text() for t in bounds.texts]
+    pyplot().close(fig)
+
+
 def rank_database(tmp_path, runs, *, train_loss: float, rtol: float, train_split_tokens: int | None = None):
     """A database of rank_vs_n ``runs`` (their train loss ``train_loss`` at steps 95 and 100, a W_QK rank of 8
     at ``rtol`` and a B3 sum of 1 at n = 10) with its views built; ``train_split_tokens``: the train split's

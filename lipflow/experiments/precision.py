@@ -1,6 +1,6 @@
 """precision: low-precision inference of constrained and unconstrained models.
 
-Views ``precision`` (headline) and ``precision_bounds``; figure ``precision``. Runs: precision.yaml.
+Views ``precision`` (headline) and ``precision_bounds``; figure ``precision`` (both views). Runs: precision.yaml.
 """
 
 from __future__ import annotations
@@ -117,14 +117,19 @@ def precision(con):
     one bar per model (its fp32 accuracy and weight constraint in the legend); unscaled casts (int8:
     weights only, rounded per output channel) and per-tensor scaled casts. Bars from 0 % accuracy hid
     the point differences between formats that the figure is about. A measured change of exactly 0 is a
-    dot on the zero line (its bar has no height), so it differs from a format not evaluated."""
+    dot on the zero line (its bar has no height), so it differs from a format not evaluated. Below, the
+    runs' proven and observed max |activation| (:func:`activation_bounds`), in the bars' colours."""
     import numpy as np
 
     plt = pyplot()
     df = read_view(con, "precision")
     labels = sorted(df.label.unique())
     fp32 = df[df.format == "fp32"].set_index("label").accuracy
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
+    fig = plt.figure(figsize=(12, 9), layout="constrained")
+    grid = fig.add_gridspec(2, 2)
+    axes = [fig.add_subplot(grid[0, 0])]
+    axes.append(fig.add_subplot(grid[0, 1], sharey=axes[0]))
+    axes[1].tick_params(labelleft=False)
     color_of = dict(zip(labels, category_colors(len(labels))))
     int8 = " (int8 per channel)" if (df.format == "int8").any() else ""  # evaluations.precision.int8 may be off
     for ax, scaling, title in zip(axes, ("none", "per_tensor"), (f"unscaled casts{int8}", "per-tensor scaled casts")):
@@ -150,9 +155,54 @@ def precision(con):
         ax.set_xlabel("number format of weights and matmul activations")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("val accuracy − fp32 accuracy (points)")
+    activation_bounds(fig.add_subplot(grid[1, :]), read_view(con, "precision_bounds"), color_of)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(labels), 3),
                fontsize=8, frameon=False)
     return fig
+
+
+def activation_bounds(ax, bounds, color_of: dict) -> None:
+    """View ``precision_bounds`` on ``ax``: per run (ordered by fp32 accuracy, so runs of like accuracy
+    stand side by side) the observed max |activation| on the val windows (●) and the proven one, the
+    analytic bound for any input (▲, filled where unscaled e4m3 is proven safe), joined by a line
+    labelled with their ratio (log y), and e4m3's largest value. The e4m3 verdict bounds the e4m3-cast
+    model, each cast's rounding included, so a ▲ below the line may still be hollow."""
+    import numpy as np
+    from matplotlib.lines import Line2D
+
+    from lipflow.evaluation.number_formats import FORMATS
+
+    e4m3 = FORMATS.get("fp8_e4m3").max
+    runs = bounds[bounds.observed_max_activation.notna()].sort_values(["accuracy", "label"])
+    for x, run in enumerate(runs.itertuples()):
+        color = color_of.get(run.label, "0.4")
+        ax.plot([x], [run.observed_max_activation], "o", color=color, markersize=8)
+        if np.isnan(run.proven_max_activation):
+            ax.annotate("no analytic bound", (x, run.observed_max_activation), xytext=(0, 10),
+                        textcoords="offset points", ha="center", fontsize=8, color="0.4")
+            continue
+        ax.plot([x, x], [run.observed_max_activation, run.proven_max_activation], "-", color=color)
+        ax.plot([x], [run.proven_max_activation], "^", color=color, markersize=9,
+                markerfacecolor=color if run.e4m3_proven_safe == 1 else "none")
+        ax.annotate(f"×{run.proven_over_observed:.3g}", (x, run.proven_max_activation), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    if runs.empty:
+        note_on_axes(ax, "no observed max |activation| recorded")
+        return
+    ax.axhline(e4m3, color="0.5", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([f"{run.label}\nfp32 {100 * run.accuracy:.1f} %" for run in runs.itertuples()], fontsize=8)
+    ax.set_xlim(-0.5, len(runs) - 0.5)
+    ax.set_ylabel("max |activation entry| (log scale)")
+    ax.set_title("max |activation|: proven for any input vs observed, runs by fp32 accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    key = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="observed on the val windows"),
+           Line2D([], [], color="0.3", marker="^", linestyle="none", label="proven for any input; e4m3 proven safe"),
+           Line2D([], [], color="0.3", marker="^", markerfacecolor="none", linestyle="none",
+                  label="proven; e4m3 not proven (cast model's bound > max)"),
+           Line2D([], [], color="0.5", linestyle="--", label=f"fp8 e4m3 max ({e4m3:g})")]
+    ax.legend(handles=key, fontsize=8, loc="upper left")
 
 
 FIGURES = {"precision": Figure(precision, caption="figure_precision.rst")}
