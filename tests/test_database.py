@@ -501,6 +501,21 @@ def test_seal_writes_missing_sidecars_and_checks_present_ones(tmp_path):
     assert done.returncode == 2 and "train_metrics.parquet is corrupt" in done.stderr
 
 
+def test_seal_of_a_glob_skips_the_checksum_files_it_names(tmp_path):
+    """`seal results/figures/*` names each figure's sidecar too: seal gave every sidecar a sidecar of its own
+    (x.png.sha256.sha256). A checksum file is skipped, saying so; a file merely named *.sha256 that holds no
+    checksum is sealed as any file."""
+    figure, other = tmp_path / "x.png", tmp_path / "notes.sha256"
+    figure.write_bytes(b"png")
+    other.write_text("my notes, not a checksum\n")
+    assert run_stage("lipflow.results", "seal", str(figure)).returncode == 0
+    done = run_stage("lipflow.results", "seal", *sorted(str(p) for p in tmp_path.iterdir()))
+    assert done.returncode == 0, done.stderr
+    assert f"{figure}.sha256: a checksum file, skipped" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sha256", "notes.sha256.sha256", "x.png",
+                                                          "x.png.sha256"]
+
+
 @pytest.mark.parametrize("there", ["dangling link", "link", "folder", "named pipe", "sha256sum line"])
 def test_seal_refuses_a_sidecar_place_holding_no_checksum_and_keeps_it(tmp_path, there):
     """seal replaced a link in a sidecar's place (a dangling one, or one to a two-digest sidecar, which it cut)

@@ -94,8 +94,13 @@ def seal(files: list[Path]) -> None:
     of its Parquet files: only for files you trust); a file that has one is checked instead, and a
     sidecar left with two digests by a write cut short is cut to its file's. A written sidecar takes the
     modification time of its file (a new one) or its own (a cut one), so sealing reruns no Snakemake job. A
-    link or anything else that is no checksum in a sidecar's place is refused and kept, as by every write."""
+    link or anything else that is no checksum in a sidecar's place is refused and kept, as by every write.
+    A checksum file among ``files`` (``seal results/figures/*`` names each figure's sidecar too) is skipped,
+    not given a sidecar of its own."""
     for path in files:
+        if path.name.endswith(".sha256") and sidecar_digests(path):
+            print(f"{path}: a checksum file, skipped")
+            continue
         sidecar = sidecar_path(path)
         refuse_to_replace_sidecar(path)
         if sidecar.exists():
