@@ -94,9 +94,16 @@ def sidecar_digests(sidecar: Path) -> list[str]:
 def read_verified(path: str | os.PathLike[str]) -> bytes:
     """The bytes of ``path``, checked against its sidecar: a missing sidecar, one that holds no checksum
     (a folder, a named pipe, a user's notes: the file is not called corrupt) or a mismatch is an
-    :class:`IntegrityError` naming the file (what was checked is what is returned)."""
-    data = Path(path).read_bytes()
+    :class:`IntegrityError` naming the file (what was checked is what is returned). The sidecar is read
+    before and after the file, and a digest either lists vouches for it: a writer replacing the file
+    meanwhile (:func:`write_with_sidecar`'s three steps, all between the two reads) cut the sidecar to the
+    new digest while the old bytes were being read, which is no corruption."""
     sidecar = sidecar_path(path)
+    try:
+        listed_before = sidecar_digests(sidecar)
+    except OSError:  # none yet, or unreadable: the read after the file decides
+        listed_before = []
+    data = Path(path).read_bytes()
     try:
         expected = sidecar_digests(sidecar)
     except FileNotFoundError:
@@ -106,7 +113,7 @@ def read_verified(path: str | os.PathLike[str]) -> bytes:
     if not expected:
         raise IntegrityError(f"{path} cannot be verified: its checksum file {sidecar.name} holds no sha256 checksum "
                              "(move it away and rerun the job that writes it)")
-    if hashlib.sha256(data).hexdigest() not in expected:
+    if hashlib.sha256(data).hexdigest() not in [*expected, *listed_before]:
         raise IntegrityError(f"{path} is corrupt: sha256 does not match {sidecar.name}")
     return data
 

@@ -835,6 +835,43 @@ def test_crashes_in_a_row_keep_the_digest_of_the_file_that_is_there(tmp_path):
     assert read_verified(path) == b"sixth"
 
 
+def test_a_read_while_a_writer_replaces_the_file_is_no_corruption(tmp_path, monkeypatch):
+    """read_verified read the file, then its sidecar: a writer replacing both in between (all three of
+    write_with_sidecar's steps) left old bytes checked against a sidecar cut to the new digest, and a
+    reader (the database build, an evaluation) called the file corrupt. The sidecar read before the file
+    vouches for the old bytes now; bytes neither sidecar read vouches for are still corrupt."""
+    from pathlib import Path
+
+    from lipflow.atomic import IntegrityError, read_verified, write_with_sidecar
+
+    table = tmp_path / "evals.parquet"
+    write_with_sidecar(table, b"old")
+    read_bytes = Path.read_bytes
+
+    def read_then_replace(self, replacement):
+        data = read_bytes(self)
+        if self == table:
+            monkeypatch.setattr(Path, "read_bytes", read_bytes)
+            write_with_sidecar(table, replacement)
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read_then_replace(self, b"new"))
+    assert read_verified(table) == b"old"
+    assert read_verified(table) == b"new"
+
+    def read_then_corrupt(self):
+        data = read_bytes(self)
+        if self == table:
+            monkeypatch.setattr(Path, "read_bytes", read_bytes)
+            Path(f"{table}.sha256").write_text(hashlib.sha256(b"other").hexdigest() + "\n")
+            return b"garbled"
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_corrupt)
+    with pytest.raises(IntegrityError, match="is corrupt"):
+        read_verified(table)
+
+
 def test_a_failed_write_puts_the_sidecar_back_and_seal_cuts_one_a_crash_left(tmp_path, monkeypatch, capsys):
     """A write that fails while the file is replaced (disk full, Ctrl-C) left the sidecar vouching for bytes
     that never landed; it is put back as it was. A sidecar a crash left with two digests is cut to its
