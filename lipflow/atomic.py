@@ -95,9 +95,9 @@ def read_verified(path: str | os.PathLike[str]) -> bytes:
     """The bytes of ``path``, checked against its sidecar: a missing sidecar, one that holds no checksum
     (a folder, a named pipe, a user's notes: the file is not called corrupt) or a mismatch is an
     :class:`IntegrityError` naming the file (what was checked is what is returned). The sidecar is read
-    before and after the file, and a digest either lists vouches for it: a writer replacing the file
-    meanwhile (:func:`write_with_sidecar`'s three steps, all between the two reads) cut the sidecar to the
-    new digest while the old bytes were being read, which is no corruption."""
+    before and after the file, and a digest listed by either read vouches for it: one write replacing the
+    file meanwhile (:func:`write_with_sidecar`'s three steps) may cut the sidecar to the new digest while
+    the old bytes are read, or swap the new bytes in after the first read, which is no corruption."""
     sidecar = sidecar_path(path)
     try:
         listed_before = sidecar_digests(sidecar)

@@ -859,6 +859,23 @@ def test_a_read_while_a_writer_replaces_the_file_is_no_corruption(tmp_path, monk
     assert read_verified(table) == b"old"
     assert read_verified(table) == b"new"
 
+    # the other order: the whole write lands after the sidecar's first read (it listed "new" only) and before
+    # the file's read: the new bytes, vouched for by the sidecar read after them
+    sidecar_reads = []
+
+    def replace_after_the_first_sidecar_read(self):
+        data = read_bytes(self)
+        if self == Path(f"{table}.sha256"):
+            sidecar_reads.append(data)
+            if len(sidecar_reads) == 1:
+                monkeypatch.setattr(Path, "read_bytes", read_bytes)
+                write_with_sidecar(table, b"newer")
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", replace_after_the_first_sidecar_read)
+    assert read_verified(table) == b"newer"
+    assert sidecar_reads == [(hashlib.sha256(b"new").hexdigest() + "\n").encode()]
+
     def read_then_corrupt(self):
         data = read_bytes(self)
         if self == table:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipflow.atomic import (read_verified, refuse_to_replace, refuse_to_replace_sidecar, sha256_file, sidecar_digests,
-                            sidecar_path, write_bytes_atomic)
+from lipflow.atomic import (is_checksum, read_verified, refuse_to_replace, refuse_to_replace_sidecar, sha256_file,
+                            sidecar_digests, sidecar_path, write_bytes_atomic)
 from lipflow.data.parquet import read_table_parquet, write_table_parquet
 from lipflow.config import check_run_id
 from lipflow.errors import ArgumentParser, check_distinct_paths
@@ -98,7 +98,7 @@ def seal(files: list[Path]) -> None:
     A checksum file among ``files`` (``seal results/figures/*`` names each figure's sidecar too) is skipped,
     not given a sidecar of its own."""
     for path in files:
-        if path.name.endswith(".sha256") and sidecar_digests(path):
+        if path.name.endswith(".sha256") and is_checksum(path):
             print(f"{path}: a checksum file, skipped")
             continue
         sidecar = sidecar_path(path)

@@ -7,9 +7,9 @@ decay. They are compared at matched clean accuracy: every ``eval_every`` steps e
 accuracy is recorded with a weight snapshot; the target is the lower of the two best val
 accuracies and each method is evaluated, on the held-out test split, at its earliest snapshot that
 reaches it. The comparison is repeated for ``seeds`` seeds (``seed``, ``seed`` + 1, …), each with its
-own split, init, batches, attacks and matched target: which snapshot first reaches the target is
-sensitive to rounding (AdamW's L at its matched snapshot spans 103–237 over seeds 0–4 and 1 or 2
-torch threads at the defaults), so one seed's numbers are a sample, not the result. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
+own split, init, batches, attacks and matched target: which snapshot first reaches the target moves
+with rounding (torch's thread count, the BLAS path), and a method whose L grows with the step (AdamW)
+is certified at that snapshot, so one seed's numbers are a sample, not the result. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
 certified accuracy (radius m/(√2 L) > ε), robust accuracy, mean true-class probability and loss
 under ℓ2 PGD per ε on the 64 pixels scaled to [0, 1] (each radius's random restarts drawn from a
 stream seeded by the seed and ε, so a radius's numbers do not depend on the other radii), and the
@@ -19,7 +19,7 @@ empirical Lipschitz lower bound over the PGD pairs (checked against L). Each met
 CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet``, JSON being the
 ``image_mlp`` block of the config, checked against the config schema's ``image_mlp`` block
 (workflow/schemas/config.schema.yaml; missing keys take its defaults). ``--out`` replaces only an
-earlier table of this study (:data:`COLUMNS`, or :data:`EARLIER_COLUMNS`, matching its ``.sha256``).
+earlier table of this study (:data:`COLUMNS`, or :data:`EARLIER_LAYOUTS`, matching its ``.sha256``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ SCHEMA = pa.schema([("metric", pa.string()), ("value", pa.float64()), ("method",
 COLUMNS = tuple(SCHEMA.names)
 # its columns before they named each method's optimizer and constraint, and before the seed column (one
 # seed, the config's): such tables are this study's too
-EARLIER_COLUMNS = (("metric", "value", "method", "epsilon"),
+EARLIER_LAYOUTS = (("metric", "value", "method", "epsilon"),
                    ("metric", "value", "method", "optimizer", "weight_constraint", "epsilon"))
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -148,26 +148,31 @@ def run_image_mlp_study(cfg: dict[str, Any], report: Callable[[str], None] = sil
         for name, method in cfg["methods"].items():
             runs[name] = train_snapshots(method, cfg, data, seed)
             done += 1
-            best = max(acc for _, acc, _ in runs[name])
-            report(f"{name} trained at seed {seed}, best val accuracy {best:.4f} ({done} of {total})")
+            report(f"{name} trained at seed {seed}, best val accuracy {best_val_accuracy(runs[name]):.4f} "
+                   f"({done} of {total})")
         rows += matched_rows(runs, cfg, data, seed)
     return rows
 
 
+def best_val_accuracy(snapshots: list[tuple[int, float, dict[str, torch.Tensor]]]) -> float:
+    """The highest val accuracy of a method's snapshots."""
+    return max(acc for _, acc, _ in snapshots)
+
+
 def matched_rows(runs: dict[str, list], cfg: dict[str, Any], data: dict[str, Split], seed: int) -> list[dict]:
     """Each method's rows at its earliest snapshot reaching the lower of the methods' best val accuracies."""
-    target = min(max(acc for _, acc, _ in snaps) for snaps in runs.values())
+    target = min(best_val_accuracy(snaps) for snaps in runs.values())
     rows: list[dict] = []
     for name, snaps in runs.items():
         step, val_acc, weights = next(s for s in snaps if s[1] >= target)
         model = build_model(run_defaults(**mlp_config(cfg)), CLASSES)
         model.load_state_dict(weights)
         method = {"method": name, "optimizer": cfg["methods"][name]["optimizer"],
-                  "weight_constraint": cfg["methods"][name]["weight_constraint"], "seed": seed}
-        rows += [{"metric": "matched_step", "value": float(step), **method},
-                 {"metric": "val_accuracy", "value": val_acc, **method},
-                 {"metric": "final_val_accuracy", "value": snaps[-1][1], **method}]
-        rows += robustness_rows(model, data["test"], cfg, **method)
+                  "weight_constraint": cfg["methods"][name]["weight_constraint"]}
+        rows += [{"metric": "matched_step", "value": float(step), "seed": seed, **method},
+                 {"metric": "val_accuracy", "value": val_acc, "seed": seed, **method},
+                 {"metric": "final_val_accuracy", "value": snaps[-1][1], "seed": seed, **method}]
+        rows += robustness_rows(model, data["test"], cfg, seed, **method)
     return rows
 
 
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
-                                   lambda p: any(parquet_with_columns(columns)(p) for columns in (COLUMNS, *EARLIER_COLUMNS)))
+                                   lambda p: any(parquet_with_columns(columns)(p) for columns in (COLUMNS, *EARLIER_LAYOUTS)))
         check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
         if args.receipt is not None:
             refuse_to_replace_receipt(args.receipt, RECEIPT_KEY, "lipflow.studies.image_mlp")
