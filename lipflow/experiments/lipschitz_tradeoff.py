@@ -67,8 +67,8 @@ def tradeoff_accuracy(con):
     """Val accuracy (every position of the whole val split) against the certified bound (log x; the
     Pareto front of each optimizer as a line) and against the local certificate's radius: the ℓ2 ε on
     the token embeddings where the local certificate certifies half the clean accuracy of the
-    last-position predictions of the robustness evaluation's first n_sequences val windows (64 by
-    default, counted on the axis): certified around each of those windows, not for every input as L is."""
+    last-position predictions of the robustness evaluation's first n_sequences val windows (counted on
+    the axis): certified around each of those windows, not for every input as L is."""
     from matplotlib.ticker import NullFormatter
 
     plt = pyplot()
