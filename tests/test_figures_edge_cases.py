@@ -217,6 +217,37 @@ def test_the_precision_figure_draws_the_proven_and_observed_activation_maxima_of
     pyplot().close(fig)
 
 
+def test_the_precision_figure_does_not_call_e4m3_unproven_where_e4m3_was_not_evaluated(tmp_path):
+    """With evaluations.precision.formats without fp8_e4m3 no run has an e4m3 verdict (e4m3_proven_safe
+    NULL), yet its ▲ was drawn hollow, which the legend reads as "e4m3 not proven (cast model's bound >
+    max)": a claim about a format that was never evaluated. Such a ▲ is half filled and the legend says
+    e4m3 was not evaluated."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.precision import precision
+    from lipflow.results.plotting import pyplot
+
+    row = {"run_id": "prec.cap-00000001", "eval": "precision", "n": None, "matrix": None, "rtol": None,
+           "epsilon": None, "attack": None, "k": None, "scaling": None}
+    evals = [{**row, "metric": metric, "value": value, "format": fmt}
+             for metric, value, fmt in (("accuracy", 0.26, "fp32"), ("observed_max_activation", 6.0, None),
+                                        ("proven_max_activation", 12.0, None), ("proven_over_observed", 2.0, None),
+                                        ("fp8_safe_proven", 1.0, "bf16"))]
+    runs = [run("prec.cap-00000001", experiment="precision", model="lipschitz_gpt",
+                weight_constraint="spectral_soft_cap", max_activation=3.0)]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["precision_bounds"] == ""
+    fig = precision(con)
+    bounds = fig.axes[2]
+    (proven,) = [line for line in bounds.lines if line.get_marker() == "^"]
+    assert proven.get_fillstyle() == "bottom"  # neither filled (proven safe) nor hollow (not proven)
+    labels = [text.get_text() for text in bounds.get_legend().get_texts()]
+    assert "proven; e4m3 not evaluated (evaluations.precision.formats)" in labels
+    assert not any("e4m3 not proven" in label or "e4m3 proven safe" in label for label in labels)
+    pyplot().close(fig)
+
+
 def rank_database(tmp_path, runs, *, train_loss: float, rtol: float, train_split_tokens: int | None = None):
     """A database of rank_vs_n ``runs`` (their train loss ``train_loss`` at steps 95 and 100, a W_QK rank of 8
     at ``rtol`` and a B3 sum of 1 at n = 10) with its views built; ``train_split_tokens``: the train split's

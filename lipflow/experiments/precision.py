@@ -161,12 +161,18 @@ def precision(con):
     return fig
 
 
+# the proven bound's ▲ by the run's unscaled e4m3 verdict: proven safe (filled), not proven (hollow), or
+# none, fp8_e4m3 not among evaluations.precision.formats (half filled: hollow claimed "not proven")
+VERDICT_MARKS = {True: {}, False: {"markerfacecolor": "none"}, "none evaluated": {"fillstyle": "bottom"}}
+
+
 def activation_bounds(ax, bounds, color_of: dict) -> None:
     """View ``precision_bounds`` on ``ax``: per run (ordered by fp32 accuracy, so runs of like accuracy
     stand side by side) the observed max |activation| on the val windows (●) and the proven one, the
-    analytic bound for any input (▲, filled where unscaled e4m3 is proven safe), joined by a line
-    labelled with their ratio (log y), and e4m3's largest value. The e4m3 verdict bounds the e4m3-cast
-    model, each cast's rounding included, so a ▲ below the line may still be hollow."""
+    analytic bound for any input (▲, filled where unscaled e4m3 is proven safe, half filled where e4m3 was
+    not evaluated), joined by a line labelled with their ratio (log y), and e4m3's largest value. The e4m3
+    verdict bounds the e4m3-cast model, each cast's rounding included, so a ▲ below the line may still be
+    hollow."""
     import numpy as np
     from matplotlib.lines import Line2D
 
@@ -174,6 +180,7 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
 
     e4m3 = FORMATS.get("fp8_e4m3").max
     runs = bounds[bounds.observed_max_activation.notna()].sort_values(["accuracy", "label"])
+    verdicts = set()
     for x, run in enumerate(runs.itertuples()):
         color = color_of.get(run.label, "0.4")
         ax.plot([x], [run.observed_max_activation], "o", color=color, markersize=8)
@@ -182,8 +189,9 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
                         textcoords="offset points", ha="center", fontsize=8, color="0.4")
             continue
         ax.plot([x, x], [run.observed_max_activation, run.proven_max_activation], "-", color=color)
-        ax.plot([x], [run.proven_max_activation], "^", color=color, markersize=9,
-                markerfacecolor=color if run.e4m3_proven_safe == 1 else "none")
+        verdict = "none evaluated" if np.isnan(run.e4m3_proven_safe) else run.e4m3_proven_safe == 1
+        verdicts.add(verdict)
+        ax.plot([x], [run.proven_max_activation], "^", color=color, markersize=9, **VERDICT_MARKS[verdict])
         ax.annotate(f"×{run.proven_over_observed:.3g}", (x, run.proven_max_activation), xytext=(8, 0),
                     textcoords="offset points", va="center", fontsize=8)
     if runs.empty:
@@ -197,11 +205,13 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
     ax.set_ylabel("max |activation entry| (log scale)")
     ax.set_title("max |activation|: proven for any input vs observed, runs by fp32 accuracy")
     ax.grid(alpha=0.3, axis="y")
-    key = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="observed on the val windows"),
-           Line2D([], [], color="0.3", marker="^", linestyle="none", label="proven for any input; e4m3 proven safe"),
-           Line2D([], [], color="0.3", marker="^", markerfacecolor="none", linestyle="none",
-                  label="proven; e4m3 not proven (cast model's bound > max)"),
-           Line2D([], [], color="0.5", linestyle="--", label=f"fp8 e4m3 max ({e4m3:g})")]
+    key = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="observed on the val windows")]
+    key += [Line2D([], [], color="0.3", marker="^", linestyle="none", label=label, **VERDICT_MARKS[verdict])
+            for verdict, label in ((True, "proven for any input; e4m3 proven safe"),
+                                   (False, "proven; e4m3 not proven (cast model's bound > max)"),
+                                   ("none evaluated", "proven; e4m3 not evaluated (evaluations.precision.formats)"))
+            if verdict in verdicts]
+    key.append(Line2D([], [], color="0.5", linestyle="--", label=f"fp8 e4m3 max ({e4m3:g})"))
     ax.legend(handles=key, fontsize=8, loc="upper left")
 
 
