@@ -489,6 +489,37 @@ def test_the_digits_mlp_panel_draws_the_mean_over_seeds_with_their_range(tmp_pat
     pyplot().close(fig)
 
 
+def test_the_digits_mlp_panel_of_one_radius_draws_its_seeds_range(tmp_path):
+    """With one radius (image_mlp.epsilons: [0.5]) the seeds' min–max band was a fill between two points at
+    one ε: no area, nothing drawn, while the title promised "band: min–max". The range is drawn as a bar
+    at that ε."""
+    from matplotlib.collections import LineCollection
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": 0.5,
+              "epsilon": 0.5, "attack": "pgd", "k": None}]
+    image = [{"method": "m", "optimizer": "muon", "weight_constraint": "spectral_soft_cap", "seed": seed,
+              "metric": metric, "value": value, "epsilon": eps}
+             for seed, bound, pgd in ((0, 9.5, 0.6), (1, 10.5, 0.4), (2, 9.75, 0.5))
+             for metric, value, eps in (("certificate_l2", bound, None), ("robust_accuracy", pgd, 0.5),
+                                        ("certified_accuracy", pgd / 2, 0.5))]
+    con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    image_ax = fig.axes[1]
+    assert "band: min–max" in image_ax.get_title()
+    ranges = sorted((float(x0), float(y0), float(x1), float(y1))
+                    for bars in image_ax.collections if isinstance(bars, LineCollection)
+                    for (x0, y0), (x1, y1) in bars.get_segments())
+    assert ranges == pytest.approx([(0.5, 20.0, 0.5, 30.0), (0.5, 40.0, 0.5, 60.0)])  # certified, PGD
+    pyplot().close(fig)
+
+
 def test_the_robustness_figure_shows_a_local_certified_accuracy_equal_to_the_global_one(tmp_path):
     """A model whose local certified accuracy equals the global one at every ε (lipschitz_adamw of the cpu
     preset: 29.7 % at ε = 0, then 0) had its dotted local line drawn exactly over the dashed global one,

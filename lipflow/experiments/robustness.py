@@ -85,9 +85,9 @@ def robustness(con):
     """Accuracy under ℓ2 PGD (solid, ●) and certified accuracy, global (dashed, hollow ■) and local
     (dotted, ×; "= global at every ε" in the legend where the two coincide), against ε per model; the
     global and local certificates' tightness against ε; LM token substitutions against k; the digits MLP
-    against ε, the mean over its seeds with their min–max band. A model without a certificate (an
-    unconstrained GPT) is named in the legend of the certified and tightness panels, "no certificate",
-    with nothing drawn. Two panels a row."""
+    against ε, the mean over its seeds with their min–max band (a bar at a single ε). A model without a
+    certificate (an unconstrained GPT) is named in the legend of the certified and tightness panels, "no
+    certificate", with nothing drawn. Two panels a row."""
     plt = pyplot()
     df = read_view(con, "robustness")
     panels = []
@@ -135,9 +135,14 @@ def robustness(con):
                 for line, style, marks, name in lines:
                     if len(line):
                         ax.plot(line.epsilon, 100 * line["mean"], style, color=color, label=name, **marks)
-                        if (line["count"] > 1).any():  # the digits MLP's seeds: their min–max band
+                        if not (line["count"] > 1).any():
+                            continue
+                        if len(line) > 1:  # the digits MLP's seeds: their min–max band
                             ax.fill_between(line.epsilon, 100 * line["min"], 100 * line["max"], color=color,
                                             alpha=0.12, linewidth=0)
+                        else:  # one radius: a band there has no area, so a bar
+                            ax.vlines(line.epsilon, 100 * line["min"], 100 * line["max"], color=color, alpha=0.3,
+                                      linewidth=6)
                 if not any(len(cert) for cert in certified):
                     no_certificate(ax, label, color, "no certified accuracy")
             elif x_col == "tightness":
