@@ -520,6 +520,32 @@ def test_the_digits_mlp_panel_of_one_radius_draws_its_seeds_range(tmp_path):
     pyplot().close(fig)
 
 
+def test_the_digits_mlp_legend_gives_one_l_where_the_seeds_certificates_agree(tmp_path):
+    """Seeds whose certificates agree to the legend's 3 digits (a soft cap every matrix reaches) were a range of
+    one value, "L=27–27"; the legend gives "L=27", and a range only where the seeds differ."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": 0.5,
+              "epsilon": 0.5, "attack": "pgd", "k": None}]
+    image = [{"method": method, "optimizer": "muon", "weight_constraint": "spectral_soft_cap", "seed": seed,
+              "metric": metric, "value": value, "epsilon": eps}
+             for method, bounds in (("cap", (27.0, 27.001)), ("free", (103.0, 237.0)))
+             for seed, bound in enumerate(bounds)
+             for metric, value, eps in (("certificate_l2", bound, None), ("robust_accuracy", 0.5 + seed / 10, 0.5),
+                                        ("certified_accuracy", 0.25, 0.5))]
+    con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    labels = [line.get_label() for line in fig.axes[1].lines]
+    assert "cap (L=27): PGD" in labels and "free (L=103–237): PGD" in labels
+    pyplot().close(fig)
+
+
 def test_the_robustness_figure_shows_a_local_certified_accuracy_equal_to_the_global_one(tmp_path):
     """A model whose local certified accuracy equals the global one at every ε (lipschitz_adamw of the cpu
     preset: 29.7 % at ε = 0, then 0) had its dotted local line drawn exactly over the dashed global one,

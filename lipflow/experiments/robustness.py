@@ -118,8 +118,9 @@ def robustness(con):
         for label in sorted(data.label.unique()):
             color, rows = color_of[label], data[data.label == label]
             bounds = rows.drop_duplicates("seed").certificate_l2.dropna()
-            suffix = (f" (L={bounds.iloc[0]:.3g})" if len(bounds) == 1 else
-                      f" (L={bounds.min():.3g}–{bounds.max():.3g})" if len(bounds) else "")
+            # the seeds' range of L, one value where they agree to 3 digits ("L=27", not "L=27–27")
+            span = [f"{bound:.3g}" for bound in (bounds.min(), bounds.max())] if len(bounds) else []
+            suffix = f" (L={'–'.join(dict.fromkeys(span))})" if span else ""
             if x_col == "epsilon":
                 pgd = over_seeds(rows[(rows.metric == "robust_accuracy") & (rows.attack == "pgd")], "epsilon")
                 certified = [over_seeds(rows[rows.metric == metric], "epsilon")
