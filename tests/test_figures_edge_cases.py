@@ -248,6 +248,46 @@ def test_the_precision_figure_does_not_call_e4m3_unproven_where_e4m3_was_not_eva
     pyplot().close(fig)
 
 
+def test_the_precision_panel_draws_the_bound_its_verdict_takes_and_skips_a_ratio_without_an_observed_max(tmp_path):
+    """The ▲ is the bound over the observed tensors; the e4m3 verdict takes every bounded tensor, the
+    attention scores too, so a hollow ▲ under e4m3's 448 (a run's 389 with scores bounded by 857) read as
+    the casts' rounding alone. The bound over every tensor is a ▬ where it is above the ▲, named in the
+    legend; a run whose ▲ is that bound has none. An observed max of 0 has no ratio to print (×inf), and
+    a run without an fp32 accuracy says so (it printed "fp32 nan %")."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.precision import precision
+    from lipflow.results.plotting import pyplot
+
+    row = {"eval": "precision", "n": None, "matrix": None, "rtol": None, "epsilon": None, "attack": None, "k": None,
+           "scaling": None}
+    cells = {"prec.scores-00000001": (0.31, 16.0, 389.0, 857.0, 0.0), "prec.even-00000002": (0.26, 6.0, 12.0, 12.0, 1.0),
+             "prec.zero-00000003": (None, 0.0, 5.0, 5.0, 1.0)}
+    runs = [run(rid, experiment="precision", model="lipschitz_gpt", weight_constraint="spectral_soft_cap",
+                max_activation=3.0) for rid in cells]
+    evals = [{**row, "run_id": rid, "metric": metric, "value": value, "format": fmt}
+             for rid, (accuracy, observed, proven, every, safe) in cells.items()
+             for metric, value, fmt in (("accuracy", accuracy, "fp32"), ("observed_max_activation", observed, None),
+                                        ("proven_max_activation", proven, None),
+                                        ("proven_over_observed", proven / observed if observed else float("inf"), None),
+                                        ("analytic_activation_bound", every, None), ("fp8_safe_proven", safe, "fp8_e4m3"))
+             if value is not None]
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["precision_bounds"] == ""
+    fig = precision(con)
+    bounds = fig.axes[2]
+    ticks = [t.get_text() for t in bounds.get_xticklabels()]
+    assert ticks == ["even\nfp32 26.0 %", "scores\nfp32 31.0 %", "zero\nfp32 no accuracy"], ticks
+    every = [(float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in bounds.lines
+             if line.get_marker() == "_"]
+    assert every == [(1.0, 857.0)]  # only where the scores' bound is above the ▲
+    labels = [text.get_text() for text in bounds.get_legend().get_texts()]
+    assert "proven for every bounded tensor, attention scores too (not observed)" in labels
+    assert sorted(t.get_text() for t in bounds.texts) == ["×2", "×24.3"]  # no ×inf
+    pyplot().close(fig)
+
+
 def rank_database(tmp_path, runs, *, train_loss: float, rtol: float, train_split_tokens: int | None = None):
     """A database of rank_vs_n ``runs`` (their train loss ``train_loss`` at steps 95 and 100, a W_QK rank of 8
     at ``rtol`` and a B3 sum of 1 at n = 10) with its views built; ``train_split_tokens``: the train split's
@@ -607,6 +647,58 @@ def test_the_robustness_figure_names_a_model_without_a_certificate_in_its_certif
         [entry] = [line for line in ax.lines if line.get_label() == f"gpt: no certificate, {what}"]
         assert len(entry.get_xdata()) == 0  # named, not drawn
     assert list(next(line for line in attack.lines if line.get_label() == "gpt: PGD").get_ydata()) == [30.0, 20.0]
+    pyplot().close(fig)
+
+
+def test_a_certified_model_without_tightness_rows_is_not_called_uncertified(tmp_path):
+    """'no certificate' was inferred from missing rows: a model with a certificate but no tightness rows (a
+    certificate of 0 or NaN gives none) was labelled 'no certificate'. The certificate decides now: such a
+    model's entry says 'no tightness recorded'."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.lip-00000001", experiment="robustness", model="lipschitz_gpt"),
+            run("robust.tight-00000002", experiment="robustness", model="lipschitz_gpt")]
+    evals = [{"run_id": rid, "eval": "robustness", "metric": m, "value": v, "epsilon": e, "attack": a, "k": None}
+             for rid in ("robust.lip-00000001", "robust.tight-00000002")
+             for m, v, e, a in (("certificate_l2", 30.0, None, None), ("robust_accuracy", 0.3, 0.0, "pgd"),
+                                ("certified_accuracy", 0.3, 0.0, None))]
+    evals.append({"run_id": "robust.tight-00000002", "eval": "robustness", "metric": "tightness_local", "value": 0.5,
+                  "epsilon": 0.5, "attack": "pgd", "k": None})
+    con = database(tmp_path, runs, evals=evals)
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    tightness = fig.axes[1]
+    legend = [text.get_text() for text in tightness.get_legend().get_texts()]
+    assert "lip: no tightness recorded" in legend and not any("no certificate" in entry for entry in legend)
+    pyplot().close(fig)
+
+
+def test_a_digits_mlp_line_averaging_fewer_seeds_at_some_radius_says_so(tmp_path):
+    """The title's 'mean of N seeds' held for every line, but a seed without a value at some ε (a table
+    made by hand, a study cut short) was averaged away there without a word. That line's legend entry says
+    how many seeds its thinnest point averages."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    image = [{"method": "m", "optimizer": "muon", "weight_constraint": "spectral_soft_cap", "seed": seed,
+              "metric": metric, "value": value, "epsilon": eps}
+             for seed in (0, 1, 2)
+             for metric, value, eps in (("certificate_l2", 10.0, None), ("robust_accuracy", 0.9, 0.0),
+                                        ("robust_accuracy", 0.5, 0.5), ("certified_accuracy", 0.8, 0.0),
+                                        ("certified_accuracy", 0.2, 0.5))
+             if not (seed == 2 and metric == "robust_accuracy" and eps == 0.5)]
+    con = database(tmp_path, [run("robust.a-00000001", experiment="other")], extra={"image_mlp_robustness": image})
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    labels = {line.get_label() for line in fig.axes[0].lines}
+    assert labels == {"m (L=10): PGD (2 of 3 seeds at some ε)", "m: certified (global)"}, labels
     pyplot().close(fig)
 
 

@@ -169,10 +169,11 @@ VERDICT_MARKS = {True: {}, False: {"markerfacecolor": "none"}, "none evaluated":
 def activation_bounds(ax, bounds, color_of: dict) -> None:
     """View ``precision_bounds`` on ``ax``: per run (ordered by fp32 accuracy, so runs of like accuracy
     stand side by side) the observed max |activation| on the val windows (●) and the proven one, the
-    analytic bound for any input (▲, filled where unscaled e4m3 is proven safe, half filled where e4m3 was
-    not evaluated), joined by a line labelled with their ratio (log y), and e4m3's largest value. The e4m3
-    verdict bounds the e4m3-cast model, each cast's rounding included, so a ▲ below the line may still be
-    hollow."""
+    analytic bound for any input over the observed tensors (▲, filled where unscaled e4m3 is proven safe,
+    half filled where e4m3 was not evaluated), joined by a line labelled with their ratio (log y); the bound
+    over every bounded tensor, the attention scores too (▬, where above ▲: ``analytic_activation_bound``);
+    and e4m3's largest value. The e4m3 verdict bounds every tensor of the e4m3-cast model, each cast's
+    rounding included, so a ▲ below the line may still be hollow (a ▬ above it, or the rounding)."""
     import numpy as np
     from matplotlib.lines import Line2D
 
@@ -180,7 +181,7 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
 
     e4m3 = FORMATS.get("fp8_e4m3").max
     runs = bounds[bounds.observed_max_activation.notna()].sort_values(["accuracy", "label"])
-    verdicts = set()
+    verdicts, beyond_observed = set(), False
     for x, run in enumerate(runs.itertuples()):
         color = color_of.get(run.label, "0.4")
         ax.plot([x], [run.observed_max_activation], "o", color=color, markersize=8)
@@ -192,15 +193,21 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
         verdict = "none evaluated" if np.isnan(run.e4m3_proven_safe) else run.e4m3_proven_safe == 1
         verdicts.add(verdict)
         ax.plot([x], [run.proven_max_activation], "^", color=color, markersize=9, **VERDICT_MARKS[verdict])
-        ax.annotate(f"×{run.proven_over_observed:.3g}", (x, run.proven_max_activation), xytext=(8, 0),
-                    textcoords="offset points", va="center", fontsize=8)
+        if run.analytic_activation_bound > run.proven_max_activation:  # the scores' bound, unobserved
+            ax.plot([x, x], [run.proven_max_activation, run.analytic_activation_bound], ":", color=color)
+            ax.plot([x], [run.analytic_activation_bound], "_", color=color, markersize=14, markeredgewidth=2.5)
+            beyond_observed = True
+        if np.isfinite(run.proven_over_observed):  # an observed max of 0 has no ratio (and no place on log y)
+            ax.annotate(f"×{run.proven_over_observed:.3g}", (x, run.proven_max_activation), xytext=(8, 0),
+                        textcoords="offset points", va="center", fontsize=8)
     if runs.empty:
         note_on_axes(ax, "no observed max |activation| recorded")
         return
     ax.axhline(e4m3, color="0.5", linestyle="--", linewidth=1)
     ax.set_yscale("log")
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{run.label}\nfp32 {100 * run.accuracy:.1f} %" for run in runs.itertuples()], fontsize=8)
+    ax.set_xticklabels([f"{run.label}\nfp32 " + ("no accuracy" if np.isnan(run.accuracy) else f"{100 * run.accuracy:.1f} %")
+                        for run in runs.itertuples()], fontsize=8)
     ax.set_xlim(-0.5, len(runs) - 0.5)
     ax.set_ylabel("max |activation entry| (log scale)")
     ax.set_title("max |activation|: proven for any input vs observed, runs by fp32 accuracy")
@@ -211,6 +218,9 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
                                    (False, "proven; e4m3 not proven (cast model's bound > max)"),
                                    ("none evaluated", "proven; e4m3 not evaluated (evaluations.precision.formats)"))
             if verdict in verdicts]
+    if beyond_observed:
+        key.append(Line2D([], [], color="0.3", marker="_", markersize=14, markeredgewidth=2.5, linestyle="none",
+                          label="proven for every bounded tensor, attention scores too (not observed)"))
     key.append(Line2D([], [], color="0.5", linestyle="--", label=f"fp8 e4m3 max ({e4m3:g})"))
     ax.legend(handles=key, fontsize=8, loc="upper left")
 

@@ -70,15 +70,24 @@ CERTIFIED_STYLES = (("--", "s", "none", "certified (global)"), (":", "x", None, 
 
 
 def over_seeds(rows, x_col: str):
-    """Per ``x_col`` value: the mean of ``value`` over the rows' seeds, its min and max, and the seed count."""
+    """Per ``x_col`` value: the mean of ``value`` over the rows' seeds, its min and max, and ``seeds``, how
+    many seeds have a value there."""
     spread = rows.groupby(x_col).value.agg(["mean", "min", "max", "count"]).reset_index()
-    return spread.sort_values(x_col)
+    return spread.rename(columns={"count": "seeds"}).sort_values(x_col)
 
 
-def no_certificate(ax, label: str, color, what: str) -> None:
-    """A legend entry, with nothing drawn, for model ``label`` in a panel of certificates where it has none
-    (an unconstrained GPT): absent without a word, it read as left out by mistake."""
-    ax.plot([], [], linestyle="none", color=color, label=f"{label}: no certificate, {what}")
+def fewer_seeds(line, seeds: int) -> str:
+    """The legend's note where a line averages fewer than the model's ``seeds`` seeds at some point."""
+    fewest = int(line.seeds.min()) if len(line) else seeds
+    return f" ({fewest} of {seeds} seeds at some ε)" if fewest < seeds else ""
+
+
+def nothing_drawn(ax, label: str, color, what: str, certified: bool) -> None:
+    """A legend entry, with nothing drawn, for model ``label`` in a panel where it has no ``what``: a model
+    without a certificate (an unconstrained GPT) says so; absent without a word, it read as left out by
+    mistake."""
+    why = f"no {what} recorded" if certified else f"no certificate, no {what}"
+    ax.plot([], [], linestyle="none", color=color, label=f"{label}: {why}")
 
 
 def robustness(con):
@@ -133,10 +142,12 @@ def robustness(con):
                 lines += [(cert, style, {"marker": marker, "markersize": 7, "markerfacecolor": fill},
                            f"{label}: {what}{note}")
                           for (style, marker, fill, what), cert, note in zip(CERTIFIED_STYLES, certified, notes)]
+                label_seeds = rows.seed.nunique()
                 for line, style, marks, name in lines:
                     if len(line):
-                        ax.plot(line.epsilon, 100 * line["mean"], style, color=color, label=name, **marks)
-                        if not (line["count"] > 1).any():
+                        ax.plot(line.epsilon, 100 * line["mean"], style, color=color,
+                                label=name + fewer_seeds(line, label_seeds), **marks)
+                        if not (line.seeds > 1).any():
                             continue
                         if len(line) > 1:  # the digits MLP's seeds: their min–max band
                             ax.fill_between(line.epsilon, 100 * line["min"], 100 * line["max"], color=color,
@@ -145,7 +156,7 @@ def robustness(con):
                             ax.vlines(line.epsilon, 100 * line["min"], 100 * line["max"], color=color, alpha=0.3,
                                       linewidth=6)
                 if not any(len(cert) for cert in certified):
-                    no_certificate(ax, label, color, "no certified accuracy")
+                    nothing_drawn(ax, label, color, "certified accuracy", certified=len(bounds) > 0)
             elif x_col == "tightness":
                 drawn = False
                 for style, metric in (("s--", "tightness_global"), ("o-", "tightness_local")):
@@ -154,7 +165,7 @@ def robustness(con):
                         ax.plot(sub.epsilon, sub.value, style, color=color, label=f"{label}: {metric[10:]}")
                         drawn = True
                 if not drawn:
-                    no_certificate(ax, label, color, "no tightness")
+                    nothing_drawn(ax, label, color, "tightness", certified=len(bounds) > 0)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
             else:
