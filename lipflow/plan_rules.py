@@ -142,6 +142,20 @@ class RuleFunctions:
         tokens = cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context"]
         return int(10 + 6 * param_count(cfg, self.vocab) * tokens / 5e9 / 60) * attempt
 
+    def image_mlp_runtime(self, wildcards, attempt):
+        """Minutes for the digits-MLP study, as ``train_runtime`` counts them (at 5 GFLOP/s, + 10, doubled on
+        retry): per seed and method, 6·N FLOPs per image of its steps and of its PGD's forward and backward
+        passes over the 360 test images, and for each method the worst case of Muon's Newton–Schulz, 5
+        iterations of 3 matmuls (2·m·n·min(m, n) FLOPs each) per matrix and step (MLP 64 → width → … → 10)."""
+        cfg = self.plan.config["image_mlp"]
+        widths = [64] + [cfg["width"]] * (cfg["n_layers"] - 1) + [10]
+        shapes = list(zip(widths[1:], widths[:-1]))
+        params = sum(m * n for m, n in shapes)
+        images = cfg["steps"] * cfg["batch_size"] + 360 * len(cfg["epsilons"]) * cfg["pgd_steps"] * cfg["pgd_restarts"]
+        newton_schulz = cfg["steps"] * sum(30 * m * n * min(m, n) for m, n in shapes)
+        flops = cfg["seeds"] * len(cfg["methods"]) * (6 * params * images + newton_schulz)
+        return int(10 + flops / 5e9 / 60) * attempt
+
     def train_gpus(self, wildcards):
         """GPUs for one training job: ``gpu_per_run``, at least one per process when GPUs are used."""
         gpus = self.resources["gpu_per_run"]

@@ -125,6 +125,26 @@ def test_a_run_id_the_config_does_not_train_is_one_config_error_in_every_rule_fu
     assert json.loads(plan.run_config_json(run)) == dict(plan.run_config(run))
 
 
+def test_the_digits_mlp_jobs_runtime_grows_with_its_seeds_and_steps():
+    """The image_mlp_robustness rule asked a scheduler for a fixed 60 minutes while the study's work grows with
+    image_mlp.seeds (about 20 s per seed on one core at the defaults): a SLURM job past some 180 seeds was
+    killed. Its runtime is counted from the block as the training jobs' are: 10 minutes plus a part linear
+    in seeds × methods and in steps (Newton–Schulz) — 40 at the defaults, which took 2.1 min on one core —
+    doubled on a retry."""
+    from lipflow.plan_rules import RuleFunctions
+
+    def runtime(attempt=1, **block):
+        return RuleFunctions(Plan.from_config({"image_mlp": block})).image_mlp_runtime(None, attempt)
+
+    assert runtime() == 40 and runtime(attempt=2) == 80
+    for seeds in (50, 200):
+        assert abs((runtime(seeds=seeds) - 10) - (runtime() - 10) * seeds / 5) <= seeds / 5
+    one_method = {"methods": {"muon_soft_cap": {"optimizer": "muon", "lr": 0.05,
+                                                "weight_constraint": "spectral_soft_cap", "sigma_max": 3.0}}}
+    assert abs((runtime(**one_method) - 10) * 2 - (runtime() - 10)) <= 2
+    assert runtime(steps=3000) - 10 >= 1.9 * (runtime() - 10)
+
+
 def test_an_evaluation_without_a_parameter_block_is_refused_before_any_job(monkeypatch):
     """An evaluation in the schema's enum but without its block under `evaluations` (an incomplete addition)
     passed the config check and failed in the evaluate rule's params with ``KeyError: '<name>'``."""

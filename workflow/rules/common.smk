@@ -58,6 +58,7 @@ run_config_json = _RULE_FUNCTIONS.run_config_json
 config_block_json = PLAN.config_block_json
 train_mem_mb = _RULE_FUNCTIONS.train_mem_mb
 train_runtime = _RULE_FUNCTIONS.train_runtime
+image_mlp_runtime = _RULE_FUNCTIONS.image_mlp_runtime
 train_gpus = _RULE_FUNCTIONS.train_gpus
 train_cpus = _RULE_FUNCTIONS.train_cpus
 study_tables = _RULE_FUNCTIONS.study_tables

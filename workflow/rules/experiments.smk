@@ -2,7 +2,7 @@
 # common.smk); here are the figures and tables of each experiment (one job per experiment, reading
 # the results database), each with the report caption its file (lipflow/experiments/<name>.py)
 # names, and the image-MLP robustness study (lipflow/studies/image_mlp.py, configured by the
-# `image_mlp` block; scikit-learn digits, about 2 minutes on one core). IMAGE_MLP and the targets
+# `image_mlp` block; scikit-learn digits, about 2 minutes on one core at its 5 seeds). IMAGE_MLP and the targets
 # for `rule all` come from lipflow/plan.py.
 
 from lipflow.experiments import CATALOG as EXPERIMENT_CATALOG
@@ -64,7 +64,7 @@ rule image_mlp_robustness:
         "results/logs/experiments/image_mlp_robustness.log",
     resources:
         mem_mb=2000,
-        runtime=60,
+        runtime=image_mlp_runtime,
         cpus_per_task=1,
     conda:
         ENV
