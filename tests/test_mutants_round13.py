@@ -254,7 +254,7 @@ def test_the_activation_panel_marks_ratios_fills_and_colours_as_the_view_and_bar
     proven bound twice the observed max); a run without an e4m3 verdict (NaN) drawn filled, as proven safe; a
     run without an observed max given a place on the axis; the points in grey, not their run's bar colour;
     no line joining the observed and proven maxima. Runs by fp32 accuracy: cap (26 %: 6 → 12, safe), nov
-    (30 %: 4 → 8, no verdict), free (35 %: 26 → 1300, not safe); gone (28 %: proven 10, nothing observed) has no
+    (30 %: 4 → 8, no verdict: half filled), free (35 %: 26 → 1300, not safe); gone (28 %: proven 10, nothing observed) has no
     place."""
     from test_experiments import database, run
 
@@ -286,13 +286,14 @@ def test_the_activation_panel_marks_ratios_fills_and_colours_as_the_view_and_bar
     order = ["cap", "nov", "free"]
     assert [t.get_text().split("\n")[0] for t in bounds.get_xticklabels()] == order
     assert [t.get_text() for t in bounds.texts] == ["×2", "×2", "×50"]
-    for x, (label, observed, proven, filled) in enumerate((("cap", 6.0, 12.0, True), ("nov", 4.0, 8.0, False),
-                                                           ("free", 26.0, 1300.0, False))):
+    for x, (label, observed, proven, filled) in enumerate((("cap", 6.0, 12.0, "full"), ("nov", 4.0, 8.0, "bottom"),
+                                                           ("free", 26.0, 1300.0, "none"))):
         here = [line for line in bounds.lines if list(line.get_xdata()) in ([x], [x, x])]
         by_marker = {line.get_marker(): line for line in here}
         assert list(by_marker["o"].get_ydata()) == [observed] and list(by_marker["^"].get_ydata()) == [proven]
         [join] = [line for line in here if len(line.get_xdata()) == 2]
         assert sorted(join.get_ydata()) == [observed, proven]
         assert all(to_rgba(line.get_color()) == bar_colour[label] for line in here)
-        assert (by_marker["^"].get_markerfacecolor() != "none") is filled, label
+        marker = by_marker["^"]  # filled: proven safe; half: no verdict; hollow: not proven
+        assert ("none" if marker.get_markerfacecolor() == "none" else marker.get_fillstyle()) == filled, label
     pyplot().close(fig)
