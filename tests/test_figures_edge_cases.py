@@ -616,15 +616,13 @@ def test_the_robustness_figure_shows_a_local_certified_accuracy_equal_to_the_glo
     pyplot().close(fig)
 
 
-def test_the_robustness_figure_names_a_model_without_a_certificate_in_its_certified_panels(tmp_path):
-    """gpt_adamw (no certificate: no certified accuracy, no tightness) was left out of the certified lines
-    and the tightness panel without a word. Its legend entries there say "no certificate", and nothing is
-    drawn for it; its PGD line stays."""
+def certified_robustness_figure(tmp_path):
+    """The robustness figure of an unconstrained GPT (PGD only) and a Lipschitz GPT (L = 30: certified
+    accuracies global and local that differ, tightness)."""
     from test_experiments import database, run
 
     from lipflow.experiments import create_views
     from lipflow.experiments.robustness import robustness
-    from lipflow.results.plotting import pyplot
 
     runs = [run("robust.gpt-00000001", experiment="robustness", model="gpt"),
             run("robust.lip-00000002", experiment="robustness", model="lipschitz_gpt")]
@@ -639,7 +637,16 @@ def test_the_robustness_figure_names_a_model_without_a_certificate_in_its_certif
                                  ("tightness_local", 0.5, 0.5, "pgd"))]
     con = database(tmp_path, runs, evals=evals)
     assert create_views(con, log=io.StringIO())["robustness"] == ""
-    fig = robustness(con)
+    return robustness(con)
+
+
+def test_the_robustness_figure_names_a_model_without_a_certificate_in_its_certified_panels(tmp_path):
+    """gpt_adamw (no certificate: no certified accuracy, no tightness) was left out of the certified lines
+    and the tightness panel without a word. Its legend entries there say "no certificate", and nothing is
+    drawn for it; its PGD line stays."""
+    from lipflow.results.plotting import pyplot
+
+    fig = certified_robustness_figure(tmp_path)
     attack, tightness = fig.axes
     for ax, what in ((attack, "no certified accuracy"), (tightness, "no tightness")):
         legend = [text.get_text() for text in ax.get_legend().get_texts()]

@@ -151,37 +151,15 @@ def test_the_digits_mlp_line_is_the_mean_over_seeds_and_two_seeds_have_a_band_on
         pyplot().close(fig)
 
 
-def _certified_figure(tmp_path):
-    """The robustness figure of an unconstrained GPT (PGD only) and a Lipschitz GPT (L = 30: certified
-    accuracies global and local that differ, tightness)."""
-    from test_experiments import database, run
-
-    from lipflow.experiments import create_views
-    from lipflow.experiments.robustness import robustness
-
-    runs = [run("robust.gpt-00000001", experiment="robustness", model="gpt"),
-            run("robust.lip-00000002", experiment="robustness", model="lipschitz_gpt")]
-    evals = [{"run_id": "robust.gpt-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": v,
-              "epsilon": e, "attack": "pgd", "k": None} for e, v in ((0.0, 0.3), (0.5, 0.2))]
-    evals += [{"run_id": "robust.lip-00000002", "eval": "robustness", "metric": m, "value": v, "epsilon": e,
-               "attack": a, "k": None}
-              for m, v, e, a in (("certificate_l2", 30.0, None, None), ("robust_accuracy", 0.3, 0.0, "pgd"),
-                                 ("robust_accuracy", 0.25, 0.5, "pgd"), ("certified_accuracy", 0.3, 0.0, None),
-                                 ("certified_accuracy", 0.0, 0.5, None), ("certified_accuracy_local", 0.3, 0.0, None),
-                                 ("certified_accuracy_local", 0.1, 0.5, None), ("tightness_global", 0.01, 0.5, "pgd"),
-                                 ("tightness_local", 0.5, 0.5, "pgd"))]
-    con = database(tmp_path, runs, evals=evals)
-    assert create_views(con, log=io.StringIO())["robustness"] == ""
-    return robustness(con)
-
-
 def test_the_certified_lines_have_the_captions_styles_and_the_legend_one_l_per_run(tmp_path):
     """Mutants: CERTIFIED_STYLES with global and local swapped in line style (global dotted) or in marker
     (global ×), against the caption's "dashed, hollow ■" global and "dotted, ×" local lines; the legend's L of
     a run from every row of it, not once per seed ("L=30–30" for one run's one certificate)."""
+    from test_figures_edge_cases import certified_robustness_figure
+
     from lipflow.results.plotting import pyplot
 
-    fig = _certified_figure(tmp_path)
+    fig = certified_robustness_figure(tmp_path)
     lines = {line.get_label(): line for line in fig.axes[0].lines}
     pgd, glob, local = lines["lip (L=30): PGD"], lines["lip: certified (global)"], lines["lip: certified (local)"]
     assert (pgd.get_linestyle(), pgd.get_marker()) == ("-", "o")
@@ -195,9 +173,11 @@ def test_the_certified_lines_have_the_captions_styles_and_the_legend_one_l_per_r
 def test_only_the_model_without_a_certificate_is_named_so_in_the_tightness_panel(tmp_path):
     """Mutant: the tightness panel's ``drawn`` never set, so the Lipschitz GPT, whose global and local tightness
     are drawn, was also listed as "no certificate, no tightness". Only the GPT is."""
+    from test_figures_edge_cases import certified_robustness_figure
+
     from lipflow.results.plotting import pyplot
 
-    fig = _certified_figure(tmp_path)
+    fig = certified_robustness_figure(tmp_path)
     tightness = fig.axes[1]
     labels = [line.get_label() for line in tightness.lines]
     assert sorted(labels) == ["gpt: no certificate, no tightness", "lip: global", "lip: local"]
