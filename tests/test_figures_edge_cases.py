@@ -616,6 +616,34 @@ def test_the_robustness_figure_shows_a_local_certified_accuracy_equal_to_the_glo
     pyplot().close(fig)
 
 
+def test_the_robustness_figure_of_accuracies_all_zero_has_no_negative_ticks(tmp_path):
+    """Untrained tiny runs whose every accuracy is 0 left matplotlib's ±5% around the lone 0: the accuracy
+    axes ticked −0.04 … 0.04 %, values an accuracy cannot take. They span [0, 1] % with 5% margins now
+    (zeros_from_zero), and a panel with a nonzero accuracy keeps matplotlib's range."""
+    from test_experiments import database, run
+
+    from lipflow.experiments import create_views
+    from lipflow.experiments.robustness import robustness
+    from lipflow.results.plotting import pyplot
+
+    runs = [run("robust.a-00000001", experiment="robustness")]
+    evals = [{"run_id": "robust.a-00000001", "eval": "robustness", "metric": "robust_accuracy", "value": 0.0,
+              "epsilon": e, "attack": a, "k": k}
+             for e, a, k in ((0.0, "pgd", None), (0.5, "pgd", None), (None, "greedy", 1), (None, "random", 1))]
+    image = [{"method": "m", "optimizer": "muon", "weight_constraint": "none", "seed": 0, "metric": "robust_accuracy",
+              "value": v, "epsilon": e} for e, v in ((0.0, 0.9), (0.5, 0.4))]
+    con = database(tmp_path, runs, evals=evals, extra={"image_mlp_robustness": image})
+    assert create_views(con, log=io.StringIO())["robustness"] == ""
+    fig = robustness(con)
+    fig.canvas.draw()
+    *zero_axes, image_ax = fig.axes
+    assert len(zero_axes) == 2
+    for ax in zero_axes:
+        assert ax.get_ylim() == pytest.approx((-0.05, 1.05))
+    assert image_ax.get_ylim()[1] > 90
+    pyplot().close(fig)
+
+
 def certified_robustness_figure(tmp_path):
     """The robustness figure of an unconstrained GPT (PGD only) and a Lipschitz GPT (L = 30: certified
     accuracies global and local that differ, tightness)."""

@@ -6,7 +6,7 @@ Newhouse et al. 2025 §3.3. View ``robustness`` (the LM runs' robustness evaluat
 
 from __future__ import annotations
 
-from lipflow.results.plotting import Figure, category_colors, pyplot, read_view
+from lipflow.results.plotting import Figure, category_colors, pyplot, read_view, zeros_from_zero
 from lipflow.results.views import RUNS_NEED, Part, View
 
 _ROBUST_METRICS = "('clean_accuracy', 'certified_accuracy', 'robust_accuracy', 'robust_loss', " \
@@ -175,6 +175,8 @@ def robustness(con):
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one k: else ticks at 0.96, …
         if x_col == "epsilon":
             one_radius_axis(ax)
+        if x_col != "tightness":  # accuracies: all 0 (untrained runs) is no reason for ticks at −0.04 %
+            zeros_from_zero(ax, "y", [y for line in ax.lines for y in line.get_ydata()])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_label)
         ax.set_ylabel("best attack / certificate (1 = tight)" if x_col == "tightness" else "accuracy (%)")
