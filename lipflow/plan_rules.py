@@ -146,7 +146,8 @@ class RuleFunctions:
         """Minutes for the digits-MLP study, as ``train_runtime`` counts them (at 5 GFLOP/s, + 10, doubled on
         retry): per seed and method, 6·N FLOPs per image of its steps and of its PGD's forward and backward
         passes over the 360 test images, and for each method the worst case of Muon's Newton–Schulz, 5
-        iterations of 3 matmuls (2·m·n·min(m, n) FLOPs each) per matrix and step (MLP 64 → width → … → 10)."""
+        iterations of 3 matmuls (2·m·n·min(m, n) FLOPs each) per matrix and step (MLP 64 → width → … →
+        10)."""
         cfg = self.plan.config["image_mlp"]
         widths = [64] + [cfg["width"]] * (cfg["n_layers"] - 1) + [10]
         shapes = list(zip(widths[1:], widths[:-1]))

@@ -164,6 +164,8 @@ def precision(con):
 # the proven bound's ▲ by the run's unscaled e4m3 verdict: proven safe (filled), not proven (hollow), or
 # none, fp8_e4m3 not among evaluations.precision.formats (half filled: hollow claimed "not proven")
 VERDICT_MARKS = {True: {}, False: {"markerfacecolor": "none"}, "none evaluated": {"fillstyle": "bottom"}}
+# the ▬ of the bound over every bounded tensor (the attention scores too), where it is above the ▲
+ALL_TENSORS_MARK = {"marker": "_", "markersize": 14, "markeredgewidth": 2.5}
 
 
 def activation_bounds(ax, bounds, color_of: dict) -> None:
@@ -195,7 +197,7 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
         ax.plot([x], [run.proven_max_activation], "^", color=color, markersize=9, **VERDICT_MARKS[verdict])
         if run.analytic_activation_bound > run.proven_max_activation:  # the scores' bound, unobserved
             ax.plot([x, x], [run.proven_max_activation, run.analytic_activation_bound], ":", color=color)
-            ax.plot([x], [run.analytic_activation_bound], "_", color=color, markersize=14, markeredgewidth=2.5)
+            ax.plot([x], [run.analytic_activation_bound], color=color, **ALL_TENSORS_MARK)
             beyond_observed = True
         if np.isfinite(run.proven_over_observed):  # an observed max of 0 has no ratio (and no place on log y)
             ax.annotate(f"×{run.proven_over_observed:.3g}", (x, run.proven_max_activation), xytext=(8, 0),
@@ -206,8 +208,8 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
     ax.axhline(e4m3, color="0.5", linestyle="--", linewidth=1)
     ax.set_yscale("log")
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{run.label}\nfp32 " + ("no accuracy" if np.isnan(run.accuracy) else f"{100 * run.accuracy:.1f} %")
-                        for run in runs.itertuples()], fontsize=8)
+    accuracies = ["no accuracy" if np.isnan(accuracy) else f"{100 * accuracy:.1f} %" for accuracy in runs.accuracy]
+    ax.set_xticklabels([f"{label}\nfp32 {accuracy}" for label, accuracy in zip(runs.label, accuracies)], fontsize=8)
     ax.set_xlim(-0.5, len(runs) - 0.5)
     ax.set_ylabel("max |activation entry| (log scale)")
     ax.set_title("max |activation|: proven for any input vs observed, runs by fp32 accuracy")
@@ -219,7 +221,7 @@ def activation_bounds(ax, bounds, color_of: dict) -> None:
                                    ("none evaluated", "proven; e4m3 not evaluated (evaluations.precision.formats)"))
             if verdict in verdicts]
     if beyond_observed:
-        key.append(Line2D([], [], color="0.3", marker="_", markersize=14, markeredgewidth=2.5, linestyle="none",
+        key.append(Line2D([], [], color="0.3", linestyle="none", **ALL_TENSORS_MARK,
                           label="proven for every bounded tensor, attention scores too (not observed)"))
     key.append(Line2D([], [], color="0.5", linestyle="--", label=f"fp8 e4m3 max ({e4m3:g})"))
     ax.legend(handles=key, fontsize=8, loc="upper left")

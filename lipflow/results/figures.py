@@ -23,8 +23,8 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import (is_sealed, refuse_to_replace, refuse_to_replace_receipt, refuse_to_replace_sidecar, sidecar_path,
-                            write_receipt, write_with_sidecar)
+from lipflow.atomic import (is_sealed, refuse_to_replace, refuse_to_replace_receipt, refuse_to_replace_sidecar,
+                            sidecar_path, write_receipt, write_with_sidecar)
 from lipflow.results import training_curves
 from lipflow.results.plotting import RECEIPT_KEY, pyplot, read_view, refuse_to_replace_figure, write_figure
 

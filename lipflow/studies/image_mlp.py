@@ -9,11 +9,12 @@ accuracies and each method is evaluated, on the held-out test split, at its earl
 reaches it. The comparison is repeated for ``seeds`` seeds (``seed``, ``seed`` + 1, …), each with its
 own split, init, batches, attacks and matched target: which snapshot first reaches the target moves
 with rounding (torch's thread count, the BLAS path), and a method whose L grows with the step (AdamW)
-is certified at that snapshot, so one seed's numbers are a sample, not the result. Per method: clean accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz),
-certified accuracy (radius m/(√2 L) > ε), robust accuracy, mean true-class probability and loss
-under ℓ2 PGD per ε on the 64 pixels scaled to [0, 1] (each radius's random restarts drawn from a
-stream seeded by the seed and ε, so a radius's numbers do not depend on the other radii), and the
-empirical Lipschitz lower bound over the PGD pairs (checked against L). Each method trains with the LM trainer's constrained update
+is certified at that snapshot, so one seed's numbers are a sample, not the result. Per method: clean
+accuracy, the ℓ2 certificate L = Π σ_max(Wᵢ) (ReLU is 1-Lipschitz), certified accuracy (radius
+m/(√2 L) > ε), robust accuracy, mean true-class probability and loss under ℓ2 PGD per ε on the 64
+pixels scaled to [0, 1] (each radius's random restarts drawn from a stream seeded by the seed and ε,
+so a radius's numbers do not depend on the other radii), and the empirical Lipschitz lower bound over
+the PGD pairs (checked against L). Each method trains with the LM trainer's constrained update
 (``lipflow.train.update``: step → decay → project).
 
 CLI: ``python -m lipflow.studies.image_mlp --config-json JSON --out FILE.parquet``, JSON being the
@@ -169,9 +170,9 @@ def matched_rows(runs: dict[str, list], cfg: dict[str, Any], data: dict[str, Spl
         model.load_state_dict(weights)
         method = {"method": name, "optimizer": cfg["methods"][name]["optimizer"],
                   "weight_constraint": cfg["methods"][name]["weight_constraint"]}
-        rows += [{"metric": "matched_step", "value": float(step), "seed": seed, **method},
-                 {"metric": "val_accuracy", "value": val_acc, "seed": seed, **method},
-                 {"metric": "final_val_accuracy", "value": snaps[-1][1], "seed": seed, **method}]
+        rows += [{"metric": metric, "value": value, "seed": seed, **method}
+                 for metric, value in (("matched_step", float(step)), ("val_accuracy", val_acc),
+                                       ("final_val_accuracy", snaps[-1][1]))]
         rows += robustness_rows(model, data["test"], cfg, seed, **method)
     return rows
 
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         refuse_to_replace_unsealed(args.out, "--out", "an image-MLP study table",
-                                   lambda p: any(parquet_with_columns(columns)(p) for columns in (COLUMNS, *EARLIER_LAYOUTS)))
+                                   lambda p: any(parquet_with_columns(columns)(p)
+                                                 for columns in (COLUMNS, *EARLIER_LAYOUTS)))
         check_folder_exists(args.out, "--out")  # before the minutes of training, not after them
         if args.receipt is not None:
             refuse_to_replace_receipt(args.receipt, RECEIPT_KEY, "lipflow.studies.image_mlp")
