@@ -17,9 +17,12 @@ Safety is a statement about every input, not the observed ones: overflow of an u
 impossible if every weight fits (checked exactly) and the analytic activation bounds of the cast model
 fit (``fp8_safe_proven``, per format, bf16 and fp16 included): ``model.activation_bounds(rounding)`` of
 the model with its weights cast, with each Linear's input and output cast (``bound.Rounding``: up to
-2^−(mantissa bits + 1) relative, plus half a subnormal step, per cast), so the bound covers the values
-the simulation casts, not only those of the fp32 model (a bound of 441 for the fp32 model's head output
-was proven safe in e4m3 while the cast run saturated there at 452). The bounds — a float, or a dict of
+2^−(mantissa bits + 1) relative, plus half a subnormal step, per cast) and the fp32 arithmetic in between
+(``bound.Arithmetic``: each dot product's γ_n, RoPE, the softmax average, GELU, the residual sums; TF32's
+coarser unit where torch's float32 matmul precision allows it), so the bound covers the values the
+simulation casts, not only those of the fp32 model (a bound of 441 for the fp32 model's head output
+was proven safe in e4m3 while the cast run saturated there at 452; fp32 SDPA puts an attention output
+above the largest |value| it averages in a quarter of the outputs). The bounds — a float, or a dict of
 floats keyed like the observed tensors — bound |entry| of every matmul operand and result for any token
 sequence; a model without them gets "no analytic bound". Per tensor the fp32 model's bound is reported
 next to the observed max (their ratio ≥ 1).
@@ -130,19 +133,20 @@ def analytic_activation_bound(model: nn.Module) -> float | None:
 
 def cast_activation_bound(model: nn.Module, fmt: NumberFormat) -> float | None:
     """The largest analytic activation bound of the unscaled simulation in ``fmt``: ``model`` with its
-    weights cast and every Linear's input and output cast (``activation_bounds(rounding)``); None without
-    bounds."""
+    weights cast, every Linear's input and output cast and fp32 arithmetic in between
+    (``activation_bounds(rounding)``); NaN where a bound is NaN (none proven); None without bounds."""
     cast_model = copy.deepcopy(model)
     _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt).to(p.dtype))
     bounds = analytic_activation_bounds(cast_model, Rounding.of(fmt.dtype))
-    return None if bounds is None else max(bounds.values())
+    if bounds is None:
+        return None
+    return math.nan if any(math.isnan(v) for v in bounds.values()) else max(bounds.values())
 
 
 def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
     """(1.0, why) when no weight and no bound of the cast model (``cast_activation_bound``) exceeds
-    ``fmt.max``, so an unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does
-    or a weight is not finite (its NaN bounds, and a NaN maximum, are skipped by ``max``); (NaN, "no
-    analytic bound") without bounds."""
+    ``fmt.max``, so an unscaled cast to ``fmt`` cannot overflow for any input; (0.0, why) when one does,
+    a weight is not finite or no bound is finite; (NaN, "no analytic bound") without bounds."""
     weights = [p.detach() for p in model.parameters() if p.is_floating_point()]
     if not all(bool(torch.isfinite(w).all()) for w in weights):
         return 0.0, "weights not finite"
@@ -152,6 +156,9 @@ def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
     bound = cast_activation_bound(model, fmt)
     if bound is None:
         return math.nan, "no analytic bound"
+    if not math.isfinite(bound):  # a γ_k with ku ≥ 1: TF32 matmuls over long dot products or attention rows
+        precision = torch.get_float32_matmul_precision()
+        return 0.0, f"no finite analytic bound at torch's float32 matmul precision '{precision}'"
     if bound <= fmt.max:
         return 1.0, f"activations ≤ {bound:.4g} ≤ {fmt.max:g} for any input, the casts' rounding included"
     return 0.0, f"analytic bound {bound:.4g} > {fmt.max:g} (the casts' rounding included)"

@@ -41,6 +41,7 @@ class Activation:
 
     base: Callable[[torch.Tensor], torch.Tensor]
     base_lipschitz: float  # max |base′|: GELU_MAX_SLOPE for GELU, 1 for ReLU
+    fp32_excess: float  # e with |fl(base(x))| ≤ (1 + e)|x| in fp32 (``Arithmetic``): ReLU exact, GELU assumed
 
     @property
     def scale(self) -> float:
@@ -55,9 +56,12 @@ class Activation:
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation")
-# GELU(x)/max GELU': slope in [−0.1142, 1].
-ACTIVATIONS.register("gelu")(Activation(F.gelu, GELU_MAX_SLOPE))
-ACTIVATIONS.register("relu")(Activation(F.relu, 1.0))
+# GELU(x)/max GELU': slope in [−0.1142, 1]. Computed as x·½(1 + erf(x/√2)), |fl(GELU(x))| ≤ |x| whenever
+# fl(erf) ≤ 1; the bounds allow 16 fp32 ulps more (GELU_FP32_EXCESS; tests/test_precision.py checks torch's
+# kernel on 24 M points).
+GELU_FP32_EXCESS = 2.0 ** -20
+ACTIVATIONS.register("gelu")(Activation(F.gelu, GELU_MAX_SLOPE, GELU_FP32_EXCESS))
+ACTIVATIONS.register("relu")(Activation(F.relu, 1.0, 0.0))
 
 
 def head_spectral_norms(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -111,21 +115,87 @@ def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
     return x * (radius / rms.clamp(min=radius))
 
 
+# torch's fp32 matmul unit roundoff per ``torch.get_float32_matmul_precision()``: 'highest' is fp32 itself;
+# 'high' allows TF32 (10 explicit mantissa bits), 'medium' bf16 (7).
+MATMUL_UNIT = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -9}
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The fp32 arithmetic between a simulation's casts (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2002, §2.2 and §3.1): each operation returns the exact result times (1 + δ), |δ| ≤ u = 2^−24,
+    plus, for a product or quotient in the subnormal range, an absolute error ≤ η = 2^−150 (a sum with a
+    subnormal result is exact); k such roundings compound to at most 1 + γ_k, γ_k = ku/(1 − ku). So a dot
+    product of n terms, summed in any order, with or without fused multiply-adds, is within
+    γ_n·Σ_j |a_j||b_j| + n·η(1 + γ_n) of the exact one. Dot products (matmuls, attention) use
+    ``matmul_unit``, the unit of torch's fp32 matmuls (``MATMUL_UNIT``: TF32's 2^−11 where the matmul
+    precision allows it); elementwise operations ``unit``. The bounds themselves are computed in float64,
+    whose own roundings (~1e-16 relative) are far inside these terms."""
+
+    unit: float
+    matmul_unit: float
+    absolute: float
+
+    @classmethod
+    def fp32(cls) -> "Arithmetic":
+        """fp32 elementwise, matmuls at torch's current float32 matmul precision."""
+        info = torch.finfo(torch.float32)
+        return cls(info.eps / 2, MATMUL_UNIT[torch.get_float32_matmul_precision()],
+                   info.smallest_normal * info.eps / 2)
+
+    @staticmethod
+    def gamma(k: int, unit: float) -> float:
+        """γ_k = ku/(1 − ku), the bound on |θ_k| where Π_{i≤k} (1 + δ_i)^{±1} = 1 + θ_k, |δ_i| ≤ u; inf where
+        ku ≥ 1 (no bound: e.g. TF32's 2^−11 over a dot product of 2048 terms)."""
+        return k * unit / (1.0 - k * unit) if k * unit < 1.0 else math.inf
+
+    def dot(self, bound: Bound, n: int) -> Bound:
+        """Bound on |fl(Σ_{j≤n} a_j b_j)| given Σ_j |a_j||b_j| ≤ ``bound``: (1 + γ_n)(bound + n·η)."""
+        return (1.0 + self.gamma(n, self.matmul_unit)) * (bound + n * self.absolute)
+
+    def matmul_norm(self, sigma: Bound, abs_norm: Bound, in_norm: Bound, fan_in: int, fan_out: int) -> Bound:
+        """Bound on ‖fl(Wx)‖₂ given ‖x‖₂ ≤ ``in_norm``, σ_max(W) = ``sigma`` and ‖|W|‖₂ ≤ ``abs_norm``
+        (``abs_operator_norm_bound``): the error vector e has |e_i| ≤ γ_n(|W||x|)_i + n·η(1 + γ_n), so
+        ‖e‖₂ ≤ γ_n‖|W|‖₂‖x‖₂ + √fan_out·n·η(1 + γ_n)."""
+        gamma = self.gamma(fan_in, self.matmul_unit)
+        return (sigma + gamma * abs_norm) * in_norm + math.sqrt(fan_out) * fan_in * self.absolute * (1.0 + gamma)
+
+    def ops(self, bound: Bound, k: int, n: int = 1) -> Bound:
+        """Bound on the result of ``k`` successive elementwise roundings (products and sums of terms whose
+        exact total is bounded by ``bound``), per entry, or in ℓ2 over ``n`` entries: (1 + γ_k)(bound +
+        √n·k·η)."""
+        return (1.0 + self.gamma(k, self.unit)) * (bound + math.sqrt(n) * k * self.absolute)
+
+    def average(self, bound: Bound, terms: int, n: int = 1) -> Bound:
+        """Bound on a computed weighted average Σ_s ŵ_s v_s / Σ_s ŵ_s of ``terms`` values (|v_s| ≤ ``bound``
+        per entry, or ‖v_s‖₂ ≤ ``bound`` for vectors of ``n`` entries) with computed weights ŵ_s ≥ 0 and the
+        largest ŵ_s ≥ 1: attention's softmax(z)·V, whether it normalises first or keeps an online softmax's
+        running sums (flash kernels), since the exps' own errors cancel in the ratio. Numerator and
+        denominator each pass through at most k = 3·terms + 2 roundings (a product, a sum and a rescale per
+        term) and the quotient through one: (1 + γ_{k+1})/(1 − γ_k)·(bound + √n·k·η)."""
+        k = 3 * terms + 2
+        denominator = 1.0 - self.gamma(k, self.matmul_unit)  # the denominator's relative lower bound
+        factor = (1.0 + self.gamma(k + 1, self.matmul_unit)) / denominator if denominator > 0 else math.inf
+        return factor * (bound + math.sqrt(n) * k * self.absolute)
+
+
 @dataclass(frozen=True)
 class Rounding:
     """A cast y ↦ RN(y) to a number format (round to nearest) of values within its range:
     |RN(y) − y| ≤ u·|y| in the normal range, u = eps/2 = 2^−(mantissa bits + 1), and ≤ η = half the
     subnormal spacing below it (IEEE 754), so |RN(y)| ≤ (1 + u)|y| + η and, for y of n entries,
     ‖RN(y)‖₂ ≤ (1 + u)‖y‖₂ + √n·η. The activation bounds of a model whose Linears cast their inputs and
-    outputs (the precision evaluation's simulation) carry these through."""
+    outputs (the precision evaluation's simulation) carry these through, and the fp32 ``arithmetic``
+    between the casts."""
 
     unit: float
     absolute: float
+    arithmetic: Arithmetic
 
     @classmethod
     def of(cls, dtype: torch.dtype) -> "Rounding":
         info = torch.finfo(dtype)
-        return cls(info.eps / 2, info.smallest_normal * info.eps / 2)
+        return cls(info.eps / 2, info.smallest_normal * info.eps / 2, Arithmetic.fp32())
 
     def entry(self, bound: Bound) -> Bound:
         """Bound on |RN(y)| given |y| ≤ ``bound`` (elementwise for a tensor)."""
@@ -144,6 +214,14 @@ class Rounding:
 def row_norms(w: torch.Tensor) -> torch.Tensor:
     """‖W_i,:‖₂ for every row i of W (float64), shape (fan_out,)."""
     return w.detach().double().norm(dim=1)
+
+
+def abs_operator_norm_bound(w: torch.Tensor) -> torch.Tensor:
+    """An upper bound on ‖|W|‖₂, the spectral norm of W's entrywise absolute value (float64): by the
+    Schur test ‖|W|‖₂ ≤ (‖W‖₁‖W‖_∞)^½, the largest absolute column sum times the largest absolute row
+    sum; per slice for a stack of matrices (…, fan_out, fan_in)."""
+    a = w.detach().double().abs()
+    return (a.sum(dim=-2).amax(dim=-1) * a.sum(dim=-1).amax(dim=-1)).sqrt()
 
 
 def linear_output_bounds(w: torch.Tensor, in_norm: float, in_entry: torch.Tensor | None = None) -> torch.Tensor:

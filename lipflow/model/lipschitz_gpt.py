@@ -5,8 +5,8 @@ enters only through RoPE on queries and keys, a per-position rotation (orthogona
 every norm in the certificate), so the embedded input sequence is just the token rows. Each of the
 N blocks applies two convex residuals x ← (1−α)x + α·F(x), α = 1/(2N), with F = attention
 ⅓·W_o·softmax(attn_scale·QKᵀ/d_head + causal mask)·V (separate q, k, v, o matrices) and then
-F = MLP W_down·φ(W_up·x), φ = GELU/1.128904 (its largest slope) or ReLU. (``lipschitz_gpt_unscaled`` sets those constants
-to 1 through ``block_constants``.) The head is a Linear under the same RMS→RMS
+F = MLP W_down·φ(W_up·x), φ = GELU/1.128904 (its largest slope) or ReLU. (``lipschitz_gpt_unscaled`` sets those
+constants to 1 through ``block_constants``.) The head is a Linear under the same RMS→RMS
 weight constraint as the hidden matrices, followed by logits × logit_scale × output_mult (the
 µP readout multiplier, set by the parametrization).
 
@@ -33,9 +33,11 @@ from torch import nn
 
 from lipflow.model.base import (AttentionSite, LanguageModel, block_attention_sites, causal_scores, rms_operator_norm,
                                 spectral_norm)
-from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, Rounding, attention_gain, attention_lipschitz,
-                                 head_spectral_norms, linear_output_bounds, project_rms_ball, row_norms)
-from lipflow.model.certificate import Bound, Certificate, record, residual as residual_certificate, sequential
+from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, Arithmetic, Rounding, abs_operator_norm_bound,
+                                 attention_gain, attention_lipschitz, head_spectral_norms, linear_output_bounds,
+                                 project_rms_ball, row_norms)
+from lipflow.model.certificate import (Bound, Certificate, Certify, record, residual as residual_certificate,
+                                       sequential)
 from lipflow.model.registry import MODELS
 from lipflow.parametrization import Module, atom, bond, par, residual, seq, tare
 
@@ -103,6 +105,15 @@ class RotaryEmbedding(nn.Module):
         rotate = _rotate_pairs if torch.compiler.is_compiling() else _PairRotation.apply
         return rotate(x, self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype))
 
+    def computed_norm(self, bound: Bound, arithmetic: Arithmetic, n: int) -> Bound:
+        """Bound on ‖fl(Rx)‖₂ in fp32 for x of ``n`` entries with ‖x‖₂ ≤ ``bound``. Each entry of a pair
+        p = (x_a, x_b) is fl(x_a·c ∓ x_b·s) = x_a·c ∓ x_b·s + e, |e| ≤ γ₂(|x_a c| + |x_b s|) + 2η(1 + γ₂), so by
+        Cauchy–Schwarz ‖fl(Rp)‖₂ ≤ (1 + √2·γ₂)·ρ·‖p‖₂ + that η term, with ρ = max √(c² + s²) over the fp32
+        tables (1 only for exact cos and sin)."""
+        rho = float((self.cos.double().pow(2) + self.sin.double().pow(2)).sqrt().max())
+        gamma = arithmetic.gamma(2, arithmetic.unit)
+        return (1.0 + math.sqrt(2.0) * gamma) * rho * bound + math.sqrt(n) * 2.0 * arithmetic.absolute * (1.0 + gamma)
+
 
 class LipschitzAttention(nn.Module):
     """y = W_o·concat_h softmax(c·RoPE(q_h)·RoPE(k_h)ᵀ + causal mask)·v_h / D with c = attn_scale/d_head,
@@ -116,6 +127,7 @@ class LipschitzAttention(nn.Module):
         super().__init__()
         self.output_divisor = output_divisor
         self.output_scale = 1.0 / output_divisor
+        self.context = context
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.score_scale = attn_scale / self.head_dim
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
@@ -207,25 +219,36 @@ class LipschitzAttention(nn.Module):
         σ(W_q^h), σ(W_k^h), σ(W_v^h) (``weight_norms``): bounds on each
         Linear operand and result before its cast, on the scores, and on ‖y_t‖₂ of the output y = RN(u)/D.
 
-        The cast input x̃ has ‖x̃‖ ≤ X = RN-norm(A); ``q/k/v.output`` ≤ ‖W_i,:‖₂·X; per head the cast
-        projections ‖q̃^h‖ ≤ RN-norm(σ(W_q^h)·X) (k, v likewise) and |scores| ≤ c·max_h ‖q̃^h‖‖k̃^h‖;
-        ``o.input`` z_t = Σ_s P_ts ṽ_s is a convex combination of cast values: |z_t,j| ≤ RN(‖W_v[j,:]‖₂·X)
-        and ‖z_t^h‖ ≤ ‖ṽ^h‖; ``o.output`` ≤ min(‖W_o[i,:]‖₂·‖z̃‖, (|W_o|·|z̃|)_i) for the cast z̃. The
-        product formula of ``certify`` does not hold here: the casts between W_v and W_o break
-        W_o^(h)W_v^h's cancellations (W_o·W_v = 0 still gives a nonzero cast output)."""
-        d, d_h = self.q.in_features, self.head_dim
+        The cast input x̃ has ‖x̃‖ ≤ X = RN-norm(A); ``q/k/v.output`` ≤ fl-dot(‖W_i,:‖₂·X); per head the cast
+        projections ‖q̃^h‖ ≤ RN-norm(fl-matmul-norm(σ(W_q^h)·X)) (k, v likewise), rotated by RoPE in fp32
+        (``RotaryEmbedding.computed_norm``), and |scores| ≤ c·max_h ‖Rq̃^h‖‖Rk̃^h‖ through a dot product of
+        length d_h and at most 5 roundings of the scale (SDPA's math backend multiplies q and k by √c each);
+        ``o.input`` z_t = Σ_s P_ts ṽ_s is a computed weighted average of at most ``context`` cast values
+        (``Arithmetic.average``): |z_t,j| ≤ avg(RN(fl-dot(‖W_v[j,:]‖₂·X))) and ‖z_t^h‖ ≤ avg(‖ṽ^h‖);
+        ``o.output`` ≤ fl-dot(min(‖W_o[i,:]‖₂·‖z̃‖, (|W_o|·|z̃|)_i)) for the cast z̃. fl-dot and
+        fl-matmul-norm are ``rounding.arithmetic``'s fp32 products. The product formula of ``certify`` does
+        not hold here: the casts between W_v and W_o break W_o^(h)W_v^h's cancellations (W_o·W_v = 0 still
+        gives a nonzero cast output)."""
+        fp32 = rounding.arithmetic
+        d, d_h, heads = self.q.in_features, self.head_dim, self.n_heads
         x = rounding.norm(A, d)
-        q_h, k_h, v_h = (rounding.norm(n.double() * x, d_h) for n in (q_norms, k_norms, v_norms))
-        v_out = row_norms(self.v.weight) * x
-        z_entries = rounding.entry(v_out)
-        z_norm = rounding.norm(float(v_h.pow(2).sum().sqrt()), d)
-        o_out = linear_output_bounds(self.o.weight, z_norm, rounding.entry(z_entries))
-        out_norm = rounding.norm(spectral_norm(self.o.weight) * z_norm, d) / self.output_divisor
+        head_abs_norms = (abs_operator_norm_bound(m.weight.reshape(heads, d_h, d)) for m in (self.q, self.k, self.v))
+        q_h, k_h, v_h = (rounding.norm(fp32.matmul_norm(n.double(), abs_norm, x, d, d_h), d_h)
+                         for n, abs_norm in zip((q_norms, k_norms, v_norms), head_abs_norms))
+        q_rot, k_rot = (self.rope.computed_norm(n, fp32, d_h) for n in (q_h, k_h))
+        scores = fp32.dot(fp32.ops(self.score_scale * float((q_rot * k_rot).max()), 5), d_h)
+        v_out = fp32.dot(row_norms(self.v.weight) * x, d)
+        z_entries = fp32.average(rounding.entry(v_out), self.context)
+        z_norm = rounding.norm(float(fp32.average(v_h, self.context, d_h).pow(2).sum().sqrt()), d)
+        o_out = fp32.dot(linear_output_bounds(self.o.weight, z_norm, rounding.entry(z_entries)), d)
+        o_norm = fp32.matmul_norm(spectral_norm(self.o.weight), float(abs_operator_norm_bound(self.o.weight)), z_norm,
+                                  d, d)
+        out_norm = rounding.norm(o_norm, d) / self.output_divisor
         entries = {"q.input": A, "k.input": A, "v.input": A,
-                   "q.output": float(row_norms(self.q.weight).max()) * x,
-                   "k.output": float(row_norms(self.k.weight).max()) * x,
+                   "q.output": fp32.dot(float(row_norms(self.q.weight).max()) * x, d),
+                   "k.output": fp32.dot(float(row_norms(self.k.weight).max()) * x, d),
                    "v.output": float(v_out.max()),
-                   "scores": self.score_scale * float((q_h * k_h).max()),
+                   "scores": scores,
                    "o.input": float(z_entries.max()),
                    "o.output": float(o_out.max())}
         return out_norm, entries
@@ -268,25 +291,33 @@ class FeedForward(nn.Module):
         - ``down.output``: |(W_down g)_i| ≤ min(‖W_down[i,:]‖₂·κσ(W_up)A, Σ_j |W_down[i,j]|·κβ_j)
           (``linear_output_bounds``), before the constant ``output_scale`` (the Linear's actual output).
 
-        With ``rounding`` (every Linear's input and output cast), the same before each cast: the cast
-        input has ‖x̃‖ ≤ X = RN-norm(A), so β_j = ‖W_up[j,:]‖₂·X; the cast h̃ has |h̃_j| ≤ RN(β_j) and
-        ‖h̃‖ ≤ RN-norm(σ(W_up)·X), g = base(h̃) is within κ of those, its cast g̃ within RN of g, and
-        ``down.output`` ≤ ``linear_output_bounds`` for g̃; the branch output scale·RN(W_down·g̃) has
-        ℓ2 norm ≤ scale·RN-norm(σ(W_down)·‖g̃‖).
+        With ``rounding`` (every Linear's input and output cast), the same before each cast, with the fp32
+        products of ``rounding.arithmetic`` (fl-dot, fl-matmul-norm): the cast input has ‖x̃‖ ≤ X =
+        RN-norm(A), so β_j = fl-dot(‖W_up[j,:]‖₂·X); the cast h̃ has |h̃_j| ≤ RN(β_j) and ‖h̃‖ ≤
+        RN-norm(fl-matmul-norm(σ(W_up)·X)), g = base(h̃) computed in fp32 is within κ(1 + e) of those
+        (e = the activation's ``fp32_excess``), its cast g̃ within RN of g, and ``down.output`` ≤
+        fl-dot(``linear_output_bounds`` for g̃); the branch output scale·RN(W_down·g̃) has ℓ2 norm ≤
+        scale·RN-norm(fl-matmul-norm(σ(W_down)·‖g̃‖)).
         """
         A = math.sqrt(self.up.in_features) * a
         kappa = self.act.gain / self.act.scale
         lipschitz = rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
         if rounding is not None:
+            fp32 = rounding.arithmetic
             d, hidden = self.up.in_features, self.up.out_features
             x = rounding.norm(A, d)
-            beta = row_norms(self.up.weight) * x
-            g = kappa * rounding.entry(beta)
-            g_norm = rounding.norm(kappa * rounding.norm(spectral_norm(self.up.weight) * x, hidden), hidden)
-            down = linear_output_bounds(self.down.weight, g_norm, rounding.entry(g))
+            beta = fp32.dot(row_norms(self.up.weight) * x, d)
+            computed_kappa = kappa * (1.0 + self.act.fp32_excess)
+            g = computed_kappa * rounding.entry(beta)
+            h_norm = fp32.matmul_norm(spectral_norm(self.up.weight), float(abs_operator_norm_bound(self.up.weight)),
+                                      x, d, hidden)
+            g_norm = rounding.norm(computed_kappa * rounding.norm(h_norm, hidden), hidden)
+            down = fp32.dot(linear_output_bounds(self.down.weight, g_norm, rounding.entry(g)), hidden)
             entries = {"up.input": A, "up.output": float(beta.max()), "down.input": float(g.max()),
                        "down.output": float(down.max())}
-            bound = self.output_scale * rounding.norm(spectral_norm(self.down.weight) * g_norm, d) / math.sqrt(d)
+            out_norm = fp32.matmul_norm(spectral_norm(self.down.weight),
+                                        float(abs_operator_norm_bound(self.down.weight)), g_norm, hidden, d)
+            bound = self.output_scale * rounding.norm(out_norm, d) / math.sqrt(d)
             return Certificate(bound, lipschitz, bound / a, entries)
         beta = row_norms(self.up.weight) * A
         down = linear_output_bounds(self.down.weight, kappa * spectral_norm(self.up.weight) * A, kappa * beta)
@@ -323,13 +354,27 @@ class LipschitzBlock(nn.Module):
                 rounding: Rounding | None = None) -> Certificate:
         """The two residuals in sequence, from RMS bound ``a`` on every input token: the MLP is
         certified at a_mid = a·(κ + β·g_att), the output bound is a_mid·(κ + β·g_mlp), entries are keyed
-        ``attn.q.input`` … ``mlp.down.output`` (with ``rounding``: of the branches' cast Linears). The fused
-        form of ``forward`` computes the same κx + β·s·u(x); its Linears see x and produce the unscaled u,
-        which the branch entries cover.
+        ``attn.q.input`` … ``mlp.down.output`` (with ``rounding``: of the branches' cast Linears, and each
+        residual's fp32 arithmetic, ``computed_residual``). The fused form of ``forward`` computes the same
+        κx + β·s·u(x); its Linears see x and produce the unscaled u, which the branch entries cover.
         """
-        attn, mlp = (functools.partial(branch.certify, rounding=rounding) for branch in (self.attn, self.mlp))
-        return sequential([("attn.", residual_certificate(self.keep, self.weight, attn)),
-                           ("mlp.", residual_certificate(self.keep, self.weight, mlp))], a, coordinates)
+        attn, mlp = (self.computed_residual(functools.partial(branch.certify, rounding=rounding), rounding)
+                     for branch in (self.attn, self.mlp))
+        return sequential([("attn.", attn), ("mlp.", mlp)], a, coordinates)
+
+    def computed_residual(self, branch: Certify, rounding: Rounding | None) -> Certify:
+        """κx + β·f(x) (``residual``), and with ``rounding`` as ``forward`` computes it in fp32: κ̂·fl(x + α̂·u)
+        with α = βs/κ and κ rounded to fp32, five roundings in all, so the RMS bound is
+        ``rounding.arithmetic.ops``(κa + β·bound_f, 5)."""
+        certify = residual_certificate(self.keep, self.weight, branch)
+        if rounding is None:
+            return certify
+
+        def certify_computed(a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
+            exact = certify(a, coordinates)
+            bound = rounding.arithmetic.ops(exact.bound, 5)
+            return Certificate(bound, exact.lipschitz, bound / a, exact.entries)
+        return certify_computed
 
 
 @MODELS.register("lipschitz_gpt")
@@ -442,12 +487,18 @@ class LipschitzGPT(LanguageModel):
         """head × s (s = |logit_scale·output_mult|) on tokens with RMS ≤ a: constant and gain
         s·‖W_head‖_RMS→RMS; entries ``head.input`` √d·a, ``head.output`` max_j ‖W_head[j,:]‖₂·√d·a
         (Cauchy–Schwarz) and ``logits`` s times that. With ``rounding`` the head reads the cast input
-        (‖x̃‖ ≤ RN-norm(√d·a)) and the logits are s·RN(head output)."""
-        root_d = math.sqrt(self.tok.embedding_dim)
+        (‖x̃‖ ≤ RN-norm(√d·a)) through an fp32 dot product (``Arithmetic.dot``) and the logits are
+        s·RN(head output) in fp32 (s rounded, then the product)."""
+        d = self.tok.embedding_dim
+        root_d = math.sqrt(d)
         scale = abs(self.logit_scale * self.output_mult)
-        head_input = root_d * a if rounding is None else rounding.norm(root_d * a, self.tok.embedding_dim)
-        head_output = float(row_norms(self.head.weight).max()) * head_input
-        logits = scale * (head_output if rounding is None else rounding.entry(head_output))
+        row_norm = float(row_norms(self.head.weight).max())
+        if rounding is None:
+            head_output = row_norm * (root_d * a)
+            logits = scale * head_output
+        else:
+            head_output = rounding.arithmetic.dot(row_norm * rounding.norm(root_d * a, d), d)
+            logits = rounding.arithmetic.ops(scale * rounding.entry(head_output), 2)
         lipschitz = scale * rms_operator_norm(self.head.weight)
         return Certificate.leaf(a, lipschitz, lipschitz, {"head.input": root_d * a, "head.output": head_output,
                                                           "logits": logits})
@@ -473,9 +524,13 @@ class LipschitzGPT(LanguageModel):
         Domain: ``forward_embedded`` on any input (it projects every token onto RMS ≤ 1) and ``forward`` on
         token ids (rows of the embedding), so the RMS bound starts at a₀ = max(1, max row RMS of the
         embedding) — 1 whenever ``project_embeddings`` has run. With ``rounding``, those of the model whose
-        Linears cast their inputs and outputs (``bound.Rounding``; each Linear's values before its cast).
+        Linears cast their inputs and outputs (``bound.Rounding``; each Linear's values before its cast),
+        computed in fp32 in between: then the projection's own fp32 result may reach RMS 1·(1 + γ_{d+7})
+        (the RMS through a sum of d squares, a mean, a square root and two scalings, then x·(1/RMS)).
         """
-        a = max(self.input_radius, float(self.tok.weight.detach().double().pow(2).mean(dim=1).sqrt().max()))
+        d = self.tok.embedding_dim
+        radius = self.input_radius if rounding is None else rounding.arithmetic.ops(self.input_radius, d + 7)
+        a = max(radius, float(self.tok.weight.detach().double().pow(2).mean(dim=1).sqrt().max()))
         return self.certificate(a, rounding).entries
 
     def lipschitz_bound(self) -> float:

@@ -25,7 +25,7 @@ from torch import nn
 
 from lipflow.config import mlp_model_keys
 from lipflow.model.base import LanguageModel, spectral_norm
-from lipflow.model.bound import ACTIVATIONS, Rounding, linear_output_bounds
+from lipflow.model.bound import ACTIVATIONS, Rounding, abs_operator_norm_bound, linear_output_bounds
 from lipflow.model.certificate import Bound, Certificate, Certify, record, sequential
 from lipflow.model.lipschitz_gpt import orthogonal_init_
 from lipflow.model.registry import MODELS
@@ -94,8 +94,11 @@ class LipschitzMLP(LanguageModel):
         |(W_i x)_j| ≤ b_j = min(‖W_i[j,:]‖₂·n, (|W_i|·e)_j) (``linear_output_bounds``: Cauchy–Schwarz and the
         triangle inequality); φ has φ(0) = 0, is 1-Lipschitz and |φ(h)| ≤ gain·|h|, so after it the
         coordinates are within gain·b and the ℓ2 norm within gain·σ(W_i)·n. Constant σ(W_i) (ℓ2 → ℓ2).
-        With ``rounding`` the layer casts its input and output: b from the cast input (RN-norm(n),
-        RN(e)), and φ reads RN(b) and a vector of norm ≤ RN-norm(σ(W_i)·RN-norm(n))."""
+        With ``rounding`` the layer casts its input and output and computes in fp32 between
+        (``rounding.arithmetic``): b is the fp32 dot product's bound (``Arithmetic.dot``) from the cast input
+        (RN-norm(n), RN(e)), and φ reads RN(b) and a vector of norm ≤ RN-norm(fl-matmul-norm(σ(W_i)·RN-norm(n)));
+        φ = scale·base in fp32 adds the activation's ``fp32_excess`` and two roundings (scale to fp32, then
+        the product)."""
         layer, last = self.layers[i], i == len(self.layers) - 1
 
         def certify(norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
@@ -105,17 +108,28 @@ class LipschitzMLP(LanguageModel):
                 out = linear_output_bounds(layer.weight, norm, entry)
                 entries = {"input": float(entry.max()), "output": float(out.max())}
                 return Certificate.leaf(norm, gain * sigma, sigma, entries, gain * out)
-            cast_norm = rounding.norm(norm, layer.in_features)
-            out = linear_output_bounds(layer.weight, cast_norm, rounding.entry(entry))
+            fp32, fan_in, fan_out = rounding.arithmetic, layer.in_features, layer.out_features
+            cast_norm = rounding.norm(norm, fan_in)
+            out = fp32.dot(linear_output_bounds(layer.weight, cast_norm, rounding.entry(entry)), fan_in)
             entries = {"input": float(entry.max()), "output": float(out.max())}
-            bound = gain * rounding.norm(sigma * cast_norm, layer.out_features)
-            return Certificate(bound, sigma, bound / norm, entries, gain * rounding.entry(out))
+            out_norm = rounding.norm(fp32.matmul_norm(sigma, float(abs_operator_norm_bound(layer.weight)), cast_norm,
+                                                      fan_in, fan_out), fan_out)
+            if last:
+                return Certificate(out_norm, sigma, out_norm / norm, entries, rounding.entry(out))
+            excess = 1.0 + self.act.fp32_excess
+            bound = fp32.ops(gain * excess * out_norm, 2, fan_out)
+            return Certificate(bound, sigma, bound / norm, entries, fp32.ops(gain * excess * rounding.entry(out), 2))
         return certify
 
-    def certify_output(self, norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
-        """The readout multiplier s = |output_mult|: constant s, logits within s·(last layer's bound)."""
+    def output_certifier(self, rounding: Rounding | None = None) -> Certify:
+        """The readout multiplier s = |output_mult|: constant s, logits within s·(last layer's bound); with
+        ``rounding`` the product in fp32 (s rounded to fp32, then the product: two roundings)."""
         scale = abs(self.output_mult)
-        return Certificate.leaf(norm, scale, scale, {"logits": scale * float(entry.max())}, scale * entry)
+
+        def certify(norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
+            logits = scale * entry if rounding is None else rounding.arithmetic.ops(scale * entry, 2)
+            return Certificate.leaf(norm, scale, scale, {"logits": float(logits.max())}, logits)
+        return certify
 
     @torch.no_grad()
     def certificate(self, input_norm: float, rounding: Rounding | None = None) -> Certificate:
@@ -128,7 +142,7 @@ class LipschitzMLP(LanguageModel):
             parts.append((f"layers.{i}.", self.layer_certifier(i, rounding)))
             if i < len(self.layers) - 1:
                 parts.append(("", record(f"block{i}", lambda _, entry: float(entry.max()))))
-        parts.append(("", self.certify_output))
+        parts.append(("", self.output_certifier(rounding)))
         entry = torch.full((self.in_features,), input_norm, dtype=torch.float64, device=self.layers[0].weight.device)
         return sequential(parts, input_norm, entry)
 
