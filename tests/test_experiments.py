@@ -952,6 +952,33 @@ def test_every_declared_column_is_in_every_part_of_its_view(filled_database):
             assert cast == list(view.column_types.items()), name
 
 
+def readme_queries() -> list[str]:
+    """Every SQL statement the README shows: each `lipflow query "…"` (but its "..." placeholder), each
+    line of its ```sql block and each inline `select …` span."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    queries = [sql for sql in re.findall(r'lipflow query "([^"]+)"', readme) if sql.strip(". …")]
+    for block in re.findall(r"^```sql\n(.*?)^```", readme, re.S | re.M):
+        queries += [line.strip().rstrip(";") for line in block.splitlines()
+                    if line.strip() and not line.startswith("--")]
+    return queries + re.findall(r"`(select [^`]+)`", readme, re.I)
+
+
+def test_every_query_the_readme_shows_runs_on_a_filled_database(filled_database, capsys):
+    """README drift: each query the README shows (the quick start's, the Outputs section's, the
+    experiments' views) names tables, views and columns that exist and passes `lipflow query`'s checks;
+    a renamed view or column (e.g. `pareto.on_front`, `precision_bounds.matched_label`) fails here."""
+    from lipflow.cli import main as cli_main
+
+    queries = readme_queries()
+    assert len(queries) >= 10 and any("from pareto" in sql for sql in queries), queries
+    failed = {}
+    for sql in queries:
+        if cli_main(["query", sql, "--db", str(filled_database), "--format", "csv"]) != 0:
+            failed[sql] = capsys.readouterr().err.strip()
+        capsys.readouterr()
+    assert not failed, failed
+
+
 def test_a_built_view_is_commented_with_its_caption_text(filled_database):
     con = duckdb.connect(str(filled_database), read_only=True)
     comments = dict(con.execute("select view_name, comment from duckdb_views() where not internal").fetchall())
