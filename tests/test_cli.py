@@ -470,16 +470,20 @@ def readme_command_lines() -> list[str]:
     return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", fence.sub("", text))]
 
 
-def readme_command_flags() -> dict[tuple[str, ...], set[str]]:
+def readme_command_flags(values: dict[tuple[tuple[str, ...], str], set[str]] | None = None
+                         ) -> dict[tuple[str, ...], set[str]]:
     """Every command the README shows, ("lipflow", subcommand), ("module", name[, subcommand]) or
-    ("bench", path), with the --flags it is shown with."""
+    ("bench", path), with the --flags it is shown with; ``values``, when given, gets (command, flag) →
+    the words shown after the flag (up to the next option, each `a|b` alternative a word of its own)."""
     shown: dict[tuple[str, ...], set[str]] = {}
     for line in readme_command_lines():
+        flag = None  # the option whose values the next words are
         tokens = [token.strip("`") for token in line.split()]
         commands: list[tuple[str, ...]] = []  # what the flags go to (lipflow.data.corpus|tokenize: both)
         script: tuple[str, ...] | None = None  # compare_revisions' SCRIPT
         for i, token in enumerate(tokens):
             following = tokens[i + 1] if i + 1 < len(tokens) else ""
+            before = (commands, script)
             if token in ("|", ";", "&&") or token.startswith("#"):
                 commands, script = [], None
             elif token == "lipflow" and following in ("query", "sample", "runs"):
@@ -500,6 +504,16 @@ def readme_command_flags() -> dict[tuple[str, ...], set[str]]:
                 shown.setdefault(command, set())
                 if token.lstrip("[").startswith("--"):
                     shown[command].update(README_FLAG.findall(token))
+            if (commands, script) != before or token == "--":  # a command word, or compare_revisions' `--`
+                flag, token = None, ""
+            elif token.lstrip("[").startswith("-") or not commands:
+                option = token.lstrip("[").split("=", 1)
+                flag = option[0] if token.lstrip("[").startswith("--") else None
+                token = option[1] if len(option) == 2 else ""  # --flag=value: the value is a word
+            if flag and token and values is not None and not token.startswith(("<", "$", '"', "'")):
+                for command in commands:
+                    values.setdefault((command, flag), set()).update(
+                        word for word in token.strip("[]").split("|") if word and word != "...")
     return shown
 
 
@@ -514,14 +528,20 @@ class _Parsed(Exception):
 def accepted_flags(command: tuple[str, ...], monkeypatch) -> set[str]:
     """The options ``command`` accepts: those of the argparse parser it builds, caught at parse_args (in
     this process; nothing runs), or a bench bash script's `case` arms."""
+    kind, name, *sub = command
+    if kind == "bench" and not name.endswith(".py"):
+        arms = re.findall(r"^\s*(--[a-z|-]+)\)", (REPO / name).read_text(encoding="utf-8"), re.M)
+        return set(README_FLAG.findall(" ".join(arms)))
+    return {option for action in command_parser(command, monkeypatch)._actions for option in action.option_strings}
+
+
+def command_parser(command: tuple[str, ...], monkeypatch):
+    """The argparse parser a Python ``command`` builds (its subcommand's), caught at parse_args."""
     import argparse
     import importlib
     import runpy
 
     kind, name, *sub = command
-    if kind == "bench" and not name.endswith(".py"):
-        arms = re.findall(r"^\s*(--[a-z|-]+)\)", (REPO / name).read_text(encoding="utf-8"), re.M)
-        return set(README_FLAG.findall(" ".join(arms)))
 
     def caught(self, args=None, namespace=None):
         raise _Parsed(self)
@@ -544,7 +564,7 @@ def accepted_flags(command: tuple[str, ...], monkeypatch) -> set[str]:
     parser = parsed.value.parser
     for word in sub:
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
-    return {option for action in parser._actions for option in action.option_strings}
+    return parser
 
 
 def test_every_flag_the_readme_shows_on_a_command_is_one_its_parser_accepts(monkeypatch):
@@ -563,3 +583,24 @@ def test_every_flag_the_readme_shows_on_a_command_is_one_its_parser_accepts(monk
         if missing:
             unknown[command] = sorted(missing)
     assert not unknown, unknown
+
+
+def test_every_value_the_readme_gives_an_option_with_choices_is_one_of_them(monkeypatch):
+    """README drift: a value the README shows for an option with a fixed set of choices (`lipflow query
+    --format csv`, bench/train_step.py's `--shape`, bench/reference_recipe.py's `--arms`,
+    bench/reference_side_by_side.py's `--points`) is one its parser takes: a renamed arm, point or shape
+    would pass the flag check above and fail only when someone ran the command."""
+    values: dict[tuple[tuple[str, ...], str], set[str]] = {}
+    readme_command_flags(values)
+    assert "appendix.s2" in values[(("bench", "bench/reference_recipe.py"), "--arms")]
+    assert values[(("lipflow", "query"), "--format")] >= {"csv", "json"}
+    checked, refused = 0, {}
+    for (command, flag), words in sorted(values.items()):
+        if command[0] == "bench" and not command[1].endswith(".py"):
+            continue  # a bash script: its values are its own (bench/gpu_check checks --only itself)
+        action = next(a for a in command_parser(command, monkeypatch)._actions if flag in a.option_strings)
+        if action.choices is not None:
+            checked += 1
+            if words - {str(choice) for choice in action.choices}:
+                refused[(command, flag)] = sorted(words - {str(choice) for choice in action.choices})
+    assert checked >= 4 and not refused, (checked, refused)
