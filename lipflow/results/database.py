@@ -12,7 +12,7 @@ here (:func:`_fill_database`), then the experiments' views are created on them:
 - ``runs``: one row per run: status, flattened config keys, ``config`` (JSON), provenance;
 - ``train_metrics``: per-step loss and, at eval steps, val metrics, bound, activations;
 - ``evals``: long form (run_id, eval, metric, value, parameter columns);
-- ``shards``: the token shards (split, file, tokens, sha256);
+- ``shards``: the token shards (split, shard, file, tokens, sha256, dtype);
 - ``<study>_<name>``: each study table ``<study>/<name>.parquet`` the build is given (``--study-tables``:
   the database rule names those of the studies the config has on), a table of a study outside the
   run grid (``icl_loss_by_layers``…, ``image_mlp_robustness``);
