@@ -781,3 +781,119 @@ def test_the_schemas_resolve_from_a_checkout_whose_path_holds_a_space_non_ascii_
     assert validate({"icl": {"d": 3}}, schema_copy)["icl"] == {"d": 3}
     with pytest.raises(ConfigError, match=r"^icl\.d: "):
         validate({"icl": {"d": 0}}, schema_copy)
+
+
+def test_every_config_key_the_readme_names_is_one_of_the_schemas():
+    """README drift: each config key path the README names (`corpus.text_column`, `resources.eval_mem_mb`,
+    `image_mlp.methods.<method>.lr`, `robustness.n_sequences` for the `evaluations` block's, and the table
+    columns `runs.val_loss`, `train_metrics.lipschitz_bound`) exists, and each value the README shows for a
+    key with a fixed set of values (`tokenizer.kind: char | bpe | file`, `ns_coefficients: you`,
+    `real_fp8: auto`) is one of them: a renamed key or value would leave the README naming nothing."""
+    from pathlib import Path
+
+    from lipflow.config import SCHEMA_PATH
+    from lipflow.results.database import VAL_COLUMNS
+    from lipflow.train.summary import METRIC_COLUMNS, RUN_KEY_FIELDS, RUN_SUMMARY_FIELDS
+
+    files: dict[Path, dict] = {}
+
+    def load(path: Path) -> dict:
+        return files.setdefault(path, yaml.safe_load(path.read_text(encoding="utf-8")))
+
+    def resolve(node: dict, path: Path) -> tuple[dict, Path]:
+        """``node`` with its $ref followed (another file's too) and its allOf's properties merged in."""
+        while "$ref" in node or "allOf" in node:
+            if "$ref" in node:
+                target, _, pointer = node["$ref"].partition("#")
+                path = (path.parent / target).resolve() if target else path
+                found = load(path)
+                for part in filter(None, pointer.split("/")):
+                    found = found[part]
+                node = {**{k: v for k, v in node.items() if k != "$ref"}, **found}
+            else:
+                merged = {k: v for k, v in node.items() if k != "allOf"}
+                for part in node["allOf"]:
+                    part, path = resolve(part, path)
+                    merged = {**part, **merged, "properties": {**part.get("properties", {}),
+                                                               **merged.get("properties", {})}}
+                node = merged
+        return node, path
+
+    def child(node: dict, path: Path, key: str) -> tuple[dict, Path] | None:
+        node, path = resolve(node, path)
+        if key in node.get("properties", {}):
+            return resolve(node["properties"][key], path)
+        extra = node.get("additionalProperties")
+        if key.startswith("<") and isinstance(extra, dict):
+            return resolve(extra, path)
+        if key.startswith("<") and node.get("properties"):
+            return {}, path  # `evaluations.<name>`: any of the block's keys
+        return None
+
+    def enums(node: dict, path: Path) -> list | None:
+        node, path = resolve(node, path)
+        if "items" in node:
+            return enums(node["items"], path)
+        return node.get("enum")
+
+    def every_property(node, path: Path, seen: set, found: dict) -> dict:
+        """Key name → every (node, file) of a property of that name, in the whole schema."""
+        if isinstance(node, list):
+            for item in node:
+                every_property(item, path, seen, found)
+        elif isinstance(node, dict):
+            if isinstance(node.get("$ref"), str) and node["$ref"] not in seen:  # another file's block too
+                seen.add(node["$ref"])
+                every_property(*resolve({"$ref": node["$ref"]}, path), seen, found)
+            if isinstance(node.get("properties"), dict):
+                for key, value in node["properties"].items():
+                    found.setdefault(key, []).append((value, path))
+            for value in node.values():
+                every_property(value, path, seen, found)
+        return found
+
+    schema_path = Path(SCHEMA_PATH).resolve()
+    root = load(schema_path)
+    evaluations = child(root, schema_path, "evaluations")[0]["properties"]
+    run_keys = set(resolve(root["$defs"]["run"], schema_path)[0]["properties"])
+    columns = {"runs": run_keys | set(RUN_KEY_FIELDS) | set(RUN_SUMMARY_FIELDS) | set(VAL_COLUMNS) | {"name", "config"},
+               "train_metrics": set(METRIC_COLUMNS)}
+    properties = every_property(root, schema_path, set(), {})
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    spans = re.findall(r"`([^`\n]+)`", readme)
+    file_suffix = re.compile(r"\.(json|jsonl|py|yaml|smk|parquet|log|written|drawn|built|arrow|txt|safetensors)$")
+    unknown, checked = [], 0
+    for span in spans:
+        key_path, _, value = span.partition(": ")
+        if (not re.fullmatch(r"[a-z_][a-z0-9_]*(\.(<[a-z_]+>|[a-z_][a-z0-9_]*))*", key_path)
+                or file_suffix.search(key_path)):
+            continue
+        parts = key_path.split(".")
+        if len(parts) > 1 and parts[0] in columns and not (parts[0] == "runs" and len(parts) > 2):
+            checked += 1
+            if parts[1] not in columns[parts[0]]:
+                unknown.append(span)
+            continue
+        if len(parts) > 1:
+            if parts[0] not in root["properties"] and parts[0] not in evaluations:
+                continue  # not a config path (`pydoc_data.topics`, `run.model`, …)
+            node = (root, schema_path) if parts[0] in root["properties"] else child(root, schema_path, "evaluations")
+            for part in parts:
+                node = node and child(*node, part)
+            checked += 1
+            if node is None:
+                unknown.append(span)
+                continue
+            candidates = [node]
+        elif value and key_path in properties:
+            candidates = [resolve(*found) for found in properties[key_path]]
+        else:
+            continue
+        allowed = [enum for enum in (enums(*candidate) for candidate in candidates) if enum]
+        words = [word.strip() for word in re.split(r"[|,\[\]]", value) if word.strip()]
+        if value and allowed:
+            checked += 1
+            if not any(all(word in map(str, enum) or word in map(lambda v: str(v).lower(), enum) for word in words)
+                       for enum in allowed):
+                unknown.append(span)
+    assert checked >= 40 and not unknown, (checked, unknown)
