@@ -979,6 +979,21 @@ def test_every_query_the_readme_shows_runs_on_a_filled_database(filled_database,
     assert not failed, failed
 
 
+def test_the_readmes_table_of_experiments_names_each_experiment_and_its_views():
+    """README drift: the Experiments section's table has one row per experiment of the catalog, and its
+    `view` column names exactly that experiment's views (headline first); a new experiment or a renamed
+    view would leave the table naming what the database does not have."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n| experiment | what it shows | view |\n", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        name = re.fullmatch(r"`([a-z_]+)`", cells[0])
+        if len(cells) == 3 and name:
+            rows[name.group(1)] = tuple(re.findall(r"`([a-z_]+)`", cells[2]))
+    assert rows == {name: tuple(views) for name, views in EXPERIMENT_VIEWS.items()}
+
+
 def test_a_built_view_is_commented_with_its_caption_text(filled_database):
     con = duckdb.connect(str(filled_database), read_only=True)
     comments = dict(con.execute("select view_name, comment from duckdb_views() where not internal").fetchall())
