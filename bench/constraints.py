@@ -1,6 +1,6 @@
 """Newton–Schulz against the exact polar factor, and the soft cap against the SVD clamp, per matrix size.
 
-    python bench/constraints.py [--quick] [--sizes N ...] [--rounds R] [--device auto|cpu|cuda]
+    python bench/constraints.py [--quick] [--sizes N ...] [--rounds R] [--device auto|cpu|cuda] [--threads N]
 
 For each n (default 256 … 4096; --quick: 256, 512), on one seeded Gaussian n×n matrix G:
 

@@ -1,6 +1,6 @@
 """Each checkpoint evaluation's cost, in training steps of the same model.
 
-    python bench/evals.py [--quick] [--train-steps S] [--rounds R] [--device auto|cpu|cuda]
+    python bench/evals.py [--quick] [--train-steps S] [--rounds R] [--device auto|cpu|cuda] [--threads N]
 
 For each of config.yaml's two default runs (``baseline``: gpt + adamw; ``lipschitz``:
 lipschitz_gpt + muon + spectral_soft_cap, at the default shape d_model 64, 2 layers, context 64,

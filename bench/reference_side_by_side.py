@@ -1,7 +1,7 @@
 """Side by side: the reference code (Arongil/lipschitz-transformers, JAX + Modula) and lipflow's Trainer.
 
     python bench/reference_side_by_side.py --reference DIR [--full] [--steps N] [--points P ...]
-        [--threads N] [--data FILE] [--venv DIR] [--quick] [--out FILE]
+        [--threads N] [--data FILE] [--venv DIR] [--max-val-windows N] [--quick] [--out FILE]
 
 DIR is a checkout of Arongil/lipschitz-transformers at 158692e; this script never downloads it:
     git clone https://github.com/Arongil/lipschitz-transformers DIR && git -C DIR checkout 158692e

@@ -1,6 +1,6 @@
 """Tokenize-stage throughput against raw ``Tokenizer.encode_batch_fast``, side by side in one run.
 
-    python bench/tokenize.py [--quick] [--text FILE] [--copies N] [--rounds R]
+    python bench/tokenize.py [--quick] [--text FILE] [--copies N] [--rounds R] [--batch-docs N]
 
 Input: Tiny Shakespeare (``--text``, default ../shared/data/tinyshakespeare.txt beside the
 repository; an error when it is missing) repeated ``--copies`` times as one file, cut into

@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--quick] [--shape cpu|gpt2-124m|quick] [--batch-size B] [--vocab V]
                                [--grad-accum A[,A...]] [--rounds R] [--warmup W] [--device auto|cpu|cuda] [--compile]
-                               [--no-profile]
+                               [--threads N] [--no-profile]
 
 Both arms are ``lipflow.train.trainer.Trainer`` objects built from one schema-resolved config that
 differs only in what config.yaml's ``baseline`` and ``lipschitz`` runs set (model, optimizer, lr,

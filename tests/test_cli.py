@@ -604,3 +604,27 @@ def test_every_value_the_readme_gives_an_option_with_choices_is_one_of_them(monk
             if words - {str(choice) for choice in action.choices}:
                 refused[(command, flag)] = sorted(words - {str(choice) for choice in action.choices})
     assert checked >= 4 and not refused, (checked, refused)
+
+
+def test_each_bench_scripts_usage_line_names_exactly_the_options_its_parser_takes(monkeypatch):
+    """A bench script's docstring opens with its usage (``python bench/NAME.py [--opt …]``); it named
+    no option the parser lacks, but left out some it takes (bench/evals.py, constraints.py and
+    train_step.py their ``--threads``, which the README's commands use; tokenize.py ``--batch-docs``;
+    reference_side_by_side.py ``--max-val-windows``). ``--out`` is every bench's (bench/common.py)."""
+    import ast
+
+    checked = {}
+    for path in sorted(set(REPO.glob("bench/*.py")) - {REPO / "bench" / "common.py"}):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        usage = re.search(rf"^ *python bench/{re.escape(path.name)}(.*?)(?:\n\n|\Z)", doc, re.S | re.M)
+        assert usage, f"{path.name}: no usage line in its docstring"
+        shown = set(README_FLAG.findall(usage.group(1)))
+        parser = command_parser(("bench", f"bench/{path.name}"), monkeypatch)
+        actions = [action.option_strings for action in parser._actions
+                   if action.option_strings and not {"--help", "--out"} & set(action.option_strings)]
+        taken = {option for options in actions for option in options}
+        # an action shown by any of its names (`--no-profile` for `--profile/--no-profile`)
+        checked[path.name] = (sorted(shown - taken - {"--out"}),
+                              sorted(options[0] for options in actions if not shown & set(options)))
+    assert len(checked) >= 11, checked
+    assert {name: wrong for name, wrong in checked.items() if wrong != ([], [])} == {}
