@@ -1,4 +1,4 @@
-"""Train stage: ``python -m lipflow.train --run-id ID --config-json JSON --data-dir D --out-dir O``.
+"""Train stage: ``python -m lipflow.train --run-id ID --config-json JSON --data-dir D --out-dir O [--no-progress]``.
 
 Trains one run (see ``lipflow.train.trainer``) and prints its summary line; a run stopped by
 SIGTERM exits with 143 after saving a checkpoint, and rerunning the command resumes it (once the

@@ -1,10 +1,11 @@
-"""Command line of the ICL study: ``python -m lipflow.studies.icl <command> --config-json JSON ...``.
+"""Command line of the ICL study: ``python -m lipflow.studies.icl [--threads N] <command> --config-json JSON ...``.
 
-    train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors
+    train      --config-json J --layers L --n N --out results/icl/runs/L{L}_n{N}.safetensors [--no-progress]
     baselines  --config-json J --out results/icl/runs/baselines.parquet
     collect    --config-json J --baselines B --runs R1.safetensors R2.safetensors ... --out-dir results/icl [--receipt R]
     plot       --config-json J --results-dir results/icl --out-dir results/figures [--receipt R]
     check      --config-json J --results-dir results/icl --out results/icl/summary.json [--strict]
+               [--loss-tol 0.10] [--step-tol 0.05]
 
 J is the ``icl:`` block of config.yaml as JSON (missing keys take the schema defaults).
 Exit status 2 on a configuration or input error (:func:`lipflow.errors.run_guarded`), 1 when ``check --strict`` fails.
