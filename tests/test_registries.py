@@ -196,3 +196,27 @@ def test_every_metric_an_evaluation_writes_is_named_in_the_readmes_evaluations_s
                 or ("activation_/weight_" + what in named or "_" + what in named) and kind in ("activation", "weight"))
 
     assert sorted(m for m in metrics if not documented(m)) == []
+
+
+def test_every_metric_the_readmes_evaluations_table_names_is_a_name_the_evaluations_write():
+    """The converse of the test above: each name in the first column of the README's table of evaluations
+    (`sequences`, `stable_rank`, `tightness_local`, …) is a string of the evaluation code (lipflow/evaluation/
+    and lipflow/metrics.py, whose evaluate_windows names val's rows), so a renamed or removed metric does not
+    stay documented. Patterns (`*_delta`, `real_fp8_*`, `_saturated`, `activation_/weight_overflow`) are the
+    test above's."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Evaluations", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| metric |")]
+    named = {name for row in rows for name in re.findall(r"`([a-z0-9_*/]+)`", row.split(" | ", 1)[0])}
+    written = set()
+    for path in [*(root / "lipflow" / "evaluation").glob("*.py"), root / "lipflow" / "metrics.py"]:
+        written |= {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    plain = {name for name in named if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", name)}
+    assert {"loss", "perplexity", "stable_rank", "tightness_local", "skipped"} <= plain, sorted(plain)
+    assert sorted(plain - written) == []
