@@ -20,7 +20,7 @@ Sources (registry ``SOURCES``; ``paths`` are file paths or globs):
 - ``parquet``: the string column ``text_column``, read in record batches.
 
 A text or JSONL file may start with a UTF-8 byte-order mark, which is dropped (it is not text); a
-UTF-16 one is refused, naming the file.
+UTF-16 or UTF-32 one is refused, naming the file and its encoding.
 
 Split: a document is in val iff u < ``val_fraction`` where u ∈ [0, 1) is the first 8 bytes of
 sha256(f"{split_seed}:" + text) read as an integer / 2⁶⁴. It depends on the text alone, so it
