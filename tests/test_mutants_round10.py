@@ -217,6 +217,8 @@ def test_digits_splits_are_60_20_20_of_the_pixels_scaled_to_the_unit_interval():
     from lipflow.studies import image_mlp
     splits = image_mlp.digits_splits(0)
     assert [len(splits[name][0]) for name in ("train", "val", "test")] == [1078, 359, 360]
+    from lipflow.studies.digits_split import images_in_test_split  # the size the job's runtime is counted from
+    assert images_in_test_split() == len(splits["test"][0])
     pixels = torch.cat([splits[name][0] for name in ("train", "val", "test")])
     assert pixels.shape == (1797, 64) and pixels.min() == 0.0 and pixels.max() == 1.0
 

@@ -45,6 +45,7 @@ from lipflow.evaluation.robustness import (certified_accuracy, certified_radius,
                                            pair_ratios, pgd_l2)
 from lipflow.model import build_model
 from lipflow.provenance import stream_seed
+from lipflow.studies.digits_split import TEST_FRACTION_OF_REST, TRAIN_FRACTION
 from lipflow.train.build import build_learner, check_learner
 from lipflow.train.update import constrained_update
 
@@ -63,12 +64,14 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 
 def digits_splits(seed: int) -> dict[str, Split]:
-    """Stratified 60/20/20 train/val/test split of the 1,797 digits, pixels scaled to [0, 1]."""
+    """Stratified 60/20/20 train/val/test split of the 1,797 digits (``digits_split``), pixels scaled to
+    [0, 1]."""
     data = load_digits()
     x, y = data.data / 16.0, data.target
-    x_train, x_rest, y_train, y_rest = train_test_split(x, y, train_size=0.6, stratify=y, random_state=seed)
-    x_val, x_test, y_val, y_test = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest,
-                                                    random_state=seed)
+    x_train, x_rest, y_train, y_rest = train_test_split(x, y, train_size=TRAIN_FRACTION, stratify=y,
+                                                        random_state=seed)
+    x_val, x_test, y_val, y_test = train_test_split(x_rest, y_rest, test_size=TEST_FRACTION_OF_REST,
+                                                    stratify=y_rest, random_state=seed)
     return {name: (torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.long))
             for name, a, b in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))}
 
