@@ -4,7 +4,7 @@ No timing is asserted (that would be a test of the machine). What is asserted: e
 and wrote finite, positive, stamped rows, and the quantities that do not depend on speed are right —
 FLOPs per step against the closed form, Newton–Schulz and soft-cap errors against their
 exact-arithmetic predictions from the singular values and against the documented band, job and
-row counts against what the configs imply.
+row counts against what the configs imply, Lanczos on a tiny gpt against its exact float64 Hessian.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHES = ("tokenize", "train_step", "constraints", "evals", "pipeline", "duckdb_queries")
+BENCHES = ("tokenize", "train_step", "constraints", "evals", "sharpness", "pipeline", "duckdb_queries")
 COLUMNS = ["bench", "metric", "value", "unit", "machine", "device", "date", "git_commit"]
 # one xdist worker runs this module, so run_all --quick (its fixture) runs once (-n 2 --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("bench")
@@ -50,7 +50,11 @@ def test_each_bench_appends_finite_positive_stamped_rows(results, bench):
     assert rows
     for r in rows:
         assert r["bench"] == bench
-        assert math.isfinite(r["value"]) and r["value"] > 0, r
+        assert math.isfinite(r["value"]), r
+        if r["unit"] in ("count", "relative"):  # sharpness: misses, 0/1 flags, errors (0 where exact)
+            assert r["value"] >= 0, r
+        elif r["unit"] != "eigenvalue":  # sharpness: signed (λ_min, power iteration's answer)
+            assert r["value"] > 0, r
         assert r["unit"] and r["machine"] and r["device"] == "cpu"
         assert datetime.datetime.fromisoformat(r["date"]).tzinfo is not None
 
@@ -212,6 +216,79 @@ def test_evals_time_every_registered_evaluation_against_a_step(results):
         step = v[f"{run}.train_step_time"]
         for name in EVALUATIONS.names():
             assert v[f"{run}.{name}_over_train_step"] == pytest.approx(v[f"{run}.{name}_time"] / step)
+
+
+def test_sharpness_rows_follow_from_the_cases(results):
+    """What does not depend on speed: the cluster's exact ends, power iteration finding its −30, the 20-step
+    Lanczos reference on the tiny gpt against its exact float64 Hessian, the basis's bytes, and misses,
+    caps and products within what the seeds and iteration caps allow."""
+    from lipflow.evaluation.sharpness import LANCZOS_MIN_STEPS
+
+    v = values(results, "sharpness")
+    assert v["torch_threads"] == 1
+    assert (v["cluster.lambda_max"], v["cluster.lambda_min"]) == (10.0, -30.0)
+    assert v["cluster.power.nearer_lambda_min"] == 1 and v["cluster.power.eigenvalue"] == pytest.approx(-30, rel=1e-3)
+    assert v["tiny_gpt.long_lanczos_relative_error"] < 1e-5
+    cases = {m.split(".")[0] for m in v if m.endswith(".lambda_max")}
+    assert cases == {"cluster", "tiny_gpt", "baseline", "baseline_preconditioned", "lipschitz",  # Muon: no P⁻¹
+                     "sc_sp_w128_preconditioned"}
+    for case in cases:
+        dim = v[f"{case}.parameters"]
+        assert v[f"{case}.parameter_bytes"] == 4 * dim
+        for iters in (10, 20):
+            m = f"{case}.lanczos{iters}"
+            assert v[f"{m}.basis_bytes"] == min(iters, dim) * dim * 4
+            assert min(LANCZOS_MIN_STEPS, iters) <= v[f"{m}.hvps_mean"] <= v[f"{m}.hvps_max"] <= iters
+            assert v[f"{m}.misses_after_residual_stop"] <= v[f"{m}.misses"] <= v[f"{m}.seeds"] == 2
+            assert v[f"{m}.capped"] <= v[f"{m}.seeds"]
+            if v[f"{m}.capped"] == 0:
+                assert v[f"{m}.misses_after_residual_stop"] == v[f"{m}.misses"]
+        assert v[f"{case}.power.hvps"] <= 100  # the sharpness evaluation's default iters
+
+
+def test_sharpness_bench_exact_hessian_is_the_closed_form():
+    """Σ wᵢ cos θᵢ + ½θᵀAθ has Hessian A − diag(w ⊙ cos θ)."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from bench.sharpness import exact_hessian
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    a = a + a.T
+    w, theta = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    got = exact_hessian(lambda t: (w * t.cos()).sum() + 0.5 * t @ a @ t, theta)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, a - torch.diag(w * theta.cos()), atol=1e-12)
+
+
+def test_sharpness_bench_counts_a_miss_only_beyond_the_tolerance():
+    sys.path.insert(0, str(REPO))
+    from bench.sharpness import count_misses
+
+    assert count_misses([10.0, 9.99, 9.98, 9.9, 10.5], 10.0, 1e-3) == 2  # 9.99 is at λ_max − tol·|λ_max|
+    assert count_misses([-2.001, -2.0025, -1.0], -2.0, 1e-3) == 1  # |λ_max| sets the band when λ_max < 0
+    assert count_misses([], 1.0, 1e-3) == 0
+
+
+def test_sharpness_bench_cluster_has_the_spectrum_it_claims_and_products_are_counted():
+    """The cluster case's Hessian, read through Hessian-vector products, has ends 10 and −30; the product
+    counter agrees with power iteration's own count and leaves HessianOperator as it was."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from bench.sharpness import cluster_case, counting_products
+    from lipflow.evaluation.sharpness import HessianOperator, lanczos_topk, power_iteration
+
+    case = cluster_case(60)
+    ritz = lanczos_topk(case.loss_fn, case.params, 60, iters=60, generator=torch.Generator().manual_seed(0))
+    assert ritz[0] == pytest.approx(10.0, rel=1e-5) and ritz[1] == pytest.approx(9.9, rel=1e-5)
+    assert ritz[-1] == pytest.approx(-30.0, rel=1e-5)
+    original = HessianOperator.__call__
+    with counting_products() as products:
+        result = power_iteration(case.loss_fn, case.params, iters=30, tol=1e-6,
+                                 generator=torch.Generator().manual_seed(0))
+    assert products[0] == result.iterations > 1 and HessianOperator.__call__ is original
 
 
 def test_pipeline_dry_run_has_three_jobs_per_run_plus_five(results):
