@@ -213,7 +213,7 @@ def measure(case: Case, seeds: int, rounds: int, warmup: int, device: str, dev: 
 
     def lanczos(iters: int, seed: int) -> float:
         return largest_eigenvalue(case.loss_fn, case.params, iters=iters, tol=tol, precondition=case.precondition,
-                                  generator=torch.Generator().manual_seed(seed))
+                                  generator=torch.Generator().manual_seed(seed)).value
 
     def power():
         return power_iteration(case.loss_fn, case.params, iters=power_params["iters"], tol=power_params["tol"],

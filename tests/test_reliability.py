@@ -424,6 +424,24 @@ def test_sharpness_is_logged_every_sharpness_every_steps(char_shards, tiny_run_c
     assert next(r for r in rows if r["step"] == 6)["val_loss"] is None  # not an eval step
 
 
+def test_a_sharpness_that_missed_its_residual_test_is_warned_once_per_run(char_shards, tiny_run_config, tmp_path,
+                                                                         capsys):
+    """One Lanczos step (sharpness_iters 1) cannot meet the residual test: of the four measurements (λ_max of H
+    and of P⁻¹H at steps 6 and 12) the first is named in one line, the others are not repeated, and the value
+    is logged all the same."""
+    import pyarrow.parquet as pq
+
+    cfg = {**tiny_run_config, "optimizer": "adamw", "lr": 0.01, "sharpness_every": 6, "sharpness_iters": 1}
+    capsys.readouterr()
+    assert train_here(cfg, char_shards, tmp_path) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "sharpness" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: run tiny-00000000: sharpness at step 6 ended at sharpness_iters=1 "), warnings
+    assert "raise sharpness_iters" in warnings[0]
+    rows = pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()
+    assert sum(r["sharpness"] is not None for r in rows) == 2
+
+
 def test_compiled_training_matches_eager(char_shards, tiny_run_config, tmp_path, monkeypatch):
     """compile: true (model, Muon's Newton–Schulz and the soft cap through torch.compile) trains the same model as
     eager mode. The graphs are captured by Dynamo and AOTAutograd as in any compile; the backend is

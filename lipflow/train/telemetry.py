@@ -14,7 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -112,8 +112,9 @@ class EvalStepTelemetry:
     each time (seed + 1) and, for sharpness, the same train batch (seed + 2)."""
 
     def __init__(self, cfg: dict[str, Any], model, optimizer: torch.optim.Optimizer, train_data: TokenShards,
-                 val_data: TokenShards, device: torch.device):
+                 val_data: TokenShards, device: torch.device, warn: Callable[[str], None]):
         self.cfg, self.model, self.optimizer, self.train_data, self.device = cfg, model, optimizer, train_data, device
+        self.warn, self.warned_unconverged = warn, False
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         x, y = val_data.sample_windows(cfg["eval_batches"] * cfg["batch_size"], cfg["context"], gen)
         self.val_windows = torch.cat([x, y[:, -1:]], dim=1).to(device)
@@ -136,11 +137,14 @@ class EvalStepTelemetry:
         row["attention_logits"] = json.dumps(logits, sort_keys=True)
         row["layers"] = json.dumps(layers, sort_keys=True) if layers else None
 
-    def sharpness(self) -> dict[str, float | None]:
+    def sharpness(self, step: int) -> dict[str, float | None]:
         """λ_max, the largest eigenvalue of the train loss's Hessian on a fixed batch, and for Adam also that
         of P⁻¹H (Adam's preconditioner from the optimizer state), by Lanczos (``largest_eigenvalue`` in
         lipflow.evaluation.sharpness). Each starts from the same seeded vector, not from the previous
-        measurement's, which no checkpoint holds: a resumed run logs what the uninterrupted one logs."""
+        measurement's, which no checkpoint holds: a resumed run logs what the uninterrupted one logs. The
+        first measurement of a run that ends at ``sharpness_iters`` without meeting the residual test is
+        warned about (bench/sharpness.py: at 10 steps half the start vectors ended low on a slowly
+        converging top)."""
         from lipflow.evaluation.sharpness import adam_preconditioner, largest_eigenvalue
 
         cfg = self.cfg
@@ -150,9 +154,16 @@ class EvalStepTelemetry:
         params = [p for p in self.model.parameters() if p.requires_grad]
 
         def eigenvalue(precondition: torch.Tensor | None) -> float:
-            return largest_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
-                                      iters=cfg["sharpness_iters"], tol=TRAINING_SHARPNESS_TOL,
-                                      precondition=precondition, generator=torch.Generator().manual_seed(cfg["seed"] + 3))
+            top = largest_eigenvalue(lambda: loss_and_correct(self.model, x, y)[0], params,
+                                     iters=cfg["sharpness_iters"], tol=TRAINING_SHARPNESS_TOL,
+                                     precondition=precondition, generator=torch.Generator().manual_seed(cfg["seed"] + 3))
+            if not top.converged and not self.warned_unconverged:
+                self.warned_unconverged = True
+                name = "sharpness" if precondition is None else "preconditioned_sharpness"
+                self.warn(f"{name} at step {step} ended at sharpness_iters={top.steps} Lanczos steps with the top Ritz "
+                          f"value's residual {top.residual:.3g} above {TRAINING_SHARPNESS_TOL:g}·|θ| "
+                          f"(θ = {top.value:.6g}): it may lie below λ_max; raise sharpness_iters (warned once per run)")
+            return top.value
 
         precondition = adam_preconditioner(self.optimizer, params)
         return {"sharpness": eigenvalue(None),

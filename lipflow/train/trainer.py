@@ -61,7 +61,7 @@ class Trainer:
         self.step, self.metrics = 0, []
         self.steps = StepLog(cfg, self.topo)
         self.telemetry = EvalStepTelemetry(cfg, self.model, self.optimizer, self.train_data, self.val_data,
-                                           self.device)
+                                           self.device, self.warn)
         self.record_layers, self.layers = False, None
         mirror = cfg["tensorboard"] and self.topo.is_main
         self.tensorboard = TensorBoardMirror(self.out_dir / "tensorboard") if mirror else None
@@ -136,7 +136,7 @@ class Trainer:
                             self.telemetry.measure(rows[-1], self.layers)
                             bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{rows[-1]['val_loss']:.3f}")
                         if diverged is None and sharpness_now:
-                            rows[-1].update(self.telemetry.sharpness())
+                            rows[-1].update(self.telemetry.sharpness(self.step))
                     diverged = diverged or divergence(rows, bad_step, cfg["max_bound"])
                     for row in rows:
                         self.log(row)
@@ -174,6 +174,11 @@ class Trainer:
     def is_eval_step(self, step: int) -> bool:
         return step % self.cfg["eval_every"] == 0 or step == self.cfg["steps"]
 
+    def warn(self, message: str) -> None:
+        """One line on stderr from rank 0, naming the run."""
+        if self.topo.is_main:
+            print(f"warning: run {self.run_id}: {message}", file=sys.stderr)
+
     def log(self, row: dict[str, Any]) -> None:
         """Keep a metrics row (and mirror its numbers to TensorBoard when enabled)."""
         self.metrics.append(row)
@@ -200,10 +205,9 @@ class Trainer:
         if state.origin is not None:
             first = {**self.origin, **state.origin}  # a checkpoint of an earlier lipflow kept no versions
             changed = provenance.changed_provenance(first, self.origin)
-            if changed and self.topo.is_main:
-                print(f"warning: run {self.run_id} was started under {changed[0]} and resumes under {changed[1]}; "
-                      f"run.json records the first (delete {self.out_dir / 'checkpoints'} to train it afresh "
-                      "under this code)", file=sys.stderr)
+            if changed:
+                self.warn(f"started under {changed[0]} and resumes under {changed[1]}; run.json records the first "
+                          f"(delete {self.out_dir / 'checkpoints'} to train it afresh under this code)")
             self.origin = first
         return True
 
