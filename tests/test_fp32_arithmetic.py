@@ -22,6 +22,9 @@ from lipflow.model.bound import (ACTIVATIONS, GELU_FP32_EXCESS, MATMUL_UNIT, Ari
 
 FP32 = Arithmetic.fp32()
 EXACT = Arithmetic(0.0, 0.0, 0.0)
+# the kernels' side of the proof on the GPU too (bench/gpu_check runs the cuda-marked tests)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs a CUDA GPU")])]
 
 
 def test_gamma_is_the_compounded_rounding_bound_and_infinite_from_ku_one():
@@ -78,20 +81,21 @@ def test_the_abs_operator_norm_bound_bounds_the_spectral_norm_of_the_absolute_va
     assert abs_operator_norm_bound(torch.ones(6, 9)).item() == pytest.approx(math.sqrt(54.0), rel=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [SDPBackend.MATH, None])
-def test_fp32_attention_leaves_the_convex_hull_of_its_values_and_stays_within_the_average_bound(backend):
+def test_fp32_attention_leaves_the_convex_hull_of_its_values_and_stays_within_the_average_bound(backend, device):
     """softmax(z)·V is a convex combination of the values, so in exact arithmetic no output entry exceeds
     the largest |value|; torch's fp32 SDPA (math backend and the default one) exceeds it at equal values
     for a fraction of the outputs, and stays within ``Arithmetic.average``, per entry and per head's ℓ2 norm."""
     generator = torch.Generator().manual_seed(2)
     T, d_h = 256, 8
-    q, k = (3.0 * torch.randn(16, 2, T, d_h, generator=generator) for _ in range(2))
-    v = torch.full((16, 2, T, d_h), 0.7)
+    q, k = (3.0 * torch.randn(16, 2, T, d_h, generator=generator).to(device) for _ in range(2))
+    v = torch.full((16, 2, T, d_h), 0.7, device=device)
     context = sdpa_kernel([backend]) if backend is not None else torch.no_grad()
     with context:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     top = float(torch.tensor(0.7))
-    assert float(y.max()) > top
+    assert float(y.max()) > top or device == "cuda"  # the GPU's kernels may happen to stay inside
     assert float(y.max()) <= FP32.average(top, T)
     assert float(y.norm(dim=-1).max()) <= FP32.average(float(v.norm(dim=-1).max()), T, d_h)
     assert EXACT.average(top, T) == top
@@ -109,11 +113,12 @@ def test_fp32_rope_can_lengthen_a_pair_and_stays_within_its_computed_norm():
     assert bool((rotated <= rope.computed_norm(norms, FP32, 32)).all())
 
 
-def test_gelu_and_relu_computed_in_fp32_stay_within_their_excess():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gelu_and_relu_computed_in_fp32_stay_within_their_excess(device):
     """|fl(base(x))| ≤ (1 + e)|x| (``Activation.fp32_excess``) on 4 M points across fp32's range: the
     assumption the cast model's MLP bounds make about torch's activation kernels."""
     x = torch.cat([torch.linspace(-30.0, 30.0, 2_000_001), torch.logspace(-38, 38, 1_000_001),
-                   -torch.logspace(-38, 38, 1_000_001)]).float()
+                   -torch.logspace(-38, 38, 1_000_001)]).float().to(device)
     for name in ACTIVATIONS.names():
         act = ACTIVATIONS.get(name)
         assert bool((act.base(x).double().abs() <= (1 + act.fp32_excess) * x.double().abs()).all()), name
@@ -257,3 +262,26 @@ def test_tf32_matmuls_leave_a_long_context_model_unproven():
     finally:
         torch.set_float32_matmul_precision(previous)
     assert value == 0.0 and status == "no finite analytic bound at torch's float32 matmul precision 'high'"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["fp8_e4m3", "bf16"])
+def test_the_cast_models_bounds_hold_for_the_simulation_on_the_gpu(name):
+    """The unscaled simulation run by CUDA's fp32 kernels (matmuls, SDPA, GELU) stays within the cast model's
+    bounds, as on the CPU (tests/test_precision.py)."""
+    import copy
+
+    from test_precision import scaled_lipschitz_lm
+
+    from lipflow.evaluation.precision import _cast_parameters, linear_hooks
+
+    model, windows = scaled_lipschitz_lm("lipschitz_gpt")
+    fmt = FORMATS.get(name)
+    cast_model = copy.deepcopy(model)
+    _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt))
+    bounds = cast_model.activation_bounds(rounding=Rounding.of(fmt.dtype))
+    with torch.no_grad(), linear_hooks(cast_model.cuda(), fmt) as state:
+        cast_model(windows[:, :-1].cuda())
+    assert state.max_abs and all(state.max_abs[k] <= bounds[k] for k in state.max_abs), \
+        {k: (v, bounds[k]) for k, v in state.max_abs.items() if v > bounds[k]}
