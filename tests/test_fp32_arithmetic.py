@@ -17,11 +17,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lipflow.config import run_defaults
 from lipflow.evaluation.number_formats import FORMATS, simulate_cast
 from lipflow.model import build_model
-from lipflow.model.bound import (ACTIVATIONS, GELU_FP32_EXCESS, MATMUL_UNIT, Arithmetic, Rounding,
-                                 abs_operator_norm_bound)
+from lipflow.model.bound import (ACTIVATIONS, FLOAT32_MAX, GELU_FP32_EXCESS, GELU_FP32_INPUT_MAX,
+                                 MATMUL_OPERAND_UNIT, Arithmetic, Rounding, abs_operator_norm_bound)
 
 FP32 = Arithmetic.fp32()
-EXACT = Arithmetic(0.0, 0.0, 0.0)
+EXACT = Arithmetic(0.0, 0.0, 0.0, 0.0, math.inf)  # no rounding between the casts (the activations' fp32_excess stays)
 # the kernels' side of the proof on the GPU too (bench/gpu_check runs the cuda-marked tests)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                    reason="needs a CUDA GPU")])]
@@ -29,27 +29,39 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 
 def test_gamma_is_the_compounded_rounding_bound_and_infinite_from_ku_one():
     u = 2.0 ** -24
-    assert FP32.unit == u and FP32.matmul_unit == u and FP32.absolute == 2.0 ** -150
+    assert FP32.unit == u and FP32.accumulation_unit == u and FP32.operand_unit == 0.0 and FP32.absolute == 2.0 ** -150
+    assert FP32.limit == FLOAT32_MAX == torch.finfo(torch.float32).max
     assert Arithmetic.gamma(3, u) == 3 * u / (1 - 3 * u)
     assert (1 + u) ** 3 <= 1 + Arithmetic.gamma(3, u) and 1 / (1 - u) ** 3 <= 1 + Arithmetic.gamma(3, u)
     # a weighted average: numerator and denominator through 3·terms + 2 roundings each, the quotient one more
     assert FP32.average(1.0, 10) == (1 + Arithmetic.gamma(33, u)) / (1 - Arithmetic.gamma(32, u))
-    assert Arithmetic.gamma(2 ** 11, 2.0 ** -11) == math.inf  # TF32 over 2048 terms: no bound
-    tf32 = Arithmetic(2.0 ** -24, 2.0 ** -11, 2.0 ** -150)
-    assert tf32.average(1.0, 1024) == math.inf and tf32.dot(1.0, 4096) == math.inf
+    assert Arithmetic.gamma(2 ** 24, u) == math.inf
+    # TF32 rounds each operand once, the sum stays fp32: (1 + 2^−11)²(1 + γ_n) − 1, not γ_n of 2^−11
+    tf32 = dataclasses.replace(FP32, operand_unit=2.0 ** -11)
+    assert tf32.matmul_gamma(4096) == (1 + 2.0 ** -11) ** 2 * (1 + Arithmetic.gamma(4096, u)) - 1 < 2e-3
+    # a result past fp32's range is no bound: the online softmax's numerator reaches terms·max|v|
+    assert FP32.dot(FLOAT32_MAX, 2) == math.inf and FP32.average(FLOAT32_MAX / 100, 1000) == math.inf
+    assert FP32.average(FLOAT32_MAX / 10_000, 1000) < FLOAT32_MAX
 
 
-def test_the_matmul_unit_follows_torchs_float32_matmul_precision():
-    """TF32 (precision 'high') rounds a matmul's operands to 10 mantissa bits: a proof for fp32 products
-    would not cover it."""
+def test_the_matmul_operand_unit_follows_torchs_float32_matmul_precision(monkeypatch):
+    """TF32 (precision 'high') rounds a matmul's operands to 10 mantissa bits, bf16 ('medium') to 7: a proof for
+    fp32 products would not cover them. Where torch cannot say (its per-backend fp32_precision settings mixed
+    with the legacy one raise), the coarsest is taken."""
     previous = torch.get_float32_matmul_precision()
     try:
-        for precision, unit in MATMUL_UNIT.items():
+        for precision, unit in MATMUL_OPERAND_UNIT.items():
             torch.set_float32_matmul_precision(precision)
-            assert Arithmetic.fp32().matmul_unit == unit
+            assert Arithmetic.fp32().operand_unit == unit
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert MATMUL_UNIT == {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -9}
+    assert MATMUL_OPERAND_UNIT == {"highest": 0.0, "high": 2.0 ** -11, "medium": torch.finfo(torch.bfloat16).eps / 2}
+
+    def mixed_settings():
+        raise RuntimeError("you have used a mix of the legacy and new APIs to set the TF32 status")
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", mixed_settings)
+    assert Arithmetic.fp32().operand_unit == 2.0 ** -8
 
 
 def test_an_fp32_dot_product_exceeds_cauchy_schwarz_and_stays_within_the_dot_bound():
@@ -65,8 +77,7 @@ def test_an_fp32_dot_product_exceeds_cauchy_schwarz_and_stays_within_the_dot_bou
     assert int((computed > exact).sum()) > 10
     assert bool((computed <= FP32.dot(exact, n)).all())
     x = w[0]
-    bound = FP32.matmul_norm(torch.linalg.matrix_norm(w.double(), 2).item(), float(abs_operator_norm_bound(w)),
-                             math.sqrt(exact[0].item()), n, w.shape[0])
+    bound = FP32.matmul_norm(w, torch.linalg.matrix_norm(w.double(), 2).item(), math.sqrt(exact[0].item()))
     assert (w @ x).double().norm().item() <= bound
 
 
@@ -119,10 +130,17 @@ def test_gelu_and_relu_computed_in_fp32_stay_within_their_excess(device):
     assumption the cast model's MLP bounds make about torch's activation kernels."""
     x = torch.cat([torch.linspace(-30.0, 30.0, 2_000_001), torch.logspace(-38, 38, 1_000_001),
                    -torch.logspace(-38, 38, 1_000_001)]).float().to(device)
+    top = torch.linspace(2.0 ** 126, 2.0 ** 127, 1_000_001, dtype=torch.float64).float()  # fp32's next-to-top binade
+    x = torch.cat([x, top[top < 2.0 ** 127].to(device), -top[top < 2.0 ** 127].to(device)])
     for name in ACTIVATIONS.names():
         act = ACTIVATIONS.get(name)
         assert bool((act.base(x).double().abs() <= (1 + act.fp32_excess) * x.double().abs()).all()), name
-    assert ACTIVATIONS.get("relu").fp32_excess == 0.0
+    assert ACTIVATIONS.get("relu").fp32_excess == 0.0 and ACTIVATIONS.get("relu").fp32_input_max == math.inf
+    gelu = ACTIVATIONS.get("gelu")
+    assert gelu.fp32_input_max == GELU_FP32_INPUT_MAX == float(torch.tensor(2.0 ** 127).nextafter(torch.tensor(0.0)))
+    assert gelu.computed_bound(2.0 ** 127) == math.inf and gelu.computed_bound(2.0 ** 126) < 2.0 ** 127
+    if device == "cpu":  # torch's CPU kernel forms x·(1 + erf(x/√2)) before halving: inf from 2^127 on
+        assert bool(torch.isinf(F.gelu(torch.tensor([2.0 ** 127, 3e38]))).all())
 
 
 def test_the_fused_fp32_residual_stays_within_five_roundings():
@@ -153,8 +171,8 @@ def bounds_with(model, arithmetic: Arithmetic, fmt: str = "fp8_e4m3") -> dict[st
     return model.activation_bounds(rounding=rounding)
 
 
-MATMULS_ONLY = Arithmetic(0.0, 2.0 ** -12, 0.0)  # a coarse matmul unit and exact elementwise steps, and
-ELEMENTWISE_ONLY = Arithmetic(2.0 ** -12, 0.0, 0.0)  # the reverse: each isolates one kind of term
+MATMULS_ONLY = Arithmetic(0.0, 2.0 ** -12, 2.0 ** -12, 0.0, math.inf)  # coarse matmuls, exact elementwise steps,
+ELEMENTWISE_ONLY = Arithmetic(2.0 ** -12, 0.0, 0.0, 0.0, math.inf)  # and the reverse: each isolates one kind
 
 
 def ratios(model, arithmetic: Arithmetic) -> dict[str, float]:
@@ -175,7 +193,7 @@ def test_each_linear_output_of_the_lipschitz_gpt_carries_its_dot_product_over_it
     """With only the matmuls rounded (unit 2^−12): each Linear's output bound is (1 + γ_fan_in) above what its
     input's bound alone gives, the attention output (o.input) the average's factor above the values, and
     the scores (1 + γ_d_h) above the two projections' (each ≥ 1 + γ_d: ‖|W|‖₂ ≥ σ_max)."""
-    d, d_h, context, gamma = 32, 16, 16, lambda n: Arithmetic.gamma(n, MATMULS_ONLY.matmul_unit)
+    d, d_h, context, gamma = 32, 16, 16, MATMULS_ONLY.matmul_gamma
     ratio = ratios(lipschitz_lm(), MATMULS_ONLY)
     close = 1 - 1e-12
     for i in range(2):
@@ -222,8 +240,8 @@ def test_the_mlps_cast_bounds_carry_each_fp32_step():
     close = 1 - 1e-12
     ratio = ratios(model, MATMULS_ONLY)
     for i, fan_in in enumerate((8, 16, 16)):
-        assert ratio[f"layers.{i}.output"] >= (1 + Arithmetic.gamma(fan_in, MATMULS_ONLY.matmul_unit)) \
-            * ratio[f"layers.{i}.input"] * close
+        gain = 1 + MATMULS_ONLY.matmul_gamma(fan_in)
+        assert ratio[f"layers.{i}.output"] >= gain * ratio[f"layers.{i}.input"] * close
     ratio = ratios(model, ELEMENTWISE_ONLY)
     two = 1 + Arithmetic.gamma(2, ELEMENTWISE_ONLY.unit)
     assert ratio["layers.1.input"] == pytest.approx(two * ratio["layers.0.output"], rel=1e-12)  # φ = scale·base
@@ -246,22 +264,86 @@ def test_with_zero_branches_the_residual_streams_bound_is_the_projections_and_re
     assert fp32["block0"] == pytest.approx(roundings * exact["block0"], rel=1e-12)
 
 
-def test_tf32_matmuls_leave_a_long_context_model_unproven():
-    """At torch's default fp32 matmul precision a small lipschitz_gpt of context 1024 is proven safe in bf16;
-    with TF32 allowed ('high') its attention averages 1024 values through 3074 roundings of 2^−11 each, no
-    bound follows, and the verdict is 0, not a crash."""
+def test_tf32_matmuls_raise_the_bounds_and_a_bound_past_fp32s_range_proves_nothing():
+    """With TF32 allowed ('high') every matmul's operands carry 2^−11 more: the largest bound of a small
+    lipschitz_gpt grows (its verdict stays 1); weights whose bounds pass fp32's range give verdict 0 with
+    the reason, not a crash."""
     from lipflow.evaluation.precision import proven_safe
 
     torch.manual_seed(0)
-    model = build_model(run_defaults(model="lipschitz_gpt", d_model=16, n_layers=1, n_heads=1, context=1024), 8)
+    model = with_random_matrices(build_model(run_defaults(model="lipschitz_gpt", d_model=16, n_layers=1, n_heads=1,
+                                                          context=1024), 8), "bf16")
+    bf16 = FORMATS.get("bf16")
     previous = torch.get_float32_matmul_precision()
     try:
-        assert proven_safe(model, FORMATS.get("bf16"))[0] == 1.0
+        highest = bounds_with(model, Arithmetic.fp32(), "bf16")
         torch.set_float32_matmul_precision("high")
-        value, status = proven_safe(model, FORMATS.get("bf16"))
+        high, verdict = bounds_with(model, Arithmetic.fp32(), "bf16"), proven_safe(model, bf16)[0]
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert value == 0.0 and status == "no finite analytic bound at torch's float32 matmul precision 'high'"
+    assert verdict == 1.0
+    for key in ("blocks.0.attn.q.output", "blocks.0.mlp.down.output", "head.output"):
+        assert high[key] >= (1 + 2.0 ** -11) ** 2 * highest[key], key
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e12)
+    value, status = proven_safe(model, bf16)
+    assert value == 0.0 and status.startswith("no finite analytic bound: a bound passes fp32's range")
+
+
+def gelu_past_its_kernels_range():
+    """A lipschitz_gpt whose MLP input reaches 1.99e38 in bf16 (zero attention, every token row 1, W_up's first
+    row 2.5e37): below bf16's 3.39e38, but past 2^127, where torch's fp32 GELU overflows."""
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=16, n_layers=1, n_heads=1, context=4), 8)
+    block = model.blocks[0]
+    with torch.no_grad():
+        for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight, block.attn.o.weight):
+            w.zero_()
+        block.mlp.up.weight.zero_()
+        block.mlp.up.weight[0] = 2.5e37
+        block.mlp.down.weight.fill_(1e-30)
+        model.tok.weight.fill_(1.0)
+        model.head.weight.mul_(1e-3)
+    return model
+
+
+def residual_past_fp32s_range():
+    """lipschitz_gpt, d 2, κ = ½: every bound within bf16's 3.39e38, but the residual's sum x + α̂u before ×κ
+    reaches 3.85e38, past fp32's range (W_o 8.25e37, W_down's first column 3)."""
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=2, n_layers=1, n_heads=1, context=4,
+                                     activation="relu"), 4)
+    block = model.blocks[0]
+    with torch.no_grad():
+        model.tok.weight.fill_(1.0)
+        block.attn.q.weight.zero_()
+        block.attn.k.weight.zero_()
+        block.attn.v.weight.fill_(1.0)
+        block.attn.o.weight.fill_(8.25e37)
+        block.mlp.up.weight.zero_()
+        block.mlp.up.weight[0] = 1.0
+        block.mlp.down.weight.zero_()
+        block.mlp.down.weight[:, 0] = 3.0
+        model.head.weight.fill_(1e-30)
+    return model
+
+
+@pytest.mark.parametrize("case", [gelu_past_its_kernels_range, residual_past_fp32s_range])
+def test_an_fp32_intermediate_past_its_range_is_not_proven_safe_in_bf16(case):
+    """bf16's range nearly reaches fp32's: every bound of these models is within it, and each was proven safe,
+    but their unscaled simulation overflows an fp32 step between two casts (GELU's kernel past 2^127, the
+    residual's sum past fp32's max) and returns non-finite logits. The bounds now say inf there."""
+    import copy
+
+    from lipflow.evaluation.precision import _cast_parameters, cast_activation_bound, linear_hooks, proven_safe
+
+    model = case().eval()
+    bf16 = FORMATS.get("bf16")
+    assert proven_safe(model, bf16)[0] == 0.0 and cast_activation_bound(model, bf16) == math.inf
+    cast_model = copy.deepcopy(model)
+    _cast_parameters(cast_model, lambda p: simulate_cast(p, bf16))
+    with torch.no_grad(), linear_hooks(cast_model, bf16):
+        logits = cast_model(torch.zeros(1, 3, dtype=torch.long))
+    assert not bool(torch.isfinite(logits).all())
 
 
 @pytest.mark.cuda
@@ -285,3 +367,29 @@ def test_the_cast_models_bounds_hold_for_the_simulation_on_the_gpu(name):
         cast_model(windows[:, :-1].cuda())
     assert state.max_abs and all(state.max_abs[k] <= bounds[k] for k in state.max_abs), \
         {k: (v, bounds[k]) for k, v in state.max_abs.items() if v > bounds[k]}
+
+
+def test_the_absolute_terms_reach_every_step_of_a_zero_model():
+    """Zero weights (bf16 casts of zero are zero): with only the absolute (underflow) term η, each Linear output
+    is the dot product's n·η, the scores at least a dot product's and five roundings' (d_h + 5)·η, the
+    attention output at least the average's (3T + 2)·η, the logits two roundings' 2η; RoPE's own factor ρ ≥ 1
+    is the largest √(c² + s²) of its tables."""
+    eta = 2.0 ** -20
+    d, d_h, context = 16, 8, 4
+    absolute_only = Arithmetic(0.0, 0.0, 0.0, eta, math.inf)
+    model = build_model(run_defaults(model="lipschitz_gpt", d_model=d, n_layers=1, n_heads=2, context=context), 8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "tok.weight":
+                p.zero_()
+    bounds, exact = bounds_with(model, absolute_only, "bf16"), bounds_with(model, EXACT, "bf16")
+    tiny = 1e-30  # bf16's own absolute rounding, ~1e-40, in the exact bounds
+    assert exact["blocks.0.attn.q.output"] < tiny and exact["logits"] < tiny
+    for key in ("attn.q.output", "attn.k.output", "attn.v.output", "mlp.up.output"):
+        assert bounds[f"blocks.0.{key}"] == pytest.approx(d * eta, rel=1e-9), key
+    assert bounds["blocks.0.attn.scores"] >= (d_h + 5) * eta
+    assert bounds["blocks.0.attn.o.input"] >= (3 * context + 2) * eta
+    assert bounds["logits"] >= 2 * eta
+    rope = model.blocks[0].attn.rope
+    rho = float((rope.cos.double() ** 2 + rope.sin.double() ** 2).sqrt().max())
+    assert rope.computed_norm(1.0, EXACT, d_h) == rho >= 1.0

@@ -18,9 +18,10 @@ impossible if every weight fits (checked exactly) and the analytic activation bo
 fit (``fp8_safe_proven``, per format, bf16 and fp16 included): ``model.activation_bounds(rounding)`` of
 the model with its weights cast, with each Linear's input and output cast (``bound.Rounding``: up to
 2^−(mantissa bits + 1) relative, plus half a subnormal step, per cast) and the fp32 arithmetic in between
-(``bound.Arithmetic``: each dot product's γ_n, RoPE, the softmax average, GELU, the residual sums; TF32's
-coarser unit where torch's float32 matmul precision allows it), so the bound covers the values the
-simulation casts, not only those of the fp32 model (a bound of 441 for the fp32 model's head output
+(``bound.Arithmetic``: each dot product's γ_n, RoPE, the softmax average, GELU, the residual sums; TF32's or
+bf16's operand rounding where torch's float32 matmul precision allows it; inf, so no proof, where a step
+could pass fp32's range), with attention on SDPA's math backend (``loss_and_accuracy``), so the bound covers
+the values the simulation casts, not only those of the fp32 model (a bound of 441 for the fp32 model's head output
 was proven safe in e4m3 while the cast run saturated there at 452; fp32 SDPA puts an attention output
 above the largest |value| it averages in a quarter of the outputs). The bounds — a float, or a dict of
 floats keyed like the observed tensors — bound |entry| of every matmul operand and result for any token
@@ -44,12 +45,13 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lipflow.evaluation import EVALUATIONS, EvalContext
 from lipflow.evaluation.number_formats import (FORMATS, SCALINGS, NumberFormat, RangeCounts, cast_with_counts,
                                                quantize_int8_per_channel, simulate_cast)
 from lipflow.model.base import LanguageModel
-from lipflow.model.bound import Rounding
+from lipflow.model.bound import Rounding, matmul_precision
 
 
 @dataclass
@@ -90,10 +92,13 @@ def linear_hooks(model: nn.Module, fmt: NumberFormat | None, scaling: str = "non
 
 
 @torch.no_grad()
+@sdpa_kernel([SDPBackend.MATH])
 def loss_and_accuracy(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
                       block_max: dict[str, float] | None = None) -> tuple[float, float]:
     """fp32 next-token loss and accuracy over every position; optionally the running max of
-    ``model.activation_stats`` '*.max_abs' entries into ``block_max``."""
+    ``model.activation_stats`` '*.max_abs' entries into ``block_max``. Attention runs on SDPA's math backend,
+    the arithmetic the fp8 proof bounds (``Arithmetic.average``; CUDA's fused fp32 kernels multiply in
+    3×TF32)."""
     total_loss, correct, tokens = 0.0, 0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size].to(device)
@@ -156,9 +161,9 @@ def proven_safe(model: nn.Module, fmt: NumberFormat) -> tuple[float, str]:
     bound = cast_activation_bound(model, fmt)
     if bound is None:
         return math.nan, "no analytic bound"
-    if not math.isfinite(bound):  # a γ_k with ku ≥ 1: TF32 matmuls over long dot products or attention rows
-        precision = torch.get_float32_matmul_precision()
-        return 0.0, f"no finite analytic bound at torch's float32 matmul precision '{precision}'"
+    if not math.isfinite(bound):
+        return 0.0, (f"no finite analytic bound: a bound passes fp32's range, or roundings compound past one "
+                     f"(torch's float32 matmul precision: '{matmul_precision()}')")
     if bound <= fmt.max:
         return 1.0, f"activations ≤ {bound:.4g} ≤ {fmt.max:g} for any input, the casts' rounding included"
     return 0.0, f"analytic bound {bound:.4g} > {fmt.max:g} (the casts' rounding included)"

@@ -41,7 +41,8 @@ class Activation:
 
     base: Callable[[torch.Tensor], torch.Tensor]
     base_lipschitz: float  # max |base′|: GELU_MAX_SLOPE for GELU, 1 for ReLU
-    fp32_excess: float  # e with |fl(base(x))| ≤ (1 + e)|x| in fp32 (``Arithmetic``): ReLU exact, GELU assumed
+    fp32_excess: float  # e with |fl(base(x))| ≤ (1 + e)|x| in fp32 for |x| ≤ fp32_input_max
+    fp32_input_max: float  # the largest |x| at which the fp32 kernel is known not to overflow
 
     @property
     def scale(self) -> float:
@@ -54,14 +55,20 @@ class Activation:
     def fn(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) * self.scale if self.scale != 1.0 else self.base(x)
 
+    def computed_bound(self, bound: Bound) -> Bound:
+        """Bound on |fl(base(x))| in fp32 given |x| ≤ ``bound`` (or on ‖fl(base(x))‖₂ given ‖x‖₂ ≤ it):
+        (1 + fp32_excess)·bound, inf past ``fp32_input_max``."""
+        return unless_overflow(bound, (1.0 + self.fp32_excess) * bound, self.fp32_input_max)
+
 
 ACTIVATIONS: Registry[Activation] = Registry("activation")
-# GELU(x)/max GELU': slope in [−0.1142, 1]. Computed as x·½(1 + erf(x/√2)), |fl(GELU(x))| ≤ |x| whenever
-# fl(erf) ≤ 1; the bounds allow 16 fp32 ulps more (GELU_FP32_EXCESS; tests/test_precision.py checks torch's
-# kernel on 24 M points).
+# GELU(x)/max GELU': slope in [−0.1142, 1]. torch's fp32 kernel gives |fl(GELU(x))| ≤ |x| for every finite
+# |x| < 2^127 (checked exhaustively on the CPU; tests/test_fp32_arithmetic.py samples it on the CPU and on CUDA)
+# and inf above (it forms x·(1 + erf(x/√2)) before halving); the bounds allow 16u more (GELU_FP32_EXCESS).
 GELU_FP32_EXCESS = 2.0 ** -20
-ACTIVATIONS.register("gelu")(Activation(F.gelu, GELU_MAX_SLOPE, GELU_FP32_EXCESS))
-ACTIVATIONS.register("relu")(Activation(F.relu, 1.0, 0.0))
+GELU_FP32_INPUT_MAX = 2.0 ** 127 * (1 - 2.0 ** -24)  # the largest fp32 below 2^127
+ACTIVATIONS.register("gelu")(Activation(F.gelu, GELU_MAX_SLOPE, GELU_FP32_EXCESS, GELU_FP32_INPUT_MAX))
+ACTIVATIONS.register("relu")(Activation(F.relu, 1.0, 0.0, math.inf))
 
 
 def head_spectral_norms(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -115,9 +122,28 @@ def project_rms_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
     return x * (radius / rms.clamp(min=radius))
 
 
-# torch's fp32 matmul unit roundoff per ``torch.get_float32_matmul_precision()``: 'highest' is fp32 itself;
-# 'high' allows TF32 (10 explicit mantissa bits), 'medium' bf16 (7).
-MATMUL_UNIT = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -9}
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# The unit to which torch's fp32 matmuls round each operand before accumulating in fp32, per
+# ``torch.get_float32_matmul_precision()``: none at 'highest'; TF32's 10 explicit mantissa bits at 'high'
+# (bf16x3 rounds less); bf16's 7 at 'medium'.
+MATMUL_OPERAND_UNIT = {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}
+
+
+def matmul_precision() -> str:
+    """torch's float32 matmul precision; 'medium', the coarsest, where torch ≥ 2.9's per-backend
+    ``fp32_precision`` settings have been mixed with the legacy one and it cannot say."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "medium"
+
+
+def unless_overflow(check: Bound, value: Bound, limit: float) -> Bound:
+    """``value`` where ``check`` ≤ ``limit``, inf elsewhere (NaN included): a result past fp32's range is inf,
+    so no bound follows."""
+    if isinstance(check, torch.Tensor) or isinstance(value, torch.Tensor):
+        return torch.where(torch.as_tensor(check) <= limit, torch.as_tensor(value), math.inf)
+    return value if check <= limit else math.inf
 
 
 @dataclass(frozen=True)
@@ -125,58 +151,80 @@ class Arithmetic:
     """The fp32 arithmetic between a simulation's casts (Higham, Accuracy and Stability of Numerical
     Algorithms, 2002, §2.2 and §3.1): each operation returns the exact result times (1 + δ), |δ| ≤ u = 2^−24,
     plus, for a product or quotient in the subnormal range, an absolute error ≤ η = 2^−150 (a sum with a
-    subnormal result is exact); k such roundings compound to at most 1 + γ_k, γ_k = ku/(1 − ku). So a dot
-    product of n terms, summed in any order, with or without fused multiply-adds, is within
-    γ_n·Σ_j |a_j||b_j| + n·η(1 + γ_n) of the exact one. Dot products (matmuls, attention) use
-    ``matmul_unit``, the unit of torch's fp32 matmuls (``MATMUL_UNIT``: TF32's 2^−11 where the matmul
-    precision allows it); elementwise operations ``unit``. The bounds themselves are computed in float64,
-    whose own roundings (~1e-16 relative) are far inside these terms."""
+    subnormal result is exact); k such roundings compound to at most 1 + γ_k, γ_k = ku/(1 − ku). A dot
+    product of n terms, summed in any order, with or without fused multiply-adds, of operands first rounded
+    to ``operand_unit`` u_op (TF32 or bf16 where torch's matmul precision allows it, ``MATMUL_OPERAND_UNIT``),
+    is within g_n·Σ_j |a_j||b_j| + n·η(1 + g_n) of the exact one, g_n = (1 + u_op)²(1 + γ_n) − 1, γ_n of the
+    ``accumulation_unit`` (fp32's u; kept apart from ``unit`` so a test can isolate either). Every
+    result must also stay within ``limit``, fp32's largest finite value, or it is inf: a bound past it is
+    none (inf). The bounds themselves are computed in float64, whose own roundings (~1e-16 relative) are
+    far inside these terms."""
 
     unit: float
-    matmul_unit: float
+    operand_unit: float
+    accumulation_unit: float
     absolute: float
+    limit: float
 
     @classmethod
     def fp32(cls) -> "Arithmetic":
-        """fp32 elementwise, matmuls at torch's current float32 matmul precision."""
+        """fp32 elementwise and in the matmuls' sums, matmul operands at torch's current float32 matmul
+        precision."""
         info = torch.finfo(torch.float32)
-        return cls(info.eps / 2, MATMUL_UNIT[torch.get_float32_matmul_precision()],
-                   info.smallest_normal * info.eps / 2)
+        return cls(info.eps / 2, MATMUL_OPERAND_UNIT[matmul_precision()], info.eps / 2,
+                   info.smallest_normal * info.eps / 2, info.max)
 
     @staticmethod
     def gamma(k: int, unit: float) -> float:
         """γ_k = ku/(1 − ku), the bound on |θ_k| where Π_{i≤k} (1 + δ_i)^{±1} = 1 + θ_k, |δ_i| ≤ u; inf where
-        ku ≥ 1 (no bound: e.g. TF32's 2^−11 over a dot product of 2048 terms)."""
+        ku ≥ 1."""
         return k * unit / (1.0 - k * unit) if k * unit < 1.0 else math.inf
 
-    def dot(self, bound: Bound, n: int) -> Bound:
-        """Bound on |fl(Σ_{j≤n} a_j b_j)| given Σ_j |a_j||b_j| ≤ ``bound``: (1 + γ_n)(bound + n·η)."""
-        return (1.0 + self.gamma(n, self.matmul_unit)) * (bound + n * self.absolute)
+    def matmul_gamma(self, n: int) -> float:
+        """g_n = (1 + u_op)²(1 + γ_n) − 1: a dot product's relative error bound."""
+        return (1.0 + self.operand_unit) ** 2 * (1.0 + self.gamma(n, self.accumulation_unit)) - 1.0
 
-    def matmul_norm(self, sigma: Bound, abs_norm: Bound, in_norm: Bound, fan_in: int, fan_out: int) -> Bound:
-        """Bound on ‖fl(Wx)‖₂ given ‖x‖₂ ≤ ``in_norm``, σ_max(W) = ``sigma`` and ‖|W|‖₂ ≤ ``abs_norm``
-        (``abs_operator_norm_bound``): the error vector e has |e_i| ≤ γ_n(|W||x|)_i + n·η(1 + γ_n), so
-        ‖e‖₂ ≤ γ_n‖|W|‖₂‖x‖₂ + √fan_out·n·η(1 + γ_n)."""
-        gamma = self.gamma(fan_in, self.matmul_unit)
-        return (sigma + gamma * abs_norm) * in_norm + math.sqrt(fan_out) * fan_in * self.absolute * (1.0 + gamma)
+    def in_range(self, bound: Bound) -> Bound:
+        """``bound`` where it is within fp32's range, inf elsewhere."""
+        return unless_overflow(bound, bound, self.limit)
+
+    def dot(self, bound: Bound, n: int) -> Bound:
+        """Bound on |fl(Σ_{j≤n} a_j b_j)| given Σ_j |a_j||b_j| ≤ ``bound`` (every partial sum is within it):
+        (1 + g_n)(bound + n·η)."""
+        return self.in_range((1.0 + self.matmul_gamma(n)) * (bound + n * self.absolute))
+
+    def matmul_norm(self, w: torch.Tensor, sigma: Bound, in_norm: Bound) -> Bound:
+        """Bound on ‖fl(Wx)‖₂ for W (fan_out, fan_in) of σ_max ``sigma`` (or a stack of them, one σ each) and
+        ‖x‖₂ ≤ ``in_norm``: the error vector e has |e_i| ≤ g_n(|W||x|)_i + n·η(1 + g_n), so ‖e‖₂ ≤
+        g_n‖|W|‖₂‖x‖₂ + √fan_out·n·η(1 + g_n), with ‖|W|‖₂ ≤ ``abs_operator_norm_bound``."""
+        fan_out, fan_in = w.shape[-2:]
+        g = self.matmul_gamma(fan_in)
+        abs_norm = abs_operator_norm_bound(w)
+        norm = (sigma + g * (abs_norm if w.ndim > 2 else float(abs_norm))) * in_norm
+        return self.in_range(norm + math.sqrt(fan_out) * fan_in * self.absolute * (1.0 + g))
 
     def ops(self, bound: Bound, k: int, n: int = 1) -> Bound:
-        """Bound on the result of ``k`` successive elementwise roundings (products and sums of terms whose
-        exact total is bounded by ``bound``), per entry, or in ℓ2 over ``n`` entries: (1 + γ_k)(bound +
-        √n·k·η)."""
-        return (1.0 + self.gamma(k, self.unit)) * (bound + math.sqrt(n) * k * self.absolute)
+        """Bound on the result of ``k`` successive elementwise roundings of products and sums whose terms'
+        absolute values add up to at most ``bound``, per entry, or in ℓ2 over ``n`` entries: (1 + γ_k)(bound
+        + √n·k·η)."""
+        return self.in_range((1.0 + self.gamma(k, self.unit)) * (bound + math.sqrt(n) * k * self.absolute))
 
     def average(self, bound: Bound, terms: int, n: int = 1) -> Bound:
         """Bound on a computed weighted average Σ_s ŵ_s v_s / Σ_s ŵ_s of ``terms`` values (|v_s| ≤ ``bound``
-        per entry, or ‖v_s‖₂ ≤ ``bound`` for vectors of ``n`` entries) with computed weights ŵ_s ≥ 0 and the
-        largest ŵ_s ≥ 1: attention's softmax(z)·V, whether it normalises first or keeps an online softmax's
-        running sums (flash kernels), since the exps' own errors cancel in the ratio. Numerator and
-        denominator each pass through at most k = 3·terms + 2 roundings (a product, a sum and a rescale per
-        term) and the quotient through one: (1 + γ_{k+1})/(1 − γ_k)·(bound + √n·k·η)."""
-        k = 3 * terms + 2
-        denominator = 1.0 - self.gamma(k, self.matmul_unit)  # the denominator's relative lower bound
-        factor = (1.0 + self.gamma(k + 1, self.matmul_unit)) / denominator if denominator > 0 else math.inf
-        return factor * (bound + math.sqrt(n) * k * self.absolute)
+        per entry, or ‖v_s‖₂ ≤ ``bound`` for vectors of ``n`` entries) with computed weights ŵ_s ≥ 0:
+        attention's softmax(z)·V, whether it normalises first (the weights then sum to 1 up to rounding, and the
+        products P̂·V are a matmul's) or keeps an online softmax's running sums (flash kernels: its largest
+        weight is exp(0) = 1, the numerator reaches Σ_s ŵ_s|v_s| ≤ terms·bound, which must stay in range),
+        since the exps' own errors cancel in the ratio. Numerator and denominator each pass through at most
+        k = 3·terms + 2 fp32 roundings (a product, a sum and a rescale per term), the numerator's operands
+        through the matmul's, and the quotient through one: (1 + u_op)²(1 + γ_{k+1})/(1 − γ_k)·(bound +
+        √n·k·η)."""
+        k, unit = 3 * terms + 2, max(self.unit, self.accumulation_unit)  # sums of either kind
+        denominator = 1.0 - self.gamma(k, unit)  # the denominator's relative lower bound
+        factor = ((1.0 + self.operand_unit) ** 2 * (1.0 + self.gamma(k + 1, unit)) / denominator
+                  if denominator > 0 else math.inf)
+        average = self.in_range(factor * (bound + math.sqrt(n) * k * self.absolute))
+        return unless_overflow(terms * bound * factor, average, self.limit)
 
 
 @dataclass(frozen=True)

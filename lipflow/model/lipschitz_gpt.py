@@ -33,9 +33,9 @@ from torch import nn
 
 from lipflow.model.base import (AttentionSite, LanguageModel, block_attention_sites, causal_scores, rms_operator_norm,
                                 spectral_norm)
-from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, Arithmetic, Rounding, abs_operator_norm_bound,
-                                 attention_gain, attention_lipschitz, head_spectral_norms, linear_output_bounds,
-                                 project_rms_ball, row_norms)
+from lipflow.model.bound import (ATTENTION_OUTPUT_DIVISOR, ACTIVATIONS, Arithmetic, Rounding, attention_gain,
+                                 attention_lipschitz, head_spectral_norms, linear_output_bounds, project_rms_ball,
+                                 row_norms, unless_overflow)
 from lipflow.model.certificate import (Bound, Certificate, Certify, record, residual as residual_certificate,
                                        sequential)
 from lipflow.model.registry import MODELS
@@ -112,7 +112,8 @@ class RotaryEmbedding(nn.Module):
         tables (1 only for exact cos and sin)."""
         rho = float((self.cos.double().pow(2) + self.sin.double().pow(2)).sqrt().max())
         gamma = arithmetic.gamma(2, arithmetic.unit)
-        return (1.0 + math.sqrt(2.0) * gamma) * rho * bound + math.sqrt(n) * 2.0 * arithmetic.absolute * (1.0 + gamma)
+        return arithmetic.in_range((1.0 + math.sqrt(2.0) * gamma) * rho * bound
+                                   + math.sqrt(n) * 2.0 * arithmetic.absolute * (1.0 + gamma))
 
 
 class LipschitzAttention(nn.Module):
@@ -229,24 +230,25 @@ class LipschitzAttention(nn.Module):
         fl-matmul-norm are ``rounding.arithmetic``'s fp32 products. The product formula of ``certify`` does
         not hold here: the casts between W_v and W_o break W_o^(h)W_v^h's cancellations (W_o·W_v = 0 still
         gives a nonzero cast output)."""
-        fp32 = rounding.arithmetic
+        arithmetic = rounding.arithmetic
         d, d_h, heads = self.q.in_features, self.head_dim, self.n_heads
         x = rounding.norm(A, d)
-        head_abs_norms = (abs_operator_norm_bound(m.weight.reshape(heads, d_h, d)) for m in (self.q, self.k, self.v))
-        q_h, k_h, v_h = (rounding.norm(fp32.matmul_norm(n.double(), abs_norm, x, d, d_h), d_h)
-                         for n, abs_norm in zip((q_norms, k_norms, v_norms), head_abs_norms))
-        q_rot, k_rot = (self.rope.computed_norm(n, fp32, d_h) for n in (q_h, k_h))
-        scores = fp32.dot(fp32.ops(self.score_scale * float((q_rot * k_rot).max()), 5), d_h)
-        v_out = fp32.dot(row_norms(self.v.weight) * x, d)
-        z_entries = fp32.average(rounding.entry(v_out), self.context)
-        z_norm = rounding.norm(float(fp32.average(v_h, self.context, d_h).pow(2).sum().sqrt()), d)
-        o_out = fp32.dot(linear_output_bounds(self.o.weight, z_norm, rounding.entry(z_entries)), d)
-        o_norm = fp32.matmul_norm(spectral_norm(self.o.weight), float(abs_operator_norm_bound(self.o.weight)), z_norm,
-                                  d, d)
-        out_norm = rounding.norm(o_norm, d) / self.output_divisor
+        q_h, k_h, v_h = (rounding.norm(arithmetic.matmul_norm(m.weight.reshape(heads, d_h, d), n.double(), x), d_h)
+                         for n, m in ((q_norms, self.q), (k_norms, self.k), (v_norms, self.v)))
+        q_rot, k_rot = (self.rope.computed_norm(n, arithmetic, d_h) for n in (q_h, k_h))
+        # SDPA's math backend scales q and k by √c first (two roundings each), which must stay in range
+        scaled = arithmetic.ops(math.sqrt(self.score_scale) * float(torch.maximum(q_rot, k_rot).max()), 2)
+        products = arithmetic.ops(self.score_scale * float((q_rot * k_rot).max()), 5)
+        scores = unless_overflow(scaled, arithmetic.dot(products, d_h), arithmetic.limit)
+        v_out = arithmetic.dot(row_norms(self.v.weight) * x, d)
+        z_entries = arithmetic.average(rounding.entry(v_out), self.context)
+        z_norm = rounding.norm(float(arithmetic.average(v_h, self.context, d_h).pow(2).sum().sqrt()), d)
+        o_out = arithmetic.dot(linear_output_bounds(self.o.weight, z_norm, rounding.entry(z_entries)), d)
+        out_norm = rounding.norm(arithmetic.matmul_norm(self.o.weight, spectral_norm(self.o.weight), z_norm), d) \
+            / self.output_divisor
         entries = {"q.input": A, "k.input": A, "v.input": A,
-                   "q.output": fp32.dot(float(row_norms(self.q.weight).max()) * x, d),
-                   "k.output": fp32.dot(float(row_norms(self.k.weight).max()) * x, d),
+                   "q.output": arithmetic.dot(float(row_norms(self.q.weight).max()) * x, d),
+                   "k.output": arithmetic.dot(float(row_norms(self.k.weight).max()) * x, d),
                    "v.output": float(v_out.max()),
                    "scores": scores,
                    "o.input": float(z_entries.max()),
@@ -295,7 +297,8 @@ class FeedForward(nn.Module):
         products of ``rounding.arithmetic`` (fl-dot, fl-matmul-norm): the cast input has ‖x̃‖ ≤ X =
         RN-norm(A), so β_j = fl-dot(‖W_up[j,:]‖₂·X); the cast h̃ has |h̃_j| ≤ RN(β_j) and ‖h̃‖ ≤
         RN-norm(fl-matmul-norm(σ(W_up)·X)), g = base(h̃) computed in fp32 is within κ(1 + e) of those
-        (e = the activation's ``fp32_excess``), its cast g̃ within RN of g, and ``down.output`` ≤
+        (``Activation.computed_bound``: e = ``fp32_excess``, inf past the kernel's ``fp32_input_max``),
+        its cast g̃ within RN of g, and ``down.output`` ≤
         fl-dot(``linear_output_bounds`` for g̃); the branch output scale·RN(W_down·g̃) has ℓ2 norm ≤
         scale·RN-norm(fl-matmul-norm(σ(W_down)·‖g̃‖)).
         """
@@ -303,20 +306,17 @@ class FeedForward(nn.Module):
         kappa = self.act.gain / self.act.scale
         lipschitz = rms_operator_norm(self.down.weight) * rms_operator_norm(self.up.weight)
         if rounding is not None:
-            fp32 = rounding.arithmetic
+            arithmetic = rounding.arithmetic
             d, hidden = self.up.in_features, self.up.out_features
             x = rounding.norm(A, d)
-            beta = fp32.dot(row_norms(self.up.weight) * x, d)
-            computed_kappa = kappa * (1.0 + self.act.fp32_excess)
-            g = computed_kappa * rounding.entry(beta)
-            h_norm = fp32.matmul_norm(spectral_norm(self.up.weight), float(abs_operator_norm_bound(self.up.weight)),
-                                      x, d, hidden)
-            g_norm = rounding.norm(computed_kappa * rounding.norm(h_norm, hidden), hidden)
-            down = fp32.dot(linear_output_bounds(self.down.weight, g_norm, rounding.entry(g)), hidden)
+            beta = arithmetic.dot(row_norms(self.up.weight) * x, d)
+            g = kappa * self.act.computed_bound(rounding.entry(beta))
+            h_norm = arithmetic.matmul_norm(self.up.weight, spectral_norm(self.up.weight), x)
+            g_norm = rounding.norm(kappa * self.act.computed_bound(rounding.norm(h_norm, hidden)), hidden)
+            down = arithmetic.dot(linear_output_bounds(self.down.weight, g_norm, rounding.entry(g)), hidden)
             entries = {"up.input": A, "up.output": float(beta.max()), "down.input": float(g.max()),
                        "down.output": float(down.max())}
-            out_norm = fp32.matmul_norm(spectral_norm(self.down.weight),
-                                        float(abs_operator_norm_bound(self.down.weight)), g_norm, hidden, d)
+            out_norm = arithmetic.matmul_norm(self.down.weight, spectral_norm(self.down.weight), g_norm)
             bound = self.output_scale * rounding.norm(out_norm, d) / math.sqrt(d)
             return Certificate(bound, lipschitz, bound / a, entries)
         beta = row_norms(self.up.weight) * A
@@ -365,14 +365,17 @@ class LipschitzBlock(nn.Module):
     def computed_residual(self, branch: Certify, rounding: Rounding | None) -> Certify:
         """κx + β·f(x) (``residual``), and with ``rounding`` as ``forward`` computes it in fp32: κ̂·fl(x + α̂·u)
         with α = βs/κ and κ rounded to fp32, five roundings in all, so the RMS bound is
-        ``rounding.arithmetic.ops``(κa + β·bound_f, 5)."""
+        ``rounding.arithmetic.ops``(κa + β·bound_f, 5); the sum before ×κ̂, up to √d/κ times that per entry,
+        must stay in fp32's range (else no bound: inf)."""
         certify = residual_certificate(self.keep, self.weight, branch)
         if rounding is None:
             return certify
+        arithmetic, root_d = rounding.arithmetic, math.sqrt(self.attn.q.in_features)
 
         def certify_computed(a: Bound, coordinates: torch.Tensor | None = None) -> Certificate:
             exact = certify(a, coordinates)
-            bound = rounding.arithmetic.ops(exact.bound, 5)
+            before_keep = arithmetic.ops(root_d * exact.bound / self.keep, 3)
+            bound = unless_overflow(before_keep, arithmetic.ops(exact.bound, 5), arithmetic.limit)
             return Certificate(bound, exact.lipschitz, bound / a, exact.entries)
         return certify_computed
 

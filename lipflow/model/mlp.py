@@ -25,7 +25,7 @@ from torch import nn
 
 from lipflow.config import mlp_model_keys
 from lipflow.model.base import LanguageModel, spectral_norm
-from lipflow.model.bound import ACTIVATIONS, Rounding, abs_operator_norm_bound, linear_output_bounds
+from lipflow.model.bound import ACTIVATIONS, Rounding, linear_output_bounds
 from lipflow.model.certificate import Bound, Certificate, Certify, record, sequential
 from lipflow.model.lipschitz_gpt import orthogonal_init_
 from lipflow.model.registry import MODELS
@@ -97,8 +97,8 @@ class LipschitzMLP(LanguageModel):
         With ``rounding`` the layer casts its input and output and computes in fp32 between
         (``rounding.arithmetic``): b is the fp32 dot product's bound (``Arithmetic.dot``) from the cast input
         (RN-norm(n), RN(e)), and φ reads RN(b) and a vector of norm ≤ RN-norm(fl-matmul-norm(σ(W_i)·RN-norm(n)));
-        φ = scale·base in fp32 adds the activation's ``fp32_excess`` and two roundings (scale to fp32, then
-        the product)."""
+        φ = scale·base in fp32 adds ``Activation.computed_bound`` (its ``fp32_excess``, inf past its kernel's
+        ``fp32_input_max``) and two roundings (scale to fp32, then the product)."""
         layer, last = self.layers[i], i == len(self.layers) - 1
 
         def certify(norm: Bound, entry: torch.Tensor | None = None) -> Certificate:
@@ -108,17 +108,16 @@ class LipschitzMLP(LanguageModel):
                 out = linear_output_bounds(layer.weight, norm, entry)
                 entries = {"input": float(entry.max()), "output": float(out.max())}
                 return Certificate.leaf(norm, gain * sigma, sigma, entries, gain * out)
-            fp32, fan_in, fan_out = rounding.arithmetic, layer.in_features, layer.out_features
+            arithmetic, fan_in, fan_out = rounding.arithmetic, layer.in_features, layer.out_features
             cast_norm = rounding.norm(norm, fan_in)
-            out = fp32.dot(linear_output_bounds(layer.weight, cast_norm, rounding.entry(entry)), fan_in)
+            out = arithmetic.dot(linear_output_bounds(layer.weight, cast_norm, rounding.entry(entry)), fan_in)
             entries = {"input": float(entry.max()), "output": float(out.max())}
-            out_norm = rounding.norm(fp32.matmul_norm(sigma, float(abs_operator_norm_bound(layer.weight)), cast_norm,
-                                                      fan_in, fan_out), fan_out)
+            out_norm = rounding.norm(arithmetic.matmul_norm(layer.weight, sigma, cast_norm), fan_out)
             if last:
                 return Certificate(out_norm, sigma, out_norm / norm, entries, rounding.entry(out))
-            excess = 1.0 + self.act.fp32_excess
-            bound = fp32.ops(gain * excess * out_norm, 2, fan_out)
-            return Certificate(bound, sigma, bound / norm, entries, fp32.ops(gain * excess * rounding.entry(out), 2))
+            act = self.act.computed_bound
+            bound = arithmetic.ops(gain * act(out_norm), 2, fan_out)
+            return Certificate(bound, sigma, bound / norm, entries, arithmetic.ops(gain * act(rounding.entry(out)), 2))
         return certify
 
     def output_certifier(self, rounding: Rounding | None = None) -> Certify:
