@@ -23,8 +23,8 @@ from lipflow.model.bound import (ACTIVATIONS, FLOAT32_MAX, GELU_FP32_EXCESS, GEL
 FP32 = Arithmetic.fp32()
 EXACT = Arithmetic(0.0, 0.0, 0.0, 0.0, math.inf)  # no rounding between the casts (the activations' fp32_excess stays)
 # the kernels' side of the proof on the GPU too (bench/gpu_check runs the cuda-marked tests)
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                   reason="needs a CUDA GPU")])]
+ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=ON_CUDA)]
 
 
 def test_gamma_is_the_compounded_rounding_bound_and_infinite_from_ku_one():
@@ -92,12 +92,13 @@ def test_the_abs_operator_norm_bound_bounds_the_spectral_norm_of_the_absolute_va
     assert abs_operator_norm_bound(torch.ones(6, 9)).item() == pytest.approx(math.sqrt(54.0), rel=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", [SDPBackend.MATH, None])
+@pytest.mark.parametrize("device, backend", [("cpu", None), ("cpu", SDPBackend.MATH),
+                                             pytest.param("cuda", SDPBackend.MATH, marks=ON_CUDA)])
 def test_fp32_attention_leaves_the_convex_hull_of_its_values_and_stays_within_the_average_bound(backend, device):
     """softmax(z)·V is a convex combination of the values, so in exact arithmetic no output entry exceeds
-    the largest |value|; torch's fp32 SDPA (math backend and the default one) exceeds it at equal values
-    for a fraction of the outputs, and stays within ``Arithmetic.average``, per entry and per head's ℓ2 norm."""
+    the largest |value|; torch's fp32 SDPA (the math backend the precision simulation runs, and the CPU's
+    default) exceeds it at equal values for a fraction of the outputs, and stays within
+    ``Arithmetic.average``, per entry and per head's ℓ2 norm."""
     generator = torch.Generator().manual_seed(2)
     T, d_h = 256, 8
     q, k = (3.0 * torch.randn(16, 2, T, d_h, generator=generator).to(device) for _ in range(2))
@@ -346,9 +347,7 @@ def test_an_fp32_intermediate_past_its_range_is_not_proven_safe_in_bf16(case):
     assert not bool(torch.isfinite(logits).all())
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["fp8_e4m3", "bf16"])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=ON_CUDA) for name in ("fp8_e4m3", "bf16")])
 def test_the_cast_models_bounds_hold_for_the_simulation_on_the_gpu(name):
     """The unscaled simulation run by CUDA's fp32 kernels (matmuls, SDPA, GELU) stays within the cast model's
     bounds, as on the CPU (tests/test_precision.py)."""
@@ -363,8 +362,8 @@ def test_the_cast_models_bounds_hold_for_the_simulation_on_the_gpu(name):
     cast_model = copy.deepcopy(model)
     _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt))
     bounds = cast_model.activation_bounds(rounding=Rounding.of(fmt.dtype))
-    with torch.no_grad(), linear_hooks(cast_model.cuda(), fmt) as state:
-        cast_model(windows[:, :-1].cuda())
+    with torch.no_grad(), linear_hooks(cast_model.cuda(), fmt) as state, sdpa_kernel([SDPBackend.MATH]):
+        cast_model(windows[:, :-1].cuda())  # the math backend, as the precision evaluation runs it
     assert state.max_abs and all(state.max_abs[k] <= bounds[k] for k in state.max_abs), \
         {k: (v, bounds[k]) for k, v in state.max_abs.items() if v > bounds[k]}
 
