@@ -46,7 +46,11 @@ def refuse_to_replace_other_rows(out: Path, run_id: str, name: str | None = None
     (the table itself is an ``update()`` output, kept)."""
     if not out.is_file():
         return
-    held = pq.read_table(out, columns=["run_id", "eval"]).group_by(["run_id", "eval"]).aggregate([]).to_pylist()
+    try:
+        held = pq.read_table(out, columns=["run_id", "eval"]).group_by(["run_id", "eval"]).aggregate([]).to_pylist()
+    except pa.ArrowException as err:  # columns of those names that hold no run ids (lists: no group-by keys)
+        raise FileExistsError(f"--out {out} exists and is not an evaluation table ({str(err).splitlines()[0]}); "
+                              "refusing to replace it (if it is a damaged earlier output, delete it)") from None
     other = next((row for row in held if row["run_id"] != run_id or name not in (None, row["eval"])), None)
     if other is not None:
         what = f"the {name} rows" if name is not None else "the rows"
