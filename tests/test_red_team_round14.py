@@ -25,3 +25,47 @@ def test_merge_over_a_table_of_evaluation_column_names_but_nested_values_is_one_
     line = one_error_line(done)
     assert "--out" in line and str(out) in line, line
     assert out.read_bytes() == before
+
+
+def training_curves_db(path):
+    """A results database with what the training-curves figure reads: one run of the runs block, two steps."""
+    import duckdb
+
+    from lipflow.results.training_curves import COLUMNS
+
+    text = {"run_id": "a-00000000", "name": "a", "model": "gpt", "optimizer": "adamw", "status": "completed",
+            "weight_constraint": "none", "experiment": None}
+    runs = pa.table({c: pa.array([text.get(c)], pa.string() if kind == "text" else pa.float64())
+                     for c, kind in COLUMNS["runs"].items()})
+    metrics = pa.table({c: pa.array(["a-00000000"] * 2) if c == "run_id" else pa.array([1.0, 2.0])
+                        for c in COLUMNS["train_metrics"]})
+    with duckdb.connect(str(path)) as con:
+        con.register("runs_arrow", runs)
+        con.register("metrics_arrow", metrics)
+        con.execute("CREATE TABLE runs AS SELECT * FROM runs_arrow")
+        con.execute("CREATE TABLE train_metrics AS SELECT * FROM metrics_arrow")
+    return path
+
+
+def test_plots_receipt_in_a_missing_folder_is_refused_before_any_figure_is_replaced(tmp_path):
+    """--receipt in a folder that does not exist is refused before drawing (as the database build and the
+    image-MLP study refuse theirs), not after the figures were replaced."""
+    db = training_curves_db(tmp_path / "lipflow.duckdb")
+    figures = tmp_path / "figures"
+    args = ["--db", str(db), "--out-dir", str(figures), "--training-curves"]
+    assert run_stage("lipflow.plots", *args, cwd=tmp_path).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in figures.iterdir()}
+    done = run_stage("lipflow.plots", *args, "--receipt", str(tmp_path / "nowhere" / "x.drawn"), cwd=tmp_path)
+    line = one_error_line(done)
+    assert "--receipt" in line and "nowhere" in line, line
+    assert {p.name: p.stat().st_mtime_ns for p in figures.iterdir()} == before
+
+
+def test_plots_receipt_in_the_folder_it_draws_into_is_fine(tmp_path):
+    """A receipt inside --out-dir, which the command makes, is no missing folder."""
+    db = training_curves_db(tmp_path / "lipflow.duckdb")
+    figures = tmp_path / "new" / "figures"
+    done = run_stage("lipflow.plots", "--db", str(db), "--out-dir", str(figures), "--training-curves",
+                     "--receipt", str(figures / "training_curves.drawn"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (figures / "training_curves.drawn").is_file()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from lipflow.errors import ArgumentParser, summary_of
 from lipflow.experiments import CATALOG
-from lipflow.atomic import (is_sealed, refuse_to_replace, refuse_to_replace_receipt, refuse_to_replace_sidecar,
-                            sidecar_path, write_receipt, write_with_sidecar)
+from lipflow.atomic import (check_folder_exists, is_sealed, refuse_to_replace, refuse_to_replace_receipt,
+                            refuse_to_replace_sidecar, sidecar_path, write_receipt, write_with_sidecar)
 from lipflow.results import training_curves
 from lipflow.results.plotting import RECEIPT_KEY, pyplot, read_view, refuse_to_replace_figure, write_figure
 
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         if args.receipt is not None:
             refuse_to_replace_receipt(args.receipt, RECEIPT_KEY, "lipflow.plots")
+            if args.receipt.parent not in (args.out_dir, args.tables_dir):  # those two folders it makes itself
+                check_folder_exists(args.receipt, "--receipt")  # before the figures are replaced, not after
         for flag, folder in (("--out-dir", args.out_dir), ("--tables-dir", args.tables_dir)):
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"{flag} {folder} exists and is not a folder")
