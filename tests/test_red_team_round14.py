@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -69,3 +72,22 @@ def test_plots_receipt_in_the_folder_it_draws_into_is_fine(tmp_path):
                      "--receipt", str(figures / "training_curves.drawn"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (figures / "training_curves.drawn").is_file()
+
+
+def test_seal_of_a_named_pipe_is_one_line_and_writes_no_sidecar(tmp_path):
+    """``seal`` of something that is no regular file (a named pipe, which it waited on for ever; a device,
+    /dev/null, got a /dev/null.sha256) is refused in one line naming it, before the files after it."""
+    import os
+
+    fifo = tmp_path / "pipe.parquet"
+    os.mkfifo(fifo)
+    later = tmp_path / "later.parquet"
+    later.write_bytes(b"x")
+    try:
+        done = subprocess.run([sys.executable, "-m", "lipflow.results", "seal", str(fifo), str(later)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("seal waited on the named pipe") from None
+    line = one_error_line(done)
+    assert str(fifo) in line and "not a regular file" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later.parquet", "pipe.parquet"]

@@ -100,7 +100,11 @@ def seal(files: list[Path]) -> None:
     modification time of its file (a new one) or its own (a cut one), so sealing reruns no Snakemake job. A
     link or anything else that is no checksum in a sidecar's place is refused and kept, as by every write.
     A checksum file among ``files`` (``seal results/figures/*`` names each figure's sidecar too) is skipped,
-    not given a sidecar of its own."""
+    not given a sidecar of its own. A named pipe, device or folder among ``files`` is refused before any is
+    sealed (reading a pipe waited for a writer for ever; /dev/null was given /dev/null.sha256)."""
+    for path in files:
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path} is not a regular file; seal writes the sidecars of files from before checksums")
     for path in files:
         if path.name.endswith(".sha256") and is_checksum(path):
             print(f"{path}: a checksum file, skipped")
