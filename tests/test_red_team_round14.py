@@ -91,3 +91,20 @@ def test_seal_of_a_named_pipe_is_one_line_and_writes_no_sidecar(tmp_path):
     line = one_error_line(done)
     assert str(fifo) in line and "not a regular file" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["later.parquet", "pipe.parquet"]
+
+
+def test_image_mlp_method_that_diverges_is_one_line_naming_it_and_writes_no_table(tmp_path):
+    """A method whose weights turn non-finite (AdamW at lr 1e29, which the schema allows) was scored as if
+    trained: its NaN model 'reached' ~10 % accuracy, which then set the matched-accuracy target of every
+    method, and the study exited 0 with a table of NaN certificates. It is refused in one line naming the
+    method's lr, and no table is written."""
+    import json
+
+    block = {"seeds": 1, "width": 16, "n_layers": 2, "steps": 5, "eval_every": 5, "epsilons": [0, 0.1],
+             "pgd_steps": 2, "methods": {"fine": {"optimizer": "adamw", "lr": 0.003},
+                                         "blown": {"optimizer": "adamw", "lr": 1e29}}}
+    out = tmp_path / "robustness.parquet"
+    done = run_stage("lipflow.studies.image_mlp", "--config-json", json.dumps(block), "--out", str(out), cwd=tmp_path)
+    line = one_error_line(done)
+    assert "image_mlp.methods.blown.lr" in line and "non-finite" in line, line
+    assert not out.exists() and not (tmp_path / "robustness.parquet.sha256").exists()
