@@ -220,13 +220,30 @@ def parse_json(text: str | bytes) -> Any:
                                    text if isinstance(text, str) else "", 0) from None
 
 
+class RepeatedKey(Exception):
+    """A key written twice in one JSON object (json.loads would keep the last value without a word)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of json.loads: the object as a dict; a repeated key raises :class:`RepeatedKey`."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        raise RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
 def json_object_argument(text: str, flag: str) -> dict[str, Any]:
-    """The JSON object an option such as ``--config-json`` holds; malformed JSON or another JSON
-    type is a one-line :class:`ConfigError` naming the option."""
+    """The JSON object an option such as ``--config-json`` holds; malformed JSON, a key repeated in one
+    object or another JSON type is a one-line :class:`ConfigError` naming the option."""
     try:
         value = parse_json(text)
+        json.loads(text, object_pairs_hook=unique_keys)  # parse_json read it, so this one parses too
     except json.JSONDecodeError as err:
         raise ConfigError(f"{flag} is not valid JSON: {err}") from None
+    except RepeatedKey as err:
+        raise ConfigError(f"{flag}: key {err.args[0]!r} appears twice in one JSON object (JSON keeps the last "
+                          "value without a word); write it once") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value

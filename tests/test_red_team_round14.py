@@ -108,3 +108,18 @@ def test_image_mlp_method_that_diverges_is_one_line_naming_it_and_writes_no_tabl
     line = one_error_line(done)
     assert "image_mlp.methods.blown.lr" in line and "non-finite" in line, line
     assert not out.exists() and not (tmp_path / "robustness.parquet.sha256").exists()
+
+
+def test_a_key_repeated_in_a_json_option_is_one_line_naming_it(tmp_path):
+    """``--config-json '{"name": "a", "name": "b"}'`` (and ``--params-json``) kept the last value without a
+    word, as json.loads does; a key repeated in a config file or a JSONL record is refused, and so is it here,
+    before anything is written."""
+    out = tmp_path / "corpus"
+    done = run_stage("lipflow.data.corpus", "--config-json", '{"name": "a", "val_fraction": 0.1, "name": "b"}',
+                     "--out-dir", str(out), cwd=tmp_path)
+    line = one_error_line(done)
+    assert "--config-json" in line and "'name'" in line and "twice" in line, line
+    assert not out.exists()
+    nested = run_stage("lipflow.data.corpus", "--config-json", '{"name": "a", "paths": [{"x": 1, "x": 2}]}',
+                       "--out-dir", str(out), cwd=tmp_path)
+    assert "'x'" in one_error_line(nested)
