@@ -744,7 +744,7 @@ def eval_step(char_shards, tiny_run_config):
     torch.manual_seed(0)
     model = build_model(cfg, train.vocab_size)
     return EvalStepTelemetry(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), train, val,
-                             torch.device("cpu")), cfg, val
+                             torch.device("cpu"), pytest.fail), cfg, val  # no measurement here should warn
 
 
 def test_eval_windows_are_val_windows_of_the_seed_plus_one_with_their_last_target(eval_step):
