@@ -220,7 +220,7 @@ def parse_json(text: str | bytes) -> Any:
                                    text if isinstance(text, str) else "", 0) from None
 
 
-class RepeatedKey(Exception):
+class RepeatedKey(ValueError):
     """A key written twice in one JSON object (json.loads would keep the last value without a word)."""
 
 

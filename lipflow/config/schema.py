@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
-from lipflow.errors import ConfigError
+from lipflow.errors import ConfigError, unique_keys
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 EXPERIMENTS_SCHEMA = SCHEMA_PATH.with_name("experiments.schema.yaml")
@@ -149,8 +149,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
                               "file?)")
         text = data.decode("utf-8")
         try:
-            config = json.loads(text, object_pairs_hook=_unique_keys)
-        except ValueError:  # not JSON (a repeated key is a ValueError too: YAML then names its line)
+            config = json.loads(text, object_pairs_hook=unique_keys)
+        except ValueError:  # not JSON (a repeated key, RepeatedKey, is a ValueError too: YAML then names its line)
             config = yaml.load(text, Loader=UniqueKeyLoader)
     except ConfigError:
         raise
@@ -176,14 +176,6 @@ def load_config_file(path: Path) -> dict[str, Any]:
                           f"{type(config).__name__}")
     if nesting_depth(config) > MAX_NESTING:
         raise ConfigError(f"{path}: nested deeper than {MAX_NESTING} levels (an anchor that refers to itself?)")
-    return config
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as a dict; a repeated key is a ValueError (json.loads keeps the last one)."""
-    config = dict(pairs)
-    if len(config) != len(pairs):
-        raise ValueError("a repeated key")
     return config
 
 
