@@ -130,3 +130,22 @@ def slurm_sweep_in_background(request, tmp_path_factory):
         yield sweep
         if not sweep.delivered and shared is None:  # the session ended first (-x, --maxfail, Ctrl-C): don't
             sweep.stop.set()                          # wait the runs out (under xdist, another worker may need them)
+
+
+def unscaled_simulation(model, fmt, inputs, device: str = "cpu"):
+    """The precision evaluation's unscaled simulation in number format ``fmt``: a copy of ``model`` with its
+    weights cast, every Linear's input and output cast (``linear_hooks``) and attention on SDPA's math backend,
+    run on ``inputs``; (the copy, its output, the hooks' state: the largest |value| before each cast)."""
+    import copy
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lipflow.evaluation.number_formats import simulate_cast
+    from lipflow.evaluation.precision import _cast_parameters, linear_hooks
+
+    cast_model = copy.deepcopy(model)
+    _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt))
+    with torch.no_grad(), linear_hooks(cast_model.to(device), fmt) as state, sdpa_kernel([SDPBackend.MATH]):
+        output = cast_model(inputs.to(device))
+    return cast_model, output, state

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from conftest import unscaled_simulation
 from lipflow.config import run_defaults
 from lipflow.evaluation.number_formats import FORMATS, simulate_cast
 from lipflow.model import build_model
@@ -333,17 +334,12 @@ def test_an_fp32_intermediate_past_its_range_is_not_proven_safe_in_bf16(case):
     """bf16's range nearly reaches fp32's: every bound of these models is within it, and each was proven safe,
     but their unscaled simulation overflows an fp32 step between two casts (GELU's kernel past 2^127, the
     residual's sum past fp32's max) and returns non-finite logits. The bounds now say inf there."""
-    import copy
-
-    from lipflow.evaluation.precision import _cast_parameters, cast_activation_bound, linear_hooks, proven_safe
+    from lipflow.evaluation.precision import cast_activation_bound, proven_safe
 
     model = case().eval()
     bf16 = FORMATS.get("bf16")
     assert proven_safe(model, bf16)[0] == 0.0 and cast_activation_bound(model, bf16) == math.inf
-    cast_model = copy.deepcopy(model)
-    _cast_parameters(cast_model, lambda p: simulate_cast(p, bf16))
-    with torch.no_grad(), linear_hooks(cast_model, bf16):
-        logits = cast_model(torch.zeros(1, 3, dtype=torch.long))
+    _, logits, _ = unscaled_simulation(model, bf16, torch.zeros(1, 3, dtype=torch.long))
     assert not bool(torch.isfinite(logits).all())
 
 
@@ -351,19 +347,12 @@ def test_an_fp32_intermediate_past_its_range_is_not_proven_safe_in_bf16(case):
 def test_the_cast_models_bounds_hold_for_the_simulation_on_the_gpu(name):
     """The unscaled simulation run by CUDA's fp32 kernels (matmuls, SDPA, GELU) stays within the cast model's
     bounds, as on the CPU (tests/test_precision.py)."""
-    import copy
-
     from test_precision import scaled_lipschitz_lm
-
-    from lipflow.evaluation.precision import _cast_parameters, linear_hooks
 
     model, windows = scaled_lipschitz_lm("lipschitz_gpt")
     fmt = FORMATS.get(name)
-    cast_model = copy.deepcopy(model)
-    _cast_parameters(cast_model, lambda p: simulate_cast(p, fmt))
-    bounds = cast_model.activation_bounds(rounding=Rounding.of(fmt.dtype))
-    with torch.no_grad(), linear_hooks(cast_model.cuda(), fmt) as state, sdpa_kernel([SDPBackend.MATH]):
-        cast_model(windows[:, :-1].cuda())  # the math backend, as the precision evaluation runs it
+    cast_model, _, state = unscaled_simulation(model, fmt, windows[:, :-1], "cuda")
+    bounds = cast_model.cpu().activation_bounds(rounding=Rounding.of(fmt.dtype))
     assert state.max_abs and all(state.max_abs[k] <= bounds[k] for k in state.max_abs), \
         {k: (v, bounds[k]) for k, v in state.max_abs.items() if v > bounds[k]}
 

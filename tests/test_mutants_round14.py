@@ -184,13 +184,10 @@ def test_attention_whose_query_scaled_by_the_root_of_c_overflows_fp32_is_not_pro
     d_head = 4 here), stays in fp32's range. Queries of 2·10³⁸ (W_q's first row 10³⁸, token rows 1) fit bf16,
     and with keys of 10⁻³⁰ the scores c·qᵀk would be small, but q·√c = 4·10³⁸ is inf in fp32: the cast
     simulation's logits are NaN, so no proof."""
-    import copy
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    from conftest import unscaled_simulation
     from lipflow.config import run_defaults
-    from lipflow.evaluation.number_formats import FORMATS, simulate_cast
-    from lipflow.evaluation.precision import _cast_parameters, linear_hooks, proven_safe
+    from lipflow.evaluation.number_formats import FORMATS
+    from lipflow.evaluation.precision import proven_safe
     from lipflow.model import build_model
 
     model = build_model(run_defaults(model="lipschitz_gpt", d_model=2, n_layers=1, n_heads=1, context=4,
@@ -206,10 +203,7 @@ def test_attention_whose_query_scaled_by_the_root_of_c_overflows_fp32_is_not_pro
         model.head.weight.fill_(1e-3)
     model.eval()
     bf16 = FORMATS.get("bf16")
-    cast_model = copy.deepcopy(model)
-    _cast_parameters(cast_model, lambda p: simulate_cast(p, bf16))
-    with torch.no_grad(), linear_hooks(cast_model, bf16), sdpa_kernel([SDPBackend.MATH]):
-        logits = cast_model(torch.tensor([[0, 1, 2, 3]]))
+    _, logits, _ = unscaled_simulation(model, bf16, torch.tensor([[0, 1, 2, 3]]))
     assert not bool(torch.isfinite(logits).all())
     assert proven_safe(model, bf16)[0] == 0.0
 
@@ -220,13 +214,10 @@ def test_a_residual_sum_past_fp32s_range_in_one_entry_is_not_proven_safe_in_bf16
     the token row (3.3·10³⁸, 0), W_v and W_o each 1 at [0, 0] (every cast within bf16's 3.39·10³⁸), so
     x + u/3 = 4.4·10³⁸ in the first entry is inf in fp32 while its RMS bound ×κ is finite: the cast simulation's
     logits are NaN, so no proof."""
-    import copy
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    from conftest import unscaled_simulation
     from lipflow.config import run_defaults
-    from lipflow.evaluation.number_formats import FORMATS, simulate_cast
-    from lipflow.evaluation.precision import _cast_parameters, linear_hooks, proven_safe
+    from lipflow.evaluation.number_formats import FORMATS
+    from lipflow.evaluation.precision import proven_safe
     from lipflow.model import build_model
 
     model = build_model(run_defaults(model="lipschitz_gpt", d_model=2, n_layers=1, n_heads=1, context=1,
@@ -243,10 +234,7 @@ def test_a_residual_sum_past_fp32s_range_in_one_entry_is_not_proven_safe_in_bf16
         model.head.weight.fill_(1e-30)
     model.eval()
     bf16 = FORMATS.get("bf16")
-    cast_model = copy.deepcopy(model)
-    _cast_parameters(cast_model, lambda p: simulate_cast(p, bf16))
-    with torch.no_grad(), linear_hooks(cast_model, bf16), sdpa_kernel([SDPBackend.MATH]):
-        logits = cast_model(torch.tensor([[1]]))
+    _, logits, _ = unscaled_simulation(model, bf16, torch.tensor([[1]]))
     assert not bool(torch.isfinite(logits).any())
     assert proven_safe(model, bf16)[0] == 0.0
 
@@ -279,11 +267,10 @@ def test_an_mlp_whose_gelu_input_passes_2_to_the_127_is_not_proven_safe_in_bf16(
     2¹²⁷). A GELU MLP whose first hidden entry reaches 2.5·10³⁸ (W₀[0, 0], input norm 1) is within bf16's range,
     but fp32 GELU of it is inf and the cast simulation's logits are inf: no proof (the norm path's inf had been
     dropped by the entries' finite min in the next layer)."""
-    import copy
-
+    from conftest import unscaled_simulation
     from lipflow.config import run_defaults
-    from lipflow.evaluation.number_formats import FORMATS, simulate_cast
-    from lipflow.evaluation.precision import _cast_parameters, linear_hooks, proven_safe
+    from lipflow.evaluation.number_formats import FORMATS
+    from lipflow.evaluation.precision import proven_safe
     from lipflow.model import build_model
 
     model = build_model(run_defaults(model="mlp", in_features=2, d_model=2, n_layers=2, activation="gelu",
@@ -294,10 +281,7 @@ def test_an_mlp_whose_gelu_input_passes_2_to_the_127_is_not_proven_safe_in_bf16(
         model.layers[1].weight.fill_(1e-30)
     model.eval()
     bf16 = FORMATS.get("bf16")
-    cast_model = copy.deepcopy(model)
-    _cast_parameters(cast_model, lambda p: simulate_cast(p, bf16))
-    with torch.no_grad(), linear_hooks(cast_model, bf16):
-        logits = cast_model(torch.tensor([[1.0, 0.0]]))
+    _, logits, _ = unscaled_simulation(model, bf16, torch.tensor([[1.0, 0.0]]))
     assert not bool(torch.isfinite(logits).any())
     assert proven_safe(model, bf16)[0] == 0.0
 
