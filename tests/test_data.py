@@ -1091,3 +1091,22 @@ def test_cli_happy_path_prints_a_summary_and_writes_a_readable_split(tmp_path):
     data = TokenShards(tmp_path / "tok", "val")
     assert data.vocab_size == 300 and data.num_tokens > 0
     assert sorted(os.listdir(tmp_path)) == ["book.txt", "corpus", "tok"]
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_corpus_path_that_is_a_broken_link_says_so_not_file_not_found(tmp_path, kind):
+    """A link to a missing file, or a loop of links (a → b → a), was reported as 'file not found', though the
+    path is there: the message names the link and where it points."""
+    from lipflow.data import DataError
+    from lipflow.data.corpus import expand_paths
+
+    link = tmp_path / "a.txt"
+    if kind == "loop":
+        (tmp_path / "b.txt").symlink_to(link)
+        link.symlink_to(tmp_path / "b.txt")
+    else:
+        link.symlink_to(tmp_path / "moved.txt")
+    target = "b.txt" if kind == "loop" else "moved.txt"
+    with pytest.raises(DataError, match=rf"^corpus\.paths: .*a\.txt is a link to .*{target}, which does not resolve "
+                                        r"to a file \(a missing target or a loop of links\)$"):
+        expand_paths([str(link)])

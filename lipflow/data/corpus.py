@@ -120,6 +120,9 @@ def expand_paths(patterns: Sequence[str], source: str = "files") -> list[str]:
             matches = [m for m in matches if os.path.isfile(m)]
             _require(bool(matches), f"corpus.paths: glob '{pattern}' matched no files")
         else:
+            if os.path.islink(pattern) and not os.path.exists(pattern):
+                raise DataError(f"corpus.paths: {pattern} is a link to {os.readlink(pattern)}, which does not resolve "
+                                "to a file (a missing target or a loop of links)")
             _require(os.path.exists(pattern), f"corpus.paths: file not found: {pattern}")
             _require(
                 not os.path.isdir(pattern),
