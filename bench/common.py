@@ -268,6 +268,17 @@ def default_runs() -> dict[str, dict[str, Any]]:
     return {"baseline": runs["baseline"], "lipschitz": runs["lipschitz"]}
 
 
+def trained_default_runs(steps: int, device: str, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """``default_runs`` completed with config.yaml's ``defaults`` and ``overrides``, trained for ``steps`` steps on
+    ``device`` and evaluated at the last one, without checkpoints (``run_configs``): the runs the evals and
+    sharpness benchmarks measure."""
+    from lipflow.config import load_config_file
+
+    defaults = load_config_file(REPO / "config.yaml")["defaults"]
+    return run_configs({**defaults, **overrides, "steps": steps, "eval_every": steps, "checkpoint_every": 0,
+                        "device": device}, default_runs())
+
+
 def reference_run() -> dict[str, Any]:
     """experiments/reference.yaml's run ``reference``: the reference notebook's Shakespeare recipe in
     lipflow keys (shape, modular masses, lr, the reference's Muon options, soft cap at σ_max 6)."""

@@ -36,11 +36,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
-                          default_shards, parse_bench_args, print_table, row, run_configs, save_rows, synchronize,
-                          torch_setup)
+from bench.common import (add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
+                          default_shards, parse_bench_args, print_table, row, save_rows, synchronize, torch_setup,
+                          trained_default_runs)
 from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
@@ -60,12 +59,6 @@ QUICK_PARAMS: dict[str, dict[str, Any]] = {
     "rank": {"bx_windows": 4},
     "sharpness": {"iters": 2, "batch_size": 2},
 }
-
-
-def default_runs() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """config.yaml's ``defaults`` and ``runs`` blocks."""
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    return config["defaults"], config["runs"]
 
 
 def timed(fn, device: str) -> tuple[Any, float]:
@@ -96,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_bench_args(parser, BENCH, argv)
     device, dev = torch_setup(args)
     train_steps, rounds = (2, 3) if args.quick else (args.train_steps, args.rounds)
-    defaults, runs = default_runs()
-    configs = run_configs({**defaults, "steps": train_steps, "eval_every": train_steps, "checkpoint_every": 0,
-                           "device": args.device}, runs)
+    configs = trained_default_runs(train_steps, args.device)
     rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -51,8 +51,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
-                          default_runs, default_shards, parse_bench_args, print_table, row, run_configs, save_rows,
-                          torch_setup)
+                          default_shards, parse_bench_args, print_table, row, run_configs, save_rows, torch_setup,
+                          trained_default_runs)
 from lipflow.config import evaluation_params, load_config_file, run_defaults  # noqa: E402
 from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.evaluation.sharpness import (HessianOperator, LossFn, adam_preconditioner,  # noqa: E402
@@ -286,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, table = [row(BENCH, "torch_threads", torch.get_num_threads(), "threads", dev)], []
     tiny = tiny_gpt_case()
     shape = QUICK_SHAPE if args.quick else {}
-    steps = {"eval_every": train_steps, "checkpoint_every": 0, "steps": train_steps}
-    configs = run_configs({**load_config_file(REPO / "config.yaml")["defaults"], **shape, **steps,
-                           "device": args.device}, default_runs())
+    configs = trained_default_runs(train_steps, args.device, **shape)
     sc_steps = 2 if args.quick else 20
     configs |= run_configs({"device": args.device}, super_consistency_run(**shape, steps=sc_steps, eval_every=sc_steps))
     tiny_reference = lanczos_reference("tiny_gpt", tiny.loss_fn, tiny.params, None, REFERENCE_STEPS[size])

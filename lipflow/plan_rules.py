@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from lipflow.plan import IMAGE_MLP, Plan, figure_receipt, recorded_block
-from lipflow.studies.digits_split import images_in_test_split
+from lipflow.studies.digits_split import CLASSES, IMAGE_FEATURES, images_in_test_split
 from lipflow.results.views import REPORT_DIR
 
 ICL_TABLES = ["loss_by_layers", "loss_by_n", "preconditioner", "preconditioner_error", "step_sizes", "agreement",
@@ -146,11 +146,11 @@ class RuleFunctions:
     def image_mlp_runtime(self, wildcards, attempt):
         """Minutes for the digits-MLP study, as ``train_runtime`` counts them (at 5 GFLOP/s, + 10, doubled on
         retry): per seed and method, 6·N FLOPs per image of its steps and of its PGD's forward and backward
-        passes over the test images (``digits_split``: 360), and for each method the worst case of Muon's Newton–Schulz, 5
-        iterations of 3 matmuls (2·m·n·min(m, n) FLOPs each) per matrix and step (MLP 64 → width → … →
-        10)."""
+        passes over the test images (``digits_split``: 360), and for each method the worst case of Muon's
+        Newton–Schulz, 5 iterations of 3 matmuls (2·m·n·min(m, n) FLOPs each) per matrix and step (MLP 64
+        pixels → width → … → 10 classes)."""
         cfg = self.plan.config["image_mlp"]
-        widths = [64] + [cfg["width"]] * (cfg["n_layers"] - 1) + [10]
+        widths = [IMAGE_FEATURES] + [cfg["width"]] * (cfg["n_layers"] - 1) + [CLASSES]
         shapes = list(zip(widths[1:], widths[:-1]))
         params = sum(m * n for m, n in shapes)
         attacked = images_in_test_split() * len(cfg["epsilons"]) * cfg["pgd_steps"] * cfg["pgd_restarts"]

@@ -1,11 +1,12 @@
-"""The digits-MLP study's split of scikit-learn's 8×8 digits (1,797 images): a stratified 60 % train
-split, the rest halved into val and test, sized as ``train_test_split`` sizes them (train ⌊0.6·n⌋,
-then test ⌈0.5·rest⌉). Free of torch and scikit-learn, so the workflow's resource rules can size the
-study's job from it."""
+"""The digits-MLP study's data: scikit-learn's 8×8 digits (1,797 images of 64 pixels, classes 0–9), split
+into a stratified 60 % train split and the rest halved into val and test, sized as ``train_test_split``
+sizes them (train ⌊0.6·n⌋, then test ⌈0.5·rest⌉). Free of torch and scikit-learn, so the workflow's
+resource rules can size the study's job from it."""
 
 import math
 
 DIGITS_IMAGES = 1797
+IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
 TRAIN_FRACTION = 0.6
 TEST_FRACTION_OF_REST = 0.5
 

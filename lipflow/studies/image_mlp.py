@@ -45,11 +45,10 @@ from lipflow.evaluation.robustness import (certified_accuracy, certified_radius,
                                            pair_ratios, pgd_l2)
 from lipflow.model import build_model
 from lipflow.provenance import stream_seed
-from lipflow.studies.digits_split import TEST_FRACTION_OF_REST, TRAIN_FRACTION
+from lipflow.studies.digits_split import CLASSES, IMAGE_FEATURES, TEST_FRACTION_OF_REST, TRAIN_FRACTION
 from lipflow.train.build import build_learner, check_learner
 from lipflow.train.update import constrained_update
 
-IMAGE_FEATURES, CLASSES = 64, 10  # 8×8 pixels, digits 0–9
 # The study's table: long form, one row per (method, metric[, epsilon])
 SCHEMA = pa.schema([("metric", pa.string()), ("value", pa.float64()), ("method", pa.string()),
                     ("optimizer", pa.string()), ("weight_constraint", pa.string()), ("seed", pa.int64()),
