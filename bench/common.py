@@ -268,6 +268,11 @@ def default_runs() -> dict[str, dict[str, Any]]:
     return {"baseline": runs["baseline"], "lipschitz": runs["lipschitz"]}
 
 
+def add_train_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """--train-steps: the steps ``trained_default_runs`` trains before a benchmark measures them."""
+    parser.add_argument("--train-steps", type=count_argument(1), default=50, help="steps trained before measuring")
+
+
 def trained_default_runs(steps: int, device: str, **overrides: Any) -> dict[str, dict[str, Any]]:
     """``default_runs`` completed with config.yaml's ``defaults`` and ``overrides``, trained for ``steps`` steps on
     ``device`` and evaluated at the last one, without checkpoints (``run_configs``): the runs the evals and

@@ -37,9 +37,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import (add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
-                          default_shards, parse_bench_args, print_table, row, save_rows, synchronize, torch_setup,
-                          trained_default_runs)
+from bench.common import (add_out_argument, add_torch_arguments, add_train_steps_argument,  # noqa: E402
+                          alternating_timings, default_shards, parse_bench_args, print_table, row, save_rows,
+                          synchronize, torch_setup, trained_default_runs)
 from lipflow.config import evaluation_params  # noqa: E402
 from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.evaluation import EVALUATIONS  # noqa: E402
@@ -82,7 +82,7 @@ def local_certified_radii(ctx, n_sequences: int) -> torch.Tensor | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=summary_of(__doc__))
     parser.add_argument("--quick", action="store_true", help="2 training steps and QUICK_PARAMS (seconds)")
-    parser.add_argument("--train-steps", type=count_argument(1), default=50, help="steps trained before evaluating")
+    add_train_steps_argument(parser)
     parser.add_argument("--rounds", type=count_argument(1), default=10, help="timed training steps (median kept)")
     add_torch_arguments(parser)
     add_out_argument(parser)

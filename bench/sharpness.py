@@ -50,9 +50,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from bench.common import (REPO, add_out_argument, add_torch_arguments, alternating_timings,  # noqa: E402
-                          default_shards, parse_bench_args, print_table, row, run_configs, save_rows, torch_setup,
-                          trained_default_runs)
+from bench.common import (REPO, add_out_argument, add_torch_arguments, add_train_steps_argument,  # noqa: E402
+                          alternating_timings, default_shards, parse_bench_args, print_table, row, run_configs,
+                          save_rows, torch_setup, trained_default_runs)
 from lipflow.config import evaluation_params, load_config_file, run_defaults  # noqa: E402
 from lipflow.errors import count_argument, summary_of  # noqa: E402
 from lipflow.evaluation.sharpness import (HessianOperator, LossFn, adam_preconditioner,  # noqa: E402
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller cases, 2 training steps, 2 seeds, 1 round (seconds)")
     parser.add_argument("--seeds", type=count_argument(1), default=100, help="Lanczos start vectors per case")
-    parser.add_argument("--train-steps", type=count_argument(1), default=50, help="steps trained before measuring")
+    add_train_steps_argument(parser)
     parser.add_argument("--rounds", type=count_argument(1), default=5, help="timed runs of each method (median kept)")
     add_torch_arguments(parser)
     add_out_argument(parser)
